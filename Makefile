@@ -1,0 +1,70 @@
+# CLM: `make run` starts the platform locally, `make test` runs the whole test suite.
+# Both install what they need into .venv and start a real Kafka (KRaft) and PostgreSQL unless
+# KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL point at existing ones.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv run infra test lint fmt demo clean bench-ingest bench-segmenter bench-journeys bench-notifier \
+	bench-lifecycle bench-recommendations bench-e2e
+
+help:
+	@echo "make run    start Kafka, PostgreSQL, an SMTP sink and the four services (Ctrl-C stops)"
+	@echo "make test   run the whole test suite against a fresh local Kafka + PostgreSQL"
+	@echo "make lint   ruff + mypy --strict"
+	@echo "make infra  Kafka + PostgreSQL only"
+	@echo "make bench-<name>  benchmarks (see bench/README.md)"
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON))"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m deploy.local.stack run
+
+infra: $(STAMP)
+	$(PY) -m deploy.local.stack infra
+
+test: $(STAMP)
+	$(PY) -m deploy.local.stack test -- $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy shared services deploy bench
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench-ingest: $(STAMP)
+	$(PY) -m deploy.local.stack bench bench.ingest
+
+bench-segmenter: $(STAMP)
+	$(PY) -m deploy.local.stack bench bench.segmenter
+
+bench-journeys: $(STAMP)
+	$(PY) -m deploy.local.stack bench bench.journeys
+
+bench-notifier: $(STAMP)
+	$(PY) -m deploy.local.stack bench bench.notifier
+
+bench-lifecycle: $(STAMP)
+	$(PY) -m deploy.local.stack bench bench.lifecycle
+
+bench-recommendations: $(STAMP)
+	$(PY) -m deploy.local.stack bench bench.recommendations
+
+bench-e2e: $(STAMP)
+	$(PY) -m deploy.local.stack bench bench.e2e
+
+clean:
+	rm -rf .cache/stacks var

@@ -1,0 +1,1 @@
+"""The four CLM services; each talks to the others only over Kafka."""

@@ -1,0 +1,27 @@
+"""`python -m services.ingest`: run the ingest service."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.ingest.app import create_app
+from services.ingest.settings import IngestSettings
+from shared.observability.logging import configure_logging
+
+
+def main() -> None:
+    settings = IngestSettings()
+    configure_logging(settings.service_name, settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        timeout_graceful_shutdown=20,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Journey engine: Marketer-defined journeys with durable timers; emits message requests."""

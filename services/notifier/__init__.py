@@ -1,0 +1,1 @@
+"""Notifier: Templates, consent, channel providers and delivery status."""

@@ -1,0 +1,1 @@
+"""Tables and every SQL query of this service."""

@@ -1,0 +1,1 @@
+"""Segmenter: Live customer profiles, identity resolution, lifecycle metrics and real-time segments."""

@@ -1,0 +1,58 @@
+"""Topic contracts: every topic's name, key, schema and owner, and the Kafka header names.
+
+See `docs/architecture.md` and `docs/asyncapi.yaml` for the same contracts in prose.
+"""
+
+from shared.contracts.events import (
+    Channel,
+    ContractModel,
+    CustomerEvent,
+    EventType,
+    MessageCategory,
+    MessageRequested,
+    MessageStatus,
+    MessageStatusKind,
+    PrivacyAction,
+    PrivacyRequest,
+    ProfileChanged,
+    ProfileChangeKind,
+    Recipient,
+    SegmentMembershipChanged,
+)
+from shared.contracts.headers import Headers
+from shared.contracts.topics import (
+    CUSTOMER_EVENTS,
+    MESSAGE_REQUESTS,
+    MESSAGE_STATUS,
+    PRIVACY,
+    PROFILES,
+    SEGMENT_MEMBERSHIP,
+    TOPICS,
+    TopicSpec,
+)
+
+__all__ = [
+    "CUSTOMER_EVENTS",
+    "MESSAGE_REQUESTS",
+    "MESSAGE_STATUS",
+    "PRIVACY",
+    "PROFILES",
+    "SEGMENT_MEMBERSHIP",
+    "TOPICS",
+    "Channel",
+    "ContractModel",
+    "CustomerEvent",
+    "EventType",
+    "Headers",
+    "MessageCategory",
+    "MessageRequested",
+    "MessageStatus",
+    "MessageStatusKind",
+    "PrivacyAction",
+    "PrivacyRequest",
+    "ProfileChangeKind",
+    "ProfileChanged",
+    "Recipient",
+    "SegmentMembershipChanged",
+    "TopicSpec",
+]

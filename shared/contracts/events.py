@@ -1,0 +1,262 @@
+"""Versioned pydantic models of every message on CLM's topics.
+
+A breaking change to a model means a new topic version (`...v2`), never an in-place edit;
+adding an optional field is compatible. Consumers ignore fields they do not know.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+JsonObject = dict[str, Any]
+
+
+class ContractModel(BaseModel):
+    """Base of every topic payload: forward compatible (unknown fields ignored)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    schema_version: ClassVar[int] = 1
+    event_type: ClassVar[str] = "unknown"
+
+    def contract_id(self) -> str:
+        """The id consumers dedupe on (also sent as the `clm-event-id` header)."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- clm.events.v1
+
+
+class EventType(StrEnum):
+    IDENTIFY = "identify"
+    TRACK = "track"
+    PAGE = "page"
+    SCREEN = "screen"
+    GROUP = "group"
+    ALIAS = "alias"
+
+
+class CustomerEvent(ContractModel):
+    """A customer event as accepted by ingest: the Segment spec with normalized timestamps.
+
+    Field names are Segment's (camelCase on the wire). Keyed by `userId`, else `anonymousId`.
+    """
+
+    model_config = ConfigDict(
+        extra="ignore", frozen=True, alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True
+    )
+    event_type: ClassVar[str] = "customer_event"
+
+    message_id: str
+    type: EventType
+    user_id: str | None = None
+    anonymous_id: str | None = None
+    event: str | None = None
+    name: str | None = None
+    category: str | None = None
+    properties: JsonObject = Field(default_factory=dict)
+    traits: JsonObject = Field(default_factory=dict)
+    context: JsonObject = Field(default_factory=dict)
+    integrations: JsonObject = Field(default_factory=dict)
+    previous_id: str | None = None
+    group_id: str | None = None
+    # Normalized: `timestamp` is corrected for client clock skew; `received_at` is the server clock.
+    timestamp: datetime
+    original_timestamp: datetime | None = None
+    sent_at: datetime | None = None
+    received_at: datetime
+    # Which write key (by id, never the secret) sent it; "backfill" for historical imports.
+    source: str | None = None
+
+    def contract_id(self) -> str:
+        return self.message_id
+
+    @property
+    def customer_key(self) -> str:
+        key = self.user_id or self.anonymous_id
+        assert key is not None, "ingest guarantees userId or anonymousId"
+        return key
+
+
+# --------------------------------------------------------------------------- clm.profiles.v1
+
+
+class ProfileChangeKind(StrEnum):
+    TRAITS_CHANGED = "traits_changed"
+    STAGE_CHANGED = "stage_changed"
+    METRICS_CHANGED = "metrics_changed"
+    IDENTITY_MERGED = "identity_merged"
+    ERASED = "erased"
+
+
+class ProfileChanged(ContractModel):
+    """A change to a canonical customer profile that other services need. Keyed by `customer_id`."""
+
+    event_type: ClassVar[str] = "profile_changed"
+
+    event_id: str
+    customer_id: str
+    kind: ProfileChangeKind
+    occurred_at: datetime
+    # Full current traits, so a consumer's projection never needs to replay history.
+    traits: JsonObject = Field(default_factory=dict)
+    changed_traits: list[str] = Field(default_factory=list)
+    identities: dict[str, list[str]] = Field(default_factory=dict)
+    lifecycle_stage: str | None = None
+    previous_stage: str | None = None
+    metrics: JsonObject = Field(default_factory=dict)
+    # IDENTITY_MERGED: the profile ids folded into `customer_id`, and why.
+    merged_ids: list[str] = Field(default_factory=list)
+    merge_cause: str | None = None
+    caused_by: str | None = None
+
+    def contract_id(self) -> str:
+        return self.event_id
+
+
+# --------------------------------------------------------------------------- clm.segment-membership.v1
+
+
+class SegmentMembershipChanged(ContractModel):
+    """A customer entered or exited a segment. Keyed by `customer_id`; one message per actual change."""
+
+    event_type: ClassVar[str] = "segment_membership_changed"
+
+    event_id: str
+    customer_id: str
+    segment_id: str
+    segment_name: str
+    change: Literal["entered", "exited"]
+    occurred_at: datetime
+    # What caused it: an event's messageId, "schedule" (a time-based condition flipped),
+    # "backfill" (new or edited segment) or "merge".
+    cause: str
+    traits: JsonObject = Field(default_factory=dict)
+
+    def contract_id(self) -> str:
+        return self.event_id
+
+
+# --------------------------------------------------------------------------- clm.messages.*
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    SMS = "sms"
+    PUSH = "push"
+    WEBHOOK = "webhook"
+    IN_APP = "in_app"
+
+
+class MessageCategory(StrEnum):
+    MARKETING = "marketing"
+    TRANSACTIONAL = "transactional"
+
+
+class Recipient(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    email: str | None = None
+    phone: str | None = None
+    push_token: str | None = None
+    webhook_url: str | None = None
+    timezone: str | None = None
+    locale: str | None = None
+
+
+class MessageRequested(ContractModel):
+    """A request to send one message. Keyed by `customer_id`.
+
+    `message_id` is stable for the step that asked for it (journey, version, instance, node), so a
+    redelivered request is recognized by the notifier's send ledger and never sent twice.
+    """
+
+    event_type: ClassVar[str] = "message_requested"
+
+    message_id: str
+    customer_id: str
+    channel: Channel
+    template_id: str
+    category: MessageCategory = MessageCategory.MARKETING
+    subscription_topic: str | None = None
+    recipient: Recipient = Field(default_factory=Recipient)
+    # What the template may use: {"traits": {...}, "event": {...}, "journey": {...}, ...}
+    data: JsonObject = Field(default_factory=dict)
+    journey_id: str | None = None
+    journey_version: int | None = None
+    instance_id: str | None = None
+    node_id: str | None = None
+    requested_at: datetime
+
+    def contract_id(self) -> str:
+        return self.message_id
+
+
+class MessageStatusKind(StrEnum):
+    QUEUED = "queued"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    SUPPRESSED = "suppressed"
+    OPENED = "opened"
+    CLICKED = "clicked"
+    UNSUBSCRIBED = "unsubscribed"
+    # Decided by the journey engine before a request is made (frequency cap, quiet hours).
+    CAPPED = "capped"
+    SKIPPED = "skipped"
+
+
+class MessageStatus(ContractModel):
+    """An outcome of a message. Keyed by `customer_id`."""
+
+    event_type: ClassVar[str] = "message_status"
+
+    status_id: str
+    message_id: str
+    customer_id: str
+    status: MessageStatusKind
+    channel: Channel
+    occurred_at: datetime
+    reason: str | None = None
+    provider: str | None = None
+    url: str | None = None
+    template_id: str | None = None
+    category: MessageCategory | None = None
+    journey_id: str | None = None
+    journey_version: int | None = None
+    instance_id: str | None = None
+    node_id: str | None = None
+
+    def contract_id(self) -> str:
+        return self.status_id
+
+
+# --------------------------------------------------------------------------- clm.privacy.v1
+
+
+class PrivacyAction(StrEnum):
+    ERASE_REQUESTED = "erase_requested"
+    ERASE_COMPLETED = "erase_completed"
+
+
+class PrivacyRequest(ContractModel):
+    """An erasure request and each service's confirmation of it. Keyed by `customer_id`."""
+
+    event_type: ClassVar[str] = "privacy_request"
+
+    event_id: str
+    request_id: str
+    action: PrivacyAction
+    customer_id: str
+    # Every id the customer was known by (userId, anonymousIds, emails), so each service can find them.
+    identities: list[str] = Field(default_factory=list)
+    service: str | None = None
+    occurred_at: datetime
+
+    def contract_id(self) -> str:
+        return self.event_id

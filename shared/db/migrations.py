@@ -1,0 +1,42 @@
+"""Alembic per service, applied on start inside the service's schema.
+
+A service's `store/migrations/env.py` is two lines: import its metadata and call `run_env(metadata)`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+from alembic import command, context
+from alembic.config import Config
+from sqlalchemy import Connection, MetaData, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+def advisory_key(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _upgrade(connection: Connection, script_location: Path, revision: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location))
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, revision)
+
+
+async def run_migrations(engine: AsyncEngine, script_location: Path, schema: str, revision: str = "head") -> None:
+    async with engine.begin() as conn:
+        # Two replicas starting at once must not both migrate.
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key(f"migrate:{schema}")})
+        await conn.run_sync(_upgrade, script_location, revision)
+
+
+def run_env(metadata: MetaData) -> None:
+    """Body of every service's Alembic env.py (online mode, on the connection `run_migrations` gave)."""
+    connection = context.config.attributes.get("connection")
+    if connection is None:
+        raise RuntimeError("CLM migrations run on start through shared.db.migrations.run_migrations")
+    context.configure(connection=connection, target_metadata=metadata, transaction_per_migration=False)
+    with context.begin_transaction():
+        context.run_migrations()

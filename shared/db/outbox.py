@@ -1,0 +1,113 @@
+"""The outbox relay: publishes committed outbox rows to Kafka in order, then deletes them.
+
+At-least-once: a crash between the broker's acknowledgement and the delete republishes those rows
+with the same event ids, which consumers' inboxes drop. One relay per schema works at a time
+(an advisory lock), so per-key order is kept even with several replicas of a service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.db.migrations import advisory_key
+from shared.kafka.producer import EventProducer, OutgoingMessage
+from shared.observability.metrics import OUTBOX_PENDING, OUTBOX_RELAYED
+from shared.settings import BaseServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+class OutboxRelay:
+    def __init__(self, engine: AsyncEngine, producer: EventProducer, settings: BaseServiceSettings) -> None:
+        self.engine = engine
+        self.producer = producer
+        self.settings = settings
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock_key = advisory_key(f"outbox:{settings.db_schema}")
+        self.relayed = 0
+        self._last_prune = 0.0
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # Publish what is left so a clean shutdown leaves nothing waiting.
+        with contextlib.suppress(Exception):
+            while await self.run_once():
+                pass
+
+    async def run_once(self) -> int:
+        async with self.engine.begin() as conn:
+            got = await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self._lock_key})
+            if not got:
+                return 0
+            rows = (
+                await conn.execute(
+                    text("SELECT id, topic, key, value, headers FROM outbox ORDER BY id LIMIT :n"),
+                    {"n": self.settings.outbox_batch_size},
+                )
+            ).all()
+            if not rows:
+                OUTBOX_PENDING.labels(self.settings.service_name).set(0)
+                return 0
+            messages = [
+                OutgoingMessage(r.topic, r.key, r.value, tuple((k, v.encode()) for k, v in _headers(r.headers)))
+                for r in rows
+            ]
+            await self.producer.send_many(messages)
+            await conn.execute(text("DELETE FROM outbox WHERE id = ANY(:ids)"), {"ids": [r.id for r in rows]})
+        OUTBOX_RELAYED.labels(self.settings.service_name).inc(len(rows))
+        OUTBOX_PENDING.labels(self.settings.service_name).set(len(rows))
+        self.relayed += len(rows)
+        return len(rows)
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while not self._stopping.is_set():
+            try:
+                n = await self.run_once()
+                backoff = 0.2
+                await self._prune_inbox()
+            except Exception as exc:
+                log.warning("outbox relay pass failed; retrying", extra={"error": repr(exc), "retry_in_s": backoff})
+                n = 0
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            if n >= self.settings.outbox_batch_size:
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.outbox_poll_interval_s)
+
+    async def _prune_inbox(self) -> None:
+        # Inbox ids are kept long past any redelivery (Kafka retention), then pruned.
+        if time.monotonic() - self._last_prune < 600:
+            return
+        self._last_prune = time.monotonic()
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text("DELETE FROM inbox WHERE processed_at < now() - make_interval(days => :d)"), {"d": 14}
+            )
+
+
+def _headers(raw: Any) -> list[tuple[str, str]]:
+    data = orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    return [(str(k), str(v)) for k, v in data]

@@ -1,0 +1,125 @@
+"""One transaction for a step's state change, its inbox record and its outbox messages.
+
+    async with platform.unit_of_work() as uow:
+        if not await uow.claim("segmenter.events", event_id):
+            return                      # already processed: redelivery changes nothing
+        ...change state through uow.session...
+        uow.emit(PROFILES.name, customer_id, ProfileChanged(...))
+    # committed together here; the relay then publishes the outbox rows
+
+Nothing else commits: handlers and API endpoints leave the commit to the unit of work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared.contracts.events import ContractModel
+from shared.kafka.producer import OutgoingMessage, encode_message
+from shared.settings import BaseServiceSettings
+
+_INSERT_OUTBOX = text(
+    "INSERT INTO outbox (topic, key, value, headers) "
+    "SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:keys AS bytea[]), CAST(:vals AS bytea[]), "
+    "CAST(:headers AS jsonb[]))"
+)
+_CLAIM = text(
+    "INSERT INTO inbox (consumer, message_id) SELECT :consumer, unnest(CAST(:ids AS text[])) "
+    "ON CONFLICT DO NOTHING RETURNING message_id"
+)
+
+
+class UnitOfWork:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: BaseServiceSettings,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self._settings = settings
+        self._on_commit = on_commit
+        self._outgoing: list[OutgoingMessage] = []
+        self._session: AsyncSession | None = None
+
+    @property
+    def session(self) -> AsyncSession:
+        assert self._session is not None, "use the unit of work inside `async with`"
+        return self._session
+
+    async def __aenter__(self) -> UnitOfWork:
+        self._session = self._sessions()
+        await self._session.begin()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        session = self.session
+        try:
+            if exc_type is None:
+                await self._flush_outbox()
+                await session.commit()
+                if self._outgoing and self._on_commit is not None:
+                    self._on_commit()
+            else:
+                await session.rollback()
+        finally:
+            await session.close()
+            self._session = None
+
+    async def claim(self, consumer: str, message_id: str) -> bool:
+        """Record `message_id` as processed by `consumer`; False if it already was (skip it)."""
+        return bool(await self.claim_many(consumer, [message_id]))
+
+    async def claim_many(self, consumer: str, message_ids: Iterable[str]) -> set[str]:
+        """The subset of ids not processed before, now recorded. Waits on a concurrent duplicate."""
+        ids = list(dict.fromkeys(message_ids))
+        if not ids:
+            return set()
+        rows = await self.session.execute(_CLAIM, {"consumer": consumer, "ids": ids})
+        return {r[0] for r in rows}
+
+    def emit(
+        self,
+        topic_name: str,
+        key: str,
+        model: ContractModel,
+        *,
+        correlation_id: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._outgoing.append(
+            encode_message(
+                self._settings.topic(topic_name),
+                key,
+                model,
+                producer=self._settings.service_name,
+                correlation_id=correlation_id,
+                extra_headers=extra_headers,
+            )
+        )
+
+    @property
+    def emitted(self) -> list[OutgoingMessage]:
+        return list(self._outgoing)
+
+    async def _flush_outbox(self) -> None:
+        if not self._outgoing:
+            return
+        await self.session.execute(
+            _INSERT_OUTBOX,
+            {
+                "topics": [m.topic for m in self._outgoing],
+                "keys": [m.key for m in self._outgoing],
+                "vals": [m.value for m in self._outgoing],
+                "headers": [
+                    orjson.dumps([[k, v.decode()] for k, v in m.headers]).decode() for m in self._outgoing
+                ],
+            },
+        )

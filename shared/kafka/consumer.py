@@ -1,0 +1,299 @@
+"""A batch consumer runner that loses nothing and never blocks a partition on a poison message.
+
+- Fetches batches (`getmany`), decodes each record into the topic's pydantic model, and calls the
+  handler with the whole batch. The handler commits its own effects (one unit of work).
+- Offsets are committed only after the handler returned, so a crash means redelivery, never loss;
+  handlers are idempotent (inbox table), so redelivery changes nothing.
+- A failing batch is retried one message at a time; a message that still fails after
+  `max_attempts` (or cannot be decoded at all) goes to `<topic>.dlq` with the error in its headers,
+  and the partition moves on. Infrastructure errors (database or broker unreachable) are retried
+  without limit instead: dead-lettering every message during an outage would lose the order.
+- `stop()` (from the service's lifespan on SIGTERM) finishes the batch in hand, commits, and leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+from pydantic import BaseModel, ValidationError
+
+from shared.contracts.headers import Headers
+from shared.kafka.producer import EventProducer, OutgoingMessage
+from shared.observability.metrics import (
+    CONSUMED,
+    CONSUMER_LAG,
+    DLQ_MESSAGES,
+    HANDLER_ERRORS,
+    HANDLER_SECONDS,
+)
+from shared.settings import BaseServiceSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class _Abandon(Exception):
+    """Stop processing without committing (only raised while shutting down during an outage)."""
+
+
+class DecodeError(Exception):
+    """The record is not a valid message of the topic's schema: it goes straight to the DLQ."""
+
+
+@dataclass(frozen=True)
+class Consumed(Generic[T]):
+    value: T
+    key: str | None
+    headers: dict[str, str]
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+    @property
+    def event_id(self) -> str:
+        """The id to dedupe on: the producer's event id, else the record's position."""
+        return self.headers.get(Headers.EVENT_ID) or f"{self.topic}/{self.partition}/{self.offset}"
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.headers.get(Headers.CORRELATION_ID)
+
+
+Handler = Callable[[Sequence[Consumed[T]]], Awaitable[None]]
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """Errors that say a dependency is down rather than that the message is bad."""
+    if isinstance(exc, (ConnectionError, OSError, TimeoutError, KafkaError)):
+        return True
+    name = type(exc).__name__
+    module = type(exc).__module__
+    if name in {"OperationalError", "InterfaceError"} and module.startswith("sqlalchemy"):
+        return True
+    if module.startswith("asyncpg") and name in {
+        "ConnectionDoesNotExistError", "CannotConnectNowError", "ConnectionFailureError", "TooManyConnectionsError",
+        "AdminShutdownError",
+    }:
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and is_infrastructure_error(cause)
+
+
+def _decode_headers(raw: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in raw or ():
+        with contextlib.suppress(UnicodeDecodeError):
+            out[k] = v.decode() if v is not None else ""
+    return out
+
+
+class ConsumerRunner(Generic[T]):
+    def __init__(
+        self,
+        settings: BaseServiceSettings,
+        *,
+        topic: str,
+        schema: type[T],
+        group: str,
+        handler: Handler[T],
+        producer: EventProducer,
+        max_batch: int | None = None,
+        max_attempts: int | None = None,
+        retry_backoff_s: float | None = None,
+        fetch_timeout_ms: int = 200,
+        auto_offset_reset: str = "earliest",
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.topic(topic)
+        self.dlq_topic = settings.topic(f"{topic}.dlq")
+        self.schema = schema
+        self.group = group
+        self.handler = handler
+        self.producer = producer
+        self.max_batch = max_batch or settings.consumer_max_batch
+        self.max_attempts = max_attempts or settings.consumer_max_attempts
+        self.retry_backoff_s = settings.consumer_retry_backoff_s if retry_backoff_s is None else retry_backoff_s
+        self.fetch_timeout_ms = fetch_timeout_ms
+        self.auto_offset_reset = auto_offset_reset
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.last_error: str | None = None
+        self.processed = 0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=self.group,
+            client_id=f"clm-{self.settings.service_name}",
+            enable_auto_commit=False,
+            auto_offset_reset=self.auto_offset_reset,
+            isolation_level="read_committed",
+            max_poll_records=self.max_batch,
+            session_timeout_ms=10000,
+            heartbeat_interval_ms=1000,
+            metadata_max_age_ms=5000,
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"consumer:{self.topic}")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._task), 30)
+                except TimeoutError:
+                    self._task.cancel()
+                    await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+            self._consumer = None
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        while not self._stopping.is_set():
+            try:
+                batches = await consumer.getmany(timeout_ms=self.fetch_timeout_ms, max_records=self.max_batch)
+            except KafkaError as exc:
+                log.warning("fetch failed; retrying", extra={"topic": self.topic, "error": str(exc)})
+                await asyncio.sleep(1)
+                continue
+            records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
+            if not records:
+                continue
+            try:
+                await self._process(records)
+            except _Abandon:
+                break  # shutting down during an outage: leave uncommitted, the next run redelivers
+            await self._commit(consumer, batches)
+
+    async def _process(self, records: list[ConsumerRecord[Any, Any]]) -> None:
+        decoded: list[Consumed[T]] = []
+        for record in records:
+            try:
+                decoded.append(self._decode(record))
+            except DecodeError as exc:
+                await self._dead_letter(record, f"undecodable: {exc}", attempts=0)
+        if not decoded:
+            return
+        started = time.perf_counter()
+        try:
+            await self._call_with_infra_retry(decoded)
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                raise _Abandon() from exc
+            HANDLER_ERRORS.labels(self.settings.service_name, self.topic).inc()
+            log.warning(
+                "batch failed; isolating message by message",
+                extra={"topic": self.topic, "size": len(decoded), "error": repr(exc)},
+            )
+            for item in decoded:
+                await self._process_one(item, records)
+        HANDLER_SECONDS.labels(self.settings.service_name, self.topic).observe(time.perf_counter() - started)
+        CONSUMED.labels(self.settings.service_name, self.topic).inc(len(decoded))
+        self.processed += len(decoded)
+
+    async def _process_one(self, item: Consumed[T], records: list[ConsumerRecord[Any, Any]]) -> None:
+        error = ""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                await self._call_with_infra_retry([item])
+                return
+            except Exception as exc:
+                if is_infrastructure_error(exc):
+                    raise _Abandon() from exc
+                HANDLER_ERRORS.labels(self.settings.service_name, self.topic).inc()
+                error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                self.last_error = error
+                if attempt < self.max_attempts:
+                    await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+        record = next(r for r in records if r.partition == item.partition and r.offset == item.offset)
+        await self._dead_letter(record, error, attempts=self.max_attempts)
+
+    async def _call_with_infra_retry(self, batch: Sequence[Consumed[T]]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.handler(batch)
+                return
+            except Exception as exc:
+                if not is_infrastructure_error(exc) or self._stopping.is_set():
+                    raise
+                self.last_error = repr(exc)
+                log.warning(
+                    "dependency unavailable; retrying the batch",
+                    extra={"topic": self.topic, "error": repr(exc), "retry_in_s": delay},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _decode(self, record: ConsumerRecord[Any, Any]) -> Consumed[T]:
+        try:
+            value = self.schema.model_validate(orjson.loads(record.value))
+        except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
+            raise DecodeError(str(exc)[:500]) from exc
+        return Consumed(
+            value=value,
+            key=record.key.decode() if isinstance(record.key, bytes) else None,
+            headers=_decode_headers(record.headers),
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp,
+        )
+
+    async def _dead_letter(self, record: ConsumerRecord[Any, Any], error: str, *, attempts: int) -> None:
+        headers = list(record.headers or ())
+        headers += [
+            (Headers.DLQ_ERROR, error[:2000].encode()),
+            (Headers.DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+            (Headers.DLQ_GROUP, self.group.encode()),
+            (Headers.DLQ_ATTEMPTS, str(attempts).encode()),
+        ]
+        value = record.value if isinstance(record.value, bytes) else b""
+        key = record.key if isinstance(record.key, bytes) else None
+        # Must be acknowledged before the offset moves past it: a DLQ write is never lost either.
+        await self.producer.send(OutgoingMessage(self.dlq_topic, key, value, tuple(headers)))
+        DLQ_MESSAGES.labels(self.settings.service_name, self.topic).inc()
+        log.error(
+            "message dead-lettered",
+            extra={"topic": record.topic, "partition": record.partition, "offset": record.offset, "error": error},
+        )
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
+    ) -> None:
+        offsets = {tp: OffsetAndMetadata(recs[-1].offset + 1, "") for tp, recs in batches.items() if recs}
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partitions away: the next owner redelivers, handlers are idempotent.
+            log.warning("offset commit failed; records will be redelivered", extra={"error": str(exc)})
+            return
+        for tp, om in offsets.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                CONSUMER_LAG.labels(self.settings.service_name, self.topic, str(tp.partition)).set(
+                    max(0, highwater - om.offset)
+                )

@@ -1,0 +1,132 @@
+"""An idempotent producer (`acks=all`, `enable_idempotence=True`) for CLM's contract models."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from shared.contracts.events import ContractModel
+from shared.contracts.headers import Headers
+from shared.settings import BaseServiceSettings
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A message ready for Kafka: the topic's full name, key, value bytes and headers."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = field(default_factory=tuple)
+
+
+def encode_message(
+    topic: str,
+    key: str,
+    model: ContractModel,
+    *,
+    producer: str,
+    correlation_id: str | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> OutgoingMessage:
+    headers: dict[str, str] = {
+        Headers.EVENT_ID: model.contract_id(),
+        Headers.EVENT_TYPE: model.event_type,
+        Headers.SCHEMA_VERSION: str(model.schema_version),
+        Headers.CORRELATION_ID: correlation_id or str(uuid.uuid4()),
+        Headers.PRODUCER: producer,
+        Headers.PRODUCED_AT_MS: str(int(time.time() * 1000)),
+    }
+    if extra_headers:
+        headers.update(extra_headers)
+    return OutgoingMessage(
+        topic=topic,
+        key=key.encode(),
+        value=orjson.dumps(model.model_dump(mode="json")),
+        headers=tuple((k, v.encode()) for k, v in headers.items()),
+    )
+
+
+class EventProducer:
+    """Wraps one AIOKafkaProducer; `send` returns only once the broker has acknowledged (acks=all)."""
+
+    def __init__(self, settings: BaseServiceSettings, *, linger_ms: int = 2, request_timeout_ms: int = 10000) -> None:
+        self.settings = settings
+        self.linger_ms = linger_ms
+        self.request_timeout_ms = request_timeout_ms
+        self._client: AIOKafkaProducer | None = None
+
+    @property
+    def _producer(self) -> AIOKafkaProducer:
+        if self._client is None:
+            raise RuntimeError("producer not started")
+        return self._client
+
+    async def start(self) -> None:
+        # Created here, not in __init__: aiokafka binds to the running event loop.
+        client = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            client_id=f"clm-{self.settings.service_name}",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=self.linger_ms,
+            request_timeout_ms=self.request_timeout_ms,
+            max_batch_size=256 * 1024,
+        )
+        try:
+            await client.start()
+        except Exception:
+            await client.stop()
+            raise
+        self._client = client
+
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.stop()
+
+    async def send(self, message: OutgoingMessage) -> None:
+        await self._producer.send_and_wait(
+            message.topic, message.value, key=message.key, headers=list(message.headers)
+        )
+
+    async def send_many(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Send all, then wait for every acknowledgement; raises if any failed."""
+        futures = [
+            await self._producer.send(m.topic, m.value, key=m.key, headers=list(m.headers)) for m in messages
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def publish(
+        self,
+        topic_name: str,
+        key: str,
+        model: ContractModel,
+        *,
+        correlation_id: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        await self.send(
+            encode_message(
+                self.settings.topic(topic_name),
+                key,
+                model,
+                producer=self.settings.service_name,
+                correlation_id=correlation_id,
+                extra_headers=extra_headers,
+            )
+        )
+
+    async def ping(self, timeout: float = 2.0) -> None:
+        """Raise unless a broker answers a metadata request within `timeout` seconds."""
+        client = self._producer.client
+        await asyncio.wait_for(client.fetch_all_metadata(), timeout)

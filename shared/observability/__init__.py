@@ -1,0 +1,1 @@
+"""JSON logs, health/readiness endpoints and Prometheus metrics."""

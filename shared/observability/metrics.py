@@ -1,0 +1,59 @@
+"""Prometheus metrics every service exposes on `/metrics`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match
+
+HTTP_REQUESTS = Counter(
+    "clm_http_requests_total", "HTTP requests handled", ["service", "method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "clm_http_request_duration_seconds", "HTTP request latency", ["service", "method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+CONSUMED = Counter("clm_consumer_messages_total", "Messages handled by a consumer", ["service", "topic"])
+CONSUMER_LAG = Gauge("clm_consumer_lag", "Messages behind the partition's end", ["service", "topic", "partition"])
+HANDLER_ERRORS = Counter("clm_consumer_handler_errors_total", "Handler failures (each attempt)", ["service", "topic"])
+HANDLER_SECONDS = Histogram(
+    "clm_consumer_batch_seconds", "Time to handle one batch", ["service", "topic"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+DLQ_MESSAGES = Counter("clm_dlq_messages_total", "Messages sent to a dead-letter topic", ["service", "topic"])
+OUTBOX_RELAYED = Counter("clm_outbox_relayed_total", "Outbox rows published to Kafka", ["service"])
+OUTBOX_PENDING = Gauge("clm_outbox_pending", "Outbox rows seen waiting in the last relay pass", ["service"])
+
+
+def _route_of(request: Request) -> str:
+    # Label by route template, not raw path: ids in paths would explode cardinality.
+    route = request.scope.get("route")
+    if route is not None:
+        return str(getattr(route, "path", "unmatched"))
+    for candidate in request.app.router.routes:
+        match, _ = candidate.matches(request.scope)
+        if match == Match.FULL:
+            return str(getattr(candidate, "path", "unmatched"))
+    return "unmatched"
+
+
+def instrument(app: FastAPI, service: str) -> None:
+    @app.middleware("http")
+    async def record(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = _route_of(request)
+            HTTP_REQUESTS.labels(service, request.method, route, str(status)).inc()
+            HTTP_LATENCY.labels(service, request.method, route).observe(time.perf_counter() - started)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,127 @@
+"""What every service's lifespan starts and stops: its schema and migrations, the topics, the
+idempotent producer, the outbox relay and its consumers; plus health, metrics and error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from shared.db.engine import create_engine, ensure_schema, session_factory
+from shared.db.migrations import run_migrations
+from shared.db.outbox import OutboxRelay
+from shared.db.unit_of_work import UnitOfWork
+from shared.http import install_error_handlers
+from shared.kafka.admin import ensure_topics
+from shared.kafka.consumer import Consumed, ConsumerRunner
+from shared.kafka.producer import EventProducer
+from shared.observability.health import Check, add_health_routes
+from shared.observability.metrics import instrument
+from shared.settings import BaseServiceSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", bound=BaseModel)
+
+
+class Platform:
+    def __init__(self, settings: BaseServiceSettings, *, migrations: Path | None, startup_timeout_s: float = 60) -> None:
+        self.settings = settings
+        self.migrations = migrations
+        self.startup_timeout_s = startup_timeout_s
+        self.engine: AsyncEngine = create_engine(settings.database_url, settings.db_schema, pool_size=settings.db_pool_size)
+        self.sessions: async_sessionmaker[AsyncSession] = session_factory(self.engine)
+        self.producer = EventProducer(settings)
+        self.relay = OutboxRelay(self.engine, self.producer, settings)
+        self.consumers: list[ConsumerRunner[Any]] = []
+        self.background: list[asyncio.Task[None]] = []
+        self.started = False
+
+    def unit_of_work(self) -> UnitOfWork:
+        return UnitOfWork(self.sessions, self.settings, on_commit=self.relay.notify)
+
+    def consumer(
+        self,
+        topic: str,
+        schema: type[T],
+        purpose: str,
+        handler: Callable[[Sequence[Consumed[T]]], Awaitable[None]],
+        **options: Any,
+    ) -> ConsumerRunner[T]:
+        runner = ConsumerRunner(
+            self.settings,
+            topic=topic,
+            schema=schema,
+            group=self.settings.consumer_group(purpose),
+            handler=handler,
+            producer=self.producer,
+            **options,
+        )
+        self.consumers.append(runner)
+        return runner
+
+    def run_in_background(self, name: str, coro: Callable[[], Awaitable[None]]) -> None:
+        """A long-running loop (timers, schedulers) cancelled on shutdown."""
+        self.background.append(asyncio.create_task(coro(), name=name))  # type: ignore[arg-type]
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        deadline = started + self.startup_timeout_s
+        while True:
+            try:
+                await ensure_schema(self.settings.database_url, self.settings.db_schema)
+                if self.migrations is not None:
+                    await run_migrations(self.engine, self.migrations, self.settings.db_schema)
+                await ensure_topics(self.settings)
+                await self.producer.start()
+                break
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("dependencies not ready; retrying start", extra={"error": repr(exc)})
+                await self.producer.stop()
+                await asyncio.sleep(1)
+        await self.relay.start()
+        self.started = True
+        log.info("platform started", extra={"seconds": round(time.monotonic() - started, 2)})
+
+    async def start_consumers(self) -> None:
+        for runner in self.consumers:
+            await runner.start()
+
+    async def stop(self) -> None:
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        for runner in self.consumers:
+            await runner.stop()
+        await self.relay.stop()
+        await self.producer.stop()
+        await self.engine.dispose()
+        self.started = False
+
+    async def ping_database(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def ping_kafka(self) -> None:
+        await self.producer.ping()
+
+    def health_checks(self) -> dict[str, Check]:
+        if not self.started:
+            return {}
+        return {"database": self.ping_database, "kafka": self.ping_kafka}
+
+
+def install_common(app: FastAPI, platform: Platform) -> None:
+    """Health and readiness, `/metrics`, and the JSON error conventions."""
+    install_error_handlers(app)
+    instrument(app, platform.settings.service_name)
+    add_health_routes(app, platform.health_checks)

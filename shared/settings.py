@@ -1,0 +1,52 @@
+"""Settings shared by every service: one env prefix (`CLM_`), per-service settings extend the base.
+
+`KAFKA_BOOTSTRAP_SERVERS` and `DATABASE_URL` are also read without the prefix, the names operators
+and the local stack use to point CLM at an existing cluster.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BaseServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLM_", extra="ignore", populate_by_name=True)
+
+    service_name: str = "clm"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("CLM_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    # Prepended to every topic name: lets tests (or tenants) share one broker without colliding.
+    topic_prefix: str = ""
+    # Partition count used when the platform creates a topic; per-topic overrides below.
+    topic_partitions: int = 8
+    topic_partition_overrides: dict[str, int] = Field(default_factory=dict)
+    topic_replication_factor: int = 1
+
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:55432/clm",
+        validation_alias=AliasChoices("CLM_DATABASE_URL", "DATABASE_URL"),
+    )
+    # Each service owns one PostgreSQL schema; its tables and Alembic history live there.
+    db_schema: str = "clm"
+    db_pool_size: int = 10
+
+    admin_token: SecretStr = SecretStr("dev-admin-token")
+
+    consumer_max_batch: int = 500
+    consumer_max_attempts: int = 3
+    consumer_retry_backoff_s: float = 0.2
+    outbox_poll_interval_s: float = 0.2
+    outbox_batch_size: int = 500
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def consumer_group(self, purpose: str) -> str:
+        return f"{self.topic_prefix}clm.{self.service_name}.{purpose}"

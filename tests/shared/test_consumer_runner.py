@@ -1,0 +1,166 @@
+"""The shared consumer runner against a real broker and database: round trip, redelivery, DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from sqlalchemy import text
+
+from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
+from shared.kafka import Consumed, ConsumerRunner, EventProducer, ensure_topics
+from shared.kafka.producer import OutgoingMessage
+from shared.runtime import Platform
+from shared.settings import BaseServiceSettings
+from tests.support import eventually, read_topic
+
+
+class RunnerSettings(BaseServiceSettings):
+    service_name: str = "runner_test"
+    db_schema: str = "runner"
+
+
+def event(n: int, user: str = "u1") -> CustomerEvent:
+    now = datetime.now(UTC)
+    return CustomerEvent(
+        message_id=f"m{n}", type="track", user_id=user, event="Tested", properties={"n": n},
+        timestamp=now, received_at=now,
+    )
+
+
+async def make_effects_table(platform: Platform) -> None:
+    async with platform.engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE effects (n int NOT NULL, message_id text NOT NULL)"))
+
+
+async def effects(platform: Platform) -> list[int]:
+    async with platform.engine.connect() as conn:
+        return [r[0] for r in await conn.execute(text("SELECT n FROM effects ORDER BY n"))]
+
+
+@pytest.fixture
+async def platform(make_settings) -> Platform:  # type: ignore[no-untyped-def]
+    settings = make_settings(RunnerSettings)
+    p = Platform(settings, migrations=None)
+    await p.start()
+    from shared.db import messaging_tables
+    import sqlalchemy as sa
+
+    async with p.engine.begin() as conn:
+        await conn.run_sync(lambda c: messaging_tables.define(sa.MetaData())[0].metadata.create_all(c))
+    await make_effects_table(p)
+    yield p
+    await p.stop()
+
+
+def idempotent_handler(platform: Platform, fail_on: set[int] | None = None, fail_times: dict[int, int] | None = None):  # type: ignore[no-untyped-def]
+    fail_times = fail_times if fail_times is not None else {}
+
+    async def handle(batch: Sequence[Consumed[CustomerEvent]]) -> None:
+        async with platform.unit_of_work() as uow:
+            for item in batch:
+                n = int(item.value.properties["n"])
+                if fail_on and n in fail_on:
+                    raise ValueError(f"poison {n}")
+                if fail_times.get(n, 0) > 0:
+                    fail_times[n] -= 1
+                    raise RuntimeError(f"transient failure on {n}")
+                if not await uow.claim("test", item.event_id):
+                    continue
+                await uow.session.execute(
+                    text("INSERT INTO effects (n, message_id) VALUES (:n, :m)"), {"n": n, "m": item.event_id}
+                )
+
+    return handle
+
+
+async def test_round_trip_through_the_runner(platform: Platform) -> None:
+    s = platform.settings
+    for i in range(20):
+        await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(i))
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "roundtrip", idempotent_handler(platform))
+    await runner.start()
+    got = await eventually(lambda: _len_is(platform, 20), timeout=20)
+    assert got == list(range(20))
+    await runner.stop()
+    # offsets were committed: a new runner in the same group sees nothing more
+    again = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "roundtrip", idempotent_handler(platform))
+    await again.start()
+    await asyncio.sleep(1.5)
+    await again.stop()
+    assert again.processed == 0
+    assert await effects(platform) == list(range(20))
+    assert s.topic_prefix
+
+
+async def _len_is(platform: Platform, n: int) -> list[int] | None:
+    got = await effects(platform)
+    return got if len(got) >= n else None
+
+
+async def test_mid_batch_failure_redelivers_without_loss_or_duplicates(platform: Platform) -> None:
+    for i in range(30):
+        await platform.producer.publish(CUSTOMER_EVENTS.name, f"u{i % 3}", event(i, f"u{i % 3}"))
+    # message 7 fails twice, then succeeds: the batch is retried and nothing is doubled or lost
+    runner = platform.consumer(
+        CUSTOMER_EVENTS.name, CustomerEvent, "midbatch", idempotent_handler(platform, fail_times={7: 2}),
+        max_attempts=3,
+    )
+    await runner.start()
+    await eventually(lambda: _len_is(platform, 30), timeout=20)
+    await runner.stop()
+    assert await effects(platform) == list(range(30))
+    dlq = await read_topic(platform.settings.topic(CUSTOMER_EVENTS.dead_letter), idle=1.0, timeout=3)
+    assert dlq == []
+
+
+async def test_redelivered_batch_changes_nothing(platform: Platform) -> None:
+    for i in range(5):
+        await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(i))
+    handler = idempotent_handler(platform)
+    first = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "g1", handler)
+    await first.start()
+    await eventually(lambda: _len_is(platform, 5), timeout=20)
+    await first.stop()
+    # a different group reads the same messages again: the inbox drops every one
+    second = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "g2", handler)
+    await second.start()
+    await eventually(lambda: second.processed >= 5, timeout=20)
+    await second.stop()
+    assert await effects(platform) == list(range(5))
+
+
+async def test_poison_message_goes_to_the_dead_letter_topic_and_the_partition_moves_on(platform: Platform) -> None:
+    s = platform.settings
+    await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(1))
+    await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(2))  # always fails
+    # not even JSON: cannot be decoded at all
+    await platform.producer.send(OutgoingMessage(s.topic(CUSTOMER_EVENTS.name), b"u1", b"{not json", ()))
+    await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(3))
+    runner = platform.consumer(
+        CUSTOMER_EVENTS.name, CustomerEvent, "poison", idempotent_handler(platform, fail_on={2}), max_attempts=2
+    )
+    await runner.start()
+    await eventually(lambda: _len_is(platform, 2), timeout=20)
+    dlq = await read_topic(s.topic(CUSTOMER_EVENTS.dead_letter), count=2, timeout=10)
+    await runner.stop()
+    assert await effects(platform) == [1, 3]
+    assert len(dlq) == 2
+    errors = sorted(m["headers"][Headers.DLQ_ERROR] for m in dlq)
+    assert any("poison 2" in e for e in errors)
+    assert any(e.startswith("undecodable") for e in errors)
+    poisoned = next(m for m in dlq if "poison" in m["headers"][Headers.DLQ_ERROR])
+    assert orjson.loads(poisoned["raw"])["messageId"] == "m2"
+    assert poisoned["headers"][Headers.DLQ_ATTEMPTS] == "2"
+    assert poisoned["headers"][Headers.DLQ_GROUP] == s.consumer_group("poison")
+
+
+async def test_ensure_topics_is_idempotent(platform: Platform) -> None:
+    assert await ensure_topics(platform.settings) == []
+    producer = EventProducer(platform.settings)
+    await producer.start()
+    await producer.ping()
+    await producer.stop()

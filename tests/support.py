@@ -1,0 +1,142 @@
+"""Test helpers shared by every test package: isolated settings, running apps, reading topics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from fastapi import FastAPI
+
+from shared.settings import BaseServiceSettings
+
+S = TypeVar("S", bound=BaseServiceSettings)
+
+
+def infra() -> tuple[str, str]:
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    url = os.environ.get("DATABASE_URL")
+    if not bootstrap or not url:
+        raise RuntimeError(
+            "tests need a real Kafka and PostgreSQL: run `make test`, or set KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL"
+        )
+    return bootstrap, url
+
+
+def isolated_settings(cls: type[S], namespace: str | None = None, **overrides: Any) -> S:
+    """Settings whose topics and schema belong to this test alone (so tests can run in parallel)."""
+    bootstrap, url = infra()
+    ns = namespace or uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": bootstrap,
+        "database_url": url,
+        "topic_prefix": f"t{ns}.",
+        "topic_partitions": 2,
+        "db_schema": f"{cls.model_fields['db_schema'].default}_t{ns}",
+        "db_pool_size": 4,
+        "consumer_retry_backoff_s": 0.05,
+        "outbox_poll_interval_s": 0.05,
+        "admin_token": "test-admin-token",
+    }
+    values.update(overrides)
+    return cls.model_validate(values)
+
+
+async def delete_test_topics(prefix: str) -> None:
+    bootstrap, _ = infra()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if names:
+            with contextlib.suppress(Exception):
+                await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def running(app: FastAPI, base_url: str = "http://testserver") -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan (database, Kafka, consumers) and give an HTTP client to it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base_url, timeout=30) as client:
+            yield client
+
+
+async def read_topic(
+    topic: str,
+    *,
+    count: int | None = None,
+    timeout: float = 10.0,
+    until: Callable[[list[dict[str, Any]]], bool] | None = None,
+    idle: float | None = None,
+) -> list[dict[str, Any]]:
+    """Every message of `topic` from the beginning, as {"key", "value", "headers", "partition", "offset"}.
+
+    Stops at `count` messages, when `until(messages)` holds, after `idle` seconds without new
+    messages, or at `timeout`.
+    """
+    bootstrap, _ = infra()
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False,
+        metadata_max_age_ms=1000,
+    )
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    last_new = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=100)
+            for records in batch.values():
+                for r in records:
+                    out.append(
+                        {
+                            "key": r.key.decode() if r.key else None,
+                            "value": _json_or_none(r.value),
+                            "raw": r.value,
+                            "headers": {k: v.decode() for k, v in (r.headers or ())},
+                            "partition": r.partition,
+                            "offset": r.offset,
+                        }
+                    )
+                    last_new = time.monotonic()
+            if count is not None and len(out) >= count:
+                break
+            if until is not None and until(out):
+                break
+            if idle is not None and time.monotonic() - last_new > idle:
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll an (async or sync) check until it returns a truthy value; fail with the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+def _json_or_none(raw: bytes | None) -> Any:
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None

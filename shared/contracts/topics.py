@@ -29,7 +29,7 @@ class TopicSpec:
 
 
 CUSTOMER_EVENTS = TopicSpec(
-    "clm.events.v1", CustomerEvent, "userId, else anonymousId", "ingest",
+    "clm.events.v1", CustomerEvent, "userId, else anonymousId", "ingest (journey_engine: `identify` for trait updates)",
     "Validated customer events (Segment spec), normalized timestamps.",
 )
 PROFILES = TopicSpec(
@@ -45,7 +45,7 @@ MESSAGE_REQUESTS = TopicSpec(
     "Requests to send one message (journey steps; transactional API sends are made by the notifier).",
 )
 MESSAGE_STATUS = TopicSpec(
-    "clm.messages.status.v1", MessageStatus, "canonical customer id", "notifier",
+    "clm.messages.status.v1", MessageStatus, "canonical customer id", "notifier (journey_engine: capped, skipped)",
     "Message outcomes: queued, sent, delivered, bounced, failed, suppressed, opened, clicked, ...",
 )
 PRIVACY = TopicSpec(

@@ -140,3 +140,40 @@ def _json_or_none(raw: bytes | None) -> Any:
         return orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         return None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DisposableKafka:
+    """A second, private Kafka broker a test may stop and start (the shared one must stay up)."""
+
+    def __init__(self, home: Any) -> None:
+        from deploy.local.stack import LocalKafka
+
+        self.broker = LocalKafka(home, free_port(), free_port(), heap="256m")
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.broker.start)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.broker.stop)
+
+
+@contextlib.asynccontextmanager
+async def disposable_kafka(home: Any) -> AsyncIterator[DisposableKafka]:
+    kafka = DisposableKafka(home)
+    await kafka.start()
+    try:
+        yield kafka
+    finally:
+        await kafka.stop()

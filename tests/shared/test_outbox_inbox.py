@@ -1,0 +1,120 @@
+"""Inbox and outbox against the real database and broker."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import text
+
+from shared.contracts import PROFILES, Headers, ProfileChanged, ProfileChangeKind
+from shared.db import messaging_tables
+from shared.runtime import Platform
+from shared.settings import BaseServiceSettings
+from tests.support import eventually, read_topic
+
+
+class OutboxSettings(BaseServiceSettings):
+    service_name: str = "outbox_test"
+    db_schema: str = "outbox"
+
+
+@pytest.fixture
+async def platform(make_settings):  # type: ignore[no-untyped-def]
+    settings = make_settings(OutboxSettings)
+    from shared.db.engine import create_engine, ensure_schema
+
+    await ensure_schema(settings.database_url, settings.db_schema)
+    engine = create_engine(settings.database_url, settings.db_schema)
+    async with engine.begin() as conn:
+        md = sa.MetaData()
+        messaging_tables.define(md)
+        await conn.run_sync(md.create_all)
+        await conn.execute(text("CREATE TABLE counter (id int PRIMARY KEY, n int NOT NULL)"))
+        await conn.execute(text("INSERT INTO counter VALUES (1, 0)"))
+    await engine.dispose()
+    p = Platform(settings, migrations=None)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+def change(customer: str) -> ProfileChanged:
+    return ProfileChanged(
+        event_id=str(uuid.uuid4()), customer_id=customer, kind=ProfileChangeKind.TRAITS_CHANGED,
+        occurred_at=datetime.now(UTC), traits={"plan": "pro"}, changed_traits=["plan"],
+    )
+
+
+async def counter(platform: Platform) -> int:
+    async with platform.engine.connect() as conn:
+        return int(await conn.scalar(text("SELECT n FROM counter WHERE id = 1")) or 0)
+
+
+async def test_same_message_processed_twice_changes_state_once(platform: Platform) -> None:
+    for _ in range(2):
+        async with platform.unit_of_work() as uow:
+            if await uow.claim("test.consumer", "message-1"):
+                await uow.session.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))
+    assert await counter(platform) == 1
+    # another consumer has its own record of what it processed
+    async with platform.unit_of_work() as uow:
+        assert await uow.claim("other.consumer", "message-1")
+    async with platform.unit_of_work() as uow:
+        assert await uow.claim_many("test.consumer", ["message-1", "message-2", "message-2"]) == {"message-2"}
+
+
+async def test_claim_is_undone_when_the_effect_rolls_back(platform: Platform) -> None:
+    with pytest.raises(RuntimeError):
+        async with platform.unit_of_work() as uow:
+            assert await uow.claim("test.consumer", "message-9")
+            await uow.session.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))
+            raise RuntimeError("effect failed")
+    assert await counter(platform) == 0
+    async with platform.unit_of_work() as uow:
+        assert await uow.claim("test.consumer", "message-9"), "a rolled-back claim must not hide the retry"
+
+
+async def test_committed_event_reaches_kafka_and_rolled_back_one_never_does(platform: Platform) -> None:
+    kept, dropped = change("kept"), change("dropped")
+    async with platform.unit_of_work() as uow:
+        await uow.session.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))
+        uow.emit(PROFILES.name, "kept", kept, correlation_id="corr-1")
+    with pytest.raises(RuntimeError):
+        async with platform.unit_of_work() as uow:
+            uow.emit(PROFILES.name, "dropped", dropped)
+            raise RuntimeError("rolled back")
+    # a second committed event after the rolled-back one: when it arrives, the dropped one had its chance
+    marker = change("marker")
+    async with platform.unit_of_work() as uow:
+        uow.emit(PROFILES.name, "marker", marker)
+    got = await read_topic(
+        platform.settings.topic(PROFILES.name),
+        until=lambda ms: any(m["key"] == "marker" for m in ms),
+        timeout=15,
+    )
+    keys = [m["key"] for m in got]
+    assert "kept" in keys and "marker" in keys
+    assert "dropped" not in keys
+    first = next(m for m in got if m["key"] == "kept")
+    assert first["value"]["event_id"] == kept.event_id
+    assert first["headers"][Headers.EVENT_ID] == kept.event_id
+    assert first["headers"][Headers.CORRELATION_ID] == "corr-1"
+
+    async def outbox_empty() -> bool:
+        async with platform.engine.connect() as conn:
+            return await conn.scalar(text("SELECT count(*) FROM outbox")) == 0
+
+    # rows are deleted once the broker acknowledged them (the delete commits just after the ack)
+    assert await eventually(outbox_empty, timeout=5)
+
+
+async def test_relay_keeps_per_key_order(platform: Platform) -> None:
+    events = [change("same-customer") for _ in range(50)]
+    for e in events:
+        async with platform.unit_of_work() as uow:
+            uow.emit(PROFILES.name, "same-customer", e)
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=50, timeout=15)
+    assert [m["value"]["event_id"] for m in got] == [e.event_id for e in events]

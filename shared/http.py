@@ -45,7 +45,9 @@ def validation_errors(errors: Any) -> list[dict[str, str]]:
     out = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-        out.append(field_error(".".join(loc) or "body", str(err.get("type", "invalid")), str(err.get("msg", ""))))
+        out.append(
+            field_error(".".join(loc) or "body", str(err.get("type", "invalid")), str(err.get("msg", "")))
+        )
     return out
 
 
@@ -53,7 +55,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
-            {"error": "invalid_request", "message": "the request is invalid", "errors": validation_errors(exc.errors())},
+            {
+                "error": "invalid_request",
+                "message": "the request is invalid",
+                "errors": validation_errors(exc.errors()),
+            },
             status_code=400,
         )
 
@@ -76,7 +82,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
-        return JSONResponse({"error": "internal_error", "message": "unexpected server error"}, status_code=500)
+        return JSONResponse(
+            {"error": "internal_error", "message": "unexpected server error"}, status_code=500
+        )
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -89,8 +97,12 @@ def admin_guard(settings: BaseServiceSettings) -> Any:
     async def require_admin(creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
         expected = settings.admin_token.get_secret_value()
         if creds is None or not hmac.compare_digest(creds.credentials.encode(), expected.encode()):
-            raise ApiError(401, "unauthorized", "admin token required (Authorization: Bearer <CLM_ADMIN_TOKEN>)",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "admin token required (Authorization: Bearer <CLM_ADMIN_TOKEN>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return "admin"
 
     return require_admin

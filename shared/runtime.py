@@ -32,11 +32,15 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class Platform:
-    def __init__(self, settings: BaseServiceSettings, *, migrations: Path | None, startup_timeout_s: float = 60) -> None:
+    def __init__(
+        self, settings: BaseServiceSettings, *, migrations: Path | None, startup_timeout_s: float = 60
+    ) -> None:
         self.settings = settings
         self.migrations = migrations
         self.startup_timeout_s = startup_timeout_s
-        self.engine: AsyncEngine = create_engine(settings.database_url, settings.db_schema, pool_size=settings.db_pool_size)
+        self.engine: AsyncEngine = create_engine(
+            settings.database_url, settings.db_schema, pool_size=settings.db_pool_size
+        )
         self.sessions: async_sessionmaker[AsyncSession] = session_factory(self.engine)
         self.producer = EventProducer(settings)
         self.relay = OutboxRelay(self.engine, self.producer, settings)

@@ -22,7 +22,7 @@ def namespace() -> str:
 
 @pytest.fixture
 async def make_settings(namespace: str) -> AsyncIterator[Callable[..., Any]]:
-    """`make_settings(SomeServiceSettings, **overrides)`: isolated settings; schemas and topics dropped after."""
+    """`make_settings(SettingsCls, **overrides)`: isolated settings; schema and topics dropped after."""
     made: list[BaseServiceSettings] = []
 
     def factory(cls: type[S], **overrides: Any) -> S:

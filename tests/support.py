@@ -26,7 +26,8 @@ def infra() -> tuple[str, str]:
     url = os.environ.get("DATABASE_URL")
     if not bootstrap or not url:
         raise RuntimeError(
-            "tests need a real Kafka and PostgreSQL: run `make test`, or set KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL"
+            "tests need a real Kafka and PostgreSQL: run `make test`, "
+            "or set KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL"
         )
     return bootstrap, url
 
@@ -87,7 +88,11 @@ async def read_topic(
     """
     bootstrap, _ = infra()
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False,
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
         metadata_max_age_ms=1000,
     )
     await consumer.start()

@@ -94,7 +94,15 @@ class LocalKafka:
         tmp = KAFKA_LIBS.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         subprocess.run(
-            ["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies", f"-DoutputDirectory={tmp}"],
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "-f",
+                str(KAFKA_POM),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={tmp}",
+            ],
             check=True,
         )
         tmp.rename(KAFKA_LIBS)
@@ -172,7 +180,10 @@ class LocalKafka:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         out = open(LOG_DIR / f"kafka-{self.port}.log", "ab")  # noqa: SIM115 - lives as long as the broker
         self.proc = subprocess.Popen(
-            [*self._java(), "kafka.Kafka", str(cfg)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            [*self._java(), "kafka.Kafka", str(cfg)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         wait_until("Kafka", lambda: kafka_answers(self.bootstrap), 90, self.proc)
 
@@ -267,7 +278,16 @@ class LocalPostgres:
             shutil.chown(self.home, self.run_as)
         if not (data / "PG_VERSION").exists():
             self._run(
-                ["initdb", "-D", str(data), "--auth=trust", "-U", "postgres", "--encoding=UTF8", "--no-locale"],
+                [
+                    "initdb",
+                    "-D",
+                    str(data),
+                    "--auth=trust",
+                    "-U",
+                    "postgres",
+                    "--encoding=UTF8",
+                    "--no-locale",
+                ],
                 stdout=subprocess.DEVNULL,
             )
         sock = self.home / "sock"
@@ -292,14 +312,33 @@ class LocalPostgres:
         )
         wait_until("PostgreSQL", lambda: port_open("127.0.0.1", self.port), 30)
         created = subprocess.run(
-            [str(self.bindir() / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-tAc",
-             f"SELECT 1 FROM pg_database WHERE datname='{self.database}'"],
-            check=True, capture_output=True, text=True,
+            [
+                str(self.bindir() / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-tAc",
+                f"SELECT 1 FROM pg_database WHERE datname='{self.database}'",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         if created != "1":
             subprocess.run(
-                [str(self.bindir() / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                 self.database],
+                [
+                    str(self.bindir() / "createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    self.database,
+                ],
                 check=True,
             )
 
@@ -426,16 +465,26 @@ def start_services(stack: Stack, procs: dict[str, subprocess.Popen[bytes]]) -> N
     started = time.monotonic()
     commands: dict[str, list[str]] = {}
     if (ROOT / "deploy" / "local" / "smtp_sink.py").exists():
-        commands["smtp-sink"] = [sys.executable, "-m", "deploy.local.smtp_sink", "--port", str(RUN_PORTS.smtp)]
+        commands["smtp-sink"] = [
+            sys.executable,
+            "-m",
+            "deploy.local.smtp_sink",
+            "--port",
+            str(RUN_PORTS.smtp),
+        ]
     for name in SERVICES:
         commands[name] = [sys.executable, "-m", f"services.{name}"]
     for name, cmd in commands.items():
         procs[name] = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stdout=open(LOG_DIR / f"{name}.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT, start_new_session=True,
+            cmd,
+            env=env,
+            cwd=ROOT,
+            stdout=open(LOG_DIR / f"{name}.log", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     for name, port in SERVICES.items():
-        wait_until(f"service {name}", lambda p=port: service_ready(p), 90, procs[name])  # type: ignore[misc]
+        wait_until(f"service {name}", lambda p=port: service_ready(p), 90, procs[name])
     log(f"all four services ready in {time.monotonic() - started:.1f}s")
     for name, port in SERVICES.items():
         log(f"  {name:<15} http://127.0.0.1:{port}  (API docs: /docs, health: /readyz, metrics: /metrics)")

@@ -29,30 +29,53 @@ class TopicSpec:
 
 
 CUSTOMER_EVENTS = TopicSpec(
-    "clm.events.v1", CustomerEvent, "userId, else anonymousId", "ingest (journey_engine: `identify` for trait updates)",
+    "clm.events.v1",
+    CustomerEvent,
+    "userId, else anonymousId",
+    "ingest (journey_engine: `identify` for trait updates)",
     "Validated customer events (Segment spec), normalized timestamps.",
 )
 PROFILES = TopicSpec(
-    "clm.profiles.v1", ProfileChanged, "canonical customer id", "segmenter",
+    "clm.profiles.v1",
+    ProfileChanged,
+    "canonical customer id",
+    "segmenter",
     "Profile changes: traits, lifecycle stage and metrics, identity merges, erasure.",
 )
 SEGMENT_MEMBERSHIP = TopicSpec(
-    "clm.segment-membership.v1", SegmentMembershipChanged, "canonical customer id", "segmenter",
+    "clm.segment-membership.v1",
+    SegmentMembershipChanged,
+    "canonical customer id",
+    "segmenter",
     "Every segment enter/exit, once per actual change.",
 )
 MESSAGE_REQUESTS = TopicSpec(
-    "clm.messages.requested.v1", MessageRequested, "canonical customer id", "journey_engine",
+    "clm.messages.requested.v1",
+    MessageRequested,
+    "canonical customer id",
+    "journey_engine",
     "Requests to send one message (journey steps; transactional API sends are made by the notifier).",
 )
 MESSAGE_STATUS = TopicSpec(
-    "clm.messages.status.v1", MessageStatus, "canonical customer id", "notifier (journey_engine: capped, skipped)",
+    "clm.messages.status.v1",
+    MessageStatus,
+    "canonical customer id",
+    "notifier (journey_engine: capped, skipped)",
     "Message outcomes: queued, sent, delivered, bounced, failed, suppressed, opened, clicked, ...",
 )
 PRIVACY = TopicSpec(
-    "clm.privacy.v1", PrivacyRequest, "canonical customer id", "segmenter (requests), every service (confirmations)",
+    "clm.privacy.v1",
+    PrivacyRequest,
+    "canonical customer id",
+    "segmenter (requests), every service (confirmations)",
     "GDPR erasure requests and each service's confirmation.",
 )
 
 TOPICS: tuple[TopicSpec, ...] = (
-    CUSTOMER_EVENTS, PROFILES, SEGMENT_MEMBERSHIP, MESSAGE_REQUESTS, MESSAGE_STATUS, PRIVACY,
+    CUSTOMER_EVENTS,
+    PROFILES,
+    SEGMENT_MEMBERSHIP,
+    MESSAGE_REQUESTS,
+    MESSAGE_STATUS,
+    PRIVACY,
 )

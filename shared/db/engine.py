@@ -10,12 +10,12 @@ def asyncpg_dsn(url: str) -> str:
     """The plain `postgresql://` form asyncpg accepts."""
     for prefix in ("postgresql+asyncpg://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix):]
+            return "postgresql://" + url[len(prefix) :]
     return url
 
 
 def sqlalchemy_url(url: str) -> str:
-    return "postgresql+asyncpg://" + asyncpg_dsn(url)[len("postgresql://"):]
+    return "postgresql+asyncpg://" + asyncpg_dsn(url)[len("postgresql://") :]
 
 
 def create_engine(url: str, schema: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:

@@ -25,7 +25,9 @@ def _upgrade(connection: Connection, script_location: Path, revision: str) -> No
     command.upgrade(cfg, revision)
 
 
-async def run_migrations(engine: AsyncEngine, script_location: Path, schema: str, revision: str = "head") -> None:
+async def run_migrations(
+    engine: AsyncEngine, script_location: Path, schema: str, revision: str = "head"
+) -> None:
     async with engine.begin() as conn:
         # Two replicas starting at once must not both migrate.
         await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key(f"migrate:{schema}")})

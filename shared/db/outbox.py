@@ -69,7 +69,9 @@ class OutboxRelay:
                 OUTBOX_PENDING.labels(self.settings.service_name).set(0)
                 return 0
             messages = [
-                OutgoingMessage(r.topic, r.key, r.value, tuple((k, v.encode()) for k, v in _headers(r.headers)))
+                OutgoingMessage(
+                    r.topic, r.key, r.value, tuple((k, v.encode()) for k, v in _headers(r.headers))
+                )
                 for r in rows
             ]
             await self.producer.send_many(messages)
@@ -87,7 +89,9 @@ class OutboxRelay:
                 backoff = 0.2
                 await self._prune_inbox()
             except Exception as exc:
-                log.warning("outbox relay pass failed; retrying", extra={"error": repr(exc), "retry_in_s": backoff})
+                log.warning(
+                    "outbox relay pass failed; retrying", extra={"error": repr(exc), "retry_in_s": backoff}
+                )
                 n = 0
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -30,7 +30,9 @@ async def ensure_topics(
     try:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name, n, settings.topic_replication_factor) for name, n in wanted.items() if name not in existing
+            NewTopic(name, n, settings.topic_replication_factor)
+            for name, n in wanted.items()
+            if name not in existing
         ]
         created: list[str] = []
         if missing:

@@ -84,7 +84,10 @@ def is_infrastructure_error(exc: BaseException) -> bool:
     if name in {"OperationalError", "InterfaceError"} and module.startswith("sqlalchemy"):
         return True
     if module.startswith("asyncpg") and name in {
-        "ConnectionDoesNotExistError", "CannotConnectNowError", "ConnectionFailureError", "TooManyConnectionsError",
+        "ConnectionDoesNotExistError",
+        "CannotConnectNowError",
+        "ConnectionFailureError",
+        "TooManyConnectionsError",
         "AdminShutdownError",
     }:
         return True
@@ -125,7 +128,9 @@ class ConsumerRunner(Generic[T]):
         self.producer = producer
         self.max_batch = max_batch or settings.consumer_max_batch
         self.max_attempts = max_attempts or settings.consumer_max_attempts
-        self.retry_backoff_s = settings.consumer_retry_backoff_s if retry_backoff_s is None else retry_backoff_s
+        self.retry_backoff_s = (
+            settings.consumer_retry_backoff_s if retry_backoff_s is None else retry_backoff_s
+        )
         self.fetch_timeout_ms = fetch_timeout_ms
         self.auto_offset_reset = auto_offset_reset
         self._consumer: AIOKafkaConsumer | None = None
@@ -278,7 +283,12 @@ class ConsumerRunner(Generic[T]):
         DLQ_MESSAGES.labels(self.settings.service_name, self.topic).inc()
         log.error(
             "message dead-lettered",
-            extra={"topic": record.topic, "partition": record.partition, "offset": record.offset, "error": error},
+            extra={
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "error": error,
+            },
         )
 
     async def _commit(

@@ -56,7 +56,9 @@ def encode_message(
 class EventProducer:
     """Wraps one AIOKafkaProducer; `send` returns only once the broker has acknowledged (acks=all)."""
 
-    def __init__(self, settings: BaseServiceSettings, *, linger_ms: int = 2, request_timeout_ms: int = 10000) -> None:
+    def __init__(
+        self, settings: BaseServiceSettings, *, linger_ms: int = 2, request_timeout_ms: int = 10000
+    ) -> None:
         self.settings = settings
         self.linger_ms = linger_ms
         self.request_timeout_ms = request_timeout_ms

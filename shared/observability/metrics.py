@@ -13,14 +13,22 @@ HTTP_REQUESTS = Counter(
     "clm_http_requests_total", "HTTP requests handled", ["service", "method", "route", "status"]
 )
 HTTP_LATENCY = Histogram(
-    "clm_http_request_duration_seconds", "HTTP request latency", ["service", "method", "route"],
+    "clm_http_request_duration_seconds",
+    "HTTP request latency",
+    ["service", "method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 CONSUMED = Counter("clm_consumer_messages_total", "Messages handled by a consumer", ["service", "topic"])
-CONSUMER_LAG = Gauge("clm_consumer_lag", "Messages behind the partition's end", ["service", "topic", "partition"])
-HANDLER_ERRORS = Counter("clm_consumer_handler_errors_total", "Handler failures (each attempt)", ["service", "topic"])
+CONSUMER_LAG = Gauge(
+    "clm_consumer_lag", "Messages behind the partition's end", ["service", "topic", "partition"]
+)
+HANDLER_ERRORS = Counter(
+    "clm_consumer_handler_errors_total", "Handler failures (each attempt)", ["service", "topic"]
+)
 HANDLER_SECONDS = Histogram(
-    "clm_consumer_batch_seconds", "Time to handle one batch", ["service", "topic"],
+    "clm_consumer_batch_seconds",
+    "Time to handle one batch",
+    ["service", "topic"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
 )
 DLQ_MESSAGES = Counter("clm_dlq_messages_total", "Messages sent to a dead-letter topic", ["service", "topic"])

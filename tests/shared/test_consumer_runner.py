@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
-from shared.kafka import Consumed, ConsumerRunner, EventProducer, ensure_topics
+from shared.kafka import Consumed, EventProducer, ensure_topics
 from shared.kafka.producer import OutgoingMessage
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
@@ -26,8 +26,13 @@ class RunnerSettings(BaseServiceSettings):
 def event(n: int, user: str = "u1") -> CustomerEvent:
     now = datetime.now(UTC)
     return CustomerEvent(
-        message_id=f"m{n}", type="track", user_id=user, event="Tested", properties={"n": n},
-        timestamp=now, received_at=now,
+        message_id=f"m{n}",
+        type="track",
+        user_id=user,
+        event="Tested",
+        properties={"n": n},
+        timestamp=now,
+        received_at=now,
     )
 
 
@@ -46,8 +51,9 @@ async def platform(make_settings) -> Platform:  # type: ignore[no-untyped-def]
     settings = make_settings(RunnerSettings)
     p = Platform(settings, migrations=None)
     await p.start()
-    from shared.db import messaging_tables
     import sqlalchemy as sa
+
+    from shared.db import messaging_tables
 
     async with p.engine.begin() as conn:
         await conn.run_sync(lambda c: messaging_tables.define(sa.MetaData())[0].metadata.create_all(c))
@@ -56,7 +62,9 @@ async def platform(make_settings) -> Platform:  # type: ignore[no-untyped-def]
     await p.stop()
 
 
-def idempotent_handler(platform: Platform, fail_on: set[int] | None = None, fail_times: dict[int, int] | None = None):  # type: ignore[no-untyped-def]
+def idempotent_handler(
+    platform: Platform, fail_on: set[int] | None = None, fail_times: dict[int, int] | None = None
+):  # type: ignore[no-untyped-def]
     fail_times = fail_times if fail_times is not None else {}
 
     async def handle(batch: Sequence[Consumed[CustomerEvent]]) -> None:
@@ -106,7 +114,10 @@ async def test_mid_batch_failure_redelivers_without_loss_or_duplicates(platform:
         await platform.producer.publish(CUSTOMER_EVENTS.name, f"u{i % 3}", event(i, f"u{i % 3}"))
     # message 7 fails twice, then succeeds: the batch is retried and nothing is doubled or lost
     runner = platform.consumer(
-        CUSTOMER_EVENTS.name, CustomerEvent, "midbatch", idempotent_handler(platform, fail_times={7: 2}),
+        CUSTOMER_EVENTS.name,
+        CustomerEvent,
+        "midbatch",
+        idempotent_handler(platform, fail_times={7: 2}),
         max_attempts=3,
     )
     await runner.start()
@@ -133,7 +144,9 @@ async def test_redelivered_batch_changes_nothing(platform: Platform) -> None:
     assert await effects(platform) == list(range(5))
 
 
-async def test_poison_message_goes_to_the_dead_letter_topic_and_the_partition_moves_on(platform: Platform) -> None:
+async def test_poison_message_goes_to_the_dead_letter_topic_and_the_partition_moves_on(
+    platform: Platform,
+) -> None:
     s = platform.settings
     await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(1))
     await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(2))  # always fails
@@ -141,7 +154,11 @@ async def test_poison_message_goes_to_the_dead_letter_topic_and_the_partition_mo
     await platform.producer.send(OutgoingMessage(s.topic(CUSTOMER_EVENTS.name), b"u1", b"{not json", ()))
     await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(3))
     runner = platform.consumer(
-        CUSTOMER_EVENTS.name, CustomerEvent, "poison", idempotent_handler(platform, fail_on={2}), max_attempts=2
+        CUSTOMER_EVENTS.name,
+        CustomerEvent,
+        "poison",
+        idempotent_handler(platform, fail_on={2}),
+        max_attempts=2,
     )
     await runner.start()
     await eventually(lambda: _len_is(platform, 2), timeout=20)

@@ -43,8 +43,12 @@ async def platform(make_settings):  # type: ignore[no-untyped-def]
 
 def change(customer: str) -> ProfileChanged:
     return ProfileChanged(
-        event_id=str(uuid.uuid4()), customer_id=customer, kind=ProfileChangeKind.TRAITS_CHANGED,
-        occurred_at=datetime.now(UTC), traits={"plan": "pro"}, changed_traits=["plan"],
+        event_id=str(uuid.uuid4()),
+        customer_id=customer,
+        kind=ProfileChangeKind.TRAITS_CHANGED,
+        occurred_at=datetime.now(UTC),
+        traits={"plan": "pro"},
+        changed_traits=["plan"],
     )
 
 

@@ -53,4 +53,7 @@ async def test_readyz_follows_the_broker(make_settings, tmp_path) -> None:  # ty
 
             await eventually(up, timeout=30, interval=0.5)
             metrics = (await client.get("/metrics")).text
-            assert 'clm_http_requests_total{method="GET",route="/readyz",service="ready_test",status="503"}' in metrics
+            assert (
+                'clm_http_requests_total{method="GET",route="/readyz",service="ready_test",status="503"}'
+                in metrics
+            )

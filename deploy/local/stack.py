@@ -27,6 +27,10 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deploy.local.processes import PlatformProcesses
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache"
@@ -423,8 +427,9 @@ def wait_for_signal() -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from deploy.local.processes import PlatformProcesses
+
     stack = Stack(RUN_PORTS, "run")
-    procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def on_term(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -432,12 +437,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         with running(stack):
+            platform = PlatformProcesses(
+                env=stack.env, log_dir=LOG_DIR, smtp_port=RUN_PORTS.smtp, mail_dir=ROOT / "var" / "mail"
+            )
             try:
-                start_services(stack, procs)
-                supervise(procs)
+                started = time.monotonic()
+                platform.start()
+                log(f"all four services ready in {time.monotonic() - started:.1f}s")
+                for name in SERVICES:
+                    log(f"  {name:<15} {platform.url(name)}  (/docs, /readyz, /metrics)")
+                log(
+                    f"mail sink: smtp://127.0.0.1:{RUN_PORTS.smtp}, received mails in {ROOT / 'var' / 'mail'}"
+                )
+                log(
+                    f"logs: {LOG_DIR}/<process>.log; write key 'dev-write-key', admin token 'dev-admin-token'"
+                )
+                log("press Ctrl-C to stop")
+                supervise(platform)
             finally:
-                # Services first, while the broker and database they flush to are still up.
-                stop_processes(procs)
+                log("stopping...")
+                platform.stop()
     except KeyboardInterrupt:
         log("stopped")
     except RuntimeError as exc:
@@ -446,75 +465,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def service_ready(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return bool(r.status == 200)
-    except Exception:
-        return False
-
-
-def start_services(stack: Stack, procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    env = child_env(stack.env)
-    env.setdefault("CLM_SMTP_PORT", str(RUN_PORTS.smtp))
-    env.setdefault("CLM_WRITE_KEYS", "dev-write-key")
-    env.setdefault("CLM_ADMIN_TOKEN", "dev-admin-token")
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    commands: dict[str, list[str]] = {}
-    if (ROOT / "deploy" / "local" / "smtp_sink.py").exists():
-        commands["smtp-sink"] = [
-            sys.executable,
-            "-m",
-            "deploy.local.smtp_sink",
-            "--port",
-            str(RUN_PORTS.smtp),
-        ]
-    for name in SERVICES:
-        commands[name] = [sys.executable, "-m", f"services.{name}"]
-    for name, cmd in commands.items():
-        procs[name] = subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=ROOT,
-            stdout=open(LOG_DIR / f"{name}.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    for name, port in SERVICES.items():
-        wait_until(f"service {name}", lambda p=port: service_ready(p), 90, procs[name])
-    log(f"all four services ready in {time.monotonic() - started:.1f}s")
-    for name, port in SERVICES.items():
-        log(f"  {name:<15} http://127.0.0.1:{port}  (API docs: /docs, health: /readyz, metrics: /metrics)")
-    log(f"logs: {LOG_DIR}/<process>.log; write key 'dev-write-key', admin token 'dev-admin-token'")
-    log("press Ctrl-C to stop")
-
-
-def supervise(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+def supervise(platform: PlatformProcesses) -> None:
     parent = os.getppid()
     while True:
         if os.getppid() != parent:
             # Our parent (make) was killed by SIGTERM without passing it on: stop too.
             raise KeyboardInterrupt
-        for name, p in procs.items():
-            if p.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {p.returncode}; see {LOG_DIR}/{name}.log")
+        dead = platform.dead()
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited; see {LOG_DIR}/<process>.log")
         time.sleep(0.5)
-
-
-def stop_processes(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    log("stopping...")
-    for p in procs.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs.values():
-        try:
-            p.wait(25)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def cmd_infra(args: argparse.Namespace) -> int:

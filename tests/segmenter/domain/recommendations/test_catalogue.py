@@ -81,7 +81,9 @@ def test_bulk_upsert_rejects_a_duplicate_product_id_naming_both_indexes() -> Non
 
 
 def test_bulk_upsert_limits_the_item_count_and_locates_bad_items() -> None:
-    CatalogueUpsertRequest.model_validate({"items": [{"product_id": str(i)} for i in range(MAX_ITEMS_PER_UPSERT)]})
+    CatalogueUpsertRequest.model_validate(
+        {"items": [{"product_id": str(i)} for i in range(MAX_ITEMS_PER_UPSERT)]}
+    )
     with pytest.raises(ValidationError) as too_many:
         CatalogueUpsertRequest.model_validate(
             {"items": [{"product_id": str(i)} for i in range(MAX_ITEMS_PER_UPSERT + 1)]}
@@ -91,7 +93,9 @@ def test_bulk_upsert_limits_the_item_count_and_locates_bad_items() -> None:
         CatalogueUpsertRequest.model_validate({"items": []})
     assert [e["type"] for e in empty.value.errors()] == ["too_short"]
     with pytest.raises(ValidationError) as bad_price:
-        CatalogueUpsertRequest.model_validate({"items": [{"product_id": "a"}, {"product_id": "b", "price": -5}]})
+        CatalogueUpsertRequest.model_validate(
+            {"items": [{"product_id": "a"}, {"product_id": "b", "price": -5}]}
+        )
     assert [(e["loc"], e["type"]) for e in bad_price.value.errors()] == [
         (("items", 1, "price"), "greater_than_equal")
     ]

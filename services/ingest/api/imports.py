@@ -1,0 +1,240 @@
+"""Bulk backfill: `POST /v1/import`, an NDJSON body (one Segment call per line, gzip allowed) streamed in,
+progress streamed out.
+
+Each line gets the same validation and dedupe as the tracking API; imported events keep their
+historical time (so `timestamp` or `originalTimestamp` is required), are marked `source="backfill"`,
+and a line without a messageId gets one derived from its content, so importing a file again publishes
+nothing twice. The answer (NDJSON) is a progress line about every second, then one summary line:
+`{"type": "summary", "complete": true, "accepted": ..., "duplicates": ..., "rejected": ..., "errors": [...]}`.
+A summary with `"complete": false` says where it stopped (`resumeFromLine`); importing the file again
+is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from services.ingest.api.intake import Intake
+from services.ingest.domain.normalize import BACKFILL_SOURCE, content_message_id, to_customer_event
+from services.ingest.domain.validation import FieldError, validate_call
+from services.ingest.domain.write_keys import key_from_authorization
+from services.ingest.event_writer import Overloaded, PreparedEvent, Unavailable
+from shared.http import ApiError, field_error
+
+_MAX_OVERLOAD_RETRIES = 30
+
+
+class _DuplexStreamingResponse(StreamingResponse):
+    """Streams while the request body is still being read: Starlette's StreamingResponse would read
+    `receive` itself (to notice a disconnect) and steal the body from the endpoint."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.stream_response(send)
+
+
+@dataclass
+class ImportProgress:
+    lines: int = 0
+    accepted: int = 0
+    published: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def line(self, kind: str, **extra: Any) -> bytes:
+        body: dict[str, Any] = {
+            "type": kind,
+            "lines": self.lines,
+            "accepted": self.accepted,
+            "published": self.published,
+            "duplicates": self.duplicates,
+            "rejected": self.rejected,
+        }
+        body.update(extra)
+        return orjson.dumps(body) + b"\n"
+
+
+async def ndjson_lines(
+    chunks: AsyncIterator[bytes], max_line: int
+) -> AsyncIterator[tuple[int, bytes | None]]:
+    """(line number, line) for each line; None for a line longer than `max_line` (skipped, not buffered)."""
+    buffer = bytearray()
+    number = 0
+    oversized = False
+    async for chunk in chunks:
+        buffer += chunk
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                if len(buffer) > max_line:
+                    oversized = True
+                    buffer.clear()
+                break
+            number += 1
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            too_long = oversized or len(line) > max_line
+            oversized = False
+            yield number, None if too_long else line
+    if buffer.strip() or oversized:
+        yield number + 1, None if oversized or len(buffer) > max_line else bytes(buffer)
+
+
+async def decoded_body(request: Request) -> AsyncIterator[bytes]:
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip"):
+        raise ApiError(
+            415,
+            "unsupported_encoding",
+            "Content-Encoding must be gzip or identity",
+            errors=[field_error("Content-Encoding", "enum", "gzip or identity")],
+        )
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
+    async for chunk in request.stream():
+        if inflater is None:
+            yield chunk
+        elif chunk:
+            yield inflater.decompress(chunk)
+
+
+def imports_router(intake: Intake) -> APIRouter:
+    router = APIRouter(tags=["backfill"])
+    settings = intake.settings
+    active = 0
+
+    async def authorize(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        admin = settings.admin_token.get_secret_value().encode()
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), admin):
+            return
+        await intake.source_of(key_from_authorization(header))
+
+    @router.post("/v1/import", summary="Bulk backfill: NDJSON in, NDJSON progress out")
+    async def import_events(request: Request) -> StreamingResponse:
+        nonlocal active
+        await authorize(request)
+        if active >= settings.max_concurrent_imports:
+            raise ApiError(
+                429,
+                "overloaded",
+                "too many imports running; retry later",
+                headers={"Retry-After": str(settings.overload_retry_after_s * 10)},
+            )
+        body = decoded_body(request)
+        active += 1
+
+        async def run() -> AsyncIterator[bytes]:
+            nonlocal active
+            try:
+                async for out in _import(intake, body):
+                    yield out
+            finally:
+                active -= 1
+
+        return _DuplexStreamingResponse(run(), media_type="application/x-ndjson")
+
+    return router
+
+
+async def _import(intake: Intake, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    settings = intake.settings
+    progress = ImportProgress()
+    chunk: list[PreparedEvent] = []
+    chunk_start = 1
+    last_report = time.monotonic()
+
+    def reject(number: int, errors: list[FieldError]) -> None:
+        progress.rejected += 1
+        room = settings.import_max_reported_errors - len(progress.errors)
+        progress.errors.extend({"line": number, **e.as_json()} for e in errors[: max(0, room)])
+
+    async def flush() -> str | None:
+        """Write the chunk; the reason it could not be written, if so."""
+        for _ in range(_MAX_OVERLOAD_RETRIES):
+            try:
+                outcome = await intake.writer.write(chunk)
+            except Overloaded:
+                await asyncio.sleep(settings.overload_retry_after_s)
+                continue
+            except Unavailable:
+                return "unavailable"
+            progress.accepted += len(chunk)
+            progress.published += len(outcome.published)
+            progress.duplicates += len(outcome.duplicates)
+            chunk.clear()
+            return None
+        return "overloaded"
+
+    async for number, line in ndjson_lines(body, settings.max_event_bytes):
+        progress.lines = number
+        if not chunk:
+            chunk_start = number
+        if line is None:
+            reject(
+                number,
+                [FieldError("line", "max_size", f"an event is at most {settings.max_event_bytes} bytes")],
+            )
+        elif line.strip():
+            prepared = _prepare(intake, line)
+            if isinstance(prepared, list):
+                reject(number, prepared)
+            else:
+                chunk.append(prepared)
+        if len(chunk) >= settings.import_chunk_events:
+            failure = await flush()
+            if failure is not None:
+                yield progress.line(
+                    "summary",
+                    complete=False,
+                    error=failure,
+                    resumeFromLine=chunk_start,
+                    errors=progress.errors,
+                )
+                return
+        if time.monotonic() - last_report >= settings.import_progress_interval_s:
+            last_report = time.monotonic()
+            yield progress.line("progress")
+    if chunk:
+        failure = await flush()
+        if failure is not None:
+            yield progress.line(
+                "summary", complete=False, error=failure, resumeFromLine=chunk_start, errors=progress.errors
+            )
+            return
+    yield progress.line("summary", complete=True, errors=progress.errors)
+
+
+def _prepare(intake: Intake, line: bytes) -> PreparedEvent | list[FieldError]:
+    try:
+        raw = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return [FieldError("line", "json_invalid", str(exc))]
+    valid = validate_call(raw, None)
+    if isinstance(valid, list):
+        return valid
+    if valid.call.timestamp is None and valid.call.original_timestamp is None:
+        return [
+            FieldError(
+                "timestamp", "required", "an imported event keeps its historical time: timestamp is required"
+            )
+        ]
+    event = to_customer_event(
+        valid,
+        received_at=intake.clock.now(),
+        source=BACKFILL_SOURCE,
+        correct_skew=False,
+        message_id=lambda: content_message_id(line),
+    )
+    return intake.writer.prepare(event)

@@ -1,0 +1,142 @@
+"""Segment's HTTP Tracking API: /v1/identify, track, page, screen, group, alias and batch.
+
+Answers as Segment does (`200 {"success": true}`), except that an invalid event gets a 400 naming the
+field and the rule instead of a silent 200; a batch accepts its valid items and says which failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
+
+from services.ingest.api.body import parse_json, read_body
+from services.ingest.api.intake import Intake, invalid
+from services.ingest.domain.normalize import apply_batch_defaults, to_customer_event
+from services.ingest.domain.validation import FieldError, validate_call
+from services.ingest.event_writer import PreparedEvent, WriteOutcome
+from shared.contracts.events import EventType
+from shared.http import ApiError, field_error
+
+_SUCCESS = b'{"success":true}'
+_DATETIME = TypeAdapter(datetime)
+
+
+def tracking_router(intake: Intake) -> APIRouter:
+    router = APIRouter(tags=["tracking"])
+    settings = intake.settings
+
+    def single(call_type: EventType) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            source = await intake.header_source(request)
+            raw = parse_json(await read_body(request, settings.max_event_bytes, "an event"))
+            if source is None:
+                source = await intake.source_of(raw.get("writeKey") if isinstance(raw, dict) else None)
+            valid = validate_call(raw, call_type)
+            if isinstance(valid, list):
+                raise invalid(valid)
+            event = to_customer_event(valid, received_at=intake.clock.now(), source=source)
+            await intake.write([intake.writer.prepare(event)])
+            return Response(_SUCCESS, media_type="application/json")
+
+        handle.__name__ = f"post_{call_type.value}"
+        return handle
+
+    for call_type in EventType:
+        router.add_api_route(
+            f"/v1/{call_type.value}",
+            single(call_type),
+            methods=["POST"],
+            summary=f"Segment {call_type.value} call",
+        )
+
+    @router.post("/v1/batch", summary="Segment batch: up to 500 KB of calls")
+    async def batch(request: Request) -> Response:
+        source = await intake.header_source(request)
+        raw = parse_json(await read_body(request, settings.max_batch_bytes, "a batch"))
+        if not isinstance(raw, dict):
+            raise ApiError(
+                400,
+                "invalid_batch",
+                "a batch is a JSON object",
+                errors=[field_error("body", "object_type", 'expected {"batch": [...]}')],
+            )
+        if source is None:
+            source = await intake.source_of(raw.get("writeKey"))
+        items = raw.get("batch")
+        if not isinstance(items, list):
+            rule = "missing" if items is None else "list_type"
+            raise ApiError(
+                400,
+                "invalid_batch",
+                "the batch needs a list of calls",
+                errors=[field_error("batch", rule, "batch must be a list of calls")],
+            )
+        sent_at = _batch_sent_at(raw.get("sentAt"))
+        received_at = intake.clock.now()
+        accepted: list[int] = []
+        prepared: list[PreparedEvent] = []
+        rejected: list[dict[str, Any]] = []
+        for index, item in enumerate(items):
+            prefix = f"batch.{index}"
+            if isinstance(item, dict) and len(orjson.dumps(item)) > settings.max_event_bytes:
+                errors = [
+                    FieldError(prefix, "max_size", f"an event is at most {settings.max_event_bytes} bytes")
+                ]
+            else:
+                valid = validate_call(
+                    apply_batch_defaults(item, raw) if isinstance(item, dict) else item, prefix=prefix
+                )
+                if not isinstance(valid, list):
+                    event = to_customer_event(
+                        valid, received_at=received_at, source=source, batch_sent_at=sent_at
+                    )
+                    prepared.append(intake.writer.prepare(event))
+                    accepted.append(index)
+                    continue
+                errors = valid
+            rejected.append(
+                {
+                    "index": index,
+                    "messageId": item.get("messageId") if isinstance(item, dict) else None,
+                    "errors": [e.as_json() for e in errors],
+                }
+            )
+        outcome = await intake.write(prepared) if prepared else WriteOutcome([], [])
+        if not rejected:
+            return JSONResponse(
+                {"success": True, "accepted": len(accepted), "duplicates": len(outcome.duplicates)}
+            )
+        body: dict[str, Any] = {
+            "success": False,
+            "error": "partially_rejected" if accepted else "invalid_batch",
+            "message": f"{len(rejected)} of {len(items)} calls rejected"
+            + ("; the others were accepted" if accepted else "; nothing was accepted"),
+            "accepted": len(accepted),
+            "duplicates": len(outcome.duplicates),
+            "acceptedIndexes": accepted,
+            "rejected": rejected,
+            "errors": [e for r in rejected for e in r["errors"]],
+        }
+        return JSONResponse(body, status_code=207 if accepted else 400)
+
+    return router
+
+
+def _batch_sent_at(value: object) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return _DATETIME.validate_python(value)
+    except ValidationError as exc:
+        raise ApiError(
+            400,
+            "invalid_batch",
+            "sentAt is not a date-time",
+            errors=[field_error("sentAt", exc.errors()[0]["type"], "ISO-8601 date-time")],
+        ) from exc

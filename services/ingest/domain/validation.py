@@ -1,0 +1,89 @@
+"""Validation of one Segment call: types by pydantic, then the rules of its call type.
+
+Every error names the field (Segment's name, with its position in a batch) and the rule broken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.ingest.domain.calls import CALL_MODELS, SegmentCall
+from shared.contracts.events import EventType
+
+_TYPES = ", ".join(t.value for t in EventType)
+_BY_NAME = {t.value: t for t in EventType}
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    rule: str
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"field": self.field, "rule": self.rule, "message": self.message}
+
+
+@dataclass(frozen=True)
+class ValidCall:
+    type: EventType
+    call: SegmentCall
+
+
+def _field(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def parse_type(raw: object, prefix: str = "") -> EventType | FieldError:
+    if raw is None:
+        return FieldError(_field(prefix, "type"), "missing", f"type is required (one of {_TYPES})")
+    if isinstance(raw, str) and raw in _BY_NAME:
+        return _BY_NAME[raw]
+    return FieldError(_field(prefix, "type"), "enum", f"type must be one of {_TYPES}")
+
+
+def validate_call(
+    raw: Any, call_type: EventType | None = None, *, prefix: str = ""
+) -> ValidCall | list[FieldError]:
+    """Validate one call. `call_type` is the endpoint's; a batch item (None) names its own `type`."""
+    if not isinstance(raw, dict):
+        return [FieldError(prefix or "body", "object_type", "an event must be a JSON object")]
+    if call_type is None:
+        parsed = parse_type(raw.get("type"), prefix)
+        if isinstance(parsed, FieldError):
+            return [parsed]
+        call_type = parsed
+    try:
+        call = CALL_MODELS[call_type].model_validate(raw)
+    except ValidationError as exc:
+        return [
+            FieldError(
+                _field(prefix, ".".join(str(p) for p in err["loc"]) or "body"), err["type"], err["msg"]
+            )
+            for err in exc.errors(include_url=False)
+        ]
+    errors = _rules(call_type, call, prefix)
+    return errors or ValidCall(call_type, call)
+
+
+def _rules(call_type: EventType, call: SegmentCall, prefix: str) -> list[FieldError]:
+    errors: list[FieldError] = []
+    if not call.user_id and not call.anonymous_id:
+        errors.append(
+            FieldError(_field(prefix, "userId"), "required_one_of", "userId or anonymousId is required")
+        )
+    required: tuple[str, str] | None = {
+        EventType.TRACK: ("event", "event"),
+        EventType.ALIAS: ("previous_id", "previousId"),
+        EventType.GROUP: ("group_id", "groupId"),
+    }.get(call_type)
+    if required is not None and not getattr(call, required[0]):
+        errors.append(
+            FieldError(
+                _field(prefix, required[1]), "required", f"{call_type.value} needs a non-empty {required[1]}"
+            )
+        )
+    return errors

@@ -1,0 +1,222 @@
+"""The write path: dedupe by messageId and publish to clm.events.v1, acknowledged by Kafka.
+
+Concurrent requests are grouped (group commit): each worker takes every event waiting, then in ONE
+database transaction claims their messageIds (one statement), publishes the new ones, waits for
+Kafka's acknowledgement (acks=all, idempotent producer) and only then commits. So:
+- a 2xx is only answered once Kafka holds the event;
+- if the publish fails, the transaction rolls back and the claim disappears with it: the client's
+  retry is published, never dropped as a duplicate;
+- a duplicate arriving while the first copy is in flight waits on the row lock, then is answered as
+  a duplicate (or published, if the first one failed).
+A crash between Kafka's acknowledgement and the commit can publish a retried event twice (same
+messageId, which consumers dedupe on): at least once, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from services.ingest.settings import IngestSettings
+from services.ingest.store import dedupe
+from shared.clock import Clock
+from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
+from shared.kafka.producer import EventProducer, OutgoingMessage, encode_message
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """Too much work in flight: shed this request (429 + Retry-After)."""
+
+
+class Unavailable(Exception):
+    """Kafka (or the dedupe store) could not take the events in time (503 + Retry-After)."""
+
+
+@dataclass(frozen=True)
+class PreparedEvent:
+    message_id: str
+    message: OutgoingMessage
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    published: list[str]
+    duplicates: list[str]
+
+
+@dataclass
+class _Pending:
+    events: list[PreparedEvent]
+    future: asyncio.Future[set[str]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class RecentIds:
+    """messageIds this process published lately (bounded): most duplicates never reach the database."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[str, datetime] = OrderedDict()
+
+    def seen_since(self, message_id: str, cutoff: datetime) -> bool:
+        when = self._seen.get(message_id)
+        return when is not None and when >= cutoff
+
+    def add(self, ids: Iterable[str], when: datetime) -> None:
+        for message_id in ids:
+            self._seen[message_id] = when
+            self._seen.move_to_end(message_id)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+
+class EventWriter:
+    def __init__(self, engine: AsyncEngine, settings: IngestSettings, clock: Clock) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.clock = clock
+        self.topic = settings.topic(CUSTOMER_EVENTS.name)
+        self.window = timedelta(seconds=settings.dedupe_window_s)
+        # Its own producer: a delivery timeout as short as the answer's, so a failed event is not
+        # delivered long after the client was told 503.
+        self.producer = EventProducer(
+            settings,
+            linger_ms=settings.produce_linger_ms,
+            request_timeout_ms=max(1000, int(settings.produce_timeout_s * 1000)),
+        )
+        self.recent = RecentIds(settings.dedupe_cache_size)
+        self.in_flight_events = 0
+        self._pending: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.producer.start()
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"ingest-writer-{n}")
+            for n in range(self.settings.writer_concurrency)
+        ]
+        self._tasks.append(asyncio.create_task(self._prune_loop(), name="ingest-dedupe-prune"))
+
+    async def stop(self) -> None:
+        # Requests still waiting finish first (uvicorn has stopped taking new ones).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.settings.produce_timeout_s + 1)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.producer.stop()
+
+    def prepare(self, event: CustomerEvent) -> PreparedEvent:
+        message = encode_message(
+            self.topic,
+            event.customer_key,
+            event,
+            producer=self.settings.service_name,
+            correlation_id=event.message_id,
+            extra_headers={Headers.ORIGIN_AT_MS: str(int(event.received_at.timestamp() * 1000))},
+        )
+        return PreparedEvent(event.message_id, message)
+
+    async def write(self, events: Sequence[PreparedEvent]) -> WriteOutcome:
+        """Publish the events not seen within the dedupe window; returns only once Kafka has them."""
+        cutoff = self.clock.now() - self.window
+        fresh: list[PreparedEvent] = []
+        duplicates: list[str] = []
+        ids: set[str] = set()
+        for event in events:
+            if event.message_id in ids or self.recent.seen_since(event.message_id, cutoff):
+                duplicates.append(event.message_id)
+            else:
+                ids.add(event.message_id)
+                fresh.append(event)
+        if not fresh:
+            return WriteOutcome([], duplicates)
+        if self.in_flight_events + len(fresh) > self.settings.max_in_flight_events:
+            raise Overloaded(f"{self.in_flight_events} events in flight")
+        self.in_flight_events += len(fresh)
+        self._idle.clear()
+        try:
+            pending = _Pending(fresh)
+            self._pending.append(pending)
+            self._wake.set()
+            published = await pending.future
+        finally:
+            self.in_flight_events -= len(fresh)
+            if not self.in_flight_events:
+                self._idle.set()
+        return WriteOutcome(
+            [e.message_id for e in fresh if e.message_id in published],
+            duplicates + [e.message_id for e in fresh if e.message_id not in published],
+        )
+
+    async def _work(self) -> None:
+        while True:
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            group: list[_Pending] = []
+            size = 0
+            while self._pending and (
+                not group or size + len(self._pending[0].events) <= self.settings.writer_max_events
+            ):
+                pending = self._pending.popleft()
+                group.append(pending)
+                size += len(pending.events)
+            await self._flush(group)
+
+    async def _flush(self, group: list[_Pending]) -> None:
+        owner: dict[str, _Pending] = {}
+        ordered: list[PreparedEvent] = []
+        for pending in group:
+            for event in pending.events:
+                if event.message_id not in owner:  # the same id from two requests at once: the first wins
+                    owner[event.message_id] = pending
+                    ordered.append(event)
+        now = self.clock.now()
+        try:
+            async with self.engine.begin() as conn:
+                # Sorted: concurrent groups lock their ids in one order, so they never deadlock.
+                fresh = await dedupe.claim(conn, sorted(owner), now, now - self.window)
+                messages = [e.message for e in ordered if e.message_id in fresh]
+                if messages:
+                    await asyncio.wait_for(self.producer.send_many(messages), self.settings.produce_timeout_s)
+        except Exception as exc:
+            log.warning(
+                "events not accepted: publish failed", extra={"events": len(ordered), "error": repr(exc)}
+            )
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.set_exception(Unavailable(repr(exc)))
+            return
+        self.recent.add(fresh, now)
+        for pending in group:
+            if not pending.future.done():
+                pending.future.set_result(
+                    {
+                        e.message_id
+                        for e in pending.events
+                        if e.message_id in fresh and owner[e.message_id] is pending
+                    }
+                )
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.dedupe_prune_interval_s)
+            with contextlib.suppress(Exception):
+                await self.prune()
+
+    async def prune(self) -> int:
+        return await dedupe.prune(self.engine, self.clock.now() - self.window)

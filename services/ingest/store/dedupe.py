@@ -1,0 +1,42 @@
+"""Every query on `dedupe`: claiming messageIds for publication, and pruning the past window."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+# One statement for a whole group of events. An id seen before the window's start is claimed again
+# (its row is refreshed); an id claimed by a transaction still in flight makes this one wait for it,
+# so a publish that fails (rolled back) never hides a later retry.
+_CLAIM = text(
+    "INSERT INTO dedupe (message_id, seen_at) SELECT unnest(CAST(:ids AS text[])), :now "
+    "ON CONFLICT (message_id) DO UPDATE SET seen_at = EXCLUDED.seen_at WHERE dedupe.seen_at < :cutoff "
+    "RETURNING message_id"
+)
+_PRUNE = text(
+    "DELETE FROM dedupe WHERE message_id IN "
+    "(SELECT message_id FROM dedupe WHERE seen_at < :cutoff LIMIT :limit)"
+)
+
+
+async def claim(conn: AsyncConnection, ids: Sequence[str], now: datetime, cutoff: datetime) -> set[str]:
+    """Record `ids` (distinct; sorted by the caller so that concurrent claims lock in one order) as
+    seen at `now`, inside the caller's transaction; returns those not seen since `cutoff`."""
+    if not ids:
+        return set()
+    rows = await conn.execute(_CLAIM, {"ids": list(ids), "now": now, "cutoff": cutoff})
+    return {r[0] for r in rows}
+
+
+async def prune(engine: AsyncEngine, cutoff: datetime, batch: int = 10_000) -> int:
+    """Delete ids seen before `cutoff`, a batch per transaction (short locks); returns how many."""
+    total = 0
+    while True:
+        async with engine.begin() as conn:
+            deleted = (await conn.execute(_PRUNE, {"cutoff": cutoff, "limit": batch})).rowcount
+        total += deleted
+        if deleted < batch:
+            return total

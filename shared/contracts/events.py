@@ -242,10 +242,13 @@ class MessageStatus(ContractModel):
 class PrivacyAction(StrEnum):
     ERASE_REQUESTED = "erase_requested"
     ERASE_COMPLETED = "erase_completed"
+    # Export is a request/answer over Kafka: each service answers with the part it holds.
+    EXPORT_REQUESTED = "export_requested"
+    EXPORT_PART = "export_part"
 
 
 class PrivacyRequest(ContractModel):
-    """An erasure request and each service's confirmation of it. Keyed by `customer_id`."""
+    """An erasure or export request, and each service's answer to it. Keyed by `customer_id`."""
 
     event_type: ClassVar[str] = "privacy_request"
 
@@ -257,6 +260,8 @@ class PrivacyRequest(ContractModel):
     identities: list[str] = Field(default_factory=list)
     service: str | None = None
     occurred_at: datetime
+    # EXPORT_PART: everything the answering service holds on the customer.
+    data: JsonObject = Field(default_factory=dict)
 
     def contract_id(self) -> str:
         return self.event_id

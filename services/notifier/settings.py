@@ -1,11 +1,128 @@
-"""Notifier settings (env prefix `CLM_`)."""
+"""Notifier settings (env prefix `CLM_`).
+
+Providers are named; each channel lists the providers it tries in order (primary, then failover).
+Flat settings (`CLM_SMTP_PORT`, `CLM_TWILIO_BASE_URL`, ...) configure the default providers; the
+`CLM_PROVIDERS` JSON object adds or overrides named providers, `CLM_CHANNEL_PROVIDERS` the routing.
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+
 from shared.settings import BaseServiceSettings
+
+ProviderKind = Literal["smtp", "twilio", "fcm", "webhook", "in_app"]
+
+
+class ProviderConfig(BaseModel):
+    kind: ProviderKind
+    # HTTP providers (twilio, fcm): the API's base URL, so a local stand-in can replace the real one.
+    base_url: str = ""
+    # smtp
+    host: str = "127.0.0.1"
+    port: int = 2525
+    sender: str = "CLM <noreply@clm.local>"
+    use_tls: bool = False
+    username: str | None = None
+    password: SecretStr | None = None
+    # twilio
+    account_sid: str = ""
+    auth_token: SecretStr = SecretStr("")
+    from_number: str = ""
+    # fcm (an OAuth access token for the project; minted outside CLM)
+    project_id: str = ""
+    bearer_token: SecretStr = SecretStr("")
+    timeout_s: float = 10.0
+    # Token bucket: sustained sends per second and burst size.
+    rate_per_s: float = 100.0
+    burst: int = 100
+    # Concurrent calls in flight to this provider.
+    concurrency: int = 64
 
 
 class NotifierSettings(BaseServiceSettings):
     service_name: str = "notifier"
     port: int = 8004
     db_schema: str = "notifier"
+
+    # Where links in messages point (unsubscribe, preference page, tracking): this service's public URL.
+    public_base_url: str = "http://127.0.0.1:8004"
+    # Signs unsubscribe, tracking and inbox tokens (HMAC-SHA256). Change it in production.
+    link_secret: SecretStr = SecretStr("dev-link-secret-change-me")
+    # Standard Webhooks signing secret ("whsec_" + base64 key).
+    webhook_secret: SecretStr = SecretStr("whsec_ZGV2LXdlYmhvb2stc2VjcmV0LWNoYW5nZS1tZQ==")
+    # Hosts or CIDR networks webhooks may reach although private/loopback (operator decision).
+    webhook_allow_list: list[str] = Field(default_factory=list)
+    webhook_max_redirects: int = 3
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 2525
+    smtp_sender: str = "CLM <noreply@clm.local>"
+    twilio_base_url: str = "https://api.twilio.com"
+    twilio_account_sid: str = "AC00000000000000000000000000000000"
+    twilio_auth_token: SecretStr = SecretStr("dev-twilio-token")
+    twilio_from_number: str = "+15550000000"
+    # Inbound webhooks (STOP) must carry a valid X-Twilio-Signature unless this is off.
+    twilio_verify_inbound: bool = True
+    fcm_base_url: str = "https://fcm.googleapis.com"
+    fcm_project_id: str = "clm-dev"
+    fcm_bearer_token: SecretStr = SecretStr("dev-fcm-token")
+    provider_rate_per_s: float = 100.0
+    provider_burst: int = 100
+
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    channel_providers: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "email": ["smtp"],
+            "sms": ["twilio"],
+            "push": ["fcm"],
+            "webhook": ["webhook"],
+            "in_app": ["in_app"],
+        }
+    )
+
+    # Retries of transient failures: exponential backoff with full jitter, durable in the send ledger.
+    send_max_attempts: int = 5
+    retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+    # Circuit breaker per provider: open after N consecutive failures, half-open after the cooldown.
+    circuit_failure_threshold: int = 5
+    circuit_cooldown_s: float = 30.0
+    # Delivery loop: rows claimed per pass, and how often it looks for due retries.
+    delivery_batch_size: int = 500
+    delivery_poll_interval_s: float = 1.0
+    # A row left `sending` this long (process died mid-call) is resolved without resending.
+    sending_stale_after_s: float = 300.0
+    # Templates: strict undefined variables (an unknown variable fails the message) and size limits.
+    template_max_output_chars: int = 1_000_000
+    template_max_loop_iterations: int = 10_000
+    default_locale: str = "en"
+
+    def provider_configs(self) -> dict[str, ProviderConfig]:
+        rate = {"rate_per_s": self.provider_rate_per_s, "burst": self.provider_burst}
+        defaults = {
+            "smtp": ProviderConfig(
+                kind="smtp", host=self.smtp_host, port=self.smtp_port, sender=self.smtp_sender, **rate
+            ),
+            "twilio": ProviderConfig(
+                kind="twilio",
+                base_url=self.twilio_base_url,
+                account_sid=self.twilio_account_sid,
+                auth_token=self.twilio_auth_token,
+                from_number=self.twilio_from_number,
+                **rate,
+            ),
+            "fcm": ProviderConfig(
+                kind="fcm",
+                base_url=self.fcm_base_url,
+                project_id=self.fcm_project_id,
+                bearer_token=self.fcm_bearer_token,
+                **rate,
+            ),
+            "webhook": ProviderConfig(kind="webhook", **rate),
+            "in_app": ProviderConfig(kind="in_app", rate_per_s=1e9, burst=1_000_000),
+        }
+        defaults.update(self.providers)
+        return defaults

@@ -1,10 +1,136 @@
-"""The notifier schema's tables."""
+"""The notifier schema's tables (declared without a schema: the engine's search_path picks it)."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from shared.db import messaging_tables
 
 metadata = sa.MetaData()
 inbox, outbox = messaging_tables.define(metadata)
+
+_now = sa.func.now()
+TS = sa.DateTime(timezone=True)
+
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("default_locale", sa.Text, nullable=False),
+    # locale -> part -> Liquid source
+    sa.Column("variants", JSONB, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("created_at", TS, nullable=False, server_default=_now),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now),
+)
+
+# Projection of clm.profiles.v1: what a message needs to reach and address a customer.
+contacts = sa.Table(
+    "contacts",
+    metadata,
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Column("email", sa.Text),
+    sa.Column("phone", sa.Text),
+    sa.Column("push_token", sa.Text),
+    sa.Column("webhook_url", sa.Text),
+    sa.Column("locale", sa.Text),
+    sa.Column("timezone", sa.Text),
+    sa.Column("traits", JSONB, nullable=False),
+    sa.Column("profile_at", TS, nullable=False),
+)
+
+# One row per message id: the claim that makes a redelivered or retried request send at most once.
+send_ledger = sa.Table(
+    "send_ledger",
+    metadata,
+    sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("category", sa.Text, nullable=False),
+    sa.Column("template_id", sa.Text, nullable=False),
+    sa.Column("request", JSONB, nullable=False),
+    # pending -> sending -> sent | delivered | failed | suppressed | bounced | unknown
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", TS),
+    sa.Column("claimed_at", TS),
+    sa.Column("provider", sa.Text),
+    sa.Column("provider_message_id", sa.Text),
+    sa.Column("reason", sa.Text),
+    sa.Column("created_at", TS, nullable=False, server_default=_now),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now),
+)
+sa.Index("send_ledger_due", send_ledger.c.next_attempt_at, postgresql_where=send_ledger.c.state == "pending")
+
+# First open, each clicked URL, each unsubscribe of a message: one status each.
+engagements = sa.Table(
+    "engagements",
+    metadata,
+    sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, primary_key=True),
+    sa.Column("detail", sa.Text, primary_key=True),
+    sa.Column("occurred_at", TS, nullable=False),
+)
+
+subscription_topics = sa.Table(
+    "subscription_topics",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("channels", JSONB, nullable=False),
+    sa.Column("default_subscribed", sa.Boolean, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now),
+    sa.Column("updated_at", TS, nullable=False, server_default=_now),
+)
+
+# The current choice per customer, topic (or "*": every marketing topic) and channel.
+preferences = sa.Table(
+    "preferences",
+    metadata,
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Column("topic", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True),
+    sa.Column("subscribed", sa.Boolean, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+# Append-only history of every consent change: when, what, and through which source.
+consent_ledger = sa.Table(
+    "consent_ledger",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False, index=True),
+    sa.Column("topic", sa.Text, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("subscribed", sa.Boolean, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("message_id", sa.Text),
+    sa.Column("occurred_at", TS, nullable=False),
+)
+
+in_app_messages = sa.Table(
+    "in_app_messages",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False, index=True),
+    sa.Column("message_id", sa.Text, nullable=False, unique=True),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("read_at", TS),
+)
+
+# POST /v1/messages: an Idempotency-Key maps to one message id (and the request it was used with).
+api_requests = sa.Table(
+    "api_requests",
+    metadata,
+    sa.Column("idempotency_key", sa.Text, primary_key=True),
+    sa.Column("message_id", sa.Text, nullable=False),
+    sa.Column("request_hash", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False, server_default=_now),
+)

@@ -1,0 +1,125 @@
+"""Subscription topics and per-customer preferences (admin token); each change goes to the consent ledger."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.notifier.api.dependencies import get_notifier
+from services.notifier.domain.consent import ALL_TOPICS
+from services.notifier.service import Notifier
+from services.notifier.store import consent_repo
+from shared.contracts import Channel
+from shared.http import ApiError, field_error
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class TopicBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = ""
+    channels: list[Channel] = Field(min_length=1)
+    # True: opt-out model (subscribed until they say no); False: opt-in (only after a yes).
+    default_subscribed: bool
+
+
+class Choice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    topic: str = Field(description="a topic id, or * for every marketing topic on the channel")
+    channel: Channel
+    subscribed: bool
+
+
+class PreferencesBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        min_length=1, max_length=100, description="who or what made the change, for the ledger"
+    )
+    preferences: list[Choice] = Field(min_length=1)
+
+
+def router(admin: Any) -> APIRouter:
+    api = APIRouter(tags=["consent"], dependencies=[Depends(admin)])
+    NotifierDep = Annotated[Notifier, Depends(get_notifier)]
+
+    @api.put("/v1/subscription-topics/{topic_id}")
+    async def put_topic(topic_id: str, body: TopicBody, notifier: NotifierDep) -> dict[str, Any]:
+        import re
+
+        if not re.match(NAME, topic_id) or topic_id == ALL_TOPICS:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "invalid topic id",
+                errors=[field_error("topic_id", "pattern", f"must match {NAME}")],
+            )
+        async with notifier.platform.unit_of_work() as uow:
+            return await consent_repo.upsert_topic(
+                uow.session,
+                topic_id=topic_id,
+                name=body.name,
+                description=body.description,
+                channels=[c.value for c in body.channels],
+                default_subscribed=body.default_subscribed,
+                now=notifier.clock.now(),
+            )
+
+    @api.get("/v1/subscription-topics")
+    async def list_topics(notifier: NotifierDep) -> dict[str, Any]:
+        async with notifier.platform.unit_of_work() as uow:
+            return {"topics": await consent_repo.list_topics(uow.session)}
+
+    @api.delete("/v1/subscription-topics/{topic_id}", status_code=204)
+    async def delete_topic(topic_id: str, notifier: NotifierDep) -> None:
+        async with notifier.platform.unit_of_work() as uow:
+            if not await consent_repo.delete_topic(uow.session, topic_id):
+                raise ApiError(404, "not_found", f"no topic {topic_id!r}")
+
+    @api.get("/v1/customers/{customer_id}/preferences")
+    async def get_preferences(customer_id: str, notifier: NotifierDep) -> dict[str, Any]:
+        async with notifier.platform.unit_of_work() as uow:
+            return {
+                "customer_id": customer_id,
+                "preferences": await consent_repo.preferences_of(uow.session, customer_id),
+            }
+
+    @api.put("/v1/customers/{customer_id}/preferences")
+    async def put_preferences(
+        customer_id: str, body: PreferencesBody, notifier: NotifierDep
+    ) -> dict[str, Any]:
+        async with notifier.platform.unit_of_work() as uow:
+            known = await consent_repo.topics_by_id(
+                uow.session, {c.topic for c in body.preferences} - {ALL_TOPICS}
+            )
+            errors = [
+                field_error(f"preferences.{i}.topic", "exists", f"no subscription topic {c.topic!r}")
+                for i, c in enumerate(body.preferences)
+                if c.topic != ALL_TOPICS and c.topic not in known
+            ]
+            if errors:
+                raise ApiError(400, "invalid_request", "unknown subscription topic", errors=errors)
+            changed = await consent_repo.record_choices(
+                uow.session,
+                customer_id,
+                [(c.topic, c.channel.value, c.subscribed) for c in body.preferences],
+                source=body.source,
+                now=notifier.clock.now(),
+            )
+            current = await consent_repo.preferences_of(uow.session, customer_id)
+        return {"customer_id": customer_id, "changed": len(changed), "preferences": current}
+
+    @api.get("/v1/customers/{customer_id}/consent-history")
+    async def consent_history(customer_id: str, notifier: NotifierDep) -> dict[str, Any]:
+        async with notifier.platform.unit_of_work() as uow:
+            return {
+                "customer_id": customer_id,
+                "history": await consent_repo.history(uow.session, customer_id),
+            }
+
+    return api

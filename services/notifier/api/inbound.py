@@ -1,0 +1,66 @@
+"""Inbound provider webhooks: Twilio incoming SMS ("STOP" unsubscribes the number from SMS marketing)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from services.notifier.api.dependencies import get_notifier
+from services.notifier.domain.consent import ALL_TOPICS
+from services.notifier.service import Notifier
+from services.notifier.store import consent_repo, contacts_repo, ledger_repo
+from shared.http import ApiError
+
+STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"})
+START_WORDS = frozenset({"START", "UNSTOP", "YES", "OPTIN"})
+TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+
+api = APIRouter(tags=["inbound"])
+NotifierDep = Annotated[Notifier, Depends(get_notifier)]
+
+
+def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
+    """Twilio's X-Twilio-Signature: base64(HMAC-SHA1(token, url + each sorted key + value))."""
+    payload = url + "".join(k + params[k] for k in sorted(params))
+    return base64.b64encode(hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()).decode()
+
+
+@api.post("/v1/inbound/twilio/sms")
+async def twilio_inbound_sms(request: Request, notifier: NotifierDep) -> Response:
+    form = await request.form()
+    params = {k: str(v) for k, v in form.items()}
+    settings = notifier.settings
+    if settings.twilio_verify_inbound:
+        url = settings.public_base_url.rstrip("/") + request.url.path
+        expected = twilio_signature(settings.twilio_auth_token.get_secret_value(), url, params)
+        if not hmac.compare_digest(expected, request.headers.get("X-Twilio-Signature", "")):
+            raise ApiError(403, "forbidden", "invalid X-Twilio-Signature")
+    phone, word = params.get("From", ""), params.get("Body", "").strip().upper()
+    if not phone:
+        raise ApiError(400, "invalid_request", "From is required")
+    if word in STOP_WORDS or word in START_WORDS:
+        subscribed = word in START_WORDS
+        async with notifier.platform.unit_of_work() as uow:
+            customers = await contacts_repo.find_by_phone(uow.session, phone)
+        for customer_id in customers:
+            if subscribed:
+                async with notifier.platform.unit_of_work() as uow:
+                    await consent_repo.record_choices(
+                        uow.session,
+                        customer_id,
+                        [(ALL_TOPICS, "sms", True)],
+                        source=f"sms_{word.lower()}",
+                        now=notifier.clock.now(),
+                    )
+                continue
+            async with notifier.platform.unit_of_work() as uow:
+                latest = await ledger_repo.latest_for_customer(uow.session, customer_id, "sms")
+            await notifier.unsubscribe(
+                customer_id, "sms", None, latest.message_id if latest else None, source="sms_stop"
+            )
+    return Response(TWIML_EMPTY, media_type="application/xml")

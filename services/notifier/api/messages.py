@@ -1,0 +1,104 @@
+"""Transactional sends: `POST /v1/messages` (admin token, Idempotency-Key) -> the same ledger path."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.notifier.api.dependencies import get_notifier
+from services.notifier.consumers.message_requests import enqueue
+from services.notifier.service import Notifier
+from services.notifier.store import api_requests_repo, ledger_repo
+from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
+from shared.http import ApiError, field_error
+
+_KEYS = uuid.UUID("6f1c1c38-9a43-4c57-9a51-53a0d1c2b0aa")
+
+
+class SendBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer_id: str = Field(min_length=1, max_length=200)
+    channel: Channel
+    template_id: str = Field(min_length=1)
+    category: MessageCategory = MessageCategory.TRANSACTIONAL
+    subscription_topic: str | None = None
+    recipient: Recipient = Field(default_factory=Recipient)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+def router(admin: Any) -> APIRouter:
+    api = APIRouter(prefix="/v1/messages", tags=["messages"], dependencies=[Depends(admin)])
+    NotifierDep = Annotated[Notifier, Depends(get_notifier)]
+
+    @api.post("", status_code=202)
+    async def send(
+        body: SendBody,
+        notifier: NotifierDep,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    ) -> JSONResponse:
+        if not idempotency_key:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "the Idempotency-Key header is required",
+                errors=[field_error("Idempotency-Key", "required", "send a unique key per message")],
+            )
+        message_id = f"api-{uuid.uuid5(_KEYS, idempotency_key)}"
+        digest = hashlib.sha256(
+            orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+        request = MessageRequested(
+            message_id=message_id,
+            customer_id=body.customer_id,
+            channel=body.channel,
+            template_id=body.template_id,
+            category=body.category,
+            subscription_topic=body.subscription_topic,
+            recipient=body.recipient,
+            data=body.data,
+            requested_at=notifier.clock.now(),
+        )
+        async with notifier.platform.unit_of_work() as uow:
+            _, stored_digest = await api_requests_repo.claim_idempotency_key(
+                uow.session, idempotency_key, message_id, digest
+            )
+            if stored_digest != digest:
+                raise ApiError(
+                    409,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request",
+                    errors=[field_error("Idempotency-Key", "unique_per_request", "use a new key")],
+                )
+            new = await enqueue(uow, [request], notifier.clock)
+        if new:
+            notifier.worker.wake()
+        return JSONResponse(
+            {"message_id": message_id, "status": "queued", "replayed": not new},
+            status_code=202 if new else 200,
+        )
+
+    @api.get("/{message_id}")
+    async def get_message(message_id: str, notifier: NotifierDep) -> dict[str, Any]:
+        async with notifier.platform.unit_of_work() as uow:
+            entry = await ledger_repo.get(uow.session, message_id)
+        if entry is None:
+            raise ApiError(404, "not_found", f"no message {message_id!r}")
+        return {
+            "message_id": entry.message_id,
+            "state": entry.state,
+            "attempts": entry.attempts,
+            "provider": entry.provider,
+            "reason": entry.reason,
+            "next_attempt_at": entry.next_attempt_at,
+            "customer_id": entry.request.customer_id,
+            "channel": entry.request.channel.value,
+        }
+
+    return api

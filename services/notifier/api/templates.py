@@ -1,0 +1,189 @@
+"""/v1/templates: CRUD (admin token), preview with sample data or a real customer, test send."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.notifier.api.dependencies import get_notifier
+from services.notifier.domain.composition import recipient_address, template_data
+from services.notifier.domain.templates import RenderError
+from services.notifier.service import Notifier
+from services.notifier.store import contacts_repo, templates_repo
+from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
+from shared.http import ApiError, field_error
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class TemplateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    channel: Channel
+    default_locale: str = Field(default="en", min_length=2, max_length=20)
+    variants: dict[str, dict[str, str]] = Field(min_length=1)
+
+
+class NewTemplate(TemplateBody):
+    id: str = Field(pattern=NAME)
+
+
+class PreviewBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer_id: str | None = None
+    locale: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class TestSendBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    recipient: Recipient = Field(default_factory=Recipient)
+    customer_id: str = "test-customer"
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+def router(admin: Any) -> APIRouter:
+    api = APIRouter(prefix="/v1/templates", tags=["templates"], dependencies=[Depends(admin)])
+    NotifierDep = Annotated[Notifier, Depends(get_notifier)]
+
+    def check(notifier: Notifier, body: TemplateBody) -> None:
+        if body.default_locale not in body.variants:
+            raise ApiError(
+                400,
+                "invalid_template",
+                "the default locale needs a variant",
+                errors=[
+                    field_error(
+                        "default_locale", "variant_required", f"no variant for {body.default_locale!r}"
+                    )
+                ],
+            )
+        problems = notifier.renderer.validate(body.channel, body.variants)
+        if problems:
+            raise ApiError(
+                400,
+                "invalid_template",
+                "the template cannot be used",
+                errors=[field_error(f, "liquid", msg) for f, msg in problems],
+            )
+
+    @api.post("", status_code=201)
+    async def create(body: NewTemplate, notifier: NotifierDep) -> dict[str, Any]:
+        check(notifier, body)
+        async with notifier.platform.unit_of_work() as uow:
+            created = await templates_repo.create(
+                uow.session,
+                template_id=body.id,
+                name=body.name,
+                channel=body.channel.value,
+                default_locale=body.default_locale,
+                variants=body.variants,
+                now=notifier.clock.now(),
+            )
+        if created is None:
+            raise ApiError(
+                409,
+                "conflict",
+                f"template {body.id!r} exists",
+                errors=[field_error("id", "unique", "a template with this id exists")],
+            )
+        return created
+
+    @api.get("")
+    async def list_templates(notifier: NotifierDep) -> dict[str, Any]:
+        async with notifier.platform.unit_of_work() as uow:
+            return {"templates": await templates_repo.list_all(uow.session)}
+
+    @api.get("/{template_id}")
+    async def get(template_id: str, notifier: NotifierDep) -> dict[str, Any]:
+        async with notifier.platform.unit_of_work() as uow:
+            found = await templates_repo.get(uow.session, template_id)
+        if found is None:
+            raise ApiError(404, "not_found", f"no template {template_id!r}")
+        return found
+
+    @api.put("/{template_id}")
+    async def replace(template_id: str, body: TemplateBody, notifier: NotifierDep) -> dict[str, Any]:
+        check(notifier, body)
+        async with notifier.platform.unit_of_work() as uow:
+            updated = await templates_repo.update(
+                uow.session,
+                template_id,
+                name=body.name,
+                channel=body.channel.value,
+                default_locale=body.default_locale,
+                variants=body.variants,
+                now=notifier.clock.now(),
+            )
+        if updated is None:
+            raise ApiError(404, "not_found", f"no template {template_id!r}")
+        return updated
+
+    @api.delete("/{template_id}", status_code=204)
+    async def delete(template_id: str, notifier: NotifierDep) -> None:
+        async with notifier.platform.unit_of_work() as uow:
+            deleted = await templates_repo.delete(uow.session, template_id)
+        if not deleted:
+            raise ApiError(404, "not_found", f"no template {template_id!r}")
+
+    @api.post("/{template_id}/preview")
+    async def preview(template_id: str, body: PreviewBody, notifier: NotifierDep) -> dict[str, Any]:
+        async with notifier.platform.unit_of_work() as uow:
+            template = await templates_repo.get_definition(uow.session, template_id)
+            contact = await contacts_repo.get(uow.session, body.customer_id) if body.customer_id else None
+        if template is None:
+            raise ApiError(404, "not_found", f"no template {template_id!r}")
+        if body.customer_id and contact is None:
+            raise ApiError(
+                404,
+                "not_found",
+                f"no known customer {body.customer_id!r}",
+                errors=[
+                    field_error("customer_id", "exists", "the notifier has no profile for this customer")
+                ],
+            )
+        request = MessageRequested(
+            message_id=f"preview-{uuid.uuid4().hex}",
+            customer_id=body.customer_id or "sample-customer",
+            channel=template.channel,
+            template_id=template_id,
+            category=MessageCategory.TRANSACTIONAL,
+            recipient=Recipient(locale=body.locale),
+            data=body.data,
+            requested_at=notifier.clock.now(),
+        )
+        data = template_data(request, contact, notifier.links, recipient_address(request, contact))
+        try:
+            rendered = notifier.renderer.render(template, body.locale or data["customer"]["locale"], data)
+        except RenderError as exc:
+            raise ApiError(
+                422, "render_failed", str(exc), errors=[field_error("template", "render", str(exc))]
+            ) from exc
+        return {"template_id": template_id, "locale": rendered.locale, "parts": rendered.parts}
+
+    @api.post("/{template_id}/test-send", status_code=202)
+    async def test_send(template_id: str, body: TestSendBody, notifier: NotifierDep) -> dict[str, Any]:
+        async with notifier.platform.unit_of_work() as uow:
+            template = await templates_repo.get_definition(uow.session, template_id)
+        if template is None:
+            raise ApiError(404, "not_found", f"no template {template_id!r}")
+        request = MessageRequested(
+            message_id=f"test-{uuid.uuid4().hex}",
+            customer_id=body.customer_id,
+            channel=template.channel,
+            template_id=template_id,
+            category=MessageCategory.TRANSACTIONAL,
+            recipient=body.recipient,
+            data=body.data,
+            requested_at=notifier.clock.now(),
+        )
+        await notifier.submit([request])
+        return {"message_id": request.message_id, "status": "queued"}
+
+    return api

@@ -1,0 +1,56 @@
+"""What every provider receives and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Protocol
+
+from services.notifier.domain.retry_policy import Failure, classify_http
+from shared.contracts import Channel
+
+
+@dataclass(frozen=True)
+class Delivery:
+    message_id: str
+    customer_id: str
+    channel: Channel
+    # Email address, phone number, push token, webhook URL or (in-app) customer id.
+    to: str
+    parts: dict[str, str] = field(default_factory=dict)
+    email: EmailMessage | None = None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    ok: bool
+    # The provider confirmed delivery to the recipient (SMTP accepted, webhook 2xx, stored in the inbox),
+    # as opposed to only accepting it for later delivery (SMS, push).
+    delivered: bool = False
+    provider_message_id: str | None = None
+    failure: Failure | None = None
+    reason: str | None = None
+    retry_after_s: float | None = None
+
+    @staticmethod
+    def failed(failure: Failure, reason: str, retry_after_s: float | None = None) -> SendResult:
+        return SendResult(False, failure=failure, reason=reason, retry_after_s=retry_after_s)
+
+
+class Provider(Protocol):
+    name: str
+
+    async def send(self, delivery: Delivery) -> SendResult: ...
+
+    async def close(self) -> None: ...
+
+
+def http_failure(status: int, body: str, retry_after: str | None) -> SendResult:
+    failure = classify_http(status) or Failure.PERMANENT
+    after: float | None = None
+    if retry_after:
+        try:
+            after = float(retry_after)
+        except ValueError:
+            after = None
+    return SendResult.failed(failure, f"HTTP {status}: {body[:300]}", after)

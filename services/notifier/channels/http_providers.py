@@ -1,0 +1,92 @@
+"""SMS through the Twilio Messages API and push through FCM HTTP v1, over pooled httpx clients."""
+
+from __future__ import annotations
+
+import httpx
+import orjson
+
+from services.notifier.channels.base import Delivery, SendResult, http_failure
+from services.notifier.domain.retry_policy import Failure
+from services.notifier.settings import ProviderConfig
+
+
+def _client(config: ProviderConfig) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+    return httpx.AsyncClient(base_url=config.base_url, timeout=config.timeout_s, limits=limits)
+
+
+async def _post(client: httpx.AsyncClient, url: str, **kwargs: object) -> httpx.Response | SendResult:
+    try:
+        return await client.post(url, **kwargs)  # type: ignore[arg-type]
+    except httpx.TimeoutException as exc:
+        return SendResult.failed(Failure.TRANSIENT, f"timeout: {type(exc).__name__}")
+    except httpx.TransportError as exc:
+        return SendResult.failed(Failure.TRANSIENT, f"connection: {type(exc).__name__}: {exc}")
+
+
+class TwilioProvider:
+    """POST /2010-04-01/Accounts/{sid}/Messages.json (form-encoded, basic auth)."""
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        self.name = name
+        self.config = config
+        self._http = _client(config)
+        self._auth = httpx.BasicAuth(config.account_sid, config.auth_token.get_secret_value())
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        url = f"/2010-04-01/Accounts/{self.config.account_sid}/Messages.json"
+        form = {"To": delivery.to, "From": self.config.from_number, "Body": delivery.parts.get("body", "")}
+        # Twilio's idempotency header: a retried request with the same token is not sent twice.
+        headers = {"I-Twilio-Idempotency-Token": delivery.message_id}
+        got = await _post(self._http, url, data=form, auth=self._auth, headers=headers)
+        if isinstance(got, SendResult):
+            return got
+        if got.status_code >= 300:
+            return http_failure(got.status_code, got.text, got.headers.get("Retry-After"))
+        try:
+            sid = str(orjson.loads(got.content).get("sid") or "")
+        except (orjson.JSONDecodeError, AttributeError):
+            sid = ""
+        return SendResult(True, delivered=False, provider_message_id=sid or None)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+class FcmProvider:
+    """POST /v1/projects/{project}/messages:send with a bearer token (FCM HTTP v1)."""
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        self.name = name
+        self.config = config
+        self._http = _client(config)
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        url = f"/v1/projects/{self.config.project_id}/messages:send"
+        body = {
+            "message": {
+                "token": delivery.to,
+                "notification": {
+                    "title": delivery.parts.get("title", ""),
+                    "body": delivery.parts.get("body", ""),
+                },
+                "data": {"clm_message_id": delivery.message_id},
+            }
+        }
+        headers = {
+            "Authorization": f"Bearer {self.config.bearer_token.get_secret_value()}",
+            "Content-Type": "application/json",
+        }
+        got = await _post(self._http, url, content=orjson.dumps(body), headers=headers)
+        if isinstance(got, SendResult):
+            return got
+        if got.status_code >= 300:
+            return http_failure(got.status_code, got.text, got.headers.get("Retry-After"))
+        try:
+            name = str(orjson.loads(got.content).get("name") or "")
+        except (orjson.JSONDecodeError, AttributeError):
+            name = ""
+        return SendResult(True, delivered=False, provider_message_id=name or None)
+
+    async def close(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,124 @@
+"""Routes a delivery to its channel's providers in order: rate-limited, circuit-broken, with failover."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from services.notifier.channels.base import Delivery, Provider, SendResult
+from services.notifier.channels.http_providers import FcmProvider, TwilioProvider
+from services.notifier.channels.in_app import InAppProvider
+from services.notifier.channels.smtp import SmtpProvider
+from services.notifier.channels.webhook import WebhookProvider
+from services.notifier.domain.address_policy import AddressPolicy
+from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
+from services.notifier.domain.retry_policy import Failure
+from services.notifier.settings import NotifierSettings
+from shared.clock import Clock
+from shared.contracts import Channel
+from shared.db.unit_of_work import UnitOfWork
+
+# Failures after which the next provider is tried right away; a refused message would be refused there too.
+_FAIL_OVER_ON = frozenset({Failure.TRANSIENT, Failure.PROVIDER})
+
+
+class GuardedProvider:
+    def __init__(self, provider: Provider, breaker: CircuitBreaker, bucket: TokenBucket) -> None:
+        self.provider = provider
+        self.breaker = breaker
+        self.bucket = bucket
+        self._lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.provider.name
+
+    async def wait_for_token(self) -> None:
+        # Reserve under a lock so concurrent senders queue up instead of bursting past the rate.
+        async with self._lock:
+            wait = self.bucket.reserve(time.monotonic())
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+class ProviderRouter:
+    def __init__(self, routes: dict[Channel, list[GuardedProvider]]) -> None:
+        self.routes = routes
+
+    @classmethod
+    def from_settings(
+        cls, settings: NotifierSettings, unit_of_work: Callable[[], UnitOfWork], clock: Clock
+    ) -> ProviderRouter:
+        configs = settings.provider_configs()
+        policy = AddressPolicy(settings.webhook_allow_list)
+        built: dict[str, GuardedProvider] = {}
+        for name, config in configs.items():
+            provider: Provider
+            if config.kind == "smtp":
+                provider = SmtpProvider(name, config)
+            elif config.kind == "twilio":
+                provider = TwilioProvider(name, config)
+            elif config.kind == "fcm":
+                provider = FcmProvider(name, config)
+            elif config.kind == "webhook":
+                provider = WebhookProvider(
+                    name,
+                    config,
+                    secret=settings.webhook_secret.get_secret_value(),
+                    policy=policy,
+                    max_redirects=settings.webhook_max_redirects,
+                )
+            else:
+                provider = InAppProvider(name, unit_of_work, clock)
+            built[name] = GuardedProvider(
+                provider,
+                CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_s),
+                TokenBucket(config.rate_per_s, config.burst),
+            )
+        routes: dict[Channel, list[GuardedProvider]] = {}
+        for channel_name, names in settings.channel_providers.items():
+            missing = [n for n in names if n not in built]
+            if missing:
+                raise ValueError(f"channel {channel_name} lists unknown providers {missing}")
+            routes[Channel(channel_name)] = [built[n] for n in names]
+        return cls(routes)
+
+    async def send(self, delivery: Delivery) -> tuple[str | None, SendResult]:
+        """(provider that decided, result). Tries providers in order while failures are worth it."""
+        providers = self.routes.get(delivery.channel, [])
+        if not providers:
+            return None, SendResult.failed(
+                Failure.PERMANENT, f"no provider configured for {delivery.channel}"
+            )
+        last: tuple[str | None, SendResult] | None = None
+        for guarded in providers:
+            if not guarded.breaker.allows(time.monotonic()):
+                last = last or (
+                    guarded.name,
+                    SendResult.failed(Failure.TRANSIENT, f"{guarded.name}: circuit open"),
+                )
+                continue
+            await guarded.wait_for_token()
+            try:
+                result = await guarded.provider.send(delivery)
+            except Exception as exc:  # a provider bug must not take the delivery loop down
+                result = SendResult.failed(Failure.TRANSIENT, f"{guarded.name}: {type(exc).__name__}: {exc}")
+            if result.ok or result.failure in (Failure.PERMANENT, Failure.BOUNCE):
+                # The provider worked (even if it refused this message): the circuit stays closed.
+                guarded.breaker.record_success()
+                return guarded.name, result
+            guarded.breaker.record_failure(time.monotonic())
+            last = (guarded.name, result)
+            if result.failure not in _FAIL_OVER_ON:
+                break
+        assert last is not None
+        return last
+
+    async def close(self) -> None:
+        seen: set[int] = set()
+        for providers in self.routes.values():
+            for guarded in providers:
+                if id(guarded) not in seen:
+                    seen.add(id(guarded))
+                    await guarded.provider.close()

@@ -1,0 +1,85 @@
+"""Email over SMTP (aiosmtplib) with a small pool of open connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiosmtplib
+
+from services.notifier.channels.base import Delivery, SendResult
+from services.notifier.domain.retry_policy import Failure
+from services.notifier.settings import ProviderConfig
+
+
+def _failure_for_code(code: int) -> Failure:
+    if code in (550, 551, 553, 554):
+        return Failure.BOUNCE
+    if 400 <= code < 500:
+        return Failure.TRANSIENT
+    if code in (530, 535):
+        return Failure.PROVIDER
+    return Failure.PERMANENT
+
+
+class SmtpProvider:
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        self.name = name
+        self.config = config
+        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
+        self._slots = asyncio.Semaphore(max(1, min(config.concurrency, 16)))
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(
+            hostname=self.config.host,
+            port=self.config.port,
+            timeout=self.config.timeout_s,
+            use_tls=self.config.use_tls,
+            start_tls=False,
+        )
+        await client.connect()
+        if self.config.username and self.config.password is not None:
+            await client.login(self.config.username, self.config.password.get_secret_value())
+        return client
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        assert delivery.email is not None
+        async with self._slots:
+            client: aiosmtplib.SMTP | None = None
+            try:
+                client = self._idle.get_nowait() if not self._idle.empty() else await self._connect()
+                if not client.is_connected:
+                    client = await self._connect()
+                errors, response = await client.send_message(delivery.email)
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                code = exc.recipients[0].code if exc.recipients else 550
+                self._recycle(client)
+                return SendResult.failed(_failure_for_code(code), f"SMTP recipient refused: {exc}")
+            except aiosmtplib.SMTPResponseException as exc:
+                self._recycle(client)
+                return SendResult.failed(_failure_for_code(exc.code), f"SMTP {exc.code}: {exc.message}")
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                await self._discard(client)
+                return SendResult.failed(Failure.TRANSIENT, f"SMTP connection: {type(exc).__name__}: {exc}")
+            self._recycle(client)
+            if errors:
+                code, text = next(iter(errors.values()))
+                return SendResult.failed(_failure_for_code(code), f"SMTP {code}: {text}")
+            return SendResult(
+                True, delivered=True, provider_message_id=delivery.email["Message-ID"], reason=response[:200]
+            )
+
+    def _recycle(self, client: aiosmtplib.SMTP | None) -> None:
+        if client is not None and client.is_connected:
+            self._idle.put_nowait(client)
+
+    async def _discard(self, client: aiosmtplib.SMTP | None) -> None:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    async def close(self) -> None:
+        while not self._idle.empty():
+            client = self._idle.get_nowait()
+            with contextlib.suppress(Exception):
+                await client.quit()

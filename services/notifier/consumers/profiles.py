@@ -1,0 +1,41 @@
+"""clm.profiles.v1 -> the contact projection (addresses, locale, timezone, traits)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from services.notifier.domain.composition import ContactView, contact_from_traits
+from services.notifier.store import contacts_repo, in_app_repo
+from shared.contracts import ProfileChanged, ProfileChangeKind
+from shared.db.unit_of_work import UnitOfWork
+from shared.kafka import Consumed
+
+CONSUMER = "notifier.profiles"
+
+
+class ProfilesConsumer:
+    def __init__(self, unit_of_work: Callable[[], UnitOfWork]) -> None:
+        self.unit_of_work = unit_of_work
+
+    async def handle(self, batch: Sequence[Consumed[ProfileChanged]]) -> None:
+        async with self.unit_of_work() as uow:
+            fresh = await uow.claim_many(CONSUMER, [item.event_id for item in batch])
+            upserts: list[tuple[ContactView, datetime]] = []
+            for item in batch:
+                if item.event_id not in fresh:
+                    continue
+                change = item.value
+                if change.kind is ProfileChangeKind.ERASED:
+                    # Write what we have so far, then forget this customer.
+                    await contacts_repo.upsert(uow.session, upserts)
+                    upserts = []
+                    await contacts_repo.delete(uow.session, [change.customer_id])
+                    await in_app_repo.delete_for(uow.session, [change.customer_id])
+                    continue
+                if change.kind is ProfileChangeKind.IDENTITY_MERGED and change.merged_ids:
+                    await contacts_repo.delete(uow.session, change.merged_ids)
+                upserts.append(
+                    (contact_from_traits(change.customer_id, dict(change.traits)), change.occurred_at)
+                )
+            await contacts_repo.upsert(uow.session, upserts)

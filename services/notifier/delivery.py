@@ -1,0 +1,303 @@
+"""The delivery loop: claims due rows of the send ledger, decides, sends, records the outcome.
+
+Per row: consent (checked now, at send time) -> template render -> provider (with failover) ->
+outcome. The claim (`pending` -> `sending`) is committed before any provider call and the outcome
+after it, so a redelivered request, a retry or a restart never sends a row twice. A process dying
+between the two leaves the row `sending`; after `sending_stale_after_s` it is resolved as
+`unknown` (status `failed`), never resent blindly: at most once, by design.
+
+Transient failures are rescheduled in the ledger (exponential backoff, full jitter) instead of
+holding up the Kafka partition; what exhausts its attempts is dead-lettered with status `failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from services.notifier.channels.base import Delivery, SendResult
+from services.notifier.channels.router import ProviderRouter
+from services.notifier.domain import consent
+from services.notifier.domain.composition import (
+    ContactView,
+    compose_email,
+    locale_of,
+    recipient_address,
+    status_of,
+    template_data,
+)
+from services.notifier.domain.consent import SubscriptionTopic
+from services.notifier.domain.retry_policy import Failure, RetryPolicy
+from services.notifier.domain.signing import MessageLinks
+from services.notifier.domain.templates import RenderError, TemplateDefinition, TemplateRenderer
+from services.notifier.settings import NotifierSettings
+from services.notifier.store import consent_repo, contacts_repo, ledger_repo, templates_repo
+from services.notifier.store.ledger_repo import LedgerEntry, Outcome
+from shared.clock import Clock
+from shared.contracts import (
+    MESSAGE_REQUESTS,
+    MESSAGE_STATUS,
+    Channel,
+    Headers,
+    MessageRequested,
+    MessageStatus,
+    MessageStatusKind,
+)
+from shared.db.unit_of_work import UnitOfWork
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Context:
+    templates: dict[str, TemplateDefinition]
+    contacts: dict[str, ContactView]
+    topics: dict[str, SubscriptionTopic]
+    choices: dict[str, dict[tuple[str, str], bool]]
+
+
+@dataclass
+class AttemptResult:
+    outcome: Outcome
+    statuses: list[MessageStatus] = field(default_factory=list)
+    dead_letter_reason: str | None = None
+    dead_letter: MessageRequested | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to send, or the reason it must not be."""
+
+    delivery: Delivery | None
+    status: MessageStatusKind | None = None
+    reason: str | None = None
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        settings: NotifierSettings,
+        unit_of_work: Callable[[], UnitOfWork],
+        router: ProviderRouter,
+        renderer: TemplateRenderer,
+        links: MessageLinks,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.unit_of_work = unit_of_work
+        self.router = router
+        self.renderer = renderer
+        self.links = links
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.policy = RetryPolicy(settings.send_max_attempts, settings.retry_base_s, settings.retry_max_s)
+        self._wake = asyncio.Event()
+        self.passes = 0
+        configs = settings.provider_configs()
+        email_route = settings.channel_providers.get("email") or ["smtp"]
+        self.email_sender = (
+            configs[email_route[0]].sender if email_route[0] in configs else "noreply@clm.local"
+        )
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.resolve_stale()
+                while await self.run_once() > 0:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivery pass failed; retrying")
+                await asyncio.sleep(1)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.delivery_poll_interval_s)
+
+    async def run_once(self) -> int:
+        """One pass: claim (committed), send concurrently, record outcomes (committed). Rows handled."""
+        async with self.unit_of_work() as uow:
+            entries = await ledger_repo.claim_due(
+                uow.session, self.clock.now(), self.settings.delivery_batch_size
+            )
+        if not entries:
+            return 0
+        self.passes += 1
+        context = await self._load_context(entries)
+        results = await asyncio.gather(*(self._attempt(entry, context) for entry in entries))
+        await self._record(results)
+        return len(entries)
+
+    async def resolve_stale(self) -> None:
+        now = self.clock.now()
+        async with self.unit_of_work() as uow:
+            stale = await ledger_repo.stale_sending(
+                uow.session, now - timedelta(seconds=self.settings.sending_stale_after_s)
+            )
+            reason = (
+                "outcome unknown: the process stopped during the provider call; not resent (at most once)"
+            )
+            await ledger_repo.record_outcomes(
+                uow.session,
+                [Outcome(e.message_id, "unknown", e.attempts, reason=reason) for e in stale],
+                now,
+            )
+            for e in stale:
+                self._emit_status(uow, status_of(e.request, MessageStatusKind.FAILED, now, reason=reason))
+
+    async def _load_context(self, entries: Sequence[LedgerEntry]) -> _Context:
+        requests = [e.request for e in entries]
+        customers = {r.customer_id for r in requests}
+        topic_ids = {r.subscription_topic for r in requests if r.subscription_topic}
+        async with self.unit_of_work() as uow:
+            return _Context(
+                templates=await templates_repo.get_many(uow.session, {r.template_id for r in requests}),
+                contacts=await contacts_repo.get_many(uow.session, customers),
+                topics=await consent_repo.topics_by_id(uow.session, topic_ids),
+                choices=await consent_repo.choices_for(uow.session, customers),
+            )
+
+    def prepare(
+        self,
+        request: MessageRequested,
+        template: TemplateDefinition | None,
+        contact: ContactView | None,
+        topic: SubscriptionTopic | None,
+        choices: dict[tuple[str, str], bool],
+    ) -> Prepared:
+        decision = consent.decide(
+            request.category, request.channel, request.subscription_topic, topic, choices
+        )
+        if not decision.allowed:
+            return Prepared(None, MessageStatusKind.SUPPRESSED, decision.reason)
+        if template is None:
+            return Prepared(None, MessageStatusKind.FAILED, f"unknown template {request.template_id!r}")
+        if template.channel is not request.channel:
+            return Prepared(
+                None,
+                MessageStatusKind.FAILED,
+                f"template {template.id!r} is for {template.channel.value}, not {request.channel.value}",
+            )
+        address = recipient_address(request, contact)
+        if not address:
+            return Prepared(
+                None, MessageStatusKind.FAILED, f"no {request.channel.value} address for the customer"
+            )
+        try:
+            rendered = self.renderer.render(
+                template, locale_of(request, contact), template_data(request, contact, self.links, address)
+            )
+        except RenderError as exc:
+            return Prepared(None, MessageStatusKind.FAILED, f"template error: {exc}")
+        email = None
+        if request.channel is Channel.EMAIL:
+            email = compose_email(
+                request, rendered, self.links, sender=self.email_sender, to=address, now=self.clock.now()
+            )
+        return Prepared(
+            Delivery(request.message_id, request.customer_id, request.channel, address, rendered.parts, email)
+        )
+
+    async def _attempt(self, entry: LedgerEntry, ctx: _Context) -> AttemptResult:
+        request = entry.request
+        prepared = self.prepare(
+            request,
+            ctx.templates.get(request.template_id),
+            ctx.contacts.get(request.customer_id),
+            ctx.topics.get(request.subscription_topic) if request.subscription_topic else None,
+            ctx.choices.get(request.customer_id, {}),
+        )
+        now = self.clock.now()
+        if prepared.delivery is None:
+            assert prepared.status is not None
+            return AttemptResult(
+                Outcome(entry.message_id, prepared.status.value, entry.attempts, reason=prepared.reason),
+                [status_of(request, prepared.status, now, reason=prepared.reason)],
+            )
+        provider, result = await self.router.send(prepared.delivery)
+        return self._decide(entry, provider, result)
+
+    def _decide(self, entry: LedgerEntry, provider: str | None, result: SendResult) -> AttemptResult:
+        request, now = entry.request, self.clock.now()
+        if result.ok:
+            kinds = [MessageStatusKind.SENT] + ([MessageStatusKind.DELIVERED] if result.delivered else [])
+            return AttemptResult(
+                Outcome(
+                    entry.message_id,
+                    kinds[-1].value,
+                    entry.attempts,
+                    provider=provider,
+                    provider_message_id=result.provider_message_id,
+                ),
+                [status_of(request, k, now, provider=provider) for k in kinds],
+            )
+        reason = result.reason or "provider failure"
+        if result.failure is Failure.BOUNCE:
+            return AttemptResult(
+                Outcome(entry.message_id, "bounced", entry.attempts, provider=provider, reason=reason),
+                [status_of(request, MessageStatusKind.BOUNCED, now, reason=reason, provider=provider)],
+            )
+        if result.failure in (Failure.TRANSIENT, Failure.PROVIDER):
+            next_at = self.policy.next_attempt_at(now, entry.attempts, self.rng, result.retry_after_s)
+            if next_at is not None:
+                return AttemptResult(
+                    Outcome(
+                        entry.message_id,
+                        ledger_repo.PENDING,
+                        entry.attempts,
+                        next_attempt_at=next_at,
+                        provider=provider,
+                        reason=reason,
+                    )
+                )
+            reason = f"gave up after {entry.attempts} attempts: {reason}"
+            return AttemptResult(
+                Outcome(entry.message_id, "failed", entry.attempts, provider=provider, reason=reason),
+                [status_of(request, MessageStatusKind.FAILED, now, reason=reason, provider=provider)],
+                dead_letter_reason=reason,
+                dead_letter=request,
+            )
+        return AttemptResult(
+            Outcome(entry.message_id, "failed", entry.attempts, provider=provider, reason=reason),
+            [status_of(request, MessageStatusKind.FAILED, now, reason=reason, provider=provider)],
+        )
+
+    async def _record(self, results: Sequence[AttemptResult]) -> None:
+        async with self.unit_of_work() as uow:
+            await ledger_repo.record_outcomes(uow.session, [r.outcome for r in results], self.clock.now())
+            for result in results:
+                for status in result.statuses:
+                    self._emit_status(uow, status)
+                if result.dead_letter is not None:
+                    self._dead_letter(uow, result.dead_letter, result)
+        if any(r.outcome.state == ledger_repo.PENDING for r in results):
+            log.info(
+                "transient failures rescheduled",
+                extra={"count": sum(r.outcome.state == ledger_repo.PENDING for r in results)},
+            )
+
+    def _dead_letter(self, uow: UnitOfWork, request: MessageRequested, result: AttemptResult) -> None:
+        uow.emit(
+            MESSAGE_REQUESTS.dead_letter,
+            request.customer_id,
+            request,
+            extra_headers={
+                Headers.DLQ_ERROR: (result.dead_letter_reason or "")[:2000],
+                Headers.DLQ_SOURCE: "notifier.send_ledger",
+                Headers.DLQ_GROUP: self.settings.consumer_group("delivery"),
+                Headers.DLQ_ATTEMPTS: str(result.outcome.attempts),
+            },
+        )
+
+    @staticmethod
+    def _emit_status(uow: UnitOfWork, status: MessageStatus) -> None:
+        uow.emit(MESSAGE_STATUS.name, status.customer_id, status)

@@ -1,0 +1,58 @@
+"""May this message go to this customer on this channel? Decided at send time.
+
+Transactional messages are exempt. Marketing messages need: no channel-wide opt-out (the `*` topic:
+"unsubscribe from all", SMS STOP), and for their subscription topic either an explicit opt-in or,
+with no recorded choice, a topic whose default is subscribed (opt-out model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.contracts import Channel, MessageCategory
+
+ALL_TOPICS = "*"
+
+
+@dataclass(frozen=True)
+class SubscriptionTopic:
+    id: str
+    name: str
+    channels: tuple[str, ...]
+    # True: subscribed unless the customer opts out; False: only after an explicit opt-in.
+    default_subscribed: bool
+
+
+@dataclass(frozen=True)
+class ConsentDecision:
+    allowed: bool
+    reason: str | None = None
+
+
+def decide(
+    category: MessageCategory,
+    channel: Channel,
+    topic_id: str | None,
+    topic: SubscriptionTopic | None,
+    choices: Mapping[tuple[str, str], bool],
+) -> ConsentDecision:
+    """`choices` maps (topic id or `*`, channel) to the customer's recorded choice."""
+    if category is MessageCategory.TRANSACTIONAL:
+        return ConsentDecision(True)
+    if choices.get((ALL_TOPICS, channel.value)) is False:
+        return ConsentDecision(False, f"unsubscribed from all {channel.value} marketing")
+    if topic_id is None:
+        return ConsentDecision(True)
+    if topic is None:
+        return ConsentDecision(False, f"unknown subscription topic {topic_id!r}")
+    if channel.value not in topic.channels:
+        return ConsentDecision(False, f"topic {topic_id!r} is not offered on {channel.value}")
+    choice = choices.get((topic_id, channel.value))
+    if choice is None:
+        choice = topic.default_subscribed
+        if not choice:
+            return ConsentDecision(False, f"not opted in to {topic_id!r} on {channel.value}")
+    if not choice:
+        return ConsentDecision(False, f"unsubscribed from {topic_id!r} on {channel.value}")
+    return ConsentDecision(True)

@@ -1,0 +1,194 @@
+"""Every query on `subscription_topics`, `preferences` and `consent_ledger`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.notifier.domain.consent import SubscriptionTopic
+from services.notifier.store.tables import consent_ledger, preferences, subscription_topics
+
+
+def _topic(row: Any) -> SubscriptionTopic:
+    return SubscriptionTopic(
+        id=row.id, name=row.name, channels=tuple(row.channels), default_subscribed=row.default_subscribed
+    )
+
+
+def topic_dict(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "description": row.description,
+        "channels": row.channels,
+        "default_subscribed": row.default_subscribed,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
+
+
+async def upsert_topic(
+    session: AsyncSession,
+    *,
+    topic_id: str,
+    name: str,
+    description: str,
+    channels: list[str],
+    default_subscribed: bool,
+    now: datetime,
+) -> dict[str, Any]:
+    stmt = insert(subscription_topics).values(
+        id=topic_id,
+        name=name,
+        description=description,
+        channels=channels,
+        default_subscribed=default_subscribed,
+        created_at=now,
+        updated_at=now,
+    )
+    upsert = stmt.on_conflict_do_update(
+        index_elements=["id"],
+        set_={
+            "name": stmt.excluded.name,
+            "description": stmt.excluded.description,
+            "channels": stmt.excluded.channels,
+            "default_subscribed": stmt.excluded.default_subscribed,
+            "updated_at": stmt.excluded.updated_at,
+        },
+    ).returning(*subscription_topics.c)
+    return topic_dict((await session.execute(upsert)).one())
+
+
+async def list_topics(session: AsyncSession) -> list[dict[str, Any]]:
+    rows = await session.execute(sa.select(subscription_topics).order_by(subscription_topics.c.id))
+    return [topic_dict(r) for r in rows]
+
+
+async def topics_by_id(session: AsyncSession, ids: set[str]) -> dict[str, SubscriptionTopic]:
+    if not ids:
+        return {}
+    rows = await session.execute(sa.select(subscription_topics).where(subscription_topics.c.id.in_(ids)))
+    return {r.id: _topic(r) for r in rows}
+
+
+async def delete_topic(session: AsyncSession, topic_id: str) -> bool:
+    result = await session.execute(
+        sa.delete(subscription_topics)
+        .where(subscription_topics.c.id == topic_id)
+        .returning(subscription_topics.c.id)
+    )
+    return result.first() is not None
+
+
+async def choices_for(
+    session: AsyncSession, customer_ids: set[str]
+) -> dict[str, dict[tuple[str, str], bool]]:
+    """customer -> (topic, channel) -> subscribed."""
+    out: dict[str, dict[tuple[str, str], bool]] = {c: {} for c in customer_ids}
+    if not customer_ids:
+        return out
+    rows = await session.execute(
+        sa.select(
+            preferences.c.customer_id, preferences.c.topic, preferences.c.channel, preferences.c.subscribed
+        ).where(preferences.c.customer_id.in_(customer_ids))
+    )
+    for r in rows:
+        out[r.customer_id][(r.topic, r.channel)] = r.subscribed
+    return out
+
+
+async def preferences_of(session: AsyncSession, customer_id: str) -> list[dict[str, Any]]:
+    rows = await session.execute(
+        sa.select(preferences)
+        .where(preferences.c.customer_id == customer_id)
+        .order_by(preferences.c.topic, preferences.c.channel)
+    )
+    return [
+        {
+            "topic": r.topic,
+            "channel": r.channel,
+            "subscribed": r.subscribed,
+            "source": r.source,
+            "updated_at": r.updated_at,
+        }
+        for r in rows
+    ]
+
+
+async def record_choices(
+    session: AsyncSession,
+    customer_id: str,
+    changes: Sequence[tuple[str, str, bool]],
+    *,
+    source: str,
+    now: datetime,
+    message_id: str | None = None,
+) -> list[tuple[str, str, bool]]:
+    """Apply (topic, channel, subscribed) choices; every one that changes something goes to the ledger.
+    Returns the changes that were new."""
+    current = (await choices_for(session, {customer_id}))[customer_id]
+    changed = [(t, ch, s) for t, ch, s in dict.fromkeys(changes) if current.get((t, ch)) is not s]
+    if not changed:
+        return []
+    stmt = insert(preferences).values(
+        [
+            {
+                "customer_id": customer_id,
+                "topic": t,
+                "channel": ch,
+                "subscribed": s,
+                "source": source,
+                "updated_at": now,
+            }
+            for t, ch, s in changed
+        ]
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["customer_id", "topic", "channel"],
+        set_={
+            "subscribed": stmt.excluded.subscribed,
+            "source": stmt.excluded.source,
+            "updated_at": stmt.excluded.updated_at,
+        },
+    )
+    await session.execute(stmt)
+    await session.execute(
+        sa.insert(consent_ledger),
+        [
+            {
+                "customer_id": customer_id,
+                "topic": t,
+                "channel": ch,
+                "subscribed": s,
+                "source": source,
+                "message_id": message_id,
+                "occurred_at": now,
+            }
+            for t, ch, s in changed
+        ],
+    )
+    return changed
+
+
+async def history(session: AsyncSession, customer_id: str) -> list[dict[str, Any]]:
+    rows = await session.execute(
+        sa.select(consent_ledger)
+        .where(consent_ledger.c.customer_id == customer_id)
+        .order_by(consent_ledger.c.id)
+    )
+    return [
+        {
+            "topic": r.topic,
+            "channel": r.channel,
+            "subscribed": r.subscribed,
+            "source": r.source,
+            "message_id": r.message_id,
+            "occurred_at": r.occurred_at,
+        }
+        for r in rows
+    ]

@@ -1,0 +1,95 @@
+"""Every query on `contacts` (the projection of clm.profiles.v1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.notifier.domain.composition import ContactView
+from services.notifier.store.tables import contacts
+
+
+async def upsert(session: AsyncSession, items: Sequence[tuple[ContactView, datetime]]) -> None:
+    """Newest profile wins: an older event arriving late does not overwrite a newer projection."""
+    latest: dict[str, tuple[ContactView, datetime]] = {}
+    for contact, at in items:
+        seen = latest.get(contact.customer_id)
+        if seen is None or at >= seen[1]:
+            latest[contact.customer_id] = (contact, at)
+    if not latest:
+        return
+    stmt = insert(contacts).values(
+        [
+            {
+                "customer_id": c.customer_id,
+                "email": c.email,
+                "phone": c.phone,
+                "push_token": c.push_token,
+                "webhook_url": c.webhook_url,
+                "locale": c.locale,
+                "timezone": c.timezone,
+                "traits": c.traits,
+                "profile_at": at,
+            }
+            for c, at in latest.values()
+        ]
+    )
+    excluded = stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["customer_id"],
+        set_={
+            col: excluded[col]
+            for col in (
+                "email",
+                "phone",
+                "push_token",
+                "webhook_url",
+                "locale",
+                "timezone",
+                "traits",
+                "profile_at",
+            )
+        },
+        where=contacts.c.profile_at <= excluded.profile_at,
+    )
+    await session.execute(stmt)
+
+
+async def delete(session: AsyncSession, customer_ids: Sequence[str]) -> None:
+    if customer_ids:
+        await session.execute(sa.delete(contacts).where(contacts.c.customer_id.in_(list(customer_ids))))
+
+
+def _contact(row: Any) -> ContactView:
+    return ContactView(
+        customer_id=row.customer_id,
+        email=row.email,
+        phone=row.phone,
+        push_token=row.push_token,
+        webhook_url=row.webhook_url,
+        locale=row.locale,
+        timezone=row.timezone,
+        traits=row.traits,
+    )
+
+
+async def get(session: AsyncSession, customer_id: str) -> ContactView | None:
+    row = (await session.execute(sa.select(contacts).where(contacts.c.customer_id == customer_id))).first()
+    return _contact(row) if row else None
+
+
+async def get_many(session: AsyncSession, customer_ids: set[str]) -> dict[str, ContactView]:
+    if not customer_ids:
+        return {}
+    rows = await session.execute(sa.select(contacts).where(contacts.c.customer_id.in_(customer_ids)))
+    return {r.customer_id: _contact(r) for r in rows}
+
+
+async def find_by_phone(session: AsyncSession, phone: str) -> list[str]:
+    rows = await session.execute(sa.select(contacts.c.customer_id).where(contacts.c.phone == phone))
+    return list(rows.scalars())

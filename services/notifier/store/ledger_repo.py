@@ -1,0 +1,180 @@
+"""The send ledger: every query on `send_ledger` and `engagements`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.notifier.store.tables import engagements, send_ledger
+from shared.contracts import MessageRequested
+
+PENDING = "pending"
+SENDING = "sending"
+FINAL_STATES = frozenset({"sent", "delivered", "failed", "suppressed", "bounced", "unknown"})
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    message_id: str
+    request: MessageRequested
+    state: str
+    attempts: int
+    provider: str | None
+    reason: str | None
+    next_attempt_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt decided for one ledger row."""
+
+    message_id: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    reason: str | None = None
+
+
+def _entry(row: Any) -> LedgerEntry:
+    return LedgerEntry(
+        message_id=row.message_id,
+        request=MessageRequested.model_validate(row.request),
+        state=row.state,
+        attempts=row.attempts,
+        provider=row.provider,
+        reason=row.reason,
+        next_attempt_at=row.next_attempt_at,
+    )
+
+
+async def insert_new(session: AsyncSession, requests: Sequence[MessageRequested], now: datetime) -> set[str]:
+    """Record requests not seen before as pending; returns the ids that are new."""
+    if not requests:
+        return set()
+    unique = {r.message_id: r for r in requests}
+    stmt = (
+        insert(send_ledger)
+        .values(
+            [
+                {
+                    "message_id": r.message_id,
+                    "customer_id": r.customer_id,
+                    "channel": r.channel.value,
+                    "category": r.category.value,
+                    "template_id": r.template_id,
+                    "request": r.model_dump(mode="json"),
+                    "state": PENDING,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for r in unique.values()
+            ]
+        )
+        .on_conflict_do_nothing(index_elements=["message_id"])
+        .returning(send_ledger.c.message_id)
+    )
+    return set((await session.execute(stmt)).scalars())
+
+
+async def claim_due(session: AsyncSession, now: datetime, limit: int) -> list[LedgerEntry]:
+    """Move due pending rows to `sending`. The caller commits this BEFORE calling any provider, so a
+    concurrent worker, a redelivery or a restart sees the claim and never sends the same row again."""
+    due = (
+        sa.select(send_ledger.c.message_id)
+        .where(send_ledger.c.state == PENDING, send_ledger.c.next_attempt_at <= now)
+        .order_by(send_ledger.c.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        sa.update(send_ledger)
+        .where(send_ledger.c.message_id.in_(due))
+        .values(state=SENDING, claimed_at=now, attempts=send_ledger.c.attempts + 1, updated_at=now)
+        .returning(*send_ledger.c)
+    )
+    return [_entry(r) for r in await session.execute(stmt)]
+
+
+_RECORD = sa.text(
+    "UPDATE send_ledger AS l SET state = o.state, attempts = o.attempts, next_attempt_at = o.next_at, "
+    "provider = COALESCE(o.provider, l.provider), "
+    "provider_message_id = COALESCE(o.pmid, l.provider_message_id), "
+    "reason = o.reason, claimed_at = NULL, updated_at = :now "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:states AS text[]), CAST(:attempts AS int[]), "
+    "CAST(:next_ats AS timestamptz[]), CAST(:providers AS text[]), CAST(:pmids AS text[]), "
+    "CAST(:reasons AS text[])) AS o(message_id, state, attempts, next_at, provider, pmid, reason) "
+    "WHERE l.message_id = o.message_id AND l.state = 'sending'"
+)
+
+
+async def record_outcomes(session: AsyncSession, outcomes: Sequence[Outcome], now: datetime) -> None:
+    if not outcomes:
+        return
+    await session.execute(
+        _RECORD,
+        {
+            "now": now,
+            "ids": [o.message_id for o in outcomes],
+            "states": [o.state for o in outcomes],
+            "attempts": [o.attempts for o in outcomes],
+            "next_ats": [o.next_attempt_at for o in outcomes],
+            "providers": [o.provider for o in outcomes],
+            "pmids": [o.provider_message_id for o in outcomes],
+            "reasons": [o.reason for o in outcomes],
+        },
+    )
+
+
+async def stale_sending(
+    session: AsyncSession, claimed_before: datetime, limit: int = 500
+) -> list[LedgerEntry]:
+    """Rows a dead process left mid-call: their outcome is unknown."""
+    stmt = (
+        sa.select(send_ledger)
+        .where(send_ledger.c.state == SENDING, send_ledger.c.claimed_at < claimed_before)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return [_entry(r) for r in await session.execute(stmt)]
+
+
+async def get(session: AsyncSession, message_id: str) -> LedgerEntry | None:
+    row = (
+        await session.execute(sa.select(send_ledger).where(send_ledger.c.message_id == message_id))
+    ).first()
+    return _entry(row) if row else None
+
+
+async def latest_for_customer(session: AsyncSession, customer_id: str, channel: str) -> LedgerEntry | None:
+    row = (
+        await session.execute(
+            sa.select(send_ledger)
+            .where(send_ledger.c.customer_id == customer_id, send_ledger.c.channel == channel)
+            .order_by(send_ledger.c.created_at.desc())
+            .limit(1)
+        )
+    ).first()
+    return _entry(row) if row else None
+
+
+async def record_engagement(
+    session: AsyncSession, message_id: str, kind: str, detail: str, at: datetime
+) -> bool:
+    """True the first time this (message, kind, detail) happens; later repeats emit nothing."""
+    stmt = (
+        insert(engagements)
+        .values(message_id=message_id, kind=kind, detail=detail, occurred_at=at)
+        .on_conflict_do_nothing()
+        .returning(engagements.c.message_id)
+    )
+    return (await session.execute(stmt)).first() is not None

@@ -1,0 +1,123 @@
+"""Every query on `templates`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.notifier.domain.templates import TemplateDefinition
+from services.notifier.store.tables import templates
+from shared.contracts import Channel
+
+
+def _definition(row: Any) -> TemplateDefinition:
+    return TemplateDefinition(
+        id=row.id,
+        channel=Channel(row.channel),
+        default_locale=row.default_locale,
+        variants=row.variants,
+        version=row.version,
+    )
+
+
+def as_dict(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "channel": row.channel,
+        "default_locale": row.default_locale,
+        "variants": row.variants,
+        "version": row.version,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
+
+
+async def get_definition(session: AsyncSession, template_id: str) -> TemplateDefinition | None:
+    row = (await session.execute(sa.select(templates).where(templates.c.id == template_id))).first()
+    return _definition(row) if row else None
+
+
+async def get_many(session: AsyncSession, ids: set[str]) -> dict[str, TemplateDefinition]:
+    if not ids:
+        return {}
+    rows = await session.execute(sa.select(templates).where(templates.c.id.in_(ids)))
+    return {r.id: _definition(r) for r in rows}
+
+
+async def get(session: AsyncSession, template_id: str) -> dict[str, Any] | None:
+    row = (await session.execute(sa.select(templates).where(templates.c.id == template_id))).first()
+    return as_dict(row) if row else None
+
+
+async def list_all(session: AsyncSession) -> list[dict[str, Any]]:
+    return [as_dict(r) for r in await session.execute(sa.select(templates).order_by(templates.c.id))]
+
+
+async def create(
+    session: AsyncSession,
+    *,
+    template_id: str,
+    name: str,
+    channel: str,
+    default_locale: str,
+    variants: Mapping[str, Mapping[str, str]],
+    now: datetime,
+) -> dict[str, Any] | None:
+    """None if the id is taken."""
+    stmt = (
+        insert(templates)
+        .values(
+            id=template_id,
+            name=name,
+            channel=channel,
+            default_locale=default_locale,
+            variants=variants,
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing()
+        .returning(*templates.c)
+    )
+    row = (await session.execute(stmt)).first()
+    return as_dict(row) if row else None
+
+
+async def update(
+    session: AsyncSession,
+    template_id: str,
+    *,
+    name: str,
+    channel: str,
+    default_locale: str,
+    variants: Mapping[str, Mapping[str, str]],
+    now: datetime,
+) -> dict[str, Any] | None:
+    stmt = (
+        sa.update(templates)
+        .where(templates.c.id == template_id)
+        .values(
+            name=name,
+            channel=channel,
+            default_locale=default_locale,
+            variants=variants,
+            version=templates.c.version + 1,
+            updated_at=now,
+        )
+        .returning(*templates.c)
+    )
+    row = (await session.execute(stmt)).first()
+    return as_dict(row) if row else None
+
+
+async def delete(session: AsyncSession, template_id: str) -> bool:
+    result = await session.execute(
+        sa.delete(templates).where(templates.c.id == template_id).returning(templates.c.id)
+    )
+    return result.first() is not None

@@ -2,10 +2,51 @@
 
 from __future__ import annotations
 
+from datetime import time
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from services.journey_engine.domain.timing import QuietHours
+from services.journey_engine.domain.walker import CapRule, MessagingRules
 from shared.settings import BaseServiceSettings
+
+
+class FrequencyCap(BaseModel):
+    limit: int = Field(ge=0)
+    # "day": calendar day in the customer's timezone; "week": rolling 7 days.
+    period: Literal["day", "week"] = "day"
 
 
 class JourneyEngineSettings(BaseServiceSettings):
     service_name: str = "journey_engine"
     port: int = 8003
     db_schema: str = "journey_engine"
+
+    # Durable timers: how many a worker claims per transaction, how often an idle worker looks,
+    # and how many workers each process runs side by side (they coordinate with SKIP LOCKED).
+    timer_batch_size: int = 500
+    timer_poll_interval_s: float = 0.2
+    timer_workers: int = 2
+    # Tests drive the loop themselves (`engine.run_once()`) with a ManualClock.
+    run_timer_loop: bool = True
+
+    # Global rules for marketing messages, across every journey (transactional journeys bypass them).
+    # e.g. CLM_FREQUENCY_CAPS='{"email": {"limit": 2, "period": "day"}}'
+    frequency_caps: dict[str, FrequencyCap] = Field(default_factory=dict)
+    quiet_hours_start: time | None = None
+    quiet_hours_end: time | None = None
+    quiet_hours_mode: Literal["hold", "skip"] = "hold"
+    # For customers whose profile has no (valid) timezone.
+    default_timezone: str = "UTC"
+
+    def messaging_rules(self) -> MessagingRules:
+        quiet = None
+        if self.quiet_hours_start is not None and self.quiet_hours_end is not None:
+            quiet = QuietHours(self.quiet_hours_start, self.quiet_hours_end)
+        return MessagingRules(
+            caps={channel: CapRule(cap.limit, cap.period) for channel, cap in self.frequency_caps.items()},
+            quiet_hours=quiet,
+            quiet_mode=self.quiet_hours_mode,
+            default_timezone=self.default_timezone,
+        )

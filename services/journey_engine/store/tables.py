@@ -1,10 +1,149 @@
-"""The journey_engine schema's tables."""
+"""The journey_engine schema's tables (declared without a schema: the engine's search_path picks it)."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from shared.db import messaging_tables
 
 metadata = sa.MetaData()
 inbox, outbox = messaging_tables.define(metadata)
+
+
+def _now() -> sa.Column[object]:
+    return sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now())
+
+
+journeys = sa.Table(
+    "journeys",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    # draft -> active -> paused -> archived
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("current_version", sa.Integer, nullable=False),
+    sa.Column("entry_cap", sa.Integer, nullable=True),
+    sa.Column("entered_count", sa.BigInteger, nullable=False, server_default="0"),
+    # Scheduled broadcasts (and enrolment of current segment members): when the next run is due.
+    sa.Column("next_run_at", sa.DateTime(timezone=True), nullable=True),
+    _now(),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+journey_versions = sa.Table(
+    "journey_versions",
+    metadata,
+    sa.Column("journey_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("definition", JSONB, nullable=False),
+    _now(),
+)
+
+# A projection of clm.profiles.v1: what templates and conditions need about each customer.
+customers = sa.Table(
+    "customers",
+    metadata,
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Column("traits", JSONB, nullable=False, server_default="{}"),
+    sa.Column("timezone", sa.Text, nullable=True),
+    sa.Column("locale", sa.Text, nullable=True),
+    sa.Column("email", sa.Text, nullable=True),
+    sa.Column("phone", sa.Text, nullable=True),
+    sa.Column("stage", sa.Text, nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+customer_identities = sa.Table(
+    "customer_identities",
+    metadata,
+    sa.Column("identity", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False, index=True),
+)
+
+# A projection of clm.segment-membership.v1.
+segment_members = sa.Table(
+    "segment_members",
+    metadata,
+    sa.Column("segment_id", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Index("segment_members_customer", "customer_id"),
+)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("journey_id", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("correlation", sa.Text, nullable=False, server_default=""),
+    # active | exited | converted
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("node_id", sa.Text, nullable=False),
+    sa.Column("wait", JSONB, nullable=True),
+    sa.Column("context", JSONB, nullable=False, server_default="{}"),
+    # Bumped on every step: a timer armed for an older step is stale and fires as a no-op.
+    sa.Column("seq", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("entered_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("exit_reason", sa.Text, nullable=True),
+    sa.Index("instances_active_customer", "customer_id", postgresql_where=sa.text("status = 'active'")),
+    sa.Index(
+        "instances_active_once_per_key", "journey_id", "customer_id", "correlation", unique=True,
+        postgresql_where=sa.text("status = 'active'"),
+    ),
+    sa.Index("instances_by_node", "journey_id", "version", "node_id"),
+)
+
+# The last entry per (journey, customer, correlation value): the re-entry policy's memory.
+enrolments = sa.Table(
+    "enrolments",
+    metadata,
+    sa.Column("journey_id", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Column("correlation", sa.Text, primary_key=True),
+    sa.Column("last_entered_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("entries", sa.Integer, nullable=False, server_default="1"),
+)
+
+timers = sa.Table(
+    "timers",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("instance_id", sa.Text, nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("timers_due", "due_at"),
+)
+
+# Insert-only per-step counters (summed on read): no hot row for parallel engine processes to fight over.
+node_counts = sa.Table(
+    "node_counts",
+    metadata,
+    sa.Column("journey_id", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("node_id", sa.Text, nullable=False),
+    sa.Column("metric", sa.Text, nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Index("node_counts_journey", "journey_id"),
+)
+
+# Every message decision: requested (counts toward frequency caps), capped, skipped.
+message_log = sa.Table(
+    "message_log",
+    metadata,
+    sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("category", sa.Text, nullable=False),
+    sa.Column("decision", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("template_id", sa.Text, nullable=False),
+    sa.Column("journey_id", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("instance_id", sa.Text, nullable=False),
+    sa.Column("node_id", sa.Text, nullable=False),
+    sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("message_log_customer", "customer_id", "decided_at"),
+)

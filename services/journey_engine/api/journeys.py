@@ -1,0 +1,290 @@
+"""The marketer API: journey definitions, their lifecycle, per-node stats and dry runs (admin token)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.journey_engine.domain.definition import (
+    Graph,
+    JourneyDefinition,
+    ScheduleEntry,
+    SegmentEntry,
+    SplitNode,
+    graph_errors,
+)
+from services.journey_engine.domain.entry import EventTrigger, triggers
+from services.journey_engine.domain.conditions import Facts
+from services.journey_engine.domain.stats import two_proportion_z_test
+from services.journey_engine.domain.walker import CustomerView, dry_run
+from services.journey_engine.execution.engine import JourneyEngine, customer_view
+from services.journey_engine.store import instances as instance_store
+from services.journey_engine.store import journeys as journey_store
+from services.journey_engine.store import projection
+from services.journey_engine.store.journeys import JourneyRow
+from shared.http import ApiError, admin_guard, field_error
+from shared.runtime import Platform
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+TRANSITIONS: dict[str, dict[str, set[str]]] = {
+    "activate": {"from": {"draft", "paused"}, "to": {"active"}},
+    "pause": {"from": {"active"}, "to": {"paused"}},
+    "archive": {"from": {"draft", "active", "paused"}, "to": {"archived"}},
+}
+
+
+class JourneyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(default=None, pattern=SLUG.pattern)
+    definition: JourneyDefinition
+
+
+class JourneyUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    definition: JourneyDefinition
+    # Move customers already inside to the new version (those at a node that still exists there).
+    migrate: bool = False
+
+
+class InlineProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    traits: dict[str, Any] = Field(default_factory=dict)
+    timezone: str | None = None
+    locale: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    stage: str | None = None
+    segments: list[str] = Field(default_factory=list)
+
+
+class DryRunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    definition: JourneyDefinition
+    customer_id: str | None = None
+    profile: InlineProfile | None = None
+    # The triggering event (Segment shape: {"event": ..., "properties": {...}}), for entry filters and conditions.
+    event: dict[str, Any] | None = None
+
+
+def check_graph(definition: JourneyDefinition) -> Graph:
+    errors = graph_errors(definition)
+    if errors:
+        raise ApiError(
+            400, "invalid_journey", f"the journey graph breaks {len(errors)} rule(s)",
+            errors=[field_error(f"definition.{e.field}", e.rule, e.message) for e in errors],
+        )
+    return Graph(definition)
+
+
+def journey_body(row: JourneyRow, definition: dict[str, Any] | None, versions: list[int] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": row.id, "name": row.name, "status": row.status, "version": row.current_version,
+        "entered": row.entered_count, "next_run_at": row.next_run_at.isoformat() if row.next_run_at else None,
+        "created_at": row.created_at.isoformat(), "updated_at": row.updated_at.isoformat(),
+    }
+    if definition is not None:
+        body["definition"] = definition
+    if versions is not None:
+        body["versions"] = versions
+    return body
+
+
+def first_run(definition: JourneyDefinition, now: datetime) -> datetime | None:
+    entry = definition.entry
+    if isinstance(entry, ScheduleEntry):
+        return entry.at
+    if isinstance(entry, SegmentEntry) and entry.enrol_current:
+        return now
+    return None
+
+
+def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
+    router = APIRouter(prefix="/v1/journeys", tags=["journeys"], dependencies=[Depends(admin_guard(platform.settings))])
+    clock = engine.clock
+
+    async def load(session: Any, journey_id: str, *, for_update: bool = False) -> JourneyRow:
+        row = await journey_store.get(session, journey_id, for_update=for_update)
+        if row is None:
+            raise ApiError(404, "not_found", f"no journey '{journey_id}'")
+        return row
+
+    @router.post("", status_code=201)
+    async def create_journey(body: JourneyCreate) -> dict[str, Any]:
+        check_graph(body.definition)
+        journey_id = body.id or uuid.uuid4().hex[:12]
+        stored = body.definition.model_dump(mode="json", by_alias=True)
+        async with platform.unit_of_work() as uow:
+            if await journey_store.get(uow.session, journey_id) is not None:
+                raise ApiError(409, "conflict", f"journey '{journey_id}' exists", errors=[
+                    field_error("id", "unique", "choose another id")])
+            await journey_store.create(uow.session, journey_id, body.definition.name, stored,
+                                       body.definition.entry_cap, clock.now())
+            row = await load(uow.session, journey_id)
+        return journey_body(row, stored, [1])
+
+    @router.get("")
+    async def list_journeys() -> dict[str, Any]:
+        async with platform.unit_of_work() as uow:
+            rows = await journey_store.list_all(uow.session)
+        return {"journeys": [journey_body(r, None) for r in rows]}
+
+    @router.get("/{journey_id}")
+    async def get_journey(journey_id: str) -> dict[str, Any]:
+        async with platform.unit_of_work() as uow:
+            row = await load(uow.session, journey_id)
+            definition = await journey_store.definition(uow.session, journey_id, row.current_version)
+            versions = await journey_store.versions(uow.session, journey_id)
+        return journey_body(row, definition, versions)
+
+    @router.get("/{journey_id}/versions/{version}")
+    async def get_version(journey_id: str, version: int) -> dict[str, Any]:
+        async with platform.unit_of_work() as uow:
+            await load(uow.session, journey_id)
+            definition = await journey_store.definition(uow.session, journey_id, version)
+        if definition is None:
+            raise ApiError(404, "not_found", f"journey '{journey_id}' has no version {version}")
+        return {"id": journey_id, "version": version, "definition": definition}
+
+    @router.put("/{journey_id}")
+    async def update_journey(journey_id: str, body: JourneyUpdate) -> dict[str, Any]:
+        graph = check_graph(body.definition)
+        stored = body.definition.model_dump(mode="json", by_alias=True)
+        now = clock.now()
+        async with platform.unit_of_work() as uow:
+            row = await load(uow.session, journey_id, for_update=True)
+            if row.status == "archived":
+                raise ApiError(409, "archived", "an archived journey cannot be edited")
+            version = row.current_version + 1
+            await journey_store.add_version(uow.session, journey_id, version, stored, now)
+            next_run = first_run(body.definition, now) if row.status == "active" else None
+            await journey_store.update(
+                uow.session, journey_id, now=now, name=body.definition.name, current_version=version,
+                entry_cap=body.definition.entry_cap, set_entry_cap=True,
+                next_run_at=next_run if next_run is None or next_run > now else row.next_run_at,
+                set_next_run=row.status == "active" and isinstance(body.definition.entry, ScheduleEntry),
+            )
+            migrated = 0
+            if body.migrate and row.status in ("active", "paused"):
+                migrated = await instance_store.migrate_version(uow.session, journey_id, version, list(graph.nodes))
+            row = await load(uow.session, journey_id)
+        return journey_body(row, stored) | {"migrated": migrated}
+
+    async def transition(journey_id: str, action: Literal["activate", "pause", "archive"]) -> dict[str, Any]:
+        now = clock.now()
+        async with platform.unit_of_work() as uow:
+            row = await load(uow.session, journey_id, for_update=True)
+            rule = TRANSITIONS[action]
+            if row.status not in rule["from"]:
+                raise ApiError(409, "invalid_transition", f"cannot {action} a journey that is {row.status}",
+                               errors=[field_error("status", "transition", f"{action} needs one of {sorted(rule['from'])}")])
+            status = next(iter(rule["to"]))
+            if action == "activate" and row.status == "draft":
+                graph = await engine.graph(uow.session, journey_id, row.current_version)
+                run = first_run(graph.definition, now) if graph is not None else None
+                await journey_store.update(uow.session, journey_id, now=now, status=status, next_run_at=run,
+                                           set_next_run=True)
+            else:
+                await journey_store.update(uow.session, journey_id, now=now, status=status)
+            if action == "archive":
+                await instance_store.exit_all(uow.session, journey_id, "archived", now)
+            row = await load(uow.session, journey_id)
+        return journey_body(row, None)
+
+    @router.post("/{journey_id}/activate")
+    async def activate(journey_id: str) -> dict[str, Any]:
+        return await transition(journey_id, "activate")
+
+    @router.post("/{journey_id}/pause")
+    async def pause(journey_id: str) -> dict[str, Any]:
+        return await transition(journey_id, "pause")
+
+    @router.post("/{journey_id}/archive")
+    async def archive(journey_id: str) -> dict[str, Any]:
+        return await transition(journey_id, "archive")
+
+    @router.get("/{journey_id}/stats")
+    async def stats(journey_id: str) -> dict[str, Any]:
+        async with platform.unit_of_work() as uow:
+            await load(uow.session, journey_id)
+            totals = await instance_store.node_totals(uow.session, journey_id)
+            arms = await instance_store.arm_outcomes(uow.session, journey_id)
+            graphs = {v: await engine.graph(uow.session, journey_id, v)
+                      for v in await journey_store.versions(uow.session, journey_id)}
+        versions = []
+        for v, graph in sorted(graphs.items()):
+            node_ids = list(graph.nodes) if graph else sorted({n for (ver, n) in totals if ver == v})
+            nodes = []
+            for node_id in node_ids:
+                t = totals.get((v, node_id), {})
+                node_type = graph.nodes[node_id].type if graph else None
+                nodes.append({"node_id": node_id, "type": node_type} | {
+                    m: t.get(m, 0) for m in ("entered", "waiting", "passed", "exited", "converted")})
+            versions.append({"version": v, "nodes": nodes})
+        return {"journey_id": journey_id, "versions": versions, "splits": split_report(graphs, arms)}
+
+    @router.post("/dry-run")
+    async def dry_run_journey(body: DryRunRequest) -> dict[str, Any]:
+        graph = check_graph(body.definition)
+        now = clock.now()
+        if body.profile is not None:
+            p = body.profile
+            customer = CustomerView(customer_id=body.customer_id or "dry-run", traits=p.traits, timezone=p.timezone,
+                                    locale=p.locale, email=p.email, phone=p.phone, stage=p.stage,
+                                    segments=frozenset(p.segments))
+        elif body.customer_id is not None:
+            async with platform.unit_of_work() as uow:
+                records = await projection.load(uow.session, [body.customer_id], projection.sends_window(now))
+            customer = customer_view(records[body.customer_id])
+        else:
+            raise ApiError(400, "invalid_request", "give a customer_id or a profile",
+                           errors=[field_error("customer_id", "required", "customer_id or profile is required")])
+        enters = None
+        if body.event is not None and isinstance(body.event.get("event"), str):
+            facts = Facts(traits=customer.traits, event=body.event, customer={"id": customer.customer_id},
+                          segments=customer.segments)
+            enters = triggers(body.definition, EventTrigger(body.event["event"], body.event), facts)
+        outcome = dry_run(graph, customer, engine.rules, now, trigger=body.event)
+        return {
+            "customer_id": customer.customer_id,
+            "would_enter": enters,
+            "path": [{"node_id": s.node_id, "why": s.note} for s in outcome.path],
+            "ends_at": outcome.node_id,
+            "status": outcome.status,
+            "messages": [
+                {"node_id": e.node_id, "channel": str(e.channel), "template_id": e.template_id,
+                 "decision": getattr(e, "status", "requested"), "reason": getattr(e, "reason", None)}
+                for e in outcome.effects if hasattr(e, "channel")
+            ],
+        }
+
+    return router
+
+
+def split_report(graphs: dict[int, Graph | None], arms: list[tuple[int, str, str, int, int]]) -> list[dict[str, Any]]:
+    out = []
+    for version, graph in sorted(graphs.items()):
+        if graph is None:
+            continue
+        for node in graph.definition.nodes:
+            if not isinstance(node, SplitNode):
+                continue
+            outcomes = {arm: (n, c) for v, nid, arm, n, c in arms if v == version and nid == node.id}
+            holdout = next((a.name for a in node.arms if a.holdout), None)
+            h_n, h_c = outcomes.get(holdout, (0, 0)) if holdout else (0, 0)
+            rows = []
+            for arm in node.arms:
+                n, c = outcomes.get(arm.name, (0, 0))
+                test = two_proportion_z_test(c, n, h_c, h_n) if holdout and arm.name != holdout else None
+                rows.append({
+                    "arm": arm.name, "percent": arm.percent, "holdout": arm.holdout, "customers": n, "converted": c,
+                    "conversion_rate": c / n if n else None,
+                    "vs_holdout": None if test is None else {"z": test.z, "p_value": test.p_value,
+                                                             "significant_at_0_05": test.p_value < 0.05},
+                })
+            out.append({"version": version, "node_id": node.id, "arms": rows})
+    return out

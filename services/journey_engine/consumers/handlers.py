@@ -1,0 +1,39 @@
+"""Thin Kafka handlers: claim each message in the inbox, hand the fresh ones to the engine, and let
+the unit of work commit projection, instance state, timers, inbox and outbox together."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.journey_engine.execution.engine import JourneyEngine
+from shared.contracts.events import CustomerEvent, MessageStatus, ProfileChanged, SegmentMembershipChanged
+from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_STATUS, PROFILES, SEGMENT_MEMBERSHIP
+from shared.kafka.consumer import Consumed
+from shared.runtime import Platform
+
+
+def register(platform: Platform, engine: JourneyEngine) -> None:
+    async def events(batch: Sequence[Consumed[CustomerEvent]]) -> None:
+        async with platform.unit_of_work() as uow:
+            fresh = await uow.claim_many("events", [c.event_id for c in batch])
+            await engine.on_events(uow, [(c.event_id, c.value) for c in batch if c.event_id in fresh])
+
+    async def segments(batch: Sequence[Consumed[SegmentMembershipChanged]]) -> None:
+        async with platform.unit_of_work() as uow:
+            fresh = await uow.claim_many("segments", [c.event_id for c in batch])
+            await engine.on_segment_changes(uow, [c.value for c in batch if c.event_id in fresh])
+
+    async def profiles(batch: Sequence[Consumed[ProfileChanged]]) -> None:
+        async with platform.unit_of_work() as uow:
+            fresh = await uow.claim_many("profiles", [c.event_id for c in batch])
+            await engine.on_profiles(uow, [c.value for c in batch if c.event_id in fresh])
+
+    async def statuses(batch: Sequence[Consumed[MessageStatus]]) -> None:
+        async with platform.unit_of_work() as uow:
+            fresh = await uow.claim_many("statuses", [c.event_id for c in batch])
+            await engine.on_statuses(uow, [c.value for c in batch if c.event_id in fresh])
+
+    platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "events", events)
+    platform.consumer(SEGMENT_MEMBERSHIP.name, SegmentMembershipChanged, "segments", segments)
+    platform.consumer(PROFILES.name, ProfileChanged, "profiles", profiles)
+    platform.consumer(MESSAGE_STATUS.name, MessageStatus, "statuses", statuses)

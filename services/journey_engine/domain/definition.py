@@ -1,0 +1,397 @@
+"""The journey definition language: a JSON graph of nodes and edges, and its validation rules.
+
+Parsing (pydantic) checks each node's own fields; `graph_errors` checks the graph as a whole:
+one entry, no dangling edge, every node reachable, every branch wired exactly once, and loops
+only through a node that waits (so walking the graph always stops).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.contracts.events import Channel, MessageCategory, MessageStatusKind
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+class Predicate(Strict):
+    """`field` is a path: `traits.plan`, `event.properties.total`, `customer.timezone`, `stage`;
+    or `segment` with op `member`/`not_member` and the segment id as value."""
+
+    field: str = Field(min_length=1)
+    op: Literal["eq", "neq", "gt", "gte", "lt", "lte", "exists", "not_exists", "in", "contains", "member", "not_member"]
+    value: Any = None
+
+    @model_validator(mode="after")
+    def _membership_needs_segment(self) -> Predicate:
+        if self.op in ("member", "not_member") and (self.field != "segment" or not isinstance(self.value, str)):
+            raise ValueError("member/not_member need field 'segment' and the segment id as value")
+        if self.op == "in" and not isinstance(self.value, list):
+            raise ValueError("op 'in' needs a list value")
+        return self
+
+
+# --------------------------------------------------------------------------- entry rules
+
+
+class EventEntry(Strict):
+    type: Literal["event"]
+    event: str = Field(min_length=1)
+    where: list[Predicate] = Field(default_factory=list)
+
+
+class SegmentEntry(Strict):
+    type: Literal["segment"]
+    segment_id: str = Field(min_length=1)
+    change: Literal["entered", "exited"] = "entered"
+    enrol_current: bool = False
+    enrol_future: bool = True
+
+
+class StageEntry(Strict):
+    type: Literal["lifecycle_stage"]
+    to_stage: str = Field(min_length=1)
+    from_stage: str | None = None
+
+
+class ScheduleEntry(Strict):
+    """A broadcast to a segment's members (as this engine knows them) at `at`, then every `every`."""
+
+    type: Literal["schedule"]
+    segment_id: str = Field(min_length=1)
+    at: datetime
+    every: timedelta | None = None
+    # Deliver at this time of day in each customer's timezone, on the broadcast's (UTC) date.
+    local_time: time | None = None
+
+    @model_validator(mode="after")
+    def _aware(self) -> ScheduleEntry:
+        if self.at.tzinfo is None:
+            raise ValueError("'at' needs a timezone (e.g. 2026-01-05T09:00:00Z)")
+        if self.every is not None and self.every < timedelta(minutes=1):
+            raise ValueError("'every' must be at least one minute")
+        return self
+
+
+EntryRule = Annotated[EventEntry | SegmentEntry | StageEntry | ScheduleEntry, Field(discriminator="type")]
+
+
+class ReentryPolicy(Strict):
+    policy: Literal["once", "after", "always"] = "once"
+    days: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _days_for_after(self) -> ReentryPolicy:
+        if self.policy == "after" and self.days is None:
+            raise ValueError("policy 'after' needs 'days'")
+        return self
+
+
+class Goal(Strict):
+    event: str = Field(min_length=1)
+    where: list[Predicate] = Field(default_factory=list)
+    within: timedelta | None = None
+    match_correlation: bool = False
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class EntryNode(Strict):
+    id: str = Field(min_length=1)
+    type: Literal["entry"]
+
+
+class DelayNode(Strict):
+    """Exactly one of: `duration`; `until_time` (+ `weekdays`) in the customer's timezone;
+    `until_trait` (a date or datetime trait) + `offset`."""
+
+    id: str = Field(min_length=1)
+    type: Literal["delay"]
+    duration: timedelta | None = None
+    until_time: time | None = None
+    weekdays: list[Weekday] | None = None
+    until_trait: str | None = None
+    offset: timedelta = timedelta(0)
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> DelayNode:
+        modes = [self.duration is not None, self.until_time is not None, self.until_trait is not None]
+        if sum(modes) != 1:
+            raise ValueError("a delay needs exactly one of duration, until_time, until_trait")
+        if self.weekdays is not None and self.until_time is None:
+            raise ValueError("weekdays only apply to until_time")
+        if self.weekdays is not None and not self.weekdays:
+            raise ValueError("weekdays must not be empty")
+        return self
+
+
+class WaitEventNode(Strict):
+    id: str = Field(min_length=1)
+    type: Literal["wait_event"]
+    event: str = Field(min_length=1)
+    where: list[Predicate] = Field(default_factory=list)
+    match_correlation: bool = False
+    timeout: timedelta = Field(gt=timedelta(0))
+
+
+class WaitSegmentNode(Strict):
+    id: str = Field(min_length=1)
+    type: Literal["wait_segment"]
+    segment_id: str = Field(min_length=1)
+    change: Literal["entered", "exited"] = "entered"
+    timeout: timedelta = Field(gt=timedelta(0))
+
+
+class WaitMessageNode(Strict):
+    id: str = Field(min_length=1)
+    type: Literal["wait_message"]
+    send_node: str = Field(min_length=1)
+    statuses: list[MessageStatusKind] = Field(default_factory=lambda: [MessageStatusKind.OPENED], min_length=1)
+    timeout: timedelta = Field(gt=timedelta(0))
+
+
+class ConditionBranch(Strict):
+    name: str = Field(min_length=1)
+    where: list[Predicate] = Field(min_length=1)
+
+
+class ConditionNode(Strict):
+    """Multi-way: the first branch whose predicates all hold, else `else`."""
+
+    id: str = Field(min_length=1)
+    type: Literal["condition"]
+    branches: list[ConditionBranch] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ConditionNode:
+        names = [b.name for b in self.branches]
+        if len(set(names)) != len(names) or "else" in names:
+            raise ValueError("branch names must be unique and not 'else'")
+        return self
+
+
+class SplitArm(Strict):
+    name: str = Field(min_length=1)
+    percent: float = Field(gt=0, le=100)
+    holdout: bool = False
+
+
+class SplitNode(Strict):
+    """A/B/n: a stable hash of (journey, node, customer) picks the arm; one arm may be the holdout."""
+
+    id: str = Field(min_length=1)
+    type: Literal["split"]
+    arms: list[SplitArm] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _sums_to_100(self) -> SplitNode:
+        if abs(sum(a.percent for a in self.arms) - 100) > 1e-6:
+            raise ValueError("arm percentages must add up to 100")
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError("arm names must be unique")
+        if sum(a.holdout for a in self.arms) > 1:
+            raise ValueError("at most one arm is the holdout")
+        return self
+
+
+class SendNode(Strict):
+    id: str = Field(min_length=1)
+    type: Literal["send"]
+    channel: Channel
+    template_id: str = Field(min_length=1)
+    subscription_topic: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _not_webhook(self) -> SendNode:
+        if self.channel == Channel.WEBHOOK:
+            raise ValueError("use a 'webhook' node to call a webhook")
+        return self
+
+
+class UpdateTraitNode(Strict):
+    id: str = Field(min_length=1)
+    type: Literal["update_trait"]
+    traits: dict[str, Any] = Field(min_length=1)
+
+
+class WebhookNode(Strict):
+    id: str = Field(min_length=1)
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://")
+    template_id: str = "webhook"
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExitNode(Strict):
+    id: str = Field(min_length=1)
+    type: Literal["exit"]
+
+
+Node = Annotated[
+    EntryNode
+    | DelayNode
+    | WaitEventNode
+    | WaitSegmentNode
+    | WaitMessageNode
+    | ConditionNode
+    | SplitNode
+    | SendNode
+    | UpdateTraitNode
+    | WebhookNode
+    | ExitNode,
+    Field(discriminator="type"),
+]
+WAITING_TYPES = frozenset({"delay", "wait_event", "wait_segment", "wait_message"})
+
+
+class Edge(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    source: str = Field(alias="from", min_length=1)
+    target: str = Field(alias="to", min_length=1)
+    branch: str | None = None
+
+
+class JourneyDefinition(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    category: MessageCategory = MessageCategory.MARKETING
+    entry: EntryRule
+    reentry: ReentryPolicy = Field(default_factory=ReentryPolicy)
+    # Total entries allowed over the journey's life (all versions); None = unlimited.
+    entry_cap: int | None = Field(default=None, gt=0)
+    # An event property (e.g. `cart_id`): one active instance per customer per value.
+    correlation_key: str | None = None
+    goal: Goal | None = None
+    # Leave when the entry condition stops holding (segment entries: the customer left the segment).
+    exit_when_entry_false: bool = False
+    nodes: list[Node] = Field(min_length=1)
+    edges: list[Edge] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- graph
+
+
+def required_branches(node: Node) -> list[str | None]:
+    """The outgoing branch labels a node must have, each exactly once (None = the single next edge)."""
+    match node:
+        case ExitNode():
+            return []
+        case WaitEventNode() | WaitSegmentNode() | WaitMessageNode():
+            return ["matched", "timeout"]
+        case ConditionNode():
+            return [b.name for b in node.branches] + ["else"]
+        case SplitNode():
+            return [a.name for a in node.arms]
+        case _:
+            return [None]
+
+
+@dataclass(frozen=True)
+class GraphError:
+    field: str
+    rule: str
+    message: str
+
+
+class Graph:
+    """A validated definition, indexed for walking."""
+
+    def __init__(self, definition: JourneyDefinition) -> None:
+        self.definition = definition
+        self.nodes: dict[str, Node] = {n.id: n for n in definition.nodes}
+        self.next: dict[tuple[str, str | None], str] = {(e.source, e.branch): e.target for e in definition.edges}
+        self.entry_id = next(n.id for n in definition.nodes if isinstance(n, EntryNode))
+
+    def follow(self, node_id: str, branch: str | None = None) -> str:
+        return self.next[(node_id, branch)]
+
+
+def graph_errors(definition: JourneyDefinition) -> list[GraphError]:
+    errors: list[GraphError] = []
+    ids = [n.id for n in definition.nodes]
+    by_id = {n.id: n for n in definition.nodes}
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        errors.append(GraphError(f"nodes.{dup}", "unique_id", f"node id '{dup}' is used more than once"))
+    entries = [n.id for n in definition.nodes if isinstance(n, EntryNode)]
+    if len(entries) != 1:
+        errors.append(GraphError("nodes", "one_entry", f"a journey needs exactly one entry node, found {len(entries)}"))
+
+    out: dict[str, list[Edge]] = defaultdict(list)
+    for i, e in enumerate(definition.edges):
+        for end, label in ((e.source, "from"), (e.target, "to")):
+            if end not in by_id:
+                errors.append(GraphError(f"edges.{i}.{label}", "dangling_edge", f"edge {i} points to unknown node '{end}'"))
+        if e.source in by_id:
+            out[e.source].append(e)
+        if e.target in by_id and isinstance(by_id[e.target], EntryNode):
+            errors.append(GraphError(f"edges.{i}.to", "entry_has_no_inputs", "no edge may lead into the entry node"))
+
+    for node in definition.nodes:
+        required = required_branches(node)
+        have = [e.branch for e in out[node.id]]
+        for b in required:
+            if b not in have:
+                label = "the next edge" if b is None else f"branch '{b}'"
+                errors.append(GraphError(f"nodes.{node.id}", "branch_complete", f"node '{node.id}' is missing {label}"))
+        for b in set(have):
+            if b not in required:
+                label = "an unlabeled edge" if b is None else f"branch '{b}'"
+                errors.append(GraphError(f"nodes.{node.id}", "unknown_branch", f"node '{node.id}' has no {label}"))
+            elif have.count(b) > 1:
+                errors.append(GraphError(f"nodes.{node.id}", "branch_once", f"node '{node.id}' wires '{b}' twice"))
+        if isinstance(node, WaitMessageNode):
+            target = by_id.get(node.send_node)
+            if not isinstance(target, (SendNode, WebhookNode)):
+                errors.append(
+                    GraphError(f"nodes.{node.id}", "send_node", f"'{node.send_node}' is not a send or webhook node")
+                )
+
+    if len(entries) == 1:
+        seen = {entries[0]}
+        stack = [entries[0]]
+        while stack:
+            for e in out[stack.pop()]:
+                if e.target in by_id and e.target not in seen:
+                    seen.add(e.target)
+                    stack.append(e.target)
+        for node in definition.nodes:
+            if node.id not in seen:
+                errors.append(GraphError(f"nodes.{node.id}", "reachable", f"node '{node.id}' is not reachable from the entry"))
+
+    # A cycle must pass through a waiting node: without the waiting nodes' outgoing edges the graph is acyclic.
+    instant = {i: [e.target for e in out[i] if e.target in by_id] for i in by_id if by_id[i].type not in WAITING_TYPES}
+    state: dict[str, int] = {}
+
+    def visit(i: str) -> str | None:
+        state[i] = 1
+        for t in instant.get(i, []):
+            if state.get(t) == 1:
+                return t
+            if t not in state and (found := visit(t)):
+                return found
+        state[i] = 2
+        return None
+
+    for i in instant:
+        if i not in state and (looped := visit(i)):
+            errors.append(
+                GraphError(f"nodes.{looped}", "loop_through_wait", f"a loop through '{looped}' has no delay or wait node")
+            )
+            break
+    return errors

@@ -1,0 +1,92 @@
+"""Time in the customer's timezone: delays, quiet hours, calendar days for frequency caps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from services.journey_engine.domain.definition import WEEKDAYS, DelayNode
+
+
+def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
+    for candidate in (name, default, "UTC"):
+        if candidate:
+            try:
+                return ZoneInfo(candidate)
+            except (ZoneInfoNotFoundError, ValueError):
+                continue
+    return ZoneInfo("UTC")
+
+
+def next_time_of_day(now: datetime, at: time, tz: ZoneInfo, weekdays: list[str] | None = None) -> datetime:
+    """The first instant after `now` that is `at` local time on an allowed weekday."""
+    local = now.astimezone(tz)
+    allowed = set(weekdays) if weekdays else set(WEEKDAYS)
+    for days_ahead in range(0, 8):
+        day = local.date() + timedelta(days=days_ahead)
+        if WEEKDAYS[day.weekday()] not in allowed:
+            continue
+        candidate = datetime.combine(day, at, tzinfo=tz)
+        # Round-trip through UTC so a time skipped by a DST jump lands on a real instant.
+        candidate_utc = candidate.astimezone(UTC)
+        if candidate_utc > now:
+            return candidate_utc
+    raise AssertionError("a week always contains an allowed weekday")
+
+
+def parse_instant(value: object, tz: ZoneInfo) -> datetime | None:
+    """A trait holding a date (`2026-02-01`) or a datetime; dates are midnight in the customer's zone."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=tz)
+    if not isinstance(value, str):
+        return None
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), time(0), tzinfo=tz)
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
+
+
+def delay_until(node: DelayNode, now: datetime, tz: ZoneInfo, traits: dict[str, object]) -> tuple[datetime, str]:
+    """When a delay node lets the customer go on, and a sentence saying why."""
+    if node.duration is not None:
+        return now + node.duration, f"waits {node.duration}"
+    if node.until_time is not None:
+        due = next_time_of_day(now, node.until_time, tz, list(node.weekdays) if node.weekdays else None)
+        days = ",".join(node.weekdays) if node.weekdays else "any day"
+        return due, f"waits until {node.until_time.isoformat('minutes')} {tz.key} ({days})"
+    assert node.until_trait is not None
+    base = parse_instant(traits.get(node.until_trait), tz)
+    if base is None:
+        return now, f"trait '{node.until_trait}' holds no date: continues now"
+    due = base + node.offset
+    if due <= now:
+        return now, f"{node.until_trait} + {node.offset} has passed: continues now"
+    return due.astimezone(UTC), f"waits until {node.until_trait} + {node.offset}"
+
+
+@dataclass(frozen=True)
+class QuietHours:
+    """A daily window in the customer's local time (may span midnight), e.g. 21:00-08:00."""
+
+    start: time
+    end: time
+
+    def contains(self, local: time) -> bool:
+        if self.start <= self.end:
+            return self.start <= local < self.end
+        return local >= self.start or local < self.end
+
+    def window_end(self, now: datetime, tz: ZoneInfo) -> datetime | None:
+        """When the quiet window around `now` ends, or None if `now` is not quiet."""
+        local = now.astimezone(tz)
+        if not self.contains(local.time().replace(tzinfo=None)):
+            return None
+        return next_time_of_day(now, self.end, tz)
+
+
+def local_day(instant: datetime, tz: ZoneInfo) -> date:
+    return instant.astimezone(tz).date()

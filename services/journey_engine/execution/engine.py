@@ -1,0 +1,518 @@
+"""Running journeys: turns inputs (events, segment changes, profile changes, message statuses, due
+timers) into steps, and persists each step's state, timer and effects in the caller's unit of work.
+
+The graph walking itself is pure (`domain.walker`); this module loads what it needs, locks the
+customers involved (so frequency caps and "once per key" hold across processes) and writes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.journey_engine.domain.conditions import Facts
+from services.journey_engine.domain.definition import (
+    Graph,
+    JourneyDefinition,
+    ScheduleEntry,
+    SegmentEntry,
+)
+from services.journey_engine.domain.entry import (
+    EventTrigger,
+    SegmentTrigger,
+    StageTrigger,
+    Trigger,
+    correlation_value,
+    entry_stopped_holding,
+    goal_reached,
+    may_reenter,
+    triggers,
+)
+from services.journey_engine.domain.timing import zone
+from services.journey_engine.domain.walker import (
+    CustomerView,
+    EventArrived,
+    Input,
+    InstanceView,
+    MessageWithheld,
+    Outcome,
+    RequestMessage,
+    SegmentChanged,
+    Start,
+    StatusArrived,
+    TimerFired,
+    UpdateTraits,
+    Walker,
+)
+from services.journey_engine.settings import JourneyEngineSettings
+from services.journey_engine.store import instances as instance_store
+from services.journey_engine.store import journeys as journey_store
+from services.journey_engine.store import projection
+from services.journey_engine.store.instances import InstanceRow, StepWriter
+from services.journey_engine.store.journeys import JourneyRow
+from shared.clock import Clock
+from shared.contracts.events import (
+    CustomerEvent,
+    EventType,
+    MessageRequested,
+    MessageStatus,
+    MessageStatusKind,
+    ProfileChanged,
+    ProfileChangeKind,
+    Recipient,
+    SegmentMembershipChanged,
+)
+from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS
+from shared.db.unit_of_work import UnitOfWork
+from shared.runtime import Platform
+
+log = logging.getLogger(__name__)
+INSTANCE_NAMESPACE = uuid.UUID("6f1c2a52-4d0e-4c7e-9a51-0b8f3d7e2c11")
+
+
+@dataclass(frozen=True)
+class ActiveJourney:
+    row: JourneyRow
+    graph: Graph
+
+
+def customer_view(rec: projection.CustomerRecord) -> CustomerView:
+    return CustomerView(
+        customer_id=rec.customer_id, traits=rec.traits, timezone=rec.timezone, locale=rec.locale, email=rec.email,
+        phone=rec.phone, stage=rec.stage, segments=frozenset(rec.segments), recent_sends=rec.recent_sends,
+    )
+
+
+def instance_view(row: InstanceRow) -> InstanceView:
+    return InstanceView(
+        instance_id=row.id, journey_id=row.journey_id, version=row.version, node_id=row.node_id,
+        entered_at=row.entered_at, correlation=row.correlation, context=row.context, wait=row.wait,
+    )
+
+
+class JourneyEngine:
+    def __init__(self, platform: Platform, settings: JourneyEngineSettings, clock: Clock) -> None:
+        self.platform = platform
+        self.settings = settings
+        self.clock = clock
+        self.rules = settings.messaging_rules()
+        # Versions are immutable once saved, so parsed graphs can be cached for good.
+        self._graphs: dict[tuple[str, int], Graph] = {}
+        # Called after each committed timer batch with the due times fired (the benchmark's lateness).
+        self.on_fired: Callable[[list[datetime]], None] | None = None
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------------ definitions
+
+    async def graph(self, session: AsyncSession, journey_id: str, version: int) -> Graph | None:
+        key = (journey_id, version)
+        if key not in self._graphs:
+            raw = await journey_store.definition(session, journey_id, version)
+            if raw is None:
+                return None
+            try:
+                self._graphs[key] = Graph(JourneyDefinition.model_validate(raw))
+            except (ValidationError, StopIteration):
+                log.error("stored journey definition is invalid", extra={"journey": journey_id, "version": version})
+                return None
+        return self._graphs[key]
+
+    async def active_journeys(self, session: AsyncSession) -> list[ActiveJourney]:
+        out = []
+        for row in await journey_store.active(session):
+            graph = await self.graph(session, row.id, row.current_version)
+            if graph is not None:
+                out.append(ActiveJourney(row, graph))
+        return out
+
+    # ------------------------------------------------------------------ consumers' entry points
+
+    async def on_events(self, uow: UnitOfWork, items: Sequence[tuple[str, CustomerEvent]]) -> None:
+        """(event id, event) pairs already claimed in `uow`'s inbox."""
+        session = uow.session
+        tracks = [(eid, e) for eid, e in items if e.type == EventType.TRACK and e.event]
+        if not tracks:
+            return
+        known = await projection.resolve(
+            session, [i for _, e in tracks for i in (e.user_id, e.anonymous_id) if i is not None]
+        )
+        owners = [(eid, e, self._customer_of(e, known)) for eid, e in tracks]
+        await projection.lock_customers(session, [c for _, _, c in owners])
+        journeys = await self.active_journeys(session)
+        for event_id, event, customer_id in owners:
+            payload = event.model_dump(mode="json", by_alias=True)
+            assert event.event is not None
+            await self._apply_trigger(
+                uow, customer_id, EventTrigger(event.event, payload), EventArrived(event.event, payload),
+                journeys, trigger_id=event_id, trigger_context={"trigger": payload},
+            )
+
+    async def on_segment_changes(self, uow: UnitOfWork, items: Sequence[SegmentMembershipChanged]) -> None:
+        session = uow.session
+        await projection.lock_customers(session, [m.customer_id for m in items])
+        journeys = await self.active_journeys(session)
+        for m in items:
+            await projection.set_membership(session, m.segment_id, m.customer_id, m.change == "entered")
+            trigger = {"segment_id": m.segment_id, "segment_name": m.segment_name, "change": m.change}
+            await self._apply_trigger(
+                uow, m.customer_id, SegmentTrigger(m.segment_id, m.change), SegmentChanged(m.segment_id, m.change),
+                journeys, trigger_id=m.event_id, trigger_context={"trigger": trigger},
+            )
+
+    async def on_profiles(self, uow: UnitOfWork, items: Sequence[ProfileChanged]) -> None:
+        session = uow.session
+        now = self.clock.now()
+        await projection.lock_customers(session, [p.customer_id for p in items])
+        journeys: list[ActiveJourney] | None = None
+        for p in items:
+            if p.kind == ProfileChangeKind.ERASED:
+                await projection.erase(session, p.customer_id)
+                writer = StepWriter(now)
+                for row in await instance_store.active_for_customer(session, p.customer_id):
+                    self._leave(writer, row, "exited", "erased", "exited")
+                await writer.flush(session)
+                continue
+            traits = dict(p.traits)
+            await projection.upsert_customer(
+                session, p.customer_id, traits,
+                timezone=_str(traits.get("timezone")), locale=_str(traits.get("locale")),
+                email=_str(traits.get("email")), phone=_str(traits.get("phone")), stage=p.lifecycle_stage,
+            now=now)
+            await projection.add_identities(
+                session, p.customer_id, [i for ids in p.identities.values() for i in ids] + list(p.merged_ids)
+            )
+            if p.kind == ProfileChangeKind.STAGE_CHANGED and p.lifecycle_stage:
+                if journeys is None:
+                    journeys = await self.active_journeys(session)
+                trigger = {"lifecycle_stage": p.lifecycle_stage, "previous_stage": p.previous_stage}
+                await self._apply_trigger(
+                    uow, p.customer_id, StageTrigger(p.lifecycle_stage, p.previous_stage), None, journeys,
+                    trigger_id=p.event_id, trigger_context={"trigger": trigger},
+                )
+
+    async def on_statuses(self, uow: UnitOfWork, items: Sequence[MessageStatus]) -> None:
+        session = uow.session
+        now = self.clock.now()
+        await projection.lock_customers(session, [s.customer_id for s in items])
+        for s in items:
+            rows = [
+                r for r in await instance_store.active_for_customer(session, s.customer_id)
+                if r.wait and r.wait.get("kind") == "message" and r.wait.get("message_id") == s.message_id
+            ]
+            if not rows:
+                continue
+            customer = customer_view(
+                (await projection.load(session, [s.customer_id], projection.sends_window(now)))[s.customer_id]
+            )
+            writer = StepWriter(now)
+            for row in rows:
+                await self._react(uow, writer, row, customer, StatusArrived(s.message_id, str(s.status)), now)
+            await writer.flush(session)
+
+    def _customer_of(self, event: CustomerEvent, known: dict[str, str]) -> str:
+        for identity in (event.user_id, event.anonymous_id):
+            if identity is not None and identity in known:
+                return known[identity]
+        return event.customer_key
+
+    async def _apply_trigger(
+        self,
+        uow: UnitOfWork,
+        customer_id: str,
+        trigger: Trigger,
+        arrived: Input | None,
+        journeys: list[ActiveJourney],
+        *,
+        trigger_id: str,
+        trigger_context: dict[str, Any],
+    ) -> None:
+        """Goals and exit criteria first, then waits that this input satisfies, then new entries."""
+        session = uow.session
+        now = self.clock.now()
+        writer = StepWriter(now)
+        rec = (await projection.load(session, [customer_id], projection.sends_window(now)))[customer_id]
+        customer = customer_view(rec)
+        event_payload = trigger.event if isinstance(trigger, EventTrigger) else {}
+        facts = Facts(traits=customer.traits, event=event_payload, customer={"id": customer_id, "stage": customer.stage},
+                      segments=customer.segments)
+        active = await instance_store.active_for_customer(session, customer_id)
+        for row in active:
+            graph = await self.graph(session, row.journey_id, row.version)
+            if graph is None:
+                continue
+            if isinstance(trigger, EventTrigger) and goal_reached(
+                graph.definition, trigger, facts, row.entered_at, row.correlation, now
+            ):
+                self._leave(writer, row, "converted", f"goal: {trigger.name}", "converted")
+                continue
+            if entry_stopped_holding(graph.definition, trigger):
+                self._leave(writer, row, "exited", "entry condition no longer holds", "exited")
+                continue
+            if arrived is not None:
+                await self._react(uow, writer, row, customer, arrived, now)
+        inside = {(r.journey_id, r.correlation) for r in active if r.status == "active"}
+        for journey in journeys:
+            if not triggers(journey.graph.definition, trigger, facts):
+                continue
+            correlation = correlation_value(journey.graph.definition, trigger)
+            if (journey.row.id, correlation) in inside:
+                continue
+            entered = await self._enter(
+                uow, writer, journey, customer, correlation, trigger_id, dict(trigger_context), now, start_at=None
+            )
+            if entered:
+                inside.add((journey.row.id, correlation))
+        await writer.flush(session)
+
+    # ------------------------------------------------------------------ steps
+
+    async def _enter(
+        self,
+        uow: UnitOfWork,
+        writer: StepWriter,
+        journey: ActiveJourney,
+        customer: CustomerView,
+        correlation: str,
+        trigger_id: str,
+        context: dict[str, Any],
+        now: datetime,
+        *,
+        start_at: datetime | None,
+        last_entered_at: datetime | None = None,
+        checked_reentry: bool = False,
+    ) -> bool:
+        session = uow.session
+        definition = journey.graph.definition
+        if not checked_reentry:
+            last = await instance_store.last_entries(session, journey.row.id, [customer.customer_id])
+            last_entered_at = last.get((customer.customer_id, correlation))
+        allowed, _ = may_reenter(definition, last_entered_at, now)
+        if not allowed:
+            return False
+        if journey.row.entry_cap is not None and not await journey_store.take_entry_slot(session, journey.row.id):
+            return False
+        instance_id = str(uuid.uuid5(INSTANCE_NAMESPACE, f"{journey.row.id}|{customer.customer_id}|{trigger_id}"))
+        row = InstanceRow(
+            id=instance_id, journey_id=journey.row.id, version=journey.row.current_version,
+            customer_id=customer.customer_id, correlation=correlation, status="active",
+            node_id=journey.graph.entry_id, wait={"kind": "start"}, context=context, seq=0, entered_at=now,
+        )
+        writer.new_instances.append(row)
+        writer.enrolments.append((journey.row.id, customer.customer_id, correlation))
+        if start_at is not None and start_at > now:
+            writer.timers.append((row.id, row.seq, start_at))
+            return True
+        outcome = self._walk(journey.graph, row, customer, Start(), now)
+        if outcome is not None:
+            await self._apply(uow, writer, row, outcome, customer, new=True)
+        return True
+
+    def _walk(self, graph: Graph, row: InstanceRow, customer: CustomerView, event: Input, now: datetime) -> Outcome | None:
+        try:
+            return Walker(graph, instance_view(row), customer, self.rules, now).react(event)
+        except Exception as exc:  # a broken step must not block the customer's other journeys
+            log.exception("journey step failed", extra={"instance": row.id, "node": row.node_id})
+            return Outcome(node_id=row.node_id, status="exited", context=dict(row.context),
+                           exit_reason=f"error: {exc!r}"[:500], counts=[(row.node_id, "exited")])
+
+    async def _react(
+        self, uow: UnitOfWork, writer: StepWriter, row: InstanceRow, customer: CustomerView, event: Input, now: datetime
+    ) -> None:
+        graph = await self.graph(uow.session, row.journey_id, row.version)
+        if graph is None:
+            return
+        outcome = self._walk(graph, row, customer, event, now)
+        if outcome is not None:
+            await self._apply(uow, writer, row, outcome, customer)
+
+    def _leave(self, writer: StepWriter, row: InstanceRow, status: str, reason: str, metric: str) -> None:
+        row.status = status
+        row.exit_reason = reason
+        row.wait = None
+        row.seq += 1
+        writer.changed.append(row)
+        writer.counts[(row.journey_id, row.version, row.node_id, metric)] += 1
+
+    async def _apply(
+        self, uow: UnitOfWork, writer: StepWriter, row: InstanceRow, outcome: Outcome, customer: CustomerView,
+        *, new: bool = False,
+    ) -> None:
+        row.node_id = outcome.node_id
+        row.status = outcome.status
+        row.wait = None if outcome.wait is None else {k: v for k, v in outcome.wait.items() if k != "what"}
+        row.context = outcome.context
+        row.exit_reason = outcome.exit_reason
+        row.seq += 1
+        if not new:
+            writer.changed.append(row)
+        if outcome.status == "active" and outcome.due_at is not None:
+            writer.timers.append((row.id, row.seq, outcome.due_at))
+        for node_id, metric in outcome.counts:
+            writer.counts[(row.journey_id, row.version, node_id, metric)] += 1
+        now = writer.now
+        for effect in outcome.effects:
+            if isinstance(effect, RequestMessage):
+                self._request(uow, writer, row, customer, effect, now)
+            elif isinstance(effect, MessageWithheld):
+                self._withhold(uow, writer, row, effect, now)
+            elif isinstance(effect, UpdateTraits):
+                await projection.merge_traits(uow.session, row.customer_id, effect.traits, now)
+                uow.emit(
+                    CUSTOMER_EVENTS.name, row.customer_id,
+                    CustomerEvent(
+                        message_id=effect.event_id, type=EventType.IDENTIFY, user_id=row.customer_id,
+                        traits=effect.traits, timestamp=now, received_at=now, source="journey_engine",
+                        context={"journey": {"id": row.journey_id, "version": row.version, "node_id": effect.node_id}},
+                    ),
+                )
+
+    def _request(
+        self, uow: UnitOfWork, writer: StepWriter, row: InstanceRow, customer: CustomerView, effect: RequestMessage,
+        now: datetime,
+    ) -> None:
+        recipient = Recipient(
+            email=customer.email or _str(customer.traits.get("email")),
+            phone=customer.phone or _str(customer.traits.get("phone")),
+            timezone=customer.timezone, locale=customer.locale, webhook_url=effect.webhook_url,
+        )
+        uow.emit(
+            MESSAGE_REQUESTS.name, row.customer_id,
+            MessageRequested(
+                message_id=effect.message_id, customer_id=row.customer_id, channel=effect.channel,
+                template_id=effect.template_id, category=effect.category, subscription_topic=effect.subscription_topic,
+                recipient=recipient, data=effect.data, journey_id=row.journey_id, journey_version=row.version,
+                instance_id=row.id, node_id=effect.node_id, requested_at=now,
+            ),
+        )
+        writer.messages.append(self._log(row, effect.node_id, effect.message_id, str(effect.channel),
+                                         str(effect.category), "requested", None, effect.template_id))
+
+    def _withhold(self, uow: UnitOfWork, writer: StepWriter, row: InstanceRow, effect: MessageWithheld, now: datetime) -> None:
+        status = MessageStatusKind.CAPPED if effect.status == "capped" else MessageStatusKind.SKIPPED
+        uow.emit(
+            MESSAGE_STATUS.name, row.customer_id,
+            MessageStatus(
+                status_id=f"{effect.message_id}:{effect.status}", message_id=effect.message_id,
+                customer_id=row.customer_id, status=status, channel=effect.channel, occurred_at=now,
+                reason=effect.reason, template_id=effect.template_id, category=effect.category,
+                journey_id=row.journey_id, journey_version=row.version, instance_id=row.id, node_id=effect.node_id,
+            ),
+        )
+        writer.messages.append(self._log(row, effect.node_id, effect.message_id, str(effect.channel),
+                                         str(effect.category), effect.status, effect.reason, effect.template_id))
+
+    @staticmethod
+    def _log(row: InstanceRow, node_id: str, message_id: str, channel: str, category: str, decision: str,
+             reason: str | None, template_id: str) -> dict[str, Any]:
+        return {"message_id": message_id, "customer_id": row.customer_id, "channel": channel, "category": category,
+                "decision": decision, "reason": reason, "template_id": template_id, "journey_id": row.journey_id,
+                "version": row.version, "instance_id": row.id, "node_id": node_id}
+
+    # ------------------------------------------------------------------ timers
+
+    async def run_once(self) -> int:
+        """Fire one batch of due timers in one unit of work; the number of timers claimed."""
+        now = self.clock.now()
+        async with self.platform.unit_of_work() as uow:
+            session = uow.session
+            claimed = await instance_store.claim_due_timers(session, now, self.settings.timer_batch_size)
+            if claimed:
+                ids = sorted({t.instance_id for t in claimed})
+                await projection.lock_customers_of_instances(session, ids)
+                rows = {r.id: r for r in await instance_store.lock_instances(session, ids)}
+                live: dict[str, InstanceRow] = {}
+                for t in claimed:
+                    row = rows.get(t.instance_id)
+                    # A stale timer (the instance moved on, e.g. the awaited event came) fires as a no-op.
+                    if row is not None and row.status == "active" and row.seq == t.seq:
+                        live[row.id] = row
+                records = await projection.load(
+                    session, [r.customer_id for r in live.values()], projection.sends_window(now)
+                )
+                customers = {cid: customer_view(rec) for cid, rec in records.items()}
+                writer = StepWriter(now)
+                for row in live.values():
+                    await self._react(uow, writer, row, customers[row.customer_id], TimerFired(), now)
+                await writer.flush(session)
+        if claimed and self.on_fired is not None:
+            self.on_fired([t.due_at for t in claimed])
+        await self.run_due_broadcasts()
+        return len(claimed)
+
+    async def run_due_broadcasts(self) -> int:
+        """Scheduled broadcasts (and enrolment of current segment members) that are due."""
+        now = self.clock.now()
+        enrolled = 0
+        async with self.platform.unit_of_work() as uow:
+            for row in await journey_store.due_runs(uow.session, now):
+                graph = await self.graph(uow.session, row.id, row.current_version)
+                next_run: datetime | None = None
+                if graph is not None and row.next_run_at is not None:
+                    entry = graph.definition.entry
+                    if isinstance(entry, (ScheduleEntry, SegmentEntry)):
+                        enrolled += await self.enrol_segment(uow, ActiveJourney(row, graph), entry, row.next_run_at)
+                    if isinstance(entry, ScheduleEntry) and entry.every is not None:
+                        next_run = row.next_run_at + entry.every
+                        while next_run <= now:
+                            next_run += entry.every
+                await journey_store.update(uow.session, row.id, now=now, next_run_at=next_run, set_next_run=True)
+        return enrolled
+
+    async def enrol_segment(
+        self, uow: UnitOfWork, journey: ActiveJourney, entry: ScheduleEntry | SegmentEntry, run_at: datetime
+    ) -> int:
+        session = uow.session
+        now = self.clock.now()
+        members = await projection.segment_member_ids(session, entry.segment_id)
+        if not members:
+            return 0
+        await projection.lock_customers(session, members)
+        inside = {c for _, c in await instance_store.active_ids(session, journey.row.id)}
+        candidates = [c for c in members if c not in inside]
+        last = await instance_store.last_entries(session, journey.row.id, candidates)
+        records = await projection.load(session, candidates, projection.sends_window(now))
+        writer = StepWriter(now)
+        enrolled = 0
+        run_id = f"run:{run_at.isoformat()}"
+        for cid in candidates:
+            customer = customer_view(records[cid])
+            start_at = now
+            if isinstance(entry, ScheduleEntry) and entry.local_time is not None:
+                tz = zone(customer.timezone, self.rules.default_timezone)
+                start_at = max(now, datetime.combine(run_at.astimezone(UTC).date(), entry.local_time, tzinfo=tz))
+            context: dict[str, Any] = {"trigger": {"broadcast": run_at.isoformat(), "segment_id": entry.segment_id}}
+            if await self._enter(
+                uow, writer, journey, customer, "", run_id, context, now, start_at=start_at,
+                last_entered_at=last.get((cid, "")), checked_reentry=True,
+            ):
+                enrolled += 1
+            if len(writer.new_instances) >= 1000:
+                await writer.flush(session)
+        await writer.flush(session)
+        return enrolled
+
+    async def run_forever(self) -> None:
+        """One timer worker: fire due timers in batches, resting only when nothing is due."""
+        while True:
+            try:
+                claimed = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timer batch failed; retrying")
+                claimed = 0
+            if claimed < self.settings.timer_batch_size:
+                await asyncio.sleep(self.settings.timer_poll_interval_s)
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+

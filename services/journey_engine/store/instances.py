@@ -1,0 +1,291 @@
+"""Journey instances, their timers, enrolments, per-node counters and the message log."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+@dataclass
+class InstanceRow:
+    id: str
+    journey_id: str
+    version: int
+    customer_id: str
+    correlation: str
+    status: str
+    node_id: str
+    wait: dict[str, Any] | None
+    context: dict[str, Any]
+    seq: int
+    entered_at: datetime
+    exit_reason: str | None = None
+
+
+_COLUMNS = "id, journey_id, version, customer_id, correlation, status, node_id, wait, context, seq, entered_at, exit_reason"
+
+
+def _json(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def _row(r: Any) -> InstanceRow:
+    return InstanceRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _json(r[7]), _json(r[8]) or {}, r[9], r[10], r[11])
+
+
+@dataclass(frozen=True)
+class ClaimedTimer:
+    instance_id: str
+    seq: int
+    due_at: datetime
+
+
+async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> list[ClaimedTimer]:
+    """Delete and return due timers; rows another worker holds are skipped, and come back on rollback."""
+    rows = await session.execute(
+        text(
+            "DELETE FROM timers WHERE id IN (SELECT id FROM timers WHERE due_at <= :now ORDER BY due_at "
+            "LIMIT :n FOR UPDATE SKIP LOCKED) RETURNING instance_id, seq, due_at"
+        ),
+        {"now": now, "n": limit},
+    )
+    return [ClaimedTimer(*r) for r in rows]
+
+
+async def lock_instances(session: AsyncSession, ids: list[str]) -> list[InstanceRow]:
+    if not ids:
+        return []
+    rows = await session.execute(
+        text(f"SELECT {_COLUMNS} FROM instances WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE"),
+        {"ids": ids},
+    )
+    return [_row(r) for r in rows]
+
+
+async def active_for_customer(session: AsyncSession, customer_id: str) -> list[InstanceRow]:
+    rows = await session.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM instances WHERE customer_id = :c AND status = 'active' "
+            "ORDER BY entered_at, id FOR UPDATE"
+        ),
+        {"c": customer_id},
+    )
+    return [_row(r) for r in rows]
+
+
+async def active_ids(session: AsyncSession, journey_id: str) -> list[tuple[str, str]]:
+    rows = await session.execute(
+        text("SELECT id, customer_id FROM instances WHERE journey_id = :j AND status = 'active' ORDER BY id"),
+        {"j": journey_id},
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+async def last_entries(session: AsyncSession, journey_id: str, customer_ids: list[str]) -> dict[tuple[str, str], datetime]:
+    rows = await session.execute(
+        text(
+            "SELECT customer_id, correlation, last_entered_at FROM enrolments WHERE journey_id = :j "
+            "AND customer_id = ANY(CAST(:c AS text[]))"
+        ),
+        {"j": journey_id, "c": customer_ids},
+    )
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+async def migrate_version(session: AsyncSession, journey_id: str, to_version: int, node_ids: list[str]) -> int:
+    """Move active instances to `to_version` when the node they are at still exists there."""
+    result = await session.execute(
+        text(
+            "UPDATE instances SET version = :v WHERE journey_id = :j AND status = 'active' "
+            "AND node_id = ANY(CAST(:nodes AS text[])) AND version <> :v"
+        ),
+        {"j": journey_id, "v": to_version, "nodes": node_ids},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+@dataclass
+class StepWriter:
+    """Collects a batch of steps' writes and flushes them in a handful of bulk statements."""
+
+    now: datetime
+    new_instances: list[InstanceRow] = field(default_factory=list)
+    changed: list[InstanceRow] = field(default_factory=list)
+    timers: list[tuple[str, int, datetime]] = field(default_factory=list)
+    counts: Counter[tuple[str, int, str, str]] = field(default_factory=Counter)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    enrolments: list[tuple[str, str, str]] = field(default_factory=list)
+
+    async def flush(self, session: AsyncSession) -> None:
+        if self.new_instances:
+            await self._insert_instances(session)
+        if self.changed:
+            await self._update_instances(session)
+        if self.timers:
+            await session.execute(
+                text(
+                    "INSERT INTO timers (instance_id, seq, due_at) SELECT * FROM unnest(CAST(:i AS text[]), "
+                    "CAST(:s AS int[]), CAST(:d AS timestamptz[]))"
+                ),
+                {"i": [t[0] for t in self.timers], "s": [t[1] for t in self.timers], "d": [t[2] for t in self.timers]},
+            )
+        if self.counts:
+            keys = list(self.counts)
+            await session.execute(
+                text(
+                    "INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT * FROM unnest("
+                    "CAST(:j AS text[]), CAST(:v AS int[]), CAST(:nd AS text[]), CAST(:m AS text[]), CAST(:n AS bigint[]))"
+                ),
+                {"j": [k[0] for k in keys], "v": [k[1] for k in keys], "nd": [k[2] for k in keys],
+                 "m": [k[3] for k in keys], "n": [self.counts[k] for k in keys]},
+            )
+        if self.messages:
+            cols = ("message_id", "customer_id", "channel", "category", "decision", "reason", "template_id",
+                    "journey_id", "version", "instance_id", "node_id")
+            types = ("text", "text", "text", "text", "text", "text", "text", "text", "int", "text", "text")
+            unnest = ", ".join(f"CAST(:{c} AS {t}[])" for c, t in zip(cols, types, strict=True))
+            await session.execute(
+                text(
+                    f"INSERT INTO message_log ({', '.join(cols)}, decided_at) SELECT *, CAST(:now AS timestamptz) "
+                    f"FROM unnest({unnest}) ON CONFLICT (message_id) DO NOTHING"
+                ),
+                {c: [m[c] for m in self.messages] for c in cols} | {"now": self.now},
+            )
+        if self.enrolments:
+            await session.execute(
+                text(
+                    "INSERT INTO enrolments (journey_id, customer_id, correlation, last_entered_at) "
+                    "SELECT j, c, k, CAST(:now AS timestamptz) FROM unnest(CAST(:j AS text[]), CAST(:c AS text[]), "
+                    "CAST(:k AS text[])) AS u(j, c, k) ON CONFLICT (journey_id, customer_id, correlation) DO UPDATE "
+                    "SET last_entered_at = excluded.last_entered_at, entries = enrolments.entries + 1"
+                ),
+                {"j": [e[0] for e in self.enrolments], "c": [e[1] for e in self.enrolments],
+                 "k": [e[2] for e in self.enrolments], "now": self.now},
+            )
+        self.new_instances.clear()
+        self.changed.clear()
+        self.timers.clear()
+        self.counts.clear()
+        self.messages.clear()
+        self.enrolments.clear()
+
+    @staticmethod
+    def _columns(rows: list[InstanceRow]) -> dict[str, list[Any]]:
+        return {
+            "id": [r.id for r in rows],
+            "node": [r.node_id for r in rows],
+            "status": [r.status for r in rows],
+            "wait": [None if r.wait is None else orjson.dumps(r.wait).decode() for r in rows],
+            "ctx": [orjson.dumps(r.context).decode() for r in rows],
+            "seq": [r.seq for r in rows],
+            "reason": [r.exit_reason for r in rows],
+        }
+
+    async def _insert_instances(self, session: AsyncSession) -> None:
+        rows = self.new_instances
+        params = self._columns(rows) | {
+            "journey": [r.journey_id for r in rows],
+            "version": [r.version for r in rows],
+            "customer": [r.customer_id for r in rows],
+            "corr": [r.correlation for r in rows],
+            "entered": [r.entered_at for r in rows],
+            "now": self.now,
+        }
+        await session.execute(
+            text(
+                "INSERT INTO instances (id, journey_id, version, customer_id, correlation, status, node_id, wait, "
+                "context, seq, entered_at, updated_at, exit_reason) "
+                "SELECT id, journey, version, customer, corr, status, node, CAST(wait AS jsonb), CAST(ctx AS jsonb), "
+                "seq, entered, CAST(:now AS timestamptz), reason FROM unnest(CAST(:id AS text[]), "
+                "CAST(:journey AS text[]), CAST(:version AS int[]), CAST(:customer AS text[]), CAST(:corr AS text[]), "
+                "CAST(:status AS text[]), CAST(:node AS text[]), CAST(:wait AS text[]), CAST(:ctx AS text[]), "
+                "CAST(:seq AS int[]), CAST(:entered AS timestamptz[]), CAST(:reason AS text[])) "
+                "AS u(id, journey, version, customer, corr, status, node, wait, ctx, seq, entered, reason)"
+            ),
+            params,
+        )
+
+    async def _update_instances(self, session: AsyncSession) -> None:
+        await session.execute(
+            text(
+                "UPDATE instances AS i SET node_id = u.node, status = u.status, wait = CAST(u.wait AS jsonb), "
+                "context = CAST(u.ctx AS jsonb), seq = u.seq, exit_reason = u.reason, "
+                "updated_at = CAST(:now AS timestamptz) FROM unnest(CAST(:id AS text[]), CAST(:node AS text[]), "
+                "CAST(:status AS text[]), CAST(:wait AS text[]), CAST(:ctx AS text[]), CAST(:seq AS int[]), "
+                "CAST(:reason AS text[])) AS u(id, node, status, wait, ctx, seq, reason) WHERE i.id = u.id"
+            ),
+            self._columns(self.changed) | {"now": self.now},
+        )
+
+
+# --------------------------------------------------------------------------- stats
+
+
+async def node_totals(session: AsyncSession, journey_id: str) -> dict[tuple[int, str], dict[str, int]]:
+    rows = await session.execute(
+        text(
+            "SELECT version, node_id, metric, sum(n) FROM node_counts WHERE journey_id = :j "
+            "GROUP BY version, node_id, metric"
+        ),
+        {"j": journey_id},
+    )
+    out: dict[tuple[int, str], dict[str, int]] = {}
+    for version, node, metric, n in rows:
+        out.setdefault((version, node), {})[metric] = int(n)
+    rows = await session.execute(
+        text(
+            "SELECT version, node_id, count(*) FROM instances WHERE journey_id = :j AND status = 'active' "
+            "GROUP BY version, node_id"
+        ),
+        {"j": journey_id},
+    )
+    for version, node, n in rows:
+        out.setdefault((version, node), {})["waiting"] = int(n)
+    return out
+
+
+async def arm_outcomes(session: AsyncSession, journey_id: str) -> list[tuple[int, str, str, int, int]]:
+    """(version, split node, arm, customers assigned, converted) for every A/B split."""
+    rows = await session.execute(
+        text(
+            "SELECT version, a.key, a.value #>> '{}', count(*), count(*) FILTER (WHERE status = 'converted') "
+            "FROM instances, jsonb_each(context -> 'arms') AS a WHERE journey_id = :j "
+            "GROUP BY version, a.key, a.value #>> '{}' ORDER BY 1, 2, 3"
+        ),
+        {"j": journey_id},
+    )
+    return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in rows]
+
+
+async def exit_all(session: AsyncSession, journey_id: str, reason: str, now: datetime) -> int:
+    """Exit every active instance of a journey (archiving), counting them as exited at their node."""
+    await session.execute(
+        text(
+            "INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT journey_id, version, node_id, "
+            "'exited', count(*) FROM instances WHERE journey_id = :j AND status = 'active' "
+            "GROUP BY journey_id, version, node_id"
+        ),
+        {"j": journey_id},
+    )
+    result = await session.execute(
+        text(
+            "UPDATE instances SET status = 'exited', exit_reason = :r, wait = NULL, seq = seq + 1, updated_at = :now "
+            "WHERE journey_id = :j AND status = 'active'"
+        ),
+        {"j": journey_id, "r": reason, "now": now},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def list_for_journey(session: AsyncSession, journey_id: str, limit: int = 100) -> list[InstanceRow]:
+    rows = await session.execute(
+        text(f"SELECT {_COLUMNS} FROM instances WHERE journey_id = :j ORDER BY entered_at DESC, id LIMIT :n"),
+        {"j": journey_id, "n": limit},
+    )
+    return [_row(r) for r in rows]

@@ -1,0 +1,135 @@
+"""Journey definitions and their versions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+@dataclass(frozen=True)
+class JourneyRow:
+    id: str
+    name: str
+    status: str
+    current_version: int
+    entry_cap: int | None
+    entered_count: int
+    next_run_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+_COLUMNS = "id, name, status, current_version, entry_cap, entered_count, next_run_at, created_at, updated_at"
+
+
+async def create(
+    session: AsyncSession, journey_id: str, name: str, definition: dict[str, Any], entry_cap: int | None, now: datetime
+) -> None:
+    await session.execute(
+        text(
+            "INSERT INTO journeys (id, name, status, current_version, entry_cap, created_at, updated_at) "
+            "VALUES (:id, :name, 'draft', 1, :cap, :now, :now)"
+        ),
+        {"id": journey_id, "name": name, "cap": entry_cap, "now": now},
+    )
+    await add_version(session, journey_id, 1, definition, now)
+
+
+async def add_version(session: AsyncSession, journey_id: str, version: int, definition: dict[str, Any], now: datetime) -> None:
+    await session.execute(
+        text(
+            "INSERT INTO journey_versions (journey_id, version, definition, created_at) "
+            "VALUES (:id, :v, CAST(:d AS jsonb), :now)"
+        ),
+        {"id": journey_id, "v": version, "d": orjson.dumps(definition).decode(), "now": now},
+    )
+
+
+async def get(session: AsyncSession, journey_id: str, *, for_update: bool = False) -> JourneyRow | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = (await session.execute(text(f"SELECT {_COLUMNS} FROM journeys WHERE id = :id{lock}"), {"id": journey_id})).first()
+    return JourneyRow(*row) if row else None
+
+
+async def list_all(session: AsyncSession) -> list[JourneyRow]:
+    rows = await session.execute(text(f"SELECT {_COLUMNS} FROM journeys ORDER BY created_at, id"))
+    return [JourneyRow(*r) for r in rows]
+
+
+async def active(session: AsyncSession) -> list[JourneyRow]:
+    rows = await session.execute(text(f"SELECT {_COLUMNS} FROM journeys WHERE status = 'active' ORDER BY id"))
+    return [JourneyRow(*r) for r in rows]
+
+
+async def definition(session: AsyncSession, journey_id: str, version: int) -> dict[str, Any] | None:
+    value = await session.scalar(
+        text("SELECT definition FROM journey_versions WHERE journey_id = :id AND version = :v"),
+        {"id": journey_id, "v": version},
+    )
+    if value is None:
+        return None
+    return value if isinstance(value, dict) else orjson.loads(value)
+
+
+async def versions(session: AsyncSession, journey_id: str) -> list[int]:
+    rows = await session.execute(
+        text("SELECT version FROM journey_versions WHERE journey_id = :id ORDER BY version"), {"id": journey_id}
+    )
+    return [r[0] for r in rows]
+
+
+async def update(
+    session: AsyncSession,
+    journey_id: str,
+    *,
+    now: datetime,
+    name: str | None = None,
+    status: str | None = None,
+    current_version: int | None = None,
+    entry_cap: int | None = None,
+    set_entry_cap: bool = False,
+    next_run_at: datetime | None = None,
+    set_next_run: bool = False,
+) -> None:
+    sets = ["updated_at = :now"]
+    params: dict[str, Any] = {"id": journey_id, "now": now}
+    for column, value, wanted in (
+        ("name", name, name is not None),
+        ("status", status, status is not None),
+        ("current_version", current_version, current_version is not None),
+        ("entry_cap", entry_cap, set_entry_cap),
+        ("next_run_at", next_run_at, set_next_run),
+    ):
+        if wanted:
+            sets.append(f"{column} = :{column}")
+            params[column] = value
+    await session.execute(text(f"UPDATE journeys SET {', '.join(sets)} WHERE id = :id"), params)
+
+
+async def take_entry_slot(session: AsyncSession, journey_id: str) -> bool:
+    """Count one entry against the journey's cap; False when the cap is reached."""
+    row = await session.execute(
+        text(
+            "UPDATE journeys SET entered_count = entered_count + 1 "
+            "WHERE id = :id AND (entry_cap IS NULL OR entered_count < entry_cap) RETURNING entered_count"
+        ),
+        {"id": journey_id},
+    )
+    return row.first() is not None
+
+
+async def due_runs(session: AsyncSession, now: datetime, limit: int = 10) -> list[JourneyRow]:
+    """Active journeys whose broadcast (or enrolment of current members) is due, locked for this worker."""
+    rows = await session.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM journeys WHERE status = 'active' AND next_run_at <= :now "
+            "ORDER BY next_run_at LIMIT :n FOR UPDATE SKIP LOCKED"
+        ),
+        {"now": now, "n": limit},
+    )
+    return [JourneyRow(*r) for r in rows]

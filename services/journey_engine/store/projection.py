@@ -1,0 +1,182 @@
+"""The engine's projections of other services' topics: customers (traits, contact), identities, segments."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+@dataclass
+class CustomerRecord:
+    customer_id: str
+    traits: dict[str, Any] = field(default_factory=dict)
+    timezone: str | None = None
+    locale: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    stage: str | None = None
+    segments: set[str] = field(default_factory=set)
+    recent_sends: dict[str, list[datetime]] = field(default_factory=dict)
+
+
+async def lock_customers(session: AsyncSession, customer_ids: list[str]) -> None:
+    """Serialize work on the same customers across consumers, timer workers and engine processes.
+
+    Locks are taken in one global order (by hash), so two transactions never wait on each other in a cycle.
+    """
+    if customer_ids:
+        await session.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(c, 7) AS k "
+                "FROM unnest(CAST(:ids AS text[])) AS c ORDER BY k) AS s"
+            ),
+            {"ids": sorted(set(customer_ids))},
+        )
+
+
+async def lock_customers_of_instances(session: AsyncSession, instance_ids: list[str]) -> None:
+    if instance_ids:
+        await session.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(customer_id, 7) AS k "
+                "FROM instances WHERE id = ANY(CAST(:ids AS text[])) ORDER BY k) AS s"
+            ),
+            {"ids": instance_ids},
+        )
+
+
+async def resolve(session: AsyncSession, identities: list[str]) -> dict[str, str]:
+    """identity -> canonical customer id, for the identities the projection knows."""
+    if not identities:
+        return {}
+    rows = await session.execute(
+        text("SELECT identity, customer_id FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"),
+        {"ids": list(set(identities))},
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+async def load(session: AsyncSession, customer_ids: list[str], sends_since: datetime) -> dict[str, CustomerRecord]:
+    """Projection rows (or empty records for unknown customers), memberships and recent marketing sends."""
+    ids = list(set(customer_ids))
+    out = {c: CustomerRecord(c) for c in ids}
+    if not ids:
+        return out
+    rows = await session.execute(
+        text(
+            "SELECT customer_id, traits, timezone, locale, email, phone, stage FROM customers "
+            "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+        ),
+        {"ids": ids},
+    )
+    for cid, traits, tz, locale, email, phone, stage in rows:
+        rec = out[cid]
+        rec.traits = traits if isinstance(traits, dict) else orjson.loads(traits)
+        rec.timezone, rec.locale, rec.email, rec.phone, rec.stage = tz, locale, email, phone, stage
+    rows = await session.execute(
+        text("SELECT customer_id, segment_id FROM segment_members WHERE customer_id = ANY(CAST(:ids AS text[]))"),
+        {"ids": ids},
+    )
+    for cid, seg in rows:
+        out[cid].segments.add(seg)
+    rows = await session.execute(
+        text(
+            "SELECT customer_id, channel, decided_at FROM message_log WHERE customer_id = ANY(CAST(:ids AS text[])) "
+            "AND decided_at > :since AND decision = 'requested' AND category = 'marketing' ORDER BY decided_at"
+        ),
+        {"ids": ids, "since": sends_since},
+    )
+    sends: dict[str, dict[str, list[datetime]]] = defaultdict(lambda: defaultdict(list))
+    for cid, channel, at in rows:
+        sends[cid][channel].append(at)
+    for cid, by_channel in sends.items():
+        out[cid].recent_sends = dict(by_channel)
+    return out
+
+
+async def upsert_customer(
+    session: AsyncSession,
+    customer_id: str,
+    traits: dict[str, Any],
+    *,
+    timezone: str | None,
+    locale: str | None,
+    email: str | None,
+    phone: str | None,
+    stage: str | None,
+    now: datetime,
+) -> None:
+    await session.execute(
+        text(
+            "INSERT INTO customers (customer_id, traits, timezone, locale, email, phone, stage, updated_at) "
+            "VALUES (:id, CAST(:traits AS jsonb), :tz, :locale, :email, :phone, :stage, :now) "
+            "ON CONFLICT (customer_id) DO UPDATE SET traits = excluded.traits, timezone = excluded.timezone, "
+            "locale = excluded.locale, email = excluded.email, phone = excluded.phone, "
+            "stage = COALESCE(excluded.stage, customers.stage), updated_at = excluded.updated_at"
+        ),
+        {"id": customer_id, "traits": orjson.dumps(traits).decode(), "tz": timezone, "locale": locale,
+         "email": email, "phone": phone, "stage": stage, "now": now},
+    )
+
+
+async def merge_traits(session: AsyncSession, customer_id: str, patch: dict[str, Any], now: datetime) -> None:
+    """Apply a journey's own trait update to the projection (the segmenter's next ProfileChanged confirms it)."""
+    await session.execute(
+        text(
+            "INSERT INTO customers (customer_id, traits, updated_at) VALUES (:id, CAST(:p AS jsonb), :now) "
+            "ON CONFLICT (customer_id) DO UPDATE SET traits = customers.traits || excluded.traits, "
+            "updated_at = excluded.updated_at"
+        ),
+        {"id": customer_id, "p": orjson.dumps(patch).decode(), "now": now},
+    )
+
+
+async def add_identities(session: AsyncSession, customer_id: str, identities: list[str]) -> None:
+    ids = sorted({i for i in identities if i} | {customer_id})
+    await session.execute(
+        text(
+            "INSERT INTO customer_identities (identity, customer_id) SELECT unnest(CAST(:ids AS text[])), :cid "
+            "ON CONFLICT (identity) DO UPDATE SET customer_id = excluded.customer_id"
+        ),
+        {"ids": ids, "cid": customer_id},
+    )
+
+
+async def erase(session: AsyncSession, customer_id: str) -> None:
+    for statement in (
+        "DELETE FROM customers WHERE customer_id = :id",
+        "DELETE FROM customer_identities WHERE customer_id = :id",
+        "DELETE FROM segment_members WHERE customer_id = :id",
+    ):
+        await session.execute(text(statement), {"id": customer_id})
+
+
+async def set_membership(session: AsyncSession, segment_id: str, customer_id: str, member: bool) -> None:
+    if member:
+        await session.execute(
+            text("INSERT INTO segment_members (segment_id, customer_id) VALUES (:s, :c) ON CONFLICT DO NOTHING"),
+            {"s": segment_id, "c": customer_id},
+        )
+    else:
+        await session.execute(
+            text("DELETE FROM segment_members WHERE segment_id = :s AND customer_id = :c"),
+            {"s": segment_id, "c": customer_id},
+        )
+
+
+async def segment_member_ids(session: AsyncSession, segment_id: str) -> list[str]:
+    rows = await session.execute(
+        text("SELECT customer_id FROM segment_members WHERE segment_id = :s ORDER BY customer_id"), {"s": segment_id}
+    )
+    return [r[0] for r in rows]
+
+
+def sends_window(now: datetime) -> datetime:
+    """How far back frequency caps look (a rolling week, plus a day for calendar days in any timezone)."""
+    return now - timedelta(days=8)

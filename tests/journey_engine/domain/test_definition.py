@@ -1,0 +1,102 @@
+"""Validation of the journey graph: each rule names the node and the rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from services.journey_engine.domain.definition import JourneyDefinition, graph_errors
+
+
+def journey(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], **extra: Any) -> JourneyDefinition:
+    return JourneyDefinition.model_validate(
+        {"name": "t", "entry": {"type": "event", "event": "Signed Up"}, "nodes": nodes, "edges": edges, **extra}
+    )
+
+
+def rules(definition: JourneyDefinition) -> set[tuple[str, str]]:
+    return {(e.field, e.rule) for e in graph_errors(definition)}
+
+
+GOOD_NODES = [
+    {"id": "start", "type": "entry"},
+    {"id": "wait", "type": "wait_event", "event": "Order Completed", "timeout": "PT1H"},
+    {"id": "remind", "type": "send", "channel": "email", "template_id": "cart"},
+    {"id": "done", "type": "exit"},
+]
+GOOD_EDGES = [
+    {"from": "start", "to": "wait"},
+    {"from": "wait", "to": "done", "branch": "matched"},
+    {"from": "wait", "to": "remind", "branch": "timeout"},
+    {"from": "remind", "to": "done"},
+]
+
+
+def test_a_valid_graph_has_no_errors() -> None:
+    assert graph_errors(journey(GOOD_NODES, GOOD_EDGES)) == []
+
+
+def test_exactly_one_entry() -> None:
+    nodes = [*GOOD_NODES, {"id": "start2", "type": "entry"}]
+    assert ("nodes", "one_entry") in rules(journey(nodes, [*GOOD_EDGES, {"from": "start2", "to": "done"}]))
+
+
+def test_dangling_edge_names_the_edge() -> None:
+    assert ("edges.4.to", "dangling_edge") in rules(journey(GOOD_NODES, [*GOOD_EDGES, {"from": "remind", "to": "nowhere"}]))
+
+
+def test_unreachable_node() -> None:
+    nodes = [*GOOD_NODES, {"id": "orphan", "type": "exit"}]
+    assert rules(journey(nodes, GOOD_EDGES)) == {("nodes.orphan", "reachable")}
+
+
+def test_missing_branch() -> None:
+    edges = [e for e in GOOD_EDGES if e.get("branch") != "timeout"]
+    found = rules(journey(GOOD_NODES, edges))
+    assert ("nodes.wait", "branch_complete") in found
+    assert ("nodes.remind", "reachable") in found
+
+
+def test_unknown_branch_on_a_condition() -> None:
+    nodes = [
+        {"id": "start", "type": "entry"},
+        {"id": "vip", "type": "condition", "branches": [{"name": "yes", "where": [{"field": "traits.vip", "op": "eq", "value": True}]}]},
+        {"id": "done", "type": "exit"},
+    ]
+    edges = [
+        {"from": "start", "to": "vip"},
+        {"from": "vip", "to": "done", "branch": "yes"},
+        {"from": "vip", "to": "done", "branch": "no"},
+    ]
+    found = rules(journey(nodes, edges))
+    assert ("nodes.vip", "branch_complete") in found  # 'else' missing
+    assert ("nodes.vip", "unknown_branch") in found
+
+
+def test_loops_must_pass_through_a_wait() -> None:
+    nodes = [
+        {"id": "start", "type": "entry"},
+        {"id": "send", "type": "send", "channel": "email", "template_id": "x"},
+        {"id": "again", "type": "condition", "branches": [{"name": "more", "where": [{"field": "traits.n", "op": "lt", "value": 3}]}]},
+        {"id": "done", "type": "exit"},
+    ]
+    edges = [
+        {"from": "start", "to": "send"},
+        {"from": "send", "to": "again"},
+        {"from": "again", "to": "send", "branch": "more"},
+        {"from": "again", "to": "done", "branch": "else"},
+    ]
+    assert any(rule == "loop_through_wait" for _, rule in rules(journey(nodes, edges)))
+    nodes.insert(2, {"id": "pause", "type": "delay", "duration": "P1D"})
+    edges[1] = {"from": "send", "to": "pause"}
+    edges.append({"from": "pause", "to": "again"})
+    assert graph_errors(journey(nodes, edges)) == []
+
+
+def test_node_fields_are_validated_by_pydantic() -> None:
+    with pytest.raises(ValidationError):
+        journey([{"id": "d", "type": "delay"}], [])
+    with pytest.raises(ValidationError):
+        journey([{"id": "s", "type": "split", "arms": [{"name": "a", "percent": 50}, {"name": "b", "percent": 40}]}], [])

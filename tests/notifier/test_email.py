@@ -1,0 +1,148 @@
+"""Email end to end: request on Kafka -> rendered, personalized mail in the SMTP sink with RFC 8058
+headers; redelivery sends nothing more; one-click unsubscribe -> `unsubscribed`, then `suppressed`;
+open pixel and click redirect -> `opened` and `clicked`."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from shared.contracts import Headers
+from tests.notifier.conftest import ADMIN, Harness, request
+from tests.support import eventually
+
+WELCOME = {
+    "id": "welcome",
+    "name": "Welcome",
+    "channel": "email",
+    "default_locale": "en",
+    "variants": {
+        "en": {
+            "subject": "Welcome, {{ traits.first_name }}!",
+            "html": "<html><body><p>Hi {{ traits.first_name }}, your plan is {{ traits.plan | default: 'free' }}."
+            "</p><a href=\"https://shop.example.com/start?x=1&amp;y=2\">Start</a>"
+            "<a href=\"{{ unsubscribe_url }}\">Unsubscribe</a></body></html>",
+            "text": "Hi {{ traits.first_name }}, total {{ event.properties.total | money: 'USD' }}.",
+        },
+        "fr": {
+            "subject": "Bienvenue, {{ traits.first_name }} !",
+            "html": "<html><body><p>Bonjour {{ traits.first_name }}</p>"
+            "<a href=\"https://shop.example.com/fr\">Commencer</a></body></html>",
+            "text": "Bonjour {{ traits.first_name }}, total {{ event.properties.total | money: 'EUR', 'fr' }}.",
+        },
+    },
+}
+
+
+async def setup(h: Harness) -> None:
+    await h.create_template(WELCOME)
+    await h.create_topic("newsletter", ["email", "sms"], default_subscribed=True)
+
+
+def email_request(message_id: str, customer: str, **fields: Any) -> Any:
+    fields.setdefault("data", {"event": {"properties": {"total": 1234.5}}})
+    return request(message_id, customer, "email", "welcome", subscription_topic="newsletter", **fields)
+
+
+async def test_request_becomes_one_personalized_email_even_when_redelivered(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await setup(h)
+        await h.profile("c1", {"email": "ada@example.com", "first_name": "Ada", "locale": "fr-CA"})
+        await eventually(lambda: _contact_known(h, "c1"), timeout=15)
+        req = email_request("m-email-1", "c1")
+        await h.publish(req)
+        statuses = await h.wait_status("m-email-1", "delivered")
+        assert [s["status"] for s in statuses] == ["queued", "sent", "delivered"]
+        delivered = statuses[-1]
+        assert (delivered["journey_id"], delivered["node_id"], delivered["customer_id"]) == ("j-welcome", "n-email", "c1")
+
+        assert len(h.sink.messages) == 1
+        mail = h.sink.messages[0].message
+        assert mail["To"] == "ada@example.com"
+        assert mail["Subject"] == "Bienvenue, Ada !"  # locale fr-CA -> the fr variant
+        assert re.fullmatch(r"<http://testserver/u/[\w\-.]+>", mail["List-Unsubscribe"])
+        assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        text = mail.get_body(preferencelist=("plain",)).get_content()
+        html = mail.get_body(preferencelist=("html",)).get_content()
+        assert "Bonjour Ada, total 1.234,50 €." in text
+        assert "Bonjour Ada" in html and "https://shop.example.com/fr" not in html  # link rewritten
+
+        # Redelivered: the same event again (inbox), and the same message id under a new event id (ledger).
+        await h.publish(req)
+        await h.publish(req, **{Headers.EVENT_ID: "another-event-id"})
+        await h.statuses(idle=1.5, timeout=5)
+        assert len(h.sink.messages) == 1
+        ledger = (await h.client.get("/v1/messages/m-email-1", headers=ADMIN)).json()
+        assert ledger["state"] == "delivered" and ledger["attempts"] == 1
+
+
+async def test_one_click_unsubscribe_then_marketing_is_suppressed(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await setup(h)
+        req = email_request("m-unsub-1", "c2", recipient={"email": "bob@example.com"},
+                            data={"traits": {"first_name": "Bob"}, "event": {"properties": {"total": 5}}})
+        await h.publish(req)
+        await h.wait_status("m-unsub-1", "delivered")
+        mail = h.sink.messages[0].message
+        assert mail["Subject"] == "Welcome, Bob!"
+        unsubscribe = mail["List-Unsubscribe"].strip("<>")
+        html = mail.get_body(preferencelist=("html",)).get_content()
+        assert f'href="{unsubscribe}"' in html.replace("&amp;", "&")  # the Liquid variable is the same link
+
+        page = await h.client.get(urlsplit(unsubscribe).path)
+        assert page.status_code == 200 and "Newsletter" in page.text
+        one_click = await h.client.post(urlsplit(unsubscribe).path, data={"List-Unsubscribe": "One-Click"})
+        assert one_click.status_code == 200
+        await h.wait_status("m-unsub-1", "unsubscribed")
+        prefs = (await h.client.get("/v1/customers/c2/preferences", headers=ADMIN)).json()["preferences"]
+        assert prefs == [{**prefs[0], "topic": "newsletter", "channel": "email", "subscribed": False}]
+        history = (await h.client.get("/v1/customers/c2/consent-history", headers=ADMIN)).json()["history"]
+        assert history[0]["source"] == "one_click" and history[0]["message_id"] == "m-unsub-1"
+
+        tampered = await h.client.post(urlsplit(unsubscribe).path[:-3] + "abc")
+        assert tampered.status_code == 400
+
+        await h.publish(email_request("m-unsub-2", "c2", recipient={"email": "bob@example.com"},
+                                      data={"traits": {"first_name": "Bob"}}))
+        statuses = await h.wait_status("m-unsub-2", "suppressed")
+        assert "unsubscribed from 'newsletter'" in statuses[-1]["reason"]
+        # A transactional message still goes out.
+        await h.publish(email_request("m-unsub-3", "c2", category="transactional", recipient={"email": "bob@example.com"},
+                                      data={"traits": {"first_name": "Bob"}, "event": {"properties": {"total": 1}}}))
+        await h.wait_status("m-unsub-3", "delivered")
+        assert len(h.sink.messages) == 2
+        assert h.sink.messages[1].message["List-Unsubscribe"] is None  # transactional: no unsubscribe header
+
+
+async def test_open_pixel_and_click_redirect_emit_statuses(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await setup(h)
+        await h.publish(email_request("m-track-1", "c3", recipient={"email": "cy@example.com"},
+                                      data={"traits": {"first_name": "Cy"}, "event": {"properties": {"total": 2}}}))
+        await h.wait_status("m-track-1", "delivered")
+        html = h.sink.messages[0].message.get_body(preferencelist=("html",)).get_content()
+        pixel = re.search(r'<img src="(http://testserver/t/o/[^"]+)"', html)
+        click = re.search(r'href="(http://testserver/t/c/[^"]+)"', html)
+        assert pixel and click
+        got = await h.client.get(urlsplit(pixel.group(1)).path)
+        assert got.status_code == 200 and got.headers["content-type"] == "image/gif"
+        await h.client.get(urlsplit(pixel.group(1)).path)  # a second open emits nothing more
+        redirect = await h.client.get(urlsplit(click.group(1)).path)
+        assert redirect.status_code == 302
+        assert redirect.headers["location"] == "https://shop.example.com/start?x=1&y=2"
+        statuses = await h.wait_status("m-track-1", "clicked")
+        await h.wait_status("m-track-1", "opened")
+        statuses = await h.statuses(idle=1.0, timeout=5)
+        opened = [s for s in statuses if s["status"] == "opened"]
+        clicked = [s for s in statuses if s["status"] == "clicked"]
+        assert len(opened) == 1 and len(clicked) == 1
+        assert clicked[0]["url"] == "https://shop.example.com/start?x=1&y=2"
+        assert clicked[0]["journey_id"] == "j-welcome"
+
+
+async def _contact_known(h: Harness, customer_id: str) -> bool:
+    response = await h.client.post(
+        "/v1/templates/welcome/preview", json={"customer_id": customer_id}, headers=ADMIN
+    )
+    return response.status_code != 404 or "customer" not in response.text

@@ -1,0 +1,79 @@
+"""Segment timestamp normalization and the CustomerEvent built from a call, without I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from services.ingest.domain.normalize import apply_batch_defaults, content_message_id, to_customer_event
+from services.ingest.domain.validation import ValidCall, validate_call
+from services.ingest.domain.write_keys import key_from_authorization, shown_prefix
+from shared.contracts.events import EventType
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def valid(body: dict[str, object], call_type: EventType = EventType.TRACK) -> ValidCall:
+    result = validate_call({"userId": "u", "event": "E", **body}, call_type)
+    assert isinstance(result, ValidCall)
+    return result
+
+
+def test_skew_is_corrected_from_sent_at() -> None:
+    # Client clock 2 min behind; event recorded 5 s before the client sent it.
+    event = to_customer_event(
+        valid({"timestamp": "2026-03-01T11:57:55Z", "sentAt": "2026-03-01T11:58:00Z"}), received_at=NOW, source="k"
+    )
+    assert event.timestamp == NOW - timedelta(seconds=5)
+    assert event.original_timestamp == datetime(2026, 3, 1, 11, 57, 55, tzinfo=UTC)
+    assert event.received_at == NOW and event.source == "k"
+
+
+def test_batch_sent_at_applies_and_naive_times_are_utc() -> None:
+    event = to_customer_event(
+        valid({"originalTimestamp": "2026-03-01T13:00:00"}), received_at=NOW, source=None,
+        batch_sent_at=datetime(2026, 3, 1, 13, 0, 1, tzinfo=UTC),
+    )
+    assert event.timestamp == NOW - timedelta(seconds=1)
+
+
+def test_without_client_times_the_server_time_is_used_and_an_id_generated() -> None:
+    first = to_customer_event(valid({}), received_at=NOW, source=None)
+    second = to_customer_event(valid({}), received_at=NOW, source=None)
+    assert first.timestamp == NOW and first.original_timestamp is None
+    assert first.message_id != second.message_id
+
+
+def test_historical_imports_keep_their_time() -> None:
+    event = to_customer_event(
+        valid({"timestamp": "2020-01-01T00:00:00Z", "sentAt": "2026-03-01T12:00:00Z"}),
+        received_at=NOW, source="backfill", correct_skew=False, message_id=lambda: content_message_id(b"line"),
+    )
+    assert event.timestamp == datetime(2020, 1, 1, tzinfo=UTC)
+    assert event.message_id == content_message_id(b"line") != content_message_id(b"other line")
+
+
+def test_fields_by_call_type() -> None:
+    group = to_customer_event(valid({"groupId": "g", "traits": {"n": 1}}, EventType.GROUP), received_at=NOW, source=None)
+    assert (group.group_id, group.traits, group.event) == ("g", {"n": 1}, None)
+    page = to_customer_event(valid({"name": "Home", "category": "C"}, EventType.PAGE), received_at=NOW, source=None)
+    assert (page.name, page.category) == ("Home", "C")
+    alias = to_customer_event(valid({"previousId": "p"}, EventType.ALIAS), received_at=NOW, source=None)
+    assert alias.previous_id == "p" and alias.customer_key == "u"
+
+
+def test_batch_context_is_merged_under_the_items_own() -> None:
+    batch = {"context": {"ip": "1", "library": "x"}, "integrations": {"All": False}}
+    assert apply_batch_defaults({"context": {"ip": "2"}}, batch) == {
+        "context": {"ip": "2", "library": "x"}, "integrations": {"All": False},
+    }
+    item = {"context": "bad"}
+    assert apply_batch_defaults(item, batch)["context"] == "bad"  # left for validation to refuse
+
+
+def test_write_key_from_authorization() -> None:
+    assert key_from_authorization("Basic d2tfYWJjOg==") == "wk_abc"  # "wk_abc:"
+    assert key_from_authorization("bearer wk_abc") == "wk_abc"
+    assert key_from_authorization("Basic Og==") is None  # ":" (empty user)
+    assert key_from_authorization("Digest x") is None
+    assert key_from_authorization(None) is None
+    assert shown_prefix("wk_" + "a" * 40) == "wk_aaaaaaa" and shown_prefix("short") == "s"

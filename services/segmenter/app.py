@@ -8,26 +8,45 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from services.segmenter.api.customers import customers_router
+from services.segmenter.api.segments import segments_router
+from services.segmenter.runtime import Segmenter
 from services.segmenter.settings import SegmenterSettings
+from shared.clock import Clock, SystemClock
+from shared.contracts.events import CustomerEvent
+from shared.contracts.topics import CUSTOMER_EVENTS
 from shared.runtime import Platform, install_common
 
 MIGRATIONS = Path(__file__).parent / "store" / "migrations"
 
 
-def create_app(settings: SegmenterSettings | None = None) -> FastAPI:
+def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = None) -> FastAPI:
     settings = settings or SegmenterSettings()
     platform = Platform(settings, migrations=MIGRATIONS)
+    segmenter = Segmenter.build(settings, platform, clock or SystemClock())
+    platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "profiles", segmenter.events)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await platform.start()
         await platform.start_consumers()
+        if settings.run_background_loops:
+            platform.run_in_background("segment-timers", segmenter.timers.run_forever)
+            platform.run_in_background("segment-backfill", segmenter.backfill.run_forever)
         try:
             yield
         finally:
             await platform.stop()
 
-    app = FastAPI(title="CLM Segmenter", description="Live customer profiles, identity resolution, lifecycle metrics and real-time segments.", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="CLM Segmenter",
+        description="Live customer profiles, identity resolution, lifecycle metrics and real-time segments.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
     app.state.platform = platform
+    app.state.segmenter = segmenter
     install_common(app, platform)
+    app.include_router(segments_router(segmenter))
+    app.include_router(customers_router(segmenter))
     return app

@@ -9,3 +9,13 @@ class SegmenterSettings(BaseServiceSettings):
     service_name: str = "segmenter"
     port: int = 8002
     db_schema: str = "segmenter"
+    # Events per unit of work: bigger batches amortize the round trips of the set-based statements.
+    consumer_max_batch: int = 2000
+    # Due timers claimed per transaction, and how often the loop looks for due ones.
+    timer_batch_size: int = 1000
+    timer_interval_s: float = 1.0
+    # Customers per back-fill transaction, and how often the back-fill loop looks for work.
+    backfill_chunk_size: int = 50000
+    backfill_poll_interval_s: float = 1.0
+    # Run the background loops (tests drive them by hand with `run_once`).
+    run_background_loops: bool = True

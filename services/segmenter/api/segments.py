@@ -1,0 +1,211 @@
+"""The marketer's segment API (admin token): CRUD, preview, members, explain."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.segmenter.domain.catalog import Catalog, CycleError, compile_segment, dependency_order
+from services.segmenter.domain.evaluation import evaluate, explain
+from services.segmenter.domain.rules import InvalidRule, Rule, parse_rule, references
+from services.segmenter.domain.rules import rule_to_json as rule_json
+from services.segmenter.reevaluation import fill_snapshots
+from services.segmenter.runtime import Segmenter
+from services.segmenter.store import profiles as profile_store
+from services.segmenter.store import segments as segment_store
+from shared.http import ApiError, admin_guard, field_error
+
+
+class SegmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=2000)
+    definition: Any
+
+
+class PreviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    definition: Any
+    sample: int = Field(default=10, ge=0, le=100)
+
+
+def _invalid(exc: InvalidRule) -> ApiError:
+    return ApiError(
+        400,
+        "invalid_definition",
+        "the segment definition is invalid",
+        errors=[field_error(e.path, e.rule, e.message) for e in exc.errors],
+    )
+
+
+def _parse(definition: Any) -> Rule:
+    if definition is None:
+        raise ApiError(400, "invalid_definition", "a definition is required",
+                       errors=[field_error("definition", "required", "a rule tree is required")])
+    try:
+        return parse_rule(definition)
+    except InvalidRule as exc:
+        raise _invalid(exc) from None
+
+
+def _view(row: dict[str, Any], members: int | None = None) -> dict[str, Any]:
+    out = {
+        "id": row["segment_id"],
+        "name": row["name"],
+        "description": row["description"],
+        "definition": row["definition"],
+        "version": row["version"],
+        "status": row["status"],
+        "backfill": {
+            "processed": row["backfill_done"],
+            "total": row["backfill_total"],
+            "progress": 1.0 if row["status"] == "ready" else (
+                round(row["backfill_done"] / row["backfill_total"], 4) if row["backfill_total"] else 0.0
+            ),
+            "started_at": row["backfill_started_at"],
+            "finished_at": row["backfill_finished_at"],
+        },
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+    if members is not None:
+        out["member_count"] = members
+    return out
+
+
+def segments_router(seg: Segmenter) -> APIRouter:
+    router = APIRouter(prefix="/v1/segments", tags=["segments"], dependencies=[Depends(admin_guard(seg.settings))])
+    platform = seg.platform
+
+    async def check_references(session: Any, segment_id: str, rule: Rule) -> None:
+        """member_of must name existing segments, and no segment may (indirectly) contain itself."""
+        refs = references(rule).segments
+        rows = await segment_store.segment_versions(session)
+        existing = {sid: (version, name, definition) for sid, version, name, definition in rows}
+        missing = sorted(refs - existing.keys() - {segment_id})
+        if missing:
+            raise ApiError(400, "invalid_definition", "member_of refers to unknown segments",
+                           errors=[field_error("definition", "unknown_segment", f"no segment {m!r}") for m in missing])
+        compiled = []
+        for sid, (version, name, definition) in existing.items():
+            if sid == segment_id:
+                continue
+            try:
+                compiled.append(compile_segment(sid, name, version, definition))
+            except InvalidRule:
+                continue
+        compiled.append(compile_segment(segment_id, "new", 0, rule_json(rule)))
+        try:
+            dependency_order(compiled)
+        except CycleError as exc:
+            raise ApiError(400, "invalid_definition", "segments would refer to each other in a cycle",
+                           errors=[field_error("definition", "cycle", str(exc))]) from None
+
+    @router.post("", status_code=201)
+    async def create_segment(body: SegmentIn) -> dict[str, Any]:
+        rule = _parse(body.definition)
+        segment_id = f"seg_{uuid.uuid4().hex[:16]}"
+        async with platform.unit_of_work() as uow:
+            await check_references(uow.session, segment_id, rule)
+            await segment_store.insert_segment(uow.session, segment_id, body.name, body.description,
+                                               rule_json(rule), seg.clock.now())
+            row = await segment_store.get_segment(uow.session, segment_id)
+        seg.backfill.wake.set()
+        assert row is not None
+        return _view(row)
+
+    @router.get("")
+    async def list_segments() -> dict[str, Any]:
+        async with platform.unit_of_work() as uow:
+            rows = await segment_store.list_segments(uow.session)
+        return {"segments": [_view(r) for r in rows]}
+
+    @router.post("/preview")
+    async def preview(body: PreviewIn) -> dict[str, Any]:
+        rule = _parse(body.definition)
+        async with platform.unit_of_work() as uow:
+            await check_references(uow.session, "__preview__", rule)
+            count, sample = await segment_store.preview(uow.session, rule, seg.clock.now(), body.sample)
+        return {"count": count, "sample": sample}
+
+    @router.get("/{segment_id}")
+    async def get_segment(segment_id: str) -> dict[str, Any]:
+        async with platform.unit_of_work() as uow:
+            row = await segment_store.get_segment(uow.session, segment_id)
+            if row is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            members = await segment_store.member_count(uow.session, segment_id)
+        return _view(row, members)
+
+    @router.put("/{segment_id}")
+    async def update_segment(segment_id: str, body: SegmentIn) -> dict[str, Any]:
+        rule = _parse(body.definition)
+        async with platform.unit_of_work() as uow:
+            if await segment_store.get_segment(uow.session, segment_id, lock=True) is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            await check_references(uow.session, segment_id, rule)
+            await segment_store.update_segment(uow.session, segment_id, body.name, body.description,
+                                               rule_json(rule), seg.clock.now())
+            row = await segment_store.get_segment(uow.session, segment_id)
+        seg.backfill.wake.set()
+        assert row is not None
+        return _view(row)
+
+    @router.delete("/{segment_id}", status_code=204)
+    async def delete_segment(segment_id: str) -> Response:
+        async with platform.unit_of_work() as uow:
+            rows = await segment_store.segment_versions(uow.session)
+            users = []
+            for sid, version, name, definition in rows:
+                if sid == segment_id:
+                    continue
+                try:
+                    if segment_id in compile_segment(sid, name, version, definition).refs.segments:
+                        users.append(sid)
+                except InvalidRule:
+                    continue
+            if users:
+                raise ApiError(409, "segment_in_use", f"segments {', '.join(sorted(users))} refer to this segment")
+            if not await segment_store.delete_segment(uow.session, segment_id):
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+        return Response(status_code=204)
+
+    @router.get("/{segment_id}/members")
+    async def members(
+        segment_id: str, after: str | None = None, limit: int = Query(default=100, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        async with platform.unit_of_work() as uow:
+            if await segment_store.get_segment(uow.session, segment_id) is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            ids = await segment_store.members_page(uow.session, segment_id, after, limit)
+        return {"members": ids, "next_after": ids[-1] if len(ids) == limit else None}
+
+    @router.get("/{segment_id}/explain/{customer_ref}")
+    async def explain_membership(segment_id: str, customer_ref: str) -> dict[str, Any]:
+        now = seg.clock.now()
+        async with platform.unit_of_work() as uow:
+            row = await segment_store.get_segment(uow.session, segment_id)
+            if row is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            cid = await profile_store.resolve_customer(uow.session, customer_ref)
+            profile = await profile_store.read_profile(uow.session, cid) if cid else None
+            if cid is None or profile is None:
+                raise ApiError(404, "not_found", f"no customer {customer_ref!r}")
+            rule_def = compile_segment(segment_id, row["name"], row["version"], row["definition"])
+            await fill_snapshots(uow.session, Catalog.build([rule_def]), {cid: profile})
+            member = segment_id in profile.memberships
+        return {
+            "customer_id": cid,
+            "segment_id": segment_id,
+            "member": member,
+            "matches_now": evaluate(rule_def.rule, profile, now),
+            "evaluated_at": now,
+            "explanation": explain(rule_def.rule, profile, now).as_json(),
+        }
+
+    return router

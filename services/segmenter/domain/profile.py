@@ -1,0 +1,118 @@
+"""A customer's profile as segment rules see it, and how events fold into it (pure, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from shared.contracts.events import CustomerEvent, EventType
+
+ORDER_EVENT = "Order Completed"
+
+
+@dataclass
+class EventAggregate:
+    count: int
+    first_at: datetime
+    last_at: datetime
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    timestamp: datetime
+    properties: dict[str, Any]
+
+
+@dataclass
+class ProfileSnapshot:
+    customer_id: str
+    traits: dict[str, Any] = field(default_factory=dict)
+    trait_times: dict[str, datetime] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+    events: dict[str, EventAggregate] = field(default_factory=dict)
+    # Only for event names some rule needs occurrence by occurrence (windows, property filters).
+    timeline: dict[str, list[Occurrence]] = field(default_factory=dict)
+    memberships: set[str] = field(default_factory=set)
+
+
+def aggregate_name(event: CustomerEvent) -> str | None:
+    """The name an event is counted under (`track` by its event name; pages and screens by kind)."""
+    if event.type == EventType.TRACK:
+        return event.event
+    if event.type == EventType.PAGE:
+        return "Page Viewed"
+    if event.type == EventType.SCREEN:
+        return "Screen Viewed"
+    return None
+
+
+def order_revenue(properties: dict[str, Any]) -> float:
+    for key in ("revenue", "total"):
+        v = properties.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                continue
+    return 0.0
+
+
+@dataclass
+class TraitChange:
+    """Traits an event sets, and when (last write by event time wins)."""
+
+    traits: dict[str, Any]
+    at: datetime
+
+
+def trait_change(event: CustomerEvent) -> TraitChange | None:
+    if event.type == EventType.IDENTIFY and event.traits:
+        return TraitChange(dict(event.traits), event.timestamp)
+    if event.type == EventType.GROUP and event.group_id:
+        # Group traits live under one `account` trait, so a person's traits are never overwritten by them.
+        return TraitChange({"account": {"id": event.group_id, **event.traits}}, event.timestamp)
+    return None
+
+
+def apply_traits(
+    traits: dict[str, Any], trait_times: dict[str, datetime], change: TraitChange
+) -> set[str]:
+    """Fold `change` into traits in place; returns the names whose value changed."""
+    changed: set[str] = set()
+    for name, value in change.traits.items():
+        last = trait_times.get(name)
+        if last is not None and last > change.at:
+            continue  # a later write already set it
+        if name == "account" and isinstance(value, dict) and isinstance(traits.get(name), dict):
+            current = traits[name]
+            if current.get("id") == value.get("id"):
+                value = {**current, **value}
+        if traits.get(name, _MISSING) != value or name not in traits:
+            traits[name] = value
+            changed.add(name)
+        trait_times[name] = change.at
+    return changed
+
+
+def merge_traits(
+    into: tuple[dict[str, Any], dict[str, datetime]], other: tuple[dict[str, Any], dict[str, datetime]]
+) -> tuple[dict[str, Any], dict[str, datetime], set[str]]:
+    """Traits of two profiles that are one customer: per trait, the more recently set value wins."""
+    traits, times = dict(into[0]), dict(into[1])
+    changed: set[str] = set()
+    for name, value in other[0].items():
+        at = other[1].get(name)
+        mine = times.get(name)
+        if name not in traits or (at is not None and (mine is None or at > mine)):
+            if traits.get(name, _MISSING) != value:
+                changed.add(name)
+            traits[name] = value
+            if at is not None:
+                times[name] = at
+    return traits, times, changed
+
+
+_MISSING = object()

@@ -1,0 +1,144 @@
+"""Re-evaluating segments for some customers inside a unit of work, and announcing what changed.
+
+Used by the event consumer (the segments an event can affect), the due-timer loop (a time-based
+condition may have flipped) and merges (every segment). Each actual enter/exit is written with a
+guarded upsert and announced through the outbox in the same transaction, with the event id
+`<customer>:<segment>:<transition number>`, so it is announced exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.segmenter.domain.catalog import Catalog, SegmentRule, compile_segment
+from services.segmenter.domain.evaluation import evaluate, next_change_at
+from services.segmenter.domain.profile import ProfileSnapshot
+from services.segmenter.domain.rules import InvalidRule
+from services.segmenter.store import profiles as profile_store
+from services.segmenter.store import segments as segment_store
+from shared.contracts.events import SegmentMembershipChanged
+from shared.contracts.topics import SEGMENT_MEMBERSHIP
+from shared.db.unit_of_work import UnitOfWork
+
+log = logging.getLogger(__name__)
+
+
+def membership_event_id(customer_id: str, segment_id: str, transition: int) -> str:
+    return f"{customer_id}:{segment_id}:{transition}"
+
+
+class SegmentCatalogCache:
+    """The segments' parsed rules, re-read each batch but re-parsed only when a version changes."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[tuple[str, int], SegmentRule] = {}
+        self._key: tuple[tuple[str, int], ...] = ()
+        self.catalog = Catalog()
+
+    async def refresh(self, session: AsyncSession) -> Catalog:
+        rows = await segment_store.segment_versions(session)
+        key = tuple(sorted((sid, version) for sid, version, _, _ in rows))
+        if key == self._key:
+            return self.catalog
+        parsed: dict[tuple[str, int], SegmentRule] = {}
+        for sid, version, name, definition in rows:
+            cached = self._parsed.get((sid, version))
+            if cached is None:
+                try:
+                    cached = compile_segment(sid, name, version, definition)
+                except InvalidRule:
+                    log.error("stored segment definition is invalid; skipped", extra={"segment_id": sid})
+                    continue
+            parsed[(sid, version)] = cached
+        self._parsed, self._key = parsed, key
+        self.catalog = Catalog.build(parsed.values())
+        return self.catalog
+
+
+async def fill_snapshots(
+    session: AsyncSession, catalog: Catalog, profiles: Mapping[str, ProfileSnapshot]
+) -> dict[str, dict[str, segment_store.MembershipState]]:
+    """Add what rules read besides the profile row: event aggregates, occurrences, memberships."""
+    ids = list(profiles)
+    counts = await profile_store.load_event_counts(session, ids, catalog.count_events)
+    occurrences = await profile_store.load_occurrences(session, ids, catalog.timeline_events)
+    states = await segment_store.load_memberships(session, ids)
+    for cid, p in profiles.items():
+        p.events = counts.get(cid, {})
+        p.timeline = occurrences.get(cid, {})
+        p.memberships = {sid for sid, st in states.get(cid, {}).items() if st.is_member}
+    return states
+
+
+async def reevaluate(
+    uow: UnitOfWork,
+    catalog: Catalog,
+    profiles: Mapping[str, ProfileSnapshot],
+    affected: Mapping[str, set[str]],
+    causes: Mapping[str, str],
+    now: datetime,
+) -> int:
+    """Evaluate `affected[customer]` segments for each customer; store, schedule and announce changes.
+    Returns the number of announced transitions."""
+    if not any(affected.values()):
+        return 0
+    session = uow.session
+    touched = {cid: p for cid, p in profiles.items() if affected.get(cid)}
+    await fill_snapshots(session, catalog, touched)
+    changes: list[segment_store.MembershipChange] = []
+    due: list[tuple[str, str, datetime]] = []
+    clear: list[tuple[str, str]] = []
+    names = {s.segment_id: s.name for s in catalog.segments}
+    for cid, p in touched.items():
+        todo = catalog.with_dependents(affected[cid])
+        for seg in catalog.segments:  # dependency order: member_of sees this pass's result
+            if seg.segment_id not in todo:
+                continue
+            hit = evaluate(seg.rule, p, now)
+            was = seg.segment_id in p.memberships
+            if hit != was:
+                changes.append(segment_store.MembershipChange(seg.segment_id, cid, hit, causes.get(cid, "unknown")))
+                (p.memberships.add if hit else p.memberships.discard)(seg.segment_id)
+            if seg.refs.time_dependent:
+                when = next_change_at(seg.rule, p, now)
+                if when is None:
+                    clear.append((cid, seg.segment_id))
+                else:
+                    due.append((cid, seg.segment_id, when))
+    await segment_store.set_timers(session, due, clear)
+    applied = await segment_store.apply_membership_changes(session, changes, now)
+    for sid, cid, is_member, transitions, cause in applied:
+        announce(uow, cid, sid, names.get(sid, sid), is_member, transitions, cause, now, profiles[cid].traits)
+    return len(applied)
+
+
+def announce(
+    uow: UnitOfWork,
+    customer_id: str,
+    segment_id: str,
+    segment_name: str,
+    is_member: bool,
+    transitions: int,
+    cause: str,
+    now: datetime,
+    traits: dict[str, Any],
+) -> None:
+    uow.emit(
+        SEGMENT_MEMBERSHIP.name,
+        customer_id,
+        SegmentMembershipChanged(
+            event_id=membership_event_id(customer_id, segment_id, transitions),
+            customer_id=customer_id,
+            segment_id=segment_id,
+            segment_name=segment_name,
+            change="entered" if is_member else "exited",
+            occurred_at=now,
+            cause=cause,
+            traits=traits,
+        ),
+    )

@@ -1,0 +1,36 @@
+"""What the segmenter's API, consumer and loops share: the platform, the clock, the segment catalogue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.segmenter.consumers.customer_events import CustomerEventsHandler
+from services.segmenter.reevaluation import SegmentCatalogCache
+from services.segmenter.schedules import Backfill, DueTimers
+from services.segmenter.settings import SegmenterSettings
+from shared.clock import Clock
+from shared.runtime import Platform
+
+
+@dataclass
+class Segmenter:
+    settings: SegmenterSettings
+    platform: Platform
+    clock: Clock
+    catalog: SegmentCatalogCache
+    events: CustomerEventsHandler
+    timers: DueTimers
+    backfill: Backfill
+
+    @classmethod
+    def build(cls, settings: SegmenterSettings, platform: Platform, clock: Clock) -> Segmenter:
+        catalog = SegmentCatalogCache()
+        return cls(
+            settings=settings,
+            platform=platform,
+            clock=clock,
+            catalog=catalog,
+            events=CustomerEventsHandler(platform, clock, catalog),
+            timers=DueTimers(platform, clock, catalog, settings),
+            backfill=Backfill(platform, clock, catalog, settings),
+        )

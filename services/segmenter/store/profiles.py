@@ -1,0 +1,401 @@
+"""Every SQL query on profiles: identities, merges, the profile rows, event aggregates and timeline.
+
+Batch-shaped: each function takes all customers of a Kafka batch and runs one set-based statement
+(unnest arrays), never a statement per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.segmenter.domain.identity import Identifier, Merge
+from services.segmenter.domain.profile import EventAggregate, Occurrence, ProfileSnapshot, merge_traits
+
+PROFILE_COLUMNS = (
+    "customer_id, traits, trait_times, first_seen, last_seen, event_count, orders_count, revenue, "
+    "first_order_at, last_order_at"
+)
+FIELD_NAMES = ("first_seen", "last_seen", "event_count", "orders_count", "revenue", "first_order_at", "last_order_at")
+
+
+def _snapshot(row: Any) -> ProfileSnapshot:
+    times = {k: datetime.fromisoformat(v) for k, v in (row.trait_times or {}).items()}
+    return ProfileSnapshot(
+        customer_id=row.customer_id,
+        traits=dict(row.traits or {}),
+        trait_times=times,
+        fields={name: getattr(row, name) for name in FIELD_NAMES},
+    )
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+# --------------------------------------------------------------------------- identities
+
+
+async def lookup_identities(session: AsyncSession, idents: Iterable[Identifier]) -> tuple[dict[Identifier, str], set[str]]:
+    """Which customer each known identifier belongs to, and which of those customers hold a userId."""
+    pairs = list(idents)
+    if not pairs:
+        return {}, set()
+    rows = await session.execute(
+        text(
+            "SELECT i.kind, i.value, i.customer_id, "
+            "EXISTS (SELECT 1 FROM identities u WHERE u.customer_id = i.customer_id AND u.kind = 'user') AS has_user "
+            "FROM identities i JOIN unnest(CAST(:kinds AS text[]), CAST(:vals AS text[])) AS q(kind, value) "
+            "ON i.kind = q.kind AND i.value = q.value"
+        ),
+        {"kinds": [k for k, _ in pairs], "vals": [v for _, v in pairs]},
+    )
+    known: dict[Identifier, str] = {}
+    with_user: set[str] = set()
+    for r in rows:
+        known[(r.kind, r.value)] = r.customer_id
+        if r.has_user:
+            with_user.add(r.customer_id)
+    return known, with_user
+
+
+async def existing_customer_ids(session: AsyncSession, ids: Iterable[str]) -> set[str]:
+    rows = await session.execute(
+        text("SELECT customer_id FROM customers WHERE customer_id = ANY(CAST(:ids AS text[]))"), {"ids": list(ids)}
+    )
+    return {r[0] for r in rows}
+
+
+async def insert_customers(session: AsyncSession, ids: Sequence[str], now: datetime) -> None:
+    if ids:
+        await session.execute(
+            text(
+                "INSERT INTO customers (customer_id, created_at, updated_at) "
+                "SELECT unnest(CAST(:ids AS text[])), :now, :now ON CONFLICT DO NOTHING"
+            ),
+            {"ids": list(ids), "now": now},
+        )
+
+
+async def insert_links(session: AsyncSession, links: Sequence[tuple[str, str, str]], now: datetime) -> None:
+    if links:
+        await session.execute(
+            text(
+                "INSERT INTO identities (kind, value, customer_id, linked_at) "
+                "SELECT k, v, c, :now FROM unnest(CAST(:k AS text[]), CAST(:v AS text[]), CAST(:c AS text[])) "
+                "AS u(k, v, c) ON CONFLICT (kind, value) DO UPDATE SET customer_id = excluded.customer_id"
+            ),
+            {"k": [x[0] for x in links], "v": [x[1] for x in links], "c": [x[2] for x in links], "now": now},
+        )
+
+
+async def identities_of(session: AsyncSession, customer_ids: Iterable[str]) -> dict[str, dict[str, list[str]]]:
+    rows = await session.execute(
+        text(
+            "SELECT customer_id, kind, value FROM identities WHERE customer_id = ANY(CAST(:ids AS text[])) "
+            "ORDER BY customer_id, kind, value"
+        ),
+        {"ids": list(customer_ids)},
+    )
+    out: dict[str, dict[str, list[str]]] = {}
+    for r in rows:
+        out.setdefault(r.customer_id, {}).setdefault(_IDENTITY_LABEL.get(r.kind, r.kind), []).append(r.value)
+    return out
+
+
+_IDENTITY_LABEL = {"user": "user_id", "anon": "anonymous_id", "merged": "merged_customer_id"}
+
+
+async def resolve_customer(session: AsyncSession, ref: str) -> str | None:
+    """A canonical id from a canonical id, userId, anonymousId, former (merged) id or email trait."""
+    row = await session.execute(
+        text(
+            "SELECT customer_id FROM customers WHERE customer_id = :r "
+            "UNION ALL (SELECT customer_id FROM identities WHERE value = :r ORDER BY kind DESC LIMIT 1) "
+            "UNION ALL (SELECT customer_id FROM customers WHERE traits ->> 'email' = :r LIMIT 1) LIMIT 1"
+        ),
+        {"r": ref},
+    )
+    found = row.first()
+    return str(found[0]) if found else None
+
+
+# --------------------------------------------------------------------------- merges
+
+
+@dataclass
+class MergeResult:
+    changed_traits: set[str]
+    # Memberships the merged-away profile held: each ends (announced as an exit of that id).
+    exited: list[tuple[str, int]]  # segment_id, transitions after the exit
+
+
+async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) -> MergeResult:
+    """Fold `from` into `into`: traits (most recent per trait wins), aggregates, timeline, identities,
+    merge history; `from`'s memberships and timers end (the survivor is re-evaluated by the caller)."""
+    rows = {
+        r.customer_id: r
+        for r in await session.execute(
+            text(f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id IN (:a, :b) ORDER BY customer_id FOR UPDATE"),
+            {"a": merge.from_id, "b": merge.into_id},
+        )
+    }
+    into, other = _snapshot(rows[merge.into_id]), _snapshot(rows[merge.from_id])
+    traits, times, changed = merge_traits((into.traits, into.trait_times), (other.traits, other.trait_times))
+    await session.execute(
+        text(
+            "UPDATE customers c SET traits = CAST(:traits AS jsonb), trait_times = CAST(:times AS jsonb), "
+            "first_seen = LEAST(c.first_seen, f.first_seen), last_seen = GREATEST(c.last_seen, f.last_seen), "
+            "event_count = c.event_count + f.event_count, orders_count = c.orders_count + f.orders_count, "
+            "revenue = c.revenue + f.revenue, first_order_at = LEAST(c.first_order_at, f.first_order_at), "
+            "last_order_at = GREATEST(c.last_order_at, f.last_order_at), updated_at = :now "
+            "FROM customers f WHERE c.customer_id = :into AND f.customer_id = :from"
+        ),
+        {
+            "traits": _json(traits),
+            "times": _json({k: v.isoformat() for k, v in times.items()}),
+            "into": merge.into_id,
+            "from": merge.from_id,
+            "now": now,
+        },
+    )
+    params = {"into": merge.into_id, "from": merge.from_id, "now": now}
+    await session.execute(
+        text(
+            "INSERT INTO event_counts (customer_id, event, count, first_at, last_at) "
+            "SELECT :into, event, count, first_at, last_at FROM event_counts WHERE customer_id = :from "
+            "ON CONFLICT (customer_id, event) DO UPDATE SET count = event_counts.count + excluded.count, "
+            "first_at = LEAST(event_counts.first_at, excluded.first_at), "
+            "last_at = GREATEST(event_counts.last_at, excluded.last_at)"
+        ),
+        params,
+    )
+    await session.execute(text("DELETE FROM event_counts WHERE customer_id = :from"), {"from": merge.from_id})
+    await session.execute(text("UPDATE events SET customer_id = :into WHERE customer_id = :from"), params)
+    await session.execute(text("UPDATE identities SET customer_id = :into WHERE customer_id = :from"), params)
+    await session.execute(
+        text(
+            "INSERT INTO identities (kind, value, customer_id, linked_at) VALUES ('merged', :from, :into, :now) "
+            "ON CONFLICT (kind, value) DO UPDATE SET customer_id = excluded.customer_id"
+        ),
+        params,
+    )
+    await session.execute(text("UPDATE merges SET canonical_id = :into WHERE canonical_id = :from"), params)
+    await session.execute(
+        text(
+            "INSERT INTO merges (canonical_id, into_id, from_id, message_id, event_type, identifiers, merged_at) "
+            "VALUES (:into, :into, :from, :mid, :etype, CAST(:idents AS jsonb), :now)"
+        ),
+        {
+            **params,
+            "mid": merge.message_id,
+            "etype": merge.event_type,
+            "idents": _json([{"kind": k, "value": v} for k, v in merge.identifiers]),
+        },
+    )
+    exited = [
+        (r.segment_id, r.transitions)
+        for r in await session.execute(
+            text(
+                "WITH gone AS (DELETE FROM memberships WHERE customer_id = :from RETURNING segment_id, is_member, "
+                "transitions) SELECT segment_id, transitions + 1 AS transitions FROM gone WHERE is_member"
+            ),
+            {"from": merge.from_id},
+        )
+    ]
+    await session.execute(text("DELETE FROM segment_timers WHERE customer_id = :from"), {"from": merge.from_id})
+    await session.execute(text("DELETE FROM customers WHERE customer_id = :from"), {"from": merge.from_id})
+    return MergeResult(changed, exited)
+
+
+async def merge_history(session: AsyncSession, customer_id: str) -> list[dict[str, Any]]:
+    rows = await session.execute(
+        text(
+            "SELECT into_id, from_id, message_id, event_type, identifiers, merged_at FROM merges "
+            "WHERE canonical_id = :c ORDER BY id"
+        ),
+        {"c": customer_id},
+    )
+    return [
+        {
+            "merged_id": r.from_id,
+            "into_id": r.into_id,
+            "cause": {"message_id": r.message_id, "event_type": r.event_type, "identifiers": r.identifiers},
+            "merged_at": r.merged_at,
+        }
+        for r in rows
+    ]
+
+
+# --------------------------------------------------------------------------- profile rows
+
+
+async def lock_profiles(session: AsyncSession, customer_ids: Iterable[str]) -> dict[str, ProfileSnapshot]:
+    """The profiles, locked for this transaction (in id order, so concurrent batches cannot deadlock)."""
+    rows = await session.execute(
+        text(
+            f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id = ANY(CAST(:ids AS text[])) "
+            "ORDER BY customer_id FOR UPDATE"
+        ),
+        {"ids": sorted(set(customer_ids))},
+    )
+    return {r.customer_id: _snapshot(r) for r in rows}
+
+
+async def read_profile(session: AsyncSession, customer_id: str) -> ProfileSnapshot | None:
+    row = (
+        await session.execute(
+            text(f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id = :c"), {"c": customer_id}
+        )
+    ).first()
+    return _snapshot(row) if row else None
+
+
+async def save_profiles(session: AsyncSession, profiles: Sequence[ProfileSnapshot], now: datetime) -> None:
+    if not profiles:
+        return
+    f = [p.fields for p in profiles]
+    await session.execute(
+        text(
+            "UPDATE customers c SET traits = u.traits, trait_times = u.trait_times, first_seen = u.first_seen, "
+            "last_seen = u.last_seen, event_count = u.event_count, orders_count = u.orders_count, "
+            "revenue = u.revenue, first_order_at = u.first_order_at, last_order_at = u.last_order_at, "
+            "updated_at = :now "
+            "FROM unnest(CAST(:ids AS text[]), CAST(:traits AS jsonb[]), CAST(:times AS jsonb[]), "
+            "CAST(:first_seen AS timestamptz[]), CAST(:last_seen AS timestamptz[]), CAST(:event_count AS bigint[]), "
+            "CAST(:orders AS int[]), CAST(:revenue AS float8[]), CAST(:first_order AS timestamptz[]), "
+            "CAST(:last_order AS timestamptz[])) AS u(customer_id, traits, trait_times, first_seen, last_seen, "
+            "event_count, orders_count, revenue, first_order_at, last_order_at) "
+            "WHERE c.customer_id = u.customer_id"
+        ),
+        {
+            "ids": [p.customer_id for p in profiles],
+            "traits": [_json(p.traits) for p in profiles],
+            "times": [_json({k: v.isoformat() for k, v in p.trait_times.items()}) for p in profiles],
+            "first_seen": [x["first_seen"] for x in f],
+            "last_seen": [x["last_seen"] for x in f],
+            "event_count": [x["event_count"] for x in f],
+            "orders": [x["orders_count"] for x in f],
+            "revenue": [float(x["revenue"]) for x in f],
+            "first_order": [x["first_order_at"] for x in f],
+            "last_order": [x["last_order_at"] for x in f],
+            "now": now,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- aggregates and timeline
+
+
+async def upsert_event_counts(
+    session: AsyncSession, rows: dict[tuple[str, str], EventAggregate]
+) -> None:
+    if not rows:
+        return
+    keys = list(rows)
+    await session.execute(
+        text(
+            "INSERT INTO event_counts (customer_id, event, count, first_at, last_at) "
+            "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:e AS text[]), CAST(:n AS bigint[]), "
+            "CAST(:f AS timestamptz[]), CAST(:l AS timestamptz[])) "
+            "ON CONFLICT (customer_id, event) DO UPDATE SET count = event_counts.count + excluded.count, "
+            "first_at = LEAST(event_counts.first_at, excluded.first_at), "
+            "last_at = GREATEST(event_counts.last_at, excluded.last_at)"
+        ),
+        {
+            "c": [k[0] for k in keys],
+            "e": [k[1] for k in keys],
+            "n": [rows[k].count for k in keys],
+            "f": [rows[k].first_at for k in keys],
+            "l": [rows[k].last_at for k in keys],
+        },
+    )
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    customer_id: str
+    message_id: str
+    type: str
+    event: str | None
+    properties: dict[str, Any]
+    traits: dict[str, Any]
+    timestamp: datetime
+    received_at: datetime
+
+
+async def insert_timeline(session: AsyncSession, rows: Sequence[TimelineRow]) -> None:
+    if not rows:
+        return
+    await session.execute(
+        text(
+            "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, received_at) "
+            "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:m AS text[]), CAST(:t AS text[]), CAST(:e AS text[]), "
+            "CAST(:p AS jsonb[]), CAST(:tr AS jsonb[]), CAST(:ts AS timestamptz[]), CAST(:r AS timestamptz[]))"
+        ),
+        {
+            "c": [r.customer_id for r in rows],
+            "m": [r.message_id for r in rows],
+            "t": [r.type for r in rows],
+            "e": [r.event for r in rows],
+            "p": [_json(r.properties) for r in rows],
+            "tr": [_json(r.traits) for r in rows],
+            "ts": [r.timestamp for r in rows],
+            "r": [r.received_at for r in rows],
+        },
+    )
+
+
+async def load_event_counts(
+    session: AsyncSession, customer_ids: Iterable[str], names: Iterable[str] | None
+) -> dict[str, dict[str, EventAggregate]]:
+    """Aggregates per customer, for the given event names (all names when None)."""
+    sql = "SELECT customer_id, event, count, first_at, last_at FROM event_counts WHERE customer_id = ANY(CAST(:ids AS text[]))"
+    params: dict[str, Any] = {"ids": list(customer_ids)}
+    if names is not None:
+        sql += " AND event = ANY(CAST(:names AS text[]))"
+        params["names"] = list(names)
+    out: dict[str, dict[str, EventAggregate]] = {}
+    for r in await session.execute(text(sql), params):
+        out.setdefault(r.customer_id, {})[r.event] = EventAggregate(r[2], r.first_at, r.last_at)
+    return out
+
+
+async def load_occurrences(
+    session: AsyncSession, customer_ids: Iterable[str], names: Iterable[str]
+) -> dict[str, dict[str, list[Occurrence]]]:
+    names = list(names)
+    if not names:
+        return {}
+    out: dict[str, dict[str, list[Occurrence]]] = {}
+    rows = await session.execute(
+        text(
+            "SELECT customer_id, event, timestamp, properties FROM events "
+            "WHERE customer_id = ANY(CAST(:ids AS text[])) AND event = ANY(CAST(:names AS text[]))"
+        ),
+        {"ids": list(customer_ids), "names": names},
+    )
+    for r in rows:
+        out.setdefault(r.customer_id, {}).setdefault(r.event, []).append(Occurrence(r.timestamp, r.properties))
+    return out
+
+
+async def timeline_page(
+    session: AsyncSession, customer_id: str, limit: int, before: tuple[datetime, int] | None
+) -> list[dict[str, Any]]:
+    sql = (
+        "SELECT seq, message_id, type, event, properties, traits, timestamp, received_at FROM events "
+        "WHERE customer_id = :c"
+    )
+    params: dict[str, Any] = {"c": customer_id, "n": limit}
+    if before is not None:
+        sql += " AND (timestamp, seq) < (:bt, :bs)"
+        params |= {"bt": before[0], "bs": before[1]}
+    sql += " ORDER BY timestamp DESC, seq DESC LIMIT :n"
+    return [dict(r._mapping) for r in await session.execute(text(sql), params)]

@@ -1,0 +1,316 @@
+"""Every SQL query on segments, memberships, due timers and back-fill."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.segmenter.domain.rules import Rule
+from services.segmenter.store.sql_rules import RuleSql
+
+SEGMENT_COLUMNS = (
+    "segment_id, name, description, definition, version, status, backfill_cursor, backfill_done, "
+    "backfill_total, backfill_started_at, backfill_finished_at, created_at, updated_at"
+)
+
+
+async def list_segments(session: AsyncSession) -> list[dict[str, Any]]:
+    rows = await session.execute(text(f"SELECT {SEGMENT_COLUMNS} FROM segments ORDER BY created_at, segment_id"))
+    return [dict(r._mapping) for r in rows]
+
+
+async def segment_versions(session: AsyncSession) -> list[tuple[str, int, str, Any]]:
+    """(id, version, name, definition) of every segment: the real-time catalogue's source."""
+    rows = await session.execute(text("SELECT segment_id, version, name, definition FROM segments"))
+    return [(r.segment_id, r.version, r.name, r.definition) for r in rows]
+
+
+async def get_segment(session: AsyncSession, segment_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+    sql = f"SELECT {SEGMENT_COLUMNS} FROM segments WHERE segment_id = :s" + (" FOR UPDATE" if lock else "")
+    row = (await session.execute(text(sql), {"s": segment_id})).first()
+    return dict(row._mapping) if row else None
+
+
+async def insert_segment(
+    session: AsyncSession, segment_id: str, name: str, description: str, definition: Any, now: datetime
+) -> None:
+    await session.execute(
+        text(
+            "INSERT INTO segments (segment_id, name, description, definition, version, status, backfill_total, "
+            "backfill_started_at, created_at, updated_at) "
+            "VALUES (:s, :n, :d, CAST(:def AS jsonb), 1, 'backfilling', (SELECT count(*) FROM customers), :now, :now, :now)"
+        ),
+        {"s": segment_id, "n": name, "d": description, "def": orjson.dumps(definition).decode(), "now": now},
+    )
+
+
+async def update_segment(
+    session: AsyncSession, segment_id: str, name: str, description: str, definition: Any, now: datetime
+) -> None:
+    """A new version: back-fill starts over (memberships stay as they are until it passes them)."""
+    await session.execute(
+        text(
+            "UPDATE segments SET name = :n, description = :d, definition = CAST(:def AS jsonb), "
+            "version = version + 1, status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
+            "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
+            "backfill_finished_at = NULL, updated_at = :now WHERE segment_id = :s"
+        ),
+        {"s": segment_id, "n": name, "d": description, "def": orjson.dumps(definition).decode(), "now": now},
+    )
+
+
+async def restart_backfill(session: AsyncSession, segment_ids: Iterable[str], now: datetime) -> None:
+    await session.execute(
+        text(
+            "UPDATE segments SET status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
+            "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
+            "backfill_finished_at = NULL WHERE segment_id = ANY(CAST(:ids AS text[]))"
+        ),
+        {"ids": list(segment_ids), "now": now},
+    )
+
+
+async def delete_segment(session: AsyncSession, segment_id: str) -> bool:
+    await session.execute(text("DELETE FROM memberships WHERE segment_id = :s"), {"s": segment_id})
+    await session.execute(text("DELETE FROM segment_timers WHERE segment_id = :s"), {"s": segment_id})
+    result = await session.execute(text("DELETE FROM segments WHERE segment_id = :s RETURNING 1"), {"s": segment_id})
+    return result.first() is not None
+
+
+# --------------------------------------------------------------------------- memberships
+
+
+@dataclass(frozen=True)
+class MembershipState:
+    is_member: bool
+    transitions: int
+
+
+async def load_memberships(
+    session: AsyncSession, customer_ids: Iterable[str]
+) -> dict[str, dict[str, MembershipState]]:
+    rows = await session.execute(
+        text(
+            "SELECT customer_id, segment_id, is_member, transitions FROM memberships "
+            "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+        ),
+        {"ids": list(customer_ids)},
+    )
+    out: dict[str, dict[str, MembershipState]] = {}
+    for r in rows:
+        out.setdefault(r.customer_id, {})[r.segment_id] = MembershipState(r.is_member, r.transitions)
+    return out
+
+
+@dataclass(frozen=True)
+class MembershipChange:
+    segment_id: str
+    customer_id: str
+    is_member: bool
+    cause: str
+
+
+async def apply_membership_changes(
+    session: AsyncSession, changes: Sequence[MembershipChange], now: datetime
+) -> list[tuple[str, str, bool, int, str]]:
+    """Write the changes; returns those that really changed the stored state (segment, customer,
+    is_member, transitions, cause). The guard in `WHERE` makes a concurrent writer (back-fill vs
+    real time) that already made the same change a no-op, so each transition is announced once."""
+    if not changes:
+        return []
+    rows = await session.execute(
+        text(
+            "INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, cause) "
+            "SELECT s, c, m, 1, :now, k FROM unnest(CAST(:s AS text[]), CAST(:c AS text[]), CAST(:m AS boolean[]), "
+            "CAST(:k AS text[])) AS u(s, c, m, k) "
+            "ON CONFLICT (segment_id, customer_id) DO UPDATE SET is_member = excluded.is_member, "
+            "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = excluded.cause "
+            "WHERE memberships.is_member IS DISTINCT FROM excluded.is_member "
+            "RETURNING segment_id, customer_id, is_member, transitions, cause"
+        ),
+        {
+            "s": [x.segment_id for x in changes],
+            "c": [x.customer_id for x in changes],
+            "m": [x.is_member for x in changes],
+            "k": [x.cause for x in changes],
+            "now": now,
+        },
+    )
+    return [(r.segment_id, r.customer_id, r.is_member, r.transitions, r.cause) for r in rows]
+
+
+async def members_page(session: AsyncSession, segment_id: str, after: str | None, limit: int) -> list[str]:
+    rows = await session.execute(
+        text(
+            "SELECT customer_id FROM memberships WHERE segment_id = :s AND is_member "
+            "AND (CAST(:after AS text) IS NULL OR customer_id > :after) ORDER BY customer_id LIMIT :n"
+        ),
+        {"s": segment_id, "after": after, "n": limit},
+    )
+    return [r[0] for r in rows]
+
+
+async def member_count(session: AsyncSession, segment_id: str) -> int:
+    return int(
+        await session.scalar(
+            text("SELECT count(*) FROM memberships WHERE segment_id = :s AND is_member"), {"s": segment_id}
+        )
+        or 0
+    )
+
+
+async def segments_of(session: AsyncSession, customer_id: str) -> list[dict[str, Any]]:
+    rows = await session.execute(
+        text(
+            "SELECT m.segment_id, s.name, m.changed_at AS since, m.cause FROM memberships m "
+            "JOIN segments s USING (segment_id) WHERE m.customer_id = :c AND m.is_member ORDER BY s.name"
+        ),
+        {"c": customer_id},
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+# --------------------------------------------------------------------------- due timers
+
+
+async def set_timers(
+    session: AsyncSession, due: Sequence[tuple[str, str, datetime]], clear: Sequence[tuple[str, str]]
+) -> None:
+    if due:
+        await session.execute(
+            text(
+                "INSERT INTO segment_timers (customer_id, segment_id, due_at) "
+                "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:s AS text[]), CAST(:d AS timestamptz[])) "
+                "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at"
+            ),
+            {"c": [x[0] for x in due], "s": [x[1] for x in due], "d": [x[2] for x in due]},
+        )
+    if clear:
+        await session.execute(
+            text(
+                "DELETE FROM segment_timers t USING unnest(CAST(:c AS text[]), CAST(:s AS text[])) AS u(c, s) "
+                "WHERE t.customer_id = u.c AND t.segment_id = u.s"
+            ),
+            {"c": [x[0] for x in clear], "s": [x[1] for x in clear]},
+        )
+
+
+async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> list[tuple[str, str]]:
+    """Due timers, taken for this transaction (another replica skips them, not waits)."""
+    rows = await session.execute(
+        text(
+            "DELETE FROM segment_timers t USING (SELECT customer_id, segment_id FROM segment_timers "
+            "WHERE due_at <= :now ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED) d "
+            "WHERE t.customer_id = d.customer_id AND t.segment_id = d.segment_id "
+            "RETURNING t.customer_id, t.segment_id"
+        ),
+        {"now": now, "n": limit},
+    )
+    return [(r.customer_id, r.segment_id) for r in rows]
+
+
+# --------------------------------------------------------------------------- back-fill and preview
+
+
+async def claim_backfill(session: AsyncSession) -> dict[str, Any] | None:
+    """One segment waiting for back-fill, locked for this chunk's transaction."""
+    row = (
+        await session.execute(
+            text(
+                f"SELECT {SEGMENT_COLUMNS} FROM segments WHERE status = 'backfilling' "
+                "ORDER BY updated_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+            )
+        )
+    ).first()
+    return dict(row._mapping) if row else None
+
+
+async def chunk_upper_bound(session: AsyncSession, after: str | None, size: int) -> str | None:
+    """The last customer id of the next chunk (keyset paging over the primary key)."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT max(customer_id) FROM (SELECT customer_id FROM customers "
+                "WHERE CAST(:after AS text) IS NULL OR customer_id > :after ORDER BY customer_id LIMIT :n) x"
+            ),
+            {"after": after, "n": size},
+        )
+    ).first()
+    return row[0] if row and row[0] is not None else None
+
+
+async def backfill_chunk(
+    session: AsyncSession, segment_id: str, rule: Rule, after: str | None, upto: str, now: datetime
+) -> tuple[int, list[tuple[str, bool, int, dict[str, Any]]]]:
+    """Evaluate the rule for customers in (after, upto] in one statement: store each one's next due
+    moment, write the memberships that differ, return (customers seen, changes with traits)."""
+    sql = RuleSql(now)
+    predicate, due = sql.predicate(rule), sql.next_change(rule)
+    params = {**sql.params, "seg": segment_id, "after": after, "upto": upto, "cause": "backfill"}
+    evaluated = (
+        "WITH chunk AS (SELECT c.customer_id, c.traits, " + predicate + " AS hit, " + due + " AS due "
+        "FROM customers c WHERE (CAST(:after AS text) IS NULL OR c.customer_id > :after) AND c.customer_id <= :upto), "
+        "cleared AS (DELETE FROM segment_timers t USING chunk WHERE t.segment_id = :seg "
+        "AND t.customer_id = chunk.customer_id AND chunk.due IS NULL), "
+        "timed AS (INSERT INTO segment_timers (customer_id, segment_id, due_at) "
+        "SELECT customer_id, :seg, due FROM chunk WHERE due IS NOT NULL "
+        "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at), "
+        "changed AS (INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, cause) "
+        "SELECT :seg, ch.customer_id, ch.hit, 1, :now, :cause FROM chunk ch "
+        "LEFT JOIN memberships ms ON ms.segment_id = :seg AND ms.customer_id = ch.customer_id "
+        "WHERE ch.hit <> coalesce(ms.is_member, false) "
+        "ON CONFLICT (segment_id, customer_id) DO UPDATE SET is_member = excluded.is_member, "
+        "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = excluded.cause "
+        "WHERE memberships.is_member IS DISTINCT FROM excluded.is_member "
+        "RETURNING customer_id, is_member, transitions) "
+        "SELECT ch.customer_id, ch.is_member, ch.transitions, k.traits, (SELECT count(*) FROM chunk) AS seen "
+        "FROM changed ch JOIN chunk k USING (customer_id) "
+        "UNION ALL SELECT NULL, NULL, NULL, NULL, (SELECT count(*) FROM chunk)"
+    )
+    rows = list(await session.execute(text(evaluated), params))
+    seen = int(rows[0].seen) if rows else 0
+    return seen, [(r.customer_id, r.is_member, r.transitions, r.traits) for r in rows if r.customer_id is not None]
+
+
+async def advance_backfill(
+    session: AsyncSession, segment_id: str, cursor: str | None, seen: int, finished: bool, now: datetime
+) -> None:
+    await session.execute(
+        text(
+            "UPDATE segments SET backfill_cursor = :cur, backfill_done = backfill_done + :seen, "
+            "status = CASE WHEN :fin THEN 'ready' ELSE status END, "
+            "backfill_total = CASE WHEN :fin THEN backfill_done + :seen ELSE GREATEST(backfill_total, backfill_done + :seen) END, "
+            "backfill_finished_at = CASE WHEN :fin THEN CAST(:now AS timestamptz) ELSE NULL END WHERE segment_id = :s"
+        ),
+        {"cur": cursor, "seen": seen, "fin": finished, "now": now, "s": segment_id},
+    )
+
+
+async def preview(session: AsyncSession, rule: Rule, now: datetime, sample: int) -> tuple[int, list[str]]:
+    sql = RuleSql(now)
+    predicate = sql.predicate(rule)
+    count = await session.scalar(text(f"SELECT count(*) FROM customers c WHERE {predicate}"), sql.params)
+    rows = await session.execute(
+        text(f"SELECT c.customer_id FROM customers c WHERE {predicate} ORDER BY c.customer_id LIMIT :sample"),
+        {**sql.params, "sample": sample},
+    )
+    return int(count or 0), [r[0] for r in rows]
+
+
+async def matching_ids(session: AsyncSession, rule: Rule, now: datetime) -> set[str]:
+    """Every customer the compiled rule selects (tests compare it with the Python evaluator)."""
+    sql = RuleSql(now)
+    rows = await session.execute(text(f"SELECT c.customer_id FROM customers c WHERE {sql.predicate(rule)}"), sql.params)
+    return {r[0] for r in rows}
+
+
+async def due_moments(session: AsyncSession, rule: Rule, now: datetime) -> dict[str, datetime | None]:
+    sql = RuleSql(now)
+    rows = await session.execute(text(f"SELECT c.customer_id, {sql.next_change(rule)} AS due FROM customers c"), sql.params)
+    return {r.customer_id: r.due for r in rows}

@@ -1,0 +1,86 @@
+"""Identity resolution end to end: anonymous then identified, alias of two known ids, lookups."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from shared.contracts.topics import PROFILES
+from tests.segmenter.conftest import START, Harness, make_event
+from tests.support import read_topic
+
+
+async def test_anonymous_browsing_then_identify_is_one_profile(harness: Harness) -> None:
+    await harness.send(
+        make_event("m1", "page", anonymous_id="anon-1", name="Home"),
+        make_event("m2", "track", anonymous_id="anon-1", event="Product Viewed", properties={"sku": "A"}),
+    )
+    await harness.processed(2)
+    await harness.send(
+        make_event("m3", "identify", user_id="u1", anonymous_id="anon-1", traits={"email": "a@example.com"},
+                   timestamp=START + timedelta(minutes=5)),
+        make_event("m4", "track", user_id="u1", event="Order Completed", properties={"revenue": 42.5},
+                   timestamp=START + timedelta(minutes=6)),
+    )
+    await harness.processed(4)
+    by_user = await harness.customer("u1")
+    by_anon = await harness.customer("anon-1")
+    by_email = await harness.customer("a@example.com")
+    assert by_user["customer_id"] == by_anon["customer_id"] == by_email["customer_id"] == "anon-1"
+    assert by_user["identities"] == {"anonymous_id": ["anon-1"], "user_id": ["u1"]}
+    assert by_user["traits"] == {"email": "a@example.com"}
+    assert by_user["aggregates"]["event_count"] == 4
+    assert by_user["aggregates"]["events"]["Product Viewed"]["count"] == 1
+    assert by_user["commerce"]["orders_count"] == 1 and by_user["commerce"]["revenue"] == 42.5
+    timeline = (await harness.client.get("/v1/customers/u1/events?limit=3", headers={"Authorization": "Bearer test-admin-token"})).json()
+    assert [e["message_id"] for e in timeline["events"]] == ["m4", "m3", "m2"]
+    rest = await harness.client.get(
+        f"/v1/customers/u1/events?limit=3&before={timeline['next_before']}",
+        headers={"Authorization": "Bearer test-admin-token"},
+    )
+    assert [e["message_id"] for e in rest.json()["events"]] == ["m1"]
+
+
+async def test_second_device_then_login_merges_into_the_known_profile(harness: Harness) -> None:
+    await harness.send(make_event("m1", "identify", user_id="u1", anonymous_id="a1", traits={"plan": "pro"}))
+    await harness.processed(1)
+    await harness.send(make_event("m2", "track", anonymous_id="a2", event="Signed In",
+                                  timestamp=START + timedelta(minutes=1)))
+    await harness.processed(2)
+    assert (await harness.customer("a2"))["customer_id"] == "a2"  # a separate anonymous profile so far
+    await harness.send(make_event("m3", "identify", user_id="u1", anonymous_id="a2", traits={"name": "Ann"},
+                                  timestamp=START + timedelta(minutes=2)))
+    await harness.processed(3)
+    p = await harness.customer("a2")
+    assert p["customer_id"] == "u1"
+    assert p["traits"] == {"plan": "pro", "name": "Ann"}
+    assert p["aggregates"]["events"]["Signed In"]["count"] == 1
+    assert p["merges"][0]["merged_id"] == "a2"
+    assert p["merges"][0]["cause"]["message_id"] == "m3"
+    await harness.relay()
+    profiles = await read_topic(harness.settings.topic(PROFILES.name), until=lambda ms: any(
+        m["value"]["kind"] == "identity_merged" for m in ms), timeout=8)
+    merged = next(m["value"] for m in profiles if m["value"]["kind"] == "identity_merged")
+    assert merged["customer_id"] == "u1" and merged["merged_ids"] == ["a2"]
+    assert merged["traits"] == {"plan": "pro", "name": "Ann"}
+    assert merged["identities"]["anonymous_id"] == ["a1", "a2"]
+
+
+async def test_alias_merges_two_known_users_and_later_events_land_on_the_survivor(harness: Harness) -> None:
+    await harness.send(
+        make_event("m1", "identify", user_id="old-id", traits={"plan": "free", "city": "Oslo"}),
+        make_event("m2", "identify", user_id="new-id", traits={"plan": "pro"}, timestamp=START + timedelta(seconds=1)),
+    )
+    await harness.processed(2)
+    # Two known users are not merged by a shared anonymous id, only by an alias.
+    await harness.send(make_event("m3", "alias", user_id="new-id", previous_id="old-id",
+                                  timestamp=START + timedelta(seconds=2)))
+    await harness.send(make_event("m4", "track", user_id="old-id", event="Clicked",
+                                  timestamp=START + timedelta(seconds=3)))
+    await harness.processed(4)
+    p = await harness.customer("old-id")
+    assert p["customer_id"] == "new-id"
+    assert p["traits"] == {"plan": "pro", "city": "Oslo"}
+    assert p["aggregates"]["events"]["Clicked"]["count"] == 1
+    assert p["identities"]["user_id"] == ["new-id", "old-id"]
+    assert p["merges"][0]["cause"]["event_type"] == "alias"
+    assert {"kind": "user", "value": "old-id"} in p["merges"][0]["cause"]["identifiers"]

@@ -43,25 +43,33 @@ class Harness:
 
     async def profile(self, customer_id: str, traits: dict[str, Any]) -> None:
         change = ProfileChanged(
-            event_id=f"p-{customer_id}-{len(traits)}-{datetime.now(UTC).timestamp()}", customer_id=customer_id,
-            kind="traits_changed", occurred_at=datetime.now(UTC), traits=traits,
+            event_id=f"p-{customer_id}-{len(traits)}-{datetime.now(UTC).timestamp()}",
+            customer_id=customer_id,
+            kind="traits_changed",
+            occurred_at=datetime.now(UTC),
+            traits=traits,
         )
         await self.platform.producer.publish(PROFILES.name, customer_id, change)
 
     async def statuses(
-        self, until: Callable[[list[dict[str, Any]]], bool] | None = None, *, idle: float | None = None,
+        self,
+        until: Callable[[list[dict[str, Any]]], bool] | None = None,
+        *,
+        idle: float | None = None,
         timeout: float = 15,
     ) -> list[dict[str, Any]]:
         got = await read_topic(
             self.settings.topic(MESSAGE_STATUS.name),
             until=(lambda msgs: until([m["value"] for m in msgs])) if until else None,
-            idle=idle, timeout=timeout,
+            idle=idle,
+            timeout=timeout,
         )
         return [m["value"] for m in got]
 
     async def wait_status(self, message_id: str, status: str, timeout: float = 15) -> list[dict[str, Any]]:
         found = await self.statuses(
-            lambda vs: any(v["message_id"] == message_id and v["status"] == status for v in vs), timeout=timeout
+            lambda vs: any(v["message_id"] == message_id and v["status"] == status for v in vs),
+            timeout=timeout,
         )
         mine = [v for v in found if v["message_id"] == message_id]
         assert any(v["status"] == status for v in mine), f"no {status} for {message_id}: {mine}"
@@ -80,10 +88,18 @@ class Harness:
         assert response.status_code == 200, response.text
 
 
-def request(message_id: str, customer_id: str, channel: str, template_id: str, **fields: Any) -> MessageRequested:
+def request(
+    message_id: str, customer_id: str, channel: str, template_id: str, **fields: Any
+) -> MessageRequested:
     values: dict[str, Any] = {
-        "message_id": message_id, "customer_id": customer_id, "channel": channel, "template_id": template_id,
-        "requested_at": datetime.now(UTC), "journey_id": "j-welcome", "node_id": "n-email", "journey_version": 1,
+        "message_id": message_id,
+        "customer_id": customer_id,
+        "channel": channel,
+        "template_id": template_id,
+        "requested_at": datetime.now(UTC),
+        "journey_id": "j-welcome",
+        "node_id": "n-email",
+        "journey_version": 1,
         "instance_id": f"i-{customer_id}",
     }
     values.update(fields)
@@ -109,11 +125,15 @@ async def start_notifier(make_settings) -> AsyncIterator[Callable[..., Any]]:  #
             "fcm_base_url": fcm.url,
             "webhook_allow_list": ["127.0.0.1"],
             "providers": {
-                "fcm_backup": ProviderConfig(kind="fcm", base_url=fcm_backup.url, project_id="clm-dev",
-                                             bearer_token="backup-token"),
+                "fcm_backup": ProviderConfig(
+                    kind="fcm", base_url=fcm_backup.url, project_id="clm-dev", bearer_token="backup-token"
+                ),
             },
             "channel_providers": {
-                "email": ["smtp"], "sms": ["twilio"], "push": ["fcm", "fcm_backup"], "webhook": ["webhook"],
+                "email": ["smtp"],
+                "sms": ["twilio"],
+                "push": ["fcm", "fcm_backup"],
+                "webhook": ["webhook"],
                 "in_app": ["in_app"],
             },
             "retry_base_s": 60.0,
@@ -127,7 +147,9 @@ async def start_notifier(make_settings) -> AsyncIterator[Callable[..., Any]]:  #
         app = create_app(settings, clock=clock)
         try:
             async with running(app) as client:
-                yield Harness(client, settings, app.state.platform, sink, twilio, fcm, fcm_backup, webhook, app)
+                yield Harness(
+                    client, settings, app.state.platform, sink, twilio, fcm, fcm_backup, webhook, app
+                )
         finally:
             for server in (twilio, fcm, fcm_backup, webhook):
                 await server.stop()

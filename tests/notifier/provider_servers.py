@@ -84,7 +84,11 @@ class ProviderServer:
                     self.requests.append(request)
                 self.served += 1
                 status, payload, extra = self.scripted.pop(0) if self.scripted else self.default(request)
-                out = [f"HTTP/1.1 {status} X", f"Content-Length: {len(payload)}", "Content-Type: application/json"]
+                out = [
+                    f"HTTP/1.1 {status} X",
+                    f"Content-Length: {len(payload)}",
+                    "Content-Type: application/json",
+                ]
                 out += [f"{k}: {v}" for k, v in extra.items()]
                 writer.write(("\r\n".join(out) + "\r\n\r\n").encode() + payload)
                 await writer.drain()

@@ -20,16 +20,18 @@ WELCOME = {
     "variants": {
         "en": {
             "subject": "Welcome, {{ traits.first_name }}!",
-            "html": "<html><body><p>Hi {{ traits.first_name }}, your plan is {{ traits.plan | default: 'free' }}."
-            "</p><a href=\"https://shop.example.com/start?x=1&amp;y=2\">Start</a>"
-            "<a href=\"{{ unsubscribe_url }}\">Unsubscribe</a></body></html>",
+            "html": "<html><body><p>Hi {{ traits.first_name }}, "
+            "your plan is {{ traits.plan | default: 'free' }}."
+            '</p><a href="https://shop.example.com/start?x=1&amp;y=2">Start</a>'
+            '<a href="{{ unsubscribe_url }}">Unsubscribe</a></body></html>',
             "text": "Hi {{ traits.first_name }}, total {{ event.properties.total | money: 'USD' }}.",
         },
         "fr": {
             "subject": "Bienvenue, {{ traits.first_name }} !",
             "html": "<html><body><p>Bonjour {{ traits.first_name }}</p>"
-            "<a href=\"https://shop.example.com/fr\">Commencer</a></body></html>",
-            "text": "Bonjour {{ traits.first_name }}, total {{ event.properties.total | money: 'EUR', 'fr' }}.",
+            '<a href="https://shop.example.com/fr">Commencer</a></body></html>',
+            "text": "Bonjour {{ traits.first_name }}, "
+            "total {{ event.properties.total | money: 'EUR', 'fr' }}.",
         },
     },
 }
@@ -55,7 +57,11 @@ async def test_request_becomes_one_personalized_email_even_when_redelivered(star
         statuses = await h.wait_status("m-email-1", "delivered")
         assert [s["status"] for s in statuses] == ["queued", "sent", "delivered"]
         delivered = statuses[-1]
-        assert (delivered["journey_id"], delivered["node_id"], delivered["customer_id"]) == ("j-welcome", "n-email", "c1")
+        assert (delivered["journey_id"], delivered["node_id"], delivered["customer_id"]) == (
+            "j-welcome",
+            "n-email",
+            "c1",
+        )
 
         assert len(h.sink.messages) == 1
         mail = h.sink.messages[0].message
@@ -80,8 +86,12 @@ async def test_request_becomes_one_personalized_email_even_when_redelivered(star
 async def test_one_click_unsubscribe_then_marketing_is_suppressed(start_notifier) -> None:  # type: ignore[no-untyped-def]
     async with start_notifier() as h:
         await setup(h)
-        req = email_request("m-unsub-1", "c2", recipient={"email": "bob@example.com"},
-                            data={"traits": {"first_name": "Bob"}, "event": {"properties": {"total": 5}}})
+        req = email_request(
+            "m-unsub-1",
+            "c2",
+            recipient={"email": "bob@example.com"},
+            data={"traits": {"first_name": "Bob"}, "event": {"properties": {"total": 5}}},
+        )
         await h.publish(req)
         await h.wait_status("m-unsub-1", "delivered")
         mail = h.sink.messages[0].message
@@ -103,13 +113,26 @@ async def test_one_click_unsubscribe_then_marketing_is_suppressed(start_notifier
         tampered = await h.client.post(urlsplit(unsubscribe).path[:-3] + "abc")
         assert tampered.status_code == 400
 
-        await h.publish(email_request("m-unsub-2", "c2", recipient={"email": "bob@example.com"},
-                                      data={"traits": {"first_name": "Bob"}}))
+        await h.publish(
+            email_request(
+                "m-unsub-2",
+                "c2",
+                recipient={"email": "bob@example.com"},
+                data={"traits": {"first_name": "Bob"}},
+            )
+        )
         statuses = await h.wait_status("m-unsub-2", "suppressed")
         assert "unsubscribed from 'newsletter'" in statuses[-1]["reason"]
         # A transactional message still goes out.
-        await h.publish(email_request("m-unsub-3", "c2", category="transactional", recipient={"email": "bob@example.com"},
-                                      data={"traits": {"first_name": "Bob"}, "event": {"properties": {"total": 1}}}))
+        await h.publish(
+            email_request(
+                "m-unsub-3",
+                "c2",
+                category="transactional",
+                recipient={"email": "bob@example.com"},
+                data={"traits": {"first_name": "Bob"}, "event": {"properties": {"total": 1}}},
+            )
+        )
         await h.wait_status("m-unsub-3", "delivered")
         assert len(h.sink.messages) == 2
         assert h.sink.messages[1].message["List-Unsubscribe"] is None  # transactional: no unsubscribe header
@@ -118,8 +141,14 @@ async def test_one_click_unsubscribe_then_marketing_is_suppressed(start_notifier
 async def test_open_pixel_and_click_redirect_emit_statuses(start_notifier) -> None:  # type: ignore[no-untyped-def]
     async with start_notifier() as h:
         await setup(h)
-        await h.publish(email_request("m-track-1", "c3", recipient={"email": "cy@example.com"},
-                                      data={"traits": {"first_name": "Cy"}, "event": {"properties": {"total": 2}}}))
+        await h.publish(
+            email_request(
+                "m-track-1",
+                "c3",
+                recipient={"email": "cy@example.com"},
+                data={"traits": {"first_name": "Cy"}, "event": {"properties": {"total": 2}}},
+            )
+        )
         await h.wait_status("m-track-1", "delivered")
         html = h.sink.messages[0].message.get_body(preferencelist=("html",)).get_content()
         pixel = re.search(r'<img src="(http://testserver/t/o/[^"]+)"', html)

@@ -13,12 +13,29 @@ from tests.notifier.conftest import ADMIN, Harness, request
 from tests.notifier.provider_servers import error
 from tests.support import eventually, read_topic
 
-SMS = {"id": "sms-hello", "name": "SMS", "channel": "sms", "default_locale": "en",
-       "variants": {"en": {"body": "Hi {{ traits.first_name | default: 'there' }}, code {{ event.code }}"}}}
-PUSH = {"id": "push-hello", "name": "Push", "channel": "push", "default_locale": "en",
-        "variants": {"en": {"title": "Hello {{ traits.first_name }}", "body": "Your order shipped"}}}
-HOOK = {"id": "hook", "name": "Hook", "channel": "webhook", "default_locale": "en",
-        "variants": {"en": {"payload": '{"customer": {{ customer.id | json }}, "plan": {{ traits.plan | json }}}'}}}
+SMS = {
+    "id": "sms-hello",
+    "name": "SMS",
+    "channel": "sms",
+    "default_locale": "en",
+    "variants": {"en": {"body": "Hi {{ traits.first_name | default: 'there' }}, code {{ event.code }}"}},
+}
+PUSH = {
+    "id": "push-hello",
+    "name": "Push",
+    "channel": "push",
+    "default_locale": "en",
+    "variants": {"en": {"title": "Hello {{ traits.first_name }}", "body": "Your order shipped"}},
+}
+HOOK = {
+    "id": "hook",
+    "name": "Hook",
+    "channel": "webhook",
+    "default_locale": "en",
+    "variants": {
+        "en": {"payload": '{"customer": {{ customer.id | json }}, "plan": {{ traits.plan | json }}}'}
+    },
+}
 
 
 async def ledger(h: Harness, message_id: str) -> dict[str, object]:
@@ -32,8 +49,17 @@ async def test_provider_500_then_200_delivers_once_after_a_scheduled_retry(start
     async with start_notifier(clock=clock) as h:
         await h.create_template(SMS)
         h.twilio.fail_next(error(500, "upstream"))
-        await h.publish(request("m-sms-1", "c1", "sms", "sms-hello", category="transactional",
-                                recipient={"phone": "+15551230001"}, data={"event": {"code": "4711"}}))
+        await h.publish(
+            request(
+                "m-sms-1",
+                "c1",
+                "sms",
+                "sms-hello",
+                category="transactional",
+                recipient={"phone": "+15551230001"},
+                data={"event": {"code": "4711"}},
+            )
+        )
         # First attempt fails; the retry waits in the ledger (backoff up to 60 s), not in the partition.
         state = await eventually(lambda: _state_is(h, "m-sms-1", "pending", attempts=1))
         assert state["next_attempt_at"] is not None
@@ -45,8 +71,11 @@ async def test_provider_500_then_200_delivers_once_after_a_scheduled_retry(start
         assert len(h.twilio.requests) == 2
         sent = h.twilio.requests[-1]
         assert sent.path == f"/2010-04-01/Accounts/{h.settings.twilio_account_sid}/Messages.json"
-        assert sent.form() == {"To": "+15551230001", "From": h.settings.twilio_from_number,
-                               "Body": "Hi there, code 4711"}
+        assert sent.form() == {
+            "To": "+15551230001",
+            "From": h.settings.twilio_from_number,
+            "Body": "Hi there, code 4711",
+        }
         assert sent.headers["authorization"].startswith("Basic ")
         assert sent.headers["i-twilio-idempotency-token"] == "m-sms-1"
         assert (await ledger(h, "m-sms-1"))["attempts"] == 2
@@ -56,8 +85,17 @@ async def test_provider_400_fails_without_retry(start_notifier) -> None:  # type
     async with start_notifier() as h:
         await h.create_template(SMS)
         h.twilio.fail_next(error(400, "The 'To' number is not a valid phone number."))
-        await h.publish(request("m-sms-400", "c1", "sms", "sms-hello", category="transactional",
-                                recipient={"phone": "+1555"}, data={"event": {"code": "1"}}))
+        await h.publish(
+            request(
+                "m-sms-400",
+                "c1",
+                "sms",
+                "sms-hello",
+                category="transactional",
+                recipient={"phone": "+1555"},
+                data={"event": {"code": "1"}},
+            )
+        )
         statuses = await h.wait_status("m-sms-400", "failed")
         assert "HTTP 400" in statuses[-1]["reason"] and "not a valid phone number" in statuses[-1]["reason"]
         await h.statuses(idle=1.0, timeout=3)
@@ -70,8 +108,17 @@ async def test_exhausted_retries_go_to_the_dead_letter_topic(start_notifier) -> 
     async with start_notifier(clock=clock, send_max_attempts=2) as h:
         await h.create_template(SMS)
         h.twilio.fail_next(error(503), error(429))
-        await h.publish(request("m-sms-dlq", "c1", "sms", "sms-hello", category="transactional",
-                                recipient={"phone": "+15551230002"}, data={"event": {"code": "2"}}))
+        await h.publish(
+            request(
+                "m-sms-dlq",
+                "c1",
+                "sms",
+                "sms-hello",
+                category="transactional",
+                recipient={"phone": "+15551230002"},
+                data={"event": {"code": "2"}},
+            )
+        )
         await eventually(lambda: _state_is(h, "m-sms-dlq", "pending", attempts=1))
         clock.advance(timedelta(minutes=5))
         h.app.state.notifier.worker.wake()
@@ -87,22 +134,44 @@ async def test_failover_to_the_secondary_push_provider(start_notifier) -> None: 
     async with start_notifier() as h:
         await h.create_template(PUSH)
         h.fcm.fail_next(error(503, "unavailable"))
-        await h.publish(request("m-push-1", "c1", "push", "push-hello", category="transactional",
-                                recipient={"push_token": "tok-1"}, data={"traits": {"first_name": "Ada"}}))
+        await h.publish(
+            request(
+                "m-push-1",
+                "c1",
+                "push",
+                "push-hello",
+                category="transactional",
+                recipient={"push_token": "tok-1"},
+                data={"traits": {"first_name": "Ada"}},
+            )
+        )
         statuses = await h.wait_status("m-push-1", "sent")
         assert statuses[-1]["provider"] == "fcm_backup"
         assert len(h.fcm.requests) == 1 and len(h.fcm_backup.requests) == 1
         sent = h.fcm_backup.requests[0]
         assert sent.path == "/v1/projects/clm-dev/messages:send"
         assert sent.headers["authorization"] == "Bearer backup-token"
-        assert sent.json() == {"message": {"token": "tok-1", "notification": {"title": "Hello Ada",
-                                                                               "body": "Your order shipped"},
-                                           "data": {"clm_message_id": "m-push-1"}}}
+        assert sent.json() == {
+            "message": {
+                "token": "tok-1",
+                "notification": {"title": "Hello Ada", "body": "Your order shipped"},
+                "data": {"clm_message_id": "m-push-1"},
+            }
+        }
         # After 3 failures the primary's circuit opens: the backup is used without asking the primary.
         h.fcm.fail_next(error(503), error(503))
         for i in range(2, 6):
-            await h.publish(request(f"m-push-{i}", "c1", "push", "push-hello", category="transactional",
-                                    recipient={"push_token": "tok-1"}, data={"traits": {"first_name": "Ada"}}))
+            await h.publish(
+                request(
+                    f"m-push-{i}",
+                    "c1",
+                    "push",
+                    "push-hello",
+                    category="transactional",
+                    recipient={"push_token": "tok-1"},
+                    data={"traits": {"first_name": "Ada"}},
+                )
+            )
             await h.wait_status(f"m-push-{i}", "sent")
         assert len(h.fcm.requests) == 3
         assert len(h.fcm_backup.requests) == 5
@@ -112,8 +181,17 @@ async def test_webhook_is_signed_per_standard_webhooks(start_notifier) -> None: 
     async with start_notifier() as h:
         await h.create_template(HOOK)
         url = f"{h.webhook.url}/hooks/clm?x=1"
-        await h.publish(request("m-hook-1", "c9", "webhook", "hook", category="transactional",
-                                recipient={"webhook_url": url}, data={"traits": {"plan": 'pro "max"'}}))
+        await h.publish(
+            request(
+                "m-hook-1",
+                "c9",
+                "webhook",
+                "hook",
+                category="transactional",
+                recipient={"webhook_url": url},
+                data={"traits": {"plan": 'pro "max"'}},
+            )
+        )
         await h.wait_status("m-hook-1", "delivered")
         got = h.webhook.requests[0]
         assert got.path == "/hooks/clm?x=1"
@@ -127,10 +205,25 @@ async def test_webhook_is_signed_per_standard_webhooks(start_notifier) -> None: 
 async def test_private_address_webhook_is_refused_without_the_allow_list(start_notifier) -> None:  # type: ignore[no-untyped-def]
     async with start_notifier(webhook_allow_list=[]) as h:
         await h.create_template(HOOK)
-        for i, url in enumerate([f"{h.webhook.url}/hook", "http://169.254.169.254/latest/meta-data",
-                                 "http://10.1.2.3/x", "file:///etc/passwd"]):
-            await h.publish(request(f"m-ssrf-{i}", "c9", "webhook", "hook", category="transactional",
-                                    recipient={"webhook_url": url}, data={"traits": {"plan": "pro"}}))
+        for i, url in enumerate(
+            [
+                f"{h.webhook.url}/hook",
+                "http://169.254.169.254/latest/meta-data",
+                "http://10.1.2.3/x",
+                "file:///etc/passwd",
+            ]
+        ):
+            await h.publish(
+                request(
+                    f"m-ssrf-{i}",
+                    "c9",
+                    "webhook",
+                    "hook",
+                    category="transactional",
+                    recipient={"webhook_url": url},
+                    data={"traits": {"plan": "pro"}},
+                )
+            )
         for i, reason in enumerate(["loopback", "link-local", "private", "scheme"]):
             statuses = await h.wait_status(f"m-ssrf-{i}", "failed")
             assert "webhook refused" in statuses[-1]["reason"] and reason in statuses[-1]["reason"]
@@ -142,9 +235,17 @@ async def test_redirect_to_a_private_address_is_refused(start_notifier) -> None:
     async with start_notifier(webhook_allow_list=["localhost"]) as h:
         await h.create_template(HOOK)
         h.webhook.fail_next((307, b"", {"Location": "http://169.254.169.254/latest/meta-data"}))
-        await h.publish(request("m-redir", "c9", "webhook", "hook", category="transactional",
-                                recipient={"webhook_url": f"http://localhost:{h.webhook.port}/h"},
-                                data={"traits": {"plan": "pro"}}))
+        await h.publish(
+            request(
+                "m-redir",
+                "c9",
+                "webhook",
+                "hook",
+                category="transactional",
+                recipient={"webhook_url": f"http://localhost:{h.webhook.port}/h"},
+                data={"traits": {"plan": "pro"}},
+            )
+        )
         statuses = await h.wait_status("m-redir", "failed")
         assert "169.254.169.254" in statuses[-1]["reason"]
         assert len(h.webhook.requests) == 1
@@ -153,10 +254,21 @@ async def test_redirect_to_a_private_address_is_refused(start_notifier) -> None:
 async def test_template_error_fails_the_message_with_the_reason(start_notifier) -> None:  # type: ignore[no-untyped-def]
     async with start_notifier() as h:
         await h.create_template(PUSH)
-        await h.publish(request("m-tpl-err", "c1", "push", "push-hello", category="transactional",
-                                recipient={"push_token": "tok-1"}, data={"traits": {}}))
+        await h.publish(
+            request(
+                "m-tpl-err",
+                "c1",
+                "push",
+                "push-hello",
+                category="transactional",
+                recipient={"push_token": "tok-1"},
+                data={"traits": {}},
+            )
+        )
         statuses = await h.wait_status("m-tpl-err", "failed")
-        assert "template error" in statuses[-1]["reason"] and "first_name is undefined" in statuses[-1]["reason"]
+        assert (
+            "template error" in statuses[-1]["reason"] and "first_name is undefined" in statuses[-1]["reason"]
+        )
         assert h.fcm.requests == [] and h.fcm_backup.requests == []
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.notifier.api.dependencies import get_notifier
+from services.notifier.api.dependencies import NotifierDep
 from services.notifier.domain.consent import ALL_TOPICS
-from services.notifier.service import Notifier
 from services.notifier.store import consent_repo
 from shared.contracts import Channel
 from shared.http import ApiError, field_error
@@ -46,7 +45,6 @@ class PreferencesBody(BaseModel):
 
 def router(admin: Any) -> APIRouter:
     api = APIRouter(tags=["consent"], dependencies=[Depends(admin)])
-    NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 
     @api.put("/v1/subscription-topics/{topic_id}")
     async def put_topic(topic_id: str, body: TopicBody, notifier: NotifierDep) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from services.notifier.service import Notifier
 
@@ -10,3 +12,6 @@ from services.notifier.service import Notifier
 def get_notifier(request: Request) -> Notifier:
     notifier: Notifier = request.app.state.notifier
     return notifier
+
+
+NotifierDep = Annotated[Notifier, Depends(get_notifier)]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from services.notifier.api.dependencies import get_notifier
+from services.notifier.api.dependencies import NotifierDep
+from services.notifier.api.forms import read_form
 from services.notifier.domain.consent import ALL_TOPICS
-from services.notifier.service import Notifier
 from services.notifier.store import consent_repo, contacts_repo, ledger_repo
 from shared.http import ApiError
 
@@ -21,7 +20,6 @@ START_WORDS = frozenset({"START", "UNSTOP", "YES", "OPTIN"})
 TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 
 api = APIRouter(tags=["inbound"])
-NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 
 
 def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
@@ -32,8 +30,7 @@ def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
 
 @api.post("/v1/inbound/twilio/sms")
 async def twilio_inbound_sms(request: Request, notifier: NotifierDep) -> Response:
-    form = await request.form()
-    params = {k: str(v) for k, v in form.items()}
+    params = dict(await read_form(request))
     settings = notifier.settings
     if settings.twilio_verify_inbound:
         url = settings.public_base_url.rstrip("/") + request.url.path

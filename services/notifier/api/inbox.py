@@ -11,12 +11,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from services.notifier.api.dependencies import get_notifier
+from services.notifier.api.dependencies import NotifierDep
 from services.notifier.service import Notifier
 from services.notifier.store import in_app_repo
 from shared.http import ApiError
-
-NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 
 
 def router(admin: Any) -> APIRouter:

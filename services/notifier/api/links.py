@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from services.notifier.api.dependencies import get_notifier
+from services.notifier.api.dependencies import NotifierDep
+from services.notifier.api.forms import read_form
 from services.notifier.domain.consent import ALL_TOPICS
 from services.notifier.domain.signing import InvalidToken, MessageLinks
 from services.notifier.service import Notifier
@@ -18,7 +18,6 @@ from services.notifier.store import consent_repo
 from shared.http import ApiError
 
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
-NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 
 api = APIRouter(tags=["links"])
 
@@ -100,8 +99,7 @@ async def unsubscribe_all(token: str, notifier: NotifierDep) -> Response:
 async def save_preferences(token: str, request: Request, notifier: NotifierDep) -> Response:
     claims = _verify(notifier, MessageLinks.UNSUBSCRIBE, token)
     customer, channel = str(claims["c"]), str(claims["ch"])
-    form = await request.form()
-    wanted = {str(v) for v in form.getlist("topic")}
+    wanted = {v for k, v in await read_form(request) if k == "topic"}
     async with notifier.platform.unit_of_work() as uow:
         topics = [t for t in await consent_repo.list_topics(uow.session) if channel in t["channels"]]
         changes = [(str(t["id"]), channel, str(t["id"]) in wanted) for t in topics]

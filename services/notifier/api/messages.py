@@ -11,9 +11,8 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.notifier.api.dependencies import get_notifier
+from services.notifier.api.dependencies import NotifierDep
 from services.notifier.consumers.message_requests import enqueue
-from services.notifier.service import Notifier
 from services.notifier.store import api_requests_repo, ledger_repo
 from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
 from shared.http import ApiError, field_error
@@ -35,7 +34,6 @@ class SendBody(BaseModel):
 
 def router(admin: Any) -> APIRouter:
     api = APIRouter(prefix="/v1/messages", tags=["messages"], dependencies=[Depends(admin)])
-    NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 
     @api.post("", status_code=202)
     async def send(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.notifier.api.dependencies import get_notifier
+from services.notifier.api.dependencies import NotifierDep
 from services.notifier.domain.composition import recipient_address, template_data
 from services.notifier.domain.templates import RenderError
 from services.notifier.service import Notifier
@@ -50,7 +50,6 @@ class TestSendBody(BaseModel):
 
 def router(admin: Any) -> APIRouter:
     api = APIRouter(prefix="/v1/templates", tags=["templates"], dependencies=[Depends(admin)])
-    NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 
     def check(notifier: Notifier, body: TemplateBody) -> None:
         if body.default_locale not in body.variants:

@@ -1,0 +1,174 @@
+"""The HTTP API: template CRUD and validation, preview with a real customer, transactional sends with
+Idempotency-Key, the in-app inbox, consent topics and preferences, and inbound SMS STOP."""
+
+from __future__ import annotations
+
+from services.notifier.api.inbound import twilio_signature
+from tests.notifier.conftest import ADMIN, Harness, request
+from tests.support import eventually
+
+INAPP = {
+    "id": "inapp",
+    "name": "In-app",
+    "channel": "in_app",
+    "default_locale": "en",
+    "variants": {"en": {"title": "Hi {{ traits.first_name }}", "body": "Order {{ order.id }} shipped"}},
+}
+SMS = {
+    "id": "promo-sms",
+    "name": "Promo",
+    "channel": "sms",
+    "default_locale": "en",
+    "variants": {"en": {"body": "Sale! Reply STOP to opt out"}},
+}
+
+
+async def test_template_validation_crud_and_preview_with_a_real_customer(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        bad = await h.client.post(
+            "/v1/templates",
+            headers=ADMIN,
+            json={
+                "id": "broken",
+                "name": "B",
+                "channel": "email",
+                "default_locale": "en",
+                "variants": {"en": {"subject": "{% if %}", "html": "x"}},
+            },
+        )
+        assert bad.status_code == 400
+        fields = {e["field"] for e in bad.json()["errors"]}
+        assert fields == {"variants.en.subject", "variants.en.text"}
+        assert (await h.client.post("/v1/templates", json=INAPP)).status_code == 401
+        await h.create_template(INAPP)
+        again = await h.client.post("/v1/templates", json=INAPP, headers=ADMIN)
+        assert again.status_code == 409
+
+        await h.profile("c7", {"first_name": "Grace", "email": "grace@example.com"})
+
+        async def preview() -> dict[str, object] | None:
+            r = await h.client.post(
+                "/v1/templates/inapp/preview",
+                headers=ADMIN,
+                json={"customer_id": "c7", "data": {"order": {"id": "A-1"}}},
+            )
+            return r.json() if r.status_code == 200 else None
+
+        shown = await eventually(preview, timeout=15)
+        assert shown["parts"] == {"title": "Hi Grace", "body": "Order A-1 shipped"}
+        missing = await h.client.post("/v1/templates/inapp/preview", headers=ADMIN, json={"data": {}})
+        assert missing.status_code == 422 and "undefined" in missing.json()["message"]
+
+        updated = {k: v for k, v in INAPP.items() if k != "id"}
+        updated["variants"] = {"en": {"title": "Hello {{ traits.first_name }}", "body": "b"}}
+        put = await h.client.put("/v1/templates/inapp", json=updated, headers=ADMIN)
+        assert put.status_code == 200 and put.json()["version"] == 2
+        listed = (await h.client.get("/v1/templates", headers=ADMIN)).json()["templates"]
+        assert [t["id"] for t in listed] == ["inapp"]
+        assert (await h.client.delete("/v1/templates/inapp", headers=ADMIN)).status_code == 204
+        assert (await h.client.get("/v1/templates/inapp", headers=ADMIN)).status_code == 404
+
+
+async def test_transactional_api_send_is_idempotent_and_lands_in_the_inbox(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await h.create_template(INAPP)
+        body = {
+            "customer_id": "c8",
+            "channel": "in_app",
+            "template_id": "inapp",
+            "data": {"traits": {"first_name": "Lin"}, "order": {"id": "B-2"}},
+        }
+        no_key = await h.client.post("/v1/messages", json=body, headers=ADMIN)
+        assert no_key.status_code == 400 and no_key.json()["errors"][0]["field"] == "Idempotency-Key"
+        first = await h.client.post("/v1/messages", json=body, headers={**ADMIN, "Idempotency-Key": "k-1"})
+        assert first.status_code == 202
+        replay = await h.client.post("/v1/messages", json=body, headers={**ADMIN, "Idempotency-Key": "k-1"})
+        assert replay.status_code == 200 and replay.json()["message_id"] == first.json()["message_id"]
+        conflict = await h.client.post(
+            "/v1/messages", json={**body, "customer_id": "other"}, headers={**ADMIN, "Idempotency-Key": "k-1"}
+        )
+        assert conflict.status_code == 409
+        await h.wait_status(first.json()["message_id"], "delivered")
+
+        assert (await h.client.get("/v1/inbox/c8")).status_code == 401
+        token = (await h.client.get("/v1/inbox/c8/token", headers=ADMIN)).json()["token"]
+        inbox = (await h.client.get("/v1/inbox/c8", params={"token": token})).json()["messages"]
+        assert [(m["title"], m["body"], m["read_at"]) for m in inbox] == [
+            ("Hi Lin", "Order B-2 shipped", None)
+        ]
+        read = await h.client.post(f"/v1/inbox/c8/{inbox[0]['id']}/read", headers={"X-Inbox-Token": token})
+        assert read.status_code == 200
+        unread = (await h.client.get("/v1/inbox/c8", params={"token": token, "unread": True})).json()
+        assert unread["messages"] == []
+        other = await h.client.get("/v1/inbox/c9", params={"token": token})
+        assert other.status_code == 401
+
+
+async def test_opt_in_topics_preferences_and_sms_stop(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await h.create_template(SMS)
+        await h.create_topic("promotions", ["sms"], default_subscribed=False)
+        await h.profile("c5", {"phone": "+15550001111"})
+        sms = {"category": "marketing", "subscription_topic": "promotions"}
+        await h.publish(
+            request("m-optin-1", "c5", "sms", "promo-sms", recipient={"phone": "+15550001111"}, **sms)
+        )
+        statuses = await h.wait_status("m-optin-1", "suppressed")
+        assert "not opted in" in statuses[-1]["reason"]
+
+        bad = await h.client.put(
+            "/v1/customers/c5/preferences",
+            headers=ADMIN,
+            json={"source": "crm", "preferences": [{"topic": "nope", "channel": "sms", "subscribed": True}]},
+        )
+        assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "preferences.0.topic"
+        ok = await h.client.put(
+            "/v1/customers/c5/preferences",
+            headers=ADMIN,
+            json={
+                "source": "signup-form",
+                "preferences": [{"topic": "promotions", "channel": "sms", "subscribed": True}],
+            },
+        )
+        assert ok.status_code == 200 and ok.json()["changed"] == 1
+        await h.publish(
+            request("m-optin-2", "c5", "sms", "promo-sms", recipient={"phone": "+15550001111"}, **sms)
+        )
+        await h.wait_status("m-optin-2", "sent")
+
+        # Inbound "STOP" (Twilio's form shape, signed) unsubscribes the number from all SMS marketing.
+        form = {
+            "From": "+15550001111",
+            "To": h.settings.twilio_from_number,
+            "Body": " stop ",
+            "MessageSid": "SM1",
+        }
+        await eventually(lambda: _contact_has_phone(h))
+        unsigned = await h.client.post("/v1/inbound/twilio/sms", data=form)
+        assert unsigned.status_code == 403
+        signature = twilio_signature(
+            h.settings.twilio_auth_token.get_secret_value(), "http://testserver/v1/inbound/twilio/sms", form
+        )
+        stop = await h.client.post(
+            "/v1/inbound/twilio/sms", data=form, headers={"X-Twilio-Signature": signature}
+        )
+        assert stop.status_code == 200 and "<Response>" in stop.text
+        await h.wait_status("m-optin-2", "unsubscribed")
+        await h.publish(
+            request("m-optin-3", "c5", "sms", "promo-sms", recipient={"phone": "+15550001111"}, **sms)
+        )
+        statuses = await h.wait_status("m-optin-3", "suppressed")
+        assert "all sms marketing" in statuses[-1]["reason"]
+        assert len(h.twilio.requests) == 1
+        history = (await h.client.get("/v1/customers/c5/consent-history", headers=ADMIN)).json()["history"]
+        assert [(e["topic"], e["subscribed"], e["source"]) for e in history] == [
+            ("promotions", True, "signup-form"),
+            ("*", False, "sms_stop"),
+        ]
+
+
+async def _contact_has_phone(h: Harness) -> bool:
+    from services.notifier.store import contacts_repo
+
+    async with h.platform.unit_of_work() as uow:
+        return bool(await contacts_repo.find_by_phone(uow.session, "+15550001111"))

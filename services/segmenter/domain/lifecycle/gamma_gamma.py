@@ -91,16 +91,35 @@ def fit(
     initial: GammaGammaParams | None = None,
     max_iterations: int = 2000,
 ) -> GammaGammaFit:
-    """Maximum likelihood over log-parameters; customers with frequency 0 are ignored."""
+    """Maximum likelihood over log-parameters (L-BFGS-B, analytic gradient); frequency 0 is ignored."""
     x, zbar = _repeat_buyers(frequency, monetary_value)
     if x.size == 0:
         raise ValueError("cannot fit Gamma-Gamma without customers with repeat purchases")
     n = x.size
+    log_x, log_zbar = np.log(x), np.log(zbar)
 
-    def negative_ll(log_params: FloatArray) -> float:
-        p, q, v = np.exp(log_params)
-        value = -float(np.sum(_log_likelihood(p, q, v, x, zbar))) / n
-        return value if np.isfinite(value) else 1e300
+    def negative_mean_and_gradient(log_params: FloatArray) -> tuple[float, FloatArray]:
+        p, q, v = (float(val) for val in np.exp(log_params))
+        px = p * x
+        log_spend = np.log(v + x * zbar)
+        ll = (
+            special.gammaln(px + q)
+            - special.gammaln(px)
+            - special.gammaln(q)
+            + q * np.log(v)
+            + (px - 1.0) * log_zbar
+            + px * log_x
+            - (px + q) * log_spend
+        )
+        digamma_pxq = special.digamma(px + q)
+        d_p = x * (digamma_pxq - special.digamma(px) + log_zbar + log_x - log_spend)
+        d_q = digamma_pxq - special.digamma(q) + np.log(v) - log_spend
+        d_v = q / v - (px + q) / (v + x * zbar)
+        value = -float(np.sum(ll)) / n
+        gradient = -np.array([p * np.sum(d_p), q * np.sum(d_q), v * np.sum(d_v)]) / n
+        if not np.isfinite(value) or not np.all(np.isfinite(gradient)):
+            return 1e300, np.zeros(3)
+        return value, gradient
 
     if initial is not None:
         start = np.log(initial.as_array())
@@ -109,13 +128,18 @@ def fit(
         start = np.log(np.array([2.0, 2.0, max(float(np.mean(zbar)) / 2.0, 1e-6)]))
     bounds = [(-15.0, 15.0)] * 3
     result = optimize.minimize(
-        negative_ll, start, method="L-BFGS-B", bounds=bounds, options={"maxiter": max_iterations}
+        negative_mean_and_gradient,
+        start,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options={"maxiter": max_iterations},
     )
     method = "L-BFGS-B"
     iterations, evaluations = int(result.nit), int(result.nfev)
     if not result.success:
         polish = optimize.minimize(
-            negative_ll,
+            lambda params: negative_mean_and_gradient(params)[0],
             result.x,
             method="Nelder-Mead",
             options={"maxiter": max_iterations, "xatol": 1e-8, "fatol": 1e-12},

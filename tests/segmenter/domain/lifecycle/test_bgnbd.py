@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import optimize, stats
 
 from services.segmenter.domain.lifecycle import bgnbd
 from services.segmenter.domain.lifecycle.summary import summarize_transactions
@@ -151,3 +151,18 @@ def test_impossible_inputs_are_rejected(x: list[float], t_x: list[float], T: lis
 def test_fit_needs_customers() -> None:
     with pytest.raises(ValueError):
         bgnbd.fit([], [], [])
+
+
+@pytest.mark.parametrize("start", [(0.243, 4.414, 0.793, 2.426), (1.0, 2.0, 1.5, 0.7), (3.0, 20.0, 0.2, 9.0)])
+def test_analytic_gradient_matches_finite_differences(start: tuple[float, float, float, float]) -> None:
+    data = cdnow.summary()
+    sample = bgnbd._Sample(data.x, data.t_x, data.T)
+    point = np.log(np.array(start))
+
+    error = optimize.check_grad(
+        lambda p: sample.negative_mean_and_gradient(p)[0],
+        lambda p: sample.negative_mean_and_gradient(p)[1],
+        point,
+    )
+
+    assert error < 1e-5 * max(1.0, float(np.linalg.norm(sample.negative_mean_and_gradient(point)[1])))

@@ -88,6 +88,17 @@ def test_clv_without_discount_is_expected_purchases_times_expected_spend() -> No
     assert 0 < discounted[0] < clv[0]
 
 
+def test_the_fit_is_a_maximum_of_the_likelihood(spend_fit: gg.GammaGammaFit) -> None:
+    # The analytic gradient drove the optimizer: moving any parameter 1% either way must lower the likelihood.
+    data = cdnow.summary()
+    best = gg.log_likelihood(spend_fit.params, data.x, data.zbar)
+    assert best == pytest.approx(spend_fit.log_likelihood, rel=1e-12)
+    for name in ("p", "q", "v"):
+        for factor in (0.99, 1.01):
+            moved = {**spend_fit.params.__dict__, name: getattr(spend_fit.params, name) * factor}
+            assert gg.log_likelihood(gg.GammaGammaParams(**moved), data.x, data.zbar) < best
+
+
 def test_customers_without_repeat_purchases_are_ignored_by_the_fit() -> None:
     data = cdnow.summary()
     with_zeros = gg.fit(data.x, data.zbar)

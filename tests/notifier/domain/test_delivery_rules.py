@@ -1,0 +1,144 @@
+"""Retry backoff, HTTP classification, circuit breaker, token bucket, signed links, Standard Webhooks,
+the address policy and email composition."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from datetime import UTC, datetime
+
+import pytest
+
+from services.notifier.domain import standard_webhooks
+from services.notifier.domain.address_policy import AddressPolicy, RefusedAddress
+from services.notifier.domain.email_content import build_email, track_links
+from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
+from services.notifier.domain.retry_policy import Failure, RetryPolicy, classify_http
+from services.notifier.domain.signing import InvalidToken, LinkSigner, MessageLinks
+
+
+def test_full_jitter_backoff_grows_and_is_capped() -> None:
+    policy = RetryPolicy(max_attempts=5, base_s=1, max_s=10)
+    rng = random.Random(7)
+    for attempt, ceiling in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 10), (9, 10)]:
+        delays = [policy.backoff(attempt, rng) for _ in range(200)]
+        assert min(delays) >= 0 and max(delays) <= ceiling
+        assert max(delays) > ceiling * 0.8  # jitter spans the whole window
+    assert policy.backoff(1, rng, retry_after_s=7) >= 7
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert policy.next_attempt_at(now, 4, rng) is not None
+    assert policy.next_attempt_at(now, 5, rng) is None
+
+
+def test_http_statuses_are_classified() -> None:
+    assert classify_http(200) is None
+    assert classify_http(429) is Failure.TRANSIENT and classify_http(503) is Failure.TRANSIENT
+    assert classify_http(401) is Failure.PROVIDER
+    assert classify_http(400) is Failure.PERMANENT and classify_http(404) is Failure.PERMANENT
+
+
+def test_circuit_opens_after_threshold_and_half_opens_after_cooldown() -> None:
+    breaker = CircuitBreaker(threshold=2, cooldown_s=10)
+    breaker.record_failure(0)
+    assert breaker.allows(1)
+    breaker.record_failure(1)
+    assert not breaker.allows(2)
+    assert breaker.allows(12)  # one trial call
+    assert not breaker.allows(12.5)
+    breaker.record_failure(13)
+    assert not breaker.allows(14)
+    assert breaker.allows(24)
+    breaker.record_success()
+    assert breaker.allows(24) and breaker.allows(24)
+
+
+def test_token_bucket_spreads_sends_over_time() -> None:
+    bucket = TokenBucket(rate_per_s=10, burst=2)
+    waits = [bucket.reserve(0.0) for _ in range(5)]
+    assert waits[:2] == [0, 0]
+    assert waits[2:] == pytest.approx([0.1, 0.2, 0.3])
+    assert bucket.reserve(10.0) == 0
+
+
+def test_signed_links_reject_tampering_and_other_purposes() -> None:
+    signer = LinkSigner("secret")
+    links = MessageLinks(signer, "https://n.example.com/")
+    token = links.unsubscribe_token("c1", "email", "news", "m1")
+    assert signer.verify("unsubscribe", token) == {"c": "c1", "ch": "email", "t": "news", "m": "m1"}
+    with pytest.raises(InvalidToken):
+        signer.verify("click", token)
+    with pytest.raises(InvalidToken):
+        signer.verify("unsubscribe", token[:-2] + "xx")
+    with pytest.raises(InvalidToken):
+        LinkSigner("other").verify("unsubscribe", token)
+
+
+def test_standard_webhooks_signature_matches_the_spec_example() -> None:
+    # The example from the Standard Webhooks specification.
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = b'{"test": 2432232314}'
+    expected = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert standard_webhooks.sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body) == expected
+    headers = standard_webhooks.headers(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+    assert standard_webhooks.verify(secret, headers, body, now=1614265331)
+    assert not standard_webhooks.verify(secret, headers, body, now=1614265330 + 3600)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.0.0.1",
+        "192.168.1.1",
+        "172.16.0.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+        "0.0.0.0",
+        "::ffff:127.0.0.1",
+        "224.0.0.1",
+    ],
+)
+def test_private_and_special_addresses_are_refused(address: str) -> None:
+    with pytest.raises(RefusedAddress):
+        AddressPolicy().check_address("h", ipaddress.ip_address(address))
+
+
+def test_public_and_allow_listed_addresses_pass() -> None:
+    AddressPolicy().check_address("h", ipaddress.ip_address("93.184.216.34"))
+    AddressPolicy(["127.0.0.0/8"]).check_address("h", ipaddress.ip_address("127.0.0.1"))
+    AddressPolicy(["internal.example"]).check_address("internal.example", ipaddress.ip_address("10.0.0.1"))
+    with pytest.raises(RefusedAddress, match="scheme"):
+        AddressPolicy().check_url("gopher://x")
+    with pytest.raises(RefusedAddress, match="metadata"):
+        AddressPolicy().check_url("http://metadata.google.internal/")
+    with pytest.raises(RefusedAddress, match="credentials"):
+        AddressPolicy().check_url("http://u:p@example.com/")
+
+
+def test_links_are_tracked_but_own_links_are_not() -> None:
+    links = MessageLinks(LinkSigner("s"), "https://n.example.com")
+    html = '<a href="https://shop.example.com/a?b=1&amp;c=2">x</a><a href="https://n.example.com/u/tok">u</a>'
+    out = track_links(html, "m1", links)
+    assert "https://shop.example.com" not in out and 'href="https://n.example.com/u/tok"' in out
+    token = out.split("/t/c/")[1].split('"')[0]
+    assert LinkSigner("s").verify("click", token)["u"] == "https://shop.example.com/a?b=1&c=2"
+
+
+def test_marketing_email_has_one_click_headers_and_both_parts() -> None:
+    mail = build_email(
+        message_id="m1",
+        sender="CLM <n@clm.example>",
+        to="a@example.com",
+        subject="S",
+        text="t",
+        body_html="<p>h</p>",
+        unsubscribe_url="https://n.example.com/u/x",
+        sent_at_epoch=0,
+    )
+    assert mail["List-Unsubscribe"] == "<https://n.example.com/u/x>"
+    assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert mail["Message-ID"] == "<m1@clm.example>"
+    assert [p.get_content_type() for p in mail.iter_parts()] == ["text/plain", "text/html"]

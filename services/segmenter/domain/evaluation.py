@@ -88,9 +88,9 @@ def compare(c: Comparison, value: Any, now: datetime) -> bool:
         return False
     if op == "within":
         assert c.duration is not None
-        return now - parse_duration(c.duration) <= t <= now
+        return now - parse_duration(c.duration) < t <= now
     ref = _reference_time(c.value, c.ago, now)
-    return t < ref if op == "before" else t > ref
+    return t <= ref if op == "before" else t > ref
 
 
 def _reference_time(value: Any, ago: str | int | None, now: datetime) -> datetime:
@@ -111,7 +111,7 @@ def _occurrences(rule: PerformedCondition, p: ProfileSnapshot, now: datetime) ->
     out = []
     start, end = _window(rule, now)
     for occ in p.timeline.get(rule.performed, ()):
-        if start is not None and occ.timestamp < start:
+        if start is not None and (occ.timestamp <= start if rule.within is not None else occ.timestamp < start):
             continue
         if end is not None and occ.timestamp > end:
             continue
@@ -152,13 +152,13 @@ def evaluate(rule: Rule, p: ProfileSnapshot, now: datetime) -> bool:
         return {"at_least": n >= want, "at_most": n <= want, "exactly": n == want}[rule.count.op]
     if isinstance(rule, NotPerformedCondition):
         agg = p.events.get(rule.not_performed)
-        return agg is None or agg.last_at < now - parse_duration(rule.since)
+        return agg is None or agg.last_at <= now - parse_duration(rule.since)
     if isinstance(rule, LastPerformedCondition):
         agg = p.events.get(rule.last_performed)
         if agg is None:
             return False
         ref = _reference_time(rule.value, rule.ago, now)
-        return agg.last_at < ref if rule.op == "before" else agg.last_at > ref
+        return agg.last_at <= ref if rule.op == "before" else agg.last_at > ref
     if isinstance(rule, MemberOfCondition):
         return rule.member_of in p.memberships
     if isinstance(rule, RandomBucketCondition):

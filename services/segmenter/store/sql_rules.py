@@ -99,9 +99,9 @@ class RuleSql:
         if op == "within":
             assert c.duration is not None
             start = self._p(self.now - parse_duration(c.duration))
-            return f"coalesce({s.ts} BETWEEN {start} AND :now, false)"
+            return f"coalesce({s.ts} > {start} AND {s.ts} <= :now, false)"
         ref = self._p(self._reference(c.value, c.ago))
-        return f"coalesce({s.ts} {'<' if op == 'before' else '>'} {ref}, false)"
+        return f"coalesce({s.ts} {'<=' if op == 'before' else '>'} {ref}, false)"
 
     def _reference(self, value: Any, ago: str | int | None) -> datetime:
         if ago is not None:
@@ -115,7 +115,8 @@ class RuleSql:
 
     def _window(self, rule: PerformedCondition) -> str:
         if rule.within is not None:
-            return f" AND e.timestamp >= {self._p(self.now - parse_duration(rule.within))} AND e.timestamp <= :now"
+            start = self._p(self.now - parse_duration(rule.within))
+            return f" AND e.timestamp > {start} AND e.timestamp <= :now"
         out = ""
         if rule.between is not None:
             if rule.between.start is not None:
@@ -153,13 +154,13 @@ class RuleSql:
             ref = self._p(self.now - parse_duration(rule.since))
             return (
                 "(NOT EXISTS (SELECT 1 FROM event_counts ec WHERE ec.customer_id = c.customer_id "
-                f"AND ec.event = {self._p(rule.not_performed)} AND ec.last_at >= {ref}))"
+                f"AND ec.event = {self._p(rule.not_performed)} AND ec.last_at > {ref}))"
             )
         if isinstance(rule, LastPerformedCondition):
             ref = self._p(self._reference(rule.value, rule.ago))
             return (
                 "(EXISTS (SELECT 1 FROM event_counts ec WHERE ec.customer_id = c.customer_id "
-                f"AND ec.event = {self._p(rule.last_performed)} AND ec.last_at {'<' if rule.op == 'before' else '>'} "
+                f"AND ec.event = {self._p(rule.last_performed)} AND ec.last_at {'<=' if rule.op == 'before' else '>'} "
                 f"{ref}))"
             )
         if isinstance(rule, MemberOfCondition):

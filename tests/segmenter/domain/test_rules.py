@@ -1,0 +1,75 @@
+"""Parsing and checking rule definitions: errors point at the offending node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.segmenter.domain.catalog import Catalog, CycleError, compile_segment, dependency_order
+from services.segmenter.domain.rules import InvalidRule, parse_rule, parse_duration, references, rule_to_json
+
+
+def errors(definition: Any) -> list[tuple[str, str]]:
+    with pytest.raises(InvalidRule) as info:
+        parse_rule(definition)
+    return [(e.path, e.rule) for e in info.value.errors]
+
+
+def test_errors_point_at_the_offending_node() -> None:
+    assert errors({"and": [{"trait": "a", "op": "exists"}, {"trait": "b", "op": "gt", "value": "x"}]}) == [
+        ("definition.and[1].value", "number")
+    ]
+    assert errors({"or": [{"bogus": 1}]})[0] == ("definition.or[0]", "unknown_rule")
+    assert errors({"not": {"trait": "a", "op": "nope"}})[0][0] == "definition.not.op"
+    assert errors({"performed": "X", "within": "soon"}) == [("definition.within", "duration")]
+    assert errors({"trait": "a", "op": "in", "values": []}) == [("definition.values", "required")]
+    assert errors({"trait": "a", "op": "before"}) == [("definition.value", "one_of")]
+    assert errors({"trait": "a", "op": "equals", "value": "x", "ago": "1d"}) == [("definition.ago", "unexpected")]
+    assert errors({"profile": "shoe_size", "op": "gt", "value": 1}) == [("definition.profile", "unknown_field")]
+    assert errors({"and": []})[0] == ("definition.and", "too_short")
+    assert errors({"random_bucket": {"buckets": 10, "below": 11}}) == [("definition.random_bucket.below", "range")]
+    assert errors({"performed": "X", "where": [{"property": "p", "op": "within", "duration": "1d"}]}) == [
+        ("definition.where[0].op", "relative")
+    ]
+    assert errors("everyone")[0][1] == "unknown_rule"
+
+
+def test_valid_definitions_round_trip() -> None:
+    definition = {
+        "and": [
+            {"trait": "plan", "op": "in", "values": ["pro", "team"]},
+            {"performed": "Order Completed", "where": [{"property": "total", "op": "gte", "value": 50}],
+             "count": {"op": "at_least", "value": 2}, "within": "30d"},
+            {"not": {"member_of": "seg_a"}},
+        ]
+    }
+    rule = parse_rule(definition)
+    assert parse_rule(rule_to_json(rule)) == rule
+    refs = references(rule)
+    assert refs.traits == {"plan"} and refs.events == {"Order Completed"} and refs.segments == {"seg_a"}
+    assert refs.timeline_events == {"Order Completed"} and refs.time_dependent
+
+
+def test_durations() -> None:
+    assert parse_duration("30d").days == 30
+    assert parse_duration("2w").days == 14
+    assert parse_duration(90).total_seconds() == 90
+    with pytest.raises(ValueError):
+        parse_duration("3 months")
+
+
+def test_catalog_index_and_dependency_order() -> None:
+    a = compile_segment("a", "A", 1, {"trait": "plan", "op": "equals", "value": "pro"})
+    b = compile_segment("b", "B", 1, {"and": [{"member_of": "a"}, {"performed": "Order Completed"}]})
+    c = compile_segment("c", "C", 1, {"profile": "last_seen", "op": "within", "duration": "1d"})
+    cat = Catalog.build([b, c, a])
+    assert [s.segment_id for s in cat.segments].index("a") < [s.segment_id for s in cat.segments].index("b")
+    assert cat.affected({"plan"}, []) == {"a", "b"}
+    assert cat.affected(set(), ["Order Completed"]) == {"b", "c"}
+    assert cat.affected(set(), ["Page Viewed"]) == {"c"}
+    assert cat.affected({"name"}, []) == set()
+    x = compile_segment("x", "X", 1, {"member_of": "y"})
+    y = compile_segment("y", "Y", 1, {"member_of": "x"})
+    with pytest.raises(CycleError):
+        dependency_order([x, y])

@@ -1,0 +1,125 @@
+"""The segment API: back-fill with progress, preview, members, explain, edits, and clear 4xx."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from tests.segmenter.conftest import ADMIN, START, Harness, make_event
+
+
+async def seed(h: Harness, n: int) -> None:
+    events = [
+        make_event(f"id{i}", "identify", user_id=f"u{i:02d}", traits={"plan": "pro" if i % 3 == 0 else "free",
+                                                                         "age": 20 + i})
+        for i in range(n)
+    ]
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await h.segmenter.events.handle(uow, events)
+
+
+async def test_backfill_preview_members_explain_and_edit(harness: Harness) -> None:
+    await seed(harness, 12)
+    harness.segmenter.settings.backfill_chunk_size = 5  # several chunks, progress in between
+    definition = {"trait": "plan", "op": "equals", "value": "pro"}
+    preview = await harness.client.post("/v1/segments/preview", json={"definition": definition, "sample": 2},
+                                        headers=ADMIN)
+    assert preview.json() == {"count": 4, "sample": ["u00", "u03"]}
+
+    r = await harness.client.post("/v1/segments", json={"name": "Pro", "definition": definition}, headers=ADMIN)
+    assert r.status_code == 201
+    sid = r.json()["id"]
+    assert r.json()["status"] == "backfilling" and r.json()["backfill"]["total"] == 12
+    assert await harness.segmenter.backfill.run_once()
+    mid = (await harness.client.get(f"/v1/segments/{sid}", headers=ADMIN)).json()
+    assert mid["status"] == "backfilling" and mid["backfill"]["processed"] == 5
+    await harness.segmenter.backfill.run_until_idle()
+    done = (await harness.client.get(f"/v1/segments/{sid}", headers=ADMIN)).json()
+    assert done["status"] == "ready" and done["backfill"]["progress"] == 1.0 and done["member_count"] == 4
+
+    page = (await harness.client.get(f"/v1/segments/{sid}/members?limit=3", headers=ADMIN)).json()
+    assert page == {"members": ["u00", "u03", "u06"], "next_after": "u06"}
+    page2 = (await harness.client.get(f"/v1/segments/{sid}/members?limit=3&after=u06", headers=ADMIN)).json()
+    assert page2 == {"members": ["u09"], "next_after": None}
+    msgs = await harness.memberships()
+    assert sorted((m["customer_id"], m["change"], m["cause"]) for m in msgs) == [
+        (f"u{i:02d}", "entered", "backfill") for i in (0, 3, 6, 9)
+    ]
+
+    explained = (await harness.client.get(f"/v1/segments/{sid}/explain/u01", headers=ADMIN)).json()
+    assert explained["member"] is False and explained["matches_now"] is False
+    assert explained["explanation"]["detail"] == {"trait": "plan", "op": "equals", "actual": "free"}
+
+    # An edit re-runs the back-fill: who leaves and who joins is announced once each.
+    edited = {"and": [definition, {"trait": "age", "op": "gte", "value": 25}]}
+    r = await harness.client.put(f"/v1/segments/{sid}", json={"name": "Pro 25+", "definition": edited},
+                                 headers=ADMIN)
+    assert r.status_code == 200 and r.json()["version"] == 2 and r.json()["status"] == "backfilling"
+    await harness.segmenter.backfill.run_until_idle()
+    msgs = await harness.memberships()
+    exits = [(m["customer_id"], m["event_id"]) for m in msgs if m["change"] == "exited"]
+    assert exits == [("u00", f"u00:{sid}:2"), ("u03", f"u03:{sid}:2")]
+    assert len(msgs) == 6
+    mine = (await harness.client.get("/v1/customers/u06/segments", headers=ADMIN)).json()
+    assert [s["name"] for s in mine["segments"]] == ["Pro 25+"]
+
+
+async def test_segments_of_segments_and_delete(harness: Harness) -> None:
+    await seed(harness, 6)
+    pro = (await harness.client.post("/v1/segments", json={"name": "Pro", "definition": {
+        "trait": "plan", "op": "equals", "value": "pro"}}, headers=ADMIN)).json()["id"]
+    await harness.segmenter.backfill.run_until_idle()
+    older = (await harness.client.post("/v1/segments", json={"name": "Older pro", "definition": {
+        "and": [{"member_of": pro}, {"trait": "age", "op": "gt", "value": 21}]}}, headers=ADMIN)).json()["id"]
+    await harness.segmenter.backfill.run_until_idle()
+    members = (await harness.client.get(f"/v1/segments/{older}/members", headers=ADMIN)).json()["members"]
+    assert members == ["u03"]
+    # Real time follows the chain: a trait change moves u04 into Pro and so into Older pro.
+    await harness.send(make_event("m1", "identify", user_id="u04", traits={"plan": "pro"},
+                                  timestamp=START + timedelta(minutes=1)))
+    await harness.processed(1)
+    members = (await harness.client.get(f"/v1/segments/{older}/members", headers=ADMIN)).json()["members"]
+    assert members == ["u03", "u04"]
+
+    r = await harness.client.delete(f"/v1/segments/{pro}", headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"] == "segment_in_use"
+    assert (await harness.client.delete(f"/v1/segments/{older}", headers=ADMIN)).status_code == 204
+    assert (await harness.client.get(f"/v1/segments/{older}", headers=ADMIN)).status_code == 404
+    listed = (await harness.client.get("/v1/segments", headers=ADMIN)).json()["segments"]
+    assert [s["id"] for s in listed] == [pro]
+
+
+async def bad(h: Harness, body: dict[str, Any], method: str = "post", path: str = "/v1/segments") -> dict[str, Any]:
+    r = await h.client.request(method.upper(), path, json=body, headers=ADMIN)
+    assert r.status_code == 400, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+async def test_invalid_definitions_get_a_clear_400_naming_the_node(harness: Harness) -> None:
+    body = await bad(harness, {"name": "x", "definition": {"and": [
+        {"trait": "plan", "op": "equals", "value": "pro"}, {"trait": "age", "op": "gt", "value": "old"}]}})
+    assert body["error"] == "invalid_definition"
+    assert body["errors"] == [{"field": "definition.and[1].value", "rule": "number", "message": "`gt` needs a number"}]
+    body = await bad(harness, {"name": "x", "definition": {"or": [{"performed": "X", "within": "a while"}]}})
+    assert body["errors"][0]["field"] == "definition.or[0].within"
+    body = await bad(harness, {"name": "x", "definition": {"member_of": "seg_nope"}})
+    assert body["errors"][0]["rule"] == "unknown_segment"
+    body = await bad(harness, {"name": "x", "definition": {"wat": 1}})
+    assert body["errors"][0]["field"] == "definition" and body["errors"][0]["rule"] == "unknown_rule"
+    body = await bad(harness, {"name": "", "definition": {"trait": "a", "op": "exists"}})
+    assert body["errors"][0]["field"] == "name"
+    body = await bad(harness, {"definition": {"trait": "a", "op": "nope"}}, path="/v1/segments/preview")
+    assert body["errors"][0]["field"] == "definition.op"
+    # A cycle through member_of is refused.
+    a = (await harness.client.post("/v1/segments", json={"name": "a", "definition": {
+        "trait": "a", "op": "exists"}}, headers=ADMIN)).json()["id"]
+    b = (await harness.client.post("/v1/segments", json={"name": "b", "definition": {
+        "member_of": a}}, headers=ADMIN)).json()["id"]
+    body = await bad(harness, {"name": "a", "definition": {"member_of": b}}, "put", f"/v1/segments/{a}")
+    assert body["errors"][0]["rule"] == "cycle"
+    assert (await harness.client.get("/v1/segments", headers=ADMIN)).json()["segments"][0]["version"] == 1
+    # And without the admin token nothing is readable.
+    assert (await harness.client.get("/v1/segments")).status_code == 401
+    assert (await harness.client.get("/v1/customers/u1", headers={"Authorization": "Bearer wrong"})).status_code == 401
+    assert (await harness.client.get("/v1/customers/nobody", headers=ADMIN)).status_code == 404

@@ -1,0 +1,114 @@
+"""The SQL compilation of rules (back-fill, preview) and the Python evaluator (real time) agree:
+same members and same next due moment, on the same stored profiles, for every operator."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from typing import Any
+
+from services.segmenter.domain.catalog import Catalog, compile_segment
+from services.segmenter.domain.evaluation import evaluate, next_change_at
+from services.segmenter.reevaluation import fill_snapshots
+from services.segmenter.store import profiles as profile_store
+from services.segmenter.store import segments as segment_store
+from tests.segmenter.conftest import START, Harness, make_event
+
+RULES: list[Any] = [
+    {"trait": "plan", "op": "equals", "value": "pro"},
+    {"trait": "age", "op": "equals", "value": 30},
+    {"trait": "vip", "op": "equals", "value": True},
+    {"trait": "plan", "op": "not_equals", "value": "pro"},
+    {"trait": "plan", "op": "in", "values": ["free", "team"]},
+    {"trait": "email", "op": "contains", "value": "@corp"},
+    {"trait": "tags", "op": "contains", "value": "beta"},
+    {"trait": "age", "op": "exists"},
+    {"trait": "age", "op": "not_exists"},
+    {"trait": "age", "op": "gt", "value": 30},
+    {"trait": "age", "op": "gte", "value": 30},
+    {"trait": "score", "op": "lt", "value": 0.5},
+    {"trait": "score", "op": "lte", "value": 0.5},
+    {"trait": "signed_up_at", "op": "within", "duration": "10d"},
+    {"trait": "signed_up_at", "op": "before", "ago": "20d"},
+    {"trait": "signed_up_at", "op": "after", "value": "2026-02-15T00:00:00Z"},
+    {"trait": "account.tier", "op": "equals", "value": "gold"},
+    {"profile": "orders_count", "op": "gte", "value": 2},
+    {"profile": "revenue", "op": "lt", "value": 100},
+    {"profile": "last_order_at", "op": "within", "duration": "14d"},
+    {"profile": "first_seen", "op": "before", "ago": "30d"},
+    {"performed": "Order Completed"},
+    {"performed": "Order Completed", "count": {"op": "exactly", "value": 2}},
+    {"performed": "Order Completed", "count": {"op": "at_most", "value": 1}},
+    {"performed": "Order Completed", "within": "15d", "count": {"op": "at_least", "value": 1}},
+    {"performed": "Order Completed", "between": {"from": "2026-02-01T00:00:00Z", "to": "2026-02-20T00:00:00Z"}},
+    {"performed": "Order Completed", "where": [{"property": "category", "op": "in", "values": ["shoes"]},
+                                               {"property": "total", "op": "gt", "value": 40}]},
+    {"performed": "Signed In", "within": "7d", "count": {"op": "at_least", "value": 2}},
+    {"not_performed": "Order Completed", "since": "10d"},
+    {"last_performed": "Signed In", "op": "before", "ago": "5d"},
+    {"last_performed": "Signed In", "op": "after", "value": "2026-02-25T00:00:00Z"},
+    {"random_bucket": {"buckets": 10, "below": 3, "salt": "h"}},
+    {"and": [{"trait": "plan", "op": "equals", "value": "pro"}, {"not": {"performed": "Order Completed",
+                                                                          "within": "5d"}}]},
+    {"or": [{"trait": "vip", "op": "equals", "value": True}, {"not_performed": "Signed In", "since": "3d"},
+            {"trait": "signed_up_at", "op": "within", "duration": "4d"}]},
+]
+
+
+async def seed_profiles(h: Harness, n: int = 40) -> None:
+    rnd = random.Random(7)
+    events = []
+    for i in range(n):
+        uid = f"c{i:03d}"
+        traits: dict[str, Any] = {}
+        if rnd.random() < 0.8:
+            traits["plan"] = rnd.choice(["free", "pro", "team"])
+        if rnd.random() < 0.7:
+            traits["age"] = rnd.choice([25, 30, 30.0, 41, "30"])
+        if rnd.random() < 0.5:
+            traits["vip"] = rnd.choice([True, False, 1])
+        if rnd.random() < 0.6:
+            traits["email"] = f"{uid}@{rnd.choice(['corp.com', 'mail.com'])}"
+        if rnd.random() < 0.5:
+            traits["tags"] = rnd.sample(["beta", "alpha", "gamma"], rnd.randint(0, 2))
+        if rnd.random() < 0.6:
+            traits["score"] = round(rnd.random(), 2)
+        if rnd.random() < 0.7:
+            traits["signed_up_at"] = rnd.choice([
+                (START - timedelta(days=rnd.randint(0, 40), hours=rnd.randint(0, 23))).isoformat(),
+                "not a date", "2026-02-30",
+            ])
+        if rnd.random() < 0.3:
+            traits["account"] = {"tier": rnd.choice(["gold", "silver"])}
+        t0 = START - timedelta(days=rnd.randint(0, 45))
+        events.append(make_event(f"{uid}-id", "identify", user_id=uid, traits=traits, timestamp=t0))
+        for k in range(rnd.randint(0, 4)):
+            events.append(make_event(
+                f"{uid}-o{k}", "track", user_id=uid, event="Order Completed",
+                properties={"total": rnd.choice([10, 45, 90]), "category": rnd.choice(["shoes", "books"])},
+                timestamp=START - timedelta(days=rnd.randint(0, 40), hours=rnd.randint(0, 23)),
+            ))
+        for k in range(rnd.randint(0, 3)):
+            events.append(make_event(f"{uid}-s{k}", "track", user_id=uid, event="Signed In",
+                                     timestamp=START - timedelta(days=rnd.randint(0, 12))))
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await h.segmenter.events.handle(uow, events)
+
+
+async def test_sql_and_python_agree_on_members_and_due_moments(harness: Harness) -> None:
+    await seed_profiles(harness)
+    now = harness.clock.now()
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        ids = await profile_store.existing_customer_ids(uow.session, [f"c{i:03d}" for i in range(40)])
+        assert len(ids) == 40
+        for i, definition in enumerate(RULES):
+            seg = compile_segment(f"r{i}", "r", 1, definition)
+            profiles = await profile_store.lock_profiles(uow.session, ids)
+            await fill_snapshots(uow.session, Catalog.build([seg]), profiles)
+            expected = {cid for cid, p in profiles.items() if evaluate(seg.rule, p, now)}
+            got = await segment_store.matching_ids(uow.session, seg.rule, now)
+            assert got == expected, (definition, sorted(got ^ expected))
+            assert 0 < len(expected) < 40 or i in (), definition  # each rule splits the population
+            due_sql = await segment_store.due_moments(uow.session, seg.rule, now)
+            due_py = {cid: next_change_at(seg.rule, p, now) for cid, p in profiles.items()}
+            assert due_sql == due_py, definition

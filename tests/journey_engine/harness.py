@@ -15,7 +15,7 @@ from services.journey_engine.app import create_app
 from services.journey_engine.execution.engine import JourneyEngine
 from services.journey_engine.settings import JourneyEngineSettings
 from shared.clock import ManualClock
-from shared.contracts.events import CustomerEvent, ProfileChanged, SegmentMembershipChanged
+from shared.contracts.events import CustomerEvent, MessageStatus, ProfileChanged, SegmentMembershipChanged
 from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS, PROFILES, SEGMENT_MEMBERSHIP
 from shared.runtime import Platform
 from tests.support import eventually, read_topic, running
@@ -75,6 +75,13 @@ class Harness:
         await self.platform.producer.publish(SEGMENT_MEMBERSHIP.name, customer_id, msg)
         self.published["segments"] += 1
         await self.processed("segments")
+
+    async def message_status(self, customer_id: str, message_id: str, status: str, channel: str = "email") -> None:
+        msg = MessageStatus(status_id=uuid.uuid4().hex, message_id=message_id, customer_id=customer_id,
+                            status=status, channel=channel, occurred_at=self.clock.now())
+        await self.platform.producer.publish(MESSAGE_STATUS.name, customer_id, msg)
+        self.published["statuses"] += 1
+        await self.processed("statuses")
 
     async def processed(self, consumer: str) -> None:
         """Wait until the engine's inbox holds every message published to that consumer so far."""

@@ -98,6 +98,21 @@ def instance_view(row: InstanceRow) -> InstanceView:
     )
 
 
+@dataclass
+class Batch:
+    """What one consumer batch works on: its customers, their active instances and past entries."""
+
+    now: datetime
+    writer: StepWriter
+    customers: dict[str, CustomerView]
+    active: dict[str, list[InstanceRow]]
+    entries: dict[tuple[str, str, str], datetime]
+    journeys: list[ActiveJourney]
+
+    def prune(self, customer_id: str) -> None:
+        self.active[customer_id] = [r for r in self.active[customer_id] if r.status == "active"]
+
+
 class JourneyEngine:
     def __init__(self, platform: Platform, settings: JourneyEngineSettings, clock: Clock) -> None:
         self.platform = platform
@@ -135,6 +150,21 @@ class JourneyEngine:
 
     # ------------------------------------------------------------------ consumers' entry points
 
+    async def _batch(self, session: AsyncSession, customer_ids: list[str]) -> Batch:
+        """Lock the batch's customers, then load everything their steps need in a few queries."""
+        now = self.clock.now()
+        ids = sorted(set(customer_ids))
+        await projection.lock_customers(session, ids)
+        records = await projection.load(session, ids, projection.sends_window(now))
+        active: dict[str, list[InstanceRow]] = {c: [] for c in ids}
+        for row in await instance_store.active_for_customers(session, ids):
+            active[row.customer_id].append(row)
+        return Batch(
+            now=now, writer=StepWriter(now), customers={c: customer_view(r) for c, r in records.items()},
+            active=active, entries=await instance_store.entries_of_customers(session, ids),
+            journeys=await self.active_journeys(session),
+        )
+
     async def on_events(self, uow: UnitOfWork, items: Sequence[tuple[str, CustomerEvent]]) -> None:
         """(event id, event) pairs already claimed in `uow`'s inbox."""
         session = uow.session
@@ -145,77 +175,80 @@ class JourneyEngine:
             session, [i for _, e in tracks for i in (e.user_id, e.anonymous_id) if i is not None]
         )
         owners = [(eid, e, self._customer_of(e, known)) for eid, e in tracks]
-        await projection.lock_customers(session, [c for _, _, c in owners])
-        journeys = await self.active_journeys(session)
+        batch = await self._batch(session, [c for _, _, c in owners])
         for event_id, event, customer_id in owners:
             payload = event.model_dump(mode="json", by_alias=True)
             assert event.event is not None
             await self._apply_trigger(
-                uow, customer_id, EventTrigger(event.event, payload), EventArrived(event.event, payload),
-                journeys, trigger_id=event_id, trigger_context={"trigger": payload},
+                uow, batch, customer_id, EventTrigger(event.event, payload), EventArrived(event.event, payload),
+                trigger_id=event_id, trigger_context={"trigger": payload},
             )
+        await batch.writer.flush(session)
 
     async def on_segment_changes(self, uow: UnitOfWork, items: Sequence[SegmentMembershipChanged]) -> None:
         session = uow.session
-        await projection.lock_customers(session, [m.customer_id for m in items])
-        journeys = await self.active_journeys(session)
+        if not items:
+            return
+        batch = await self._batch(session, [m.customer_id for m in items])
         for m in items:
             await projection.set_membership(session, m.segment_id, m.customer_id, m.change == "entered")
+            customer = batch.customers[m.customer_id]
+            customer.segments = (customer.segments | {m.segment_id} if m.change == "entered"
+                                 else customer.segments - {m.segment_id})
             trigger = {"segment_id": m.segment_id, "segment_name": m.segment_name, "change": m.change}
             await self._apply_trigger(
-                uow, m.customer_id, SegmentTrigger(m.segment_id, m.change), SegmentChanged(m.segment_id, m.change),
-                journeys, trigger_id=m.event_id, trigger_context={"trigger": trigger},
+                uow, batch, m.customer_id, SegmentTrigger(m.segment_id, m.change),
+                SegmentChanged(m.segment_id, m.change), trigger_id=m.event_id, trigger_context={"trigger": trigger},
             )
+        await batch.writer.flush(session)
 
     async def on_profiles(self, uow: UnitOfWork, items: Sequence[ProfileChanged]) -> None:
         session = uow.session
+        if not items:
+            return
         now = self.clock.now()
         await projection.lock_customers(session, [p.customer_id for p in items])
-        journeys: list[ActiveJourney] | None = None
         for p in items:
             if p.kind == ProfileChangeKind.ERASED:
                 await projection.erase(session, p.customer_id)
-                writer = StepWriter(now)
-                for row in await instance_store.active_for_customer(session, p.customer_id):
-                    self._leave(writer, row, "exited", "erased", "exited")
-                await writer.flush(session)
                 continue
             traits = dict(p.traits)
             await projection.upsert_customer(
                 session, p.customer_id, traits,
                 timezone=_str(traits.get("timezone")), locale=_str(traits.get("locale")),
                 email=_str(traits.get("email")), phone=_str(traits.get("phone")), stage=p.lifecycle_stage,
-            now=now)
+                now=now,
+            )
             await projection.add_identities(
                 session, p.customer_id, [i for ids in p.identities.values() for i in ids] + list(p.merged_ids)
             )
-            if p.kind == ProfileChangeKind.STAGE_CHANGED and p.lifecycle_stage:
-                if journeys is None:
-                    journeys = await self.active_journeys(session)
+        batch = await self._batch(session, [p.customer_id for p in items])
+        for p in items:
+            if p.kind == ProfileChangeKind.ERASED:
+                for row in batch.active[p.customer_id]:
+                    self._leave(batch.writer, row, "exited", "erased", "exited")
+                batch.active[p.customer_id] = []
+            elif p.kind == ProfileChangeKind.STAGE_CHANGED and p.lifecycle_stage:
                 trigger = {"lifecycle_stage": p.lifecycle_stage, "previous_stage": p.previous_stage}
                 await self._apply_trigger(
-                    uow, p.customer_id, StageTrigger(p.lifecycle_stage, p.previous_stage), None, journeys,
+                    uow, batch, p.customer_id, StageTrigger(p.lifecycle_stage, p.previous_stage), None,
                     trigger_id=p.event_id, trigger_context={"trigger": trigger},
                 )
+        await batch.writer.flush(session)
 
     async def on_statuses(self, uow: UnitOfWork, items: Sequence[MessageStatus]) -> None:
         session = uow.session
-        now = self.clock.now()
-        await projection.lock_customers(session, [s.customer_id for s in items])
+        if not items:
+            return
+        batch = await self._batch(session, [s.customer_id for s in items])
         for s in items:
-            rows = [
-                r for r in await instance_store.active_for_customer(session, s.customer_id)
-                if r.wait and r.wait.get("kind") == "message" and r.wait.get("message_id") == s.message_id
-            ]
-            if not rows:
-                continue
-            customer = customer_view(
-                (await projection.load(session, [s.customer_id], projection.sends_window(now)))[s.customer_id]
-            )
-            writer = StepWriter(now)
-            for row in rows:
-                await self._react(uow, writer, row, customer, StatusArrived(s.message_id, str(s.status)), now)
-            await writer.flush(session)
+            for row in list(batch.active[s.customer_id]):
+                wait = row.wait or {}
+                if wait.get("kind") == "message" and wait.get("message_id") == s.message_id:
+                    await self._react(uow, batch.writer, row, batch.customers[s.customer_id],
+                                      StatusArrived(s.message_id, str(s.status)), batch.now)
+            batch.prune(s.customer_id)
+        await batch.writer.flush(session)
 
     def _customer_of(self, event: CustomerEvent, known: dict[str, str]) -> str:
         for identity in (event.user_id, event.anonymous_id):
@@ -226,25 +259,22 @@ class JourneyEngine:
     async def _apply_trigger(
         self,
         uow: UnitOfWork,
+        batch: Batch,
         customer_id: str,
         trigger: Trigger,
         arrived: Input | None,
-        journeys: list[ActiveJourney],
         *,
         trigger_id: str,
         trigger_context: dict[str, Any],
     ) -> None:
         """Goals and exit criteria first, then waits that this input satisfies, then new entries."""
         session = uow.session
-        now = self.clock.now()
-        writer = StepWriter(now)
-        rec = (await projection.load(session, [customer_id], projection.sends_window(now)))[customer_id]
-        customer = customer_view(rec)
+        now, writer = batch.now, batch.writer
+        customer = batch.customers[customer_id]
         event_payload = trigger.event if isinstance(trigger, EventTrigger) else {}
         facts = Facts(traits=customer.traits, event=event_payload, customer={"id": customer_id, "stage": customer.stage},
                       segments=customer.segments)
-        active = await instance_store.active_for_customer(session, customer_id)
-        for row in active:
+        for row in list(batch.active[customer_id]):
             graph = await self.graph(session, row.journey_id, row.version)
             if graph is None:
                 continue
@@ -258,19 +288,24 @@ class JourneyEngine:
                 continue
             if arrived is not None:
                 await self._react(uow, writer, row, customer, arrived, now)
-        inside = {(r.journey_id, r.correlation) for r in active if r.status == "active"}
-        for journey in journeys:
+        batch.prune(customer_id)
+        inside = {(r.journey_id, r.correlation) for r in batch.active[customer_id]}
+        for journey in batch.journeys:
             if not triggers(journey.graph.definition, trigger, facts):
                 continue
             correlation = correlation_value(journey.graph.definition, trigger)
             if (journey.row.id, correlation) in inside:
                 continue
-            entered = await self._enter(
-                uow, writer, journey, customer, correlation, trigger_id, dict(trigger_context), now, start_at=None
+            key = (journey.row.id, customer_id, correlation)
+            row = await self._enter(
+                uow, writer, journey, customer, correlation, trigger_id, dict(trigger_context), now, start_at=None,
+                last_entered_at=batch.entries.get(key),
             )
-            if entered:
-                inside.add((journey.row.id, correlation))
-        await writer.flush(session)
+            if row is not None:
+                batch.entries[key] = now
+                if row.status == "active":
+                    batch.active[customer_id].append(row)
+                    inside.add((journey.row.id, correlation))
 
     # ------------------------------------------------------------------ steps
 
@@ -287,18 +322,14 @@ class JourneyEngine:
         *,
         start_at: datetime | None,
         last_entered_at: datetime | None = None,
-        checked_reentry: bool = False,
-    ) -> bool:
+    ) -> InstanceRow | None:
+        """The new instance, or None when the re-entry policy or the entry cap says no."""
         session = uow.session
-        definition = journey.graph.definition
-        if not checked_reentry:
-            last = await instance_store.last_entries(session, journey.row.id, [customer.customer_id])
-            last_entered_at = last.get((customer.customer_id, correlation))
-        allowed, _ = may_reenter(definition, last_entered_at, now)
+        allowed, _ = may_reenter(journey.graph.definition, last_entered_at, now)
         if not allowed:
-            return False
+            return None
         if journey.row.entry_cap is not None and not await journey_store.take_entry_slot(session, journey.row.id):
-            return False
+            return None
         instance_id = str(uuid.uuid5(INSTANCE_NAMESPACE, f"{journey.row.id}|{customer.customer_id}|{trigger_id}"))
         row = InstanceRow(
             id=instance_id, journey_id=journey.row.id, version=journey.row.current_version,
@@ -309,11 +340,11 @@ class JourneyEngine:
         writer.enrolments.append((journey.row.id, customer.customer_id, correlation))
         if start_at is not None and start_at > now:
             writer.timers.append((row.id, row.seq, start_at))
-            return True
+            return row
         outcome = self._walk(journey.graph, row, customer, Start(), now)
         if outcome is not None:
             await self._apply(uow, writer, row, outcome, customer, new=True)
-        return True
+        return row
 
     def _walk(self, graph: Graph, row: InstanceRow, customer: CustomerView, event: Input, now: datetime) -> Outcome | None:
         try:
@@ -491,7 +522,7 @@ class JourneyEngine:
             context: dict[str, Any] = {"trigger": {"broadcast": run_at.isoformat(), "segment_id": entry.segment_id}}
             if await self._enter(
                 uow, writer, journey, customer, "", run_id, context, now, start_at=start_at,
-                last_entered_at=last.get((cid, "")), checked_reentry=True,
+                last_entered_at=last.get((cid, "")),
             ):
                 enrolled += 1
             if len(writer.new_instances) >= 1000:

@@ -79,6 +79,33 @@ async def active_for_customer(session: AsyncSession, customer_id: str) -> list[I
     return [_row(r) for r in rows]
 
 
+async def active_for_customers(session: AsyncSession, customer_ids: list[str]) -> list[InstanceRow]:
+    if not customer_ids:
+        return []
+    rows = await session.execute(
+        text(
+            f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:c AS text[])) AND status = 'active' "
+            "ORDER BY entered_at, id FOR UPDATE"
+        ),
+        {"c": customer_ids},
+    )
+    return [_row(r) for r in rows]
+
+
+async def entries_of_customers(session: AsyncSession, customer_ids: list[str]) -> dict[tuple[str, str, str], datetime]:
+    """(journey, customer, correlation) -> last entry, for the re-entry policy."""
+    if not customer_ids:
+        return {}
+    rows = await session.execute(
+        text(
+            "SELECT journey_id, customer_id, correlation, last_entered_at FROM enrolments "
+            "WHERE customer_id = ANY(CAST(:c AS text[]))"
+        ),
+        {"c": customer_ids},
+    )
+    return {(r[0], r[1], r[2]): r[3] for r in rows}
+
+
 async def active_ids(session: AsyncSession, journey_id: str) -> list[tuple[str, str]]:
     rows = await session.execute(
         text("SELECT id, customer_id FROM instances WHERE journey_id = :j AND status = 'active' ORDER BY id"),
@@ -220,7 +247,8 @@ class StepWriter:
                 "CAST(:status AS text[]), CAST(:wait AS text[]), CAST(:ctx AS text[]), CAST(:seq AS int[]), "
                 "CAST(:reason AS text[])) AS u(id, node, status, wait, ctx, seq, reason) WHERE i.id = u.id"
             ),
-            self._columns(self.changed) | {"now": self.now},
+            # A row stepped twice in one batch is written once, with its final state.
+            self._columns(list({r.id: r for r in self.changed}.values())) | {"now": self.now},
         )
 
 

@@ -1,0 +1,147 @@
+"""Entry: segment enter/exit, lifecycle stage, scheduled broadcasts, re-entry policies, caps, A/B splits."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from shared.contracts.events import CustomerEvent
+from shared.contracts.topics import CUSTOMER_EVENTS
+from tests.journey_engine.harness import ADMIN, engine_running
+from tests.journey_engine.test_timing_and_rules import linear
+
+SEND_AND_WAIT = [
+    {"id": "hello", "type": "send", "channel": "email", "template_id": "hello"},
+    {"id": "wait", "type": "delay", "duration": "P3D"},
+]
+
+
+def segment_journey(**entry: Any) -> dict[str, Any]:
+    j = linear("Segment", "unused", SEND_AND_WAIT, exit_when_entry_false=True)
+    j["entry"] = {"type": "segment", "segment_id": "high-value"} | entry
+    return j
+
+
+async def test_segment_entry_trigger_exit_on_leave_and_current_members(make_settings: Any) -> None:
+    async with engine_running(make_settings) as h:
+        await h.membership("early", "high-value")  # a member before the journey exists
+        future_only = await h.journey(segment_journey())
+        with_current = await h.journey(segment_journey(enrol_current=True))
+        await h.fire_due()  # enrolment of current members runs on the timer loop
+        await h.membership("c1", "high-value")
+        await h.membership("c2", "other-segment")
+        assert [(r.customer_id, r.status) for r in await h.instances(future_only)] == [("c1", "active")]
+        assert [(r.customer_id, r.status) for r in await h.instances(with_current)] == [
+            ("c1", "active"), ("early", "active")]
+        await h.membership("c1", "high-value", "exited")
+        rows = {r.customer_id: r for r in await h.instances(future_only)}
+        assert rows["c1"].status == "exited" and rows["c1"].exit_reason == "entry condition no longer holds"
+        assert sorted(m["customer_id"] for m in await h.requests(until=lambda m: len(m) >= 3)) == ["c1", "c1", "early"]
+
+
+async def test_lifecycle_stage_trigger(make_settings: Any) -> None:
+    journey = linear("Win back", "unused", SEND_AND_WAIT)
+    journey["entry"] = {"type": "lifecycle_stage", "to_stage": "at_risk", "from_stage": "active"}
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(journey)
+        await h.profile("c1", {"email": "c1@example.com"}, kind="stage_changed", stage="at_risk", previous="active")
+        await h.profile("c2", {}, kind="stage_changed", stage="at_risk", previous="new")
+        await h.profile("c3", {}, kind="traits_changed")
+        assert [r.customer_id for r in await h.instances(jid)] == ["c1"]
+        [request] = await h.requests(until=lambda m: len(m) >= 1)
+        assert request["recipient"]["email"] == "c1@example.com"
+
+
+async def test_scheduled_broadcast_in_each_customers_local_time(make_settings: Any) -> None:
+    journey = linear("Newsletter", "unused", [{"id": "news", "type": "send", "channel": "email", "template_id": "news"}],
+                     reentry={"policy": "always"})
+    journey["entry"] = {"type": "schedule", "segment_id": "subscribers", "at": "2026-01-06T00:00:00Z",
+                        "every": "P7D", "local_time": "09:00"}
+    async with engine_running(make_settings) as h:
+        await h.profile("paris", {"timezone": "Europe/Paris"})
+        await h.profile("ny", {"timezone": "America/New_York"})
+        for c in ("paris", "ny"):
+            await h.membership(c, "subscribers")
+        jid = await h.journey(journey)
+        h.clock.set(datetime(2026, 1, 6, 0, 0, tzinfo=UTC))
+        await h.fire_due()
+        assert len(await h.instances(jid)) == 2  # enrolled, each waiting for 09:00 local
+        h.clock.set(datetime(2026, 1, 6, 8, 0, tzinfo=UTC))  # 09:00 Paris
+        assert await h.fire_due() == 1
+        h.clock.set(datetime(2026, 1, 6, 14, 0, tzinfo=UTC))  # 09:00 New York
+        assert await h.fire_due() == 1
+        msgs = await h.requests(until=lambda m: len(m) >= 2)
+        assert [(m["customer_id"], m["requested_at"][:16]) for m in msgs] in (
+            [("paris", "2026-01-06T08:00"), ("ny", "2026-01-06T14:00")],
+        )
+        body = (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()
+        assert body["next_run_at"].startswith("2026-01-13T00:00")
+
+
+async def test_reentry_policies_and_entry_cap(make_settings: Any) -> None:
+    quick = [{"id": "hi", "type": "send", "channel": "sms", "template_id": "hi"}]
+    async with engine_running(make_settings) as h:
+        once = await h.journey(linear("Once", "Ping", quick))
+        after = await h.journey(linear("After", "Ping", quick, reentry={"policy": "after", "days": 2}))
+        always = await h.journey(linear("Always", "Ping", quick, reentry={"policy": "always"}))
+        capped = await h.journey(linear("Capped", "Ping", quick, reentry={"policy": "always"}, entry_cap=2))
+        await h.track("c1", "Ping")
+        await h.advance(timedelta(days=1))
+        await h.track("c1", "Ping")
+        await h.advance(timedelta(days=1, hours=1))
+        await h.track("c1", "Ping")
+        counts = {j: len(await h.instances(j)) for j in (once, after, always, capped)}
+        assert counts == {once: 1, after: 2, always: 3, capped: 2}
+
+
+async def test_ab_split_proportions_and_significance(make_settings: Any) -> None:
+    journey = {
+        "name": "A/B", "entry": {"type": "event", "event": "Joined"}, "goal": {"event": "Purchased"},
+        "nodes": [
+            {"id": "start", "type": "entry"},
+            {"id": "ab", "type": "split", "arms": [{"name": "a", "percent": 50}, {"name": "b", "percent": 30},
+                                                   {"name": "holdout", "percent": 20, "holdout": True}]},
+            {"id": "mail_a", "type": "send", "channel": "email", "template_id": "a"},
+            {"id": "mail_b", "type": "send", "channel": "email", "template_id": "b"},
+            {"id": "wait", "type": "delay", "duration": "P7D"},
+            {"id": "done", "type": "exit"},
+        ],
+        "edges": [
+            {"from": "start", "to": "ab"}, {"from": "ab", "to": "mail_a", "branch": "a"},
+            {"from": "ab", "to": "mail_b", "branch": "b"}, {"from": "ab", "to": "wait", "branch": "holdout"},
+            {"from": "mail_a", "to": "wait"}, {"from": "mail_b", "to": "wait"}, {"from": "wait", "to": "done"},
+        ],
+    }
+    n = 1000
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(journey)
+        now = h.clock.now()
+
+        def event(user: str, name: str) -> CustomerEvent:
+            return CustomerEvent(message_id=uuid.uuid4().hex, type="track", user_id=user, event=name,
+                                 timestamp=now, received_at=now)
+
+        await asyncio.gather(*(h.platform.producer.publish(CUSTOMER_EVENTS.name, f"u{i}", event(f"u{i}", "Joined"))
+                               for i in range(n)))
+        h.published["events"] += n
+        await h.processed("events")
+        arms = {r.arm: r.n for r in await h.rows(
+            "SELECT context->'arms'->>'ab' AS arm, count(*) AS n FROM instances GROUP BY 1")}
+        assert sum(arms.values()) == n
+        for arm, share in (("a", 0.5), ("b", 0.3), ("holdout", 0.2)):
+            assert abs(arms[arm] / n - share) < 0.05, arms
+        # Everyone in arm a buys, nobody else: a is significantly better than the holdout, b is not.
+        buyers = [r.customer_id for r in await h.rows(
+            "SELECT customer_id FROM instances WHERE context->'arms'->>'ab' = 'a'")]
+        await asyncio.gather(*(h.platform.producer.publish(CUSTOMER_EVENTS.name, c, event(c, "Purchased"))
+                               for c in buyers))
+        h.published["events"] += len(buyers)
+        await h.processed("events")
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        [split] = stats["splits"]
+        by_arm = {a["arm"]: a for a in split["arms"]}
+        assert by_arm["a"]["conversion_rate"] == 1.0 and by_arm["a"]["vs_holdout"]["significant_at_0_05"]
+        assert by_arm["b"]["conversion_rate"] == 0.0 and by_arm["b"]["vs_holdout"] is None
+        assert by_arm["holdout"]["customers"] == arms["holdout"]

@@ -243,9 +243,12 @@ def expected_purchases(
     if abs(a - 1.0) < 1e-9:
         a = 1.0 + 1e-9  # the closed form has a removable singularity at a = 1
     z = horizon / (alpha + age + horizon)
-    log_ratio = (r + x) * (np.log(alpha + age) - np.log(alpha + age + horizon))
-    hyp = special.hyp2f1(r + x, b + x, a + b + x - 1, z)
-    numerator = (a + b + x - 1) / (a - 1) * (1.0 - np.exp(log_ratio) * hyp)
+    # Euler's transformation 2F1(A, B; C; z) = (1-z)^(C-A-B) 2F1(C-A, C-B; C; z) turns
+    # ((alpha+T)/(alpha+T+t))^(r+x) 2F1(r+x, b+x; a+b+x-1; z) into a form whose parameters do not grow
+    # with x: the direct one is 0 * inf for heavy buyers over long horizons.
+    ratio = np.exp((a - 1) * (np.log(alpha + age) - np.log(alpha + age + horizon)))
+    hyp = special.hyp2f1(a + b - 1 - r, a - 1, a + b + x - 1, z)
+    numerator = (a + b + x - 1) / (a - 1) * (1.0 - ratio * hyp)
     alive = probability_alive(params, x, t_x, age)
     # P(alive) = 1 / (1 + delta * ...): the denominator of eq. 10 is 1 / P(alive).
     expected: FloatArray = numerator * alive

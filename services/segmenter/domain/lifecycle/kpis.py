@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from services.segmenter.domain.lifecycle.summary import to_day_numbers
 from services.segmenter.domain.lifecycle.voice import nps
 
 DEFAULT_ACTIVE_WINDOW_DAYS = 90
@@ -51,12 +52,7 @@ class PurchaseLog:
     @classmethod
     def from_arrays(cls, customer: npt.ArrayLike, when: npt.ArrayLike) -> PurchaseLog:
         ids = np.asarray(customer)
-        values = np.asarray(when)
-        days = (
-            values.astype("datetime64[D]").astype(np.int64)
-            if np.issubdtype(values.dtype, np.datetime64)
-            else values.astype(np.int64)
-        )
+        days = to_day_numbers(when)
         if ids.shape != days.shape or ids.ndim != 1:
             raise ValueError("customer and when must be 1-d arrays of the same length")
         uniq, code = np.unique(ids, return_inverse=True)
@@ -206,12 +202,7 @@ def nps_over_time(
     Pass one answer per customer per bucket (e.g. each customer's latest) if a customer answering
     twice should count once; this function counts every answer it is given.
     """
-    values = np.asarray(answered)
-    days = (
-        values.astype("datetime64[D]").astype(np.int64)
-        if np.issubdtype(values.dtype, np.datetime64)
-        else values.astype(np.int64)
-    )
+    days = to_day_numbers(answered)
     points = np.asarray(scores, dtype=np.int64)
     start_day, end_day = day_number(start), day_number(end)
     if end_day < start_day:

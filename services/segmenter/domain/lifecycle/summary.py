@@ -20,12 +20,14 @@ Transactions after `observation_end` are ignored: the summary describes a calibr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 
 import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+_EPOCH = date(1970, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,27 @@ class TransactionSummary:
 
 
 def to_day_numbers(when: npt.ArrayLike) -> IntArray:
-    """Days since 1970-01-01 (UTC) of datetime64 values, or integer/float day numbers as given."""
+    """UTC days since 1970-01-01 of datetime64 values, Python datetimes / dates, or day numbers as given.
+
+    Aware datetimes are converted to UTC first; naive ones are taken as UTC.
+    """
     values = np.asarray(when)
+    if values.dtype == object:
+        values = np.asarray([_utc_day(v) for v in values.ravel()], dtype=np.int64).reshape(values.shape)
+        return values
     if np.issubdtype(values.dtype, np.datetime64):
         return values.astype("datetime64[D]").astype(np.int64)
     return np.floor(values.astype(np.float64)).astype(np.int64)
+
+
+def _utc_day(value: object) -> int:
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC)
+        return (value.date() - _EPOCH).days
+    if isinstance(value, date):
+        return (value - _EPOCH).days
+    raise ValueError(f"not a date: {value!r}")
 
 
 def summarize_transactions(

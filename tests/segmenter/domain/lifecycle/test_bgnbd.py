@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 from services.segmenter.domain.lifecycle import bgnbd
 from services.segmenter.domain.lifecycle.summary import summarize_transactions
@@ -166,3 +166,22 @@ def test_analytic_gradient_matches_finite_differences(start: tuple[float, float,
     )
 
     assert error < 1e-5 * max(1.0, float(np.linalg.norm(sample.negative_mean_and_gradient(point)[1])))
+
+
+def test_expected_purchases_of_heavy_buyers_over_long_horizons_stay_finite() -> None:
+    # The untransformed closed form gives 0 * inf = NaN here (FHL's #NUM! problem).
+    horizons = [52.0, 104.0, 520.0]
+    expected = [bgnbd.expected_purchases(PAPER, t, [2000], [51.9], [52.0])[0] for t in horizons]
+    assert all(np.isfinite(expected))
+    assert 0 < expected[0] < expected[1] < expected[2]
+    # Alive and buying ~38 a week: the first year should bring roughly a year's purchases.
+    assert 1000 < expected[0] < 2000 * 1.1
+
+
+def test_expected_purchases_match_the_untransformed_closed_form_where_it_is_stable() -> None:
+    r, alpha, a, b = PAPER.r, PAPER.alpha, PAPER.a, PAPER.b
+    for x, t_x, T, t in [(1, 5.0, 38.0, 10.0), (7, 30.0, 35.0, 52.0), (20, 20.0, 39.0, 39.0)]:
+        hyp = special.hyp2f1(r + x, b + x, a + b + x - 1, t / (alpha + T + t))
+        head = (a + b + x - 1) / (a - 1) * (1 - ((alpha + T) / (alpha + T + t)) ** (r + x) * hyp)
+        direct = head / (1 + a / (b + x - 1) * ((alpha + T) / (alpha + t_x)) ** (r + x))
+        assert bgnbd.expected_purchases(PAPER, t, [x], [t_x], [T])[0] == pytest.approx(direct, rel=1e-9)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime, timedelta, timezone
+
 import numpy as np
 import pytest
 
-from services.segmenter.domain.lifecycle.summary import summarize_transactions
+from services.segmenter.domain.lifecycle.summary import summarize_transactions, to_day_numbers
 from tests.segmenter.domain.lifecycle import cdnow
 
 # The published file rounds to 2 decimals.
@@ -66,3 +68,17 @@ def test_empty_log() -> None:
 def test_mismatched_lengths_are_rejected() -> None:
     with pytest.raises(ValueError):
         summarize_transactions(np.array([1, 2]), np.array([1]), None, 10)
+
+
+def test_python_datetimes_are_utc_days() -> None:
+    paris_evening = datetime(2024, 1, 1, 23, 30, tzinfo=timezone(timedelta(hours=1)))  # 22:30 UTC, Jan 1st
+    tokyo_morning = datetime(2024, 1, 2, 8, 0, tzinfo=timezone(timedelta(hours=9)))  # 23:00 UTC, Jan 1st
+    got = to_day_numbers(
+        np.array(
+            [paris_evening, tokyo_morning, datetime(2024, 1, 2, tzinfo=UTC), date(2024, 1, 3)], dtype=object
+        )
+    )
+    jan_1 = (date(2024, 1, 1) - date(1970, 1, 1)).days
+    assert list(got) == [jan_1, jan_1, jan_1 + 1, jan_1 + 2]
+    with pytest.raises(ValueError):
+        to_day_numbers(np.array(["yesterday"], dtype=object))

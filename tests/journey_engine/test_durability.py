@@ -1,0 +1,59 @@
+"""Timers survive a stopped engine and fire exactly once, even with two engines racing on one table;
+a failed batch rolls back and its timers fire on the next pass."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from shared.clock import ManualClock
+from tests.journey_engine.harness import START, engine_running
+from tests.journey_engine.test_timing_and_rules import linear
+
+DELAYED = linear("Delayed", "Signed Up", [
+    {"id": "wait", "type": "delay", "duration": "PT1H"},
+    {"id": "mail", "type": "send", "channel": "email", "template_id": "later"},
+])
+CUSTOMERS = 120
+
+
+async def test_timers_due_while_stopped_fire_once_across_two_racing_engines(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock(START)
+    async with engine_running(make_settings, clock=clock) as h:
+        jid = await h.journey(DELAYED)
+        for i in range(CUSTOMERS):
+            await h.track(f"c{i}", "Signed Up", wait=False)
+        await h.processed("events")
+        assert await h.scalar("SELECT count(*) FROM timers") == CUSTOMERS
+    clock.advance(timedelta(hours=3))  # every timer came due while no engine ran
+
+    async with engine_running(make_settings, clock=clock, timer_batch_size=7) as one, \
+            engine_running(make_settings, clock=clock, timer_batch_size=7) as two:
+        # A crash mid-batch: the step fails after claiming, the transaction rolls back, nothing is lost.
+        def explode(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("engine crashed mid-step")
+
+        monkeypatch.setattr(one.engine, "_react", explode)
+        with pytest.raises(RuntimeError):
+            await one.engine.run_once()
+        assert await one.scalar("SELECT count(*) FROM timers") == CUSTOMERS
+        monkeypatch.undo()
+
+        claimed = await asyncio.gather(one.fire_due(), two.fire_due(), one.fire_due(), two.fire_due())
+        assert sum(claimed) == CUSTOMERS
+        assert claimed[0] + claimed[2] > 0 and claimed[1] + claimed[3] > 0  # both engines did work
+        assert await one.scalar("SELECT count(*) FROM timers") == 0
+        assert await one.scalar("SELECT count(*) FROM message_log") == CUSTOMERS
+        assert {r.status for r in await one.instances(jid)} == {"exited"}
+        requests = await one.requests(until=lambda m: len(m) >= CUSTOMERS, idle=1.0)
+        assert len(requests) == CUSTOMERS
+        assert len({m["message_id"] for m in requests}) == CUSTOMERS
+        stats = (await one.client.get(f"/v1/journeys/{jid}/stats",
+                                      headers={"Authorization": "Bearer test-admin-token"})).json()
+        nodes = {n["node_id"]: n for n in stats["versions"][0]["nodes"]}
+        assert nodes["wait"]["passed"] == CUSTOMERS and nodes["mail"]["passed"] == CUSTOMERS

@@ -8,6 +8,7 @@ import contextlib
 import aiosmtplib
 
 from services.notifier.channels.base import Delivery, SendResult
+from services.notifier.domain.email_content import envelope_sender, to_wire
 from services.notifier.domain.retry_policy import Failure
 from services.notifier.settings import ProviderConfig
 
@@ -50,7 +51,9 @@ class SmtpProvider:
                 client = self._idle.get_nowait() if not self._idle.empty() else await self._connect()
                 if not client.is_connected:
                     client = await self._connect()
-                errors, response = await client.send_message(delivery.email)
+                errors, response = await client.sendmail(
+                    envelope_sender(delivery.email), [delivery.to], to_wire(delivery.email)
+                )
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 code = exc.recipients[0].code if exc.recipients else 550
                 self._recycle(client)

@@ -141,4 +141,4 @@ def test_marketing_email_has_one_click_headers_and_both_parts() -> None:
     assert mail["List-Unsubscribe"] == "<https://n.example.com/u/x>"
     assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert mail["Message-ID"] == "<m1@clm.example>"
-    assert [p.get_content_type() for p in mail.iter_parts()] == ["text/plain", "text/html"]
+    assert [p.get_content_type() for p in mail.get_payload()] == ["text/plain", "text/html"]

@@ -56,7 +56,7 @@ from services.journey_engine.settings import JourneyEngineSettings
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import projection
-from services.journey_engine.store.instances import InstanceRow, StepWriter
+from services.journey_engine.store.instances import InstanceConflict, InstanceRow, StepWriter
 from services.journey_engine.store.journeys import JourneyRow
 from shared.clock import Clock
 from shared.contracts.events import (
@@ -155,7 +155,7 @@ class JourneyEngine:
         now = self.clock.now()
         ids = sorted(set(customer_ids))
         await projection.lock_customers(session, ids)
-        records = await projection.load(session, ids, projection.sends_window(now))
+        records = await projection.load(session, ids, projection.sends_window(now, bool(self.rules.caps)))
         active: dict[str, list[InstanceRow]] = {c: [] for c in ids}
         for row in await instance_store.active_for_customers(session, ids):
             active[row.customer_id].append(row)
@@ -457,7 +457,10 @@ class JourneyEngine:
             claimed = await instance_store.claim_due_timers(session, now, self.settings.timer_batch_size)
             if claimed:
                 ids = sorted({t.instance_id for t in claimed})
-                await projection.lock_customers_of_instances(session, ids)
+                if self.rules.caps:
+                    # Frequency caps count sends across journeys: serialize each customer's steps.
+                    # (Without caps an instance's own row lock is all a timer step needs.)
+                    await projection.lock_customers_of_instances(session, ids)
                 rows = {r.id: r for r in await instance_store.lock_instances(session, ids)}
                 live: dict[str, InstanceRow] = {}
                 for t in claimed:
@@ -466,7 +469,7 @@ class JourneyEngine:
                     if row is not None and row.status == "active" and row.seq == t.seq:
                         live[row.id] = row
                 records = await projection.load(
-                    session, [r.customer_id for r in live.values()], projection.sends_window(now)
+                    session, [r.customer_id for r in live.values()], projection.sends_window(now, bool(self.rules.caps))
                 )
                 customers = {cid: customer_view(rec) for cid, rec in records.items()}
                 writer = StepWriter(now)
@@ -475,7 +478,9 @@ class JourneyEngine:
                 await writer.flush(session)
         if claimed and self.on_fired is not None:
             self.on_fired([t.due_at for t in claimed])
-        await self.run_due_broadcasts()
+        if len(claimed) < self.settings.timer_batch_size:
+            # Not behind on timers: look for due broadcasts (skipped while draining a backlog).
+            await self.run_due_broadcasts()
         return len(claimed)
 
     async def run_due_broadcasts(self) -> int:
@@ -509,7 +514,7 @@ class JourneyEngine:
         inside = {c for _, c in await instance_store.active_ids(session, journey.row.id)}
         candidates = [c for c in members if c not in inside]
         last = await instance_store.last_entries(session, journey.row.id, candidates)
-        records = await projection.load(session, candidates, projection.sends_window(now))
+        records = await projection.load(session, candidates, projection.sends_window(now, bool(self.rules.caps)))
         writer = StepWriter(now)
         enrolled = 0
         run_id = f"run:{run_at.isoformat()}"
@@ -537,6 +542,9 @@ class JourneyEngine:
                 claimed = await self.run_once()
             except asyncio.CancelledError:
                 raise
+            except InstanceConflict:
+                # An event stepped one of the instances meanwhile: the batch rolled back, go again.
+                continue
             except Exception:
                 log.exception("timer batch failed; retrying")
                 claimed = 0

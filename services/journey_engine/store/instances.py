@@ -26,6 +26,16 @@ class InstanceRow:
     seq: int
     entered_at: datetime
     exit_reason: str | None = None
+    # The seq as read: the update only applies if nobody stepped the instance since (optimistic lock).
+    read_seq: int = -1
+
+    def __post_init__(self) -> None:
+        if self.read_seq < 0:
+            self.read_seq = self.seq
+
+
+class InstanceConflict(Exception):
+    """An instance moved on since it was read (a guard: steps hold the row lock): roll back, retry."""
 
 
 _COLUMNS = "id, journey_id, version, customer_id, correlation, status, node_id, wait, context, seq, entered_at, exit_reason"
@@ -59,22 +69,12 @@ async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> 
 
 
 async def lock_instances(session: AsyncSession, ids: list[str]) -> list[InstanceRow]:
+    """Row locks are always taken in id order (here and below), so two batches never deadlock."""
     if not ids:
         return []
     rows = await session.execute(
         text(f"SELECT {_COLUMNS} FROM instances WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE"),
         {"ids": ids},
-    )
-    return [_row(r) for r in rows]
-
-
-async def active_for_customer(session: AsyncSession, customer_id: str) -> list[InstanceRow]:
-    rows = await session.execute(
-        text(
-            f"SELECT {_COLUMNS} FROM instances WHERE customer_id = :c AND status = 'active' "
-            "ORDER BY entered_at, id FOR UPDATE"
-        ),
-        {"c": customer_id},
     )
     return [_row(r) for r in rows]
 
@@ -85,11 +85,11 @@ async def active_for_customers(session: AsyncSession, customer_ids: list[str]) -
     rows = await session.execute(
         text(
             f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:c AS text[])) AND status = 'active' "
-            "ORDER BY entered_at, id FOR UPDATE"
+            "ORDER BY id FOR UPDATE"
         ),
         {"c": customer_ids},
     )
-    return [_row(r) for r in rows]
+    return sorted((_row(r) for r in rows), key=lambda r: (r.entered_at, r.id))
 
 
 async def entries_of_customers(session: AsyncSession, customer_ids: list[str]) -> dict[tuple[str, str, str], datetime]:
@@ -195,6 +195,8 @@ class StepWriter:
                 {"j": [e[0] for e in self.enrolments], "c": [e[1] for e in self.enrolments],
                  "k": [e[2] for e in self.enrolments], "now": self.now},
             )
+        for r in (*self.new_instances, *self.changed):
+            r.read_seq = r.seq
         self.new_instances.clear()
         self.changed.clear()
         self.timers.clear()
@@ -239,17 +241,24 @@ class StepWriter:
         )
 
     async def _update_instances(self, session: AsyncSession) -> None:
-        await session.execute(
+        # A row stepped twice in one batch is written once, with its final state.
+        new_ids = {r.id for r in self.new_instances}
+        rows = [r for r in {r.id: r for r in self.changed}.values() if r.id not in new_ids]
+        if not rows:
+            return
+        result = await session.execute(
             text(
                 "UPDATE instances AS i SET node_id = u.node, status = u.status, wait = CAST(u.wait AS jsonb), "
                 "context = CAST(u.ctx AS jsonb), seq = u.seq, exit_reason = u.reason, "
                 "updated_at = CAST(:now AS timestamptz) FROM unnest(CAST(:id AS text[]), CAST(:node AS text[]), "
                 "CAST(:status AS text[]), CAST(:wait AS text[]), CAST(:ctx AS text[]), CAST(:seq AS int[]), "
-                "CAST(:reason AS text[])) AS u(id, node, status, wait, ctx, seq, reason) WHERE i.id = u.id"
+                "CAST(:reason AS text[]), CAST(:read_seq AS int[])) AS u(id, node, status, wait, ctx, seq, reason, "
+                "read_seq) WHERE i.id = u.id AND i.seq = u.read_seq"
             ),
-            # A row stepped twice in one batch is written once, with its final state.
-            self._columns(list({r.id: r for r in self.changed}.values())) | {"now": self.now},
+            self._columns(rows) | {"now": self.now, "read_seq": [r.read_seq for r in rows]},
         )
+        if int(getattr(result, "rowcount", len(rows))) != len(rows):
+            raise InstanceConflict(f"{len(rows) - int(getattr(result, 'rowcount', 0))} instance(s) moved on")
 
 
 # --------------------------------------------------------------------------- stats

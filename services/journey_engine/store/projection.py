@@ -62,29 +62,32 @@ async def resolve(session: AsyncSession, identities: list[str]) -> dict[str, str
     return {r[0]: r[1] for r in rows}
 
 
-async def load(session: AsyncSession, customer_ids: list[str], sends_since: datetime) -> dict[str, CustomerRecord]:
-    """Projection rows (or empty records for unknown customers), memberships and recent marketing sends."""
+async def load(
+    session: AsyncSession, customer_ids: list[str], sends_since: datetime | None
+) -> dict[str, CustomerRecord]:
+    """Projection rows (or empty records for unknown customers), memberships and recent marketing sends
+    (only when `sends_since` is given: frequency caps are configured)."""
     ids = list(set(customer_ids))
     out = {c: CustomerRecord(c) for c in ids}
     if not ids:
         return out
+    # One round trip: the projection row (if any) and the segment memberships of each customer.
     rows = await session.execute(
         text(
-            "SELECT customer_id, traits, timezone, locale, email, phone, stage FROM customers "
-            "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+            "SELECT x.id, c.traits, c.timezone, c.locale, c.email, c.phone, c.stage, "
+            "ARRAY(SELECT m.segment_id FROM segment_members AS m WHERE m.customer_id = x.id) "
+            "FROM unnest(CAST(:ids AS text[])) AS x(id) LEFT JOIN customers AS c ON c.customer_id = x.id"
         ),
         {"ids": ids},
     )
-    for cid, traits, tz, locale, email, phone, stage in rows:
+    for cid, traits, tz, locale, email, phone, stage, segments in rows:
         rec = out[cid]
-        rec.traits = traits if isinstance(traits, dict) else orjson.loads(traits)
+        if traits is not None:
+            rec.traits = traits if isinstance(traits, dict) else orjson.loads(traits)
         rec.timezone, rec.locale, rec.email, rec.phone, rec.stage = tz, locale, email, phone, stage
-    rows = await session.execute(
-        text("SELECT customer_id, segment_id FROM segment_members WHERE customer_id = ANY(CAST(:ids AS text[]))"),
-        {"ids": ids},
-    )
-    for cid, seg in rows:
-        out[cid].segments.add(seg)
+        rec.segments = set(segments or ())
+    if sends_since is None:
+        return out
     rows = await session.execute(
         text(
             "SELECT customer_id, channel, decided_at FROM message_log WHERE customer_id = ANY(CAST(:ids AS text[])) "
@@ -177,6 +180,6 @@ async def segment_member_ids(session: AsyncSession, segment_id: str) -> list[str
     return [r[0] for r in rows]
 
 
-def sends_window(now: datetime) -> datetime:
+def sends_window(now: datetime, caps_configured: bool = True) -> datetime | None:
     """How far back frequency caps look (a rolling week, plus a day for calendar days in any timezone)."""
-    return now - timedelta(days=8)
+    return now - timedelta(days=8) if caps_configured else None

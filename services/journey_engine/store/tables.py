@@ -93,7 +93,6 @@ instances = sa.Table(
         "instances_active_once_per_key", "journey_id", "customer_id", "correlation", unique=True,
         postgresql_where=sa.text("status = 'active'"),
     ),
-    sa.Index("instances_by_node", "journey_id", "version", "node_id"),
 )
 
 # The last entry per (journey, customer, correlation value): the re-entry policy's memory.

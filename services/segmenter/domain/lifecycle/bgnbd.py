@@ -8,6 +8,7 @@ Everything is vectorized over customers and computed in log space.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,6 +240,23 @@ def expected_purchases(
     horizon = np.broadcast_to(np.asarray(t, dtype=np.float64), x.shape)
     if np.any(horizon < 0):
         raise ValueError("t must be >= 0")
+    return _expected_purchases(params, horizon, x, age, probability_alive(params, x, t_x, age))
+
+
+def expected_purchases_at(
+    params: BgNbdParams, horizons: Sequence[float], frequency: ArrayLike, recency: ArrayLike, T: ArrayLike
+) -> list[FloatArray]:
+    """`expected_purchases` at several horizons, sharing P(alive) and the input checks (used by CLV)."""
+    x, t_x, age = _arrays(frequency, recency, T)
+    if any(h < 0 for h in horizons):
+        raise ValueError("horizons must be >= 0")
+    alive = probability_alive(params, x, t_x, age)
+    return [_expected_purchases(params, np.full(x.shape, float(h)), x, age, alive) for h in horizons]
+
+
+def _expected_purchases(
+    params: BgNbdParams, horizon: FloatArray, x: FloatArray, age: FloatArray, alive: FloatArray
+) -> FloatArray:
     r, alpha, a, b = params.r, params.alpha, params.a, params.b
     if abs(a - 1.0) < 1e-9:
         a = 1.0 + 1e-9  # the closed form has a removable singularity at a = 1
@@ -249,7 +267,6 @@ def expected_purchases(
     ratio = np.exp((a - 1) * (np.log(alpha + age) - np.log(alpha + age + horizon)))
     hyp = special.hyp2f1(a + b - 1 - r, a - 1, a + b + x - 1, z)
     numerator = (a + b + x - 1) / (a - 1) * (1.0 - ratio * hyp)
-    alive = probability_alive(params, x, t_x, age)
     # P(alive) = 1 / (1 + delta * ...): the denominator of eq. 10 is 1 / P(alive).
     expected: FloatArray = numerator * alive
     return expected

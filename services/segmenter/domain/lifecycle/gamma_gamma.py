@@ -196,10 +196,11 @@ def customer_lifetime_value(
         raise ValueError("need months >= 0, discount rate > -1 and periods_per_month > 0")
     profit = expected_average_profit(spend, frequency, monetary_value)
     x = np.asarray(frequency, dtype=np.float64)
+    horizons = [month * periods_per_month for month in range(1, months + 1)]
+    cumulative = bgnbd.expected_purchases_at(transactions, horizons, x, recency, T)
     clv = np.zeros_like(x)
     previous = np.zeros_like(x)
-    for month in range(1, months + 1):
-        cumulative = bgnbd.expected_purchases(transactions, month * periods_per_month, x, recency, T)
-        clv += profit * (cumulative - previous) / (1.0 + monthly_discount_rate) ** month
-        previous = cumulative
+    for month, purchases in enumerate(cumulative, start=1):
+        clv += profit * (purchases - previous) / (1.0 + monthly_discount_rate) ** month
+        previous = purchases
     return clv

@@ -12,14 +12,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.segmenter.domain.lifecycle import bgnbd
+from services.segmenter.domain.lifecycle import bgnbd, rfm
 from services.segmenter.domain.lifecycle import gamma_gamma as gg
 from services.segmenter.domain.lifecycle.stages import MetricField, MetricValue
 from services.segmenter.domain.lifecycle.voice import nps_category
 
 SECONDS_PER_DAY = 86_400.0
+FloatArray = npt.NDArray[np.float64]
 
 
 class SnapshotSettings(BaseModel):
@@ -126,3 +129,99 @@ def customer_metrics(
             )
             metrics[MetricField.PREDICTED_CLV] = float(clv[0])
     return metrics
+
+
+# --------------------------------------------------------------------------- the whole base at once
+
+
+@dataclass(frozen=True)
+class BaseHistory:
+    """Per-customer aggregates of a whole base as aligned float arrays (NaN = unknown / none).
+
+    Days are UTC day numbers; `frequency`, `recency`, `T` and `repeat_mean_value` are the BG/NBD and
+    Gamma-Gamma inputs (section 1 of docs/lifecycle.md) in the model's time unit.
+    """
+
+    orders: FloatArray
+    revenue: FloatArray
+    first_order_day: FloatArray
+    last_order_day: FloatArray
+    signup_day: FloatArray
+    orders_recent: FloatArray  # orders in the last growth window
+    orders_previous: FloatArray  # orders in the window before
+    frequency: FloatArray
+    recency: FloatArray
+    T: FloatArray
+    repeat_mean_value: FloatArray
+    nps_score: FloatArray
+    csat_score: FloatArray
+    referrals_given: FloatArray
+
+
+def base_columns(
+    history: BaseHistory,
+    as_of_day: float,
+    models: FittedModels | None = None,
+    settings: SnapshotSettings | None = None,
+) -> tuple[dict[str, FloatArray | npt.NDArray[np.str_] | npt.NDArray[np.int64]], rfm.RfmScores]:
+    """The metric columns of every customer (for `stages.classify_many`), and the base's RFM scores.
+
+    Same definitions as `customer_metrics`, vectorized; RFM quintiles are computed over this base.
+    """
+    cfg = settings or SnapshotSettings()
+    bought = history.orders > 0
+    unknown = np.full(history.orders.shape, np.nan)
+    since_last = np.where(bought, as_of_day - history.last_order_day, np.nan)
+    scores = rfm.score(since_last, history.orders.astype(np.int64), history.revenue)
+    category = np.select(
+        [history.nps_score >= 9, history.nps_score >= 7, history.nps_score >= 0],
+        ["promoter", "passive", "detractor"],
+        default="",
+    )
+    columns: dict[str, FloatArray | npt.NDArray[np.str_] | npt.NDArray[np.int64]] = {
+        MetricField.ORDERS.value: history.orders,
+        MetricField.REVENUE.value: history.revenue,
+        MetricField.DAYS_SINCE_SIGNUP.value: np.maximum(as_of_day - history.signup_day, 0.0),
+        MetricField.DAYS_SINCE_FIRST_ORDER.value: np.where(
+            bought, as_of_day - history.first_order_day, np.nan
+        ),
+        MetricField.DAYS_SINCE_LAST_ORDER.value: since_last,
+        MetricField.ORDER_TREND.value: history.orders_recent - history.orders_previous,
+        MetricField.NPS_SCORE.value: history.nps_score,
+        MetricField.NPS_CATEGORY.value: category,
+        MetricField.CSAT_SCORE.value: history.csat_score,
+        MetricField.REFERRALS_GIVEN.value: history.referrals_given,
+        MetricField.RFM_R.value: scores.r_score,
+        MetricField.RFM_F.value: scores.f_score,
+        MetricField.RFM_M.value: scores.m_score,
+        MetricField.P_ALIVE.value: unknown,
+        MetricField.CHURN_RISK.value: unknown,
+        MetricField.EXPECTED_ORDERS.value: unknown,
+        MetricField.PREDICTED_CLV.value: unknown,
+    }
+    if models is not None:
+        # Predictions only for buyers: leads have no purchase history to condition on.
+        x, t_x, T = history.frequency[bought], history.recency[bought], history.T[bought]
+        p_alive = unknown.copy()
+        p_alive[bought] = bgnbd.probability_alive(models.transactions, x, t_x, T)
+        columns[MetricField.P_ALIVE.value] = p_alive
+        columns[MetricField.CHURN_RISK.value] = 1.0 - p_alive
+        horizon = cfg.prediction_horizon_days / cfg.model_time_unit_days
+        expected = unknown.copy()
+        expected[bought] = bgnbd.expected_purchases(models.transactions, horizon, x, t_x, T)
+        columns[MetricField.EXPECTED_ORDERS.value] = expected
+        if models.spend is not None:
+            clv = unknown.copy()
+            clv[bought] = gg.customer_lifetime_value(
+                models.transactions,
+                models.spend,
+                x,
+                t_x,
+                T,
+                history.repeat_mean_value[bought],
+                months=cfg.clv_months,
+                monthly_discount_rate=cfg.monthly_discount_rate,
+                periods_per_month=(365.25 / 12) / cfg.model_time_unit_days,
+            )
+            columns[MetricField.PREDICTED_CLV.value] = clv
+    return columns, scores

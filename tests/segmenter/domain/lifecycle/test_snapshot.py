@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 
 from services.segmenter.domain.lifecycle import bgnbd
 from services.segmenter.domain.lifecycle import gamma_gamma as gg
 from services.segmenter.domain.lifecycle.snapshot import (
+    BaseHistory,
     FittedModels,
     Order,
     SnapshotSettings,
+    base_columns,
     customer_metrics,
 )
-from services.segmenter.domain.lifecycle.stages import Stage, classify, default_policy
+from services.segmenter.domain.lifecycle.stages import (
+    Stage,
+    classify,
+    classify_many,
+    default_policy,
+    stage_names,
+)
+from services.segmenter.domain.lifecycle.summary import summarize_transactions
 
 AS_OF = datetime(2026, 6, 30, 12, 0, tzinfo=UTC)
 MODELS = FittedModels(
@@ -108,3 +118,78 @@ def test_rising_orders_and_a_shorter_growth_window() -> None:
     metrics = customer_metrics(as_of=AS_OF, orders=orders, models=FittedModels(MODELS.transactions))
     assert metrics["predicted_clv"] is None
     assert metrics["p_alive"] is not None
+
+
+def test_the_vectorized_base_path_agrees_with_the_per_customer_one() -> None:
+    customers = {
+        "lead": ([], days_ago(3), None),
+        "new": ([Order(days_ago(4), 30.0)], days_ago(5), 10),
+        "loyal": (
+            [Order(days_ago(d), 20.0 + d / 10) for d in (300, 210, 150, 80, 40, 30, 7)],
+            days_ago(400),
+            8,
+        ),
+        "gone": ([Order(days_ago(700), 15.0), Order(days_ago(690), 25.0)], days_ago(800), 3),
+    }
+    as_of_day = float(to_day(AS_OF))
+    rows: dict[str, list[float]] = {name: [] for name in BaseHistory.__dataclass_fields__}
+    for orders, signed_up, nps in customers.values():
+        ages = [(AS_OF - o.at).days + (AS_OF - o.at).seconds / 86400 for o in orders]
+        summary = summarize_transactions(
+            np.zeros(len(orders), dtype=np.int64),
+            np.array([o.at.replace(tzinfo=None) for o in orders], dtype="datetime64[D]"),
+            np.array([o.amount for o in orders]),
+            np.datetime64(AS_OF.date()),
+            time_unit_days=7,
+        )
+        bought = len(summary) == 1
+        rows["orders"].append(len(orders))
+        rows["revenue"].append(sum(o.amount for o in orders))
+        rows["first_order_day"].append(as_of_day - max(ages) if orders else np.nan)
+        rows["last_order_day"].append(as_of_day - min(ages) if orders else np.nan)
+        rows["signup_day"].append(as_of_day - (AS_OF - signed_up).days)
+        rows["orders_recent"].append(sum(1 for a in ages if a < 90))
+        rows["orders_previous"].append(sum(1 for a in ages if 90 <= a < 180))
+        rows["frequency"].append(float(summary.frequency[0]) if bought else 0.0)
+        rows["recency"].append(float(summary.recency[0]) if bought else 0.0)
+        rows["T"].append(float(summary.T[0]) if bought else 0.0)
+        rows["repeat_mean_value"].append(float(summary.monetary_value[0]) if bought else 0.0)
+        rows["nps_score"].append(np.nan if nps is None else nps)
+        rows["csat_score"].append(np.nan)
+        rows["referrals_given"].append(0.0)
+    history = BaseHistory(**{name: np.array(values, dtype=np.float64) for name, values in rows.items()})
+
+    columns, scores = base_columns(history, as_of_day, MODELS)
+    vectorized = stage_names(classify_many(columns, default_policy()))
+
+    for i, (orders, signed_up, nps) in enumerate(customers.values()):
+        rfm = (int(scores.r_score[i]), int(scores.f_score[i]), int(scores.m_score[i]))
+        single = customer_metrics(
+            as_of=AS_OF, orders=orders, signed_up_at=signed_up, models=MODELS, latest_nps=nps, rfm_scores=rfm
+        )
+        for field in (
+            "orders",
+            "revenue",
+            "days_since_first_order",
+            "days_since_last_order",
+            "order_trend",
+            "p_alive",
+            "churn_risk",
+            "expected_orders",
+            "predicted_clv",
+            "nps_category",
+        ):
+            got, want = columns[field][i], single[field]
+            if want is None:
+                assert got == "" or np.isnan(got), field
+            elif isinstance(want, str):
+                assert got == want, field
+            else:
+                assert float(got) == pytest.approx(want, rel=1e-9, abs=1e-9), field
+        assert vectorized[i] == classify(single, default_policy()).stage.value
+    # new: a promoter (advocacy outranks onboarding); loyal: 4 orders in the last 90 days vs 1 before.
+    assert list(vectorized) == ["onboarding", "advocacy", "growth", "churned"]
+
+
+def to_day(moment: datetime) -> int:
+    return (moment.date() - datetime(1970, 1, 1).date()).days

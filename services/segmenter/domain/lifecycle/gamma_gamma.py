@@ -10,6 +10,7 @@ Spend is assumed independent of the purchase process, which is what lets it be c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,19 @@ class GammaGammaFit:
     message: str
     n_customers: int
     method: str
+
+    def as_json(self) -> dict[str, Any]:
+        """Parameters and diagnostics, ready for an API response."""
+        return {
+            "params": dict(self.params.__dict__),
+            "log_likelihood": self.log_likelihood,
+            "iterations": self.iterations,
+            "function_evaluations": self.function_evaluations,
+            "converged": self.converged,
+            "message": self.message,
+            "n_customers": self.n_customers,
+            "method": self.method,
+        }
 
 
 def _repeat_buyers(frequency: ArrayLike, monetary_value: ArrayLike) -> tuple[FloatArray, FloatArray]:

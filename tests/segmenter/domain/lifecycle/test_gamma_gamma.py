@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,14 @@ def test_invalid_spend_is_rejected() -> None:
         gg.fit([1, 2], [10.0, -1.0])
     with pytest.raises(ValueError):
         gg.fit([0, 0], [0.0, 0.0])
+
+
+def test_fit_diagnostics_are_json_ready(spend_fit: gg.GammaGammaFit) -> None:
+    data = cdnow.summary()
+    dumped = json.loads(json.dumps(bgnbd.fit(data.x, data.t_x, data.T).as_json()))
+    assert set(dumped["params"]) == {"r", "alpha", "a", "b"}
+    assert dumped["converged"] is True
+    assert dumped["n_customers"] == 2357
+    spend = json.loads(json.dumps(spend_fit.as_json()))
+    assert spend["params"]["p"] == pytest.approx(spend_fit.params.p)
+    assert spend["method"] == "L-BFGS-B"

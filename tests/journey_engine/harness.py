@@ -16,7 +16,13 @@ from services.journey_engine.execution.engine import JourneyEngine
 from services.journey_engine.settings import JourneyEngineSettings
 from shared.clock import ManualClock
 from shared.contracts.events import CustomerEvent, MessageStatus, ProfileChanged, SegmentMembershipChanged
-from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS, PROFILES, SEGMENT_MEMBERSHIP
+from shared.contracts.topics import (
+    CUSTOMER_EVENTS,
+    MESSAGE_REQUESTS,
+    MESSAGE_STATUS,
+    PROFILES,
+    SEGMENT_MEMBERSHIP,
+)
 from shared.runtime import Platform
 from tests.support import eventually, read_topic, running
 
@@ -25,8 +31,14 @@ ADMIN = {"Authorization": "Bearer test-admin-token"}
 
 
 class Harness:
-    def __init__(self, client: httpx.AsyncClient, settings: JourneyEngineSettings, clock: ManualClock,
-                 platform: Platform, engine: JourneyEngine) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        settings: JourneyEngineSettings,
+        clock: ManualClock,
+        platform: Platform,
+        engine: JourneyEngine,
+    ) -> None:
         self.client = client
         self.settings = settings
         self.clock = clock
@@ -36,9 +48,13 @@ class Harness:
 
     # ---- journeys
 
-    async def journey(self, definition: dict[str, Any], journey_id: str | None = None, activate: bool = True) -> str:
+    async def journey(
+        self, definition: dict[str, Any], journey_id: str | None = None, activate: bool = True
+    ) -> str:
         journey_id = journey_id or uuid.uuid4().hex[:8]
-        r = await self.client.post("/v1/journeys", json={"id": journey_id, "definition": definition}, headers=ADMIN)
+        r = await self.client.post(
+            "/v1/journeys", json={"id": journey_id, "definition": definition}, headers=ADMIN
+        )
         assert r.status_code == 201, r.text
         if activate:
             r = await self.client.post(f"/v1/journeys/{journey_id}/activate", headers=ADMIN)
@@ -47,38 +63,75 @@ class Harness:
 
     # ---- inputs
 
-    async def track(self, user: str, name: str, properties: dict[str, Any] | None = None, *, wait: bool = True) -> str:
+    async def track(
+        self, user: str, name: str, properties: dict[str, Any] | None = None, *, wait: bool = True
+    ) -> str:
         now = self.clock.now()
         mid = uuid.uuid4().hex
-        event = CustomerEvent(message_id=mid, type="track", user_id=user, event=name, properties=properties or {},
-                              timestamp=now, received_at=now)
+        event = CustomerEvent(
+            message_id=mid,
+            type="track",
+            user_id=user,
+            event=name,
+            properties=properties or {},
+            timestamp=now,
+            received_at=now,
+        )
         await self.platform.producer.publish(CUSTOMER_EVENTS.name, user, event)
         self.published["events"] += 1
         if wait:
             await self.processed("events")
         return mid
 
-    async def profile(self, customer_id: str, traits: dict[str, Any], *, kind: str = "traits_changed",
-                      stage: str | None = None, previous: str | None = None,
-                      identities: dict[str, list[str]] | None = None) -> None:
-        msg = ProfileChanged(event_id=uuid.uuid4().hex, customer_id=customer_id, kind=kind,
-                             occurred_at=self.clock.now(), traits=traits, identities=identities or {},
-                             lifecycle_stage=stage, previous_stage=previous)
+    async def profile(
+        self,
+        customer_id: str,
+        traits: dict[str, Any],
+        *,
+        kind: str = "traits_changed",
+        stage: str | None = None,
+        previous: str | None = None,
+        identities: dict[str, list[str]] | None = None,
+    ) -> None:
+        msg = ProfileChanged(
+            event_id=uuid.uuid4().hex,
+            customer_id=customer_id,
+            kind=kind,
+            occurred_at=self.clock.now(),
+            traits=traits,
+            identities=identities or {},
+            lifecycle_stage=stage,
+            previous_stage=previous,
+        )
         await self.platform.producer.publish(PROFILES.name, customer_id, msg)
         self.published["profiles"] += 1
         await self.processed("profiles")
 
     async def membership(self, customer_id: str, segment_id: str, change: str = "entered") -> None:
-        msg = SegmentMembershipChanged(event_id=uuid.uuid4().hex, customer_id=customer_id, segment_id=segment_id,
-                                       segment_name=segment_id, change=change, occurred_at=self.clock.now(),
-                                       cause="test")
+        msg = SegmentMembershipChanged(
+            event_id=uuid.uuid4().hex,
+            customer_id=customer_id,
+            segment_id=segment_id,
+            segment_name=segment_id,
+            change=change,
+            occurred_at=self.clock.now(),
+            cause="test",
+        )
         await self.platform.producer.publish(SEGMENT_MEMBERSHIP.name, customer_id, msg)
         self.published["segments"] += 1
         await self.processed("segments")
 
-    async def message_status(self, customer_id: str, message_id: str, status: str, channel: str = "email") -> None:
-        msg = MessageStatus(status_id=uuid.uuid4().hex, message_id=message_id, customer_id=customer_id,
-                            status=status, channel=channel, occurred_at=self.clock.now())
+    async def message_status(
+        self, customer_id: str, message_id: str, status: str, channel: str = "email"
+    ) -> None:
+        msg = MessageStatus(
+            status_id=uuid.uuid4().hex,
+            message_id=message_id,
+            customer_id=customer_id,
+            status=status,
+            channel=channel,
+            occurred_at=self.clock.now(),
+        )
         await self.platform.producer.publish(MESSAGE_STATUS.name, customer_id, msg)
         self.published["statuses"] += 1
         await self.processed("statuses")
@@ -118,13 +171,18 @@ class Harness:
     async def instances(self, journey_id: str) -> list[Any]:
         return await self.rows(
             "SELECT customer_id, status, node_id, exit_reason, correlation, version FROM instances "
-            "WHERE journey_id = :j ORDER BY customer_id, entered_at", j=journey_id)
+            "WHERE journey_id = :j ORDER BY customer_id, entered_at",
+            j=journey_id,
+        )
 
-    async def requests(self, until: Callable[[list[dict[str, Any]]], bool] | None = None,
-                       idle: float = 1.0) -> list[dict[str, Any]]:
+    async def requests(
+        self, until: Callable[[list[dict[str, Any]]], bool] | None = None, idle: float = 1.0
+    ) -> list[dict[str, Any]]:
         """Every MessageRequested the engine published (waits until the outbox drained)."""
         await self.outbox_drained()
-        msgs = await read_topic(self.settings.topic(MESSAGE_REQUESTS.name), until=until, idle=idle, timeout=15)
+        msgs = await read_topic(
+            self.settings.topic(MESSAGE_REQUESTS.name), until=until, idle=idle, timeout=15
+        )
         return [m["value"] for m in msgs]
 
     async def statuses(self, idle: float = 1.0) -> list[dict[str, Any]]:
@@ -140,8 +198,9 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def engine_running(make_settings: Callable[..., Any], clock: ManualClock | None = None,
-                         **overrides: Any) -> AsyncIterator[Harness]:
+async def engine_running(
+    make_settings: Callable[..., Any], clock: ManualClock | None = None, **overrides: Any
+) -> AsyncIterator[Harness]:
     clock = clock or ManualClock(START)
     settings = make_settings(JourneyEngineSettings, run_timer_loop=False, **overrides)
     app = create_app(settings, clock)

@@ -1,4 +1,4 @@
-"""Abandoned cart: Product Added -> wait 1 h for Order Completed with the same cart id -> reminder, else exit."""
+"""Abandoned cart: Product Added -> wait 1 h for Order Completed (same cart id) -> reminder, else exit."""
 
 from __future__ import annotations
 
@@ -9,14 +9,22 @@ from tests.journey_engine.harness import engine_running
 
 CART_JOURNEY: dict[str, Any] = {
     "name": "Abandoned cart",
-    "entry": {"type": "event", "event": "Product Added",
-              "where": [{"field": "event.properties.cart_id", "op": "exists"}]},
+    "entry": {
+        "type": "event",
+        "event": "Product Added",
+        "where": [{"field": "event.properties.cart_id", "op": "exists"}],
+    },
     "correlation_key": "cart_id",
     "reentry": {"policy": "always"},
     "nodes": [
         {"id": "start", "type": "entry"},
-        {"id": "wait_order", "type": "wait_event", "event": "Order Completed", "match_correlation": True,
-         "timeout": "PT1H"},
+        {
+            "id": "wait_order",
+            "type": "wait_event",
+            "event": "Order Completed",
+            "match_correlation": True,
+            "timeout": "PT1H",
+        },
         {"id": "reminder", "type": "send", "channel": "email", "template_id": "cart-reminder"},
         {"id": "done", "type": "exit"},
     ],
@@ -31,7 +39,9 @@ CART_JOURNEY: dict[str, Any] = {
 
 async def test_abandoned_cart_both_branches(make_settings: Any) -> None:
     async with engine_running(make_settings) as h:
-        await h.profile("alice", {"email": "alice@example.com", "timezone": "Europe/Paris", "first_name": "Alice"})
+        await h.profile(
+            "alice", {"email": "alice@example.com", "timezone": "Europe/Paris", "first_name": "Alice"}
+        )
         jid = await h.journey(CART_JOURNEY)
         # Alice abandons cart c1; Bob buys his cart c2 (an order for another cart does not count).
         await h.track("alice", "Product Added", {"cart_id": "c1", "sku": "tea"})
@@ -63,7 +73,11 @@ async def test_abandoned_cart_both_branches(make_settings: Any) -> None:
         active = [r for r in await h.instances(jid) if r.status == "active"]
         assert [(r.customer_id, r.correlation) for r in active] == [("alice", "c3")]
 
-        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers={"Authorization": "Bearer test-admin-token"})).json()
+        stats = (
+            await h.client.get(
+                f"/v1/journeys/{jid}/stats", headers={"Authorization": "Bearer test-admin-token"}
+            )
+        ).json()
         nodes = {n["node_id"]: n for n in stats["versions"][0]["nodes"]}
         assert nodes["start"]["entered"] == 3
         assert nodes["wait_order"]["waiting"] == 1 and nodes["wait_order"]["passed"] == 2

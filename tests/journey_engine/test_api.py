@@ -28,8 +28,9 @@ async def test_definitions_api(make_settings: Any) -> None:
 
         r = await c.post("/v1/journeys", json={"id": "cart", "definition": CART_JOURNEY}, headers=ADMIN)
         assert r.status_code == 201 and r.json()["status"] == "draft" and r.json()["version"] == 1
-        assert (await c.post("/v1/journeys", json={"id": "cart", "definition": CART_JOURNEY},
-                             headers=ADMIN)).status_code == 409
+        assert (
+            await c.post("/v1/journeys", json={"id": "cart", "definition": CART_JOURNEY}, headers=ADMIN)
+        ).status_code == 409
         assert (await c.post("/v1/journeys/cart/pause", headers=ADMIN)).status_code == 409
         assert (await c.post("/v1/journeys/cart/activate", headers=ADMIN)).json()["status"] == "active"
         assert (await c.post("/v1/journeys/cart/pause", headers=ADMIN)).json()["status"] == "paused"
@@ -40,7 +41,9 @@ async def test_definitions_api(make_settings: Any) -> None:
         assert len(await h.instances("cart")) == 1
         assert (await c.post("/v1/journeys/cart/archive", headers=ADMIN)).json()["status"] == "archived"
         assert [r.exit_reason for r in await h.instances("cart")] == ["archived"]
-        assert (await c.put("/v1/journeys/cart", json={"definition": CART_JOURNEY}, headers=ADMIN)).status_code == 409
+        assert (
+            await c.put("/v1/journeys/cart", json={"definition": CART_JOURNEY}, headers=ADMIN)
+        ).status_code == 409
         assert (await c.get("/v1/journeys/nope", headers=ADMIN)).status_code == 404
         listed = (await c.get("/v1/journeys", headers=ADMIN)).json()["journeys"]
         assert [(j["id"], j["status"]) for j in listed] == [("cart", "archived")]
@@ -50,37 +53,69 @@ async def test_definitions_api(make_settings: Any) -> None:
 
 async def test_dry_run_shows_path_and_reasons(make_settings: Any) -> None:
     journey = {
-        "name": "Dry", "entry": {"type": "event", "event": "Product Added",
-                                 "where": [{"field": "event.properties.total", "op": "gte", "value": 50}]},
+        "name": "Dry",
+        "entry": {
+            "type": "event",
+            "event": "Product Added",
+            "where": [{"field": "event.properties.total", "op": "gte", "value": 50}],
+        },
         "nodes": [
             {"id": "start", "type": "entry"},
-            {"id": "vip", "type": "condition", "branches": [
-                {"name": "gold", "where": [{"field": "traits.plan", "op": "eq", "value": "gold"}]}]},
+            {
+                "id": "vip",
+                "type": "condition",
+                "branches": [
+                    {"name": "gold", "where": [{"field": "traits.plan", "op": "eq", "value": "gold"}]}
+                ],
+            },
             {"id": "gold_mail", "type": "send", "channel": "email", "template_id": "gold"},
             {"id": "wait", "type": "delay", "until_time": "09:00"},
             {"id": "std_mail", "type": "send", "channel": "email", "template_id": "std"},
             {"id": "done", "type": "exit"},
         ],
         "edges": [
-            {"from": "start", "to": "vip"}, {"from": "vip", "to": "gold_mail", "branch": "gold"},
-            {"from": "vip", "to": "wait", "branch": "else"}, {"from": "gold_mail", "to": "done"},
-            {"from": "wait", "to": "std_mail"}, {"from": "std_mail", "to": "done"},
+            {"from": "start", "to": "vip"},
+            {"from": "vip", "to": "gold_mail", "branch": "gold"},
+            {"from": "vip", "to": "wait", "branch": "else"},
+            {"from": "gold_mail", "to": "done"},
+            {"from": "wait", "to": "std_mail"},
+            {"from": "std_mail", "to": "done"},
         ],
     }
     async with engine_running(make_settings) as h:
-        r = await h.client.post("/v1/journeys/dry-run", headers=ADMIN, json={
-            "definition": journey, "profile": {"traits": {"plan": "gold"}},
-            "event": {"event": "Product Added", "properties": {"total": 80}}})
+        r = await h.client.post(
+            "/v1/journeys/dry-run",
+            headers=ADMIN,
+            json={
+                "definition": journey,
+                "profile": {"traits": {"plan": "gold"}},
+                "event": {"event": "Product Added", "properties": {"total": 80}},
+            },
+        )
         body = r.json()
         assert r.status_code == 200 and body["would_enter"] is True
         assert [s["node_id"] for s in body["path"]] == ["start", "vip", "gold_mail", "done"]
         assert "traits.plan eq 'gold'" in body["path"][1]["why"]
-        assert body["messages"] == [{"node_id": "gold_mail", "channel": "email", "template_id": "gold",
-                                     "decision": "requested", "reason": None}]
+        assert body["messages"] == [
+            {
+                "node_id": "gold_mail",
+                "channel": "email",
+                "template_id": "gold",
+                "decision": "requested",
+                "reason": None,
+            }
+        ]
 
         await h.profile("p1", {"plan": "free", "timezone": "Asia/Kolkata"})
-        r = await h.client.post("/v1/journeys/dry-run", headers=ADMIN, json={
-            "definition": journey, "customer_id": "p1", "event": {"event": "Product Added", "properties": {"total": 5}}})
+        r = await h.client.post(
+            "/v1/journeys/dry-run",
+            headers=ADMIN,
+            json={
+                "definition": journey,
+                "customer_id": "p1",
+                "event": {"event": "Product Added", "properties": {"total": 5}},
+            },
+        )
         body = r.json()
         assert body["would_enter"] is False
         assert [s["node_id"] for s in body["path"]] == ["start", "vip", "wait", "std_mail", "done"]

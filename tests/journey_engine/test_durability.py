@@ -13,10 +13,14 @@ from shared.clock import ManualClock
 from tests.journey_engine.harness import START, engine_running
 from tests.journey_engine.test_timing_and_rules import linear
 
-DELAYED = linear("Delayed", "Signed Up", [
-    {"id": "wait", "type": "delay", "duration": "PT1H"},
-    {"id": "mail", "type": "send", "channel": "email", "template_id": "later"},
-])
+DELAYED = linear(
+    "Delayed",
+    "Signed Up",
+    [
+        {"id": "wait", "type": "delay", "duration": "PT1H"},
+        {"id": "mail", "type": "send", "channel": "email", "template_id": "later"},
+    ],
+)
 CUSTOMERS = 120
 
 
@@ -32,8 +36,10 @@ async def test_timers_due_while_stopped_fire_once_across_two_racing_engines(
         assert await h.scalar("SELECT count(*) FROM timers") == CUSTOMERS
     clock.advance(timedelta(hours=3))  # every timer came due while no engine ran
 
-    async with engine_running(make_settings, clock=clock, timer_batch_size=7) as one, \
-            engine_running(make_settings, clock=clock, timer_batch_size=7) as two:
+    async with (
+        engine_running(make_settings, clock=clock, timer_batch_size=7) as one,
+        engine_running(make_settings, clock=clock, timer_batch_size=7) as two,
+    ):
         # A crash mid-batch: the step fails after claiming, the transaction rolls back, nothing is lost.
         def explode(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("engine crashed mid-step")
@@ -53,7 +59,10 @@ async def test_timers_due_while_stopped_fire_once_across_two_racing_engines(
         requests = await one.requests(until=lambda m: len(m) >= CUSTOMERS, idle=1.0)
         assert len(requests) == CUSTOMERS
         assert len({m["message_id"] for m in requests}) == CUSTOMERS
-        stats = (await one.client.get(f"/v1/journeys/{jid}/stats",
-                                      headers={"Authorization": "Bearer test-admin-token"})).json()
+        stats = (
+            await one.client.get(
+                f"/v1/journeys/{jid}/stats", headers={"Authorization": "Bearer test-admin-token"}
+            )
+        ).json()
         nodes = {n["node_id"]: n for n in stats["versions"][0]["nodes"]}
         assert nodes["wait"]["passed"] == CUSTOMERS and nodes["mail"]["passed"] == CUSTOMERS

@@ -34,11 +34,17 @@ async def test_segment_entry_trigger_exit_on_leave_and_current_members(make_sett
         await h.membership("c2", "other-segment")
         assert [(r.customer_id, r.status) for r in await h.instances(future_only)] == [("c1", "active")]
         assert [(r.customer_id, r.status) for r in await h.instances(with_current)] == [
-            ("c1", "active"), ("early", "active")]
+            ("c1", "active"),
+            ("early", "active"),
+        ]
         await h.membership("c1", "high-value", "exited")
         rows = {r.customer_id: r for r in await h.instances(future_only)}
         assert rows["c1"].status == "exited" and rows["c1"].exit_reason == "entry condition no longer holds"
-        assert sorted(m["customer_id"] for m in await h.requests(until=lambda m: len(m) >= 3)) == ["c1", "c1", "early"]
+        assert sorted(m["customer_id"] for m in await h.requests(until=lambda m: len(m) >= 3)) == [
+            "c1",
+            "c1",
+            "early",
+        ]
 
 
 async def test_lifecycle_stage_trigger(make_settings: Any) -> None:
@@ -46,7 +52,9 @@ async def test_lifecycle_stage_trigger(make_settings: Any) -> None:
     journey["entry"] = {"type": "lifecycle_stage", "to_stage": "at_risk", "from_stage": "active"}
     async with engine_running(make_settings) as h:
         jid = await h.journey(journey)
-        await h.profile("c1", {"email": "c1@example.com"}, kind="stage_changed", stage="at_risk", previous="active")
+        await h.profile(
+            "c1", {"email": "c1@example.com"}, kind="stage_changed", stage="at_risk", previous="active"
+        )
         await h.profile("c2", {}, kind="stage_changed", stage="at_risk", previous="new")
         await h.profile("c3", {}, kind="traits_changed")
         assert [r.customer_id for r in await h.instances(jid)] == ["c1"]
@@ -55,10 +63,19 @@ async def test_lifecycle_stage_trigger(make_settings: Any) -> None:
 
 
 async def test_scheduled_broadcast_in_each_customers_local_time(make_settings: Any) -> None:
-    journey = linear("Newsletter", "unused", [{"id": "news", "type": "send", "channel": "email", "template_id": "news"}],
-                     reentry={"policy": "always"})
-    journey["entry"] = {"type": "schedule", "segment_id": "subscribers", "at": "2026-01-06T00:00:00Z",
-                        "every": "P7D", "local_time": "09:00"}
+    journey = linear(
+        "Newsletter",
+        "unused",
+        [{"id": "news", "type": "send", "channel": "email", "template_id": "news"}],
+        reentry={"policy": "always"},
+    )
+    journey["entry"] = {
+        "type": "schedule",
+        "segment_id": "subscribers",
+        "at": "2026-01-06T00:00:00Z",
+        "every": "P7D",
+        "local_time": "09:00",
+    }
     async with engine_running(make_settings) as h:
         await h.profile("paris", {"timezone": "Europe/Paris"})
         await h.profile("ny", {"timezone": "America/New_York"})
@@ -98,20 +115,33 @@ async def test_reentry_policies_and_entry_cap(make_settings: Any) -> None:
 
 async def test_ab_split_proportions_and_significance(make_settings: Any) -> None:
     journey = {
-        "name": "A/B", "entry": {"type": "event", "event": "Joined"}, "goal": {"event": "Purchased"},
+        "name": "A/B",
+        "entry": {"type": "event", "event": "Joined"},
+        "goal": {"event": "Purchased"},
         "nodes": [
             {"id": "start", "type": "entry"},
-            {"id": "ab", "type": "split", "arms": [{"name": "a", "percent": 50}, {"name": "b", "percent": 30},
-                                                   {"name": "holdout", "percent": 20, "holdout": True}]},
+            {
+                "id": "ab",
+                "type": "split",
+                "arms": [
+                    {"name": "a", "percent": 50},
+                    {"name": "b", "percent": 30},
+                    {"name": "holdout", "percent": 20, "holdout": True},
+                ],
+            },
             {"id": "mail_a", "type": "send", "channel": "email", "template_id": "a"},
             {"id": "mail_b", "type": "send", "channel": "email", "template_id": "b"},
             {"id": "wait", "type": "delay", "duration": "P7D"},
             {"id": "done", "type": "exit"},
         ],
         "edges": [
-            {"from": "start", "to": "ab"}, {"from": "ab", "to": "mail_a", "branch": "a"},
-            {"from": "ab", "to": "mail_b", "branch": "b"}, {"from": "ab", "to": "wait", "branch": "holdout"},
-            {"from": "mail_a", "to": "wait"}, {"from": "mail_b", "to": "wait"}, {"from": "wait", "to": "done"},
+            {"from": "start", "to": "ab"},
+            {"from": "ab", "to": "mail_a", "branch": "a"},
+            {"from": "ab", "to": "mail_b", "branch": "b"},
+            {"from": "ab", "to": "wait", "branch": "holdout"},
+            {"from": "mail_a", "to": "wait"},
+            {"from": "mail_b", "to": "wait"},
+            {"from": "wait", "to": "done"},
         ],
     }
     n = 1000
@@ -120,23 +150,40 @@ async def test_ab_split_proportions_and_significance(make_settings: Any) -> None
         now = h.clock.now()
 
         def event(user: str, name: str) -> CustomerEvent:
-            return CustomerEvent(message_id=uuid.uuid4().hex, type="track", user_id=user, event=name,
-                                 timestamp=now, received_at=now)
+            return CustomerEvent(
+                message_id=uuid.uuid4().hex,
+                type="track",
+                user_id=user,
+                event=name,
+                timestamp=now,
+                received_at=now,
+            )
 
-        await asyncio.gather(*(h.platform.producer.publish(CUSTOMER_EVENTS.name, f"u{i}", event(f"u{i}", "Joined"))
-                               for i in range(n)))
+        await asyncio.gather(
+            *(
+                h.platform.producer.publish(CUSTOMER_EVENTS.name, f"u{i}", event(f"u{i}", "Joined"))
+                for i in range(n)
+            )
+        )
         h.published["events"] += n
         await h.processed("events")
-        arms = {r.arm: r.n for r in await h.rows(
-            "SELECT context->'arms'->>'ab' AS arm, count(*) AS n FROM instances GROUP BY 1")}
+        arms = {
+            r.arm: r.n
+            for r in await h.rows(
+                "SELECT context->'arms'->>'ab' AS arm, count(*) AS n FROM instances GROUP BY 1"
+            )
+        }
         assert sum(arms.values()) == n
         for arm, share in (("a", 0.5), ("b", 0.3), ("holdout", 0.2)):
             assert abs(arms[arm] / n - share) < 0.05, arms
         # Everyone in arm a buys, nobody else: a is significantly better than the holdout, b is not.
-        buyers = [r.customer_id for r in await h.rows(
-            "SELECT customer_id FROM instances WHERE context->'arms'->>'ab' = 'a'")]
-        await asyncio.gather(*(h.platform.producer.publish(CUSTOMER_EVENTS.name, c, event(c, "Purchased"))
-                               for c in buyers))
+        buyers = [
+            r.customer_id
+            for r in await h.rows("SELECT customer_id FROM instances WHERE context->'arms'->>'ab' = 'a'")
+        ]
+        await asyncio.gather(
+            *(h.platform.producer.publish(CUSTOMER_EVENTS.name, c, event(c, "Purchased")) for c in buyers)
+        )
         h.published["events"] += len(buyers)
         await h.processed("events")
         stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()

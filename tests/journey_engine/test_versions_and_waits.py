@@ -13,35 +13,48 @@ from tests.support import read_topic
 
 
 def mail_after_an_hour(template: str) -> dict[str, Any]:
-    return linear("Versioned", "Signed Up", [
-        {"id": "wait", "type": "delay", "duration": "PT1H"},
-        {"id": "mail", "type": "send", "channel": "email", "template_id": template},
-    ])
+    return linear(
+        "Versioned",
+        "Signed Up",
+        [
+            {"id": "wait", "type": "delay", "duration": "PT1H"},
+            {"id": "mail", "type": "send", "channel": "email", "template_id": template},
+        ],
+    )
 
 
 async def test_new_version_while_customers_are_inside(make_settings: Any) -> None:
     async with engine_running(make_settings) as h:
         jid = await h.journey(mail_after_an_hour("v1-mail"))
         await h.track("a", "Signed Up")
-        r = await h.client.put(f"/v1/journeys/{jid}", json={"definition": mail_after_an_hour("v2-mail")}, headers=ADMIN)
+        r = await h.client.put(
+            f"/v1/journeys/{jid}", json={"definition": mail_after_an_hour("v2-mail")}, headers=ADMIN
+        )
         assert r.status_code == 200 and r.json()["version"] == 2 and r.json()["migrated"] == 0
         await h.track("b", "Signed Up")
         await h.track("c", "Signed Up")
         # Without `migrate`, everyone inside stays on the version they entered.
-        r = await h.client.put(f"/v1/journeys/{jid}", json={"definition": mail_after_an_hour("v3-mail"),
-                                                            "migrate": False}, headers=ADMIN)
+        r = await h.client.put(
+            f"/v1/journeys/{jid}",
+            json={"definition": mail_after_an_hour("v3-mail"), "migrate": False},
+            headers=ADMIN,
+        )
         assert r.json()["version"] == 3
         versions = {row.customer_id: row.version for row in await h.instances(jid)}
         assert versions == {"a": 1, "b": 2, "c": 2}
         await h.advance(timedelta(hours=1))
-        sent = {m["customer_id"]: (m["template_id"], m["journey_version"])
-                for m in await h.requests(until=lambda m: len(m) >= 3)}
+        sent = {
+            m["customer_id"]: (m["template_id"], m["journey_version"])
+            for m in await h.requests(until=lambda m: len(m) >= 3)
+        }
         assert sent == {"a": ("v1-mail", 1), "b": ("v2-mail", 2), "c": ("v2-mail", 2)}
 
         await h.track("d", "Signed Up")
         await h.track("e", "Signed Up")  # both on v3
         migrated_def = mail_after_an_hour("v4-mail")
-        r = await h.client.put(f"/v1/journeys/{jid}", json={"definition": migrated_def, "migrate": True}, headers=ADMIN)
+        r = await h.client.put(
+            f"/v1/journeys/{jid}", json={"definition": migrated_def, "migrate": True}, headers=ADMIN
+        )
         assert r.json()["migrated"] == 2
         await h.advance(timedelta(hours=1))
         sent = {m["customer_id"]: m["template_id"] for m in await h.requests(until=lambda m: len(m) >= 5)}
@@ -55,18 +68,33 @@ ENGAGEMENT = {
     "entry": {"type": "event", "event": "Signed Up"},
     "nodes": [
         {"id": "start", "type": "entry"},
-        {"id": "mail", "type": "send", "channel": "email", "template_id": "hello", "subscription_topic": "news"},
-        {"id": "opened", "type": "wait_message", "send_node": "mail", "statuses": ["opened", "clicked"],
-         "timeout": "P2D"},
+        {
+            "id": "mail",
+            "type": "send",
+            "channel": "email",
+            "template_id": "hello",
+            "subscription_topic": "news",
+        },
+        {
+            "id": "opened",
+            "type": "wait_message",
+            "send_node": "mail",
+            "statuses": ["opened", "clicked"],
+            "timeout": "P2D",
+        },
         {"id": "tag", "type": "update_trait", "traits": {"engaged": True}},
         {"id": "sms", "type": "send", "channel": "sms", "template_id": "nudge"},
         {"id": "hook", "type": "webhook", "url": "https://crm.example.test/hooks/unengaged"},
         {"id": "done", "type": "exit"},
     ],
     "edges": [
-        {"from": "start", "to": "mail"}, {"from": "mail", "to": "opened"},
-        {"from": "opened", "to": "tag", "branch": "matched"}, {"from": "opened", "to": "sms", "branch": "timeout"},
-        {"from": "tag", "to": "done"}, {"from": "sms", "to": "hook"}, {"from": "hook", "to": "done"},
+        {"from": "start", "to": "mail"},
+        {"from": "mail", "to": "opened"},
+        {"from": "opened", "to": "tag", "branch": "matched"},
+        {"from": "opened", "to": "sms", "branch": "timeout"},
+        {"from": "tag", "to": "done"},
+        {"from": "sms", "to": "hook"},
+        {"from": "hook", "to": "done"},
     ],
 }
 
@@ -94,7 +122,12 @@ async def test_wait_for_open_else_sms_and_webhook(make_settings: Any) -> None:
         hook = next(m for m in requests if m["channel"] == "webhook")
         assert hook["recipient"]["webhook_url"] == "https://crm.example.test/hooks/unengaged"
 
-        identifies = [m["value"] for m in await read_topic(h.settings.topic(CUSTOMER_EVENTS.name), idle=1.0)
-                      if m["value"]["type"] == "identify"]
-        assert [(e["userId"], e["traits"], e["source"]) for e in identifies] == [("x", {"engaged": True}, "journey_engine")]
+        identifies = [
+            m["value"]
+            for m in await read_topic(h.settings.topic(CUSTOMER_EVENTS.name), idle=1.0)
+            if m["value"]["type"] == "identify"
+        ]
+        assert [(e["userId"], e["traits"], e["source"]) for e in identifies] == [
+            ("x", {"engaged": True}, "journey_engine")
+        ]
         assert await h.scalar("SELECT traits->>'engaged' FROM customers WHERE customer_id = 'x'") == "true"

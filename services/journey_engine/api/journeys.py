@@ -10,6 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.journey_engine.domain.conditions import Facts
 from services.journey_engine.domain.definition import (
     Graph,
     JourneyDefinition,
@@ -19,9 +20,8 @@ from services.journey_engine.domain.definition import (
     graph_errors,
 )
 from services.journey_engine.domain.entry import EventTrigger, triggers
-from services.journey_engine.domain.conditions import Facts
 from services.journey_engine.domain.stats import two_proportion_z_test
-from services.journey_engine.domain.walker import CustomerView, dry_run
+from services.journey_engine.domain.walker import CustomerView, MessageWithheld, RequestMessage, dry_run
 from services.journey_engine.execution.engine import JourneyEngine, customer_view
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
@@ -67,7 +67,7 @@ class DryRunRequest(BaseModel):
     definition: JourneyDefinition
     customer_id: str | None = None
     profile: InlineProfile | None = None
-    # The triggering event (Segment shape: {"event": ..., "properties": {...}}), for entry filters and conditions.
+    # The triggering event ({"event": ..., "properties": {...}}), for entry filters and conditions.
     event: dict[str, Any] | None = None
 
 
@@ -75,17 +75,26 @@ def check_graph(definition: JourneyDefinition) -> Graph:
     errors = graph_errors(definition)
     if errors:
         raise ApiError(
-            400, "invalid_journey", f"the journey graph breaks {len(errors)} rule(s)",
+            400,
+            "invalid_journey",
+            f"the journey graph breaks {len(errors)} rule(s)",
             errors=[field_error(f"definition.{e.field}", e.rule, e.message) for e in errors],
         )
     return Graph(definition)
 
 
-def journey_body(row: JourneyRow, definition: dict[str, Any] | None, versions: list[int] | None = None) -> dict[str, Any]:
+def journey_body(
+    row: JourneyRow, definition: dict[str, Any] | None, versions: list[int] | None = None
+) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "id": row.id, "name": row.name, "status": row.status, "version": row.current_version,
-        "entered": row.entered_count, "next_run_at": row.next_run_at.isoformat() if row.next_run_at else None,
-        "created_at": row.created_at.isoformat(), "updated_at": row.updated_at.isoformat(),
+        "id": row.id,
+        "name": row.name,
+        "status": row.status,
+        "version": row.current_version,
+        "entered": row.entered_count,
+        "next_run_at": row.next_run_at.isoformat() if row.next_run_at else None,
+        "created_at": row.created_at.isoformat(),
+        "updated_at": row.updated_at.isoformat(),
     }
     if definition is not None:
         body["definition"] = definition
@@ -104,7 +113,9 @@ def first_run(definition: JourneyDefinition, now: datetime) -> datetime | None:
 
 
 def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
-    router = APIRouter(prefix="/v1/journeys", tags=["journeys"], dependencies=[Depends(admin_guard(platform.settings))])
+    router = APIRouter(
+        prefix="/v1/journeys", tags=["journeys"], dependencies=[Depends(admin_guard(platform.settings))]
+    )
     clock = engine.clock
 
     async def load(session: Any, journey_id: str, *, for_update: bool = False) -> JourneyRow:
@@ -120,10 +131,15 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
         stored = body.definition.model_dump(mode="json", by_alias=True)
         async with platform.unit_of_work() as uow:
             if await journey_store.get(uow.session, journey_id) is not None:
-                raise ApiError(409, "conflict", f"journey '{journey_id}' exists", errors=[
-                    field_error("id", "unique", "choose another id")])
-            await journey_store.create(uow.session, journey_id, body.definition.name, stored,
-                                       body.definition.entry_cap, clock.now())
+                raise ApiError(
+                    409,
+                    "conflict",
+                    f"journey '{journey_id}' exists",
+                    errors=[field_error("id", "unique", "choose another id")],
+                )
+            await journey_store.create(
+                uow.session, journey_id, body.definition.name, stored, body.definition.entry_cap, clock.now()
+            )
             row = await load(uow.session, journey_id)
         return journey_body(row, stored, [1])
 
@@ -163,14 +179,21 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             await journey_store.add_version(uow.session, journey_id, version, stored, now)
             next_run = first_run(body.definition, now) if row.status == "active" else None
             await journey_store.update(
-                uow.session, journey_id, now=now, name=body.definition.name, current_version=version,
-                entry_cap=body.definition.entry_cap, set_entry_cap=True,
+                uow.session,
+                journey_id,
+                now=now,
+                name=body.definition.name,
+                current_version=version,
+                entry_cap=body.definition.entry_cap,
+                set_entry_cap=True,
                 next_run_at=next_run if next_run is None or next_run > now else row.next_run_at,
                 set_next_run=row.status == "active" and isinstance(body.definition.entry, ScheduleEntry),
             )
             migrated = 0
             if body.migrate and row.status in ("active", "paused"):
-                migrated = await instance_store.migrate_version(uow.session, journey_id, version, list(graph.nodes))
+                migrated = await instance_store.migrate_version(
+                    uow.session, journey_id, version, list(graph.nodes)
+                )
             row = await load(uow.session, journey_id)
         return journey_body(row, stored) | {"migrated": migrated}
 
@@ -180,14 +203,21 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             row = await load(uow.session, journey_id, for_update=True)
             rule = TRANSITIONS[action]
             if row.status not in rule["from"]:
-                raise ApiError(409, "invalid_transition", f"cannot {action} a journey that is {row.status}",
-                               errors=[field_error("status", "transition", f"{action} needs one of {sorted(rule['from'])}")])
+                raise ApiError(
+                    409,
+                    "invalid_transition",
+                    f"cannot {action} a journey that is {row.status}",
+                    errors=[
+                        field_error("status", "transition", f"{action} needs one of {sorted(rule['from'])}")
+                    ],
+                )
             status = next(iter(rule["to"]))
             if action == "activate" and row.status == "draft":
                 graph = await engine.graph(uow.session, journey_id, row.current_version)
                 run = first_run(graph.definition, now) if graph is not None else None
-                await journey_store.update(uow.session, journey_id, now=now, status=status, next_run_at=run,
-                                           set_next_run=True)
+                await journey_store.update(
+                    uow.session, journey_id, now=now, status=status, next_run_at=run, set_next_run=True
+                )
             else:
                 await journey_store.update(uow.session, journey_id, now=now, status=status)
             if action == "archive":
@@ -213,8 +243,10 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             await load(uow.session, journey_id)
             totals = await instance_store.node_totals(uow.session, journey_id)
             arms = await instance_store.arm_outcomes(uow.session, journey_id)
-            graphs = {v: await engine.graph(uow.session, journey_id, v)
-                      for v in await journey_store.versions(uow.session, journey_id)}
+            graphs = {
+                v: await engine.graph(uow.session, journey_id, v)
+                for v in await journey_store.versions(uow.session, journey_id)
+            }
         versions = []
         for v, graph in sorted(graphs.items()):
             node_ids = list(graph.nodes) if graph else sorted({n for (ver, n) in totals if ver == v})
@@ -222,8 +254,10 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             for node_id in node_ids:
                 t = totals.get((v, node_id), {})
                 node_type = graph.nodes[node_id].type if graph else None
-                nodes.append({"node_id": node_id, "type": node_type} | {
-                    m: t.get(m, 0) for m in ("entered", "waiting", "passed", "exited", "converted")})
+                nodes.append(
+                    {"node_id": node_id, "type": node_type}
+                    | {m: t.get(m, 0) for m in ("entered", "waiting", "passed", "exited", "converted")}
+                )
             versions.append({"version": v, "nodes": nodes})
         return {"journey_id": journey_id, "versions": versions, "splits": split_report(graphs, arms)}
 
@@ -233,20 +267,35 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
         now = clock.now()
         if body.profile is not None:
             p = body.profile
-            customer = CustomerView(customer_id=body.customer_id or "dry-run", traits=p.traits, timezone=p.timezone,
-                                    locale=p.locale, email=p.email, phone=p.phone, stage=p.stage,
-                                    segments=frozenset(p.segments))
+            customer = CustomerView(
+                customer_id=body.customer_id or "dry-run",
+                traits=p.traits,
+                timezone=p.timezone,
+                locale=p.locale,
+                email=p.email,
+                phone=p.phone,
+                stage=p.stage,
+                segments=frozenset(p.segments),
+            )
         elif body.customer_id is not None:
             async with platform.unit_of_work() as uow:
                 records = await projection.load(uow.session, [body.customer_id], projection.sends_window(now))
             customer = customer_view(records[body.customer_id])
         else:
-            raise ApiError(400, "invalid_request", "give a customer_id or a profile",
-                           errors=[field_error("customer_id", "required", "customer_id or profile is required")])
+            raise ApiError(
+                400,
+                "invalid_request",
+                "give a customer_id or a profile",
+                errors=[field_error("customer_id", "required", "customer_id or profile is required")],
+            )
         enters = None
         if body.event is not None and isinstance(body.event.get("event"), str):
-            facts = Facts(traits=customer.traits, event=body.event, customer={"id": customer.customer_id},
-                          segments=customer.segments)
+            facts = Facts(
+                traits=customer.traits,
+                event=body.event,
+                customer={"id": customer.customer_id},
+                segments=customer.segments,
+            )
             enters = triggers(body.definition, EventTrigger(body.event["event"], body.event), facts)
         outcome = dry_run(graph, customer, engine.rules, now, trigger=body.event)
         return {
@@ -256,16 +305,24 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             "ends_at": outcome.node_id,
             "status": outcome.status,
             "messages": [
-                {"node_id": e.node_id, "channel": str(e.channel), "template_id": e.template_id,
-                 "decision": getattr(e, "status", "requested"), "reason": getattr(e, "reason", None)}
-                for e in outcome.effects if hasattr(e, "channel")
+                {
+                    "node_id": e.node_id,
+                    "channel": str(e.channel),
+                    "template_id": e.template_id,
+                    "decision": e.status if isinstance(e, MessageWithheld) else "requested",
+                    "reason": e.reason if isinstance(e, MessageWithheld) else None,
+                }
+                for e in outcome.effects
+                if isinstance(e, (RequestMessage, MessageWithheld))
             ],
         }
 
     return router
 
 
-def split_report(graphs: dict[int, Graph | None], arms: list[tuple[int, str, str, int, int]]) -> list[dict[str, Any]]:
+def split_report(
+    graphs: dict[int, Graph | None], arms: list[tuple[int, str, str, int, int]]
+) -> list[dict[str, Any]]:
     out = []
     for version, graph in sorted(graphs.items()):
         if graph is None:
@@ -280,11 +337,22 @@ def split_report(graphs: dict[int, Graph | None], arms: list[tuple[int, str, str
             for arm in node.arms:
                 n, c = outcomes.get(arm.name, (0, 0))
                 test = two_proportion_z_test(c, n, h_c, h_n) if holdout and arm.name != holdout else None
-                rows.append({
-                    "arm": arm.name, "percent": arm.percent, "holdout": arm.holdout, "customers": n, "converted": c,
-                    "conversion_rate": c / n if n else None,
-                    "vs_holdout": None if test is None else {"z": test.z, "p_value": test.p_value,
-                                                             "significant_at_0_05": test.p_value < 0.05},
-                })
+                rows.append(
+                    {
+                        "arm": arm.name,
+                        "percent": arm.percent,
+                        "holdout": arm.holdout,
+                        "customers": n,
+                        "converted": c,
+                        "conversion_rate": c / n if n else None,
+                        "vs_holdout": None
+                        if test is None
+                        else {
+                            "z": test.z,
+                            "p_value": test.p_value,
+                            "significant_at_0_05": test.p_value < 0.05,
+                        },
+                    }
+                )
             out.append({"version": version, "node_id": node.id, "arms": rows})
     return out

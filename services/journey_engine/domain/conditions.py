@@ -86,6 +86,8 @@ def all_hold(predicates: Sequence[Predicate], facts: Facts) -> bool:
 
 
 def describe(predicate: Predicate) -> str:
-    return f"{predicate.field} {predicate.op} {predicate.value!r}" if predicate.value is not None else (
-        f"{predicate.field} {predicate.op}"
+    return (
+        f"{predicate.field} {predicate.op} {predicate.value!r}"
+        if predicate.value is not None
+        else (f"{predicate.field} {predicate.op}")
     )

@@ -32,12 +32,27 @@ class Predicate(Strict):
     or `segment` with op `member`/`not_member` and the segment id as value."""
 
     field: str = Field(min_length=1)
-    op: Literal["eq", "neq", "gt", "gte", "lt", "lte", "exists", "not_exists", "in", "contains", "member", "not_member"]
+    op: Literal[
+        "eq",
+        "neq",
+        "gt",
+        "gte",
+        "lt",
+        "lte",
+        "exists",
+        "not_exists",
+        "in",
+        "contains",
+        "member",
+        "not_member",
+    ]
     value: Any = None
 
     @model_validator(mode="after")
     def _membership_needs_segment(self) -> Predicate:
-        if self.op in ("member", "not_member") and (self.field != "segment" or not isinstance(self.value, str)):
+        if self.op in ("member", "not_member") and (
+            self.field != "segment" or not isinstance(self.value, str)
+        ):
             raise ValueError("member/not_member need field 'segment' and the segment id as value")
         if self.op == "in" and not isinstance(self.value, list):
             raise ValueError("op 'in' needs a list value")
@@ -160,7 +175,9 @@ class WaitMessageNode(Strict):
     id: str = Field(min_length=1)
     type: Literal["wait_message"]
     send_node: str = Field(min_length=1)
-    statuses: list[MessageStatusKind] = Field(default_factory=lambda: [MessageStatusKind.OPENED], min_length=1)
+    statuses: list[MessageStatusKind] = Field(
+        default_factory=lambda: [MessageStatusKind.OPENED], min_length=1
+    )
     timeout: timedelta = Field(gt=timedelta(0))
 
 
@@ -295,9 +312,9 @@ def required_branches(node: Node) -> list[str | None]:
         case WaitEventNode() | WaitSegmentNode() | WaitMessageNode():
             return ["matched", "timeout"]
         case ConditionNode():
-            return [b.name for b in node.branches] + ["else"]
+            return [*(b.name for b in node.branches), "else"]
         case SplitNode():
-            return [a.name for a in node.arms]
+            return [*(a.name for a in node.arms)]
         case _:
             return [None]
 
@@ -315,7 +332,9 @@ class Graph:
     def __init__(self, definition: JourneyDefinition) -> None:
         self.definition = definition
         self.nodes: dict[str, Node] = {n.id: n for n in definition.nodes}
-        self.next: dict[tuple[str, str | None], str] = {(e.source, e.branch): e.target for e in definition.edges}
+        self.next: dict[tuple[str, str | None], str] = {
+            (e.source, e.branch): e.target for e in definition.edges
+        }
         self.entry_id = next(n.id for n in definition.nodes if isinstance(n, EntryNode))
 
     def follow(self, node_id: str, branch: str | None = None) -> str:
@@ -330,17 +349,25 @@ def graph_errors(definition: JourneyDefinition) -> list[GraphError]:
         errors.append(GraphError(f"nodes.{dup}", "unique_id", f"node id '{dup}' is used more than once"))
     entries = [n.id for n in definition.nodes if isinstance(n, EntryNode)]
     if len(entries) != 1:
-        errors.append(GraphError("nodes", "one_entry", f"a journey needs exactly one entry node, found {len(entries)}"))
+        errors.append(
+            GraphError("nodes", "one_entry", f"a journey needs exactly one entry node, found {len(entries)}")
+        )
 
     out: dict[str, list[Edge]] = defaultdict(list)
     for i, e in enumerate(definition.edges):
         for end, label in ((e.source, "from"), (e.target, "to")):
             if end not in by_id:
-                errors.append(GraphError(f"edges.{i}.{label}", "dangling_edge", f"edge {i} points to unknown node '{end}'"))
+                errors.append(
+                    GraphError(
+                        f"edges.{i}.{label}", "dangling_edge", f"edge {i} points to unknown node '{end}'"
+                    )
+                )
         if e.source in by_id:
             out[e.source].append(e)
         if e.target in by_id and isinstance(by_id[e.target], EntryNode):
-            errors.append(GraphError(f"edges.{i}.to", "entry_has_no_inputs", "no edge may lead into the entry node"))
+            errors.append(
+                GraphError(f"edges.{i}.to", "entry_has_no_inputs", "no edge may lead into the entry node")
+            )
 
     for node in definition.nodes:
         required = required_branches(node)
@@ -348,18 +375,26 @@ def graph_errors(definition: JourneyDefinition) -> list[GraphError]:
         for b in required:
             if b not in have:
                 label = "the next edge" if b is None else f"branch '{b}'"
-                errors.append(GraphError(f"nodes.{node.id}", "branch_complete", f"node '{node.id}' is missing {label}"))
+                errors.append(
+                    GraphError(f"nodes.{node.id}", "branch_complete", f"node '{node.id}' is missing {label}")
+                )
         for b in set(have):
             if b not in required:
                 label = "an unlabeled edge" if b is None else f"branch '{b}'"
-                errors.append(GraphError(f"nodes.{node.id}", "unknown_branch", f"node '{node.id}' has no {label}"))
+                errors.append(
+                    GraphError(f"nodes.{node.id}", "unknown_branch", f"node '{node.id}' has no {label}")
+                )
             elif have.count(b) > 1:
-                errors.append(GraphError(f"nodes.{node.id}", "branch_once", f"node '{node.id}' wires '{b}' twice"))
+                errors.append(
+                    GraphError(f"nodes.{node.id}", "branch_once", f"node '{node.id}' wires '{b}' twice")
+                )
         if isinstance(node, WaitMessageNode):
             target = by_id.get(node.send_node)
             if not isinstance(target, (SendNode, WebhookNode)):
                 errors.append(
-                    GraphError(f"nodes.{node.id}", "send_node", f"'{node.send_node}' is not a send or webhook node")
+                    GraphError(
+                        f"nodes.{node.id}", "send_node", f"'{node.send_node}' is not a send or webhook node"
+                    )
                 )
 
     if len(entries) == 1:
@@ -372,10 +407,18 @@ def graph_errors(definition: JourneyDefinition) -> list[GraphError]:
                     stack.append(e.target)
         for node in definition.nodes:
             if node.id not in seen:
-                errors.append(GraphError(f"nodes.{node.id}", "reachable", f"node '{node.id}' is not reachable from the entry"))
+                errors.append(
+                    GraphError(
+                        f"nodes.{node.id}", "reachable", f"node '{node.id}' is not reachable from the entry"
+                    )
+                )
 
-    # A cycle must pass through a waiting node: without the waiting nodes' outgoing edges the graph is acyclic.
-    instant = {i: [e.target for e in out[i] if e.target in by_id] for i in by_id if by_id[i].type not in WAITING_TYPES}
+    # A cycle must pass through a waiting node: without the waiting nodes' out-edges the graph is acyclic.
+    instant = {
+        i: [e.target for e in out[i] if e.target in by_id]
+        for i in by_id
+        if by_id[i].type not in WAITING_TYPES
+    }
     state: dict[str, int] = {}
 
     def visit(i: str) -> str | None:
@@ -388,10 +431,14 @@ def graph_errors(definition: JourneyDefinition) -> list[GraphError]:
         state[i] = 2
         return None
 
-    for i in instant:
-        if i not in state and (looped := visit(i)):
+    for node_id in instant:
+        if node_id not in state and (looped := visit(node_id)):
             errors.append(
-                GraphError(f"nodes.{looped}", "loop_through_wait", f"a loop through '{looped}' has no delay or wait node")
+                GraphError(
+                    f"nodes.{looped}",
+                    "loop_through_wait",
+                    f"a loop through '{looped}' has no delay or wait node",
+                )
             )
             break
     return errors

@@ -42,9 +42,13 @@ def triggers(definition: JourneyDefinition, trigger: Trigger, facts: Facts) -> b
     if isinstance(entry, EventEntry) and isinstance(trigger, EventTrigger):
         return trigger.name == entry.event and all_hold(entry.where, facts)
     if isinstance(entry, SegmentEntry) and isinstance(trigger, SegmentTrigger):
-        return entry.enrol_future and trigger.segment_id == entry.segment_id and trigger.change == entry.change
+        return (
+            entry.enrol_future and trigger.segment_id == entry.segment_id and trigger.change == entry.change
+        )
     if isinstance(entry, StageEntry) and isinstance(trigger, StageTrigger):
-        return trigger.stage == entry.to_stage and (entry.from_stage is None or entry.from_stage == trigger.previous)
+        return trigger.stage == entry.to_stage and (
+            entry.from_stage is None or entry.from_stage == trigger.previous
+        )
     return False
 
 
@@ -57,7 +61,9 @@ def correlation_value(definition: JourneyDefinition, trigger: Trigger) -> str:
     return "" if value is None else str(value)
 
 
-def may_reenter(definition: JourneyDefinition, last_entered_at: datetime | None, now: datetime) -> tuple[bool, str]:
+def may_reenter(
+    definition: JourneyDefinition, last_entered_at: datetime | None, now: datetime
+) -> tuple[bool, str]:
     """Whether a customer who entered before (for this correlation value) may enter again now."""
     if last_entered_at is None:
         return True, "first entry"
@@ -73,7 +79,11 @@ def may_reenter(definition: JourneyDefinition, last_entered_at: datetime | None,
 
 
 def goal_reached(
-    definition: JourneyDefinition, event: EventTrigger, facts: Facts, entered_at: datetime, correlation: str,
+    definition: JourneyDefinition,
+    event: EventTrigger,
+    facts: Facts,
+    entered_at: datetime,
+    correlation: str,
     now: datetime,
 ) -> bool:
     goal = definition.goal

@@ -50,7 +50,9 @@ def parse_instant(value: object, tz: ZoneInfo) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
 
 
-def delay_until(node: DelayNode, now: datetime, tz: ZoneInfo, traits: dict[str, object]) -> tuple[datetime, str]:
+def delay_until(
+    node: DelayNode, now: datetime, tz: ZoneInfo, traits: dict[str, object]
+) -> tuple[datetime, str]:
     """When a delay node lets the customer go on, and a sentence saying why."""
     if node.duration is not None:
         return now + node.duration, f"waits {node.duration}"

@@ -198,7 +198,9 @@ def pick_arm(node: SplitNode, bucket: float) -> str:
     return node.arms[-1].name
 
 
-def cap_reached(rule: CapRule, sends: list[datetime], now: datetime, tz_name: str | None, default_tz: str) -> bool:
+def cap_reached(
+    rule: CapRule, sends: list[datetime], now: datetime, tz_name: str | None, default_tz: str
+) -> bool:
     if rule.period == "day":
         tz = zone(tz_name, default_tz)
         today = local_day(now, tz)
@@ -228,7 +230,9 @@ class Walker:
         self.rules = rules
         self.now = now
         self.dry_run = dry_run
-        self.context: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in instance.context.items()}
+        self.context: dict[str, Any] = {
+            k: (dict(v) if isinstance(v, dict) else v) for k, v in instance.context.items()
+        }
         self.outcome = Outcome(node_id=instance.node_id, status="active", context=self.context)
         self.tz = zone(customer.timezone, rules.default_timezone)
 
@@ -238,7 +242,7 @@ class Walker:
         """The outcome of `event` for this instance, or None when it does not concern it."""
         node = self.graph.nodes.get(self.instance.node_id)
         wait = self.instance.wait or {}
-        if isinstance(event, Start) or wait.get("kind") == "start" and isinstance(event, TimerFired):
+        if isinstance(event, Start) or (wait.get("kind") == "start" and isinstance(event, TimerFired)):
             return self._walk(self.graph.entry_id)
         if node is None:
             return None
@@ -282,8 +286,14 @@ class Walker:
         return Facts(
             traits=c.traits,
             event=event,
-            customer={"id": c.customer_id, "timezone": c.timezone, "locale": c.locale, "email": c.email,
-                      "phone": c.phone, "stage": c.stage},
+            customer={
+                "id": c.customer_id,
+                "timezone": c.timezone,
+                "locale": c.locale,
+                "email": c.email,
+                "phone": c.phone,
+                "stage": c.stage,
+            },
             segments=c.segments,
         )
 
@@ -343,7 +353,10 @@ class Walker:
                     wait = self._wait_spec(node)
                     due = self.now + node.timeout
                     if self.dry_run:
-                        self._note(node_id, f"would wait up to {node.timeout} for {wait['what']}; assuming it times out")
+                        self._note(
+                            node_id,
+                            f"would wait up to {node.timeout} for {wait['what']}; assuming it times out",
+                        )
                         self.now = due
                         self.outcome.counts.append((node_id, "passed"))
                         node_id = self.graph.follow(node_id, "timeout")
@@ -360,8 +373,11 @@ class Walker:
                     why = (
                         "no branch matched"
                         if chosen == "else"
-                        else "matched " + " and ".join(describe(p) for p in node.branches[
-                            [b.name for b in node.branches].index(chosen)].where)
+                        else "matched "
+                        + " and ".join(
+                            describe(p)
+                            for p in node.branches[[b.name for b in node.branches].index(chosen)].where
+                        )
                     )
                     self._note(node_id, f"{why} -> branch '{chosen}'")
                     self.outcome.counts.append((node_id, "passed"))
@@ -372,7 +388,10 @@ class Walker:
                     arm = arms.get(node_id) or pick_arm(node, bucket)
                     arms[node_id] = arm
                     holdout = next((a.name for a in node.arms if a.holdout), None)
-                    self._note(node_id, f"bucket {bucket:.2f} -> arm '{arm}'" + (" (holdout)" if arm == holdout else ""))
+                    self._note(
+                        node_id,
+                        f"bucket {bucket:.2f} -> arm '{arm}'" + (" (holdout)" if arm == holdout else ""),
+                    )
                     self.outcome.counts.append((node_id, "passed"))
                     node_id = self.graph.follow(node_id, arm)
                 case SendNode() | WebhookNode():
@@ -384,7 +403,11 @@ class Walker:
                 case UpdateTraitNode():
                     visit = self._visit(node_id)
                     event_id = message_id(
-                        self.instance.journey_id, self.instance.version, self.instance.instance_id, node_id, visit
+                        self.instance.journey_id,
+                        self.instance.version,
+                        self.instance.instance_id,
+                        node_id,
+                        visit,
                     )
                     self.outcome.effects.append(UpdateTraits(node_id, event_id, dict(node.traits)))
                     # Later conditions in this walk see the new values at once.
@@ -396,19 +419,31 @@ class Walker:
 
     def _wait_spec(self, node: WaitEventNode | WaitSegmentNode | WaitMessageNode) -> dict[str, Any]:
         if isinstance(node, WaitEventNode):
-            what = f"event '{node.event}'" + (f" with the same {self.graph.definition.correlation_key}"
-                                             if node.match_correlation else "")
+            what = f"event '{node.event}'" + (
+                f" with the same {self.graph.definition.correlation_key}" if node.match_correlation else ""
+            )
             return {"kind": "event", "event": node.event, "what": what}
         if isinstance(node, WaitSegmentNode):
-            return {"kind": "segment", "segment_id": node.segment_id, "change": node.change,
-                    "what": f"{node.change} segment {node.segment_id}"}
+            return {
+                "kind": "segment",
+                "segment_id": node.segment_id,
+                "change": node.change,
+                "what": f"{node.change} segment {node.segment_id}",
+            }
         visits = self.context.get("visits", {})
         mid = message_id(
-            self.instance.journey_id, self.instance.version, self.instance.instance_id, node.send_node,
+            self.instance.journey_id,
+            self.instance.version,
+            self.instance.instance_id,
+            node.send_node,
             max(1, int(visits.get(node.send_node, 1))),
         )
-        return {"kind": "message", "message_id": mid, "statuses": [str(s) for s in node.statuses],
-                "what": f"message {'/'.join(node.statuses)}"}
+        return {
+            "kind": "message",
+            "message_id": mid,
+            "statuses": [str(s) for s in node.statuses],
+            "what": f"message {'/'.join(node.statuses)}",
+        }
 
     def _send(self, node: SendNode | WebhookNode) -> Outcome | None:
         """Request the message, or withhold it (cap, quiet hours); an Outcome when held until later."""
@@ -417,12 +452,15 @@ class Walker:
         category = definition.category
         visits: dict[str, int] = self.context.setdefault("visits", {})
         visit = visits.get(node.id, 0) + 1
-        mid = message_id(self.instance.journey_id, self.instance.version, self.instance.instance_id, node.id, visit)
+        mid = message_id(
+            self.instance.journey_id, self.instance.version, self.instance.instance_id, node.id, visit
+        )
         marketing = category == MessageCategory.MARKETING and channel != Channel.WEBHOOK
         if marketing and self.rules.quiet_hours is not None:
             end = self.rules.quiet_hours.window_end(self.now, self.tz)
             if end is not None:
-                window = f"quiet hours {_hm(self.rules.quiet_hours.start)}-{_hm(self.rules.quiet_hours.end)} {self.tz.key}"
+                quiet = self.rules.quiet_hours
+                window = f"quiet hours {_hm(quiet.start)}-{_hm(quiet.end)} {self.tz.key}"
                 if self.rules.quiet_mode == "hold" and not self.dry_run:
                     self._note(node.id, f"held by {window} until {end.isoformat()}")
                     return self._wait(node.id, {"kind": "quiet_hours"}, end)
@@ -432,9 +470,13 @@ class Walker:
                     return None
         cap = self.rules.caps.get(str(channel)) if marketing else None
         sends = self.customer.recent_sends.setdefault(str(channel), [])
-        if cap is not None and cap_reached(cap, sends, self.now, self.customer.timezone, self.rules.default_timezone):
+        if cap is not None and cap_reached(
+            cap, sends, self.now, self.customer.timezone, self.rules.default_timezone
+        ):
             visits[node.id] = visit
-            self._withhold(node, mid, channel, "capped", f"frequency cap: {cap.limit} {channel} per {cap.period}")
+            self._withhold(
+                node, mid, channel, "capped", f"frequency cap: {cap.limit} {channel} per {cap.period}"
+            )
             return None
         visits[node.id] = visit
         if marketing:
@@ -442,26 +484,42 @@ class Walker:
         data: dict[str, Any] = {
             "traits": dict(self.customer.traits),
             "event": self.context.get("last_event") or self.context.get("trigger") or {},
-            "journey": {"id": self.instance.journey_id, "version": self.instance.version,
-                        "instance_id": self.instance.instance_id, "node_id": node.id,
-                        "correlation": self.instance.correlation},
+            "journey": {
+                "id": self.instance.journey_id,
+                "version": self.instance.version,
+                "instance_id": self.instance.instance_id,
+                "node_id": node.id,
+                "correlation": self.instance.correlation,
+            },
             **node.data,
         }
         self.outcome.effects.append(
             RequestMessage(
-                node_id=node.id, message_id=mid, channel=channel, template_id=node.template_id, category=category,
+                node_id=node.id,
+                message_id=mid,
+                channel=channel,
+                template_id=node.template_id,
+                category=category,
                 subscription_topic=node.subscription_topic if isinstance(node, SendNode) else None,
-                data=data, webhook_url=node.url if isinstance(node, WebhookNode) else None,
+                data=data,
+                webhook_url=node.url if isinstance(node, WebhookNode) else None,
             )
         )
         self._note(node.id, f"requests {channel} '{node.template_id}'")
         return None
 
     def _withhold(
-        self, node: SendNode | WebhookNode, mid: str, channel: Channel, status: Literal["capped", "skipped"], why: str
+        self,
+        node: SendNode | WebhookNode,
+        mid: str,
+        channel: Channel,
+        status: Literal["capped", "skipped"],
+        why: str,
     ) -> None:
         self.outcome.effects.append(
-            MessageWithheld(node.id, mid, channel, node.template_id, self.graph.definition.category, status, why)
+            MessageWithheld(
+                node.id, mid, channel, node.template_id, self.graph.definition.category, status, why
+            )
         )
         self._note(node.id, f"{status}: {why}")
 
@@ -470,13 +528,28 @@ def _hm(t: time) -> str:
     return t.isoformat("minutes")
 
 
-def dry_run(graph: Graph, customer: CustomerView, rules: MessagingRules, now: datetime,
-            trigger: Mapping[str, Any] | None = None) -> Outcome:
+def dry_run(
+    graph: Graph,
+    customer: CustomerView,
+    rules: MessagingRules,
+    now: datetime,
+    trigger: Mapping[str, Any] | None = None,
+) -> Outcome:
     """The path a customer would take from the entry now, assuming every wait times out."""
     instance = InstanceView(
-        instance_id="dry-run", journey_id="dry-run", version=0, node_id=graph.entry_id, entered_at=now,
+        instance_id="dry-run",
+        journey_id="dry-run",
+        version=0,
+        node_id=graph.entry_id,
+        entered_at=now,
         context={"trigger": dict(trigger)} if trigger else {},
     )
-    walker = Walker(graph, instance, replace(customer, recent_sends={k: list(v) for k, v in customer.recent_sends.items()}),
-                    rules, now, dry_run=True)
+    walker = Walker(
+        graph,
+        instance,
+        replace(customer, recent_sends={k: list(v) for k, v in customer.recent_sends.items()}),
+        rules,
+        now,
+        dry_run=True,
+    )
     return walker.react(Start()) or walker.outcome

@@ -86,15 +86,28 @@ class ActiveJourney:
 
 def customer_view(rec: projection.CustomerRecord) -> CustomerView:
     return CustomerView(
-        customer_id=rec.customer_id, traits=rec.traits, timezone=rec.timezone, locale=rec.locale, email=rec.email,
-        phone=rec.phone, stage=rec.stage, segments=frozenset(rec.segments), recent_sends=rec.recent_sends,
+        customer_id=rec.customer_id,
+        traits=rec.traits,
+        timezone=rec.timezone,
+        locale=rec.locale,
+        email=rec.email,
+        phone=rec.phone,
+        stage=rec.stage,
+        segments=frozenset(rec.segments),
+        recent_sends=rec.recent_sends,
     )
 
 
 def instance_view(row: InstanceRow) -> InstanceView:
     return InstanceView(
-        instance_id=row.id, journey_id=row.journey_id, version=row.version, node_id=row.node_id,
-        entered_at=row.entered_at, correlation=row.correlation, context=row.context, wait=row.wait,
+        instance_id=row.id,
+        journey_id=row.journey_id,
+        version=row.version,
+        node_id=row.node_id,
+        entered_at=row.entered_at,
+        correlation=row.correlation,
+        context=row.context,
+        wait=row.wait,
     )
 
 
@@ -136,7 +149,9 @@ class JourneyEngine:
             try:
                 self._graphs[key] = Graph(JourneyDefinition.model_validate(raw))
             except (ValidationError, StopIteration):
-                log.error("stored journey definition is invalid", extra={"journey": journey_id, "version": version})
+                log.error(
+                    "stored journey definition is invalid", extra={"journey": journey_id, "version": version}
+                )
                 return None
         return self._graphs[key]
 
@@ -160,8 +175,11 @@ class JourneyEngine:
         for row in await instance_store.active_for_customers(session, ids):
             active[row.customer_id].append(row)
         return Batch(
-            now=now, writer=StepWriter(now), customers={c: customer_view(r) for c, r in records.items()},
-            active=active, entries=await instance_store.entries_of_customers(session, ids),
+            now=now,
+            writer=StepWriter(now),
+            customers={c: customer_view(r) for c, r in records.items()},
+            active=active,
+            entries=await instance_store.entries_of_customers(session, ids),
             journeys=await self.active_journeys(session),
         )
 
@@ -180,8 +198,13 @@ class JourneyEngine:
             payload = event.model_dump(mode="json", by_alias=True)
             assert event.event is not None
             await self._apply_trigger(
-                uow, batch, customer_id, EventTrigger(event.event, payload), EventArrived(event.event, payload),
-                trigger_id=event_id, trigger_context={"trigger": payload},
+                uow,
+                batch,
+                customer_id,
+                EventTrigger(event.event, payload),
+                EventArrived(event.event, payload),
+                trigger_id=event_id,
+                trigger_context={"trigger": payload},
             )
         await batch.writer.flush(session)
 
@@ -193,12 +216,20 @@ class JourneyEngine:
         for m in items:
             await projection.set_membership(session, m.segment_id, m.customer_id, m.change == "entered")
             customer = batch.customers[m.customer_id]
-            customer.segments = (customer.segments | {m.segment_id} if m.change == "entered"
-                                 else customer.segments - {m.segment_id})
+            customer.segments = (
+                customer.segments | {m.segment_id}
+                if m.change == "entered"
+                else customer.segments - {m.segment_id}
+            )
             trigger = {"segment_id": m.segment_id, "segment_name": m.segment_name, "change": m.change}
             await self._apply_trigger(
-                uow, batch, m.customer_id, SegmentTrigger(m.segment_id, m.change),
-                SegmentChanged(m.segment_id, m.change), trigger_id=m.event_id, trigger_context={"trigger": trigger},
+                uow,
+                batch,
+                m.customer_id,
+                SegmentTrigger(m.segment_id, m.change),
+                SegmentChanged(m.segment_id, m.change),
+                trigger_id=m.event_id,
+                trigger_context={"trigger": trigger},
             )
         await batch.writer.flush(session)
 
@@ -214,9 +245,14 @@ class JourneyEngine:
                 continue
             traits = dict(p.traits)
             await projection.upsert_customer(
-                session, p.customer_id, traits,
-                timezone=_str(traits.get("timezone")), locale=_str(traits.get("locale")),
-                email=_str(traits.get("email")), phone=_str(traits.get("phone")), stage=p.lifecycle_stage,
+                session,
+                p.customer_id,
+                traits,
+                timezone=_str(traits.get("timezone")),
+                locale=_str(traits.get("locale")),
+                email=_str(traits.get("email")),
+                phone=_str(traits.get("phone")),
+                stage=p.lifecycle_stage,
                 now=now,
             )
             await projection.add_identities(
@@ -231,8 +267,13 @@ class JourneyEngine:
             elif p.kind == ProfileChangeKind.STAGE_CHANGED and p.lifecycle_stage:
                 trigger = {"lifecycle_stage": p.lifecycle_stage, "previous_stage": p.previous_stage}
                 await self._apply_trigger(
-                    uow, batch, p.customer_id, StageTrigger(p.lifecycle_stage, p.previous_stage), None,
-                    trigger_id=p.event_id, trigger_context={"trigger": trigger},
+                    uow,
+                    batch,
+                    p.customer_id,
+                    StageTrigger(p.lifecycle_stage, p.previous_stage),
+                    None,
+                    trigger_id=p.event_id,
+                    trigger_context={"trigger": trigger},
                 )
         await batch.writer.flush(session)
 
@@ -245,8 +286,14 @@ class JourneyEngine:
             for row in list(batch.active[s.customer_id]):
                 wait = row.wait or {}
                 if wait.get("kind") == "message" and wait.get("message_id") == s.message_id:
-                    await self._react(uow, batch.writer, row, batch.customers[s.customer_id],
-                                      StatusArrived(s.message_id, str(s.status)), batch.now)
+                    await self._react(
+                        uow,
+                        batch.writer,
+                        row,
+                        batch.customers[s.customer_id],
+                        StatusArrived(s.message_id, str(s.status)),
+                        batch.now,
+                    )
             batch.prune(s.customer_id)
         await batch.writer.flush(session)
 
@@ -272,8 +319,12 @@ class JourneyEngine:
         now, writer = batch.now, batch.writer
         customer = batch.customers[customer_id]
         event_payload = trigger.event if isinstance(trigger, EventTrigger) else {}
-        facts = Facts(traits=customer.traits, event=event_payload, customer={"id": customer_id, "stage": customer.stage},
-                      segments=customer.segments)
+        facts = Facts(
+            traits=customer.traits,
+            event=event_payload,
+            customer={"id": customer_id, "stage": customer.stage},
+            segments=customer.segments,
+        )
         for row in list(batch.active[customer_id]):
             graph = await self.graph(session, row.journey_id, row.version)
             if graph is None:
@@ -297,14 +348,22 @@ class JourneyEngine:
             if (journey.row.id, correlation) in inside:
                 continue
             key = (journey.row.id, customer_id, correlation)
-            row = await self._enter(
-                uow, writer, journey, customer, correlation, trigger_id, dict(trigger_context), now, start_at=None,
+            entered = await self._enter(
+                uow,
+                writer,
+                journey,
+                customer,
+                correlation,
+                trigger_id,
+                dict(trigger_context),
+                now,
+                start_at=None,
                 last_entered_at=batch.entries.get(key),
             )
-            if row is not None:
+            if entered is not None:
                 batch.entries[key] = now
-                if row.status == "active":
-                    batch.active[customer_id].append(row)
+                if entered.status == "active":
+                    batch.active[customer_id].append(entered)
                     inside.add((journey.row.id, correlation))
 
     # ------------------------------------------------------------------ steps
@@ -328,13 +387,25 @@ class JourneyEngine:
         allowed, _ = may_reenter(journey.graph.definition, last_entered_at, now)
         if not allowed:
             return None
-        if journey.row.entry_cap is not None and not await journey_store.take_entry_slot(session, journey.row.id):
+        if journey.row.entry_cap is not None and not await journey_store.take_entry_slot(
+            session, journey.row.id
+        ):
             return None
-        instance_id = str(uuid.uuid5(INSTANCE_NAMESPACE, f"{journey.row.id}|{customer.customer_id}|{trigger_id}"))
+        instance_id = str(
+            uuid.uuid5(INSTANCE_NAMESPACE, f"{journey.row.id}|{customer.customer_id}|{trigger_id}")
+        )
         row = InstanceRow(
-            id=instance_id, journey_id=journey.row.id, version=journey.row.current_version,
-            customer_id=customer.customer_id, correlation=correlation, status="active",
-            node_id=journey.graph.entry_id, wait={"kind": "start"}, context=context, seq=0, entered_at=now,
+            id=instance_id,
+            journey_id=journey.row.id,
+            version=journey.row.current_version,
+            customer_id=customer.customer_id,
+            correlation=correlation,
+            status="active",
+            node_id=journey.graph.entry_id,
+            wait={"kind": "start"},
+            context=context,
+            seq=0,
+            entered_at=now,
         )
         writer.new_instances.append(row)
         writer.enrolments.append((journey.row.id, customer.customer_id, correlation))
@@ -346,16 +417,29 @@ class JourneyEngine:
             await self._apply(uow, writer, row, outcome, customer, new=True)
         return row
 
-    def _walk(self, graph: Graph, row: InstanceRow, customer: CustomerView, event: Input, now: datetime) -> Outcome | None:
+    def _walk(
+        self, graph: Graph, row: InstanceRow, customer: CustomerView, event: Input, now: datetime
+    ) -> Outcome | None:
         try:
             return Walker(graph, instance_view(row), customer, self.rules, now).react(event)
         except Exception as exc:  # a broken step must not block the customer's other journeys
             log.exception("journey step failed", extra={"instance": row.id, "node": row.node_id})
-            return Outcome(node_id=row.node_id, status="exited", context=dict(row.context),
-                           exit_reason=f"error: {exc!r}"[:500], counts=[(row.node_id, "exited")])
+            return Outcome(
+                node_id=row.node_id,
+                status="exited",
+                context=dict(row.context),
+                exit_reason=f"error: {exc!r}"[:500],
+                counts=[(row.node_id, "exited")],
+            )
 
     async def _react(
-        self, uow: UnitOfWork, writer: StepWriter, row: InstanceRow, customer: CustomerView, event: Input, now: datetime
+        self,
+        uow: UnitOfWork,
+        writer: StepWriter,
+        row: InstanceRow,
+        customer: CustomerView,
+        event: Input,
+        now: datetime,
     ) -> None:
         graph = await self.graph(uow.session, row.journey_id, row.version)
         if graph is None:
@@ -373,8 +457,14 @@ class JourneyEngine:
         writer.counts[(row.journey_id, row.version, row.node_id, metric)] += 1
 
     async def _apply(
-        self, uow: UnitOfWork, writer: StepWriter, row: InstanceRow, outcome: Outcome, customer: CustomerView,
-        *, new: bool = False,
+        self,
+        uow: UnitOfWork,
+        writer: StepWriter,
+        row: InstanceRow,
+        outcome: Outcome,
+        customer: CustomerView,
+        *,
+        new: bool = False,
     ) -> None:
         row.node_id = outcome.node_id
         row.status = outcome.status
@@ -397,55 +487,134 @@ class JourneyEngine:
             elif isinstance(effect, UpdateTraits):
                 await projection.merge_traits(uow.session, row.customer_id, effect.traits, now)
                 uow.emit(
-                    CUSTOMER_EVENTS.name, row.customer_id,
+                    CUSTOMER_EVENTS.name,
+                    row.customer_id,
                     CustomerEvent(
-                        message_id=effect.event_id, type=EventType.IDENTIFY, user_id=row.customer_id,
-                        traits=effect.traits, timestamp=now, received_at=now, source="journey_engine",
-                        context={"journey": {"id": row.journey_id, "version": row.version, "node_id": effect.node_id}},
+                        message_id=effect.event_id,
+                        type=EventType.IDENTIFY,
+                        user_id=row.customer_id,
+                        traits=effect.traits,
+                        timestamp=now,
+                        received_at=now,
+                        source="journey_engine",
+                        context={
+                            "journey": {
+                                "id": row.journey_id,
+                                "version": row.version,
+                                "node_id": effect.node_id,
+                            }
+                        },
                     ),
                 )
 
     def _request(
-        self, uow: UnitOfWork, writer: StepWriter, row: InstanceRow, customer: CustomerView, effect: RequestMessage,
+        self,
+        uow: UnitOfWork,
+        writer: StepWriter,
+        row: InstanceRow,
+        customer: CustomerView,
+        effect: RequestMessage,
         now: datetime,
     ) -> None:
         recipient = Recipient(
             email=customer.email or _str(customer.traits.get("email")),
             phone=customer.phone or _str(customer.traits.get("phone")),
-            timezone=customer.timezone, locale=customer.locale, webhook_url=effect.webhook_url,
+            timezone=customer.timezone,
+            locale=customer.locale,
+            webhook_url=effect.webhook_url,
         )
         uow.emit(
-            MESSAGE_REQUESTS.name, row.customer_id,
+            MESSAGE_REQUESTS.name,
+            row.customer_id,
             MessageRequested(
-                message_id=effect.message_id, customer_id=row.customer_id, channel=effect.channel,
-                template_id=effect.template_id, category=effect.category, subscription_topic=effect.subscription_topic,
-                recipient=recipient, data=effect.data, journey_id=row.journey_id, journey_version=row.version,
-                instance_id=row.id, node_id=effect.node_id, requested_at=now,
+                message_id=effect.message_id,
+                customer_id=row.customer_id,
+                channel=effect.channel,
+                template_id=effect.template_id,
+                category=effect.category,
+                subscription_topic=effect.subscription_topic,
+                recipient=recipient,
+                data=effect.data,
+                journey_id=row.journey_id,
+                journey_version=row.version,
+                instance_id=row.id,
+                node_id=effect.node_id,
+                requested_at=now,
             ),
         )
-        writer.messages.append(self._log(row, effect.node_id, effect.message_id, str(effect.channel),
-                                         str(effect.category), "requested", None, effect.template_id))
+        writer.messages.append(
+            self._log(
+                row,
+                effect.node_id,
+                effect.message_id,
+                str(effect.channel),
+                str(effect.category),
+                "requested",
+                None,
+                effect.template_id,
+            )
+        )
 
-    def _withhold(self, uow: UnitOfWork, writer: StepWriter, row: InstanceRow, effect: MessageWithheld, now: datetime) -> None:
+    def _withhold(
+        self, uow: UnitOfWork, writer: StepWriter, row: InstanceRow, effect: MessageWithheld, now: datetime
+    ) -> None:
         status = MessageStatusKind.CAPPED if effect.status == "capped" else MessageStatusKind.SKIPPED
         uow.emit(
-            MESSAGE_STATUS.name, row.customer_id,
+            MESSAGE_STATUS.name,
+            row.customer_id,
             MessageStatus(
-                status_id=f"{effect.message_id}:{effect.status}", message_id=effect.message_id,
-                customer_id=row.customer_id, status=status, channel=effect.channel, occurred_at=now,
-                reason=effect.reason, template_id=effect.template_id, category=effect.category,
-                journey_id=row.journey_id, journey_version=row.version, instance_id=row.id, node_id=effect.node_id,
+                status_id=f"{effect.message_id}:{effect.status}",
+                message_id=effect.message_id,
+                customer_id=row.customer_id,
+                status=status,
+                channel=effect.channel,
+                occurred_at=now,
+                reason=effect.reason,
+                template_id=effect.template_id,
+                category=effect.category,
+                journey_id=row.journey_id,
+                journey_version=row.version,
+                instance_id=row.id,
+                node_id=effect.node_id,
             ),
         )
-        writer.messages.append(self._log(row, effect.node_id, effect.message_id, str(effect.channel),
-                                         str(effect.category), effect.status, effect.reason, effect.template_id))
+        writer.messages.append(
+            self._log(
+                row,
+                effect.node_id,
+                effect.message_id,
+                str(effect.channel),
+                str(effect.category),
+                effect.status,
+                effect.reason,
+                effect.template_id,
+            )
+        )
 
     @staticmethod
-    def _log(row: InstanceRow, node_id: str, message_id: str, channel: str, category: str, decision: str,
-             reason: str | None, template_id: str) -> dict[str, Any]:
-        return {"message_id": message_id, "customer_id": row.customer_id, "channel": channel, "category": category,
-                "decision": decision, "reason": reason, "template_id": template_id, "journey_id": row.journey_id,
-                "version": row.version, "instance_id": row.id, "node_id": node_id}
+    def _log(
+        row: InstanceRow,
+        node_id: str,
+        message_id: str,
+        channel: str,
+        category: str,
+        decision: str,
+        reason: str | None,
+        template_id: str,
+    ) -> dict[str, Any]:
+        return {
+            "message_id": message_id,
+            "customer_id": row.customer_id,
+            "channel": channel,
+            "category": category,
+            "decision": decision,
+            "reason": reason,
+            "template_id": template_id,
+            "journey_id": row.journey_id,
+            "version": row.version,
+            "instance_id": row.id,
+            "node_id": node_id,
+        }
 
     # ------------------------------------------------------------------ timers
 
@@ -469,7 +638,9 @@ class JourneyEngine:
                     if row is not None and row.status == "active" and row.seq == t.seq:
                         live[row.id] = row
                 records = await projection.load(
-                    session, [r.customer_id for r in live.values()], projection.sends_window(now, bool(self.rules.caps))
+                    session,
+                    [r.customer_id for r in live.values()],
+                    projection.sends_window(now, bool(self.rules.caps)),
                 )
                 customers = {cid: customer_view(rec) for cid, rec in records.items()}
                 writer = StepWriter(now)
@@ -494,12 +665,16 @@ class JourneyEngine:
                 if graph is not None and row.next_run_at is not None:
                     entry = graph.definition.entry
                     if isinstance(entry, (ScheduleEntry, SegmentEntry)):
-                        enrolled += await self.enrol_segment(uow, ActiveJourney(row, graph), entry, row.next_run_at)
+                        enrolled += await self.enrol_segment(
+                            uow, ActiveJourney(row, graph), entry, row.next_run_at
+                        )
                     if isinstance(entry, ScheduleEntry) and entry.every is not None:
                         next_run = row.next_run_at + entry.every
                         while next_run <= now:
                             next_run += entry.every
-                await journey_store.update(uow.session, row.id, now=now, next_run_at=next_run, set_next_run=True)
+                await journey_store.update(
+                    uow.session, row.id, now=now, next_run_at=next_run, set_next_run=True
+                )
         return enrolled
 
     async def enrol_segment(
@@ -514,7 +689,9 @@ class JourneyEngine:
         inside = {c for _, c in await instance_store.active_ids(session, journey.row.id)}
         candidates = [c for c in members if c not in inside]
         last = await instance_store.last_entries(session, journey.row.id, candidates)
-        records = await projection.load(session, candidates, projection.sends_window(now, bool(self.rules.caps)))
+        records = await projection.load(
+            session, candidates, projection.sends_window(now, bool(self.rules.caps))
+        )
         writer = StepWriter(now)
         enrolled = 0
         run_id = f"run:{run_at.isoformat()}"
@@ -523,10 +700,22 @@ class JourneyEngine:
             start_at = now
             if isinstance(entry, ScheduleEntry) and entry.local_time is not None:
                 tz = zone(customer.timezone, self.rules.default_timezone)
-                start_at = max(now, datetime.combine(run_at.astimezone(UTC).date(), entry.local_time, tzinfo=tz))
-            context: dict[str, Any] = {"trigger": {"broadcast": run_at.isoformat(), "segment_id": entry.segment_id}}
+                start_at = max(
+                    now, datetime.combine(run_at.astimezone(UTC).date(), entry.local_time, tzinfo=tz)
+                )
+            context: dict[str, Any] = {
+                "trigger": {"broadcast": run_at.isoformat(), "segment_id": entry.segment_id}
+            }
             if await self._enter(
-                uow, writer, journey, customer, "", run_id, context, now, start_at=start_at,
+                uow,
+                writer,
+                journey,
+                customer,
+                "",
+                run_id,
+                context,
+                now,
+                start_at=start_at,
                 last_entered_at=last.get((cid, "")),
             ):
                 enrolled += 1
@@ -554,4 +743,3 @@ class JourneyEngine:
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
-

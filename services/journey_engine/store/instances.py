@@ -38,7 +38,10 @@ class InstanceConflict(Exception):
     """An instance moved on since it was read (a guard: steps hold the row lock): roll back, retry."""
 
 
-_COLUMNS = "id, journey_id, version, customer_id, correlation, status, node_id, wait, context, seq, entered_at, exit_reason"
+_COLUMNS = (
+    "id, journey_id, version, customer_id, correlation, status, node_id, wait, context, seq, "
+    "entered_at, exit_reason"
+)
 
 
 def _json(value: Any) -> Any:
@@ -46,7 +49,9 @@ def _json(value: Any) -> Any:
 
 
 def _row(r: Any) -> InstanceRow:
-    return InstanceRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _json(r[7]), _json(r[8]) or {}, r[9], r[10], r[11])
+    return InstanceRow(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], _json(r[7]), _json(r[8]) or {}, r[9], r[10], r[11]
+    )
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,8 @@ async def active_for_customers(session: AsyncSession, customer_ids: list[str]) -
         return []
     rows = await session.execute(
         text(
-            f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:c AS text[])) AND status = 'active' "
+            f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:c AS text[])) AND status = "
+            "'active' "
             "ORDER BY id FOR UPDATE"
         ),
         {"c": customer_ids},
@@ -92,7 +98,9 @@ async def active_for_customers(session: AsyncSession, customer_ids: list[str]) -
     return sorted((_row(r) for r in rows), key=lambda r: (r.entered_at, r.id))
 
 
-async def entries_of_customers(session: AsyncSession, customer_ids: list[str]) -> dict[tuple[str, str, str], datetime]:
+async def entries_of_customers(
+    session: AsyncSession, customer_ids: list[str]
+) -> dict[tuple[str, str, str], datetime]:
     """(journey, customer, correlation) -> last entry, for the re-entry policy."""
     if not customer_ids:
         return {}
@@ -114,7 +122,9 @@ async def active_ids(session: AsyncSession, journey_id: str) -> list[tuple[str, 
     return [(r[0], r[1]) for r in rows]
 
 
-async def last_entries(session: AsyncSession, journey_id: str, customer_ids: list[str]) -> dict[tuple[str, str], datetime]:
+async def last_entries(
+    session: AsyncSession, journey_id: str, customer_ids: list[str]
+) -> dict[tuple[str, str], datetime]:
     rows = await session.execute(
         text(
             "SELECT customer_id, correlation, last_entered_at FROM enrolments WHERE journey_id = :j "
@@ -125,7 +135,9 @@ async def last_entries(session: AsyncSession, journey_id: str, customer_ids: lis
     return {(r[0], r[1]): r[2] for r in rows}
 
 
-async def migrate_version(session: AsyncSession, journey_id: str, to_version: int, node_ids: list[str]) -> int:
+async def migrate_version(
+    session: AsyncSession, journey_id: str, to_version: int, node_ids: list[str]
+) -> int:
     """Move active instances to `to_version` when the node they are at still exists there."""
     result = await session.execute(
         text(
@@ -160,26 +172,48 @@ class StepWriter:
                     "INSERT INTO timers (instance_id, seq, due_at) SELECT * FROM unnest(CAST(:i AS text[]), "
                     "CAST(:s AS int[]), CAST(:d AS timestamptz[]))"
                 ),
-                {"i": [t[0] for t in self.timers], "s": [t[1] for t in self.timers], "d": [t[2] for t in self.timers]},
+                {
+                    "i": [t[0] for t in self.timers],
+                    "s": [t[1] for t in self.timers],
+                    "d": [t[2] for t in self.timers],
+                },
             )
         if self.counts:
             keys = list(self.counts)
             await session.execute(
                 text(
                     "INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT * FROM unnest("
-                    "CAST(:j AS text[]), CAST(:v AS int[]), CAST(:nd AS text[]), CAST(:m AS text[]), CAST(:n AS bigint[]))"
+                    "CAST(:j AS text[]), CAST(:v AS int[]), CAST(:nd AS text[]), CAST(:m AS text[]), "
+                    "CAST(:n AS bigint[]))"
                 ),
-                {"j": [k[0] for k in keys], "v": [k[1] for k in keys], "nd": [k[2] for k in keys],
-                 "m": [k[3] for k in keys], "n": [self.counts[k] for k in keys]},
+                {
+                    "j": [k[0] for k in keys],
+                    "v": [k[1] for k in keys],
+                    "nd": [k[2] for k in keys],
+                    "m": [k[3] for k in keys],
+                    "n": [self.counts[k] for k in keys],
+                },
             )
         if self.messages:
-            cols = ("message_id", "customer_id", "channel", "category", "decision", "reason", "template_id",
-                    "journey_id", "version", "instance_id", "node_id")
+            cols = (
+                "message_id",
+                "customer_id",
+                "channel",
+                "category",
+                "decision",
+                "reason",
+                "template_id",
+                "journey_id",
+                "version",
+                "instance_id",
+                "node_id",
+            )
             types = ("text", "text", "text", "text", "text", "text", "text", "text", "int", "text", "text")
             unnest = ", ".join(f"CAST(:{c} AS {t}[])" for c, t in zip(cols, types, strict=True))
             await session.execute(
                 text(
-                    f"INSERT INTO message_log ({', '.join(cols)}, decided_at) SELECT *, CAST(:now AS timestamptz) "
+                    f"INSERT INTO message_log ({', '.join(cols)}, decided_at) SELECT *, CAST(:now AS "
+                    "timestamptz) "
                     f"FROM unnest({unnest}) ON CONFLICT (message_id) DO NOTHING"
                 ),
                 {c: [m[c] for m in self.messages] for c in cols} | {"now": self.now},
@@ -188,12 +222,18 @@ class StepWriter:
             await session.execute(
                 text(
                     "INSERT INTO enrolments (journey_id, customer_id, correlation, last_entered_at) "
-                    "SELECT j, c, k, CAST(:now AS timestamptz) FROM unnest(CAST(:j AS text[]), CAST(:c AS text[]), "
-                    "CAST(:k AS text[])) AS u(j, c, k) ON CONFLICT (journey_id, customer_id, correlation) DO UPDATE "
+                    "SELECT j, c, k, CAST(:now AS timestamptz) FROM unnest(CAST(:j AS text[]), CAST(:c AS "
+                    "text[]), "
+                    "CAST(:k AS text[])) AS u(j, c, k) ON CONFLICT (journey_id, customer_id, correlation) "
+                    "DO UPDATE "
                     "SET last_entered_at = excluded.last_entered_at, entries = enrolments.entries + 1"
                 ),
-                {"j": [e[0] for e in self.enrolments], "c": [e[1] for e in self.enrolments],
-                 "k": [e[2] for e in self.enrolments], "now": self.now},
+                {
+                    "j": [e[0] for e in self.enrolments],
+                    "c": [e[1] for e in self.enrolments],
+                    "k": [e[2] for e in self.enrolments],
+                    "now": self.now,
+                },
             )
         for r in (*self.new_instances, *self.changed):
             r.read_seq = r.seq
@@ -228,12 +268,16 @@ class StepWriter:
         }
         await session.execute(
             text(
-                "INSERT INTO instances (id, journey_id, version, customer_id, correlation, status, node_id, wait, "
+                "INSERT INTO instances (id, journey_id, version, customer_id, correlation, status, node_id, "
+                "wait, "
                 "context, seq, entered_at, updated_at, exit_reason) "
-                "SELECT id, journey, version, customer, corr, status, node, CAST(wait AS jsonb), CAST(ctx AS jsonb), "
+                "SELECT id, journey, version, customer, corr, status, node, CAST(wait AS jsonb), CAST(ctx "
+                "AS jsonb), "
                 "seq, entered, CAST(:now AS timestamptz), reason FROM unnest(CAST(:id AS text[]), "
-                "CAST(:journey AS text[]), CAST(:version AS int[]), CAST(:customer AS text[]), CAST(:corr AS text[]), "
-                "CAST(:status AS text[]), CAST(:node AS text[]), CAST(:wait AS text[]), CAST(:ctx AS text[]), "
+                "CAST(:journey AS text[]), CAST(:version AS int[]), CAST(:customer AS text[]), CAST(:corr "
+                "AS text[]), "
+                "CAST(:status AS text[]), CAST(:node AS text[]), CAST(:wait AS text[]), CAST(:ctx AS "
+                "text[]), "
                 "CAST(:seq AS int[]), CAST(:entered AS timestamptz[]), CAST(:reason AS text[])) "
                 "AS u(id, journey, version, customer, corr, status, node, wait, ctx, seq, entered, reason)"
             ),
@@ -248,11 +292,14 @@ class StepWriter:
             return
         result = await session.execute(
             text(
-                "UPDATE instances AS i SET node_id = u.node, status = u.status, wait = CAST(u.wait AS jsonb), "
+                "UPDATE instances AS i SET node_id = u.node, status = u.status, wait = CAST(u.wait AS "
+                "jsonb), "
                 "context = CAST(u.ctx AS jsonb), seq = u.seq, exit_reason = u.reason, "
-                "updated_at = CAST(:now AS timestamptz) FROM unnest(CAST(:id AS text[]), CAST(:node AS text[]), "
+                "updated_at = CAST(:now AS timestamptz) FROM unnest(CAST(:id AS text[]), CAST(:node AS "
+                "text[]), "
                 "CAST(:status AS text[]), CAST(:wait AS text[]), CAST(:ctx AS text[]), CAST(:seq AS int[]), "
-                "CAST(:reason AS text[]), CAST(:read_seq AS int[])) AS u(id, node, status, wait, ctx, seq, reason, "
+                "CAST(:reason AS text[]), CAST(:read_seq AS int[])) AS u(id, node, status, wait, ctx, seq, "
+                "reason, "
                 "read_seq) WHERE i.id = u.id AND i.seq = u.read_seq"
             ),
             self._columns(rows) | {"now": self.now, "read_seq": [r.read_seq for r in rows]},
@@ -304,7 +351,8 @@ async def exit_all(session: AsyncSession, journey_id: str, reason: str, now: dat
     """Exit every active instance of a journey (archiving), counting them as exited at their node."""
     await session.execute(
         text(
-            "INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT journey_id, version, node_id, "
+            "INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT journey_id, version, "
+            "node_id, "
             "'exited', count(*) FROM instances WHERE journey_id = :j AND status = 'active' "
             "GROUP BY journey_id, version, node_id"
         ),
@@ -312,7 +360,8 @@ async def exit_all(session: AsyncSession, journey_id: str, reason: str, now: dat
     )
     result = await session.execute(
         text(
-            "UPDATE instances SET status = 'exited', exit_reason = :r, wait = NULL, seq = seq + 1, updated_at = :now "
+            "UPDATE instances SET status = 'exited', exit_reason = :r, wait = NULL, seq = seq + 1, "
+            "updated_at = :now "
             "WHERE journey_id = :j AND status = 'active'"
         ),
         {"j": journey_id, "r": reason, "now": now},

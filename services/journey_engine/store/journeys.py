@@ -28,7 +28,12 @@ _COLUMNS = "id, name, status, current_version, entry_cap, entered_count, next_ru
 
 
 async def create(
-    session: AsyncSession, journey_id: str, name: str, definition: dict[str, Any], entry_cap: int | None, now: datetime
+    session: AsyncSession,
+    journey_id: str,
+    name: str,
+    definition: dict[str, Any],
+    entry_cap: int | None,
+    now: datetime,
 ) -> None:
     await session.execute(
         text(
@@ -40,7 +45,9 @@ async def create(
     await add_version(session, journey_id, 1, definition, now)
 
 
-async def add_version(session: AsyncSession, journey_id: str, version: int, definition: dict[str, Any], now: datetime) -> None:
+async def add_version(
+    session: AsyncSession, journey_id: str, version: int, definition: dict[str, Any], now: datetime
+) -> None:
     await session.execute(
         text(
             "INSERT INTO journey_versions (journey_id, version, definition, created_at) "
@@ -52,7 +59,11 @@ async def add_version(session: AsyncSession, journey_id: str, version: int, defi
 
 async def get(session: AsyncSession, journey_id: str, *, for_update: bool = False) -> JourneyRow | None:
     lock = " FOR UPDATE" if for_update else ""
-    row = (await session.execute(text(f"SELECT {_COLUMNS} FROM journeys WHERE id = :id{lock}"), {"id": journey_id})).first()
+    row = (
+        await session.execute(
+            text(f"SELECT {_COLUMNS} FROM journeys WHERE id = :id{lock}"), {"id": journey_id}
+        )
+    ).first()
     return JourneyRow(*row) if row else None
 
 
@@ -78,7 +89,8 @@ async def definition(session: AsyncSession, journey_id: str, version: int) -> di
 
 async def versions(session: AsyncSession, journey_id: str) -> list[int]:
     rows = await session.execute(
-        text("SELECT version FROM journey_versions WHERE journey_id = :id ORDER BY version"), {"id": journey_id}
+        text("SELECT version FROM journey_versions WHERE journey_id = :id ORDER BY version"),
+        {"id": journey_id},
     )
     return [r[0] for r in rows]
 

@@ -56,7 +56,9 @@ async def resolve(session: AsyncSession, identities: list[str]) -> dict[str, str
     if not identities:
         return {}
     rows = await session.execute(
-        text("SELECT identity, customer_id FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"),
+        text(
+            "SELECT identity, customer_id FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"
+        ),
         {"ids": list(set(identities))},
     )
     return {r[0]: r[1] for r in rows}
@@ -90,8 +92,10 @@ async def load(
         return out
     rows = await session.execute(
         text(
-            "SELECT customer_id, channel, decided_at FROM message_log WHERE customer_id = ANY(CAST(:ids AS text[])) "
-            "AND decided_at > :since AND decision = 'requested' AND category = 'marketing' ORDER BY decided_at"
+            "SELECT customer_id, channel, decided_at FROM message_log WHERE customer_id = ANY(CAST(:ids AS "
+            "text[])) "
+            "AND decided_at > :since AND decision = 'requested' AND category = 'marketing' ORDER BY "
+            "decided_at"
         ),
         {"ids": ids, "since": sends_since},
     )
@@ -123,13 +127,21 @@ async def upsert_customer(
             "locale = excluded.locale, email = excluded.email, phone = excluded.phone, "
             "stage = COALESCE(excluded.stage, customers.stage), updated_at = excluded.updated_at"
         ),
-        {"id": customer_id, "traits": orjson.dumps(traits).decode(), "tz": timezone, "locale": locale,
-         "email": email, "phone": phone, "stage": stage, "now": now},
+        {
+            "id": customer_id,
+            "traits": orjson.dumps(traits).decode(),
+            "tz": timezone,
+            "locale": locale,
+            "email": email,
+            "phone": phone,
+            "stage": stage,
+            "now": now,
+        },
     )
 
 
 async def merge_traits(session: AsyncSession, customer_id: str, patch: dict[str, Any], now: datetime) -> None:
-    """Apply a journey's own trait update to the projection (the segmenter's next ProfileChanged confirms it)."""
+    """Apply a journey's own trait update to the projection (the next ProfileChanged confirms it)."""
     await session.execute(
         text(
             "INSERT INTO customers (customer_id, traits, updated_at) VALUES (:id, CAST(:p AS jsonb), :now) "
@@ -144,7 +156,8 @@ async def add_identities(session: AsyncSession, customer_id: str, identities: li
     ids = sorted({i for i in identities if i} | {customer_id})
     await session.execute(
         text(
-            "INSERT INTO customer_identities (identity, customer_id) SELECT unnest(CAST(:ids AS text[])), :cid "
+            "INSERT INTO customer_identities (identity, customer_id) SELECT unnest(CAST(:ids AS text[])), "
+            ":cid "
             "ON CONFLICT (identity) DO UPDATE SET customer_id = excluded.customer_id"
         ),
         {"ids": ids, "cid": customer_id},
@@ -163,7 +176,9 @@ async def erase(session: AsyncSession, customer_id: str) -> None:
 async def set_membership(session: AsyncSession, segment_id: str, customer_id: str, member: bool) -> None:
     if member:
         await session.execute(
-            text("INSERT INTO segment_members (segment_id, customer_id) VALUES (:s, :c) ON CONFLICT DO NOTHING"),
+            text(
+                "INSERT INTO segment_members (segment_id, customer_id) VALUES (:s, :c) ON CONFLICT DO NOTHING"
+            ),
             {"s": segment_id, "c": customer_id},
         )
     else:
@@ -175,7 +190,8 @@ async def set_membership(session: AsyncSession, segment_id: str, customer_id: st
 
 async def segment_member_ids(session: AsyncSession, segment_id: str) -> list[str]:
     rows = await session.execute(
-        text("SELECT customer_id FROM segment_members WHERE segment_id = :s ORDER BY customer_id"), {"s": segment_id}
+        text("SELECT customer_id FROM segment_members WHERE segment_id = :s ORDER BY customer_id"),
+        {"s": segment_id},
     )
     return [r[0] for r in rows]
 

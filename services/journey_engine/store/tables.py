@@ -90,7 +90,11 @@ instances = sa.Table(
     sa.Column("exit_reason", sa.Text, nullable=True),
     sa.Index("instances_active_customer", "customer_id", postgresql_where=sa.text("status = 'active'")),
     sa.Index(
-        "instances_active_once_per_key", "journey_id", "customer_id", "correlation", unique=True,
+        "instances_active_once_per_key",
+        "journey_id",
+        "customer_id",
+        "correlation",
+        unique=True,
         postgresql_where=sa.text("status = 'active'"),
     ),
 )

@@ -12,7 +12,13 @@ from services.journey_engine.domain.definition import JourneyDefinition, graph_e
 
 def journey(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], **extra: Any) -> JourneyDefinition:
     return JourneyDefinition.model_validate(
-        {"name": "t", "entry": {"type": "event", "event": "Signed Up"}, "nodes": nodes, "edges": edges, **extra}
+        {
+            "name": "t",
+            "entry": {"type": "event", "event": "Signed Up"},
+            "nodes": nodes,
+            "edges": edges,
+            **extra,
+        }
     )
 
 
@@ -44,7 +50,9 @@ def test_exactly_one_entry() -> None:
 
 
 def test_dangling_edge_names_the_edge() -> None:
-    assert ("edges.4.to", "dangling_edge") in rules(journey(GOOD_NODES, [*GOOD_EDGES, {"from": "remind", "to": "nowhere"}]))
+    assert ("edges.4.to", "dangling_edge") in rules(
+        journey(GOOD_NODES, [*GOOD_EDGES, {"from": "remind", "to": "nowhere"}])
+    )
 
 
 def test_unreachable_node() -> None:
@@ -62,7 +70,11 @@ def test_missing_branch() -> None:
 def test_unknown_branch_on_a_condition() -> None:
     nodes = [
         {"id": "start", "type": "entry"},
-        {"id": "vip", "type": "condition", "branches": [{"name": "yes", "where": [{"field": "traits.vip", "op": "eq", "value": True}]}]},
+        {
+            "id": "vip",
+            "type": "condition",
+            "branches": [{"name": "yes", "where": [{"field": "traits.vip", "op": "eq", "value": True}]}],
+        },
         {"id": "done", "type": "exit"},
     ]
     edges = [
@@ -79,7 +91,11 @@ def test_loops_must_pass_through_a_wait() -> None:
     nodes = [
         {"id": "start", "type": "entry"},
         {"id": "send", "type": "send", "channel": "email", "template_id": "x"},
-        {"id": "again", "type": "condition", "branches": [{"name": "more", "where": [{"field": "traits.n", "op": "lt", "value": 3}]}]},
+        {
+            "id": "again",
+            "type": "condition",
+            "branches": [{"name": "more", "where": [{"field": "traits.n", "op": "lt", "value": 3}]}],
+        },
         {"id": "done", "type": "exit"},
     ]
     edges = [
@@ -99,4 +115,13 @@ def test_node_fields_are_validated_by_pydantic() -> None:
     with pytest.raises(ValidationError):
         journey([{"id": "d", "type": "delay"}], [])
     with pytest.raises(ValidationError):
-        journey([{"id": "s", "type": "split", "arms": [{"name": "a", "percent": 50}, {"name": "b", "percent": 40}]}], [])
+        journey(
+            [
+                {
+                    "id": "s",
+                    "type": "split",
+                    "arms": [{"name": "a", "percent": 50}, {"name": "b", "percent": 40}],
+                }
+            ],
+            [],
+        )

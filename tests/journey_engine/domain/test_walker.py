@@ -35,7 +35,13 @@ def graph(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], **extra: Any
 CART = graph(
     [
         {"id": "start", "type": "entry"},
-        {"id": "wait", "type": "wait_event", "event": "Order Completed", "match_correlation": True, "timeout": "PT1H"},
+        {
+            "id": "wait",
+            "type": "wait_event",
+            "event": "Order Completed",
+            "match_correlation": True,
+            "timeout": "PT1H",
+        },
         {"id": "remind", "type": "send", "channel": "email", "template_id": "cart"},
         {"id": "done", "type": "exit"},
     ],
@@ -49,14 +55,28 @@ CART = graph(
 )
 
 
-def step(g: Graph, state: InstanceView, event: Any, now: datetime = NOW, customer: CustomerView | None = None,
-         rules: MessagingRules | None = None) -> Outcome | None:
+def step(
+    g: Graph,
+    state: InstanceView,
+    event: Any,
+    now: datetime = NOW,
+    customer: CustomerView | None = None,
+    rules: MessagingRules | None = None,
+) -> Outcome | None:
     return Walker(g, state, customer or CustomerView("c1"), rules or MessagingRules(), now).react(event)
 
 
 def after(state: InstanceView, outcome: Outcome) -> InstanceView:
-    return InstanceView(state.instance_id, state.journey_id, state.version, outcome.node_id, state.entered_at,
-                        state.correlation, outcome.context, outcome.wait)
+    return InstanceView(
+        state.instance_id,
+        state.journey_id,
+        state.version,
+        outcome.node_id,
+        state.entered_at,
+        state.correlation,
+        outcome.context,
+        outcome.wait,
+    )
 
 
 def fresh(g: Graph, correlation: str = "") -> InstanceView:
@@ -78,9 +98,13 @@ def test_cart_order_with_same_cart_exits_without_reminder() -> None:
     state = fresh(CART, "cart-1")
     waiting = step(CART, state, Start())
     assert waiting is not None
-    other_cart = EventArrived("Order Completed", {"event": "Order Completed", "properties": {"cart_id": "cart-2"}})
+    other_cart = EventArrived(
+        "Order Completed", {"event": "Order Completed", "properties": {"cart_id": "cart-2"}}
+    )
     assert step(CART, after(state, waiting), other_cart) is None
-    same_cart = EventArrived("Order Completed", {"event": "Order Completed", "properties": {"cart_id": "cart-1"}})
+    same_cart = EventArrived(
+        "Order Completed", {"event": "Order Completed", "properties": {"cart_id": "cart-1"}}
+    )
     done = step(CART, after(state, waiting), same_cart)
     assert done is not None and done.status == "exited" and done.effects == []
     assert ("wait", "passed") in done.counts and ("done", "exited") in done.counts
@@ -96,9 +120,11 @@ def test_delay_until_time_of_day_in_customer_timezone_on_weekdays() -> None:
 
 def test_delay_until_trait_date_plus_offset() -> None:
     g = graph(
-        [{"id": "start", "type": "entry"},
-         {"id": "d", "type": "delay", "until_trait": "trial_ends_at", "offset": "-P1D"},
-         {"id": "done", "type": "exit"}],
+        [
+            {"id": "start", "type": "entry"},
+            {"id": "d", "type": "delay", "until_trait": "trial_ends_at", "offset": "-P1D"},
+            {"id": "done", "type": "exit"},
+        ],
         [{"from": "start", "to": "d"}, {"from": "d", "to": "done"}],
     )
     customer = CustomerView("c1", traits={"trial_ends_at": "2026-01-20"}, timezone="Europe/Paris")
@@ -108,17 +134,36 @@ def test_delay_until_trait_date_plus_offset() -> None:
 
 def test_condition_multiway_and_split_is_stable() -> None:
     g = graph(
-        [{"id": "start", "type": "entry"},
-         {"id": "tier", "type": "condition", "branches": [
-             {"name": "gold", "where": [{"field": "traits.spend", "op": "gte", "value": 1000}]},
-             {"name": "vip_segment", "where": [{"field": "segment", "op": "member", "value": "vips"}]}]},
-         {"id": "ab", "type": "split", "arms": [{"name": "a", "percent": 45}, {"name": "b", "percent": 45},
-                                                {"name": "control", "percent": 10, "holdout": True}]},
-         {"id": "done", "type": "exit"}],
-        [{"from": "start", "to": "tier"}, {"from": "tier", "to": "done", "branch": "gold"},
-         {"from": "tier", "to": "done", "branch": "vip_segment"}, {"from": "tier", "to": "ab", "branch": "else"},
-         {"from": "ab", "to": "done", "branch": "a"}, {"from": "ab", "to": "done", "branch": "b"},
-         {"from": "ab", "to": "done", "branch": "control"}],
+        [
+            {"id": "start", "type": "entry"},
+            {
+                "id": "tier",
+                "type": "condition",
+                "branches": [
+                    {"name": "gold", "where": [{"field": "traits.spend", "op": "gte", "value": 1000}]},
+                    {"name": "vip_segment", "where": [{"field": "segment", "op": "member", "value": "vips"}]},
+                ],
+            },
+            {
+                "id": "ab",
+                "type": "split",
+                "arms": [
+                    {"name": "a", "percent": 45},
+                    {"name": "b", "percent": 45},
+                    {"name": "control", "percent": 10, "holdout": True},
+                ],
+            },
+            {"id": "done", "type": "exit"},
+        ],
+        [
+            {"from": "start", "to": "tier"},
+            {"from": "tier", "to": "done", "branch": "gold"},
+            {"from": "tier", "to": "done", "branch": "vip_segment"},
+            {"from": "tier", "to": "ab", "branch": "else"},
+            {"from": "ab", "to": "done", "branch": "a"},
+            {"from": "ab", "to": "done", "branch": "b"},
+            {"from": "ab", "to": "done", "branch": "control"},
+        ],
     )
     gold = step(g, fresh(g), Start(), customer=CustomerView("c1", traits={"spend": 1500}))
     assert gold is not None and "arms" not in gold.context
@@ -131,15 +176,20 @@ def test_condition_multiway_and_split_is_stable() -> None:
         arms[out.context["arms"]["ab"]] += 1
     assert abs(arms["a"] / 4000 - 0.45) < 0.03 and abs(arms["control"] / 4000 - 0.10) < 0.02
     again = step(g, fresh(g), Start(), customer=CustomerView("cust-7"))
-    assert again is not None and again.context["arms"]["ab"] == step(g, fresh(g), Start(),
-                                                                        customer=CustomerView("cust-7")).context["arms"]["ab"]  # type: ignore[union-attr]
+    assert (
+        again is not None
+        and again.context["arms"]["ab"]
+        == step(g, fresh(g), Start(), customer=CustomerView("cust-7")).context["arms"]["ab"]
+    )  # type: ignore[union-attr]
 
 
 SEND_TWICE = graph(
-    [{"id": "start", "type": "entry"},
-     {"id": "s1", "type": "send", "channel": "email", "template_id": "one"},
-     {"id": "s2", "type": "send", "channel": "email", "template_id": "two"},
-     {"id": "done", "type": "exit"}],
+    [
+        {"id": "start", "type": "entry"},
+        {"id": "s1", "type": "send", "channel": "email", "template_id": "one"},
+        {"id": "s2", "type": "send", "channel": "email", "template_id": "two"},
+        {"id": "done", "type": "exit"},
+    ],
     [{"from": "start", "to": "s1"}, {"from": "s1", "to": "s2"}, {"from": "s2", "to": "done"}],
 )
 
@@ -169,7 +219,9 @@ def test_quiet_hours_hold_then_send_at_window_end() -> None:
     assert sent is not None and sent.status == "exited" and len(sent.effects) == 2
     skip = MessagingRules(quiet_hours=QuietHours(time(21), time(8)), quiet_mode="skip")
     skipped = step(SEND_TWICE, fresh(SEND_TWICE), Start(), late, customer=customer, rules=skip)
-    assert skipped is not None and all(isinstance(e, MessageWithheld) and e.status == "skipped" for e in skipped.effects)
+    assert skipped is not None and all(
+        isinstance(e, MessageWithheld) and e.status == "skipped" for e in skipped.effects
+    )
 
 
 def test_transactional_bypasses_caps_and_quiet_hours() -> None:

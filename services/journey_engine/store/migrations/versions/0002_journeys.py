@@ -14,8 +14,16 @@ branch_labels = None
 depends_on = None
 
 TABLES = (
-    "journeys", "journey_versions", "customers", "customer_identities", "segment_members", "instances",
-    "enrolments", "timers", "node_counts", "message_log",
+    "journeys",
+    "journey_versions",
+    "customers",
+    "customer_identities",
+    "segment_members",
+    "instances",
+    "enrolments",
+    "timers",
+    "node_counts",
+    "message_log",
 )
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HTTP_REQUESTS = Counter(
     "clm_http_requests_total", "HTTP requests handled", ["service", "method", "route", "status"]
@@ -48,19 +48,38 @@ def _route_of(request: Request) -> str:
     return "unmatched"
 
 
-def instrument(app: FastAPI, service: str) -> None:
-    @app.middleware("http")
-    async def record(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+class HttpMetricsMiddleware:
+    """Counts and times every HTTP request. A plain ASGI middleware: Starlette's BaseHTTPMiddleware
+    (`@app.middleware("http")`) costs about 1 ms of CPU per request (measured on the ingest hot path)."""
+
+    def __init__(self, app: ASGIApp, service: str) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
         status = 500
+
+        async def send_and_record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, send_and_record_status)
         finally:
+            request = Request(scope)
             route = _route_of(request)
-            HTTP_REQUESTS.labels(service, request.method, route, str(status)).inc()
-            HTTP_LATENCY.labels(service, request.method, route).observe(time.perf_counter() - started)
+            HTTP_REQUESTS.labels(self.service, request.method, route, str(status)).inc()
+            HTTP_LATENCY.labels(self.service, request.method, route).observe(time.perf_counter() - started)
+
+
+def instrument(app: FastAPI, service: str) -> None:
+    app.add_middleware(HttpMetricsMiddleware, service=service)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -391,3 +391,38 @@ def classify_many(columns: Mapping[str, Column], policy: StagePolicy) -> npt.NDA
 def stage_names(codes: npt.NDArray[np.int8]) -> npt.NDArray[np.str_]:
     names: npt.NDArray[np.str_] = np.asarray([s.value for s in STAGE_ORDER])[codes]
     return names
+
+
+# --------------------------------------------------------------------------- translation to segment rules
+
+_SEGMENT_OPS = {Op.EQ: "equals", Op.GT: "gt", Op.GTE: "gte", Op.LT: "lt", Op.LTE: "lte"}
+
+
+def to_segment_rule(node: Condition | AllOf | AnyOf) -> dict[str, Any]:
+    """The same condition in the segment rule language (`profile` conditions over the metric fields).
+
+    Semantics are preserved: the segment language's `not_equals` and `not in` match a missing value while
+    ours never match an unknown metric, so those two get an explicit `exists` guard.
+    """
+    if isinstance(node, AllOf):
+        return {"and": [to_segment_rule(child) for child in node.all]}
+    if isinstance(node, AnyOf):
+        return {"or": [to_segment_rule(child) for child in node.any]}
+    field = node.field.value
+    exists = {"profile": field, "op": "exists"}
+    if node.op is Op.EXISTS:
+        return exists
+    if node.op is Op.NOT_EXISTS:
+        return {"profile": field, "op": "not_exists"}
+    if node.op is Op.IN:
+        return {"profile": field, "op": "in", "values": node.value}
+    if node.op is Op.NOT_IN:
+        return {"and": [exists, {"not": {"profile": field, "op": "in", "values": node.value}}]}
+    if node.op is Op.NE:
+        return {"and": [exists, {"profile": field, "op": "not_equals", "value": node.value}]}
+    return {"profile": field, "op": _SEGMENT_OPS[node.op], "value": node.value}
+
+
+def policy_as_segment_rules(policy: StagePolicy) -> list[dict[str, Any]]:
+    """Each rule of a policy as `{"stage", "definition"}`, in order (first match wins)."""
+    return [{"stage": rule.stage.value, "definition": to_segment_rule(rule.when)} for rule in policy.rules]

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from services.segmenter.domain import rules as segment_rules
 from services.segmenter.domain.lifecycle.stages import (
+    CATEGORICAL_FIELDS,
     STAGE_ORDER,
     AllOf,
     AnyOf,
     Condition,
+    MetricField,
     MetricValue,
     Stage,
     StagePolicy,
@@ -21,7 +24,9 @@ from services.segmenter.domain.lifecycle.stages import (
     classify,
     classify_many,
     default_policy,
+    policy_as_segment_rules,
     stage_names,
+    to_segment_rule,
 )
 
 POLICY = default_policy()
@@ -224,3 +229,53 @@ def test_vectorized_classification_of_nothing() -> None:
     assert classify_many({"orders": np.array([], dtype=np.float64)}, POLICY).size == 0
     with pytest.raises(ValueError):
         classify_many({"orders": np.zeros(2), "p_alive": np.zeros(3)}, POLICY)
+
+
+def test_translation_to_segment_rules() -> None:
+    when = AllOf(
+        all=[
+            Condition(field="orders", op="gte", value=1),
+            AnyOf(
+                any=[
+                    Condition(field="nps_category", op="ne", value="detractor"),
+                    Condition(field="rfm_r", op="not_in", value=[1, 2]),
+                    Condition(field="p_alive", op="not_exists"),
+                ]
+            ),
+        ]
+    )
+
+    assert to_segment_rule(when) == {
+        "and": [
+            {"profile": "orders", "op": "gte", "value": 1.0},
+            {
+                "or": [
+                    {
+                        "and": [
+                            {"profile": "nps_category", "op": "exists"},
+                            {"profile": "nps_category", "op": "not_equals", "value": "detractor"},
+                        ]
+                    },
+                    {
+                        "and": [
+                            {"profile": "rfm_r", "op": "exists"},
+                            {"not": {"profile": "rfm_r", "op": "in", "values": [1.0, 2.0]}},
+                        ]
+                    },
+                    {"profile": "p_alive", "op": "not_exists"},
+                ]
+            },
+        ]
+    }
+
+
+def test_translated_default_policy_parses_as_segment_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Declare the lifecycle metrics as profile fields, as the integration into the segmenter will.
+    for field in MetricField:
+        kind = "string" if field in CATEGORICAL_FIELDS else "number"
+        monkeypatch.setitem(segment_rules.PROFILE_FIELDS, field.value, kind)
+    translated = policy_as_segment_rules(POLICY)
+
+    assert [r["stage"] for r in translated] == [rule.stage.value for rule in POLICY.rules]
+    for rule in translated:
+        segment_rules.parse_rule(rule["definition"])  # raises InvalidRule naming any bad node

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from enum import StrEnum
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +51,27 @@ class CustomerRecommendations(BaseModel):
 
     cross_sell: list[Recommendation] = Field(default_factory=list)
     upsell: list[Recommendation] = Field(default_factory=list)
+
+    def as_template_variables(self) -> dict[str, list[dict[str, Any]]]:
+        """Flat JSON-able dicts for templates: `{% for p in recommendations.cross_sell limit: 3 %}`
+        then `{{ p.name }}`, `{{ p.url }}`, `{{ p.price }}` (a string, exact), `{{ p.reason }}`."""
+        return {
+            "cross_sell": [_template_entry(r) for r in self.cross_sell],
+            "upsell": [_template_entry(r) for r in self.upsell],
+        }
+
+
+def _template_entry(recommendation: Recommendation) -> dict[str, Any]:
+    item = recommendation.item or CatalogueItem(product_id=recommendation.product_id)
+    entry: dict[str, Any] = item.model_dump(mode="json", exclude={"product_id"})
+    entry.update(
+        product_id=recommendation.product_id,
+        name=item.label,
+        reason=recommendation.reason,
+        source=recommendation.source.value,
+        score=recommendation.score,
+    )
+    return entry
 
 
 class CustomerHistory(BaseModel):
@@ -230,11 +252,16 @@ def _rank_in_category(item: CatalogueItem) -> tuple[int, Decimal]:
     return (item.tier if item.tier is not None else -1, item.price if item.price is not None else Decimal(-1))
 
 
-def _upgrade_reason(anchor: CatalogueItem, candidate: CatalogueItem, max_ratio: float | None) -> str | None:
+class _Upgrade(NamedTuple):
+    reason: str
+    by_tier: bool
+
+
+def _upgrade(anchor: CatalogueItem, candidate: CatalogueItem, max_ratio: float | None) -> _Upgrade | None:
     """Why `candidate` upgrades `anchor`, or None if it does not (same category assumed)."""
     if anchor.tier is not None and candidate.tier is not None:
         if candidate.tier > anchor.tier:
-            return f"higher tier ({candidate.tier} vs {anchor.tier})"
+            return _Upgrade(f"higher tier ({candidate.tier} vs {anchor.tier})", by_tier=True)
         return None
     if anchor.price is None or candidate.price is None or candidate.price <= anchor.price:
         return None
@@ -244,7 +271,7 @@ def _upgrade_reason(anchor: CatalogueItem, candidate: CatalogueItem, max_ratio: 
         and candidate.price > anchor.price * Decimal(str(max_ratio))
     ):
         return None
-    return f"higher price ({candidate.price} vs {anchor.price})"
+    return _Upgrade(f"higher price ({candidate.price} vs {anchor.price})", by_tier=False)
 
 
 def upsell(
@@ -256,7 +283,9 @@ def upsell(
     """Upgrades of the customer's products: same category, higher tier (when both products have
     one) or else higher price (up to `upsell_max_price_ratio` times). The anchor in each category
     is the customer's best product there (bought, else viewed), so we never offer a step the
-    customer has already taken. Ranked by candidate buyers, then smallest step up, then id."""
+    customer has already taken. Tier upgrades rank first (a tier says "same line, better"; a
+    higher price alone may be a different kind of product), then by candidate buyers, then
+    smallest price step up, then id."""
     anchors: dict[str, CatalogueItem] = {}
     for products in (history.purchased, history.viewed):
         per_category: dict[str, CatalogueItem] = {}
@@ -269,25 +298,25 @@ def upsell(
                 per_category[item.category] = item
         anchors.update(per_category)
 
-    candidates: dict[str, tuple[tuple[int, Decimal, str], Recommendation]] = {}
+    candidates: dict[str, tuple[tuple[bool, int, Decimal, str], Recommendation]] = {}
     for category in sorted(anchors):
         anchor = anchors[category]
         for product in popularity.catalogue_by_category.get(category, []):
             if product in history.purchased or product == anchor.product_id:
                 continue
             item = catalogue[product]
-            why = _upgrade_reason(anchor, item, params.upsell_max_price_ratio)
-            if why is None:
+            upgrade = _upgrade(anchor, item, params.upsell_max_price_ratio)
+            if upgrade is None:
                 continue
             buyers = popularity.buyers(product)
             step = (item.price or Decimal(0)) - (anchor.price or Decimal(0))
             candidates[product] = (
-                (-buyers, step, product),
+                (not upgrade.by_tier, -buyers, step, product),
                 Recommendation(
                     product_id=product,
                     score=float(buyers),
                     source=RecommendationSource.UPSELL,
-                    reason=f"upgrade from {anchor.label}: {why} in {category}",
+                    reason=f"upgrade from {anchor.label}: {upgrade.reason} in {category}",
                     anchor_product_id=anchor.product_id,
                     support=buyers,
                     item=item,

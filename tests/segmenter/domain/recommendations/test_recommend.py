@@ -3,6 +3,7 @@ import random
 from decimal import Decimal
 
 import pytest
+from liquid import parse
 
 from services.segmenter.domain.recommendations.catalogue import CatalogueItem
 from services.segmenter.domain.recommendations.cooccurrence import (
@@ -204,6 +205,15 @@ def test_upsell_by_tier_skips_steps_already_taken() -> None:
     # Owning the Pro makes it the anchor; the basic camera is never an "upgrade".
     recs = upsell(history(("cam", "cam-pro")), CATALOGUE, popularity, RecommendParams())
     assert [(r.product_id, r.anchor_product_id) for r in recs] == [("cam-max", "cam-pro")]
+    # Tier upgrades (same line, better) rank before price-only ones, whatever their buyers.
+    recs = upsell(history(("cam", "card")), CATALOGUE, popularity, RecommendParams())
+    assert [(r.product_id, r.support) for r in recs] == [
+        ("cam-pro", 0),
+        ("cam-max", 0),
+        ("bag", 2),
+        ("tripod", 2),
+    ]
+    assert recs[2].reason == "upgrade from Memory card: higher price (40 vs 20) in Accessories"
 
 
 def test_upsell_by_price_is_capped_and_stays_in_the_category() -> None:
@@ -239,3 +249,34 @@ def test_recommendations_are_deterministic_whatever_the_input_order() -> None:
     second = recommend_for_customer(customer, other, CATALOGUE, other_popularity, RecommendParams())
     assert first == second
     assert first.cross_sell and first.upsell
+
+
+def test_template_variables_render_in_liquid() -> None:
+    similarities, popularity = setup()
+    recs = recommend_for_customer(
+        history(("cam", "card")), similarities, CATALOGUE, popularity, RecommendParams()
+    )
+    variables = recs.as_template_variables()
+    assert variables["cross_sell"][0] == {
+        "product_id": "bag",
+        "sku": None,
+        "name": "Camera bag",
+        "category": "Accessories",
+        "price": "40",
+        "brand": None,
+        "url": None,
+        "image_url": None,
+        "tier": None,
+        "reason": "bought with Camera by 2 customers",
+        "source": "co_purchase",
+        "score": pytest.approx(2 / math.sqrt(8)),
+    }
+    template = parse(
+        "{% for p in recommendations.cross_sell limit: 2 %}{{ p.name }} at {{ p.price }} ({{ p.reason }}); "
+        "{% endfor %}{% for p in recommendations.upsell limit: 1 %}Upgrade: {{ p.name }}{% endfor %}"
+    )
+    assert template.render(recommendations=variables) == (
+        "Camera bag at 40 (bought with Camera by 2 customers); "
+        "Tripod at 60 (best seller in Accessories: bought by 2 customers); "
+        "Upgrade: Camera Pro"
+    )

@@ -6,9 +6,9 @@ A *customer at day t* is someone with at least one purchase in the active window
 
 - customers at start S = customers at `start`; customers at end E = customers at `end`;
 - new customers N = customers whose first purchase ever falls in (start, end];
-- retention rate = (|E| - |N|) / |S| (the classic formula). Customers who lapsed before `start` and came
-  back during the period count as retained by it, so it can exceed the exact share; `retained` =
-  |S n E| is reported next to it;
+- retention rate = (|E| - |N n E|) / |S| (the classic (E - N) / S, counting only the new customers who are
+  still customers at the end). Customers who lapsed before `start` and came back during the period count
+  as retained by it, so it can exceed the exact share; `retained` = |S n E| is reported next to it;
 - churn rate = (|S| - |S n E|) / |S|, the share of the start base no longer a customer at the end;
 - with |S| = 0 both rates are None, never a division error.
 
@@ -116,7 +116,9 @@ def retention(
         new_customers=n,
         retained=retained,
         reactivated=reactivated,
-        retention_rate=(e - n) / s if s else None,
+        # The classic formula's N is the new customers *counted in E*: with an active window shorter than
+        # the period, a customer can be acquired and lapse again before the end.
+        retention_rate=(e - int((new & at_end).sum())) / s if s else None,
         churn_rate=(s - retained) / s if s else None,
     )
 

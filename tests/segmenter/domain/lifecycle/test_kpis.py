@@ -171,3 +171,20 @@ def test_distribution_and_transitions() -> None:
         "onboarding": {"growth": 1, "onboarding": 1},
     }
     assert kpis.transitions([], []) == {}
+
+
+def test_new_customers_who_lapse_within_the_period_are_not_subtracted() -> None:
+    log = log_of(
+        [
+            ("a", "2023-12-20"),
+            ("a", "2024-03-20"),  # retained
+            ("b", "2023-12-25"),  # lapses
+            ("n", "2024-01-05"),  # new, lapsed again by the end of March (30-day window)
+            ("m", "2024-03-25"),  # new and active at the end
+        ]
+    )
+    period = kpis.retention(log, date(2023, 12, 31), date(2024, 3, 31), active_window_days=30)
+    assert (period.customers_at_start, period.customers_at_end, period.new_customers) == (2, 2, 2)
+    # (E - new customers counted in E) / S = (2 - 1) / 2.
+    assert period.retention_rate == pytest.approx(0.5)
+    assert period.churn_rate == pytest.approx(0.5)

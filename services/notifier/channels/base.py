@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from email.message import Message
 from typing import Protocol
 
+from services.notifier.domain.email_content import ComposedEmail
 from services.notifier.domain.retry_policy import Failure, classify_http
 from shared.contracts import Channel
 
@@ -18,7 +18,7 @@ class Delivery:
     # Email address, phone number, push token, webhook URL or (in-app) customer id.
     to: str
     parts: dict[str, str] = field(default_factory=dict)
-    email: Message | None = None
+    email: ComposedEmail | None = None
 
 
 @dataclass(frozen=True)

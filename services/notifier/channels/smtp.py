@@ -8,7 +8,6 @@ import contextlib
 import aiosmtplib
 
 from services.notifier.channels.base import Delivery, SendResult
-from services.notifier.domain.email_content import envelope_sender, to_wire
 from services.notifier.domain.retry_policy import Failure
 from services.notifier.settings import ProviderConfig
 
@@ -52,7 +51,7 @@ class SmtpProvider:
                 if not client.is_connected:
                     client = await self._connect()
                 errors, response = await client.sendmail(
-                    envelope_sender(delivery.email), [delivery.to], to_wire(delivery.email)
+                    delivery.email.envelope_from, [delivery.to], delivery.email.to_wire()
                 )
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 code = exc.recipients[0].code if exc.recipients else 550
@@ -68,9 +67,8 @@ class SmtpProvider:
             if errors:
                 code, text = next(iter(errors.values()))
                 return SendResult.failed(_failure_for_code(code), f"SMTP {code}: {text}")
-            return SendResult(
-                True, delivered=True, provider_message_id=delivery.email["Message-ID"], reason=response[:200]
-            )
+            message_id = delivery.email.header("Message-ID")
+            return SendResult(True, delivered=True, provider_message_id=message_id, reason=response[:200])
 
     def _recycle(self, client: aiosmtplib.SMTP | None) -> None:
         if client is not None and client.is_connected:

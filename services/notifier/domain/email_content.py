@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import html
-import io
 import re
-from email.charset import QP, Charset
-from email.generator import BytesGenerator
-from email.header import Header
-from email.message import Message
-from email.mime.multipart import MIMEMultipart
-from email.mime.nonmultipart import MIMENonMultipart
-from email.policy import compat32
+import uuid
+from dataclasses import dataclass
 from email.utils import formatdate, parseaddr
 
 from services.notifier.domain.signing import MessageLinks
@@ -42,23 +38,61 @@ def add_open_pixel(body_html: str, pixel_url: str) -> str:
     return body_html[:closing] + pixel + body_html[closing:]
 
 
-# Quoted-printable bodies: readable in the raw .eml, and no line-length trouble for long HTML lines.
-_UTF8_QP = Charset("utf-8")
-_UTF8_QP.body_encoding = QP
+@dataclass(frozen=True)
+class ComposedEmail:
+    """A multipart/alternative email (text + HTML), written straight to wire bytes.
+
+    Hand-built rather than through `email.generator`: the stdlib generator's header folding and
+    per-message regex compilation cost more than rendering and sending together.
+    """
+
+    headers: tuple[tuple[str, str], ...]
+    text: str
+    html: str
+    envelope_from: str
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def to_wire(self) -> bytes:
+        boundary = f"=_clm_{uuid.uuid4().hex}"
+        head = "".join(f"{k}: {v}\r\n" for k, v in self.headers)
+        head += f'MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'
+        parts = [head.encode()]
+        for subtype, body in (("plain", self.text), ("html", self.html)):
+            parts.append(
+                f"--{boundary}\r\nContent-Type: text/{subtype}; charset=utf-8\r\n"
+                "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode()
+            )
+            parts.append(_quoted_printable(body))
+            parts.append(b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        return b"".join(parts)
 
 
-# Long unsubscribe URLs must stay on one line (SMTP allows 998 characters); folding them breaks clients.
-_NO_FOLDING = compat32.clone(max_line_length=998)
+def _quoted_printable(body: str) -> bytes:
+    encoded = binascii.b2a_qp(body.replace("\r\n", "\n").encode(), quotetabs=False, istext=True)
+    return encoded.replace(b"\n", b"\r\n")
 
 
 def _header(value: str) -> str:
-    return value if value.isascii() else Header(value, "utf-8").encode()
+    """ASCII as is (no CR/LF: no header injection); anything else as RFC 2047 encoded words."""
+    value = value.replace("\r", " ").replace("\n", " ")
+    if value.isascii():
+        return value
+    words, chunk = [], ""
+    for char in value:
+        if len((chunk + char).encode()) > 45:
+            words.append(chunk)
+            chunk = ""
+        chunk += char
+    words.append(chunk)
+    return "\r\n ".join(f"=?utf-8?b?{base64.b64encode(w.encode()).decode()}?=" for w in words if w)
 
 
-def _text_part(body: str, subtype: str) -> MIMENonMultipart:
-    part = MIMENonMultipart("text", subtype)
-    part.set_payload(body, _UTF8_QP)
-    return part
+def _address(value: str) -> str:
+    name, addr = parseaddr(value)
+    return f"{_header(name)} <{addr}>" if name else addr
 
 
 def build_email(
@@ -71,36 +105,20 @@ def build_email(
     body_html: str,
     unsubscribe_url: str | None,
     sent_at_epoch: float,
-) -> Message:
-    # The legacy (compat32) MIME classes: several times cheaper to build than `EmailMessage` with the
-    # default policy, which re-parses every header it is given.
-    mail = MIMEMultipart("alternative", policy=_NO_FOLDING)
-    mail["From"] = _header(sender)
-    mail["To"] = to
-    mail["Subject"] = _header(subject)
-    mail["Date"] = formatdate(sent_at_epoch, usegmt=True)
-    # Deterministic: a receiving system can recognize a duplicate of the same message.
-    domain = sender.rsplit("@", 1)[-1].strip("> ") or "clm.local"
-    mail["Message-ID"] = f"<{re.sub(r'[^A-Za-z0-9._-]', '-', message_id)}@{domain}>"
-    mail["X-CLM-Message-Id"] = message_id
+) -> ComposedEmail:
+    sender_address = parseaddr(sender)[1]
+    domain = sender_address.rsplit("@", 1)[-1] or "clm.local"
+    headers = [
+        ("From", _address(sender)),
+        ("To", _address(to)),
+        ("Subject", _header(subject)),
+        ("Date", formatdate(sent_at_epoch, usegmt=True)),
+        # Deterministic: a receiving system can recognize a duplicate of the same message.
+        ("Message-ID", f"<{re.sub(r'[^A-Za-z0-9._-]', '-', message_id)}@{domain}>"),
+        ("X-CLM-Message-Id", _header(message_id)),
+    ]
     if unsubscribe_url is not None:
         # RFC 8058 one-click: mailbox providers POST "List-Unsubscribe=One-Click" to this URL.
-        mail["List-Unsubscribe"] = f"<{unsubscribe_url}>"
-        mail["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-    mail.attach(_text_part(text, "plain"))
-    mail.attach(_text_part(body_html, "html"))
-    return mail
-
-
-_WIRE = _NO_FOLDING.clone(linesep="\r\n")
-
-
-def to_wire(mail: Message) -> bytes:
-    """The bytes sent over SMTP (CRLF, no folding of long headers)."""
-    out = io.BytesIO()
-    BytesGenerator(out, policy=_WIRE).flatten(mail)
-    return out.getvalue()
-
-
-def envelope_sender(mail: Message) -> str:
-    return parseaddr(str(mail["From"]))[1]
+        headers.append(("List-Unsubscribe", f"<{unsubscribe_url}>"))
+        headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+    return ComposedEmail(tuple(headers), text, body_html, sender_address)

@@ -3,6 +3,8 @@ the address policy and email composition."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import ipaddress
 import random
 from datetime import UTC, datetime
@@ -138,7 +140,41 @@ def test_marketing_email_has_one_click_headers_and_both_parts() -> None:
         unsubscribe_url="https://n.example.com/u/x",
         sent_at_epoch=0,
     )
-    assert mail["List-Unsubscribe"] == "<https://n.example.com/u/x>"
-    assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
-    assert mail["Message-ID"] == "<m1@clm.example>"
-    assert [p.get_content_type() for p in mail.get_payload()] == ["text/plain", "text/html"]
+    parsed = email.message_from_bytes(mail.to_wire(), policy=email.policy.default)
+    assert parsed["List-Unsubscribe"] == "<https://n.example.com/u/x>"
+    assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert parsed["Message-ID"] == "<m1@clm.example>"
+    assert [p.get_content_type() for p in parsed.iter_parts()] == ["text/plain", "text/html"]
+
+
+def test_non_ascii_headers_and_long_lines_survive_the_wire() -> None:
+    subject = "Bienvenue, Zoë ! " * 6
+    body = "Ünïcödé " + "x" * 500 + "\n. a line starting with a dot"
+    mail = build_email(
+        message_id="m2",
+        sender="Zoë Café <n@clm.example>",
+        to="a@example.com",
+        subject=subject,
+        text=body,
+        body_html=f"<p>{body}</p>",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    wire = mail.to_wire()
+    assert all(len(line) <= 998 for line in wire.split(b"\r\n"))
+    parsed = email.message_from_bytes(wire, policy=email.policy.default)
+    assert parsed["Subject"] == subject.replace("\n", " ")
+    assert parsed["From"].addresses[0].display_name == "Zoë Café"
+    assert parsed.get_body(preferencelist=("plain",)).get_content().replace("\r\n", "\n").rstrip("\n") == body
+    assert parsed["List-Unsubscribe"] is None
+    header_injection = build_email(
+        message_id="m3",
+        sender="n@clm.example",
+        to="a@example.com",
+        subject="hi\r\nBcc: evil@example.com",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    assert email.message_from_bytes(header_injection.to_wire())["Bcc"] is None

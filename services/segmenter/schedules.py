@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime
 
-from services.segmenter.reevaluation import SegmentCatalogCache, announce, reevaluate
+from pydantic import TypeAdapter
+
+from services.segmenter.reevaluation import SegmentCatalogCache, reevaluate
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.clock import Clock
+from shared.contracts.topics import SEGMENT_MEMBERSHIP
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -86,17 +90,27 @@ class Backfill:
                 dependents_to_restart = catalog.dependents.get(seg.segment_id, set())
             else:
                 seen, changed = await segment_store.backfill_chunk(
-                    uow.session, seg.segment_id, seg.rule, row["backfill_cursor"], upto, now
+                    uow.session, seg.segment_id, seg.rule, row["backfill_cursor"], upto, now,
+                    self._announcement(seg.name, now),
                 )
-                for cid, is_member, transitions, traits in changed:
-                    announce(uow, cid, seg.segment_id, seg.name, is_member, transitions, "backfill", now, traits)
                 await segment_store.advance_backfill(uow.session, seg.segment_id, upto, seen, False, now)
                 log.debug("backfill chunk", extra={"segment_id": seg.segment_id, "seen": seen,
-                                                   "changed": len(changed), "s": time.perf_counter() - started})
+                                                   "changed": changed, "s": time.perf_counter() - started})
             if dependents_to_restart:
                 # Segments built on this one see its new memberships only after their own pass.
                 await segment_store.restart_backfill(uow.session, dependents_to_restart, now)
+        self.platform.relay.notify()  # outbox rows written by SQL, not through uow.emit
         return True
+
+    def _announcement(self, segment_name: str, now: datetime) -> segment_store.Announcement:
+        occurred = TypeAdapter(datetime).dump_python(now, mode="json")
+        return segment_store.Announcement(
+            topic=self.settings.topic(SEGMENT_MEMBERSHIP.name),
+            segment_name=segment_name,
+            occurred_at=str(occurred),
+            producer=self.settings.service_name,
+            produced_at_ms=str(int(time.time() * 1000)),
+        )
 
     async def run_until_idle(self) -> None:
         while await self.run_once():

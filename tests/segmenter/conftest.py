@@ -52,6 +52,10 @@ class Harness:
     async def memberships(self, idle: float = 0.5) -> list[dict[str, Any]]:
         await self.relay()
         msgs = await read_topic(self.settings.topic(SEGMENT_MEMBERSHIP.name), idle=idle, timeout=8)
+        for m in msgs:  # every announcement, however written, is keyed and identified the same way
+            assert m["key"] == m["value"]["customer_id"]
+            assert m["headers"]["clm-event-id"] == m["value"]["event_id"]
+            assert m["headers"]["clm-event-type"] == "segment_membership_changed"
         return [m["value"] for m in msgs]
 
     async def create_segment(self, definition: Any, name: str = "s") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from shared.contracts.events import SegmentMembershipChanged
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event
 
 
@@ -42,6 +43,8 @@ async def test_backfill_preview_members_explain_and_edit(harness: Harness) -> No
     page2 = (await harness.client.get(f"/v1/segments/{sid}/members?limit=3&after=u06", headers=ADMIN)).json()
     assert page2 == {"members": ["u09"], "next_after": None}
     msgs = await harness.memberships()
+    # Back-fill writes its announcements in SQL: they must be valid contract messages all the same.
+    assert all(SegmentMembershipChanged.model_validate(m).segment_name == "Pro" for m in msgs)
     assert sorted((m["customer_id"], m["change"], m["cause"]) for m in msgs) == [
         (f"u{i:02d}", "entered", "backfill") for i in (0, 3, 6, 9)
     ]

@@ -245,14 +245,36 @@ async def chunk_upper_bound(session: AsyncSession, after: str | None, size: int)
     return row[0] if row and row[0] is not None else None
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """What the back-fill statement needs to write `SegmentMembershipChanged` outbox rows itself."""
+
+    topic: str
+    segment_name: str
+    occurred_at: str  # as the contract model serializes it
+    producer: str
+    produced_at_ms: str
+
+
 async def backfill_chunk(
-    session: AsyncSession, segment_id: str, rule: Rule, after: str | None, upto: str, now: datetime
-) -> tuple[int, list[tuple[str, bool, int, dict[str, Any]]]]:
+    session: AsyncSession,
+    segment_id: str,
+    rule: Rule,
+    after: str | None,
+    upto: str,
+    now: datetime,
+    announce: Announcement,
+) -> tuple[int, int]:
     """Evaluate the rule for customers in (after, upto] in one statement: store each one's next due
-    moment, write the memberships that differ, return (customers seen, changes with traits)."""
+    moment, write the memberships that differ and their `SegmentMembershipChanged` outbox rows
+    (built in SQL: no Python per customer). Returns (customers seen, changes announced)."""
     sql = RuleSql(now)
     predicate, due = sql.predicate(rule), sql.next_change(rule)
-    params = {**sql.params, "seg": segment_id, "after": after, "upto": upto, "cause": "backfill"}
+    params = {
+        **sql.params, "seg": segment_id, "after": after, "upto": upto, "cause": "backfill",
+        "topic": announce.topic, "seg_name": announce.segment_name, "occurred": announce.occurred_at,
+        "producer": announce.producer, "produced_ms": announce.produced_at_ms,
+    }
     evaluated = (
         "WITH chunk AS (SELECT c.customer_id, c.traits, " + predicate + " AS hit, " + due + " AS due "
         "FROM customers c WHERE (CAST(:after AS text) IS NULL OR c.customer_id > :after) AND c.customer_id <= :upto), "
@@ -268,14 +290,25 @@ async def backfill_chunk(
         "ON CONFLICT (segment_id, customer_id) DO UPDATE SET is_member = excluded.is_member, "
         "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = excluded.cause "
         "WHERE memberships.is_member IS DISTINCT FROM excluded.is_member "
-        "RETURNING customer_id, is_member, transitions) "
-        "SELECT ch.customer_id, ch.is_member, ch.transitions, k.traits, (SELECT count(*) FROM chunk) AS seen "
-        "FROM changed ch JOIN chunk k USING (customer_id) "
-        "UNION ALL SELECT NULL, NULL, NULL, NULL, (SELECT count(*) FROM chunk)"
+        "RETURNING customer_id, is_member, transitions), "
+        "announced AS (SELECT ch.customer_id, ch.customer_id || ':' || :seg || ':' || ch.transitions AS event_id, "
+        "ch.is_member, k.traits FROM changed ch JOIN chunk k USING (customer_id)), "
+        "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
+        "SELECT :topic, convert_to(a.customer_id, 'UTF8'), convert_to(jsonb_build_object("
+        "'event_id', a.event_id, 'customer_id', a.customer_id, 'segment_id', CAST(:seg AS text), "
+        "'segment_name', CAST(:seg_name AS text), "
+        "'change', CASE WHEN a.is_member THEN 'entered' ELSE 'exited' END, 'occurred_at', CAST(:occurred AS text), "
+        "'cause', CAST(:cause AS text), 'traits', a.traits)::text, 'UTF8'), "
+        "jsonb_build_array(jsonb_build_array('clm-event-id', a.event_id), "
+        "jsonb_build_array('clm-event-type', 'segment_membership_changed'), jsonb_build_array('clm-schema-version', '1'), "
+        "jsonb_build_array('clm-correlation-id', gen_random_uuid()::text), "
+        "jsonb_build_array('clm-producer', CAST(:producer AS text)), "
+        "jsonb_build_array('clm-produced-at-ms', CAST(:produced_ms AS text))) "
+        "FROM announced a ORDER BY a.customer_id RETURNING 1) "
+        "SELECT (SELECT count(*) FROM chunk) AS seen, (SELECT count(*) FROM outboxed) AS announced"
     )
-    rows = list(await session.execute(text(evaluated), params))
-    seen = int(rows[0].seen) if rows else 0
-    return seen, [(r.customer_id, r.is_member, r.transitions, r.traits) for r in rows if r.customer_id is not None]
+    row = (await session.execute(text(evaluated), params)).one()
+    return int(row.seen), int(row.announced)
 
 
 async def advance_backfill(

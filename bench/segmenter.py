@@ -1,0 +1,367 @@
+"""Segmenter benchmark: `python -m bench.segmenter` (needs KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL).
+
+1. Throughput: N events pre-produced to clm.events.v1, consumed by the real service (20 active
+   segments, real-time evaluation, outbox announcements) until every profile update is committed;
+   against a raw asyncpg batch upsert of the same rows (customers, event aggregates, timeline,
+   inbox) in the same run, as a ratio.
+2. Back-fill: a new segment over 1,000,000 profiles bulk-loaded with COPY (time to `ready`).
+3. Latency: event -> membership announcement on clm.segment-membership.v1 at half the max rate.
+
+Env: BENCH_EVENTS (default 100000), BENCH_CUSTOMERS (20000), BENCH_PROFILES (1000000),
+BENCH_LATENCY_S (10), BENCH_PHASES (throughput,latency,backfill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+import uuid
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from bench.report import last_line, line, percentile, ratio
+from services.segmenter.app import create_app
+from services.segmenter.settings import SegmenterSettings
+from services.segmenter.store import segments as segment_store
+from shared.contracts.events import CustomerEvent
+from shared.contracts.topics import CUSTOMER_EVENTS, SEGMENT_MEMBERSHIP
+from shared.db.engine import asyncpg_dsn, drop_schema
+from shared.kafka.admin import ensure_topics
+from shared.kafka.producer import EventProducer, encode_message
+
+N_EVENTS = int(os.environ.get("BENCH_EVENTS", "100000"))
+N_CUSTOMERS = int(os.environ.get("BENCH_CUSTOMERS", "20000"))
+N_PROFILES = int(os.environ.get("BENCH_PROFILES", "1000000"))
+LATENCY_S = float(os.environ.get("BENCH_LATENCY_S", "10"))
+PHASES = set(os.environ.get("BENCH_PHASES", "throughput,latency,backfill").split(","))
+NOW = datetime.now(UTC)
+
+SEGMENTS: list[dict[str, Any]] = [
+    {"trait": "plan", "op": "equals", "value": "pro"},
+    {"trait": "plan", "op": "in", "values": ["team", "enterprise"]},
+    {"trait": "age", "op": "gte", "value": 40},
+    {"trait": "email", "op": "contains", "value": "@corp."},
+    {"trait": "country", "op": "equals", "value": "NO"},
+    {"performed": "Order Completed"},
+    {"performed": "Order Completed", "count": {"op": "at_least", "value": 3}},
+    {"performed": "Order Completed", "within": "30d", "where": [{"property": "revenue", "op": "gte", "value": 100}]},
+    {"not_performed": "Order Completed", "since": "30d"},
+    {"performed": "Product Viewed", "within": "7d", "count": {"op": "at_least", "value": 5}},
+    {"performed": "Signed In", "count": {"op": "at_least", "value": 2}},
+    {"last_performed": "Signed In", "op": "before", "ago": "14d"},
+    {"profile": "revenue", "op": "gt", "value": 500},
+    {"profile": "orders_count", "op": "gte", "value": 2},
+    {"profile": "last_seen", "op": "within", "duration": "1d"},
+    {"and": [{"trait": "plan", "op": "equals", "value": "pro"}, {"performed": "Order Completed"}]},
+    {"or": [{"trait": "age", "op": "lt", "value": 25}, {"performed": "Added To Cart"}]},
+    {"not": {"trait": "email", "op": "exists"}},
+    {"random_bucket": {"buckets": 100, "below": 10, "salt": "holdout"}},
+    {"and": [{"performed": "Added To Cart", "within": "1d"}, {"not": {"performed": "Order Completed",
+                                                                        "within": "1d"}}]},
+]
+
+
+def make_events(n: int, customers: int, prefix: str, seed: int = 1) -> list[CustomerEvent]:
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        uid = f"{prefix}{rnd.randrange(customers)}"
+        ts = NOW - timedelta(seconds=rnd.randrange(0, 40 * 86400))
+        roll = rnd.random()
+        base = {"message_id": f"{prefix}-{i}", "user_id": uid, "timestamp": ts, "received_at": NOW}
+        if roll < 0.1:
+            e = {**base, "type": "identify", "traits": {
+                "plan": rnd.choice(["free", "pro", "team", "enterprise"]), "age": rnd.randint(18, 70),
+                "email": f"{uid}@{rnd.choice(['corp.com', 'mail.com'])}", "country": rnd.choice(["NO", "SE", "DE"])}}
+        elif roll < 0.25:
+            e = {**base, "type": "page", "name": "Home"}
+        else:
+            name = rnd.choice(["Product Viewed", "Product Viewed", "Added To Cart", "Signed In", "Order Completed"])
+            props = {"revenue": rnd.choice([20, 80, 150])} if name == "Order Completed" else {"sku": "A1"}
+            e = {**base, "type": "track", "event": name, "properties": props}
+        out.append(CustomerEvent.model_validate(e))
+    return out
+
+
+async def produce(settings: SegmenterSettings, events: list[CustomerEvent]) -> None:
+    producer = EventProducer(settings)
+    await producer.start()
+    try:
+        topic = settings.topic(CUSTOMER_EVENTS.name)
+        msgs = [encode_message(topic, e.customer_key, e, producer="bench") for e in events]
+        for i in range(0, len(msgs), 5000):
+            await producer.send_many(msgs[i: i + 5000])
+    finally:
+        await producer.stop()
+
+
+async def create_segments(app: Any, definitions: list[dict[str, Any]]) -> list[str]:
+    platform = app.state.platform
+    ids = []
+    async with platform.unit_of_work() as uow:
+        for i, d in enumerate(definitions):
+            sid = f"seg_bench_{i:02d}"
+            await segment_store.insert_segment(uow.session, sid, f"bench {i}", "", d, datetime.now(UTC))
+            ids.append(sid)
+    await app.state.segmenter.backfill.run_until_idle()
+    return ids
+
+
+# --------------------------------------------------------------------------- 1. throughput
+
+
+async def throughput(settings: SegmenterSettings) -> float:
+    events = make_events(N_EVENTS, N_CUSTOMERS, "u")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        await create_segments(app, SEGMENTS)
+    t = time.perf_counter()
+    await produce(settings, events)
+    line("produced events (setup)", len(events) / (time.perf_counter() - t), "events/s")
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        runner = app.state.platform.consumers[0]
+        started = time.perf_counter()
+        while runner.processed < len(events):
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        relay = app.state.platform.relay
+        async with app.state.platform.engine.connect() as conn:
+            from sqlalchemy import text
+
+            members = await conn.scalar(text("SELECT count(*) FROM memberships WHERE is_member"))
+            profiles = await conn.scalar(text("SELECT count(*) FROM customers"))
+        ours = len(events) / elapsed
+        line("segmenter: events -> committed profiles", ours, "events/s")
+        line("  profiles", float(profiles or 0))
+        line("  memberships (20 segments)", float(members or 0))
+        line("  announcements relayed so far", float(relay.relayed))
+
+    baseline = await raw_upsert_baseline(settings, events)
+    line("raw asyncpg batch upsert of the same rows", baseline, "events/s")
+    ratio("ratio segmenter / raw upsert (goal >= 0.5)", ours, baseline)
+    return ours
+
+
+async def raw_upsert_baseline(settings: SegmenterSettings, events: list[CustomerEvent]) -> float:
+    """The same customers/aggregates/timeline/inbox rows written with plain asyncpg unnest upserts,
+    pre-aggregated per batch, no identity resolution, no segments, no Kafka."""
+    schema = settings.db_schema + "_raw"
+    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE; CREATE SCHEMA "{schema}"')
+        await conn.execute(f'SET search_path = "{schema}"')
+        await conn.execute(
+            "CREATE TABLE customers (customer_id text PRIMARY KEY, traits jsonb NOT NULL DEFAULT '{}', "
+            "last_seen timestamptz, event_count bigint NOT NULL DEFAULT 0);"
+            "CREATE TABLE event_counts (customer_id text, event text, count bigint, first_at timestamptz, "
+            "last_at timestamptz, PRIMARY KEY (customer_id, event));"
+            "CREATE TABLE events (seq bigserial PRIMARY KEY, customer_id text, message_id text, type text, event text,"
+            " properties jsonb, traits jsonb, timestamp timestamptz, received_at timestamptz);"
+            "CREATE INDEX ON events (customer_id, event, timestamp); CREATE INDEX ON events (customer_id, timestamp, seq);"
+            "CREATE TABLE inbox (consumer text, message_id text, PRIMARY KEY (consumer, message_id));"
+        )
+        started = time.perf_counter()
+        size = settings.consumer_max_batch
+        for i in range(0, len(events), size):
+            batch = events[i: i + size]
+            per_customer: dict[str, list[Any]] = {}
+            counts: dict[tuple[str, str], list[Any]] = {}
+            for e in batch:
+                c = per_customer.setdefault(e.customer_key, [{}, e.timestamp, 0])
+                c[0].update(e.traits)
+                c[1] = max(c[1], e.timestamp)
+                c[2] += 1
+                name = e.event or e.type.value
+                agg = counts.setdefault((e.customer_key, name), [0, e.timestamp, e.timestamp])
+                agg[0] += 1
+                agg[1], agg[2] = min(agg[1], e.timestamp), max(agg[2], e.timestamp)
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO inbox SELECT 'raw', unnest($1::text[]) ON CONFLICT DO NOTHING",
+                    [e.message_id for e in batch],
+                )
+                keys = sorted(per_customer)
+                await conn.execute(
+                    "INSERT INTO customers (customer_id, traits, last_seen, event_count) "
+                    "SELECT * FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[], $4::bigint[]) "
+                    "ON CONFLICT (customer_id) DO UPDATE SET traits = customers.traits || excluded.traits, "
+                    "last_seen = GREATEST(customers.last_seen, excluded.last_seen), "
+                    "event_count = customers.event_count + excluded.event_count",
+                    keys, [orjson.dumps(per_customer[k][0]).decode() for k in keys],
+                    [per_customer[k][1] for k in keys], [per_customer[k][2] for k in keys],
+                )
+                ck = list(counts)
+                await conn.execute(
+                    "INSERT INTO event_counts SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], "
+                    "$4::timestamptz[], $5::timestamptz[]) ON CONFLICT (customer_id, event) DO UPDATE SET "
+                    "count = event_counts.count + excluded.count, first_at = LEAST(event_counts.first_at, "
+                    "excluded.first_at), last_at = GREATEST(event_counts.last_at, excluded.last_at)",
+                    [k[0] for k in ck], [k[1] for k in ck], [counts[k][0] for k in ck],
+                    [counts[k][1] for k in ck], [counts[k][2] for k in ck],
+                )
+                await conn.execute(
+                    "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, "
+                    "received_at) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+                    "$5::jsonb[], $6::jsonb[], $7::timestamptz[], $8::timestamptz[])",
+                    [e.customer_key for e in batch], [e.message_id for e in batch], [e.type.value for e in batch],
+                    [e.event for e in batch], [orjson.dumps(e.properties).decode() for e in batch],
+                    [orjson.dumps(e.traits).decode() for e in batch], [e.timestamp for e in batch],
+                    [e.received_at for e in batch],
+                )
+        return len(events) / (time.perf_counter() - started)
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+# --------------------------------------------------------------------------- 2. back-fill
+
+
+async def load_profiles(settings: SegmenterSettings, n: int) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+    try:
+        await conn.execute(f'SET search_path = "{settings.db_schema}"')
+        rnd = random.Random(3)
+        plans = ["free", "pro", "team"]
+        rows, counts = [], []
+        for i in range(n):
+            cid = f"b{i:07d}"
+            orders = rnd.choice([0, 0, 1, 2, 5])
+            last_order = NOW - timedelta(days=rnd.randrange(0, 90)) if orders else None
+            rows.append((cid, orjson.dumps({"plan": rnd.choice(plans), "age": rnd.randint(18, 70)}).decode(),
+                         NOW - timedelta(days=100), NOW, orders * 3 + 1, orders, orders * 40.0, last_order,
+                         last_order, NOW, NOW))
+            if orders:
+                counts.append((cid, "Order Completed", orders, last_order, last_order))
+        await conn.copy_records_to_table(
+            "customers", records=rows,
+            columns=["customer_id", "traits", "first_seen", "last_seen", "event_count", "orders_count", "revenue",
+                     "first_order_at", "last_order_at", "created_at", "updated_at"],
+        )
+        await conn.copy_records_to_table(
+            "event_counts", records=counts, columns=["customer_id", "event", "count", "first_at", "last_at"]
+        )
+        await conn.execute("ANALYZE customers; ANALYZE event_counts")
+    finally:
+        await conn.close()
+
+
+async def backfill(settings: SegmenterSettings) -> None:
+    app = create_app(settings.model_copy(update={"run_background_loops": False}))
+    async with app.router.lifespan_context(app):
+        t = time.perf_counter()
+        await load_profiles(settings, N_PROFILES)
+        line(f"COPY {N_PROFILES} profiles (setup)", time.perf_counter() - t, "s")
+        platform = app.state.platform
+        for label, definition in [
+            ("trait + profile rule", {"and": [{"trait": "plan", "op": "equals", "value": "pro"},
+                                              {"profile": "orders_count", "op": "gte", "value": 2}]}),
+            ("behaviour rule (30d lapse, timers)", {"and": [{"performed": "Order Completed"},
+                                                         {"not_performed": "Order Completed", "since": "30d"}]}),
+        ]:
+            sid = f"seg_backfill_{uuid.uuid4().hex[:6]}"
+            async with platform.unit_of_work() as uow:
+                await segment_store.insert_segment(uow.session, sid, label, "", definition, datetime.now(UTC))
+            started = time.perf_counter()
+            await app.state.segmenter.backfill.run_until_idle()
+            elapsed = time.perf_counter() - started
+            async with platform.unit_of_work() as uow:
+                row = await segment_store.get_segment(uow.session, sid)
+                members = await segment_store.member_count(uow.session, sid)
+            assert row is not None and row["status"] == "ready"
+            line(f"back-fill {label} over {row['backfill_done']} profiles (goal < 60 s)", elapsed, "s")
+            line(f"  members entered (announced via outbox)", float(members))
+
+
+# --------------------------------------------------------------------------- 3. latency
+
+
+async def latency(settings: SegmenterSettings, max_rate: float) -> None:
+    rate = max(50.0, max_rate / 2)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        topic = settings.topic(SEGMENT_MEMBERSHIP.name)
+        watcher = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+                                   auto_offset_reset="latest", enable_auto_commit=False)
+        await watcher.start()
+        await watcher.seek_to_end()
+        for tp in watcher.assignment():
+            await watcher.position(tp)
+        sent: dict[str, float] = {}
+        delays: list[float] = []
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while not stop.is_set():
+                batch = await watcher.getmany(timeout_ms=50)
+                now = time.perf_counter()
+                for records in batch.values():
+                    for r in records:
+                        v = orjson.loads(r.value)
+                        if v["segment_id"] == "seg_bench_05" and v["cause"] in sent:
+                            delays.append(now - sent[v["cause"]])
+
+        watching = asyncio.create_task(watch())
+        producer = app.state.platform.producer
+        ctopic = settings.topic(CUSTOMER_EVENTS.name)
+        n = int(rate * LATENCY_S)
+        tick = 0.01
+        per_tick = max(1, round(rate * tick))
+        start = time.perf_counter()
+        i = 0
+        while i < n:
+            chunk, ids = [], []
+            for _ in range(per_tick):
+                uid = f"lat{i}"
+                e = CustomerEvent(message_id=f"lat-{i}", type="track", user_id=uid, event="Order Completed",
+                                  properties={"revenue": 10}, timestamp=datetime.now(UTC),
+                                  received_at=datetime.now(UTC))
+                chunk.append(encode_message(ctopic, uid, e, producer="bench"))
+                ids.append(e.message_id)
+                i += 1
+            now = time.perf_counter()
+            for mid in ids:
+                sent[mid] = now
+            await producer.send_many(chunk)
+            target = start + (i / rate)
+            await asyncio.sleep(max(0.0, target - time.perf_counter()))
+        deadline = time.perf_counter() + 15
+        while len(delays) < n and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await watching
+        await watcher.stop()
+    line("latency test rate (half of max)", rate, "events/s")
+    line("  announcements received", float(len(delays)), f"of {n}")
+    line("event -> membership announcement p50", percentile(delays, 50) * 1000, "ms")
+    line("event -> membership announcement p99 (goal < 200)", percentile(delays, 99) * 1000, "ms")
+
+
+async def main() -> None:
+    run = uuid.uuid4().hex[:6]
+    settings = SegmenterSettings(
+        topic_prefix=f"bench{run}.", db_schema=f"segmenter_bench_{run}", db_pool_size=10, log_level="WARNING",
+    )
+    await ensure_topics(settings)
+    try:
+        rate = await throughput(settings) if "throughput" in PHASES else 2000.0
+        if "latency" in PHASES:
+            await latency(settings, rate)
+        if "backfill" in PHASES:
+            await backfill(settings)
+    finally:
+        await drop_schema(settings.database_url, settings.db_schema)
+    last_line("segmenter_events_per_s", rate)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

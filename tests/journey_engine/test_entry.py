@@ -192,3 +192,36 @@ async def test_ab_split_proportions_and_significance(make_settings: Any) -> None
         assert by_arm["a"]["conversion_rate"] == 1.0 and by_arm["a"]["vs_holdout"]["significant_at_0_05"]
         assert by_arm["b"]["conversion_rate"] == 0.0 and by_arm["b"]["vs_holdout"] is None
         assert by_arm["holdout"]["customers"] == arms["holdout"]
+
+
+async def test_events_resolve_to_canonical_customer_and_wait_for_segment(make_settings: Any) -> None:
+    journey = {
+        "name": "Upgrade",
+        "entry": {"type": "event", "event": "Pricing Viewed"},
+        "nodes": [
+            {"id": "start", "type": "entry"},
+            {"id": "wait_vip", "type": "wait_segment", "segment_id": "vip", "timeout": "P1D"},
+            {"id": "thanks", "type": "send", "channel": "email", "template_id": "welcome-vip"},
+            {"id": "done", "type": "exit"},
+        ],
+        "edges": [
+            {"from": "start", "to": "wait_vip"},
+            {"from": "wait_vip", "to": "thanks", "branch": "matched"},
+            {"from": "wait_vip", "to": "done", "branch": "timeout"},
+            {"from": "thanks", "to": "done"},
+        ],
+    }
+    async with engine_running(make_settings) as h:
+        await h.profile(
+            "cust-1", {"email": "one@example.com"}, identities={"user_id": ["u-9"], "anonymous_id": ["a-9"]}
+        )
+        jid = await h.journey(journey)
+        await h.track("u-9", "Pricing Viewed")
+        await h.track("stranger", "Pricing Viewed")
+        assert {r.customer_id for r in await h.instances(jid)} == {"cust-1", "stranger"}
+        await h.membership("cust-1", "vip")
+        await h.advance(timedelta(days=1))
+        rows = {r.customer_id: r for r in await h.instances(jid)}
+        assert rows["cust-1"].status == "exited" and rows["stranger"].status == "exited"
+        [sent] = await h.requests(until=lambda m: len(m) >= 1)
+        assert sent["customer_id"] == "cust-1" and sent["recipient"]["email"] == "one@example.com"

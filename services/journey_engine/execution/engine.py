@@ -623,14 +623,20 @@ class JourneyEngine:
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
             session = uow.session
-            claimed = await instance_store.claim_due_timers(session, now, self.settings.timer_batch_size)
-            if claimed:
+            batch_size = self.settings.timer_batch_size
+            if self.rules.caps:
+                # Frequency caps count sends across journeys: serialize each customer's steps, taking the
+                # customers' locks before the instances' (the order consumers use).
+                claimed = await instance_store.claim_due_timers(session, now, batch_size)
                 ids = sorted({t.instance_id for t in claimed})
-                if self.rules.caps:
-                    # Frequency caps count sends across journeys: serialize each customer's steps.
-                    # (Without caps an instance's own row lock is all a timer step needs.)
-                    await projection.lock_customers_of_instances(session, ids)
+                await projection.lock_customers_of_instances(session, ids)
                 rows = {r.id: r for r in await instance_store.lock_instances(session, ids)}
+            else:
+                # Without caps an instance's own row lock is all a timer step needs: one round trip.
+                pairs = await instance_store.claim_due_steps(session, now, batch_size)
+                claimed = [t for t, _ in pairs]
+                rows = {r.id: r for _, r in pairs}
+            if claimed:
                 live: dict[str, InstanceRow] = {}
                 for t in claimed:
                     row = rows.get(t.instance_id)

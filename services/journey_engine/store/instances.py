@@ -73,6 +73,24 @@ async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> 
     return [ClaimedTimer(*r) for r in rows]
 
 
+async def claim_due_steps(
+    session: AsyncSession, now: datetime, limit: int
+) -> list[tuple[ClaimedTimer, InstanceRow]]:
+    """Claim due timers and lock their instances (in id order) in one round trip."""
+    columns = ", ".join("i." + c for c in _COLUMNS.split(", "))
+    rows = await session.execute(
+        text(
+            "WITH claimed AS (DELETE FROM timers WHERE id IN (SELECT id FROM timers WHERE due_at <= :now "
+            "ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED) "
+            "RETURNING instance_id, seq AS timer_seq, due_at) "
+            f"SELECT c.instance_id, c.timer_seq, c.due_at, {columns} "
+            "FROM claimed AS c JOIN instances AS i ON i.id = c.instance_id ORDER BY i.id FOR UPDATE OF i"
+        ),
+        {"now": now, "n": limit},
+    )
+    return [(ClaimedTimer(r[0], r[1], r[2]), _row(r[3:])) for r in rows]
+
+
 async def lock_instances(session: AsyncSession, ids: list[str]) -> list[InstanceRow]:
     """Row locks are always taken in id order (here and below), so two batches never deadlock."""
     if not ids:

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
@@ -37,6 +37,7 @@ import aiosmtplib
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer
+from fastapi import FastAPI
 
 from bench.report import last_line, line, ratio
 
@@ -60,14 +61,17 @@ async def _serve_providers() -> None:
 
 
 @contextlib.contextmanager
-def provider_process() -> tuple[subprocess.Popen[str], int, int]:  # type: ignore[misc]
+def provider_process() -> Iterator[tuple[int, int]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.notifier", "--serve-providers"], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        [sys.executable, "-m", "bench.notifier", "--serve-providers"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.stdout is not None
     http_port, smtp_port = (int(p) for p in proc.stdout.readline().split())
     try:
-        yield proc, http_port, smtp_port
+        yield http_port, smtp_port
     finally:
         proc.terminate()
         proc.wait(10)
@@ -87,7 +91,8 @@ async def bare_httpx(port: int, n: int, concurrency: int) -> float:
                 response = await client.post(
                     f"/2010-04-01/Accounts/{SID}/Messages.json",
                     data={"To": f"+1555{i:07d}", "From": "+15550000000", "Body": f"Hi there, code {i}"},
-                    auth=auth, headers={"I-Twilio-Idempotency-Token": f"b-{i}"},
+                    auth=auth,
+                    headers={"I-Twilio-Idempotency-Token": f"b-{i}"},
                 )
                 response.raise_for_status()
 
@@ -109,7 +114,11 @@ async def raw_smtp(port: int, n: int, connections: int) -> float:
         while not queue.empty():
             i = queue.get_nowait()
             mail = EmailMessage()
-            mail["From"], mail["To"], mail["Subject"] = "noreply@clm.local", f"u{i}@example.com", f"Welcome {i}"
+            mail["From"], mail["To"], mail["Subject"] = (
+                "noreply@clm.local",
+                f"u{i}@example.com",
+                f"Welcome {i}",
+            )
             mail.set_content(f"Hi user {i}")
             mail.add_alternative(f"<p>Hi user {i}</p>", subtype="html")
             await client.send_message(mail)
@@ -126,7 +135,7 @@ async def raw_smtp(port: int, n: int, connections: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def notifier(http_port: int, smtp_port: int, concurrency: int) -> AsyncIterator[tuple[object, object]]:
+async def notifier(http_port: int, smtp_port: int) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     from services.notifier.app import create_app
     from services.notifier.settings import NotifierSettings
     from shared.db.engine import drop_schema
@@ -153,8 +162,12 @@ async def notifier(http_port: int, smtp_port: int, concurrency: int) -> AsyncIte
 
 async def statuses_until(topic: str, wanted: str, prefix: str, n: int, ready: asyncio.Event) -> float:
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-        group_id=None, auto_offset_reset="latest", enable_auto_commit=False, metadata_max_age_ms=1000,
+        topic,
+        bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        group_id=None,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+        metadata_max_age_ms=1000,
     )
     await consumer.start()
     try:
@@ -175,11 +188,11 @@ async def statuses_until(topic: str, wanted: str, prefix: str, n: int, ready: as
         await consumer.stop()
 
 
-async def through_notifier(app: object, channel: str, template: str, n: int, wanted: str) -> float:
+async def through_notifier(app: FastAPI, channel: str, template: str, n: int, wanted: str) -> float:
     from shared.contracts import MESSAGE_REQUESTS, MESSAGE_STATUS, MessageRequested
     from shared.kafka.producer import encode_message
 
-    platform = app.state.platform  # type: ignore[attr-defined]
+    platform = app.state.platform
     settings = platform.settings
     run = uuid.uuid4().hex[:6]
     prefix = f"{channel}-{run}-"
@@ -192,12 +205,19 @@ async def through_notifier(app: object, channel: str, template: str, n: int, wan
     recipient = {"phone": "+15551234567"} if channel == "sms" else {"email": "bench@example.com"}
     messages = [
         encode_message(
-            settings.topic(MESSAGE_REQUESTS.name), f"c{i % 1000}",
+            settings.topic(MESSAGE_REQUESTS.name),
+            f"c{i % 1000}",
             MessageRequested(
-                message_id=f"{prefix}{i}", customer_id=f"c{i % 1000}", channel=channel, template_id=template,
-                category="transactional", recipient=recipient,
+                message_id=f"{prefix}{i}",
+                customer_id=f"c{i % 1000}",
+                channel=channel,
+                template_id=template,
+                category="transactional",
+                recipient=recipient,
                 data={"traits": {"first_name": f"User{i}"}, "event": {"code": str(i)}},
-                journey_id="j-bench", node_id="n1", requested_at=now,
+                journey_id="j-bench",
+                node_id="n1",
+                requested_at=now,
             ),
             producer="bench",
         )
@@ -210,22 +230,42 @@ async def through_notifier(app: object, channel: str, template: str, n: int, wan
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    with provider_process() as (_, http_port, smtp_port):
-        print(f"notifier benchmark: {args.messages} SMS, {args.emails} emails, concurrency {args.concurrency}")
+    with provider_process() as (http_port, smtp_port):
+        print(
+            f"notifier benchmark: {args.messages} SMS, {args.emails} emails, concurrency {args.concurrency}"
+        )
         baseline_http = await bare_httpx(http_port, args.messages, args.concurrency)
         line("bare pooled httpx loop (deliveries/s)", baseline_http, "req/s")
         baseline_smtp = await raw_smtp(smtp_port, args.emails, 16)
         line("raw aiosmtplib loop, 16 connections (emails/s)", baseline_smtp, "mail/s")
-        async with notifier(http_port, smtp_port, args.concurrency) as (app, client):
+        async with notifier(http_port, smtp_port) as (app, client):
             admin = {"Authorization": "Bearer dev-admin-token"}
-            await client.post("/v1/templates", headers=admin, json={
-                "id": "sms", "name": "SMS", "channel": "sms",
-                "variants": {"en": {"body": "Hi {{ traits.first_name }}, code {{ event.code }}"}}})
-            await client.post("/v1/templates", headers=admin, json={
-                "id": "mail", "name": "Mail", "channel": "email",
-                "variants": {"en": {"subject": "Welcome {{ traits.first_name }}",
-                                    "html": "<p>Hi {{ traits.first_name }}, <a href='https://x.example/'>go</a></p>",
-                                    "text": "Hi {{ traits.first_name }}"}}})
+            await client.post(
+                "/v1/templates",
+                headers=admin,
+                json={
+                    "id": "sms",
+                    "name": "SMS",
+                    "channel": "sms",
+                    "variants": {"en": {"body": "Hi {{ traits.first_name }}, code {{ event.code }}"}},
+                },
+            )
+            await client.post(
+                "/v1/templates",
+                headers=admin,
+                json={
+                    "id": "mail",
+                    "name": "Mail",
+                    "channel": "email",
+                    "variants": {
+                        "en": {
+                            "subject": "Welcome {{ traits.first_name }}",
+                            "html": "<p>Hi {{ traits.first_name }}, <a href='https://x.example/'>go</a></p>",
+                            "text": "Hi {{ traits.first_name }}",
+                        }
+                    },
+                },
+            )
             await through_notifier(app, "sms", "sms", min(500, args.messages), "sent")  # warm-up
             sms_rate = await through_notifier(app, "sms", "sms", args.messages, "sent")
             line("notifier SMS, Kafka -> provider -> status (msg/s)", sms_rate, "msg/s")

@@ -51,7 +51,8 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await platform.start()
-        platform.run_in_background("delivery", worker.run)
+        for n in range(settings.delivery_loops):
+            platform.run_in_background(f"delivery-{n}", worker.run)
         await platform.start_consumers()
         try:
             yield

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -99,6 +100,7 @@ class DeliveryWorker:
         self.policy = RetryPolicy(settings.send_max_attempts, settings.retry_base_s, settings.retry_max_s)
         self._wake = asyncio.Event()
         self.passes = 0
+        self._stale_checked_at = -1e9
         configs = settings.provider_configs()
         email_route = settings.channel_providers.get("email") or ["smtp"]
         self.email_sender = (
@@ -109,7 +111,10 @@ class DeliveryWorker:
         self._wake.set()
 
     async def run(self) -> None:
+        """One delivery loop; the app runs several so a slow batch never leaves providers idle."""
         while True:
+            # Cleared before working: a wake-up arriving during the pass is not lost.
+            self._wake.clear()
             try:
                 await self.resolve_stale()
                 while await self.run_once() > 0:
@@ -119,7 +124,6 @@ class DeliveryWorker:
             except Exception:
                 log.exception("delivery pass failed; retrying")
                 await asyncio.sleep(1)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.delivery_poll_interval_s)
 
@@ -137,7 +141,11 @@ class DeliveryWorker:
         await self._record(results)
         return len(entries)
 
-    async def resolve_stale(self) -> None:
+    async def resolve_stale(self, *, every_s: float = 10.0) -> None:
+        # A cheap guard: stale rows are rare (a crashed process), no need to look on every pass.
+        if time.monotonic() - self._stale_checked_at < every_s:
+            return
+        self._stale_checked_at = time.monotonic()
         now = self.clock.now()
         async with self.unit_of_work() as uow:
             stale = await ledger_repo.stale_sending(

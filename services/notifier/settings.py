@@ -91,7 +91,9 @@ class NotifierSettings(BaseServiceSettings):
     circuit_failure_threshold: int = 5
     circuit_cooldown_s: float = 30.0
     # Delivery loop: rows claimed per pass, and how often it looks for due retries.
-    delivery_batch_size: int = 500
+    delivery_batch_size: int = 200
+    # Delivery loops working at once (each claims its own rows: SKIP LOCKED).
+    delivery_loops: int = 4
     delivery_poll_interval_s: float = 1.0
     # A row left `sending` this long (process died mid-call) is resolved without resending.
     sending_stale_after_s: float = 300.0

@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.domain.consent import SubscriptionTopic
+from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import consent_ledger, preferences, subscription_topics
 
 
@@ -72,7 +73,7 @@ async def list_topics(session: AsyncSession) -> list[dict[str, Any]]:
 async def topics_by_id(session: AsyncSession, ids: set[str]) -> dict[str, SubscriptionTopic]:
     if not ids:
         return {}
-    rows = await session.execute(sa.select(subscription_topics).where(subscription_topics.c.id.in_(ids)))
+    rows = await session.execute(sa.select(subscription_topics).where(any_of(subscription_topics.c.id, ids)))
     return {r.id: _topic(r) for r in rows}
 
 
@@ -95,7 +96,7 @@ async def choices_for(
     rows = await session.execute(
         sa.select(
             preferences.c.customer_id, preferences.c.topic, preferences.c.channel, preferences.c.subscribed
-        ).where(preferences.c.customer_id.in_(customer_ids))
+        ).where(any_of(preferences.c.customer_id, customer_ids))
     )
     for r in rows:
         out[r.customer_id][(r.topic, r.channel)] = r.subscribed

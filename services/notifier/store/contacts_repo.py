@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.domain.composition import ContactView
+from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import contacts
 
 
@@ -62,7 +63,7 @@ async def upsert(session: AsyncSession, items: Sequence[tuple[ContactView, datet
 
 async def delete(session: AsyncSession, customer_ids: Sequence[str]) -> None:
     if customer_ids:
-        await session.execute(sa.delete(contacts).where(contacts.c.customer_id.in_(list(customer_ids))))
+        await session.execute(sa.delete(contacts).where(any_of(contacts.c.customer_id, customer_ids)))
 
 
 def _contact(row: Any) -> ContactView:
@@ -86,7 +87,7 @@ async def get(session: AsyncSession, customer_id: str) -> ContactView | None:
 async def get_many(session: AsyncSession, customer_ids: set[str]) -> dict[str, ContactView]:
     if not customer_ids:
         return {}
-    rows = await session.execute(sa.select(contacts).where(contacts.c.customer_id.in_(customer_ids)))
+    rows = await session.execute(sa.select(contacts).where(any_of(contacts.c.customer_id, customer_ids)))
     return {r.customer_id: _contact(r) for r in rows}
 
 

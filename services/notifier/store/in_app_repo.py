@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import in_app_messages
 
 
@@ -55,5 +56,5 @@ async def mark_read(session: AsyncSession, customer_id: str, item_id: int, now: 
 async def delete_for(session: AsyncSession, customer_ids: list[str]) -> None:
     if customer_ids:
         await session.execute(
-            sa.delete(in_app_messages).where(in_app_messages.c.customer_id.in_(customer_ids))
+            sa.delete(in_app_messages).where(any_of(in_app_messages.c.customer_id, customer_ids))
         )

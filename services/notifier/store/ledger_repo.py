@@ -55,34 +55,34 @@ def _entry(row: Any) -> LedgerEntry:
     )
 
 
+_INSERT_NEW = sa.text(
+    "INSERT INTO send_ledger (message_id, customer_id, channel, category, template_id, request, state, "
+    "next_attempt_at, created_at, updated_at) "
+    "SELECT m, c, ch, cat, t, r, 'pending', :now, :now, :now FROM unnest(CAST(:ids AS text[]), "
+    "CAST(:customers AS text[]), CAST(:channels AS text[]), CAST(:categories AS text[]), "
+    "CAST(:templates AS text[]), CAST(:requests AS jsonb[])) AS n(m, c, ch, cat, t, r) "
+    "ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
+)
+
+
 async def insert_new(session: AsyncSession, requests: Sequence[MessageRequested], now: datetime) -> set[str]:
     """Record requests not seen before as pending; returns the ids that are new."""
     if not requests:
         return set()
-    unique = {r.message_id: r for r in requests}
-    stmt = (
-        insert(send_ledger)
-        .values(
-            [
-                {
-                    "message_id": r.message_id,
-                    "customer_id": r.customer_id,
-                    "channel": r.channel.value,
-                    "category": r.category.value,
-                    "template_id": r.template_id,
-                    "request": r.model_dump(mode="json"),
-                    "state": PENDING,
-                    "next_attempt_at": now,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for r in unique.values()
-            ]
-        )
-        .on_conflict_do_nothing(index_elements=["message_id"])
-        .returning(send_ledger.c.message_id)
+    unique = list({r.message_id: r for r in requests}.values())
+    result = await session.execute(
+        _INSERT_NEW,
+        {
+            "now": now,
+            "ids": [r.message_id for r in unique],
+            "customers": [r.customer_id for r in unique],
+            "channels": [r.channel.value for r in unique],
+            "categories": [r.category.value for r in unique],
+            "templates": [r.template_id for r in unique],
+            "requests": [r.model_dump_json() for r in unique],
+        },
     )
-    return set((await session.execute(stmt)).scalars())
+    return set(result.scalars())
 
 
 async def claim_due(session: AsyncSession, now: datetime, limit: int) -> list[LedgerEntry]:

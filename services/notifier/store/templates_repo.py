@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.domain.templates import TemplateDefinition
+from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import templates
 from shared.contracts import Channel
 
@@ -46,7 +47,7 @@ async def get_definition(session: AsyncSession, template_id: str) -> TemplateDef
 async def get_many(session: AsyncSession, ids: set[str]) -> dict[str, TemplateDefinition]:
     if not ids:
         return {}
-    rows = await session.execute(sa.select(templates).where(templates.c.id.in_(ids)))
+    rows = await session.execute(sa.select(templates).where(any_of(templates.c.id, ids)))
     return {r.id: _definition(r) for r in rows}
 
 

@@ -7,6 +7,7 @@ takes effect everywhere within that TTL (5 s by default).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,6 +31,7 @@ class WriteKeys:
         self.clock = clock
         self.ttl = timedelta(seconds=ttl_s)
         self._cache: dict[str, tuple[str | None, datetime]] = {}
+        self._lookups: dict[str, asyncio.Future[str | None]] = {}
 
     async def authenticate(self, key: str) -> str | None:
         """The key's id if it is a valid, unrevoked write key; else None."""
@@ -38,7 +40,14 @@ class WriteKeys:
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > now:
             return cached[0]
-        found = await self.repository.active_id(digest)
+        # One lookup per key at a time: when an entry expires under load, the requests waiting for
+        # the same key share it instead of each querying the database.
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self.repository.active_id(digest))
+            self._lookups[digest] = lookup
+            lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+        found = await asyncio.shield(lookup)
         if len(self._cache) >= _MAX_CACHED:
             self._cache.clear()  # wrong keys in bulk must not grow memory; a refill is cheap
         self._cache[digest] = (found, now + self.ttl)

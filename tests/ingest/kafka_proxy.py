@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from typing import Any
 
 from aiokafka.protocol.metadata import (
     MetadataResponse_v0,
@@ -26,8 +27,12 @@ _METADATA = 3
 _METADATA_RESPONSES = {
     cls.API_VERSION: cls
     for cls in (
-        MetadataResponse_v0, MetadataResponse_v1, MetadataResponse_v2,
-        MetadataResponse_v3, MetadataResponse_v4, MetadataResponse_v5,
+        MetadataResponse_v0,
+        MetadataResponse_v1,
+        MetadataResponse_v2,
+        MetadataResponse_v3,
+        MetadataResponse_v4,
+        MetadataResponse_v5,
     )
 }
 
@@ -113,7 +118,7 @@ class KafkaProxy:
                 writer.write(struct.pack(">i", len(frame)) + frame)
                 await writer.drain()
 
-    def _rewrite(self, cls: type, body: bytes) -> bytes:
+    def _rewrite(self, cls: Any, body: bytes) -> bytes:
         response = cls.decode(body)
         response.brokers = [(b[0], "127.0.0.1", self.port, *b[3:]) for b in response.brokers]
         encoded: bytes = response.encode()

@@ -10,7 +10,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import text
 
@@ -47,12 +46,16 @@ async def test_broker_down_gives_503_and_back_gives_200_without_restart(
     settings = via_proxy(make_settings, proxy)
     app = create_app(settings, clock)
     async with running(app) as client:
-        ok = await client.post("/v1/track", json={"userId": "u1", "event": "Before", "messageId": "m0"}, auth=AUTH)
+        ok = await client.post(
+            "/v1/track", json={"userId": "u1", "event": "Before", "messageId": "m0"}, auth=AUTH
+        )
         assert ok.status_code == 200
 
         await proxy.stop()
         started = asyncio.get_running_loop().time()
-        down = await client.post("/v1/track", json={"userId": "u1", "event": "During", "messageId": "m1"}, auth=AUTH)
+        down = await client.post(
+            "/v1/track", json={"userId": "u1", "event": "During", "messageId": "m1"}, auth=AUTH
+        )
         assert down.status_code == 503, down.text
         assert down.headers["Retry-After"] == "3"
         assert asyncio.get_running_loop().time() - started < 5  # the client is not left hanging
@@ -65,7 +68,9 @@ async def test_broker_down_gives_503_and_back_gives_200_without_restart(
         await proxy.start()
 
         async def retried() -> bool:
-            r = await client.post("/v1/track", json={"userId": "u1", "event": "During", "messageId": "m1"}, auth=AUTH)
+            r = await client.post(
+                "/v1/track", json={"userId": "u1", "event": "During", "messageId": "m1"}, auth=AUTH
+            )
             return r.status_code == 200
 
         for _ in range(20):

@@ -29,8 +29,13 @@ def ndjson(rows: list[object]) -> bytes:
 
 def orders(n: int) -> list[object]:
     return [
-        {"type": "track", "userId": f"c{i % 7}", "event": "Order Completed", "properties": {"total": i},
-         "timestamp": (HISTORY + timedelta(minutes=i)).isoformat()}
+        {
+            "type": "track",
+            "userId": f"c{i % 7}",
+            "event": "Order Completed",
+            "properties": {"total": i},
+            "timestamp": (HISTORY + timedelta(minutes=i)).isoformat(),
+        }
         for i in range(n)
     ]
 
@@ -48,43 +53,62 @@ async def test_import_validates_dedupes_and_keeps_history(
 ) -> None:
     rows: list[object] = [
         *orders(3),
-        {"type": "identify", "userId": "c1", "traits": {"plan": "gold"}, "messageId": "trait-1",
-         "originalTimestamp": HISTORY.isoformat(), "sentAt": (HISTORY + timedelta(days=400)).isoformat()},
+        {
+            "type": "identify",
+            "userId": "c1",
+            "traits": {"plan": "gold"},
+            "messageId": "trait-1",
+            "originalTimestamp": HISTORY.isoformat(),
+            "sentAt": (HISTORY + timedelta(days=400)).isoformat(),
+        },
         {"type": "track", "userId": "c1", "event": "No Time"},
         {"type": "track", "event": "No One", "timestamp": HISTORY.isoformat()},
     ]
-    body = ndjson(rows) + b"\n{broken json\n" + orjson.dumps({"type": "page", "userId": "x", "name": "y" * 40_000,
-                                                                "timestamp": HISTORY.isoformat()})
+    body = (
+        ndjson(rows)
+        + b"\n{broken json\n"
+        + orjson.dumps(
+            {"type": "page", "userId": "x", "name": "y" * 40_000, "timestamp": HISTORY.isoformat()}
+        )
+    )
     response = await client.post("/v1/import", content=body, headers=ADMIN)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/x-ndjson")
     summary = summary_of(response.content)
     assert summary["complete"] is True
-    assert (summary["accepted"], summary["published"], summary["duplicates"], summary["rejected"]) == (4, 4, 0, 4)
+    assert (summary["accepted"], summary["published"], summary["duplicates"], summary["rejected"]) == (
+        4,
+        4,
+        0,
+        4,
+    )
     errors = {(e["line"], e["field"], e["rule"]) for e in summary["errors"]}  # type: ignore[attr-defined]
     assert errors == {
-        (5, "timestamp", "required"), (6, "userId", "required_one_of"), (8, "line", "json_invalid"),
+        (5, "timestamp", "required"),
+        (6, "userId", "required_one_of"),
+        (8, "line", "json_invalid"),
         (9, "line", "max_size"),
     }
 
     events = [CustomerEvent.model_validate(m["value"]) for m in await events_on_topic(settings, count=4)]
     assert {e.source for e in events} == {"backfill"}
-    assert sorted(e.timestamp for e in events if e.event) == [HISTORY + timedelta(minutes=i) for i in range(3)]
+    assert sorted(e.timestamp for e in events if e.event) == [
+        HISTORY + timedelta(minutes=i) for i in range(3)
+    ]
     identify = next(e for e in events if e.type == "identify")
     assert identify.timestamp == HISTORY  # no skew correction on a historical import
     assert all(e.received_at == clock.now() for e in events)
 
     # The same file again (with a write key, gzip'ed): every valid line is recognized, nothing republished.
-    again = await client.post("/v1/import", content=gzip.compress(body), headers={"Content-Encoding": "gzip"},
-                              auth=AUTH)
+    again = await client.post(
+        "/v1/import", content=gzip.compress(body), headers={"Content-Encoding": "gzip"}, auth=AUTH
+    )
     summary = summary_of(again.content)
     assert (summary["accepted"], summary["published"], summary["duplicates"]) == (4, 0, 4)
     assert len(await events_on_topic(settings)) == 4
 
 
-async def test_cli_streams_a_file_with_progress(
-    make_settings: object, tmp_path: Path
-) -> None:
+async def test_cli_streams_a_file_with_progress(make_settings: object, tmp_path: Path) -> None:
     settings: IngestSettings = make_settings(  # type: ignore[operator]
         IngestSettings, write_keys=[WRITE_KEY], import_chunk_events=200, import_progress_interval_s=0.0
     )

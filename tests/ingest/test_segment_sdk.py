@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from segment.analytics import Client
+from segment.analytics import Client  # type: ignore[import-untyped]
 
 from services.ingest.app import create_app
 from services.ingest.settings import IngestSettings
@@ -43,6 +43,9 @@ async def test_segment_sdk_identify_track_page_batch(make_settings: Any) -> None
     identify = next(e for e in events if e.type == "identify")
     assert identify.user_id == "user-1" and identify.traits == {"email": "ada@example.com", "plan": "pro"}
     assert {(e.type.value, e.event or e.name) for e in events} == {
-        ("identify", None), ("track", "Order Completed"), ("page", "Pricing"), ("track", "Signed Up"),
+        ("identify", None),
+        ("track", "Order Completed"),
+        ("page", "Pricing"),
+        ("track", "Signed Up"),
     }
     assert next(e for e in events if e.event == "Signed Up").anonymous_id == "anon-9"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import orjson
@@ -14,7 +15,7 @@ from shared.clock import ManualClock
 from shared.contracts import CustomerEvent, Headers
 from tests.ingest.conftest import AUTH, WRITE_KEY, events_on_topic
 
-CALLS = {
+CALLS: dict[str, dict[str, Any]] = {
     "identify": {"userId": "u-1", "traits": {"email": "a@example.com", "plan": "pro"}},
     "track": {"anonymousId": "anon-2", "event": "Order Completed", "properties": {"revenue": 42.5}},
     "page": {"userId": "u-3", "name": "Pricing", "category": "Docs", "properties": {"path": "/pricing"}},
@@ -28,7 +29,9 @@ async def test_each_call_type_lands_keyed_by_user_else_anonymous_id(
     client: httpx.AsyncClient, settings: IngestSettings, clock: ManualClock
 ) -> None:
     for call_type, body in CALLS.items():
-        response = await client.post(f"/v1/{call_type}", json={**body, "messageId": f"m-{call_type}"}, auth=AUTH)
+        response = await client.post(
+            f"/v1/{call_type}", json={**body, "messageId": f"m-{call_type}"}, auth=AUTH
+        )
         assert response.status_code == 200, response.text
         assert response.json() == {"success": True}
 
@@ -62,8 +65,11 @@ async def test_timestamps_are_corrected_for_client_clock_skew(
     client_sent = received + timedelta(hours=1)
     client_event_time = client_sent - timedelta(seconds=10)
     body = {
-        "userId": "u1", "event": "Clicked", "messageId": "skewed",
-        "originalTimestamp": client_event_time.isoformat(), "sentAt": client_sent.isoformat(),
+        "userId": "u1",
+        "event": "Clicked",
+        "messageId": "skewed",
+        "originalTimestamp": client_event_time.isoformat(),
+        "sentAt": client_sent.isoformat(),
     }
     assert (await client.post("/v1/track", json=body, auth=AUTH)).status_code == 200
     # A server-side library's explicit timestamp without sentAt is kept as given.
@@ -71,10 +77,13 @@ async def test_timestamps_are_corrected_for_client_clock_skew(
     body = {"userId": "u1", "event": "Imported", "messageId": "as-given", "timestamp": past.isoformat()}
     assert (await client.post("/v1/track", json=body, auth=AUTH)).status_code == 200
     # No messageId: one is generated.
-    assert (await client.post("/v1/track", json={"userId": "u1", "event": "Anon"}, auth=AUTH)).status_code == 200
+    assert (
+        await client.post("/v1/track", json={"userId": "u1", "event": "Anon"}, auth=AUTH)
+    ).status_code == 200
 
     events = {
-        m["value"]["event"]: CustomerEvent.model_validate(m["value"]) for m in await events_on_topic(settings, count=3)
+        m["value"]["event"]: CustomerEvent.model_validate(m["value"])
+        for m in await events_on_topic(settings, count=3)
     }
     skewed = events["Clicked"]
     assert skewed.received_at == received
@@ -92,10 +101,21 @@ async def test_batch_applies_batch_fields_and_accepts_only_valid_items(
         "sentAt": sent.isoformat(),
         "context": {"library": {"name": "analytics-test"}, "ip": "10.0.0.1"},
         "batch": [
-            {"type": "identify", "userId": "u1", "messageId": "b0", "traits": {"plan": "free"},
-             "timestamp": (sent - timedelta(seconds=30)).isoformat()},
+            {
+                "type": "identify",
+                "userId": "u1",
+                "messageId": "b0",
+                "traits": {"plan": "free"},
+                "timestamp": (sent - timedelta(seconds=30)).isoformat(),
+            },
             {"type": "track", "userId": "u1", "messageId": "b1"},  # no event
-            {"type": "track", "anonymousId": "a2", "messageId": "b2", "event": "Viewed", "context": {"ip": "1.2.3.4"}},
+            {
+                "type": "track",
+                "anonymousId": "a2",
+                "messageId": "b2",
+                "event": "Viewed",
+                "context": {"ip": "1.2.3.4"},
+            },
             {"type": "nonsense", "userId": "u1", "messageId": "b3"},
             "not an object",
         ],
@@ -105,9 +125,15 @@ async def test_batch_applies_batch_fields_and_accepts_only_valid_items(
     answer = response.json()
     assert answer["acceptedIndexes"] == [0, 2] and answer["accepted"] == 2
     rejected = {r["index"]: r["errors"] for r in answer["rejected"]}
-    assert rejected[1] == [{"field": "batch.1.event", "rule": "required", "message": "track needs a non-empty event"}]
+    assert rejected[1] == [
+        {"field": "batch.1.event", "rule": "required", "message": "track needs a non-empty event"}
+    ]
     assert rejected[3][0]["field"] == "batch.3.type" and rejected[3][0]["rule"] == "enum"
-    assert rejected[4][0] == {"field": "batch.4", "rule": "object_type", "message": "an event must be a JSON object"}
+    assert rejected[4][0] == {
+        "field": "batch.4",
+        "rule": "object_type",
+        "message": "an event must be a JSON object",
+    }
 
     events = {m["value"]["messageId"]: m for m in await events_on_topic(settings)}
     assert set(events) == {"b0", "b2"}
@@ -118,8 +144,12 @@ async def test_batch_applies_batch_fields_and_accepts_only_valid_items(
     assert events["b2"]["key"] == "a2"
 
 
-async def test_batch_of_valid_calls_answers_success(client: httpx.AsyncClient, settings: IngestSettings) -> None:
-    items = [{"type": "track", "userId": f"u{n % 3}", "event": "E", "properties": {"n": n}} for n in range(100)]
+async def test_batch_of_valid_calls_answers_success(
+    client: httpx.AsyncClient, settings: IngestSettings
+) -> None:
+    items = [
+        {"type": "track", "userId": f"u{n % 3}", "event": "E", "properties": {"n": n}} for n in range(100)
+    ]
     response = await client.post("/v1/batch", json={"batch": items}, auth=AUTH)
     assert response.status_code == 200
     assert response.json() == {"success": True, "accepted": 100, "duplicates": 0}
@@ -134,7 +164,7 @@ async def test_batch_of_valid_calls_answers_success(client: httpx.AsyncClient, s
 async def test_gzip_bodies_and_every_way_to_send_the_write_key(
     client: httpx.AsyncClient, settings: IngestSettings
 ) -> None:
-    def gz(body: dict[str, object]) -> bytes:
+    def gz(body: Any) -> bytes:
         return gzip.compress(orjson.dumps(body))
 
     basic = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
@@ -143,7 +173,9 @@ async def test_gzip_bodies_and_every_way_to_send_the_write_key(
     r = await client.post("/v1/track", content=gz(track), headers={**gzip_headers, "Authorization": basic})
     assert r.status_code == 200, r.text
     batch = {"batch": [{"type": "page", "userId": "u1", "name": "Zipped", "messageId": "gz-2"}]}
-    r = await client.post("/v1/batch", content=gz(batch), headers={**gzip_headers, "Authorization": f"Bearer {WRITE_KEY}"})
+    r = await client.post(
+        "/v1/batch", content=gz(batch), headers={**gzip_headers, "Authorization": f"Bearer {WRITE_KEY}"}
+    )
     assert r.status_code == 200, r.text
     # Segment's SDKs also put the key in the body.
     body = {"writeKey": WRITE_KEY, "userId": "u1", "traits": {}, "messageId": "in-body"}

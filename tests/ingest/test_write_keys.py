@@ -19,7 +19,9 @@ TRACK = {"userId": "u1", "event": "E"}
 
 async def test_create_list_revoke(app: FastAPI, client: httpx.AsyncClient, settings: IngestSettings) -> None:
     assert (await client.post("/admin/write-keys", json={"name": "web"})).status_code == 401
-    assert (await client.get("/admin/write-keys", headers={"Authorization": "Bearer nope"})).status_code == 401
+    assert (
+        await client.get("/admin/write-keys", headers={"Authorization": "Bearer nope"})
+    ).status_code == 401
     assert (await client.post("/admin/write-keys", json={"name": ""}, headers=ADMIN)).status_code == 400
 
     created = await client.post("/admin/write-keys", json={"name": "web"}, headers=ADMIN)
@@ -36,11 +38,13 @@ async def test_create_list_revoke(app: FastAPI, client: httpx.AsyncClient, setti
         stored = [tuple(r) for r in await conn.execute(text("SELECT * FROM write_keys"))]
     assert not any(key in str(value) or WRITE_KEY in str(value) for row in stored for value in row)
 
-    assert (await client.post("/v1/track", json={**TRACK, "messageId": "before"}, auth=(key, ""))).status_code == 200
+    assert (
+        await client.post("/v1/track", json={**TRACK, "messageId": "before"}, auth=(key, ""))
+    ).status_code == 200
     revoked = await client.delete(f"/admin/write-keys/{key_id}", headers=ADMIN)
     assert revoked.status_code == 200 and revoked.json()["revokedAt"] is not None
     for auth in ({"auth": (key, "")}, {"headers": {"Authorization": f"Bearer {key}"}}):
-        response = await client.post("/v1/track", json={**TRACK, "messageId": "after"}, **auth)  # type: ignore[arg-type]
+        response = await client.post("/v1/track", json={**TRACK, "messageId": "after"}, **auth)
         assert response.status_code == 401
     assert (await client.delete("/admin/write-keys/unknown", headers=ADMIN)).status_code == 404
 
@@ -50,14 +54,19 @@ async def test_create_list_revoke(app: FastAPI, client: httpx.AsyncClient, setti
 async def test_a_revoke_reaches_other_replicas_within_the_cache_ttl(
     settings: IngestSettings, clock: ManualClock
 ) -> None:
-    async with running(create_app(settings, clock)) as admin_side, running(create_app(settings, clock)) as other:
+    async with (
+        running(create_app(settings, clock)) as admin_side,
+        running(create_app(settings, clock)) as other,
+    ):
         key_id = next(k["id"] for k in (await admin_side.get("/admin/write-keys", headers=ADMIN)).json())
         auth = (WRITE_KEY, "")
         assert (await other.post("/v1/track", json=TRACK, auth=auth)).status_code == 200  # now cached there
         assert (await admin_side.delete(f"/admin/write-keys/{key_id}", headers=ADMIN)).status_code == 200
         assert (await admin_side.post("/v1/track", json=TRACK, auth=auth)).status_code == 401  # at once here
         clock.advance(timedelta(seconds=settings.write_key_cache_ttl_s + 0.1))
-        assert (await other.post("/v1/track", json=TRACK, auth=auth)).status_code == 401  # within the TTL there
+        assert (
+            await other.post("/v1/track", json=TRACK, auth=auth)
+        ).status_code == 401  # within the TTL there
 
     # A seeded key revoked stays revoked when the service restarts with the same seed.
     async with running(create_app(settings, clock)) as restarted:

@@ -33,7 +33,15 @@ class Intake:
                 "a write key is required: HTTP Basic user name (empty password) or Authorization: Bearer",
                 headers={"WWW-Authenticate": 'Basic realm="clm"'},
             )
-        found = await self.write_keys.authenticate(key)
+        try:
+            found = await self.write_keys.authenticate(key)
+        except Exception as exc:  # the key store is unreachable: the client should retry, not give up
+            raise ApiError(
+                503,
+                "unavailable",
+                "write keys cannot be checked right now; retry later",
+                headers={"Retry-After": str(self.settings.unavailable_retry_after_s)},
+            ) from exc
         if found is None:
             raise ApiError(
                 401,

@@ -21,7 +21,9 @@ def valid(body: dict[str, object], call_type: EventType = EventType.TRACK) -> Va
 def test_skew_is_corrected_from_sent_at() -> None:
     # Client clock 2 min behind; event recorded 5 s before the client sent it.
     event = to_customer_event(
-        valid({"timestamp": "2026-03-01T11:57:55Z", "sentAt": "2026-03-01T11:58:00Z"}), received_at=NOW, source="k"
+        valid({"timestamp": "2026-03-01T11:57:55Z", "sentAt": "2026-03-01T11:58:00Z"}),
+        received_at=NOW,
+        source="k",
     )
     assert event.timestamp == NOW - timedelta(seconds=5)
     assert event.original_timestamp == datetime(2026, 3, 1, 11, 57, 55, tzinfo=UTC)
@@ -30,7 +32,9 @@ def test_skew_is_corrected_from_sent_at() -> None:
 
 def test_batch_sent_at_applies_and_naive_times_are_utc() -> None:
     event = to_customer_event(
-        valid({"originalTimestamp": "2026-03-01T13:00:00"}), received_at=NOW, source=None,
+        valid({"originalTimestamp": "2026-03-01T13:00:00"}),
+        received_at=NOW,
+        source=None,
         batch_sent_at=datetime(2026, 3, 1, 13, 0, 1, tzinfo=UTC),
     )
     assert event.timestamp == NOW - timedelta(seconds=1)
@@ -46,16 +50,23 @@ def test_without_client_times_the_server_time_is_used_and_an_id_generated() -> N
 def test_historical_imports_keep_their_time() -> None:
     event = to_customer_event(
         valid({"timestamp": "2020-01-01T00:00:00Z", "sentAt": "2026-03-01T12:00:00Z"}),
-        received_at=NOW, source="backfill", correct_skew=False, message_id=lambda: content_message_id(b"line"),
+        received_at=NOW,
+        source="backfill",
+        correct_skew=False,
+        message_id=lambda: content_message_id(b"line"),
     )
     assert event.timestamp == datetime(2020, 1, 1, tzinfo=UTC)
     assert event.message_id == content_message_id(b"line") != content_message_id(b"other line")
 
 
 def test_fields_by_call_type() -> None:
-    group = to_customer_event(valid({"groupId": "g", "traits": {"n": 1}}, EventType.GROUP), received_at=NOW, source=None)
+    group = to_customer_event(
+        valid({"groupId": "g", "traits": {"n": 1}}, EventType.GROUP), received_at=NOW, source=None
+    )
     assert (group.group_id, group.traits, group.event) == ("g", {"n": 1}, None)
-    page = to_customer_event(valid({"name": "Home", "category": "C"}, EventType.PAGE), received_at=NOW, source=None)
+    page = to_customer_event(
+        valid({"name": "Home", "category": "C"}, EventType.PAGE), received_at=NOW, source=None
+    )
     assert (page.name, page.category) == ("Home", "C")
     alias = to_customer_event(valid({"previousId": "p"}, EventType.ALIAS), received_at=NOW, source=None)
     assert alias.previous_id == "p" and alias.customer_key == "u"
@@ -64,7 +75,8 @@ def test_fields_by_call_type() -> None:
 def test_batch_context_is_merged_under_the_items_own() -> None:
     batch = {"context": {"ip": "1", "library": "x"}, "integrations": {"All": False}}
     assert apply_batch_defaults({"context": {"ip": "2"}}, batch) == {
-        "context": {"ip": "2", "library": "x"}, "integrations": {"All": False},
+        "context": {"ip": "2", "library": "x"},
+        "integrations": {"All": False},
     }
     item = {"context": "bad"}
     assert apply_batch_defaults(item, batch)["context"] == "bad"  # left for validation to refuse

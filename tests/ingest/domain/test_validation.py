@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.ingest.domain.calls import TrackCall
 from services.ingest.domain.validation import FieldError, ValidCall, validate_call
 from shared.contracts.events import EventType
 
@@ -27,13 +28,17 @@ def rules(result: ValidCall | list[FieldError]) -> set[tuple[str, str]]:
         (EventType.TRACK, {"event": ""}, {("userId", "required_one_of"), ("event", "required")}),
     ],
 )
-def test_rules_name_the_field(call_type: EventType, body: dict[str, object], expected: set[tuple[str, str]]) -> None:
+def test_rules_name_the_field(
+    call_type: EventType, body: dict[str, object], expected: set[tuple[str, str]]
+) -> None:
     assert rules(validate_call(body, call_type)) == expected
 
 
 def test_batch_items_name_their_position_and_need_a_type() -> None:
     assert rules(validate_call({"userId": "u"}, None, prefix="batch.3")) == {("batch.3.type", "missing")}
-    assert rules(validate_call({"type": "Track", "userId": "u"}, None, prefix="batch.0")) == {("batch.0.type", "enum")}
+    assert rules(validate_call({"type": "Track", "userId": "u"}, None, prefix="batch.0")) == {
+        ("batch.0.type", "enum")
+    }
     assert rules(validate_call(["x"], None, prefix="batch.1")) == {("batch.1", "object_type")}
     assert rules(validate_call({"type": "track", "userId": "u", "event": 1}, None, prefix="batch.2")) == {
         ("batch.2.event", "string_type")
@@ -46,6 +51,8 @@ def test_valid_calls_keep_segment_fields_and_tolerate_unknown_ones() -> None:
         EventType.TRACK,
     )
     assert isinstance(result, ValidCall)
-    assert result.call.user_id == "42" and result.call.properties == {}
+    assert result.call.user_id == "42" and isinstance(result.call, TrackCall) and result.call.properties == {}
     # snake_case is not Segment's spelling: it is ignored, not taken for userId.
-    assert rules(validate_call({"user_id": "u", "event": "E"}, EventType.TRACK)) == {("userId", "required_one_of")}
+    assert rules(validate_call({"user_id": "u", "event": "E"}, EventType.TRACK)) == {
+        ("userId", "required_one_of")
+    }

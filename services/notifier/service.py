@@ -104,3 +104,21 @@ class Notifier:
                 ),
             )
         return True
+
+    async def record_provider_report(
+        self, provider_message_id: str, kind: MessageStatusKind, reason: str | None
+    ) -> bool:
+        """A provider's later delivery report (e.g. Twilio status callback): one status per outcome."""
+        now = self.clock.now()
+        async with self.platform.unit_of_work() as uow:
+            entry = await ledger_repo.by_provider_message_id(uow.session, provider_message_id)
+            if entry is None or not await ledger_repo.record_engagement(
+                uow.session, entry.message_id, "provider_report", kind.value, now
+            ):
+                return False
+            uow.emit(
+                MESSAGE_STATUS.name,
+                entry.request.customer_id,
+                status_of(entry.request, kind, now, reason=reason, provider=entry.provider),
+            )
+        return True

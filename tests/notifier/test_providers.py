@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+from services.notifier.api.inbound import twilio_signature
 from services.notifier.domain import standard_webhooks
+from services.notifier.store import ledger_repo
 from shared.clock import ManualClock
 from shared.contracts import MESSAGE_REQUESTS, Headers
 from tests.notifier.conftest import ADMIN, Harness, request
@@ -75,10 +77,32 @@ async def test_provider_500_then_200_delivers_once_after_a_scheduled_retry(start
             "To": "+15551230001",
             "From": h.settings.twilio_from_number,
             "Body": "Hi there, code 4711",
+            "StatusCallback": "http://testserver/v1/inbound/twilio/status",
         }
         assert sent.headers["authorization"].startswith("Basic ")
         assert sent.headers["i-twilio-idempotency-token"] == "m-sms-1"
         assert (await ledger(h, "m-sms-1"))["attempts"] == 2
+
+        # Twilio's status callback (signed) reports the handset delivery: `delivered`, once.
+        sid = (await ledger(h, "m-sms-1"))["provider_message_id"]
+        report = {
+            "MessageSid": str(sid),
+            "MessageStatus": "delivered",
+            "AccountSid": h.settings.twilio_account_sid,
+        }
+        signature = twilio_signature(
+            h.settings.twilio_auth_token.get_secret_value(),
+            "http://testserver/v1/inbound/twilio/status",
+            report,
+        )
+        for _ in range(2):
+            got = await h.client.post(
+                "/v1/inbound/twilio/status", data=report, headers={"X-Twilio-Signature": signature}
+            )
+            assert got.status_code == 204
+        statuses = await h.wait_status("m-sms-1", "delivered")
+        await h.statuses(idle=0.5, timeout=3)
+        assert [s["status"] for s in statuses].count("delivered") == 1
 
 
 async def test_provider_400_fails_without_retry(start_notifier) -> None:  # type: ignore[no-untyped-def]
@@ -278,3 +302,57 @@ async def _state_is(h: Harness, message_id: str, state: str, attempts: int) -> d
         return None
     body = dict(response.json())
     return body if body["state"] == state and body["attempts"] == attempts else None
+
+
+async def test_a_claim_left_by_a_dead_process_is_never_resent(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    clock = ManualClock()
+    async with start_notifier(clock=clock) as h:
+        await h.create_template(SMS)
+        notifier = h.app.state.notifier
+        req = request(
+            "m-crash",
+            "c1",
+            "sms",
+            "sms-hello",
+            category="transactional",
+            recipient={"phone": "+15551230003"},
+            data={"event": {"code": "3"}},
+        )
+        # What a process does before calling the provider, then dies: the claim is committed. (Due an
+        # hour from now, so the live delivery loops leave the row to this simulated process.)
+        later = clock.now() + timedelta(hours=1)
+        async with h.platform.unit_of_work() as uow:
+            await ledger_repo.insert_new(uow.session, [req], later)
+        async with h.platform.unit_of_work() as uow:
+            claimed = await ledger_repo.claim_due(uow.session, later, 10)
+        assert [e.message_id for e in claimed] == ["m-crash"]
+        await h.publish(req)  # a redelivery of the request finds the ledger row
+        await h.statuses(idle=1.0, timeout=4)
+        assert (await ledger(h, "m-crash"))["state"] == "sending"
+        clock.advance(timedelta(hours=1, seconds=h.settings.sending_stale_after_s + 1))
+        await notifier.worker.resolve_stale(every_s=0)
+        statuses = await h.wait_status("m-crash", "failed")
+        assert "outcome unknown" in statuses[-1]["reason"]
+        assert (await ledger(h, "m-crash"))["state"] == "unknown"
+        assert h.twilio.requests == []
+
+
+async def test_provider_rate_limit_spreads_sends(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier(provider_rate_per_s=20.0, provider_burst=1) as h:
+        await h.create_template(SMS)
+        for i in range(8):
+            await h.publish(
+                request(
+                    f"m-rate-{i}",
+                    "c1",
+                    "sms",
+                    "sms-hello",
+                    category="transactional",
+                    recipient={"phone": "+15551230004"},
+                    data={"event": {"code": str(i)}},
+                )
+            )
+        await eventually(lambda: len(h.twilio.requests) >= 8, timeout=15)
+        times = sorted(r.received_at for r in h.twilio.requests)
+        # 8 sends at 20/s with a burst of 1: at least 7 intervals of 50 ms.
+        assert times[-1] - times[0] >= 0.3

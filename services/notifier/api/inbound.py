@@ -12,11 +12,18 @@ from fastapi.responses import Response
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.api.forms import read_form
 from services.notifier.domain.consent import ALL_TOPICS
+from services.notifier.service import Notifier
 from services.notifier.store import consent_repo, contacts_repo, ledger_repo
+from shared.contracts import MessageStatusKind
 from shared.http import ApiError
 
 STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"})
 START_WORDS = frozenset({"START", "UNSTOP", "YES", "OPTIN"})
+TWILIO_FINAL_STATES = {
+    "delivered": MessageStatusKind.DELIVERED,
+    "undelivered": MessageStatusKind.BOUNCED,
+    "failed": MessageStatusKind.FAILED,
+}
 TWIML_EMPTY = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 
 api = APIRouter(tags=["inbound"])
@@ -28,8 +35,7 @@ def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
     return base64.b64encode(hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()).decode()
 
 
-@api.post("/v1/inbound/twilio/sms")
-async def twilio_inbound_sms(request: Request, notifier: NotifierDep) -> Response:
+async def verified_twilio_form(request: Request, notifier: Notifier) -> dict[str, str]:
     params = dict(await read_form(request))
     settings = notifier.settings
     if settings.twilio_verify_inbound:
@@ -37,6 +43,25 @@ async def twilio_inbound_sms(request: Request, notifier: NotifierDep) -> Respons
         expected = twilio_signature(settings.twilio_auth_token.get_secret_value(), url, params)
         if not hmac.compare_digest(expected, request.headers.get("X-Twilio-Signature", "")):
             raise ApiError(403, "forbidden", "invalid X-Twilio-Signature")
+    return params
+
+
+@api.post("/v1/inbound/twilio/status")
+async def twilio_status_callback(request: Request, notifier: NotifierDep) -> Response:
+    """Twilio's delivery report for a message we sent: `delivered`, or `bounced`/`failed` with the code."""
+    params = await verified_twilio_form(request, notifier)
+    sid, state = params.get("MessageSid", ""), params.get("MessageStatus", "")
+    kind = TWILIO_FINAL_STATES.get(state)
+    if not sid or kind is None:
+        return Response(status_code=204)  # queued/sent/... or unknown: nothing final to report
+    reason = f"twilio {state}" + (f" (error {params['ErrorCode']})" if params.get("ErrorCode") else "")
+    await notifier.record_provider_report(sid, kind, None if kind is MessageStatusKind.DELIVERED else reason)
+    return Response(status_code=204)
+
+
+@api.post("/v1/inbound/twilio/sms")
+async def twilio_inbound_sms(request: Request, notifier: NotifierDep) -> Response:
+    params = await verified_twilio_form(request, notifier)
     phone, word = params.get("From", ""), params.get("Body", "").strip().upper()
     if not phone:
         raise ApiError(400, "invalid_request", "From is required")

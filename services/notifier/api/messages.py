@@ -97,6 +97,7 @@ def router(admin: Any) -> APIRouter:
             "next_attempt_at": entry.next_attempt_at,
             "customer_id": entry.request.customer_id,
             "channel": entry.request.channel.value,
+            "provider_message_id": entry.provider_message_id,
         }
 
     return api

@@ -27,15 +27,19 @@ async def _post(client: httpx.AsyncClient, url: str, **kwargs: object) -> httpx.
 class TwilioProvider:
     """POST /2010-04-01/Accounts/{sid}/Messages.json (form-encoded, basic auth)."""
 
-    def __init__(self, name: str, config: ProviderConfig) -> None:
+    def __init__(self, name: str, config: ProviderConfig, *, status_callback: str | None = None) -> None:
         self.name = name
         self.config = config
+        self.status_callback = status_callback
         self._http = _client(config)
         self._auth = httpx.BasicAuth(config.account_sid, config.auth_token.get_secret_value())
 
     async def send(self, delivery: Delivery) -> SendResult:
         url = f"/2010-04-01/Accounts/{self.config.account_sid}/Messages.json"
         form = {"To": delivery.to, "From": self.config.from_number, "Body": delivery.parts.get("body", "")}
+        if self.status_callback:
+            # Twilio POSTs delivered / undelivered / failed here later.
+            form["StatusCallback"] = self.status_callback
         # Twilio's idempotency header: a retried request with the same token is not sent twice.
         headers = {"I-Twilio-Idempotency-Token": delivery.message_id}
         got = await _post(self._http, url, data=form, auth=self._auth, headers=headers)

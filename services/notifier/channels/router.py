@@ -58,7 +58,11 @@ class ProviderRouter:
             if config.kind == "smtp":
                 provider = SmtpProvider(name, config)
             elif config.kind == "twilio":
-                provider = TwilioProvider(name, config)
+                provider = TwilioProvider(
+                    name,
+                    config,
+                    status_callback=f"{settings.public_base_url.rstrip('/')}/v1/inbound/twilio/status",
+                )
             elif config.kind == "fcm":
                 provider = FcmProvider(name, config)
             elif config.kind == "webhook":

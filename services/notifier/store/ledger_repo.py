@@ -28,6 +28,7 @@ class LedgerEntry:
     provider: str | None
     reason: str | None
     next_attempt_at: datetime | None
+    provider_message_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def _entry(row: Any) -> LedgerEntry:
         provider=row.provider,
         reason=row.reason,
         next_attempt_at=row.next_attempt_at,
+        provider_message_id=row.provider_message_id,
     )
 
 
@@ -151,6 +153,15 @@ async def stale_sending(
 async def get(session: AsyncSession, message_id: str) -> LedgerEntry | None:
     row = (
         await session.execute(sa.select(send_ledger).where(send_ledger.c.message_id == message_id))
+    ).first()
+    return _entry(row) if row else None
+
+
+async def by_provider_message_id(session: AsyncSession, provider_message_id: str) -> LedgerEntry | None:
+    row = (
+        await session.execute(
+            sa.select(send_ledger).where(send_ledger.c.provider_message_id == provider_message_id).limit(1)
+        )
     ).first()
     return _entry(row) if row else None
 

@@ -67,6 +67,7 @@ def upgrade() -> None:
         "send_ledger_sending", "send_ledger", ["claimed_at"], postgresql_where=sa.text("state = 'sending'")
     )
     op.create_index("send_ledger_customer", "send_ledger", ["customer_id", "channel", "created_at"])
+    op.create_index("send_ledger_provider_message", "send_ledger", ["provider_message_id"])
     op.create_table(
         "engagements",
         sa.Column("message_id", sa.Text, primary_key=True),

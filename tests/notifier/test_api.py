@@ -80,6 +80,10 @@ async def test_transactional_api_send_is_idempotent_and_lands_in_the_inbox(start
         }
         no_key = await h.client.post("/v1/messages", json=body, headers=ADMIN)
         assert no_key.status_code == 400 and no_key.json()["errors"][0]["field"] == "Idempotency-Key"
+        unknown = await h.client.post(
+            "/v1/messages", json={**body, "template_id": "nope"}, headers={**ADMIN, "Idempotency-Key": "k-0"}
+        )
+        assert unknown.status_code == 400 and unknown.json()["errors"][0]["field"] == "template_id"
         first = await h.client.post("/v1/messages", json=body, headers={**ADMIN, "Idempotency-Key": "k-1"})
         assert first.status_code == 202
         replay = await h.client.post("/v1/messages", json=body, headers={**ADMIN, "Idempotency-Key": "k-1"})

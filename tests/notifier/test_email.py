@@ -110,6 +110,18 @@ async def test_one_click_unsubscribe_then_marketing_is_suppressed(start_notifier
         history = (await h.client.get("/v1/customers/c2/consent-history", headers=ADMIN)).json()["history"]
         assert history[0]["source"] == "one_click" and history[0]["message_id"] == "m-unsub-1"
 
+        # The hosted preference page's form re-subscribes, and that is in the ledger too.
+        saved = await h.client.post(
+            urlsplit(unsubscribe).path + "/preferences",
+            content=b"topic=newsletter",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert saved.status_code == 200
+        prefs = (await h.client.get("/v1/customers/c2/preferences", headers=ADMIN)).json()["preferences"]
+        assert [(p["topic"], p["subscribed"]) for p in prefs] == [("*", True), ("newsletter", True)]
+        one_click = await h.client.post(urlsplit(unsubscribe).path, data={"List-Unsubscribe": "One-Click"})
+        assert one_click.status_code == 200
+
         tampered = await h.client.post(urlsplit(unsubscribe).path[:-3] + "abc")
         assert tampered.status_code == 400
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.consumers.message_requests import enqueue
-from services.notifier.store import api_requests_repo, ledger_repo
+from services.notifier.store import api_requests_repo, ledger_repo, templates_repo
 from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
 from shared.http import ApiError, field_error
 
@@ -64,6 +64,17 @@ def router(admin: Any) -> APIRouter:
             requested_at=notifier.clock.now(),
         )
         async with notifier.platform.unit_of_work() as uow:
+            template = await templates_repo.get_definition(uow.session, body.template_id)
+            if template is None or template.channel is not body.channel:
+                problem = (
+                    "no such template" if template is None else f"template is for {template.channel.value}"
+                )
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    problem,
+                    errors=[field_error("template_id", "exists", f"{problem}: {body.template_id!r}")],
+                )
             _, stored_digest = await api_requests_repo.claim_idempotency_key(
                 uow.session, idempotency_key, message_id, digest
             )

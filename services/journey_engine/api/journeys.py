@@ -65,6 +65,8 @@ class InlineProfile(BaseModel):
 class DryRunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     definition: JourneyDefinition
+    # The id the journey is (or will be) saved under: A/B arms are a stable hash of it.
+    journey_id: str = "dry-run"
     customer_id: str | None = None
     profile: InlineProfile | None = None
     # The triggering event ({"event": ..., "properties": {...}}), for entry filters and conditions.
@@ -297,7 +299,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 segments=customer.segments,
             )
             enters = triggers(body.definition, EventTrigger(body.event["event"], body.event), facts)
-        outcome = dry_run(graph, customer, engine.rules, now, trigger=body.event)
+        outcome = dry_run(graph, customer, engine.rules, now, trigger=body.event, journey_id=body.journey_id)
         return {
             "customer_id": customer.customer_id,
             "would_enter": enters,

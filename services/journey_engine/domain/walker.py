@@ -534,11 +534,15 @@ def dry_run(
     rules: MessagingRules,
     now: datetime,
     trigger: Mapping[str, Any] | None = None,
+    journey_id: str = "dry-run",
 ) -> Outcome:
-    """The path a customer would take from the entry now, assuming every wait times out."""
+    """The path a customer would take from the entry now, assuming every wait times out.
+
+    `journey_id` matters for splits: arms are a stable hash of (journey, node, customer).
+    """
     instance = InstanceView(
         instance_id="dry-run",
-        journey_id="dry-run",
+        journey_id=journey_id,
         version=0,
         node_id=graph.entry_id,
         entered_at=now,
@@ -552,4 +556,9 @@ def dry_run(
         now,
         dry_run=True,
     )
-    return walker.react(Start()) or walker.outcome
+    try:
+        return walker.react(Start()) or walker.outcome
+    except RuntimeError:
+        # A loop through waits that never ends when every wait is assumed to time out.
+        walker.outcome.path.append(PathStep(walker.outcome.node_id, "stopped: the path loops"))
+        return walker.outcome

@@ -237,39 +237,44 @@ class JourneyEngine:
         session = uow.session
         if not items:
             return
-        now = self.clock.now()
-        await projection.lock_customers(session, [p.customer_id for p in items])
-        for p in items:
-            if p.kind == ProfileChangeKind.ERASED:
-                await projection.erase(session, p.customer_id)
-                continue
-            traits = dict(p.traits)
-            await projection.upsert_customer(
-                session,
-                p.customer_id,
-                traits,
-                timezone=_str(traits.get("timezone")),
-                locale=_str(traits.get("locale")),
-                email=_str(traits.get("email")),
-                phone=_str(traits.get("phone")),
-                stage=p.lifecycle_stage,
-                now=now,
-            )
-            await projection.add_identities(
-                session, p.customer_id, [i for ids in p.identities.values() for i in ids] + list(p.merged_ids)
-            )
+        # Instances are locked (in `_batch`) before the projection rows are written: the same order a
+        # timer step that updates a trait uses, so the two never wait on each other in a cycle.
         batch = await self._batch(session, [p.customer_id for p in items])
         for p in items:
+            cid = p.customer_id
             if p.kind == ProfileChangeKind.ERASED:
-                for row in batch.active[p.customer_id]:
+                await projection.erase(session, cid)
+                for row in batch.active[cid]:
                     self._leave(batch.writer, row, "exited", "erased", "exited")
-                batch.active[p.customer_id] = []
-            elif p.kind == ProfileChangeKind.STAGE_CHANGED and p.lifecycle_stage:
+                batch.active[cid] = []
+                batch.customers[cid] = CustomerView(cid)
+                continue
+            traits = dict(p.traits)
+            view = batch.customers[cid]
+            view.traits = traits
+            view.timezone, view.locale = _str(traits.get("timezone")), _str(traits.get("locale"))
+            view.email, view.phone = _str(traits.get("email")), _str(traits.get("phone"))
+            view.stage = p.lifecycle_stage or view.stage
+            await projection.upsert_customer(
+                session,
+                cid,
+                traits,
+                timezone=view.timezone,
+                locale=view.locale,
+                email=view.email,
+                phone=view.phone,
+                stage=p.lifecycle_stage,
+                now=batch.now,
+            )
+            await projection.add_identities(
+                session, cid, [i for ids in p.identities.values() for i in ids] + list(p.merged_ids)
+            )
+            if p.kind == ProfileChangeKind.STAGE_CHANGED and p.lifecycle_stage:
                 trigger = {"lifecycle_stage": p.lifecycle_stage, "previous_stage": p.previous_stage}
                 await self._apply_trigger(
                     uow,
                     batch,
-                    p.customer_id,
+                    cid,
                     StageTrigger(p.lifecycle_stage, p.previous_stage),
                     None,
                     trigger_id=p.event_id,

@@ -153,10 +153,19 @@ async def last_entries(
     return {(r[0], r[1]): r[2] for r in rows}
 
 
+async def _lock_active(session: AsyncSession, journey_id: str) -> None:
+    """Lock a journey's active instances in id order (as steps do) before a bulk change."""
+    await session.execute(
+        text("SELECT id FROM instances WHERE journey_id = :j AND status = 'active' ORDER BY id FOR UPDATE"),
+        {"j": journey_id},
+    )
+
+
 async def migrate_version(
     session: AsyncSession, journey_id: str, to_version: int, node_ids: list[str]
 ) -> int:
     """Move active instances to `to_version` when the node they are at still exists there."""
+    await _lock_active(session, journey_id)
     result = await session.execute(
         text(
             "UPDATE instances SET version = :v WHERE journey_id = :j AND status = 'active' "
@@ -367,6 +376,7 @@ async def arm_outcomes(session: AsyncSession, journey_id: str) -> list[tuple[int
 
 async def exit_all(session: AsyncSession, journey_id: str, reason: str, now: datetime) -> int:
     """Exit every active instance of a journey (archiving), counting them as exited at their node."""
+    await _lock_active(session, journey_id)
     await session.execute(
         text(
             "INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT journey_id, version, "

@@ -41,6 +41,10 @@ async def test_definitions_api(make_settings: Any) -> None:
         assert len(await h.instances("cart")) == 1
         assert (await c.post("/v1/journeys/cart/archive", headers=ADMIN)).json()["status"] == "archived"
         assert [r.exit_reason for r in await h.instances("cart")] == ["archived"]
+        listed_instances = (await c.get("/v1/journeys/cart/instances", headers=ADMIN)).json()["instances"]
+        assert [(i["customer_id"], i["status"], i["correlation"]) for i in listed_instances] == [
+            ("u1", "exited", "k")
+        ]
         assert (
             await c.put("/v1/journeys/cart", json={"definition": CART_JOURNEY}, headers=ADMIN)
         ).status_code == 409

@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.journey_engine.domain.conditions import Facts
@@ -262,6 +262,32 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 )
             versions.append({"version": v, "nodes": nodes})
         return {"journey_id": journey_id, "versions": versions, "splits": split_report(graphs, arms)}
+
+    @router.get("/{journey_id}/instances")
+    async def list_instances(
+        journey_id: str, limit: int = Query(default=100, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        """The most recent instances: where each customer is, what they wait for, why they left."""
+        async with platform.unit_of_work() as uow:
+            await load(uow.session, journey_id)
+            rows = await instance_store.list_for_journey(uow.session, journey_id, limit)
+        return {
+            "instances": [
+                {
+                    "id": r.id,
+                    "customer_id": r.customer_id,
+                    "version": r.version,
+                    "status": r.status,
+                    "node_id": r.node_id,
+                    "waiting_for": r.wait,
+                    "correlation": r.correlation or None,
+                    "entered_at": r.entered_at.isoformat(),
+                    "exit_reason": r.exit_reason,
+                    "arms": r.context.get("arms", {}),
+                }
+                for r in rows
+            ]
+        }
 
     @router.post("/dry-run")
     async def dry_run_journey(body: DryRunRequest) -> dict[str, Any]:

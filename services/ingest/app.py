@@ -56,8 +56,9 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     app.state.platform = platform
     app.state.writer = writer
     app.state.write_keys = write_keys
-    install_common(app, platform)
+    # The tracking routes first: every request is matched against the routes in order.
     app.include_router(tracking_router(intake))
+    install_common(app, platform)
     app.include_router(imports_router(intake))
     app.include_router(write_keys_router(settings, write_keys))
     return app

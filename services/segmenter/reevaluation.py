@@ -19,7 +19,6 @@ from services.segmenter.domain.catalog import Catalog, SegmentRule, compile_segm
 from services.segmenter.domain.evaluation import evaluate, next_change_at
 from services.segmenter.domain.profile import ProfileSnapshot
 from services.segmenter.domain.rules import InvalidRule
-from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.contracts.events import SegmentMembershipChanged
 from shared.contracts.topics import SEGMENT_MEMBERSHIP
@@ -61,18 +60,18 @@ class SegmentCatalogCache:
 
 
 async def fill_snapshots(
-    session: AsyncSession, catalog: Catalog, profiles: Mapping[str, ProfileSnapshot]
-) -> dict[str, dict[str, segment_store.MembershipState]]:
-    """Add what rules read besides the profile row: event aggregates, occurrences, memberships."""
-    ids = list(profiles)
-    counts = await profile_store.load_event_counts(session, ids, catalog.count_events)
-    occurrences = await profile_store.load_occurrences(session, ids, catalog.timeline_events)
-    states = await segment_store.load_memberships(session, ids)
+    session: AsyncSession, catalog: Catalog, profiles: Mapping[str, ProfileSnapshot], now: datetime
+) -> segment_store.EvaluationInputs:
+    """Add what rules read besides the profile row: event aggregates, the occurrences windows and
+    filters need (only as far back as a rule looks), memberships; plus the pending due timers."""
+    inputs = await segment_store.load_evaluation_inputs(
+        session, profiles, catalog.count_events, catalog.timeline_since(now)
+    )
     for cid, p in profiles.items():
-        p.events = counts.get(cid, {})
-        p.timeline = occurrences.get(cid, {})
-        p.memberships = {sid for sid, st in states.get(cid, {}).items() if st.is_member}
-    return states
+        p.events = inputs.counts.get(cid, {})
+        p.timeline = inputs.occurrences.get(cid, {})
+        p.memberships = {sid for sid, st in inputs.memberships.get(cid, {}).items() if st.is_member}
+    return inputs
 
 
 async def reevaluate(
@@ -89,7 +88,7 @@ async def reevaluate(
         return 0
     session = uow.session
     touched = {cid: p for cid, p in profiles.items() if affected.get(cid)}
-    await fill_snapshots(session, catalog, touched)
+    inputs = await fill_snapshots(session, catalog, touched, now)
     changes: list[segment_store.MembershipChange] = []
     due: list[tuple[str, str, datetime]] = []
     clear: list[tuple[str, str]] = []
@@ -102,13 +101,16 @@ async def reevaluate(
             hit = evaluate(seg.rule, p, now)
             was = seg.segment_id in p.memberships
             if hit != was:
-                changes.append(segment_store.MembershipChange(seg.segment_id, cid, hit, causes.get(cid, "unknown")))
+                changes.append(
+                    segment_store.MembershipChange(seg.segment_id, cid, hit, causes.get(cid, "unknown"))
+                )
                 (p.memberships.add if hit else p.memberships.discard)(seg.segment_id)
             if seg.refs.time_dependent:
                 when = next_change_at(seg.rule, p, now)
-                if when is None:
+                pending = inputs.timers.get((cid, seg.segment_id))
+                if when is None and pending is not None:
                     clear.append((cid, seg.segment_id))
-                else:
+                elif when is not None and when != pending:
                     due.append((cid, seg.segment_id, when))
     await segment_store.set_timers(session, due, clear)
     applied = await segment_store.apply_membership_changes(session, changes, now)

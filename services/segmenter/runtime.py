@@ -30,7 +30,7 @@ class Segmenter:
             platform=platform,
             clock=clock,
             catalog=catalog,
-            events=CustomerEventsHandler(platform, clock, catalog),
+            events=CustomerEventsHandler(platform, clock, catalog, settings.consumer_parallelism),
             timers=DueTimers(platform, clock, catalog, settings),
             backfill=Backfill(platform, clock, catalog, settings),
         )

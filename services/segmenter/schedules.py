@@ -6,6 +6,7 @@ Both loops use the injected clock and expose `run_once()`, so tests drive them s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import datetime
@@ -30,7 +31,9 @@ class DueTimers:
     as the re-evaluation (which stores the next due moment, if any), so nothing is lost or doubled
     and replicas share the work."""
 
-    def __init__(self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache, settings: SegmenterSettings):
+    def __init__(
+        self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache, settings: SegmenterSettings
+    ):
         self.platform, self.clock, self.catalog_cache, self.settings = platform, clock, catalog, settings
 
     async def run_once(self) -> int:
@@ -64,7 +67,9 @@ class Backfill:
     """Evaluates a new or edited segment over every existing profile, chunk by chunk (each chunk one
     set-based statement and one transaction), with progress stored on the segment row."""
 
-    def __init__(self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache, settings: SegmenterSettings):
+    def __init__(
+        self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache, settings: SegmenterSettings
+    ):
         self.platform, self.clock, self.catalog_cache, self.settings = platform, clock, catalog, settings
         self.wake = asyncio.Event()
 
@@ -86,16 +91,30 @@ class Backfill:
                 uow.session, row["backfill_cursor"], self.settings.backfill_chunk_size
             )
             if upto is None:
-                await segment_store.advance_backfill(uow.session, seg.segment_id, row["backfill_cursor"], 0, True, now)
+                await segment_store.advance_backfill(
+                    uow.session, seg.segment_id, row["backfill_cursor"], 0, True, now
+                )
                 dependents_to_restart = catalog.dependents.get(seg.segment_id, set())
             else:
                 seen, changed = await segment_store.backfill_chunk(
-                    uow.session, seg.segment_id, seg.rule, row["backfill_cursor"], upto, now,
+                    uow.session,
+                    seg.segment_id,
+                    seg.rule,
+                    row["backfill_cursor"],
+                    upto,
+                    now,
                     self._announcement(seg.name, now),
                 )
                 await segment_store.advance_backfill(uow.session, seg.segment_id, upto, seen, False, now)
-                log.debug("backfill chunk", extra={"segment_id": seg.segment_id, "seen": seen,
-                                                   "changed": changed, "s": time.perf_counter() - started})
+                log.debug(
+                    "backfill chunk",
+                    extra={
+                        "segment_id": seg.segment_id,
+                        "seen": seen,
+                        "changed": changed,
+                        "s": time.perf_counter() - started,
+                    },
+                )
             if dependents_to_restart:
                 # Segments built on this one see its new memberships only after their own pass.
                 await segment_store.restart_backfill(uow.session, dependents_to_restart, now)
@@ -125,7 +144,5 @@ class Backfill:
                 busy = False
             if not busy:
                 self.wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.settings.backfill_poll_interval_s)
-                except TimeoutError:
-                    pass

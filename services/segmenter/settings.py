@@ -11,6 +11,8 @@ class SegmenterSettings(BaseServiceSettings):
     db_schema: str = "segmenter"
     # Events per unit of work: bigger batches amortize the round trips of the set-based statements.
     consumer_max_batch: int = 2000
+    # Units of work a batch is split into (by partition), run concurrently.
+    consumer_parallelism: int = 2
     # Due timers claimed per transaction, and how often the loop looks for due ones.
     timer_batch_size: int = 1000
     timer_interval_s: float = 1.0

@@ -59,7 +59,9 @@ class Harness:
         return [m["value"] for m in msgs]
 
     async def create_segment(self, definition: Any, name: str = "s") -> str:
-        r = await self.client.post("/v1/segments", json={"name": name, "definition": definition}, headers=ADMIN)
+        r = await self.client.post(
+            "/v1/segments", json={"name": name, "definition": definition}, headers=ADMIN
+        )
         assert r.status_code == 201, r.text
         sid: str = r.json()["id"]
         await self.segmenter.backfill.run_until_idle()

@@ -16,10 +16,22 @@ async def test_anonymous_browsing_then_identify_is_one_profile(harness: Harness)
     )
     await harness.processed(2)
     await harness.send(
-        make_event("m3", "identify", user_id="u1", anonymous_id="anon-1", traits={"email": "a@example.com"},
-                   timestamp=START + timedelta(minutes=5)),
-        make_event("m4", "track", user_id="u1", event="Order Completed", properties={"revenue": 42.5},
-                   timestamp=START + timedelta(minutes=6)),
+        make_event(
+            "m3",
+            "identify",
+            user_id="u1",
+            anonymous_id="anon-1",
+            traits={"email": "a@example.com"},
+            timestamp=START + timedelta(minutes=5),
+        ),
+        make_event(
+            "m4",
+            "track",
+            user_id="u1",
+            event="Order Completed",
+            properties={"revenue": 42.5},
+            timestamp=START + timedelta(minutes=6),
+        ),
     )
     await harness.processed(4)
     by_user = await harness.customer("u1")
@@ -31,7 +43,11 @@ async def test_anonymous_browsing_then_identify_is_one_profile(harness: Harness)
     assert by_user["aggregates"]["event_count"] == 4
     assert by_user["aggregates"]["events"]["Product Viewed"]["count"] == 1
     assert by_user["commerce"]["orders_count"] == 1 and by_user["commerce"]["revenue"] == 42.5
-    timeline = (await harness.client.get("/v1/customers/u1/events?limit=3", headers={"Authorization": "Bearer test-admin-token"})).json()
+    timeline = (
+        await harness.client.get(
+            "/v1/customers/u1/events?limit=3", headers={"Authorization": "Bearer test-admin-token"}
+        )
+    ).json()
     assert [e["message_id"] for e in timeline["events"]] == ["m4", "m3", "m2"]
     rest = await harness.client.get(
         f"/v1/customers/u1/events?limit=3&before={timeline['next_before']}",
@@ -43,12 +59,23 @@ async def test_anonymous_browsing_then_identify_is_one_profile(harness: Harness)
 async def test_second_device_then_login_merges_into_the_known_profile(harness: Harness) -> None:
     await harness.send(make_event("m1", "identify", user_id="u1", anonymous_id="a1", traits={"plan": "pro"}))
     await harness.processed(1)
-    await harness.send(make_event("m2", "track", anonymous_id="a2", event="Signed In",
-                                  timestamp=START + timedelta(minutes=1)))
+    await harness.send(
+        make_event(
+            "m2", "track", anonymous_id="a2", event="Signed In", timestamp=START + timedelta(minutes=1)
+        )
+    )
     await harness.processed(2)
     assert (await harness.customer("a2"))["customer_id"] == "a2"  # a separate anonymous profile so far
-    await harness.send(make_event("m3", "identify", user_id="u1", anonymous_id="a2", traits={"name": "Ann"},
-                                  timestamp=START + timedelta(minutes=2)))
+    await harness.send(
+        make_event(
+            "m3",
+            "identify",
+            user_id="u1",
+            anonymous_id="a2",
+            traits={"name": "Ann"},
+            timestamp=START + timedelta(minutes=2),
+        )
+    )
     await harness.processed(3)
     p = await harness.customer("a2")
     assert p["customer_id"] == "u1"
@@ -57,8 +84,11 @@ async def test_second_device_then_login_merges_into_the_known_profile(harness: H
     assert p["merges"][0]["merged_id"] == "a2"
     assert p["merges"][0]["cause"]["message_id"] == "m3"
     await harness.relay()
-    profiles = await read_topic(harness.settings.topic(PROFILES.name), until=lambda ms: any(
-        m["value"]["kind"] == "identity_merged" for m in ms), timeout=8)
+    profiles = await read_topic(
+        harness.settings.topic(PROFILES.name),
+        until=lambda ms: any(m["value"]["kind"] == "identity_merged" for m in ms),
+        timeout=8,
+    )
     merged = next(m["value"] for m in profiles if m["value"]["kind"] == "identity_merged")
     assert merged["customer_id"] == "u1" and merged["merged_ids"] == ["a2"]
     assert merged["traits"] == {"plan": "pro", "name": "Ann"}
@@ -68,14 +98,20 @@ async def test_second_device_then_login_merges_into_the_known_profile(harness: H
 async def test_alias_merges_two_known_users_and_later_events_land_on_the_survivor(harness: Harness) -> None:
     await harness.send(
         make_event("m1", "identify", user_id="old-id", traits={"plan": "free", "city": "Oslo"}),
-        make_event("m2", "identify", user_id="new-id", traits={"plan": "pro"}, timestamp=START + timedelta(seconds=1)),
+        make_event(
+            "m2", "identify", user_id="new-id", traits={"plan": "pro"}, timestamp=START + timedelta(seconds=1)
+        ),
     )
     await harness.processed(2)
     # Two known users are not merged by a shared anonymous id, only by an alias.
-    await harness.send(make_event("m3", "alias", user_id="new-id", previous_id="old-id",
-                                  timestamp=START + timedelta(seconds=2)))
-    await harness.send(make_event("m4", "track", user_id="old-id", event="Clicked",
-                                  timestamp=START + timedelta(seconds=3)))
+    await harness.send(
+        make_event(
+            "m3", "alias", user_id="new-id", previous_id="old-id", timestamp=START + timedelta(seconds=2)
+        )
+    )
+    await harness.send(
+        make_event("m4", "track", user_id="old-id", event="Clicked", timestamp=START + timedelta(seconds=3))
+    )
     await harness.processed(4)
     p = await harness.customer("old-id")
     assert p["customer_id"] == "new-id"

@@ -17,12 +17,19 @@ async def test_an_event_enters_and_a_later_one_exits_each_announced_once(harness
     )
     await harness.send(make_event("m1", "identify", user_id="u1", traits={"plan": "pro"}))
     await harness.processed(1)
-    await harness.send(make_event("m2", "track", user_id="u1", event="Order Completed", properties={"total": 5}))
+    await harness.send(
+        make_event("m2", "track", user_id="u1", event="Order Completed", properties={"total": 5})
+    )
     await harness.processed(2)
-    await harness.send(make_event("m3", "track", user_id="u1", event="Order Completed", properties={"total": 7}))
+    await harness.send(
+        make_event("m3", "track", user_id="u1", event="Order Completed", properties={"total": 7})
+    )
     await harness.processed(3)
-    await harness.send(make_event("m4", "identify", user_id="u1", traits={"plan": "free"},
-                                  timestamp=START + timedelta(minutes=1)))
+    await harness.send(
+        make_event(
+            "m4", "identify", user_id="u1", traits={"plan": "free"}, timestamp=START + timedelta(minutes=1)
+        )
+    )
     await harness.processed(4)
     # An event no segment refers to changes nothing and is not even evaluated.
     await harness.send(make_event("m5", "track", user_id="u1", event="Page Scrolled"))
@@ -49,7 +56,9 @@ async def test_a_time_based_condition_flips_on_schedule_without_any_event(harnes
     await harness.processed(1)
     async with harness.segmenter.platform.engine.connect() as conn:
         due = (await conn.execute(text("SELECT customer_id, segment_id, due_at FROM segment_timers"))).all()
-    assert [(d.customer_id, d.segment_id, d.due_at) for d in due] == [("u1", lapsed, START + timedelta(days=30))]
+    assert [(d.customer_id, d.segment_id, d.due_at) for d in due] == [
+        ("u1", lapsed, START + timedelta(days=30))
+    ]
 
     harness.clock.advance(timedelta(days=29, hours=23))
     assert await harness.segmenter.timers.run_once() == 0  # not due yet: nothing is scanned
@@ -60,8 +69,9 @@ async def test_a_time_based_condition_flips_on_schedule_without_any_event(harnes
     assert [(m["segment_id"], m["change"], m["cause"]) for m in msgs] == [(lapsed, "entered", "schedule")]
 
     # A new order takes them out again, and schedules the next flip 30 days after it.
-    await harness.send(make_event("m2", "track", user_id="u1", event="Order Completed",
-                                  timestamp=harness.clock.now()))
+    await harness.send(
+        make_event("m2", "track", user_id="u1", event="Order Completed", timestamp=harness.clock.now())
+    )
     await harness.processed(2)
     msgs = await harness.memberships()
     assert [(m["change"], m["cause"]) for m in msgs] == [("entered", "schedule"), ("exited", "m2")]
@@ -81,7 +91,9 @@ async def test_redelivered_and_duplicate_events_change_nothing(harness: Harness)
     p = await harness.customer("u1")
     assert p["aggregates"]["event_count"] == 1
     assert p["commerce"] == {**p["commerce"], "orders_count": 1, "revenue": 10.0}
-    timeline = await harness.client.get("/v1/customers/u1/events", headers={"Authorization": "Bearer test-admin-token"})
+    timeline = await harness.client.get(
+        "/v1/customers/u1/events", headers={"Authorization": "Bearer test-admin-token"}
+    )
     assert len(timeline.json()["events"]) == 1
     msgs = await harness.memberships()
     assert [(m["segment_id"], m["change"]) for m in msgs] == [(seg, "entered")]
@@ -97,7 +109,8 @@ async def test_a_merge_moves_memberships_to_the_survivor(harness: Harness) -> No
     msgs = await harness.memberships()
     # Keyed by customer: order holds per customer (partitions interleave the two).
     assert [(m["change"], m["cause"]) for m in msgs if m["customer_id"] == "a1"] == [
-        ("entered", "m1"), ("exited", "merge")
+        ("entered", "m1"),
+        ("exited", "merge"),
     ]
     assert [(m["change"], m["cause"]) for m in msgs if m["customer_id"] == "u1"] == [("entered", "merge")]
     assert all(m["segment_id"] == seg for m in msgs)

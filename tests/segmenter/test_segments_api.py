@@ -11,8 +11,12 @@ from tests.segmenter.conftest import ADMIN, START, Harness, make_event
 
 async def seed(h: Harness, n: int) -> None:
     events = [
-        make_event(f"id{i}", "identify", user_id=f"u{i:02d}", traits={"plan": "pro" if i % 3 == 0 else "free",
-                                                                         "age": 20 + i})
+        make_event(
+            f"id{i}",
+            "identify",
+            user_id=f"u{i:02d}",
+            traits={"plan": "pro" if i % 3 == 0 else "free", "age": 20 + i},
+        )
         for i in range(n)
     ]
     async with h.segmenter.platform.unit_of_work() as uow:
@@ -23,11 +27,14 @@ async def test_backfill_preview_members_explain_and_edit(harness: Harness) -> No
     await seed(harness, 12)
     harness.segmenter.settings.backfill_chunk_size = 5  # several chunks, progress in between
     definition = {"trait": "plan", "op": "equals", "value": "pro"}
-    preview = await harness.client.post("/v1/segments/preview", json={"definition": definition, "sample": 2},
-                                        headers=ADMIN)
+    preview = await harness.client.post(
+        "/v1/segments/preview", json={"definition": definition, "sample": 2}, headers=ADMIN
+    )
     assert preview.json() == {"count": 4, "sample": ["u00", "u03"]}
 
-    r = await harness.client.post("/v1/segments", json={"name": "Pro", "definition": definition}, headers=ADMIN)
+    r = await harness.client.post(
+        "/v1/segments", json={"name": "Pro", "definition": definition}, headers=ADMIN
+    )
     assert r.status_code == 201
     sid = r.json()["id"]
     assert r.json()["status"] == "backfilling" and r.json()["backfill"]["total"] == 12
@@ -55,8 +62,9 @@ async def test_backfill_preview_members_explain_and_edit(harness: Harness) -> No
 
     # An edit re-runs the back-fill: who leaves and who joins is announced once each.
     edited = {"and": [definition, {"trait": "age", "op": "gte", "value": 25}]}
-    r = await harness.client.put(f"/v1/segments/{sid}", json={"name": "Pro 25+", "definition": edited},
-                                 headers=ADMIN)
+    r = await harness.client.put(
+        f"/v1/segments/{sid}", json={"name": "Pro 25+", "definition": edited}, headers=ADMIN
+    )
     assert r.status_code == 200 and r.json()["version"] == 2 and r.json()["status"] == "backfilling"
     await harness.segmenter.backfill.run_until_idle()
     msgs = await harness.memberships()
@@ -69,17 +77,33 @@ async def test_backfill_preview_members_explain_and_edit(harness: Harness) -> No
 
 async def test_segments_of_segments_and_delete(harness: Harness) -> None:
     await seed(harness, 6)
-    pro = (await harness.client.post("/v1/segments", json={"name": "Pro", "definition": {
-        "trait": "plan", "op": "equals", "value": "pro"}}, headers=ADMIN)).json()["id"]
+    pro = (
+        await harness.client.post(
+            "/v1/segments",
+            json={"name": "Pro", "definition": {"trait": "plan", "op": "equals", "value": "pro"}},
+            headers=ADMIN,
+        )
+    ).json()["id"]
     await harness.segmenter.backfill.run_until_idle()
-    older = (await harness.client.post("/v1/segments", json={"name": "Older pro", "definition": {
-        "and": [{"member_of": pro}, {"trait": "age", "op": "gt", "value": 21}]}}, headers=ADMIN)).json()["id"]
+    older = (
+        await harness.client.post(
+            "/v1/segments",
+            json={
+                "name": "Older pro",
+                "definition": {"and": [{"member_of": pro}, {"trait": "age", "op": "gt", "value": 21}]},
+            },
+            headers=ADMIN,
+        )
+    ).json()["id"]
     await harness.segmenter.backfill.run_until_idle()
     members = (await harness.client.get(f"/v1/segments/{older}/members", headers=ADMIN)).json()["members"]
     assert members == ["u03"]
     # Real time follows the chain: a trait change moves u04 into Pro and so into Older pro.
-    await harness.send(make_event("m1", "identify", user_id="u04", traits={"plan": "pro"},
-                                  timestamp=START + timedelta(minutes=1)))
+    await harness.send(
+        make_event(
+            "m1", "identify", user_id="u04", traits={"plan": "pro"}, timestamp=START + timedelta(minutes=1)
+        )
+    )
     await harness.processed(1)
     members = (await harness.client.get(f"/v1/segments/{older}/members", headers=ADMIN)).json()["members"]
     assert members == ["u03", "u04"]
@@ -92,7 +116,9 @@ async def test_segments_of_segments_and_delete(harness: Harness) -> None:
     assert [s["id"] for s in listed] == [pro]
 
 
-async def bad(h: Harness, body: dict[str, Any], method: str = "post", path: str = "/v1/segments") -> dict[str, Any]:
+async def bad(
+    h: Harness, body: dict[str, Any], method: str = "post", path: str = "/v1/segments"
+) -> dict[str, Any]:
     r = await h.client.request(method.upper(), path, json=body, headers=ADMIN)
     assert r.status_code == 400, r.text
     out: dict[str, Any] = r.json()
@@ -100,10 +126,22 @@ async def bad(h: Harness, body: dict[str, Any], method: str = "post", path: str 
 
 
 async def test_invalid_definitions_get_a_clear_400_naming_the_node(harness: Harness) -> None:
-    body = await bad(harness, {"name": "x", "definition": {"and": [
-        {"trait": "plan", "op": "equals", "value": "pro"}, {"trait": "age", "op": "gt", "value": "old"}]}})
+    body = await bad(
+        harness,
+        {
+            "name": "x",
+            "definition": {
+                "and": [
+                    {"trait": "plan", "op": "equals", "value": "pro"},
+                    {"trait": "age", "op": "gt", "value": "old"},
+                ]
+            },
+        },
+    )
     assert body["error"] == "invalid_definition"
-    assert body["errors"] == [{"field": "definition.and[1].value", "rule": "number", "message": "`gt` needs a number"}]
+    assert body["errors"] == [
+        {"field": "definition.and[1].value", "rule": "number", "message": "`gt` needs a number"}
+    ]
     body = await bad(harness, {"name": "x", "definition": {"or": [{"performed": "X", "within": "a while"}]}})
     assert body["errors"][0]["field"] == "definition.or[0].within"
     body = await bad(harness, {"name": "x", "definition": {"member_of": "seg_nope"}})
@@ -115,14 +153,22 @@ async def test_invalid_definitions_get_a_clear_400_naming_the_node(harness: Harn
     body = await bad(harness, {"definition": {"trait": "a", "op": "nope"}}, path="/v1/segments/preview")
     assert body["errors"][0]["field"] == "definition.op"
     # A cycle through member_of is refused.
-    a = (await harness.client.post("/v1/segments", json={"name": "a", "definition": {
-        "trait": "a", "op": "exists"}}, headers=ADMIN)).json()["id"]
-    b = (await harness.client.post("/v1/segments", json={"name": "b", "definition": {
-        "member_of": a}}, headers=ADMIN)).json()["id"]
+    a = (
+        await harness.client.post(
+            "/v1/segments", json={"name": "a", "definition": {"trait": "a", "op": "exists"}}, headers=ADMIN
+        )
+    ).json()["id"]
+    b = (
+        await harness.client.post(
+            "/v1/segments", json={"name": "b", "definition": {"member_of": a}}, headers=ADMIN
+        )
+    ).json()["id"]
     body = await bad(harness, {"name": "a", "definition": {"member_of": b}}, "put", f"/v1/segments/{a}")
     assert body["errors"][0]["rule"] == "cycle"
     assert (await harness.client.get("/v1/segments", headers=ADMIN)).json()["segments"][0]["version"] == 1
     # And without the admin token nothing is readable.
     assert (await harness.client.get("/v1/segments")).status_code == 401
-    assert (await harness.client.get("/v1/customers/u1", headers={"Authorization": "Bearer wrong"})).status_code == 401
+    assert (
+        await harness.client.get("/v1/customers/u1", headers={"Authorization": "Bearer wrong"})
+    ).status_code == 401
     assert (await harness.client.get("/v1/customers/nobody", headers=ADMIN)).status_code == 404

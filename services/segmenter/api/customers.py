@@ -12,7 +12,6 @@ from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.http import ApiError, admin_guard, field_error
 
-
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -28,12 +27,18 @@ def _cursor(before: str | None) -> tuple[datetime, int] | None:
         micros, seq = before.split("-", 1)
         return EPOCH + timedelta(microseconds=int(micros)), int(seq)
     except ValueError:
-        raise ApiError(400, "invalid_request", "bad cursor",
-                       errors=[field_error("before", "cursor", "use the `next_before` of the previous page")]) from None
+        raise ApiError(
+            400,
+            "invalid_request",
+            "bad cursor",
+            errors=[field_error("before", "cursor", "use the `next_before` of the previous page")],
+        ) from None
 
 
 def customers_router(seg: Segmenter) -> APIRouter:
-    router = APIRouter(prefix="/v1/customers", tags=["customers"], dependencies=[Depends(admin_guard(seg.settings))])
+    router = APIRouter(
+        prefix="/v1/customers", tags=["customers"], dependencies=[Depends(admin_guard(seg.settings))]
+    )
     platform = seg.platform
 
     async def resolve(session: Any, ref: str) -> str:

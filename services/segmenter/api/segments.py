@@ -45,8 +45,12 @@ def _invalid(exc: InvalidRule) -> ApiError:
 
 def _parse(definition: Any) -> Rule:
     if definition is None:
-        raise ApiError(400, "invalid_definition", "a definition is required",
-                       errors=[field_error("definition", "required", "a rule tree is required")])
+        raise ApiError(
+            400,
+            "invalid_definition",
+            "a definition is required",
+            errors=[field_error("definition", "required", "a rule tree is required")],
+        )
     try:
         return parse_rule(definition)
     except InvalidRule as exc:
@@ -64,9 +68,9 @@ def _view(row: dict[str, Any], members: int | None = None) -> dict[str, Any]:
         "backfill": {
             "processed": row["backfill_done"],
             "total": row["backfill_total"],
-            "progress": 1.0 if row["status"] == "ready" else (
-                round(row["backfill_done"] / row["backfill_total"], 4) if row["backfill_total"] else 0.0
-            ),
+            "progress": 1.0
+            if row["status"] == "ready"
+            else (round(row["backfill_done"] / row["backfill_total"], 4) if row["backfill_total"] else 0.0),
             "started_at": row["backfill_started_at"],
             "finished_at": row["backfill_finished_at"],
         },
@@ -79,7 +83,9 @@ def _view(row: dict[str, Any], members: int | None = None) -> dict[str, Any]:
 
 
 def segments_router(seg: Segmenter) -> APIRouter:
-    router = APIRouter(prefix="/v1/segments", tags=["segments"], dependencies=[Depends(admin_guard(seg.settings))])
+    router = APIRouter(
+        prefix="/v1/segments", tags=["segments"], dependencies=[Depends(admin_guard(seg.settings))]
+    )
     platform = seg.platform
 
     async def check_references(session: Any, segment_id: str, rule: Rule) -> None:
@@ -89,8 +95,12 @@ def segments_router(seg: Segmenter) -> APIRouter:
         existing = {sid: (version, name, definition) for sid, version, name, definition in rows}
         missing = sorted(refs - existing.keys() - {segment_id})
         if missing:
-            raise ApiError(400, "invalid_definition", "member_of refers to unknown segments",
-                           errors=[field_error("definition", "unknown_segment", f"no segment {m!r}") for m in missing])
+            raise ApiError(
+                400,
+                "invalid_definition",
+                "member_of refers to unknown segments",
+                errors=[field_error("definition", "unknown_segment", f"no segment {m!r}") for m in missing],
+            )
         compiled = []
         for sid, (version, name, definition) in existing.items():
             if sid == segment_id:
@@ -103,8 +113,12 @@ def segments_router(seg: Segmenter) -> APIRouter:
         try:
             dependency_order(compiled)
         except CycleError as exc:
-            raise ApiError(400, "invalid_definition", "segments would refer to each other in a cycle",
-                           errors=[field_error("definition", "cycle", str(exc))]) from None
+            raise ApiError(
+                400,
+                "invalid_definition",
+                "segments would refer to each other in a cycle",
+                errors=[field_error("definition", "cycle", str(exc))],
+            ) from None
 
     @router.post("", status_code=201)
     async def create_segment(body: SegmentIn) -> dict[str, Any]:
@@ -112,8 +126,9 @@ def segments_router(seg: Segmenter) -> APIRouter:
         segment_id = f"seg_{uuid.uuid4().hex[:16]}"
         async with platform.unit_of_work() as uow:
             await check_references(uow.session, segment_id, rule)
-            await segment_store.insert_segment(uow.session, segment_id, body.name, body.description,
-                                               rule_json(rule), seg.clock.now())
+            await segment_store.insert_segment(
+                uow.session, segment_id, body.name, body.description, rule_json(rule), seg.clock.now()
+            )
             row = await segment_store.get_segment(uow.session, segment_id)
         seg.backfill.wake.set()
         assert row is not None
@@ -149,8 +164,9 @@ def segments_router(seg: Segmenter) -> APIRouter:
             if await segment_store.get_segment(uow.session, segment_id, lock=True) is None:
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             await check_references(uow.session, segment_id, rule)
-            await segment_store.update_segment(uow.session, segment_id, body.name, body.description,
-                                               rule_json(rule), seg.clock.now())
+            await segment_store.update_segment(
+                uow.session, segment_id, body.name, body.description, rule_json(rule), seg.clock.now()
+            )
             row = await segment_store.get_segment(uow.session, segment_id)
         seg.backfill.wake.set()
         assert row is not None
@@ -170,7 +186,9 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 except InvalidRule:
                     continue
             if users:
-                raise ApiError(409, "segment_in_use", f"segments {', '.join(sorted(users))} refer to this segment")
+                raise ApiError(
+                    409, "segment_in_use", f"segments {', '.join(sorted(users))} refer to this segment"
+                )
             if not await segment_store.delete_segment(uow.session, segment_id):
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
         return Response(status_code=204)
@@ -197,7 +215,7 @@ def segments_router(seg: Segmenter) -> APIRouter:
             if cid is None or profile is None:
                 raise ApiError(404, "not_found", f"no customer {customer_ref!r}")
             rule_def = compile_segment(segment_id, row["name"], row["version"], row["definition"])
-            await fill_snapshots(uow.session, Catalog.build([rule_def]), {cid: profile})
+            await fill_snapshots(uow.session, Catalog.build([rule_def]), {cid: profile}, now)
             member = segment_id in profile.memberships
         return {
             "customer_id": cid,

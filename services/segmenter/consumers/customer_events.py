@@ -8,6 +8,8 @@ offsets only after that.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -25,16 +27,23 @@ from services.segmenter.reevaluation import SegmentCatalogCache, announce, reeva
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store.profiles import TimelineRow
 from shared.clock import Clock
-from shared.contracts.events import CustomerEvent, ProfileChangeKind, ProfileChanged
+from shared.contracts.events import CustomerEvent, ProfileChanged, ProfileChangeKind
 from shared.contracts.topics import PROFILES
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka.consumer import Consumed
 from shared.runtime import Platform
 
 CONSUMER = "segmenter.events"
+log = logging.getLogger(__name__)
 
 
-def _fold_event(p: ProfileSnapshot, e: CustomerEvent, counts: dict[tuple[str, str], EventAggregate]) -> set[str]:
+class ConcurrentIdentityChange(Exception):
+    pass
+
+
+def _fold_event(
+    p: ProfileSnapshot, e: CustomerEvent, counts: dict[tuple[str, str], EventAggregate]
+) -> set[str]:
     """Apply one event to a locked profile; returns the trait names it changed."""
     f = p.fields
     ts = e.timestamp
@@ -59,15 +68,47 @@ def _fold_event(p: ProfileSnapshot, e: CustomerEvent, counts: dict[tuple[str, st
     return apply_traits(p.traits, p.trait_times, change) if change else set()
 
 
+def is_transient_conflict(exc: BaseException) -> bool:
+    """A conflict with a concurrent transaction on the same customers: retrying resolves it."""
+    if isinstance(exc, (ConcurrentIdentityChange, profile_store.ProfileGone)):
+        return True
+    orig = getattr(exc, "orig", None)
+    name = type(getattr(orig, "__cause__", None) or orig).__name__ if orig is not None else ""
+    return name in {"DeadlockDetectedError", "SerializationError"}
+
+
 class CustomerEventsHandler:
-    def __init__(self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache) -> None:
+    def __init__(
+        self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache, parallelism: int = 1
+    ) -> None:
         self.platform = platform
         self.clock = clock
         self.catalog_cache = catalog
+        self.parallelism = max(1, parallelism)
 
     async def __call__(self, batch: Sequence[Consumed[CustomerEvent]]) -> None:
-        async with self.platform.unit_of_work() as uow:
-            await self.handle(uow, [c.value for c in batch])
+        # Partitions are independent (a key's events are in one partition, in order), so a batch is
+        # split by partition into a few units of work that run concurrently: the database works on
+        # one while Python folds and evaluates another. Each commits its own inbox claims, so a retry
+        # of the whole batch after a partial failure skips what was committed.
+        groups: list[list[CustomerEvent]] = [[] for _ in range(self.parallelism)]
+        for c in batch:
+            groups[c.partition % self.parallelism].append(c.value)
+        await asyncio.gather(*(self.handle_in_own_unit(g) for g in groups if g))
+
+    async def handle_in_own_unit(self, events: list[CustomerEvent]) -> None:
+        for attempt in range(1, 6):
+            try:
+                async with self.platform.unit_of_work() as uow:
+                    await self.handle(uow, events)
+                return
+            except Exception as exc:
+                if not is_transient_conflict(exc) or attempt == 5:
+                    raise
+                log.info(
+                    "concurrent change to the same customers; retrying the batch", extra={"attempt": attempt}
+                )
+                await asyncio.sleep(0.01 * attempt)
 
     async def handle(self, uow: UnitOfWork, events: list[CustomerEvent]) -> None:
         session = uow.session
@@ -83,12 +124,14 @@ class CustomerEventsHandler:
         catalog = await self.catalog_cache.refresh(session)
 
         idents = batch_identifiers(todo)
-        known, with_user = await profile_store.lookup_identities(session, idents)
         candidates = {v for _, v in idents} | {f"{k}:{v}" for k, v in idents}
-        taken = await profile_store.existing_customer_ids(session, candidates)
-        plan = plan_identities(todo, known, with_user, taken)
-        await profile_store.insert_customers(session, plan.new_customers, now)
-        await profile_store.insert_links(session, plan.links, now)
+        known = await profile_store.lookup_identities(session, idents, candidates)
+        plan = plan_identities(todo, known.links, known.with_user, known.taken_ids)
+        linked = await profile_store.insert_customers_and_links(session, plan.new_customers, plan.links, now)
+        if linked != len(plan.links):
+            # Another transaction linked one of these identifiers since we looked: start over, the
+            # retry sees its link (never two customers for one identifier).
+            raise ConcurrentIdentityChange()
 
         merged_into: dict[str, list[str]] = {}
         merge_cause: dict[str, str] = {}
@@ -96,7 +139,9 @@ class CustomerEventsHandler:
         for m in plan.merges:
             result = await profile_store.merge_customers(session, m, now)
             merged_into.setdefault(m.into_id, []).append(m.from_id)
-            merge_cause[m.into_id] = f"{m.event_type} {m.message_id}: " + ", ".join(f"{k}={v}" for k, v in m.identifiers)
+            merge_cause[m.into_id] = f"{m.event_type} {m.message_id}: " + ", ".join(
+                f"{k}={v}" for k, v in m.identifiers
+            )
             merged_traits.setdefault(m.into_id, set()).update(result.changed_traits)
             for sid, transitions in result.exited:
                 name = next((s.name for s in catalog.segments if s.segment_id == sid), sid)
@@ -104,6 +149,8 @@ class CustomerEventsHandler:
         # A survivor that was itself merged later in the batch reports under its final id.
         final = set(plan.customer_of_event)
         profiles = await profile_store.lock_profiles(session, final)
+        if len(profiles) != len(final):
+            raise profile_store.ProfileGone(", ".join(sorted(final - set(profiles))))
 
         counts: dict[tuple[str, str], EventAggregate] = {}
         timeline: list[TimelineRow] = []
@@ -121,15 +168,24 @@ class CustomerEventsHandler:
                 names_seen[cid].add(agg_name)
             last_message[cid] = e.message_id
             timeline.append(
-                TimelineRow(cid, e.message_id, e.type.value, agg_name or e.event, e.properties, e.traits, e.timestamp,
-                            e.received_at)
+                TimelineRow(
+                    cid,
+                    e.message_id,
+                    e.type.value,
+                    agg_name or e.event,
+                    e.properties,
+                    e.traits,
+                    e.timestamp,
+                    e.received_at,
+                )
             )
-        await profile_store.save_profiles(session, [profiles[c] for c in sorted(names_seen)], now)
-        await profile_store.upsert_event_counts(session, counts)
-        await profile_store.insert_timeline(session, timeline)
+        await profile_store.save_batch(
+            session, [profiles[c] for c in sorted(names_seen)], counts, timeline, now
+        )
 
-        await self._publish_profiles(uow, profiles, changed_traits, merged_into, merge_cause, merged_traits,
-                                     last_message, now)
+        await self._publish_profiles(
+            uow, profiles, changed_traits, merged_into, merge_cause, merged_traits, last_message, now
+        )
         affected: dict[str, set[str]] = {}
         causes: dict[str, str] = {}
         for cid in profiles:
@@ -159,11 +215,12 @@ class CustomerEventsHandler:
         for cid in sorted(publish):
             p = profiles[cid]
             merged = merged_into.get(cid)
+            kind = "merge" if merged else "traits"
             uow.emit(
                 PROFILES.name,
                 cid,
                 ProfileChanged(
-                    event_id=f"profile:{cid}:{last_message.get(cid, 'merge')}:{'merge' if merged else 'traits'}",
+                    event_id=f"profile:{cid}:{last_message.get(cid, 'merge')}:{kind}",
                     customer_id=cid,
                     kind=ProfileChangeKind.IDENTITY_MERGED if merged else ProfileChangeKind.TRAITS_CHANGED,
                     occurred_at=now,

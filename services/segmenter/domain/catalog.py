@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from services.segmenter.domain.rules import References, Rule, parse_rule, references
+from services.segmenter.domain.rules import References, Rule, parse_duration, parse_rule, references
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,26 @@ class Catalog:
             cat.timeline_events |= s.refs.timeline_events
             cat.count_events |= s.refs.events - {"*"}
         return cat
+
+    def timeline_since(self, now: datetime) -> dict[str, datetime | None]:
+        """For each event name rules need occurrence by occurrence, the oldest moment any rule looks
+        at (None: all of them), so a snapshot loads only the occurrences that can matter."""
+        out: dict[str, datetime | None] = {}
+        for s in self.segments:
+            for cond in s.refs.timeline_conditions:
+                if cond.within is not None:
+                    since: datetime | None = now - parse_duration(cond.within)
+                elif cond.between is not None:
+                    since = cond.between.start
+                else:
+                    since = None
+                name = cond.performed
+                if name not in out:
+                    out[name] = since
+                else:
+                    current = out[name]
+                    out[name] = None if current is None or since is None else min(current, since)
+        return out
 
     @property
     def ids(self) -> set[str]:

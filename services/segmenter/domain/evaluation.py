@@ -81,7 +81,9 @@ def compare(c: Comparison, value: Any, now: datetime) -> bool:
         if not _is_number(value) or not _is_number(c.value):
             return False
         return bool(
-            {"gt": value > c.value, "gte": value >= c.value, "lt": value < c.value, "lte": value <= c.value}[op]
+            {"gt": value > c.value, "gte": value >= c.value, "lt": value < c.value, "lte": value <= c.value}[
+                op
+            ]
         )
     t = as_datetime(value)
     if t is None:
@@ -111,7 +113,9 @@ def _occurrences(rule: PerformedCondition, p: ProfileSnapshot, now: datetime) ->
     out = []
     start, end = _window(rule, now)
     for occ in p.timeline.get(rule.performed, ()):
-        if start is not None and (occ.timestamp <= start if rule.within is not None else occ.timestamp < start):
+        if start is not None and (
+            occ.timestamp <= start if rule.within is not None else occ.timestamp < start
+        ):
             continue
         if end is not None and occ.timestamp > end:
             continue
@@ -206,10 +210,18 @@ def explain(rule: Rule, p: ProfileSnapshot, now: datetime, path: str = "definiti
         detail = {"trait": rule.trait, "op": rule.op, "actual": None if v is _MISSING else v}
     elif isinstance(rule, ProfileCondition):
         kind, v = "profile", p.fields.get(rule.profile)
-        detail = {"field": rule.profile, "op": rule.op, "actual": v.isoformat() if isinstance(v, datetime) else v}
+        detail = {
+            "field": rule.profile,
+            "op": rule.op,
+            "actual": v.isoformat() if isinstance(v, datetime) else v,
+        }
     elif isinstance(rule, PerformedCondition):
         kind = "performed"
-        detail = {"event": rule.performed, "count": performed_count(rule, p, now), "want": rule.count.model_dump()}
+        detail = {
+            "event": rule.performed,
+            "count": performed_count(rule, p, now),
+            "want": rule.count.model_dump(),
+        }
     elif isinstance(rule, (NotPerformedCondition, LastPerformedCondition)):
         name = rule.not_performed if isinstance(rule, NotPerformedCondition) else rule.last_performed
         kind = "not_performed" if isinstance(rule, NotPerformedCondition) else "last_performed"
@@ -219,7 +231,10 @@ def explain(rule: Rule, p: ProfileSnapshot, now: datetime, path: str = "definiti
         kind, detail = "member_of", {"segment_id": rule.member_of}
     elif isinstance(rule, RandomBucketCondition):
         b = rule.random_bucket
-        kind, detail = "random_bucket", {"bucket": bucket_of(p.customer_id, b.salt, b.buckets), "below": b.below}
+        kind, detail = (
+            "random_bucket",
+            {"bucket": bucket_of(p.customer_id, b.salt, b.buckets), "below": b.below},
+        )
     return Explanation(path, kind, holds, detail)
 
 
@@ -244,13 +259,14 @@ def _moments(rule: Rule, p: ProfileSnapshot, now: datetime) -> list[datetime]:
     if isinstance(rule, (TraitCondition, ProfileCondition)):
         if rule.op == "within" or rule.ago is not None:
             raw = (
-                lookup_path(p.traits, rule.trait) if isinstance(rule, TraitCondition)
+                lookup_path(p.traits, rule.trait)
+                if isinstance(rule, TraitCondition)
                 else p.fields.get(rule.profile, _MISSING)
             )
             t = as_datetime(raw)
             if t is None:
                 return []
-            span = parse_duration(rule.duration if rule.op == "within" else rule.ago)  # type: ignore[arg-type]
+            span = parse_duration(rule.duration if rule.op == "within" else rule.ago)
             return [t + span, t] if rule.op == "within" else [t + span]
         return []
     if isinstance(rule, PerformedCondition):
@@ -258,7 +274,8 @@ def _moments(rule: Rule, p: ProfileSnapshot, now: datetime) -> list[datetime]:
             return []
         span = parse_duration(rule.within)
         matching = [
-            o.timestamp for o in p.timeline.get(rule.performed, ())
+            o.timestamp
+            for o in p.timeline.get(rule.performed, ())
             if all(compare(f, lookup_path(o.properties, f.property), now) for f in rule.where)
         ]
         # An occurrence leaves the window at t + span; one stamped in the future enters it at t.

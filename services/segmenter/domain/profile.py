@@ -77,9 +77,7 @@ def trait_change(event: CustomerEvent) -> TraitChange | None:
     return None
 
 
-def apply_traits(
-    traits: dict[str, Any], trait_times: dict[str, datetime], change: TraitChange
-) -> set[str]:
+def apply_traits(traits: dict[str, Any], trait_times: dict[str, datetime], change: TraitChange) -> set[str]:
     """Fold `change` into traits in place; returns the names whose value changed."""
     changed: set[str] = set()
     for name, value in change.traits.items():

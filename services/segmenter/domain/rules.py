@@ -14,6 +14,7 @@ Every node kind is recognised by its leading key (`and`, `or`, `not`, `trait`, `
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,12 +25,34 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapt
 Scalar = str | int | float | bool
 
 COMPARISON_OPS = (
-    "equals", "not_equals", "in", "contains", "exists", "not_exists",
-    "gt", "gte", "lt", "lte", "before", "after", "within",
+    "equals",
+    "not_equals",
+    "in",
+    "contains",
+    "exists",
+    "not_exists",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "before",
+    "after",
+    "within",
 )
 ComparisonOp = Literal[
-    "equals", "not_equals", "in", "contains", "exists", "not_exists",
-    "gt", "gte", "lt", "lte", "before", "after", "within",
+    "equals",
+    "not_equals",
+    "in",
+    "contains",
+    "exists",
+    "not_exists",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "before",
+    "after",
+    "within",
 ]
 NUMERIC_OPS = {"gt", "gte", "lt", "lte"}
 TIME_OPS = {"before", "after", "within"}
@@ -60,6 +83,7 @@ _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_duration(text: str | int) -> timedelta:
     """`"30d"`, `"12h"`, `"15m"`, `"90s"`, `"2w"` or a number of seconds."""
     if isinstance(text, int):
@@ -158,7 +182,15 @@ class NotRule(Node):
 
 
 _KINDS = (
-    "and", "or", "not", "trait", "profile", "performed", "not_performed", "last_performed", "member_of",
+    "and",
+    "or",
+    "not",
+    "trait",
+    "profile",
+    "performed",
+    "not_performed",
+    "last_performed",
+    "member_of",
     "random_bucket",
 )
 
@@ -192,9 +224,15 @@ Rule = Annotated[
     ),
 ]
 _KIND_OF_CLASS = {
-    "AndRule": "and", "OrRule": "or", "NotRule": "not", "TraitCondition": "trait", "ProfileCondition": "profile",
-    "PerformedCondition": "performed", "NotPerformedCondition": "not_performed",
-    "LastPerformedCondition": "last_performed", "MemberOfCondition": "member_of",
+    "AndRule": "and",
+    "OrRule": "or",
+    "NotRule": "not",
+    "TraitCondition": "trait",
+    "ProfileCondition": "profile",
+    "PerformedCondition": "performed",
+    "NotPerformedCondition": "not_performed",
+    "LastPerformedCondition": "last_performed",
+    "MemberOfCondition": "member_of",
     "RandomBucketCondition": "random_bucket",
 }
 AndRule.model_rebuild()
@@ -243,7 +281,9 @@ def parse_rule(raw: Any, prefix: str = "definition") -> Rule:
 
 
 def rule_to_json(rule: Rule) -> Any:
-    return _RULE_ADAPTER.dump_python(rule, mode="json", by_alias=True, exclude_none=True, exclude_defaults=True)
+    return _RULE_ADAPTER.dump_python(
+        rule, mode="json", by_alias=True, exclude_none=True, exclude_defaults=True
+    )
 
 
 def _check_duration(value: Duration | None, path: str, required: bool) -> list[RuleError]:
@@ -272,7 +312,9 @@ def _check_comparison(c: Comparison, path: str, *, allow_relative: bool, kind: s
     if op in ("equals", "not_equals", "contains"):
         allowed = {"value"}
         if not _is_scalar(c.value):
-            errs.append(RuleError(f"{path}.value", "scalar", f"`{op}` needs a string, number or boolean value"))
+            errs.append(
+                RuleError(f"{path}.value", "scalar", f"`{op}` needs a string, number or boolean value")
+            )
     elif op == "in":
         allowed = {"values"}
         if not c.values:
@@ -286,13 +328,17 @@ def _check_comparison(c: Comparison, path: str, *, allow_relative: bool, kind: s
     elif op in ("before", "after"):
         allowed = {"value", "ago"}
         if (c.value is None) == (c.ago is None):
-            errs.append(RuleError(f"{path}.value", "one_of", f"`{op}` needs exactly one of `value` (a date) or `ago`"))
+            errs.append(
+                RuleError(f"{path}.value", "one_of", f"`{op}` needs exactly one of `value` (a date) or `ago`")
+            )
         elif c.value is not None and as_datetime(c.value) is None:
             errs.append(RuleError(f"{path}.value", "datetime", "not an ISO-8601 date or datetime"))
         elif c.ago is not None:
             errs += _check_duration(c.ago, f"{path}.ago", True)
             if not allow_relative:
-                errs.append(RuleError(f"{path}.ago", "relative", "relative times are not allowed in property filters"))
+                errs.append(
+                    RuleError(f"{path}.ago", "relative", "relative times are not allowed in property filters")
+                )
     else:  # within
         allowed = {"duration"}
         errs += _check_duration(c.duration, f"{path}.duration", True)
@@ -320,7 +366,11 @@ def check_rule(rule: Rule, path: str) -> list[RuleError]:
     if isinstance(rule, ProfileCondition):
         kind = PROFILE_FIELDS.get(rule.profile)
         if kind is None:
-            return [RuleError(f"{path}.profile", "unknown_field", f"profile fields are: {', '.join(PROFILE_FIELDS)}")]
+            return [
+                RuleError(
+                    f"{path}.profile", "unknown_field", f"profile fields are: {', '.join(PROFILE_FIELDS)}"
+                )
+            ]
         return _check_comparison(rule, path, allow_relative=True, kind=kind)
     if isinstance(rule, PerformedCondition):
         errs: list[RuleError] = []
@@ -359,6 +409,7 @@ class References:
     events: set[str] = field(default_factory=set)  # "*" = any event
     segments: set[str] = field(default_factory=set)
     timeline_events: set[str] = field(default_factory=set)  # need individual occurrences, not just counts
+    timeline_conditions: list[PerformedCondition] = field(default_factory=list)
     time_dependent: bool = False
 
 
@@ -384,6 +435,7 @@ def references(rule: Rule, refs: References | None = None) -> References:
         refs.events.add(rule.performed)
         if rule.where or rule.within is not None or rule.between is not None:
             refs.timeline_events.add(rule.performed)
+            refs.timeline_conditions.append(rule)
         if rule.within is not None:
             refs.time_dependent = True
     elif isinstance(rule, NotPerformedCondition):

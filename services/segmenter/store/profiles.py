@@ -16,13 +16,21 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.identity import Identifier, Merge
-from services.segmenter.domain.profile import EventAggregate, Occurrence, ProfileSnapshot, merge_traits
+from services.segmenter.domain.profile import EventAggregate, ProfileSnapshot, merge_traits
 
 PROFILE_COLUMNS = (
     "customer_id, traits, trait_times, first_seen, last_seen, event_count, orders_count, revenue, "
     "first_order_at, last_order_at"
 )
-FIELD_NAMES = ("first_seen", "last_seen", "event_count", "orders_count", "revenue", "first_order_at", "last_order_at")
+FIELD_NAMES = (
+    "first_seen",
+    "last_seen",
+    "event_count",
+    "orders_count",
+    "revenue",
+    "first_order_at",
+    "last_order_at",
+)
 
 
 def _snapshot(row: Any) -> ProfileSnapshot:
@@ -42,60 +50,79 @@ def _json(value: Any) -> str:
 # --------------------------------------------------------------------------- identities
 
 
-async def lookup_identities(session: AsyncSession, idents: Iterable[Identifier]) -> tuple[dict[Identifier, str], set[str]]:
-    """Which customer each known identifier belongs to, and which of those customers hold a userId."""
+@dataclass
+class KnownIdentities:
+    links: dict[Identifier, str]  # identifier -> customer
+    with_user: set[str]  # customers among those that hold a userId
+    taken_ids: set[str]  # candidate canonical ids that already exist
+
+
+async def lookup_identities(
+    session: AsyncSession, idents: Iterable[Identifier], candidate_ids: Iterable[str]
+) -> KnownIdentities:
+    """One round trip: which customer each identifier belongs to, which of those hold a userId, and
+    which candidate ids for new customers are taken already."""
     pairs = list(idents)
-    if not pairs:
-        return {}, set()
     rows = await session.execute(
         text(
             "SELECT i.kind, i.value, i.customer_id, "
-            "EXISTS (SELECT 1 FROM identities u WHERE u.customer_id = i.customer_id AND u.kind = 'user') AS has_user "
+            "EXISTS (SELECT 1 FROM identities u WHERE u.customer_id = i.customer_id AND u.kind = 'user') AS "
+            "has_user "
             "FROM identities i JOIN unnest(CAST(:kinds AS text[]), CAST(:vals AS text[])) AS q(kind, value) "
-            "ON i.kind = q.kind AND i.value = q.value"
+            "ON i.kind = q.kind AND i.value = q.value "
+            "UNION ALL SELECT NULL, NULL, customer_id, false FROM customers WHERE customer_id = "
+            "ANY(CAST(:cands AS text[]))"
         ),
-        {"kinds": [k for k, _ in pairs], "vals": [v for _, v in pairs]},
+        {"kinds": [k for k, _ in pairs], "vals": [v for _, v in pairs], "cands": list(candidate_ids)},
     )
-    known: dict[Identifier, str] = {}
-    with_user: set[str] = set()
+    out = KnownIdentities({}, set(), set())
     for r in rows:
-        known[(r.kind, r.value)] = r.customer_id
+        if r.kind is None:
+            out.taken_ids.add(r.customer_id)
+            continue
+        out.links[(r.kind, r.value)] = r.customer_id
         if r.has_user:
-            with_user.add(r.customer_id)
-    return known, with_user
+            out.with_user.add(r.customer_id)
+    return out
 
 
 async def existing_customer_ids(session: AsyncSession, ids: Iterable[str]) -> set[str]:
     rows = await session.execute(
-        text("SELECT customer_id FROM customers WHERE customer_id = ANY(CAST(:ids AS text[]))"), {"ids": list(ids)}
+        text("SELECT customer_id FROM customers WHERE customer_id = ANY(CAST(:ids AS text[]))"),
+        {"ids": list(ids)},
     )
     return {r[0] for r in rows}
 
 
-async def insert_customers(session: AsyncSession, ids: Sequence[str], now: datetime) -> None:
-    if ids:
-        await session.execute(
-            text(
-                "INSERT INTO customers (customer_id, created_at, updated_at) "
-                "SELECT unnest(CAST(:ids AS text[])), :now, :now ON CONFLICT DO NOTHING"
-            ),
-            {"ids": list(ids), "now": now},
-        )
+async def insert_customers_and_links(
+    session: AsyncSession, ids: Sequence[str], links: Sequence[tuple[str, str, str]], now: datetime
+) -> int:
+    """New customers and new identifier links, in one statement; returns how many links were new
+    (fewer than asked means a concurrent transaction linked one of them first)."""
+    if not ids and not links:
+        return 0
+    result = await session.execute(
+        text(
+            "WITH new_customers AS (INSERT INTO customers (customer_id, created_at, updated_at) "
+            "SELECT unnest(CAST(:ids AS text[])), :now, :now ON CONFLICT DO NOTHING) "
+            "INSERT INTO identities (kind, value, customer_id, linked_at) "
+            "SELECT k, v, c, :now FROM unnest(CAST(:k AS text[]), CAST(:v AS text[]), CAST(:c AS text[])) "
+            "AS u(k, v, c) ON CONFLICT (kind, value) DO NOTHING RETURNING 1"
+        ),
+        {
+            "ids": list(ids),
+            "now": now,
+            "k": [x[0] for x in links],
+            "v": [x[1] for x in links],
+            "c": [x[2] for x in links],
+        },
+    )
+    return len(result.all())
 
 
-async def insert_links(session: AsyncSession, links: Sequence[tuple[str, str, str]], now: datetime) -> None:
-    if links:
-        await session.execute(
-            text(
-                "INSERT INTO identities (kind, value, customer_id, linked_at) "
-                "SELECT k, v, c, :now FROM unnest(CAST(:k AS text[]), CAST(:v AS text[]), CAST(:c AS text[])) "
-                "AS u(k, v, c) ON CONFLICT (kind, value) DO UPDATE SET customer_id = excluded.customer_id"
-            ),
-            {"k": [x[0] for x in links], "v": [x[1] for x in links], "c": [x[2] for x in links], "now": now},
-        )
-
-
-async def identities_of(session: AsyncSession, customer_ids: Iterable[str]) -> dict[str, dict[str, list[str]]]:
+async def identities_of(
+    session: AsyncSession, customer_ids: Iterable[str]
+) -> dict[str, dict[str, list[str]]]:
     rows = await session.execute(
         text(
             "SELECT customer_id, kind, value FROM identities WHERE customer_id = ANY(CAST(:ids AS text[])) "
@@ -129,6 +156,10 @@ async def resolve_customer(session: AsyncSession, ref: str) -> str | None:
 # --------------------------------------------------------------------------- merges
 
 
+class ProfileGone(Exception):
+    """A profile vanished under us (a concurrent merge folded it away): retry with fresh identities."""
+
+
 @dataclass
 class MergeResult:
     changed_traits: set[str]
@@ -142,10 +173,15 @@ async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) ->
     rows = {
         r.customer_id: r
         for r in await session.execute(
-            text(f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id IN (:a, :b) ORDER BY customer_id FOR UPDATE"),
+            text(
+                f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id IN (:a, :b) ORDER BY customer_id "
+                "FOR UPDATE"
+            ),
             {"a": merge.from_id, "b": merge.into_id},
         )
     }
+    if merge.into_id not in rows or merge.from_id not in rows:
+        raise ProfileGone(merge.from_id if merge.from_id not in rows else merge.into_id)
     into, other = _snapshot(rows[merge.into_id]), _snapshot(rows[merge.from_id])
     traits, times, changed = merge_traits((into.traits, into.trait_times), (other.traits, other.trait_times))
     await session.execute(
@@ -181,7 +217,8 @@ async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) ->
     await session.execute(text("UPDATE identities SET customer_id = :into WHERE customer_id = :from"), params)
     await session.execute(
         text(
-            "INSERT INTO identities (kind, value, customer_id, linked_at) VALUES ('merged', :from, :into, :now) "
+            "INSERT INTO identities (kind, value, customer_id, linked_at) VALUES ('merged', :from, :into, "
+            ":now) "
             "ON CONFLICT (kind, value) DO UPDATE SET customer_id = excluded.customer_id"
         ),
         params,
@@ -189,7 +226,8 @@ async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) ->
     await session.execute(text("UPDATE merges SET canonical_id = :into WHERE canonical_id = :from"), params)
     await session.execute(
         text(
-            "INSERT INTO merges (canonical_id, into_id, from_id, message_id, event_type, identifiers, merged_at) "
+            "INSERT INTO merges (canonical_id, into_id, from_id, message_id, event_type, identifiers, "
+            "merged_at) "
             "VALUES (:into, :into, :from, :mid, :etype, CAST(:idents AS jsonb), :now)"
         ),
         {
@@ -203,13 +241,16 @@ async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) ->
         (r.segment_id, r.transitions)
         for r in await session.execute(
             text(
-                "WITH gone AS (DELETE FROM memberships WHERE customer_id = :from RETURNING segment_id, is_member, "
+                "WITH gone AS (DELETE FROM memberships WHERE customer_id = :from RETURNING segment_id, "
+                "is_member, "
                 "transitions) SELECT segment_id, transitions + 1 AS transitions FROM gone WHERE is_member"
             ),
             {"from": merge.from_id},
         )
     ]
-    await session.execute(text("DELETE FROM segment_timers WHERE customer_id = :from"), {"from": merge.from_id})
+    await session.execute(
+        text("DELETE FROM segment_timers WHERE customer_id = :from"), {"from": merge.from_id}
+    )
     await session.execute(text("DELETE FROM customers WHERE customer_id = :from"), {"from": merge.from_id})
     return MergeResult(changed, exited)
 
@@ -257,67 +298,6 @@ async def read_profile(session: AsyncSession, customer_id: str) -> ProfileSnapsh
     return _snapshot(row) if row else None
 
 
-async def save_profiles(session: AsyncSession, profiles: Sequence[ProfileSnapshot], now: datetime) -> None:
-    if not profiles:
-        return
-    f = [p.fields for p in profiles]
-    await session.execute(
-        text(
-            "UPDATE customers c SET traits = u.traits, trait_times = u.trait_times, first_seen = u.first_seen, "
-            "last_seen = u.last_seen, event_count = u.event_count, orders_count = u.orders_count, "
-            "revenue = u.revenue, first_order_at = u.first_order_at, last_order_at = u.last_order_at, "
-            "updated_at = :now "
-            "FROM unnest(CAST(:ids AS text[]), CAST(:traits AS jsonb[]), CAST(:times AS jsonb[]), "
-            "CAST(:first_seen AS timestamptz[]), CAST(:last_seen AS timestamptz[]), CAST(:event_count AS bigint[]), "
-            "CAST(:orders AS int[]), CAST(:revenue AS float8[]), CAST(:first_order AS timestamptz[]), "
-            "CAST(:last_order AS timestamptz[])) AS u(customer_id, traits, trait_times, first_seen, last_seen, "
-            "event_count, orders_count, revenue, first_order_at, last_order_at) "
-            "WHERE c.customer_id = u.customer_id"
-        ),
-        {
-            "ids": [p.customer_id for p in profiles],
-            "traits": [_json(p.traits) for p in profiles],
-            "times": [_json({k: v.isoformat() for k, v in p.trait_times.items()}) for p in profiles],
-            "first_seen": [x["first_seen"] for x in f],
-            "last_seen": [x["last_seen"] for x in f],
-            "event_count": [x["event_count"] for x in f],
-            "orders": [x["orders_count"] for x in f],
-            "revenue": [float(x["revenue"]) for x in f],
-            "first_order": [x["first_order_at"] for x in f],
-            "last_order": [x["last_order_at"] for x in f],
-            "now": now,
-        },
-    )
-
-
-# --------------------------------------------------------------------------- aggregates and timeline
-
-
-async def upsert_event_counts(
-    session: AsyncSession, rows: dict[tuple[str, str], EventAggregate]
-) -> None:
-    if not rows:
-        return
-    keys = list(rows)
-    await session.execute(
-        text(
-            "INSERT INTO event_counts (customer_id, event, count, first_at, last_at) "
-            "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:e AS text[]), CAST(:n AS bigint[]), "
-            "CAST(:f AS timestamptz[]), CAST(:l AS timestamptz[])) "
-            "ON CONFLICT (customer_id, event) DO UPDATE SET count = event_counts.count + excluded.count, "
-            "first_at = LEAST(event_counts.first_at, excluded.first_at), "
-            "last_at = GREATEST(event_counts.last_at, excluded.last_at)"
-        ),
-        {
-            "c": [k[0] for k in keys],
-            "e": [k[1] for k in keys],
-            "n": [rows[k].count for k in keys],
-            "f": [rows[k].first_at for k in keys],
-            "l": [rows[k].last_at for k in keys],
-        },
-    )
-
-
 @dataclass(frozen=True)
 class TimelineRow:
     customer_id: str
@@ -330,24 +310,69 @@ class TimelineRow:
     received_at: datetime
 
 
-async def insert_timeline(session: AsyncSession, rows: Sequence[TimelineRow]) -> None:
-    if not rows:
-        return
+async def save_batch(
+    session: AsyncSession,
+    profiles: Sequence[ProfileSnapshot],
+    counts: dict[tuple[str, str], EventAggregate],
+    timeline: Sequence[TimelineRow],
+    now: datetime,
+) -> None:
+    """A batch's effect on profiles in one statement: the updated profile rows, the event
+    aggregate increments (pre-summed per customer and event) and the timeline rows."""
+    f = [p.fields for p in profiles]
+    keys = list(counts)
     await session.execute(
         text(
-            "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, received_at) "
-            "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:m AS text[]), CAST(:t AS text[]), CAST(:e AS text[]), "
-            "CAST(:p AS jsonb[]), CAST(:tr AS jsonb[]), CAST(:ts AS timestamptz[]), CAST(:r AS timestamptz[]))"
+            "WITH saved AS (UPDATE customers c SET traits = u.traits, trait_times = u.trait_times, "
+            "first_seen = u.first_seen, last_seen = u.last_seen, event_count = u.event_count, "
+            "orders_count = u.orders_count, revenue = u.revenue, first_order_at = u.first_order_at, "
+            "last_order_at = u.last_order_at, updated_at = :now "
+            "FROM unnest(CAST(:ids AS text[]), CAST(:traits AS jsonb[]), CAST(:times AS jsonb[]), "
+            "CAST(:first_seen AS timestamptz[]), CAST(:last_seen AS timestamptz[]), CAST(:event_count AS "
+            "bigint[]), "
+            "CAST(:orders AS int[]), CAST(:revenue AS float8[]), CAST(:first_order AS timestamptz[]), "
+            "CAST(:last_order AS timestamptz[])) AS u(customer_id, traits, trait_times, first_seen, "
+            "last_seen, "
+            "event_count, orders_count, revenue, first_order_at, last_order_at) "
+            "WHERE c.customer_id = u.customer_id), "
+            "counted AS (INSERT INTO event_counts (customer_id, event, count, first_at, last_at) "
+            "SELECT * FROM unnest(CAST(:cc AS text[]), CAST(:ce AS text[]), CAST(:cn AS bigint[]), "
+            "CAST(:cf AS timestamptz[]), CAST(:cl AS timestamptz[])) "
+            "ON CONFLICT (customer_id, event) DO UPDATE SET count = event_counts.count + excluded.count, "
+            "first_at = LEAST(event_counts.first_at, excluded.first_at), "
+            "last_at = GREATEST(event_counts.last_at, excluded.last_at)) "
+            "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, "
+            "received_at) "
+            "SELECT * FROM unnest(CAST(:tc AS text[]), CAST(:tm AS text[]), CAST(:tt AS text[]), CAST(:te AS "
+            "text[]), "
+            "CAST(:tp AS jsonb[]), CAST(:ttr AS jsonb[]), CAST(:tts AS timestamptz[]), CAST(:tr AS "
+            "timestamptz[]))"
         ),
         {
-            "c": [r.customer_id for r in rows],
-            "m": [r.message_id for r in rows],
-            "t": [r.type for r in rows],
-            "e": [r.event for r in rows],
-            "p": [_json(r.properties) for r in rows],
-            "tr": [_json(r.traits) for r in rows],
-            "ts": [r.timestamp for r in rows],
-            "r": [r.received_at for r in rows],
+            "now": now,
+            "ids": [p.customer_id for p in profiles],
+            "traits": [_json(p.traits) for p in profiles],
+            "times": [_json({k: v.isoformat() for k, v in p.trait_times.items()}) for p in profiles],
+            "first_seen": [x["first_seen"] for x in f],
+            "last_seen": [x["last_seen"] for x in f],
+            "event_count": [x["event_count"] for x in f],
+            "orders": [x["orders_count"] for x in f],
+            "revenue": [float(x["revenue"]) for x in f],
+            "first_order": [x["first_order_at"] for x in f],
+            "last_order": [x["last_order_at"] for x in f],
+            "cc": [k[0] for k in keys],
+            "ce": [k[1] for k in keys],
+            "cn": [counts[k].count for k in keys],
+            "cf": [counts[k].first_at for k in keys],
+            "cl": [counts[k].last_at for k in keys],
+            "tc": [r.customer_id for r in timeline],
+            "tm": [r.message_id for r in timeline],
+            "tt": [r.type for r in timeline],
+            "te": [r.event for r in timeline],
+            "tp": [_json(r.properties) for r in timeline],
+            "ttr": [_json(r.traits) for r in timeline],
+            "tts": [r.timestamp for r in timeline],
+            "tr": [r.received_at for r in timeline],
         },
     )
 
@@ -356,7 +381,10 @@ async def load_event_counts(
     session: AsyncSession, customer_ids: Iterable[str], names: Iterable[str] | None
 ) -> dict[str, dict[str, EventAggregate]]:
     """Aggregates per customer, for the given event names (all names when None)."""
-    sql = "SELECT customer_id, event, count, first_at, last_at FROM event_counts WHERE customer_id = ANY(CAST(:ids AS text[]))"
+    sql = (
+        "SELECT customer_id, event, count, first_at, last_at FROM event_counts "
+        "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+    )
     params: dict[str, Any] = {"ids": list(customer_ids)}
     if names is not None:
         sql += " AND event = ANY(CAST(:names AS text[]))"
@@ -364,25 +392,6 @@ async def load_event_counts(
     out: dict[str, dict[str, EventAggregate]] = {}
     for r in await session.execute(text(sql), params):
         out.setdefault(r.customer_id, {})[r.event] = EventAggregate(r[2], r.first_at, r.last_at)
-    return out
-
-
-async def load_occurrences(
-    session: AsyncSession, customer_ids: Iterable[str], names: Iterable[str]
-) -> dict[str, dict[str, list[Occurrence]]]:
-    names = list(names)
-    if not names:
-        return {}
-    out: dict[str, dict[str, list[Occurrence]]] = {}
-    rows = await session.execute(
-        text(
-            "SELECT customer_id, event, timestamp, properties FROM events "
-            "WHERE customer_id = ANY(CAST(:ids AS text[])) AND event = ANY(CAST(:names AS text[]))"
-        ),
-        {"ids": list(customer_ids), "names": names},
-    )
-    for r in rows:
-        out.setdefault(r.customer_id, {}).setdefault(r.event, []).append(Occurrence(r.timestamp, r.properties))
     return out
 
 

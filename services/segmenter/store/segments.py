@@ -11,6 +11,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.segmenter.domain.profile import EventAggregate, Occurrence
 from services.segmenter.domain.rules import Rule
 from services.segmenter.store.sql_rules import RuleSql
 
@@ -21,7 +22,9 @@ SEGMENT_COLUMNS = (
 
 
 async def list_segments(session: AsyncSession) -> list[dict[str, Any]]:
-    rows = await session.execute(text(f"SELECT {SEGMENT_COLUMNS} FROM segments ORDER BY created_at, segment_id"))
+    rows = await session.execute(
+        text(f"SELECT {SEGMENT_COLUMNS} FROM segments ORDER BY created_at, segment_id")
+    )
     return [dict(r._mapping) for r in rows]
 
 
@@ -42,9 +45,11 @@ async def insert_segment(
 ) -> None:
     await session.execute(
         text(
-            "INSERT INTO segments (segment_id, name, description, definition, version, status, backfill_total, "
+            "INSERT INTO segments (segment_id, name, description, definition, version, status, "
+            "backfill_total, "
             "backfill_started_at, created_at, updated_at) "
-            "VALUES (:s, :n, :d, CAST(:def AS jsonb), 1, 'backfilling', (SELECT count(*) FROM customers), :now, :now, :now)"
+            "VALUES (:s, :n, :d, CAST(:def AS jsonb), 1, 'backfilling', (SELECT count(*) FROM customers), "
+            ":now, :now, :now)"
         ),
         {"s": segment_id, "n": name, "d": description, "def": orjson.dumps(definition).decode(), "now": now},
     )
@@ -79,7 +84,9 @@ async def restart_backfill(session: AsyncSession, segment_ids: Iterable[str], no
 async def delete_segment(session: AsyncSession, segment_id: str) -> bool:
     await session.execute(text("DELETE FROM memberships WHERE segment_id = :s"), {"s": segment_id})
     await session.execute(text("DELETE FROM segment_timers WHERE segment_id = :s"), {"s": segment_id})
-    result = await session.execute(text("DELETE FROM segments WHERE segment_id = :s RETURNING 1"), {"s": segment_id})
+    result = await session.execute(
+        text("DELETE FROM segments WHERE segment_id = :s RETURNING 1"), {"s": segment_id}
+    )
     return result.first() is not None
 
 
@@ -127,10 +134,12 @@ async def apply_membership_changes(
     rows = await session.execute(
         text(
             "INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, cause) "
-            "SELECT s, c, m, 1, :now, k FROM unnest(CAST(:s AS text[]), CAST(:c AS text[]), CAST(:m AS boolean[]), "
+            "SELECT s, c, m, 1, :now, k FROM unnest(CAST(:s AS text[]), CAST(:c AS text[]), CAST(:m AS "
+            "boolean[]), "
             "CAST(:k AS text[])) AS u(s, c, m, k) "
             "ON CONFLICT (segment_id, customer_id) DO UPDATE SET is_member = excluded.is_member, "
-            "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = excluded.cause "
+            "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = "
+            "excluded.cause "
             "WHERE memberships.is_member IS DISTINCT FROM excluded.is_member "
             "RETURNING segment_id, customer_id, is_member, transitions, cause"
         ),
@@ -176,29 +185,89 @@ async def segments_of(session: AsyncSession, customer_id: str) -> list[dict[str,
     return [dict(r._mapping) for r in rows]
 
 
+@dataclass
+class EvaluationInputs:
+    """Everything rules read besides the profile row, for a set of customers (one round trip)."""
+
+    counts: dict[str, dict[str, EventAggregate]]
+    occurrences: dict[str, dict[str, list[Occurrence]]]
+    memberships: dict[str, dict[str, MembershipState]]
+    timers: dict[tuple[str, str], datetime]
+
+
+async def load_evaluation_inputs(
+    session: AsyncSession,
+    customer_ids: Iterable[str],
+    count_events: Iterable[str],
+    timeline_since: dict[str, datetime | None],
+) -> EvaluationInputs:
+    ids = list(customer_ids)
+    names = list(timeline_since)
+    rows = await session.execute(
+        text(
+            "SELECT 'c' AS src, customer_id, event AS name, count AS n, first_at AS t1, last_at AS t2, "
+            "NULL::boolean AS flag, NULL::jsonb AS props FROM event_counts "
+            "WHERE customer_id = ANY(CAST(:ids AS text[])) AND event = ANY(CAST(:counted AS text[])) "
+            "UNION ALL SELECT 'o', e.customer_id, e.event, NULL, e.timestamp, NULL, NULL, e.properties FROM "
+            "events e "
+            "JOIN unnest(CAST(:names AS text[]), CAST(:since AS timestamptz[])) AS w(name, since) "
+            "ON e.event = w.name AND (w.since IS NULL OR e.timestamp >= w.since) "
+            "WHERE e.customer_id = ANY(CAST(:ids AS text[])) "
+            "UNION ALL SELECT 'm', customer_id, segment_id, transitions, NULL, NULL, is_member, NULL FROM "
+            "memberships "
+            "WHERE customer_id = ANY(CAST(:ids AS text[])) "
+            "UNION ALL SELECT 't', customer_id, segment_id, NULL, due_at, NULL, NULL, NULL FROM "
+            "segment_timers "
+            "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+        ),
+        {
+            "ids": ids,
+            "counted": list(count_events),
+            "names": names,
+            "since": [timeline_since[n] for n in names],
+        },
+    )
+    out = EvaluationInputs({}, {}, {}, {})
+    for r in rows:
+        if r.src == "c":
+            out.counts.setdefault(r.customer_id, {})[r.name] = EventAggregate(r.n, r.t1, r.t2)
+        elif r.src == "o":
+            out.occurrences.setdefault(r.customer_id, {}).setdefault(r.name, []).append(
+                Occurrence(r.t1, r.props)
+            )
+        elif r.src == "m":
+            out.memberships.setdefault(r.customer_id, {})[r.name] = MembershipState(r.flag, r.n)
+        else:
+            out.timers[(r.customer_id, r.name)] = r.t1
+    return out
+
+
 # --------------------------------------------------------------------------- due timers
 
 
 async def set_timers(
     session: AsyncSession, due: Sequence[tuple[str, str, datetime]], clear: Sequence[tuple[str, str]]
 ) -> None:
-    if due:
-        await session.execute(
-            text(
-                "INSERT INTO segment_timers (customer_id, segment_id, due_at) "
-                "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:s AS text[]), CAST(:d AS timestamptz[])) "
-                "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at"
-            ),
-            {"c": [x[0] for x in due], "s": [x[1] for x in due], "d": [x[2] for x in due]},
-        )
-    if clear:
-        await session.execute(
-            text(
-                "DELETE FROM segment_timers t USING unnest(CAST(:c AS text[]), CAST(:s AS text[])) AS u(c, s) "
-                "WHERE t.customer_id = u.c AND t.segment_id = u.s"
-            ),
-            {"c": [x[0] for x in clear], "s": [x[1] for x in clear]},
-        )
+    """Schedule (or move) and clear due timers in one statement."""
+    if not due and not clear:
+        return
+    await session.execute(
+        text(
+            "WITH cleared AS (DELETE FROM segment_timers t "
+            "USING unnest(CAST(:cc AS text[]), CAST(:cs AS text[])) AS u(c, s) "
+            "WHERE t.customer_id = u.c AND t.segment_id = u.s) "
+            "INSERT INTO segment_timers (customer_id, segment_id, due_at) "
+            "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:s AS text[]), CAST(:d AS timestamptz[])) "
+            "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at"
+        ),
+        {
+            "c": [x[0] for x in due],
+            "s": [x[1] for x in due],
+            "d": [x[2] for x in due],
+            "cc": [x[0] for x in clear],
+            "cs": [x[1] for x in clear],
+        },
+    )
 
 
 async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> list[tuple[str, str]]:
@@ -271,19 +340,28 @@ async def backfill_chunk(
     sql = RuleSql(now)
     predicate, due = sql.predicate(rule), sql.next_change(rule)
     params = {
-        **sql.params, "seg": segment_id, "after": after, "upto": upto, "cause": "backfill",
-        "topic": announce.topic, "seg_name": announce.segment_name, "occurred": announce.occurred_at,
-        "producer": announce.producer, "produced_ms": announce.produced_at_ms,
+        **sql.params,
+        "seg": segment_id,
+        "after": after,
+        "upto": upto,
+        "cause": "backfill",
+        "topic": announce.topic,
+        "seg_name": announce.segment_name,
+        "occurred": announce.occurred_at,
+        "producer": announce.producer,
+        "produced_ms": announce.produced_at_ms,
     }
     evaluated = (
         "WITH chunk AS (SELECT c.customer_id, c.traits, " + predicate + " AS hit, " + due + " AS due "
-        "FROM customers c WHERE (CAST(:after AS text) IS NULL OR c.customer_id > :after) AND c.customer_id <= :upto), "
+        "FROM customers c WHERE (CAST(:after AS text) IS NULL OR c.customer_id > :after) AND c.customer_id "
+        "<= :upto), "
         "cleared AS (DELETE FROM segment_timers t USING chunk WHERE t.segment_id = :seg "
         "AND t.customer_id = chunk.customer_id AND chunk.due IS NULL), "
         "timed AS (INSERT INTO segment_timers (customer_id, segment_id, due_at) "
         "SELECT customer_id, :seg, due FROM chunk WHERE due IS NOT NULL "
         "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at), "
-        "changed AS (INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, cause) "
+        "changed AS (INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, "
+        "cause) "
         "SELECT :seg, ch.customer_id, ch.hit, 1, :now, :cause FROM chunk ch "
         "LEFT JOIN memberships ms ON ms.segment_id = :seg AND ms.customer_id = ch.customer_id "
         "WHERE ch.hit <> coalesce(ms.is_member, false) "
@@ -291,16 +369,19 @@ async def backfill_chunk(
         "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = excluded.cause "
         "WHERE memberships.is_member IS DISTINCT FROM excluded.is_member "
         "RETURNING customer_id, is_member, transitions), "
-        "announced AS (SELECT ch.customer_id, ch.customer_id || ':' || :seg || ':' || ch.transitions AS event_id, "
+        "announced AS (SELECT ch.customer_id, ch.customer_id || ':' || :seg || ':' || ch.transitions AS "
+        "event_id, "
         "ch.is_member, k.traits FROM changed ch JOIN chunk k USING (customer_id)), "
         "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
         "SELECT :topic, convert_to(a.customer_id, 'UTF8'), convert_to(jsonb_build_object("
         "'event_id', a.event_id, 'customer_id', a.customer_id, 'segment_id', CAST(:seg AS text), "
         "'segment_name', CAST(:seg_name AS text), "
-        "'change', CASE WHEN a.is_member THEN 'entered' ELSE 'exited' END, 'occurred_at', CAST(:occurred AS text), "
+        "'change', CASE WHEN a.is_member THEN 'entered' ELSE 'exited' END, 'occurred_at', CAST(:occurred AS "
+        "text), "
         "'cause', CAST(:cause AS text), 'traits', a.traits)::text, 'UTF8'), "
         "jsonb_build_array(jsonb_build_array('clm-event-id', a.event_id), "
-        "jsonb_build_array('clm-event-type', 'segment_membership_changed'), jsonb_build_array('clm-schema-version', '1'), "
+        "jsonb_build_array('clm-event-type', 'segment_membership_changed'), "
+        "jsonb_build_array('clm-schema-version', '1'), "
         "jsonb_build_array('clm-correlation-id', gen_random_uuid()::text), "
         "jsonb_build_array('clm-producer', CAST(:producer AS text)), "
         "jsonb_build_array('clm-produced-at-ms', CAST(:produced_ms AS text))) "
@@ -318,8 +399,10 @@ async def advance_backfill(
         text(
             "UPDATE segments SET backfill_cursor = :cur, backfill_done = backfill_done + :seen, "
             "status = CASE WHEN :fin THEN 'ready' ELSE status END, "
-            "backfill_total = CASE WHEN :fin THEN backfill_done + :seen ELSE GREATEST(backfill_total, backfill_done + :seen) END, "
-            "backfill_finished_at = CASE WHEN :fin THEN CAST(:now AS timestamptz) ELSE NULL END WHERE segment_id = :s"
+            "backfill_total = CASE WHEN :fin THEN backfill_done + :seen ELSE GREATEST(backfill_total, "
+            "backfill_done + :seen) END, "
+            "backfill_finished_at = CASE WHEN :fin THEN CAST(:now AS timestamptz) ELSE NULL END WHERE "
+            "segment_id = :s"
         ),
         {"cur": cursor, "seen": seen, "fin": finished, "now": now, "s": segment_id},
     )
@@ -339,11 +422,15 @@ async def preview(session: AsyncSession, rule: Rule, now: datetime, sample: int)
 async def matching_ids(session: AsyncSession, rule: Rule, now: datetime) -> set[str]:
     """Every customer the compiled rule selects (tests compare it with the Python evaluator)."""
     sql = RuleSql(now)
-    rows = await session.execute(text(f"SELECT c.customer_id FROM customers c WHERE {sql.predicate(rule)}"), sql.params)
+    rows = await session.execute(
+        text(f"SELECT c.customer_id FROM customers c WHERE {sql.predicate(rule)}"), sql.params
+    )
     return {r[0] for r in rows}
 
 
 async def due_moments(session: AsyncSession, rule: Rule, now: datetime) -> dict[str, datetime | None]:
     sql = RuleSql(now)
-    rows = await session.execute(text(f"SELECT c.customer_id, {sql.next_change(rule)} AS due FROM customers c"), sql.params)
+    rows = await session.execute(
+        text(f"SELECT c.customer_id, {sql.next_change(rule)} AS due FROM customers c"), sql.params
+    )
     return {r.customer_id: r.due for r in rows}

@@ -76,7 +76,9 @@ class RuleSql:
     def _compare(self, c: Comparison, s: _Subject) -> str:
         op = c.op
         if op in ("exists", "not_exists"):
-            present = f"{s.ts} IS NOT NULL" if s.typed else f"coalesce(jsonb_typeof({s.jsonb}), 'null') <> 'null'"
+            present = (
+                f"{s.ts} IS NOT NULL" if s.typed else f"coalesce(jsonb_typeof({s.jsonb}), 'null') <> 'null'"
+            )
             return present if op == "exists" else f"NOT ({present})"
         if op == "equals":
             return f"coalesce({s.jsonb} = {self._json(c.value)}, false)"
@@ -86,7 +88,11 @@ class RuleSql:
             return f"coalesce({s.jsonb} IN (SELECT jsonb_array_elements({self._json(c.values)})), false)"
         if op == "contains":
             in_array = f"{s.jsonb} @> jsonb_build_array({self._json(c.value)})"
-            in_string = f"strpos({s.jsonb} #>> '{{}}', {self._p(c.value)}) > 0" if isinstance(c.value, str) else "false"
+            in_string = (
+                f"strpos({s.jsonb} #>> '{{}}', {self._p(c.value)}) > 0"
+                if isinstance(c.value, str)
+                else "false"
+            )
             return (
                 f"(CASE jsonb_typeof({s.jsonb}) WHEN 'string' THEN {in_string} "
                 f"WHEN 'array' THEN {in_array} ELSE false END)"
@@ -158,10 +164,10 @@ class RuleSql:
             )
         if isinstance(rule, LastPerformedCondition):
             ref = self._p(self._reference(rule.value, rule.ago))
+            cmp = "<=" if rule.op == "before" else ">"
             return (
                 "(EXISTS (SELECT 1 FROM event_counts ec WHERE ec.customer_id = c.customer_id "
-                f"AND ec.event = {self._p(rule.last_performed)} AND ec.last_at {'<=' if rule.op == 'before' else '>'} "
-                f"{ref}))"
+                f"AND ec.event = {self._p(rule.last_performed)} AND ec.last_at {cmp} {ref}))"
             )
         if isinstance(rule, MemberOfCondition):
             return (
@@ -195,8 +201,10 @@ class RuleSql:
         if isinstance(rule, (TraitCondition, ProfileCondition)):
             if rule.op != "within" and rule.ago is None:
                 return []
-            s = self._json_path("c.traits", rule.trait) if isinstance(rule, TraitCondition) else self._field(
-                rule.profile
+            s = (
+                self._json_path("c.traits", rule.trait)
+                if isinstance(rule, TraitCondition)
+                else self._field(rule.profile)
             )
             span = self._interval(rule.duration if rule.op == "within" else rule.ago)
             return [f"({s.ts} + {span})", s.ts] if rule.op == "within" else [f"({s.ts} + {span})"]
@@ -209,7 +217,8 @@ class RuleSql:
                 f"{self._filters(rule.where)}"
             )
             return [
-                f"((SELECT min(e.timestamp) {base} AND e.timestamp > {self._p(self.now - d)}) + {self._interval_of(d)})",
+                f"((SELECT min(e.timestamp) {base} AND e.timestamp > {self._p(self.now - d)}) "
+                f"+ {self._interval_of(d)})",
                 f"(SELECT min(e.timestamp) {base} AND e.timestamp > :now)",
             ]
         if isinstance(rule, NotPerformedCondition):

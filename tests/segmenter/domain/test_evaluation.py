@@ -24,8 +24,15 @@ def profile(**traits: Any) -> ProfileSnapshot:
     return ProfileSnapshot(
         customer_id="c1",
         traits=traits,
-        fields={"orders_count": 3, "revenue": 115.0, "first_order_at": NOW - 40 * DAY, "last_order_at": NOW - 2 * DAY,
-                "first_seen": NOW - 50 * DAY, "last_seen": NOW - DAY, "event_count": 9},
+        fields={
+            "orders_count": 3,
+            "revenue": 115.0,
+            "first_order_at": NOW - 40 * DAY,
+            "last_order_at": NOW - 2 * DAY,
+            "first_seen": NOW - 50 * DAY,
+            "last_seen": NOW - DAY,
+            "event_count": 9,
+        },
         events={
             "Order Completed": EventAggregate(3, NOW - 40 * DAY, NOW - 2 * DAY),
             "Signed In": EventAggregate(5, NOW - 50 * DAY, NOW - DAY),
@@ -40,8 +47,15 @@ def holds(definition: Any, p: ProfileSnapshot | None = None) -> bool:
 
 
 TRAITS = {
-    "plan": "pro", "age": 34, "score": 7.5, "email": "ann@example.com", "tags": ["beta", "vip"], "verified": True,
-    "signed_up_at": (NOW - 3 * DAY).isoformat(), "renewal": "2026-04-01", "nothing": None,
+    "plan": "pro",
+    "age": 34,
+    "score": 7.5,
+    "email": "ann@example.com",
+    "tags": ["beta", "vip"],
+    "verified": True,
+    "signed_up_at": (NOW - 3 * DAY).isoformat(),
+    "renewal": "2026-04-01",
+    "nothing": None,
     "account": {"id": "acme", "tier": "gold"},
 }
 
@@ -105,16 +119,48 @@ def test_trait_profile_and_membership_operators(condition: dict[str, Any], expec
         ({"performed": "Order Completed", "within": "30d", "count": {"op": "exactly", "value": 2}}, True),
         ({"performed": "Order Completed", "within": "7d", "count": {"op": "exactly", "value": 1}}, True),
         ({"performed": "Order Completed", "within": "1d"}, False),
-        ({"performed": "Order Completed", "between": {"from": "2026-01-01T00:00:00Z", "to": "2026-01-31T00:00:00Z"}},
-         True),
-        ({"performed": "Order Completed", "between": {"from": "2026-02-25T00:00:00Z"}, "count": {"value": 2}}, False),
-        ({"performed": "Order Completed", "where": [{"property": "category", "op": "equals", "value": "shoes"}],
-          "count": {"op": "exactly", "value": 2}}, True),
-        ({"performed": "Order Completed", "within": "30d",
-          "where": [{"property": "category", "op": "equals", "value": "shoes"}, {"property": "total", "op": "gte",
-                                                                                  "value": 50}]}, True),
+        (
+            {
+                "performed": "Order Completed",
+                "between": {"from": "2026-01-01T00:00:00Z", "to": "2026-01-31T00:00:00Z"},
+            },
+            True,
+        ),
+        (
+            {
+                "performed": "Order Completed",
+                "between": {"from": "2026-02-25T00:00:00Z"},
+                "count": {"value": 2},
+            },
+            False,
+        ),
+        (
+            {
+                "performed": "Order Completed",
+                "where": [{"property": "category", "op": "equals", "value": "shoes"}],
+                "count": {"op": "exactly", "value": 2},
+            },
+            True,
+        ),
+        (
+            {
+                "performed": "Order Completed",
+                "within": "30d",
+                "where": [
+                    {"property": "category", "op": "equals", "value": "shoes"},
+                    {"property": "total", "op": "gte", "value": 50},
+                ],
+            },
+            True,
+        ),
         ({"performed": "Order Completed", "where": [{"property": "total", "op": "gt", "value": 100}]}, False),
-        ({"performed": "Order Completed", "where": [{"property": "tags", "op": "contains", "value": "gift"}]}, True),
+        (
+            {
+                "performed": "Order Completed",
+                "where": [{"property": "tags", "op": "contains", "value": "gift"}],
+            },
+            True,
+        ),
         ({"not_performed": "Order Completed", "since": "1d"}, True),
         ({"not_performed": "Order Completed", "since": "3d"}, False),
         ({"not_performed": "Never Done", "since": "3d"}, True),
@@ -131,9 +177,18 @@ def test_behaviour_operators(condition: dict[str, Any], expected: bool) -> None:
 def test_nesting_and_or_not() -> None:
     rule = {
         "and": [
-            {"or": [{"trait": "plan", "op": "equals", "value": "free"}, {"trait": "age", "op": "gte", "value": 30}]},
+            {
+                "or": [
+                    {"trait": "plan", "op": "equals", "value": "free"},
+                    {"trait": "age", "op": "gte", "value": 30},
+                ]
+            },
             {"not": {"performed": "Order Completed", "within": "1d"}},
-            {"not": {"and": [{"member_of": "seg_vip"}, {"trait": "verified", "op": "equals", "value": False}]}},
+            {
+                "not": {
+                    "and": [{"member_of": "seg_vip"}, {"trait": "verified", "op": "equals", "value": False}]
+                }
+            },
         ]
     }
     assert holds(rule)
@@ -162,17 +217,26 @@ def test_next_change_moments() -> None:
     assert not evaluate(lapsed, p, NOW) and evaluate(lapsed, p, NOW + 5 * DAY)
     signed = parse_rule({"trait": "signed_up_at", "op": "within", "duration": "7d"})
     assert next_change_at(signed, p, NOW) == NOW + 4 * DAY
-    combined = parse_rule({"or": [window, {"not": lapsed}, {"trait": "plan", "op": "equals", "value": "pro"}]})
+    combined = parse_rule(
+        {"or": [window, {"not": lapsed}, {"trait": "plan", "op": "equals", "value": "pro"}]}
+    )
     assert next_change_at(combined, p, NOW) == NOW + 5 * DAY
     assert next_change_at(parse_rule({"trait": "plan", "op": "equals", "value": "pro"}), p, NOW) is None
 
 
 def test_explain_names_each_node() -> None:
-    rule = parse_rule({"and": [{"trait": "plan", "op": "equals", "value": "pro"},
-                               {"performed": "Order Completed", "within": "1d"}]})
+    rule = parse_rule(
+        {
+            "and": [
+                {"trait": "plan", "op": "equals", "value": "pro"},
+                {"performed": "Order Completed", "within": "1d"},
+            ]
+        }
+    )
     out = explain(rule, profile(**TRAITS), NOW).as_json()
     assert out["holds"] is False
     assert [(c["path"], c["holds"]) for c in out["children"]] == [
-        ("definition.and[0]", True), ("definition.and[1]", False)
+        ("definition.and[0]", True),
+        ("definition.and[1]", False),
     ]
     assert out["children"][1]["detail"]["count"] == 0

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from services.segmenter.domain.catalog import Catalog, CycleError, compile_segment, dependency_order
-from services.segmenter.domain.rules import InvalidRule, parse_rule, parse_duration, references, rule_to_json
+from services.segmenter.domain.rules import InvalidRule, parse_duration, parse_rule, references, rule_to_json
 
 
 def errors(definition: Any) -> list[tuple[str, str]]:
@@ -25,10 +25,16 @@ def test_errors_point_at_the_offending_node() -> None:
     assert errors({"performed": "X", "within": "soon"}) == [("definition.within", "duration")]
     assert errors({"trait": "a", "op": "in", "values": []}) == [("definition.values", "required")]
     assert errors({"trait": "a", "op": "before"}) == [("definition.value", "one_of")]
-    assert errors({"trait": "a", "op": "equals", "value": "x", "ago": "1d"}) == [("definition.ago", "unexpected")]
-    assert errors({"profile": "shoe_size", "op": "gt", "value": 1}) == [("definition.profile", "unknown_field")]
+    assert errors({"trait": "a", "op": "equals", "value": "x", "ago": "1d"}) == [
+        ("definition.ago", "unexpected")
+    ]
+    assert errors({"profile": "shoe_size", "op": "gt", "value": 1}) == [
+        ("definition.profile", "unknown_field")
+    ]
     assert errors({"and": []})[0] == ("definition.and", "too_short")
-    assert errors({"random_bucket": {"buckets": 10, "below": 11}}) == [("definition.random_bucket.below", "range")]
+    assert errors({"random_bucket": {"buckets": 10, "below": 11}}) == [
+        ("definition.random_bucket.below", "range")
+    ]
     assert errors({"performed": "X", "where": [{"property": "p", "op": "within", "duration": "1d"}]}) == [
         ("definition.where[0].op", "relative")
     ]
@@ -39,8 +45,12 @@ def test_valid_definitions_round_trip() -> None:
     definition = {
         "and": [
             {"trait": "plan", "op": "in", "values": ["pro", "team"]},
-            {"performed": "Order Completed", "where": [{"property": "total", "op": "gte", "value": 50}],
-             "count": {"op": "at_least", "value": 2}, "within": "30d"},
+            {
+                "performed": "Order Completed",
+                "where": [{"property": "total", "op": "gte", "value": 50}],
+                "count": {"op": "at_least", "value": 2},
+                "within": "30d",
+            },
             {"not": {"member_of": "seg_a"}},
         ]
     }

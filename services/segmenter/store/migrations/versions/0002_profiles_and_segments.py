@@ -14,7 +14,16 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-_NEW = ("customers", "identities", "merges", "event_counts", "events", "segments", "memberships", "segment_timers")
+_NEW = (
+    "customers",
+    "identities",
+    "merges",
+    "event_counts",
+    "events",
+    "segments",
+    "memberships",
+    "segment_timers",
+)
 
 
 def upgrade() -> None:

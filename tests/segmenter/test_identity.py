@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from shared.contracts.topics import PROFILES
@@ -120,3 +121,17 @@ async def test_alias_merges_two_known_users_and_later_events_land_on_the_survivo
     assert p["identities"]["user_id"] == ["new-id", "old-id"]
     assert p["merges"][0]["cause"]["event_type"] == "alias"
     assert {"kind": "user", "value": "old-id"} in p["merges"][0]["cause"]["identifiers"]
+
+
+async def test_concurrent_units_resolving_the_same_identifiers_never_split_a_customer(
+    harness: Harness,
+) -> None:
+    # Two units of work (as two partitions or two replicas) see a1 as unknown at the same time.
+    handler = harness.segmenter.events
+    first = [make_event("c1", "track", anonymous_id="a1", event="Viewed")]
+    second = [make_event("c2", "identify", user_id="u9", anonymous_id="a1", traits={"plan": "pro"})]
+    await asyncio.gather(handler.handle_in_own_unit(first), handler.handle_in_own_unit(second))
+    p = await harness.customer("a1")
+    assert p == await harness.customer("u9")
+    assert p["identities"] == {"anonymous_id": ["a1"], "user_id": ["u9"]}
+    assert p["aggregates"]["event_count"] == 2 and p["traits"] == {"plan": "pro"}

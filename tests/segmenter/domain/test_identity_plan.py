@@ -1,0 +1,81 @@
+"""Identity resolution planning (pure): links, merges and their causes, the shared-device rule."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from services.segmenter.domain.identity import batch_identifiers, plan_identities
+from services.segmenter.domain.profile import TraitChange, apply_traits, merge_traits, trait_change
+from shared.contracts.events import CustomerEvent
+
+T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+
+def ev(mid: str, type: str = "track", **fields: Any) -> CustomerEvent:
+    return CustomerEvent.model_validate(
+        {"message_id": mid, "type": type, "timestamp": T0, "received_at": T0, "event": "X", **fields}
+    )
+
+
+def test_new_identifiers_make_one_customer_and_link_to_it() -> None:
+    events = [ev("1", anonymous_id="a1"), ev("2", "identify", anonymous_id="a1", user_id="u1")]
+    plan = plan_identities(events, {}, set(), set())
+    assert plan.new_customers == ["a1"]
+    assert sorted(plan.links) == [("anon", "a1", "a1"), ("user", "u1", "a1")]
+    assert plan.customer_of_event == ["a1", "a1"] and plan.merges == []
+
+
+def test_anonymous_profile_merges_into_the_known_user() -> None:
+    known = {("user", "u1"): "u1", ("anon", "a2"): "a2"}
+    plan = plan_identities([ev("m3", "identify", user_id="u1", anonymous_id="a2")], known, {"u1"}, set())
+    assert [(m.from_id, m.into_id, m.message_id) for m in plan.merges] == [("a2", "u1", "m3")]
+    assert plan.merges[0].identifiers == [("user", "u1"), ("anon", "a2")]
+    assert plan.customer_of_event == ["u1"]
+
+
+def test_a_shared_device_does_not_merge_two_known_users_but_an_alias_does() -> None:
+    known = {("user", "u1"): "u1", ("user", "u2"): "u2", ("anon", "a1"): "u1"}
+    plan = plan_identities(
+        [ev("m1", "identify", user_id="u2", anonymous_id="a1")], known, {"u1", "u2"}, set()
+    )
+    assert plan.merges == [] and plan.customer_of_event == ["u2"]
+    alias = ev("m2", "alias", user_id="u2", previous_id="u1")
+    assert batch_identifiers([alias]) == {("user", "u2"), ("user", "u1"), ("anon", "u1")}
+    plan = plan_identities([alias], known, {"u1", "u2"}, set())
+    assert [(m.from_id, m.into_id, m.event_type) for m in plan.merges] == [("u1", "u2", "alias")]
+
+
+def test_later_events_of_the_batch_follow_merges_and_ids_never_collide() -> None:
+    events = [
+        ev("1", anonymous_id="x"),
+        ev("2", user_id="x"),  # a userId equal to someone's anonymousId: a different customer
+        ev("3", "identify", user_id="x", anonymous_id="x"),
+        ev("4", anonymous_id="x"),
+    ]
+    plan = plan_identities(events, {}, set(), set())
+    assert plan.new_customers == ["x", "user:x"]
+    assert [(m.from_id, m.into_id) for m in plan.merges] == [("x", "user:x")]
+    assert plan.customer_of_event == ["user:x"] * 4
+
+
+def test_traits_last_write_by_event_time_wins_and_group_traits_go_under_account() -> None:
+    traits: dict[str, Any] = {}
+    times: dict[str, datetime] = {}
+    assert apply_traits(traits, times, TraitChange({"plan": "pro", "city": "Oslo"}, T0)) == {"plan", "city"}
+    assert apply_traits(traits, times, TraitChange({"plan": "free"}, T0 - timedelta(hours=1))) == set()
+    assert apply_traits(traits, times, TraitChange({"plan": "pro"}, T0 + timedelta(hours=1))) == set()
+    assert traits == {"plan": "pro", "city": "Oslo"} and times["plan"] == T0 + timedelta(hours=1)
+    group = trait_change(ev("g", "group", user_id="u1", group_id="acme", traits={"tier": "gold"}))
+    assert group is not None and group.traits == {"account": {"id": "acme", "tier": "gold"}}
+    apply_traits(traits, times, group)
+    more = trait_change(ev("g2", "group", user_id="u1", group_id="acme", traits={"seats": 5}))
+    assert more is not None
+    apply_traits(traits, times, TraitChange(more.traits, T0 + timedelta(hours=2)))
+    assert traits["account"] == {"id": "acme", "tier": "gold", "seats": 5}
+    merged, merged_times, changed = merge_traits(
+        ({"plan": "pro"}, {"plan": T0}),
+        ({"plan": "team", "age": 3}, {"plan": T0 + timedelta(days=1), "age": T0}),
+    )
+    assert merged == {"plan": "team", "age": 3} and changed == {"plan", "age"}
+    assert merged_times["plan"] == T0 + timedelta(days=1)

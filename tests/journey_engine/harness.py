@@ -202,7 +202,7 @@ async def engine_running(
     make_settings: Callable[..., Any], clock: ManualClock | None = None, **overrides: Any
 ) -> AsyncIterator[Harness]:
     clock = clock or ManualClock(START)
-    settings = make_settings(JourneyEngineSettings, run_timer_loop=False, **overrides)
+    settings = make_settings(JourneyEngineSettings, **({"run_timer_loop": False} | overrides))
     app = create_app(settings, clock)
     async with running(app) as client:
         yield Harness(client, settings, clock, app.state.platform, app.state.engine)

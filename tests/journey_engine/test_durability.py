@@ -12,6 +12,7 @@ import pytest
 from shared.clock import ManualClock
 from tests.journey_engine.harness import START, engine_running
 from tests.journey_engine.test_timing_and_rules import linear
+from tests.support import eventually
 
 DELAYED = linear(
     "Delayed",
@@ -66,3 +67,20 @@ async def test_timers_due_while_stopped_fire_once_across_two_racing_engines(
         ).json()
         nodes = {n["node_id"]: n for n in stats["versions"][0]["nodes"]}
         assert nodes["wait"]["passed"] == CUSTOMERS and nodes["mail"]["passed"] == CUSTOMERS
+
+
+async def test_background_timer_loop_fires_due_timers_by_itself(make_settings: Any) -> None:
+    clock = ManualClock(START)
+    async with engine_running(
+        make_settings, clock=clock, run_timer_loop=True, timer_poll_interval_s=0.05
+    ) as h:
+        jid = await h.journey(DELAYED)
+        await h.track("solo", "Signed Up")
+        clock.advance(timedelta(hours=1))
+
+        async def exited() -> bool:
+            return [r.status for r in await h.instances(jid)] == ["exited"]
+
+        await eventually(exited, timeout=10)
+        [request] = await h.requests(until=lambda m: len(m) >= 1)
+        assert request["customer_id"] == "solo" and request["template_id"] == "later"

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from services.notifier.api import consent, inbound, inbox, links, messages, templates
 from services.notifier.channels.router import ProviderRouter
 from services.notifier.consumers.message_requests import MessageRequestsConsumer
+from services.notifier.consumers.privacy import PrivacyConsumer
 from services.notifier.consumers.profiles import ProfilesConsumer
 from services.notifier.delivery import DeliveryWorker
 from services.notifier.domain.signing import LinkSigner, MessageLinks
@@ -22,7 +23,14 @@ from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.service import Notifier
 from services.notifier.settings import NotifierSettings
 from shared.clock import Clock, SystemClock
-from shared.contracts import MESSAGE_REQUESTS, PROFILES, MessageRequested, ProfileChanged
+from shared.contracts import (
+    MESSAGE_REQUESTS,
+    PRIVACY,
+    PROFILES,
+    MessageRequested,
+    PrivacyRequest,
+    ProfileChanged,
+)
 from shared.http import admin_guard
 from shared.runtime import Platform, install_common
 
@@ -47,6 +55,8 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     platform.consumer(
         PROFILES.name, ProfileChanged, "profiles", ProfilesConsumer(platform.unit_of_work).handle
     )
+    privacy_consumer = PrivacyConsumer(platform.unit_of_work, clock)
+    platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy_consumer.handle)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -3,9 +3,12 @@ Idempotency-Key, the in-app inbox, consent topics and preferences, and inbound S
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from services.notifier.api.inbound import twilio_signature
+from shared.contracts import PRIVACY, PrivacyRequest
 from tests.notifier.conftest import ADMIN, Harness, request
-from tests.support import eventually
+from tests.support import eventually, read_topic
 
 INAPP = {
     "id": "inapp",
@@ -176,3 +179,71 @@ async def _contact_has_phone(h: Harness) -> bool:
 
     async with h.platform.unit_of_work() as uow:
         return bool(await contacts_repo.find_by_phone(uow.session, "+15550001111"))
+
+
+async def test_privacy_export_and_erasure(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await h.create_template(INAPP)
+        await h.create_topic("news", ["email"])
+        await h.profile("c6", {"first_name": "Kim", "email": "kim@example.com"})
+        await eventually(lambda: _inbox_has(h, "c6", 0, send=True), timeout=15)
+        await h.client.put(
+            "/v1/customers/c6/preferences",
+            headers=ADMIN,
+            json={
+                "source": "crm",
+                "preferences": [{"topic": "news", "channel": "email", "subscribed": False}],
+            },
+        )
+
+        def privacy(action: str, n: int) -> PrivacyRequest:
+            return PrivacyRequest(
+                event_id=f"pr-{n}",
+                request_id=f"req-{n}",
+                action=action,
+                customer_id="c6",
+                identities=["kim@example.com"],
+                occurred_at=datetime.now(UTC),
+            )
+
+        await h.platform.producer.publish(PRIVACY.name, "c6", privacy("export_requested", 1))
+        answers = await read_topic(
+            h.settings.topic(PRIVACY.name),
+            timeout=15,
+            until=lambda ms: any(m["value"]["action"] == "export_part" for m in ms),
+        )
+        part = next(m["value"] for m in answers if m["value"]["action"] == "export_part")
+        assert part["service"] == "notifier" and part["request_id"] == "req-1"
+        assert part["data"]["contacts"][0]["email"] == "kim@example.com"
+        assert part["data"]["preferences"][0]["subscribed"] is False
+        assert part["data"]["in_app_messages"][0]["title"] == "Hi Kim"
+
+        await h.platform.producer.publish(PRIVACY.name, "c6", privacy("erase_requested", 2))
+        await read_topic(
+            h.settings.topic(PRIVACY.name),
+            timeout=15,
+            until=lambda ms: any(m["value"]["action"] == "erase_completed" for m in ms),
+        )
+        assert (await h.client.get("/v1/inbox/c6", headers=ADMIN)).json()["messages"] == []
+        assert (await h.client.get("/v1/customers/c6/preferences", headers=ADMIN)).json()["preferences"] == []
+        assert (await h.client.get("/v1/customers/c6/consent-history", headers=ADMIN)).json()["history"] == []
+        preview = await h.client.post(
+            "/v1/templates/inapp/preview", headers=ADMIN, json={"customer_id": "c6"}
+        )
+        assert preview.status_code == 404
+
+
+async def _inbox_has(h: Harness, customer: str, at_least: int, *, send: bool = False) -> bool:
+    if send:
+        await h.client.post(
+            "/v1/messages",
+            headers={**ADMIN, "Idempotency-Key": f"inbox-{customer}"},
+            json={
+                "customer_id": customer,
+                "channel": "in_app",
+                "template_id": "inapp",
+                "data": {"order": {"id": "1"}},
+            },
+        )
+    items = (await h.client.get(f"/v1/inbox/{customer}", headers=ADMIN)).json()["messages"]
+    return len(items) > at_least

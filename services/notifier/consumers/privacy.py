@@ -1,0 +1,54 @@
+"""clm.privacy.v1: erase or export what the notifier holds on a customer, and answer on the same topic."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from services.notifier.store import privacy_repo
+from shared.clock import Clock
+from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
+from shared.db.unit_of_work import UnitOfWork
+from shared.kafka import Consumed
+
+CONSUMER = "notifier.privacy"
+SERVICE = "notifier"
+
+
+class PrivacyConsumer:
+    def __init__(self, unit_of_work: Callable[[], UnitOfWork], clock: Clock) -> None:
+        self.unit_of_work = unit_of_work
+        self.clock = clock
+
+    async def handle(self, batch: Sequence[Consumed[PrivacyRequest]]) -> None:
+        async with self.unit_of_work() as uow:
+            fresh = await uow.claim_many(CONSUMER, [item.event_id for item in batch])
+            for item in batch:
+                request = item.value
+                if item.event_id not in fresh:
+                    continue
+                ids = [request.customer_id, *request.identities]
+                now = self.clock.now()
+                if request.action is PrivacyAction.ERASE_REQUESTED:
+                    await privacy_repo.erase(uow.session, ids, now)
+                    answer = PrivacyAction.ERASE_COMPLETED
+                    data = {}
+                elif request.action is PrivacyAction.EXPORT_REQUESTED:
+                    answer = PrivacyAction.EXPORT_PART
+                    data = await privacy_repo.export(uow.session, ids)
+                else:
+                    continue  # answers (ours and other services')
+                uow.emit(
+                    PRIVACY.name,
+                    request.customer_id,
+                    PrivacyRequest(
+                        event_id=f"{request.request_id}:{SERVICE}:{answer.value}",
+                        request_id=request.request_id,
+                        action=answer,
+                        customer_id=request.customer_id,
+                        identities=request.identities,
+                        service=SERVICE,
+                        occurred_at=now,
+                        data=data,
+                    ),
+                    correlation_id=item.correlation_id,
+                )

@@ -1,0 +1,76 @@
+"""Every query behind erasure and export of one customer's data (clm.privacy.v1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.notifier.store.sql_arrays import any_of
+from services.notifier.store.tables import (
+    consent_ledger,
+    contacts,
+    engagements,
+    in_app_messages,
+    preferences,
+    send_ledger,
+)
+
+# Ledger rows stay (their message ids keep a redelivered request from being sent), emptied of
+# personal data; what was still waiting is not sent any more.
+_SCRUB_LEDGER = sa.text(
+    "UPDATE send_ledger SET request = jsonb_set(jsonb_set(request, '{recipient}', '{}'), '{data}', '{}'), "
+    "state = CASE WHEN state = 'pending' THEN 'failed' ELSE state END, "
+    "reason = CASE WHEN state = 'pending' THEN 'customer erased' ELSE reason END, updated_at = :now "
+    "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+)
+
+
+async def erase(session: AsyncSession, customer_ids: Sequence[str], now: datetime) -> None:
+    ids = list(dict.fromkeys(customer_ids))
+    messages = sa.select(send_ledger.c.message_id).where(any_of(send_ledger.c.customer_id, ids))
+    await session.execute(sa.delete(engagements).where(engagements.c.message_id.in_(messages)))
+    await session.execute(_SCRUB_LEDGER, {"ids": ids, "now": now})
+    for table in (contacts, in_app_messages, preferences, consent_ledger):
+        await session.execute(sa.delete(table).where(any_of(table.c.customer_id, ids)))
+
+
+def _rows(result: Any) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in result]
+
+
+async def export(session: AsyncSession, customer_ids: Sequence[str]) -> dict[str, Any]:
+    ids = list(dict.fromkeys(customer_ids))
+    ledger = sa.select(
+        send_ledger.c.message_id,
+        send_ledger.c.channel,
+        send_ledger.c.category,
+        send_ledger.c.template_id,
+        send_ledger.c.state,
+        send_ledger.c.reason,
+        send_ledger.c.created_at,
+    ).where(any_of(send_ledger.c.customer_id, ids))
+    return {
+        "contacts": _rows(
+            await session.execute(sa.select(contacts).where(any_of(contacts.c.customer_id, ids)))
+        ),
+        "preferences": _rows(
+            await session.execute(sa.select(preferences).where(any_of(preferences.c.customer_id, ids)))
+        ),
+        "consent_history": _rows(
+            await session.execute(
+                sa.select(consent_ledger)
+                .where(any_of(consent_ledger.c.customer_id, ids))
+                .order_by(consent_ledger.c.id)
+            )
+        ),
+        "in_app_messages": _rows(
+            await session.execute(
+                sa.select(in_app_messages).where(any_of(in_app_messages.c.customer_id, ids))
+            )
+        ),
+        "messages": _rows(await session.execute(ledger.order_by(send_ledger.c.created_at))),
+    }

@@ -136,7 +136,6 @@ class JourneyEngine:
         self._graphs: dict[tuple[str, int], Graph] = {}
         # Called after each committed timer batch with the due times fired (the benchmark's lateness).
         self.on_fired: Callable[[list[datetime]], None] | None = None
-        self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ definitions
 

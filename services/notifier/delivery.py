@@ -136,10 +136,54 @@ class DeliveryWorker:
         if not entries:
             return 0
         self.passes += 1
-        context = await self._load_context(entries)
-        results = await asyncio.gather(*(self._attempt(entry, context) for entry in entries))
-        await self._record(results)
+        try:
+            context = await self._load_context(entries)
+        except Exception:
+            await self._release(entries)  # nothing was sent yet: safe to hand the rows back
+            raise
+        results = await asyncio.gather(*(self._attempt_safely(entry, context) for entry in entries))
+        await self._record_until_done(results)
         return len(entries)
+
+    async def _release(self, entries: Sequence[LedgerEntry]) -> None:
+        now = self.clock.now()
+        async with self.unit_of_work() as uow:
+            await ledger_repo.record_outcomes(
+                uow.session,
+                [
+                    Outcome(e.message_id, ledger_repo.PENDING, e.attempts - 1, next_attempt_at=now)
+                    for e in entries
+                ],
+                now,
+            )
+
+    async def _attempt_safely(self, entry: LedgerEntry, ctx: _Context) -> AttemptResult:
+        try:
+            return await self._attempt(entry, ctx)
+        except Exception as exc:
+            # Raised before any provider call (the router turns provider errors into results):
+            # a bug or bad data for this one message; it fails alone, with the reason.
+            log.exception("preparing a message failed", extra={"message_id": entry.message_id})
+            reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
+            return AttemptResult(
+                Outcome(entry.message_id, "failed", entry.attempts, reason=reason),
+                [status_of(entry.request, MessageStatusKind.FAILED, self.clock.now(), reason=reason)],
+            )
+
+    async def _record_until_done(self, results: Sequence[AttemptResult]) -> None:
+        """Providers were called: the outcome must be written, so a database blip is waited out
+        (if the process dies meanwhile, the rows resolve as `unknown`, never resent)."""
+        delay = 0.5
+        while True:
+            try:
+                await self._record(results)
+                return
+            except Exception as exc:
+                log.warning(
+                    "recording outcomes failed; retrying", extra={"error": repr(exc), "retry_in_s": delay}
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def resolve_stale(self, *, every_s: float = 10.0) -> None:
         # A cheap guard: stale rows are rare (a crashed process), no need to look on every pass.

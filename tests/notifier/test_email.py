@@ -5,9 +5,11 @@ open pixel and click redirect -> `opened` and `clicked`."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from shared.clock import ManualClock
 from shared.contracts import Headers
 from tests.notifier.conftest import ADMIN, Harness, request
 from tests.support import eventually
@@ -187,3 +189,42 @@ async def _contact_known(h: Harness, customer_id: str) -> bool:
         "/v1/templates/welcome/preview", json={"customer_id": customer_id}, headers=ADMIN
     )
     return response.status_code != 404 or "customer" not in response.text
+
+
+async def test_rejected_recipient_bounces_and_a_smtp_451_is_retried(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    clock = ManualClock()
+    async with start_notifier(clock=clock) as h:
+        await setup(h)
+        h.sink.reject.add("nobody@example.com")
+        await h.publish(
+            email_request(
+                "m-bounce",
+                "c4",
+                category="transactional",
+                recipient={"email": "nobody@example.com"},
+                data={"traits": {"first_name": "N"}, "event": {"properties": {"total": 1}}},
+            )
+        )
+        statuses = await h.wait_status("m-bounce", "bounced")
+        assert "550" in statuses[-1]["reason"]
+        h.sink.fail_next = 1
+        await h.publish(
+            email_request(
+                "m-451",
+                "c4",
+                category="transactional",
+                recipient={"email": "x@example.com"},
+                data={"traits": {"first_name": "X"}, "event": {"properties": {"total": 1}}},
+            )
+        )
+        await eventually(lambda: _ledger_state(h, "m-451", "pending"))
+        assert h.sink.messages == []
+        clock.advance(timedelta(minutes=5))
+        h.app.state.notifier.worker.wake()
+        await h.wait_status("m-451", "delivered")
+        assert len(h.sink.messages) == 1
+
+
+async def _ledger_state(h: Harness, message_id: str, state: str) -> bool:
+    response = await h.client.get(f"/v1/messages/{message_id}", headers=ADMIN)
+    return response.status_code == 200 and response.json()["state"] == state

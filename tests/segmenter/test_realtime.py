@@ -114,3 +114,30 @@ async def test_a_merge_moves_memberships_to_the_survivor(harness: Harness) -> No
     ]
     assert [(m["change"], m["cause"]) for m in msgs if m["customer_id"] == "u1"] == [("entered", "merge")]
     assert all(m["segment_id"] == seg for m in msgs)
+
+
+async def test_a_rolling_window_lets_a_customer_go_when_their_last_event_leaves_it(harness: Harness) -> None:
+    active = await harness.create_segment(
+        {"performed": "Signed In", "within": "7d", "count": {"op": "at_least", "value": 2}}, name="Active"
+    )
+    await harness.send(make_event("m1", "track", user_id="u1", event="Signed In"))
+    await harness.processed(1)
+    harness.clock.advance(timedelta(days=2))
+    await harness.send(
+        make_event("m2", "track", user_id="u1", event="Signed In", timestamp=harness.clock.now())
+    )
+    await harness.processed(2)
+    harness.clock.advance(timedelta(days=4))
+    assert await harness.segmenter.timers.run_once() == 0
+    harness.clock.advance(timedelta(days=1))  # the first sign-in (START) leaves the 7-day window now
+    assert await harness.segmenter.timers.run_once() == 1
+    msgs = await harness.memberships()
+    assert [(m["segment_id"], m["change"], m["cause"]) for m in msgs] == [
+        (active, "entered", "m2"),
+        (active, "exited", "schedule"),
+    ]
+    harness.clock.advance(timedelta(days=30))
+    assert await harness.segmenter.timers.run_once() == 1  # the second sign-in left too: no change, no news
+    harness.clock.advance(timedelta(days=30))
+    assert await harness.segmenter.timers.run_once() == 0  # nothing can change any more: no timer left
+    assert len(await harness.memberships()) == 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 from shared.contracts.events import EventType
@@ -45,23 +45,23 @@ class SegmentCall(BaseModel):
     timestamp: datetime | None = None
     original_timestamp: datetime | None = None
     sent_at: datetime | None = None
-    context: Object = {}
-    integrations: Object = {}
+    context: Object = Field(default_factory=dict)
+    integrations: Object = Field(default_factory=dict)
 
 
 class IdentifyCall(SegmentCall):
-    traits: Object = {}
+    traits: Object = Field(default_factory=dict)
 
 
 class TrackCall(SegmentCall):
     event: Name | None = None
-    properties: Object = {}
+    properties: Object = Field(default_factory=dict)
 
 
 class PageCall(SegmentCall):
     name: Name | None = None
     category: Name | None = None
-    properties: Object = {}
+    properties: Object = Field(default_factory=dict)
 
 
 class ScreenCall(PageCall):
@@ -70,7 +70,7 @@ class ScreenCall(PageCall):
 
 class GroupCall(SegmentCall):
     group_id: Identifier | None = None
-    traits: Object = {}
+    traits: Object = Field(default_factory=dict)
 
 
 class AliasCall(SegmentCall):

@@ -158,9 +158,9 @@ async def members_page(session: AsyncSession, segment_id: str, after: str | None
     rows = await session.execute(
         text(
             "SELECT customer_id FROM memberships WHERE segment_id = :s AND is_member "
-            "AND (CAST(:after AS text) IS NULL OR customer_id > :after) ORDER BY customer_id LIMIT :n"
+            "AND customer_id > :after ORDER BY customer_id LIMIT :n"
         ),
-        {"s": segment_id, "after": after, "n": limit},
+        {"s": segment_id, "after": after or "", "n": limit},
     )
     return [r[0] for r in rows]
 
@@ -306,9 +306,9 @@ async def chunk_upper_bound(session: AsyncSession, after: str | None, size: int)
         await session.execute(
             text(
                 "SELECT max(customer_id) FROM (SELECT customer_id FROM customers "
-                "WHERE CAST(:after AS text) IS NULL OR customer_id > :after ORDER BY customer_id LIMIT :n) x"
+                "WHERE customer_id > :after ORDER BY customer_id LIMIT :n) x"
             ),
-            {"after": after, "n": size},
+            {"after": after or "", "n": size},
         )
     ).first()
     return row[0] if row and row[0] is not None else None
@@ -342,7 +342,9 @@ async def backfill_chunk(
     params = {
         **sql.params,
         "seg": segment_id,
-        "after": after,
+        # '' sorts before every id: a plain range keeps the index scan to this chunk (an `IS NULL OR`
+        # here made generic plans scan from the start on every chunk).
+        "after": after or "",
         "upto": upto,
         "cause": "backfill",
         "topic": announce.topic,
@@ -353,7 +355,7 @@ async def backfill_chunk(
     }
     evaluated = (
         "WITH chunk AS (SELECT c.customer_id, c.traits, " + predicate + " AS hit, " + due + " AS due "
-        "FROM customers c WHERE (CAST(:after AS text) IS NULL OR c.customer_id > :after) AND c.customer_id "
+        "FROM customers c WHERE c.customer_id > :after AND c.customer_id "
         "<= :upto), "
         "cleared AS (DELETE FROM segment_timers t USING chunk WHERE t.segment_id = :seg "
         "AND t.customer_id = chunk.customer_id AND chunk.due IS NULL), "

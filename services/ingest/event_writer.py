@@ -89,13 +89,17 @@ class EventWriter:
         self.clock = clock
         self.topic = settings.topic(CUSTOMER_EVENTS.name)
         self.window = timedelta(seconds=settings.dedupe_window_s)
-        # Its own producer: a delivery timeout as short as the answer's, so a failed event is not
-        # delivered long after the client was told 503.
-        self.producer = EventProducer(
-            settings,
-            linger_ms=settings.produce_linger_ms,
-            request_timeout_ms=max(1000, int(settings.produce_timeout_s * 1000)),
-        )
+        # Producers of its own: a delivery timeout as short as the answer's, so a failed event is not
+        # delivered long after the client was told 503. One per writer: aiokafka keeps one request in
+        # flight per connection, so the writers' groups would otherwise queue behind each other.
+        self.producers = [
+            EventProducer(
+                settings,
+                linger_ms=settings.produce_linger_ms,
+                request_timeout_ms=max(1000, int(settings.produce_timeout_s * 1000)),
+            )
+            for _ in range(settings.writer_concurrency)
+        ]
         self.recent = RecentIds(settings.dedupe_cache_size)
         self._constant_headers = (
             (Headers.EVENT_TYPE, CustomerEvent.event_type.encode()),
@@ -110,10 +114,11 @@ class EventWriter:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        await self.producer.start()
+        for producer in self.producers:
+            await producer.start()
         self._tasks = [
-            asyncio.create_task(self._work(), name=f"ingest-writer-{n}")
-            for n in range(self.settings.writer_concurrency)
+            asyncio.create_task(self._work(producer), name=f"ingest-writer-{n}")
+            for n, producer in enumerate(self.producers)
         ]
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="ingest-dedupe-prune"))
 
@@ -124,7 +129,8 @@ class EventWriter:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.producer.stop()
+        for producer in self.producers:
+            await producer.stop()
 
     def prepare(self, event: CustomerEvent) -> PreparedEvent:
         """The event's Kafka message: what `encode_message` makes (same value and headers, plus the
@@ -175,7 +181,7 @@ class EventWriter:
             duplicates + [e.message_id for e in fresh if e.message_id not in published],
         )
 
-    async def _work(self) -> None:
+    async def _work(self, producer: EventProducer) -> None:
         while True:
             while not self._pending:
                 self._wake.clear()
@@ -188,9 +194,9 @@ class EventWriter:
                 pending = self._pending.popleft()
                 group.append(pending)
                 size += len(pending.events)
-            await self._flush(group)
+            await self._flush(group, producer)
 
-    async def _flush(self, group: list[_Pending]) -> None:
+    async def _flush(self, group: list[_Pending], producer: EventProducer) -> None:
         owner: dict[str, _Pending] = {}
         ordered: list[PreparedEvent] = []
         for pending in group:
@@ -205,7 +211,7 @@ class EventWriter:
                 fresh = await dedupe.claim(conn, sorted(owner), now, now - self.window)
                 messages = [e.message for e in ordered if e.message_id in fresh]
                 if messages:
-                    await asyncio.wait_for(self.producer.send_many(messages), self.settings.produce_timeout_s)
+                    await asyncio.wait_for(producer.send_many(messages), self.settings.produce_timeout_s)
         except Exception as exc:
             log.warning(
                 "events not accepted: publish failed", extra={"events": len(ordered), "error": repr(exc)}

@@ -10,8 +10,9 @@ starts a fresh broker and database first).
       -> provider -> outcome + `sent` status through the outbox, timed from the first publish to
       the N-th `sent` status read back from clm.messages.status.v1.
 (b) Email over SMTP to a local SMTP sink (its own process): a raw aiosmtplib loop (as many open
-    connections as the notifier's SMTP pool) vs N email requests through the notifier, timed to the
-    N-th `delivered` status.
+    connections as the notifier's SMTP pool, messages pre-built outside the timing: the transport
+    ceiling) vs N email requests through the notifier (render, MIME, tracking, ledger, status), timed
+    to the N-th `delivered` status.
 
 The provider rate limit is lifted for the run (the limiter is what we would otherwise measure).
 Options: `--messages` (default 5000), `--emails` (default 2000), `--concurrency` (default 64).
@@ -103,6 +104,14 @@ async def bare_httpx(port: int, n: int, concurrency: int) -> float:
 
 
 async def raw_smtp(port: int, n: int, connections: int) -> float:
+    """The transport ceiling: messages built before the clock starts, then only `sendmail` calls."""
+    wire: list[bytes] = []
+    for i in range(n):
+        mail = EmailMessage()
+        mail["From"], mail["To"], mail["Subject"] = "noreply@clm.local", f"u{i}@example.com", f"Welcome {i}"
+        mail.set_content(f"Hi user {i}")
+        mail.add_alternative(f"<p>Hi user {i}, <a href='https://x.example/'>go</a></p>", subtype="html")
+        wire.append(mail.as_bytes())
     clients = [aiosmtplib.SMTP(hostname="127.0.0.1", port=port) for _ in range(connections)]
     for c in clients:
         await c.connect()
@@ -113,15 +122,7 @@ async def raw_smtp(port: int, n: int, connections: int) -> float:
     async def worker(client: aiosmtplib.SMTP) -> None:
         while not queue.empty():
             i = queue.get_nowait()
-            mail = EmailMessage()
-            mail["From"], mail["To"], mail["Subject"] = (
-                "noreply@clm.local",
-                f"u{i}@example.com",
-                f"Welcome {i}",
-            )
-            mail.set_content(f"Hi user {i}")
-            mail.add_alternative(f"<p>Hi user {i}</p>", subtype="html")
-            await client.send_message(mail)
+            await client.sendmail("noreply@clm.local", [f"u{i}@example.com"], wire[i])
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in clients))
@@ -234,10 +235,10 @@ async def main_async(args: argparse.Namespace) -> None:
         print(
             f"notifier benchmark: {args.messages} SMS, {args.emails} emails, concurrency {args.concurrency}"
         )
-        baseline_http = await bare_httpx(http_port, args.messages, args.concurrency)
-        line("bare pooled httpx loop (deliveries/s)", baseline_http, "req/s")
-        baseline_smtp = await raw_smtp(smtp_port, args.emails, 16)
-        line("raw aiosmtplib loop, 16 connections (emails/s)", baseline_smtp, "mail/s")
+        # Baselines run before and after the notifier and the better run counts: this machine's
+        # load drifts, and the comparison should never flatter the notifier.
+        http_runs = [await bare_httpx(http_port, args.messages, args.concurrency)]
+        smtp_runs = [await raw_smtp(smtp_port, args.emails, 16)]
         async with notifier(http_port, smtp_port) as (app, client):
             admin = {"Authorization": "Bearer dev-admin-token"}
             await client.post(
@@ -271,6 +272,13 @@ async def main_async(args: argparse.Namespace) -> None:
             line("notifier SMS, Kafka -> provider -> status (msg/s)", sms_rate, "msg/s")
             email_rate = await through_notifier(app, "email", "mail", args.emails, "delivered")
             line("notifier email, Kafka -> SMTP -> status (msg/s)", email_rate, "mail/s")
+        http_runs.append(await bare_httpx(http_port, args.messages, args.concurrency))
+        smtp_runs.append(await raw_smtp(smtp_port, args.emails, 16))
+        baseline_http, baseline_smtp = max(http_runs), max(smtp_runs)
+        line("bare pooled httpx loop, best of 2 (deliveries/s)", baseline_http, "req/s")
+        print(f"  httpx runs (before, after): {', '.join(f'{r:.1f}' for r in http_runs)}")
+        line("raw aiosmtplib sendmail loop, best of 2 (mail/s)", baseline_smtp, "mail/s")
+        print(f"  aiosmtplib runs (before, after): {', '.join(f'{r:.1f}' for r in smtp_runs)}")
         ratio("email: notifier vs raw aiosmtplib", email_rate, baseline_smtp)
         send_ratio = ratio("SMS: notifier vs bare httpx (goal >= 0.5)", sms_rate, baseline_http)
         last_line("notifier_send_ratio", send_ratio)

@@ -25,7 +25,7 @@ WELCOME = {
             "html": "<html><body><p>Hi {{ traits.first_name }}, "
             "your plan is {{ traits.plan | default: 'free' }}."
             '</p><a href="https://shop.example.com/start?x=1&amp;y=2">Start</a>'
-            '<a href="{{ unsubscribe_url }}">Unsubscribe</a></body></html>',
+            '<a href="{% unsubscribe_link %}">Unsubscribe</a></body></html>',
             "text": "Hi {{ traits.first_name }}, total {{ event.properties.total | money: 'USD' }}.",
         },
         "fr": {
@@ -100,7 +100,7 @@ async def test_one_click_unsubscribe_then_marketing_is_suppressed(start_notifier
         assert mail["Subject"] == "Welcome, Bob!"
         unsubscribe = mail["List-Unsubscribe"].strip("<>")
         html = mail.get_body(preferencelist=("html",)).get_content()
-        assert f'href="{unsubscribe}"' in html.replace("&amp;", "&")  # the Liquid variable is the same link
+        assert f'href="{unsubscribe}"' in html.replace("&amp;", "&")  # the Liquid tag writes the same link
 
         page = await h.client.get(urlsplit(unsubscribe).path)
         assert page.status_code == 200 and "Newsletter" in page.text

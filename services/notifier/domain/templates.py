@@ -10,16 +10,27 @@ Decisions (see docs/services/notifier.md):
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
-from liquid import BoundTemplate, DictLoader, Environment, StrictDefaultUndefined
+from liquid import (
+    BoundTemplate,
+    DictLoader,
+    Environment,
+    RenderContext,
+    StrictDefaultUndefined,
+    TokenStream,
+    ast,
+)
 from liquid.exceptions import LiquidError
+from liquid.tag import Tag
+from liquid.token import TOKEN_TAG
 
 from shared.contracts import Channel
 
@@ -125,6 +136,27 @@ def json_value(value: Any) -> str:
         raise RenderError(f"json: cannot encode {type(value).__name__}") from exc
 
 
+class UnsubscribeLinkNode(ast.Node):
+    """`{% unsubscribe_link %}`: this message's signed unsubscribe URL (empty for transactional)."""
+
+    def __str__(self) -> str:
+        return "{% unsubscribe_link %}"
+
+    def render_to_output(self, context: RenderContext, buffer: TextIO) -> int:
+        url = context.resolve("unsubscribe_url", default="")
+        text = url if isinstance(url, str) else ""
+        return buffer.write(html.escape(text, quote=True) if context.env.autoescape else text)
+
+
+class UnsubscribeLinkTag(Tag):
+    name = "unsubscribe_link"
+    block = False
+
+    def parse(self, stream: TokenStream) -> ast.Node:
+        stream.expect(TOKEN_TAG, value=self.name)
+        return UnsubscribeLinkNode(stream.current)
+
+
 class _SandboxedEnvironment(Environment):
     # Class-level limits in python-liquid; set per subclass instance below.
     loop_iteration_limit: ClassVar[int | None] = 10_000
@@ -140,6 +172,7 @@ def _environment(autoescape: bool, max_output: int, max_loops: int) -> Environme
     env: Environment = env_class(
         undefined=StrictDefaultUndefined, autoescape=autoescape, loader=DictLoader({}), strict_filters=True
     )
+    env.add_tag(UnsubscribeLinkTag)
     env.add_filter("money", money)
     env.add_filter("format_date", format_date)
     env.add_filter("json", json_value)

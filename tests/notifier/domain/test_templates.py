@@ -85,3 +85,18 @@ def test_validation_names_missing_unknown_and_broken_parts() -> None:
     problems = dict(renderer.validate(Channel.PUSH, {"en": {"title": "{% if %}", "subject": "x"}}))
     assert set(problems) == {"variants.en.body", "variants.en.subject", "variants.en.title"}
     assert renderer.validate(Channel.PUSH, {"en": {"title": "a", "body": "b"}}) == []
+
+
+def test_the_unsubscribe_link_tag_outputs_the_signed_url() -> None:
+    t = template(
+        Channel.EMAIL,
+        en={
+            "subject": "s",
+            "html": '<a href="{% unsubscribe_link %}">u</a>',
+            "text": "Stop: {% unsubscribe_link %}",
+        },
+    )
+    out = renderer.render(t, "en", {"unsubscribe_url": "https://n.example.com/u/a.b?x=1&y=2"})
+    assert out.part("html") == '<a href="https://n.example.com/u/a.b?x=1&amp;y=2">u</a>'
+    assert out.part("text") == "Stop: https://n.example.com/u/a.b?x=1&y=2"
+    assert renderer.render(t, "en", {}).part("text") == "Stop: "

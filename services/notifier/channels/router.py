@@ -43,8 +43,11 @@ class GuardedProvider:
 
 
 class ProviderRouter:
-    def __init__(self, routes: dict[Channel, list[GuardedProvider]]) -> None:
+    def __init__(
+        self, routes: dict[Channel, list[GuardedProvider]], all_providers: list[GuardedProvider]
+    ) -> None:
         self.routes = routes
+        self.all_providers = all_providers
 
     @classmethod
     def from_settings(
@@ -86,7 +89,7 @@ class ProviderRouter:
             if missing:
                 raise ValueError(f"channel {channel_name} lists unknown providers {missing}")
             routes[Channel(channel_name)] = [built[n] for n in names]
-        return cls(routes)
+        return cls(routes, list(built.values()))
 
     async def send(self, delivery: Delivery) -> tuple[str | None, SendResult]:
         """(provider that decided, result). Tries providers in order while failures are worth it."""
@@ -120,9 +123,5 @@ class ProviderRouter:
         return last
 
     async def close(self) -> None:
-        seen: set[int] = set()
-        for providers in self.routes.values():
-            for guarded in providers:
-                if id(guarded) not in seen:
-                    seen.add(id(guarded))
-                    await guarded.provider.close()
+        for guarded in self.all_providers:
+            await guarded.provider.close()

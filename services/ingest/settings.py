@@ -40,7 +40,7 @@ class IngestSettings(BaseServiceSettings):
     unavailable_retry_after_s: int = 5
     produce_linger_ms: int = 1
     # Concurrent group commits (each: one dedupe transaction + one Kafka round trip).
-    writer_concurrency: int = 4
+    writer_concurrency: int = 8
     writer_max_events: int = 2000
 
     import_chunk_events: int = 500

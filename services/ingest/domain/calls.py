@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 from shared.contracts.events import EventType
@@ -17,20 +17,11 @@ from shared.contracts.events import EventType
 JsonObject = dict[str, Any]
 
 
-def _number_to_string(value: object) -> object:
-    # Segment accepts numeric ids (and its SDKs stringify them): keep them, as strings.
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-def _null_to_empty(value: object) -> object:
-    return {} if value is None else value
-
-
-Identifier = Annotated[str, BeforeValidator(_number_to_string), StringConstraints(max_length=512)]
+# Segment accepts numeric ids (and its SDKs stringify them): kept, as strings.
+Identifier = Annotated[str, Field(coerce_numbers_to_str=True), StringConstraints(max_length=512)]
 Name = Annotated[str, StringConstraints(max_length=1024)]
-Object = Annotated[JsonObject, BeforeValidator(_null_to_empty)]
+# `null` is accepted for an object (as Segment does) and read as {} when normalized.
+Object = JsonObject | None
 
 
 class SegmentCall(BaseModel):
@@ -45,23 +36,23 @@ class SegmentCall(BaseModel):
     timestamp: datetime | None = None
     original_timestamp: datetime | None = None
     sent_at: datetime | None = None
-    context: Object = Field(default_factory=dict)
-    integrations: Object = Field(default_factory=dict)
+    context: Object = None
+    integrations: Object = None
 
 
 class IdentifyCall(SegmentCall):
-    traits: Object = Field(default_factory=dict)
+    traits: Object = None
 
 
 class TrackCall(SegmentCall):
     event: Name | None = None
-    properties: Object = Field(default_factory=dict)
+    properties: Object = None
 
 
 class PageCall(SegmentCall):
     name: Name | None = None
     category: Name | None = None
-    properties: Object = Field(default_factory=dict)
+    properties: Object = None
 
 
 class ScreenCall(PageCall):
@@ -70,7 +61,7 @@ class ScreenCall(PageCall):
 
 class GroupCall(SegmentCall):
     group_id: Identifier | None = None
-    traits: Object = Field(default_factory=dict)
+    traits: Object = None
 
 
 class AliasCall(SegmentCall):

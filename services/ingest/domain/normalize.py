@@ -79,8 +79,8 @@ def to_customer_event(
         "type": valid.type,
         "user_id": call.user_id or None,
         "anonymous_id": call.anonymous_id or None,
-        "context": call.context,
-        "integrations": call.integrations,
+        "context": call.context or {},
+        "integrations": call.integrations or {},
         "timestamp": timestamp,
         "original_timestamp": original,
         "sent_at": as_utc(sent_at) if sent_at is not None else None,
@@ -88,13 +88,13 @@ def to_customer_event(
         "source": source,
     }
     if isinstance(call, TrackCall):
-        fields.update(event=call.event, properties=call.properties)
+        fields.update(event=call.event, properties=call.properties or {})
     elif isinstance(call, PageCall):  # and ScreenCall
-        fields.update(name=call.name, category=call.category, properties=call.properties)
+        fields.update(name=call.name, category=call.category, properties=call.properties or {})
     elif isinstance(call, IdentifyCall):
-        fields.update(traits=call.traits)
+        fields.update(traits=call.traits or {})
     elif isinstance(call, GroupCall):
-        fields.update(group_id=call.group_id, traits=call.traits)
+        fields.update(group_id=call.group_id, traits=call.traits or {})
     elif isinstance(call, AliasCall):
         fields.update(previous_id=call.previous_id)
     return CustomerEvent(**fields)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from services.ingest.domain.calls import TrackCall
+from services.ingest.domain.normalize import to_customer_event
 from services.ingest.domain.validation import FieldError, ValidCall, validate_call
 from shared.contracts.events import EventType
 
@@ -22,7 +25,7 @@ def rules(result: ValidCall | list[FieldError]) -> set[tuple[str, str]]:
         (EventType.ALIAS, {"userId": "u"}, {("previousId", "required")}),
         (EventType.GROUP, {"anonymousId": "a"}, {("groupId", "required")}),
         (EventType.TRACK, {"userId": True, "event": "E"}, {("userId", "string_type")}),
-        (EventType.TRACK, {"userId": "u" * 513, "event": "E"}, {("userId", "too_long")}),
+        (EventType.TRACK, {"userId": "u" * 513, "event": "E"}, {("userId", "string_too_long")}),
         (EventType.PAGE, {"userId": "u", "properties": "x"}, {("properties", "dict_type")}),
         (EventType.SCREEN, {"userId": "u", "sentAt": "later"}, {("sentAt", "datetime_from_date_parsing")}),
         (EventType.TRACK, {"event": ""}, {("userId", "required_one_of"), ("event", "required")}),
@@ -51,7 +54,11 @@ def test_valid_calls_keep_segment_fields_and_tolerate_unknown_ones() -> None:
         EventType.TRACK,
     )
     assert isinstance(result, ValidCall)
-    assert result.call.user_id == "42" and isinstance(result.call, TrackCall) and result.call.properties == {}
+    assert (
+        result.call.user_id == "42" and isinstance(result.call, TrackCall) and result.call.properties is None
+    )
+    event = to_customer_event(result, received_at=datetime(2026, 1, 1, tzinfo=UTC), source=None)
+    assert event.properties == {} and event.user_id == "42"
     # snake_case is not Segment's spelling: it is ignored, not taken for userId.
     assert rules(validate_call({"user_id": "u", "event": "E"}, EventType.TRACK)) == {
         ("userId", "required_one_of")

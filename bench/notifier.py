@@ -159,6 +159,21 @@ async def notifier(http_port: int, smtp_port: int) -> AsyncIterator[tuple[FastAP
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
             yield app, client
     await drop_schema(settings.database_url, settings.db_schema)
+    await _delete_topics(settings.kafka_bootstrap_servers, settings.topic_prefix)
+
+
+async def _delete_topics(bootstrap: str, prefix: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if names:
+            with contextlib.suppress(Exception):
+                await admin.delete_topics(names)
+    finally:
+        await admin.close()
 
 
 async def statuses_until(topic: str, wanted: str, prefix: str, n: int, ready: asyncio.Event) -> float:

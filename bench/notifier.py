@@ -255,8 +255,9 @@ async def main_async(args: argparse.Namespace) -> None:
         http_runs = [await bare_httpx(http_port, args.messages, args.concurrency)]
         smtp_runs = [await raw_smtp(smtp_port, args.emails, 16)]
         async with notifier(http_port, smtp_port) as (app, client):
-            admin = {"Authorization": "Bearer dev-admin-token"}
-            await client.post(
+            token = app.state.notifier.settings.admin_token.get_secret_value()
+            admin = {"Authorization": f"Bearer {token}"}
+            created = await client.post(
                 "/v1/templates",
                 headers=admin,
                 json={
@@ -266,7 +267,8 @@ async def main_async(args: argparse.Namespace) -> None:
                     "variants": {"en": {"body": "Hi {{ traits.first_name }}, code {{ event.code }}"}},
                 },
             )
-            await client.post(
+            assert created.status_code == 201, created.text
+            created = await client.post(
                 "/v1/templates",
                 headers=admin,
                 json={
@@ -282,6 +284,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     },
                 },
             )
+            assert created.status_code == 201, created.text
             await through_notifier(app, "sms", "sms", min(500, args.messages), "sent")  # warm-up
             sms_rate = await through_notifier(app, "sms", "sms", args.messages, "sent")
             line("notifier SMS, Kafka -> provider -> status (msg/s)", sms_rate, "msg/s")

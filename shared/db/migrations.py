@@ -1,4 +1,5 @@
-"""Alembic per service, applied on start inside the service's schema.
+"""Alembic per service, applied on start inside the service's schema (to all heads: features may
+add migrations on separate branches of one service's history; a merge revision joins them later).
 
 A service's `store/migrations/env.py` is two lines: import its metadata and call `run_env(metadata)`.
 """
@@ -26,7 +27,7 @@ def _upgrade(connection: Connection, script_location: Path, revision: str) -> No
 
 
 async def run_migrations(
-    engine: AsyncEngine, script_location: Path, schema: str, revision: str = "head"
+    engine: AsyncEngine, script_location: Path, schema: str, revision: str = "heads"
 ) -> None:
     async with engine.begin() as conn:
         # Two replicas starting at once must not both migrate.

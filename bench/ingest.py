@@ -12,7 +12,10 @@ starts a fresh broker and database first).
     (acks=all, idempotent) in its own process sending the same messages (value, key and headers of
     what ingest publishes), with as many events in flight.
 
-Options: `--seconds` (measured time per run, default 10), `--warmup` (default 2), `--concurrency`
+The four runs alternate, `--rounds` times (default 3), and each figure is the median of its rounds: the
+machine is shared and noisy, so a baseline is always measured next to what it is compared with.
+
+Options: `--seconds` (measured time per run, default 5), `--warmup` (default 2), `--concurrency`
 (single-event connections, default 64), `--batch-concurrency` (default 8), `--profile` (pyinstrument
 on the ingest process, if installed; written to var/bench-ingest-profile.html).
 """
@@ -320,6 +323,12 @@ def load(
     return run_child("load", *extra, *(["--batch"] if batch else []))
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median throughput (its latencies with it)."""
+    ordered = sorted(runs, key=lambda r: float(r["events_per_s"]))
+    return ordered[len(ordered) // 2]
+
+
 def report_single(label: str, r: dict[str, Any]) -> None:
     line(f"{label} requests/s", r["requests_per_s"], "req/s")
     line(f"{label} latency p50", r["p50_ms"], "ms")
@@ -355,36 +364,56 @@ def main_bench(args: argparse.Namespace) -> None:
         ingest_argv = [sys.executable, "-m", "pyinstrument", "-r", "html", "-o", out, "-m", "services.ingest"]
     ingest_url, bare_url = f"http://127.0.0.1:{ingest_port}", f"http://127.0.0.1:{bare_port}"
     print(
-        f"ingest benchmark on {os.cpu_count()} cores; broker {bootstrap}; {args.seconds:.0f} s per run",
+        f"ingest benchmark on {os.cpu_count()} cores; broker {bootstrap}; {args.rounds} rounds of "
+        f"{args.seconds:.0f} s per run (medians)",
         flush=True,
     )
+    # Both servers run side by side (an idle one costs nothing) and the four measurements alternate,
+    # `--rounds` times: this machine is shared and noisy, so each figure is the median of its rounds
+    # and a baseline is always measured next to what it is compared with.
+    runs: dict[str, list[dict[str, Any]]] = {"bare": [], "single": [], "batch": [], "raw": []}
+    raw_args = [
+        "--bootstrap",
+        bootstrap,
+        "--topic",
+        f"{prefix}clm.events.v1",
+        "--seconds",
+        str(args.seconds),
+        "--warmup",
+        str(args.warmup),
+        "--in-flight",
+        str(args.batch_concurrency * BATCH_SIZE),
+    ]
     try:
-        with process(
-            [sys.executable, "-m", "bench.ingest", "bare", "--port", str(bare_port)], env, "bench-bare.log"
+        with (
+            process(
+                [sys.executable, "-m", "bench.ingest", "bare", "--port", str(bare_port)],
+                env,
+                "bench-bare.log",
+            ),
+            process(ingest_argv, ingest_env, "bench-ingest.log"),
         ):
             wait_ready(bare_url, "/v1/track")
-            bare = load(bare_url, "/v1/track", args.concurrency, args.seconds, args.warmup)
-        with process(ingest_argv, ingest_env, "bench-ingest.log"):
             wait_ready(ingest_url, "/readyz")
-            single = load(ingest_url, "/v1/track", args.concurrency, args.seconds, args.warmup)
-            batched = load(
-                ingest_url, "/v1/batch", args.batch_concurrency, args.seconds, args.warmup, batch=True
-            )
-        raw = run_child(
-            "raw",
-            "--bootstrap",
-            bootstrap,
-            "--topic",
-            f"{prefix}clm.events.v1",
-            "--seconds",
-            str(args.seconds),
-            "--warmup",
-            str(args.warmup),
-            "--in-flight",
-            str(args.batch_concurrency * BATCH_SIZE),
-        )
+            for _ in range(args.rounds):
+                runs["bare"].append(load(bare_url, "/v1/track", args.concurrency, args.seconds, args.warmup))
+                runs["single"].append(
+                    load(ingest_url, "/v1/track", args.concurrency, args.seconds, args.warmup)
+                )
+                runs["batch"].append(
+                    load(
+                        ingest_url, "/v1/batch", args.batch_concurrency, args.seconds, args.warmup, batch=True
+                    )
+                )
+                runs["raw"].append(run_child("raw", *raw_args))
     finally:
         asyncio.run(cleanup(database, schema, prefix))
+    bare, single, batched, raw = (median_run(runs[k]) for k in ("bare", "single", "batch", "raw"))
+    print(
+        "per round (req/s or events/s): "
+        + "; ".join(f"{k} " + " ".join(f"{r['events_per_s']:.0f}" for r in v) for k, v in runs.items()),
+        flush=True,
+    )
 
     print("(a) single events, POST /v1/track", flush=True)
     report_single("bare FastAPI endpoint", bare)
@@ -426,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "load", "bare", "raw"])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--batch-concurrency", type=int, default=8)

@@ -14,6 +14,8 @@ from shared.contracts import Channel
 from shared.http import ApiError, field_error
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# `*` is reserved for "every marketing topic"; the pattern cannot match it.
+TOPIC_ID = re.compile(NAME)
 
 
 class TopicBody(BaseModel):
@@ -48,9 +50,7 @@ def router(admin: Any) -> APIRouter:
 
     @api.put("/v1/subscription-topics/{topic_id}")
     async def put_topic(topic_id: str, body: TopicBody, notifier: NotifierDep) -> dict[str, Any]:
-        import re
-
-        if not re.match(NAME, topic_id) or topic_id == ALL_TOPICS:
+        if not TOPIC_ID.match(topic_id):
             raise ApiError(
                 400,
                 "invalid_request",

@@ -211,7 +211,7 @@ class EventWriter:
                 fresh = await dedupe.claim(conn, sorted(owner), now, now - self.window)
                 messages = [e.message for e in ordered if e.message_id in fresh]
                 if messages:
-                    await asyncio.wait_for(producer.send_many(messages), self.settings.produce_timeout_s)
+                    await asyncio.wait_for(producer.send_batched(messages), self.settings.produce_timeout_s)
         except Exception as exc:
             log.warning(
                 "events not accepted: publish failed", extra={"events": len(ordered), "error": repr(exc)}

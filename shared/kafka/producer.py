@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from shared.contracts.events import ContractModel
 from shared.contracts.headers import Headers
@@ -63,6 +64,7 @@ class EventProducer:
         self.linger_ms = linger_ms
         self.request_timeout_ms = request_timeout_ms
         self._client: AIOKafkaProducer | None = None
+        self._partitioner = DefaultPartitioner()
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -103,6 +105,36 @@ class EventProducer:
         futures = [
             await self._producer.send(m.topic, m.value, key=m.key, headers=list(m.headers)) for m in messages
         ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def send_batched(self, messages: Sequence[OutgoingMessage]) -> None:
+        """`send_many` through aiokafka's batch API: one record batch per partition instead of one
+        `send()` per message (a few µs per message instead of tens). Same partitioner (murmur2 of the
+        key, as Kafka's Java clients), same order per partition; raises if any batch failed."""
+        producer = self._producer
+        by_partition: dict[tuple[str, int], list[OutgoingMessage]] = {}
+        for topic in {m.topic for m in messages}:
+            partitions = sorted(await producer.partitions_for(topic))
+            available = list(producer.client.cluster.available_partitions_for_topic(topic) or partitions)
+            for m in messages:
+                if m.topic == topic:
+                    partition = self._partitioner(m.key, partitions, available)
+                    by_partition.setdefault((topic, partition), []).append(m)
+        futures = []
+        for (topic, partition), batch_messages in by_partition.items():
+            batch = producer.create_batch()
+            for m in batch_messages:
+                headers = list(m.headers)
+                if batch.append(timestamp=None, key=m.key, value=m.value, headers=headers) is None:
+                    # Full: send it and start the next one (a lone message always fits a new batch:
+                    # aiokafka makes a batch as large as its first message).
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(timestamp=None, key=m.key, value=m.value, headers=headers)
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
         results = await asyncio.gather(*futures, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

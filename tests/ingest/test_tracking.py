@@ -13,6 +13,7 @@ import orjson
 from services.ingest.settings import IngestSettings
 from shared.clock import ManualClock
 from shared.contracts import CustomerEvent, Headers
+from shared.kafka.producer import OutgoingMessage
 from tests.ingest.conftest import AUTH, WRITE_KEY, events_on_topic
 
 CALLS: dict[str, dict[str, Any]] = {
@@ -183,3 +184,30 @@ async def test_gzip_bodies_and_every_way_to_send_the_write_key(
 
     ids = {m["value"]["messageId"] for m in await events_on_topic(settings, count=3)}
     assert ids == {"gz-1", "gz-2", "in-body"}
+
+
+async def test_events_land_on_the_partition_kafka_clients_choose_for_their_key(
+    client: httpx.AsyncClient, settings: IngestSettings
+) -> None:
+    # Ingest builds record batches per partition itself: it must pick the partition any producer keyed
+    # the same way picks (other services publish identify events for the same customers).
+    from shared.contracts import CUSTOMER_EVENTS
+    from shared.kafka import EventProducer
+
+    users = [f"user-{n}" for n in range(12)]
+    items = [{"type": "track", "userId": u, "event": "E", "messageId": f"p-{u}"} for u in users]
+    assert (await client.post("/v1/batch", json={"batch": items}, auth=AUTH)).status_code == 200
+    producer = EventProducer(settings)
+    await producer.start()
+    try:
+        for u in users:
+            await producer.send(OutgoingMessage(settings.topic(CUSTOMER_EVENTS.name), u.encode(), b"{}", ()))
+    finally:
+        await producer.stop()
+    messages = await events_on_topic(settings, count=2 * len(users))
+    partitions: dict[str, set[int]] = {}
+    for m in messages:
+        partitions.setdefault(m["key"], set()).add(m["partition"])
+    assert set(partitions) == set(users)
+    assert all(len(p) == 1 for p in partitions.values()), partitions
+    assert len({next(iter(p)) for p in partitions.values()}) > 1  # spread over partitions, not one

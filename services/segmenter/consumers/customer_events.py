@@ -191,7 +191,8 @@ class CustomerEventsHandler:
         for cid in profiles:
             affected[cid] = catalog.affected(
                 changed_traits.get(cid, set()) | merged_traits.get(cid, set()),
-                names_seen.get(cid, set()),
+                # "*": every event moves last_seen / event_count, identify and group included.
+                names_seen.get(cid, set()) | {"*"},
                 everything=cid in merged_into,
             )
             causes[cid] = last_message.get(cid, "merge") if cid not in merged_into else "merge"

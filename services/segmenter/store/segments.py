@@ -390,6 +390,10 @@ async def backfill_chunk(
         "FROM announced a ORDER BY a.customer_id RETURNING 1) "
         "SELECT (SELECT count(*) FROM chunk) AS seen, (SELECT count(*) FROM outboxed) AS announced"
     )
+    # A chunk statement is big and its best plan depends on the chunk: plan it for these values, and
+    # give hashes (the `not_performed` subplan over event_counts, joins) room instead of per-row loops.
+    await session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+    await session.execute(text("SET LOCAL work_mem = '64MB'"))
     row = (await session.execute(text(evaluated), params)).one()
     return int(row.seen), int(row.announced)
 

@@ -1,0 +1,167 @@
+"""Abandoned cart across services, and consent: unsubscribing stops marketing, not transactional."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+
+from tests.e2e.conftest import WRITE_KEY, Platform
+from tests.support import eventually, read_topic
+
+
+async def track(c: httpx.AsyncClient, p: Platform, user: str, event: str, **properties: Any) -> None:
+    r = await c.post(
+        f"{p.url('ingest')}/v1/track",
+        json={"userId": user, "event": event, "properties": properties},
+        auth=(WRITE_KEY, ""),
+    )
+    assert r.status_code == 200, r.text
+
+
+async def identify(c: httpx.AsyncClient, p: Platform, user: str, **traits: Any) -> None:
+    r = await c.post(f"{p.url('ingest')}/v1/identify", json={"userId": user, "traits": traits}, auth=(WRITE_KEY, ""))
+    assert r.status_code == 200, r.text
+
+
+async def email_template(c: httpx.AsyncClient, p: Platform, template_id: str, subject: str) -> None:
+    r = await c.post(
+        f"{p.url('notifier')}/v1/templates",
+        headers=p.admin,
+        json={
+            "id": template_id,
+            "name": template_id,
+            "channel": "email",
+            "variants": {"en": {"subject": subject, "html": "<p>{{ traits.first_name | default: 'Hi' }}</p>",
+                                "text": "{{ traits.first_name | default: 'Hi' }} - {{ unsubscribe_url }}"}},
+        },
+    )
+    assert r.status_code in (200, 201), r.text
+
+
+async def activate(c: httpx.AsyncClient, p: Platform, journey_id: str, definition: dict[str, Any]) -> None:
+    r = await c.post(
+        f"{p.url('journey_engine')}/v1/journeys", headers=p.admin, json={"id": journey_id, "definition": definition}
+    )
+    assert r.status_code in (200, 201), r.text
+    r = await c.post(f"{p.url('journey_engine')}/v1/journeys/{journey_id}/activate", headers=p.admin)
+    assert r.status_code == 200, r.text
+
+
+async def test_abandoned_cart_reminds_once_unless_the_same_cart_is_ordered(platform: Platform) -> None:
+    s = uuid.uuid4().hex[:6]
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.put(
+            f"{platform.url('notifier')}/v1/subscription-topics/cart",
+            headers=platform.admin,
+            json={"name": "Cart reminders", "channels": ["email"], "default_subscribed": True},
+        )
+        assert r.status_code == 200, r.text
+        await email_template(c, platform, f"cart-{s}", "You left something in your cart")
+        await activate(
+            c,
+            platform,
+            f"cart-{s}",
+            {
+                "name": "Abandoned cart",
+                "entry": {"type": "event", "event": "Product Added",
+                          "where": [{"field": "event.properties.cart_id", "op": "exists"}]},
+                "correlation_key": "cart_id",
+                "reentry": {"policy": "always"},
+                "nodes": [
+                    {"id": "start", "type": "entry"},
+                    {"id": "wait_order", "type": "wait_event", "event": "Order Completed",
+                     "match_correlation": True, "timeout": "PT3S"},
+                    {"id": "remind", "type": "send", "channel": "email", "template_id": f"cart-{s}",
+                     "subscription_topic": "cart"},
+                    {"id": "done", "type": "exit"},
+                ],
+                "edges": [
+                    {"from": "start", "to": "wait_order"},
+                    {"from": "wait_order", "to": "done", "branch": "matched"},
+                    {"from": "wait_order", "to": "remind", "branch": "timeout"},
+                    {"from": "remind", "to": "done"},
+                ],
+            },
+        )
+        forgetful, buyer = f"forgetful-{s}", f"buyer-{s}"
+        for user in (forgetful, buyer):
+            await identify(c, platform, user, email=f"{user}@example.com", first_name=user)
+        await track(c, platform, forgetful, "Product Added", cart_id=f"c1-{s}", product_id="p1", price=20)
+        await track(c, platform, buyer, "Product Added", cart_id=f"c2-{s}", product_id="p1", price=20)
+        # an order for ANOTHER cart does not count; the same cart does
+        await track(c, platform, forgetful, "Order Completed", cart_id=f"other-{s}", revenue=5)
+        await track(c, platform, buyer, "Order Completed", cart_id=f"c2-{s}", revenue=20)
+
+        reminders = await eventually(lambda: platform.mails_to(f"{forgetful}@example.com"), timeout=30)
+        assert [m["Subject"] for m in reminders] == ["You left something in your cart"]
+        # well past the buyer's timeout too: still nothing for them, and still one for the other
+        await asyncio.sleep(3)
+        assert platform.mails_to(f"{buyer}@example.com") == []
+        assert len(platform.mails_to(f"{forgetful}@example.com")) == 1
+
+
+async def test_unsubscribe_link_stops_marketing_but_not_transactional(platform: Platform) -> None:
+    s = uuid.uuid4().hex[:6]
+    user, address = f"optout-{s}", f"optout-{s}@example.com"
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.put(
+            f"{platform.url('notifier')}/v1/subscription-topics/promotions",
+            headers=platform.admin,
+            json={"name": "Promotions", "channels": ["email"], "default_subscribed": True},
+        )
+        assert r.status_code == 200, r.text
+        await email_template(c, platform, f"promo-{s}", "A deal for you")
+        await email_template(c, platform, f"receipt-{s}", "Your receipt")
+        await activate(
+            c,
+            platform,
+            f"promo-{s}",
+            {
+                "name": "Promo on demand",
+                "entry": {"type": "event", "event": f"Promo Wanted {s}"},
+                "reentry": {"policy": "always"},
+                "nodes": [
+                    {"id": "start", "type": "entry"},
+                    {"id": "promo", "type": "send", "channel": "email", "template_id": f"promo-{s}",
+                     "subscription_topic": "promotions"},
+                    {"id": "done", "type": "exit"},
+                ],
+                "edges": [{"from": "start", "to": "promo"}, {"from": "promo", "to": "done"}],
+            },
+        )
+        await identify(c, platform, user, email=address, first_name="Olive")
+        await track(c, platform, user, f"Promo Wanted {s}")
+        first = await eventually(lambda: platform.mails_to(address), timeout=30)
+        assert len(first) == 1
+
+        # the RFC 8058 one-click unsubscribe a mailbox provider would POST
+        link = str(first[0]["List-Unsubscribe"]).strip("<>")
+        r = await c.post(link, content=b"List-Unsubscribe=One-Click",
+                         headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200, r.text
+
+        await track(c, platform, user, f"Promo Wanted {s}")
+
+        def suppressed(messages: list[dict[str, Any]]) -> bool:
+            return any(
+                m["value"]["customer_id"] == user and m["value"]["status"] == "suppressed" for m in messages
+            )
+
+        statuses = await read_topic(platform.status_topic(), until=suppressed, timeout=30)
+        assert suppressed(statuses)
+        assert len(platform.mails_to(address)) == 1, "no marketing mail after opting out"
+
+        # a transactional message still goes
+        r = await c.post(
+            f"{platform.url('notifier')}/v1/messages",
+            headers={**platform.admin, "Idempotency-Key": f"receipt-{s}"},
+            json={"customer_id": user, "channel": "email", "template_id": f"receipt-{s}",
+                  "category": "transactional", "recipient": {"email": address}},
+        )
+        assert r.status_code == 202, r.text
+        mails = await eventually(lambda: [m for m in platform.mails_to(address) if m["Subject"] == "Your receipt"])
+        assert len(mails) == 1
+        assert mails[0]["List-Unsubscribe"] is None, "transactional mail carries no unsubscribe header"

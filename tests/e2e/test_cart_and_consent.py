@@ -22,7 +22,9 @@ async def track(c: httpx.AsyncClient, p: Platform, user: str, event: str, **prop
 
 
 async def identify(c: httpx.AsyncClient, p: Platform, user: str, **traits: Any) -> None:
-    r = await c.post(f"{p.url('ingest')}/v1/identify", json={"userId": user, "traits": traits}, auth=(WRITE_KEY, ""))
+    r = await c.post(
+        f"{p.url('ingest')}/v1/identify", json={"userId": user, "traits": traits}, auth=(WRITE_KEY, "")
+    )
     assert r.status_code == 200, r.text
 
 
@@ -34,8 +36,13 @@ async def email_template(c: httpx.AsyncClient, p: Platform, template_id: str, su
             "id": template_id,
             "name": template_id,
             "channel": "email",
-            "variants": {"en": {"subject": subject, "html": "<p>{{ traits.first_name | default: 'Hi' }}</p>",
-                                "text": "{{ traits.first_name | default: 'Hi' }} - {{ unsubscribe_url }}"}},
+            "variants": {
+                "en": {
+                    "subject": subject,
+                    "html": "<p>{{ traits.first_name | default: 'Hi' }}</p>",
+                    "text": "{{ traits.first_name | default: 'Hi' }} - {{ unsubscribe_url }}",
+                }
+            },
         },
     )
     assert r.status_code in (200, 201), r.text
@@ -43,7 +50,9 @@ async def email_template(c: httpx.AsyncClient, p: Platform, template_id: str, su
 
 async def activate(c: httpx.AsyncClient, p: Platform, journey_id: str, definition: dict[str, Any]) -> None:
     r = await c.post(
-        f"{p.url('journey_engine')}/v1/journeys", headers=p.admin, json={"id": journey_id, "definition": definition}
+        f"{p.url('journey_engine')}/v1/journeys",
+        headers=p.admin,
+        json={"id": journey_id, "definition": definition},
     )
     assert r.status_code in (200, 201), r.text
     r = await c.post(f"{p.url('journey_engine')}/v1/journeys/{journey_id}/activate", headers=p.admin)
@@ -66,16 +75,29 @@ async def test_abandoned_cart_reminds_once_unless_the_same_cart_is_ordered(platf
             f"cart-{s}",
             {
                 "name": "Abandoned cart",
-                "entry": {"type": "event", "event": "Product Added",
-                          "where": [{"field": "event.properties.cart_id", "op": "exists"}]},
+                "entry": {
+                    "type": "event",
+                    "event": "Product Added",
+                    "where": [{"field": "event.properties.cart_id", "op": "exists"}],
+                },
                 "correlation_key": "cart_id",
                 "reentry": {"policy": "always"},
                 "nodes": [
                     {"id": "start", "type": "entry"},
-                    {"id": "wait_order", "type": "wait_event", "event": "Order Completed",
-                     "match_correlation": True, "timeout": "PT3S"},
-                    {"id": "remind", "type": "send", "channel": "email", "template_id": f"cart-{s}",
-                     "subscription_topic": "cart"},
+                    {
+                        "id": "wait_order",
+                        "type": "wait_event",
+                        "event": "Order Completed",
+                        "match_correlation": True,
+                        "timeout": "PT3S",
+                    },
+                    {
+                        "id": "remind",
+                        "type": "send",
+                        "channel": "email",
+                        "template_id": f"cart-{s}",
+                        "subscription_topic": "cart",
+                    },
                     {"id": "done", "type": "exit"},
                 ],
                 "edges": [
@@ -125,8 +147,13 @@ async def test_unsubscribe_link_stops_marketing_but_not_transactional(platform: 
                 "reentry": {"policy": "always"},
                 "nodes": [
                     {"id": "start", "type": "entry"},
-                    {"id": "promo", "type": "send", "channel": "email", "template_id": f"promo-{s}",
-                     "subscription_topic": "promotions"},
+                    {
+                        "id": "promo",
+                        "type": "send",
+                        "channel": "email",
+                        "template_id": f"promo-{s}",
+                        "subscription_topic": "promotions",
+                    },
                     {"id": "done", "type": "exit"},
                 ],
                 "edges": [{"from": "start", "to": "promo"}, {"from": "promo", "to": "done"}],
@@ -139,8 +166,11 @@ async def test_unsubscribe_link_stops_marketing_but_not_transactional(platform: 
 
         # the RFC 8058 one-click unsubscribe a mailbox provider would POST
         link = str(first[0]["List-Unsubscribe"]).strip("<>")
-        r = await c.post(link, content=b"List-Unsubscribe=One-Click",
-                         headers={"content-type": "application/x-www-form-urlencoded"})
+        r = await c.post(
+            link,
+            content=b"List-Unsubscribe=One-Click",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
         assert r.status_code == 200, r.text
 
         await track(c, platform, user, f"Promo Wanted {s}")
@@ -158,10 +188,17 @@ async def test_unsubscribe_link_stops_marketing_but_not_transactional(platform: 
         r = await c.post(
             f"{platform.url('notifier')}/v1/messages",
             headers={**platform.admin, "Idempotency-Key": f"receipt-{s}"},
-            json={"customer_id": user, "channel": "email", "template_id": f"receipt-{s}",
-                  "category": "transactional", "recipient": {"email": address}},
+            json={
+                "customer_id": user,
+                "channel": "email",
+                "template_id": f"receipt-{s}",
+                "category": "transactional",
+                "recipient": {"email": address},
+            },
         )
         assert r.status_code == 202, r.text
-        mails = await eventually(lambda: [m for m in platform.mails_to(address) if m["Subject"] == "Your receipt"])
+        mails = await eventually(
+            lambda: [m for m in platform.mails_to(address) if m["Subject"] == "Your receipt"]
+        )
         assert len(mails) == 1
         assert mails[0]["List-Unsubscribe"] is None, "transactional mail carries no unsubscribe header"

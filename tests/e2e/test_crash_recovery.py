@@ -18,10 +18,19 @@ async def post_sign_ups(c: httpx.AsyncClient, p: Platform, users: list[str], coh
     for user in users:
         batch = {
             "batch": [
-                {"type": "identify", "userId": user, "messageId": f"{user}-identify",
-                 "traits": {"email": f"{user}@example.com", "first_name": user}},
-                {"type": "track", "userId": user, "messageId": f"{user}-signup", "event": "Signed Up",
-                 "properties": {"cohort": cohort}},
+                {
+                    "type": "identify",
+                    "userId": user,
+                    "messageId": f"{user}-identify",
+                    "traits": {"email": f"{user}@example.com", "first_name": user},
+                },
+                {
+                    "type": "track",
+                    "userId": user,
+                    "messageId": f"{user}-signup",
+                    "event": "Signed Up",
+                    "properties": {"cohort": cohort},
+                },
             ]
         }
         # An SDK retries until it gets a 2xx (same messageIds: ingest dedupes them).
@@ -39,7 +48,9 @@ async def post_sign_ups(c: httpx.AsyncClient, p: Platform, users: list[str], coh
 
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", ["ingest", "segmenter", "journey_engine", "notifier"])
-async def test_sigkill_mid_flow_loses_nothing_and_sends_nothing_twice(platform: Platform, victim: str) -> None:
+async def test_sigkill_mid_flow_loses_nothing_and_sends_nothing_twice(
+    platform: Platform, victim: str
+) -> None:
     s = uuid.uuid4().hex[:6]
     users = [f"crash-{victim}-{s}-{i}" for i in range(30)]
     async with httpx.AsyncClient(timeout=10) as c:

@@ -30,9 +30,10 @@ async def setup_welcome_journey(c: httpx.AsyncClient, p: Platform, suffix: str) 
             "variants": {
                 "en": {
                     "subject": "Welcome, {{ traits.first_name }}!",
-                    "html": '<p>Hi {{ traits.first_name }}, glad you joined.</p>'
+                    "html": "<p>Hi {{ traits.first_name }}, glad you joined.</p>"
                     '<a href="{% unsubscribe_link %}">Unsubscribe</a>',
-                    "text": "Hi {{ traits.first_name }}, glad you joined. Unsubscribe: {% unsubscribe_link %}",
+                    "text": "Hi {{ traits.first_name }}, glad you joined. "
+                    "Unsubscribe: {% unsubscribe_link %}",
                 }
             },
         },
@@ -60,10 +61,20 @@ async def setup_welcome_journey(c: httpx.AsyncClient, p: Platform, suffix: str) 
             "entry": {"type": "segment", "segment_id": segment_id, "change": "entered"},
             "nodes": [
                 {"id": "start", "type": "entry"},
-                {"id": "hello", "type": "send", "channel": "email", "template_id": f"welcome-{suffix}",
-                 "subscription_topic": "onboarding"},
-                {"id": "sent", "type": "wait_message", "send_node": "hello", "statuses": ["sent"],
-                 "timeout": "P1D"},
+                {
+                    "id": "hello",
+                    "type": "send",
+                    "channel": "email",
+                    "template_id": f"welcome-{suffix}",
+                    "subscription_topic": "onboarding",
+                },
+                {
+                    "id": "sent",
+                    "type": "wait_message",
+                    "send_node": "hello",
+                    "statuses": ["sent"],
+                    "timeout": "P1D",
+                },
                 {"id": "done", "type": "exit"},
             ],
             "edges": [
@@ -86,10 +97,17 @@ async def sign_up(
 ) -> None:
     batch = {
         "batch": [
-            {"type": "identify", "userId": user_id,
-             "traits": {"email": email_address, "first_name": first_name, "timezone": "Europe/Paris"}},
-            {"type": "track", "userId": user_id, "event": "Signed Up",
-             "properties": {"method": "email", "cohort": cohort}},
+            {
+                "type": "identify",
+                "userId": user_id,
+                "traits": {"email": email_address, "first_name": first_name, "timezone": "Europe/Paris"},
+            },
+            {
+                "type": "track",
+                "userId": user_id,
+                "event": "Signed Up",
+                "properties": {"method": "email", "cohort": cohort},
+            },
         ]
     }
     r = await c.post(f"{p.url('ingest')}/v1/batch", json=batch, auth=(WRITE_KEY, ""))
@@ -124,7 +142,11 @@ async def test_sign_up_gets_a_personalized_welcome_email_with_an_unsubscribe_lin
         assert segment_id in [s["segment_id"] for s in r.json()["segments"]]
 
         async def journey_done() -> list[dict[str, Any]]:
-            return [i for i in await journey_instances(c, platform, f"welcome-{suffix}") if i["status"] != "active"]
+            return [
+                i
+                for i in await journey_instances(c, platform, f"welcome-{suffix}")
+                if i["status"] != "active"
+            ]
 
         done = await eventually(journey_done, timeout=20, interval=0.3)
         assert len(done) == 1

@@ -38,6 +38,8 @@ class BaseServiceSettings(BaseSettings):
     db_pool_size: int = 10
 
     admin_token: SecretStr = SecretStr("dev-admin-token")
+    # Key of the salted hashes that erasure tombstones keep instead of a customer's identifiers.
+    privacy_salt: SecretStr = SecretStr("dev-privacy-salt")
 
     consumer_max_batch: int = 500
     consumer_max_attempts: int = 3

@@ -15,6 +15,7 @@ help:
 	@echo "make run    start Kafka, PostgreSQL, an SMTP sink and the four services (Ctrl-C stops)"
 	@echo "make test   run the whole test suite against a fresh local Kafka + PostgreSQL"
 	@echo "make lint   ruff + mypy --strict"
+	@echo "make demo   seed journeys/templates/segments into a running platform and stream customers"
 	@echo "make infra  Kafka + PostgreSQL only"
 	@echo "make bench-<name>  benchmarks (see bench/README.md)"
 
@@ -29,6 +30,10 @@ venv: $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m deploy.local.stack run
+
+# Seeds a running platform (`make run` in another terminal) and streams simulated customers.
+demo: $(STAMP)
+	$(PY) -m deploy.demo $(DEMO_ARGS)
 
 infra: $(STAMP)
 	$(PY) -m deploy.local.stack infra

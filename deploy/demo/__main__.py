@@ -179,7 +179,7 @@ async def main(args: argparse.Namespace) -> None:
         f"  journeys:  {auth} {args.journeys}/v1/journeys/demo-abandoned-cart/stats\n"
         f"  segments:  {auth} {args.segmenter}/v1/segments\n"
         f"  KPIs:      {auth} {args.segmenter}/v1/kpis/retention\n"
-        "Welcome series tips follow 2 minutes after sign-up, cart reminders 1 minute after an abandoned cart,\n"
+        "Welcome tips follow 2 minutes after sign-up, cart reminders 1 minute after an abandoned cart,\n"
         "cross-sell offers 3 minutes after a first order, NPS surveys 1 minute after an order.",
         flush=True,
     )

@@ -19,6 +19,7 @@ from services.segmenter.domain.catalog import Catalog, SegmentRule, compile_segm
 from services.segmenter.domain.evaluation import evaluate, next_change_at
 from services.segmenter.domain.profile import ProfileSnapshot
 from services.segmenter.domain.rules import InvalidRule
+from services.segmenter.store import catalogue as catalogue_store
 from services.segmenter.store import segments as segment_store
 from shared.contracts.events import SegmentMembershipChanged
 from shared.contracts.topics import SEGMENT_MEMBERSHIP
@@ -71,6 +72,10 @@ async def fill_snapshots(
         p.events = inputs.counts.get(cid, {})
         p.timeline = inputs.occurrences.get(cid, {})
         p.memberships = {sid for sid, st in inputs.memberships.get(cid, {}).items() if st.is_member}
+    if any(s.refs.recommendations for s in catalog.segments):
+        lists = await catalogue_store.recommendation_categories(session, profiles)
+        for cid, p in profiles.items():
+            p.recommendations = lists.get(cid, {})
     return inputs
 
 

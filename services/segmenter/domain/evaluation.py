@@ -23,6 +23,7 @@ from services.segmenter.domain.rules import (
     PerformedCondition,
     ProfileCondition,
     RandomBucketCondition,
+    RecommendationCondition,
     Rule,
     TraitCondition,
     as_datetime,
@@ -168,6 +169,8 @@ def evaluate(rule: Rule, p: ProfileSnapshot, now: datetime) -> bool:
     if isinstance(rule, RandomBucketCondition):
         b = rule.random_bucket
         return bucket_of(p.customer_id, b.salt, b.buckets) < b.below
+    if isinstance(rule, RecommendationCondition):
+        return (rule.category or "*") in p.recommendations.get(rule.recommendation, set())
     raise TypeError(f"unknown rule node {type(rule).__name__}")
 
 
@@ -235,6 +238,13 @@ def explain(rule: Rule, p: ProfileSnapshot, now: datetime, path: str = "definiti
             "random_bucket",
             {"bucket": bucket_of(p.customer_id, b.salt, b.buckets), "below": b.below},
         )
+    elif isinstance(rule, RecommendationCondition):
+        kind = "recommendation"
+        detail = {
+            "list": rule.recommendation,
+            "category": rule.category,
+            "categories": sorted(p.recommendations.get(rule.recommendation, set()) - {"*"}),
+        }
     return Explanation(path, kind, holds, detail)
 
 

@@ -34,6 +34,8 @@ class ProfileSnapshot:
     # Only for event names some rule needs occurrence by occurrence (windows, property filters).
     timeline: dict[str, list[Occurrence]] = field(default_factory=dict)
     memberships: set[str] = field(default_factory=set)
+    # Categories in the stored recommendation lists ("cross_sell"/"upsell" -> categories, "*" if any).
+    recommendations: dict[str, set[str]] = field(default_factory=dict)
 
 
 def aggregate_name(event: CustomerEvent) -> str | None:

@@ -169,6 +169,14 @@ class RandomBucketCondition(Node):
     random_bucket: RandomBucket
 
 
+class RecommendationCondition(Node):
+    """The customer's current recommendation list (`cross_sell` or `upsell`) has a product in
+    `category` (any product when no category is given). Issue 9."""
+
+    recommendation: Literal["cross_sell", "upsell"]
+    category: str | None = Field(default=None, min_length=1)
+
+
 class AndRule(Node):
     and_: list[Rule] = Field(alias="and", min_length=1)
 
@@ -192,6 +200,7 @@ _KINDS = (
     "last_performed",
     "member_of",
     "random_bucket",
+    "recommendation",
 )
 
 
@@ -216,7 +225,8 @@ Rule = Annotated[
     | Annotated[NotPerformedCondition, Tag("rule:not_performed")]
     | Annotated[LastPerformedCondition, Tag("rule:last_performed")]
     | Annotated[MemberOfCondition, Tag("rule:member_of")]
-    | Annotated[RandomBucketCondition, Tag("rule:random_bucket")],
+    | Annotated[RandomBucketCondition, Tag("rule:random_bucket")]
+    | Annotated[RecommendationCondition, Tag("rule:recommendation")],
     Discriminator(
         _rule_kind,
         custom_error_type="unknown_rule",
@@ -234,6 +244,7 @@ _KIND_OF_CLASS = {
     "LastPerformedCondition": "last_performed",
     "MemberOfCondition": "member_of",
     "RandomBucketCondition": "random_bucket",
+    "RecommendationCondition": "recommendation",
 }
 AndRule.model_rebuild()
 OrRule.model_rebuild()
@@ -411,6 +422,11 @@ class References:
     timeline_events: set[str] = field(default_factory=set)  # need individual occurrences, not just counts
     timeline_conditions: list[PerformedCondition] = field(default_factory=list)
     time_dependent: bool = False
+    recommendations: bool = False  # reads the stored recommendation lists
+
+
+# Events that change a customer's recommendation lists (what they bought and viewed).
+RECOMMENDATION_EVENTS = ("Order Completed", "Product Viewed", "Product Added")
 
 
 def references(rule: Rule, refs: References | None = None) -> References:
@@ -447,6 +463,9 @@ def references(rule: Rule, refs: References | None = None) -> References:
             refs.time_dependent = True
     elif isinstance(rule, MemberOfCondition):
         refs.segments.add(rule.member_of)
+    elif isinstance(rule, RecommendationCondition):
+        refs.events.update(RECOMMENDATION_EVENTS)
+        refs.recommendations = True
     return refs
 
 

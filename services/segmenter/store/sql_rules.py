@@ -24,6 +24,7 @@ from services.segmenter.domain.rules import (
     ProfileCondition,
     PropertyFilter,
     RandomBucketCondition,
+    RecommendationCondition,
     Rule,
     TraitCondition,
     as_datetime,
@@ -179,6 +180,18 @@ class RuleSql:
             return (
                 f"((('x' || substr(md5({self._p(b.salt)} || c.customer_id), 1, 8))::bit(32)::bigint "
                 f"% {self._p(b.buckets)}) < {self._p(b.below)})"
+            )
+        if isinstance(rule, RecommendationCondition):
+            # The stored lists (issue 9); a fixed whitelist of column names, never user text.
+            column = f"r.{rule.recommendation}"
+            match = (
+                f"{self._p(rule.category)} = ANY({column}_categories)"
+                if rule.category is not None
+                else f"jsonb_array_length({column}) > 0"
+            )
+            return (
+                "(EXISTS (SELECT 1 FROM customer_recommendations r WHERE r.customer_id = c.customer_id "
+                f"AND {match}))"
             )
         raise TypeError(f"unknown rule node {type(rule).__name__}")
 

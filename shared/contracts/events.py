@@ -113,6 +113,10 @@ class ProfileChanged(ContractModel):
     merged_ids: list[str] = Field(default_factory=list)
     merge_cause: str | None = None
     caused_by: str | None = None
+    # The customer's current recommendation lists when they changed (issue 9), as template
+    # variables: {"cross_sell": [{product_id, name, category, price, url, image_url, reason, ...}],
+    # "upsell": [...]}. None = unchanged / not computed (keep what you have).
+    recommendations: JsonObject | None = None
 
     def contract_id(self) -> str:
         return self.event_id

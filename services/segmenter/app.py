@@ -9,12 +9,15 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from services.segmenter.api.customers import customers_router
+from services.segmenter.api.privacy import privacy_router
 from services.segmenter.api.segments import segments_router
+from services.segmenter.consumers.privacy_answers import PrivacyAnswersConsumer
 from services.segmenter.runtime import Segmenter
 from services.segmenter.settings import SegmenterSettings
+from shared.audit import install_audit
 from shared.clock import Clock, SystemClock
-from shared.contracts.events import CustomerEvent
-from shared.contracts.topics import CUSTOMER_EVENTS
+from shared.contracts.events import CustomerEvent, PrivacyRequest
+from shared.contracts.topics import CUSTOMER_EVENTS, PRIVACY
 from shared.runtime import Platform, install_common
 
 MIGRATIONS = Path(__file__).parent / "store" / "migrations"
@@ -25,6 +28,7 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
     platform = Platform(settings, migrations=MIGRATIONS)
     segmenter = Segmenter.build(settings, platform, clock or SystemClock())
     platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "profiles", segmenter.events)
+    platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", PrivacyAnswersConsumer(platform))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,5 +52,8 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
     app.state.segmenter = segmenter
     install_common(app, platform)
     app.include_router(segments_router(segmenter))
+    # Before the profile routes: DELETE /v1/customers/{id} and /export live in the privacy router.
+    app.include_router(privacy_router(segmenter))
     app.include_router(customers_router(segmenter))
+    install_audit(app, platform.unit_of_work, settings)
     return app

@@ -21,3 +21,5 @@ class SegmenterSettings(BaseServiceSettings):
     backfill_poll_interval_s: float = 1.0
     # Run the background loops (tests drive them by hand with `run_once`).
     run_background_loops: bool = True
+    # How long GET /v1/customers/{id}/export waits for every service's part before answering 504.
+    privacy_export_wait_s: float = 10.0

@@ -12,6 +12,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.identity import batch_identifiers, plan_identities
 from services.segmenter.domain.profile import (
@@ -31,7 +34,11 @@ from shared.contracts.events import CustomerEvent, ProfileChanged, ProfileChange
 from shared.contracts.topics import PROFILES
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka.consumer import Consumed
+from shared.privacy import erased_among
 from shared.runtime import Platform
+
+if TYPE_CHECKING:
+    from services.segmenter.recommendations import Recommendations
 
 CONSUMER = "segmenter.events"
 log = logging.getLogger(__name__)
@@ -85,6 +92,8 @@ class CustomerEventsHandler:
         self.clock = clock
         self.catalog_cache = catalog
         self.parallelism = max(1, parallelism)
+        # Issue 9: set by the runtime; feeds the catalogue and recommendation counts per batch.
+        self.recommendations: Recommendations | None = None
 
     async def __call__(self, batch: Sequence[Consumed[CustomerEvent]]) -> None:
         # Partitions are independent (a key's events are in one partition, in order), so a batch is
@@ -110,6 +119,18 @@ class CustomerEventsHandler:
                 )
                 await asyncio.sleep(0.01 * attempt)
 
+    async def _without_erased(
+        self, session: AsyncSession, events: list[CustomerEvent]
+    ) -> list[CustomerEvent]:
+        """Erased customers stay erased: an event carrying one of their ids is dropped (its claim stays,
+        so it is never retried), never folded into a profile again. See docs/privacy.md."""
+        salt = self.platform.settings.privacy_salt.get_secret_value()
+        ids = {i for e in events for i in (e.user_id, e.anonymous_id) if i}
+        erased = await erased_among(session, salt, ids)
+        if not erased:
+            return events
+        return [e for e in events if e.user_id not in erased and e.anonymous_id not in erased]
+
     async def handle(self, uow: UnitOfWork, events: list[CustomerEvent]) -> None:
         session = uow.session
         now = self.clock.now()
@@ -119,6 +140,9 @@ class CustomerEventsHandler:
             if e.message_id in fresh:
                 fresh.discard(e.message_id)  # a duplicate inside the batch counts once
                 todo.append(e)
+        if not todo:
+            return
+        todo = await self._without_erased(session, todo)
         if not todo:
             return
         catalog = await self.catalog_cache.refresh(session)
@@ -182,6 +206,9 @@ class CustomerEventsHandler:
         await profile_store.save_batch(
             session, [profiles[c] for c in sorted(names_seen)], counts, timeline, now
         )
+        if self.recommendations is not None:  # catalogue, counts, lists: same unit of work (issue 9)
+            merges = [(m.from_id, m.into_id) for m in plan.merges]
+            await self.recommendations.on_events(uow, todo, plan.customer_of_event, merges, profiles, now)
 
         await self._publish_profiles(
             uow, profiles, changed_traits, merged_into, merge_cause, merged_traits, last_message, now

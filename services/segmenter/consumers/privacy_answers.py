@@ -1,0 +1,37 @@
+"""clm.privacy.v1 back into the segmenter: every service's `erase_completed` and `export_part`.
+
+Recorded per (request, service, action), so the receipt and the export endpoint read them from the
+table. Requests (ours) are skipped: the segmenter erases and exports its own data in the API call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.segmenter.store import privacy as privacy_store
+from shared.contracts.events import PrivacyAction, PrivacyRequest
+from shared.db.unit_of_work import UnitOfWork
+from shared.kafka.consumer import Consumed
+from shared.runtime import Platform
+
+CONSUMER = "segmenter.privacy"
+ANSWERS = frozenset({PrivacyAction.ERASE_COMPLETED, PrivacyAction.EXPORT_PART})
+
+
+class PrivacyAnswersConsumer:
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+
+    async def __call__(self, batch: Sequence[Consumed[PrivacyRequest]]) -> None:
+        async with self.platform.unit_of_work() as uow:
+            await self.handle(uow, batch)
+
+    async def handle(self, uow: UnitOfWork, batch: Sequence[Consumed[PrivacyRequest]]) -> None:
+        fresh = await uow.claim_many(CONSUMER, [c.event_id for c in batch])
+        for c in batch:
+            msg = c.value
+            if c.event_id not in fresh or msg.action not in ANSWERS or not msg.service:
+                continue
+            await privacy_store.record_answer(
+                uow.session, msg.request_id, msg.service, msg.action.value, msg.data, msg.occurred_at
+            )

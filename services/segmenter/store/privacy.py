@@ -1,0 +1,182 @@
+"""Every query behind erasure, export and the privacy receipt in the segmenter.
+
+`CUSTOMER_TABLES` is the one list of tables that hold a customer's data, with the column naming the
+customer: erasure deletes from each, export reads each. A later feature adds its tables here; a
+table whose migration has not run (an optional feature) is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.db import privacy_tables
+
+# (table, customer column, order for export). Profile last: the others reference its id.
+CUSTOMER_TABLES: tuple[tuple[str, str, str], ...] = (
+    ("events", "customer_id", "timestamp, seq"),
+    ("event_counts", "customer_id", "event"),
+    ("memberships", "customer_id", "segment_id"),
+    ("segment_timers", "customer_id", "segment_id"),
+    ("merges", "canonical_id", "id"),
+    ("identities", "customer_id", "kind, value"),
+    # Recommendations (issue 9), lifecycle (issue 7): present once their migrations ran.
+    ("customer_products", "customer_id", "kind, product_id"),
+    ("customer_recommendations", "customer_id", "customer_id"),
+    ("lifecycle_stage_history", "customer_id", "id"),
+    ("survey_responses", "customer_id", "message_id"),
+    ("customer_messages", "customer_id", "message_id"),
+    ("customers", "customer_id", "customer_id"),
+)
+# An export part is one Kafka message: the timeline is capped (newest first) to stay well under 1 MB.
+EXPORT_EVENTS_LIMIT = 2000
+
+metadata = sa.MetaData()
+audit_log = privacy_tables.define_audit_log(metadata)
+erasure_tombstones = privacy_tables.define_tombstones(metadata)
+
+privacy_requests = sa.Table(
+    "privacy_requests",
+    metadata,
+    sa.Column("request_id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),  # erase | export
+    sa.Column("customer_id", sa.Text, nullable=False),
+    # Salted hashes only: the receipt outlives the identifiers it was about.
+    sa.Column("identity_hashes", sa.ARRAY(sa.Text), nullable=False),
+    sa.Column("requested_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# One row per (request, service, answer): erase_completed confirmations and export parts.
+privacy_answers = sa.Table(
+    "privacy_answers",
+    metadata,
+    sa.Column("request_id", sa.Text, primary_key=True),
+    sa.Column("service", sa.Text, primary_key=True),
+    sa.Column("action", sa.Text, primary_key=True),
+    sa.Column("data", JSONB, nullable=False, server_default="{}"),
+    sa.Column("answered_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+async def _existing(session: AsyncSession) -> list[tuple[str, str, str]]:
+    names = [t for t, _, _ in CUSTOMER_TABLES]
+    rows = await session.execute(
+        text("SELECT n FROM unnest(CAST(:n AS text[])) AS n WHERE to_regclass(n) IS NOT NULL"), {"n": names}
+    )
+    present = {r[0] for r in rows}
+    return [t for t in CUSTOMER_TABLES if t[0] in present]
+
+
+async def lock_customer(session: AsyncSession, customer_id: str) -> bool:
+    """Lock the profile row (the events consumer locks the same rows): False if it is gone."""
+    row = await session.execute(
+        text("SELECT 1 FROM customers WHERE customer_id = :c FOR UPDATE"), {"c": customer_id}
+    )
+    return row.first() is not None
+
+
+async def known_identifiers(session: AsyncSession, customer_id: str) -> list[str]:
+    """Every identifier of the customer: canonical id, userIds, anonymousIds, former ids, email."""
+    rows = await session.execute(
+        text(
+            "SELECT value FROM identities WHERE customer_id = :c "
+            "UNION SELECT traits ->> 'email' FROM customers WHERE customer_id = :c AND traits ? 'email' "
+            "UNION SELECT from_id FROM merges WHERE canonical_id = :c"
+        ),
+        {"c": customer_id},
+    )
+    return sorted({customer_id, *(str(r[0]) for r in rows if r[0])})
+
+
+async def erase_customer(session: AsyncSession, customer_ids: Sequence[str]) -> dict[str, int]:
+    """Delete the customer's rows from every per-customer table; returns the row counts."""
+    deleted: dict[str, int] = {}
+    for table, column, _ in await _existing(session):
+        result = await session.execute(
+            text(f"DELETE FROM {table} WHERE {column} = ANY(CAST(:ids AS text[]))"),
+            {"ids": list(customer_ids)},
+        )
+        deleted[table] = int(getattr(result, "rowcount", 0) or 0)
+    return deleted
+
+
+async def export_customer(session: AsyncSession, customer_ids: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for table, column, order in await _existing(session):
+        limit = f" LIMIT {EXPORT_EVENTS_LIMIT}" if table == "events" else ""
+        desc = " DESC" if table == "events" else ""
+        order_sql = ", ".join(f"{c.strip()}{desc}" for c in order.split(","))
+        rows = await session.execute(
+            text(
+                f"SELECT * FROM {table} WHERE {column} = ANY(CAST(:ids AS text[])) "
+                f"ORDER BY {order_sql}{limit}"
+            ),
+            {"ids": list(customer_ids)},
+        )
+        # JSON round trip: datetimes and decimals become strings, so the part fits the contract.
+        out[table] = orjson.loads(orjson.dumps([dict(r._mapping) for r in rows], default=str))
+    return out
+
+
+async def insert_request(
+    session: AsyncSession, request_id: str, kind: str, customer_id: str, hashes: list[str], now: datetime
+) -> None:
+    await session.execute(
+        sa.insert(privacy_requests).values(
+            request_id=request_id,
+            kind=kind,
+            customer_id=customer_id,
+            identity_hashes=hashes,
+            requested_at=now,
+        )
+    )
+
+
+async def record_answer(
+    session: AsyncSession, request_id: str, service: str, action: str, data: dict[str, Any], at: datetime
+) -> None:
+    stmt = (
+        pg_insert(privacy_answers)
+        .values(request_id=request_id, service=service, action=action, data=data, answered_at=at)
+        .on_conflict_do_nothing()
+    )
+    await session.execute(stmt)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    request_id: str
+    kind: str
+    customer_id: str
+    requested_at: datetime
+    answers: dict[str, tuple[datetime, dict[str, Any]]]  # service -> (answered_at, data)
+
+
+async def read_request(session: AsyncSession, request_id: str) -> RequestRecord | None:
+    row = (
+        await session.execute(sa.select(privacy_requests).where(privacy_requests.c.request_id == request_id))
+    ).first()
+    if row is None:
+        return None
+    action = "erase_completed" if row.kind == "erase" else "export_part"
+    answers = await session.execute(
+        sa.select(privacy_answers.c.service, privacy_answers.c.answered_at, privacy_answers.c.data).where(
+            privacy_answers.c.request_id == request_id, privacy_answers.c.action == action
+        )
+    )
+    return RequestRecord(
+        row.request_id,
+        row.kind,
+        row.customer_id,
+        row.requested_at,
+        {a.service: (a.answered_at, a.data) for a in answers},
+    )

@@ -90,6 +90,8 @@ class PlatformProcesses:
     mail_dir: Path | None = None
     # Tests run a private platform: topics get this prefix and each service a schema of its own.
     namespace: str | None = None
+    # Benchmarks run their own in-process sink on `smtp_port` to time each mail's arrival.
+    start_smtp_sink: bool = True
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,7 +104,7 @@ class PlatformProcesses:
         base.setdefault("CLM_ADMIN_TOKEN", "dev-admin-token")
         if self.namespace:
             base["CLM_TOPIC_PREFIX"] = f"{self.namespace}."
-        if (ROOT / "deploy" / "local" / "smtp_sink.py").exists():
+        if self.start_smtp_sink:
             argv = [sys.executable, "-m", "deploy.local.smtp_sink", "--port", str(self.smtp_port)]
             if self.mail_dir is not None:
                 argv += ["--dir", str(self.mail_dir)]

@@ -16,11 +16,14 @@ from services.ingest.api.imports import imports_router
 from services.ingest.api.intake import Intake
 from services.ingest.api.tracking import tracking_router
 from services.ingest.api.write_keys import write_keys_router
+from services.ingest.consumers.privacy import PrivacyConsumer
 from services.ingest.event_writer import EventWriter
 from services.ingest.settings import IngestSettings
 from services.ingest.store.write_keys import WriteKeyRepository
 from services.ingest.write_keys import WriteKeys
+from shared.audit import install_audit
 from shared.clock import Clock, SystemClock
+from shared.contracts import PRIVACY, PrivacyRequest
 from shared.runtime import Platform, install_common
 
 MIGRATIONS = Path(__file__).parent / "store" / "migrations"
@@ -33,6 +36,9 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     write_keys = WriteKeys(WriteKeyRepository(platform.engine), clock, settings.write_key_cache_ttl_s)
     writer = EventWriter(platform.engine, settings, clock)
     intake = Intake(settings, writer, write_keys, clock)
+    platform.consumer(
+        PRIVACY.name, PrivacyRequest, "privacy", PrivacyConsumer(platform.unit_of_work, clock).handle
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,4 +67,5 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     install_common(app, platform)
     app.include_router(imports_router(intake))
     app.include_router(write_keys_router(settings, write_keys))
+    install_audit(app, platform.unit_of_work, settings)
     return app

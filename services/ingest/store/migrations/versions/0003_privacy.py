@@ -1,0 +1,20 @@
+"""privacy: the admin audit log (ingest keeps no customer data to tombstone)
+
+Revision ID: 0003_privacy
+Revises: 0002
+"""
+
+from shared.db import privacy_tables
+
+revision = "0003_privacy"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    privacy_tables.create_in_migration(tombstones=False)
+
+
+def downgrade() -> None:
+    privacy_tables.drop_in_migration(tombstones=False)

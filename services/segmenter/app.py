@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from services.segmenter.api.catalogue import catalogue_router
 from services.segmenter.api.customers import customers_router
 from services.segmenter.api.privacy import privacy_router
 from services.segmenter.api.segments import segments_router
@@ -37,6 +38,8 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
         if settings.run_background_loops:
             platform.run_in_background("segment-timers", segmenter.timers.run_forever)
             platform.run_in_background("segment-backfill", segmenter.backfill.run_forever)
+            if settings.recommendations_recompute_interval_s > 0:
+                platform.run_in_background("recommendations-recompute", segmenter.recommendations.run_forever)
         try:
             yield
         finally:
@@ -55,5 +58,6 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
     # Before the profile routes: DELETE /v1/customers/{id} and /export live in the privacy router.
     app.include_router(privacy_router(segmenter))
     app.include_router(customers_router(segmenter))
+    app.include_router(catalogue_router(segmenter))
     install_audit(app, platform.unit_of_work, settings)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.segmenter.consumers.customer_events import CustomerEventsHandler
+from services.segmenter.recommendations import Recommendations
 from services.segmenter.reevaluation import SegmentCatalogCache
 from services.segmenter.schedules import Backfill, DueTimers
 from services.segmenter.settings import SegmenterSettings
@@ -21,16 +22,21 @@ class Segmenter:
     events: CustomerEventsHandler
     timers: DueTimers
     backfill: Backfill
+    recommendations: Recommendations
 
     @classmethod
     def build(cls, settings: SegmenterSettings, platform: Platform, clock: Clock) -> Segmenter:
         catalog = SegmentCatalogCache()
+        events = CustomerEventsHandler(platform, clock, catalog, settings.consumer_parallelism)
+        recommendations = Recommendations(settings, platform, clock, catalog)
+        events.recommendations = recommendations
         return cls(
             settings=settings,
             platform=platform,
             clock=clock,
             catalog=catalog,
-            events=CustomerEventsHandler(platform, clock, catalog, settings.consumer_parallelism),
+            events=events,
             timers=DueTimers(platform, clock, catalog, settings),
             backfill=Backfill(platform, clock, catalog, settings),
+            recommendations=recommendations,
         )

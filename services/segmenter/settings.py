@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from shared.settings import BaseServiceSettings
 
 
@@ -23,3 +25,11 @@ class SegmenterSettings(BaseServiceSettings):
     run_background_loops: bool = True
     # How long GET /v1/customers/{id}/export waits for every service's part before answering 504.
     privacy_export_wait_s: float = 10.0
+    # Recommendations (issue 9): full recompute of the counts and every customer's lists (0 = off).
+    recommendations_recompute_interval_s: float = 3600.0
+    recommendations_recompute_chunk: int = 1000
+    recommendations_cross_sell_limit: int = 10
+    recommendations_upsell_limit: int = 5
+    recommendations_min_support: int = 2
+    recommendations_view_weight: float = 0.3
+    recommendations_measure: Literal["cosine", "lift"] = "cosine"

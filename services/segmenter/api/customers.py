@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 
 from services.segmenter.runtime import Segmenter
+from services.segmenter.store import catalogue as catalogue_store
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.http import ApiError, admin_guard, field_error
@@ -58,6 +59,8 @@ def customers_router(seg: Segmenter) -> APIRouter:
             identities = (await profile_store.identities_of(uow.session, [cid])).get(cid, {})
             merges = await profile_store.merge_history(uow.session, cid)
             segments = await segment_store.segments_of(uow.session, cid)
+            # Issue 9: the stored lists (as templates see them), refreshed on the customer's product events.
+            recommendations = await catalogue_store.stored_recommendations(uow.session, cid)
         f = profile.fields
         return {
             "customer_id": cid,
@@ -81,6 +84,7 @@ def customers_router(seg: Segmenter) -> APIRouter:
             },
             "merges": merges,
             "segments": segments,
+            "recommendations": recommendations.as_template_variables() if recommendations else None,
         }
 
     @router.get("/{customer_ref}/segments")

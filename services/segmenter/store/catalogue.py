@@ -370,3 +370,11 @@ async def recommendation_categories(
             "upsell": set(up) | ({"*"} if any_up else set()),
         }
     return out
+
+
+async def traits_of(session: AsyncSession, customer_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    rows = await session.execute(
+        text("SELECT customer_id, traits FROM customers WHERE customer_id = ANY(CAST(:ids AS text[]))"),
+        {"ids": list(customer_ids)},
+    )
+    return {r[0]: r[1] for r in rows}

@@ -1,0 +1,251 @@
+"""Catalogue and recommendations inside the segmenter (issue 9): the part of the event batch that
+feeds the catalogue and the co-occurrence counts, the per-customer lists, and the full recompute.
+
+The event hook runs inside the batch's unit of work, after the profiles are saved and before the
+segments are re-evaluated: catalogue upsert, new (customer, product) rows, count increments (the
+`basket_delta`s), the touched customers' lists, and a `ProfileChanged` carrying the lists when
+they changed, all committed with the profile update, the inbox claims and the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.segmenter.domain.profile import ProfileSnapshot
+from services.segmenter.domain.recommendations.catalogue import (
+    CatalogueItem,
+    InteractionKind,
+    catalogue_items_from_event,
+)
+from services.segmenter.domain.recommendations.cooccurrence import (
+    ItemSimilarities,
+    ScoringParams,
+    SimilarityMeasure,
+)
+from services.segmenter.domain.recommendations.recommend import (
+    CustomerRecommendations,
+    PopularityIndex,
+    RecommendParams,
+    customer_categories,
+    recommend_for_customer,
+)
+from services.segmenter.domain.recommendations.stored import batch_increments, stored_counts
+from services.segmenter.reevaluation import SegmentCatalogCache
+from services.segmenter.settings import SegmenterSettings
+from services.segmenter.store import catalogue as catalogue_store
+from services.segmenter.store import segments as segment_store
+from shared.clock import Clock
+from shared.contracts.events import CustomerEvent, EventType, ProfileChanged, ProfileChangeKind
+from shared.contracts.topics import PROFILES
+from shared.db.unit_of_work import UnitOfWork
+from shared.runtime import Platform
+
+log = logging.getLogger(__name__)
+TemplateLists = dict[str, list[dict[str, Any]]]
+
+
+def _product_ids(lists: Mapping[str, list[dict[str, Any]]] | None) -> Any:
+    """What a customer would see: the product ids of each list, in order (scores and support counts
+    move with every purchase anywhere; announcing those would be noise)."""
+    if lists is None:
+        return None
+    return {k: [e.get("product_id") for e in v] for k, v in sorted(lists.items())}
+
+
+@dataclass
+class RecomputeResult:
+    products: int
+    pairs: int
+    customers: int
+    changed: int
+
+    def as_json(self) -> dict[str, int]:
+        return {
+            "product_counts": self.products,
+            "pair_counts": self.pairs,
+            "customers": self.customers,
+            "lists_changed": self.changed,
+        }
+
+
+class Recommendations:
+    def __init__(
+        self, settings: SegmenterSettings, platform: Platform, clock: Clock, catalog: SegmentCatalogCache
+    ) -> None:
+        self.settings, self.platform, self.clock, self.catalog_cache = settings, platform, clock, catalog
+        self.scoring = ScoringParams(
+            measure=SimilarityMeasure(settings.recommendations_measure),
+            min_support=settings.recommendations_min_support,
+            view_weight=settings.recommendations_view_weight,
+        )
+        self.params = RecommendParams(
+            cross_sell_limit=settings.recommendations_cross_sell_limit,
+            upsell_limit=settings.recommendations_upsell_limit,
+        )
+        self._recompute_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ per customer
+
+    async def compute(
+        self, session: AsyncSession, customer_ids: Iterable[str], limit: int | None = None
+    ) -> dict[str, CustomerRecommendations]:
+        """Each customer's lists from the stored counts: only the rows their anchors need (their
+        products' pairs, the counts of those products and of their categories, the top sellers)."""
+        params = self.params
+        if limit is not None:
+            params = params.model_copy(update={"cross_sell_limit": limit, "upsell_limit": limit})
+        histories = await catalogue_store.histories(session, customer_ids)
+        if not histories:
+            return {}
+        anchors = {p for h in histories.values() for p in h.purchased | h.viewed}
+        anchor_items = await catalogue_store.items_for(session, anchors, ())
+        categories = {c for h in histories.values() for c in customer_categories(h, anchor_items)}
+        pairs = await catalogue_store.pairs_of(session, anchors)
+        neighbours = {b for rows in pairs.values() for _, b, _ in rows}
+        most_owned = max(len(h.purchased) for h in histories.values())
+        top = await catalogue_store.top_sellers(session, params.cross_sell_limit + most_owned)
+        catalogue = await catalogue_store.items_for(session, anchors | neighbours | set(top), categories)
+        counts_of = await catalogue_store.product_counts(
+            session, anchors | neighbours | set(top) | set(catalogue)
+        )
+        totals = (
+            await catalogue_store.customer_totals(session)
+            if self.scoring.measure is SimilarityMeasure.LIFT
+            else {}
+        )
+        counts = stored_counts(totals, counts_of, pairs)
+        similarities = ItemSimilarities(counts, self.scoring)
+        popularity = PopularityIndex(counts, catalogue)
+        return {
+            cid: recommend_for_customer(history, similarities, catalogue, popularity, params)
+            for cid, history in histories.items()
+        }
+
+    async def refresh_lists(
+        self,
+        uow: UnitOfWork,
+        customer_ids: Iterable[str],
+        traits: Mapping[str, dict[str, Any]],
+        causes: Mapping[str, str],
+        default_cause: str,
+    ) -> int:
+        """Recompute and store these customers' lists; announce those whose products changed."""
+        computed = await self.compute(uow.session, customer_ids)
+        lists: dict[str, TemplateLists] = {c: r.as_template_variables() for c, r in computed.items()}
+        now = self.clock.now()
+        previous = await catalogue_store.save_recommendations(uow.session, lists, now)
+        changed = 0
+        for cid in sorted(lists):
+            if _product_ids(previous.get(cid)) == _product_ids(lists[cid]):
+                continue
+            changed += 1
+            cause = causes.get(cid, default_cause)
+            uow.emit(
+                PROFILES.name,
+                cid,
+                ProfileChanged(
+                    event_id=f"profile:{cid}:{cause}:recommendations",
+                    customer_id=cid,
+                    kind=ProfileChangeKind.TRAITS_CHANGED,
+                    occurred_at=now,
+                    traits=traits.get(cid, {}),
+                    recommendations=dict(lists[cid]),
+                    caused_by=cause,
+                ),
+            )
+        return changed
+
+    # ------------------------------------------------------------------ the event hook
+
+    async def on_events(
+        self,
+        uow: UnitOfWork,
+        events: Sequence[CustomerEvent],
+        customer_of_event: Sequence[str],
+        merges: Sequence[tuple[str, str]],
+        profiles: Mapping[str, ProfileSnapshot],
+        now: datetime,
+    ) -> None:
+        """Catalogue, products, counts and lists for one batch (inside its unit of work)."""
+        session = uow.session
+        if merges:
+            await catalogue_store.move_products(session, merges)
+        items: dict[str, CatalogueItem] = {}
+        interactions: list[tuple[str, InteractionKind, list[str]]] = []
+        last_message: dict[str, str] = {}
+        for e, cid in zip(events, customer_of_event, strict=True):
+            if e.type != EventType.TRACK:
+                continue
+            extracted = catalogue_items_from_event(e.event, e.properties)
+            if extracted.kind is None:
+                continue
+            if extracted.rejected:
+                log.info(
+                    "product descriptions rejected",
+                    extra={
+                        "message_id": e.message_id,
+                        "rejected": [r.model_dump() for r in extracted.rejected],
+                    },
+                )
+            for item in extracted.items:
+                known = items.get(item.product_id)
+                items[item.product_id] = item if known is None else known.merged_with(item)
+            if extracted.product_ids:
+                interactions.append((cid, extracted.kind, extracted.product_ids))
+                last_message[cid] = e.message_id
+        if not items and not interactions:
+            return
+        await catalogue_store.upsert_items(session, list(items.values()), now)
+        owned = await catalogue_store.owned(session, {c for c, _, _ in interactions})
+        increments = batch_increments(owned, interactions)
+        await catalogue_store.apply_increments(session, increments, now)
+        if increments.customers:
+            traits = {c: profiles[c].traits for c in increments.customers if c in profiles}
+            await self.refresh_lists(uow, increments.customers, traits, last_message, "batch")
+
+    # ------------------------------------------------------------------ full recompute
+
+    async def recompute(self) -> RecomputeResult:
+        """Counts from scratch (SQL X^T X), every customer's lists again (announcing the changed
+        ones), then back-fill the segments that read the lists."""
+        async with self._recompute_lock:
+            async with self.platform.unit_of_work() as uow:
+                products, pairs = await catalogue_store.recompute_counts(uow.session)
+            customers = changed = 0
+            after: str | None = None
+            chunk = self.settings.recommendations_recompute_chunk
+            while True:
+                async with self.platform.unit_of_work() as uow:
+                    ids = await catalogue_store.customer_ids_after(uow.session, after, chunk)
+                    if not ids:
+                        break
+                    traits = await catalogue_store.traits_of(uow.session, ids)
+                    cause = f"recompute:{self.clock.now().isoformat()}"
+                    changed += await self.refresh_lists(uow, ids, traits, {}, cause)
+                customers += len(ids)
+                after = ids[-1]
+            async with self.platform.unit_of_work() as uow:
+                catalog = await self.catalog_cache.refresh(uow.session)
+                using = {s.segment_id for s in catalog.segments if s.refs.recommendations}
+                if using:
+                    await segment_store.restart_backfill(uow.session, using, self.clock.now())
+            return RecomputeResult(products, pairs, customers, changed)
+
+    async def run_forever(self) -> None:
+        interval = self.settings.recommendations_recompute_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                result = await self.recompute()
+                log.info("recommendations recomputed", extra=result.as_json())
+            except Exception as exc:
+                log.warning(
+                    "recommendation recompute failed; next one on schedule", extra={"error": repr(exc)}
+                )

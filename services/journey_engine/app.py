@@ -12,6 +12,7 @@ from services.journey_engine.api.journeys import build_router
 from services.journey_engine.consumers.handlers import register
 from services.journey_engine.execution.engine import JourneyEngine
 from services.journey_engine.settings import JourneyEngineSettings
+from shared.audit import install_audit
 from shared.clock import Clock, SystemClock
 from shared.runtime import Platform, install_common
 
@@ -47,4 +48,5 @@ def create_app(settings: JourneyEngineSettings | None = None, clock: Clock | Non
     app.state.engine = engine
     install_common(app, platform)
     app.include_router(build_router(platform, engine))
+    install_audit(app, platform.unit_of_work, settings)
     return app

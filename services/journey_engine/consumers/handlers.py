@@ -5,18 +5,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.journey_engine.consumers.privacy import PrivacyConsumer, drop_erased_events
 from services.journey_engine.execution.engine import JourneyEngine
-from shared.contracts.events import CustomerEvent, MessageStatus, ProfileChanged, SegmentMembershipChanged
-from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_STATUS, PROFILES, SEGMENT_MEMBERSHIP
+from shared.contracts.events import (
+    CustomerEvent,
+    MessageStatus,
+    PrivacyRequest,
+    ProfileChanged,
+    SegmentMembershipChanged,
+)
+from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_STATUS, PRIVACY, PROFILES, SEGMENT_MEMBERSHIP
 from shared.kafka.consumer import Consumed
 from shared.runtime import Platform
 
 
 def register(platform: Platform, engine: JourneyEngine) -> None:
+    salt = platform.settings.privacy_salt.get_secret_value()
+
     async def events(batch: Sequence[Consumed[CustomerEvent]]) -> None:
         async with platform.unit_of_work() as uow:
             fresh = await uow.claim_many("events", [c.event_id for c in batch])
-            await engine.on_events(uow, [(c.event_id, c.value) for c in batch if c.event_id in fresh])
+            items = [(c.event_id, c.value) for c in batch if c.event_id in fresh]
+            await engine.on_events(uow, await drop_erased_events(uow, salt, items))
 
     async def segments(batch: Sequence[Consumed[SegmentMembershipChanged]]) -> None:
         async with platform.unit_of_work() as uow:
@@ -37,3 +47,5 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
     platform.consumer(SEGMENT_MEMBERSHIP.name, SegmentMembershipChanged, "segments", segments)
     platform.consumer(PROFILES.name, ProfileChanged, "profiles", profiles)
     platform.consumer(MESSAGE_STATUS.name, MessageStatus, "statuses", statuses)
+    privacy = PrivacyConsumer(platform, engine.clock)
+    platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy.handle)

@@ -1,0 +1,62 @@
+"""clm.privacy.v1: erase or export what the journey engine holds on a customer, and answer.
+
+Erasure deletes the projection (traits, identities, segment memberships), the customer's journey
+instances with their timers and enrolments, and the message log; it keeps salted-hash tombstones so
+later events carrying the customer's ids start no journey (`drop_erased_events`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.journey_engine.store import privacy as privacy_store
+from shared.clock import Clock
+from shared.contracts.events import CustomerEvent, PrivacyAction, PrivacyRequest
+from shared.contracts.topics import PRIVACY
+from shared.db.unit_of_work import UnitOfWork
+from shared.kafka.consumer import Consumed
+from shared.privacy import add_tombstones, answer, erased_among
+from shared.runtime import Platform
+
+CONSUMER = "journey_engine.privacy"
+SERVICE = "journey_engine"
+
+
+class PrivacyConsumer:
+    def __init__(self, platform: Platform, clock: Clock) -> None:
+        self.platform = platform
+        self.clock = clock
+        self.salt = platform.settings.privacy_salt.get_secret_value()
+
+    async def handle(self, batch: Sequence[Consumed[PrivacyRequest]]) -> None:
+        async with self.platform.unit_of_work() as uow:
+            fresh = await uow.claim_many(CONSUMER, [c.event_id for c in batch])
+            now = self.clock.now()
+            for c in batch:
+                request = c.value
+                if c.event_id not in fresh:
+                    continue
+                identities = [request.customer_id, *request.identities]
+                if request.action is PrivacyAction.ERASE_REQUESTED:
+                    cids = await privacy_store.customer_ids(uow.session, identities)
+                    deleted = await privacy_store.erase(uow.session, cids)
+                    await add_tombstones(uow.session, self.salt, identities, request.request_id, now)
+                    reply = answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now, {"deleted": deleted})
+                elif request.action is PrivacyAction.EXPORT_REQUESTED:
+                    cids = await privacy_store.customer_ids(uow.session, identities)
+                    data = await privacy_store.export(uow.session, cids)
+                    reply = answer(request, SERVICE, PrivacyAction.EXPORT_PART, now, data)
+                else:
+                    continue  # answers, ours and other services'
+                uow.emit(PRIVACY.name, request.customer_id, reply, correlation_id=c.correlation_id)
+
+
+async def drop_erased_events(
+    uow: UnitOfWork, salt: str, items: list[tuple[str, CustomerEvent]]
+) -> list[tuple[str, CustomerEvent]]:
+    """Events of erased customers start no journey (their claims stay: never retried)."""
+    ids = {i for _, e in items for i in (e.user_id, e.anonymous_id) if i}
+    erased = await erased_among(uow.session, salt, ids)
+    if not erased:
+        return items
+    return [(eid, e) for eid, e in items if e.user_id not in erased and e.anonymous_id not in erased]

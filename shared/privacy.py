@@ -27,7 +27,7 @@ SERVICES = ("segmenter", "ingest", "journey_engine", "notifier")
 
 
 def identity_hash(salt: str, identity: str) -> str:
-    return hmac.new(salt.encode(), identity.strip().lower().encode(), hashlib.sha256).hexdigest()
+    return hmac.new(salt.encode(), identity.strip().encode(), hashlib.sha256).hexdigest()
 
 
 def identity_hashes(salt: str, identities: Iterable[str]) -> list[str]:

@@ -22,6 +22,7 @@ from services.notifier.domain.signing import LinkSigner, MessageLinks
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.service import Notifier
 from services.notifier.settings import NotifierSettings
+from shared.audit import install_audit
 from shared.clock import Clock, SystemClock
 from shared.contracts import (
     MESSAGE_REQUESTS,
@@ -50,12 +51,14 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     worker = DeliveryWorker(settings, platform.unit_of_work, router, renderer, links_, clock)
     notifier = Notifier(settings, platform, clock, renderer, links_, router, worker)
 
-    requests_consumer = MessageRequestsConsumer(platform.unit_of_work, clock, worker.wake)
+    requests_consumer = MessageRequestsConsumer(
+        platform.unit_of_work, clock, worker.wake, settings.privacy_salt.get_secret_value()
+    )
     platform.consumer(MESSAGE_REQUESTS.name, MessageRequested, "message-requests", requests_consumer.handle)
     platform.consumer(
         PROFILES.name, ProfileChanged, "profiles", ProfilesConsumer(platform.unit_of_work).handle
     )
-    privacy_consumer = PrivacyConsumer(platform.unit_of_work, clock)
+    privacy_consumer = PrivacyConsumer(platform.unit_of_work, clock, settings.privacy_salt.get_secret_value())
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy_consumer.handle)
 
     @asynccontextmanager
@@ -86,4 +89,5 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     app.include_router(inbox.router(admin))
     app.include_router(links.api)
     app.include_router(inbound.api)
+    install_audit(app, platform.unit_of_work, settings)
     return app

@@ -85,7 +85,8 @@ def router(admin: Any) -> APIRouter:
                     "this Idempotency-Key was used with a different request",
                     errors=[field_error("Idempotency-Key", "unique_per_request", "use a new key")],
                 )
-            new = await enqueue(uow, [request], notifier.clock)
+            salt = notifier.settings.privacy_salt.get_secret_value()
+            new = await enqueue(uow, [request], notifier.clock, salt)
         if new:
             notifier.worker.wake()
         return JSONResponse(

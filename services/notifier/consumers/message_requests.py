@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from services.notifier.domain.composition import status_of
-from services.notifier.store import ledger_repo
+from services.notifier.store import erasure_repo, ledger_repo
 from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
@@ -14,12 +14,25 @@ from shared.kafka import Consumed
 CONSUMER = "notifier.message_requests"
 
 
-async def enqueue(uow: UnitOfWork, requests: Sequence[MessageRequested], clock: Clock) -> set[str]:
-    """Ledger rows for requests never seen before, each with a `queued` status. Returns the new ids."""
+async def enqueue(
+    uow: UnitOfWork, requests: Sequence[MessageRequested], clock: Clock, privacy_salt: str | None = None
+) -> set[str]:
+    """Ledger rows for requests never seen before, each with a `queued` status. Returns the new ids.
+
+    With `privacy_salt`, a request for an erased customer is recorded `suppressed` (reason `erased`)
+    instead, emptied of personal data, and never sent."""
     now = clock.now()
     new = await ledger_repo.insert_new(uow.session, requests, now)
+    erased: set[str] = set()
+    if privacy_salt is not None and new:
+        fresh = [r for r in requests if r.message_id in new]
+        for_erased = await erasure_repo.requests_for_erased(uow.session, privacy_salt, fresh)
+        erased = await erasure_repo.suppress(uow.session, [r.message_id for r in for_erased], now)
     for request in requests:
-        if request.message_id in new:
+        if request.message_id in erased:
+            status = status_of(request, MessageStatusKind.SUPPRESSED, now, reason=erasure_repo.ERASED_REASON)
+            uow.emit(MESSAGE_STATUS.name, request.customer_id, status)
+        elif request.message_id in new:
             uow.emit(
                 MESSAGE_STATUS.name, request.customer_id, status_of(request, MessageStatusKind.QUEUED, now)
             )
@@ -28,16 +41,23 @@ async def enqueue(uow: UnitOfWork, requests: Sequence[MessageRequested], clock: 
 
 class MessageRequestsConsumer:
     def __init__(
-        self, unit_of_work: Callable[[], UnitOfWork], clock: Clock, on_enqueued: Callable[[], None]
+        self,
+        unit_of_work: Callable[[], UnitOfWork],
+        clock: Clock,
+        on_enqueued: Callable[[], None],
+        privacy_salt: str | None = None,
     ) -> None:
         self.unit_of_work = unit_of_work
         self.clock = clock
         self.on_enqueued = on_enqueued
+        self.privacy_salt = privacy_salt
 
     async def handle(self, batch: Sequence[Consumed[MessageRequested]]) -> None:
         async with self.unit_of_work() as uow:
             fresh = await uow.claim_many(CONSUMER, [item.event_id for item in batch])
             # The ledger's primary key dedupes too: the same message id under another event id is no new send.
-            new = await enqueue(uow, [item.value for item in batch if item.event_id in fresh], self.clock)
+            new = await enqueue(
+                uow, [item.value for item in batch if item.event_id in fresh], self.clock, self.privacy_salt
+            )
         if new:
             self.on_enqueued()

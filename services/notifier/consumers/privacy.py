@@ -9,15 +9,19 @@ from shared.clock import Clock
 from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
+from shared.privacy import add_tombstones
 
 CONSUMER = "notifier.privacy"
 SERVICE = "notifier"
 
 
 class PrivacyConsumer:
-    def __init__(self, unit_of_work: Callable[[], UnitOfWork], clock: Clock) -> None:
+    def __init__(
+        self, unit_of_work: Callable[[], UnitOfWork], clock: Clock, privacy_salt: str | None = None
+    ) -> None:
         self.unit_of_work = unit_of_work
         self.clock = clock
+        self.privacy_salt = privacy_salt
 
     async def handle(self, batch: Sequence[Consumed[PrivacyRequest]]) -> None:
         async with self.unit_of_work() as uow:
@@ -30,6 +34,9 @@ class PrivacyConsumer:
                 now = self.clock.now()
                 if request.action is PrivacyAction.ERASE_REQUESTED:
                     await privacy_repo.erase(uow.session, ids, now)
+                    if self.privacy_salt is not None:
+                        # Later requests for these ids are suppressed (`erased`), never sent.
+                        await add_tombstones(uow.session, self.privacy_salt, ids, request.request_id, now)
                     answer = PrivacyAction.ERASE_COMPLETED
                     data = {}
                 elif request.action is PrivacyAction.EXPORT_REQUESTED:

@@ -1,0 +1,45 @@
+"""Erased customers in the notifier: tombstones (salted hashes) and suppressing what is requested later.
+
+Kept apart from `privacy_repo` (erasure and export of what is held): this is what keeps messages
+from reaching a customer after the erasure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.contracts import MessageRequested
+from shared.privacy import erased_among
+
+ERASED_REASON = "erased"
+
+# The request keeps no personal data (recipient, template data) once it is known to be for an erased
+# customer; the row stays so a redelivered request is recognized and not sent either.
+_SUPPRESS = sa.text(
+    "UPDATE send_ledger SET state = 'suppressed', reason = :reason, next_attempt_at = NULL, "
+    "request = jsonb_set(jsonb_set(request, '{recipient}', '{}'), '{data}', '{}'), updated_at = :now "
+    "WHERE message_id = ANY(CAST(:ids AS text[])) AND state = 'pending' RETURNING message_id"
+)
+
+
+async def requests_for_erased(
+    session: AsyncSession, salt: str, requests: Sequence[MessageRequested]
+) -> list[MessageRequested]:
+    """The requests addressed to an erased customer: by customer id, or by recipient email/phone."""
+
+    def ids_of(r: MessageRequested) -> list[str]:
+        return [i for i in (r.customer_id, r.recipient.email, r.recipient.phone) if i]
+
+    erased = await erased_among(session, salt, {i for r in requests for i in ids_of(r)})
+    return [r for r in requests if erased.intersection(ids_of(r))] if erased else []
+
+
+async def suppress(session: AsyncSession, message_ids: Sequence[str], now: datetime) -> set[str]:
+    if not message_ids:
+        return set()
+    rows = await session.execute(_SUPPRESS, {"ids": list(message_ids), "reason": ERASED_REASON, "now": now})
+    return {r[0] for r in rows}

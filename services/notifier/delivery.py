@@ -1,10 +1,13 @@
 """The delivery loop: claims due rows of the send ledger, decides, sends, records the outcome.
 
 Per row: consent (checked now, at send time) -> template render -> provider (with failover) ->
-outcome. The claim (`pending` -> `sending`) is committed before any provider call and the outcome
-after it, so a redelivered request, a retry or a restart never sends a row twice. A process dying
-between the two leaves the row `sending`; after `sending_stale_after_s` it is resolved as
-`unknown` (status `failed`), never resent blindly: at most once, by design.
+outcome. A pass claims a batch (`pending` -> `claimed`, with a claim token, committed). Right before
+its provider call (after the rate limiter) each row moves `claimed` -> `sending` in a committed write
+that only succeeds while the claim is still this worker's; its outcome is committed as soon as the
+call returns. So a crash leaves ambiguous only the rows whose provider call was in flight: after
+`sending_stale_after_s` they are resolved as `unknown` (status `failed`), never resent blindly (at
+most once). Rows only claimed are handed back to `pending` after `claim_stale_after_s` and sent once.
+The per-row writes are coalesced (`WriteCoalescer`): what queues up during one commit goes in the next.
 
 Transient failures are rescheduled in the ledger (exponential backoff, full jitter) instead of
 holding up the Kafka partition; what exhausts its attempts is dead-lettered with status `failed`.
@@ -17,8 +20,9 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from services.notifier.channels.base import Delivery, SendResult
@@ -39,6 +43,7 @@ from services.notifier.domain.templates import RenderError, TemplateDefinition, 
 from services.notifier.settings import NotifierSettings
 from services.notifier.store import consent_repo, contacts_repo, ledger_repo, templates_repo
 from services.notifier.store.ledger_repo import LedgerEntry, Outcome
+from services.notifier.write_coalescer import WriteCoalescer
 from shared.clock import Clock
 from shared.contracts import (
     MESSAGE_REQUESTS,
@@ -68,6 +73,10 @@ class AttemptResult:
     statuses: list[MessageStatus] = field(default_factory=list)
     dead_letter_reason: str | None = None
     dead_letter: MessageRequested | None = None
+
+
+class ClaimLost(Exception):
+    """The row is no longer this worker's claim (handed back as stale, erased...): do not send it."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,9 @@ class DeliveryWorker:
         self.policy = RetryPolicy(settings.send_max_attempts, settings.retry_base_s, settings.retry_max_s)
         self._wake = asyncio.Event()
         self.passes = 0
-        self._stale_checked_at = -1e9
+        self._stale_checked_at = -1e9  # a (re)started process looks for stale rows at once
+        self._sending_writes: WriteCoalescer[tuple[str, str], bool] = WriteCoalescer(self._mark_sending)
+        self._outcome_writes: WriteCoalescer[AttemptResult, None] = WriteCoalescer(self._record_until_done)
         configs = settings.provider_configs()
         email_route = settings.channel_providers.get("email") or ["smtp"]
         self.email_sender = (
@@ -128,56 +139,91 @@ class DeliveryWorker:
                 await asyncio.wait_for(self._wake.wait(), self.settings.delivery_poll_interval_s)
 
     async def run_once(self) -> int:
-        """One pass: claim (committed), send concurrently, record outcomes (committed). Rows handled."""
+        """One pass: claim a batch (committed), then per row: `sending` (committed) -> provider ->
+        outcome (committed), rows concurrently. Returns the rows claimed."""
+        token = uuid.uuid4().hex
         async with self.unit_of_work() as uow:
             entries = await ledger_repo.claim_due(
-                uow.session, self.clock.now(), self.settings.delivery_batch_size
+                uow.session, self.clock.now(), self.settings.delivery_batch_size, token
             )
         if not entries:
             return 0
         self.passes += 1
-        try:
-            context = await self._load_context(entries)
-        except Exception:
-            await self._release(entries)  # nothing was sent yet: safe to hand the rows back
-            raise
-        results = await asyncio.gather(*(self._attempt_safely(entry, context) for entry in entries))
-        await self._record_until_done(results)
+        await self.deliver(entries)
         return len(entries)
 
-    async def _release(self, entries: Sequence[LedgerEntry]) -> None:
-        now = self.clock.now()
-        async with self.unit_of_work() as uow:
-            await ledger_repo.record_outcomes(
-                uow.session,
-                [
-                    Outcome(e.message_id, ledger_repo.PENDING, e.attempts - 1, next_attempt_at=now)
-                    for e in entries
-                ],
-                now,
+    async def deliver(self, entries: Sequence[LedgerEntry]) -> None:
+        """Send claimed rows (each only while its claim still holds) and record each outcome."""
+        try:
+            context = await self._load_context(entries)
+            await asyncio.gather(*(self._deliver(entry, context) for entry in entries))
+        except BaseException:
+            # Rows still `claimed` never reached a provider: hand them back now rather than after
+            # `claim_stale_after_s` (those already `sending` or recorded do not match any more).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._hand_back(entries))
+            raise
+
+    async def _deliver(self, entry: LedgerEntry, context: _Context) -> None:
+        try:
+            result = await self._attempt_safely(entry, context)
+        except ClaimLost:
+            log.info(
+                "claim lost before sending; left to its new owner", extra={"message_id": entry.message_id}
             )
+            return
+        await self._outcome_writes.submit(result)
+
+    async def _hand_back(self, entries: Sequence[LedgerEntry]) -> None:
+        async with self.unit_of_work() as uow:
+            await ledger_repo.hand_back(
+                uow.session, [(e.message_id, e.claim_token or "") for e in entries], self.clock.now()
+            )
+
+    async def _before_provider_call(self, entry: LedgerEntry) -> None:
+        """Commit `claimed` -> `sending`; from here on a crash makes the outcome unknown."""
+        try:
+            owned = await self._sending_writes.submit((entry.message_id, entry.claim_token or ""))
+        except Exception as exc:
+            # Unknown whether it committed: not sending is the safe side (the stale check resolves
+            # the row: handed back if still `claimed`, `unknown` if it became `sending`).
+            log.warning(
+                "marking a row sending failed", extra={"message_id": entry.message_id, "error": repr(exc)}
+            )
+            raise ClaimLost(entry.message_id) from exc
+        if not owned:
+            raise ClaimLost(entry.message_id)
+
+    async def _mark_sending(self, claims: Sequence[tuple[str, str]]) -> list[bool]:
+        async with self.unit_of_work() as uow:
+            owned = await ledger_repo.mark_sending(uow.session, claims, self.clock.now())
+        return [message_id in owned for message_id, _ in claims]
 
     async def _attempt_safely(self, entry: LedgerEntry, ctx: _Context) -> AttemptResult:
         try:
             return await self._attempt(entry, ctx)
+        except ClaimLost:
+            raise
         except Exception as exc:
             # Raised before any provider call (the router turns provider errors into results):
             # a bug or bad data for this one message; it fails alone, with the reason.
             log.exception("preparing a message failed", extra={"message_id": entry.message_id})
             reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
             return AttemptResult(
-                Outcome(entry.message_id, "failed", entry.attempts, reason=reason),
+                Outcome(
+                    entry.message_id, "failed", entry.attempts, reason=reason, claim_token=entry.claim_token
+                ),
                 [status_of(entry.request, MessageStatusKind.FAILED, self.clock.now(), reason=reason)],
             )
 
-    async def _record_until_done(self, results: Sequence[AttemptResult]) -> None:
+    async def _record_until_done(self, results: Sequence[AttemptResult]) -> list[None]:
         """Providers were called: the outcome must be written, so a database blip is waited out
         (if the process dies meanwhile, the rows resolve as `unknown`, never resent)."""
         delay = 0.5
         while True:
             try:
                 await self._record(results)
-                return
+                return [None] * len(results)
             except Exception as exc:
                 log.warning(
                     "recording outcomes failed; retrying", extra={"error": repr(exc), "retry_in_s": delay}
@@ -185,12 +231,25 @@ class DeliveryWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def resolve_stale(self, *, every_s: float = 10.0) -> None:
+    def _stale_check_every_s(self) -> float:
+        return max(
+            0.05, min(10.0, self.settings.claim_stale_after_s / 2, self.settings.sending_stale_after_s / 2)
+        )
+
+    async def resolve_stale(self, *, every_s: float | None = None) -> None:
         # A cheap guard: stale rows are rare (a crashed process), no need to look on every pass.
+        every_s = self._stale_check_every_s() if every_s is None else every_s
         if time.monotonic() - self._stale_checked_at < every_s:
             return
         self._stale_checked_at = time.monotonic()
         now = self.clock.now()
+        async with self.unit_of_work() as uow:
+            handed_back = await ledger_repo.hand_back_stale_claims(
+                uow.session, now - timedelta(seconds=self.settings.claim_stale_after_s), now
+            )
+        if handed_back:
+            log.warning("stale claims handed back (never sent)", extra={"count": handed_back})
+            self.wake()
         async with self.unit_of_work() as uow:
             stale = await ledger_repo.stale_sending(
                 uow.session, now - timedelta(seconds=self.settings.sending_stale_after_s)
@@ -198,13 +257,19 @@ class DeliveryWorker:
             reason = (
                 "outcome unknown: the process stopped during the provider call; not resent (at most once)"
             )
-            await ledger_repo.record_outcomes(
+            recorded = await ledger_repo.record_outcomes(
                 uow.session,
-                [Outcome(e.message_id, "unknown", e.attempts, reason=reason) for e in stale],
+                [
+                    Outcome(e.message_id, "unknown", e.attempts, reason=reason, claim_token=e.claim_token)
+                    for e in stale
+                ],
                 now,
             )
             for e in stale:
-                self._emit_status(uow, status_of(e.request, MessageStatusKind.FAILED, now, reason=reason))
+                if e.message_id in recorded:
+                    self._emit_status(uow, status_of(e.request, MessageStatusKind.FAILED, now, reason=reason))
+        if stale:
+            log.warning("stale sends resolved as unknown", extra={"count": len(stale)})
 
     async def _load_context(self, entries: Sequence[LedgerEntry]) -> _Context:
         requests = [e.request for e in entries]
@@ -272,13 +337,26 @@ class DeliveryWorker:
         if prepared.delivery is None:
             assert prepared.status is not None
             return AttemptResult(
-                Outcome(entry.message_id, prepared.status.value, entry.attempts, reason=prepared.reason),
+                Outcome(
+                    entry.message_id,
+                    prepared.status.value,
+                    entry.attempts,
+                    reason=prepared.reason,
+                    claim_token=entry.claim_token,
+                ),
                 [status_of(request, prepared.status, now, reason=prepared.reason)],
             )
-        provider, result = await self.router.send(prepared.delivery)
+        provider, result = await self.router.send(
+            prepared.delivery, before_call=lambda: self._before_provider_call(entry)
+        )
         return self._decide(entry, provider, result)
 
     def _decide(self, entry: LedgerEntry, provider: str | None, result: SendResult) -> AttemptResult:
+        decided = self._decide_outcome(entry, provider, result)
+        decided.outcome = replace(decided.outcome, claim_token=entry.claim_token)
+        return decided
+
+    def _decide_outcome(self, entry: LedgerEntry, provider: str | None, result: SendResult) -> AttemptResult:
         request, now = entry.request, self.clock.now()
         if result.ok:
             kinds = [MessageStatusKind.SENT] + ([MessageStatusKind.DELIVERED] if result.delivered else [])
@@ -325,8 +403,12 @@ class DeliveryWorker:
 
     async def _record(self, results: Sequence[AttemptResult]) -> None:
         async with self.unit_of_work() as uow:
-            await ledger_repo.record_outcomes(uow.session, [r.outcome for r in results], self.clock.now())
+            recorded = await ledger_repo.record_outcomes(
+                uow.session, [r.outcome for r in results], self.clock.now()
+            )
             for result in results:
+                if result.outcome.message_id not in recorded:
+                    continue  # the claim was handed back or resolved meanwhile: its owner reports
                 for status in result.statuses:
                     self._emit_status(uow, status)
                 if result.dead_letter is not None:

@@ -97,6 +97,8 @@ class NotifierSettings(BaseServiceSettings):
     delivery_poll_interval_s: float = 1.0
     # A row left `sending` this long (process died mid-call) is resolved without resending.
     sending_stale_after_s: float = 300.0
+    # A row left `claimed` this long (worker died before calling the provider) is handed back to pending.
+    claim_stale_after_s: float = 60.0
     # Templates: strict undefined variables (an unknown variable fails the message) and size limits.
     template_max_output_chars: int = 1_000_000
     template_max_loop_iterations: int = 10_000

@@ -318,14 +318,19 @@ async def test_a_claim_left_by_a_dead_process_is_never_resent(start_notifier) ->
             recipient={"phone": "+15551230003"},
             data={"event": {"code": "3"}},
         )
-        # What a process does before calling the provider, then dies: the claim is committed. (Due an
-        # hour from now, so the live delivery loops leave the row to this simulated process.)
+        # What a process does right before calling the provider, then dies: the claim and the move to
+        # `sending` are committed. (Due an hour from now, so the live delivery loops leave the row to
+        # this simulated process.)
         later = clock.now() + timedelta(hours=1)
         async with h.platform.unit_of_work() as uow:
             await ledger_repo.insert_new(uow.session, [req], later)
         async with h.platform.unit_of_work() as uow:
-            claimed = await ledger_repo.claim_due(uow.session, later, 10)
+            claimed = await ledger_repo.claim_due(uow.session, later, 10, "dead-process")
         assert [e.message_id for e in claimed] == ["m-crash"]
+        async with h.platform.unit_of_work() as uow:
+            assert await ledger_repo.mark_sending(uow.session, [("m-crash", "dead-process")], later) == {
+                "m-crash"
+            }
         await h.publish(req)  # a redelivery of the request finds the ledger row
         await h.statuses(idle=1.0, timeout=4)
         assert (await ledger(h, "m-crash"))["state"] == "sending"

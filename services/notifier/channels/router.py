@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from services.notifier.channels.base import Delivery, Provider, SendResult
 from services.notifier.channels.http_providers import FcmProvider, TwilioProvider
@@ -24,11 +24,16 @@ _FAIL_OVER_ON = frozenset({Failure.TRANSIENT, Failure.PROVIDER})
 
 
 class GuardedProvider:
-    def __init__(self, provider: Provider, breaker: CircuitBreaker, bucket: TokenBucket) -> None:
+    def __init__(
+        self, provider: Provider, breaker: CircuitBreaker, bucket: TokenBucket, max_in_flight: int = 64
+    ) -> None:
         self.provider = provider
         self.breaker = breaker
         self.bucket = bucket
         self._lock = asyncio.Lock()
+        # Calls in flight, as many as the provider's own pool allows: a call that gets past this
+        # (and past the rate limiter) starts at once, so `before_call` marks only real calls `sending`.
+        self.slots = asyncio.Semaphore(max(1, max_in_flight))
 
     @property
     def name(self) -> str:
@@ -82,6 +87,7 @@ class ProviderRouter:
                 provider,
                 CircuitBreaker(settings.circuit_failure_threshold, settings.circuit_cooldown_s),
                 TokenBucket(config.rate_per_s, config.burst),
+                SmtpProvider.max_in_flight(config) if config.kind == "smtp" else config.concurrency,
             )
         routes: dict[Channel, list[GuardedProvider]] = {}
         for channel_name, names in settings.channel_providers.items():
@@ -91,8 +97,14 @@ class ProviderRouter:
             routes[Channel(channel_name)] = [built[n] for n in names]
         return cls(routes, list(built.values()))
 
-    async def send(self, delivery: Delivery) -> tuple[str | None, SendResult]:
-        """(provider that decided, result). Tries providers in order while failures are worth it."""
+    async def send(
+        self, delivery: Delivery, before_call: Callable[[], Awaitable[None]] | None = None
+    ) -> tuple[str | None, SendResult]:
+        """(provider that decided, result). Tries providers in order while failures are worth it.
+
+        `before_call` runs once, right before the first provider call (after the rate limiter): the
+        delivery loop commits `sending` there. If it raises, nothing is sent and the error propagates.
+        """
         providers = self.routes.get(delivery.channel, [])
         if not providers:
             return None, SendResult.failed(
@@ -106,11 +118,17 @@ class ProviderRouter:
                     SendResult.failed(Failure.TRANSIENT, f"{guarded.name}: circuit open"),
                 )
                 continue
-            await guarded.wait_for_token()
-            try:
-                result = await guarded.provider.send(delivery)
-            except Exception as exc:  # a provider bug must not take the delivery loop down
-                result = SendResult.failed(Failure.TRANSIENT, f"{guarded.name}: {type(exc).__name__}: {exc}")
+            async with guarded.slots:
+                await guarded.wait_for_token()
+                if before_call is not None:
+                    await before_call()
+                    before_call = None
+                try:
+                    result = await guarded.provider.send(delivery)
+                except Exception as exc:  # a provider bug must not take the delivery loop down
+                    result = SendResult.failed(
+                        Failure.TRANSIENT, f"{guarded.name}: {type(exc).__name__}: {exc}"
+                    )
             if result.ok or result.failure in (Failure.PERMANENT, Failure.BOUNCE):
                 # The provider worked (even if it refused this message): the circuit stays closed.
                 guarded.breaker.record_success()

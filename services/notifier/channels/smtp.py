@@ -23,11 +23,18 @@ def _failure_for_code(code: int) -> Failure:
 
 
 class SmtpProvider:
+    # Open connections at most, whatever `concurrency` says (SMTP servers limit them per client).
+    MAX_CONNECTIONS = 16
+
     def __init__(self, name: str, config: ProviderConfig) -> None:
         self.name = name
         self.config = config
         self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
-        self._slots = asyncio.Semaphore(max(1, min(config.concurrency, 16)))
+        self._slots = asyncio.Semaphore(self.max_in_flight(config))
+
+    @classmethod
+    def max_in_flight(cls, config: ProviderConfig) -> int:
+        return max(1, min(config.concurrency, cls.MAX_CONNECTIONS))
 
     async def _connect(self) -> aiosmtplib.SMTP:
         client = aiosmtplib.SMTP(

@@ -15,6 +15,9 @@ from services.notifier.store.tables import engagements, send_ledger
 from shared.contracts import MessageRequested
 
 PENDING = "pending"
+# Taken by a worker, no provider called yet: safe to hand back to `pending`.
+CLAIMED = "claimed"
+# The provider call is about to start or in flight: after a crash, its outcome is unknown.
 SENDING = "sending"
 FINAL_STATES = frozenset({"sent", "delivered", "failed", "suppressed", "bounced", "unknown"})
 
@@ -29,6 +32,7 @@ class LedgerEntry:
     reason: str | None
     next_attempt_at: datetime | None
     provider_message_id: str | None = None
+    claim_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Outcome:
     provider: str | None = None
     provider_message_id: str | None = None
     reason: str | None = None
+    # The claim this outcome belongs to: a claim handed back meanwhile records nothing.
+    claim_token: str | None = None
 
 
 def _entry(row: Any) -> LedgerEntry:
@@ -54,6 +60,7 @@ def _entry(row: Any) -> LedgerEntry:
         reason=row.reason,
         next_attempt_at=row.next_attempt_at,
         provider_message_id=row.provider_message_id,
+        claim_token=row.claim_token,
     )
 
 
@@ -87,9 +94,9 @@ async def insert_new(session: AsyncSession, requests: Sequence[MessageRequested]
     return set(result.scalars())
 
 
-async def claim_due(session: AsyncSession, now: datetime, limit: int) -> list[LedgerEntry]:
-    """Move due pending rows to `sending`. The caller commits this BEFORE calling any provider, so a
-    concurrent worker, a redelivery or a restart sees the claim and never sends the same row again."""
+async def claim_due(session: AsyncSession, now: datetime, limit: int, token: str) -> list[LedgerEntry]:
+    """Move due pending rows to `claimed` under `token` (SKIP LOCKED: parallel loops never share a row).
+    No provider is called for a claimed row until `mark_sending` moved it to `sending`."""
     due = (
         sa.select(send_ledger.c.message_id)
         .where(send_ledger.c.state == PENDING, send_ledger.c.next_attempt_at <= now)
@@ -101,28 +108,58 @@ async def claim_due(session: AsyncSession, now: datetime, limit: int) -> list[Le
     stmt = (
         sa.update(send_ledger)
         .where(send_ledger.c.message_id.in_(due))
-        .values(state=SENDING, claimed_at=now, attempts=send_ledger.c.attempts + 1, updated_at=now)
+        .values(
+            state=CLAIMED,
+            claim_token=token,
+            claimed_at=now,
+            attempts=send_ledger.c.attempts + 1,
+            updated_at=now,
+        )
         .returning(*send_ledger.c)
     )
     return [_entry(r) for r in await session.execute(stmt)]
+
+
+_MARK_SENDING = sa.text(
+    "UPDATE send_ledger AS l SET state = 'sending', claimed_at = :now, updated_at = :now "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS text[])) AS c(message_id, token) "
+    "WHERE l.message_id = c.message_id AND l.state = 'claimed' AND l.claim_token = c.token "
+    "RETURNING l.message_id"
+)
+
+
+async def mark_sending(session: AsyncSession, claims: Sequence[tuple[str, str]], now: datetime) -> set[str]:
+    """`claimed` -> `sending` for the (message id, claim token) pairs still owned; returns those ids.
+    The caller commits this before calling the provider; a row not returned must not be sent."""
+    if not claims:
+        return set()
+    result = await session.execute(
+        _MARK_SENDING, {"now": now, "ids": [c[0] for c in claims], "tokens": [c[1] for c in claims]}
+    )
+    return set(result.scalars())
 
 
 _RECORD = sa.text(
     "UPDATE send_ledger AS l SET state = o.state, attempts = o.attempts, next_attempt_at = o.next_at, "
     "provider = COALESCE(o.provider, l.provider), "
     "provider_message_id = COALESCE(o.pmid, l.provider_message_id), "
-    "reason = o.reason, claimed_at = NULL, updated_at = :now "
+    "reason = o.reason, claimed_at = NULL, claim_token = NULL, updated_at = :now "
     "FROM unnest(CAST(:ids AS text[]), CAST(:states AS text[]), CAST(:attempts AS int[]), "
     "CAST(:next_ats AS timestamptz[]), CAST(:providers AS text[]), CAST(:pmids AS text[]), "
-    "CAST(:reasons AS text[])) AS o(message_id, state, attempts, next_at, provider, pmid, reason) "
-    "WHERE l.message_id = o.message_id AND l.state = 'sending'"
+    "CAST(:reasons AS text[]), CAST(:tokens AS text[])) "
+    "AS o(message_id, state, attempts, next_at, provider, pmid, reason, token) "
+    "WHERE l.message_id = o.message_id AND l.state IN ('claimed', 'sending') "
+    "AND l.claim_token IS NOT DISTINCT FROM o.token "
+    "RETURNING l.message_id"
 )
 
 
-async def record_outcomes(session: AsyncSession, outcomes: Sequence[Outcome], now: datetime) -> None:
+async def record_outcomes(session: AsyncSession, outcomes: Sequence[Outcome], now: datetime) -> set[str]:
+    """Write outcomes of rows still held by the outcome's claim; returns the ids written (statuses are
+    emitted for those only: a claim handed back or resolved meanwhile says nothing)."""
     if not outcomes:
-        return
-    await session.execute(
+        return set()
+    result = await session.execute(
         _RECORD,
         {
             "now": now,
@@ -133,17 +170,49 @@ async def record_outcomes(session: AsyncSession, outcomes: Sequence[Outcome], no
             "providers": [o.provider for o in outcomes],
             "pmids": [o.provider_message_id for o in outcomes],
             "reasons": [o.reason for o in outcomes],
+            "tokens": [o.claim_token for o in outcomes],
         },
     )
+    return set(result.scalars())
+
+
+_HAND_BACK = sa.text(
+    "UPDATE send_ledger AS l SET state = 'pending', attempts = GREATEST(l.attempts - 1, 0), "
+    "next_attempt_at = :now, claimed_at = NULL, claim_token = NULL, updated_at = :now "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS text[])) AS c(message_id, token) "
+    "WHERE l.message_id = c.message_id AND l.state = 'claimed' AND l.claim_token = c.token"
+)
+
+
+async def hand_back(session: AsyncSession, claims: Sequence[tuple[str, str]], now: datetime) -> None:
+    """Give claimed rows (never handed to a provider) back to `pending`, the attempt not counted."""
+    if claims:
+        await session.execute(
+            _HAND_BACK, {"now": now, "ids": [c[0] for c in claims], "tokens": [c[1] for c in claims]}
+        )
+
+
+_HAND_BACK_STALE = sa.text(
+    "UPDATE send_ledger SET state = 'pending', attempts = GREATEST(attempts - 1, 0), "
+    "next_attempt_at = :now, claimed_at = NULL, claim_token = NULL, updated_at = :now "
+    "WHERE state = 'claimed' AND claimed_at < :before RETURNING message_id"
+)
+
+
+async def hand_back_stale_claims(session: AsyncSession, claimed_before: datetime, now: datetime) -> int:
+    """Claims a dead (or stuck) worker left before calling any provider: safe to send again. The old
+    claim's token no longer matches, so its worker cannot move the row to `sending` any more."""
+    result = await session.execute(_HAND_BACK_STALE, {"now": now, "before": claimed_before})
+    return len(result.all())
 
 
 async def stale_sending(
-    session: AsyncSession, claimed_before: datetime, limit: int = 500
+    session: AsyncSession, started_before: datetime, limit: int = 500
 ) -> list[LedgerEntry]:
     """Rows a dead process left mid-call: their outcome is unknown."""
     stmt = (
         sa.select(send_ledger)
-        .where(send_ledger.c.state == SENDING, send_ledger.c.claimed_at < claimed_before)
+        .where(send_ledger.c.state == SENDING, send_ledger.c.claimed_at < started_before)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )

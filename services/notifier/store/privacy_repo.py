@@ -20,11 +20,13 @@ from services.notifier.store.tables import (
 )
 
 # Ledger rows stay (their message ids keep a redelivered request from being sent), emptied of
-# personal data; what was still waiting is not sent any more.
+# personal data; what was still waiting is not sent any more (a `claimed` row too: its worker then
+# fails to move it to `sending` and skips it).
 _SCRUB_LEDGER = sa.text(
     "UPDATE send_ledger SET request = jsonb_set(jsonb_set(request, '{recipient}', '{}'), '{data}', '{}'), "
-    "state = CASE WHEN state = 'pending' THEN 'failed' ELSE state END, "
-    "reason = CASE WHEN state = 'pending' THEN 'customer erased' ELSE reason END, updated_at = :now "
+    "state = CASE WHEN state IN ('pending', 'claimed') THEN 'failed' ELSE state END, "
+    "reason = CASE WHEN state IN ('pending', 'claimed') THEN 'customer erased' ELSE reason END, "
+    "updated_at = :now "
     "WHERE customer_id = ANY(CAST(:ids AS text[]))"
 )
 

@@ -52,11 +52,13 @@ send_ledger = sa.Table(
     sa.Column("category", sa.Text, nullable=False),
     sa.Column("template_id", sa.Text, nullable=False),
     sa.Column("request", JSONB, nullable=False),
-    # pending -> sending -> sent | delivered | failed | suppressed | bounced | unknown
+    # pending -> claimed -> sending -> sent | delivered | failed | suppressed | bounced | unknown
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("next_attempt_at", TS),
     sa.Column("claimed_at", TS),
+    # Which claim owns the row (revision 0003_claim_token): a claim handed back cannot send any more.
+    sa.Column("claim_token", sa.Text),
     sa.Column("provider", sa.Text),
     sa.Column("provider_message_id", sa.Text),
     sa.Column("reason", sa.Text),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.segmenter.consumers.customer_events import CustomerEventsHandler
+from services.segmenter.lifecycle import Lifecycle
 from services.segmenter.recommendations import Recommendations
 from services.segmenter.reevaluation import SegmentCatalogCache
 from services.segmenter.schedules import Backfill, DueTimers
@@ -23,6 +24,7 @@ class Segmenter:
     timers: DueTimers
     backfill: Backfill
     recommendations: Recommendations
+    lifecycle: Lifecycle
 
     @classmethod
     def build(cls, settings: SegmenterSettings, platform: Platform, clock: Clock) -> Segmenter:
@@ -30,6 +32,8 @@ class Segmenter:
         events = CustomerEventsHandler(platform, clock, catalog, settings.consumer_parallelism)
         recommendations = Recommendations(settings, platform, clock, catalog)
         events.recommendations = recommendations
+        lifecycle = Lifecycle(platform, clock, settings)
+        events.lifecycle = lifecycle
         return cls(
             settings=settings,
             platform=platform,
@@ -39,4 +43,5 @@ class Segmenter:
             timers=DueTimers(platform, clock, catalog, settings),
             backfill=Backfill(platform, clock, catalog, settings),
             recommendations=recommendations,
+            lifecycle=lifecycle,
         )

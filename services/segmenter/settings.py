@@ -33,3 +33,8 @@ class SegmenterSettings(BaseServiceSettings):
     recommendations_min_support: int = 2
     recommendations_view_weight: float = 0.3
     recommendations_measure: Literal["cosine", "lift"] = "cosine"
+    # Lifecycle (issue 7): model refit interval (0 = never on a schedule; at start if none), customers per
+    # chunk of a refit/recompute, how long a replica keeps the latest model and stage policy cached.
+    lifecycle_refit_interval_s: float = 21600.0
+    lifecycle_chunk_size: int = 50000
+    lifecycle_cache_s: float = 5.0

@@ -38,6 +38,7 @@ from shared.privacy import erased_among
 from shared.runtime import Platform
 
 if TYPE_CHECKING:
+    from services.segmenter.lifecycle import Lifecycle
     from services.segmenter.recommendations import Recommendations
 
 CONSUMER = "segmenter.events"
@@ -94,6 +95,8 @@ class CustomerEventsHandler:
         self.parallelism = max(1, parallelism)
         # Issue 9: set by the runtime; feeds the catalogue and recommendation counts per batch.
         self.recommendations: Recommendations | None = None
+        # Issue 7: set by the runtime; keeps lifecycle stage and metrics current in the same unit of work.
+        self.lifecycle: Lifecycle | None = None
 
     async def __call__(self, batch: Sequence[Consumed[CustomerEvent]]) -> None:
         # Partitions are independent (a key's events are in one partition, in order), so a batch is
@@ -206,6 +209,8 @@ class CustomerEventsHandler:
         await profile_store.save_batch(
             session, [profiles[c] for c in sorted(names_seen)], counts, timeline, now
         )
+        if self.lifecycle is not None:  # stage, metrics, surveys (issue 7); updates the snapshots in place
+            await self.lifecycle.on_batch(uow, profiles, todo, plan.customer_of_event, last_message, now)
         if self.recommendations is not None:  # catalogue, counts, lists: same unit of work (issue 9)
             merges = [(m.from_id, m.into_id) for m in plan.merges]
             await self.recommendations.on_events(uow, todo, plan.customer_of_event, merges, profiles, now)

@@ -58,7 +58,7 @@ NUMERIC_OPS = {"gt", "gte", "lt", "lte"}
 TIME_OPS = {"before", "after", "within"}
 
 # Profile fields a `profile` condition may name (issue 7 adds lifecycle fields here).
-PROFILE_FIELDS: dict[str, Literal["number", "time"]] = {
+PROFILE_FIELDS: dict[str, Literal["number", "time", "text"]] = {
     "orders_count": "number",
     "revenue": "number",
     "first_order_at": "time",
@@ -67,6 +67,23 @@ PROFILE_FIELDS: dict[str, Literal["number", "time"]] = {
     "last_seen": "time",
     "event_count": "number",
 }
+# Lifecycle fields (issue 7), kept current by services/segmenter/lifecycle.py on every event.
+LIFECYCLE_FIELDS: dict[str, Literal["number", "time", "text"]] = {
+    "lifecycle_stage": "text",
+    "lifecycle_stage_since": "time",
+    "churn_risk": "number",
+    "p_alive": "number",
+    "expected_orders": "number",
+    "predicted_clv": "number",
+    "rfm_r": "number",
+    "rfm_f": "number",
+    "rfm_m": "number",
+    "rfm_score": "number",
+    "nps_score": "number",
+    "nps_category": "text",
+    "csat_score": "number",
+}
+PROFILE_FIELDS.update(LIFECYCLE_FIELDS)
 ORDER_EVENT = "Order Completed"
 # Which events change a profile field (for the real-time index); "*" = every event.
 PROFILE_FIELD_EVENTS: dict[str, str] = {
@@ -78,6 +95,7 @@ PROFILE_FIELD_EVENTS: dict[str, str] = {
     "last_seen": "*",
     "event_count": "*",
 }
+PROFILE_FIELD_EVENTS.update(dict.fromkeys(LIFECYCLE_FIELDS, "*"))
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -357,6 +375,10 @@ def _check_comparison(c: Comparison, path: str, *, allow_relative: bool, kind: s
             errs.append(RuleError(f"{path}.op", "relative", "`within` is not allowed in property filters"))
     if op in TIME_OPS and kind == "number":
         errs.append(RuleError(f"{path}.op", "number_field", "use gt/gte/lt/lte/equals on a number field"))
+    if kind == "text" and op in TIME_OPS | NUMERIC_OPS:
+        errs.append(
+            RuleError(f"{path}.op", "text_field", "use equals/not_equals/in/contains/exists on a text field")
+        )
     if kind == "time" and op not in TIME_OPS | {"exists", "not_exists"}:
         errs.append(RuleError(f"{path}.op", "time_field", "use before/after/within/exists on a time field"))
     for extra in sorted(used - allowed):

@@ -16,12 +16,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.identity import Identifier, Merge
+from services.segmenter.domain.lifecycle.tracking import STORED_FIELDS
 from services.segmenter.domain.profile import EventAggregate, ProfileSnapshot, merge_traits
 
-PROFILE_COLUMNS = (
-    "customer_id, traits, trait_times, first_seen, last_seen, event_count, orders_count, revenue, "
-    "first_order_at, last_order_at"
-)
 FIELD_NAMES = (
     "first_seen",
     "last_seen",
@@ -30,7 +27,10 @@ FIELD_NAMES = (
     "revenue",
     "first_order_at",
     "last_order_at",
+    # Lifecycle columns (migration 0003_lifecycle), written by store/lifecycle.py.
+    *STORED_FIELDS,
 )
+PROFILE_COLUMNS = "customer_id, traits, trait_times, " + ", ".join(FIELD_NAMES)
 
 
 def _snapshot(row: Any) -> ProfileSnapshot:

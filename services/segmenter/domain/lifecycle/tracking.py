@@ -1,0 +1,344 @@
+"""Keeping lifecycle metrics current in the segmenter (pure, no I/O).
+
+The store hands over per-customer order aggregates (`OrderAggregate`, one SQL statement for a batch's
+customers or for a chunk of the base); this module turns them into the `snapshot.BaseHistory` columns,
+computes every metric and the stage with the vectorized functions, and scores RFM either over the base
+(refit) or against the base's stored quintile cut points (event path, between refits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from services.segmenter.domain.lifecycle import bgnbd, rfm
+from services.segmenter.domain.lifecycle import gamma_gamma as gg
+from services.segmenter.domain.lifecycle.snapshot import (
+    BaseHistory,
+    FittedModels,
+    SnapshotSettings,
+    base_columns,
+)
+from services.segmenter.domain.lifecycle.stages import (
+    MetricField,
+    StagePolicy,
+    classify_many,
+    default_policy,
+    stage_names,
+)
+
+SECONDS_PER_DAY = 86_400.0
+FloatArray = npt.NDArray[np.float64]
+
+# The lifecycle fields stored on each profile (columns of `customers`), usable in segment rules.
+STORED_FIELDS = (
+    "lifecycle_stage",
+    "lifecycle_stage_since",
+    "p_alive",
+    "churn_risk",
+    "expected_orders",
+    "predicted_clv",
+    "rfm_r",
+    "rfm_f",
+    "rfm_m",
+    "rfm_score",
+    "nps_score",
+    "nps_category",
+    "nps_at",
+    "csat_score",
+    "csat_at",
+)
+
+
+def epoch_days(at: datetime) -> float:
+    return at.timestamp() / SECONDS_PER_DAY
+
+
+@dataclass(frozen=True)
+class OrderAggregate:
+    """One customer's orders up to the computation time, as the store aggregates them.
+
+    Days are UTC day numbers (`*_date`: calendar days; `*_at`: exact times as fractional day numbers).
+    """
+
+    order_days: int  # distinct calendar days with an order
+    first_date: int
+    last_date: int
+    first_at: float
+    last_at: float
+    first_day_amount: float
+    total_amount: float
+    orders_recent: int  # orders in (now - growth window, now]
+    orders_previous: int  # orders in (now - 2 windows, now - window]
+
+
+@dataclass(frozen=True)
+class CustomerInputs:
+    """What the metrics of one customer are computed from (besides their orders)."""
+
+    customer_id: str
+    orders: int
+    revenue: float
+    first_seen: datetime | None
+    nps_score: int | None
+    csat_score: int | None
+
+
+@dataclass(frozen=True)
+class RfmCuts:
+    """Quintile cut points of the base at the last refit (20/40/60/80th percentiles of buyers).
+
+    The event path scores a customer against them: exact mid-rank quintiles need the whole base, which
+    the next refit recomputes.
+    """
+
+    recency_days: tuple[float, ...] = ()
+    orders: tuple[float, ...] = ()
+    revenue: tuple[float, ...] = ()
+
+    def as_json(self) -> dict[str, list[float]]:
+        return {
+            "recency_days": list(self.recency_days),
+            "orders": list(self.orders),
+            "revenue": list(self.revenue),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> RfmCuts:
+        data = data or {}
+        return cls(
+            tuple(float(x) for x in data.get("recency_days", ())),
+            tuple(float(x) for x in data.get("orders", ())),
+            tuple(float(x) for x in data.get("revenue", ())),
+        )
+
+    @classmethod
+    def of_base(cls, scores: rfm.RfmScores) -> RfmCuts:
+        buyer = scores.frequency > 0
+        if not buyer.any():
+            return cls()
+        q = [20, 40, 60, 80]
+
+        def cuts(values: FloatArray) -> tuple[float, ...]:
+            return tuple(float(x) for x in np.percentile(values, q))
+
+        return cls(
+            cuts(scores.recency_days[buyer]),
+            cuts(scores.frequency[buyer].astype(np.float64)),
+            cuts(scores.monetary[buyer]),
+        )
+
+    def score(
+        self, recency_days: FloatArray, orders: FloatArray, revenue: FloatArray
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """1..5 scores against the cut points (0 = never ordered); without cuts every buyer scores 3."""
+        buyer = orders > 0
+
+        def one(values: FloatArray, cuts: tuple[float, ...], inverse: bool) -> npt.NDArray[np.int64]:
+            if not cuts:
+                raw = np.full(values.shape, 3, dtype=np.int64)
+            elif inverse:
+                # Recency: fewer days is better; equal to a cut point stays in the better bin.
+                raw = 5 - np.searchsorted(np.asarray(cuts), values, side="left").astype(np.int64)
+            else:
+                raw = 1 + np.searchsorted(np.asarray(cuts), values, side="left").astype(np.int64)
+            out: npt.NDArray[np.int64] = np.where(buyer, np.clip(raw, 1, 5), 0).astype(np.int64)
+            return out
+
+        return (
+            one(np.nan_to_num(recency_days, nan=0.0), self.recency_days, True),
+            one(orders, self.orders, False),
+            one(revenue, self.revenue, False),
+        )
+
+
+@dataclass(frozen=True)
+class LifecycleModel:
+    """The latest fit: parameters (None when the base could not be fitted yet) and RFM cut points."""
+
+    model_id: int | None
+    models: FittedModels | None
+    cuts: RfmCuts
+
+
+def models_from_json(
+    transactions: Mapping[str, Any] | None, spend: Mapping[str, Any] | None
+) -> FittedModels | None:
+    if not transactions:
+        return None
+    tp = transactions["params"]
+    spend_params = gg.GammaGammaParams(**spend["params"]) if spend else None
+    return FittedModels(bgnbd.BgNbdParams(**tp), spend_params)
+
+
+def build_history(
+    inputs: Sequence[CustomerInputs],
+    orders: Mapping[str, OrderAggregate],
+    as_of: datetime,
+    settings: SnapshotSettings,
+) -> BaseHistory:
+    """The BaseHistory columns of these customers (aligned with `inputs`) as of `as_of`."""
+    n = len(inputs)
+    as_of_date = math.floor(epoch_days(as_of))
+    unit = settings.model_time_unit_days
+
+    def col() -> FloatArray:
+        return np.full(n, np.nan)
+
+    h = {name: col() for name in BaseHistory.__dataclass_fields__}
+    for i, c in enumerate(inputs):
+        h["orders"][i] = c.orders
+        h["revenue"][i] = c.revenue
+        h["signup_day"][i] = epoch_days(c.first_seen) if c.first_seen is not None else np.nan
+        h["nps_score"][i] = np.nan if c.nps_score is None else c.nps_score
+        h["csat_score"][i] = np.nan if c.csat_score is None else c.csat_score
+        h["referrals_given"][i] = 0.0
+        o = orders.get(c.customer_id)
+        if o is None:
+            h["orders_recent"][i] = h["orders_previous"][i] = 0.0
+            h["frequency"][i] = h["recency"][i] = h["T"][i] = h["repeat_mean_value"][i] = 0.0
+            continue
+        x = o.order_days - 1
+        h["first_order_day"][i] = o.first_at
+        h["last_order_day"][i] = o.last_at
+        h["orders_recent"][i] = o.orders_recent
+        h["orders_previous"][i] = o.orders_previous
+        h["frequency"][i] = x
+        h["recency"][i] = (o.last_date - o.first_date) / unit
+        h["repeat_mean_value"][i] = (o.total_amount - o.first_day_amount) / x if x > 0 else 0.0
+        # The customer's age from the first order day to the as-of day, in the model's unit.
+        h["T"][i] = max(as_of_date - o.first_date, o.last_date - o.first_date) / unit
+    return BaseHistory(**h)
+
+
+@dataclass
+class Computed:
+    """Metrics and stage per customer, aligned with the inputs."""
+
+    columns: dict[str, Any]
+    stages: npt.NDArray[np.str_]
+    rfm_scores: rfm.RfmScores
+
+
+def compute(
+    history: BaseHistory,
+    as_of: datetime,
+    model: LifecycleModel,
+    policy: StagePolicy,
+    settings: SnapshotSettings,
+    *,
+    whole_base: bool,
+) -> Computed:
+    """Every metric and the stage, vectorized. `whole_base`: score RFM over these customers (a refit);
+    otherwise against the model's stored cut points (the event path's few customers)."""
+    as_of_day = epoch_days(as_of)
+    columns, scores = base_columns(history, as_of_day, model.models, settings)
+    if not whole_base:
+        r, f, m = model.cuts.score(
+            np.asarray(columns[MetricField.DAYS_SINCE_LAST_ORDER.value], dtype=np.float64),
+            history.orders,
+            history.revenue,
+        )
+        (
+            columns[MetricField.RFM_R.value],
+            columns[MetricField.RFM_F.value],
+            columns[MetricField.RFM_M.value],
+        ) = (
+            r,
+            f,
+            m,
+        )
+    stages = stage_names(classify_many(columns, policy))
+    return Computed(columns, stages, scores)
+
+
+def stored_values(computed: Computed, i: int) -> dict[str, Any]:
+    """The stored lifecycle columns of customer i (None for unknown)."""
+    c = computed.columns
+
+    def num(name: str) -> float | None:
+        v = float(c[name][i])
+        return None if math.isnan(v) else v
+
+    def integer(name: str) -> int | None:
+        v = num(name)
+        return None if v is None else int(v)
+
+    r, f, m = integer("rfm_r") or 0, integer("rfm_f") or 0, integer("rfm_m") or 0
+    return {
+        "lifecycle_stage": str(computed.stages[i]),
+        "p_alive": num("p_alive"),
+        "churn_risk": num("churn_risk"),
+        "expected_orders": num("expected_orders"),
+        "predicted_clv": num("predicted_clv"),
+        "rfm_r": r,
+        "rfm_f": f,
+        "rfm_m": m,
+        "rfm_score": r * 100 + f * 10 + m,
+    }
+
+
+def fit_models(history: BaseHistory) -> tuple[bgnbd.BgNbdFit | None, gg.GammaGammaFit | None]:
+    """BG/NBD on the buyers, Gamma-Gamma on the repeat buyers; None where the base cannot support a fit."""
+    bought = history.orders > 0
+    if int(bought.sum()) < 2 or float(history.frequency[bought].sum()) <= 0:
+        return None, None
+    try:
+        transactions = bgnbd.fit(history.frequency[bought], history.recency[bought], history.T[bought])
+    except (ValueError, FloatingPointError, ArithmeticError):
+        return None, None
+    try:
+        spend = gg.fit(history.frequency[bought], history.repeat_mean_value[bought])
+    except (ValueError, FloatingPointError, ArithmeticError):
+        spend = None
+    return transactions, spend
+
+
+def default_stage_policy() -> StagePolicy:
+    return default_policy()
+
+
+def csat_over_time(
+    answered: Sequence[datetime], scores: Sequence[int], starts: Sequence[datetime], end: datetime
+) -> list[dict[str, Any]]:
+    """CSAT (share of 4-5 answers, %) per period [starts[i], starts[i+1]) with the last ending at `end`."""
+    bounds = [*starts, end]
+    out: list[dict[str, Any]] = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        inside = [s for t, s in zip(answered, scores, strict=True) if lo <= t < hi]
+        satisfied = sum(1 for s in inside if s >= 4)
+        out.append(
+            {
+                "period": lo.date().isoformat(),
+                "responses": len(inside),
+                "satisfied": satisfied,
+                "csat": 100.0 * satisfied / len(inside) if inside else None,
+            }
+        )
+    return out
+
+
+def period_starts(start: datetime, end: datetime, period: str) -> list[datetime]:
+    """Period boundaries (UTC midnight) from the period containing `start` up to `end`: months or ISO weeks."""
+    d = start.astimezone(UTC).date()
+    if period == "week":
+        d = d.fromordinal(d.toordinal() - d.weekday())
+    else:
+        d = d.replace(day=1)
+    out: list[datetime] = []
+    while True:
+        at = datetime(d.year, d.month, d.day, tzinfo=UTC)
+        if at > end:
+            break
+        out.append(at)
+        if period == "week":
+            d = d.fromordinal(d.toordinal() + 7)
+        else:
+            d = d.replace(year=d.year + (d.month == 12), month=d.month % 12 + 1)
+    return out

@@ -1,0 +1,345 @@
+"""Keeping every profile's lifecycle stage and metrics current.
+
+- Event path (`on_batch`, inside the batch's unit of work, after the profile fold): survey answers, then
+  the touched customers' metrics from the latest stored model (one order-aggregate query, vectorized
+  numpy), their stage, the stage changes (history + `ProfileChanged(stage_changed)` via the outbox), and
+  the new values written back in one statement. The profile snapshots are updated in place so the real-
+  time segment evaluation that follows sees them.
+- Refit (`refit`, on a schedule and on demand): the base is read in keyset chunks, BG/NBD + Gamma-Gamma
+  are fitted and stored with the RFM quintile cut points, then every customer's metrics and stage are
+  recomputed over the whole base and written back chunk by chunk (each chunk one unit of work).
+- `recompute` does the second half alone (after a stage policy change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from services.segmenter.domain.lifecycle.snapshot import FittedModels, SnapshotSettings
+from services.segmenter.domain.lifecycle.stages import StagePolicy
+from services.segmenter.domain.lifecycle.tracking import (
+    CustomerInputs,
+    LifecycleModel,
+    OrderAggregate,
+    RfmCuts,
+    build_history,
+    compute,
+    default_stage_policy,
+    fit_models,
+    models_from_json,
+    stored_values,
+)
+from services.segmenter.domain.lifecycle.voice import (
+    SurveyError,
+    SurveyType,
+    nps_category,
+    parse_survey_response,
+)
+from services.segmenter.domain.profile import ProfileSnapshot
+from services.segmenter.domain.rules import LIFECYCLE_FIELDS
+from services.segmenter.settings import SegmenterSettings
+from services.segmenter.store import lifecycle as store
+from shared.clock import Clock
+from shared.contracts.events import CustomerEvent, EventType, ProfileChanged, ProfileChangeKind
+from shared.contracts.topics import PROFILES
+from shared.db.unit_of_work import UnitOfWork
+from shared.runtime import Platform
+
+log = logging.getLogger(__name__)
+
+# Metrics carried in ProfileChanged.metrics with a stage change.
+ANNOUNCED_METRICS = ("churn_risk", "p_alive", "expected_orders", "predicted_clv", "rfm_score", "nps_category")
+
+
+@dataclass
+class _Cached:
+    model: LifecycleModel
+    policy: StagePolicy
+    loaded_at: float
+
+
+class Lifecycle:
+    def __init__(self, platform: Platform, clock: Clock, settings: SegmenterSettings) -> None:
+        self.platform = platform
+        self.clock = clock
+        self.settings = settings
+        self.snapshot_settings = SnapshotSettings()
+        self._cached: _Cached | None = None
+        self._refit_lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- model and policy
+
+    def invalidate(self) -> None:
+        self._cached = None
+
+    async def current(self, uow: UnitOfWork) -> tuple[LifecycleModel, StagePolicy]:
+        """The latest model and policy, re-read at most every `lifecycle_cache_s` (other replicas refit too)."""
+        c = self._cached
+        if c is not None and time.monotonic() - c.loaded_at < self.settings.lifecycle_cache_s:
+            return c.model, c.policy
+        row = await store.latest_model(uow.session)
+        model = (
+            LifecycleModel(
+                row["id"],
+                models_from_json(row["transactions"], row["spend"]),
+                RfmCuts.from_json(row["rfm_cuts"]),
+            )
+            if row
+            else LifecycleModel(None, None, RfmCuts())
+        )
+        stored = await store.get_policy(uow.session)
+        policy = StagePolicy.model_validate(stored[0]) if stored else default_stage_policy()
+        self._cached = _Cached(model, policy, time.monotonic())
+        return model, policy
+
+    # ----------------------------------------------------------------- event path
+
+    async def on_batch(
+        self,
+        uow: UnitOfWork,
+        profiles: dict[str, ProfileSnapshot],
+        events: Sequence[CustomerEvent],
+        customer_of_event: Sequence[str],
+        last_message: dict[str, str],
+        now: datetime,
+    ) -> None:
+        if not profiles:
+            return
+        surveys = self._surveys(profiles, events, customer_of_event)
+        model, policy = await self.current(uow)
+        ids = sorted(profiles)
+        buyers = [cid for cid in ids if (profiles[cid].fields.get("orders_count") or 0) > 0]
+        aggregates = await store.order_aggregates(
+            uow.session, buyers, now, self.snapshot_settings.growth_window_days
+        )
+        inputs = [_inputs(profiles[cid]) for cid in ids]
+        computed = compute(
+            build_history(inputs, aggregates, now, self.snapshot_settings),
+            now,
+            model,
+            policy,
+            self.snapshot_settings,
+            whole_base=False,
+        )
+        values: list[tuple[str, dict[str, Any]]] = []
+        changes: list[store.StageChange] = []
+        for i, cid in enumerate(ids):
+            f = profiles[cid].fields
+            new = stored_values(computed, i)
+            before = f.get("lifecycle_stage")
+            if before != new["lifecycle_stage"]:
+                changes.append(store.StageChange(cid, before, new["lifecycle_stage"]))
+                new["lifecycle_stage_since"] = now
+            else:
+                new["lifecycle_stage_since"] = f.get("lifecycle_stage_since")
+            for name in ("nps_score", "nps_category", "nps_at", "csat_score", "csat_at"):
+                new[name] = f.get(name)
+            f.update(new)
+            values.append((cid, new))
+        await store.save_event_path(uow.session, values, changes, surveys, now, last_message)
+        for change in changes:
+            self._announce(
+                uow, profiles[change.customer_id], change, last_message.get(change.customer_id, "event"), now
+            )
+
+    def _surveys(
+        self,
+        profiles: dict[str, ProfileSnapshot],
+        events: Sequence[CustomerEvent],
+        customer_of_event: Sequence[str],
+    ) -> list[store.SurveyRow]:
+        """Survey answers of the batch; each customer's latest answer (by event time) updates their
+        NPS / CSAT fields in place. An invalid answer is logged and ignored (it never fails the batch)."""
+        rows: list[store.SurveyRow] = []
+        for e, cid in zip(events, customer_of_event, strict=True):
+            if e.type != EventType.TRACK:
+                continue
+            try:
+                answer = parse_survey_response(e.event, e.properties, e.timestamp)
+            except SurveyError as exc:
+                log.info(
+                    "ignoring an invalid survey answer",
+                    extra={"message_id": e.message_id, "field": exc.field, "rule": exc.rule},
+                )
+                continue
+            if answer is None:
+                continue
+            rows.append(
+                store.SurveyRow(
+                    e.message_id,
+                    cid,
+                    answer.survey_type.value,
+                    answer.score,
+                    answer.comment,
+                    answer.survey_id,
+                    e.timestamp,
+                )
+            )
+            f = profiles[cid].fields
+            if answer.survey_type is SurveyType.NPS:
+                if f.get("nps_at") is None or e.timestamp >= f["nps_at"]:
+                    f["nps_score"], f["nps_at"] = answer.score, e.timestamp
+                    f["nps_category"] = nps_category(answer.score).value
+            elif f.get("csat_at") is None or e.timestamp >= f["csat_at"]:
+                f["csat_score"], f["csat_at"] = answer.score, e.timestamp
+        return rows
+
+    def _announce(
+        self, uow: UnitOfWork, profile: ProfileSnapshot, change: store.StageChange, cause: str, now: datetime
+    ) -> None:
+        f = profile.fields
+        uow.emit(
+            PROFILES.name,
+            change.customer_id,
+            ProfileChanged(
+                event_id=f"profile:{change.customer_id}:{cause}:stage:{change.to_stage}",
+                customer_id=change.customer_id,
+                kind=ProfileChangeKind.STAGE_CHANGED,
+                occurred_at=now,
+                traits=profile.traits,
+                lifecycle_stage=change.to_stage,
+                previous_stage=change.from_stage,
+                metrics={name: f.get(name) for name in ANNOUNCED_METRICS},
+                caused_by=cause,
+            ),
+        )
+
+    # ----------------------------------------------------------------- refit and recompute over the base
+
+    async def _load_base(self, now: datetime) -> tuple[list[store.BaseRow], dict[str, OrderAggregate]]:
+        rows: list[store.BaseRow] = []
+        aggregates: dict[str, OrderAggregate] = {}
+        after: str | None = None
+        while True:
+            async with self.platform.unit_of_work() as uow:
+                chunk, orders = await store.base_chunk(
+                    uow.session,
+                    after,
+                    self.settings.lifecycle_chunk_size,
+                    now,
+                    self.snapshot_settings.growth_window_days,
+                )
+            if not chunk:
+                return rows, aggregates
+            rows += chunk
+            aggregates.update(orders)
+            after = chunk[-1].inputs.customer_id
+
+    async def refit(self) -> dict[str, Any]:
+        """Fit the models on the whole base, store them, then recompute every customer."""
+        async with self._refit_lock:
+            now = self.clock.now()
+            started = time.perf_counter()
+            rows, aggregates = await self._load_base(now)
+            history = build_history([r.inputs for r in rows], aggregates, now, self.snapshot_settings)
+            transactions, spend = await asyncio.to_thread(fit_models, history)
+            models = (
+                FittedModels(transactions.params, spend.params if spend else None) if transactions else None
+            )
+            model = LifecycleModel(None, models, RfmCuts())
+            _, policy = await self._policy_only()
+            computed = compute(history, now, model, policy, self.snapshot_settings, whole_base=True)
+            cuts = RfmCuts.of_base(computed.rfm_scores)
+            fit_s = time.perf_counter() - started
+            async with self.platform.unit_of_work() as uow:
+                model_id = await store.insert_model(
+                    uow.session,
+                    now,
+                    transactions.as_json() if transactions else None,
+                    spend.as_json() if spend else None,
+                    cuts.as_json(),
+                    len(rows),
+                    int((history.orders > 0).sum()),
+                    fit_s,
+                )
+            self.invalidate()
+            changed = await self._write_back(rows, computed, now, f"refit:{model_id}")
+            log.info(
+                "lifecycle refit",
+                extra={"model_id": model_id, "customers": len(rows), "stage_changes": changed},
+            )
+            return {"model_id": model_id, "customers": len(rows), "stage_changes": changed, "fit_s": fit_s}
+
+    async def recompute(self, cause: str = "policy") -> dict[str, Any]:
+        """Every customer's metrics and stage from the stored model (after a policy change)."""
+        async with self._refit_lock:
+            now = self.clock.now()
+            self.invalidate()
+            async with self.platform.unit_of_work() as uow:
+                model, policy = await self.current(uow)
+            rows, aggregates = await self._load_base(now)
+            history = build_history([r.inputs for r in rows], aggregates, now, self.snapshot_settings)
+            computed = compute(history, now, model, policy, self.snapshot_settings, whole_base=True)
+            changed = await self._write_back(rows, computed, now, cause)
+            return {"customers": len(rows), "stage_changes": changed}
+
+    async def _policy_only(self) -> tuple[LifecycleModel, StagePolicy]:
+        async with self.platform.unit_of_work() as uow:
+            return await self.current(uow)
+
+    async def _write_back(
+        self, rows: Sequence[store.BaseRow], computed: Any, now: datetime, cause: str
+    ) -> int:
+        changed = 0
+        size = self.settings.lifecycle_chunk_size
+        for lo in range(0, len(rows), size):
+            part = range(lo, min(lo + size, len(rows)))
+            values = [stored_values(computed, i) for i in part]
+            async with self.platform.unit_of_work() as uow:
+                changes = await store.save_recomputed(
+                    uow.session,
+                    [rows[i].inputs.customer_id for i in part],
+                    [rows[i].event_count for i in part],
+                    values,
+                    now,
+                    cause,
+                )
+                by_id = {rows[i].inputs.customer_id: v for i, v in zip(part, values, strict=True)}
+                for change in changes:
+                    profile = ProfileSnapshot(
+                        change.customer_id, traits=change.traits or {}, fields=by_id[change.customer_id]
+                    )
+                    self._announce(uow, profile, change, cause, now)
+                changed += len(changes)
+        async with self.platform.unit_of_work() as uow:
+            # Bulk changes reach segments on lifecycle fields through their back-fill.
+            await store.restart_lifecycle_segments(uow.session, LIFECYCLE_FIELDS, now)
+        return changed
+
+    async def run_forever(self) -> None:
+        """Refit at start when no model exists yet, then every `lifecycle_refit_interval_s`."""
+        first = True
+        while True:
+            try:
+                async with self.platform.unit_of_work() as uow:
+                    latest = await store.latest_model(uow.session)
+                due = latest is None or (
+                    (self.clock.now() - latest["fitted_at"]).total_seconds()
+                    >= self.settings.lifecycle_refit_interval_s
+                )
+                if due or (first and latest is None):
+                    await self.refit()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("lifecycle refit failed; retrying later")
+            first = False
+            await asyncio.sleep(min(60.0, self.settings.lifecycle_refit_interval_s))
+
+
+def _inputs(p: ProfileSnapshot) -> CustomerInputs:
+    f = p.fields
+    return CustomerInputs(
+        p.customer_id,
+        int(f.get("orders_count") or 0),
+        float(f.get("revenue") or 0.0),
+        f.get("first_seen"),
+        f.get("nps_score"),
+        f.get("csat_score"),
+    )

@@ -66,6 +66,8 @@ class CustomerView:
     segments: frozenset[str] = frozenset()
     # Marketing messages requested recently, per channel (for frequency caps across journeys).
     recent_sends: dict[str, list[datetime]] = field(default_factory=dict)
+    # The segmenter's current recommendation lists ({"cross_sell": [...], "upsell": [...]}, issue 9).
+    recommendations: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -491,6 +493,8 @@ class Walker:
                 "node_id": node.id,
                 "correlation": self.instance.correlation,
             },
+            # As of the send, so "wait 7 days, then send the top 3 cross-sell items" uses fresh lists.
+            "recommendations": self.customer.recommendations or {"cross_sell": [], "upsell": []},
             **node.data,
         }
         self.outcome.effects.append(

@@ -56,6 +56,7 @@ from services.journey_engine.settings import JourneyEngineSettings
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import projection
+from services.journey_engine.store import recommendations as recommendation_projection
 from services.journey_engine.store.instances import InstanceConflict, InstanceRow, StepWriter
 from services.journey_engine.store.journeys import JourneyRow
 from shared.clock import Clock
@@ -95,6 +96,7 @@ def customer_view(rec: projection.CustomerRecord) -> CustomerView:
         stage=rec.stage,
         segments=frozenset(rec.segments),
         recent_sends=rec.recent_sends,
+        recommendations=rec.recommendations,
     )
 
 
@@ -268,6 +270,9 @@ class JourneyEngine:
             await projection.add_identities(
                 session, cid, [i for ids in p.identities.values() for i in ids] + list(p.merged_ids)
             )
+            if p.recommendations is not None:  # issue 9: lists for message data
+                view.recommendations = dict(p.recommendations)
+                await recommendation_projection.set_lists(session, cid, view.recommendations, batch.now)
             if p.kind == ProfileChangeKind.STAGE_CHANGED and p.lifecycle_stage:
                 trigger = {"lifecycle_stage": p.lifecycle_stage, "previous_stage": p.previous_stage}
                 await self._apply_trigger(

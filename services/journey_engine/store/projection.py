@@ -23,6 +23,7 @@ class CustomerRecord:
     stage: str | None = None
     segments: set[str] = field(default_factory=set)
     recent_sends: dict[str, list[datetime]] = field(default_factory=dict)
+    recommendations: dict[str, Any] | None = None  # issue 9: the segmenter's current lists
 
 
 async def lock_customers(session: AsyncSession, customer_ids: list[str]) -> None:
@@ -77,17 +78,19 @@ async def load(
     rows = await session.execute(
         text(
             "SELECT x.id, c.traits, c.timezone, c.locale, c.email, c.phone, c.stage, "
-            "ARRAY(SELECT m.segment_id FROM segment_members AS m WHERE m.customer_id = x.id) "
+            "ARRAY(SELECT m.segment_id FROM segment_members AS m WHERE m.customer_id = x.id), "
+            "(SELECT r.lists FROM customer_recommendations AS r WHERE r.customer_id = x.id) "
             "FROM unnest(CAST(:ids AS text[])) AS x(id) LEFT JOIN customers AS c ON c.customer_id = x.id"
         ),
         {"ids": ids},
     )
-    for cid, traits, tz, locale, email, phone, stage, segments in rows:
+    for cid, traits, tz, locale, email, phone, stage, segments, recommendations in rows:
         rec = out[cid]
         if traits is not None:
             rec.traits = traits if isinstance(traits, dict) else orjson.loads(traits)
         rec.timezone, rec.locale, rec.email, rec.phone, rec.stage = tz, locale, email, phone, stage
         rec.segments = set(segments or ())
+        rec.recommendations = recommendations
     if sends_since is None:
         return out
     rows = await session.execute(
@@ -169,6 +172,7 @@ async def erase(session: AsyncSession, customer_id: str) -> None:
         "DELETE FROM customers WHERE customer_id = :id",
         "DELETE FROM customer_identities WHERE customer_id = :id",
         "DELETE FROM segment_members WHERE customer_id = :id",
+        "DELETE FROM customer_recommendations WHERE customer_id = :id",
     ):
         await session.execute(text(statement), {"id": customer_id})
 

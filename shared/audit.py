@@ -2,7 +2,7 @@
 
 `install_audit(app, platform)` adds an ASGI middleware that records every successful (2xx) admin
 mutation (POST/PUT/PATCH/DELETE with the admin Bearer token, and GETs of a customer export, which
-discloses personal data) and the `GET /v1/audit` endpoint (admin, paged, filters). The row is
+disclose personal data) and the `GET /v1/audit` endpoint (admin, paged, filters). The row is
 written before the response starts, so a client that saw the 2xx can find its entry. The actor is a
 short hash of the admin token (which token, never the token) plus the optional `X-CLM-Actor`
 header naming the human. Each request gets an `X-Request-ID` (the caller's, or a fresh one).
@@ -44,7 +44,7 @@ def token_identity(token: str) -> str:
 
 
 def is_audited(method: str, path: str) -> bool:
-    return method in MUTATING or (method == "GET" and path.endswith("/export"))
+    return method in MUTATING or (method == "GET" and (path.endswith("/export") or "/exports/" in path))
 
 
 class AuditMiddleware:

@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
 from services.segmenter.runtime import Segmenter
@@ -164,7 +165,7 @@ def privacy_router(seg: Segmenter) -> APIRouter:
         if document is None:
             raise ApiError(404, "not_found", f"no export request {request_id!r}")
         if document["missing"]:
-            return JSONResponse({**document, "status": "pending"}, status_code=202)
+            return JSONResponse(jsonable_encoder({**document, "status": "pending"}), status_code=202)
         return document
 
     async def _export_document(request_id: str) -> dict[str, Any] | None:

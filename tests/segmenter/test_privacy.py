@@ -1,0 +1,178 @@
+"""Erasure, the receipt, export and the audit log in the segmenter (the coordinator), against the
+real broker and database; the other services' answers are published by the test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+
+from services.segmenter.app import create_app
+from services.segmenter.settings import SegmenterSettings
+from services.segmenter.store.privacy import CUSTOMER_TABLES
+from shared.clock import ManualClock
+from shared.contracts.events import PrivacyAction, PrivacyRequest
+from shared.contracts.topics import PRIVACY, PROFILES
+from shared.privacy import answer
+from tests.segmenter.conftest import ADMIN, START, Harness, make_event
+from tests.support import eventually, read_topic, running
+
+OTHERS = ("ingest", "journey_engine", "notifier")
+
+
+@pytest.fixture
+async def harness(make_settings: Callable[..., SegmenterSettings]) -> AsyncIterator[Harness]:
+    settings = make_settings(SegmenterSettings, run_background_loops=False, privacy_export_wait_s=1.0)
+    clock = ManualClock(START)
+    app = create_app(settings, clock)
+    async with running(app) as client:
+        yield Harness(client, app.state.segmenter, settings, clock)
+
+
+async def known_customer(h: Harness) -> None:
+    await h.send(
+        make_event("m1", "page", anonymous_id="anon-1", name="Home"),
+        make_event("m2", "identify", user_id="u1", anonymous_id="anon-1", traits={"email": "a@example.com"}),
+        make_event("m3", "track", user_id="u1", event="Order Completed", properties={"revenue": 10}),
+    )
+    await h.processed(3)
+
+
+async def answer_for(
+    h: Harness, request: PrivacyRequest, action: PrivacyAction, services: tuple[str, ...]
+) -> None:
+    for service in services:
+        reply = answer(request, service, action, h.clock.now(), {"from": service})
+        await h.segmenter.platform.producer.publish(PRIVACY.name, request.customer_id, reply)
+
+
+async def privacy_messages(h: Harness) -> list[PrivacyRequest]:
+    await h.relay()
+    msgs = await read_topic(h.settings.topic(PRIVACY.name), idle=0.5, timeout=8)
+    return [PrivacyRequest.model_validate(m["value"]) for m in msgs]
+
+
+async def test_erasure_deletes_everything_publishes_the_request_and_tracks_the_receipt(
+    harness: Harness,
+) -> None:
+    h = harness
+    await known_customer(h)
+    await h.create_segment({"performed": "Order Completed"}, name="buyers")
+    cid = (await h.customer("u1"))["customer_id"]
+
+    r = await h.client.delete("/v1/customers/a@example.com", headers={**ADMIN, "X-CLM-Actor": "dpo"})
+    assert r.status_code == 202, r.text
+    request_id = r.json()["request_id"]
+    assert r.json()["customer_id"] == cid
+    for ref in ("u1", "anon-1", "a@example.com", cid):
+        assert (await h.client.get(f"/v1/customers/{ref}", headers=ADMIN)).status_code == 404
+
+    async with h.segmenter.platform.unit_of_work() as uow:
+        for table, column, _ in CUSTOMER_TABLES:
+            if (await uow.session.execute(text("SELECT to_regclass(:t)"), {"t": table})).scalar() is None:
+                continue
+            n = await uow.session.execute(
+                text(f"SELECT count(*) FROM {table} WHERE {column} = ANY(:ids)"),
+                {"ids": [cid, "u1", "anon-1"]},
+            )
+            assert n.scalar() == 0, table
+        hashes = [
+            r[0] for r in await uow.session.execute(text("SELECT identity_hash FROM erasure_tombstones"))
+        ]
+        stored = [
+            r[0] for r in await uow.session.execute(text("SELECT identity_hashes FROM privacy_requests"))
+        ]
+    identifiers = {cid, "u1", "anon-1", "a@example.com"}  # the canonical id is the first anonymousId
+    assert len(hashes) == len(identifiers) == 3 and not identifiers & set(hashes)
+    assert sorted(stored[0]) == sorted(hashes)
+
+    messages = await privacy_messages(h)
+    requested = [m for m in messages if m.action is PrivacyAction.ERASE_REQUESTED]
+    assert len(requested) == 1 and requested[0].request_id == request_id
+    assert set(requested[0].identities) == identifiers
+    assert [(m.service, m.event_id) for m in messages if m.action is PrivacyAction.ERASE_COMPLETED] == [
+        ("segmenter", f"{request_id}:segmenter:erase_completed")
+    ]
+    profiles = await read_topic(h.settings.topic(PROFILES.name), idle=0.5, timeout=8)
+    assert [p["value"]["kind"] for p in profiles][-1] == "erased"
+
+    receipt = (await h.client.get(f"/v1/privacy/requests/{request_id}", headers=ADMIN)).json()
+    assert receipt["status"] == "pending"
+    assert receipt["services"]["segmenter"]["status"] == "completed"
+    assert {receipt["services"][s]["status"] for s in OTHERS} == {"pending"}
+
+    # The other services confirm (twice: a redelivered answer changes nothing).
+    await answer_for(h, requested[0], PrivacyAction.ERASE_COMPLETED, OTHERS)
+    await answer_for(h, requested[0], PrivacyAction.ERASE_COMPLETED, OTHERS)
+
+    async def completed() -> bool:
+        body = (await h.client.get(f"/v1/privacy/requests/{request_id}", headers=ADMIN)).json()
+        return bool(body["status"] == "completed")
+
+    await eventually(completed, timeout=15)
+
+    # A later event with the erased userId does not bring the profile back.
+    later = START + timedelta(hours=1)
+    await h.send(
+        make_event("m4", "identify", user_id="u1", traits={"plan": "pro"}, timestamp=later),
+        make_event("m5", "track", anonymous_id="anon-1", event="Order Completed", timestamp=later),
+        make_event("m6", "identify", user_id="u2", traits={"plan": "free"}, timestamp=later),
+    )
+    await h.processed(6)
+    assert (await h.client.get("/v1/customers/u1", headers=ADMIN)).status_code == 404
+    assert (await h.client.get("/v1/customers/anon-1", headers=ADMIN)).status_code == 404
+    assert (await h.customer("u2"))["traits"] == {"plan": "free"}
+
+    audit = (await h.client.get("/v1/audit", headers=ADMIN, params={"method": "DELETE"})).json()["entries"]
+    assert [(e["path"], e["actor_name"], e["status"]) for e in audit] == [
+        ("/v1/customers/a@example.com", "dpo", 202)
+    ]
+
+
+async def test_unknown_customer_and_missing_token_change_nothing(harness: Harness) -> None:
+    h = harness
+    r = await h.client.delete("/v1/customers/nobody", headers=ADMIN)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    await known_customer(h)
+    assert (await h.client.delete("/v1/customers/u1")).status_code == 401
+    assert (await h.customer("u1"))["traits"] == {"email": "a@example.com"}
+    assert (await h.client.get("/v1/privacy/requests/nope", headers=ADMIN)).status_code == 404
+    # Neither the 404, nor the refused call, nor reads are in the audit log.
+    assert (await h.client.get("/v1/audit", headers=ADMIN)).json()["entries"] == []
+    r = await h.client.get("/v1/audit", headers=ADMIN, params={"method": "FETCH"})
+    assert r.status_code == 400 and r.json()["errors"][0]["field"] == "method"
+
+
+async def test_export_waits_for_every_part_then_answers_one_document(harness: Harness) -> None:
+    h = harness
+    await known_customer(h)
+    # Nobody else answers within the (1 s) wait: 504 naming them, and where to fetch it later.
+    r = await h.client.get("/v1/customers/u1/export", headers=ADMIN)
+    assert r.status_code == 504, r.text
+    body = r.json()
+    assert sorted(body["missing"]) == sorted(OTHERS)
+    later_url = body["export_url"]
+    pending = await h.client.get(later_url, headers=ADMIN)
+    assert pending.status_code == 202 and sorted(pending.json()["missing"]) == sorted(OTHERS)
+
+    requested = [m for m in await privacy_messages(h) if m.action is PrivacyAction.EXPORT_REQUESTED]
+    assert len(requested) == 1 and set(requested[0].identities) >= {"u1", "anon-1", "a@example.com"}
+    await answer_for(h, requested[0], PrivacyAction.EXPORT_PART, OTHERS)
+
+    async def document() -> dict[str, object] | None:
+        got = await h.client.get(later_url, headers=ADMIN)
+        return got.json() if got.status_code == 200 else None  # type: ignore[no-any-return]
+
+    doc = await eventually(document, timeout=15)
+    assert doc["missing"] == []
+    assert {s: doc["services"][s] for s in OTHERS} == {s: {"from": s} for s in OTHERS}
+    mine = doc["services"]["segmenter"]
+    assert mine["customers"][0]["traits"] == {"email": "a@example.com"}
+    assert [e["message_id"] for e in mine["events"]] == ["m3", "m2", "m1"]
+    assert {i["value"] for i in mine["identities"]} == {"u1", "anon-1"}
+    # Exporting personal data is itself audited.
+    audit = (await h.client.get("/v1/audit", headers=ADMIN)).json()["entries"]
+    # Fetching the export is audited (it discloses personal data); the 504 was no success, so it is not.
+    assert audit and {(e["method"], e["path"]) for e in audit} == {("GET", later_url)}

@@ -10,15 +10,18 @@ from fastapi import FastAPI
 
 from services.segmenter.api.catalogue import catalogue_router
 from services.segmenter.api.customers import customers_router
+from services.segmenter.api.kpis import kpis_router
+from services.segmenter.api.lifecycle import lifecycle_router
 from services.segmenter.api.privacy import privacy_router
 from services.segmenter.api.segments import segments_router
+from services.segmenter.consumers.message_status import MessageStatusHandler
 from services.segmenter.consumers.privacy_answers import PrivacyAnswersConsumer
 from services.segmenter.runtime import Segmenter
 from services.segmenter.settings import SegmenterSettings
 from shared.audit import install_audit
 from shared.clock import Clock, SystemClock
-from shared.contracts.events import CustomerEvent, PrivacyRequest
-from shared.contracts.topics import CUSTOMER_EVENTS, PRIVACY
+from shared.contracts.events import CustomerEvent, MessageStatus, PrivacyRequest
+from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_STATUS, PRIVACY
 from shared.runtime import Platform, install_common
 
 MIGRATIONS = Path(__file__).parent / "store" / "migrations"
@@ -30,6 +33,7 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
     segmenter = Segmenter.build(settings, platform, clock or SystemClock())
     platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "profiles", segmenter.events)
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", PrivacyAnswersConsumer(platform))
+    platform.consumer(MESSAGE_STATUS.name, MessageStatus, "engagement", MessageStatusHandler(platform))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,6 +44,7 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
             platform.run_in_background("segment-backfill", segmenter.backfill.run_forever)
             if settings.recommendations_recompute_interval_s > 0:
                 platform.run_in_background("recommendations-recompute", segmenter.recommendations.run_forever)
+            platform.run_in_background("lifecycle-refit", segmenter.lifecycle.run_forever)
         try:
             yield
         finally:
@@ -59,5 +64,7 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
     app.include_router(privacy_router(segmenter))
     app.include_router(customers_router(segmenter))
     app.include_router(catalogue_router(segmenter))
+    app.include_router(lifecycle_router(segmenter))
+    app.include_router(kpis_router(segmenter))
     install_audit(app, platform.unit_of_work, settings)
     return app

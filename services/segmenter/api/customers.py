@@ -7,8 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
+from services.segmenter.api.lifecycle import lifecycle_view
 from services.segmenter.runtime import Segmenter
 from services.segmenter.store import catalogue as catalogue_store
+from services.segmenter.store import lifecycle as lifecycle_store
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.http import ApiError, admin_guard, field_error
@@ -61,6 +63,9 @@ def customers_router(seg: Segmenter) -> APIRouter:
             segments = await segment_store.segments_of(uow.session, cid)
             # Issue 9: the stored lists (as templates see them), refreshed on the customer's product events.
             recommendations = await catalogue_store.stored_recommendations(uow.session, cid)
+            # Issue 7: stage history tail and message engagement.
+            stage_history = await lifecycle_store.stage_history_of(uow.session, cid)
+            engagement = await lifecycle_store.engagement_of(uow.session, cid)
         f = profile.fields
         return {
             "customer_id": cid,
@@ -85,6 +90,8 @@ def customers_router(seg: Segmenter) -> APIRouter:
             "merges": merges,
             "segments": segments,
             "recommendations": recommendations.as_template_variables() if recommendations else None,
+            "lifecycle": lifecycle_view(f, stage_history, engagement),
+            "engagement": engagement,
         }
 
     @router.get("/{customer_ref}/segments")

@@ -305,7 +305,11 @@ def default_stage_policy() -> StagePolicy:
 
 
 def csat_over_time(
-    answered: Sequence[datetime], scores: Sequence[int], starts: Sequence[datetime], end: datetime
+    answered: Sequence[datetime],
+    scores: Sequence[int],
+    starts: Sequence[datetime],
+    end: datetime,
+    period: str = "month",
 ) -> list[dict[str, Any]]:
     """CSAT (share of 4-5 answers, %) per period [starts[i], starts[i+1]) with the last ending at `end`."""
     bounds = [*starts, end]
@@ -315,7 +319,7 @@ def csat_over_time(
         satisfied = sum(1 for s in inside if s >= 4)
         out.append(
             {
-                "period": lo.date().isoformat(),
+                "period": lo.strftime("%Y-%m") if period == "month" else lo.date().isoformat(),
                 "responses": len(inside),
                 "satisfied": satisfied,
                 "csat": 100.0 * satisfied / len(inside) if inside else None,

@@ -12,7 +12,7 @@ from services.notifier.api.dependencies import NotifierDep
 from services.notifier.domain.composition import recipient_address, template_data
 from services.notifier.domain.templates import RenderError
 from services.notifier.service import Notifier
-from services.notifier.store import contacts_repo, templates_repo
+from services.notifier.store import contacts_repo, recommendations_repo, templates_repo
 from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
 from shared.http import ApiError, field_error
 
@@ -136,6 +136,12 @@ def router(admin: Any) -> APIRouter:
         async with notifier.platform.unit_of_work() as uow:
             template = await templates_repo.get_definition(uow.session, template_id)
             contact = await contacts_repo.get(uow.session, body.customer_id) if body.customer_id else None
+            # Issue 9: a real customer's current recommendation lists, unless the preview data sets them.
+            lists = (
+                await recommendations_repo.get(uow.session, body.customer_id)
+                if body.customer_id and "recommendations" not in body.data
+                else None
+            )
         if template is None:
             raise ApiError(404, "not_found", f"no template {template_id!r}")
         if body.customer_id and contact is None:
@@ -154,7 +160,7 @@ def router(admin: Any) -> APIRouter:
             template_id=template_id,
             category=MessageCategory.TRANSACTIONAL,
             recipient=Recipient(locale=body.locale),
-            data=body.data,
+            data=body.data if lists is None else {**body.data, "recommendations": lists},
             requested_at=notifier.clock.now(),
         )
         data = template_data(request, contact, notifier.links, recipient_address(request, contact))

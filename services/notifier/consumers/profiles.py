@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 from services.notifier.domain.composition import ContactView, contact_from_traits
-from services.notifier.store import contacts_repo, in_app_repo
+from services.notifier.store import contacts_repo, in_app_repo, recommendations_repo
 from shared.contracts import ProfileChanged, ProfileChangeKind
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
@@ -22,6 +23,7 @@ class ProfilesConsumer:
         async with self.unit_of_work() as uow:
             fresh = await uow.claim_many(CONSUMER, [item.event_id for item in batch])
             upserts: list[tuple[ContactView, datetime]] = []
+            lists: list[tuple[str, dict[str, Any], datetime]] = []  # issue 9: recommendation lists
             for item in batch:
                 if item.event_id not in fresh:
                     continue
@@ -32,10 +34,17 @@ class ProfilesConsumer:
                     upserts = []
                     await contacts_repo.delete(uow.session, [change.customer_id])
                     await in_app_repo.delete_for(uow.session, [change.customer_id])
+                    await recommendations_repo.upsert(uow.session, lists)
+                    lists = []
+                    await recommendations_repo.delete(uow.session, [change.customer_id])
                     continue
                 if change.kind is ProfileChangeKind.IDENTITY_MERGED and change.merged_ids:
                     await contacts_repo.delete(uow.session, change.merged_ids)
+                    await recommendations_repo.delete(uow.session, change.merged_ids)
+                if change.recommendations is not None:
+                    lists.append((change.customer_id, dict(change.recommendations), change.occurred_at))
                 upserts.append(
                     (contact_from_traits(change.customer_id, dict(change.traits)), change.occurred_at)
                 )
             await contacts_repo.upsert(uow.session, upserts)
+            await recommendations_repo.upsert(uow.session, lists)

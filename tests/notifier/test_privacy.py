@@ -1,0 +1,82 @@
+"""Erasure in the notifier: the ledger keeps no personal data, the contact is gone, later requests
+for the customer (by id or by address) are suppressed `erased`, and admin changes are audited."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import text
+
+from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
+from tests.notifier.conftest import ADMIN, Harness, request
+from tests.notifier.test_email import WELCOME
+from tests.support import eventually, read_topic
+
+
+async def contact_known(h: Harness, customer_id: str) -> bool:
+    async with h.platform.unit_of_work() as uow:
+        row = await uow.session.execute(
+            text("SELECT 1 FROM contacts WHERE customer_id = :c"), {"c": customer_id}
+        )
+        return row.first() is not None
+
+
+async def ledger_request(h: Harness, message_id: str) -> dict[str, Any]:
+    async with h.platform.unit_of_work() as uow:
+        row = await uow.session.execute(
+            text("SELECT request FROM send_ledger WHERE message_id = :m"), {"m": message_id}
+        )
+        value: dict[str, Any] = row.scalar_one()
+        return value
+
+
+async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        r = await h.client.post("/v1/templates", json=WELCOME, headers={**ADMIN, "X-CLM-Actor": "Ann"})
+        assert r.status_code == 201, r.text
+        await h.profile("c1", {"email": "eve@example.com", "first_name": "Eve"})
+        await eventually(lambda: contact_known(h, "c1"), timeout=15)
+        await h.publish(request("m1", "c1", "email", "welcome", data={"event": {"properties": {"total": 5}}}))
+        await h.wait_status("m1", "delivered")
+        assert len(h.sink.messages) == 1
+
+        erase = PrivacyRequest(
+            event_id="r1:segmenter:erase_requested",
+            request_id="r1",
+            action=PrivacyAction.ERASE_REQUESTED,
+            customer_id="c1",
+            identities=["c1", "user-1", "eve@example.com"],
+            service="segmenter",
+            occurred_at=datetime.now(UTC),
+        )
+        await h.platform.producer.publish(PRIVACY.name, "c1", erase)
+        await h.platform.producer.publish(PRIVACY.name, "c1", erase)  # redelivered: one answer
+        await read_topic(
+            h.settings.topic(PRIVACY.name),
+            until=lambda ms: any(m["value"]["action"] == "erase_completed" for m in ms),
+            timeout=15,
+        )
+        answers = await read_topic(h.settings.topic(PRIVACY.name), idle=0.5, timeout=8)
+        completed = [m["value"] for m in answers if m["value"]["action"] == "erase_completed"]
+        assert [(a["service"], a["event_id"]) for a in completed] == [
+            ("notifier", "r1:notifier:erase_completed")
+        ]
+
+        assert not await contact_known(h, "c1")
+        scrubbed = await ledger_request(h, "m1")
+        assert scrubbed["recipient"] == {} and scrubbed["data"] == {}
+
+        # Later requests: by customer id, and under another id with the erased address.
+        await h.publish(request("m2", "c1", "email", "welcome"))
+        await h.publish(request("m3", "c9", "email", "welcome", recipient={"email": "eve@example.com"}))
+        for message_id in ("m2", "m3"):
+            statuses = await h.wait_status(message_id, "suppressed")
+            assert [(s["status"], s["reason"]) for s in statuses] == [("suppressed", "erased")]
+        assert (await ledger_request(h, "m3"))["recipient"] == {}
+        assert len(h.sink.messages) == 1
+
+        audit = (await h.client.get("/v1/audit", headers=ADMIN)).json()["entries"]
+        assert [(e["method"], e["path"], e["status"], e["actor_name"]) for e in audit] == [
+            ("POST", "/v1/templates", 201, "Ann")
+        ]

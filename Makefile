@@ -6,7 +6,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+# Tests isolate themselves (topic prefix, schema per test), so they run in parallel.
+PYTEST_ARGS ?= -n 3 --dist loadscope -q
 
 .PHONY: help venv run infra test lint fmt demo clean bench-ingest bench-segmenter bench-journeys bench-notifier \
 	bench-lifecycle bench-recommendations bench-e2e

@@ -1,0 +1,84 @@
+"""clm.privacy.v1 in the journey engine: export and erase a customer (projection, instances, timers,
+message log), confirm on the topic, and start no journey for their later events."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.contracts.events import PrivacyAction, PrivacyRequest
+from shared.contracts.topics import PRIVACY
+from tests.journey_engine.harness import ADMIN, Harness, engine_running
+from tests.journey_engine.test_entry import SEND_AND_WAIT
+from tests.journey_engine.test_timing_and_rules import linear
+from tests.support import read_topic
+
+
+async def ask(h: Harness, action: PrivacyAction, request_id: str) -> dict[str, Any]:
+    """Publish a request as the segmenter does and return the engine's answer to it."""
+    msg = PrivacyRequest(
+        event_id=f"{request_id}:segmenter:{action.value}",
+        request_id=request_id,
+        action=action,
+        customer_id="c1",
+        identities=["c1", "u1", "ann@example.com"],
+        service="segmenter",
+        occurred_at=datetime.now(UTC),
+    )
+    await h.platform.producer.publish(PRIVACY.name, "c1", msg)
+    await h.platform.producer.publish(PRIVACY.name, "c1", msg)  # redelivered: answered once
+    msgs = await read_topic(
+        h.settings.topic(PRIVACY.name),
+        until=lambda ms: any(m["value"]["event_id"].startswith(f"{request_id}:journey_engine:") for m in ms),
+        timeout=20,
+    )
+    msgs = await read_topic(h.settings.topic(PRIVACY.name), idle=0.5, timeout=8)
+    mine = [
+        m["value"]
+        for m in msgs
+        if m["value"]["request_id"] == request_id and m["value"]["service"] != "segmenter"
+    ]
+    assert len(mine) == 1 and mine[0]["event_id"] == f"{request_id}:journey_engine:{mine[0]['action']}"
+    return mine[0]
+
+
+async def count(h: Harness, table: str, customer_id: str = "c1") -> int:
+    n: int = await h.scalar(f"SELECT count(*) FROM {table} WHERE customer_id = :c", c=customer_id)
+    return n
+
+
+async def test_export_then_erase_then_later_events_start_nothing(make_settings: Any) -> None:
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(linear("Welcome", "Signed Up", SEND_AND_WAIT))
+        await h.profile("c1", {"email": "ann@example.com"}, identities={"user_id": ["u1"]})
+        await h.membership("c1", "vip")
+        await h.track("u1", "Signed Up")
+        assert [(r.customer_id, r.status) for r in await h.instances(jid)] == [("c1", "active")]
+        assert len(await h.requests(until=lambda m: len(m) >= 1)) == 1
+
+        part = await ask(h, PrivacyAction.EXPORT_REQUESTED, f"export-{uuid.uuid4().hex}")
+        assert part["action"] == "export_part"
+        data = part["data"]
+        assert [i["journey_id"] for i in data["instances"]] == [jid]
+        assert data["customers"][0]["email"] == "ann@example.com"
+        assert [m["template_id"] for m in data["message_log"]] == ["hello"]
+        assert [s["segment_id"] for s in data["segment_members"]] == ["vip"]
+        assert len(data["timers"]) == 1
+
+        done = await ask(h, PrivacyAction.ERASE_REQUESTED, f"erase-{uuid.uuid4().hex}")
+        assert done["action"] == "erase_completed" and done["data"]["deleted"]["instances"] == 1
+        for table in ("instances", "enrolments", "message_log", "segment_members", "customers"):
+            assert await count(h, table) == 0, table
+        assert await h.scalar("SELECT count(*) FROM customer_identities") == 0
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+        assert await h.scalar("SELECT count(*) FROM erasure_tombstones") == 3
+
+        await h.track("u1", "Signed Up")
+        assert await h.instances(jid) == []
+        assert len(await h.requests(idle=1.0)) == 1
+        await h.track("u2", "Signed Up")  # someone else still enters
+        assert [r.customer_id for r in await h.instances(jid)] == ["u2"]
+
+        audit = (await h.client.get("/v1/audit", headers=ADMIN, params={"method": "POST"})).json()
+        assert [e["path"] for e in audit["entries"]] == [f"/v1/journeys/{jid}/activate", "/v1/journeys"]

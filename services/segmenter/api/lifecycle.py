@@ -95,10 +95,11 @@ def lifecycle_router(seg: Segmenter) -> APIRouter:
         `{"thresholds": {"onboarding_days": 30, ...}}`. Invalid input: 400 naming the field and the rule.
         """
         policy = _policy_from_body(body)
+        now = seg.clock.now()
         async with platform.unit_of_work() as uow:
-            await lifecycle_store.put_policy(uow.session, policy.model_dump(mode="json"), seg.clock.now())
+            await lifecycle_store.put_policy(uow.session, policy.model_dump(mode="json"), now)
         seg.lifecycle.invalidate()
-        result = await seg.lifecycle.recompute("policy")
+        result = await seg.lifecycle.recompute(f"policy:{now.isoformat()}")
         return {"policy": policy.model_dump(mode="json"), "recomputed": result}
 
     @router.get("/model")

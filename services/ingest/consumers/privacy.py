@@ -38,6 +38,7 @@ class PrivacyConsumer:
                 request = item.value
                 if item.event_id not in fresh:
                     continue
+                fresh.discard(item.event_id)  # a duplicate within the batch is answered once
                 if request.action is PrivacyAction.ERASE_REQUESTED:
                     reply = answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now, {"deleted": {}})
                 elif request.action is PrivacyAction.EXPORT_REQUESTED:

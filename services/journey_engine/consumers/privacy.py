@@ -36,6 +36,7 @@ class PrivacyConsumer:
                 request = c.value
                 if c.event_id not in fresh:
                     continue
+                fresh.discard(c.event_id)  # a duplicate within the batch is answered once
                 identities = [request.customer_id, *request.identities]
                 if request.action is PrivacyAction.ERASE_REQUESTED:
                     cids = await privacy_store.customer_ids(uow.session, identities)

@@ -30,6 +30,7 @@ class PrivacyConsumer:
                 request = item.value
                 if item.event_id not in fresh:
                     continue
+                fresh.discard(item.event_id)  # a duplicate within the batch is answered once
                 ids = [request.customer_id, *request.identities]
                 now = self.clock.now()
                 if request.action is PrivacyAction.ERASE_REQUESTED:

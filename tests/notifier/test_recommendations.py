@@ -95,6 +95,18 @@ async def test_preview_of_a_customer_uses_the_projected_lists(start_notifier) ->
             json={"customer_id": "c2", "data": {"recommendations": mine}},
         )
         assert r.status_code == 200 and r.json()["parts"]["text"].strip() == "Beans;"
+        # No lists at all (a request without them): the loops render nothing, no undefined-variable error.
+        text_only = {**CROSS_SELL, "id": "loop-only"}
+        text_only["variants"] = {
+            "en": {
+                "subject": "s",
+                "html": "<p>x</p>",
+                "text": "{% for p in recommendations.upsell %}{{ p.name }}{% endfor %}.",
+            }
+        }
+        await h.create_template(text_only)
+        r = await h.client.post("/v1/templates/loop-only/preview", headers=ADMIN, json={"data": {}})
+        assert r.status_code == 200 and r.json()["parts"]["text"].strip() == "."
 
 
 async def publish_profile(h: Harness, cid: str, lists: dict[str, Any]) -> None:

@@ -83,6 +83,9 @@ def template_data(
         {
             "traits": traits,
             "event": data.get("event") or {},
+            # Issue 9: the journey engine passes the segmenter's lists; empty when a request has none,
+            # so `{% for p in recommendations.cross_sell %}` renders nothing instead of failing.
+            "recommendations": data.get("recommendations") or {"cross_sell": [], "upsell": []},
             "journey": journey,
             "customer": {
                 "id": request.customer_id,

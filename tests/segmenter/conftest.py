@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.segmenter.app import create_app
 from services.segmenter.runtime import Segmenter
@@ -16,7 +19,7 @@ from services.segmenter.settings import SegmenterSettings
 from shared.clock import ManualClock
 from shared.contracts.events import CustomerEvent
 from shared.contracts.topics import CUSTOMER_EVENTS, SEGMENT_MEMBERSHIP
-from tests.support import eventually, read_topic, running
+from tests.support import eventually, infra, running
 
 START = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 ADMIN = {"Authorization": "Bearer test-admin-token"}
@@ -27,6 +30,43 @@ def make_event(message_id: str, type: str = "track", **fields: Any) -> CustomerE
     return CustomerEvent.model_validate(
         {"message_id": message_id, "type": type, "timestamp": ts, "received_at": ts, **fields}
     )
+
+
+async def read_all(topic: str, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Every message in `topic` up to its end offsets at call time (no idle-time guessing: after
+    the relay has published, this is exactly what is there), ordered per partition."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=infra()[0], enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        partitions = consumer.partitions_for_topic(topic)
+        while not partitions and time.monotonic() < deadline:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            positions = {tp: await consumer.position(tp) for tp in tps}
+            if all(positions[tp] >= ends[tp] for tp in tps):
+                break
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    out.append(
+                        {
+                            "key": r.key.decode() if r.key else None,
+                            "value": orjson.loads(r.value),
+                            "headers": {k: v.decode() for k, v in (r.headers or ())},
+                        }
+                    )
+        else:
+            raise AssertionError(f"could not read {topic} to its end within {timeout}s")
+        return out
+    finally:
+        await consumer.stop()
 
 
 @dataclass
@@ -43,15 +83,15 @@ class Harness:
     async def processed(self, n: int) -> None:
         """Wait until the consumer has handled at least n records."""
         runner = self.segmenter.platform.consumers[0]
-        await eventually(lambda: runner.processed >= n, timeout=15)
+        await eventually(lambda: runner.processed >= n, timeout=30)
 
     async def relay(self) -> None:
         while await self.segmenter.platform.relay.run_once():
             pass
 
-    async def memberships(self, idle: float = 0.5) -> list[dict[str, Any]]:
+    async def memberships(self) -> list[dict[str, Any]]:
         await self.relay()
-        msgs = await read_topic(self.settings.topic(SEGMENT_MEMBERSHIP.name), idle=idle, timeout=8)
+        msgs = await read_all(self.settings.topic(SEGMENT_MEMBERSHIP.name))
         for m in msgs:  # every announcement, however written, is keyed and identified the same way
             assert m["key"] == m["value"]["customer_id"]
             assert m["headers"]["clm-event-id"] == m["value"]["event_id"]

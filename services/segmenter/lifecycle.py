@@ -54,6 +54,7 @@ from shared.runtime import Platform
 log = logging.getLogger(__name__)
 
 # Metrics carried in ProfileChanged.metrics with a stage change.
+NO_MODEL_RETRY_S = 300.0
 ANNOUNCED_METRICS = ("churn_risk", "p_alive", "expected_orders", "predicted_clv", "rfm_score", "nps_category")
 
 
@@ -79,7 +80,7 @@ class Lifecycle:
         self._cached = None
 
     async def current(self, uow: UnitOfWork) -> tuple[LifecycleModel, StagePolicy]:
-        """The latest model and policy, re-read at most every `lifecycle_cache_s` (other replicas refit too)."""
+        """The latest model and policy, re-read at most every `lifecycle_cache_s` (other replicas refit)."""
         c = self._cached
         if c is not None and time.monotonic() - c.loaded_at < self.settings.lifecycle_cache_s:
             return c.model, c.policy
@@ -313,24 +314,25 @@ class Lifecycle:
         return changed
 
     async def run_forever(self) -> None:
-        """Refit at start when no model exists yet, then every `lifecycle_refit_interval_s`."""
-        first = True
+        """Refit at start when no model exists yet, then every `lifecycle_refit_interval_s` (0: only at
+        start). A base too small to fit is tried again every few minutes."""
+        interval = self.settings.lifecycle_refit_interval_s
         while True:
             try:
                 async with self.platform.unit_of_work() as uow:
                     latest = await store.latest_model(uow.session)
-                due = latest is None or (
-                    (self.clock.now() - latest["fitted_at"]).total_seconds()
-                    >= self.settings.lifecycle_refit_interval_s
-                )
-                if due or (first and latest is None):
+                age = (self.clock.now() - latest["fitted_at"]).total_seconds() if latest else 0.0
+                if (
+                    latest is None
+                    or (interval > 0 and age >= interval)
+                    or (latest["transactions"] is None and age >= NO_MODEL_RETRY_S)
+                ):
                     await self.refit()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("lifecycle refit failed; retrying later")
-            first = False
-            await asyncio.sleep(min(60.0, self.settings.lifecycle_refit_interval_s))
+            await asyncio.sleep(min(60.0, interval) if interval > 0 else 60.0)
 
 
 def _inputs(p: ProfileSnapshot) -> CustomerInputs:

@@ -142,7 +142,7 @@ async def seed_base(harness: Harness, customers: int = 60) -> int:
     events = []
     for i in range(customers):
         first = now - timedelta(weeks=float(ages[i]))
-        offsets = sorted(rng.uniform(0, t_x[i], size=int(x[i]) - 1)) + [t_x[i]] if x[i] > 0 else []
+        offsets = [*sorted(rng.uniform(0, t_x[i], size=int(x[i]) - 1)), t_x[i]] if x[i] > 0 else []
         for k, week in enumerate([0.0, *offsets]):
             amount = float(round(rng.gamma(6.0, 5.0), 2))
             events.append(order(f"o{i}-{k}", f"c{i:02d}", first + timedelta(weeks=float(week)), amount))

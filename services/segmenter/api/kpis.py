@@ -97,10 +97,13 @@ def kpis_router(seg: Segmenter) -> APIRouter:
     @router.get(
         "/retention",
         description=(
-            "Retention and churn per period. A *customer at day t* has an order in (t - active_window_days, t]. "
-            "For a period [start, end]: S = customers at start, E = customers at end, N = customers whose first "
+            "Retention and churn per period. A *customer at day t* has an order in (t - active_window_days, "
+            "t]. "
+            "For a period [start, end]: S = customers at start, E = customers at end, N = customers whose "
+            "first "
             "order ever is in (start, end] and who are customers at end. retention_rate = (E - N) / S; "
-            "churn_rate = (S - |S and E|) / S; both null when S = 0. Also `retained` = |S and E|, `reactivated`, "
+            "churn_rate = (S - |S and E|) / S; both null when S = 0. Also `retained` = |S and E|, "
+            "`reactivated`, "
             "`new_customers`. Periods run from one period start to the next (the last one ends at `to`)."
         ),
     )
@@ -120,8 +123,10 @@ def kpis_router(seg: Segmenter) -> APIRouter:
     @router.get(
         "/cohorts",
         description=(
-            "Cohort retention table. Cohort = calendar month of a customer's first order (cohorts from the month "
-            "of `from` to the month of `to`); cell k = share of the cohort's customers with an order in month "
+            "Cohort retention table. Cohort = calendar month of a customer's first order (cohorts from the "
+            "month "
+            "of `from` to the month of `to`); cell k = share of the cohort's customers with an order in "
+            "month "
             "cohort + k (month 0 = 1.0); months after `to`'s month are null (not observed yet)."
         ),
     )
@@ -167,9 +172,11 @@ def kpis_router(seg: Segmenter) -> APIRouter:
     @router.get(
         "/clv",
         description=(
-            "Average customer lifetime value now, per lifecycle stage and per segment: historical = revenue to "
+            "Average customer lifetime value now, per lifecycle stage and per segment: historical = revenue "
+            "to "
             "date (every customer); predicted = the model's CLV over the next 12 months (customers with a "
-            "prediction: buyers, once a model is fitted). `count` = customers averaged. `from`/`to`/`period` are "
+            "prediction: buyers, once a model is fitted). `count` = customers averaged. "
+            "`from`/`to`/`period` are "
             "not used (a current snapshot)."
         ),
     )
@@ -203,7 +210,8 @@ def kpis_router(seg: Segmenter) -> APIRouter:
         description=(
             "Stage distribution over time and stage-to-stage transitions, from the stage history. "
             "`distribution`: customers per stage at the end of each period (a customer's stage at t is the "
-            "target of their last stage change at or before t). `transitions`: stage at `from` -> stage at the "
+            "target of their last stage change at or before t). `transitions`: stage at `from` -> stage at "
+            "the "
             "end of `to` for customers with a stage at both moments (`none` = no stage yet at `from`). "
             "`changes`: every stored stage change inside the range (from -> to -> count)."
         ),
@@ -236,7 +244,7 @@ def kpis_router(seg: Segmenter) -> APIRouter:
         table = kpis.transitions([before.get(c, "none") for c in ids], [after[c] for c in ids]) if ids else {}
         counted: dict[str, dict[str, int]] = {}
         for row in changes:
-            counted.setdefault(row.f, {})[row.t] = int(row.n)
+            counted.setdefault(row.source, {})[row.target] = int(row.n)
         return {**r.as_json(), "distribution": series, "transitions": table, "changes": counted}
 
     @router.get(

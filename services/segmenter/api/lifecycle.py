@@ -123,7 +123,7 @@ def lifecycle_router(seg: Segmenter) -> APIRouter:
 
     @router.post("/refit")
     async def refit() -> dict[str, Any]:
-        """Fit the models on the whole base now, store them, and recompute every customer's metrics and stage."""
+        """Fit the models on the whole base now, store them, recompute every customer's metrics and stage."""
         return await seg.lifecycle.refit()
 
     return router

@@ -97,7 +97,8 @@ async def base_chunk(
     rows = (
         await session.execute(
             text(
-                "SELECT customer_id, orders_count, revenue, first_seen, nps_score, csat_score, lifecycle_stage, "
+                "SELECT customer_id, orders_count, revenue, first_seen, nps_score, csat_score, "
+                "lifecycle_stage, "
                 "event_count FROM customers WHERE (CAST(:after AS text) IS NULL OR customer_id > :after) "
                 "ORDER BY customer_id LIMIT :limit"
             ),
@@ -170,20 +171,25 @@ async def save_event_path(
             "lifecycle_stage_since = u.since, p_alive = u.p_alive, churn_risk = u.churn_risk, "
             "expected_orders = u.expected_orders, predicted_clv = u.predicted_clv, rfm_r = u.rfm_r, "
             "rfm_f = u.rfm_f, rfm_m = u.rfm_m, rfm_score = u.rfm_score, nps_score = u.nps_score, "
-            "nps_category = u.nps_category, nps_at = u.nps_at, csat_score = u.csat_score, csat_at = u.csat_at "
+            "nps_category = u.nps_category, nps_at = u.nps_at, csat_score = u.csat_score, csat_at = "
+            "u.csat_at "
             "FROM unnest(CAST(:ids AS text[]), CAST(:stage AS text[]), CAST(:since AS timestamptz[]), "
             "CAST(:p_alive AS float8[]), CAST(:churn AS float8[]), CAST(:expected AS float8[]), "
             "CAST(:clv AS float8[]), CAST(:r AS int[]), CAST(:f AS int[]), CAST(:m AS int[]), "
-            "CAST(:rfm AS int[]), CAST(:nps AS int[]), CAST(:nps_cat AS text[]), CAST(:nps_at AS timestamptz[]), "
+            "CAST(:rfm AS int[]), CAST(:nps AS int[]), CAST(:nps_cat AS text[]), CAST(:nps_at AS "
+            "timestamptz[]), "
             "CAST(:csat AS int[]), CAST(:csat_at AS timestamptz[])) AS u(customer_id, stage, since, p_alive, "
             "churn_risk, expected_orders, predicted_clv, rfm_r, rfm_f, rfm_m, rfm_score, nps_score, "
             "nps_category, nps_at, csat_score, csat_at) WHERE c.customer_id = u.customer_id), "
             "history AS (INSERT INTO lifecycle_stage_history (customer_id, from_stage, to_stage, changed_at, "
-            "cause) SELECT h.c, h.f, h.t, :now, h.cause FROM unnest(CAST(:hc AS text[]), CAST(:hf AS text[]), "
+            "cause) SELECT h.c, h.f, h.t, :now, h.cause FROM unnest(CAST(:hc AS text[]), CAST(:hf AS "
+            "text[]), "
             "CAST(:ht AS text[]), CAST(:hcause AS text[])) AS h(c, f, t, cause)) "
             "INSERT INTO survey_responses (message_id, customer_id, survey_type, score, comment, survey_id, "
-            "answered_at) SELECT * FROM unnest(CAST(:sm AS text[]), CAST(:sc AS text[]), CAST(:st AS text[]), "
-            "CAST(:ss AS int[]), CAST(:scomment AS text[]), CAST(:sid AS text[]), CAST(:sat AS timestamptz[])) "
+            "answered_at) SELECT * FROM unnest(CAST(:sm AS text[]), CAST(:sc AS text[]), CAST(:st AS "
+            "text[]), "
+            "CAST(:ss AS int[]), CAST(:scomment AS text[]), CAST(:sid AS text[]), CAST(:sat AS "
+            "timestamptz[])) "
             "ON CONFLICT (message_id) DO NOTHING"
         ),
         {
@@ -234,10 +240,13 @@ async def save_recomputed(
         return []
     rows = await session.execute(
         text(
-            "WITH u AS (SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:ec AS bigint[]), CAST(:stage AS text[]), "
+            "WITH u AS (SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:ec AS bigint[]), CAST(:stage AS "
+            "text[]), "
             "CAST(:p_alive AS float8[]), CAST(:churn AS float8[]), CAST(:expected AS float8[]), "
-            "CAST(:clv AS float8[]), CAST(:r AS int[]), CAST(:f AS int[]), CAST(:m AS int[]), CAST(:rfm AS int[])) "
-            "AS u(customer_id, event_count, stage, p_alive, churn_risk, expected_orders, predicted_clv, rfm_r, "
+            "CAST(:clv AS float8[]), CAST(:r AS int[]), CAST(:f AS int[]), CAST(:m AS int[]), CAST(:rfm AS "
+            "int[])) "
+            "AS u(customer_id, event_count, stage, p_alive, churn_risk, expected_orders, predicted_clv, "
+            "rfm_r, "
             "rfm_f, rfm_m, rfm_score)), "
             "locked AS (SELECT c.customer_id, c.lifecycle_stage AS old_stage FROM customers c JOIN u "
             "ON c.customer_id = u.customer_id AND c.event_count = u.event_count ORDER BY c.customer_id "
@@ -248,8 +257,10 @@ async def save_recomputed(
             "predicted_clv = u.predicted_clv, rfm_r = u.rfm_r, rfm_f = u.rfm_f, rfm_m = u.rfm_m, "
             "rfm_score = u.rfm_score FROM u, locked l WHERE c.customer_id = u.customer_id "
             "AND l.customer_id = u.customer_id RETURNING c.customer_id, l.old_stage, u.stage, c.traits), "
-            "history AS (INSERT INTO lifecycle_stage_history (customer_id, from_stage, to_stage, changed_at, cause) "
-            "SELECT customer_id, old_stage, stage, :now, :cause FROM saved WHERE old_stage IS DISTINCT FROM stage) "
+            "history AS (INSERT INTO lifecycle_stage_history (customer_id, from_stage, to_stage, "
+            "changed_at, cause) "
+            "SELECT customer_id, old_stage, stage, :now, :cause FROM saved WHERE old_stage IS DISTINCT FROM "
+            "stage) "
             "SELECT customer_id, old_stage, stage, traits FROM saved WHERE old_stage IS DISTINCT FROM stage "
             "ORDER BY customer_id"
         ),
@@ -275,7 +286,7 @@ async def save_recomputed(
 async def restart_lifecycle_segments(
     session: AsyncSession, fields: Iterable[str], now: datetime
 ) -> list[str]:
-    """Back-fill again the segments whose definition names a lifecycle field (their values changed in bulk)."""
+    """Back-fill again the segments whose definition names a lifecycle field (values changed in bulk)."""
     pattern = '"profile": "(' + "|".join(sorted(fields)) + ')"'
     rows = await session.execute(
         text(
@@ -303,7 +314,8 @@ async def insert_model(
 ) -> int:
     row = await session.execute(
         text(
-            "INSERT INTO lifecycle_models (fitted_at, transactions, spend, rfm_cuts, customers, buyers, duration_s) "
+            "INSERT INTO lifecycle_models (fitted_at, transactions, spend, rfm_cuts, customers, buyers, "
+            "duration_s) "
             "VALUES (:at, CAST(:t AS jsonb), CAST(:s AS jsonb), CAST(:c AS jsonb), :n, :b, :d) RETURNING id"
         ),
         {
@@ -372,9 +384,11 @@ async def save_message_statuses(session: AsyncSession, rows: Sequence[MessageSta
         return
     await session.execute(
         text(
-            "INSERT INTO customer_messages (customer_id, message_id, channel, template_id, status, status_at, "
+            "INSERT INTO customer_messages (customer_id, message_id, channel, template_id, status, "
+            "status_at, "
             "received, opened, clicked) "
-            "SELECT DISTINCT ON (c, m) c, m, ch, tpl, st, at, bool_or(st = ANY(CAST(:received AS text[]))) OVER w, "
+            "SELECT DISTINCT ON (c, m) c, m, ch, tpl, st, at, bool_or(st = ANY(CAST(:received AS text[]))) "
+            "OVER w, "
             "bool_or(st = ANY(CAST(:opened AS text[]))) OVER w, bool_or(st = 'clicked') OVER w "
             "FROM unnest(CAST(:c AS text[]), CAST(:m AS text[]), CAST(:ch AS text[]), CAST(:tpl AS text[]), "
             "CAST(:st AS text[]), CAST(:at AS timestamptz[])) AS u(c, m, ch, tpl, st, at) "
@@ -405,7 +419,8 @@ async def engagement_of(session: AsyncSession, customer_id: str, recent: int = 5
     counts = (
         await session.execute(
             text(
-                "SELECT count(*) FILTER (WHERE received) AS received, count(*) FILTER (WHERE opened) AS opened, "
+                "SELECT count(*) FILTER (WHERE received) AS received, count(*) FILTER (WHERE opened) AS "
+                "opened, "
                 "count(*) FILTER (WHERE clicked) AS clicked, max(status_at) AS last_at "
                 "FROM customer_messages WHERE customer_id = :c"
             ),
@@ -440,7 +455,8 @@ async def engagement_of(session: AsyncSession, customer_id: str, recent: int = 5
 async def stage_history_of(session: AsyncSession, customer_id: str, tail: int = 10) -> list[dict[str, Any]]:
     rows = await session.execute(
         text(
-            "SELECT from_stage, to_stage, changed_at, cause FROM lifecycle_stage_history WHERE customer_id = :c "
+            "SELECT from_stage, to_stage, changed_at, cause FROM lifecycle_stage_history WHERE customer_id "
+            "= :c "
             "ORDER BY id DESC LIMIT :n"
         ),
         {"c": customer_id, "n": tail},
@@ -470,7 +486,8 @@ async def purchases(
     """Every order up to `until` (customer, time), optionally of a segment's current members."""
     rows = await session.execute(
         text(
-            "SELECT customer_id, timestamp FROM events e WHERE event = 'Order Completed' AND timestamp <= :until "
+            "SELECT customer_id, timestamp FROM events e WHERE event = 'Order Completed' AND timestamp <= "
+            ":until "
             "AND " + _IN_SEGMENT.format(col="e.customer_id") + " ORDER BY timestamp"
         ),
         {"until": until, "segment": segment_id},
@@ -484,7 +501,8 @@ async def survey_answers(
 ) -> tuple[list[datetime], list[int]]:
     rows = await session.execute(
         text(
-            "SELECT answered_at, score FROM survey_responses s WHERE survey_type = :t AND answered_at >= :start "
+            "SELECT answered_at, score FROM survey_responses s WHERE survey_type = :t AND answered_at >= "
+            ":start "
             "AND answered_at < :end AND " + _IN_SEGMENT.format(col="s.customer_id") + " ORDER BY answered_at"
         ),
         {"t": survey_type, "start": start, "end": end, "segment": segment_id},
@@ -525,7 +543,8 @@ async def transitions_between(
 ) -> list[Any]:
     rows = await session.execute(
         text(
-            "SELECT coalesce(from_stage, 'none') AS f, to_stage AS t, count(*) AS n FROM lifecycle_stage_history h "
+            "SELECT coalesce(from_stage, 'none') AS source, to_stage AS target, count(*) AS n FROM "
+            "lifecycle_stage_history h "
             "WHERE changed_at >= :start AND changed_at < :end AND "
             + _IN_SEGMENT.format(col="h.customer_id")
             + " GROUP BY 1, 2 ORDER BY 1, 2"
@@ -542,7 +561,8 @@ async def revenue_by_stage(
     (their last stage change at or before the order; `none` before any)."""
     rows = await session.execute(
         text(
-            f"SELECT coalesce(st.to_stage, 'none') AS stage, count(*) AS orders, sum({ORDER_AMOUNT_SQL}) AS revenue "
+            f"SELECT coalesce(st.to_stage, 'none') AS stage, count(*) AS orders, sum({ORDER_AMOUNT_SQL}) AS "
+            "revenue "
             "FROM events e LEFT JOIN LATERAL (SELECT to_stage FROM lifecycle_stage_history h "
             "WHERE h.customer_id = e.customer_id AND h.changed_at <= e.timestamp ORDER BY h.changed_at DESC, "
             "h.id DESC LIMIT 1) st ON true WHERE e.event = 'Order Completed' AND e.timestamp >= :start "

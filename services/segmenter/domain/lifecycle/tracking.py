@@ -8,6 +8,7 @@ computes every metric and the stage with the vectorized functions, and scores RF
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -314,7 +315,7 @@ def csat_over_time(
     """CSAT (share of 4-5 answers, %) per period [starts[i], starts[i+1]) with the last ending at `end`."""
     bounds = [*starts, end]
     out: list[dict[str, Any]] = []
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in itertools.pairwise(bounds):
         inside = [s for t, s in zip(answered, scores, strict=True) if lo <= t < hi]
         satisfied = sum(1 for s in inside if s >= 4)
         out.append(
@@ -329,12 +330,9 @@ def csat_over_time(
 
 
 def period_starts(start: datetime, end: datetime, period: str) -> list[datetime]:
-    """Period boundaries (UTC midnight) from the period containing `start` up to `end`: months or ISO weeks."""
+    """Period starts (UTC midnight) from the period containing `start` up to `end`: months or ISO weeks."""
     d = start.astimezone(UTC).date()
-    if period == "week":
-        d = d.fromordinal(d.toordinal() - d.weekday())
-    else:
-        d = d.replace(day=1)
+    d = d.fromordinal(d.toordinal() - d.weekday()) if period == "week" else d.replace(day=1)
     out: list[datetime] = []
     while True:
         at = datetime(d.year, d.month, d.day, tzinfo=UTC)

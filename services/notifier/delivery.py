@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
-from services.notifier.channels.base import Delivery, SendResult
+from services.notifier.channels.base import Delivery, SendAborted, SendResult
 from services.notifier.channels.router import ProviderRouter
 from services.notifier.domain import consent
 from services.notifier.domain.composition import (
@@ -75,7 +75,7 @@ class AttemptResult:
     dead_letter: MessageRequested | None = None
 
 
-class ClaimLost(Exception):
+class ClaimLost(SendAborted):
     """The row is no longer this worker's claim (handed back as stale, erased...): do not send it."""
 
 

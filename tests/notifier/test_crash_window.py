@@ -159,3 +159,39 @@ async def test_each_outcome_is_recorded_when_its_own_call_returns(start_notifier
         await eventually(first_recorded, timeout=5)
         assert (await ledger(h, other))["state"] == "claimed"
         assert sends_of(h, other) == 0
+
+
+EMAIL = {
+    "id": "welcome",
+    "name": "Welcome",
+    "channel": "email",
+    "default_locale": "en",
+    "variants": {"en": {"subject": "Welcome", "html": "<p>Hi</p>", "text": "Hi"}},
+}
+
+
+async def test_smtp_stops_before_data_when_the_claim_was_handed_back(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    # Over SMTP the row moves to `sending` right before DATA; a lost claim resets the envelope there,
+    # sends nothing, and the connection is reused for the next message.
+    clock = ManualClock()
+    async with start_notifier(clock=clock) as h:
+        await h.create_template(EMAIL)
+        worker = h.app.state.notifier.worker
+        later = clock.now() + timedelta(hours=1)
+        mail = request("m-mail-stalled", "c9", "email", "welcome", recipient={"email": "c9@example.com"})
+        async with h.platform.unit_of_work() as uow:
+            await ledger_repo.insert_new(uow.session, [mail], later)
+        async with h.platform.unit_of_work() as uow:
+            stalled = await ledger_repo.claim_due(uow.session, later, 10, "stalled-worker")
+        clock.advance(timedelta(hours=1, seconds=h.settings.claim_stale_after_s + 1))
+        await worker.resolve_stale(every_s=0)
+        await h.wait_status("m-mail-stalled", "delivered")
+        await worker.deliver(stalled)  # the stalled worker's late attempt: stops before DATA
+        await h.publish(
+            request("m-mail-next", "c9", "email", "welcome", recipient={"email": "c9@example.com"})
+        )
+        await h.wait_status("m-mail-next", "delivered")
+        # The stalled attempt added nothing: one mail per message.
+        assert len(h.sink.to("c9@example.com")) == 2
+        row = await ledger(h, "m-mail-stalled")
+        assert (row["state"], row["attempts"]) == ("delivered", 1), row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +36,14 @@ class SendResult:
     @staticmethod
     def failed(failure: Failure, reason: str, retry_after_s: float | None = None) -> SendResult:
         return SendResult(False, failure=failure, reason=reason, retry_after_s=retry_after_s)
+
+
+class SendAborted(Exception):
+    """Raised by a caller's before-call hook: this delivery must not be sent (nothing was)."""
+
+
+# Called once right before the point of no return of a send (the delivery loop commits `sending`).
+BeforeCall = Callable[[], Awaitable[None]]
 
 
 class Provider(Protocol):

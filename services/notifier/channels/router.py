@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from services.notifier.channels.base import Delivery, Provider, SendResult
+from services.notifier.channels.base import BeforeCall, Delivery, Provider, SendAborted, SendResult
 from services.notifier.channels.http_providers import FcmProvider, TwilioProvider
 from services.notifier.channels.in_app import InAppProvider
 from services.notifier.channels.smtp import SmtpProvider
@@ -98,12 +98,13 @@ class ProviderRouter:
         return cls(routes, list(built.values()))
 
     async def send(
-        self, delivery: Delivery, before_call: Callable[[], Awaitable[None]] | None = None
+        self, delivery: Delivery, before_call: BeforeCall | None = None
     ) -> tuple[str | None, SendResult]:
         """(provider that decided, result). Tries providers in order while failures are worth it.
 
-        `before_call` runs once, right before the first provider call (after the rate limiter): the
-        delivery loop commits `sending` there. If it raises, nothing is sent and the error propagates.
+        `before_call` runs once, right before the first provider call (after a connection slot and
+        the rate limiter; for SMTP right before DATA): the delivery loop commits `sending` there. If it
+        raises `SendAborted`, nothing is sent and the error propagates.
         """
         providers = self.routes.get(delivery.channel, [])
         if not providers:
@@ -120,11 +121,17 @@ class ProviderRouter:
                 continue
             async with guarded.slots:
                 await guarded.wait_for_token()
-                if before_call is not None:
-                    await before_call()
-                    before_call = None
+                hook, before_call = before_call, None
                 try:
-                    result = await guarded.provider.send(delivery)
+                    if isinstance(guarded.provider, SmtpProvider):
+                        # SMTP can run it later, right before DATA (connecting cannot deliver anything).
+                        result = await guarded.provider.send(delivery, before_data=hook)
+                    else:
+                        if hook is not None:
+                            await hook()
+                        result = await guarded.provider.send(delivery)
+                except SendAborted:
+                    raise
                 except Exception as exc:  # a provider bug must not take the delivery loop down
                     result = SendResult.failed(
                         Failure.TRANSIENT, f"{guarded.name}: {type(exc).__name__}: {exc}"

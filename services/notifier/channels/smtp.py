@@ -7,7 +7,7 @@ import contextlib
 
 import aiosmtplib
 
-from services.notifier.channels.base import Delivery, SendResult
+from services.notifier.channels.base import BeforeCall, Delivery, SendAborted, SendResult
 from services.notifier.domain.retry_policy import Failure
 from services.notifier.settings import ProviderConfig
 
@@ -49,7 +49,9 @@ class SmtpProvider:
             await client.login(self.config.username, self.config.password.get_secret_value())
         return client
 
-    async def send(self, delivery: Delivery) -> SendResult:
+    async def send(self, delivery: Delivery, before_data: BeforeCall | None = None) -> SendResult:
+        """`before_data` runs right before DATA: connecting, MAIL FROM and RCPT TO cannot deliver the
+        message, so a crash before that point leaves nothing ambiguous."""
         assert delivery.email is not None
         async with self._slots:
             client: aiosmtplib.SMTP | None = None
@@ -57,9 +59,15 @@ class SmtpProvider:
                 client = self._idle.get_nowait() if not self._idle.empty() else await self._connect()
                 if not client.is_connected:
                     client = await self._connect()
-                errors, response = await client.sendmail(
-                    delivery.email.envelope_from, [delivery.to], delivery.email.to_wire()
-                )
+                if before_data is None:
+                    errors, response = await client.sendmail(
+                        delivery.email.envelope_from, [delivery.to], delivery.email.to_wire()
+                    )
+                else:
+                    errors, response = {}, await self._send_in_steps(client, delivery, before_data)
+            except SendAborted:
+                self._recycle(client)  # the envelope was reset: the connection is clean
+                raise
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 code = exc.recipients[0].code if exc.recipients else 550
                 self._recycle(client)
@@ -76,6 +84,23 @@ class SmtpProvider:
                 return SendResult.failed(_failure_for_code(code), f"SMTP {code}: {text}")
             message_id = delivery.email.header("Message-ID")
             return SendResult(True, delivered=True, provider_message_id=message_id, reason=response[:200])
+
+    @staticmethod
+    async def _send_in_steps(client: aiosmtplib.SMTP, delivery: Delivery, before_data: BeforeCall) -> str:
+        assert delivery.email is not None
+        try:
+            await client.mail(delivery.email.envelope_from)
+            try:
+                await client.rcpt(delivery.to)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                raise aiosmtplib.SMTPRecipientsRefused([exc]) from exc
+            await before_data()
+            return (await client.data(delivery.email.to_wire())).message
+        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused, SendAborted):
+            # As sendmail does: reset the envelope so the connection can be reused.
+            with contextlib.suppress(aiosmtplib.SMTPException, ConnectionError):
+                await client.rset()
+            raise
 
     def _recycle(self, client: aiosmtplib.SMTP | None) -> None:
         if client is not None and client.is_connected:

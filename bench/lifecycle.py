@@ -9,15 +9,24 @@ Pure computation (no broker or database needed). Run: `python -m bench.lifecycle
    scores, lifecycle stage (goal < 60 s). Baseline: the per-profile pure-Python path on a 100,000-profile
    sample, extrapolated linearly to 1,000,000 (stated as such).
 
-The third figure of the issue (overhead on the segmenter's event path) needs the integration into the
-segmenter and is not measured here.
+3. Overhead of keeping lifecycle metrics current on the segmenter's event path (needs Kafka and PostgreSQL:
+   KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL): events/s from `clm.events.v1` to committed profiles with the
+   lifecycle work (surveys, order aggregates, model-based metrics from a stored model, stage, history,
+   announcements) and without it (the same segmenter with the lifecycle hook removed), on the same events
+   and 20 segments, alternating the two over BENCH_LIFECYCLE_ROUNDS rounds (default 2) in the same run;
+   goal ratio >= 0.8. BENCH_LIFECYCLE_EVENTS (default 30000), BENCH_LIFECYCLE_CUSTOMERS (5000).
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import math
+import os
+import random
 import time
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -263,11 +272,114 @@ def bench_recompute(rng: np.random.Generator) -> None:
     ratio("profiles/s, vectorized vs Python loop", BASELINE_PROFILES / sample_s, BASELINE_PROFILES / python_s)
 
 
+# --------------------------------------------------------------------------- 3. event-path overhead
+
+EVENT_PATH_EVENTS = int(os.environ.get("BENCH_LIFECYCLE_EVENTS", "30000"))
+EVENT_PATH_CUSTOMERS = int(os.environ.get("BENCH_LIFECYCLE_CUSTOMERS", "5000"))
+EVENT_PATH_ROUNDS = int(os.environ.get("BENCH_LIFECYCLE_ROUNDS", "2"))
+
+
+def event_path_events() -> list[Any]:
+    """The segmenter benchmark's event mix plus NPS/CSAT survey answers (about 3 %)."""
+    from bench.segmenter import make_events
+    from shared.contracts.events import CustomerEvent
+
+    events = make_events(EVENT_PATH_EVENTS, EVENT_PATH_CUSTOMERS, "u")
+    rnd = random.Random(7)
+    out = []
+    for e in events:
+        if rnd.random() < 0.03 and e.user_id:
+            kind = rnd.choice(["nps", "csat"])
+            score = rnd.randint(0, 10) if kind == "nps" else rnd.randint(1, 5)
+            e = CustomerEvent.model_validate(
+                {
+                    "message_id": e.message_id,
+                    "type": "track",
+                    "user_id": e.user_id,
+                    "event": "Survey Responded",
+                    "properties": {"survey_type": kind, "score": score},
+                    "timestamp": e.timestamp,
+                    "received_at": e.received_at,
+                }
+            )
+        out.append(e)
+    return out
+
+
+async def event_path_rate(events: list[Any], with_lifecycle: bool) -> float:
+    from bench.segmenter import SEGMENTS, create_segments, produce
+    from services.segmenter.app import create_app
+    from services.segmenter.settings import SegmenterSettings
+    from services.segmenter.store import lifecycle as lifecycle_store
+    from shared.db.engine import drop_schema
+    from shared.kafka.admin import ensure_topics
+
+    run = uuid.uuid4().hex[:6]
+    settings = SegmenterSettings(
+        topic_prefix=f"benchlc{run}.",
+        db_schema=f"segmenter_benchlc_{run}",
+        db_pool_size=10,
+        log_level="WARNING",
+        run_background_loops=False,
+    )
+    await ensure_topics(settings)
+    try:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            await create_segments(app, SEGMENTS[:20])
+            async with app.state.platform.unit_of_work() as uow:  # a fitted model, as after a refit
+                await lifecycle_store.insert_model(
+                    uow.session,
+                    datetime.now(UTC),
+                    {"params": dict(TRUE_BGNBD.__dict__)},
+                    {"params": dict(TRUE_GG.__dict__)},
+                    {"recency_days": [5, 10, 20, 30], "orders": [1, 1, 2, 3], "revenue": [20, 80, 150, 300]},
+                    0,
+                    0,
+                    0.0,
+                )
+        await produce(settings, events)
+        app = create_app(settings)
+        if not with_lifecycle:
+            app.state.segmenter.events.lifecycle = None
+        async with app.router.lifespan_context(app):
+            runner = app.state.platform.consumers[0]
+            started = time.perf_counter()
+            while runner.processed < len(events):  # noqa: ASYNC110 - polling the counter is the measurement
+                await asyncio.sleep(0.01)
+            return len(events) / (time.perf_counter() - started)
+    finally:
+        await drop_schema(settings.database_url, settings.db_schema)
+
+
+async def bench_event_path() -> None:
+    print(
+        f"# 3. Segmenter event path with and without lifecycle work ({EVENT_PATH_EVENTS:,} events, "
+        f"{EVENT_PATH_CUSTOMERS:,} customers, 20 segments, {EVENT_PATH_ROUNDS} alternating rounds)",
+        flush=True,
+    )
+    events = event_path_events()
+    without: list[float] = []
+    with_: list[float] = []
+    for _ in range(EVENT_PATH_ROUNDS):
+        without.append(await event_path_rate(events, with_lifecycle=False))
+        with_.append(await event_path_rate(events, with_lifecycle=True))
+    for i, (a, b) in enumerate(zip(without, with_, strict=True), 1):
+        line(f"  round {i}: without / with lifecycle", a, f"/ {b:.0f} events/s")
+    best_without, best_with = max(without), max(with_)
+    line("segmenter without lifecycle (best round)", best_without, "events/s")
+    line("segmenter with lifecycle (best round)", best_with, "events/s")
+    ratio("ratio with / without lifecycle (goal >= 0.8)", best_with, best_without)
+
+
 def main() -> None:
     rng = np.random.default_rng(20050401)
     refit_s = bench_refit(rng)
     bench_recompute(rng)
-    print("# 3. Event-path overhead: not measured here (needs the segmenter integration)", flush=True)
+    if os.environ.get("DATABASE_URL") and os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        asyncio.run(bench_event_path())
+    else:
+        print("# 3. Event-path overhead: skipped (set KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL)", flush=True)
     last_line("lifecycle_refit_s", refit_s)
 
 

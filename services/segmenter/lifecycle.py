@@ -113,6 +113,7 @@ class Lifecycle:
         if not profiles:
             return
         surveys = self._surveys(profiles, events, customer_of_event)
+        surveyed = {row.customer_id: True for row in surveys}
         model, policy = await self.current(uow)
         ids = sorted(profiles)
         buyers = [cid for cid in ids if (profiles[cid].fields.get("orders_count") or 0) > 0]
@@ -141,8 +142,10 @@ class Lifecycle:
                 new["lifecycle_stage_since"] = f.get("lifecycle_stage_since")
             for name in ("nps_score", "nps_category", "nps_at", "csat_score", "csat_at"):
                 new[name] = f.get(name)
+            # Most events change nothing here (metrics move by the day): write only what changed.
+            if any(surveyed.get(cid, False) or f.get(k) != v for k, v in new.items()):
+                values.append((cid, new))
             f.update(new)
-            values.append((cid, new))
         await store.save_event_path(uow.session, values, changes, surveys, now, last_message)
         for change in changes:
             self._announce(

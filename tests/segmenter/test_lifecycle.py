@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
+from services.segmenter.domain.catalog import Catalog, compile_segment
+from services.segmenter.domain.evaluation import evaluate
 from services.segmenter.domain.lifecycle import bgnbd
 from services.segmenter.domain.lifecycle import gamma_gamma as gg
 from services.segmenter.domain.lifecycle.snapshot import FittedModels, Order, customer_metrics
+from services.segmenter.reevaluation import fill_snapshots
+from services.segmenter.store import profiles as profile_store
+from services.segmenter.store import segments as segment_store
 from shared.contracts.events import MessageStatus
 from shared.contracts.topics import MESSAGE_STATUS, PROFILES
 from tests.segmenter.conftest import ADMIN, Harness, make_event
@@ -326,3 +331,43 @@ async def test_engagement_from_message_statuses_shows_on_the_profile(harness: Ha
         ("m2", "sent", "promo"),
         ("m1", "clicked", "welcome"),
     ]
+
+
+LIFECYCLE_RULES: list[Any] = [
+    {"profile": "churn_risk", "op": "gt", "value": 0.3},
+    {"profile": "p_alive", "op": "lte", "value": 0.9},
+    {"profile": "lifecycle_stage", "op": "in", "values": ["at_risk", "churned"]},
+    {"profile": "lifecycle_stage", "op": "not_equals", "value": "retention"},
+    {"profile": "rfm_score", "op": "gte", "value": 333},
+    {"profile": "predicted_clv", "op": "gt", "value": 20},
+    {"profile": "expected_orders", "op": "lt", "value": 0.5},
+    {"profile": "lifecycle_stage_since", "op": "within", "duration": "1d"},
+]
+
+
+async def test_lifecycle_rules_agree_between_sql_and_python_after_a_refit(harness: Harness) -> None:
+    harness.clock.set(datetime(2026, 12, 1, 12, 0, tzinfo=UTC))
+    segment = await harness.create_segment({"profile": "churn_risk", "op": "gt", "value": 0.3}, name="Risky")
+    await seed_base(harness)
+    assert (await harness.client.get(f"/v1/segments/{segment}/members", headers=ADMIN)).json()[
+        "members"
+    ] == []
+    assert (await harness.client.post("/v1/lifecycle/refit", headers=ADMIN)).status_code == 200
+    now = harness.clock.now()
+    ids = {f"c{i:02d}" for i in range(60)}
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        for i, definition in enumerate(LIFECYCLE_RULES):
+            seg = compile_segment(f"r{i}", "r", 1, definition)
+            profiles = await profile_store.lock_profiles(uow.session, ids)
+            await fill_snapshots(uow.session, Catalog.build([seg]), profiles, now)
+            expected = {cid for cid, p in profiles.items() if evaluate(seg.rule, p, now)}
+            got = await segment_store.matching_ids(uow.session, seg.rule, now)
+            assert got == expected, (definition, sorted(got ^ expected))
+            if "duration" not in definition:  # every stage was set at the same moment
+                assert 0 < len(expected) < 60, definition  # each rule splits the base
+            if i == 0:
+                risky = expected
+    # The refit re-back-fills segments on lifecycle fields: members are the risky customers now.
+    await harness.segmenter.backfill.run_until_idle()
+    r = await harness.client.get(f"/v1/segments/{segment}/members?limit=100", headers=ADMIN)
+    assert set(r.json()["members"]) == risky

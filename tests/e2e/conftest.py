@@ -66,6 +66,8 @@ def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             "CLM_DELIVERY_POLL_INTERVAL_S": "0.1",
             "CLM_BACKFILL_POLL_INTERVAL_S": "0.1",
             "CLM_LOG_LEVEL": "INFO",
+            # A test module can add settings for its own platform (e.g. short stale timeouts).
+            **getattr(request.module, "PLATFORM_ENV", {}),
         },
         log_dir=log_dir,
         ports={name: free_port() for name in ("ingest", "segmenter", "journey_engine", "notifier")},

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from services.segmenter.domain.lifecycle.snapshot import FittedModels, SnapshotSettings
+import numpy as np
+
+from services.segmenter.domain.lifecycle.snapshot import BaseHistory, FittedModels, SnapshotSettings
 from services.segmenter.domain.lifecycle.stages import StagePolicy
 from services.segmenter.domain.lifecycle.tracking import (
     CustomerInputs,
     LifecycleModel,
-    OrderAggregate,
     RfmCuts,
     build_history,
     compute,
@@ -56,6 +57,13 @@ log = logging.getLogger(__name__)
 # Metrics carried in ProfileChanged.metrics with a stage change.
 NO_MODEL_RETRY_S = 300.0
 ANNOUNCED_METRICS = ("churn_risk", "p_alive", "expected_orders", "predicted_clv", "rfm_score", "nps_category")
+
+
+@dataclass
+class _Base:
+    ids: list[str]
+    event_counts: list[int]  # the write-back's guard: skip customers whose profile changed since the read
+    history: BaseHistory
 
 
 @dataclass
@@ -216,9 +224,12 @@ class Lifecycle:
 
     # ----------------------------------------------------------------- refit and recompute over the base
 
-    async def _load_base(self, now: datetime) -> tuple[list[store.BaseRow], dict[str, OrderAggregate]]:
-        rows: list[store.BaseRow] = []
-        aggregates: dict[str, OrderAggregate] = {}
+    async def _load_base(self, now: datetime) -> _Base:
+        """The whole base in keyset chunks, each turned into numpy columns at once (no per-customer
+        Python objects are kept beyond a chunk)."""
+        ids: list[str] = []
+        event_counts: list[int] = []
+        parts: list[BaseHistory] = []
         after: str | None = None
         while True:
             async with self.platform.unit_of_work() as uow:
@@ -230,18 +241,29 @@ class Lifecycle:
                     self.snapshot_settings.growth_window_days,
                 )
             if not chunk:
-                return rows, aggregates
-            rows += chunk
-            aggregates.update(orders)
+                break
+            parts.append(build_history([r.inputs for r in chunk], orders, now, self.snapshot_settings))
+            ids += [r.inputs.customer_id for r in chunk]
+            event_counts += [r.event_count for r in chunk]
             after = chunk[-1].inputs.customer_id
+        empty = build_history([], {}, now, self.snapshot_settings)
+        history = BaseHistory(
+            **{
+                name: np.concatenate([getattr(part, name) for part in parts])
+                if parts
+                else getattr(empty, name)
+                for name in BaseHistory.__dataclass_fields__
+            }
+        )
+        return _Base(ids, event_counts, history)
 
     async def refit(self) -> dict[str, Any]:
         """Fit the models on the whole base, store them, then recompute every customer."""
         async with self._refit_lock:
             now = self.clock.now()
             started = time.perf_counter()
-            rows, aggregates = await self._load_base(now)
-            history = build_history([r.inputs for r in rows], aggregates, now, self.snapshot_settings)
+            base = await self._load_base(now)
+            history = base.history
             transactions, spend = await asyncio.to_thread(fit_models, history)
             models = (
                 FittedModels(transactions.params, spend.params if spend else None) if transactions else None
@@ -258,17 +280,22 @@ class Lifecycle:
                     transactions.as_json() if transactions else None,
                     spend.as_json() if spend else None,
                     cuts.as_json(),
-                    len(rows),
+                    len(base.ids),
                     int((history.orders > 0).sum()),
                     fit_s,
                 )
             self.invalidate()
-            changed = await self._write_back(rows, computed, now, f"refit:{model_id}")
+            changed = await self._write_back(base, computed, now, f"refit:{model_id}")
             log.info(
                 "lifecycle refit",
-                extra={"model_id": model_id, "customers": len(rows), "stage_changes": changed},
+                extra={"model_id": model_id, "customers": len(base.ids), "stage_changes": changed},
             )
-            return {"model_id": model_id, "customers": len(rows), "stage_changes": changed, "fit_s": fit_s}
+            return {
+                "model_id": model_id,
+                "customers": len(base.ids),
+                "stage_changes": changed,
+                "fit_s": fit_s,
+            }
 
     async def recompute(self, cause: str = "policy") -> dict[str, Any]:
         """Every customer's metrics and stage from the stored model (after a policy change)."""
@@ -277,34 +304,31 @@ class Lifecycle:
             self.invalidate()
             async with self.platform.unit_of_work() as uow:
                 model, policy = await self.current(uow)
-            rows, aggregates = await self._load_base(now)
-            history = build_history([r.inputs for r in rows], aggregates, now, self.snapshot_settings)
-            computed = compute(history, now, model, policy, self.snapshot_settings, whole_base=True)
-            changed = await self._write_back(rows, computed, now, cause)
-            return {"customers": len(rows), "stage_changes": changed}
+            base = await self._load_base(now)
+            computed = compute(base.history, now, model, policy, self.snapshot_settings, whole_base=True)
+            changed = await self._write_back(base, computed, now, cause)
+            return {"customers": len(base.ids), "stage_changes": changed}
 
     async def _policy_only(self) -> tuple[LifecycleModel, StagePolicy]:
         async with self.platform.unit_of_work() as uow:
             return await self.current(uow)
 
-    async def _write_back(
-        self, rows: Sequence[store.BaseRow], computed: Any, now: datetime, cause: str
-    ) -> int:
+    async def _write_back(self, base: _Base, computed: Any, now: datetime, cause: str) -> int:
         changed = 0
         size = self.settings.lifecycle_chunk_size
-        for lo in range(0, len(rows), size):
-            part = range(lo, min(lo + size, len(rows)))
+        for lo in range(0, len(base.ids), size):
+            part = range(lo, min(lo + size, len(base.ids)))
             values = [stored_values(computed, i) for i in part]
             async with self.platform.unit_of_work() as uow:
                 changes = await store.save_recomputed(
                     uow.session,
-                    [rows[i].inputs.customer_id for i in part],
-                    [rows[i].event_count for i in part],
+                    base.ids[lo : part.stop],
+                    base.event_counts[lo : part.stop],
                     values,
                     now,
                     cause,
                 )
-                by_id = {rows[i].inputs.customer_id: v for i, v in zip(part, values, strict=True)}
+                by_id = dict(zip(base.ids[lo : part.stop], values, strict=True))
                 for change in changes:
                     profile = ProfileSnapshot(
                         change.customer_id, traits=change.traits or {}, fields=by_id[change.customer_id]

@@ -347,6 +347,9 @@ LIFECYCLE_RULES: list[Any] = [
 
 async def test_lifecycle_rules_agree_between_sql_and_python_after_a_refit(harness: Harness) -> None:
     harness.clock.set(datetime(2026, 12, 1, 12, 0, tzinfo=UTC))
+    # Small chunks: the refit reads and writes the base in several keyset chunks.
+    lifecycle = harness.segmenter.lifecycle
+    lifecycle.settings = lifecycle.settings.model_copy(update={"lifecycle_chunk_size": 7})
     segment = await harness.create_segment({"profile": "churn_risk", "op": "gt", "value": 0.3}, name="Risky")
     await seed_base(harness)
     assert (await harness.client.get(f"/v1/segments/{segment}/members", headers=ADMIN)).json()[

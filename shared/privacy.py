@@ -53,6 +53,21 @@ def answer(
     )
 
 
+_GATE = text("SELECT pg_advisory_xact_lock_shared(hashtext('clm.erasure.' || current_schema()))")
+_GATE_EXCLUSIVE = text("SELECT pg_advisory_xact_lock(hashtext('clm.erasure.' || current_schema()))")
+
+
+async def erasure_gate(session: AsyncSession, *, exclusive: bool) -> None:
+    """Order erasures against event processing in one schema, until the transaction ends.
+
+    Event handlers hold it shared (they never wait on each other) from before their tombstone check
+    to their commit; an erasure holds it exclusive from before it reads anything. So an event batch
+    either committed before the erasure (whose delete then covers what it wrote) or checks the
+    tombstones after the erasure committed; none can slip between check and erasure.
+    """
+    await session.execute(_GATE_EXCLUSIVE if exclusive else _GATE)
+
+
 async def add_tombstones(
     session: AsyncSession, salt: str, identities: Iterable[str], request_id: str, now: datetime
 ) -> None:

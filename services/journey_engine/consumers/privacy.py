@@ -15,7 +15,7 @@ from shared.contracts.events import CustomerEvent, PrivacyAction, PrivacyRequest
 from shared.contracts.topics import PRIVACY
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka.consumer import Consumed
-from shared.privacy import add_tombstones, answer, erased_among
+from shared.privacy import add_tombstones, answer, erased_among, erasure_gate
 from shared.runtime import Platform
 
 CONSUMER = "journey_engine.privacy"
@@ -39,6 +39,7 @@ class PrivacyConsumer:
                 fresh.discard(c.event_id)  # a duplicate within the batch is answered once
                 identities = [request.customer_id, *request.identities]
                 if request.action is PrivacyAction.ERASE_REQUESTED:
+                    await erasure_gate(uow.session, exclusive=True)
                     cids = await privacy_store.customer_ids(uow.session, identities)
                     deleted = await privacy_store.erase(uow.session, cids)
                     await add_tombstones(uow.session, self.salt, identities, request.request_id, now)
@@ -57,6 +58,7 @@ async def drop_erased_events(
 ) -> list[tuple[str, CustomerEvent]]:
     """Events of erased customers start no journey (their claims stay: never retried)."""
     ids = {i for _, e in items for i in (e.user_id, e.anonymous_id) if i}
+    await erasure_gate(uow.session, exclusive=False)
     erased = await erased_among(uow.session, salt, ids)
     if not erased:
         return items

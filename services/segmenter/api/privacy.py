@@ -25,7 +25,7 @@ from services.segmenter.store import profiles as profile_store
 from shared.contracts.events import PrivacyAction, PrivacyRequest, ProfileChanged, ProfileChangeKind
 from shared.contracts.topics import PRIVACY, PROFILES
 from shared.http import ApiError, admin_guard
-from shared.privacy import SERVICES, add_tombstones, answer, identity_hashes
+from shared.privacy import SERVICES, add_tombstones, answer, erasure_gate, identity_hashes
 
 SERVICE = "segmenter"
 EXPORT_POLL_S = 0.1
@@ -42,6 +42,7 @@ def privacy_router(seg: Segmenter) -> APIRouter:
         now = clock.now()
         async with platform.unit_of_work() as uow:
             session = uow.session
+            await erasure_gate(session, exclusive=True)
             cid = await profile_store.resolve_customer(session, customer_ref)
             # Locked like the events consumer locks it: an event in flight for this customer either
             # committed before (and is erased with the rest) or retries after and meets the tombstone.

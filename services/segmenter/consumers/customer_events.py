@@ -34,7 +34,7 @@ from shared.contracts.events import CustomerEvent, ProfileChanged, ProfileChange
 from shared.contracts.topics import PROFILES
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka.consumer import Consumed
-from shared.privacy import erased_among
+from shared.privacy import erased_among, erasure_gate
 from shared.runtime import Platform
 
 if TYPE_CHECKING:
@@ -129,6 +129,7 @@ class CustomerEventsHandler:
         so it is never retried), never folded into a profile again. See docs/privacy.md."""
         salt = self.platform.settings.privacy_salt.get_secret_value()
         ids = {i for e in events for i in (e.user_id, e.anonymous_id) if i}
+        await erasure_gate(session, exclusive=False)
         erased = await erased_among(session, salt, ids)
         if not erased:
             return events

@@ -13,8 +13,8 @@ from services.segmenter.app import create_app
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store.privacy import CUSTOMER_TABLES
 from shared.clock import ManualClock
-from shared.contracts.events import PrivacyAction, PrivacyRequest
-from shared.contracts.topics import PRIVACY, PROFILES
+from shared.contracts.events import MessageStatus, PrivacyAction, PrivacyRequest
+from shared.contracts.topics import MESSAGE_STATUS, PRIVACY, PROFILES
 from shared.privacy import answer
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event
 from tests.support import eventually, read_topic, running
@@ -124,6 +124,31 @@ async def test_erasure_deletes_everything_publishes_the_request_and_tracks_the_r
     assert (await h.client.get("/v1/customers/u1", headers=ADMIN)).status_code == 404
     assert (await h.client.get("/v1/customers/anon-1", headers=ADMIN)).status_code == 404
     assert (await h.customer("u2"))["traits"] == {"plan": "free"}
+
+    # Statuses about the erased customer (the notifier's `suppressed: erased`) store nothing about them.
+    for customer, message in ((cid, "msg-erased"), ("u2", "msg-control")):
+        status = MessageStatus(
+            status_id=f"{message}:suppressed",
+            message_id=message,
+            customer_id=customer,
+            status="suppressed",
+            channel="email",
+            occurred_at=later,
+            reason="erased",
+        )
+        await h.segmenter.platform.producer.publish(MESSAGE_STATUS.name, customer, status)
+
+    async def both_processed() -> bool:
+        async with h.segmenter.platform.unit_of_work() as uow:
+            n = await uow.session.execute(
+                text("SELECT count(*) FROM inbox WHERE consumer = 'segmenter.message-status'")
+            )
+            return n.scalar() == 2
+
+    await eventually(both_processed, timeout=15)
+    async with h.segmenter.platform.unit_of_work() as uow:
+        found = await uow.session.execute(text("SELECT customer_id FROM customer_messages"))
+        assert [r[0] for r in found] == ["u2"]
 
     audit = (await h.client.get("/v1/audit", headers=ADMIN, params={"method": "DELETE"})).json()["entries"]
     assert [(e["path"], e["actor_name"], e["status"]) for e in audit] == [

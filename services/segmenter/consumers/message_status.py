@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from services.segmenter.store import lifecycle as lifecycle_store
 from shared.contracts.events import MessageStatus
 from shared.kafka.consumer import Consumed
+from shared.privacy import erased_among, erasure_gate
 from shared.runtime import Platform
 
 CONSUMER = "segmenter.message-status"
@@ -39,4 +40,9 @@ class MessageStatusHandler:
                         s.occurred_at,
                     )
                 )
+            # Statuses of an erased customer (e.g. `suppressed: erased`) must not recreate rows about them.
+            await erasure_gate(uow.session, exclusive=False)
+            salt = self.platform.settings.privacy_salt.get_secret_value()
+            erased = await erased_among(uow.session, salt, {r.customer_id for r in rows})
+            rows = [r for r in rows if r.customer_id not in erased]
             await lifecycle_store.save_message_statuses(uow.session, rows)

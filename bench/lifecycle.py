@@ -365,11 +365,15 @@ async def bench_event_path() -> None:
         without.append(await event_path_rate(events, with_lifecycle=False))
         with_.append(await event_path_rate(events, with_lifecycle=True))
     for i, (a, b) in enumerate(zip(without, with_, strict=True), 1):
-        line(f"  round {i}: without / with lifecycle", a, f"/ {b:.0f} events/s")
+        line(f"  round {i}: without / with lifecycle", a, f"/ {b:.0f} events/s (ratio {b / a:.3f})")
     best_without, best_with = max(without), max(with_)
     line("segmenter without lifecycle (best round)", best_without, "events/s")
     line("segmenter with lifecycle (best round)", best_with, "events/s")
-    ratio("ratio with / without lifecycle (goal >= 0.8)", best_with, best_without)
+    ratio("  best with / best without", best_with, best_without)
+    # The shared host's load drifts between runs: the paired ratio of each round (adjacent runs) is the
+    # fairer figure; its median is the headline.
+    paired = sorted(b / a for a, b in zip(without, with_, strict=True))
+    line("ratio with / without lifecycle, median of rounds (goal >= 0.8)", paired[len(paired) // 2])
 
 
 def main() -> None:

@@ -374,3 +374,15 @@ async def test_lifecycle_rules_agree_between_sql_and_python_after_a_refit(harnes
     await harness.segmenter.backfill.run_until_idle()
     r = await harness.client.get(f"/v1/segments/{segment}/members?limit=100", headers=ADMIN)
     assert set(r.json()["members"]) == risky
+
+
+async def test_a_refit_on_a_base_too_small_to_fit_stores_a_model_without_parameters(harness: Harness) -> None:
+    r = await harness.client.post("/v1/lifecycle/refit", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["customers"] == 0
+    await harness.send(order("o1", "u1", harness.clock.now(), 10))
+    await harness.processed(1)
+    assert (await harness.client.post("/v1/lifecycle/refit", headers=ADMIN)).json()["customers"] == 1
+    model = (await harness.client.get("/v1/lifecycle/model", headers=ADMIN)).json()
+    assert model["transactions"] is None and model["spend"] is None and model["buyers"] == 1
+    lc = (await harness.customer("u1"))["lifecycle"]
+    assert lc["stage"] == "onboarding" and lc["p_alive"] is None and lc["rfm"]["score"] == 333

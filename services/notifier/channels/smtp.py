@@ -88,19 +88,41 @@ class SmtpProvider:
     @staticmethod
     async def _send_in_steps(client: aiosmtplib.SMTP, delivery: Delivery, before_data: BeforeCall) -> str:
         assert delivery.email is not None
+        # The hook (a database commit) runs while MAIL FROM and RCPT TO go back and forth; DATA waits
+        # for it. Overlapping them keeps the connection busy instead of idle during the commit.
+        hook = asyncio.ensure_future(before_data())
+        envelope_error: Exception | None = None
         try:
             await client.mail(delivery.email.envelope_from)
-            try:
-                await client.rcpt(delivery.to)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                raise aiosmtplib.SMTPRecipientsRefused([exc]) from exc
-            await before_data()
-            return (await client.data(delivery.email.to_wire())).message
-        except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused, SendAborted):
-            # As sendmail does: reset the envelope so the connection can be reused.
-            with contextlib.suppress(aiosmtplib.SMTPException, ConnectionError):
-                await client.rset()
+            await client.rcpt(delivery.to)
+        except asyncio.CancelledError:
+            hook.cancel()
             raise
+        except Exception as exc:
+            envelope_error = exc
+        try:
+            await hook
+        except SendAborted:
+            await SmtpProvider._reset(client)
+            raise
+        if isinstance(envelope_error, aiosmtplib.SMTPRecipientRefused):
+            await SmtpProvider._reset(client)
+            raise aiosmtplib.SMTPRecipientsRefused([envelope_error]) from envelope_error
+        if isinstance(envelope_error, aiosmtplib.SMTPResponseException):
+            await SmtpProvider._reset(client)
+        if envelope_error is not None:
+            raise envelope_error
+        try:
+            return (await client.data(delivery.email.to_wire())).message
+        except aiosmtplib.SMTPResponseException:
+            await SmtpProvider._reset(client)
+            raise
+
+    @staticmethod
+    async def _reset(client: aiosmtplib.SMTP) -> None:
+        # As sendmail does: reset the envelope so the connection can be reused.
+        with contextlib.suppress(aiosmtplib.SMTPException, ConnectionError):
+            await client.rset()
 
     def _recycle(self, client: aiosmtplib.SMTP | None) -> None:
         if client is not None and client.is_connected:

@@ -18,11 +18,13 @@ from shared.privacy import erased_among
 ERASED_REASON = "erased"
 
 # The request keeps no personal data (recipient, template data) once it is known to be for an erased
-# customer; the row stays so a redelivered request is recognized and not sent either.
+# customer; the row stays so a redelivered request is recognized and not sent either. A `claimed` row
+# is safe to stop too: its worker's `sending` mark then fails and nothing is sent.
 _SUPPRESS = sa.text(
     "UPDATE send_ledger SET state = 'suppressed', reason = :reason, next_attempt_at = NULL, "
     "request = jsonb_set(jsonb_set(request, '{recipient}', '{}'), '{data}', '{}'), updated_at = :now "
-    "WHERE message_id = ANY(CAST(:ids AS text[])) AND state = 'pending' RETURNING message_id"
+    "WHERE message_id = ANY(CAST(:ids AS text[])) AND state IN ('pending', 'claimed') "
+    "RETURNING message_id"
 )
 
 

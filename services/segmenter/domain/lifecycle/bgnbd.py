@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy import optimize, special
+
+from services.segmenter.domain.lifecycle.fit import ModelFit
 
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike
@@ -31,31 +32,8 @@ class BgNbdParams:
         return np.array([self.r, self.alpha, self.a, self.b], dtype=np.float64)
 
 
-@dataclass(frozen=True)
-class BgNbdFit:
-    """Fitted parameters plus the diagnostics a marketer (or a test) needs to trust them."""
-
-    params: BgNbdParams
-    log_likelihood: float
-    iterations: int
-    function_evaluations: int
-    converged: bool
-    message: str
-    n_customers: int
-    method: str
-
-    def as_json(self) -> dict[str, Any]:
-        """Parameters and diagnostics, ready for an API response."""
-        return {
-            "params": dict(self.params.__dict__),
-            "log_likelihood": self.log_likelihood,
-            "iterations": self.iterations,
-            "function_evaluations": self.function_evaluations,
-            "converged": self.converged,
-            "message": self.message,
-            "n_customers": self.n_customers,
-            "method": self.method,
-        }
+# Parameters plus log-likelihood, iterations, convergence: shared with the other lifecycle model.
+BgNbdFit = ModelFit[BgNbdParams]
 
 
 def _arrays(

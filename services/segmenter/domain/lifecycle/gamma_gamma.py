@@ -10,13 +10,13 @@ Spend is assumed independent of the purchase process, which is what lets it be c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy import optimize, special
 
 from services.segmenter.domain.lifecycle import bgnbd
+from services.segmenter.domain.lifecycle.fit import ModelFit
 
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike
@@ -40,29 +40,8 @@ class GammaGammaParams:
         return self.p * self.v / (self.q - 1.0) if self.q > 1.0 else float("inf")
 
 
-@dataclass(frozen=True)
-class GammaGammaFit:
-    params: GammaGammaParams
-    log_likelihood: float
-    iterations: int
-    function_evaluations: int
-    converged: bool
-    message: str
-    n_customers: int
-    method: str
-
-    def as_json(self) -> dict[str, Any]:
-        """Parameters and diagnostics, ready for an API response."""
-        return {
-            "params": dict(self.params.__dict__),
-            "log_likelihood": self.log_likelihood,
-            "iterations": self.iterations,
-            "function_evaluations": self.function_evaluations,
-            "converged": self.converged,
-            "message": self.message,
-            "n_customers": self.n_customers,
-            "method": self.method,
-        }
+# Parameters plus log-likelihood, iterations, convergence: shared with the other lifecycle model.
+GammaGammaFit = ModelFit[GammaGammaParams]
 
 
 def _repeat_buyers(frequency: ArrayLike, monetary_value: ArrayLike) -> tuple[FloatArray, FloatArray]:

@@ -151,3 +151,18 @@ async def test_sign_up_gets_a_personalized_welcome_email_with_an_unsubscribe_lin
         done = await eventually(journey_done, timeout=20, interval=0.3)
         assert len(done) == 1
         assert done[0]["customer_id"] == user
+
+        # the profile shows the onboarding stage and the message with its outcome
+        async def profile_with_message() -> dict[str, Any] | None:
+            r = await c.get(f"{platform.url('segmenter')}/v1/customers/{user}", headers=platform.admin)
+            body: dict[str, Any] = r.json()
+            messages = body.get("engagement", {}).get("recent_messages", [])
+            return body if any(m["template_id"] == f"welcome-{suffix}" for m in messages) else None
+
+        profile = await eventually(profile_with_message, timeout=20, interval=0.3)
+        assert profile["lifecycle"]["stage"] == "onboarding"
+        message = next(
+            m for m in profile["engagement"]["recent_messages"] if m["template_id"] == f"welcome-{suffix}"
+        )
+        assert message["channel"] == "email"
+        assert message["status"] in ("sent", "delivered")

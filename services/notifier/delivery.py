@@ -86,6 +86,8 @@ class Prepared:
     delivery: Delivery | None
     status: MessageStatusKind | None = None
     reason: str | None = None
+    # Worth another try later: the customer's profile (and so their address) may still be on its way.
+    retry: bool = False
 
 
 class DeliveryWorker:
@@ -306,8 +308,13 @@ class DeliveryWorker:
             )
         address = recipient_address(request, contact)
         if not address:
+            # An event-triggered send can overtake the customer's profile on clm.profiles.v1: with no
+            # contact seen yet, retry on the usual schedule instead of failing at once.
             return Prepared(
-                None, MessageStatusKind.FAILED, f"no {request.channel.value} address for the customer"
+                None,
+                MessageStatusKind.FAILED,
+                f"no {request.channel.value} address for the customer",
+                retry=contact is None,
             )
         try:
             rendered = self.renderer.render(
@@ -334,6 +341,19 @@ class DeliveryWorker:
             ctx.choices.get(request.customer_id, {}),
         )
         now = self.clock.now()
+        if prepared.delivery is None and prepared.retry:
+            next_at = self.policy.next_attempt_at(now, entry.attempts, self.rng)
+            if next_at is not None:
+                return AttemptResult(
+                    Outcome(
+                        entry.message_id,
+                        ledger_repo.PENDING,
+                        entry.attempts,
+                        next_attempt_at=next_at,
+                        reason=prepared.reason,
+                        claim_token=entry.claim_token,
+                    )
+                )
         if prepared.delivery is None:
             assert prepared.status is not None
             return AttemptResult(

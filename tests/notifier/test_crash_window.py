@@ -157,7 +157,8 @@ async def test_each_outcome_is_recorded_when_its_own_call_returns(start_notifier
             return (await ledger(h, first_sent[0]))["state"] == "sent"
 
         await eventually(first_recorded, timeout=5)
-        assert (await ledger(h, other))["state"] == "claimed"
+        # waiting for the rate limiter (or, on a slow machine, not even claimed yet): never `sending`
+        assert (await ledger(h, other))["state"] in ("claimed", "pending")
         assert sends_of(h, other) == 0
 
 

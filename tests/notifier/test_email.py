@@ -9,6 +9,8 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from sqlalchemy import text
+
 from shared.clock import ManualClock
 from shared.contracts import Headers
 from tests.notifier.conftest import ADMIN, Harness, request
@@ -228,3 +230,43 @@ async def test_rejected_recipient_bounces_and_a_smtp_451_is_retried(start_notifi
 async def _ledger_state(h: Harness, message_id: str, state: str) -> bool:
     response = await h.client.get(f"/v1/messages/{message_id}", headers=ADMIN)
     return response.status_code == 200 and response.json()["state"] == state
+
+
+async def test_a_request_that_overtakes_the_profile_is_retried_not_failed(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    # An event-triggered journey can request a message before the customer's profile (with the
+    # email) reaches the notifier on clm.profiles.v1: the send waits for it instead of failing.
+    clock = ManualClock()
+    async with start_notifier(clock=clock) as h:
+        await setup(h)
+        await h.publish(
+            email_request(
+                "m-early",
+                "c-new",
+                data={"traits": {"first_name": "E"}, "event": {"properties": {"total": 1}}},
+            )
+        )
+        await eventually(lambda: _ledger_state(h, "m-early", "pending"))
+        assert h.sink.messages == []
+        await h.profile("c-new", {"email": "early@example.com", "first_name": "E"})
+
+        await eventually(lambda: _contact_seen(h, "c-new"))
+        clock.advance(timedelta(minutes=5))
+        h.app.state.notifier.worker.wake()
+        await h.wait_status("m-early", "delivered")
+        assert [m.envelope_to for m in h.sink.messages] == [["early@example.com"]]
+
+
+async def test_a_known_customer_without_an_address_fails_at_once(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await setup(h)
+        await h.profile("c-nomail", {"first_name": "N"})
+        await eventually(lambda: _contact_seen(h, "c-nomail"))
+        await h.publish(email_request("m-nomail", "c-nomail"))
+        statuses = await h.wait_status("m-nomail", "failed")
+        assert "no email address" in statuses[-1]["reason"]
+
+
+async def _contact_seen(h: Harness, customer_id: str) -> bool:
+    async with h.platform.engine.connect() as conn:
+        found = await conn.scalar(text("SELECT 1 FROM contacts WHERE customer_id = :c"), {"c": customer_id})
+    return found == 1

@@ -10,7 +10,9 @@ import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from deploy.local.processes import PlatformProcesses
@@ -87,3 +89,53 @@ def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             # A failed run shows what each process last said.
             for path in sorted(log_dir.glob("*.log")):
                 print(f"--- {path.name} (last lines)\n" + "\n".join(path.read_text().splitlines()[-25:]))
+
+
+# Calls the flows share: the public APIs, as an upstream system and a marketer use them.
+
+
+async def track(c: httpx.AsyncClient, p: Platform, user: str, event: str, **properties: Any) -> None:
+    r = await c.post(
+        f"{p.url('ingest')}/v1/track",
+        json={"userId": user, "event": event, "properties": properties},
+        auth=(WRITE_KEY, ""),
+    )
+    assert r.status_code == 200, r.text
+
+
+async def identify(c: httpx.AsyncClient, p: Platform, user: str, **traits: Any) -> None:
+    r = await c.post(
+        f"{p.url('ingest')}/v1/identify", json={"userId": user, "traits": traits}, auth=(WRITE_KEY, "")
+    )
+    assert r.status_code == 200, r.text
+
+
+async def email_template(c: httpx.AsyncClient, p: Platform, template_id: str, subject: str) -> None:
+    r = await c.post(
+        f"{p.url('notifier')}/v1/templates",
+        headers=p.admin,
+        json={
+            "id": template_id,
+            "name": template_id,
+            "channel": "email",
+            "variants": {
+                "en": {
+                    "subject": subject,
+                    "html": "<p>{{ traits.first_name | default: 'Hi' }}</p>",
+                    "text": "{{ traits.first_name | default: 'Hi' }} - {{ unsubscribe_url }}",
+                }
+            },
+        },
+    )
+    assert r.status_code in (200, 201), r.text
+
+
+async def activate(c: httpx.AsyncClient, p: Platform, journey_id: str, definition: dict[str, Any]) -> None:
+    r = await c.post(
+        f"{p.url('journey_engine')}/v1/journeys",
+        headers=p.admin,
+        json={"id": journey_id, "definition": definition},
+    )
+    assert r.status_code in (200, 201), r.text
+    r = await c.post(f"{p.url('journey_engine')}/v1/journeys/{journey_id}/activate", headers=p.admin)
+    assert r.status_code == 200, r.text

@@ -8,55 +8,8 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.conftest import WRITE_KEY, Platform
+from tests.e2e.conftest import Platform, activate, email_template, identify, track
 from tests.support import eventually, read_topic
-
-
-async def track(c: httpx.AsyncClient, p: Platform, user: str, event: str, **properties: Any) -> None:
-    r = await c.post(
-        f"{p.url('ingest')}/v1/track",
-        json={"userId": user, "event": event, "properties": properties},
-        auth=(WRITE_KEY, ""),
-    )
-    assert r.status_code == 200, r.text
-
-
-async def identify(c: httpx.AsyncClient, p: Platform, user: str, **traits: Any) -> None:
-    r = await c.post(
-        f"{p.url('ingest')}/v1/identify", json={"userId": user, "traits": traits}, auth=(WRITE_KEY, "")
-    )
-    assert r.status_code == 200, r.text
-
-
-async def email_template(c: httpx.AsyncClient, p: Platform, template_id: str, subject: str) -> None:
-    r = await c.post(
-        f"{p.url('notifier')}/v1/templates",
-        headers=p.admin,
-        json={
-            "id": template_id,
-            "name": template_id,
-            "channel": "email",
-            "variants": {
-                "en": {
-                    "subject": subject,
-                    "html": "<p>{{ traits.first_name | default: 'Hi' }}</p>",
-                    "text": "{{ traits.first_name | default: 'Hi' }} - {{ unsubscribe_url }}",
-                }
-            },
-        },
-    )
-    assert r.status_code in (200, 201), r.text
-
-
-async def activate(c: httpx.AsyncClient, p: Platform, journey_id: str, definition: dict[str, Any]) -> None:
-    r = await c.post(
-        f"{p.url('journey_engine')}/v1/journeys",
-        headers=p.admin,
-        json={"id": journey_id, "definition": definition},
-    )
-    assert r.status_code in (200, 201), r.text
-    r = await c.post(f"{p.url('journey_engine')}/v1/journeys/{journey_id}/activate", headers=p.admin)
-    assert r.status_code == 200, r.text
 
 
 async def test_abandoned_cart_reminds_once_unless_the_same_cart_is_ordered(platform: Platform) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.conftest import WRITE_KEY, Platform
+from tests.e2e.conftest import WRITE_KEY, Platform, activate
 from tests.support import eventually
 
 
@@ -54,8 +54,7 @@ async def setup_welcome_journey(c: httpx.AsyncClient, p: Platform, suffix: str) 
     )
     assert r.status_code == 201, r.text
     segment_id = r.json()["id"]
-    journey = {
-        "id": f"welcome-{suffix}",
+    journey: dict[str, Any] = {
         "definition": {
             "name": "Welcome",
             "entry": {"type": "segment", "segment_id": segment_id, "change": "entered"},
@@ -85,10 +84,7 @@ async def setup_welcome_journey(c: httpx.AsyncClient, p: Platform, suffix: str) 
             ],
         },
     }
-    r = await c.post(f"{p.url('journey_engine')}/v1/journeys", headers=p.admin, json=journey)
-    assert r.status_code in (200, 201), r.text
-    r = await c.post(f"{p.url('journey_engine')}/v1/journeys/welcome-{suffix}/activate", headers=p.admin)
-    assert r.status_code == 200, r.text
+    await activate(c, p, f"welcome-{suffix}", journey["definition"])
     return segment_id
 
 

@@ -9,7 +9,7 @@ from shared.clock import Clock
 from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
-from shared.privacy import add_tombstones
+from shared.privacy import add_tombstones, answer
 
 CONSUMER = "notifier.privacy"
 SERVICE = "notifier"
@@ -38,25 +38,15 @@ class PrivacyConsumer:
                     if self.privacy_salt is not None:
                         # Later requests for these ids are suppressed (`erased`), never sent.
                         await add_tombstones(uow.session, self.privacy_salt, ids, request.request_id, now)
-                    answer = PrivacyAction.ERASE_COMPLETED
-                    data = {}
+                    action, data = PrivacyAction.ERASE_COMPLETED, {}
                 elif request.action is PrivacyAction.EXPORT_REQUESTED:
-                    answer = PrivacyAction.EXPORT_PART
+                    action = PrivacyAction.EXPORT_PART
                     data = await privacy_repo.export(uow.session, ids)
                 else:
                     continue  # answers (ours and other services')
                 uow.emit(
                     PRIVACY.name,
                     request.customer_id,
-                    PrivacyRequest(
-                        event_id=f"{request.request_id}:{SERVICE}:{answer.value}",
-                        request_id=request.request_id,
-                        action=answer,
-                        customer_id=request.customer_id,
-                        identities=request.identities,
-                        service=SERVICE,
-                        occurred_at=now,
-                        data=data,
-                    ),
+                    answer(request, SERVICE, action, now, data),
                     correlation_id=item.correlation_id,
                 )

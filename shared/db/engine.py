@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
+import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -27,8 +30,25 @@ def create_engine(url: str, schema: str, *, pool_size: int = 10, echo: bool = Fa
         max_overflow=pool_size,
         pool_recycle=1800,
         echo=echo,
-        connect_args={"server_settings": {"search_path": f'"{schema}",public', "application_name": schema}},
+        # orjson instead of the stdlib for jsonb columns: profiles, timelines and outbox rows are JSON-heavy.
+        json_serializer=_json_dumps,
+        json_deserializer=orjson.loads,
+        connect_args={
+            "server_settings": {
+                "search_path": f'"{schema}",public',
+                "application_name": schema,
+                # The hot statements take arrays of 1 to thousands of ids (unnest/ANY). A generic plan
+                # is costed for a 10-row unnest and the table sizes of when it was first prepared, and
+                # asyncpg keeps statements prepared: a plan picked on an empty table stays for good
+                # (once 420 ms instead of 14 ms for the identity lookup). Planning anew costs ~1 ms.
+                "plan_cache_mode": "force_custom_plan",
+            }
+        },
     )
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -59,12 +59,20 @@ class OutboxRelay:
             got = await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self._lock_key})
             if not got:
                 return 0
-            rows = (
-                await conn.execute(
-                    text("SELECT id, topic, key, value, headers FROM outbox ORDER BY id LIMIT :n"),
-                    {"n": self.settings.outbox_batch_size},
-                )
-            ).all()
+            # Taken and deleted in one statement: the delete commits only after the broker has
+            # acknowledged every row (a failed send rolls it back), so nothing is lost.
+            rows = sorted(
+                (
+                    await conn.execute(
+                        text(
+                            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT :n) "
+                            "RETURNING id, topic, key, value, headers"
+                        ),
+                        {"n": self.settings.outbox_batch_size},
+                    )
+                ).all(),
+                key=lambda r: r.id,
+            )
             if not rows:
                 OUTBOX_PENDING.labels(self.settings.service_name).set(0)
                 return 0
@@ -74,8 +82,7 @@ class OutboxRelay:
                 )
                 for r in rows
             ]
-            await self.producer.send_many(messages)
-            await conn.execute(text("DELETE FROM outbox WHERE id = ANY(:ids)"), {"ids": [r.id for r in rows]})
+            await self.producer.send_batched(messages)
         OUTBOX_RELAYED.labels(self.settings.service_name).inc(len(rows))
         OUTBOX_PENDING.labels(self.settings.service_name).set(len(rows))
         self.relayed += len(rows)

@@ -255,7 +255,7 @@ class ConsumerRunner(Generic[T]):
 
     def _decode(self, record: ConsumerRecord[Any, Any]) -> Consumed[T]:
         try:
-            value = self.schema.model_validate(orjson.loads(record.value))
+            value = self.schema.model_validate_json(record.value)
         except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
             raise DecodeError(str(exc)[:500]) from exc
         return Consumed(

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -49,7 +48,7 @@ def encode_message(
     return OutgoingMessage(
         topic=topic,
         key=key.encode(),
-        value=orjson.dumps(model.model_dump(mode="json")),
+        value=model.__pydantic_serializer__.to_json(model),
         headers=tuple((k, v.encode()) for k, v in headers.items()),
     )
 

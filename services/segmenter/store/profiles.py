@@ -39,7 +39,8 @@ def _snapshot(row: Any) -> ProfileSnapshot:
         customer_id=row.customer_id,
         traits=dict(row.traits or {}),
         trait_times=times,
-        fields={name: getattr(row, name) for name in FIELD_NAMES},
+        # Positional: PROFILE_COLUMNS lists the fields in FIELD_NAMES order after the first three.
+        fields=dict(zip(FIELD_NAMES, row[3:], strict=True)),
     )
 
 

@@ -40,8 +40,10 @@ identities = sa.Table(
     metadata,
     sa.Column("kind", sa.Text, primary_key=True),  # user | anon | merged (a former canonical id)
     sa.Column("value", sa.Text, primary_key=True),
-    sa.Column("customer_id", sa.Text, nullable=False, index=True),
+    sa.Column("customer_id", sa.Text, nullable=False),
     sa.Column("linked_at", TS, nullable=False, server_default=sa.func.now()),
+    # "Does this customer hold a userId" (identity lookup) is one probe; also serves customer_id alone.
+    sa.Index("identities_customer_kind", "customer_id", "kind"),
 )
 
 merges = sa.Table(

@@ -39,7 +39,10 @@ class Platform:
         self.migrations = migrations
         self.startup_timeout_s = startup_timeout_s
         self.engine: AsyncEngine = create_engine(
-            settings.database_url, settings.db_schema, pool_size=settings.db_pool_size
+            settings.database_url,
+            settings.db_schema,
+            pool_size=settings.db_pool_size,
+            plan_cache_mode=settings.db_plan_cache_mode,
         )
         self.sessions: async_sessionmaker[AsyncSession] = session_factory(self.engine)
         self.producer = EventProducer(settings)

@@ -6,6 +6,8 @@ and the local stack use to point CLM at an existing cluster.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -46,6 +48,10 @@ class BaseServiceSettings(BaseSettings):
     consumer_retry_backoff_s: float = 0.2
     outbox_poll_interval_s: float = 0.2
     outbox_batch_size: int = 500
+    # PostgreSQL's plan_cache_mode for the service's connections. `auto` reuses a generic plan once it
+    # looks as cheap as the custom ones; a service whose hot statements take arrays of very different
+    # sizes (unnest/ANY over a batch) is better off planning each execution (`force_custom_plan`).
+    db_plan_cache_mode: Literal["auto", "force_custom_plan", "force_generic_plan"] = "auto"
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

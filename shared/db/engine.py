@@ -21,7 +21,9 @@ def sqlalchemy_url(url: str) -> str:
     return "postgresql+asyncpg://" + asyncpg_dsn(url)[len("postgresql://") :]
 
 
-def create_engine(url: str, schema: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+def create_engine(
+    url: str, schema: str, *, pool_size: int = 10, echo: bool = False, plan_cache_mode: str = "auto"
+) -> AsyncEngine:
     # Every connection sees only the service's own schema first: tables are declared without a
     # schema, so tests can give each test a fresh schema of its own.
     return create_async_engine(
@@ -37,11 +39,10 @@ def create_engine(url: str, schema: str, *, pool_size: int = 10, echo: bool = Fa
             "server_settings": {
                 "search_path": f'"{schema}",public',
                 "application_name": schema,
-                # The hot statements take arrays of 1 to thousands of ids (unnest/ANY). A generic plan
-                # is costed for a 10-row unnest and the table sizes of when it was first prepared, and
-                # asyncpg keeps statements prepared: a plan picked on an empty table stays for good
-                # (once 420 ms instead of 14 ms for the identity lookup). Planning anew costs ~1 ms.
-                "plan_cache_mode": "force_custom_plan",
+                # asyncpg keeps statements prepared, so a generic plan chosen early (costed for a
+                # 10-row unnest and the table sizes of that moment) can stay for good: see the
+                # `db_plan_cache_mode` setting.
+                "plan_cache_mode": plan_cache_mode,
             }
         },
     )

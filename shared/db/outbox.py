@@ -56,19 +56,21 @@ class OutboxRelay:
 
     async def run_once(self) -> int:
         async with self.engine.begin() as conn:
-            got = await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self._lock_key})
-            if not got:
-                return 0
-            # Taken and deleted in one statement: the delete commits only after the broker has
-            # acknowledged every row (a failed send rolls it back), so nothing is lost.
+            # Taken and deleted in one statement, under the schema's relay lock (tried once per pass,
+            # in the same round trip): the delete commits only after the broker has acknowledged every
+            # row (a failed send rolls it back), so nothing is lost. A pass that does not get the lock
+            # deletes nothing; one that gets it just after another relay committed may still see that
+            # relay's rows in its snapshot, but they are gone, so it takes none of them twice.
             rows = sorted(
                 (
                     await conn.execute(
                         text(
-                            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT :n) "
+                            "WITH relay_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(:k) AS got) "
+                            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
+                            "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT :n) "
                             "RETURNING id, topic, key, value, headers"
                         ),
-                        {"n": self.settings.outbox_batch_size},
+                        {"k": self._lock_key, "n": self.settings.outbox_batch_size},
                     )
                 ).all(),
                 key=lambda r: r.id,
@@ -91,6 +93,9 @@ class OutboxRelay:
     async def _run(self) -> None:
         backoff = 0.2
         while not self._stopping.is_set():
+            # Cleared before the pass, not after it: a commit notifying during the pass must start
+            # another one at once instead of waiting out the poll interval (a lost wake-up).
+            self._wake.clear()
             try:
                 n = await self.run_once()
                 backoff = 0.2
@@ -104,7 +109,6 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 5.0)
             if n >= self.settings.outbox_batch_size:
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.outbox_poll_interval_s)
 

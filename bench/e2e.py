@@ -53,15 +53,16 @@ WRITE_KEY = "bench-write-key"
 
 @dataclass
 class TimedSink(MailSink):
-    """The SMTP sink, noting when each mail was accepted (by recipient)."""
+    """The SMTP sink, noting when each mail was accepted (by recipient). It stands in for a mail
+    provider on the same 2 cores, so it accepts without parsing or keeping the mail (the test sink
+    parses every MIME message with the stdlib, ~3 ms of CPU a mail that the platform would pay for)."""
 
     accepted_at: dict[str, float] = field(default_factory=dict)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        answer = await super().handle_DATA(server, session, envelope)
         for rcpt in envelope.rcpt_tos:
             self.accepted_at.setdefault(rcpt, time.time())
-        return answer
+        return "250 Message accepted"
 
 
 async def setup(c: httpx.AsyncClient, p: PlatformProcesses) -> None:

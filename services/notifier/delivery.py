@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from services.notifier.channels.base import Delivery, SendAborted, SendResult
 from services.notifier.channels.router import ProviderRouter
 from services.notifier.domain import consent
@@ -109,7 +111,9 @@ class DeliveryWorker:
         self.clock = clock
         self.rng = rng or random.Random()
         self.policy = RetryPolicy(settings.send_max_attempts, settings.retry_base_s, settings.retry_max_s)
-        self._wake = asyncio.Event()
+        # At most one wake-up token waits: each wakes one loop (not all of them to race for the same
+        # rows); one arriving while every loop is busy is taken by the first to finish.
+        self._wakeups: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
         self.passes = 0
         self._stale_checked_at = -1e9  # a (re)started process looks for stale rows at once
         self._sending_writes: WriteCoalescer[tuple[str, str], bool] = WriteCoalescer(self._mark_sending)
@@ -121,16 +125,17 @@ class DeliveryWorker:
         )
 
     def wake(self) -> None:
-        self._wake.set()
+        with contextlib.suppress(asyncio.QueueFull):
+            self._wakeups.put_nowait(None)
 
     async def run(self) -> None:
         """One delivery loop; the app runs several so a slow batch never leaves providers idle."""
         while True:
-            # Cleared before working: a wake-up arriving during the pass is not lost.
-            self._wake.clear()
             try:
                 await self.resolve_stale()
-                while await self.run_once() > 0:
+                # A full batch may leave more due rows; a partial one took all there were (rows that
+                # come later bring a wake-up token).
+                while await self.run_once() >= self.settings.delivery_batch_size:
                     pass
             except asyncio.CancelledError:
                 raise
@@ -138,26 +143,29 @@ class DeliveryWorker:
                 log.exception("delivery pass failed; retrying")
                 await asyncio.sleep(1)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.delivery_poll_interval_s)
+                await asyncio.wait_for(self._wakeups.get(), self.settings.delivery_poll_interval_s)
 
     async def run_once(self) -> int:
         """One pass: claim a batch (committed), then per row: `sending` (committed) -> provider ->
         outcome (committed), rows concurrently. Returns the rows claimed."""
         token = uuid.uuid4().hex
+        # The claim and what the sends need are read in one transaction (one commit, not two).
         async with self.unit_of_work() as uow:
             entries = await ledger_repo.claim_due(
                 uow.session, self.clock.now(), self.settings.delivery_batch_size, token
             )
+            context = await self._read_context(uow.session, entries) if entries else None
         if not entries:
             return 0
         self.passes += 1
-        await self.deliver(entries)
+        await self.deliver(entries, context)
         return len(entries)
 
-    async def deliver(self, entries: Sequence[LedgerEntry]) -> None:
+    async def deliver(self, entries: Sequence[LedgerEntry], context: _Context | None = None) -> None:
         """Send claimed rows (each only while its claim still holds) and record each outcome."""
         try:
-            context = await self._load_context(entries)
+            if context is None:
+                context = await self._load_context(entries)
             await asyncio.gather(*(self._deliver(entry, context) for entry in entries))
         except BaseException:
             # Rows still `claimed` never reached a provider: hand them back now rather than after
@@ -274,16 +282,20 @@ class DeliveryWorker:
             log.warning("stale sends resolved as unknown", extra={"count": len(stale)})
 
     async def _load_context(self, entries: Sequence[LedgerEntry]) -> _Context:
+        async with self.unit_of_work() as uow:
+            return await self._read_context(uow.session, entries)
+
+    @staticmethod
+    async def _read_context(session: AsyncSession, entries: Sequence[LedgerEntry]) -> _Context:
         requests = [e.request for e in entries]
         customers = {r.customer_id for r in requests}
         topic_ids = {r.subscription_topic for r in requests if r.subscription_topic}
-        async with self.unit_of_work() as uow:
-            return _Context(
-                templates=await templates_repo.get_many(uow.session, {r.template_id for r in requests}),
-                contacts=await contacts_repo.get_many(uow.session, customers),
-                topics=await consent_repo.topics_by_id(uow.session, topic_ids),
-                choices=await consent_repo.choices_for(uow.session, customers),
-            )
+        return _Context(
+            templates=await templates_repo.get_many(session, {r.template_id for r in requests}),
+            contacts=await contacts_repo.get_many(session, customers),
+            topics=await consent_repo.topics_by_id(session, topic_ids),
+            choices=await consent_repo.choices_for(session, customers),
+        )
 
     def prepare(
         self,

@@ -118,6 +118,8 @@ class ConsumerRunner(Generic[T]):
         retry_backoff_s: float | None = None,
         fetch_timeout_ms: int = 200,
         auto_offset_reset: str = "earliest",
+        fetch_min_bytes: int | None = None,
+        fetch_max_wait_ms: int | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.topic(topic)
@@ -132,6 +134,9 @@ class ConsumerRunner(Generic[T]):
             settings.consumer_retry_backoff_s if retry_backoff_s is None else retry_backoff_s
         )
         self.fetch_timeout_ms = fetch_timeout_ms
+        # Per consumer, so a service can let its off-critical-path topics batch up (see the settings).
+        self.fetch_min_bytes = fetch_min_bytes or settings.consumer_fetch_min_bytes
+        self.fetch_max_wait_ms = fetch_max_wait_ms or settings.consumer_fetch_max_wait_ms
         self.auto_offset_reset = auto_offset_reset
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -153,6 +158,8 @@ class ConsumerRunner(Generic[T]):
             auto_offset_reset=self.auto_offset_reset,
             isolation_level="read_committed",
             max_poll_records=self.max_batch,
+            fetch_min_bytes=self.fetch_min_bytes,
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
             session_timeout_ms=10000,
             heartbeat_interval_ms=1000,
             metadata_max_age_ms=5000,

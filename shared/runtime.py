@@ -49,6 +49,7 @@ class Platform:
         self.relay = OutboxRelay(self.engine, self.producer, settings)
         self.consumers: list[ConsumerRunner[Any]] = []
         self.background: list[asyncio.Task[None]] = []
+        self.on_consumers_stopped: list[Callable[[], Awaitable[None]]] = []
         self.started = False
 
     def unit_of_work(self) -> UnitOfWork:
@@ -109,6 +110,9 @@ class Platform:
         await asyncio.gather(*self.background, return_exceptions=True)
         for runner in self.consumers:
             await runner.stop()
+        # Work the consumers started and that must finish before the outbox is drained.
+        for hook in self.on_consumers_stopped:
+            await hook()
         await self.relay.stop()
         await self.producer.stop()
         await self.engine.dispose()

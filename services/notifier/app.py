@@ -52,8 +52,9 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     notifier = Notifier(settings, platform, clock, renderer, links_, router, worker)
 
     requests_consumer = MessageRequestsConsumer(
-        platform.unit_of_work, clock, worker.wake, settings.privacy_salt.get_secret_value()
+        platform.unit_of_work, clock, worker, settings.privacy_salt.get_secret_value()
     )
+    platform.on_consumers_stopped.append(worker.finish_handed_off)
     platform.consumer(MESSAGE_REQUESTS.name, MessageRequested, "message-requests", requests_consumer.handle)
     platform.consumer(
         PROFILES.name, ProfileChanged, "profiles", ProfilesConsumer(platform.unit_of_work).handle

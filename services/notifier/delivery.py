@@ -114,6 +114,7 @@ class DeliveryWorker:
         # At most one wake-up token waits: each wakes one loop (not all of them to race for the same
         # rows); one arriving while every loop is busy is taken by the first to finish.
         self._wakeups: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
+        self._handed_off: set[asyncio.Task[None]] = set()
         self.passes = 0
         self._stale_checked_at = -1e9  # a (re)started process looks for stale rows at once
         self._sending_writes: WriteCoalescer[tuple[str, str], bool] = WriteCoalescer(self._mark_sending)
@@ -123,6 +124,46 @@ class DeliveryWorker:
         self.email_sender = (
             configs[email_route[0]].sender if email_route[0] in configs else "noreply@clm.local"
         )
+
+    async def claim_within(self, session: AsyncSession) -> tuple[list[LedgerEntry], _Context] | None:
+        """Inside the transaction that queued new requests: claim the due rows (the new ones among
+        them) and read what their sends need, so `hand_off` sends them right after the commit, without
+        a wake-up, a delivery pass and its own transaction. None when enough is in flight already:
+        the delivery loops take the rows then."""
+        if len(self._handed_off) >= self.settings.delivery_loops:
+            return None
+        token = uuid.uuid4().hex
+        entries = await ledger_repo.claim_due(
+            session, self.clock.now(), self.settings.delivery_batch_size, token
+        )
+        if not entries:
+            return None
+        return entries, await self._read_context(session, entries)
+
+    def hand_off(self, claimed: tuple[list[LedgerEntry], _Context]) -> None:
+        """Send rows `claim_within` claimed, once their transaction has committed."""
+        task = asyncio.create_task(self._deliver_handed_off(*claimed), name="delivery-hand-off")
+        self._handed_off.add(task)
+        task.add_done_callback(self._handed_off.discard)
+
+    async def _deliver_handed_off(self, entries: list[LedgerEntry], context: _Context) -> None:
+        self.passes += 1
+        try:
+            await self.deliver(entries, context)
+        except Exception:
+            # `deliver` handed the unsent rows back: the loops send them.
+            log.exception("delivery of handed-off rows failed; left to the delivery loops")
+            self.wake()
+
+    async def finish_handed_off(self, timeout_s: float = 20.0) -> None:
+        """On shutdown, after the consumers stopped: let hand-offs finish (cancelled after `timeout_s`;
+        rows not yet sending are handed back, as in a delivery loop)."""
+        if not self._handed_off:
+            return
+        _, pending = await asyncio.wait(set(self._handed_off), timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def wake(self) -> None:
         with contextlib.suppress(asyncio.QueueFull):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from services.notifier.delivery import DeliveryWorker
 from services.notifier.domain.composition import status_of
 from services.notifier.store import erasure_repo, ledger_repo
 from shared.clock import Clock
@@ -44,20 +45,25 @@ class MessageRequestsConsumer:
         self,
         unit_of_work: Callable[[], UnitOfWork],
         clock: Clock,
-        on_enqueued: Callable[[], None],
+        worker: DeliveryWorker,
         privacy_salt: str | None = None,
     ) -> None:
         self.unit_of_work = unit_of_work
         self.clock = clock
-        self.on_enqueued = on_enqueued
+        self.worker = worker
         self.privacy_salt = privacy_salt
 
     async def handle(self, batch: Sequence[Consumed[MessageRequested]]) -> None:
+        claimed = None
         async with self.unit_of_work() as uow:
             fresh = await uow.claim_many(CONSUMER, [item.event_id for item in batch])
             # The ledger's primary key dedupes too: the same message id under another event id is no new send.
             new = await enqueue(
                 uow, [item.value for item in batch if item.event_id in fresh], self.clock, self.privacy_salt
             )
-        if new:
-            self.on_enqueued()
+            if new:  # claimed in the same commit, sent right after it (the loops do it when busy)
+                claimed = await self.worker.claim_within(uow.session)
+        if claimed is not None:
+            self.worker.hand_off(claimed)
+        elif new:
+            self.worker.wake()

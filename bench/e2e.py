@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bench import raw_http
 from bench.report import last_line, line, percentile, ratio
 from deploy.demo import seed as demo_seed
 from deploy.local.processes import PlatformProcesses
@@ -134,24 +134,13 @@ class PacedLoad:
     def request(self, users: list[str]) -> bytes:
         events = [{"type": "track", "userId": u, "event": "Bench Ping", "properties": {}} for u in users]
         path, body = ("/v1/batch", {"batch": events}) if self.flush_s else ("/v1/track", events[0])
-        raw = json.dumps(body).encode()
-        return (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {WRITE_KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
-        ).encode() + raw
+        return raw_http.post(self.host, path, WRITE_KEY, json.dumps(body).encode())
 
     async def connection(self, queue: asyncio.Queue[list[str] | None]) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader, writer = await raw_http.connect(self.host, self.port)
         while (users := await queue.get()) is not None:
             for _ in range(50):
-                writer.write(self.request(users))
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    (int(h[15:]) for h in head.split(b"\r\n") if h[:15].lower() == b"content-length:"), 0
-                )
-                await reader.readexactly(length)
-                if head[9:12] == b"200":
+                if await raw_http.exchange(reader, writer, self.request(users)) == 200:
                     break
                 self.errors += 1
                 await asyncio.sleep(0.2)

@@ -42,6 +42,7 @@ import httpx
 import orjson
 from fastapi import FastAPI, Request, Response
 
+from bench import raw_http
 from bench.report import last_line, line, percentile, ratio
 
 WRITE_KEY = "bench-write-key-0123456789abcdef"
@@ -104,24 +105,13 @@ class Load:
     def request(self) -> bytes:
         self.counter += 1
         body = batch_body(self.run, self.counter) if self.batch else track_body(self.run, self.counter)
-        return (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {WRITE_KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
+        return raw_http.post(self.host, self.path, WRITE_KEY, body)
 
     async def connection(self) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader, writer = await raw_http.connect(self.host, self.port)
         while not self.stopping:
             started = time.perf_counter()
-            writer.write(self.request())
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for header in head.split(b"\r\n"):
-                if header[:15].lower() == b"content-length:":
-                    length = int(header[15:])
-            await reader.readexactly(length)
+            status = await raw_http.exchange(reader, writer, self.request())
             if self.recording:
                 if status == 200:
                     self.latencies.append(time.perf_counter() - started)

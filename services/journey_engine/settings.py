@@ -30,6 +30,10 @@ class JourneyEngineSettings(BaseServiceSettings):
     timer_workers: int = 2
     # Tests drive the loop themselves (`engine.run_once()`) with a ManualClock.
     run_timer_loop: bool = True
+    # Statuses only move instances waiting on an open or a click, never a send: their consumer lets the
+    # broker hold a fetch until this much is waiting or this long has passed (bigger, cheaper batches).
+    statuses_fetch_min_bytes: int = 65536
+    statuses_fetch_max_wait_ms: int = 50
 
     # Global rules for marketing messages, across every journey (transactional journeys bypass them).
     # e.g. CLM_FREQUENCY_CAPS='{"email": {"limit": 2, "period": "day"}}'

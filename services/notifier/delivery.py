@@ -132,6 +132,10 @@ class DeliveryWorker:
         the delivery loops take the rows then."""
         if len(self._handed_off) >= self.settings.delivery_loops:
             return None
+        return await self._claim(session)
+
+    async def _claim(self, session: AsyncSession) -> tuple[list[LedgerEntry], _Context] | None:
+        """Claim a batch of due rows under a fresh token and read what their sends need."""
         token = uuid.uuid4().hex
         entries = await ledger_repo.claim_due(
             session, self.clock.now(), self.settings.delivery_batch_size, token
@@ -189,16 +193,13 @@ class DeliveryWorker:
     async def run_once(self) -> int:
         """One pass: claim a batch (committed), then per row: `sending` (committed) -> provider ->
         outcome (committed), rows concurrently. Returns the rows claimed."""
-        token = uuid.uuid4().hex
         # The claim and what the sends need are read in one transaction (one commit, not two).
         async with self.unit_of_work() as uow:
-            entries = await ledger_repo.claim_due(
-                uow.session, self.clock.now(), self.settings.delivery_batch_size, token
-            )
-            context = await self._read_context(uow.session, entries) if entries else None
-        if not entries:
+            claimed = await self._claim(uow.session)
+        if claimed is None:
             return 0
         self.passes += 1
+        entries, context = claimed
         await self.deliver(entries, context)
         return len(entries)
 

@@ -33,7 +33,7 @@ def create_engine(
         pool_recycle=1800,
         echo=echo,
         # orjson instead of the stdlib for jsonb columns: profiles, timelines and outbox rows are JSON-heavy.
-        json_serializer=_json_dumps,
+        json_serializer=json_text,
         json_deserializer=orjson.loads,
         connect_args={
             "server_settings": {
@@ -48,7 +48,8 @@ def create_engine(
     )
 
 
-def _json_dumps(value: Any) -> str:
+def json_text(value: Any) -> str:
+    """JSON for a jsonb parameter (orjson; non-string keys allowed, as the stdlib allows them)."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 

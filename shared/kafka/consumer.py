@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
@@ -263,7 +262,7 @@ class ConsumerRunner(Generic[T]):
     def _decode(self, record: ConsumerRecord[Any, Any]) -> Consumed[T]:
         try:
             value = self.schema.model_validate_json(record.value)
-        except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
+        except (ValidationError, TypeError) as exc:  # invalid JSON is a ValidationError too
             raise DecodeError(str(exc)[:500]) from exc
         return Consumed(
             value=value,

@@ -46,15 +46,13 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
     platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "events", events)
     platform.consumer(SEGMENT_MEMBERSHIP.name, SegmentMembershipChanged, "segments", segments)
     platform.consumer(PROFILES.name, ProfileChanged, "profiles", profiles)
-    # Statuses only move instances waiting on an open or a click, never the send itself: they may wait
-    # up to 50 ms to come in batches (a unit of work costs about the same for 1 status as for 50).
     platform.consumer(
         MESSAGE_STATUS.name,
         MessageStatus,
         "statuses",
         statuses,
-        fetch_min_bytes=65536,
-        fetch_max_wait_ms=50,
+        fetch_min_bytes=engine.settings.statuses_fetch_min_bytes,
+        fetch_max_wait_ms=engine.settings.statuses_fetch_max_wait_ms,
     )
     privacy = PrivacyConsumer(platform, engine.clock)
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy.handle)

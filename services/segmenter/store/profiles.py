@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.identity import Identifier, Merge
 from services.segmenter.domain.lifecycle.tracking import STORED_FIELDS
 from services.segmenter.domain.profile import EventAggregate, ProfileSnapshot, merge_traits
+from shared.db.engine import json_text
 
 FIELD_NAMES = (
     "first_seen",
@@ -42,10 +42,6 @@ def _snapshot(row: Any) -> ProfileSnapshot:
         # Positional: PROFILE_COLUMNS lists the fields in FIELD_NAMES order after the first three.
         fields=dict(zip(FIELD_NAMES, row[3:], strict=True)),
     )
-
-
-def _json(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 # --------------------------------------------------------------------------- identities
@@ -195,8 +191,8 @@ async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) ->
             "FROM customers f WHERE c.customer_id = :into AND f.customer_id = :from"
         ),
         {
-            "traits": _json(traits),
-            "times": _json({k: v.isoformat() for k, v in times.items()}),
+            "traits": json_text(traits),
+            "times": json_text({k: v.isoformat() for k, v in times.items()}),
             "into": merge.into_id,
             "from": merge.from_id,
             "now": now,
@@ -235,7 +231,7 @@ async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) ->
             **params,
             "mid": merge.message_id,
             "etype": merge.event_type,
-            "idents": _json([{"kind": k, "value": v} for k, v in merge.identifiers]),
+            "idents": json_text([{"kind": k, "value": v} for k, v in merge.identifiers]),
         },
     )
     exited = [
@@ -352,8 +348,8 @@ async def save_batch(
         {
             "now": now,
             "ids": [p.customer_id for p in profiles],
-            "traits": [_json(p.traits) for p in profiles],
-            "times": [_json({k: v.isoformat() for k, v in p.trait_times.items()}) for p in profiles],
+            "traits": [json_text(p.traits) for p in profiles],
+            "times": [json_text({k: v.isoformat() for k, v in p.trait_times.items()}) for p in profiles],
             "first_seen": [x["first_seen"] for x in f],
             "last_seen": [x["last_seen"] for x in f],
             "event_count": [x["event_count"] for x in f],
@@ -370,8 +366,8 @@ async def save_batch(
             "tm": [r.message_id for r in timeline],
             "tt": [r.type for r in timeline],
             "te": [r.event for r in timeline],
-            "tp": [_json(r.properties) for r in timeline],
-            "ttr": [_json(r.traits) for r in timeline],
+            "tp": [json_text(r.properties) for r in timeline],
+            "ttr": [json_text(r.traits) for r in timeline],
             "tts": [r.timestamp for r in timeline],
             "tr": [r.received_at for r in timeline],
         },

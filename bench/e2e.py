@@ -379,7 +379,7 @@ async def main(args: argparse.Namespace) -> None:
 
             # 2. latency at half the maximum rate, in steady state: the burst's aftermath (statuses,
             # profiles, journeys) is worked off first. Twice: single posts, then SDK-style batches.
-            rate = max_rate / 2
+            rate = args.paced_rate or max_rate / 2
             paced = users[args.customers :]
             phases = {
                 "single /v1/track posts": (paced[: len(paced) // 2], 0.0),
@@ -398,7 +398,8 @@ async def main(args: argparse.Namespace) -> None:
         hops = await hop_times(namespace)
         p99_single = 0.0
         for label, (group, _) in phases.items():
-            line(f"paced at half the maximum rate, {label}", rate, "events/s")
+            pace = "half the maximum rate" if not args.paced_rate else "a fixed rate (--paced-rate)"
+            line(f"paced at {pace}, {label}", rate, "events/s")
             totals = report_latency(group, posted, sink, hops)
             p99_single = p99_single or percentile(totals, 99)
         fanout = await topic_sizes(bootstrap, namespace)
@@ -432,6 +433,12 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--flush-ms", type=float, default=100.0, help="flush interval of the SDK-style paced phase"
+    )
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        default=0.0,
+        help="rate of the paced phases instead of half the maximum (to see the latency floor)",
     )
     parsed = parser.parse_args()
     if parsed.pace:

@@ -52,7 +52,14 @@ class BaseServiceSettings(BaseSettings):
     # as for 50, so at low rates this saves most of its CPU for the services that are on it.
     consumer_fetch_min_bytes: int = 1
     consumer_fetch_max_wait_ms: int = 500
+    # Offsets of handled batches are committed at most this often (0 = after every batch). They are
+    # only ever offsets whose effects are already committed, so a crash in between means a short
+    # redelivery that the inbox drops; per-batch commits cost the broker an offsets write each.
+    consumer_commit_interval_ms: int = 500
     outbox_poll_interval_s: float = 0.2
+    # After a commit wakes the relay, wait this long before the pass, so that the commits of the next
+    # few ms are relayed with it. 0 = at once (for topics on the latency-critical path).
+    outbox_relay_delay_ms: int = 0
     outbox_batch_size: int = 500
     # PostgreSQL's plan_cache_mode for the service's connections. `auto` reuses a generic plan once it
     # looks as cheap as the custom ones; a service whose hot statements take arrays of very different

@@ -137,6 +137,11 @@ class LocalKafka:
                     # Topics are created by the platform with partition counts from settings.
                     "auto.create.topics.enable=false",
                     "log.retention.hours=168",
+                    # Sized for one machine shared with the platform: Kafka's defaults (3 network and
+                    # 8 I/O threads, 10 background threads) are for a dedicated multi-core broker.
+                    "num.network.threads=2",
+                    "num.io.threads=2",
+                    "background.threads=2",
                 ]
             )
             + "\n"

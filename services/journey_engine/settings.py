@@ -34,6 +34,11 @@ class JourneyEngineSettings(BaseServiceSettings):
     # broker hold a fetch until this much is waiting or this long has passed (bigger, cheaper batches).
     statuses_fetch_min_bytes: int = 65536
     statuses_fetch_max_wait_ms: int = 50
+    # Profile changes (a trait, a stage) arrive about once per event and each costs a unit of work;
+    # batched the same way, a stage-triggered entry waits at most this much longer (segment-triggered
+    # entries already wait as long in the segmenter).
+    profiles_fetch_min_bytes: int = 65536
+    profiles_fetch_max_wait_ms: int = 50
 
     # Global rules for marketing messages, across every journey (transactional journeys bypass them).
     # e.g. CLM_FREQUENCY_CAPS='{"email": {"limit": 2, "period": "day"}}'

@@ -46,6 +46,9 @@ class NotifierSettings(BaseServiceSettings):
     service_name: str = "notifier"
     port: int = 8004
     db_schema: str = "notifier"
+    # Its outbox holds delivery statuses (two commits a message: queued, then the outcome), off the
+    # path of the mail itself: a few ms of waiting lets the relay publish several at once.
+    outbox_relay_delay_ms: int = 20
 
     # Where links in messages point (unsubscribe, preference page, tracking): this service's public URL.
     public_base_url: str = "http://127.0.0.1:8004"

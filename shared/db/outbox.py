@@ -113,6 +113,9 @@ class OutboxRelay:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.outbox_poll_interval_s)
+                if self.settings.outbox_relay_delay_ms:
+                    # Commits of the next few ms join this pass: one delete and one produce for them all.
+                    await asyncio.sleep(self.settings.outbox_relay_delay_ms / 1000)
 
     async def _prune_inbox(self) -> None:
         # Inbox ids are kept long past any redelivery (Kafka retention), then pruned.

@@ -3,7 +3,9 @@
 - Fetches batches (`getmany`), decodes each record into the topic's pydantic model, and calls the
   handler with the whole batch. The handler commits its own effects (one unit of work).
 - Offsets are committed only after the handler returned, so a crash means redelivery, never loss;
-  handlers are idempotent (inbox table), so redelivery changes nothing.
+  handlers are idempotent (inbox table), so redelivery changes nothing. Handled offsets are committed
+  at most every `consumer_commit_interval_ms` (and on stop and when partitions are revoked): a
+  commit per single-message batch would cost the broker more than the message.
 - A failing batch is retried one message at a time; a message that still fails after
   `max_attempts` (or cannot be decoded at all) goes to `<topic>.dlq` with the error in its headers,
   and the partition moves on. Infrastructure errors (database or broker unreachable) are retried
@@ -22,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import BaseModel, ValidationError
@@ -102,6 +104,19 @@ def _decode_headers(raw: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
     return out
 
 
+class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hand over partitions with their handled offsets committed, so the next owner starts there."""
+
+    def __init__(self, runner: ConsumerRunner[Any]) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.runner.commit_pending(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        pass
+
+
 class ConsumerRunner(Generic[T]):
     def __init__(
         self,
@@ -142,6 +157,10 @@ class ConsumerRunner(Generic[T]):
         self._stopping = asyncio.Event()
         self.last_error: str | None = None
         self.processed = 0
+        self.commit_interval_s = settings.consumer_commit_interval_ms / 1000
+        # Handled but not yet committed: the next offset per partition.
+        self._pending: dict[TopicPartition, OffsetAndMetadata] = {}
+        self._last_commit = time.monotonic()
 
     @property
     def running(self) -> bool:
@@ -149,7 +168,6 @@ class ConsumerRunner(Generic[T]):
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            self.topic,
             bootstrap_servers=self.settings.kafka_bootstrap_servers,
             group_id=self.group,
             client_id=f"clm-{self.settings.service_name}",
@@ -163,6 +181,7 @@ class ConsumerRunner(Generic[T]):
             heartbeat_interval_ms=1000,
             metadata_max_age_ms=5000,
         )
+        self._consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.topic}")
 
@@ -191,13 +210,17 @@ class ConsumerRunner(Generic[T]):
                 await asyncio.sleep(1)
                 continue
             records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
-            if not records:
-                continue
-            try:
-                await self._process(records)
-            except _Abandon:
-                break  # shutting down during an outage: leave uncommitted, the next run redelivers
-            await self._commit(consumer, batches)
+            if records:
+                try:
+                    await self._process(records)
+                except _Abandon:
+                    break  # shutting down during an outage: leave uncommitted, the next run redelivers
+                for tp, recs in batches.items():
+                    if recs:
+                        self._pending[tp] = OffsetAndMetadata(recs[-1].offset + 1, "")
+            if self._pending and time.monotonic() - self._last_commit >= self.commit_interval_s:
+                await self.commit_pending()
+        await self.commit_pending()
 
     async def _process(self, records: list[ConsumerRecord[Any, Any]]) -> None:
         decoded: list[Consumed[T]] = []
@@ -297,10 +320,15 @@ class ConsumerRunner(Generic[T]):
             },
         )
 
-    async def _commit(
-        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
-    ) -> None:
-        offsets = {tp: OffsetAndMetadata(recs[-1].offset + 1, "") for tp, recs in batches.items() if recs}
+    async def commit_pending(self, partitions: set[TopicPartition] | None = None) -> None:
+        """Commit the handled offsets (of `partitions`, or all)."""
+        consumer = self._consumer
+        offsets = {tp: om for tp, om in self._pending.items() if partitions is None or tp in partitions}
+        if consumer is None or not offsets:
+            return
+        for tp in offsets:
+            del self._pending[tp]
+        self._last_commit = time.monotonic()
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:

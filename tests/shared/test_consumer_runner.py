@@ -104,6 +104,52 @@ async def test_round_trip_through_the_runner(platform: Platform) -> None:
     assert s.topic_prefix
 
 
+async def _committed(platform: Platform, group: str) -> int:
+    """The sum of a group's committed offsets over the topic's partitions."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    s = platform.settings
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(s.consumer_group(group))
+        return sum(om.offset for om in offsets.values() if om.offset > 0)
+    finally:
+        await admin.close()
+
+
+async def test_handled_offsets_are_committed_on_the_interval_and_on_stop(platform: Platform) -> None:
+    for i in range(10):
+        await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(i))
+    # No commit per batch: within the interval the handled offsets wait (effects are committed).
+    slow = platform.settings.model_copy(update={"consumer_commit_interval_ms": 60_000})
+    platform.settings = slow
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "lazy", idempotent_handler(platform))
+    await runner.start()
+    await eventually(lambda: _len_is(platform, 10), timeout=20)
+    assert await _committed(platform, "lazy") == 0
+    await runner.stop()  # ... and are committed on the way out
+    assert await _committed(platform, "lazy") == 10
+
+    platform.settings = slow.model_copy(update={"consumer_commit_interval_ms": 100})
+    for i in range(10, 15):
+        await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(i))
+    again = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "lazy", idempotent_handler(platform))
+    await again.start()
+    try:
+        # resumes after the committed offsets, and commits on its interval while running
+        await eventually(lambda: _len_is(platform, 15), timeout=20)
+
+        async def all_committed() -> bool | None:
+            return await _committed(platform, "lazy") == 15 or None
+
+        await eventually(all_committed, timeout=10)
+        assert again.processed == 5
+    finally:
+        await again.stop()
+    assert await effects(platform) == list(range(15))
+
+
 async def _len_is(platform: Platform, n: int) -> list[int] | None:
     got = await effects(platform)
     return got if len(got) >= n else None

@@ -45,7 +45,14 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
 
     platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "events", events)
     platform.consumer(SEGMENT_MEMBERSHIP.name, SegmentMembershipChanged, "segments", segments)
-    platform.consumer(PROFILES.name, ProfileChanged, "profiles", profiles)
+    platform.consumer(
+        PROFILES.name,
+        ProfileChanged,
+        "profiles",
+        profiles,
+        fetch_min_bytes=engine.settings.profiles_fetch_min_bytes,
+        fetch_max_wait_ms=engine.settings.profiles_fetch_max_wait_ms,
+    )
     platform.consumer(
         MESSAGE_STATUS.name,
         MessageStatus,

@@ -158,7 +158,9 @@ class LocalKafka:
         )
         if not (data / "meta.properties").exists():
             data.mkdir(parents=True, exist_ok=True)
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # as Kafka's own Uuid does: a leading '-' reads as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
                 [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)],
                 check=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -35,11 +34,13 @@ def encode_message(
     correlation_id: str | None = None,
     extra_headers: Mapping[str, str] | None = None,
 ) -> OutgoingMessage:
+    event_id = model.contract_id()
     headers: dict[str, str] = {
-        Headers.EVENT_ID: model.contract_id(),
+        Headers.EVENT_ID: event_id,
         Headers.EVENT_TYPE: model.event_type,
         Headers.SCHEMA_VERSION: str(model.schema_version),
-        Headers.CORRELATION_ID: correlation_id or str(uuid.uuid4()),
+        # A message that does not pass on its cause's correlation id starts a chain: its own id.
+        Headers.CORRELATION_ID: correlation_id or event_id,
         Headers.PRODUCER: producer,
         Headers.PRODUCED_AT_MS: str(int(time.time() * 1000)),
     }

@@ -45,21 +45,17 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
 
     platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "events", events)
     platform.consumer(SEGMENT_MEMBERSHIP.name, SegmentMembershipChanged, "segments", segments)
-    platform.consumer(
-        PROFILES.name,
-        ProfileChanged,
-        "profiles",
-        profiles,
-        fetch_min_bytes=engine.settings.profiles_fetch_min_bytes,
-        fetch_max_wait_ms=engine.settings.profiles_fetch_max_wait_ms,
-    )
-    platform.consumer(
-        MESSAGE_STATUS.name,
-        MessageStatus,
-        "statuses",
-        statuses,
-        fetch_min_bytes=engine.settings.statuses_fetch_min_bytes,
-        fetch_max_wait_ms=engine.settings.statuses_fetch_max_wait_ms,
-    )
+    # Off the path of a send: the broker may hold their fetches to hand over bigger batches.
+    st = engine.settings
+    batched = {
+        "fetch_min_bytes": st.profiles_fetch_min_bytes,
+        "fetch_max_wait_ms": st.profiles_fetch_max_wait_ms,
+    }
+    platform.consumer(PROFILES.name, ProfileChanged, "profiles", profiles, **batched)
+    batched = {
+        "fetch_min_bytes": st.statuses_fetch_min_bytes,
+        "fetch_max_wait_ms": st.statuses_fetch_max_wait_ms,
+    }
+    platform.consumer(MESSAGE_STATUS.name, MessageStatus, "statuses", statuses, **batched)
     privacy = PrivacyConsumer(platform, engine.clock)
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy.handle)

@@ -134,6 +134,7 @@ class ConsumerRunner(Generic[T]):
         auto_offset_reset: str = "earliest",
         fetch_min_bytes: int | None = None,
         fetch_max_wait_ms: int | None = None,
+        commit_interval_ms: int | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.topic(topic)
@@ -157,7 +158,10 @@ class ConsumerRunner(Generic[T]):
         self._stopping = asyncio.Event()
         self.last_error: str | None = None
         self.processed = 0
-        self.commit_interval_s = settings.consumer_commit_interval_ms / 1000
+        interval_ms = (
+            settings.consumer_commit_interval_ms if commit_interval_ms is None else commit_interval_ms
+        )
+        self.commit_interval_s = interval_ms / 1000
         # Handled but not yet committed: the next offset per partition.
         self._pending: dict[TopicPartition, OffsetAndMetadata] = {}
         self._last_commit = time.monotonic()

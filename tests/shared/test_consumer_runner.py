@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
@@ -106,8 +107,6 @@ async def test_round_trip_through_the_runner(platform: Platform) -> None:
 
 async def _committed(platform: Platform, group: str) -> int:
     """The sum of a group's committed offsets over the topic's partitions."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
     s = platform.settings
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
     await admin.start()
@@ -122,19 +121,19 @@ async def test_handled_offsets_are_committed_on_the_interval_and_on_stop(platfor
     for i in range(10):
         await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(i))
     # No commit per batch: within the interval the handled offsets wait (effects are committed).
-    slow = platform.settings.model_copy(update={"consumer_commit_interval_ms": 60_000})
-    platform.settings = slow
-    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "lazy", idempotent_handler(platform))
+    handler = idempotent_handler(platform)
+    runner = platform.consumer(
+        CUSTOMER_EVENTS.name, CustomerEvent, "lazy", handler, commit_interval_ms=60_000
+    )
     await runner.start()
     await eventually(lambda: _len_is(platform, 10), timeout=20)
     assert await _committed(platform, "lazy") == 0
     await runner.stop()  # ... and are committed on the way out
     assert await _committed(platform, "lazy") == 10
 
-    platform.settings = slow.model_copy(update={"consumer_commit_interval_ms": 100})
     for i in range(10, 15):
         await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(i))
-    again = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "lazy", idempotent_handler(platform))
+    again = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "lazy", handler, commit_interval_ms=100)
     await again.start()
     try:
         # resumes after the committed offsets, and commits on its interval while running

@@ -47,15 +47,15 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
     platform.consumer(SEGMENT_MEMBERSHIP.name, SegmentMembershipChanged, "segments", segments)
     # Off the path of a send: the broker may hold their fetches to hand over bigger batches.
     st = engine.settings
-    batched = {
+    profiles_fetch = {
         "fetch_min_bytes": st.profiles_fetch_min_bytes,
         "fetch_max_wait_ms": st.profiles_fetch_max_wait_ms,
     }
-    platform.consumer(PROFILES.name, ProfileChanged, "profiles", profiles, **batched)
-    batched = {
+    statuses_fetch = {
         "fetch_min_bytes": st.statuses_fetch_min_bytes,
         "fetch_max_wait_ms": st.statuses_fetch_max_wait_ms,
     }
-    platform.consumer(MESSAGE_STATUS.name, MessageStatus, "statuses", statuses, **batched)
+    platform.consumer(PROFILES.name, ProfileChanged, "profiles", profiles, **profiles_fetch)
+    platform.consumer(MESSAGE_STATUS.name, MessageStatus, "statuses", statuses, **statuses_fetch)
     privacy = PrivacyConsumer(platform, engine.clock)
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy.handle)

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -125,14 +125,22 @@ class DeliveryWorker:
             configs[email_route[0]].sender if email_route[0] in configs else "noreply@clm.local"
         )
 
-    async def claim_within(self, session: AsyncSession) -> tuple[list[LedgerEntry], _Context] | None:
-        """Inside the transaction that queued new requests: claim the due rows (the new ones among
-        them) and read what their sends need, so `hand_off` sends them right after the commit, without
-        a wake-up, a delivery pass and its own transaction. None when enough is in flight already:
-        the delivery loops take the rows then."""
+    async def claim_within(
+        self, session: AsyncSession, message_ids: Collection[str]
+    ) -> tuple[list[LedgerEntry], _Context] | None:
+        """Inside the transaction that queued new requests: claim those rows and read what their sends
+        need, so `hand_off` sends them right after the commit, without a wake-up, a delivery pass and
+        its own transaction (at most `delivery_batch_size` of them). None when enough is in flight
+        already (or nothing was claimed): the delivery loops take the rows then, as they take other
+        due rows (retries)."""
         if len(self._handed_off) >= self.settings.delivery_loops:
             return None
-        return await self._claim(session)
+        token = uuid.uuid4().hex
+        ids = sorted(message_ids)[: self.settings.delivery_batch_size]
+        entries = await ledger_repo.claim_new(session, ids, self.clock.now(), token)
+        if not entries:
+            return None
+        return entries, await self._read_context(session, entries)
 
     async def _claim(self, session: AsyncSession) -> tuple[list[LedgerEntry], _Context] | None:
         """Claim a batch of due rows under a fresh token and read what their sends need."""

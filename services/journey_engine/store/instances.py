@@ -65,8 +65,8 @@ async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> 
     """Delete and return due timers; rows another worker holds are skipped, and come back on rollback."""
     rows = await session.execute(
         text(
-            "DELETE FROM timers WHERE id IN (SELECT id FROM timers WHERE due_at <= :now ORDER BY due_at "
-            "LIMIT :n FOR UPDATE SKIP LOCKED) RETURNING instance_id, seq, due_at"
+            "DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers WHERE due_at <= :now "
+            "ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) RETURNING instance_id, seq, due_at"
         ),
         {"now": now, "n": limit},
     )
@@ -80,8 +80,8 @@ async def claim_due_steps(
     columns = ", ".join("i." + c for c in _COLUMNS.split(", "))
     rows = await session.execute(
         text(
-            "WITH claimed AS (DELETE FROM timers WHERE id IN (SELECT id FROM timers WHERE due_at <= :now "
-            "ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED) "
+            "WITH claimed AS (DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers "
+            "WHERE due_at <= :now ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) "
             "RETURNING instance_id, seq AS timer_seq, due_at) "
             f"SELECT c.instance_id, c.timer_seq, c.due_at, {columns} "
             "FROM claimed AS c JOIN instances AS i ON i.id = c.instance_id ORDER BY i.id FOR UPDATE OF i"

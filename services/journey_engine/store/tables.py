@@ -108,6 +108,8 @@ enrolments = sa.Table(
     sa.Column("correlation", sa.Text, primary_key=True),
     sa.Column("last_entered_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("entries", sa.Integer, nullable=False, server_default="1"),
+    # Each batch reads its customers' past entries (the key leads with the journey).
+    sa.Index("enrolments_customer", "customer_id"),
 )
 
 timers = sa.Table(

@@ -62,8 +62,8 @@ class MessageRequestsConsumer:
                 uow, [item.value for item in batch if item.event_id in fresh], self.clock, self.privacy_salt
             )
             if new:  # claimed in the same commit, sent right after it (the loops do it when busy)
-                claimed = await self.worker.claim_within(uow.session)
+                claimed = await self.worker.claim_within(uow.session, new)
         if claimed is not None:
             self.worker.hand_off(claimed)
-        elif new:
-            self.worker.wake()
+        if new and (claimed is None or len(claimed[0]) < len(new)):
+            self.worker.wake()  # rows not handed off go with the delivery loops

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -94,30 +94,44 @@ async def insert_new(session: AsyncSession, requests: Sequence[MessageRequested]
     return set(result.scalars())
 
 
+_CLAIM = (
+    "UPDATE send_ledger SET state = 'claimed', claim_token = :token, claimed_at = :now, "
+    "attempts = attempts + 1, updated_at = :now WHERE {where} "
+    "RETURNING message_id, request, state, attempts, provider, reason, next_attempt_at, "
+    "provider_message_id, claim_token"
+)
+# ARRAY(...) takes the due ids once, through the partial index: with `message_id IN (SELECT ...)`
+# PostgreSQL chose a hash join over the whole ledger (5 ms a claim at 12k rows, growing with it).
+_CLAIM_DUE = sa.text(
+    _CLAIM.format(
+        where="message_id = ANY(ARRAY(SELECT message_id FROM send_ledger WHERE state = 'pending' "
+        "AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :limit FOR UPDATE SKIP LOCKED))"
+    )
+)
+# Rows the caller's transaction has just inserted: primary-key probes, no scan of the due index (whose
+# entries for rows already sent stay until vacuum, and each scan steps over them).
+_CLAIM_NEW = sa.text(
+    _CLAIM.format(
+        where="message_id = ANY(CAST(:ids AS text[])) AND state = 'pending' AND next_attempt_at <= :now"
+    )
+)
+
+
 async def claim_due(session: AsyncSession, now: datetime, limit: int, token: str) -> list[LedgerEntry]:
     """Move due pending rows to `claimed` under `token` (SKIP LOCKED: parallel loops never share a row).
     No provider is called for a claimed row until `mark_sending` moved it to `sending`."""
-    due = (
-        sa.select(send_ledger.c.message_id)
-        .where(send_ledger.c.state == PENDING, send_ledger.c.next_attempt_at <= now)
-        .order_by(send_ledger.c.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    stmt = (
-        sa.update(send_ledger)
-        .where(send_ledger.c.message_id.in_(due))
-        .values(
-            state=CLAIMED,
-            claim_token=token,
-            claimed_at=now,
-            attempts=send_ledger.c.attempts + 1,
-            updated_at=now,
-        )
-        .returning(*send_ledger.c)
-    )
-    return [_entry(r) for r in await session.execute(stmt)]
+    rows = await session.execute(_CLAIM_DUE, {"now": now, "limit": limit, "token": token})
+    return [_entry(r) for r in rows]
+
+
+async def claim_new(
+    session: AsyncSession, message_ids: Collection[str], now: datetime, token: str
+) -> list[LedgerEntry]:
+    """`claim_due` for rows this transaction inserted (`insert_new`): those still pending and due."""
+    if not message_ids:
+        return []
+    rows = await session.execute(_CLAIM_NEW, {"ids": list(message_ids), "now": now, "token": token})
+    return [_entry(r) for r in rows]
 
 
 _MARK_SENDING = sa.text(

@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts.events import PrivacyAction, PrivacyRequest
+from shared.db.engine import driver_connection
 
 # The services that must confirm an erasure and answer an export.
 SERVICES = ("segmenter", "ingest", "journey_engine", "notifier")
@@ -53,8 +54,10 @@ def answer(
     )
 
 
-_GATE = text("SELECT pg_advisory_xact_lock_shared(hashtext('clm.erasure.' || current_schema()))")
-_GATE_EXCLUSIVE = text("SELECT pg_advisory_xact_lock(hashtext('clm.erasure.' || current_schema()))")
+# Sent straight to asyncpg (`driver_connection`): every event batch runs them.
+_GATE = "SELECT pg_advisory_xact_lock_shared(hashtext('clm.erasure.' || current_schema()))"
+_GATE_EXCLUSIVE = "SELECT pg_advisory_xact_lock(hashtext('clm.erasure.' || current_schema()))"
+_ERASED_AMONG = "SELECT identity_hash FROM erasure_tombstones WHERE identity_hash = ANY($1::text[])"
 
 
 async def erasure_gate(session: AsyncSession, *, exclusive: bool) -> None:
@@ -65,7 +68,7 @@ async def erasure_gate(session: AsyncSession, *, exclusive: bool) -> None:
     either committed before the erasure (whose delete then covers what it wrote) or checks the
     tombstones after the erasure committed; none can slip between check and erasure.
     """
-    await session.execute(_GATE_EXCLUSIVE if exclusive else _GATE)
+    await (await driver_connection(session)).execute(_GATE_EXCLUSIVE if exclusive else _GATE)
 
 
 async def add_tombstones(
@@ -87,8 +90,5 @@ async def erased_among(session: AsyncSession, salt: str, identities: Iterable[st
     by_hash = {identity_hash(salt, i): i for i in set(identities) if i}
     if not by_hash:
         return set()
-    rows = await session.execute(
-        text("SELECT identity_hash FROM erasure_tombstones WHERE identity_hash = ANY(CAST(:h AS text[]))"),
-        {"h": list(by_hash)},
-    )
+    rows = await (await driver_connection(session)).fetch(_ERASED_AMONG, list(by_hash))
     return {by_hash[r[0]] for r in rows}

@@ -29,6 +29,7 @@ from services.ingest.settings import IngestSettings
 from services.ingest.store import dedupe
 from shared.clock import Clock
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
+from shared.db.engine import driver_transaction
 from shared.kafka.producer import EventProducer, OutgoingMessage
 
 log = logging.getLogger(__name__)
@@ -206,9 +207,9 @@ class EventWriter:
                     ordered.append(event)
         now = self.clock.now()
         try:
-            async with self.engine.begin() as conn:
+            async with driver_transaction(self.engine) as driver:
                 # Sorted: concurrent groups lock their ids in one order, so they never deadlock.
-                fresh = await dedupe.claim(conn, sorted(owner), now, now - self.window)
+                fresh = await dedupe.claim(driver, sorted(owner), now, now - self.window)
                 messages = [e.message for e in ordered if e.message_id in fresh]
                 if messages:
                     await asyncio.wait_for(producer.send_batched(messages), self.settings.produce_timeout_s)

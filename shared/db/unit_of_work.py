@@ -16,20 +16,20 @@ from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.contracts.events import ContractModel
+from shared.db.engine import driver_connection
 from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.settings import BaseServiceSettings
 
-_INSERT_OUTBOX = text(
+# Sent straight to asyncpg (`driver_connection`): these run in every batch of every consumer.
+_INSERT_OUTBOX = (
     "INSERT INTO outbox (topic, key, value, headers) "
-    "SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:keys AS bytea[]), CAST(:vals AS bytea[]), "
-    "CAST(:headers AS jsonb[]))"
+    "SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::jsonb[])"
 )
-_CLAIM = text(
-    "INSERT INTO inbox (consumer, message_id) SELECT :consumer, unnest(CAST(:ids AS text[])) "
+_CLAIM = (
+    "INSERT INTO inbox (consumer, message_id) SELECT $1, unnest($2::text[]) "
     "ON CONFLICT DO NOTHING RETURNING message_id"
 )
 
@@ -82,7 +82,7 @@ class UnitOfWork:
         ids = list(dict.fromkeys(message_ids))
         if not ids:
             return set()
-        rows = await self.session.execute(_CLAIM, {"consumer": consumer, "ids": ids})
+        rows = await (await driver_connection(self.session)).fetch(_CLAIM, consumer, ids)
         return {r[0] for r in rows}
 
     def emit(
@@ -112,14 +112,11 @@ class UnitOfWork:
     async def _flush_outbox(self) -> None:
         if not self._outgoing:
             return
-        await self.session.execute(
+        out = self._outgoing
+        await (await driver_connection(self.session)).execute(
             _INSERT_OUTBOX,
-            {
-                "topics": [m.topic for m in self._outgoing],
-                "keys": [m.key for m in self._outgoing],
-                "vals": [m.value for m in self._outgoing],
-                "headers": [
-                    orjson.dumps([[k, v.decode()] for k, v in m.headers]).decode() for m in self._outgoing
-                ],
-            },
+            [m.topic for m in out],
+            [m.key for m in out],
+            [m.value for m in out],
+            [orjson.dumps([[k, v.decode()] for k, v in m.headers]).decode() for m in out],
         )

@@ -81,6 +81,24 @@ async def test_claim_is_undone_when_the_effect_rolls_back(platform: Platform) ->
         assert await uow.claim("test.consumer", "message-9"), "a rolled-back claim must not hide the retry"
 
 
+async def test_statements_sent_straight_to_asyncpg_are_inside_the_unit_of_work(platform: Platform) -> None:
+    # The inbox claim and the outbox insert bypass SQLAlchemy; with no ORM statement before them they
+    # must still be in the transaction (SQLAlchemy's adapter sends BEGIN lazily).
+    with pytest.raises(RuntimeError):
+        async with platform.unit_of_work() as uow:
+            assert await uow.claim("test.consumer", "message-raw")
+            uow.emit(PROFILES.name, "c-raw", change("c-raw"))
+            await uow._flush_outbox()
+            raise RuntimeError("effect failed")
+    async with platform.engine.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM inbox")) == 0
+        assert await conn.scalar(text("SELECT count(*) FROM outbox")) == 0
+    async with platform.unit_of_work() as uow:
+        assert await uow.claim("test.consumer", "message-raw")
+    async with platform.unit_of_work() as uow:
+        assert not await uow.claim("test.consumer", "message-raw")
+
+
 async def test_committed_event_reaches_kafka_and_rolled_back_one_never_does(platform: Platform) -> None:
     kept, dropped = change("kept"), change("dropped")
     async with platform.unit_of_work() as uow:

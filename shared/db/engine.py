@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import asyncpg
@@ -82,6 +83,38 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
     elif transaction is _UNKNOWN:  # an adapter of another shape: let SQLAlchemy begin its usual way
         await session.execute(text("SELECT 1"))
     return _asyncpg(fairy.driver_connection)
+
+
+class Statement:
+    """A SQL text with `:name` parameters, as `sqlalchemy.text` takes, run straight on asyncpg inside
+    the session's transaction (`driver_connection`): for the queries every batch runs. Rows are
+    asyncpg records (by index, by column name, or unpacked), jsonb decoded as through SQLAlchemy."""
+
+    # `:name`, but not the second colon of a `::type` cast.
+    _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+    def __init__(self, sql: str) -> None:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match.group(1) not in names:
+                names.append(match.group(1))
+            return f"${names.index(match.group(1)) + 1}"
+
+        self.sql = self._PARAM.sub(number, sql)
+        self.names = tuple(names)
+
+    def _args(self, params: Mapping[str, Any] | None) -> list[Any]:
+        return [(params or {})[name] for name in self.names]
+
+    async def fetch(self, session: AsyncSession, params: Mapping[str, Any] | None = None) -> list[Any]:
+        return list(await (await driver_connection(session)).fetch(self.sql, *self._args(params)))
+
+    async def execute(self, session: AsyncSession, params: Mapping[str, Any] | None = None) -> int:
+        """Runs the statement; returns the rows it affected (INSERT/UPDATE/DELETE) or 0."""
+        status = await (await driver_connection(session)).execute(self.sql, *self._args(params))
+        count = status.rsplit(" ", 1)[-1]
+        return int(count) if count.isdigit() else 0
 
 
 @contextlib.asynccontextmanager

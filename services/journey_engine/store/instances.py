@@ -11,6 +11,8 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.db.engine import Statement
+
 
 @dataclass
 class InstanceRow:
@@ -102,17 +104,29 @@ async def lock_instances(session: AsyncSession, ids: list[str]) -> list[Instance
     return [_row(r) for r in rows]
 
 
+# The statements each consumer batch runs go straight to asyncpg (`Statement`).
+_ACTIVE_FOR_CUSTOMERS = Statement(
+    f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:c AS text[])) AND status = 'active' "
+    "ORDER BY id FOR UPDATE"
+)
+_ENTRIES_OF_CUSTOMERS = Statement(
+    "SELECT journey_id, customer_id, correlation, last_entered_at FROM enrolments "
+    "WHERE customer_id = ANY(CAST(:c AS text[]))"
+)
+_UPDATE_INSTANCES = Statement(
+    "UPDATE instances AS i SET node_id = u.node, status = u.status, wait = CAST(u.wait AS jsonb), "
+    "context = CAST(u.ctx AS jsonb), seq = u.seq, exit_reason = u.reason, "
+    "updated_at = CAST(:now AS timestamptz) FROM unnest(CAST(:id AS text[]), CAST(:node AS text[]), "
+    "CAST(:status AS text[]), CAST(:wait AS text[]), CAST(:ctx AS text[]), CAST(:seq AS int[]), "
+    "CAST(:reason AS text[]), CAST(:read_seq AS int[])) "
+    "AS u(id, node, status, wait, ctx, seq, reason, read_seq) WHERE i.id = u.id AND i.seq = u.read_seq"
+)
+
+
 async def active_for_customers(session: AsyncSession, customer_ids: list[str]) -> list[InstanceRow]:
     if not customer_ids:
         return []
-    rows = await session.execute(
-        text(
-            f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:c AS text[])) AND status = "
-            "'active' "
-            "ORDER BY id FOR UPDATE"
-        ),
-        {"c": customer_ids},
-    )
+    rows = await _ACTIVE_FOR_CUSTOMERS.fetch(session, {"c": customer_ids})
     return sorted((_row(r) for r in rows), key=lambda r: (r.entered_at, r.id))
 
 
@@ -122,13 +136,7 @@ async def entries_of_customers(
     """(journey, customer, correlation) -> last entry, for the re-entry policy."""
     if not customer_ids:
         return {}
-    rows = await session.execute(
-        text(
-            "SELECT journey_id, customer_id, correlation, last_entered_at FROM enrolments "
-            "WHERE customer_id = ANY(CAST(:c AS text[]))"
-        ),
-        {"c": customer_ids},
-    )
+    rows = await _ENTRIES_OF_CUSTOMERS.fetch(session, {"c": customer_ids})
     return {(r[0], r[1], r[2]): r[3] for r in rows}
 
 
@@ -192,7 +200,7 @@ _LOG_COLUMNS = (
 _LOG_TYPES = ("text", "text", "text", "text", "text", "text", "text", "text", "int", "text", "text")
 # New instances, timers, node counts, the message log and enrolments in one statement (empty arrays
 # insert nothing). No foreign keys between them, and no sub-statement reads what another writes.
-_FLUSH_INSERTS = text(
+_FLUSH_INSERTS = Statement(
     "WITH new_instances AS (INSERT INTO instances (id, journey_id, version, customer_id, correlation, "
     "status, node_id, wait, context, seq, entered_at, updated_at, exit_reason) "
     "SELECT id, journey, version, customer, corr, status, node, CAST(wait AS jsonb), CAST(ctx AS jsonb), "
@@ -236,7 +244,7 @@ class StepWriter:
         if self.changed:
             await self._update_instances(session)
         if self.new_instances or self.timers or self.counts or self.messages or self.enrolments:
-            await session.execute(_FLUSH_INSERTS, self._insert_params())
+            await _FLUSH_INSERTS.execute(session, self._insert_params())
         for r in (*self.new_instances, *self.changed):
             r.read_seq = r.seq
         self.new_instances.clear()
@@ -291,22 +299,11 @@ class StepWriter:
         rows = [r for r in {r.id: r for r in self.changed}.values() if r.id not in new_ids]
         if not rows:
             return
-        result = await session.execute(
-            text(
-                "UPDATE instances AS i SET node_id = u.node, status = u.status, wait = CAST(u.wait AS "
-                "jsonb), "
-                "context = CAST(u.ctx AS jsonb), seq = u.seq, exit_reason = u.reason, "
-                "updated_at = CAST(:now AS timestamptz) FROM unnest(CAST(:id AS text[]), CAST(:node AS "
-                "text[]), "
-                "CAST(:status AS text[]), CAST(:wait AS text[]), CAST(:ctx AS text[]), CAST(:seq AS int[]), "
-                "CAST(:reason AS text[]), CAST(:read_seq AS int[])) AS u(id, node, status, wait, ctx, seq, "
-                "reason, "
-                "read_seq) WHERE i.id = u.id AND i.seq = u.read_seq"
-            ),
-            self._columns(rows) | {"now": self.now, "read_seq": [r.read_seq for r in rows]},
+        updated = await _UPDATE_INSTANCES.execute(
+            session, self._columns(rows) | {"now": self.now, "read_seq": [r.read_seq for r in rows]}
         )
-        if int(getattr(result, "rowcount", len(rows))) != len(rows):
-            raise InstanceConflict(f"{len(rows) - int(getattr(result, 'rowcount', 0))} instance(s) moved on")
+        if updated != len(rows):
+            raise InstanceConflict(f"{len(rows) - updated} instance(s) moved on")
 
 
 # --------------------------------------------------------------------------- stats

@@ -10,6 +10,8 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.db.engine import Statement
+
 
 @dataclass(frozen=True)
 class JourneyRow:
@@ -72,9 +74,12 @@ async def list_all(session: AsyncSession) -> list[JourneyRow]:
     return [JourneyRow(*r) for r in rows]
 
 
+# Read by every consumer batch: straight to asyncpg (`Statement`).
+_ACTIVE = Statement(f"SELECT {_COLUMNS} FROM journeys WHERE status = 'active' ORDER BY id")
+
+
 async def active(session: AsyncSession) -> list[JourneyRow]:
-    rows = await session.execute(text(f"SELECT {_COLUMNS} FROM journeys WHERE status = 'active' ORDER BY id"))
-    return [JourneyRow(*r) for r in rows]
+    return [JourneyRow(*r) for r in await _ACTIVE.fetch(session)]
 
 
 async def definition(session: AsyncSession, journey_id: str, version: int) -> dict[str, Any] | None:

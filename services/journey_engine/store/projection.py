@@ -11,6 +11,8 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.db.engine import Statement
+
 
 @dataclass
 class CustomerRecord:
@@ -26,19 +28,48 @@ class CustomerRecord:
     recommendations: dict[str, Any] | None = None  # issue 9: the segmenter's current lists
 
 
+# The statements each consumer batch runs go straight to asyncpg (`Statement`).
+_LOCK_CUSTOMERS = Statement(
+    "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(c, 7) AS k "
+    "FROM unnest(CAST(:ids AS text[])) AS c ORDER BY k) AS s"
+)
+_RESOLVE = Statement(
+    "SELECT identity, customer_id FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"
+)
+_LOAD = Statement(
+    "SELECT x.id, c.traits, c.timezone, c.locale, c.email, c.phone, c.stage, "
+    "ARRAY(SELECT m.segment_id FROM segment_members AS m WHERE m.customer_id = x.id), "
+    "(SELECT r.lists FROM customer_recommendations AS r WHERE r.customer_id = x.id) "
+    "FROM unnest(CAST(:ids AS text[])) AS x(id) LEFT JOIN customers AS c ON c.customer_id = x.id"
+)
+_RECENT_SENDS = Statement(
+    "SELECT customer_id, channel, decided_at FROM message_log WHERE customer_id = ANY(CAST(:ids AS text[])) "
+    "AND decided_at > :since AND decision = 'requested' AND category = 'marketing' ORDER BY decided_at"
+)
+_UPSERT_CUSTOMER = Statement(
+    "INSERT INTO customers (customer_id, traits, timezone, locale, email, phone, stage, updated_at) "
+    "VALUES (:id, CAST(:traits AS jsonb), :tz, :locale, :email, :phone, :stage, :now) "
+    "ON CONFLICT (customer_id) DO UPDATE SET traits = excluded.traits, timezone = excluded.timezone, "
+    "locale = excluded.locale, email = excluded.email, phone = excluded.phone, "
+    "stage = COALESCE(excluded.stage, customers.stage), updated_at = excluded.updated_at"
+)
+_ADD_IDENTITIES = Statement(
+    "INSERT INTO customer_identities (identity, customer_id) SELECT unnest(CAST(:ids AS text[])), :cid "
+    "ON CONFLICT (identity) DO UPDATE SET customer_id = excluded.customer_id"
+)
+_ADD_MEMBER = Statement(
+    "INSERT INTO segment_members (segment_id, customer_id) VALUES (:s, :c) ON CONFLICT DO NOTHING"
+)
+_REMOVE_MEMBER = Statement("DELETE FROM segment_members WHERE segment_id = :s AND customer_id = :c")
+
+
 async def lock_customers(session: AsyncSession, customer_ids: list[str]) -> None:
     """Serialize work on the same customers across consumers, timer workers and engine processes.
 
     Locks are taken in one global order (by hash), so two transactions never wait on each other in a cycle.
     """
     if customer_ids:
-        await session.execute(
-            text(
-                "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(c, 7) AS k "
-                "FROM unnest(CAST(:ids AS text[])) AS c ORDER BY k) AS s"
-            ),
-            {"ids": sorted(set(customer_ids))},
-        )
+        await _LOCK_CUSTOMERS.fetch(session, {"ids": sorted(set(customer_ids))})
 
 
 async def lock_customers_of_instances(session: AsyncSession, instance_ids: list[str]) -> None:
@@ -56,12 +87,7 @@ async def resolve(session: AsyncSession, identities: list[str]) -> dict[str, str
     """identity -> canonical customer id, for the identities the projection knows."""
     if not identities:
         return {}
-    rows = await session.execute(
-        text(
-            "SELECT identity, customer_id FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"
-        ),
-        {"ids": list(set(identities))},
-    )
+    rows = await _RESOLVE.fetch(session, {"ids": list(set(identities))})
     return {r[0]: r[1] for r in rows}
 
 
@@ -75,15 +101,7 @@ async def load(
     if not ids:
         return out
     # One round trip: the projection row (if any) and the segment memberships of each customer.
-    rows = await session.execute(
-        text(
-            "SELECT x.id, c.traits, c.timezone, c.locale, c.email, c.phone, c.stage, "
-            "ARRAY(SELECT m.segment_id FROM segment_members AS m WHERE m.customer_id = x.id), "
-            "(SELECT r.lists FROM customer_recommendations AS r WHERE r.customer_id = x.id) "
-            "FROM unnest(CAST(:ids AS text[])) AS x(id) LEFT JOIN customers AS c ON c.customer_id = x.id"
-        ),
-        {"ids": ids},
-    )
+    rows = await _LOAD.fetch(session, {"ids": ids})
     for cid, traits, tz, locale, email, phone, stage, segments, recommendations in rows:
         rec = out[cid]
         if traits is not None:
@@ -93,15 +111,7 @@ async def load(
         rec.recommendations = recommendations
     if sends_since is None:
         return out
-    rows = await session.execute(
-        text(
-            "SELECT customer_id, channel, decided_at FROM message_log WHERE customer_id = ANY(CAST(:ids AS "
-            "text[])) "
-            "AND decided_at > :since AND decision = 'requested' AND category = 'marketing' ORDER BY "
-            "decided_at"
-        ),
-        {"ids": ids, "since": sends_since},
-    )
+    rows = await _RECENT_SENDS.fetch(session, {"ids": ids, "since": sends_since})
     sends: dict[str, dict[str, list[datetime]]] = defaultdict(lambda: defaultdict(list))
     for cid, channel, at in rows:
         sends[cid][channel].append(at)
@@ -122,14 +132,8 @@ async def upsert_customer(
     stage: str | None,
     now: datetime,
 ) -> None:
-    await session.execute(
-        text(
-            "INSERT INTO customers (customer_id, traits, timezone, locale, email, phone, stage, updated_at) "
-            "VALUES (:id, CAST(:traits AS jsonb), :tz, :locale, :email, :phone, :stage, :now) "
-            "ON CONFLICT (customer_id) DO UPDATE SET traits = excluded.traits, timezone = excluded.timezone, "
-            "locale = excluded.locale, email = excluded.email, phone = excluded.phone, "
-            "stage = COALESCE(excluded.stage, customers.stage), updated_at = excluded.updated_at"
-        ),
+    await _UPSERT_CUSTOMER.execute(
+        session,
         {
             "id": customer_id,
             "traits": orjson.dumps(traits).decode(),
@@ -157,14 +161,7 @@ async def merge_traits(session: AsyncSession, customer_id: str, patch: dict[str,
 
 async def add_identities(session: AsyncSession, customer_id: str, identities: list[str]) -> None:
     ids = sorted({i for i in identities if i} | {customer_id})
-    await session.execute(
-        text(
-            "INSERT INTO customer_identities (identity, customer_id) SELECT unnest(CAST(:ids AS text[])), "
-            ":cid "
-            "ON CONFLICT (identity) DO UPDATE SET customer_id = excluded.customer_id"
-        ),
-        {"ids": ids, "cid": customer_id},
-    )
+    await _ADD_IDENTITIES.execute(session, {"ids": ids, "cid": customer_id})
 
 
 async def erase(session: AsyncSession, customer_id: str) -> None:
@@ -178,18 +175,7 @@ async def erase(session: AsyncSession, customer_id: str) -> None:
 
 
 async def set_membership(session: AsyncSession, segment_id: str, customer_id: str, member: bool) -> None:
-    if member:
-        await session.execute(
-            text(
-                "INSERT INTO segment_members (segment_id, customer_id) VALUES (:s, :c) ON CONFLICT DO NOTHING"
-            ),
-            {"s": segment_id, "c": customer_id},
-        )
-    else:
-        await session.execute(
-            text("DELETE FROM segment_members WHERE segment_id = :s AND customer_id = :c"),
-            {"s": segment_id, "c": customer_id},
-        )
+    await (_ADD_MEMBER if member else _REMOVE_MEMBER).execute(session, {"s": segment_id, "c": customer_id})
 
 
 async def segment_member_ids(session: AsyncSession, segment_id: str) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.store.tables import engagements, send_ledger
 from shared.contracts import MessageRequested
+from shared.db.engine import Statement
 
 PENDING = "pending"
 # Taken by a worker, no provider called yet: safe to hand back to `pending`.
@@ -50,21 +51,23 @@ class Outcome:
     claim_token: str | None = None
 
 
-def _entry(row: Any) -> LedgerEntry:
+def _entry(row: Mapping[Any, Any]) -> LedgerEntry:
+    """From a row by column name: an asyncpg record (`Statement`) or a SQLAlchemy row's `_mapping`."""
     return LedgerEntry(
-        message_id=row.message_id,
-        request=MessageRequested.model_validate(row.request),
-        state=row.state,
-        attempts=row.attempts,
-        provider=row.provider,
-        reason=row.reason,
-        next_attempt_at=row.next_attempt_at,
-        provider_message_id=row.provider_message_id,
-        claim_token=row.claim_token,
+        message_id=row["message_id"],
+        request=MessageRequested.model_validate(row["request"]),
+        state=row["state"],
+        attempts=row["attempts"],
+        provider=row["provider"],
+        reason=row["reason"],
+        next_attempt_at=row["next_attempt_at"],
+        provider_message_id=row["provider_message_id"],
+        claim_token=row["claim_token"],
     )
 
 
-_INSERT_NEW = sa.text(
+# The statements of every message's way through the ledger go straight to asyncpg (`Statement`).
+_INSERT_NEW = Statement(
     "INSERT INTO send_ledger (message_id, customer_id, channel, category, template_id, request, state, "
     "next_attempt_at, created_at, updated_at) "
     "SELECT m, c, ch, cat, t, r, 'pending', :now, :now, :now FROM unnest(CAST(:ids AS text[]), "
@@ -79,8 +82,8 @@ async def insert_new(session: AsyncSession, requests: Sequence[MessageRequested]
     if not requests:
         return set()
     unique = list({r.message_id: r for r in requests}.values())
-    result = await session.execute(
-        _INSERT_NEW,
+    rows = await _INSERT_NEW.fetch(
+        session,
         {
             "now": now,
             "ids": [r.message_id for r in unique],
@@ -91,7 +94,7 @@ async def insert_new(session: AsyncSession, requests: Sequence[MessageRequested]
             "requests": [r.model_dump_json() for r in unique],
         },
     )
-    return set(result.scalars())
+    return {r[0] for r in rows}
 
 
 _CLAIM = (
@@ -102,7 +105,7 @@ _CLAIM = (
 )
 # ARRAY(...) takes the due ids once, through the partial index: with `message_id IN (SELECT ...)`
 # PostgreSQL chose a hash join over the whole ledger (5 ms a claim at 12k rows, growing with it).
-_CLAIM_DUE = sa.text(
+_CLAIM_DUE = Statement(
     _CLAIM.format(
         where="message_id = ANY(ARRAY(SELECT message_id FROM send_ledger WHERE state = 'pending' "
         "AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :limit FOR UPDATE SKIP LOCKED))"
@@ -110,7 +113,7 @@ _CLAIM_DUE = sa.text(
 )
 # Rows the caller's transaction has just inserted: primary-key probes, no scan of the due index (whose
 # entries for rows already sent stay until vacuum, and each scan steps over them).
-_CLAIM_NEW = sa.text(
+_CLAIM_NEW = Statement(
     _CLAIM.format(
         where="message_id = ANY(CAST(:ids AS text[])) AND state = 'pending' AND next_attempt_at <= :now"
     )
@@ -120,7 +123,7 @@ _CLAIM_NEW = sa.text(
 async def claim_due(session: AsyncSession, now: datetime, limit: int, token: str) -> list[LedgerEntry]:
     """Move due pending rows to `claimed` under `token` (SKIP LOCKED: parallel loops never share a row).
     No provider is called for a claimed row until `mark_sending` moved it to `sending`."""
-    rows = await session.execute(_CLAIM_DUE, {"now": now, "limit": limit, "token": token})
+    rows = await _CLAIM_DUE.fetch(session, {"now": now, "limit": limit, "token": token})
     return [_entry(r) for r in rows]
 
 
@@ -130,11 +133,11 @@ async def claim_new(
     """`claim_due` for rows this transaction inserted (`insert_new`): those still pending and due."""
     if not message_ids:
         return []
-    rows = await session.execute(_CLAIM_NEW, {"ids": list(message_ids), "now": now, "token": token})
+    rows = await _CLAIM_NEW.fetch(session, {"ids": list(message_ids), "now": now, "token": token})
     return [_entry(r) for r in rows]
 
 
-_MARK_SENDING = sa.text(
+_MARK_SENDING = Statement(
     "UPDATE send_ledger AS l SET state = 'sending', claimed_at = :now, updated_at = :now "
     "FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS text[])) AS c(message_id, token) "
     "WHERE l.message_id = c.message_id AND l.state = 'claimed' AND l.claim_token = c.token "
@@ -147,13 +150,13 @@ async def mark_sending(session: AsyncSession, claims: Sequence[tuple[str, str]],
     The caller commits this before calling the provider; a row not returned must not be sent."""
     if not claims:
         return set()
-    result = await session.execute(
-        _MARK_SENDING, {"now": now, "ids": [c[0] for c in claims], "tokens": [c[1] for c in claims]}
+    rows = await _MARK_SENDING.fetch(
+        session, {"now": now, "ids": [c[0] for c in claims], "tokens": [c[1] for c in claims]}
     )
-    return set(result.scalars())
+    return {r[0] for r in rows}
 
 
-_RECORD = sa.text(
+_RECORD = Statement(
     "UPDATE send_ledger AS l SET state = o.state, attempts = o.attempts, next_attempt_at = o.next_at, "
     "provider = COALESCE(o.provider, l.provider), "
     "provider_message_id = COALESCE(o.pmid, l.provider_message_id), "
@@ -173,8 +176,8 @@ async def record_outcomes(session: AsyncSession, outcomes: Sequence[Outcome], no
     emitted for those only: a claim handed back or resolved meanwhile says nothing)."""
     if not outcomes:
         return set()
-    result = await session.execute(
-        _RECORD,
+    rows = await _RECORD.fetch(
+        session,
         {
             "now": now,
             "ids": [o.message_id for o in outcomes],
@@ -187,7 +190,7 @@ async def record_outcomes(session: AsyncSession, outcomes: Sequence[Outcome], no
             "tokens": [o.claim_token for o in outcomes],
         },
     )
-    return set(result.scalars())
+    return {r[0] for r in rows}
 
 
 _HAND_BACK = sa.text(
@@ -230,14 +233,14 @@ async def stale_sending(
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return [_entry(r) for r in await session.execute(stmt)]
+    return [_entry(r._mapping) for r in await session.execute(stmt)]
 
 
 async def get(session: AsyncSession, message_id: str) -> LedgerEntry | None:
     row = (
         await session.execute(sa.select(send_ledger).where(send_ledger.c.message_id == message_id))
     ).first()
-    return _entry(row) if row else None
+    return _entry(row._mapping) if row else None
 
 
 async def by_provider_message_id(session: AsyncSession, provider_message_id: str) -> LedgerEntry | None:
@@ -246,7 +249,7 @@ async def by_provider_message_id(session: AsyncSession, provider_message_id: str
             sa.select(send_ledger).where(send_ledger.c.provider_message_id == provider_message_id).limit(1)
         )
     ).first()
-    return _entry(row) if row else None
+    return _entry(row._mapping) if row else None
 
 
 async def latest_for_customer(session: AsyncSession, customer_id: str, channel: str) -> LedgerEntry | None:
@@ -258,7 +261,7 @@ async def latest_for_customer(session: AsyncSession, customer_id: str, channel: 
             .limit(1)
         )
     ).first()
-    return _entry(row) if row else None
+    return _entry(row._mapping) if row else None
 
 
 async def record_engagement(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -11,13 +11,16 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.domain.consent import SubscriptionTopic
-from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import consent_ledger, preferences, subscription_topics
+from shared.db.engine import Statement
 
 
-def _topic(row: Any) -> SubscriptionTopic:
+def _topic(row: Mapping[Any, Any]) -> SubscriptionTopic:
     return SubscriptionTopic(
-        id=row.id, name=row.name, channels=tuple(row.channels), default_subscribed=row.default_subscribed
+        id=row["id"],
+        name=row["name"],
+        channels=tuple(row["channels"]),
+        default_subscribed=row["default_subscribed"],
     )
 
 
@@ -70,11 +73,22 @@ async def list_topics(session: AsyncSession) -> list[dict[str, Any]]:
     return [topic_dict(r) for r in rows]
 
 
+# Read for every batch of sends: straight to asyncpg (`Statement`).
+_TOPICS_BY_ID = Statement(
+    "SELECT id, name, channels, default_subscribed FROM subscription_topics "
+    "WHERE id = ANY(CAST(:ids AS text[]))"
+)
+_CHOICES_FOR = Statement(
+    "SELECT customer_id, topic, channel, subscribed FROM preferences "
+    "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+)
+
+
 async def topics_by_id(session: AsyncSession, ids: set[str]) -> dict[str, SubscriptionTopic]:
     if not ids:
         return {}
-    rows = await session.execute(sa.select(subscription_topics).where(any_of(subscription_topics.c.id, ids)))
-    return {r.id: _topic(r) for r in rows}
+    rows = await _TOPICS_BY_ID.fetch(session, {"ids": list(ids)})
+    return {r["id"]: _topic(r) for r in rows}
 
 
 async def delete_topic(session: AsyncSession, topic_id: str) -> bool:
@@ -93,13 +107,10 @@ async def choices_for(
     out: dict[str, dict[tuple[str, str], bool]] = {c: {} for c in customer_ids}
     if not customer_ids:
         return out
-    rows = await session.execute(
-        sa.select(
-            preferences.c.customer_id, preferences.c.topic, preferences.c.channel, preferences.c.subscribed
-        ).where(any_of(preferences.c.customer_id, customer_ids))
-    )
-    for r in rows:
-        out[r.customer_id][(r.topic, r.channel)] = r.subscribed
+    for customer_id, topic, channel, subscribed in await _CHOICES_FOR.fetch(
+        session, {"ids": list(customer_ids)}
+    ):
+        out[customer_id][(topic, channel)] = subscribed
     return out
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.notifier.domain.composition import ContactView
 from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import contacts
+from shared.db.engine import Statement
 
 
 async def upsert(session: AsyncSession, items: Sequence[tuple[ContactView, datetime]]) -> None:
@@ -66,29 +67,37 @@ async def delete(session: AsyncSession, customer_ids: Sequence[str]) -> None:
         await session.execute(sa.delete(contacts).where(any_of(contacts.c.customer_id, customer_ids)))
 
 
-def _contact(row: Any) -> ContactView:
+def _contact(row: Mapping[Any, Any]) -> ContactView:
+    """From a row by column name: an asyncpg record (`Statement`) or a SQLAlchemy row's `_mapping`."""
     return ContactView(
-        customer_id=row.customer_id,
-        email=row.email,
-        phone=row.phone,
-        push_token=row.push_token,
-        webhook_url=row.webhook_url,
-        locale=row.locale,
-        timezone=row.timezone,
-        traits=row.traits,
+        customer_id=row["customer_id"],
+        email=row["email"],
+        phone=row["phone"],
+        push_token=row["push_token"],
+        webhook_url=row["webhook_url"],
+        locale=row["locale"],
+        timezone=row["timezone"],
+        traits=row["traits"],
     )
 
 
 async def get(session: AsyncSession, customer_id: str) -> ContactView | None:
     row = (await session.execute(sa.select(contacts).where(contacts.c.customer_id == customer_id))).first()
-    return _contact(row) if row else None
+    return _contact(row._mapping) if row else None
+
+
+# Read for every batch of sends: straight to asyncpg (`Statement`).
+_GET_MANY = Statement(
+    "SELECT customer_id, email, phone, push_token, webhook_url, locale, timezone, traits FROM contacts "
+    "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+)
 
 
 async def get_many(session: AsyncSession, customer_ids: set[str]) -> dict[str, ContactView]:
     if not customer_ids:
         return {}
-    rows = await session.execute(sa.select(contacts).where(any_of(contacts.c.customer_id, customer_ids)))
-    return {r.customer_id: _contact(r) for r in rows}
+    rows = await _GET_MANY.fetch(session, {"ids": list(customer_ids)})
+    return {r["customer_id"]: _contact(r) for r in rows}
 
 
 async def find_by_phone(session: AsyncSession, phone: str) -> list[str]:

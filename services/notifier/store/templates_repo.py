@@ -11,18 +11,19 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.domain.templates import TemplateDefinition
-from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import templates
 from shared.contracts import Channel
+from shared.db.engine import Statement
 
 
-def _definition(row: Any) -> TemplateDefinition:
+def _definition(row: Mapping[Any, Any]) -> TemplateDefinition:
+    """From a row by column name: an asyncpg record (`Statement`) or a SQLAlchemy row's `_mapping`."""
     return TemplateDefinition(
-        id=row.id,
-        channel=Channel(row.channel),
-        default_locale=row.default_locale,
-        variants=row.variants,
-        version=row.version,
+        id=row["id"],
+        channel=Channel(row["channel"]),
+        default_locale=row["default_locale"],
+        variants=row["variants"],
+        version=row["version"],
     )
 
 
@@ -41,14 +42,21 @@ def as_dict(row: Any) -> dict[str, Any]:
 
 async def get_definition(session: AsyncSession, template_id: str) -> TemplateDefinition | None:
     row = (await session.execute(sa.select(templates).where(templates.c.id == template_id))).first()
-    return _definition(row) if row else None
+    return _definition(row._mapping) if row else None
+
+
+# Read for every batch of sends: straight to asyncpg (`Statement`).
+_GET_MANY = Statement(
+    "SELECT id, channel, default_locale, variants, version FROM templates "
+    "WHERE id = ANY(CAST(:ids AS text[]))"
+)
 
 
 async def get_many(session: AsyncSession, ids: set[str]) -> dict[str, TemplateDefinition]:
     if not ids:
         return {}
-    rows = await session.execute(sa.select(templates).where(any_of(templates.c.id, ids)))
-    return {r.id: _definition(r) for r in rows}
+    rows = await _GET_MANY.fetch(session, {"ids": list(ids)})
+    return {r["id"]: _definition(r) for r in rows}
 
 
 async def get(session: AsyncSession, template_id: str) -> dict[str, Any] | None:

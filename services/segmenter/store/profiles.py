@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.segmenter.domain.identity import Identifier, Merge
 from services.segmenter.domain.lifecycle.tracking import STORED_FIELDS
 from services.segmenter.domain.profile import EventAggregate, ProfileSnapshot, merge_traits
-from shared.db.engine import json_text
+from shared.db.engine import Statement, json_text
 
 FIELD_NAMES = (
     "first_seen",
@@ -33,11 +33,60 @@ FIELD_NAMES = (
 PROFILE_COLUMNS = "customer_id, traits, trait_times, " + ", ".join(FIELD_NAMES)
 
 
+# The statements of every event batch go straight to asyncpg (`Statement`).
+_LOOKUP_IDENTITIES = Statement(
+    "SELECT i.kind, i.value, i.customer_id, "
+    "EXISTS (SELECT 1 FROM identities u WHERE u.customer_id = i.customer_id AND u.kind = 'user') AS has_user "
+    "FROM identities i JOIN unnest(CAST(:kinds AS text[]), CAST(:vals AS text[])) AS q(kind, value) "
+    "ON i.kind = q.kind AND i.value = q.value "
+    "UNION ALL SELECT NULL, NULL, customer_id, false FROM customers "
+    "WHERE customer_id = ANY(CAST(:cands AS text[]))"
+)
+_INSERT_CUSTOMERS_AND_LINKS = Statement(
+    "WITH new_customers AS (INSERT INTO customers (customer_id, created_at, updated_at) "
+    "SELECT unnest(CAST(:ids AS text[])), :now, :now ON CONFLICT DO NOTHING) "
+    "INSERT INTO identities (kind, value, customer_id, linked_at) "
+    "SELECT k, v, c, :now FROM unnest(CAST(:k AS text[]), CAST(:v AS text[]), CAST(:c AS text[])) "
+    "AS u(k, v, c) ON CONFLICT (kind, value) DO NOTHING RETURNING 1"
+)
+_LOCK_PROFILES = Statement(
+    f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id = ANY(CAST(:ids AS text[])) "
+    "ORDER BY customer_id FOR UPDATE"
+)
+_SAVE_BATCH = Statement(
+    "WITH saved AS (UPDATE customers c SET traits = u.traits, trait_times = u.trait_times, "
+    "first_seen = u.first_seen, last_seen = u.last_seen, event_count = u.event_count, "
+    "orders_count = u.orders_count, revenue = u.revenue, first_order_at = u.first_order_at, "
+    "last_order_at = u.last_order_at, updated_at = :now "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:traits AS jsonb[]), CAST(:times AS jsonb[]), "
+    "CAST(:first_seen AS timestamptz[]), CAST(:last_seen AS timestamptz[]), CAST(:event_count AS "
+    "bigint[]), "
+    "CAST(:orders AS int[]), CAST(:revenue AS float8[]), CAST(:first_order AS timestamptz[]), "
+    "CAST(:last_order AS timestamptz[])) AS u(customer_id, traits, trait_times, first_seen, "
+    "last_seen, "
+    "event_count, orders_count, revenue, first_order_at, last_order_at) "
+    "WHERE c.customer_id = u.customer_id), "
+    "counted AS (INSERT INTO event_counts (customer_id, event, count, first_at, last_at) "
+    "SELECT * FROM unnest(CAST(:cc AS text[]), CAST(:ce AS text[]), CAST(:cn AS bigint[]), "
+    "CAST(:cf AS timestamptz[]), CAST(:cl AS timestamptz[])) "
+    "ON CONFLICT (customer_id, event) DO UPDATE SET count = event_counts.count + excluded.count, "
+    "first_at = LEAST(event_counts.first_at, excluded.first_at), "
+    "last_at = GREATEST(event_counts.last_at, excluded.last_at)) "
+    "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, "
+    "received_at) "
+    "SELECT * FROM unnest(CAST(:tc AS text[]), CAST(:tm AS text[]), CAST(:tt AS text[]), CAST(:te AS "
+    "text[]), "
+    "CAST(:tp AS jsonb[]), CAST(:ttr AS jsonb[]), CAST(:tts AS timestamptz[]), CAST(:tr AS "
+    "timestamptz[]))"
+)
+
+
 def _snapshot(row: Any) -> ProfileSnapshot:
-    times = {k: datetime.fromisoformat(v) for k, v in (row.trait_times or {}).items()}
+    """From a row of PROFILE_COLUMNS, by position: an asyncpg record (`Statement`) or a SQLAlchemy row."""
+    times = {k: datetime.fromisoformat(v) for k, v in (row[2] or {}).items()}
     return ProfileSnapshot(
-        customer_id=row.customer_id,
-        traits=dict(row.traits or {}),
+        customer_id=row[0],
+        traits=dict(row[1] or {}),
         trait_times=times,
         # Positional: PROFILE_COLUMNS lists the fields in FIELD_NAMES order after the first three.
         fields=dict(zip(FIELD_NAMES, row[3:], strict=True)),
@@ -60,26 +109,18 @@ async def lookup_identities(
     """One round trip: which customer each identifier belongs to, which of those hold a userId, and
     which candidate ids for new customers are taken already."""
     pairs = list(idents)
-    rows = await session.execute(
-        text(
-            "SELECT i.kind, i.value, i.customer_id, "
-            "EXISTS (SELECT 1 FROM identities u WHERE u.customer_id = i.customer_id AND u.kind = 'user') AS "
-            "has_user "
-            "FROM identities i JOIN unnest(CAST(:kinds AS text[]), CAST(:vals AS text[])) AS q(kind, value) "
-            "ON i.kind = q.kind AND i.value = q.value "
-            "UNION ALL SELECT NULL, NULL, customer_id, false FROM customers WHERE customer_id = "
-            "ANY(CAST(:cands AS text[]))"
-        ),
+    rows = await _LOOKUP_IDENTITIES.fetch(
+        session,
         {"kinds": [k for k, _ in pairs], "vals": [v for _, v in pairs], "cands": list(candidate_ids)},
     )
     out = KnownIdentities({}, set(), set())
-    for r in rows:
-        if r.kind is None:
-            out.taken_ids.add(r.customer_id)
+    for kind, value, customer_id, has_user in rows:
+        if kind is None:
+            out.taken_ids.add(customer_id)
             continue
-        out.links[(r.kind, r.value)] = r.customer_id
-        if r.has_user:
-            out.with_user.add(r.customer_id)
+        out.links[(kind, value)] = customer_id
+        if has_user:
+            out.with_user.add(customer_id)
     return out
 
 
@@ -98,14 +139,8 @@ async def insert_customers_and_links(
     (fewer than asked means a concurrent transaction linked one of them first)."""
     if not ids and not links:
         return 0
-    result = await session.execute(
-        text(
-            "WITH new_customers AS (INSERT INTO customers (customer_id, created_at, updated_at) "
-            "SELECT unnest(CAST(:ids AS text[])), :now, :now ON CONFLICT DO NOTHING) "
-            "INSERT INTO identities (kind, value, customer_id, linked_at) "
-            "SELECT k, v, c, :now FROM unnest(CAST(:k AS text[]), CAST(:v AS text[]), CAST(:c AS text[])) "
-            "AS u(k, v, c) ON CONFLICT (kind, value) DO NOTHING RETURNING 1"
-        ),
+    rows = await _INSERT_CUSTOMERS_AND_LINKS.fetch(
+        session,
         {
             "ids": list(ids),
             "now": now,
@@ -114,7 +149,7 @@ async def insert_customers_and_links(
             "c": [x[2] for x in links],
         },
     )
-    return len(result.all())
+    return len(rows)
 
 
 async def identities_of(
@@ -276,14 +311,8 @@ async def merge_history(session: AsyncSession, customer_id: str) -> list[dict[st
 
 async def lock_profiles(session: AsyncSession, customer_ids: Iterable[str]) -> dict[str, ProfileSnapshot]:
     """The profiles, locked for this transaction (in id order, so concurrent batches cannot deadlock)."""
-    rows = await session.execute(
-        text(
-            f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id = ANY(CAST(:ids AS text[])) "
-            "ORDER BY customer_id FOR UPDATE"
-        ),
-        {"ids": sorted(set(customer_ids))},
-    )
-    return {r.customer_id: _snapshot(r) for r in rows}
+    rows = await _LOCK_PROFILES.fetch(session, {"ids": sorted(set(customer_ids))})
+    return {r[0]: _snapshot(r) for r in rows}
 
 
 async def read_profile(session: AsyncSession, customer_id: str) -> ProfileSnapshot | None:
@@ -318,33 +347,8 @@ async def save_batch(
     aggregate increments (pre-summed per customer and event) and the timeline rows."""
     f = [p.fields for p in profiles]
     keys = list(counts)
-    await session.execute(
-        text(
-            "WITH saved AS (UPDATE customers c SET traits = u.traits, trait_times = u.trait_times, "
-            "first_seen = u.first_seen, last_seen = u.last_seen, event_count = u.event_count, "
-            "orders_count = u.orders_count, revenue = u.revenue, first_order_at = u.first_order_at, "
-            "last_order_at = u.last_order_at, updated_at = :now "
-            "FROM unnest(CAST(:ids AS text[]), CAST(:traits AS jsonb[]), CAST(:times AS jsonb[]), "
-            "CAST(:first_seen AS timestamptz[]), CAST(:last_seen AS timestamptz[]), CAST(:event_count AS "
-            "bigint[]), "
-            "CAST(:orders AS int[]), CAST(:revenue AS float8[]), CAST(:first_order AS timestamptz[]), "
-            "CAST(:last_order AS timestamptz[])) AS u(customer_id, traits, trait_times, first_seen, "
-            "last_seen, "
-            "event_count, orders_count, revenue, first_order_at, last_order_at) "
-            "WHERE c.customer_id = u.customer_id), "
-            "counted AS (INSERT INTO event_counts (customer_id, event, count, first_at, last_at) "
-            "SELECT * FROM unnest(CAST(:cc AS text[]), CAST(:ce AS text[]), CAST(:cn AS bigint[]), "
-            "CAST(:cf AS timestamptz[]), CAST(:cl AS timestamptz[])) "
-            "ON CONFLICT (customer_id, event) DO UPDATE SET count = event_counts.count + excluded.count, "
-            "first_at = LEAST(event_counts.first_at, excluded.first_at), "
-            "last_at = GREATEST(event_counts.last_at, excluded.last_at)) "
-            "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, "
-            "received_at) "
-            "SELECT * FROM unnest(CAST(:tc AS text[]), CAST(:tm AS text[]), CAST(:tt AS text[]), CAST(:te AS "
-            "text[]), "
-            "CAST(:tp AS jsonb[]), CAST(:ttr AS jsonb[]), CAST(:tts AS timestamptz[]), CAST(:tr AS "
-            "timestamptz[]))"
-        ),
+    await _SAVE_BATCH.execute(
+        session,
         {
             "now": now,
             "ids": [p.customer_id for p in profiles],

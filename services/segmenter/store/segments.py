@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.segmenter.domain.profile import EventAggregate, Occurrence
 from services.segmenter.domain.rules import Rule
 from services.segmenter.store.sql_rules import RuleSql
+from shared.db.engine import Statement
 
 SEGMENT_COLUMNS = (
     "segment_id, name, description, definition, version, status, backfill_cursor, backfill_done, "
@@ -99,6 +100,44 @@ class MembershipState:
     transitions: int
 
 
+# The statements of every event batch go straight to asyncpg (`Statement`).
+_EVALUATION_INPUTS = Statement(
+    "SELECT 'c' AS src, customer_id, event AS name, count AS n, first_at AS t1, last_at AS t2, "
+    "NULL::boolean AS flag, NULL::jsonb AS props FROM event_counts "
+    "WHERE customer_id = ANY(CAST(:ids AS text[])) AND event = ANY(CAST(:counted AS text[])) "
+    "UNION ALL SELECT 'o', e.customer_id, e.event, NULL, e.timestamp, NULL, NULL, e.properties FROM "
+    "events e "
+    "JOIN unnest(CAST(:names AS text[]), CAST(:since AS timestamptz[])) AS w(name, since) "
+    "ON e.event = w.name AND (w.since IS NULL OR e.timestamp >= w.since) "
+    "WHERE e.customer_id = ANY(CAST(:ids AS text[])) "
+    "UNION ALL SELECT 'm', customer_id, segment_id, transitions, NULL, NULL, is_member, NULL FROM "
+    "memberships "
+    "WHERE customer_id = ANY(CAST(:ids AS text[])) "
+    "UNION ALL SELECT 't', customer_id, segment_id, NULL, due_at, NULL, NULL, NULL FROM "
+    "segment_timers "
+    "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+)
+_APPLY_MEMBERSHIP_CHANGES = Statement(
+    "INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, cause) "
+    "SELECT s, c, m, 1, :now, k FROM unnest(CAST(:s AS text[]), CAST(:c AS text[]), CAST(:m AS "
+    "boolean[]), "
+    "CAST(:k AS text[])) AS u(s, c, m, k) "
+    "ON CONFLICT (segment_id, customer_id) DO UPDATE SET is_member = excluded.is_member, "
+    "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = "
+    "excluded.cause "
+    "WHERE memberships.is_member IS DISTINCT FROM excluded.is_member "
+    "RETURNING segment_id, customer_id, is_member, transitions, cause"
+)
+_SET_TIMERS = Statement(
+    "WITH cleared AS (DELETE FROM segment_timers t "
+    "USING unnest(CAST(:cc AS text[]), CAST(:cs AS text[])) AS u(c, s) "
+    "WHERE t.customer_id = u.c AND t.segment_id = u.s) "
+    "INSERT INTO segment_timers (customer_id, segment_id, due_at) "
+    "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:s AS text[]), CAST(:d AS timestamptz[])) "
+    "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at"
+)
+
+
 async def load_memberships(
     session: AsyncSession, customer_ids: Iterable[str]
 ) -> dict[str, dict[str, MembershipState]]:
@@ -131,18 +170,8 @@ async def apply_membership_changes(
     real time) that already made the same change a no-op, so each transition is announced once."""
     if not changes:
         return []
-    rows = await session.execute(
-        text(
-            "INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, cause) "
-            "SELECT s, c, m, 1, :now, k FROM unnest(CAST(:s AS text[]), CAST(:c AS text[]), CAST(:m AS "
-            "boolean[]), "
-            "CAST(:k AS text[])) AS u(s, c, m, k) "
-            "ON CONFLICT (segment_id, customer_id) DO UPDATE SET is_member = excluded.is_member, "
-            "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = "
-            "excluded.cause "
-            "WHERE memberships.is_member IS DISTINCT FROM excluded.is_member "
-            "RETURNING segment_id, customer_id, is_member, transitions, cause"
-        ),
+    rows = await _APPLY_MEMBERSHIP_CHANGES.fetch(
+        session,
         {
             "s": [x.segment_id for x in changes],
             "c": [x.customer_id for x in changes],
@@ -151,7 +180,7 @@ async def apply_membership_changes(
             "now": now,
         },
     )
-    return [(r.segment_id, r.customer_id, r.is_member, r.transitions, r.cause) for r in rows]
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
 async def members_page(session: AsyncSession, segment_id: str, after: str | None, limit: int) -> list[str]:
@@ -203,23 +232,8 @@ async def load_evaluation_inputs(
 ) -> EvaluationInputs:
     ids = list(customer_ids)
     names = list(timeline_since)
-    rows = await session.execute(
-        text(
-            "SELECT 'c' AS src, customer_id, event AS name, count AS n, first_at AS t1, last_at AS t2, "
-            "NULL::boolean AS flag, NULL::jsonb AS props FROM event_counts "
-            "WHERE customer_id = ANY(CAST(:ids AS text[])) AND event = ANY(CAST(:counted AS text[])) "
-            "UNION ALL SELECT 'o', e.customer_id, e.event, NULL, e.timestamp, NULL, NULL, e.properties FROM "
-            "events e "
-            "JOIN unnest(CAST(:names AS text[]), CAST(:since AS timestamptz[])) AS w(name, since) "
-            "ON e.event = w.name AND (w.since IS NULL OR e.timestamp >= w.since) "
-            "WHERE e.customer_id = ANY(CAST(:ids AS text[])) "
-            "UNION ALL SELECT 'm', customer_id, segment_id, transitions, NULL, NULL, is_member, NULL FROM "
-            "memberships "
-            "WHERE customer_id = ANY(CAST(:ids AS text[])) "
-            "UNION ALL SELECT 't', customer_id, segment_id, NULL, due_at, NULL, NULL, NULL FROM "
-            "segment_timers "
-            "WHERE customer_id = ANY(CAST(:ids AS text[]))"
-        ),
+    rows = await _EVALUATION_INPUTS.fetch(
+        session,
         {
             "ids": ids,
             "counted": list(count_events),
@@ -228,17 +242,15 @@ async def load_evaluation_inputs(
         },
     )
     out = EvaluationInputs({}, {}, {}, {})
-    for r in rows:
-        if r.src == "c":
-            out.counts.setdefault(r.customer_id, {})[r.name] = EventAggregate(r.n, r.t1, r.t2)
-        elif r.src == "o":
-            out.occurrences.setdefault(r.customer_id, {}).setdefault(r.name, []).append(
-                Occurrence(r.t1, r.props)
-            )
-        elif r.src == "m":
-            out.memberships.setdefault(r.customer_id, {})[r.name] = MembershipState(r.flag, r.n)
+    for src, customer_id, name, n, t1, t2, flag, props in rows:
+        if src == "c":
+            out.counts.setdefault(customer_id, {})[name] = EventAggregate(n, t1, t2)
+        elif src == "o":
+            out.occurrences.setdefault(customer_id, {}).setdefault(name, []).append(Occurrence(t1, props))
+        elif src == "m":
+            out.memberships.setdefault(customer_id, {})[name] = MembershipState(flag, n)
         else:
-            out.timers[(r.customer_id, r.name)] = r.t1
+            out.timers[(customer_id, name)] = t1
     return out
 
 
@@ -251,15 +263,8 @@ async def set_timers(
     """Schedule (or move) and clear due timers in one statement."""
     if not due and not clear:
         return
-    await session.execute(
-        text(
-            "WITH cleared AS (DELETE FROM segment_timers t "
-            "USING unnest(CAST(:cc AS text[]), CAST(:cs AS text[])) AS u(c, s) "
-            "WHERE t.customer_id = u.c AND t.segment_id = u.s) "
-            "INSERT INTO segment_timers (customer_id, segment_id, due_at) "
-            "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:s AS text[]), CAST(:d AS timestamptz[])) "
-            "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at"
-        ),
+    await _SET_TIMERS.execute(
+        session,
         {
             "c": [x[0] for x in due],
             "s": [x[1] for x in due],

@@ -5,7 +5,8 @@
    against a raw asyncpg batch upsert of the same rows (customers, event aggregates, timeline,
    inbox) in the same run, as a ratio.
 2. Back-fill: a new segment over 1,000,000 profiles bulk-loaded with COPY (time to `ready`).
-3. Latency: event -> membership announcement on clm.segment-membership.v1 at half the max rate.
+3. Latency: event -> membership announcement on clm.segment-membership.v1 at half the max rate
+   (the load generator and the watcher in a child process, off the service's event loop).
 
 Env: BENCH_EVENTS (default 100000), BENCH_CUSTOMERS (20000), BENCH_PROFILES (1000000),
 BENCH_LATENCY_S (10), BENCH_LATENCY_RATE (default: half the measured max),
@@ -17,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -31,6 +34,7 @@ from services.segmenter.app import create_app
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import segments as segment_store
 from shared.contracts.events import CustomerEvent
+from shared.contracts.headers import Headers
 from shared.contracts.topics import CUSTOMER_EVENTS, SEGMENT_MEMBERSHIP
 from shared.db.engine import asyncpg_dsn, drop_schema
 from shared.kafka.admin import ensure_topics
@@ -356,6 +360,8 @@ async def backfill(settings: SegmenterSettings) -> None:
 
 
 async def latency(settings: SegmenterSettings, max_rate: float) -> None:
+    """The service runs here; the load generator and the announcement watcher run in a child
+    process, so their CPU does not share the service's event loop (the throughput phase had none)."""
     rate = float(os.environ.get("BENCH_LATENCY_RATE", 0)) or max(50.0, max_rate / 2)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -363,81 +369,111 @@ async def latency(settings: SegmenterSettings, max_rate: float) -> None:
             missing = await segment_store.get_segment(uow.session, "seg_bench_05") is None
         if missing:  # the latency phase run on its own
             await create_segments(app, SEGMENTS[: max(6, N_SEGMENTS)])
-        topic = settings.topic(SEGMENT_MEMBERSHIP.name)
-        watcher = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            group_id=None,
-            auto_offset_reset="latest",
-            enable_auto_commit=False,
+        child = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "bench.segmenter",
+                "--latency-load",
+                settings.kafka_bootstrap_servers,
+                settings.topic(CUSTOMER_EVENTS.name),
+                settings.topic(SEGMENT_MEMBERSHIP.name),
+                str(rate),
+                str(int(rate * LATENCY_S)),
+            ],
+            capture_output=True,
+            check=True,
         )
-        await watcher.start()
-        await watcher.seek_to_end()
-        for tp in watcher.assignment():
-            await watcher.position(tp)
-        sent: dict[str, float] = {}
-        delays: list[float] = []
-        seen_ids: set[str] = set()
-        redelivered = 0
-        stop = asyncio.Event()
-
-        async def watch() -> None:
-            nonlocal redelivered
-            while not stop.is_set():
-                batch = await watcher.getmany(timeout_ms=50)
-                now = time.perf_counter()
-                for records in batch.values():
-                    for r in records:
-                        v = orjson.loads(r.value)
-                        if v["segment_id"] != "seg_bench_05" or v["cause"] not in sent:
-                            continue
-                        if v["event_id"] in seen_ids:
-                            redelivered += 1  # at-least-once transport: same event id, consumers drop it
-                            continue
-                        seen_ids.add(v["event_id"])
-                        delays.append(now - sent[v["cause"]])
-
-        watching = asyncio.create_task(watch())
-        producer = app.state.platform.producer
-        ctopic = settings.topic(CUSTOMER_EVENTS.name)
-        n = int(rate * LATENCY_S)
-        tick = 0.01
-        per_tick = max(1, round(rate * tick))
-        start = time.perf_counter()
-        i = 0
-        while i < n:
-            chunk, ids = [], []
-            for _ in range(per_tick):
-                uid = f"lat{i}"
-                e = CustomerEvent(
-                    message_id=f"lat-{i}",
-                    type="track",
-                    user_id=uid,
-                    event="Order Completed",
-                    properties={"revenue": 10},
-                    timestamp=datetime.now(UTC),
-                    received_at=datetime.now(UTC),
-                )
-                chunk.append(encode_message(ctopic, uid, e, producer="bench"))
-                ids.append(e.message_id)
-                i += 1
-            now = time.perf_counter()
-            for mid in ids:
-                sent[mid] = now
-            await producer.send_many(chunk)
-            target = start + (i / rate)
-            await asyncio.sleep(max(0.0, target - time.perf_counter()))
-        deadline = time.perf_counter() + 15
-        while len(delays) < n and time.perf_counter() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        stop.set()
-        await watching
-        await watcher.stop()
+    result = orjson.loads(child.stdout)
+    delays: list[float] = result["delays"]
     line("latency test rate (half of max unless BENCH_LATENCY_RATE)", rate, "events/s")
-    line("  announcements received (distinct event ids)", float(len(delays)), f"of {len(sent)}")
-    line("  same event id received again (relay retries)", float(redelivered))
+    line("  announcements received (distinct event ids)", float(len(delays)), f"of {result['sent']}")
+    line("  same event id received again (relay retries)", float(result["redelivered"]))
     line("event -> membership announcement p50", percentile(delays, 50) * 1000, "ms")
     line("event -> membership announcement p99 (goal < 200)", percentile(delays, 99) * 1000, "ms")
+    to_emit: list[float] = result["to_emit"]
+    line("  event -> announcement emitted (in the unit of work) p50", percentile(to_emit, 50) * 1000, "ms")
+    line("  event -> announcement emitted (in the unit of work) p99", percentile(to_emit, 99) * 1000, "ms")
+
+
+async def latency_load(bootstrap: str, events_topic: str, membership_topic: str, rate: float, n: int) -> None:
+    """In the child process: post `n` Order Completed events at `rate` (open loop, 10 ms ticks) and
+    time each one's announcement for the watched segment; prints JSON for the parent."""
+    watcher = AIOKafkaConsumer(
+        membership_topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+    )
+    await watcher.start()
+    await watcher.seek_to_end()
+    for tp in watcher.assignment():
+        await watcher.position(tp)
+    sent: dict[str, float] = {}  # time.time(): comparable with the produced-at header
+    delays: list[float] = []
+    to_emit: list[float] = []  # event sent -> announcement emitted by the handler (its produced-at header)
+    seen_ids: set[str] = set()
+    redelivered = 0
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal redelivered
+        while not stop.is_set():
+            batch = await watcher.getmany(timeout_ms=50)
+            now = time.time()
+            for records in batch.values():
+                for r in records:
+                    v = orjson.loads(r.value)
+                    if v["segment_id"] != "seg_bench_05" or v["cause"] not in sent:
+                        continue
+                    if v["event_id"] in seen_ids:
+                        redelivered += 1  # at-least-once transport: same event id, consumers drop it
+                        continue
+                    seen_ids.add(v["event_id"])
+                    delays.append(now - sent[v["cause"]])
+                    produced = dict(r.headers).get(Headers.PRODUCED_AT_MS)
+                    if produced is not None:
+                        to_emit.append(int(produced) / 1000 - sent[v["cause"]])
+
+    watching = asyncio.create_task(watch())
+    producer = EventProducer(SegmenterSettings(kafka_bootstrap_servers=bootstrap))
+    await producer.start()
+    tick = 0.01
+    per_tick = max(1, round(rate * tick))
+    start = time.perf_counter()
+    i = 0
+    while i < n:
+        chunk, ids = [], []
+        for _ in range(per_tick):
+            uid = f"lat{i}"
+            e = CustomerEvent(
+                message_id=f"lat-{i}",
+                type="track",
+                user_id=uid,
+                event="Order Completed",
+                properties={"revenue": 10},
+                timestamp=datetime.now(UTC),
+                received_at=datetime.now(UTC),
+            )
+            chunk.append(encode_message(events_topic, uid, e, producer="bench"))
+            ids.append(e.message_id)
+            i += 1
+        now = time.time()
+        for mid in ids:
+            sent[mid] = now
+        await producer.send_many(chunk)
+        await asyncio.sleep(max(0.0, start + (i / rate) - time.perf_counter()))
+    deadline = time.perf_counter() + 15
+    while len(delays) < n and time.perf_counter() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    stop.set()
+    await watching
+    await watcher.stop()
+    await producer.stop()
+    result = {"delays": delays, "to_emit": to_emit, "sent": len(sent), "redelivered": redelivered}
+    print(orjson.dumps(result).decode(), flush=True)
 
 
 async def main() -> None:
@@ -461,4 +497,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if sys.argv[1:2] == ["--latency-load"]:
+        bootstrap, events_topic, membership_topic, rate, n = sys.argv[2:7]
+        asyncio.run(latency_load(bootstrap, events_topic, membership_topic, float(rate), int(n)))
+    else:
+        asyncio.run(main())

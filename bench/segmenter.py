@@ -5,8 +5,9 @@
    against a raw asyncpg batch upsert of the same rows (customers, event aggregates, timeline,
    inbox) in the same run, as a ratio.
 2. Back-fill: a new segment over 1,000,000 profiles bulk-loaded with COPY (time to `ready`).
-3. Latency: event -> membership announcement on clm.segment-membership.v1 at half the max rate
-   (the load generator and the watcher in a child process, off the service's event loop).
+3. Latency: event -> membership announcement on clm.segment-membership.v1 at half the max rate, the
+   load being the throughput phase's mix with one event in ten a new customer's first order (the
+   timed ones); the load generator and the watcher run in a child process, off the service's loop.
 
 Env: BENCH_EVENTS (default 100000), BENCH_CUSTOMERS (20000), BENCH_PROFILES (1000000),
 BENCH_LATENCY_S (10), BENCH_LATENCY_RATE (default: half the measured max),
@@ -81,14 +82,24 @@ SEGMENTS: list[dict[str, Any]] = [
 ]
 
 
-def make_events(n: int, customers: int, prefix: str, seed: int = 1) -> list[CustomerEvent]:
+TIMED_EVERY = 10  # latency phase: one timed event in ten, the rest the throughput phase's mix
+
+
+def make_events(
+    n: int, customers: int, prefix: str, seed: int = 1, id_prefix: str | None = None
+) -> list[CustomerEvent]:
     rnd = random.Random(seed)
     out = []
     for i in range(n):
         uid = f"{prefix}{rnd.randrange(customers)}"
         ts = NOW - timedelta(seconds=rnd.randrange(0, 40 * 86400))
         roll = rnd.random()
-        base = {"message_id": f"{prefix}-{i}", "user_id": uid, "timestamp": ts, "received_at": NOW}
+        base = {
+            "message_id": f"{id_prefix or prefix}-{i}",
+            "user_id": uid,
+            "timestamp": ts,
+            "received_at": NOW,
+        }
         if roll < 0.1:
             e = {
                 **base,
@@ -382,7 +393,7 @@ async def latency(settings: SegmenterSettings, max_rate: float) -> None:
                 str(rate),
                 str(int(rate * LATENCY_S)),
             ],
-            capture_output=True,
+            stdout=subprocess.PIPE,  # its errors go to our stderr
             check=True,
         )
     result = orjson.loads(child.stdout)
@@ -398,8 +409,10 @@ async def latency(settings: SegmenterSettings, max_rate: float) -> None:
 
 
 async def latency_load(bootstrap: str, events_topic: str, membership_topic: str, rate: float, n: int) -> None:
-    """In the child process: post `n` Order Completed events at `rate` (open loop, 10 ms ticks) and
-    time each one's announcement for the watched segment; prints JSON for the parent."""
+    """In the child process: post `n` events at `rate` (open loop, 10 ms ticks), the throughput
+    phase's mix over its customers (so the load costs per event what the maximum was measured with),
+    one in TIMED_EVERY replaced by a new customer's first `Order Completed`, whose announcement for
+    the watched segment is timed; prints JSON for the parent."""
     watcher = AIOKafkaConsumer(
         membership_topic,
         bootstrap_servers=bootstrap,
@@ -440,25 +453,28 @@ async def latency_load(bootstrap: str, events_topic: str, membership_topic: str,
     watching = asyncio.create_task(watch())
     producer = EventProducer(SegmenterSettings(kafka_bootstrap_servers=bootstrap))
     await producer.start()
+    background = make_events(n, N_CUSTOMERS, "u", seed=2, id_prefix="lat-bg")
     tick = 0.01
     per_tick = max(1, round(rate * tick))
     start = time.perf_counter()
     i = 0
     while i < n:
         chunk, ids = [], []
-        for _ in range(per_tick):
-            uid = f"lat{i}"
-            e = CustomerEvent(
-                message_id=f"lat-{i}",
-                type="track",
-                user_id=uid,
-                event="Order Completed",
-                properties={"revenue": 10},
-                timestamp=datetime.now(UTC),
-                received_at=datetime.now(UTC),
-            )
-            chunk.append(encode_message(events_topic, uid, e, producer="bench"))
-            ids.append(e.message_id)
+        for _ in range(min(per_tick, n - i)):
+            if i % TIMED_EVERY:
+                e = background[i]
+            else:
+                e = CustomerEvent(
+                    message_id=f"lat-{i}",
+                    type="track",
+                    user_id=f"lat{i}",
+                    event="Order Completed",
+                    properties={"revenue": 10},
+                    timestamp=datetime.now(UTC),
+                    received_at=datetime.now(UTC),
+                )
+                ids.append(e.message_id)
+            chunk.append(encode_message(events_topic, e.customer_key, e, producer="bench"))
             i += 1
         now = time.time()
         for mid in ids:
@@ -466,7 +482,7 @@ async def latency_load(bootstrap: str, events_topic: str, membership_topic: str,
         await producer.send_many(chunk)
         await asyncio.sleep(max(0.0, start + (i / rate) - time.perf_counter()))
     deadline = time.perf_counter() + 15
-    while len(delays) < n and time.perf_counter() < deadline:  # noqa: ASYNC110
+    while len(delays) < len(sent) and time.perf_counter() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     stop.set()
     await watching

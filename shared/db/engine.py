@@ -88,7 +88,8 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
 class Statement:
     """A SQL text with `:name` parameters, as `sqlalchemy.text` takes, run straight on asyncpg inside
     the session's transaction (`driver_connection`): for the queries every batch runs. Rows are
-    asyncpg records (by index, by column name, or unpacked), jsonb decoded as through SQLAlchemy."""
+    asyncpg records (by index, by column name, or unpacked), jsonb decoded as through SQLAlchemy.
+    Like `text`, it takes `:word` anywhere as a parameter, so keep such text out of string literals."""
 
     # `:name`, but not the second colon of a `::type` cast.
     _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")

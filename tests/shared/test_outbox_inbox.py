@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from shared.contracts import PROFILES, Headers, ProfileChanged, ProfileChangeKind
 from shared.db import messaging_tables
+from shared.db.engine import Statement
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
 from tests.support import eventually, read_topic
@@ -140,3 +141,22 @@ async def test_relay_keeps_per_key_order(platform: Platform) -> None:
             uow.emit(PROFILES.name, "same-customer", e)
     got = await read_topic(platform.settings.topic(PROFILES.name), count=50, timeout=15)
     assert [m["value"]["event_id"] for m in got] == [e.event_id for e in events]
+
+
+async def test_statement_runs_named_parameters_on_asyncpg_in_the_unit_of_work(platform: Platform) -> None:
+    stmt = Statement("SELECT CAST(:n AS int) * 2, :label::text, CAST(:n AS int) + 1")
+    # Each name gets one number however often it appears; `::` casts are not parameters.
+    assert stmt.sql == "SELECT CAST($1 AS int) * 2, $2::text, CAST($1 AS int) + 1"
+    assert stmt.names == ("n", "label")
+    update = Statement("UPDATE counter SET n = n + :by WHERE id = :id")
+    with pytest.raises(RuntimeError):
+        async with platform.unit_of_work() as uow:
+            assert [tuple(r) for r in await stmt.fetch(uow.session, {"n": 20, "label": "x"})] == [
+                (40, "x", 21)
+            ]
+            assert await update.execute(uow.session, {"by": 5, "id": 1}) == 1
+            raise RuntimeError("rolled back")
+    assert await counter(platform) == 0
+    async with platform.unit_of_work() as uow:
+        assert await update.execute(uow.session, {"by": 5, "id": 1}) == 1
+    assert await counter(platform) == 5

@@ -67,18 +67,13 @@ async def delete(session: AsyncSession, customer_ids: Sequence[str]) -> None:
         await session.execute(sa.delete(contacts).where(any_of(contacts.c.customer_id, customer_ids)))
 
 
+# A contact row's columns are the view's fields, by the same names.
+_VIEW_COLUMNS = ("customer_id", "email", "phone", "push_token", "webhook_url", "locale", "timezone", "traits")
+
+
 def _contact(row: Mapping[Any, Any]) -> ContactView:
     """From a row by column name: an asyncpg record (`Statement`) or a SQLAlchemy row's `_mapping`."""
-    return ContactView(
-        customer_id=row["customer_id"],
-        email=row["email"],
-        phone=row["phone"],
-        push_token=row["push_token"],
-        webhook_url=row["webhook_url"],
-        locale=row["locale"],
-        timezone=row["timezone"],
-        traits=row["traits"],
-    )
+    return ContactView(**{name: row[name] for name in _VIEW_COLUMNS})
 
 
 async def get(session: AsyncSession, customer_id: str) -> ContactView | None:
@@ -88,8 +83,7 @@ async def get(session: AsyncSession, customer_id: str) -> ContactView | None:
 
 # Read for every batch of sends: straight to asyncpg (`Statement`).
 _GET_MANY = Statement(
-    "SELECT customer_id, email, phone, push_token, webhook_url, locale, timezone, traits FROM contacts "
-    "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+    f"SELECT {', '.join(_VIEW_COLUMNS)} FROM contacts WHERE customer_id = ANY(CAST(:ids AS text[]))"
 )
 
 

@@ -6,7 +6,7 @@ Set-based: one statement for a batch's customers or a chunk of the base (unnest 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.lifecycle.tracking import CustomerInputs, OrderAggregate
+from shared.db.engine import Statement
 
 # `order_revenue` of domain/profile.py in SQL: `revenue`, else `total`, numbers or numeric strings.
 _NUM = r"'^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$'"
@@ -48,18 +49,23 @@ _ORDER_AGGREGATES = (
 )
 
 
-def _aggregate(r: Any) -> OrderAggregate:
+def _aggregate(r: Mapping[Any, Any]) -> OrderAggregate:
+    """From a row by column name: an asyncpg record (`Statement`) or a SQLAlchemy row's `_mapping`."""
     return OrderAggregate(
-        order_days=int(r.days),
-        first_date=int(r.first_date),
-        last_date=int(r.last_date),
-        first_at=float(r.first_at),
-        last_at=float(r.last_at),
-        first_day_amount=float(r.first_amount),
-        total_amount=float(r.total_amount),
-        orders_recent=int(r.recent),
-        orders_previous=int(r.previous),
+        order_days=int(r["days"]),
+        first_date=int(r["first_date"]),
+        last_date=int(r["last_date"]),
+        first_at=float(r["first_at"]),
+        last_at=float(r["last_at"]),
+        first_day_amount=float(r["first_amount"]),
+        total_amount=float(r["total_amount"]),
+        orders_recent=int(r["recent"]),
+        orders_previous=int(r["previous"]),
     )
+
+
+# The statements of every event batch go straight to asyncpg (`Statement`).
+_ORDER_AGGREGATES_OF = Statement(_ORDER_AGGREGATES.format(where="customer_id = ANY(CAST(:ids AS text[]))"))
 
 
 def _window(now: datetime, window_days: int) -> dict[str, Any]:
@@ -76,11 +82,8 @@ async def order_aggregates(
     ids = sorted(set(customer_ids))
     if not ids:
         return {}
-    rows = await session.execute(
-        text(_ORDER_AGGREGATES.format(where="customer_id = ANY(CAST(:ids AS text[]))")),
-        {"ids": ids, **_window(now, window_days)},
-    )
-    return {r.customer_id: _aggregate(r) for r in rows}
+    rows = await _ORDER_AGGREGATES_OF.fetch(session, {"ids": ids, **_window(now, window_days)})
+    return {r["customer_id"]: _aggregate(r) for r in rows}
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ async def base_chunk(
         ),
         {"lo": out[0].inputs.customer_id, "hi": out[-1].inputs.customer_id, **_window(now, window_days)},
     )
-    return out, {r.customer_id: _aggregate(r) for r in aggregates}
+    return out, {r.customer_id: _aggregate(r._mapping) for r in aggregates}
 
 
 # --------------------------------------------------------------------------- writing lifecycle columns
@@ -153,6 +156,34 @@ class StageChange:
     traits: dict[str, Any] | None = None  # the profile's traits (refit announcements carry them)
 
 
+_SAVE_EVENT_PATH = Statement(
+    "WITH saved AS (UPDATE customers c SET lifecycle_stage = u.stage, "
+    "lifecycle_stage_since = u.since, p_alive = u.p_alive, churn_risk = u.churn_risk, "
+    "expected_orders = u.expected_orders, predicted_clv = u.predicted_clv, rfm_r = u.rfm_r, "
+    "rfm_f = u.rfm_f, rfm_m = u.rfm_m, rfm_score = u.rfm_score, nps_score = u.nps_score, "
+    "nps_category = u.nps_category, nps_at = u.nps_at, csat_score = u.csat_score, csat_at = "
+    "u.csat_at "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:stage AS text[]), CAST(:since AS timestamptz[]), "
+    "CAST(:p_alive AS float8[]), CAST(:churn AS float8[]), CAST(:expected AS float8[]), "
+    "CAST(:clv AS float8[]), CAST(:r AS int[]), CAST(:f AS int[]), CAST(:m AS int[]), "
+    "CAST(:rfm AS int[]), CAST(:nps AS int[]), CAST(:nps_cat AS text[]), CAST(:nps_at AS "
+    "timestamptz[]), "
+    "CAST(:csat AS int[]), CAST(:csat_at AS timestamptz[])) AS u(customer_id, stage, since, p_alive, "
+    "churn_risk, expected_orders, predicted_clv, rfm_r, rfm_f, rfm_m, rfm_score, nps_score, "
+    "nps_category, nps_at, csat_score, csat_at) WHERE c.customer_id = u.customer_id), "
+    "history AS (INSERT INTO lifecycle_stage_history (customer_id, from_stage, to_stage, changed_at, "
+    "cause) SELECT h.c, h.f, h.t, :now, h.cause FROM unnest(CAST(:hc AS text[]), CAST(:hf AS "
+    "text[]), "
+    "CAST(:ht AS text[]), CAST(:hcause AS text[])) AS h(c, f, t, cause)) "
+    "INSERT INTO survey_responses (message_id, customer_id, survey_type, score, comment, survey_id, "
+    "answered_at) SELECT * FROM unnest(CAST(:sm AS text[]), CAST(:sc AS text[]), CAST(:st AS "
+    "text[]), "
+    "CAST(:ss AS int[]), CAST(:scomment AS text[]), CAST(:sid AS text[]), CAST(:sat AS "
+    "timestamptz[])) "
+    "ON CONFLICT (message_id) DO NOTHING"
+)
+
+
 async def save_event_path(
     session: AsyncSession,
     values: Sequence[tuple[str, dict[str, Any]]],
@@ -165,33 +196,8 @@ async def save_event_path(
     if not values and not surveys:
         return
     v = [x for _, x in values]
-    await session.execute(
-        text(
-            "WITH saved AS (UPDATE customers c SET lifecycle_stage = u.stage, "
-            "lifecycle_stage_since = u.since, p_alive = u.p_alive, churn_risk = u.churn_risk, "
-            "expected_orders = u.expected_orders, predicted_clv = u.predicted_clv, rfm_r = u.rfm_r, "
-            "rfm_f = u.rfm_f, rfm_m = u.rfm_m, rfm_score = u.rfm_score, nps_score = u.nps_score, "
-            "nps_category = u.nps_category, nps_at = u.nps_at, csat_score = u.csat_score, csat_at = "
-            "u.csat_at "
-            "FROM unnest(CAST(:ids AS text[]), CAST(:stage AS text[]), CAST(:since AS timestamptz[]), "
-            "CAST(:p_alive AS float8[]), CAST(:churn AS float8[]), CAST(:expected AS float8[]), "
-            "CAST(:clv AS float8[]), CAST(:r AS int[]), CAST(:f AS int[]), CAST(:m AS int[]), "
-            "CAST(:rfm AS int[]), CAST(:nps AS int[]), CAST(:nps_cat AS text[]), CAST(:nps_at AS "
-            "timestamptz[]), "
-            "CAST(:csat AS int[]), CAST(:csat_at AS timestamptz[])) AS u(customer_id, stage, since, p_alive, "
-            "churn_risk, expected_orders, predicted_clv, rfm_r, rfm_f, rfm_m, rfm_score, nps_score, "
-            "nps_category, nps_at, csat_score, csat_at) WHERE c.customer_id = u.customer_id), "
-            "history AS (INSERT INTO lifecycle_stage_history (customer_id, from_stage, to_stage, changed_at, "
-            "cause) SELECT h.c, h.f, h.t, :now, h.cause FROM unnest(CAST(:hc AS text[]), CAST(:hf AS "
-            "text[]), "
-            "CAST(:ht AS text[]), CAST(:hcause AS text[])) AS h(c, f, t, cause)) "
-            "INSERT INTO survey_responses (message_id, customer_id, survey_type, score, comment, survey_id, "
-            "answered_at) SELECT * FROM unnest(CAST(:sm AS text[]), CAST(:sc AS text[]), CAST(:st AS "
-            "text[]), "
-            "CAST(:ss AS int[]), CAST(:scomment AS text[]), CAST(:sid AS text[]), CAST(:sat AS "
-            "timestamptz[])) "
-            "ON CONFLICT (message_id) DO NOTHING"
-        ),
+    await _SAVE_EVENT_PATH.execute(
+        session,
         {
             "now": now,
             "ids": [cid for cid, _ in values],

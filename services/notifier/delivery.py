@@ -75,6 +75,7 @@ class AttemptResult:
     statuses: list[MessageStatus] = field(default_factory=list)
     dead_letter_reason: str | None = None
     dead_letter: MessageRequested | None = None
+    correlation_id: str | None = None  # the ledger row's: its statuses pass it on
 
 
 class ClaimLost(SendAborted):
@@ -232,6 +233,7 @@ class DeliveryWorker:
                 "claim lost before sending; left to its new owner", extra={"message_id": entry.message_id}
             )
             return
+        result.correlation_id = entry.correlation_id
         await self._outcome_writes.submit(result)
 
     async def _hand_back(self, entries: Sequence[LedgerEntry]) -> None:
@@ -327,7 +329,8 @@ class DeliveryWorker:
             )
             for e in stale:
                 if e.message_id in recorded:
-                    self._emit_status(uow, status_of(e.request, MessageStatusKind.FAILED, now, reason=reason))
+                    failed = status_of(e.request, MessageStatusKind.FAILED, now, reason=reason)
+                    self._emit_status(uow, failed, e.correlation_id)
         if stale:
             log.warning("stale sends resolved as unknown", extra={"count": len(stale)})
 
@@ -492,7 +495,7 @@ class DeliveryWorker:
                 if result.outcome.message_id not in recorded:
                     continue  # the claim was handed back or resolved meanwhile: its owner reports
                 for status in result.statuses:
-                    self._emit_status(uow, status)
+                    self._emit_status(uow, status, result.correlation_id)
                 if result.dead_letter is not None:
                     self._dead_letter(uow, result.dead_letter, result)
         if any(r.outcome.state == ledger_repo.PENDING for r in results):
@@ -506,6 +509,7 @@ class DeliveryWorker:
             MESSAGE_REQUESTS.dead_letter,
             request.customer_id,
             request,
+            correlation_id=result.correlation_id,
             extra_headers={
                 Headers.DLQ_ERROR: (result.dead_letter_reason or "")[:2000],
                 Headers.DLQ_SOURCE: "notifier.send_ledger",
@@ -515,5 +519,5 @@ class DeliveryWorker:
         )
 
     @staticmethod
-    def _emit_status(uow: UnitOfWork, status: MessageStatus) -> None:
-        uow.emit(MESSAGE_STATUS.name, status.customer_id, status)
+    def _emit_status(uow: UnitOfWork, status: MessageStatus, correlation_id: str | None = None) -> None:
+        uow.emit(MESSAGE_STATUS.name, status.customer_id, status, correlation_id=correlation_id)

@@ -209,7 +209,8 @@ class Lifecycle:
         uow.emit(
             PROFILES.name,
             change.customer_id,
-            ProfileChanged(
+            cause=cause,
+            model=ProfileChanged(
                 event_id=f"profile:{change.customer_id}:{cause}:stage:{change.to_stage}",
                 customer_id=change.customer_id,
                 kind=ProfileChangeKind.STAGE_CHANGED,

@@ -150,7 +150,8 @@ class Recommendations:
             uow.emit(
                 PROFILES.name,
                 cid,
-                ProfileChanged(
+                cause=cause,
+                model=ProfileChanged(
                     event_id=f"profile:{cid}:{cause}:recommendations",
                     customer_id=cid,
                     kind=ProfileChangeKind.TRAITS_CHANGED,

@@ -138,7 +138,8 @@ def announce(
     uow.emit(
         SEGMENT_MEMBERSHIP.name,
         customer_id,
-        SegmentMembershipChanged(
+        cause=cause,
+        model=SegmentMembershipChanged(
             event_id=membership_event_id(customer_id, segment_id, transitions),
             customer_id=customer_id,
             segment_id=segment_id,

@@ -8,8 +8,8 @@ class Headers:
     EVENT_ID = "clm-event-id"
     EVENT_TYPE = "clm-event-type"
     SCHEMA_VERSION = "clm-schema-version"
-    # The id of the message that started the chain: ingest's event id; a hop that passes on its
-    # cause's id keeps it (privacy answers do); otherwise the message's own event id.
+    # The id of the message that started the chain: ingest's event id, passed on by every hop to what
+    # it emits because of a consumed message; a message with no consumed cause has its own event id.
     CORRELATION_ID = "clm-correlation-id"
     PRODUCER = "clm-producer"
     # Epoch milliseconds at which this hop produced the message.

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
+from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.contracts.events import ContractModel
 from shared.db.engine import driver_connection
+from shared.kafka.consumer import Consumed
 from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.settings import BaseServiceSettings
 
@@ -46,6 +48,9 @@ class UnitOfWork:
         self._on_commit = on_commit
         self._outgoing: list[OutgoingMessage] = []
         self._session: AsyncSession | None = None
+        # Cause id (the consumed message's event id) -> its correlation id, noted by the handler
+        # (`note_correlations`), so what it emits because of that message passes the chain's id on.
+        self.correlations: dict[str, str] = {}
 
     @property
     def session(self) -> AsyncSession:
@@ -85,6 +90,12 @@ class UnitOfWork:
         rows = await (await driver_connection(self.session)).fetch(_CLAIM, consumer, ids)
         return {r[0] for r in rows}
 
+    def note_correlations(self, consumed: Iterable[Consumed[Any]]) -> None:
+        """Remember each consumed message's correlation id under its event id (see `emit`'s `cause`)."""
+        for c in consumed:
+            if c.correlation_id:
+                self.correlations[c.event_id] = c.correlation_id
+
     def emit(
         self,
         topic_name: str,
@@ -92,8 +103,13 @@ class UnitOfWork:
         model: ContractModel,
         *,
         correlation_id: str | None = None,
+        cause: str | None = None,
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
+        """Queue `model` for the outbox. Its correlation id is `correlation_id`, else that of the
+        consumed message `cause` (an event id noted with `note_correlations`), else its own id."""
+        if correlation_id is None and cause is not None:
+            correlation_id = self.correlations.get(cause)
         self._outgoing.append(
             encode_message(
                 self._settings.topic(topic_name),

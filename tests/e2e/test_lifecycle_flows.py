@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from tests.e2e.conftest import WRITE_KEY, Platform, activate
-from tests.support import eventually
+from tests.support import eventually, read_topic
 
 
 async def setup_welcome_journey(c: httpx.AsyncClient, p: Platform, suffix: str) -> str:
@@ -95,11 +95,13 @@ async def sign_up(
         "batch": [
             {
                 "type": "identify",
+                "messageId": f"identify-{user_id}",
                 "userId": user_id,
                 "traits": {"email": email_address, "first_name": first_name, "timezone": "Europe/Paris"},
             },
             {
                 "type": "track",
+                "messageId": f"signed-up-{user_id}",
                 "userId": user_id,
                 "event": "Signed Up",
                 "properties": {"method": "email", "cohort": cohort},
@@ -162,3 +164,17 @@ async def test_sign_up_gets_a_personalized_welcome_email_with_an_unsubscribe_lin
         )
         assert message["channel"] == "email"
         assert message["status"] in ("sent", "delivered")
+
+        # every hop passed the chain's correlation id on: the welcome's statuses carry the id of the
+        # sign-up event that put the customer in the segment (the segment entry, the journey's request)
+        def welcome_sent(messages: list[dict[str, Any]]) -> bool:
+            return any(
+                m["value"]["customer_id"] == user and m["value"]["status"] in ("sent", "delivered")
+                for m in messages
+            )
+
+        statuses = await read_topic(platform.status_topic(), until=welcome_sent, timeout=20)
+        mine = [m for m in statuses if m["value"]["customer_id"] == user]
+        assert {m["value"]["status"] for m in mine} >= {"queued", "sent"}
+        assert {m["headers"]["clm-correlation-id"] for m in mine} <= {f"identify-{user}", f"signed-up-{user}"}
+        assert len({m["headers"]["clm-correlation-id"] for m in mine}) == 1

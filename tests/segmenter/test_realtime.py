@@ -7,7 +7,8 @@ from datetime import timedelta
 
 from sqlalchemy import text
 
-from tests.segmenter.conftest import START, Harness, make_event
+from shared.contracts.topics import SEGMENT_MEMBERSHIP
+from tests.segmenter.conftest import START, Harness, make_event, read_all
 
 
 async def test_an_event_enters_and_a_later_one_exits_each_announced_once(harness: Harness) -> None:
@@ -43,6 +44,9 @@ async def test_an_event_enters_and_a_later_one_exits_each_announced_once(harness
     ]
     assert all(m["customer_id"] == "u1" for m in msgs)
     assert msgs[0]["segment_name"] == "Pro" and msgs[0]["traits"] == {"plan": "pro"}
+    # each announcement passes on the correlation id of the event that caused it
+    raw = await read_all(harness.settings.topic(SEGMENT_MEMBERSHIP.name))
+    assert [m["headers"]["clm-correlation-id"] for m in raw] == ["m1", "m3", "m4"]
     segs = (await harness.customer("u1"))["segments"]
     assert [s["segment_id"] for s in segs] == [buyers]
 

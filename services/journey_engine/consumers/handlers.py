@@ -24,17 +24,20 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
 
     async def events(batch: Sequence[Consumed[CustomerEvent]]) -> None:
         async with platform.unit_of_work() as uow:
+            uow.note_correlations(batch)  # the instances they start pass the chain's id on
             fresh = await uow.claim_many("events", [c.event_id for c in batch])
             items = [(c.event_id, c.value) for c in batch if c.event_id in fresh]
             await engine.on_events(uow, await drop_erased_events(uow, salt, items))
 
     async def segments(batch: Sequence[Consumed[SegmentMembershipChanged]]) -> None:
         async with platform.unit_of_work() as uow:
+            uow.note_correlations(batch)
             fresh = await uow.claim_many("segments", [c.event_id for c in batch])
             await engine.on_segment_changes(uow, [c.value for c in batch if c.event_id in fresh])
 
     async def profiles(batch: Sequence[Consumed[ProfileChanged]]) -> None:
         async with platform.unit_of_work() as uow:
+            uow.note_correlations(batch)
             fresh = await uow.claim_many("profiles", [c.event_id for c in batch])
             await engine.on_profiles(uow, [c.value for c in batch if c.event_id in fresh])
 

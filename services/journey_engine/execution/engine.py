@@ -400,6 +400,11 @@ class JourneyEngine:
             session, journey.row.id
         ):
             return None
+        chain = uow.correlations.get(trigger_id)
+        if (
+            chain is not None
+        ):  # the Kafka chain's id (not the journey's correlation key): its messages pass it on
+            context["correlation_id"] = chain
         instance_id = str(
             uuid.uuid5(INSTANCE_NAMESPACE, f"{journey.row.id}|{customer.customer_id}|{trigger_id}")
         )
@@ -498,7 +503,8 @@ class JourneyEngine:
                 uow.emit(
                     CUSTOMER_EVENTS.name,
                     row.customer_id,
-                    CustomerEvent(
+                    correlation_id=_chain(row),
+                    model=CustomerEvent(
                         message_id=effect.event_id,
                         type=EventType.IDENTIFY,
                         user_id=row.customer_id,
@@ -535,7 +541,8 @@ class JourneyEngine:
         uow.emit(
             MESSAGE_REQUESTS.name,
             row.customer_id,
-            MessageRequested(
+            correlation_id=_chain(row),
+            model=MessageRequested(
                 message_id=effect.message_id,
                 customer_id=row.customer_id,
                 channel=effect.channel,
@@ -571,7 +578,8 @@ class JourneyEngine:
         uow.emit(
             MESSAGE_STATUS.name,
             row.customer_id,
-            MessageStatus(
+            correlation_id=_chain(row),
+            model=MessageStatus(
                 status_id=f"{effect.message_id}:{effect.status}",
                 message_id=effect.message_id,
                 customer_id=row.customer_id,
@@ -754,6 +762,12 @@ class JourneyEngine:
                 claimed = 0
             if claimed < self.settings.timer_batch_size:
                 await asyncio.sleep(self.settings.timer_poll_interval_s)
+
+
+def _chain(row: InstanceRow) -> str | None:
+    """The correlation id of the message that started the instance (None: its messages start a chain)."""
+    value = row.context.get("correlation_id")
+    return value if isinstance(value, str) else None
 
 
 def _str(value: object) -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from services.notifier.delivery import DeliveryWorker
 from services.notifier.domain.composition import status_of
@@ -16,14 +16,20 @@ CONSUMER = "notifier.message_requests"
 
 
 async def enqueue(
-    uow: UnitOfWork, requests: Sequence[MessageRequested], clock: Clock, privacy_salt: str | None = None
+    uow: UnitOfWork,
+    requests: Sequence[MessageRequested],
+    clock: Clock,
+    privacy_salt: str | None = None,
+    correlations: Mapping[str, str] | None = None,
 ) -> set[str]:
     """Ledger rows for requests never seen before, each with a `queued` status. Returns the new ids.
 
     With `privacy_salt`, a request for an erased customer is recorded `suppressed` (reason `erased`)
-    instead, emptied of personal data, and never sent."""
+    instead, emptied of personal data, and never sent. `correlations` (message id -> the request's
+    correlation id) are kept in the ledger and passed on by every status of the message."""
     now = clock.now()
-    new = await ledger_repo.insert_new(uow.session, requests, now)
+    correlations = correlations or {}
+    new = await ledger_repo.insert_new(uow.session, requests, now, correlations)
     erased: set[str] = set()
     if privacy_salt is not None and new:
         fresh = [r for r in requests if r.message_id in new]
@@ -32,11 +38,16 @@ async def enqueue(
     for request in requests:
         if request.message_id in erased:
             status = status_of(request, MessageStatusKind.SUPPRESSED, now, reason=erasure_repo.ERASED_REASON)
-            uow.emit(MESSAGE_STATUS.name, request.customer_id, status)
         elif request.message_id in new:
-            uow.emit(
-                MESSAGE_STATUS.name, request.customer_id, status_of(request, MessageStatusKind.QUEUED, now)
-            )
+            status = status_of(request, MessageStatusKind.QUEUED, now)
+        else:
+            continue
+        uow.emit(
+            MESSAGE_STATUS.name,
+            request.customer_id,
+            status,
+            correlation_id=correlations.get(request.message_id),
+        )
     return new
 
 
@@ -59,7 +70,11 @@ class MessageRequestsConsumer:
             fresh = await uow.claim_many(CONSUMER, [item.event_id for item in batch])
             # The ledger's primary key dedupes too: the same message id under another event id is no new send.
             new = await enqueue(
-                uow, [item.value for item in batch if item.event_id in fresh], self.clock, self.privacy_salt
+                uow,
+                [item.value for item in batch if item.event_id in fresh],
+                self.clock,
+                self.privacy_salt,
+                {i.value.message_id: i.correlation_id for i in batch if i.correlation_id},
             )
             if new:  # claimed in the same commit, sent right after it (the loops do it when busy)
                 claimed = await self.worker.claim_within(uow.session, new)

@@ -34,6 +34,7 @@ class LedgerEntry:
     next_attempt_at: datetime | None
     provider_message_id: str | None = None
     claim_token: str | None = None
+    correlation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,22 +64,30 @@ def _entry(row: Mapping[Any, Any]) -> LedgerEntry:
         next_attempt_at=row["next_attempt_at"],
         provider_message_id=row["provider_message_id"],
         claim_token=row["claim_token"],
+        correlation_id=row["correlation_id"],
     )
 
 
 # The statements of every message's way through the ledger go straight to asyncpg (`Statement`).
 _INSERT_NEW = Statement(
     "INSERT INTO send_ledger (message_id, customer_id, channel, category, template_id, request, state, "
-    "next_attempt_at, created_at, updated_at) "
-    "SELECT m, c, ch, cat, t, r, 'pending', :now, :now, :now FROM unnest(CAST(:ids AS text[]), "
+    "next_attempt_at, created_at, updated_at, correlation_id) "
+    "SELECT m, c, ch, cat, t, r, 'pending', :now, :now, :now, k FROM unnest(CAST(:ids AS text[]), "
     "CAST(:customers AS text[]), CAST(:channels AS text[]), CAST(:categories AS text[]), "
-    "CAST(:templates AS text[]), CAST(:requests AS jsonb[])) AS n(m, c, ch, cat, t, r) "
+    "CAST(:templates AS text[]), CAST(:requests AS jsonb[]), CAST(:correlations AS text[])) "
+    "AS n(m, c, ch, cat, t, r, k) "
     "ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
 )
 
 
-async def insert_new(session: AsyncSession, requests: Sequence[MessageRequested], now: datetime) -> set[str]:
-    """Record requests not seen before as pending; returns the ids that are new."""
+async def insert_new(
+    session: AsyncSession,
+    requests: Sequence[MessageRequested],
+    now: datetime,
+    correlations: Mapping[str, str] | None = None,
+) -> set[str]:
+    """Record requests not seen before as pending, each with its correlation id (by message id);
+    returns the ids that are new."""
     if not requests:
         return set()
     unique = list({r.message_id: r for r in requests}.values())
@@ -92,6 +101,7 @@ async def insert_new(session: AsyncSession, requests: Sequence[MessageRequested]
             "categories": [r.category.value for r in unique],
             "templates": [r.template_id for r in unique],
             "requests": [r.model_dump_json() for r in unique],
+            "correlations": [(correlations or {}).get(r.message_id) for r in unique],
         },
     )
     return {r[0] for r in rows}
@@ -101,7 +111,7 @@ _CLAIM = (
     "UPDATE send_ledger SET state = 'claimed', claim_token = :token, claimed_at = :now, "
     "attempts = attempts + 1, updated_at = :now WHERE {where} "
     "RETURNING message_id, request, state, attempts, provider, reason, next_attempt_at, "
-    "provider_message_id, claim_token"
+    "provider_message_id, claim_token, correlation_id"
 )
 # ARRAY(...) takes the due ids once, through the partial index: with `message_id IN (SELECT ...)`
 # PostgreSQL chose a hash join over the whole ledger (5 ms a claim at 12k rows, growing with it).

@@ -59,6 +59,8 @@ send_ledger = sa.Table(
     sa.Column("claimed_at", TS),
     # Which claim owns the row (revision 0003_claim_token): a claim handed back cannot send any more.
     sa.Column("claim_token", sa.Text),
+    # The request's correlation id (revision 0004_correlation_id), passed on by the message's statuses.
+    sa.Column("correlation_id", sa.Text),
     sa.Column("provider", sa.Text),
     sa.Column("provider_message_id", sa.Text),
     sa.Column("reason", sa.Text),

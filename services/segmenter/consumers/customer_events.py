@@ -103,15 +103,18 @@ class CustomerEventsHandler:
         # split by partition into a few units of work that run concurrently: the database works on
         # one while Python folds and evaluates another. Each commits its own inbox claims, so a retry
         # of the whole batch after a partial failure skips what was committed.
-        groups: list[list[CustomerEvent]] = [[] for _ in range(self.parallelism)]
+        groups: list[list[Consumed[CustomerEvent]]] = [[] for _ in range(self.parallelism)]
         for c in batch:
-            groups[c.partition % self.parallelism].append(c.value)
-        await asyncio.gather(*(self.handle_in_own_unit(g) for g in groups if g))
+            groups[c.partition % self.parallelism].append(c)
+        await asyncio.gather(*(self.handle_in_own_unit([c.value for c in g], g) for g in groups if g))
 
-    async def handle_in_own_unit(self, events: list[CustomerEvent]) -> None:
+    async def handle_in_own_unit(
+        self, events: list[CustomerEvent], consumed: Sequence[Consumed[CustomerEvent]] = ()
+    ) -> None:
         for attempt in range(1, 6):
             try:
                 async with self.platform.unit_of_work() as uow:
+                    uow.note_correlations(consumed)  # announcements pass on their cause's correlation id
                     await self.handle(uow, events)
                 return
             except Exception as exc:
@@ -253,7 +256,8 @@ class CustomerEventsHandler:
             uow.emit(
                 PROFILES.name,
                 cid,
-                ProfileChanged(
+                cause=last_message.get(cid),
+                model=ProfileChanged(
                     event_id=f"profile:{cid}:{last_message.get(cid, 'merge')}:{kind}",
                     customer_id=cid,
                     kind=ProfileChangeKind.IDENTITY_MERGED if merged else ProfileChangeKind.TRAITS_CHANGED,

@@ -159,7 +159,9 @@ def _iso(t: datetime) -> str:
 
 def journey_of(c: Customer, rng: random.Random, start: datetime, now: datetime) -> Iterator[dict[str, Any]]:
     """The events of one customer between `start` and `now`, in time order."""
-    t = start + timedelta(hours=rng.uniform(0, max(1.0, (now - start).total_seconds() / 3600 * 0.6)))
+    # Sign-ups spread over nearly the whole period, so some are recent (the welcome series is for
+    # customers who signed up in the last 7 days; with --days 30, about one in five).
+    t = start + timedelta(hours=rng.uniform(0, max(1.0, (now - start).total_seconds() / 3600 * 0.95)))
 
     def ev(kind: str, **fields: Any) -> dict[str, Any]:
         return {

@@ -58,6 +58,12 @@ class Demo:
                 )
             await self.check(r, f"template {template['id']}")
         print(f"demo: {len(seed.TOPICS)} subscription topics, {len(seed.TEMPLATES)} templates", flush=True)
+        r = await self.client.put(
+            self.url("segmenter", "/v1/lifecycle/stages"),
+            headers=self.admin,
+            json={"thresholds": seed.LIFECYCLE_THRESHOLDS},
+        )
+        await self.check(r, "lifecycle stage thresholds")
 
         existing = await self.check(
             await self.client.get(self.url("segmenter", "/v1/segments"), headers=self.admin), "list segments"
@@ -149,6 +155,31 @@ class Demo:
         print(
             f"demo: {len(all_events)} events for {self.args.customers} customers in {elapsed:.1f}s "
             f"({len(all_events) / elapsed:.0f} events/s)",
+            flush=True,
+        )
+        await self.refit_lifecycle(all_events[-1])
+
+    async def refit_lifecycle(self, last: dict[str, Any]) -> None:
+        """Once the segmenter holds the stream (its last event is in a timeline), fit the lifecycle
+        models (BG/NBD, Gamma-Gamma) on the whole base now rather than at the segmenter's next try
+        (minutes away on a fresh platform): P(alive), churn risk and CLV then show at once, in
+        profiles and the CLV KPI, and stages are recomputed with them."""
+        customer = last.get("userId") or last.get("anonymousId")
+        timeline = self.url("segmenter", f"/v1/customers/{customer}/events")
+        for _ in range(120):
+            r = await self.client.get(timeline, headers=self.admin, params={"limit": 5})
+            if r.status_code == 200 and any(e["message_id"] == last["messageId"] for e in r.json()["events"]):
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2)  # the other partitions' last batches
+        r = await self.client.post(self.url("segmenter", "/v1/lifecycle/refit"), headers=self.admin)
+        if r.status_code != 200:
+            print(f"demo: lifecycle refit refused ({r.status_code}): {r.text[:200]}", flush=True)
+            return
+        fit = r.json()
+        print(
+            f"demo: lifecycle models fitted on {fit['customers']} customers: "
+            f"{fit['stage_changes']} stage changes",
             flush=True,
         )
 

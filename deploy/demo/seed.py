@@ -85,6 +85,15 @@ TEMPLATES: list[dict[str, Any]] = [
     ),
 ]
 
+# Lifecycle stage thresholds for the demo's compressed time (a month of history, waits of minutes):
+# the defaults (onboarding for 30 days, at risk after 120 days without an order) would keep every
+# simulated customer onboarding, and no one would become at risk, so the win-back journey never ran.
+LIFECYCLE_THRESHOLDS: dict[str, Any] = {
+    "onboarding_days": 7,
+    "at_risk_inactive_days": 10,
+    "churned_inactive_days": 25,
+}
+
 SEGMENTS: dict[str, dict[str, Any]] = {
     "new_signups": {
         "name": "Demo: signed up in the last 7 days",

@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts.events import PrivacyAction, PrivacyRequest
-from shared.db.engine import driver_connection
+from shared.db.engine import Statement
 
 # The services that must confirm an erasure and answer an export.
 SERVICES = ("segmenter", "ingest", "journey_engine", "notifier")
@@ -54,10 +54,12 @@ def answer(
     )
 
 
-# Sent straight to asyncpg (`driver_connection`): every event batch runs them.
-_GATE = "SELECT pg_advisory_xact_lock_shared(hashtext('clm.erasure.' || current_schema()))"
-_GATE_EXCLUSIVE = "SELECT pg_advisory_xact_lock(hashtext('clm.erasure.' || current_schema()))"
-_ERASED_AMONG = "SELECT identity_hash FROM erasure_tombstones WHERE identity_hash = ANY($1::text[])"
+# Straight to asyncpg (`Statement`): every event batch runs them.
+_GATE = Statement("SELECT pg_advisory_xact_lock_shared(hashtext('clm.erasure.' || current_schema()))")
+_GATE_EXCLUSIVE = Statement("SELECT pg_advisory_xact_lock(hashtext('clm.erasure.' || current_schema()))")
+_ERASED_AMONG = Statement(
+    "SELECT identity_hash FROM erasure_tombstones WHERE identity_hash = ANY(CAST(:h AS text[]))"
+)
 
 
 async def erasure_gate(session: AsyncSession, *, exclusive: bool) -> None:
@@ -68,7 +70,7 @@ async def erasure_gate(session: AsyncSession, *, exclusive: bool) -> None:
     either committed before the erasure (whose delete then covers what it wrote) or checks the
     tombstones after the erasure committed; none can slip between check and erasure.
     """
-    await (await driver_connection(session)).execute(_GATE_EXCLUSIVE if exclusive else _GATE)
+    await (_GATE_EXCLUSIVE if exclusive else _GATE).execute(session)
 
 
 async def add_tombstones(
@@ -90,5 +92,5 @@ async def erased_among(session: AsyncSession, salt: str, identities: Iterable[st
     by_hash = {identity_hash(salt, i): i for i in set(identities) if i}
     if not by_hash:
         return set()
-    rows = await (await driver_connection(session)).fetch(_ERASED_AMONG, list(by_hash))
+    rows = await _ERASED_AMONG.fetch(session, {"h": list(by_hash)})
     return {by_hash[r[0]] for r in rows}

@@ -209,8 +209,7 @@ class Lifecycle:
         uow.emit(
             PROFILES.name,
             change.customer_id,
-            cause=cause,
-            model=ProfileChanged(
+            ProfileChanged(
                 event_id=f"profile:{change.customer_id}:{cause}:stage:{change.to_stage}",
                 customer_id=change.customer_id,
                 kind=ProfileChangeKind.STAGE_CHANGED,
@@ -221,6 +220,7 @@ class Lifecycle:
                 metrics={name: f.get(name) for name in ANNOUNCED_METRICS},
                 caused_by=cause,
             ),
+            cause=cause,
         )
 
     # ----------------------------------------------------------------- refit and recompute over the base

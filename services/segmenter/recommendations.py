@@ -150,8 +150,7 @@ class Recommendations:
             uow.emit(
                 PROFILES.name,
                 cid,
-                cause=cause,
-                model=ProfileChanged(
+                ProfileChanged(
                     event_id=f"profile:{cid}:{cause}:recommendations",
                     customer_id=cid,
                     kind=ProfileChangeKind.TRAITS_CHANGED,
@@ -160,6 +159,7 @@ class Recommendations:
                     recommendations=dict(lists[cid]),
                     caused_by=cause,
                 ),
+                cause=cause,
             )
         return changed
 

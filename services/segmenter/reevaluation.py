@@ -138,8 +138,7 @@ def announce(
     uow.emit(
         SEGMENT_MEMBERSHIP.name,
         customer_id,
-        cause=cause,
-        model=SegmentMembershipChanged(
+        SegmentMembershipChanged(
             event_id=membership_event_id(customer_id, segment_id, transitions),
             customer_id=customer_id,
             segment_id=segment_id,
@@ -149,4 +148,5 @@ def announce(
             cause=cause,
             traits=traits,
         ),
+        cause=cause,
     )

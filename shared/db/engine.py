@@ -87,7 +87,8 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
 
 class Statement:
     """A SQL text with `:name` parameters, as `sqlalchemy.text` takes, run straight on asyncpg inside
-    the session's transaction (`driver_connection`): for the queries every batch runs. Rows are
+    the session's transaction (`driver_connection`), or on an asyncpg connection in a transaction of
+    its own (`driver_transaction`): for the queries every batch runs. Rows are
     asyncpg records (by index, by column name, or unpacked), jsonb decoded as through SQLAlchemy.
     Like `text`, it takes `:word` anywhere as a parameter, so keep such text out of string literals."""
 
@@ -108,12 +109,20 @@ class Statement:
     def _args(self, params: Mapping[str, Any] | None) -> list[Any]:
         return [(params or {})[name] for name in self.names]
 
-    async def fetch(self, session: AsyncSession, params: Mapping[str, Any] | None = None) -> list[Any]:
-        return list(await (await driver_connection(session)).fetch(self.sql, *self._args(params)))
+    @staticmethod
+    async def _on(target: AsyncSession | asyncpg.Connection) -> asyncpg.Connection:
+        return target if isinstance(target, asyncpg.Connection) else await driver_connection(target)
 
-    async def execute(self, session: AsyncSession, params: Mapping[str, Any] | None = None) -> int:
+    async def fetch(
+        self, target: AsyncSession | asyncpg.Connection, params: Mapping[str, Any] | None = None
+    ) -> list[Any]:
+        return list(await (await self._on(target)).fetch(self.sql, *self._args(params)))
+
+    async def execute(
+        self, target: AsyncSession | asyncpg.Connection, params: Mapping[str, Any] | None = None
+    ) -> int:
         """Runs the statement; returns the rows it affected (INSERT/UPDATE/DELETE) or 0."""
-        status = await (await driver_connection(session)).execute(self.sql, *self._args(params))
+        status = await (await self._on(target)).execute(self.sql, *self._args(params))
         count = status.rsplit(" ", 1)[-1]
         return int(count) if count.isdigit() else 0
 

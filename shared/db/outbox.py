@@ -17,7 +17,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db.engine import driver_transaction
+from shared.db.engine import Statement, driver_transaction
 from shared.db.migrations import advisory_key
 from shared.kafka.producer import EventProducer, OutgoingMessage
 from shared.observability.metrics import OUTBOX_PENDING, OUTBOX_RELAYED
@@ -26,10 +26,10 @@ from shared.settings import BaseServiceSettings
 log = logging.getLogger(__name__)
 
 
-_TAKE = (
-    "WITH relay_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($1) AS got) "
+_TAKE = Statement(
+    "WITH relay_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(:k) AS got) "
     "DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox "
-    "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT $2)) "
+    "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT :n)) "
     "RETURNING id, topic, key, value, headers"
 )
 
@@ -75,7 +75,7 @@ class OutboxRelay:
             # ARRAY(...) is computed once: with `id IN (SELECT ... LIMIT n)` and stale statistics
             # PostgreSQL once re-ran the LIMIT subquery for every outbox row (32 s with 100k waiting).
             rows = sorted(
-                await driver.fetch(_TAKE, self._lock_key, self.settings.outbox_batch_size),
+                await _TAKE.fetch(driver, {"k": self._lock_key, "n": self.settings.outbox_batch_size}),
                 key=lambda r: r["id"],
             )
             if not rows:

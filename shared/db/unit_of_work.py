@@ -20,18 +20,19 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.contracts.events import ContractModel
-from shared.db.engine import driver_connection
+from shared.db.engine import Statement
 from shared.kafka.consumer import Consumed
 from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.settings import BaseServiceSettings
 
-# Sent straight to asyncpg (`driver_connection`): these run in every batch of every consumer.
-_INSERT_OUTBOX = (
+# Straight to asyncpg (`Statement`): these run in every batch of every consumer.
+_INSERT_OUTBOX = Statement(
     "INSERT INTO outbox (topic, key, value, headers) "
-    "SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::jsonb[])"
+    "SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:keys AS bytea[]), CAST(:vals AS bytea[]), "
+    "CAST(:headers AS jsonb[]))"
 )
-_CLAIM = (
-    "INSERT INTO inbox (consumer, message_id) SELECT $1, unnest($2::text[]) "
+_CLAIM = Statement(
+    "INSERT INTO inbox (consumer, message_id) SELECT :consumer, unnest(CAST(:ids AS text[])) "
     "ON CONFLICT DO NOTHING RETURNING message_id"
 )
 
@@ -87,7 +88,7 @@ class UnitOfWork:
         ids = list(dict.fromkeys(message_ids))
         if not ids:
             return set()
-        rows = await (await driver_connection(self.session)).fetch(_CLAIM, consumer, ids)
+        rows = await _CLAIM.fetch(self.session, {"consumer": consumer, "ids": ids})
         return {r[0] for r in rows}
 
     def note_correlations(self, consumed: Iterable[Consumed[Any]]) -> None:
@@ -129,10 +130,12 @@ class UnitOfWork:
         if not self._outgoing:
             return
         out = self._outgoing
-        await (await driver_connection(self.session)).execute(
-            _INSERT_OUTBOX,
-            [m.topic for m in out],
-            [m.key for m in out],
-            [m.value for m in out],
-            [orjson.dumps([[k, v.decode()] for k, v in m.headers]).decode() for m in out],
+        await _INSERT_OUTBOX.execute(
+            self.session,
+            {
+                "topics": [m.topic for m in out],
+                "keys": [m.key for m in out],
+                "vals": [m.value for m in out],
+                "headers": [orjson.dumps([[k, v.decode()] for k, v in m.headers]).decode() for m in out],
+            },
         )

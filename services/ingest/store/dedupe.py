@@ -9,6 +9,8 @@ import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.db.engine import Statement
+
 # One statement for a whole group of events. An id seen before the window's start is claimed again
 # (its row is refreshed); an id claimed by a transaction still in flight makes this one wait for it,
 # so a publish that fails (rolled back) never hides a later retry.
@@ -16,11 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 # statement to save a round trip): the event itself is durable in Kafka before the commit, and a
 # database crash can at worst forget the last fraction of a second of ids, so a client's retry of one
 # of those is published again, with the same messageId consumers dedupe on.
-# Sent straight to asyncpg: it runs for every group of events.
-_CLAIM = (
+# Straight to asyncpg (`Statement`): it runs for every group of events.
+_CLAIM = Statement(
     "WITH fast_commit AS (SELECT set_config('synchronous_commit', 'off', true)) "
-    "INSERT INTO dedupe (message_id, seen_at) SELECT unnest($1::text[]), $2 FROM fast_commit "
-    "ON CONFLICT (message_id) DO UPDATE SET seen_at = EXCLUDED.seen_at WHERE dedupe.seen_at < $3 "
+    "INSERT INTO dedupe (message_id, seen_at) SELECT unnest(CAST(:ids AS text[])), :now FROM fast_commit "
+    "ON CONFLICT (message_id) DO UPDATE SET seen_at = EXCLUDED.seen_at WHERE dedupe.seen_at < :cutoff "
     "RETURNING message_id"
 )
 _PRUNE = text(
@@ -35,7 +37,7 @@ async def claim(conn: asyncpg.Connection, ids: Sequence[str], now: datetime, cut
     since `cutoff`."""
     if not ids:
         return set()
-    rows = await conn.fetch(_CLAIM, list(ids), now, cutoff)
+    rows = await _CLAIM.fetch(conn, {"ids": list(ids), "now": now, "cutoff": cutoff})
     return {r[0] for r in rows}
 
 

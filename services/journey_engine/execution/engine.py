@@ -401,9 +401,8 @@ class JourneyEngine:
         ):
             return None
         chain = uow.correlations.get(trigger_id)
-        if (
-            chain is not None
-        ):  # the Kafka chain's id (not the journey's correlation key): its messages pass it on
+        if chain is not None:
+            # The Kafka chain's id (not the journey's correlation key): the instance's messages pass it on.
             context["correlation_id"] = chain
         instance_id = str(
             uuid.uuid5(INSTANCE_NAMESPACE, f"{journey.row.id}|{customer.customer_id}|{trigger_id}")
@@ -503,8 +502,7 @@ class JourneyEngine:
                 uow.emit(
                     CUSTOMER_EVENTS.name,
                     row.customer_id,
-                    correlation_id=_chain(row),
-                    model=CustomerEvent(
+                    CustomerEvent(
                         message_id=effect.event_id,
                         type=EventType.IDENTIFY,
                         user_id=row.customer_id,
@@ -520,6 +518,7 @@ class JourneyEngine:
                             }
                         },
                     ),
+                    correlation_id=_chain(row),
                 )
 
     def _request(
@@ -541,8 +540,7 @@ class JourneyEngine:
         uow.emit(
             MESSAGE_REQUESTS.name,
             row.customer_id,
-            correlation_id=_chain(row),
-            model=MessageRequested(
+            MessageRequested(
                 message_id=effect.message_id,
                 customer_id=row.customer_id,
                 channel=effect.channel,
@@ -557,6 +555,7 @@ class JourneyEngine:
                 node_id=effect.node_id,
                 requested_at=now,
             ),
+            correlation_id=_chain(row),
         )
         writer.messages.append(
             self._log(
@@ -578,8 +577,7 @@ class JourneyEngine:
         uow.emit(
             MESSAGE_STATUS.name,
             row.customer_id,
-            correlation_id=_chain(row),
-            model=MessageStatus(
+            MessageStatus(
                 status_id=f"{effect.message_id}:{effect.status}",
                 message_id=effect.message_id,
                 customer_id=row.customer_id,
@@ -594,6 +592,7 @@ class JourneyEngine:
                 instance_id=row.id,
                 node_id=effect.node_id,
             ),
+            correlation_id=_chain(row),
         )
         writer.messages.append(
             self._log(

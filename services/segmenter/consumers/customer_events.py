@@ -256,8 +256,7 @@ class CustomerEventsHandler:
             uow.emit(
                 PROFILES.name,
                 cid,
-                cause=last_message.get(cid),
-                model=ProfileChanged(
+                ProfileChanged(
                     event_id=f"profile:{cid}:{last_message.get(cid, 'merge')}:{kind}",
                     customer_id=cid,
                     kind=ProfileChangeKind.IDENTITY_MERGED if merged else ProfileChangeKind.TRAITS_CHANGED,
@@ -269,4 +268,5 @@ class CustomerEventsHandler:
                     merge_cause=merge_cause.get(cid),
                     caused_by=last_message.get(cid),
                 ),
+                cause=last_message.get(cid),
             )

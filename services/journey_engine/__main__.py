@@ -6,14 +6,17 @@ import uvicorn
 
 from services.journey_engine.app import create_app
 from services.journey_engine.settings import JourneyEngineSettings
+from shared.heap import settle_heap
 from shared.observability.logging import configure_logging
 
 
 def main() -> None:
     settings = JourneyEngineSettings()
     configure_logging(settings.service_name, settings.log_level)
+    app = create_app(settings)
+    settle_heap()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",

@@ -99,8 +99,11 @@ def is_infrastructure_error(exc: BaseException) -> bool:
 def _decode_headers(raw: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in raw or ():
-        with contextlib.suppress(UnicodeDecodeError):
+        # try/except, not contextlib.suppress: this runs for every header of every record.
+        try:
             out[k] = v.decode() if v is not None else ""
+        except UnicodeDecodeError:
+            continue
     return out
 
 

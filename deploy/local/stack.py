@@ -243,6 +243,17 @@ class LocalPostgres:
 
     @property
     def url(self) -> str:
+        """What the local processes are given: the server's Unix socket (it listens on TCP too).
+        A round trip over the socket costs both ends less CPU than over loopback TCP; with every
+        process on one 2-core host, bench-e2e's single posts at 400/s went from p50 ~340 ms to
+        ~175 ms. TCP when the socket's path is too long for one (about 107 bytes)."""
+        sock = self.home / "sock"
+        if len(str(sock / f".s.PGSQL.{self.port}")) <= 100:
+            return f"postgresql://postgres@/{self.database}?host={sock}&port={self.port}"
+        return self.tcp_url
+
+    @property
+    def tcp_url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
 
     @staticmethod
@@ -394,7 +405,7 @@ class Stack:
             self.postgres = LocalPostgres(home / "pg", self.ports.postgres, fast=self.fresh)
             self.postgres.start()
             self.env["DATABASE_URL"] = self.postgres.url
-            log(f"PostgreSQL ready at {self.postgres.url}")
+            log(f"PostgreSQL ready at {self.postgres.url} (TCP: {self.postgres.tcp_url})")
         log(f"infrastructure up in {time.monotonic() - started:.1f}s")
 
     def down(self) -> None:

@@ -7,13 +7,28 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.domain.composition import ContactView
 from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import contacts
-from shared.db.engine import Statement
+from shared.db.engine import Statement, json_text
+
+# Every profile change of every customer lands here (the notifier's projection of clm.profiles.v1),
+# a few rows at a time when traffic is single events: straight to asyncpg (`Statement`). As an
+# `insert().values([...])` SQLAlchemy compiled it anew for each number of rows (7% of the notifier's
+# CPU at 400 single posts/s).
+_UPSERT = Statement(
+    "INSERT INTO contacts (customer_id, email, phone, push_token, webhook_url, locale, timezone, traits, "
+    "profile_at) "
+    "SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:email AS text[]), CAST(:phone AS text[]), "
+    "CAST(:push AS text[]), CAST(:hook AS text[]), CAST(:locale AS text[]), CAST(:tz AS text[]), "
+    "CAST(:traits AS jsonb[]), CAST(:at AS timestamptz[])) "
+    "ON CONFLICT (customer_id) DO UPDATE SET email = excluded.email, phone = excluded.phone, "
+    "push_token = excluded.push_token, webhook_url = excluded.webhook_url, locale = excluded.locale, "
+    "timezone = excluded.timezone, traits = excluded.traits, profile_at = excluded.profile_at "
+    "WHERE contacts.profile_at <= excluded.profile_at"
+)
 
 
 async def upsert(session: AsyncSession, items: Sequence[tuple[ContactView, datetime]]) -> None:
@@ -25,41 +40,21 @@ async def upsert(session: AsyncSession, items: Sequence[tuple[ContactView, datet
             latest[contact.customer_id] = (contact, at)
     if not latest:
         return
-    stmt = insert(contacts).values(
-        [
-            {
-                "customer_id": c.customer_id,
-                "email": c.email,
-                "phone": c.phone,
-                "push_token": c.push_token,
-                "webhook_url": c.webhook_url,
-                "locale": c.locale,
-                "timezone": c.timezone,
-                "traits": c.traits,
-                "profile_at": at,
-            }
-            for c, at in latest.values()
-        ]
-    )
-    excluded = stmt.excluded
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["customer_id"],
-        set_={
-            col: excluded[col]
-            for col in (
-                "email",
-                "phone",
-                "push_token",
-                "webhook_url",
-                "locale",
-                "timezone",
-                "traits",
-                "profile_at",
-            )
+    rows = [latest[k] for k in sorted(latest)]  # one lock order for concurrent batches
+    await _UPSERT.execute(
+        session,
+        {
+            "ids": [c.customer_id for c, _ in rows],
+            "email": [c.email for c, _ in rows],
+            "phone": [c.phone for c, _ in rows],
+            "push": [c.push_token for c, _ in rows],
+            "hook": [c.webhook_url for c, _ in rows],
+            "locale": [c.locale for c, _ in rows],
+            "tz": [c.timezone for c, _ in rows],
+            "traits": [json_text(c.traits) for c, _ in rows],
+            "at": [at for _, at in rows],
         },
-        where=contacts.c.profile_at <= excluded.profile_at,
     )
-    await session.execute(stmt)
 
 
 async def delete(session: AsyncSession, customer_ids: Sequence[str]) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import uvloop
 from aiokafka import AIOKafkaConsumer
 
 from bench.report import last_line, line, percentile, ratio
@@ -524,4 +525,5 @@ if __name__ == "__main__":
         bootstrap, events_topic, membership_topic, rate, n = sys.argv[2:7]
         asyncio.run(latency_load(bootstrap, events_topic, membership_topic, float(rate), int(n)))
     else:
-        asyncio.run(main())
+        # The service runs in this process: on uvloop, as `python -m services.segmenter` runs it.
+        uvloop.run(main())

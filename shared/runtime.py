@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 from sqlalchemy import text
@@ -19,6 +20,7 @@ from shared.db.engine import create_engine, ensure_schema, session_factory
 from shared.db.migrations import run_migrations
 from shared.db.outbox import OutboxRelay
 from shared.db.unit_of_work import UnitOfWork
+from shared.heap import settle_heap
 from shared.http import install_error_handlers
 from shared.kafka.admin import ensure_topics
 from shared.kafka.consumer import Consumed, ConsumerRunner
@@ -136,3 +138,18 @@ def install_common(app: FastAPI, platform: Platform) -> None:
     install_error_handlers(app)
     instrument(app, platform.settings.service_name)
     add_health_routes(app, platform.health_checks)
+
+
+def serve(app: FastAPI, settings: BaseServiceSettings) -> None:
+    """A service's `python -m` entry point: settle the heap once everything is imported and the app
+    built (see `shared.heap`), then serve it on uvloop until SIGTERM."""
+    settle_heap()
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        timeout_graceful_shutdown=20,
+    )

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import uvicorn
-
 from services.notifier.app import create_app
 from services.notifier.settings import NotifierSettings
-from shared.heap import settle_heap
 from shared.observability.logging import configure_logging
+from shared.runtime import serve
 
 
 def main() -> None:
     settings = NotifierSettings()
     configure_logging(settings.service_name, settings.log_level)
-    app = create_app(settings)
-    settle_heap()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        timeout_graceful_shutdown=20,
-    )
+    serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":

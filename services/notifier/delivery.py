@@ -386,7 +386,9 @@ class DeliveryWorker:
                 template, locale_of(request, contact), template_data(request, contact, self.links, address)
             )
         except RenderError as exc:
-            return Prepared(None, MessageStatusKind.FAILED, f"template error: {exc}")
+            # Without a contact the template may lack the traits it names: wait for the profile
+            # like a missing address does; a known customer's template error fails at once.
+            return Prepared(None, MessageStatusKind.FAILED, f"template error: {exc}", retry=contact is None)
         email = None
         if request.channel is Channel.EMAIL:
             email = compose_email(

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from deploy.local.smtp_sink import MailSink
 from services.notifier.app import create_app
@@ -19,7 +20,7 @@ from shared.clock import Clock
 from shared.contracts import MESSAGE_REQUESTS, MESSAGE_STATUS, PROFILES, MessageRequested, ProfileChanged
 from shared.runtime import Platform
 from tests.notifier.provider_servers import ProviderServer, fcm_ok, twilio_ok, webhook_ok
-from tests.support import read_topic, running
+from tests.support import eventually, read_topic, running
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
@@ -50,6 +51,18 @@ class Harness:
             traits=traits,
         )
         await self.platform.producer.publish(PROFILES.name, customer_id, change)
+
+    async def contact_known(self, customer_id: str) -> bool:
+        async with self.platform.engine.connect() as conn:
+            found = await conn.scalar(
+                text("SELECT 1 FROM contacts WHERE customer_id = :c"), {"c": customer_id}
+            )
+        return found == 1
+
+    async def wait_contact(self, customer_id: str, timeout: float = 15) -> None:
+        """Until the notifier's contacts projection holds the customer (its profiles consumer can
+        start seconds after the app on a fresh topic)."""
+        await eventually(lambda: self.contact_known(customer_id), timeout=timeout)
 
     async def statuses(
         self,

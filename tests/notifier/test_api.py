@@ -3,9 +3,10 @@ Idempotency-Key, the in-app inbox, consent topics and preferences, and inbound S
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from services.notifier.api.inbound import twilio_signature
+from shared.clock import ManualClock
 from shared.contracts import PRIVACY, PrivacyRequest
 from tests.notifier.conftest import ADMIN, Harness, request
 from tests.support import eventually, read_topic
@@ -111,6 +112,33 @@ async def test_transactional_api_send_is_idempotent_and_lands_in_the_inbox(start
         assert other.status_code == 401
 
 
+async def test_a_send_whose_template_needs_the_unseen_profile_waits_for_it(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    # The template names a trait only the profile carries; sent before the profile reaches the
+    # notifier, the message is retried on the usual schedule, not failed for a missing variable.
+    clock = ManualClock()
+    async with start_notifier(clock=clock) as h:
+        await h.create_template(INAPP)
+        message_id = await _send_inbox_message(h, "c10")
+        entry = await eventually(lambda: _retrying(h, message_id))
+        assert "undefined" in str(entry["reason"])
+
+        await h.profile("c10", {"first_name": "Ines"})
+        await h.wait_contact("c10")
+        clock.advance(timedelta(minutes=5))
+        h.app.state.notifier.worker.wake()
+        await h.wait_status(message_id, "delivered")
+        inbox = (await h.client.get("/v1/inbox/c10", headers=ADMIN)).json()["messages"]
+        assert [m["title"] for m in inbox] == ["Hi Ines"]
+
+
+async def _retrying(h: Harness, message_id: str) -> dict[str, object] | None:
+    """The ledger entry once its first attempt is over and it waits for the next."""
+    response = await h.client.get(f"/v1/messages/{message_id}", headers=ADMIN)
+    entry: dict[str, object] = response.json()
+    waiting = response.status_code == 200 and entry["state"] == "pending" and entry["attempts"]
+    return entry if waiting else None
+
+
 async def test_opt_in_topics_preferences_and_sms_stop(start_notifier) -> None:  # type: ignore[no-untyped-def]
     async with start_notifier() as h:
         await h.create_template(SMS)
@@ -186,7 +214,9 @@ async def test_privacy_export_and_erasure(start_notifier) -> None:  # type: igno
         await h.create_template(INAPP)
         await h.create_topic("news", ["email"])
         await h.profile("c6", {"first_name": "Kim", "email": "kim@example.com"})
-        await eventually(lambda: _inbox_has(h, "c6", 0, send=True), timeout=15)
+        await h.wait_contact("c6")
+        await _send_inbox_message(h, "c6")
+        await eventually(lambda: _inbox_has(h, "c6", 0), timeout=15)
         await h.client.put(
             "/v1/customers/c6/preferences",
             headers=ADMIN,
@@ -233,17 +263,21 @@ async def test_privacy_export_and_erasure(start_notifier) -> None:  # type: igno
         assert preview.status_code == 404
 
 
-async def _inbox_has(h: Harness, customer: str, at_least: int, *, send: bool = False) -> bool:
-    if send:
-        await h.client.post(
-            "/v1/messages",
-            headers={**ADMIN, "Idempotency-Key": f"inbox-{customer}"},
-            json={
-                "customer_id": customer,
-                "channel": "in_app",
-                "template_id": "inapp",
-                "data": {"order": {"id": "1"}},
-            },
-        )
+async def _send_inbox_message(h: Harness, customer: str) -> str:
+    response = await h.client.post(
+        "/v1/messages",
+        headers={**ADMIN, "Idempotency-Key": f"inbox-{customer}"},
+        json={
+            "customer_id": customer,
+            "channel": "in_app",
+            "template_id": "inapp",
+            "data": {"order": {"id": "1"}},
+        },
+    )
+    assert response.status_code in (200, 202), response.text
+    return str(response.json()["message_id"])
+
+
+async def _inbox_has(h: Harness, customer: str, at_least: int) -> bool:
     items = (await h.client.get(f"/v1/inbox/{customer}", headers=ADMIN)).json()["messages"]
     return len(items) > at_least

@@ -9,8 +9,6 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import text
-
 from shared.clock import ManualClock
 from shared.contracts import Headers
 from tests.notifier.conftest import ADMIN, Harness, request
@@ -55,7 +53,7 @@ async def test_request_becomes_one_personalized_email_even_when_redelivered(star
     async with start_notifier() as h:
         await setup(h)
         await h.profile("c1", {"email": "ada@example.com", "first_name": "Ada", "locale": "fr-CA"})
-        await eventually(lambda: _contact_known(h, "c1"), timeout=15)
+        await h.wait_contact("c1")
         req = email_request("m-email-1", "c1")
         await h.publish(req)
         statuses = await h.wait_status("m-email-1", "delivered")
@@ -186,13 +184,6 @@ async def test_open_pixel_and_click_redirect_emit_statuses(start_notifier) -> No
         assert clicked[0]["journey_id"] == "j-welcome"
 
 
-async def _contact_known(h: Harness, customer_id: str) -> bool:
-    response = await h.client.post(
-        "/v1/templates/welcome/preview", json={"customer_id": customer_id}, headers=ADMIN
-    )
-    return response.status_code != 404 or "customer" not in response.text
-
-
 async def test_rejected_recipient_bounces_and_a_smtp_451_is_retried(start_notifier) -> None:  # type: ignore[no-untyped-def]
     clock = ManualClock()
     async with start_notifier(clock=clock) as h:
@@ -249,7 +240,7 @@ async def test_a_request_that_overtakes_the_profile_is_retried_not_failed(start_
         assert h.sink.messages == []
         await h.profile("c-new", {"email": "early@example.com", "first_name": "E"})
 
-        await eventually(lambda: _contact_seen(h, "c-new"))
+        await h.wait_contact("c-new")
         clock.advance(timedelta(minutes=5))
         h.app.state.notifier.worker.wake()
         await h.wait_status("m-early", "delivered")
@@ -260,13 +251,7 @@ async def test_a_known_customer_without_an_address_fails_at_once(start_notifier)
     async with start_notifier() as h:
         await setup(h)
         await h.profile("c-nomail", {"first_name": "N"})
-        await eventually(lambda: _contact_seen(h, "c-nomail"))
+        await h.wait_contact("c-nomail")
         await h.publish(email_request("m-nomail", "c-nomail"))
         statuses = await h.wait_status("m-nomail", "failed")
         assert "no email address" in statuses[-1]["reason"]
-
-
-async def _contact_seen(h: Harness, customer_id: str) -> bool:
-    async with h.platform.engine.connect() as conn:
-        found = await conn.scalar(text("SELECT 1 FROM contacts WHERE customer_id = :c"), {"c": customer_id})
-    return found == 1

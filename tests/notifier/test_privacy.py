@@ -11,15 +11,7 @@ from sqlalchemy import text
 from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
 from tests.notifier.conftest import ADMIN, Harness, request
 from tests.notifier.test_email import WELCOME
-from tests.support import eventually, read_topic
-
-
-async def contact_known(h: Harness, customer_id: str) -> bool:
-    async with h.platform.unit_of_work() as uow:
-        row = await uow.session.execute(
-            text("SELECT 1 FROM contacts WHERE customer_id = :c"), {"c": customer_id}
-        )
-        return row.first() is not None
+from tests.support import read_topic
 
 
 async def ledger_request(h: Harness, message_id: str) -> dict[str, Any]:
@@ -36,7 +28,7 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
         r = await h.client.post("/v1/templates", json=WELCOME, headers={**ADMIN, "X-CLM-Actor": "Ann"})
         assert r.status_code == 201, r.text
         await h.profile("c1", {"email": "eve@example.com", "first_name": "Eve"})
-        await eventually(lambda: contact_known(h, "c1"), timeout=15)
+        await h.wait_contact("c1")
         await h.publish(request("m1", "c1", "email", "welcome", data={"event": {"properties": {"total": 5}}}))
         await h.wait_status("m1", "delivered")
         assert len(h.sink.messages) == 1
@@ -63,7 +55,7 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
             ("notifier", "r1:notifier:erase_completed")
         ]
 
-        assert not await contact_known(h, "c1")
+        assert not await h.contact_known("c1")
         scrubbed = await ledger_request(h, "m1")
         assert scrubbed["recipient"] == {} and scrubbed["data"] == {}
 

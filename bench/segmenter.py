@@ -7,11 +7,17 @@
 2. Back-fill: a new segment over 1,000,000 profiles bulk-loaded with COPY (time to `ready`).
 3. Latency: event -> membership announcement on clm.segment-membership.v1 at half the max rate, the
    load being the throughput phase's mix with one event in ten a new customer's first order (the
-   timed ones); the load generator and the watcher run in a child process, off the service's loop.
+   timed ones); the service runs as its own process (`python -m services.segmenter`), the load
+   generator and the watcher in another.
+
+Scale-out: fresh events consumed by BENCH_REPLICAS replicas (`python -m services.segmenter`
+processes in one consumer group, as a deployment adds them; default 2, one per core), against the
+raw upsert baseline given as many connections writing at once. The headline (last line) and the
+latency phase stay with one process, the default deployment.
 
 Env: BENCH_EVENTS (default 100000), BENCH_CUSTOMERS (20000), BENCH_PROFILES (1000000),
-BENCH_LATENCY_S (10), BENCH_LATENCY_RATE (default: half the measured max),
-BENCH_SEGMENTS (20), BENCH_PHASES (throughput,latency,backfill).
+BENCH_LATENCY_S (10), BENCH_LATENCY_RATE (default: half the measured max), BENCH_REPLICAS (2),
+BENCH_SEGMENTS (20), BENCH_PHASES (throughput,scaleout,latency,backfill).
 """
 
 from __future__ import annotations
@@ -19,19 +25,25 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+import zlib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import orjson
 import uvloop
 from aiokafka import AIOKafkaConsumer
 
 from bench.report import last_line, line, percentile, ratio
+from deploy.local.processes import ManagedProcess
 from services.segmenter.app import create_app
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import segments as segment_store
@@ -48,7 +60,8 @@ N_CUSTOMERS = int(os.environ.get("BENCH_CUSTOMERS", "20000"))
 N_PROFILES = int(os.environ.get("BENCH_PROFILES", "1000000"))
 LATENCY_S = float(os.environ.get("BENCH_LATENCY_S", "10"))
 N_SEGMENTS = int(os.environ.get("BENCH_SEGMENTS", "20"))
-PHASES = set(os.environ.get("BENCH_PHASES", "throughput,latency,backfill").split(","))
+REPLICAS = int(os.environ.get("BENCH_REPLICAS", "2"))
+PHASES = set(os.environ.get("BENCH_PHASES", "throughput,scaleout,latency,backfill").split(","))
 NOW = datetime.now(UTC)
 
 SEGMENTS: list[dict[str, Any]] = [
@@ -193,9 +206,13 @@ async def throughput(settings: SegmenterSettings) -> float:
     return ours
 
 
-async def raw_upsert_baseline(settings: SegmenterSettings, events: list[CustomerEvent]) -> float:
+async def raw_upsert_baseline(
+    settings: SegmenterSettings, events: list[CustomerEvent], lanes: int = 1
+) -> float:
     """The same customers/aggregates/timeline/inbox rows written with plain asyncpg unnest upserts,
-    pre-aggregated per batch, no identity resolution, no segments, no Kafka."""
+    pre-aggregated per batch, no identity resolution, no segments, no Kafka. With `lanes` > 1 the
+    customers are split by hash over that many connections writing at once (as partitions split
+    them over replicas), so the baseline uses the cores the replicas get."""
     schema = settings.db_schema + "_raw"
     conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
     try:
@@ -213,68 +230,178 @@ async def raw_upsert_baseline(settings: SegmenterSettings, events: list[Customer
             "timestamp, seq);"
             "CREATE TABLE inbox (consumer text, message_id text, PRIMARY KEY (consumer, message_id));"
         )
-        started = time.perf_counter()
-        size = settings.consumer_max_batch
-        for i in range(0, len(events), size):
-            batch = events[i : i + size]
-            per_customer: dict[str, list[Any]] = {}
-            counts: dict[tuple[str, str], list[Any]] = {}
-            for e in batch:
-                c = per_customer.setdefault(e.customer_key, [{}, e.timestamp, 0])
-                c[0].update(e.traits)
-                c[1] = max(c[1], e.timestamp)
-                c[2] += 1
-                name = e.event or e.type.value
-                agg = counts.setdefault((e.customer_key, name), [0, e.timestamp, e.timestamp])
-                agg[0] += 1
-                agg[1], agg[2] = min(agg[1], e.timestamp), max(agg[2], e.timestamp)
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO inbox SELECT 'raw', unnest($1::text[]) ON CONFLICT DO NOTHING",
-                    [e.message_id for e in batch],
+        shares: list[list[CustomerEvent]] = [[] for _ in range(lanes)]
+        for e in events:
+            shares[zlib.crc32(e.customer_key.encode()) % lanes].append(e)
+        lane_conns = [await asyncpg.connect(asyncpg_dsn(settings.database_url)) for _ in shares]
+        try:
+            for c in lane_conns:
+                await c.execute(f'SET search_path = "{schema}"')
+            started = time.perf_counter()
+            await asyncio.gather(
+                *(
+                    _raw_upsert_lane(c, share, settings.consumer_max_batch)
+                    for c, share in zip(lane_conns, shares, strict=True)
                 )
-                keys = sorted(per_customer)
-                await conn.execute(
-                    "INSERT INTO customers (customer_id, traits, last_seen, event_count) "
-                    "SELECT * FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[], $4::bigint[]) "
-                    "ON CONFLICT (customer_id) DO UPDATE SET traits = customers.traits || excluded.traits, "
-                    "last_seen = GREATEST(customers.last_seen, excluded.last_seen), "
-                    "event_count = customers.event_count + excluded.event_count",
-                    keys,
-                    [orjson.dumps(per_customer[k][0]).decode() for k in keys],
-                    [per_customer[k][1] for k in keys],
-                    [per_customer[k][2] for k in keys],
-                )
-                ck = list(counts)
-                await conn.execute(
-                    "INSERT INTO event_counts SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], "
-                    "$4::timestamptz[], $5::timestamptz[]) ON CONFLICT (customer_id, event) DO UPDATE SET "
-                    "count = event_counts.count + excluded.count, first_at = LEAST(event_counts.first_at, "
-                    "excluded.first_at), last_at = GREATEST(event_counts.last_at, excluded.last_at)",
-                    [k[0] for k in ck],
-                    [k[1] for k in ck],
-                    [counts[k][0] for k in ck],
-                    [counts[k][1] for k in ck],
-                    [counts[k][2] for k in ck],
-                )
-                await conn.execute(
-                    "INSERT INTO events (customer_id, message_id, type, event, properties, traits, "
-                    "timestamp, "
-                    "received_at) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
-                    "$5::jsonb[], $6::jsonb[], $7::timestamptz[], $8::timestamptz[])",
-                    [e.customer_key for e in batch],
-                    [e.message_id for e in batch],
-                    [e.type.value for e in batch],
-                    [e.event for e in batch],
-                    [orjson.dumps(e.properties).decode() for e in batch],
-                    [orjson.dumps(e.traits).decode() for e in batch],
-                    [e.timestamp for e in batch],
-                    [e.received_at for e in batch],
-                )
-        return len(events) / (time.perf_counter() - started)
+            )
+            return len(events) / (time.perf_counter() - started)
+        finally:
+            for c in lane_conns:
+                await c.close()
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
+
+
+async def _raw_upsert_lane(conn: asyncpg.Connection, events: list[CustomerEvent], size: int) -> None:
+    for i in range(0, len(events), size):
+        batch = events[i : i + size]
+        per_customer: dict[str, list[Any]] = {}
+        counts: dict[tuple[str, str], list[Any]] = {}
+        for e in batch:
+            c = per_customer.setdefault(e.customer_key, [{}, e.timestamp, 0])
+            c[0].update(e.traits)
+            c[1] = max(c[1], e.timestamp)
+            c[2] += 1
+            name = e.event or e.type.value
+            agg = counts.setdefault((e.customer_key, name), [0, e.timestamp, e.timestamp])
+            agg[0] += 1
+            agg[1], agg[2] = min(agg[1], e.timestamp), max(agg[2], e.timestamp)
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO inbox SELECT 'raw', unnest($1::text[]) ON CONFLICT DO NOTHING",
+                [e.message_id for e in batch],
+            )
+            keys = sorted(per_customer)
+            await conn.execute(
+                "INSERT INTO customers (customer_id, traits, last_seen, event_count) "
+                "SELECT * FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[], $4::bigint[]) "
+                "ON CONFLICT (customer_id) DO UPDATE SET traits = customers.traits || excluded.traits, "
+                "last_seen = GREATEST(customers.last_seen, excluded.last_seen), "
+                "event_count = customers.event_count + excluded.event_count",
+                keys,
+                [orjson.dumps(per_customer[k][0]).decode() for k in keys],
+                [per_customer[k][1] for k in keys],
+                [per_customer[k][2] for k in keys],
+            )
+            ck = list(counts)
+            await conn.execute(
+                "INSERT INTO event_counts SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], "
+                "$4::timestamptz[], $5::timestamptz[]) ON CONFLICT (customer_id, event) DO UPDATE SET "
+                "count = event_counts.count + excluded.count, first_at = LEAST(event_counts.first_at, "
+                "excluded.first_at), last_at = GREATEST(event_counts.last_at, excluded.last_at)",
+                [k[0] for k in ck],
+                [k[1] for k in ck],
+                [counts[k][0] for k in ck],
+                [counts[k][1] for k in ck],
+                [counts[k][2] for k in ck],
+            )
+            await conn.execute(
+                "INSERT INTO events (customer_id, message_id, type, event, properties, traits, "
+                "timestamp, "
+                "received_at) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+                "$5::jsonb[], $6::jsonb[], $7::timestamptz[], $8::timestamptz[])",
+                [e.customer_key for e in batch],
+                [e.message_id for e in batch],
+                [e.type.value for e in batch],
+                [e.event for e in batch],
+                [orjson.dumps(e.properties).decode() for e in batch],
+                [orjson.dumps(e.traits).decode() for e in batch],
+                [e.timestamp for e in batch],
+                [e.received_at for e in batch],
+            )
+
+
+class Replicas:
+    """`python -m services.segmenter` processes in one consumer group (the real entry point, as a
+    deployment's replicas run it), on free ports; their logs go to a temporary directory."""
+
+    def __init__(self, settings: SegmenterSettings, n: int) -> None:
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+            "DATABASE_URL": settings.database_url,
+            "CLM_TOPIC_PREFIX": settings.topic_prefix,
+            "CLM_DB_SCHEMA": settings.db_schema,
+            "CLM_DB_POOL_SIZE": str(settings.db_pool_size),
+            "CLM_LOG_LEVEL": settings.log_level,
+        }
+        logs = tempfile.mkdtemp(prefix="bench-segmenter-")
+        self.topic = settings.topic(CUSTOMER_EVENTS.name)
+        self.ports = [free_port() for _ in range(n)]
+        self.processes = [
+            ManagedProcess(
+                f"segmenter-{i}",
+                [sys.executable, "-m", "services.segmenter"],
+                {**env, "CLM_PORT": str(port)},
+                Path(logs) / f"segmenter-{i}.log",
+                port,
+            )
+            for i, port in enumerate(self.ports)
+        ]
+
+    async def __aenter__(self) -> Replicas:
+        for p in self.processes:
+            p.start()
+        for p in self.processes:
+            await asyncio.to_thread(p.wait_ready)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for p in self.processes:
+            await asyncio.to_thread(p.stop)
+
+    async def processed(self, client: httpx.AsyncClient) -> int:
+        """Events handled (unit of work committed) by all replicas: their consumer counters."""
+        total = 0
+        for port in self.ports:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            for row in text.splitlines():
+                if row.startswith("clm_consumer_messages_total{") and f'topic="{self.topic}"' in row:
+                    total += int(float(row.rsplit(" ", 1)[1]))
+        return total
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def scale_out(settings: SegmenterSettings) -> float:
+    """Fresh events for the same customers, consumed by REPLICAS service processes from where the
+    throughput phase's group left off; timed from the first handled event to the last."""
+    await ensure_segments(settings)
+    events = make_events(N_EVENTS, N_CUSTOMERS, "u", seed=4, id_prefix="scale")
+    await produce(settings, events)
+    n_events = len(events)
+    del events
+    async with Replicas(settings, REPLICAS) as replicas, httpx.AsyncClient() as client:
+        started: float | None = None
+        while (done := await replicas.processed(client)) < n_events:
+            if done and started is None:
+                started, first = time.perf_counter(), done
+            await asyncio.sleep(0.1)
+        if started is None:  # all of it handled between two polls
+            started, first = time.perf_counter() - 0.1, 0
+        ours = (n_events - first) / (time.perf_counter() - started)
+    line(f"segmenter x{REPLICAS} replicas: events -> committed profiles", ours, "events/s")
+    baseline = await raw_upsert_baseline(
+        settings, make_events(N_EVENTS, N_CUSTOMERS, "u", seed=4, id_prefix="scale"), lanes=REPLICAS
+    )
+    line(f"raw asyncpg batch upsert, {REPLICAS} connections at once", baseline, "events/s")
+    ratio(f"ratio segmenter x{REPLICAS} / raw upsert x{REPLICAS} (goal >= 0.5)", ours, baseline)
+    return ours
+
+
+async def ensure_segments(settings: SegmenterSettings) -> None:
+    """The benchmark's segments, unless an earlier phase of this run created them."""
+    app = create_app(settings.model_copy(update={"run_background_loops": False}))
+    async with app.router.lifespan_context(app):
+        async with app.state.platform.unit_of_work() as uow:
+            missing = await segment_store.get_segment(uow.session, "seg_bench_05") is None
+        if missing:
+            await create_segments(app, SEGMENTS[: max(6, N_SEGMENTS)])
 
 
 # --------------------------------------------------------------------------- 2. back-fill
@@ -396,17 +523,14 @@ async def analyze(settings: SegmenterSettings) -> None:
 
 
 async def latency(settings: SegmenterSettings, max_rate: float) -> None:
-    """The service runs here; the load generator and the announcement watcher run in a child
-    process, so their CPU does not share the service's event loop (the throughput phase had none)."""
+    """One service process (`python -m services.segmenter`, whose maximum the throughput phase
+    measured); the load generator and the announcement watcher run in a child process of their own.
+    Replicas are not used here: at the same rate two of them were slower than one (p99 339 against
+    261 ms at 3,000/s), each paying a unit of work's fixed cost for half the events."""
     rate = float(os.environ.get("BENCH_LATENCY_RATE", 0)) or max(50.0, max_rate / 2)
+    await ensure_segments(settings)
     await analyze(settings)
-    app = create_app(settings)
-    settle_heap()
-    async with app.router.lifespan_context(app):
-        async with app.state.platform.unit_of_work() as uow:
-            missing = await segment_store.get_segment(uow.session, "seg_bench_05") is None
-        if missing:  # the latency phase run on its own
-            await create_segments(app, SEGMENTS[: max(6, N_SEGMENTS)])
+    async with Replicas(settings, 1):
         child = await asyncio.to_thread(
             subprocess.run,
             [
@@ -530,6 +654,8 @@ async def main() -> None:
     await ensure_topics(settings)
     try:
         rate = await throughput(settings) if "throughput" in PHASES else 2000.0
+        if "scaleout" in PHASES and REPLICAS > 1:
+            await scale_out(settings)
         if "latency" in PHASES:
             await latency(settings, rate)
         if "backfill" in PHASES:

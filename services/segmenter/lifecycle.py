@@ -49,6 +49,7 @@ from services.segmenter.store import lifecycle as store
 from shared.clock import Clock
 from shared.contracts.events import CustomerEvent, EventType, ProfileChanged, ProfileChangeKind
 from shared.contracts.topics import PROFILES
+from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
 from shared.runtime import Platform
 
@@ -345,22 +346,29 @@ class Lifecycle:
         """Refit at start when no model exists yet, then every `lifecycle_refit_interval_s` (0: only at
         start). A base too small to fit is tried again every few minutes."""
         interval = self.settings.lifecycle_refit_interval_s
+        lock = f"{self.platform.settings.db_schema}:lifecycle-refit"
         while True:
             try:
-                async with self.platform.unit_of_work() as uow:
-                    latest = await store.latest_model(uow.session)
-                age = (self.clock.now() - latest["fitted_at"]).total_seconds() if latest else 0.0
-                if (
-                    latest is None
-                    or (interval > 0 and age >= interval)
-                    or (latest["transactions"] is None and age >= NO_MODEL_RETRY_S)
-                ):
-                    await self.refit()
+                # Every replica runs this loop: one refits, the others find its model next round.
+                async with try_exclusive(self.platform.engine, lock) as mine:
+                    if mine:
+                        await self._refit_if_due(interval)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("lifecycle refit failed; retrying later")
             await asyncio.sleep(min(60.0, interval) if interval > 0 else 60.0)
+
+    async def _refit_if_due(self, interval: float) -> None:
+        async with self.platform.unit_of_work() as uow:
+            latest = await store.latest_model(uow.session)
+        age = (self.clock.now() - latest["fitted_at"]).total_seconds() if latest else 0.0
+        if (
+            latest is None
+            or (interval > 0 and age >= interval)
+            or (latest["transactions"] is None and age >= NO_MODEL_RETRY_S)
+        ):
+            await self.refit()
 
 
 def _inputs(p: ProfileSnapshot) -> CustomerInputs:

@@ -44,6 +44,7 @@ from services.segmenter.store import segments as segment_store
 from shared.clock import Clock
 from shared.contracts.events import CustomerEvent, EventType, ProfileChanged, ProfileChangeKind
 from shared.contracts.topics import PROFILES
+from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
 from shared.runtime import Platform
 
@@ -244,7 +245,13 @@ class Recommendations:
         while True:
             await asyncio.sleep(interval)
             try:
-                result = await self.recompute()
+                # Every replica runs this loop; one recompute at a time (the others skip this round).
+                lock = f"{self.settings.db_schema}:recommendations-recompute"
+                async with try_exclusive(self.platform.engine, lock) as mine:
+                    if not mine:
+                        log.info("recommendations recompute running on another replica; skipped")
+                        continue
+                    result = await self.recompute()
                 log.info("recommendations recomputed", extra=result.as_json())
             except Exception as exc:
                 log.warning(

@@ -4,6 +4,8 @@ statuses."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +24,8 @@ from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.contracts.events import MessageStatus
 from shared.contracts.topics import MESSAGE_STATUS, PROFILES
+from shared.db.engine import create_engine
+from shared.db.locks import try_exclusive
 from tests.segmenter.conftest import ADMIN, Harness, make_event
 from tests.support import eventually, read_topic
 
@@ -386,3 +390,36 @@ async def test_a_refit_on_a_base_too_small_to_fit_stores_a_model_without_paramet
     assert model["transactions"] is None and model["spend"] is None and model["buyers"] == 1
     lc = (await harness.customer("u1"))["lifecycle"]
     assert lc["stage"] == "onboarding" and lc["p_alive"] is None and lc["rfm"]["score"] == 333
+
+
+async def test_the_refit_loop_leaves_the_refit_to_the_replica_holding_the_lock(harness: Harness) -> None:
+    # Every replica runs the loop; while another holds the refit lock this one fits nothing.
+    engine = harness.segmenter.platform.engine
+    lock = f"{harness.settings.db_schema}:lifecycle-refit"
+    other_replica = create_engine(harness.settings.database_url, harness.settings.db_schema)
+    try:
+        async with try_exclusive(other_replica, lock) as held:
+            assert held
+            loop = asyncio.create_task(harness.segmenter.lifecycle.run_forever())
+            await asyncio.sleep(0.5)
+            assert (await harness.client.get("/v1/lifecycle/model", headers=ADMIN)).status_code == 404
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        loop = asyncio.create_task(harness.segmenter.lifecycle.run_forever())
+        try:
+            # Lock free and no model yet: the first round refits.
+            await eventually(lambda: _model_fitted(harness), timeout=15)
+        finally:
+            loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        async with try_exclusive(engine, lock) as free_again:
+            assert free_again
+    finally:
+        await other_replica.dispose()
+
+
+async def _model_fitted(harness: Harness) -> bool:
+    r = await harness.client.get("/v1/lifecycle/model", headers=ADMIN)
+    return r.status_code == 200

@@ -62,8 +62,10 @@ class BaseServiceSettings(BaseSettings):
     outbox_relay_delay_ms: int = 0
     outbox_batch_size: int = 500
     # PostgreSQL's plan_cache_mode for the service's connections. `auto` reuses a generic plan once it
-    # looks as cheap as the custom ones; a service whose hot statements take arrays of very different
-    # sizes (unnest/ANY over a batch) is better off planning each execution (`force_custom_plan`).
+    # looks as cheap as the custom ones; a generic plan chosen while a table was tiny is chosen again
+    # when (auto)ANALYZE updates its statistics. `force_custom_plan` plans every execution: the
+    # segmenter ran with it until its identities index made generic plans safe, and it cost ~15% more
+    # database CPU there (a dozen batch statements planned per batch) and a worse announcement p99.
     db_plan_cache_mode: Literal["auto", "force_custom_plan", "force_generic_plan"] = "auto"
 
     def topic(self, name: str) -> str:

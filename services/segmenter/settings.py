@@ -21,9 +21,6 @@ class SegmenterSettings(BaseServiceSettings):
     # announcements take up to 50 ms longer when traffic is light.
     consumer_fetch_min_bytes: int = 65536
     consumer_fetch_max_wait_ms: int = 50
-    # Batch statements over 1 to thousands of customers: a generic plan costed for a small batch on a
-    # small table once made the identity lookup 160 ms instead of 12 ms per batch.
-    db_plan_cache_mode: Literal["auto", "force_custom_plan", "force_generic_plan"] = "force_custom_plan"
     # Due timers claimed per transaction, and how often the loop looks for due ones.
     timer_batch_size: int = 1000
     timer_interval_s: float = 1.0

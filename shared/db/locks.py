@@ -27,5 +27,11 @@ async def try_exclusive(engine: AsyncEngine, name: str) -> AsyncIterator[bool]:
             yield got
         finally:
             if got:
-                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                await conn.commit()
+                try:
+                    await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    await conn.commit()
+                except BaseException:
+                    # Never hand a connection still holding the lock back to the pool: closing its
+                    # session releases it.
+                    await conn.invalidate()
+                    raise

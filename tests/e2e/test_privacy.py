@@ -104,6 +104,8 @@ async def test_export_then_erase_everywhere_with_a_receipt_and_an_audit_trail(pl
         await eventually(
             lambda: rows(platform, "journey_engine", "SELECT id FROM instances WHERE customer_id = $1", user)
         )
+        # The journey engine can send before the segmenter (it batches its fetches) has the event.
+        await eventually(lambda: _timeline_has(c, platform, user, "Signed Up"), timeout=20)
 
         # Export: one document with every service's part.
         r = await c.get(f"{platform.url('segmenter')}/v1/customers/{address}/export", headers=actor)
@@ -204,3 +206,8 @@ async def test_export_then_erase_everywhere_with_a_receipt_and_an_audit_trail(pl
 async def _ok(response: Any) -> bool:
     r = await response
     return bool(r.status_code == 200)
+
+
+async def _timeline_has(c: httpx.AsyncClient, platform: Platform, user: str, event: str) -> bool:
+    r = await c.get(f"{platform.url('segmenter')}/v1/customers/{user}/events", headers=platform.admin)
+    return r.status_code == 200 and any(e.get("event") == event for e in r.json()["events"])

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from fastapi import FastAPI, Request, Response
 
 from bench import raw_http
 from bench.report import last_line, line, percentile, ratio
+from tests.support import free_port
 
 WRITE_KEY = "bench-write-key-0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,13 +270,6 @@ def raw_main(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- orchestration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from shared.db.engine import asyncpg_dsn, drop_schema
 from shared.heap import settle_heap
 from shared.kafka.admin import ensure_topics
 from shared.kafka.producer import EventProducer, encode_message
+from tests.support import free_port
 
 N_EVENTS = int(os.environ.get("BENCH_EVENTS", "100000"))
 N_CUSTOMERS = int(os.environ.get("BENCH_CUSTOMERS", "20000"))
@@ -362,12 +362,6 @@ class Replicas:
         return total
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def scale_out(settings: SegmenterSettings) -> float:
     """Fresh events for the same customers, consumed by REPLICAS service processes from where the
     throughput phase's group left off; timed from the first handled event to the last."""
@@ -656,7 +650,7 @@ async def main() -> None:
         rate = await throughput(settings) if "throughput" in PHASES else 2000.0
         if "latency" in PHASES:
             await latency(settings, rate)
-        # After the latency phase: its 100k updates leave the tables to autovacuum for a while.
+        # After the latency phase, so that autovacuum is not still working off its 100k updates then.
         if "scaleout" in PHASES and REPLICAS > 1:
             await scale_out(settings)
         if "backfill" in PHASES:

@@ -52,6 +52,19 @@ class Harness:
         )
         await self.platform.producer.publish(PROFILES.name, customer_id, change)
 
+    async def ledger_entry(
+        self, message_id: str, state: str, attempts: int | None = None
+    ) -> dict[str, Any] | None:
+        """The message's send-ledger entry (GET /v1/messages/{id}) if it is in `state` (and has
+        made `attempts` attempts), else None: for `eventually`."""
+        response = await self.client.get(f"/v1/messages/{message_id}", headers=ADMIN)
+        if response.status_code != 200:
+            return None
+        entry: dict[str, Any] = response.json()
+        if entry["state"] != state or (attempts is not None and entry["attempts"] != attempts):
+            return None
+        return entry
+
     async def contact_known(self, customer_id: str) -> bool:
         async with self.platform.engine.connect() as conn:
             found = await conn.scalar(

@@ -119,7 +119,7 @@ async def test_a_send_whose_template_needs_the_unseen_profile_waits_for_it(start
     async with start_notifier(clock=clock) as h:
         await h.create_template(INAPP)
         message_id = await _send_inbox_message(h, "c10")
-        entry = await eventually(lambda: _retrying(h, message_id))
+        entry = await eventually(lambda: h.ledger_entry(message_id, "pending", attempts=1))
         assert "undefined" in str(entry["reason"])
 
         await h.profile("c10", {"first_name": "Ines"})
@@ -129,14 +129,6 @@ async def test_a_send_whose_template_needs_the_unseen_profile_waits_for_it(start
         await h.wait_status(message_id, "delivered")
         inbox = (await h.client.get("/v1/inbox/c10", headers=ADMIN)).json()["messages"]
         assert [m["title"] for m in inbox] == ["Hi Ines"]
-
-
-async def _retrying(h: Harness, message_id: str) -> dict[str, object] | None:
-    """The ledger entry once its first attempt is over and it waits for the next."""
-    response = await h.client.get(f"/v1/messages/{message_id}", headers=ADMIN)
-    entry: dict[str, object] = response.json()
-    waiting = response.status_code == 200 and entry["state"] == "pending" and entry["attempts"]
-    return entry if waiting else None
 
 
 async def test_opt_in_topics_preferences_and_sms_stop(start_notifier) -> None:  # type: ignore[no-untyped-def]

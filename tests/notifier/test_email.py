@@ -210,17 +210,12 @@ async def test_rejected_recipient_bounces_and_a_smtp_451_is_retried(start_notifi
                 data={"traits": {"first_name": "X"}, "event": {"properties": {"total": 1}}},
             )
         )
-        await eventually(lambda: _ledger_state(h, "m-451", "pending"))
+        await eventually(lambda: h.ledger_entry("m-451", "pending"))
         assert h.sink.messages == []
         clock.advance(timedelta(minutes=5))
         h.app.state.notifier.worker.wake()
         await h.wait_status("m-451", "delivered")
         assert len(h.sink.messages) == 1
-
-
-async def _ledger_state(h: Harness, message_id: str, state: str) -> bool:
-    response = await h.client.get(f"/v1/messages/{message_id}", headers=ADMIN)
-    return response.status_code == 200 and response.json()["state"] == state
 
 
 async def test_a_request_that_overtakes_the_profile_is_retried_not_failed(start_notifier) -> None:  # type: ignore[no-untyped-def]
@@ -236,7 +231,7 @@ async def test_a_request_that_overtakes_the_profile_is_retried_not_failed(start_
                 data={"traits": {"first_name": "E"}, "event": {"properties": {"total": 1}}},
             )
         )
-        await eventually(lambda: _ledger_state(h, "m-early", "pending"))
+        await eventually(lambda: h.ledger_entry("m-early", "pending"))
         assert h.sink.messages == []
         await h.profile("c-new", {"email": "early@example.com", "first_name": "E"})
 

@@ -63,7 +63,7 @@ async def test_provider_500_then_200_delivers_once_after_a_scheduled_retry(start
             )
         )
         # First attempt fails; the retry waits in the ledger (backoff up to 60 s), not in the partition.
-        state = await eventually(lambda: _state_is(h, "m-sms-1", "pending", attempts=1))
+        state = await eventually(lambda: h.ledger_entry("m-sms-1", "pending", attempts=1))
         assert state["next_attempt_at"] is not None
         assert len(h.twilio.requests) == 1
         clock.advance(timedelta(minutes=2))
@@ -143,7 +143,7 @@ async def test_exhausted_retries_go_to_the_dead_letter_topic(start_notifier) -> 
                 data={"event": {"code": "2"}},
             )
         )
-        await eventually(lambda: _state_is(h, "m-sms-dlq", "pending", attempts=1))
+        await eventually(lambda: h.ledger_entry("m-sms-dlq", "pending", attempts=1))
         clock.advance(timedelta(minutes=5))
         h.app.state.notifier.worker.wake()
         statuses = await h.wait_status("m-sms-dlq", "failed")
@@ -298,14 +298,6 @@ async def test_template_error_fails_the_message_with_the_reason(start_notifier) 
             "template error" in statuses[-1]["reason"] and "first_name is undefined" in statuses[-1]["reason"]
         )
         assert h.fcm.requests == [] and h.fcm_backup.requests == []
-
-
-async def _state_is(h: Harness, message_id: str, state: str, attempts: int) -> dict[str, object] | None:
-    response = await h.client.get(f"/v1/messages/{message_id}", headers=ADMIN)
-    if response.status_code != 200:
-        return None
-    body = dict(response.json())
-    return body if body["state"] == state and body["attempts"] == attempts else None
 
 
 async def test_a_claim_left_by_a_dead_process_is_never_resent(start_notifier) -> None:  # type: ignore[no-untyped-def]

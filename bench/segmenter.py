@@ -179,7 +179,7 @@ async def throughput(settings: SegmenterSettings) -> float:
     del events
 
     app = create_app(settings)
-    settle_heap()  # as `shared.runtime.serve` does before serving a service
+    settle_heap(settings.gc_young_threshold)  # as `shared.runtime.serve` does before serving a service
     async with app.router.lifespan_context(app):
         runner = app.state.platform.consumers[0]
         started, cpu_started = time.perf_counter(), time.process_time()

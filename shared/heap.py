@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import gc
 
-# Allocations between young collections (CPython's default is 700): a batch's short-lived objects
-# mostly die before they are examined, so fewer are promoted towards a full collection.
+# Allocations (net of frees) between young collections; CPython's default is 700. A batch's
+# short-lived objects mostly die before they are examined, so fewer are promoted towards a full
+# collection. Services override it with `gc_young_threshold`.
 YOUNG_THRESHOLD = 10_000
 
 

@@ -143,7 +143,7 @@ def install_common(app: FastAPI, platform: Platform) -> None:
 def serve(app: FastAPI, settings: BaseServiceSettings) -> None:
     """A service's `python -m` entry point: settle the heap once everything is imported and the app
     built (see `shared.heap`), then serve it on uvloop until SIGTERM."""
-    settle_heap()
+    settle_heap(settings.gc_young_threshold)
     uvicorn.run(
         app,
         host=settings.host,

@@ -56,11 +56,22 @@ class BaseServiceSettings(BaseSettings):
     # only ever offsets whose effects are already committed, so a crash in between means a short
     # redelivery that the inbox drops; per-batch commits cost the broker an offsets write each.
     consumer_commit_interval_ms: int = 500
+    # Units of work a consumer runs at once, each on partitions no other unit holds (so a key's events
+    # stay in order). A second one starts only for a full batch (`consumer_max_batch`) waiting: while
+    # the handler keeps up, one unit at a time costs the least; on a backlog the database works on one
+    # unit while Python works on another. Handlers must allow concurrent units on different keys.
+    consumer_concurrency: int = 1
+    # Kafka's max.partition.fetch.bytes. aiokafka fetches from a broker again only once every
+    # partition's buffered records are taken (or 100 ms have passed): on a backlog, concurrent units
+    # that finished their partitions' share would wait for the others; a bigger share avoids that.
+    consumer_max_partition_fetch_bytes: int = 1024 * 1024
     outbox_poll_interval_s: float = 0.2
     # After a commit wakes the relay, wait this long before the pass, so that the commits of the next
     # few ms are relayed with it. 0 = at once (for topics on the latency-critical path).
     outbox_relay_delay_ms: int = 0
     outbox_batch_size: int = 500
+    # The garbage collector's young-generation threshold once the service is up (`shared.heap`).
+    gc_young_threshold: int = 10_000
     # PostgreSQL's plan_cache_mode for the service's connections. `auto` reuses a generic plan once it
     # looks as cheap as the custom ones; a generic plan chosen while a table was tiny is chosen again
     # when (auto)ANALYZE updates its statistics. `force_custom_plan` plans every execution: the

@@ -29,7 +29,7 @@ class Segmenter:
     @classmethod
     def build(cls, settings: SegmenterSettings, platform: Platform, clock: Clock) -> Segmenter:
         catalog = SegmentCatalogCache()
-        events = CustomerEventsHandler(platform, clock, catalog, settings.consumer_parallelism)
+        events = CustomerEventsHandler(platform, clock, catalog)
         recommendations = Recommendations(settings, platform, clock, catalog)
         events.recommendations = recommendations
         lifecycle = Lifecycle(platform, clock, settings)

@@ -1,7 +1,11 @@
 """A batch consumer runner that loses nothing and never blocks a partition on a poison message.
 
-- Fetches batches (`getmany`), decodes each record into the topic's pydantic model, and calls the
-  handler with the whole batch. The handler commits its own effects (one unit of work).
+- Fetches batches (`getmany`) into a buffer, decodes each record into the topic's pydantic model, and
+  calls the handler with a batch. The handler commits its own effects (one unit of work).
+- One unit of work at a time while the handler keeps up (the least fixed cost per event); on a
+  backlog up to `consumer_concurrency` at once, each on partitions no other unit holds, so a key's
+  records are still handled in order. On a rebalance the units in hand finish and their offsets are
+  committed before the partitions go (bounded by `revoke_wait_s`).
 - Offsets are committed only after the handler returned, so a crash means redelivery, never loss;
   handlers are idempotent (inbox table), so redelivery changes nothing. Handled offsets are committed
   at most every `consumer_commit_interval_ms` (and on stop and when partitions are revoked): a
@@ -114,7 +118,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.runner.commit_pending(set(revoked))
+        await self.runner.hand_over(set(revoked), self.runner.revoke_wait_s)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         pass
@@ -138,6 +142,8 @@ class ConsumerRunner(Generic[T]):
         fetch_min_bytes: int | None = None,
         fetch_max_wait_ms: int | None = None,
         commit_interval_ms: int | None = None,
+        concurrency: int | None = None,
+        revoke_wait_s: float = 5.0,
     ) -> None:
         self.settings = settings
         self.topic = settings.topic(topic)
@@ -156,6 +162,17 @@ class ConsumerRunner(Generic[T]):
         self.fetch_min_bytes = fetch_min_bytes or settings.consumer_fetch_min_bytes
         self.fetch_max_wait_ms = fetch_max_wait_ms or settings.consumer_fetch_max_wait_ms
         self.auto_offset_reset = auto_offset_reset
+        self.concurrency = max(1, concurrency or settings.consumer_concurrency)
+        # Under the group's rebalance timeout (the session timeout, 10 s), or the wait gets us evicted.
+        self.revoke_wait_s = revoke_wait_s
+        # Fetched, not yet in a unit of work (per partition, in offset order); partitions in a unit.
+        self._buffer: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
+        self._in_flight: set[TopicPartition] = set()
+        self._units: set[asyncio.Task[None]] = set()
+        self.hand_overs = 0
+        self._wake = asyncio.Event()  # the dispatcher has something to look at
+        self._room = asyncio.Event()  # the buffer has room for another fetch
+        self._idle = asyncio.Event()  # no unit of work in hand
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -182,6 +199,7 @@ class ConsumerRunner(Generic[T]):
             auto_offset_reset=self.auto_offset_reset,
             isolation_level="read_committed",
             max_poll_records=self.max_batch,
+            max_partition_fetch_bytes=self.settings.consumer_max_partition_fetch_bytes,
             fetch_min_bytes=self.fetch_min_bytes,
             fetch_max_wait_ms=self.fetch_max_wait_ms,
             session_timeout_ms=10000,
@@ -194,6 +212,7 @@ class ConsumerRunner(Generic[T]):
 
     async def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 try:
@@ -207,27 +226,120 @@ class ConsumerRunner(Generic[T]):
             self._consumer = None
 
     async def _run(self) -> None:
+        fetching = asyncio.create_task(self._fetch_loop(), name=f"consumer:{self.topic}:fetch")
+        try:
+            await self._dispatch_loop()
+        finally:
+            self._stopping.set()
+            self._wake.set()
+            # Units in hand finish (their effects are committed, so are their offsets); what is only
+            # buffered is left uncommitted and redelivered to the next owner.
+            if self._units:
+                await asyncio.gather(*self._units, return_exceptions=True)
+            await asyncio.gather(fetching, return_exceptions=True)
+            await self.commit_pending()
+
+    async def _fetch_loop(self) -> None:
+        """Keep the buffer topped up while units of work run, so the next one starts at once."""
         assert self._consumer is not None
         consumer = self._consumer
+        room = self.max_batch * (self.concurrency + 1)
         while not self._stopping.is_set():
+            if sum(map(len, self._buffer.values())) >= room:
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), self.fetch_timeout_ms / 1000)
+                continue
             try:
                 batches = await consumer.getmany(timeout_ms=self.fetch_timeout_ms, max_records=self.max_batch)
             except KafkaError as exc:
                 log.warning("fetch failed; retrying", extra={"topic": self.topic, "error": str(exc)})
                 await asyncio.sleep(1)
                 continue
-            records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
-            if records:
-                try:
-                    await self._process(records)
-                except _Abandon:
-                    break  # shutting down during an outage: leave uncommitted, the next run redelivers
-                for tp, recs in batches.items():
-                    if recs:
-                        self._pending[tp] = OffsetAndMetadata(recs[-1].offset + 1, "")
+            # Never dropped here: these may be the new assignment's first records. (Ones fetched just
+            # before a rebalance are fetched again by their next owner: handlers are idempotent.)
+            for tp, recs in batches.items():
+                if recs:
+                    self._buffer.setdefault(tp, []).extend(recs)
+                    self._wake.set()
             if self._pending and time.monotonic() - self._last_commit >= self.commit_interval_s:
                 await self.commit_pending()
-        await self.commit_pending()
+
+    async def _dispatch_loop(self) -> None:
+        """Start units of work from the buffer. One starts whenever none is running, with everything
+        buffered (up to `max_batch`): when the handler keeps up, one unit at a time costs the least.
+        More run alongside, up to `concurrency`, only for a full batch of partitions not in hand: a
+        backlog then gets the database working on one unit while Python works on another. A partition
+        is in one unit at a time, so its records are handled in order."""
+        while not self._stopping.is_set():
+            self._wake.clear()
+            for unit in [u for u in self._units if u.done()]:
+                self._units.discard(unit)
+                unit.result()  # a handler bug stops the consumer, as it always has
+            while len(self._units) < self.concurrency:
+                taken = self._take(full_only=bool(self._units))
+                if not taken:
+                    break
+                unit = asyncio.create_task(self._unit(taken))
+                self._units.add(unit)
+                unit.add_done_callback(lambda _: self._wake.set())
+            await self._wake.wait()
+
+    def _take(self, *, full_only: bool) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        """Records of partitions not in hand, oldest-buffered partition first, up to `max_batch`."""
+        free = [tp for tp in self._buffer if tp not in self._in_flight]
+        if full_only and sum(len(self._buffer[tp]) for tp in free) < self.max_batch:
+            return {}
+        taken: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
+        room = self.max_batch
+        for tp in free:
+            if room == 0:
+                break
+            recs = self._buffer[tp]
+            taken[tp], rest = recs[:room], recs[room:]
+            room -= len(taken[tp])
+            del self._buffer[tp]
+            if rest:
+                self._buffer[tp] = rest  # back of the queue: other partitions go first next time
+        self._in_flight.update(taken)
+        self._room.set()
+        return taken
+
+    async def _unit(self, taken: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        records = [r for tp in sorted(taken, key=lambda t: t.partition) for r in taken[tp]]
+        try:
+            await self._process(records)
+            # Only ever offsets of handled records: committing one, even for a partition handed over
+            # meanwhile, can cause a redelivery but never skip a record.
+            for tp, recs in taken.items():
+                self._pending[tp] = OffsetAndMetadata(recs[-1].offset + 1, "")
+        except _Abandon:
+            self._stopping.set()  # shutting down during an outage: leave uncommitted, redelivered
+            return
+        finally:
+            self._in_flight.difference_update(taken)
+            if not self._in_flight:
+                self._idle.set()
+        if self._pending and time.monotonic() - self._last_commit >= self.commit_interval_s:
+            await self.commit_pending()
+
+    async def hand_over(self, revoked: set[TopicPartition], timeout_s: float) -> None:
+        """Before a rebalance: drop what is only buffered (the next assignment starts again from the
+        committed offsets), let the units in hand finish so that their offsets are committed with the
+        partitions (bounded: one stuck on an outage must not hold the group; the next owner then
+        redelivers, which the inbox drops), and commit."""
+        self.hand_overs += 1
+        log.info(
+            "partitions revoked; handing over",
+            extra={"topic": self.topic, "partitions": sorted(tp.partition for tp in revoked)},
+        )
+        self._buffer.clear()
+        self._room.set()
+        if self._in_flight:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+        await self.commit_pending(revoked)
 
     async def _process(self, records: list[ConsumerRecord[Any, Any]]) -> None:
         decoded: list[Consumed[T]] = []

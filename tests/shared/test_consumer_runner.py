@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
 from shared.kafka import Consumed, EventProducer, ensure_topics
-from shared.kafka.producer import OutgoingMessage
+from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
 from tests.support import eventually, read_topic
@@ -226,3 +226,118 @@ async def test_ensure_topics_is_idempotent(platform: Platform) -> None:
     await producer.start()
     await producer.ping()
     await producer.stop()
+
+
+class UnitRecorder:
+    """A handler that records each unit of work: its (partition, offset) pairs, and how many units
+    (and which partitions) were in hand at once. Each unit takes `hold_s`, as a database would."""
+
+    def __init__(self, hold_s: float = 0.05) -> None:
+        self.hold_s = hold_s
+        self.handled: list[tuple[int, int]] = []
+        self.in_hand: list[set[int]] = []
+        self.most_at_once = 0
+        self.shared_partition = False
+        self.release = asyncio.Event()
+        self.release.set()
+        self.entered = asyncio.Event()
+
+    async def __call__(self, batch: Sequence[Consumed[CustomerEvent]]) -> None:
+        mine = {c.partition for c in batch}
+        self.shared_partition |= any(mine & other for other in self.in_hand)
+        self.in_hand.append(mine)
+        self.most_at_once = max(self.most_at_once, len(self.in_hand))
+        self.entered.set()
+        try:
+            await asyncio.sleep(self.hold_s)
+            await self.release.wait()
+            self.handled += [(c.partition, c.offset) for c in batch]
+        finally:
+            self.in_hand.remove(mine)
+
+
+async def _publish(platform: Platform, n: int, users: int, first: int = 0) -> None:
+    s = platform.settings
+    await platform.producer.send_many(
+        [
+            encode_message(
+                s.topic(CUSTOMER_EVENTS.name), f"u{i % users}", event(i, f"u{i % users}"), producer="t"
+            )
+            for i in range(first, first + n)
+        ]
+    )
+
+
+def _in_order_once(handled: list[tuple[int, int]]) -> bool:
+    by_partition: dict[int, list[int]] = {}
+    for partition, offset in handled:
+        by_partition.setdefault(partition, []).append(offset)
+    return all(
+        offsets == list(range(offsets[0], offsets[0] + len(offsets))) for offsets in by_partition.values()
+    )
+
+
+async def test_a_backlog_runs_concurrent_units_on_distinct_partitions_each_in_order(
+    platform: Platform,
+) -> None:
+    await _publish(platform, 400, users=40)
+    recorder = UnitRecorder()
+    runner = platform.consumer(
+        CUSTOMER_EVENTS.name, CustomerEvent, "backlog", recorder, max_batch=50, concurrency=3
+    )
+    await runner.start()
+    try:
+        await eventually(lambda: len(recorder.handled) >= 400, timeout=30)
+    finally:
+        await runner.stop()
+    assert len(recorder.handled) == 400
+    assert _in_order_once(recorder.handled)  # every partition from its first offset, none twice
+    assert 2 <= recorder.most_at_once <= 3
+    assert not recorder.shared_partition
+    assert await _committed(platform, "backlog") == 400
+
+
+async def test_a_consumer_keeping_up_runs_one_unit_at_a_time(platform: Platform) -> None:
+    recorder = UnitRecorder()
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "steady", recorder, concurrency=4)
+    await runner.start()
+    try:
+        for round_ in range(10):
+            await _publish(platform, 5, users=5, first=5 * round_)  # far less than a full batch at a time
+            await asyncio.sleep(0.02)
+        await eventually(lambda: len(recorder.handled) >= 50, timeout=30)
+    finally:
+        await runner.stop()
+    assert recorder.most_at_once == 1
+    assert len(recorder.handled) == 50
+
+
+async def test_a_rebalance_waits_for_the_units_in_hand_so_nothing_is_handled_twice(
+    platform: Platform,
+) -> None:
+    await _publish(platform, 80, users=16)
+    first = UnitRecorder()
+    first.release.clear()  # the first units block until the rebalance is under way
+    a = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "handover", first, max_batch=20, concurrency=2)
+    await a.start()
+    second = UnitRecorder()
+    b = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "handover", second, max_batch=20)
+    try:
+        await asyncio.wait_for(first.entered.wait(), 20)
+        # `b` joins the group (its start returns once the group has rebalanced): `a` must hand its
+        # partitions over with units in hand (its first hand-over was of nothing, when it joined).
+        joining = asyncio.create_task(b.start())
+        await eventually(lambda: a.hand_overs >= 2, timeout=20)
+        await asyncio.sleep(0.3)
+        first.release.set()
+        await joining
+        await eventually(lambda: len(first.handled) + len(second.handled) >= 80, timeout=30)
+        await asyncio.sleep(1.0)  # anything handled twice would show up by now
+    finally:
+        first.release.set()
+        await a.stop()
+        await b.stop()
+    everything = first.handled + second.handled
+    assert len(everything) == 80
+    assert len(set(everything)) == 80
+    assert second.handled  # the rebalance did hand partitions over

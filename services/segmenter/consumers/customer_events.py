@@ -86,27 +86,18 @@ def is_transient_conflict(exc: BaseException) -> bool:
 
 
 class CustomerEventsHandler:
-    def __init__(
-        self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache, parallelism: int = 1
-    ) -> None:
+    def __init__(self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache) -> None:
         self.platform = platform
         self.clock = clock
         self.catalog_cache = catalog
-        self.parallelism = max(1, parallelism)
         # Issue 9: set by the runtime; feeds the catalogue and recommendation counts per batch.
         self.recommendations: Recommendations | None = None
         # Issue 7: set by the runtime; keeps lifecycle stage and metrics current in the same unit of work.
         self.lifecycle: Lifecycle | None = None
 
     async def __call__(self, batch: Sequence[Consumed[CustomerEvent]]) -> None:
-        # Partitions are independent (a key's events are in one partition, in order), so a batch is
-        # split by partition into a few units of work that run concurrently: the database works on
-        # one while Python folds and evaluates another. Each commits its own inbox claims, so a retry
-        # of the whole batch after a partial failure skips what was committed.
-        groups: list[list[Consumed[CustomerEvent]]] = [[] for _ in range(self.parallelism)]
-        for c in batch:
-            groups[c.partition % self.parallelism].append(c)
-        await asyncio.gather(*(self.handle_in_own_unit([c.value for c in g], g) for g in groups if g))
+        # On a backlog the runner runs several such units at once, on different partitions.
+        await self.handle_in_own_unit([c.value for c in batch], batch)
 
     async def handle_in_own_unit(
         self, events: list[CustomerEvent], consumed: Sequence[Consumed[CustomerEvent]] = ()

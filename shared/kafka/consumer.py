@@ -240,18 +240,23 @@ class ConsumerRunner(Generic[T]):
             await self.commit_pending()
 
     async def _fetch_loop(self) -> None:
-        """Keep the buffer topped up while units of work run, so the next one starts at once."""
+        """Keep the buffer topped up while units of work run, so the next one starts at once: every
+        assigned partition up to a full batch buffered. (Fetching only those, not all: on a backlog the
+        partitions in hand would otherwise fill the buffer and leave nothing for a second unit.)"""
         assert self._consumer is not None
         consumer = self._consumer
-        room = self.max_batch * (self.concurrency + 1)
         while not self._stopping.is_set():
-            if sum(map(len, self._buffer.values())) >= room:
+            assigned = consumer.assignment()
+            wanted = [tp for tp in assigned if len(self._buffer.get(tp, ())) < self.max_batch]
+            if assigned and not wanted:
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), self.fetch_timeout_ms / 1000)
                 continue
             try:
-                batches = await consumer.getmany(timeout_ms=self.fetch_timeout_ms, max_records=self.max_batch)
+                batches = await consumer.getmany(
+                    *wanted, timeout_ms=self.fetch_timeout_ms, max_records=self.max_batch
+                )
             except KafkaError as exc:
                 log.warning("fetch failed; retrying", extra={"topic": self.topic, "error": str(exc)})
                 await asyncio.sleep(1)

@@ -133,5 +133,7 @@ class OutboxRelay:
 
 
 def _headers(raw: Any) -> list[tuple[str, str]]:
+    """A row's headers: a JSON object, or (rows written before 2026-11-29) a list of pairs."""
     data = orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
-    return [(str(k), str(v)) for k, v in data]
+    pairs = data.items() if isinstance(data, dict) else data
+    return [(str(k), str(v)) for k, v in pairs]

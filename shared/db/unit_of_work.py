@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.contracts.events import ContractModel
 from shared.db.engine import Statement
 from shared.kafka.consumer import Consumed
-from shared.kafka.producer import OutgoingMessage, encode_message
+from shared.kafka.producer import OutgoingMessage, message_headers, outgoing
 from shared.settings import BaseServiceSettings
 
 # Straight to asyncpg (`Statement`): these run in every batch of every consumer.
@@ -48,6 +48,8 @@ class UnitOfWork:
         self._settings = settings
         self._on_commit = on_commit
         self._outgoing: list[OutgoingMessage] = []
+        # The outbox row's `headers` for each message: a JSON object, serialized once at emit time.
+        self._outgoing_headers: list[str] = []
         self._session: AsyncSession | None = None
         # Cause id (the consumed message's event id) -> its correlation id, noted by the handler
         # (`note_correlations`), so what it emits because of that message passes the chain's id on.
@@ -111,16 +113,14 @@ class UnitOfWork:
         consumed message `cause` (an event id noted with `note_correlations`), else its own id."""
         if correlation_id is None and cause is not None:
             correlation_id = self.correlations.get(cause)
-        self._outgoing.append(
-            encode_message(
-                self._settings.topic(topic_name),
-                key,
-                model,
-                producer=self._settings.service_name,
-                correlation_id=correlation_id,
-                extra_headers=extra_headers,
-            )
+        headers = message_headers(
+            model,
+            producer=self._settings.service_name,
+            correlation_id=correlation_id,
+            extra_headers=extra_headers,
         )
+        self._outgoing.append(outgoing(self._settings.topic(topic_name), key, model, headers))
+        self._outgoing_headers.append(orjson.dumps(headers).decode())
 
     @property
     def emitted(self) -> list[OutgoingMessage]:
@@ -136,6 +136,6 @@ class UnitOfWork:
                 "topics": [m.topic for m in out],
                 "keys": [m.key for m in out],
                 "vals": [m.value for m in out],
-                "headers": [orjson.dumps([[k, v.decode()] for k, v in m.headers]).decode() for m in out],
+                "headers": self._outgoing_headers,
             },
         )

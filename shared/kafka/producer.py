@@ -25,15 +25,14 @@ class OutgoingMessage:
     headers: tuple[tuple[str, bytes], ...] = field(default_factory=tuple)
 
 
-def encode_message(
-    topic: str,
-    key: str,
+def message_headers(
     model: ContractModel,
     *,
     producer: str,
     correlation_id: str | None = None,
     extra_headers: Mapping[str, str] | None = None,
-) -> OutgoingMessage:
+) -> dict[str, str]:
+    """The CLM headers (`shared.contracts.headers`) of a message carrying `model`."""
     event_id = model.contract_id()
     headers: dict[str, str] = {
         Headers.EVENT_ID: event_id,
@@ -46,12 +45,31 @@ def encode_message(
     }
     if extra_headers:
         headers.update(extra_headers)
+    return headers
+
+
+def outgoing(topic: str, key: str, model: ContractModel, headers: Mapping[str, str]) -> OutgoingMessage:
     return OutgoingMessage(
         topic=topic,
         key=key.encode(),
         value=model.__pydantic_serializer__.to_json(model),
         headers=tuple((k, v.encode()) for k, v in headers.items()),
     )
+
+
+def encode_message(
+    topic: str,
+    key: str,
+    model: ContractModel,
+    *,
+    producer: str,
+    correlation_id: str | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> OutgoingMessage:
+    headers = message_headers(
+        model, producer=producer, correlation_id=correlation_id, extra_headers=extra_headers
+    )
+    return outgoing(topic, key, model, headers)
 
 
 class EventProducer:

@@ -160,3 +160,26 @@ async def test_statement_runs_named_parameters_on_asyncpg_in_the_unit_of_work(pl
     async with platform.unit_of_work() as uow:
         assert await update.execute(uow.session, {"by": 5, "id": 1}) == 1
     assert await counter(platform) == 5
+
+
+async def test_relay_publishes_rows_with_headers_in_the_earlier_list_of_pairs_form(
+    platform: Platform,
+) -> None:
+    # Rows an earlier version wrote ([[name, value], ...]) may wait in the outbox across an upgrade.
+    old = change("from-before")
+    async with platform.unit_of_work() as uow:
+        await uow.session.execute(
+            text("INSERT INTO outbox (topic, key, value, headers) VALUES (:t, :k, :v, CAST(:h AS jsonb))"),
+            {
+                "t": platform.settings.topic(PROFILES.name),
+                "k": b"from-before",
+                "v": old.__pydantic_serializer__.to_json(old),
+                "h": f'[["{Headers.EVENT_ID}", "{old.event_id}"], ["{Headers.CORRELATION_ID}", "corr-old"]]',
+            },
+        )
+        uow.emit(PROFILES.name, "from-now", change("from-now"), correlation_id="corr-new")
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=2, timeout=15)
+    by_key = {m["key"]: m["headers"] for m in got}
+    assert by_key["from-before"][Headers.EVENT_ID] == old.event_id
+    assert by_key["from-before"][Headers.CORRELATION_ID] == "corr-old"
+    assert by_key["from-now"][Headers.CORRELATION_ID] == "corr-new"

@@ -37,7 +37,9 @@ from shared.contracts.headers import Headers
 from shared.kafka.producer import EventProducer, OutgoingMessage
 from shared.observability.metrics import (
     CONSUMED,
+    CONSUMER_BUFFERED,
     CONSUMER_LAG,
+    CONSUMER_UNITS,
     DLQ_MESSAGES,
     HANDLER_ERRORS,
     HANDLER_SECONDS,
@@ -288,6 +290,9 @@ class ConsumerRunner(Generic[T]):
                 unit = asyncio.create_task(self._unit(taken))
                 self._units.add(unit)
                 unit.add_done_callback(lambda _: self._wake.set())
+            labels = (self.settings.service_name, self.topic)
+            CONSUMER_UNITS.labels(*labels).set(len(self._units))
+            CONSUMER_BUFFERED.labels(*labels).set(sum(map(len, self._buffer.values())))
             await self._wake.wait()
 
     def _take(self, *, full_only: bool) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:

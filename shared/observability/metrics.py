@@ -31,6 +31,12 @@ HANDLER_SECONDS = Histogram(
     ["service", "topic"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
 )
+CONSUMER_UNITS = Gauge(
+    "clm_consumer_units_in_flight", "Units of work a consumer is running", ["service", "topic"]
+)
+CONSUMER_BUFFERED = Gauge(
+    "clm_consumer_buffered", "Records fetched and waiting for a unit of work", ["service", "topic"]
+)
 DLQ_MESSAGES = Counter("clm_dlq_messages_total", "Messages sent to a dead-letter topic", ["service", "topic"])
 OUTBOX_RELAYED = Counter("clm_outbox_relayed_total", "Outbox rows published to Kafka", ["service"])
 OUTBOX_PENDING = Gauge("clm_outbox_pending", "Outbox rows seen waiting in the last relay pass", ["service"])

@@ -1,4 +1,5 @@
-"""The shared consumer runner against a real broker and database: round trip, redelivery, DLQ."""
+"""The shared consumer runner against a real broker and database: round trip, redelivery, DLQ,
+concurrent units of work and hand-over on a rebalance."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
@@ -292,6 +294,9 @@ async def test_a_backlog_runs_concurrent_units_on_distinct_partitions_each_in_or
         await runner.stop()
     assert len(recorder.handled) == 400
     assert _in_order_once(recorder.handled)  # every partition from its first offset, none twice
+    labels = {"service": platform.settings.service_name, "topic": runner.topic}
+    assert REGISTRY.get_sample_value("clm_consumer_units_in_flight", labels) == 0
+    assert REGISTRY.get_sample_value("clm_consumer_buffered", labels) == 0
     assert 2 <= recorder.most_at_once <= 3
     assert not recorder.shared_partition
     assert await _committed(platform, "backlog") == 400

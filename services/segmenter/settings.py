@@ -21,9 +21,10 @@ class SegmenterSettings(BaseServiceSettings):
     # and evaluates another (see `BaseServiceSettings.consumer_concurrency`).
     consumer_concurrency: int = 4
     consumer_max_partition_fetch_bytes: int = 8 * 1024 * 1024
-    # A unit of work of 2,000 events keeps ~100k objects alive until it commits: at 10,000 the young
+    # A unit of work keeps ~50 objects per event alive until it commits: at 10,000 the young
     # collections examined them ~30 times a second and promoted them into costlier older ones (12% of
-    # the process's CPU at the maximum rate). Above a unit's live set they die by reference count first.
+    # the process's CPU at the maximum rate, 2,000-event units). Above a unit's live set they die by
+    # reference count first (4,000-event units: two young collections in a 10 s burst).
     gc_young_threshold: int = 400_000
     # Batches, not single events, even at low rates: the broker holds a fetch until 64 KB (a few hundred
     # events) are waiting or 50 ms have passed. Fewer, bigger units of work cost far less CPU, which the

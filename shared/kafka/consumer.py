@@ -239,6 +239,7 @@ class ConsumerRunner(Generic[T]):
             if self._units:
                 await asyncio.gather(*self._units, return_exceptions=True)
             await asyncio.gather(fetching, return_exceptions=True)
+            self._report()
             await self.commit_pending()
 
     async def _fetch_loop(self) -> None:
@@ -290,10 +291,18 @@ class ConsumerRunner(Generic[T]):
                 unit = asyncio.create_task(self._unit(taken))
                 self._units.add(unit)
                 unit.add_done_callback(lambda _: self._wake.set())
-            labels = (self.settings.service_name, self.topic)
-            CONSUMER_UNITS.labels(*labels).set(len(self._units))
-            CONSUMER_BUFFERED.labels(*labels).set(sum(map(len, self._buffer.values())))
+            self._report()
             await self._wake.wait()
+
+    def _report(self) -> None:
+        labels = (self.settings.service_name, self.topic)
+        CONSUMER_UNITS.labels(*labels).set(sum(1 for u in self._units if not u.done()))
+        CONSUMER_BUFFERED.labels(*labels).set(sum(map(len, self._buffer.values())))
+
+    @property
+    def assigned_partitions(self) -> set[int]:
+        """The partitions this consumer holds now (empty before its group assigned any)."""
+        return {tp.partition for tp in self._consumer.assignment()} if self._consumer is not None else set()
 
     def _take(self, *, full_only: bool) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
         """Records of partitions not in hand, oldest-buffered partition first, up to `max_batch`."""

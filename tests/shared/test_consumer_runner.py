@@ -320,7 +320,6 @@ async def test_a_consumer_keeping_up_runs_one_unit_at_a_time(platform: Platform)
 async def test_a_rebalance_waits_for_the_units_in_hand_so_nothing_is_handled_twice(
     platform: Platform,
 ) -> None:
-    await _publish(platform, 80, users=16)
     first = UnitRecorder()
     first.release.clear()  # the first units block until the rebalance is under way
     a = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "handover", first, max_batch=20, concurrency=2)
@@ -328,21 +327,25 @@ async def test_a_rebalance_waits_for_the_units_in_hand_so_nothing_is_handled_twi
     second = UnitRecorder()
     b = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "handover", second, max_batch=20)
     try:
+        await eventually(lambda: a.assigned_partitions, timeout=20)
+        # Enough that each partition has records left after the two units `a` holds (20 each).
+        await _publish(platform, 200, users=40)
         await asyncio.wait_for(first.entered.wait(), 20)
         # `b` joins the group (its start returns once the group has rebalanced): `a` must hand its
-        # partitions over with units in hand (its first hand-over was of nothing, when it joined).
+        # partitions over with units in hand.
+        before = a.hand_overs
         joining = asyncio.create_task(b.start())
-        await eventually(lambda: a.hand_overs >= 2, timeout=20)
+        await eventually(lambda: a.hand_overs > before, timeout=20)
         await asyncio.sleep(0.3)
         first.release.set()
         await joining
-        await eventually(lambda: len(first.handled) + len(second.handled) >= 80, timeout=30)
+        await eventually(lambda: len(first.handled) + len(second.handled) >= 200, timeout=30)
         await asyncio.sleep(1.0)  # anything handled twice would show up by now
     finally:
         first.release.set()
         await a.stop()
         await b.stop()
     everything = first.handled + second.handled
-    assert len(everything) == 80
-    assert len(set(everything)) == 80
+    assert len(everything) == 200
+    assert len(set(everything)) == 200
     assert second.handled  # the rebalance did hand partitions over

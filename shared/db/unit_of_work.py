@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.contracts.events import ContractModel
 from shared.db.engine import Statement
 from shared.kafka.consumer import Consumed
-from shared.kafka.producer import OutgoingMessage, message_headers, outgoing
+from shared.kafka.producer import OutgoingMessage, message_headers, outgoing_message
 from shared.settings import BaseServiceSettings
 
 # Straight to asyncpg (`Statement`): these run in every batch of every consumer.
@@ -119,7 +119,7 @@ class UnitOfWork:
             correlation_id=correlation_id,
             extra_headers=extra_headers,
         )
-        self._outgoing.append(outgoing(self._settings.topic(topic_name), key, model, headers))
+        self._outgoing.append(outgoing_message(self._settings.topic(topic_name), key, model, headers))
         self._outgoing_headers.append(orjson.dumps(headers).decode())
 
     @property

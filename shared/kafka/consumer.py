@@ -120,7 +120,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.runner.hand_over(set(revoked), self.runner.revoke_wait_s)
+        await self.runner.hand_over(set(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         pass
@@ -173,7 +173,7 @@ class ConsumerRunner(Generic[T]):
         self._units: set[asyncio.Task[None]] = set()
         self.hand_overs = 0
         self._wake = asyncio.Event()  # the dispatcher has something to look at
-        self._room = asyncio.Event()  # the buffer has room for another fetch
+        self._room = asyncio.Event()  # a partition's buffer fell below a full batch: fetch again
         self._idle = asyncio.Event()  # no unit of work in hand
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -342,7 +342,7 @@ class ConsumerRunner(Generic[T]):
         if self._pending and time.monotonic() - self._last_commit >= self.commit_interval_s:
             await self.commit_pending()
 
-    async def hand_over(self, revoked: set[TopicPartition], timeout_s: float) -> None:
+    async def hand_over(self, revoked: set[TopicPartition]) -> None:
         """Before a rebalance: drop what is only buffered (the next assignment starts again from the
         committed offsets), let the units in hand finish so that their offsets are committed with the
         partitions (bounded: one stuck on an outage must not hold the group; the next owner then
@@ -357,7 +357,7 @@ class ConsumerRunner(Generic[T]):
         if self._in_flight:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout_s)
+                await asyncio.wait_for(self._idle.wait(), self.revoke_wait_s)
         await self.commit_pending(revoked)
 
     async def _process(self, records: list[ConsumerRecord[Any, Any]]) -> None:

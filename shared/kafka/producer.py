@@ -48,7 +48,9 @@ def message_headers(
     return headers
 
 
-def outgoing(topic: str, key: str, model: ContractModel, headers: Mapping[str, str]) -> OutgoingMessage:
+def outgoing_message(
+    topic: str, key: str, model: ContractModel, headers: Mapping[str, str]
+) -> OutgoingMessage:
     return OutgoingMessage(
         topic=topic,
         key=key.encode(),
@@ -69,7 +71,7 @@ def encode_message(
     headers = message_headers(
         model, producer=producer, correlation_id=correlation_id, extra_headers=extra_headers
     )
-    return outgoing(topic, key, model, headers)
+    return outgoing_message(topic, key, model, headers)
 
 
 class EventProducer:

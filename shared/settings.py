@@ -57,10 +57,13 @@ class BaseServiceSettings(BaseSettings):
     # redelivery that the inbox drops; per-batch commits cost the broker an offsets write each.
     consumer_commit_interval_ms: int = 500
     # Units of work a consumer runs at once, each on partitions no other unit holds (so a key's events
-    # stay in order). A second one starts only for a full batch (`consumer_max_batch`) waiting: while
-    # the handler keeps up, one unit at a time costs the least; on a backlog the database works on one
-    # unit while Python works on another. Handlers must allow concurrent units on different keys.
+    # stay in order); handlers must allow concurrent units on different keys. While units take less
+    # than `consumer_pipeline_after_ms` (moving average), one at a time takes everything waiting: the
+    # least cost per event. Slower, two run whenever events wait, each on half the partitions, so the
+    # database works on one while Python works on the other; more only for a full batch waiting (a
+    # backlog). See `shared.kafka.consumer.ConsumerRunner._dispatch_loop`.
     consumer_concurrency: int = 1
+    consumer_pipeline_after_ms: int = 50
     # Kafka's max.partition.fetch.bytes. aiokafka fetches from a broker again only once every
     # partition's buffered records are taken (or 100 ms have passed): on a backlog, concurrent units
     # that finished their partitions' share would wait for the others; a bigger share avoids that.

@@ -145,6 +145,7 @@ class ConsumerRunner(Generic[T]):
         fetch_max_wait_ms: int | None = None,
         commit_interval_ms: int | None = None,
         concurrency: int | None = None,
+        pipeline_after_ms: int | None = None,
         revoke_wait_s: float = 5.0,
     ) -> None:
         self.settings = settings
@@ -165,6 +166,10 @@ class ConsumerRunner(Generic[T]):
         self.fetch_max_wait_ms = fetch_max_wait_ms or settings.consumer_fetch_max_wait_ms
         self.auto_offset_reset = auto_offset_reset
         self.concurrency = max(1, concurrency or settings.consumer_concurrency)
+        self.pipeline_after_s = (
+            settings.consumer_pipeline_after_ms if pipeline_after_ms is None else pipeline_after_ms
+        ) / 1000
+        self._unit_s = 0.0  # a unit of work's duration, moving average
         # Under the group's rebalance timeout (the session timeout, 10 s), or the wait gets us evicted.
         self.revoke_wait_s = revoke_wait_s
         # Fetched, not yet in a unit of work (per partition, in offset order); partitions in a unit.
@@ -274,18 +279,22 @@ class ConsumerRunner(Generic[T]):
                 await self.commit_pending()
 
     async def _dispatch_loop(self) -> None:
-        """Start units of work from the buffer. One starts whenever none is running, with everything
-        buffered (up to `max_batch`): when the handler keeps up, one unit at a time costs the least.
-        More run alongside, up to `concurrency`, only for a full batch of partitions not in hand: a
-        backlog then gets the database working on one unit while Python works on another. A partition
-        is in one unit at a time, so its records are handled in order."""
+        """Start units of work from the buffer; a partition is in one unit at a time, so its records
+        are handled in order. While units are quick, one at a time takes everything buffered (up to
+        `max_batch`): the least fixed cost per record. Once they take `pipeline_after_ms` (and
+        `concurrency` allows), units pipeline: two run whenever records are waiting, each on at most
+        half the assigned partitions, so the database works on one while Python works on the other
+        (a unit's statements wait on each other; alone, the process idles for each round trip, and a
+        unit holding every partition leaves nothing to start beside it). More, up to `concurrency`,
+        start only for a full batch waiting: on a backlog, where they are full."""
         while not self._stopping.is_set():
             self._wake.clear()
             for unit in [u for u in self._units if u.done()]:
                 self._units.discard(unit)
                 unit.result()  # a handler bug stops the consumer, as it always has
+            pipelined = self.concurrency > 1 and self._unit_s >= self.pipeline_after_s
             while len(self._units) < self.concurrency:
-                taken = self._take(full_only=bool(self._units))
+                taken = self._take(pipelined, full_only=len(self._units) >= (2 if pipelined else 1))
                 if not taken:
                     break
                 unit = asyncio.create_task(self._unit(taken))
@@ -304,9 +313,14 @@ class ConsumerRunner(Generic[T]):
         """The partitions this consumer holds now (empty before its group assigned any)."""
         return {tp.partition for tp in self._consumer.assignment()} if self._consumer is not None else set()
 
-    def _take(self, *, full_only: bool) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
-        """Records of partitions not in hand, oldest-buffered partition first, up to `max_batch`."""
+    def _take(
+        self, pipelined: bool, *, full_only: bool
+    ) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        """Records of partitions not in hand, oldest-buffered partition first, up to `max_batch` (and
+        half the assigned partitions when units pipeline)."""
         free = [tp for tp in self._buffer if tp not in self._in_flight]
+        if pipelined and self._consumer is not None:
+            free = free[: max(1, -(-len(self._consumer.assignment()) // 2))]
         if full_only and sum(len(self._buffer[tp]) for tp in free) < self.max_batch:
             return {}
         taken: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
@@ -326,8 +340,10 @@ class ConsumerRunner(Generic[T]):
 
     async def _unit(self, taken: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         records = [r for tp in sorted(taken, key=lambda t: t.partition) for r in taken[tp]]
+        started = time.monotonic()
         try:
             await self._process(records)
+            self._unit_s = 0.8 * self._unit_s + 0.2 * (time.monotonic() - started)
             # Only ever offsets of handled records: committing one, even for a partition handed over
             # meanwhile, can cause a redelivery but never skip a record.
             for tp, recs in taken.items():

@@ -238,6 +238,7 @@ class UnitRecorder:
         self.hold_s = hold_s
         self.handled: list[tuple[int, int]] = []
         self.in_hand: list[set[int]] = []
+        self.alongside: list[set[int]] = []  # partitions of each unit started beside another
         self.most_at_once = 0
         self.shared_partition = False
         self.release = asyncio.Event()
@@ -247,6 +248,8 @@ class UnitRecorder:
     async def __call__(self, batch: Sequence[Consumed[CustomerEvent]]) -> None:
         mine = {c.partition for c in batch}
         self.shared_partition |= any(mine & other for other in self.in_hand)
+        if self.in_hand:
+            self.alongside.append(mine)
         self.in_hand.append(mine)
         self.most_at_once = max(self.most_at_once, len(self.in_hand))
         self.entered.set()
@@ -304,7 +307,9 @@ async def test_a_backlog_runs_concurrent_units_on_distinct_partitions_each_in_or
 
 async def test_a_consumer_keeping_up_runs_one_unit_at_a_time(platform: Platform) -> None:
     recorder = UnitRecorder()
-    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "steady", recorder, concurrency=4)
+    runner = platform.consumer(
+        CUSTOMER_EVENTS.name, CustomerEvent, "steady", recorder, concurrency=4, pipeline_after_ms=1000
+    )
     await runner.start()
     try:
         for round_ in range(10):
@@ -315,6 +320,27 @@ async def test_a_consumer_keeping_up_runs_one_unit_at_a_time(platform: Platform)
         await runner.stop()
     assert recorder.most_at_once == 1
     assert len(recorder.handled) == 50
+
+
+async def test_slow_units_pipeline_two_at_once_each_on_half_the_partitions(platform: Platform) -> None:
+    recorder = UnitRecorder(hold_s=0.05)
+    runner = platform.consumer(
+        CUSTOMER_EVENTS.name, CustomerEvent, "pipelined", recorder, concurrency=4, pipeline_after_ms=20
+    )
+    await runner.start()
+    try:
+        for round_ in range(20):
+            await _publish(platform, 10, users=40, first=10 * round_)  # far less than a full batch
+            await asyncio.sleep(0.02)
+        await eventually(lambda: len(recorder.handled) >= 200, timeout=30)
+    finally:
+        await runner.stop()
+    assert len(recorder.handled) == 200
+    assert _in_order_once(recorder.handled)
+    assert recorder.most_at_once == 2  # never a third: no full batch was waiting
+    assert not recorder.shared_partition
+    half = platform.settings.topic_partitions // 2
+    assert recorder.alongside and all(len(unit) <= half for unit in recorder.alongside)
 
 
 async def test_a_rebalance_waits_for_the_units_in_hand_so_nothing_is_handled_twice(

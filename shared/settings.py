@@ -61,9 +61,10 @@ class BaseServiceSettings(BaseSettings):
     # than `consumer_pipeline_after_ms` (moving average), one at a time takes everything waiting: the
     # least cost per event. Slower, two run whenever events wait, each on half the partitions, so the
     # database works on one while Python works on the other; more only for a full batch waiting (a
-    # backlog). See `shared.kafka.consumer.ConsumerRunner._dispatch_loop`.
+    # backlog). See `shared.kafka.consumer.ConsumerRunner._dispatch_loop`. Segmenter units took ~30 ms at
+    # 3,000 events/s (pipelining there doubled the units and the p99) and 200-500 ms at 5,000/s.
     consumer_concurrency: int = 1
-    consumer_pipeline_after_ms: int = 50
+    consumer_pipeline_after_ms: int = 100
     # Kafka's max.partition.fetch.bytes. aiokafka fetches from a broker again only once every
     # partition's buffered records are taken (or 100 ms have passed): on a backlog, concurrent units
     # that finished their partitions' share would wait for the others; a bigger share avoids that.

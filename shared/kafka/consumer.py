@@ -2,9 +2,10 @@
 
 - Fetches batches (`getmany`) into a buffer, decodes each record into the topic's pydantic model, and
   calls the handler with a batch. The handler commits its own effects (one unit of work).
-- One unit of work at a time while the handler keeps up (the least fixed cost per event); on a
-  backlog up to `consumer_concurrency` at once, each on partitions no other unit holds, so a key's
-  records are still handled in order. On a rebalance the units in hand finish and their offsets are
+- One unit of work at a time while units are quick (the least fixed cost per event). With
+  `consumer_concurrency` > 1: once they take `consumer_pipeline_after_ms`, two at once, each on half
+  the partitions; on a backlog up to `consumer_concurrency`. Never two on one partition, so a key's
+  records are handled in order. On a rebalance the units in hand finish and their offsets are
   committed before the partitions go (bounded by `revoke_wait_s`).
 - Offsets are committed only after the handler returned, so a crash means redelivery, never loss;
   handlers are idempotent (inbox table), so redelivery changes nothing. Handled offsets are committed

@@ -170,7 +170,7 @@ class ConsumerRunner(Generic[T]):
         self.pipeline_after_s = (
             settings.consumer_pipeline_after_ms if pipeline_after_ms is None else pipeline_after_ms
         ) / 1000
-        self._unit_s = 0.0  # a unit of work's duration, moving average
+        self._unit_s = 0.0  # a unit of work's handler time, moving average
         # Under the group's rebalance timeout (the session timeout, 10 s), or the wait gets us evicted.
         self.revoke_wait_s = revoke_wait_s
         # Fetched, not yet in a unit of work (per partition, in offset order); partitions in a unit.
@@ -321,7 +321,7 @@ class ConsumerRunner(Generic[T]):
         half the assigned partitions when units pipeline)."""
         free = [tp for tp in self._buffer if tp not in self._in_flight]
         if pipelined and self._consumer is not None:
-            free = free[: max(1, -(-len(self._consumer.assignment()) // 2))]
+            free = free[: (len(self._consumer.assignment()) + 1) // 2 or 1]
         if full_only and sum(len(self._buffer[tp]) for tp in free) < self.max_batch:
             return {}
         taken: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = {}
@@ -341,10 +341,8 @@ class ConsumerRunner(Generic[T]):
 
     async def _unit(self, taken: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         records = [r for tp in sorted(taken, key=lambda t: t.partition) for r in taken[tp]]
-        started = time.monotonic()
         try:
             await self._process(records)
-            self._unit_s = 0.8 * self._unit_s + 0.2 * (time.monotonic() - started)
             # Only ever offsets of handled records: committing one, even for a partition handed over
             # meanwhile, can cause a redelivery but never skip a record.
             for tp, recs in taken.items():
@@ -399,7 +397,9 @@ class ConsumerRunner(Generic[T]):
             )
             for item in decoded:
                 await self._process_one(item, records)
-        HANDLER_SECONDS.labels(self.settings.service_name, self.topic).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        HANDLER_SECONDS.labels(self.settings.service_name, self.topic).observe(elapsed)
+        self._unit_s = 0.8 * self._unit_s + 0.2 * elapsed
         CONSUMED.labels(self.settings.service_name, self.topic).inc(len(decoded))
         self.processed += len(decoded)
 

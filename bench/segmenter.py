@@ -17,7 +17,8 @@ latency phase stay with one process, the default deployment.
 
 Env: BENCH_EVENTS (default 100000), BENCH_CUSTOMERS (20000), BENCH_PROFILES (1000000),
 BENCH_LATENCY_S (10), BENCH_LATENCY_WARMUP_S (15), BENCH_LATENCY_RATE (default: half the measured
-max), BENCH_REPLICAS (2), BENCH_SEGMENTS (20), BENCH_PHASES (throughput,latency,scaleout,backfill).
+max), BENCH_TIMED_EVERY (10), BENCH_REPLICAS (2), BENCH_SEGMENTS (20),
+BENCH_PHASES (throughput,latency,scaleout,backfill).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ SEGMENTS: list[dict[str, Any]] = [
 ]
 
 
-TIMED_EVERY = 10  # latency phase: one timed event in ten, the rest the throughput phase's mix
+# Latency phase: one timed event (a new customer's first order) in ten, the rest the throughput mix.
+TIMED_EVERY = int(os.environ.get("BENCH_TIMED_EVERY", "10"))
 
 
 def make_events(

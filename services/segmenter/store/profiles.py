@@ -155,17 +155,18 @@ async def insert_customers_and_links(
 async def identities_of(
     session: AsyncSession, customer_ids: Iterable[str]
 ) -> dict[str, dict[str, list[str]]]:
-    rows = await session.execute(
-        text(
-            "SELECT customer_id, kind, value FROM identities WHERE customer_id = ANY(CAST(:ids AS text[])) "
-            "ORDER BY customer_id, kind, value"
-        ),
-        {"ids": list(customer_ids)},
-    )
+    rows = await _IDENTITIES_OF.fetch(session, {"ids": list(customer_ids)})
     out: dict[str, dict[str, list[str]]] = {}
-    for r in rows:
-        out.setdefault(r.customer_id, {}).setdefault(_IDENTITY_LABEL.get(r.kind, r.kind), []).append(r.value)
+    for customer_id, kind, value in rows:
+        out.setdefault(customer_id, {}).setdefault(_IDENTITY_LABEL.get(kind, kind), []).append(value)
     return out
+
+
+# Run by every unit of work that publishes a profile change: straight on the driver.
+_IDENTITIES_OF = Statement(
+    "SELECT customer_id, kind, value FROM identities WHERE customer_id = ANY(CAST(:ids AS text[])) "
+    "ORDER BY customer_id, kind, value"
+)
 
 
 _IDENTITY_LABEL = {"user": "user_id", "anon": "anonymous_id", "merged": "merged_customer_id"}

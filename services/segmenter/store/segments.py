@@ -29,10 +29,13 @@ async def list_segments(session: AsyncSession) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in rows]
 
 
+_SEGMENT_VERSIONS = Statement("SELECT segment_id, version, name, definition FROM segments")
+
+
 async def segment_versions(session: AsyncSession) -> list[tuple[str, int, str, Any]]:
-    """(id, version, name, definition) of every segment: the real-time catalogue's source."""
-    rows = await session.execute(text("SELECT segment_id, version, name, definition FROM segments"))
-    return [(r.segment_id, r.version, r.name, r.definition) for r in rows]
+    """(id, version, name, definition) of every segment: the real-time catalogue's source (read by
+    every unit of work, so straight on the driver)."""
+    return [(r[0], r[1], r[2], r[3]) for r in await _SEGMENT_VERSIONS.fetch(session)]
 
 
 async def get_segment(session: AsyncSession, segment_id: str, *, lock: bool = False) -> dict[str, Any] | None:

@@ -457,6 +457,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Also when started in the background (`make run &`), where the shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, on_term)
     try:
         with running(stack):
             platform = PlatformProcesses(

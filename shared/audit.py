@@ -114,7 +114,9 @@ def audit_router(unit_of_work: Callable[[], UnitOfWork], admin: Any) -> APIRoute
     @router.get("/v1/audit")
     async def list_audit(
         limit: int = Query(default=100, ge=1, le=1000),
-        before: int | None = Query(default=None, ge=1, description="the `next_before` of the previous page"),
+        before: int | None = Query(
+            default=None, ge=1, le=2**63 - 1, description="the `next_before` of the previous page"
+        ),
         actor: str | None = Query(default=None, max_length=200, description="token identity or actor name"),
         method: str | None = Query(default=None, pattern="^(POST|PUT|PATCH|DELETE|GET)$"),
         path_prefix: str | None = Query(default=None, max_length=500),

@@ -1,17 +1,24 @@
-"""HTTP conventions shared by the four APIs: JSON errors that name the field and the rule, admin auth."""
+"""HTTP conventions shared by the four APIs: JSON errors that name the field and the rule, admin auth,
+and no text reaching the database that it cannot store (`StorableTextGuard`)."""
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from typing import Any
+from urllib.parse import parse_qsl
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.contracts import storable
 from shared.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,24 @@ def install_error_handlers(app: FastAPI) -> None:
             {"error": code, "message": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
         )
 
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        if not is_unstorable_text(exc):
+            raise exc  # a real server error: the catch-all below answers 500 and logs it
+        field = _nul_field_in_body(request.scope)
+        return JSONResponse(
+            {
+                "error": "invalid_request",
+                "message": "the request holds text the database cannot store",
+                "errors": [field_error(field, storable.RULE, storable.MESSAGE)],
+            },
+            status_code=400,
+        )
+
+    # Nothing was changed: the error aborted the transaction it happened in.
+    error_types: tuple[type[Exception], ...] = (DBAPIError, *_UNSTORABLE_TEXT_ERRORS)
+    for error_type in error_types:
+        app.add_exception_handler(error_type, on_database_error)
+
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
@@ -106,3 +131,98 @@ def admin_guard(settings: BaseServiceSettings) -> Any:
         return "admin"
 
     return require_admin
+
+
+# --------------------------------------------------------------------------- storable text
+
+_UNSTORABLE_TEXT_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.exceptions.CharacterNotInRepertoireError,  # U+0000 in a text parameter
+    asyncpg.exceptions.UntranslatableCharacterError,  # "\u0000" in a jsonb parameter
+)
+_BODY_CHUNKS = "clm.body_chunks"  # the scope key under which the guard keeps what the app read
+_BODY_KEPT_BYTES = 1024 * 1024
+
+
+def is_unstorable_text(exc: BaseException) -> bool:
+    """A database error caused by text it cannot store (directly, or wrapped by SQLAlchemy)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _UNSTORABLE_TEXT_ERRORS):
+            return True
+        seen.add(id(current))
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
+class StorableTextGuard:
+    """Refuses (400, naming the parameter) a request whose path or query holds the NUL character,
+    which no service can store (`shared.contracts.storable`); and keeps a reference to the body
+    chunks the app reads (up to 1 MiB, no copy), so that a body holding one, caught when the database
+    refuses it, is answered with a 400 naming the field instead of a 500 (`install_error_handlers`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        field = _nul_field_in_target(scope)
+        if field is not None:
+            response = JSONResponse(
+                {
+                    "error": "invalid_request",
+                    "message": "the request is invalid",
+                    "errors": [field_error(field, storable.RULE, storable.MESSAGE)],
+                },
+                status_code=400,
+            )
+            await response(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        kept = 0
+        scope[_BODY_CHUNKS] = chunks
+
+        async def keeping_receive() -> Message:
+            nonlocal kept
+            message = await receive()
+            if message["type"] == "http.request" and kept <= _BODY_KEPT_BYTES:
+                chunk = message.get("body", b"")
+                chunks.append(chunk)
+                kept += len(chunk)
+            return message
+
+        await self.app(scope, keeping_receive, send)
+
+
+def _nul_field_in_target(scope: Scope) -> str | None:
+    path: str = scope.get("path", "")
+    if storable.NUL in path:
+        return "path"
+    query: bytes = scope.get("query_string", b"")
+    if b"%00" in query or b"\x00" in query:
+        for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+            if storable.NUL in name or storable.NUL in value:
+                return f"query.{name}" if storable.NUL not in name else "query"
+    return None
+
+
+def _nul_field_in_body(scope: Scope) -> str:
+    """Where in the request body the NUL character is (`body.<path>`), as far as it can be told."""
+    chunks = scope.get(_BODY_CHUNKS)
+    body = b"".join(chunks) if isinstance(chunks, list) else b""
+    headers = dict(scope.get("headers") or [])
+    content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
+    found: str | None = None
+    if "json" in content_type and storable.NUL_ESCAPE in body:
+        try:
+            found = storable.nul_path(json.loads(body))
+        except ValueError:
+            found = None
+    elif "x-www-form-urlencoded" in content_type and b"%00" in body:
+        for name, value in parse_qsl(body.decode("latin-1"), keep_blank_values=True):
+            if storable.NUL in value:
+                found = name
+                break
+    return f"body.{found}" if found else "body"

@@ -21,7 +21,7 @@ from shared.db.migrations import run_migrations
 from shared.db.outbox import OutboxRelay
 from shared.db.unit_of_work import UnitOfWork
 from shared.heap import settle_heap
-from shared.http import install_error_handlers
+from shared.http import StorableTextGuard, install_error_handlers
 from shared.kafka.admin import ensure_topics
 from shared.kafka.consumer import Consumed, ConsumerRunner
 from shared.kafka.producer import EventProducer
@@ -134,8 +134,10 @@ class Platform:
 
 
 def install_common(app: FastAPI, platform: Platform) -> None:
-    """Health and readiness, `/metrics`, and the JSON error conventions."""
+    """Health and readiness, `/metrics`, and the JSON error conventions (with the storable-text guard,
+    inside the metrics middleware so that its 400s are counted)."""
     install_error_handlers(app)
+    app.add_middleware(StorableTextGuard)
     instrument(app, platform.settings.service_name)
     add_health_routes(app, platform.health_checks)
 

@@ -63,6 +63,8 @@ async def test_import_validates_dedupes_and_keeps_history(
         },
         {"type": "track", "userId": "c1", "event": "No Time"},
         {"type": "track", "event": "No One", "timestamp": HISTORY.isoformat()},
+        # No consumer could store it: refused here, never published.
+        {"type": "track", "userId": "c1", "event": "Nul\x00", "timestamp": HISTORY.isoformat()},
     ]
     body = (
         ndjson(rows)
@@ -80,14 +82,15 @@ async def test_import_validates_dedupes_and_keeps_history(
         4,
         4,
         0,
-        4,
+        5,
     )
     errors = {(e["line"], e["field"], e["rule"]) for e in summary["errors"]}  # type: ignore[attr-defined]
     assert errors == {
         (5, "timestamp", "required"),
         (6, "userId", "required_one_of"),
-        (8, "line", "json_invalid"),
-        (9, "line", "max_size"),
+        (7, "event", "no_nul_character"),
+        (9, "line", "json_invalid"),
+        (10, "line", "max_size"),
     }
 
     events = [CustomerEvent.model_validate(m["value"]) for m in await events_on_topic(settings, count=4)]

@@ -28,6 +28,13 @@ async def test_definitions_api(make_settings: Any) -> None:
 
         r = await c.post("/v1/journeys", json={"id": "cart", "definition": CART_JOURNEY}, headers=ADMIN)
         assert r.status_code == 201 and r.json()["status"] == "draft" and r.json()["version"] == 1
+        # Past the column's range, or text PostgreSQL cannot store: a 400 naming it, not a 500.
+        r = await c.get("/v1/journeys/cart/versions/99999999999", headers=ADMIN)
+        assert r.status_code == 400 and r.json()["errors"][0]["field"] == "version", r.text
+        r = await c.get("/v1/audit", params={"before": 2**70, "path_prefix": "/v1"}, headers=ADMIN)
+        assert r.status_code == 400 and r.json()["errors"][0]["field"] == "before", r.text
+        r = await c.get("/v1/audit", params={"path_prefix": "/v1\x00"}, headers=ADMIN)
+        assert r.status_code == 400 and r.json()["errors"][0]["field"] == "query.path_prefix", r.text
         assert (
             await c.post("/v1/journeys", json={"id": "cart", "definition": CART_JOURNEY}, headers=ADMIN)
         ).status_code == 409

@@ -173,6 +173,12 @@ async def test_opt_in_topics_preferences_and_sms_stop(start_notifier) -> None:  
         await eventually(lambda: _contact_has_phone(h))
         unsigned = await h.client.post("/v1/inbound/twilio/sms", data=form)
         assert unsigned.status_code == 403
+        forged = await h.client.post(
+            "/v1/inbound/twilio/sms",
+            data=form,
+            headers={"X-Twilio-Signature": "sïgné".encode()},
+        )
+        assert forged.status_code == 403
         signature = twilio_signature(
             h.settings.twilio_auth_token.get_secret_value(), "http://testserver/v1/inbound/twilio/sms", form
         )
@@ -273,3 +279,46 @@ async def _send_inbox_message(h: Harness, customer: str) -> str:
 async def _inbox_has(h: Harness, customer: str, at_least: int) -> bool:
     items = (await h.client.get(f"/v1/inbox/{customer}", headers=ADMIN)).json()["messages"]
     return len(items) > at_least
+
+
+async def test_hostile_input_is_a_clear_4xx_never_a_500(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """Found by fuzzing the OpenAPI document: tokens with non-ASCII text (hmac.compare_digest refuses
+    to compare such str), ids past 64 bits, text PostgreSQL cannot store."""
+    async with start_notifier() as h:
+        await h.create_template(INAPP)
+        for method, path in [
+            ("GET", "/u/G%27M.%F3%81%81%8A%C3%8C%2B"),
+            ("POST", "/u/%C3%A9t%C3%A9.%C3%A9"),
+            ("POST", "/u/%C3%A9t%C3%A9.%C3%A9/all"),
+            ("GET", "/t/c/%C2%99V%C3%B8.%C2%80"),
+        ]:
+            r = await h.client.request(method, path)
+            assert r.status_code == 400 and r.json()["error"] == "invalid_link", (path, r.text)
+        pixel = await h.client.get("/t/o/%29.%C3%BE.gif")  # a pixel always answers with the image
+        assert pixel.status_code == 200 and pixel.headers["content-type"] == "image/gif"
+
+        r = await h.client.get("/v1/inbox/c1", params={"token": "jeton-é"})
+        assert r.status_code == 401, r.text
+        r = await h.client.post("/v1/inbox/c1/86380948036332274304458142815092736/read", headers=ADMIN)
+        assert r.status_code == 400 and r.json()["errors"][0]["field"] == "item_id", r.text
+
+        send = {"customer_id": "c9", "channel": "in_app", "template_id": "inapp"}
+        r = await h.client.post(
+            "/v1/messages",
+            json={**send, "data": {"n": 326003646359757979648}},
+            headers={**ADMIN, "Idempotency-Key": "big"},
+        )
+        assert r.status_code == 400 and r.json()["errors"][0]["field"] == "data", r.text
+        r = await h.client.post(
+            "/v1/messages",
+            json={**send, "customer_id": "c\x009"},
+            headers={**ADMIN, "Idempotency-Key": "nul"},
+        )
+        assert r.status_code == 400, r.text
+        assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [
+            ("body.customer_id", "no_nul_character")
+        ]
+        # Nothing was queued by either.
+        for key in ("big", "nul"):
+            again = await h.client.post("/v1/messages", json=send, headers={**ADMIN, "Idempotency-Key": key})
+            assert again.status_code == 202, again.text

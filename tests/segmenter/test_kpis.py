@@ -148,6 +148,8 @@ async def test_bad_kpi_queries_are_refused_with_the_field_and_rule(harness: Harn
         "/v1/kpis/clv?segment_id=seg_nope": ("segment_id", "exists"),
         "/v1/kpis/retention?active_window_days=0": ("active_window_days", "greater_than_equal"),
         "/v1/kpis/stages?from=1900-01-01&to=2026-01-01&period=week": ("from", "max_periods"),
+        "/v1/kpis/cohorts?to=0001-01-01": ("to", "range"),
+        "/v1/kpis/nps?from=1899-12-31&to=2026-01-01": ("from", "range"),
     }
     for path, (field, rule) in cases.items():
         r = await harness.client.get(path, headers=ADMIN)

@@ -172,3 +172,29 @@ async def test_invalid_definitions_get_a_clear_400_naming_the_node(harness: Harn
         await harness.client.get("/v1/customers/u1", headers={"Authorization": "Bearer wrong"})
     ).status_code == 401
     assert (await harness.client.get("/v1/customers/nobody", headers=ADMIN)).status_code == 404
+
+
+async def test_hostile_input_is_a_400_naming_the_field_and_changes_nothing(harness: Harness) -> None:
+    """Found by fuzzing the OpenAPI document: text PostgreSQL cannot store, a cursor past 64 bits."""
+    await seed(harness, 2)
+    body = await bad(harness, {"name": "Pro\x00", "definition": {"trait": "plan", "op": "exists"}})
+    assert [(e["field"], e["rule"]) for e in body["errors"]] == [("body.name", "no_nul_character")]
+    body = await bad(harness, {"name": "Pro", "definition": {"trait": "pl\x00an", "op": "exists"}})
+    assert [(e["field"], e["rule"]) for e in body["errors"]] == [
+        ("body.definition.trait", "no_nul_character")
+    ]
+    listed = await harness.client.get("/v1/segments", headers=ADMIN)
+    assert listed.json()["segments"] == []
+
+    for path, field in [
+        ("/v1/customers/u00%00", "path"),
+        ("/v1/segments/x/members?after=a%00", "query.after"),
+    ]:
+        r = await harness.client.get(path, headers=ADMIN)
+        assert r.status_code == 400, (path, r.text)
+        assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [(field, "no_nul_character")]
+    huge = "/v1/customers/u00/events?before=99999999999999999999999-1"
+    r = await harness.client.get(huge, headers=ADMIN)
+    assert r.status_code == 400 and r.json()["errors"][0]["field"] == "before", r.text
+    r = await harness.client.get("/v1/customers/u00/events?before=1-99999999999999999999999", headers=ADMIN)
+    assert r.status_code == 400 and r.json()["errors"][0]["field"] == "before", r.text

@@ -30,6 +30,7 @@ from services.ingest.domain.normalize import BACKFILL_SOURCE, content_message_id
 from services.ingest.domain.validation import FieldError, validate_call
 from services.ingest.domain.write_keys import key_from_authorization
 from services.ingest.event_writer import Overloaded, PreparedEvent, Unavailable
+from shared.contracts import storable
 from shared.http import ApiError, field_error
 
 _MAX_OVERLOAD_RETRIES = 30
@@ -221,7 +222,7 @@ def _prepare(intake: Intake, line: bytes) -> PreparedEvent | list[FieldError]:
         raw = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         return [FieldError("line", "json_invalid", str(exc))]
-    valid = validate_call(raw, None)
+    valid = validate_call(raw, None, may_hold_nul=storable.NUL_ESCAPE in line)
     if isinstance(valid, list):
         return valid
     if valid.call.timestamp is None and valid.call.original_timestamp is None:

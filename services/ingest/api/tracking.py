@@ -20,6 +20,7 @@ from services.ingest.api.intake import Intake, invalid
 from services.ingest.domain.normalize import apply_batch_defaults, to_customer_event
 from services.ingest.domain.validation import FieldError, validate_call
 from services.ingest.event_writer import PreparedEvent, WriteOutcome
+from shared.contracts import storable
 from shared.contracts.events import EventType
 from shared.http import ApiError, field_error
 
@@ -34,10 +35,11 @@ def tracking_router(intake: Intake) -> APIRouter:
     def single(call_type: EventType) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
             source = await intake.header_source(request)
-            raw = parse_json(await read_body(request, settings.max_event_bytes, "an event"))
+            body = await read_body(request, settings.max_event_bytes, "an event")
+            raw = parse_json(body)
             if source is None:
                 source = await intake.source_of(raw.get("writeKey") if isinstance(raw, dict) else None)
-            valid = validate_call(raw, call_type)
+            valid = validate_call(raw, call_type, may_hold_nul=storable.NUL_ESCAPE in body)
             if isinstance(valid, list):
                 raise invalid(valid)
             event = to_customer_event(valid, received_at=intake.clock.now(), source=source)
@@ -58,7 +60,9 @@ def tracking_router(intake: Intake) -> APIRouter:
     @router.post("/v1/batch", summary="Segment batch: up to 500 KB of calls")
     async def batch(request: Request) -> Response:
         source = await intake.header_source(request)
-        raw = parse_json(await read_body(request, settings.max_batch_bytes, "a batch"))
+        text = await read_body(request, settings.max_batch_bytes, "a batch")
+        raw = parse_json(text)
+        may_hold_nul = storable.NUL_ESCAPE in text  # searched once, not per call
         if not isinstance(raw, dict):
             raise ApiError(
                 400,
@@ -90,7 +94,9 @@ def tracking_router(intake: Intake) -> APIRouter:
                 ]
             else:
                 valid = validate_call(
-                    apply_batch_defaults(item, raw) if isinstance(item, dict) else item, prefix=prefix
+                    apply_batch_defaults(item, raw) if isinstance(item, dict) else item,
+                    prefix=prefix,
+                    may_hold_nul=may_hold_nul,
                 )
                 if not isinstance(valid, list):
                     event = to_customer_event(

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.ingest.domain.calls import CALL_MODELS, SegmentCall
+from shared.contracts import storable
 from shared.contracts.events import EventType
 
 _TYPES = ", ".join(t.value for t in EventType)
@@ -46,11 +47,18 @@ def parse_type(raw: object, prefix: str = "") -> EventType | FieldError:
 
 
 def validate_call(
-    raw: Any, call_type: EventType | None = None, *, prefix: str = ""
+    raw: Any, call_type: EventType | None = None, *, prefix: str = "", may_hold_nul: bool = True
 ) -> ValidCall | list[FieldError]:
-    """Validate one call. `call_type` is the endpoint's; a batch item (None) names its own `type`."""
+    """Validate one call. `call_type` is the endpoint's; a batch item (None) names its own `type`.
+    Every string in it is checked for the NUL character, which no consumer could store (see
+    `shared.contracts.storable`), unless `may_hold_nul` is False: the caller found no escaped NUL in
+    the JSON text the call came from (a byte search, much cheaper than walking the call)."""
     if not isinstance(raw, dict):
         return [FieldError(prefix or "body", "object_type", "an event must be a JSON object")]
+    if may_hold_nul:
+        found = storable.nul_path(raw)
+        if found is not None:
+            return [FieldError(_field(prefix, found), storable.RULE, storable.MESSAGE)]
     if call_type is None:
         parsed = parse_type(raw.get("type"), prefix)
         if isinstance(parsed, FieldError):

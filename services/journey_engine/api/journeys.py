@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.journey_engine.domain.conditions import Facts
@@ -160,7 +160,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
         return journey_body(row, definition, versions)
 
     @router.get("/{journey_id}/versions/{version}")
-    async def get_version(journey_id: str, version: int) -> dict[str, Any]:
+    async def get_version(
+        journey_id: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)]
+    ) -> dict[str, Any]:
         async with platform.unit_of_work() as uow:
             await load(uow.session, journey_id)
             definition = await journey_store.definition(uow.session, journey_id, version)

@@ -41,7 +41,9 @@ async def verified_twilio_form(request: Request, notifier: Notifier) -> dict[str
     if settings.twilio_verify_inbound:
         url = settings.public_base_url.rstrip("/") + request.url.path
         expected = twilio_signature(settings.twilio_auth_token.get_secret_value(), url, params)
-        if not hmac.compare_digest(expected, request.headers.get("X-Twilio-Signature", "")):
+        if not hmac.compare_digest(
+            expected.encode(), request.headers.get("X-Twilio-Signature", "").encode("utf-8", "surrogatepass")
+        ):
             raise ApiError(403, "forbidden", "invalid X-Twilio-Signature")
     return params
 

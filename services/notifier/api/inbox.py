@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.service import Notifier
@@ -22,7 +22,9 @@ def router(admin: Any) -> APIRouter:
 
     def authorize(request: Request, notifier: Notifier, customer_id: str, token: str | None) -> None:
         supplied = token or request.headers.get("X-Inbox-Token")
-        if supplied and hmac.compare_digest(supplied, notifier.links.inbox_token(customer_id)):
+        if supplied and hmac.compare_digest(
+            supplied.encode("utf-8", "surrogatepass"), notifier.links.inbox_token(customer_id).encode()
+        ):
             return
         bearer = request.headers.get("Authorization", "")
         expected = f"Bearer {notifier.settings.admin_token.get_secret_value()}"
@@ -52,7 +54,11 @@ def router(admin: Any) -> APIRouter:
 
     @api.post("/{customer_id}/{item_id}/read")
     async def mark_read(
-        customer_id: str, item_id: int, request: Request, notifier: NotifierDep, token: str | None = None
+        customer_id: str,
+        item_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+        request: Request,
+        notifier: NotifierDep,
+        token: str | None = None,
     ) -> dict[str, Any]:
         authorize(request, notifier, customer_id, token)
         async with notifier.platform.unit_of_work() as uow:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.consumers.message_requests import enqueue
@@ -30,6 +30,15 @@ class SendBody(BaseModel):
     subscription_topic: str | None = None
     recipient: Recipient = Field(default_factory=Recipient)
     data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("data")
+    @classmethod
+    def _integers_fit_in_64_bits(cls, data: dict[str, Any]) -> dict[str, Any]:
+        try:
+            orjson.dumps(data)  # as the send ledger stores it
+        except TypeError as exc:
+            raise ValueError("integers in data must fit in 64 bits; send larger numbers as strings") from exc
+        return data
 
 
 def router(admin: Any) -> APIRouter:

@@ -19,6 +19,11 @@ class InvalidToken(Exception):
     pass
 
 
+def _same(supplied: str, expected: str) -> bool:
+    """Constant-time, and for any text a client sends (compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(supplied.encode("utf-8", "surrogatepass"), expected.encode())
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -32,7 +37,8 @@ class LinkSigner:
         self._key = secret.encode()
 
     def _mac(self, purpose: str, body: str) -> str:
-        return _b64(hmac.new(self._key, f"{purpose}:{body}".encode(), hashlib.sha256).digest()[:20])
+        message = f"{purpose}:{body}".encode("utf-8", "surrogatepass")
+        return _b64(hmac.new(self._key, message, hashlib.sha256).digest()[:20])
 
     def sign(self, purpose: str, payload: dict[str, Any]) -> str:
         body = _b64(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
@@ -40,7 +46,7 @@ class LinkSigner:
 
     def verify(self, purpose: str, token: str) -> dict[str, Any]:
         body, _, mac = token.partition(".")
-        if not body or not mac or not hmac.compare_digest(mac, self._mac(purpose, body)):
+        if not body or not mac or not _same(mac, self._mac(purpose, body)):
             raise InvalidToken("bad signature")
         try:
             payload = orjson.loads(_unb64(body))

@@ -42,4 +42,4 @@ def verify(secret: str, received: dict[str, str], body: bytes, *, now: int, tole
     if abs(now - timestamp) > tolerance_s:
         return False
     expected = sign(secret, webhook_id, timestamp, body)
-    return any(hmac.compare_digest(expected, s) for s in signatures)
+    return any(hmac.compare_digest(expected.encode(), s.encode("utf-8", "surrogatepass")) for s in signatures)

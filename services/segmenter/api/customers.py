@@ -28,8 +28,11 @@ def _cursor(before: str | None) -> tuple[datetime, int] | None:
         return None
     try:
         micros, seq = before.split("-", 1)
-        return EPOCH + timedelta(microseconds=int(micros)), int(seq)
-    except ValueError:
+        at, number = EPOCH + timedelta(microseconds=int(micros)), int(seq)
+        if not 0 <= number < 2**63:
+            raise ValueError(seq)
+        return at, number
+    except (ValueError, OverflowError):
         raise ApiError(
             400,
             "invalid_request",

@@ -49,6 +49,10 @@ class KpiRange:
         }
 
 
+# Wide enough for any customer history, and a year's default window before `to` stays a valid date.
+EARLIEST_DAY, LATEST_DAY = date(1900, 1, 1), date(9998, 12, 31)
+
+
 def kpis_router(seg: Segmenter) -> APIRouter:
     router = APIRouter(prefix="/v1/kpis", tags=["kpis"], dependencies=[Depends(admin_guard(seg.settings))])
     platform = seg.platform
@@ -59,6 +63,14 @@ def kpis_router(seg: Segmenter) -> APIRouter:
         period: Period = Query(default="month", description="month | week (ISO weeks, Monday first)"),
         segment_id: str | None = Query(default=None, description="only the segment's current members"),
     ) -> KpiRange:
+        for name, day in (("from", from_), ("to", to)):
+            if day is not None and not EARLIEST_DAY <= day <= LATEST_DAY:
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"`{name}` is out of range",
+                    errors=[field_error(name, "range", f"between {EARLIEST_DAY} and {LATEST_DAY}")],
+                )
         end = to or seg.clock.now().astimezone(UTC).date()
         start = from_ or end - timedelta(days=365)
         if end < start:

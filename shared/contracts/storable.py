@@ -1,0 +1,41 @@
+"""Text every service can store: no NUL character (U+0000) anywhere.
+
+PostgreSQL's `text` refuses it ("invalid byte sequence for encoding UTF8: 0x00") and so does `jsonb`
+("\\u0000 cannot be converted to text"). An event holding one would be accepted by ingest, published,
+and then fail in every consumer that stores it (dead-lettered, its profile never updated); an admin
+call holding one would fail in the database. So inputs are checked where they enter: ingest refuses
+such an event with a 400 naming the field, the HTTP layer (`shared.http`) such a path, query or body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NUL = "\x00"
+# How JSON text spells the character (JSON forbids it raw inside strings): a byte search for this is
+# the cheap test before walking a parsed document (it also matches an escaped backslash followed by
+# "u0000", which the walk then finds harmless).
+NUL_ESCAPE = b"\\u0000"
+RULE = "no_nul_character"
+MESSAGE = "must not contain the NUL character (U+0000), which PostgreSQL cannot store"
+
+
+def nul_path(value: Any, path: str = "") -> str | None:
+    """The dotted path (`properties.a`, `items.3`) of the first string in `value`, a key or a value at
+    any depth of dicts and lists, that holds U+0000; `path` itself for such a string; else None."""
+    if isinstance(value, str):
+        return path if NUL in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            child = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and NUL in k:
+                return child
+            found = nul_path(v, child)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = nul_path(v, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None

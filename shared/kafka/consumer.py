@@ -11,7 +11,7 @@
   handlers are idempotent (inbox table), so redelivery changes nothing. Handled offsets are committed
   at most every `consumer_commit_interval_ms` (and on stop and when partitions are revoked): a
   commit per single-message batch would cost the broker more than the message.
-- A failing batch is retried one message at a time; a message that still fails after
+- A failing batch is retried by halves (in order) down to the failing messages; a message that fails after
   `max_attempts` (or cannot be decoded at all) goes to `<topic>.dlq` with the error in its headers,
   and the partition moves on. Infrastructure errors (database or broker unreachable) are retried
   without limit instead: dead-lettering every message during an outage would lose the order.
@@ -392,16 +392,33 @@ class ConsumerRunner(Generic[T]):
                 raise _Abandon() from exc
             HANDLER_ERRORS.labels(self.settings.service_name, self.topic).inc()
             log.warning(
-                "batch failed; isolating message by message",
+                "batch failed; isolating the failing messages",
                 extra={"topic": self.topic, "size": len(decoded), "error": repr(exc)},
             )
-            for item in decoded:
-                await self._process_one(item, records)
+            await self._isolate(decoded, records)
         elapsed = time.perf_counter() - started
         HANDLER_SECONDS.labels(self.settings.service_name, self.topic).observe(elapsed)
         self._unit_s = 0.8 * self._unit_s + 0.2 * elapsed
         CONSUMED.labels(self.settings.service_name, self.topic).inc(len(decoded))
         self.processed += len(decoded)
+
+    async def _isolate(self, items: Sequence[Consumed[T]], records: list[ConsumerRecord[Any, Any]]) -> None:
+        """Find the failing messages of a failed batch by halves, in order: a half that succeeds is
+        done in one unit of work, a failing one is split again, down to single messages, which get
+        their attempts and then the dead-letter topic. One poison message in a 4,000-event batch costs
+        ~24 units of work instead of 4,000 (one per message, a stall of seconds for its partitions)."""
+        if len(items) == 1:
+            await self._process_one(items[0], records)
+            return
+        middle = len(items) // 2
+        for half in (items[:middle], items[middle:]):
+            try:
+                await self._call_with_infra_retry(half)
+            except Exception as exc:
+                if is_infrastructure_error(exc):
+                    raise _Abandon() from exc
+                HANDLER_ERRORS.labels(self.settings.service_name, self.topic).inc()
+                await self._isolate(half, records)
 
     async def _process_one(self, item: Consumed[T], records: list[ConsumerRecord[Any, Any]]) -> None:
         error = ""

@@ -222,6 +222,30 @@ async def test_poison_message_goes_to_the_dead_letter_topic_and_the_partition_mo
     assert poisoned["headers"][Headers.DLQ_GROUP] == s.consumer_group("poison")
 
 
+async def test_a_poison_message_in_a_big_batch_is_found_by_halves(platform: Platform) -> None:
+    s = platform.settings
+    await platform.producer.send_many(
+        [encode_message(s.topic(CUSTOMER_EVENTS.name), "u1", event(n), producer="test") for n in range(256)]
+    )
+    handle = idempotent_handler(platform, fail_on={200})
+    calls: list[int] = []
+
+    async def counting(batch: Sequence[Consumed[CustomerEvent]]) -> None:
+        calls.append(len(batch))
+        await handle(batch)
+
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "halves", counting, max_attempts=2)
+    await runner.start()
+    await eventually(lambda: _len_is(platform, 255), timeout=30)
+    dlq = await read_topic(s.topic(CUSTOMER_EVENTS.dead_letter), count=1, timeout=10)
+    await runner.stop()
+    assert await effects(platform) == [n for n in range(256) if n != 200]
+    assert [orjson.loads(m["raw"])["messageId"] for m in dlq] == ["m200"]
+    # Units of work (each with its fixed cost): one by one, 257 at least; by halves, the failed batch,
+    # two halves per level down to the poison message (log2 256 = 8 levels) and its second attempt.
+    assert len(calls) <= 1 + 2 * 8 + 1 + 4, calls  # (+4: the events may arrive in a few fetches)
+
+
 async def test_ensure_topics_is_idempotent(platform: Platform) -> None:
     assert await ensure_topics(platform.settings) == []
     producer = EventProducer(platform.settings)

@@ -96,6 +96,11 @@ async def seed_profiles(h: Harness, n: int = 40) -> None:
                     (START - timedelta(days=rnd.randint(0, 40), hours=rnd.randint(0, 23))).isoformat(),
                     "not a date",
                     "2026-02-30",
+                    # Placeholders at the ends of time: no timer past the horizon, no overflow.
+                    "9999-12-31",
+                    "9999-12-31T23:00:00-14:00",
+                    "0001-01-01",
+                    "2999-12-28T00:00:00Z",
                 ]
             )
         if rnd.random() < 0.3:

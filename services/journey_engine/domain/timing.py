@@ -14,7 +14,7 @@ def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
         if candidate:
             try:
                 return ZoneInfo(candidate)
-            except (ZoneInfoNotFoundError, ValueError):
+            except (ZoneInfoNotFoundError, ValueError, OSError, TypeError):  # OSError: a name too long
                 continue
     return ZoneInfo("UTC")
 
@@ -35,19 +35,33 @@ def next_time_of_day(now: datetime, at: time, tz: ZoneInfo, weekdays: list[str] 
     raise AssertionError("a week always contains an allowed weekday")
 
 
+# A trait's instant outside these years is no usable date (a placeholder such as 9999-12-31): the
+# arithmetic on it would overflow, and no customer waits for it.
+EARLIEST_INSTANT = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_INSTANT = datetime(3000, 1, 1, tzinfo=UTC)
+
+
 def parse_instant(value: object, tz: ZoneInfo) -> datetime | None:
-    """A trait holding a date (`2026-02-01`) or a datetime; dates are midnight in the customer's zone."""
+    """A trait holding a date (`2026-02-01`) or a datetime; dates are midnight in the customer's zone.
+    None when it holds none, or one outside 1900-2999."""
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=tz)
-    if not isinstance(value, str):
+        parsed = value if value.tzinfo else value.replace(tzinfo=tz)
+    elif isinstance(value, str):
+        try:
+            if len(value) == 10:
+                parsed = datetime.combine(date.fromisoformat(value), time(0), tzinfo=tz)
+            else:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
+    else:
         return None
     try:
-        if len(value) == 10:
-            return datetime.combine(date.fromisoformat(value), time(0), tzinfo=tz)
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        in_range = EARLIEST_INSTANT <= parsed.astimezone(UTC) < LATEST_INSTANT
+    except OverflowError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
+    return parsed if in_range else None
 
 
 def delay_until(

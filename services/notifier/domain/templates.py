@@ -109,7 +109,10 @@ def _as_datetime(value: Any) -> datetime:
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=UTC)
     if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, UTC)
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise RenderError(f"not a date: {value!r}") from exc
     try:
         parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError as exc:
@@ -122,9 +125,13 @@ def format_date(value: Any, fmt: str = "%Y-%m-%d", timezone: str | None = None) 
     moment = _as_datetime(value)
     if timezone:
         try:
-            moment = moment.astimezone(ZoneInfo(str(timezone)))
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+            zone = ZoneInfo(str(timezone))
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a name too long
             raise RenderError(f"unknown timezone {timezone!r}") from exc
+        try:
+            moment = moment.astimezone(zone)
+        except OverflowError as exc:  # 9999-12-31 east of UTC
+            raise RenderError(f"not a date in {timezone}: {value!r}") from exc
     return moment.strftime(str(fmt))
 
 

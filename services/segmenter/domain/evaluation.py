@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.segmenter.domain.profile import Occurrence, ProfileSnapshot
@@ -251,15 +251,29 @@ def explain(rule: Rule, p: ProfileSnapshot, now: datetime, path: str = "definiti
 # --------------------------------------------------------------------------- when can it change
 
 
+# Moments from this one on are never scheduled. Nothing real waits a millennium, and a trait such as
+# "9999-12-31" would overflow the arithmetic (and the database driver reads 9999-12-31 as infinity):
+# the customer's every event would then fail. `store.sql_rules` applies the same horizon.
+HORIZON = datetime(3000, 1, 1, tzinfo=UTC)
+
+
 def next_change_at(rule: Rule, p: ProfileSnapshot, now: datetime) -> datetime | None:
-    """The earliest moment after `now` when a time-based condition in `rule` can change for this
-    profile without any new event (None if none can). Re-evaluating then is enough: values only
-    change at these moments, so nobody is ever scanned periodically."""
-    moments = [m for m in _moments(rule, p, now) if m > now]
+    """The earliest moment after `now` (and before `HORIZON`) when a time-based condition in `rule`
+    can change for this profile without any new event (None if none can). Re-evaluating then is
+    enough: values only change at these moments, so nobody is ever scanned periodically."""
+    moments = [m for m in _moments(rule, p, now) if m is not None and now < m < HORIZON]
     return min(moments) if moments else None
 
 
-def _moments(rule: Rule, p: ProfileSnapshot, now: datetime) -> list[datetime]:
+def _later(t: datetime, span: timedelta = timedelta(0)) -> datetime | None:
+    """`t + span` in UTC, or None past what a datetime can hold."""
+    try:
+        return (t + span).astimezone(UTC)
+    except OverflowError:
+        return None
+
+
+def _moments(rule: Rule, p: ProfileSnapshot, now: datetime) -> list[datetime | None]:
     if isinstance(rule, AndRule):
         return [m for r in rule.and_ for m in _moments(r, p, now)]
     if isinstance(rule, OrRule):
@@ -277,7 +291,7 @@ def _moments(rule: Rule, p: ProfileSnapshot, now: datetime) -> list[datetime]:
             if t is None:
                 return []
             span = parse_duration(rule.duration if rule.op == "within" else rule.ago)
-            return [t + span, t] if rule.op == "within" else [t + span]
+            return [_later(t, span), _later(t)] if rule.op == "within" else [_later(t, span)]
         return []
     if isinstance(rule, PerformedCondition):
         if rule.within is None:
@@ -289,13 +303,13 @@ def _moments(rule: Rule, p: ProfileSnapshot, now: datetime) -> list[datetime]:
             if all(compare(f, lookup_path(o.properties, f.property), now) for f in rule.where)
         ]
         # An occurrence leaves the window at t + span; one stamped in the future enters it at t.
-        return [t + span for t in matching if t + span > now] + [t for t in matching if t > now]
+        return [_later(t, span) for t in matching] + [t for t in matching if t > now]
     if isinstance(rule, NotPerformedCondition):
         agg = p.events.get(rule.not_performed)
-        return [agg.last_at + parse_duration(rule.since)] if agg else []
+        return [_later(agg.last_at, parse_duration(rule.since))] if agg else []
     if isinstance(rule, LastPerformedCondition):
         agg = p.events.get(rule.last_performed)
         if agg is None or rule.ago is None:
             return []
-        return [agg.last_at + parse_duration(rule.ago)]
+        return [_later(agg.last_at, parse_duration(rule.ago))]
     return []

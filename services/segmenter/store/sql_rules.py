@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from services.segmenter.domain.evaluation import HORIZON
 from services.segmenter.domain.rules import (
     PROFILE_FIELDS,
     AndRule,
@@ -202,7 +203,12 @@ class RuleSql:
         moments = self._moments(rule)
         if not moments:
             return "CAST(NULL AS timestamptz)"
-        return "LEAST(" + ", ".join(f"(CASE WHEN {m} > :now THEN {m} END)" for m in moments) + ")"
+        horizon = self._p(HORIZON)
+        return (
+            "LEAST("
+            + ", ".join(f"(CASE WHEN {m} > :now AND {m} < {horizon} THEN {m} END)" for m in moments)
+            + ")"
+        )
 
     def _moments(self, rule: Rule) -> list[str]:
         if isinstance(rule, AndRule):

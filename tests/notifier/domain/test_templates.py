@@ -50,6 +50,15 @@ def test_money_and_dates() -> None:
     assert format_date("2026-01-05", "%Y") == "2026"
     with pytest.raises(RenderError):
         format_date("2026-01-05", "%Y", "Mars/Base")
+    # Hostile values are a render error (the message fails with a reason), never an exception
+    # that escapes the delivery loop.
+    for value, zone in [
+        ("9999-12-31T23:00:00", "Pacific/Kiritimati"),  # past year 9999 once shifted east
+        (1e20, None),  # seconds since the epoch past any datetime
+        ("2026-01-05", "a" * 300),  # a zone name too long for the file system
+    ]:
+        with pytest.raises(RenderError):
+            format_date(value, "%Y", zone)
 
 
 def test_an_undefined_variable_is_an_error_not_an_empty_string() -> None:

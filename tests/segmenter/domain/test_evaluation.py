@@ -224,6 +224,23 @@ def test_next_change_moments() -> None:
     assert next_change_at(parse_rule({"trait": "plan", "op": "equals", "value": "pro"}), p, NOW) is None
 
 
+def test_dates_at_the_ends_of_time_schedule_nothing_and_never_overflow() -> None:
+    within = {"op": "within", "duration": "30d"}
+    for value in ["9999-12-31", "9999-12-31T23:59:59.999999", "9999-12-31T23:00:00-14:00", "0001-01-01"]:
+        p = profile(renews_at=value)
+        assert next_change_at(parse_rule({"trait": "renews_at", **within}), p, NOW) is None, value
+        assert next_change_at(parse_rule({"trait": "renews_at", "op": "before", "ago": "1d"}), p, NOW) is None
+        assert not evaluate(parse_rule({"trait": "renews_at", **within}), p, NOW)
+    # Inside the horizon, the window's edges are due moments; past it, only what comes before it.
+    soon = datetime(2999, 12, 1, tzinfo=UTC)
+    assert (
+        next_change_at(parse_rule({"trait": "renews_at", **within}), profile(renews_at=soon.isoformat()), NOW)
+        == soon
+    )
+    late = parse_rule({"trait": "renews_at", "op": "before", "ago": "40d"})
+    assert next_change_at(late, profile(renews_at=soon.isoformat()), NOW) is None  # 3000-01-10
+
+
 def test_explain_names_each_node() -> None:
     rule = parse_rule(
         {

@@ -1,0 +1,61 @@
+"""Migration 0005 repairs the infinite times earlier versions stored for events stamped 0001-01-01 or
+9999-12-31 (asyncpg's datetime.min/max), which made every later event of their customer fail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+
+from services.segmenter.app import MIGRATIONS
+from services.segmenter.settings import SegmenterSettings
+from shared.db.engine import create_engine, ensure_schema
+from shared.db.migrations import run_migrations
+
+
+async def test_infinite_times_are_repaired(make_settings: Any) -> None:
+    settings = make_settings(SegmenterSettings)
+    await ensure_schema(settings.database_url, settings.db_schema)
+    engine = create_engine(settings.database_url, settings.db_schema)
+    try:
+        await run_migrations(engine, MIGRATIONS, settings.db_schema, revision="0004_identity_owner_index")
+        async with engine.begin() as conn:
+            for sql in [
+                "INSERT INTO customers (customer_id, first_seen, last_seen, event_count) "
+                "VALUES ('bad', '-infinity', 'infinity', 2), ('good', '2026-01-01Z', '2026-02-01Z', 1)",
+                "INSERT INTO event_counts (customer_id, event, count, first_at, last_at) VALUES "
+                "('bad', 'A', 1, '-infinity', '2026-01-01Z'), ('bad', 'B', 1, '-infinity', 'infinity'), "
+                "('good', 'A', 1, '2026-01-01Z', '2026-01-02Z')",
+                "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, "
+                "received_at) VALUES ('bad', 'm1', 'track', 'A', '{}', '{}', '-infinity', '2026-03-01Z')",
+                "INSERT INTO segment_timers (customer_id, segment_id, due_at) VALUES "
+                "('bad', 's', 'infinity'), ('good', 's', '2026-04-01Z')",
+            ]:
+                await conn.execute(text(sql))
+        await run_migrations(engine, MIGRATIONS, settings.db_schema)
+        async with engine.connect() as conn:
+            customers = (
+                await conn.execute(
+                    text(
+                        "SELECT customer_id, first_seen IS NULL, last_seen IS NULL FROM customers ORDER BY 1"
+                    )
+                )
+            ).all()
+            assert [tuple(r) for r in customers] == [("bad", True, True), ("good", False, False)]
+            counts = (
+                await conn.execute(
+                    text(
+                        "SELECT customer_id, event, first_at::text, last_at::text FROM event_counts "
+                        "ORDER BY 1, 2"
+                    )
+                )
+            ).all()
+            assert [(r[0], r[1], r[2] == r[3]) for r in counts] == [("bad", "A", True), ("good", "A", False)]
+            moved = await conn.scalar(
+                text("SELECT timestamp = received_at FROM events WHERE message_id = 'm1'")
+            )
+            assert moved is True
+            timers = (await conn.execute(text("SELECT customer_id FROM segment_timers"))).scalars().all()
+            assert timers == ["good"]
+    finally:
+        await engine.dispose()

@@ -1,4 +1,4 @@
-"""Text every service can store: no NUL character (U+0000) anywhere.
+"""JSON every service can store: no NUL character (U+0000) anywhere, at most `MAX_DEPTH` levels deep.
 
 PostgreSQL's `text` refuses it ("invalid byte sequence for encoding UTF8: 0x00") and so does `jsonb`
 ("\\u0000 cannot be converted to text"). An event holding one would be accepted by ingest, published,
@@ -36,6 +36,32 @@ def nul_path(value: Any, path: str = "") -> str | None:
     elif isinstance(value, list):
         for i, v in enumerate(value):
             found = nul_path(v, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
+
+
+# orjson, which every consumer uses to write jsonb, refuses documents deeper than 254 levels (and
+# pydantic's serializer, at ingest, ~400). Real events nest a few levels; this leaves room.
+MAX_DEPTH = 64
+DEPTH_RULE = "max_depth"
+DEPTH_MESSAGE = f"must not nest objects and lists more than {MAX_DEPTH} levels deep"
+
+
+def may_be_too_deep(json_text: bytes) -> bool:
+    """False when the JSON text cannot nest `MAX_DEPTH` levels (fewer opening brackets than that):
+    a byte count, much cheaper than walking the parsed document."""
+    return json_text.count(b"{") + json_text.count(b"[") > MAX_DEPTH
+
+
+def too_deep_path(value: Any, path: str = "", depth: int = 0) -> str | None:
+    """The dotted path of the first dict or list in `value` nested past `MAX_DEPTH`, or None."""
+    if isinstance(value, dict | list):
+        if depth >= MAX_DEPTH:
+            return path
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            found = too_deep_path(v, f"{path}.{k}" if path else str(k), depth + 1)
             if found is not None:
                 return found
     return None

@@ -14,6 +14,14 @@ from tests.ingest.conftest import AUTH, events_on_topic
 
 JSON = {"Content-Type": "application/json"}
 
+
+def nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
 # (path, body (bytes or JSON), extra headers, status, field, rule)
 CASES: list[tuple[str, Any, dict[str, str], int, str, str]] = [
     ("/v1/track", b"{not json", {}, 400, "body", "json_invalid"),
@@ -115,6 +123,23 @@ CASES: list[tuple[str, Any, dict[str, str], int, str, str]] = [
         "range",
     ),
     ("/v1/batch", {"batch": [], "sentAt": "3000-01-01T00:00:00Z"}, {}, 400, "sentAt", "range"),
+    # Deeper than every consumer can write (orjson stops at 254 levels; this was a 500 from 400 on).
+    (
+        "/v1/track",
+        {"userId": "u1", "event": "E", "properties": nested(64)},
+        {},
+        400,
+        "properties" + ".a" * 63,
+        "max_depth",
+    ),
+    (
+        "/v1/batch",
+        {"batch": [{"type": "track", "userId": "u1", "event": "E", "properties": nested(200)}]},
+        {},
+        400,
+        "batch.0.properties" + ".a" * 63,
+        "max_depth",
+    ),
     ("/v1/batch", {"batch": "nope"}, {}, 400, "batch", "list_type"),
     ("/v1/batch", {"events": []}, {}, 400, "batch", "missing"),
     ("/v1/batch", {"batch": [], "sentAt": "soon"}, {}, 400, "sentAt", "datetime_from_date_parsing"),

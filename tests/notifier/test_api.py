@@ -309,6 +309,13 @@ async def test_hostile_input_is_a_clear_4xx_never_a_500(start_notifier) -> None:
             headers={**ADMIN, "Idempotency-Key": "big"},
         )
         assert r.status_code == 400 and r.json()["errors"][0]["field"] == "data", r.text
+        deep: dict[str, object] = {"leaf": 1}
+        for _ in range(300):
+            deep = {"a": deep}
+        r = await h.client.post(
+            "/v1/messages", json={**send, "data": deep}, headers={**ADMIN, "Idempotency-Key": "deep"}
+        )
+        assert r.status_code == 400 and "levels deep" in r.json()["errors"][0]["message"], r.text
         r = await h.client.post(
             "/v1/messages",
             json={**send, "customer_id": "c\x009"},
@@ -319,6 +326,6 @@ async def test_hostile_input_is_a_clear_4xx_never_a_500(start_notifier) -> None:
             ("body.customer_id", "no_nul_character")
         ]
         # Nothing was queued by either.
-        for key in ("big", "nul"):
+        for key in ("big", "nul", "deep"):
             again = await h.client.post("/v1/messages", json=send, headers={**ADMIN, "Idempotency-Key": key})
             assert again.status_code == 202, again.text

@@ -27,10 +27,9 @@ from starlette.types import Receive, Scope, Send
 
 from services.ingest.api.intake import Intake
 from services.ingest.domain.normalize import BACKFILL_SOURCE, content_message_id, to_customer_event
-from services.ingest.domain.validation import FieldError, validate_call
+from services.ingest.domain.validation import FieldError, TextHints, validate_call
 from services.ingest.domain.write_keys import key_from_authorization
 from services.ingest.event_writer import Overloaded, PreparedEvent, Unavailable
-from shared.contracts import storable
 from shared.http import ApiError, field_error
 
 _MAX_OVERLOAD_RETRIES = 30
@@ -222,7 +221,7 @@ def _prepare(intake: Intake, line: bytes) -> PreparedEvent | list[FieldError]:
         raw = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         return [FieldError("line", "json_invalid", str(exc))]
-    valid = validate_call(raw, None, may_hold_nul=storable.NUL_ESCAPE in line)
+    valid = validate_call(raw, None, hints=TextHints.of(line))
     if isinstance(valid, list):
         return valid
     if valid.call.timestamp is None and valid.call.original_timestamp is None:

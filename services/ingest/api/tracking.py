@@ -18,9 +18,14 @@ from pydantic import TypeAdapter, ValidationError
 from services.ingest.api.body import parse_json, read_body
 from services.ingest.api.intake import Intake, invalid
 from services.ingest.domain.normalize import apply_batch_defaults, to_customer_event
-from services.ingest.domain.validation import TIME_RANGE_MESSAGE, FieldError, time_in_range, validate_call
+from services.ingest.domain.validation import (
+    TIME_RANGE_MESSAGE,
+    FieldError,
+    TextHints,
+    time_in_range,
+    validate_call,
+)
 from services.ingest.event_writer import PreparedEvent, WriteOutcome
-from shared.contracts import storable
 from shared.contracts.events import EventType
 from shared.http import ApiError, field_error
 
@@ -39,7 +44,7 @@ def tracking_router(intake: Intake) -> APIRouter:
             raw = parse_json(body)
             if source is None:
                 source = await intake.source_of(raw.get("writeKey") if isinstance(raw, dict) else None)
-            valid = validate_call(raw, call_type, may_hold_nul=storable.NUL_ESCAPE in body)
+            valid = validate_call(raw, call_type, hints=TextHints.of(body))
             if isinstance(valid, list):
                 raise invalid(valid)
             event = to_customer_event(valid, received_at=intake.clock.now(), source=source)
@@ -62,7 +67,7 @@ def tracking_router(intake: Intake) -> APIRouter:
         source = await intake.header_source(request)
         text = await read_body(request, settings.max_batch_bytes, "a batch")
         raw = parse_json(text)
-        may_hold_nul = storable.NUL_ESCAPE in text  # searched once, not per call
+        hints = TextHints.of(text)  # scanned once, not per call
         if not isinstance(raw, dict):
             raise ApiError(
                 400,
@@ -96,7 +101,7 @@ def tracking_router(intake: Intake) -> APIRouter:
                 valid = validate_call(
                     apply_batch_defaults(item, raw) if isinstance(item, dict) else item,
                     prefix=prefix,
-                    may_hold_nul=may_hold_nul,
+                    hints=hints,
                 )
                 if not isinstance(valid, list):
                     event = to_customer_event(

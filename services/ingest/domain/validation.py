@@ -47,16 +47,33 @@ def parse_type(raw: object, prefix: str = "") -> EventType | FieldError:
     return FieldError(_field(prefix, "type"), "enum", f"type must be one of {_TYPES}")
 
 
+@dataclass(frozen=True)
+class TextHints:
+    """What the JSON text a call came from may hold, from byte scans (see `shared.contracts.storable`)
+    that are much cheaper than walking every call: a NUL character, or nesting past the limit. The
+    default assumes both, so the call is walked."""
+
+    may_hold_nul: bool = True
+    may_be_too_deep: bool = True
+
+    @classmethod
+    def of(cls, json_text: bytes) -> TextHints:
+        return cls(storable.NUL_ESCAPE in json_text, storable.may_be_too_deep(json_text))
+
+
 def validate_call(
-    raw: Any, call_type: EventType | None = None, *, prefix: str = "", may_hold_nul: bool = True
+    raw: Any, call_type: EventType | None = None, *, prefix: str = "", hints: TextHints = TextHints()
 ) -> ValidCall | list[FieldError]:
     """Validate one call. `call_type` is the endpoint's; a batch item (None) names its own `type`.
-    Every string in it is checked for the NUL character, which no consumer could store (see
-    `shared.contracts.storable`), unless `may_hold_nul` is False: the caller found no escaped NUL in
-    the JSON text the call came from (a byte search, much cheaper than walking the call)."""
+    Every consumer must be able to store it: no NUL character in any string, no nesting past
+    `storable.MAX_DEPTH` (checked when `hints` says the JSON text may hold them)."""
     if not isinstance(raw, dict):
         return [FieldError(prefix or "body", "object_type", "an event must be a JSON object")]
-    if may_hold_nul:
+    if hints.may_be_too_deep:
+        deep = storable.too_deep_path(raw)
+        if deep is not None:
+            return [FieldError(_field(prefix, deep), storable.DEPTH_RULE, storable.DEPTH_MESSAGE)]
+    if hints.may_hold_nul:
         found = storable.nul_path(raw)
         if found is not None:
             return [FieldError(_field(prefix, found), storable.RULE, storable.MESSAGE)]

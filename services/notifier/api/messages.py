@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.consumers.message_requests import enqueue
 from services.notifier.store import api_requests_repo, ledger_repo, templates_repo
-from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
+from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient, storable
 from shared.http import ApiError, field_error
 
 _KEYS = uuid.UUID("6f1c1c38-9a43-4c57-9a51-53a0d1c2b0aa")
@@ -33,9 +33,12 @@ class SendBody(BaseModel):
 
     @field_validator("data")
     @classmethod
-    def _integers_fit_in_64_bits(cls, data: dict[str, Any]) -> dict[str, Any]:
+    def _storable(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Writable as the send ledger writes it (orjson): not too deep, integers within 64 bits."""
+        if storable.too_deep_path(data) is not None:
+            raise ValueError(f"data {storable.DEPTH_MESSAGE}")
         try:
-            orjson.dumps(data)  # as the send ledger stores it
+            orjson.dumps(data)
         except TypeError as exc:
             raise ValueError("integers in data must fit in 64 bits; send larger numbers as strings") from exc
         return data

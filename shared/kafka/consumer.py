@@ -385,15 +385,11 @@ class ConsumerRunner(Generic[T]):
         if not decoded:
             return
         started = time.perf_counter()
-        try:
-            await self._call_with_infra_retry(decoded)
-        except Exception as exc:
-            if is_infrastructure_error(exc):
-                raise _Abandon() from exc
-            HANDLER_ERRORS.labels(self.settings.service_name, self.topic).inc()
+        failure = await self._attempt(decoded)
+        if failure is not None:
             log.warning(
                 "batch failed; isolating the failing messages",
-                extra={"topic": self.topic, "size": len(decoded), "error": repr(exc)},
+                extra={"topic": self.topic, "size": len(decoded), "error": repr(failure)},
             )
             await self._isolate(decoded, records)
         elapsed = time.perf_counter() - started
@@ -412,30 +408,33 @@ class ConsumerRunner(Generic[T]):
             return
         middle = len(items) // 2
         for half in (items[:middle], items[middle:]):
-            try:
-                await self._call_with_infra_retry(half)
-            except Exception as exc:
-                if is_infrastructure_error(exc):
-                    raise _Abandon() from exc
-                HANDLER_ERRORS.labels(self.settings.service_name, self.topic).inc()
+            if await self._attempt(half) is not None:
                 await self._isolate(half, records)
 
     async def _process_one(self, item: Consumed[T], records: list[ConsumerRecord[Any, Any]]) -> None:
         error = ""
         for attempt in range(1, self.max_attempts + 1):
-            try:
-                await self._call_with_infra_retry([item])
+            failure = await self._attempt([item])
+            if failure is None:
                 return
-            except Exception as exc:
-                if is_infrastructure_error(exc):
-                    raise _Abandon() from exc
-                HANDLER_ERRORS.labels(self.settings.service_name, self.topic).inc()
-                error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                self.last_error = error
-                if attempt < self.max_attempts:
-                    await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+            error = "".join(traceback.format_exception_only(type(failure), failure)).strip()
+            self.last_error = error
+            if attempt < self.max_attempts:
+                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
         record = next(r for r in records if r.partition == item.partition and r.offset == item.offset)
         await self._dead_letter(record, error, attempts=self.max_attempts)
+
+    async def _attempt(self, batch: Sequence[Consumed[T]]) -> Exception | None:
+        """The handler on `batch`: None once it succeeded, else its error (counted). A dependency
+        outage abandons the unit instead (`_Abandon`): its records stay uncommitted."""
+        try:
+            await self._call_with_infra_retry(batch)
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                raise _Abandon() from exc
+            HANDLER_ERRORS.labels(self.settings.service_name, self.topic).inc()
+            return exc
+        return None
 
     async def _call_with_infra_retry(self, batch: Sequence[Consumed[T]]) -> None:
         delay = 0.5

@@ -19,7 +19,9 @@ from services.segmenter.domain.evaluation import evaluate
 from services.segmenter.domain.lifecycle import bgnbd
 from services.segmenter.domain.lifecycle import gamma_gamma as gg
 from services.segmenter.domain.lifecycle.snapshot import FittedModels, Order, customer_metrics
+from services.segmenter.domain.profile import order_revenue
 from services.segmenter.reevaluation import fill_snapshots
+from services.segmenter.store import lifecycle as lifecycle_store
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.contracts.events import MessageStatus
@@ -423,3 +425,50 @@ async def test_the_refit_loop_leaves_the_refit_to_the_replica_holding_the_lock(h
 async def _model_fitted(harness: Harness) -> bool:
     r = await harness.client.get("/v1/lifecycle/model", headers=ADMIN)
     return r.status_code == 200
+
+
+ORDER_AMOUNTS: list[dict[str, Any]] = [
+    {"revenue": 20},
+    {"revenue": "19.90"},
+    {"revenue": " 7 "},
+    {"total": 35.5},
+    {"revenue": "n/a", "total": 12},
+    {"revenue": 1e308, "total": 9},  # a placeholder past the bound: `total` counts instead
+    {"revenue": "1e400"},  # past float8: refused, not a cast error
+    {"revenue": "1e99999"},
+    {"revenue": -(2**63)},
+    {"revenue": "\u20035"},  # a Unicode space, which PostgreSQL's numeric refuses
+    {"revenue": "1_000"},
+    {"revenue": True},
+    {"revenue": None, "total": [3]},
+    {},
+]
+
+
+async def test_order_amounts_agree_in_python_and_sql_and_absurd_ones_count_nothing(harness: Harness) -> None:
+    """`order_revenue` (the profile's revenue, in real time) and `ORDER_AMOUNT_SQL` (aggregates, KPIs)
+    read every amount the same way; amounts past 1e12 count nothing, so no sum overflows."""
+    events = [
+        make_event(f"amount-{i}", user_id=f"payer{i}", event="Order Completed", properties=props)
+        for i, props in enumerate(ORDER_AMOUNTS)
+    ] + [
+        make_event(f"again-{i}", user_id="big", event="Order Completed", properties={"revenue": 9e307})
+        for i in range(3)
+    ]
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await harness.segmenter.events.handle(uow, events)  # once failed: "value out of range: overflow"
+        amount = lifecycle_store.ORDER_AMOUNT_SQL
+        rows = await uow.session.execute(
+            text(f"SELECT message_id, {amount} FROM events WHERE message_id LIKE 'amount-%'")
+        )
+        in_sql = {r[0]: float(r[1]) for r in rows}
+    in_python = {f"amount-{i}": order_revenue(props) for i, props in enumerate(ORDER_AMOUNTS)}
+    assert in_sql == in_python
+    assert [in_python[f"amount-{i}"] for i in range(4)] == [20.0, 19.9, 7.0, 35.5]
+    assert in_python["amount-5"] == 9.0 and in_python["amount-6"] == 0.0
+    r = await harness.client.get("/v1/customers/big", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["commerce"] == {
+        **r.json()["commerce"],
+        "orders_count": 3,
+        "revenue": 0.0,
+    }

@@ -1,5 +1,6 @@
-"""Migration 0005 repairs the infinite times earlier versions stored for events stamped 0001-01-01 or
-9999-12-31 (asyncpg's datetime.min/max), which made every later event of their customer fail."""
+"""Migrations 0005 and 0006 repair what earlier versions stored for hostile events: infinite times
+(events stamped 0001-01-01 or 9999-12-31, asyncpg's datetime.min/max) and infinite revenue (order
+amounts summed past float8), which made every later event of their customer fail."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from shared.db.engine import create_engine, ensure_schema
 from shared.db.migrations import run_migrations
 
 
-async def test_infinite_times_are_repaired(make_settings: Any) -> None:
+async def test_infinite_times_and_revenue_are_repaired(make_settings: Any) -> None:
     settings = make_settings(SegmenterSettings)
     await ensure_schema(settings.database_url, settings.db_schema)
     engine = create_engine(settings.database_url, settings.db_schema)
@@ -21,8 +22,13 @@ async def test_infinite_times_are_repaired(make_settings: Any) -> None:
         await run_migrations(engine, MIGRATIONS, settings.db_schema, revision="0004_identity_owner_index")
         async with engine.begin() as conn:
             for sql in [
-                "INSERT INTO customers (customer_id, first_seen, last_seen, event_count) "
-                "VALUES ('bad', '-infinity', 'infinity', 2), ('good', '2026-01-01Z', '2026-02-01Z', 1)",
+                "INSERT INTO customers (customer_id, first_seen, last_seen, event_count, revenue) "
+                "VALUES ('bad', '-infinity', 'infinity', 2, 'Infinity'), "
+                "('good', '2026-01-01Z', '2026-02-01Z', 1, 5)",
+                "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, "
+                "received_at) VALUES ('bad', 'o1', 'track', 'Order Completed', '{\"revenue\": 20}', '{}', "
+                "'2026-01-01Z', '2026-01-01Z'), ('bad', 'o2', 'track', 'Order Completed', "
+                "'{\"revenue\": 1e308}', '{}', '2026-01-02Z', '2026-01-02Z')",
                 "INSERT INTO event_counts (customer_id, event, count, first_at, last_at) VALUES "
                 "('bad', 'A', 1, '-infinity', '2026-01-01Z'), ('bad', 'B', 1, '-infinity', 'infinity'), "
                 "('good', 'A', 1, '2026-01-01Z', '2026-01-02Z')",
@@ -57,5 +63,9 @@ async def test_infinite_times_are_repaired(make_settings: Any) -> None:
             assert moved is True
             timers = (await conn.execute(text("SELECT customer_id FROM segment_timers"))).scalars().all()
             assert timers == ["good"]
+            revenue = (
+                await conn.execute(text("SELECT customer_id, revenue FROM customers ORDER BY 1"))
+            ).all()
+            assert [tuple(r) for r in revenue] == [("bad", 20.0), ("good", 5.0)]
     finally:
         await engine.dispose()

@@ -79,9 +79,9 @@ async def seed_profiles(h: Harness, n: int = 40) -> None:
         uid = f"c{i:03d}"
         traits: dict[str, Any] = {}
         if rnd.random() < 0.8:
-            traits["plan"] = rnd.choice(["free", "pro", "team"])
+            traits["plan"] = rnd.choice(["free", "pro", "team", "Pro", "pro ", 7, None, ["pro"], {"pro": 1}])
         if rnd.random() < 0.7:
-            traits["age"] = rnd.choice([25, 30, 30.0, 41, "30"])
+            traits["age"] = rnd.choice([25, 30, 30.0, 41, "30", 1e308, -(2**63), 2**63, True, "", None, [30]])
         if rnd.random() < 0.5:
             traits["vip"] = rnd.choice([True, False, 1])
         if rnd.random() < 0.6:
@@ -89,7 +89,7 @@ async def seed_profiles(h: Harness, n: int = 40) -> None:
         if rnd.random() < 0.5:
             traits["tags"] = rnd.sample(["beta", "alpha", "gamma"], rnd.randint(0, 2))
         if rnd.random() < 0.6:
-            traits["score"] = round(rnd.random(), 2)
+            traits["score"] = rnd.choice([round(rnd.random(), 2), 5e-324, -0.0, "0.4", False])
         if rnd.random() < 0.7:
             traits["signed_up_at"] = rnd.choice(
                 [
@@ -115,8 +115,8 @@ async def seed_profiles(h: Harness, n: int = 40) -> None:
                     user_id=uid,
                     event="Order Completed",
                     properties={
-                        "total": rnd.choice([10, 45, 90]),
-                        "category": rnd.choice(["shoes", "books"]),
+                        "total": rnd.choice([10, 45, 90, 90, "45", 1e308, None, True, -(2**63)]),
+                        "category": rnd.choice(["shoes", "books", "books", "Shoes", 3, ["shoes"]]),
                     },
                     timestamp=START - timedelta(days=rnd.randint(0, 40), hours=rnd.randint(0, 23)),
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -49,17 +50,26 @@ def aggregate_name(event: CustomerEvent) -> str | None:
     return None
 
 
+# An order amount past this is a placeholder or a mistake, not revenue: sums of such amounts overflow
+# (PostgreSQL refuses a float8 past 1.8e308, and a sum that reaches it) and would poison the customer.
+MAX_ORDER_AMOUNT = 1e12
+
+
 def order_revenue(properties: dict[str, Any]) -> float:
+    """`revenue`, else `total`: a number or a numeric string within +-`MAX_ORDER_AMOUNT`; else 0."""
     for key in ("revenue", "total"):
         v = properties.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-        if isinstance(v, str):
-            try:
-                return float(v)
-            except ValueError:
-                continue
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if numeric or (isinstance(v, str) and _NUMERIC.match(v)):
+            amount = float(v)  # type: ignore[arg-type]
+            if abs(amount) <= MAX_ORDER_AMOUNT:
+                return amount
     return 0.0
+
+
+# Numeric strings as `store.lifecycle` reads them in SQL (Python's float() takes more: "inf", "1_0",
+# Unicode spaces, which PostgreSQL's numeric refuses).
+_NUMERIC = re.compile(r"^[ \t]*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9][0-9]?[0-9]?)?[ \t]*$")
 
 
 @dataclass

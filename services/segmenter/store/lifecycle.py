@@ -16,20 +16,22 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.lifecycle.tracking import CustomerInputs, OrderAggregate
+from services.segmenter.domain.profile import MAX_ORDER_AMOUNT
 from shared.db.engine import Statement
 
 # `order_revenue` of domain/profile.py in SQL: `revenue`, else `total`, numbers or numeric strings.
-_NUM = r"'^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$'"
+_NUM = r"'^[ \t]*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9][0-9]?[0-9]?)?[ \t]*$'"
 
 
 def _amount(key: str) -> tuple[str, str]:
     p = f"properties -> '{key}'"
     s = f"properties ->> '{key}'"
-    return (
-        f"WHEN jsonb_typeof({p}) = 'number' THEN ({s})::float8 "
-        f"WHEN jsonb_typeof({p}) = 'string' AND {s} ~ {_NUM} THEN ({s})::float8 ",
-        s,
-    )
+    # Compared as numeric (which holds any such text: an event is at most 32 KB, an exponent 3 digits)
+    # so that an amount past the bound is skipped, never a float8 overflow. The inner CASE orders the
+    # evaluation: the cast only runs on a number or a numeric string.
+    numeric = f"jsonb_typeof({p}) = 'number' OR (jsonb_typeof({p}) = 'string' AND {s} ~ {_NUM})"
+    within = f"CASE WHEN {numeric} THEN abs(({s})::numeric) <= {MAX_ORDER_AMOUNT:.0f} ELSE false END"
+    return (f"WHEN {within} THEN ({s})::float8 ", s)
 
 
 ORDER_AMOUNT_SQL = "CASE " + _amount("revenue")[0] + _amount("total")[0] + "ELSE 0 END"

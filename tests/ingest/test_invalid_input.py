@@ -140,6 +140,26 @@ CASES: list[tuple[str, Any, dict[str, str], int, str, str]] = [
         "batch.0.properties" + ".a" * 63,
         "max_depth",
     ),
+    (  # past orjson's 254 levels: written by hand (this was a 500)
+        "/v1/batch",
+        b'{"batch": [{"type": "track", "userId": "u1", "event": "E", "properties": '
+        + b'{"a": ' * 300
+        + b"1"
+        + b"}" * 300
+        + b"}]}",
+        {},
+        400,
+        "batch.0.properties" + ".a" * 63,
+        "max_depth",
+    ),
+    (
+        "/v1/batch",
+        {"batch": [{"type": "track", "userId": "u1", "event": "E"}], "context": nested(70)},
+        {},
+        400,
+        "context" + ".a" * 63,
+        "max_depth",
+    ),
     ("/v1/batch", {"batch": "nope"}, {}, 400, "batch", "list_type"),
     ("/v1/batch", {"events": []}, {}, 400, "batch", "missing"),
     ("/v1/batch", {"batch": [], "sentAt": "soon"}, {}, 400, "sentAt", "datetime_from_date_parsing"),

@@ -26,6 +26,7 @@ from services.ingest.domain.validation import (
     validate_call,
 )
 from services.ingest.event_writer import PreparedEvent, WriteOutcome
+from shared.contracts import storable
 from shared.contracts.events import EventType
 from shared.http import ApiError, field_error
 
@@ -67,7 +68,7 @@ def tracking_router(intake: Intake) -> APIRouter:
         source = await intake.header_source(request)
         text = await read_body(request, settings.max_batch_bytes, "a batch")
         raw = parse_json(text)
-        hints = TextHints.of(text)  # scanned once, not per call
+        may_hold_nul = storable.NUL_ESCAPE in text  # searched once, not per call
         if not isinstance(raw, dict):
             raise ApiError(
                 400,
@@ -86,6 +87,15 @@ def tracking_router(intake: Intake) -> APIRouter:
                 "the batch needs a list of calls",
                 errors=[field_error("batch", rule, "batch must be a list of calls")],
             )
+        # Batch-level context and integrations go into every call: as deep there as here.
+        deep = storable.too_deep_path({k: raw[k] for k in ("context", "integrations") if k in raw})
+        if deep is not None:
+            raise ApiError(
+                400,
+                "invalid_batch",
+                "the batch is nested too deep",
+                errors=[field_error(deep, storable.DEPTH_RULE, storable.DEPTH_MESSAGE)],
+            )
         sent_at = _batch_sent_at(raw.get("sentAt"))
         received_at = intake.clock.now()
         accepted: list[int] = []
@@ -93,15 +103,19 @@ def tracking_router(intake: Intake) -> APIRouter:
         rejected: list[dict[str, Any]] = []
         for index, item in enumerate(items):
             prefix = f"batch.{index}"
-            if isinstance(item, dict) and len(orjson.dumps(item)) > settings.max_event_bytes:
+            encoded = _encoded(item)
+            if encoded is not None and len(encoded) > settings.max_event_bytes:
                 errors = [
                     FieldError(prefix, "max_size", f"an event is at most {settings.max_event_bytes} bytes")
                 ]
             else:
+                # The call's own JSON says whether it may be nested too deep (None: past orjson's
+                # limit, so it is); the batch-level defaults were checked above.
+                deep_hint = encoded is None or storable.may_be_too_deep(encoded)
                 valid = validate_call(
                     apply_batch_defaults(item, raw) if isinstance(item, dict) else item,
                     prefix=prefix,
-                    hints=hints,
+                    hints=TextHints(may_hold_nul, deep_hint),
                 )
                 if not isinstance(valid, list):
                     event = to_customer_event(
@@ -137,6 +151,17 @@ def tracking_router(intake: Intake) -> APIRouter:
         return JSONResponse(body, status_code=207 if accepted else 400)
 
     return router
+
+
+def _encoded(item: object) -> bytes | None:
+    """A batch item as JSON: empty when it is not an object (validation refuses it), None when it
+    nests past what orjson writes."""
+    if not isinstance(item, dict):
+        return b""
+    try:
+        return orjson.dumps(item)
+    except orjson.JSONEncodeError:
+        return None
 
 
 def _batch_sent_at(value: object) -> datetime | None:

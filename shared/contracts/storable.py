@@ -1,4 +1,5 @@
-"""JSON every service can store: no NUL character (U+0000) anywhere, at most `MAX_DEPTH` levels deep.
+"""What every service can store: no NUL character (U+0000) anywhere, JSON at most `MAX_DEPTH` levels
+deep, times within 1900-2999.
 
 PostgreSQL's `text` refuses it ("invalid byte sequence for encoding UTF8: 0x00") and so does `jsonb`
 ("\\u0000 cannot be converted to text"). An event holding one would be accepted by ingest, published,
@@ -9,6 +10,7 @@ such an event with a 400 naming the field, the HTTP layer (`shared.http`) such a
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 NUL = "\x00"
@@ -65,3 +67,20 @@ def too_deep_path(value: Any, path: str = "", depth: int = 0) -> str | None:
             if found is not None:
                 return found
     return None
+
+
+# Times every service can compute with. Wide enough for any real history and any clock; at the
+# extremes asyncpg reads 0001-01-01 and 9999-12-31 as -infinity/infinity, and date arithmetic near
+# them overflows: one such event time or trait date failed every later event of its customer.
+EARLIEST_TIME = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(3000, 1, 1, tzinfo=UTC)
+TIME_RULE = "range"
+TIME_MESSAGE = "must be from 1900-01-01 to 2999-12-31 (UTC)"
+
+
+def time_in_range(value: datetime) -> bool:
+    """Whether `value` lies within `EARLIEST_TIME`..`LATEST_TIME` (a naive one is read as UTC)."""
+    try:
+        return EARLIEST_TIME <= (value if value.tzinfo else value.replace(tzinfo=UTC)) < LATEST_TIME
+    except OverflowError:  # 9999-12-31 east of UTC, 0001-01-01 west of it
+        return False

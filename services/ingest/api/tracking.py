@@ -18,13 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from services.ingest.api.body import parse_json, read_body
 from services.ingest.api.intake import Intake, invalid
 from services.ingest.domain.normalize import apply_batch_defaults, to_customer_event
-from services.ingest.domain.validation import (
-    TIME_RANGE_MESSAGE,
-    FieldError,
-    TextHints,
-    time_in_range,
-    validate_call,
-)
+from services.ingest.domain.validation import FieldError, TextHints, validate_call
 from services.ingest.event_writer import PreparedEvent, WriteOutcome
 from shared.contracts import storable
 from shared.contracts.events import EventType
@@ -176,11 +170,11 @@ def _batch_sent_at(value: object) -> datetime | None:
             "sentAt is not a date-time",
             errors=[field_error("sentAt", exc.errors()[0]["type"], "ISO-8601 date-time")],
         ) from exc
-    if not time_in_range(sent_at):
+    if not storable.time_in_range(sent_at):
         raise ApiError(
             400,
             "invalid_batch",
             "sentAt is out of range",
-            errors=[field_error("sentAt", "range", f"sentAt {TIME_RANGE_MESSAGE}")],
+            errors=[field_error("sentAt", storable.TIME_RULE, f"sentAt {storable.TIME_MESSAGE}")],
         )
     return sent_at

@@ -6,7 +6,6 @@ Every error names the field (Segment's name, with its position in a batch) and t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -95,20 +94,6 @@ def validate_call(
     return errors or ValidCall(call_type, call)
 
 
-# Event times a customer's history can hold. Wide enough for any real history (imports keep their
-# times) and any clock; the extremes are refused because every consumer would fail on them
-# (PostgreSQL's drivers read 0001-01-01 and 9999-12-31 as -infinity/infinity, and date arithmetic near
-# them overflows), after ingest had accepted the event.
-EARLIEST_TIME = datetime(1900, 1, 1, tzinfo=UTC)
-LATEST_TIME = datetime(3000, 1, 1, tzinfo=UTC)
-TIME_RANGE_MESSAGE = "must be from 1900-01-01 to 2999-12-31 (UTC)"
-
-
-def time_in_range(value: datetime) -> bool:
-    """Naive date-times are read as UTC, as normalization reads them."""
-    return EARLIEST_TIME <= (value if value.tzinfo else value.replace(tzinfo=UTC)) < LATEST_TIME
-
-
 def _rules(call_type: EventType, call: SegmentCall, prefix: str) -> list[FieldError]:
     errors: list[FieldError] = []
     for attribute, name in (
@@ -117,8 +102,10 @@ def _rules(call_type: EventType, call: SegmentCall, prefix: str) -> list[FieldEr
         ("sent_at", "sentAt"),
     ):
         value = getattr(call, attribute)
-        if value is not None and not time_in_range(value):
-            errors.append(FieldError(_field(prefix, name), "range", f"{name} {TIME_RANGE_MESSAGE}"))
+        if value is not None and not storable.time_in_range(value):
+            errors.append(
+                FieldError(_field(prefix, name), storable.TIME_RULE, f"{name} {storable.TIME_MESSAGE}")
+            )
     if not call.user_id and not call.anonymous_id:
         errors.append(
             FieldError(_field(prefix, "userId"), "required_one_of", "userId or anonymousId is required")

@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.journey_engine.domain.definition import WEEKDAYS, DelayNode
+from shared.contracts import storable
 
 
 def zone(name: str | None, default: str = "UTC") -> ZoneInfo:
@@ -35,15 +36,10 @@ def next_time_of_day(now: datetime, at: time, tz: ZoneInfo, weekdays: list[str] 
     raise AssertionError("a week always contains an allowed weekday")
 
 
-# A trait's instant outside these years is no usable date (a placeholder such as 9999-12-31): the
-# arithmetic on it would overflow, and no customer waits for it.
-EARLIEST_INSTANT = datetime(1900, 1, 1, tzinfo=UTC)
-LATEST_INSTANT = datetime(3000, 1, 1, tzinfo=UTC)
-
-
 def parse_instant(value: object, tz: ZoneInfo) -> datetime | None:
     """A trait holding a date (`2026-02-01`) or a datetime; dates are midnight in the customer's zone.
-    None when it holds none, or one outside 1900-2999."""
+    None when it holds none, or one outside 1900-2999 (`storable.time_in_range`): a placeholder such
+    as 9999-12-31 would overflow the arithmetic, and no customer waits for it."""
     if isinstance(value, datetime):
         parsed = value if value.tzinfo else value.replace(tzinfo=tz)
     elif isinstance(value, str):
@@ -57,11 +53,7 @@ def parse_instant(value: object, tz: ZoneInfo) -> datetime | None:
         parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
     else:
         return None
-    try:
-        in_range = EARLIEST_INSTANT <= parsed.astimezone(UTC) < LATEST_INSTANT
-    except OverflowError:
-        return None
-    return parsed if in_range else None
+    return parsed if storable.time_in_range(parsed) else None
 
 
 def delay_until(

@@ -18,6 +18,7 @@ from services.segmenter.domain.lifecycle.tracking import csat_over_time, period_
 from services.segmenter.domain.lifecycle.voice import csat, nps
 from services.segmenter.runtime import Segmenter
 from services.segmenter.store import lifecycle as lifecycle_store
+from shared.contracts import storable
 from shared.http import ApiError, admin_guard, field_error
 
 MAX_PERIODS = 520
@@ -49,8 +50,8 @@ class KpiRange:
         }
 
 
-# Wide enough for any customer history, and a year's default window before `to` stays a valid date.
-EARLIEST_DAY, LATEST_DAY = date(1900, 1, 1), date(9998, 12, 31)
+# The times events may hold (`shared.contracts.storable`); a year's default window stays valid.
+EARLIEST_DAY, LATEST_DAY = storable.EARLIEST_TIME.date(), storable.LATEST_TIME.date() - timedelta(days=1)
 
 
 def kpis_router(seg: Segmenter) -> APIRouter:

@@ -29,6 +29,7 @@ from services.segmenter.domain.rules import (
     as_datetime,
     parse_duration,
 )
+from shared.contracts import storable
 
 _MISSING: Any = object()
 
@@ -251,10 +252,9 @@ def explain(rule: Rule, p: ProfileSnapshot, now: datetime, path: str = "definiti
 # --------------------------------------------------------------------------- when can it change
 
 
-# Moments from this one on are never scheduled. Nothing real waits a millennium, and a trait such as
-# "9999-12-31" would overflow the arithmetic (and the database driver reads 9999-12-31 as infinity):
-# the customer's every event would then fail. `store.sql_rules` applies the same horizon.
-HORIZON = datetime(3000, 1, 1, tzinfo=UTC)
+# Moments from this one on are never scheduled: a trait such as "9999-12-31" would overflow the
+# arithmetic (see `shared.contracts.storable`). `store.sql_rules` applies the same horizon.
+HORIZON = storable.LATEST_TIME
 
 
 def next_change_at(rule: Rule, p: ProfileSnapshot, now: datetime) -> datetime | None:

@@ -142,9 +142,26 @@ def install_common(app: FastAPI, platform: Platform) -> None:
     add_health_routes(app, platform.health_checks)
 
 
+class InsecureProduction(SystemExit):
+    """Production settings that must not run (`BaseServiceSettings.insecure_settings`)."""
+
+
+def refuse_insecure_production(settings: BaseServiceSettings) -> None:
+    """In production, stop before serving anything while a secret is a development default (the
+    process exits non-zero with the reasons, so a deployment shows them instead of running open)."""
+    if settings.environment != "production":
+        return
+    problems = settings.insecure_settings()
+    if problems:
+        log.critical("refusing to start in production", extra={"problems": problems})
+        raise InsecureProduction("refusing to start in production: " + "; ".join(problems))
+
+
 def serve(app: FastAPI, settings: BaseServiceSettings) -> None:
-    """A service's `python -m` entry point: settle the heap once everything is imported and the app
-    built (see `shared.heap`), then serve it on uvloop until SIGTERM."""
+    """A service's `python -m` entry point: refuse insecure production settings, settle the heap once
+    everything is imported and the app built (see `shared.heap`), then serve it on uvloop until
+    SIGTERM."""
+    refuse_insecure_production(settings)
     settle_heap(settings.gc_young_threshold)
     uvicorn.run(
         app,

@@ -6,16 +6,22 @@ and the local stack use to point CLM at an existing cluster.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class BaseServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLM_", extra="ignore", populate_by_name=True)
+    # Errors name the setting, never echo its value: many hold secrets (DATABASE_URL's password too).
+    model_config = SettingsConfigDict(
+        env_prefix="CLM_", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     service_name: str = "clm"
+    # `production` refuses to start while a secret is still a development default, empty or short
+    # (`insecure_settings`): the defaults are in this repository, so anyone could use them.
+    environment: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
@@ -82,6 +88,25 @@ class BaseServiceSettings(BaseSettings):
     # segmenter ran with it until its identities index made generic plans safe, and it cost ~15% more
     # database CPU there (a dozen batch statements planned per batch) and a worse announcement p99.
     db_plan_cache_mode: Literal["auto", "force_custom_plan", "force_generic_plan"] = "auto"
+
+    # The secrets that guard CLM itself (API access, signed links, erasure hashes); a service adds its own.
+    production_secrets: ClassVar[tuple[str, ...]] = ("admin_token", "privacy_salt")
+    MIN_SECRET_LENGTH: ClassVar[int] = 16
+
+    def insecure_settings(self) -> list[str]:
+        """What production must not run with, one line per setting, named by its env var: a secret
+        still at its development default, empty, or shorter than `MIN_SECRET_LENGTH`."""
+        problems = []
+        for name in self.production_secrets:
+            value: SecretStr = getattr(self, name)
+            default = type(self).model_fields[name].default
+            secret = value.get_secret_value()
+            env = f"CLM_{name.upper()}"
+            if isinstance(default, SecretStr) and secret == default.get_secret_value():
+                problems.append(f"{env} is the development default")
+            elif len(secret) < self.MIN_SECRET_LENGTH:
+                problems.append(f"{env} must be at least {self.MIN_SECRET_LENGTH} characters")
+        return problems
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -53,3 +53,13 @@ class IngestSettings(BaseServiceSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    def insecure_settings(self) -> list[str]:
+        problems = super().insecure_settings()
+        weak = [k for k in self.write_keys if k == "dev-write-key" or len(k) < self.MIN_SECRET_LENGTH]
+        if weak:
+            problems.append(
+                f"CLM_WRITE_KEYS holds {len(weak)} key(s) that are the development default or shorter "
+                f"than {self.MIN_SECRET_LENGTH} characters"
+            )
+        return problems

@@ -7,9 +7,11 @@ Flat settings (`CLM_SMTP_PORT`, `CLM_TWILIO_BASE_URL`, ...) configure the defaul
 
 from __future__ import annotations
 
-from typing import Literal
+import base64
+import binascii
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from shared.settings import BaseServiceSettings
 
@@ -49,6 +51,12 @@ class NotifierSettings(BaseServiceSettings):
     # Its outbox holds delivery statuses (two commits a message: queued, then the outcome), off the
     # path of the mail itself: a few ms of waiting lets the relay publish several at once.
     outbox_relay_delay_ms: int = 20
+    # Forged links could unsubscribe anyone or read their inbox; forged webhooks could speak for CLM.
+    production_secrets: ClassVar[tuple[str, ...]] = (
+        *BaseServiceSettings.production_secrets,
+        "link_secret",
+        "webhook_secret",
+    )
 
     # Where links in messages point (unsubscribe, preference page, tracking): this service's public URL.
     public_base_url: str = "http://127.0.0.1:8004"
@@ -133,3 +141,15 @@ class NotifierSettings(BaseServiceSettings):
         }
         defaults.update(self.providers)
         return defaults
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_is_a_key(cls, value: SecretStr) -> SecretStr:
+        # Checked on start: a malformed secret would otherwise fail every webhook send.
+        try:
+            key = base64.b64decode(value.get_secret_value().removeprefix("whsec_"), validate=True)
+        except binascii.Error as exc:
+            raise ValueError("must be whsec_ followed by a base64 key (Standard Webhooks)") from exc
+        if not key:
+            raise ValueError("must be whsec_ followed by a base64 key (Standard Webhooks)")
+        return value

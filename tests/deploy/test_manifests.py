@@ -1,0 +1,217 @@
+"""The deployment files agree with the code: Kubernetes manifests valid against the API's schemas,
+every environment variable they set is a setting of a service that reads it, commands, ports and
+probes are the services' own, and the example secret cannot start a production service unchanged.
+Neither Kubernetes nor Docker runs here, so this is what keeps `deploy/kubernetes/` and
+`docker-compose.yml` from rotting as settings and routes change."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+from fastapi import FastAPI
+from pydantic import AliasChoices, ValidationError
+
+from services.ingest.app import create_app as ingest_app
+from services.ingest.settings import IngestSettings
+from services.journey_engine.app import create_app as journey_app
+from services.journey_engine.settings import JourneyEngineSettings
+from services.notifier.app import create_app as notifier_app
+from services.notifier.settings import NotifierSettings
+from services.segmenter.app import create_app as segmenter_app
+from services.segmenter.settings import SegmenterSettings
+from shared.settings import BaseServiceSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+# The oldest Kubernetes still widely run, and the newest the schemas package knows.
+KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
+
+SETTINGS: dict[str, type[BaseServiceSettings]] = {
+    "ingest": IngestSettings,
+    "segmenter": SegmenterSettings,
+    "journey_engine": JourneyEngineSettings,
+    "notifier": NotifierSettings,
+}
+APPS = {
+    "ingest": ingest_app,
+    "segmenter": segmenter_app,
+    "journey_engine": journey_app,
+    "notifier": notifier_app,
+}
+
+
+def env_names(settings_class: type[BaseServiceSettings]) -> set[str]:
+    """The environment variables a settings class reads."""
+    names = set()
+    for name, field in settings_class.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+        else:
+            names.add(f"CLM_{name.upper()}")
+    return names
+
+
+async def answers_of(app: FastAPI, paths: list[str]) -> list[int]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://clm") as client:
+        return [(await client.get(path)).status_code for path in paths]
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def manifests() -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            for doc in documents(path):
+                yield path.name, doc
+
+
+def deployments() -> Iterator[tuple[str, dict[str, Any]]]:
+    """(service module, Deployment) for each CLM service."""
+    for _, doc in manifests():
+        if doc["kind"] == "Deployment":
+            command = doc["spec"]["template"]["spec"]["containers"][0]["command"]
+            assert command[:2] == ["python", "-m"] and command[2].startswith("services."), command
+            yield command[2].removeprefix("services."), doc
+
+
+def config_map() -> dict[str, str]:
+    (doc,) = [d for _, d in manifests() if d["kind"] == "ConfigMap"]
+    data: dict[str, str] = doc["data"]
+    return data
+
+
+def example_secret() -> dict[str, str]:
+    (doc,) = documents(KUBERNETES / "secret.example.yaml")
+    data: dict[str, str] = doc["stringData"]
+    return data
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_is_valid_for_the_kubernetes_api(version: str) -> None:
+    checked = 0
+    for name, doc in manifests():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{name} ({doc['kind']} {doc['metadata']['name']}): {exc}")
+        checked += 1
+    assert checked >= 10
+    # The validator does catch a mistake (so a pass above means something).
+    _, deployment = next(deployments())
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPortt"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_the_kustomization_applies_every_manifest_but_the_example_secret() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    files = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(kustomization["resources"]) == files
+    assert kustomization["namespace"] == "clm"
+
+
+async def test_one_deployment_and_service_per_clm_service_on_its_own_port_and_probes() -> None:
+    found = dict(deployments())
+    assert set(found) == set(SETTINGS)
+    services = {d["metadata"]["name"]: d for _, d in manifests() if d["kind"] == "Service"}
+    for module, deployment in found.items():
+        port = SETTINGS[module]().port
+        pod = deployment["spec"]["template"]
+        container = pod["spec"]["containers"][0]
+        assert container["ports"] == [{"name": "http", "containerPort": port}]
+        assert {"name": "CLM_PORT", "value": str(port)} in container["env"]
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        service = services[deployment["metadata"]["name"]]
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        assert service["spec"]["ports"][0]["port"] == port
+        # The probes and the scrape path are routes the service serves (not started here: alive,
+        # not ready).
+        paths = [container[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe")]
+        answers = await answers_of(APPS[module](SETTINGS[module]()), [*paths, "/readyz", "/metrics"])
+        assert answers == [200, 200, 503, 200], module
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+        # Long enough for the shutdown the service does on SIGTERM (uvicorn drains for 20 s).
+        assert pod["spec"]["terminationGracePeriodSeconds"] >= 30
+        refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+        assert refs == {"clm-config", "clm-secrets"}
+
+
+def test_every_variable_the_manifests_set_is_read_by_a_service_that_gets_it() -> None:
+    everyone = set().union(*(env_names(cls) for cls in SETTINGS.values()))
+    unknown = (set(config_map()) | set(example_secret())) - everyone
+    assert not unknown, f"no service reads {sorted(unknown)}"
+    for module, deployment in deployments():
+        for var in deployment["spec"]["template"]["spec"]["containers"][0].get("env", []):
+            assert var["name"] in env_names(SETTINGS[module]), (module, var["name"])
+
+
+def test_the_example_secret_holds_every_production_secret_and_starts_nothing_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    required = {"DATABASE_URL"} | {
+        f"CLM_{name.upper()}" for cls in SETTINGS.values() for name in cls.production_secrets
+    }
+    assert required <= set(example_secret())
+    for key, value in {**config_map(), **example_secret()}.items():
+        monkeypatch.setenv(key, value)
+    for module, cls in SETTINGS.items():
+        try:
+            settings = cls()
+        except ValidationError:
+            continue  # refused at start as well (the notifier's empty webhook secret)
+        assert settings.environment == "production", module
+        assert settings.insecure_settings(), f"{module} would start with the example secret"
+
+
+def test_the_config_with_real_secrets_is_a_valid_production_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    strong = {
+        "DATABASE_URL": "postgresql://clm:pw@db:5432/clm",
+        "CLM_ADMIN_TOKEN": "t" * 64,
+        "CLM_PRIVACY_SALT": "s" * 64,
+        "CLM_LINK_SECRET": "l" * 64,
+        "CLM_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8,
+        "CLM_WRITE_KEYS": "w" * 48,
+    }
+    assert set(strong) == set(example_secret())
+    for key, value in {**config_map(), **strong}.items():
+        monkeypatch.setenv(key, value)
+    for module, cls in SETTINGS.items():
+        settings = cls()
+        assert settings.insecure_settings() == [], module
+        assert settings.topic_replication_factor == 3
+        assert settings.kafka_bootstrap_servers == config_map()["KAFKA_BOOTSTRAP_SERVERS"]
+
+
+def test_docker_compose_runs_each_service_with_settings_it_reads() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    everyone = set().union(*(env_names(cls) for cls in SETTINGS.values()))
+    ran = set()
+    for name, service in compose["services"].items():
+        command = service.get("command", [])
+        if command[:2] != ["python", "-m"] or not command[2].startswith("services."):
+            continue
+        module = command[2].removeprefix("services.")
+        ran.add(module)
+        # One environment block is shared by the four (as the ConfigMap is): each variable must be
+        # read by some service.
+        unknown = set(service["environment"]) - everyone
+        assert not unknown, f"{name}: no service reads {sorted(unknown)}"
+        port = SETTINGS[module]().port
+        assert service["environment"]["CLM_PORT"] == str(port)
+        assert service["ports"] == [f"{port}:{port}"]
+        assert "/readyz" in service["healthcheck"]["test"][1]
+    assert ran == set(SETTINGS)

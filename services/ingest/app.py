@@ -12,9 +12,10 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from services.ingest.api.cors import TrackingCors
 from services.ingest.api.imports import imports_router
 from services.ingest.api.intake import Intake
-from services.ingest.api.tracking import tracking_router
+from services.ingest.api.tracking import batch_handler, tracking_router
 from services.ingest.api.write_keys import write_keys_router
 from services.ingest.consumers.privacy import PrivacyConsumer
 from services.ingest.event_writer import EventWriter
@@ -65,7 +66,9 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     # The tracking routes first: every request is matched against the routes in order.
     app.include_router(tracking_router(intake))
     install_common(app, platform)
-    app.include_router(imports_router(intake))
+    app.include_router(imports_router(intake, batch_handler(intake)))
     app.include_router(write_keys_router(settings, write_keys))
     install_audit(app, platform.unit_of_work, settings)
+    # Outermost: refusals (401, 400) carry the CORS headers too, so the browser SDK can read them.
+    app.add_middleware(TrackingCors, origins=settings.cors_allow_origins)
     return app

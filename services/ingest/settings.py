@@ -17,6 +17,9 @@ class IngestSettings(BaseServiceSettings):
 
     # Comma-separated write keys accepted on start (stored hashed like any other): local runs and tests.
     write_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Origins whose pages may post events from the browser (CORS on /v1/...; comma-separated, empty:
+    # none). `*` as Segment's API: analytics.js runs on the sites of whoever holds a write key.
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     # How long a write key lookup is trusted in memory. A revoke on another replica takes effect
     # within this many seconds (on the replica that served the revoke, at once).
     write_key_cache_ttl_s: float = 5.0
@@ -47,7 +50,7 @@ class IngestSettings(BaseServiceSettings):
     import_progress_interval_s: float = 1.0
     import_max_reported_errors: int = 100
 
-    @field_validator("write_keys", mode="before")
+    @field_validator("write_keys", "cors_allow_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,5 +1,8 @@
 """Bulk backfill: `POST /v1/import`, an NDJSON body (one Segment call per line, gzip allowed) streamed in,
-progress streamed out.
+progress streamed out. A JSON body (`Content-Type: application/json`) is a Segment batch instead,
+answered as `/v1/batch` answers it: Segment's own `/v1/import` is a batch endpoint, and
+analytics-android v4 posts its batches there (read as NDJSON, they would be refused line by line
+under a 200, and the SDK would drop them).
 
 Each line gets the same validation and dedupe as the tracking API; imported events keep their
 historical time (so `timestamp` or `originalTimestamp` is required), are marked `source="backfill"`,
@@ -21,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from services.ingest.api.intake import Intake
+from services.ingest.api.tracking import BatchHandler
 from services.ingest.domain.normalize import BACKFILL_SOURCE, content_message_id, to_customer_event
 from services.ingest.domain.validation import FieldError, TextHints, validate_call
 from services.ingest.domain.write_keys import key_from_authorization
@@ -108,7 +112,7 @@ async def decoded_body(request: Request) -> AsyncIterator[bytes]:
             yield inflater.decompress(chunk)
 
 
-def imports_router(intake: Intake) -> APIRouter:
+def imports_router(intake: Intake, batch: BatchHandler) -> APIRouter:
     router = APIRouter(tags=["backfill"])
     settings = intake.settings
     active = 0
@@ -121,9 +125,15 @@ def imports_router(intake: Intake) -> APIRouter:
             return
         await intake.source_of(key_from_authorization(header))
 
-    @router.post("/v1/import", summary="Bulk backfill: NDJSON in, NDJSON progress out")
-    async def import_events(request: Request) -> StreamingResponse:
+    @router.post(
+        "/v1/import",
+        summary="Bulk backfill: NDJSON in, NDJSON progress out (a JSON body is a Segment batch)",
+    )
+    async def import_events(request: Request) -> Response:
         nonlocal active
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type == "application/json":
+            return await batch(request)
         await authorize(request)
         if active >= settings.max_concurrent_imports:
             raise ApiError(

@@ -2,6 +2,10 @@
 
 Answers as Segment does (`200 {"success": true}`), except that an invalid event gets a 400 naming the
 field and the rule instead of a silent 200; a batch accepts its valid items and says which failed.
+The SDKs' own paths lead to the same handlers: analytics.js posts single calls to `/v1/t`, `/v1/i`,
+`/v1/p`, `/v1/s`, `/v1/g`, `/v1/a` (text/plain, the write key in the body) and batches to `/v1/b`,
+as analytics-kotlin and analytics-swift do; analytics-android v4 posts batches to `/v1/import`
+(see `api/imports.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from shared.http import ApiError, field_error
 
 _SUCCESS = b'{"success":true}'
 _DATETIME = TypeAdapter(datetime)
+# The SDKs' short paths: the call type's first letter (`/v1/t` is a track call), and `/v1/b` a batch.
+SHORT_PATHS = {call_type: call_type.value[0] for call_type in EventType}
+BatchHandler = Callable[[Request], Awaitable[Response]]
 
 
 def tracking_router(intake: Intake) -> APIRouter:
@@ -50,15 +57,25 @@ def tracking_router(intake: Intake) -> APIRouter:
         return handle
 
     for call_type in EventType:
+        handler = single(call_type)
         router.add_api_route(
-            f"/v1/{call_type.value}",
-            single(call_type),
-            methods=["POST"],
-            summary=f"Segment {call_type.value} call",
+            f"/v1/{call_type.value}", handler, methods=["POST"], summary=f"Segment {call_type.value} call"
+        )
+        router.add_api_route(
+            f"/v1/{SHORT_PATHS[call_type]}", handler, methods=["POST"], include_in_schema=False
         )
 
-    @router.post("/v1/batch", summary="Segment batch: up to 500 KB of calls")
-    async def batch(request: Request) -> Response:
+    batch = batch_handler(intake)
+    router.add_api_route("/v1/batch", batch, methods=["POST"], summary="Segment batch: up to 500 KB of calls")
+    router.add_api_route("/v1/b", batch, methods=["POST"], include_in_schema=False)
+    return router
+
+
+def batch_handler(intake: Intake) -> BatchHandler:
+    """A batch call (`{"batch": [...]}`): its valid calls are accepted, the others named."""
+    settings = intake.settings
+
+    async def post_batch(request: Request) -> Response:
         source = await intake.header_source(request)
         text = await read_body(request, settings.max_batch_bytes, "a batch")
         raw = parse_json(text)
@@ -144,7 +161,7 @@ def tracking_router(intake: Intake) -> APIRouter:
         }
         return JSONResponse(body, status_code=207 if accepted else 400)
 
-    return router
+    return post_batch
 
 
 def _encoded(item: object) -> bytes | None:

@@ -1,6 +1,6 @@
 """Topic contracts: every topic's name, key, schema and owner, and the Kafka header names.
 
-See `docs/architecture.md` and `docs/asyncapi.yaml` for the same contracts in prose.
+See `docs/architecture.md` and `docs/asyncapi.json` for the same contracts in prose.
 """
 
 from shared.contracts.events import (

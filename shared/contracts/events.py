@@ -90,6 +90,9 @@ class ProfileChangeKind(StrEnum):
     STAGE_CHANGED = "stage_changed"
     METRICS_CHANGED = "metrics_changed"
     IDENTITY_MERGED = "identity_merged"
+    # The customer gained identifiers (a userId for an anonymous visitor, a second anonymousId...):
+    # `identities` holds them all, so consumers resolve any of them to `customer_id`.
+    IDENTITY_LINKED = "identity_linked"
     ERASED = "erased"
 
 

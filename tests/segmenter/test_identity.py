@@ -57,6 +57,34 @@ async def test_anonymous_browsing_then_identify_is_one_profile(harness: Harness)
     assert [e["message_id"] for e in rest.json()["events"]] == ["m1"]
 
 
+async def test_a_new_identifier_is_announced_so_others_resolve_it(harness: Harness) -> None:
+    """A visitor known by their anonymousId logs in without traits: no trait changed, yet the notifier
+    and the journey engine must learn that the userId is this customer (`identity_linked`). Events
+    that add no identifier announce nothing."""
+    await harness.send(make_event("m1", "page", anonymous_id="anon-7", name="Home"))
+    await harness.processed(1)
+    await harness.send(
+        make_event("m2", "track", user_id="u7", anonymous_id="anon-7", event="Signed In"),
+        make_event("m3", "track", user_id="u7", anonymous_id="anon-7", event="Product Viewed"),
+    )
+    await harness.processed(3)
+    await harness.relay()
+    profiles = [
+        m["value"]
+        for m in await read_topic(
+            harness.settings.topic(PROFILES.name),
+            until=lambda ms: any(m["value"]["kind"] == "identity_linked" for m in ms),
+            idle=1.5,
+            timeout=8,
+        )
+    ]
+    about_identity = [p for p in profiles if p["kind"] != "stage_changed"]  # the lifecycle's own
+    assert [(p["customer_id"], p["kind"]) for p in about_identity] == [("anon-7", "identity_linked")]
+    linked = about_identity[0]
+    assert linked["identities"] == {"anonymous_id": ["anon-7"], "user_id": ["u7"]}
+    assert linked["caused_by"] == "m3" and linked["changed_traits"] == []
+
+
 async def test_second_device_then_login_merges_into_the_known_profile(harness: Harness) -> None:
     await harness.send(make_event("m1", "identify", user_id="u1", anonymous_id="a1", traits={"plan": "pro"}))
     await harness.processed(1)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.domain.consent import ALL_TOPICS
-from services.notifier.store import consent_repo
+from services.notifier.store import consent_repo, identities_repo
 from shared.contracts import Channel
 from shared.http import ApiError, field_error
 
@@ -80,13 +80,13 @@ def router(admin: Any) -> APIRouter:
             if not await consent_repo.delete_topic(uow.session, topic_id):
                 raise ApiError(404, "not_found", f"no topic {topic_id!r}")
 
+    # `{customer_id}` is any identifier of the customer (its id, a userId, an anonymousId), as in the
+    # segmenter's API: choices are kept under the customer's id, which the answers give.
     @api.get("/v1/customers/{customer_id}/preferences")
     async def get_preferences(customer_id: str, notifier: NotifierDep) -> dict[str, Any]:
         async with notifier.platform.unit_of_work() as uow:
-            return {
-                "customer_id": customer_id,
-                "preferences": await consent_repo.preferences_of(uow.session, customer_id),
-            }
+            cid = await identities_repo.canonical(uow.session, customer_id)
+            return {"customer_id": cid, "preferences": await consent_repo.preferences_of(uow.session, cid)}
 
     @api.put("/v1/customers/{customer_id}/preferences")
     async def put_preferences(
@@ -110,15 +110,15 @@ def router(admin: Any) -> APIRouter:
                 source=body.source,
                 now=notifier.clock.now(),
             )
-            current = await consent_repo.preferences_of(uow.session, customer_id)
-        return {"customer_id": customer_id, "changed": len(changed), "preferences": current}
+            cid = await identities_repo.canonical(uow.session, customer_id)
+            current = await consent_repo.preferences_of(uow.session, cid)
+        return {"customer_id": cid, "changed": len(changed), "preferences": current}
 
     @api.get("/v1/customers/{customer_id}/consent-history")
     async def consent_history(customer_id: str, notifier: NotifierDep) -> dict[str, Any]:
         async with notifier.platform.unit_of_work() as uow:
-            return {
-                "customer_id": customer_id,
-                "history": await consent_repo.history(uow.session, customer_id),
-            }
+            cid = await identities_repo.canonical(uow.session, customer_id)
+            ids = [cid, *await identities_repo.aliases(uow.session, cid)]
+            return {"customer_id": cid, "history": await consent_repo.history(uow.session, ids)}
 
     return api

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.service import Notifier
-from services.notifier.store import in_app_repo
+from services.notifier.store import identities_repo, in_app_repo
 from shared.http import ApiError
 
 
@@ -49,7 +49,9 @@ def router(admin: Any) -> APIRouter:
     ) -> dict[str, Any]:
         authorize(request, notifier, customer_id, token)
         async with notifier.platform.unit_of_work() as uow:
-            items = await in_app_repo.list_for(uow.session, customer_id, unread_only=unread, limit=limit)
+            # The app knows its user by its own id; the inbox is the customer's (`identities_repo`).
+            cid = await identities_repo.canonical(uow.session, customer_id)
+            items = await in_app_repo.list_for(uow.session, cid, unread_only=unread, limit=limit)
         return {"customer_id": customer_id, "messages": items}
 
     @api.post("/{customer_id}/{item_id}/read")
@@ -62,7 +64,8 @@ def router(admin: Any) -> APIRouter:
     ) -> dict[str, Any]:
         authorize(request, notifier, customer_id, token)
         async with notifier.platform.unit_of_work() as uow:
-            found = await in_app_repo.mark_read(uow.session, customer_id, item_id, notifier.clock.now())
+            cid = await identities_repo.canonical(uow.session, customer_id)
+            found = await in_app_repo.mark_read(uow.session, cid, item_id, notifier.clock.now())
         if not found:
             raise ApiError(404, "not_found", "no such inbox message")
         return {"id": item_id, "read": True}

@@ -1,4 +1,6 @@
-"""clm.profiles.v1 -> the contact projection (addresses, locale, timezone, traits)."""
+"""clm.profiles.v1 -> the contact projection (addresses, locale, timezone, traits) and the customer's
+identifiers: any of them resolves to the customer in the notifier's APIs, and what was kept under one
+before it was known to be this customer's (choices, inbox) becomes the customer's."""
 
 from __future__ import annotations
 
@@ -7,7 +9,13 @@ from datetime import datetime
 from typing import Any
 
 from services.notifier.domain.composition import ContactView, contact_from_traits
-from services.notifier.store import contacts_repo, in_app_repo, recommendations_repo
+from services.notifier.store import (
+    consent_repo,
+    contacts_repo,
+    identities_repo,
+    in_app_repo,
+    recommendations_repo,
+)
 from shared.contracts import ProfileChanged, ProfileChangeKind
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
@@ -33,6 +41,7 @@ class ProfilesConsumer:
                     await contacts_repo.upsert(uow.session, upserts)
                     upserts = []
                     await contacts_repo.delete(uow.session, [change.customer_id])
+                    await identities_repo.forget(uow.session, [change.customer_id])
                     await in_app_repo.delete_for(uow.session, [change.customer_id])
                     await recommendations_repo.upsert(uow.session, lists)
                     lists = []
@@ -41,6 +50,12 @@ class ProfilesConsumer:
                 if change.kind is ProfileChangeKind.IDENTITY_MERGED and change.merged_ids:
                     await contacts_repo.delete(uow.session, change.merged_ids)
                     await recommendations_repo.delete(uow.session, change.merged_ids)
+                identifiers = [i for ids in change.identities.values() for i in ids] + change.merged_ids
+                moved = await identities_repo.link(
+                    uow.session, change.customer_id, identifiers, change.occurred_at
+                )
+                await consent_repo.move_choices(uow.session, moved, change.customer_id, change.occurred_at)
+                await in_app_repo.move(uow.session, moved, change.customer_id)
                 if change.recommendations is not None:
                     lists.append((change.customer_id, dict(change.recommendations), change.occurred_at))
                 upserts.append(

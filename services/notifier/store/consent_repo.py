@@ -11,6 +11,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.domain.consent import SubscriptionTopic
+from services.notifier.store import identities_repo
+from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import consent_ledger, preferences, subscription_topics
 from shared.db.engine import Statement
 
@@ -78,9 +80,11 @@ _TOPICS_BY_ID = Statement(
     "SELECT id, name, channels, default_subscribed FROM subscription_topics "
     "WHERE id = ANY(CAST(:ids AS text[]))"
 )
+# By any identifier of the customer (one read: the delivery path runs it for every batch of sends).
 _CHOICES_FOR = Statement(
-    "SELECT customer_id, topic, channel, subscribed FROM preferences "
-    "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+    "SELECT q.id, p.topic, p.channel, p.subscribed FROM unnest(CAST(:ids AS text[])) AS q(id) "
+    "LEFT JOIN customer_identities AS ci ON ci.identity = q.id "
+    "JOIN preferences AS p ON p.customer_id = COALESCE(ci.customer_id, q.id)"
 )
 
 
@@ -103,7 +107,7 @@ async def delete_topic(session: AsyncSession, topic_id: str) -> bool:
 async def choices_for(
     session: AsyncSession, customer_ids: set[str]
 ) -> dict[str, dict[tuple[str, str], bool]]:
-    """customer -> (topic, channel) -> subscribed."""
+    """customer (as asked for: any identifier of the customer) -> (topic, channel) -> subscribed."""
     out: dict[str, dict[tuple[str, str], bool]] = {c: {} for c in customer_ids}
     if not customer_ids:
         return out
@@ -142,7 +146,9 @@ async def record_choices(
     message_id: str | None = None,
 ) -> list[tuple[str, str, bool]]:
     """Apply (topic, channel, subscribed) choices; every one that changes something goes to the ledger.
-    Returns the changes that were new."""
+    Returns the changes that were new. `customer_id` may be any identifier of the customer: the
+    choices are kept under the customer's id (see `identities_repo`)."""
+    customer_id = await identities_repo.resolve_for_write(session, customer_id)
     current = (await choices_for(session, {customer_id}))[customer_id]
     changed = [(t, ch, s) for t, ch, s in dict.fromkeys(changes) if current.get((t, ch)) is not s]
     if not changed:
@@ -187,10 +193,41 @@ async def record_choices(
     return changed
 
 
-async def history(session: AsyncSession, customer_id: str) -> list[dict[str, Any]]:
+async def move_choices(session: AsyncSession, from_ids: Sequence[str], into_id: str, now: datetime) -> None:
+    """Choices recorded under identifiers that turn out to be `into_id`'s (an opt-out sent with the
+    userId of a customer known by their anonymousId, a merged-away profile's) become `into_id`'s.
+    Where both hold one for a topic and channel, the latest choice wins (an opt-out on a tie): it is
+    what the customer said last. Each change to `into_id`'s choices is in the ledger."""
+    if not from_ids:
+        return
+    rows = (
+        await session.execute(
+            sa.select(preferences).where(any_of(preferences.c.customer_id, [*from_ids, into_id]))
+        )
+    ).all()
+    if not any(r.customer_id != into_id for r in rows):
+        return
+    latest: dict[tuple[str, str], Any] = {}
+    for r in rows:
+        key = (r.topic, r.channel)
+        seen = latest.get(key)
+        if seen is None or (r.updated_at, not r.subscribed) > (seen.updated_at, not seen.subscribed):
+            latest[key] = r
+    await session.execute(sa.delete(preferences).where(any_of(preferences.c.customer_id, list(from_ids))))
+    await record_choices(
+        session,
+        into_id,
+        [(t, ch, r.subscribed) for (t, ch), r in sorted(latest.items())],
+        source="identity_merge",
+        now=now,
+    )
+
+
+async def history(session: AsyncSession, customer_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The ledger of a customer under all its identifiers (rows keep the id they were recorded with)."""
     rows = await session.execute(
         sa.select(consent_ledger)
-        .where(consent_ledger.c.customer_id == customer_id)
+        .where(any_of(consent_ledger.c.customer_id, list(customer_ids)))
         .order_by(consent_ledger.c.id)
     )
     return [

@@ -72,21 +72,26 @@ def _contact(row: Mapping[Any, Any]) -> ContactView:
 
 
 async def get(session: AsyncSession, customer_id: str) -> ContactView | None:
-    row = (await session.execute(sa.select(contacts).where(contacts.c.customer_id == customer_id))).first()
-    return _contact(row._mapping) if row else None
+    """By any identifier of the customer."""
+    return (await get_many(session, {customer_id})).get(customer_id)
 
 
 # Read for every batch of sends: straight to asyncpg (`Statement`).
 _GET_MANY = Statement(
-    f"SELECT {', '.join(_VIEW_COLUMNS)} FROM contacts WHERE customer_id = ANY(CAST(:ids AS text[]))"
+    f"SELECT q.id AS asked, {', '.join(f'c.{c}' for c in _VIEW_COLUMNS)} "
+    "FROM unnest(CAST(:ids AS text[])) AS q(id) "
+    "LEFT JOIN customer_identities AS ci ON ci.identity = q.id "
+    "JOIN contacts AS c ON c.customer_id = COALESCE(ci.customer_id, q.id)"
 )
 
 
 async def get_many(session: AsyncSession, customer_ids: set[str]) -> dict[str, ContactView]:
+    """By the ids asked for, which may be any identifier of the customer (a request made with a userId
+    for a customer known by its anonymousId); the views carry the customer's id."""
     if not customer_ids:
         return {}
     rows = await _GET_MANY.fetch(session, {"ids": list(customer_ids)})
-    return {r["customer_id"]: _contact(r) for r in rows}
+    return {r["asked"]: _contact(r) for r in rows}
 
 
 async def find_by_phone(session: AsyncSession, phone: str) -> list[str]:

@@ -58,3 +58,13 @@ async def delete_for(session: AsyncSession, customer_ids: list[str]) -> None:
         await session.execute(
             sa.delete(in_app_messages).where(any_of(in_app_messages.c.customer_id, customer_ids))
         )
+
+
+async def move(session: AsyncSession, from_ids: list[str], into_id: str) -> None:
+    """Messages kept under identifiers that turn out to be `into_id`'s inbox become its."""
+    if from_ids:
+        await session.execute(
+            sa.update(in_app_messages)
+            .where(any_of(in_app_messages.c.customer_id, from_ids))
+            .values(customer_id=into_id)
+        )

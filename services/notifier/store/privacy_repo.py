@@ -9,10 +9,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.notifier.store import identities_repo
 from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import (
     consent_ledger,
     contacts,
+    customer_identities,
     engagements,
     in_app_messages,
     preferences,
@@ -38,6 +40,11 @@ async def erase(session: AsyncSession, customer_ids: Sequence[str], now: datetim
     await session.execute(_SCRUB_LEDGER, {"ids": ids, "now": now})
     for table in (contacts, in_app_messages, preferences, consent_ledger):
         await session.execute(sa.delete(table).where(any_of(table.c.customer_id, ids)))
+    await identities_repo.forget(session, ids)
+
+
+def _identities_of(ids: list[str]) -> sa.ColumnElement[bool]:
+    return sa.or_(any_of(customer_identities.c.customer_id, ids), any_of(customer_identities.c.identity, ids))
 
 
 def _rows(result: Any) -> list[dict[str, Any]]:
@@ -75,4 +82,11 @@ async def export(session: AsyncSession, customer_ids: Sequence[str]) -> dict[str
             )
         ),
         "messages": _rows(await session.execute(ledger.order_by(send_ledger.c.created_at))),
+        "identities": _rows(
+            await session.execute(
+                sa.select(customer_identities)
+                .where(_identities_of(ids))
+                .order_by(customer_identities.c.identity)
+            )
+        ),
     }

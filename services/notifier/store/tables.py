@@ -129,6 +129,16 @@ in_app_messages = sa.Table(
     sa.Column("read_at", TS),
 )
 
+# Every identifier the segmenter resolves to a customer (clm.profiles.v1 `identities` and merged ids):
+# the notifier's APIs take any of them, as the segmenter's do, and mean that customer.
+customer_identities = sa.Table(
+    "customer_identities",
+    metadata,
+    sa.Column("identity", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False, index=True),
+    sa.Column("linked_at", TS, nullable=False),
+)
+
 # POST /v1/messages: an Idempotency-Key maps to one message id (and the request it was used with).
 api_requests = sa.Table(
     "api_requests",

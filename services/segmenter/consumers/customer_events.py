@@ -210,8 +210,18 @@ class CustomerEventsHandler:
             merges = [(m.from_id, m.into_id) for m in plan.merges]
             await self.recommendations.on_events(uow, todo, plan.customer_of_event, merges, profiles, now)
 
+        # A customer known by another identifier than its id now: others resolve that one to it.
+        relinked = {cid for _, value, cid in plan.links if value != cid}
         await self._publish_profiles(
-            uow, profiles, changed_traits, merged_into, merge_cause, merged_traits, last_message, now
+            uow,
+            profiles,
+            changed_traits,
+            merged_into,
+            merge_cause,
+            merged_traits,
+            relinked,
+            last_message,
+            now,
         )
         affected: dict[str, set[str]] = {}
         causes: dict[str, str] = {}
@@ -233,24 +243,30 @@ class CustomerEventsHandler:
         merged_into: dict[str, list[str]],
         merge_cause: dict[str, str],
         merged_traits: dict[str, set[str]],
+        relinked: set[str],
         last_message: dict[str, str],
         now: datetime,
     ) -> None:
-        publish = (set(changed_traits) | set(merged_into)) & set(profiles)
+        publish = (set(changed_traits) | set(merged_into) | relinked) & set(profiles)
         if not publish:
             return
         identities = await profile_store.identities_of(uow.session, publish)
         for cid in sorted(publish):
             p = profiles[cid]
             merged = merged_into.get(cid)
-            kind = "merge" if merged else "traits"
+            if merged:
+                kind, tag = ProfileChangeKind.IDENTITY_MERGED, "merge"
+            elif cid in changed_traits:
+                kind, tag = ProfileChangeKind.TRAITS_CHANGED, "traits"
+            else:
+                kind, tag = ProfileChangeKind.IDENTITY_LINKED, "linked"
             uow.emit(
                 PROFILES.name,
                 cid,
                 ProfileChanged(
-                    event_id=f"profile:{cid}:{last_message.get(cid, 'merge')}:{kind}",
+                    event_id=f"profile:{cid}:{last_message.get(cid, 'merge')}:{tag}",
                     customer_id=cid,
-                    kind=ProfileChangeKind.IDENTITY_MERGED if merged else ProfileChangeKind.TRAITS_CHANGED,
+                    kind=kind,
                     occurred_at=now,
                     traits=p.traits,
                     changed_traits=sorted(changed_traits.get(cid, set()) | merged_traits.get(cid, set())),

@@ -6,6 +6,7 @@ API (`api/write_keys.py`); every accepted event goes through `EventWriter` (dedu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from shared.contracts import PRIVACY, PrivacyRequest
 from shared.runtime import Platform, install_common
 
 MIGRATIONS = Path(__file__).parent / "store" / "migrations"
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: IngestSettings | None = None, clock: Clock | None = None) -> FastAPI:
@@ -45,6 +47,8 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await platform.start()
         await write_keys.seed(settings.write_keys)
+        if settings.environment == "production" and (revoked := await write_keys.revoke_development_key()):
+            log.warning("revoked the development write key found active", extra={"key_id": revoked})
         await writer.start()
         await platform.start_consumers()
         try:

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from services.ingest.domain.write_keys import DEVELOPMENT_WRITE_KEY
 from shared.settings import BaseServiceSettings
 
 
@@ -59,7 +60,7 @@ class IngestSettings(BaseServiceSettings):
 
     def insecure_settings(self) -> list[str]:
         problems = super().insecure_settings()
-        weak = [k for k in self.write_keys if k == "dev-write-key" or len(k) < self.MIN_SECRET_LENGTH]
+        weak = [k for k in self.write_keys if k == DEVELOPMENT_WRITE_KEY or len(k) < self.MIN_SECRET_LENGTH]
         if weak:
             problems.append(
                 f"CLM_WRITE_KEYS holds {len(weak)} key(s) that are the development default or shorter "

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from services.ingest.domain.write_keys import generate_write_key, hash_write_key, key_id, shown_prefix
+from services.ingest.domain.write_keys import (
+    DEVELOPMENT_WRITE_KEY,
+    generate_write_key,
+    hash_write_key,
+    key_id,
+    shown_prefix,
+)
 from services.ingest.store.write_keys import WriteKeyRecord, WriteKeyRepository
 from shared.clock import Clock
 
@@ -63,6 +69,15 @@ class WriteKeys:
                 name="seeded",
                 now=self.clock.now(),
             )
+
+    async def revoke_development_key(self) -> str | None:
+        """Production: revoke the development key if a local run stored it in this database (seeded
+        keys stay until revoked); its id if it was active."""
+        digest = hash_write_key(DEVELOPMENT_WRITE_KEY)
+        if await self.repository.active_id(digest) is None:
+            return None
+        await self.revoke(key_id(digest))
+        return key_id(digest)
 
     async def create(self, name: str) -> CreatedWriteKey:
         key = generate_write_key()

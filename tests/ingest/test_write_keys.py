@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import httpx
 from fastapi import FastAPI
+from pydantic import SecretStr
 from sqlalchemy import text
 
 from services.ingest.app import create_app
@@ -71,3 +72,28 @@ async def test_a_revoke_reaches_other_replicas_within_the_cache_ttl(
     # A seeded key revoked stays revoked when the service restarts with the same seed.
     async with running(create_app(settings, clock)) as restarted:
         assert (await restarted.post("/v1/track", json=TRACK, auth=auth)).status_code == 401
+
+
+async def test_production_revokes_the_development_key_a_local_run_stored(make_settings) -> None:  # type: ignore[no-untyped-def]
+    """Seeded keys stay until revoked: a database first run with `dev-write-key` (make run,
+    docker-compose) must not keep accepting it once the service runs in production."""
+    local: IngestSettings = make_settings(IngestSettings, write_keys="dev-write-key")
+    async with running(create_app(local, ManualClock())) as client:
+        assert (await client.post("/v1/track", json=TRACK, auth=("dev-write-key", ""))).status_code == 200
+
+    strong = "k" * 40
+    production = local.model_copy(
+        update={
+            "environment": "production",
+            "write_keys": [strong],
+            "admin_token": SecretStr("a" * 32),
+            "privacy_salt": SecretStr("s" * 32),
+        }
+    )
+    assert production.insecure_settings() == []
+    async with running(create_app(production, ManualClock())) as client:
+        refused = await client.post("/v1/track", json=TRACK, auth=("dev-write-key", ""))
+        assert refused.status_code == 401
+        assert (await client.post("/v1/track", json=TRACK, auth=(strong, ""))).status_code == 200
+        keys = (await client.get("/admin/write-keys", headers={"Authorization": f"Bearer {'a' * 32}"})).json()
+        assert sorted(k["revokedAt"] is not None for k in keys) == [False, True]

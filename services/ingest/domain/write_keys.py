@@ -12,6 +12,8 @@ import hashlib
 import secrets
 
 KEY_PREFIX = "wk_"
+# The key `make run` and docker-compose.yml seed: public in this repository, so never valid in production.
+DEVELOPMENT_WRITE_KEY = "dev-write-key"
 SHOWN_PREFIX_LENGTH = 10
 
 

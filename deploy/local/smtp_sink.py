@@ -77,12 +77,24 @@ class MailSink:
 
     @classmethod
     async def start(
-        cls, host: str = "127.0.0.1", port: int = 0, directory: Path | None = None, **options: Any
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        directory: Path | None = None,
+        server_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> MailSink:
+        """`server_options` go to aiosmtpd's `SMTP` (tests: STARTTLS, required authentication)."""
         sink = cls(directory=directory, **options)
         loop = asyncio.get_running_loop()
         sink._server = await loop.create_server(
-            lambda: SMTP(sink, hostname="clm-smtp-sink", enable_SMTPUTF8=True, data_size_limit=25 * 2**20),
+            lambda: SMTP(
+                sink,
+                hostname="clm-smtp-sink",
+                enable_SMTPUTF8=True,
+                data_size_limit=25 * 2**20,
+                **(server_options or {}),
+            ),
             host=host,
             port=port,
         )

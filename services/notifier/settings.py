@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from shared.settings import BaseServiceSettings
 
@@ -26,7 +26,10 @@ class ProviderConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 2525
     sender: str = "CLM <noreply@clm.local>"
-    use_tls: bool = False
+    use_tls: bool = False  # TLS from the first byte (port 465)
+    start_tls: bool = False  # STARTTLS after the greeting (port 587); required, not opportunistic
+    # A PEM bundle of the CAs to verify the server's certificate by (a private CA); default: the system's.
+    ca_file: str | None = None
     username: str | None = None
     password: SecretStr | None = None
     # twilio
@@ -42,6 +45,19 @@ class ProviderConfig(BaseModel):
     burst: int = 100
     # Concurrent calls in flight to this provider.
     concurrency: int = 64
+
+    @model_validator(mode="after")
+    def _smtp_credentials_travel_encrypted(self) -> ProviderConfig:
+        if self.kind != "smtp":
+            return self
+        if self.use_tls and self.start_tls:
+            raise ValueError("use_tls (port 465) and start_tls (port 587) exclude each other")
+        loopback = self.host in ("127.0.0.1", "::1", "localhost")
+        if self.username and not (self.use_tls or self.start_tls or loopback):
+            raise ValueError(
+                "SMTP credentials would cross the network in clear: set use_tls (port 465) or start_tls (587)"
+            )
+        return self
 
 
 class NotifierSettings(BaseServiceSettings):
@@ -71,6 +87,11 @@ class NotifierSettings(BaseServiceSettings):
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     smtp_sender: str = "CLM <noreply@clm.local>"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_use_tls: bool = False
+    smtp_start_tls: bool = False
+    smtp_ca_file: str | None = None
     twilio_base_url: str = "https://api.twilio.com"
     twilio_account_sid: str = "AC00000000000000000000000000000000"
     twilio_auth_token: SecretStr = SecretStr("dev-twilio-token")
@@ -119,7 +140,16 @@ class NotifierSettings(BaseServiceSettings):
         rate = {"rate_per_s": self.provider_rate_per_s, "burst": self.provider_burst}
         defaults = {
             "smtp": ProviderConfig(
-                kind="smtp", host=self.smtp_host, port=self.smtp_port, sender=self.smtp_sender, **rate
+                kind="smtp",
+                host=self.smtp_host,
+                port=self.smtp_port,
+                sender=self.smtp_sender,
+                username=self.smtp_username,
+                password=self.smtp_password,
+                use_tls=self.smtp_use_tls,
+                start_tls=self.smtp_start_tls,
+                ca_file=self.smtp_ca_file,
+                **rate,
             ),
             "twilio": ProviderConfig(
                 kind="twilio",

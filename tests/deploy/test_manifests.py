@@ -185,6 +185,7 @@ def test_the_config_with_real_secrets_is_a_valid_production_setup(monkeypatch: p
         "CLM_LINK_SECRET": "l" * 64,
         "CLM_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8,
         "CLM_WRITE_KEYS": "w" * 48,
+        "CLM_SMTP_PASSWORD": "p" * 20,
     }
     assert set(strong) == set(example_secret())
     for key, value in {**config_map(), **strong}.items():

@@ -45,7 +45,8 @@ class SmtpProvider:
             port=self.config.port,
             timeout=self.config.timeout_s,
             use_tls=self.config.use_tls,
-            start_tls=False,
+            start_tls=self.config.start_tls,
+            cert_bundle=self.config.ca_file,
         )
         await client.connect()
         if self.config.username and self.config.password is not None:

@@ -116,9 +116,11 @@ class NotifierSettings(BaseServiceSettings):
     )
 
     # Retries of transient failures: exponential backoff with full jitter, durable in the send ledger.
-    send_max_attempts: int = 5
-    retry_base_s: float = 2.0
-    retry_max_s: float = 300.0
+    # The defaults ride out a provider outage of ~18 minutes on average (at most ~37): nine retries
+    # waiting up to 5 s, 10 s, ... 640 s, 900 s. (5 attempts from 2 s gave up after ~15 s.)
+    send_max_attempts: int = 10
+    retry_base_s: float = 5.0
+    retry_max_s: float = 900.0
     # Circuit breaker per provider: open after N consecutive failures, half-open after the cooldown.
     circuit_failure_threshold: int = 5
     circuit_cooldown_s: float = 30.0

@@ -17,6 +17,7 @@ from services.notifier.domain.email_content import build_email, track_links
 from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
 from services.notifier.domain.retry_policy import Failure, RetryPolicy, classify_http
 from services.notifier.domain.signing import InvalidToken, LinkSigner, MessageLinks
+from services.notifier.settings import NotifierSettings
 
 
 def test_full_jitter_backoff_grows_and_is_capped() -> None:
@@ -178,3 +179,22 @@ def test_non_ascii_headers_and_long_lines_survive_the_wire() -> None:
         sent_at_epoch=0,
     )
     assert email.message_from_bytes(header_injection.to_wire())["Bcc"] is None
+
+
+def test_the_default_retries_ride_out_a_provider_outage_of_minutes() -> None:
+    """Nine retries: on average ~18 minutes from the first failure to giving up (full jitter: half of
+    each ceiling), ~37 at most; 5 attempts from 2 s used to give up after ~15 s on average."""
+    settings = NotifierSettings()
+    policy = RetryPolicy(settings.send_max_attempts, settings.retry_base_s, settings.retry_max_s)
+    ceilings = [min(policy.max_s, policy.base_s * 2 ** (a - 1)) for a in range(1, policy.max_attempts)]
+    assert 15 * 60 <= sum(ceilings) / 2 <= 25 * 60
+    rng = random.Random(3)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    windows = []
+    for _ in range(200):
+        at, attempt = now, 1
+        while (following := policy.next_attempt_at(at, attempt, rng)) is not None:
+            at, attempt = following, attempt + 1
+        windows.append((at - now).total_seconds())
+    assert attempt == settings.send_max_attempts
+    assert 12 * 60 < sorted(windows)[100] < 25 * 60  # the median outage ridden out

@@ -11,8 +11,6 @@ import logging
 import time
 from datetime import datetime
 
-from pydantic import TypeAdapter
-
 from services.segmenter.reevaluation import SegmentCatalogCache, reevaluate
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
@@ -122,13 +120,8 @@ class Backfill:
         return True
 
     def _announcement(self, segment_name: str, now: datetime) -> segment_store.Announcement:
-        occurred = TypeAdapter(datetime).dump_python(now, mode="json")
-        return segment_store.Announcement(
-            topic=self.settings.topic(SEGMENT_MEMBERSHIP.name),
-            segment_name=segment_name,
-            occurred_at=str(occurred),
-            producer=self.settings.service_name,
-            produced_at_ms=str(int(time.time() * 1000)),
+        return segment_store.Announcement.of(
+            self.settings.topic(SEGMENT_MEMBERSHIP.name), self.settings.service_name, segment_name, now
         )
 
     async def run_until_idle(self) -> None:

@@ -140,7 +140,7 @@ class SegmentMembershipChanged(ContractModel):
     change: Literal["entered", "exited"]
     occurred_at: datetime
     # What caused it: an event's messageId, "schedule" (a time-based condition flipped),
-    # "backfill" (new or edited segment) or "merge".
+    # "backfill" (new or edited segment), "merge" or "segment_deleted".
     cause: str
     traits: JsonObject = Field(default_factory=dict)
 

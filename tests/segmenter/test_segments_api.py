@@ -114,6 +114,13 @@ async def test_segments_of_segments_and_delete(harness: Harness) -> None:
     assert (await harness.client.get(f"/v1/segments/{older}", headers=ADMIN)).status_code == 404
     listed = (await harness.client.get("/v1/segments", headers=ADMIN)).json()["segments"]
     assert [s["id"] for s in listed] == [pro]
+    # Its members' exits are announced, so that journeys stop counting them; non-members say nothing.
+    announced = [m for m in await harness.memberships() if m["segment_id"] == older]
+    exits = [m for m in announced if m["cause"] == "segment_deleted"]
+    assert sorted((m["customer_id"], m["change"]) for m in exits) == [("u03", "exited"), ("u04", "exited")]
+    assert all(m["segment_name"] == "Older pro" for m in exits)
+    assert len({m["event_id"] for m in announced}) == len(announced)  # never an entry's id again
+    assert (await harness.client.delete(f"/v1/segments/{older}", headers=ADMIN)).status_code == 404
 
 
 async def bad(

@@ -16,6 +16,7 @@ from services.segmenter.reevaluation import fill_snapshots
 from services.segmenter.runtime import Segmenter
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
+from shared.contracts.topics import SEGMENT_MEMBERSHIP
 from shared.http import ApiError, admin_guard, field_error
 
 
@@ -189,8 +190,17 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 raise ApiError(
                     409, "segment_in_use", f"segments {', '.join(sorted(users))} refer to this segment"
                 )
-            if not await segment_store.delete_segment(uow.session, segment_id):
+            row = await segment_store.get_segment(uow.session, segment_id)
+            if row is None:
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            announce = segment_store.Announcement.of(
+                platform.settings.topic(SEGMENT_MEMBERSHIP.name),
+                platform.settings.service_name,
+                row["name"],
+                seg.clock.now(),
+            )
+            await segment_store.delete_segment(uow.session, segment_id, announce)
+        platform.relay.notify()  # the exits were written to the outbox by SQL, not through uow.emit
         return Response(status_code=204)
 
     @router.get("/{segment_id}/members")

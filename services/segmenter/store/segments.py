@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
+from pydantic import TypeAdapter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -85,13 +87,30 @@ async def restart_backfill(session: AsyncSession, segment_ids: Iterable[str], no
     )
 
 
-async def delete_segment(session: AsyncSession, segment_id: str) -> bool:
-    await session.execute(text("DELETE FROM memberships WHERE segment_id = :s"), {"s": segment_id})
+async def delete_segment(session: AsyncSession, segment_id: str, announce: Announcement) -> int | None:
+    """Delete the segment with its memberships and timers; every member's exit is announced (cause
+    `segment_deleted`), so that journeys and other consumers of memberships stop counting them.
+    Returns the exits announced, or None if there was no such segment."""
+    exits = (
+        await session.execute(
+            text(
+                "WITH gone AS (DELETE FROM memberships WHERE segment_id = :seg "
+                "RETURNING customer_id, is_member, transitions), "
+                "announced AS (SELECT g.customer_id, "
+                "g.customer_id || ':' || :seg || ':' || (g.transitions + 1) AS event_id, "
+                "false AS is_member, c.traits FROM gone g JOIN customers c USING (customer_id) "
+                "WHERE g.is_member), "
+                "outboxed AS (" + _outbox_announcements("announced") + ") "
+                "SELECT count(*) FROM outboxed"
+            ),
+            {"seg": segment_id, **announce.params("segment_deleted")},
+        )
+    ).scalar_one()
     await session.execute(text("DELETE FROM segment_timers WHERE segment_id = :s"), {"s": segment_id})
     result = await session.execute(
         text("DELETE FROM segments WHERE segment_id = :s RETURNING 1"), {"s": segment_id}
     )
-    return result.first() is not None
+    return int(exits) if result.first() is not None else None
 
 
 # --------------------------------------------------------------------------- memberships
@@ -324,13 +343,55 @@ async def chunk_upper_bound(session: AsyncSession, after: str | None, size: int)
 
 @dataclass(frozen=True)
 class Announcement:
-    """What the back-fill statement needs to write `SegmentMembershipChanged` outbox rows itself."""
+    """What a statement needs to write `SegmentMembershipChanged` outbox rows itself (back-fill,
+    deletion): no Python per customer."""
 
     topic: str
     segment_name: str
     occurred_at: str  # as the contract model serializes it
     producer: str
     produced_at_ms: str
+
+    @classmethod
+    def of(cls, topic: str, producer: str, segment_name: str, now: datetime) -> Announcement:
+        return cls(
+            topic=topic,
+            segment_name=segment_name,
+            occurred_at=str(TypeAdapter(datetime).dump_python(now, mode="json")),
+            producer=producer,
+            produced_at_ms=str(int(time.time() * 1000)),
+        )
+
+    def params(self, cause: str) -> dict[str, str]:
+        return {
+            "cause": cause,
+            "topic": self.topic,
+            "seg_name": self.segment_name,
+            "occurred": self.occurred_at,
+            "producer": self.producer,
+            "produced_ms": self.produced_at_ms,
+        }
+
+
+def _outbox_announcements(source: str) -> str:
+    """An INSERT of one `SegmentMembershipChanged` outbox row per row of `source` (customer_id,
+    event_id, is_member, traits) for segment :seg; the `Announcement.params` bind the rest."""
+    return (
+        "INSERT INTO outbox (topic, key, value, headers) "
+        "SELECT :topic, convert_to(a.customer_id, 'UTF8'), convert_to(jsonb_build_object("
+        "'event_id', a.event_id, 'customer_id', a.customer_id, 'segment_id', CAST(:seg AS text), "
+        "'segment_name', CAST(:seg_name AS text), "
+        "'change', CASE WHEN a.is_member THEN 'entered' ELSE 'exited' END, 'occurred_at', CAST(:occurred AS "
+        "text), "
+        "'cause', CAST(:cause AS text), 'traits', a.traits)::text, 'UTF8'), "
+        "jsonb_build_object('clm-event-id', a.event_id, "
+        "'clm-event-type', 'segment_membership_changed', "
+        "'clm-schema-version', '1', "
+        "'clm-correlation-id', gen_random_uuid()::text, "
+        "'clm-producer', CAST(:producer AS text), "
+        "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
+        f"FROM {source} a ORDER BY a.customer_id RETURNING 1"
+    )
 
 
 async def backfill_chunk(
@@ -354,12 +415,7 @@ async def backfill_chunk(
         # here made generic plans scan from the start on every chunk).
         "after": after or "",
         "upto": upto,
-        "cause": "backfill",
-        "topic": announce.topic,
-        "seg_name": announce.segment_name,
-        "occurred": announce.occurred_at,
-        "producer": announce.producer,
-        "produced_ms": announce.produced_at_ms,
+        **announce.params("backfill"),
     }
     evaluated = (
         "WITH chunk AS (SELECT c.customer_id, c.traits, " + predicate + " AS hit, " + due + " AS due "
@@ -387,20 +443,7 @@ async def backfill_chunk(
         "announced AS (SELECT ch.customer_id, ch.customer_id || ':' || :seg || ':' || ch.transitions AS "
         "event_id, "
         "ch.is_member, k.traits FROM changed ch JOIN chunk k USING (customer_id)), "
-        "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
-        "SELECT :topic, convert_to(a.customer_id, 'UTF8'), convert_to(jsonb_build_object("
-        "'event_id', a.event_id, 'customer_id', a.customer_id, 'segment_id', CAST(:seg AS text), "
-        "'segment_name', CAST(:seg_name AS text), "
-        "'change', CASE WHEN a.is_member THEN 'entered' ELSE 'exited' END, 'occurred_at', CAST(:occurred AS "
-        "text), "
-        "'cause', CAST(:cause AS text), 'traits', a.traits)::text, 'UTF8'), "
-        "jsonb_build_object('clm-event-id', a.event_id, "
-        "'clm-event-type', 'segment_membership_changed', "
-        "'clm-schema-version', '1', "
-        "'clm-correlation-id', gen_random_uuid()::text, "
-        "'clm-producer', CAST(:producer AS text), "
-        "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
-        "FROM announced a ORDER BY a.customer_id RETURNING 1) "
+        "outboxed AS (" + _outbox_announcements("announced") + ") "
         "SELECT (SELECT count(*) FROM chunk) AS seen, (SELECT count(*) FROM outboxed) AS announced"
     )
     # A chunk statement is big and its best plan depends on the chunk: plan it for these values, and

@@ -163,3 +163,39 @@ async def test_concurrent_units_resolving_the_same_identifiers_never_split_a_cus
     assert p == await harness.customer("u9")
     assert p["identities"] == {"anonymous_id": ["a1"], "user_id": ["u9"]}
     assert p["aggregates"]["event_count"] == 2 and p["traits"] == {"plan": "pro"}
+
+
+async def test_device_traits_from_context_fill_the_profile_and_are_announced(harness: Harness) -> None:
+    device = {"timezone": "Europe/Oslo", "locale": "nb-NO", "device": {"token": "fcm-1"}}
+    await harness.send(make_event("c1", "page", anonymous_id="anon-d", name="Home", context=device))
+    await harness.processed(1)
+    profile = await harness.customer("anon-d")
+    assert profile["traits"] == {"timezone": "Europe/Oslo", "locale": "nb-NO", "push_token": "fcm-1"}
+    # An identify's own value replaces the device's; later device values change nothing.
+    await harness.send(
+        make_event(
+            "c2",
+            "identify",
+            anonymous_id="anon-d",
+            traits={"timezone": "Asia/Tokyo"},
+            timestamp=START + timedelta(minutes=1),
+        ),
+        make_event(
+            "c3",
+            "track",
+            anonymous_id="anon-d",
+            event="Signed In",
+            context={**device, "timezone": "Europe/Paris"},
+            timestamp=START + timedelta(minutes=2),
+        ),
+    )
+    await harness.processed(3)
+    assert (await harness.customer("anon-d"))["traits"]["timezone"] == "Asia/Tokyo"
+    await harness.relay()
+    profiles = await read_topic(
+        harness.settings.topic(PROFILES.name),
+        until=lambda ms: sum(m["value"]["kind"] == "traits_changed" for m in ms) >= 2,
+        timeout=8,
+    )
+    changed = [m["value"]["changed_traits"] for m in profiles if m["value"]["kind"] == "traits_changed"]
+    assert changed == [["locale", "push_token", "timezone"], ["timezone"]]

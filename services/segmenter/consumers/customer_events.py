@@ -23,6 +23,7 @@ from services.segmenter.domain.profile import (
     ProfileSnapshot,
     aggregate_name,
     apply_traits,
+    context_traits,
     order_revenue,
     trait_change,
 )
@@ -73,7 +74,11 @@ def _fold_event(
             f["first_order_at"] = ts if f["first_order_at"] is None else min(f["first_order_at"], ts)
             f["last_order_at"] = ts if f["last_order_at"] is None else max(f["last_order_at"], ts)
     change = trait_change(e)
-    return apply_traits(p.traits, p.trait_times, change) if change else set()
+    changed = apply_traits(p.traits, p.trait_times, change) if change else set()
+    from_context = context_traits(e, p.traits)
+    if from_context is not None:
+        changed |= apply_traits(p.traits, p.trait_times, from_context)
+    return changed
 
 
 def is_transient_conflict(exc: BaseException) -> bool:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import zoneinfo
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from shared.contracts.events import CustomerEvent, EventType
@@ -87,6 +90,51 @@ def trait_change(event: CustomerEvent) -> TraitChange | None:
         # Group traits live under one `account` trait, so a person's traits are never overwritten by them.
         return TraitChange({"account": {"id": event.group_id, **event.traits}}, event.timestamp)
     return None
+
+
+# Segment's `context` carries what the SDKs know of the device: the timezone and locale (analytics.js,
+# the mobile SDKs) and a push token (`context.device.token`). A profile without these traits takes
+# them from there, so quiet hours, local-time sends, template locales and push work for customers
+# who never sent them as traits; a trait set by an identify is never replaced by them.
+CONTEXT_TRAITS = ("timezone", "locale", "push_token")
+_LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8}){0,4}")
+_MAX_TOKEN = 4096
+
+
+@lru_cache(maxsize=1024)
+def _known_zone(name: str) -> bool:
+    if not 0 < len(name) <= 64:
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+def context_traits(event: CustomerEvent, traits: Mapping[str, Any]) -> TraitChange | None:
+    """The device traits of the event's context that the profile does not have yet (valid ones only:
+    an IANA timezone, a BCP 47-like locale, a push token)."""
+    context = event.context
+    if not context:
+        return None
+    found: dict[str, Any] = {}
+    timezone = context.get("timezone")
+    if "timezone" not in traits and isinstance(timezone, str) and _known_zone(timezone):
+        found["timezone"] = timezone
+    locale = context.get("locale")
+    if "locale" not in traits and isinstance(locale, str) and _LOCALE.fullmatch(locale):
+        found["locale"] = locale
+    device = context.get("device")
+    token = device.get("token") if isinstance(device, dict) else None
+    if (
+        "push_token" not in traits
+        and "pushToken" not in traits
+        and isinstance(token, str)
+        and 0 < len(token) <= _MAX_TOKEN
+    ):
+        found["push_token"] = token
+    return TraitChange(found, event.timestamp) if found else None
 
 
 def apply_traits(traits: dict[str, Any], trait_times: dict[str, datetime], change: TraitChange) -> set[str]:

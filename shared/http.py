@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from datetime import date, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -46,6 +47,35 @@ class ApiError(Exception):
 
 def field_error(field: str, rule: str, message: str) -> dict[str, str]:
     return {"field": field, "rule": rule, "message": message}
+
+
+# Report ranges: days whose start and end are storable times (see `shared.contracts.storable`).
+EARLIEST_DAY = storable.EARLIEST_TIME.date()
+LATEST_DAY = storable.LATEST_TIME.date() - timedelta(days=1)
+
+
+def day_range(first: date | None, last: date | None, today: date, default_days: int) -> tuple[date, date]:
+    """A report's `from` / `to` query parameters (ISO dates, both inclusive): `to` defaults to today,
+    `from` to `default_days` before it; a 400 naming the parameter when one is out of range or `to` is
+    before `from`."""
+    for name, day in (("from", first), ("to", last)):
+        if day is not None and not EARLIEST_DAY <= day <= LATEST_DAY:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"`{name}` is out of range",
+                errors=[field_error(name, "range", f"between {EARLIEST_DAY} and {LATEST_DAY}")],
+            )
+    end = last or today
+    start = first or max(EARLIEST_DAY, end - timedelta(days=default_days))
+    if end < start:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "`to` is before `from`",
+            errors=[field_error("to", "after_from", "`to` must not be before `from`")],
+        )
+    return start, end
 
 
 def validation_errors(errors: Any) -> list[dict[str, str]]:

@@ -68,6 +68,7 @@ send_ledger = sa.Table(
     sa.Column("updated_at", TS, nullable=False, server_default=_now),
 )
 sa.Index("send_ledger_due", send_ledger.c.next_attempt_at, postgresql_where=send_ledger.c.state == "pending")
+sa.Index("send_ledger_created_at", send_ledger.c.created_at)  # the performance report's periods
 
 # First open, each clicked URL, each unsubscribe of a message: one status each.
 engagements = sa.Table(

@@ -18,8 +18,7 @@ from services.segmenter.domain.lifecycle.tracking import csat_over_time, period_
 from services.segmenter.domain.lifecycle.voice import csat, nps
 from services.segmenter.runtime import Segmenter
 from services.segmenter.store import lifecycle as lifecycle_store
-from shared.contracts import storable
-from shared.http import ApiError, admin_guard, field_error
+from shared.http import ApiError, admin_guard, day_range, field_error
 
 MAX_PERIODS = 520
 Period = Literal["month", "week"]
@@ -50,10 +49,6 @@ class KpiRange:
         }
 
 
-# The times events may hold (`shared.contracts.storable`); a year's default window stays valid.
-EARLIEST_DAY, LATEST_DAY = storable.EARLIEST_TIME.date(), storable.LATEST_TIME.date() - timedelta(days=1)
-
-
 def kpis_router(seg: Segmenter) -> APIRouter:
     router = APIRouter(prefix="/v1/kpis", tags=["kpis"], dependencies=[Depends(admin_guard(seg.settings))])
     platform = seg.platform
@@ -64,23 +59,7 @@ def kpis_router(seg: Segmenter) -> APIRouter:
         period: Period = Query(default="month", description="month | week (ISO weeks, Monday first)"),
         segment_id: str | None = Query(default=None, description="only the segment's current members"),
     ) -> KpiRange:
-        for name, day in (("from", from_), ("to", to)):
-            if day is not None and not EARLIEST_DAY <= day <= LATEST_DAY:
-                raise ApiError(
-                    400,
-                    "invalid_request",
-                    f"`{name}` is out of range",
-                    errors=[field_error(name, "range", f"between {EARLIEST_DAY} and {LATEST_DAY}")],
-                )
-        end = to or seg.clock.now().astimezone(UTC).date()
-        start = from_ or end - timedelta(days=365)
-        if end < start:
-            raise ApiError(
-                400,
-                "invalid_request",
-                "`to` is before `from`",
-                errors=[field_error("to", "after_from", "`to` must not be before `from`")],
-            )
+        start, end = day_range(from_, to, seg.clock.now().astimezone(UTC).date(), 365)
         r = KpiRange(start, end, period, segment_id)
         if len(r.starts()) > MAX_PERIODS:
             raise ApiError(

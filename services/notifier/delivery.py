@@ -57,6 +57,7 @@ from shared.contracts import (
     MessageStatusKind,
 )
 from shared.db.unit_of_work import UnitOfWork
+from shared.observability.metrics import DLQ_MESSAGES
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +490,7 @@ class DeliveryWorker:
         )
 
     async def _record(self, results: Sequence[AttemptResult]) -> None:
+        dead_lettered = 0
         async with self.unit_of_work() as uow:
             recorded = await ledger_repo.record_outcomes(
                 uow.session, [r.outcome for r in results], self.clock.now()
@@ -500,6 +502,11 @@ class DeliveryWorker:
                     self._emit_status(uow, status, result.correlation_id)
                 if result.dead_letter is not None:
                     self._dead_letter(uow, result.dead_letter, result)
+                    dead_lettered += 1
+        if dead_lettered:  # committed: counted as the consumers count theirs
+            DLQ_MESSAGES.labels(self.settings.service_name, self.settings.topic(MESSAGE_REQUESTS.name)).inc(
+                dead_lettered
+            )
         if any(r.outcome.state == ledger_repo.PENDING for r in results):
             log.info(
                 "transient failures rescheduled",

@@ -152,6 +152,10 @@ async def test_exhausted_retries_go_to_the_dead_letter_topic(start_notifier) -> 
         assert dlq[0]["value"]["message_id"] == "m-sms-dlq"
         assert "gave up" in dlq[0]["headers"][Headers.DLQ_ERROR]
         assert len(h.twilio.requests) == 2
+        # Counted in the dead-letter metric operators alert on, as the consumers count theirs.
+        metrics = (await h.client.get("/metrics")).text
+        topic = h.settings.topic(MESSAGE_REQUESTS.name)
+        assert f'clm_dlq_messages_total{{service="notifier",topic="{topic}"}} 1.0' in metrics
 
 
 async def test_failover_to_the_secondary_push_provider(start_notifier) -> None:  # type: ignore[no-untyped-def]

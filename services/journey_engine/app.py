@@ -33,6 +33,7 @@ def create_app(settings: JourneyEngineSettings | None = None, clock: Clock | Non
             # Overdue timers (the engine was down) are simply due: the first batches fire them.
             for n in range(settings.timer_workers):
                 platform.run_in_background(f"journey-timers-{n}", engine.run_forever)
+            platform.run_in_background("journey-counts-compaction", engine.compact_counts_forever)
         try:
             yield
         finally:

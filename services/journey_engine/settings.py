@@ -30,6 +30,10 @@ class JourneyEngineSettings(BaseServiceSettings):
     timer_workers: int = 2
     # Tests drive the loop themselves (`engine.run_once()`) with a ManualClock.
     run_timer_loop: bool = True
+    # Step counters are insert-only (a row per unit of work); a journey with more than this many rows
+    # per total is rolled up every `counts_compact_interval_s`, so its stats stay a read of a few rows.
+    counts_rows_per_total: int = 20
+    counts_compact_interval_s: float = 300.0
     # Statuses only move instances waiting on an open or a click, never a send: their consumer lets the
     # broker hold a fetch until this much is waiting or this long has passed (bigger, cheaper batches).
     statuses_fetch_min_bytes: int = 65536

@@ -82,3 +82,18 @@ async def test_abandoned_cart_both_branches(make_settings: Any) -> None:
         assert nodes["start"]["entered"] == 3
         assert nodes["wait_order"]["waiting"] == 1 and nodes["wait_order"]["passed"] == 2
         assert nodes["reminder"]["passed"] == 1 and nodes["done"]["exited"] == 2
+
+        # The counters are a row per unit of work; compaction rolls them up, the stats do not move.
+        count_rows = "SELECT count(*) FROM node_counts WHERE journey_id = :j"
+        before = await h.scalar(count_rows, j=jid)
+        totals = "SELECT count(DISTINCT (version, node_id, metric)) FROM node_counts WHERE journey_id = :j"
+        distinct = await h.scalar(totals, j=jid)
+        assert before > distinct
+        h.engine.settings.counts_rows_per_total = 1
+        assert await h.engine.compact_counts() == 1
+        assert await h.scalar(count_rows, j=jid) == distinct
+        again = await h.client.get(
+            f"/v1/journeys/{jid}/stats", headers={"Authorization": "Bearer test-admin-token"}
+        )
+        assert again.json() == stats
+        assert await h.engine.compact_counts() == 0  # nothing crowded any more

@@ -72,6 +72,7 @@ from shared.contracts.events import (
     SegmentMembershipChanged,
 )
 from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS
+from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
 from shared.runtime import Platform
 
@@ -745,6 +746,34 @@ class JourneyEngine:
                 await writer.flush(session)
         await writer.flush(session)
         return enrolled
+
+    async def compact_counts(self) -> int:
+        """Roll up the step counters of journeys that have piled up rows (one replica at a time);
+        returns how many journeys were compacted."""
+        done = 0
+        async with try_exclusive(self.platform.engine, "journey_engine.compact_counts") as mine:
+            if not mine:
+                return 0
+            async with self.platform.unit_of_work() as uow:
+                crowded = await instance_store.crowded_journeys(
+                    uow.session, self.settings.counts_rows_per_total
+                )
+            for journey_id in crowded:  # a transaction each: short locks on one journey's rows
+                async with self.platform.unit_of_work() as uow:
+                    await instance_store.compact_node_counts(uow.session, journey_id)
+                done += 1
+        return done
+
+    async def compact_counts_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.counts_compact_interval_s)
+            try:
+                if compacted := await self.compact_counts():
+                    log.info("step counters compacted", extra={"journeys": compacted})
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("compacting step counters failed; retrying next round")
 
     async def run_forever(self) -> None:
         """One timer worker: fire due timers in batches, resting only when nothing is due."""

@@ -308,6 +308,28 @@ class StepWriter:
 
 # --------------------------------------------------------------------------- stats
 
+# Every unit of work adds its counts as new rows (no hot row): roll a journey's rows up into one per
+# (version, node, metric) so that its stats stay a read of a few rows. Rows inserted meanwhile are not
+# in the DELETE's snapshot and stay as they are: the sums never change.
+_COMPACT = text(
+    "WITH gone AS (DELETE FROM node_counts WHERE journey_id = :j RETURNING version, node_id, metric, n) "
+    "INSERT INTO node_counts (journey_id, version, node_id, metric, n) "
+    "SELECT :j, version, node_id, metric, sum(n) FROM gone GROUP BY version, node_id, metric"
+)
+_CROWDED = text(
+    "SELECT journey_id FROM node_counts GROUP BY journey_id "
+    "HAVING count(*) > :rows_per_total * count(DISTINCT (version, node_id, metric))"
+)
+
+
+async def crowded_journeys(session: AsyncSession, rows_per_total: int) -> list[str]:
+    """Journeys whose counters hold more than `rows_per_total` rows per total they add up to."""
+    return [r[0] for r in await session.execute(_CROWDED, {"rows_per_total": rows_per_total})]
+
+
+async def compact_node_counts(session: AsyncSession, journey_id: str) -> None:
+    await session.execute(_COMPACT, {"j": journey_id})
+
 
 async def node_totals(session: AsyncSession, journey_id: str) -> dict[tuple[int, str], dict[str, int]]:
     rows = await session.execute(

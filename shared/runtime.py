@@ -16,9 +16,11 @@ from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from shared.clock import Clock
 from shared.db.engine import create_engine, ensure_schema, session_factory
 from shared.db.migrations import run_migrations
 from shared.db.outbox import OutboxRelay
+from shared.db.retention import Retention, RetentionRule, audit_log_rule
 from shared.db.unit_of_work import UnitOfWork
 from shared.heap import settle_heap
 from shared.http import StorableTextGuard, install_error_handlers
@@ -52,7 +54,20 @@ class Platform:
         self.consumers: list[ConsumerRunner[Any]] = []
         self.background: list[asyncio.Task[None]] = []
         self.on_consumers_stopped: list[Callable[[], Awaitable[None]]] = []
+        self.retention: Retention | None = None
         self.started = False
+
+    def keep_for(self, clock: Clock, *rules: RetentionRule) -> Retention:
+        """The service's retention rules, plus the audit log's every service has; once started, a
+        background loop applies those the settings turn on (none by default)."""
+        self.retention = Retention(
+            self.engine,
+            self.settings.db_schema,
+            clock,
+            [audit_log_rule(self.settings.audit_retention_days), *rules],
+            interval_s=self.settings.retention_interval_s,
+        )
+        return self.retention
 
     def unit_of_work(self) -> UnitOfWork:
         return UnitOfWork(self.sessions, self.settings, on_commit=self.relay.notify)
@@ -99,6 +114,8 @@ class Platform:
                 await self.producer.stop()
                 await asyncio.sleep(1)
         await self.relay.start()
+        if self.retention is not None and self.retention.enabled:
+            self.run_in_background("retention", self.retention.run_forever)
         self.started = True
         log.info("platform started", extra={"seconds": round(time.monotonic() - started, 2)})
 

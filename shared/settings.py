@@ -80,6 +80,10 @@ class BaseServiceSettings(BaseSettings):
     # few ms are relayed with it. 0 = at once (for topics on the latency-critical path).
     outbox_relay_delay_ms: int = 0
     outbox_batch_size: int = 500
+    # Retention (`shared.db.retention`): days the admin audit log is kept (0: forever), and how often
+    # each service's retention round runs (one replica at a time).
+    audit_retention_days: float = 0
+    retention_interval_s: float = 3600
     # The garbage collector's young-generation threshold once the service is up (`shared.heap`).
     gc_young_threshold: int = 10_000
     # PostgreSQL's plan_cache_mode for the service's connections. `auto` reuses a generic plan once it

@@ -36,6 +36,7 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     settings = settings or IngestSettings()
     clock = clock or SystemClock()
     platform = Platform(settings, migrations=MIGRATIONS)
+    platform.keep_for(clock)
     write_keys = WriteKeys(WriteKeyRepository(platform.engine), clock, settings.write_key_cache_ttl_s)
     writer = EventWriter(platform.engine, settings, clock)
     intake = Intake(settings, writer, write_keys, clock)

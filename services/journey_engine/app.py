@@ -23,6 +23,7 @@ def create_app(settings: JourneyEngineSettings | None = None, clock: Clock | Non
     settings = settings or JourneyEngineSettings()
     platform = Platform(settings, migrations=MIGRATIONS)
     engine = JourneyEngine(platform, settings, clock or SystemClock())
+    platform.keep_for(engine.clock)
     register(platform, engine)
 
     @asynccontextmanager

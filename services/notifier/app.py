@@ -22,6 +22,7 @@ from services.notifier.domain.signing import LinkSigner, MessageLinks
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.service import Notifier
 from services.notifier.settings import NotifierSettings
+from services.notifier.store import api_requests_repo, ledger_repo
 from shared.audit import install_audit
 from shared.clock import Clock, SystemClock
 from shared.contracts import (
@@ -42,6 +43,11 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     settings = settings or NotifierSettings()
     clock = clock or SystemClock()
     platform = Platform(settings, migrations=MIGRATIONS)
+    platform.keep_for(
+        clock,
+        ledger_repo.ledger_rule(settings.ledger_retention_days),
+        api_requests_repo.idempotency_rule(settings.idempotency_key_retention_days),
+    )
     links_ = MessageLinks(LinkSigner(settings.link_secret.get_secret_value()), settings.public_base_url)
     renderer = TemplateRenderer(
         max_output_chars=settings.template_max_output_chars,

@@ -115,6 +115,12 @@ class NotifierSettings(BaseServiceSettings):
         }
     )
 
+    # Days the send ledger keeps a decided message (with its engagements) and an Idempotency-Key of
+    # POST /v1/messages (0: forever). A message id pruned from the ledger is no longer deduplicated:
+    # keep more than the topics' Kafka retention, so no redelivery can come after it. Performance
+    # reports cover what is kept.
+    ledger_retention_days: float = 0
+    idempotency_key_retention_days: float = 0
     # Retries of transient failures: exponential backoff with full jitter, durable in the send ledger.
     # The defaults ride out a provider outage of ~18 minutes on average (at most ~37): nine retries
     # waiting up to 5 s, 10 s, ... 640 s, 900 s. (5 attempts from 2 s gave up after ~15 s.)

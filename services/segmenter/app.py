@@ -18,6 +18,7 @@ from services.segmenter.consumers.message_status import MessageStatusHandler
 from services.segmenter.consumers.privacy_answers import PrivacyAnswersConsumer
 from services.segmenter.runtime import Segmenter
 from services.segmenter.settings import SegmenterSettings
+from services.segmenter.store import profiles as profile_store
 from shared.audit import install_audit
 from shared.clock import Clock, SystemClock
 from shared.contracts.events import CustomerEvent, MessageStatus, PrivacyRequest
@@ -31,6 +32,7 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
     settings = settings or SegmenterSettings()
     platform = Platform(settings, migrations=MIGRATIONS)
     segmenter = Segmenter.build(settings, platform, clock or SystemClock())
+    platform.keep_for(segmenter.clock, profile_store.timeline_rule(settings.timeline_retention_days))
     platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "profiles", segmenter.events)
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", PrivacyAnswersConsumer(platform))
     platform.consumer(MESSAGE_STATUS.name, MessageStatus, "engagement", MessageStatusHandler(platform))

@@ -8,6 +8,10 @@ from shared.settings import BaseServiceSettings
 
 
 class SegmenterSettings(BaseServiceSettings):
+    # Days of timeline (`events`) kept, by receipt time (0: forever). Counts, first and last times and
+    # commerce totals stay; rules over occurrences (time windows, property filters, dates) see only
+    # what is kept, so keep more than the longest window your segments use.
+    timeline_retention_days: float = 0
     service_name: str = "segmenter"
     port: int = 8002
     db_schema: str = "segmenter"

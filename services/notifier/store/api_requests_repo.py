@@ -7,6 +7,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.store.tables import api_requests
+from shared.db.retention import RetentionRule
 
 
 async def claim_idempotency_key(
@@ -26,3 +27,12 @@ async def claim_idempotency_key(
         )
     ).one()
     return row.message_id, row.request_hash
+
+
+def idempotency_rule(days: float) -> RetentionRule:
+    return RetentionRule(
+        "api_requests",
+        days,
+        "DELETE FROM api_requests WHERE idempotency_key IN (SELECT idempotency_key FROM api_requests "
+        "WHERE created_at < :cutoff LIMIT :batch) RETURNING 1",
+    )

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.notifier.store.tables import engagements, send_ledger
 from shared.contracts import MessageRequested
 from shared.db.engine import Statement
+from shared.db.retention import RetentionRule
 
 PENDING = "pending"
 # Taken by a worker, no provider called yet: safe to hand back to `pending`.
@@ -285,3 +286,15 @@ async def record_engagement(
         .returning(engagements.c.message_id)
     )
     return (await session.execute(stmt)).first() is not None
+
+
+def ledger_rule(days: float) -> RetentionRule:
+    """Decided messages (never one still pending, claimed or sending) and their engagements."""
+    return RetentionRule(
+        "send_ledger",
+        days,
+        "WITH old AS (SELECT message_id FROM send_ledger WHERE created_at < :cutoff "
+        "AND state NOT IN ('pending', 'claimed', 'sending') ORDER BY created_at LIMIT :batch), "
+        "gone AS (DELETE FROM engagements WHERE message_id IN (SELECT message_id FROM old)) "
+        "DELETE FROM send_ledger WHERE message_id IN (SELECT message_id FROM old) RETURNING 1",
+    )

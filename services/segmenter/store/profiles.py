@@ -18,6 +18,7 @@ from services.segmenter.domain.identity import Identifier, Merge
 from services.segmenter.domain.lifecycle.tracking import STORED_FIELDS
 from services.segmenter.domain.profile import EventAggregate, ProfileSnapshot, merge_traits
 from shared.db.engine import Statement, json_text
+from shared.db.retention import RetentionRule
 
 FIELD_NAMES = (
     "first_seen",
@@ -410,3 +411,14 @@ async def timeline_page(
         params |= {"bt": before[0], "bs": before[1]}
     sql += " ORDER BY timestamp DESC, seq DESC LIMIT :n"
     return [dict(r._mapping) for r in await session.execute(text(sql), params)]
+
+
+def timeline_rule(days: float) -> RetentionRule:
+    """The oldest events by insertion order (the primary key, no scan of the table): a batch stops at
+    the first events received within the period."""
+    return RetentionRule(
+        "events",
+        days,
+        "WITH head AS (SELECT seq, received_at FROM events ORDER BY seq LIMIT :batch) "
+        "DELETE FROM events WHERE seq IN (SELECT seq FROM head WHERE received_at < :cutoff) RETURNING 1",
+    )

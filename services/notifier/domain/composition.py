@@ -27,14 +27,23 @@ class ContactView:
 
 
 def _text(value: Any) -> str | None:
-    return str(value) if value not in (None, "") else None
+    """A trait usable as an address, locale or zone: a non-blank string. `false` is not an email
+    address and `72057594037927936` not a locale (traits are whatever clients sent)."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _phone(value: Any) -> str | None:
+    """A phone trait: a string, or a number some clients send instead (never a boolean)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)
+    return _text(value)
 
 
 def contact_from_traits(customer_id: str, traits: dict[str, Any]) -> ContactView:
     return ContactView(
         customer_id=customer_id,
         email=_text(traits.get("email")),
-        phone=_text(traits.get("phone")),
+        phone=_phone(traits.get("phone")),
         push_token=_text(traits.get("push_token") or traits.get("pushToken")),
         webhook_url=_text(traits.get("webhook_url") or traits.get("webhookUrl")),
         locale=_text(traits.get("locale")),
@@ -112,10 +121,10 @@ def template_data(
 def locale_of(request: MessageRequested, contact: ContactView | None) -> str | None:
     traits = (request.data.get("traits") or {}) if isinstance(request.data.get("traits"), dict) else {}
     return (
-        traits.get("locale")
+        _text(traits.get("locale"))
         or request.recipient.locale
         or (contact.locale if contact else None)
-        or ((contact.traits or {}).get("locale") if contact else None)
+        or (_text((contact.traits or {}).get("locale")) if contact else None)
     )
 
 

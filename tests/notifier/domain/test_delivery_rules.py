@@ -13,11 +13,13 @@ import pytest
 
 from services.notifier.domain import standard_webhooks
 from services.notifier.domain.address_policy import AddressPolicy, RefusedAddress
+from services.notifier.domain.composition import contact_from_traits, locale_of
 from services.notifier.domain.email_content import build_email, track_links
 from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
 from services.notifier.domain.retry_policy import Failure, RetryPolicy, classify_http
 from services.notifier.domain.signing import InvalidToken, LinkSigner, MessageLinks
 from services.notifier.settings import NotifierSettings
+from shared.contracts import MessageRequested
 
 
 def test_full_jitter_backoff_grows_and_is_capped() -> None:
@@ -198,3 +200,33 @@ def test_the_default_retries_ride_out_a_provider_outage_of_minutes() -> None:
         windows.append((at - now).total_seconds())
     assert attempt == settings.send_max_attempts
     assert 12 * 60 < sorted(windows)[100] < 25 * 60  # the median outage ridden out
+
+
+def test_traits_that_are_not_text_are_no_address_locale_or_zone() -> None:
+    """Traits are whatever clients sent: `false` is no email address, a number no locale (it made
+    the renderer fail the message with an internal error), a huge float no phone."""
+    hostile = {
+        "email": False,
+        "phone": -1.07e290,
+        "locale": 72057594037927936,
+        "timezone": 7,
+        "push_token": {"a": 1},
+        "webhook_url": " ",
+    }
+    contact = contact_from_traits("c1", hostile)
+    assert (contact.email, contact.phone, contact.locale, contact.timezone) == (None, None, None, None)
+    assert (contact.push_token, contact.webhook_url) == (None, None)
+    request = MessageRequested.model_validate(
+        {
+            "message_id": "m1",
+            "customer_id": "c1",
+            "channel": "email",
+            "template_id": "t",
+            "requested_at": "2026-11-29T00:00:00Z",
+            "data": {"traits": hostile},
+        }
+    )
+    assert locale_of(request, contact) is None
+    fine = contact_from_traits("c2", {"email": "a@example.com", "phone": 4791234567, "locale": "nb-NO"})
+    assert (fine.email, fine.phone, fine.locale) == ("a@example.com", "4791234567", "nb-NO")
+    assert contact_from_traits("c3", {"phone": True}).phone is None

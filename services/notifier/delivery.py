@@ -374,13 +374,16 @@ class DeliveryWorker:
             )
         address = recipient_address(request, contact)
         if not address:
-            # An event-triggered send can overtake the customer's profile on clm.profiles.v1: with no
-            # contact seen yet, retry on the usual schedule instead of failing at once.
+            # An event-triggered send can overtake the customer's profile on clm.profiles.v1 (a welcome
+            # mail for a sign-up whose identify with the email is a moment behind, while an earlier
+            # profile without it is known): retry on the usual schedule instead of failing at once,
+            # for a known customer only while the request is young.
+            young = self.clock.now() - request.requested_at < timedelta(seconds=self.settings.address_wait_s)
             return Prepared(
                 None,
                 MessageStatusKind.FAILED,
                 f"no {request.channel.value} address for the customer",
-                retry=contact is None,
+                retry=contact is None or young,
             )
         try:
             rendered = self.renderer.render(

@@ -121,6 +121,9 @@ class NotifierSettings(BaseServiceSettings):
     # reports cover what is kept.
     ledger_retention_days: float = 0
     idempotency_key_retention_days: float = 0
+    # A message for a known customer without an address waits this long (retried on the schedule
+    # below) for a profile change that brings one, then fails: the request can overtake the profile.
+    address_wait_s: float = 120.0
     # Retries of transient failures: exponential backoff with full jitter, durable in the send ledger.
     # The defaults ride out a provider outage of ~18 minutes on average (at most ~37): nine retries
     # waiting up to 5 s, 10 s, ... 640 s, 900 s. (5 attempts from 2 s gave up after ~15 s.)

@@ -9,6 +9,8 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from sqlalchemy import text
+
 from shared.clock import ManualClock
 from shared.contracts import Headers
 from tests.notifier.conftest import ADMIN, Harness, request
@@ -242,11 +244,35 @@ async def test_a_request_that_overtakes_the_profile_is_retried_not_failed(start_
         assert [m.envelope_to for m in h.sink.messages] == [["early@example.com"]]
 
 
-async def test_a_known_customer_without_an_address_fails_at_once(start_notifier) -> None:  # type: ignore[no-untyped-def]
-    async with start_notifier() as h:
+async def test_a_known_customer_without_an_address_fails_once_the_wait_is_over(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier(address_wait_s=0) as h:
         await setup(h)
         await h.profile("c-nomail", {"first_name": "N"})
         await h.wait_contact("c-nomail")
         await h.publish(email_request("m-nomail", "c-nomail"))
         statuses = await h.wait_status("m-nomail", "failed")
         assert "no email address" in statuses[-1]["reason"]
+
+
+async def test_a_request_that_overtakes_the_profiles_address_waits_for_it(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """A sign-up's welcome mail is asked for while the notifier knows the customer only from an
+    earlier profile change without the email: it waits (retried) until the email arrives."""
+    clock = ManualClock()
+    async with start_notifier(clock=clock) as h:
+        await setup(h)
+        await h.profile("c-late", {"first_name": "Lat"})
+        await h.wait_contact("c-late")
+        await h.publish(email_request("m-late", "c-late", requested_at=clock.now()))
+        await eventually(lambda: h.ledger_entry("m-late", "pending", attempts=1))
+        await h.profile("c-late", {"first_name": "Lat", "email": "late@example.com"})
+
+        async def has_email() -> bool:
+            async with h.platform.engine.connect() as conn:
+                email = await conn.scalar(text("SELECT email FROM contacts WHERE customer_id = 'c-late'"))
+            return email == "late@example.com"
+
+        await eventually(has_email, timeout=15)
+        clock.advance(timedelta(seconds=60))  # past the retry (at most 60 s here), within the wait
+        h.app.state.notifier.worker.wake()
+        await h.wait_status("m-late", "delivered")
+        assert [m.message["To"] for m in h.sink.messages] == ["late@example.com"]

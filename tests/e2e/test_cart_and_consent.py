@@ -83,36 +83,10 @@ async def test_unsubscribe_link_stops_marketing_but_not_transactional(platform: 
     s = uuid.uuid4().hex[:6]
     user, address = f"optout-{s}", f"optout-{s}@example.com"
     async with httpx.AsyncClient(timeout=10) as c:
-        r = await c.put(
-            f"{platform.url('notifier')}/v1/subscription-topics/promotions",
-            headers=platform.admin,
-            json={"name": "Promotions", "channels": ["email"], "default_subscribed": True},
+        await marketing_on_demand(
+            c, platform, f"promo-{s}", "promotions", f"Promo Wanted {s}", "A deal for you"
         )
-        assert r.status_code == 200, r.text
-        await email_template(c, platform, f"promo-{s}", "A deal for you")
         await email_template(c, platform, f"receipt-{s}", "Your receipt")
-        await activate(
-            c,
-            platform,
-            f"promo-{s}",
-            {
-                "name": "Promo on demand",
-                "entry": {"type": "event", "event": f"Promo Wanted {s}"},
-                "reentry": {"policy": "always"},
-                "nodes": [
-                    {"id": "start", "type": "entry"},
-                    {
-                        "id": "promo",
-                        "type": "send",
-                        "channel": "email",
-                        "template_id": f"promo-{s}",
-                        "subscription_topic": "promotions",
-                    },
-                    {"id": "done", "type": "exit"},
-                ],
-                "edges": [{"from": "start", "to": "promo"}, {"from": "promo", "to": "done"}],
-            },
-        )
         await identify(c, platform, user, email=address, first_name="Olive")
         await track(c, platform, user, f"Promo Wanted {s}")
         first = await eventually(lambda: platform.mails_to(address), timeout=30)
@@ -173,36 +147,8 @@ async def test_a_browser_visitor_opted_out_by_user_id_gets_no_marketing(platform
         assert r.headers["access-control-allow-origin"] == "*"
 
     async with httpx.AsyncClient(timeout=10) as c:
-        r = await c.put(
-            f"{platform.url('notifier')}/v1/subscription-topics/offers",
-            headers=platform.admin,
-            json={"name": "Offers", "channels": ["email"], "default_subscribed": True},
-        )
-        assert r.status_code == 200, r.text
-        await email_template(c, platform, f"offer-{s}", "An offer")
+        await marketing_on_demand(c, platform, f"offer-{s}", "offers", f"Offer Wanted {s}", "An offer")
         await email_template(c, platform, f"invoice-{s}", "Your invoice")
-        await activate(
-            c,
-            platform,
-            f"offer-{s}",
-            {
-                "name": "Offer on demand",
-                "entry": {"type": "event", "event": f"Offer Wanted {s}"},
-                "reentry": {"policy": "always"},
-                "nodes": [
-                    {"id": "start", "type": "entry"},
-                    {
-                        "id": "offer",
-                        "type": "send",
-                        "channel": "email",
-                        "template_id": f"offer-{s}",
-                        "subscription_topic": "offers",
-                    },
-                    {"id": "done", "type": "exit"},
-                ],
-                "edges": [{"from": "start", "to": "offer"}, {"from": "offer", "to": "done"}],
-            },
-        )
         await from_browser(c, "p", type="page", name="Home")
 
         async def seen() -> bool:
@@ -257,3 +203,36 @@ async def test_a_browser_visitor_opted_out_by_user_id_gets_no_marketing(platform
         assert r.status_code == 202, r.text
         mails = await eventually(lambda: platform.mails_to(address), timeout=30)
         assert [m["Subject"] for m in mails] == ["Your invoice"], "no marketing mail after opting out"
+
+
+async def marketing_on_demand(
+    c: httpx.AsyncClient, p: Platform, journey_id: str, topic: str, event: str, subject: str
+) -> None:
+    """A journey mailing `subject` (marketing, subscription topic `topic`, offered by default) each
+    time a customer tracks `event`; its template has the journey's id."""
+    r = await c.put(
+        f"{p.url('notifier')}/v1/subscription-topics/{topic}",
+        headers=p.admin,
+        json={"name": topic.title(), "channels": ["email"], "default_subscribed": True},
+    )
+    assert r.status_code == 200, r.text
+    await email_template(c, p, journey_id, subject)
+    send = {
+        "id": "send",
+        "type": "send",
+        "channel": "email",
+        "template_id": journey_id,
+        "subscription_topic": topic,
+    }
+    await activate(
+        c,
+        p,
+        journey_id,
+        {
+            "name": f"{subject} on demand",
+            "entry": {"type": "event", "event": event},
+            "reentry": {"policy": "always"},
+            "nodes": [{"id": "start", "type": "entry"}, send, {"id": "done", "type": "exit"}],
+            "edges": [{"from": "start", "to": "send"}, {"from": "send", "to": "done"}],
+        },
+    )

@@ -191,3 +191,28 @@ async def test_erasure_forgets_the_identifiers(start_notifier) -> None:  # type:
         await eventually(forgotten, timeout=15)
         body = (await h.client.get(f"/v1/customers/{USER}/preferences", headers=ADMIN)).json()
         assert body["customer_id"] == USER  # no longer anyone's identifier
+
+
+async def test_a_customers_own_id_wins_over_another_customers_identifier(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """An anonymousId `u9` made customer `u9` before the userId `u9` made `user:u9` (the segmenter's
+    name for it): `u9` stays the first customer, whose choices and address are not the other's."""
+    async with start_notifier() as h:
+        await setup(h)
+        await h.profile("u9", {"email": "first@example.com", "first_name": "First"})
+        await h.wait_contact("u9")
+        opt_out = [{"topic": "*", "channel": "email", "subscribed": False}]
+        put = await h.client.put(
+            "/v1/customers/u9/preferences", json={"source": "api", "preferences": opt_out}, headers=ADMIN
+        )
+        assert put.status_code == 200
+        await link(h, "user:u9", {"user_id": ["u9"]}, {"email": "second@example.com", "first_name": "Second"})
+        await eventually(lambda: owner_of(h, "u9"), timeout=15)
+        assert await owner_of(h, "u9") == "user:u9"  # recorded, but the own id wins
+        body = (await h.client.get("/v1/customers/u9/preferences", headers=ADMIN)).json()
+        assert body["customer_id"] == "u9" and body["preferences"][0]["subscribed"] is False
+        assert await choices_of(h, "user:u9") == []  # nothing moved to the other customer
+        history = (await h.client.get("/v1/customers/user:u9/consent-history", headers=ADMIN)).json()
+        assert history["history"] == []  # nor shown as theirs
+        await h.publish(email_request("m-own-1", "u9", category="transactional"))
+        await h.wait_status("m-own-1", "delivered")
+        assert [m.message["To"] for m in h.sink.messages] == ["first@example.com"]

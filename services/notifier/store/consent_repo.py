@@ -84,6 +84,7 @@ _TOPICS_BY_ID = Statement(
 _CHOICES_FOR = Statement(
     "SELECT q.id, p.topic, p.channel, p.subscribed FROM unnest(CAST(:ids AS text[])) AS q(id) "
     "LEFT JOIN customer_identities AS ci ON ci.identity = q.id "
+    "AND NOT EXISTS (SELECT 1 FROM contacts own WHERE own.customer_id = q.id) "  # `identities_repo`
     "JOIN preferences AS p ON p.customer_id = COALESCE(ci.customer_id, q.id)"
 )
 

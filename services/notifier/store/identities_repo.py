@@ -1,5 +1,11 @@
 """Every query on `customer_identities`: which customer an identifier (a userId, an anonymousId, a
-merged-away profile's id) belongs to, as the segmenter last announced it."""
+merged-away profile's id) belongs to, as the segmenter last announced it.
+
+A customer's own id wins over the mapping: when one customer's id is another's identifier of
+another kind (an anonymousId `u1` made a customer before the userId `u1` made `user:u1`, as the
+segmenter names it), `u1` is still the first customer, as in the segmenter's API. The notifier knows
+a customer's own id from its contact row (`contacts`, which merges delete for merged-away ids).
+"""
 
 from __future__ import annotations
 
@@ -15,21 +21,30 @@ from shared.db.engine import Statement
 # this customer's before (new, or moved from another customer): only under those can something be
 # kept that is now this customer's.
 _LINK = Statement(
-    "INSERT INTO customer_identities (identity, customer_id, linked_at) "
+    "WITH linked AS (INSERT INTO customer_identities (identity, customer_id, linked_at) "
     "SELECT unnest(CAST(:ids AS text[])), :cid, :at "
     "ON CONFLICT (identity) DO UPDATE SET customer_id = excluded.customer_id, linked_at = excluded.linked_at "
     "WHERE customer_identities.linked_at <= excluded.linked_at "
     "AND customer_identities.customer_id <> excluded.customer_id "
-    "RETURNING identity"
+    "RETURNING identity) "
+    "SELECT identity FROM linked "
+    "WHERE NOT EXISTS (SELECT 1 FROM contacts c WHERE c.customer_id = linked.identity)"
 )
+
 # Serializes a link with a choice written under the same identifier (`resolve_for_write`): either the
 # writer waits and then sees the link, or the link waits and then moves what the writer stored.
 _LOCK = Statement(
     "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(i, 11) AS k "
     "FROM unnest(CAST(:ids AS text[])) AS i ORDER BY k) AS s"
 )
-_RESOLVE = Statement("SELECT customer_id FROM customer_identities WHERE identity = :id")
-_ALIASES = Statement("SELECT identity FROM customer_identities WHERE customer_id = :cid ORDER BY identity")
+_RESOLVE = Statement(
+    "SELECT customer_id FROM customer_identities WHERE identity = :id "
+    "AND NOT EXISTS (SELECT 1 FROM contacts c WHERE c.customer_id = :id)"
+)
+_ALIASES = Statement(
+    "SELECT i.identity FROM customer_identities i WHERE i.customer_id = :cid "
+    "AND NOT EXISTS (SELECT 1 FROM contacts c WHERE c.customer_id = i.identity) ORDER BY i.identity"
+)
 _FORGET = Statement(
     "DELETE FROM customer_identities "
     "WHERE customer_id = ANY(CAST(:ids AS text[])) OR identity = ANY(CAST(:ids AS text[]))"
@@ -38,7 +53,8 @@ _FORGET = Statement(
 
 async def link(session: AsyncSession, customer_id: str, identities: Sequence[str], at: datetime) -> list[str]:
     """Point `identities` at `customer_id` as of `at`; returns those that newly do (not those that
-    already did, nor those a newer announcement points elsewhere)."""
+    already did, nor those a newer announcement points elsewhere, nor another customer's own id):
+    what is kept under them becomes this customer's."""
     ids = sorted({i for i in identities if i and i != customer_id})
     if not ids:
         return []

@@ -13,6 +13,7 @@ from services.segmenter.api.customers import customers_router
 from services.segmenter.api.kpis import kpis_router
 from services.segmenter.api.lifecycle import lifecycle_router
 from services.segmenter.api.privacy import privacy_router
+from services.segmenter.api.republish import republish_router
 from services.segmenter.api.segments import segments_router
 from services.segmenter.consumers.message_status import MessageStatusHandler
 from services.segmenter.consumers.privacy_answers import PrivacyAnswersConsumer
@@ -68,5 +69,6 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
     app.include_router(catalogue_router(segmenter))
     app.include_router(lifecycle_router(segmenter))
     app.include_router(kpis_router(segmenter))
+    app.include_router(republish_router(segmenter))
     install_audit(app, platform.unit_of_work, settings)
     return app

@@ -8,6 +8,7 @@ from services.segmenter.consumers.customer_events import CustomerEventsHandler
 from services.segmenter.lifecycle import Lifecycle
 from services.segmenter.recommendations import Recommendations
 from services.segmenter.reevaluation import SegmentCatalogCache
+from services.segmenter.republish import Republisher
 from services.segmenter.schedules import Backfill, DueTimers
 from services.segmenter.settings import SegmenterSettings
 from shared.clock import Clock
@@ -25,6 +26,7 @@ class Segmenter:
     backfill: Backfill
     recommendations: Recommendations
     lifecycle: Lifecycle
+    republisher: Republisher
 
     @classmethod
     def build(cls, settings: SegmenterSettings, platform: Platform, clock: Clock) -> Segmenter:
@@ -44,4 +46,5 @@ class Segmenter:
             backfill=Backfill(platform, clock, catalog, settings),
             recommendations=recommendations,
             lifecycle=lifecycle,
+            republisher=Republisher(settings, platform, clock),
         )

@@ -93,6 +93,9 @@ class ProfileChangeKind(StrEnum):
     # The customer gained identifiers (a userId for an anonymous visitor, a second anonymousId...):
     # `identities` holds them all, so consumers resolve any of them to `customer_id`.
     IDENTITY_LINKED = "identity_linked"
+    # The profile as it is, re-announced on an operator's request (a restored or new consumer rebuilds
+    # its projection from these): nothing changed, so nothing reacts as to a change.
+    SNAPSHOT = "snapshot"
     ERASED = "erased"
 
 

@@ -422,3 +422,42 @@ def timeline_rule(days: float) -> RetentionRule:
         "WITH head AS (SELECT seq, received_at FROM events ORDER BY seq LIMIT :batch) "
         "DELETE FROM events WHERE seq IN (SELECT seq FROM head WHERE received_at < :cutoff) RETURNING 1",
     )
+
+
+async def customer_count(session: AsyncSession) -> int:
+    return int((await session.execute(text("SELECT count(*) FROM customers"))).scalar_one())
+
+
+async def snapshot_chunk(
+    session: AsyncSession, after: str | None, limit: int, job: str, announce: dict[str, str]
+) -> tuple[int, str | None]:
+    """The next `limit` customers after `after` (by id) as `ProfileChanged(kind=snapshot)` outbox rows,
+    built in one statement (no Python per customer); returns (customers announced, the last id)."""
+    row = (
+        await session.execute(
+            text(
+                "WITH chunk AS (SELECT customer_id, traits, lifecycle_stage FROM customers "
+                "WHERE customer_id > :after ORDER BY customer_id LIMIT :limit), "
+                "labelled AS (SELECT i.customer_id, CASE i.kind WHEN 'user' THEN 'user_id' "
+                "WHEN 'anon' THEN 'anonymous_id' WHEN 'merged' THEN 'merged_customer_id' ELSE i.kind END "
+                "AS label, jsonb_agg(i.value ORDER BY i.value) AS vals FROM identities i "
+                "JOIN chunk USING (customer_id) GROUP BY 1, 2), "
+                "ids AS (SELECT customer_id, jsonb_object_agg(label, vals) AS identities FROM labelled "
+                "GROUP BY customer_id), "
+                "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
+                "SELECT :topic, convert_to(c.customer_id, 'UTF8'), convert_to(jsonb_build_object("
+                "'event_id', 'profile:' || c.customer_id || ':snapshot:' || :job, "
+                "'customer_id', c.customer_id, 'kind', 'snapshot', 'occurred_at', CAST(:occurred AS text), "
+                "'traits', c.traits, 'identities', COALESCE(ids.identities, '{}'::jsonb), "
+                "'lifecycle_stage', c.lifecycle_stage)::text, 'UTF8'), "
+                "jsonb_build_object('clm-event-id', 'profile:' || c.customer_id || ':snapshot:' || :job, "
+                "'clm-event-type', 'profile_changed', 'clm-schema-version', '1', "
+                "'clm-correlation-id', CAST(:job AS text), 'clm-producer', CAST(:producer AS text), "
+                "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
+                "FROM chunk c LEFT JOIN ids USING (customer_id) ORDER BY c.customer_id RETURNING 1) "
+                "SELECT (SELECT count(*) FROM outboxed) AS n, (SELECT max(customer_id) FROM chunk) AS last"
+            ),
+            {"after": after or "", "limit": limit, "job": job, **announce},
+        )
+    ).one()
+    return int(row.n), row.last

@@ -1,0 +1,104 @@
+"""Re-announcing every profile on clm.profiles.v1 (`kind=snapshot`), on an operator's request: a
+consumer whose projection was lost or is new (a restored notifier database, a journey engine added
+after the topic's retention) rebuilds it from these. One job at a time per process, in keyset chunks,
+each one transaction whose outbox rows are written by SQL; consumers dedupe on the event ids (the
+job id is in them, so a second job announces again). A job dies with its process: run it again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from services.segmenter.settings import SegmenterSettings
+from services.segmenter.store import profiles as profile_store
+from shared.clock import Clock
+from shared.contracts.topics import PROFILES
+from shared.runtime import Platform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RepublishJob:
+    job_id: str
+    total: int
+    started_at: datetime
+    done: int = 0
+    finished_at: datetime | None = None
+    error: str | None = None
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.finished_at is None and self.error is None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "status": "running" if self.running else ("failed" if self.error else "done"),
+            "customers_total": self.total,
+            "customers_done": self.done,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+        }
+
+
+class Republisher:
+    def __init__(
+        self, settings: SegmenterSettings, platform: Platform, clock: Clock, chunk: int = 5000
+    ) -> None:
+        self.settings = settings
+        self.platform = platform
+        self.clock = clock
+        self.chunk = chunk
+        self.job: RepublishJob | None = None
+
+    async def start(self) -> RepublishJob | None:
+        """A new job, or None while one runs."""
+        if self.job is not None and self.job.running:
+            return None
+        async with self.platform.unit_of_work() as uow:
+            total = await profile_store.customer_count(uow.session)
+        job = RepublishJob(f"republish-{uuid.uuid4().hex[:12]}", total, self.clock.now())
+        job._task = asyncio.create_task(self._run(job), name=job.job_id)
+        self.platform.background.append(job._task)  # cancelled on shutdown, with the other loops
+        self.job = job
+        return job
+
+    async def _run(self, job: RepublishJob) -> None:
+        topic = self.settings.topic(PROFILES.name)
+        after: str | None = None
+        try:
+            while True:
+                announce = {
+                    "topic": topic,
+                    "occurred": str(TypeAdapter(datetime).dump_python(self.clock.now(), mode="json")),
+                    "producer": self.settings.service_name,
+                    "produced_ms": str(int(time.time() * 1000)),
+                }
+                async with self.platform.unit_of_work() as uow:
+                    n, last = await profile_store.snapshot_chunk(
+                        uow.session, after, self.chunk, job.job_id, announce
+                    )
+                self.platform.relay.notify()  # rows written by SQL, not through uow.emit
+                job.done += n
+                if last is None or n < self.chunk:
+                    break
+                after = last
+            job.finished_at = self.clock.now()
+            log.info("profiles republished", extra={"job_id": job.job_id, "customers": job.done})
+        except Exception as exc:
+            job.error = repr(exc)
+            log.exception("republishing profiles failed", extra={"job_id": job.job_id})
+
+    async def wait(self) -> None:
+        if self.job is not None and self.job._task is not None:
+            await asyncio.gather(self.job._task, return_exceptions=True)

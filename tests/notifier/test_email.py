@@ -276,3 +276,29 @@ async def test_a_request_that_overtakes_the_profiles_address_waits_for_it(start_
         h.app.state.notifier.worker.wake()
         await h.wait_status("m-late", "delivered")
         assert [m.message["To"] for m in h.sink.messages] == ["late@example.com"]
+
+
+async def test_a_test_send_goes_to_the_address_given_and_needs_one(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await setup(h)
+        await h.profile("real-1", {"email": "real@example.com", "first_name": "Real"})
+        await h.wait_contact("real-1")
+        # Without an address it would have mailed the customer: refused, naming the field.
+        refused = await h.client.post(
+            "/v1/templates/welcome/test-send", json={"customer_id": "real-1"}, headers=ADMIN
+        )
+        assert refused.status_code == 400
+        assert refused.json()["errors"][0]["field"] == "recipient.email"
+        sent = await h.client.post(
+            "/v1/templates/welcome/test-send",
+            json={
+                "customer_id": "real-1",
+                "recipient": {"email": "me@example.com"},
+                "data": {"traits": {"first_name": "Me"}, "event": {"properties": {"total": 1}}},
+            },
+            headers=ADMIN,
+        )
+        assert sent.status_code == 202, sent.text
+        await h.wait_status(sent.json()["message_id"], "delivered")
+        assert [m.envelope_to for m in h.sink.messages] == [["me@example.com"]]
+        assert h.sink.messages[0].message["Subject"] == "Welcome, Me!"

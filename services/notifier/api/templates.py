@@ -48,6 +48,15 @@ class TestSendBody(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+# The recipient field a test send of each channel needs (in-app goes to the inbox of `customer_id`).
+_ADDRESS_FIELD = {
+    Channel.EMAIL: "email",
+    Channel.SMS: "phone",
+    Channel.PUSH: "push_token",
+    Channel.WEBHOOK: "webhook_url",
+}
+
+
 def router(admin: Any) -> APIRouter:
     api = APIRouter(prefix="/v1/templates", tags=["templates"], dependencies=[Depends(admin)])
 
@@ -178,6 +187,20 @@ def router(admin: Any) -> APIRouter:
             template = await templates_repo.get_definition(uow.session, template_id)
         if template is None:
             raise ApiError(404, "not_found", f"no template {template_id!r}")
+        # A test goes to the address given, never to a customer's own: a real customer id without
+        # one would mail that customer.
+        field = _ADDRESS_FIELD.get(template.channel)
+        if field is not None and not getattr(body.recipient, field):
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"a test send needs recipient.{field}",
+                errors=[
+                    field_error(
+                        f"recipient.{field}", "missing", f"the {template.channel.value} address to test with"
+                    )
+                ],
+            )
         request = MessageRequested(
             message_id=f"test-{uuid.uuid4().hex}",
             customer_id=body.customer_id,

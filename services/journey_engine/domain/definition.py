@@ -7,12 +7,13 @@ only through a node that waits (so walking the graph always stops).
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from shared.contracts.events import Channel, MessageCategory, MessageStatusKind
 
@@ -22,6 +23,23 @@ WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun"
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Durations as segments write them (`30d`, `12h`, `15m`, `90s`, `2w`) besides ISO 8601 (`P30D`,
+# `PT12H`) and seconds, so one habit serves both languages.
+_SHORTHAND = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _shorthand(value: Any) -> Any:
+    if isinstance(value, str) and (m := _SHORTHAND.match(value)):
+        return timedelta(seconds=int(m.group(1)) * _UNIT_S[m.group(2)])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_shorthand)]
+# Comparison names as segments write them, for the journey's own.
+_OP_ALIASES = {"equals": "eq", "not_equals": "neq"}
 
 
 # --------------------------------------------------------------------------- conditions
@@ -47,6 +65,11 @@ class Predicate(Strict):
         "not_member",
     ]
     value: Any = None
+
+    @field_validator("op", mode="before")
+    @classmethod
+    def _segment_names(cls, op: Any) -> Any:
+        return _OP_ALIASES.get(op, op) if isinstance(op, str) else op
 
     @model_validator(mode="after")
     def _membership_needs_segment(self) -> Predicate:
@@ -88,7 +111,7 @@ class ScheduleEntry(Strict):
     type: Literal["schedule"]
     segment_id: str = Field(min_length=1)
     at: datetime
-    every: timedelta | None = None
+    every: Duration | None = None
     # Deliver at this time of day in each customer's timezone, on the broadcast's (UTC) date.
     local_time: time | None = None
 
@@ -118,7 +141,7 @@ class ReentryPolicy(Strict):
 class Goal(Strict):
     event: str = Field(min_length=1)
     where: list[Predicate] = Field(default_factory=list)
-    within: timedelta | None = None
+    within: Duration | None = None
     match_correlation: bool = False
 
 
@@ -136,11 +159,11 @@ class DelayNode(Strict):
 
     id: str = Field(min_length=1)
     type: Literal["delay"]
-    duration: timedelta | None = None
+    duration: Duration | None = None
     until_time: time | None = None
     weekdays: list[Weekday] | None = None
     until_trait: str | None = None
-    offset: timedelta = timedelta(0)
+    offset: Duration = timedelta(0)
 
     @model_validator(mode="after")
     def _one_mode(self) -> DelayNode:
@@ -160,7 +183,7 @@ class WaitEventNode(Strict):
     event: str = Field(min_length=1)
     where: list[Predicate] = Field(default_factory=list)
     match_correlation: bool = False
-    timeout: timedelta = Field(gt=timedelta(0))
+    timeout: Duration = Field(gt=timedelta(0))
 
 
 class WaitSegmentNode(Strict):
@@ -168,7 +191,7 @@ class WaitSegmentNode(Strict):
     type: Literal["wait_segment"]
     segment_id: str = Field(min_length=1)
     change: Literal["entered", "exited"] = "entered"
-    timeout: timedelta = Field(gt=timedelta(0))
+    timeout: Duration = Field(gt=timedelta(0))
 
 
 class WaitMessageNode(Strict):
@@ -178,7 +201,7 @@ class WaitMessageNode(Strict):
     statuses: list[MessageStatusKind] = Field(
         default_factory=lambda: [MessageStatusKind.OPENED], min_length=1
     )
-    timeout: timedelta = Field(gt=timedelta(0))
+    timeout: Duration = Field(gt=timedelta(0))
 
 
 class ConditionBranch(Strict):

@@ -101,17 +101,26 @@ _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+# ISO 8601 durations as journeys write them (`P30D`, `PT12H`, `P2W`, `P1DT6H`); no months or years,
+# whose length depends on the date.
+_ISO_DURATION = re.compile(r"^P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")
+
+
 @functools.lru_cache(maxsize=4096)
 def parse_duration(text: str | int) -> timedelta:
-    """`"30d"`, `"12h"`, `"15m"`, `"90s"`, `"2w"` or a number of seconds."""
+    """`"30d"`, `"12h"`, `"15m"`, `"90s"`, `"2w"`, ISO 8601 (`"P30D"`, `"PT12H"`) or seconds."""
     if isinstance(text, int):
         if text < 0:
             raise ValueError("a duration cannot be negative")
         return timedelta(seconds=text)
     m = _DURATION.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a duration (e.g. 30d, 12h, 15m, 90s, 2w)")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    if m:
+        return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    iso = _ISO_DURATION.match(text.strip())
+    if iso and text.strip() not in ("P", "PT") and not text.strip().endswith("T"):
+        weeks, days, hours, minutes, seconds = (int(g) if g else 0 for g in iso.groups())
+        return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+    raise ValueError(f"{text!r} is not a duration (e.g. 30d, 12h, 15m, 90s, 2w, or P30D, PT12H)")
 
 
 Duration = str | int

@@ -125,3 +125,41 @@ def test_node_fields_are_validated_by_pydantic() -> None:
             ],
             [],
         )
+
+
+def test_segment_style_durations_and_comparison_names_are_understood() -> None:
+    """One habit serves both languages: `1h` as segments write it, `equals` for `eq`."""
+    nodes = [dict(n) for n in GOOD_NODES]
+    nodes[1] = {**nodes[1], "timeout": "1h"}
+    nodes.insert(1, {"id": "pause", "type": "delay", "duration": "2d"})
+    edges = [{"from": "start", "to": "pause"}, {"from": "pause", "to": "wait"}, *GOOD_EDGES[1:]]
+    parsed = journey(nodes, edges)
+    by_id = {n.id: n for n in parsed.nodes}
+    assert by_id["wait"].timeout.total_seconds() == 3600  # type: ignore[union-attr]
+    assert by_id["pause"].duration.days == 2  # type: ignore[union-attr]
+    assert graph_errors(parsed) == []
+    iso = journey([{**GOOD_NODES[0]}, {**GOOD_NODES[1], "timeout": "PT1H"}, *GOOD_NODES[2:]], GOOD_EDGES)
+    assert {n.id: n for n in iso.nodes}["wait"].timeout == by_id["wait"].timeout  # type: ignore[union-attr]
+    condition = journey(
+        [
+            GOOD_NODES[0],
+            {
+                "id": "pro",
+                "type": "condition",
+                "branches": [
+                    {"name": "pro", "where": [{"field": "traits.plan", "op": "equals", "value": "pro"}]}
+                ],
+            },
+            *GOOD_NODES[2:],
+        ],
+        [
+            {"from": "start", "to": "pro"},
+            {"from": "pro", "to": "remind", "branch": "pro"},
+            {"from": "pro", "to": "done", "branch": "else"},
+            {"from": "remind", "to": "done"},
+        ],
+    )
+    branch = {n.id: n for n in condition.nodes}["pro"].branches[0]  # type: ignore[union-attr]
+    assert branch.where[0].op == "eq"
+    with pytest.raises(ValidationError):
+        journey([GOOD_NODES[0], {**GOOD_NODES[1], "timeout": "1 fortnight"}, *GOOD_NODES[2:]], GOOD_EDGES)

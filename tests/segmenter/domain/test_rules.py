@@ -83,3 +83,15 @@ def test_catalog_index_and_dependency_order() -> None:
     y = compile_segment("y", "Y", 1, {"member_of": "x"})
     with pytest.raises(CycleError):
         dependency_order([x, y])
+
+
+def test_iso_8601_durations_as_journeys_write_them() -> None:
+    assert parse_duration("P30D") == parse_duration("30d")
+    assert parse_duration("PT12H") == parse_duration("12h")
+    assert parse_duration("P2W") == parse_duration("2w")
+    assert parse_duration("P1DT6H").total_seconds() == 30 * 3600
+    for bad in ("P", "PT", "P1M", "P1Y", "P1DT"):  # months and years have no fixed length
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(bad)
+    iso = parse_rule({"performed": "Order Completed", "within": "P7D"})
+    assert rule_to_json(iso) == {"performed": "Order Completed", "within": "P7D"}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+from sqlalchemy import text
+
 from services.notifier.api.inbound import twilio_signature
 from services.notifier.domain import standard_webhooks
 from services.notifier.store import ledger_repo
@@ -361,3 +363,49 @@ async def test_provider_rate_limit_spreads_sends(start_notifier) -> None:  # typ
         times = sorted(r.received_at for r in h.twilio.requests)
         # 8 sends at 20/s with a burst of 1: at least 7 intervals of 50 ms.
         assert times[-1] - times[0] >= 0.3
+
+
+UNKNOWN, ERASED = "m-retry-2", "m-retry-3"
+
+
+async def test_failed_messages_are_sent_again_on_request_never_unknown_ones(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """After an outage outlasted the retries (here: a 400 the provider no longer answers), an
+    operator sends the failed messages again; an `unknown` one (its call may have gone through) and
+    an erased customer's stay as they are."""
+    async with start_notifier() as h:
+        await h.create_template(SMS)
+        h.twilio.fail_next(*[error(400, "temporarily refused")] * 3)
+        for message_id in ("m-retry-1", "m-retry-2", "m-retry-3"):
+            await h.publish(
+                request(
+                    message_id,
+                    "c1",
+                    "sms",
+                    "sms-hello",
+                    category="transactional",
+                    recipient={"phone": "+15551230009"},
+                    data={"event": {"code": "7"}},
+                )
+            )
+            await h.wait_status(message_id, "failed")
+        async with h.platform.engine.begin() as conn:
+            mark = "UPDATE send_ledger SET {} WHERE message_id = :m"
+            await conn.execute(text(mark.format("state = 'unknown'")), {"m": UNKNOWN})
+            await conn.execute(text(mark.format("reason = 'customer erased'")), {"m": ERASED})
+
+        nothing = await h.client.post(
+            "/v1/messages/retry-failed", json={"reason_contains": "no such text"}, headers=ADMIN
+        )
+        assert nothing.json() == {"requeued": 0, "message_ids": []}
+        bad = await h.client.post("/v1/messages/retry-failed", json={"limit": 0}, headers=ADMIN)
+        assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "limit"
+
+        again = await h.client.post("/v1/messages/retry-failed", json={"from": "2026-01-01"}, headers=ADMIN)
+        assert again.json() == {"requeued": 1, "message_ids": ["m-retry-1"]}
+        statuses = await h.wait_status("m-retry-1", "sent")
+        assert [s["status"] for s in statuses] == ["queued", "failed", "sent"]
+        assert (await ledger(h, "m-retry-1"))["attempts"] == 1
+        assert (await ledger(h, UNKNOWN))["state"] == "unknown"
+        assert (await ledger(h, ERASED))["state"] == "failed"
+        assert len(h.twilio.requests) == 4
+        assert (await h.client.post("/v1/messages/retry-failed", json={})).status_code == 401

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any
 
 import orjson
@@ -15,7 +16,7 @@ from services.notifier.api.dependencies import NotifierDep
 from services.notifier.consumers.message_requests import enqueue
 from services.notifier.store import api_requests_repo, ledger_repo, templates_repo
 from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient, storable
-from shared.http import ApiError, field_error
+from shared.http import ApiError, day_range, field_error
 
 _KEYS = uuid.UUID("6f1c1c38-9a43-4c57-9a51-53a0d1c2b0aa")
 
@@ -42,6 +43,22 @@ class SendBody(BaseModel):
         except TypeError as exc:
             raise ValueError("integers in data must fit in 64 bits; send larger numbers as strings") from exc
         return data
+
+
+class RetryBody(BaseModel):
+    """Which failed messages to send again: every filter given must hold."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    message_ids: list[Annotated[str, Field(min_length=1, max_length=300)]] | None = Field(
+        default=None, min_length=1, max_length=1000
+    )
+    from_: date | None = Field(default=None, alias="from", description="first day (UTC) asked for")
+    to: date | None = Field(default=None, description="last day, inclusive; default today")
+    template_id: str | None = Field(default=None, max_length=200)
+    journey_id: str | None = Field(default=None, max_length=200)
+    reason_contains: str | None = Field(default=None, min_length=1, max_length=200)
+    limit: int = Field(default=10_000, ge=1, le=100_000)
 
 
 def router(admin: Any) -> APIRouter:
@@ -105,6 +122,27 @@ def router(admin: Any) -> APIRouter:
             {"message_id": message_id, "status": "queued", "replayed": not new},
             status_code=202 if new else 200,
         )
+
+    @api.post("/retry-failed")
+    async def retry_failed(body: RetryBody, notifier: NotifierDep) -> dict[str, Any]:
+        """Failed messages sent again through the normal path (consent is checked again at send time);
+        never `unknown` ones, whose provider call may have gone through."""
+        start, end = day_range(body.from_, body.to, notifier.clock.now().astimezone(UTC).date(), 30)
+        async with notifier.platform.unit_of_work() as uow:
+            ids = await ledger_repo.requeue_failed(
+                uow.session,
+                notifier.clock.now(),
+                message_ids=body.message_ids,
+                since=datetime.combine(start, time(), UTC),
+                until=datetime.combine(end, time(), UTC) + timedelta(days=1),
+                template_id=body.template_id,
+                journey_id=body.journey_id,
+                reason_contains=body.reason_contains,
+                limit=body.limit,
+            )
+        if ids:
+            notifier.worker.wake()
+        return {"requeued": len(ids), "message_ids": ids[:100]}
 
     @api.get("/{message_id}")
     async def get_message(message_id: str, notifier: NotifierDep) -> dict[str, Any]:

@@ -298,3 +298,50 @@ def ledger_rule(days: float) -> RetentionRule:
         "gone AS (DELETE FROM engagements WHERE message_id IN (SELECT message_id FROM old)) "
         "DELETE FROM send_ledger WHERE message_id IN (SELECT message_id FROM old) RETURNING 1",
     )
+
+
+# Failed messages back to `pending`, their attempts from zero: an operator's retry after an outage
+# outlasted the retries, or a fixed template. Never `unknown` ones (a provider may have sent them:
+# at most once) nor an erased customer's (emptied of their data).
+_REQUEUE = Statement(
+    "UPDATE send_ledger SET state = 'pending', attempts = 0, next_attempt_at = :now, reason = NULL, "
+    "claim_token = NULL, claimed_at = NULL, updated_at = :now "
+    "WHERE message_id IN (SELECT message_id FROM send_ledger WHERE state = 'failed' "
+    "AND reason IS DISTINCT FROM 'customer erased' "
+    "AND (CAST(:ids AS text[]) IS NULL OR message_id = ANY(CAST(:ids AS text[]))) "
+    "AND created_at >= :since AND created_at < :until "
+    "AND (CAST(:template AS text) IS NULL OR template_id = :template) "
+    "AND (CAST(:journey AS text) IS NULL OR request->>'journey_id' = :journey) "
+    "AND (CAST(:reason AS text) IS NULL OR strpos(reason, :reason) > 0) "
+    "ORDER BY created_at LIMIT :limit) "
+    "RETURNING message_id"
+)
+
+
+async def requeue_failed(
+    session: AsyncSession,
+    now: datetime,
+    *,
+    message_ids: Sequence[str] | None,
+    since: datetime,
+    until: datetime,
+    template_id: str | None,
+    journey_id: str | None,
+    reason_contains: str | None,
+    limit: int,
+) -> list[str]:
+    """Failed messages matching every filter given, back to `pending`; their ids."""
+    rows = await _REQUEUE.fetch(
+        session,
+        {
+            "now": now,
+            "ids": list(message_ids) if message_ids is not None else None,
+            "since": since,
+            "until": until,
+            "template": template_id,
+            "journey": journey_id,
+            "reason": reason_contains,
+            "limit": limit,
+        },
+    )
+    return [r[0] for r in rows]

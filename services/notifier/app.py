@@ -12,7 +12,16 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from services.notifier.api import consent, inbound, inbox, links, messages, reports, templates
+from services.notifier.api import (
+    consent,
+    customer_messages,
+    inbound,
+    inbox,
+    links,
+    messages,
+    reports,
+    templates,
+)
 from services.notifier.channels.router import ProviderRouter
 from services.notifier.consumers.message_requests import MessageRequestsConsumer
 from services.notifier.consumers.privacy import PrivacyConsumer
@@ -94,6 +103,7 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     app.include_router(consent.router(admin))
     app.include_router(messages.router(admin))
     app.include_router(reports.router(admin))
+    app.include_router(customer_messages.router(admin))
     app.include_router(inbox.router(admin))
     app.include_router(links.api)
     app.include_router(inbound.api)

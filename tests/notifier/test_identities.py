@@ -216,3 +216,36 @@ async def test_a_customers_own_id_wins_over_another_customers_identifier(start_n
         await h.publish(email_request("m-own-1", "u9", category="transactional"))
         await h.wait_status("m-own-1", "delivered")
         assert [m.message["To"] for m in h.sink.messages] == ["first@example.com"]
+
+
+async def test_a_customers_messages_by_any_of_their_identifiers(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await setup(h)
+        ids = {"anonymous_id": [ANON], "user_id": [USER]}
+        await link(h, ANON, ids, {"email": "ada@example.com", "first_name": "Ada"}, kind="traits_changed")
+        await eventually(lambda: owner_of(h, USER), timeout=15)
+        await h.publish(email_request("m-h-1", ANON))  # a journey's, by the customer's id
+        await h.wait_status("m-h-1", "delivered")
+        await h.publish(email_request("m-h-2", USER, category="transactional"))  # an API send, by userId
+        await h.wait_status("m-h-2", "delivered")
+
+        body = (await h.client.get(f"/v1/customers/{USER}/messages", headers=ADMIN)).json()
+        assert body["customer_id"] == ANON
+        assert {m["message_id"] for m in body["messages"]} == {"m-h-1", "m-h-2"}
+        first = next(m for m in body["messages"] if m["message_id"] == "m-h-1")
+        assert (first["state"], first["template_id"], first["journey_id"]) == (
+            "delivered",
+            "welcome",
+            "j-welcome",
+        )
+        assert first["opened"] is False
+        page = (await h.client.get(f"/v1/customers/{ANON}/messages?limit=1", headers=ADMIN)).json()
+        assert len(page["messages"]) == 1 and page["next_before"] is not None
+        rest = await h.client.get(
+            f"/v1/customers/{ANON}/messages",
+            params={"limit": 1, "before": page["next_before"]},
+            headers=ADMIN,
+        )
+        assert len(rest.json()["messages"]) == 1
+        assert rest.json()["messages"][0]["message_id"] != page["messages"][0]["message_id"]
+        assert (await h.client.get(f"/v1/customers/{ANON}/messages")).status_code == 401

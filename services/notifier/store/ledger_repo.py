@@ -345,3 +345,27 @@ async def requeue_failed(
         },
     )
     return [r[0] for r in rows]
+
+
+# A customer's messages, newest first, with what became of them (`send_ledger_customer` index).
+_HISTORY = Statement(
+    "SELECT l.message_id, l.customer_id, l.channel, l.category, l.template_id, "
+    "l.request->>'journey_id' AS journey_id, l.request->>'node_id' AS node_id, l.state, l.reason, "
+    "l.attempts, l.created_at, l.updated_at, "
+    "coalesce(g.opened, false) AS opened, coalesce(g.clicked, false) AS clicked, "
+    "coalesce(g.unsubscribed, false) AS unsubscribed "
+    "FROM send_ledger l LEFT JOIN LATERAL (SELECT bool_or(e.kind = 'opened') AS opened, "
+    "bool_or(e.kind = 'clicked') AS clicked, bool_or(e.kind = 'unsubscribed') AS unsubscribed "
+    "FROM engagements e WHERE e.message_id = l.message_id) g ON true "
+    "WHERE l.customer_id = ANY(CAST(:ids AS text[])) "
+    "AND (CAST(:before AS timestamptz) IS NULL OR l.created_at < :before) "
+    "ORDER BY l.created_at DESC, l.message_id DESC LIMIT :limit"
+)
+
+
+async def history(
+    session: AsyncSession, customer_ids: Sequence[str], before: datetime | None, limit: int
+) -> list[dict[str, Any]]:
+    """Messages asked for under any of `customer_ids` (one customer's identifiers), newest first."""
+    rows = await _HISTORY.fetch(session, {"ids": list(customer_ids), "before": before, "limit": limit})
+    return [dict(r) for r in rows]

@@ -12,7 +12,7 @@ from services.notifier.api.inbound import twilio_signature
 from services.notifier.domain import standard_webhooks
 from services.notifier.store import ledger_repo
 from shared.clock import ManualClock
-from shared.contracts import MESSAGE_REQUESTS, Headers
+from shared.contracts import MESSAGE_REQUESTS, Headers, MessageRequested
 from tests.notifier.conftest import ADMIN, Harness, request
 from tests.notifier.provider_servers import error
 from tests.support import eventually, read_topic
@@ -42,6 +42,19 @@ HOOK = {
 }
 
 
+def sms_request(message_id: str, phone: str, code: str) -> MessageRequested:
+    """A transactional SMS for customer c1 with the `sms-hello` template."""
+    return request(
+        message_id,
+        "c1",
+        "sms",
+        "sms-hello",
+        category="transactional",
+        recipient={"phone": phone},
+        data={"event": {"code": code}},
+    )
+
+
 async def ledger(h: Harness, message_id: str) -> dict[str, object]:
     response = await h.client.get(f"/v1/messages/{message_id}", headers=ADMIN)
     assert response.status_code == 200, response.text
@@ -53,17 +66,7 @@ async def test_provider_500_then_200_delivers_once_after_a_scheduled_retry(start
     async with start_notifier(clock=clock) as h:
         await h.create_template(SMS)
         h.twilio.fail_next(error(500, "upstream"))
-        await h.publish(
-            request(
-                "m-sms-1",
-                "c1",
-                "sms",
-                "sms-hello",
-                category="transactional",
-                recipient={"phone": "+15551230001"},
-                data={"event": {"code": "4711"}},
-            )
-        )
+        await h.publish(sms_request("m-sms-1", "+15551230001", "4711"))
         # First attempt fails; the retry waits in the ledger (backoff up to 60 s), not in the partition.
         state = await eventually(lambda: h.ledger_entry("m-sms-1", "pending", attempts=1))
         assert state["next_attempt_at"] is not None
@@ -111,17 +114,7 @@ async def test_provider_400_fails_without_retry(start_notifier) -> None:  # type
     async with start_notifier() as h:
         await h.create_template(SMS)
         h.twilio.fail_next(error(400, "The 'To' number is not a valid phone number."))
-        await h.publish(
-            request(
-                "m-sms-400",
-                "c1",
-                "sms",
-                "sms-hello",
-                category="transactional",
-                recipient={"phone": "+1555"},
-                data={"event": {"code": "1"}},
-            )
-        )
+        await h.publish(sms_request("m-sms-400", "+1555", "1"))
         statuses = await h.wait_status("m-sms-400", "failed")
         assert "HTTP 400" in statuses[-1]["reason"] and "not a valid phone number" in statuses[-1]["reason"]
         await h.statuses(idle=1.0, timeout=3)
@@ -134,17 +127,7 @@ async def test_exhausted_retries_go_to_the_dead_letter_topic(start_notifier) -> 
     async with start_notifier(clock=clock, send_max_attempts=2) as h:
         await h.create_template(SMS)
         h.twilio.fail_next(error(503), error(429))
-        await h.publish(
-            request(
-                "m-sms-dlq",
-                "c1",
-                "sms",
-                "sms-hello",
-                category="transactional",
-                recipient={"phone": "+15551230002"},
-                data={"event": {"code": "2"}},
-            )
-        )
+        await h.publish(sms_request("m-sms-dlq", "+15551230002", "2"))
         await eventually(lambda: h.ledger_entry("m-sms-dlq", "pending", attempts=1))
         clock.advance(timedelta(minutes=5))
         h.app.state.notifier.worker.wake()
@@ -311,15 +294,7 @@ async def test_a_claim_left_by_a_dead_process_is_never_resent(start_notifier) ->
     async with start_notifier(clock=clock) as h:
         await h.create_template(SMS)
         notifier = h.app.state.notifier
-        req = request(
-            "m-crash",
-            "c1",
-            "sms",
-            "sms-hello",
-            category="transactional",
-            recipient={"phone": "+15551230003"},
-            data={"event": {"code": "3"}},
-        )
+        req = sms_request("m-crash", "+15551230003", "3")
         # What a process does right before calling the provider, then dies: the claim and the move to
         # `sending` are committed. (Due an hour from now, so the live delivery loops leave the row to
         # this simulated process.)
@@ -348,17 +323,7 @@ async def test_provider_rate_limit_spreads_sends(start_notifier) -> None:  # typ
     async with start_notifier(provider_rate_per_s=20.0, provider_burst=1) as h:
         await h.create_template(SMS)
         for i in range(8):
-            await h.publish(
-                request(
-                    f"m-rate-{i}",
-                    "c1",
-                    "sms",
-                    "sms-hello",
-                    category="transactional",
-                    recipient={"phone": "+15551230004"},
-                    data={"event": {"code": str(i)}},
-                )
-            )
+            await h.publish(sms_request(f"m-rate-{i}", "+15551230004", str(i)))
         await eventually(lambda: len(h.twilio.requests) >= 8, timeout=15)
         times = sorted(r.received_at for r in h.twilio.requests)
         # 8 sends at 20/s with a burst of 1: at least 7 intervals of 50 ms.
@@ -376,17 +341,7 @@ async def test_failed_messages_are_sent_again_on_request_never_unknown_ones(star
         await h.create_template(SMS)
         h.twilio.fail_next(*[error(400, "temporarily refused")] * 3)
         for message_id in ("m-retry-1", "m-retry-2", "m-retry-3"):
-            await h.publish(
-                request(
-                    message_id,
-                    "c1",
-                    "sms",
-                    "sms-hello",
-                    category="transactional",
-                    recipient={"phone": "+15551230009"},
-                    data={"event": {"code": "7"}},
-                )
-            )
+            await h.publish(sms_request(message_id, "+15551230009", "7"))
             await h.wait_status(message_id, "failed")
         async with h.platform.engine.begin() as conn:
             mark = "UPDATE send_ledger SET {} WHERE message_id = :m"

@@ -302,3 +302,31 @@ async def test_a_test_send_goes_to_the_address_given_and_needs_one(start_notifie
         await h.wait_status(sent.json()["message_id"], "delivered")
         assert [m.envelope_to for m in h.sink.messages] == [["me@example.com"]]
         assert h.sink.messages[0].message["Subject"] == "Welcome, Me!"
+
+
+async def test_a_preview_shows_the_marketing_footer_with_a_link_that_unsubscribes_no_one(
+    start_notifier,
+) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await setup(h)
+        await h.profile("c-prev", {"email": "prev@example.com", "first_name": "Prev"})
+        await h.wait_contact("c-prev")
+        data = {"event": {"properties": {"total": 1}}}
+        marketing = await h.client.post(
+            "/v1/templates/welcome/preview", json={"customer_id": "c-prev", "data": data}, headers=ADMIN
+        )
+        assert marketing.status_code == 200, marketing.text
+        html = marketing.json()["parts"]["html"]
+        assert 'href="http://testserver/u/preview"' in html and "Hi Prev" in html
+        transactional = await h.client.post(
+            "/v1/templates/welcome/preview",
+            json={"customer_id": "c-prev", "data": data, "category": "transactional"},
+            headers=ADMIN,
+        )
+        assert 'href=""' in transactional.json()["parts"]["html"]
+        # Clicked, or one-click POSTed by a mail client: a page, and nobody's choices change.
+        page = await h.client.get("/u/preview")
+        assert page.status_code == 200 and "preview" in page.text
+        assert (await h.client.post("/u/preview")).status_code == 200
+        prefs = (await h.client.get("/v1/customers/c-prev/preferences", headers=ADMIN)).json()
+        assert prefs["preferences"] == []

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.api.forms import read_form
 from services.notifier.domain.consent import ALL_TOPICS
-from services.notifier.domain.signing import InvalidToken, MessageLinks
+from services.notifier.domain.signing import PREVIEW_UNSUBSCRIBE_PATH, InvalidToken, MessageLinks
 from services.notifier.service import Notifier
 from services.notifier.store import consent_repo
 from shared.http import ApiError
@@ -40,6 +40,17 @@ def _page(title: str, body: str) -> HTMLResponse:
         "<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
         f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+
+
+# Before `/u/{token}`: the unsubscribe link a template preview shows.
+@api.get(PREVIEW_UNSUBSCRIBE_PATH)
+@api.post(PREVIEW_UNSUBSCRIBE_PATH)
+async def preview_unsubscribe() -> Response:
+    return _page(
+        "A preview link",
+        "<p>This is the unsubscribe link of a template preview. In a real message it leads to the "
+        "customer's preferences; here it changes nothing.</p>",
     )
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.domain.composition import recipient_address, template_data
+from services.notifier.domain.signing import PREVIEW_UNSUBSCRIBE_PATH, MessageLinks
 from services.notifier.domain.templates import RenderError
 from services.notifier.service import Notifier
 from services.notifier.store import contacts_repo, recommendations_repo, templates_repo
@@ -38,6 +39,19 @@ class PreviewBody(BaseModel):
     customer_id: str | None = None
     locale: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+    # As marketing (the default) the footer's `{% unsubscribe_link %}` shows, pointing at a page that
+    # only says it is a preview: a marketer clicking it unsubscribes no one.
+    category: MessageCategory = MessageCategory.MARKETING
+    subscription_topic: str | None = Field(default=None, max_length=128)
+
+
+class _PreviewLinks(MessageLinks):
+    """A preview's links lead nowhere that changes anything."""
+
+    def unsubscribe_url(
+        self, customer_id: str, channel: str, topic: str | None, message_id: str | None
+    ) -> str:
+        return f"{self.base_url}{PREVIEW_UNSUBSCRIBE_PATH}"
 
 
 class TestSendBody(BaseModel):
@@ -167,12 +181,14 @@ def router(admin: Any) -> APIRouter:
             customer_id=body.customer_id or "sample-customer",
             channel=template.channel,
             template_id=template_id,
-            category=MessageCategory.TRANSACTIONAL,
+            category=body.category,
+            subscription_topic=body.subscription_topic,
             recipient=Recipient(locale=body.locale),
             data=body.data if lists is None else {**body.data, "recommendations": lists},
             requested_at=notifier.clock.now(),
         )
-        data = template_data(request, contact, notifier.links, recipient_address(request, contact))
+        links = _PreviewLinks(notifier.links.signer, notifier.links.base_url)
+        data = template_data(request, contact, links, recipient_address(request, contact))
         try:
             rendered = notifier.renderer.render(template, body.locale or data["customer"]["locale"], data)
         except RenderError as exc:

@@ -57,6 +57,10 @@ class LinkSigner:
         return payload
 
 
+# Where a template preview's unsubscribe link points: a page that changes nothing.
+PREVIEW_UNSUBSCRIBE_PATH = "/u/preview"
+
+
 class MessageLinks:
     """The URLs a message carries, all signed, all pointing at the notifier's public base URL."""
 

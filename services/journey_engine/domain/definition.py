@@ -308,6 +308,30 @@ class Edge(Strict):
     branch: str | None = None
 
 
+class QuietWindow(Strict):
+    """Daily hours in the customer's local time when this journey's marketing messages wait (`hold`,
+    until the window ends) or are skipped (`skip`)."""
+
+    start: time
+    end: time
+    mode: Literal["hold", "skip"] = "hold"
+
+    @model_validator(mode="after")
+    def _a_window(self) -> QuietWindow:
+        if self.start == self.end:
+            raise ValueError("start and end must differ")
+        return self
+
+
+class JourneyMessaging(Strict):
+    """This journey's own rules over the platform's (`CLM_QUIET_HOURS_*`, `CLM_FREQUENCY_CAPS`):
+    `quiet_hours` its own window, or `"off"` to send at any hour (None: the platform's);
+    `frequency_caps` `"ignore"` to send past the platform's caps (a reminder the customer asked for)."""
+
+    quiet_hours: QuietWindow | Literal["off"] | None = None
+    frequency_caps: Literal["platform", "ignore"] = "platform"
+
+
 class JourneyDefinition(Strict):
     name: str = Field(min_length=1, max_length=200)
     category: MessageCategory = MessageCategory.MARKETING
@@ -320,6 +344,8 @@ class JourneyDefinition(Strict):
     goal: Goal | None = None
     # Leave when the entry condition stops holding (segment entries: the customer left the segment).
     exit_when_entry_false: bool = False
+    # Marketing journeys only (transactional ones bypass quiet hours and caps anyway).
+    messaging: JourneyMessaging | None = None
     nodes: list[Node] = Field(min_length=1)
     edges: list[Edge] = Field(default_factory=list)
 

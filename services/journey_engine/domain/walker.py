@@ -21,6 +21,7 @@ from services.journey_engine.domain.definition import (
     EntryNode,
     ExitNode,
     Graph,
+    JourneyMessaging,
     SendNode,
     SplitNode,
     UpdateTraitNode,
@@ -52,6 +53,20 @@ class MessagingRules:
     quiet_hours: QuietHours | None = None
     quiet_mode: Literal["hold", "skip"] = "hold"
     default_timezone: str = "UTC"
+
+    def for_journey(self, own: JourneyMessaging | None) -> MessagingRules:
+        """These rules with a journey's own overrides applied."""
+        if own is None:
+            return self
+        rules = self
+        if own.quiet_hours == "off":
+            rules = replace(rules, quiet_hours=None)
+        elif own.quiet_hours is not None:
+            window = own.quiet_hours
+            rules = replace(rules, quiet_hours=QuietHours(window.start, window.end), quiet_mode=window.mode)
+        if own.frequency_caps == "ignore":
+            rules = replace(rules, caps={})
+        return rules
 
 
 @dataclass
@@ -229,7 +244,7 @@ class Walker:
         self.graph = graph
         self.instance = instance
         self.customer = customer
-        self.rules = rules
+        self.rules = rules.for_journey(graph.definition.messaging)
         self.now = now
         self.dry_run = dry_run
         self.context: dict[str, Any] = {

@@ -6,7 +6,10 @@ from collections import Counter
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from services.journey_engine.domain.definition import Graph, JourneyDefinition
+import pytest
+from pydantic import ValidationError
+
+from services.journey_engine.domain.definition import Graph, JourneyDefinition, JourneyMessaging
 from services.journey_engine.domain.timing import QuietHours, next_time_of_day, zone
 from services.journey_engine.domain.walker import (
     CapRule,
@@ -235,3 +238,43 @@ def test_dry_run_explains_the_path() -> None:
     out = dry_run(CART, CustomerView("c1"), MessagingRules(), NOW)
     assert [p.node_id for p in out.path] == ["start", "wait", "remind", "done"]
     assert "assuming it times out" in out.path[1].note
+
+
+def test_a_journey_sets_its_own_quiet_hours_and_caps() -> None:
+    """Over the platform's rules: `"off"` sends at any hour, a window of its own applies instead, and
+    `frequency_caps: "ignore"` sends past the platform's caps."""
+    platform = MessagingRules(caps={"email": CapRule(0, "week")}, quiet_hours=QuietHours(time(21), time(8)))
+    customer = CustomerView("c1", timezone="Europe/Berlin")
+    late = datetime(2026, 1, 5, 22, 0, tzinfo=UTC)  # 23:00 Berlin
+
+    def with_messaging(messaging: dict[str, Any]) -> Graph:
+        return Graph(
+            SEND_TWICE.definition.model_copy(update={"messaging": JourneyMessaging.model_validate(messaging)})
+        )
+
+    held = step(SEND_TWICE, fresh(SEND_TWICE), Start(), late, customer=customer, rules=platform)
+    assert held is not None and held.wait == {"kind": "quiet_hours"}  # the platform's rules
+
+    anytime = with_messaging({"quiet_hours": "off", "frequency_caps": "ignore"})
+    sent = step(anytime, fresh(anytime), Start(), late, customer=customer, rules=platform)
+    assert sent is not None and [type(e) for e in sent.effects] == [RequestMessage, RequestMessage]
+
+    own = with_messaging(
+        {"quiet_hours": {"start": "23:30", "end": "06:00", "mode": "skip"}, "frequency_caps": "ignore"}
+    )
+    at_23 = step(own, fresh(own), Start(), late, customer=customer, rules=platform)
+    assert at_23 is not None and [type(e) for e in at_23.effects] == [RequestMessage, RequestMessage]
+    at_midnight = step(own, fresh(own), Start(), late + timedelta(hours=1), customer=customer, rules=platform)
+    assert at_midnight is not None and all(
+        isinstance(e, MessageWithheld) and e.status == "skipped" for e in at_midnight.effects
+    )
+    capped = with_messaging({"quiet_hours": "off"})  # the platform's caps still hold
+    out = step(capped, fresh(capped), Start(), late, customer=customer, rules=platform)
+    assert out is not None and all(isinstance(e, MessageWithheld) for e in out.effects)
+
+
+def test_a_journeys_quiet_window_must_be_one() -> None:
+    with pytest.raises(ValidationError):
+        JourneyMessaging.model_validate({"quiet_hours": {"start": "21:00", "end": "21:00"}})
+    with pytest.raises(ValidationError):
+        JourneyMessaging.model_validate({"quiet_hours": "sometimes"})

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
 from shared.clock import Clock
@@ -65,12 +63,17 @@ class Republisher:
         """A new job, or None while one runs."""
         if self.job is not None and self.job.running:
             return None
-        async with self.platform.unit_of_work() as uow:
-            total = await profile_store.customer_count(uow.session)
-        job = RepublishJob(f"republish-{uuid.uuid4().hex[:12]}", total, self.clock.now())
+        # Claimed before the first await: a second request meanwhile sees it running.
+        job = RepublishJob(f"republish-{uuid.uuid4().hex[:12]}", 0, self.clock.now())
+        self.job = job
+        try:
+            async with self.platform.unit_of_work() as uow:
+                job.total = await profile_store.customer_count(uow.session)
+        except Exception as exc:
+            job.error = repr(exc)
+            raise
         job._task = asyncio.create_task(self._run(job), name=job.job_id)
         self.platform.background.append(job._task)  # cancelled on shutdown, with the other loops
-        self.job = job
         return job
 
     async def _run(self, job: RepublishJob) -> None:
@@ -80,7 +83,6 @@ class Republisher:
             while True:
                 announce = {
                     "topic": topic,
-                    "occurred": str(TypeAdapter(datetime).dump_python(self.clock.now(), mode="json")),
                     "producer": self.settings.service_name,
                     "produced_ms": str(int(time.time() * 1000)),
                 }

@@ -10,7 +10,10 @@ from shared.settings import BaseServiceSettings
 class SegmenterSettings(BaseServiceSettings):
     # Days of timeline (`events`) kept, by receipt time (0: forever). Counts, first and last times and
     # commerce totals stay; rules over occurrences (time windows, property filters, dates) see only
-    # what is kept, so keep more than the longest window your segments use.
+    # what is kept, so keep more than the longest window your segments use. The lifecycle models
+    # (order days, repeat value: churn risk, CLV, stages) and the KPIs are computed from the
+    # timeline's orders too: a customer whose orders all fell out of it looks like one who never
+    # ordered (and may change stage). Keep years, not months.
     timeline_retention_days: float = 0
     service_name: str = "segmenter"
     port: int = 8002

@@ -171,6 +171,10 @@ async def test_a_merge_keeps_the_latest_choice_and_a_stale_profile_takes_nothing
         await h.profile("marker", {"email": "m@example.com"})  # same topic, after it: wait for this one
         await h.wait_contact("marker")
         assert await owner_of(h, "dev-1") == "c-new"
+        # Nor its contact row, which would make `c-old` a customer of its own again.
+        assert not await h.contact_known("c-old")
+        body = (await h.client.get("/v1/customers/c-old/preferences", headers=ADMIN)).json()
+        assert body["customer_id"] == "c-new"
 
 
 async def test_erasure_forgets_the_identifiers(start_notifier) -> None:  # type: ignore[no-untyped-def]
@@ -248,4 +252,8 @@ async def test_a_customers_messages_by_any_of_their_identifiers(start_notifier) 
         )
         assert len(rest.json()["messages"]) == 1
         assert rest.json()["messages"][0]["message_id"] != page["messages"][0]["message_id"]
+        bad = await h.client.get(
+            f"/v1/customers/{ANON}/messages", params={"before": "yesterday"}, headers=ADMIN
+        )
+        assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "before"
         assert (await h.client.get(f"/v1/customers/{ANON}/messages")).status_code == 401

@@ -32,6 +32,8 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
         await h.publish(request("m1", "c1", "email", "welcome", data={"event": {"properties": {"total": 5}}}))
         await h.wait_status("m1", "delivered")
         assert len(h.sink.messages) == 1
+        await h.publish(request("m0", "c1", "email", "no-such-template"))
+        await h.wait_status("m0", "failed")
 
         erase = PrivacyRequest(
             event_id="r1:segmenter:erase_requested",
@@ -58,6 +60,9 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
         assert not await h.contact_known("c1")
         scrubbed = await ledger_request(h, "m1")
         assert scrubbed["recipient"] == {} and scrubbed["data"] == {}
+        # Their failed message is never sent again, whatever an operator retries.
+        retried = await h.client.post("/v1/messages/retry-failed", json={}, headers=ADMIN)
+        assert retried.json() == {"requeued": 0, "message_ids": []}
 
         # Later requests: by customer id, and under another id with the erased address.
         await h.publish(request("m2", "c1", "email", "welcome"))
@@ -70,5 +75,6 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
 
         audit = (await h.client.get("/v1/audit", headers=ADMIN)).json()["entries"]
         assert [(e["method"], e["path"], e["status"], e["actor_name"]) for e in audit] == [
-            ("POST", "/v1/templates", 201, "Ann")
+            ("POST", "/v1/messages/retry-failed", 200, None),
+            ("POST", "/v1/templates", 201, "Ann"),
         ]

@@ -1,5 +1,6 @@
 """`GET /v1/customers/{customer_id}/messages` (admin token): what a customer was sent, newest first,
-by any identifier of the customer (see `store/identities_repo.py`); `before` pages back."""
+by any identifier of the customer (see `store/identities_repo.py`); `before` (a page's
+`next_before`) pages back."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Depends, Query
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.store import identities_repo, ledger_repo
+from shared.http import ApiError, field_error
 
 
 def router(admin: Any) -> APIRouter:
@@ -19,18 +21,34 @@ def router(admin: Any) -> APIRouter:
     async def customer_messages(
         customer_id: str,
         notifier: NotifierDep,
-        before: datetime | None = Query(default=None, description="only messages asked for before this"),
+        before: str | None = Query(default=None, max_length=400, description="a page's `next_before`"),
         limit: int = Query(default=50, ge=1, le=500),
     ) -> dict[str, Any]:
         async with notifier.platform.unit_of_work() as uow:
             cid = await identities_repo.canonical(uow.session, customer_id)
             # A message asked for with a userId is kept under it: the customer's other ids count too.
             ids = [cid, *await identities_repo.aliases(uow.session, cid)]
-            messages = await ledger_repo.history(uow.session, ids, before, limit)
+            messages = await ledger_repo.history(uow.session, ids, _cursor(before), limit)
+        last = messages[-1] if len(messages) == limit else None
         return {
             "customer_id": cid,
             "messages": messages,
-            "next_before": messages[-1]["created_at"] if len(messages) == limit else None,
+            "next_before": f"{last['created_at'].isoformat()}|{last['message_id']}" if last else None,
         }
 
     return api
+
+
+def _cursor(before: str | None) -> tuple[datetime, str] | None:
+    if before is None:
+        return None
+    at, _, message_id = before.partition("|")
+    try:
+        return datetime.fromisoformat(at), message_id
+    except ValueError as exc:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "`before` is not a page cursor",
+            errors=[field_error("before", "cursor", "the next_before of a previous page")],
+        ) from exc

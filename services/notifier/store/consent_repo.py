@@ -201,6 +201,8 @@ async def move_choices(session: AsyncSession, from_ids: Sequence[str], into_id: 
     what the customer said last. Each change to `into_id`'s choices is in the ledger."""
     if not from_ids:
         return
+    # Before reading: a choice written for `into_id` meanwhile must be in what is compared.
+    await identities_repo.lock(session, [into_id])
     rows = (
         await session.execute(
             sa.select(preferences).where(any_of(preferences.c.customer_id, [*from_ids, into_id]))

@@ -23,7 +23,11 @@ _UPSERT = Statement(
     "profile_at) "
     "SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:email AS text[]), CAST(:phone AS text[]), "
     "CAST(:push AS text[]), CAST(:hook AS text[]), CAST(:locale AS text[]), CAST(:tz AS text[]), "
-    "CAST(:traits AS jsonb[]), CAST(:at AS timestamptz[])) "
+    "CAST(:traits AS jsonb[]), CAST(:at AS timestamptz[])) AS u(id, em, ph, pu, ho, lo, tz, tr, at) "
+    # Not a profile merged into another since (a late announcement from another partition): its row
+    # would make its id "a customer's own" again (`identities_repo`).
+    "WHERE NOT EXISTS (SELECT 1 FROM customer_identities ci "
+    "WHERE ci.identity = u.id AND ci.linked_at > u.at) "
     "ON CONFLICT (customer_id) DO UPDATE SET email = excluded.email, phone = excluded.phone, "
     "push_token = excluded.push_token, webhook_url = excluded.webhook_url, locale = excluded.locale, "
     "timezone = excluded.timezone, traits = excluded.traits, profile_at = excluded.profile_at "

@@ -68,6 +68,11 @@ async def canonical(session: AsyncSession, identifier: str) -> str:
     return str(rows[0][0]) if rows else identifier
 
 
+async def lock(session: AsyncSession, identifiers: Sequence[str]) -> None:
+    """Hold the identifiers' write lock for the transaction (see `_LOCK`)."""
+    await _LOCK.fetch(session, {"ids": sorted(set(identifiers))})
+
+
 async def resolve_for_write(session: AsyncSession, identifier: str) -> str:
     """`canonical`, for a write kept under the result (a consent choice): locked against a concurrent
     `link` of the identifier, then read anew, so nothing is kept under an id just linked elsewhere."""

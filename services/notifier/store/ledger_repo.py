@@ -358,14 +358,17 @@ _HISTORY = Statement(
     "bool_or(e.kind = 'clicked') AS clicked, bool_or(e.kind = 'unsubscribed') AS unsubscribed "
     "FROM engagements e WHERE e.message_id = l.message_id) g ON true "
     "WHERE l.customer_id = ANY(CAST(:ids AS text[])) "
-    "AND (CAST(:before AS timestamptz) IS NULL OR l.created_at < :before) "
+    # Keyset (time, id): a batch's messages share their request time.
+    "AND (CAST(:bt AS timestamptz) IS NULL OR (l.created_at, l.message_id) < (:bt, :bm)) "
     "ORDER BY l.created_at DESC, l.message_id DESC LIMIT :limit"
 )
 
 
 async def history(
-    session: AsyncSession, customer_ids: Sequence[str], before: datetime | None, limit: int
+    session: AsyncSession, customer_ids: Sequence[str], before: tuple[datetime, str] | None, limit: int
 ) -> list[dict[str, Any]]:
-    """Messages asked for under any of `customer_ids` (one customer's identifiers), newest first."""
-    rows = await _HISTORY.fetch(session, {"ids": list(customer_ids), "before": before, "limit": limit})
+    """Messages asked for under any of `customer_ids` (one customer's identifiers), newest first,
+    those before the (request time, message id) `before`."""
+    bt, bm = before if before is not None else (None, None)
+    rows = await _HISTORY.fetch(session, {"ids": list(customer_ids), "bt": bt, "bm": bm, "limit": limit})
     return [dict(r) for r in rows]

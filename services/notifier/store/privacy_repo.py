@@ -27,7 +27,8 @@ from services.notifier.store.tables import (
 _SCRUB_LEDGER = sa.text(
     "UPDATE send_ledger SET request = jsonb_set(jsonb_set(request, '{recipient}', '{}'), '{data}', '{}'), "
     "state = CASE WHEN state IN ('pending', 'claimed') THEN 'failed' ELSE state END, "
-    "reason = CASE WHEN state IN ('pending', 'claimed') THEN 'customer erased' ELSE reason END, "
+    # Failed ones too: `POST /v1/messages/retry-failed` never requeues a row with this reason.
+    "reason = CASE WHEN state IN ('pending', 'claimed', 'failed') THEN 'customer erased' ELSE reason END, "
     "updated_at = :now "
     "WHERE customer_id = ANY(CAST(:ids AS text[]))"
 )

@@ -152,7 +152,9 @@ def segments_router(seg: Segmenter) -> APIRouter:
     @router.get("/{segment_id}")
     async def get_segment(segment_id: str) -> dict[str, Any]:
         async with platform.unit_of_work() as uow:
-            row = await segment_store.get_segment(uow.session, segment_id)
+            # Locked: a back-fill chunk in flight holds the row while it writes memberships; waiting
+            # for it lets the deletion see (and announce the exit of) what it wrote.
+            row = await segment_store.get_segment(uow.session, segment_id, lock=True)
             if row is None:
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             members = await segment_store.member_count(uow.session, segment_id)

@@ -10,6 +10,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from shared.contracts import storable
 from shared.contracts.events import CustomerEvent, EventType
 
 ORDER_EVENT = "Order Completed"
@@ -95,7 +96,8 @@ def trait_change(event: CustomerEvent) -> TraitChange | None:
 # Segment's `context` carries what the SDKs know of the device: the timezone and locale (analytics.js,
 # the mobile SDKs) and a push token (`context.device.token`). A profile without these traits takes
 # them from there, so quiet hours, local-time sends, template locales and push work for customers
-# who never sent them as traits; a trait set by an identify is never replaced by them.
+# who never sent them as traits; a trait set by an identify is never replaced by them, nor loses to
+# them in a merge (they count as set at the earliest storable time).
 CONTEXT_TRAITS = ("timezone", "locale", "push_token")
 _LOCALE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8}){0,4}")
 _MAX_TOKEN = 4096
@@ -134,7 +136,8 @@ def context_traits(event: CustomerEvent, traits: Mapping[str, Any]) -> TraitChan
         and 0 < len(token) <= _MAX_TOKEN
     ):
         found["push_token"] = token
-    return TraitChange(found, event.timestamp) if found else None
+    # As old as a trait can be: any identify's value, earlier or later, and a merged profile's, win.
+    return TraitChange(found, storable.EARLIEST_TIME) if found else None
 
 
 def apply_traits(traits: dict[str, Any], trait_times: dict[str, datetime], change: TraitChange) -> set[str]:

@@ -415,7 +415,8 @@ async def timeline_page(
 
 def timeline_rule(days: float) -> RetentionRule:
     """The oldest events by insertion order (the primary key, no scan of the table): a batch stops at
-    the first events received within the period."""
+    the first events received within the period. Orders go too: the lifecycle models and the KPIs,
+    computed from the timeline's orders, then see only the period kept (see the setting)."""
     return RetentionRule(
         "events",
         days,
@@ -436,7 +437,7 @@ async def snapshot_chunk(
     row = (
         await session.execute(
             text(
-                "WITH chunk AS (SELECT customer_id, traits, lifecycle_stage FROM customers "
+                "WITH chunk AS (SELECT customer_id, traits, lifecycle_stage, updated_at FROM customers "
                 "WHERE customer_id > :after ORDER BY customer_id LIMIT :limit), "
                 "labelled AS (SELECT i.customer_id, CASE i.kind WHEN 'user' THEN 'user_id' "
                 "WHEN 'anon' THEN 'anonymous_id' WHEN 'merged' THEN 'merged_customer_id' ELSE i.kind END "
@@ -447,7 +448,10 @@ async def snapshot_chunk(
                 "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
                 "SELECT :topic, convert_to(c.customer_id, 'UTF8'), convert_to(jsonb_build_object("
                 "'event_id', 'profile:' || c.customer_id || ':snapshot:' || :job, "
-                "'customer_id', c.customer_id, 'kind', 'snapshot', 'occurred_at', CAST(:occurred AS text), "
+                # As of the profile's last change, not now: a consumer that already has a newer change
+                # (one committing while this chunk was read) keeps it (newest wins).
+                "'customer_id', c.customer_id, 'kind', 'snapshot', "
+                "'occurred_at', c.updated_at, "
                 "'traits', c.traits, 'identities', COALESCE(ids.identities, '{}'::jsonb), "
                 "'lifecycle_stage', c.lifecycle_stage)::text, 'UTF8'), "
                 "jsonb_build_object('clm-event-id', 'profile:' || c.customer_id || ':snapshot:' || :job, "

@@ -1,4 +1,5 @@
-"""Re-announcing every profile on clm.profiles.v1 (`kind=snapshot`), on an operator's request: a
+"""Re-announcing every profile on clm.profiles.v1 (`kind=snapshot`), and every stored membership on
+clm.segment-membership.v1 (cause `resync`: state, to which no journey reacts), on an operator's request: a
 consumer whose projection was lost or is new (a restored notifier database, a journey engine added
 after the topic's retention) rebuilds it from these. One job at a time per process, in keyset chunks,
 each one transaction whose outbox rows are written by SQL; consumers dedupe on the event ids (the
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
 from shared.clock import Clock
-from shared.contracts.topics import PROFILES
+from shared.contracts.topics import PROFILES, SEGMENT_MEMBERSHIP
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ class RepublishJob:
     total: int
     started_at: datetime
     done: int = 0
+    memberships: int = 0
     finished_at: datetime | None = None
     error: str | None = None
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -43,6 +47,7 @@ class RepublishJob:
             "status": "running" if self.running else ("failed" if self.error else "done"),
             "customers_total": self.total,
             "customers_done": self.done,
+            "memberships_announced": self.memberships,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "error": self.error,
@@ -78,6 +83,8 @@ class Republisher:
 
     async def _run(self, job: RepublishJob) -> None:
         topic = self.settings.topic(PROFILES.name)
+        memberships = self.settings.topic(SEGMENT_MEMBERSHIP.name)
+        now = str(TypeAdapter(datetime).dump_python(self.clock.now(), mode="json"))
         after: str | None = None
         try:
             while True:
@@ -90,6 +97,14 @@ class Republisher:
                     n, last = await profile_store.snapshot_chunk(
                         uow.session, after, self.chunk, job.job_id, announce
                     )
+                    if last is not None:
+                        job.memberships += await profile_store.membership_snapshot_chunk(
+                            uow.session,
+                            after,
+                            last,
+                            job.job_id,
+                            {**announce, "topic": memberships, "occurred": now},
+                        )
                 self.platform.relay.notify()  # rows written by SQL, not through uow.emit
                 job.done += n
                 if last is None or n < self.chunk:

@@ -131,6 +131,11 @@ class ProfileChanged(ContractModel):
 # --------------------------------------------------------------------------- clm.segment-membership.v1
 
 
+# The `cause` of a membership re-announced as it is (`POST /v1/admin/republish-profiles`): state for a
+# consumer's projection, not a change, so nothing reacts to it as to an entry or exit.
+RESYNC_CAUSE = "resync"
+
+
 class SegmentMembershipChanged(ContractModel):
     """A customer entered or exited a segment. Keyed by `customer_id`; one message per actual change."""
 
@@ -143,7 +148,7 @@ class SegmentMembershipChanged(ContractModel):
     change: Literal["entered", "exited"]
     occurred_at: datetime
     # What caused it: an event's messageId, "schedule" (a time-based condition flipped),
-    # "backfill" (new or edited segment), "merge" or "segment_deleted".
+    # "backfill" (new or edited segment), "merge", "segment_deleted" or "resync" (`RESYNC_CAUSE`).
     cause: str
     traits: JsonObject = Field(default_factory=dict)
 

@@ -107,7 +107,9 @@ class Harness:
         self.published["profiles"] += 1
         await self.processed("profiles")
 
-    async def membership(self, customer_id: str, segment_id: str, change: str = "entered") -> None:
+    async def membership(
+        self, customer_id: str, segment_id: str, change: str = "entered", cause: str = "test"
+    ) -> None:
         msg = SegmentMembershipChanged(
             event_id=uuid.uuid4().hex,
             customer_id=customer_id,
@@ -115,7 +117,7 @@ class Harness:
             segment_name=segment_id,
             change=change,
             occurred_at=self.clock.now(),
-            cause="test",
+            cause=cause,
         )
         await self.platform.producer.publish(SEGMENT_MEMBERSHIP.name, customer_id, msg)
         self.published["segments"] += 1

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shared.contracts.events import CustomerEvent
+from shared.contracts.events import RESYNC_CAUSE, CustomerEvent
 from shared.contracts.topics import CUSTOMER_EVENTS
 from tests.journey_engine.harness import ADMIN, engine_running
 from tests.journey_engine.test_timing_and_rules import linear
@@ -45,6 +45,22 @@ async def test_segment_entry_trigger_exit_on_leave_and_current_members(make_sett
             "c1",
             "early",
         ]
+
+
+async def test_a_resynced_membership_is_state_not_an_entry(make_settings: Any) -> None:
+    """Memberships re-announced for a rebuilt projection (cause `resync`) start and end no journey,
+    yet the projection follows them (a `member` condition sees them)."""
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(segment_journey())
+        await h.membership("r1", "high-value", cause=RESYNC_CAUSE)
+        assert await h.instances(jid) == []
+        members = (
+            "SELECT count(*) FROM segment_members WHERE segment_id = 'high-value' AND customer_id = 'r1'"
+        )
+        assert await h.scalar(members) == 1
+        await h.membership("r2", "high-value")  # a real entry still starts one
+        await h.membership("r2", "high-value", "exited", cause=RESYNC_CAUSE)  # and a resync ends none
+        assert [(r.customer_id, r.status) for r in await h.instances(jid)] == [("r2", "active")]
 
 
 async def test_lifecycle_stage_trigger(make_settings: Any) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.contracts.events import ProfileChanged, ProfileChangeKind
-from shared.contracts.topics import PROFILES
+from shared.contracts.events import RESYNC_CAUSE, ProfileChanged, ProfileChangeKind
+from shared.contracts.topics import PROFILES, SEGMENT_MEMBERSHIP
 from tests.segmenter.conftest import ADMIN, Harness, make_event
 from tests.support import eventually, read_topic
 
@@ -28,6 +28,7 @@ async def test_every_profile_is_announced_as_it_is(harness: Harness) -> None:
         make_event("m4", "track", user_id="u3", event="Signed In"),
     )
     await harness.processed(4)
+    pro = await harness.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
     harness.segmenter.republisher.chunk = 2  # several chunks
     started = await harness.client.post("/v1/admin/republish-profiles", headers=ADMIN)
     assert started.status_code == 202, started.text
@@ -48,6 +49,19 @@ async def test_every_profile_is_announced_as_it_is(harness: Harness) -> None:
     assert got["anon-1"].identities == {"anonymous_id": ["anon-1"], "user_id": ["u1"]}
     assert got["anon-1"].traits == {"email": "a@example.com"} and got["u2"].traits == {"plan": "pro"}
     assert got["u3"].lifecycle_stage is not None
+    assert finished["memberships_announced"] == 1
+    resynced = [
+        m["value"]
+        for m in await read_topic(
+            harness.settings.topic(SEGMENT_MEMBERSHIP.name),
+            until=lambda ms: any(job["job_id"] in m["value"]["event_id"] for m in ms),
+            timeout=10,
+        )
+        if job["job_id"] in m["value"]["event_id"]
+    ]
+    assert [(m["customer_id"], m["segment_id"], m["change"], m["cause"]) for m in resynced] == [
+        ("u2", pro, "entered", RESYNC_CAUSE)
+    ]
 
     # A second job announces again, under new event ids (consumers would drop a repeat of the first).
     again = (await harness.client.post("/v1/admin/republish-profiles", headers=ADMIN)).json()

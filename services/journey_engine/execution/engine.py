@@ -61,6 +61,7 @@ from services.journey_engine.store.instances import InstanceConflict, InstanceRo
 from services.journey_engine.store.journeys import JourneyRow
 from shared.clock import Clock
 from shared.contracts.events import (
+    RESYNC_CAUSE,
     CustomerEvent,
     EventType,
     MessageRequested,
@@ -223,6 +224,8 @@ class JourneyEngine:
                 if m.change == "entered"
                 else customer.segments - {m.segment_id}
             )
+            if m.cause == RESYNC_CAUSE:
+                continue  # the projection's state, re-announced: no journey enters or leaves on it
             trigger = {"segment_id": m.segment_id, "segment_name": m.segment_name, "change": m.change}
             await self._apply_trigger(
                 uow,

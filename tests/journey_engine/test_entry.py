@@ -9,6 +9,7 @@ from typing import Any
 
 from shared.contracts.events import RESYNC_CAUSE, CustomerEvent
 from shared.contracts.topics import CUSTOMER_EVENTS
+from shared.observability.metrics import HANDLER_ERRORS
 from tests.journey_engine.harness import ADMIN, engine_running
 from tests.journey_engine.test_timing_and_rules import linear
 
@@ -127,6 +128,24 @@ async def test_reentry_policies_and_entry_cap(make_settings: Any) -> None:
         await h.track("c1", "Ping")
         counts = {j: len(await h.instances(j)) for j in (once, after, always, capped)}
         assert counts == {once: 1, after: 2, always: 3, capped: 2}
+
+
+async def test_two_entries_of_a_customer_in_one_batch(make_settings: Any) -> None:
+    """Re-entry `always`, and the same customer enters twice within one consumer batch: both
+    instances start, the enrolment counts two, and the batch does not fail (it did, once, as ON
+    CONFLICT met the same enrolment twice, and was retried by halves)."""
+    quick = [{"id": "hi", "type": "send", "channel": "sms", "template_id": "hi"}]
+    async with engine_running(make_settings) as h:
+        always = await h.journey(linear("Always", "Ping", quick, reentry={"policy": "always"}))
+        runner = h.platform.consumers[0]
+        failed_before = HANDLER_ERRORS.labels(h.settings.service_name, runner.topic)._value.get()
+        for _ in range(4):
+            await h.track("c1", "Ping", wait=False)
+        await h.processed("events")
+        assert len(await h.instances(always)) == 4
+        entries = "SELECT entries FROM enrolments WHERE journey_id = :j AND customer_id = 'c1'"
+        assert await h.scalar(entries, j=always) == 4
+        assert HANDLER_ERRORS.labels(h.settings.service_name, runner.topic)._value.get() == failed_before
 
 
 async def test_ab_split_proportions_and_significance(make_settings: Any) -> None:

@@ -425,7 +425,7 @@ class JourneyEngine:
             entered_at=now,
         )
         writer.new_instances.append(row)
-        writer.enrolments.append((journey.row.id, customer.customer_id, correlation))
+        writer.enrolments[(journey.row.id, customer.customer_id, correlation)] += 1
         if start_at is not None and start_at > now:
             writer.timers.append((row.id, row.seq, start_at))
             return row

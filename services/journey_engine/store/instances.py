@@ -219,10 +219,13 @@ _FLUSH_INSERTS = Statement(
     "SELECT *, CAST(:now AS timestamptz) FROM unnest("
     + ", ".join(f"CAST(:m_{c} AS {t}[])" for c, t in zip(_LOG_COLUMNS, _LOG_TYPES, strict=True))
     + ") ON CONFLICT (message_id) DO NOTHING) "
-    "INSERT INTO enrolments (journey_id, customer_id, correlation, last_entered_at) "
-    "SELECT j, c, k, CAST(:now AS timestamptz) FROM unnest(CAST(:e_j AS text[]), CAST(:e_c AS text[]), "
-    "CAST(:e_k AS text[])) AS u(j, c, k) ON CONFLICT (journey_id, customer_id, correlation) DO UPDATE "
-    "SET last_entered_at = excluded.last_entered_at, entries = enrolments.entries + 1"
+    # One row per key with its count (`StepWriter.enrolments`): two entries of a customer in one
+    # batch would make ON CONFLICT touch a row twice, failing the whole batch.
+    "INSERT INTO enrolments (journey_id, customer_id, correlation, last_entered_at, entries) "
+    "SELECT j, c, k, CAST(:now AS timestamptz), n FROM unnest(CAST(:e_j AS text[]), CAST(:e_c AS text[]), "
+    "CAST(:e_k AS text[]), CAST(:e_n AS int[])) AS u(j, c, k, n) "
+    "ON CONFLICT (journey_id, customer_id, correlation) DO UPDATE "
+    "SET last_entered_at = excluded.last_entered_at, entries = enrolments.entries + excluded.entries"
 )
 
 
@@ -236,7 +239,8 @@ class StepWriter:
     timers: list[tuple[str, int, datetime]] = field(default_factory=list)
     counts: Counter[tuple[str, int, str, str]] = field(default_factory=Counter)
     messages: list[dict[str, Any]] = field(default_factory=list)
-    enrolments: list[tuple[str, str, str]] = field(default_factory=list)
+    # (journey, customer, correlation) -> entries in this batch
+    enrolments: Counter[tuple[str, str, str]] = field(default_factory=Counter)
 
     async def flush(self, session: AsyncSession) -> None:
         # The optimistic update first (its caller checks the row count), then every insert in one
@@ -289,6 +293,7 @@ class StepWriter:
                 "e_j": [e[0] for e in self.enrolments],
                 "e_c": [e[1] for e in self.enrolments],
                 "e_k": [e[2] for e in self.enrolments],
+                "e_n": list(self.enrolments.values()),
             }
             | {f"m_{c}": [m[c] for m in self.messages] for c in _LOG_COLUMNS}
         )

@@ -92,14 +92,17 @@ class Harness:
         stage: str | None = None,
         previous: str | None = None,
         identities: dict[str, list[str]] | None = None,
+        merged_ids: list[str] | None = None,
+        occurred_at: datetime | None = None,
     ) -> None:
         msg = ProfileChanged(
             event_id=uuid.uuid4().hex,
             customer_id=customer_id,
             kind=kind,
-            occurred_at=self.clock.now(),
+            occurred_at=occurred_at or self.clock.now(),
             traits=traits,
             identities=identities or {},
+            merged_ids=merged_ids or [],
             lifecycle_stage=stage,
             previous_stage=previous,
         )

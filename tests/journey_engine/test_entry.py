@@ -260,3 +260,25 @@ async def test_events_resolve_to_canonical_customer_and_wait_for_segment(make_se
         assert rows["cust-1"].status == "exited" and rows["stranger"].status == "exited"
         [sent] = await h.requests(until=lambda m: len(m) >= 1)
         assert sent["customer_id"] == "cust-1" and sent["recipient"]["email"] == "one@example.com"
+
+
+async def test_a_late_announcement_about_a_merged_away_profile_takes_nothing_back(make_settings: Any) -> None:
+    """`dev-1` browsed as its own profile, then was merged into `u-5`. An announcement about `dev-1`
+    from before the merge, arriving after it (another key, so another partition), leaves `dev-1`'s
+    events on `u-5`."""
+    async with engine_running(make_settings) as h:
+        before = h.clock.now()
+        h.clock.advance(timedelta(minutes=5))
+        await h.profile(
+            "u-5",
+            {"email": "five@example.com"},
+            kind="identity_merged",
+            identities={"user_id": ["u-5"], "anonymous_id": ["dev-1"]},
+            merged_ids=["dev-1"],
+        )
+        await h.profile("dev-1", {}, identities={"anonymous_id": ["dev-1"]}, occurred_at=before)
+        jid = await h.journey(
+            linear("Ping", "Ping", [{"id": "hi", "type": "send", "channel": "sms", "template_id": "hi"}])
+        )
+        await h.track("dev-1", "Ping")
+        assert [r.customer_id for r in await h.instances(jid)] == ["u-5"]

@@ -272,7 +272,10 @@ class JourneyEngine:
                 now=batch.now,
             )
             await projection.add_identities(
-                session, cid, [i for ids in p.identities.values() for i in ids] + list(p.merged_ids)
+                session,
+                cid,
+                [i for ids in p.identities.values() for i in ids] + list(p.merged_ids),
+                p.occurred_at,
             )
             if p.recommendations is not None:  # issue 9: lists for message data
                 view.recommendations = dict(p.recommendations)

@@ -53,9 +53,12 @@ _UPSERT_CUSTOMER = Statement(
     "locale = excluded.locale, email = excluded.email, phone = excluded.phone, "
     "stage = COALESCE(excluded.stage, customers.stage), updated_at = excluded.updated_at"
 )
+# Newest announcement wins (see `tables.customer_identities.linked_at`).
 _ADD_IDENTITIES = Statement(
-    "INSERT INTO customer_identities (identity, customer_id) SELECT unnest(CAST(:ids AS text[])), :cid "
-    "ON CONFLICT (identity) DO UPDATE SET customer_id = excluded.customer_id"
+    "INSERT INTO customer_identities (identity, customer_id, linked_at) "
+    "SELECT unnest(CAST(:ids AS text[])), :cid, :at "
+    "ON CONFLICT (identity) DO UPDATE SET customer_id = excluded.customer_id, linked_at = excluded.linked_at "
+    "WHERE customer_identities.linked_at <= excluded.linked_at"
 )
 _ADD_MEMBER = Statement(
     "INSERT INTO segment_members (segment_id, customer_id) VALUES (:s, :c) ON CONFLICT DO NOTHING"
@@ -159,9 +162,13 @@ async def merge_traits(session: AsyncSession, customer_id: str, patch: dict[str,
     )
 
 
-async def add_identities(session: AsyncSession, customer_id: str, identities: list[str]) -> None:
+async def add_identities(
+    session: AsyncSession, customer_id: str, identities: list[str], at: datetime
+) -> None:
+    """Point `identities` (and the customer's own id) at `customer_id` as of `at`, unless a newer
+    announcement points one elsewhere."""
     ids = sorted({i for i in identities if i} | {customer_id})
-    await _ADD_IDENTITIES.execute(session, {"ids": ids, "cid": customer_id})
+    await _ADD_IDENTITIES.execute(session, {"ids": ids, "cid": customer_id, "at": at})
 
 
 async def erase(session: AsyncSession, customer_id: str) -> None:

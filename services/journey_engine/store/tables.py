@@ -59,6 +59,14 @@ customer_identities = sa.Table(
     metadata,
     sa.Column("identity", sa.Text, primary_key=True),
     sa.Column("customer_id", sa.Text, nullable=False, index=True),
+    # The announcement's time (revision 0005): a late one about a merged-away profile (another key, so
+    # another partition) must not take its identifiers back from the survivor.
+    sa.Column(
+        "linked_at",
+        sa.DateTime(timezone=True),
+        nullable=False,
+        server_default=sa.text("'1900-01-01T00:00:00Z'"),
+    ),
 )
 
 # A projection of clm.segment-membership.v1.

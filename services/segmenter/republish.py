@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
+from services.segmenter.store import segments as segment_store
 from shared.clock import Clock
 from shared.contracts.topics import PROFILES, SEGMENT_MEMBERSHIP
 from shared.runtime import Platform
@@ -83,8 +82,10 @@ class Republisher:
 
     async def _run(self, job: RepublishJob) -> None:
         topic = self.settings.topic(PROFILES.name)
-        memberships = self.settings.topic(SEGMENT_MEMBERSHIP.name)
-        now = str(TypeAdapter(datetime).dump_python(self.clock.now(), mode="json"))
+        # Each membership names its own segment: the announcement's one is not used.
+        resync = segment_store.Announcement.of(
+            self.settings.topic(SEGMENT_MEMBERSHIP.name), self.settings.service_name, "", self.clock.now()
+        )
         after: str | None = None
         try:
             while True:
@@ -98,12 +99,8 @@ class Republisher:
                         uow.session, after, self.chunk, job.job_id, announce
                     )
                     if last is not None:
-                        job.memberships += await profile_store.membership_snapshot_chunk(
-                            uow.session,
-                            after,
-                            last,
-                            job.job_id,
-                            {**announce, "topic": memberships, "occurred": now},
+                        job.memberships += await segment_store.resync_chunk(
+                            uow.session, after, last, job.job_id, resync
                         )
                 self.platform.relay.notify()  # rows written by SQL, not through uow.emit
                 job.done += n

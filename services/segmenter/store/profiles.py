@@ -465,35 +465,3 @@ async def snapshot_chunk(
         )
     ).one()
     return int(row.n), row.last
-
-
-async def membership_snapshot_chunk(
-    session: AsyncSession, after: str | None, upto: str, job: str, announce: dict[str, str]
-) -> int:
-    """The stored memberships of customers in (after, upto] as `SegmentMembershipChanged` outbox rows
-    (entered for members, exited for the others), cause `resync`, in one statement."""
-    row = (
-        await session.execute(
-            text(
-                "WITH m AS (SELECT m.customer_id, m.segment_id, s.name, m.is_member, c.traits "
-                "FROM memberships m JOIN segments s USING (segment_id) JOIN customers c USING (customer_id) "
-                "WHERE m.customer_id > :after AND m.customer_id <= :upto), "
-                "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
-                "SELECT :topic, convert_to(m.customer_id, 'UTF8'), convert_to(jsonb_build_object("
-                "'event_id', m.customer_id || ':' || m.segment_id || ':resync:' || :job, "
-                "'customer_id', m.customer_id, 'segment_id', m.segment_id, 'segment_name', m.name, "
-                "'change', CASE WHEN m.is_member THEN 'entered' ELSE 'exited' END, "
-                "'occurred_at', CAST(:occurred AS text), 'cause', 'resync', "
-                "'traits', m.traits)::text, 'UTF8'), "
-                "jsonb_build_object("
-                "'clm-event-id', m.customer_id || ':' || m.segment_id || ':resync:' || :job, "
-                "'clm-event-type', 'segment_membership_changed', 'clm-schema-version', '1', "
-                "'clm-correlation-id', CAST(:job AS text), 'clm-producer', CAST(:producer AS text), "
-                "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
-                "FROM m ORDER BY m.customer_id, m.segment_id RETURNING 1) "
-                "SELECT count(*) FROM outboxed"
-            ),
-            {"after": after or "", "upto": upto, "job": job, **announce},
-        )
-    ).scalar_one()
-    return int(row)

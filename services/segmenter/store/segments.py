@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.segmenter.domain.profile import EventAggregate, Occurrence
 from services.segmenter.domain.rules import Rule
 from services.segmenter.store.sql_rules import RuleSql
+from shared.contracts.events import RESYNC_CAUSE
 from shared.db.engine import Statement
 
 SEGMENT_COLUMNS = (
@@ -98,7 +99,8 @@ async def delete_segment(session: AsyncSession, segment_id: str, announce: Annou
                 "RETURNING customer_id, is_member, transitions), "
                 "announced AS (SELECT g.customer_id, "
                 "g.customer_id || ':' || :seg || ':' || (g.transitions + 1) AS event_id, "
-                "false AS is_member, c.traits FROM gone g JOIN customers c USING (customer_id) "
+                + _ONE_SEGMENT
+                + "false AS is_member, c.traits FROM gone g JOIN customers c USING (customer_id) "
                 "WHERE g.is_member), "
                 "outboxed AS (" + _outbox_announcements("announced") + ") "
                 "SELECT count(*) FROM outboxed"
@@ -375,12 +377,12 @@ class Announcement:
 
 def _outbox_announcements(source: str) -> str:
     """An INSERT of one `SegmentMembershipChanged` outbox row per row of `source` (customer_id,
-    event_id, is_member, traits) for segment :seg; the `Announcement.params` bind the rest."""
+    event_id, segment_id, segment_name, is_member, traits); the `Announcement.params` bind the rest."""
     return (
         "INSERT INTO outbox (topic, key, value, headers) "
         "SELECT :topic, convert_to(a.customer_id, 'UTF8'), convert_to(jsonb_build_object("
-        "'event_id', a.event_id, 'customer_id', a.customer_id, 'segment_id', CAST(:seg AS text), "
-        "'segment_name', CAST(:seg_name AS text), "
+        "'event_id', a.event_id, 'customer_id', a.customer_id, 'segment_id', a.segment_id, "
+        "'segment_name', a.segment_name, "
         "'change', CASE WHEN a.is_member THEN 'entered' ELSE 'exited' END, 'occurred_at', CAST(:occurred AS "
         "text), "
         "'cause', CAST(:cause AS text), 'traits', a.traits)::text, 'UTF8'), "
@@ -390,8 +392,12 @@ def _outbox_announcements(source: str) -> str:
         "'clm-correlation-id', gen_random_uuid()::text, "
         "'clm-producer', CAST(:producer AS text), "
         "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
-        f"FROM {source} a ORDER BY a.customer_id RETURNING 1"
+        f"FROM {source} a ORDER BY a.customer_id, a.segment_id RETURNING 1"
     )
+
+
+# The segment of a one-segment statement (back-fill, deletion), as `_outbox_announcements` reads it.
+_ONE_SEGMENT = "CAST(:seg AS text) AS segment_id, CAST(:seg_name AS text) AS segment_name, "
 
 
 async def backfill_chunk(
@@ -442,7 +448,8 @@ async def backfill_chunk(
         "RETURNING customer_id, is_member, transitions), "
         "announced AS (SELECT ch.customer_id, ch.customer_id || ':' || :seg || ':' || ch.transitions AS "
         "event_id, "
-        "ch.is_member, k.traits FROM changed ch JOIN chunk k USING (customer_id)), "
+        + _ONE_SEGMENT
+        + "ch.is_member, k.traits FROM changed ch JOIN chunk k USING (customer_id)), "
         "outboxed AS (" + _outbox_announcements("announced") + ") "
         "SELECT (SELECT count(*) FROM chunk) AS seen, (SELECT count(*) FROM outboxed) AS announced"
     )
@@ -496,3 +503,26 @@ async def due_moments(session: AsyncSession, rule: Rule, now: datetime) -> dict[
         text(f"SELECT c.customer_id, {sql.next_change(rule)} AS due FROM customers c"), sql.params
     )
     return {r.customer_id: r.due for r in rows}
+
+
+async def resync_chunk(
+    session: AsyncSession, after: str | None, upto: str, job: str, announce: Announcement
+) -> int:
+    """The stored memberships of customers in (after, upto] announced again as they are (entered
+    for members, exited for the others), cause `resync`, in one statement; returns how many."""
+    return int(
+        (
+            await session.execute(
+                text(
+                    "WITH announced AS (SELECT m.customer_id, "
+                    "m.customer_id || ':' || m.segment_id || ':resync:' || :job AS event_id, "
+                    "m.segment_id, s.name AS segment_name, m.is_member, c.traits FROM memberships m "
+                    "JOIN segments s USING (segment_id) JOIN customers c USING (customer_id) "
+                    "WHERE m.customer_id > :after AND m.customer_id <= :upto), "
+                    "outboxed AS (" + _outbox_announcements("announced") + ") "
+                    "SELECT count(*) FROM outboxed"
+                ),
+                {"after": after or "", "upto": upto, "job": job, **announce.params(RESYNC_CAUSE)},
+            )
+        ).scalar_one()
+    )

@@ -83,8 +83,7 @@ _TOPICS_BY_ID = Statement(
 # By any identifier of the customer (one read: the delivery path runs it for every batch of sends).
 _CHOICES_FOR = Statement(
     "SELECT q.id, p.topic, p.channel, p.subscribed FROM unnest(CAST(:ids AS text[])) AS q(id) "
-    "LEFT JOIN customer_identities AS ci ON ci.identity = q.id "
-    "AND NOT EXISTS (SELECT 1 FROM contacts own WHERE own.customer_id = q.id) "  # `identities_repo`
+    "LEFT JOIN customer_aliases AS ci ON ci.identity = q.id "  # see `identities_repo`
     "JOIN preferences AS p ON p.customer_id = COALESCE(ci.customer_id, q.id)"
 )
 

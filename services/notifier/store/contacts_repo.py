@@ -84,9 +84,8 @@ async def get(session: AsyncSession, customer_id: str) -> ContactView | None:
 _GET_MANY = Statement(
     f"SELECT q.id AS asked, {', '.join(f'c.{c}' for c in _VIEW_COLUMNS)} "
     "FROM unnest(CAST(:ids AS text[])) AS q(id) "
-    "LEFT JOIN contacts AS own ON own.customer_id = q.id "  # a customer's own id wins (`identities_repo`)
-    "LEFT JOIN customer_identities AS ci ON ci.identity = q.id "
-    "JOIN contacts AS c ON c.customer_id = COALESCE(own.customer_id, ci.customer_id)"
+    "LEFT JOIN customer_aliases AS ci ON ci.identity = q.id "  # see `identities_repo`
+    "JOIN contacts AS c ON c.customer_id = COALESCE(ci.customer_id, q.id)"
 )
 
 

@@ -5,6 +5,7 @@ A customer's own id wins over the mapping: when one customer's id is another's i
 another kind (an anonymousId `u1` made a customer before the userId `u1` made `user:u1`, as the
 segmenter names it), `u1` is still the first customer, as in the segmenter's API. The notifier knows
 a customer's own id from its contact row (`contacts`, which merges delete for merged-away ids).
+The view `customer_aliases` (migration 0007) is that rule: lookups read it, links write the table.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _LINK = Statement(
     "WHERE customer_identities.linked_at <= excluded.linked_at "
     "AND customer_identities.customer_id <> excluded.customer_id "
     "RETURNING identity) "
+    # The `customer_aliases` rule, on the rows just written (the view cannot see them yet).
     "SELECT identity FROM linked "
     "WHERE NOT EXISTS (SELECT 1 FROM contacts c WHERE c.customer_id = linked.identity)"
 )
@@ -37,14 +39,8 @@ _LOCK = Statement(
     "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(i, 11) AS k "
     "FROM unnest(CAST(:ids AS text[])) AS i ORDER BY k) AS s"
 )
-_RESOLVE = Statement(
-    "SELECT customer_id FROM customer_identities WHERE identity = :id "
-    "AND NOT EXISTS (SELECT 1 FROM contacts c WHERE c.customer_id = :id)"
-)
-_ALIASES = Statement(
-    "SELECT i.identity FROM customer_identities i WHERE i.customer_id = :cid "
-    "AND NOT EXISTS (SELECT 1 FROM contacts c WHERE c.customer_id = i.identity) ORDER BY i.identity"
-)
+_RESOLVE = Statement("SELECT customer_id FROM customer_aliases WHERE identity = :id")
+_ALIASES = Statement("SELECT identity FROM customer_aliases WHERE customer_id = :cid ORDER BY identity")
 _FORGET = Statement(
     "DELETE FROM customer_identities "
     "WHERE customer_id = ANY(CAST(:ids AS text[])) OR identity = ANY(CAST(:ids AS text[]))"

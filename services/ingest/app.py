@@ -69,9 +69,11 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     app.state.writer = writer
     app.state.write_keys = write_keys
     # The tracking routes first: every request is matched against the routes in order.
-    app.include_router(tracking_router(intake))
+    # One batch handler: /v1/batch, /v1/b, and /v1/import's JSON batches.
+    batch = batch_handler(intake)
+    app.include_router(tracking_router(intake, batch))
     install_common(app, platform)
-    app.include_router(imports_router(intake, batch_handler(intake)))
+    app.include_router(imports_router(intake, batch))
     app.include_router(write_keys_router(settings, write_keys))
     install_audit(app, platform.unit_of_work, settings)
     # Outermost: refusals (401, 400) carry the CORS headers too, so the browser SDK can read them.

@@ -35,7 +35,7 @@ SHORT_PATHS = {call_type: call_type.value[0] for call_type in EventType}
 BatchHandler = Callable[[Request], Awaitable[Response]]
 
 
-def tracking_router(intake: Intake) -> APIRouter:
+def tracking_router(intake: Intake, batch: BatchHandler) -> APIRouter:
     router = APIRouter(tags=["tracking"])
     settings = intake.settings
 
@@ -65,7 +65,6 @@ def tracking_router(intake: Intake) -> APIRouter:
             f"/v1/{SHORT_PATHS[call_type]}", handler, methods=["POST"], include_in_schema=False
         )
 
-    batch = batch_handler(intake)
     router.add_api_route("/v1/batch", batch, methods=["POST"], summary="Segment batch: up to 500 KB of calls")
     router.add_api_route("/v1/b", batch, methods=["POST"], include_in_schema=False)
     return router

@@ -71,6 +71,10 @@ class CustomerEvent(ContractModel):
     received_at: datetime
     # Which write key (by id, never the secret) sent it; "backfill" for historical imports.
     source: str | None = None
+    # Set only by CLM's own services (ingest never does): the canonical customer the event is about.
+    # The segmenter folds it into that profile (or the one it was merged into) without linking the
+    # event's identifiers; one it does not know falls back to `userId` / `anonymousId`.
+    customer_id: str | None = None
 
     def contract_id(self) -> str:
         return self.message_id

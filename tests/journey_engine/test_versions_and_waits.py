@@ -127,7 +127,8 @@ async def test_wait_for_open_else_sms_and_webhook(make_settings: Any) -> None:
             for m in await read_topic(h.settings.topic(CUSTOMER_EVENTS.name), idle=1.0)
             if m["value"]["type"] == "identify"
         ]
-        assert [(e["userId"], e["traits"], e["source"]) for e in identifies] == [
-            ("x", {"engaged": True}, "journey_engine")
+        # Named by its canonical id (`customerId`), so the segmenter updates that profile.
+        assert [(e["customerId"], e["userId"], e["traits"], e["source"]) for e in identifies] == [
+            ("x", "x", {"engaged": True}, "journey_engine")
         ]
         assert await h.scalar("SELECT traits->>'engaged' FROM customers WHERE customer_id = 'x'") == "true"

@@ -124,6 +124,58 @@ async def test_second_device_then_login_merges_into_the_known_profile(harness: H
     assert merged["identities"]["anonymous_id"] == ["a1", "a2"]
 
 
+async def test_a_trait_update_naming_its_customer_lands_on_that_profile(harness: Harness) -> None:
+    """A journey's `update_trait` step names the canonical id, here a visitor's anonymousId (the
+    profile's id since they browsed before signing up); also after that profile was merged away."""
+    await harness.send(
+        make_event("m1", "page", anonymous_id="a9", name="Home"),
+        make_event("m2", "identify", user_id="u9", anonymous_id="a9", traits={"plan": "pro"}),
+    )
+    await harness.processed(2)
+    await harness.send(
+        make_event(
+            "j1",
+            "identify",
+            user_id="a9",
+            customer_id="a9",
+            traits={"cart_reminded": True},
+            source="journey_engine",
+            timestamp=START + timedelta(minutes=1),
+        )
+    )
+    await harness.processed(3)
+    p = await harness.customer("u9")
+    assert p["customer_id"] == "a9"
+    assert p["traits"] == {"plan": "pro", "cart_reminded": True}
+    assert p["identities"] == {"anonymous_id": ["a9"], "user_id": ["u9"]}
+    assert (
+        await harness.client.get(
+            "/v1/customers/user:a9", headers={"Authorization": "Bearer test-admin-token"}
+        )
+    ).status_code == 404
+    # a9 merges into another known user's profile by alias; a late update naming a9 follows it.
+    await harness.send(
+        make_event("m3", "identify", user_id="u10", traits={"city": "Oslo"}),
+        make_event("m4", "alias", user_id="u10", previous_id="u9", timestamp=START + timedelta(minutes=2)),
+    )
+    await harness.processed(5)
+    await harness.send(
+        make_event(
+            "j2",
+            "identify",
+            user_id="a9",
+            customer_id="a9",
+            traits={"winback": True},
+            source="journey_engine",
+            timestamp=START + timedelta(minutes=3),
+        )
+    )
+    await harness.processed(6)
+    p = await harness.customer("u10")
+    assert p["customer_id"] == "u10" and p["traits"]["winback"] is True
+    assert p["traits"]["cart_reminded"] is True and p["aggregates"]["event_count"] == 6
+
+
 async def test_alias_merges_two_known_users_and_later_events_land_on_the_survivor(harness: Harness) -> None:
     await harness.send(
         make_event("m1", "identify", user_id="old-id", traits={"plan": "free", "city": "Oslo"}),

@@ -512,6 +512,9 @@ class JourneyEngine:
                     CustomerEvent(
                         message_id=effect.event_id,
                         type=EventType.IDENTIFY,
+                        # The canonical id names the profile: as a userId alone it would be a new
+                        # customer's whenever the profile's id is an anonymousId (a visitor who signed up).
+                        customer_id=row.customer_id,
                         user_id=row.customer_id,
                         traits=effect.traits,
                         timestamp=now,

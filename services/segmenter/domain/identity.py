@@ -5,6 +5,8 @@ Rules:
 - An event's identifiers are its `userId` and `anonymousId` (and an alias's `previousId`).
 - Unknown identifiers are linked to the customer the known ones point at; if none is known, a new
   customer is created whose canonical id is the first identifier's value.
+- An event from CLM itself that names its customer (`customerId`, e.g. a journey's trait update) goes
+  to that customer, or the one it was merged into, and links nothing.
 - If the identifiers point at several customers, they are merged into one: the customer of the
   event's `userId` survives, else the oldest link. Two profiles that each hold a different `userId`
   are merged only by an explicit `alias` (a shared device identifying as a second user does not
@@ -20,6 +22,7 @@ from shared.contracts.events import CustomerEvent, EventType
 
 USER = "user"
 ANON = "anon"
+MERGED = "merged"  # a merged-away customer id, linked to the survivor
 Identifier = tuple[str, str]  # (kind, value)
 
 
@@ -63,7 +66,22 @@ def batch_identifiers(events: Iterable[CustomerEvent]) -> set[Identifier]:
             out.add((ANON, e.anonymous_id))
         if e.type == EventType.ALIAS and e.previous_id:
             out.update({(USER, e.previous_id), (ANON, e.previous_id)})
+        if e.customer_id:
+            out.add((MERGED, e.customer_id))  # its value is a candidate id too: existing customers show
     return out
+
+
+def _addressed_customer(
+    event: CustomerEvent, links: Mapping[Identifier, str], existing: set[str]
+) -> str | None:
+    """The customer an event from CLM itself names (`customerId`), if it is one we know: as it is,
+    or the profile it was merged into. None: resolve the event by its identifiers."""
+    cid = event.customer_id
+    if not cid:
+        return None
+    if cid in existing:
+        return cid
+    return links.get((MERGED, cid))
 
 
 def plan_identities(
@@ -88,6 +106,10 @@ def plan_identities(
         return cid
 
     for event in events:
+        addressed = _addressed_customer(event, links, taken)
+        if addressed is not None:
+            raw_customer.append(addressed)
+            continue
         ids = identifiers_of(event, links)
         owners: list[str] = []
         for ident in ids:

@@ -79,3 +79,19 @@ def test_traits_last_write_by_event_time_wins_and_group_traits_go_under_account(
     )
     assert merged == {"plan": "team", "age": 3} and changed == {"plan", "age"}
     assert merged_times["plan"] == T0 + timedelta(days=1)
+
+
+def test_an_event_naming_its_customer_goes_to_that_profile_and_links_nothing() -> None:
+    """A journey's trait update names the canonical id, here a visitor's anonymousId: as a userId it
+    would have made a new, empty customer `user:a1`."""
+    known = {("user", "u1"): "a1", ("anon", "a1"): "a1", ("merged", "old"): "a1"}
+    named = ev("j1", "identify", user_id="a1", customer_id="a1", traits={"vip": True})
+    assert ("merged", "a1") in batch_identifiers([named])
+    plan = plan_identities([named], known, {"a1"}, {"a1"})
+    assert plan.customer_of_event == ["a1"]
+    assert plan.new_customers == [] and plan.links == [] and plan.merges == []
+    # A merged-away id lands on the survivor; one nobody knows resolves by its identifiers as before.
+    merged = ev("j2", "identify", user_id="old", customer_id="old")
+    assert plan_identities([merged], known, {"a1"}, set()).customer_of_event == ["a1"]
+    unknown = plan_identities([ev("j3", "identify", user_id="zz", customer_id="zz")], known, set(), set())
+    assert unknown.new_customers == ["zz"] and unknown.links == [("user", "zz", "zz")]

@@ -106,21 +106,31 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _ISO_DURATION = re.compile(r"^P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")
 
 
+# Longer windows mean nothing for a customer, and `now - duration` must stay a date (year 1..9999)
+# wherever a rule is evaluated: in Python, in SQL and when scheduling the moment a condition flips.
+MAX_DURATION = timedelta(days=36_500)
+
+
 @functools.lru_cache(maxsize=4096)
 def parse_duration(text: str | int) -> timedelta:
-    """`"30d"`, `"12h"`, `"15m"`, `"90s"`, `"2w"`, ISO 8601 (`"P30D"`, `"PT12H"`) or seconds."""
+    """`"30d"`, `"12h"`, `"15m"`, `"90s"`, `"2w"`, ISO 8601 (`"P30D"`, `"PT12H"`) or seconds; at most
+    MAX_DURATION (100 years)."""
     if isinstance(text, int):
         if text < 0:
             raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=text)
-    m = _DURATION.match(text)
-    if m:
-        return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
-    iso = _ISO_DURATION.match(text.strip())
-    if iso and text.strip() not in ("P", "PT") and not text.strip().endswith("T"):
+        seconds = text
+    elif m := _DURATION.match(text):
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    elif (iso := _ISO_DURATION.match(text.strip())) and (
+        text.strip() not in ("P", "PT") and not text.strip().endswith("T")
+    ):
         weeks, days, hours, minutes, seconds = (int(g) if g else 0 for g in iso.groups())
-        return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
-    raise ValueError(f"{text!r} is not a duration (e.g. 30d, 12h, 15m, 90s, 2w, or P30D, PT12H)")
+        seconds += minutes * 60 + hours * 3600 + days * 86400 + weeks * 604800
+    else:
+        raise ValueError(f"{text!r} is not a duration (e.g. 30d, 12h, 15m, 90s, 2w, or P30D, PT12H)")
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"{text!r} is longer than {MAX_DURATION.days} days (100 years)")
+    return timedelta(seconds=seconds)
 
 
 Duration = str | int
@@ -154,7 +164,7 @@ class PropertyFilter(Comparison):
 
 class CountClause(Node):
     op: Literal["at_least", "at_most", "exactly"] = "at_least"
-    value: int = Field(default=1, ge=0)
+    value: int = Field(default=1, ge=0, le=2**31 - 1)  # compared with a bigint count in SQL
 
 
 class Between(Node):
@@ -335,11 +345,16 @@ def _check_duration(value: Duration | None, path: str, required: bool) -> list[R
 
 
 def _is_scalar(v: Any) -> bool:
-    return isinstance(v, (str, int, float, bool))
+    return isinstance(v, (str, bool)) or _is_number(v)
+
+
+# Comparisons run in SQL too (float8 / bigint): a number beyond them must be refused here, not fail
+# every back-fill and preview (or compare wrongly) later.
+_NUMBER_LIMIT = 1e300
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and -_NUMBER_LIMIT < v < _NUMBER_LIMIT
 
 
 def _check_comparison(c: Comparison, path: str, *, allow_relative: bool, kind: str | None) -> list[RuleError]:
@@ -357,6 +372,11 @@ def _check_comparison(c: Comparison, path: str, *, allow_relative: bool, kind: s
         allowed = {"values"}
         if not c.values:
             errs.append(RuleError(f"{path}.values", "required", "`in` needs a non-empty list of values"))
+        errs += [
+            RuleError(f"{path}.values[{i}]", "scalar", "a string, boolean or finite number")
+            for i, v in enumerate(c.values or ())
+            if not _is_scalar(v)
+        ]
     elif op in ("exists", "not_exists"):
         allowed = set()
     elif op in NUMERIC_OPS:

@@ -61,6 +61,24 @@ def test_valid_definitions_round_trip() -> None:
     assert refs.timeline_events == {"Order Completed"} and refs.time_dependent
 
 
+def test_out_of_range_durations_and_numbers_are_refused_not_left_to_fail_each_evaluation() -> None:
+    """`now - 1000000d` is no date: accepted, such a rule failed every re-evaluation (the events
+    consumer dead-lettered batch after batch) and every back-fill; numbers beyond float8 failed in SQL."""
+    assert errors({"performed": "X", "within": "1000000d"}) == [("definition.within", "duration")]
+    assert errors({"not_performed": "X", "since": "P99999999999D"}) == [("definition.since", "duration")]
+    assert errors({"trait": "t", "op": "within", "duration": 10**30}) == [("definition.duration", "duration")]
+    assert errors({"trait": "t", "op": "before", "ago": "3000000d"}) == [("definition.ago", "duration")]
+    assert errors({"trait": "n", "op": "gt", "value": 1e400}) == [("definition.value", "number")]
+    assert errors({"trait": "n", "op": "equals", "value": 10**400}) == [("definition.value", "scalar")]
+    assert errors({"trait": "n", "op": "in", "values": ["a", float("nan")]}) == [
+        ("definition.values[1]", "scalar")
+    ]
+    assert errors({"performed": "X", "count": {"op": "at_least", "value": 10**30}})[0][0] == (
+        "definition.count.value"
+    )
+    assert parse_duration("36500d").days == 36_500  # a hundred years is still fine
+
+
 def test_durations() -> None:
     assert parse_duration("30d").days == 30
     assert parse_duration("2w").days == 14

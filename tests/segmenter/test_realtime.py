@@ -145,3 +145,23 @@ async def test_a_rolling_window_lets_a_customer_go_when_their_last_event_leaves_
     harness.clock.advance(timedelta(days=30))
     assert await harness.segmenter.timers.run_once() == 0  # nothing can change any more: no timer left
     assert len(await harness.memberships()) == 2
+
+
+async def test_a_new_customer_enters_segments_their_events_do_not_name(harness: Harness) -> None:
+    """A new profile is evaluated against every segment: these hold for a newcomer whose first event
+    names none of them (back-fill and preview already counted such customers in)."""
+    no_email = await harness.create_segment({"trait": "email", "op": "not_exists"}, name="No email")
+    holdout = await harness.create_segment({"random_bucket": {"buckets": 1, "below": 1}}, name="Everyone")
+    not_buyers = await harness.create_segment(
+        {"not_performed": "Order Completed", "since": "30d"}, name="No recent order"
+    )
+    outsiders = await harness.create_segment({"not": {"member_of": holdout}}, name="Outside the bucket")
+    await harness.send(make_event("m1", "track", anonymous_id="a1", event="Page Scrolled"))
+    await harness.processed(1)
+    entered = {(m["segment_id"], m["change"]) for m in await harness.memberships()}
+    assert entered == {(no_email, "entered"), (holdout, "entered"), (not_buyers, "entered")}
+    assert outsiders not in {s for s, _ in entered}
+    # Evaluated once: a second event of the same kind announces nothing more.
+    await harness.send(make_event("m2", "track", anonymous_id="a1", event="Page Scrolled"))
+    await harness.processed(2)
+    assert len(await harness.memberships()) == 3

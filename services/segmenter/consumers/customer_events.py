@@ -230,12 +230,15 @@ class CustomerEventsHandler:
         )
         affected: dict[str, set[str]] = {}
         causes: dict[str, str] = {}
+        # A new profile was never evaluated: any segment may hold for it, also one its events do not
+        # name (`email not_exists`, a holdout bucket, `not member_of`, `not_performed`).
+        new = set(plan.new_customers)
         for cid in profiles:
             affected[cid] = catalog.affected(
                 changed_traits.get(cid, set()) | merged_traits.get(cid, set()),
                 # "*": every event moves last_seen / event_count, identify and group included.
                 names_seen.get(cid, set()) | {"*"},
-                everything=cid in merged_into,
+                everything=cid in merged_into or cid in new,
             )
             causes[cid] = last_message.get(cid, "merge") if cid not in merged_into else "merge"
         await reevaluate(uow, catalog, profiles, affected, causes, now)

@@ -7,8 +7,10 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.contracts.events import PrivacyAction, PrivacyRequest
+from services.journey_engine.consumers.privacy import drop_erased_events
+from shared.contracts.events import CustomerEvent, PrivacyAction, PrivacyRequest
 from shared.contracts.topics import PRIVACY
+from shared.privacy import add_tombstones
 from tests.journey_engine.harness import ADMIN, Harness, engine_running
 from tests.journey_engine.test_entry import SEND_AND_WAIT
 from tests.journey_engine.test_timing_and_rules import linear
@@ -82,3 +84,27 @@ async def test_export_then_erase_then_later_events_start_nothing(make_settings: 
 
         audit = (await h.client.get("/v1/audit", headers=ADMIN, params={"method": "POST"})).json()
         assert [e["path"] for e in audit["entries"]] == [f"/v1/journeys/{jid}/activate", "/v1/journeys"]
+
+
+async def test_an_alias_from_an_erased_id_is_dropped_like_its_other_events(make_settings: Any) -> None:
+    """alias(previousId=<erased anonymousId>, userId=<new>) carries the erased id only as previousId:
+    it is an event of the erased person all the same."""
+    async with engine_running(make_settings) as h:
+        salt = h.settings.privacy_salt.get_secret_value()
+        async with h.platform.unit_of_work() as uow:
+            await add_tombstones(uow.session, salt, ["a1"], "erase-1", h.clock.now())
+        now = h.clock.now()
+
+        def event(mid: str, type: str, **ids: str) -> CustomerEvent:
+            extra = {"event": "Signed Up"} if type == "track" else {}
+            return CustomerEvent(message_id=mid, type=type, timestamp=now, received_at=now, **extra, **ids)
+
+        items = [
+            ("e1", event("e1", "alias", previous_id="a1", user_id="u-new")),
+            ("e2", event("e2", "track", anonymous_id="a1")),
+            ("e3", event("e3", "alias", previous_id="a2", user_id="u2")),
+            ("e4", event("e4", "track", user_id="u-new")),
+        ]
+        async with h.platform.unit_of_work() as uow:
+            kept = await drop_erased_events(uow, salt, items)
+        assert [eid for eid, _ in kept] == ["e3", "e4"]

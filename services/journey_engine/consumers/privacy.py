@@ -56,10 +56,16 @@ class PrivacyConsumer:
 async def drop_erased_events(
     uow: UnitOfWork, salt: str, items: list[tuple[str, CustomerEvent]]
 ) -> list[tuple[str, CustomerEvent]]:
-    """Events of erased customers start no journey (their claims stay: never retried)."""
-    ids = {i for _, e in items for i in (e.user_id, e.anonymous_id) if i}
+    """Events of erased customers start no journey (their claims stay: never retried). An alias's
+    `previousId` counts too: `alias(previousId=<erased>, userId=<new>)` must not tie the erased
+    person to a new id."""
+    ids = {i for _, e in items for i in _identifiers(e)}
     await erasure_gate(uow.session, exclusive=False)
     erased = await erased_among(uow.session, salt, ids)
     if not erased:
         return items
-    return [(eid, e) for eid, e in items if e.user_id not in erased and e.anonymous_id not in erased]
+    return [(eid, e) for eid, e in items if erased.isdisjoint(_identifiers(e))]
+
+
+def _identifiers(event: CustomerEvent) -> set[str]:
+    return {i for i in (event.user_id, event.anonymous_id, event.previous_id) if i}

@@ -119,10 +119,13 @@ async def test_erasure_deletes_everything_publishes_the_request_and_tracks_the_r
         make_event("m4", "identify", user_id="u1", traits={"plan": "pro"}, timestamp=later),
         make_event("m5", "track", anonymous_id="anon-1", event="Order Completed", timestamp=later),
         make_event("m6", "identify", user_id="u2", traits={"plan": "free"}, timestamp=later),
+        # A server SDK aliasing the erased anonymousId to a new user: it would link it to u-new.
+        make_event("m7", "alias", user_id="u-new", previous_id="anon-1", timestamp=later),
     )
-    await h.processed(6)
+    await h.processed(7)
     assert (await h.client.get("/v1/customers/u1", headers=ADMIN)).status_code == 404
     assert (await h.client.get("/v1/customers/anon-1", headers=ADMIN)).status_code == 404
+    assert (await h.client.get("/v1/customers/u-new", headers=ADMIN)).status_code == 404
     assert (await h.customer("u2"))["traits"] == {"plan": "free"}
 
     # Statuses about the erased customer (the notifier's `suppressed: erased`) store nothing about them.

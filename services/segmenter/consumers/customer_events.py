@@ -127,12 +127,13 @@ class CustomerEventsHandler:
         """Erased customers stay erased: an event carrying one of their ids is dropped (its claim stays,
         so it is never retried), never folded into a profile again. See docs/privacy.md."""
         salt = self.platform.settings.privacy_salt.get_secret_value()
-        ids = {i for e in events for i in (e.user_id, e.anonymous_id) if i}
+        # An alias's previousId too: it would link the erased identifier to a new profile.
+        ids = {i for e in events for i in (e.user_id, e.anonymous_id, e.previous_id) if i}
         await erasure_gate(session, exclusive=False)
         erased = await erased_among(session, salt, ids)
         if not erased:
             return events
-        return [e for e in events if e.user_id not in erased and e.anonymous_id not in erased]
+        return [e for e in events if not erased.intersection((e.user_id, e.anonymous_id, e.previous_id))]
 
     async def handle(self, uow: UnitOfWork, events: list[CustomerEvent]) -> None:
         session = uow.session

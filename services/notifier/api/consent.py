@@ -46,6 +46,26 @@ class PreferencesBody(BaseModel):
     preferences: list[Choice] = Field(min_length=1)
 
 
+def _conflicting_duplicates(choices: list[Choice]) -> list[dict[str, str]]:
+    """A topic and channel given twice with different answers: which one the customer meant cannot be
+    told, so the request is refused (the same answer twice is harmless and kept once)."""
+    first: dict[tuple[str, Channel], int] = {}
+    errors = []
+    for i, c in enumerate(choices):
+        j = first.setdefault((c.topic, c.channel), i)
+        if j != i and choices[j].subscribed is not c.subscribed:
+            errors.append(
+                field_error(
+                    f"preferences.{i}",
+                    "unique",
+                    f"topic {c.topic!r} on {c.channel.value} is subscribed={c.subscribed} here and "
+                    f"subscribed={choices[j].subscribed} in preferences.{j}: "
+                    "give each topic and channel once",
+                )
+            )
+    return errors
+
+
 def router(admin: Any) -> APIRouter:
     api = APIRouter(tags=["consent"], dependencies=[Depends(admin)])
 
@@ -92,6 +112,11 @@ def router(admin: Any) -> APIRouter:
     async def put_preferences(
         customer_id: str, body: PreferencesBody, notifier: NotifierDep
     ) -> dict[str, Any]:
+        conflicts = _conflicting_duplicates(body.preferences)
+        if conflicts:
+            raise ApiError(
+                400, "invalid_request", "conflicting choices for a topic and channel", errors=conflicts
+            )
         async with notifier.platform.unit_of_work() as uow:
             known = await consent_repo.topics_by_id(
                 uow.session, {c.topic for c in body.preferences} - {ALL_TOPICS}

@@ -145,12 +145,17 @@ async def record_choices(
     now: datetime,
     message_id: str | None = None,
 ) -> list[tuple[str, str, bool]]:
-    """Apply (topic, channel, subscribed) choices; every one that changes something goes to the ledger.
-    Returns the changes that were new. `customer_id` may be any identifier of the customer: the
-    choices are kept under the customer's id (see `identities_repo`)."""
+    """Apply (topic, channel, subscribed) choices (the last one per topic and channel wins); every one
+    that changes something goes to the ledger. Returns the changes that were new. `customer_id` may
+    be any identifier of the customer: the choices are kept under the customer's id (see
+    `identities_repo`)."""
     customer_id = await identities_repo.resolve_for_write(session, customer_id)
     current = (await choices_for(session, {customer_id}))[customer_id]
-    changed = [(t, ch, s) for t, ch, s in dict.fromkeys(changes) if current.get((t, ch)) is not s]
+    # One choice per topic and channel, the last given winning: one INSERT ... ON CONFLICT DO UPDATE
+    # may not touch a row twice (PostgreSQL refuses the whole statement). The API refuses conflicting
+    # duplicates before this.
+    wanted = {(t, ch): s for t, ch, s in changes}
+    changed = [(t, ch, s) for (t, ch), s in wanted.items() if current.get((t, ch)) is not s]
     if not changed:
         return []
     stmt = insert(preferences).values(

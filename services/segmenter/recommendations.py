@@ -46,6 +46,7 @@ from shared.contracts.events import CustomerEvent, EventType, ProfileChanged, Pr
 from shared.contracts.topics import PROFILES
 from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
+from shared.privacy import erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,9 @@ class Recommendations:
             chunk = self.settings.recommendations_recompute_chunk
             while True:
                 async with self.platform.unit_of_work() as uow:
+                    # Like the back-fill: an erasure never lands between this chunk's read of the ids
+                    # and its write of their lists (which would store an erased customer's lists).
+                    await erasure_gate(uow.session, exclusive=False)
                     ids = await catalogue_store.customer_ids_after(uow.session, after, chunk)
                     if not ids:
                         break

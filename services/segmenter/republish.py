@@ -20,6 +20,7 @@ from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.clock import Clock
 from shared.contracts.topics import PROFILES, SEGMENT_MEMBERSHIP
+from shared.privacy import erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ class Republisher:
                     "produced_ms": str(int(time.time() * 1000)),
                 }
                 async with self.platform.unit_of_work() as uow:
+                    # A snapshot read before an erasure but committed after it would rebuild the
+                    # erased profile in every projection: the chunk commits before the erasure starts.
+                    await erasure_gate(uow.session, exclusive=False)
                     n, last = await profile_store.snapshot_chunk(
                         uow.session, after, self.chunk, job.job_id, announce
                     )

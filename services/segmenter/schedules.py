@@ -17,6 +17,7 @@ from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.clock import Clock
 from shared.contracts.topics import SEGMENT_MEMBERSHIP
+from shared.privacy import erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class Backfill:
         now = self.clock.now()
         dependents_to_restart: set[str] = set()
         async with self.platform.unit_of_work() as uow:
+            # Shared, like an event batch, before any row lock: an erasure waits for a chunk in flight
+            # (and then deletes the memberships it wrote), or the chunk reads the base after the
+            # erasure committed. Back-fills never wait on each other or on event batches for it.
+            await erasure_gate(uow.session, exclusive=False)
             row = await segment_store.claim_backfill(uow.session)
             if row is None:
                 return False

@@ -50,6 +50,9 @@ class IngestSettings(BaseServiceSettings):
     import_chunk_events: int = 500
     import_progress_interval_s: float = 1.0
     import_max_reported_errors: int = 100
+    # A gzip import may inflate at most this many times what was sent (past a first max_batch_bytes):
+    # NDJSON inflates 5-30x, a gzip bomb ~1,000x. Past it: 413 (or an incomplete summary).
+    import_max_gzip_ratio: int = 100
 
     @field_validator("write_keys", "cors_allow_origins", mode="before")
     @classmethod

@@ -11,14 +11,18 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
 from services.ingest import backfill
+from services.ingest.api.body import GzipStream
 from services.ingest.app import create_app
 from services.ingest.settings import IngestSettings
 from shared.clock import ManualClock
 from shared.contracts import CustomerEvent
+from shared.http import ApiError
 from tests.ingest.conftest import ADMIN, AUTH, WRITE_KEY, events_on_topic
 from tests.ingest.served import served
+from tests.support import running
 
 HISTORY = datetime(2024, 6, 1, 8, 30, tzinfo=UTC)
 
@@ -133,3 +137,80 @@ async def test_cli_streams_a_file_with_progress(make_settings: object, tmp_path:
         )
         assert status == 2 and summary is None
     assert len(await events_on_topic(settings, count=1000)) == 1000
+
+
+async def test_bad_encodings_are_refused_before_any_answer(
+    client: httpx.AsyncClient, settings: IngestSettings
+) -> None:
+    """A refusal found before anything is published is a plain 4xx (it was a 200 whose stream then
+    broke off, recorded as a 200): unsupported encoding, not gzip, truncated gzip, a gzip bomb."""
+    body = ndjson(orders(3))
+    bomb = gzip.compress(b"\0" * 50_000_000)  # ~50 KB inflating 1,000x
+    cases: list[tuple[bytes, str, int, str, str]] = [
+        (body, "br", 415, "Content-Encoding", "enum"),
+        (b"\x1f\x8bnot really gzip", "gzip", 400, "body", "gzip_invalid"),
+        (gzip.compress(body)[:-12], "gzip", 400, "body", "gzip_invalid"),  # truncated
+        (gzip.compress(body) + b"trailing junk", "gzip", 400, "body", "gzip_invalid"),
+        (bomb, "gzip", 413, "body", "max_ratio"),
+    ]
+    for content, encoding, status, field, rule in cases:
+        headers = {**ADMIN, "Content-Type": "application/x-ndjson", "Content-Encoding": encoding}
+        response = await client.post("/v1/import", content=content, headers=headers)
+        assert response.status_code == status, (encoding, response.text)
+        assert response.headers["content-type"] == "application/json"
+        answer = response.json()
+        assert answer["error"] and answer["message"]
+        assert [(e["field"], e["rule"]) for e in answer["errors"]] == [(field, rule)]
+    assert await events_on_topic(settings, idle=1.0) == []
+
+
+async def test_bad_gzip_after_events_were_published_ends_with_an_incomplete_summary(
+    make_settings: object,
+) -> None:
+    """Once events are published the answer is a 200 whose summary says where to resume."""
+    settings: IngestSettings = make_settings(  # type: ignore[operator]
+        IngestSettings, write_keys=[WRITE_KEY], import_chunk_events=2, import_progress_interval_s=0.0
+    )
+    good = gzip.compress(ndjson(orders(5)))
+    async with running(create_app(settings)) as client:
+        response = await client.post(
+            "/v1/import",
+            content=good + b"junk after the gzip member",
+            headers={**ADMIN, "Content-Encoding": "gzip"},
+        )
+    assert response.status_code == 200
+    summary = summary_of(response.content)
+    # 4 lines written in chunks of 2; the 5th was read but not written when the junk was found.
+    assert (summary["complete"], summary["error"], summary["accepted"], summary["resumeFromLine"]) == (
+        False,
+        "invalid_gzip",
+        4,
+        5,
+    )
+    assert [(e["field"], e["rule"]) for e in summary["errors"]] == [("body", "gzip_invalid")]  # type: ignore[attr-defined]
+    assert len(await events_on_topic(settings, idle=1.0)) == 4
+
+
+async def test_concatenated_gzip_members_are_all_imported(
+    client: httpx.AsyncClient, settings: IngestSettings
+) -> None:
+    rows = orders(6)
+    # `cat a.gz b.gz`: gzip reads both members (only the first was imported), zero padding allowed.
+    content = gzip.compress(ndjson(rows[:3])) + gzip.compress(ndjson(rows[3:])) + b"\0" * 8
+    response = await client.post("/v1/import", content=content, headers={**ADMIN, "Content-Encoding": "gzip"})
+    summary = summary_of(response.content)
+    assert (summary["complete"], summary["lines"], summary["accepted"]) == (True, 6, 6)
+    assert len(await events_on_topic(settings, count=6)) == 6
+
+
+def test_gzip_is_inflated_in_bounded_pieces() -> None:
+    stream = GzipStream(max_ratio=100, allowance=1_000_000, piece=64 * 1024)
+    sizes = [len(piece) for piece in stream.feed(gzip.compress(b"x" * 900_000))]
+    assert max(sizes) <= 64 * 1024 and sum(sizes) == 900_000
+    stream.finish()
+    bomb = GzipStream(max_ratio=100, allowance=1_000_000)
+    with pytest.raises(ApiError) as refused:
+        for _ in bomb.feed(gzip.compress(b"\0" * 20_000_000)):
+            pass
+    assert refused.value.status_code == 413
+    assert bomb.inflated < 2_000_000  # stopped at the limit, not after inflating everything

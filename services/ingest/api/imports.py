@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,23 +27,37 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from services.ingest.api.body import GzipStream, is_gzip
 from services.ingest.api.intake import Intake
 from services.ingest.api.tracking import BatchHandler
 from services.ingest.domain.normalize import BACKFILL_SOURCE, content_message_id, to_customer_event
 from services.ingest.domain.validation import FieldError, TextHints, validate_call
 from services.ingest.domain.write_keys import key_from_authorization
 from services.ingest.event_writer import Overloaded, PreparedEvent, Unavailable
-from shared.http import ApiError, field_error
+from shared.http import ApiError
 
 _MAX_OVERLOAD_RETRIES = 30
 
 
 class _DuplexStreamingResponse(StreamingResponse):
     """Streams while the request body is still being read: Starlette's StreamingResponse would read
-    `receive` itself (to notice a disconnect) and steal the body from the endpoint."""
+    `receive` itself (to notice a disconnect) and steal the body from the endpoint. `first` is the
+    line already taken from `lines` (the answer starts with it)."""
+
+    def __init__(self, first: bytes, lines: AsyncGenerator[bytes, None]) -> None:
+        async def answer() -> AsyncIterator[bytes]:
+            yield first
+            async for out in lines:
+                yield out
+
+        super().__init__(answer(), media_type="application/x-ndjson")
+        self._lines = lines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.stream_response(send)
+        try:
+            await self.stream_response(send)
+        finally:  # also when the client went away: the import ends (and frees its slot) now
+            await self._lines.aclose()
 
 
 @dataclass
@@ -95,21 +108,17 @@ async def ndjson_lines(
         yield number + 1, None if oversized or len(buffer) > max_line else bytes(buffer)
 
 
-async def decoded_body(request: Request) -> AsyncIterator[bytes]:
-    encoding = request.headers.get("content-encoding", "").strip().lower()
-    if encoding not in ("", "identity", "gzip"):
-        raise ApiError(
-            415,
-            "unsupported_encoding",
-            "Content-Encoding must be gzip or identity",
-            errors=[field_error("Content-Encoding", "enum", "gzip or identity")],
-        )
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
+async def decoded_body(request: Request, gzip: GzipStream | None) -> AsyncIterator[bytes]:
+    """The body as it arrives, inflated in bounded pieces when gzip (raises `ApiError` for bad gzip)."""
     async for chunk in request.stream():
-        if inflater is None:
-            yield chunk
-        elif chunk:
-            yield inflater.decompress(chunk)
+        if gzip is None:
+            if chunk:
+                yield chunk
+        else:
+            for piece in gzip.feed(chunk):
+                yield piece
+    if gzip is not None:
+        gzip.finish()
 
 
 def imports_router(intake: Intake, batch: BatchHandler) -> APIRouter:
@@ -142,28 +151,41 @@ def imports_router(intake: Intake, batch: BatchHandler) -> APIRouter:
                 "too many imports running; retry later",
                 headers={"Retry-After": str(settings.overload_retry_after_s * 10)},
             )
-        body = decoded_body(request)
+        gzip = (
+            GzipStream(settings.import_max_gzip_ratio, settings.max_batch_bytes) if is_gzip(request) else None
+        )
         active += 1
 
-        async def run() -> AsyncIterator[bytes]:
+        async def run() -> AsyncGenerator[bytes, None]:
             nonlocal active
             try:
-                async for out in _import(intake, body):
+                async for out in _import(intake, decoded_body(request, gzip)):
                     yield out
             finally:
                 active -= 1
 
-        return _DuplexStreamingResponse(run(), media_type="application/x-ndjson")
+        # No status is sent before the import's first line: until then a refusal (bad gzip, a
+        # bomb) is a plain 4xx, not a 200 followed by a dropped connection.
+        lines = run()
+        try:
+            first = await anext(lines)
+        except StopAsyncIteration:  # _import always ends with a summary
+            raise RuntimeError("the import answered nothing") from None
+        return _DuplexStreamingResponse(first, lines)
 
     return router
 
 
 async def _import(intake: Intake, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The import's answer lines. An `ApiError` from reading the body (bad gzip, a bomb) is raised
+    while nothing is published or answered yet (the endpoint answers it as such); after that it ends
+    the import with an incomplete summary: the events before `resumeFromLine` are durable."""
     settings = intake.settings
     progress = ImportProgress()
     chunk: list[PreparedEvent] = []
     chunk_start = 1
     last_report = time.monotonic()
+    started = False  # something was published or answered: a refusal can no longer be a 4xx
 
     def reject(number: int, errors: list[FieldError]) -> None:
         progress.rejected += 1
@@ -187,35 +209,51 @@ async def _import(intake: Intake, body: AsyncIterator[bytes]) -> AsyncIterator[b
             return None
         return "overloaded"
 
-    async for number, line in ndjson_lines(body, settings.max_event_bytes):
-        progress.lines = number
-        if not chunk:
-            chunk_start = number
-        if line is None:
-            reject(
-                number,
-                [FieldError("line", "max_size", f"an event is at most {settings.max_event_bytes} bytes")],
-            )
-        elif line.strip():
-            prepared = _prepare(intake, line)
-            if isinstance(prepared, list):
-                reject(number, prepared)
-            else:
-                chunk.append(prepared)
-        if len(chunk) >= settings.import_chunk_events:
-            failure = await flush()
-            if failure is not None:
-                yield progress.line(
-                    "summary",
-                    complete=False,
-                    error=failure,
-                    resumeFromLine=chunk_start,
-                    errors=progress.errors,
+    try:
+        async for number, line in ndjson_lines(body, settings.max_event_bytes):
+            progress.lines = number
+            if not chunk:
+                chunk_start = number
+            if line is None:
+                reject(
+                    number,
+                    [FieldError("line", "max_size", f"an event is at most {settings.max_event_bytes} bytes")],
                 )
-                return
-        if time.monotonic() - last_report >= settings.import_progress_interval_s:
-            last_report = time.monotonic()
-            yield progress.line("progress")
+            elif line.strip():
+                prepared = _prepare(intake, line)
+                if isinstance(prepared, list):
+                    reject(number, prepared)
+                else:
+                    chunk.append(prepared)
+            if len(chunk) >= settings.import_chunk_events:
+                started = True
+                failure = await flush()
+                if failure is not None:
+                    yield progress.line(
+                        "summary",
+                        complete=False,
+                        error=failure,
+                        resumeFromLine=chunk_start,
+                        errors=progress.errors,
+                    )
+                    return
+            if time.monotonic() - last_report >= settings.import_progress_interval_s:
+                last_report = time.monotonic()
+                started = True
+                yield progress.line("progress")
+    except ApiError as exc:
+        if not started:
+            raise
+        # The lines read so far but not yet written are not published: the import resumes there.
+        yield progress.line(
+            "summary",
+            complete=False,
+            error=exc.code,
+            message=exc.message,
+            resumeFromLine=chunk_start if chunk else progress.lines + 1,
+            errors=[*progress.errors, *exc.errors],
+        )
+        return
     if chunk:
         failure = await flush()
         if failure is not None:

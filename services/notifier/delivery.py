@@ -33,6 +33,8 @@ from services.notifier.domain import consent
 from services.notifier.domain.composition import (
     ContactView,
     compose_email,
+    data_problems,
+    describe,
     locale_of,
     recipient_address,
     status_of,
@@ -372,6 +374,9 @@ class DeliveryWorker:
                 MessageStatusKind.FAILED,
                 f"template {template.id!r} is for {template.channel.value}, not {request.channel.value}",
             )
+        problems = data_problems(request.data)
+        if problems:  # no profile or retry can fix the request's own data
+            return Prepared(None, MessageStatusKind.FAILED, f"invalid template data: {describe(problems)}")
         address = recipient_address(request, contact)
         if not address:
             # An event-triggered send can overtake the customer's profile on clm.profiles.v1 (a welcome

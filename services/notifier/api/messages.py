@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.notifier.api.dependencies import NotifierDep
+from services.notifier.api.templates import check_template_data
 from services.notifier.consumers.message_requests import enqueue
 from services.notifier.store import api_requests_repo, ledger_repo, templates_repo
 from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient, storable
@@ -77,6 +78,7 @@ def router(admin: Any) -> APIRouter:
                 "the Idempotency-Key header is required",
                 errors=[field_error("Idempotency-Key", "required", "send a unique key per message")],
             )
+        check_template_data(body.data)
         message_id = f"api-{uuid.uuid5(_KEYS, idempotency_key)}"
         digest = hashlib.sha256(
             orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
-from services.notifier.domain.composition import recipient_address, template_data
+from services.notifier.domain.composition import data_problems, recipient_address, template_data
 from services.notifier.domain.signing import PREVIEW_UNSUBSCRIBE_PATH, MessageLinks
 from services.notifier.domain.templates import RenderError
 from services.notifier.service import Notifier
@@ -69,6 +69,19 @@ _ADDRESS_FIELD = {
     Channel.PUSH: "push_token",
     Channel.WEBHOOK: "webhook_url",
 }
+
+
+def check_template_data(data: dict[str, Any]) -> None:
+    """A 400 naming the field for `data` the template variables cannot be made from (`traits` as a
+    list, say), before anything is queued or rendered."""
+    problems = data_problems(data)
+    if problems:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "data cannot be used as template data",
+            errors=[field_error(field, "object", problem) for field, problem in problems],
+        )
 
 
 def router(admin: Any) -> APIRouter:
@@ -156,6 +169,7 @@ def router(admin: Any) -> APIRouter:
 
     @api.post("/{template_id}/preview")
     async def preview(template_id: str, body: PreviewBody, notifier: NotifierDep) -> dict[str, Any]:
+        check_template_data(body.data)
         async with notifier.platform.unit_of_work() as uow:
             template = await templates_repo.get_definition(uow.session, template_id)
             contact = await contacts_repo.get(uow.session, body.customer_id) if body.customer_id else None
@@ -199,6 +213,7 @@ def router(admin: Any) -> APIRouter:
 
     @api.post("/{template_id}/test-send", status_code=202)
     async def test_send(template_id: str, body: TestSendBody, notifier: NotifierDep) -> dict[str, Any]:
+        check_template_data(body.data)
         async with notifier.platform.unit_of_work() as uow:
             template = await templates_repo.get_definition(uow.session, template_id)
         if template is None:

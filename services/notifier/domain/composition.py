@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -75,9 +76,38 @@ def unsubscribe_url(request: MessageRequested, links: MessageLinks) -> str | Non
     )
 
 
+# The request's data keys the notifier merges with what it knows itself (the profile's traits, the
+# journey's ids): they must be objects; absent or null mean nothing to add.
+MERGED_OBJECTS = ("traits", "journey")
+_JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+
+
+class InvalidTemplateData(ValueError):
+    """A request's data the template variables cannot be made from: the message fails with this
+    reason (the API refuses such data with a 400 instead)."""
+
+
+def data_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, problem) for each key of a request's `data` that cannot be merged; empty when usable."""
+    return [
+        (f"data.{key}", f"must be an object (or null), not {_JSON_TYPES.get(type(value), 'a scalar')}")
+        for key in MERGED_OBJECTS
+        if (value := data.get(key)) is not None and not isinstance(value, dict)
+    ]
+
+
+def describe(problems: list[tuple[str, str]]) -> str:
+    return "; ".join(f"{field} {problem}" for field, problem in problems)
+
+
 def template_data(
     request: MessageRequested, contact: ContactView | None, links: MessageLinks, address: str | None
 ) -> dict[str, Any]:
+    """The variables a template sees. Raises `InvalidTemplateData` for data that cannot be merged
+    (a request from another service is not validated as the API's are)."""
+    problems = data_problems(request.data)
+    if problems:
+        raise InvalidTemplateData(describe(problems))
     data = dict(request.data)
     traits = {**((contact.traits if contact else None) or {}), **(data.get("traits") or {})}
     journey = {

@@ -1,0 +1,43 @@
+"""POST /v1/messages: template data the notifier cannot use is refused before anything is queued."""
+
+from __future__ import annotations
+
+from tests.notifier.conftest import ADMIN
+
+SMS = {
+    "id": "sms-data",
+    "name": "SMS",
+    "channel": "sms",
+    "default_locale": "en",
+    "variants": {"en": {"body": "Hi {{ traits.name | default: 'there' }}"}},
+}
+
+
+async def test_a_send_with_traits_that_are_not_an_object_is_a_400_and_queues_nothing(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await h.create_template(SMS)
+        send = {
+            "customer_id": "c-data",
+            "channel": "sms",
+            "template_id": "sms-data",
+            "recipient": {"phone": "+4790000002"},
+        }
+        # Was a 202, then the message failed with "internal error: TypeError".
+        r = await h.client.post(
+            "/v1/messages",
+            json={**send, "data": {"traits": "vip", "journey": [1]}},
+            headers={**ADMIN, "Idempotency-Key": "bad-data"},
+        )
+        assert r.status_code == 400, r.text
+        assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [
+            ("data.traits", "object"),
+            ("data.journey", "object"),
+        ]
+        # Nothing was queued nor the key taken.
+        again = await h.client.post(
+            "/v1/messages",
+            json={**send, "data": {"traits": {"name": "Ada"}}},
+            headers={**ADMIN, "Idempotency-Key": "bad-data"},
+        )
+        assert again.status_code == 202, again.text
+        await h.wait_status(again.json()["message_id"], "sent")

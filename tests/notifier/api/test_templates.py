@@ -1,0 +1,40 @@
+"""/v1/templates: what a template preview or test send refuses up front."""
+
+from __future__ import annotations
+
+from tests.notifier.conftest import ADMIN
+
+SMS = {
+    "id": "sms-data",
+    "name": "SMS",
+    "channel": "sms",
+    "default_locale": "en",
+    "variants": {"en": {"body": "Hi {{ traits.name | default: 'there' }}"}},
+}
+
+
+async def test_preview_and_test_send_refuse_traits_or_journey_that_are_not_objects(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await h.create_template(SMS)
+        # `**data["traits"]` raised TypeError outside the preview's try: a 500.
+        r = await h.client.post(
+            "/v1/templates/sms-data/preview", headers=ADMIN, json={"data": {"traits": ["vip"]}}
+        )
+        assert r.status_code == 400, r.text
+        assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [("data.traits", "object")]
+        assert "not an array" in r.json()["errors"][0]["message"]
+
+        # The test send answered 202 and the message failed later ("internal error: TypeError").
+        r = await h.client.post(
+            "/v1/templates/sms-data/test-send",
+            headers=ADMIN,
+            json={"recipient": {"phone": "+4790000001"}, "data": {"journey": "welcome"}},
+        )
+        assert r.status_code == 400, r.text
+        assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [("data.journey", "object")]
+        assert h.twilio.requests == []
+
+        ok = await h.client.post(
+            "/v1/templates/sms-data/preview", headers=ADMIN, json={"data": {"traits": {"name": "Ada"}}}
+        )
+        assert ok.status_code == 200 and ok.json()["parts"] == {"body": "Hi Ada"}, ok.text

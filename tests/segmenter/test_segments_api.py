@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
+import pytest
+from sqlalchemy import text
+
+from services.segmenter.store import segments as segment_store
 from shared.contracts.events import SegmentMembershipChanged
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event
+from tests.segmenter.test_erasure_races import Pause
 
 
 async def seed(h: Harness, n: int) -> None:
@@ -121,6 +127,45 @@ async def test_segments_of_segments_and_delete(harness: Harness) -> None:
     assert all(m["segment_name"] == "Older pro" for m in exits)
     assert len({m["event_id"] for m in announced}) == len(announced)  # never an entry's id again
     assert (await harness.client.delete(f"/v1/segments/{older}", headers=ADMIN)).status_code == 404
+
+
+async def test_deleting_a_segment_while_a_backfill_chunk_writes_leaves_no_member_behind(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await seed(harness, 6)
+    r = await harness.client.post(
+        "/v1/segments",
+        json={"name": "Pro", "definition": {"trait": "plan", "op": "equals", "value": "pro"}},
+        headers=ADMIN,
+    )
+    sid = r.json()["id"]
+    # The chunk has written its memberships and `entered` announcements, not yet committed.
+    pause = Pause(monkeypatch, segment_store, "advance_backfill", after=True)
+    backfill = asyncio.ensure_future(harness.segmenter.backfill.run_until_idle())
+    try:
+        await asyncio.wait_for(pause.reached.wait(), 10)
+        # Reading the segment does not wait for the chunk.
+        got = await asyncio.wait_for(harness.client.get(f"/v1/segments/{sid}", headers=ADMIN), 3)
+        assert got.json()["status"] == "backfilling" and got.json()["member_count"] == 0
+        deletion = asyncio.ensure_future(harness.client.delete(f"/v1/segments/{sid}", headers=ADMIN))
+        await asyncio.wait({deletion}, timeout=1.0)
+    finally:
+        pause.release.set()
+    await backfill
+    assert (await deletion).status_code == 204
+
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        left = await uow.session.execute(
+            text("SELECT count(*) FROM memberships WHERE segment_id = :s"), {"s": sid}
+        )
+        assert left.scalar_one() == 0
+    # Every entry the chunk announced is followed by its exit.
+    changes = [(m["customer_id"], m["change"]) for m in await harness.memberships() if m["segment_id"] == sid]
+    assert sorted(changes) == sorted(
+        [(c, "entered") for c in ("u00", "u03")] + [(c, "exited") for c in ("u00", "u03")]
+    )
+    for c in ("u00", "u03"):  # one key, one partition: in order
+        assert changes.index((c, "entered")) < changes.index((c, "exited"))
 
 
 async def bad(

@@ -152,9 +152,8 @@ def segments_router(seg: Segmenter) -> APIRouter:
     @router.get("/{segment_id}")
     async def get_segment(segment_id: str) -> dict[str, Any]:
         async with platform.unit_of_work() as uow:
-            # Locked: a back-fill chunk in flight holds the row while it writes memberships; waiting
-            # for it lets the deletion see (and announce the exit of) what it wrote.
-            row = await segment_store.get_segment(uow.session, segment_id, lock=True)
+            # Not locked: a read never waits for a back-fill chunk in flight.
+            row = await segment_store.get_segment(uow.session, segment_id)
             if row is None:
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             members = await segment_store.member_count(uow.session, segment_id)
@@ -178,6 +177,11 @@ def segments_router(seg: Segmenter) -> APIRouter:
     @router.delete("/{segment_id}", status_code=204)
     async def delete_segment(segment_id: str) -> Response:
         async with platform.unit_of_work() as uow:
+            # Locked first: a back-fill chunk in flight holds the row while it writes memberships;
+            # waiting for it lets the deletion see (and announce the exit of) what it wrote.
+            row = await segment_store.get_segment(uow.session, segment_id, lock=True)
+            if row is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             rows = await segment_store.segment_versions(uow.session)
             users = []
             for sid, version, name, definition in rows:
@@ -192,9 +196,6 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 raise ApiError(
                     409, "segment_in_use", f"segments {', '.join(sorted(users))} refer to this segment"
                 )
-            row = await segment_store.get_segment(uow.session, segment_id)
-            if row is None:
-                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             announce = segment_store.Announcement.of(
                 platform.settings.topic(SEGMENT_MEMBERSHIP.name),
                 platform.settings.service_name,

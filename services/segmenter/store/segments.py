@@ -91,7 +91,10 @@ async def restart_backfill(session: AsyncSession, segment_ids: Iterable[str], no
 async def delete_segment(session: AsyncSession, segment_id: str, announce: Announcement) -> int | None:
     """Delete the segment with its memberships and timers; every member's exit is announced (cause
     `segment_deleted`), so that journeys and other consumers of memberships stop counting them.
-    Returns the exits announced, or None if there was no such segment."""
+    Returns the exits announced, or None if there was no such segment.
+
+    The caller holds the segment row locked (`get_segment(lock=True)`) before this: a back-fill chunk
+    holds it while it writes, and memberships it has not committed are invisible to this DELETE."""
     exits = (
         await session.execute(
             text(

@@ -47,6 +47,17 @@ CASES: list[tuple[str, Any, dict[str, str], int, str, str]] = [
     ("/v1/alias", {"userId": "u1"}, {}, 400, "previousId", "required"),
     ("/v1/group", {"userId": "u1"}, {}, 400, "groupId", "required"),
     ("/v1/page", {"userId": "u1", "name": ["x"]}, {}, 400, "name", "string_type"),
+    # Ids and names are index keys downstream (2,704 bytes an entry): limited in UTF-8 bytes.
+    ("/v1/track", {"userId": "u" * 512, "event": "界" * 1024}, {}, 400, "event", "max_bytes"),
+    ("/v1/identify", {"userId": "界" * 200, "traits": {}}, {}, 400, "userId", "max_bytes"),
+    (
+        "/v1/batch",
+        {"batch": [{"type": "alias", "userId": "u1", "previousId": "é" * 300}]},
+        {},
+        400,
+        "batch.0.previousId",
+        "max_bytes",
+    ),
     (
         "/v1/track",
         {"userId": "u1", "event": "E", "properties": {"big": "x" * 33_000}},

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from shared.contracts.events import EventType
@@ -18,8 +18,26 @@ JsonObject = dict[str, Any]
 
 
 # Segment accepts numeric ids (and its SDKs stringify them): kept, as strings.
-Identifier = Annotated[str, Field(coerce_numbers_to_str=True), StringConstraints(max_length=512)]
-Name = Annotated[str, StringConstraints(max_length=1024)]
+Identifier = Annotated[str, Field(coerce_numbers_to_str=True)]
+
+# Limits in UTF-8 bytes, not characters (checked in `validation.py`): ids and event names are keys of
+# the consumers' btree indexes (the segmenter's events by customer, event and time), whose entries
+# PostgreSQL caps at 2,704 bytes. 1,024 CJK characters are ~3 KB: such an event was accepted and then
+# dead-lettered. Two ids and a name, 512 + 512 + 1,024 bytes with the entry's overhead, fit.
+MAX_ID_BYTES = 512
+MAX_NAME_BYTES = 1024
+# attribute -> (Segment's field name, limit in bytes)
+BYTE_LIMITS: dict[str, tuple[str, int]] = {
+    "message_id": ("messageId", MAX_ID_BYTES),
+    "user_id": ("userId", MAX_ID_BYTES),
+    "anonymous_id": ("anonymousId", MAX_ID_BYTES),
+    "group_id": ("groupId", MAX_ID_BYTES),
+    "previous_id": ("previousId", MAX_ID_BYTES),
+    "event": ("event", MAX_NAME_BYTES),
+    "name": ("name", MAX_NAME_BYTES),
+    "category": ("category", MAX_NAME_BYTES),
+}
+
 # `null` is accepted for an object (as Segment does) and read as {} when normalized.
 Object = JsonObject | None
 
@@ -45,13 +63,13 @@ class IdentifyCall(SegmentCall):
 
 
 class TrackCall(SegmentCall):
-    event: Name | None = None
+    event: str | None = None
     properties: Object = None
 
 
 class PageCall(SegmentCall):
-    name: Name | None = None
-    category: Name | None = None
+    name: str | None = None
+    category: str | None = None
     properties: Object = None
 
 

@@ -10,11 +10,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.ingest.domain.calls import CALL_MODELS, SegmentCall
+from services.ingest.domain.calls import BYTE_LIMITS, CALL_MODELS, SegmentCall
 from shared.contracts import storable
 from shared.contracts.events import EventType
 
 _TYPES = ", ".join(t.value for t in EventType)
+MAX_BYTES_RULE = "max_bytes"
 _BY_NAME = {t.value: t for t in EventType}
 
 
@@ -106,6 +107,19 @@ def _rules(call_type: EventType, call: SegmentCall, prefix: str) -> list[FieldEr
             errors.append(
                 FieldError(_field(prefix, name), storable.TIME_RULE, f"{name} {storable.TIME_MESSAGE}")
             )
+    for attribute, (name, limit) in BYTE_LIMITS.items():
+        value = getattr(call, attribute, None)
+        # At most 4 bytes a character: a short one needs no encoding.
+        if value is not None and len(value) * 4 > limit:
+            size = len(value.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                errors.append(
+                    FieldError(
+                        _field(prefix, name),
+                        MAX_BYTES_RULE,
+                        f"{name} must be at most {limit} bytes in UTF-8 (it is {size})",
+                    )
+                )
     if not call.user_id and not call.anonymous_id:
         errors.append(
             FieldError(_field(prefix, "userId"), "required_one_of", "userId or anonymousId is required")

@@ -25,7 +25,19 @@ def rules(result: ValidCall | list[FieldError]) -> set[tuple[str, str]]:
         (EventType.ALIAS, {"userId": "u"}, {("previousId", "required")}),
         (EventType.GROUP, {"anonymousId": "a"}, {("groupId", "required")}),
         (EventType.TRACK, {"userId": True, "event": "E"}, {("userId", "string_type")}),
-        (EventType.TRACK, {"userId": "u" * 513, "event": "E"}, {("userId", "string_too_long")}),
+        (EventType.TRACK, {"userId": "u" * 513, "event": "E"}, {("userId", "max_bytes")}),
+        # Limits in UTF-8 bytes (index entries): 1,024 CJK characters are 3,072 bytes.
+        (EventType.TRACK, {"userId": "u", "event": "界" * 342}, {("event", "max_bytes")}),
+        (EventType.TRACK, {"anonymousId": "é" * 257, "event": "E"}, {("anonymousId", "max_bytes")}),
+        (
+            EventType.TRACK,
+            {"userId": "u", "event": "E", "messageId": "界" * 171},
+            {("messageId", "max_bytes")},
+        ),
+        (EventType.GROUP, {"userId": "u", "groupId": "🙂" * 129}, {("groupId", "max_bytes")}),
+        (EventType.ALIAS, {"userId": "u", "previousId": "界" * 171}, {("previousId", "max_bytes")}),
+        (EventType.PAGE, {"userId": "u", "name": "界" * 342}, {("name", "max_bytes")}),
+        (EventType.SCREEN, {"userId": "u", "category": "é" * 513}, {("category", "max_bytes")}),
         (EventType.PAGE, {"userId": "u", "properties": "x"}, {("properties", "dict_type")}),
         (EventType.SCREEN, {"userId": "u", "sentAt": "later"}, {("sentAt", "datetime_from_date_parsing")}),
         (EventType.TRACK, {"event": ""}, {("userId", "required_one_of"), ("event", "required")}),
@@ -63,3 +75,13 @@ def test_valid_calls_keep_segment_fields_and_tolerate_unknown_ones() -> None:
     assert rules(validate_call({"user_id": "u", "event": "E"}, EventType.TRACK)) == {
         ("userId", "required_one_of")
     }
+
+
+def test_byte_limits_allow_their_maximum_and_name_the_position_in_a_batch() -> None:
+    at_limit = {"userId": "界" * 170 + "uu", "anonymousId": "🙂" * 128, "event": "界" * 341 + "e"}
+    assert isinstance(validate_call(at_limit, EventType.TRACK), ValidCall)  # 512, 512, 1,024 bytes
+    item = {"type": "track", "userId": "u" * 512, "event": "界" * 1024}
+    errors = validate_call(item, None, prefix="batch.4")
+    assert isinstance(errors, list)
+    assert [(e.field, e.rule) for e in errors] == [("batch.4.event", "max_bytes")]
+    assert "at most 1024 bytes in UTF-8 (it is 3072)" in errors[0].message

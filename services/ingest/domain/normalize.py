@@ -5,7 +5,10 @@ Timestamps the Segment way:
 - `originalTimestamp` is the client's time of the event (`originalTimestamp`, else `timestamp`);
 - `timestamp` corrects the client's clock skew: `receivedAt - (sentAt - originalTimestamp)` when the
   client said when it sent the call (`sentAt`, per event or per batch), else the client's time as given,
-  else `receivedAt`. Historical imports keep the time as given (no skew correction).
+  else `receivedAt`. Historical imports keep the time as given (no skew correction). A corrected time
+  outside the times every service stores (1900-2999) is `receivedAt` too: its `sentAt` and
+  `originalTimestamp` lie centuries apart, so the correction is meaningless, and the event is kept
+  (an SDK would drop a refused event, and Segment never refuses one for its time).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from services.ingest.domain.calls import AliasCall, GroupCall, IdentifyCall, PageCall, SegmentCall, TrackCall
 from services.ingest.domain.validation import ValidCall
+from shared.contracts import storable
 from shared.contracts.events import CustomerEvent
 
 BACKFILL_SOURCE = "backfill"
@@ -45,7 +49,11 @@ def event_time(
         return received_at, None
     original = as_utc(original)
     if correct_skew and sent_at is not None:
-        return received_at - (as_utc(sent_at) - original), original
+        try:
+            corrected = received_at - (as_utc(sent_at) - original)
+        except OverflowError:
+            return received_at, original
+        return (corrected if storable.time_in_range(corrected) else received_at), original
     return original, original
 
 

@@ -40,6 +40,33 @@ def test_batch_sent_at_applies_and_naive_times_are_utc() -> None:
     assert event.timestamp == NOW - timedelta(seconds=1)
 
 
+def test_a_corrected_time_outside_1900_2999_falls_back_to_the_server_time() -> None:
+    """sentAt and originalTimestamp are each in range, but centuries apart: the correction gave year
+    ~3125 (or ~927), which no consumer stores. The event is kept, at the time it was received."""
+    future = to_customer_event(
+        valid({"originalTimestamp": "2999-06-01T00:00:00Z", "sentAt": "1900-01-02T00:00:00Z"}),
+        received_at=NOW,
+        source=None,
+    )
+    assert future.timestamp == NOW
+    assert future.original_timestamp == datetime(2999, 6, 1, tzinfo=UTC)
+    assert future.sent_at == datetime(1900, 1, 2, tzinfo=UTC)
+    past = to_customer_event(
+        valid({"timestamp": "1900-01-02T00:00:00Z"}),
+        received_at=NOW,
+        source=None,
+        batch_sent_at=datetime(2999, 6, 1, tzinfo=UTC),
+    )
+    assert past.timestamp == NOW
+    # A large but storable correction is still applied (a device clock years off).
+    years_off = to_customer_event(
+        valid({"timestamp": "2126-03-01T11:00:00Z", "sentAt": "2126-03-01T12:00:00Z"}),
+        received_at=NOW,
+        source=None,
+    )
+    assert years_off.timestamp == NOW - timedelta(hours=1)
+
+
 def test_without_client_times_the_server_time_is_used_and_an_id_generated() -> None:
     first = to_customer_event(valid({}), received_at=NOW, source=None)
     second = to_customer_event(valid({}), received_at=NOW, source=None)

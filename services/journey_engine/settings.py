@@ -34,6 +34,13 @@ class JourneyEngineSettings(BaseServiceSettings):
     # per total is rolled up every `counts_compact_interval_s`, so its stats stay a read of a few rows.
     counts_rows_per_total: int = 20
     counts_compact_interval_s: float = 300.0
+    # Broadcasts (`schedule` entries, `enrol_current`) enrol a segment this many members per
+    # transaction (each takes one lock per member: PostgreSQL's lock table is finite), resuming
+    # after the last committed chunk; a pass works on them this long before the timers' turn. A
+    # journey whose broadcast fails is retried after `broadcast_retry_s`, the others go on.
+    broadcast_chunk_size: int = Field(default=500, ge=1, le=5000)
+    broadcast_budget_s: float = Field(default=1.0, gt=0)
+    broadcast_retry_s: float = Field(default=60.0, ge=0)
     # Statuses only move instances waiting on an open or a click, never a send: their consumer lets the
     # broker hold a fetch until this much is waiting or this long has passed (bigger, cheaper batches).
     statuses_fetch_min_bytes: int = 65536

@@ -158,8 +158,9 @@ class Harness:
         return await self.fire_due()
 
     async def fire_due(self) -> int:
+        """Fire due timers and run due broadcasts until neither has anything left to do now."""
         total = 0
-        while (n := await self.engine.run_once()) > 0:
+        while (n := await self.engine.run_once()) > 0 or self.engine.broadcasts_pending:
             total += n
         return total
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from shared.contracts import storable
 from shared.contracts.events import Channel, MessageCategory, MessageStatusKind
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -38,6 +39,9 @@ def _shorthand(value: Any) -> Any:
 
 
 Duration = Annotated[timedelta, BeforeValidator(_shorthand)]
+# The longest wait a definition may ask for: longer ones are typos, and near datetime's limits
+# (year 9999) adding them to a time overflows.
+MAX_DURATION = timedelta(days=3650)
 # Comparison names as segments write them, for the journey's own.
 _OP_ALIASES = {"equals": "eq", "not_equals": "neq"}
 
@@ -119,8 +123,10 @@ class ScheduleEntry(Strict):
     def _aware(self) -> ScheduleEntry:
         if self.at.tzinfo is None:
             raise ValueError("'at' needs a timezone (e.g. 2026-01-05T09:00:00Z)")
-        if self.every is not None and self.every < timedelta(minutes=1):
-            raise ValueError("'every' must be at least one minute")
+        if not storable.time_in_range(self.at):
+            raise ValueError(f"'at' {storable.TIME_MESSAGE}")
+        if self.every is not None and not timedelta(minutes=1) <= self.every <= MAX_DURATION:
+            raise ValueError("'every' must be from one minute to 3650 days")
         return self
 
 

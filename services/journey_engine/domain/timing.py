@@ -96,5 +96,18 @@ class QuietHours:
         return next_time_of_day(now, self.end, tz)
 
 
+def next_run(run_at: datetime, every: timedelta | None, now: datetime) -> datetime | None:
+    """A recurring broadcast's next run after `now` (runs missed while the engine was down are
+    skipped, not caught up); None for a one-off, or one past 2999 (`storable.time_in_range`)."""
+    if every is None or every <= timedelta(0):
+        return None
+    missed = max(0, (now - run_at) // every)
+    try:
+        following = run_at + every * (missed + 1)
+    except OverflowError:
+        return None
+    return following if storable.time_in_range(following) else None
+
+
 def local_day(instant: datetime, tz: ZoneInfo) -> date:
     return instant.astimezone(tz).date()

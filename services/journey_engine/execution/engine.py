@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from prometheus_client import Counter
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -36,7 +38,7 @@ from services.journey_engine.domain.entry import (
     may_reenter,
     triggers,
 )
-from services.journey_engine.domain.timing import zone
+from services.journey_engine.domain.timing import next_run, zone
 from services.journey_engine.domain.walker import (
     CustomerView,
     EventArrived,
@@ -79,6 +81,11 @@ from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
 INSTANCE_NAMESPACE = uuid.UUID("6f1c2a52-4d0e-4c7e-9a51-0b8f3d7e2c11")
+BROADCAST_FAILURES = Counter(
+    "clm_journey_broadcast_failures_total",
+    "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
+    ["journey"],
+)
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,10 @@ class JourneyEngine:
         self._graphs: dict[tuple[str, int], Graph] = {}
         # Called after each committed timer batch with the due times fired (the benchmark's lateness).
         self.on_fired: Callable[[list[datetime]], None] | None = None
+        # Broadcasts: journeys waiting out a failed chunk (until then), and whether the last pass
+        # left chunks to do (the timer loop then goes on without resting).
+        self._broadcast_retry: dict[str, datetime] = {}
+        self.broadcasts_pending = False
 
     # ------------------------------------------------------------------ definitions
 
@@ -411,11 +422,8 @@ class JourneyEngine:
         if chain is not None:
             # The Kafka chain's id (not the journey's correlation key): the instance's messages pass it on.
             context["correlation_id"] = chain
-        instance_id = str(
-            uuid.uuid5(INSTANCE_NAMESPACE, f"{journey.row.id}|{customer.customer_id}|{trigger_id}")
-        )
         row = InstanceRow(
-            id=instance_id,
+            id=instance_id(journey.row.id, customer.customer_id, trigger_id),
             journey_id=journey.row.id,
             version=journey.row.current_version,
             customer_id=customer.customer_id,
@@ -687,46 +695,108 @@ class JourneyEngine:
         return len(claimed)
 
     async def run_due_broadcasts(self) -> int:
-        """Scheduled broadcasts (and enrolment of current segment members) that are due."""
+        """Scheduled broadcasts (and enrolment of current segment members) that are due: a chunk of
+        members per transaction, round robin over the due journeys until the pass's budget is spent
+        (`broadcasts_pending` then says more is waiting). A journey whose chunk fails is logged,
+        counted and retried after `broadcast_retry_s`; the others go on."""
         now = self.clock.now()
-        enrolled = 0
+        self._broadcast_retry = {j: t for j, t in self._broadcast_retry.items() if t > now}
         async with self.platform.unit_of_work() as uow:
-            for row in await journey_store.due_runs(uow.session, now):
-                graph = await self.graph(uow.session, row.id, row.current_version)
-                next_run: datetime | None = None
-                if graph is not None and row.next_run_at is not None:
-                    entry = graph.definition.entry
-                    if isinstance(entry, (ScheduleEntry, SegmentEntry)):
-                        enrolled += await self.enrol_segment(
-                            uow, ActiveJourney(row, graph), entry, row.next_run_at
-                        )
-                    if isinstance(entry, ScheduleEntry) and entry.every is not None:
-                        next_run = row.next_run_at + entry.every
-                        while next_run <= now:
-                            next_run += entry.every
-                await journey_store.update(
-                    uow.session, row.id, now=now, next_run_at=next_run, set_next_run=True
-                )
+            pending = await journey_store.due_runs(uow.session, now, sorted(self._broadcast_retry))
+        deadline = time.monotonic() + self.settings.broadcast_budget_s
+        enrolled = 0
+        self.broadcasts_pending = False
+        while pending:
+            more = []
+            for journey_id in pending:
+                try:
+                    n, again = await self._broadcast_chunk(journey_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("broadcast chunk failed; retrying later", extra={"journey": journey_id})
+                    BROADCAST_FAILURES.labels(journey_id).inc()
+                    self._broadcast_retry[journey_id] = self.clock.now() + timedelta(
+                        seconds=self.settings.broadcast_retry_s
+                    )
+                    continue
+                enrolled += n
+                if again:
+                    more.append(journey_id)
+            pending = more
+            if pending and time.monotonic() >= deadline:
+                self.broadcasts_pending = True
+                break
         return enrolled
 
-    async def enrol_segment(
-        self, uow: UnitOfWork, journey: ActiveJourney, entry: ScheduleEntry | SegmentEntry, run_at: datetime
+    async def _broadcast_chunk(self, journey_id: str) -> tuple[int, bool]:
+        """Enrol the next chunk of a due broadcast's members in one transaction: (enrolled, whether
+        members are left). Only members' locks for one chunk are held at a time, and the progress is
+        saved with the chunk, so a crash resumes after the last committed chunk."""
+        async with self.platform.unit_of_work() as uow:
+            session = uow.session
+            now = self.clock.now()
+            state = await journey_store.run_state(session, journey_id)
+            if (
+                state is None
+                or state.status != "active"
+                or state.next_run_at is None
+                or state.next_run_at > now
+            ):
+                return 0, False
+            run_at = state.next_run_at
+            graph = await self.graph(session, journey_id, state.version)
+            entry = graph.definition.entry if graph is not None else None
+            if graph is None or not isinstance(entry, (ScheduleEntry, SegmentEntry)):
+                # Nothing to enrol (the entry is no longer a segment's): stop scheduling runs.
+                if await journey_store.lock_run(session, state) is not None:
+                    await journey_store.finish_run(session, journey_id, None, now)
+                return 0, False
+            size = self.settings.broadcast_chunk_size
+            members = await projection.segment_members_after(
+                session, entry.segment_id, state.resume_after, size
+            )
+            # The customers' locks before the journey's row: the order consumers take them in (a
+            # consumer may count an entry against the journey's cap while holding its customers').
+            await projection.lock_customers(session, members)
+            row = await journey_store.lock_run(session, state)
+            if row is None:
+                return 0, False  # another worker has this chunk, or the journey changed meanwhile
+            enrolled = await self._enrol_members(uow, ActiveJourney(row, graph), entry, run_at, members, now)
+            if len(members) < size:
+                every = entry.every if isinstance(entry, ScheduleEntry) else None
+                await journey_store.finish_run(session, journey_id, next_run(run_at, every, now), now)
+                return enrolled, False
+            await journey_store.save_progress(session, journey_id, run_at, members[-1], now)
+            return enrolled, True
+
+    async def _enrol_members(
+        self,
+        uow: UnitOfWork,
+        journey: ActiveJourney,
+        entry: ScheduleEntry | SegmentEntry,
+        run_at: datetime,
+        members: list[str],
+        now: datetime,
     ) -> int:
-        session = uow.session
-        now = self.clock.now()
-        members = await projection.segment_member_ids(session, entry.segment_id)
+        """Enter these (locked) members on the run at `run_at`, skipping those already inside, those
+        this run already entered and those who left the segment since it was read."""
         if not members:
             return 0
-        await projection.lock_customers(session, members)
-        inside = {c for _, c in await instance_store.active_ids(session, journey.row.id)}
-        candidates = [c for c in members if c not in inside]
-        last = await instance_store.last_entries(session, journey.row.id, candidates)
-        records = await projection.load(
-            session, candidates, projection.sends_window(now, bool(self.rules.caps))
+        session = uow.session
+        run_id = f"run:{run_at.isoformat()}"
+        skip = await instance_store.inside_or_entered(
+            session, journey.row.id, members, [instance_id(journey.row.id, c, run_id) for c in members]
         )
+        records = await projection.load(
+            session,
+            [c for c in members if c not in skip],
+            projection.sends_window(now, bool(self.rules.caps)),
+        )
+        candidates = [c for c in sorted(records) if entry.segment_id in records[c].segments]
+        last = await instance_store.last_entries(session, journey.row.id, candidates)
         writer = StepWriter(now)
         enrolled = 0
-        run_id = f"run:{run_at.isoformat()}"
         for cid in candidates:
             customer = customer_view(records[cid])
             start_at = now
@@ -751,8 +821,6 @@ class JourneyEngine:
                 last_entered_at=last.get((cid, "")),
             ):
                 enrolled += 1
-            if len(writer.new_instances) >= 1000:
-                await writer.flush(session)
         await writer.flush(session)
         return enrolled
 
@@ -797,8 +865,13 @@ class JourneyEngine:
             except Exception:
                 log.exception("timer batch failed; retrying")
                 claimed = 0
-            if claimed < self.settings.timer_batch_size:
+            if claimed < self.settings.timer_batch_size and not self.broadcasts_pending:
                 await asyncio.sleep(self.settings.timer_poll_interval_s)
+
+
+def instance_id(journey_id: str, customer_id: str, trigger_id: str) -> str:
+    """Deterministic: the same trigger (a message, a broadcast's run) never enters a customer twice."""
+    return str(uuid.uuid5(INSTANCE_NAMESPACE, f"{journey_id}|{customer_id}|{trigger_id}"))
 
 
 def _chain(row: InstanceRow) -> str | None:

@@ -140,12 +140,20 @@ async def entries_of_customers(
     return {(r[0], r[1], r[2]): r[3] for r in rows}
 
 
-async def active_ids(session: AsyncSession, journey_id: str) -> list[tuple[str, str]]:
+async def inside_or_entered(
+    session: AsyncSession, journey_id: str, customer_ids: list[str], instance_ids: list[str]
+) -> set[str]:
+    """Of these customers, those active in the journey, or whose instance for this run (one of
+    `instance_ids`, which are deterministic) already exists: a resumed broadcast skips them."""
     rows = await session.execute(
-        text("SELECT id, customer_id FROM instances WHERE journey_id = :j AND status = 'active' ORDER BY id"),
-        {"j": journey_id},
+        text(
+            "SELECT customer_id FROM instances WHERE journey_id = :j AND status = 'active' "
+            "AND customer_id = ANY(CAST(:c AS text[])) "
+            "UNION SELECT customer_id FROM instances WHERE id = ANY(CAST(:ids AS text[]))"
+        ),
+        {"j": journey_id, "c": customer_ids, "ids": instance_ids},
     )
-    return [(r[0], r[1]) for r in rows]
+    return {r[0] for r in rows}
 
 
 async def last_entries(

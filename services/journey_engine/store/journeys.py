@@ -140,13 +140,92 @@ async def take_entry_slot(session: AsyncSession, journey_id: str) -> bool:
     return row.first() is not None
 
 
-async def due_runs(session: AsyncSession, now: datetime, limit: int = 10) -> list[JourneyRow]:
-    """Active journeys whose broadcast (or enrolment of current members) is due, locked for this worker."""
+async def due_runs(session: AsyncSession, now: datetime, skip: list[str], limit: int = 100) -> list[str]:
+    """Active journeys whose broadcast (or enrolment of current members) is due, oldest first; `skip`
+    are journeys waiting out a failure. Not locked: each chunk locks the row itself."""
     rows = await session.execute(
         text(
-            f"SELECT {_COLUMNS} FROM journeys WHERE status = 'active' AND next_run_at <= :now "
-            "ORDER BY next_run_at LIMIT :n FOR UPDATE SKIP LOCKED"
+            "SELECT id FROM journeys WHERE status = 'active' AND next_run_at <= :now "
+            "AND NOT (id = ANY(CAST(:skip AS text[]))) ORDER BY next_run_at, id LIMIT :n"
         ),
-        {"now": now, "n": limit},
+        {"now": now, "skip": skip, "n": limit},
     )
-    return [JourneyRow(*r) for r in rows]
+    return [r[0] for r in rows]
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A journey's broadcast as read (unlocked) before a chunk: `lock_run` takes it only if unchanged."""
+
+    id: str
+    status: str
+    version: int
+    next_run_at: datetime | None
+    run_at: datetime | None
+    cursor: str | None
+
+    @property
+    def resume_after(self) -> str | None:
+        """The last member enrolled by this run's chunks so far (None: start from the first)."""
+        return self.cursor if self.run_at is not None and self.run_at == self.next_run_at else None
+
+
+async def run_state(session: AsyncSession, journey_id: str) -> RunState | None:
+    row = (
+        await session.execute(
+            text(
+                "SELECT id, status, current_version, next_run_at, broadcast_run_at, broadcast_cursor "
+                "FROM journeys WHERE id = :id"
+            ),
+            {"id": journey_id},
+        )
+    ).first()
+    return RunState(*row) if row else None
+
+
+async def lock_run(session: AsyncSession, state: RunState) -> JourneyRow | None:
+    """Lock the journey for one chunk if its run is still where `state` saw it; None when another
+    worker holds it or moved it on, or the journey changed (version, status, schedule)."""
+    row = (
+        await session.execute(
+            text(
+                f"SELECT {_COLUMNS} FROM journeys WHERE id = :id AND status = 'active' "
+                "AND current_version = :v AND next_run_at = :next "
+                "AND broadcast_run_at IS NOT DISTINCT FROM :run_at "
+                "AND broadcast_cursor IS NOT DISTINCT FROM :cursor FOR UPDATE SKIP LOCKED"
+            ),
+            {
+                "id": state.id,
+                "v": state.version,
+                "next": state.next_run_at,
+                "run_at": state.run_at,
+                "cursor": state.cursor,
+            },
+        )
+    ).first()
+    return JourneyRow(*row) if row else None
+
+
+async def save_progress(
+    session: AsyncSession, journey_id: str, run_at: datetime, cursor: str, now: datetime
+) -> None:
+    await session.execute(
+        text(
+            "UPDATE journeys SET broadcast_run_at = :run_at, broadcast_cursor = :cursor, updated_at = :now "
+            "WHERE id = :id"
+        ),
+        {"id": journey_id, "run_at": run_at, "cursor": cursor, "now": now},
+    )
+
+
+async def finish_run(
+    session: AsyncSession, journey_id: str, next_run_at: datetime | None, now: datetime
+) -> None:
+    """The run is over: schedule the next one (None: no more) and forget the progress."""
+    await session.execute(
+        text(
+            "UPDATE journeys SET next_run_at = :next, broadcast_run_at = NULL, broadcast_cursor = NULL, "
+            "updated_at = :now WHERE id = :id"
+        ),
+        {"id": journey_id, "next": next_run_at, "now": now},
+    )

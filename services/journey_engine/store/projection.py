@@ -185,11 +185,18 @@ async def set_membership(session: AsyncSession, segment_id: str, customer_id: st
     await (_ADD_MEMBER if member else _REMOVE_MEMBER).execute(session, {"s": segment_id, "c": customer_id})
 
 
-async def segment_member_ids(session: AsyncSession, segment_id: str) -> list[str]:
-    rows = await session.execute(
-        text("SELECT customer_id FROM segment_members WHERE segment_id = :s ORDER BY customer_id"),
-        {"s": segment_id},
-    )
+async def segment_members_after(
+    session: AsyncSession, segment_id: str, after: str | None, limit: int
+) -> list[str]:
+    """The next `limit` members of a segment in id order, after `after` (a keyset page of the key)."""
+    if after is None:
+        sql = "SELECT customer_id FROM segment_members WHERE segment_id = :s ORDER BY customer_id LIMIT :n"
+    else:
+        sql = (
+            "SELECT customer_id FROM segment_members WHERE segment_id = :s AND customer_id > :after "
+            "ORDER BY customer_id LIMIT :n"
+        )
+    rows = await session.execute(text(sql), {"s": segment_id, "after": after, "n": limit})
     return [r[0] for r in rows]
 
 

@@ -27,6 +27,10 @@ journeys = sa.Table(
     sa.Column("entered_count", sa.BigInteger, nullable=False, server_default="0"),
     # Scheduled broadcasts (and enrolment of current segment members): when the next run is due.
     sa.Column("next_run_at", sa.DateTime(timezone=True), nullable=True),
+    # The broadcast in progress (revision 0006): its run time and the last member enrolled, so the
+    # next chunk (or a restart after a crash) resumes there.
+    sa.Column("broadcast_run_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("broadcast_cursor", sa.Text, nullable=True),
     _now(),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )

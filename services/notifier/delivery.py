@@ -396,8 +396,14 @@ class DeliveryWorker:
             )
         except RenderError as exc:
             # Without a contact the template may lack the traits it names: wait for the profile
-            # like a missing address does; a known customer's template error fails at once.
-            return Prepared(None, MessageStatusKind.FAILED, f"template error: {exc}", retry=contact is None)
+            # like a missing address does. Any other template error (an unknown filter, a value a
+            # filter cannot take), or a known customer's, fails at once: no later try can fix it.
+            return Prepared(
+                None,
+                MessageStatusKind.FAILED,
+                f"template error: {exc}",
+                retry=contact is None and exc.missing_data,
+            )
         email = None
         if request.channel is Channel.EMAIL:
             email = compose_email(

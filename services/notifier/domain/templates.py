@@ -3,8 +3,10 @@
 Decisions (see docs/services/notifier.md):
 - Undefined variables are errors (`StrictDefaultUndefined`): a typo fails the message with a reason
   instead of sending "Hello ,"; `{{ x | default: "there" }}` is the way to make a value optional.
-- Templates see only the data they are given: no loader (so `include`/`render` find nothing), no
+- Templates see only the data they are given: no loader and no `include`/`render` tags, no
   globals, loop and output limits against runaway templates.
+- Validation refuses what parses but could never render (unknown filters), so a broken template
+  is a 400 when it is saved, not a failure of every send.
 - HTML parts are auto-escaped (trait values cannot inject markup); other parts are plain text.
 """
 
@@ -26,9 +28,10 @@ from liquid import (
     RenderContext,
     StrictDefaultUndefined,
     TokenStream,
+    Undefined,
     ast,
 )
-from liquid.exceptions import LiquidError
+from liquid.exceptions import LiquidError, UndefinedError
 from liquid.tag import Tag
 from liquid.token import TOKEN_TAG
 
@@ -49,7 +52,13 @@ _COMMA_DECIMAL_LOCALES = ("de", "fr", "es", "it", "nl", "pt", "pl", "sv", "da", 
 
 
 class RenderError(Exception):
-    """The template could not be rendered with this data; the message fails with this reason."""
+    """The template could not be rendered with this data; the message fails with this reason.
+    `missing_data`: a variable was undefined, which the customer's profile, still on its way, may
+    supply; anything else (an unknown filter, a value a filter cannot take) no later try can fix."""
+
+    def __init__(self, message: str, *, missing_data: bool = False) -> None:
+        super().__init__(message)
+        self.missing_data = missing_data
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ def format_date(value: Any, fmt: str = "%Y-%m-%d", timezone: str | None = None) 
 
 def json_value(value: Any) -> str:
     """`{{ traits.name | json }}`: a JSON literal, for webhook payload templates."""
+    if isinstance(value, Undefined):
+        str(value)  # a strict undefined raises its own UndefinedError ("traits.name is undefined")
     try:
         return orjson.dumps(value, default=str).decode()
     except TypeError as exc:
@@ -180,6 +191,10 @@ def _environment(autoescape: bool, max_output: int, max_loops: int) -> Environme
         undefined=StrictDefaultUndefined, autoescape=autoescape, loader=DictLoader({}), strict_filters=True
     )
     env.add_tag(UnsubscribeLinkTag)
+    # No loader, so no partials: `include`/`render` would only fail at send time; unknown, they are
+    # refused when the template is saved, as any unknown tag is.
+    for partial_tag in ("include", "render"):
+        env.tags.pop(partial_tag, None)
     env.add_filter("money", money)
     env.add_filter("format_date", format_date)
     env.add_filter("json", json_value)
@@ -196,7 +211,8 @@ class TemplateRenderer:
         self._compiled: dict[tuple[bool, str], BoundTemplate] = {}
 
     def validate(self, channel: Channel, variants: Mapping[str, Mapping[str, str]]) -> list[tuple[str, str]]:
-        """(field, problem) for every missing or unparsable part; empty when the template is usable."""
+        """(field, problem) for every missing, unparsable or unrenderable part (an unknown filter);
+        empty when the template is usable."""
         problems: list[tuple[str, str]] = []
         if not variants:
             problems.append(("variants", "at least one locale variant is required"))
@@ -210,10 +226,15 @@ class TemplateRenderer:
                 if name not in REQUIRED_PARTS[channel]:
                     problems.append((f"variants.{locale}.{name}", f"unknown part for {channel.value}"))
                     continue
+                env = self._env(name)
                 try:
-                    self._env(name).from_string(source)
+                    parsed = env.from_string(source)
                 except LiquidError as exc:
                     problems.append((f"variants.{locale}.{name}", _first_line(exc)))
+                    continue
+                problems.extend(
+                    (f"variants.{locale}.{name}", p) for p in _unknown_filters(env, parsed, source)
+                )
         return problems
 
     def render(
@@ -232,11 +253,13 @@ class TemplateRenderer:
                     self._compiled[key] = compiled
                 parts[name] = compiled.render(**data)
             except RenderError as exc:
-                raise RenderError(f"{name}: {exc}") from exc
+                raise RenderError(f"{name}: {exc}", missing_data=_undefined(exc)) from exc
             except LiquidError as exc:
-                raise RenderError(f"{name}: {_first_line(exc)}") from exc
+                raise RenderError(f"{name}: {_first_line(exc)}", missing_data=_undefined(exc)) from exc
             except Exception as exc:  # a filter given a value it cannot take: still the template's fault
-                raise RenderError(f"{name}: {type(exc).__name__}: {exc}") from exc
+                raise RenderError(
+                    f"{name}: {type(exc).__name__}: {exc}", missing_data=_undefined(exc)
+                ) from exc
         if template.channel is Channel.WEBHOOK:
             try:
                 orjson.loads(parts["payload"])
@@ -246,6 +269,37 @@ class TemplateRenderer:
 
     def _env(self, part: str) -> Environment:
         return self._html if part in HTML_PARTS else self._text
+
+
+def _unknown_filters(env: Environment, template: BoundTemplate, source: str) -> list[str]:
+    """Filters the environment does not have. They parse; `strict_filters` fails them only when a
+    message renders, so every send of the template would fail."""
+    try:
+        found = template.analyze(include_partials=False).filters
+    except LiquidError as exc:
+        return [_first_line(exc)]
+    problems = []
+    for name, spans in found.items():
+        if name not in env.filters:
+            try:
+                line, column = spans[0].line_col(source)
+                where = f" (line {line}, column {column})"
+            except ValueError:
+                where = ""
+            problems.append(f"unknown filter {name!r}{where}")
+    return problems
+
+
+def _undefined(exc: BaseException) -> bool:
+    """An undefined variable is somewhere in the chain (a filter may have wrapped it)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, UndefinedError) or getattr(seen, "missing_data", False):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _first_line(exc: Exception) -> str:

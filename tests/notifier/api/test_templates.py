@@ -1,4 +1,4 @@
-"""/v1/templates: what a template preview or test send refuses up front."""
+"""/v1/templates: what a template save, preview or test send refuses up front."""
 
 from __future__ import annotations
 
@@ -38,3 +38,36 @@ async def test_preview_and_test_send_refuse_traits_or_journey_that_are_not_objec
             "/v1/templates/sms-data/preview", headers=ADMIN, json={"data": {"traits": {"name": "Ada"}}}
         )
         assert ok.status_code == 200 and ok.json()["parts"] == {"body": "Hi Ada"}, ok.text
+
+
+async def test_a_template_with_an_unknown_filter_is_refused_naming_the_part_and_filter(
+    start_notifier,
+) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        body = {
+            **SMS,
+            "id": "sms-filter",
+            "variants": {"en": {"body": "ok"}, "fr": {"body": "Salut {{ traits.name | upcase2 }}"}},
+        }
+        # Saved fine before; every send then failed ("unknown filter").
+        r = await h.client.post("/v1/templates", headers=ADMIN, json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["errors"] == [
+            {
+                "field": "variants.fr.body",
+                "rule": "liquid",
+                "message": "unknown filter 'upcase2' (line 1, column 23)",
+            }
+        ]
+        assert (await h.client.get("/v1/templates/sms-filter", headers=ADMIN)).status_code == 404
+
+        await h.create_template(SMS)
+        update = {k: v for k, v in SMS.items() if k != "id"}
+        update["variants"] = {"en": {"body": "{{ traits.name | upcase | shout }}"}}
+        r = await h.client.put("/v1/templates/sms-data", headers=ADMIN, json=update)
+        assert r.status_code == 400, r.text
+        assert [(e["field"], e["message"]) for e in r.json()["errors"]] == [
+            ("variants.en.body", "unknown filter 'shout' (line 1, column 26)")
+        ]
+        kept = (await h.client.get("/v1/templates/sms-data", headers=ADMIN)).json()
+        assert kept["version"] == 1 and kept["variants"] == SMS["variants"]

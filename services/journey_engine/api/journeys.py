@@ -285,6 +285,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                     "correlation": r.correlation or None,
                     "entered_at": r.entered_at.isoformat(),
                     "exit_reason": r.exit_reason,
+                    "converted_at": r.converted_at.isoformat() if r.converted_at else None,
                     "arms": r.context.get("arms", {}),
                 }
                 for r in rows

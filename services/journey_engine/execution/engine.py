@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.journey_engine.domain.conditions import Facts
 from services.journey_engine.domain.definition import (
+    Goal,
     Graph,
     JourneyDefinition,
     ScheduleEntry,
@@ -59,7 +60,7 @@ from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import projection
 from services.journey_engine.store import recommendations as recommendation_projection
-from services.journey_engine.store.instances import InstanceConflict, InstanceRow, StepWriter
+from services.journey_engine.store.instances import GoalWindow, InstanceConflict, InstanceRow, StepWriter
 from services.journey_engine.store.journeys import JourneyRow
 from shared.clock import Clock
 from shared.contracts.events import (
@@ -132,6 +133,8 @@ class Batch:
     active: dict[str, list[InstanceRow]]
     entries: dict[tuple[str, str, str], datetime]
     journeys: list[ActiveJourney]
+    # Finished instances whose goal may still be reached (event batches only: goals are events).
+    windows: dict[str, list[GoalWindow]] = field(default_factory=dict)
 
     def prune(self, customer_id: str) -> None:
         self.active[customer_id] = [r for r in self.active[customer_id] if r.status == "active"]
@@ -179,7 +182,7 @@ class JourneyEngine:
 
     # ------------------------------------------------------------------ consumers' entry points
 
-    async def _batch(self, session: AsyncSession, customer_ids: list[str]) -> Batch:
+    async def _batch(self, session: AsyncSession, customer_ids: list[str], *, goals: bool = False) -> Batch:
         """Lock the batch's customers, then load everything their steps need in a few queries."""
         now = self.clock.now()
         ids = sorted(set(customer_ids))
@@ -188,6 +191,10 @@ class JourneyEngine:
         active: dict[str, list[InstanceRow]] = {c: [] for c in ids}
         for row in await instance_store.active_for_customers(session, ids):
             active[row.customer_id].append(row)
+        windows: dict[str, list[GoalWindow]] = {}
+        if goals:
+            for w in await instance_store.open_goals(session, ids, now):
+                windows.setdefault(w.customer_id, []).append(w)
         return Batch(
             now=now,
             writer=StepWriter(now),
@@ -195,6 +202,7 @@ class JourneyEngine:
             active=active,
             entries=await instance_store.entries_of_customers(session, ids),
             journeys=await self.active_journeys(session),
+            windows=windows,
         )
 
     async def on_events(self, uow: UnitOfWork, items: Sequence[tuple[str, CustomerEvent]]) -> None:
@@ -207,7 +215,7 @@ class JourneyEngine:
             session, [i for _, e in tracks for i in (e.user_id, e.anonymous_id) if i is not None]
         )
         owners = [(eid, e, self._customer_of(e, known)) for eid, e in tracks]
-        batch = await self._batch(session, [c for _, _, c in owners])
+        batch = await self._batch(session, [c for _, _, c in owners], goals=True)
         for event_id, event, customer_id in owners:
             payload = event.model_dump(mode="json", by_alias=True)
             assert event.event is not None
@@ -362,11 +370,26 @@ class JourneyEngine:
                 self._leave(writer, row, "converted", f"goal: {trigger.name}", "converted")
                 continue
             if entry_stopped_holding(graph.definition, trigger):
-                self._leave(writer, row, "exited", "entry condition no longer holds", "exited")
+                self._leave(
+                    writer, row, "exited", "entry condition no longer holds", "exited", graph.definition.goal
+                )
                 continue
             if arrived is not None:
                 await self._react(uow, writer, row, customer, arrived, now)
         batch.prune(customer_id)
+        if isinstance(trigger, EventTrigger) and batch.windows.get(customer_id):
+            # Finished instances still count the goal within its window (a path shorter than the
+            # window, a holdout arm that exits at once), once each.
+            still_open = []
+            for window in batch.windows[customer_id]:
+                graph = await self.graph(session, window.journey_id, window.version)
+                if graph is not None and goal_reached(
+                    graph.definition, trigger, facts, window.entered_at, window.correlation, now
+                ):
+                    writer.converted.append(window.instance_id)
+                else:
+                    still_open.append(window)
+            batch.windows[customer_id] = still_open
         inside = {(r.journey_id, r.correlation) for r in batch.active[customer_id]}
         for journey in batch.journeys:
             if not triggers(journey.graph.definition, trigger, facts):
@@ -442,7 +465,7 @@ class JourneyEngine:
             return row
         outcome = self._walk(journey.graph, row, customer, Start(), now)
         if outcome is not None:
-            await self._apply(uow, writer, row, outcome, customer, new=True)
+            await self._apply(uow, writer, row, outcome, customer, journey.graph, new=True)
         return row
 
     def _walk(
@@ -474,15 +497,47 @@ class JourneyEngine:
             return
         outcome = self._walk(graph, row, customer, event, now)
         if outcome is not None:
-            await self._apply(uow, writer, row, outcome, customer)
+            await self._apply(uow, writer, row, outcome, customer, graph)
 
-    def _leave(self, writer: StepWriter, row: InstanceRow, status: str, reason: str, metric: str) -> None:
+    def _leave(
+        self,
+        writer: StepWriter,
+        row: InstanceRow,
+        status: str,
+        reason: str,
+        metric: str,
+        goal: Goal | None = None,
+    ) -> None:
         row.status = status
         row.exit_reason = reason
         row.wait = None
         row.seq += 1
         writer.changed.append(row)
         writer.counts[(row.journey_id, row.version, row.node_id, metric)] += 1
+        if status == "exited":
+            self._open_goal_window(writer, row, goal)
+
+    @staticmethod
+    def _open_goal_window(writer: StepWriter, row: InstanceRow, goal: Goal | None) -> None:
+        """A finished instance's goal still counts until `within` after its entry (no `within`: until
+        the journey is archived)."""
+        if goal is None:
+            return
+        until = None if goal.within is None else row.entered_at + goal.within
+        if until is not None and until <= writer.now:
+            return
+        writer.windows.append(
+            GoalWindow(
+                row.id,
+                row.customer_id,
+                row.journey_id,
+                row.version,
+                row.node_id,
+                row.correlation,
+                row.entered_at,
+                until,
+            )
+        )
 
     async def _apply(
         self,
@@ -491,6 +546,7 @@ class JourneyEngine:
         row: InstanceRow,
         outcome: Outcome,
         customer: CustomerView,
+        graph: Graph,
         *,
         new: bool = False,
     ) -> None:
@@ -504,6 +560,8 @@ class JourneyEngine:
             writer.changed.append(row)
         if outcome.status == "active" and outcome.due_at is not None:
             writer.timers.append((row.id, row.seq, outcome.due_at))
+        if outcome.status == "exited":
+            self._open_goal_window(writer, row, graph.definition.goal)
         for node_id, metric in outcome.counts:
             writer.counts[(row.journey_id, row.version, node_id, metric)] += 1
         now = writer.now
@@ -825,13 +883,15 @@ class JourneyEngine:
         return enrolled
 
     async def compact_counts(self) -> int:
-        """Roll up the step counters of journeys that have piled up rows (one replica at a time);
-        returns how many journeys were compacted."""
+        """Roll up the step counters of journeys that have piled up rows and forget expired goal
+        windows (one replica at a time); returns how many journeys were compacted."""
         done = 0
         async with try_exclusive(self.platform.engine, "journey_engine.compact_counts") as mine:
             if not mine:
                 return 0
             async with self.platform.unit_of_work() as uow:
+                # Goal windows that closed unconverted: the same housekeeping round.
+                await instance_store.prune_goal_windows(uow.session, self.clock.now())
                 crowded = await instance_store.crowded_journeys(
                     uow.session, self.settings.counts_rows_per_total
                 )

@@ -28,6 +28,7 @@ class InstanceRow:
     seq: int
     entered_at: datetime
     exit_reason: str | None = None
+    converted_at: datetime | None = None
     # The seq as read: the update only applies if nobody stepped the instance since (optimistic lock).
     read_seq: int = -1
 
@@ -42,7 +43,7 @@ class InstanceConflict(Exception):
 
 _COLUMNS = (
     "id, journey_id, version, customer_id, correlation, status, node_id, wait, context, seq, "
-    "entered_at, exit_reason"
+    "entered_at, exit_reason, converted_at"
 )
 
 
@@ -52,7 +53,7 @@ def _json(value: Any) -> Any:
 
 def _row(r: Any) -> InstanceRow:
     return InstanceRow(
-        r[0], r[1], r[2], r[3], r[4], r[5], r[6], _json(r[7]), _json(r[8]) or {}, r[9], r[10], r[11]
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], _json(r[7]), _json(r[8]) or {}, r[9], r[10], r[11], r[12]
     )
 
 
@@ -116,11 +117,57 @@ _ENTRIES_OF_CUSTOMERS = Statement(
 _UPDATE_INSTANCES = Statement(
     "UPDATE instances AS i SET node_id = u.node, status = u.status, wait = CAST(u.wait AS jsonb), "
     "context = CAST(u.ctx AS jsonb), seq = u.seq, exit_reason = u.reason, "
+    "converted_at = CASE WHEN u.status = 'converted' "
+    "THEN COALESCE(i.converted_at, CAST(:now AS timestamptz)) ELSE i.converted_at END, "
     "updated_at = CAST(:now AS timestamptz) FROM unnest(CAST(:id AS text[]), CAST(:node AS text[]), "
     "CAST(:status AS text[]), CAST(:wait AS text[]), CAST(:ctx AS text[]), CAST(:seq AS int[]), "
     "CAST(:reason AS text[]), CAST(:read_seq AS int[])) "
     "AS u(id, node, status, wait, ctx, seq, reason, read_seq) WHERE i.id = u.id AND i.seq = u.read_seq"
 )
+
+
+_OPEN_GOALS = Statement(
+    "SELECT instance_id, customer_id, journey_id, version, node_id, correlation, entered_at "
+    "FROM goal_windows WHERE customer_id = ANY(CAST(:c AS text[])) "
+    "AND (open_until IS NULL OR open_until > CAST(:now AS timestamptz))"
+)
+# A finished instance's conversion: once (the window row goes with it), counted at the node where it
+# finished, in the same statement so a count never exists without its conversion or the other way round.
+_CONVERT_FINISHED = Statement(
+    "WITH gone AS (DELETE FROM goal_windows WHERE instance_id = ANY(CAST(:ids AS text[])) "
+    "RETURNING instance_id, journey_id, version, node_id), "
+    "marked AS (UPDATE instances SET converted_at = CAST(:now AS timestamptz) "
+    "WHERE id IN (SELECT instance_id FROM gone) AND converted_at IS NULL) "
+    "INSERT INTO node_counts (journey_id, version, node_id, metric, n) "
+    "SELECT journey_id, version, node_id, 'converted', count(*) FROM gone GROUP BY 1, 2, 3"
+)
+
+
+@dataclass(frozen=True)
+class GoalWindow:
+    """A finished instance whose journey's goal may still be reached (see `tables.goal_windows`)."""
+
+    instance_id: str
+    customer_id: str
+    journey_id: str
+    version: int
+    node_id: str
+    correlation: str
+    entered_at: datetime
+    open_until: datetime | None = None
+
+
+async def open_goals(session: AsyncSession, customer_ids: list[str], now: datetime) -> list[GoalWindow]:
+    if not customer_ids:
+        return []
+    rows = await _OPEN_GOALS.fetch(session, {"c": customer_ids, "now": now})
+    return [GoalWindow(*r) for r in rows]
+
+
+async def prune_goal_windows(session: AsyncSession, now: datetime) -> int:
+    """Forget windows that closed unconverted."""
+    result = await session.execute(text("DELETE FROM goal_windows WHERE open_until <= :now"), {"now": now})
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 async def active_for_customers(session: AsyncSession, customer_ids: list[str]) -> list[InstanceRow]:
@@ -223,6 +270,10 @@ _FLUSH_INSERTS = Statement(
     "new_counts AS (INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT * FROM unnest("
     "CAST(:c_j AS text[]), CAST(:c_v AS int[]), CAST(:c_nd AS text[]), CAST(:c_m AS text[]), "
     "CAST(:c_n AS bigint[]))), "
+    "new_windows AS (INSERT INTO goal_windows (instance_id, customer_id, journey_id, version, node_id, "
+    "correlation, entered_at, open_until) SELECT * FROM unnest(CAST(:w_i AS text[]), CAST(:w_c AS text[]), "
+    "CAST(:w_j AS text[]), CAST(:w_v AS int[]), CAST(:w_n AS text[]), CAST(:w_k AS text[]), "
+    "CAST(:w_e AS timestamptz[]), CAST(:w_u AS timestamptz[])) ON CONFLICT (instance_id) DO NOTHING), "
     f"new_log AS (INSERT INTO message_log ({', '.join(_LOG_COLUMNS)}, decided_at) "
     "SELECT *, CAST(:now AS timestamptz) FROM unnest("
     + ", ".join(f"CAST(:m_{c} AS {t}[])" for c, t in zip(_LOG_COLUMNS, _LOG_TYPES, strict=True))
@@ -249,14 +300,27 @@ class StepWriter:
     messages: list[dict[str, Any]] = field(default_factory=list)
     # (journey, customer, correlation) -> entries in this batch
     enrolments: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    # Instances that finished in this batch with their goal still reachable, and finished ones that
+    # reached it.
+    windows: list[GoalWindow] = field(default_factory=list)
+    converted: list[str] = field(default_factory=list)
 
     async def flush(self, session: AsyncSession) -> None:
         # The optimistic update first (its caller checks the row count), then every insert in one
         # statement: a batch's writes cost two round trips instead of up to six.
         if self.changed:
             await self._update_instances(session)
-        if self.new_instances or self.timers or self.counts or self.messages or self.enrolments:
+        if (
+            self.new_instances
+            or self.timers
+            or self.counts
+            or self.messages
+            or self.enrolments
+            or self.windows
+        ):
             await _FLUSH_INSERTS.execute(session, self._insert_params())
+        if self.converted:
+            await _CONVERT_FINISHED.execute(session, {"ids": self.converted, "now": self.now})
         for r in (*self.new_instances, *self.changed):
             r.read_seq = r.seq
         self.new_instances.clear()
@@ -265,6 +329,8 @@ class StepWriter:
         self.counts.clear()
         self.messages.clear()
         self.enrolments.clear()
+        self.windows.clear()
+        self.converted.clear()
 
     @staticmethod
     def _columns(rows: list[InstanceRow]) -> dict[str, list[Any]]:
@@ -302,6 +368,14 @@ class StepWriter:
                 "e_c": [e[1] for e in self.enrolments],
                 "e_k": [e[2] for e in self.enrolments],
                 "e_n": list(self.enrolments.values()),
+                "w_i": [w.instance_id for w in self.windows],
+                "w_c": [w.customer_id for w in self.windows],
+                "w_j": [w.journey_id for w in self.windows],
+                "w_v": [w.version for w in self.windows],
+                "w_n": [w.node_id for w in self.windows],
+                "w_k": [w.correlation for w in self.windows],
+                "w_e": [w.entered_at for w in self.windows],
+                "w_u": [w.open_until for w in self.windows],
             }
             | {f"m_{c}": [m[c] for m in self.messages] for c in _LOG_COLUMNS}
         )
@@ -368,10 +442,12 @@ async def node_totals(session: AsyncSession, journey_id: str) -> dict[tuple[int,
 
 
 async def arm_outcomes(session: AsyncSession, journey_id: str) -> list[tuple[int, str, str, int, int]]:
-    """(version, split node, arm, customers assigned, converted) for every A/B split."""
+    """(version, split node, arm, customers assigned, converted) for every A/B split; converted counts
+    the goal reached while inside or, within the goal's window, after the path ended."""
     rows = await session.execute(
         text(
-            "SELECT version, a.key, a.value #>> '{}', count(*), count(*) FILTER (WHERE status = 'converted') "
+            "SELECT version, a.key, a.value #>> '{}', count(*), "
+            "count(*) FILTER (WHERE converted_at IS NOT NULL) "
             "FROM instances, jsonb_each(context -> 'arms') AS a WHERE journey_id = :j "
             "GROUP BY version, a.key, a.value #>> '{}' ORDER BY 1, 2, 3"
         ),
@@ -381,8 +457,10 @@ async def arm_outcomes(session: AsyncSession, journey_id: str) -> list[tuple[int
 
 
 async def exit_all(session: AsyncSession, journey_id: str, reason: str, now: datetime) -> int:
-    """Exit every active instance of a journey (archiving), counting them as exited at their node."""
+    """Exit every active instance of a journey (archiving), counting them as exited at their node; an
+    archived journey counts no more conversions (its open goal windows close)."""
     await _lock_active(session, journey_id)
+    await session.execute(text("DELETE FROM goal_windows WHERE journey_id = :j"), {"j": journey_id})
     await session.execute(
         text(
             "INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT journey_id, version, "

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 # (table, customer column), children before parents; timers go by their instance.
 CUSTOMER_TABLES: tuple[tuple[str, str], ...] = (
+    ("goal_windows", "customer_id"),
     ("instances", "customer_id"),
     ("enrolments", "customer_id"),
     ("message_log", "customer_id"),

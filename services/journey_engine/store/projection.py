@@ -177,6 +177,7 @@ async def erase(session: AsyncSession, customer_id: str) -> None:
         "DELETE FROM customer_identities WHERE customer_id = :id",
         "DELETE FROM segment_members WHERE customer_id = :id",
         "DELETE FROM customer_recommendations WHERE customer_id = :id",
+        "DELETE FROM goal_windows WHERE customer_id = :id",
     ):
         await session.execute(text(statement), {"id": customer_id})
 

@@ -100,6 +100,9 @@ instances = sa.Table(
     sa.Column("entered_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("exit_reason", sa.Text, nullable=True),
+    # When the goal was reached (revision 0007): while inside (status converted) or after finishing,
+    # within the goal's window. What stats and A/B results count.
+    sa.Column("converted_at", sa.DateTime(timezone=True), nullable=True),
     sa.Index("instances_active_customer", "customer_id", postgresql_where=sa.text("status = 'active'")),
     sa.Index(
         "instances_active_once_per_key",
@@ -122,6 +125,25 @@ enrolments = sa.Table(
     sa.Column("entries", sa.Integer, nullable=False, server_default="1"),
     # Each batch reads its customers' past entries (the key leads with the journey).
     sa.Index("enrolments_customer", "customer_id"),
+)
+
+# Finished (exited) instances whose goal may still be reached: until `open_until` (entry + the goal's
+# `within`; NULL: no limit, until the journey is archived). Deleted once converted or expired.
+goal_windows = sa.Table(
+    "goal_windows",
+    metadata,
+    sa.Column("instance_id", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("journey_id", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    # Where the instance finished: its conversion is counted there.
+    sa.Column("node_id", sa.Text, nullable=False),
+    sa.Column("correlation", sa.Text, nullable=False, server_default=""),
+    sa.Column("entered_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("open_until", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("goal_windows_customer", "customer_id"),
+    sa.Index("goal_windows_journey", "journey_id"),
+    sa.Index("goal_windows_open_until", "open_until"),
 )
 
 timers = sa.Table(

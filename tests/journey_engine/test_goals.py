@@ -1,0 +1,137 @@
+"""Goals: a conversion within the goal's window counts once per instance, even after the path ended."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from shared.contracts.events import CustomerEvent
+from shared.contracts.topics import CUSTOMER_EVENTS
+from tests.journey_engine.harness import ADMIN, Harness, engine_running
+from tests.journey_engine.test_timing_and_rules import linear
+
+
+async def publish(
+    h: Harness, events: list[tuple[str, str]], *, message_id: str | None = None, count: bool = True
+) -> None:
+    """(customer, event name) pairs, all at once; `count=False` for a redelivery (no new inbox row)."""
+    now = h.clock.now()
+    await asyncio.gather(
+        *(
+            h.platform.producer.publish(
+                CUSTOMER_EVENTS.name,
+                user,
+                CustomerEvent(
+                    message_id=message_id or uuid.uuid4().hex,
+                    type="track",
+                    user_id=user,
+                    event=name,
+                    timestamp=now,
+                    received_at=now,
+                ),
+            )
+            for user, name in events
+        )
+    )
+    if count:
+        h.published["events"] += len(events)
+        await h.processed("events")
+
+
+def converted(stats: dict[str, Any], node_id: str) -> int:
+    [version] = stats["versions"]
+    return next(n["converted"] for n in version["nodes"] if n["node_id"] == node_id)
+
+
+async def test_a_goal_reached_after_the_path_ended_counts_within_the_window_once(make_settings: Any) -> None:
+    journey = linear(
+        "Trial nudge",
+        "Signed Up",
+        [
+            {"id": "hello", "type": "send", "channel": "email", "template_id": "hello"},
+            {"id": "day", "type": "delay", "duration": "P1D"},
+        ],
+        goal={"event": "Subscribed", "within": "P3D"},
+    )
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(journey)
+        await publish(h, [("a", "Signed Up"), ("b", "Signed Up")])
+        await h.advance(timedelta(days=1, minutes=1))
+        assert {r.customer_id: r.status for r in await h.instances(jid)} == {"a": "exited", "b": "exited"}
+
+        # Day 2: a subscribes (twice, and the first event is redelivered): one conversion.
+        h.clock.advance(timedelta(days=1))
+        redelivered = uuid.uuid4().hex
+        await publish(h, [("a", "Subscribed")], message_id=redelivered)
+        await publish(h, [("a", "Subscribed")], message_id=redelivered, count=False)
+        await publish(h, [("a", "Subscribed")])  # handled after the redelivery (same key, in order)
+        # Day 4: b subscribes, past the window.
+        h.clock.advance(timedelta(days=2))
+        await publish(h, [("b", "Subscribed")])
+
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        assert converted(stats, "done") == 1
+        listed = (await h.client.get(f"/v1/journeys/{jid}/instances", headers=ADMIN)).json()["instances"]
+        by_customer = {i["customer_id"]: i for i in listed}
+        assert by_customer["a"]["status"] == "exited" and by_customer["a"]["converted_at"] is not None
+        assert by_customer["b"]["converted_at"] is None
+        assert await h.scalar("SELECT count(*) FROM goal_windows") == 1  # b's, expired: pruned later
+        await h.engine.compact_counts()
+        assert await h.scalar("SELECT count(*) FROM goal_windows") == 0
+
+
+async def test_a_holdout_arm_that_exits_at_once_shows_its_conversions(make_settings: Any) -> None:
+    journey = {
+        "name": "A/B",
+        "entry": {"type": "event", "event": "Joined"},
+        "goal": {"event": "Purchased", "within": "P14D"},
+        "nodes": [
+            {"id": "start", "type": "entry"},
+            {
+                "id": "ab",
+                "type": "split",
+                "arms": [
+                    {"name": "mail", "percent": 50},
+                    {"name": "holdout", "percent": 50, "holdout": True},
+                ],
+            },
+            {"id": "offer", "type": "send", "channel": "email", "template_id": "offer"},
+            {"id": "week", "type": "delay", "duration": "P7D"},
+            {"id": "done", "type": "exit"},
+            {"id": "skip", "type": "exit"},
+        ],
+        "edges": [
+            {"from": "start", "to": "ab"},
+            {"from": "ab", "to": "offer", "branch": "mail"},
+            {"from": "ab", "to": "skip", "branch": "holdout"},
+            {"from": "offer", "to": "week"},
+            {"from": "week", "to": "done"},
+        ],
+    }
+    customers = [f"u{i}" for i in range(60)]
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(journey)
+        await publish(h, [(c, "Joined") for c in customers])
+        arms = {
+            r.customer_id: r.arm
+            for r in await h.rows(
+                "SELECT customer_id, context->'arms'->>'ab' AS arm FROM instances WHERE journey_id = :j",
+                j=jid,
+            )
+        }
+        held_out = sorted(c for c, arm in arms.items() if arm == "holdout")
+        mailed = sorted(c for c, arm in arms.items() if arm == "mail")
+        assert held_out and mailed
+        # Day 1: every held-out customer buys (they left at once), and half of those mailed (still inside).
+        h.clock.advance(timedelta(days=1))
+        await publish(h, [(c, "Purchased") for c in held_out + mailed[: len(mailed) // 2]])
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        by_arm = {a["arm"]: a for a in stats["splits"][0]["arms"]}
+        assert by_arm["holdout"]["converted"] == len(held_out)
+        assert by_arm["holdout"]["conversion_rate"] == 1.0
+        assert by_arm["mail"]["converted"] == len(mailed) // 2
+        assert by_arm["mail"]["vs_holdout"] is not None and by_arm["mail"]["vs_holdout"]["z"] < 0
+        assert converted(stats, "skip") == len(held_out)
+        assert converted(stats, "week") == len(mailed) // 2

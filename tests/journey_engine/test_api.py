@@ -134,3 +134,24 @@ async def test_dry_run_shows_path_and_reasons(make_settings: Any) -> None:
 
         r = await h.client.post("/v1/journeys/dry-run", headers=ADMIN, json={"definition": journey})
         assert r.status_code == 400 and r.json()["errors"][0]["field"] == "customer_id"
+
+
+async def test_dry_run_entry_filters_see_the_customers_timezone(make_settings: Any) -> None:
+    journey = {
+        "name": "Paris only",
+        "entry": {
+            "type": "event",
+            "event": "Viewed",
+            "where": [{"field": "customer.timezone", "op": "eq", "value": "Europe/Paris"}],
+        },
+        "nodes": [{"id": "start", "type": "entry"}, {"id": "done", "type": "exit"}],
+        "edges": [{"from": "start", "to": "done"}],
+    }
+    async with engine_running(make_settings) as h:
+        for timezone, enters in (("Europe/Paris", True), ("Asia/Tokyo", False)):
+            r = await h.client.post(
+                "/v1/journeys/dry-run",
+                headers=ADMIN,
+                json={"definition": journey, "profile": {"timezone": timezone}, "event": {"event": "Viewed"}},
+            )
+            assert r.status_code == 200 and r.json()["would_enter"] is enters, (timezone, r.text)

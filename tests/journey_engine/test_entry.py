@@ -282,3 +282,30 @@ async def test_a_late_announcement_about_a_merged_away_profile_takes_nothing_bac
         )
         await h.track("dev-1", "Ping")
         assert [r.customer_id for r in await h.instances(jid)] == ["u-5"]
+
+
+async def test_entry_filters_and_goals_see_the_customers_timezone_locale_and_contact(
+    make_settings: Any,
+) -> None:
+    """`customer.*` facts mean the same in entry filters and goals as in conditions."""
+    journey = linear(
+        "Paris",
+        "Viewed",
+        [{"id": "wait", "type": "delay", "duration": "P1D"}],
+        goal={"event": "Bought", "where": [{"field": "customer.locale", "op": "eq", "value": "fr-FR"}]},
+    )
+    journey["entry"]["where"] = [
+        {"field": "customer.timezone", "op": "eq", "value": "Europe/Paris"},
+        {"field": "customer.email", "op": "exists"},
+    ]
+    async with engine_running(make_settings) as h:
+        await h.profile("paris", {"timezone": "Europe/Paris", "locale": "fr-FR", "email": "p@example.com"})
+        await h.profile("ny", {"timezone": "America/New_York", "email": "n@example.com"})
+        await h.profile("no-email", {"timezone": "Europe/Paris"})
+        jid = await h.journey(journey)
+        for c in ("paris", "ny", "no-email"):
+            await h.track(c, "Viewed")
+        assert [(r.customer_id, r.status) for r in await h.instances(jid)] == [("paris", "active")]
+        await h.track("paris", "Bought")
+        [row] = await h.instances(jid)
+        assert row.status == "converted" and row.exit_reason == "goal: Bought"

@@ -10,7 +10,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.journey_engine.domain.conditions import Facts
 from services.journey_engine.domain.definition import (
     Graph,
     JourneyDefinition,
@@ -21,7 +20,13 @@ from services.journey_engine.domain.definition import (
 )
 from services.journey_engine.domain.entry import EventTrigger, triggers
 from services.journey_engine.domain.stats import two_proportion_z_test
-from services.journey_engine.domain.walker import CustomerView, MessageWithheld, RequestMessage, dry_run
+from services.journey_engine.domain.walker import (
+    CustomerView,
+    MessageWithheld,
+    RequestMessage,
+    dry_run,
+    facts_for,
+)
 from services.journey_engine.execution.engine import JourneyEngine, customer_view
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
@@ -321,12 +326,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             )
         enters = None
         if body.event is not None and isinstance(body.event.get("event"), str):
-            facts = Facts(
-                traits=customer.traits,
-                event=body.event,
-                customer={"id": customer.customer_id},
-                segments=customer.segments,
-            )
+            facts = facts_for(customer, body.event)
             enters = triggers(body.definition, EventTrigger(body.event["event"], body.event), facts)
         outcome = dry_run(graph, customer, engine.rules, now, trigger=body.event, journey_id=body.journey_id)
         return {

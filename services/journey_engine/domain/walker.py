@@ -194,6 +194,24 @@ class Outcome:
 # --------------------------------------------------------------------------- helpers
 
 
+def facts_for(customer: CustomerView, event: Mapping[str, Any] | None = None) -> Facts:
+    """What predicates see of a customer (and the event at hand): the one place entry filters,
+    conditions, waits, goals and the dry run build it, so `customer.timezone` means the same in all."""
+    return Facts(
+        traits=customer.traits,
+        event=event or {},
+        customer={
+            "id": customer.customer_id,
+            "timezone": customer.timezone,
+            "locale": customer.locale,
+            "email": customer.email,
+            "phone": customer.phone,
+            "stage": customer.stage,
+        },
+        segments=customer.segments,
+    )
+
+
 def message_id(journey_id: str, version: int, instance_id: str, node_id: str, visit: int = 1) -> str:
     """Stable for one step: a redelivered or retried step asks for the same message again."""
     base = f"jm:{journey_id}:v{version}:{instance_id}:{node_id}"
@@ -296,23 +314,10 @@ class Walker:
         return "" if value is None else str(value)
 
     def _facts(self, event: Mapping[str, Any] | None = None) -> Facts:
-        c = self.customer
         if event is None:
             last = self.context.get("last_event") or self.context.get("trigger") or {}
             event = last if isinstance(last, Mapping) else {}
-        return Facts(
-            traits=c.traits,
-            event=event,
-            customer={
-                "id": c.customer_id,
-                "timezone": c.timezone,
-                "locale": c.locale,
-                "email": c.email,
-                "phone": c.phone,
-                "stage": c.stage,
-            },
-            segments=c.segments,
-        )
+        return facts_for(self.customer, event)
 
     def _note(self, node_id: str, note: str) -> None:
         self.outcome.path.append(PathStep(node_id, note))

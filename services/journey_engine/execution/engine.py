@@ -20,7 +20,6 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.journey_engine.domain.conditions import Facts
 from services.journey_engine.domain.definition import (
     Goal,
     Graph,
@@ -54,6 +53,7 @@ from services.journey_engine.domain.walker import (
     TimerFired,
     UpdateTraits,
     Walker,
+    facts_for,
 )
 from services.journey_engine.settings import JourneyEngineSettings
 from services.journey_engine.store import instances as instance_store
@@ -354,12 +354,7 @@ class JourneyEngine:
         now, writer = batch.now, batch.writer
         customer = batch.customers[customer_id]
         event_payload = trigger.event if isinstance(trigger, EventTrigger) else {}
-        facts = Facts(
-            traits=customer.traits,
-            event=event_payload,
-            customer={"id": customer_id, "stage": customer.stage},
-            segments=customer.segments,
-        )
+        facts = facts_for(customer, event_payload)
         for row in list(batch.active[customer_id]):
             graph = await self.graph(session, row.journey_id, row.version)
             if graph is None:

@@ -135,20 +135,124 @@ async def seed_profiles(h: Harness, n: int = 40) -> None:
         await h.segmenter.events.handle(uow, events)
 
 
-async def test_sql_and_python_agree_on_members_and_due_moments(harness: Harness) -> None:
-    await seed_profiles(harness)
-    now = harness.clock.now()
-    async with harness.segmenter.platform.unit_of_work() as uow:
-        ids = await profile_store.existing_customer_ids(uow.session, [f"c{i:03d}" for i in range(40)])
-        assert len(ids) == 40
-        for i, definition in enumerate(RULES):
+async def assert_agree(h: Harness, ids: list[str], rules: list[Any]) -> list[set[str]]:
+    """Each rule's members and due moments, by SQL and by Python; returns the members per rule."""
+    now = h.clock.now()
+    out = []
+    async with h.segmenter.platform.unit_of_work() as uow:
+        assert len(await profile_store.existing_customer_ids(uow.session, ids)) == len(ids)
+        for i, definition in enumerate(rules):
             seg = compile_segment(f"r{i}", "r", 1, definition)
             profiles = await profile_store.lock_profiles(uow.session, ids)
             await fill_snapshots(uow.session, Catalog.build([seg]), profiles, now)
             expected = {cid for cid, p in profiles.items() if evaluate(seg.rule, p, now)}
             got = await segment_store.matching_ids(uow.session, seg.rule, now)
             assert got == expected, (definition, sorted(got ^ expected))
-            assert 0 < len(expected) < 40, definition  # each rule splits the population
             due_sql = await segment_store.due_moments(uow.session, seg.rule, now)
             due_py = {cid: next_change_at(seg.rule, p, now) for cid, p in profiles.items()}
             assert due_sql == due_py, definition
+            out.append(expected)
+    return out
+
+
+async def test_sql_and_python_agree_on_members_and_due_moments(harness: Harness) -> None:
+    await seed_profiles(harness)
+    members = await assert_agree(harness, [f"c{i:03d}" for i in range(40)], RULES)
+    for definition, found in zip(RULES, members, strict=True):
+        assert 0 < len(found) < 40, definition  # each rule splits the population
+
+
+# Texts at the edges of what is a date: Python's datetime and PostgreSQL's parser differ on them.
+EDGE_DATES = [
+    "2026-02-20T24:00:00",  # PostgreSQL reads the next midnight; Python: no date
+    "2026-02-20T23:59:60Z",  # a leap second: the same
+    "2026-02-20T10:00:00+16:00",  # offsets past +-15:59: Python reads them, PostgreSQL refused
+    "2026-02-20T10:00:00+23:59",
+    "2026-02-20T10:00:00-23:59",
+    "2026-02-20T10:00+00:60",  # Python: one hour
+    "2026-02-20T10:00:00+24:00",  # no date anywhere
+    "2026-02-20T10:00:00+15:59",
+    "2026-02-20 10:00:00.5Z",
+    "2026-02-20T10:60:00",
+    "2026-02-20",
+]
+# Paths through arrays: a plain number indexes one (or names an object's key), as PostgreSQL's `#>`.
+ITEMS = [{"sku": "a", "tags": ["x", "y"]}, {"sku": "b"}]
+EDGE_TRAITS: list[dict[str, Any]] = [
+    {"items": ITEMS},
+    {"items": list(reversed(ITEMS))},
+    {"items": {"0": {"sku": "a"}, "-1": {"sku": "b"}, "01": {"sku": "b"}}},
+    {"items": "a"},
+    {"items": [[{"sku": "a"}]]},
+    {"items": []},
+]
+EDGE_RULES: list[Any] = [
+    {"trait": "d", "op": "after", "value": "2026-02-19T00:00:00Z"},
+    {"trait": "d", "op": "exists"},
+    {"trait": "d", "op": "before", "ago": "9d"},
+    {"trait": "d", "op": "within", "duration": "10d"},
+    {"trait": "items.0.sku", "op": "equals", "value": "a"},
+    {"trait": "items.1.sku", "op": "equals", "value": "b"},
+    {"trait": "items.-1.sku", "op": "equals", "value": "b"},
+    {"trait": "items.01.sku", "op": "equals", "value": "b"},
+    {"trait": "items.+1.sku", "op": "exists"},
+    {"trait": "items.0.tags.1", "op": "equals", "value": "y"},
+    {"trait": "items.0.tags", "op": "contains", "value": "x"},
+    {"trait": "items.2.sku", "op": "not_exists"},
+    {"trait": "items.0.0.sku", "op": "equals", "value": "a"},
+    {"trait": "items.9999999999.sku", "op": "exists"},
+    {
+        "performed": "Order Completed",
+        "where": [{"property": "products.0.category", "op": "equals", "value": "shoes"}],
+    },
+    {
+        "performed": "Order Completed",
+        "where": [{"property": "products.1.at", "op": "after", "value": "2026-02-19T00:00:00Z"}],
+    },
+    {
+        "performed": "Order Completed",
+        "within": "30d",
+        "where": [{"property": "products.0.at", "op": "exists"}],
+    },
+]
+
+
+async def test_sql_and_python_agree_on_array_paths_and_edge_dates(harness: Harness) -> None:
+    events = []
+    ids = []
+    for i, d in enumerate(EDGE_DATES):
+        uid = f"d{i:02d}"
+        ids.append(uid)
+        traits = {"d": d, **EDGE_TRAITS[i % len(EDGE_TRAITS)]}
+        events.append(make_event(f"{uid}-id", "identify", user_id=uid, traits=traits))
+        products = [
+            {"category": "shoes" if i % 2 else "books", "at": d},
+            {"category": "books", "at": EDGE_DATES[-1 - i]},
+        ]
+        events.append(
+            make_event(
+                f"{uid}-o",
+                user_id=uid,
+                event="Order Completed",
+                properties={"products": products if i % 3 else {"0": products[0]}},
+                timestamp=START - timedelta(days=i),
+            )
+        )
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await harness.segmenter.events.handle(uow, events)
+    members = dict(zip(map(str, EDGE_RULES), await assert_agree(harness, ids, EDGE_RULES), strict=True))
+    # What is a date is Python's answer in both paths: not 24:00, not a leap second, not 10:60; offsets
+    # up to +-23:59 are.
+    after = members[str(EDGE_RULES[0])]
+    assert after == {"d02", "d03", "d04", "d05", "d07", "d08", "d10"}
+    assert members[str({"trait": "items.0.sku", "op": "equals", "value": "a"})] == {
+        "d00",
+        "d02",
+        "d06",
+        "d08",
+    }
+    # `-1` and `01` are keys, never array indexes; a path goes through nested arrays too.
+    assert members[str(EDGE_RULES[6])] == members[str(EDGE_RULES[7])] == {"d02", "d08"}
+    assert members[str(EDGE_RULES[12])] == {"d04", "d10"}
+    # An event property path through the order's products (or an object's "0" key).
+    assert members[str(EDGE_RULES[14])] == {"d01", "d03", "d05", "d07", "d09"}

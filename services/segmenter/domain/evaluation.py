@@ -7,6 +7,7 @@ The SQL compiler in `store/sql_rules.py` implements the same semantics for back-
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,13 +46,25 @@ def json_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+# A path part that indexes an array (`products.0.category`), as PostgreSQL's `#>` reads it. Only
+# plain non-negative numbers: `#>` would also read `-1` (from the end), `01`, `+1` or ` 1`, which
+# store/sql_rules.py therefore looks up as object keys only. Nine digits: no index goes beyond.
+ARRAY_INDEX = re.compile(r"(0|[1-9][0-9]{0,8})\Z")
+
+
 def lookup_path(data: dict[str, Any], path: str) -> Any:
-    """`account.plan` -> data["account"]["plan"]; _MISSING if absent."""
+    """`account.plan` -> data["account"]["plan"], `products.0.sku` -> data["products"][0]["sku"];
+    _MISSING if absent."""
     current: Any = data
     for part in path.split("."):
-        if not isinstance(current, dict) or part not in current:
+        if isinstance(current, dict):
+            if part not in current:
+                return _MISSING
+            current = current[part]
+        elif isinstance(current, list) and ARRAY_INDEX.match(part) and int(part) < len(current):
+            current = current[int(part)]
+        else:
             return _MISSING
-        current = current[part]
     return current
 
 

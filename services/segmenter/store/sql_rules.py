@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from services.segmenter.domain.evaluation import HORIZON
+from services.segmenter.domain.evaluation import ARRAY_INDEX, HORIZON
 from services.segmenter.domain.rules import (
     PROFILE_FIELDS,
     AndRule,
@@ -59,13 +59,22 @@ class RuleSql:
     # ----------------------------------------------------------------- subjects
 
     def _json_path(self, base: str, path: str) -> _Subject:
-        parts = path.split(".")
-        if len(parts) == 1:
-            key = self._p(parts[0])
-            j, t = f"({base} -> {key})", f"try_timestamptz({base} ->> {key})"
+        """One step per part, as `evaluation.lookup_path` walks: a plain number is an object key or an
+        array index (`#>`), anything else an object key only (`->`: `#>` reads `-1`, `01`, `+1` as
+        array indexes too)."""
+        *parents, last = path.split(".")
+        for part in parents:
+            base = (
+                f"({base} #> CAST({self._p([part])} AS text[]))"
+                if ARRAY_INDEX.match(part)
+                else f"({base} -> {self._p(part)})"
+            )
+        if ARRAY_INDEX.match(last):
+            key = f"CAST({self._p([last])} AS text[])"
+            j, t = f"({base} #> {key})", f"try_timestamptz({base} #>> {key})"
         else:
-            key = self._p(parts)
-            j, t = f"({base} #> CAST({key} AS text[]))", f"try_timestamptz({base} #>> CAST({key} AS text[]))"
+            key = self._p(last)
+            j, t = f"({base} -> {key})", f"try_timestamptz({base} ->> {key})"
         return _Subject(j, t, f"({j})::float8", typed=False)
 
     def _field(self, name: str) -> _Subject:

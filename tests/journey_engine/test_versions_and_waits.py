@@ -132,3 +132,42 @@ async def test_wait_for_open_else_sms_and_webhook(make_settings: Any) -> None:
             ("x", "x", {"engaged": True}, "journey_engine")
         ]
         assert await h.scalar("SELECT traits->>'engaged' FROM customers WHERE customer_id = 'x'") == "true"
+
+
+async def test_migrating_customers_to_a_node_of_another_type_is_refused(make_settings: Any) -> None:
+    """A customer waiting at delay 'wait' would be stuck (no timer means anything at a condition) if
+    v2 reused the id for a condition: the edit is refused, naming the node, and nothing changes."""
+    v2 = linear(
+        "Versioned",
+        "Signed Up",
+        [
+            {
+                "id": "wait",
+                "type": "condition",
+                "branches": [{"name": "gold", "where": [{"field": "plan", "op": "eq", "value": "gold"}]}],
+            },
+            {"id": "mail", "type": "send", "channel": "email", "template_id": "v2"},
+        ],
+    )
+    v2["edges"].append({"from": "wait", "to": "mail", "branch": "else"})
+    v2["edges"] = [
+        e | {"branch": "gold"} if e["from"] == "wait" and "branch" not in e else e for e in v2["edges"]
+    ]
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(mail_after_an_hour("v1-mail"))
+        await h.track("a", "Signed Up")
+        r = await h.client.put(f"/v1/journeys/{jid}", json={"definition": v2, "migrate": True}, headers=ADMIN)
+        assert r.status_code == 409, r.text
+        [error] = r.json()["errors"]
+        assert error["field"] == "definition.nodes.wait" and error["rule"] == "migrate_same_type"
+        assert "1 customer(s)" in error["message"] and "delay" in error["message"]
+        body = (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()
+        assert body["versions"] == [1]
+        # Without migrate the new version is saved and the customer finishes on version 1.
+        r = await h.client.put(
+            f"/v1/journeys/{jid}", json={"definition": v2, "migrate": False}, headers=ADMIN
+        )
+        assert r.status_code == 200 and r.json()["migrated"] == 0
+        await h.advance(timedelta(hours=1))
+        [sent] = await h.requests(until=lambda m: len(m) >= 1)
+        assert (sent["template_id"], sent["journey_version"]) == ("v1-mail", 1)

@@ -200,11 +200,43 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             )
             migrated = 0
             if body.migrate and row.status in ("active", "paused"):
+                waiting = await instance_store.lock_waiting(uow.session, journey_id, version)
+                await refuse_type_changes(uow.session, journey_id, waiting, graph)
                 migrated = await instance_store.migrate_version(
                     uow.session, journey_id, version, list(graph.nodes)
                 )
             row = await load(uow.session, journey_id)
         return journey_body(row, stored) | {"migrated": migrated}
+
+    async def refuse_type_changes(
+        session: Any, journey_id: str, waiting: list[tuple[int, str, int]], graph: Graph
+    ) -> None:
+        """A migrated instance stays at its node id: if the new version made that id another kind of
+        node (a delay now a condition), its timer or wait means nothing there and it would be stuck, or
+        take a wrong branch. Refuse (409, the whole edit) naming each such node."""
+        errors = []
+        for old_version, node_id, n in waiting:
+            new_node = graph.nodes.get(node_id)
+            old_graph = await engine.graph(session, journey_id, old_version)
+            old_node = old_graph.nodes.get(node_id) if old_graph is not None else None
+            if new_node is None or old_node is None or new_node.type == old_node.type:
+                continue
+            errors.append(
+                field_error(
+                    f"definition.nodes.{node_id}",
+                    "migrate_same_type",
+                    f"{n} customer(s) wait at '{node_id}', a {old_node.type} node in version "
+                    f"{old_version}; in the new version it is a {new_node.type} node. Keep its type, "
+                    "give the new node another id, or save without migrate",
+                )
+            )
+        if errors:
+            raise ApiError(
+                409,
+                "migration_conflict",
+                "customers wait at nodes whose type the new version changes; nothing was saved",
+                errors=errors,
+            )
 
     async def transition(journey_id: str, action: Literal["activate", "pause", "archive"]) -> dict[str, Any]:
         now = clock.now()

@@ -224,10 +224,25 @@ async def _lock_active(session: AsyncSession, journey_id: str) -> None:
     )
 
 
+async def lock_waiting(session: AsyncSession, journey_id: str, to_version: int) -> list[tuple[int, str, int]]:
+    """Lock a journey's active instances (as a migration must, before checking them) and return where
+    those not yet on `to_version` wait: (version, node id, instances)."""
+    await _lock_active(session, journey_id)
+    rows = await session.execute(
+        text(
+            "SELECT version, node_id, count(*) FROM instances WHERE journey_id = :j AND status = 'active' "
+            "AND version <> :v GROUP BY version, node_id ORDER BY version, node_id"
+        ),
+        {"j": journey_id, "v": to_version},
+    )
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
 async def migrate_version(
     session: AsyncSession, journey_id: str, to_version: int, node_ids: list[str]
 ) -> int:
-    """Move active instances to `to_version` when the node they are at still exists there."""
+    """Move active instances to `to_version` when the node they are at still exists there (the
+    caller checked, under `lock_waiting`, that it is of the same type)."""
     await _lock_active(session, journey_id)
     result = await session.execute(
         text(

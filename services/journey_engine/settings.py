@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import time
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from services.journey_engine.domain.definition import TimeOfDay
 from services.journey_engine.domain.timing import QuietHours
 from services.journey_engine.domain.walker import CapRule, MessagingRules
 from shared.settings import BaseServiceSettings
@@ -54,8 +54,9 @@ class JourneyEngineSettings(BaseServiceSettings):
     # Global rules for marketing messages, across every journey (transactional journeys bypass them).
     # e.g. CLM_FREQUENCY_CAPS='{"email": {"limit": 2, "period": "day"}}'
     frequency_caps: dict[str, FrequencyCap] = Field(default_factory=dict)
-    quiet_hours_start: time | None = None
-    quiet_hours_end: time | None = None
+    # Local times in each customer's timezone: no UTC offset (refused at start).
+    quiet_hours_start: TimeOfDay | None = None
+    quiet_hours_end: TimeOfDay | None = None
     quiet_hours_mode: Literal["hold", "skip"] = "hold"
     # For customers whose profile has no (valid) timezone.
     default_timezone: str = "UTC"

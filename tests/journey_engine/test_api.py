@@ -155,3 +155,30 @@ async def test_dry_run_entry_filters_see_the_customers_timezone(make_settings: A
                 json={"definition": journey, "profile": {"timezone": timezone}, "event": {"event": "Viewed"}},
             )
             assert r.status_code == 200 and r.json()["would_enter"] is enters, (timezone, r.text)
+
+
+async def test_quiet_hours_with_a_utc_offset_are_refused_by_save_and_dry_run(make_settings: Any) -> None:
+    journey = {
+        "name": "Offset",
+        "entry": {"type": "event", "event": "Viewed"},
+        "messaging": {"quiet_hours": {"start": "22:00Z", "end": "07:00Z"}},
+        "nodes": [
+            {"id": "start", "type": "entry"},
+            {"id": "mail", "type": "send", "channel": "email", "template_id": "x"},
+            {"id": "done", "type": "exit"},
+        ],
+        "edges": [{"from": "start", "to": "mail"}, {"from": "mail", "to": "done"}],
+    }
+    async with engine_running(make_settings) as h:
+        for path, body in (
+            ("/v1/journeys", {"definition": journey}),
+            ("/v1/journeys/dry-run", {"definition": journey, "profile": {}}),
+        ):
+            r = await h.client.post(path, headers=ADMIN, json=body)
+            assert r.status_code == 400, r.text
+            fields = {(e["field"], e["rule"]) for e in r.json()["errors"]}
+            assert fields == {
+                ("definition.messaging.quiet_hours.window.start", "time_of_day"),
+                ("definition.messaging.quiet_hours.window.end", "time_of_day"),
+            }
+        assert (await h.client.get("/v1/journeys", headers=ADMIN)).json()["journeys"] == []

@@ -13,7 +13,19 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from shared.contracts import storable
 from shared.contracts.events import Channel, MessageCategory, MessageStatusKind
@@ -42,6 +54,24 @@ Duration = Annotated[timedelta, BeforeValidator(_shorthand)]
 # The longest wait a definition may ask for: longer ones are typos, and near datetime's limits
 # (year 9999) adding them to a time overflows.
 MAX_DURATION = timedelta(days=3650)
+
+
+def _time_of_day(value: time, info: ValidationInfo) -> time:
+    """Times of day (quiet hours, `until_time`, `local_time`) are in each customer's own timezone, so
+    a UTC offset means nothing there (and compared with a local time it raised TypeError). Refused on
+    save; a definition stored before is read without it, as the engine then used it."""
+    if value.tzinfo is None:
+        return value
+    if isinstance(info.context, dict) and info.context.get("stored"):
+        return value.replace(tzinfo=None)
+    raise PydanticCustomError(
+        "time_of_day",
+        "a time of day in the customer's timezone takes no UTC offset: write {local}",
+        {"local": value.replace(tzinfo=None).isoformat("minutes")},
+    )
+
+
+TimeOfDay = Annotated[time, AfterValidator(_time_of_day)]
 # Comparison names as segments write them, for the journey's own.
 _OP_ALIASES = {"equals": "eq", "not_equals": "neq"}
 
@@ -117,7 +147,7 @@ class ScheduleEntry(Strict):
     at: datetime
     every: Duration | None = None
     # Deliver at this time of day in each customer's timezone, on the broadcast's (UTC) date.
-    local_time: time | None = None
+    local_time: TimeOfDay | None = None
 
     @model_validator(mode="after")
     def _aware(self) -> ScheduleEntry:
@@ -166,7 +196,7 @@ class DelayNode(Strict):
     id: str = Field(min_length=1)
     type: Literal["delay"]
     duration: Duration | None = None
-    until_time: time | None = None
+    until_time: TimeOfDay | None = None
     weekdays: list[Weekday] | None = None
     until_trait: str | None = None
     offset: Duration = timedelta(0)
@@ -318,8 +348,8 @@ class QuietWindow(Strict):
     """Daily hours in the customer's local time when this journey's marketing messages wait (`hold`,
     until the window ends) or are skipped (`skip`)."""
 
-    start: time
-    end: time
+    start: TimeOfDay
+    end: TimeOfDay
     mode: Literal["hold", "skip"] = "hold"
 
     @model_validator(mode="after")
@@ -329,12 +359,23 @@ class QuietWindow(Strict):
         return self
 
 
+def _window_or_off(value: Any) -> str:
+    return "off" if isinstance(value, str) else "window"
+
+
+# Tagged, so an error names `quiet_hours.window.start` rather than every member of the union.
+QuietHoursRule = Annotated[
+    Annotated[QuietWindow, Tag("window")] | Annotated[Literal["off"], Tag("off")],
+    Discriminator(_window_or_off),
+]
+
+
 class JourneyMessaging(Strict):
     """This journey's own rules over the platform's (`CLM_QUIET_HOURS_*`, `CLM_FREQUENCY_CAPS`):
     `quiet_hours` its own window, or `"off"` to send at any hour (None: the platform's);
     `frequency_caps` `"ignore"` to send past the platform's caps (a reminder the customer asked for)."""
 
-    quiet_hours: QuietWindow | Literal["off"] | None = None
+    quiet_hours: QuietHoursRule | None = None
     frequency_caps: Literal["platform", "ignore"] = "platform"
 
 

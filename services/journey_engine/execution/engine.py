@@ -164,7 +164,8 @@ class JourneyEngine:
             if raw is None:
                 return None
             try:
-                self._graphs[key] = Graph(JourneyDefinition.model_validate(raw))
+                stored = JourneyDefinition.model_validate(raw, context={"stored": True})
+                self._graphs[key] = Graph(stored)
             except (ValidationError, StopIteration):
                 log.error(
                     "stored journey definition is invalid", extra={"journey": journey_id, "version": version}

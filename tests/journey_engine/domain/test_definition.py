@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, time
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from pydantic import ValidationError
 
-from services.journey_engine.domain.definition import JourneyDefinition, graph_errors
+from services.journey_engine.domain.definition import JourneyDefinition, QuietWindow, graph_errors
+from services.journey_engine.domain.timing import QuietHours
+from services.journey_engine.settings import JourneyEngineSettings
 
 
 def journey(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], **extra: Any) -> JourneyDefinition:
@@ -163,3 +167,60 @@ def test_segment_style_durations_and_comparison_names_are_understood() -> None:
     assert branch.where[0].op == "eq"
     with pytest.raises(ValidationError):
         journey([GOOD_NODES[0], {**GOOD_NODES[1], "timeout": "1 fortnight"}, *GOOD_NODES[2:]], GOOD_EDGES)
+
+
+def errors_of(exc: pytest.ExceptionInfo[ValidationError]) -> set[tuple[str, str]]:
+    return {(".".join(str(p) for p in e["loc"]), e["type"]) for e in exc.value.errors()}
+
+
+def test_times_of_day_take_no_utc_offset() -> None:
+    """They are in each customer's timezone: an offset meant nothing, and in quiet hours it made every
+    send raise TypeError (naive vs aware times)."""
+    with pytest.raises(ValidationError) as exc:
+        journey(GOOD_NODES, GOOD_EDGES, messaging={"quiet_hours": {"start": "22:00Z", "end": "07:00"}})
+    assert errors_of(exc) == {("messaging.quiet_hours.window.start", "time_of_day")}
+    with pytest.raises(ValidationError) as exc:
+        journey([{"id": "d", "type": "delay", "until_time": "09:00+02:00"}], [])
+    assert errors_of(exc) == {("nodes.0.delay.until_time", "time_of_day")}
+    with pytest.raises(ValidationError) as exc:
+        JourneyDefinition.model_validate(
+            {
+                "name": "t",
+                "entry": {
+                    "type": "schedule",
+                    "segment_id": "s",
+                    "at": "2026-01-06T00:00:00Z",
+                    "local_time": "09:00Z",
+                },
+                "nodes": GOOD_NODES,
+                "edges": GOOD_EDGES,
+            }
+        )
+    assert errors_of(exc) == {("entry.schedule.local_time", "time_of_day")}
+    # A definition stored before is read as the engine used it: the offset dropped.
+    stored = JourneyDefinition.model_validate(
+        {
+            "name": "t",
+            "entry": {"type": "event", "event": "Signed Up"},
+            "messaging": {"quiet_hours": {"start": "22:00Z", "end": "07:00+02:00"}},
+            "nodes": GOOD_NODES,
+            "edges": GOOD_EDGES,
+        },
+        context={"stored": True},
+    )
+    assert stored.messaging is not None and isinstance(stored.messaging.quiet_hours, QuietWindow)
+    window = stored.messaging.quiet_hours
+    assert (window.start, window.end) == (time(22), time(7))
+    assert QuietHours(window.start, window.end).window_end(
+        datetime(2026, 1, 5, 23, tzinfo=UTC), ZoneInfo("UTC")
+    )
+
+
+def test_platform_quiet_hours_take_no_utc_offset() -> None:
+    with pytest.raises(ValidationError):
+        JourneyEngineSettings(quiet_hours_start="22:00Z", quiet_hours_end="07:00")  # type: ignore[arg-type]
+    assert (
+        JourneyEngineSettings(quiet_hours_start="22:00", quiet_hours_end="07:00")
+        .messaging_rules()
+        .quiet_hours
+    )  # type: ignore[arg-type]

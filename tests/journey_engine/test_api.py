@@ -182,3 +182,22 @@ async def test_quiet_hours_with_a_utc_offset_are_refused_by_save_and_dry_run(mak
                 ("definition.messaging.quiet_hours.window.end", "time_of_day"),
             }
         assert (await h.client.get("/v1/journeys", headers=ADMIN)).json()["journeys"] == []
+
+
+async def test_a_delay_of_zero_or_less_or_of_ages_is_refused(make_settings: Any) -> None:
+    async with engine_running(make_settings) as h:
+        for duration in (0, "-PT1H", "P9999999D"):
+            journey = {
+                "name": "Delay",
+                "entry": {"type": "event", "event": "Viewed"},
+                "nodes": [
+                    {"id": "start", "type": "entry"},
+                    {"id": "wait", "type": "delay", "duration": duration},
+                    {"id": "done", "type": "exit"},
+                ],
+                "edges": [{"from": "start", "to": "wait"}, {"from": "wait", "to": "done"}],
+            }
+            r = await h.client.post("/v1/journeys", headers=ADMIN, json={"definition": journey})
+            assert r.status_code == 400, r.text
+            [error] = r.json()["errors"]
+            assert (error["field"], error["rule"]) == ("definition.nodes.1.delay.duration", "duration_range")

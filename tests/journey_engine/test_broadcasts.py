@@ -161,7 +161,7 @@ async def test_a_schedule_too_far_apart_is_refused(make_settings: Any) -> None:
             r = await h.client.post("/v1/journeys", json={"definition": definition}, headers=ADMIN)
             assert r.status_code == 400, r.text
             assert any(
-                e["field"].startswith("definition.entry.schedule") and field in e["message"]
+                e["field"].startswith("definition.entry.schedule") and field in e["field"] + e["message"]
                 for e in r.json()["errors"]
             ), r.text
 

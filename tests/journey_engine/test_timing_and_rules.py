@@ -170,3 +170,58 @@ async def test_frequency_cap_and_quiet_hours_across_two_journeys(make_settings: 
         assert len(promos) == 2 and promos[-1]["requested_at"].startswith("2026-01-07T07:00")
         decisions = await h.rows("SELECT decision FROM message_log WHERE decided_at >= '2026-01-07T07:00Z'")
         assert sorted(r.decision for r in decisions) == ["capped", "requested"]
+
+
+async def test_a_walk_that_fails_leaves_no_trace_in_the_customers_other_journeys(make_settings: Any) -> None:
+    """'a-loop' loops through a delay whose date has passed (it passes at once) until the walk's step
+    limit: its trait change and its send must not be seen by 'b-check', walked next in the same batch."""
+    looping = {
+        "name": "Loop",
+        "entry": {"type": "event", "event": "Visited"},
+        "nodes": [
+            {"id": "start", "type": "entry"},
+            {"id": "tag", "type": "update_trait", "traits": {"looped": True}},
+            {"id": "mail", "type": "send", "channel": "email", "template_id": "loop"},
+            {"id": "renewal", "type": "delay", "until_trait": "renewal_date"},
+        ],
+        "edges": [
+            {"from": "start", "to": "tag"},
+            {"from": "tag", "to": "mail"},
+            {"from": "mail", "to": "renewal"},
+            {"from": "renewal", "to": "tag"},
+        ],
+    }
+    checking = {
+        "name": "Check",
+        "entry": {"type": "event", "event": "Visited"},
+        "nodes": [
+            {"id": "start", "type": "entry"},
+            {
+                "id": "seen",
+                "type": "condition",
+                "branches": [{"name": "leaked", "where": [{"field": "traits.looped", "op": "exists"}]}],
+            },
+            {"id": "leaked_mail", "type": "send", "channel": "email", "template_id": "leaked"},
+            {"id": "clean_mail", "type": "send", "channel": "email", "template_id": "clean"},
+            {"id": "done", "type": "exit"},
+        ],
+        "edges": [
+            {"from": "start", "to": "seen"},
+            {"from": "seen", "to": "leaked_mail", "branch": "leaked"},
+            {"from": "seen", "to": "clean_mail", "branch": "else"},
+            {"from": "leaked_mail", "to": "done"},
+            {"from": "clean_mail", "to": "done"},
+        ],
+    }
+    async with engine_running(make_settings, frequency_caps={"email": {"limit": 1, "period": "day"}}) as h:
+        await h.profile("c1", {"email": "c1@example.com", "renewal_date": "2020-01-01"})
+        loop = await h.journey(looping, journey_id="a-loop")
+        check = await h.journey(checking, journey_id="b-check")
+        await h.track("c1", "Visited")
+        [failed] = await h.instances(loop)
+        assert failed.status == "exited" and "did not stop" in failed.exit_reason
+        [finished] = await h.instances(check)
+        assert finished.status == "exited" and finished.exit_reason == "completed"
+        [sent] = await h.requests(until=lambda m: len(m) >= 1)
+        assert sent["template_id"] == "clean"  # not 'leaked', and not capped by the failed walk's sends
+        assert await h.scalar("SELECT count(*) FROM message_log WHERE decision = 'capped'") == 0

@@ -50,10 +50,36 @@ def _shorthand(value: Any) -> Any:
     return value
 
 
-Duration = Annotated[timedelta, BeforeValidator(_shorthand)]
 # The longest wait a definition may ask for: longer ones are typos, and near datetime's limits
 # (year 9999) adding them to a time overflows.
 MAX_DURATION = timedelta(days=3650)
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Reading a definition saved before a rule existed (`context={"stored": True}`): it is read as the
+    engine used it rather than made unreadable (its customers stuck)."""
+    return isinstance(info.context, dict) and bool(info.context.get("stored"))
+
+
+def _within_range(value: timedelta, info: ValidationInfo) -> timedelta:
+    if abs(value) <= MAX_DURATION:
+        return value
+    if _stored(info):
+        return MAX_DURATION if value > timedelta(0) else -MAX_DURATION
+    raise PydanticCustomError("duration_range", "must be at most 3650 days (either way)")
+
+
+def _positive(value: timedelta, info: ValidationInfo) -> timedelta:
+    if timedelta(0) < value <= MAX_DURATION or _stored(info):
+        return min(value, MAX_DURATION)
+    raise PydanticCustomError("duration_range", "must be longer than zero and at most 3650 days")
+
+
+# A signed offset (`until_trait` + offset: "3 days before the renewal date").
+Duration = Annotated[timedelta, BeforeValidator(_shorthand), AfterValidator(_within_range)]
+# How long something waits: a wait of zero or less would pass at once (a loop through it spins until
+# the walk's step limit), and one of P9999999D overflowed the time it was added to.
+WaitDuration = Annotated[timedelta, BeforeValidator(_shorthand), AfterValidator(_positive)]
 
 
 def _time_of_day(value: time, info: ValidationInfo) -> time:
@@ -62,7 +88,7 @@ def _time_of_day(value: time, info: ValidationInfo) -> time:
     save; a definition stored before is read without it, as the engine then used it."""
     if value.tzinfo is None:
         return value
-    if isinstance(info.context, dict) and info.context.get("stored"):
+    if _stored(info):
         return value.replace(tzinfo=None)
     raise PydanticCustomError(
         "time_of_day",
@@ -145,7 +171,7 @@ class ScheduleEntry(Strict):
     type: Literal["schedule"]
     segment_id: str = Field(min_length=1)
     at: datetime
-    every: Duration | None = None
+    every: WaitDuration | None = None
     # Deliver at this time of day in each customer's timezone, on the broadcast's (UTC) date.
     local_time: TimeOfDay | None = None
 
@@ -155,8 +181,8 @@ class ScheduleEntry(Strict):
             raise ValueError("'at' needs a timezone (e.g. 2026-01-05T09:00:00Z)")
         if not storable.time_in_range(self.at):
             raise ValueError(f"'at' {storable.TIME_MESSAGE}")
-        if self.every is not None and not timedelta(minutes=1) <= self.every <= MAX_DURATION:
-            raise ValueError("'every' must be from one minute to 3650 days")
+        if self.every is not None and self.every < timedelta(minutes=1):
+            raise ValueError("'every' must be at least one minute")
         return self
 
 
@@ -165,7 +191,7 @@ EntryRule = Annotated[EventEntry | SegmentEntry | StageEntry | ScheduleEntry, Fi
 
 class ReentryPolicy(Strict):
     policy: Literal["once", "after", "always"] = "once"
-    days: float | None = Field(default=None, gt=0)
+    days: float | None = Field(default=None, gt=0, le=MAX_DURATION.days)
 
     @model_validator(mode="after")
     def _days_for_after(self) -> ReentryPolicy:
@@ -177,7 +203,7 @@ class ReentryPolicy(Strict):
 class Goal(Strict):
     event: str = Field(min_length=1)
     where: list[Predicate] = Field(default_factory=list)
-    within: Duration | None = None
+    within: WaitDuration | None = None
     match_correlation: bool = False
 
 
@@ -195,7 +221,7 @@ class DelayNode(Strict):
 
     id: str = Field(min_length=1)
     type: Literal["delay"]
-    duration: Duration | None = None
+    duration: WaitDuration | None = None
     until_time: TimeOfDay | None = None
     weekdays: list[Weekday] | None = None
     until_trait: str | None = None
@@ -219,7 +245,7 @@ class WaitEventNode(Strict):
     event: str = Field(min_length=1)
     where: list[Predicate] = Field(default_factory=list)
     match_correlation: bool = False
-    timeout: Duration = Field(gt=timedelta(0))
+    timeout: WaitDuration
 
 
 class WaitSegmentNode(Strict):
@@ -227,7 +253,7 @@ class WaitSegmentNode(Strict):
     type: Literal["wait_segment"]
     segment_id: str = Field(min_length=1)
     change: Literal["entered", "exited"] = "entered"
-    timeout: Duration = Field(gt=timedelta(0))
+    timeout: WaitDuration
 
 
 class WaitMessageNode(Strict):
@@ -237,7 +263,7 @@ class WaitMessageNode(Strict):
     statuses: list[MessageStatusKind] = Field(
         default_factory=lambda: [MessageStatusKind.OPENED], min_length=1
     )
-    timeout: Duration = Field(gt=timedelta(0))
+    timeout: WaitDuration
 
 
 class ConditionBranch(Strict):

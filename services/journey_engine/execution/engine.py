@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -467,8 +467,15 @@ class JourneyEngine:
     def _walk(
         self, graph: Graph, row: InstanceRow, customer: CustomerView, event: Input, now: datetime
     ) -> Outcome | None:
+        # The walker updates the customer it walks (traits set by update_trait nodes, sends counted for
+        # frequency caps) so that the batch's later steps see them: on a copy, kept only if the walk
+        # succeeds, so a failed one (e.g. a loop through a delay whose date has passed) leaves no trace
+        # in the customer's other journeys.
+        work = replace(customer, recent_sends={k: list(v) for k, v in customer.recent_sends.items()})
         try:
-            return Walker(graph, instance_view(row), customer, self.rules, now).react(event)
+            outcome = Walker(graph, instance_view(row), work, self.rules, now).react(event)
+            customer.traits, customer.recent_sends = work.traits, work.recent_sends
+            return outcome
         except Exception as exc:  # a broken step must not block the customer's other journeys
             log.exception("journey step failed", extra={"instance": row.id, "node": row.node_id})
             return Outcome(

@@ -224,3 +224,54 @@ def test_platform_quiet_hours_take_no_utc_offset() -> None:
         .messaging_rules()
         .quiet_hours
     )  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("node", "field"),
+    [
+        ({"id": "d", "type": "delay", "duration": 0}, "nodes.0.delay.duration"),
+        ({"id": "d", "type": "delay", "duration": -60}, "nodes.0.delay.duration"),
+        ({"id": "d", "type": "delay", "duration": "-PT1H"}, "nodes.0.delay.duration"),
+        ({"id": "d", "type": "delay", "duration": "P9999999D"}, "nodes.0.delay.duration"),
+        (
+            {"id": "d", "type": "delay", "until_trait": "renewal", "offset": "P9999999D"},
+            "nodes.0.delay.offset",
+        ),
+        ({"id": "w", "type": "wait_event", "event": "x", "timeout": "0s"}, "nodes.0.wait_event.timeout"),
+        (
+            {"id": "w", "type": "wait_segment", "segment_id": "s", "timeout": "P3651D"},
+            "nodes.0.wait_segment.timeout",
+        ),
+        (
+            {"id": "w", "type": "wait_message", "send_node": "m", "timeout": -1},
+            "nodes.0.wait_message.timeout",
+        ),
+    ],
+)
+def test_every_wait_is_positive_and_at_most_ten_years(node: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        journey([node], [])
+    assert errors_of(exc) == {(field, "duration_range")}
+
+
+def test_goal_windows_offsets_and_reentry_days_are_bounded() -> None:
+    for goal in ({"event": "x", "within": "P9999999D"}, {"event": "x", "within": 0}):
+        with pytest.raises(ValidationError) as exc:
+            journey(GOOD_NODES, GOOD_EDGES, goal=goal)
+        assert errors_of(exc) == {("goal.within", "duration_range")}
+    with pytest.raises(ValidationError):
+        journey(GOOD_NODES, GOOD_EDGES, reentry={"policy": "after", "days": 1e9})
+    # Before a date is fine: "3 days before the renewal".
+    parsed = journey([{"id": "d", "type": "delay", "until_trait": "renewal", "offset": "-P3D"}], [])
+    assert parsed.nodes[0].offset.days == -3  # type: ignore[union-attr]
+    # A stored definition is read as the engine used it, a huge wait capped so it cannot overflow.
+    stored = JourneyDefinition.model_validate(
+        {
+            "name": "t",
+            "entry": {"type": "event", "event": "x"},
+            "nodes": [{"id": "d", "type": "delay", "duration": "P9999999D"}],
+            "edges": [],
+        },
+        context={"stored": True},
+    )
+    assert stored.nodes[0].duration.days == 3650  # type: ignore[union-attr]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 from typing import Any
 
 from tests.journey_engine.harness import ADMIN, engine_running
@@ -201,3 +203,46 @@ async def test_a_delay_of_zero_or_less_or_of_ages_is_refused(make_settings: Any)
             assert r.status_code == 400, r.text
             [error] = r.json()["errors"]
             assert (error["field"], error["rule"]) == ("definition.nodes.1.delay.duration", "duration_range")
+
+
+def chain(n: int) -> dict[str, Any]:
+    """entry -> n trait updates -> exit."""
+    steps = [{"id": f"t{i}", "type": "update_trait", "traits": {"step": i}} for i in range(n)]
+    nodes = [{"id": "start", "type": "entry"}, *steps, {"id": "done", "type": "exit"}]
+    return {
+        "name": "Chain",
+        "entry": {"type": "event", "event": "Viewed"},
+        "nodes": nodes,
+        "edges": [{"from": a["id"], "to": b["id"]} for a, b in itertools.pairwise(nodes)],
+    }
+
+
+async def test_unwritable_values_and_oversized_graphs_are_refused_not_500(make_settings: Any) -> None:
+    async with engine_running(make_settings) as h:
+        big = chain(1)
+        big["nodes"][1]["traits"] = {"balance": 2**64}
+        r = await h.client.post("/v1/journeys", headers=ADMIN, json={"definition": big})
+        assert r.status_code == 400, r.text
+        assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [
+            ("definition.nodes.1.update_trait.traits", "json_integer_range")
+        ]
+        # NaN is not JSON, but Python's parser reads it: refused rather than stored as null.
+        raw = json.dumps(
+            {
+                "definition": chain(1)
+                | {"goal": {"event": "x", "where": [{"field": "n", "op": "eq", "value": float("nan")}]}}
+            }
+        )
+        r = await h.client.post(
+            "/v1/journeys", headers=ADMIN | {"content-type": "application/json"}, content=raw
+        )
+        assert r.status_code == 400 and r.json()["errors"][0]["rule"] == "json_finite_number", r.text
+        r = await h.client.post("/v1/journeys", headers=ADMIN, json={"definition": chain(1200)})
+        assert r.status_code == 400, r.text
+        assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [("definition.nodes", "too_long")]
+        # The largest journey allowed saves and walks end to end.
+        jid = await h.journey(chain(498))
+        await h.track("c1", "Viewed")
+        [row] = await h.instances(jid)
+        assert (row.status, row.exit_reason) == ("exited", "completed")
+        assert (await h.client.get("/v1/journeys", headers=ADMIN)).json()["journeys"][0]["id"] == jid

@@ -7,8 +7,9 @@ only through a node that waits (so walking the graph always stops).
 
 from __future__ import annotations
 
+import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Annotated, Any, Literal
@@ -98,6 +99,53 @@ def _time_of_day(value: time, info: ValidationInfo) -> time:
 
 
 TimeOfDay = Annotated[time, AfterValidator(_time_of_day)]
+# The largest journey a marketer may save: the walker's step limit and the API's answers are sized for it.
+MAX_NODES = 500
+MAX_EDGES = 2000
+# What orjson (every store and topic writes JSON with) can write: 64-bit integers, signed or not.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def json_problem(value: Any, path: str = "", depth: int = 0) -> tuple[str, str, str] | None:
+    """(path, rule, message) for the first value in a JSON document that cannot be stored and sent as
+    JSON (an integer past 64 bits, NaN or infinity, the NUL character, nesting past
+    `storable.MAX_DEPTH`), else None. Such a value made saving a journey answer 500."""
+    here = path or "value"
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        if _INT_MIN <= value <= _INT_MAX:
+            return None
+        return here, "json_integer_range", "integers must fit in 64 bits (-2**63 to 2**64-1)"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (here, "json_finite_number", "NaN and infinity are not JSON")
+    if isinstance(value, str):
+        return (here, storable.RULE, storable.MESSAGE) if storable.NUL in value else None
+    if isinstance(value, dict | list):
+        if depth >= storable.MAX_DEPTH:
+            return here, storable.DEPTH_RULE, storable.DEPTH_MESSAGE
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            child = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and storable.NUL in key:
+                return child, storable.RULE, storable.MESSAGE
+            found = json_problem(item, child, depth + 1)
+            if found is not None:
+                return found
+        return None
+    return here, "json_type", f"{type(value).__name__} is not a JSON value"
+
+
+def _json_safe(value: Any) -> Any:
+    problem = json_problem(value)
+    if problem is not None:
+        where, rule, message = problem
+        raise PydanticCustomError(rule, "{where}: {message}", {"where": where, "message": message})
+    return value
+
+
+JsonValue = Annotated[Any, AfterValidator(_json_safe)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_safe)]
 # Comparison names as segments write them, for the journey's own.
 _OP_ALIASES = {"equals": "eq", "not_equals": "neq"}
 
@@ -124,7 +172,7 @@ class Predicate(Strict):
         "member",
         "not_member",
     ]
-    value: Any = None
+    value: JsonValue = None
 
     @field_validator("op", mode="before")
     @classmethod
@@ -317,7 +365,7 @@ class SendNode(Strict):
     channel: Channel
     template_id: str = Field(min_length=1)
     subscription_topic: str | None = None
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: JsonObject = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _not_webhook(self) -> SendNode:
@@ -329,7 +377,7 @@ class SendNode(Strict):
 class UpdateTraitNode(Strict):
     id: str = Field(min_length=1)
     type: Literal["update_trait"]
-    traits: dict[str, Any] = Field(min_length=1)
+    traits: JsonObject = Field(min_length=1)
 
 
 class WebhookNode(Strict):
@@ -337,7 +385,7 @@ class WebhookNode(Strict):
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://")
     template_id: str = "webhook"
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: JsonObject = Field(default_factory=dict)
 
 
 class ExitNode(Strict):
@@ -419,8 +467,8 @@ class JourneyDefinition(Strict):
     exit_when_entry_false: bool = False
     # Marketing journeys only (transactional ones bypass quiet hours and caps anyway).
     messaging: JourneyMessaging | None = None
-    nodes: list[Node] = Field(min_length=1)
-    edges: list[Edge] = Field(default_factory=list)
+    nodes: list[Node] = Field(min_length=1, max_length=MAX_NODES)
+    edges: list[Edge] = Field(default_factory=list, max_length=MAX_EDGES)
 
 
 # --------------------------------------------------------------------------- graph
@@ -463,11 +511,34 @@ class Graph:
         return self.next[(node_id, branch)]
 
 
+def _instant_cycle(successors: dict[str, list[str]]) -> str | None:
+    """A node on a cycle of `successors`, or None: a depth-first search with an explicit stack (a
+    recursive one overflowed Python's stack on a chain of ~1,000 nodes)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in successors:
+        if root in state:
+            continue
+        state[root] = 1
+        stack = [(root, iter(successors.get(root, [])))]
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+            elif state.get(child) == 1:
+                return child
+            elif child not in state:
+                state[child] = 1
+                stack.append((child, iter(successors.get(child, []))))
+    return None
+
+
 def graph_errors(definition: JourneyDefinition) -> list[GraphError]:
     errors: list[GraphError] = []
     ids = [n.id for n in definition.nodes]
     by_id = {n.id: n for n in definition.nodes}
-    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+    for dup in sorted(i for i, n in Counter(ids).items() if n > 1):
         errors.append(GraphError(f"nodes.{dup}", "unique_id", f"node id '{dup}' is used more than once"))
     entries = [n.id for n in definition.nodes if isinstance(n, EntryNode)]
     if len(entries) != 1:
@@ -541,26 +612,13 @@ def graph_errors(definition: JourneyDefinition) -> list[GraphError]:
         for i in by_id
         if by_id[i].type not in WAITING_TYPES
     }
-    state: dict[str, int] = {}
-
-    def visit(i: str) -> str | None:
-        state[i] = 1
-        for t in instant.get(i, []):
-            if state.get(t) == 1:
-                return t
-            if t not in state and (found := visit(t)):
-                return found
-        state[i] = 2
-        return None
-
-    for node_id in instant:
-        if node_id not in state and (looped := visit(node_id)):
-            errors.append(
-                GraphError(
-                    f"nodes.{looped}",
-                    "loop_through_wait",
-                    f"a loop through '{looped}' has no delay or wait node",
-                )
+    looped = _instant_cycle(instant)
+    if looped is not None:
+        errors.append(
+            GraphError(
+                f"nodes.{looped}",
+                "loop_through_wait",
+                f"a loop through '{looped}' has no delay or wait node",
             )
-            break
+        )
     return errors

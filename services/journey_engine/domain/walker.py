@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from services.journey_engine.domain.conditions import Facts, all_hold, describe
 from services.journey_engine.domain.definition import (
+    MAX_NODES,
     ConditionNode,
     DelayNode,
     EntryNode,
@@ -33,7 +34,9 @@ from services.journey_engine.domain.definition import (
 from services.journey_engine.domain.timing import QuietHours, delay_until, local_day, zone
 from shared.contracts.events import Channel, MessageCategory
 
-MAX_STEPS_PER_WALK = 500
+# Twice the largest journey: a walk through every node once always fits, with room for a few loops
+# through waits that pass at once.
+MAX_STEPS_PER_WALK = 2 * MAX_NODES
 
 
 # --------------------------------------------------------------------------- inputs

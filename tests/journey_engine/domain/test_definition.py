@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time
 from typing import Any
+from unittest.mock import ANY
 from zoneinfo import ZoneInfo
 
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from services.journey_engine.domain.definition import JourneyDefinition, QuietWindow, graph_errors
+from services.journey_engine.domain.definition import (
+    Edge,
+    EventEntry,
+    JourneyDefinition,
+    Node,
+    QuietWindow,
+    graph_errors,
+    json_problem,
+)
 from services.journey_engine.domain.timing import QuietHours
 from services.journey_engine.settings import JourneyEngineSettings
 
@@ -275,3 +284,49 @@ def test_goal_windows_offsets_and_reentry_days_are_bounded() -> None:
         context={"stored": True},
     )
     assert stored.nodes[0].duration.days == 3650  # type: ignore[union-attr]
+
+
+def test_a_loop_in_a_long_chain_is_found_without_recursion() -> None:
+    """graph_errors walks the graph with a stack of its own: a recursive walk overflowed Python's
+    stack on ~1,000 chained nodes (the API caps journeys at MAX_NODES, the check holds well past it)."""
+    adapter: TypeAdapter[Any] = TypeAdapter(Node)
+    n = 5000
+    nodes = [adapter.validate_python({"id": "start", "type": "entry"})] + [
+        adapter.validate_python({"id": f"n{i}", "type": "update_trait", "traits": {"i": i}}) for i in range(n)
+    ]
+    edges = [Edge.model_validate({"from": "start", "to": "n0"})] + [
+        Edge.model_validate({"from": f"n{i}", "to": f"n{(i + 1) % n}"}) for i in range(n)
+    ]
+    definition = JourneyDefinition.model_construct(
+        name="long", entry=EventEntry(type="event", event="x"), nodes=nodes, edges=edges
+    )
+    assert {rule for _, rule in rules(definition)} == {"loop_through_wait"}
+
+
+def test_json_problem_names_what_cannot_be_written_as_json() -> None:
+    assert json_problem({"a": [1, 2.5, "x", None, True, {"b": 2**64 - 1, "c": -(2**63)}]}) is None
+    assert json_problem({"a": [1, {"b": 2**64}]}) == ("a.1.b", "json_integer_range", ANY)
+    assert json_problem({"a": -(2**63) - 1}) == ("a", "json_integer_range", ANY)
+    assert json_problem({"a": float("nan")}) == ("a", "json_finite_number", ANY)
+    assert json_problem({"a": "x\x00"}) == ("a", "no_nul_character", ANY)
+    deep: Any = 1
+    for _ in range(70):
+        deep = [deep]
+    assert json_problem({"a": deep})[1] == "max_depth"  # type: ignore[index]
+
+
+def test_values_that_json_cannot_hold_are_refused() -> None:
+    with pytest.raises(ValidationError) as exc:
+        journey([{"id": "t", "type": "update_trait", "traits": {"big": 2**64}}], [])
+    assert errors_of(exc) == {("nodes.0.update_trait.traits", "json_integer_range")}
+    assert "big" in str(exc.value)
+    with pytest.raises(ValidationError) as exc:
+        journey(
+            [{"id": "m", "type": "send", "channel": "email", "template_id": "x", "data": {"n": [2**70]}}], []
+        )
+    assert errors_of(exc) == {("nodes.0.send.data", "json_integer_range")}
+    with pytest.raises(ValidationError) as exc:
+        journey(
+            GOOD_NODES, GOOD_EDGES, goal={"event": "x", "where": [{"field": "n", "op": "eq", "value": 2**64}]}
+        )
+    assert errors_of(exc) == {("goal.where.0.value", "json_integer_range")}

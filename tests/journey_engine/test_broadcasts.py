@@ -176,3 +176,38 @@ def test_next_run_skips_missed_runs_and_never_overflows() -> None:
     assert next_run(at, None, at) is None
     assert next_run(datetime(2999, 12, 1, tzinfo=UTC), week * 10, at) is None
     assert next_run(at, timedelta(days=999_999_999), at) is None
+
+
+async def test_a_recurring_broadcast_reaches_its_members_every_run_unless_told_otherwise(
+    make_settings: Any,
+) -> None:
+    """Without `reentry`, a recurring broadcast re-enters its members each run (the usual `once`
+    reached each member only the first week, silently); an explicit `once` is kept, with a warning."""
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 3)
+        default = broadcast("everyone")
+        del default["reentry"]
+        r = await h.client.post("/v1/journeys", headers=ADMIN, json={"id": "weekly", "definition": default})
+        assert r.status_code == 201 and r.json()["warnings"] == []
+        assert r.json()["definition"]["reentry"]["policy"] == "always"
+        await h.client.post("/v1/journeys/weekly/activate", headers=ADMIN)
+
+        once = broadcast("everyone", reentry={"policy": "once"})
+        r = await h.client.post("/v1/journeys", headers=ADMIN, json={"id": "weekly-once", "definition": once})
+        assert r.status_code == 201
+        [warning] = r.json()["warnings"]
+        assert (warning["field"], warning["rule"]) == ("definition.reentry", "recurring_once")
+        r = await h.client.put("/v1/journeys/weekly-once", headers=ADMIN, json={"definition": once})
+        assert [w["rule"] for w in r.json()["warnings"]] == ["recurring_once"]
+        await h.client.post("/v1/journeys/weekly-once/activate", headers=ADMIN)
+
+        for week in range(2):
+            h.clock.set(RUN_AT + timedelta(days=7 * week))
+            await h.fire_due()
+        assert [n for _, n in await entered(h, "weekly")] == [2, 2, 2]
+        assert [n for _, n in await entered(h, "weekly-once")] == [1, 1, 1]
+        # A one-off broadcast keeps the usual default.
+        one_off = broadcast("everyone")
+        del one_off["reentry"], one_off["entry"]["every"]
+        r = await h.client.post("/v1/journeys", headers=ADMIN, json={"definition": one_off})
+        assert r.json()["definition"]["reentry"]["policy"] == "once" and r.json()["warnings"] == []

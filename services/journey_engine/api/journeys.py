@@ -16,6 +16,7 @@ from services.journey_engine.domain.definition import (
     ScheduleEntry,
     SegmentEntry,
     SplitNode,
+    definition_warnings,
     graph_errors,
 )
 from services.journey_engine.domain.entry import EventTrigger, triggers
@@ -90,6 +91,11 @@ def check_graph(definition: JourneyDefinition) -> Graph:
     return Graph(definition)
 
 
+def warnings(definition: JourneyDefinition) -> list[dict[str, str]]:
+    """What was saved but is probably not what was meant, in the errors' shape."""
+    return [field_error(f"definition.{w.field}", w.rule, w.message) for w in definition_warnings(definition)]
+
+
 def journey_body(
     row: JourneyRow, definition: dict[str, Any] | None, versions: list[int] | None = None
 ) -> dict[str, Any]:
@@ -148,7 +154,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 uow.session, journey_id, body.definition.name, stored, body.definition.entry_cap, clock.now()
             )
             row = await load(uow.session, journey_id)
-        return journey_body(row, stored, [1])
+        return journey_body(row, stored, [1]) | {"warnings": warnings(body.definition)}
 
     @router.get("")
     async def list_journeys() -> dict[str, Any]:
@@ -206,7 +212,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                     uow.session, journey_id, version, list(graph.nodes)
                 )
             row = await load(uow.session, journey_id)
-        return journey_body(row, stored) | {"migrated": migrated}
+        return journey_body(row, stored) | {"migrated": migrated, "warnings": warnings(body.definition)}
 
     async def refuse_type_changes(
         session: Any, journey_id: str, waiting: list[tuple[int, str, int]], graph: Graph

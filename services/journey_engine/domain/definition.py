@@ -470,6 +470,44 @@ class JourneyDefinition(Strict):
     nodes: list[Node] = Field(min_length=1, max_length=MAX_NODES)
     edges: list[Edge] = Field(default_factory=list, max_length=MAX_EDGES)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recurring_broadcasts_reenter(cls, data: Any) -> Any:
+        """A recurring broadcast (a weekly newsletter) is meant to reach its members every run: without
+        a `reentry`, it re-enters them (`always`), where the usual `once` reached each member once ever.
+        Members still inside from the last run are skipped either way."""
+        if isinstance(data, dict) and "reentry" not in data:
+            entry = data.get("entry")
+            if isinstance(entry, dict) and entry.get("type") == "schedule" and entry.get("every") is not None:
+                return {**data, "reentry": {"policy": "always"}}
+        return data
+
+
+def _human(duration: timedelta) -> str:
+    days, seconds = duration.days, duration.seconds
+    if seconds == 0:
+        return f"{days} day(s)"
+    return (
+        f"{days * 24 + seconds // 3600} hour(s)" if seconds % 3600 == 0 else f"{duration.total_seconds():g} s"
+    )
+
+
+def definition_warnings(definition: JourneyDefinition) -> list[GraphError]:
+    """Valid but probably not what the marketer meant: saved, and reported with the answer."""
+    warnings = []
+    entry = definition.entry
+    if isinstance(entry, ScheduleEntry) and entry.every is not None and definition.reentry.policy == "once":
+        warnings.append(
+            GraphError(
+                "reentry",
+                "recurring_once",
+                f"this broadcast runs every {_human(entry.every)} but re-entry is 'once': each member "
+                "gets it only the first time. "
+                'Use {"policy": "always"} (the default for recurring broadcasts) or "after"',
+            )
+        )
+    return warnings
+
 
 # --------------------------------------------------------------------------- graph
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
+
+from services.segmenter.store import profiles as profile_store
 from shared.contracts.topics import PROFILES
 from tests.segmenter.conftest import START, Harness, make_event
 from tests.support import read_topic
@@ -251,3 +254,29 @@ async def test_device_traits_from_context_fill_the_profile_and_are_announced(har
     )
     changed = [m["value"]["changed_traits"] for m in profiles if m["value"]["kind"] == "traits_changed"]
     assert changed == [["locale", "push_token", "timezone"], ["timezone"]]
+
+
+async def test_a_new_customer_never_takes_the_id_of_an_existing_one(harness: Harness) -> None:
+    """Customers `7` (anonymousId 7), `user:7` (userId "user:7") and `user:7:2` (anonymousId
+    "user:7:2") exist: a new userId 7 is someone else, with a profile of its own."""
+    handler = harness.segmenter.events
+    await handler.handle_in_own_unit([make_event("a", anonymous_id="7", event="Viewed")])
+    await handler.handle_in_own_unit([make_event("b", "identify", user_id="user:7", traits={"name": "B"})])
+    await handler.handle_in_own_unit([make_event("c", anonymous_id="user:7:2", event="Viewed")])
+    await handler.handle_in_own_unit([make_event("d", "identify", user_id="7", traits={"name": "D"})])
+    d = await harness.customer("7")  # the customer whose id is 7 (the anonymous one) comes first
+    assert d["customer_id"] == "7" and d["identities"] == {"anonymous_id": ["7"]}
+    assert (await harness.customer("user:7"))["traits"] == {"name": "B"}
+    new = await harness.customer("user:7:3")
+    assert new["traits"] == {"name": "D"} and new["identities"] == {"user_id": ["7"]}
+
+
+async def test_a_customer_id_created_meanwhile_restarts_the_unit_of_work(harness: Harness) -> None:
+    # As a concurrent unit that committed customer `x` between our lookup and our insert: linking to
+    # it would fold our events into its profile.
+    await harness.segmenter.events.handle_in_own_unit([make_event("a", anonymous_id="x", event="V")])
+    with pytest.raises(profile_store.CustomerIdTaken):
+        async with harness.segmenter.platform.unit_of_work() as uow:
+            await profile_store.insert_customers_and_links(
+                uow.session, ["x"], [("user", "x", "x")], harness.clock.now()
+            )

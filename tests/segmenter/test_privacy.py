@@ -204,3 +204,37 @@ async def test_export_waits_for_every_part_then_answers_one_document(harness: Ha
     audit = (await h.client.get("/v1/audit", headers=ADMIN)).json()["entries"]
     # Fetching the export is audited (it discloses personal data); the 504 was no success, so it is not.
     assert audit and {(e["method"], e["path"]) for e in audit} == {("GET", later_url)}
+
+
+async def test_erasing_a_customer_never_touches_the_customer_whose_id_is_one_of_its_identifiers(
+    harness: Harness,
+) -> None:
+    """Customer `7` is an anonymous visitor; customer `user:7` is the person with userId 7 (its id
+    is prefixed because `7` was taken). Erasing one leaves the other whole, export included."""
+    h = harness
+    handler = h.segmenter.events
+    await handler.handle_in_own_unit([make_event("a1", "track", anonymous_id="7", event="Viewed")])
+    await handler.handle_in_own_unit(
+        [make_event("u1", "identify", user_id="7", traits={"email": "u7@example.com"})]
+    )
+    # A profile merged into `user:7` keeps its rows under that id for the erasure to find.
+    await handler.handle_in_own_unit([make_event("m1", "track", anonymous_id="phone", event="Viewed")])
+    await handler.handle_in_own_unit(
+        [make_event("m2", "identify", user_id="7", anonymous_id="phone", traits={"plan": "pro"})]
+    )
+    assert (await h.customer("phone"))["customer_id"] == "user:7"
+    before = await h.customer("7")
+    assert before["customer_id"] == "7" and before["aggregates"]["event_count"] == 1
+
+    export = await h.client.get("/v1/customers/user:7/export", headers=ADMIN)
+    mine = (await h.client.get(export.json()["export_url"], headers=ADMIN)).json()["services"]["segmenter"]
+    assert [c["customer_id"] for c in mine["customers"]] == ["user:7"]
+    assert {e["message_id"] for e in mine["events"]} == {"u1", "m1", "m2"}
+
+    r = await h.client.delete("/v1/customers/user:7", headers=ADMIN)
+    assert r.status_code == 202 and r.json()["customer_id"] == "user:7"
+    assert (await h.client.get("/v1/customers/user:7", headers=ADMIN)).status_code == 404
+    assert await h.customer("7") == before
+    async with h.segmenter.platform.unit_of_work() as uow:
+        left = await uow.session.execute(text("SELECT customer_id, message_id FROM events ORDER BY 2"))
+        assert [tuple(row) for row in left] == [("7", "a1")]

@@ -49,7 +49,10 @@ def privacy_router(seg: Segmenter) -> APIRouter:
             if cid is None or not await privacy_store.lock_customer(session, cid):
                 raise ApiError(404, "not_found", f"no customer known as {customer_ref!r}")
             ids = await privacy_store.known_identifiers(session, cid)
-            deleted = await privacy_store.erase_customer(session, ids)
+            # Rows by the customer's own ids: an identifier value may be another customer's id.
+            deleted = await privacy_store.erase_customer(
+                session, await privacy_store.own_customer_ids(session, cid)
+            )
             await add_tombstones(session, salt, ids, request_id, now)
             await privacy_store.insert_request(
                 session, request_id, "erase", cid, identity_hashes(salt, ids), now
@@ -124,7 +127,9 @@ def privacy_router(seg: Segmenter) -> APIRouter:
             await privacy_store.insert_request(
                 session, request_id, "export", cid, identity_hashes(salt, ids), now
             )
-            own = await privacy_store.export_customer(session, ids)
+            own = await privacy_store.export_customer(
+                session, await privacy_store.own_customer_ids(session, cid)
+            )
             await privacy_store.record_answer(
                 session, request_id, SERVICE, PrivacyAction.EXPORT_PART.value, own, now
             )

@@ -4,7 +4,8 @@ which identifiers to link, which profiles turn out to be one customer.
 Rules:
 - An event's identifiers are its `userId` and `anonymousId` (and an alias's `previousId`).
 - Unknown identifiers are linked to the customer the known ones point at; if none is known, a new
-  customer is created whose canonical id is the first identifier's value.
+  customer is created whose canonical id is the first identifier's value (or, when that is another
+  customer's id, `<kind>:<value>`, then `<kind>:<value>:2`, ...).
 - An event from CLM itself that names its customer (`customerId`, e.g. a journey's trait update) goes
   to that customer, or the one it was merged into, and links nothing.
 - If the identifiers point at several customers, they are merged into one: the customer of the
@@ -84,6 +85,19 @@ def _addressed_customer(
     return links.get((MERGED, cid))
 
 
+def new_customer_id(first: Identifier, taken: set[str]) -> str:
+    """A new customer's id: its first identifier's value, else `<kind>:<value>`, else
+    `<kind>:<value>:2`, `:3`, ... (another customer may already be `7` and another `user:7`)."""
+    kind, value = first
+    if value not in taken:
+        return value
+    base = cid = f"{kind}:{value}"
+    n = 2
+    while cid in taken:
+        cid, n = f"{base}:{n}", n + 1
+    return cid
+
+
 def plan_identities(
     events: list[CustomerEvent],
     known: Mapping[Identifier, str],
@@ -92,7 +106,8 @@ def plan_identities(
 ) -> IdentityPlan:
     """`known`: identifier -> customer for the batch's identifiers already linked;
     `customers_with_user`: which of those customers hold a userId; `taken_ids`: existing customer ids
-    among the batch's identifier values (a new customer never reuses one)."""
+    among the batch's identifier values, their `<kind>:<value>` forms and, where both of those are
+    taken, the ids starting `<kind>:<value>:` (`new_customer_id`: a new customer never reuses one)."""
     links: dict[Identifier, str] = dict(known)
     with_user = set(customers_with_user)
     taken = set(taken_ids)
@@ -118,8 +133,7 @@ def plan_identities(
                 if owner not in owners:
                     owners.append(owner)
         if not owners:
-            first = ids[0][1]
-            cid = first if first not in taken else f"{ids[0][0]}:{first}"
+            cid = new_customer_id(ids[0], taken)
             taken.add(cid)
             plan.new_customers.append(cid)
             survivor = cid

@@ -97,8 +97,24 @@ async def known_identifiers(session: AsyncSession, customer_id: str) -> list[str
     return sorted({customer_id, *(str(r[0]) for r in rows if r[0])})
 
 
+async def own_customer_ids(session: AsyncSession, customer_id: str) -> list[str]:
+    """The ids the customer's rows are stored under: its canonical id and the ids of the profiles merged
+    into it. Never its identifier values: customer `user:7` with userId `7` is not customer `7`. A
+    merged-away id that names a live customer again is that customer's."""
+    rows = await session.execute(
+        text(
+            "SELECT m.id FROM (SELECT value FROM identities WHERE customer_id = :c AND kind = 'merged' "
+            "UNION SELECT from_id FROM merges WHERE canonical_id = :c) AS m(id) "
+            "WHERE NOT EXISTS (SELECT 1 FROM customers x WHERE x.customer_id = m.id)"
+        ),
+        {"c": customer_id},
+    )
+    return sorted({customer_id, *(str(r[0]) for r in rows)})
+
+
 async def erase_customer(session: AsyncSession, customer_ids: Sequence[str]) -> dict[str, int]:
-    """Delete the customer's rows from every per-customer table; returns the row counts."""
+    """Delete the rows of these customer ids (`own_customer_ids`) from every per-customer table;
+    returns the row counts."""
     deleted: dict[str, int] = {}
     for table, column, _ in await _existing(session):
         result = await session.execute(

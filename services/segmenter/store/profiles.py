@@ -43,12 +43,19 @@ _LOOKUP_IDENTITIES = Statement(
     "UNION ALL SELECT NULL, NULL, customer_id, false FROM customers "
     "WHERE customer_id = ANY(CAST(:cands AS text[]))"
 )
+# Ids starting with `<kind>:<value>:`, for the identifiers whose value and `<kind>:<value>` are both
+# taken (rare): `domain.identity.new_customer_id` goes on with `:2`, `:3`, ...
+_TAKEN_WITH_PREFIX = Statement(
+    "SELECT customer_id FROM customers JOIN unnest(CAST(:prefixes AS text[])) AS p(prefix) "
+    "ON starts_with(customer_id, p.prefix)"
+)
 _INSERT_CUSTOMERS_AND_LINKS = Statement(
     "WITH new_customers AS (INSERT INTO customers (customer_id, created_at, updated_at) "
-    "SELECT unnest(CAST(:ids AS text[])), :now, :now ON CONFLICT DO NOTHING) "
-    "INSERT INTO identities (kind, value, customer_id, linked_at) "
+    "SELECT unnest(CAST(:ids AS text[])), :now, :now ON CONFLICT DO NOTHING RETURNING 1), "
+    "linked AS (INSERT INTO identities (kind, value, customer_id, linked_at) "
     "SELECT k, v, c, :now FROM unnest(CAST(:k AS text[]), CAST(:v AS text[]), CAST(:c AS text[])) "
-    "AS u(k, v, c) ON CONFLICT (kind, value) DO NOTHING RETURNING 1"
+    "AS u(k, v, c) ON CONFLICT (kind, value) DO NOTHING RETURNING 1) "
+    "SELECT (SELECT count(*) FROM new_customers), (SELECT count(*) FROM linked)"
 )
 _LOCK_PROFILES = Statement(
     f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id = ANY(CAST(:ids AS text[])) "
@@ -122,6 +129,9 @@ async def lookup_identities(
         out.links[(kind, value)] = customer_id
         if has_user:
             out.with_user.add(customer_id)
+    prefixes = sorted(f"{k}:{v}:" for k, v in pairs if v in out.taken_ids and f"{k}:{v}" in out.taken_ids)
+    if prefixes:
+        out.taken_ids.update(r[0] for r in await _TAKEN_WITH_PREFIX.fetch(session, {"prefixes": prefixes}))
     return out
 
 
@@ -137,7 +147,10 @@ async def insert_customers_and_links(
     session: AsyncSession, ids: Sequence[str], links: Sequence[tuple[str, str, str]], now: datetime
 ) -> int:
     """New customers and new identifier links, in one statement; returns how many links were new
-    (fewer than asked means a concurrent transaction linked one of them first)."""
+    (fewer than asked means a concurrent transaction linked one of them first). Raises
+    `CustomerIdTaken` (a transient conflict: the unit of work restarts and picks another id) if a
+    concurrent transaction created one of these customer ids for other identifiers first: linking
+    to it would fold one person's events into another's profile."""
     if not ids and not links:
         return 0
     rows = await _INSERT_CUSTOMERS_AND_LINKS.fetch(
@@ -150,7 +163,10 @@ async def insert_customers_and_links(
             "c": [x[2] for x in links],
         },
     )
-    return len(rows)
+    created, linked = rows[0]
+    if created != len(ids):
+        raise CustomerIdTaken(f"{len(ids) - created} of {len(ids)} new customer ids already exist")
+    return int(linked)
 
 
 async def identities_of(
@@ -192,6 +208,11 @@ async def resolve_customer(session: AsyncSession, ref: str) -> str | None:
 
 class ProfileGone(Exception):
     """A profile vanished under us (a concurrent merge folded it away): retry with fresh identities."""
+
+
+class CustomerIdTaken(ProfileGone):
+    """A new customer's id was created meanwhile by a concurrent unit of work: retry, the lookup then
+    sees it taken (a `ProfileGone`, so the events handler retries it as a transient conflict)."""
 
 
 @dataclass

@@ -95,3 +95,16 @@ def test_an_event_naming_its_customer_goes_to_that_profile_and_links_nothing() -
     assert plan_identities([merged], known, {"a1"}, set()).customer_of_event == ["a1"]
     unknown = plan_identities([ev("j3", "identify", user_id="zz", customer_id="zz")], known, set(), set())
     assert unknown.new_customers == ["zz"] and unknown.links == [("user", "zz", "zz")]
+
+
+def test_a_new_customer_id_is_never_one_already_taken() -> None:
+    # Customer `7` (anonymousId 7) and `user:7` (userId "user:7") exist: userId 7 is a third person.
+    plan = plan_identities([ev("1", user_id="7")], {}, set(), {"7", "user:7"})
+    assert plan.new_customers == ["user:7:2"] and plan.customer_of_event == ["user:7:2"]
+    plan = plan_identities(
+        [ev("1", user_id="7"), ev("2", anonymous_id="user:7")],
+        {},
+        set(),
+        {"7", "user:7", "user:7:2", "user:7:4"},
+    )
+    assert plan.new_customers == ["user:7:3", "anon:user:7"]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from services.segmenter.store import profiles as profile_store
 from shared.contracts.topics import PROFILES
-from tests.segmenter.conftest import START, Harness, make_event
+from tests.segmenter.conftest import ADMIN, START, Harness, make_event
 from tests.support import read_topic
 
 
@@ -280,3 +280,28 @@ async def test_a_customer_id_created_meanwhile_restarts_the_unit_of_work(harness
             await profile_store.insert_customers_and_links(
                 uow.session, ["x"], [("user", "x", "x")], harness.clock.now()
             )
+
+
+async def test_the_timeline_pages_through_events_before_1970(harness: Harness) -> None:
+    """A cursor of an event before the epoch is negative (`-123-7`): it pages like any other."""
+    early = datetime(1969, 12, 31, 23, 0, tzinfo=UTC)
+    await harness.segmenter.events.handle_in_own_unit(
+        [
+            make_event(f"m{i}", anonymous_id="old", event="Viewed", timestamp=early - timedelta(days=i))
+            for i in range(3)
+        ]
+    )
+    seen, before = [], None
+    while True:
+        params = {"limit": 1, **({"before": before} if before else {})}
+        r = await harness.client.get("/v1/customers/old/events", params=params, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        seen += [e["message_id"] for e in r.json()["events"]]
+        before = r.json()["next_before"]
+        if before is None:
+            break
+        assert before.startswith("-")
+    assert seen == ["m0", "m1", "m2"]
+    for bad in ("--7", "12-", "x-1", "5-" + "9" * 30):
+        r = await harness.client.get("/v1/customers/old/events", params={"before": bad}, headers=ADMIN)
+        assert r.status_code == 400 and r.json()["errors"][0]["field"] == "before", bad

@@ -27,7 +27,8 @@ def _cursor(before: str | None) -> tuple[datetime, int] | None:
     if before is None:
         return None
     try:
-        micros, seq = before.split("-", 1)
+        # The last "-": times before 1970 are negative (`-123-7`).
+        micros, seq = before.rsplit("-", 1)
         at, number = EPOCH + timedelta(microseconds=int(micros)), int(seq)
         if not 0 <= number < 2**63:
             raise ValueError(seq)

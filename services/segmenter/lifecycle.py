@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+from prometheus_client import Counter
 
 from services.segmenter.domain.lifecycle.snapshot import BaseHistory, FittedModels, SnapshotSettings
 from services.segmenter.domain.lifecycle.stages import StagePolicy
@@ -57,6 +58,12 @@ log = logging.getLogger(__name__)
 
 # Metrics carried in ProfileChanged.metrics with a stage change.
 NO_MODEL_RETRY_S = 300.0
+SURVEY_ADJUSTED = Counter(
+    "clm_segmenter_survey_answers_adjusted_total",
+    "Survey Responded events not used as sent: outcome answer_ignored (no usable survey_type or score), "
+    "or an optional property dropped, truncated or converted (the answer counted)",
+    ["field", "rule", "outcome"],
+)
 ANNOUNCED_METRICS = ("churn_risk", "p_alive", "expected_orders", "predicted_clv", "rfm_score", "nps_category")
 
 
@@ -168,7 +175,9 @@ class Lifecycle:
         customer_of_event: Sequence[str],
     ) -> list[store.SurveyRow]:
         """Survey answers of the batch; each customer's latest answer (by event time) updates their
-        NPS / CSAT fields in place. An invalid answer is logged and ignored (it never fails the batch)."""
+        NPS / CSAT fields in place. An answer without a usable type or score is logged, counted and
+        ignored (it never fails the batch); an optional property not used as sent is counted (and
+        logged unless it was only converted) and the answer kept."""
         rows: list[store.SurveyRow] = []
         for e, cid in zip(events, customer_of_event, strict=True):
             if e.type != EventType.TRACK:
@@ -176,6 +185,7 @@ class Lifecycle:
             try:
                 answer = parse_survey_response(e.event, e.properties, e.timestamp)
             except SurveyError as exc:
+                SURVEY_ADJUSTED.labels(exc.field, exc.rule, "answer_ignored").inc()
                 log.info(
                     "ignoring an invalid survey answer",
                     extra={"message_id": e.message_id, "field": exc.field, "rule": exc.rule},
@@ -183,6 +193,13 @@ class Lifecycle:
                 continue
             if answer is None:
                 continue
+            for field, rule, outcome in answer.adjusted:
+                SURVEY_ADJUSTED.labels(field, rule, outcome).inc()
+            if any(outcome != "converted" for _, _, outcome in answer.adjusted):
+                log.info(
+                    "survey answer kept without part of its properties",
+                    extra={"message_id": e.message_id, "adjusted": [list(a) for a in answer.adjusted]},
+                )
             rows.append(
                 store.SurveyRow(
                     e.message_id,

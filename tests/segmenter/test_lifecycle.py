@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from services.segmenter.domain.catalog import Catalog, compile_segment
@@ -142,6 +143,50 @@ async def test_survey_answers_set_nps_and_csat_and_invalid_ones_are_ignored(harn
         ("n0", "nps", 3, None),
         ("n1", "nps", 9, "great"),
     ]
+
+
+async def test_a_survey_answer_with_a_numeric_id_or_a_long_comment_still_counts(harness: Harness) -> None:
+    """Survey tools number their surveys and customers write long comments: the score is what
+    counts; the id is kept as text, the comment cut at 2,000 characters, and the metric says so."""
+    now = harness.clock.now()
+
+    def adjusted(outcome: str) -> float:
+        value = REGISTRY.get_sample_value(
+            "clm_segmenter_survey_answers_adjusted_total",
+            {"field": "properties.comment", "rule": "max_length", "outcome": outcome},
+        )
+        return value or 0.0
+
+    before = adjusted("truncated")
+    await harness.send(
+        make_event(
+            "s1",
+            "track",
+            user_id="u1",
+            event="Survey Responded",
+            properties={"survey_type": "nps", "score": 10, "survey_id": 42},
+            timestamp=now - timedelta(hours=1),
+        ),
+        make_event(
+            "s2",
+            "track",
+            user_id="u1",
+            event="Survey Responded",
+            properties={"survey_type": "csat", "score": 2, "comment": "z" * 3000, "survey_id": 7},
+            timestamp=now,
+        ),
+    )
+    await harness.processed(2)
+    lc = (await harness.customer("u1"))["lifecycle"]
+    assert lc["nps"]["score"] == 10 and lc["csat"]["score"] == 2
+    async with harness.segmenter.platform.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text("SELECT message_id, survey_id, length(comment) FROM survey_responses ORDER BY 1")
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [("s1", "42", None), ("s2", "7", 2000)]
+    assert adjusted("truncated") == before + 1
 
 
 async def seed_base(harness: Harness, customers: int = 60) -> int:

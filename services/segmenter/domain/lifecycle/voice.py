@@ -3,8 +3,10 @@
 Convention: a survey answer is a `track` event named `Survey Responded` with properties
 `survey_type` ("nps" or "csat"), `score` (an integer: 0-10 for NPS, 1-5 for CSAT), optional
 `comment` (string, at most 2,000 characters) and optional `survey_id` (string). Anything else in
-`properties` is ignored. A malformed answer raises `SurveyError` naming the field and the rule, so an
-API can answer 400 and a consumer can dead-letter it.
+`properties` is ignored. An answer without a usable type or score raises `SurveyError` naming the
+field and the rule (it cannot count). The optional fields never cost the answer: a numeric
+`survey_id` becomes its text, a longer comment is cut at 2,000 characters, a comment or survey id of
+another type is left out; each such change is listed in `SurveyResponse.adjusted`.
 
 - NPS category: promoter 9-10, passive 7-8, detractor 0-6.
 - NPS = % promoters - % detractors, in [-100, 100] (None without answers).
@@ -54,6 +56,9 @@ class SurveyResponse:
     comment: str | None
     survey_id: str | None
     answered_at: datetime | None
+    # (field, rule, what was done: "truncated" | "converted" | "dropped") for each optional property
+    # that was not used as sent.
+    adjusted: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def nps_category(self) -> NpsCategory | None:
@@ -100,22 +105,32 @@ def parse_survey_response(
             "properties.score", "range", f"a {survey_type.value} score is an integer from {low} to {high}"
         )
 
+    adjusted: list[tuple[str, str, str]] = []
     comment = properties.get("comment")
     if comment is not None and not isinstance(comment, str):
-        raise SurveyError("properties.comment", "string", "comment must be a string")
-    if comment is not None and len(comment) > MAX_COMMENT_CHARS:
-        raise SurveyError(
-            "properties.comment", "max_length", f"comment is limited to {MAX_COMMENT_CHARS} characters"
-        )
+        adjusted.append(("properties.comment", "string", "dropped"))
+        comment = None
+    if comment is not None:
+        comment = comment.strip()
+        if len(comment) > MAX_COMMENT_CHARS:
+            adjusted.append(("properties.comment", "max_length", "truncated"))
+            comment = comment[:MAX_COMMENT_CHARS].rstrip()
     survey_id = properties.get("survey_id")
-    if survey_id is not None and not isinstance(survey_id, str):
-        raise SurveyError("properties.survey_id", "string", "survey_id must be a string")
+    if isinstance(survey_id, float) and survey_id.is_integer():
+        survey_id = int(survey_id)
+    if isinstance(survey_id, int) and not isinstance(survey_id, bool):
+        adjusted.append(("properties.survey_id", "string", "converted"))  # survey tools number them
+        survey_id = str(survey_id)
+    elif survey_id is not None and not isinstance(survey_id, str):
+        adjusted.append(("properties.survey_id", "string", "dropped"))
+        survey_id = None
     return SurveyResponse(
         survey_type=survey_type,
         score=raw_score,
-        comment=(comment.strip() or None) if comment is not None else None,
+        comment=comment or None,
         survey_id=survey_id,
         answered_at=answered_at,
+        adjusted=tuple(adjusted),
     )
 
 

@@ -99,9 +99,6 @@ def test_other_events_are_not_surveys() -> None:
         ({"survey_type": "nps", "score": 11}, "properties.score", "range"),
         ({"survey_type": "csat", "score": 0}, "properties.score", "range"),
         ({"survey_type": "csat", "score": 6}, "properties.score", "range"),
-        ({"survey_type": "nps", "score": 5, "comment": 12}, "properties.comment", "string"),
-        ({"survey_type": "nps", "score": 5, "comment": "x" * 2001}, "properties.comment", "max_length"),
-        ({"survey_type": "nps", "score": 5, "survey_id": 3}, "properties.survey_id", "string"),
     ],
 )
 def test_invalid_answers_name_the_field_and_the_rule(
@@ -110,3 +107,23 @@ def test_invalid_answers_name_the_field_and_the_rule(
     with pytest.raises(SurveyError) as raised:
         voice.parse_survey_response("Survey Responded", properties)
     assert (raised.value.field, raised.value.rule) == (field, rule)
+
+
+@pytest.mark.parametrize(
+    ("extra", "comment", "survey_id", "adjusted"),
+    [
+        ({"survey_id": 3}, None, "3", [("properties.survey_id", "string", "converted")]),
+        ({"survey_id": 3.0}, None, "3", [("properties.survey_id", "string", "converted")]),
+        ({"survey_id": {"id": 3}}, None, None, [("properties.survey_id", "string", "dropped")]),
+        ({"survey_id": True}, None, None, [("properties.survey_id", "string", "dropped")]),
+        ({"comment": 12}, None, None, [("properties.comment", "string", "dropped")]),
+        ({"comment": " " + "x" * 2000 + " "}, "x" * 2000, None, []),  # trimmed first
+        ({"comment": "y" * 2500}, "y" * 2000, None, [("properties.comment", "max_length", "truncated")]),
+    ],
+)
+def test_optional_properties_never_cost_the_answer(
+    extra: dict[str, Any], comment: str | None, survey_id: str | None, adjusted: list[tuple[str, str, str]]
+) -> None:
+    answer = voice.parse_survey_response("Survey Responded", {"survey_type": "nps", "score": 5, **extra})
+    assert answer is not None and answer.score == 5
+    assert (answer.comment, answer.survey_id, list(answer.adjusted)) == (comment, survey_id, adjusted)

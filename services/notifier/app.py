@@ -32,6 +32,7 @@ from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.service import Notifier
 from services.notifier.settings import NotifierSettings
 from services.notifier.store import api_requests_repo, ledger_repo
+from services.notifier.template_announcements import announce_all
 from shared.audit import install_audit
 from shared.clock import Clock, SystemClock
 from shared.contracts import (
@@ -80,6 +81,7 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await platform.start()
+        await announce_all(platform)
         for n in range(settings.delivery_loops):
             platform.run_in_background(f"delivery-{n}", worker.run)
         await platform.start_consumers()

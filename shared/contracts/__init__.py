@@ -18,6 +18,7 @@ from shared.contracts.events import (
     ProfileChangeKind,
     Recipient,
     SegmentMembershipChanged,
+    TemplateChanged,
 )
 from shared.contracts.headers import Headers
 from shared.contracts.topics import (
@@ -27,6 +28,7 @@ from shared.contracts.topics import (
     PRIVACY,
     PROFILES,
     SEGMENT_MEMBERSHIP,
+    TEMPLATES,
     TOPICS,
     TopicSpec,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "PRIVACY",
     "PROFILES",
     "SEGMENT_MEMBERSHIP",
+    "TEMPLATES",
     "TOPICS",
     "Channel",
     "ContractModel",
@@ -54,5 +57,6 @@ __all__ = [
     "ProfileChanged",
     "Recipient",
     "SegmentMembershipChanged",
+    "TemplateChanged",
     "TopicSpec",
 ]

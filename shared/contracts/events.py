@@ -284,3 +284,25 @@ class PrivacyRequest(ContractModel):
 
     def contract_id(self) -> str:
         return self.event_id
+
+
+# --------------------------------------------------------------------------- clm.templates.v1
+
+
+class TemplateChanged(ContractModel):
+    """A message template was saved or deleted in the notifier: what others need to check a reference
+    to it (which channel it renders for), never its content. Keyed by `template_id` on a compacted
+    topic, so a new consumer reading from the start learns every template's latest state."""
+
+    event_type: ClassVar[str] = "template_changed"
+
+    event_id: str
+    template_id: str
+    channel: Channel
+    version: int
+    deleted: bool = False
+    # Newest wins (a deleted and re-created template starts again at version 1).
+    occurred_at: datetime
+
+    def contract_id(self) -> str:
+        return self.event_id

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from shared.contracts.events import (
     ContractModel,
@@ -12,6 +13,7 @@ from shared.contracts.events import (
     PrivacyRequest,
     ProfileChanged,
     SegmentMembershipChanged,
+    TemplateChanged,
 )
 
 
@@ -22,6 +24,8 @@ class TopicSpec:
     key: str
     owner: str
     description: str
+    # Topic-level configs set when the topic is created (e.g. compaction).
+    config: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def dead_letter(self) -> str:
@@ -71,6 +75,16 @@ PRIVACY = TopicSpec(
     "GDPR erasure requests and each service's confirmation.",
 )
 
+TEMPLATES = TopicSpec(
+    "clm.templates.v1",
+    TemplateChanged,
+    "template id",
+    "notifier",
+    "Each template's latest state (channel, version, deleted), for checking journeys' references to them.",
+    # The latest state per template is kept for ever, whatever the retention.
+    config={"cleanup.policy": "compact"},
+)
+
 TOPICS: tuple[TopicSpec, ...] = (
     CUSTOMER_EVENTS,
     PROFILES,
@@ -78,4 +92,5 @@ TOPICS: tuple[TopicSpec, ...] = (
     MESSAGE_REQUESTS,
     MESSAGE_STATUS,
     PRIVACY,
+    TEMPLATES,
 )

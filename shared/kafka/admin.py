@@ -18,20 +18,20 @@ async def ensure_topics(
     settings: BaseServiceSettings, specs: Iterable[TopicSpec] = TOPICS, extra: Iterable[str] = ()
 ) -> list[str]:
     """Create missing topics; returns the names created. Safe to call from every service at once."""
-    wanted: dict[str, int] = {}
+    wanted: dict[str, tuple[int, dict[str, str]]] = {}
     for spec in specs:
         partitions = settings.topic_partition_overrides.get(spec.name, settings.topic_partitions)
-        wanted[settings.topic(spec.name)] = partitions
-        wanted[settings.topic(spec.dead_letter)] = 1
+        wanted[settings.topic(spec.name)] = (partitions, dict(spec.config))
+        wanted[settings.topic(spec.dead_letter)] = (1, {})
     for name in extra:
-        wanted[settings.topic(name)] = settings.topic_partitions
+        wanted[settings.topic(name)] = (settings.topic_partitions, {})
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name, n, settings.topic_replication_factor)
-            for name, n in wanted.items()
+            NewTopic(name, n, settings.topic_replication_factor, topic_configs=config)
+            for name, (n, config) in wanted.items()
             if name not in existing
         ]
         created: list[str] = []

@@ -246,3 +246,76 @@ async def test_unwritable_values_and_oversized_graphs_are_refused_not_500(make_s
         [row] = await h.instances(jid)
         assert (row.status, row.exit_reason) == ("exited", "completed")
         assert (await h.client.get("/v1/journeys", headers=ADMIN)).json()["journeys"][0]["id"] == jid
+
+
+async def test_steps_naming_a_template_the_notifier_lacks_are_warned_about(make_settings: Any) -> None:
+    """The notifier announces its templates on clm.templates.v1; a journey whose send step names one it
+    does not have (or has for another channel) is saved with a warning on save, read, activation and
+    dry run, since every such message would fail. Nothing is said before any template was announced."""
+    from datetime import timedelta
+
+    from shared.contracts import TEMPLATES, Channel, TemplateChanged
+    from tests.support import eventually
+
+    async with engine_running(make_settings) as h:
+        c = h.client
+        r = await c.post("/v1/journeys", json={"id": "early", "definition": CART_JOURNEY}, headers=ADMIN)
+        assert r.status_code == 201 and r.json()["warnings"] == [], r.text  # no template known yet
+
+        async def announce(template_id: str, channel: Channel, *, deleted: bool = False, at: int = 0) -> None:
+            change = TemplateChanged(
+                event_id=f"{template_id}:{deleted}:{at}",
+                template_id=template_id,
+                channel=channel,
+                version=1,
+                deleted=deleted,
+                occurred_at=h.clock.now() + timedelta(seconds=at),
+            )
+            await h.platform.producer.publish(TEMPLATES.name, template_id, change)
+
+        await announce("cart-reminder", Channel.SMS)
+        await announce("welcome", Channel.EMAIL)
+
+        async def known() -> bool:
+            return await h.scalar("SELECT count(*) FROM known_templates") == 2
+
+        await eventually(known, timeout=20)
+        r = await c.post("/v1/journeys", json={"id": "cart", "definition": CART_JOURNEY}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        assert [(w["field"], w["rule"]) for w in r.json()["warnings"]] == [
+            ("definition.nodes.reminder.template_id", "template_channel")
+        ]
+        assert "is for sms" in r.json()["warnings"][0]["message"]
+
+        # The template is made an email one; a later deletion, announced out of order first, wins.
+        await announce("cart-reminder", Channel.EMAIL, at=5)
+        await announce("cart-reminder", Channel.EMAIL, deleted=True, at=10)
+        await announce("cart-reminder", Channel.EMAIL, at=7)
+
+        async def deleted() -> bool:
+            return bool(
+                await h.scalar("SELECT deleted FROM known_templates WHERE template_id = 'cart-reminder'")
+            )
+
+        await eventually(deleted, timeout=20)
+        for r in (
+            await c.get("/v1/journeys/cart", headers=ADMIN),
+            await c.post("/v1/journeys/cart/activate", headers=ADMIN),
+            await c.post(
+                "/v1/journeys/dry-run",
+                json={"definition": CART_JOURNEY, "profile": {"traits": {}}},
+                headers=ADMIN,
+            ),
+        ):
+            assert r.status_code == 200, r.text
+            assert [(w["field"], w["rule"]) for w in r.json()["warnings"]] == [
+                ("definition.nodes.reminder.template_id", "unknown_template")
+            ]
+        welcome = dict(
+            CART_JOURNEY,
+            nodes=[
+                n if n["id"] != "reminder" else {**n, "template_id": "welcome"} for n in CART_JOURNEY["nodes"]
+            ],
+        )
+        r = await c.put("/v1/journeys/cart", json={"definition": welcome}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["warnings"] == [], r.text

@@ -254,6 +254,28 @@ async def test_ensure_topics_is_idempotent(platform: Platform) -> None:
     await producer.stop()
 
 
+async def test_topics_are_created_with_their_configs(platform: Platform) -> None:
+    """The templates topic is compacted: a consumer replaying it learns every template's state."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from shared.contracts.topics import TEMPLATES
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=platform.settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        names = [platform.settings.topic(t) for t in (TEMPLATES.name, CUSTOMER_EVENTS.name)]
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+        policy = {
+            resource[3]: {entry[0]: entry[1] for entry in resource[4]}["cleanup.policy"]
+            for response in responses
+            for resource in response.resources
+        }
+    finally:
+        await admin.close()
+    assert policy == {names[0]: "compact", names[1]: "delete"}
+
+
 class UnitRecorder:
     """A handler that records each unit of work: its (partition, offset) pairs, and how many units
     (and which partitions) were in hand at once. Each unit takes `hold_s`, as a database would."""

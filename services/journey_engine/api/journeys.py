@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.journey_engine.domain.definition import (
     Graph,
@@ -21,6 +22,7 @@ from services.journey_engine.domain.definition import (
 )
 from services.journey_engine.domain.entry import EventTrigger, triggers
 from services.journey_engine.domain.stats import two_proportion_z_test
+from services.journey_engine.domain.template_references import referenced_templates, template_warnings
 from services.journey_engine.domain.walker import (
     CustomerView,
     MessageWithheld,
@@ -32,6 +34,7 @@ from services.journey_engine.execution.engine import JourneyEngine, customer_vie
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import projection
+from services.journey_engine.store import templates as template_store
 from services.journey_engine.store.journeys import JourneyRow
 from shared.http import ApiError, admin_guard, field_error
 from shared.runtime import Platform
@@ -91,9 +94,12 @@ def check_graph(definition: JourneyDefinition) -> Graph:
     return Graph(definition)
 
 
-def warnings(definition: JourneyDefinition) -> list[dict[str, str]]:
-    """What was saved but is probably not what was meant, in the errors' shape."""
-    return [field_error(f"definition.{w.field}", w.rule, w.message) for w in definition_warnings(definition)]
+async def warnings(session: AsyncSession, definition: JourneyDefinition) -> list[dict[str, str]]:
+    """What was saved but is probably not what was meant, in the errors' shape: also the templates
+    its steps name that the notifier does not have (or has for another channel)."""
+    channels = await template_store.channels_of(session, referenced_templates(definition))
+    found = [*definition_warnings(definition), *template_warnings(definition, channels)]
+    return [field_error(f"definition.{w.field}", w.rule, w.message) for w in found]
 
 
 def journey_body(
@@ -154,7 +160,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 uow.session, journey_id, body.definition.name, stored, body.definition.entry_cap, clock.now()
             )
             row = await load(uow.session, journey_id)
-        return journey_body(row, stored, [1]) | {"warnings": warnings(body.definition)}
+            found = await warnings(uow.session, body.definition)
+        return journey_body(row, stored, [1]) | {"warnings": found}
 
     @router.get("")
     async def list_journeys() -> dict[str, Any]:
@@ -168,7 +175,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             row = await load(uow.session, journey_id)
             definition = await journey_store.definition(uow.session, journey_id, row.current_version)
             versions = await journey_store.versions(uow.session, journey_id)
-        return journey_body(row, definition, versions)
+            graph = await engine.graph(uow.session, journey_id, row.current_version)
+            found = await warnings(uow.session, graph.definition) if graph is not None else []
+        return journey_body(row, definition, versions) | {"warnings": found}
 
     @router.get("/{journey_id}/versions/{version}")
     async def get_version(
@@ -212,7 +221,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                     uow.session, journey_id, version, list(graph.nodes)
                 )
             row = await load(uow.session, journey_id)
-        return journey_body(row, stored) | {"migrated": migrated, "warnings": warnings(body.definition)}
+            found = await warnings(uow.session, body.definition)
+        return journey_body(row, stored) | {"migrated": migrated, "warnings": found}
 
     async def refuse_type_changes(
         session: Any, journey_id: str, waiting: list[tuple[int, str, int]], graph: Graph
@@ -259,8 +269,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                     ],
                 )
             status = next(iter(rule["to"]))
+            graph = await engine.graph(uow.session, journey_id, row.current_version)
             if action == "activate" and row.status == "draft":
-                graph = await engine.graph(uow.session, journey_id, row.current_version)
                 run = first_run(graph.definition, now) if graph is not None else None
                 await journey_store.update(
                     uow.session, journey_id, now=now, status=status, next_run_at=run, set_next_run=True
@@ -270,7 +280,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             if action == "archive":
                 await instance_store.exit_all(uow.session, journey_id, "archived", now)
             row = await load(uow.session, journey_id)
-        return journey_body(row, None)
+            # Going live is when a step naming a template the notifier lacks starts failing messages.
+            found = await warnings(uow.session, graph.definition) if graph is not None else []
+        return journey_body(row, None) | {"warnings": found}
 
     @router.post("/{journey_id}/activate")
     async def activate(journey_id: str) -> dict[str, Any]:
@@ -367,7 +379,10 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             facts = facts_for(customer, body.event)
             enters = triggers(body.definition, EventTrigger(body.event["event"], body.event), facts)
         outcome = dry_run(graph, customer, engine.rules, now, trigger=body.event, journey_id=body.journey_id)
+        async with platform.unit_of_work() as uow:
+            found = await warnings(uow.session, body.definition)
         return {
+            "warnings": found,
             "customer_id": customer.customer_id,
             "would_enter": enters,
             "path": [{"node_id": s.node_id, "why": s.note} for s in outcome.path],

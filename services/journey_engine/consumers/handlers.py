@@ -7,14 +7,23 @@ from collections.abc import Sequence
 
 from services.journey_engine.consumers.privacy import PrivacyConsumer, drop_erased_events
 from services.journey_engine.execution.engine import JourneyEngine
+from services.journey_engine.store import templates as template_store
 from shared.contracts.events import (
     CustomerEvent,
     MessageStatus,
     PrivacyRequest,
     ProfileChanged,
     SegmentMembershipChanged,
+    TemplateChanged,
 )
-from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_STATUS, PRIVACY, PROFILES, SEGMENT_MEMBERSHIP
+from shared.contracts.topics import (
+    CUSTOMER_EVENTS,
+    MESSAGE_STATUS,
+    PRIVACY,
+    PROFILES,
+    SEGMENT_MEMBERSHIP,
+    TEMPLATES,
+)
 from shared.kafka.consumer import Consumed
 from shared.runtime import Platform
 
@@ -46,6 +55,11 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
             fresh = await uow.claim_many("statuses", [c.event_id for c in batch])
             await engine.on_statuses(uow, [c.value for c in batch if c.event_id in fresh])
 
+    async def templates(batch: Sequence[Consumed[TemplateChanged]]) -> None:
+        # No inbox: the newest state per template wins, so applying one twice changes nothing.
+        async with platform.unit_of_work() as uow:
+            await template_store.apply(uow.session, [c.value for c in batch])
+
     platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "events", events)
     platform.consumer(SEGMENT_MEMBERSHIP.name, SegmentMembershipChanged, "segments", segments)
     # Off the path of a send: the broker may hold their fetches to hand over bigger batches.
@@ -62,3 +76,5 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
     platform.consumer(MESSAGE_STATUS.name, MessageStatus, "statuses", statuses, **statuses_fetch)
     privacy = PrivacyConsumer(platform, engine.clock)
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy.handle)
+    # The notifier's templates: journeys' references to them are checked when saved.
+    platform.consumer(TEMPLATES.name, TemplateChanged, "templates", templates, **profiles_fetch)

@@ -186,3 +186,15 @@ message_log = sa.Table(
     sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("message_log_customer", "customer_id", "decided_at"),
 )
+
+# The notifier's templates as announced on clm.templates.v1 (revision 0008): journeys' references to
+# them are checked when saved, activated or dry-run (warnings, not errors).
+known_templates = sa.Table(
+    "known_templates",
+    metadata,
+    sa.Column("template_id", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("deleted", sa.Boolean, nullable=False),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+)

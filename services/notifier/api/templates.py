@@ -14,6 +14,7 @@ from services.notifier.domain.signing import PREVIEW_UNSUBSCRIBE_PATH, MessageLi
 from services.notifier.domain.templates import RenderError
 from services.notifier.service import Notifier
 from services.notifier.store import contacts_repo, recommendations_repo, templates_repo
+from services.notifier.template_announcements import announce_template
 from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
 from shared.http import ApiError, field_error
 
@@ -121,6 +122,8 @@ def router(admin: Any) -> APIRouter:
                 variants=body.variants,
                 now=notifier.clock.now(),
             )
+            if created is not None:
+                announce_template(uow, created)
         if created is None:
             raise ApiError(
                 409,
@@ -156,6 +159,8 @@ def router(admin: Any) -> APIRouter:
                 variants=body.variants,
                 now=notifier.clock.now(),
             )
+            if updated is not None:
+                announce_template(uow, updated)
         if updated is None:
             raise ApiError(404, "not_found", f"no template {template_id!r}")
         return updated
@@ -164,7 +169,9 @@ def router(admin: Any) -> APIRouter:
     async def delete(template_id: str, notifier: NotifierDep) -> None:
         async with notifier.platform.unit_of_work() as uow:
             deleted = await templates_repo.delete(uow.session, template_id)
-        if not deleted:
+            if deleted is not None:
+                announce_template(uow, {**deleted, "updated_at": notifier.clock.now()}, deleted=True)
+        if deleted is None:
             raise ApiError(404, "not_found", f"no template {template_id!r}")
 
     @api.post("/{template_id}/preview")

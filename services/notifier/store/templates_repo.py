@@ -125,8 +125,10 @@ async def update(
     return as_dict(row) if row else None
 
 
-async def delete(session: AsyncSession, template_id: str) -> bool:
+async def delete(session: AsyncSession, template_id: str) -> dict[str, Any] | None:
+    """The deleted template (None if there was none)."""
     result = await session.execute(
-        sa.delete(templates).where(templates.c.id == template_id).returning(templates.c.id)
+        sa.delete(templates).where(templates.c.id == template_id).returning(*templates.c)
     )
-    return result.first() is not None
+    row = result.first()
+    return as_dict(row) if row else None

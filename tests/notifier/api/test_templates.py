@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.notifier.conftest import ADMIN
 
 SMS = {
@@ -71,3 +73,36 @@ async def test_a_template_with_an_unknown_filter_is_refused_naming_the_part_and_
         ]
         kept = (await h.client.get("/v1/templates/sms-data", headers=ADMIN)).json()
         assert kept["version"] == 1 and kept["variants"] == SMS["variants"]
+
+
+async def test_every_template_change_is_announced_for_journeys_to_check_against(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """Saved, changed and deleted templates go out on clm.templates.v1 (keyed by id, with their
+    channel), in the transaction that changes them; a restart re-announces the templates there are."""
+    from shared.contracts import TEMPLATES
+    from tests.support import read_topic
+
+    async with start_notifier() as h:
+        await h.create_template(SMS)
+        changed = {k: v for k, v in SMS.items() if k != "id"} | {"name": "SMS 2"}
+        r = await h.client.put("/v1/templates/sms-data", headers=ADMIN, json=changed)
+        assert r.status_code == 200, r.text
+        assert (await h.client.delete("/v1/templates/sms-data", headers=ADMIN)).status_code == 204
+        await h.create_template({**SMS, "id": "kept"})
+        topic = h.settings.topic(TEMPLATES.name)
+
+        def states(msgs: list[dict[str, Any]], key: str) -> list[tuple[str, int, bool]]:
+            # In order per template (its key's partition); templates' partitions interleave.
+            return [
+                (m["value"]["channel"], m["value"]["version"], m["value"]["deleted"])
+                for m in msgs
+                if m["key"] == key
+            ]
+
+        got = await read_topic(topic, until=lambda ms: len(ms) >= 4, timeout=15)
+        assert states(got, "sms-data") == [("sms", 1, False), ("sms", 2, False), ("sms", 2, True)]
+        assert states(got, "kept") == [("sms", 1, False)]
+    async with start_notifier() as h2:  # the same schema and topics: a restart
+        assert h2.settings.topic(TEMPLATES.name) == topic
+        got = await read_topic(topic, until=lambda ms: len(ms) >= 5, timeout=15)
+        assert states(got, "kept") == [("sms", 1, False), ("sms", 1, False)]
+        assert len(states(got, "sms-data")) == 3  # a deleted template is not announced again

@@ -85,7 +85,9 @@ async def test_a_new_identifier_is_announced_so_others_resolve_it(harness: Harne
     assert [(p["customer_id"], p["kind"]) for p in about_identity] == [("anon-7", "identity_linked")]
     linked = about_identity[0]
     assert linked["identities"] == {"anonymous_id": ["anon-7"], "user_id": ["u7"]}
-    assert linked["caused_by"] == "m3" and linked["changed_traits"] == []
+    # m2 links u7; m3, in the same batch or the next, adds nothing. Announced once either way, caused
+    # by the batch's last event of the customer (one batch) or by m2 (two batches).
+    assert linked["caused_by"] in ("m2", "m3") and linked["changed_traits"] == []
 
 
 async def test_second_device_then_login_merges_into_the_known_profile(harness: Harness) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import text
 
 from services.segmenter.store import profiles as profile_store
 from shared.contracts.topics import PROFILES
@@ -307,3 +308,22 @@ async def test_the_timeline_pages_through_events_before_1970(harness: Harness) -
     for bad in ("--7", "12-", "x-1", "5-" + "9" * 30):
         r = await harness.client.get("/v1/customers/old/events", params={"before": bad}, headers=ADMIN)
         assert r.status_code == 400 and r.json()["errors"][0]["field"] == "before", bad
+
+
+async def test_a_merged_away_id_is_never_given_to_a_new_customer(harness: Harness) -> None:
+    await harness.send(
+        make_event("m1", "page", anonymous_id="a5", name="Home"),
+        make_event("m2", "identify", user_id="u5", traits={"plan": "pro"}),
+    )
+    await harness.processed(2)
+    await harness.send(
+        make_event("m3", "identify", user_id="u5", anonymous_id="a5", timestamp=START + timedelta(minutes=1))
+    )
+    await harness.processed(3)
+    assert (await harness.customer("a5"))["customer_id"] == "u5"  # a5 was merged into u5
+    # Someone else whose userId happens to be "a5": a new customer, not under the retired id.
+    await harness.send(make_event("m4", "identify", user_id="a5", traits={"plan": "free"}))
+    await harness.processed(4)
+    async with harness.segmenter.platform.engine.connect() as conn:
+        ids = sorted(r[0] for r in await conn.execute(text("SELECT customer_id FROM customers")))
+    assert ids == ["u5", "user:a5"]

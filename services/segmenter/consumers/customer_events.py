@@ -154,7 +154,7 @@ class CustomerEventsHandler:
         idents = batch_identifiers(todo)
         candidates = {v for _, v in idents} | {f"{k}:{v}" for k, v in idents}
         known = await profile_store.lookup_identities(session, idents, candidates)
-        plan = plan_identities(todo, known.links, known.with_user, known.taken_ids)
+        plan = plan_identities(todo, known.links, known.with_user, known.taken_ids, known.retired_ids)
         linked = await profile_store.insert_customers_and_links(session, plan.new_customers, plan.links, now)
         if linked != len(plan.links):
             # Another transaction linked one of these identifiers since we looked: start over, the

@@ -103,14 +103,18 @@ def plan_identities(
     known: Mapping[Identifier, str],
     customers_with_user: set[str],
     taken_ids: set[str],
+    retired_ids: Iterable[str] = (),
 ) -> IdentityPlan:
     """`known`: identifier -> customer for the batch's identifiers already linked;
     `customers_with_user`: which of those customers hold a userId; `taken_ids`: existing customer ids
     among the batch's identifier values, their `<kind>:<value>` forms and, where both of those are
-    taken, the ids starting `<kind>:<value>:` (`new_customer_id`: a new customer never reuses one)."""
+    taken, the ids starting `<kind>:<value>:` (`new_customer_id`: a new customer never reuses one);
+    `retired_ids`: those that were customers merged into others (never reused either: an event naming
+    one, `customerId`, means the survivor)."""
     links: dict[Identifier, str] = dict(known)
     with_user = set(customers_with_user)
     taken = set(taken_ids)
+    unavailable = taken | set(retired_ids)
     redirect: dict[str, str] = {}
     plan = IdentityPlan()
     raw_customer: list[str] = []
@@ -133,8 +137,9 @@ def plan_identities(
                 if owner not in owners:
                     owners.append(owner)
         if not owners:
-            cid = new_customer_id(ids[0], taken)
+            cid = new_customer_id(ids[0], unavailable)
             taken.add(cid)
+            unavailable.add(cid)
             plan.new_customers.append(cid)
             survivor = cid
         else:

@@ -41,7 +41,10 @@ _LOOKUP_IDENTITIES = Statement(
     "FROM identities i JOIN unnest(CAST(:kinds AS text[]), CAST(:vals AS text[])) AS q(kind, value) "
     "ON i.kind = q.kind AND i.value = q.value "
     "UNION ALL SELECT NULL, NULL, customer_id, false FROM customers "
-    "WHERE customer_id = ANY(CAST(:cands AS text[]))"
+    "WHERE customer_id = ANY(CAST(:cands AS text[])) "
+    # Ids of customers merged into others: a new customer must not take one (see `retired_ids`).
+    "UNION ALL SELECT 'retired', NULL, value, false FROM identities "
+    "WHERE kind = 'merged' AND value = ANY(CAST(:cands AS text[]))"
 )
 # Ids starting with `<kind>:<value>:`, for the identifiers whose value and `<kind>:<value>` are both
 # taken (rare): `domain.identity.new_customer_id` goes on with `:2`, `:3`, ...
@@ -109,6 +112,7 @@ class KnownIdentities:
     links: dict[Identifier, str]  # identifier -> customer
     with_user: set[str]  # customers among those that hold a userId
     taken_ids: set[str]  # candidate canonical ids that already exist
+    retired_ids: set[str]  # candidate ids of customers since merged into others
 
 
 async def lookup_identities(
@@ -121,15 +125,19 @@ async def lookup_identities(
         session,
         {"kinds": [k for k, _ in pairs], "vals": [v for _, v in pairs], "cands": list(candidate_ids)},
     )
-    out = KnownIdentities({}, set(), set())
+    out = KnownIdentities({}, set(), set(), set())
     for kind, value, customer_id, has_user in rows:
         if kind is None:
             out.taken_ids.add(customer_id)
             continue
+        if kind == "retired":
+            out.retired_ids.add(customer_id)
+            continue
         out.links[(kind, value)] = customer_id
         if has_user:
             out.with_user.add(customer_id)
-    prefixes = sorted(f"{k}:{v}:" for k, v in pairs if v in out.taken_ids and f"{k}:{v}" in out.taken_ids)
+    unavailable = out.taken_ids | out.retired_ids
+    prefixes = sorted(f"{k}:{v}:" for k, v in pairs if v in unavailable and f"{k}:{v}" in unavailable)
     if prefixes:
         out.taken_ids.update(r[0] for r in await _TAKEN_WITH_PREFIX.fetch(session, {"prefixes": prefixes}))
     return out

@@ -108,3 +108,15 @@ def test_a_new_customer_id_is_never_one_already_taken() -> None:
         {"7", "user:7", "user:7:2", "user:7:4"},
     )
     assert plan.new_customers == ["user:7:3", "anon:user:7"]
+
+
+def test_a_merged_away_id_is_never_a_new_customers_id() -> None:
+    """`a1` was merged into `u1`: a new person whose userId is `a1` gets `user:a1`, so an event naming
+    customer `a1` (a journey's trait update) still means the survivor."""
+    plan = plan_identities([ev("1", user_id="a1")], {}, set(), set(), retired_ids={"a1"})
+    assert plan.new_customers == ["user:a1"]
+    known = {("merged", "a1"): "u1"}
+    named = plan_identities(
+        [ev("2", "identify", user_id="a1", customer_id="a1")], known, set(), set(), {"a1"}
+    )
+    assert named.customer_of_event == ["u1"] and named.new_customers == []

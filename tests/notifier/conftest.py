@@ -24,6 +24,15 @@ from tests.support import eventually, read_topic, running
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
+# An SMS template whose body reads a trait: the template-data tests' shared fixture.
+SMS_TEMPLATE = {
+    "id": "sms-data",
+    "name": "SMS",
+    "channel": "sms",
+    "default_locale": "en",
+    "variants": {"en": {"body": "Hi {{ traits.name | default: 'there' }}"}},
+}
+
 
 @dataclass
 class Harness:

@@ -4,20 +4,12 @@ render fail at once with a reason that says why, never retried nor an internal e
 from __future__ import annotations
 
 from services.notifier.store import templates_repo
-from tests.notifier.conftest import ADMIN, request
-
-SMS = {
-    "id": "sms-data",
-    "name": "SMS",
-    "channel": "sms",
-    "default_locale": "en",
-    "variants": {"en": {"body": "Hi {{ traits.name | default: 'there' }}"}},
-}
+from tests.notifier.conftest import ADMIN, SMS_TEMPLATE, request
 
 
 async def test_a_request_whose_traits_are_not_an_object_fails_with_the_field_named(start_notifier) -> None:  # type: ignore[no-untyped-def]
     async with start_notifier() as h:
-        await h.create_template(SMS)
+        await h.create_template(SMS_TEMPLATE)
         # An unknown customer, whose template errors would be retried: this one fails at once.
         await h.publish(
             request(
@@ -45,7 +37,7 @@ async def test_a_template_with_an_unknown_filter_fails_at_once_for_an_unseen_cus
             await templates_repo.create(
                 uow.session,
                 template_id="sms-upcase2",
-                name="SMS",
+                name="SMS_TEMPLATE",
                 channel="sms",
                 default_locale="en",
                 variants={"en": {"body": "Hi {{ traits.name | upcase2 }}"}},

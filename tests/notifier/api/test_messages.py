@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from tests.notifier.conftest import ADMIN
-
-SMS = {
-    "id": "sms-data",
-    "name": "SMS",
-    "channel": "sms",
-    "default_locale": "en",
-    "variants": {"en": {"body": "Hi {{ traits.name | default: 'there' }}"}},
-}
+from tests.notifier.conftest import ADMIN, SMS_TEMPLATE
 
 
 async def test_a_send_with_traits_that_are_not_an_object_is_a_400_and_queues_nothing(start_notifier) -> None:  # type: ignore[no-untyped-def]
     async with start_notifier() as h:
-        await h.create_template(SMS)
+        await h.create_template(SMS_TEMPLATE)
         send = {
             "customer_id": "c-data",
             "channel": "sms",

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.notifier.conftest import ADMIN
-
-SMS = {
-    "id": "sms-data",
-    "name": "SMS",
-    "channel": "sms",
-    "default_locale": "en",
-    "variants": {"en": {"body": "Hi {{ traits.name | default: 'there' }}"}},
-}
+from tests.notifier.conftest import ADMIN, SMS_TEMPLATE
 
 
 async def test_preview_and_test_send_refuse_traits_or_journey_that_are_not_objects(start_notifier) -> None:  # type: ignore[no-untyped-def]
     async with start_notifier() as h:
-        await h.create_template(SMS)
+        await h.create_template(SMS_TEMPLATE)
         # `**data["traits"]` raised TypeError outside the preview's try: a 500.
         r = await h.client.post(
             "/v1/templates/sms-data/preview", headers=ADMIN, json={"data": {"traits": ["vip"]}}
@@ -47,7 +39,7 @@ async def test_a_template_with_an_unknown_filter_is_refused_naming_the_part_and_
 ) -> None:  # type: ignore[no-untyped-def]
     async with start_notifier() as h:
         body = {
-            **SMS,
+            **SMS_TEMPLATE,
             "id": "sms-filter",
             "variants": {"en": {"body": "ok"}, "fr": {"body": "Salut {{ traits.name | upcase2 }}"}},
         }
@@ -63,8 +55,8 @@ async def test_a_template_with_an_unknown_filter_is_refused_naming_the_part_and_
         ]
         assert (await h.client.get("/v1/templates/sms-filter", headers=ADMIN)).status_code == 404
 
-        await h.create_template(SMS)
-        update = {k: v for k, v in SMS.items() if k != "id"}
+        await h.create_template(SMS_TEMPLATE)
+        update = {k: v for k, v in SMS_TEMPLATE.items() if k != "id"}
         update["variants"] = {"en": {"body": "{{ traits.name | upcase | shout }}"}}
         r = await h.client.put("/v1/templates/sms-data", headers=ADMIN, json=update)
         assert r.status_code == 400, r.text
@@ -72,7 +64,7 @@ async def test_a_template_with_an_unknown_filter_is_refused_naming_the_part_and_
             ("variants.en.body", "unknown filter 'shout' (line 1, column 26)")
         ]
         kept = (await h.client.get("/v1/templates/sms-data", headers=ADMIN)).json()
-        assert kept["version"] == 1 and kept["variants"] == SMS["variants"]
+        assert kept["version"] == 1 and kept["variants"] == SMS_TEMPLATE["variants"]
 
 
 async def test_every_template_change_is_announced_for_journeys_to_check_against(start_notifier) -> None:  # type: ignore[no-untyped-def]
@@ -82,12 +74,12 @@ async def test_every_template_change_is_announced_for_journeys_to_check_against(
     from tests.support import read_topic
 
     async with start_notifier() as h:
-        await h.create_template(SMS)
-        changed = {k: v for k, v in SMS.items() if k != "id"} | {"name": "SMS 2"}
+        await h.create_template(SMS_TEMPLATE)
+        changed = {k: v for k, v in SMS_TEMPLATE.items() if k != "id"} | {"name": "SMS_TEMPLATE 2"}
         r = await h.client.put("/v1/templates/sms-data", headers=ADMIN, json=changed)
         assert r.status_code == 200, r.text
         assert (await h.client.delete("/v1/templates/sms-data", headers=ADMIN)).status_code == 204
-        await h.create_template({**SMS, "id": "kept"})
+        await h.create_template({**SMS_TEMPLATE, "id": "kept"})
         topic = h.settings.topic(TEMPLATES.name)
 
         def states(msgs: list[dict[str, Any]], key: str) -> list[tuple[str, int, bool]]:

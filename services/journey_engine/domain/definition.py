@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Annotated, Any, Literal
@@ -102,6 +103,19 @@ TimeOfDay = Annotated[time, AfterValidator(_time_of_day)]
 # The largest journey a marketer may save: the walker's step limit and the API's answers are sized for it.
 MAX_NODES = 500
 MAX_EDGES = 2000
+
+
+def _at_most(limit: int) -> Callable[[list[Any], ValidationInfo], list[Any]]:
+    def check(value: list[Any], info: ValidationInfo) -> list[Any]:
+        if len(value) > limit and not _stored(info):  # a journey saved before the limit still runs
+            raise PydanticCustomError(
+                "too_long", "at most {limit} items, not {n}", {"limit": limit, "n": len(value)}
+            )
+        return value
+
+    return check
+
+
 # What orjson (every store and topic writes JSON with) can write: 64-bit integers, signed or not.
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
@@ -136,8 +150,8 @@ def json_problem(value: Any, path: str = "", depth: int = 0) -> tuple[str, str, 
     return here, "json_type", f"{type(value).__name__} is not a JSON value"
 
 
-def _json_safe(value: Any) -> Any:
-    problem = json_problem(value)
+def _json_safe(value: Any, info: ValidationInfo) -> Any:
+    problem = None if _stored(info) else json_problem(value)
     if problem is not None:
         where, rule, message = problem
         raise PydanticCustomError(rule, "{where}: {message}", {"where": where, "message": message})
@@ -224,9 +238,11 @@ class ScheduleEntry(Strict):
     local_time: TimeOfDay | None = None
 
     @model_validator(mode="after")
-    def _aware(self) -> ScheduleEntry:
+    def _aware(self, info: ValidationInfo) -> ScheduleEntry:
         if self.at.tzinfo is None:
             raise ValueError("'at' needs a timezone (e.g. 2026-01-05T09:00:00Z)")
+        if _stored(info):
+            return self  # saved before the range rule: read as the engine used it
         if not storable.time_in_range(self.at):
             raise ValueError(f"'at' {storable.TIME_MESSAGE}")
         if self.every is not None and self.every < timedelta(minutes=1):
@@ -237,9 +253,17 @@ class ScheduleEntry(Strict):
 EntryRule = Annotated[EventEntry | SegmentEntry | StageEntry | ScheduleEntry, Field(discriminator="type")]
 
 
+def _reentry_days(value: float, info: ValidationInfo) -> float:
+    if value <= MAX_DURATION.days:
+        return value
+    if _stored(info):
+        return MAX_DURATION.days
+    raise PydanticCustomError("duration_range", "must be at most {days} days", {"days": MAX_DURATION.days})
+
+
 class ReentryPolicy(Strict):
     policy: Literal["once", "after", "always"] = "once"
-    days: float | None = Field(default=None, gt=0, le=MAX_DURATION.days)
+    days: Annotated[float, AfterValidator(_reentry_days)] | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _days_for_after(self) -> ReentryPolicy:
@@ -467,8 +491,8 @@ class JourneyDefinition(Strict):
     exit_when_entry_false: bool = False
     # Marketing journeys only (transactional ones bypass quiet hours and caps anyway).
     messaging: JourneyMessaging | None = None
-    nodes: list[Node] = Field(min_length=1, max_length=MAX_NODES)
-    edges: list[Edge] = Field(default_factory=list, max_length=MAX_EDGES)
+    nodes: Annotated[list[Node], AfterValidator(_at_most(MAX_NODES))] = Field(min_length=1)
+    edges: Annotated[list[Edge], AfterValidator(_at_most(MAX_EDGES))] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod

@@ -330,3 +330,47 @@ def test_values_that_json_cannot_hold_are_refused() -> None:
             GOOD_NODES, GOOD_EDGES, goal={"event": "x", "where": [{"field": "n", "op": "eq", "value": 2**64}]}
         )
     assert errors_of(exc) == {("goal.where.0.value", "json_integer_range")}
+
+
+def test_definitions_stored_before_the_new_limits_are_still_read() -> None:
+    """A journey saved before a limit existed must keep running: the engine reads stored definitions
+    with `context={"stored": True}`, and one it cannot read strands its customers and drops its
+    schedule. Each limit here refuses the same document on save."""
+    deep: Any = 1
+    for _ in range(70):
+        deep = {"x": deep}
+    chain = [{"id": f"d{i}", "type": "delay", "duration": "P1D"} for i in range(600)]
+    raw = {
+        "name": "old",
+        "entry": {"type": "schedule", "segment_id": "s", "at": "3100-01-01T00:00:00Z", "every": "PT10S"},
+        "reentry": {"policy": "after", "days": 9999},
+        "nodes": [
+            {"id": "start", "type": "entry"},
+            *chain,
+            {"id": "t", "type": "update_trait", "traits": deep},
+            {"id": "e", "type": "exit"},
+        ],
+        "edges": [
+            {"from": "start", "to": "d0"},
+            *({"from": f"d{i}", "to": f"d{i + 1}"} for i in range(599)),
+            {"from": "d599", "to": "t"},
+            {"from": "t", "to": "e"},
+        ],
+    }
+    with pytest.raises(ValidationError) as exc:
+        JourneyDefinition.model_validate(raw)
+    assert {rule for _, rule in errors_of(exc)} == {"duration_range", "max_depth", "value_error"}
+    shallow = {
+        **raw,
+        "nodes": [
+            *raw["nodes"][:-2],
+            {"id": "t", "type": "update_trait", "traits": {"a": 1}},
+            raw["nodes"][-1],
+        ],
+    }
+    with pytest.raises(ValidationError) as exc:
+        JourneyDefinition.model_validate(shallow)
+    assert ("nodes", "too_long") in errors_of(exc)
+    stored = JourneyDefinition.model_validate(raw, context={"stored": True})
+    assert len(stored.nodes) == 603 and stored.reentry.days == 3650
+    assert rules(stored) == set()

@@ -82,34 +82,37 @@ async def test_a_goal_reached_after_the_path_ended_counts_within_the_window_once
         assert await h.scalar("SELECT count(*) FROM goal_windows") == 0
 
 
+AB_JOURNEY: dict[str, Any] = {
+    "name": "A/B",
+    "entry": {"type": "event", "event": "Joined"},
+    "goal": {"event": "Purchased", "within": "P14D"},
+    "nodes": [
+        {"id": "start", "type": "entry"},
+        {
+            "id": "ab",
+            "type": "split",
+            "arms": [
+                {"name": "mail", "percent": 50},
+                {"name": "holdout", "percent": 50, "holdout": True},
+            ],
+        },
+        {"id": "offer", "type": "send", "channel": "email", "template_id": "offer"},
+        {"id": "week", "type": "delay", "duration": "P7D"},
+        {"id": "done", "type": "exit"},
+        {"id": "skip", "type": "exit"},
+    ],
+    "edges": [
+        {"from": "start", "to": "ab"},
+        {"from": "ab", "to": "offer", "branch": "mail"},
+        {"from": "ab", "to": "skip", "branch": "holdout"},
+        {"from": "offer", "to": "week"},
+        {"from": "week", "to": "done"},
+    ],
+}
+
+
 async def test_a_holdout_arm_that_exits_at_once_shows_its_conversions(make_settings: Any) -> None:
-    journey = {
-        "name": "A/B",
-        "entry": {"type": "event", "event": "Joined"},
-        "goal": {"event": "Purchased", "within": "P14D"},
-        "nodes": [
-            {"id": "start", "type": "entry"},
-            {
-                "id": "ab",
-                "type": "split",
-                "arms": [
-                    {"name": "mail", "percent": 50},
-                    {"name": "holdout", "percent": 50, "holdout": True},
-                ],
-            },
-            {"id": "offer", "type": "send", "channel": "email", "template_id": "offer"},
-            {"id": "week", "type": "delay", "duration": "P7D"},
-            {"id": "done", "type": "exit"},
-            {"id": "skip", "type": "exit"},
-        ],
-        "edges": [
-            {"from": "start", "to": "ab"},
-            {"from": "ab", "to": "offer", "branch": "mail"},
-            {"from": "ab", "to": "skip", "branch": "holdout"},
-            {"from": "offer", "to": "week"},
-            {"from": "week", "to": "done"},
-        ],
-    }
+    journey = AB_JOURNEY
     customers = [f"u{i}" for i in range(60)]
     async with engine_running(make_settings) as h:
         jid = await h.journey(journey)
@@ -135,3 +138,60 @@ async def test_a_holdout_arm_that_exits_at_once_shows_its_conversions(make_setti
         assert by_arm["mail"]["vs_holdout"] is not None and by_arm["mail"]["vs_holdout"]["z"] < 0
         assert converted(stats, "skip") == len(held_out)
         assert converted(stats, "week") == len(mailed) // 2
+
+
+async def test_a_goal_in_the_same_batch_as_the_exit_counts(make_settings: Any) -> None:
+    """An SDK flushes `Joined` and `Purchased` together: one consumer batch enters the customer, the
+    holdout arm finishes them at once, and the purchase converts them (the window opened by the
+    batch's first event was invisible to its second, so the holdout lost exactly these)."""
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(AB_JOURNEY)
+        now = h.clock.now()
+
+        def event(user: str, name: str) -> tuple[str, CustomerEvent]:
+            mid = uuid.uuid4().hex
+            return mid, CustomerEvent(
+                message_id=mid, type="track", user_id=user, event=name, timestamp=now, received_at=now
+            )
+
+        customers = [f"b{i}" for i in range(40)]
+        async with h.platform.unit_of_work() as uow:
+            await h.engine.on_events(
+                uow, [event(c, "Joined") for c in customers] + [event(c, "Purchased") for c in customers]
+            )
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        by_arm = {a["arm"]: a for a in stats["splits"][0]["arms"]}
+        assert by_arm["holdout"]["customers"] > 0
+        assert by_arm["holdout"]["converted"] == by_arm["holdout"]["customers"]
+        assert by_arm["mail"]["converted"] == by_arm["mail"]["customers"]
+        converted_rows = await h.scalar(
+            "SELECT count(*) FROM instances WHERE journey_id = :j AND converted_at IS NOT NULL", j=jid
+        )
+        assert converted_rows == len(customers)
+
+
+async def test_the_newest_instance_owns_the_goal(make_settings: Any) -> None:
+    """Each run of a re-entering journey finishes with its goal open (no `within`: until archived).
+    A later purchase converts the last run only; the earlier runs' windows closed when it entered."""
+    journey = linear(
+        "Weekly digest",
+        "Digest Due",
+        [{"id": "digest", "type": "send", "channel": "email", "template_id": "digest"}],
+        goal={"event": "Purchased"},
+        reentry={"policy": "always"},
+    )
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(journey)
+        for _ in range(3):
+            await publish(h, [("w", "Digest Due")])
+            h.clock.advance(timedelta(days=7))
+        assert await h.scalar("SELECT count(*) FROM goal_windows WHERE journey_id = :j", j=jid) == 1
+        await publish(h, [("w", "Purchased")])
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        assert converted(stats, "done") == 1
+        assert (
+            await h.scalar(
+                "SELECT count(*) FROM instances WHERE journey_id = :j AND converted_at IS NOT NULL", j=jid
+            )
+            == 1
+        )

@@ -135,9 +135,19 @@ class Batch:
     journeys: list[ActiveJourney]
     # Finished instances whose goal may still be reached (event batches only: goals are events).
     windows: dict[str, list[GoalWindow]] = field(default_factory=dict)
+    # How many of the writer's new windows `windows` holds already.
+    _windows_seen: int = 0
 
     def prune(self, customer_id: str) -> None:
         self.active[customer_id] = [r for r in self.active[customer_id] if r.status == "active"]
+
+    def see_new_windows(self) -> None:
+        """Windows opened by the batch's earlier inputs count for its later ones: an SDK flushing
+        `Joined` then `Purchased` together must not lose the conversion of an instance the first one
+        finished (a holdout arm that exits at once)."""
+        for w in self.writer.windows[self._windows_seen :]:
+            self.windows.setdefault(w.customer_id, []).append(w)
+        self._windows_seen = len(self.writer.windows)
 
 
 class JourneyEngine:
@@ -353,6 +363,7 @@ class JourneyEngine:
         """Goals and exit criteria first, then waits that this input satisfies, then new entries."""
         session = uow.session
         now, writer = batch.now, batch.writer
+        batch.see_new_windows()
         customer = batch.customers[customer_id]
         event_payload = trigger.event if isinstance(trigger, EventTrigger) else {}
         facts = facts_for(customer, event_payload)
@@ -408,6 +419,12 @@ class JourneyEngine:
             )
             if entered is not None:
                 batch.entries[key] = now
+                batch.windows[customer_id] = [
+                    w
+                    for w in batch.windows.get(customer_id, [])
+                    if (w.journey_id, w.correlation) != (journey.row.id, correlation)
+                    or w.instance_id == entered.id
+                ]
                 if entered.status == "active":
                     batch.active[customer_id].append(entered)
                     inside.add((journey.row.id, correlation))
@@ -456,6 +473,10 @@ class JourneyEngine:
         )
         writer.new_instances.append(row)
         writer.enrolments[(journey.row.id, customer.customer_id, correlation)] += 1
+        if journey.graph.definition.goal is not None:
+            # The newest instance owns the goal: an earlier one's open window closes (one purchase
+            # converted every past run of a weekly broadcast, and windows piled up per run).
+            writer.superseded[(journey.row.id, customer.customer_id, correlation)] = row.id
         if start_at is not None and start_at > now:
             writer.timers.append((row.id, row.seq, start_at))
             return row
@@ -515,6 +536,8 @@ class JourneyEngine:
         row.exit_reason = reason
         row.wait = None
         row.seq += 1
+        if status == "converted" and row.converted_at is None:
+            row.converted_at = writer.now
         writer.changed.append(row)
         writer.counts[(row.journey_id, row.version, row.node_id, metric)] += 1
         if status == "exited":

@@ -142,6 +142,14 @@ _CONVERT_FINISHED = Statement(
     "SELECT journey_id, version, node_id, 'converted', count(*) FROM gone GROUP BY 1, 2, 3"
 )
 
+# A re-entered customer's earlier instances of the journey stop counting its goal (not the newest's
+# own window, opened in the same batch when it finished at once).
+_SUPERSEDE_WINDOWS = Statement(
+    "DELETE FROM goal_windows AS g USING unnest(CAST(:j AS text[]), CAST(:c AS text[]), "
+    "CAST(:k AS text[]), CAST(:i AS text[])) AS u(j, c, k, i) "
+    "WHERE g.customer_id = u.c AND g.journey_id = u.j AND g.correlation = u.k AND g.instance_id <> u.i"
+)
+
 
 @dataclass(frozen=True)
 class GoalWindow:
@@ -272,14 +280,14 @@ _LOG_TYPES = ("text", "text", "text", "text", "text", "text", "text", "text", "i
 # insert nothing). No foreign keys between them, and no sub-statement reads what another writes.
 _FLUSH_INSERTS = Statement(
     "WITH new_instances AS (INSERT INTO instances (id, journey_id, version, customer_id, correlation, "
-    "status, node_id, wait, context, seq, entered_at, updated_at, exit_reason) "
+    "status, node_id, wait, context, seq, entered_at, updated_at, exit_reason, converted_at) "
     "SELECT id, journey, version, customer, corr, status, node, CAST(wait AS jsonb), CAST(ctx AS jsonb), "
-    "seq, entered, CAST(:now AS timestamptz), reason FROM unnest(CAST(:i_id AS text[]), "
+    "seq, entered, CAST(:now AS timestamptz), reason, converted FROM unnest(CAST(:i_id AS text[]), "
     "CAST(:i_journey AS text[]), CAST(:i_version AS int[]), CAST(:i_customer AS text[]), "
     "CAST(:i_corr AS text[]), CAST(:i_status AS text[]), CAST(:i_node AS text[]), CAST(:i_wait AS text[]), "
     "CAST(:i_ctx AS text[]), CAST(:i_seq AS int[]), CAST(:i_entered AS timestamptz[]), "
-    "CAST(:i_reason AS text[])) "
-    "AS u(id, journey, version, customer, corr, status, node, wait, ctx, seq, entered, reason)), "
+    "CAST(:i_reason AS text[]), CAST(:i_converted AS timestamptz[])) "
+    "AS u(id, journey, version, customer, corr, status, node, wait, ctx, seq, entered, reason, converted)), "
     "new_timers AS (INSERT INTO timers (instance_id, seq, due_at) SELECT * FROM unnest("
     "CAST(:t_i AS text[]), CAST(:t_s AS int[]), CAST(:t_d AS timestamptz[]))), "
     "new_counts AS (INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT * FROM unnest("
@@ -319,6 +327,8 @@ class StepWriter:
     # reached it.
     windows: list[GoalWindow] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
+    # (journey, customer, correlation) -> the instance entered last: older instances' windows close.
+    superseded: dict[tuple[str, str, str], str] = field(default_factory=dict)
 
     async def flush(self, session: AsyncSession) -> None:
         # The optimistic update first (its caller checks the row count), then every insert in one
@@ -336,6 +346,17 @@ class StepWriter:
             await _FLUSH_INSERTS.execute(session, self._insert_params())
         if self.converted:
             await _CONVERT_FINISHED.execute(session, {"ids": self.converted, "now": self.now})
+        if self.superseded:
+            keys = list(self.superseded)
+            await _SUPERSEDE_WINDOWS.execute(
+                session,
+                {
+                    "j": [k[0] for k in keys],
+                    "c": [k[1] for k in keys],
+                    "k": [k[2] for k in keys],
+                    "i": list(self.superseded.values()),
+                },
+            )
         for r in (*self.new_instances, *self.changed):
             r.read_seq = r.seq
         self.new_instances.clear()
@@ -346,6 +367,7 @@ class StepWriter:
         self.enrolments.clear()
         self.windows.clear()
         self.converted.clear()
+        self.superseded.clear()
 
     @staticmethod
     def _columns(rows: list[InstanceRow]) -> dict[str, list[Any]]:
@@ -370,6 +392,8 @@ class StepWriter:
                 "i_customer": [r.customer_id for r in rows],
                 "i_corr": [r.correlation for r in rows],
                 "i_entered": [r.entered_at for r in rows],
+                # An instance entered and converted in the same batch (A/B results count converted_at).
+                "i_converted": [r.converted_at for r in rows],
                 "now": self.now,
                 "t_i": [t[0] for t in self.timers],
                 "t_s": [t[1] for t in self.timers],

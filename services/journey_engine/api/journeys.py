@@ -217,9 +217,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             if body.migrate and row.status in ("active", "paused"):
                 waiting = await instance_store.lock_waiting(uow.session, journey_id, version)
                 await refuse_type_changes(uow.session, journey_id, waiting, graph)
-                migrated = await instance_store.migrate_version(
-                    uow.session, journey_id, version, list(graph.nodes)
-                )
+                checked = [(v, node_id) for v, node_id, _ in waiting if node_id in graph.nodes]
+                migrated = await instance_store.migrate_version(uow.session, journey_id, version, checked)
             row = await load(uow.session, journey_id)
             found = await warnings(uow.session, body.definition)
         return journey_body(row, stored) | {"migrated": migrated, "warnings": found}

@@ -247,17 +247,26 @@ async def lock_waiting(session: AsyncSession, journey_id: str, to_version: int) 
 
 
 async def migrate_version(
-    session: AsyncSession, journey_id: str, to_version: int, node_ids: list[str]
+    session: AsyncSession, journey_id: str, to_version: int, checked: list[tuple[int, str]]
 ) -> int:
-    """Move active instances to `to_version` when the node they are at still exists there (the
-    caller checked, under `lock_waiting`, that it is of the same type)."""
+    """Move active instances to `to_version` from the (version, node id) places the caller checked
+    under `lock_waiting` (the node exists there, of the same type). Only those: an instance that
+    entered meanwhile at a place not checked stays on its version."""
+    if not checked:
+        return 0
     await _lock_active(session, journey_id)
     result = await session.execute(
         text(
             "UPDATE instances SET version = :v WHERE journey_id = :j AND status = 'active' "
-            "AND node_id = ANY(CAST(:nodes AS text[])) AND version <> :v"
+            "AND (version, node_id) IN "
+            "(SELECT * FROM unnest(CAST(:versions AS int[]), CAST(:nodes AS text[]))) AND version <> :v"
         ),
-        {"j": journey_id, "v": to_version, "nodes": node_ids},
+        {
+            "j": journey_id,
+            "v": to_version,
+            "versions": [v for v, _ in checked],
+            "nodes": [n for _, n in checked],
+        },
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

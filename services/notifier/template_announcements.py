@@ -34,7 +34,9 @@ async def announce_all(platform: Platform) -> int:
     """Every template as it is, on start: templates saved before their changes were announced (or
     while a consumer's projection was being rebuilt) are announced too. A few rows; compacted topic."""
     async with platform.unit_of_work() as uow:
-        rows = await templates_repo.list_all(uow.session)
+        # Locked: a deletion committing between this read and this commit would otherwise be followed
+        # on the (compacted) topic by this stale "exists", the state a rebuilt consumer keeps.
+        rows = await templates_repo.list_all(uow.session, lock=True)
         for row in rows:
             announce_template(uow, row)
     return len(rows)

@@ -292,12 +292,14 @@ async def test_steps_naming_a_template_the_notifier_lacks_are_warned_about(make_
         await announce("cart-reminder", Channel.EMAIL, deleted=True, at=10)
         await announce("cart-reminder", Channel.EMAIL, at=7)
 
-        async def deleted() -> bool:
-            return bool(
-                await h.scalar("SELECT deleted FROM known_templates WHERE template_id = 'cart-reminder'")
-            )
+        templates_consumer = h.platform.consumers[-1]
+        assert templates_consumer.topic == h.settings.topic(TEMPLATES.name)
 
-        await eventually(deleted, timeout=20)
+        async def all_applied() -> bool:  # the older at=7 too, after the deletion at=10
+            return templates_consumer.processed >= 5
+
+        await eventually(all_applied, timeout=20)
+        assert await h.scalar("SELECT deleted FROM known_templates WHERE template_id = 'cart-reminder'")
         for r in (
             await c.get("/v1/journeys/cart", headers=ADMIN),
             await c.post("/v1/journeys/cart/activate", headers=ADMIN),

@@ -64,8 +64,11 @@ async def get(session: AsyncSession, template_id: str) -> dict[str, Any] | None:
     return as_dict(row) if row else None
 
 
-async def list_all(session: AsyncSession) -> list[dict[str, Any]]:
-    return [as_dict(r) for r in await session.execute(sa.select(templates).order_by(templates.c.id))]
+async def list_all(session: AsyncSession, *, lock: bool = False) -> list[dict[str, Any]]:
+    """Every template; `lock`: held (FOR SHARE) until the transaction ends, so a concurrent change
+    or deletion commits, and is announced, after what this transaction announces."""
+    query = sa.select(templates).order_by(templates.c.id)
+    return [as_dict(r) for r in await session.execute(query.with_for_update(read=True) if lock else query)]
 
 
 async def create(

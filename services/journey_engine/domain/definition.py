@@ -160,6 +160,24 @@ def _json_safe(value: Any, info: ValidationInfo) -> Any:
 
 JsonValue = Annotated[Any, AfterValidator(_json_safe)]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_json_safe)]
+
+
+def _template_data(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    """A message's data is merged over `{"traits": ..., "journey": ...}`: the notifier refuses template
+    data whose `traits` or `journey` is not an object (every such message would fail)."""
+    if _stored(info):
+        return value
+    for key in ("traits", "journey"):
+        if key in value and value[key] is not None and not isinstance(value[key], dict):
+            raise PydanticCustomError(
+                "object",
+                "{key} must be an object (or null), not {kind}",
+                {"key": key, "kind": type(value[key]).__name__},
+            )
+    return value
+
+
+MessageData = Annotated[JsonObject, AfterValidator(_template_data)]
 # Comparison names as segments write them, for the journey's own.
 _OP_ALIASES = {"equals": "eq", "not_equals": "neq"}
 
@@ -389,7 +407,7 @@ class SendNode(Strict):
     channel: Channel
     template_id: str = Field(min_length=1)
     subscription_topic: str | None = None
-    data: JsonObject = Field(default_factory=dict)
+    data: MessageData = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _not_webhook(self) -> SendNode:
@@ -409,7 +427,7 @@ class WebhookNode(Strict):
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://")
     template_id: str = "webhook"
-    data: JsonObject = Field(default_factory=dict)
+    data: MessageData = Field(default_factory=dict)
 
 
 class ExitNode(Strict):

@@ -374,3 +374,18 @@ def test_definitions_stored_before_the_new_limits_are_still_read() -> None:
     stored = JourneyDefinition.model_validate(raw, context={"stored": True})
     assert len(stored.nodes) == 603 and stored.reentry.days == 3650
     assert rules(stored) == set()
+
+
+def test_message_data_whose_traits_or_journey_is_not_an_object_is_refused() -> None:
+    """The notifier fails every message whose template data `traits` or `journey` is not an object."""
+    for node in (
+        {"id": "m", "type": "send", "channel": "email", "template_id": "x", "data": {"traits": "vip"}},
+        {"id": "w", "type": "webhook", "url": "https://x.test/h", "data": {"journey": [1]}},
+    ):
+        with pytest.raises(ValidationError) as exc:
+            journey([node], [])
+        assert {rule for _, rule in errors_of(exc)} == {"object"}
+    ok = journey(
+        [{"id": "m", "type": "send", "channel": "email", "template_id": "x", "data": {"traits": {}}}], []
+    )
+    assert ok.nodes[0].data == {"traits": {}}  # type: ignore[union-attr]

@@ -211,3 +211,24 @@ async def test_events_land_on_the_partition_kafka_clients_choose_for_their_key(
     assert set(partitions) == set(users)
     assert all(len(p) == 1 for p in partitions.values()), partitions
     assert len({next(iter(p)) for p in partitions.values()}) > 1  # spread over partitions, not one
+
+
+async def test_a_gzip_body_is_read_whole_or_refused(
+    client: httpx.AsyncClient, settings: IngestSettings
+) -> None:
+    """Concatenated members are one body (as gzip reads them): only the first was read, so a batch
+    split over two members lost its end. Cut short or followed by junk: 400, nothing published."""
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    raw = orjson.dumps(
+        {"batch": [{"type": "track", "userId": "u9", "event": "E", "messageId": "two-members"}]}
+    )
+    two = gzip.compress(raw[:20]) + gzip.compress(raw[20:])
+    r = await client.post("/v1/batch", content=two, headers=headers, auth=AUTH)
+    assert r.status_code == 200, r.text
+    whole = gzip.compress(orjson.dumps({"userId": "u9", "event": "E", "messageId": "never"}))
+    for body in (whole[:-6], whole + b"junk"):
+        r = await client.post("/v1/track", content=body, headers=headers, auth=AUTH)
+        assert r.status_code == 400, r.text
+        assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [("body", "gzip_invalid")]
+    ids = {m["value"]["messageId"] for m in await events_on_topic(settings, count=1)}
+    assert ids == {"two-members"}

@@ -62,15 +62,24 @@ def invalid_gzip(reason: str) -> ApiError:
 
 
 def gunzip(body: bytes, limit: int, what: str) -> bytes:
-    # Bounded: a small gzip bomb must not become gigabytes in memory.
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise invalid_gzip(str(exc)) from exc
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise too_large(what, limit)
-    return out
+    """A whole gzip body, inflated to at most `limit` bytes (a small gzip bomb must not become
+    gigabytes in memory). Concatenated members are all read, as gzip reads them; a body cut short, or
+    followed by anything but another member (or zero padding), is a 400: reading only its first
+    member silently dropped the rest."""
+    out = bytearray()
+    data = body
+    while data:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += inflater.decompress(data, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise invalid_gzip(str(exc)) from exc
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise too_large(what, limit)
+        if not inflater.eof:
+            raise invalid_gzip("the gzip stream ends before its end marker (truncated)")
+        data = inflater.unused_data.lstrip(b"\0")
+    return bytes(out)
 
 
 def parse_json(body: bytes) -> Any:

@@ -274,15 +274,32 @@ async def test_a_new_customer_never_takes_the_id_of_an_existing_one(harness: Har
     assert new["traits"] == {"name": "D"} and new["identities"] == {"user_id": ["7"]}
 
 
-async def test_a_customer_id_created_meanwhile_restarts_the_unit_of_work(harness: Harness) -> None:
+async def test_a_customer_id_created_meanwhile_is_a_conflict_the_unit_retries(harness: Harness) -> None:
     # As a concurrent unit that committed customer `x` between our lookup and our insert: linking to
-    # it would fold our events into its profile.
+    # it would fold our events into its profile. The handler retries such a unit from the lookup.
+    from services.segmenter.consumers.customer_events import is_transient_conflict
+
     await harness.segmenter.events.handle_in_own_unit([make_event("a", anonymous_id="x", event="V")])
-    with pytest.raises(profile_store.CustomerIdTaken):
+    with pytest.raises(profile_store.CustomerIdTaken) as taken:
         async with harness.segmenter.platform.unit_of_work() as uow:
             await profile_store.insert_customers_and_links(
                 uow.session, ["x"], [("user", "x", "x")], harness.clock.now()
             )
+    assert is_transient_conflict(taken.value)
+
+
+async def test_a_numbered_id_of_a_merged_away_customer_is_not_given_out_again(harness: Harness) -> None:
+    handler = harness.segmenter.events
+    await handler.handle_in_own_unit([make_event("a", anonymous_id="7", event="Viewed")])
+    await handler.handle_in_own_unit([make_event("b", "identify", user_id="user:7", traits={"name": "B"})])
+    await handler.handle_in_own_unit([make_event("c", anonymous_id="user:7:2", event="Viewed")])
+    await handler.handle_in_own_unit([make_event("d", "identify", user_id="u99", traits={"name": "U"})])
+    # The visitor user:7:2 logs in as u99: their profile is merged away, its id retired.
+    await handler.handle_in_own_unit([make_event("e", "identify", user_id="u99", anonymous_id="user:7:2")])
+    assert (await harness.customer("user:7:2"))["customer_id"] == "u99"
+    await handler.handle_in_own_unit([make_event("f", "identify", user_id="7", traits={"name": "F"})])
+    new = await harness.customer("user:7:3")
+    assert new["traits"] == {"name": "F"} and new["identities"] == {"user_id": ["7"]}
 
 
 async def test_the_timeline_pages_through_events_before_1970(harness: Harness) -> None:

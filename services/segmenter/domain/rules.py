@@ -354,7 +354,11 @@ _NUMBER_LIMIT = 1e300
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and -_NUMBER_LIMIT < v < _NUMBER_LIMIT
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):  # stored and compiled as JSON, whose writer (orjson) takes 64 bits
+        return -(2**63) <= v < 2**64
+    return isinstance(v, float) and -_NUMBER_LIMIT < v < _NUMBER_LIMIT
 
 
 def _check_comparison(c: Comparison, path: str, *, allow_relative: bool, kind: str | None) -> list[RuleError]:

@@ -50,7 +50,10 @@ _LOOKUP_IDENTITIES = Statement(
 # taken (rare): `domain.identity.new_customer_id` goes on with `:2`, `:3`, ...
 _TAKEN_WITH_PREFIX = Statement(
     "SELECT customer_id FROM customers JOIN unnest(CAST(:prefixes AS text[])) AS p(prefix) "
-    "ON starts_with(customer_id, p.prefix)"
+    "ON starts_with(customer_id, p.prefix) "
+    # Merged-away ids too: retired, never given out again.
+    "UNION ALL SELECT value FROM identities JOIN unnest(CAST(:prefixes AS text[])) AS p(prefix) "
+    "ON kind = 'merged' AND starts_with(value, p.prefix)"
 )
 _INSERT_CUSTOMERS_AND_LINKS = Statement(
     "WITH new_customers AS (INSERT INTO customers (customer_id, created_at, updated_at) "

@@ -70,6 +70,9 @@ def test_out_of_range_durations_and_numbers_are_refused_not_left_to_fail_each_ev
     assert errors({"trait": "t", "op": "before", "ago": "3000000d"}) == [("definition.ago", "duration")]
     assert errors({"trait": "n", "op": "gt", "value": 1e400}) == [("definition.value", "number")]
     assert errors({"trait": "n", "op": "equals", "value": 10**400}) == [("definition.value", "scalar")]
+    assert errors({"trait": "n", "op": "gt", "value": 10**23}) == [("definition.value", "number")]
+    assert errors({"trait": "n", "op": "in", "values": [2**64]}) == [("definition.values[0]", "scalar")]
+    parse_rule({"trait": "n", "op": "gt", "value": 2**63})  # within 64 bits: fine
     assert errors({"trait": "n", "op": "in", "values": ["a", float("nan")]}) == [
         ("definition.values[1]", "scalar")
     ]

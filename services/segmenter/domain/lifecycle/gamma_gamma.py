@@ -143,6 +143,10 @@ def fit(
         iterations += int(polish.nit)
         evaluations += int(polish.nfev)
     p, q, v = (float(val) for val in np.exp(result.x))
+    if q <= 1.0:
+        # The fitted spend has no mean (heavy-tailed): p v / (q - 1) would make one-time buyers'
+        # expected spend, and so their CLV, negative or unbounded. No spend model beats a wrong one.
+        raise ValueError(f"spend too heavy-tailed for Gamma-Gamma (q = {q:.3f} <= 1): no mean spend")
     return GammaGammaFit(
         params=GammaGammaParams(p=p, q=q, v=v),
         log_likelihood=-float(result.fun) * n,

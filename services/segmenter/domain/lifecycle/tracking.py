@@ -294,8 +294,11 @@ def fit_models(history: BaseHistory) -> tuple[bgnbd.BgNbdFit | None, gg.GammaGam
         transactions = bgnbd.fit(history.frequency[bought], history.recency[bought], history.T[bought])
     except (ValueError, FloatingPointError, ArithmeticError):
         return None, None
+    # Repeat buyers whose repeat orders came to nothing (free orders, refunds) have no spend to fit:
+    # left out, so that one of them does not switch predicted CLV off for everyone.
+    spenders = bought & ((history.frequency == 0) | (history.repeat_mean_value > 0))
     try:
-        spend = gg.fit(history.frequency[bought], history.repeat_mean_value[bought])
+        spend = gg.fit(history.frequency[spenders], history.repeat_mean_value[spenders])
     except (ValueError, FloatingPointError, ArithmeticError):
         spend = None
     return transactions, spend

@@ -124,3 +124,44 @@ def test_fit_diagnostics_are_json_ready(spend_fit: gg.GammaGammaFit) -> None:
     spend = json.loads(json.dumps(spend_fit.as_json()))
     assert spend["params"]["p"] == pytest.approx(spend_fit.params.p)
     assert spend["method"] == "L-BFGS-B"
+
+
+def test_spend_without_a_mean_is_refused_rather_than_predicting_negative_clv() -> None:
+    """Heavy-tailed spend fits q <= 1: p v / (q - 1), a one-time buyer's expected spend, came out
+    negative (and CLV with it). Refused: the lifecycle then has no spend model, not a wrong one."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 6, 2000).astype(float)
+    with pytest.raises(ValueError, match="heavy-tailed"):
+        gg.fit(x, rng.lognormal(3, 2, 2000))
+
+
+def test_a_repeat_buyer_whose_repeat_orders_came_to_nothing_does_not_switch_clv_off() -> None:
+    """Free repeat orders or refunds make a mean repeat spend of 0: the whole spend fit refused it,
+    and predicted CLV was null for every customer. They are left out of the fit instead."""
+    from services.segmenter.domain.lifecycle.snapshot import BaseHistory
+    from services.segmenter.domain.lifecycle.tracking import fit_models
+
+    data = cdnow.summary()
+    n = data.x.size
+    spend = data.zbar.astype(np.float64).copy()
+    spend[int(np.argmax(data.x > 0))] = 0.0
+    nan = np.full(n, np.nan)
+    history = BaseHistory(
+        orders=data.x + 1.0,
+        revenue=nan,
+        first_order_day=nan,
+        last_order_day=nan,
+        signup_day=nan,
+        orders_recent=nan,
+        orders_previous=nan,
+        frequency=data.x.astype(np.float64),
+        recency=data.t_x.astype(np.float64),
+        T=data.T.astype(np.float64),
+        repeat_mean_value=spend,
+        nps_score=nan,
+        csat_score=nan,
+        referrals_given=nan,
+    )
+    transactions, spend_fit = fit_models(history)
+    assert transactions is not None and spend_fit is not None
+    assert spend_fit.n_customers == int((data.x > 0).sum()) - 1

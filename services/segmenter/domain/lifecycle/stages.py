@@ -11,6 +11,7 @@ not even `ne` / `not_in`; only `not_exists` matches it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -106,6 +107,10 @@ class Condition(BaseModel):
             if categorical != isinstance(item, str):
                 kind = "a string" if categorical else "a number"
                 raise ValueError(f"{self.field.value} compares with {kind}")
+            # Stored as JSON, which has no NaN or infinity: `1e400` read back as null and made the
+            # saved policy unreadable for every later event batch.
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{self.field.value} compares with a finite number")
         return self
 
 

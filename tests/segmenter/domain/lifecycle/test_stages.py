@@ -152,6 +152,9 @@ def test_a_policy_round_trips_through_json() -> None:
         {"field": "shoe_size", "op": "eq", "value": 9},  # unknown metric
         {"field": "orders", "op": "like", "value": 9},  # unknown op
         {"field": "orders", "op": "eq", "value": 1, "extra": True},
+        # JSON stores neither: saved, the policy read back as null and failed every event batch.
+        {"field": "days_since_last_order", "op": "gt", "value": float("inf")},
+        {"field": "orders", "op": "in", "value": [1, float("nan")]},
     ],
 )
 def test_invalid_conditions_are_rejected(condition: dict[str, Any]) -> None:

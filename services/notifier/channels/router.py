@@ -112,6 +112,14 @@ class ProviderRouter:
                 Failure.PERMANENT, f"no provider configured for {delivery.channel}"
             )
         last: tuple[str | None, SendResult] | None = None
+        hook_ran = False
+
+        async def run_hook_once() -> None:
+            nonlocal hook_ran
+            hook_ran = True
+            assert before_call is not None
+            await before_call()
+
         for guarded in providers:
             if not guarded.breaker.allows(time.monotonic()):
                 last = last or (
@@ -121,7 +129,9 @@ class ProviderRouter:
                 continue
             async with guarded.slots:
                 await guarded.wait_for_token()
-                hook, before_call = before_call, None
+                # Until it has run: a primary SMTP server refusing the connection never reached DATA,
+                # so the backup must still mark the row `sending` before its own DATA.
+                hook = run_hook_once if before_call is not None and not hook_ran else None
                 try:
                     if isinstance(guarded.provider, SmtpProvider):
                         # SMTP can run it later, right before DATA (connecting cannot deliver anything).
@@ -131,6 +141,9 @@ class ProviderRouter:
                             await hook()
                         result = await guarded.provider.send(delivery)
                 except SendAborted:
+                    # Nothing was sent: a half-open breaker's trial must not stay "in flight" for ever
+                    # (every later send on the channel failed "circuit open" until a restart).
+                    guarded.breaker.release_trial()
                     raise
                 except Exception as exc:  # a provider bug must not take the delivery loop down
                     result = SendResult.failed(

@@ -33,6 +33,10 @@ class CircuitBreaker:
         self.opened_at = None
         self.trial_in_flight = False
 
+    def release_trial(self) -> None:
+        """The call allowed was not made (aborted before the provider): the next one may try."""
+        self.trial_in_flight = False
+
     def record_failure(self, now: float) -> None:
         self.failures += 1
         self.trial_in_flight = False

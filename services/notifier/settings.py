@@ -183,6 +183,19 @@ class NotifierSettings(BaseServiceSettings):
         defaults.update(self.providers)
         return defaults
 
+    def inbound_twilio_tokens(self) -> list[str]:
+        """The auth tokens an inbound Twilio request (STOP/START, status callback) may be signed with:
+        those of the Twilio accounts SMS is routed to (a named account, a failover one), not the flat
+        development default when named accounts replace it."""
+        configs = self.provider_configs()
+        routed = {name for names in self.channel_providers.values() for name in names}
+        return [
+            token
+            for name in sorted(routed)
+            if (config := configs.get(name)) is not None and config.kind == "twilio"
+            if (token := config.auth_token.get_secret_value())
+        ]
+
     @field_validator("webhook_secret")
     @classmethod
     def _webhook_secret_is_a_key(cls, value: SecretStr) -> SecretStr:

@@ -40,9 +40,11 @@ async def verified_twilio_form(request: Request, notifier: Notifier) -> dict[str
     settings = notifier.settings
     if settings.twilio_verify_inbound:
         url = settings.public_base_url.rstrip("/") + request.url.path
-        expected = twilio_signature(settings.twilio_auth_token.get_secret_value(), url, params)
-        if not hmac.compare_digest(
-            expected.encode(), request.headers.get("X-Twilio-Signature", "").encode("utf-8", "surrogatepass")
+        given = request.headers.get("X-Twilio-Signature", "").encode("utf-8", "surrogatepass")
+        # Any account SMS is routed to (a failover account's replies come to the same URL).
+        if not any(
+            hmac.compare_digest(twilio_signature(token, url, params).encode(), given)
+            for token in settings.inbound_twilio_tokens()
         ):
             raise ApiError(403, "forbidden", "invalid X-Twilio-Signature")
     return params

@@ -78,3 +78,55 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
             ("POST", "/v1/messages/retry-failed", 200, None),
             ("POST", "/v1/templates", 201, "Ann"),
         ]
+
+
+async def test_a_request_being_queued_during_an_erasure_is_scrubbed_too(  # type: ignore[no-untyped-def]
+    start_notifier, monkeypatch
+) -> None:
+    """The request's transaction has written its ledger row and found no tombstone, not yet
+    committed, when the erasure runs: the erasure's scrub could not see the row, the request then
+    committed, and the row kept the customer's address and data for good (and was sent). The
+    erasure now waits for it."""
+    import asyncio
+
+    from services.notifier.store import erasure_repo
+    from shared.contracts import MESSAGE_REQUESTS
+
+    async with start_notifier() as h:
+        assert (await h.client.post("/v1/templates", json=WELCOME, headers=ADMIN)).status_code == 201
+        await h.profile("c2", {"email": "zoe@example.com", "first_name": "Zoe"})
+        await h.wait_contact("c2")
+        reached, release = asyncio.Event(), asyncio.Event()
+        check = erasure_repo.requests_for_erased
+
+        async def paused(*args: Any, **kwargs: Any) -> Any:
+            result = await check(*args, **kwargs)
+            if not reached.is_set():
+                reached.set()
+                await release.wait()
+            return result
+
+        monkeypatch.setattr(erasure_repo, "requests_for_erased", paused)
+        await h.platform.producer.publish(
+            MESSAGE_REQUESTS.name, "c2", request("m9", "c2", "email", "welcome")
+        )
+        await asyncio.wait_for(reached.wait(), 15)
+        erase = PrivacyRequest(
+            event_id="r2:segmenter:erase_requested",
+            request_id="r2",
+            action=PrivacyAction.ERASE_REQUESTED,
+            customer_id="c2",
+            identities=["c2", "zoe@example.com"],
+            service="segmenter",
+            occurred_at=datetime.now(UTC),
+        )
+        await h.platform.producer.publish(PRIVACY.name, "c2", erase)
+        await asyncio.sleep(1.5)  # time for the erasure to run, if nothing holds it back
+        release.set()
+        await read_topic(
+            h.settings.topic(PRIVACY.name),
+            until=lambda ms: any(m["value"]["action"] == "erase_completed" for m in ms),
+            timeout=15,
+        )
+        scrubbed = await ledger_request(h, "m9")
+        assert scrubbed["recipient"] == {} and scrubbed["data"] == {}

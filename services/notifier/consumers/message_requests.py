@@ -11,6 +11,7 @@ from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
+from shared.privacy import erasure_gate
 
 CONSUMER = "notifier.message_requests"
 
@@ -29,6 +30,11 @@ async def enqueue(
     correlation id) are kept in the ledger and passed on by every status of the message."""
     now = clock.now()
     correlations = correlations or {}
+    if privacy_salt is not None and requests:
+        # Ordered against erasures (which hold it exclusive): either this commits first and the
+        # erasure scrubs what it wrote, or it sees the erasure's tombstones. Without it a request
+        # queued during an erasure escaped both, and was sent.
+        await erasure_gate(uow.session, exclusive=False)
     new = await ledger_repo.insert_new(uow.session, requests, now, correlations)
     erased: set[str] = set()
     if privacy_salt is not None and new:

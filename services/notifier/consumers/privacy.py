@@ -9,7 +9,7 @@ from shared.clock import Clock
 from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
-from shared.privacy import add_tombstones, answer
+from shared.privacy import add_tombstones, answer, erasure_gate
 
 CONSUMER = "notifier.privacy"
 SERVICE = "notifier"
@@ -25,6 +25,9 @@ class PrivacyConsumer:
 
     async def handle(self, batch: Sequence[Consumed[PrivacyRequest]]) -> None:
         async with self.unit_of_work() as uow:
+            if any(item.value.action is PrivacyAction.ERASE_REQUESTED for item in batch):
+                # Waits for message requests being queued; later ones see the tombstones.
+                await erasure_gate(uow.session, exclusive=True)
             fresh = await uow.claim_many(CONSUMER, [item.event_id for item in batch])
             for item in batch:
                 request = item.value

@@ -32,6 +32,12 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
         await h.publish(request("m1", "c1", "email", "welcome", data={"event": {"properties": {"total": 5}}}))
         await h.wait_status("m1", "delivered")
         assert len(h.sink.messages) == 1
+        # A provider's answer that quotes the address (a bounce): personal data in the ledger too.
+        async with h.platform.unit_of_work() as uow:
+            await uow.session.execute(
+                text("UPDATE send_ledger SET reason = :r WHERE message_id = 'm1'"),
+                {"r": "SMTP 550: 5.1.1 <eve@example.com>: no such user (call +1 555 010 9999) id 42"},
+            )
         await h.publish(request("m0", "c1", "email", "no-such-template"))
         await h.wait_status("m0", "failed")
 
@@ -60,6 +66,11 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
         assert not await h.contact_known("c1")
         scrubbed = await ledger_request(h, "m1")
         assert scrubbed["recipient"] == {} and scrubbed["data"] == {}
+        async with h.platform.unit_of_work() as uow:
+            reason = (
+                await uow.session.execute(text("SELECT reason FROM send_ledger WHERE message_id = 'm1'"))
+            ).scalar_one()
+        assert reason == "SMTP 550: 5.1.1 <[erased]>: no such user (call [erased]) id 42"
         # Their failed message is never sent again, whatever an operator retries.
         retried = await h.client.post("/v1/messages/retry-failed", json={}, headers=ADMIN)
         assert retried.json() == {"requeued": 0, "message_ids": []}

@@ -73,9 +73,12 @@ class SmtpProvider:
                 self._recycle(client)  # the envelope was reset: the connection is clean
                 raise
             except aiosmtplib.SMTPRecipientsRefused as exc:
-                code = exc.recipients[0].code if exc.recipients else 550
+                refused = exc.recipients[0] if exc.recipients else None
+                code = refused.code if refused is not None else 550
                 self._recycle(client)
-                return SendResult.failed(_failure_for_code(code), f"SMTP recipient refused: {exc}")
+                # The server's answer, not the exception's text (which names the address: personal data).
+                answer = f"{code} {refused.message}" if refused is not None else str(code)
+                return SendResult.failed(_failure_for_code(code), f"SMTP recipient refused: {answer}")
             except aiosmtplib.SMTPResponseException as exc:
                 self._recycle(client)
                 return SendResult.failed(_failure_for_code(exc.code), f"SMTP {exc.code}: {exc.message}")

@@ -28,7 +28,10 @@ _SCRUB_LEDGER = sa.text(
     "UPDATE send_ledger SET request = jsonb_set(jsonb_set(request, '{recipient}', '{}'), '{data}', '{}'), "
     "state = CASE WHEN state IN ('pending', 'claimed') THEN 'failed' ELSE state END, "
     # Failed ones too: `POST /v1/messages/retry-failed` never requeues a row with this reason.
-    "reason = CASE WHEN state IN ('pending', 'claimed', 'failed') THEN 'customer erased' ELSE reason END, "
+    "reason = CASE WHEN state IN ('pending', 'claimed', 'failed') THEN 'customer erased' "
+    # A provider's answer may quote the address ("550 <eve@example.com>: no such user", a number).
+    "ELSE regexp_replace(regexp_replace(reason, '[^\\s<>\"'',;()]+@[^\\s<>\"'',;()]+', "
+    "'[erased]', 'g'), '[+]?[0-9][0-9 ().-]{6,}[0-9]', '[erased]', 'g') END, "
     "updated_at = :now "
     "WHERE customer_id = ANY(CAST(:ids AS text[]))"
 )

@@ -114,6 +114,26 @@ async def test_one_click_unsubscribe_then_marketing_is_suppressed(start_notifier
         history = (await h.client.get("/v1/customers/c2/consent-history", headers=ADMIN)).json()["history"]
         assert history[0]["source"] == "one_click" and history[0]["message_id"] == "m-unsub-1"
 
+        # After "unsubscribe from all", the page shows nothing checked: saved as shown, it changes
+        # nothing (it showed the topics checked, and saving that re-subscribed to everything).
+        await h.create_topic("tips", ["email"], default_subscribed=True)  # never chosen: on by default
+        all_off = await h.client.post(urlsplit(unsubscribe).path + "/all")
+        assert all_off.status_code == 200
+        page = await h.client.get(urlsplit(unsubscribe).path)
+        assert "checked" not in page.text and "unsubscribed from all marketing" in page.text
+        saved = await h.client.post(
+            urlsplit(unsubscribe).path + "/preferences",
+            content=b"",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert saved.status_code == 200
+        prefs = (await h.client.get("/v1/customers/c2/preferences", headers=ADMIN)).json()["preferences"]
+        assert [(p["topic"], p["subscribed"]) for p in prefs] == [
+            ("*", False),
+            ("newsletter", False),
+            ("tips", False),
+        ]
+
         # The hosted preference page's form re-subscribes, and that is in the ledger too.
         saved = await h.client.post(
             urlsplit(unsubscribe).path + "/preferences",
@@ -122,7 +142,11 @@ async def test_one_click_unsubscribe_then_marketing_is_suppressed(start_notifier
         )
         assert saved.status_code == 200
         prefs = (await h.client.get("/v1/customers/c2/preferences", headers=ADMIN)).json()["preferences"]
-        assert [(p["topic"], p["subscribed"]) for p in prefs] == [("*", True), ("newsletter", True)]
+        assert [(p["topic"], p["subscribed"]) for p in prefs] == [
+            ("*", True),
+            ("newsletter", True),
+            ("tips", False),
+        ]
         one_click = await h.client.post(urlsplit(unsubscribe).path, data={"List-Unsubscribe": "One-Click"})
         assert one_click.status_code == 200
 

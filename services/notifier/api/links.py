@@ -72,16 +72,18 @@ async def preference_page(token: str, notifier: NotifierDep) -> Response:
     async with notifier.platform.unit_of_work() as uow:
         topics = await consent_repo.list_topics(uow.session)
         choices = (await consent_repo.choices_for(uow.session, {customer}))[customer]
+    all_off = choices.get((ALL_TOPICS, channel)) is False
     rows = []
     for topic in topics:
         if channel not in topic["channels"]:
             continue
-        on = choices.get((topic["id"], channel), topic["default_subscribed"])
+        # After "unsubscribe from all" nothing is on: shown checked, a Save without a change
+        # re-subscribed the customer to everything.
+        on = not all_off and choices.get((topic["id"], channel), topic["default_subscribed"])
         rows.append(
             f"<label><input type='checkbox' name='topic' value='{html.escape(topic['id'])}'"
             f"{' checked' if on else ''}> {html.escape(topic['name'])}</label>"
         )
-    all_off = choices.get((ALL_TOPICS, channel)) is False
     body = (
         f"<p>Your {html.escape(channel)} subscriptions.</p>"
         f"<form method='post' action='/u/{html.escape(token)}/preferences'>{''.join(rows)}"

@@ -257,3 +257,24 @@ async def test_a_customers_messages_by_any_of_their_identifiers(start_notifier) 
         )
         assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "before"
         assert (await h.client.get(f"/v1/customers/{ANON}/messages")).status_code == 401
+
+
+async def test_an_in_app_message_sent_by_user_id_reaches_the_customers_inbox(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """Stored under the id it was requested by, a message sent with the userId after the link was in
+    nobody's inbox: the inbox reads the customer's id."""
+    from tests.notifier.conftest import request
+    from tests.notifier.test_api import INAPP
+
+    async with start_notifier() as h:
+        await h.create_template(INAPP)
+        ids = {"anonymous_id": [ANON], "user_id": [USER]}
+        await link(h, ANON, ids, {"first_name": "Ada"}, kind="traits_changed")
+        await eventually(lambda: owner_of(h, USER), timeout=15)
+        await h.publish(
+            request("m-in-1", USER, "in_app", "inapp", category="transactional", data={"order": {"id": 7}})
+        )
+        await h.wait_status("m-in-1", "delivered")
+        for ref in (USER, ANON):
+            token = (await h.client.get(f"/v1/inbox/{ref}/token", headers=ADMIN)).json()["token"]
+            inbox = (await h.client.get(f"/v1/inbox/{ref}", params={"token": token})).json()
+            assert [m["message_id"] for m in inbox["messages"]] == ["m-in-1"], ref

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from services.notifier.channels.base import Delivery, SendResult
-from services.notifier.store import in_app_repo
+from services.notifier.store import identities_repo, in_app_repo
 from shared.clock import Clock
 from shared.db.unit_of_work import UnitOfWork
 
@@ -18,9 +18,11 @@ class InAppProvider:
 
     async def send(self, delivery: Delivery) -> SendResult:
         async with self.unit_of_work() as uow:
+            # Under the customer's id, which the inbox reads: a request may name any of their ids.
+            customer_id = await identities_repo.resolve_for_write(uow.session, delivery.customer_id)
             await in_app_repo.store_message(
                 uow.session,
-                customer_id=delivery.customer_id,
+                customer_id=customer_id,
                 message_id=delivery.message_id,
                 title=delivery.parts.get("title", ""),
                 body=delivery.parts.get("body", ""),

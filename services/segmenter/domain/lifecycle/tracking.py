@@ -144,11 +144,15 @@ class RfmCuts:
         def one(values: FloatArray, cuts: tuple[float, ...], inverse: bool) -> npt.NDArray[np.int64]:
             if not cuts:
                 raw = np.full(values.shape, 3, dtype=np.int64)
-            elif inverse:
-                # Recency: fewer days is better; equal to a cut point stays in the better bin.
-                raw = 5 - np.searchsorted(np.asarray(cuts), values, side="left").astype(np.int64)
             else:
-                raw = 1 + np.searchsorted(np.asarray(cuts), values, side="left").astype(np.int64)
+                # A value equal to several cut points (most buyers with one order: cuts 1, 1, 1, 1) is
+                # in the middle of their bins, as the refit's mid-rank puts it (the lowest bin scored
+                # F 1 where the refit scored 3, so any event dropped a customer's RFM).
+                edges = np.asarray(cuts)
+                lo = np.searchsorted(edges, values, side="left").astype(np.int64)
+                hi = np.searchsorted(edges, values, side="right").astype(np.int64)
+                position = (lo + hi) // 2
+                raw = 5 - position if inverse else 1 + position
             out: npt.NDArray[np.int64] = np.where(buyer, np.clip(raw, 1, 5), 0).astype(np.int64)
             return out
 

@@ -81,3 +81,19 @@ def test_mismatched_lengths() -> None:
         rfm.score([1.0], [1, 2], [1.0])
     with pytest.raises(ValueError):
         rfm.raw_values([1], [], as_of_day=2)
+
+
+@pytest.mark.parametrize("ones, twos", [(90, 5), (70, 20)])
+def test_between_refits_a_tied_value_scores_as_the_refit_scored_it(ones: int, twos: int) -> None:
+    """Most buyers ordered once: the frequency cut points are all 1. Scored against them on the event
+    path, such a buyer got F 1 where the refit's mid-rank gave 3 (or 2), so any event dropped it."""
+    from services.segmenter.domain.lifecycle.tracking import RfmCuts
+
+    frequency = np.array([1.0] * ones + [2.0] * twos + [5.0] * (100 - ones - twos))
+    recency = np.linspace(1, 300, 100)
+    monetary = np.linspace(10, 500, 100)
+    base = rfm.score(recency, frequency, monetary)
+    cuts = RfmCuts.of_base(base)
+    _, f, _ = cuts.score(recency, frequency, monetary)
+    assert f[0] == base.f_score[0]  # the refit's score of a one-order buyer
+    assert np.array_equal(f[frequency == 1.0], base.f_score[frequency == 1.0])

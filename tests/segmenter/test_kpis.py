@@ -59,7 +59,8 @@ async def test_kpis_on_a_hand_built_data_set(harness: Harness) -> None:
     await harness.processed(len(events))
     q = "from=2026-01-01&to=2026-03-31&period=month"
 
-    # Active window 30 days. Feb 1: a (Jan 10), b (Jan 15). Mar 1: a (Feb 10), c (Feb 20). Mar 31: a (Mar 10).
+    # Active window 30 days. Jan 31: a (Jan 10), b (Jan 15). Feb 28: a (Feb 10), c (Feb 20).
+    # Mar 31: a (Mar 10).
     body = await get(harness, f"/v1/kpis/retention?{q}&active_window_days=30")
     got = [
         (
@@ -75,9 +76,14 @@ async def test_kpis_on_a_hand_built_data_set(harness: Harness) -> None:
         for p in body["periods"]
     ]
     assert got == [
-        ("2026-01-01", "2026-02-01", 0, 2, 2, 0, None, None),
-        ("2026-02-01", "2026-03-01", 2, 2, 1, 1, 0.5, 0.5),  # (E - N) / S = (2 - 1) / 2; b churned
+        ("2026-01-01", "2026-01-31", 0, 2, 2, 0, None, None),
+        ("2026-02-01", "2026-02-28", 2, 2, 1, 1, 0.5, 0.5),  # (E - N) / S = (2 - 1) / 2; b churned
         ("2026-03-01", "2026-03-31", 2, 1, 0, 1, 0.5, 0.5),  # c churned
+    ]
+    # A first order on a period's first day is that period's (it was the period before's, or nobody's).
+    one_day = await get(harness, "/v1/kpis/retention?from=2026-02-20&to=2026-02-20&active_window_days=30")
+    assert [(p["start"], p["end"], p["new_customers"]) for p in one_day["periods"]] == [
+        ("2026-02-20", "2026-02-20", 1)
     ]
 
     body = await get(harness, f"/v1/kpis/cohorts?{q}")

@@ -96,7 +96,8 @@ def kpis_router(seg: Segmenter) -> APIRouter:
             "order ever is in (start, end] and who are customers at end. retention_rate = (E - N) / S; "
             "churn_rate = (S - |S and E|) / S; both null when S = 0. Also `retained` = |S and E|, "
             "`reactivated`, "
-            "`new_customers`. Periods run from one period start to the next (the last one ends at `to`)."
+            "`new_customers`. A period runs from its first day to its last (the first starts at `from`, the "
+            "last ends at `to`): S is counted at the end of the day before it, E at the end of its last day."
         ),
     )
     async def retention(
@@ -104,12 +105,16 @@ def kpis_router(seg: Segmenter) -> APIRouter:
         active_window_days: int = Query(default=kpis.DEFAULT_ACTIVE_WINDOW_DAYS, ge=1, le=3650),
     ) -> dict[str, Any]:
         log = await purchase_log(r)
-        bounds = [s.date() for s in r.starts()]
-        if bounds[0] < r.start:
-            bounds[0] = r.start
-        if bounds[-1] < r.end:
-            bounds.append(r.end)
-        periods = kpis.retention_series(log, bounds, active_window_days=active_window_days)
+        firsts = [max(s.date(), r.start) for s in r.starts()]
+        lasts = [d - timedelta(days=1) for d in firsts[1:]] + [r.end]
+        # A period's S is counted at the end of the day before its first day, E at the end of its last
+        # day, N over its own days: January is Jan 1-31 (it ran to Feb 1, counting Feb 1's first
+        # orders as January's and Jan 1's as nobody's).
+        periods = kpis.retention_series(
+            log, [firsts[0] - timedelta(days=1), *lasts], active_window_days=active_window_days
+        )
+        for period, first in zip(periods, firsts, strict=True):
+            period["start"] = first.isoformat()
         return {**r.as_json(), "active_window_days": active_window_days, "periods": periods}
 
     @router.get(

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.api.templates import check_template_data
 from services.notifier.consumers.message_requests import enqueue
-from services.notifier.store import api_requests_repo, ledger_repo, templates_repo
+from services.notifier.store import api_requests_repo, consent_repo, ledger_repo, templates_repo
 from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient, storable
 from shared.http import ApiError, day_range, field_error
 
@@ -106,6 +106,27 @@ def router(admin: Any) -> APIRouter:
                     problem,
                     errors=[field_error("template_id", "exists", f"{problem}: {body.template_id!r}")],
                 )
+            if body.subscription_topic is not None and body.category is MessageCategory.MARKETING:
+                # Sent anyway it would be suppressed for everyone, silently: say so now.
+                topic = (await consent_repo.topics_by_id(uow.session, {body.subscription_topic})).get(
+                    body.subscription_topic
+                )
+                if topic is None or body.channel.value not in topic.channels:
+                    problem = (
+                        "no such subscription topic"
+                        if topic is None
+                        else f"the topic is not offered on {body.channel.value}"
+                    )
+                    raise ApiError(
+                        400,
+                        "invalid_request",
+                        problem,
+                        errors=[
+                            field_error(
+                                "subscription_topic", "exists", f"{problem}: {body.subscription_topic!r}"
+                            )
+                        ],
+                    )
             _, stored_digest = await api_requests_repo.claim_idempotency_key(
                 uow.session, idempotency_key, message_id, digest
             )

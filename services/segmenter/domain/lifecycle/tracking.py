@@ -208,6 +208,11 @@ def build_history(
         if o is None:
             h["orders_recent"][i] = h["orders_previous"][i] = 0.0
             h["frequency"][i] = h["recency"][i] = h["T"][i] = h["repeat_mean_value"][i] = 0.0
+            if c.orders > 0:
+                # Counted but timestamped after `as_of` (a client clock ahead, an import): ordered just
+                # now, not never (no days since made a brand-new buyer `retention`, not `onboarding`).
+                h["first_order_day"][i] = h["last_order_day"][i] = epoch_days(as_of)
+                h["orders_recent"][i] = float(c.orders)
             continue
         x = o.order_days - 1
         h["first_order_day"][i] = o.first_at

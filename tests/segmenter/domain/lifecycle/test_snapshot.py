@@ -193,3 +193,19 @@ def test_the_vectorized_base_path_agrees_with_the_per_customer_one() -> None:
 
 def to_day(moment: datetime) -> int:
     return (moment.date() - datetime(1970, 1, 1).date()).days
+
+
+def test_a_first_order_timestamped_after_now_makes_an_onboarding_buyer() -> None:
+    """The order is counted but, stamped 2 minutes ahead of the segmenter's clock, out of the order
+    aggregates: without days since an order the new buyer was classed `retention`."""
+    from services.segmenter.domain.lifecycle.tracking import CustomerInputs, build_history
+
+    signed_up = AS_OF - timedelta(hours=1)
+    history = build_history(
+        [CustomerInputs("c1", orders=1, revenue=40.0, first_seen=signed_up, nps_score=None, csat_score=None)],
+        {},
+        AS_OF,
+        SnapshotSettings(),
+    )
+    columns, _ = base_columns(history, AS_OF.timestamp() / 86400, MODELS)
+    assert stage_names(classify_many(columns, default_policy()))[0] == Stage.ONBOARDING.value

@@ -286,6 +286,12 @@ async def test_a_customer_id_created_meanwhile_is_a_conflict_the_unit_retries(ha
                 uow.session, ["x"], [("user", "x", "x")], harness.clock.now()
             )
     assert is_transient_conflict(taken.value)
+    # A deadlock between two units raised straight by asyncpg (the batch's statements skip
+    # SQLAlchemy) is retried in the unit too: it was a handler error, the batch split by halves.
+    import asyncpg
+
+    assert is_transient_conflict(asyncpg.exceptions.DeadlockDetectedError("deadlock detected"))
+    assert not is_transient_conflict(asyncpg.exceptions.UniqueViolationError("duplicate key"))
 
 
 async def test_a_numbered_id_of_a_merged_away_customer_is_not_given_out_again(harness: Harness) -> None:

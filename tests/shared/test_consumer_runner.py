@@ -263,14 +263,21 @@ async def test_topics_are_created_with_their_configs(platform: Platform) -> None
 
     admin = AIOKafkaAdminClient(bootstrap_servers=platform.settings.kafka_bootstrap_servers)
     await admin.start()
-    try:
-        names = [platform.settings.topic(t) for t in (TEMPLATES.name, CUSTOMER_EVENTS.name)]
+    names = [platform.settings.topic(t) for t in (TEMPLATES.name, CUSTOMER_EVENTS.name)]
+    policy: dict[str, str] = {}
+
+    async def described() -> bool:
+        # Right after creation a broker may not describe the topic yet (no entries): ask again.
         responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
-        policy = {
-            resource[3]: {entry[0]: entry[1] for entry in resource[4]}["cleanup.policy"]
-            for response in responses
-            for resource in response.resources
-        }
+        for response in responses:
+            for resource in response.resources:
+                entries = {entry[0]: entry[1] for entry in resource[4]}
+                if "cleanup.policy" in entries:
+                    policy[resource[3]] = entries["cleanup.policy"]
+        return len(policy) == 2
+
+    try:
+        await eventually(described, timeout=15)
     finally:
         await admin.close()
     assert policy == {names[0]: "compact", names[1]: "delete"}

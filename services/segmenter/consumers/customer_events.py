@@ -85,9 +85,10 @@ def is_transient_conflict(exc: BaseException) -> bool:
     """A conflict with a concurrent transaction on the same customers: retrying resolves it."""
     if isinstance(exc, (ConcurrentIdentityChange, profile_store.ProfileGone)):
         return True
+    # Wrapped by SQLAlchemy (`orig`), or straight from asyncpg (the `Statement`s of every batch).
     orig = getattr(exc, "orig", None)
-    name = type(getattr(orig, "__cause__", None) or orig).__name__ if orig is not None else ""
-    return name in {"DeadlockDetectedError", "SerializationError"}
+    cause = (getattr(orig, "__cause__", None) or orig) if orig is not None else exc
+    return type(cause).__name__ in {"DeadlockDetectedError", "SerializationError"}
 
 
 class CustomerEventsHandler:

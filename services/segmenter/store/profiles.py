@@ -164,6 +164,9 @@ async def insert_customers_and_links(
     to it would fold one person's events into another's profile."""
     if not ids and not links:
         return 0
+    # In one global order: two units inserting the same new ids in different orders wait on each
+    # other's unique-index entries (a deadlock); in the same order one just waits for the other.
+    ids, links = sorted(ids), sorted(links)
     rows = await _INSERT_CUSTOMERS_AND_LINKS.fetch(
         session,
         {

@@ -92,6 +92,10 @@ async def test_kpis_on_a_hand_built_data_set(harness: Harness) -> None:
         {"cohort": "2026-01", "size": 2, "active": [2, 1, 1], "retention": [1.0, 0.5, 0.5]},
         {"cohort": "2026-02", "size": 1, "active": [1, 0, None], "retention": [1.0, 0.0, None]},
     ]
+    # From February on: as wide as February's cohort needs (no column for January's third month).
+    body = await get(harness, "/v1/kpis/cohorts?from=2026-02-01&to=2026-03-31&period=month")
+    assert body["months_since"] == [0, 1]
+    assert body["cohorts"] == [{"cohort": "2026-02", "size": 1, "active": [1, 0], "retention": [1.0, 0.0]}]
 
     # Jan: 10 (promoter), 5 (detractor) -> 0. Feb: 8 (passive), 9 (promoter) -> 50. Overall 2P 1D of 4 -> 25.
     body = await get(harness, f"/v1/kpis/nps?{q}")

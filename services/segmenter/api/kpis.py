@@ -131,7 +131,11 @@ def kpis_router(seg: Segmenter) -> APIRouter:
         table = kpis.cohort_retention(await purchase_log(r), r.end)
         first = f"{r.start.year:04d}-{r.start.month:02d}"
         rows = [c for c in table["cohorts"] if c["cohort"] >= first]
-        return {**r.as_json(), "months_since": table["months_since"], "cohorts": rows}
+        # As wide as the oldest cohort shown needs: sized from the first cohort ever, a shop with ten
+        # years of history got ~120 trailing nulls in every row of a one-quarter table.
+        width = max((sum(v is not None for v in c["active"]) for c in rows), default=0)
+        rows = [{**c, "active": c["active"][:width], "retention": c["retention"][:width]} for c in rows]
+        return {**r.as_json(), "months_since": table["months_since"][:width], "cohorts": rows}
 
     @router.get(
         "/nps",

@@ -63,22 +63,15 @@ def invalid_gzip(reason: str) -> ApiError:
 
 def gunzip(body: bytes, limit: int, what: str) -> bytes:
     """A whole gzip body, inflated to at most `limit` bytes (a small gzip bomb must not become
-    gigabytes in memory). Concatenated members are all read, as gzip reads them; a body cut short, or
-    followed by anything but another member (or zero padding), is a 400: reading only its first
-    member silently dropped the rest."""
+    gigabytes in memory), read as an import's stream is (`GzipStream`): every concatenated member,
+    and a 400 for a body cut short or followed by anything but another member."""
+    stream = GzipStream(max_ratio=None)
     out = bytearray()
-    data = body
-    while data:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            out += inflater.decompress(data, limit + 1 - len(out))
-        except zlib.error as exc:
-            raise invalid_gzip(str(exc)) from exc
-        if len(out) > limit or inflater.unconsumed_tail:
+    for piece in stream.feed(body):
+        out += piece
+        if len(out) > limit:
             raise too_large(what, limit)
-        if not inflater.eof:
-            raise invalid_gzip("the gzip stream ends before its end marker (truncated)")
-        data = inflater.unused_data.lstrip(b"\0")
+    stream.finish()
     return bytes(out)
 
 
@@ -98,16 +91,18 @@ class GzipStream:
     """Inflates a gzip body that arrives in chunks and has no size limit (an import), in pieces of at
     most `piece` bytes, so memory stays bounded whatever the ratio. A body may not inflate past
     `max_ratio` times the compressed bytes read (plus `allowance`): real NDJSON inflates 5-30x, a
-    gzip bomb ~1,000x, and each inflated byte costs parsing time. Concatenated members (`cat a.gz
+    gzip bomb ~1,000x, and each inflated byte costs parsing time (None: no ratio, the caller bounds
+    the output). Concatenated members (`cat a.gz
     b.gz`) are read in turn, as gzip itself reads them; anything else after a member is refused.
     Raises `ApiError`: 400 `invalid_gzip`, 413 `payload_too_large`."""
 
-    def __init__(self, max_ratio: int, allowance: int, piece: int = 64 * 1024) -> None:
+    def __init__(self, max_ratio: int | None, allowance: int = 0, piece: int = 64 * 1024) -> None:
         self._max_ratio = max_ratio
         self._allowance = allowance
         self._piece = piece
         self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._in_member = False
+        self._members = 0  # ended so far: zero padding may follow one, never start the body
         self.read = 0  # compressed bytes consumed
         self.inflated = 0
 
@@ -115,7 +110,8 @@ class GzipStream:
         """The inflated pieces of the next chunk of the body."""
         while True:
             if not self._in_member:
-                data = data.lstrip(b"\0")  # zero padding after a member, as gzip allows
+                if self._members:
+                    data = data.lstrip(b"\0")  # zero padding after a member, as gzip allows
                 if not data:
                     return
                 self._in_member = True
@@ -126,7 +122,7 @@ class GzipStream:
             rest = self._inflater.unconsumed_tail
             self.read += len(data) - len(rest) - len(self._inflater.unused_data)
             self.inflated += len(out)
-            if self.inflated > self._max_ratio * self.read + self._allowance:
+            if self._max_ratio is not None and self.inflated > self._max_ratio * self.read + self._allowance:
                 raise ApiError(
                     413,
                     "payload_too_large",
@@ -136,6 +132,7 @@ class GzipStream:
             if out:
                 yield out
             if self._inflater.eof:
+                self._members += 1
                 data = self._inflater.unused_data
                 self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 self._in_member = False

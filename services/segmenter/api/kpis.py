@@ -104,17 +104,10 @@ def kpis_router(seg: Segmenter) -> APIRouter:
         r: KpiRange = Depends(kpi_range),
         active_window_days: int = Query(default=kpis.DEFAULT_ACTIVE_WINDOW_DAYS, ge=1, le=3650),
     ) -> dict[str, Any]:
-        log = await purchase_log(r)
         firsts = [max(s.date(), r.start) for s in r.starts()]
-        lasts = [d - timedelta(days=1) for d in firsts[1:]] + [r.end]
-        # A period's S is counted at the end of the day before its first day, E at the end of its last
-        # day, N over its own days: January is Jan 1-31 (it ran to Feb 1, counting Feb 1's first
-        # orders as January's and Jan 1's as nobody's).
-        periods = kpis.retention_series(
-            log, [firsts[0] - timedelta(days=1), *lasts], active_window_days=active_window_days
+        periods = kpis.retention_periods(
+            await purchase_log(r), firsts, r.end, active_window_days=active_window_days
         )
-        for period, first in zip(periods, firsts, strict=True):
-            period["start"] = first.isoformat()
         return {**r.as_json(), "active_window_days": active_window_days, "periods": periods}
 
     @router.get(
@@ -128,14 +121,8 @@ def kpis_router(seg: Segmenter) -> APIRouter:
         ),
     )
     async def cohorts(r: KpiRange = Depends(kpi_range)) -> dict[str, Any]:
-        table = kpis.cohort_retention(await purchase_log(r), r.end)
-        first = f"{r.start.year:04d}-{r.start.month:02d}"
-        rows = [c for c in table["cohorts"] if c["cohort"] >= first]
-        # As wide as the oldest cohort shown needs: sized from the first cohort ever, a shop with ten
-        # years of history got ~120 trailing nulls in every row of a one-quarter table.
-        width = max((sum(v is not None for v in c["active"]) for c in rows), default=0)
-        rows = [{**c, "active": c["active"][:width], "retention": c["retention"][:width]} for c in rows]
-        return {**r.as_json(), "months_since": table["months_since"][:width], "cohorts": rows}
+        table = kpis.cohort_retention(await purchase_log(r), r.end, since=r.start)
+        return {**r.as_json(), **table}
 
     @router.get(
         "/nps",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -133,12 +133,32 @@ def retention_series(
     ]
 
 
-def cohort_retention(log: PurchaseLog, as_of: date) -> dict[str, Any]:
-    """Cohort table by calendar month of first purchase.
+def retention_periods(
+    log: PurchaseLog,
+    firsts: Sequence[date],
+    end: date,
+    *,
+    active_window_days: int = DEFAULT_ACTIVE_WINDOW_DAYS,
+) -> list[dict[str, Any]]:
+    """Retention of consecutive periods, each its own days: from each of `firsts` to the day before
+    the next (the last to `end`). S is counted at the end of the day before a period, E at the end of
+    its last day, N over its days (January is Jan 1-31, not Jan 1 to Feb 1)."""
+    lasts = [d - timedelta(days=1) for d in firsts[1:]] + [end]
+    periods = retention_series(
+        log, [firsts[0] - timedelta(days=1), *lasts], active_window_days=active_window_days
+    )
+    for period, first in zip(periods, firsts, strict=True):
+        period["start"] = first.isoformat()
+    return periods
+
+
+def cohort_retention(log: PurchaseLog, as_of: date, since: date | None = None) -> dict[str, Any]:
+    """Cohort table by calendar month of first purchase (from `since`'s month, if given).
 
     Cell (cohort c, k months since) = share of c's customers with a purchase in month c + k; month 0 is
     1.0 by construction. Months after `as_of`'s month are None (not observed yet); `as_of`'s own month
-    is included although it may be partial. Purchases after `as_of` are ignored.
+    is included although it may be partial. Purchases after `as_of` are ignored. The table is as wide
+    as its oldest cohort needs.
     """
     as_of_day = day_number(as_of)
     keep = log.day <= as_of_day
@@ -148,6 +168,11 @@ def cohort_retention(log: PurchaseLog, as_of: date) -> dict[str, Any]:
     month = day.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64)
     first_month = np.full(log.n_customers, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(first_month, customer, month)
+    if since is not None:
+        shown = first_month[customer] >= int(np.datetime64(since, "M").astype(np.int64))
+        customer, month = customer[shown], month[shown]
+        if customer.size == 0:
+            return {"months_since": [], "cohorts": []}
     last_month = int(np.datetime64(as_of, "M").astype(np.int64))
     cohorts = np.unique(first_month[customer])
     width = last_month - int(cohorts.min()) + 1

@@ -473,9 +473,10 @@ class JourneyEngine:
         )
         writer.new_instances.append(row)
         writer.enrolments[(journey.row.id, customer.customer_id, correlation)] += 1
-        if journey.graph.definition.goal is not None:
+        if journey.graph.definition.goal is not None and last_entered_at is not None:
             # The newest instance owns the goal: an earlier one's open window closes (one purchase
-            # converted every past run of a weekly broadcast, and windows piled up per run).
+            # converted every past run of a weekly broadcast, and windows piled up per run). A first
+            # entry (no enrolment yet) has no earlier instance: no statement for it.
             writer.superseded[(journey.row.id, customer.customer_id, correlation)] = row.id
         if start_at is not None and start_at > now:
             writer.timers.append((row.id, row.seq, start_at))

@@ -251,10 +251,10 @@ async def migrate_version(
 ) -> int:
     """Move active instances to `to_version` from the (version, node id) places the caller checked
     under `lock_waiting` (the node exists there, of the same type). Only those: an instance that
-    entered meanwhile at a place not checked stays on its version."""
+    entered meanwhile at a place not checked stays on its version. The caller holds `lock_waiting`'s
+    locks."""
     if not checked:
         return 0
-    await _lock_active(session, journey_id)
     result = await session.execute(
         text(
             "UPDATE instances SET version = :v WHERE journey_id = :j AND status = 'active' "

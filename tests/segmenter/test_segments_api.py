@@ -168,6 +168,95 @@ async def test_deleting_a_segment_while_a_backfill_chunk_writes_leaves_no_member
         assert changes.index((c, "entered")) < changes.index((c, "exited"))
 
 
+async def _members_of(h: Harness, sid: str) -> int:
+    async with h.segmenter.platform.unit_of_work() as uow:
+        rows = await uow.session.execute(
+            text("SELECT count(*) FROM memberships WHERE segment_id = :s"), {"s": sid}
+        )
+        return int(rows.scalar_one())
+
+
+async def test_an_event_batch_that_read_the_segments_before_a_deletion_records_no_member_of_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    sid = await h.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    # The batch has read the segment list (Pro still in it) and holds nothing on Pro yet.
+    pause = Pause(monkeypatch, segment_store, "segment_versions", after=True)
+    unit = asyncio.ensure_future(
+        h.segmenter.events.handle_in_own_unit(
+            [make_event("m1", "identify", user_id="u1", traits={"plan": "pro"})]
+        )
+    )
+    try:
+        await asyncio.wait_for(pause.reached.wait(), 10)
+        deleted = await asyncio.wait_for(h.client.delete(f"/v1/segments/{sid}", headers=ADMIN), 5)
+        assert deleted.status_code == 204
+    finally:
+        pause.release.set()
+    await unit
+
+    assert (await h.customer("u1"))["traits"]["plan"] == "pro"  # the event itself is not lost
+    assert await _members_of(h, sid) == 0
+    assert [m for m in await h.memberships() if m["segment_id"] == sid] == []
+
+
+async def test_deleting_a_segment_while_an_event_batch_writes_its_member_announces_the_exit(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    sid = await h.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    # The batch has written u1's membership and its announcement, not yet committed.
+    pause = Pause(monkeypatch, segment_store, "apply_membership_changes", after=True)
+    unit = asyncio.ensure_future(
+        h.segmenter.events.handle_in_own_unit(
+            [make_event("m1", "identify", user_id="u1", traits={"plan": "pro"})]
+        )
+    )
+    try:
+        await asyncio.wait_for(pause.reached.wait(), 10)
+        deletion = asyncio.ensure_future(h.client.delete(f"/v1/segments/{sid}", headers=ADMIN))
+        done, _ = await asyncio.wait({deletion}, timeout=1.0)
+        assert not done  # it waits for the batch
+    finally:
+        pause.release.set()
+    await unit
+    assert (await deletion).status_code == 204
+
+    assert await _members_of(h, sid) == 0
+    changes = [(m["customer_id"], m["change"], m["cause"]) for m in await h.memberships()]
+    assert changes == [("u1", "entered", "m1"), ("u1", "exited", "segment_deleted")]
+
+
+async def test_a_backfill_chunk_in_flight_does_not_hold_up_real_time_membership_writes(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    await seed(h, 3)
+    r = await h.client.post(
+        "/v1/segments",
+        json={"name": "Pro", "definition": {"trait": "plan", "op": "equals", "value": "pro"}},
+        headers=ADMIN,
+    )
+    sid = r.json()["id"]
+    pause = Pause(monkeypatch, segment_store, "advance_backfill", after=True)
+    backfill = asyncio.ensure_future(h.segmenter.backfill.run_until_idle())
+    try:
+        await asyncio.wait_for(pause.reached.wait(), 10)
+        # u01 becomes pro while the chunk (which saw u01 as free) holds the segment.
+        await asyncio.wait_for(
+            h.segmenter.events.handle_in_own_unit(
+                [make_event("m1", "identify", user_id="u01", traits={"plan": "pro"})]
+            ),
+            5,
+        )
+    finally:
+        pause.release.set()
+    await backfill
+    members = (await h.client.get(f"/v1/segments/{sid}/members", headers=ADMIN)).json()["members"]
+    assert members == ["u00", "u01"]
+
+
 async def bad(
     h: Harness, body: dict[str, Any], method: str = "post", path: str = "/v1/segments"
 ) -> dict[str, Any]:

@@ -93,8 +93,10 @@ async def delete_segment(session: AsyncSession, segment_id: str, announce: Annou
     `segment_deleted`), so that journeys and other consumers of memberships stop counting them.
     Returns the exits announced, or None if there was no such segment.
 
-    The caller holds the segment row locked (`get_segment(lock=True)`) before this: a back-fill chunk
-    holds it while it writes, and memberships it has not committed are invisible to this DELETE."""
+    The caller holds the segment row locked (`get_segment(lock=True)`, FOR UPDATE) before this: it
+    waits for the back-fill chunk and the real-time units writing memberships of this segment (their
+    memberships, invisible to this DELETE until they commit, are then seen), and units after it skip
+    the segment (`_APPLY_MEMBERSHIP_CHANGES`)."""
     exits = (
         await session.execute(
             text(
@@ -144,11 +146,18 @@ _EVALUATION_INPUTS = Statement(
     "segment_timers "
     "WHERE customer_id = ANY(CAST(:ids AS text[]))"
 )
+# The segments written are held FOR KEY SHARE until commit (`live`): a deletion (FOR UPDATE on the
+# segment row) either waits for this unit and then announces its members' exits, or commits first and
+# the rows of the segment it deleted are skipped here (neither recorded nor announced). A back-fill
+# chunk holds its segment FOR NO KEY UPDATE, which does not conflict: real time never waits for it.
 _APPLY_MEMBERSHIP_CHANGES = Statement(
+    "WITH live AS MATERIALIZED (SELECT segment_id FROM segments "
+    "WHERE segment_id = ANY(CAST(:s AS text[])) FOR KEY SHARE) "
     "INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, cause) "
     "SELECT s, c, m, 1, :now, k FROM unnest(CAST(:s AS text[]), CAST(:c AS text[]), CAST(:m AS "
     "boolean[]), "
     "CAST(:k AS text[])) AS u(s, c, m, k) "
+    "WHERE s = ANY(ARRAY(SELECT segment_id FROM live)) "
     "ON CONFLICT (segment_id, customer_id) DO UPDATE SET is_member = excluded.is_member, "
     "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = "
     "excluded.cause "
@@ -320,12 +329,13 @@ async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> 
 
 
 async def claim_backfill(session: AsyncSession) -> dict[str, Any] | None:
-    """One segment waiting for back-fill, locked for this chunk's transaction."""
+    """One segment waiting for back-fill, locked for this chunk's transaction (FOR NO KEY UPDATE: an
+    edit or a deletion waits for the chunk, real-time membership writes do not)."""
     row = (
         await session.execute(
             text(
                 f"SELECT {SEGMENT_COLUMNS} FROM segments WHERE status = 'backfilling' "
-                "ORDER BY updated_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+                "ORDER BY updated_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED"
             )
         )
     ).first()

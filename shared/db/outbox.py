@@ -76,20 +76,12 @@ class OutboxRelay:
             # PostgreSQL once re-ran the LIMIT subquery for every outbox row (32 s with 100k waiting).
             rows = sorted(
                 await _TAKE.fetch(driver, {"k": self._lock_key, "n": self.settings.outbox_batch_size}),
-                key=lambda r: r["id"],
+                key=lambda r: r[0],
             )
             if not rows:
                 OUTBOX_PENDING.labels(self.settings.service_name).set(0)
                 return 0
-            messages = [
-                OutgoingMessage(
-                    r["topic"],
-                    r["key"],
-                    r["value"],
-                    tuple((k, v.encode()) for k, v in _headers(r["headers"])),
-                )
-                for r in rows
-            ]
+            messages = [OutgoingMessage(r[1], r[2], r[3], _headers(r[4])) for r in rows]
             await self.producer.send_batched(messages)
         OUTBOX_RELAYED.labels(self.settings.service_name).inc(len(rows))
         OUTBOX_PENDING.labels(self.settings.service_name).set(len(rows))
@@ -132,8 +124,9 @@ class OutboxRelay:
             )
 
 
-def _headers(raw: Any) -> list[tuple[str, str]]:
-    """A row's headers: a JSON object, or (rows written before 2026-11-29) a list of pairs."""
+def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:
+    """A row's headers, encoded for Kafka: a JSON object of strings, or (rows written before
+    2026-11-29) a list of pairs."""
     data = orjson.loads(raw) if isinstance(raw, (str, bytes)) else raw
     pairs = data.items() if isinstance(data, dict) else data
-    return [(str(k), str(v)) for k, v in pairs]
+    return tuple((str(k), (v if isinstance(v, str) else str(v)).encode()) for k, v in pairs)

@@ -33,7 +33,6 @@ from services.notifier.domain import consent
 from services.notifier.domain.composition import (
     ContactView,
     compose_email,
-    data_problems,
     describe,
     locale_of,
     recipient_address,
@@ -58,6 +57,7 @@ from shared.contracts import (
     MessageStatus,
     MessageStatusKind,
 )
+from shared.contracts.events import message_data_problems
 from shared.db.unit_of_work import UnitOfWork
 from shared.observability.metrics import DLQ_MESSAGES
 
@@ -374,7 +374,7 @@ class DeliveryWorker:
                 MessageStatusKind.FAILED,
                 f"template {template.id!r} is for {template.channel.value}, not {request.channel.value}",
             )
-        problems = data_problems(request.data)
+        problems = message_data_problems(request.data)
         if problems:  # no profile or retry can fix the request's own data
             return Prepared(None, MessageStatusKind.FAILED, f"invalid template data: {describe(problems)}")
         address = recipient_address(request, contact)

@@ -6,6 +6,7 @@ adding an optional field is compatible. Consumers ignore fields they do not know
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
@@ -187,11 +188,29 @@ class Recipient(BaseModel):
     locale: str | None = None
 
 
+# The keys of a message request's `data` that the notifier merges with what it knows itself (the
+# profile's traits, the journey's ids): each must be an object; absent or null add nothing.
+MESSAGE_DATA_OBJECTS = ("traits", "journey")
+_JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def message_data_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, problem) for each key of `MessageRequested.data` that cannot be merged (empty when
+    usable). The notifier fails such a request with the problem as its reason; journeys and the
+    notifier's API refuse such data up front."""
+    return [
+        (f"data.{key}", f"must be an object (or null), not {_JSON_KINDS.get(type(value), 'a scalar')}")
+        for key in MESSAGE_DATA_OBJECTS
+        if (value := data.get(key)) is not None and not isinstance(value, dict)
+    ]
+
+
 class MessageRequested(ContractModel):
     """A request to send one message. Keyed by `customer_id`.
 
     `message_id` is stable for the step that asked for it (journey, version, instance, node), so a
     redelivered request is recognized by the notifier's send ledger and never sent twice.
+    `data`'s `traits` and `journey`, when present, are objects (`message_data_problems`).
     """
 
     event_type: ClassVar[str] = "message_requested"

@@ -9,6 +9,7 @@ import orjson
 
 from shared.contracts import TOPICS, CustomerEvent
 from shared.contracts.asyncapi import render
+from shared.contracts.events import message_data_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,3 +39,15 @@ def test_customer_event_uses_segment_field_names_and_ignores_unknown_fields() ->
     again = CustomerEvent.model_validate(wire)
     assert again == event
     assert again.customer_key == "u1"
+
+
+def test_message_data_traits_and_journey_must_be_objects() -> None:
+    assert message_data_problems({"traits": {"a": 1}, "journey": None, "event": "x"}) == []
+    assert message_data_problems({"traits": ["a"], "journey": "j-2"}) == [
+        ("data.traits", "must be an object (or null), not an array"),
+        ("data.journey", "must be an object (or null), not a string"),
+    ]
+    assert message_data_problems({"traits": False, "journey": 3}) == [
+        ("data.traits", "must be an object (or null), not a boolean"),
+        ("data.journey", "must be an object (or null), not a number"),
+    ]

@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from shared.contracts import storable
-from shared.contracts.events import Channel, MessageCategory, MessageStatusKind
+from shared.contracts.events import Channel, MessageCategory, MessageStatusKind, message_data_problems
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -163,17 +163,12 @@ JsonObject = Annotated[dict[str, Any], AfterValidator(_json_safe)]
 
 
 def _template_data(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-    """A message's data is merged over `{"traits": ..., "journey": ...}`: the notifier refuses template
-    data whose `traits` or `journey` is not an object (every such message would fail)."""
+    """A message's data is merged over `{"traits": ..., "journey": ...}`: data the message request
+    contract says cannot be merged would fail every message, so it is refused here."""
     if _stored(info):
         return value
-    for key in ("traits", "journey"):
-        if key in value and value[key] is not None and not isinstance(value[key], dict):
-            raise PydanticCustomError(
-                "object",
-                "{key} must be an object (or null), not {kind}",
-                {"key": key, "kind": type(value[key]).__name__},
-            )
+    for field, problem in message_data_problems(value):
+        raise PydanticCustomError("object", "{field} {problem}", {"field": field, "problem": problem})
     return value
 
 

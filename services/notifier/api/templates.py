@@ -9,13 +9,14 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
-from services.notifier.domain.composition import data_problems, recipient_address, template_data
+from services.notifier.domain.composition import recipient_address, template_data
 from services.notifier.domain.signing import PREVIEW_UNSUBSCRIBE_PATH, MessageLinks
 from services.notifier.domain.templates import RenderError
 from services.notifier.service import Notifier
 from services.notifier.store import contacts_repo, recommendations_repo, templates_repo
 from services.notifier.template_announcements import announce_template
 from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
+from shared.contracts.events import message_data_problems
 from shared.http import ApiError, field_error
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -75,7 +76,7 @@ _ADDRESS_FIELD = {
 def check_template_data(data: dict[str, Any]) -> None:
     """A 400 naming the field for `data` the template variables cannot be made from (`traits` as a
     list, say), before anything is queued or rendered."""
-    problems = data_problems(data)
+    problems = message_data_problems(data)
     if problems:
         raise ApiError(
             400,

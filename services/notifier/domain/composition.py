@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,6 +10,7 @@ from services.notifier.domain.email_content import add_open_pixel, build_email, 
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.templates import RenderedMessage
 from shared.contracts import Channel, MessageCategory, MessageRequested, MessageStatus, MessageStatusKind
+from shared.contracts.events import message_data_problems
 
 
 @dataclass(frozen=True)
@@ -76,24 +76,9 @@ def unsubscribe_url(request: MessageRequested, links: MessageLinks) -> str | Non
     )
 
 
-# The request's data keys the notifier merges with what it knows itself (the profile's traits, the
-# journey's ids): they must be objects; absent or null mean nothing to add.
-MERGED_OBJECTS = ("traits", "journey")
-_JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-
-
 class InvalidTemplateData(ValueError):
     """A request's data the template variables cannot be made from: the message fails with this
     reason (the API refuses such data with a 400 instead)."""
-
-
-def data_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(field, problem) for each key of a request's `data` that cannot be merged; empty when usable."""
-    return [
-        (f"data.{key}", f"must be an object (or null), not {_JSON_TYPES.get(type(value), 'a scalar')}")
-        for key in MERGED_OBJECTS
-        if (value := data.get(key)) is not None and not isinstance(value, dict)
-    ]
 
 
 def describe(problems: list[tuple[str, str]]) -> str:
@@ -105,7 +90,7 @@ def template_data(
 ) -> dict[str, Any]:
     """The variables a template sees. Raises `InvalidTemplateData` for data that cannot be merged
     (a request from another service is not validated as the API's are)."""
-    problems = data_problems(request.data)
+    problems = message_data_problems(request.data)
     if problems:
         raise InvalidTemplateData(describe(problems))
     data = dict(request.data)

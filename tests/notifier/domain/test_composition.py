@@ -10,7 +10,6 @@ import pytest
 from services.notifier.domain.composition import (
     ContactView,
     InvalidTemplateData,
-    data_problems,
     template_data,
 )
 from services.notifier.domain.signing import LinkSigner, MessageLinks
@@ -29,18 +28,6 @@ def _request(data: dict[str, Any]) -> MessageRequested:
         journey_id="j",
         requested_at=datetime(2026, 1, 1, tzinfo=UTC),
     )
-
-
-def test_traits_and_journey_must_be_objects() -> None:
-    assert data_problems({"traits": {"a": 1}, "journey": None, "event": "x"}) == []
-    assert data_problems({"traits": ["a"], "journey": "j-2"}) == [
-        ("data.traits", "must be an object (or null), not an array"),
-        ("data.journey", "must be an object (or null), not a string"),
-    ]
-    assert data_problems({"traits": False, "journey": 3}) == [
-        ("data.traits", "must be an object (or null), not a boolean"),
-        ("data.journey", "must be an object (or null), not a number"),
-    ]
 
 
 @pytest.mark.parametrize("data", [{"traits": ["vip"]}, {"journey": "welcome"}, {"traits": "x"}])

@@ -28,3 +28,35 @@ def test_kafka_keeps_its_log_dirs_in_its_volume() -> None:
     targets = volume_targets(kafka)
     for log_dir in log_dirs:
         assert any(log_dir == t or log_dir.startswith(t.rstrip("/") + "/") for t in targets), log_dir
+
+
+def listeners(value: str) -> dict[str, tuple[str, int]]:
+    """`NAME://host:port,...` as {name: (host, port)}."""
+    parsed = {}
+    for listener in value.split(","):
+        name, address = listener.split("://")
+        host, port = address.rsplit(":", 1)
+        parsed[name] = (host, int(port))
+    return parsed
+
+
+def test_kafka_is_advertised_where_the_containers_and_the_host_reach_it() -> None:
+    services = compose()["services"]
+    env = services["kafka"]["environment"]
+    bound = listeners(env["KAFKA_LISTENERS"])
+    advertised = listeners(env["KAFKA_ADVERTISED_LISTENERS"])
+    protocols = dict(p.split(":") for p in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert set(bound) <= set(protocols)
+    assert set(advertised) <= set(bound) - {env["KAFKA_CONTROLLER_LISTENER_NAMES"]}
+    # The image's default inter-broker listener is PLAINTEXT.
+    assert env.get("KAFKA_INTER_BROKER_LISTENER_NAME", "PLAINTEXT") in advertised
+    # A client bootstraps anywhere, then connects to the address the broker advertises on the
+    # listener it came in by: for the CLM containers, the one bound on the port they bootstrap on.
+    host, port = services["ingest"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"].split(":")
+    (name,) = [n for n, (_, p) in bound.items() if p == int(port)]
+    assert advertised[name] == ("kafka", int(port)) and host == "kafka"
+    # For the host: the published port leads to a listener advertised at that port on the host.
+    for mapping in services["kafka"]["ports"]:
+        published, target = (int(p) for p in mapping.split(":"))
+        (name,) = [n for n, (_, p) in bound.items() if p == target]
+        assert advertised[name] in {("127.0.0.1", published), ("localhost", published)}, mapping

@@ -60,3 +60,25 @@ def test_kafka_is_advertised_where_the_containers_and_the_host_reach_it() -> Non
         published, target = (int(p) for p in mapping.split(":"))
         (name,) = [n for n, (_, p) in bound.items() if p == target]
         assert advertised[name] in {("127.0.0.1", published), ("localhost", published)}, mapping
+
+
+def test_the_volumes_of_clm_containers_are_writable_by_the_image_user() -> None:
+    """A named volume mounted where the image has a directory starts with that directory's owner;
+    where it has none, root's: the image creates each mount point owned by its (non-root) user."""
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    runs = [line.split(None, 1)[1] for line in dockerfile.splitlines() if line.startswith("RUN ")]
+    (user,) = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    commands = [c.split() for run in runs for c in run.split("&&")]
+    made = {arg for c in commands if c[:1] == ["mkdir"] for arg in c[1:] if arg.startswith("/")}
+    chowns = [c for c in commands if c[:1] == ["chown"] and c[-2] == user]
+    owned = {c[-1] for c in chowns}
+    owned_below = {c[-1].rstrip("/") + "/" for c in chowns if "-R" in c}
+    mounted = 0
+    for name, service in compose()["services"].items():
+        if service.get("image") != "clm:local":
+            continue
+        for target in volume_targets(service):
+            mounted += 1
+            assert target in made, f"{name}: the image has no {target}"
+            assert target in owned or any(target.startswith(o) for o in owned_below), (name, target)
+    assert mounted

@@ -458,9 +458,14 @@ class ConsumerRunner(Generic[T]):
             value = self.schema.model_validate_json(record.value)
         except (ValidationError, TypeError) as exc:  # invalid JSON is a ValidationError too
             raise DecodeError(str(exc)[:500]) from exc
+        try:
+            # Another client's binary key must not escape as an error: it would stop the consumer.
+            key = record.key.decode() if isinstance(record.key, bytes) else None
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"key is not UTF-8: {exc}") from exc
         return Consumed(
             value=value,
-            key=record.key.decode() if isinstance(record.key, bytes) else None,
+            key=key,
             headers=_decode_headers(record.headers),
             topic=record.topic,
             partition=record.partition,

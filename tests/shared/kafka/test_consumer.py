@@ -1,0 +1,109 @@
+"""`shared.kafka.consumer.ConsumerRunner` on its error paths, against the real broker and database:
+input that is not CLM's and dependencies that fail must neither stop the consumer nor dead-letter
+good messages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from sqlalchemy import text
+
+from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
+from shared.db import messaging_tables
+from shared.kafka import Consumed
+from shared.kafka.producer import OutgoingMessage, encode_message
+from shared.runtime import Platform
+from shared.settings import BaseServiceSettings
+from tests.support import eventually, infra
+
+
+async def raw_records(topic: str, count: int, timeout: float = 10) -> list[ConsumerRecord[bytes, bytes]]:
+    """The first `count` records of `topic`, undecoded (`read_topic` decodes keys as UTF-8)."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=infra()[0], group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    out: list[ConsumerRecord[bytes, bytes]] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(out) < count:
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    out += records
+    finally:
+        await consumer.stop()
+    return out
+
+
+class ConsumerSettings(BaseServiceSettings):
+    service_name: str = "consumer_test"
+    db_schema: str = "consumer"
+
+
+def event(n: int, user: str = "u1") -> CustomerEvent:
+    now = datetime.now(UTC)
+    return CustomerEvent(
+        message_id=f"m{n}",
+        type="track",
+        user_id=user,
+        event="Tested",
+        properties={"n": n},
+        timestamp=now,
+        received_at=now,
+    )
+
+
+@pytest.fixture
+async def platform(make_settings: Callable[..., Any]) -> AsyncIterator[Platform]:
+    p = Platform(make_settings(ConsumerSettings), migrations=None)
+    await p.start()
+    async with p.engine.begin() as conn:
+        await conn.run_sync(lambda c: messaging_tables.define(sa.MetaData())[0].metadata.create_all(c))
+        await conn.execute(text("CREATE TABLE effects (n int NOT NULL, message_id text NOT NULL)"))
+    yield p
+    await p.stop()
+
+
+async def effects(platform: Platform) -> list[int]:
+    async with platform.engine.connect() as conn:
+        return [r[0] for r in await conn.execute(text("SELECT n FROM effects ORDER BY n"))]
+
+
+def recording_handler(platform: Platform) -> Callable[[Sequence[Consumed[CustomerEvent]]], Any]:
+    async def handle(batch: Sequence[Consumed[CustomerEvent]]) -> None:
+        async with platform.unit_of_work() as uow:
+            for item in batch:
+                if await uow.claim("test", item.event_id):
+                    await uow.session.execute(
+                        text("INSERT INTO effects (n, message_id) VALUES (:n, :m)"),
+                        {"n": int(item.value.properties["n"]), "m": item.event_id},
+                    )
+
+    return handle
+
+
+async def test_a_record_whose_key_is_not_utf8_is_dead_lettered_and_the_consumer_goes_on(
+    platform: Platform,
+) -> None:
+    s = platform.settings
+    topic = s.topic(CUSTOMER_EVENTS.name)
+    good = encode_message(topic, "u1", event(1), producer="t")
+    # A valid event under a key no CLM producer writes (another client's binary key).
+    await platform.producer.send(OutgoingMessage(topic, b"\xff\xfe", good.value, good.headers))
+    await platform.producer.send(encode_message(topic, "u1", event(2), producer="t"))
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "badkey", recording_handler(platform))
+    await runner.start()
+    try:
+        await eventually(lambda: effects(platform), timeout=20)
+        dlq = await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=1)
+        assert runner.running
+    finally:
+        await runner.stop()
+    assert await effects(platform) == [2]
+    assert [r.key for r in dlq] == [b"\xff\xfe"]
+    assert dict(dlq[0].headers)[Headers.DLQ_ERROR].startswith(b"undecodable: key is not UTF-8")

@@ -82,3 +82,24 @@ def test_the_volumes_of_clm_containers_are_writable_by_the_image_user() -> None:
             assert target in made, f"{name}: the image has no {target}"
             assert target in owned or any(target.startswith(o) for o in owned_below), (name, target)
     assert mounted
+
+
+def test_the_build_context_leaves_out_local_state_but_nothing_the_image_copies() -> None:
+    docker = ROOT / "deploy" / "docker"
+    ignored = [
+        line.strip()
+        for line in (docker / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert not any(p.startswith("!") for p in ignored)
+    assert {".venv", ".cache", "var", ".git"} <= set(ignored)
+    copied = [
+        line.split()[1]
+        for line in (docker / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    ]
+    assert copied
+    for source in copied:
+        assert (ROOT / source).exists(), source
+        parts = Path(source).parts
+        assert not any(p.removeprefix("**/") in parts or p == source for p in ignored), source

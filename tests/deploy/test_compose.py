@@ -103,3 +103,18 @@ def test_the_build_context_leaves_out_local_state_but_nothing_the_image_copies()
         assert (ROOT / source).exists(), source
         parts = Path(source).parts
         assert not any(p.removeprefix("**/") in parts or p == source for p in ignored), source
+
+
+def test_postgres_runs_with_the_local_stack_settings() -> None:
+    """docker-compose.yml is "the same platform as `make run`": the same server settings."""
+    stack = (ROOT / "deploy" / "local" / "stack.py").read_text()
+    command = compose()["services"]["postgres"]["command"]
+    given = {command[i + 1] for i, arg in enumerate(command) if arg == "-c"}
+    local = {
+        opt
+        for line in stack.splitlines()
+        if '"-c ' in line and "fsync" not in line
+        for opt in line.strip().strip('",').split(" ")
+        if "=" in opt
+    }
+    assert local and given == local

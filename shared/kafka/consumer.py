@@ -89,15 +89,17 @@ def is_infrastructure_error(exc: BaseException) -> bool:
         return True
     name = type(exc).__name__
     module = type(exc).__module__
-    if name in {"OperationalError", "InterfaceError"} and module.startswith("sqlalchemy"):
+    # TimeoutError: no pooled connection came free in time (the database is slow or unreachable).
+    if name in {"OperationalError", "InterfaceError", "TimeoutError"} and module.startswith("sqlalchemy"):
         return True
-    if module.startswith("asyncpg") and name in {
-        "ConnectionDoesNotExistError",
-        "CannotConnectNowError",
-        "ConnectionFailureError",
-        "TooManyConnectionsError",
-        "AdminShutdownError",
-    }:
+    # By SQLSTATE, not class name: every connection exception (08xxx: cannot connect, rejected, lost),
+    # the server shutting down or restarting (57P01-57P03) and too many connections.
+    sqlstate = getattr(exc, "sqlstate", None)
+    if (
+        module.startswith("asyncpg")
+        and isinstance(sqlstate, str)
+        and (sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03", "53300"})
+    ):
         return True
     cause = exc.__cause__ or exc.__context__
     return cause is not None and cause is not exc and is_infrastructure_error(cause)

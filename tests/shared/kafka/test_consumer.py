@@ -9,18 +9,23 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
+import sqlalchemy.exc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
 from shared.db import messaging_tables
+from shared.db.engine import session_factory, sqlalchemy_url
 from shared.kafka import Consumed
+from shared.kafka.consumer import is_infrastructure_error
 from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
-from tests.support import eventually, infra
+from tests.support import eventually, infra, read_topic
 
 
 async def raw_records(topic: str, count: int, timeout: float = 10) -> list[ConsumerRecord[bytes, bytes]]:
@@ -107,3 +112,58 @@ async def test_a_record_whose_key_is_not_utf8_is_dead_lettered_and_the_consumer_
     assert await effects(platform) == [2]
     assert [r.key for r in dlq] == [b"\xff\xfe"]
     assert dict(dlq[0].headers)[Headers.DLQ_ERROR].startswith(b"undecodable: key is not UTF-8")
+
+
+async def test_a_database_pool_with_no_connection_free_is_waited_out_not_dead_lettered(
+    platform: Platform,
+) -> None:
+    """A pool timeout says the database is slow or unreachable, not that the message is bad: the
+    batch is retried until a connection comes free, and nothing goes to the dead-letter topic."""
+    s = platform.settings
+    # One connection, given up on quickly: the pool timeout comes within the runner's attempts.
+    engine = create_async_engine(
+        sqlalchemy_url(s.database_url), pool_size=1, max_overflow=0, pool_timeout=0.2
+    )
+    held = await engine.connect()  # as if every connection were stuck on a slow database
+    sessions = session_factory(engine)
+
+    async def handle(batch: Sequence[Consumed[CustomerEvent]]) -> None:
+        async with sessions() as session, session.begin():
+            for item in batch:
+                await session.execute(
+                    text(f'INSERT INTO "{s.db_schema}".effects (n, message_id) VALUES (:n, :m)'),
+                    {"n": int(item.value.properties["n"]), "m": item.event_id},
+                )
+
+    await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(1))
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "pooltimeout", handle, max_attempts=2)
+    await runner.start()
+    try:
+        await asyncio.sleep(2.0)  # several pool timeouts
+        await held.close()
+        assert await eventually(lambda: effects(platform), timeout=20) == [1]
+    finally:
+        await runner.stop()
+        await engine.dispose()
+    assert await read_topic(s.topic(CUSTOMER_EVENTS.dead_letter), idle=1.0, timeout=3) == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.exceptions.CrashShutdownError(),  # 57P02: another backend crashed, the server restarts
+        asyncpg.exceptions.ClientCannotConnectError(),  # 08001
+        asyncpg.exceptions.ConnectionRejectionError(),  # 08004
+        sqlalchemy.exc.TimeoutError("QueuePool limit of size 10 overflow 10 reached"),
+    ],
+)
+def test_connection_failures_of_every_kind_are_infrastructure_errors(error: Exception) -> None:
+    assert is_infrastructure_error(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [asyncpg.exceptions.UniqueViolationError(), asyncpg.exceptions.QueryCanceledError(), ValueError()],
+)
+def test_errors_of_the_message_are_not(error: Exception) -> None:
+    assert not is_infrastructure_error(error)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 
 from services.notifier.channels.router import ProviderRouter
 from services.notifier.consumers.message_requests import enqueue
 from services.notifier.delivery import DeliveryWorker
 from services.notifier.domain.composition import status_of
-from services.notifier.domain.consent import ALL_TOPICS
+from services.notifier.domain.consent import ALL_TOPICS, opted_out
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.settings import NotifierSettings
 from services.notifier.store import consent_repo, ledger_repo
 from shared.clock import Clock
-from shared.contracts import MESSAGE_STATUS, MessageRequested, MessageStatusKind
+from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
+from shared.db.unit_of_work import UnitOfWork
 from shared.runtime import Platform
 
 
@@ -52,21 +54,58 @@ class Notifier:
                 message_id=message_id,
             )
             if message_id is not None:
-                entry = await ledger_repo.get(uow.session, message_id)
-                if entry is not None and await ledger_repo.record_engagement(
-                    uow.session, message_id, "unsubscribed", topic or ALL_TOPICS, now
-                ):
-                    uow.emit(
-                        MESSAGE_STATUS.name,
-                        entry.request.customer_id,
-                        status_of(
-                            entry.request,
-                            MessageStatusKind.UNSUBSCRIBED,
-                            now,
-                            reason=f"{source}: {topic or 'all marketing'} on {channel}",
-                        ),
-                    )
+                await self._unsubscribed(uow, message_id, topic or ALL_TOPICS, channel, source, now)
         return bool(changed)
+
+    async def save_preferences(
+        self, customer_id: str, channel: Channel, wanted: set[str], message_id: str | None
+    ) -> list[str]:
+        """The hosted preference page's form: `wanted` are the topics ticked, every other topic offered
+        on `channel` is off. Each topic this opts the customer out of (marketing on it reached them
+        before the save and no longer does) is an `unsubscribed` status of the message whose link
+        opened the page, in the same transaction as the choices, as the one-click link's; a save that
+        changes nothing, or only opts in, emits nothing. Returns the topics opted out of."""
+        now = self.clock.now()
+        source = "preference_page"
+        async with self.platform.unit_of_work() as uow:
+            topics = await consent_repo.offered_on(uow.session, channel.value)
+            changes = [(t.id, channel.value, t.id in wanted) for t in topics]
+            if wanted:
+                changes.append((ALL_TOPICS, channel.value, True))
+            before, changed = await consent_repo.apply_choices(
+                uow.session, customer_id, changes, source=source, now=now, message_id=message_id
+            )
+            after = {**before, **{(t, ch): s for t, ch, s in changed}}
+            left = opted_out(topics, channel, before, after)
+            if message_id is not None:
+                for topic in left:
+                    await self._unsubscribed(uow, message_id, topic, channel.value, source, now)
+        return left
+
+    async def _unsubscribed(
+        self, uow: UnitOfWork, message_id: str, topic: str, channel: str, source: str, now: datetime
+    ) -> None:
+        """One `unsubscribed` status per message and topic (`*`: all marketing on the channel) left
+        through its links, whichever way (one-click, the preference page, unsubscribe-all, SMS STOP):
+        recorded as an engagement (the reports count it), so a repeat emits nothing. Its id names the
+        topic: opting out of a second topic through the same message is another status, not a
+        duplicate that consumers' inboxes would drop."""
+        entry = await ledger_repo.get(uow.session, message_id)
+        if entry is None or not await ledger_repo.record_engagement(
+            uow.session, message_id, "unsubscribed", topic, now
+        ):
+            return
+        uow.emit(
+            MESSAGE_STATUS.name,
+            entry.request.customer_id,
+            status_of(
+                entry.request,
+                MessageStatusKind.UNSUBSCRIBED,
+                now,
+                reason=f"{source}: {'all marketing' if topic == ALL_TOPICS else topic} on {channel}",
+                status_id=f"{message_id}:unsubscribed:{topic}",
+            ),
+        )
 
     async def record_open(self, message_id: str) -> bool:
         now = self.clock.now()

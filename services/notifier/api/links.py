@@ -15,6 +15,7 @@ from services.notifier.domain.consent import ALL_TOPICS
 from services.notifier.domain.signing import PREVIEW_UNSUBSCRIBE_PATH, InvalidToken, MessageLinks
 from services.notifier.service import Notifier
 from services.notifier.store import consent_repo
+from shared.contracts import Channel
 from shared.http import ApiError
 
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
@@ -111,21 +112,10 @@ async def unsubscribe_all(token: str, notifier: NotifierDep) -> Response:
 @api.post("/u/{token}/preferences")
 async def save_preferences(token: str, request: Request, notifier: NotifierDep) -> Response:
     claims = _verify(notifier, MessageLinks.UNSUBSCRIBE, token)
-    customer, channel = str(claims["c"]), str(claims["ch"])
     wanted = {v for k, v in await read_form(request) if k == "topic"}
-    async with notifier.platform.unit_of_work() as uow:
-        topics = [t for t in await consent_repo.list_topics(uow.session) if channel in t["channels"]]
-        changes = [(str(t["id"]), channel, str(t["id"]) in wanted) for t in topics]
-        if wanted:
-            changes.append((ALL_TOPICS, channel, True))
-        await consent_repo.record_choices(
-            uow.session,
-            customer,
-            changes,
-            source="preference_page",
-            now=notifier.clock.now(),
-            message_id=_opt(claims.get("m")),
-        )
+    await notifier.save_preferences(
+        str(claims["c"]), Channel(str(claims["ch"])), wanted, _opt(claims.get("m"))
+    )
     return _page("Preferences saved", "<p>Your choices are saved.</p>")
 
 

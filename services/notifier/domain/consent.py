@@ -7,7 +7,7 @@ with no recorded choice, a topic whose default is subscribed (opt-out model).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from shared.contracts import Channel, MessageCategory
@@ -56,3 +56,20 @@ def decide(
     if not choice:
         return ConsentDecision(False, f"unsubscribed from {topic_id!r} on {channel.value}")
     return ConsentDecision(True)
+
+
+def opted_out(
+    topics: Iterable[SubscriptionTopic],
+    channel: Channel,
+    before: Mapping[tuple[str, str], bool],
+    after: Mapping[tuple[str, str], bool],
+) -> list[str]:
+    """The ids of `topics` whose marketing on `channel` reached the customer under the choices
+    `before` and no longer does `after`, as `decide` judges it at send time: what a change of choices
+    opted the customer out of. Unticking an opt-in topic never joined, or a topic already off through
+    "unsubscribe from all", opts out of nothing."""
+
+    def receives(topic: SubscriptionTopic, choices: Mapping[tuple[str, str], bool]) -> bool:
+        return decide(MessageCategory.MARKETING, channel, topic.id, topic, choices).allowed
+
+    return [t.id for t in topics if receives(t, before) and not receives(t, after)]

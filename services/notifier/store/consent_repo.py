@@ -88,6 +88,18 @@ _CHOICES_FOR = Statement(
 )
 
 
+async def offered_on(session: AsyncSession, channel: str) -> list[SubscriptionTopic]:
+    """The topics offered on `channel`, by id: what the hosted preference page shows for it."""
+    rows = (
+        await session.execute(
+            sa.select(subscription_topics)
+            .where(subscription_topics.c.channels.contains([channel]))
+            .order_by(subscription_topics.c.id)
+        )
+    ).mappings()
+    return [_topic(r) for r in rows]
+
+
 async def topics_by_id(session: AsyncSession, ids: set[str]) -> dict[str, SubscriptionTopic]:
     if not ids:
         return {}
@@ -149,6 +161,23 @@ async def record_choices(
     that changes something goes to the ledger. Returns the changes that were new. `customer_id` may
     be any identifier of the customer: the choices are kept under the customer's id (see
     `identities_repo`)."""
+    _, changed = await apply_choices(
+        session, customer_id, changes, source=source, now=now, message_id=message_id
+    )
+    return changed
+
+
+async def apply_choices(
+    session: AsyncSession,
+    customer_id: str,
+    changes: Sequence[tuple[str, str, bool]],
+    *,
+    source: str,
+    now: datetime,
+    message_id: str | None = None,
+) -> tuple[dict[tuple[str, str], bool], list[tuple[str, str, bool]]]:
+    """`record_choices`, also returning the customer's choices as they were right before, read under
+    the write lock: (topic, channel) -> subscribed, and the changes that were new."""
     customer_id = await identities_repo.resolve_for_write(session, customer_id)
     current = (await choices_for(session, {customer_id}))[customer_id]
     # One choice per topic and channel, the last given winning: one INSERT ... ON CONFLICT DO UPDATE
@@ -157,7 +186,7 @@ async def record_choices(
     wanted = {(t, ch): s for t, ch, s in changes}
     changed = [(t, ch, s) for (t, ch), s in wanted.items() if current.get((t, ch)) is not s]
     if not changed:
-        return []
+        return current, []
     stmt = insert(preferences).values(
         [
             {
@@ -195,7 +224,7 @@ async def record_choices(
             for t, ch, s in changed
         ],
     )
-    return changed
+    return current, changed
 
 
 async def move_choices(session: AsyncSession, from_ids: Sequence[str], into_id: str, now: datetime) -> None:

@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from fastapi import FastAPI
-from pydantic import AliasChoices, ValidationError
+from pydantic import AliasChoices, SecretStr, ValidationError
 
 from services.ingest.app import create_app as ingest_app
 from services.ingest.settings import IngestSettings
@@ -177,6 +177,24 @@ def test_the_example_secret_holds_every_production_secret_and_starts_nothing_unc
         assert settings.insecure_settings(), f"{module} would start with the example secret"
 
 
+# Secrets with a development default that only authenticate CLM to a provider: a default one fails
+# sends, it admits nobody.
+OUTBOUND_ONLY_SECRETS = {"fcm_bearer_token"}
+
+
+def test_every_secret_whose_default_is_public_is_in_the_example_secret() -> None:
+    """A secret setting with a development default (in this repository) that a service trusts is
+    replaced by the example secret, whether or not `insecure_settings` checks it: the notifier
+    verifies inbound Twilio requests with CLM_TWILIO_AUTH_TOKEN."""
+    for module, cls in SETTINGS.items():
+        for name, field in cls.model_fields.items():
+            default = field.default
+            if not isinstance(default, SecretStr) or not default.get_secret_value():
+                continue
+            if name not in OUTBOUND_ONLY_SECRETS:
+                assert f"CLM_{name.upper()}" in example_secret(), (module, name)
+
+
 def test_the_config_with_real_secrets_is_a_valid_production_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     strong = {
         "DATABASE_URL": "postgresql://clm:pw@db:5432/clm",
@@ -186,6 +204,7 @@ def test_the_config_with_real_secrets_is_a_valid_production_setup(monkeypatch: p
         "CLM_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8,
         "CLM_WRITE_KEYS": "w" * 48,
         "CLM_SMTP_PASSWORD": "p" * 20,
+        "CLM_TWILIO_AUTH_TOKEN": "a" * 32,
     }
     assert set(strong) == set(example_secret())
     for key, value in {**config_map(), **strong}.items():

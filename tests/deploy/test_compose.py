@@ -57,7 +57,7 @@ def test_kafka_is_advertised_where_the_containers_and_the_host_reach_it() -> Non
     assert advertised[name] == ("kafka", int(port)) and host == "kafka"
     # For the host: the published port leads to a listener advertised at that port on the host.
     for mapping in services["kafka"]["ports"]:
-        published, target = (int(p) for p in mapping.split(":"))
+        published, target = (int(p) for p in mapping.split(":")[-2:])
         (name,) = [n for n, (_, p) in bound.items() if p == target]
         assert advertised[name] in {("127.0.0.1", published), ("localhost", published)}, mapping
 
@@ -103,6 +103,14 @@ def test_the_build_context_leaves_out_local_state_but_nothing_the_image_copies()
         assert (ROOT / source).exists(), source
         parts = Path(source).parts
         assert not any(p.removeprefix("**/") in parts or p == source for p in ignored), source
+
+
+def test_every_port_is_published_on_loopback_only() -> None:
+    """Development defaults (admin token, write key, database password) are public: as `make run`,
+    nothing is reachable from other machines (Docker's published ports also bypass host firewalls)."""
+    for name, service in compose()["services"].items():
+        for mapping in service.get("ports", []):
+            assert mapping.startswith("127.0.0.1:"), (name, mapping)
 
 
 def test_postgres_runs_with_the_local_stack_settings() -> None:

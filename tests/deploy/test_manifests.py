@@ -232,6 +232,6 @@ def test_docker_compose_runs_each_service_with_settings_it_reads() -> None:
         assert not unknown, f"{name}: no service reads {sorted(unknown)}"
         port = SETTINGS[module]().port
         assert service["environment"]["CLM_PORT"] == str(port)
-        assert service["ports"] == [f"{port}:{port}"]
+        assert service["ports"] == [f"127.0.0.1:{port}:{port}"]
         assert "/readyz" in service["healthcheck"]["test"][1]
     assert ran == set(SETTINGS)

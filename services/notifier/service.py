@@ -70,7 +70,9 @@ class Notifier:
         async with self.platform.unit_of_work() as uow:
             topics = await consent_repo.offered_on(uow.session, channel.value)
             changes = [(t.id, channel.value, t.id in wanted) for t in topics]
-            if wanted:
+            # A topic ticked lifts "unsubscribe from all" (its marketing could not reach them
+            # otherwise); an id the page does not offer (deleted meanwhile, a hand-made form) does not.
+            if any(t.id in wanted for t in topics):
                 changes.append((ALL_TOPICS, channel.value, True))
             before, changed = await consent_repo.apply_choices(
                 uow.session, customer_id, changes, source=source, now=now, message_id=message_id

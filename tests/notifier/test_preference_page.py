@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from tests.notifier.conftest import ADMIN, Harness
+from tests.notifier.conftest import ADMIN, Harness, request
 from tests.notifier.test_email import email_request, setup
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -103,3 +103,34 @@ async def test_one_click_and_the_page_on_the_same_topic_make_one_status(
             ("m-page-2:unsubscribed:*", "preference_page: all marketing on email"),
             ("m-page-2:unsubscribed:newsletter", "one_click: newsletter on email"),
         ]
+
+
+async def test_ticking_only_a_topic_the_page_does_not_offer_keeps_unsubscribe_from_all(
+    start_notifier: Callable[..., Any],
+) -> None:
+    """A form naming only topics not offered on the channel (a page left open while the topic was
+    deleted, a hand-made form) re-subscribed to all marketing on it: a message without a topic was
+    then sent after "unsubscribe from all"."""
+    async with start_notifier() as h:
+        await setup(h)
+        await h.create_topic("sms-only", ["sms"])
+        page = await sent_email(h, "m-page-3", "pp3")
+        assert (await h.client.post(page + "/all")).status_code == 200
+        await save(h, page, b"topic=deleted-meanwhile&topic=sms-only")
+        prefs = (await h.client.get("/v1/customers/pp3/preferences", headers=ADMIN)).json()["preferences"]
+        assert {(p["topic"], p["channel"], p["subscribed"]) for p in prefs} == {
+            ("*", "email", False),
+            ("newsletter", "email", False),
+        }
+        await h.publish(
+            request(
+                "m-page-4",
+                "pp3",
+                "email",
+                "welcome",
+                recipient={"email": "pp3@example.com"},
+                data={"traits": {"first_name": "Pat"}, "event": {"properties": {"total": 1}}},
+            )
+        )
+        statuses = await h.wait_status("m-page-4", "suppressed")
+        assert statuses[-1]["reason"] == "unsubscribed from all email marketing"

@@ -126,3 +126,17 @@ def test_postgres_runs_with_the_local_stack_settings() -> None:
         if "=" in opt
     }
     assert local and given == local
+
+
+def test_clm_containers_get_the_kubernetes_grace_period_to_stop() -> None:
+    deployments = [
+        d
+        for path in (ROOT / "deploy" / "kubernetes").glob("*.yaml")
+        for d in yaml.safe_load_all(path.read_text())
+        if d and d["kind"] == "Deployment"
+    ]
+    grace = {d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] for d in deployments}
+    assert len(grace) == 1
+    for name, service in compose()["services"].items():
+        if service.get("image") == "clm:local":
+            assert service["stop_grace_period"] == f"{next(iter(grace))}s", name

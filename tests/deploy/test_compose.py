@@ -140,3 +140,10 @@ def test_clm_containers_get_the_kubernetes_grace_period_to_stop() -> None:
     for name, service in compose()["services"].items():
         if service.get("image") == "clm:local":
             assert service["stop_grace_period"] == f"{next(iter(grace))}s", name
+
+
+def test_a_process_without_a_sigterm_handler_runs_under_an_init() -> None:
+    """The CLM services handle SIGTERM (uvicorn); the SMTP sink does not, and as PID 1 it would
+    ignore it for the whole grace period."""
+    assert "signal" not in (ROOT / "deploy" / "local" / "smtp_sink.py").read_text()
+    assert compose()["services"]["smtp-sink"]["init"] is True

@@ -71,7 +71,7 @@ def router(admin: Any) -> APIRouter:
 
     @api.put("/v1/subscription-topics/{topic_id}")
     async def put_topic(topic_id: str, body: TopicBody, notifier: NotifierDep) -> dict[str, Any]:
-        if not TOPIC_ID.match(topic_id):
+        if not TOPIC_ID.fullmatch(topic_id):  # `match`: `$` also matched before a final newline
             raise ApiError(
                 400,
                 "invalid_request",

@@ -42,3 +42,17 @@ async def test_a_topic_and_channel_given_twice_with_different_answers_is_a_400(s
         assert [(p["topic"], p["channel"], p["subscribed"]) for p in r.json()["preferences"]] == [
             ("promotions", "sms", False)
         ]
+
+
+async def test_a_topic_id_with_a_trailing_newline_is_refused(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """`$` matched before a final newline: `news\n` was stored as a topic id, which the preference
+    page's form cannot send back (browsers send a newline in a value as CRLF), so every save opted
+    the customer out of it."""
+    async with start_notifier() as h:
+        body = {"name": "News", "channels": ["email"], "default_subscribed": True}
+        for topic_id in ("news%0A", "news%0D%0A", "%0Anews"):
+            r = await h.client.put(f"/v1/subscription-topics/{topic_id}", json=body, headers=ADMIN)
+            assert r.status_code == 400, (topic_id, r.text)
+            assert r.json()["errors"][0]["field"] == "topic_id"
+        topics = (await h.client.get("/v1/subscription-topics", headers=ADMIN)).json()["topics"]
+        assert topics == []

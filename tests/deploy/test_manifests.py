@@ -150,6 +150,15 @@ async def test_one_deployment_and_service_per_clm_service_on_its_own_port_and_pr
         assert refs == {"clm-config", "clm-secrets"}
 
 
+def test_ingest_keeps_serving_until_its_endpoints_are_gone() -> None:
+    """Upstream systems post to ingest through its Service: a pod that stops listening on SIGTERM
+    would refuse the connections proxies send until they learn the endpoint is gone."""
+    (deployment,) = [d for module, d in deployments() if module == "ingest"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and 0 < int(command[1]) < 30
+
+
 def test_every_variable_the_manifests_set_is_read_by_a_service_that_gets_it() -> None:
     everyone = set().union(*(env_names(cls) for cls in SETTINGS.values()))
     unknown = (set(config_map()) | set(example_secret())) - everyone

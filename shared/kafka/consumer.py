@@ -430,7 +430,7 @@ class ConsumerRunner(Generic[T]):
         """The handler on `batch`: None once it succeeded, else its error (counted). A dependency
         outage abandons the unit instead (`_Abandon`): its records stay uncommitted."""
         try:
-            await self._call_with_infra_retry(batch)
+            await self._call_with_infra_retry(lambda: self.handler(batch))
         except Exception as exc:
             if is_infrastructure_error(exc):
                 raise _Abandon() from exc
@@ -438,11 +438,11 @@ class ConsumerRunner(Generic[T]):
             return exc
         return None
 
-    async def _call_with_infra_retry(self, batch: Sequence[Consumed[T]]) -> None:
+    async def _call_with_infra_retry(self, call: Callable[[], Awaitable[None]]) -> None:
         delay = 0.5
         while True:
             try:
-                await self.handler(batch)
+                await call()
                 return
             except Exception as exc:
                 if not is_infrastructure_error(exc) or self._stopping.is_set():
@@ -485,8 +485,15 @@ class ConsumerRunner(Generic[T]):
         ]
         value = record.value if isinstance(record.value, bytes) else b""
         key = record.key if isinstance(record.key, bytes) else None
-        # Must be acknowledged before the offset moves past it: a DLQ write is never lost either.
-        await self.producer.send(OutgoingMessage(self.dlq_topic, key, value, tuple(headers)))
+        # Must be acknowledged before the offset moves past it: a DLQ write is never lost either. A
+        # broker outage is waited out as for a handler (escaping, it stopped the consumer for good).
+        message = OutgoingMessage(self.dlq_topic, key, value, tuple(headers))
+        try:
+            await self._call_with_infra_retry(lambda: self.producer.send(message))
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                raise _Abandon() from exc  # shutting down: redelivered, dead-lettered after restart
+            raise
         DLQ_MESSAGES.labels(self.settings.service_name, self.topic).inc()
         log.error(
             "message dead-lettered",

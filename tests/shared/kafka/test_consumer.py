@@ -14,13 +14,14 @@ import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
 from shared.db import messaging_tables
 from shared.db.engine import session_factory, sqlalchemy_url
-from shared.kafka import Consumed
+from shared.kafka import Consumed, ensure_topics
 from shared.kafka.consumer import is_infrastructure_error
 from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.runtime import Platform
@@ -167,3 +168,37 @@ def test_connection_failures_of_every_kind_are_infrastructure_errors(error: Exce
 )
 def test_errors_of_the_message_are_not(error: Exception) -> None:
     assert not is_infrastructure_error(error)
+
+
+async def test_a_dead_letter_topic_unavailable_for_a_while_is_waited_out(platform: Platform) -> None:
+    """The dead-letter write fails while its topic cannot be written (here: it is gone, and the
+    broker creates no topics): the runner retries it as it does a handler in an outage, then
+    dead-letters the message and goes on, instead of stopping the consumer for good."""
+    s = platform.settings
+    dlq_topic = s.topic(CUSTOMER_EVENTS.dead_letter)
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics([dlq_topic])
+        await eventually(lambda: _gone(admin, dlq_topic), timeout=20)
+    finally:
+        await admin.close()
+    topic = s.topic(CUSTOMER_EVENTS.name)
+    await platform.producer.send(OutgoingMessage(topic, b"u1", b"{not json", ()))
+    await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(2))
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "dlqdown", recording_handler(platform))
+    await runner.start()
+    try:
+        # The producer reports the missing topic (UnknownTopicOrPartition, or a timeout).
+        await eventually(lambda: runner.last_error, timeout=30)
+        assert runner.running and await effects(platform) == []  # the partition waits, in order
+        await ensure_topics(s)
+        assert await eventually(lambda: effects(platform), timeout=30) == [2]
+        dlq = await read_topic(dlq_topic, count=1, timeout=10)
+    finally:
+        await runner.stop()
+    assert [m["raw"] for m in dlq] == [b"{not json"]
+
+
+async def _gone(admin: AIOKafkaAdminClient, topic: str) -> bool:
+    return topic not in await admin.list_topics()

@@ -18,6 +18,9 @@ from shared.settings import BaseServiceSettings
 ProviderKind = Literal["smtp", "twilio", "fcm", "webhook", "in_app"]
 
 
+DEVELOPMENT_TWILIO_TOKEN = "dev-twilio-token"
+
+
 class ProviderConfig(BaseModel):
     kind: ProviderKind
     # HTTP providers (twilio, fcm): the API's base URL, so a local stand-in can replace the real one.
@@ -94,7 +97,7 @@ class NotifierSettings(BaseServiceSettings):
     smtp_ca_file: str | None = None
     twilio_base_url: str = "https://api.twilio.com"
     twilio_account_sid: str = "AC00000000000000000000000000000000"
-    twilio_auth_token: SecretStr = SecretStr("dev-twilio-token")
+    twilio_auth_token: SecretStr = SecretStr(DEVELOPMENT_TWILIO_TOKEN)
     twilio_from_number: str = "+15550000000"
     # Inbound webhooks (STOP) must carry a valid X-Twilio-Signature unless this is off.
     twilio_verify_inbound: bool = True
@@ -182,6 +185,23 @@ class NotifierSettings(BaseServiceSettings):
         }
         defaults.update(self.providers)
         return defaults
+
+    def insecure_settings(self) -> list[str]:
+        problems = super().insecure_settings()
+        # Inbound STOP/START and delivery reports are trusted when signed with a routed account's
+        # token: the public development one would let anyone opt customers back in to SMS.
+        weak = [
+            t
+            for t in self.inbound_twilio_tokens()
+            if t == DEVELOPMENT_TWILIO_TOKEN or len(t) < self.MIN_SECRET_LENGTH
+        ]
+        if weak and self.twilio_verify_inbound:
+            problems.append(
+                "CLM_TWILIO_AUTH_TOKEN (or a routed Twilio account's auth_token) is the development "
+                f"default or shorter than {self.MIN_SECRET_LENGTH} characters: inbound SMS requests "
+                "are verified with it"
+            )
+        return problems
 
     def inbound_twilio_tokens(self) -> list[str]:
         """The auth tokens an inbound Twilio request (STOP/START, status callback) may be signed with:

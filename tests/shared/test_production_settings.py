@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from services.ingest.settings import IngestSettings
 from services.journey_engine.settings import JourneyEngineSettings
-from services.notifier.settings import NotifierSettings
+from services.notifier.settings import NotifierSettings, ProviderConfig
 from services.segmenter.settings import SegmenterSettings
 from shared.runtime import InsecureProduction, refuse_insecure_production
 from shared.settings import BaseServiceSettings
@@ -20,7 +20,12 @@ STRONG = {
     "admin_token": "a" * 32,
     "privacy_salt": "b" * 32,
 }
-NOTIFIER_STRONG = {**STRONG, "link_secret": "c" * 32, "webhook_secret": "whsec_" + "ZA" * 16}
+NOTIFIER_STRONG = {
+    **STRONG,
+    "link_secret": "c" * 32,
+    "webhook_secret": "whsec_" + "ZA" * 16,
+    "twilio_auth_token": "d" * 32,
+}
 
 
 @pytest.mark.parametrize("settings_class", [IngestSettings, SegmenterSettings, JourneyEngineSettings])
@@ -37,8 +42,36 @@ def test_the_notifier_also_guards_its_link_and_webhook_secrets() -> None:
     assert problems == [
         "CLM_LINK_SECRET is the development default",
         "CLM_WEBHOOK_SECRET is the development default",
+        "CLM_TWILIO_AUTH_TOKEN (or a routed Twilio account's auth_token) is the development default or "
+        "shorter than 16 characters: inbound SMS requests are verified with it",
     ]
     assert NotifierSettings(**NOTIFIER_STRONG).insecure_settings() == []
+
+
+def test_the_twilio_development_token_is_refused_only_where_inbound_sms_requests_are_verified_with_it() -> (
+    None
+):
+    # Anyone could sign a START with the public token and opt customers back in to SMS.
+    weak = {**NOTIFIER_STRONG, "twilio_auth_token": "dev-twilio-token"}
+    assert len(NotifierSettings(**weak).insecure_settings()) == 1
+    named = ProviderConfig(kind="twilio", auth_token=SecretStr("short"))
+    routed = {"email": ["smtp"], "sms": ["twilio_eu"], "in_app": ["in_app"]}
+    assert (
+        len(
+            NotifierSettings(
+                **NOTIFIER_STRONG, providers={"twilio_eu": named}, channel_providers=routed
+            ).insecure_settings()
+        )
+        == 1
+    )
+    # SMS routed to a named account with a real token: the flat default is never used.
+    strong = ProviderConfig(kind="twilio", auth_token=SecretStr("e" * 32))
+    assert (
+        NotifierSettings(
+            **weak, providers={"twilio_eu": strong}, channel_providers=routed
+        ).insecure_settings()
+        == []
+    )
 
 
 def test_empty_or_short_secrets_are_refused_too() -> None:

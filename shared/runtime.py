@@ -144,10 +144,16 @@ class Platform:
     async def ping_kafka(self) -> None:
         await self.producer.ping()
 
+    async def check_consumers(self) -> None:
+        """Raise while a consumer has stopped on its own: its partitions wait, unconsumed, for good."""
+        failed = [f"{r.topic}: {r.failure}" for r in self.consumers if r.failure is not None]
+        if failed:
+            raise RuntimeError("stopped: " + "; ".join(failed))
+
     def health_checks(self) -> dict[str, Check]:
         if not self.started:
             return {}
-        return {"database": self.ping_database, "kafka": self.ping_kafka}
+        return {"database": self.ping_database, "kafka": self.ping_kafka, "consumers": self.check_consumers}
 
 
 def install_common(app: FastAPI, platform: Platform) -> None:

@@ -220,11 +220,21 @@ class ConsumerRunner(Generic[T]):
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.topic}")
 
+    @property
+    def failure(self) -> str | None:
+        """Why the consumer stopped on its own (a bug, or a record the client cannot parse), else None."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled() or task.exception() is None:
+            return None
+        return repr(task.exception())[:300]
+
     async def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
+            # A failure was logged when it happened: raising it here would leave the client open and
+            # cut the platform's shutdown short (other consumers' commits, the outbox drain).
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 try:
                     await asyncio.wait_for(asyncio.shield(self._task), 30)
                 except TimeoutError:
@@ -237,8 +247,14 @@ class ConsumerRunner(Generic[T]):
 
     async def _run(self) -> None:
         fetching = asyncio.create_task(self._fetch_loop(), name=f"consumer:{self.topic}:fetch")
+        # A fetch loop that died (a record the client cannot parse) stops the dispatcher too: it
+        # would otherwise wait for records forever while the consumer looked alive.
+        fetching.add_done_callback(self._fetching_ended)
         try:
             await self._dispatch_loop()
+        except Exception:
+            log.exception("consumer stopped by an error", extra={"topic": self.topic})
+            raise
         finally:
             self._stopping.set()
             self._wake.set()
@@ -249,6 +265,13 @@ class ConsumerRunner(Generic[T]):
             await asyncio.gather(fetching, return_exceptions=True)
             self._report()
             await self.commit_pending()
+        if not fetching.cancelled() and (error := fetching.exception()) is not None:
+            log.error("consumer stopped: fetching failed", extra={"topic": self.topic}, exc_info=error)
+            raise error
+
+    def _fetching_ended(self, _: asyncio.Task[None]) -> None:
+        self._stopping.set()
+        self._wake.set()
 
     async def _fetch_loop(self) -> None:
         """Keep the buffer topped up while units of work run, so the next one starts at once: every

@@ -49,8 +49,9 @@ class BaseServiceSettings(BaseSettings):
     # Key of the salted hashes that erasure tombstones keep instead of a customer's identifiers.
     privacy_salt: SecretStr = SecretStr("dev-privacy-salt")
 
-    consumer_max_batch: int = 500
-    consumer_max_attempts: int = 3
+    # At least 1: 0 attempts dead-lettered every failing message untried; a batch of 0 fetched nothing.
+    consumer_max_batch: int = Field(default=500, ge=1)
+    consumer_max_attempts: int = Field(default=3, ge=1)
     consumer_retry_backoff_s: float = 0.2
     # Kafka's fetch.min.bytes / fetch.max.wait.ms: the broker answers a fetch once this much is waiting
     # or this long has passed. 1 byte = at once (lowest latency). A service off the latency-critical
@@ -75,15 +76,15 @@ class BaseServiceSettings(BaseSettings):
     # partition's buffered records are taken (or 100 ms have passed): on a backlog, concurrent units
     # that finished their partitions' share would wait for the others; a bigger share avoids that.
     consumer_max_partition_fetch_bytes: int = 1024 * 1024
-    outbox_poll_interval_s: float = 0.2
+    outbox_poll_interval_s: float = Field(default=0.2, gt=0)  # 0: the relay polls in a busy loop
     # After a commit wakes the relay, wait this long before the pass, so that the commits of the next
     # few ms are relayed with it. 0 = at once (for topics on the latency-critical path).
     outbox_relay_delay_ms: int = 0
-    outbox_batch_size: int = 500
+    outbox_batch_size: int = Field(default=500, ge=1)  # 0: the relay never published a row
     # Retention (`shared.db.retention`): days the admin audit log is kept (0: forever), and how often
     # each service's retention round runs (one replica at a time).
     audit_retention_days: float = 0
-    retention_interval_s: float = 3600
+    retention_interval_s: float = Field(default=3600, gt=0)
     # The garbage collector's young-generation threshold once the service is up (`shared.heap`).
     gc_young_threshold: int = 10_000
     # PostgreSQL's plan_cache_mode for the service's connections. `auto` reuses a generic plan once it

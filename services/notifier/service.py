@@ -107,6 +107,7 @@ class Notifier:
                 reason=f"{source}: {'all marketing' if topic == ALL_TOPICS else topic} on {channel}",
                 status_id=f"{message_id}:unsubscribed:{topic}",
             ),
+            correlation_id=entry.correlation_id,
         )
 
     async def record_open(self, message_id: str) -> bool:
@@ -121,6 +122,7 @@ class Notifier:
                 MESSAGE_STATUS.name,
                 entry.request.customer_id,
                 status_of(entry.request, MessageStatusKind.OPENED, now),
+                correlation_id=entry.correlation_id,
             )
         return True
 
@@ -143,6 +145,7 @@ class Notifier:
                     url=url,
                     status_id=f"{message_id}:clicked:{digest}",
                 ),
+                correlation_id=entry.correlation_id,
             )
         return True
 
@@ -161,5 +164,6 @@ class Notifier:
                 MESSAGE_STATUS.name,
                 entry.request.customer_id,
                 status_of(entry.request, kind, now, reason=reason, provider=entry.provider),
+                correlation_id=entry.correlation_id,
             )
         return True

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 from sqlalchemy import text
 
 from shared.clock import ManualClock
-from shared.contracts import Headers
+from shared.contracts import MESSAGE_STATUS, Headers
 from tests.notifier.conftest import ADMIN, Harness, request
-from tests.support import eventually
+from tests.support import eventually, read_topic
 
 WELCOME = {
     "id": "welcome",
@@ -187,7 +187,8 @@ async def test_open_pixel_and_click_redirect_emit_statuses(start_notifier) -> No
                 "c3",
                 recipient={"email": "cy@example.com"},
                 data={"traits": {"first_name": "Cy"}, "event": {"properties": {"total": 2}}},
-            )
+            ),
+            **{Headers.CORRELATION_ID: "corr-track-1"},
         )
         await h.wait_status("m-track-1", "delivered")
         html = h.sink.messages[0].message.get_body(preferencelist=("html",)).get_content()
@@ -208,6 +209,10 @@ async def test_open_pixel_and_click_redirect_emit_statuses(start_notifier) -> No
         assert len(opened) == 1 and len(clicked) == 1
         assert clicked[0]["url"] == "https://shop.example.com/start?x=1&y=2"
         assert clicked[0]["journey_id"] == "j-welcome"
+        # Opens and clicks pass on the request's correlation id, as its delivery statuses do.
+        raw = await read_topic(h.settings.topic(MESSAGE_STATUS.name), idle=1.0, timeout=5)
+        chain = {m["value"]["status"]: m["headers"][Headers.CORRELATION_ID] for m in raw}
+        assert chain == dict.fromkeys(["queued", "sent", "delivered", "opened", "clicked"], "corr-track-1")
 
 
 async def test_rejected_recipient_bounces_and_a_smtp_451_is_retried(start_notifier) -> None:  # type: ignore[no-untyped-def]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from shared.settings import BaseServiceSettings
 
 
@@ -23,7 +25,7 @@ class SegmenterSettings(BaseServiceSettings):
     # (lock, evaluation, lifecycle, row update) over more of their events: 4,000 gave ~10,500 events/s
     # where 2,000 gave ~9,300 and 1,000 ~8,400 (bench-segmenter, 20k customers), 8,000 ~11,000 but
     # holds twice the memory and row locks for ~1 s.
-    consumer_max_batch: int = 4000
+    consumer_max_batch: int = Field(default=4000, ge=1)  # the base's bound: 0 would fetch nothing
     # On a backlog, up to four units of work at once: the database works on some while Python folds
     # and evaluates another (see `BaseServiceSettings.consumer_concurrency`).
     consumer_concurrency: int = 4

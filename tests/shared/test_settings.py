@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from services.ingest.settings import IngestSettings
+from services.journey_engine.settings import JourneyEngineSettings
+from services.notifier.settings import NotifierSettings
+from services.segmenter.settings import SegmenterSettings
 from shared.settings import BaseServiceSettings
 
 
@@ -18,9 +22,16 @@ from shared.settings import BaseServiceSettings
         ("retention_interval_s", 0),  # retention rounds back to back
     ],
 )
-def test_values_that_stop_the_plumbing_are_refused_naming_the_setting(name: str, value: float) -> None:
+@pytest.mark.parametrize(
+    "settings_class",
+    [BaseServiceSettings, IngestSettings, SegmenterSettings, JourneyEngineSettings, NotifierSettings],
+)
+def test_values_that_stop_the_plumbing_are_refused_naming_the_setting(
+    name: str, value: float, settings_class: type[BaseServiceSettings]
+) -> None:
+    # A service that changes a default keeps the base's bound (a plain `int = 4000` dropped it).
     with pytest.raises(ValidationError) as refused:
-        BaseServiceSettings.model_validate({name: value})
+        settings_class.model_validate({name: value})
     assert name in str(refused.value)
 
 

@@ -31,7 +31,7 @@ class Segmenter:
     @classmethod
     def build(cls, settings: SegmenterSettings, platform: Platform, clock: Clock) -> Segmenter:
         catalog = SegmentCatalogCache()
-        events = CustomerEventsHandler(platform, clock, catalog)
+        events = CustomerEventsHandler(platform, clock, catalog, settings.trait_limits)
         recommendations = Recommendations(settings, platform, clock, catalog)
         events.recommendations = recommendations
         lifecycle = Lifecycle(platform, clock, settings)

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from services.segmenter.domain.profile import TraitLimits
 from shared.settings import BaseServiceSettings
 
 
@@ -17,6 +18,14 @@ class SegmenterSettings(BaseServiceSettings):
     # timeline's orders too: a customer whose orders all fell out of it looks like one who never
     # ordered (and may change stage). Keep years, not months.
     timeline_retention_days: float = 0
+    # The bound on one profile's traits (docs/services/segmenter.md, "Limits"): every profile change
+    # and membership announcement carries them whole, and a Kafka message is at most 1 MB. A trait
+    # change (one identify or group call) that would make them bigger than `profile_max_trait_bytes`
+    # of compact JSON, or add names past `profile_max_traits`, is not applied (the event still counts).
+    # Keep the bytes well under the broker's `message.max.bytes`: a message adds the identities and,
+    # downstream, the event and template data.
+    profile_max_trait_bytes: int = Field(default=256 * 1024, ge=1)
+    profile_max_traits: int = Field(default=1000, ge=1)
     service_name: str = "segmenter"
     port: int = 8002
     db_schema: str = "segmenter"
@@ -64,3 +73,7 @@ class SegmenterSettings(BaseServiceSettings):
     lifecycle_refit_interval_s: float = 21600.0
     lifecycle_chunk_size: int = 50000
     lifecycle_cache_s: float = 5.0
+
+    @property
+    def trait_limits(self) -> TraitLimits:
+        return TraitLimits(self.profile_max_trait_bytes, self.profile_max_traits)

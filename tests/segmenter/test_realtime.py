@@ -3,12 +3,21 @@ conditions flipping on schedule without events, redelivery changing nothing."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
+import orjson
+import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
-from shared.contracts.topics import SEGMENT_MEMBERSHIP
-from tests.segmenter.conftest import START, Harness, make_event, read_all
+from services.segmenter.app import create_app
+from services.segmenter.settings import SegmenterSettings
+from shared.clock import ManualClock
+from shared.contracts.topics import PROFILES, SEGMENT_MEMBERSHIP
+from tests.segmenter.conftest import ADMIN, START, Harness, make_event, read_all
+from tests.support import running
 
 
 async def test_an_event_enters_and_a_later_one_exits_each_announced_once(harness: Harness) -> None:
@@ -165,3 +174,150 @@ async def test_a_new_customer_enters_segments_their_events_do_not_name(harness: 
     await harness.send(make_event("m2", "track", anonymous_id="a1", event="Page Scrolled"))
     await harness.processed(2)
     assert len(await harness.memberships()) == 3
+
+
+TRAIT_BYTES = 4096
+
+
+@pytest.fixture
+async def bounded(make_settings: Callable[..., SegmenterSettings]) -> AsyncIterator[Harness]:
+    """A segmenter whose profiles hold at most 4 KB of traits."""
+    settings = make_settings(
+        SegmenterSettings,
+        run_background_loops=False,
+        consumer_max_batch=500,
+        profile_max_trait_bytes=TRAIT_BYTES,
+    )
+    clock = ManualClock(START)
+    app = create_app(settings, clock)
+    async with running(app) as client:
+        yield Harness(client, app.state.segmenter, settings, clock)
+
+
+async def test_identifies_that_would_grow_a_profile_past_its_bound_are_refused_and_the_events_still_count(
+    bounded: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream adding a 1 KB trait per identify: the profile stops at the bound, every later
+    message carrying its traits stays under it, the refused events still count, and updates that
+    shrink the traits (or fit again afterwards) apply."""
+    h = bounded
+    pro = await h.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+
+    def refused() -> float:
+        labels = {"reason": "size", "source": "identify"}
+        return REGISTRY.get_sample_value("clm_segmenter_trait_changes_refused_total", labels) or 0.0
+
+    before = refused()
+    base = START - timedelta(hours=1)
+    # In order (in one unit of work or several): the first three blobs fit (about 3.6 KB with `plan`),
+    # each of the other five would take the traits past 4 KB.
+    with caplog.at_level(logging.WARNING, logger="services.segmenter.consumers.customer_events"):
+        await h.send(
+            make_event("b0", "identify", user_id="u1", traits={"plan": "pro"}, timestamp=base),
+            *(
+                make_event(
+                    f"b{i}",
+                    "identify",
+                    user_id="u1",
+                    traits={f"blob_{i}": "x" * 1200},
+                    timestamp=base + timedelta(minutes=i),
+                )
+                for i in range(1, 9)
+            ),
+        )
+        await h.processed(9)
+    profile = await h.customer("u1")
+    traits = profile["traits"]
+    assert set(traits) == {"plan", "blob_1", "blob_2", "blob_3"}
+    assert len(orjson.dumps(traits)) <= TRAIT_BYTES
+    assert set(profile["trait_updated_at"]) == set(traits)
+    # Every event counted: count, last seen (the last, refused, identify's time), timeline.
+    assert profile["aggregates"]["event_count"] == 9
+    assert profile["aggregates"]["last_seen"].startswith(
+        (base + timedelta(minutes=8)).strftime("%Y-%m-%dT%H:%M")
+    )
+    r = await h.client.get("/v1/customers/u1/events?limit=50", headers=ADMIN)
+    assert len(r.json()["events"]) == 9
+    assert refused() - before == 5
+    logged = [rec for rec in caplog.records if "bound" in rec.getMessage()]
+    assert len(logged) == 5 and all(getattr(rec, "customer_id", None) == "u1" for rec in logged)
+    assert sorted(getattr(rec, "message_id", "") for rec in logged) == [f"b{i}" for i in range(4, 9)]
+
+    # Shrinking updates apply (in another unit of work, measured afresh), then a new trait fits again.
+    await h.send(
+        make_event(
+            "s1", "identify", user_id="u1", traits={"blob_1": None}, timestamp=base + timedelta(minutes=20)
+        ),
+        make_event(
+            "s2", "identify", user_id="u1", traits={"plan": "free"}, timestamp=base + timedelta(minutes=21)
+        ),
+    )
+    await h.processed(11)
+    await h.send(
+        make_event(
+            "s3",
+            "identify",
+            user_id="u1",
+            traits={"blob_9": "y" * 900},
+            timestamp=base + timedelta(minutes=22),
+        )
+    )
+    await h.processed(12)
+    traits = (await h.customer("u1"))["traits"]
+    assert traits["blob_1"] is None and traits["plan"] == "free" and traits["blob_9"] == "y" * 900
+    assert len(orjson.dumps(traits)) <= TRAIT_BYTES
+    assert refused() - before == 5
+
+    # Every message that went out carries traits under the bound.
+    await h.relay()
+    changes = [m["value"] for m in await read_all(h.settings.topic(PROFILES.name))]
+    trait_changes = [c for c in changes if c["kind"] == "traits_changed"]
+    assert trait_changes and all(len(orjson.dumps(c["traits"])) <= TRAIT_BYTES for c in changes)
+    assert trait_changes[-1]["traits"] == traits
+    announcements = await h.memberships()
+    assert [(m["segment_id"], m["change"]) for m in announcements] == [(pro, "entered"), (pro, "exited")]
+    assert all(len(orjson.dumps(m["traits"])) <= TRAIT_BYTES for m in announcements)
+
+
+async def test_a_merge_keeps_the_survivor_within_the_bound_taking_the_newest_traits_that_fit(
+    bounded: Harness,
+) -> None:
+    h = bounded
+
+    def dropped() -> float:
+        labels = {"reason": "size", "source": "merge"}
+        return REGISTRY.get_sample_value("clm_segmenter_trait_changes_refused_total", labels) or 0.0
+
+    before = dropped()
+    base = START - timedelta(hours=1)
+    await h.send(
+        make_event("u", "identify", user_id="u1", traits={"u_1": "u" * 1200}, timestamp=base),
+        *(
+            make_event(
+                f"a{i}",
+                "identify",
+                anonymous_id="a1",
+                traits={f"a_{i}": "a" * 1200},
+                timestamp=base + timedelta(minutes=i),
+            )
+            for i in range(1, 4)
+        ),
+    )
+    await h.processed(4)
+    # The device logs in: its anonymous profile merges into u1's, which has room for two of its three.
+    await h.send(
+        make_event(
+            "m",
+            "track",
+            user_id="u1",
+            anonymous_id="a1",
+            event="Signed In",
+            timestamp=base + timedelta(minutes=9),
+        )
+    )
+    await h.processed(5)
+    profile = await h.customer("u1")
+    assert set(profile["traits"]) == {"u_1", "a_3", "a_2"}
+    assert len(orjson.dumps(profile["traits"])) <= TRAIT_BYTES
+    assert profile["aggregates"]["event_count"] == 5
+    assert dropped() - before == 1

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.identity import batch_identifiers, plan_identities
@@ -21,8 +22,10 @@ from services.segmenter.domain.profile import (
     ORDER_EVENT,
     EventAggregate,
     ProfileSnapshot,
+    TraitLimits,
+    TraitRefusal,
     aggregate_name,
-    apply_traits,
+    apply_bounded_traits,
     context_traits,
     order_revenue,
     trait_change,
@@ -45,15 +48,48 @@ if TYPE_CHECKING:
 CONSUMER = "segmenter.events"
 log = logging.getLogger(__name__)
 
+TRAITS_REFUSED = Counter(
+    "clm_segmenter_trait_changes_refused_total",
+    "Trait changes not applied because the profile's traits would pass their bound "
+    "(profile_max_trait_bytes: reason size; profile_max_traits: reason count); source identify, group "
+    "or context (the change was refused whole, the event counted) or merge (the merged-away profile's "
+    "values left out)",
+    ["reason", "source"],
+)
+_LOGGED_NAMES = 20
+
+
+def _refused(customer_id: str, cause: str, source: str, refusal: TraitRefusal) -> None:
+    TRAITS_REFUSED.labels(refusal.reason, source).inc()
+    log.warning(
+        "trait change not applied: the profile's traits would pass their bound",
+        extra={
+            "customer_id": customer_id,
+            "message_id": cause,
+            "source": source,
+            "reason": refusal.reason,
+            "traits": list(refusal.names[:_LOGGED_NAMES]),
+            "traits_refused": len(refusal.names),
+            "bytes_before": refusal.bytes_before,
+            "bytes_after": refusal.bytes_after,
+            "count_before": refusal.count_before,
+            "count_after": refusal.count_after,
+        },
+    )
+
 
 class ConcurrentIdentityChange(Exception):
     pass
 
 
 def _fold_event(
-    p: ProfileSnapshot, e: CustomerEvent, counts: dict[tuple[str, str], EventAggregate]
+    p: ProfileSnapshot,
+    e: CustomerEvent,
+    counts: dict[tuple[str, str], EventAggregate],
+    limits: TraitLimits,
 ) -> set[str]:
-    """Apply one event to a locked profile; returns the trait names it changed."""
+    """Apply one event to a locked profile; returns the trait names it changed. A trait change that
+    would take the traits past `limits` is not applied (logged, counted); the event counts anyway."""
     f = p.fields
     ts = e.timestamp
     f["first_seen"] = ts if f["first_seen"] is None else min(f["first_seen"], ts)
@@ -73,11 +109,19 @@ def _fold_event(
             f["revenue"] = float(f["revenue"] or 0) + order_revenue(e.properties)
             f["first_order_at"] = ts if f["first_order_at"] is None else min(f["first_order_at"], ts)
             f["last_order_at"] = ts if f["last_order_at"] is None else max(f["last_order_at"], ts)
+    changed: set[str] = set()
     change = trait_change(e)
-    changed = apply_traits(p.traits, p.trait_times, change) if change else set()
+    if change is not None:
+        outcome = apply_bounded_traits(p, change, limits)
+        changed = outcome.changed
+        if outcome.refused is not None:
+            _refused(p.customer_id, e.message_id, e.type.value, outcome.refused)
     from_context = context_traits(e, p.traits)
     if from_context is not None:
-        changed |= apply_traits(p.traits, p.trait_times, from_context)
+        outcome = apply_bounded_traits(p, from_context, limits)
+        changed |= outcome.changed
+        if outcome.refused is not None:
+            _refused(p.customer_id, e.message_id, "context", outcome.refused)
     return changed
 
 
@@ -92,10 +136,18 @@ def is_transient_conflict(exc: BaseException) -> bool:
 
 
 class CustomerEventsHandler:
-    def __init__(self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache) -> None:
+    def __init__(
+        self,
+        platform: Platform,
+        clock: Clock,
+        catalog: SegmentCatalogCache,
+        trait_limits: TraitLimits | None = None,
+    ) -> None:
         self.platform = platform
         self.clock = clock
         self.catalog_cache = catalog
+        # The bound on a profile's traits (settings `profile_max_trait_bytes`, `profile_max_traits`).
+        self.trait_limits = trait_limits or TraitLimits()
         # Issue 9: set by the runtime; feeds the catalogue and recommendation counts per batch.
         self.recommendations: Recommendations | None = None
         # Issue 7: set by the runtime; keeps lifecycle stage and metrics current in the same unit of work.
@@ -166,7 +218,9 @@ class CustomerEventsHandler:
         merge_cause: dict[str, str] = {}
         merged_traits: dict[str, set[str]] = {}
         for m in plan.merges:
-            result = await profile_store.merge_customers(session, m, now)
+            result = await profile_store.merge_customers(session, m, now, self.trait_limits)
+            if result.dropped_traits is not None:
+                _refused(m.into_id, m.message_id, "merge", result.dropped_traits)
             merged_into.setdefault(m.into_id, []).append(m.from_id)
             merge_cause[m.into_id] = f"{m.event_type} {m.message_id}: " + ", ".join(
                 f"{k}={v}" for k, v in m.identifiers
@@ -188,7 +242,7 @@ class CustomerEventsHandler:
         last_message: dict[str, str] = {}
         for e, cid in zip(todo, plan.customer_of_event, strict=True):
             p = profiles[cid]
-            changed = _fold_event(p, e, counts)
+            changed = _fold_event(p, e, counts, self.trait_limits)
             if changed:
                 changed_traits.setdefault(cid, set()).update(changed)
             agg_name = aggregate_name(e)

@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
+
+import orjson
 
 from shared.contracts import storable
 from shared.contracts.events import CustomerEvent, EventType
@@ -41,6 +43,9 @@ class ProfileSnapshot:
     memberships: set[str] = field(default_factory=set)
     # Categories in the stored recommendation lists ("cross_sell"/"upsell" -> categories, "*" if any).
     recommendations: dict[str, set[str]] = field(default_factory=dict)
+    # `traits` as compact JSON, in bytes (`traits_size`): measured the first time an event changes a
+    # trait of this snapshot, then kept current by `apply_bounded_traits` (None: not measured yet).
+    traits_bytes: int | None = None
 
 
 def aggregate_name(event: CustomerEvent) -> str | None:
@@ -140,9 +145,76 @@ def context_traits(event: CustomerEvent, traits: Mapping[str, Any]) -> TraitChan
     return TraitChange(found, storable.EARLIEST_TIME) if found else None
 
 
-def apply_traits(traits: dict[str, Any], trait_times: dict[str, datetime], change: TraitChange) -> set[str]:
-    """Fold `change` into traits in place; returns the names whose value changed."""
-    changed: set[str] = set()
+# --------------------------------------------------------------------------- the bound on traits
+#
+# Every `ProfileChanged` and `SegmentMembershipChanged` carries the profile's full traits, and the
+# journey engine copies them into message requests: a profile whose traits grew past Kafka's 1 MB
+# message limit could never be announced again. Nothing else bounds them (each identify is under
+# ingest's 32 KB, but may add new keys every time), so a change that would take the traits past
+# `TraitLimits` is not applied. The rule, per trait change (one identify, one group call, the device
+# traits of one event's context):
+#
+# - All or nothing: the change is applied whole, or none of it is (values and set times), so a
+#   profile never holds half of an identify, and what is kept never depends on the order of the keys
+#   in the payload (which SDKs do not promise).
+# - It is refused only if it makes the traits bigger (bytes) or more (top-level names) *and* the
+#   result is past the bound: an update that keeps or shrinks the traits always applies, also on a
+#   profile already past the bound (one from before the bound existed, or after the bound was
+#   lowered), so such a profile can always be brought back under it.
+# - Only the traits: the event still counts (last_seen, counts, timeline, lifecycle).
+#
+# The size is the traits' compact JSON in bytes (UTF-8), the way they are stored and sent. It is
+# measured once per profile per unit of work, only when an event changes a trait, and then kept by
+# difference: each change costs the encoding of the values it sets and of those it replaces.
+
+
+@dataclass(frozen=True)
+class TraitLimits:
+    """The bound on one profile's traits (settings `profile_max_trait_bytes`, `profile_max_traits`)."""
+
+    max_bytes: int = 256 * 1024
+    max_count: int = 1000
+
+
+@dataclass(frozen=True)
+class TraitRefusal:
+    """A trait change not applied (or, in a merge, the merged-away traits left out)."""
+
+    reason: Literal["size", "count"]
+    names: tuple[str, ...]  # the traits whose new value was not applied, sorted
+    bytes_before: int
+    bytes_after: int  # had it been applied
+    count_before: int
+    count_after: int  # had it been applied
+
+
+@dataclass
+class TraitOutcome:
+    changed: set[str]  # names whose value changed
+    refused: TraitRefusal | None = None
+
+
+def _encoded_len(value: Any, _dumps: Any = orjson.dumps, _option: int = orjson.OPT_NON_STR_KEYS) -> int:
+    return len(_dumps(value, option=_option))
+
+
+def traits_size(traits: Mapping[str, Any]) -> int:
+    """The traits as compact JSON, in bytes."""
+    return _encoded_len(traits)
+
+
+def _entry_size(name: str, value: Any) -> int:
+    """What one trait adds to `traits_size`: `"name":value` and its comma (or the closing brace)."""
+    return _encoded_len(name) + _encoded_len(value) + 2
+
+
+def _plan(
+    traits: Mapping[str, Any], trait_times: Mapping[str, datetime], change: TraitChange
+) -> tuple[dict[str, Any], list[str]]:
+    """The new values `change` sets (differing from the current ones), and every name it writes (its
+    set time moves, also when the value stays the same); names a later write set are left alone."""
+    updates: dict[str, Any] = {}
+    written: list[str] = []
     for name, value in change.traits.items():
         last = trait_times.get(name)
         if last is not None and last > change.at:
@@ -151,29 +223,141 @@ def apply_traits(traits: dict[str, Any], trait_times: dict[str, datetime], chang
             current = traits[name]
             if current.get("id") == value.get("id"):
                 value = {**current, **value}
+        written.append(name)
         if traits.get(name, _MISSING) != value or name not in traits:
-            traits[name] = value
-            changed.add(name)
+            updates[name] = value
+    return updates, written
+
+
+def apply_traits(traits: dict[str, Any], trait_times: dict[str, datetime], change: TraitChange) -> set[str]:
+    """Fold `change` into traits in place, unbounded; returns the names whose value changed. The
+    events handler uses `apply_bounded_traits`."""
+    updates, written = _plan(traits, trait_times, change)
+    traits.update(updates)
+    for name in written:
         trait_times[name] = change.at
-    return changed
+    return set(updates)
+
+
+def apply_bounded_traits(p: ProfileSnapshot, change: TraitChange, limits: TraitLimits) -> TraitOutcome:
+    """Fold `change` into the profile's traits unless it would take them past `limits` (the rule
+    above: all or nothing, refused only if it grows them past the bound)."""
+    traits, times = p.traits, p.trait_times
+    updates, written = _plan(traits, times, change)
+    if updates:
+        count = len(traits)
+        added = sum(1 for name in updates if name not in traits)
+        size = p.traits_bytes if p.traits_bytes is not None else traits_size(traits)
+        delta = 0
+        for name, value in updates.items():
+            old = traits.get(name, _MISSING)
+            if old is _MISSING and name not in traits:
+                delta += _entry_size(name, value)
+            else:  # the same name: only the values differ
+                delta += _encoded_len(value) - _encoded_len(old)
+        if not traits:
+            delta -= 1  # `{}` is two bytes, `{"a":1}` one more than its entry
+        reason: Literal["size", "count"] | None = None
+        if added and count + added > limits.max_count:
+            reason = "count"
+        elif delta > 0 and size + delta > limits.max_bytes:
+            reason = "size"
+        if reason is not None:
+            refusal = TraitRefusal(reason, tuple(sorted(updates)), size, size + delta, count, count + added)
+            return TraitOutcome(set(), refusal)
+        traits.update(updates)
+        p.traits_bytes = size + delta
+    for name in written:
+        times[name] = change.at
+    return TraitOutcome(set(updates))
 
 
 def merge_traits(
     into: tuple[dict[str, Any], dict[str, datetime]], other: tuple[dict[str, Any], dict[str, datetime]]
 ) -> tuple[dict[str, Any], dict[str, datetime], set[str]]:
-    """Traits of two profiles that are one customer: per trait, the more recently set value wins."""
+    """Traits of two profiles that are one customer: per trait, the more recently set value wins
+    (unbounded; the events handler's merges use `merge_bounded_traits`)."""
+    merged = merge_bounded_traits(into, other, None)
+    return merged.traits, merged.times, merged.changed
+
+
+@dataclass
+class TraitMerge:
+    traits: dict[str, Any]
+    times: dict[str, datetime]
+    changed: set[str]
+    dropped: TraitRefusal | None = None  # the merged-away profile's winning values left out
+
+
+def merge_bounded_traits(
+    into: tuple[dict[str, Any], dict[str, datetime]],
+    other: tuple[dict[str, Any], dict[str, datetime]],
+    limits: TraitLimits | None,
+) -> TraitMerge:
+    """Traits of two profiles that are one customer: per trait, the more recently set value wins.
+
+    Within `limits`: two profiles each under the bound can make one past it (and merges repeat), so
+    the survivor keeps its own traits and takes the merged-away profile's winning values, first
+    those that do not make the traits bigger, then the others newest first (by set time, then
+    name), each only if the traits stay within the bound; the rest are left out (`dropped`). A merge
+    is not an upstream's one change, so it is not all or nothing: that would lose all of the other
+    profile's traits (the anonymous visitor's email) for the sake of one big one."""
     traits, times = dict(into[0]), dict(into[1])
-    changed: set[str] = set()
+    winners: list[tuple[str, Any, datetime | None]] = []
     for name, value in other[0].items():
         at = other[1].get(name)
         mine = times.get(name)
         if name not in traits or (at is not None and (mine is None or at > mine)):
-            if traits.get(name, _MISSING) != value:
-                changed.add(name)
-            traits[name] = value
-            if at is not None:
-                times[name] = at
-    return traits, times, changed
+            winners.append((name, value, at))
+    changed: set[str] = set()
+    size = initial = traits_size(traits) if limits is not None else 0
+    left_out: list[str] = []
+    reasons: set[str] = set()
+    bytes_wanted, count_wanted = size, len(traits)
+
+    def take(name: str, value: Any, at: datetime | None) -> None:
+        if traits.get(name, _MISSING) != value or name not in traits:
+            changed.add(name)
+        traits[name] = value
+        if at is not None:
+            times[name] = at
+
+    if limits is None:
+        for name, value, at in winners:
+            take(name, value, at)
+        return TraitMerge(traits, times, changed)
+    growing: list[tuple[int, str, Any, datetime | None]] = []
+    for name, value, at in winners:
+        delta = _entry_size(name, value) - (_entry_size(name, traits[name]) if name in traits else 0)
+        if name in traits and delta <= 0:
+            size += delta
+            bytes_wanted += delta
+            take(name, value, at)
+        else:
+            growing.append((delta, name, value, at))
+    # Newest first; values set at no known time (none from events) last.
+    growing.sort(key=lambda g: (g[3] is None, -(g[3].timestamp() if g[3] else 0.0), g[1]))
+    for delta, name, value, at in growing:
+        new = name not in traits
+        delta -= 1 if not traits else 0
+        bytes_wanted += delta
+        count_wanted += new
+        if new and len(traits) + 1 > limits.max_count:
+            reasons.add("count")
+            left_out.append(name)
+        elif size + delta > limits.max_bytes:
+            reasons.add("size")
+            left_out.append(name)
+        else:
+            size += delta
+            take(name, value, at)
+    dropped = None
+    if left_out:
+        reason: Literal["size", "count"] = "size" if "size" in reasons else "count"
+        dropped = TraitRefusal(
+            reason, tuple(sorted(left_out)), initial, bytes_wanted, len(into[0]), count_wanted
+        )
+    return TraitMerge(traits, times, changed, dropped)
 
 
 _MISSING = object()

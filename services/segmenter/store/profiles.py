@@ -16,7 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.identity import Identifier, Merge
 from services.segmenter.domain.lifecycle.tracking import STORED_FIELDS
-from services.segmenter.domain.profile import EventAggregate, ProfileSnapshot, merge_traits
+from services.segmenter.domain.profile import (
+    EventAggregate,
+    ProfileSnapshot,
+    TraitLimits,
+    TraitRefusal,
+    merge_bounded_traits,
+)
 from shared.db.engine import Statement, json_text
 from shared.db.retention import RetentionRule
 
@@ -234,11 +240,16 @@ class MergeResult:
     changed_traits: set[str]
     # Memberships the merged-away profile held: each ends (announced as an exit of that id).
     exited: list[tuple[str, int]]  # segment_id, transitions after the exit
+    # The merged-away profile's trait values left out to keep the survivor within the bound.
+    dropped_traits: TraitRefusal | None = None
 
 
-async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) -> MergeResult:
-    """Fold `from` into `into`: traits (most recent per trait wins), aggregates, timeline, identities,
-    merge history; `from`'s memberships and timers end (the survivor is re-evaluated by the caller)."""
+async def merge_customers(
+    session: AsyncSession, merge: Merge, now: datetime, limits: TraitLimits | None = None
+) -> MergeResult:
+    """Fold `from` into `into`: traits (most recent per trait wins, within `limits`: see
+    `merge_bounded_traits`), aggregates, timeline, identities, merge history; `from`'s memberships
+    and timers end (the survivor is re-evaluated by the caller)."""
     rows = {
         r.customer_id: r
         for r in await session.execute(
@@ -252,7 +263,10 @@ async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) ->
     if merge.into_id not in rows or merge.from_id not in rows:
         raise ProfileGone(merge.from_id if merge.from_id not in rows else merge.into_id)
     into, other = _snapshot(rows[merge.into_id]), _snapshot(rows[merge.from_id])
-    traits, times, changed = merge_traits((into.traits, into.trait_times), (other.traits, other.trait_times))
+    merged = merge_bounded_traits(
+        (into.traits, into.trait_times), (other.traits, other.trait_times), limits or TraitLimits()
+    )
+    traits, times = merged.traits, merged.times
     await session.execute(
         text(
             "UPDATE customers c SET traits = CAST(:traits AS jsonb), trait_times = CAST(:times AS jsonb), "
@@ -321,7 +335,7 @@ async def merge_customers(session: AsyncSession, merge: Merge, now: datetime) ->
         text("DELETE FROM segment_timers WHERE customer_id = :from"), {"from": merge.from_id}
     )
     await session.execute(text("DELETE FROM customers WHERE customer_id = :from"), {"from": merge.from_id})
-    return MergeResult(changed, exited)
+    return MergeResult(merged.changed, exited, merged.dropped)
 
 
 async def merge_history(session: AsyncSession, customer_id: str) -> list[dict[str, Any]]:

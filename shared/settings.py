@@ -81,6 +81,11 @@ class BaseServiceSettings(BaseSettings):
     # few ms are relayed with it. 0 = at once (for topics on the latency-critical path).
     outbox_relay_delay_ms: int = 0
     outbox_batch_size: int = Field(default=500, ge=1)  # 0: the relay never published a row
+    # The largest message CLM produces, as a single-record batch (`shared.kafka.producer.record_size`).
+    # Must not exceed any CLM topic's max.message.bytes (the broker's default is 1,048,588 bytes):
+    # the outbox relay parks larger rows in `outbox_parked` instead of sending them, and a consumer
+    # dead-letters a record without its value when the dead-letter record would be larger.
+    kafka_max_message_bytes: int = Field(default=1_000_000, ge=4096)
     # Retention (`shared.db.retention`): days the admin audit log is kept (0: forever), and how often
     # each service's retention round runs (one replica at a time).
     audit_retention_days: float = 0

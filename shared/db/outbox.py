@@ -3,6 +3,10 @@
 At-least-once: a crash between the broker's acknowledgement and the delete republishes those rows
 with the same event ids, which consumers' inboxes drop. One relay per schema works at a time
 (an advisory lock), so per-key order is kept even with several replicas of a service.
+
+A row too large for Kafka (over `kafka_max_message_bytes`, or refused by the broker as too large) is
+moved to `outbox_parked` in the same transaction, with the reason, logged and counted
+(`clm_outbox_parked_total`): sent, it was refused on every pass and held back every row behind it.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.db.engine import Statement, driver_transaction
+from shared.db.engine import Statement, driver_transaction, json_text
 from shared.db.migrations import advisory_key
-from shared.kafka.producer import EventProducer, OutgoingMessage
-from shared.observability.metrics import OUTBOX_PENDING, OUTBOX_RELAYED
+from shared.kafka.producer import TOO_LARGE, EventProducer, OutgoingMessage, record_size
+from shared.observability.metrics import OUTBOX_PARKED, OUTBOX_PENDING, OUTBOX_RELAYED
 from shared.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
@@ -30,7 +34,11 @@ _TAKE = Statement(
     "WITH relay_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(:k) AS got) "
     "DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox "
     "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT :n)) "
-    "RETURNING id, topic, key, value, headers"
+    "RETURNING id, topic, key, value, headers, created_at"
+)
+_PARK = Statement(
+    "INSERT INTO outbox_parked (id, topic, key, value, headers, created_at, reason) "
+    "VALUES (:id, :topic, :key, :value, :headers, :created_at, :reason)"
 )
 
 
@@ -43,7 +51,8 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock_key = advisory_key(f"outbox:{settings.db_schema}")
-        self.relayed = 0
+        self.relayed = 0  # rows taken from the outbox: published or parked
+        self.parked = 0
         self._last_prune = 0.0
 
     def notify(self) -> None:
@@ -81,12 +90,55 @@ class OutboxRelay:
             if not rows:
                 OUTBOX_PENDING.labels(self.settings.service_name).set(0)
                 return 0
-            messages = [OutgoingMessage(r[1], r[2], r[3], _headers(r[4])) for r in rows]
-            await self.producer.send_batched(messages)
-        OUTBOX_RELAYED.labels(self.settings.service_name).inc(len(rows))
-        OUTBOX_PENDING.labels(self.settings.service_name).set(len(rows))
-        self.relayed += len(rows)
-        return len(rows)
+            limit = self.settings.kafka_max_message_bytes
+            sendable: list[tuple[Any, OutgoingMessage]] = []
+            for r in rows:
+                message = OutgoingMessage(r[1], r[2], r[3], _headers(r[4]))
+                if (size := record_size(message)) > limit:
+                    # Sent, the broker would refuse it on every pass (a topic's default limit is
+                    # ~1 MB), rolling back the delete of every row taken with it.
+                    await self._park(driver, r, f"{size} bytes: more than kafka_max_message_bytes ({limit})")
+                else:
+                    sendable.append((r, message))
+            try:
+                await self.producer.send_batched([m for _, m in sendable])
+            except TOO_LARGE as exc:
+                # A topic's max.message.bytes below the setting: one at a time, parking what it refuses.
+                log.warning(
+                    "broker refused a batch as too large; sending its messages one at a time",
+                    extra={"rows": len(sendable), "error": repr(exc)},
+                )
+                for r, message in sendable:
+                    try:
+                        await self.producer.send(message)
+                    except TOO_LARGE as refused:
+                        await self._park(driver, r, f"refused by the broker: {refused!r}")
+        relayed = len(rows)
+        OUTBOX_RELAYED.labels(self.settings.service_name).inc(relayed)
+        OUTBOX_PENDING.labels(self.settings.service_name).set(relayed)
+        self.relayed += relayed
+        return relayed
+
+    async def _park(self, driver: Any, row: Any, reason: str) -> None:
+        """Move a taken row to `outbox_parked` (committed with the pass's delete) instead of sending it."""
+        await _PARK.execute(
+            driver,
+            {
+                "id": row[0],
+                "topic": row[1],
+                "key": row[2],
+                "value": row[3],
+                "headers": row[4] if isinstance(row[4], str) else json_text(row[4]),
+                "created_at": row[5],
+                "reason": reason,
+            },
+        )
+        OUTBOX_PARKED.labels(self.settings.service_name, row[1]).inc()
+        self.parked += 1
+        log.error(
+            "outbox row parked: too large for Kafka (see outbox_parked)",
+            extra={"outbox_id": row[0], "topic": row[1], "value_bytes": len(row[3]), "reason": reason},
+        )
 
     async def _run(self) -> None:
         backoff = 0.2

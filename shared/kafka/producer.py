@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from shared.contracts.events import ContractModel
 from shared.contracts.headers import Headers
 from shared.settings import BaseServiceSettings
 
+log = logging.getLogger(__name__)
+
 _KEY_HASHES_KEPT = 100_000
+
+# What a broker answers for a record batch larger than the topic's max.message.bytes (and what
+# aiokafka raises itself for a single message past its max_request_size, or `EventProducer.send` for
+# one past `kafka_max_message_bytes`). A property of the message, not an outage: never retried as is.
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+
+# A record batch's fixed part (log overhead and batch header, 61 bytes) and a record's varints
+# (length, attributes, timestamp and offset deltas: at most 21 bytes), as aiokafka counts them.
+_BATCH_OVERHEAD = 61 + 21
 
 
 class OutgoingMessage(NamedTuple):
@@ -27,6 +41,16 @@ class OutgoingMessage(NamedTuple):
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def record_size(message: OutgoingMessage) -> int:
+    """An upper bound of the bytes the broker counts for `message` alone in a record batch: what a
+    topic's max.message.bytes (and the `kafka_max_message_bytes` setting) limits. Uncompressed, as
+    CLM produces; lengths as 5-byte varints (the most a length takes), so never an underestimate."""
+    size = _BATCH_OVERHEAD + 10 + len(message.value) + (len(message.key) if message.key is not None else 0)
+    for name, value in message.headers:
+        size += 10 + len(name.encode()) + len(value)
+    return size + 5
 
 
 def message_headers(
@@ -88,6 +112,7 @@ class EventProducer:
         self.linger_ms = linger_ms
         self.request_timeout_ms = request_timeout_ms
         self._client: AIOKafkaProducer | None = None
+        self._renewing = asyncio.Lock()
         self._partitioner = DefaultPartitioner()
         # murmur2 of a key (aiokafka's is pure Python, ~3 us): the relays send the same customers'
         # keys over and over. Bounded: cleared when full.
@@ -100,6 +125,9 @@ class EventProducer:
         return self._client
 
     async def start(self) -> None:
+        self._client = await self._new_client()
+
+    async def _new_client(self) -> AIOKafkaProducer:
         # Created here, not in __init__: aiokafka binds to the running event loop.
         client = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap_servers,
@@ -109,23 +137,58 @@ class EventProducer:
             linger_ms=self.linger_ms,
             request_timeout_ms=self.request_timeout_ms,
             max_batch_size=256 * 1024,
+            # aiokafka's own check of a single message (its default, 1 MiB), never below ours.
+            max_request_size=max(1024 * 1024, self.settings.kafka_max_message_bytes),
         )
         try:
             await client.start()
         except Exception:
             await client.stop()
             raise
-        self._client = client
+        return client
+
+    async def _renew(self, refused: AIOKafkaProducer) -> None:
+        """A new client in place of `refused`, after the broker refused one of its batches as too
+        large. The idempotent producer had numbered that batch's records: the broker never took
+        them, so it refused every later batch of that partition as out of sequence
+        (OUT_OF_ORDER_SEQUENCE_NUMBER), for as long as the process ran. A new client is a new
+        producer id, numbered from 0. What others had queued on the old one is flushed as it stops."""
+        old: AIOKafkaProducer = refused
+        async with self._renewing:
+            if self._client is not refused:
+                return  # renewed already, or stopped
+            try:
+                self._client = await self._new_client()
+            except Exception as exc:  # the broker went away meanwhile: the next refusal tries again
+                log.warning("producer not renewed after a refused batch", extra={"error": repr(exc)})
+                return
+        log.warning("producer renewed after the broker refused a batch as too large")
+        with contextlib.suppress(Exception):
+            await old.stop()
 
     async def stop(self) -> None:
-        client, self._client = self._client, None
+        async with self._renewing:
+            client, self._client = self._client, None
         if client is not None:
             await client.stop()
 
     async def send(self, message: OutgoingMessage) -> None:
-        await self._producer.send_and_wait(
+        """Send one message and wait for the broker's acknowledgement. One larger than
+        `kafka_max_message_bytes` is refused before it is sent (`MessageSizeTooLargeError`)."""
+        size = record_size(message)
+        if size > self.settings.kafka_max_message_bytes:
+            raise MessageSizeTooLargeError(
+                f"{size} bytes: more than kafka_max_message_bytes ({self.settings.kafka_max_message_bytes})"
+            )
+        client = self._producer
+        future = await client.send(
             message.topic, message.value, key=message.key, headers=list(message.headers)
         )
+        try:
+            await future
+        except TOO_LARGE:
+            await self._renew(client)
+            raise
 
     async def send_many(self, messages: Sequence[OutgoingMessage]) -> None:
         """Send all, then wait for every acknowledgement; raises if any failed."""
@@ -140,7 +203,9 @@ class EventProducer:
     async def send_batched(self, messages: Sequence[OutgoingMessage]) -> None:
         """`send_many` through aiokafka's batch API: one record batch per partition instead of one
         `send()` per message (a few µs per message instead of tens). Same partitioner (murmur2 of the
-        key, as Kafka's Java clients), same order per partition; raises if any batch failed."""
+        key, as Kafka's Java clients), same order per partition; raises if any batch failed (one in
+        `TOO_LARGE` if the broker refused a batch as too large: sizes are the caller's to check,
+        with `record_size`, as the outbox relay does)."""
         producer = self._producer
         by_partition: dict[tuple[str, int], list[OutgoingMessage]] = {}
         for topic in {m.topic for m in messages}:
@@ -163,9 +228,12 @@ class EventProducer:
                     batch.append(timestamp=None, key=m.key, value=m.value, headers=headers)
             futures.append(await producer.send_batch(batch, topic, partition=partition))
         results = await asyncio.gather(*futures, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        errors = [result for result in results if isinstance(result, BaseException)]
+        if refused := [error for error in errors if isinstance(error, TOO_LARGE)]:
+            await self._renew(producer)
+            raise refused[0]
+        if errors:
+            raise errors[0]
 
     def _partition(self, key: bytes | None, partitions: list[int], available: list[int]) -> int:
         """The partition aiokafka's `DefaultPartitioner` (and Kafka's Java clients) pick for `key`."""

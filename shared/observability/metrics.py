@@ -39,6 +39,9 @@ CONSUMER_BUFFERED = Gauge(
 )
 DLQ_MESSAGES = Counter("clm_dlq_messages_total", "Messages sent to a dead-letter topic", ["service", "topic"])
 OUTBOX_RELAYED = Counter("clm_outbox_relayed_total", "Outbox rows published to Kafka", ["service"])
+OUTBOX_PARKED = Counter(
+    "clm_outbox_parked_total", "Outbox rows too large for Kafka, moved to outbox_parked", ["service", "topic"]
+)
 OUTBOX_PENDING = Gauge("clm_outbox_pending", "Outbox rows seen waiting in the last relay pass", ["service"])
 
 

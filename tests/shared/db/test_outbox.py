@@ -1,0 +1,149 @@
+"""`shared.db.outbox.OutboxRelay` on rows Kafka cannot take, against the real database and broker: a
+row too large for its topic is parked in `outbox_parked`, and the rows behind it are published."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from prometheus_client import REGISTRY
+from sqlalchemy import text
+
+from shared.contracts import PROFILES, Headers, ProfileChanged, ProfileChangeKind
+from shared.db import messaging_tables
+from shared.db.engine import create_engine, ensure_schema
+from shared.runtime import Platform
+from shared.settings import BaseServiceSettings
+from tests.support import eventually, read_topic
+
+
+class RelaySettings(BaseServiceSettings):
+    service_name: str = "relay_test"
+    db_schema: str = "relay"
+
+
+@pytest.fixture
+async def platform(make_settings: Callable[..., Any]) -> AsyncIterator[Platform]:
+    # One partition: every message below shares it, so a refused batch would hold back all of them.
+    settings = make_settings(RelaySettings, topic_partitions=1)
+    await ensure_schema(settings.database_url, settings.db_schema)
+    engine = create_engine(settings.database_url, settings.db_schema)
+    async with engine.begin() as conn:
+        md = sa.MetaData()
+        messaging_tables.define(md)
+        await conn.run_sync(md.create_all)
+    await engine.dispose()
+    p = Platform(settings, migrations=None)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+def change(customer: str, padding: int = 0) -> ProfileChanged:
+    return ProfileChanged(
+        event_id=str(uuid.uuid4()),
+        customer_id=customer,
+        kind=ProfileChangeKind.TRAITS_CHANGED,
+        occurred_at=datetime.now(UTC),
+        traits={"plan": "pro", "notes": "x" * padding},
+        changed_traits=["notes"],
+    )
+
+
+async def parked(platform: Platform) -> list[dict[str, Any]]:
+    async with platform.engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT id, topic, key, value, headers, created_at, reason, parked_at FROM outbox_parked")
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+async def outbox_count(platform: Platform) -> int:
+    async with platform.engine.connect() as conn:
+        return int(await conn.scalar(text("SELECT count(*) FROM outbox")) or 0)
+
+
+def parked_metric(platform: Platform) -> float:
+    topic = platform.settings.topic(PROFILES.name)
+    labels = {"service": platform.settings.service_name, "topic": topic}
+    return REGISTRY.get_sample_value("clm_outbox_parked_total", labels) or 0.0
+
+
+async def test_a_row_larger_than_kafka_takes_is_parked_and_the_rows_behind_it_are_published(
+    platform: Platform,
+) -> None:
+    """A profile whose traits add up past 1 MB: the broker refused it on every pass, the delete of
+    the rows taken with it rolled back, and nothing behind it was ever published."""
+    before, big, after = change("c1"), change("c1", padding=1_100_000), change("c2")
+    async with platform.unit_of_work() as uow:
+        uow.emit(PROFILES.name, "c1", before, correlation_id="corr-big")
+        uow.emit(PROFILES.name, "c1", big, correlation_id="corr-big")
+        uow.emit(PROFILES.name, "c2", after)
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=2, timeout=20)
+    assert [m["value"]["event_id"] for m in got] == [before.event_id, after.event_id]
+    assert await eventually(lambda: parked(platform), timeout=5)
+    [row] = await parked(platform)
+    assert row["key"] == b"c1"
+    assert orjson.loads(row["value"])["event_id"] == big.event_id
+    assert row["headers"][Headers.EVENT_ID] == big.event_id
+    assert row["headers"][Headers.CORRELATION_ID] == "corr-big"
+    assert "kafka_max_message_bytes" in row["reason"]
+    assert row["topic"] == platform.settings.topic(PROFILES.name)
+    assert row["created_at"] <= row["parked_at"]
+    assert await outbox_count(platform) == 0
+    assert parked_metric(platform) == 1
+    # Nothing was lost or doubled: what is published plus what is parked is what was emitted.
+    assert await read_topic(platform.settings.topic(PROFILES.name), idle=1.0, timeout=5) == got
+
+
+async def test_a_batch_the_broker_refuses_as_too_large_is_sent_one_by_one_and_the_refused_row_parked(
+    platform: Platform,
+) -> None:
+    """The topic's max.message.bytes is below `kafka_max_message_bytes` (a misconfiguration): the
+    broker refuses the batch; its messages go one at a time and the one it refuses is parked. The
+    producer goes on sending to that partition afterwards (the refused batch had used up sequence
+    numbers of the idempotent producer)."""
+    s = platform.settings
+    topic = s.topic(PROFILES.name)
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": "20000"})]
+        )
+        await asyncio.sleep(1.0)  # applied by the broker once it has read its metadata log
+    finally:
+        await admin.close()
+    first = change("c1")  # the partition has a batch of this producer before the refused one
+    async with platform.unit_of_work() as uow:
+        uow.emit(PROFILES.name, "c1", first)
+    await read_topic(topic, count=1, timeout=15)
+    small1, big, small2 = change("c1"), change("c1", padding=50_000), change("c1")
+    async with platform.unit_of_work() as uow:
+        for event in (small1, big, small2):
+            uow.emit(PROFILES.name, "c1", event)
+    got = await read_topic(topic, until=lambda ms: small2.event_id in _ids(ms), timeout=30)
+    assert big.event_id not in _ids(got)
+    assert {first.event_id, small1.event_id, small2.event_id} == set(_ids(got))
+    [row] = await eventually(lambda: parked(platform), timeout=5)
+    assert orjson.loads(row["value"])["event_id"] == big.event_id
+    assert row["reason"].startswith("refused by the broker")
+    # Later rows still reach the partition.
+    later = change("c1")
+    async with platform.unit_of_work() as uow:
+        uow.emit(PROFILES.name, "c1", later)
+    got = await read_topic(topic, until=lambda ms: later.event_id in _ids(ms), timeout=20)
+    assert later.event_id in _ids(got)
+    assert await outbox_count(platform) == 0
+
+
+def _ids(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["value"]["event_id"] for m in messages if m["value"]]

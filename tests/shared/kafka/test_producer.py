@@ -1,0 +1,79 @@
+"""`shared.kafka.producer.EventProducer` on messages too large for their topic, against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from shared.kafka import ensure_topics
+from shared.kafka.producer import TOO_LARGE, EventProducer, OutgoingMessage, record_size
+from shared.settings import BaseServiceSettings
+from tests.support import read_topic
+
+
+class ProducerSettings(BaseServiceSettings):
+    service_name: str = "producer_test"
+
+
+@pytest.fixture
+async def producer(make_settings: Callable[..., Any]) -> AsyncIterator[EventProducer]:
+    settings = make_settings(ProducerSettings, topic_partitions=1)
+    await ensure_topics(settings, extra=["sized"])
+    p = EventProducer(settings)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def limit_topic(settings: BaseServiceSettings, topic: str, max_message_bytes: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.alter_configs(
+            [
+                ConfigResource(
+                    ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": str(max_message_bytes)}
+                )
+            ]
+        )
+        await asyncio.sleep(1.0)  # applied by the broker once it has read its metadata log
+    finally:
+        await admin.close()
+
+
+async def test_a_batch_refused_as_too_large_does_not_stop_later_sends_to_its_partition(
+    producer: EventProducer,
+) -> None:
+    """The idempotent producer had numbered the refused batch's records; the broker never took them,
+    so it refused every later batch of that partition as out of sequence (OutOfOrderSequenceNumber),
+    until a restart. (Only once the partition has a batch of this producer: before its first, the
+    broker takes any sequence number.)"""
+    topic = producer.settings.topic("sized")
+    await limit_topic(producer.settings, topic, 20_000)
+    await producer.send_batched([OutgoingMessage(topic, b"k", b"before")])
+    with pytest.raises(TOO_LARGE):
+        await producer.send_batched([OutgoingMessage(topic, b"k", b"x" * 30_000)])
+    with pytest.raises(TOO_LARGE):
+        await producer.send(OutgoingMessage(topic, b"k", b"y" * 30_000))
+    await asyncio.wait_for(producer.send_batched([OutgoingMessage(topic, b"k", b"after batch")]), 15)
+    await asyncio.wait_for(producer.send(OutgoingMessage(topic, b"k", b"after send")), 15)
+    got = await read_topic(topic, count=3, timeout=10)
+    assert [m["raw"] for m in got] == [b"before", b"after batch", b"after send"]
+
+
+async def test_a_message_past_the_setting_is_refused_before_it_is_sent(producer: EventProducer) -> None:
+    topic = producer.settings.topic("sized")
+    limit = producer.settings.kafka_max_message_bytes
+    message = OutgoingMessage(topic, b"k", b"x" * limit)
+    assert record_size(message) > limit
+    with pytest.raises(TOO_LARGE):
+        await producer.send(message)
+    fits = OutgoingMessage(topic, b"k", b"x" * (limit - 200), (("h", b"v"),))
+    assert record_size(fits) <= limit
+    await producer.send(fits)
+    assert [len(m["raw"]) for m in await read_topic(topic, count=1, timeout=10)] == [limit - 200]

@@ -14,7 +14,9 @@
 - A failing batch is retried by halves (in order) down to the failing messages; a message that fails after
   `max_attempts` (or cannot be decoded at all) goes to `<topic>.dlq` with the error in its headers,
   and the partition moves on. Infrastructure errors (database or broker unreachable) are retried
-  without limit instead: dead-lettering every message during an outage would lose the order.
+  without limit instead: dead-lettering every message during an outage would lose the order. A
+  dead-letter record that would be too large for its topic (the original value plus the error) goes
+  without the value (`clm-dlq-value-dropped`): `clm-dlq-source` says where to read it while retained.
 - `stop()` (from the service's lifespan on SIGTERM) finishes the batch in hand, commits, and leaves.
 """
 
@@ -35,7 +37,7 @@ from aiokafka.structs import OffsetAndMetadata
 from pydantic import BaseModel, ValidationError
 
 from shared.contracts.headers import Headers
-from shared.kafka.producer import EventProducer, OutgoingMessage
+from shared.kafka.producer import TOO_LARGE, EventProducer, OutgoingMessage, record_size
 from shared.observability.metrics import (
     CONSUMED,
     CONSUMER_BUFFERED,
@@ -50,6 +52,10 @@ from shared.settings import BaseServiceSettings
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=BaseModel)
+
+# On a dead-letter record sent without the original value (too large with the error headers): the
+# value's size and why. The value is still in the source topic (`clm-dlq-source`) while retained.
+DLQ_VALUE_DROPPED = "clm-dlq-value-dropped"
 
 
 class _Abandon(Exception):
@@ -85,6 +91,8 @@ Handler = Callable[[Sequence[Consumed[T]]], Awaitable[None]]
 
 def is_infrastructure_error(exc: BaseException) -> bool:
     """Errors that say a dependency is down rather than that the message is bad."""
+    if isinstance(exc, TOO_LARGE):
+        return False  # a message too large for its topic: retrying never helps
     if isinstance(exc, (ConnectionError, OSError, TimeoutError, KafkaError)):
         return True
     name = type(exc).__name__
@@ -499,8 +507,7 @@ class ConsumerRunner(Generic[T]):
         )
 
     async def _dead_letter(self, record: ConsumerRecord[Any, Any], error: str, *, attempts: int) -> None:
-        headers = list(record.headers or ())
-        headers += [
+        dlq_headers = [
             (Headers.DLQ_ERROR, error[:2000].encode()),
             (Headers.DLQ_SOURCE, f"{record.topic}/{record.partition}/{record.offset}".encode()),
             (Headers.DLQ_GROUP, self.group.encode()),
@@ -508,11 +515,24 @@ class ConsumerRunner(Generic[T]):
         ]
         value = record.value if isinstance(record.value, bytes) else b""
         key = record.key if isinstance(record.key, bytes) else None
+        message = OutgoingMessage(self.dlq_topic, key, value, (*(record.headers or ()), *dlq_headers))
+        # Too large with the error headers, it was refused (by aiokafka, or the broker) on every try,
+        # and the partition waited for good: it goes without its value instead.
+        dropped = record_size(message) > self.settings.kafka_max_message_bytes
+        if dropped:
+            message = self._without_value(record, dlq_headers, "more than kafka_max_message_bytes")
         # Must be acknowledged before the offset moves past it: a DLQ write is never lost either. A
         # broker outage is waited out as for a handler (escaping, it stopped the consumer for good).
-        message = OutgoingMessage(self.dlq_topic, key, value, tuple(headers))
         try:
-            await self._call_with_infra_retry(lambda: self.producer.send(message))
+            try:
+                await self._call_with_infra_retry(lambda: self.producer.send(message))
+            except TOO_LARGE as exc:
+                if dropped:
+                    raise
+                # The dead-letter topic's max.message.bytes is below the setting: without the value.
+                dropped = True
+                message = self._without_value(record, dlq_headers, f"refused by the broker: {exc!r}")
+                await self._call_with_infra_retry(lambda: self.producer.send(message))
         except Exception as exc:
             if is_infrastructure_error(exc):
                 raise _Abandon() from exc  # shutting down: redelivered, dead-lettered after restart
@@ -525,8 +545,23 @@ class ConsumerRunner(Generic[T]):
                 "partition": record.partition,
                 "offset": record.offset,
                 "error": error,
+                "value_dropped": dropped,
             },
         )
+
+    def _without_value(
+        self, record: ConsumerRecord[Any, Any], dlq_headers: list[tuple[str, bytes]], why: str
+    ) -> OutgoingMessage:
+        """The dead-letter record of `record` without its value, which stays readable at `clm-dlq-source`
+        in the source topic while retained. Its own headers go too if they alone are too large."""
+        size = len(record.value) if isinstance(record.value, bytes) else 0
+        note = f"{size} bytes, too large for the dead-letter topic ({why}); read it from the source topic"
+        headers = [*dlq_headers, (DLQ_VALUE_DROPPED, note.encode())]
+        key = record.key if isinstance(record.key, bytes) else None
+        message = OutgoingMessage(self.dlq_topic, key, b"", (*(record.headers or ()), *headers))
+        if record_size(message) > self.settings.kafka_max_message_bytes:
+            message = OutgoingMessage(self.dlq_topic, None, b"", tuple(headers))
+        return message
 
     async def commit_pending(self, partitions: set[TopicPartition] | None = None) -> None:
         """Commit the handled offsets (of `partitions`, or all)."""

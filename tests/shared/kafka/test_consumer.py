@@ -13,8 +13,9 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -22,7 +23,7 @@ from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
 from shared.db import messaging_tables
 from shared.db.engine import session_factory, sqlalchemy_url
 from shared.kafka import Consumed, ensure_topics
-from shared.kafka.consumer import is_infrastructure_error
+from shared.kafka.consumer import DLQ_VALUE_DROPPED, is_infrastructure_error
 from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
@@ -202,3 +203,72 @@ async def test_a_dead_letter_topic_unavailable_for_a_while_is_waited_out(platfor
 
 async def _gone(admin: AIOKafkaAdminClient, topic: str) -> bool:
     return topic not in await admin.list_topics()
+
+
+async def test_a_record_too_large_for_its_dead_letter_topic_is_dead_lettered_without_its_value(
+    platform: Platform,
+) -> None:
+    """A record the source topic took (just under the broker's ~1 MB default) that fails: with the
+    error headers added, the dead-letter record was over the limit, and its write was retried forever
+    (the partition waited for good). It goes without its value, which the source topic still holds."""
+    s = platform.settings
+    topic = s.topic(CUSTOMER_EVENTS.name)
+    big = b"{" + b"x" * 1_048_479  # undecodable, and as large as aiokafka lets another client write it
+    raw = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap_servers)
+    await raw.start()
+    try:
+        await raw.send_and_wait(topic, big, key=b"u1")  # the partition of the good event below
+    finally:
+        await raw.stop()
+    await platform.producer.send(
+        OutgoingMessage(topic, b"u1", encode_message(topic, "u1", event(2), producer="t").value)
+    )
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "bigdlq", recording_handler(platform))
+    await runner.start()
+    try:
+        assert await eventually(lambda: effects(platform), timeout=30) == [2]
+        [dead] = await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=1)
+        assert runner.running
+    finally:
+        await runner.stop()
+    headers = dict(dead.headers)
+    assert dead.value in (b"", None) and dead.key == b"u1"
+    assert headers[DLQ_VALUE_DROPPED].startswith(f"{len(big)} bytes".encode())
+    assert headers[Headers.DLQ_ERROR].startswith(b"undecodable")
+    source_topic, partition, offset = headers[Headers.DLQ_SOURCE].decode().rsplit("/", 2)
+    # Still readable where it came from.
+    source = await raw_records(source_topic, count=2)
+    [original] = [r for r in source if (r.partition, r.offset) == (int(partition), int(offset))]
+    assert original.value == big
+
+
+async def test_a_dead_letter_record_the_broker_refuses_as_too_large_goes_without_its_value(
+    platform: Platform,
+) -> None:
+    """The dead-letter topic's max.message.bytes is below `kafka_max_message_bytes`: refused, the
+    record goes again without its value, and the consumer goes on."""
+    s = platform.settings
+    topic, dlq_topic = s.topic(CUSTOMER_EVENTS.name), s.topic(CUSTOMER_EVENTS.dead_letter)
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, dlq_topic, configs={"max.message.bytes": "20000"})]
+        )
+        await asyncio.sleep(1.0)  # applied by the broker once it has read its metadata log
+    finally:
+        await admin.close()
+    await platform.producer.send(OutgoingMessage(topic, b"u1", b"{" + b"x" * 30_000, ()))
+    await platform.producer.send(OutgoingMessage(topic, b"u1", b"{small", ()))
+    await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(3))
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "refuseddlq", recording_handler(platform))
+    await runner.start()
+    try:
+        assert await eventually(lambda: effects(platform), timeout=30) == [3]
+        dead = await raw_records(dlq_topic, count=2)
+        assert runner.running
+    finally:
+        await runner.stop()
+    assert DLQ_VALUE_DROPPED in dict(dead[0].headers) and dead[0].value in (b"", None)
+    assert b"refused by the broker" in dict(dead[0].headers)[DLQ_VALUE_DROPPED]
+    assert dead[1].value == b"{small" and DLQ_VALUE_DROPPED not in dict(dead[1].headers)

@@ -86,6 +86,9 @@ class BaseServiceSettings(BaseSettings):
     # the outbox relay parks larger rows in `outbox_parked` instead of sending them, and a consumer
     # dead-letters a record without its value when the dead-letter record would be larger.
     kafka_max_message_bytes: int = Field(default=1_000_000, ge=4096)
+    # Inbox rows (ids of processed messages) are pruned after this many days. Keep it longer than
+    # the topics' retention, or a consumer reset to the beginning reprocesses older messages.
+    inbox_retention_days: int = Field(default=14, ge=1)
     # Retention (`shared.db.retention`): days the admin audit log is kept (0: forever), and how often
     # each service's retention round runs (one replica at a time).
     audit_retention_days: float = 0

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db.engine import Statement, driver_transaction, json_text
@@ -36,6 +35,11 @@ _TAKE = Statement(
     "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT :n)) "
     "RETURNING id, topic, key, value, headers, created_at"
 )
+# A chunk of the inbox ids past retention (`ctid = ANY(ARRAY(...))`: the LIMIT subquery runs once).
+_PRUNE = Statement(
+    "DELETE FROM inbox WHERE ctid = ANY(ARRAY(SELECT ctid FROM inbox "
+    "WHERE processed_at < now() - make_interval(days => :days) LIMIT :n))"
+)
 _PARK = Statement(
     "INSERT INTO outbox_parked (id, topic, key, value, headers, created_at, reason) "
     "VALUES (:id, :topic, :key, :value, :headers, :created_at, :reason)"
@@ -43,6 +47,11 @@ _PARK = Statement(
 
 
 class OutboxRelay:
+    # The inbox is pruned every `prune_interval_s`, `prune_chunk` rows per turn of the relay's loop (a
+    # full chunk: the next turn prunes again), so a backlog never holds the relay for long.
+    prune_interval_s = 600.0
+    prune_chunk = 5000
+
     def __init__(self, engine: AsyncEngine, producer: EventProducer, settings: BaseServiceSettings) -> None:
         self.engine = engine
         self.producer = producer
@@ -54,6 +63,7 @@ class OutboxRelay:
         self.relayed = 0  # rows taken from the outbox: published or parked
         self.parked = 0
         self._last_prune = 0.0
+        self._prune_more = False
 
     def notify(self) -> None:
         self._wake.set()
@@ -149,7 +159,6 @@ class OutboxRelay:
             try:
                 n = await self.run_once()
                 backoff = 0.2
-                await self._prune_inbox()
             except Exception as exc:
                 log.warning(
                     "outbox relay pass failed; retrying", extra={"error": repr(exc), "retry_in_s": backoff}
@@ -157,6 +166,8 @@ class OutboxRelay:
                 n = 0
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            else:
+                await self._prune_inbox()
             if n >= self.settings.outbox_batch_size:
                 continue
             with contextlib.suppress(TimeoutError):
@@ -166,14 +177,22 @@ class OutboxRelay:
                     await asyncio.sleep(self.settings.outbox_relay_delay_ms / 1000)
 
     async def _prune_inbox(self) -> None:
-        # Inbox ids are kept long past any redelivery (Kafka retention), then pruned.
-        if time.monotonic() - self._last_prune < 600:
+        """Delete a chunk of inbox ids older than `inbox_retention_days` (kept past the topics'
+        retention: any redelivery). Its failure is its own, not the relay's: the pass's rows were
+        published, and the prune is tried again at the next interval."""
+        if not self._prune_more and time.monotonic() - self._last_prune < self.prune_interval_s:
             return
         self._last_prune = time.monotonic()
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                text("DELETE FROM inbox WHERE processed_at < now() - make_interval(days => :d)"), {"d": 14}
-            )
+        self._prune_more = False
+        try:
+            async with driver_transaction(self.engine) as driver:
+                deleted = await _PRUNE.execute(
+                    driver, {"days": self.settings.inbox_retention_days, "n": self.prune_chunk}
+                )
+        except Exception as exc:
+            log.warning("inbox prune failed; trying again later", extra={"error": repr(exc)})
+            return
+        self._prune_more = deleted >= self.prune_chunk
 
 
 def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:

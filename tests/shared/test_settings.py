@@ -20,6 +20,7 @@ from shared.settings import BaseServiceSettings
         ("outbox_batch_size", 0),  # the relay takes no row: nothing emitted is ever published
         ("outbox_poll_interval_s", 0),  # the relay polls in a busy loop
         ("retention_interval_s", 0),  # retention rounds back to back
+        ("inbox_retention_days", 0),  # every processed id pruned at once: redeliveries processed again
     ],
 )
 @pytest.mark.parametrize(

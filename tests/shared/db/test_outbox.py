@@ -4,6 +4,7 @@ row too large for its topic is parked in `outbox_parked`, and the rows behind it
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -147,3 +148,67 @@ async def test_a_batch_the_broker_refuses_as_too_large_is_sent_one_by_one_and_th
 
 def _ids(messages: list[dict[str, Any]]) -> list[str]:
     return [m["value"]["event_id"] for m in messages if m["value"]]
+
+
+async def inbox_ids(platform: Platform) -> list[str]:
+    async with platform.engine.connect() as conn:
+        return list((await conn.execute(text("SELECT message_id FROM inbox ORDER BY 1"))).scalars())
+
+
+async def test_inbox_ids_are_pruned_after_the_retention_setting_a_chunk_at_a_time(
+    make_settings: Callable[..., Any],
+) -> None:
+    settings = make_settings(RelaySettings, inbox_retention_days=2)
+    await ensure_schema(settings.database_url, settings.db_schema)
+    platform = Platform(settings, migrations=None)
+    await platform.start()
+    try:
+        relay = platform.relay
+        await relay.stop()  # its loop would prune too: here each prune is called by the test
+        async with platform.engine.begin() as conn:
+            await conn.run_sync(lambda c: messaging_tables.define(sa.MetaData())[0].metadata.create_all(c))
+            await conn.execute(
+                text(
+                    "INSERT INTO inbox (consumer, message_id, processed_at) "
+                    "SELECT 'c', 'old' || lpad(i::text, 2, '0'), now() - interval '3 days' "
+                    "FROM generate_series(1, 12) i"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO inbox (consumer, message_id, processed_at) "
+                    "VALUES ('c', 'kept-1d', now() - interval '1 day'), ('c', 'kept-now', now())"
+                )
+            )
+        relay.prune_chunk = 5
+        relay._last_prune = 0.0  # due
+        left = []
+        for _ in range(3):
+            await relay._prune_inbox()
+            left.append(len(await inbox_ids(platform)))
+        # A chunk per call, the next ones at once while chunks come back full; then not before the interval.
+        assert left == [9, 4, 2]
+        await relay._prune_inbox()
+        assert await inbox_ids(platform) == ["kept-1d", "kept-now"]
+    finally:
+        await platform.stop()
+
+
+async def test_a_failed_inbox_prune_is_not_a_failed_relay_pass(
+    platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pass's rows were published: a prune that fails (here: no inbox table) is logged as such,
+    not as a failed relay pass with its back-off."""
+    async with platform.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE inbox RENAME TO inbox_elsewhere"))
+    platform.relay._last_prune = 0.0  # due at the next pass
+    event = change("c1")
+    with caplog.at_level(logging.WARNING, logger="shared.db.outbox"):
+        async with platform.unit_of_work() as uow:
+            uow.emit(PROFILES.name, "c1", event)
+        got = await read_topic(platform.settings.topic(PROFILES.name), count=1, timeout=15)
+        await eventually(
+            lambda: any("inbox prune failed" in r.getMessage() for r in caplog.records), timeout=5
+        )
+    assert _ids(got) == [event.event_id]
+    assert not [r for r in caplog.records if "relay pass failed" in r.getMessage()]

@@ -41,6 +41,9 @@ class JourneyEngineSettings(BaseServiceSettings):
     broadcast_chunk_size: int = Field(default=500, ge=1, le=5000)
     broadcast_budget_s: float = Field(default=1.0, gt=0)
     broadcast_retry_s: float = Field(default=60.0, ge=0)
+    # How often the timer worker looks for due broadcasts (timers themselves: `timer_poll_interval_s`):
+    # a broadcast starts at most this late.
+    broadcast_poll_interval_s: float = Field(default=1.0, gt=0)
     # Statuses only move instances waiting on an open or a click, never a send: their consumer lets the
     # broker hold a fetch until this much is waiting or this long has passed (bigger, cheaper batches).
     statuses_fetch_min_bytes: int = 65536

@@ -4,6 +4,7 @@ a failed batch rolls back and its timers fire on the next pass."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 from typing import Any
 
@@ -84,3 +85,33 @@ async def test_background_timer_loop_fires_due_timers_by_itself(make_settings: A
         await eventually(exited, timeout=10)
         [request] = await h.requests(until=lambda m: len(m) >= 1)
         assert request["customer_id"] == "solo" and request["template_id"] == "later"
+
+
+async def test_the_timer_worker_looks_for_due_broadcasts_less_often_than_for_timers(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each look is a transaction on every replica: timers every 20 ms here, broadcasts every 300 ms.
+    async with engine_running(make_settings, timer_poll_interval_s=0.02, broadcast_poll_interval_s=0.3) as h:
+        passes, looks = 0, 0
+        run_once, run_due_broadcasts = h.engine.run_once, h.engine.run_due_broadcasts
+
+        async def counted_pass(*, broadcasts: bool = True) -> int:
+            nonlocal passes
+            passes += 1
+            return await run_once(broadcasts=broadcasts)
+
+        async def counted_look() -> int:
+            nonlocal looks
+            looks += 1
+            return await run_due_broadcasts()
+
+        monkeypatch.setattr(h.engine, "run_once", counted_pass)
+        monkeypatch.setattr(h.engine, "run_due_broadcasts", counted_look)
+        worker = asyncio.create_task(h.engine.run_forever())
+        try:
+            await eventually(lambda: passes >= 30, timeout=30)
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        assert 1 <= looks < passes / 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -737,8 +738,9 @@ class JourneyEngine:
 
     # ------------------------------------------------------------------ timers
 
-    async def run_once(self) -> int:
-        """Fire one batch of due timers in one unit of work; the number of timers claimed."""
+    async def run_once(self, *, broadcasts: bool = True) -> int:
+        """Fire one batch of due timers in one unit of work; the number of timers claimed. Then, unless
+        `broadcasts` is false or timers are behind, run the due broadcasts."""
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
             session = uow.session
@@ -774,7 +776,7 @@ class JourneyEngine:
                 await writer.flush(session)
         if claimed and self.on_fired is not None:
             self.on_fired([t.due_at for t in claimed])
-        if len(claimed) < self.settings.timer_batch_size:
+        if broadcasts and len(claimed) < self.settings.timer_batch_size:
             # Not behind on timers: look for due broadcasts (skipped while draining a backlog).
             await self.run_due_broadcasts()
         return len(claimed)
@@ -940,10 +942,19 @@ class JourneyEngine:
                 log.exception("compacting step counters failed; retrying next round")
 
     async def run_forever(self) -> None:
-        """One timer worker: fire due timers in batches, resting only when nothing is due."""
+        """One timer worker: fire due timers in batches, resting only when nothing is due. Due
+        broadcasts are looked for at most every `broadcast_poll_interval_s` (a transaction each time,
+        on every replica), unless a pass left some waiting."""
+        looked = -math.inf
         while True:
+            broadcasts = (
+                self.broadcasts_pending
+                or time.monotonic() - looked >= self.settings.broadcast_poll_interval_s
+            )
+            if broadcasts:
+                looked = time.monotonic()
             try:
-                claimed = await self.run_once()
+                claimed = await self.run_once(broadcasts=broadcasts)
             except asyncio.CancelledError:
                 raise
             except InstanceConflict:

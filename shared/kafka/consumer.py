@@ -578,7 +578,12 @@ class ConsumerRunner(Generic[T]):
             # A rebalance took the partitions away: the next owner redelivers, handlers are idempotent.
             log.warning("offset commit failed; records will be redelivered", extra={"error": str(exc)})
             return
+        # A rebalance may have taken some of them during the commit's await (aiokafka asserts a
+        # partition's highwater is read only while assigned): their new owner reports their lag.
+        assigned = consumer.assignment()
         for tp, om in offsets.items():
+            if tp not in assigned:
+                continue
             highwater = consumer.highwater(tp)
             if highwater is not None:
                 CONSUMER_LAG.labels(self.settings.service_name, self.topic, str(tp.partition)).set(

@@ -272,3 +272,32 @@ async def test_a_dead_letter_record_the_broker_refuses_as_too_large_goes_without
     assert DLQ_VALUE_DROPPED in dict(dead[0].headers) and dead[0].value in (b"", None)
     assert b"refused by the broker" in dict(dead[0].headers)[DLQ_VALUE_DROPPED]
     assert dead[1].value == b"{small" and DLQ_VALUE_DROPPED not in dict(dead[1].headers)
+
+
+async def test_a_rebalance_finishing_during_an_offset_commit_does_not_stop_the_consumer(
+    platform: Platform,
+) -> None:
+    """The lag metric read each committed partition's highwater after the commit, which aiokafka
+    asserts is still assigned: a rebalance taking it during the commit's await raised AssertionError
+    out of the runner's loop."""
+    await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(1))
+    runner = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "rebalance", recording_handler(platform))
+    runner.commit_interval_s = 3600.0  # nothing committed behind the test's back
+    await runner.start()
+    try:
+        await eventually(lambda: effects(platform), timeout=20)
+        await eventually(lambda: bool(runner._pending), timeout=5)
+        consumer = runner._consumer
+        assert consumer is not None
+        real_commit = consumer.commit
+
+        async def commit_then_lose_the_partitions(offsets: Any = None) -> None:
+            await real_commit(offsets)
+            consumer.unsubscribe()  # the group took the partitions away meanwhile
+
+        consumer.commit = commit_then_lose_the_partitions  # type: ignore[method-assign]
+        await runner.commit_pending()
+        assert not runner._pending
+    finally:
+        await runner.stop()
+    assert await effects(platform) == [1]

@@ -5,6 +5,10 @@
   `erase_completed` / `export_part`, its own name in `service`, event id
   `<request_id>:<service>:<action>` (so a redelivered request re-answers with the same id), emitted
   through the outbox in the same unit of work as the erasure and the inbox claim.
+- An answer too large for one Kafka message (an export part of a heavy customer: thousands of sent
+  messages, journey instances) is split into chunks (`answers`, `split_part`), each a message of at
+  most `EXPORT_CHUNK_BYTES` of data with its own deterministic event id; the segmenter puts the part
+  together (`merge_chunks`) once every chunk arrived.
 - An erased customer's identifiers are remembered only as salted hashes (`erasure_tombstones`), so
   later events or message requests carrying them can be recognized without keeping them.
 """
@@ -13,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import pydantic_core
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -35,6 +40,20 @@ def identity_hashes(salt: str, identities: Iterable[str]) -> list[str]:
     return sorted({identity_hash(salt, i) for i in identities if i})
 
 
+# The JSON bytes of `data` one answer message carries at most (rows permitting): well under Kafka's
+# ~1 MB limit, so a chunk never meets it, and small enough that a heavy export is many light messages.
+EXPORT_CHUNK_BYTES = 256 * 1024
+# Kafka's limit on one message (the `kafka_max_message_bytes` default; the outbox relay parks larger
+# rows): a single row is sent whole, alone in its chunk, up to this less the envelope and headers.
+MAX_MESSAGE_BYTES = 1_000_000
+# Room left for the record's headers, key and batch overhead, and the chunk numbers in the envelope.
+_HEADROOM = 16 * 1024
+# The least data budget a chunk gets, however large the envelope (the request's identities).
+_MIN_DATA_BUDGET = 16 * 1024
+# What replaces a value too large for any message: its size, and why it is not there.
+OMITTED = "_clm_omitted"
+
+
 def answer(
     request: PrivacyRequest,
     service: str,
@@ -42,6 +61,8 @@ def answer(
     now: datetime,
     data: dict[str, Any] | None = None,
 ) -> PrivacyRequest:
+    """One answer message holding all of `data`: for answers that are small by nature (an erasure's row
+    counts). An export part goes through `answers`."""
     return PrivacyRequest(
         event_id=f"{request.request_id}:{service}:{action.value}",
         request_id=request.request_id,
@@ -52,6 +73,131 @@ def answer(
         occurred_at=now,
         data=data or {},
     )
+
+
+def answers(
+    request: PrivacyRequest,
+    service: str,
+    action: PrivacyAction,
+    now: datetime,
+    data: Mapping[str, Any] | None = None,
+    *,
+    budget: int = EXPORT_CHUNK_BYTES,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+) -> list[PrivacyRequest]:
+    """The answer to `request` as one message or, when `data` is larger than `budget` bytes of JSON,
+    as several (`chunk` 0..`chunks`-1, see `split_part`), to emit in order in one unit of work.
+
+    Event ids are deterministic: `<request_id>:<service>:<action>` for a single message (as before
+    chunking), `...:<action>:<chunk>of<chunks>` for chunks, so a redelivered request answers with the
+    same ids and no chunk is taken for a duplicate of another. Every chunk carries the same
+    `occurred_at`, which tells the segmenter which chunks belong together."""
+    whole = answer(request, service, action, now)
+    envelope = len(whole.__pydantic_serializer__.to_json(whole)) + 64  # the chunk numbers and id suffix
+    data_budget = max(budget - envelope, _MIN_DATA_BUDGET)
+    row_limit = max(max_message_bytes - envelope - _HEADROOM, data_budget)
+    parts = split_part(data or {}, data_budget, row_limit)
+    if len(parts) == 1:
+        return [whole.model_copy(update={"data": parts[0]})]
+    n = len(parts)
+    return [
+        whole.model_copy(
+            update={"event_id": f"{whole.event_id}:{i}of{n}", "data": part, "chunk": i, "chunks": n}
+        )
+        for i, part in enumerate(parts)
+    ]
+
+
+def split_part(data: Mapping[str, Any], budget: int, row_limit: int | None = None) -> list[dict[str, Any]]:
+    """Split an answer's data (table name -> list of rows; other values kept whole) into chunks of at
+    most `budget` bytes of JSON each, in order: a table's rows keep their order and run on from one
+    chunk into the next; every key appears in the first chunk that has room for it (an empty table
+    too, so the merged part names it); values that are not lists go whole, as one row would.
+
+    A row larger than `budget` goes alone in its chunk. A row larger than `row_limit` (default:
+    `budget`), which no message could carry, has its largest fields replaced, one by one, with
+    `{"_clm_omitted": {"bytes": n, "reason": ...}}` until it fits (the whole row if that is not
+    enough): the export then completes, saying what it left out, instead of never completing.
+    `merge_chunks` puts the chunks back together. Always at least one chunk."""
+    limit = budget if row_limit is None else max(row_limit, budget)
+    chunks: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    size = 2  # {}
+
+    def close() -> None:
+        nonlocal current, size
+        chunks.append(current)
+        current, size = {}, 2
+
+    for key, value in data.items():
+        key_bytes = len(_json(key)) + 1 + (1 if current else 0)  # "key": and the comma before it
+        if not isinstance(value, list):
+            value, value_bytes = _fit(value, limit)
+            if current and size + key_bytes + value_bytes > budget:
+                close()
+                key_bytes -= 1
+            current[key] = value
+            size += key_bytes + value_bytes
+            continue
+        if current and size + key_bytes + 2 > budget:
+            close()
+            key_bytes -= 1
+        rows: list[Any] = []
+        current[key] = rows
+        size += key_bytes + 2  # []
+        for row in value:
+            row, row_bytes = _fit(row, limit)
+            if size + row_bytes + (1 if rows else 0) > budget and (rows or len(current) > 1):
+                if not rows:
+                    del current[key]  # the table starts in the next chunk
+                close()
+                rows = []
+                current[key] = rows
+                size += len(_json(key)) + 1 + 2
+            size += row_bytes + (1 if rows else 0)
+            rows.append(row)
+    if current or not chunks:
+        chunks.append(current)
+    return chunks
+
+
+def merge_chunks(chunks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The answer's data from its chunks (in chunk order): each table's rows concatenated, any other
+    value taken from the first chunk that has it."""
+    merged: dict[str, Any] = {}
+    for chunk in chunks:
+        for key, value in chunk.items():
+            if key not in merged:
+                merged[key] = list(value) if isinstance(value, list) else value
+            elif isinstance(value, list) and isinstance(merged[key], list):
+                merged[key].extend(value)
+    return merged
+
+
+def _json(value: Any) -> bytes:
+    # As the contract's serializer writes it (datetimes, decimals, UUIDs included).
+    return pydantic_core.to_json(value)
+
+
+def _omitted(size: int) -> dict[str, Any]:
+    return {OMITTED: {"bytes": size, "reason": "too large for a Kafka message"}}
+
+
+def _fit(value: Any, limit: int) -> tuple[Any, int]:
+    """`value` and its JSON size, with its largest fields omitted (marked) if it is over `limit`."""
+    size = len(_json(value))
+    if size <= limit:
+        return value, size
+    if isinstance(value, dict):
+        fitted = dict(value)
+        sizes = sorted(((len(_json(v)), k) for k, v in value.items()), key=lambda kv: kv[0], reverse=True)
+        for field_size, field in sizes:
+            fitted[field] = _omitted(field_size)
+            size = len(_json(fitted))
+            if size <= limit:
+                return fitted, size
+    marker = _omitted(size)
+    return marker, len(_json(marker))
 
 
 # Straight to asyncpg (`Statement`): every event batch runs them.

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 JsonObject = dict[str, Any]
@@ -298,8 +298,29 @@ class PrivacyRequest(ContractModel):
     identities: list[str] = Field(default_factory=list)
     service: str | None = None
     occurred_at: datetime
-    # EXPORT_PART: everything the answering service holds on the customer.
+    # EXPORT_PART: everything the answering service holds on the customer (table name -> rows), or
+    # when that is too large for one message, one chunk of it (`shared.privacy.answers`).
     data: JsonObject = Field(default_factory=dict)
+    # An answer too large for one Kafka message goes as `chunks` messages, numbered 0..chunks-1, each
+    # with a share of `data`'s rows (rows of one table in order across chunks; other values in chunk 0)
+    # and the same `occurred_at`. The part has arrived when every chunk has. Defaults: one message.
+    chunk: int = Field(
+        default=0,
+        ge=0,
+        description="This message's share of the answer, 0-based (0 when the answer is one message).",
+    )
+    chunks: int = Field(
+        default=1,
+        ge=1,
+        description="How many messages the answer's data was split into (1: this message holds it all). "
+        "Rows of a table are concatenated in chunk order; the chunks of one answer share occurred_at.",
+    )
+
+    @model_validator(mode="after")
+    def _chunk_in_range(self) -> PrivacyRequest:
+        if self.chunk >= self.chunks:
+            raise ValueError(f"chunk {self.chunk} out of range: the answer has {self.chunks} chunks")
+        return self
 
     def contract_id(self) -> str:
         return self.event_id

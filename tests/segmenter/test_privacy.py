@@ -3,8 +3,10 @@ real broker and database; the other services' answers are published by the test.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -15,7 +17,7 @@ from services.segmenter.store.privacy import CUSTOMER_TABLES
 from shared.clock import ManualClock
 from shared.contracts.events import MessageStatus, PrivacyAction, PrivacyRequest
 from shared.contracts.topics import MESSAGE_STATUS, PRIVACY, PROFILES
-from shared.privacy import answer
+from shared.privacy import answer, answers
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event
 from tests.support import eventually, read_topic, running
 
@@ -191,7 +193,7 @@ async def test_export_waits_for_every_part_then_answers_one_document(harness: Ha
 
     async def document() -> dict[str, object] | None:
         got = await h.client.get(later_url, headers=ADMIN)
-        return got.json() if got.status_code == 200 else None  # type: ignore[no-any-return]
+        return got.json() if got.status_code == 200 else None
 
     doc = await eventually(document, timeout=15)
     assert doc["missing"] == []
@@ -238,3 +240,60 @@ async def test_erasing_a_customer_never_touches_the_customer_whose_id_is_one_of_
     async with h.segmenter.platform.unit_of_work() as uow:
         left = await uow.session.execute(text("SELECT customer_id, message_id FROM events ORDER BY 2"))
         assert [tuple(row) for row in left] == [("7", "a1")]
+
+
+async def _export_requested(h: Harness) -> tuple[str, PrivacyRequest]:
+    """Ask for u1's export (504: nobody else answers in the 1 s wait); its later URL and the request."""
+    r = await h.client.get("/v1/customers/u1/export", headers=ADMIN)
+    assert r.status_code == 504, r.text
+    requested = [m for m in await privacy_messages(h) if m.action is PrivacyAction.EXPORT_REQUESTED]
+    assert len(requested) == 1
+    return r.json()["export_url"], requested[0]
+
+
+async def _document(h: Harness, url: str, timeout: float = 30) -> dict[str, Any]:
+    async def complete() -> dict[str, Any] | None:
+        got = await h.client.get(url, headers=ADMIN)
+        return got.json() if got.status_code == 200 else None
+
+    doc: dict[str, Any] = await eventually(complete, timeout=timeout)
+    return doc
+
+
+async def test_a_part_sent_in_chunks_has_arrived_only_once_every_chunk_has(harness: Harness) -> None:
+    h = harness
+    await known_customer(h)
+    later_url, request = await _export_requested(h)
+    await answer_for(h, request, PrivacyAction.EXPORT_PART, ("ingest", "journey_engine"))
+    rows = [{"message_id": f"m{i:05}", "state": "sent", "reason": "r" * 300} for i in range(12_000)]
+    data = {"contacts": [{"email": "a@example.com"}], "messages": rows, "note": "the notifier's part"}
+    chunks = answers(request, "notifier", PrivacyAction.EXPORT_PART, h.clock.now(), data)
+    assert len(chunks) > 10 and len({c.event_id for c in chunks}) == len(chunks)
+    producer = h.segmenter.platform.producer
+    # Out of order, one twice, the last one held back: the notifier is still missing.
+    for chunk in [*reversed(chunks[1:-1]), chunks[0], chunks[3]]:
+        await producer.publish(PRIVACY.name, request.customer_id, chunk)
+
+    async def chunks_kept() -> bool:
+        async with h.segmenter.platform.unit_of_work() as uow:
+            n = await uow.session.scalar(text("SELECT count(*) FROM privacy_answer_chunks"))
+        return bool(n == len(chunks) - 1)
+
+    await eventually(chunks_kept, timeout=15)
+    pending = await h.client.get(later_url, headers=ADMIN)
+    assert pending.status_code == 202 and pending.json()["missing"] == ["notifier"]
+
+    await producer.publish(PRIVACY.name, request.customer_id, chunks[-1])
+    doc = await _document(h, later_url)
+    assert doc["missing"] == [] and doc["services"]["notifier"] == data  # every row, in order
+    async with h.segmenter.platform.unit_of_work() as uow:
+        assert await uow.session.scalar(text("SELECT count(*) FROM privacy_answer_chunks")) == 0
+    # A chunk redelivered after the part was put together changes nothing.
+    await producer.publish(
+        PRIVACY.name, request.customer_id, chunks[2].model_copy(update={"event_id": "replayed"})
+    )
+    await asyncio.sleep(1)
+    assert (await _document(h, later_url))["services"]["notifier"] == data
+    async with h.segmenter.platform.unit_of_work() as uow:
+        assert await uow.session.scalar(text("SELECT count(*) FROM privacy_answer_chunks")) == 0
+

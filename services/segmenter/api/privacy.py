@@ -148,11 +148,17 @@ def privacy_router(seg: Segmenter) -> APIRouter:
             )
         deadline = time.monotonic() + seg.settings.privacy_export_wait_s
         while True:
-            document = await _export_document(request_id)
-            if document is not None and not document["missing"]:
-                return document
+            # Which parts are in, without reading them (a heavy customer's parts are megabytes).
+            async with platform.unit_of_work() as uow:
+                answered = await privacy_store.answered_services(
+                    uow.session, request_id, PrivacyAction.EXPORT_PART.value
+                )
+            missing = [s for s in SERVICES if s not in answered]
+            if not missing:
+                document = await _export_document(request_id)
+                if document is not None and not document["missing"]:
+                    return document
             if time.monotonic() >= deadline:
-                missing = document["missing"] if document else list(SERVICES)
                 return JSONResponse(
                     {
                         "error": "export_incomplete",

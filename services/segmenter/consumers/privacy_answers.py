@@ -1,7 +1,9 @@
 """clm.privacy.v1 back into the segmenter: every service's `erase_completed` and `export_part`.
 
 Recorded per (request, service, action), so the receipt and the export endpoint read them from the
-table. Requests (ours) are skipped: the segmenter erases and exports its own data in the API call.
+table. An answer sent in chunks (too large for one Kafka message) is kept chunk by chunk and recorded,
+merged, when its last chunk arrives: until then the service is still missing from the export.
+Requests (ours) are skipped: the segmenter erases and exports its own data in the API call.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ class PrivacyAnswersConsumer:
             msg = c.value
             if c.event_id not in fresh or msg.action not in ANSWERS or not msg.service:
                 continue
-            await privacy_store.record_answer(
-                uow.session, msg.request_id, msg.service, msg.action.value, msg.data, msg.occurred_at
-            )
+            if msg.chunks == 1:
+                await privacy_store.record_answer(
+                    uow.session, msg.request_id, msg.service, msg.action.value, msg.data, msg.occurred_at
+                )
+            else:  # one of several messages (`shared.privacy.answers`): recorded once all are here
+                await privacy_store.record_chunk(
+                    uow.session,
+                    msg.request_id,
+                    msg.service,
+                    msg.action.value,
+                    msg.data,
+                    msg.occurred_at,
+                    msg.chunk,
+                    msg.chunks,
+                )

@@ -20,6 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import privacy_tables
+from shared.privacy import merge_chunks
 
 # (table, customer column, order for export). Profile last: the others reference its id.
 CUSTOMER_TABLES: tuple[tuple[str, str, str], ...] = (
@@ -37,7 +38,9 @@ CUSTOMER_TABLES: tuple[tuple[str, str, str], ...] = (
     ("customer_messages", "customer_id", "message_id"),
     ("customers", "customer_id", "customer_id"),
 )
-# An export part is one Kafka message: the timeline is capped (newest first) to stay well under 1 MB.
+# The segmenter's own part never travels on Kafka (it is stored with the request), but it is one JSONB
+# row and part of one HTTP document: the timeline in it is capped to the newest events (2,000 of at
+# most ingest's 32 KB each), and a capped timeline says so (`events_truncated`: exported and total).
 EXPORT_EVENTS_LIMIT = 2000
 
 metadata = sa.MetaData()
@@ -64,6 +67,21 @@ privacy_answers = sa.Table(
     sa.Column("action", sa.Text, primary_key=True),
     sa.Column("data", JSONB, nullable=False, server_default="{}"),
     sa.Column("answered_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# The chunks of answers that came in several messages (`shared.privacy.answers`), until the last one
+# arrives: then merged into `privacy_answers` and deleted (revision 0009_privacy_answer_chunks). The
+# chunks of one answer share `answered_at` (the answer's occurred_at) and `chunks`.
+privacy_answer_chunks = sa.Table(
+    "privacy_answer_chunks",
+    metadata,
+    sa.Column("request_id", sa.Text, primary_key=True),
+    sa.Column("service", sa.Text, primary_key=True),
+    sa.Column("action", sa.Text, primary_key=True),
+    sa.Column("answered_at", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("chunks", sa.Integer, primary_key=True),
+    sa.Column("chunk", sa.Integer, primary_key=True),
+    sa.Column("data", JSONB, nullable=False, server_default="{}"),
 )
 
 
@@ -140,6 +158,13 @@ async def export_customer(session: AsyncSession, customer_ids: Sequence[str]) ->
         )
         # JSON round trip: datetimes and decimals become strings, so the part fits the contract.
         out[table] = orjson.loads(orjson.dumps([dict(r._mapping) for r in rows], default=str))
+        if table == "events" and len(out[table]) >= EXPORT_EVENTS_LIMIT:
+            total = await session.scalar(
+                text(f"SELECT count(*) FROM {table} WHERE {column} = ANY(CAST(:ids AS text[]))"),
+                {"ids": list(customer_ids)},
+            )
+            if total and total > EXPORT_EVENTS_LIMIT:
+                out["events_truncated"] = {"exported": EXPORT_EVENTS_LIMIT, "total": int(total)}
     return out
 
 
@@ -166,6 +191,81 @@ async def record_answer(
         .on_conflict_do_nothing()
     )
     await session.execute(stmt)
+
+
+async def record_chunk(
+    session: AsyncSession,
+    request_id: str,
+    service: str,
+    action: str,
+    data: dict[str, Any],
+    at: datetime,
+    chunk: int,
+    chunks: int,
+) -> bool:
+    """Keep one chunk of a service's answer; once every chunk of it is here, record the answer, its
+    data merged in chunk order (`shared.privacy.merge_chunks`), and drop the chunks. True if the answer
+    is now recorded. A chunk of an answer already recorded (redelivered, or of a later re-answer) is
+    dropped; chunks of one answer are told from another's by their time and count."""
+    # Two chunks of one answer handled at once (a rebalance) must not each miss the other's.
+    await session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext('clm.privacy.answer'), hashtext(:k))"),
+        {"k": f"{request_id}:{service}:{action}"},
+    )
+    done = await session.scalar(
+        sa.select(sa.literal(1)).where(
+            privacy_answers.c.request_id == request_id,
+            privacy_answers.c.service == service,
+            privacy_answers.c.action == action,
+        )
+    )
+    if done:
+        return True
+    same_answer = (
+        privacy_answer_chunks.c.request_id == request_id,
+        privacy_answer_chunks.c.service == service,
+        privacy_answer_chunks.c.action == action,
+        privacy_answer_chunks.c.answered_at == at,
+        privacy_answer_chunks.c.chunks == chunks,
+    )
+    await session.execute(
+        pg_insert(privacy_answer_chunks)
+        .values(
+            request_id=request_id,
+            service=service,
+            action=action,
+            answered_at=at,
+            chunks=chunks,
+            chunk=chunk,
+            data=data,
+        )
+        .on_conflict_do_nothing()
+    )
+    have = await session.scalar(sa.select(sa.func.count()).where(*same_answer))
+    if have != chunks:
+        return False
+    parts = await session.execute(
+        sa.select(privacy_answer_chunks.c.data).where(*same_answer).order_by(privacy_answer_chunks.c.chunk)
+    )
+    await record_answer(session, request_id, service, action, merge_chunks([p[0] for p in parts]), at)
+    await session.execute(
+        sa.delete(privacy_answer_chunks).where(
+            privacy_answer_chunks.c.request_id == request_id,
+            privacy_answer_chunks.c.service == service,
+            privacy_answer_chunks.c.action == action,
+        )
+    )
+    return True
+
+
+async def answered_services(session: AsyncSession, request_id: str, action: str) -> set[str]:
+    """The services whose (whole) answer is recorded: what the export waits on, without its data."""
+    rows = await session.execute(
+        sa.select(privacy_answers.c.service).where(
+            privacy_answers.c.request_id == request_id, privacy_answers.c.action == action
+        )
+    )
+    return {r[0] for r in rows}
 
 
 @dataclass(frozen=True)

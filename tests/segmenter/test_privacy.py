@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import text
 
+from services.notifier.app import create_app as notifier_app
+from services.notifier.settings import NotifierSettings
 from services.segmenter.app import create_app
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store.privacy import CUSTOMER_TABLES
@@ -297,3 +300,60 @@ async def test_a_part_sent_in_chunks_has_arrived_only_once_every_chunk_has(harne
     async with h.segmenter.platform.unit_of_work() as uow:
         assert await uow.session.scalar(text("SELECT count(*) FROM privacy_answer_chunks")) == 0
 
+
+async def test_a_timeline_capped_in_the_export_says_so(harness: Harness) -> None:
+    h = harness
+    await known_customer(h)
+    cid = (await h.customer("u1"))["customer_id"]
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await uow.session.execute(
+            text(
+                "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, "
+                "received_at) SELECT :c, 'bulk-' || i, 'track', 'Viewed', '{}', '{}', "
+                "timestamptz '2020-01-01Z' + i * interval '1 second', now() "
+                "FROM generate_series(1, 2000) AS i"
+            ),
+            {"c": cid},
+        )
+    r = await h.client.get("/v1/customers/u1/export", headers=ADMIN)
+    mine = (await h.client.get(r.json()["export_url"], headers=ADMIN)).json()["services"]["segmenter"]
+    assert len(mine["events"]) == 2000 and mine["events"][0]["message_id"] == "m3"  # the newest
+    assert mine["events_truncated"] == {"exported": 2000, "total": 2003}
+
+
+async def test_the_export_of_a_customer_with_megabytes_of_sent_messages_completes(
+    harness: Harness, make_settings: Callable[..., Any]
+) -> None:
+    """The real notifier answers: 15,000 ledger rows (~5 MB of JSON, five times what one Kafka message
+    may hold) reach the export whole, in chunks, and nothing is parked in its outbox."""
+    h = harness
+    await known_customer(h)
+    notifier = notifier_app(make_settings(NotifierSettings))
+    async with running(notifier):
+        platform = notifier.state.platform
+        async with platform.unit_of_work() as uow:
+            await uow.session.execute(
+                text(
+                    "INSERT INTO send_ledger (message_id, customer_id, channel, category, template_id, "
+                    "request, state, reason, created_at) "
+                    "SELECT 'msg-' || lpad(i::text, 6, '0'), 'u1', 'email', 'marketing', 'weekly', '{}', "
+                    "'delivered', repeat('r', 250), timestamptz '2026-01-01Z' + i * interval '1 minute' "
+                    "FROM generate_series(1, 15000) AS i"
+                )
+            )
+        later_url, request = await _export_requested(h)
+        await answer_for(h, request, PrivacyAction.EXPORT_PART, ("ingest", "journey_engine"))
+        doc = await _document(h, later_url, timeout=60)
+        async with platform.unit_of_work() as uow:
+            parked = await uow.session.scalar(text("SELECT count(*) FROM outbox_parked"))
+    assert parked == 0
+    messages = doc["services"]["notifier"]["messages"]
+    assert [m["message_id"] for m in messages] == [f"msg-{i:06}" for i in range(1, 15_001)]
+    assert all(m["reason"] == "r" * 250 and m["state"] == "delivered" for m in messages)
+    assert len(orjson.dumps(doc["services"]["notifier"])) > 5 * 1_000_000
+    answered = [
+        m
+        for m in await read_topic(h.settings.topic(PRIVACY.name), idle=0.5, timeout=8)
+        if m["value"]["action"] == "export_part" and m["value"]["service"] == "notifier"
+    ]
+    assert len(answered) == answered[0]["value"]["chunks"] > 5

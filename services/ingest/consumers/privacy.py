@@ -14,7 +14,7 @@ from shared.clock import Clock
 from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
-from shared.privacy import answer
+from shared.privacy import answer, answers
 
 CONSUMER = "ingest.privacy"
 SERVICE = "ingest"
@@ -40,9 +40,10 @@ class PrivacyConsumer:
                     continue
                 fresh.discard(item.event_id)  # a duplicate within the batch is answered once
                 if request.action is PrivacyAction.ERASE_REQUESTED:
-                    reply = answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now, {"deleted": {}})
+                    replies = [answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now, {"deleted": {}})]
                 elif request.action is PrivacyAction.EXPORT_REQUESTED:
-                    reply = answer(request, SERVICE, PrivacyAction.EXPORT_PART, now, dict(EXPORT_PART))
+                    replies = answers(request, SERVICE, PrivacyAction.EXPORT_PART, now, dict(EXPORT_PART))
                 else:
                     continue  # answers, ours and other services'
-                uow.emit(PRIVACY.name, request.customer_id, reply, correlation_id=item.correlation_id)
+                for reply in replies:
+                    uow.emit(PRIVACY.name, request.customer_id, reply, correlation_id=item.correlation_id)

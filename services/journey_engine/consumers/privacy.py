@@ -15,7 +15,7 @@ from shared.contracts.events import CustomerEvent, PrivacyAction, PrivacyRequest
 from shared.contracts.topics import PRIVACY
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka.consumer import Consumed
-from shared.privacy import add_tombstones, answer, erased_among, erasure_gate
+from shared.privacy import add_tombstones, answer, answers, erased_among, erasure_gate
 from shared.runtime import Platform
 
 CONSUMER = "journey_engine.privacy"
@@ -43,14 +43,25 @@ class PrivacyConsumer:
                     cids = await privacy_store.customer_ids(uow.session, identities)
                     deleted = await privacy_store.erase(uow.session, cids)
                     await add_tombstones(uow.session, self.salt, identities, request.request_id, now)
-                    reply = answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now, {"deleted": deleted})
+                    replies = [
+                        answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now, {"deleted": deleted})
+                    ]
                 elif request.action is PrivacyAction.EXPORT_REQUESTED:
                     cids = await privacy_store.customer_ids(uow.session, identities)
                     data = await privacy_store.export(uow.session, cids)
-                    reply = answer(request, SERVICE, PrivacyAction.EXPORT_PART, now, data)
+                    # Instances and the message log of a heavy customer pass Kafka's ~1 MB: in chunks.
+                    replies = answers(
+                        request,
+                        SERVICE,
+                        PrivacyAction.EXPORT_PART,
+                        now,
+                        data,
+                        max_message_bytes=self.platform.settings.kafka_max_message_bytes,
+                    )
                 else:
                     continue  # answers, ours and other services'
-                uow.emit(PRIVACY.name, request.customer_id, reply, correlation_id=c.correlation_id)
+                for reply in replies:
+                    uow.emit(PRIVACY.name, request.customer_id, reply, correlation_id=c.correlation_id)
 
 
 async def drop_erased_events(

@@ -9,7 +9,7 @@ from shared.clock import Clock
 from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
-from shared.privacy import add_tombstones, answer, erasure_gate
+from shared.privacy import add_tombstones, answer, answers, erasure_gate
 
 CONSUMER = "notifier.privacy"
 SERVICE = "notifier"
@@ -41,15 +41,12 @@ class PrivacyConsumer:
                     if self.privacy_salt is not None:
                         # Later requests for these ids are suppressed (`erased`), never sent.
                         await add_tombstones(uow.session, self.privacy_salt, ids, request.request_id, now)
-                    action, data = PrivacyAction.ERASE_COMPLETED, {}
+                    replies = [answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now)]
                 elif request.action is PrivacyAction.EXPORT_REQUESTED:
-                    action = PrivacyAction.EXPORT_PART
                     data = await privacy_repo.export(uow.session, ids)
+                    # A send ledger of thousands of messages passes Kafka's ~1 MB: sent in chunks.
+                    replies = answers(request, SERVICE, PrivacyAction.EXPORT_PART, now, data)
                 else:
                     continue  # answers (ours and other services')
-                uow.emit(
-                    PRIVACY.name,
-                    request.customer_id,
-                    answer(request, SERVICE, action, now, data),
-                    correlation_id=item.correlation_id,
-                )
+                for reply in replies:
+                    uow.emit(PRIVACY.name, request.customer_id, reply, correlation_id=item.correlation_id)

@@ -235,8 +235,12 @@ async def add_tombstones(
 
 async def erased_among(session: AsyncSession, salt: str, identities: Iterable[str]) -> set[str]:
     """The given identifiers that belong to an erased customer."""
-    by_hash = {identity_hash(salt, i): i for i in set(identities) if i}
+    # Several identifiers may share a hash (the hash ignores surrounding whitespace): all are erased.
+    by_hash: dict[str, set[str]] = {}
+    for i in set(identities):
+        if i:
+            by_hash.setdefault(identity_hash(salt, i), set()).add(i)
     if not by_hash:
         return set()
     rows = await _ERASED_AMONG.fetch(session, {"h": list(by_hash)})
-    return {by_hash[r[0]] for r in rows}
+    return {i for r in rows for i in by_hash[r[0]]}

@@ -81,6 +81,9 @@ class BaseServiceSettings(BaseSettings):
     # few ms are relayed with it. 0 = at once (for topics on the latency-critical path).
     outbox_relay_delay_ms: int = 0
     outbox_batch_size: int = Field(default=500, ge=1)  # 0: the relay never published a row
+    # How long a relay pass waits for the broker's acknowledgements before it rolls back and tries
+    # again (its rows then go out again: consumers' inboxes drop the duplicates).
+    outbox_send_timeout_s: float = Field(default=30.0, gt=0)
     # The largest message CLM produces, as a single-record batch (`shared.kafka.producer.record_size`).
     # Must not exceed any CLM topic's max.message.bytes (the broker's default is 1,048,588 bytes):
     # the outbox relay parks larger rows in `outbox_parked` instead of sending them, and a consumer

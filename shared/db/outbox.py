@@ -102,53 +102,58 @@ class OutboxRelay:
                 return 0
             limit = self.settings.kafka_max_message_bytes
             sendable: list[tuple[Any, OutgoingMessage]] = []
+            parked: list[tuple[Any, str]] = []
             for r in rows:
                 message = OutgoingMessage(r[1], r[2], r[3], _headers(r[4]))
                 if (size := record_size(message)) > limit:
                     # Sent, the broker would refuse it on every pass (a topic's default limit is
                     # ~1 MB), rolling back the delete of every row taken with it.
-                    await self._park(driver, r, f"{size} bytes: more than kafka_max_message_bytes ({limit})")
+                    parked.append((r, f"{size} bytes: more than kafka_max_message_bytes ({limit})"))
                 else:
                     sendable.append((r, message))
+            # Bounded: a send the client never settles (a batch queued as the producer was renewed)
+            # would hold this transaction and the schema's relay lock, so every relay, for ever.
+            timeout = self.settings.outbox_send_timeout_s
             try:
-                await self.producer.send_batched([m for _, m in sendable])
+                await asyncio.wait_for(self.producer.send_batched([m for _, m in sendable]), timeout)
             except TOO_LARGE as exc:
-                # A topic's max.message.bytes below the setting: one at a time, parking what it refuses.
+                # A topic's max.message.bytes below the setting: the pass's messages one at a time
+                # (those of its batches already acknowledged again too: consumers' inboxes drop
+                # them), parking what the broker refuses.
                 log.warning(
-                    "broker refused a batch as too large; sending its messages one at a time",
+                    "broker refused a batch as too large; sending the pass's messages one at a time",
                     extra={"rows": len(sendable), "error": repr(exc)},
                 )
                 for r, message in sendable:
                     try:
-                        await self.producer.send(message)
+                        await asyncio.wait_for(self.producer.send(message), timeout)
                     except TOO_LARGE as refused:
-                        await self._park(driver, r, f"refused by the broker: {refused!r}")
-        relayed = len(rows)
-        OUTBOX_RELAYED.labels(self.settings.service_name).inc(relayed)
-        OUTBOX_PENDING.labels(self.settings.service_name).set(relayed)
-        self.relayed += relayed
-        return relayed
-
-    async def _park(self, driver: Any, row: Any, reason: str) -> None:
-        """Move a taken row to `outbox_parked` (committed with the pass's delete) instead of sending it."""
-        await _PARK.execute(
-            driver,
-            {
-                "id": row[0],
-                "topic": row[1],
-                "key": row[2],
-                "value": row[3],
-                "headers": row[4] if isinstance(row[4], str) else json_text(row[4]),
-                "created_at": row[5],
-                "reason": reason,
-            },
-        )
-        OUTBOX_PARKED.labels(self.settings.service_name, row[1]).inc()
-        self.parked += 1
-        log.error(
-            "outbox row parked: too large for Kafka (see outbox_parked)",
-            extra={"outbox_id": row[0], "topic": row[1], "value_bytes": len(row[3]), "reason": reason},
-        )
+                        parked.append((r, f"refused by the broker: {refused!r}"))
+            for r, reason in parked:
+                await _PARK.execute(
+                    driver,
+                    {
+                        "id": r[0],
+                        "topic": r[1],
+                        "key": r[2],
+                        "value": r[3],
+                        "headers": r[4] if isinstance(r[4], str) else json_text(r[4]),
+                        "created_at": r[5],
+                        "reason": reason,
+                    },
+                )
+        # Counted and logged once committed: a pass that rolls back parked nothing.
+        for r, reason in parked:
+            OUTBOX_PARKED.labels(self.settings.service_name, r[1]).inc()
+            log.error(
+                "outbox row parked: too large for Kafka (see outbox_parked)",
+                extra={"outbox_id": r[0], "topic": r[1], "value_bytes": len(r[3]), "reason": reason},
+            )
+        self.parked += len(parked)
+        OUTBOX_RELAYED.labels(self.settings.service_name).inc(len(rows) - len(parked))
+        OUTBOX_PENDING.labels(self.settings.service_name).set(len(rows))
+        self.relayed += len(rows)
+        return len(rows)
 
     async def _run(self) -> None:
         backoff = 0.2

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
+from aiokafka.errors import MessageSizeTooLargeError, OutOfOrderSequenceNumber, RecordListTooLargeError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from shared.contracts.events import ContractModel
@@ -25,6 +25,9 @@ _KEY_HASHES_KEPT = 100_000
 # aiokafka raises itself for a single message past its max_request_size, or `EventProducer.send` for
 # one past `kafka_max_message_bytes`). A property of the message, not an outage: never retried as is.
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+# What the broker answers once the idempotent producer's numbering of a partition is broken (records
+# it numbered were never taken): only a new client (a new producer id) sends to it again.
+_BROKEN_SEQUENCE = (*TOO_LARGE, OutOfOrderSequenceNumber)
 
 # A record batch's fixed part (log overhead and batch header, 61 bytes) and a record's varints
 # (length, attributes, timestamp and offset deltas: at most 21 bytes), as aiokafka counts them.
@@ -49,7 +52,8 @@ def record_size(message: OutgoingMessage) -> int:
     CLM produces; lengths as 5-byte varints (the most a length takes), so never an underestimate."""
     size = _BATCH_OVERHEAD + 10 + len(message.value) + (len(message.key) if message.key is not None else 0)
     for name, value in message.headers:
-        size += 10 + len(name.encode()) + len(value)
+        # Kafka allows a null header value (another client's record, dead-lettered as it came).
+        size += 10 + len(name.encode()) + (len(value) if value is not None else 0)
     return size + 5
 
 
@@ -149,10 +153,12 @@ class EventProducer:
 
     async def _renew(self, refused: AIOKafkaProducer) -> None:
         """A new client in place of `refused`, after the broker refused one of its batches as too
-        large. The idempotent producer had numbered that batch's records: the broker never took
-        them, so it refused every later batch of that partition as out of sequence
-        (OUT_OF_ORDER_SEQUENCE_NUMBER), for as long as the process ran. A new client is a new
-        producer id, numbered from 0. What others had queued on the old one is flushed as it stops."""
+        large (or as out of sequence, if an earlier renewal failed). The idempotent producer had
+        numbered that batch's records: the broker never took them, so it refused every later batch
+        of that partition as out of sequence (OUT_OF_ORDER_SEQUENCE_NUMBER), for as long as the
+        process ran. A new client is a new producer id, numbered from 0. What others had queued on
+        the old one is flushed as it stops (a batch appended while it stops may never settle: the
+        outbox relay bounds its wait, `outbox_send_timeout_s`)."""
         old: AIOKafkaProducer = refused
         async with self._renewing:
             if self._client is not refused:
@@ -186,7 +192,7 @@ class EventProducer:
         )
         try:
             await future
-        except TOO_LARGE:
+        except _BROKEN_SEQUENCE:
             await self._renew(client)
             raise
 
@@ -229,8 +235,9 @@ class EventProducer:
             futures.append(await producer.send_batch(batch, topic, partition=partition))
         results = await asyncio.gather(*futures, return_exceptions=True)
         errors = [result for result in results if isinstance(result, BaseException)]
-        if refused := [error for error in errors if isinstance(error, TOO_LARGE)]:
+        if any(isinstance(error, _BROKEN_SEQUENCE) for error in errors):
             await self._renew(producer)
+        if refused := [error for error in errors if isinstance(error, TOO_LARGE)]:
             raise refused[0]
         if errors:
             raise errors[0]

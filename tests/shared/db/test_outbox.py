@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
@@ -212,3 +213,51 @@ async def test_a_failed_inbox_prune_is_not_a_failed_relay_pass(
         )
     assert _ids(got) == [event.event_id]
     assert not [r for r in caplog.records if "relay pass failed" in r.getMessage()]
+
+
+async def test_a_pass_that_rolls_back_parks_and_counts_nothing(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parked row was counted and logged before the pass committed: a pass that then failed (the
+    broker down) reported a row parked that was not, and counted it again on the next pass."""
+    await platform.relay.stop()  # this test runs the passes
+    counted = parked_metric(platform)
+
+    async def broker_down(messages: Any) -> None:
+        raise KafkaConnectionError("broker down")
+
+    monkeypatch.setattr(platform.producer, "send_batched", broker_down)
+    async with platform.unit_of_work() as uow:
+        uow.emit(PROFILES.name, "c1", change("c1", padding=1_100_000))
+        uow.emit(PROFILES.name, "c2", change("c2"))
+    with pytest.raises(KafkaConnectionError):
+        await platform.relay.run_once()
+    assert await parked(platform) == [] and await outbox_count(platform) == 2
+    assert parked_metric(platform) == counted and platform.relay.parked == 0
+    monkeypatch.undo()
+    assert await platform.relay.run_once() == 2
+    assert len(await parked(platform)) == 1 and parked_metric(platform) == counted + 1
+
+
+async def test_a_send_that_never_settles_rolls_the_pass_back_after_the_send_timeout(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch appended to a producer as it was renewed may never settle: the pass held its
+    transaction and the schema's relay lock for ever, so no relay published anything again."""
+    await platform.relay.stop()
+    platform.settings.outbox_send_timeout_s = 0.3
+
+    async def never_settles(messages: Any) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(platform.producer, "send_batched", never_settles)
+    async with platform.unit_of_work() as uow:
+        uow.emit(PROFILES.name, "c1", change("c1"))
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(platform.relay.run_once(), 10)
+    assert asyncio.get_running_loop().time() - started < 5  # the relay's own bound, not the test's
+    assert await outbox_count(platform) == 1  # rolled back: taken again by the next pass
+    monkeypatch.undo()
+    assert await platform.relay.run_once() == 1
+    assert await outbox_count(platform) == 0

@@ -72,8 +72,24 @@ class Backfill:
         self.platform, self.clock, self.catalog_cache, self.settings = platform, clock, catalog, settings
         self.wake = asyncio.Event()
 
+    async def finish_deletion(self, segment_id: str | None = None) -> bool:
+        """Remove a hidden segment's memberships and timers and announce its members' exits
+        (`segment_id`'s, or the oldest waiting: one a crash left half done); False if none waits or
+        another worker has it."""
+        async with self.platform.unit_of_work() as uow:
+            claimed = await segment_store.claim_deletion(uow.session, segment_id)
+            if claimed is None:
+                return False
+            sid, name = claimed
+            await segment_store.delete_segment(uow.session, sid, self._announcement(name, self.clock.now()))
+        self.platform.relay.notify()  # outbox rows written by SQL, not through uow.emit
+        return True
+
     async def run_once(self) -> bool:
-        """Process one chunk of one segment; False when nothing is waiting."""
+        """Finish one half-done deletion, or process one chunk of one segment; False when nothing is
+        waiting."""
+        if await self.finish_deletion():
+            return True
         now = self.clock.now()
         dependents_to_restart: set[str] = set()
         async with self.platform.unit_of_work() as uow:

@@ -228,6 +228,97 @@ async def test_deleting_a_segment_while_an_event_batch_writes_its_member_announc
     assert changes == [("u1", "entered", "m1"), ("u1", "exited", "segment_deleted")]
 
 
+async def test_deleting_a_segment_while_a_batch_has_written_its_timer_neither_deadlocks_nor_waits_long(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch has moved (customer, segment)'s due timer and not yet locked the segment to write
+    the exit; a deletion in one transaction then waited for that timer row while the batch waited
+    for the segment: a deadlock, which PostgreSQL broke by failing one of them (the deletion: 500)."""
+    h = harness
+    sid = await h.create_segment(
+        {
+            "and": [
+                {"performed": "Signed In", "within": "7d"},
+                {"trait": "plan", "op": "equals", "value": "pro"},
+            ]
+        },
+        name="Active pro",
+    )
+    await h.send(
+        make_event("m0", "identify", user_id="u1", traits={"plan": "pro"}),
+        make_event("m1", user_id="u1", event="Signed In"),
+    )
+    await h.processed(2)
+    pause = Pause(monkeypatch, segment_store, "set_timers", after=True)
+    later = START + timedelta(days=1)
+    unit = asyncio.ensure_future(
+        h.segmenter.events.handle_in_own_unit(
+            [
+                # Moves u1's timer (a later sign-in: a row lock) and takes u1 out (plan).
+                make_event("m2", "identify", user_id="u1", traits={"plan": "free"}, timestamp=later),
+                make_event("m3", user_id="u1", event="Signed In", timestamp=later),
+            ]
+        )
+    )
+    try:
+        await asyncio.wait_for(pause.reached.wait(), 10)
+        deletion = asyncio.ensure_future(h.client.delete(f"/v1/segments/{sid}", headers=ADMIN))
+        # Released before PostgreSQL's deadlock check (deadlock_timeout, 1 s) of a deletion waiting
+        # for the timer row: in one transaction the deletion was the one it then failed.
+        await asyncio.wait({deletion}, timeout=0.3)
+    finally:
+        pause.release.set()
+    await unit
+    assert (await deletion).status_code == 204
+    assert await _members_of(h, sid) == 0
+    changes = [(m["customer_id"], m["change"]) for m in await h.memberships() if m["segment_id"] == sid]
+    assert changes == [("u1", "entered"), ("u1", "exited")]  # the exit announced once, by the deletion
+
+
+async def test_a_deletion_left_half_done_is_finished_by_the_backfill_worker(harness: Harness) -> None:
+    h = harness
+    await seed(h, 4)
+    sid = await h.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    # A crash after the first step: the segment is hidden, its memberships are still there.
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await segment_store.hide_segment(uow.session, sid, "Pro", START)
+    assert (await h.client.get(f"/v1/segments/{sid}", headers=ADMIN)).status_code == 404
+    assert await _members_of(h, sid) == 2
+    assert await h.segmenter.backfill.run_once()
+    assert await _members_of(h, sid) == 0
+    exits = [m for m in await h.memberships() if m["segment_id"] == sid and m["change"] == "exited"]
+    assert sorted(m["customer_id"] for m in exits) == ["u00", "u03"]
+    assert all(m["cause"] == "segment_deleted" and m["segment_name"] == "Pro" for m in exits)
+    assert not await h.segmenter.backfill.finish_deletion()
+
+
+async def test_an_edit_in_flight_does_not_hold_up_real_time_membership_writes(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    sid = await h.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    pause = Pause(monkeypatch, segment_store, "update_segment", after=True)
+    edit = asyncio.ensure_future(
+        h.client.put(
+            f"/v1/segments/{sid}",
+            json={"name": "Pro", "definition": {"trait": "plan", "op": "in", "values": ["pro", "max"]}},
+            headers=ADMIN,
+        )
+    )
+    try:
+        await asyncio.wait_for(pause.reached.wait(), 10)
+        await asyncio.wait_for(
+            h.segmenter.events.handle_in_own_unit(
+                [make_event("m1", "identify", user_id="u1", traits={"plan": "pro"})]
+            ),
+            5,
+        )
+    finally:
+        pause.release.set()
+    assert (await edit).status_code == 200
+    assert await _members_of(h, sid) == 1
+
+
 async def test_a_backfill_chunk_in_flight_does_not_hold_up_real_time_membership_writes(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

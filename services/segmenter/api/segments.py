@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import DBAPIError
 
 from services.segmenter.domain.catalog import Catalog, CycleError, compile_segment, dependency_order
 from services.segmenter.domain.evaluation import evaluate, explain
@@ -16,8 +17,10 @@ from services.segmenter.reevaluation import fill_snapshots
 from services.segmenter.runtime import Segmenter
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
-from shared.contracts.topics import SEGMENT_MEMBERSHIP
 from shared.http import ApiError, admin_guard, field_error
+
+# How long a deletion waits for the segment's row (see `delete_segment`) before answering 503.
+DELETE_LOCK_TIMEOUT_MS = 5000
 
 
 class SegmentIn(BaseModel):
@@ -163,7 +166,9 @@ def segments_router(seg: Segmenter) -> APIRouter:
     async def update_segment(segment_id: str, body: SegmentIn) -> dict[str, Any]:
         rule = _parse(body.definition)
         async with platform.unit_of_work() as uow:
-            if await segment_store.get_segment(uow.session, segment_id, lock=True) is None:
+            # Waits for a back-fill chunk in flight (its rule changes under it otherwise), not for
+            # real time: the back-fill that follows re-evaluates everyone.
+            if await segment_store.get_segment(uow.session, segment_id, lock="FOR NO KEY UPDATE") is None:
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             await check_references(uow.session, segment_id, rule)
             await segment_store.update_segment(
@@ -176,34 +181,43 @@ def segments_router(seg: Segmenter) -> APIRouter:
 
     @router.delete("/{segment_id}", status_code=204)
     async def delete_segment(segment_id: str) -> Response:
-        async with platform.unit_of_work() as uow:
-            # Locked first: a back-fill chunk in flight holds the row while it writes memberships;
-            # waiting for it lets the deletion see (and announce the exit of) what it wrote.
-            row = await segment_store.get_segment(uow.session, segment_id, lock=True)
-            if row is None:
-                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
-            rows = await segment_store.segment_versions(uow.session)
-            users = []
-            for sid, version, name, definition in rows:
-                if sid == segment_id:
-                    continue
-                try:
-                    if segment_id in compile_segment(sid, name, version, definition).refs.segments:
-                        users.append(sid)
-                except InvalidRule:
-                    continue
-            if users:
-                raise ApiError(
-                    409, "segment_in_use", f"segments {', '.join(sorted(users))} refer to this segment"
-                )
-            announce = segment_store.Announcement.of(
-                platform.settings.topic(SEGMENT_MEMBERSHIP.name),
-                platform.settings.service_name,
-                row["name"],
-                seg.clock.now(),
-            )
-            await segment_store.delete_segment(uow.session, segment_id, announce)
-        platform.relay.notify()  # the exits were written to the outbox by SQL, not through uow.emit
+        try:
+            async with platform.unit_of_work() as uow:
+                # Hidden first, in a short transaction: locked FOR UPDATE, so the back-fill chunk and
+                # the event batches writing its memberships have committed (their memberships are
+                # removed below), and later ones skip it. Bounded: a segment every batch writes may be
+                # share-locked back to back for a while.
+                await segment_store.set_lock_timeout(uow.session, DELETE_LOCK_TIMEOUT_MS)
+                row = await segment_store.get_segment(uow.session, segment_id, lock="FOR UPDATE")
+                if row is None:
+                    raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+                rows = await segment_store.segment_versions(uow.session)
+                users = []
+                for sid, version, name, definition in rows:
+                    if sid == segment_id:
+                        continue
+                    try:
+                        if segment_id in compile_segment(sid, name, version, definition).refs.segments:
+                            users.append(sid)
+                    except InvalidRule:
+                        continue
+                if users:
+                    raise ApiError(
+                        409, "segment_in_use", f"segments {', '.join(sorted(users))} refer to this segment"
+                    )
+                await segment_store.hide_segment(uow.session, segment_id, row["name"], seg.clock.now())
+        except DBAPIError as exc:
+            if not segment_store.is_lock_timeout(exc):
+                raise
+            raise ApiError(
+                503,
+                "segment_busy",
+                "the segment is being written; try the deletion again",
+                headers={"Retry-After": "1"},
+            ) from exc
+        # Then its memberships, timers and members' exits, without holding up real time (a crash
+        # in between leaves it to the back-fill worker, which finishes hidden segments' deletions).
+        await seg.backfill.finish_deletion(segment_id)
         return Response(status_code=204)
 
     @router.get("/{segment_id}/members")

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import TypeAdapter
@@ -41,8 +41,12 @@ async def segment_versions(session: AsyncSession) -> list[tuple[str, int, str, A
     return [(r[0], r[1], r[2], r[3]) for r in await _SEGMENT_VERSIONS.fetch(session)]
 
 
-async def get_segment(session: AsyncSession, segment_id: str, *, lock: bool = False) -> dict[str, Any] | None:
-    sql = f"SELECT {SEGMENT_COLUMNS} FROM segments WHERE segment_id = :s" + (" FOR UPDATE" if lock else "")
+async def get_segment(
+    session: AsyncSession, segment_id: str, *, lock: Literal["", "FOR UPDATE", "FOR NO KEY UPDATE"] = ""
+) -> dict[str, Any] | None:
+    """The segment's row; `lock`: FOR UPDATE waits for the back-fill chunk and the real-time units
+    writing its memberships (they hold it FOR KEY SHARE), FOR NO KEY UPDATE for the chunk only."""
+    sql = f"SELECT {SEGMENT_COLUMNS} FROM segments WHERE segment_id = :s {lock}"
     row = (await session.execute(text(sql), {"s": segment_id})).first()
     return dict(row._mapping) if row else None
 
@@ -88,15 +92,57 @@ async def restart_backfill(session: AsyncSession, segment_ids: Iterable[str], no
     )
 
 
-async def delete_segment(session: AsyncSession, segment_id: str, announce: Announcement) -> int | None:
-    """Delete the segment with its memberships and timers; every member's exit is announced (cause
-    `segment_deleted`), so that journeys and other consumers of memberships stop counting them.
-    Returns the exits announced, or None if there was no such segment.
+async def set_lock_timeout(session: AsyncSession, ms: int) -> None:
+    """For the rest of this transaction, a row lock not granted within `ms` raises (SQLSTATE 55P03)."""
+    await session.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{int(ms)}ms"})
 
-    The caller holds the segment row locked (`get_segment(lock=True)`, FOR UPDATE) before this: it
-    waits for the back-fill chunk and the real-time units writing memberships of this segment (their
-    memberships, invisible to this DELETE until they commit, are then seen), and units after it skip
-    the segment (`_APPLY_MEMBERSHIP_CHANGES`)."""
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        if getattr(candidate, "sqlstate", None) == "55P03":
+            return True
+    return False
+
+
+async def hide_segment(session: AsyncSession, segment_id: str, name: str, now: datetime) -> None:
+    """A deletion's first, short transaction: the segment's row goes (the catalogue, the API and
+    real-time membership writes no longer see it) and a `segment_deletions` row takes its place until
+    `delete_segment` has removed its memberships. The caller holds the row FOR UPDATE (so the back-fill
+    chunk and the real-time units writing its memberships have committed) and nothing else: a unit
+    waiting for it holds customer locks, so the wait stays this short."""
+    await session.execute(
+        text(
+            "INSERT INTO segment_deletions (segment_id, name, requested_at) VALUES (:s, :n, :now) "
+            "ON CONFLICT (segment_id) DO NOTHING"
+        ),
+        {"s": segment_id, "n": name, "now": now},
+    )
+    await session.execute(text("DELETE FROM segments WHERE segment_id = :s"), {"s": segment_id})
+
+
+async def claim_deletion(session: AsyncSession, segment_id: str | None = None) -> tuple[str, str] | None:
+    """A hidden segment whose memberships are still to remove (`segment_id`'s, or the oldest), locked
+    for this transaction; another worker skips it."""
+    row = (
+        await session.execute(
+            text(
+                "SELECT segment_id, name FROM segment_deletions "
+                "WHERE (CAST(:s AS text) IS NULL OR segment_id = :s) "
+                "ORDER BY requested_at LIMIT 1 FOR UPDATE SKIP LOCKED"
+            ),
+            {"s": segment_id},
+        )
+    ).first()
+    return (row[0], row[1]) if row else None
+
+
+async def delete_segment(session: AsyncSession, segment_id: str, announce: Announcement) -> int:
+    """A deletion's second transaction (after `hide_segment`, the `segment_deletions` row claimed):
+    the memberships and timers go, and every member's exit is announced (cause `segment_deleted`),
+    so that journeys and other consumers of memberships stop counting them. Returns the exits
+    announced. Real time no longer writes memberships of the segment (its row is gone), so this
+    waits for no event batch however many members it has."""
     exits = (
         await session.execute(
             text(
@@ -114,10 +160,8 @@ async def delete_segment(session: AsyncSession, segment_id: str, announce: Annou
         )
     ).scalar_one()
     await session.execute(text("DELETE FROM segment_timers WHERE segment_id = :s"), {"s": segment_id})
-    result = await session.execute(
-        text("DELETE FROM segments WHERE segment_id = :s RETURNING 1"), {"s": segment_id}
-    )
-    return int(exits) if result.first() is not None else None
+    await session.execute(text("DELETE FROM segment_deletions WHERE segment_id = :s"), {"s": segment_id})
+    return int(exits)
 
 
 # --------------------------------------------------------------------------- memberships
@@ -146,10 +190,11 @@ _EVALUATION_INPUTS = Statement(
     "segment_timers "
     "WHERE customer_id = ANY(CAST(:ids AS text[]))"
 )
-# The segments written are held FOR KEY SHARE until commit (`live`): a deletion (FOR UPDATE on the
-# segment row) either waits for this unit and then announces its members' exits, or commits first and
-# the rows of the segment it deleted are skipped here (neither recorded nor announced). A back-fill
-# chunk holds its segment FOR NO KEY UPDATE, which does not conflict: real time never waits for it.
+# The segments written are held FOR KEY SHARE until commit (`live`): a deletion's first step (FOR
+# UPDATE on the segment row, `hide_segment`) either waits for this unit, whose memberships its second
+# step then removes with their exits announced, or commits first and the rows of the segment it hid
+# are skipped here (neither recorded nor announced). A back-fill chunk and an edit hold the segment
+# FOR NO KEY UPDATE, which does not conflict: real time never waits for them.
 _APPLY_MEMBERSHIP_CHANGES = Statement(
     "WITH live AS MATERIALIZED (SELECT segment_id FROM segments "
     "WHERE segment_id = ANY(CAST(:s AS text[])) FOR KEY SHARE) "

@@ -124,3 +124,13 @@ segment_timers = sa.Table(
     sa.Column("segment_id", sa.Text, primary_key=True),
     sa.Column("due_at", TS, nullable=False, index=True),
 )
+
+# A deleted segment's row is gone at once (real time and the API no longer see it); its memberships,
+# timers and members' exits are removed in a second transaction, taken from here (revision 0010).
+segment_deletions = sa.Table(
+    "segment_deletions",
+    metadata,
+    sa.Column("segment_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("requested_at", TS, nullable=False),
+)

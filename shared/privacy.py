@@ -94,8 +94,9 @@ def answers(
     `occurred_at`, which tells the segmenter which chunks belong together."""
     whole = answer(request, service, action, now)
     envelope = len(whole.__pydantic_serializer__.to_json(whole)) + 64  # the chunk numbers and id suffix
-    data_budget = max(budget - envelope, _MIN_DATA_BUDGET)
-    row_limit = max(max_message_bytes - envelope - _HEADROOM, data_budget)
+    # Never more than a message may carry (a `kafka_max_message_bytes` set below the budget).
+    row_limit = max(max_message_bytes - envelope - _HEADROOM, _MIN_DATA_BUDGET)
+    data_budget = min(max(budget - envelope, _MIN_DATA_BUDGET), row_limit)
     parts = split_part(data or {}, data_budget, row_limit)
     if len(parts) == 1:
         return [whole.model_copy(update={"data": parts[0]})]

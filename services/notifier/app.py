@@ -75,7 +75,12 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     platform.consumer(
         PROFILES.name, ProfileChanged, "profiles", ProfilesConsumer(platform.unit_of_work).handle
     )
-    privacy_consumer = PrivacyConsumer(platform.unit_of_work, clock, settings.privacy_salt.get_secret_value())
+    privacy_consumer = PrivacyConsumer(
+        platform.unit_of_work,
+        clock,
+        settings.privacy_salt.get_secret_value(),
+        settings.kafka_max_message_bytes,
+    )
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy_consumer.handle)
 
     @asynccontextmanager

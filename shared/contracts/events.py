@@ -302,7 +302,8 @@ class PrivacyRequest(ContractModel):
     # when that is too large for one message, one chunk of it (`shared.privacy.answers`).
     data: JsonObject = Field(default_factory=dict)
     # An answer too large for one Kafka message goes as `chunks` messages, numbered 0..chunks-1, each
-    # with a share of `data`'s rows (rows of one table in order across chunks; other values in chunk 0)
+    # with a share of `data`'s rows (rows of one table in order across chunks; other values whole, in
+    # the first chunk with room)
     # and the same `occurred_at`. The part has arrived when every chunk has. Defaults: one message.
     chunk: int = Field(
         default=0,

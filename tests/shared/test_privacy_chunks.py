@@ -102,3 +102,12 @@ def test_empty_and_odd_parts() -> None:
     # A non-list value too large for any message is replaced by the marker, never dropped silently.
     [chunk] = split_part({"note": "n" * 5000}, 1024)
     assert chunk == {"note": {OMITTED: {"bytes": 5002, "reason": "too large for a Kafka message"}}}
+
+
+def test_chunks_stay_under_a_message_limit_set_below_the_budget() -> None:
+    # A topic limited to 100 kB (kafka_max_message_bytes lowered to match): 256 kB chunks were parked.
+    data = {"messages": ledger(3000)}
+    replies = answers(REQUEST, "notifier", PrivacyAction.EXPORT_PART, NOW, data, max_message_bytes=100_000)
+    assert len(replies) > 1
+    assert all(size(r.model_dump(mode="json")) < 100_000 for r in replies)
+    assert merge_chunks([r.data for r in replies]) == data

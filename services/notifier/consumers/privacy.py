@@ -9,7 +9,7 @@ from shared.clock import Clock
 from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
-from shared.privacy import add_tombstones, answer, answers, erasure_gate
+from shared.privacy import MAX_MESSAGE_BYTES, add_tombstones, answer, answers, erasure_gate
 
 CONSUMER = "notifier.privacy"
 SERVICE = "notifier"
@@ -17,11 +17,16 @@ SERVICE = "notifier"
 
 class PrivacyConsumer:
     def __init__(
-        self, unit_of_work: Callable[[], UnitOfWork], clock: Clock, privacy_salt: str | None = None
+        self,
+        unit_of_work: Callable[[], UnitOfWork],
+        clock: Clock,
+        privacy_salt: str | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.unit_of_work = unit_of_work
         self.clock = clock
         self.privacy_salt = privacy_salt
+        self.max_message_bytes = max_message_bytes  # `kafka_max_message_bytes`: no chunk is parked
 
     async def handle(self, batch: Sequence[Consumed[PrivacyRequest]]) -> None:
         async with self.unit_of_work() as uow:
@@ -45,7 +50,14 @@ class PrivacyConsumer:
                 elif request.action is PrivacyAction.EXPORT_REQUESTED:
                     data = await privacy_repo.export(uow.session, ids)
                     # A send ledger of thousands of messages passes Kafka's ~1 MB: sent in chunks.
-                    replies = answers(request, SERVICE, PrivacyAction.EXPORT_PART, now, data)
+                    replies = answers(
+                        request,
+                        SERVICE,
+                        PrivacyAction.EXPORT_PART,
+                        now,
+                        data,
+                        max_message_bytes=self.max_message_bytes,
+                    )
                 else:
                     continue  # answers (ours and other services')
                 for reply in replies:

@@ -210,6 +210,15 @@ async def test_export_waits_for_every_part_then_answers_one_document(harness: Ha
     # Fetching the export is audited (it discloses personal data); the 504 was no success, so it is not.
     assert audit and {(e["method"], e["path"]) for e in audit} == {("GET", later_url)}
 
+    # Erasing the customer erases the export documents kept of them, not only their profile.
+    assert (await h.client.delete("/v1/customers/u1", headers=ADMIN)).status_code == 202
+    assert (await h.client.get(later_url, headers=ADMIN)).status_code != 200
+    async with h.segmenter.platform.unit_of_work() as uow:
+        kept = await uow.session.execute(
+            text("SELECT count(*) FROM privacy_answers WHERE request_id = :r"), {"r": body["request_id"]}
+        )
+        assert kept.scalar_one() == 0
+
 
 async def test_erasing_a_customer_never_touches_the_customer_whose_id_is_one_of_its_identifiers(
     harness: Harness,

@@ -140,6 +140,17 @@ async def erase_customer(session: AsyncSession, customer_ids: Sequence[str]) -> 
             {"ids": list(customer_ids)},
         )
         deleted[table] = int(getattr(result, "rowcount", 0) or 0)
+    # Earlier exports of the customer are their data too (every service's part, and the chunks of
+    # one still arriving): the request rows stay as receipts, their contents go.
+    exports = (
+        "SELECT request_id FROM privacy_requests "
+        "WHERE kind = 'export' AND customer_id = ANY(CAST(:ids AS text[]))"
+    )
+    for table in ("privacy_answer_chunks", "privacy_answers"):
+        result = await session.execute(
+            text(f"DELETE FROM {table} WHERE request_id IN ({exports})"), {"ids": list(customer_ids)}
+        )
+        deleted[table] = int(getattr(result, "rowcount", 0) or 0)
     return deleted
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -27,6 +26,7 @@ from shared.kafka.consumer import DLQ_VALUE_DROPPED, is_infrastructure_error
 from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
+from tests.shared.test_consumer_runner import event
 from tests.support import eventually, infra, read_topic
 
 
@@ -50,19 +50,6 @@ async def raw_records(topic: str, count: int, timeout: float = 10) -> list[Consu
 class ConsumerSettings(BaseServiceSettings):
     service_name: str = "consumer_test"
     db_schema: str = "consumer"
-
-
-def event(n: int, user: str = "u1") -> CustomerEvent:
-    now = datetime.now(UTC)
-    return CustomerEvent(
-        message_id=f"m{n}",
-        type="track",
-        user_id=user,
-        event="Tested",
-        properties={"n": n},
-        timestamp=now,
-        received_at=now,
-    )
 
 
 @pytest.fixture

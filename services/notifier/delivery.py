@@ -39,7 +39,7 @@ from services.notifier.domain.composition import (
     status_of,
     template_data,
 )
-from services.notifier.domain.consent import SubscriptionTopic
+from services.notifier.domain.consent import SubscriptionTopic, phone_key
 from services.notifier.domain.retry_policy import Failure, RetryPolicy
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.templates import RenderError, TemplateDefinition, TemplateRenderer
@@ -53,6 +53,7 @@ from shared.contracts import (
     MESSAGE_STATUS,
     Channel,
     Headers,
+    MessageCategory,
     MessageRequested,
     MessageStatus,
     MessageStatusKind,
@@ -70,6 +71,8 @@ class _Context:
     contacts: dict[str, ContactView]
     topics: dict[str, SubscriptionTopic]
     choices: dict[str, dict[tuple[str, str], bool]]
+    # The `phone_key`s of the numbers these marketing SMS go to that sent STOP (and no START since).
+    sms_opted_out: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -341,17 +344,29 @@ class DeliveryWorker:
         async with self.unit_of_work() as uow:
             return await self._read_context(uow.session, entries)
 
-    @staticmethod
-    async def _read_context(session: AsyncSession, entries: Sequence[LedgerEntry]) -> _Context:
+    async def _read_context(self, session: AsyncSession, entries: Sequence[LedgerEntry]) -> _Context:
         requests = [e.request for e in entries]
         customers = {r.customer_id for r in requests}
         topic_ids = {r.subscription_topic for r in requests if r.subscription_topic}
+        contacts = await contacts_repo.get_many(session, customers)
+        # The address each marketing SMS would go to (its override recipient or the profile's phone):
+        # a STOP from that number suppresses it, whoever CLM thinks the customer is.
+        keys = {self._sms_key(r, contacts.get(r.customer_id)) for r in requests}
+        keys.discard(None)
         return _Context(
             templates=await templates_repo.get_many(session, {r.template_id for r in requests}),
-            contacts=await contacts_repo.get_many(session, customers),
+            contacts=contacts,
             topics=await consent_repo.topics_by_id(session, topic_ids),
             choices=await consent_repo.choices_for(session, customers),
+            sms_opted_out=await consent_repo.sms_opted_out_numbers(session, {k for k in keys if k}),
         )
+
+    def _sms_key(self, request: MessageRequested, contact: ContactView | None) -> str | None:
+        """The `phone_key` of a marketing SMS's recipient number; None for any other message."""
+        if request.channel is not Channel.SMS or request.category is not MessageCategory.MARKETING:
+            return None
+        address = recipient_address(request, contact)
+        return phone_key(self.settings.privacy_salt.get_secret_value(), address) if address else None
 
     def prepare(
         self,
@@ -360,12 +375,17 @@ class DeliveryWorker:
         contact: ContactView | None,
         topic: SubscriptionTopic | None,
         choices: dict[tuple[str, str], bool],
+        sms_opted_out: Collection[str] = frozenset(),
     ) -> Prepared:
+        """`sms_opted_out`: the `phone_key`s of numbers that sent STOP (`_Context.sms_opted_out`)."""
         decision = consent.decide(
             request.category, request.channel, request.subscription_topic, topic, choices
         )
         if not decision.allowed:
             return Prepared(None, MessageStatusKind.SUPPRESSED, decision.reason)
+        key = self._sms_key(request, contact)
+        if key is not None and key in sms_opted_out:
+            return Prepared(None, MessageStatusKind.SUPPRESSED, consent.SMS_NUMBER_OPTED_OUT)
         if template is None:
             return Prepared(None, MessageStatusKind.FAILED, f"unknown template {request.template_id!r}")
         if template.channel is not request.channel:
@@ -421,6 +441,7 @@ class DeliveryWorker:
             ctx.contacts.get(request.customer_id),
             ctx.topics.get(request.subscription_topic) if request.subscription_topic else None,
             ctx.choices.get(request.customer_id, {}),
+            ctx.sms_opted_out,
         )
         now = self.clock.now()
         if prepared.delivery is None and prepared.retry:

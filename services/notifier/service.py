@@ -10,11 +10,11 @@ from services.notifier.channels.router import ProviderRouter
 from services.notifier.consumers.message_requests import enqueue
 from services.notifier.delivery import DeliveryWorker
 from services.notifier.domain.composition import status_of
-from services.notifier.domain.consent import ALL_TOPICS, opted_out
+from services.notifier.domain.consent import ALL_TOPICS, opted_out, phone_key
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.settings import NotifierSettings
-from services.notifier.store import consent_repo, ledger_repo
+from services.notifier.store import consent_repo, contacts_repo, ledger_repo
 from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
@@ -56,6 +56,36 @@ class Notifier:
             if message_id is not None:
                 await self._unsubscribed(uow, message_id, topic or ALL_TOPICS, channel, source, now)
         return bool(changed)
+
+    async def sms_keyword(self, phone: str, subscribed: bool, *, source: str) -> None:
+        """An inbound SMS STOP (`subscribed` False) or START from `phone`, in one transaction: the
+        number itself (`sms_address_optouts`: marketing SMS to it stop, whoever CLM thinks owns it,
+        a request's override recipient included) and every customer whose profile phone it is (all
+        SMS marketing, with an `unsubscribed` status of their latest SMS on STOP)."""
+        now = self.clock.now()
+        key = phone_key(self.settings.privacy_salt.get_secret_value(), phone)
+        async with self.platform.unit_of_work() as uow:
+            if key is not None:
+                await consent_repo.set_sms_address_optout(
+                    uow.session, key, not subscribed, source=source, now=now
+                )
+            for customer_id in sorted(await contacts_repo.find_by_phone(uow.session, phone)):
+                latest = (
+                    None
+                    if subscribed
+                    else await ledger_repo.latest_for_customer(uow.session, customer_id, "sms")
+                )
+                message_id = latest.message_id if latest else None
+                await consent_repo.record_choices(
+                    uow.session,
+                    customer_id,
+                    [(ALL_TOPICS, "sms", subscribed)],
+                    source=source,
+                    now=now,
+                    message_id=message_id,
+                )
+                if message_id is not None:
+                    await self._unsubscribed(uow, message_id, ALL_TOPICS, "sms", source, now)
 
     async def save_preferences(
         self, customer_id: str, channel: Channel, wanted: set[str], message_id: str | None

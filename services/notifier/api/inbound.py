@@ -11,9 +11,7 @@ from fastapi.responses import Response
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.api.forms import read_form
-from services.notifier.domain.consent import ALL_TOPICS
 from services.notifier.service import Notifier
-from services.notifier.store import consent_repo, contacts_repo, ledger_repo
 from shared.contracts import MessageStatusKind
 from shared.http import ApiError
 
@@ -71,22 +69,7 @@ async def twilio_inbound_sms(request: Request, notifier: NotifierDep) -> Respons
         raise ApiError(400, "invalid_request", "From is required")
     if word in STOP_WORDS or word in START_WORDS:
         subscribed = word in START_WORDS
-        async with notifier.platform.unit_of_work() as uow:
-            customers = await contacts_repo.find_by_phone(uow.session, phone)
-        for customer_id in customers:
-            if subscribed:
-                async with notifier.platform.unit_of_work() as uow:
-                    await consent_repo.record_choices(
-                        uow.session,
-                        customer_id,
-                        [(ALL_TOPICS, "sms", True)],
-                        source=f"sms_{word.lower()}",
-                        now=notifier.clock.now(),
-                    )
-                continue
-            async with notifier.platform.unit_of_work() as uow:
-                latest = await ledger_repo.latest_for_customer(uow.session, customer_id, "sms")
-            await notifier.unsubscribe(
-                customer_id, "sms", None, latest.message_id if latest else None, source="sms_stop"
-            )
+        await notifier.sms_keyword(
+            phone, subscribed, source="sms_stop" if not subscribed else f"sms_{word.lower()}"
+        )
     return Response(TWIML_EMPTY, media_type="application/xml")

@@ -2,11 +2,15 @@
 
 Transactional messages are exempt. Marketing messages need: no channel-wide opt-out (the `*` topic:
 "unsubscribe from all", SMS STOP), and for their subscription topic either an explicit opt-in or,
-with no recorded choice, a topic whose default is subscribed (opt-out model).
+with no recorded choice, a topic whose default is subscribed (opt-out model). A marketing SMS also
+needs its number not to have sent STOP (`sms_address_optouts`, keyed by `phone_key`): a STOP stops
+marketing SMS to the number whoever CLM thinks owns it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -28,6 +32,29 @@ class SubscriptionTopic:
 class ConsentDecision:
     allowed: bool
     reason: str | None = None
+
+
+SMS_NUMBER_OPTED_OUT = "the number opted out of sms marketing (STOP)"
+
+
+def normalize_phone(value: str) -> str | None:
+    """The number as the STOP rule compares it: its digits, with the leading `+` if there was one
+    (`+1 (555) 010-0199` and `+15550100199`, Twilio's E.164 `From`, are one number). Nothing is
+    guessed: a number without `+` keeps no country code, so `5550100199` is another number."""
+    text = value.strip()
+    digits = "".join(ch for ch in text if ch.isascii() and ch.isdigit())
+    if not digits:
+        return None
+    return ("+" if text.startswith("+") else "") + digits
+
+
+def phone_key(salt: str, phone: str) -> str | None:
+    """The key of a number in `sms_address_optouts`: the salted hash of the normalized number (as
+    erasure tombstones hash identifiers), never the number itself."""
+    normalized = normalize_phone(phone)
+    if normalized is None:
+        return None
+    return hmac.new(salt.encode(), normalized.encode(), hashlib.sha256).hexdigest()
 
 
 def decide(

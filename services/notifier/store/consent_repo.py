@@ -1,4 +1,4 @@
-"""Every query on `subscription_topics`, `preferences` and `consent_ledger`."""
+"""Every query on `subscription_topics`, `preferences`, `consent_ledger` and `sms_address_optouts`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.notifier.domain.consent import SubscriptionTopic
 from services.notifier.store import identities_repo
 from services.notifier.store.sql_arrays import any_of
-from services.notifier.store.tables import consent_ledger, preferences, subscription_topics
+from services.notifier.store.tables import (
+    consent_ledger,
+    preferences,
+    sms_address_optouts,
+    subscription_topics,
+)
 from shared.db.engine import Statement
 
 
@@ -277,3 +282,33 @@ async def history(session: AsyncSession, customer_ids: Sequence[str]) -> list[di
         }
         for r in rows
     ]
+
+
+async def set_sms_address_optout(
+    session: AsyncSession, phone_hash: str, opted_out: bool, *, source: str, now: datetime
+) -> bool:
+    """STOP (`opted_out`) or START from a number (by its `phone_key`); True if it changed something.
+    A repeated STOP keeps the first one's time."""
+    if opted_out:
+        result = await session.execute(
+            insert(sms_address_optouts)
+            .values(phone_hash=phone_hash, source=source, opted_out_at=now)
+            .on_conflict_do_nothing()
+        )
+    else:
+        result = await session.execute(
+            sa.delete(sms_address_optouts).where(sms_address_optouts.c.phone_hash == phone_hash)
+        )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def sms_opted_out_numbers(session: AsyncSession, phone_hashes: set[str]) -> set[str]:
+    """Which of these number keys sent STOP (and no START since)."""
+    if not phone_hashes:
+        return set()
+    rows = await session.execute(
+        sa.select(sms_address_optouts.c.phone_hash).where(
+            any_of(sms_address_optouts.c.phone_hash, sorted(phone_hashes))
+        )
+    )
+    return set(rows.scalars())

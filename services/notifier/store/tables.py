@@ -118,6 +118,17 @@ consent_ledger = sa.Table(
     sa.Column("occurred_at", TS, nullable=False),
 )
 
+# SMS STOP opts the number itself out of marketing SMS, whoever CLM thinks owns it (an override
+# recipient, a changed profile phone): keyed by the salted hash of the normalized number
+# (`domain.consent.phone_key`), never the number, so an erasure leaves nothing of the customer here.
+sms_address_optouts = sa.Table(
+    "sms_address_optouts",
+    metadata,
+    sa.Column("phone_hash", sa.Text, primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("opted_out_at", TS, nullable=False),
+)
+
 in_app_messages = sa.Table(
     "in_app_messages",
     metadata,

@@ -36,5 +36,11 @@ def test_values_that_stop_the_plumbing_are_refused_naming_the_setting(
     assert name in str(refused.value)
 
 
-def test_the_defaults_are_valid() -> None:
-    BaseServiceSettings()
+@pytest.mark.parametrize(
+    "settings_class",
+    [BaseServiceSettings, IngestSettings, SegmenterSettings, JourneyEngineSettings, NotifierSettings],
+)
+def test_the_defaults_pass_their_own_bounds(settings_class: type[BaseServiceSettings]) -> None:
+    defaults = settings_class()
+    # Validated again from their own values: a default outside a bound would be refused here.
+    assert settings_class.model_validate(defaults.model_dump()) == defaults

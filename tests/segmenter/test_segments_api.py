@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from services.segmenter.store import segments as segment_store
-from shared.contracts.events import SegmentMembershipChanged
+from shared.contracts.events import CustomerEvent, SegmentMembershipChanged
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event
 from tests.segmenter.test_erasure_races import Pause
 
@@ -176,17 +176,26 @@ async def _members_of(h: Harness, sid: str) -> int:
         return int(rows.scalar_one())
 
 
+def batch_paused_after(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, store_function: str, events: list[CustomerEvent]
+) -> tuple[Pause, asyncio.Future[None]]:
+    """An event batch in its own unit of work that stops right after `segment_store.<store_function>`
+    until `pause.release` is set."""
+    pause = Pause(monkeypatch, segment_store, store_function, after=True)
+    return pause, asyncio.ensure_future(h.segmenter.events.handle_in_own_unit(events))
+
+
 async def test_an_event_batch_that_read_the_segments_before_a_deletion_records_no_member_of_it(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness
     sid = await h.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
     # The batch has read the segment list (Pro still in it) and holds nothing on Pro yet.
-    pause = Pause(monkeypatch, segment_store, "segment_versions", after=True)
-    unit = asyncio.ensure_future(
-        h.segmenter.events.handle_in_own_unit(
-            [make_event("m1", "identify", user_id="u1", traits={"plan": "pro"})]
-        )
+    pause, unit = batch_paused_after(
+        h,
+        monkeypatch,
+        "segment_versions",
+        [make_event("m1", "identify", user_id="u1", traits={"plan": "pro"})],
     )
     try:
         await asyncio.wait_for(pause.reached.wait(), 10)
@@ -207,11 +216,11 @@ async def test_deleting_a_segment_while_an_event_batch_writes_its_member_announc
     h = harness
     sid = await h.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
     # The batch has written u1's membership and its announcement, not yet committed.
-    pause = Pause(monkeypatch, segment_store, "apply_membership_changes", after=True)
-    unit = asyncio.ensure_future(
-        h.segmenter.events.handle_in_own_unit(
-            [make_event("m1", "identify", user_id="u1", traits={"plan": "pro"})]
-        )
+    pause, unit = batch_paused_after(
+        h,
+        monkeypatch,
+        "apply_membership_changes",
+        [make_event("m1", "identify", user_id="u1", traits={"plan": "pro"})],
     )
     try:
         await asyncio.wait_for(pause.reached.wait(), 10)
@@ -249,16 +258,16 @@ async def test_deleting_a_segment_while_a_batch_has_written_its_timer_neither_de
         make_event("m1", user_id="u1", event="Signed In"),
     )
     await h.processed(2)
-    pause = Pause(monkeypatch, segment_store, "set_timers", after=True)
     later = START + timedelta(days=1)
-    unit = asyncio.ensure_future(
-        h.segmenter.events.handle_in_own_unit(
-            [
-                # Moves u1's timer (a later sign-in: a row lock) and takes u1 out (plan).
-                make_event("m2", "identify", user_id="u1", traits={"plan": "free"}, timestamp=later),
-                make_event("m3", user_id="u1", event="Signed In", timestamp=later),
-            ]
-        )
+    pause, unit = batch_paused_after(
+        h,
+        monkeypatch,
+        "set_timers",
+        [
+            # Moves u1's timer (a later sign-in: a row lock) and takes u1 out (plan).
+            make_event("m2", "identify", user_id="u1", traits={"plan": "free"}, timestamp=later),
+            make_event("m3", user_id="u1", event="Signed In", timestamp=later),
+        ],
     )
     try:
         await asyncio.wait_for(pause.reached.wait(), 10)

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from fastapi import FastAPI
 
+from shared.kafka.consumer import ConsumerRunner
 from shared.settings import BaseServiceSettings
 
 S = TypeVar("S", bound=BaseServiceSettings)
@@ -182,3 +183,8 @@ async def disposable_kafka(home: Any) -> AsyncIterator[DisposableKafka]:
         yield kafka
     finally:
         await kafka.stop()
+
+
+def fetch_options(runners: list[ConsumerRunner[Any]]) -> dict[str, tuple[int, int]]:
+    """Each consumer's (fetch_min_bytes, fetch_max_wait_ms), by topic without its namespace."""
+    return {r.topic.rsplit(".clm.", 1)[-1]: (r.fetch_min_bytes, r.fetch_max_wait_ms) for r in runners}

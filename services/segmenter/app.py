@@ -24,6 +24,7 @@ from shared.audit import install_audit
 from shared.clock import Clock, SystemClock
 from shared.contracts.events import CustomerEvent, MessageStatus, PrivacyRequest
 from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_STATUS, PRIVACY
+from shared.kafka.consumer import LONG_POLL
 from shared.runtime import Platform, install_common
 
 MIGRATIONS = Path(__file__).parent / "store" / "migrations"
@@ -35,8 +36,14 @@ def create_app(settings: SegmenterSettings | None = None, clock: Clock | None = 
     segmenter = Segmenter.build(settings, platform, clock or SystemClock())
     platform.keep_for(segmenter.clock, profile_store.timeline_rule(settings.timeline_retention_days))
     platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "profiles", segmenter.events)
-    platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", PrivacyAnswersConsumer(platform))
-    platform.consumer(MESSAGE_STATUS.name, MessageStatus, "engagement", MessageStatusHandler(platform))
+    platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", PrivacyAnswersConsumer(platform), **LONG_POLL)
+    platform.consumer(
+        MESSAGE_STATUS.name,
+        MessageStatus,
+        "engagement",
+        MessageStatusHandler(platform),
+        fetch_max_wait_ms=settings.statuses_fetch_max_wait_ms,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -50,6 +50,9 @@ class SegmenterSettings(BaseServiceSettings):
     # announcements take up to 50 ms longer when traffic is light.
     consumer_fetch_min_bytes: int = 65536
     consumer_fetch_max_wait_ms: int = 50
+    # Message statuses only feed engagement counts: their fetches may wait longer (an idle consumer
+    # then costs 4 fetches a second, not 20). Privacy requests are long-polled (`LONG_POLL`).
+    statuses_fetch_max_wait_ms: int = Field(default=250, gt=0, le=5000)
     # Due timers claimed per transaction, and how often the loop looks for due ones.
     timer_batch_size: int = 1000
     timer_interval_s: float = 1.0

@@ -57,6 +57,12 @@ T = TypeVar("T", bound=BaseModel)
 # value's size and why. The value is still in the source topic (`clm-dlq-source`) while retained.
 DLQ_VALUE_DROPPED = "clm-dlq-value-dropped"
 
+# Fetch options for a topic that carries a message now and then (privacy requests, template changes),
+# in a service whose other consumers batch (64 KB or 50 ms): the broker answers as soon as one message
+# is waiting and otherwise holds the fetch 500 ms, so an idle consumer costs two fetches a second, not
+# twenty (each one a wake-up of the client and the broker).
+LONG_POLL: dict[str, int] = {"fetch_min_bytes": 1, "fetch_max_wait_ms": 500}
+
 
 class _Abandon(Exception):
     """Stop processing without committing (only raised while shutting down during an outage)."""

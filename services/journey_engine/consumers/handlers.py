@@ -24,7 +24,7 @@ from shared.contracts.topics import (
     SEGMENT_MEMBERSHIP,
     TEMPLATES,
 )
-from shared.kafka.consumer import Consumed
+from shared.kafka.consumer import LONG_POLL, Consumed
 from shared.runtime import Platform
 
 
@@ -77,4 +77,4 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
     privacy = PrivacyConsumer(platform, engine.clock)
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy.handle)
     # The notifier's templates: journeys' references to them are checked when saved.
-    platform.consumer(TEMPLATES.name, TemplateChanged, "templates", templates, **profiles_fetch)
+    platform.consumer(TEMPLATES.name, TemplateChanged, "templates", templates, **LONG_POLL)

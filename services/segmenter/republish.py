@@ -100,7 +100,12 @@ class Republisher:
                     # erased profile in every projection: the chunk commits before the erasure starts.
                     await erasure_gate(uow.session, exclusive=False)
                     n, last = await profile_store.snapshot_chunk(
-                        uow.session, after, self.chunk, job.job_id, announce
+                        uow.session,
+                        after,
+                        self.chunk,
+                        job.job_id,
+                        announce,
+                        self.settings.profile_identities_per_message,
                     )
                     if last is not None:
                         job.memberships += await segment_store.resync_chunk(

@@ -31,7 +31,13 @@ class Segmenter:
     @classmethod
     def build(cls, settings: SegmenterSettings, platform: Platform, clock: Clock) -> Segmenter:
         catalog = SegmentCatalogCache()
-        events = CustomerEventsHandler(platform, clock, catalog, settings.trait_limits)
+        events = CustomerEventsHandler(
+            platform,
+            clock,
+            catalog,
+            settings.trait_limits,
+            identities_per_message=settings.profile_identities_per_message,
+        )
         recommendations = Recommendations(settings, platform, clock, catalog)
         events.recommendations = recommendations
         lifecycle = Lifecycle(platform, clock, settings)

@@ -26,6 +26,8 @@ class SegmenterSettings(BaseServiceSettings):
     # downstream, the event and template data.
     profile_max_trait_bytes: int = Field(default=256 * 1024, ge=1)
     profile_max_traits: int = Field(default=1000, ge=1)
+    # Identities per `ProfileChanged`: a profile with more goes out in several (see `split_identities`).
+    profile_identities_per_message: int = Field(default=1000, ge=1)
     service_name: str = "segmenter"
     port: int = 8002
     db_schema: str = "segmenter"

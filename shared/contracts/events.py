@@ -96,7 +96,9 @@ class ProfileChangeKind(StrEnum):
     METRICS_CHANGED = "metrics_changed"
     IDENTITY_MERGED = "identity_merged"
     # The customer gained identifiers (a userId for an anonymous visitor, a second anonymousId...):
-    # `identities` holds them all, so consumers resolve any of them to `customer_id`.
+    # `identities` holds them all, so consumers resolve any of them to `customer_id`. A large set is
+    # split: the change itself carries a first part, further `identity_linked` messages the rest (same
+    # traits, nothing changed), so a consumer adds the identities a message names, never drops others.
     IDENTITY_LINKED = "identity_linked"
     # The profile as it is, re-announced on an operator's request (a restored or new consumer rebuilds
     # its projection from these): nothing changed, so nothing reacts as to a change.

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
 
+from services.segmenter.app import create_app
+from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
+from shared.clock import ManualClock
+from shared.contracts.events import ProfileChanged, ProfileChangeKind
 from shared.contracts.topics import PROFILES
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event
-from tests.support import read_topic
+from tests.support import eventually, read_topic, running
 
 
 async def test_anonymous_browsing_then_identify_is_one_profile(harness: Harness) -> None:
@@ -350,3 +355,67 @@ async def test_a_merged_away_id_is_never_given_to_a_new_customer(harness: Harnes
     async with harness.segmenter.platform.engine.connect() as conn:
         ids = sorted(r[0] for r in await conn.execute(text("SELECT customer_id FROM customers")))
     assert ids == ["u5", "user:a5"]
+
+
+@pytest.fixture
+async def small_parts(make_settings: Callable[..., SegmenterSettings]) -> AsyncIterator[Harness]:
+    """A segmenter announcing at most 3 identities per profile change."""
+    settings = make_settings(
+        SegmenterSettings,
+        run_background_loops=False,
+        consumer_max_batch=500,
+        profile_identities_per_message=3,
+    )
+    app = create_app(settings, ManualClock(START))
+    async with running(app) as client:
+        yield Harness(client, app.state.segmenter, settings, app.state.segmenter.clock)
+
+
+async def test_a_large_identity_set_is_announced_in_parts_that_together_name_every_identity(
+    small_parts: Harness,
+) -> None:
+    """One customer seen under many anonymous ids (a kiosk, a crawler) would make each profile change
+    carry them all, past Kafka's limit, and be parked: the change goes out in parts, each with the
+    current traits, the first with what changed, together naming every identity; so does a snapshot."""
+    h = small_parts
+    anons = [f"anon-{i}" for i in range(7)]
+    await h.send(
+        *(
+            make_event(f"i{i}", "identify", user_id="u1", anonymous_id=a, traits={"n": i})
+            for i, a in enumerate(anons)
+        )
+    )
+    await h.processed(len(anons))
+    await h.relay()
+    changes = [
+        ProfileChanged.model_validate(m["value"])
+        for m in await read_topic(h.settings.topic(PROFILES.name), idle=0.5, timeout=8)
+    ]
+    assert len({c.event_id for c in changes}) == len(changes)
+    assert all(sum(map(len, c.identities.values())) <= 3 for c in changes)
+    last = [c for c in changes if c.caused_by == "i6" and c.kind is not ProfileChangeKind.STAGE_CHANGED]
+    assert len(last) == 3  # 8 identities (a userId, 7 anonymousIds) in parts of 3
+    assert last[0].kind is ProfileChangeKind.TRAITS_CHANGED and last[0].changed_traits == ["n"]
+    assert all(c.kind is ProfileChangeKind.IDENTITY_LINKED and not c.changed_traits for c in last[1:])
+    assert all(c.traits == {"n": 6} for c in last)
+    named = {(label, v) for c in last for label, values in c.identities.items() for v in values}
+    assert named == {("user_id", "u1"), *(("anonymous_id", a) for a in anons)}
+    assert (await h.customer("u1"))["identities"]["anonymous_id"] == sorted(anons)
+
+    started = (await h.client.post("/v1/admin/republish-profiles", headers=ADMIN)).json()
+
+    async def done() -> bool:
+        body = (await h.client.get("/v1/admin/republish-profiles", headers=ADMIN)).json()
+        return bool(body["status"] == "done")
+
+    await eventually(done, timeout=15)
+    await h.relay()
+    snapshot = [
+        ProfileChanged.model_validate(m["value"])
+        for m in await read_topic(h.settings.topic(PROFILES.name), idle=0.5, timeout=8)
+        if started["job_id"] in m["value"]["event_id"]
+    ]
+    assert len(snapshot) == 3 and len({c.event_id for c in snapshot}) == 3
+    assert all(c.kind is ProfileChangeKind.SNAPSHOT and c.traits == {"n": 6} for c in snapshot)
+    assert all(sum(map(len, c.identities.values())) <= 3 for c in snapshot)
+    assert {(label, v) for c in snapshot for label, values in c.identities.items() for v in values} == named

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.segmenter.domain.identity import batch_identifiers, plan_identities
+from services.segmenter.domain.identity import batch_identifiers, plan_identities, split_identities
 from services.segmenter.domain.profile import (
     ORDER_EVENT,
     EventAggregate,
@@ -142,12 +142,15 @@ class CustomerEventsHandler:
         clock: Clock,
         catalog: SegmentCatalogCache,
         trait_limits: TraitLimits | None = None,
+        *,
+        identities_per_message: int = 1000,
     ) -> None:
         self.platform = platform
         self.clock = clock
         self.catalog_cache = catalog
         # The bound on a profile's traits (settings `profile_max_trait_bytes`, `profile_max_traits`).
         self.trait_limits = trait_limits or TraitLimits()
+        self.identities_per_message = identities_per_message
         # Issue 9: set by the runtime; feeds the catalogue and recommendation counts per batch.
         self.recommendations: Recommendations | None = None
         # Issue 7: set by the runtime; keeps lifecycle stage and metrics current in the same unit of work.
@@ -324,20 +327,39 @@ class CustomerEventsHandler:
                 kind, tag = ProfileChangeKind.TRAITS_CHANGED, "traits"
             else:
                 kind, tag = ProfileChangeKind.IDENTITY_LINKED, "linked"
+            event_id = f"profile:{cid}:{last_message.get(cid, 'merge')}:{tag}"
+            first, *more = split_identities(identities.get(cid, {}), self.identities_per_message)
             uow.emit(
                 PROFILES.name,
                 cid,
                 ProfileChanged(
-                    event_id=f"profile:{cid}:{last_message.get(cid, 'merge')}:{tag}",
+                    event_id=event_id,
                     customer_id=cid,
                     kind=kind,
                     occurred_at=now,
                     traits=p.traits,
                     changed_traits=sorted(changed_traits.get(cid, set()) | merged_traits.get(cid, set())),
-                    identities=identities.get(cid, {}),
+                    identities=first,
                     merged_ids=merged or [],
                     merge_cause=merge_cause.get(cid),
                     caused_by=last_message.get(cid),
                 ),
                 cause=last_message.get(cid),
             )
+            # The rest of a large identity set: same traits (consumers keep a change's traits as the
+            # current ones), nothing changed or merged, so they only add identities.
+            for n, part in enumerate(more, start=2):
+                uow.emit(
+                    PROFILES.name,
+                    cid,
+                    ProfileChanged(
+                        event_id=f"{event_id}:identities-{n}",
+                        customer_id=cid,
+                        kind=ProfileChangeKind.IDENTITY_LINKED,
+                        occurred_at=now,
+                        traits=p.traits,
+                        identities=part,
+                        caused_by=last_message.get(cid),
+                    ),
+                    cause=last_message.get(cid),
+                )

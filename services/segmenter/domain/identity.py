@@ -167,3 +167,22 @@ def plan_identities(
     plan.customer_of_event = [find(c) for c in raw_customer]
     plan.links = [(k, v, find(c)) for k, v, c in plan.links]
     return plan
+
+
+def split_identities(identities: Mapping[str, list[str]], per_message: int) -> list[dict[str, list[str]]]:
+    """A profile's identities (label -> values) in parts of at most `per_message` values, in order:
+    one `ProfileChanged` each. Consumers add the identities a change names (never drop those it does
+    not), so parts announce the whole set while every message stays far under Kafka's limit (a
+    customer seen under thousands of anonymous ids would otherwise pass it, and be parked)."""
+    parts: list[dict[str, list[str]]] = [{}]
+    room = per_message
+    for label, values in identities.items():
+        rest = list(values)
+        while rest:
+            if room == 0:
+                parts.append({})
+                room = per_message
+            taken, rest = rest[:room], rest[room:]
+            parts[-1].setdefault(label, []).extend(taken)
+            room -= len(taken)
+    return parts

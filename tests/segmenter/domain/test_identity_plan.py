@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from services.segmenter.domain.identity import batch_identifiers, plan_identities
+from services.segmenter.domain.identity import batch_identifiers, plan_identities, split_identities
 from services.segmenter.domain.profile import TraitChange, apply_traits, merge_traits, trait_change
 from shared.contracts.events import CustomerEvent
 
@@ -120,3 +120,15 @@ def test_a_merged_away_id_is_never_a_new_customers_id() -> None:
         [ev("2", "identify", user_id="a1", customer_id="a1")], known, set(), set(), {"a1"}
     )
     assert named.customer_of_event == ["u1"] and named.new_customers == []
+
+
+def test_identities_are_split_in_parts_of_at_most_n_values_in_order() -> None:
+    ids = {"anonymous_id": ["a1", "a2", "a3", "a4"], "user_id": ["u1"], "merged_customer_id": ["m1", "m2"]}
+    parts = split_identities(ids, 3)
+    assert parts == [
+        {"anonymous_id": ["a1", "a2", "a3"]},
+        {"anonymous_id": ["a4"], "user_id": ["u1"], "merged_customer_id": ["m1"]},
+        {"merged_customer_id": ["m2"]},
+    ]
+    assert split_identities(ids, 7) == [ids]
+    assert split_identities({}, 3) == [{}]  # a profile without identities still gets its one message

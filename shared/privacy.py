@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts.events import PrivacyAction, PrivacyRequest
 from shared.db.engine import Statement
+from shared.db.unit_of_work import ERASURE_GATE_HELD
 
 # The services that must confirm an erasure and answer an export.
 SERVICES = ("segmenter", "ingest", "journey_engine", "notifier")
@@ -216,8 +217,14 @@ async def erasure_gate(session: AsyncSession, *, exclusive: bool) -> None:
     to their commit; an erasure holds it exclusive from before it reads anything. So an event batch
     either committed before the erasure (whose delete then covers what it wrote) or checks the
     tombstones after the erasure committed; none can slip between check and erasure.
+    Taken shared already by this transaction's inbox claim (`claim_many(..., erasure_gate=True)`),
+    it costs no statement.
     """
+    if not exclusive and session.info.get(ERASURE_GATE_HELD):
+        return
     await (_GATE_EXCLUSIVE if exclusive else _GATE).execute(session)
+    if not exclusive:
+        session.info[ERASURE_GATE_HELD] = True
 
 
 async def add_tombstones(

@@ -35,6 +35,17 @@ _CLAIM = Statement(
     "INSERT INTO inbox (consumer, message_id) SELECT :consumer, unnest(CAST(:ids AS text[])) "
     "ON CONFLICT DO NOTHING RETURNING message_id"
 )
+# The same claim, taking the schema's erasure gate shared in the same round trip (`shared.privacy.
+# erasure_gate`): handlers that check tombstones next save a statement per unit of work. The lock is
+# held before the statement ends, so the tombstone read that follows (a new snapshot) sees every
+# erasure that committed before it.
+_CLAIM_GATED = Statement(
+    "WITH gate AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(hashtext('clm.erasure.' || "
+    "current_schema()))) INSERT INTO inbox (consumer, message_id) "
+    "SELECT :consumer, unnest(CAST(:ids AS text[])) FROM gate ON CONFLICT DO NOTHING RETURNING message_id"
+)
+# Set in a session's `info` once its transaction holds the erasure gate shared.
+ERASURE_GATE_HELD = "clm.erasure_gate_held"
 
 
 class UnitOfWork:
@@ -85,12 +96,21 @@ class UnitOfWork:
         """Record `message_id` as processed by `consumer`; False if it already was (skip it)."""
         return bool(await self.claim_many(consumer, [message_id]))
 
-    async def claim_many(self, consumer: str, message_ids: Iterable[str]) -> set[str]:
-        """The subset of ids not processed before, now recorded. Waits on a concurrent duplicate."""
+    async def claim_many(
+        self, consumer: str, message_ids: Iterable[str], *, erasure_gate: bool = False
+    ) -> set[str]:
+        """The subset of ids not processed before, now recorded. Waits on a concurrent duplicate.
+        `erasure_gate`: also take the erasure gate shared (then `shared.privacy.erasure_gate(...,
+        exclusive=False)` in this transaction costs nothing)."""
         ids = list(dict.fromkeys(message_ids))
         if not ids:
             return set()
-        rows = await _CLAIM.fetch(self.session, {"consumer": consumer, "ids": ids})
+        session = self.session
+        if erasure_gate and not session.info.get(ERASURE_GATE_HELD):
+            rows = await _CLAIM_GATED.fetch(session, {"consumer": consumer, "ids": ids})
+            session.info[ERASURE_GATE_HELD] = True
+        else:
+            rows = await _CLAIM.fetch(session, {"consumer": consumer, "ids": ids})
         return {r[0] for r in rows}
 
     def note_correlations(self, consumed: Iterable[Consumed[Any]]) -> None:

@@ -73,7 +73,7 @@ class MessageRequestsConsumer:
     async def handle(self, batch: Sequence[Consumed[MessageRequested]]) -> None:
         claimed = None
         async with self.unit_of_work() as uow:
-            fresh = await uow.claim_many(CONSUMER, [item.event_id for item in batch])
+            fresh = await uow.claim_many(CONSUMER, [item.event_id for item in batch], erasure_gate=True)
             # The ledger's primary key dedupes too: the same message id under another event id is no new send.
             new = await enqueue(
                 uow,

@@ -194,7 +194,7 @@ class CustomerEventsHandler:
     async def handle(self, uow: UnitOfWork, events: list[CustomerEvent]) -> None:
         session = uow.session
         now = self.clock.now()
-        fresh = await uow.claim_many(CONSUMER, [e.message_id for e in events])
+        fresh = await uow.claim_many(CONSUMER, [e.message_id for e in events], erasure_gate=True)
         todo: list[CustomerEvent] = []
         for e in events:
             if e.message_id in fresh:

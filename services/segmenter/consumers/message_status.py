@@ -23,7 +23,7 @@ class MessageStatusHandler:
 
     async def __call__(self, batch: Sequence[Consumed[MessageStatus]]) -> None:
         async with self.platform.unit_of_work() as uow:
-            fresh = await uow.claim_many(CONSUMER, [c.value.status_id for c in batch])
+            fresh = await uow.claim_many(CONSUMER, [c.value.status_id for c in batch], erasure_gate=True)
             rows = []
             for c in batch:
                 s = c.value

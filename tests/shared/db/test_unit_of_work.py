@@ -1,0 +1,80 @@
+"""`shared.db.unit_of_work.UnitOfWork.claim_many` with the erasure gate: the inbox claim takes the
+schema's erasure gate shared in the same statement, and holds it until the unit commits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import text
+
+from shared.db import messaging_tables
+from shared.db.engine import create_engine, ensure_schema
+from shared.db.unit_of_work import UnitOfWork
+from shared.privacy import erasure_gate
+from shared.runtime import Platform
+from shared.settings import BaseServiceSettings
+
+
+class GateSettings(BaseServiceSettings):
+    service_name: str = "gate_test"
+    db_schema: str = "gate"
+
+
+@pytest.fixture
+async def platform(make_settings: Callable[..., Any]) -> AsyncIterator[Platform]:
+    settings = make_settings(GateSettings)
+    await ensure_schema(settings.database_url, settings.db_schema)
+    engine = create_engine(settings.database_url, settings.db_schema)
+    async with engine.begin() as conn:
+        md = sa.MetaData()
+        messaging_tables.define(md)
+        await conn.run_sync(md.create_all)
+    await engine.dispose()
+    p = Platform(settings, migrations=None)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def erasure_could_start(platform: Platform) -> bool:
+    """Whether an erasure could take the gate exclusive now (tried, released at once)."""
+    async with platform.engine.connect() as conn:
+        got = await conn.scalar(
+            text("SELECT pg_try_advisory_xact_lock(hashtext('clm.erasure.' || current_schema()))")
+        )
+        await conn.rollback()
+        return bool(got)
+
+
+async def log_statements(uow: UnitOfWork) -> list[str]:
+    statements: list[str] = []
+    driver = await (await uow.session.connection()).get_raw_connection()
+    driver.driver_connection.add_query_logger(lambda q: statements.append(q.query))  # type: ignore[union-attr]
+    return statements
+
+
+async def test_a_gated_claim_holds_the_erasure_gate_until_the_unit_commits(platform: Platform) -> None:
+    async with platform.unit_of_work() as uow:
+        assert await uow.claim_many("c", ["m1", "m2"], erasure_gate=True) == {"m1", "m2"}
+        assert not await erasure_could_start(platform)
+        # Held already: the handler's own call to the gate sends nothing more.
+        statements = await log_statements(uow)
+        await erasure_gate(uow.session, exclusive=False)
+        await asyncio.sleep(0.05)  # asyncpg calls query loggers soon after, not during, the query
+        assert statements == []
+        # A redelivery is still skipped.
+        assert await uow.claim_many("c", ["m1", "m3"], erasure_gate=True) == {"m3"}
+    assert await erasure_could_start(platform)
+
+    async with platform.unit_of_work() as uow:  # the plain claim leaves the gate alone...
+        assert await uow.claim_many("c", ["m4"]) == {"m4"}
+        assert await erasure_could_start(platform)
+        statements = await log_statements(uow)
+        await erasure_gate(uow.session, exclusive=False)  # ...so the gate is a statement of its own
+        await asyncio.sleep(0.05)
+        assert len(statements) == 1 and "pg_advisory_xact_lock_shared" in statements[0]
+        assert not await erasure_could_start(platform)

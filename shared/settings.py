@@ -81,6 +81,9 @@ class BaseServiceSettings(BaseSettings):
     # few ms are relayed with it. 0 = at once (for topics on the latency-critical path).
     outbox_relay_delay_ms: int = 0
     outbox_batch_size: int = Field(default=500, ge=1)  # 0: the relay never published a row
+    # ... and at most about this many bytes of values (always at least one row): a pass sends its rows
+    # under one `outbox_send_timeout_s`, and profile snapshots can be hundreds of KB each.
+    outbox_batch_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     # How long a relay pass waits for the broker's acknowledgements before it rolls back and tries
     # again (its rows then go out again: consumers' inboxes drop the duplicates).
     outbox_send_timeout_s: float = Field(default=30.0, gt=0)

@@ -29,10 +29,14 @@ from shared.settings import BaseServiceSettings
 log = logging.getLogger(__name__)
 
 
+# A pass takes the oldest rows, at most :n of them and about :bytes of values: each row whose value
+# starts within the budget (so at least one, however large). `octet_length` reads a stored value's
+# size from its header, without fetching it.
 _TAKE = Statement(
     "WITH relay_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(:k) AS got) "
-    "DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox "
-    "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT :n)) "
+    "DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM (SELECT id, "
+    "sum(octet_length(value)) OVER (ORDER BY id) - octet_length(value) AS before FROM outbox "
+    "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT :n) AS head WHERE before < :bytes)) "
     "RETURNING id, topic, key, value, headers, created_at"
 )
 # A chunk of the inbox ids past retention (`ctid = ANY(ARRAY(...))`: the LIMIT subquery runs once).
@@ -57,6 +61,7 @@ class OutboxRelay:
         self.producer = producer
         self.settings = settings
         self._wake = asyncio.Event()
+        self._full = False  # the last pass took a full budget (rows or bytes): more may be waiting
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock_key = advisory_key(f"outbox:{settings.db_schema}")
@@ -94,8 +99,19 @@ class OutboxRelay:
             # ARRAY(...) is computed once: with `id IN (SELECT ... LIMIT n)` and stale statistics
             # PostgreSQL once re-ran the LIMIT subquery for every outbox row (32 s with 100k waiting).
             rows = sorted(
-                await _TAKE.fetch(driver, {"k": self._lock_key, "n": self.settings.outbox_batch_size}),
+                await _TAKE.fetch(
+                    driver,
+                    {
+                        "k": self._lock_key,
+                        "n": self.settings.outbox_batch_size,
+                        "bytes": self.settings.outbox_batch_bytes,
+                    },
+                ),
                 key=lambda r: r[0],
+            )
+            # Cut short by the row or the byte budget: rows may be waiting, the next pass goes at once.
+            self._full = len(rows) >= self.settings.outbox_batch_size or (
+                sum(len(r[3]) for r in rows) >= self.settings.outbox_batch_bytes
             )
             if not rows:
                 OUTBOX_PENDING.labels(self.settings.service_name).set(0)
@@ -173,7 +189,7 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 5.0)
             else:
                 await self._prune_inbox()
-            if n >= self.settings.outbox_batch_size:
+            if n and self._full:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.outbox_poll_interval_s)

@@ -261,3 +261,33 @@ async def test_a_send_that_never_settles_rolls_the_pass_back_after_the_send_time
     monkeypatch.undo()
     assert await platform.relay.run_once() == 1
     assert await outbox_count(platform) == 0
+
+
+async def test_a_pass_takes_about_outbox_batch_bytes_and_always_at_least_one_row(platform: Platform) -> None:
+    """A pass sends its rows under one send timeout: with only a row budget, 5,000 profile snapshots of
+    hundreds of KB each were one pass. Rows are taken while their values start within the byte budget
+    (one larger than the budget goes alone), and the relay goes on at once after a cut-short pass."""
+    await platform.relay.stop()  # this test runs the passes
+    platform.settings.outbox_batch_bytes = 10_000
+    changes = [change("big", padding=30_000)] + [change(f"c{i}", padding=4_000) for i in range(5)]
+    async with platform.unit_of_work() as uow:
+        for c in changes:
+            uow.emit(PROFILES.name, c.customer_id, c)
+    # The big one alone; then ~4.3 KB each: three start within 10,000 bytes, then the last two.
+    assert [await platform.relay.run_once() for _ in range(4)] == [1, 3, 2, 0]
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=6, timeout=15)
+    assert [m["value"]["event_id"] for m in got] == [c.event_id for c in changes]
+
+
+async def test_after_a_pass_cut_short_by_the_byte_budget_the_relay_goes_on_at_once(
+    platform: Platform,
+) -> None:
+    platform.settings.outbox_batch_bytes = 10_000
+    platform.settings.outbox_poll_interval_s = 60.0  # a relay that waited for its poll would not finish
+    await asyncio.sleep(0.5)  # the relay's current wait (the old interval) is over
+    changes = [change(f"c{i}", padding=12_000) for i in range(4)]  # one row per pass
+    async with platform.unit_of_work() as uow:  # its commit wakes the relay once
+        for c in changes:
+            uow.emit(PROFILES.name, c.customer_id, c)
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=4, timeout=10)
+    assert [m["value"]["event_id"] for m in got] == [c.event_id for c in changes]

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts.events import PrivacyAction, PrivacyRequest
 from shared.db.engine import Statement
-from shared.db.unit_of_work import ERASURE_GATE_HELD
+from shared.db.unit_of_work import erasure_gate_held, note_erasure_gate
 
 # The services that must confirm an erasure and answer an export.
 SERVICES = ("segmenter", "ingest", "journey_engine", "notifier")
@@ -220,11 +220,11 @@ async def erasure_gate(session: AsyncSession, *, exclusive: bool) -> None:
     Taken shared already by this transaction's inbox claim (`claim_many(..., erasure_gate=True)`),
     it costs no statement.
     """
-    if not exclusive and session.info.get(ERASURE_GATE_HELD):
+    if not exclusive and erasure_gate_held(session):
         return
     await (_GATE_EXCLUSIVE if exclusive else _GATE).execute(session)
     if not exclusive:
-        session.info[ERASURE_GATE_HELD] = True
+        note_erasure_gate(session)
 
 
 async def add_tombstones(

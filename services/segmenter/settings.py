@@ -27,7 +27,9 @@ class SegmenterSettings(BaseServiceSettings):
     profile_max_trait_bytes: int = Field(default=256 * 1024, ge=1)
     profile_max_traits: int = Field(default=1000, ge=1)
     # Identities per `ProfileChanged`: a profile with more goes out in several (see `split_identities`).
-    profile_identities_per_message: int = Field(default=1000, ge=1)
+    # At most 1,000: an identifier is up to 512 bytes, so 1,000 of them and the traits' 256 KB stay
+    # under Kafka's 1 MB.
+    profile_identities_per_message: int = Field(default=1000, ge=1, le=1000)
     service_name: str = "segmenter"
     port: int = 8002
     db_schema: str = "segmenter"

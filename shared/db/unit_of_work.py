@@ -44,8 +44,20 @@ _CLAIM_GATED = Statement(
     "current_schema()))) INSERT INTO inbox (consumer, message_id) "
     "SELECT :consumer, unnest(CAST(:ids AS text[])) FROM gate ON CONFLICT DO NOTHING RETURNING message_id"
 )
-# Set in a session's `info` once its transaction holds the erasure gate shared.
-ERASURE_GATE_HELD = "clm.erasure_gate_held"
+# A session's `info` key: the transaction that holds the erasure gate shared.
+_ERASURE_GATE_HELD = "clm.erasure_gate_held"
+
+
+def erasure_gate_held(session: AsyncSession) -> bool:
+    """Whether the session's current transaction holds the erasure gate shared (`note_erasure_gate`)."""
+    held = session.info.get(_ERASURE_GATE_HELD)
+    return held is not None and held is session.sync_session.get_transaction()
+
+
+def note_erasure_gate(session: AsyncSession) -> None:
+    """Record that the session's current transaction holds the erasure gate shared: for this
+    transaction only (a session used for another one afterwards takes it again)."""
+    session.info[_ERASURE_GATE_HELD] = session.sync_session.get_transaction()
 
 
 class UnitOfWork:
@@ -106,9 +118,9 @@ class UnitOfWork:
         if not ids:
             return set()
         session = self.session
-        if erasure_gate and not session.info.get(ERASURE_GATE_HELD):
+        if erasure_gate and not erasure_gate_held(session):
             rows = await _CLAIM_GATED.fetch(session, {"consumer": consumer, "ids": ids})
-            session.info[ERASURE_GATE_HELD] = True
+            note_erasure_gate(session)
         else:
             rows = await _CLAIM.fetch(session, {"consumer": consumer, "ids": ids})
         return {r[0] for r in rows}

@@ -402,6 +402,21 @@ async def test_a_large_identity_set_is_announced_in_parts_that_together_name_eve
     assert named == {("user_id", "u1"), *(("anonymous_id", a) for a in anons)}
     assert (await h.customer("u1"))["identities"]["anonymous_id"] == sorted(anons)
 
+    # A trait change that links nothing new: the first part only (consumers keep the identities
+    # they were given), not the whole set again.
+    await h.send(make_event("t1", "identify", user_id="u1", traits={"n": 7}))
+    await h.processed(len(anons) + 1)
+    await h.relay()
+    changes = [
+        ProfileChanged.model_validate(m["value"])
+        for m in await read_topic(h.settings.topic(PROFILES.name), idle=0.5, timeout=8)
+    ]
+    [traits_only] = [
+        c for c in changes if c.caused_by == "t1" and c.kind is not ProfileChangeKind.STAGE_CHANGED
+    ]
+    assert traits_only.kind is ProfileChangeKind.TRAITS_CHANGED and traits_only.traits == {"n": 7}
+    assert sum(map(len, traits_only.identities.values())) == 3
+
     started = (await h.client.post("/v1/admin/republish-profiles", headers=ADMIN)).json()
 
     async def done() -> bool:
@@ -416,6 +431,6 @@ async def test_a_large_identity_set_is_announced_in_parts_that_together_name_eve
         if started["job_id"] in m["value"]["event_id"]
     ]
     assert len(snapshot) == 3 and len({c.event_id for c in snapshot}) == 3
-    assert all(c.kind is ProfileChangeKind.SNAPSHOT and c.traits == {"n": 6} for c in snapshot)
+    assert all(c.kind is ProfileChangeKind.SNAPSHOT and c.traits == {"n": 7} for c in snapshot)
     assert all(sum(map(len, c.identities.values())) <= 3 for c in snapshot)
     assert {(label, v) for c in snapshot for label, values in c.identities.items() for v in values} == named

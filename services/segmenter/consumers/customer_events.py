@@ -346,8 +346,11 @@ class CustomerEventsHandler:
                 ),
                 cause=last_message.get(cid),
             )
-            # The rest of a large identity set: same traits (consumers keep a change's traits as the
-            # current ones), nothing changed or merged, so they only add identities.
+            # The rest of a large identity set, when identities changed (consumers add the ones a
+            # change names and keep the others, so a trait change needs only the first part): same
+            # traits (consumers keep a change's traits as the current ones), nothing changed or merged.
+            if not (merged or cid in relinked):
+                more = []
             for n, part in enumerate(more, start=2):
                 uow.emit(
                     PROFILES.name,

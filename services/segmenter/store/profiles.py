@@ -521,7 +521,7 @@ async def snapshot_chunk(
                 "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
                 "FROM chunk c LEFT JOIN ids USING (customer_id) ORDER BY c.customer_id, ids.part "
                 "RETURNING 1) "
-                "SELECT (SELECT count(*) FROM outboxed) AS rows, (SELECT count(*) FROM chunk) AS n, "
+                "SELECT (SELECT count(*) FROM chunk) AS n, "
                 "(SELECT max(customer_id) FROM chunk) AS last"
             ),
             {"after": after or "", "limit": limit, "job": job, "per": identities_per_message, **announce},

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import messaging_tables
 from shared.db.engine import create_engine, ensure_schema
-from shared.db.unit_of_work import UnitOfWork
+from shared.db.unit_of_work import UnitOfWork, erasure_gate_held
 from shared.privacy import erasure_gate
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
@@ -78,3 +79,14 @@ async def test_a_gated_claim_holds_the_erasure_gate_until_the_unit_commits(platf
         await asyncio.sleep(0.05)
         assert len(statements) == 1 and "pg_advisory_xact_lock_shared" in statements[0]
         assert not await erasure_could_start(platform)
+
+
+async def test_the_gate_is_noted_for_one_transaction_not_for_the_session(platform: Platform) -> None:
+    async with AsyncSession(platform.engine) as session:
+        async with session.begin():
+            await erasure_gate(session, exclusive=False)
+            assert erasure_gate_held(session)
+        async with session.begin():  # the same session, another transaction: not held any more
+            assert not erasure_gate_held(session)
+            await erasure_gate(session, exclusive=False)
+            assert erasure_gate_held(session) and not await erasure_could_start(platform)

@@ -188,3 +188,31 @@ async def disposable_kafka(home: Any) -> AsyncIterator[DisposableKafka]:
 def fetch_options(runners: list[ConsumerRunner[Any]]) -> dict[str, tuple[int, int]]:
     """Each consumer's (fetch_min_bytes, fetch_max_wait_ms), by topic without its namespace."""
     return {r.topic.rsplit(".clm.", 1)[-1]: (r.fetch_min_bytes, r.fetch_max_wait_ms) for r in runners}
+
+
+@contextlib.asynccontextmanager
+async def messaging_platform(settings: BaseServiceSettings, *setup_sql: str) -> AsyncIterator[Any]:
+    """A started `shared.runtime.Platform` whose schema holds the shared messaging tables (inbox,
+    outbox, ...) and what `setup_sql` creates: for tests of the plumbing in `shared/` without a service."""
+    import sqlalchemy as sa
+    from sqlalchemy import text
+
+    from shared.db import messaging_tables
+    from shared.db.engine import create_engine, ensure_schema
+    from shared.runtime import Platform
+
+    await ensure_schema(settings.database_url, settings.db_schema)
+    engine = create_engine(settings.database_url, settings.db_schema)
+    async with engine.begin() as conn:
+        md = sa.MetaData()
+        messaging_tables.define(md)
+        await conn.run_sync(md.create_all)
+        for sql in setup_sql:
+            await conn.execute(text(sql))
+    await engine.dispose()
+    platform = Platform(settings, migrations=None)
+    await platform.start()
+    try:
+        yield platform
+    finally:
+        await platform.stop()

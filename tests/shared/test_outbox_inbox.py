@@ -6,15 +6,13 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy import text
 
 from shared.contracts import PROFILES, Headers, ProfileChanged, ProfileChangeKind
-from shared.db import messaging_tables
 from shared.db.engine import Statement
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
-from tests.support import eventually, read_topic
+from tests.support import eventually, messaging_platform, read_topic
 
 
 class OutboxSettings(BaseServiceSettings):
@@ -24,22 +22,12 @@ class OutboxSettings(BaseServiceSettings):
 
 @pytest.fixture
 async def platform(make_settings):  # type: ignore[no-untyped-def]
-    settings = make_settings(OutboxSettings)
-    from shared.db.engine import create_engine, ensure_schema
-
-    await ensure_schema(settings.database_url, settings.db_schema)
-    engine = create_engine(settings.database_url, settings.db_schema)
-    async with engine.begin() as conn:
-        md = sa.MetaData()
-        messaging_tables.define(md)
-        await conn.run_sync(md.create_all)
-        await conn.execute(text("CREATE TABLE counter (id int PRIMARY KEY, n int NOT NULL)"))
-        await conn.execute(text("INSERT INTO counter VALUES (1, 0)"))
-    await engine.dispose()
-    p = Platform(settings, migrations=None)
-    await p.start()
-    yield p
-    await p.stop()
+    async with messaging_platform(
+        make_settings(OutboxSettings),
+        "CREATE TABLE counter (id int PRIMARY KEY, n int NOT NULL)",
+        "INSERT INTO counter VALUES (1, 0)",
+    ) as p:
+        yield p
 
 
 def change(customer: str) -> ProfileChanged:

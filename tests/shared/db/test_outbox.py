@@ -21,10 +21,10 @@ from sqlalchemy import text
 
 from shared.contracts import PROFILES, Headers, ProfileChanged, ProfileChangeKind
 from shared.db import messaging_tables
-from shared.db.engine import create_engine, ensure_schema
+from shared.db.engine import ensure_schema
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
-from tests.support import eventually, read_topic
+from tests.support import eventually, messaging_platform, read_topic
 
 
 class RelaySettings(BaseServiceSettings):
@@ -35,18 +35,8 @@ class RelaySettings(BaseServiceSettings):
 @pytest.fixture
 async def platform(make_settings: Callable[..., Any]) -> AsyncIterator[Platform]:
     # One partition: every message below shares it, so a refused batch would hold back all of them.
-    settings = make_settings(RelaySettings, topic_partitions=1)
-    await ensure_schema(settings.database_url, settings.db_schema)
-    engine = create_engine(settings.database_url, settings.db_schema)
-    async with engine.begin() as conn:
-        md = sa.MetaData()
-        messaging_tables.define(md)
-        await conn.run_sync(md.create_all)
-    await engine.dispose()
-    p = Platform(settings, migrations=None)
-    await p.start()
-    yield p
-    await p.stop()
+    async with messaging_platform(make_settings(RelaySettings, topic_partitions=1)) as p:
+        yield p
 
 
 def change(customer: str, padding: int = 0) -> ProfileChanged:

@@ -8,16 +8,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import messaging_tables
-from shared.db.engine import create_engine, ensure_schema
 from shared.db.unit_of_work import UnitOfWork, erasure_gate_held
 from shared.privacy import erasure_gate
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
+from tests.support import messaging_platform
 
 
 class GateSettings(BaseServiceSettings):
@@ -27,18 +25,8 @@ class GateSettings(BaseServiceSettings):
 
 @pytest.fixture
 async def platform(make_settings: Callable[..., Any]) -> AsyncIterator[Platform]:
-    settings = make_settings(GateSettings)
-    await ensure_schema(settings.database_url, settings.db_schema)
-    engine = create_engine(settings.database_url, settings.db_schema)
-    async with engine.begin() as conn:
-        md = sa.MetaData()
-        messaging_tables.define(md)
-        await conn.run_sync(md.create_all)
-    await engine.dispose()
-    p = Platform(settings, migrations=None)
-    await p.start()
-    yield p
-    await p.stop()
+    async with messaging_platform(make_settings(GateSettings)) as p:
+        yield p
 
 
 async def erasure_could_start(platform: Platform) -> bool:

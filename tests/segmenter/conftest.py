@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -114,10 +115,21 @@ class Harness:
         return body
 
 
-@pytest.fixture
-async def harness(make_settings: Callable[..., SegmenterSettings]) -> AsyncIterator[Harness]:
-    settings = make_settings(SegmenterSettings, run_background_loops=False, consumer_max_batch=500)
+@contextlib.asynccontextmanager
+async def segmenter_running(
+    make_settings: Callable[..., SegmenterSettings], **overrides: Any
+) -> AsyncIterator[Harness]:
+    """A segmenter under test (loops driven by hand, a ManualClock at START), with settings overrides."""
+    settings = make_settings(
+        SegmenterSettings, **({"run_background_loops": False, "consumer_max_batch": 500} | overrides)
+    )
     clock = ManualClock(START)
     app = create_app(settings, clock)
     async with running(app) as client:
         yield Harness(client, app.state.segmenter, settings, clock)
+
+
+@pytest.fixture
+async def harness(make_settings: Callable[..., SegmenterSettings]) -> AsyncIterator[Harness]:
+    async with segmenter_running(make_settings) as h:
+        yield h

@@ -9,14 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from services.segmenter.app import create_app
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
-from shared.clock import ManualClock
 from shared.contracts.events import ProfileChanged, ProfileChangeKind
 from shared.contracts.topics import PROFILES
-from tests.segmenter.conftest import ADMIN, START, Harness, make_event
-from tests.support import eventually, read_topic, running
+from tests.segmenter.conftest import ADMIN, START, Harness, make_event, segmenter_running
+from tests.support import eventually, read_topic
 
 
 async def test_anonymous_browsing_then_identify_is_one_profile(harness: Harness) -> None:
@@ -360,15 +358,8 @@ async def test_a_merged_away_id_is_never_given_to_a_new_customer(harness: Harnes
 @pytest.fixture
 async def small_parts(make_settings: Callable[..., SegmenterSettings]) -> AsyncIterator[Harness]:
     """A segmenter announcing at most 3 identities per profile change."""
-    settings = make_settings(
-        SegmenterSettings,
-        run_background_loops=False,
-        consumer_max_batch=500,
-        profile_identities_per_message=3,
-    )
-    app = create_app(settings, ManualClock(START))
-    async with running(app) as client:
-        yield Harness(client, app.state.segmenter, settings, app.state.segmenter.clock)
+    async with segmenter_running(make_settings, profile_identities_per_message=3) as h:
+        yield h
 
 
 async def test_a_large_identity_set_is_announced_in_parts_that_together_name_every_identity(

@@ -14,14 +14,12 @@ from sqlalchemy import text
 
 from services.notifier.app import create_app as notifier_app
 from services.notifier.settings import NotifierSettings
-from services.segmenter.app import create_app
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store.privacy import CUSTOMER_TABLES
-from shared.clock import ManualClock
 from shared.contracts.events import MessageStatus, PrivacyAction, PrivacyRequest
 from shared.contracts.topics import MESSAGE_STATUS, PRIVACY, PROFILES
 from shared.privacy import answer, answers
-from tests.segmenter.conftest import ADMIN, START, Harness, make_event
+from tests.segmenter.conftest import ADMIN, START, Harness, make_event, segmenter_running
 from tests.support import eventually, read_topic, running
 
 OTHERS = ("ingest", "journey_engine", "notifier")
@@ -29,11 +27,11 @@ OTHERS = ("ingest", "journey_engine", "notifier")
 
 @pytest.fixture
 async def harness(make_settings: Callable[..., SegmenterSettings]) -> AsyncIterator[Harness]:
-    settings = make_settings(SegmenterSettings, run_background_loops=False, privacy_export_wait_s=1.0)
-    clock = ManualClock(START)
-    app = create_app(settings, clock)
-    async with running(app) as client:
-        yield Harness(client, app.state.segmenter, settings, clock)
+    default_batch = SegmenterSettings.model_fields["consumer_max_batch"].default
+    async with segmenter_running(
+        make_settings, consumer_max_batch=default_batch, privacy_export_wait_s=1.0
+    ) as h:
+        yield h
 
 
 async def known_customer(h: Harness) -> None:

@@ -12,12 +12,9 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
-from services.segmenter.app import create_app
 from services.segmenter.settings import SegmenterSettings
-from shared.clock import ManualClock
 from shared.contracts.topics import PROFILES, SEGMENT_MEMBERSHIP
-from tests.segmenter.conftest import ADMIN, START, Harness, make_event, read_all
-from tests.support import running
+from tests.segmenter.conftest import ADMIN, START, Harness, make_event, read_all, segmenter_running
 
 
 async def test_an_event_enters_and_a_later_one_exits_each_announced_once(harness: Harness) -> None:
@@ -182,16 +179,8 @@ TRAIT_BYTES = 4096
 @pytest.fixture
 async def bounded(make_settings: Callable[..., SegmenterSettings]) -> AsyncIterator[Harness]:
     """A segmenter whose profiles hold at most 4 KB of traits."""
-    settings = make_settings(
-        SegmenterSettings,
-        run_background_loops=False,
-        consumer_max_batch=500,
-        profile_max_trait_bytes=TRAIT_BYTES,
-    )
-    clock = ManualClock(START)
-    app = create_app(settings, clock)
-    async with running(app) as client:
-        yield Harness(client, app.state.segmenter, settings, clock)
+    async with segmenter_running(make_settings, profile_max_trait_bytes=TRAIT_BYTES) as h:
+        yield h
 
 
 async def test_identifies_that_would_grow_a_profile_past_its_bound_are_refused_and_the_events_still_count(

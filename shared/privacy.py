@@ -1,10 +1,12 @@
 """Erasure and export over clm.privacy.v1: the conventions every service follows.
 
 - The segmenter publishes `erase_requested` / `export_requested` (key: canonical customer id) with
-  every identifier the customer was known by. Each service answers once per request with
-  `erase_completed` / `export_part`, its own name in `service`, event id
-  `<request_id>:<service>:<action>` (so a redelivered request re-answers with the same id), emitted
-  through the outbox in the same unit of work as the erasure and the inbox claim.
+  every identifier the customer was known by, in several messages (`parts`) when they are too many
+  for one (`requests`). Each service answers once per request message with `erase_completed` /
+  `export_part`, its own name in `service`, event id `<request_id>:<service>:<action>` (plus
+  `:part<p>of<n>` for a part; so a redelivered request re-answers with the same id), emitted through
+  the outbox in the same unit of work as the erasure and the inbox claim. The segmenter records a
+  service's answer once every part is answered (`merge_parts`).
 - An answer too large for one Kafka message (an export part of a heavy customer: thousands of sent
   messages, journey instances) is split into chunks (`answers`, `split_part`), each a message of at
   most `EXPORT_CHUNK_BYTES` of data with its own deterministic event id; the segmenter puts the part
@@ -53,6 +55,49 @@ _HEADROOM = 16 * 1024
 _MIN_DATA_BUDGET = 16 * 1024
 # What replaces a value too large for any message: its size, and why it is not there.
 OMITTED = "_clm_omitted"
+# The JSON bytes of identifiers one request message names at most: a customer known under more (an
+# upstream minting a long anonymousId per visit) is asked about in several messages (`requests`).
+REQUEST_IDENTITIES_BYTES = 256 * 1024
+
+
+def requests(
+    request_id: str,
+    action: PrivacyAction,
+    customer_id: str,
+    identities: Sequence[str],
+    service: str,
+    now: datetime,
+    *,
+    budget: int = REQUEST_IDENTITIES_BYTES,
+) -> list[PrivacyRequest]:
+    """The request as one message or, when its identifiers pass `budget` bytes of JSON, as `parts`
+    messages (`part` 0..parts-1), each naming a share of them (in order, at least one each) and the
+    customer id. Event ids: `<request_id>:<service>:<action>`, `...:<action>:part<p>of<n>` for parts."""
+    shares: list[list[str]] = [[]]
+    size = 2  # []
+    for identity in identities:
+        identity_bytes = len(_json(identity)) + 1
+        if shares[-1] and size + identity_bytes > budget:
+            shares.append([])
+            size = 2
+        shares[-1].append(identity)
+        size += identity_bytes
+    event_id = f"{request_id}:{service}:{action.value}"
+    n = len(shares)
+    return [
+        PrivacyRequest(
+            event_id=event_id if n == 1 else f"{event_id}:part{i}of{n}",
+            request_id=request_id,
+            action=action,
+            customer_id=customer_id,
+            identities=share,
+            service=service,
+            occurred_at=now,
+            part=i,
+            parts=n,
+        )
+        for i, share in enumerate(shares)
+    ]
 
 
 def answer(
@@ -63,16 +108,21 @@ def answer(
     data: dict[str, Any] | None = None,
 ) -> PrivacyRequest:
     """One answer message holding all of `data`: for answers that are small by nature (an erasure's row
-    counts). An export part goes through `answers`."""
+    counts). An export part goes through `answers`. The answer to a request sent in parts answers that
+    part (`...:<action>:part<p>of<n>`); it does not repeat the request's identifiers."""
+    event_id = f"{request.request_id}:{service}:{action.value}"
+    if request.parts > 1:
+        event_id += f":part{request.part}of{request.parts}"
     return PrivacyRequest(
-        event_id=f"{request.request_id}:{service}:{action.value}",
+        event_id=event_id,
         request_id=request.request_id,
         action=action,
         customer_id=request.customer_id,
-        identities=request.identities,
         service=service,
         occurred_at=now,
         data=data or {},
+        part=request.part,
+        parts=request.parts,
     )
 
 
@@ -161,6 +211,38 @@ def split_part(data: Mapping[str, Any], budget: int, row_limit: int | None = Non
     if current or not chunks:
         chunks.append(current)
     return chunks
+
+
+def merge_parts(action: PrivacyAction, parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One service's answer to a request sent in parts, from its answers to each part (in part order).
+    Erasures: `deleted` row counts summed per table. Exports: each table's rows concatenated without
+    repeats (a row found by identifiers of two parts, or by the customer id every part names, is
+    exported once), any other value taken from the first part that has it."""
+    if action is PrivacyAction.ERASE_COMPLETED:
+        merged: dict[str, Any] = {}
+        deleted: dict[str, int] = {}
+        for part in parts:
+            for key, value in part.items():
+                if key == "deleted" and isinstance(value, Mapping):
+                    for table, n in value.items():
+                        deleted[table] = deleted.get(table, 0) + int(n)
+                else:
+                    merged.setdefault(key, value)
+        if deleted or any("deleted" in part for part in parts):
+            merged["deleted"] = deleted
+        return merged
+    merged = merge_chunks(parts)
+    for key, value in merged.items():
+        if isinstance(value, list):
+            seen: set[bytes] = set()
+            unique = []
+            for row in value:
+                encoded = _json(row)
+                if encoded not in seen:
+                    seen.add(encoded)
+                    unique.append(row)
+            merged[key] = unique
+    return merged
 
 
 def merge_chunks(chunks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -296,7 +296,8 @@ class PrivacyRequest(ContractModel):
     request_id: str
     action: PrivacyAction
     customer_id: str
-    # Every id the customer was known by (userId, anonymousIds, emails), so each service can find them.
+    # Every id the customer was known by (userId, anonymousIds, emails), so each service can find them;
+    # or, in a request sent in `parts` messages, this message's share of them. Answers leave it empty.
     identities: list[str] = Field(default_factory=list)
     service: str | None = None
     occurred_at: datetime
@@ -319,10 +320,28 @@ class PrivacyRequest(ContractModel):
         "Rows of a table are concatenated in chunk order; the chunks of one answer share occurred_at.",
     )
 
+    # A request naming more identifiers than one message may carry goes as `parts` messages, numbered
+    # 0..parts-1, each with a share of `identities` (and the same `customer_id`); each service handles
+    # and answers every part on its own (an answer's `part`/`parts` are its request's), and the
+    # segmenter records a service's answer once it answered every part. Defaults: one message.
+    part: int = Field(
+        default=0,
+        ge=0,
+        description="The request's share of the identities this message holds (or, in an answer, the "
+        "share it answers), 0-based; 0 when the request is one message.",
+    )
+    parts: int = Field(
+        default=1,
+        ge=1,
+        description="How many messages the request's identities were split into (1: this one names all).",
+    )
+
     @model_validator(mode="after")
     def _chunk_in_range(self) -> PrivacyRequest:
         if self.chunk >= self.chunks:
             raise ValueError(f"chunk {self.chunk} out of range: the answer has {self.chunks} chunks")
+        if self.part >= self.parts:
+            raise ValueError(f"part {self.part} out of range: the request has {self.parts} parts")
         return self
 
     def contract_id(self) -> str:

@@ -18,7 +18,7 @@ from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store.privacy import CUSTOMER_TABLES
 from shared.contracts.events import MessageStatus, PrivacyAction, PrivacyRequest
 from shared.contracts.topics import MESSAGE_STATUS, PRIVACY, PROFILES
-from shared.privacy import answer, answers
+from shared.privacy import answer, answers, identity_hash
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event, segmenter_running
 from tests.support import eventually, read_topic, running
 
@@ -364,3 +364,121 @@ async def test_the_export_of_a_customer_with_megabytes_of_sent_messages_complete
         if m["value"]["action"] == "export_part" and m["value"]["service"] == "notifier"
     ]
     assert len(answered) == answered[0]["value"]["chunks"] > 5
+
+
+async def test_a_customer_known_under_thousands_of_long_identifiers_is_exported_and_erased_everywhere(
+    harness: Harness, make_settings: Callable[..., Any]
+) -> None:
+    """4,000 anonymousIds of 300 characters (an upstream minting a long id per visit) are ~1.2 MB of
+    JSON, more than one Kafka message takes: the requests go in parts, nothing is parked, the real
+    notifier answers each part (finding rows under the last part's identifiers too), the export holds
+    each of its rows once, and the receipt completes once every service answered every part."""
+    h = harness
+    await known_customer(h)
+    cid = (await h.customer("u1"))["customer_id"]
+    many = [f"anon-{i:04}-" + "z" * 300 for i in range(4_000)]
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await uow.session.execute(
+            text(
+                "INSERT INTO identities (kind, value, customer_id) SELECT 'anon', v, :c FROM unnest(CAST(:v AS text[])) AS v"
+            ),
+            {"c": cid, "v": many},
+        )
+    notifier = notifier_app(make_settings(NotifierSettings))
+    async with running(notifier):
+        platform = notifier.state.platform
+        async with platform.unit_of_work() as uow:
+            # One message under the canonical id (every part finds it), one under the last identifier.
+            await uow.session.execute(
+                text(
+                    "INSERT INTO send_ledger (message_id, customer_id, channel, category, template_id, "
+                    "request, state, created_at) VALUES "
+                    "('msg-own', :c, 'email', 'marketing', 'weekly', '{\"recipient\": {\"email\": \"a@example.com\"}}', "
+                    "'delivered', now()), "
+                    "('msg-late', :late, 'email', 'marketing', 'weekly', '{\"recipient\": {\"email\": \"a@example.com\"}}', "
+                    "'delivered', now())"
+                ),
+                {"c": cid, "late": many[-1]},
+            )
+
+        r = await h.client.get("/v1/customers/u1/export", headers=ADMIN)
+        assert r.status_code == 504 and r.json()["missing"] == ["ingest", "journey_engine"], r.text
+        later_url = r.json()["export_url"]
+        export_parts = [m for m in await privacy_messages(h) if m.action is PrivacyAction.EXPORT_REQUESTED]
+        n = len(export_parts)
+        assert n >= 4 and [(p.part, p.parts) for p in export_parts] == [(i, n) for i in range(n)]
+        named = {i for p in export_parts for i in p.identities}
+        assert set(many) <= named and {"u1", "anon-1", "a@example.com"} <= named
+        for p in export_parts:
+            await answer_for(h, p, PrivacyAction.EXPORT_PART, ("ingest", "journey_engine"))
+        doc = await _document(h, later_url)
+        ledger = doc["services"]["notifier"]["messages"]
+        assert sorted(m["message_id"] for m in ledger) == ["msg-late", "msg-own"]  # each once
+
+        r = await h.client.delete("/v1/customers/u1", headers=ADMIN)
+        assert r.status_code == 202, r.text
+        request_id = r.json()["request_id"]
+        erase_parts = [
+            m
+            for m in await privacy_messages(h)
+            if m.action is PrivacyAction.ERASE_REQUESTED and m.request_id == request_id
+        ]
+        assert len(erase_parts) == n
+        # Ingest answers every part; the journey engine all but the last: it is still pending.
+        for p in erase_parts:
+            await answer_for(h, p, PrivacyAction.ERASE_COMPLETED, ("ingest",))
+        for p in erase_parts[:-1]:
+            reply = answer(
+                p,
+                "journey_engine",
+                PrivacyAction.ERASE_COMPLETED,
+                h.clock.now(),
+                {"deleted": {"instances": 1}},
+            )
+            await h.segmenter.platform.producer.publish(PRIVACY.name, cid, reply)
+
+        async def receipt() -> dict[str, Any]:
+            body: dict[str, Any] = (
+                await h.client.get(f"/v1/privacy/requests/{request_id}", headers=ADMIN)
+            ).json()
+            return body
+
+        async def all_but_the_journey_engine() -> bool:
+            services = (await receipt())["services"]
+            return all(services[s]["status"] == "completed" for s in ("segmenter", "ingest", "notifier"))
+
+        await eventually(all_but_the_journey_engine, timeout=30)
+        assert (await receipt())["services"]["journey_engine"]["status"] == "pending"
+        last = answer(
+            erase_parts[-1],
+            "journey_engine",
+            PrivacyAction.ERASE_COMPLETED,
+            h.clock.now(),
+            {"deleted": {"instances": 1}},
+        )
+        await h.segmenter.platform.producer.publish(PRIVACY.name, cid, last)
+
+        async def completed() -> bool:
+            return bool((await receipt())["status"] == "completed")
+
+        await eventually(completed, timeout=15)
+        async with h.segmenter.platform.unit_of_work() as uow:
+            journey = await uow.session.scalar(
+                text("SELECT data FROM privacy_answers WHERE request_id = :r AND service = 'journey_engine'"),
+                {"r": request_id},
+            )
+            left = await uow.session.scalar(text("SELECT count(*) FROM privacy_answer_chunks"))
+            parked = await uow.session.scalar(text("SELECT count(*) FROM outbox_parked"))
+        assert journey == {"deleted": {"instances": n}} and left == 0 and parked == 0
+
+        # The notifier erased what it held under any part's identifiers, and remembers them.
+        async with platform.unit_of_work() as uow:
+            scrubbed = await uow.session.execute(
+                text("SELECT message_id, request->'recipient' FROM send_ledger ORDER BY 1")
+            )
+            tombstoned = await uow.session.scalar(
+                text("SELECT count(*) FROM erasure_tombstones WHERE identity_hash = :h"),
+                {"h": identity_hash(platform.settings.privacy_salt.get_secret_value(), many[-1])},
+            )
+        assert [tuple(row) for row in scrubbed] == [("msg-late", {}), ("msg-own", {})]
+        assert tombstoned == 1

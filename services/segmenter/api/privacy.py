@@ -1,7 +1,8 @@
 """Erasure, export and the privacy receipt (admin token). The segmenter coordinates: it owns identity.
 
 - `DELETE /v1/customers/{ref}`: erase the customer here (one unit of work), keep salted-hash
-  tombstones, publish `erase_requested` on clm.privacy.v1 for the other services; 202 + request id.
+  tombstones, publish `erase_requested` on clm.privacy.v1 for the other services (in parts when the
+  customer has too many identifiers for one message); 202 + request id.
 - `GET /v1/privacy/requests/{request_id}`: the receipt, each service's confirmation and its time.
 - `GET /v1/customers/{ref}/export`: publish `export_requested`, wait (bounded) for every service's
   `export_part`, answer one JSON document; 504 naming the missing services otherwise, the document
@@ -22,10 +23,10 @@ from fastapi.responses import JSONResponse
 from services.segmenter.runtime import Segmenter
 from services.segmenter.store import privacy as privacy_store
 from services.segmenter.store import profiles as profile_store
-from shared.contracts.events import PrivacyAction, PrivacyRequest, ProfileChanged, ProfileChangeKind
+from shared.contracts.events import PrivacyAction, ProfileChanged, ProfileChangeKind
 from shared.contracts.topics import PRIVACY, PROFILES
 from shared.http import ApiError, admin_guard
-from shared.privacy import SERVICES, add_tombstones, answer, erasure_gate, identity_hashes
+from shared.privacy import SERVICES, add_tombstones, answer, erasure_gate, identity_hashes, requests
 
 SERVICE = "segmenter"
 EXPORT_POLL_S = 0.1
@@ -60,17 +61,13 @@ def privacy_router(seg: Segmenter) -> APIRouter:
             await privacy_store.record_answer(
                 session, request_id, SERVICE, PrivacyAction.ERASE_COMPLETED.value, {"deleted": deleted}, now
             )
-            request = PrivacyRequest(
-                event_id=f"{request_id}:{SERVICE}:{PrivacyAction.ERASE_REQUESTED.value}",
-                request_id=request_id,
-                action=PrivacyAction.ERASE_REQUESTED,
-                customer_id=cid,
-                identities=ids,
-                service=SERVICE,
-                occurred_at=now,
-            )
-            uow.emit(PRIVACY.name, cid, request)
-            uow.emit(PRIVACY.name, cid, answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now))
+            # In parts when the identifiers are too many for one message: each service erases by part.
+            parts = requests(request_id, PrivacyAction.ERASE_REQUESTED, cid, ids, SERVICE, now)
+            for part in parts:
+                uow.emit(PRIVACY.name, cid, part)
+            # Our own answer is to the whole request (our rows are erased above, all at once).
+            whole = parts[0].model_copy(update={"parts": 1})
+            uow.emit(PRIVACY.name, cid, answer(whole, SERVICE, PrivacyAction.ERASE_COMPLETED, now))
             # Projections of the profile (journey engine, notifier contacts) drop it at once.
             uow.emit(
                 PROFILES.name,
@@ -133,19 +130,8 @@ def privacy_router(seg: Segmenter) -> APIRouter:
             await privacy_store.record_answer(
                 session, request_id, SERVICE, PrivacyAction.EXPORT_PART.value, own, now
             )
-            uow.emit(
-                PRIVACY.name,
-                cid,
-                PrivacyRequest(
-                    event_id=f"{request_id}:{SERVICE}:{PrivacyAction.EXPORT_REQUESTED.value}",
-                    request_id=request_id,
-                    action=PrivacyAction.EXPORT_REQUESTED,
-                    customer_id=cid,
-                    identities=ids,
-                    service=SERVICE,
-                    occurred_at=now,
-                ),
-            )
+            for part in requests(request_id, PrivacyAction.EXPORT_REQUESTED, cid, ids, SERVICE, now):
+                uow.emit(PRIVACY.name, cid, part)
         deadline = time.monotonic() + seg.settings.privacy_export_wait_s
         while True:
             # Which parts are in, without reading them (a heavy customer's parts are megabytes).

@@ -1,8 +1,9 @@
 """clm.privacy.v1 back into the segmenter: every service's `erase_completed` and `export_part`.
 
 Recorded per (request, service, action), so the receipt and the export endpoint read them from the
-table. An answer sent in chunks (too large for one Kafka message) is kept chunk by chunk and recorded,
-merged, when its last chunk arrives: until then the service is still missing from the export.
+table. An answer sent in chunks (too large for one Kafka message), or to a request sent in parts (too
+many identifiers for one), is kept piece by piece and recorded, merged, when its last piece arrives:
+until then the service is still missing from the receipt or the export.
 Requests (ours) are skipped: the segmenter erases and exports its own data in the API call.
 """
 
@@ -34,18 +35,20 @@ class PrivacyAnswersConsumer:
             msg = c.value
             if c.event_id not in fresh or msg.action not in ANSWERS or not msg.service:
                 continue
-            if msg.chunks == 1:
+            if msg.chunks == 1 and msg.parts == 1:
                 await privacy_store.record_answer(
                     uow.session, msg.request_id, msg.service, msg.action.value, msg.data, msg.occurred_at
                 )
-            else:  # one of several messages (`shared.privacy.answers`): recorded once all are here
-                await privacy_store.record_chunk(
+            else:  # one of several messages: recorded once all are here (`shared.privacy`)
+                await privacy_store.record_piece(
                     uow.session,
                     msg.request_id,
                     msg.service,
                     msg.action.value,
                     msg.data,
                     msg.occurred_at,
-                    msg.chunk,
-                    msg.chunks,
+                    chunk=msg.chunk,
+                    chunks=msg.chunks,
+                    part=msg.part,
+                    parts=msg.parts,
                 )

@@ -20,7 +20,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db import privacy_tables
-from shared.privacy import merge_chunks
+from shared.contracts.events import PrivacyAction
+from shared.privacy import merge_chunks, merge_parts
 
 # (table, customer column, order for export). Profile last: the others reference its id.
 CUSTOMER_TABLES: tuple[tuple[str, str, str], ...] = (
@@ -69,15 +70,19 @@ privacy_answers = sa.Table(
     sa.Column("answered_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-# The chunks of answers that came in several messages (`shared.privacy.answers`), until the last one
-# arrives: then merged into `privacy_answers` and deleted (revision 0009_privacy_answer_chunks). The
-# chunks of one answer share `answered_at` (the answer's occurred_at) and `chunks`.
+# The pieces of answers that came in several messages, until the last one arrives: then merged into
+# `privacy_answers` and deleted (revisions 0009_privacy_answer_chunks, 0012_privacy_request_parts).
+# A piece is one chunk (`shared.privacy.answers`) of the answer to one part of the request (`parts` > 1
+# when the request named too many identifiers for one message). The chunks of one part's answer share
+# `answered_at` (the answer's occurred_at) and `chunks`.
 privacy_answer_chunks = sa.Table(
     "privacy_answer_chunks",
     metadata,
     sa.Column("request_id", sa.Text, primary_key=True),
     sa.Column("service", sa.Text, primary_key=True),
     sa.Column("action", sa.Text, primary_key=True),
+    sa.Column("parts", sa.Integer, primary_key=True, server_default="1"),
+    sa.Column("part", sa.Integer, primary_key=True, server_default="0"),
     sa.Column("answered_at", sa.DateTime(timezone=True), primary_key=True),
     sa.Column("chunks", sa.Integer, primary_key=True),
     sa.Column("chunk", sa.Integer, primary_key=True),
@@ -204,21 +209,25 @@ async def record_answer(
     await session.execute(stmt)
 
 
-async def record_chunk(
+async def record_piece(
     session: AsyncSession,
     request_id: str,
     service: str,
     action: str,
     data: dict[str, Any],
     at: datetime,
-    chunk: int,
-    chunks: int,
+    *,
+    chunk: int = 0,
+    chunks: int = 1,
+    part: int = 0,
+    parts: int = 1,
 ) -> bool:
-    """Keep one chunk of a service's answer; once every chunk of it is here, record the answer, its
-    data merged in chunk order (`shared.privacy.merge_chunks`), and drop the chunks. True if the answer
-    is now recorded. A chunk of an answer already recorded (redelivered, or of a later re-answer) is
-    dropped; chunks of one answer are told from another's by their time and count."""
-    # Two chunks of one answer handled at once (a rebalance) must not each miss the other's.
+    """Keep one piece of a service's answer (chunk `chunk` of its answer to request part `part`); once
+    it answered every part, each in full, record the answer (chunks merged in order, parts with
+    `shared.privacy.merge_parts`, at the latest part's time) and drop the pieces. True if the answer
+    is now recorded. A piece of an answer already recorded (redelivered, or of a later re-answer) is
+    dropped; the chunks of one part's answer are told from another answer's by their time and count."""
+    # Two pieces of one answer handled at once (a rebalance) must not each miss the other's.
     await session.execute(
         text("SELECT pg_advisory_xact_lock(hashtext('clm.privacy.answer'), hashtext(:k))"),
         {"k": f"{request_id}:{service}:{action}"},
@@ -232,19 +241,16 @@ async def record_chunk(
     )
     if done:
         return True
-    same_answer = (
-        privacy_answer_chunks.c.request_id == request_id,
-        privacy_answer_chunks.c.service == service,
-        privacy_answer_chunks.c.action == action,
-        privacy_answer_chunks.c.answered_at == at,
-        privacy_answer_chunks.c.chunks == chunks,
-    )
+    t = privacy_answer_chunks.c
+    this_answer = (t.request_id == request_id, t.service == service, t.action == action, t.parts == parts)
     await session.execute(
         pg_insert(privacy_answer_chunks)
         .values(
             request_id=request_id,
             service=service,
             action=action,
+            parts=parts,
+            part=part,
             answered_at=at,
             chunks=chunks,
             chunk=chunk,
@@ -252,13 +258,30 @@ async def record_chunk(
         )
         .on_conflict_do_nothing()
     )
-    have = await session.scalar(sa.select(sa.func.count()).where(*same_answer))
-    if have != chunks:
-        return False
-    parts = await session.execute(
-        sa.select(privacy_answer_chunks.c.data).where(*same_answer).order_by(privacy_answer_chunks.c.chunk)
+    # Per part, the earliest answer of which every chunk is here.
+    complete = await session.execute(
+        sa.select(t.part, t.answered_at, t.chunks)
+        .where(*this_answer)
+        .group_by(t.part, t.answered_at, t.chunks)
+        .having(sa.func.count() == t.chunks)
+        .order_by(t.part, t.answered_at.desc())
     )
-    await record_answer(session, request_id, service, action, merge_chunks([p[0] for p in parts]), at)
+    answered = {p: (when, n) for p, when, n in complete}  # the earliest wins: ordered last
+    if len(answered) != parts:
+        return False
+    merged: list[dict[str, Any]] = []
+    for p in range(parts):
+        when, n = answered[p]
+        pieces = await session.execute(
+            sa.select(t.data)
+            .where(*this_answer, t.part == p, t.answered_at == when, t.chunks == n)
+            .order_by(t.chunk)
+        )
+        merged.append(merge_chunks([piece[0] for piece in pieces]))
+    data = merged[0] if parts == 1 else merge_parts(PrivacyAction(action), merged)
+    await record_answer(
+        session, request_id, service, action, data, max(when for when, _ in answered.values())
+    )
     await session.execute(
         sa.delete(privacy_answer_chunks).where(
             privacy_answer_chunks.c.request_id == request_id,

@@ -380,7 +380,8 @@ async def test_a_customer_known_under_thousands_of_long_identifiers_is_exported_
     async with h.segmenter.platform.unit_of_work() as uow:
         await uow.session.execute(
             text(
-                "INSERT INTO identities (kind, value, customer_id) SELECT 'anon', v, :c FROM unnest(CAST(:v AS text[])) AS v"
+                "INSERT INTO identities (kind, value, customer_id) "
+                "SELECT 'anon', v, :c FROM unnest(CAST(:v AS text[])) AS v"
             ),
             {"c": cid, "v": many},
         )
@@ -392,13 +393,15 @@ async def test_a_customer_known_under_thousands_of_long_identifiers_is_exported_
             await uow.session.execute(
                 text(
                     "INSERT INTO send_ledger (message_id, customer_id, channel, category, template_id, "
-                    "request, state, created_at) VALUES "
-                    "('msg-own', :c, 'email', 'marketing', 'weekly', '{\"recipient\": {\"email\": \"a@example.com\"}}', "
-                    "'delivered', now()), "
-                    "('msg-late', :late, 'email', 'marketing', 'weekly', '{\"recipient\": {\"email\": \"a@example.com\"}}', "
-                    "'delivered', now())"
+                    "request, state, created_at) SELECT m, c, 'email', 'marketing', 'weekly', "
+                    "CAST(:request AS jsonb), 'delivered', now() "
+                    "FROM unnest(CAST(:m AS text[]), CAST(:c AS text[])) AS t(m, c)"
                 ),
-                {"c": cid, "late": many[-1]},
+                {
+                    "m": ["msg-own", "msg-late"],
+                    "c": [cid, many[-1]],
+                    "request": '{"recipient": {"email": "a@example.com"}}',
+                },
             )
 
         r = await h.client.get("/v1/customers/u1/export", headers=ADMIN)

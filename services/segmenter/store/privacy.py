@@ -19,8 +19,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import privacy_tables
 from shared.contracts.events import PrivacyAction
+from shared.db import privacy_tables
 from shared.privacy import merge_chunks, merge_parts
 
 # (table, customer column, order for export). Profile last: the others reference its id.

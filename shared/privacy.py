@@ -51,7 +51,7 @@ EXPORT_CHUNK_BYTES = 256 * 1024
 MAX_MESSAGE_BYTES = 1_000_000
 # Room left for the record's headers, key and batch overhead, and the chunk numbers in the envelope.
 _HEADROOM = 16 * 1024
-# The least data budget a chunk gets, however large the envelope (the request's identities).
+# The least data budget a chunk gets, however large the envelope.
 _MIN_DATA_BUDGET = 16 * 1024
 # What replaces a value too large for any message: its size, and why it is not there.
 OMITTED = "_clm_omitted"

@@ -83,3 +83,25 @@ def test_a_null_header_value_is_sized_as_empty() -> None:
     # Kafka allows null header values; dead-lettering such a record sized it with len(None).
     null = OutgoingMessage("t", b"k", b"v", (("trace", None),))  # type: ignore[arg-type]
     assert record_size(null) == record_size(OutgoingMessage("t", b"k", b"v", (("trace", b""),)))
+
+
+async def test_a_whole_batch_goes_at_once_instead_of_lingering(make_settings: Callable[..., Any]) -> None:
+    """`send_batched` hands aiokafka complete batches: they must not wait out `linger_ms` (meant for
+    `send()` calls that may still join a batch) on every relay pass and ingest write. With a linger
+    of 3 s, ten passes take a small fraction of one linger."""
+    settings = make_settings(ProducerSettings, topic_partitions=1)
+    await ensure_topics(settings, extra=["sized"])
+    topic = settings.topic("sized")
+    p = EventProducer(settings, linger_ms=3000)
+    await p.start()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(10):
+            await p.send_batched([OutgoingMessage(topic, b"k", f"pass {i}".encode(), ())])
+        elapsed = loop.time() - started
+    finally:
+        await p.stop()
+    assert elapsed < 1.5, f"10 passes took {elapsed:.1f} s: batches lingered"
+    values = [m["raw"].decode() for m in await read_topic(topic, idle=0.5, timeout=8)]
+    assert values == [f"pass {i}" for i in range(10)]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -156,13 +157,16 @@ _MARK_SENDING = Statement(
 )
 
 
-async def mark_sending(session: AsyncSession, claims: Sequence[tuple[str, str]], now: datetime) -> set[str]:
+async def mark_sending(
+    target: AsyncSession | asyncpg.Connection, claims: Sequence[tuple[str, str]], now: datetime
+) -> set[str]:
     """`claimed` -> `sending` for the (message id, claim token) pairs still owned; returns those ids.
-    The caller commits this before calling the provider; a row not returned must not be sent."""
+    The caller commits this before calling the provider (one statement: on a connection outside a
+    transaction, it commits on its own); a row not returned must not be sent."""
     if not claims:
         return set()
     rows = await _MARK_SENDING.fetch(
-        session, {"now": now, "ids": [c[0] for c in claims], "tokens": [c[1] for c in claims]}
+        target, {"now": now, "ids": [c[0] for c in claims], "tokens": [c[1] for c in claims]}
     )
     return {r[0] for r in rows}
 

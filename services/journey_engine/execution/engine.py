@@ -57,9 +57,9 @@ from services.journey_engine.domain.walker import (
     facts_for,
 )
 from services.journey_engine.settings import JourneyEngineSettings
+from services.journey_engine.store import batch_read, projection
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
-from services.journey_engine.store import projection
 from services.journey_engine.store import recommendations as recommendation_projection
 from services.journey_engine.store.instances import GoalWindow, InstanceConflict, InstanceRow, StepWriter
 from services.journey_engine.store.journeys import JourneyRow
@@ -184,9 +184,9 @@ class JourneyEngine:
                 return None
         return self._graphs[key]
 
-    async def active_journeys(self, session: AsyncSession) -> list[ActiveJourney]:
+    async def active_journeys(self, session: AsyncSession, rows: list[JourneyRow]) -> list[ActiveJourney]:
         out = []
-        for row in await journey_store.active(session):
+        for row in rows:
             graph = await self.graph(session, row.id, row.current_version)
             if graph is not None:
                 out.append(ActiveJourney(row, graph))
@@ -195,25 +195,30 @@ class JourneyEngine:
     # ------------------------------------------------------------------ consumers' entry points
 
     async def _batch(self, session: AsyncSession, customer_ids: list[str], *, goals: bool = False) -> Batch:
-        """Lock the batch's customers, then load everything their steps need in a few queries."""
+        """Lock the batch's customers, then load everything their steps need in one round trip."""
         now = self.clock.now()
         ids = sorted(set(customer_ids))
         await projection.lock_customers(session, ids)
-        records = await projection.load(session, ids, projection.sends_window(now, bool(self.rules.caps)))
+        read = await batch_read.read(
+            session,
+            ids,
+            now=now,
+            sends_since=projection.sends_window(now, bool(self.rules.caps)),
+            goals=goals,
+        )
         active: dict[str, list[InstanceRow]] = {c: [] for c in ids}
-        for row in await instance_store.active_for_customers(session, ids):
+        for row in read.active:
             active[row.customer_id].append(row)
         windows: dict[str, list[GoalWindow]] = {}
-        if goals:
-            for w in await instance_store.open_goals(session, ids, now):
-                windows.setdefault(w.customer_id, []).append(w)
+        for w in read.windows:
+            windows.setdefault(w.customer_id, []).append(w)
         return Batch(
             now=now,
             writer=StepWriter(now),
-            customers={c: customer_view(r) for c, r in records.items()},
+            customers={c: customer_view(r) for c, r in read.customers.items()},
             active=active,
-            entries=await instance_store.entries_of_customers(session, ids),
-            journeys=await self.active_journeys(session),
+            entries=read.entries,
+            journeys=await self.active_journeys(session, read.journeys),
             windows=windows,
         )
 

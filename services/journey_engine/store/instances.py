@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -106,13 +107,19 @@ async def lock_instances(session: AsyncSession, ids: list[str]) -> list[Instance
 
 
 # The statements each consumer batch runs go straight to asyncpg (`Statement`).
-_ACTIVE_FOR_CUSTOMERS = Statement(
-    f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:c AS text[])) AND status = 'active' "
+# Read by `store.batch_read` with the rest of a batch's reads (locked in id order: no deadlocks).
+ACTIVE_FOR_CUSTOMERS_SQL = (
+    f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:ids AS text[])) AND status = 'active' "
     "ORDER BY id FOR UPDATE"
 )
-_ENTRIES_OF_CUSTOMERS = Statement(
+ENTRIES_OF_CUSTOMERS_SQL = (
     "SELECT journey_id, customer_id, correlation, last_entered_at FROM enrolments "
-    "WHERE customer_id = ANY(CAST(:c AS text[]))"
+    "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+)
+OPEN_GOALS_SQL = (
+    "SELECT instance_id, customer_id, journey_id, version, node_id, correlation, entered_at "
+    "FROM goal_windows WHERE customer_id = ANY(CAST(:ids AS text[])) "
+    "AND (open_until IS NULL OR open_until > CAST(:now AS timestamptz))"
 )
 _UPDATE_INSTANCES = Statement(
     "UPDATE instances AS i SET node_id = u.node, status = u.status, wait = CAST(u.wait AS jsonb), "
@@ -126,11 +133,6 @@ _UPDATE_INSTANCES = Statement(
 )
 
 
-_OPEN_GOALS = Statement(
-    "SELECT instance_id, customer_id, journey_id, version, node_id, correlation, entered_at "
-    "FROM goal_windows WHERE customer_id = ANY(CAST(:c AS text[])) "
-    "AND (open_until IS NULL OR open_until > CAST(:now AS timestamptz))"
-)
 # A finished instance's conversion: once (the window row goes with it), counted at the node where it
 # finished, in the same statement so a count never exists without its conversion or the other way round.
 _CONVERT_FINISHED = Statement(
@@ -165,34 +167,26 @@ class GoalWindow:
     open_until: datetime | None = None
 
 
-async def open_goals(session: AsyncSession, customer_ids: list[str], now: datetime) -> list[GoalWindow]:
-    if not customer_ids:
-        return []
-    rows = await _OPEN_GOALS.fetch(session, {"c": customer_ids, "now": now})
-    return [GoalWindow(*r) for r in rows]
-
-
 async def prune_goal_windows(session: AsyncSession, now: datetime) -> int:
     """Forget windows that closed unconverted."""
     result = await session.execute(text("DELETE FROM goal_windows WHERE open_until <= :now"), {"now": now})
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-async def active_for_customers(session: AsyncSession, customer_ids: list[str]) -> list[InstanceRow]:
-    if not customer_ids:
-        return []
-    rows = await _ACTIVE_FOR_CUSTOMERS.fetch(session, {"c": customer_ids})
+def active_rows(rows: Sequence[Sequence[Any]]) -> list[InstanceRow]:
+    """Rows of `ACTIVE_FOR_CUSTOMERS_SQL`, oldest entry first."""
     return sorted((_row(r) for r in rows), key=lambda r: (r.entered_at, r.id))
 
 
-async def entries_of_customers(
-    session: AsyncSession, customer_ids: list[str]
-) -> dict[tuple[str, str, str], datetime]:
-    """(journey, customer, correlation) -> last entry, for the re-entry policy."""
-    if not customer_ids:
-        return {}
-    rows = await _ENTRIES_OF_CUSTOMERS.fetch(session, {"c": customer_ids})
+def entries(rows: Sequence[Sequence[Any]]) -> dict[tuple[str, str, str], datetime]:
+    """Rows of `ENTRIES_OF_CUSTOMERS_SQL`: (journey, customer, correlation) -> last entry, for the
+    re-entry policy."""
     return {(r[0], r[1], r[2]): r[3] for r in rows}
+
+
+def goal_windows(rows: Sequence[Sequence[Any]]) -> list[GoalWindow]:
+    """Rows of `OPEN_GOALS_SQL`."""
+    return [GoalWindow(*r) for r in rows]
 
 
 async def inside_or_entered(

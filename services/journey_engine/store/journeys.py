@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -9,8 +10,6 @@ from typing import Any
 import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
-
-from shared.db.engine import Statement
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,13 @@ async def list_all(session: AsyncSession) -> list[JourneyRow]:
     return [JourneyRow(*r) for r in rows]
 
 
-# Read by every consumer batch: straight to asyncpg (`Statement`).
-_ACTIVE = Statement(f"SELECT {_COLUMNS} FROM journeys WHERE status = 'active' ORDER BY id")
+# Read by every consumer batch, with the rest of its reads (`store.batch_read`).
+ACTIVE_SQL = f"SELECT {_COLUMNS} FROM journeys WHERE status = 'active' ORDER BY id"
 
 
-async def active(session: AsyncSession) -> list[JourneyRow]:
-    return [JourneyRow(*r) for r in await _ACTIVE.fetch(session)]
+def active_rows(rows: Sequence[Sequence[Any]]) -> list[JourneyRow]:
+    """Rows of `ACTIVE_SQL`, by id."""
+    return sorted((JourneyRow(*r) for r in rows), key=lambda j: j.id)
 
 
 async def definition(session: AsyncSession, journey_id: str, version: int) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,16 +37,19 @@ _LOCK_CUSTOMERS = Statement(
 _RESOLVE = Statement(
     "SELECT identity, customer_id FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"
 )
-_LOAD = Statement(
+# Also read, with the rest of a batch's reads, by `store.batch_read` (the SQL text is shared).
+LOAD_SQL = (
     "SELECT x.id, c.traits, c.timezone, c.locale, c.email, c.phone, c.stage, "
     "ARRAY(SELECT m.segment_id FROM segment_members AS m WHERE m.customer_id = x.id), "
     "(SELECT r.lists FROM customer_recommendations AS r WHERE r.customer_id = x.id) "
     "FROM unnest(CAST(:ids AS text[])) AS x(id) LEFT JOIN customers AS c ON c.customer_id = x.id"
 )
-_RECENT_SENDS = Statement(
+RECENT_SENDS_SQL = (
     "SELECT customer_id, channel, decided_at FROM message_log WHERE customer_id = ANY(CAST(:ids AS text[])) "
     "AND decided_at > :since AND decision = 'requested' AND category = 'marketing' ORDER BY decided_at"
 )
+_LOAD = Statement(LOAD_SQL)
+_RECENT_SENDS = Statement(RECENT_SENDS_SQL)
 _UPSERT_CUSTOMER = Statement(
     "INSERT INTO customers (customer_id, traits, timezone, locale, email, phone, stage, updated_at) "
     "VALUES (:id, CAST(:traits AS jsonb), :tz, :locale, :email, :phone, :stage, :now) "
@@ -100,25 +104,34 @@ async def load(
     """Projection rows (or empty records for unknown customers), memberships and recent marketing sends
     (only when `sends_since` is given: frequency caps are configured)."""
     ids = list(set(customer_ids))
-    out = {c: CustomerRecord(c) for c in ids}
     if not ids:
-        return out
+        return {}
     # One round trip: the projection row (if any) and the segment memberships of each customer.
     rows = await _LOAD.fetch(session, {"ids": ids})
+    sends = (
+        [] if sends_since is None else await _RECENT_SENDS.fetch(session, {"ids": ids, "since": sends_since})
+    )
+    return records(ids, rows, sends)
+
+
+def records(
+    ids: list[str], rows: Sequence[Sequence[Any]], sends: Sequence[Sequence[Any]]
+) -> dict[str, CustomerRecord]:
+    """Customer records from rows of `LOAD_SQL` and `RECENT_SENDS_SQL` (records or tuples)."""
+    out = {c: CustomerRecord(c) for c in ids}
     for cid, traits, tz, locale, email, phone, stage, segments, recommendations in rows:
         rec = out[cid]
         if traits is not None:
             rec.traits = traits if isinstance(traits, dict) else orjson.loads(traits)
         rec.timezone, rec.locale, rec.email, rec.phone, rec.stage = tz, locale, email, phone, stage
         rec.segments = set(segments or ())
-        rec.recommendations = recommendations
-    if sends_since is None:
-        return out
-    rows = await _RECENT_SENDS.fetch(session, {"ids": ids, "since": sends_since})
-    sends: dict[str, dict[str, list[datetime]]] = defaultdict(lambda: defaultdict(list))
-    for cid, channel, at in rows:
-        sends[cid][channel].append(at)
-    for cid, by_channel in sends.items():
+        rec.recommendations = (
+            orjson.loads(recommendations) if isinstance(recommendations, str) else recommendations
+        )
+    by_customer: dict[str, dict[str, list[datetime]]] = defaultdict(lambda: defaultdict(list))
+    for cid, channel, at in sorted(sends, key=lambda s: s[2]):
+        by_customer[cid][channel].append(at)
+    for cid, by_channel in by_customer.items():
         out[cid].recent_sends = dict(by_channel)
     return out
 

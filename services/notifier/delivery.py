@@ -44,7 +44,11 @@ from services.notifier.domain.retry_policy import Failure, RetryPolicy
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.templates import RenderError, TemplateDefinition, TemplateRenderer
 from services.notifier.settings import NotifierSettings
-from services.notifier.store import consent_repo, contacts_repo, ledger_repo, templates_repo
+from services.notifier.store import (
+    consent_repo,
+    ledger_repo,
+    send_context_repo,
+)
 from services.notifier.store.ledger_repo import LedgerEntry, Outcome
 from services.notifier.write_coalescer import WriteCoalescer
 from shared.clock import Clock
@@ -350,18 +354,21 @@ class DeliveryWorker:
 
     async def _read_context(self, session: AsyncSession, entries: Sequence[LedgerEntry]) -> _Context:
         requests = [e.request for e in entries]
-        customers = {r.customer_id for r in requests}
-        topic_ids = {r.subscription_topic for r in requests if r.subscription_topic}
-        contacts = await contacts_repo.get_many(session, customers)
+        read = await send_context_repo.read(
+            session,
+            {r.customer_id for r in requests},
+            {r.template_id for r in requests},
+            {r.subscription_topic for r in requests if r.subscription_topic},
+        )
         # The address each marketing SMS would go to (its override recipient or the profile's phone):
         # a STOP from that number suppresses it, whoever CLM thinks the customer is.
-        keys = {self._sms_key(r, contacts.get(r.customer_id)) for r in requests}
+        keys = {self._sms_key(r, read.contacts.get(r.customer_id)) for r in requests}
         keys.discard(None)
         return _Context(
-            templates=await templates_repo.get_many(session, {r.template_id for r in requests}),
-            contacts=contacts,
-            topics=await consent_repo.topics_by_id(session, topic_ids),
-            choices=await consent_repo.choices_for(session, customers),
+            templates=read.templates,
+            contacts=read.contacts,
+            topics=read.topics,
+            choices=read.choices,
             sms_opted_out=await consent_repo.sms_opted_out_numbers(session, {k for k in keys if k}),
         )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -80,17 +80,19 @@ async def list_topics(session: AsyncSession) -> list[dict[str, Any]]:
     return [topic_dict(r) for r in rows]
 
 
-# Read for every batch of sends: straight to asyncpg (`Statement`).
-_TOPICS_BY_ID = Statement(
+# Read for every batch of sends (with the rest of its context: `send_context_repo`).
+TOPICS_BY_ID_SQL = (
     "SELECT id, name, channels, default_subscribed FROM subscription_topics "
-    "WHERE id = ANY(CAST(:ids AS text[]))"
+    "WHERE id = ANY(CAST(:topics AS text[]))"
 )
-# By any identifier of the customer (one read: the delivery path runs it for every batch of sends).
-_CHOICES_FOR = Statement(
-    "SELECT q.id, p.topic, p.channel, p.subscribed FROM unnest(CAST(:ids AS text[])) AS q(id) "
+# By any identifier of the customer.
+CHOICES_FOR_SQL = (
+    "SELECT q.id, p.topic, p.channel, p.subscribed FROM unnest(CAST(:customers AS text[])) AS q(id) "
     "LEFT JOIN customer_aliases AS ci ON ci.identity = q.id "  # see `identities_repo`
     "JOIN preferences AS p ON p.customer_id = COALESCE(ci.customer_id, q.id)"
 )
+_TOPICS_BY_ID = Statement(TOPICS_BY_ID_SQL)
+_CHOICES_FOR = Statement(CHOICES_FOR_SQL)
 
 
 async def offered_on(session: AsyncSession, channel: str) -> list[SubscriptionTopic]:
@@ -108,7 +110,11 @@ async def offered_on(session: AsyncSession, channel: str) -> list[SubscriptionTo
 async def topics_by_id(session: AsyncSession, ids: set[str]) -> dict[str, SubscriptionTopic]:
     if not ids:
         return {}
-    rows = await _TOPICS_BY_ID.fetch(session, {"ids": list(ids)})
+    return topics(await _TOPICS_BY_ID.fetch(session, {"topics": list(ids)}))
+
+
+def topics(rows: Sequence[Mapping[str, Any]]) -> dict[str, SubscriptionTopic]:
+    """Rows of `TOPICS_BY_ID_SQL` (by column name), by topic id."""
     return {r["id"]: _topic(r) for r in rows}
 
 
@@ -125,13 +131,18 @@ async def choices_for(
     session: AsyncSession, customer_ids: set[str]
 ) -> dict[str, dict[tuple[str, str], bool]]:
     """customer (as asked for: any identifier of the customer) -> (topic, channel) -> subscribed."""
-    out: dict[str, dict[tuple[str, str], bool]] = {c: {} for c in customer_ids}
     if not customer_ids:
-        return out
-    for customer_id, topic, channel, subscribed in await _CHOICES_FOR.fetch(
-        session, {"ids": list(customer_ids)}
-    ):
-        out[customer_id][(topic, channel)] = subscribed
+        return {}
+    return choices(customer_ids, await _CHOICES_FOR.fetch(session, {"customers": list(customer_ids)}))
+
+
+def choices(
+    customer_ids: Iterable[str], rows: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[tuple[str, str], bool]]:
+    """Rows of `CHOICES_FOR_SQL` (by column name): customer as asked for -> (topic, channel) -> subscribed."""
+    out: dict[str, dict[tuple[str, str], bool]] = {c: {} for c in customer_ids}
+    for r in rows:
+        out[r["id"]][(r["topic"], r["channel"])] = r["subscribed"]
     return out
 
 

@@ -80,13 +80,14 @@ async def get(session: AsyncSession, customer_id: str) -> ContactView | None:
     return (await get_many(session, {customer_id})).get(customer_id)
 
 
-# Read for every batch of sends: straight to asyncpg (`Statement`).
-_GET_MANY = Statement(
+# Read for every batch of sends (with the rest of its context: `send_context_repo`).
+GET_MANY_SQL = (
     f"SELECT q.id AS asked, {', '.join(f'c.{c}' for c in _VIEW_COLUMNS)} "
-    "FROM unnest(CAST(:ids AS text[])) AS q(id) "
+    "FROM unnest(CAST(:customers AS text[])) AS q(id) "
     "LEFT JOIN customer_aliases AS ci ON ci.identity = q.id "  # see `identities_repo`
     "JOIN contacts AS c ON c.customer_id = COALESCE(ci.customer_id, q.id)"
 )
+_GET_MANY = Statement(GET_MANY_SQL)
 
 
 async def get_many(session: AsyncSession, customer_ids: set[str]) -> dict[str, ContactView]:
@@ -94,7 +95,11 @@ async def get_many(session: AsyncSession, customer_ids: set[str]) -> dict[str, C
     for a customer known by its anonymousId); the views carry the customer's id."""
     if not customer_ids:
         return {}
-    rows = await _GET_MANY.fetch(session, {"ids": list(customer_ids)})
+    return views(await _GET_MANY.fetch(session, {"customers": list(customer_ids)}))
+
+
+def views(rows: Sequence[Mapping[str, Any]]) -> dict[str, ContactView]:
+    """Rows of `GET_MANY_SQL` (by column name), by the id asked for."""
     return {r["asked"]: _contact(r) for r in rows}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -45,17 +45,22 @@ async def get_definition(session: AsyncSession, template_id: str) -> TemplateDef
     return _definition(row._mapping) if row else None
 
 
-# Read for every batch of sends: straight to asyncpg (`Statement`).
-_GET_MANY = Statement(
+# Read for every batch of sends (with the rest of its context: `send_context_repo`).
+GET_MANY_SQL = (
     "SELECT id, channel, default_locale, variants, version FROM templates "
-    "WHERE id = ANY(CAST(:ids AS text[]))"
+    "WHERE id = ANY(CAST(:templates AS text[]))"
 )
+_GET_MANY = Statement(GET_MANY_SQL)
 
 
 async def get_many(session: AsyncSession, ids: set[str]) -> dict[str, TemplateDefinition]:
     if not ids:
         return {}
-    rows = await _GET_MANY.fetch(session, {"ids": list(ids)})
+    return definitions(await _GET_MANY.fetch(session, {"templates": list(ids)}))
+
+
+def definitions(rows: Sequence[Mapping[str, Any]]) -> dict[str, TemplateDefinition]:
+    """Rows of `GET_MANY_SQL` (by column name), by template id."""
     return {r["id"]: _definition(r) for r in rows}
 
 

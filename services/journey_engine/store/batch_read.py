@@ -1,12 +1,14 @@
-"""Everything a batch of customers' steps needs, read in one round trip once their locks are held
-(`projection.lock_customers`): projection rows, recent marketing sends (frequency caps), active
-instances (row-locked, in id order), enrolments, open goal windows, and the active journeys.
+"""Everything a batch of customers' steps needs, read in two statements once their locks are held
+(`projection.lock_customers`): the active instances, row-locked in id order, then in one round trip
+the projection rows, recent marketing sends (frequency caps), enrolments, open goal windows and the
+active journeys.
 
-Each part is its module's own query (`projection.LOAD_SQL`, `instances.ACTIVE_FOR_CUSTOMERS_SQL`,
-...), sent as one statement of `ARRAY(SELECT ROW(q.*) FROM (<query>) AS q)` columns: every consumer
-batch ran them as five to seven statements, a round trip each on the event -> message path. Not
-merged with the lock: a statement reads with the snapshot it started with, before its locks were
-granted, so reads after a wait would miss what the lock holder committed.
+The second statement sends each module's own query (`projection.LOAD_SQL`, ...) as an
+`ARRAY(SELECT ROW(q.*) FROM (<query>) AS q)` column: every consumer batch ran them as four to six
+statements, a round trip each on the event -> message path. Neither lock is merged into it: a
+statement reads with the snapshot it started with, before its locks were granted, so reads after a
+wait would miss what the lock holder committed (a timer step holds an instance's row lock, not the
+customer's, while it finishes the instance and opens its goal window).
 """
 
 from __future__ import annotations
@@ -23,22 +25,24 @@ from services.journey_engine.store.projection import CustomerRecord
 from shared.db.engine import Statement
 
 
-def _rows_of(sql: str, only_if: str | None = None) -> str:
+def _rows_of(sql: str, *, only_if: str | None = None, order_by: str | None = None) -> str:
     # A false `only_if` is a one-time filter: the part's query is not run at all.
     guard = f" WHERE {only_if}" if only_if else ""
-    return f"ARRAY(SELECT ROW(q.*) FROM ({sql}) AS q{guard})"
+    order = f" ORDER BY {order_by}" if order_by else ""
+    return f"ARRAY(SELECT ROW(q.*) FROM ({sql}) AS q{guard}{order})"
 
 
+_ACTIVE = Statement(instances.ACTIVE_FOR_CUSTOMERS_SQL)
 _READ = Statement(
     "SELECT "
     + ", ".join(
         [
             _rows_of(projection.LOAD_SQL),
-            _rows_of(projection.RECENT_SENDS_SQL, "CAST(:since AS timestamptz) IS NOT NULL"),
-            _rows_of(instances.ACTIVE_FOR_CUSTOMERS_SQL),
+            _rows_of(projection.RECENT_SENDS_SQL, only_if="CAST(:since AS timestamptz) IS NOT NULL"),
             _rows_of(instances.ENTRIES_OF_CUSTOMERS_SQL),
-            _rows_of(instances.OPEN_GOALS_SQL, "CAST(:goals AS boolean)"),
-            _rows_of(journeys.ACTIVE_SQL),
+            _rows_of(instances.OPEN_GOALS_SQL, only_if="CAST(:goals AS boolean)"),
+            # In the database's order (its collation), as journeys have always been tried.
+            _rows_of(journeys.ACTIVE_SQL, order_by="q.id"),
         ]
     )
 )
@@ -64,8 +68,9 @@ async def read(
     """`sends_since`: recent sends only when frequency caps are configured; `goals`: open goal windows
     only for event batches (goals are events)."""
     ids = sorted(set(customer_ids))
+    active = await _ACTIVE.fetch(session, {"ids": ids})
     [row] = await _READ.fetch(session, {"ids": ids, "since": sends_since, "now": now, "goals": goals})
-    loaded, sends, active, entries, windows, active_journeys = row
+    loaded, sends, entries, windows, active_journeys = row
     return BatchRead(
         customers=projection.records(ids, loaded, sends),
         active=instances.active_rows(active),

@@ -107,7 +107,8 @@ async def lock_instances(session: AsyncSession, ids: list[str]) -> list[Instance
 
 
 # The statements each consumer batch runs go straight to asyncpg (`Statement`).
-# Read by `store.batch_read` with the rest of a batch's reads (locked in id order: no deadlocks).
+# Read by `store.batch_read` before the rest of a batch's reads, as its own statement (the rows are
+# locked, in id order: no deadlocks; what a lock holder committed must be seen by the reads after).
 ACTIVE_FOR_CUSTOMERS_SQL = (
     f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:ids AS text[])) AND status = 'active' "
     "ORDER BY id FOR UPDATE"

@@ -78,8 +78,8 @@ ACTIVE_SQL = f"SELECT {_COLUMNS} FROM journeys WHERE status = 'active' ORDER BY 
 
 
 def active_rows(rows: Sequence[Sequence[Any]]) -> list[JourneyRow]:
-    """Rows of `ACTIVE_SQL`, by id."""
-    return sorted((JourneyRow(*r) for r in rows), key=lambda j: j.id)
+    """Rows of `ACTIVE_SQL`, in their order (by id)."""
+    return [JourneyRow(*r) for r in rows]
 
 
 async def definition(session: AsyncSession, journey_id: str, version: int) -> dict[str, Any] | None:

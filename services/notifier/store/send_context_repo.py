@@ -4,7 +4,7 @@ choices. Each is its module's own query (`contacts_repo.GET_MANY_SQL`, ...), sen
 statement of `ARRAY(SELECT to_jsonb(q) FROM (<query>) AS q)` columns, so the modules' decoders read
 the rows by column name as before: four statements were a round trip each in every unit of work that
 queues requests, on the request -> mail path. (Every column read is JSON-safe: text, booleans,
-integers, text arrays and jsonb.)"""
+integers and jsonb.)"""
 
 from __future__ import annotations
 

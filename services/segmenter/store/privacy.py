@@ -239,9 +239,14 @@ async def record_piece(
             privacy_answers.c.action == action,
         )
     )
-    if done:
-        return True
     t = privacy_answer_chunks.c
+    if done:  # pieces of an answer recorded another way (an older replica's whole answer) go too
+        await session.execute(
+            sa.delete(privacy_answer_chunks).where(
+                t.request_id == request_id, t.service == service, t.action == action
+            )
+        )
+        return True
     this_answer = (t.request_id == request_id, t.service == service, t.action == action, t.parts == parts)
     await session.execute(
         pg_insert(privacy_answer_chunks)

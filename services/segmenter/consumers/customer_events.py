@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -125,6 +126,10 @@ def _fold_event(
     return changed
 
 
+# Tries of a batch that meets a concurrent change to its customers (1-2 s of waiting in all).
+CONFLICT_ATTEMPTS = 9
+
+
 def is_transient_conflict(exc: BaseException) -> bool:
     """A conflict with a concurrent transaction on the same customers: retrying resolves it."""
     if isinstance(exc, (ConcurrentIdentityChange, profile_store.ProfileGone)):
@@ -163,19 +168,22 @@ class CustomerEventsHandler:
     async def handle_in_own_unit(
         self, events: list[CustomerEvent], consumed: Sequence[Consumed[CustomerEvent]] = ()
     ) -> None:
-        for attempt in range(1, 6):
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             try:
                 async with self.platform.unit_of_work() as uow:
                     uow.note_correlations(consumed)  # announcements pass on their cause's correlation id
                     await self.handle(uow, events)
                 return
             except Exception as exc:
-                if not is_transient_conflict(exc) or attempt == 5:
+                if not is_transient_conflict(exc) or attempt == CONFLICT_ATTEMPTS:
                     raise
                 log.info(
                     "concurrent change to the same customers; retrying the batch", extra={"attempt": attempt}
                 )
-                await asyncio.sleep(0.01 * attempt)
+                # Growing, jittered: two pipelined units merging the same customers over and over (a
+                # burst of aliases) conflicted five times within 100 ms on a loaded host, and the batch
+                # then went to the runner's one-by-one isolation, counted as a handler error.
+                await asyncio.sleep(random.uniform(0.5, 1.0) * min(0.01 * 2**attempt, 0.5))
 
     async def _without_erased(
         self, session: AsyncSession, events: list[CustomerEvent]

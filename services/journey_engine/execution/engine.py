@@ -195,7 +195,8 @@ class JourneyEngine:
     # ------------------------------------------------------------------ consumers' entry points
 
     async def _batch(self, session: AsyncSession, customer_ids: list[str], *, goals: bool = False) -> Batch:
-        """Lock the batch's customers, then load everything their steps need in one round trip."""
+        """Lock the batch's customers, then their instances and everything else their steps need
+        (`store.batch_read`: two statements)."""
         now = self.clock.now()
         ids = sorted(set(customer_ids))
         await projection.lock_customers(session, ids)

@@ -16,7 +16,6 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.catalog import Catalog, SegmentRule, compile_segment
-from services.segmenter.domain.evaluation import evaluate, next_change_at
 from services.segmenter.domain.profile import ProfileSnapshot
 from services.segmenter.domain.rules import InvalidRule
 from services.segmenter.store import catalogue as catalogue_store
@@ -103,7 +102,7 @@ async def reevaluate(
         for seg in catalog.segments:  # dependency order: member_of sees this pass's result
             if seg.segment_id not in todo:
                 continue
-            hit = evaluate(seg.rule, p, now)
+            hit = seg.holds(p, now)
             was = seg.segment_id in p.memberships
             if hit != was:
                 changes.append(
@@ -111,7 +110,7 @@ async def reevaluate(
                 )
                 (p.memberships.add if hit else p.memberships.discard)(seg.segment_id)
             if seg.refs.time_dependent:
-                when = next_change_at(seg.rule, p, now)
+                when = seg.next_change_at(p, now)
                 pending = inputs.timers.get((cid, seg.segment_id))
                 if when is None and pending is not None:
                     clear.append((cid, seg.segment_id))

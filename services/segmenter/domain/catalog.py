@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from services.segmenter.domain.compiled import (
+    NextChange,
+    Predicate,
+    compile_next_change,
+    compile_predicate,
+)
 from services.segmenter.domain.rules import References, Rule, parse_duration, parse_rule, references
 
 
@@ -18,11 +24,22 @@ class SegmentRule:
     version: int
     rule: Rule
     refs: References
+    # The rule compiled (`domain.compiled`): what the real-time path calls for each customer.
+    holds: Predicate = field(compare=False)
+    next_change_at: NextChange = field(compare=False)
 
 
 def compile_segment(segment_id: str, name: str, version: int, definition: Any) -> SegmentRule:
     rule = parse_rule(definition)
-    return SegmentRule(segment_id, name, version, rule, references(rule))
+    return SegmentRule(
+        segment_id,
+        name,
+        version,
+        rule,
+        references(rule),
+        compile_predicate(rule),
+        compile_next_change(rule),
+    )
 
 
 class CycleError(ValueError):

@@ -1,7 +1,8 @@
 """Evaluating a rule tree over one profile snapshot at an injected `now` (pure, no I/O).
 
 The SQL compiler in `store/sql_rules.py` implements the same semantics for back-fill and preview;
-`tests/segmenter/test_sql_rules_agree.py` checks both agree on the same profiles.
+`tests/segmenter/test_sql_rules_agree.py` checks both agree on the same profiles. The real-time path
+runs `domain/compiled.py`'s closures, checked against this interpreter by `test_compiled.py`.
 """
 
 from __future__ import annotations

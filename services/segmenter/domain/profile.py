@@ -46,6 +46,9 @@ class ProfileSnapshot:
     # `traits` as compact JSON, in bytes (`traits_size`): measured the first time an event changes a
     # trait of this snapshot, then kept current by `apply_bounded_traits` (None: not measured yet).
     traits_bytes: int | None = None
+    # Set once a change wrote a trait (its value or only its set time): the profile's traits and their
+    # times are then saved with it; untouched, they stay as stored (most events write none).
+    traits_written: bool = False
 
 
 def aggregate_name(event: CustomerEvent) -> str | None:
@@ -269,6 +272,8 @@ def apply_bounded_traits(p: ProfileSnapshot, change: TraitChange, limits: TraitL
         p.traits_bytes = size + delta
     for name in written:
         times[name] = change.at
+    if written:
+        p.traits_written = True
     return TraitOutcome(set(updates))
 
 

@@ -74,7 +74,9 @@ _LOCK_PROFILES = Statement(
     "ORDER BY customer_id FOR UPDATE"
 )
 _SAVE_BATCH = Statement(
-    "WITH saved AS (UPDATE customers c SET traits = u.traits, trait_times = u.trait_times, "
+    # NULL traits: no trait written by the batch, the stored ones stay (not re-encoded and re-parsed).
+    "WITH saved AS (UPDATE customers c SET traits = COALESCE(u.traits, c.traits), "
+    "trait_times = COALESCE(u.trait_times, c.trait_times), "
     "first_seen = u.first_seen, last_seen = u.last_seen, event_count = u.event_count, "
     "orders_count = u.orders_count, revenue = u.revenue, first_order_at = u.first_order_at, "
     "last_order_at = u.last_order_at, updated_at = :now "
@@ -394,8 +396,9 @@ async def save_batch(
     timeline: Sequence[TimelineRow],
     now: datetime,
 ) -> None:
-    """A batch's effect on profiles in one statement: the updated profile rows, the event
-    aggregate increments (pre-summed per customer and event) and the timeline rows."""
+    """A batch's effect on profiles in one statement: the updated profile rows (their traits only
+    where the batch wrote one, `traits_written`), the event aggregate increments (pre-summed per
+    customer and event) and the timeline rows."""
     f = [p.fields for p in profiles]
     keys = list(counts)
     await _SAVE_BATCH.execute(
@@ -403,8 +406,11 @@ async def save_batch(
         {
             "now": now,
             "ids": [p.customer_id for p in profiles],
-            "traits": [json_text(p.traits) for p in profiles],
-            "times": [json_text({k: v.isoformat() for k, v in p.trait_times.items()}) for p in profiles],
+            "traits": [json_text(p.traits) if p.traits_written else None for p in profiles],
+            "times": [
+                json_text({k: v.isoformat() for k, v in p.trait_times.items()}) if p.traits_written else None
+                for p in profiles
+            ],
             "first_seen": [x["first_seen"] for x in f],
             "last_seen": [x["last_seen"] for x in f],
             "event_count": [x["event_count"] for x in f],

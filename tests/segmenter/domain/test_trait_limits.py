@@ -66,9 +66,26 @@ def test_a_change_that_would_pass_the_byte_bound_is_refused_whole_and_the_profil
     assert outcome.refused.bytes_before == size(before)
     assert outcome.refused.bytes_after > limits.max_bytes
     assert p.traits == before and p.trait_times == times  # not even the set times move
+    assert not p.traits_written  # nothing for the batch's write to save
     # The same change without the big value applies.
     assert apply_bounded_traits(p, TraitChange({"plan": "pro"}, at(2)), limits).changed == {"plan"}
     assert p.trait_times["plan"] == at(2)
+    assert p.traits_written
+
+
+def test_a_change_that_only_moves_set_times_marks_the_traits_written() -> None:
+    """The batch's profile write saves traits only when one was written: the same value again still
+    moves its set time, which must be saved too."""
+    p = profile({"plan": "pro"})
+    limits = TraitLimits(max_bytes=10_000, max_count=100)
+    outcome = apply_bounded_traits(p, TraitChange({"plan": "pro"}, at(5)), limits)
+    assert outcome.changed == set()
+    assert p.trait_times["plan"] == at(5)
+    assert p.traits_written
+    stale = profile({"plan": "pro"})
+    stale.trait_times["plan"] = at(10)  # a later write already set it: nothing is written
+    apply_bounded_traits(stale, TraitChange({"plan": "free"}, at(5)), limits)
+    assert stale.traits == {"plan": "pro"} and not stale.traits_written
 
 
 def test_the_bound_is_inclusive() -> None:

@@ -329,14 +329,26 @@ async def add_tombstones(
         )
 
 
-async def erased_among(session: AsyncSession, salt: str, identities: Iterable[str]) -> set[str]:
-    """The given identifiers that belong to an erased customer."""
-    # Several identifiers may share a hash (the hash ignores surrounding whitespace): all are erased.
+def hashed_identities(salt: str, identities: Iterable[str]) -> dict[str, set[str]]:
+    """Identity hash -> the given identifiers with that hash: several may share one (the hash ignores
+    surrounding whitespace), and a tombstone erases them all. For a handler that reads tombstones
+    inside one of its own statements (its rows: `erased_identities`)."""
     by_hash: dict[str, set[str]] = {}
     for i in set(identities):
         if i:
             by_hash.setdefault(identity_hash(salt, i), set()).add(i)
+    return by_hash
+
+
+def erased_identities(by_hash: Mapping[str, set[str]], tombstones: Iterable[str]) -> set[str]:
+    """The identifiers of `hashed_identities` whose hash is among the tombstones found."""
+    return {i for h in tombstones for i in by_hash.get(h, ())}
+
+
+async def erased_among(session: AsyncSession, salt: str, identities: Iterable[str]) -> set[str]:
+    """The given identifiers that belong to an erased customer."""
+    by_hash = hashed_identities(salt, identities)
     if not by_hash:
         return set()
     rows = await _ERASED_AMONG.fetch(session, {"h": list(by_hash)})
-    return {i for r in rows for i in by_hash[r[0]]}
+    return erased_identities(by_hash, (r[0] for r in rows))

@@ -100,7 +100,7 @@ async def test_a_request_being_queued_during_an_erasure_is_scrubbed_too(  # type
     erasure now waits for it."""
     import asyncio
 
-    from services.notifier.store import erasure_repo
+    from services.notifier.store import ledger_repo
     from shared.contracts import MESSAGE_REQUESTS
 
     async with start_notifier() as h:
@@ -108,7 +108,7 @@ async def test_a_request_being_queued_during_an_erasure_is_scrubbed_too(  # type
         await h.profile("c2", {"email": "zoe@example.com", "first_name": "Zoe"})
         await h.wait_contact("c2")
         reached, release = asyncio.Event(), asyncio.Event()
-        check = erasure_repo.requests_for_erased
+        check = ledger_repo.insert_new_reading_tombstones  # the ledger row written, no tombstone found
 
         async def paused(*args: Any, **kwargs: Any) -> Any:
             result = await check(*args, **kwargs)
@@ -117,7 +117,7 @@ async def test_a_request_being_queued_during_an_erasure_is_scrubbed_too(  # type
                 await release.wait()
             return result
 
-        monkeypatch.setattr(erasure_repo, "requests_for_erased", paused)
+        monkeypatch.setattr(ledger_repo, "insert_new_reading_tombstones", paused)
         await h.platform.producer.publish(
             MESSAGE_REQUESTS.name, "c2", request("m9", "c2", "email", "welcome")
         )

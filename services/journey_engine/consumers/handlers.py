@@ -36,7 +36,8 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
             uow.note_correlations(batch)  # the instances they start pass the chain's id on
             fresh = await uow.claim_many("events", [c.event_id for c in batch], erasure_gate=True)
             items = [(c.event_id, c.value) for c in batch if c.event_id in fresh]
-            await engine.on_events(uow, await drop_erased_events(uow, salt, items))
+            kept, known = await drop_erased_events(uow, salt, items)
+            await engine.on_events(uow, kept, known)
 
     async def segments(batch: Sequence[Consumed[SegmentMembershipChanged]]) -> None:
         async with platform.unit_of_work() as uow:

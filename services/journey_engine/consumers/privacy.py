@@ -10,12 +10,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.journey_engine.store import privacy as privacy_store
+from services.journey_engine.store import projection
 from shared.clock import Clock
 from shared.contracts.events import CustomerEvent, PrivacyAction, PrivacyRequest
 from shared.contracts.topics import PRIVACY
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka.consumer import Consumed
-from shared.privacy import add_tombstones, answer, answers, erased_among, erasure_gate
+from shared.privacy import (
+    add_tombstones,
+    answer,
+    answers,
+    erased_identities,
+    erasure_gate,
+    hashed_identities,
+)
 from shared.runtime import Platform
 
 CONSUMER = "journey_engine.privacy"
@@ -66,16 +74,19 @@ class PrivacyConsumer:
 
 async def drop_erased_events(
     uow: UnitOfWork, salt: str, items: list[tuple[str, CustomerEvent]]
-) -> list[tuple[str, CustomerEvent]]:
+) -> tuple[list[tuple[str, CustomerEvent]], dict[str, str]]:
     """Events of erased customers start no journey (their claims stay: never retried). An alias's
     `previousId` counts too: `alias(previousId=<erased>, userId=<new>)` must not tie the erased
-    person to a new id."""
+    person to a new id. Returns the events kept and, read in the same round trip, the customer each
+    of the events' ids resolves to (`projection.resolve`, for `JourneyEngine.on_events`)."""
     ids = {i for _, e in items for i in _identifiers(e)}
     await erasure_gate(uow.session, exclusive=False)
-    erased = await erased_among(uow.session, salt, ids)
+    by_hash = hashed_identities(salt, ids)
+    known, tombstones = await projection.resolve_reading_tombstones(uow.session, ids, list(by_hash))
+    erased = erased_identities(by_hash, tombstones)
     if not erased:
-        return items
-    return [(eid, e) for eid, e in items if erased.isdisjoint(_identifiers(e))]
+        return items, known
+    return [(eid, e) for eid, e in items if erased.isdisjoint(_identifiers(e))], known
 
 
 def _identifiers(event: CustomerEvent) -> set[str]:

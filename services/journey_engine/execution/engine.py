@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -223,15 +223,22 @@ class JourneyEngine:
             windows=windows,
         )
 
-    async def on_events(self, uow: UnitOfWork, items: Sequence[tuple[str, CustomerEvent]]) -> None:
-        """(event id, event) pairs already claimed in `uow`'s inbox."""
+    async def on_events(
+        self,
+        uow: UnitOfWork,
+        items: Sequence[tuple[str, CustomerEvent]],
+        known: Mapping[str, str] | None = None,
+    ) -> None:
+        """(event id, event) pairs already claimed in `uow`'s inbox; `known`: their ids resolved to
+        customers already (`projection.resolve`), when the caller read them with its own reads."""
         session = uow.session
         tracks = [(eid, e) for eid, e in items if e.type == EventType.TRACK and e.event]
         if not tracks:
             return
-        known = await projection.resolve(
-            session, [i for _, e in tracks for i in (e.user_id, e.anonymous_id) if i is not None]
-        )
+        if known is None:
+            known = await projection.resolve(
+                session, [i for _, e in tracks for i in (e.user_id, e.anonymous_id) if i is not None]
+            )
         owners = [(eid, e, self._customer_of(e, known)) for eid, e in tracks]
         batch = await self._batch(session, [c for _, _, c in owners], goals=True)
         for event_id, event, customer_id in owners:
@@ -350,7 +357,7 @@ class JourneyEngine:
             batch.prune(s.customer_id)
         await batch.writer.flush(session)
 
-    def _customer_of(self, event: CustomerEvent, known: dict[str, str]) -> str:
+    def _customer_of(self, event: CustomerEvent, known: Mapping[str, str]) -> str:
         for identity in (event.user_id, event.anonymous_id):
             if identity is not None and identity in known:
                 return known[identity]

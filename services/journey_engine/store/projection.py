@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -34,8 +34,15 @@ _LOCK_CUSTOMERS = Statement(
     "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(c, 7) AS k "
     "FROM unnest(CAST(:ids AS text[])) AS c ORDER BY k) AS s"
 )
-_RESOLVE = Statement(
+_RESOLVE_SQL = (
     "SELECT identity, customer_id FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"
+)
+_RESOLVE = Statement(_RESOLVE_SQL)
+# The same, with the erasure tombstones among :hashes (rows with a NULL identity): one round trip for
+# an event batch's two reads after the erasure gate (the statement's snapshot follows the gate).
+_RESOLVE_READING_TOMBSTONES = Statement(
+    f"{_RESOLVE_SQL} UNION ALL SELECT NULL, identity_hash FROM erasure_tombstones "
+    "WHERE identity_hash = ANY(CAST(:hashes AS text[]))"
 )
 # Also read, with the rest of a batch's reads, by `store.batch_read` (the SQL text is shared).
 LOAD_SQL = (
@@ -96,6 +103,17 @@ async def resolve(session: AsyncSession, identities: list[str]) -> dict[str, str
         return {}
     rows = await _RESOLVE.fetch(session, {"ids": list(set(identities))})
     return {r[0]: r[1] for r in rows}
+
+
+async def resolve_reading_tombstones(
+    session: AsyncSession, identities: Iterable[str], hashes: Sequence[str]
+) -> tuple[dict[str, str], set[str]]:
+    """`resolve`, and which identity `hashes` have an erasure tombstone, in one round trip (the
+    transaction must hold the erasure gate already). Returns (resolution, tombstoned hashes)."""
+    rows = await _RESOLVE_READING_TOMBSTONES.fetch(
+        session, {"ids": list(set(identities)), "hashes": list(hashes)}
+    )
+    return {r[0]: r[1] for r in rows if r[0] is not None}, {r[1] for r in rows if r[0] is None}
 
 
 async def load(

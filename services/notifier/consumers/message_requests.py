@@ -11,7 +11,7 @@ from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
 from shared.kafka import Consumed
-from shared.privacy import erasure_gate
+from shared.privacy import erased_identities, erasure_gate, hashed_identities
 
 CONSUMER = "notifier.message_requests"
 
@@ -30,16 +30,24 @@ async def enqueue(
     correlation id) are kept in the ledger and passed on by every status of the message."""
     now = clock.now()
     correlations = correlations or {}
-    if privacy_salt is not None and requests:
-        # Ordered against erasures (which hold it exclusive): either this commits first and the
-        # erasure scrubs what it wrote, or it sees the erasure's tombstones. Without it a request
-        # queued during an erasure escaped both, and was sent.
-        await erasure_gate(uow.session, exclusive=False)
-    new = await ledger_repo.insert_new(uow.session, requests, now, correlations)
     erased: set[str] = set()
-    if privacy_salt is not None and new:
+    if privacy_salt is None:
+        new = await ledger_repo.insert_new(uow.session, requests, now, correlations)
+    else:
+        if requests:
+            # Ordered against erasures (which hold it exclusive): either this commits first and the
+            # erasure scrubs what it wrote, or it sees the erasure's tombstones. Without it a request
+            # queued during an erasure escaped both, and was sent.
+            await erasure_gate(uow.session, exclusive=False)
+        # The tombstones are read by the insert's own statement, after the gate: one round trip.
+        by_hash = hashed_identities(
+            privacy_salt, {i for r in requests for i in erasure_repo.request_identities(r)}
+        )
+        new, tombstones = await ledger_repo.insert_new_reading_tombstones(
+            uow.session, requests, now, correlations, list(by_hash)
+        )
         fresh = [r for r in requests if r.message_id in new]
-        for_erased = await erasure_repo.requests_for_erased(uow.session, privacy_salt, fresh)
+        for_erased = erasure_repo.addressed_to_erased(fresh, erased_identities(by_hash, tombstones))
         erased = await erasure_repo.suppress(uow.session, [r.message_id for r in for_erased], now)
     for request in requests:
         if request.message_id in erased:

@@ -13,7 +13,6 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts import MessageRequested
-from shared.privacy import erased_among
 
 ERASED_REASON = "erased"
 
@@ -28,16 +27,15 @@ _SUPPRESS = sa.text(
 )
 
 
-async def requests_for_erased(
-    session: AsyncSession, salt: str, requests: Sequence[MessageRequested]
-) -> list[MessageRequested]:
-    """The requests addressed to an erased customer: by customer id, or by recipient email/phone."""
+def request_identities(r: MessageRequested) -> list[str]:
+    """What a request is addressed by: its customer id and its recipient's email and phone."""
+    return [i for i in (r.customer_id, r.recipient.email, r.recipient.phone) if i]
 
-    def ids_of(r: MessageRequested) -> list[str]:
-        return [i for i in (r.customer_id, r.recipient.email, r.recipient.phone) if i]
 
-    erased = await erased_among(session, salt, {i for r in requests for i in ids_of(r)})
-    return [r for r in requests if erased.intersection(ids_of(r))] if erased else []
+def addressed_to_erased(requests: Sequence[MessageRequested], erased: set[str]) -> list[MessageRequested]:
+    """The requests addressed to an erased customer (`erased`: their identifiers, as
+    `shared.privacy.erased_identities` gives them): by customer id, or by recipient email/phone."""
+    return [r for r in requests if erased.intersection(request_identities(r))] if erased else []
 
 
 async def suppress(session: AsyncSession, message_ids: Sequence[str], now: datetime) -> set[str]:

@@ -71,7 +71,7 @@ def _entry(row: Mapping[Any, Any]) -> LedgerEntry:
 
 
 # The statements of every message's way through the ledger go straight to asyncpg (`Statement`).
-_INSERT_NEW = Statement(
+_INSERT_NEW_SQL = (
     "INSERT INTO send_ledger (message_id, customer_id, channel, category, template_id, request, state, "
     "next_attempt_at, created_at, updated_at, correlation_id) "
     "SELECT m, c, ch, cat, t, r, 'pending', :now, :now, :now, k FROM unnest(CAST(:ids AS text[]), "
@@ -80,6 +80,30 @@ _INSERT_NEW = Statement(
     "AS n(m, c, ch, cat, t, r, k) "
     "ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
 )
+_INSERT_NEW = Statement(_INSERT_NEW_SQL)
+# The same insert, reading the erasure tombstones among :hashes in the same round trip (rows with a
+# NULL message id). Only after the erasure gate: the statement's snapshot must follow it.
+_INSERT_NEW_READING_TOMBSTONES = Statement(
+    f"WITH inserted AS ({_INSERT_NEW_SQL}) SELECT message_id, NULL AS tombstone FROM inserted "
+    "UNION ALL SELECT NULL, identity_hash FROM erasure_tombstones "
+    "WHERE identity_hash = ANY(CAST(:hashes AS text[]))"
+)
+
+
+def _insert_params(
+    requests: Sequence[MessageRequested], now: datetime, correlations: Mapping[str, str] | None
+) -> dict[str, Any]:
+    unique = list({r.message_id: r for r in requests}.values())
+    return {
+        "now": now,
+        "ids": [r.message_id for r in unique],
+        "customers": [r.customer_id for r in unique],
+        "channels": [r.channel.value for r in unique],
+        "categories": [r.category.value for r in unique],
+        "templates": [r.template_id for r in unique],
+        "requests": [r.model_dump_json() for r in unique],
+        "correlations": [(correlations or {}).get(r.message_id) for r in unique],
+    }
 
 
 async def insert_new(
@@ -92,21 +116,25 @@ async def insert_new(
     returns the ids that are new."""
     if not requests:
         return set()
-    unique = list({r.message_id: r for r in requests}.values())
-    rows = await _INSERT_NEW.fetch(
-        session,
-        {
-            "now": now,
-            "ids": [r.message_id for r in unique],
-            "customers": [r.customer_id for r in unique],
-            "channels": [r.channel.value for r in unique],
-            "categories": [r.category.value for r in unique],
-            "templates": [r.template_id for r in unique],
-            "requests": [r.model_dump_json() for r in unique],
-            "correlations": [(correlations or {}).get(r.message_id) for r in unique],
-        },
-    )
+    rows = await _INSERT_NEW.fetch(session, _insert_params(requests, now, correlations))
     return {r[0] for r in rows}
+
+
+async def insert_new_reading_tombstones(
+    session: AsyncSession,
+    requests: Sequence[MessageRequested],
+    now: datetime,
+    correlations: Mapping[str, str] | None,
+    hashes: Sequence[str],
+) -> tuple[set[str], set[str]]:
+    """`insert_new`, and which of the identity `hashes` have an erasure tombstone, in one round trip
+    (the transaction must hold the erasure gate already). Returns (new ids, tombstoned hashes)."""
+    if not requests:
+        return set(), set()
+    rows = await _INSERT_NEW_READING_TOMBSTONES.fetch(
+        session, {**_insert_params(requests, now, correlations), "hashes": list(hashes)}
+    )
+    return {r[0] for r in rows if r[0] is not None}, {r[1] for r in rows if r[0] is None}
 
 
 _CLAIM = (

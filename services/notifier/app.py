@@ -64,7 +64,16 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
         max_loop_iterations=settings.template_max_loop_iterations,
     )
     router = ProviderRouter.from_settings(settings, platform.unit_of_work, clock)
-    worker = DeliveryWorker(settings, platform.unit_of_work, platform.engine, router, renderer, links_, clock)
+    worker = DeliveryWorker(
+        settings,
+        platform.unit_of_work,
+        platform.engine,
+        router,
+        renderer,
+        links_,
+        clock,
+        notify_relay=platform.relay.notify,
+    )
     notifier = Notifier(settings, platform, clock, renderer, links_, router, worker)
 
     requests_consumer = MessageRequestsConsumer(

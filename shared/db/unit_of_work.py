@@ -60,6 +60,74 @@ def note_erasure_gate(session: AsyncSession) -> None:
     session.info[_ERASURE_GATE_HELD] = session.sync_session.get_transaction()
 
 
+def outbox_row(
+    settings: BaseServiceSettings,
+    topic_name: str,
+    key: str,
+    model: ContractModel,
+    correlation_id: str | None,
+    extra_headers: Mapping[str, str] | None,
+) -> tuple[OutgoingMessage, str]:
+    """The outbox row of one message: the message and its `headers` column (a JSON object)."""
+    headers = message_headers(
+        model, producer=settings.service_name, correlation_id=correlation_id, extra_headers=extra_headers
+    )
+    return outgoing_message(settings.topic(topic_name), key, model, headers), orjson.dumps(headers).decode()
+
+
+# The outbox rows of `AnnouncedChanges` whose owner is among the rows a statement changed, in the
+# order they were emitted: a sub-statement of that statement, `{changed}` (a CTE) naming those rows'
+# keys in its column `{column}`.
+OUTBOX_OF_CHANGED = (
+    "INSERT INTO outbox (topic, key, value, headers) SELECT o.topic, o.key, o.value, o.headers "
+    "FROM unnest(CAST(:ob_owners AS text[]), CAST(:ob_topics AS text[]), CAST(:ob_keys AS bytea[]), "
+    "CAST(:ob_vals AS bytea[]), CAST(:ob_headers AS jsonb[])) WITH ORDINALITY "
+    "AS o(owner, topic, key, value, headers, n) JOIN {changed} AS c ON c.{column} = o.owner ORDER BY o.n"
+)
+
+
+class AnnouncedChanges:
+    """A state change written by one statement on a connection outside any transaction, and the
+    messages announcing it, inserted into the outbox by that same statement (`OUTBOX_OF_CHANGED`):
+    one round trip where a unit of work takes four (BEGIN, the change, the outbox, COMMIT), as
+    atomic. Each message is emitted for the key of the row it announces (its owner) and inserted only
+    if the statement changed that row. The caller notifies the relay after the statement."""
+
+    def __init__(self, settings: BaseServiceSettings) -> None:
+        self._settings = settings
+        self._owners: list[str] = []
+        self._messages: list[OutgoingMessage] = []
+        self._headers: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def emit(
+        self,
+        owner: str,
+        topic_name: str,
+        key: str,
+        model: ContractModel,
+        *,
+        correlation_id: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        message, headers = outbox_row(self._settings, topic_name, key, model, correlation_id, extra_headers)
+        self._owners.append(owner)
+        self._messages.append(message)
+        self._headers.append(headers)
+
+    def params(self) -> dict[str, list[Any]]:
+        """`OUTBOX_OF_CHANGED`'s parameters."""
+        return {
+            "ob_owners": self._owners,
+            "ob_topics": [m.topic for m in self._messages],
+            "ob_keys": [m.key for m in self._messages],
+            "ob_vals": [m.value for m in self._messages],
+            "ob_headers": self._headers,
+        }
+
+
 class UnitOfWork:
     def __init__(
         self,
@@ -145,14 +213,9 @@ class UnitOfWork:
         consumed message `cause` (an event id noted with `note_correlations`), else its own id."""
         if correlation_id is None and cause is not None:
             correlation_id = self.correlations.get(cause)
-        headers = message_headers(
-            model,
-            producer=self._settings.service_name,
-            correlation_id=correlation_id,
-            extra_headers=extra_headers,
-        )
-        self._outgoing.append(outgoing_message(self._settings.topic(topic_name), key, model, headers))
-        self._outgoing_headers.append(orjson.dumps(headers).decode())
+        message, headers = outbox_row(self._settings, topic_name, key, model, correlation_id, extra_headers)
+        self._outgoing.append(message)
+        self._outgoing_headers.append(headers)
 
     @property
     def emitted(self) -> list[OutgoingMessage]:

@@ -9,7 +9,8 @@ import pytest
 from sqlalchemy import text
 
 from shared.contracts import PROFILES, Headers, ProfileChanged, ProfileChangeKind
-from shared.db.engine import Statement
+from shared.db.engine import Statement, driver_autocommit
+from shared.db.unit_of_work import OUTBOX_OF_CHANGED, AnnouncedChanges
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
 from tests.support import eventually, messaging_platform, read_topic
@@ -171,3 +172,40 @@ async def test_relay_publishes_rows_with_headers_in_the_earlier_list_of_pairs_fo
     assert by_key["from-before"][Headers.EVENT_ID] == old.event_id
     assert by_key["from-before"][Headers.CORRELATION_ID] == "corr-old"
     assert by_key["from-now"][Headers.CORRELATION_ID] == "corr-new"
+
+
+async def test_a_change_and_its_announcements_in_one_statement_announce_only_the_rows_it_changed(
+    platform: Platform,
+) -> None:
+    """`AnnouncedChanges`: messages emitted for rows the statement did not change are not inserted;
+    the others are, in the order emitted, committed with the change, and relayed."""
+    async with platform.engine.begin() as conn:
+        await conn.execute(text("INSERT INTO counter VALUES (2, 0), (3, 0)"))
+    bump = Statement(
+        "WITH changed AS (UPDATE counter SET n = n + 1 WHERE id = ANY(CAST(:ids AS int[])) AND n = 0 "
+        "RETURNING CAST(id AS text) AS id), "
+        f"announced AS ({OUTBOX_OF_CHANGED.format(changed='changed', column='id')}) "
+        "SELECT id FROM changed"
+    )
+    announced = AnnouncedChanges(platform.settings)
+    sent = {owner: [change(f"c{owner}"), change(f"c{owner}")] for owner in ("1", "2", "4")}
+    for owner, models in sent.items():
+        for m in models:
+            announced.emit(owner, PROFILES.name, f"c{owner}", m, correlation_id=f"corr-{owner}")
+    async with driver_autocommit(platform.engine) as conn:
+        # Row 4 does not exist: its messages are not inserted. Row 3 is not named: nothing to say.
+        changed = await bump.fetch(conn, {"ids": [1, 2, 4], **announced.params()})
+    assert sorted(r[0] for r in changed) == ["1", "2"]
+    assert await counter(platform) == 1  # committed on its own
+    platform.relay.notify()
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=4, timeout=15, idle=2)
+    by_key: dict[str, list[str]] = {}
+    for m in got:
+        by_key.setdefault(m["key"], []).append(m["value"]["event_id"])
+        assert m["headers"][Headers.CORRELATION_ID] == f"corr-{m['key'][1:]}"
+    assert by_key == {f"c{o}": [m.event_id for m in sent[o]] for o in ("1", "2")}
+    # Nothing changed by a second run, nothing announced.
+    async with driver_autocommit(platform.engine) as conn:
+        assert await bump.fetch(conn, {"ids": [1, 2], **announced.params()}) == []
+    platform.relay.notify()
+    assert len(await read_topic(platform.settings.topic(PROFILES.name), timeout=5, idle=2)) == 4

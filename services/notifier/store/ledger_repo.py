@@ -16,6 +16,7 @@ from services.notifier.store.tables import engagements, send_ledger
 from shared.contracts import MessageRequested
 from shared.db.engine import Statement
 from shared.db.retention import RetentionRule
+from shared.db.unit_of_work import OUTBOX_OF_CHANGED, AnnouncedChanges
 
 PENDING = "pending"
 # Taken by a worker, no provider called yet: safe to hand back to `pending`.
@@ -199,7 +200,7 @@ async def mark_sending(
     return {r[0] for r in rows}
 
 
-_RECORD = Statement(
+_RECORD_SQL = (
     "UPDATE send_ledger AS l SET state = o.state, attempts = o.attempts, next_attempt_at = o.next_at, "
     "provider = COALESCE(o.provider, l.provider), "
     "provider_message_id = COALESCE(o.pmid, l.provider_message_id), "
@@ -212,6 +213,28 @@ _RECORD = Statement(
     "AND l.claim_token IS NOT DISTINCT FROM o.token "
     "RETURNING l.message_id"
 )
+_RECORD = Statement(_RECORD_SQL)
+# The outcomes and the statuses announcing them in one statement, committing on its own: the statuses
+# of the rows it wrote only (`AnnouncedChanges`).
+_RECORD_ANNOUNCING = Statement(
+    f"WITH recorded AS ({_RECORD_SQL}), "
+    f"announced AS ({OUTBOX_OF_CHANGED.format(changed='recorded', column='message_id')}) "
+    "SELECT message_id FROM recorded"
+)
+
+
+def _record_params(outcomes: Sequence[Outcome], now: datetime) -> dict[str, Any]:
+    return {
+        "now": now,
+        "ids": [o.message_id for o in outcomes],
+        "states": [o.state for o in outcomes],
+        "attempts": [o.attempts for o in outcomes],
+        "next_ats": [o.next_attempt_at for o in outcomes],
+        "providers": [o.provider for o in outcomes],
+        "pmids": [o.provider_message_id for o in outcomes],
+        "reasons": [o.reason for o in outcomes],
+        "tokens": [o.claim_token for o in outcomes],
+    }
 
 
 async def record_outcomes(session: AsyncSession, outcomes: Sequence[Outcome], now: datetime) -> set[str]:
@@ -219,20 +242,19 @@ async def record_outcomes(session: AsyncSession, outcomes: Sequence[Outcome], no
     emitted for those only: a claim handed back or resolved meanwhile says nothing)."""
     if not outcomes:
         return set()
-    rows = await _RECORD.fetch(
-        session,
-        {
-            "now": now,
-            "ids": [o.message_id for o in outcomes],
-            "states": [o.state for o in outcomes],
-            "attempts": [o.attempts for o in outcomes],
-            "next_ats": [o.next_attempt_at for o in outcomes],
-            "providers": [o.provider for o in outcomes],
-            "pmids": [o.provider_message_id for o in outcomes],
-            "reasons": [o.reason for o in outcomes],
-            "tokens": [o.claim_token for o in outcomes],
-        },
-    )
+    rows = await _RECORD.fetch(session, _record_params(outcomes, now))
+    return {r[0] for r in rows}
+
+
+async def record_outcomes_announcing(
+    conn: asyncpg.Connection, outcomes: Sequence[Outcome], announced: AnnouncedChanges, now: datetime
+) -> set[str]:
+    """`record_outcomes` and the outbox rows of `announced` (emitted for their outcome's message id)
+    in one statement, on a connection outside any transaction (`driver_autocommit`): the rows written
+    and their statuses commit together. Returns the ids written."""
+    if not outcomes:
+        return set()
+    rows = await _RECORD_ANNOUNCING.fetch(conn, {**_record_params(outcomes, now), **announced.params()})
     return {r[0] for r in rows}
 
 

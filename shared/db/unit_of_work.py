@@ -7,7 +7,8 @@
         uow.emit(PROFILES.name, customer_id, ProfileChanged(...))
     # committed together here; the relay then publishes the outbox rows
 
-Nothing else commits: handlers and API endpoints leave the commit to the unit of work.
+Nothing else commits: handlers and API endpoints leave the commit to the unit of work. (A change
+that is one statement may commit on its own with its outbox rows inside it: `AnnouncedChanges`.)
 """
 
 from __future__ import annotations

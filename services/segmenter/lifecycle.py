@@ -1,10 +1,11 @@
 """Keeping every profile's lifecycle stage and metrics current.
 
-- Event path (`on_batch`, inside the batch's unit of work, after the profile fold): survey answers, then
-  the touched customers' metrics from the latest stored model (one order-aggregate query, vectorized
-  numpy), their stage, the stage changes (history + `ProfileChanged(stage_changed)` via the outbox), and
-  the new values written back in one statement. The profile snapshots are updated in place so the real-
-  time segment evaluation that follows sees them.
+- Event path (`on_batch`, inside the batch's unit of work, after the profile fold and the batch's
+  events are saved): survey answers, then the touched customers' metrics from the latest stored model
+  (one order-aggregate query, vectorized numpy), their stage, the stage changes (history +
+  `ProfileChanged(stage_changed)` via the outbox); the new values are written by the batch's profile
+  write, in the same UPDATE of each row. The profile snapshots are updated in place so the real-time
+  segment evaluation that follows sees them.
 - Refit (`refit`, on a schedule and on demand): the base is read in keyset chunks, BG/NBD + Gamma-Gamma
   are fitted and stored with the RFM quintile cut points, then every customer's metrics and stage are
   recomputed over the whole base and written back chunk by chunk (each chunk one unit of work).
@@ -125,9 +126,11 @@ class Lifecycle:
         customer_of_event: Sequence[str],
         last_message: dict[str, str],
         now: datetime,
-    ) -> None:
+    ) -> store.EventPathWrite:
+        """After the batch's events are saved (its orders count in the metrics), before its profile
+        rows: returns what the profile write (`store.profiles.save_profiles`) writes with them."""
         if not profiles:
-            return
+            return store.EventPathWrite()
         surveys = self._surveys(profiles, events, customer_of_event)
         surveyed = {row.customer_id: True for row in surveys}
         model, policy = await self.current(uow)
@@ -162,11 +165,11 @@ class Lifecycle:
             if any(surveyed.get(cid, False) or f.get(k) != v for k, v in new.items()):
                 values.append((cid, new))
             f.update(new)
-        await store.save_event_path(uow.session, values, changes, surveys, now, last_message)
         for change in changes:
             self._announce(
                 uow, profiles[change.customer_id], change, last_message.get(change.customer_id, "event"), now
             )
+        return store.EventPathWrite(values, changes, surveys, last_message)
 
     def _surveys(
         self,

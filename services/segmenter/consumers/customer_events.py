@@ -273,11 +273,15 @@ class CustomerEventsHandler:
                     e.received_at,
                 )
             )
-        await profile_store.save_batch(
-            session, [profiles[c] for c in sorted(names_seen)], counts, timeline, now
-        )
+        await profile_store.save_events(session, counts, timeline)
+        lifecycle_write = None
         if self.lifecycle is not None:  # stage, metrics, surveys (issue 7); updates the snapshots in place
-            await self.lifecycle.on_batch(uow, profiles, todo, plan.customer_of_event, last_message, now)
+            lifecycle_write = await self.lifecycle.on_batch(
+                uow, profiles, todo, plan.customer_of_event, last_message, now
+            )
+        await profile_store.save_profiles(
+            session, [profiles[c] for c in sorted(names_seen)], now, lifecycle_write
+        )
         if self.recommendations is not None:  # catalogue, counts, lists: same unit of work (issue 9)
             merges = [(m.from_id, m.into_id) for m in plan.merges]
             await self.recommendations.on_events(uow, todo, plan.customer_of_event, merges, profiles, now)

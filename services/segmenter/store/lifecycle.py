@@ -7,7 +7,7 @@ Set-based: one statement for a batch's customers or a chunk of the base (unnest 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -158,51 +158,65 @@ class StageChange:
     traits: dict[str, Any] | None = None  # the profile's traits (refit announcements carry them)
 
 
-_SAVE_EVENT_PATH = Statement(
-    "WITH saved AS (UPDATE customers c SET lifecycle_stage = u.stage, "
-    "lifecycle_stage_since = u.since, p_alive = u.p_alive, churn_risk = u.churn_risk, "
-    "expected_orders = u.expected_orders, predicted_clv = u.predicted_clv, rfm_r = u.rfm_r, "
-    "rfm_f = u.rfm_f, rfm_m = u.rfm_m, rfm_score = u.rfm_score, nps_score = u.nps_score, "
-    "nps_category = u.nps_category, nps_at = u.nps_at, csat_score = u.csat_score, csat_at = "
-    "u.csat_at "
-    "FROM unnest(CAST(:ids AS text[]), CAST(:stage AS text[]), CAST(:since AS timestamptz[]), "
-    "CAST(:p_alive AS float8[]), CAST(:churn AS float8[]), CAST(:expected AS float8[]), "
-    "CAST(:clv AS float8[]), CAST(:r AS int[]), CAST(:f AS int[]), CAST(:m AS int[]), "
-    "CAST(:rfm AS int[]), CAST(:nps AS int[]), CAST(:nps_cat AS text[]), CAST(:nps_at AS "
-    "timestamptz[]), "
-    "CAST(:csat AS int[]), CAST(:csat_at AS timestamptz[])) AS u(customer_id, stage, since, p_alive, "
-    "churn_risk, expected_orders, predicted_clv, rfm_r, rfm_f, rfm_m, rfm_score, nps_score, "
-    "nps_category, nps_at, csat_score, csat_at) WHERE c.customer_id = u.customer_id), "
+# An event batch's lifecycle writes, as fragments of the batch's profile write
+# (`store.profiles.save_profiles`): one UPDATE of each customer row for both, not two.
+# (column, parameter, SQL type) of the lifecycle columns the event path writes.
+_EVENT_PATH_COLUMNS = (
+    ("lifecycle_stage", "stage", "text"),
+    ("lifecycle_stage_since", "since", "timestamptz"),
+    ("p_alive", "p_alive", "float8"),
+    ("churn_risk", "churn", "float8"),
+    ("expected_orders", "expected", "float8"),
+    ("predicted_clv", "clv", "float8"),
+    ("rfm_r", "r", "int"),
+    ("rfm_f", "f", "int"),
+    ("rfm_m", "m", "int"),
+    ("rfm_score", "rfm", "int"),
+    ("nps_score", "nps", "int"),
+    ("nps_category", "nps_cat", "text"),
+    ("nps_at", "nps_at", "timestamptz"),
+    ("csat_score", "csat", "int"),
+    ("csat_at", "csat_at", "timestamptz"),
+)
+# The new values of the customers whose lifecycle columns changed (`l`, LEFT JOINed on the customer
+# id by the profile write), and the SET list keeping the others' stored values.
+EVENT_PATH_VALUES = (
+    "unnest(CAST(:l_ids AS text[]), "
+    + ", ".join(f"CAST(:{param} AS {kind}[])" for _, param, kind in _EVENT_PATH_COLUMNS)
+    + ") AS l(customer_id, "
+    + ", ".join(column for column, _, _ in _EVENT_PATH_COLUMNS)
+    + ")"
+)
+EVENT_PATH_SET = ", ".join(
+    f"{column} = CASE WHEN l.customer_id IS NULL THEN c.{column} ELSE l.{column} END"
+    for column, _, _ in _EVENT_PATH_COLUMNS
+)
+# The stage history and survey answers: two sub-statements (CTEs) of the profile write.
+EVENT_PATH_INSERTS = (
     "history AS (INSERT INTO lifecycle_stage_history (customer_id, from_stage, to_stage, changed_at, "
-    "cause) SELECT h.c, h.f, h.t, :now, h.cause FROM unnest(CAST(:hc AS text[]), CAST(:hf AS "
-    "text[]), "
-    "CAST(:ht AS text[]), CAST(:hcause AS text[])) AS h(c, f, t, cause)) "
-    "INSERT INTO survey_responses (message_id, customer_id, survey_type, score, comment, survey_id, "
-    "answered_at) SELECT * FROM unnest(CAST(:sm AS text[]), CAST(:sc AS text[]), CAST(:st AS "
-    "text[]), "
-    "CAST(:ss AS int[]), CAST(:scomment AS text[]), CAST(:sid AS text[]), CAST(:sat AS "
-    "timestamptz[])) "
-    "ON CONFLICT (message_id) DO NOTHING"
+    "cause) SELECT h.c, h.f, h.t, :now, h.cause FROM unnest(CAST(:hc AS text[]), CAST(:hf AS text[]), "
+    "CAST(:ht AS text[]), CAST(:hcause AS text[])) AS h(c, f, t, cause)), "
+    "surveys AS (INSERT INTO survey_responses (message_id, customer_id, survey_type, score, comment, "
+    "survey_id, answered_at) SELECT * FROM unnest(CAST(:sm AS text[]), CAST(:sc AS text[]), "
+    "CAST(:st AS text[]), CAST(:ss AS int[]), CAST(:scomment AS text[]), CAST(:sid AS text[]), "
+    "CAST(:sat AS timestamptz[])) ON CONFLICT (message_id) DO NOTHING)"
 )
 
 
-async def save_event_path(
-    session: AsyncSession,
-    values: Sequence[tuple[str, dict[str, Any]]],
-    changes: Sequence[StageChange],
-    surveys: Sequence[SurveyRow],
-    now: datetime,
-    cause: dict[str, str],
-) -> None:
-    """The touched customers' lifecycle columns, their stage changes and survey answers: one statement."""
-    if not values and not surveys:
-        return
-    v = [x for _, x in values]
-    await _SAVE_EVENT_PATH.execute(
-        session,
-        {
-            "now": now,
-            "ids": [cid for cid, _ in values],
+@dataclass(frozen=True)
+class EventPathWrite:
+    """What an event batch writes for the lifecycle: the changed customers' lifecycle columns, their
+    stage changes and the survey answers; the parameters of the fragments above."""
+
+    values: Sequence[tuple[str, dict[str, Any]]] = ()
+    changes: Sequence[StageChange] = ()
+    surveys: Sequence[SurveyRow] = ()
+    cause: Mapping[str, str] = field(default_factory=dict)
+
+    def params(self) -> dict[str, Any]:
+        v = [x for _, x in self.values]
+        return {
+            "l_ids": [cid for cid, _ in self.values],
             "stage": [x["lifecycle_stage"] for x in v],
             "since": [x["lifecycle_stage_since"] for x in v],
             "p_alive": [x["p_alive"] for x in v],
@@ -218,19 +232,18 @@ async def save_event_path(
             "nps_at": [x["nps_at"] for x in v],
             "csat": [x["csat_score"] for x in v],
             "csat_at": [x["csat_at"] for x in v],
-            "hc": [c.customer_id for c in changes],
-            "hf": [c.from_stage for c in changes],
-            "ht": [c.to_stage for c in changes],
-            "hcause": [cause.get(c.customer_id, "event") for c in changes],
-            "sm": [s.message_id for s in surveys],
-            "sc": [s.customer_id for s in surveys],
-            "st": [s.survey_type for s in surveys],
-            "ss": [s.score for s in surveys],
-            "scomment": [s.comment for s in surveys],
-            "sid": [s.survey_id for s in surveys],
-            "sat": [s.answered_at for s in surveys],
-        },
-    )
+            "hc": [c.customer_id for c in self.changes],
+            "hf": [c.from_stage for c in self.changes],
+            "ht": [c.to_stage for c in self.changes],
+            "hcause": [self.cause.get(c.customer_id, "event") for c in self.changes],
+            "sm": [s.message_id for s in self.surveys],
+            "sc": [s.customer_id for s in self.surveys],
+            "st": [s.survey_type for s in self.surveys],
+            "ss": [s.score for s in self.surveys],
+            "scomment": [s.comment for s in self.surveys],
+            "sid": [s.survey_id for s in self.surveys],
+            "sat": [s.answered_at for s in self.surveys],
+        }
 
 
 async def save_recomputed(

@@ -23,6 +23,7 @@ from services.segmenter.domain.profile import (
     TraitRefusal,
     merge_bounded_traits,
 )
+from services.segmenter.store import lifecycle as lifecycle_store
 from shared.db.engine import Statement, json_text
 from shared.db.retention import RetentionRule
 
@@ -73,22 +74,10 @@ _LOCK_PROFILES = Statement(
     f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id = ANY(CAST(:ids AS text[])) "
     "ORDER BY customer_id FOR UPDATE"
 )
-_SAVE_BATCH = Statement(
-    # NULL traits: no trait written by the batch, the stored ones stay (not re-encoded and re-parsed).
-    "WITH saved AS (UPDATE customers c SET traits = COALESCE(u.traits, c.traits), "
-    "trait_times = COALESCE(u.trait_times, c.trait_times), "
-    "first_seen = u.first_seen, last_seen = u.last_seen, event_count = u.event_count, "
-    "orders_count = u.orders_count, revenue = u.revenue, first_order_at = u.first_order_at, "
-    "last_order_at = u.last_order_at, updated_at = :now "
-    "FROM unnest(CAST(:ids AS text[]), CAST(:traits AS jsonb[]), CAST(:times AS jsonb[]), "
-    "CAST(:first_seen AS timestamptz[]), CAST(:last_seen AS timestamptz[]), CAST(:event_count AS "
-    "bigint[]), "
-    "CAST(:orders AS int[]), CAST(:revenue AS float8[]), CAST(:first_order AS timestamptz[]), "
-    "CAST(:last_order AS timestamptz[])) AS u(customer_id, traits, trait_times, first_seen, "
-    "last_seen, "
-    "event_count, orders_count, revenue, first_order_at, last_order_at) "
-    "WHERE c.customer_id = u.customer_id), "
-    "counted AS (INSERT INTO event_counts (customer_id, event, count, first_at, last_at) "
+# An event batch's aggregate increments and timeline rows; written before its lifecycle metrics are
+# computed (their order aggregates read this batch's orders too).
+_SAVE_EVENTS = Statement(
+    "WITH counted AS (INSERT INTO event_counts (customer_id, event, count, first_at, last_at) "
     "SELECT * FROM unnest(CAST(:cc AS text[]), CAST(:ce AS text[]), CAST(:cn AS bigint[]), "
     "CAST(:cf AS timestamptz[]), CAST(:cl AS timestamptz[])) "
     "ON CONFLICT (customer_id, event) DO UPDATE SET count = event_counts.count + excluded.count, "
@@ -100,6 +89,28 @@ _SAVE_BATCH = Statement(
     "text[]), "
     "CAST(:tp AS jsonb[]), CAST(:ttr AS jsonb[]), CAST(:tts AS timestamptz[]), CAST(:tr AS "
     "timestamptz[]))"
+)
+# The batch's profile rows, their lifecycle columns where they changed (`store.lifecycle`'s
+# fragments: one UPDATE of each row, where two updates left a dead row version each), stage history
+# and survey answers. NULL traits: no trait written by the batch, the stored ones stay.
+_SAVE_PROFILES = Statement(
+    "WITH saved AS (UPDATE customers c SET traits = COALESCE(u.traits, c.traits), "
+    "trait_times = COALESCE(u.trait_times, c.trait_times), "
+    "first_seen = u.first_seen, last_seen = u.last_seen, event_count = u.event_count, "
+    "orders_count = u.orders_count, revenue = u.revenue, first_order_at = u.first_order_at, "
+    "last_order_at = u.last_order_at, updated_at = :now, "
+    f"{lifecycle_store.EVENT_PATH_SET} "
+    "FROM unnest(CAST(:ids AS text[]), CAST(:traits AS jsonb[]), CAST(:times AS jsonb[]), "
+    "CAST(:first_seen AS timestamptz[]), CAST(:last_seen AS timestamptz[]), CAST(:event_count AS "
+    "bigint[]), "
+    "CAST(:orders AS int[]), CAST(:revenue AS float8[]), CAST(:first_order AS timestamptz[]), "
+    "CAST(:last_order AS timestamptz[])) AS u(customer_id, traits, trait_times, first_seen, "
+    "last_seen, "
+    "event_count, orders_count, revenue, first_order_at, last_order_at) "
+    f"LEFT JOIN {lifecycle_store.EVENT_PATH_VALUES} ON l.customer_id = u.customer_id "
+    "WHERE c.customer_id = u.customer_id), "
+    f"{lifecycle_store.EVENT_PATH_INSERTS} "
+    "SELECT 1"
 )
 
 
@@ -389,19 +400,48 @@ class TimelineRow:
     received_at: datetime
 
 
-async def save_batch(
+async def save_events(
     session: AsyncSession,
-    profiles: Sequence[ProfileSnapshot],
     counts: dict[tuple[str, str], EventAggregate],
     timeline: Sequence[TimelineRow],
-    now: datetime,
 ) -> None:
-    """A batch's effect on profiles in one statement: the updated profile rows (their traits only
-    where the batch wrote one, `traits_written`), the event aggregate increments (pre-summed per
-    customer and event) and the timeline rows."""
-    f = [p.fields for p in profiles]
+    """A batch's event aggregate increments (pre-summed per customer and event) and its timeline rows,
+    in one statement."""
     keys = list(counts)
-    await _SAVE_BATCH.execute(
+    await _SAVE_EVENTS.execute(
+        session,
+        {
+            "cc": [k[0] for k in keys],
+            "ce": [k[1] for k in keys],
+            "cn": [counts[k].count for k in keys],
+            "cf": [counts[k].first_at for k in keys],
+            "cl": [counts[k].last_at for k in keys],
+            "tc": [r.customer_id for r in timeline],
+            "tm": [r.message_id for r in timeline],
+            "tt": [r.type for r in timeline],
+            "te": [r.event for r in timeline],
+            "tp": [json_text(r.properties) for r in timeline],
+            "ttr": [json_text(r.traits) for r in timeline],
+            "tts": [r.timestamp for r in timeline],
+            "tr": [r.received_at for r in timeline],
+        },
+    )
+
+
+async def save_profiles(
+    session: AsyncSession,
+    profiles: Sequence[ProfileSnapshot],
+    now: datetime,
+    lifecycle: lifecycle_store.EventPathWrite | None = None,
+) -> None:
+    """A batch's profile rows (their traits only where the batch wrote one, `traits_written`) with
+    its lifecycle writes (`Lifecycle.on_batch`: the columns of customers among `profiles`, stage
+    history, survey answers), in one statement."""
+    lifecycle = lifecycle or lifecycle_store.EventPathWrite()
+    ids = {p.customer_id for p in profiles}
+    assert all(cid in ids for cid, _ in lifecycle.values), "lifecycle values of a profile not written"
+    f = [p.fields for p in profiles]
+    await _SAVE_PROFILES.execute(
         session,
         {
             "now": now,
@@ -418,19 +458,7 @@ async def save_batch(
             "revenue": [float(x["revenue"]) for x in f],
             "first_order": [x["first_order_at"] for x in f],
             "last_order": [x["last_order_at"] for x in f],
-            "cc": [k[0] for k in keys],
-            "ce": [k[1] for k in keys],
-            "cn": [counts[k].count for k in keys],
-            "cf": [counts[k].first_at for k in keys],
-            "cl": [counts[k].last_at for k in keys],
-            "tc": [r.customer_id for r in timeline],
-            "tm": [r.message_id for r in timeline],
-            "tt": [r.type for r in timeline],
-            "te": [r.event for r in timeline],
-            "tp": [json_text(r.properties) for r in timeline],
-            "ttr": [json_text(r.traits) for r in timeline],
-            "tts": [r.timestamp for r in timeline],
-            "tr": [r.received_at for r in timeline],
+            **lifecycle.params(),
         },
     )
 

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,9 +35,6 @@ from shared.db.unit_of_work import erasure_gate_held, note_erasure_gate
 SERVICES = ("segmenter", "ingest", "journey_engine", "notifier")
 
 
-# Every event's identifiers are hashed for the tombstone check (~2 us each, 0.1 cached); most belong
-# to customers seen moments before. Recent identifiers only, in memory; emptied by every erasure.
-@functools.lru_cache(maxsize=65536)
 def identity_hash(salt: str, identity: str) -> str:
     return hmac.new(salt.encode(), identity.strip().encode(), hashlib.sha256).hexdigest()
 
@@ -317,8 +313,6 @@ async def add_tombstones(
     session: AsyncSession, salt: str, identities: Iterable[str], request_id: str, now: datetime
 ) -> None:
     hashes = identity_hashes(salt, identities)
-    # Erased identifiers do not stay cached in this process.
-    identity_hash.cache_clear()
     if hashes:
         await session.execute(
             text(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.contracts.events import ContractModel
 from shared.db.engine import Statement
 from shared.kafka.consumer import Consumed
-from shared.kafka.producer import OutgoingMessage, message_headers, outgoing_message
+from shared.kafka.producer import message_headers
 from shared.settings import BaseServiceSettings
 
 # Straight to asyncpg (`Statement`): these run in every batch of every consumer.
@@ -61,6 +61,15 @@ def note_erasure_gate(session: AsyncSession) -> None:
     session.info[_ERASURE_GATE_HELD] = session.sync_session.get_transaction()
 
 
+class OutboxRow(NamedTuple):
+    """One outbox row: what the relay publishes (its headers as the JSON object the column holds)."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: str
+
+
 def outbox_row(
     settings: BaseServiceSettings,
     topic_name: str,
@@ -68,12 +77,17 @@ def outbox_row(
     model: ContractModel,
     correlation_id: str | None,
     extra_headers: Mapping[str, str] | None,
-) -> tuple[OutgoingMessage, str]:
-    """The outbox row of one message: the message and its `headers` column (a JSON object)."""
+) -> OutboxRow:
+    """The outbox row of one message (the relay reads the headers back as Kafka's (name, bytes))."""
     headers = message_headers(
         model, producer=settings.service_name, correlation_id=correlation_id, extra_headers=extra_headers
     )
-    return outgoing_message(settings.topic(topic_name), key, model, headers), orjson.dumps(headers).decode()
+    return OutboxRow(
+        settings.topic(topic_name),
+        key.encode(),
+        model.__pydantic_serializer__.to_json(model),
+        orjson.dumps(headers).decode(),
+    )
 
 
 # The outbox rows of `AnnouncedChanges` whose owner is among the rows a statement changed, in the
@@ -97,11 +111,10 @@ class AnnouncedChanges:
     def __init__(self, settings: BaseServiceSettings) -> None:
         self._settings = settings
         self._owners: list[str] = []
-        self._messages: list[OutgoingMessage] = []
-        self._headers: list[str] = []
+        self._rows: list[OutboxRow] = []
 
     def __len__(self) -> int:
-        return len(self._messages)
+        return len(self._rows)
 
     def emit(
         self,
@@ -113,19 +126,17 @@ class AnnouncedChanges:
         correlation_id: str | None = None,
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
-        message, headers = outbox_row(self._settings, topic_name, key, model, correlation_id, extra_headers)
         self._owners.append(owner)
-        self._messages.append(message)
-        self._headers.append(headers)
+        self._rows.append(outbox_row(self._settings, topic_name, key, model, correlation_id, extra_headers))
 
     def params(self) -> dict[str, list[Any]]:
         """`OUTBOX_OF_CHANGED`'s parameters."""
         return {
             "ob_owners": self._owners,
-            "ob_topics": [m.topic for m in self._messages],
-            "ob_keys": [m.key for m in self._messages],
-            "ob_vals": [m.value for m in self._messages],
-            "ob_headers": self._headers,
+            "ob_topics": [r.topic for r in self._rows],
+            "ob_keys": [r.key for r in self._rows],
+            "ob_vals": [r.value for r in self._rows],
+            "ob_headers": [r.headers for r in self._rows],
         }
 
 
@@ -139,9 +150,7 @@ class UnitOfWork:
         self._sessions = sessions
         self._settings = settings
         self._on_commit = on_commit
-        self._outgoing: list[OutgoingMessage] = []
-        # The outbox row's `headers` for each message: a JSON object, serialized once at emit time.
-        self._outgoing_headers: list[str] = []
+        self._outgoing: list[OutboxRow] = []
         self._session: AsyncSession | None = None
         # Cause id (the consumed message's event id) -> its correlation id, noted by the handler
         # (`note_correlations`), so what it emits because of that message passes the chain's id on.
@@ -214,13 +223,9 @@ class UnitOfWork:
         consumed message `cause` (an event id noted with `note_correlations`), else its own id."""
         if correlation_id is None and cause is not None:
             correlation_id = self.correlations.get(cause)
-        message, headers = outbox_row(self._settings, topic_name, key, model, correlation_id, extra_headers)
-        self._outgoing.append(message)
-        self._outgoing_headers.append(headers)
-
-    @property
-    def emitted(self) -> list[OutgoingMessage]:
-        return list(self._outgoing)
+        self._outgoing.append(
+            outbox_row(self._settings, topic_name, key, model, correlation_id, extra_headers)
+        )
 
     async def _flush_outbox(self) -> None:
         if not self._outgoing:
@@ -232,6 +237,6 @@ class UnitOfWork:
                 "topics": [m.topic for m in out],
                 "keys": [m.key for m in out],
                 "vals": [m.value for m in out],
-                "headers": self._outgoing_headers,
+                "headers": [m.headers for m in out],
             },
         )

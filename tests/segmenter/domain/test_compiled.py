@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
@@ -14,28 +14,14 @@ from services.segmenter.domain.catalog import compile_segment
 from services.segmenter.domain.compiled import compile_next_change, compile_predicate
 from services.segmenter.domain.evaluation import evaluate, next_change_at
 from services.segmenter.domain.profile import EventAggregate, Occurrence, ProfileSnapshot
-from services.segmenter.domain.rules import PROFILE_FIELDS, InvalidRule, Rule, parse_rule
+from services.segmenter.domain.rules import PROFILE_FIELDS, ComparisonOp, InvalidRule, Rule, parse_rule
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 EVENTS = ["Order Completed", "Signed In", "Product Viewed"]
 TRAITS = ["plan", "age", "score", "tags", "vip", "seen_at", "account.tier", "items.0.sku", "nothing"]
 PROPERTIES = ["total", "category", "gift", "item.sku", "tags"]
 DURATIONS = ["1h", "2d", "30d", "P1W", 3600, "PT12H"]
-OPS = [
-    "equals",
-    "not_equals",
-    "in",
-    "contains",
-    "exists",
-    "not_exists",
-    "gt",
-    "gte",
-    "lt",
-    "lte",
-    "before",
-    "after",
-    "within",
-]
+OPS = list(get_args(ComparisonOp))
 
 
 def a_time(rnd: random.Random) -> datetime:

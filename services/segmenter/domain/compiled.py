@@ -18,6 +18,7 @@ from typing import Any
 from services.segmenter.domain.evaluation import (
     _MISSING,
     HORIZON,
+    _is_number,
     _later,
     _reference_time,
     bucket_of,
@@ -51,10 +52,6 @@ Getter = Callable[[ProfileSnapshot], Any]
 
 _ORDER = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
 _COUNT = {"at_least": operator.ge, "at_most": operator.le, "exactly": operator.eq}
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _path_getter(path: str, source: Callable[[ProfileSnapshot], dict[str, Any]]) -> Getter:

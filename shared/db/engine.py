@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -55,6 +55,38 @@ def create_engine(
 def json_text(value: Any) -> str:
     """JSON for a jsonb parameter (orjson; non-string keys allowed, as the stdlib allows them)."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def json_rows(rows: Iterable[Sequence[Any]]) -> str:
+    """Many rows as one jsonb parameter (an array of arrays: str, int, float, bool, None, timezone-
+    aware datetimes (a naive one is taken as UTC, as asyncpg takes it) and JSON values; no
+    NamedTuples, which orjson refuses; NaN and infinities become null, JSON having none), read back
+    in SQL by `rows_from_json`. For batch statements: asyncpg encodes an array parameter element by element
+    (0.5-1 us each, mostly `collections.abc` checks), orjson a whole batch in one call. Measured on a
+    2,000-row, 8-column timeline insert: 10.5 -> 1.4 ms of client CPU against an unnest of arrays,
+    and the statement's wall time 17 -> 8.4 ms (PostgreSQL parses the jsonb as fast as the arrays)."""
+    rows = rows if isinstance(rows, list) else list(rows)
+    return orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC).decode()
+
+
+def rows_from_json(param: str, columns: Sequence[tuple[str, str]], *, ordinality: str | None = None) -> str:
+    """SQL: a subquery over `json_rows(...)` passed as `:param`, one typed column per array position
+    (`columns`: name and PostgreSQL type, `jsonb` for a JSON value, JSON null read as SQL NULL).
+    `ordinality`: also a bigint column of that name numbering the rows from 1, in the given order."""
+    values = []
+    for i, (name, kind) in enumerate(columns):
+        if kind == "jsonb":
+            values.append(f"NULLIF(r.v->{i}, 'null'::jsonb) AS {name}")
+        elif kind == "text":
+            values.append(f"r.v->>{i} AS {name}")
+        else:
+            values.append(f"CAST(r.v->>{i} AS {kind}) AS {name}")
+    if ordinality:
+        values.append(f"r.n AS {ordinality}")
+    return (
+        f"(SELECT {', '.join(values)} FROM jsonb_array_elements(CAST(:{param} AS jsonb)) "
+        "WITH ORDINALITY AS r(v, n))"
+    )
 
 
 _UNKNOWN = object()

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.segmenter.domain.lifecycle.tracking import CustomerInputs, OrderAggregate
 from services.segmenter.domain.profile import MAX_ORDER_AMOUNT
-from shared.db.engine import Statement
+from shared.db.engine import Statement, json_rows, rows_from_json
 
 # `order_revenue` of domain/profile.py in SQL: `revenue`, else `total`, numbers or numeric strings.
 _NUM = r"'^[ \t]*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9][0-9]?[0-9]?)?[ \t]*$'"
@@ -160,46 +160,53 @@ class StageChange:
 
 # An event batch's lifecycle writes, as fragments of the batch's profile write
 # (`store.profiles.save_profiles`): one UPDATE of each customer row for both, not two.
-# (column, parameter, SQL type) of the lifecycle columns the event path writes.
+# (column, SQL type) of the lifecycle columns the event path writes, in `EventPathWrite.values`'
+# order.
 _EVENT_PATH_COLUMNS = (
-    ("lifecycle_stage", "stage", "text"),
-    ("lifecycle_stage_since", "since", "timestamptz"),
-    ("p_alive", "p_alive", "float8"),
-    ("churn_risk", "churn", "float8"),
-    ("expected_orders", "expected", "float8"),
-    ("predicted_clv", "clv", "float8"),
-    ("rfm_r", "r", "int"),
-    ("rfm_f", "f", "int"),
-    ("rfm_m", "m", "int"),
-    ("rfm_score", "rfm", "int"),
-    ("nps_score", "nps", "int"),
-    ("nps_category", "nps_cat", "text"),
-    ("nps_at", "nps_at", "timestamptz"),
-    ("csat_score", "csat", "int"),
-    ("csat_at", "csat_at", "timestamptz"),
+    ("lifecycle_stage", "text"),
+    ("lifecycle_stage_since", "timestamptz"),
+    ("p_alive", "float8"),
+    ("churn_risk", "float8"),
+    ("expected_orders", "float8"),
+    ("predicted_clv", "float8"),
+    ("rfm_r", "int"),
+    ("rfm_f", "int"),
+    ("rfm_m", "int"),
+    ("rfm_score", "int"),
+    ("nps_score", "int"),
+    ("nps_category", "text"),
+    ("nps_at", "timestamptz"),
+    ("csat_score", "int"),
+    ("csat_at", "timestamptz"),
 )
 # The new values of the customers whose lifecycle columns changed (`l`, LEFT JOINed on the customer
 # id by the profile write), and the SET list keeping the others' stored values.
-EVENT_PATH_VALUES = (
-    "unnest(CAST(:l_ids AS text[]), "
-    + ", ".join(f"CAST(:{param} AS {kind}[])" for _, param, kind in _EVENT_PATH_COLUMNS)
-    + ") AS l(customer_id, "
-    + ", ".join(column for column, _, _ in _EVENT_PATH_COLUMNS)
-    + ")"
-)
+EVENT_PATH_VALUES = rows_from_json("l_rows", [("customer_id", "text"), *_EVENT_PATH_COLUMNS]) + " AS l"
 EVENT_PATH_SET = ", ".join(
     f"{column} = CASE WHEN l.customer_id IS NULL THEN c.{column} ELSE l.{column} END"
-    for column, _, _ in _EVENT_PATH_COLUMNS
+    for column, _ in _EVENT_PATH_COLUMNS
 )
 # The stage history and survey answers: two sub-statements (CTEs) of the profile write.
 EVENT_PATH_INSERTS = (
     "history AS (INSERT INTO lifecycle_stage_history (customer_id, from_stage, to_stage, changed_at, "
-    "cause) SELECT h.c, h.f, h.t, :now, h.cause FROM unnest(CAST(:hc AS text[]), CAST(:hf AS text[]), "
-    "CAST(:ht AS text[]), CAST(:hcause AS text[])) AS h(c, f, t, cause)), "
+    "cause) SELECT h.c, h.f, h.t, :now, h.cause FROM "
+    + rows_from_json("h_rows", [("c", "text"), ("f", "text"), ("t", "text"), ("cause", "text")])
+    + " AS h), "
     "surveys AS (INSERT INTO survey_responses (message_id, customer_id, survey_type, score, comment, "
-    "survey_id, answered_at) SELECT * FROM unnest(CAST(:sm AS text[]), CAST(:sc AS text[]), "
-    "CAST(:st AS text[]), CAST(:ss AS int[]), CAST(:scomment AS text[]), CAST(:sid AS text[]), "
-    "CAST(:sat AS timestamptz[])) ON CONFLICT (message_id) DO NOTHING)"
+    "survey_id, answered_at) SELECT * FROM "
+    + rows_from_json(
+        "s_rows",
+        [
+            ("message_id", "text"),
+            ("customer_id", "text"),
+            ("survey_type", "text"),
+            ("score", "int"),
+            ("comment", "text"),
+            ("survey_id", "text"),
+            ("answered_at", "timestamptz"),
+        ],
+    )
+    + " AS s ON CONFLICT (message_id) DO NOTHING)"
 )
 
 
@@ -214,35 +221,18 @@ class EventPathWrite:
     cause: Mapping[str, str] = field(default_factory=dict)
 
     def params(self) -> dict[str, Any]:
-        v = [x for _, x in self.values]
         return {
-            "l_ids": [cid for cid, _ in self.values],
-            "stage": [x["lifecycle_stage"] for x in v],
-            "since": [x["lifecycle_stage_since"] for x in v],
-            "p_alive": [x["p_alive"] for x in v],
-            "churn": [x["churn_risk"] for x in v],
-            "expected": [x["expected_orders"] for x in v],
-            "clv": [x["predicted_clv"] for x in v],
-            "r": [x["rfm_r"] for x in v],
-            "f": [x["rfm_f"] for x in v],
-            "m": [x["rfm_m"] for x in v],
-            "rfm": [x["rfm_score"] for x in v],
-            "nps": [x["nps_score"] for x in v],
-            "nps_cat": [x["nps_category"] for x in v],
-            "nps_at": [x["nps_at"] for x in v],
-            "csat": [x["csat_score"] for x in v],
-            "csat_at": [x["csat_at"] for x in v],
-            "hc": [c.customer_id for c in self.changes],
-            "hf": [c.from_stage for c in self.changes],
-            "ht": [c.to_stage for c in self.changes],
-            "hcause": [self.cause.get(c.customer_id, "event") for c in self.changes],
-            "sm": [s.message_id for s in self.surveys],
-            "sc": [s.customer_id for s in self.surveys],
-            "st": [s.survey_type for s in self.surveys],
-            "ss": [s.score for s in self.surveys],
-            "scomment": [s.comment for s in self.surveys],
-            "sid": [s.survey_id for s in self.surveys],
-            "sat": [s.answered_at for s in self.surveys],
+            "l_rows": json_rows(
+                (cid, *(x[column] for column, _ in _EVENT_PATH_COLUMNS)) for cid, x in self.values
+            ),
+            "h_rows": json_rows(
+                (c.customer_id, c.from_stage, c.to_stage, self.cause.get(c.customer_id, "event"))
+                for c in self.changes
+            ),
+            "s_rows": json_rows(
+                (s.message_id, s.customer_id, s.survey_type, s.score, s.comment, s.survey_id, s.answered_at)
+                for s in self.surveys
+            ),
         }
 
 

@@ -24,7 +24,7 @@ from services.segmenter.domain.profile import (
     merge_bounded_traits,
 )
 from services.segmenter.store import lifecycle as lifecycle_store
-from shared.db.engine import Statement, json_text
+from shared.db.engine import Statement, json_rows, json_text, rows_from_json
 from shared.db.retention import RetentionRule
 
 FIELD_NAMES = (
@@ -78,17 +78,36 @@ _LOCK_PROFILES = Statement(
 # computed (their order aggregates read this batch's orders too).
 _SAVE_EVENTS = Statement(
     "WITH counted AS (INSERT INTO event_counts (customer_id, event, count, first_at, last_at) "
-    "SELECT * FROM unnest(CAST(:cc AS text[]), CAST(:ce AS text[]), CAST(:cn AS bigint[]), "
-    "CAST(:cf AS timestamptz[]), CAST(:cl AS timestamptz[])) "
-    "ON CONFLICT (customer_id, event) DO UPDATE SET count = event_counts.count + excluded.count, "
+    "SELECT * FROM "
+    + rows_from_json(
+        "counts",
+        [
+            ("customer_id", "text"),
+            ("event", "text"),
+            ("count", "bigint"),
+            ("first_at", "timestamptz"),
+            ("last_at", "timestamptz"),
+        ],
+    )
+    + " AS x ON CONFLICT (customer_id, event) DO UPDATE SET count = event_counts.count + excluded.count, "
     "first_at = LEAST(event_counts.first_at, excluded.first_at), "
     "last_at = GREATEST(event_counts.last_at, excluded.last_at)) "
     "INSERT INTO events (customer_id, message_id, type, event, properties, traits, timestamp, "
-    "received_at) "
-    "SELECT * FROM unnest(CAST(:tc AS text[]), CAST(:tm AS text[]), CAST(:tt AS text[]), CAST(:te AS "
-    "text[]), "
-    "CAST(:tp AS jsonb[]), CAST(:ttr AS jsonb[]), CAST(:tts AS timestamptz[]), CAST(:tr AS "
-    "timestamptz[]))"
+    "received_at) SELECT * FROM "
+    + rows_from_json(
+        "timeline",
+        [
+            ("customer_id", "text"),
+            ("message_id", "text"),
+            ("type", "text"),
+            ("event", "text"),
+            ("properties", "jsonb"),
+            ("traits", "jsonb"),
+            ("timestamp", "timestamptz"),
+            ("received_at", "timestamptz"),
+        ],
+    )
+    + " AS t"
 )
 # The batch's profile rows, their lifecycle columns where they changed (`store.lifecycle`'s
 # fragments: one UPDATE of each row, where two updates left a dead row version each), stage history
@@ -99,15 +118,23 @@ _SAVE_PROFILES = Statement(
     "first_seen = u.first_seen, last_seen = u.last_seen, event_count = u.event_count, "
     "orders_count = u.orders_count, revenue = u.revenue, first_order_at = u.first_order_at, "
     "last_order_at = u.last_order_at, updated_at = :now, "
-    f"{lifecycle_store.EVENT_PATH_SET} "
-    "FROM unnest(CAST(:ids AS text[]), CAST(:traits AS jsonb[]), CAST(:times AS jsonb[]), "
-    "CAST(:first_seen AS timestamptz[]), CAST(:last_seen AS timestamptz[]), CAST(:event_count AS "
-    "bigint[]), "
-    "CAST(:orders AS int[]), CAST(:revenue AS float8[]), CAST(:first_order AS timestamptz[]), "
-    "CAST(:last_order AS timestamptz[])) AS u(customer_id, traits, trait_times, first_seen, "
-    "last_seen, "
-    "event_count, orders_count, revenue, first_order_at, last_order_at) "
-    f"LEFT JOIN {lifecycle_store.EVENT_PATH_VALUES} ON l.customer_id = u.customer_id "
+    f"{lifecycle_store.EVENT_PATH_SET} FROM "
+    + rows_from_json(
+        "rows",
+        [
+            ("customer_id", "text"),
+            ("traits", "jsonb"),
+            ("trait_times", "jsonb"),
+            ("first_seen", "timestamptz"),
+            ("last_seen", "timestamptz"),
+            ("event_count", "bigint"),
+            ("orders_count", "int"),
+            ("revenue", "float8"),
+            ("first_order_at", "timestamptz"),
+            ("last_order_at", "timestamptz"),
+        ],
+    )
+    + f" AS u LEFT JOIN {lifecycle_store.EVENT_PATH_VALUES} ON l.customer_id = u.customer_id "
     "WHERE c.customer_id = u.customer_id), "
     f"{lifecycle_store.EVENT_PATH_INSERTS} "
     "SELECT 1"
@@ -407,23 +434,16 @@ async def save_events(
 ) -> None:
     """A batch's event aggregate increments (pre-summed per customer and event) and its timeline rows,
     in one statement."""
-    keys = list(counts)
     await _SAVE_EVENTS.execute(
         session,
         {
-            "cc": [k[0] for k in keys],
-            "ce": [k[1] for k in keys],
-            "cn": [counts[k].count for k in keys],
-            "cf": [counts[k].first_at for k in keys],
-            "cl": [counts[k].last_at for k in keys],
-            "tc": [r.customer_id for r in timeline],
-            "tm": [r.message_id for r in timeline],
-            "tt": [r.type for r in timeline],
-            "te": [r.event for r in timeline],
-            "tp": [json_text(r.properties) for r in timeline],
-            "ttr": [json_text(r.traits) for r in timeline],
-            "tts": [r.timestamp for r in timeline],
-            "tr": [r.received_at for r in timeline],
+            "counts": json_rows(
+                (cid, name, a.count, a.first_at, a.last_at) for (cid, name), a in counts.items()
+            ),
+            "timeline": json_rows(
+                (r.customer_id, r.message_id, r.type, r.event, r.properties, r.traits, r.timestamp, r.received_at)
+                for r in timeline
+            ),
         },
     )
 
@@ -440,24 +460,25 @@ async def save_profiles(
     lifecycle = lifecycle or lifecycle_store.EventPathWrite()
     ids = {p.customer_id for p in profiles}
     assert all(cid in ids for cid, _ in lifecycle.values), "lifecycle values of a profile not written"
-    f = [p.fields for p in profiles]
     await _SAVE_PROFILES.execute(
         session,
         {
             "now": now,
-            "ids": [p.customer_id for p in profiles],
-            "traits": [json_text(p.traits) if p.traits_written else None for p in profiles],
-            "times": [
-                json_text({k: v.isoformat() for k, v in p.trait_times.items()}) if p.traits_written else None
+            "rows": json_rows(
+                (
+                    p.customer_id,
+                    p.traits if p.traits_written else None,
+                    p.trait_times if p.traits_written else None,
+                    (f := p.fields)["first_seen"],
+                    f["last_seen"],
+                    f["event_count"],
+                    f["orders_count"],
+                    float(f["revenue"]),
+                    f["first_order_at"],
+                    f["last_order_at"],
+                )
                 for p in profiles
-            ],
-            "first_seen": [x["first_seen"] for x in f],
-            "last_seen": [x["last_seen"] for x in f],
-            "event_count": [x["event_count"] for x in f],
-            "orders": [x["orders_count"] for x in f],
-            "revenue": [float(x["revenue"]) for x in f],
-            "first_order": [x["first_order_at"] for x in f],
-            "last_order": [x["last_order_at"] for x in f],
+            ),
             **lifecycle.params(),
         },
     )

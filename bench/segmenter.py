@@ -286,48 +286,51 @@ async def _raw_upsert_lane(conn: asyncpg.Connection, events: list[CustomerEvent]
             agg = counts.setdefault((e.customer_key, name), [0, e.timestamp, e.timestamp])
             agg[0] += 1
             agg[1], agg[2] = min(agg[1], e.timestamp), max(agg[2], e.timestamp)
+        # Each statement's rows as one jsonb array of arrays: measured against unnest arrays on the
+        # same rows, less client CPU and less wall time (see `shared.db.engine.json_rows`).
         async with conn.transaction():
             await conn.execute(
-                "INSERT INTO inbox SELECT 'raw', unnest($1::text[]) ON CONFLICT DO NOTHING",
-                [e.message_id for e in batch],
+                "INSERT INTO inbox SELECT 'raw', v->>0 FROM jsonb_array_elements($1::text::jsonb) AS r(v) "
+                "ON CONFLICT DO NOTHING",
+                orjson.dumps([[e.message_id] for e in batch]).decode(),
             )
-            keys = sorted(per_customer)
             await conn.execute(
                 "INSERT INTO customers (customer_id, traits, last_seen, event_count) "
-                "SELECT * FROM unnest($1::text[], $2::jsonb[], $3::timestamptz[], $4::bigint[]) "
+                "SELECT v->>0, v->1, (v->>2)::timestamptz, (v->>3)::bigint "
+                "FROM jsonb_array_elements($1::text::jsonb) AS r(v) "
                 "ON CONFLICT (customer_id) DO UPDATE SET traits = customers.traits || excluded.traits, "
                 "last_seen = GREATEST(customers.last_seen, excluded.last_seen), "
                 "event_count = customers.event_count + excluded.event_count",
-                keys,
-                [orjson.dumps(per_customer[k][0]).decode() for k in keys],
-                [per_customer[k][1] for k in keys],
-                [per_customer[k][2] for k in keys],
+                orjson.dumps([[k, *per_customer[k]] for k in sorted(per_customer)]).decode(),
             )
-            ck = list(counts)
             await conn.execute(
-                "INSERT INTO event_counts SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], "
-                "$4::timestamptz[], $5::timestamptz[]) ON CONFLICT (customer_id, event) DO UPDATE SET "
+                "INSERT INTO event_counts SELECT v->>0, v->>1, (v->>2)::bigint, (v->>3)::timestamptz, "
+                "(v->>4)::timestamptz FROM jsonb_array_elements($1::text::jsonb) AS r(v) "
+                "ON CONFLICT (customer_id, event) DO UPDATE SET "
                 "count = event_counts.count + excluded.count, first_at = LEAST(event_counts.first_at, "
                 "excluded.first_at), last_at = GREATEST(event_counts.last_at, excluded.last_at)",
-                [k[0] for k in ck],
-                [k[1] for k in ck],
-                [counts[k][0] for k in ck],
-                [counts[k][1] for k in ck],
-                [counts[k][2] for k in ck],
+                orjson.dumps([[*k, *v] for k, v in counts.items()]).decode(),
             )
             await conn.execute(
                 "INSERT INTO events (customer_id, message_id, type, event, properties, traits, "
-                "timestamp, "
-                "received_at) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
-                "$5::jsonb[], $6::jsonb[], $7::timestamptz[], $8::timestamptz[])",
-                [e.customer_key for e in batch],
-                [e.message_id for e in batch],
-                [e.type.value for e in batch],
-                [e.event for e in batch],
-                [orjson.dumps(e.properties).decode() for e in batch],
-                [orjson.dumps(e.traits).decode() for e in batch],
-                [e.timestamp for e in batch],
-                [e.received_at for e in batch],
+                "timestamp, received_at) SELECT v->>0, v->>1, v->>2, v->>3, v->4, v->5, "
+                "(v->>6)::timestamptz, (v->>7)::timestamptz "
+                "FROM jsonb_array_elements($1::text::jsonb) AS r(v)",
+                orjson.dumps(
+                    [
+                        [
+                            e.customer_key,
+                            e.message_id,
+                            e.type.value,
+                            e.event,
+                            e.properties,
+                            e.traits,
+                            e.timestamp,
+                            e.received_at,
+                        ]
+                        for e in batch
+                    ]
+                ).decode(),
             )
 
 

@@ -441,7 +441,16 @@ async def save_events(
                 (cid, name, a.count, a.first_at, a.last_at) for (cid, name), a in counts.items()
             ),
             "timeline": json_rows(
-                (r.customer_id, r.message_id, r.type, r.event, r.properties, r.traits, r.timestamp, r.received_at)
+                (
+                    r.customer_id,
+                    r.message_id,
+                    r.type,
+                    r.event,
+                    r.properties,
+                    r.traits,
+                    r.timestamp,
+                    r.received_at,
+                )
                 for r in timeline
             ),
         },

@@ -28,7 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts.events import PrivacyAction, PrivacyRequest
-from shared.db.engine import Statement
+from shared.db.engine import Statement, array_from_json, json_list
 from shared.db.unit_of_work import erasure_gate_held, note_erasure_gate
 
 # The services that must confirm an erasure and answer an export.
@@ -288,7 +288,7 @@ def _fit(value: Any, limit: int) -> tuple[Any, int]:
 _GATE = Statement("SELECT pg_advisory_xact_lock_shared(hashtext('clm.erasure.' || current_schema()))")
 _GATE_EXCLUSIVE = Statement("SELECT pg_advisory_xact_lock(hashtext('clm.erasure.' || current_schema()))")
 _ERASED_AMONG = Statement(
-    "SELECT identity_hash FROM erasure_tombstones WHERE identity_hash = ANY(CAST(:h AS text[]))"
+    f"SELECT identity_hash FROM erasure_tombstones WHERE identity_hash = ANY({array_from_json('h')})"
 )
 
 
@@ -344,5 +344,5 @@ async def erased_among(session: AsyncSession, salt: str, identities: Iterable[st
     by_hash = hashed_identities(salt, identities)
     if not by_hash:
         return set()
-    rows = await _ERASED_AMONG.fetch(session, {"h": list(by_hash)})
+    rows = await _ERASED_AMONG.fetch(session, {"h": json_list(by_hash)})
     return erased_identities(by_hash, (r[0] for r in rows))

@@ -65,8 +65,12 @@ def json_rows(rows: Iterable[Sequence[Any]]) -> str:
     (0.5-1 us each, mostly `collections.abc` checks), orjson a whole batch in one call. Measured on a
     2,000-row, 8-column timeline insert: 10.5 -> 1.4 ms of client CPU against an unnest of arrays,
     and the statement's wall time 17 -> 8.4 ms (PostgreSQL parses the jsonb as fast as the arrays)."""
-    rows = rows if isinstance(rows, list) else list(rows)
-    return orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC).decode()
+    return _json_array(rows)
+
+
+def _json_array(values: Iterable[Any]) -> str:
+    values = values if isinstance(values, list) else list(values)
+    return orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC).decode()
 
 
 def rows_from_json(param: str, columns: Sequence[tuple[str, str]], *, ordinality: str | None = None) -> str:
@@ -87,6 +91,21 @@ def rows_from_json(param: str, columns: Sequence[tuple[str, str]], *, ordinality
         f"(SELECT {', '.join(values)} FROM jsonb_array_elements(CAST(:{param} AS jsonb)) "
         "WITH ORDINALITY AS r(v, n))"
     )
+
+
+def json_list(values: Iterable[Any]) -> str:
+    """A list of values as one jsonb parameter, read back in SQL by `array_from_json` (same types and
+    reasons as `json_rows`: for a 2,000-id `= ANY(...)` read, 3.1-3.5 -> 1.6 ms of client CPU)."""
+    return _json_array(values)
+
+
+def array_from_json(param: str, kind: str = "text") -> str:
+    """SQL: an array of `kind` from `json_list(...)` passed as `:param`, in its order (for
+    `x = ANY(...)`; a sub-select, so name it once in a MATERIALIZED CTE when a statement reads it
+    several times)."""
+    if kind == "text":
+        return f"ARRAY(SELECT jsonb_array_elements_text(CAST(:{param} AS jsonb)))"
+    return f"ARRAY(SELECT CAST(x AS {kind}) FROM jsonb_array_elements_text(CAST(:{param} AS jsonb)) AS x)"
 
 
 _UNKNOWN = object()

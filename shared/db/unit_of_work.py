@@ -13,7 +13,7 @@ that is one statement may commit on its own with its outbox rows inside it: `Ann
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -21,20 +21,24 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.contracts.events import ContractModel
-from shared.db.engine import Statement
+from shared.db.engine import Statement, json_list, json_rows
 from shared.kafka.consumer import Consumed
 from shared.kafka.producer import message_headers
 from shared.settings import BaseServiceSettings
 
 # Straight to asyncpg (`Statement`): these run in every batch of every consumer.
+# Outbox rows as `outbox_json_rows` gives them.
+_OUTBOX_COLUMNS = (
+    "r.v->>0 AS topic, convert_to(r.v->>1, 'UTF8') AS key, convert_to(r.v->>2, 'UTF8') AS value, "
+    "r.v->3 AS headers"
+)
 _INSERT_OUTBOX = Statement(
-    "INSERT INTO outbox (topic, key, value, headers) "
-    "SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:keys AS bytea[]), CAST(:vals AS bytea[]), "
-    "CAST(:headers AS jsonb[]))"
+    f"INSERT INTO outbox (topic, key, value, headers) SELECT {_OUTBOX_COLUMNS} "
+    "FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r(v)"
 )
 _CLAIM = Statement(
-    "INSERT INTO inbox (consumer, message_id) SELECT :consumer, unnest(CAST(:ids AS text[])) "
-    "ON CONFLICT DO NOTHING RETURNING message_id"
+    "INSERT INTO inbox (consumer, message_id) SELECT :consumer, jsonb_array_elements_text(CAST(:ids AS "
+    "jsonb)) ON CONFLICT DO NOTHING RETURNING message_id"
 )
 # The same claim, taking the schema's erasure gate shared in the same round trip (`shared.privacy.
 # erasure_gate`): handlers that check tombstones next save a statement per unit of work. The lock is
@@ -43,7 +47,8 @@ _CLAIM = Statement(
 _CLAIM_GATED = Statement(
     "WITH gate AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(hashtext('clm.erasure.' || "
     "current_schema()))) INSERT INTO inbox (consumer, message_id) "
-    "SELECT :consumer, unnest(CAST(:ids AS text[])) FROM gate ON CONFLICT DO NOTHING RETURNING message_id"
+    "SELECT :consumer, jsonb_array_elements_text(CAST(:ids AS jsonb)) FROM gate ON CONFLICT DO NOTHING "
+    "RETURNING message_id"
 )
 # A session's `info` key: the transaction that holds the erasure gate shared.
 _ERASURE_GATE_HELD = "clm.erasure_gate_held"
@@ -95,10 +100,23 @@ def outbox_row(
 # keys in its column `{column}`.
 OUTBOX_OF_CHANGED = (
     "INSERT INTO outbox (topic, key, value, headers) SELECT o.topic, o.key, o.value, o.headers "
-    "FROM unnest(CAST(:ob_owners AS text[]), CAST(:ob_topics AS text[]), CAST(:ob_keys AS bytea[]), "
-    "CAST(:ob_vals AS bytea[]), CAST(:ob_headers AS jsonb[])) WITH ORDINALITY "
-    "AS o(owner, topic, key, value, headers, n) JOIN {changed} AS c ON c.{column} = o.owner ORDER BY o.n"
+    f"FROM (SELECT r.v->>4 AS owner, {_OUTBOX_COLUMNS}, r.n FROM jsonb_array_elements(CAST(:ob_rows AS "
+    "jsonb)) WITH ORDINALITY AS r(v, n)) AS o JOIN {changed} AS c ON c.{column} = o.owner ORDER BY o.n"
 )
+
+
+def outbox_json_rows(rows: Iterable[OutboxRow], owners: Sequence[str] | None = None) -> str:
+    """Outbox rows as one jsonb parameter (see `shared.db.engine.json_rows`): key and value as text
+    (UTF-8, as `outbox_row` made them; written back as the same bytes), headers as the JSON object
+    they are; each row's owner last when given (`AnnouncedChanges`)."""
+    if owners is None:
+        return json_rows(
+            (r.topic, r.key.decode(), r.value.decode(), orjson.Fragment(r.headers)) for r in rows
+        )
+    return json_rows(
+        (r.topic, r.key.decode(), r.value.decode(), orjson.Fragment(r.headers), owner)
+        for r, owner in zip(rows, owners, strict=True)
+    )
 
 
 class AnnouncedChanges:
@@ -129,15 +147,9 @@ class AnnouncedChanges:
         self._owners.append(owner)
         self._rows.append(outbox_row(self._settings, topic_name, key, model, correlation_id, extra_headers))
 
-    def params(self) -> dict[str, list[Any]]:
+    def params(self) -> dict[str, str]:
         """`OUTBOX_OF_CHANGED`'s parameters."""
-        return {
-            "ob_owners": self._owners,
-            "ob_topics": [r.topic for r in self._rows],
-            "ob_keys": [r.key for r in self._rows],
-            "ob_vals": [r.value for r in self._rows],
-            "ob_headers": [r.headers for r in self._rows],
-        }
+        return {"ob_rows": outbox_json_rows(self._rows, self._owners)}
 
 
 class UnitOfWork:
@@ -197,10 +209,10 @@ class UnitOfWork:
             return set()
         session = self.session
         if erasure_gate and not erasure_gate_held(session):
-            rows = await _CLAIM_GATED.fetch(session, {"consumer": consumer, "ids": ids})
+            rows = await _CLAIM_GATED.fetch(session, {"consumer": consumer, "ids": json_list(ids)})
             note_erasure_gate(session)
         else:
-            rows = await _CLAIM.fetch(session, {"consumer": consumer, "ids": ids})
+            rows = await _CLAIM.fetch(session, {"consumer": consumer, "ids": json_list(ids)})
         return {r[0] for r in rows}
 
     def note_correlations(self, consumed: Iterable[Consumed[Any]]) -> None:
@@ -231,12 +243,4 @@ class UnitOfWork:
         if not self._outgoing:
             return
         out = self._outgoing
-        await _INSERT_OUTBOX.execute(
-            self.session,
-            {
-                "topics": [m.topic for m in out],
-                "keys": [m.key for m in out],
-                "vals": [m.value for m in out],
-                "headers": [m.headers for m in out],
-            },
-        )
+        await _INSERT_OUTBOX.execute(self.session, {"rows": outbox_json_rows(out)})

@@ -24,7 +24,7 @@ from services.segmenter.domain.profile import (
     merge_bounded_traits,
 )
 from services.segmenter.store import lifecycle as lifecycle_store
-from shared.db.engine import Statement, json_rows, json_text, rows_from_json
+from shared.db.engine import Statement, array_from_json, json_list, json_rows, json_text, rows_from_json
 from shared.db.retention import RetentionRule
 
 FIELD_NAMES = (
@@ -43,15 +43,17 @@ PROFILE_COLUMNS = "customer_id, traits, trait_times, " + ", ".join(FIELD_NAMES)
 
 # The statements of every event batch go straight to asyncpg (`Statement`).
 _LOOKUP_IDENTITIES = Statement(
+    f"WITH c AS MATERIALIZED (SELECT {array_from_json('cands')} AS ids) "
     "SELECT i.kind, i.value, i.customer_id, "
     "EXISTS (SELECT 1 FROM identities u WHERE u.customer_id = i.customer_id AND u.kind = 'user') AS has_user "
-    "FROM identities i JOIN unnest(CAST(:kinds AS text[]), CAST(:vals AS text[])) AS q(kind, value) "
-    "ON i.kind = q.kind AND i.value = q.value "
+    "FROM identities i JOIN "
+    + rows_from_json("idents", [("kind", "text"), ("value", "text")])
+    + " AS q ON i.kind = q.kind AND i.value = q.value "
     "UNION ALL SELECT NULL, NULL, customer_id, false FROM customers "
-    "WHERE customer_id = ANY(CAST(:cands AS text[])) "
+    "WHERE customer_id = ANY(CAST((SELECT ids FROM c) AS text[])) "
     # Ids of customers merged into others: a new customer must not take one (see `retired_ids`).
     "UNION ALL SELECT 'retired', NULL, value, false FROM identities "
-    "WHERE kind = 'merged' AND value = ANY(CAST(:cands AS text[]))"
+    "WHERE kind = 'merged' AND value = ANY(CAST((SELECT ids FROM c) AS text[]))"
 )
 # Ids starting with `<kind>:<value>:`, for the identifiers whose value and `<kind>:<value>` are both
 # taken (rare): `domain.identity.new_customer_id` goes on with `:2`, `:3`, ...
@@ -64,14 +66,15 @@ _TAKEN_WITH_PREFIX = Statement(
 )
 _INSERT_CUSTOMERS_AND_LINKS = Statement(
     "WITH new_customers AS (INSERT INTO customers (customer_id, created_at, updated_at) "
-    "SELECT unnest(CAST(:ids AS text[])), :now, :now ON CONFLICT DO NOTHING RETURNING 1), "
+    "SELECT jsonb_array_elements_text(CAST(:ids AS jsonb)), :now, :now ON CONFLICT DO NOTHING RETURNING 1), "
     "linked AS (INSERT INTO identities (kind, value, customer_id, linked_at) "
-    "SELECT k, v, c, :now FROM unnest(CAST(:k AS text[]), CAST(:v AS text[]), CAST(:c AS text[])) "
-    "AS u(k, v, c) ON CONFLICT (kind, value) DO NOTHING RETURNING 1) "
+    "SELECT k, v, c, :now FROM "
+    + rows_from_json("links", [("k", "text"), ("v", "text"), ("c", "text")])
+    + " AS u ON CONFLICT (kind, value) DO NOTHING RETURNING 1) "
     "SELECT (SELECT count(*) FROM new_customers), (SELECT count(*) FROM linked)"
 )
 _LOCK_PROFILES = Statement(
-    f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id = ANY(CAST(:ids AS text[])) "
+    f"SELECT {PROFILE_COLUMNS} FROM customers WHERE customer_id = ANY({array_from_json('ids')}) "
     "ORDER BY customer_id FOR UPDATE"
 )
 # An event batch's aggregate increments and timeline rows; written before its lifecycle metrics are
@@ -172,7 +175,7 @@ async def lookup_identities(
     pairs = list(idents)
     rows = await _LOOKUP_IDENTITIES.fetch(
         session,
-        {"kinds": [k for k, _ in pairs], "vals": [v for _, v in pairs], "cands": list(candidate_ids)},
+        {"idents": json_rows(pairs), "cands": json_list(candidate_ids)},
     )
     out = KnownIdentities({}, set(), set(), set())
     for kind, value, customer_id, has_user in rows:
@@ -215,13 +218,7 @@ async def insert_customers_and_links(
     ids, links = sorted(ids), sorted(links)
     rows = await _INSERT_CUSTOMERS_AND_LINKS.fetch(
         session,
-        {
-            "ids": list(ids),
-            "now": now,
-            "k": [x[0] for x in links],
-            "v": [x[1] for x in links],
-            "c": [x[2] for x in links],
-        },
+        {"ids": json_list(ids), "now": now, "links": json_rows(links)},
     )
     created, linked = rows[0]
     if created != len(ids):
@@ -402,7 +399,7 @@ async def merge_history(session: AsyncSession, customer_id: str) -> list[dict[st
 
 async def lock_profiles(session: AsyncSession, customer_ids: Iterable[str]) -> dict[str, ProfileSnapshot]:
     """The profiles, locked for this transaction (in id order, so concurrent batches cannot deadlock)."""
-    rows = await _LOCK_PROFILES.fetch(session, {"ids": sorted(set(customer_ids))})
+    rows = await _LOCK_PROFILES.fetch(session, {"ids": json_list(sorted(set(customer_ids)))})
     return {r[0]: _snapshot(r) for r in rows}
 
 

@@ -17,7 +17,7 @@ from services.segmenter.domain.profile import EventAggregate, Occurrence
 from services.segmenter.domain.rules import Rule
 from services.segmenter.store.sql_rules import RuleSql
 from shared.contracts.events import RESYNC_CAUSE
-from shared.db.engine import Statement
+from shared.db.engine import Statement, array_from_json, json_list, json_rows, rows_from_json
 
 SEGMENT_COLUMNS = (
     "segment_id, name, description, definition, version, status, backfill_cursor, backfill_done, "
@@ -175,20 +175,21 @@ class MembershipState:
 
 # The statements of every event batch go straight to asyncpg (`Statement`).
 _EVALUATION_INPUTS = Statement(
+    f"WITH q AS MATERIALIZED (SELECT {array_from_json('ids')} AS ids) "
     "SELECT 'c' AS src, customer_id, event AS name, count AS n, first_at AS t1, last_at AS t2, "
     "NULL::boolean AS flag, NULL::jsonb AS props FROM event_counts "
-    "WHERE customer_id = ANY(CAST(:ids AS text[])) AND event = ANY(CAST(:counted AS text[])) "
+    "WHERE customer_id = ANY(CAST((SELECT ids FROM q) AS text[])) AND event = ANY(CAST(:counted AS text[])) "
     "UNION ALL SELECT 'o', e.customer_id, e.event, NULL, e.timestamp, NULL, NULL, e.properties FROM "
-    "events e "
-    "JOIN unnest(CAST(:names AS text[]), CAST(:since AS timestamptz[])) AS w(name, since) "
-    "ON e.event = w.name AND (w.since IS NULL OR e.timestamp >= w.since) "
-    "WHERE e.customer_id = ANY(CAST(:ids AS text[])) "
+    "events e JOIN "
+    + rows_from_json("windows", [("name", "text"), ("since", "timestamptz")])
+    + " AS w ON e.event = w.name AND (w.since IS NULL OR e.timestamp >= w.since) "
+    "WHERE e.customer_id = ANY(CAST((SELECT ids FROM q) AS text[])) "
     "UNION ALL SELECT 'm', customer_id, segment_id, transitions, NULL, NULL, is_member, NULL FROM "
     "memberships "
-    "WHERE customer_id = ANY(CAST(:ids AS text[])) "
+    "WHERE customer_id = ANY(CAST((SELECT ids FROM q) AS text[])) "
     "UNION ALL SELECT 't', customer_id, segment_id, NULL, due_at, NULL, NULL, NULL FROM "
     "segment_timers "
-    "WHERE customer_id = ANY(CAST(:ids AS text[]))"
+    "WHERE customer_id = ANY(CAST((SELECT ids FROM q) AS text[]))"
 )
 # The segments written are held FOR KEY SHARE until commit (`live`): a deletion's first step (FOR
 # UPDATE on the segment row, `hide_segment`) either waits for this unit, whose memberships its second
@@ -196,12 +197,12 @@ _EVALUATION_INPUTS = Statement(
 # are skipped here (neither recorded nor announced). A back-fill chunk and an edit hold the segment
 # FOR NO KEY UPDATE, which does not conflict: real time never waits for them.
 _APPLY_MEMBERSHIP_CHANGES = Statement(
-    "WITH live AS MATERIALIZED (SELECT segment_id FROM segments "
-    "WHERE segment_id = ANY(CAST(:s AS text[])) FOR KEY SHARE) "
+    "WITH u AS MATERIALIZED "
+    + rows_from_json("rows", [("s", "text"), ("c", "text"), ("m", "boolean"), ("k", "text")])
+    + ", live AS MATERIALIZED (SELECT segment_id FROM segments "
+    "WHERE segment_id = ANY(ARRAY(SELECT DISTINCT s FROM u)) FOR KEY SHARE) "
     "INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, cause) "
-    "SELECT s, c, m, 1, :now, k FROM unnest(CAST(:s AS text[]), CAST(:c AS text[]), CAST(:m AS "
-    "boolean[]), "
-    "CAST(:k AS text[])) AS u(s, c, m, k) "
+    "SELECT s, c, m, 1, :now, k FROM u "
     "WHERE s = ANY(ARRAY(SELECT segment_id FROM live)) "
     "ON CONFLICT (segment_id, customer_id) DO UPDATE SET is_member = excluded.is_member, "
     "transitions = memberships.transitions + 1, changed_at = excluded.changed_at, cause = "
@@ -210,12 +211,12 @@ _APPLY_MEMBERSHIP_CHANGES = Statement(
     "RETURNING segment_id, customer_id, is_member, transitions, cause"
 )
 _SET_TIMERS = Statement(
-    "WITH cleared AS (DELETE FROM segment_timers t "
-    "USING unnest(CAST(:cc AS text[]), CAST(:cs AS text[])) AS u(c, s) "
-    "WHERE t.customer_id = u.c AND t.segment_id = u.s) "
-    "INSERT INTO segment_timers (customer_id, segment_id, due_at) "
-    "SELECT * FROM unnest(CAST(:c AS text[]), CAST(:s AS text[]), CAST(:d AS timestamptz[])) "
-    "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at"
+    "WITH cleared AS (DELETE FROM segment_timers t USING "
+    + rows_from_json("clear", [("c", "text"), ("s", "text")])
+    + " AS u WHERE t.customer_id = u.c AND t.segment_id = u.s) "
+    "INSERT INTO segment_timers (customer_id, segment_id, due_at) SELECT * FROM "
+    + rows_from_json("due", [("c", "text"), ("s", "text"), ("d", "timestamptz")])
+    + " AS u ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at"
 )
 
 
@@ -253,13 +254,7 @@ async def apply_membership_changes(
         return []
     rows = await _APPLY_MEMBERSHIP_CHANGES.fetch(
         session,
-        {
-            "s": [x.segment_id for x in changes],
-            "c": [x.customer_id for x in changes],
-            "m": [x.is_member for x in changes],
-            "k": [x.cause for x in changes],
-            "now": now,
-        },
+        {"rows": json_rows((x.segment_id, x.customer_id, x.is_member, x.cause) for x in changes), "now": now},
     )
     return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
@@ -316,10 +311,9 @@ async def load_evaluation_inputs(
     rows = await _EVALUATION_INPUTS.fetch(
         session,
         {
-            "ids": ids,
+            "ids": json_list(ids),
             "counted": list(count_events),
-            "names": names,
-            "since": [timeline_since[n] for n in names],
+            "windows": json_rows((n, timeline_since[n]) for n in names),
         },
     )
     out = EvaluationInputs({}, {}, {}, {})
@@ -346,13 +340,7 @@ async def set_timers(
         return
     await _SET_TIMERS.execute(
         session,
-        {
-            "c": [x[0] for x in due],
-            "s": [x[1] for x in due],
-            "d": [x[2] for x in due],
-            "cc": [x[0] for x in clear],
-            "cs": [x[1] for x in clear],
-        },
+        {"due": json_rows(due), "clear": json_rows(clear)},
     )
 
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 import pytest
 from sqlalchemy import text
 
-from shared.db.engine import Statement, driver_autocommit
+from shared.db.engine import (
+    Statement,
+    array_from_json,
+    driver_autocommit,
+    json_list,
+    json_rows,
+    rows_from_json,
+)
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
 from tests.support import messaging_platform
@@ -57,3 +65,62 @@ async def test_each_statement_commits_on_its_own_in_one_round_trip(platform: Pla
     # The connection goes back to the pool clean: the next user gets no transaction of ours.
     async with driver_autocommit(platform.engine) as conn:
         assert not conn.is_in_transaction()
+
+
+# --------------------------------------------------------------------------- JSON-parameter batches
+
+_ROUND_TRIP = Statement(
+    "SELECT * FROM "
+    + rows_from_json(
+        "rows",
+        [
+            ("t", "text"),
+            ("i", "bigint"),
+            ("f", "float8"),
+            ("b", "boolean"),
+            ("ts", "timestamptz"),
+            ("j", "jsonb"),
+        ],
+        ordinality="n",
+    )
+    + " AS x ORDER BY n"
+)
+_ANY = Statement(f"SELECT s FROM unnest(CAST(:all AS text[])) AS s WHERE s = ANY({array_from_json('some')})")
+_INTS = Statement(f"SELECT {array_from_json('xs', 'int')}")
+
+
+async def test_json_rows_come_back_as_the_values_and_types_sent(platform: Platform) -> None:
+    """Every type the batch statements send, at its edges: quotes, backslashes and non-ASCII text,
+    64-bit ints, floats to the last bit, microseconds and offsets, nested JSON (its own nulls kept),
+    SQL NULL in every column; a naive time is taken as UTC, as asyncpg takes it."""
+    aware = datetime(2026, 3, 1, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5)))
+    rows: list[tuple[Any, ...]] = [
+        (
+            'q"uo\\te \u00e6\u00f8\u00e5 \U0001f600',
+            2**62 + 1,
+            0.1 + 0.2,
+            True,
+            aware,
+            {"a": [1, None, {"b": "c"}]},
+        ),
+        ("", -(2**63), -1.5e-300, False, datetime(2026, 1, 1, 12, 0), []),
+        (None, None, None, None, None, None),
+        ("nan", 0, float("nan"), False, aware, {"x": None}),
+    ]
+    async with driver_autocommit(platform.engine) as conn:
+        got = [tuple(r) for r in await _ROUND_TRIP.fetch(conn, {"rows": json_rows(rows)})]
+    assert got[0] == (*rows[0], 1)
+    assert got[1] == ("", -(2**63), -1.5e-300, False, datetime(2026, 1, 1, 12, 0, tzinfo=UTC), [], 2)
+    assert got[2] == (None, None, None, None, None, None, 3)
+    # JSON has no NaN: it arrives as NULL (callers send finite numbers).
+    assert got[3] == ("nan", 0, None, False, aware, {"x": None}, 4)
+    assert got[0][4].utcoffset() == timedelta(0) and got[0][4] == aware
+
+
+async def test_json_lists_read_as_arrays_in_order(platform: Platform) -> None:
+    async with driver_autocommit(platform.engine) as conn:
+        some = ["b", 'd"', "\u00e6"]
+        got = await _ANY.fetch(conn, {"all": ["a", "b", "c", 'd"', "\u00e6"], "some": json_list(some)})
+        assert sorted(r[0] for r in got) == sorted(some)
+        assert (await _INTS.fetch(conn, {"xs": json_list([3, 1, 2])}))[0][0] == [3, 1, 2]
+        assert (await _INTS.fetch(conn, {"xs": json_list([])}))[0][0] == []

@@ -36,7 +36,7 @@ from services.segmenter.domain.lifecycle.tracking import (
     default_stage_policy,
     fit_models,
     models_from_json,
-    stored_values,
+    stored_rows,
 )
 from services.segmenter.domain.lifecycle.voice import (
     SurveyError,
@@ -150,9 +150,9 @@ class Lifecycle:
         )
         values: list[tuple[str, dict[str, Any]]] = []
         changes: list[store.StageChange] = []
-        for i, cid in enumerate(ids):
+        stored = stored_rows(computed)
+        for cid, new in zip(ids, stored, strict=True):
             f = profiles[cid].fields
-            new = stored_values(computed, i)
             before = f.get("lifecycle_stage")
             if before != new["lifecycle_stage"]:
                 changes.append(store.StageChange(cid, before, new["lifecycle_stage"]))
@@ -162,7 +162,7 @@ class Lifecycle:
             for name in ("nps_score", "nps_category", "nps_at", "csat_score", "csat_at"):
                 new[name] = f.get(name)
             # Most events change nothing here (metrics move by the day): write only what changed.
-            if any(surveyed.get(cid, False) or f.get(k) != v for k, v in new.items()):
+            if cid in surveyed or tuple(map(f.get, new)) != tuple(new.values()):
                 values.append((cid, new))
             f.update(new)
         for change in changes:
@@ -340,7 +340,7 @@ class Lifecycle:
         size = self.settings.lifecycle_chunk_size
         for lo in range(0, len(base.ids), size):
             part = range(lo, min(lo + size, len(base.ids)))
-            values = [stored_values(computed, i) for i in part]
+            values = stored_rows(computed, part.start, part.stop)
             async with self.platform.unit_of_work() as uow:
                 changes = await store.save_recomputed(
                     uow.session,

@@ -59,18 +59,26 @@ def json_text(value: Any) -> str:
 
 def json_rows(rows: Iterable[Sequence[Any]]) -> str:
     """Many rows as one jsonb parameter (an array of arrays: str, int, float, bool, None, timezone-
-    aware datetimes (a naive one is taken as UTC, as asyncpg takes it) and JSON values; no
-    NamedTuples, which orjson refuses; NaN and infinities become null, JSON having none), read back
-    in SQL by `rows_from_json`. For batch statements: asyncpg encodes an array parameter element by element
+    aware datetimes (a naive one is taken as UTC, as asyncpg takes it) and JSON values; a row may be a
+    NamedTuple; NaN and infinities become null, JSON having none), read back in SQL by
+    `rows_from_json`. For batch statements: asyncpg encodes an array parameter element by element
     (0.5-1 us each, mostly `collections.abc` checks), orjson a whole batch in one call. Measured on a
     2,000-row, 8-column timeline insert: 10.5 -> 1.4 ms of client CPU against an unnest of arrays,
     and the statement's wall time 17 -> 8.4 ms (PostgreSQL parses the jsonb as fast as the arrays)."""
     return _json_array(rows)
 
 
+def _as_array(value: Any) -> Any:
+    """orjson's fallback: a NamedTuple (orjson takes only plain tuples) as its fields."""
+    if isinstance(value, tuple):
+        return tuple(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _json_array(values: Iterable[Any]) -> str:
     values = values if isinstance(values, list) else list(values)
-    return orjson.dumps(values, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC).decode()
+    options = orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC
+    return orjson.dumps(values, default=_as_array, option=options).decode()
 
 
 def rows_from_json(param: str, columns: Sequence[tuple[str, str]], *, ordinality: str | None = None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -412,8 +412,7 @@ async def read_profile(session: AsyncSession, customer_id: str) -> ProfileSnapsh
     return _snapshot(row) if row else None
 
 
-@dataclass(frozen=True)
-class TimelineRow:
+class TimelineRow(NamedTuple):  # a NamedTuple: built for every event, ~4x cheaper than a frozen dataclass
     customer_id: str
     message_id: str
     type: str
@@ -437,19 +436,7 @@ async def save_events(
             "counts": json_rows(
                 (cid, name, a.count, a.first_at, a.last_at) for (cid, name), a in counts.items()
             ),
-            "timeline": json_rows(
-                (
-                    r.customer_id,
-                    r.message_id,
-                    r.type,
-                    r.event,
-                    r.properties,
-                    r.traits,
-                    r.timestamp,
-                    r.received_at,
-                )
-                for r in timeline
-            ),
+            "timeline": json_rows(timeline),
         },
     )
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 from pydantic import TypeAdapter
@@ -236,8 +236,7 @@ async def load_memberships(
     return out
 
 
-@dataclass(frozen=True)
-class MembershipChange:
+class MembershipChange(NamedTuple):  # built for every change: ~4x cheaper than a frozen dataclass
     segment_id: str
     customer_id: str
     is_member: bool
@@ -254,7 +253,7 @@ async def apply_membership_changes(
         return []
     rows = await _APPLY_MEMBERSHIP_CHANGES.fetch(
         session,
-        {"rows": json_rows((x.segment_id, x.customer_id, x.is_member, x.cause) for x in changes), "now": now},
+        {"rows": json_rows(changes), "now": now},
     )
     return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 

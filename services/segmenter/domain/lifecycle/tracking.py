@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -79,9 +79,9 @@ class OrderAggregate:
     orders_previous: int  # orders in (now - 2 windows, now - window]
 
 
-@dataclass(frozen=True)
-class CustomerInputs:
-    """What the metrics of one customer are computed from (besides their orders)."""
+class CustomerInputs(NamedTuple):
+    """What the metrics of one customer are computed from (besides their orders). A NamedTuple: one
+    is built per customer of every event batch."""
 
     customer_id: str
     orders: int

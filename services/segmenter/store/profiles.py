@@ -43,17 +43,16 @@ PROFILE_COLUMNS = "customer_id, traits, trait_times, " + ", ".join(FIELD_NAMES)
 
 # The statements of every event batch go straight to asyncpg (`Statement`).
 _LOOKUP_IDENTITIES = Statement(
-    f"WITH c AS MATERIALIZED (SELECT {array_from_json('cands')} AS ids) "
     "SELECT i.kind, i.value, i.customer_id, "
     "EXISTS (SELECT 1 FROM identities u WHERE u.customer_id = i.customer_id AND u.kind = 'user') AS has_user "
     "FROM identities i JOIN "
     + rows_from_json("idents", [("kind", "text"), ("value", "text")])
     + " AS q ON i.kind = q.kind AND i.value = q.value "
     "UNION ALL SELECT NULL, NULL, customer_id, false FROM customers "
-    "WHERE customer_id = ANY(CAST((SELECT ids FROM c) AS text[])) "
+    "WHERE customer_id = ANY(CAST(:cands AS text[])) "
     # Ids of customers merged into others: a new customer must not take one (see `retired_ids`).
     "UNION ALL SELECT 'retired', NULL, value, false FROM identities "
-    "WHERE kind = 'merged' AND value = ANY(CAST((SELECT ids FROM c) AS text[]))"
+    "WHERE kind = 'merged' AND value = ANY(CAST(:cands AS text[]))"
 )
 # Ids starting with `<kind>:<value>:`, for the identifiers whose value and `<kind>:<value>` are both
 # taken (rare): `domain.identity.new_customer_id` goes on with `:2`, `:3`, ...
@@ -175,7 +174,7 @@ async def lookup_identities(
     pairs = list(idents)
     rows = await _LOOKUP_IDENTITIES.fetch(
         session,
-        {"idents": json_rows(pairs), "cands": json_list(candidate_ids)},
+        {"idents": json_rows(pairs), "cands": list(candidate_ids)},
     )
     out = KnownIdentities({}, set(), set(), set())
     for kind, value, customer_id, has_user in rows:

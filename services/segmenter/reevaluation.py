@@ -97,11 +97,16 @@ async def reevaluate(
     due: list[tuple[str, str, datetime]] = []
     clear: list[tuple[str, str]] = []
     names = {s.segment_id: s.name for s in catalog.segments}
+    # The segments to evaluate for each distinct affected set, in dependency order (member_of sees
+    # this pass's result): customers of a batch share a handful of such sets.
+    plans: dict[frozenset[str], list[SegmentRule]] = {}
     for cid, p in touched.items():
-        todo = catalog.with_dependents(affected[cid])
-        for seg in catalog.segments:  # dependency order: member_of sees this pass's result
-            if seg.segment_id not in todo:
-                continue
+        key = frozenset(affected[cid])
+        plan = plans.get(key)
+        if plan is None:
+            todo = catalog.with_dependents(set(key))
+            plan = plans[key] = [s for s in catalog.segments if s.segment_id in todo]
+        for seg in plan:
             hit = seg.holds(p, now)
             was = seg.segment_id in p.memberships
             if hit != was:

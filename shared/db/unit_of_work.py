@@ -32,9 +32,10 @@ _OUTBOX_COLUMNS = (
     "r.v->>0 AS topic, convert_to(r.v->>1, 'UTF8') AS key, convert_to(r.v->>2, 'UTF8') AS value, "
     "r.v->3 AS headers"
 )
+# In the order emitted: the ids the relay publishes by follow it, so a key's messages stay in order.
 _INSERT_OUTBOX = Statement(
     f"INSERT INTO outbox (topic, key, value, headers) SELECT {_OUTBOX_COLUMNS} "
-    "FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r(v)"
+    "FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS r(v, n) ORDER BY r.n"
 )
 _CLAIM = Statement(
     "INSERT INTO inbox (consumer, message_id) SELECT :consumer, jsonb_array_elements_text(CAST(:ids AS "

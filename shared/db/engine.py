@@ -100,9 +100,12 @@ def rows_from_json(param: str, columns: Sequence[tuple[str, str]], *, ordinality
             values.append(f"CAST(r.v->>{i} AS {kind}) AS {name}")
     if ordinality:
         values.append(f"r.n AS {ordinality}")
+    # The LIMIT (the array's length: every row) is the planner's row count: it costs a set-returning
+    # function at 100 rows, so a 10-row batch joined to a 20k-row table was a hash join over a scan
+    # of the whole table (4 ms) instead of 10 index probes (0.3 ms).
     return (
         f"(SELECT {', '.join(values)} FROM jsonb_array_elements(CAST(:{param} AS jsonb)) "
-        "WITH ORDINALITY AS r(v, n))"
+        f"WITH ORDINALITY AS r(v, n) LIMIT jsonb_array_length(CAST(:{param} AS jsonb)))"
     )
 
 

@@ -17,6 +17,11 @@
   without limit instead: dead-lettering every message during an outage would lose the order. A
   dead-letter record that would be too large for its topic (the original value plus the error) goes
   without the value (`clm-dlq-value-dropped`): `clm-dlq-source` says where to read it while retained.
+- A record the client cannot parse at all (a header name that is not UTF-8, which aiokafka decodes
+  while fetching) is found by fetching its partition in halving steps, dead-lettered as its position
+  (`clm-dlq-source`, no value: read it there while retained) and skipped, as are the records after
+  it in the same record batch (the client cannot read them either); the records before it and
+  those of the other partitions are handled as usual.
 - `stop()` (from the service's lifespan on SIGTERM) finishes the batch in hand, commits, and leaves.
 """
 
@@ -208,6 +213,12 @@ class ConsumerRunner(Generic[T]):
         self.commit_interval_s = interval_ms / 1000
         # Handled but not yet committed: the next offset per partition.
         self._pending: dict[TopicPartition, OffsetAndMetadata] = {}
+        # The offset after the last record buffered, per partition (since its assignment): where a
+        # fetch that failed on an unparseable record is resumed from.
+        self._next_offset: dict[TopicPartition, int] = {}
+        # Offsets skipped as unparseable, per partition: skipped offset -> the one after it, for the
+        # commit of the unit that ends just before them.
+        self._skipped: dict[TopicPartition, dict[int, int]] = {}
         self._last_commit = time.monotonic()
 
     @property
@@ -236,7 +247,7 @@ class ConsumerRunner(Generic[T]):
 
     @property
     def failure(self) -> str | None:
-        """Why the consumer stopped on its own (a bug, or a record the client cannot parse), else None."""
+        """Why the consumer stopped on its own (a bug in the client or the runner), else None."""
         task = self._task
         if task is None or not task.done() or task.cancelled() or task.exception() is None:
             return None
@@ -261,7 +272,7 @@ class ConsumerRunner(Generic[T]):
 
     async def _run(self) -> None:
         fetching = asyncio.create_task(self._fetch_loop(), name=f"consumer:{self.topic}:fetch")
-        # A fetch loop that died (a record the client cannot parse) stops the dispatcher too: it
+        # A fetch loop that died (an error it has no answer for) stops the dispatcher too: it
         # would otherwise wait for records forever while the consumer looked alive.
         fetching.add_done_callback(self._fetching_ended)
         try:
@@ -302,6 +313,9 @@ class ConsumerRunner(Generic[T]):
                     await asyncio.wait_for(self._room.wait(), self.fetch_timeout_ms / 1000)
                 continue
             try:
+                for tp in wanted:
+                    if tp not in self._next_offset:
+                        self._next_offset[tp] = await consumer.position(tp)
                 batches = await consumer.getmany(
                     *wanted, timeout_ms=self.fetch_timeout_ms, max_records=self.max_batch
                 )
@@ -309,14 +323,99 @@ class ConsumerRunner(Generic[T]):
                 log.warning("fetch failed; retrying", extra={"topic": self.topic, "error": str(exc)})
                 await asyncio.sleep(1)
                 continue
+            except UnicodeDecodeError as exc:
+                # A record aiokafka cannot parse (a header name that is not UTF-8): every fetch of its
+                # partition fails the same way, so it is found and skipped.
+                await self._skip_unparseable(consumer, wanted, exc)
+                continue
             # Never dropped here: these may be the new assignment's first records. (Ones fetched just
             # before a rebalance are fetched again by their next owner: handlers are idempotent.)
             for tp, recs in batches.items():
-                if recs:
-                    self._buffer.setdefault(tp, []).extend(recs)
-                    self._wake.set()
+                self._accept(tp, recs)
             if self._pending and time.monotonic() - self._last_commit >= self.commit_interval_s:
                 await self.commit_pending()
+
+    def _accept(self, tp: TopicPartition, recs: list[ConsumerRecord[Any, Any]]) -> None:
+        if recs:
+            self._buffer.setdefault(tp, []).extend(recs)
+            self._next_offset[tp] = recs[-1].offset + 1
+            self._wake.set()
+
+    async def _skip_unparseable(
+        self, consumer: AIOKafkaConsumer, wanted: list[TopicPartition], error: UnicodeDecodeError
+    ) -> None:
+        """After a fetch failed on a record the client cannot parse: find it and skip it.
+
+        The failed fetch may have taken records of other partitions without returning them, so every
+        partition asked for goes back to the offset after its last buffered record. Then each is
+        fetched alone, in halving counts (a count that reaches the bad record fails, fewer succeed and
+        are buffered), down to one record that fails: its offset is dead-lettered and skipped, and so
+        are the offsets after it that fail alone (the client parses a whole record batch even to
+        start inside it, so the records after a bad one in its batch cannot be read: they go to the
+        DLQ by position too, readable there with another client). The offset is the fetch position:
+        a transaction marker just before a bad record would go to the DLQ in its place, harmlessly."""
+        log.error(
+            "fetch failed on a record the client cannot parse; looking for it",
+            extra={"topic": self.topic, "error": repr(error)},
+        )
+        # A rebalance meanwhile (`hand_over` clears the offsets; seeking a partition no longer
+        # assigned raises): the fetch loop goes on from the new assignment's committed offsets.
+        with contextlib.suppress(KafkaError, _Abandon):
+            for tp in wanted:
+                if tp not in self._next_offset:
+                    # Reassigned during the failed fetch: nothing buffered since, so it starts again
+                    # from the committed offset (or, never committed, where the reset policy puts it).
+                    committed = await consumer.committed(tp)
+                    if committed is None:
+                        reset = consumer.seek_to_beginning if self.auto_offset_reset == "earliest" else None
+                        if reset is None:
+                            continue  # "latest": no CLM consumer uses it; its position stays
+                        await reset(tp)
+                        committed = await consumer.position(tp)
+                    self._next_offset[tp] = committed
+                consumer.seek(tp, self._next_offset[tp])
+            for tp in sorted(wanted, key=lambda t: t.partition):
+                count = self.max_batch
+                while not self._stopping.is_set() and tp in self._next_offset:
+                    try:
+                        got = await consumer.getmany(tp, timeout_ms=self.fetch_timeout_ms, max_records=count)
+                    except UnicodeDecodeError as exc:
+                        consumer.seek(tp, self._next_offset[tp])  # what the failed fetch took, again
+                        if count > 1:
+                            count //= 2
+                        else:
+                            # The next one may fail too: the client parses a whole record batch even
+                            # to start inside it, so its records after a bad one cannot be read.
+                            await self._skip(consumer, tp, self._next_offset[tp], exc)
+                        continue
+                    recs = got.get(tp, [])
+                    self._accept(tp, recs)
+                    if len(recs) < count:
+                        break  # this partition's fetched records parse: look at the next one
+                    count = min(count * 2, self.max_batch)
+
+    async def _skip(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, error: UnicodeDecodeError
+    ) -> None:
+        # Nothing of it to send: the DLQ record says where it is (while the topic retains it).
+        note = (DLQ_VALUE_DROPPED, b"the record could not be parsed; read it from the source topic")
+        unparseable: ConsumerRecord[Any, Any] = ConsumerRecord(
+            tp.topic, tp.partition, offset, -1, 0, None, b"", None, -1, -1, (note,)
+        )
+        error_text = (
+            "unreadable by the Kafka client (this record, or one before it in the same record batch, "
+            f"cannot be parsed): {error!r}"
+        )
+        await self._dead_letter(unparseable, error_text, attempts=0)
+        if self._next_offset.get(tp) != offset:
+            return  # handed over while dead-lettering: the next owner finds it again
+        self._next_offset[tp] = offset + 1
+        consumer.seek(tp, offset + 1)
+        if tp in self._in_flight or self._buffer.get(tp):
+            # Committed with the unit that ends just before it (never ahead of unhandled records).
+            self._skipped.setdefault(tp, {})[offset] = offset + 1
+        else:
+            self._pending[tp] = OffsetAndMetadata(offset + 1, "")
 
     async def _dispatch_loop(self) -> None:
         """Start units of work from the buffer; a partition is in one unit at a time, so its records
@@ -385,7 +484,13 @@ class ConsumerRunner(Generic[T]):
             # Only ever offsets of handled records: committing one, even for a partition handed over
             # meanwhile, can cause a redelivery but never skip a record.
             for tp, recs in taken.items():
-                self._pending[tp] = OffsetAndMetadata(recs[-1].offset + 1, "")
+                offset = recs[-1].offset + 1
+                if skipped := self._skipped.get(tp):
+                    while offset in skipped:
+                        offset = skipped.pop(offset)
+                    for passed in [o for o in skipped if o < offset]:
+                        del skipped[passed]
+                self._pending[tp] = OffsetAndMetadata(offset, "")
         except _Abandon:
             self._stopping.set()  # shutting down during an outage: leave uncommitted, redelivered
             return
@@ -407,6 +512,10 @@ class ConsumerRunner(Generic[T]):
             extra={"topic": self.topic, "partitions": sorted(tp.partition for tp in revoked)},
         )
         self._buffer.clear()
+        # The next assignment starts again from the committed offsets (skips not yet committed are
+        # found again there).
+        self._next_offset.clear()
+        self._skipped.clear()
         self._room.set()
         if self._in_flight:
             self._idle.clear()

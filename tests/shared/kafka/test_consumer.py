@@ -15,6 +15,8 @@ import sqlalchemy.exc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from aiokafka.structs import TopicPartition
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -288,3 +290,116 @@ async def test_a_rebalance_finishing_during_an_offset_commit_does_not_stop_the_c
     finally:
         await runner.stop()
     assert await effects(platform) == [1]
+
+
+class _NotUtf8(str):
+    """A header name as another client may write it: bytes that are not UTF-8."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff"
+
+
+async def _send_batch(topic: str, partition: int, records: Sequence[OutgoingMessage | None]) -> None:
+    """`records` as one record batch on `partition`; None: a record aiokafka cannot parse (its
+    header name is not UTF-8, and the client decodes header names as it fetches)."""
+    producer = AIOKafkaProducer(bootstrap_servers=infra()[0])
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        # The pure-Python builder, which writes a header name as its `encode` gives it.
+        batch._builder = _DefaultRecordBatchBuilderPy(
+            2, 0, is_transactional=0, producer_id=-1, producer_epoch=-1, base_sequence=0, batch_size=1 << 20
+        )
+        for m in records:
+            if m is None:
+                batch.append(timestamp=None, key=b"u1", value=b"{}", headers=[(_NotUtf8("x"), b"v")])
+            else:
+                batch.append(timestamp=None, key=m.key, value=m.value, headers=list(m.headers))
+        await (await producer.send_batch(batch, topic, partition=partition))
+    finally:
+        await producer.stop()
+
+
+async def _committed(platform: Platform, group: str, topic: str, partition: int) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=infra()[0], group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        result: int | None = await consumer.committed(TopicPartition(topic, partition))
+        return result
+    finally:
+        await consumer.stop()
+
+
+async def test_a_record_the_client_cannot_parse_is_dead_lettered_by_position_and_nothing_else_is_lost(
+    platform: Platform,
+) -> None:
+    """aiokafka fails every fetch that reaches such a record (once, it stopped the consumer for good,
+    and a fetch over several partitions lost the records it had taken from the others): the record
+    is found, dead-lettered as its position and skipped, and so are the records after it in its
+    record batch (the client parses the whole batch even to start inside it); the others are handled."""
+    s = platform.settings
+    topic = s.topic(CUSTOMER_EVENTS.name)
+
+    def msg(n: int) -> OutgoingMessage:
+        return encode_message(topic, "u1", event(n), producer="t")
+
+    # Partition 1 first: the fetch that fails on partition 0 has likely taken these already.
+    await _send_batch(topic, 1, [msg(10), msg(11), msg(12)])
+    await _send_batch(topic, 0, [msg(1), msg(2), msg(3), None, msg(4), msg(5)])
+    await _send_batch(topic, 0, [msg(6)])
+    runner = platform.consumer(
+        CUSTOMER_EVENTS.name, CustomerEvent, "unparseable", recording_handler(platform)
+    )
+    await runner.start()
+    try:
+        await eventually(lambda: _equals(effects(platform), [1, 2, 3, 6, 10, 11, 12]), timeout=30)
+        dlq = await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=3)
+        assert runner.running
+    finally:
+        await runner.stop()
+    assert await effects(platform) == [1, 2, 3, 6, 10, 11, 12]
+    # The bad record and the two after it in its batch, each once, by position and without a value.
+    assert [dict(r.headers)[Headers.DLQ_SOURCE] for r in dlq] == [
+        f"{topic}/0/{o}".encode() for o in (3, 4, 5)
+    ]
+    for r in dlq:
+        headers = dict(r.headers)
+        assert headers[Headers.DLQ_ERROR].startswith(b"unreadable by the Kafka client")
+        assert b"UnicodeDecodeError" in headers[Headers.DLQ_ERROR]
+        assert DLQ_VALUE_DROPPED in headers
+        assert r.value == b""
+    with pytest.raises(TimeoutError):
+        await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=4, timeout=3)
+    assert await _committed(platform, runner.group, topic, 0) == 7
+    assert await _committed(platform, runner.group, topic, 1) == 3
+
+
+async def test_an_unparseable_last_record_is_committed_past_so_a_restart_skips_it(
+    platform: Platform,
+) -> None:
+    s = platform.settings
+    topic = s.topic(CUSTOMER_EVENTS.name)
+    await _send_batch(topic, 0, [encode_message(topic, "u1", event(1), producer="t"), None])
+    runner = platform.consumer(
+        CUSTOMER_EVENTS.name, CustomerEvent, "unparseable-last", recording_handler(platform)
+    )
+    await runner.start()
+    try:
+        await eventually(lambda: _equals(effects(platform), [1]), timeout=30)
+        # Nothing after it to commit with: the skip is committed on its own.
+        await eventually(lambda: _committed_is(platform, runner.group, topic, 2), timeout=30)
+    finally:
+        await runner.stop()
+    dlq = await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=1)
+    assert dict(dlq[0].headers)[Headers.DLQ_SOURCE] == f"{topic}/0/1".encode()
+    with pytest.raises(TimeoutError):  # dead-lettered once
+        await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=2, timeout=3)
+    assert await effects(platform) == [1]
+
+
+async def _equals(values: Any, expected: list[int]) -> bool:
+    return bool(await values == expected)
+
+
+async def _committed_is(platform: Platform, group: str, topic: str, offset: int) -> bool:
+    return await _committed(platform, group, topic, 0) == offset

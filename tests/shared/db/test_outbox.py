@@ -22,6 +22,7 @@ from sqlalchemy import text
 from shared.contracts import PROFILES, Headers, ProfileChanged, ProfileChangeKind
 from shared.db import messaging_tables
 from shared.db.engine import ensure_schema
+from shared.db.outbox import _headers
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
 from tests.support import eventually, messaging_platform, read_topic
@@ -281,3 +282,11 @@ async def test_after_a_pass_cut_short_by_the_byte_budget_the_relay_goes_on_at_on
             uow.emit(PROFILES.name, c.customer_id, c)
     got = await read_topic(platform.settings.topic(PROFILES.name), count=4, timeout=10)
     assert [m["value"]["event_id"] for m in got] == [c.event_id for c in changes]
+
+
+def test_row_headers_become_kafka_headers_whatever_json_values_they_hold() -> None:
+    """`outbox_row` writes string values; other JSON values (a row written by hand, an earlier
+    version) are sent as their text, as before the string-only fast path."""
+    assert _headers('{"a": "x", "b": "\u00e9"}') == (("a", b"x"), ("b", "\u00e9".encode()))
+    assert _headers({"a": "x", "n": 5, "z": None}) == (("a", b"x"), ("n", b"5"), ("z", b"None"))
+    assert _headers([["a", "x"], ["n", 5]]) == (("a", b"x"), ("n", b"5"))

@@ -219,6 +219,8 @@ class ConsumerRunner(Generic[T]):
         # Offsets skipped as unparseable, per partition: skipped offset -> the one after it, for the
         # commit of the unit that ends just before them.
         self._skipped: dict[TopicPartition, dict[int, int]] = {}
+        # Per partition, the offset before which every record is handled (or skipped), where known.
+        self._handled_to: dict[TopicPartition, int] = {}
         self._last_commit = time.monotonic()
 
     @property
@@ -306,16 +308,18 @@ class ConsumerRunner(Generic[T]):
         consumer = self._consumer
         while not self._stopping.is_set():
             assigned = consumer.assignment()
+            if not assigned:
+                # Not `getmany()` with no partitions (all of them, whatever a rebalance during the
+                # call assigns): a failed fetch must know which partitions it may have taken from.
+                await asyncio.sleep(self.fetch_timeout_ms / 1000)
+                continue
             wanted = [tp for tp in assigned if len(self._buffer.get(tp, ())) < self.max_batch]
-            if assigned and not wanted:
+            if not wanted:
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), self.fetch_timeout_ms / 1000)
                 continue
             try:
-                for tp in wanted:
-                    if tp not in self._next_offset:
-                        self._next_offset[tp] = await consumer.position(tp)
                 batches = await consumer.getmany(
                     *wanted, timeout_ms=self.fetch_timeout_ms, max_records=self.max_batch
                 )
@@ -347,52 +351,61 @@ class ConsumerRunner(Generic[T]):
         """After a fetch failed on a record the client cannot parse: find it and skip it.
 
         The failed fetch may have taken records of other partitions without returning them, so every
-        partition asked for goes back to the offset after its last buffered record. Then each is
-        fetched alone, in halving counts (a count that reaches the bad record fails, fewer succeed and
-        are buffered), down to one record that fails: its offset is dead-lettered and skipped, and so
-        are the offsets after it that fail alone (the client parses a whole record batch even to
-        start inside it, so the records after a bad one in its batch cannot be read: they go to the
-        DLQ by position too, readable there with another client). The offset is the fetch position:
-        a transaction marker just before a bad record would go to the DLQ in its place, harmlessly."""
+        assigned partition goes back to the offset after its last buffered record (or, none buffered
+        since its assignment, to its committed offset). Then each partition asked for is fetched
+        alone, in halving counts (a count that reaches the bad record fails, fewer succeed and are
+        buffered), down to one record that fails: its offset is dead-lettered and skipped, and so are
+        the offsets after it that fail alone (the client parses a whole record batch even to start
+        inside it, so the records after a bad one in its batch cannot be read: they go to the DLQ by
+        position too, readable there with another client). The offset is the fetch position: a
+        transaction marker (or an aborted record) just before a bad record would go to the DLQ in its
+        place, harmlessly. A rebalance meanwhile ends the search: the fetch loop goes on from the new
+        assignment's committed offsets, and finds the record again if it is still there."""
         log.error(
             "fetch failed on a record the client cannot parse; looking for it",
             extra={"topic": self.topic, "error": repr(error)},
         )
-        # A rebalance meanwhile (`hand_over` clears the offsets; seeking a partition no longer
-        # assigned raises): the fetch loop goes on from the new assignment's committed offsets.
-        with contextlib.suppress(KafkaError, _Abandon):
-            for tp in wanted:
+        for tp in consumer.assignment():
+            # One by one: a partition a rebalance took meanwhile raises, the others still go back.
+            with contextlib.suppress(KafkaError):
                 if tp not in self._next_offset:
-                    # Reassigned during the failed fetch: nothing buffered since, so it starts again
-                    # from the committed offset (or, never committed, where the reset policy puts it).
-                    committed = await consumer.committed(tp)
-                    if committed is None:
-                        reset = consumer.seek_to_beginning if self.auto_offset_reset == "earliest" else None
-                        if reset is None:
-                            continue  # "latest": no CLM consumer uses it; its position stays
-                        await reset(tp)
-                        committed = await consumer.position(tp)
-                    self._next_offset[tp] = committed
-                consumer.seek(tp, self._next_offset[tp])
+                    await self._from_committed(consumer, tp)
+                if (offset := self._next_offset.get(tp)) is not None:
+                    consumer.seek(tp, offset)
+        with contextlib.suppress(KafkaError, _Abandon):
             for tp in sorted(wanted, key=lambda t: t.partition):
                 count = self.max_batch
                 while not self._stopping.is_set() and tp in self._next_offset:
                     try:
                         got = await consumer.getmany(tp, timeout_ms=self.fetch_timeout_ms, max_records=count)
                     except UnicodeDecodeError as exc:
-                        consumer.seek(tp, self._next_offset[tp])  # what the failed fetch took, again
+                        if (offset := self._next_offset.get(tp)) is None:
+                            return  # handed over during the fetch
+                        consumer.seek(tp, offset)  # what the failed fetch took, again
                         if count > 1:
                             count //= 2
                         else:
                             # The next one may fail too: the client parses a whole record batch even
                             # to start inside it, so its records after a bad one cannot be read.
-                            await self._skip(consumer, tp, self._next_offset[tp], exc)
+                            await self._skip(consumer, tp, offset, exc)
                         continue
                     recs = got.get(tp, [])
                     self._accept(tp, recs)
                     if len(recs) < count:
                         break  # this partition's fetched records parse: look at the next one
                     count = min(count * 2, self.max_batch)
+
+    async def _from_committed(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+        """Nothing of `tp` buffered since its assignment: it starts again from its committed offset
+        (never committed: where the reset policy puts it), and everything before that is handled."""
+        committed = await consumer.committed(tp)
+        if committed is None:
+            if self.auto_offset_reset != "earliest":
+                return  # "latest": no CLM consumer uses it; its position stays
+            await consumer.seek_to_beginning(tp)
+            committed = await consumer.position(tp)
+        if tp in consumer.assignment() and tp not in self._next_offset:
+            self._next_offset[tp] = self._handled_to[tp] = committed
 
     async def _skip(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, error: UnicodeDecodeError
@@ -411,11 +424,14 @@ class ConsumerRunner(Generic[T]):
             return  # handed over while dead-lettering: the next owner finds it again
         self._next_offset[tp] = offset + 1
         consumer.seek(tp, offset + 1)
-        if tp in self._in_flight or self._buffer.get(tp):
-            # Committed with the unit that ends just before it (never ahead of unhandled records).
-            self._skipped.setdefault(tp, {})[offset] = offset + 1
-        else:
+        if self._handled_to.get(tp) == offset:
+            # Everything before it is handled: committed on its own (it may be the last record).
+            self._handled_to[tp] = offset + 1
             self._pending[tp] = OffsetAndMetadata(offset + 1, "")
+        else:
+            # Committed with the unit that ends just before it, never ahead of an unhandled record
+            # (one in a unit, buffered, or in a unit that gave up: then found again after a restart).
+            self._skipped.setdefault(tp, {})[offset] = offset + 1
 
     async def _dispatch_loop(self) -> None:
         """Start units of work from the buffer; a partition is in one unit at a time, so its records
@@ -490,6 +506,7 @@ class ConsumerRunner(Generic[T]):
                         offset = skipped.pop(offset)
                     for passed in [o for o in skipped if o < offset]:
                         del skipped[passed]
+                self._handled_to[tp] = offset
                 self._pending[tp] = OffsetAndMetadata(offset, "")
         except _Abandon:
             self._stopping.set()  # shutting down during an outage: leave uncommitted, redelivered
@@ -516,6 +533,7 @@ class ConsumerRunner(Generic[T]):
         # found again there).
         self._next_offset.clear()
         self._skipped.clear()
+        self._handled_to.clear()
         self._room.set()
         if self._in_flight:
             self._idle.clear()

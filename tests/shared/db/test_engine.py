@@ -124,3 +124,26 @@ async def test_json_lists_read_as_arrays_in_order(platform: Platform) -> None:
         assert sorted(r[0] for r in got) == sorted(some)
         assert (await _INTS.fetch(conn, {"xs": json_list([3, 1, 2])}))[0][0] == [3, 1, 2]
         assert (await _INTS.fetch(conn, {"xs": json_list([])}))[0][0] == []
+
+
+async def test_statements_stay_in_their_sessions_transaction_across_transactions(platform: Platform) -> None:
+    """`driver_connection` keeps the asyncpg connection for the session's transaction: a statement
+    of the next transaction (same session) must not run on the last one's, nor outside any."""
+    bump = Statement("UPDATE counters SET n = n + 1 WHERE id = 'a'")
+    read = Statement("SELECT n FROM counters WHERE id = 'a'")
+    async with platform.sessions() as session:
+        async with session.begin():
+            await bump.execute(session)
+            await bump.execute(session)
+            assert (await read.fetch(session))[0][0] == 2
+            await session.rollback()
+        async with session.begin():
+            assert (await read.fetch(session))[0][0] == 0  # the rollback took both
+            await bump.execute(session)
+        async with session.begin():
+            await bump.execute(session)
+            await session.rollback()
+        async with session.begin():
+            await bump.execute(session)
+    async with platform.engine.connect() as conn:
+        assert (await conn.execute(text("SELECT n FROM counters WHERE id = 'a'"))).scalar_one() == 2

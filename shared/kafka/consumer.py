@@ -308,13 +308,8 @@ class ConsumerRunner(Generic[T]):
         consumer = self._consumer
         while not self._stopping.is_set():
             assigned = consumer.assignment()
-            if not assigned:
-                # Not `getmany()` with no partitions (all of them, whatever a rebalance during the
-                # call assigns): a failed fetch must know which partitions it may have taken from.
-                await asyncio.sleep(self.fetch_timeout_ms / 1000)
-                continue
             wanted = [tp for tp in assigned if len(self._buffer.get(tp, ())) < self.max_batch]
-            if not wanted:
+            if assigned and not wanted:
                 self._room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._room.wait(), self.fetch_timeout_ms / 1000)
@@ -330,7 +325,9 @@ class ConsumerRunner(Generic[T]):
             except UnicodeDecodeError as exc:
                 # A record aiokafka cannot parse (a header name that is not UTF-8): every fetch of its
                 # partition fails the same way, so it is found and skipped.
-                await self._skip_unparseable(consumer, wanted, exc)
+                # (With nothing assigned, `getmany()` fetched whatever a rebalance assigned meanwhile;
+                # kept, not slept over: aiokafka leaves the group after max_poll_interval_ms without it.)
+                await self._skip_unparseable(consumer, wanted or sorted(consumer.assignment()), exc)
                 continue
             # Never dropped here: these may be the new assignment's first records. (Ones fetched just
             # before a rebalance are fetched again by their next owner: handlers are idempotent.)
@@ -400,10 +397,13 @@ class ConsumerRunner(Generic[T]):
         (never committed: where the reset policy puts it), and everything before that is handled."""
         committed = await consumer.committed(tp)
         if committed is None:
-            if self.auto_offset_reset != "earliest":
-                return  # "latest": no CLM consumer uses it; its position stays
-            await consumer.seek_to_beginning(tp)
+            if self.auto_offset_reset == "earliest":
+                await consumer.seek_to_beginning(tp)
+            # ("latest", which no CLM consumer uses: where it is now.)
             committed = await consumer.position(tp)
+        else:
+            # Not below the log's start (retention may have deleted what the group had not read).
+            committed = max(committed, (await consumer.beginning_offsets([tp]))[tp])
         if tp in consumer.assignment() and tp not in self._next_offset:
             self._next_offset[tp] = self._handled_to[tp] = committed
 

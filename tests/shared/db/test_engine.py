@@ -15,10 +15,12 @@ from sqlalchemy import text
 from shared.db.engine import (
     Statement,
     array_from_json,
+    create_engine,
     driver_autocommit,
     json_list,
     json_rows,
     rows_from_json,
+    session_factory,
 )
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
@@ -147,3 +149,31 @@ async def test_statements_stay_in_their_sessions_transaction_across_transactions
             await bump.execute(session)
     async with platform.engine.connect() as conn:
         assert (await conn.execute(text("SELECT n FROM counters WHERE id = 'a'"))).scalar_one() == 2
+
+
+async def test_a_sessions_next_transaction_never_borrows_the_connection_another_session_now_holds(
+    platform: Platform,
+) -> None:
+    """The pooled connection a session's last transaction used may be another session's now: the
+    next transaction gets a connection of its own (else its statement would run in, and roll back
+    with, the other session's transaction)."""
+    s = platform.settings
+    engine = create_engine(s.database_url, s.db_schema, pool_size=1)  # one pooled connection (+1 overflow)
+    sessions = session_factory(engine)
+    bump = Statement("UPDATE counters SET n = n + 1 WHERE id = :id")
+    try:
+        async with platform.engine.begin() as conn:
+            await conn.execute(text("INSERT INTO counters VALUES ('b', 0)"))
+        async with sessions() as a, sessions() as b:
+            async with a.begin():
+                await bump.execute(a, {"id": "b"})
+            await b.begin()
+            await bump.execute(b, {"id": "a"})  # the connection `a` gave back
+            async with a.begin():
+                await bump.execute(a, {"id": "b"})
+            await b.rollback()
+    finally:
+        await engine.dispose()
+    async with platform.engine.connect() as conn:
+        rows = {r[0]: r[1] for r in await conn.execute(text("SELECT id, n FROM counters ORDER BY id"))}
+    assert rows == {"a": 0, "b": 2}

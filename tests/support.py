@@ -14,6 +14,7 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from fastapi import FastAPI
 
 from shared.kafka.consumer import ConsumerRunner
@@ -216,3 +217,22 @@ async def messaging_platform(settings: BaseServiceSettings, *setup_sql: str) -> 
         yield platform
     finally:
         await platform.stop()
+
+
+async def set_topic_configs(topic: str, configs: dict[str, str], timeout: float = 20) -> None:
+    """Alter `topic`'s configs and wait until the broker reports them (it applies them once it has
+    read its metadata log: a fixed one-second wait was too short on a loaded host)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=infra()[0])
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+
+        async def applied() -> bool:
+            wanted = ConfigResource(ConfigResourceType.TOPIC, topic, configs=dict.fromkeys(configs))
+            [response] = await admin.describe_configs([wanted])
+            entries = {e[0]: e[1] for resource in response.resources for e in resource[4]}
+            return all(entries.get(k) == v for k, v in configs.items())
+
+        await eventually(applied, timeout=timeout, interval=0.1)
+    finally:
+        await admin.close()

@@ -13,8 +13,6 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError
 from prometheus_client import REGISTRY
 from sqlalchemy import text
@@ -25,7 +23,7 @@ from shared.db.engine import ensure_schema
 from shared.db.outbox import _headers
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
-from tests.support import eventually, messaging_platform, read_topic
+from tests.support import eventually, messaging_platform, read_topic, set_topic_configs
 
 
 class RelaySettings(BaseServiceSettings):
@@ -106,15 +104,7 @@ async def test_a_batch_the_broker_refuses_as_too_large_is_sent_one_by_one_and_th
     numbers of the idempotent producer)."""
     s = platform.settings
     topic = s.topic(PROFILES.name)
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.alter_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": "20000"})]
-        )
-        await asyncio.sleep(1.0)  # applied by the broker once it has read its metadata log
-    finally:
-        await admin.close()
+    await set_topic_configs(topic, {"max.message.bytes": "20000"})
     first = change("c1")  # the partition has a batch of this producer before the refused one
     async with platform.unit_of_work() as uow:
         uow.emit(PROFILES.name, "c1", first)

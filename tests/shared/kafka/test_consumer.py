@@ -14,7 +14,6 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.structs import TopicPartition
 from sqlalchemy import text
@@ -29,7 +28,7 @@ from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
 from tests.shared.test_consumer_runner import event
-from tests.support import eventually, infra, read_topic
+from tests.support import eventually, infra, read_topic, set_topic_configs
 
 
 async def raw_records(topic: str, count: int, timeout: float = 10) -> list[ConsumerRecord[bytes, bytes]]:
@@ -238,15 +237,7 @@ async def test_a_dead_letter_record_the_broker_refuses_as_too_large_goes_without
     record goes again without its value, and the consumer goes on."""
     s = platform.settings
     topic, dlq_topic = s.topic(CUSTOMER_EVENTS.name), s.topic(CUSTOMER_EVENTS.dead_letter)
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.alter_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, dlq_topic, configs={"max.message.bytes": "20000"})]
-        )
-        await asyncio.sleep(1.0)  # applied by the broker once it has read its metadata log
-    finally:
-        await admin.close()
+    await set_topic_configs(dlq_topic, {"max.message.bytes": "20000"})
     await platform.producer.send(OutgoingMessage(topic, b"u1", b"{" + b"x" * 30_000, ()))
     await platform.producer.send(OutgoingMessage(topic, b"u1", b"{small", ()))
     await platform.producer.publish(CUSTOMER_EVENTS.name, "u1", event(3))

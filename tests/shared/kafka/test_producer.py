@@ -7,13 +7,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from shared.kafka import ensure_topics
 from shared.kafka.producer import TOO_LARGE, EventProducer, OutgoingMessage, record_size
 from shared.settings import BaseServiceSettings
-from tests.support import read_topic
+from tests.support import read_topic, set_topic_configs
 
 
 class ProducerSettings(BaseServiceSettings):
@@ -31,19 +29,7 @@ async def producer(make_settings: Callable[..., Any]) -> AsyncIterator[EventProd
 
 
 async def limit_topic(settings: BaseServiceSettings, topic: str, max_message_bytes: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.alter_configs(
-            [
-                ConfigResource(
-                    ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": str(max_message_bytes)}
-                )
-            ]
-        )
-        await asyncio.sleep(1.0)  # applied by the broker once it has read its metadata log
-    finally:
-        await admin.close()
+    await set_topic_configs(topic, {"max.message.bytes": str(max_message_bytes)})
 
 
 async def test_a_batch_refused_as_too_large_does_not_stop_later_sends_to_its_partition(

@@ -368,13 +368,25 @@ class ConsumerRunner(Generic[T]):
                 if tp not in self._next_offset:
                     await self._from_committed(consumer, tp)
                 if (offset := self._next_offset.get(tp)) is not None:
+                    if (position := await consumer.position(tp)) > offset:
+                        log.info(
+                            "fetching again the records the failed fetch had taken",
+                            extra={
+                                "topic": self.topic,
+                                "partition": tp.partition,
+                                "from": offset,
+                                "to": position,
+                            },
+                        )
                     consumer.seek(tp, offset)
         with contextlib.suppress(KafkaError, _Abandon):
+            # Longer than the broker may hold a fetch: an empty answer must mean nothing is waiting.
+            timeout_ms = self.fetch_max_wait_ms + self.fetch_timeout_ms
             for tp in sorted(wanted, key=lambda t: t.partition):
                 count = self.max_batch
                 while not self._stopping.is_set() and tp in self._next_offset:
                     try:
-                        got = await consumer.getmany(tp, timeout_ms=self.fetch_timeout_ms, max_records=count)
+                        got = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=count)
                     except UnicodeDecodeError as exc:
                         if (offset := self._next_offset.get(tp)) is None:
                             return  # handed over during the fetch

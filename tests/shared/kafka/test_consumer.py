@@ -293,20 +293,35 @@ class _NotUtf8(str):
 async def _send_batch(topic: str, partition: int, records: Sequence[OutgoingMessage | None]) -> None:
     """`records` as one record batch on `partition`; None: a record aiokafka cannot parse (its
     header name is not UTF-8, and the client decodes header names as it fetches)."""
+    await _send_batches(topic, {partition: records})
+
+
+async def _send_batches(topic: str, batches: dict[int, Sequence[OutgoingMessage | None]]) -> None:
+    """One record batch per partition, sent together (one produce request: the broker appends them
+    at once)."""
     producer = AIOKafkaProducer(bootstrap_servers=infra()[0])
     await producer.start()
     try:
-        batch = producer.create_batch()
-        # The pure-Python builder, which writes a header name as its `encode` gives it.
-        batch._builder = _DefaultRecordBatchBuilderPy(
-            2, 0, is_transactional=0, producer_id=-1, producer_epoch=-1, base_sequence=0, batch_size=1 << 20
-        )
-        for m in records:
-            if m is None:
-                batch.append(timestamp=None, key=b"u1", value=b"{}", headers=[(_NotUtf8("x"), b"v")])
-            else:
-                batch.append(timestamp=None, key=m.key, value=m.value, headers=list(m.headers))
-        await (await producer.send_batch(batch, topic, partition=partition))
+        sent = []
+        for partition, records in batches.items():
+            batch = producer.create_batch()
+            # The pure-Python builder, which writes a header name as its `encode` gives it.
+            batch._builder = _DefaultRecordBatchBuilderPy(
+                2,
+                0,
+                is_transactional=0,
+                producer_id=-1,
+                producer_epoch=-1,
+                base_sequence=0,
+                batch_size=1 << 20,
+            )
+            for m in records:
+                if m is None:
+                    batch.append(timestamp=None, key=b"u1", value=b"{}", headers=[(_NotUtf8("x"), b"v")])
+                else:
+                    batch.append(timestamp=None, key=m.key, value=m.value, headers=list(m.headers))
+            sent.append(await producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*sent)
     finally:
         await producer.stop()
 
@@ -364,6 +379,48 @@ async def test_a_record_the_client_cannot_parse_is_dead_lettered_by_position_and
         await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=4, timeout=3)
     assert await _committed(platform, runner.group, topic, 0) == 7
     assert await _committed(platform, runner.group, topic, 1) == 3
+
+
+async def test_the_search_waits_out_a_fetch_the_broker_holds_longer_than_the_runners_timeout(
+    platform: Platform,
+) -> None:
+    """A consumer whose fetches the broker holds longer (`fetch_max_wait_ms`, for a `fetch_min_bytes`
+    not reached) than the runner waits for a fetch: the search's empty answers once passed for
+    "nothing bad here", and it started over for ever. Rounds of records on both partitions, sent
+    together, with an unparseable one on partition 0 each time: every readable record is handled,
+    each bad one dead-lettered once."""
+    s = platform.settings
+    topic = s.topic(CUSTOMER_EVENTS.name)
+
+    def msg(n: int) -> OutgoingMessage:
+        return encode_message(topic, "u1", event(n), producer="t")
+
+    runner = platform.consumer(
+        CUSTOMER_EVENTS.name,
+        CustomerEvent,
+        "unparseable-held",
+        recording_handler(platform),
+        max_batch=4,  # a short search: 4, 2, 1
+        fetch_min_bytes=1 << 20,
+        fetch_max_wait_ms=300,  # the runner's own fetch timeout is 200 ms
+    )
+    rounds, handled = 3, []
+    await runner.start()
+    try:
+        for r in range(rounds):
+            n = 100 * (r + 1)
+            await _send_batches(topic, {0: [msg(n), None], 1: [msg(n + 1), msg(n + 2)]})
+            handled += [n, n + 1, n + 2]
+            expected = sorted(handled)
+            await eventually(lambda: _equals(effects(platform), expected), timeout=30)  # noqa: B023
+        assert runner.running
+    finally:
+        await runner.stop()
+    dlq = await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=rounds)
+    assert sorted(dict(r.headers)[Headers.DLQ_SOURCE] for r in dlq) == sorted(
+        f"{topic}/0/{2 * r + 1}".encode() for r in range(rounds)
+    )
+    assert await _committed(platform, runner.group, topic, 1) == 2 * rounds
 
 
 async def test_an_unparseable_last_record_is_committed_past_so_a_restart_skips_it(

@@ -82,7 +82,10 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     platform.on_consumers_stopped.append(worker.finish_handed_off)
     platform.consumer(MESSAGE_REQUESTS.name, MessageRequested, "message-requests", requests_consumer.handle)
     platform.consumer(
-        PROFILES.name, ProfileChanged, "profiles", ProfilesConsumer(platform.unit_of_work).handle
+        PROFILES.name,
+        ProfileChanged,
+        "profiles",
+        ProfilesConsumer(platform.unit_of_work, settings.sms_default_region).handle,
     )
     privacy_consumer = PrivacyConsumer(
         platform.unit_of_work,

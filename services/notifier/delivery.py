@@ -40,6 +40,7 @@ from services.notifier.domain.composition import (
     template_data,
 )
 from services.notifier.domain.consent import SubscriptionTopic, phone_key
+from services.notifier.domain.phone_numbers import InvalidPhoneNumber, normalized, to_e164
 from services.notifier.domain.retry_policy import Failure, RetryPolicy
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.templates import RenderError, TemplateDefinition, TemplateRenderer
@@ -380,7 +381,8 @@ class DeliveryWorker:
         if request.channel is not Channel.SMS or request.category is not MessageCategory.MARKETING:
             return None
         address = recipient_address(request, contact)
-        return phone_key(self.settings.privacy_salt.get_secret_value(), address) if address else None
+        e164 = normalized(address, self.settings.sms_default_region) if address else None
+        return phone_key(self.settings.privacy_salt.get_secret_value(), e164) if e164 else None
 
     def prepare(
         self,
@@ -424,6 +426,12 @@ class DeliveryWorker:
                 f"no {request.channel.value} address for the customer",
                 retry=contact is None or young,
             )
+        if request.channel is Channel.SMS:
+            # The provider gets the number the STOP check used: one form however it was written.
+            try:
+                address = to_e164(address, self.settings.sms_default_region)
+            except InvalidPhoneNumber as exc:
+                return Prepared(None, MessageStatusKind.FAILED, f"no sms address for the customer: {exc}")
         try:
             rendered = self.renderer.render(
                 template, locale_of(request, contact), template_data(request, contact, self.links, address)

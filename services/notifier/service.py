@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -11,6 +12,7 @@ from services.notifier.consumers.message_requests import enqueue
 from services.notifier.delivery import DeliveryWorker
 from services.notifier.domain.composition import status_of
 from services.notifier.domain.consent import ALL_TOPICS, opted_out, phone_key
+from services.notifier.domain.phone_numbers import normalized
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.settings import NotifierSettings
@@ -19,6 +21,8 @@ from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
 from shared.runtime import Platform
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,13 +67,17 @@ class Notifier:
         a request's override recipient included) and every customer whose profile phone it is (all
         SMS marketing, with an `unsubscribed` status of their latest SMS on STOP)."""
         now = self.clock.now()
-        key = phone_key(self.settings.privacy_salt.get_secret_value(), phone)
+        # Twilio's `From` is E.164 already; read like any number, in case a gateway formats it.
+        e164 = normalized(phone, self.settings.sms_default_region)
+        if e164 is None:
+            log.warning("inbound SMS keyword from a value that is no phone number; ignored")
+            return
+        key = phone_key(self.settings.privacy_salt.get_secret_value(), e164)
         async with self.platform.unit_of_work() as uow:
-            if key is not None:
-                await consent_repo.set_sms_address_optout(
-                    uow.session, key, not subscribed, source=source, now=now
-                )
-            for customer_id in sorted(await contacts_repo.find_by_phone(uow.session, phone)):
+            await consent_repo.set_sms_address_optout(
+                uow.session, key, not subscribed, source=source, now=now
+            )
+            for customer_id in sorted(await contacts_repo.find_by_phone(uow.session, e164)):
                 latest = (
                     None
                     if subscribed

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
+from services.notifier.domain.phone_numbers import SUPPORTED_REGIONS
 from shared.settings import BaseServiceSettings
 
 ProviderKind = Literal["smtp", "twilio", "fcm", "webhook", "in_app"]
@@ -103,6 +104,10 @@ class NotifierSettings(BaseServiceSettings):
     twilio_from_number: str = "+15550000000"
     # Inbound webhooks (STOP) must carry a valid X-Twilio-Signature unless this is off.
     twilio_verify_inbound: bool = True
+    # The country (ISO 3166-1 alpha-2: US, GB, DE...) a phone number written without its country
+    # code is in. Every SMS goes to, and every STOP is matched by, the E.164 form; unset, such a
+    # number is refused (the message fails with the reason) rather than guessed.
+    sms_default_region: str | None = None
     fcm_base_url: str = "https://fcm.googleapis.com"
     fcm_project_id: str = "clm-dev"
     fcm_bearer_token: SecretStr = SecretStr("dev-fcm-token")
@@ -217,6 +222,19 @@ class NotifierSettings(BaseServiceSettings):
             if (config := configs.get(name)) is not None and config.kind == "twilio"
             if (token := config.auth_token.get_secret_value())
         ]
+
+    @field_validator("sms_default_region")
+    @classmethod
+    def _region_has_phone_metadata(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        region = value.strip().upper()
+        if region not in SUPPORTED_REGIONS:
+            raise ValueError(
+                f"{value!r} is not a region with phone number metadata: an ISO 3166-1 alpha-2 code "
+                "such as US, GB or DE"
+            )
+        return region
 
     @field_validator("webhook_secret")
     @classmethod

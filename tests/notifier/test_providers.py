@@ -114,7 +114,7 @@ async def test_provider_400_fails_without_retry(start_notifier) -> None:  # type
     async with start_notifier() as h:
         await h.create_template(SMS)
         h.twilio.fail_next(error(400, "The 'To' number is not a valid phone number."))
-        await h.publish(sms_request("m-sms-400", "+1555", "1"))
+        await h.publish(sms_request("m-sms-400", "+15550100400", "1"))
         statuses = await h.wait_status("m-sms-400", "failed")
         assert "HTTP 400" in statuses[-1]["reason"] and "not a valid phone number" in statuses[-1]["reason"]
         await h.statuses(idle=1.0, timeout=3)

@@ -112,3 +112,59 @@ async def test_stop_still_follows_a_number_the_profile_no_longer_has(start_notif
 async def _has_phone(h: Harness, phone: str) -> bool:
     async with h.platform.unit_of_work() as uow:
         return bool(await contacts_repo.find_by_phone(uow.session, phone))
+
+
+async def test_a_stop_matches_the_profile_phone_however_it_was_written(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """The profile wrote the number without its country code; Twilio delivers to, and reports the
+    STOP from, its E.164 form. With digits-only matching the STOP opted nobody out and marketing SMS
+    kept going to the number."""
+    async with start_notifier(sms_default_region="US") as h:
+        await h.create_template(SMS)
+        await h.create_topic("promotions", ["sms"])
+        await h.profile("c23", {"phone": "(555) 000-6666"})
+        await h.wait_contact("c23")
+        await h.publish(request("m-nat-1", "c23", "sms", "promo-sms", **MARKETING))
+        await h.wait_status("m-nat-1", "sent")
+        assert _sent_to(h) == ["+15550006666"]  # the provider is given the number the STOP check used
+
+        await _inbound(h, "+15550006666", "STOP")
+
+        await h.publish(request("m-nat-2", "c23", "sms", "promo-sms", **MARKETING))
+        statuses = await h.wait_status("m-nat-2", "suppressed")
+        # The customer is opted out (found by the number), and the number is.
+        assert statuses[-1]["reason"] == "unsubscribed from all sms marketing"
+        history = (await h.client.get("/v1/customers/c23/consent-history", headers=ADMIN)).json()["history"]
+        assert [(e["topic"], e["subscribed"], e["source"]) for e in history] == [("*", False, "sms_stop")]
+        # Another customer's request to the same number, written yet another way.
+        await h.publish(
+            request("m-nat-3", "c24", "sms", "promo-sms", recipient={"phone": "555.000.6666"}, **MARKETING)
+        )
+        statuses = await h.wait_status("m-nat-3", "suppressed")
+        assert statuses[-1]["reason"] == "the number opted out of sms marketing (STOP)"
+        assert _sent_to(h) == ["+15550006666"]
+
+
+async def test_a_number_without_its_country_code_fails_without_a_default_region(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """Sent as written, the provider would guess the country: the message could reach someone else,
+    and a STOP from that number would not match the one CLM checked."""
+    async with start_notifier() as h:
+        await h.create_template(SMS)
+        await h.profile("c25", {"phone": "555 000 7777"})
+        await h.wait_contact("c25")
+        await h.publish(request("m-nor-1", "c25", "sms", "promo-sms", category="transactional"))
+        statuses = await h.wait_status("m-nor-1", "failed")
+        assert statuses[-1]["reason"] == (
+            "no sms address for the customer: the phone number has no country code (+...) and no "
+            "default region is set (CLM_SMS_DEFAULT_REGION)"
+        )
+        await h.publish(
+            request(
+                "m-nor-2", "c25", "sms", "promo-sms", recipient={"phone": "+1 555"}, category="transactional"
+            )
+        )
+        statuses = await h.wait_status("m-nor-2", "failed")
+        assert (
+            statuses[-1]["reason"]
+            == "no sms address for the customer: the phone number is too short for its country"
+        )
+        assert h.twilio.requests == []

@@ -24,8 +24,9 @@ CONSUMER = "notifier.profiles"
 
 
 class ProfilesConsumer:
-    def __init__(self, unit_of_work: Callable[[], UnitOfWork]) -> None:
+    def __init__(self, unit_of_work: Callable[[], UnitOfWork], sms_default_region: str | None = None) -> None:
         self.unit_of_work = unit_of_work
+        self.sms_default_region = sms_default_region
 
     async def handle(self, batch: Sequence[Consumed[ProfileChanged]]) -> None:
         async with self.unit_of_work() as uow:
@@ -58,8 +59,9 @@ class ProfilesConsumer:
                 await in_app_repo.move(uow.session, moved, change.customer_id)
                 if change.recommendations is not None:
                     lists.append((change.customer_id, dict(change.recommendations), change.occurred_at))
-                upserts.append(
-                    (contact_from_traits(change.customer_id, dict(change.traits)), change.occurred_at)
+                contact = contact_from_traits(
+                    change.customer_id, dict(change.traits), self.sms_default_region
                 )
+                upserts.append((contact, change.occurred_at))
             await contacts_repo.upsert(uow.session, upserts)
             await recommendations_repo.upsert(uow.session, lists)

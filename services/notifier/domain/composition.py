@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from services.notifier.domain.email_content import add_open_pixel, build_email, track_links
+from services.notifier.domain.phone_numbers import normalized
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.templates import RenderedMessage
 from shared.contracts import Channel, MessageCategory, MessageRequested, MessageStatus, MessageStatusKind
@@ -20,6 +21,9 @@ class ContactView:
     customer_id: str
     email: str | None = None
     phone: str | None = None
+    # `phone` in E.164 as read when the profile arrived (an inbound STOP finds the customer by it);
+    # sends read `phone` again, in the region set then.
+    phone_e164: str | None = None
     push_token: str | None = None
     webhook_url: str | None = None
     locale: str | None = None
@@ -40,11 +44,15 @@ def _phone(value: Any) -> str | None:
     return _text(value)
 
 
-def contact_from_traits(customer_id: str, traits: dict[str, Any]) -> ContactView:
+def contact_from_traits(
+    customer_id: str, traits: dict[str, Any], sms_default_region: str | None = None
+) -> ContactView:
+    phone = _phone(traits.get("phone"))
     return ContactView(
         customer_id=customer_id,
         email=_text(traits.get("email")),
-        phone=_phone(traits.get("phone")),
+        phone=phone,
+        phone_e164=normalized(phone, sms_default_region) if phone else None,
         push_token=_text(traits.get("push_token") or traits.get("pushToken")),
         webhook_url=_text(traits.get("webhook_url") or traits.get("webhookUrl")),
         locale=_text(traits.get("locale")),

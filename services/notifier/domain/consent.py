@@ -37,24 +37,12 @@ class ConsentDecision:
 SMS_NUMBER_OPTED_OUT = "the number opted out of sms marketing (STOP)"
 
 
-def normalize_phone(value: str) -> str | None:
-    """The number as the STOP rule compares it: its digits, with the leading `+` if there was one
-    (`+1 (555) 010-0199` and `+15550100199`, Twilio's E.164 `From`, are one number). Nothing is
-    guessed: a number without `+` keeps no country code, so `5550100199` is another number."""
-    text = value.strip()
-    digits = "".join(ch for ch in text if ch.isascii() and ch.isdigit())
-    if not digits:
-        return None
-    return ("+" if text.startswith("+") else "") + digits
-
-
-def phone_key(salt: str, phone: str) -> str | None:
-    """The key of a number in `sms_address_optouts`: the salted hash of the normalized number (as
-    erasure tombstones hash identifiers), never the number itself."""
-    normalized = normalize_phone(phone)
-    if normalized is None:
-        return None
-    return hmac.new(salt.encode(), normalized.encode(), hashlib.sha256).hexdigest()
+def phone_key(salt: str, e164: str) -> str:
+    """The key of a number in `sms_address_optouts`: the salted hash of its E.164 form
+    (`domain.phone_numbers`), as erasure tombstones hash identifiers, never the number itself. Keys
+    written before numbers were read as E.164 (the digits with the leading `+`) are the same for
+    every number written with its `+`, which Twilio's `From` always is."""
+    return hmac.new(salt.encode(), e164.encode(), hashlib.sha256).hexdigest()
 
 
 def decide(

@@ -34,6 +34,8 @@ contacts = sa.Table(
     sa.Column("customer_id", sa.Text, primary_key=True),
     sa.Column("email", sa.Text),
     sa.Column("phone", sa.Text),
+    # `phone` in E.164 (`domain.phone_numbers`): an inbound STOP finds the customers by it.
+    sa.Column("phone_e164", sa.Text),
     sa.Column("push_token", sa.Text),
     sa.Column("webhook_url", sa.Text),
     sa.Column("locale", sa.Text),
@@ -67,6 +69,7 @@ send_ledger = sa.Table(
     sa.Column("created_at", TS, nullable=False, server_default=_now),
     sa.Column("updated_at", TS, nullable=False, server_default=_now),
 )
+sa.Index("contacts_phone_e164", contacts.c.phone_e164)
 sa.Index("send_ledger_due", send_ledger.c.next_attempt_at, postgresql_where=send_ledger.c.state == "pending")
 sa.Index("send_ledger_created_at", send_ledger.c.created_at)  # the performance report's periods
 

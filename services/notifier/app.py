@@ -20,6 +20,7 @@ from services.notifier.api import (
     links,
     messages,
     reports,
+    suppressions,
     templates,
 )
 from services.notifier.channels.router import ProviderRouter
@@ -122,6 +123,7 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     app.include_router(consent.router(admin))
     app.include_router(messages.router(admin))
     app.include_router(reports.router(admin))
+    app.include_router(suppressions.router(admin))
     app.include_router(customer_messages.router(admin))
     app.include_router(inbox.router(admin))
     app.include_router(links.api)

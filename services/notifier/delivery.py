@@ -23,8 +23,9 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.notifier.channels.base import Delivery, SendAborted, SendResult
@@ -43,14 +44,16 @@ from services.notifier.domain.consent import SubscriptionTopic, phone_key
 from services.notifier.domain.phone_numbers import InvalidPhoneNumber, normalized, to_e164
 from services.notifier.domain.retry_policy import Failure, RetryPolicy
 from services.notifier.domain.signing import MessageLinks
+from services.notifier.domain.suppression import SUPPRESSIBLE, suppression_key
 from services.notifier.domain.templates import RenderError, TemplateDefinition, TemplateRenderer
 from services.notifier.settings import NotifierSettings
 from services.notifier.store import (
-    consent_repo,
     ledger_repo,
     send_context_repo,
+    suppressions_repo,
 )
 from services.notifier.store.ledger_repo import LedgerEntry, Outcome
+from services.notifier.store.suppressions_repo import Suppression
 from services.notifier.write_coalescer import WriteCoalescer
 from shared.clock import Clock
 from shared.contracts import (
@@ -70,6 +73,12 @@ from shared.observability.metrics import DLQ_MESSAGES
 
 log = logging.getLogger(__name__)
 
+ADDRESSES_SUPPRESSED = Counter(
+    "clm_notifier_addresses_suppressed_total",
+    "Addresses suppressed because a provider said they do not exist (hard bounces), by channel",
+    ["channel"],
+)
+
 
 @dataclass
 class _Context:
@@ -79,6 +88,8 @@ class _Context:
     choices: dict[str, dict[tuple[str, str], bool]]
     # The `phone_key`s of the numbers these marketing SMS go to that sent STOP (and no START since).
     sms_opted_out: set[str] = field(default_factory=set)
+    # The `suppression_key`s of the addresses these messages go to that a provider said do not exist.
+    suppressed: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -88,6 +99,8 @@ class AttemptResult:
     dead_letter_reason: str | None = None
     dead_letter: MessageRequested | None = None
     correlation_id: str | None = None  # the ledger row's: its statuses pass it on
+    # The address the provider said does not exist: suppressed with the outcome.
+    suppress: Suppression | None = None
 
 
 class ClaimLost(SendAborted):
@@ -366,15 +379,30 @@ class DeliveryWorker:
         )
         # The address each marketing SMS would go to (its override recipient or the profile's phone):
         # a STOP from that number suppresses it, whoever CLM thinks the customer is.
-        keys = {self._sms_key(r, read.contacts.get(r.customer_id)) for r in requests}
-        keys.discard(None)
+        stop_keys = {k for r in requests if (k := self._sms_key(r, read.contacts.get(r.customer_id)))}
+        suppression_keys = {
+            k for r in requests if (k := self._suppression_key(r, read.contacts.get(r.customer_id)))
+        }
+        suppressed, stopped = await suppressions_repo.blocked(session, suppression_keys, stop_keys)
         return _Context(
             templates=read.templates,
             contacts=read.contacts,
             topics=read.topics,
             choices=read.choices,
-            sms_opted_out=await consent_repo.sms_opted_out_numbers(session, {k for k in keys if k}),
+            sms_opted_out=stopped,
+            suppressed=suppressed,
         )
+
+    def _suppression_key(self, request: MessageRequested, contact: ContactView | None) -> str | None:
+        """The `suppression_key` of the address a message would go to; None for a channel whose
+        addresses are never suppressed."""
+        if request.channel not in SUPPRESSIBLE:
+            return None
+        address = recipient_address(request, contact)
+        if not address:
+            return None
+        salt = self.settings.privacy_salt.get_secret_value()
+        return suppression_key(salt, request.channel, address, self.settings.sms_default_region)
 
     def _sms_key(self, request: MessageRequested, contact: ContactView | None) -> str | None:
         """The `phone_key` of a marketing SMS's recipient number; None for any other message."""
@@ -392,8 +420,10 @@ class DeliveryWorker:
         topic: SubscriptionTopic | None,
         choices: dict[tuple[str, str], bool],
         sms_opted_out: Collection[str] = frozenset(),
+        suppressed: Collection[str] = frozenset(),
     ) -> Prepared:
-        """`sms_opted_out`: the `phone_key`s of numbers that sent STOP (`_Context.sms_opted_out`)."""
+        """`sms_opted_out`: the `phone_key`s of numbers that sent STOP (`_Context.sms_opted_out`);
+        `suppressed`: the `suppression_key`s of addresses that do not exist (`_Context.suppressed`)."""
         decision = consent.decide(
             request.category, request.channel, request.subscription_topic, topic, choices
         )
@@ -432,6 +462,13 @@ class DeliveryWorker:
                 address = to_e164(address, self.settings.sms_default_region)
             except InvalidPhoneNumber as exc:
                 return Prepared(None, MessageStatusKind.FAILED, f"no sms address for the customer: {exc}")
+        if suppressed and self._suppression_key(request, contact) in suppressed:
+            return Prepared(
+                None,
+                MessageStatusKind.SUPPRESSED,
+                f"the {request.channel.value} address does not exist (a provider said so before): "
+                "suppressed until removed with DELETE /v1/suppressions",
+            )
         try:
             rendered = self.renderer.render(
                 template, locale_of(request, contact), template_data(request, contact, self.links, address)
@@ -464,6 +501,7 @@ class DeliveryWorker:
             ctx.topics.get(request.subscription_topic) if request.subscription_topic else None,
             ctx.choices.get(request.customer_id, {}),
             ctx.sms_opted_out,
+            ctx.suppressed,
         )
         now = self.clock.now()
         if prepared.delivery is None and prepared.retry:
@@ -494,7 +532,26 @@ class DeliveryWorker:
         provider, result = await self.router.send(
             prepared.delivery, before_call=lambda: self._before_provider_call(entry)
         )
-        return self._decide(entry, provider, result)
+        decided = self._decide(entry, provider, result)
+        if result.address_gone:
+            decided.suppress = self.suppression(request, prepared.delivery.to, provider, result.reason, now)
+        return decided
+
+    def suppression(
+        self, request: MessageRequested, address: str, provider: str | None, reason: str | None, now: datetime
+    ) -> Suppression | None:
+        """The suppression of `address` (where `request` went), which a provider said does not exist."""
+        key = suppression_key(
+            self.settings.privacy_salt.get_secret_value(),
+            request.channel,
+            address,
+            self.settings.sms_default_region,
+        )
+        if key is None:
+            return None
+        return Suppression(
+            key, request.channel.value, reason or "address does not exist", provider, request.message_id, now
+        )
 
     def _decide(self, entry: LedgerEntry, provider: str | None, result: SendResult) -> AttemptResult:
         decided = self._decide_outcome(entry, provider, result)
@@ -564,10 +621,23 @@ class DeliveryWorker:
                 )
             if result.dead_letter is not None:
                 self._dead_letter(announced, owner, result.dead_letter, result)
+        suppress = [r for r in results if r.suppress is not None]
         async with driver_autocommit(self.engine) as conn:
-            recorded = await ledger_repo.record_outcomes_announcing(
-                conn, [r.outcome for r in results], announced, self.clock.now()
-            )
+            if not suppress:
+                recorded = await ledger_repo.record_outcomes_announcing(
+                    conn, [r.outcome for r in results], announced, self.clock.now()
+                )
+            else:
+                async with conn.transaction():  # the outcome and its address's suppression together
+                    recorded = await ledger_repo.record_outcomes_announcing(
+                        conn, [r.outcome for r in results], announced, self.clock.now()
+                    )
+                    added = await suppressions_repo.add(
+                        conn,
+                        [r.suppress for r in suppress if r.suppress and r.outcome.message_id in recorded],
+                    )
+                for channel in added:
+                    ADDRESSES_SUPPRESSED.labels(channel).inc()
         if recorded and len(announced) and self.notify_relay is not None:
             self.notify_relay()
         dead_lettered = sum(

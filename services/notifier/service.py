@@ -9,14 +9,14 @@ from datetime import datetime
 
 from services.notifier.channels.router import ProviderRouter
 from services.notifier.consumers.message_requests import enqueue
-from services.notifier.delivery import DeliveryWorker
+from services.notifier.delivery import ADDRESSES_SUPPRESSED, DeliveryWorker
 from services.notifier.domain.composition import status_of
 from services.notifier.domain.consent import ALL_TOPICS, opted_out, phone_key
 from services.notifier.domain.phone_numbers import normalized
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.settings import NotifierSettings
-from services.notifier.store import consent_repo, contacts_repo, ledger_repo
+from services.notifier.store import consent_repo, contacts_repo, ledger_repo, suppressions_repo
 from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
@@ -188,20 +188,36 @@ class Notifier:
         return True
 
     async def record_provider_report(
-        self, provider_message_id: str, kind: MessageStatusKind, reason: str | None
+        self,
+        provider_message_id: str,
+        kind: MessageStatusKind,
+        reason: str | None,
+        *,
+        gone_address: str | None = None,
     ) -> bool:
-        """A provider's later delivery report (e.g. Twilio status callback): one status per outcome."""
+        """A provider's later delivery report (e.g. Twilio status callback): one status per outcome.
+        `gone_address`: the address the report says does not exist, suppressed in the same
+        transaction (the report's own, which is where the message went)."""
         now = self.clock.now()
+        added: list[str] = []
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.by_provider_message_id(uow.session, provider_message_id)
             if entry is None or not await ledger_repo.record_engagement(
                 uow.session, entry.message_id, "provider_report", kind.value, now
             ):
                 return False
+            if gone_address is not None:
+                suppression = self.worker.suppression(
+                    entry.request, gone_address, entry.provider, reason, now
+                )
+                if suppression is not None:
+                    added = await suppressions_repo.add(uow.session, [suppression])
             uow.emit(
                 MESSAGE_STATUS.name,
                 entry.request.customer_id,
                 status_of(entry.request, kind, now, reason=reason, provider=entry.provider),
                 correlation_id=entry.correlation_id,
             )
+        for channel in added:  # committed
+            ADDRESSES_SUPPRESSED.labels(channel).inc()
         return True

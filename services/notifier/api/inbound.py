@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.api.forms import read_form
+from services.notifier.channels.http_providers import TWILIO_ADDRESS_GONE
 from services.notifier.service import Notifier
 from shared.contracts import MessageStatusKind
 from shared.http import ApiError
@@ -56,8 +57,16 @@ async def twilio_status_callback(request: Request, notifier: NotifierDep) -> Res
     kind = TWILIO_FINAL_STATES.get(state)
     if not sid or kind is None:
         return Response(status_code=204)  # queued/sent/... or unknown: nothing final to report
-    reason = f"twilio {state}" + (f" (error {params['ErrorCode']})" if params.get("ErrorCode") else "")
-    await notifier.record_provider_report(sid, kind, None if kind is MessageStatusKind.DELIVERED else reason)
+    code = params.get("ErrorCode", "")
+    reason = f"twilio {state}" + (f" (error {code})" if code else "")
+    # The number the message went to does not exist or takes no SMS: suppressed from now on.
+    gone = kind is not MessageStatusKind.DELIVERED and code.isdigit() and int(code) in TWILIO_ADDRESS_GONE
+    await notifier.record_provider_report(
+        sid,
+        kind,
+        None if kind is MessageStatusKind.DELIVERED else reason,
+        gone_address=params.get("To") if gone else None,
+    )
     return Response(status_code=204)
 
 

@@ -32,10 +32,16 @@ class SendResult:
     failure: Failure | None = None
     reason: str | None = None
     retry_after_s: float | None = None
+    # The provider said the address does not exist (a hard bounce): it is suppressed from now on.
+    address_gone: bool = False
 
     @staticmethod
-    def failed(failure: Failure, reason: str, retry_after_s: float | None = None) -> SendResult:
-        return SendResult(False, failure=failure, reason=reason, retry_after_s=retry_after_s)
+    def failed(
+        failure: Failure, reason: str, retry_after_s: float | None = None, *, address_gone: bool = False
+    ) -> SendResult:
+        return SendResult(
+            False, failure=failure, reason=reason, retry_after_s=retry_after_s, address_gone=address_gone
+        )
 
 
 class SendAborted(Exception):
@@ -54,7 +60,9 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
 
-def http_failure(status: int, body: str, retry_after: str | None) -> SendResult:
+def http_failure(
+    status: int, body: str, retry_after: str | None, *, address_gone: bool = False
+) -> SendResult:
     failure = classify_http(status) or Failure.PERMANENT
     after: float | None = None
     if retry_after:
@@ -62,4 +70,4 @@ def http_failure(status: int, body: str, retry_after: str | None) -> SendResult:
             after = float(retry_after)
         except ValueError:
             after = None
-    return SendResult.failed(failure, f"HTTP {status}: {body[:300]}", after)
+    return SendResult.failed(failure, f"HTTP {status}: {body[:300]}", after, address_gone=address_gone)

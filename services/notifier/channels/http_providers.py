@@ -24,6 +24,37 @@ async def _post(client: httpx.AsyncClient, url: str, **kwargs: object) -> httpx.
         return SendResult.failed(Failure.TRANSIENT, f"connection: {type(exc).__name__}: {exc}")
 
 
+# Twilio error codes that say the number does not exist or cannot take SMS: 21211 invalid `To` and
+# 21614 not a mobile number (API answers), 30005 unknown destination handset and 30006 landline or
+# unreachable carrier (delivery reports). Not 30003 (handset off or out of reach: it may come back).
+TWILIO_ADDRESS_GONE = frozenset({21211, 21614, 30005, 30006})
+
+
+def _json_error(content: bytes) -> dict[str, object]:
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def twilio_address_gone(content: bytes) -> bool:
+    """A Twilio API error (`{"code": 21211, ...}`) that says the number is none to send to."""
+    return _json_error(content).get("code") in TWILIO_ADDRESS_GONE
+
+
+def fcm_unregistered(status: int, content: bytes) -> bool:
+    """FCM's answer for a token the app no longer holds (uninstalled, expired): 404 with the
+    `FcmError` detail `UNREGISTERED`."""
+    if status != 404:
+        return False
+    error = _json_error(content).get("error")
+    details = error.get("details") if isinstance(error, dict) else None
+    return isinstance(details, list) and any(
+        isinstance(d, dict) and d.get("errorCode") == "UNREGISTERED" for d in details
+    )
+
+
 class TwilioProvider:
     """POST /2010-04-01/Accounts/{sid}/Messages.json (form-encoded, basic auth)."""
 
@@ -46,7 +77,12 @@ class TwilioProvider:
         if isinstance(got, SendResult):
             return got
         if got.status_code >= 300:
-            return http_failure(got.status_code, got.text, got.headers.get("Retry-After"))
+            return http_failure(
+                got.status_code,
+                got.text,
+                got.headers.get("Retry-After"),
+                address_gone=got.status_code == 400 and twilio_address_gone(got.content),
+            )
         try:
             sid = str(orjson.loads(got.content).get("sid") or "")
         except (orjson.JSONDecodeError, AttributeError):
@@ -85,7 +121,12 @@ class FcmProvider:
         if isinstance(got, SendResult):
             return got
         if got.status_code >= 300:
-            return http_failure(got.status_code, got.text, got.headers.get("Retry-After"))
+            return http_failure(
+                got.status_code,
+                got.text,
+                got.headers.get("Retry-After"),
+                address_gone=fcm_unregistered(got.status_code, got.content),
+            )
         try:
             name = str(orjson.loads(got.content).get("name") or "")
         except (orjson.JSONDecodeError, AttributeError):

@@ -9,6 +9,7 @@ import aiosmtplib
 
 from services.notifier.channels.base import BeforeCall, Delivery, SendAborted, SendResult
 from services.notifier.domain.retry_policy import Failure
+from services.notifier.domain.suppression import smtp_address_gone
 from services.notifier.settings import ProviderConfig
 
 
@@ -78,17 +79,29 @@ class SmtpProvider:
                 self._recycle(client)
                 # The server's answer, not the exception's text (which names the address: personal data).
                 answer = f"{code} {refused.message}" if refused is not None else str(code)
-                return SendResult.failed(_failure_for_code(code), f"SMTP recipient refused: {answer}")
+                return SendResult.failed(
+                    _failure_for_code(code),
+                    f"SMTP recipient refused: {answer}",
+                    address_gone=smtp_address_gone(code, answer),
+                )
             except aiosmtplib.SMTPResponseException as exc:
                 self._recycle(client)
-                return SendResult.failed(_failure_for_code(exc.code), f"SMTP {exc.code}: {exc.message}")
+                return SendResult.failed(
+                    _failure_for_code(exc.code),
+                    f"SMTP {exc.code}: {exc.message}",
+                    address_gone=smtp_address_gone(exc.code, exc.message),
+                )
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 await self._discard(client)
                 return SendResult.failed(Failure.TRANSIENT, f"SMTP connection: {type(exc).__name__}: {exc}")
             self._recycle(client)
             if errors:
                 code, text = next(iter(errors.values()))
-                return SendResult.failed(_failure_for_code(code), f"SMTP {code}: {text}")
+                return SendResult.failed(
+                    _failure_for_code(code),
+                    f"SMTP {code}: {text}",
+                    address_gone=smtp_address_gone(code, text),
+                )
             message_id = delivery.email.header("Message-ID")
             return SendResult(True, delivered=True, provider_message_id=message_id, reason=response[:200])
 

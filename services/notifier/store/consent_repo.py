@@ -311,15 +311,3 @@ async def set_sms_address_optout(
             sa.delete(sms_address_optouts).where(sms_address_optouts.c.phone_hash == phone_hash)
         )
     return bool(getattr(result, "rowcount", 0))
-
-
-async def sms_opted_out_numbers(session: AsyncSession, phone_hashes: set[str]) -> set[str]:
-    """Which of these number keys sent STOP (and no START since)."""
-    if not phone_hashes:
-        return set()
-    rows = await session.execute(
-        sa.select(sms_address_optouts.c.phone_hash).where(
-            any_of(sms_address_optouts.c.phone_hash, sorted(phone_hashes))
-        )
-    )
-    return set(rows.scalars())

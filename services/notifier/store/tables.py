@@ -122,7 +122,7 @@ consent_ledger = sa.Table(
 )
 
 # SMS STOP opts the number itself out of marketing SMS, whoever CLM thinks owns it (an override
-# recipient, a changed profile phone): keyed by the salted hash of the normalized number
+# recipient, a changed profile phone): keyed by the salted hash of the number in E.164
 # (`domain.consent.phone_key`), never the number, so an erasure leaves nothing of the customer here.
 sms_address_optouts = sa.Table(
     "sms_address_optouts",
@@ -130,6 +130,20 @@ sms_address_optouts = sa.Table(
     sa.Column("phone_hash", sa.Text, primary_key=True),
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("opted_out_at", TS, nullable=False),
+)
+
+# Addresses a provider said do not exist (hard bounces): no message goes to them until removed
+# (`domain.suppression`). Keyed by the salted hash of the address, never the address.
+address_suppressions = sa.Table(
+    "address_suppressions",
+    metadata,
+    sa.Column("address_hash", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, nullable=False),
+    # The provider's answer (its own words, never the address) and the message that bounced.
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("provider", sa.Text),
+    sa.Column("message_id", sa.Text),
+    sa.Column("suppressed_at", TS, nullable=False),
 )
 
 in_app_messages = sa.Table(

@@ -1,0 +1,68 @@
+"""Addresses no message goes to any more: the provider said the mailbox, number or push token does
+not exist (a hard bounce). Sending again would only bounce again, and mail providers judge a sender
+by how often it mails addresses that do not exist.
+
+Kept by address, not by customer: whichever customer (or request override) names the address, the
+message is `suppressed`, of any category (a password reset to a mailbox that does not exist bounces
+too). Until an operator removes the address (`DELETE /v1/suppressions`), say because the mailbox was
+set up again. Keyed by a salted hash of the address in one form (`address_key`), never the address,
+as SMS STOPs are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+from services.notifier.domain.phone_numbers import normalized as e164
+from shared.contracts import Channel
+
+# Channels whose addresses a provider can report as not existing.
+SUPPRESSIBLE = (Channel.EMAIL, Channel.SMS, Channel.PUSH)
+
+# RFC 3463 enhanced status codes: X.1.1 bad mailbox, X.1.2 bad domain, X.1.3 bad mailbox syntax,
+# X.1.6 mailbox moved (no forwarding address), X.1.10 null MX (RFC 7505), X.2.1 mailbox disabled.
+_ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+_ADDRESS_GONE = {("1", "1"), ("1", "2"), ("1", "3"), ("1", "6"), ("1", "10"), ("2", "1")}
+# Without an enhanced code, the classic replies for "no such user" / "not local" / "bad mailbox".
+_ADDRESS_GONE_REPLIES = (550, 551, 553)
+
+
+def smtp_address_gone(code: int, text: str) -> bool:
+    """An SMTP refusal that says the address does not exist, as opposed to one that blocks the
+    message (5.7.x: policy, spam, authentication) or a full mailbox (5.2.2): those may pass later or
+    to another message, so they bounce that message only."""
+    if code < 500:
+        return False
+    enhanced = _ENHANCED.search(text)
+    if enhanced is not None:
+        klass, subject, detail = enhanced.groups()
+        return klass == "5" and (subject, detail) in _ADDRESS_GONE
+    return code in _ADDRESS_GONE_REPLIES
+
+
+def address_form(channel: Channel, address: str, sms_default_region: str | None) -> str | None:
+    """The one form of an address its key is made from: an email address in lower case (mail
+    systems treat local parts without case in practice), a phone number in E.164, a push token as
+    given. None: not an address of a suppressible channel."""
+    text = address.strip()
+    if not text:
+        return None
+    if channel is Channel.EMAIL:
+        return text.lower()
+    if channel is Channel.SMS:
+        return e164(text, sms_default_region)
+    if channel is Channel.PUSH:
+        return text
+    return None
+
+
+def address_key(salt: str, channel: Channel, form: str) -> str:
+    """The salted hash an address is kept under (`address_form` gives `form`)."""
+    return hmac.new(salt.encode(), f"{channel.value}:{form}".encode(), hashlib.sha256).hexdigest()
+
+
+def suppression_key(salt: str, channel: Channel, address: str, sms_default_region: str | None) -> str | None:
+    form = address_form(channel, address, sms_default_region)
+    return address_key(salt, channel, form) if form is not None else None

@@ -467,7 +467,7 @@ class DeliveryWorker:
                 None,
                 MessageStatusKind.SUPPRESSED,
                 f"the {request.channel.value} address does not exist (a provider said so before): "
-                "suppressed until removed with DELETE /v1/suppressions",
+                "suppressed until removed through /v1/suppressions",
             )
         try:
             rendered = self.renderer.render(
@@ -533,14 +533,17 @@ class DeliveryWorker:
             prepared.delivery, before_call=lambda: self._before_provider_call(entry)
         )
         decided = self._decide(entry, provider, result)
-        if result.address_gone:
-            decided.suppress = self.suppression(request, prepared.delivery.to, provider, result.reason, now)
+        if result.address_gone is not None:
+            decided.suppress = self.suppression(
+                request, prepared.delivery.to, provider, result.address_gone, now
+            )
         return decided
 
     def suppression(
-        self, request: MessageRequested, address: str, provider: str | None, reason: str | None, now: datetime
+        self, request: MessageRequested, address: str, provider: str | None, reason: str, now: datetime
     ) -> Suppression | None:
-        """The suppression of `address` (where `request` went), which a provider said does not exist."""
+        """The suppression of `address` (where `request` went), which a provider said does not exist
+        (`reason`: in its codes, never its words, which may quote the address)."""
         key = suppression_key(
             self.settings.privacy_salt.get_secret_value(),
             request.channel,
@@ -549,9 +552,7 @@ class DeliveryWorker:
         )
         if key is None:
             return None
-        return Suppression(
-            key, request.channel.value, reason or "address does not exist", provider, request.message_id, now
-        )
+        return Suppression(key, request.channel.value, reason, provider, request.message_id, now)
 
     def _decide(self, entry: LedgerEntry, provider: str | None, result: SendResult) -> AttemptResult:
         decided = self._decide_outcome(entry, provider, result)

@@ -193,11 +193,11 @@ class Notifier:
         kind: MessageStatusKind,
         reason: str | None,
         *,
-        gone_address: str | None = None,
+        gone_address: tuple[str, str] | None = None,
     ) -> bool:
         """A provider's later delivery report (e.g. Twilio status callback): one status per outcome.
-        `gone_address`: the address the report says does not exist, suppressed in the same
-        transaction (the report's own, which is where the message went)."""
+        `gone_address`: the address the report says does not exist (the report's own, which is where
+        the message went) and the report's code for it, suppressed in the same transaction."""
         now = self.clock.now()
         added: list[str] = []
         async with self.platform.unit_of_work() as uow:
@@ -207,9 +207,8 @@ class Notifier:
             ):
                 return False
             if gone_address is not None:
-                suppression = self.worker.suppression(
-                    entry.request, gone_address, entry.provider, reason, now
-                )
+                address, why = gone_address
+                suppression = self.worker.suppression(entry.request, address, entry.provider, why, now)
                 if suppression is not None:
                     added = await suppressions_repo.add(uow.session, [suppression])
             uow.emit(

@@ -38,6 +38,14 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
                 text("UPDATE send_ledger SET reason = :r WHERE message_id = 'm1'"),
                 {"r": "SMTP 550: 5.1.1 <eve@example.com>: no such user (call +1 555 010 9999) id 42"},
             )
+            # Addresses suppressed by bounces of m1 and of someone else's message.
+            await uow.session.execute(
+                text(
+                    "INSERT INTO address_suppressions (address_hash, channel, reason, message_id, "
+                    "suppressed_at) VALUES ('h-eve', 'email', 'SMTP 550 5.1.1', 'm1', now()), "
+                    "('h-other', 'email', 'SMTP 550 5.1.1', 'm-other', now())"
+                )
+            )
         await h.publish(request("m0", "c1", "email", "no-such-template"))
         await h.wait_status("m0", "failed")
 
@@ -70,7 +78,16 @@ async def test_erased_customer_keeps_no_personal_data_and_gets_no_more_messages(
             reason = (
                 await uow.session.execute(text("SELECT reason FROM send_ledger WHERE message_id = 'm1'"))
             ).scalar_one()
+            # The address stays suppressed, no longer tied to their message.
+            suppressions = dict(
+                (
+                    await uow.session.execute(
+                        text("SELECT address_hash, message_id FROM address_suppressions")
+                    )
+                ).all()
+            )
         assert reason == "SMTP 550: 5.1.1 <[erased]>: no such user (call [erased]) id 42"
+        assert suppressions == {"h-eve": None, "h-other": "m-other"}
         # Their failed message is never sent again, whatever an operator retries.
         retried = await h.client.post("/v1/messages/retry-failed", json={}, headers=ADMIN)
         assert retried.json() == {"requeued": 0, "message_ids": []}

@@ -60,12 +60,19 @@ async def twilio_status_callback(request: Request, notifier: NotifierDep) -> Res
     code = params.get("ErrorCode", "")
     reason = f"twilio {state}" + (f" (error {code})" if code else "")
     # The number the message went to does not exist or takes no SMS: suppressed from now on.
-    gone = kind is not MessageStatusKind.DELIVERED and code.isdigit() and int(code) in TWILIO_ADDRESS_GONE
+    gone = (
+        kind is not MessageStatusKind.DELIVERED
+        and code.isascii()
+        and code.isdigit()
+        and len(code) <= 6
+        and int(code) in TWILIO_ADDRESS_GONE
+    )
+    to = params.get("To")
     await notifier.record_provider_report(
         sid,
         kind,
         None if kind is MessageStatusKind.DELIVERED else reason,
-        gone_address=params.get("To") if gone else None,
+        gone_address=(to, f"twilio error {code}") if gone and to else None,
     )
     return Response(status_code=204)
 

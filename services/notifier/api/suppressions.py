@@ -49,6 +49,18 @@ def _key(notifier: Notifier, channel: Channel, address: str) -> str:
     return key
 
 
+def _answer(found: suppressions_repo.Suppression) -> dict[str, Any]:
+    return {
+        "id": found.address_hash,
+        "channel": found.channel,
+        "suppressed": True,
+        "reason": found.reason,
+        "provider": found.provider,
+        "message_id": found.message_id,
+        "suppressed_at": found.suppressed_at,
+    }
+
+
 def router(admin: Any) -> APIRouter:
     api = APIRouter(tags=["suppressions"], dependencies=[Depends(admin)])
 
@@ -56,28 +68,23 @@ def router(admin: Any) -> APIRouter:
     async def get_suppression(
         channel: ChannelQuery, address: AddressQuery, notifier: NotifierDep
     ) -> dict[str, Any]:
-        """Whether messages to this address are suppressed, since when and why."""
+        """Whether messages to this address are suppressed, since when and why; `id` names the entry
+        for `DELETE /v1/suppressions/{id}`."""
         key = _key(notifier, channel, address)
         async with notifier.platform.unit_of_work() as uow:
             found = await suppressions_repo.get(uow.session, key)
         if found is None:
             raise ApiError(404, "not_found", f"the {channel.value} address is not suppressed")
-        return {
-            "channel": found.channel,
-            "suppressed": True,
-            "reason": found.reason,
-            "provider": found.provider,
-            "message_id": found.message_id,
-            "suppressed_at": found.suppressed_at,
-        }
+        return _answer(found)
 
-    @api.delete("/v1/suppressions", status_code=204)
-    async def delete_suppression(channel: ChannelQuery, address: AddressQuery, notifier: NotifierDep) -> None:
+    # By the entry's id (a salted hash), never the address: the audit log keeps the path and query
+    # of every change, and an address kept there would outlive the customer's erasure.
+    @api.delete("/v1/suppressions/{suppression_id}", status_code=204)
+    async def delete_suppression(suppression_id: str, notifier: NotifierDep) -> None:
         """Send to the address again (the mailbox was set up again, the number reassigned): messages
         claimed from now on go to it; those already suppressed stay so."""
-        key = _key(notifier, channel, address)
         async with notifier.platform.unit_of_work() as uow:
-            if not await suppressions_repo.remove(uow.session, key):
-                raise ApiError(404, "not_found", f"the {channel.value} address is not suppressed")
+            if not await suppressions_repo.remove(uow.session, suppression_id):
+                raise ApiError(404, "not_found", f"no suppression {suppression_id!r}")
 
     return api

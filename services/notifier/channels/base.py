@@ -32,12 +32,14 @@ class SendResult:
     failure: Failure | None = None
     reason: str | None = None
     retry_after_s: float | None = None
-    # The provider said the address does not exist (a hard bounce): it is suppressed from now on.
-    address_gone: bool = False
+    # The provider said the address does not exist (a hard bounce), in its codes only (`SMTP 550
+    # 5.1.1`, `twilio error 21211`): the address is suppressed from now on, with this as the reason
+    # (never the provider's words, which often quote the address).
+    address_gone: str | None = None
 
     @staticmethod
     def failed(
-        failure: Failure, reason: str, retry_after_s: float | None = None, *, address_gone: bool = False
+        failure: Failure, reason: str, retry_after_s: float | None = None, *, address_gone: str | None = None
     ) -> SendResult:
         return SendResult(
             False, failure=failure, reason=reason, retry_after_s=retry_after_s, address_gone=address_gone
@@ -61,7 +63,7 @@ class Provider(Protocol):
 
 
 def http_failure(
-    status: int, body: str, retry_after: str | None, *, address_gone: bool = False
+    status: int, body: str, retry_after: str | None, *, address_gone: str | None = None
 ) -> SendResult:
     failure = classify_http(status) or Failure.PERMANENT
     after: float | None = None

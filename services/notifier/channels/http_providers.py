@@ -38,21 +38,24 @@ def _json_error(content: bytes) -> dict[str, object]:
     return body if isinstance(body, dict) else {}
 
 
-def twilio_address_gone(content: bytes) -> bool:
-    """A Twilio API error (`{"code": 21211, ...}`) that says the number is none to send to."""
-    return _json_error(content).get("code") in TWILIO_ADDRESS_GONE
+def twilio_address_gone(content: bytes) -> str | None:
+    """For a Twilio API error (`{"code": 21211, ...}`) that says the number is none to send to: its
+    code (`twilio error 21211`), else None."""
+    code = _json_error(content).get("code")
+    return f"twilio error {code}" if code in TWILIO_ADDRESS_GONE else None
 
 
-def fcm_unregistered(status: int, content: bytes) -> bool:
-    """FCM's answer for a token the app no longer holds (uninstalled, expired): 404 with the
-    `FcmError` detail `UNREGISTERED`."""
+def fcm_unregistered(status: int, content: bytes) -> str | None:
+    """FCM's answer for a token the app no longer holds (uninstalled, expired), 404 with the
+    `FcmError` detail `UNREGISTERED`: `fcm UNREGISTERED`, else None."""
     if status != 404:
-        return False
+        return None
     error = _json_error(content).get("error")
     details = error.get("details") if isinstance(error, dict) else None
-    return isinstance(details, list) and any(
+    unregistered = isinstance(details, list) and any(
         isinstance(d, dict) and d.get("errorCode") == "UNREGISTERED" for d in details
     )
+    return "fcm UNREGISTERED" if unregistered else None
 
 
 class TwilioProvider:
@@ -81,7 +84,7 @@ class TwilioProvider:
                 got.status_code,
                 got.text,
                 got.headers.get("Retry-After"),
-                address_gone=got.status_code == 400 and twilio_address_gone(got.content),
+                address_gone=twilio_address_gone(got.content) if got.status_code == 400 else None,
             )
         try:
             sid = str(orjson.loads(got.content).get("sid") or "")

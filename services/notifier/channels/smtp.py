@@ -86,11 +86,8 @@ class SmtpProvider:
                 )
             except aiosmtplib.SMTPResponseException as exc:
                 self._recycle(client)
-                return SendResult.failed(
-                    _failure_for_code(exc.code),
-                    f"SMTP {exc.code}: {exc.message}",
-                    address_gone=smtp_address_gone(exc.code, exc.message),
-                )
+                # Not a recipient's refusal (MAIL FROM, DATA, the greeting): it says nothing of the address.
+                return SendResult.failed(_failure_for_code(exc.code), f"SMTP {exc.code}: {exc.message}")
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 await self._discard(client)
                 return SendResult.failed(Failure.TRANSIENT, f"SMTP connection: {type(exc).__name__}: {exc}")

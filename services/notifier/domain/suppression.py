@@ -23,23 +23,26 @@ SUPPRESSIBLE = (Channel.EMAIL, Channel.SMS, Channel.PUSH)
 
 # RFC 3463 enhanced status codes: X.1.1 bad mailbox, X.1.2 bad domain, X.1.3 bad mailbox syntax,
 # X.1.6 mailbox moved (no forwarding address), X.1.10 null MX (RFC 7505), X.2.1 mailbox disabled.
-_ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+# (A sentence may end right after the code: `... 5.1.1.`; an IP address is no code.)
+_ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?!\d|\.\d)")
 _ADDRESS_GONE = {("1", "1"), ("1", "2"), ("1", "3"), ("1", "6"), ("1", "10"), ("2", "1")}
-# Without an enhanced code, the classic replies for "no such user" / "not local" / "bad mailbox".
-_ADDRESS_GONE_REPLIES = (550, 551, 553)
 
 
-def smtp_address_gone(code: int, text: str) -> bool:
-    """An SMTP refusal that says the address does not exist, as opposed to one that blocks the
-    message (5.7.x: policy, spam, authentication) or a full mailbox (5.2.2): those may pass later or
-    to another message, so they bounce that message only."""
+def smtp_address_gone(code: int, text: str) -> str | None:
+    """For the server's refusal of a recipient (RCPT): the codes that say the address does not exist
+    (`SMTP 550 5.1.1`), else None. Only an enhanced code says so: a bare 550 is as often "relaying
+    denied" (the relay refusing us, for every recipient) as "no such user", and a 5.7.x code blocks
+    the message (policy, spam), a 5.2.2 is a full mailbox: those bounce that message only. Never the
+    server's words, which often quote the address."""
     if code < 500:
-        return False
+        return None
     enhanced = _ENHANCED.search(text)
-    if enhanced is not None:
-        klass, subject, detail = enhanced.groups()
-        return klass == "5" and (subject, detail) in _ADDRESS_GONE
-    return code in _ADDRESS_GONE_REPLIES
+    if enhanced is None:
+        return None
+    klass, subject, detail = enhanced.groups()
+    if klass != "5" or (subject, detail) not in _ADDRESS_GONE:
+        return None
+    return f"SMTP {code} {klass}.{subject}.{detail}"
 
 
 def address_form(channel: Channel, address: str, sms_default_region: str | None) -> str | None:

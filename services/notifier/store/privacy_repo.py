@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.notifier.store import identities_repo
 from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import (
+    address_suppressions,
     consent_ledger,
     contacts,
     customer_identities,
@@ -41,6 +42,12 @@ async def erase(session: AsyncSession, customer_ids: Sequence[str], now: datetim
     ids = list(dict.fromkeys(customer_ids))
     messages = sa.select(send_ledger.c.message_id).where(any_of(send_ledger.c.customer_id, ids))
     await session.execute(sa.delete(engagements).where(engagements.c.message_id.in_(messages)))
+    # A suppressed address stays suppressed, but no longer says which of their messages found out.
+    await session.execute(
+        sa.update(address_suppressions)
+        .where(address_suppressions.c.message_id.in_(messages))
+        .values(message_id=None)
+    )
     await session.execute(_SCRUB_LEDGER, {"ids": ids, "now": now})
     for table in (contacts, in_app_messages, preferences, consent_ledger):
         await session.execute(sa.delete(table).where(any_of(table.c.customer_id, ids)))

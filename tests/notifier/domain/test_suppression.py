@@ -13,38 +13,43 @@ from shared.contracts import Channel
 @pytest.mark.parametrize(
     ("code", "text", "gone"),
     [
-        (550, "5.1.1 <x@example.com>: Recipient address rejected: User unknown", True),
-        (550, "5.1.1 mailbox unavailable", True),
-        (553, "5.1.3 bad recipient address syntax", True),
-        (550, "5.1.2 Host unknown", True),
-        (556, "5.1.10 Recipient address has null MX", True),
-        (550, "5.2.1 The email account that you tried to reach is disabled", True),
-        # The classic replies without an enhanced code.
-        (550, "No such user here", True),
-        (551, "User not local; please try <forward@example.com>", True),
+        (550, "5.1.1 <x@example.com>: Recipient address rejected: User unknown", "SMTP 550 5.1.1"),
+        (550, "5.1.1 mailbox unavailable", "SMTP 550 5.1.1"),
+        (553, "5.1.3 bad recipient address syntax", "SMTP 553 5.1.3"),
+        (550, "5.1.2 Host unknown", "SMTP 550 5.1.2"),
+        (556, "5.1.10 Recipient address has null MX", "SMTP 556 5.1.10"),
+        (550, "5.2.1 The email account that you tried to reach is disabled", "SMTP 550 5.2.1"),
+        (550, "Recipient address rejected: User unknown (5.1.1).", "SMTP 550 5.1.1"),
         # A block, not a missing address: the next message may pass.
-        (550, "5.7.1 Message rejected as spam", False),
-        (554, "5.7.1 Service unavailable; client host blocked", False),
-        (552, "5.2.2 Mailbox full", False),
-        (554, "Transaction failed", False),
+        (550, "5.7.1 Message rejected as spam", None),
+        (550, "Relaying denied, see policy 5.7.1.", None),
+        (554, "5.7.1 Service unavailable; client host blocked", None),
+        (552, "5.2.2 Mailbox full", None),
+        # Without an enhanced code a 550 is as often "relaying denied" (every recipient) as "no such
+        # user": it bounces that message only.
+        (550, "No such user here", None),
+        (550, "Relaying denied", None),
+        (553, "sender address not allowed", None),
         # Temporary.
-        (450, "4.1.1 mailbox temporarily unavailable", False),
-        (451, "4.3.0 try again later", False),
-        # An IP address is no enhanced code: the reply code decides.
-        (550, "unknown user (relay 10.2.5.7)", True),
-        (554, "refused by relay 10.5.7.1", False),
+        (450, "4.1.1 mailbox temporarily unavailable", None),
+        (451, "4.3.0 try again later", None),
+        # An IP address is no enhanced code.
+        (550, "unknown user (relay 10.5.1.1)", None),
     ],
 )
-def test_smtp_answers_that_say_the_address_does_not_exist(code: int, text: str, gone: bool) -> None:
-    assert smtp_address_gone(code, text) is gone
+def test_smtp_answers_that_say_the_address_does_not_exist(code: int, text: str, gone: str | None) -> None:
+    assert smtp_address_gone(code, text) == gone
 
 
 def test_twilio_and_fcm_answers_that_say_the_address_does_not_exist() -> None:
-    assert twilio_address_gone(orjson.dumps({"code": 21211, "message": "The 'To' number is not valid"}))
-    assert twilio_address_gone(orjson.dumps({"code": 21614, "message": "not a mobile number"}))
-    assert not twilio_address_gone(orjson.dumps({"code": 20003, "message": "Authenticate"}))
-    assert not twilio_address_gone(b"<html>bad gateway</html>")
-    assert not twilio_address_gone(b"[21211]")
+    invalid = orjson.dumps({"code": 21211, "message": "The 'To' number +15550100001 is not valid"})
+    assert twilio_address_gone(invalid) == "twilio error 21211"  # the code, never the words
+    assert twilio_address_gone(orjson.dumps({"code": 21614, "message": "not a mobile number"})) == (
+        "twilio error 21614"
+    )
+    assert twilio_address_gone(orjson.dumps({"code": 20003, "message": "Authenticate"})) is None
+    assert twilio_address_gone(b"<html>bad gateway</html>") is None
+    assert twilio_address_gone(b"[21211]") is None
     unregistered = {
         "error": {
             "code": 404,
@@ -54,10 +59,10 @@ def test_twilio_and_fcm_answers_that_say_the_address_does_not_exist() -> None:
             ],
         }
     }
-    assert fcm_unregistered(404, orjson.dumps(unregistered))
-    assert not fcm_unregistered(400, orjson.dumps(unregistered))
-    assert not fcm_unregistered(404, orjson.dumps({"error": {"code": 404, "details": "UNREGISTERED"}}))
-    assert not fcm_unregistered(404, b"not json")
+    assert fcm_unregistered(404, orjson.dumps(unregistered)) == "fcm UNREGISTERED"
+    assert fcm_unregistered(400, orjson.dumps(unregistered)) is None
+    assert fcm_unregistered(404, orjson.dumps({"error": {"code": 404, "details": "UNREGISTERED"}})) is None
+    assert fcm_unregistered(404, b"not json") is None
 
 
 def test_an_address_is_kept_by_one_form() -> None:

@@ -1,0 +1,67 @@
+"""Migrations that carry data forward, run against rows written under the revision before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+import services.notifier.store as notifier_store
+from services.notifier.settings import NotifierSettings
+from shared.db.engine import create_engine, ensure_schema
+from shared.db.migrations import run_migrations
+
+MIGRATIONS = Path(notifier_store.__file__).parent / "migrations"
+
+
+async def test_contacts_written_before_get_the_e164_form_of_a_phone_with_its_country_code(
+    make_settings: Any,
+) -> None:
+    settings = make_settings(NotifierSettings)
+    await ensure_schema(settings.database_url, settings.db_schema)
+    engine = create_engine(settings.database_url, settings.db_schema)
+    try:
+        await run_migrations(engine, MIGRATIONS, settings.db_schema, "0009_sms_address_optouts")
+        phones = {
+            "a": "+1 (415) 555-0100",
+            "b": "+44 (0)20 7946 0000",  # the national trunk prefix in brackets: not part of E.164
+            "c": "+1 415 555 0100 ext. 12",
+            "d": "(415) 555-0100",  # no country code: read with the profile's next change
+            "e": "+123",  # too short for any country
+            "f": None,
+        }
+        async with engine.begin() as conn:
+            for cid, phone in phones.items():
+                await conn.execute(
+                    text(
+                        "INSERT INTO contacts (customer_id, phone, traits, profile_at) "
+                        "VALUES (:c, :p, '{}', now())"
+                    ),
+                    {"c": cid, "p": phone},
+                )
+        await run_migrations(engine, MIGRATIONS, settings.db_schema)
+        async with engine.connect() as conn:
+            rows = dict((await conn.execute(text("SELECT customer_id, phone_e164 FROM contacts"))).all())
+            indexes = set(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT indexname FROM pg_indexes "
+                            "WHERE tablename = 'contacts' AND schemaname = :s"
+                        ),
+                        {"s": settings.db_schema},
+                    )
+                ).scalars()
+            )
+        assert rows == {
+            "a": "+14155550100",
+            "b": "+442079460000",
+            "c": "+14155550100",
+            "d": None,
+            "e": None,
+            "f": None,
+        }
+        assert "contacts_phone_e164" in indexes and "contacts_phone" not in indexes
+    finally:
+        await engine.dispose()

@@ -83,6 +83,12 @@ from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
 INSTANCE_NAMESPACE = uuid.UUID("6f1c2a52-4d0e-4c7e-9a51-0b8f3d7e2c11")
+MERGES_TAKEN_OVER = Counter(
+    "clm_journey_merges_taken_over_total",
+    "Profiles merged into another whose instances, entries and message log the survivor took over",
+)
+# The exit reason of a merged-away profile's instance whose journey the survivor is inside already.
+MERGED_AWAY = "merged: the surviving profile is inside this journey"
 BROADCAST_FAILURES = Counter(
     "clm_journey_broadcast_failures_total",
     "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
@@ -288,7 +294,8 @@ class JourneyEngine:
             return
         # Instances are locked (in `_batch`) before the projection rows are written: the same order a
         # timer step that updates a trait uses, so the two never wait on each other in a cycle.
-        batch = await self._batch(session, [p.customer_id for p in items])
+        merged_away = [m for p in items if p.kind == ProfileChangeKind.IDENTITY_MERGED for m in p.merged_ids]
+        batch = await self._batch(session, [p.customer_id for p in items] + merged_away)
         for p in items:
             cid = p.customer_id
             if p.kind == ProfileChangeKind.ERASED:
@@ -298,6 +305,10 @@ class JourneyEngine:
                 batch.active[cid] = []
                 batch.customers[cid] = CustomerView(cid)
                 continue
+            if p.kind == ProfileChangeKind.IDENTITY_MERGED:
+                for old in p.merged_ids:
+                    if old != cid:
+                        await self._take_over(session, batch, old, cid)
             traits = dict(p.traits)
             view = batch.customers[cid]
             view.traits = traits
@@ -337,24 +348,53 @@ class JourneyEngine:
                 )
         await batch.writer.flush(session)
 
+    async def _take_over(self, session: AsyncSession, batch: Batch, old: str, new: str) -> None:
+        """Profile `old` was merged into `new`: one person. Its instances, entries, goal windows and
+        message log become `new`'s, so the re-entry policy, frequency caps and goals count the
+        person once (before, the survivor entered a journey again that the merged-away profile was
+        in: a second welcome series). Where both are inside the same journey (and correlation
+        value), the survivor's instance goes on and the other exits."""
+        inside = {(r.journey_id, r.correlation) for r in batch.active[new] if r.status == "active"}
+        for row in batch.active[old]:
+            if row.status == "active" and (row.journey_id, row.correlation) in inside:
+                self._leave(batch.writer, row, "exited", MERGED_AWAY, "exited")
+        await batch.writer.flush(session)  # those exits first: one active instance per key
+        await instance_store.move_customer(session, old, new)
+        await projection.forget_merged(session, old)
+        moved = [replace(r, customer_id=new) for r in batch.active[old] if r.status == "active"]
+        batch.active[new] = [*batch.active[new], *moved]
+        batch.active[old] = []
+        for (journey_id, customer_id, correlation), at in list(batch.entries.items()):
+            if customer_id == old:
+                key = (journey_id, new, correlation)
+                batch.entries[key] = max(at, batch.entries.get(key, at))
+        for w in batch.windows.pop(old, []):
+            batch.windows.setdefault(new, []).append(replace(w, customer_id=new))
+        MERGES_TAKEN_OVER.inc()
+
     async def on_statuses(self, uow: UnitOfWork, items: Sequence[MessageStatus]) -> None:
         session = uow.session
         if not items:
             return
-        batch = await self._batch(session, [s.customer_id for s in items])
+        # A status names the customer its message was requested for: after a merge, the instance
+        # waiting for it is the survivor's.
+        known = await projection.resolve(session, [s.customer_id for s in items])
+        owner = {s.customer_id: known.get(s.customer_id, s.customer_id) for s in items}
+        batch = await self._batch(session, list(owner.values()))
         for s in items:
-            for row in list(batch.active[s.customer_id]):
+            cid = owner[s.customer_id]
+            for row in list(batch.active[cid]):
                 wait = row.wait or {}
                 if wait.get("kind") == "message" and wait.get("message_id") == s.message_id:
                     await self._react(
                         uow,
                         batch.writer,
                         row,
-                        batch.customers[s.customer_id],
+                        batch.customers[cid],
                         StatusArrived(s.message_id, str(s.status)),
                         batch.now,
                     )
-            batch.prune(s.customer_id)
+            batch.prune(cid)
         await batch.writer.flush(session)
 
     def _customer_of(self, event: CustomerEvent, known: Mapping[str, str]) -> str:

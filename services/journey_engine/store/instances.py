@@ -168,6 +168,30 @@ class GoalWindow:
     open_until: datetime | None = None
 
 
+# A profile merged into another (`ProfileChanged` `identity_merged`): what the engine keeps under the
+# merged-away id becomes the survivor's, so the re-entry policy, frequency caps and goals count the
+# person once. Its active instances that collide with the survivor's (same journey and correlation
+# value: one active per key) must be exited first (`StepWriter`), or the update breaks that index.
+_MOVE_CUSTOMER = Statement(
+    "WITH moved AS (UPDATE instances SET customer_id = :new WHERE customer_id = :old), "
+    "windows AS (UPDATE goal_windows SET customer_id = :new WHERE customer_id = :old), "
+    "log AS (UPDATE message_log SET customer_id = :new WHERE customer_id = :old), "
+    "gone AS (DELETE FROM enrolments WHERE customer_id = :old "
+    "RETURNING journey_id, correlation, last_entered_at, entries) "
+    "INSERT INTO enrolments (journey_id, customer_id, correlation, last_entered_at, entries) "
+    "SELECT journey_id, :new, correlation, last_entered_at, entries FROM gone "
+    "ON CONFLICT (journey_id, customer_id, correlation) DO UPDATE "
+    "SET last_entered_at = GREATEST(enrolments.last_entered_at, excluded.last_entered_at), "
+    "entries = enrolments.entries + excluded.entries"
+)
+
+
+async def move_customer(session: AsyncSession, old: str, new: str) -> None:
+    """Everything kept under customer `old` (instances of any status, goal windows, the message log,
+    entries) now under `new`."""
+    await _MOVE_CUSTOMER.execute(session, {"old": old, "new": new})
+
+
 async def prune_goal_windows(session: AsyncSession, now: datetime) -> int:
     """Forget windows that closed unconverted."""
     result = await session.execute(text("DELETE FROM goal_windows WHERE open_until <= :now"), {"now": now})

@@ -213,6 +213,17 @@ async def erase(session: AsyncSession, customer_id: str) -> None:
         await session.execute(text(statement), {"id": customer_id})
 
 
+async def forget_merged(session: AsyncSession, customer_id: str) -> None:
+    """A profile merged into another: its projection rows go (the survivor's announcement carries the
+    traits; its memberships' exits come on the membership topic); its identities point at the
+    survivor (`add_identities`)."""
+    for statement in (
+        "DELETE FROM customers WHERE customer_id = :id",
+        "DELETE FROM customer_recommendations WHERE customer_id = :id",
+    ):
+        await session.execute(text(statement), {"id": customer_id})
+
+
 async def set_membership(session: AsyncSession, segment_id: str, customer_id: str, member: bool) -> None:
     await (_ADD_MEMBER if member else _REMOVE_MEMBER).execute(session, {"s": segment_id, "c": customer_id})
 

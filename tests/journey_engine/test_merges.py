@@ -1,0 +1,98 @@
+"""Two profiles found to be one person (`identity_merged`): what the engine kept under the
+merged-away id becomes the survivor's, so the person is not welcomed twice, a wait for their
+message still hears its status, and caps count their messages once."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from services.journey_engine.execution.engine import MERGED_AWAY
+from tests.journey_engine.harness import engine_running
+from tests.journey_engine.test_timing_and_rules import linear
+
+SEND_AND_WAIT = [
+    {"id": "hi", "type": "send", "channel": "email", "template_id": "hi"},
+    {"id": "wait", "type": "delay", "duration": "P3D"},
+]
+WAIT_FOR_OPEN: dict[str, Any] = {
+    "name": "Engagement",
+    "entry": {"type": "event", "event": "Signed Up"},
+    "nodes": [
+        {"id": "start", "type": "entry"},
+        {"id": "mail", "type": "send", "channel": "email", "template_id": "hello"},
+        {
+            "id": "opened",
+            "type": "wait_message",
+            "send_node": "mail",
+            "statuses": ["opened"],
+            "timeout": "P2D",
+        },
+        {"id": "tag", "type": "update_trait", "traits": {"engaged": True}},
+        {"id": "done", "type": "exit"},
+    ],
+    "edges": [
+        {"from": "start", "to": "mail"},
+        {"from": "mail", "to": "opened"},
+        {"from": "opened", "to": "tag", "branch": "matched"},
+        {"from": "opened", "to": "done", "branch": "timeout"},
+        {"from": "tag", "to": "done"},
+    ],
+}
+
+
+async def test_the_survivor_takes_over_the_merged_away_profiles_journeys(make_settings: Any) -> None:
+    async with engine_running(make_settings) as h:
+        both = await h.journey(linear("Both", "Ping", SEND_AND_WAIT))  # re-entry: once
+        welcome = await h.journey(linear("Welcome", "Joined", SEND_AND_WAIT))
+        engagement = await h.journey(WAIT_FOR_OPEN)
+        await h.track("new", "Ping")
+        await h.track("old", "Ping")  # the same person, not known to be yet
+        await h.track("old", "Joined")
+        await h.track("old", "Signed Up")
+        requests = await h.requests(until=lambda m: len(m) >= 4)
+        mail = next(m for m in requests if m["template_id"] == "hello")
+        assert mail["customer_id"] == "old"
+
+        await h.profile(
+            "new",
+            {"email": "ada@example.com"},
+            kind="identity_merged",
+            merged_ids=["old"],
+            identities={"user_id": ["new", "old"]},
+        )
+
+        # Inside the same journey twice: the survivor's instance goes on, the other exits.
+        assert [(r.customer_id, r.status, r.exit_reason) for r in await h.instances(both)] == [
+            ("new", "active", None),
+            ("new", "exited", MERGED_AWAY),
+        ]
+        # Only the merged-away profile was inside: the survivor is now, and is not welcomed again
+        # (re-entry `once` counts the merged-away profile's entry).
+        assert [(r.customer_id, r.status) for r in await h.instances(welcome)] == [("new", "active")]
+        await h.track("new", "Joined")
+        await h.track("old", "Joined")  # its id now resolves to the survivor
+        assert len(await h.instances(welcome)) == 1
+        # A wait for a message sent before the merge hears its status (named by the old id).
+        await h.message_status("old", mail["message_id"], "opened")
+        [waiting] = await h.instances(engagement)
+        assert (waiting.customer_id, waiting.status, waiting.node_id) == ("new", "exited", "done")
+        assert (
+            await h.scalar("SELECT traits ->> 'engaged' FROM customers WHERE customer_id = 'new'") == "true"
+        )
+        # Caps and reports count the person's messages once, under the survivor.
+        assert await h.scalar("SELECT count(*) FROM message_log WHERE customer_id = 'old'") == 0
+        assert await h.scalar("SELECT count(*) FROM message_log WHERE customer_id = 'new'") == 4
+        assert await h.scalar("SELECT count(*) FROM enrolments WHERE customer_id = 'old'") == 0
+        assert await h.scalar("SELECT count(*) FROM customers WHERE customer_id = 'old'") == 0
+
+        # The survivor's instance of `Both` finishes on its timer; no second welcome was requested.
+        await h.advance(timedelta(days=4))
+        assert [(r.customer_id, r.status) for r in await h.instances(welcome)] == [("new", "exited")]
+        requests = await h.requests(idle=1.0)
+        assert sorted((m["customer_id"], m["template_id"]) for m in requests) == [
+            ("new", "hi"),
+            ("old", "hello"),
+            ("old", "hi"),
+            ("old", "hi"),
+        ]

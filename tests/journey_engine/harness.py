@@ -129,6 +129,11 @@ class Harness:
     async def message_status(
         self, customer_id: str, message_id: str, status: str, channel: str = "email"
     ) -> None:
+        """As the notifier reports it: with the request's journey instance (from the engine's
+        message log; none for a message the engine did not request)."""
+        instance_id = await self.scalar(
+            "SELECT instance_id FROM message_log WHERE message_id = :m", m=message_id
+        )
         msg = MessageStatus(
             status_id=uuid.uuid4().hex,
             message_id=message_id,
@@ -136,6 +141,7 @@ class Harness:
             status=status,
             channel=channel,
             occurred_at=self.clock.now(),
+            instance_id=instance_id,
         )
         await self.platform.producer.publish(MESSAGE_STATUS.name, customer_id, msg)
         self.published["statuses"] += 1

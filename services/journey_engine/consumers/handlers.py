@@ -3,10 +3,10 @@ the unit of work commit projection, instance state, timers, inbox and outbox tog
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from services.journey_engine.consumers.privacy import PrivacyConsumer, drop_erased_events
-from services.journey_engine.execution.engine import JourneyEngine
+from services.journey_engine.execution.engine import CustomersMoved, JourneyEngine
 from services.journey_engine.store import templates as template_store
 from shared.contracts.events import (
     CustomerEvent,
@@ -27,17 +27,35 @@ from shared.contracts.topics import (
 from shared.kafka.consumer import LONG_POLL, Consumed
 from shared.runtime import Platform
 
+# Tries of a unit whose customers a merge keeps moving under it (each try looks them up again).
+MOVED_ATTEMPTS = 5
+
+
+async def again_if_moved(unit: Callable[[], Awaitable[None]]) -> None:
+    """Run a unit of work again (it rolled back) when a merge moved some of its customers between its
+    lookup and its locks (`CustomersMoved`): the next lookup sees the merge."""
+    for attempt in range(1, MOVED_ATTEMPTS + 1):
+        try:
+            await unit()
+            return
+        except CustomersMoved:
+            if attempt == MOVED_ATTEMPTS:
+                raise
+
 
 def register(platform: Platform, engine: JourneyEngine) -> None:
     salt = platform.settings.privacy_salt.get_secret_value()
 
     async def events(batch: Sequence[Consumed[CustomerEvent]]) -> None:
-        async with platform.unit_of_work() as uow:
-            uow.note_correlations(batch)  # the instances they start pass the chain's id on
-            fresh = await uow.claim_many("events", [c.event_id for c in batch], erasure_gate=True)
-            items = [(c.event_id, c.value) for c in batch if c.event_id in fresh]
-            kept, known = await drop_erased_events(uow, salt, items)
-            await engine.on_events(uow, kept, known)
+        async def unit() -> None:
+            async with platform.unit_of_work() as uow:
+                uow.note_correlations(batch)  # the instances they start pass the chain's id on
+                fresh = await uow.claim_many("events", [c.event_id for c in batch], erasure_gate=True)
+                items = [(c.event_id, c.value) for c in batch if c.event_id in fresh]
+                kept, known = await drop_erased_events(uow, salt, items)
+                await engine.on_events(uow, kept, known)
+
+        await again_if_moved(unit)
 
     async def segments(batch: Sequence[Consumed[SegmentMembershipChanged]]) -> None:
         async with platform.unit_of_work() as uow:
@@ -46,15 +64,21 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
             await engine.on_segment_changes(uow, [c.value for c in batch if c.event_id in fresh])
 
     async def profiles(batch: Sequence[Consumed[ProfileChanged]]) -> None:
-        async with platform.unit_of_work() as uow:
-            uow.note_correlations(batch)
-            fresh = await uow.claim_many("profiles", [c.event_id for c in batch])
-            await engine.on_profiles(uow, [c.value for c in batch if c.event_id in fresh])
+        async def unit() -> None:
+            async with platform.unit_of_work() as uow:
+                uow.note_correlations(batch)
+                fresh = await uow.claim_many("profiles", [c.event_id for c in batch])
+                await engine.on_profiles(uow, [c.value for c in batch if c.event_id in fresh])
+
+        await again_if_moved(unit)
 
     async def statuses(batch: Sequence[Consumed[MessageStatus]]) -> None:
-        async with platform.unit_of_work() as uow:
-            fresh = await uow.claim_many("statuses", [c.event_id for c in batch])
-            await engine.on_statuses(uow, [c.value for c in batch if c.event_id in fresh])
+        async def unit() -> None:
+            async with platform.unit_of_work() as uow:
+                fresh = await uow.claim_many("statuses", [c.event_id for c in batch])
+                await engine.on_statuses(uow, [c.value for c in batch if c.event_id in fresh])
+
+        await again_if_moved(unit)
 
     async def templates(batch: Sequence[Consumed[TemplateChanged]]) -> None:
         # No inbox: the newest state per template wins, so applying one twice changes nothing.

@@ -79,10 +79,18 @@ from shared.contracts.events import (
 from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS
 from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
+from shared.privacy import erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
 INSTANCE_NAMESPACE = uuid.UUID("6f1c2a52-4d0e-4c7e-9a51-0b8f3d7e2c11")
+
+
+class CustomersMoved(Exception):
+    """A merge moved some of a batch's customers (or instances) between the batch's lookup and its
+    locks: roll back and go again; the next lookup sees the merge (`consumers.handlers`)."""
+
+
 MERGES_TAKEN_OVER = Counter(
     "clm_journey_merges_taken_over_total",
     "Profiles merged into another whose instances, entries and message log the survivor took over",
@@ -142,6 +150,9 @@ class Batch:
     journeys: list[ActiveJourney]
     # Finished instances whose goal may still be reached (event batches only: goals are events).
     windows: dict[str, list[GoalWindow]] = field(default_factory=dict)
+    # What the caller looked up before the locks, read again after them (`batch_read.BatchRead`).
+    resolved: dict[str, str] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
     # How many of the writer's new windows `windows` holds already.
     _windows_seen: int = 0
 
@@ -200,9 +211,18 @@ class JourneyEngine:
 
     # ------------------------------------------------------------------ consumers' entry points
 
-    async def _batch(self, session: AsyncSession, customer_ids: list[str], *, goals: bool = False) -> Batch:
+    async def _batch(
+        self,
+        session: AsyncSession,
+        customer_ids: list[str],
+        *,
+        goals: bool = False,
+        identities: Sequence[str] = (),
+        instance_ids: Sequence[str] = (),
+    ) -> Batch:
         """Lock the batch's customers, then their instances and everything else their steps need
-        (`store.batch_read`: two statements)."""
+        (`store.batch_read`: two statements). `identities`, `instance_ids`: what the caller found the
+        customers by, looked up again once the locks are held (`Batch.resolved`, `Batch.owners`)."""
         now = self.clock.now()
         ids = sorted(set(customer_ids))
         await projection.lock_customers(session, ids)
@@ -212,6 +232,8 @@ class JourneyEngine:
             now=now,
             sends_since=projection.sends_window(now, bool(self.rules.caps)),
             goals=goals,
+            identities=identities,
+            instance_ids=instance_ids,
         )
         active: dict[str, list[InstanceRow]] = {c: [] for c in ids}
         for row in read.active:
@@ -227,6 +249,8 @@ class JourneyEngine:
             entries=read.entries,
             journeys=await self.active_journeys(session, read.journeys),
             windows=windows,
+            resolved=read.resolved,
+            owners=read.owners,
         )
 
     async def on_events(
@@ -241,12 +265,13 @@ class JourneyEngine:
         tracks = [(eid, e) for eid, e in items if e.type == EventType.TRACK and e.event]
         if not tracks:
             return
+        identities = [i for _, e in tracks for i in (e.user_id, e.anonymous_id) if i is not None]
         if known is None:
-            known = await projection.resolve(
-                session, [i for _, e in tracks for i in (e.user_id, e.anonymous_id) if i is not None]
-            )
+            known = await projection.resolve(session, identities)
         owners = [(eid, e, self._customer_of(e, known)) for eid, e in tracks]
-        batch = await self._batch(session, [c for _, _, c in owners], goals=True)
+        batch = await self._batch(session, [c for _, _, c in owners], goals=True, identities=identities)
+        if any(batch.resolved.get(i) != known.get(i) for i in identities):
+            raise CustomersMoved()
         for event_id, event, customer_id in owners:
             payload = event.model_dump(mode="json", by_alias=True)
             assert event.event is not None
@@ -294,8 +319,27 @@ class JourneyEngine:
             return
         # Instances are locked (in `_batch`) before the projection rows are written: the same order a
         # timer step that updates a trait uses, so the two never wait on each other in a cycle.
-        merged_away = [m for p in items if p.kind == ProfileChangeKind.IDENTITY_MERGED for m in p.merged_ids]
-        batch = await self._batch(session, [p.customer_id for p in items] + merged_away)
+        merges = [
+            (old, p.customer_id)
+            for p in items
+            if p.kind == ProfileChangeKind.IDENTITY_MERGED
+            for old in p.merged_ids
+            if old != p.customer_id
+        ]
+        survivors = sorted({new for _, new in merges})
+        final: dict[str, str] = {}
+        if merges:
+            # An erasure finds a customer's rows by their identities: not while a merge moves them.
+            await erasure_gate(session, exclusive=False)
+            # A survivor merged on into another since (its announcement late): that one takes over.
+            final = await projection.resolve(session, survivors)
+        batch = await self._batch(
+            session,
+            [p.customer_id for p in items] + [old for old, _ in merges] + list(final.values()),
+            identities=survivors,
+        )
+        if any(batch.resolved.get(s) != final.get(s) for s in survivors):
+            raise CustomersMoved()
         for p in items:
             cid = p.customer_id
             if p.kind == ProfileChangeKind.ERASED:
@@ -354,6 +398,14 @@ class JourneyEngine:
         person once (before, the survivor entered a journey again that the merged-away profile was
         in: a second welcome series). Where both are inside the same journey (and correlation
         value), the survivor's instance goes on and the other exits."""
+        # Where the survivor's identity points now: another profile it was merged into since, by an
+        # earlier announcement (or one earlier in this batch, written in this transaction).
+        target = (await projection.resolve(session, [new])).get(new, new)
+        if target not in batch.active:
+            raise CustomersMoved()  # not locked by this batch: the next try locks it
+        new = target
+        if old == new:
+            return
         inside = {(r.journey_id, r.correlation) for r in batch.active[new] if r.status == "active"}
         for row in batch.active[old]:
             if row.status == "active" and (row.journey_id, row.correlation) in inside:
@@ -366,26 +418,42 @@ class JourneyEngine:
         batch.active[old] = []
         for (journey_id, customer_id, correlation), at in list(batch.entries.items()):
             if customer_id == old:
+                del batch.entries[(journey_id, customer_id, correlation)]
                 key = (journey_id, new, correlation)
                 batch.entries[key] = max(at, batch.entries.get(key, at))
         for w in batch.windows.pop(old, []):
             batch.windows.setdefault(new, []).append(replace(w, customer_id=new))
+        # Frequency caps in the rest of this batch count the merged-away profile's sends too.
+        sent = batch.customers[new].recent_sends
+        for channel, times in batch.customers[old].recent_sends.items():
+            sent[channel] = sorted([*sent.get(channel, []), *times])
+        batch.customers[old].recent_sends = {}
         MERGES_TAKEN_OVER.inc()
 
     async def on_statuses(self, uow: UnitOfWork, items: Sequence[MessageStatus]) -> None:
+        """A status reaches the instance waiting for it by the instance's id (a journey's messages
+        carry it), whoever the instance belongs to now: a merge may have moved it to the surviving
+        profile since the message was requested."""
         session = uow.session
-        if not items:
+        waits = [s for s in items if s.instance_id]
+        if not waits:
             return
-        # A status names the customer its message was requested for: after a merge, the instance
-        # waiting for it is the survivor's.
-        known = await projection.resolve(session, [s.customer_id for s in items])
-        owner = {s.customer_id: known.get(s.customer_id, s.customer_id) for s in items}
-        batch = await self._batch(session, list(owner.values()))
-        for s in items:
-            cid = owner[s.customer_id]
+        ids = [s.instance_id for s in waits if s.instance_id]
+        owners = await instance_store.owners(session, ids)
+        batch = await self._batch(session, list(owners.values()), instance_ids=ids)
+        if batch.owners != owners:
+            raise CustomersMoved()
+        for s in waits:
+            cid = owners.get(s.instance_id or "")
+            if cid is None:
+                continue
             for row in list(batch.active[cid]):
                 wait = row.wait or {}
-                if wait.get("kind") == "message" and wait.get("message_id") == s.message_id:
+                if (
+                    row.id == s.instance_id
+                    and wait.get("kind") == "message"
+                    and wait.get("message_id") == s.message_id
+                ):
                     await self._react(
                         uow,
                         batch.writer,

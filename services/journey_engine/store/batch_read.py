@@ -13,6 +13,7 @@ customer's, while it finishes the instance and opens its goal window).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -43,6 +44,10 @@ _READ = Statement(
             _rows_of(instances.OPEN_GOALS_SQL, only_if="CAST(:goals AS boolean)"),
             # In the database's order (its collation), as journeys have always been tried.
             _rows_of(journeys.ACTIVE_SQL, order_by="q.id"),
+            # What the caller looked up before the locks, looked up again after them: a merge may
+            # have moved a customer meanwhile (`identities`: to customers; `instance_ids`: owners).
+            _rows_of(projection.RESOLVE_IDENTITIES_SQL),
+            _rows_of(instances.OWNERS_SQL),
         ]
     )
 )
@@ -55,6 +60,9 @@ class BatchRead:
     entries: dict[tuple[str, str, str], datetime]  # (journey, customer, correlation) -> last entry
     windows: list[GoalWindow]
     journeys: list[JourneyRow]  # by id
+    # After the locks: the `identities` asked for -> their customers, `instance_ids` -> their customers.
+    resolved: dict[str, str]
+    owners: dict[str, str]
 
 
 async def read(
@@ -64,17 +72,31 @@ async def read(
     now: datetime,
     sends_since: datetime | None,
     goals: bool,
+    identities: Collection[str] = (),
+    instance_ids: Collection[str] = (),
 ) -> BatchRead:
     """`sends_since`: recent sends only when frequency caps are configured; `goals`: open goal windows
-    only for event batches (goals are events)."""
+    only for event batches (goals are events); `identities`, `instance_ids`: see `BatchRead`."""
     ids = sorted(set(customer_ids))
     active = await _ACTIVE.fetch(session, {"ids": ids})
-    [row] = await _READ.fetch(session, {"ids": ids, "since": sends_since, "now": now, "goals": goals})
-    loaded, sends, entries, windows, active_journeys = row
+    [row] = await _READ.fetch(
+        session,
+        {
+            "ids": ids,
+            "since": sends_since,
+            "now": now,
+            "goals": goals,
+            "identities": sorted(set(identities)),
+            "instance_ids": sorted(set(instance_ids)),
+        },
+    )
+    loaded, sends, entries, windows, active_journeys, resolved, owners = row
     return BatchRead(
         customers=projection.records(ids, loaded, sends),
         active=instances.active_rows(active),
         entries=instances.entries(entries),
         windows=instances.goal_windows(windows),
         journeys=journeys.active_rows(active_journeys),
+        resolved={r[0]: r[1] for r in resolved},
+        owners={r[0]: r[1] for r in owners},
     )

@@ -113,6 +113,19 @@ ACTIVE_FOR_CUSTOMERS_SQL = (
     f"SELECT {_COLUMNS} FROM instances WHERE customer_id = ANY(CAST(:ids AS text[])) AND status = 'active' "
     "ORDER BY id FOR UPDATE"
 )
+# Whose instances these are now (`store.batch_read`: read again after a batch's locks).
+OWNERS_SQL = "SELECT id, customer_id FROM instances WHERE id = ANY(CAST(:instance_ids AS text[]))"
+_OWNERS = Statement(OWNERS_SQL)
+
+
+async def owners(session: AsyncSession, instance_ids: Sequence[str]) -> dict[str, str]:
+    """instance id -> its customer, for the instances that exist."""
+    if not instance_ids:
+        return {}
+    rows = await _OWNERS.fetch(session, {"instance_ids": sorted(set(instance_ids))})
+    return {r[0]: r[1] for r in rows}
+
+
 ENTRIES_OF_CUSTOMERS_SQL = (
     "SELECT journey_id, customer_id, correlation, last_entered_at FROM enrolments "
     "WHERE customer_id = ANY(CAST(:ids AS text[]))"

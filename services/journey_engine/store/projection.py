@@ -38,6 +38,8 @@ _RESOLVE_SQL = (
     "SELECT identity, customer_id FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"
 )
 _RESOLVE = Statement(_RESOLVE_SQL)
+# The same lookup, read again by `store.batch_read` after a batch's locks.
+RESOLVE_IDENTITIES_SQL = _RESOLVE_SQL.replace(":ids", ":identities")
 # The same, with the erasure tombstones among :hashes (rows with a NULL identity): one round trip for
 # an event batch's two reads after the erasure gate (the statement's snapshot follows the gate).
 _RESOLVE_READING_TOMBSTONES = Statement(

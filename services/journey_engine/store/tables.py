@@ -104,6 +104,8 @@ instances = sa.Table(
     # within the goal's window. What stats and A/B results count.
     sa.Column("converted_at", sa.DateTime(timezone=True), nullable=True),
     sa.Index("instances_active_customer", "customer_id", postgresql_where=sa.text("status = 'active'")),
+    # Any status (revision 0010): a merge moves the merged-away profile's finished instances too.
+    sa.Index("instances_customer", "customer_id"),
     sa.Index(
         "instances_active_once_per_key",
         "journey_id",

@@ -127,13 +127,20 @@ class Harness:
         await self.processed("segments")
 
     async def message_status(
-        self, customer_id: str, message_id: str, status: str, channel: str = "email"
+        self,
+        customer_id: str,
+        message_id: str,
+        status: str,
+        channel: str = "email",
+        *,
+        instance_id: str | None = None,
     ) -> None:
         """As the notifier reports it: with the request's journey instance (from the engine's
-        message log; none for a message the engine did not request)."""
-        instance_id = await self.scalar(
-            "SELECT instance_id FROM message_log WHERE message_id = :m", m=message_id
-        )
+        message log, unless given; none for a message the engine did not request)."""
+        if instance_id is None:
+            instance_id = await self.scalar(
+                "SELECT instance_id FROM message_log WHERE message_id = :m", m=message_id
+            )
         msg = MessageStatus(
             status_id=uuid.uuid4().hex,
             message_id=message_id,

@@ -113,12 +113,72 @@ async def test_a_late_merge_into_a_profile_merged_on_since_goes_to_the_last_surv
     async with engine_running(make_settings) as h:
         welcome = await h.journey(linear("Welcome", "Joined", SEND_AND_WAIT))
         await h.track("a", "Joined")
-        await h.profile("c", {}, kind="identity_merged", merged_ids=["b"], identities={"user_id": ["b", "c"]})
-        await h.profile("b", {}, kind="identity_merged", merged_ids=["a"], identities={"user_id": ["a", "b"]})
+        earlier = h.clock.now()
+        h.clock.advance(timedelta(minutes=1))
+        # In the segmenter: `a` merged into `b` (earlier), then `b` into `c`, whose announcement
+        # carries every identifier; the engine handles them the other way round.
+        await h.profile(
+            "c", {}, kind="identity_merged", merged_ids=["b"], identities={"user_id": ["a", "b", "c"]}
+        )
+        await h.profile(
+            "b",
+            {"email": "b@example.com"},
+            kind="identity_merged",
+            merged_ids=["a"],
+            identities={"user_id": ["a", "b"]},
+            occurred_at=earlier,
+        )
         assert [(r.customer_id, r.status) for r in await h.instances(welcome)] == [("c", "active")]
         assert await h.scalar("SELECT count(*) FROM enrolments WHERE customer_id = 'c'") == 1
-        await h.track("c", "Joined")
+        # The dead `b` got no projection row back from its late announcement.
+        assert await h.scalar("SELECT count(*) FROM customers WHERE customer_id = 'b'") == 0
+        for user in ("c", "a", "b"):
+            await h.track(user, "Joined")
         assert len(await h.instances(welcome)) == 1
+
+
+async def test_what_arrives_late_for_a_merged_away_profile_enters_it_in_nothing(make_settings: Any) -> None:
+    """A membership or stage change of `old` sent before the merge and handled after it (another
+    topic): `old` is no person any more, so no journey takes it in."""
+    async with engine_running(make_settings) as h:
+        vip = await h.journey(
+            linear("VIP", "unused", SEND_AND_WAIT) | {"entry": {"type": "segment", "segment_id": "vip"}}
+        )
+        staged = await h.journey(
+            linear("Staged", "unused", SEND_AND_WAIT) | {"entry": {"type": "lifecycle_stage", "to_stage": "growth"}}
+        )
+        await h.profile(
+            "new", {}, kind="identity_merged", merged_ids=["old"], identities={"user_id": ["new", "old"]}
+        )
+        await h.membership("old", "vip")
+        await h.profile(
+            "old", {"email": "old@example.com"}, kind="stage_changed", stage="growth", previous="onboarding"
+        )
+        assert await h.instances(vip) == [] and await h.instances(staged) == []
+        assert await h.scalar("SELECT count(*) FROM segment_members WHERE customer_id = 'old'") == 0
+        assert await h.scalar("SELECT count(*) FROM customers WHERE customer_id = 'old'") == 0
+        # The survivor itself still enters.
+        await h.membership("new", "vip")
+        assert [(r.customer_id, r.status) for r in await h.instances(vip)] == [("new", "active")]
+
+
+async def test_a_merge_into_a_profile_whose_id_is_another_customers_identifier_stays_with_it(
+    make_settings: Any,
+) -> None:
+    """Identifiers are values without their kind: customer `7` (an anonymousId) and customer
+    `user:7` (userId 7) can both exist, and `7` may point at `user:7` in the identity table. A merge
+    into `7` is `7`'s, not `user:7`'s."""
+    async with engine_running(make_settings) as h:
+        welcome = await h.journey(linear("Welcome", "Joined", SEND_AND_WAIT))
+        await h.profile("7", {}, identities={"anonymous_id": ["7"]})
+        h.clock.advance(timedelta(minutes=1))
+        await h.profile("user:7", {}, identities={"user_id": ["7"]})
+        await h.track("x", "Joined")
+        h.clock.advance(timedelta(minutes=1))
+        await h.profile(
+            "7", {}, kind="identity_merged", merged_ids=["x"], identities={"anonymous_id": ["7", "x"]}
+        )
+        assert [(r.customer_id, r.status) for r in await h.instances(welcome)] == [("7", "active")]
 
 
 async def test_a_status_reaches_its_instance_whatever_customer_it_names(make_settings: Any) -> None:

@@ -109,7 +109,8 @@ async def test_wait_for_open_else_sms_and_webhook(make_settings: Any) -> None:
         first = {m["customer_id"]: m for m in await h.requests(until=lambda m: len(m) >= 2)}
         assert first["x"]["subscription_topic"] == "news"
         await h.message_status("x", first["x"]["message_id"], "delivered")  # not what the wait wants
-        await h.message_status("x", "someone-elses-message", "opened")
+        # Another message's status, even one naming this instance, is not what the wait wants.
+        await h.message_status("x", "someone-elses-message", "opened", instance_id=first["x"]["instance_id"])
         assert {r.customer_id: r.node_id for r in await h.instances(jid)} == {"x": "opened", "y": "opened"}
         await h.message_status("x", first["x"]["message_id"], "opened")
         await h.advance(timedelta(days=2))

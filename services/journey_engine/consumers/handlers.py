@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 from services.journey_engine.consumers.privacy import PrivacyConsumer, drop_erased_events
-from services.journey_engine.execution.engine import CustomersMoved, JourneyEngine
+from services.journey_engine.execution.engine import MERGES_TAKEN_OVER, CustomersMoved, JourneyEngine
 from services.journey_engine.store import templates as template_store
 from shared.contracts.events import (
     CustomerEvent,
@@ -64,13 +64,17 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
             await engine.on_segment_changes(uow, [c.value for c in batch if c.event_id in fresh])
 
     async def profiles(batch: Sequence[Consumed[ProfileChanged]]) -> None:
+        taken_over = 0
+
         async def unit() -> None:
+            nonlocal taken_over
             async with platform.unit_of_work() as uow:
                 uow.note_correlations(batch)
                 fresh = await uow.claim_many("profiles", [c.event_id for c in batch])
-                await engine.on_profiles(uow, [c.value for c in batch if c.event_id in fresh])
+                taken_over = await engine.on_profiles(uow, [c.value for c in batch if c.event_id in fresh])
 
         await again_if_moved(unit)
+        MERGES_TAKEN_OVER.inc(taken_over)  # committed
 
     async def statuses(batch: Sequence[Consumed[MessageStatus]]) -> None:
         async def unit() -> None:

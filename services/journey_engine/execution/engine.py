@@ -153,6 +153,10 @@ class Batch:
     # What the caller looked up before the locks, read again after them (`batch_read.BatchRead`).
     resolved: dict[str, str] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
+    # The batch's customers merged into another profile (by an earlier batch, or this one).
+    merged_away: set[str] = field(default_factory=set)
+    # Merges this batch took over (counted once it committed).
+    taken_over: int = 0
     # How many of the writer's new windows `windows` holds already.
     _windows_seen: int = 0
 
@@ -251,6 +255,7 @@ class JourneyEngine:
             windows=windows,
             resolved=read.resolved,
             owners=read.owners,
+            merged_away=read.merged_away,
         )
 
     async def on_events(
@@ -270,7 +275,7 @@ class JourneyEngine:
             known = await projection.resolve(session, identities)
         owners = [(eid, e, self._customer_of(e, known)) for eid, e in tracks]
         batch = await self._batch(session, [c for _, _, c in owners], goals=True, identities=identities)
-        if any(batch.resolved.get(i) != known.get(i) for i in identities):
+        if any(self._customer_of(e, batch.resolved) != c for _, e, c in owners):
             raise CustomersMoved()
         for event_id, event, customer_id in owners:
             payload = event.model_dump(mode="json", by_alias=True)
@@ -292,6 +297,8 @@ class JourneyEngine:
             return
         batch = await self._batch(session, [m.customer_id for m in items])
         for m in items:
+            if m.customer_id in batch.merged_away:
+                continue  # sent before its profile was merged into another: no person's any more
             await projection.set_membership(session, m.segment_id, m.customer_id, m.change == "entered")
             customer = batch.customers[m.customer_id]
             customer.segments = (
@@ -313,10 +320,11 @@ class JourneyEngine:
             )
         await batch.writer.flush(session)
 
-    async def on_profiles(self, uow: UnitOfWork, items: Sequence[ProfileChanged]) -> None:
+    async def on_profiles(self, uow: UnitOfWork, items: Sequence[ProfileChanged]) -> int:
+        """Returns the merges taken over (`_take_over`), to count once the unit committed."""
         session = uow.session
         if not items:
-            return
+            return 0
         # Instances are locked (in `_batch`) before the projection rows are written: the same order a
         # timer step that updates a trait uses, so the two never wait on each other in a cycle.
         merges = [
@@ -332,13 +340,11 @@ class JourneyEngine:
             # An erasure finds a customer's rows by their identities: not while a merge moves them.
             await erasure_gate(session, exclusive=False)
             # A survivor merged on into another since (its announcement late): that one takes over.
-            final = await projection.resolve(session, survivors)
+            final = await projection.survivors(session, survivors)
         batch = await self._batch(
-            session,
-            [p.customer_id for p in items] + [old for old, _ in merges] + list(final.values()),
-            identities=survivors,
+            session, [p.customer_id for p in items] + [old for old, _ in merges] + list(final.values())
         )
-        if any(batch.resolved.get(s) != final.get(s) for s in survivors):
+        if merges and await projection.survivors(session, survivors) != final:
             raise CustomersMoved()
         for p in items:
             cid = p.customer_id
@@ -352,7 +358,11 @@ class JourneyEngine:
             if p.kind == ProfileChangeKind.IDENTITY_MERGED:
                 for old in p.merged_ids:
                     if old != cid:
-                        await self._take_over(session, batch, old, cid)
+                        await self._take_over(session, batch, old, cid, p.occurred_at)
+            if cid in batch.merged_away:
+                # Announced before this profile was merged into another: its traits, identities and
+                # stage are the survivor's announcements' to give (and it enters nothing).
+                continue
             traits = dict(p.traits)
             view = batch.customers[cid]
             view.traits = traits
@@ -391,16 +401,17 @@ class JourneyEngine:
                     trigger_context={"trigger": trigger},
                 )
         await batch.writer.flush(session)
+        return batch.taken_over
 
-    async def _take_over(self, session: AsyncSession, batch: Batch, old: str, new: str) -> None:
+    async def _take_over(self, session: AsyncSession, batch: Batch, old: str, new: str, at: datetime) -> None:
         """Profile `old` was merged into `new`: one person. Its instances, entries, goal windows and
         message log become `new`'s, so the re-entry policy, frequency caps and goals count the
         person once (before, the survivor entered a journey again that the merged-away profile was
         in: a second welcome series). Where both are inside the same journey (and correlation
         value), the survivor's instance goes on and the other exits."""
-        # Where the survivor's identity points now: another profile it was merged into since, by an
-        # earlier announcement (or one earlier in this batch, written in this transaction).
-        target = (await projection.resolve(session, [new])).get(new, new)
+        # The survivor may itself have been merged into another since (by an earlier announcement,
+        # or one earlier in this batch, written in this transaction): that one takes over.
+        target = (await projection.survivors(session, [new])).get(new, new)
         if target not in batch.active:
             raise CustomersMoved()  # not locked by this batch: the next try locks it
         new = target
@@ -412,7 +423,8 @@ class JourneyEngine:
                 self._leave(batch.writer, row, "exited", MERGED_AWAY, "exited")
         await batch.writer.flush(session)  # those exits first: one active instance per key
         await instance_store.move_customer(session, old, new)
-        await projection.forget_merged(session, old)
+        await projection.forget_merged(session, old, new, at)
+        batch.merged_away.add(old)
         moved = [replace(r, customer_id=new) for r in batch.active[old] if r.status == "active"]
         batch.active[new] = [*batch.active[new], *moved]
         batch.active[old] = []
@@ -428,7 +440,7 @@ class JourneyEngine:
         for channel, times in batch.customers[old].recent_sends.items():
             sent[channel] = sorted([*sent.get(channel, []), *times])
         batch.customers[old].recent_sends = {}
-        MERGES_TAKEN_OVER.inc()
+        batch.taken_over += 1
 
     async def on_statuses(self, uow: UnitOfWork, items: Sequence[MessageStatus]) -> None:
         """A status reaches the instance waiting for it by the instance's id (a journey's messages
@@ -871,8 +883,10 @@ class JourneyEngine:
                 # customers' locks before the instances' (the order consumers use).
                 claimed = await instance_store.claim_due_timers(session, now, batch_size)
                 ids = sorted({t.instance_id for t in claimed})
-                await projection.lock_customers_of_instances(session, ids)
+                locked = await projection.lock_customers_of_instances(session, ids)
                 rows = {r.id: r for r in await instance_store.lock_instances(session, ids)}
+                if any(r.customer_id not in locked for r in rows.values()):
+                    raise InstanceConflict()  # a merge moved one to another customer: go again
             else:
                 # Without caps an instance's own row lock is all a timer step needs: one round trip.
                 pairs = await instance_store.claim_due_steps(session, now, batch_size)

@@ -48,6 +48,7 @@ _READ = Statement(
             # have moved a customer meanwhile (`identities`: to customers; `instance_ids`: owners).
             _rows_of(projection.RESOLVE_IDENTITIES_SQL),
             _rows_of(instances.OWNERS_SQL),
+            _rows_of(projection.MERGED_AWAY_SQL),
         ]
     )
 )
@@ -63,6 +64,8 @@ class BatchRead:
     # After the locks: the `identities` asked for -> their customers, `instance_ids` -> their customers.
     resolved: dict[str, str]
     owners: dict[str, str]
+    # The batch's customers that were merged into another profile (`projection.forget_merged`).
+    merged_away: set[str]
 
 
 async def read(
@@ -90,7 +93,7 @@ async def read(
             "instance_ids": sorted(set(instance_ids)),
         },
     )
-    loaded, sends, entries, windows, active_journeys, resolved, owners = row
+    loaded, sends, entries, windows, active_journeys, resolved, owners, merged_away = row
     return BatchRead(
         customers=projection.records(ids, loaded, sends),
         active=instances.active_rows(active),
@@ -99,4 +102,5 @@ async def read(
         journeys=journeys.active_rows(active_journeys),
         resolved={r[0]: r[1] for r in resolved},
         owners={r[0]: r[1] for r in owners},
+        merged_away={r[0] for r in merged_away},
     )

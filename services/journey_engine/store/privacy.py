@@ -61,7 +61,16 @@ async def erase(session: AsyncSession, cids: Sequence[str]) -> dict[str, int]:
     await session.execute(
         text("DELETE FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"), params
     )
+    # Their merged-away profiles (found among the identities) and merges into them.
+    result = await session.execute(text(_MERGED_OF), params)
+    deleted["merged_profiles"] = len(result.all())
     return deleted
+
+
+_MERGED_OF = (
+    "DELETE FROM merged_profiles WHERE customer_id = ANY(CAST(:ids AS text[])) "
+    "OR merged_into = ANY(CAST(:ids AS text[])) RETURNING customer_id"
+)
 
 
 async def export(session: AsyncSession, cids: Sequence[str]) -> dict[str, Any]:
@@ -80,6 +89,14 @@ async def export(session: AsyncSession, cids: Sequence[str]) -> dict[str, Any]:
         params,
     )
     out["timers"] = [dict(r._mapping) for r in timers]
+    merged = await session.execute(
+        text(
+            "SELECT customer_id, merged_into, merged_at FROM merged_profiles "
+            "WHERE customer_id = ANY(CAST(:ids AS text[])) OR merged_into = ANY(CAST(:ids AS text[]))"
+        ),
+        params,
+    )
+    out["merged_profiles"] = [dict(r._mapping) for r in merged]
     # JSON round trip: datetimes become strings, so the part fits the contract's JSON object.
     parsed: dict[str, Any] = orjson.loads(orjson.dumps(out, default=str))
     return parsed

@@ -88,15 +88,20 @@ async def lock_customers(session: AsyncSession, customer_ids: list[str]) -> None
         await _LOCK_CUSTOMERS.fetch(session, {"ids": sorted(set(customer_ids))})
 
 
-async def lock_customers_of_instances(session: AsyncSession, instance_ids: list[str]) -> None:
-    if instance_ids:
-        await session.execute(
-            text(
-                "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(customer_id, 7) AS k "
-                "FROM instances WHERE id = ANY(CAST(:ids AS text[])) ORDER BY k) AS s"
-            ),
-            {"ids": instance_ids},
-        )
+async def lock_customers_of_instances(session: AsyncSession, instance_ids: list[str]) -> set[str]:
+    """Lock the customers these instances belong to; returns them. Read before the locks are granted:
+    an instance a merge moved to another customer meanwhile belongs to one not in the set."""
+    if not instance_ids:
+        return set()
+    rows = await session.execute(
+        text(
+            "SELECT s.c, pg_advisory_xact_lock(s.k) FROM (SELECT DISTINCT customer_id AS c, "
+            "hashtextextended(customer_id, 7) AS k FROM instances WHERE id = ANY(CAST(:ids AS text[])) "
+            "ORDER BY k) AS s"
+        ),
+        {"ids": instance_ids},
+    )
+    return {r[0] for r in rows}
 
 
 async def resolve(session: AsyncSession, identities: list[str]) -> dict[str, str]:
@@ -211,19 +216,51 @@ async def erase(session: AsyncSession, customer_id: str) -> None:
         "DELETE FROM segment_members WHERE customer_id = :id",
         "DELETE FROM customer_recommendations WHERE customer_id = :id",
         "DELETE FROM goal_windows WHERE customer_id = :id",
+        "DELETE FROM merged_profiles WHERE customer_id = :id OR merged_into = :id",
     ):
         await session.execute(text(statement), {"id": customer_id})
 
 
-async def forget_merged(session: AsyncSession, customer_id: str) -> None:
+async def forget_merged(session: AsyncSession, customer_id: str, merged_into: str, at: datetime) -> None:
     """A profile merged into another: its projection rows go (the survivor's announcement carries the
-    traits; its memberships' exits come on the membership topic); its identities point at the
-    survivor (`add_identities`)."""
+    traits, and its memberships' exits come on the membership topic: none may enrol it meanwhile),
+    and it is recorded as merged (`merged_profiles`); its identities point at the survivor
+    (`add_identities`)."""
     for statement in (
         "DELETE FROM customers WHERE customer_id = :id",
         "DELETE FROM customer_recommendations WHERE customer_id = :id",
+        "DELETE FROM segment_members WHERE customer_id = :id",
     ):
         await session.execute(text(statement), {"id": customer_id})
+    await _MERGED.execute(session, {"id": customer_id, "into": merged_into, "at": at})
+
+
+_MERGED = Statement(
+    "INSERT INTO merged_profiles (customer_id, merged_into, merged_at) VALUES (:id, :into, :at) "
+    "ON CONFLICT (customer_id) DO UPDATE "
+    "SET merged_into = excluded.merged_into, merged_at = excluded.merged_at"
+)
+# Where each id ends up through its chain of merges (at most 32 deep: a cycle cannot loop).
+_SURVIVORS = Statement(
+    "WITH RECURSIVE chain(start, cur, depth) AS ("
+    "SELECT s, s, 0 FROM unnest(CAST(:ids AS text[])) AS s "
+    "UNION ALL SELECT c.start, m.merged_into, c.depth + 1 FROM chain AS c "
+    "JOIN merged_profiles AS m ON m.customer_id = c.cur WHERE c.depth < 32) "
+    "SELECT DISTINCT ON (start) start, cur FROM chain WHERE depth > 0 ORDER BY start, depth DESC"
+)
+
+
+async def survivors(session: AsyncSession, customer_ids: Sequence[str]) -> dict[str, str]:
+    """The customer each of these merged-away ids was merged into in the end; ids never merged away
+    are left out."""
+    if not customer_ids:
+        return {}
+    rows = await _SURVIVORS.fetch(session, {"ids": sorted(set(customer_ids))})
+    return {r[0]: r[1] for r in rows}
+
+
+# Which of a batch's customers were merged away (`store.batch_read`).
+MERGED_AWAY_SQL = "SELECT customer_id FROM merged_profiles WHERE customer_id = ANY(CAST(:ids AS text[]))"
 
 
 async def set_membership(session: AsyncSession, segment_id: str, customer_id: str, member: bool) -> None:

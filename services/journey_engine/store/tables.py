@@ -73,6 +73,17 @@ customer_identities = sa.Table(
     ),
 )
 
+# Profiles merged into another (revision 0011): whatever arrives for them later (a membership or a
+# profile announcement sent before the merge) is no person's any more; a merge into one of them goes
+# on to where it was merged.
+merged_profiles = sa.Table(
+    "merged_profiles",
+    metadata,
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Column("merged_into", sa.Text, nullable=False),
+    sa.Column("merged_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # A projection of clm.segment-membership.v1.
 segment_members = sa.Table(
     "segment_members",

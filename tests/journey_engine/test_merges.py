@@ -144,9 +144,8 @@ async def test_what_arrives_late_for_a_merged_away_profile_enters_it_in_nothing(
         vip = await h.journey(
             linear("VIP", "unused", SEND_AND_WAIT) | {"entry": {"type": "segment", "segment_id": "vip"}}
         )
-        staged = await h.journey(
-            linear("Staged", "unused", SEND_AND_WAIT) | {"entry": {"type": "lifecycle_stage", "to_stage": "growth"}}
-        )
+        growth = {"type": "lifecycle_stage", "to_stage": "growth"}
+        staged = await h.journey(linear("Staged", "unused", SEND_AND_WAIT) | {"entry": growth})
         await h.profile(
             "new", {}, kind="identity_merged", merged_ids=["old"], identities={"user_id": ["new", "old"]}
         )

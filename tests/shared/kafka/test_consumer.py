@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -290,6 +291,11 @@ class _NotUtf8(str):
         return b"\xff"
 
 
+def event_message(topic: str, n: int) -> OutgoingMessage:
+    """Test event `n` as a record for `topic` (key `u1`)."""
+    return encode_message(topic, "u1", event(n), producer="t")
+
+
 async def _send_batch(topic: str, partition: int, records: Sequence[OutgoingMessage | None]) -> None:
     """`records` as one record batch on `partition`; None: a record aiokafka cannot parse (its
     header name is not UTF-8, and the client decodes header names as it fetches)."""
@@ -345,9 +351,7 @@ async def test_a_record_the_client_cannot_parse_is_dead_lettered_by_position_and
     record batch (the client parses the whole batch even to start inside it); the others are handled."""
     s = platform.settings
     topic = s.topic(CUSTOMER_EVENTS.name)
-
-    def msg(n: int) -> OutgoingMessage:
-        return encode_message(topic, "u1", event(n), producer="t")
+    msg = partial(event_message, topic)
 
     # When the fetch that fails on partition 0 has taken these already (aiokafka drains partitions
     # in the order of the fetch response: in some runs, not all), they are fetched again.
@@ -391,9 +395,7 @@ async def test_the_search_waits_out_a_fetch_the_broker_holds_longer_than_the_run
     each bad one dead-lettered once."""
     s = platform.settings
     topic = s.topic(CUSTOMER_EVENTS.name)
-
-    def msg(n: int) -> OutgoingMessage:
-        return encode_message(topic, "u1", event(n), producer="t")
+    msg = partial(event_message, topic)
 
     runner = platform.consumer(
         CUSTOMER_EVENTS.name,
@@ -466,9 +468,7 @@ async def test_records_a_failed_fetch_had_taken_from_other_partitions_are_fetche
     handled all the same, once."""
     s = platform.settings
     topic = s.topic(CUSTOMER_EVENTS.name)
-
-    def msg(n: int) -> OutgoingMessage:
-        return encode_message(topic, "u1", event(n), producer="t")
+    msg = partial(event_message, topic)
 
     runner = platform.consumer(
         CUSTOMER_EVENTS.name,

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from services.notifier.channels.http_providers import TWILIO_STOPPED
 from services.notifier.channels.router import ProviderRouter
 from services.notifier.consumers.message_requests import enqueue
 from services.notifier.delivery import ADDRESSES_SUPPRESSED, DeliveryWorker
@@ -14,6 +15,7 @@ from services.notifier.domain.composition import status_of
 from services.notifier.domain.consent import ALL_TOPICS, opted_out, phone_key
 from services.notifier.domain.phone_numbers import normalized
 from services.notifier.domain.signing import MessageLinks
+from services.notifier.domain.suppression import suppression_key
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.settings import NotifierSettings
 from services.notifier.store import consent_repo, contacts_repo, ledger_repo, suppressions_repo
@@ -72,11 +74,19 @@ class Notifier:
         if e164 is None:
             log.warning("inbound SMS keyword from a value that is no phone number; ignored")
             return
-        key = phone_key(self.settings.privacy_salt.get_secret_value(), e164)
+        salt = self.settings.privacy_salt.get_secret_value()
+        key = phone_key(salt, e164)
         async with self.platform.unit_of_work() as uow:
             await consent_repo.set_sms_address_optout(
                 uow.session, key, not subscribed, source=source, now=now
             )
+            if subscribed:
+                # Twilio refused sends to the number as STOPped (21610): the START lifts that too.
+                suppressed = suppression_key(salt, Channel.SMS, e164, None)
+                if suppressed is not None:
+                    await suppressions_repo.remove(
+                        uow.session, suppressed, reason=f"twilio error {TWILIO_STOPPED}"
+                    )
             for customer_id in sorted(await contacts_repo.find_by_phone(uow.session, e164)):
                 latest = (
                     None

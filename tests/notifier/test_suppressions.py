@@ -233,3 +233,42 @@ async def test_bad_lookups_are_refused_naming_the_field(start_notifier) -> None:
         assert (
             await h.client.get("/v1/suppressions", params={"channel": "email", "address": "a@b.c"})
         ).status_code == 401
+
+
+async def test_a_number_twilio_refuses_as_stopped_is_suppressed_until_it_replies_start(
+    start_notifier,
+) -> None:  # type: ignore[no-untyped-def]
+    """21610: the number replied STOP to our sender before (perhaps before CLM knew it); Twilio
+    refuses every message to it, transactional too, until it replies START."""
+    async with start_notifier() as h:
+        await h.create_template(SMS)
+        number = "+15550100007"
+        h.twilio.fail_next((400, orjson.dumps({"code": 21610, "message": "unsubscribed recipient"}), {}))
+        await h.publish(
+            request("u-1", "c1", "sms", "sms-note", category="transactional", recipient={"phone": number})
+        )
+        await h.wait_status("u-1", "failed")
+        assert (await _lookup(h, "sms", number)).json()["reason"] == "twilio error 21610"
+        await h.publish(
+            request("u-2", "c1", "sms", "sms-note", category="transactional", recipient={"phone": number})
+        )
+        await h.wait_status("u-2", "suppressed")
+
+        form = {
+            "From": number,
+            "To": h.settings.twilio_from_number,
+            "Body": "START",
+            "MessageSid": "SM-start",
+        }
+        url = "http://testserver/v1/inbound/twilio/sms"
+        signature = twilio_signature(h.settings.twilio_auth_token.get_secret_value(), url, form)
+        got = await h.client.post(
+            "/v1/inbound/twilio/sms", data=form, headers={"X-Twilio-Signature": signature}
+        )
+        assert got.status_code == 200
+        assert (await _lookup(h, "sms", number)).status_code == 404
+        await h.publish(
+            request("u-3", "c1", "sms", "sms-note", category="transactional", recipient={"phone": number})
+        )
+        await h.wait_status("u-3", "sent")
+        assert len(h.twilio.requests) == 2

@@ -27,7 +27,10 @@ async def _post(client: httpx.AsyncClient, url: str, **kwargs: object) -> httpx.
 # Twilio error codes that say the number does not exist or cannot take SMS: 21211 invalid `To` and
 # 21614 not a mobile number (API answers), 30005 unknown destination handset and 30006 landline or
 # unreachable carrier (delivery reports). Not 30003 (handset off or out of reach: it may come back).
-TWILIO_ADDRESS_GONE = frozenset({21211, 21614, 30005, 30006})
+# And 21610: the number replied STOP to our sender (perhaps before CLM knew it), so Twilio refuses
+# every message to it until it replies START, which lifts the suppression too.
+TWILIO_STOPPED = 21610
+TWILIO_ADDRESS_GONE = frozenset({21211, 21614, 30005, 30006, TWILIO_STOPPED})
 
 
 def _json_error(content: bytes) -> dict[str, object]:

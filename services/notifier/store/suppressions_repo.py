@@ -64,10 +64,16 @@ async def get(session: AsyncSession, address_hash: str) -> Suppression | None:
 
 
 _REMOVE = Statement("DELETE FROM address_suppressions WHERE address_hash = :key RETURNING address_hash")
+_REMOVE_FOR_REASON = Statement(
+    "DELETE FROM address_suppressions WHERE address_hash = :key AND reason = :reason RETURNING address_hash"
+)
 
 
-async def remove(session: AsyncSession, address_hash: str) -> bool:
-    return bool(await _REMOVE.fetch(session, {"key": address_hash}))
+async def remove(session: AsyncSession, address_hash: str, *, reason: str | None = None) -> bool:
+    """`reason`: only an entry suppressed for that reason (START lifts a STOP Twilio reported)."""
+    if reason is None:
+        return bool(await _REMOVE.fetch(session, {"key": address_hash}))
+    return bool(await _REMOVE_FOR_REASON.fetch(session, {"key": address_hash, "reason": reason}))
 
 
 # One round trip for a batch of sends: which of their addresses are suppressed, and which of their

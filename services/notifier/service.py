@@ -40,7 +40,13 @@ class Notifier:
     async def submit(self, requests: list[MessageRequested]) -> set[str]:
         """Queue requests made through the API (same ledger path as Kafka requests)."""
         async with self.platform.unit_of_work() as uow:
-            new = await enqueue(uow, requests, self.clock, self.settings.privacy_salt.get_secret_value())
+            new = await enqueue(
+                uow,
+                requests,
+                self.clock,
+                self.settings.privacy_salt.get_secret_value(),
+                sms_default_region=self.settings.sms_default_region,
+            )
         if new:
             self.worker.wake()
         return new

@@ -158,3 +158,74 @@ async def test_a_request_being_queued_during_an_erasure_is_scrubbed_too(  # type
         )
         scrubbed = await ledger_request(h, "m9")
         assert scrubbed["recipient"] == {} and scrubbed["data"] == {}
+
+
+async def test_an_erased_customers_addresses_are_recognized_however_a_request_writes_them(
+    start_notifier,
+) -> None:  # type: ignore[no-untyped-def]
+    """The tombstones held the addresses as the segmenter sent them (the email trait as written,
+    no phone at all): a request under another customer id to `eve@example.com` or to the erased
+    phone number in another form was sent."""
+    async with start_notifier(sms_default_region="US") as h:
+        r = await h.client.post("/v1/templates", json=WELCOME, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        sms = {
+            "id": "sms-hi",
+            "name": "SMS",
+            "channel": "sms",
+            "default_locale": "en",
+            "variants": {"en": {"body": "Hi"}},
+        }
+        assert (await h.client.post("/v1/templates", json=sms, headers=ADMIN)).status_code == 201
+        await h.profile("c7", {"email": "Eve@Example.com", "phone": "(555) 010-9999"})
+        await h.wait_contact("c7")
+        erase = PrivacyRequest(
+            event_id="r7:segmenter:erase_requested",
+            request_id="r7",
+            action=PrivacyAction.ERASE_REQUESTED,
+            customer_id="c7",
+            identities=["c7", "Eve@Example.com"],
+            service="segmenter",
+            occurred_at=datetime.now(UTC),
+        )
+        await h.platform.producer.publish(PRIVACY.name, "c7", erase)
+        await read_topic(
+            h.settings.topic(PRIVACY.name),
+            until=lambda ms: any(m["value"]["action"] == "erase_completed" for m in ms),
+            timeout=15,
+        )
+        await h.publish(
+            request(
+                "m-e1",
+                "c8",
+                "email",
+                "welcome",
+                recipient={"email": " eve@EXAMPLE.com"},
+                category="transactional",
+            )
+        )
+        await h.publish(
+            request(
+                "m-e2",
+                "c8",
+                "sms",
+                "sms-hi",
+                recipient={"phone": "+1 555-010-9999"},
+                category="transactional",
+            )
+        )
+        await h.publish(
+            request(
+                "m-e3",
+                "c8",
+                "sms",
+                "sms-hi",
+                recipient={"phone": "+1 555-010-0000"},
+                category="transactional",
+            )
+        )
+        for message_id in ("m-e1", "m-e2"):
+            statuses = await h.wait_status(message_id, "suppressed")
+            assert [(s["status"], s["reason"]) for s in statuses] == [("suppressed", "erased")]
+        await h.wait_status("m-e3", "sent")
+        assert h.sink.messages == [] and [r.form()["To"] for r in h.twilio.requests] == ["+15550100000"]

@@ -138,7 +138,9 @@ def router(admin: Any) -> APIRouter:
                     errors=[field_error("Idempotency-Key", "unique_per_request", "use a new key")],
                 )
             salt = notifier.settings.privacy_salt.get_secret_value()
-            new = await enqueue(uow, [request], notifier.clock, salt)
+            new = await enqueue(
+                uow, [request], notifier.clock, salt, sms_default_region=notifier.settings.sms_default_region
+            )
         if new:
             notifier.worker.wake()
         return JSONResponse(

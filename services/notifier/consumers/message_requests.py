@@ -22,6 +22,7 @@ async def enqueue(
     clock: Clock,
     privacy_salt: str | None = None,
     correlations: Mapping[str, str] | None = None,
+    sms_default_region: str | None = None,
 ) -> set[str]:
     """Ledger rows for requests never seen before, each with a `queued` status. Returns the new ids.
 
@@ -41,13 +42,16 @@ async def enqueue(
             await erasure_gate(uow.session, exclusive=False)
         # The tombstones are read by the insert's own statement, after the gate: one round trip.
         by_hash = hashed_identities(
-            privacy_salt, {i for r in requests for i in erasure_repo.request_identities(r)}
+            privacy_salt,
+            {i for r in requests for i in erasure_repo.request_identities(r, sms_default_region)},
         )
         new, tombstones = await ledger_repo.insert_new_reading_tombstones(
             uow.session, requests, now, correlations, list(by_hash)
         )
         fresh = [r for r in requests if r.message_id in new]
-        for_erased = erasure_repo.addressed_to_erased(fresh, erased_identities(by_hash, tombstones))
+        for_erased = erasure_repo.addressed_to_erased(
+            fresh, erased_identities(by_hash, tombstones), sms_default_region
+        )
         erased = await erasure_repo.suppress(uow.session, [r.message_id for r in for_erased], now)
     for request in requests:
         if request.message_id in erased:
@@ -89,6 +93,7 @@ class MessageRequestsConsumer:
                 self.clock,
                 self.privacy_salt,
                 {i.value.message_id: i.correlation_id for i in batch if i.correlation_id},
+                self.worker.settings.sms_default_region,
             )
             if new:  # claimed in the same commit, sent right after it (the loops do it when busy)
                 claimed = await self.worker.claim_within(uow.session, new)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from services.notifier.store import privacy_repo
+from services.notifier.store import contacts_repo, privacy_repo
+from services.notifier.store.erasure_repo import address_forms
 from shared.clock import Clock
 from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
 from shared.db.unit_of_work import UnitOfWork
@@ -42,10 +43,19 @@ class PrivacyConsumer:
                 ids = [request.customer_id, *request.identities]
                 now = self.clock.now()
                 if request.action is PrivacyAction.ERASE_REQUESTED:
+                    # Their addresses as the notifier holds them, in the forms requests are checked in
+                    # (read before the contacts go).
+                    addresses = [
+                        form
+                        for contact in (await contacts_repo.get_many(uow.session, set(ids))).values()
+                        for form in address_forms(contact.email, contact.phone_e164, None)
+                    ]
                     await privacy_repo.erase(uow.session, ids, now)
                     if self.privacy_salt is not None:
                         # Later requests for these ids are suppressed (`erased`), never sent.
-                        await add_tombstones(uow.session, self.privacy_salt, ids, request.request_id, now)
+                        await add_tombstones(
+                            uow.session, self.privacy_salt, [*ids, *addresses], request.request_id, now
+                        )
                     replies = [answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now)]
                 elif request.action is PrivacyAction.EXPORT_REQUESTED:
                     data = await privacy_repo.export(uow.session, ids)

@@ -12,6 +12,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.notifier.domain.phone_numbers import normalized
 from shared.contracts import MessageRequested
 
 ERASED_REASON = "erased"
@@ -27,15 +28,37 @@ _SUPPRESS = sa.text(
 )
 
 
-def request_identities(r: MessageRequested) -> list[str]:
-    """What a request is addressed by: its customer id and its recipient's email and phone."""
-    return [i for i in (r.customer_id, r.recipient.email, r.recipient.phone) if i]
+def request_identities(r: MessageRequested, sms_default_region: str | None = None) -> list[str]:
+    """What a request is addressed by: its customer id and its recipient's email and phone, each
+    also in the form the erasure kept it in (`address_forms`): `Eve@Example.com` and `+1 (555)
+    010-9999` are the erased `eve@example.com` and `+15550109999`."""
+    found = [r.customer_id]
+    if r.recipient.email:
+        found += [r.recipient.email, *address_forms(r.recipient.email, None, sms_default_region)]
+    if r.recipient.phone:
+        found += [r.recipient.phone, *address_forms(None, r.recipient.phone, sms_default_region)]
+    return list(dict.fromkeys(i for i in found if i))
 
 
-def addressed_to_erased(requests: Sequence[MessageRequested], erased: set[str]) -> list[MessageRequested]:
+def address_forms(email: str | None, phone: str | None, sms_default_region: str | None) -> list[str]:
+    """An email address in lower case and a phone number in E.164: the forms a customer's addresses
+    are tombstoned in on erasure, and a request's recipient is checked in."""
+    forms = []
+    if email and email.strip():
+        forms.append(email.strip().lower())
+    if phone and (e164 := normalized(phone, sms_default_region)):
+        forms.append(e164)
+    return forms
+
+
+def addressed_to_erased(
+    requests: Sequence[MessageRequested], erased: set[str], sms_default_region: str | None = None
+) -> list[MessageRequested]:
     """The requests addressed to an erased customer (`erased`: their identifiers, as
     `shared.privacy.erased_identities` gives them): by customer id, or by recipient email/phone."""
-    return [r for r in requests if erased.intersection(request_identities(r))] if erased else []
+    if not erased:
+        return []
+    return [r for r in requests if erased.intersection(request_identities(r, sms_default_region))]
 
 
 async def suppress(session: AsyncSession, message_ids: Sequence[str], now: datetime) -> set[str]:

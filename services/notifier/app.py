@@ -86,13 +86,16 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
         PROFILES.name,
         ProfileChanged,
         "profiles",
-        ProfilesConsumer(platform.unit_of_work, settings.sms_default_region).handle,
+        ProfilesConsumer(
+            platform.unit_of_work, settings.sms_default_region, settings.privacy_salt.get_secret_value()
+        ).handle,
     )
     privacy_consumer = PrivacyConsumer(
         platform.unit_of_work,
         clock,
         settings.privacy_salt.get_secret_value(),
         settings.kafka_max_message_bytes,
+        settings.sms_default_region,
     )
     platform.consumer(PRIVACY.name, PrivacyRequest, "privacy", privacy_consumer.handle)
 

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -88,8 +88,9 @@ class _Context:
     choices: dict[str, dict[tuple[str, str], bool]]
     # The `phone_key`s of the numbers these marketing SMS go to that sent STOP (and no START since).
     sms_opted_out: set[str] = field(default_factory=set)
-    # The `suppression_key`s of the addresses these messages go to that a provider said do not exist.
-    suppressed: set[str] = field(default_factory=set)
+    # The `suppression_key`s of the addresses these messages go to that a provider refused for good
+    # (`address_suppressions`), with the provider's codes.
+    suppressed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -420,10 +421,11 @@ class DeliveryWorker:
         topic: SubscriptionTopic | None,
         choices: dict[tuple[str, str], bool],
         sms_opted_out: Collection[str] = frozenset(),
-        suppressed: Collection[str] = frozenset(),
+        suppressed: Mapping[str, str] | None = None,
     ) -> Prepared:
         """`sms_opted_out`: the `phone_key`s of numbers that sent STOP (`_Context.sms_opted_out`);
-        `suppressed`: the `suppression_key`s of addresses that do not exist (`_Context.suppressed`)."""
+        `suppressed`: the `suppression_key`s of addresses a provider refused for good, with its codes
+        (`_Context.suppressed`)."""
         decision = consent.decide(
             request.category, request.channel, request.subscription_topic, topic, choices
         )
@@ -462,12 +464,12 @@ class DeliveryWorker:
                 address = to_e164(address, self.settings.sms_default_region)
             except InvalidPhoneNumber as exc:
                 return Prepared(None, MessageStatusKind.FAILED, f"no sms address for the customer: {exc}")
-        if suppressed and self._suppression_key(request, contact) in suppressed:
+        if suppressed and (why := suppressed.get(self._suppression_key(request, contact) or "")):
             return Prepared(
                 None,
                 MessageStatusKind.SUPPRESSED,
-                f"the {request.channel.value} address does not exist (a provider said so before): "
-                "suppressed until removed through /v1/suppressions",
+                f"the {request.channel.value} address is suppressed: a provider refused it before "
+                f"({why}; see /v1/suppressions)",
             )
         try:
             rendered = self.renderer.render(

@@ -8,10 +8,10 @@ from typing import Any
 
 from sqlalchemy import text
 
-from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
+from shared.contracts import PRIVACY, PROFILES, PrivacyAction, PrivacyRequest, ProfileChanged
 from tests.notifier.conftest import ADMIN, Harness, request
 from tests.notifier.test_email import WELCOME
-from tests.support import read_topic
+from tests.support import eventually, read_topic
 
 
 async def ledger_request(h: Harness, message_id: str) -> dict[str, Any]:
@@ -179,6 +179,13 @@ async def test_an_erased_customers_addresses_are_recognized_however_a_request_wr
         assert (await h.client.post("/v1/templates", json=sms, headers=ADMIN)).status_code == 201
         await h.profile("c7", {"email": "Eve@Example.com", "phone": "(555) 010-9999"})
         await h.wait_contact("c7")
+        # The segmenter's erasure announces the profile `erased` too, on another topic: handled
+        # first, it deletes the contact before the privacy request is read, and still tombstones.
+        gone = ProfileChanged(
+            event_id="p-c7-erased", customer_id="c7", kind="erased", occurred_at=datetime.now(UTC)
+        )
+        await h.platform.producer.publish(PROFILES.name, "c7", gone)
+        await eventually(lambda: _no_contact(h, "c7"))
         erase = PrivacyRequest(
             event_id="r7:segmenter:erase_requested",
             request_id="r7",
@@ -227,5 +234,24 @@ async def test_an_erased_customers_addresses_are_recognized_however_a_request_wr
         for message_id in ("m-e1", "m-e2"):
             statuses = await h.wait_status(message_id, "suppressed")
             assert [(s["status"], s["reason"]) for s in statuses] == [("suppressed", "erased")]
+        # Only the address the channel goes to counts: a phone shared with the erased customer does
+        # not stop another customer's email.
+        await h.publish(
+            request(
+                "m-e4",
+                "c9",
+                "email",
+                "welcome",
+                recipient={"email": "carl@example.com", "phone": "+15550109999"},
+                category="transactional",
+                data={"traits": {"first_name": "Carl"}, "event": {"properties": {"total": 1}}},
+            )
+        )
         await h.wait_status("m-e3", "sent")
-        assert h.sink.messages == [] and [r.form()["To"] for r in h.twilio.requests] == ["+15550100000"]
+        await h.wait_status("m-e4", "delivered")
+        assert [m.envelope_to for m in h.sink.messages] == [["carl@example.com"]]
+        assert [r.form()["To"] for r in h.twilio.requests] == ["+15550100000"]
+
+
+async def _no_contact(h: Harness, customer_id: str) -> bool:
+    return not await h.contact_known(customer_id)

@@ -34,10 +34,7 @@ PUSH = {
     "default_locale": "en",
     "variants": {"en": {"title": "Hi", "body": "There"}},
 }
-GONE = (
-    "the {} address does not exist (a provider said so before): "
-    "suppressed until removed through /v1/suppressions"
-)
+GONE = "the {} address is suppressed: a provider refused it before ({}; see /v1/suppressions)"
 
 
 def _email(message_id: str, customer: str, **fields: Any) -> Any:
@@ -83,7 +80,7 @@ async def test_an_email_address_that_does_not_exist_gets_no_message_until_remove
         await h.publish(_email("m-4", "c2", recipient={"email": "here@example.com"}))
         for message_id in ("m-2", "m-3"):
             statuses = await h.wait_status(message_id, "suppressed")
-            assert statuses[-1]["reason"] == GONE.format("email")
+            assert statuses[-1]["reason"] == GONE.format("email", "SMTP 550 5.1.1")
         await h.wait_status("m-4", "delivered")
         assert [m.envelope_to for m in h.sink.messages] == [["here@example.com"]]
 
@@ -132,7 +129,7 @@ async def test_sms_numbers_a_twilio_error_or_report_says_do_not_exist_are_suppre
             )
         )
         statuses = await h.wait_status("s-2", "suppressed")
-        assert statuses[-1]["reason"] == GONE.format("sms")
+        assert statuses[-1]["reason"] == GONE.format("sms", "twilio error 21211")
 
         # A delivery report: 30005 (unknown handset) suppresses the number it names; 30003 (handset
         # off) does not.
@@ -208,7 +205,7 @@ async def test_a_push_token_fcm_no_longer_knows_is_suppressed(start_notifier) ->
         await h.wait_status("p-1", "failed")
         await h.publish(request("p-2", "c1", "push", "push-note", category="transactional"))
         statuses = await h.wait_status("p-2", "suppressed")
-        assert statuses[-1]["reason"] == GONE.format("push")
+        assert statuses[-1]["reason"] == GONE.format("push", "fcm UNREGISTERED")
         # The app registered a new token: it gets messages.
         await h.profile("c1", {"push_token": "tok-new", "v": 2})
         await eventually(lambda: _push_token_is(h, "c1", "tok-new"))

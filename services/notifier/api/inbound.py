@@ -72,7 +72,7 @@ async def twilio_status_callback(request: Request, notifier: NotifierDep) -> Res
         sid,
         kind,
         None if kind is MessageStatusKind.DELIVERED else reason,
-        gone_address=(to, f"twilio error {code}") if gone and to else None,
+        gone_address=(to, f"twilio error {int(code)}") if gone and to else None,
     )
     return Response(status_code=204)
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from services.notifier.store import contacts_repo, privacy_repo
-from services.notifier.store.erasure_repo import address_forms
+from services.notifier.store import erasure_repo, privacy_repo
 from shared.clock import Clock
 from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
 from shared.db.unit_of_work import UnitOfWork
@@ -23,10 +22,12 @@ class PrivacyConsumer:
         clock: Clock,
         privacy_salt: str | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        sms_default_region: str | None = None,
     ) -> None:
         self.unit_of_work = unit_of_work
         self.clock = clock
         self.privacy_salt = privacy_salt
+        self.sms_default_region = sms_default_region
         self.max_message_bytes = max_message_bytes  # `kafka_max_message_bytes`: no chunk is parked
 
     async def handle(self, batch: Sequence[Consumed[PrivacyRequest]]) -> None:
@@ -43,19 +44,18 @@ class PrivacyConsumer:
                 ids = [request.customer_id, *request.identities]
                 now = self.clock.now()
                 if request.action is PrivacyAction.ERASE_REQUESTED:
-                    # Their addresses as the notifier holds them, in the forms requests are checked in
-                    # (read before the contacts go).
-                    addresses = [
-                        form
-                        for contact in (await contacts_repo.get_many(uow.session, set(ids))).values()
-                        for form in address_forms(contact.email, contact.phone_e164, None)
-                    ]
-                    await privacy_repo.erase(uow.session, ids, now)
                     if self.privacy_salt is not None:
-                        # Later requests for these ids are suppressed (`erased`), never sent.
-                        await add_tombstones(
-                            uow.session, self.privacy_salt, [*ids, *addresses], request.request_id, now
+                        # Later requests for these ids and addresses are suppressed (`erased`).
+                        await erasure_repo.tombstone_addresses(
+                            uow.session,
+                            self.privacy_salt,
+                            ids,
+                            self.sms_default_region,
+                            request.request_id,
+                            now,
                         )
+                        await add_tombstones(uow.session, self.privacy_salt, ids, request.request_id, now)
+                    await privacy_repo.erase(uow.session, ids, now)
                     replies = [answer(request, SERVICE, PrivacyAction.ERASE_COMPLETED, now)]
                 elif request.action is PrivacyAction.EXPORT_REQUESTED:
                     data = await privacy_repo.export(uow.session, ids)

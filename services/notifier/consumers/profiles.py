@@ -12,6 +12,7 @@ from services.notifier.domain.composition import ContactView, contact_from_trait
 from services.notifier.store import (
     consent_repo,
     contacts_repo,
+    erasure_repo,
     identities_repo,
     in_app_repo,
     recommendations_repo,
@@ -24,9 +25,15 @@ CONSUMER = "notifier.profiles"
 
 
 class ProfilesConsumer:
-    def __init__(self, unit_of_work: Callable[[], UnitOfWork], sms_default_region: str | None = None) -> None:
+    def __init__(
+        self,
+        unit_of_work: Callable[[], UnitOfWork],
+        sms_default_region: str | None = None,
+        privacy_salt: str | None = None,
+    ) -> None:
         self.unit_of_work = unit_of_work
         self.sms_default_region = sms_default_region
+        self.privacy_salt = privacy_salt
 
     async def handle(self, batch: Sequence[Consumed[ProfileChanged]]) -> None:
         async with self.unit_of_work() as uow:
@@ -41,6 +48,15 @@ class ProfilesConsumer:
                     # Write what we have so far, then forget this customer.
                     await contacts_repo.upsert(uow.session, upserts)
                     upserts = []
+                    if self.privacy_salt is not None:  # its addresses, before they go (see erasure_repo)
+                        await erasure_repo.tombstone_addresses(
+                            uow.session,
+                            self.privacy_salt,
+                            [change.customer_id],
+                            self.sms_default_region,
+                            change.event_id,
+                            change.occurred_at,
+                        )
                     await contacts_repo.delete(uow.session, [change.customer_id])
                     await identities_repo.forget(uow.session, [change.customer_id])
                     await in_app_repo.delete_for(uow.session, [change.customer_id])

@@ -1,12 +1,13 @@
-"""Addresses no message goes to any more: the provider said the mailbox, number or push token does
-not exist (a hard bounce). Sending again would only bounce again, and mail providers judge a sender
-by how often it mails addresses that do not exist.
+"""Addresses no message goes to any more: the provider refused the mailbox, number or push token for
+good (a hard bounce: it does not exist; or Twilio 21610: the number replied STOP to our sender).
+Sending again would only be refused again, and mail providers judge a sender by how often it mails
+addresses that do not exist.
 
 Kept by address, not by customer: whichever customer (or request override) names the address, the
 message is `suppressed`, of any category (a password reset to a mailbox that does not exist bounces
-too). Until an operator removes the address (`DELETE /v1/suppressions`), say because the mailbox was
-set up again. Keyed by a salted hash of the address in one form (`address_key`), never the address,
-as SMS STOPs are.
+too). Until an operator removes the address (`DELETE /v1/suppressions/{id}`), say because the
+mailbox was set up again, or for 21610 the number replies START. Keyed by a salted hash of the
+address in one form (`address_key`), never the address, as SMS STOPs are.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifier.domain.phone_numbers import normalized
-from shared.contracts import MessageRequested
+from services.notifier.store import contacts_repo
+from shared.contracts import Channel, MessageRequested
+from shared.privacy import add_tombstones
 
 ERASED_REASON = "erased"
 
@@ -29,15 +31,38 @@ _SUPPRESS = sa.text(
 
 
 def request_identities(r: MessageRequested, sms_default_region: str | None = None) -> list[str]:
-    """What a request is addressed by: its customer id and its recipient's email and phone, each
-    also in the form the erasure kept it in (`address_forms`): `Eve@Example.com` and `+1 (555)
-    010-9999` are the erased `eve@example.com` and `+15550109999`."""
+    """What a request is addressed by: its customer id, and the address its channel would go to
+    (the recipient's email for an email, phone for an SMS), also in the form the erasure kept it in
+    (`address_forms`): `Eve@Example.com` and `+1 (555) 010-9999` are the erased `eve@example.com`
+    and `+15550109999`. (Not the other channel's address: a phone shared with an erased customer
+    must not stop another customer's email.)"""
     found = [r.customer_id]
-    if r.recipient.email:
+    if r.channel is Channel.EMAIL and r.recipient.email:
         found += [r.recipient.email, *address_forms(r.recipient.email, None, sms_default_region)]
-    if r.recipient.phone:
+    if r.channel is Channel.SMS and r.recipient.phone:
         found += [r.recipient.phone, *address_forms(None, r.recipient.phone, sms_default_region)]
     return list(dict.fromkeys(i for i in found if i))
+
+
+async def tombstone_addresses(
+    session: AsyncSession,
+    salt: str,
+    customer_ids: Sequence[str],
+    sms_default_region: str | None,
+    request_id: str,
+    now: datetime,
+) -> None:
+    """Tombstone the customers' contact addresses in the forms requests are checked in: an erasure
+    comes both as a privacy request and as the profile's `erased` announcement, on two topics, and
+    whichever is handled first still finds the contact (the other deletes it)."""
+    contacts = await contacts_repo.get_many(session, set(customer_ids))
+    forms = [
+        form
+        for c in contacts.values()
+        for phone in {c.phone_e164, c.phone}
+        for form in address_forms(c.email, phone, sms_default_region)
+    ]
+    await add_tombstones(session, salt, forms, request_id, now)
 
 
 def address_forms(email: str | None, phone: str | None, sms_default_region: str | None) -> list[str]:

@@ -80,19 +80,21 @@ async def remove(session: AsyncSession, address_hash: str, *, reason: str | None
 # marketing SMS numbers sent STOP.
 _BLOCKED = Statement(
     "SELECT ARRAY(SELECT address_hash FROM address_suppressions "
-    "WHERE address_hash = ANY(CAST(:suppression_keys AS text[]))), "
+    "WHERE address_hash = ANY(CAST(:suppression_keys AS text[])) ORDER BY address_hash), "
+    "ARRAY(SELECT reason FROM address_suppressions "
+    "WHERE address_hash = ANY(CAST(:suppression_keys AS text[])) ORDER BY address_hash), "
     "ARRAY(SELECT phone_hash FROM sms_address_optouts WHERE phone_hash = ANY(CAST(:stop_keys AS text[])))"
 )
 
 
 async def blocked(
     session: AsyncSession, suppression_keys: Collection[str], stop_keys: Collection[str]
-) -> tuple[set[str], set[str]]:
-    """Of these keys: the suppressed addresses (`domain.suppression.address_key`) and the numbers
-    that sent STOP (`domain.consent.phone_key`)."""
+) -> tuple[dict[str, str], set[str]]:
+    """Of these keys: the suppressed addresses (`domain.suppression.address_key`) with their reasons,
+    and the numbers that sent STOP (`domain.consent.phone_key`)."""
     if not suppression_keys and not stop_keys:
-        return set(), set()
-    [(suppressed, stopped)] = await _BLOCKED.fetch(
+        return {}, set()
+    [(suppressed, reasons, stopped)] = await _BLOCKED.fetch(
         session, {"suppression_keys": sorted(suppression_keys), "stop_keys": sorted(stop_keys)}
     )
-    return set(suppressed), set(stopped)
+    return dict(zip(suppressed, reasons, strict=True)), set(stopped)

@@ -12,7 +12,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.notifier.domain.phone_numbers import normalized
+from services.notifier.domain.suppression import address_form
 from services.notifier.store import contacts_repo
 from shared.contracts import Channel, MessageRequested
 from shared.privacy import add_tombstones
@@ -66,14 +66,14 @@ async def tombstone_addresses(
 
 
 def address_forms(email: str | None, phone: str | None, sms_default_region: str | None) -> list[str]:
-    """An email address in lower case and a phone number in E.164: the forms a customer's addresses
-    are tombstoned in on erasure, and a request's recipient is checked in."""
-    forms = []
-    if email and email.strip():
-        forms.append(email.strip().lower())
-    if phone and (e164 := normalized(phone, sms_default_region)):
-        forms.append(e164)
-    return forms
+    """An email address in lower case and a phone number in E.164 (`domain.suppression.address_form`,
+    as suppressions key them): the forms a customer's addresses are tombstoned in on erasure, and a
+    request's recipient is checked in."""
+    forms = [
+        address_form(channel, address, sms_default_region) if address else None
+        for channel, address in ((Channel.EMAIL, email), (Channel.SMS, phone))
+    ]
+    return [f for f in forms if f]
 
 
 def addressed_to_erased(

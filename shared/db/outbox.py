@@ -1,12 +1,17 @@
 """The outbox relay: publishes committed outbox rows to Kafka in order, then deletes them.
 
+A row is one message, or a packed row: a unit of work's messages in the order emitted
+(`shared.db.unit_of_work.pack_outbox_rows`; one row to insert, delete and vacuum instead of one per
+message: at ~2 messages an event, the outbox had been the segmenter's most written table).
+
 At-least-once: a crash between the broker's acknowledgement and the delete republishes those rows
 with the same event ids, which consumers' inboxes drop. One relay per schema works at a time
 (an advisory lock), so per-key order is kept even with several replicas of a service.
 
-A row too large for Kafka (over `kafka_max_message_bytes`, or refused by the broker as too large) is
-moved to `outbox_parked` in the same transaction, with the reason, logged and counted
-(`clm_outbox_parked_total`): sent, it was refused on every pass and held back every row behind it.
+A message too large for Kafka (over `kafka_max_message_bytes`, or refused by the broker as too large)
+is moved to `outbox_parked` in the same transaction (keyed by its row's id and its place in the row),
+with the reason, logged and counted (`clm_outbox_parked_total`): sent, it was refused on every pass
+and held back every row behind it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,7 +42,7 @@ _TAKE = Statement(
     "DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM (SELECT id, "
     "sum(octet_length(value)) OVER (ORDER BY id) - octet_length(value) AS before FROM outbox "
     "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT :n) AS head WHERE before < :bytes)) "
-    "RETURNING id, topic, key, value, headers, created_at"
+    "RETURNING id, topic, key, value, headers, created_at, messages"
 )
 # A chunk of the inbox ids past retention (`ctid = ANY(ARRAY(...))`: the LIMIT subquery runs once).
 _PRUNE = Statement(
@@ -45,9 +50,31 @@ _PRUNE = Statement(
     "WHERE processed_at < now() - make_interval(days => :days) LIMIT :n))"
 )
 _PARK = Statement(
-    "INSERT INTO outbox_parked (id, topic, key, value, headers, created_at, reason) "
-    "VALUES (:id, :topic, :key, :value, :headers, :created_at, :reason)"
+    "INSERT INTO outbox_parked (id, part, topic, key, value, headers, created_at, reason) "
+    "VALUES (:id, :part, :topic, :key, :value, :headers, :created_at, :reason)"
 )
+
+
+class _Taken(NamedTuple):
+    """A message taken from the outbox: its row, its place in the row (0 for a row of one message),
+    the message, and its headers as stored (for parking)."""
+
+    row_id: int
+    part: int
+    created_at: Any
+    message: OutgoingMessage
+    headers: Any
+
+
+def _unpack(row: Any) -> list[_Taken]:
+    """The messages of an outbox row (`_TAKE`'s columns), in order."""
+    row_id, topic, key, value, headers, created_at, messages = row
+    if messages is None:
+        return [_Taken(row_id, 0, created_at, OutgoingMessage(topic, key, value, _headers(headers)), headers)]
+    return [
+        _Taken(row_id, part, created_at, OutgoingMessage(t, k.encode(), v.encode(), _headers(h)), h)
+        for part, (t, k, v, h) in enumerate(orjson.loads(value))
+    ]
 
 
 class OutboxRelay:
@@ -65,7 +92,7 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lock_key = advisory_key(f"outbox:{settings.db_schema}")
-        self.relayed = 0  # rows taken from the outbox: published or parked
+        self.relayed = 0  # messages taken from the outbox: published or parked
         self.parked = 0
         self._last_prune = 0.0
         self._prune_more = False
@@ -117,59 +144,71 @@ class OutboxRelay:
                 OUTBOX_PENDING.labels(self.settings.service_name).set(0)
                 return 0
             limit = self.settings.kafka_max_message_bytes
-            sendable: list[tuple[Any, OutgoingMessage]] = []
-            parked: list[tuple[Any, str]] = []
+            sendable: list[_Taken] = []
+            parked: list[tuple[_Taken, str]] = []
             for r in rows:
-                message = OutgoingMessage(r[1], r[2], r[3], _headers(r[4]))
-                if (size := record_size(message)) > limit:
-                    # Sent, the broker would refuse it on every pass (a topic's default limit is
-                    # ~1 MB), rolling back the delete of every row taken with it.
-                    parked.append((r, f"{size} bytes: more than kafka_max_message_bytes ({limit})"))
-                else:
-                    sendable.append((r, message))
+                for taken in _unpack(r):
+                    if (size := record_size(taken.message)) > limit:
+                        # Sent, the broker would refuse it on every pass (a topic's default limit is
+                        # ~1 MB), rolling back the delete of every row taken with it.
+                        parked.append((taken, f"{size} bytes: more than kafka_max_message_bytes ({limit})"))
+                    else:
+                        sendable.append(taken)
+            taken_count = len(sendable) + len(parked)
             # Bounded: a send the client never settles (a batch queued as the producer was renewed)
             # would hold this transaction and the schema's relay lock, so every relay, for ever.
             timeout = self.settings.outbox_send_timeout_s
             try:
-                await asyncio.wait_for(self.producer.send_batched([m for _, m in sendable]), timeout)
+                await asyncio.wait_for(self.producer.send_batched([t.message for t in sendable]), timeout)
             except TOO_LARGE as exc:
                 # A topic's max.message.bytes below the setting: the pass's messages one at a time
                 # (those of its batches already acknowledged again too: consumers' inboxes drop
                 # them), parking what the broker refuses.
                 log.warning(
                     "broker refused a batch as too large; sending the pass's messages one at a time",
-                    extra={"rows": len(sendable), "error": repr(exc)},
+                    extra={"messages": len(sendable), "error": repr(exc)},
                 )
-                for r, message in sendable:
+                for taken in sendable:
                     try:
-                        await asyncio.wait_for(self.producer.send(message), timeout)
+                        await asyncio.wait_for(self.producer.send(taken.message), timeout)
                     except TOO_LARGE as refused:
-                        parked.append((r, f"refused by the broker: {refused!r}"))
-            for r, reason in parked:
+                        parked.append((taken, f"refused by the broker: {refused!r}"))
+            for taken, reason in parked:
+                m = taken.message
                 await _PARK.execute(
                     driver,
                     {
-                        "id": r[0],
-                        "topic": r[1],
-                        "key": r[2],
-                        "value": r[3],
-                        "headers": r[4] if isinstance(r[4], str) else json_text(r[4]),
-                        "created_at": r[5],
+                        "id": taken.row_id,
+                        "part": taken.part,
+                        "topic": m.topic,
+                        "key": m.key,
+                        "value": m.value,
+                        "headers": taken.headers
+                        if isinstance(taken.headers, str)
+                        else json_text(taken.headers),
+                        "created_at": taken.created_at,
                         "reason": reason,
                     },
                 )
         # Counted and logged once committed: a pass that rolls back parked nothing.
-        for r, reason in parked:
-            OUTBOX_PARKED.labels(self.settings.service_name, r[1]).inc()
+        for taken, reason in parked:
+            m = taken.message
+            OUTBOX_PARKED.labels(self.settings.service_name, m.topic).inc()
             log.error(
-                "outbox row parked: too large for Kafka (see outbox_parked)",
-                extra={"outbox_id": r[0], "topic": r[1], "value_bytes": len(r[3]), "reason": reason},
+                "outbox message parked: too large for Kafka (see outbox_parked)",
+                extra={
+                    "outbox_id": taken.row_id,
+                    "part": taken.part,
+                    "topic": m.topic,
+                    "value_bytes": len(m.value),
+                    "reason": reason,
+                },
             )
         self.parked += len(parked)
-        OUTBOX_RELAYED.labels(self.settings.service_name).inc(len(rows) - len(parked))
-        OUTBOX_PENDING.labels(self.settings.service_name).set(len(rows))
-        self.relayed += len(rows)
-        return len(rows)
+        OUTBOX_RELAYED.labels(self.settings.service_name).inc(taken_count - len(parked))
+        OUTBOX_PENDING.labels(self.settings.service_name).set(taken_count)
+        self.relayed += taken_count
+        return taken_count
 
     async def _run(self) -> None:
         backoff = 0.2

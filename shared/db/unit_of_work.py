@@ -5,7 +5,7 @@
             return                      # already processed: redelivery changes nothing
         ...change state through uow.session...
         uow.emit(PROFILES.name, customer_id, ProfileChanged(...))
-    # committed together here; the relay then publishes the outbox rows
+    # committed together here (the messages packed into one outbox row); the relay then publishes them
 
 Nothing else commits: handlers and API endpoints leave the commit to the unit of work. (A change
 that is one statement may commit on its own with its outbox rows inside it: `AnnouncedChanges`.)
@@ -27,15 +27,17 @@ from shared.kafka.producer import message_headers
 from shared.settings import BaseServiceSettings
 
 # Straight to asyncpg (`Statement`): these run in every batch of every consumer.
-# Outbox rows as `outbox_json_rows` gives them.
+# A unit of work's messages, packed (`pack_outbox_rows`), in the order emitted: the ids the relay
+# publishes by follow it, so a key's messages stay in order. Values as bytea in binary: no JSON for
+# the database to parse.
+_INSERT_PACKED = Statement(
+    "INSERT INTO outbox (value, messages) SELECT r.v, r.m FROM unnest(CAST(:values AS bytea[]), "
+    "CAST(:counts AS int[])) WITH ORDINALITY AS r(v, m, n) ORDER BY r.n"
+)
+# Outbox rows of one message each (`AnnouncedChanges`), as `outbox_json_rows` gives them.
 _OUTBOX_COLUMNS = (
     "r.v->>0 AS topic, convert_to(r.v->>1, 'UTF8') AS key, convert_to(r.v->>2, 'UTF8') AS value, "
     "r.v->3 AS headers"
-)
-# In the order emitted: the ids the relay publishes by follow it, so a key's messages stay in order.
-_INSERT_OUTBOX = Statement(
-    f"INSERT INTO outbox (topic, key, value, headers) SELECT {_OUTBOX_COLUMNS} "
-    "FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS r(v, n) ORDER BY r.n"
 )
 _CLAIM = Statement(
     "INSERT INTO inbox (consumer, message_id) SELECT :consumer, jsonb_array_elements_text(CAST(:ids AS "
@@ -93,6 +95,33 @@ def outbox_row(
         key.encode(),
         model.__pydantic_serializer__.to_json(model),
         orjson.dumps(headers).decode(),
+    )
+
+
+def pack_outbox_rows(rows: Sequence[OutboxRow], limit: int) -> list[tuple[bytes, int]]:
+    """`rows` as packed outbox rows (value, number of messages), in order, each about `limit` bytes at
+    most (a larger message alone): a JSON array of `[topic, key, value, headers]`, key and value as
+    text (UTF-8, as `outbox_row` made them), headers the JSON object they are. The relay unpacks it
+    (`shared.db.outbox`)."""
+    packs: list[tuple[bytes, int]] = []
+    chunk: list[OutboxRow] = []
+    size = 0
+    for r in rows:
+        n = len(r.topic) + len(r.key) + len(r.value) + len(r.headers) + 16
+        if chunk and size + n > limit:
+            packs.append(_pack(chunk))
+            chunk, size = [], 0
+        chunk.append(r)
+        size += n
+    if chunk:
+        packs.append(_pack(chunk))
+    return packs
+
+
+def _pack(rows: list[OutboxRow]) -> tuple[bytes, int]:
+    return (
+        orjson.dumps([(r.topic, r.key.decode(), r.value.decode(), orjson.Fragment(r.headers)) for r in rows]),
+        len(rows),
     )
 
 
@@ -243,5 +272,7 @@ class UnitOfWork:
     async def _flush_outbox(self) -> None:
         if not self._outgoing:
             return
-        out = self._outgoing
-        await _INSERT_OUTBOX.execute(self.session, {"rows": outbox_json_rows(out)})
+        packs = pack_outbox_rows(self._outgoing, self._settings.outbox_pack_bytes)
+        await _INSERT_PACKED.execute(
+            self.session, {"values": [v for v, _ in packs], "counts": [n for _, n in packs]}
+        )

@@ -38,11 +38,15 @@ CONSUMER_BUFFERED = Gauge(
     "clm_consumer_buffered", "Records fetched and waiting for a unit of work", ["service", "topic"]
 )
 DLQ_MESSAGES = Counter("clm_dlq_messages_total", "Messages sent to a dead-letter topic", ["service", "topic"])
-OUTBOX_RELAYED = Counter("clm_outbox_relayed_total", "Outbox rows published to Kafka", ["service"])
+OUTBOX_RELAYED = Counter("clm_outbox_relayed_total", "Outbox messages published to Kafka", ["service"])
 OUTBOX_PARKED = Counter(
-    "clm_outbox_parked_total", "Outbox rows too large for Kafka, moved to outbox_parked", ["service", "topic"]
+    "clm_outbox_parked_total",
+    "Outbox messages too large for Kafka, moved to outbox_parked",
+    ["service", "topic"],
 )
-OUTBOX_PENDING = Gauge("clm_outbox_pending", "Outbox rows seen waiting in the last relay pass", ["service"])
+OUTBOX_PENDING = Gauge(
+    "clm_outbox_pending", "Outbox messages taken by the last relay pass (0: none were waiting)", ["service"]
+)
 
 
 def _route_of(request: Request) -> str:

@@ -250,6 +250,7 @@ async def test_a_pass_takes_about_outbox_batch_bytes_and_always_at_least_one_row
     (one larger than the budget goes alone), and the relay goes on at once after a cut-short pass."""
     await platform.relay.stop()  # this test runs the passes
     platform.settings.outbox_batch_bytes = 10_000
+    platform.settings.outbox_pack_bytes = 1  # a row for each message
     changes = [change("big", padding=30_000)] + [change(f"c{i}", padding=4_000) for i in range(5)]
     async with platform.unit_of_work() as uow:
         for c in changes:
@@ -264,6 +265,7 @@ async def test_after_a_pass_cut_short_by_the_byte_budget_the_relay_goes_on_at_on
     platform: Platform,
 ) -> None:
     platform.settings.outbox_batch_bytes = 10_000
+    platform.settings.outbox_pack_bytes = 1  # a row for each message
     platform.settings.outbox_poll_interval_s = 60.0  # a relay that waited for its poll would not finish
     await asyncio.sleep(0.5)  # the relay's current wait (the old interval) is over
     changes = [change(f"c{i}", padding=12_000) for i in range(4)]  # one row per pass
@@ -280,3 +282,106 @@ def test_row_headers_become_kafka_headers_whatever_json_values_they_hold() -> No
     assert _headers('{"a": "x", "b": "\u00e9"}') == (("a", b"x"), ("b", "\u00e9".encode()))
     assert _headers({"a": "x", "n": 5, "z": None}) == (("a", b"x"), ("n", b"5"), ("z", b"None"))
     assert _headers([["a", "x"], ["n", 5]]) == (("a", b"x"), ("n", b"5"))
+
+
+async def packed_rows(platform: Platform) -> list[tuple[int | None, str | None]]:
+    async with platform.engine.connect() as conn:
+        rows = await conn.execute(text("SELECT messages, topic FROM outbox ORDER BY id"))
+        return [(r[0], r[1]) for r in rows]
+
+
+async def test_a_unit_of_works_messages_are_one_outbox_row_published_in_order_with_their_headers(
+    platform: Platform,
+) -> None:
+    await platform.relay.stop()  # this test runs the passes
+    changes = [change(f"c{i % 3}") for i in range(7)]
+    async with platform.unit_of_work() as uow:
+        for i, c in enumerate(changes):
+            uow.emit(PROFILES.name, c.customer_id, c, correlation_id=f"corr-{i}")
+    assert await packed_rows(platform) == [(7, None)]
+    relayed = REGISTRY.get_sample_value(
+        "clm_outbox_relayed_total", {"service": platform.settings.service_name}
+    )
+    assert await platform.relay.run_once() == 7  # messages, not rows
+    assert platform.relay.relayed == 7
+    assert (
+        REGISTRY.get_sample_value("clm_outbox_relayed_total", {"service": platform.settings.service_name})
+        == (relayed or 0) + 7
+    )
+    assert await outbox_count(platform) == 0
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=7, timeout=15)
+    assert _ids(got) == [c.event_id for c in changes]
+    assert [m["key"] for m in got] == [c.customer_id for c in changes]
+    for i, m in enumerate(got):
+        assert m["headers"][Headers.EVENT_ID] == changes[i].event_id
+        assert m["headers"][Headers.CORRELATION_ID] == f"corr-{i}"
+        assert m["headers"][Headers.PRODUCER] == platform.settings.service_name
+
+
+async def test_packed_rows_hold_about_outbox_pack_bytes_and_a_larger_message_goes_alone(
+    platform: Platform,
+) -> None:
+    await platform.relay.stop()
+    platform.settings.outbox_pack_bytes = 12_000
+    changes = [change(f"c{i}", padding=3_000) for i in range(5)]
+    changes.insert(2, change("big", padding=20_000))
+    async with platform.unit_of_work() as uow:
+        for c in changes:
+            uow.emit(PROFILES.name, c.customer_id, c)
+    # ~3.5 KB each: two, then the big one (past 12,000 bytes with them) alone, then three.
+    assert [n for n, _ in await packed_rows(platform)] == [2, 1, 3]
+    assert await platform.relay.run_once() == 6
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=6, timeout=15)
+    assert _ids(got) == [c.event_id for c in changes]
+
+
+async def test_a_message_too_large_inside_a_packed_row_is_parked_by_its_place_and_the_rest_published(
+    platform: Platform,
+) -> None:
+    platform.settings.outbox_pack_bytes = 4 * 1024 * 1024  # the big one packed with the others
+    before, big, after = change("c1"), change("c1", padding=1_100_000), change("c2")
+    async with platform.unit_of_work() as uow:
+        for c in (before, big, after):
+            uow.emit(PROFILES.name, c.customer_id, c, correlation_id="corr-x")
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=2, timeout=20)
+    assert _ids(got) == [before.event_id, after.event_id]
+    [row] = await eventually(lambda: parked(platform), timeout=5)
+    assert (row["key"], orjson.loads(row["value"])["event_id"]) == (b"c1", big.event_id)
+    assert row["headers"][Headers.EVENT_ID] == big.event_id
+    assert row["headers"][Headers.CORRELATION_ID] == "corr-x"
+    assert row["topic"] == platform.settings.topic(PROFILES.name)
+    assert "kafka_max_message_bytes" in row["reason"]
+    async with platform.engine.connect() as conn:
+        assert await conn.scalar(text("SELECT part FROM outbox_parked")) == 1  # its place in its row
+    assert await outbox_count(platform) == 0
+    assert await read_topic(platform.settings.topic(PROFILES.name), idle=1.0, timeout=5) == got
+
+
+async def test_packed_and_single_rows_are_published_in_the_order_written(platform: Platform) -> None:
+    """Rows written by SQL (back-fills, the notifier's outcomes) stay one message each, between the
+    packed rows of units of work: one order by row id, a packed row's messages in theirs."""
+    await platform.relay.stop()
+    first, second = [change("c1"), change("c1")], [change("c1"), change("c1")]
+    single = change("c1")
+    async with platform.unit_of_work() as uow:
+        for c in first:
+            uow.emit(PROFILES.name, "c1", c)
+    async with platform.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO outbox (topic, key, value, headers) "
+                "VALUES (:t, 'c1', convert_to(:v, 'UTF8'), CAST(:h AS jsonb))"
+            ),
+            {
+                "t": platform.settings.topic(PROFILES.name),
+                "v": single.model_dump_json(),
+                "h": orjson.dumps({Headers.EVENT_ID: single.event_id}).decode(),
+            },
+        )
+    async with platform.unit_of_work() as uow:
+        for c in second:
+            uow.emit(PROFILES.name, "c1", c)
+    assert [n for n, _ in await packed_rows(platform)] == [2, None, 2]
+    assert await platform.relay.run_once() == 5
+    got = await read_topic(platform.settings.topic(PROFILES.name), count=5, timeout=15)
+    assert _ids(got) == [c.event_id for c in [*first, single, *second]]

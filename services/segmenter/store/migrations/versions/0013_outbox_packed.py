@@ -1,0 +1,20 @@
+"""outbox: packed rows (a unit of work's messages in one row; `shared.db.outbox`)
+
+Revision ID: 0013_outbox_packed
+Revises: 0012_privacy_request_parts
+"""
+
+from shared.db import messaging_tables
+
+revision = "0013_outbox_packed"
+down_revision = "0012_privacy_request_parts"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    messaging_tables.pack_outbox_in_migration()
+
+
+def downgrade() -> None:
+    messaging_tables.unpack_outbox_in_migration()

@@ -80,14 +80,16 @@ class BaseServiceSettings(BaseSettings):
     # After a commit wakes the relay, wait this long before the pass, so that the commits of the next
     # few ms are relayed with it. 0 = at once (for topics on the latency-critical path).
     outbox_relay_delay_ms: int = 0
+    # Messages a relay pass takes at most (whole rows: at least one, however many it packs).
     outbox_batch_size: int = Field(default=500, ge=1)  # 0: the relay never published a row
     # ... and at most about this many bytes of values (always at least one row): a pass sends its rows
     # under one `outbox_send_timeout_s`, and profile snapshots can be hundreds of KB each.
     outbox_batch_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     # A unit of work's messages go into the outbox packed, this many bytes of them to a row at most
     # (a larger message has a row of its own): one row instead of one per message, for the insert,
-    # the relay's delete and vacuum (`shared.db.outbox`).
-    outbox_pack_bytes: int = Field(default=1024 * 1024, ge=1)
+    # the relay's delete and vacuum (`shared.db.outbox`). 0: a row for each message, as releases before
+    # packing wrote and read them (for a rolling upgrade from one: their relays cannot read packed rows).
+    outbox_pack_bytes: int = Field(default=1024 * 1024, ge=0)
     # How long a relay pass waits for the broker's acknowledgements before it rolls back and tries
     # again (its rows then go out again: consumers' inboxes drop the duplicates).
     outbox_send_timeout_s: float = Field(default=30.0, gt=0)

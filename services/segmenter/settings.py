@@ -48,7 +48,7 @@ class SegmenterSettings(BaseServiceSettings):
     # the process's CPU at the maximum rate, 2,000-event units). Above a unit's live set they die by
     # reference count first (4,000-event units: two young collections in a 10 s burst).
     gc_young_threshold: int = 400_000
-    # Rows per outbox relay pass (platform default 500). The relay shares the event loop with units of
+    # Messages per outbox relay pass (platform default 500; whole rows). The relay shares the event loop with units of
     # thousands of events, whose Python runs for hundreds of ms between awaits, so a pass takes about
     # as long whatever its size: at 500 rows it published 23,000 of the 140,000 announcements of a
     # 100,000-event backlog while the backlog was consumed (the rest after); at 5,000, 55,000-60,000,

@@ -14,6 +14,12 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
+# A row of one message has its topic and headers; a packed row has them in its value.
+_ROW_SHAPE = (
+    "(messages IS NULL AND topic IS NOT NULL AND headers IS NOT NULL) "
+    "OR (messages IS NOT NULL AND messages > 0 AND topic IS NULL)"
+)
+
 
 def _parked_columns(*, part: bool) -> list[sa.Column[Any]]:
     # The outbox row as it was (its id kept: the order it was written in), why and when it was parked.
@@ -52,6 +58,7 @@ def define(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
         sa.Column("headers", JSONB, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.Column("messages", sa.Integer, nullable=True),
+        sa.CheckConstraint(_ROW_SHAPE, name="outbox_row_shape"),
     )
     # What `pack_outbox_in_migration` sets on the services' tables, for tables made from metadata.
     store_uncompressed = sa.DDL("ALTER TABLE %(fullname)s ALTER COLUMN value SET STORAGE EXTERNAL")  # type: ignore[no-untyped-call]
@@ -89,11 +96,14 @@ def drop_parked_in_migration() -> None:
 
 def pack_outbox_in_migration() -> None:
     """Packed outbox rows (`shared.db.outbox`): the `messages` column, topic and headers NULL on
-    packed rows, values stored uncompressed (a packed row is often MBs of JSON: compressing it cost
-    more database CPU than the rows it replaced), and parked messages keyed by (id, part)."""
+    packed rows (and only there), values stored uncompressed (a packed row is often MBs of JSON:
+    compressing it cost more database CPU than the rows it replaced; rows live for milliseconds, so
+    the disk they take is bounded, but a large single row, a profile snapshot, writes more WAL), and
+    parked messages keyed by (id, part)."""
     op.add_column("outbox", sa.Column("messages", sa.Integer, nullable=True))
     op.alter_column("outbox", "topic", nullable=True)
     op.alter_column("outbox", "headers", nullable=True)
+    op.create_check_constraint("outbox_row_shape", "outbox", _ROW_SHAPE)
     op.execute("ALTER TABLE outbox ALTER COLUMN value SET STORAGE EXTERNAL")
     op.add_column("outbox_parked", sa.Column("part", sa.Integer, nullable=False, server_default="0"))
     op.execute("ALTER TABLE outbox_parked DROP CONSTRAINT outbox_parked_pkey")
@@ -103,6 +113,8 @@ def pack_outbox_in_migration() -> None:
 def unpack_outbox_in_migration() -> None:
     """Back to one message a row. Packed rows still waiting are unpacked, in order: every waiting row
     is renumbered, keeping the order the relay publishes them in."""
+    # Nothing written or taken meanwhile: a row committed between the copy and the delete was lost.
+    op.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
     op.execute(
         "CREATE TEMPORARY TABLE outbox_unpacked AS "
         "SELECT o.id, 0 AS part, o.topic, o.key, o.value, o.headers, o.created_at FROM outbox o "
@@ -117,12 +129,16 @@ def unpack_outbox_in_migration() -> None:
         "SELECT topic, key, value, headers, created_at FROM outbox_unpacked ORDER BY id, part"
     )
     op.execute("DROP TABLE outbox_unpacked")
+    op.drop_constraint("outbox_row_shape", "outbox")
     op.drop_column("outbox", "messages")
     op.alter_column("outbox", "topic", nullable=False)
     op.alter_column("outbox", "headers", nullable=False)
     op.execute("ALTER TABLE outbox ALTER COLUMN value SET STORAGE EXTENDED")
-    # Messages parked out of packed rows keep their rows under ids of their own (never an outbox id).
-    op.execute("UPDATE outbox_parked SET id = nextval(pg_get_serial_sequence('outbox', 'id')) WHERE part > 0")
+    # Messages parked out of packed rows (and unreadable packed rows, part -1) keep their rows under
+    # ids of their own (never an outbox id).
+    op.execute(
+        "UPDATE outbox_parked SET id = nextval(pg_get_serial_sequence('outbox', 'id')) WHERE part <> 0"
+    )
     op.execute("ALTER TABLE outbox_parked DROP CONSTRAINT outbox_parked_pkey")
     op.drop_column("outbox_parked", "part")
     op.create_primary_key("outbox_parked_pkey", "outbox_parked", ["id"])

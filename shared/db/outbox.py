@@ -11,7 +11,7 @@ with the same event ids, which consumers' inboxes drop. One relay per schema wor
 A message too large for Kafka (over `kafka_max_message_bytes`, or refused by the broker as too large)
 is moved to `outbox_parked` in the same transaction (keyed by its row's id and its place in the row),
 with the reason, logged and counted (`clm_outbox_parked_total`): sent, it was refused on every pass
-and held back every row behind it.
+and held back every row behind it. A packed row the relay cannot read is parked whole (part -1).
 """
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ from shared.settings import BaseServiceSettings
 log = logging.getLogger(__name__)
 
 
-# A pass takes the oldest rows, at most :n of them and about :bytes of values: each row whose value
-# starts within the budget (so at least one, however large). `octet_length` reads a stored value's
-# size from its header, without fetching it.
+# A pass takes the oldest rows, about :n messages and :bytes of values: each row whose messages and
+# value start within both budgets (so at least one row, however large). `octet_length` reads a
+# stored value's size from its header, without fetching it.
 _TAKE = Statement(
     "WITH relay_lock AS MATERIALIZED (SELECT pg_try_advisory_xact_lock(:k) AS got) "
     "DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM (SELECT id, "
-    "sum(octet_length(value)) OVER (ORDER BY id) - octet_length(value) AS before FROM outbox "
-    "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT :n) AS head WHERE before < :bytes)) "
+    "sum(octet_length(value)) OVER (ORDER BY id) - octet_length(value) AS before, "
+    "sum(coalesce(messages, 1)) OVER (ORDER BY id) - coalesce(messages, 1) AS before_n FROM outbox "
+    "WHERE (SELECT got FROM relay_lock) ORDER BY id LIMIT :n) AS head "
+    "WHERE before < :bytes AND before_n < :n)) "
     "RETURNING id, topic, key, value, headers, created_at, messages"
 )
 # A chunk of the inbox ids past retention (`ctid = ANY(ARRAY(...))`: the LIMIT subquery runs once).
@@ -67,14 +69,24 @@ class _Taken(NamedTuple):
 
 
 def _unpack(row: Any) -> list[_Taken]:
-    """The messages of an outbox row (`_TAKE`'s columns), in order."""
+    """The messages of an outbox row (`_TAKE`'s columns), in order. Raises on a packed value that is
+    not what `pack_outbox_rows` writes."""
     row_id, topic, key, value, headers, created_at, messages = row
     if messages is None:
         return [_Taken(row_id, 0, created_at, OutgoingMessage(topic, key, value, _headers(headers)), headers)]
-    return [
-        _Taken(row_id, part, created_at, OutgoingMessage(t, k.encode(), v.encode(), _headers(h)), h)
-        for part, (t, k, v, h) in enumerate(orjson.loads(value))
-    ]
+    items = orjson.loads(value)
+    if type(items) is not list:
+        raise ValueError(f"a packed row holds a JSON {type(items).__name__}, not an array")
+    if len(items) != messages:
+        raise ValueError(f"a packed row of {messages} messages holds {len(items)}")
+    taken = []
+    for part, (t, k, v, h) in enumerate(items):
+        if type(t) is not str or type(h) is not dict:
+            raise ValueError(f"message {part}: a topic and headers object expected")
+        taken.append(
+            _Taken(row_id, part, created_at, OutgoingMessage(t, k.encode(), v.encode(), _headers(h)), h)
+        )
+    return taken
 
 
 class OutboxRelay:
@@ -136,8 +148,8 @@ class OutboxRelay:
                 ),
                 key=lambda r: r[0],
             )
-            # Cut short by the row or the byte budget: rows may be waiting, the next pass goes at once.
-            self._full = len(rows) >= self.settings.outbox_batch_size or (
+            # Cut short by the message or the byte budget: rows may be waiting, the next pass goes at once.
+            self._full = sum(r[6] or 1 for r in rows) >= self.settings.outbox_batch_size or (
                 sum(len(r[3]) for r in rows) >= self.settings.outbox_batch_bytes
             )
             if not rows:
@@ -147,7 +159,15 @@ class OutboxRelay:
             sendable: list[_Taken] = []
             parked: list[tuple[_Taken, str]] = []
             for r in rows:
-                for taken in _unpack(r):
+                try:
+                    unpacked = _unpack(r)
+                except Exception as exc:
+                    # A packed value that is not what `pack_outbox_rows` writes (written by hand?):
+                    # kept whole, never sent, never holding back the rows behind it.
+                    whole = OutgoingMessage(r[1] or "(packed)", r[2], r[3])
+                    parked.append((_Taken(r[0], -1, r[5], whole, r[4] or {}), f"unreadable row: {exc!r}"))
+                    continue
+                for taken in unpacked:
                     if (size := record_size(taken.message)) > limit:
                         # Sent, the broker would refuse it on every pass (a topic's default limit is
                         # ~1 MB), rolling back the delete of every row taken with it.

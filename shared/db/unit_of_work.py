@@ -34,10 +34,15 @@ _INSERT_PACKED = Statement(
     "INSERT INTO outbox (value, messages) SELECT r.v, r.m FROM unnest(CAST(:values AS bytea[]), "
     "CAST(:counts AS int[])) WITH ORDINALITY AS r(v, m, n) ORDER BY r.n"
 )
-# Outbox rows of one message each (`AnnouncedChanges`), as `outbox_json_rows` gives them.
+# Outbox rows of one message each (`AnnouncedChanges`; a unit of work with `outbox_pack_bytes` 0), as
+# `outbox_json_rows` gives them.
 _OUTBOX_COLUMNS = (
     "r.v->>0 AS topic, convert_to(r.v->>1, 'UTF8') AS key, convert_to(r.v->>2, 'UTF8') AS value, "
     "r.v->3 AS headers"
+)
+_INSERT_SINGLE = Statement(
+    f"INSERT INTO outbox (topic, key, value, headers) SELECT {_OUTBOX_COLUMNS} "
+    "FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS r(v, n) ORDER BY r.n"
 )
 _CLAIM = Statement(
     "INSERT INTO inbox (consumer, message_id) SELECT :consumer, jsonb_array_elements_text(CAST(:ids AS "
@@ -107,7 +112,9 @@ def pack_outbox_rows(rows: Sequence[OutboxRow], limit: int) -> list[tuple[bytes,
     chunk: list[OutboxRow] = []
     size = 0
     for r in rows:
-        n = len(r.topic) + len(r.key) + len(r.value) + len(r.headers) + 16
+        # The value as a JSON string: its quotes and backslashes escaped (orjson writes the rest as is).
+        value = len(r.value) + r.value.count(b'"') + r.value.count(b"\\")
+        n = len(r.topic) + len(r.key) + value + len(r.headers) + 16
         if chunk and size + n > limit:
             packs.append(_pack(chunk))
             chunk, size = [], 0
@@ -272,7 +279,11 @@ class UnitOfWork:
     async def _flush_outbox(self) -> None:
         if not self._outgoing:
             return
-        packs = pack_outbox_rows(self._outgoing, self._settings.outbox_pack_bytes)
+        limit = self._settings.outbox_pack_bytes
+        if not limit:
+            await _INSERT_SINGLE.execute(self.session, {"rows": outbox_json_rows(self._outgoing)})
+            return
+        packs = pack_outbox_rows(self._outgoing, limit)
         await _INSERT_PACKED.execute(
             self.session, {"values": [v for v, _ in packs], "counts": [n for _, n in packs]}
         )

@@ -335,6 +335,33 @@ async def test_packed_rows_hold_about_outbox_pack_bytes_and_a_larger_message_goe
     assert _ids(got) == [c.event_id for c in changes]
 
 
+async def test_a_packed_row_stays_within_outbox_pack_bytes_however_much_its_values_escape(
+    platform: Platform,
+) -> None:
+    """A value goes into the packed row as a JSON string: each quote and backslash written twice."""
+    await platform.relay.stop()
+    platform.settings.outbox_pack_bytes = 20_000
+    quoted = [
+        ProfileChanged(
+            event_id=str(uuid.uuid4()),
+            customer_id=f"c{i}",
+            kind=ProfileChangeKind.TRAITS_CHANGED,
+            occurred_at=datetime.now(UTC),
+            traits={f'"k{j}"': '"\\"' * 20 for j in range(20)},
+        )
+        for i in range(30)
+    ]
+    async with platform.unit_of_work() as uow:
+        for c in quoted:
+            uow.emit(PROFILES.name, c.customer_id, c)
+    async with platform.engine.connect() as conn:
+        sizes = list(
+            (await conn.execute(text("SELECT octet_length(value) FROM outbox ORDER BY id"))).scalars()
+        )
+    assert len(sizes) > 3 and max(sizes) <= 20_000
+    assert await platform.relay.run_once() == 30
+
+
 async def test_a_message_too_large_inside_a_packed_row_is_parked_by_its_place_and_the_rest_published(
     platform: Platform,
 ) -> None:
@@ -385,3 +412,93 @@ async def test_packed_and_single_rows_are_published_in_the_order_written(platfor
     assert await platform.relay.run_once() == 5
     got = await read_topic(platform.settings.topic(PROFILES.name), count=5, timeout=15)
     assert _ids(got) == [c.event_id for c in [*first, single, *second]]
+
+
+async def test_with_outbox_pack_bytes_0_each_message_is_a_row_of_its_own(platform: Platform) -> None:
+    """As releases before packing wrote them: set for a rolling upgrade from one, whose relays cannot
+    read packed rows."""
+    await platform.relay.stop()
+    platform.settings.outbox_pack_bytes = 0
+    changes = [change("c1"), change("c2")]
+    async with platform.unit_of_work() as uow:
+        for c in changes:
+            uow.emit(PROFILES.name, c.customer_id, c)
+    topic = platform.settings.topic(PROFILES.name)
+    assert await packed_rows(platform) == [(None, topic), (None, topic)]
+    assert await platform.relay.run_once() == 2
+    got = await read_topic(topic, count=2, timeout=15)
+    assert _ids(got) == [c.event_id for c in changes]
+
+
+async def test_a_pass_takes_about_outbox_batch_size_messages_in_whole_rows(platform: Platform) -> None:
+    """The budget counts messages, as when each was a row: it bounds what a pass sends one at a time
+    when the broker refuses a batch as too large."""
+    await platform.relay.stop()
+    platform.settings.outbox_batch_size = 5
+    for unit in range(3):
+        async with platform.unit_of_work() as uow:
+            for i in range(3):
+                uow.emit(PROFILES.name, "c1", change(f"c{unit}-{i}"))
+    # Rows of 3: the second starts within 5 messages, the third does not.
+    assert [await platform.relay.run_once() for _ in range(3)] == [6, 3, 0]
+
+
+async def insert_row(platform: Platform, **columns: Any) -> None:
+    names = ", ".join(columns)
+    async with platform.engine.begin() as conn:
+        await conn.execute(
+            text(f"INSERT INTO outbox ({names}) VALUES ({', '.join(':' + c for c in columns)})"), columns
+        )
+
+
+async def test_an_unreadable_packed_row_is_parked_whole_and_the_rows_behind_it_published(
+    platform: Platform,
+) -> None:
+    await platform.relay.stop()
+    topic = platform.settings.topic(PROFILES.name)
+    good = change("c1")
+    await insert_row(platform, value=b'{"not": "an array"}', messages=1)
+    await insert_row(
+        platform, value=orjson.dumps([[topic, "c1", "{}", {}], [topic, None, "{}", {}]]), messages=2
+    )
+    await insert_row(platform, value=orjson.dumps([[topic, "c1", "{}", {}]]), messages=3)
+    async with platform.unit_of_work() as uow:
+        uow.emit(PROFILES.name, "c1", good)
+    assert await platform.relay.run_once() == 4
+    got = await read_topic(topic, count=1, timeout=15)
+    assert _ids(got) == [good.event_id]
+    rows = sorted(await parked(platform), key=lambda r: r["id"])
+    assert [r["reason"].split(":")[0] for r in rows] == ["unreadable row"] * 3
+    async with platform.engine.connect() as conn:
+        assert set((await conn.execute(text("SELECT part FROM outbox_parked"))).scalars()) == {-1}
+    assert rows[0]["value"] == b'{"not": "an array"}' and rows[0]["topic"] == "(packed)"
+    assert await outbox_count(platform) == 0
+
+
+async def test_a_row_of_one_message_too_large_is_parked_as_part_0(platform: Platform) -> None:
+    """Rows written by SQL (a profile snapshot) are one message each."""
+    await platform.relay.stop()
+    topic = platform.settings.topic(PROFILES.name)
+    big, after = change("c1", padding=1_100_000), change("c2")
+    await insert_row(
+        platform,
+        topic=topic,
+        key=b"c1",
+        value=big.model_dump_json().encode(),
+        headers=orjson.dumps({Headers.EVENT_ID: big.event_id}).decode(),
+    )
+    async with platform.unit_of_work() as uow:
+        uow.emit(PROFILES.name, "c2", after)
+    assert await platform.relay.run_once() == 2
+    assert _ids(await read_topic(topic, count=1, timeout=15)) == [after.event_id]
+    [row] = await parked(platform)
+    assert row["headers"][Headers.EVENT_ID] == big.event_id and row["key"] == b"c1"
+    async with platform.engine.connect() as conn:
+        assert await conn.scalar(text("SELECT part FROM outbox_parked")) == 0
+
+
+async def test_a_row_of_one_message_needs_its_topic_and_headers(platform: Platform) -> None:
+    with pytest.raises(sa.exc.IntegrityError, match="outbox_row_shape"):
+        await insert_row(platform, key=b"c1", value=b"{}", headers="{}")
+    with pytest.raises(sa.exc.IntegrityError, match="outbox_row_shape"):
+        await insert_row(platform, topic="t", value=b"{}")

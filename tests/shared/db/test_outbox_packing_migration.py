@@ -77,10 +77,30 @@ async def test_the_downgrade_unpacks_waiting_rows_in_order_and_keeps_parked_mess
             parked_ids = list(
                 (await conn.execute(text("SELECT id FROM outbox_parked ORDER BY id"))).scalars()
             )
+            max_outbox_id = await conn.scalar(text("SELECT max(id) FROM outbox"))
+            storage = await conn.scalar(
+                text(
+                    "SELECT attstorage FROM pg_attribute "
+                    "WHERE attrelid = 'outbox'::regclass AND attname = 'value'"
+                )
+            )
+            key = list(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+                            "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'outbox_parked'::regclass "
+                            "AND i.indisprimary"
+                        )
+                    )
+                ).scalars()
+            )
         assert [(t, k, orjson.loads(v)["n"], h["clm-event-id"]) for t, k, v, h in rows] == [
             ("t", f"k{n}".encode(), n, f"e{n}") for n in (1, 2, 3, 4)
         ]
-        assert len(parked_ids) == 2 and parked_ids[0] == 1 and parked_ids[1] > 1
+        # The message parked from a packed row: an id of its own, never one an outbox row had or has.
+        assert len(parked_ids) == 2 and parked_ids[0] == 1 and parked_ids[1] > max_outbox_id
+        assert storage in ("x", b"x") and key == ["id"]
         await run_migrations(engine, MIGRATIONS, settings.db_schema)  # and up again
         async with engine.connect() as conn:
             assert await conn.scalar(text("SELECT count(*) FROM outbox WHERE messages IS NULL")) == 4

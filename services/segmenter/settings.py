@@ -48,13 +48,13 @@ class SegmenterSettings(BaseServiceSettings):
     # the process's CPU at the maximum rate, 2,000-event units). Above a unit's live set they die by
     # reference count first (4,000-event units: two young collections in a 10 s burst).
     gc_young_threshold: int = 400_000
-    # Messages per outbox relay pass (platform default 500; whole rows). The relay shares the event loop with units of
-    # thousands of events, whose Python runs for hundreds of ms between awaits, so a pass takes about
-    # as long whatever its size: at 500 rows it published 23,000 of the 140,000 announcements of a
-    # 100,000-event backlog while the backlog was consumed (the rest after); at 5,000, 55,000-60,000,
-    # consuming at about the same rate (4,009/s in that run; 3,911 and 3,718/s in two at 5,000), and
-    # event -> announcement at half the maximum went from p50/p99 541/988 to 428/811 and 305/778 ms.
-    # A pass is also bounded in bytes (`outbox_batch_bytes`): snapshots can be hundreds of KB each.
+    # Messages per outbox relay pass (platform default 500; whole rows). The relay shares the event loop
+    # with units of thousands of events, whose Python runs for hundreds of ms between awaits, so a pass
+    # takes about as long whatever its size: at 500 rows it published 23,000 of the 140,000 announcements of
+    # a 100,000-event backlog while the backlog was consumed (the rest after); at 5,000, 55,000-60,000,
+    # consuming at about the same rate (4,009/s in that run; 3,911 and 3,718/s in two at 5,000), and event
+    # -> announcement at half the maximum went from p50/p99 541/988 to 428/811 and 305/778 ms. A pass is
+    # also bounded in bytes (`outbox_batch_bytes`): snapshots can be hundreds of KB each.
     outbox_batch_size: int = Field(default=5000, ge=1)
     # Batches, not single events, even at low rates: the broker holds a fetch until 64 KB (a few hundred
     # events) are waiting or 50 ms have passed. Fewer, bigger units of work cost far less CPU, which the

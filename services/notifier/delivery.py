@@ -639,7 +639,7 @@ class DeliveryWorker:
                         conn,
                         [r.suppress for r in suppress if r.suppress and r.outcome.message_id in recorded],
                     )
-                for channel in added:
+                for channel in added.values():
                     ADDRESSES_SUPPRESSED.labels(channel).inc()
         if recorded and len(announced) and self.notify_relay is not None:
             self.notify_relay()

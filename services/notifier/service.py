@@ -215,7 +215,7 @@ class Notifier:
         `gone_address`: the address the report says does not exist (the report's own, which is where
         the message went) and the report's code for it, suppressed in the same transaction."""
         now = self.clock.now()
-        added: list[str] = []
+        added: dict[str, str] = {}
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.by_provider_message_id(uow.session, provider_message_id)
             if entry is None or not await ledger_repo.record_engagement(
@@ -233,6 +233,6 @@ class Notifier:
                 status_of(entry.request, kind, now, reason=reason, provider=entry.provider),
                 correlation_id=entry.correlation_id,
             )
-        for channel in added:  # committed
+        for channel in added.values():  # committed
             ADDRESSES_SUPPRESSED.labels(channel).inc()
         return True

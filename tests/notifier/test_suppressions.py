@@ -269,3 +269,97 @@ async def test_a_number_twilio_refuses_as_stopped_is_suppressed_until_it_replies
         )
         await h.wait_status("u-3", "sent")
         assert len(h.twilio.requests) == 2
+
+
+async def _import(h: Harness, body: Any) -> Any:
+    return await h.client.post("/v1/suppressions", json=body, headers=ADMIN)
+
+
+async def test_an_imported_list_of_addresses_is_suppressed_all_or_none(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """Another sender's hard bounces (an ESP's list, a platform CLM replaces): suppressed from now
+    on, by the same one form of each address, and a bad entry refuses the whole list, naming it."""
+    async with start_notifier(sms_default_region="US") as h:
+        await h.create_template(EMAIL)
+        await h.create_template(SMS)
+        h.sink.reject.add("gone@example.com")  # 550 5.1.1: suppressed by a bounce first
+        await h.publish(_email("m-1", "c1", recipient={"email": "gone@example.com"}))
+        await h.wait_status("m-1", "bounced")
+
+        entries = [
+            {"channel": "email", "address": "Old@Example.com"},
+            {"channel": "sms", "address": "(555) 010-0009"},
+            {"channel": "email", "address": "GONE@example.com"},
+        ]
+        refused = await _import(
+            h, {"source": "ses", "suppressions": [*entries, {"channel": "sms", "address": "call me"}]}
+        )
+        assert refused.status_code == 400, refused.text
+        assert [e["field"] for e in refused.json()["errors"]] == ["suppressions.3.address"]
+        assert (await _lookup(h, "email", "old@example.com")).status_code == 404  # none of them
+
+        got = await _import(h, {"source": "ses", "suppressions": entries})
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert (body["added"], body["already_suppressed"]) == (2, 1)
+        assert [(e["channel"], e["added"]) for e in body["suppressions"]] == [
+            ("email", True),
+            ("sms", True),
+            ("email", False),
+        ]
+        found = (await _lookup(h, "email", "old@EXAMPLE.com")).json()
+        assert (found["id"], found["reason"], found["provider"]) == (
+            body["suppressions"][0]["id"],
+            "imported from ses",
+            "ses",
+        )
+        assert found["message_id"] is None
+        # The first bounce is kept.
+        assert (await _lookup(h, "email", "gone@example.com")).json()["reason"] == "SMTP 550 5.1.1"
+        assert (await _lookup(h, "sms", "+15550100009")).json()["reason"] == "imported from ses"
+
+        await h.publish(_email("m-2", "c2", recipient={"email": "old@example.com"}))
+        await h.publish(
+            request(
+                "s-1", "c2", "sms", "sms-note", category="transactional", recipient={"phone": "+15550100009"}
+            )
+        )
+        for message_id, channel in (("m-2", "email"), ("s-1", "sms")):
+            statuses = await h.wait_status(message_id, "suppressed")
+            assert statuses[-1]["reason"] == GONE.format(channel, "imported from ses")
+        assert h.twilio.requests == []
+        # Imported again: nothing added, nothing changed.
+        again = (await _import(h, {"source": "manual", "suppressions": entries[:1]})).json()
+        assert (again["added"], again["already_suppressed"]) == (0, 1)
+        assert (await _lookup(h, "email", "old@example.com")).json()["provider"] == "ses"
+        audit = (await h.client.get("/v1/audit", headers=ADMIN)).json()
+        assert "example" not in str(audit).lower() and "0100009" not in str(audit)
+
+
+async def test_bad_imports_are_refused_naming_the_field(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        one = [{"channel": "email", "address": "a@example.com"}]
+        cases = [
+            ({"source": "My ESP", "suppressions": one}, "source"),  # a name, never words
+            ({"source": "ses", "suppressions": []}, "suppressions"),
+            ({"source": "ses", "suppressions": one * 1001}, "suppressions"),
+            (
+                {"source": "ses", "suppressions": [{"channel": "webhook", "address": "x"}]},
+                "suppressions.0.channel",
+            ),
+            (
+                {"source": "ses", "suppressions": [{"channel": "email", "address": ""}]},
+                "suppressions.0.address",
+            ),
+            (
+                {"source": "ses", "suppressions": [{"channel": "email", "address": "a@b.c", "note": 1}]},
+                "note",
+            ),
+        ]
+        for body, field in cases:
+            got = await _import(h, body)
+            assert got.status_code in (400, 422), (body, got.text)
+            assert any(field in e["field"] for e in got.json()["errors"]), (field, got.json())
+        assert (
+            await h.client.post("/v1/suppressions", json={"source": "ses", "suppressions": one})
+        ).status_code == 401
+        assert (await _lookup(h, "email", "a@example.com")).status_code == 404

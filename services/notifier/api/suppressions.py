@@ -1,16 +1,20 @@
 """The suppression list (admin token): addresses a provider said do not exist, looked up and
-removed by the address itself (only a salted hash of it is kept, so they cannot be listed)."""
+removed by the address itself (only a salted hash of it is kept, so they cannot be listed), and
+imported from another sender's list (an ESP's bounces, a platform CLM replaces)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
+from services.notifier.delivery import ADDRESSES_SUPPRESSED
 from services.notifier.domain.suppression import SUPPRESSIBLE, suppression_key
 from services.notifier.service import Notifier
 from services.notifier.store import suppressions_repo
+from services.notifier.store.suppressions_repo import Suppression
 from shared.contracts import Channel
 from shared.http import ApiError, field_error
 
@@ -26,27 +30,55 @@ AddressQuery = Annotated[
 ]
 
 
-def _key(notifier: Notifier, channel: Channel, address: str) -> str:
+def _key_or_errors(
+    notifier: Notifier, channel: Channel, address: str, at: str = ""
+) -> tuple[str | None, list[dict[str, str]]]:
+    """The address's key, or the errors naming the fields (under `at`, a list entry's path)."""
     if channel not in SUPPRESSIBLE:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "invalid channel",
-            errors=[field_error("channel", "enum", "addresses are suppressed on email, sms and push only")],
-        )
+        return None, [
+            field_error(f"{at}channel", "enum", "addresses are suppressed on email, sms and push only")
+        ]
     settings = notifier.settings
     key = suppression_key(
         settings.privacy_salt.get_secret_value(), channel, address, settings.sms_default_region
     )
     if key is None:
         what = "a phone number CLM can send to" if channel is Channel.SMS else "an address"
-        raise ApiError(
-            400,
-            "invalid_request",
-            "invalid address",
-            errors=[field_error("address", "format", f"must be {what}")],
-        )
+        return None, [field_error(f"{at}address", "format", f"must be {what}")]
+    return key, []
+
+
+def _key(notifier: Notifier, channel: Channel, address: str) -> str:
+    key, errors = _key_or_errors(notifier, channel, address)
+    if key is None:
+        raise ApiError(400, "invalid_request", f"invalid {errors[0]['field']}", errors=errors)
     return key
+
+
+class ImportedAddress(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Channel = Field(description="email, sms or push")
+    address: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="the email address, phone number (any form; without a country code read in "
+        "CLM_SMS_DEFAULT_REGION) or push token",
+    )
+
+
+class SuppressionImport(BaseModel):
+    """Addresses another sender found do not exist (its hard bounces), suppressed from now on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A name, not words: the entry outlives an erasure, and free text could quote an address.
+    source: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$",
+        description="where the list comes from, as a short lower-case name (ses, sendgrid, mailchimp, "
+        "manual): kept as the entry's provider, its reason `imported from <source>`",
+    )
+    suppressions: list[ImportedAddress] = Field(min_length=1, max_length=1000)
 
 
 def _answer(found: suppressions_repo.Suppression) -> dict[str, Any]:
@@ -76,6 +108,38 @@ def router(admin: Any) -> APIRouter:
         if found is None:
             raise ApiError(404, "not_found", f"the {channel.value} address is not suppressed")
         return _answer(found)
+
+    @api.post("/v1/suppressions")
+    async def import_suppressions(body: SuppressionImport, notifier: NotifierDep) -> dict[str, Any]:
+        """Suppress up to 1,000 addresses at once, all or none (a bad entry refuses the request,
+        naming it). An address already suppressed keeps its entry (the first bounce is kept). Answers
+        each entry's `id` (for `DELETE /v1/suppressions/{id}`) and whether it was added now."""
+        keys: list[str] = []
+        errors: list[dict[str, str]] = []
+        for n, entry in enumerate(body.suppressions):
+            key, wrong = _key_or_errors(notifier, entry.channel, entry.address, f"suppressions.{n}.")
+            errors += wrong
+            keys.append(key or "")
+        if errors:
+            raise ApiError(400, "invalid_request", "invalid suppressions", errors=errors)
+        now = notifier.clock.now()
+        reason = f"imported from {body.source}"
+        rows = [
+            Suppression(key, entry.channel.value, reason, body.source, None, now)
+            for key, entry in zip(keys, body.suppressions, strict=True)
+        ]
+        async with notifier.platform.unit_of_work() as uow:
+            added = await suppressions_repo.add(uow.session, rows)
+        for channel in added.values():  # committed
+            ADDRESSES_SUPPRESSED.labels(channel).inc()
+        return {
+            "added": len(added),
+            "already_suppressed": len(set(keys)) - len(added),
+            "suppressions": [
+                {"id": key, "channel": row.channel, "added": key in added}
+                for key, row in zip(keys, rows, strict=True)
+            ],
+        }
 
     # By the entry's id (a salted hash), never the address: the audit log keeps the path and query
     # of every change, and an address kept there would outlive the customer's erasure.

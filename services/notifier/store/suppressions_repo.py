@@ -28,14 +28,16 @@ _ADD = Statement(
     "INSERT INTO address_suppressions (address_hash, channel, reason, provider, message_id, suppressed_at) "
     "SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:channels AS text[]), CAST(:reasons AS text[]), "
     "CAST(:providers AS text[]), CAST(:messages AS text[]), CAST(:at AS timestamptz[])) "
-    "ON CONFLICT (address_hash) DO NOTHING RETURNING channel"
+    "ON CONFLICT (address_hash) DO NOTHING RETURNING address_hash, channel"
 )
 
 
-async def add(target: AsyncSession | asyncpg.Connection, suppressions: Sequence[Suppression]) -> list[str]:
-    """Returns the channels of the addresses newly suppressed (one per address)."""
+async def add(
+    target: AsyncSession | asyncpg.Connection, suppressions: Sequence[Suppression]
+) -> dict[str, str]:
+    """Returns the addresses newly suppressed (their keys), each with its channel."""
     if not suppressions:
-        return []
+        return {}
     first = {s.address_hash: s for s in reversed(suppressions)}  # an address twice: its first bounce
     rows = list(first.values())
     found = await _ADD.fetch(
@@ -49,7 +51,7 @@ async def add(target: AsyncSession | asyncpg.Connection, suppressions: Sequence[
             "at": [s.suppressed_at for s in rows],
         },
     )
-    return [r[0] for r in found]
+    return {r[0]: r[1] for r in found}
 
 
 _GET = Statement(

@@ -13,6 +13,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from services.notifier.api import (
+    complaints,
     consent,
     customer_messages,
     inbound,
@@ -127,6 +128,7 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
     app.include_router(messages.router(admin))
     app.include_router(reports.router(admin))
     app.include_router(suppressions.router(admin))
+    app.include_router(complaints.router(admin))
     app.include_router(customer_messages.router(admin))
     app.include_router(inbox.router(admin))
     app.include_router(links.api)

@@ -86,8 +86,9 @@ class _Context:
     contacts: dict[str, ContactView]
     topics: dict[str, SubscriptionTopic]
     choices: dict[str, dict[tuple[str, str], bool]]
-    # The `phone_key`s of the numbers these marketing SMS go to that sent STOP (and no START since).
-    sms_opted_out: set[str] = field(default_factory=set)
+    # The keys of the addresses these marketing messages go to that opted out: numbers that sent STOP
+    # (and no START since; `phone_key`), email addresses a spam complaint named (`address_key`).
+    opted_out: set[str] = field(default_factory=set)
     # The `suppression_key`s of the addresses these messages go to that a provider refused for good
     # (`address_suppressions`), with the provider's codes.
     suppressed: dict[str, str] = field(default_factory=dict)
@@ -378,9 +379,10 @@ class DeliveryWorker:
             {r.template_id for r in requests},
             {r.subscription_topic for r in requests if r.subscription_topic},
         )
-        # The address each marketing SMS would go to (its override recipient or the profile's phone):
-        # a STOP from that number suppresses it, whoever CLM thinks the customer is.
-        stop_keys = {k for r in requests if (k := self._sms_key(r, read.contacts.get(r.customer_id)))}
+        # The address each marketing SMS or email would go to (its override recipient or the
+        # profile's): a STOP from that number, a complaint about that address, suppresses it, whoever
+        # CLM thinks the customer is.
+        stop_keys = {k for r in requests if (k := self._optout_key(r, read.contacts.get(r.customer_id)))}
         suppression_keys = {
             k for r in requests if (k := self._suppression_key(r, read.contacts.get(r.customer_id)))
         }
@@ -390,7 +392,7 @@ class DeliveryWorker:
             contacts=read.contacts,
             topics=read.topics,
             choices=read.choices,
-            sms_opted_out=stopped,
+            opted_out=stopped,
             suppressed=suppressed,
         )
 
@@ -405,13 +407,22 @@ class DeliveryWorker:
         salt = self.settings.privacy_salt.get_secret_value()
         return suppression_key(salt, request.channel, address, self.settings.sms_default_region)
 
-    def _sms_key(self, request: MessageRequested, contact: ContactView | None) -> str | None:
-        """The `phone_key` of a marketing SMS's recipient number; None for any other message."""
-        if request.channel is not Channel.SMS or request.category is not MessageCategory.MARKETING:
+    def _optout_key(self, request: MessageRequested, contact: ContactView | None) -> str | None:
+        """The key its opt-out is kept under of a marketing SMS's recipient number (`phone_key`) or a
+        marketing email's address (`address_key`); None for any other message."""
+        if request.category is not MessageCategory.MARKETING or request.channel not in (
+            Channel.SMS,
+            Channel.EMAIL,
+        ):
             return None
         address = recipient_address(request, contact)
-        e164 = normalized(address, self.settings.sms_default_region) if address else None
-        return phone_key(self.settings.privacy_salt.get_secret_value(), e164) if e164 else None
+        if not address:
+            return None
+        salt = self.settings.privacy_salt.get_secret_value()
+        if request.channel is Channel.EMAIL:
+            return suppression_key(salt, Channel.EMAIL, address, None)
+        e164 = normalized(address, self.settings.sms_default_region)
+        return phone_key(salt, e164) if e164 else None
 
     def prepare(
         self,
@@ -420,10 +431,10 @@ class DeliveryWorker:
         contact: ContactView | None,
         topic: SubscriptionTopic | None,
         choices: dict[tuple[str, str], bool],
-        sms_opted_out: Collection[str] = frozenset(),
+        opted_out: Collection[str] = frozenset(),
         suppressed: Mapping[str, str] | None = None,
     ) -> Prepared:
-        """`sms_opted_out`: the `phone_key`s of numbers that sent STOP (`_Context.sms_opted_out`);
+        """`opted_out`: the keys of marketing addresses that opted out (`_Context.opted_out`);
         `suppressed`: the `suppression_key`s of addresses a provider refused for good, with its codes
         (`_Context.suppressed`)."""
         decision = consent.decide(
@@ -431,9 +442,14 @@ class DeliveryWorker:
         )
         if not decision.allowed:
             return Prepared(None, MessageStatusKind.SUPPRESSED, decision.reason)
-        key = self._sms_key(request, contact)
-        if key is not None and key in sms_opted_out:
-            return Prepared(None, MessageStatusKind.SUPPRESSED, consent.SMS_NUMBER_OPTED_OUT)
+        key = self._optout_key(request, contact)
+        if key is not None and key in opted_out:
+            reason = (
+                consent.SMS_NUMBER_OPTED_OUT
+                if request.channel is Channel.SMS
+                else consent.EMAIL_ADDRESS_OPTED_OUT
+            )
+            return Prepared(None, MessageStatusKind.SUPPRESSED, reason)
         if template is None:
             return Prepared(None, MessageStatusKind.FAILED, f"unknown template {request.template_id!r}")
         if template.channel is not request.channel:
@@ -502,7 +518,7 @@ class DeliveryWorker:
             ctx.contacts.get(request.customer_id),
             ctx.topics.get(request.subscription_topic) if request.subscription_topic else None,
             ctx.choices.get(request.customer_id, {}),
-            ctx.sms_opted_out,
+            ctx.opted_out,
             ctx.suppressed,
         )
         now = self.clock.now()

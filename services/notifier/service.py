@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -15,7 +16,7 @@ from services.notifier.domain.composition import status_of
 from services.notifier.domain.consent import ALL_TOPICS, opted_out, phone_key
 from services.notifier.domain.phone_numbers import normalized
 from services.notifier.domain.signing import MessageLinks
-from services.notifier.domain.suppression import suppression_key
+from services.notifier.domain.suppression import address_key, suppression_key
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.settings import NotifierSettings
 from services.notifier.store import consent_repo, contacts_repo, ledger_repo, suppressions_repo
@@ -110,6 +111,38 @@ class Notifier:
                 )
                 if message_id is not None:
                     await self._unsubscribed(uow, message_id, ALL_TOPICS, "sms", source, now)
+
+    async def email_complaints(self, addresses: Sequence[str], source: str) -> dict[str, bool]:
+        """Spam complaints about these email addresses (as a provider's feedback loop reports them),
+        in one transaction: each address itself (`email_address_optouts`: marketing email to it stops,
+        whoever CLM thinks owns it, a request's override recipient included) and every customer whose
+        profile email it is (all email marketing, with an `unsubscribed` status of their latest email).
+        A repeated complaint changes nothing. Returns each address's key (in lower case) and whether
+        this complaint was new."""
+        now = self.clock.now()
+        salt = self.settings.privacy_salt.get_secret_value()
+        forms = list(dict.fromkeys(a.strip().lower() for a in addresses))
+        keys = {form: address_key(salt, Channel.EMAIL, form) for form in forms}
+        reason = f"complaint ({source})"
+        async with self.platform.unit_of_work() as uow:
+            new = await consent_repo.add_email_address_optouts(
+                uow.session, list(keys.values()), source=source, now=now
+            )
+            owners = await contacts_repo.find_by_emails(uow.session, [f for f in forms if keys[f] in new])
+            for customer_id in sorted({c for found in owners.values() for c in found}):
+                latest = await ledger_repo.latest_for_customer(uow.session, customer_id, "email")
+                message_id = latest.message_id if latest else None
+                await consent_repo.record_choices(
+                    uow.session,
+                    customer_id,
+                    [(ALL_TOPICS, "email", False)],
+                    source=reason,
+                    now=now,
+                    message_id=message_id,
+                )
+                if message_id is not None:
+                    await self._unsubscribed(uow, message_id, ALL_TOPICS, "email", reason, now)
+        return {keys[f]: keys[f] in new for f in forms}
 
     async def save_preferences(
         self, customer_id: str, channel: Channel, wanted: set[str], message_id: str | None

@@ -35,6 +35,7 @@ class ConsentDecision:
 
 
 SMS_NUMBER_OPTED_OUT = "the number opted out of sms marketing (STOP)"
+EMAIL_ADDRESS_OPTED_OUT = "the address opted out of email marketing (a spam complaint)"
 
 
 def phone_key(salt: str, e164: str) -> str:

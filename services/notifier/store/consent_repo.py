@@ -1,4 +1,5 @@
-"""Every query on `subscription_topics`, `preferences`, `consent_ledger` and `sms_address_optouts`."""
+"""Every query on `subscription_topics`, `preferences`, `consent_ledger`, `sms_address_optouts` and
+`email_address_optouts`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from services.notifier.store import identities_repo
 from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import (
     consent_ledger,
+    email_address_optouts,
     preferences,
     sms_address_optouts,
     subscription_topics,
@@ -311,3 +313,45 @@ async def set_sms_address_optout(
             sa.delete(sms_address_optouts).where(sms_address_optouts.c.phone_hash == phone_hash)
         )
     return bool(getattr(result, "rowcount", 0))
+
+
+async def add_email_address_optouts(
+    session: AsyncSession, address_hashes: Sequence[str], *, source: str, now: datetime
+) -> set[str]:
+    """Spam complaints about these addresses (by `suppression.address_key`); returns the ones new. A
+    repeated complaint keeps the first one's time and source."""
+    if not address_hashes:
+        return set()
+    result = await session.execute(
+        insert(email_address_optouts)
+        .values(
+            [
+                {"address_hash": h, "source": source, "opted_out_at": now}
+                for h in dict.fromkeys(address_hashes)
+            ]
+        )
+        .on_conflict_do_nothing()
+        .returning(email_address_optouts.c.address_hash)
+    )
+    return set(result.scalars())
+
+
+async def get_email_address_optout(session: AsyncSession, address_hash: str) -> tuple[str, datetime] | None:
+    """The source and time of the complaint about this address, if any."""
+    row = (
+        await session.execute(
+            sa.select(email_address_optouts.c.source, email_address_optouts.c.opted_out_at).where(
+                email_address_optouts.c.address_hash == address_hash
+            )
+        )
+    ).first()
+    return (row[0], row[1]) if row else None
+
+
+async def remove_email_address_optout(session: AsyncSession, address_hash: str) -> bool:
+    result = await session.execute(
+        sa.delete(email_address_optouts)
+        .where(email_address_optouts.c.address_hash == address_hash)
+        .returning(email_address_optouts.c.address_hash)
+    )
+    return result.first() is not None

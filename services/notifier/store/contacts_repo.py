@@ -120,3 +120,17 @@ async def find_by_phone(session: AsyncSession, e164: str) -> list[str]:
     """The customers whose profile phone is this number (E.164), however the profile wrote it."""
     rows = await session.execute(sa.select(contacts.c.customer_id).where(contacts.c.phone_e164 == e164))
     return list(rows.scalars())
+
+
+async def find_by_emails(session: AsyncSession, lowered: Sequence[str]) -> dict[str, list[str]]:
+    """The customers whose profile email is one of these addresses (given in lower case), in any case,
+    by address."""
+    rows = await session.execute(
+        sa.select(sa.func.lower(contacts.c.email), contacts.c.customer_id)
+        .where(sa.func.lower(contacts.c.email) == sa.any_(sa.cast(list(lowered), sa.ARRAY(sa.Text))))
+        .order_by(contacts.c.customer_id)
+    )
+    found: dict[str, list[str]] = {}
+    for address, customer_id in rows.all():
+        found.setdefault(address, []).append(customer_id)
+    return found

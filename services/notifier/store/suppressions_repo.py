@@ -1,5 +1,5 @@
 """Every query on `address_suppressions` (addresses a provider said do not exist), and the one read
-of a batch of sends that checks both it and `sms_address_optouts`."""
+of a batch of sends that checks it, `sms_address_optouts` and `email_address_optouts`."""
 
 from __future__ import annotations
 
@@ -78,14 +78,17 @@ async def remove(session: AsyncSession, address_hash: str, *, reason: str | None
     return bool(await _REMOVE_FOR_REASON.fetch(session, {"key": address_hash, "reason": reason}))
 
 
-# One round trip for a batch of sends: which of their addresses are suppressed, and which of their
-# marketing SMS numbers sent STOP.
+# One round trip for a batch of sends: which of their addresses are suppressed, and which of the
+# addresses their marketing goes to opted out (an SMS STOP, an email spam complaint: keys of two
+# kinds that never meet, `phone_key` and `address_key`).
 _BLOCKED = Statement(
     "SELECT ARRAY(SELECT address_hash FROM address_suppressions "
     "WHERE address_hash = ANY(CAST(:suppression_keys AS text[])) ORDER BY address_hash), "
     "ARRAY(SELECT reason FROM address_suppressions "
     "WHERE address_hash = ANY(CAST(:suppression_keys AS text[])) ORDER BY address_hash), "
-    "ARRAY(SELECT phone_hash FROM sms_address_optouts WHERE phone_hash = ANY(CAST(:stop_keys AS text[])))"
+    "ARRAY(SELECT phone_hash FROM sms_address_optouts WHERE phone_hash = ANY(CAST(:stop_keys AS text[])) "
+    "UNION ALL SELECT address_hash FROM email_address_optouts "
+    "WHERE address_hash = ANY(CAST(:stop_keys AS text[])))"
 )
 
 
@@ -93,7 +96,8 @@ async def blocked(
     session: AsyncSession, suppression_keys: Collection[str], stop_keys: Collection[str]
 ) -> tuple[dict[str, str], set[str]]:
     """Of these keys: the suppressed addresses (`domain.suppression.address_key`) with their reasons,
-    and the numbers that sent STOP (`domain.consent.phone_key`)."""
+    and the marketing addresses opted out: numbers that sent STOP (`domain.consent.phone_key`), email
+    addresses a complaint named (`address_key`)."""
     if not suppression_keys and not stop_keys:
         return {}, set()
     [(suppressed, reasons, stopped)] = await _BLOCKED.fetch(

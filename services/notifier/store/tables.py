@@ -70,6 +70,7 @@ send_ledger = sa.Table(
     sa.Column("updated_at", TS, nullable=False, server_default=_now),
 )
 sa.Index("contacts_phone_e164", contacts.c.phone_e164)
+sa.Index("contacts_email_lower", sa.func.lower(contacts.c.email))
 sa.Index("send_ledger_due", send_ledger.c.next_attempt_at, postgresql_where=send_ledger.c.state == "pending")
 sa.Index("send_ledger_created_at", send_ledger.c.created_at)  # the performance report's periods
 
@@ -128,6 +129,15 @@ sms_address_optouts = sa.Table(
     "sms_address_optouts",
     metadata,
     sa.Column("phone_hash", sa.Text, primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("opted_out_at", TS, nullable=False),
+)
+
+# A spam complaint opts the address itself out of marketing email (keyed like `address_suppressions`).
+email_address_optouts = sa.Table(
+    "email_address_optouts",
+    metadata,
+    sa.Column("address_hash", sa.Text, primary_key=True),
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("opted_out_at", TS, nullable=False),
 )

@@ -1,0 +1,87 @@
+"""Spam complaints (admin token): an email address whose recipient reported marketing as spam (a
+provider's feedback loop: SES, SendGrid, a mailbox provider's FBL) is opted out of marketing email,
+the address itself and every customer whose profile email it is. Kept as a salted hash of the
+address, so looked up and lifted by the address, never listed."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.notifier.api.dependencies import NotifierDep
+from services.notifier.domain.suppression import address_key
+from services.notifier.service import Notifier
+from services.notifier.store import consent_repo
+from shared.contracts import Channel
+from shared.http import ApiError, field_error
+
+# At least something@something: the address is kept only as a hash, so a typo would opt out nobody.
+_EMAIL = r"^\s*[^@\s]+@[^@\s]+\s*$"
+
+
+class ComplaintImport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # A name, not words: it goes into the consent ledger and the statuses it emits.
+    source: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$",
+        description="who reported the complaints, as a short lower-case name (ses, sendgrid, gmail-fbl)",
+    )
+    addresses: list[Annotated[str, Field(min_length=3, max_length=4096, pattern=_EMAIL)]] = Field(
+        min_length=1, max_length=1000, description="the email addresses complained from (any case)"
+    )
+
+
+def _key(notifier: Notifier, address: str) -> str:
+    form = address.strip().lower()
+    if not form:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "invalid address",
+            errors=[field_error("address", "format", "must be an address")],
+        )
+    return address_key(notifier.settings.privacy_salt.get_secret_value(), Channel.EMAIL, form)
+
+
+def router(admin: Any) -> APIRouter:
+    api = APIRouter(tags=["complaints"], dependencies=[Depends(admin)])
+
+    @api.post("/v1/complaints")
+    async def record_complaints(body: ComplaintImport, notifier: NotifierDep) -> dict[str, Any]:
+        """Opt these addresses out of marketing email, all in one transaction (up to 1,000); each
+        customer whose profile email one is gets an `unsubscribed` status of their latest email. An
+        address complained about before keeps its first complaint. Answers each address's `id` (for
+        `DELETE /v1/complaints/{id}`) and whether it was new."""
+        added = await notifier.email_complaints(body.addresses, body.source)
+        return {
+            "added": sum(added.values()),
+            "already_opted_out": len(added) - sum(added.values()),
+            "complaints": [{"id": key, "added": new} for key, new in added.items()],
+        }
+
+    @api.get("/v1/complaints")
+    async def get_complaint(
+        address: Annotated[str, Query(min_length=1, max_length=4096, description="the email address")],
+        notifier: NotifierDep,
+    ) -> dict[str, Any]:
+        key = _key(notifier, address)
+        async with notifier.platform.unit_of_work() as uow:
+            found = await consent_repo.get_email_address_optout(uow.session, key)
+        if found is None:
+            raise ApiError(404, "not_found", "no complaint about that address")
+        source, at = found
+        return {"id": key, "channel": "email", "opted_out": True, "source": source, "opted_out_at": at}
+
+    # By the entry's id, never the address: the audit log keeps each change's path and query.
+    @api.delete("/v1/complaints/{complaint_id}", status_code=204)
+    async def lift_complaint(complaint_id: str, notifier: NotifierDep) -> None:
+        """Marketing email may go to the address again (it was reported by mistake). The customers'
+        own choices stay as recorded: they opt in again through the preference page."""
+        async with notifier.platform.unit_of_work() as uow:
+            if not await consent_repo.remove_email_address_optout(uow.session, complaint_id):
+                raise ApiError(404, "not_found", f"no complaint {complaint_id!r}")
+
+    return api

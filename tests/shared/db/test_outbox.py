@@ -502,3 +502,15 @@ async def test_a_row_of_one_message_needs_its_topic_and_headers(platform: Platfo
         await insert_row(platform, key=b"c1", value=b"{}", headers="{}")
     with pytest.raises(sa.exc.IntegrityError, match="outbox_row_shape"):
         await insert_row(platform, topic="t", value=b"{}")
+
+
+async def test_packed_headers_of_any_json_value_are_sent_as_their_text(platform: Platform) -> None:
+    """`outbox_row` writes string values; a packed row written otherwise is sent as before."""
+    await platform.relay.stop()
+    topic = platform.settings.topic(PROFILES.name)
+    await insert_row(
+        platform, value=orjson.dumps([[topic, "c1", '{"event_id": "x"}', {"a": "b", "n": 5}]]), messages=1
+    )
+    assert await platform.relay.run_once() == 1
+    [got] = await read_topic(topic, count=1, timeout=15)
+    assert (got["headers"]["a"], got["headers"]["n"]) == ("b", "5")

@@ -23,6 +23,7 @@ from services.notifier.store import consent_repo, contacts_repo, ledger_repo, su
 from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
+from shared.privacy import erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Notifier:
         salt = self.settings.privacy_salt.get_secret_value()
         key = phone_key(salt, e164)
         async with self.platform.unit_of_work() as uow:
+            # Writes under customer ids: an erasure committing meanwhile must not be undone.
+            await erasure_gate(uow.session, exclusive=False)
             await consent_repo.set_sms_address_optout(
                 uow.session, key, not subscribed, source=source, now=now
             )
@@ -112,27 +115,28 @@ class Notifier:
                 if message_id is not None:
                     await self._unsubscribed(uow, message_id, ALL_TOPICS, "sms", source, now)
 
-    async def email_complaints(self, addresses: Sequence[str], source: str) -> dict[str, bool]:
-        """Spam complaints about these email addresses (as a provider's feedback loop reports them),
-        in one transaction: each address itself (`email_address_optouts`: marketing email to it stops,
-        whoever CLM thinks owns it, a request's override recipient included) and every customer whose
-        profile email it is (all email marketing, with an `unsubscribed` status of their latest email).
-        A repeated complaint changes nothing. Returns each address's key (in lower case) and whether
-        this complaint was new."""
+    async def email_complaints(self, mailboxes: Sequence[str], source: str) -> dict[str, tuple[str, bool]]:
+        """Spam complaints about these mailboxes (`domain.email_addresses`; as a provider's feedback
+        loop reports them), in one transaction: each address itself (`email_address_optouts`:
+        marketing email to it stops, whoever CLM thinks owns it, a request's override recipient
+        included) and every customer whose profile email it is (all email marketing, with an
+        `unsubscribed` status of their latest marketing email that went out). A repeated complaint
+        changes nothing. Returns, by mailbox, its key and whether this complaint was new."""
         now = self.clock.now()
         salt = self.settings.privacy_salt.get_secret_value()
-        forms = list(dict.fromkeys(a.strip().lower() for a in addresses))
-        keys = {form: address_key(salt, Channel.EMAIL, form) for form in forms}
+        keys = {m: address_key(salt, Channel.EMAIL, m) for m in dict.fromkeys(mailboxes)}
         reason = f"complaint ({source})"
         async with self.platform.unit_of_work() as uow:
+            # Writes under customer ids: an erasure committing meanwhile must not be undone.
+            await erasure_gate(uow.session, exclusive=False)
             new = await consent_repo.add_email_address_optouts(
                 uow.session, list(keys.values()), source=source, now=now
             )
-            owners = await contacts_repo.find_by_emails(uow.session, [f for f in forms if keys[f] in new])
+            owners = await contacts_repo.find_by_emails(uow.session, [m for m, k in keys.items() if k in new])
             for customer_id in sorted({c for found in owners.values() for c in found}):
-                latest = await ledger_repo.latest_for_customer(uow.session, customer_id, "email")
+                latest = await ledger_repo.latest_marketing_delivered(uow.session, customer_id, "email")
                 message_id = latest.message_id if latest else None
-                await consent_repo.record_choices(
+                changed = await consent_repo.record_choices(
                     uow.session,
                     customer_id,
                     [(ALL_TOPICS, "email", False)],
@@ -140,9 +144,9 @@ class Notifier:
                     now=now,
                     message_id=message_id,
                 )
-                if message_id is not None:
+                if changed and message_id is not None:
                     await self._unsubscribed(uow, message_id, ALL_TOPICS, "email", reason, now)
-        return {keys[f]: keys[f] in new for f in forms}
+        return {m: (k, k in new) for m, k in keys.items()}
 
     async def save_preferences(
         self, customer_id: str, channel: Channel, wanted: set[str], message_id: str | None

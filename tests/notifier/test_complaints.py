@@ -21,6 +21,26 @@ MARKETING = {"category": "marketing", "subscription_topic": "news"}
 OPTED_OUT = "the address opted out of email marketing (a spam complaint)"
 
 
+async def test_a_complaint_is_not_credited_to_a_transactional_email_and_a_second_one_emits_nothing(
+    start_notifier,
+) -> None:  # type: ignore[no-untyped-def]
+    """The `unsubscribed` status goes to the latest marketing email that went out, once."""
+    async with start_notifier() as h:
+        await h.create_template(EMAIL)
+        await h.create_topic("news", ["email"])
+        await h.profile("c9", {"email": "cy@example.com"})
+        await h.wait_contact("c9")
+        await h.publish(request("m-91", "c9", "email", "promo", **MARKETING))
+        await h.wait_status("m-91", "delivered")
+        await h.publish(request("m-92", "c9", "email", "promo", category="transactional"))
+        await h.wait_status("m-92", "delivered")
+        assert (await _complain(h, ["cy@example.com"])).status_code == 200
+        await h.wait_status("m-91", "unsubscribed")
+        assert (await _complain(h, ["CY@example.com"])).json()["added"] == 0
+        statuses = await h.statuses(idle=1.0)
+        assert [s["message_id"] for s in statuses if s["status"] == "unsubscribed"] == ["m-91"]
+
+
 async def _complain(h: Harness, addresses: list[str], source: str = "ses") -> Any:
     return await h.client.post(
         "/v1/complaints", json={"source": source, "addresses": addresses}, headers=ADMIN
@@ -33,17 +53,20 @@ async def test_a_complaint_stops_marketing_email_to_the_address_and_opts_its_cus
     async with start_notifier() as h:
         await h.create_template(EMAIL)
         await h.create_topic("news", ["email"])
-        await h.profile("c1", {"email": "Ann@Example.com"})
+        await h.profile("c1", {"email": "Ann Example <Ann@Example.com>"})  # a display name, as SDKs may send
         await h.profile("c2", {"email": "bob@example.com"})
         await h.wait_contact("c1")
         await h.wait_contact("c2")
         await h.publish(request("m-1", "c1", "email", "promo", **MARKETING))
         await h.wait_status("m-1", "delivered")
 
-        got = await _complain(h, ["ANN@example.com ", "nobody-yet@example.com"])
+        got = await _complain(h, ["ANN@example.com ", "nobody-yet@example.com", "<ann@EXAMPLE.com>"])
         assert got.status_code == 200, got.text
         body = got.json()
         assert (body["added"], body["already_opted_out"]) == (2, 0)
+        # One entry per address given, in order: the same mailbox twice is one id.
+        ids = [c["id"] for c in body["complaints"]]
+        assert len(ids) == 3 and ids[0] == ids[2] != ids[1]
         # The customer's latest email gets its `unsubscribed`, as an unsubscribe link would.
         statuses = await h.wait_status("m-1", "unsubscribed")
         assert statuses[-1]["reason"] == "complaint (ses): all marketing on email"
@@ -56,7 +79,7 @@ async def test_a_complaint_stops_marketing_email_to_the_address_and_opts_its_cus
         # whose profile gets the address only later. Transactional mail and other addresses still go.
         await h.publish(request("m-2", "c1", "email", "promo", **MARKETING))
         await h.publish(
-            request("m-3", "c2", "email", "promo", recipient={"email": "ann@EXAMPLE.com"}, **MARKETING)
+            request("m-3", "c2", "email", "promo", recipient={"email": "Ann <ann@EXAMPLE.com>"}, **MARKETING)
         )
         await h.publish(request("m-4", "c1", "email", "promo", category="transactional"))
         await h.publish(request("m-5", "c2", "email", "promo", **MARKETING))
@@ -112,6 +135,7 @@ async def test_bad_complaints_are_refused_naming_the_field(start_notifier) -> No
             ({"source": "ses", "addresses": []}, "addresses"),
             ({"source": "ses", "addresses": ["a@example.com"] * 1001}, "addresses"),
             ({"source": "ses", "addresses": ["a@example.com", "not an address"]}, "addresses.1"),
+            ({"source": "ses", "addresses": ["x" * 400 + "@example.com"]}, "addresses.0"),
             ({"source": "ses", "addresses": ["a@example.com"], "extra": True}, "extra"),
         ]
         for body, field in cases:

@@ -351,6 +351,10 @@ async def test_bad_imports_are_refused_naming_the_field(start_notifier) -> None:
                 "suppressions.0.address",
             ),
             (
+                {"source": "ses", "suppressions": [{"channel": "email", "address": "not an address"}]},
+                "suppressions.0.address",
+            ),
+            (
                 {"source": "ses", "suppressions": [{"channel": "email", "address": "a@b.c", "note": 1}]},
                 "note",
             ),

@@ -1,7 +1,7 @@
 """Spam complaints (admin token): an email address whose recipient reported marketing as spam (a
 provider's feedback loop: SES, SendGrid, a mailbox provider's FBL) is opted out of marketing email,
 the address itself and every customer whose profile email it is. Kept as a salted hash of the
-address, so looked up and lifted by the address, never listed."""
+address's mailbox, so looked up and lifted by the address, never listed."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
+from services.notifier.domain.email_addresses import mailbox
 from services.notifier.domain.suppression import address_key
-from services.notifier.service import Notifier
 from services.notifier.store import consent_repo
 from shared.contracts import Channel
 from shared.http import ApiError, field_error
 
-# At least something@something: the address is kept only as a hash, so a typo would opt out nobody.
-_EMAIL = r"^\s*[^@\s]+@[^@\s]+\s*$"
+_NOT_AN_ADDRESS = "must be an email address (a mailbox with an @, 320 characters at most)"
 
 
 class ComplaintImport(BaseModel):
@@ -29,21 +28,11 @@ class ComplaintImport(BaseModel):
         pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$",
         description="who reported the complaints, as a short lower-case name (ses, sendgrid, gmail-fbl)",
     )
-    addresses: list[Annotated[str, Field(min_length=3, max_length=4096, pattern=_EMAIL)]] = Field(
-        min_length=1, max_length=1000, description="the email addresses complained from (any case)"
+    addresses: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        min_length=1,
+        max_length=1000,
+        description="the email addresses complained from, as written (any case; `Ann <ann@example.com>`)",
     )
-
-
-def _key(notifier: Notifier, address: str) -> str:
-    form = address.strip().lower()
-    if not form:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "invalid address",
-            errors=[field_error("address", "format", "must be an address")],
-        )
-    return address_key(notifier.settings.privacy_salt.get_secret_value(), Channel.EMAIL, form)
 
 
 def router(admin: Any) -> APIRouter:
@@ -51,15 +40,27 @@ def router(admin: Any) -> APIRouter:
 
     @api.post("/v1/complaints")
     async def record_complaints(body: ComplaintImport, notifier: NotifierDep) -> dict[str, Any]:
-        """Opt these addresses out of marketing email, all in one transaction (up to 1,000); each
-        customer whose profile email one is gets an `unsubscribed` status of their latest email. An
-        address complained about before keeps its first complaint. Answers each address's `id` (for
+        """Opt these addresses out of marketing email, all in one transaction (up to 1,000; a bad
+        address refuses the request, naming it); each customer whose profile email one is gets an
+        `unsubscribed` status of their latest marketing email. An address complained about before
+        keeps its first complaint. Answers, for each address given and in order, its `id` (for
         `DELETE /v1/complaints/{id}`) and whether it was new."""
-        added = await notifier.email_complaints(body.addresses, body.source)
+        mailboxes = [mailbox(a) for a in body.addresses]
+        errors = [
+            field_error(f"addresses.{n}", "format", _NOT_AN_ADDRESS)
+            for n, m in enumerate(mailboxes)
+            if m is None
+        ]
+        if errors:
+            raise ApiError(400, "invalid_request", "invalid addresses", errors=errors)
+        given = [m for m in mailboxes if m is not None]
+        found = await notifier.email_complaints(given, body.source)
+        new = sum(1 for _, added in found.values() if added)
         return {
-            "added": sum(added.values()),
-            "already_opted_out": len(added) - sum(added.values()),
-            "complaints": [{"id": key, "added": new} for key, new in added.items()],
+            "added": new,
+            "already_opted_out": len(found) - new,
+            # One entry per address given (one mailbox written twice: its id twice, added once).
+            "complaints": [{"id": found[m][0], "added": found[m][1]} for m in given],
         }
 
     @api.get("/v1/complaints")
@@ -67,7 +68,15 @@ def router(admin: Any) -> APIRouter:
         address: Annotated[str, Query(min_length=1, max_length=4096, description="the email address")],
         notifier: NotifierDep,
     ) -> dict[str, Any]:
-        key = _key(notifier, address)
+        form = mailbox(address)
+        if form is None:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "invalid address",
+                errors=[field_error("address", "format", _NOT_AN_ADDRESS)],
+            )
+        key = address_key(notifier.settings.privacy_salt.get_secret_value(), Channel.EMAIL, form)
         async with notifier.platform.unit_of_work() as uow:
             found = await consent_repo.get_email_address_optout(uow.session, key)
         if found is None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from services.notifier.domain.email_addresses import mailbox
 from services.notifier.domain.email_content import add_open_pixel, build_email, track_links
 from services.notifier.domain.phone_numbers import normalized
 from services.notifier.domain.signing import MessageLinks
@@ -20,6 +21,8 @@ class ContactView:
 
     customer_id: str
     email: str | None = None
+    # `email`'s mailbox in lower case (`domain.email_addresses`): a spam complaint finds the customer by it.
+    email_address: str | None = None
     phone: str | None = None
     # `phone` in E.164 as read when the profile arrived (an inbound STOP finds the customer by it);
     # sends read `phone` again, in the region set then.
@@ -48,9 +51,11 @@ def contact_from_traits(
     customer_id: str, traits: dict[str, Any], sms_default_region: str | None = None
 ) -> ContactView:
     phone = _phone(traits.get("phone"))
+    email = _text(traits.get("email"))
     return ContactView(
         customer_id=customer_id,
-        email=_text(traits.get("email")),
+        email=email,
+        email_address=mailbox(email) if email else None,
         phone=phone,
         phone_e164=normalized(phone, sms_default_region) if phone else None,
         push_token=_text(traits.get("push_token") or traits.get("pushToken")),

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import re
 
+from services.notifier.domain.email_addresses import mailbox
 from services.notifier.domain.phone_numbers import normalized as e164
 from shared.contracts import Channel
 
@@ -47,14 +48,14 @@ def smtp_address_gone(code: int, text: str) -> str | None:
 
 
 def address_form(channel: Channel, address: str, sms_default_region: str | None) -> str | None:
-    """The one form of an address its key is made from: an email address in lower case (mail
-    systems treat local parts without case in practice), a phone number in E.164, a push token as
-    given. None: not an address of a suppressible channel."""
+    """The one form of an address its key is made from: an email address's mailbox in lower case
+    (`domain.email_addresses`), a phone number in E.164, a push token as given. None: not an address
+    of a suppressible channel."""
     text = address.strip()
     if not text:
         return None
     if channel is Channel.EMAIL:
-        return text.lower()
+        return mailbox(text)
     if channel is Channel.SMS:
         return e164(text, sms_default_region)
     if channel is Channel.PUSH:

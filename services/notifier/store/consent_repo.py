@@ -322,14 +322,11 @@ async def add_email_address_optouts(
     repeated complaint keeps the first one's time and source."""
     if not address_hashes:
         return set()
+    # In one order (sorted): two imports naming the same addresses in other orders deadlocked.
+    rows = [{"address_hash": h, "source": source, "opted_out_at": now} for h in sorted(set(address_hashes))]
     result = await session.execute(
         insert(email_address_optouts)
-        .values(
-            [
-                {"address_hash": h, "source": source, "opted_out_at": now}
-                for h in dict.fromkeys(address_hashes)
-            ]
-        )
+        .values(rows)
         .on_conflict_do_nothing()
         .returning(email_address_optouts.c.address_hash)
     )

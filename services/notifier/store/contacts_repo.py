@@ -19,17 +19,18 @@ from shared.db.engine import Statement, json_text
 # `insert().values([...])` SQLAlchemy compiled it anew for each number of rows (7% of the notifier's
 # CPU at 400 single posts/s).
 _UPSERT = Statement(
-    "INSERT INTO contacts (customer_id, email, phone, phone_e164, push_token, webhook_url, locale, "
-    "timezone, traits, profile_at) "
-    "SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:email AS text[]), CAST(:phone AS text[]), "
-    "CAST(:e164 AS text[]), CAST(:push AS text[]), CAST(:hook AS text[]), CAST(:locale AS text[]), "
-    "CAST(:tz AS text[]), CAST(:traits AS jsonb[]), CAST(:at AS timestamptz[])) "
-    "AS u(id, em, ph, e1, pu, ho, lo, tz, tr, at) "
+    "INSERT INTO contacts (customer_id, email, email_address, phone, phone_e164, push_token, "
+    "webhook_url, locale, timezone, traits, profile_at) "
+    "SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:email AS text[]), CAST(:mailbox AS text[]), "
+    "CAST(:phone AS text[]), CAST(:e164 AS text[]), CAST(:push AS text[]), CAST(:hook AS text[]), "
+    "CAST(:locale AS text[]), CAST(:tz AS text[]), CAST(:traits AS jsonb[]), CAST(:at AS timestamptz[])) "
+    "AS u(id, em, ma, ph, e1, pu, ho, lo, tz, tr, at) "
     # Not a profile merged into another since (a late announcement from another partition): its row
     # would make its id "a customer's own" again (`identities_repo`).
     "WHERE NOT EXISTS (SELECT 1 FROM customer_identities ci "
     "WHERE ci.identity = u.id AND ci.linked_at > u.at) "
-    "ON CONFLICT (customer_id) DO UPDATE SET email = excluded.email, phone = excluded.phone, "
+    "ON CONFLICT (customer_id) DO UPDATE SET email = excluded.email, "
+    "email_address = excluded.email_address, phone = excluded.phone, "
     "phone_e164 = excluded.phone_e164, push_token = excluded.push_token, "
     "webhook_url = excluded.webhook_url, locale = excluded.locale, timezone = excluded.timezone, "
     "traits = excluded.traits, profile_at = excluded.profile_at "
@@ -52,6 +53,7 @@ async def upsert(session: AsyncSession, items: Sequence[tuple[ContactView, datet
         {
             "ids": [c.customer_id for c, _ in rows],
             "email": [c.email for c, _ in rows],
+            "mailbox": [c.email_address for c, _ in rows],
             "phone": [c.phone for c, _ in rows],
             "e164": [c.phone_e164 for c, _ in rows],
             "push": [c.push_token for c, _ in rows],
@@ -73,6 +75,7 @@ async def delete(session: AsyncSession, customer_ids: Sequence[str]) -> None:
 _VIEW_COLUMNS = (
     "customer_id",
     "email",
+    "email_address",
     "phone",
     "phone_e164",
     "push_token",
@@ -122,12 +125,12 @@ async def find_by_phone(session: AsyncSession, e164: str) -> list[str]:
     return list(rows.scalars())
 
 
-async def find_by_emails(session: AsyncSession, lowered: Sequence[str]) -> dict[str, list[str]]:
-    """The customers whose profile email is one of these addresses (given in lower case), in any case,
-    by address."""
+async def find_by_emails(session: AsyncSession, mailboxes: Sequence[str]) -> dict[str, list[str]]:
+    """The customers whose profile email is one of these mailboxes (`domain.email_addresses`),
+    however the profile wrote it, by mailbox."""
     rows = await session.execute(
-        sa.select(sa.func.lower(contacts.c.email), contacts.c.customer_id)
-        .where(sa.func.lower(contacts.c.email) == sa.any_(sa.cast(list(lowered), sa.ARRAY(sa.Text))))
+        sa.select(contacts.c.email_address, contacts.c.customer_id)
+        .where(contacts.c.email_address == sa.any_(sa.cast(list(mailboxes), sa.ARRAY(sa.Text))))
         .order_by(contacts.c.customer_id)
     )
     found: dict[str, list[str]] = {}

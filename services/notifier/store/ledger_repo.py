@@ -329,6 +329,27 @@ async def latest_for_customer(session: AsyncSession, customer_id: str, channel: 
     return _entry(row._mapping) if row else None
 
 
+async def latest_marketing_delivered(
+    session: AsyncSession, customer_id: str, channel: str
+) -> LedgerEntry | None:
+    """The customer's latest marketing message on `channel` that reached the provider (sent or
+    delivered): what a spam complaint is about."""
+    row = (
+        await session.execute(
+            sa.select(send_ledger)
+            .where(
+                send_ledger.c.customer_id == customer_id,
+                send_ledger.c.channel == channel,
+                send_ledger.c.category == "marketing",
+                send_ledger.c.state.in_(("sent", "delivered")),
+            )
+            .order_by(send_ledger.c.created_at.desc())
+            .limit(1)
+        )
+    ).first()
+    return _entry(row._mapping) if row else None
+
+
 async def record_engagement(
     session: AsyncSession, message_id: str, kind: str, detail: str, at: datetime
 ) -> bool:

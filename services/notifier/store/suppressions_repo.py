@@ -39,7 +39,8 @@ async def add(
     if not suppressions:
         return {}
     first = {s.address_hash: s for s in reversed(suppressions)}  # an address twice: its first bounce
-    rows = list(first.values())
+    # In one order (sorted): two batches naming the same addresses in other orders deadlocked.
+    rows = [first[key] for key in sorted(first)]
     found = await _ADD.fetch(
         target,
         {

@@ -33,6 +33,7 @@ contacts = sa.Table(
     metadata,
     sa.Column("customer_id", sa.Text, primary_key=True),
     sa.Column("email", sa.Text),
+    sa.Column("email_address", sa.Text),  # the mailbox in lower case (`domain.email_addresses`)
     sa.Column("phone", sa.Text),
     # `phone` in E.164 (`domain.phone_numbers`): an inbound STOP finds the customers by it.
     sa.Column("phone_e164", sa.Text),
@@ -70,7 +71,7 @@ send_ledger = sa.Table(
     sa.Column("updated_at", TS, nullable=False, server_default=_now),
 )
 sa.Index("contacts_phone_e164", contacts.c.phone_e164)
-sa.Index("contacts_email_lower", sa.func.lower(contacts.c.email))
+sa.Index("contacts_email_address", contacts.c.email_address)
 sa.Index("send_ledger_due", send_ledger.c.next_attempt_at, postgresql_where=send_ledger.c.state == "pending")
 sa.Index("send_ledger_created_at", send_ledger.c.created_at)  # the performance report's periods
 

@@ -10,6 +10,7 @@ import pytest
 from services.notifier.domain.composition import (
     ContactView,
     InvalidTemplateData,
+    contact_from_traits,
     template_data,
 )
 from services.notifier.domain.signing import LinkSigner, MessageLinks
@@ -46,3 +47,13 @@ def test_template_data_merges_objects_over_what_the_notifier_knows() -> None:
     )
     assert data["traits"] == {"a": 1, "b": 2}
     assert data["journey"] == {"id": "j", "version": None, "instance_id": None, "node_id": "n-9"}
+
+
+def test_a_contact_keeps_its_emails_mailbox_and_none_for_what_is_no_address() -> None:
+    """A spam complaint finds the customer by it; a 4 KB `email` trait (clients send anything) is
+    kept as written but has no mailbox (an index entry for it failed the whole profile batch)."""
+    assert contact_from_traits("c", {"email": "Ann <Ann@Example.com>"}).email_address == "ann@example.com"
+    long = contact_from_traits("c", {"email": "x" * 4000 + "@example.com"})
+    assert long.email is not None and long.email_address is None
+    assert contact_from_traits("c", {"email": "call me"}).email_address is None
+    assert contact_from_traits("c", {}).email_address is None

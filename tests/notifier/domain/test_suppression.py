@@ -72,6 +72,11 @@ def test_an_address_is_kept_by_one_form() -> None:
     assert address_form(Channel.PUSH, " token-1 ", None) == "token-1"
     assert address_form(Channel.WEBHOOK, "https://example.com/hook", None) is None
     assert address_form(Channel.EMAIL, "   ", None) is None
+    # The mailbox the SMTP envelope gets, however the address was written.
+    for written in ("Ada <Ada@Example.com>", "<ADA@example.com>", "ada@example.com (Ada)"):
+        assert address_form(Channel.EMAIL, written, None) == "ada@example.com"
+    assert address_form(Channel.EMAIL, "not an address", None) is None
+    assert address_form(Channel.EMAIL, "x" * 320 + "@example.com", None) is None  # longer than any address
     key = suppression_key("salt", Channel.SMS, "+1 555 010 0199", None)
     assert key is not None and key == suppression_key("salt", Channel.SMS, "555.010.0199", "US")
     assert "5550100199" not in key

@@ -65,3 +65,41 @@ async def test_contacts_written_before_get_the_e164_form_of_a_phone_with_its_cou
         assert "contacts_phone_e164" in indexes and "contacts_phone" not in indexes
     finally:
         await engine.dispose()
+
+
+async def test_contacts_written_before_get_their_emails_mailbox(make_settings: Any) -> None:
+    settings = make_settings(NotifierSettings)
+    await ensure_schema(settings.database_url, settings.db_schema)
+    engine = create_engine(settings.database_url, settings.db_schema)
+    try:
+        await run_migrations(engine, MIGRATIONS, settings.db_schema, "0012_outbox_packed")
+        emails = {
+            "a": "Ann@Example.com",
+            "b": "Bob Example <BOB@example.com>",
+            "c": " <cy@example.com> ",
+            "d": "not an address",
+            "e": "x" * 4000 + "@example.com",  # longer than an address: no mailbox, no index entry
+            "f": None,
+        }
+        async with engine.begin() as conn:
+            for cid, email in emails.items():
+                await conn.execute(
+                    text(
+                        "INSERT INTO contacts (customer_id, email, traits, profile_at) "
+                        "VALUES (:c, :e, '{}', now())"
+                    ),
+                    {"c": cid, "e": email},
+                )
+        await run_migrations(engine, MIGRATIONS, settings.db_schema)
+        async with engine.connect() as conn:
+            rows = dict((await conn.execute(text("SELECT customer_id, email_address FROM contacts"))).all())
+        assert rows == {
+            "a": "ann@example.com",
+            "b": "bob@example.com",
+            "c": "cy@example.com",
+            "d": None,
+            "e": None,
+            "f": None,
+        }
+    finally:
+        await engine.dispose()

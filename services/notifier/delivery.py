@@ -41,6 +41,7 @@ from services.notifier.domain.composition import (
     template_data,
 )
 from services.notifier.domain.consent import SubscriptionTopic, phone_key
+from services.notifier.domain.email_addresses import mailbox
 from services.notifier.domain.phone_numbers import InvalidPhoneNumber, normalized, to_e164
 from services.notifier.domain.retry_policy import Failure, RetryPolicy
 from services.notifier.domain.signing import MessageLinks
@@ -480,6 +481,15 @@ class DeliveryWorker:
                 address = to_e164(address, self.settings.sms_default_region)
             except InvalidPhoneNumber as exc:
                 return Prepared(None, MessageStatusKind.FAILED, f"no sms address for the customer: {exc}")
+        if request.channel is Channel.EMAIL and mailbox(address) is None:
+            # Bounces, complaints and erasures key an address by its mailbox: none, no check could
+            # hold (the SMTP client would still send to the text as written).
+            return Prepared(
+                None,
+                MessageStatusKind.FAILED,
+                "no email address for the customer: not a mailbox "
+                "(an address with an @, 320 characters at most)",
+            )
         if suppressed and (why := suppressed.get(self._suppression_key(request, contact) or "")):
             return Prepared(
                 None,

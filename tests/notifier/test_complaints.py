@@ -67,6 +67,7 @@ async def test_a_complaint_stops_marketing_email_to_the_address_and_opts_its_cus
         # One entry per address given, in order: the same mailbox twice is one id.
         ids = [c["id"] for c in body["complaints"]]
         assert len(ids) == 3 and ids[0] == ids[2] != ids[1]
+        assert [c["added"] for c in body["complaints"]] == [True, True, False]
         # The customer's latest email gets its `unsubscribed`, as an unsubscribe link would.
         statuses = await h.wait_status("m-1", "unsubscribed")
         assert statuses[-1]["reason"] == "complaint (ses): all marketing on email"
@@ -147,3 +148,21 @@ async def test_bad_complaints_are_refused_naming_the_field(start_notifier) -> No
         ).status_code == 401
         missing = await h.client.get("/v1/complaints", params={"address": "a@example.com"}, headers=ADMIN)
         assert missing.status_code == 404
+
+
+async def test_an_email_to_text_that_is_no_mailbox_fails_instead_of_going_out_unchecked(
+    start_notifier,
+) -> None:  # type: ignore[no-untyped-def]
+    """Bounces, complaints and erasures key an address by its mailbox; the SMTP client would send to
+    `bob` or `ann@` as written, past every one of those checks."""
+    async with start_notifier() as h:
+        await h.create_template(EMAIL)
+        for n, written in enumerate(("bob", "ann@", "a@b@c.example")):
+            await h.publish(
+                request(
+                    f"m-x{n}", "c1", "email", "promo", category="transactional", recipient={"email": written}
+                )
+            )
+            statuses = await h.wait_status(f"m-x{n}", "failed")
+            assert statuses[-1]["reason"].startswith("no email address for the customer: not a mailbox")
+        assert h.sink.messages == []

@@ -59,8 +59,10 @@ def router(admin: Any) -> APIRouter:
         return {
             "added": new,
             "already_opted_out": len(found) - new,
-            # One entry per address given (one mailbox written twice: its id twice, added once).
-            "complaints": [{"id": found[m][0], "added": found[m][1]} for m in given],
+            # One entry per address given (one mailbox written twice: its id twice, added the first time).
+            "complaints": [
+                {"id": found[m][0], "added": found[m][1] and m not in given[:n]} for n, m in enumerate(given)
+            ],
         }
 
     @api.get("/v1/complaints")

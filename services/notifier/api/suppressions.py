@@ -136,8 +136,9 @@ def router(admin: Any) -> APIRouter:
             "added": len(added),
             "already_suppressed": len(set(keys)) - len(added),
             "suppressions": [
-                {"id": key, "channel": row.channel, "added": key in added}
-                for key, row in zip(keys, rows, strict=True)
+                # An address given twice: added the first time.
+                {"id": key, "channel": row.channel, "added": key in added and key not in keys[:n]}
+                for n, (key, row) in enumerate(zip(keys, rows, strict=True))
             ],
         }
 

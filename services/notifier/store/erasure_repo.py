@@ -38,7 +38,9 @@ def request_identities(r: MessageRequested, sms_default_region: str | None = Non
     must not stop another customer's email.)"""
     found = [r.customer_id]
     if r.channel is Channel.EMAIL and r.recipient.email:
-        found += [r.recipient.email, *address_forms(r.recipient.email, None, sms_default_region)]
+        email = r.recipient.email
+        # Also lower-cased whole: the form tombstones had before they kept the mailbox (2026-12-07).
+        found += [email, email.strip().lower(), *address_forms(email, None, sms_default_region)]
     if r.channel is Channel.SMS and r.recipient.phone:
         found += [r.recipient.phone, *address_forms(None, r.recipient.phone, sms_default_region)]
     return list(dict.fromkeys(i for i in found if i))

@@ -75,7 +75,7 @@ class Notifier:
         """An inbound SMS STOP (`subscribed` False) or START from `phone`, in one transaction: the
         number itself (`sms_address_optouts`: marketing SMS to it stop, whoever CLM thinks owns it,
         a request's override recipient included) and every customer whose profile phone it is (all
-        SMS marketing, with an `unsubscribed` status of their latest SMS on STOP)."""
+        SMS marketing, with an `unsubscribed` status of their latest marketing SMS on STOP)."""
         now = self.clock.now()
         # Twilio's `From` is E.164 already; read like any number, in case a gateway formats it.
         e164 = normalized(phone, self.settings.sms_default_region)
@@ -98,22 +98,12 @@ class Notifier:
                         uow.session, suppressed, reason=f"twilio error {TWILIO_STOPPED}"
                     )
             for customer_id in sorted(await contacts_repo.find_by_phone(uow.session, e164)):
-                latest = (
-                    None
-                    if subscribed
-                    else await ledger_repo.latest_for_customer(uow.session, customer_id, "sms")
-                )
-                message_id = latest.message_id if latest else None
-                await consent_repo.record_choices(
-                    uow.session,
-                    customer_id,
-                    [(ALL_TOPICS, "sms", subscribed)],
-                    source=source,
-                    now=now,
-                    message_id=message_id,
-                )
-                if message_id is not None:
-                    await self._unsubscribed(uow, message_id, ALL_TOPICS, "sms", source, now)
+                if subscribed:
+                    await consent_repo.record_choices(
+                        uow.session, customer_id, [(ALL_TOPICS, "sms", True)], source=source, now=now
+                    )
+                else:
+                    await self._opt_out_of_all_marketing(uow, customer_id, "sms", source, now)
 
     async def email_complaints(self, mailboxes: Sequence[str], source: str) -> dict[str, tuple[str, bool]]:
         """Spam complaints about these mailboxes (`domain.email_addresses`; as a provider's feedback
@@ -134,19 +124,28 @@ class Notifier:
             )
             owners = await contacts_repo.find_by_emails(uow.session, [m for m, k in keys.items() if k in new])
             for customer_id in sorted({c for found in owners.values() for c in found}):
-                latest = await ledger_repo.latest_marketing_delivered(uow.session, customer_id, "email")
-                message_id = latest.message_id if latest else None
-                changed = await consent_repo.record_choices(
-                    uow.session,
-                    customer_id,
-                    [(ALL_TOPICS, "email", False)],
-                    source=reason,
-                    now=now,
-                    message_id=message_id,
-                )
-                if changed and message_id is not None:
-                    await self._unsubscribed(uow, message_id, ALL_TOPICS, "email", reason, now)
+                await self._opt_out_of_all_marketing(uow, customer_id, "email", reason, now)
         return {m: (k, k in new) for m, k in keys.items()}
+
+    async def _opt_out_of_all_marketing(
+        self, uow: UnitOfWork, customer_id: str, channel: str, source: str, now: datetime
+    ) -> None:
+        """All marketing on `channel` off for the customer (an SMS STOP, a spam complaint): a consent
+        ledger entry and, when that changed their choices, an `unsubscribed` status of their latest
+        marketing message on the channel that went out (what they answered; never a receipt or a
+        one-time code)."""
+        latest = await ledger_repo.latest_marketing_delivered(uow.session, customer_id, channel)
+        message_id = latest.message_id if latest else None
+        changed = await consent_repo.record_choices(
+            uow.session,
+            customer_id,
+            [(ALL_TOPICS, channel, False)],
+            source=source,
+            now=now,
+            message_id=message_id,
+        )
+        if changed and message_id is not None:
+            await self._unsubscribed(uow, message_id, ALL_TOPICS, channel, source, now)
 
     async def save_preferences(
         self, customer_id: str, channel: Channel, wanted: set[str], message_id: str | None

@@ -168,3 +168,24 @@ async def test_a_number_without_its_country_code_fails_without_a_default_region(
             == "no sms address for the customer: the phone number is too short for its country"
         )
         assert h.twilio.requests == []
+
+
+async def test_a_stop_is_credited_to_the_latest_marketing_sms_not_a_code_sent_after_it(
+    start_notifier,
+) -> None:  # type: ignore[no-untyped-def]
+    """The unsubscribe counts against the campaign the customer answered (reports, journeys waiting on
+    it), not a one-time code that happened to come later; a second STOP emits nothing more."""
+    async with start_notifier() as h:
+        await h.create_template(SMS)
+        await h.create_topic("promotions", ["sms"])
+        await h.profile("c30", {"phone": "+15550007777"})
+        await h.wait_contact("c30")
+        await h.publish(request("m-promo", "c30", "sms", "promo-sms", **MARKETING))
+        await h.wait_status("m-promo", "sent")
+        await h.publish(request("m-code", "c30", "sms", "promo-sms", category="transactional"))
+        await h.wait_status("m-code", "sent")
+        await _inbound(h, "+15550007777", "STOP")
+        await h.wait_status("m-promo", "unsubscribed")
+        await _inbound(h, "+15550007777", "STOP")
+        statuses = await h.statuses(idle=1.0)
+        assert [s["message_id"] for s in statuses if s["status"] == "unsubscribed"] == ["m-promo"]

@@ -317,18 +317,6 @@ async def by_provider_message_id(session: AsyncSession, provider_message_id: str
     return _entry(row._mapping) if row else None
 
 
-async def latest_for_customer(session: AsyncSession, customer_id: str, channel: str) -> LedgerEntry | None:
-    row = (
-        await session.execute(
-            sa.select(send_ledger)
-            .where(send_ledger.c.customer_id == customer_id, send_ledger.c.channel == channel)
-            .order_by(send_ledger.c.created_at.desc())
-            .limit(1)
-        )
-    ).first()
-    return _entry(row._mapping) if row else None
-
-
 async def latest_marketing_delivered(
     session: AsyncSession, customer_id: str, channel: str
 ) -> LedgerEntry | None:

@@ -124,16 +124,18 @@ class Notifier:
             )
             owners = await contacts_repo.find_by_emails(uow.session, [m for m, k in keys.items() if k in new])
             for customer_id in sorted({c for found in owners.values() for c in found}):
-                await self._opt_out_of_all_marketing(uow, customer_id, "email", reason, now)
+                latest = await self._opt_out_of_all_marketing(uow, customer_id, "email", reason, now)
+                if latest is not None:  # the complaint rate: mailbox providers judge a sender by it
+                    await ledger_repo.record_engagement(uow.session, latest, "complained", source, now)
         return {m: (k, k in new) for m, k in keys.items()}
 
     async def _opt_out_of_all_marketing(
         self, uow: UnitOfWork, customer_id: str, channel: str, source: str, now: datetime
-    ) -> None:
+    ) -> str | None:
         """All marketing on `channel` off for the customer (an SMS STOP, a spam complaint): a consent
         ledger entry and, when that changed their choices, an `unsubscribed` status of their latest
         marketing message on the channel that went out (what they answered; never a receipt or a
-        one-time code)."""
+        one-time code). Returns that message's id, if any."""
         latest = await ledger_repo.latest_marketing_delivered(uow.session, customer_id, channel)
         message_id = latest.message_id if latest else None
         changed = await consent_repo.record_choices(
@@ -146,6 +148,7 @@ class Notifier:
         )
         if changed and message_id is not None:
             await self._unsubscribed(uow, message_id, ALL_TOPICS, channel, source, now)
+        return message_id
 
     async def save_preferences(
         self, customer_id: str, channel: Channel, wanted: set[str], message_id: str | None

@@ -39,6 +39,12 @@ async def test_a_complaint_is_not_credited_to_a_transactional_email_and_a_second
         assert (await _complain(h, ["CY@example.com"])).json()["added"] == 0
         statuses = await h.statuses(idle=1.0)
         assert [s["message_id"] for s in statuses if s["status"] == "unsubscribed"] == ["m-91"]
+        # The complaint rate per template: mailbox providers judge a sender by it.
+        got = await h.client.get("/v1/reports/messages", params={"group_by": "category"}, headers=ADMIN)
+        assert got.status_code == 200, got.text
+        rows = {r["category"]: r for r in got.json()["groups"]}
+        assert (rows["marketing"]["complained"], rows["marketing"]["rates"]["complaint"]) == (1, 1.0)
+        assert rows["transactional"]["complained"] == 0
 
 
 async def _complain(h: Harness, addresses: list[str], source: str = "ses") -> Any:

@@ -53,7 +53,7 @@ async def test_a_templates_sends_opens_clicks_bounces_and_opt_outs_add_up(start_
         assert (welcome["template_id"], welcome["channel"]) == ("welcome", "email")
         assert counts == {"requested": 4, "sent": 3, "delivered": 2, "bounced": 1, "suppressed": 1}
         assert (welcome["opened"], welcome["clicked"], welcome["unsubscribed"]) == (1, 1, 1)
-        assert (welcome["failed"], welcome["pending"]) == (0, 0)
+        assert (welcome["failed"], welcome["pending"], welcome["complained"]) == (0, 0, 0)
         assert welcome["rates"] == {
             "delivery": round(2 / 3, 4),
             "bounce": round(1 / 3, 4),
@@ -61,6 +61,7 @@ async def test_a_templates_sends_opens_clicks_bounces_and_opt_outs_add_up(start_
             "click": 0.5,
             "click_to_open": 1.0,
             "unsubscribe": 0.5,
+            "complaint": 0.0,
         }
         assert body["total"]["requested"] == 4
 

@@ -8,8 +8,10 @@ Counts per group, from the send ledger and the engagements:
 - `failed` (includes `unknown`: the process stopped mid-call), `suppressed` (consent, erasure),
   `pending` (not decided yet);
 - `opened`, `clicked`, `unsubscribed`: messages with at least one (opens are pixel loads, which
-  mail clients that block images never report, and privacy proxies may load unasked).
-Rates divide by `delivered` (opens, clicks, unsubscribes) or `sent` (delivery), `click_to_open` by
+  mail clients that block images never report, and privacy proxies may load unasked);
+- `complained`: messages a spam complaint was credited to (`POST /v1/complaints`: the customer's
+  latest marketing email that went out).
+Rates divide by `delivered` (opens, clicks, unsubscribes, complaints) or `sent` (delivery), `click_to_open` by
 `opened`; a rate without a denominator is null.
 """
 
@@ -38,6 +40,7 @@ COUNTS = (
     "opened",
     "clicked",
     "unsubscribed",
+    "complained",
 )
 
 
@@ -62,5 +65,6 @@ class Performance:
                 "click": _rate(c["clicked"], c["delivered"]),
                 "click_to_open": _rate(c["clicked"], c["opened"]),
                 "unsubscribe": _rate(c["unsubscribed"], c["delivered"]),
+                "complaint": _rate(c["complained"], c["delivered"]),
             },
         }

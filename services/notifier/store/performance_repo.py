@@ -42,6 +42,7 @@ async def performance(
         f"WHERE l.created_at >= :start AND l.created_at < :end{where}), "
         "e AS (SELECT e.message_id, bool_or(e.kind = 'opened') AS opened, "
         "bool_or(e.kind = 'clicked') AS clicked, bool_or(e.kind = 'unsubscribed') AS unsubscribed, "
+        "bool_or(e.kind = 'complained') AS complained, "
         "bool_or(e.kind = 'provider_report' AND e.detail = 'delivered') AS reported_delivered, "
         "bool_or(e.kind = 'provider_report' AND e.detail IN ('bounced', 'failed')) AS reported_bounced "
         "FROM engagements e JOIN m USING (message_id) GROUP BY e.message_id) "
@@ -54,7 +55,8 @@ async def performance(
         "count(*) FILTER (WHERE m.state = 'suppressed') AS suppressed, "
         "count(*) FILTER (WHERE m.state IN ('pending', 'claimed', 'sending')) AS pending, "
         "count(*) FILTER (WHERE e.opened) AS opened, count(*) FILTER (WHERE e.clicked) AS clicked, "
-        "count(*) FILTER (WHERE e.unsubscribed) AS unsubscribed "
+        "count(*) FILTER (WHERE e.unsubscribed) AS unsubscribed, "
+        "count(*) FILTER (WHERE e.complained) AS complained "
         f"FROM m LEFT JOIN e USING (message_id) {group_clause}"
     )
     params = {"start": start, "end": end, "limit": limit, **{f"f_{k}": v for k, v in filters.items()}}

@@ -112,9 +112,11 @@ def pack_outbox_rows(rows: Sequence[OutboxRow], limit: int) -> list[tuple[bytes,
     chunk: list[OutboxRow] = []
     size = 0
     for r in rows:
-        # The value as a JSON string: its quotes and backslashes escaped (orjson writes the rest as is).
+        # Key and value as JSON strings: their quotes and backslashes escaped (orjson writes the rest
+        # as is: a value's control characters are escaped in it already).
         value = len(r.value) + r.value.count(b'"') + r.value.count(b"\\")
-        n = len(r.topic) + len(r.key) + value + len(r.headers) + 16
+        key = len(r.key) + r.key.count(b'"') + r.key.count(b"\\")
+        n = len(r.topic) + key + value + len(r.headers) + 16
         if chunk and size + n > limit:
             packs.append(_pack(chunk))
             chunk, size = [], 0

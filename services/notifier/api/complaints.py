@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
+from services.notifier.api.suppressions import first_added
 from services.notifier.domain.email_addresses import mailbox
-from services.notifier.domain.suppression import address_key
+from services.notifier.domain.suppression import SOURCE_NAME, address_key
 from services.notifier.store import consent_repo
 from shared.contracts import Channel
 from shared.http import ApiError, field_error
@@ -23,9 +24,8 @@ _NOT_AN_ADDRESS = "must be an email address (a mailbox with an @, 320 characters
 class ComplaintImport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # A name, not words: it goes into the consent ledger and the statuses it emits.
     source: str = Field(
-        pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$",
+        pattern=SOURCE_NAME,
         description="who reported the complaints, as a short lower-case name (ses, sendgrid, gmail-fbl)",
     )
     addresses: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
@@ -59,9 +59,12 @@ def router(admin: Any) -> APIRouter:
         return {
             "added": new,
             "already_opted_out": len(found) - new,
-            # One entry per address given (one mailbox written twice: its id twice, added the first time).
+            # One entry per address given, in order.
             "complaints": [
-                {"id": found[m][0], "added": found[m][1] and m not in given[:n]} for n, m in enumerate(given)
+                {"id": found[m][0], "added": first}
+                for m, first in zip(
+                    given, first_added(given, {m for m, (_, new) in found.items() if new}), strict=True
+                )
             ],
         }
 

@@ -4,6 +4,7 @@ imported from another sender's list (an ESP's bounces, a platform CLM replaces).
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.delivery import ADDRESSES_SUPPRESSED
-from services.notifier.domain.suppression import SUPPRESSIBLE, suppression_key
+from services.notifier.domain.suppression import SOURCE_NAME, SUPPRESSIBLE, suppression_key
 from services.notifier.service import Notifier
 from services.notifier.store import suppressions_repo
 from services.notifier.store.suppressions_repo import Suppression
@@ -55,6 +56,17 @@ def _key(notifier: Notifier, channel: Channel, address: str) -> str:
     return key
 
 
+def first_added(keys: Iterable[str], added: Container[str]) -> list[bool]:
+    """For each key of a list: whether the request added it, true only where the list names it first
+    (an address given twice is added once)."""
+    seen: set[str] = set()
+    flags = []
+    for key in keys:
+        flags.append(key in added and key not in seen)
+        seen.add(key)
+    return flags
+
+
 class ImportedAddress(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,9 +84,8 @@ class SuppressionImport(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # A name, not words: the entry outlives an erasure, and free text could quote an address.
     source: str = Field(
-        pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$",
+        pattern=SOURCE_NAME,
         description="where the list comes from, as a short lower-case name (ses, sendgrid, mailchimp, "
         "manual): kept as the entry's provider, its reason `imported from <source>`",
     )
@@ -136,9 +147,8 @@ def router(admin: Any) -> APIRouter:
             "added": len(added),
             "already_suppressed": len(set(keys)) - len(added),
             "suppressions": [
-                # An address given twice: added the first time.
-                {"id": key, "channel": row.channel, "added": key in added and key not in keys[:n]}
-                for n, (key, row) in enumerate(zip(keys, rows, strict=True))
+                {"id": key, "channel": row.channel, "added": first}
+                for key, row, first in zip(keys, rows, first_added(keys, added), strict=True)
             ],
         }
 

@@ -20,6 +20,10 @@ from services.notifier.domain.email_addresses import mailbox
 from services.notifier.domain.phone_numbers import normalized as e164
 from shared.contracts import Channel
 
+# Who reported an imported suppression or a complaint: a short lower-case name (ses, sendgrid), never
+# words. It outlives an erasure (an entry, a consent ledger entry), and free text could quote an address.
+SOURCE_NAME = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
+
 # Channels whose addresses a provider can report as not existing.
 SUPPRESSIBLE = (Channel.EMAIL, Channel.SMS, Channel.PUSH)
 

@@ -4,9 +4,10 @@ Timestamps the Segment way:
 - `receivedAt` is the server clock when ingest accepted the call;
 - `originalTimestamp` is the client's time of the event (`originalTimestamp`, else `timestamp`);
 - `timestamp` corrects the client's clock skew: `receivedAt - (sentAt - originalTimestamp)` when the
-  client said when it sent the call (`sentAt`, per event or per batch), else the client's time as given,
-  else `receivedAt`. Historical imports keep the time as given (no skew correction). A corrected time
-  outside the times every service stores (1900-2999) is `receivedAt` too: its `sentAt` and
+  client said when it sent the call (`sentAt`, per event or per batch), else the call's `timestamp`
+  as given (else its `originalTimestamp`), else `receivedAt`. Historical imports keep the time as
+  given (no skew correction). A corrected time outside the times every service stores (1900-2999)
+  is `receivedAt` too: its `sentAt` and
   `originalTimestamp` lie centuries apart, so the correction is meaningless, and the event is kept
   (an SDK would drop a refused event, and Segment never refuses one for its time).
 """
@@ -54,7 +55,9 @@ def event_time(
         except OverflowError:
             return received_at, original
         return (corrected if storable.time_in_range(corrected) else received_at), original
-    return original, original
+    # Nothing to correct: a `timestamp` set by the caller is the event's time (a replayed archive's
+    # lines carry the corrected time there, and the device's clock in `originalTimestamp`).
+    return (as_utc(call.timestamp) if call.timestamp is not None else original), original
 
 
 def apply_batch_defaults(item: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:

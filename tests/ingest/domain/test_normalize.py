@@ -86,6 +86,28 @@ def test_historical_imports_keep_their_time() -> None:
     assert event.message_id == content_message_id(b"line") != content_message_id(b"other line")
 
 
+def test_an_explicit_timestamp_wins_when_there_is_no_skew_to_correct() -> None:
+    """A replayed Segment archive line carries the corrected time in `timestamp` and the device's
+    clock (here an hour fast) in `originalTimestamp`: the event happened at `timestamp`."""
+    archived = {"timestamp": "2025-03-01T12:00:00Z", "originalTimestamp": "2025-03-01T13:00:00Z"}
+    imported = to_customer_event(valid(archived), received_at=NOW, source="backfill", correct_skew=False)
+    assert imported.timestamp == datetime(2025, 3, 1, 12, tzinfo=UTC)
+    assert imported.original_timestamp == datetime(2025, 3, 1, 13, tzinfo=UTC)
+    # A tracking call without sentAt: the same.
+    tracked = to_customer_event(valid(archived), received_at=NOW, source="k")
+    assert tracked.timestamp == datetime(2025, 3, 1, 12, tzinfo=UTC)
+    # With sentAt, Segment's correction starts from originalTimestamp, as before.
+    corrected = to_customer_event(
+        valid({**archived, "sentAt": "2025-03-01T13:00:05Z"}), received_at=NOW, source="k"
+    )
+    assert corrected.timestamp == NOW - timedelta(seconds=5)
+    # Only originalTimestamp: it is the time.
+    only_original = to_customer_event(
+        valid({"originalTimestamp": "2025-03-01T13:00:00Z"}), received_at=NOW, source="k", correct_skew=False
+    )
+    assert only_original.timestamp == datetime(2025, 3, 1, 13, tzinfo=UTC)
+
+
 def test_fields_by_call_type() -> None:
     group = to_customer_event(
         valid({"groupId": "g", "traits": {"n": 1}}, EventType.GROUP), received_at=NOW, source=None

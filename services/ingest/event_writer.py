@@ -30,7 +30,7 @@ from services.ingest.store import dedupe
 from shared.clock import Clock
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
 from shared.db.engine import driver_transaction
-from shared.kafka.producer import EventProducer, OutgoingMessage
+from shared.kafka.producer import EventProducer, OutgoingMessage, record_size
 
 log = logging.getLogger(__name__)
 _SERIALIZER = CustomerEvent.__pydantic_serializer__
@@ -42,6 +42,16 @@ class Overloaded(Exception):
 
 class Unavailable(Exception):
     """Kafka (or the dedupe store) could not take the events in time (503 + Retry-After)."""
+
+
+class EventTooLarge(Exception):
+    """The event's Kafka message would pass `kafka_max_message_bytes` (the caller's 4xx): refused
+    before it joins a group, where the broker's refusal would fail every request flushed with it."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size} bytes as a Kafka message, more than {limit}")
+        self.size = size
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -146,9 +156,13 @@ class EventWriter:
             (Headers.ORIGIN_AT_MS, str(int(event.received_at.timestamp() * 1000)).encode()),
         )
         value = _SERIALIZER.to_json(event)
-        return PreparedEvent(
-            event.message_id, OutgoingMessage(self.topic, event.customer_key.encode(), value, headers)
-        )
+        message = OutgoingMessage(self.topic, event.customer_key.encode(), value, headers)
+        # The JSON written can be larger than the JSON read (`1e15` is written `1000000000000000.0`).
+        # (The headers are a few hundred bytes: only a value near the limit is measured exactly.)
+        limit = self.settings.kafka_max_message_bytes
+        if len(value) + len(message.key or b"") > limit - 4096 and (size := record_size(message)) > limit:
+            raise EventTooLarge(size, limit)
+        return PreparedEvent(event.message_id, message)
 
     async def write(self, events: Sequence[PreparedEvent]) -> WriteOutcome:
         """Publish the events not seen within the dedupe window; returns only once Kafka has them."""

@@ -285,4 +285,4 @@ def _prepare(intake: Intake, line: bytes) -> PreparedEvent | list[FieldError]:
         correct_skew=False,
         message_id=lambda: content_message_id(line),
     )
-    return intake.writer.prepare(event)
+    return intake.prepare(event, "line")

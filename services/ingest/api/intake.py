@@ -6,10 +6,18 @@ from fastapi import Request
 
 from services.ingest.domain.validation import FieldError
 from services.ingest.domain.write_keys import key_from_authorization
-from services.ingest.event_writer import EventWriter, Overloaded, PreparedEvent, Unavailable, WriteOutcome
+from services.ingest.event_writer import (
+    EventTooLarge,
+    EventWriter,
+    Overloaded,
+    PreparedEvent,
+    Unavailable,
+    WriteOutcome,
+)
 from services.ingest.settings import IngestSettings
 from services.ingest.write_keys import WriteKeys
 from shared.clock import Clock
+from shared.contracts.events import CustomerEvent
 from shared.http import ApiError
 
 
@@ -54,6 +62,20 @@ class Intake:
     async def header_source(self, request: Request) -> str | None:
         key = key_from_authorization(request.headers.get("authorization"))
         return None if key is None else await self.source_of(key)
+
+    def prepare(self, event: CustomerEvent, field: str) -> PreparedEvent | list[FieldError]:
+        """The event's Kafka message, or why it cannot be one (named `field`)."""
+        try:
+            return self.writer.prepare(event)
+        except EventTooLarge as exc:
+            return [
+                FieldError(
+                    field,
+                    "max_size",
+                    f"the event is {exc.size} bytes as a Kafka message (numbers and batch context "
+                    f"included), more than {exc.limit}",
+                )
+            ]
 
     async def write(self, events: list[PreparedEvent]) -> WriteOutcome:
         try:

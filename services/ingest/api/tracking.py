@@ -50,7 +50,10 @@ def tracking_router(intake: Intake, batch: BatchHandler) -> APIRouter:
             if isinstance(valid, list):
                 raise invalid(valid)
             event = to_customer_event(valid, received_at=intake.clock.now(), source=source)
-            await intake.write([intake.writer.prepare(event)])
+            prepared = intake.prepare(event, "body")
+            if isinstance(prepared, list):
+                raise invalid(prepared)
+            await intake.write([prepared])
             return Response(_SUCCESS, media_type="application/json")
 
         handle.__name__ = f"post_{call_type.value}"
@@ -113,34 +116,37 @@ def batch_handler(intake: Intake) -> BatchHandler:
         rejected: list[dict[str, Any]] = []
         for index, item in enumerate(items):
             prefix = f"batch.{index}"
-            encoded = _encoded(item)
+            # Measured with the batch's context and integrations it takes: each event is at most
+            # `max_event_bytes` however its batch was written.
+            call = apply_batch_defaults(item, raw) if isinstance(item, dict) else item
+            encoded = _encoded(call)
             if encoded is not None and len(encoded) > settings.max_event_bytes:
                 errors = [
-                    FieldError(prefix, "max_size", f"an event is at most {settings.max_event_bytes} bytes")
+                    FieldError(
+                        prefix,
+                        "max_size",
+                        f"an event is at most {settings.max_event_bytes} bytes, with the batch's "
+                        "context and integrations",
+                    )
                 ]
             else:
-                # The call's own JSON says whether it may be nested too deep (None: past orjson's
-                # limit, so it is); the batch-level defaults were checked above.
+                # Its JSON says whether it may be nested too deep (None: past orjson's limit, so it
+                # is); the batch-level defaults were checked above.
                 deep_hint = encoded is None or storable.may_be_too_deep(encoded)
-                valid = validate_call(
-                    apply_batch_defaults(item, raw) if isinstance(item, dict) else item,
-                    prefix=prefix,
-                    hints=TextHints(may_hold_nul, deep_hint),
-                )
+                valid = validate_call(call, prefix=prefix, hints=TextHints(may_hold_nul, deep_hint))
                 if not isinstance(valid, list):
                     event = to_customer_event(
                         valid, received_at=received_at, source=source, batch_sent_at=sent_at
                     )
-                    prepared.append(intake.writer.prepare(event))
-                    accepted.append(index)
-                    continue
+                    ready = intake.prepare(event, prefix)
+                    if not isinstance(ready, list):
+                        prepared.append(ready)
+                        accepted.append(index)
+                        continue
+                    valid = ready
                 errors = valid
             rejected.append(
-                {
-                    "index": index,
-                    "messageId": item.get("messageId") if isinstance(item, dict) else None,
-                    "errors": [e.as_json() for e in errors],
-                }
+                {"index": index, "messageId": _echoed_id(item), "errors": [e.as_json() for e in errors]}
             )
         outcome = await intake.write(prepared) if prepared else WriteOutcome([], [])
         if not rejected:
@@ -161,6 +167,15 @@ def batch_handler(intake: Intake) -> BatchHandler:
         return JSONResponse(body, status_code=207 if accepted else 400)
 
     return post_batch
+
+
+def _echoed_id(item: object) -> str | int | float | None:
+    """A rejected call's messageId, as sent when it is one a client could have meant (any other
+    value, e.g. a deeply nested list, is not echoed: it need not even be writable as JSON)."""
+    message_id = item.get("messageId") if isinstance(item, dict) else None
+    if isinstance(message_id, (str, int, float)) and not isinstance(message_id, bool):
+        return message_id
+    return None
 
 
 def _encoded(item: object) -> bytes | None:

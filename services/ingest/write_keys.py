@@ -1,8 +1,9 @@
 """Write key checks for the hot path, with a short in-memory cache in front of the database.
 
 A lookup (valid or not) is trusted for `write_key_cache_ttl_s` seconds. A revoke drops the key from
-this replica's cache at once; other replicas stop accepting it when their entry expires, so a revoke
-takes effect everywhere within that TTL (5 s by default).
+this replica's cache at once (and a lookup in flight meanwhile is not cached); other replicas stop
+accepting it when their entry expires, so a revoke takes effect everywhere within that TTL (5 s by
+default).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class WriteKeys:
         self.ttl = timedelta(seconds=ttl_s)
         self._cache: dict[str, tuple[str | None, datetime]] = {}
         self._lookups: dict[str, asyncio.Future[str | None]] = {}
+        # Revokes by this replica so far: a lookup that started before one may have read the key as
+        # active, and is answered but not cached (it would keep the revoked key for a whole TTL).
+        self._revokes = 0
 
     async def authenticate(self, key: str) -> str | None:
         """The key's id if it is a valid, unrevoked write key; else None."""
@@ -48,12 +52,15 @@ class WriteKeys:
             return cached[0]
         # One lookup per key at a time: when an entry expires under load, the requests waiting for
         # the same key share it instead of each querying the database.
+        revokes = self._revokes
         lookup = self._lookups.get(digest)
         if lookup is None:
             lookup = asyncio.ensure_future(self.repository.active_id(digest))
             self._lookups[digest] = lookup
             lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
         found = await asyncio.shield(lookup)
+        if self._revokes != revokes:
+            return found
         if len(self._cache) >= _MAX_CACHED:
             self._cache.clear()  # wrong keys in bulk must not grow memory; a refill is cheap
         self._cache[digest] = (found, now + self.ttl)
@@ -100,5 +107,8 @@ class WriteKeys:
         if found is None:
             return None
         digest, revoked_at = found
+        self._revokes += 1
         self._cache.pop(digest, None)
+        # Requests from now on look again (the revoke is committed): none waits for an older lookup.
+        self._lookups.pop(digest, None)
         return revoked_at

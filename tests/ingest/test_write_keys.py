@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import httpx
@@ -72,6 +73,33 @@ async def test_a_revoke_reaches_other_replicas_within_the_cache_ttl(
     # A seeded key revoked stays revoked when the service restarts with the same seed.
     async with running(create_app(settings, clock)) as restarted:
         assert (await restarted.post("/v1/track", json=TRACK, auth=auth)).status_code == 401
+
+
+async def test_a_lookup_in_flight_during_a_revoke_does_not_cache_the_key(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """A request whose key lookup read the key before the revoke committed may pass (it was
+    concurrent with the revoke), but its answer must not be cached: the next request is refused."""
+    write_keys = app.state.write_keys
+    repository = write_keys.repository
+    read, release = asyncio.Event(), asyncio.Event()
+    original = repository.active_id
+
+    async def slow_active_id(digest: str) -> str | None:
+        found = await original(digest)  # reads the key as active...
+        read.set()
+        await release.wait()  # ...and answers after the revoke
+        return found
+
+    key_id = next(k["id"] for k in (await client.get("/admin/write-keys", headers=ADMIN)).json())
+    repository.active_id = slow_active_id
+    in_flight = asyncio.create_task(client.post("/v1/track", json=TRACK, auth=(WRITE_KEY, "")))
+    await read.wait()
+    repository.active_id = original
+    assert (await client.delete(f"/admin/write-keys/{key_id}", headers=ADMIN)).status_code == 200
+    release.set()
+    assert (await in_flight).status_code == 200
+    assert (await client.post("/v1/track", json=TRACK, auth=(WRITE_KEY, ""))).status_code == 401
 
 
 async def test_production_revokes_the_development_key_a_local_run_stored(make_settings) -> None:  # type: ignore[no-untyped-def]

@@ -30,8 +30,24 @@ def create_engine(
 ) -> AsyncEngine:
     # Every connection sees only the service's own schema first: tables are declared without a
     # schema, so tests can give each test a fresh schema of its own.
+    server_settings = {
+        "search_path": f'"{schema}",public',
+        "application_name": schema,
+        # asyncpg keeps statements prepared, so a generic plan chosen early (costed for a 10-row
+        # unnest and the table sizes of that moment) can stay for good: see `db_plan_cache_mode`.
+        "plan_cache_mode": plan_cache_mode,
+    }
+    dsn = asyncpg_dsn(url)
+
+    async def connect() -> asyncpg.Connection:
+        # asyncpg reads the URL itself, as libpq does: `?sslmode=require`, `sslrootcert=`, several
+        # hosts, `target_session_attrs=` (the forms managed databases hand out). Through SQLAlchemy's
+        # URL they became keyword arguments asyncpg does not take, and no connection was made.
+        return await asyncpg.connect(dsn, server_settings=server_settings)
+
     return create_async_engine(
         sqlalchemy_url(url),
+        async_creator=connect,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
@@ -39,16 +55,6 @@ def create_engine(
         # orjson instead of the stdlib for jsonb columns: profiles, timelines and outbox rows are JSON-heavy.
         json_serializer=json_text,
         json_deserializer=orjson.loads,
-        connect_args={
-            "server_settings": {
-                "search_path": f'"{schema}",public',
-                "application_name": schema,
-                # asyncpg keeps statements prepared, so a generic plan chosen early (costed for a
-                # 10-row unnest and the table sizes of that moment) can stay for good: see the
-                # `db_plan_cache_mode` setting.
-                "plan_cache_mode": plan_cache_mode,
-            }
-        },
     )
 
 

@@ -10,13 +10,15 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
 
 from shared.db.engine import (
     Statement,
     array_from_json,
     create_engine,
     driver_autocommit,
+    ensure_schema,
     json_list,
     json_rows,
     rows_from_json,
@@ -177,3 +179,22 @@ async def test_a_sessions_next_transaction_never_borrows_the_connection_another_
     async with platform.engine.connect() as conn:
         rows = {r[0]: r[1] for r in await conn.execute(text("SELECT id, n FROM counters ORDER BY id"))}
     assert rows == {"a": 0, "b": 2}
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "prefer"])
+async def test_a_url_with_libpq_parameters_connects(make_settings: Callable[..., Any], sslmode: str) -> None:
+    """`?sslmode=...` (what managed databases hand out) reaches asyncpg as libpq does, for the
+    engine as for the schema set-up; the local server has no TLS, so `prefer` falls back to plain."""
+    settings = make_settings(EngineSettings)
+    separator = "&" if "?" in settings.database_url else "?"
+    url = f"{settings.database_url}{separator}sslmode={sslmode}"
+    await ensure_schema(url, settings.db_schema)
+    engine = create_engine(url, settings.db_schema)
+    try:
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT current_schema()")) == settings.db_schema
+            # The JSON codec is still the engine's (orjson, non-string keys allowed).
+            as_json = text("SELECT :v").bindparams(bindparam("v", type_=JSONB))
+            assert await conn.scalar(as_json, {"v": {1: "a"}}) == {"1": "a"}
+    finally:
+        await engine.dispose()

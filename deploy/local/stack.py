@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -504,7 +505,8 @@ def supervise(platform: PlatformProcesses) -> None:
 def cmd_infra(args: argparse.Namespace) -> int:
     with running(Stack(RUN_PORTS, "run")) as stack:
         for k, v in stack.env.items():
-            print(f"export {k}={v}")
+            # Quoted: the local DATABASE_URL holds `&`, which an unquoted paste runs in the background.
+            print(f"export {k}={shlex.quote(v)}")
         with contextlib.suppress(KeyboardInterrupt):
             wait_for_signal()
     return 0

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Tests isolate themselves (topic prefix, schema per test), so they run in parallel.
 PYTEST_ARGS ?= -n 3 --dist loadscope -q
 
-.PHONY: help venv run infra test lint fmt demo clean bench-ingest bench-segmenter bench-journeys bench-notifier \
+.PHONY: help venv lock run infra test lint fmt demo clean bench-ingest bench-segmenter bench-journeys bench-notifier \
 	bench-lifecycle bench-recommendations bench-e2e
 
 help:
@@ -20,14 +20,23 @@ help:
 	@echo "make infra  Kafka + PostgreSQL only"
 	@echo "make bench-<name>  benchmarks (see bench/README.md)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON))"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# Pins every package (transitive ones too) to what a fresh install of pyproject.toml gets today.
+lock:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON))"; exit 1; }
+	rm -rf .cache/lock-venv && $(PYTHON) -m venv .cache/lock-venv
+	.cache/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.cache/lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; .cache/lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .cache/lock-venv
 
 run: $(STAMP)
 	$(PY) -m deploy.local.stack run

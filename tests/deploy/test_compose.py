@@ -4,6 +4,7 @@ containers and from the host through the port it publishes."""
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,10 @@ def test_the_build_context_leaves_out_local_state_but_nothing_the_image_copies()
     assert not any(p.startswith("!") for p in ignored)
     assert {".venv", ".cache", "var", ".git"} <= set(ignored)
     copied = [
-        line.split()[1]
+        source
         for line in (docker / "Dockerfile").read_text().splitlines()
         if line.startswith("COPY ")
+        for source in line.split()[1:-1]
     ]
     assert copied
     for source in copied:
@@ -147,3 +149,21 @@ def test_a_process_without_a_sigterm_handler_runs_under_an_init() -> None:
     ignore it for the whole grace period."""
     assert "signal" not in (ROOT / "deploy" / "local" / "smtp_sink.py").read_text()
     assert compose()["services"]["smtp-sink"]["init"] is True
+
+
+def test_installs_take_the_tested_versions_of_every_package() -> None:
+    """`make venv` and the image install with constraints.txt, which pins every package the venv
+    holds (transitive ones too): a build later gets what CI passed with."""
+    pinned = {
+        line.split("==")[0].lower().replace("_", "-"): line.split("==")[1]
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    installed = {
+        (dist.metadata["Name"] or "").lower().replace("_", "-"): dist.version
+        for dist in importlib.metadata.distributions()
+    }
+    # (A tool installed by hand beside them, a profiler, is no concern of this test.)
+    assert {name: installed.get(name) for name in pinned} == pinned
+    assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
+    assert "pip install -c constraints.txt ." in (ROOT / "deploy" / "docker" / "Dockerfile").read_text()

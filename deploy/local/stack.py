@@ -40,6 +40,12 @@ KAFKA_LIBS = CACHE / "kafka" / "libs"
 
 SERVICES: dict[str, int] = {"ingest": 8001, "segmenter": 8002, "journey_engine": 8003, "notifier": 8004}
 
+# The local broker's second listener, SASL_PLAINTEXT with PLAIN, on loopback only: for the tests of
+# CLM's Kafka security settings (`tests/shared/kafka/test_sasl.py`). Its address is exported as
+# KAFKA_SASL_BOOTSTRAP_SERVERS; CLM itself uses the PLAINTEXT one. A public development credential.
+LOCAL_SASL_USERNAME = "clm"
+LOCAL_SASL_PASSWORD = "clm-local-sasl-password"
+
 
 def log(msg: str) -> None:
     print(f"[stack] {msg}", flush=True)
@@ -66,12 +72,13 @@ def wait_until(what: str, check: object, timeout: float, proc: subprocess.Popen[
 class Ports:
     kafka: int
     kafka_controller: int
+    kafka_sasl: int
     postgres: int
     smtp: int
 
 
-RUN_PORTS = Ports(kafka=9092, kafka_controller=9093, postgres=55432, smtp=2525)
-TEST_PORTS = Ports(kafka=19092, kafka_controller=19093, postgres=55433, smtp=12525)
+RUN_PORTS = Ports(kafka=9092, kafka_controller=9093, kafka_sasl=9094, postgres=55432, smtp=2525)
+TEST_PORTS = Ports(kafka=19092, kafka_controller=19093, kafka_sasl=19094, postgres=55433, smtp=12525)
 
 
 # --------------------------------------------------------------------------- Kafka
@@ -84,10 +91,34 @@ class LocalKafka:
     controller_port: int
     heap: str = "512m"
     proc: subprocess.Popen[bytes] | None = None
+    # A SASL_PLAINTEXT listener (PLAIN, LOCAL_SASL_USERNAME) on this port too; None: none.
+    sasl_port: int | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def _listeners(self) -> list[str]:
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        if self.sasl_port is not None:
+            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+        controller = f"CONTROLLER://127.0.0.1:{self.controller_port}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        lines = [
+            f"listeners={','.join([*listeners, controller])}",
+            f"advertised.listeners={','.join(listeners)}",
+        ]
+        if self.sasl_port is None:
+            return [*lines, f"listener.security.protocol.map={protocols}"]
+        # The JAAS line is the broker's user list (user_<name>="<password>"): no file to install.
+        users = f'user_{LOCAL_SASL_USERNAME}="{LOCAL_SASL_PASSWORD}"'
+        return [
+            *lines,
+            f"listener.security.protocol.map={protocols},SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms=PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+        ]
 
     def fetch(self) -> None:
         if KAFKA_LIBS.is_dir() and any(KAFKA_LIBS.glob("kafka_2.13-*.jar")):
@@ -120,11 +151,9 @@ class LocalKafka:
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    *self._listeners(),
                     "controller.listener.names=CONTROLLER",
                     "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
                     f"log.dirs={data}",
                     "num.partitions=4",
                     "offsets.topic.replication.factor=1",
@@ -181,10 +210,11 @@ class LocalKafka:
         ]
 
     def start(self) -> None:
-        if port_open("127.0.0.1", self.port):
-            raise RuntimeError(
-                f"port {self.port} is already taken; stop what uses it or set KAFKA_BOOTSTRAP_SERVERS"
-            )
+        for port in (self.port, self.sasl_port):
+            if port is not None and port_open("127.0.0.1", port):
+                raise RuntimeError(
+                    f"port {port} is already taken; stop what uses it or set KAFKA_BOOTSTRAP_SERVERS"
+                )
         self.fetch()
         self.home.mkdir(parents=True, exist_ok=True)
         cfg = self._config()
@@ -398,10 +428,13 @@ class Stack:
             self.env["KAFKA_BOOTSTRAP_SERVERS"] = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
             log(f"using the given Kafka at {self.env['KAFKA_BOOTSTRAP_SERVERS']}")
         else:
-            self.kafka = LocalKafka(home / "kafka", self.ports.kafka, self.ports.kafka_controller)
+            self.kafka = LocalKafka(
+                home / "kafka", self.ports.kafka, self.ports.kafka_controller, sasl_port=self.ports.kafka_sasl
+            )
             self.kafka.start()
             self.env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka.bootstrap
-            log(f"Kafka (KRaft) ready at {self.kafka.bootstrap}")
+            self.env["KAFKA_SASL_BOOTSTRAP_SERVERS"] = sasl = f"127.0.0.1:{self.ports.kafka_sasl}"
+            log(f"Kafka (KRaft) ready at {self.kafka.bootstrap} (SASL/PLAIN at {sasl})")
         if os.environ.get("DATABASE_URL"):
             self.env["DATABASE_URL"] = os.environ["DATABASE_URL"]
             log("using the given DATABASE_URL")

@@ -177,6 +177,11 @@ def test_the_example_secret_holds_every_production_secret_and_starts_nothing_unc
     assert required <= set(example_secret())
     for key, value in {**config_map(), **example_secret()}.items():
         monkeypatch.setenv(key, value)
+    # The ConfigMap's SASL needs the password: left empty, every service is refused as it loads.
+    with pytest.raises(ValidationError, match="CLM_KAFKA_SASL_PASSWORD"):
+        BaseServiceSettings()
+    # Filled in, the other secrets are still refused.
+    monkeypatch.setenv("CLM_KAFKA_SASL_PASSWORD", "k" * 32)
     for module, cls in SETTINGS.items():
         try:
             settings = cls()
@@ -207,6 +212,7 @@ def test_every_secret_whose_default_is_public_is_in_the_example_secret() -> None
 def test_the_config_with_real_secrets_is_a_valid_production_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     strong = {
         "DATABASE_URL": "postgresql://clm:pw@db:5432/clm",
+        "CLM_KAFKA_SASL_PASSWORD": "k" * 32,
         "CLM_ADMIN_TOKEN": "t" * 64,
         "CLM_PRIVACY_SALT": "s" * 64,
         "CLM_LINK_SECRET": "l" * 64,
@@ -222,6 +228,7 @@ def test_the_config_with_real_secrets_is_a_valid_production_setup(monkeypatch: p
         settings = cls()
         assert settings.insecure_settings() == [], module
         assert settings.topic_replication_factor == 3
+        assert settings.kafka_security_protocol == "SASL_SSL"
         assert settings.kafka_bootstrap_servers == config_map()["KAFKA_BOOTSTRAP_SERVERS"]
 
 

@@ -16,11 +16,13 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 
 from deploy.local.stack import LOCAL_SASL_PASSWORD, LOCAL_SASL_USERNAME
+from services.ingest.app import create_app
+from services.ingest.settings import IngestSettings
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent
 from shared.kafka import Consumed, ConsumerRunner, EventProducer, ensure_topics
 from shared.settings import BaseServiceSettings
 from tests.shared.test_consumer_runner import event
-from tests.support import eventually, messaging_platform
+from tests.support import eventually, messaging_platform, read_topic, running
 
 SASL_BOOTSTRAP = os.environ.get("KAFKA_SASL_BOOTSTRAP_SERVERS", "")
 
@@ -72,6 +74,22 @@ async def test_topics_producer_and_consumers_reach_the_broker_over_sasl(
         assert received == [("u1", 0), ("u1", 1), ("u1", 2)]
         assert runner.last_error is None
         await platform.ping_kafka()
+
+
+async def test_a_whole_service_serves_over_sasl(make_settings: Callable[..., Any]) -> None:
+    """Ingest, as its process runs it (its lifespan: migrations, topics, the producer, the event
+    writer's producers, its consumer): a tracked event lands on its topic."""
+    write_key = "sasl-write-key-0123456789"
+    settings = make_settings(IngestSettings, **sasl(), write_keys=[write_key])
+    async with running(create_app(settings)) as client:
+        body = {"userId": "u-sasl", "event": "Signed Up", "messageId": "m-sasl"}
+        response = await client.post("/v1/track", json=body, auth=(write_key, ""))
+        assert response.status_code == 200, response.text
+        assert (await client.get("/readyz")).status_code == 200
+    # Read back over the plaintext listener: the same broker.
+    [message] = await read_topic(settings.topic(CUSTOMER_EVENTS.name), count=1, timeout=15)
+    assert message["key"] == "u-sasl"
+    assert message["value"]["messageId"] == "m-sasl"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,15 @@ import ipaddress
 import ssl
 from typing import ClassVar, Literal
 
-from pydantic import AliasChoices, Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -164,6 +172,14 @@ class BaseServiceSettings(BaseSettings):
         # As Kafka's own clients read them: `sasl_ssl` and `scram-sha-512` are fine too.
         return value.strip().upper() if isinstance(value, str) else value
 
+    @field_validator("kafka_security_protocol", "kafka_ssl_check_hostname", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object, info: ValidationInfo) -> object:
+        # As for the settings below: set to "" (a ConfigMap listing what it does not use), the default.
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[str(info.field_name)].default
+        return value
+
     @field_validator(
         "kafka_sasl_mechanism",
         "kafka_sasl_username",
@@ -190,12 +206,14 @@ class BaseServiceSettings(BaseSettings):
         protocol = self.kafka_security_protocol
         named = f"CLM_KAFKA_SECURITY_PROTOCOL is {protocol}"
         if protocol.startswith("SASL_"):
-            if self.kafka_sasl_mechanism is None:
-                raise ValueError(
-                    f"{named}: set CLM_KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)"
-                )
-            if self.kafka_sasl_username is None or self.kafka_sasl_password is None:
-                raise ValueError(f"{named}: set CLM_KAFKA_SASL_USERNAME and CLM_KAFKA_SASL_PASSWORD")
+            required = {
+                "CLM_KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)": self.kafka_sasl_mechanism,
+                "CLM_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+                "CLM_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
+            }
+            if missing := [env for env, value in required.items() if value is None]:
+                listed = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+                raise ValueError(f"{named}: set {listed}")
         else:
             sasl = {
                 "CLM_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,

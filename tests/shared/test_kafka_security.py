@@ -113,20 +113,35 @@ def test_empty_variables_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     assert client_options(settings)["security_protocol"] == "PLAINTEXT"
 
 
+def test_an_empty_protocol_or_hostname_check_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set to "" (or blanks), as a ConfigMap may list them unused: PLAINTEXT and a checked hostname,
+    not a refusal; the other Kafka security settings are unset when empty (above)."""
+    monkeypatch.setenv("CLM_KAFKA_SECURITY_PROTOCOL", "")
+    monkeypatch.setenv("CLM_KAFKA_SSL_CHECK_HOSTNAME", " ")
+    settings = BaseServiceSettings()
+    assert settings.kafka_security_protocol == "PLAINTEXT" and settings.kafka_ssl_check_hostname is True
+    assert client_options(settings)["security_protocol"] == "PLAINTEXT"
+    # With TLS, the empty check is still a checked hostname.
+    monkeypatch.setenv("CLM_KAFKA_SECURITY_PROTOCOL", "SSL")
+    context = client_options(BaseServiceSettings())["ssl_context"]
+    assert context.check_hostname
+
+
 @pytest.mark.parametrize(
     ("values", "named"),
     [
         (
             {"kafka_security_protocol": "SASL_SSL"},
-            "CLM_KAFKA_SECURITY_PROTOCOL is SASL_SSL: set CLM_KAFKA_SASL_MECHANISM",
+            "CLM_KAFKA_SECURITY_PROTOCOL is SASL_SSL: set CLM_KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 "
+            "or SCRAM-SHA-512), CLM_KAFKA_SASL_USERNAME and CLM_KAFKA_SASL_PASSWORD [",
         ),
+        # Only what is missing is named.
+        ({**SASL, "kafka_sasl_username": None}, "is SASL_SSL: set CLM_KAFKA_SASL_USERNAME ["),
+        ({**SASL, "kafka_sasl_password": ""}, "is SASL_SSL: set CLM_KAFKA_SASL_PASSWORD ["),
         (
-            {**SASL, "kafka_sasl_username": None},
-            "set CLM_KAFKA_SASL_USERNAME and CLM_KAFKA_SASL_PASSWORD",
-        ),
-        (
-            {**SASL, "kafka_sasl_password": ""},
-            "set CLM_KAFKA_SASL_USERNAME and CLM_KAFKA_SASL_PASSWORD",
+            {**SASL, "kafka_sasl_mechanism": None, "kafka_sasl_password": None},
+            "is SASL_SSL: set CLM_KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512) and "
+            "CLM_KAFKA_SASL_PASSWORD [",
         ),
         (
             {"kafka_sasl_mechanism": "PLAIN"},

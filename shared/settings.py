@@ -298,14 +298,32 @@ class BaseServiceSettings(BaseSettings):
 
 
 def _loopback_only(bootstrap_servers: str) -> bool:
-    """Whether every bootstrap server is this machine (a sidecar or tunnel that encrypts onwards)."""
-    for server in bootstrap_servers.split(","):
-        host = server.strip().rpartition(":")[0].strip("[]") or server.strip()
-        if host == "localhost":
-            continue
-        try:
-            if not ipaddress.ip_address(host).is_loopback:
-                return False
-        except ValueError:  # a host name
-            return False
-    return True
+    """Whether every bootstrap server is this machine (a sidecar or tunnel that encrypts onwards).
+
+    Only the bootstrap addresses are seen here: the brokers a client then connects to are the ones
+    the cluster advertises, which may be other hosts (docs/deploy.md, "Kafka security")."""
+    return all(_is_loopback(_host_of(server)) for server in bootstrap_servers.split(","))
+
+
+def _host_of(server: str) -> str:
+    """The host of a bootstrap server: `host:port`, `[v6]:port`, or a host alone (`::1` too)."""
+    server = server.strip()
+    if server.startswith("["):
+        return server[1:].partition("]")[0]
+    try:
+        ipaddress.ip_address(server)  # an address without a port (a bare IPv6 one has colons)
+        return server
+    except ValueError:
+        pass
+    host, colon, _ = server.rpartition(":")
+    return host if colon else server
+
+
+def _is_loopback(host: str) -> bool:
+    # Host names are case-insensitive (LOCALHOST, localhost.); any other name may be remote.
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False

@@ -280,8 +280,20 @@ def test_production_refuses_a_plain_password_sent_in_clear_to_a_remote_broker(
         "CLM_KAFKA_SASL_MECHANISM=PLAIN over SASL_PLAINTEXT sends the Kafka password in clear to a "
         "remote broker: use SASL_SSL"
     ]
-    # To this machine (a sidecar or tunnel that encrypts onwards): nothing crosses the network.
-    assert problems(**plain, kafka_bootstrap_servers="127.0.0.1:9092,[::1]:9092,localhost:9092") == []
+    # To this machine (a sidecar or tunnel that encrypts onwards): nothing crosses the network. Host
+    # names are case-insensitive; an IPv6 address in brackets with a port, or alone.
+    for loopback in ("127.0.0.1:9092,[::1]:9092,localhost:9092", "LOCALHOST:9092", "Localhost.", "::1"):
+        assert problems(**plain, kafka_bootstrap_servers=loopback) == [], loopback
+    # Any remote one among them is refused: a name, an address, an IPv6 one (`::1:9092` is an address
+    # of its own, not ::1 with a port: that is written [::1]:9092).
+    for remote in (
+        "localhost:9092,kafka:9092",
+        "10.0.0.7",
+        "[fe80::1]:9092",
+        "::1:9092",
+        "localhost.example:1",
+    ):
+        assert problems(**plain, kafka_bootstrap_servers=remote) != [], remote
     # SCRAM sends proofs of the password, never the password; SASL_SSL encrypts it all.
     assert problems(**{**plain, "kafka_sasl_mechanism": "SCRAM-SHA-256"}, kafka_bootstrap_servers="k:1") == []
     assert problems(**{**plain, "kafka_security_protocol": "SASL_SSL"}, kafka_bootstrap_servers="k:1") == []

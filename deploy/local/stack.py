@@ -57,6 +57,10 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+class PortTaken(RuntimeError):
+    """A port a local server was to listen on is in use (by another process, or taken meanwhile)."""
+
+
 def wait_until(what: str, check: object, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -209,24 +213,43 @@ class LocalKafka:
             f"{KAFKA_LIBS}/*",
         ]
 
+    def ports(self) -> list[int]:
+        """Every port the broker listens on."""
+        return [self.port, self.controller_port, *([self.sasl_port] if self.sasl_port is not None else [])]
+
     def start(self) -> None:
-        for port in (self.port, self.sasl_port):
-            if port is not None and port_open("127.0.0.1", port):
-                raise RuntimeError(
+        """Start the broker and wait until it answers. A broker that does not (it exits, or is not
+        ready in time) is killed before this raises: none is left running behind a failed start.
+        `PortTaken` when one of its ports is in use, before the start or as the broker binds it."""
+        for port in self.ports():
+            if port_open("127.0.0.1", port):
+                raise PortTaken(
                     f"port {port} is already taken; stop what uses it or set KAFKA_BOOTSTRAP_SERVERS"
                 )
         self.fetch()
         self.home.mkdir(parents=True, exist_ok=True)
         cfg = self._config()
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        out = open(LOG_DIR / f"kafka-{self.port}.log", "ab")  # noqa: SIM115 - lives as long as the broker
+        log_file = LOG_DIR / f"kafka-{self.port}.log"
+        out = open(log_file, "ab")  # noqa: SIM115 - lives as long as the broker
+        logged_before = out.tell()
         self.proc = subprocess.Popen(
             [*self._java(), "kafka.Kafka", str(cfg)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_until("Kafka", lambda: kafka_answers(self.bootstrap), 90, self.proc)
+        try:
+            wait_until("Kafka", lambda: kafka_answers(self.bootstrap), 90, self.proc)
+        except BaseException as exc:
+            self.proc.kill()
+            self.proc.wait()
+            out.close()
+            with open(log_file, "rb") as logged:
+                logged.seek(logged_before)
+                if b"Address already in use" in logged.read():
+                    raise PortTaken(f"Kafka could not listen on one of {self.ports()}: {exc}") from exc
+            raise
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -125,8 +126,23 @@ class LocalKafka:
         ]
 
     def fetch(self) -> None:
-        if KAFKA_LIBS.is_dir() and any(KAFKA_LIBS.glob("kafka_2.13-*.jar")):
+        """Apache Kafka's jars into KAFKA_LIBS, once. Processes that start brokers at once (pytest's
+        workers, each with a private broker of its own) fetch under a file lock: one fetches, the
+        others wait and then find the jars."""
+        if _kafka_jars_present():
             return
+        KAFKA_LIBS.parent.mkdir(parents=True, exist_ok=True)
+        with open(KAFKA_LIBS.parent / "fetch.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log("another process is fetching Apache Kafka; waiting for it...")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if _kafka_jars_present():
+                return
+            self._fetch_locked()
+
+    def _fetch_locked(self) -> None:
         if shutil.which("mvn") is None:
             raise RuntimeError("Maven (mvn) is needed once to fetch Apache Kafka's jars from Maven Central")
         log("fetching Apache Kafka from Maven Central (first run only)...")
@@ -144,6 +160,7 @@ class LocalKafka:
             ],
             check=True,
         )
+        shutil.rmtree(KAFKA_LIBS, ignore_errors=True)  # left without the jars by an interrupted run
         tmp.rename(KAFKA_LIBS)
 
     def _config(self) -> Path:
@@ -260,6 +277,10 @@ class LocalKafka:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _kafka_jars_present() -> bool:
+    return KAFKA_LIBS.is_dir() and any(KAFKA_LIBS.glob("kafka_2.13-*.jar"))
 
 
 def kafka_answers(bootstrap: str) -> bool:

@@ -1,16 +1,52 @@
 """The local stack's broker management (`deploy.local.stack.LocalKafka`) where it fails, without a
-broker: tests start private brokers of their own in parallel workers, and a failed start must not leave
-a running JVM behind."""
+broker: tests start private brokers of their own in parallel workers, and a failed start or a
+concurrent first fetch must leave neither a running JVM nor a broken jar cache behind."""
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from deploy.local import stack
 from deploy.local.stack import LocalKafka, PortTaken
+
+
+def test_concurrent_fetches_wait_for_one_another_and_fetch_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    libs = tmp_path / "kafka" / "libs"
+    monkeypatch.setattr(stack, "KAFKA_LIBS", libs)
+    fetched: list[str] = []
+
+    def slow_fetch(self: LocalKafka) -> None:
+        fetched.append(threading.current_thread().name)
+        time.sleep(0.3)  # the other fetch starts meanwhile
+        libs.mkdir(parents=True)
+        (libs / "kafka_2.13-4.0.0.jar").touch()
+
+    monkeypatch.setattr(LocalKafka, "_fetch_locked", slow_fetch)
+    kafka = LocalKafka(tmp_path / "home", 1, 2)
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            kafka.fetch()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch, name=f"fetcher-{n}") for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    assert len(fetched) == 1, fetched
+    kafka.fetch()  # the jars are there: nothing to do
+    assert len(fetched) == 1
 
 
 def fake_broker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, code: str) -> LocalKafka:

@@ -17,7 +17,7 @@ import trustme
 from aiokafka.errors import KafkaConnectionError
 from cryptography.hazmat.primitives import serialization
 
-from deploy.local.stack import LOCAL_SASL_PASSWORD, LOCAL_SASL_USERNAME, LocalKafka
+from deploy.local.stack import LOCAL_SASL_PASSWORD, LOCAL_SASL_USERNAME, LocalKafka, PortTaken
 from shared.contracts import CUSTOMER_EVENTS, CustomerEvent
 from shared.kafka import Consumed, ConsumerRunner, EventProducer, ensure_topics
 from shared.settings import BaseServiceSettings
@@ -42,6 +42,9 @@ class TlsKafka(LocalKafka):
     tls_dir: Path = Path()
     ssl_port: int = 0
     sasl_ssl_port: int = 0
+
+    def ports(self) -> list[int]:
+        return [*super().ports(), self.ssl_port, self.sasl_ssl_port]
 
     def _listeners(self) -> list[str]:
         plaintext = f"PLAINTEXT://127.0.0.1:{self.port}"
@@ -73,6 +76,33 @@ class Tls:
     other_ca_file: Path
 
 
+# The broker's four ports are found free, then released for it to take: another process may take one
+# meanwhile. The broker then starts again, on other ports.
+START_ATTEMPTS = 3
+
+
+def start_broker(home: Path, tls_dir: Path) -> TlsKafka:
+    attempt = 1
+    while True:
+        kafka = TlsKafka(
+            home / f"kafka-{attempt}",
+            free_port(),
+            free_port(),
+            heap="256m",
+            tls_dir=tls_dir,
+            ssl_port=free_port(),
+            sasl_ssl_port=free_port(),
+        )
+        try:
+            kafka.start()  # a broker that fails to start is stopped by it
+        except PortTaken:
+            if attempt == START_ATTEMPTS:
+                raise
+            attempt += 1
+        else:
+            return kafka
+
+
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
     home = tmp_path_factory.mktemp("tls-kafka")
@@ -87,16 +117,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
     client.cert_chain_pems[0].write_to_path(str(tls_dir / "client.pem"))
     client.private_key_pem.write_to_path(str(tls_dir / "client.key"))
     trustme.CA().cert_pem.write_to_path(str(tls_dir / "other-ca.pem"))
-    kafka = TlsKafka(
-        home / "kafka",
-        free_port(),
-        free_port(),
-        heap="256m",
-        tls_dir=tls_dir,
-        ssl_port=free_port(),
-        sasl_ssl_port=free_port(),
-    )
-    kafka.start()
+    kafka = start_broker(home, tls_dir)
     try:
         yield Tls(
             ssl_bootstrap=f"127.0.0.1:{kafka.ssl_port}",

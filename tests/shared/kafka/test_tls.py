@@ -24,6 +24,8 @@ from shared.settings import BaseServiceSettings
 from tests.shared.test_consumer_runner import event
 from tests.support import eventually, free_port
 
+# A broker of its own (one for the module, both TLS listeners): ~10 s on an idle two-core host, most
+# of it the broker's start. `make test` runs it; `-m 'not slow'` leaves it out.
 pytestmark = pytest.mark.slow
 
 

@@ -31,8 +31,9 @@ pytestmark = pytest.mark.skipif(
     reason=(
         "KAFKA_SASL_BOOTSTRAP_SERVERS is not set: no SASL listener is known for the broker at "
         "KAFKA_BOOTSTRAP_SERVERS (an external cluster, or one started without it). deploy/local/stack.py "
-        f"starts one (SASL_PLAINTEXT, PLAIN, user {LOCAL_SASL_USERNAME!r}) and exports its address: "
-        "run `make test`, or set it"
+        f"starts one (SASL_PLAINTEXT, PLAIN, user {LOCAL_SASL_USERNAME!r}) and exports its address: run "
+        "`make test`. Set it by hand only to a listener of the broker at KAFKA_BOOTSTRAP_SERVERS (the "
+        "tests read back through that) that takes this user with the local stack's password"
     ),
 )
 

@@ -6,10 +6,23 @@ and the local stack use to point CLM at an existing cluster.
 
 from __future__ import annotations
 
+import ipaddress
+import ssl
 from typing import ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import (
+    AliasChoices,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class BaseServiceSettings(BaseSettings):
@@ -30,6 +43,26 @@ class BaseServiceSettings(BaseSettings):
         default="127.0.0.1:9092",
         validation_alias=AliasChoices("CLM_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"),
     )
+    # How every Kafka client of the service connects (`shared.kafka.connection.client_options`).
+    # PLAINTEXT: no encryption, no authentication (a broker only CLM's network reaches). Managed
+    # services (Confluent Cloud, MSK, Aiven) take SASL_SSL, or SSL with a client certificate.
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    # SASL only, and then required: the broker's mechanism is not guessed (a wrong one fails to connect).
+    kafka_sasl_mechanism: KafkaSaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    # SSL and SASL_SSL: a PEM bundle of the CAs the brokers' certificates are checked against (a
+    # private CA: Strimzi's cluster CA, Aiven's project CA); unset, the system's CAs.
+    kafka_ssl_ca_file: FilePath | None = None
+    # A client certificate (PEM; may hold the key too) for brokers that authenticate clients by it
+    # (ssl.client.auth=required), its key if in a file of its own, and the key's password if encrypted.
+    kafka_ssl_cert_file: FilePath | None = None
+    kafka_ssl_key_file: FilePath | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    # Whether a broker's certificate must name the host it is reached at. Off only for brokers whose
+    # certificates do not name their advertised addresses, and then with a private CA (production
+    # refuses it with the system's CAs: any public certificate would do).
+    kafka_ssl_check_hostname: bool = True
     # Prepended to every topic name: lets tests (or tenants) share one broker without colliding.
     topic_prefix: str = ""
     # Partition count used when the platform creates a topic; per-topic overrides below.
@@ -131,6 +164,130 @@ class BaseServiceSettings(BaseSettings):
                 problems.append(f"{env} is the development default")
             elif len(secret) < self.MIN_SECRET_LENGTH:
                 problems.append(f"{env} must be at least {self.MIN_SECRET_LENGTH} characters")
+        return problems + self.kafka_insecure_settings()
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        # As Kafka's own clients read them: `sasl_ssl` and `scram-sha-512` are fine too.
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("kafka_security_protocol", "kafka_ssl_check_hostname", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object, info: ValidationInfo) -> object:
+        # As for the settings below: set to "" (a ConfigMap listing what it does not use), the default.
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[str(info.field_name)].default
+        return value
+
+    @field_validator(
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_ca_file",
+        "kafka_ssl_cert_file",
+        "kafka_ssl_key_file",
+        "kafka_ssl_key_password",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # A ConfigMap or compose file often sets a variable it does not use to "".
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _kafka_security_is_whole(self) -> BaseServiceSettings:
+        """Refuse Kafka security settings that the protocol would ignore or that it lacks: the client
+        would connect without them, and fail against the broker with a less clear error, or not fail."""
+        protocol = self.kafka_security_protocol
+        named = f"CLM_KAFKA_SECURITY_PROTOCOL is {protocol}"
+        if protocol.startswith("SASL_"):
+            required = {
+                "CLM_KAFKA_SASL_MECHANISM (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)": self.kafka_sasl_mechanism,
+                "CLM_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+                "CLM_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
+            }
+            if missing := [env for env, value in required.items() if value is None]:
+                listed = ", ".join(missing[:-1]) + " and " + missing[-1] if len(missing) > 1 else missing[0]
+                raise ValueError(f"{named}: set {listed}")
+        else:
+            sasl = {
+                "CLM_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
+                "CLM_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+                "CLM_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
+            }
+            if given := [env for env, value in sasl.items() if value is not None]:
+                raise ValueError(f"{named}, without SASL: unset {', '.join(given)} (or use SASL_SSL)")
+        if not protocol.endswith("SSL"):
+            tls = {
+                "CLM_KAFKA_SSL_CA_FILE": self.kafka_ssl_ca_file,
+                "CLM_KAFKA_SSL_CERT_FILE": self.kafka_ssl_cert_file,
+                "CLM_KAFKA_SSL_KEY_FILE": self.kafka_ssl_key_file,
+                "CLM_KAFKA_SSL_KEY_PASSWORD": self.kafka_ssl_key_password,
+                "CLM_KAFKA_SSL_CHECK_HOSTNAME": None if self.kafka_ssl_check_hostname else False,
+            }
+            if given := [env for env, value in tls.items() if value is not None]:
+                instead = "SASL_SSL" if protocol == "SASL_PLAINTEXT" else "SSL or SASL_SSL"
+                raise ValueError(f"{named}, without TLS: unset {', '.join(given)} (or use {instead})")
+        if self.kafka_ssl_key_file is not None and self.kafka_ssl_cert_file is None:
+            raise ValueError("CLM_KAFKA_SSL_KEY_FILE needs CLM_KAFKA_SSL_CERT_FILE (the key's certificate)")
+        if self.kafka_ssl_key_password is not None and self.kafka_ssl_cert_file is None:
+            raise ValueError("CLM_KAFKA_SSL_KEY_PASSWORD needs CLM_KAFKA_SSL_CERT_FILE (and its key)")
+        if protocol.endswith("SSL"):
+            self._check_kafka_ssl_files()
+        return self
+
+    def _check_kafka_ssl_files(self) -> None:
+        # Read once here, so that a file that is not PEM or a wrong key password stops the service at
+        # start, named; a client would fail every connection with OpenSSL's "PEM lib" instead.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CAs of its own: only the files are read
+        if self.kafka_ssl_ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=self.kafka_ssl_ca_file)
+            except ssl.SSLError as exc:
+                raise ValueError(f"CLM_KAFKA_SSL_CA_FILE holds no PEM certificate ({exc.reason})") from exc
+        if self.kafka_ssl_cert_file is not None:
+            password = self.kafka_ssl_key_password
+            try:
+                context.load_cert_chain(
+                    self.kafka_ssl_cert_file,
+                    self.kafka_ssl_key_file,
+                    password.get_secret_value() if password is not None else "",
+                )
+            except ssl.SSLError as exc:
+                raise ValueError(
+                    "CLM_KAFKA_SSL_CERT_FILE and CLM_KAFKA_SSL_KEY_FILE are not a PEM certificate and "
+                    "its key, or the key is encrypted and CLM_KAFKA_SSL_KEY_PASSWORD does not open it "
+                    f"({exc.reason})"
+                ) from exc
+
+    def kafka_insecure_settings(self) -> list[str]:
+        """Kafka security settings production must not run with (part of `insecure_settings`)."""
+        problems: list[str] = []
+        # PLAIN sends the password as it is: without TLS, whoever sees the traffic can use it. SCRAM
+        # only sends proofs of it (the rest of the traffic is readable all the same: docs/deploy.md).
+        if (
+            self.kafka_security_protocol == "SASL_PLAINTEXT"
+            and self.kafka_sasl_mechanism == "PLAIN"
+            and not _loopback_only(self.kafka_bootstrap_servers)
+        ):
+            problems.append(
+                "CLM_KAFKA_SASL_MECHANISM=PLAIN over SASL_PLAINTEXT sends the Kafka password in clear "
+                "to a remote broker: use SASL_SSL"
+            )
+        if (
+            self.kafka_security_protocol.endswith("SSL")
+            and not self.kafka_ssl_check_hostname
+            and self.kafka_ssl_ca_file is None
+        ):
+            problems.append(
+                "CLM_KAFKA_SSL_CHECK_HOSTNAME=false with the system's CAs accepts any public "
+                "certificate as the broker's: set CLM_KAFKA_SSL_CA_FILE to the brokers' own CA"
+            )
         return problems
 
     def topic(self, name: str) -> str:
@@ -138,3 +295,35 @@ class BaseServiceSettings(BaseSettings):
 
     def consumer_group(self, purpose: str) -> str:
         return f"{self.topic_prefix}clm.{self.service_name}.{purpose}"
+
+
+def _loopback_only(bootstrap_servers: str) -> bool:
+    """Whether every bootstrap server is this machine (a sidecar or tunnel that encrypts onwards).
+
+    Only the bootstrap addresses are seen here: the brokers a client then connects to are the ones
+    the cluster advertises, which may be other hosts (docs/deploy.md, "Kafka security")."""
+    return all(_is_loopback(_host_of(server)) for server in bootstrap_servers.split(","))
+
+
+def _host_of(server: str) -> str:
+    """The host of a bootstrap server: `host:port`, `[v6]:port`, or a host alone (`::1` too)."""
+    server = server.strip()
+    if server.startswith("["):
+        return server[1:].partition("]")[0]
+    try:
+        ipaddress.ip_address(server)  # an address without a port (a bare IPv6 one has colons)
+        return server
+    except ValueError:
+        pass
+    host, colon, _ = server.rpartition(":")
+    return host if colon else server
+
+
+def _is_loopback(host: str) -> bool:
+    # Host names are case-insensitive (LOCALHOST, localhost.); any other name may be remote.
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import fcntl
 import os
 import shlex
 import shutil
@@ -41,6 +42,12 @@ KAFKA_LIBS = CACHE / "kafka" / "libs"
 
 SERVICES: dict[str, int] = {"ingest": 8001, "segmenter": 8002, "journey_engine": 8003, "notifier": 8004}
 
+# The local broker's second listener, SASL_PLAINTEXT with PLAIN, on loopback only: for the tests of
+# CLM's Kafka security settings (`tests/shared/kafka/test_sasl.py`). Its address is exported as
+# KAFKA_SASL_BOOTSTRAP_SERVERS; CLM itself uses the PLAINTEXT one. A public development credential.
+LOCAL_SASL_USERNAME = "clm"
+LOCAL_SASL_PASSWORD = "clm-local-sasl-password"
+
 
 def log(msg: str) -> None:
     print(f"[stack] {msg}", flush=True)
@@ -50,6 +57,10 @@ def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
+
+
+class PortTaken(RuntimeError):
+    """A port a local server was to listen on is in use (by another process, or taken meanwhile)."""
 
 
 def wait_until(what: str, check: object, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -67,12 +78,13 @@ def wait_until(what: str, check: object, timeout: float, proc: subprocess.Popen[
 class Ports:
     kafka: int
     kafka_controller: int
+    kafka_sasl: int
     postgres: int
     smtp: int
 
 
-RUN_PORTS = Ports(kafka=9092, kafka_controller=9093, postgres=55432, smtp=2525)
-TEST_PORTS = Ports(kafka=19092, kafka_controller=19093, postgres=55433, smtp=12525)
+RUN_PORTS = Ports(kafka=9092, kafka_controller=9093, kafka_sasl=9094, postgres=55432, smtp=2525)
+TEST_PORTS = Ports(kafka=19092, kafka_controller=19093, kafka_sasl=19094, postgres=55433, smtp=12525)
 
 
 # --------------------------------------------------------------------------- Kafka
@@ -85,14 +97,53 @@ class LocalKafka:
     controller_port: int
     heap: str = "512m"
     proc: subprocess.Popen[bytes] | None = None
+    # A SASL_PLAINTEXT listener (PLAIN, LOCAL_SASL_USERNAME) on this port too; None: none.
+    sasl_port: int | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _listeners(self) -> list[str]:
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        if self.sasl_port is not None:
+            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+        controller = f"CONTROLLER://127.0.0.1:{self.controller_port}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        lines = [
+            f"listeners={','.join([*listeners, controller])}",
+            f"advertised.listeners={','.join(listeners)}",
+        ]
+        if self.sasl_port is None:
+            return [*lines, f"listener.security.protocol.map={protocols}"]
+        # The JAAS line is the broker's user list (user_<name>="<password>"): no file to install.
+        users = f'user_{LOCAL_SASL_USERNAME}="{LOCAL_SASL_PASSWORD}"'
+        return [
+            *lines,
+            f"listener.security.protocol.map={protocols},SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms=PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};",
+        ]
+
     def fetch(self) -> None:
-        if KAFKA_LIBS.is_dir() and any(KAFKA_LIBS.glob("kafka_2.13-*.jar")):
+        """Apache Kafka's jars into KAFKA_LIBS, once. Processes that start brokers at once (pytest's
+        workers, each with a private broker of its own) fetch under a file lock: one fetches, the
+        others wait and then find the jars."""
+        if _kafka_jars_present():
             return
+        KAFKA_LIBS.parent.mkdir(parents=True, exist_ok=True)
+        with open(KAFKA_LIBS.parent / "fetch.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log("another process is fetching Apache Kafka; waiting for it...")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if _kafka_jars_present():
+                return
+            self._fetch_locked()
+
+    def _fetch_locked(self) -> None:
         if shutil.which("mvn") is None:
             raise RuntimeError("Maven (mvn) is needed once to fetch Apache Kafka's jars from Maven Central")
         log("fetching Apache Kafka from Maven Central (first run only)...")
@@ -110,6 +161,7 @@ class LocalKafka:
             ],
             check=True,
         )
+        shutil.rmtree(KAFKA_LIBS, ignore_errors=True)  # left without the jars by an interrupted run
         tmp.rename(KAFKA_LIBS)
 
     def _config(self) -> Path:
@@ -121,11 +173,9 @@ class LocalKafka:
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    *self._listeners(),
                     "controller.listener.names=CONTROLLER",
                     "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
                     f"log.dirs={data}",
                     "num.partitions=4",
                     "offsets.topic.replication.factor=1",
@@ -181,23 +231,43 @@ class LocalKafka:
             f"{KAFKA_LIBS}/*",
         ]
 
+    def ports(self) -> list[int]:
+        """Every port the broker listens on."""
+        return [self.port, self.controller_port, *([self.sasl_port] if self.sasl_port is not None else [])]
+
     def start(self) -> None:
-        if port_open("127.0.0.1", self.port):
-            raise RuntimeError(
-                f"port {self.port} is already taken; stop what uses it or set KAFKA_BOOTSTRAP_SERVERS"
-            )
+        """Start the broker and wait until it answers. A broker that does not (it exits, or is not
+        ready in time) is killed before this raises: none is left running behind a failed start.
+        `PortTaken` when one of its ports is in use, before the start or as the broker binds it."""
+        for port in self.ports():
+            if port_open("127.0.0.1", port):
+                raise PortTaken(
+                    f"port {port} is already taken; stop what uses it or set KAFKA_BOOTSTRAP_SERVERS"
+                )
         self.fetch()
         self.home.mkdir(parents=True, exist_ok=True)
         cfg = self._config()
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        out = open(LOG_DIR / f"kafka-{self.port}.log", "ab")  # noqa: SIM115 - lives as long as the broker
+        log_file = LOG_DIR / f"kafka-{self.port}.log"
+        out = open(log_file, "ab")  # noqa: SIM115 - lives as long as the broker
+        logged_before = out.tell()
         self.proc = subprocess.Popen(
             [*self._java(), "kafka.Kafka", str(cfg)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_until("Kafka", lambda: kafka_answers(self.bootstrap), 90, self.proc)
+        try:
+            wait_until("Kafka", lambda: kafka_answers(self.bootstrap), 90, self.proc)
+        except BaseException as exc:
+            self.proc.kill()
+            self.proc.wait()
+            out.close()
+            with open(log_file, "rb") as logged:
+                logged.seek(logged_before)
+                if b"Address already in use" in logged.read():
+                    raise PortTaken(f"Kafka could not listen on one of {self.ports()}: {exc}") from exc
+            raise
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -208,6 +278,10 @@ class LocalKafka:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _kafka_jars_present() -> bool:
+    return KAFKA_LIBS.is_dir() and any(KAFKA_LIBS.glob("kafka_2.13-*.jar"))
 
 
 def kafka_answers(bootstrap: str) -> bool:
@@ -399,10 +473,13 @@ class Stack:
             self.env["KAFKA_BOOTSTRAP_SERVERS"] = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
             log(f"using the given Kafka at {self.env['KAFKA_BOOTSTRAP_SERVERS']}")
         else:
-            self.kafka = LocalKafka(home / "kafka", self.ports.kafka, self.ports.kafka_controller)
+            self.kafka = LocalKafka(
+                home / "kafka", self.ports.kafka, self.ports.kafka_controller, sasl_port=self.ports.kafka_sasl
+            )
             self.kafka.start()
             self.env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka.bootstrap
-            log(f"Kafka (KRaft) ready at {self.kafka.bootstrap}")
+            self.env["KAFKA_SASL_BOOTSTRAP_SERVERS"] = sasl = f"127.0.0.1:{self.ports.kafka_sasl}"
+            log(f"Kafka (KRaft) ready at {self.kafka.bootstrap} (SASL/PLAIN at {sasl})")
         if os.environ.get("DATABASE_URL"):
             self.env["DATABASE_URL"] = os.environ["DATABASE_URL"]
             log("using the given DATABASE_URL")

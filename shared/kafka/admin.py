@@ -9,6 +9,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from shared.contracts.topics import TOPICS, TopicSpec
+from shared.kafka.connection import client_options
 from shared.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ async def ensure_topics(
         wanted[settings.topic(spec.dead_letter)] = (1, {})
     for name in extra:
         wanted[settings.topic(name)] = (settings.topic_partitions, {})
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10000)
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -42,6 +42,7 @@ from aiokafka.structs import OffsetAndMetadata
 from pydantic import BaseModel, ValidationError
 
 from shared.contracts.headers import Headers
+from shared.kafka.connection import client_options
 from shared.kafka.producer import TOO_LARGE, EventProducer, OutgoingMessage, record_size
 from shared.observability.metrics import (
     CONSUMED,
@@ -229,7 +230,7 @@ class ConsumerRunner(Generic[T]):
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            **client_options(self.settings),
             group_id=self.group,
             client_id=f"clm-{self.settings.service_name}",
             enable_auto_commit=False,

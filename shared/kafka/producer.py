@@ -16,6 +16,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 
 from shared.contracts.events import ContractModel
 from shared.contracts.headers import Headers
+from shared.kafka.connection import client_options
 from shared.settings import BaseServiceSettings
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class EventProducer:
     async def _new_client(self) -> AIOKafkaProducer:
         # Created here, not in __init__: aiokafka binds to the running event loop.
         client = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            **client_options(self.settings),
             client_id=f"clm-{self.settings.service_name}",
             acks="all",
             enable_idempotence=True,

@@ -7,6 +7,7 @@ Neither Kubernetes nor Docker runs here, so this is what keeps `deploy/kubernete
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 from fastapi import FastAPI
 from pydantic import AliasChoices, SecretStr, ValidationError
@@ -97,6 +99,30 @@ def example_secret() -> dict[str, str]:
     return data
 
 
+def commented(name: str) -> dict[str, str]:
+    """The settings a manifest has commented out, ready to uncomment (`  # NAME: value` lines)."""
+    found: dict[str, str] = {}
+    for line in (KUBERNETES / name).read_text().splitlines():
+        if match := re.fullmatch(r"  # ([A-Z][A-Z0-9_]*: .*)", line):
+            found.update(yaml.safe_load(match[1]))
+    return {key: str(value) for key, value in found.items()}
+
+
+def kafka_sasl_ssl(ca_file: Path) -> dict[str, str]:
+    """The ConfigMap's commented SASL_SSL block, uncommented, with a CA file that exists."""
+    block = {key: value for key, value in commented("config.yaml").items() if key.startswith("CLM_KAFKA_")}
+    assert block["CLM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert block.keys() == {
+        "CLM_KAFKA_SECURITY_PROTOCOL",
+        "CLM_KAFKA_SASL_MECHANISM",
+        "CLM_KAFKA_SASL_USERNAME",
+        "CLM_KAFKA_SSL_CA_FILE",
+    }
+    assert "CLM_KAFKA_SASL_PASSWORD" in commented("secret.example.yaml")
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    return {**block, "CLM_KAFKA_SSL_CA_FILE": str(ca_file)}
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_manifest_is_valid_for_the_kubernetes_api(version: str) -> None:
     checked = 0
@@ -161,7 +187,8 @@ def test_ingest_keeps_serving_until_its_endpoints_are_gone() -> None:
 
 def test_every_variable_the_manifests_set_is_read_by_a_service_that_gets_it() -> None:
     everyone = set().union(*(env_names(cls) for cls in SETTINGS.values()))
-    unknown = (set(config_map()) | set(example_secret())) - everyone
+    given = set(config_map()) | set(example_secret())
+    unknown = (given | set(commented("config.yaml")) | set(commented("secret.example.yaml"))) - everyone
     assert not unknown, f"no service reads {sorted(unknown)}"
     for module, deployment in deployments():
         for var in deployment["spec"]["template"]["spec"]["containers"][0].get("env", []):
@@ -204,25 +231,47 @@ def test_every_secret_whose_default_is_public_is_in_the_example_secret() -> None
                 assert f"CLM_{name.upper()}" in example_secret(), (module, name)
 
 
+# Strong values for every key of the example secret.
+STRONG = {
+    "DATABASE_URL": "postgresql://clm:pw@db:5432/clm",
+    "CLM_ADMIN_TOKEN": "t" * 64,
+    "CLM_PRIVACY_SALT": "s" * 64,
+    "CLM_LINK_SECRET": "l" * 64,
+    "CLM_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8,
+    "CLM_WRITE_KEYS": "w" * 48,
+    "CLM_SMTP_PASSWORD": "p" * 20,
+    "CLM_TWILIO_AUTH_TOKEN": "a" * 32,
+}
+
+
 def test_the_config_with_real_secrets_is_a_valid_production_setup(monkeypatch: pytest.MonkeyPatch) -> None:
-    strong = {
-        "DATABASE_URL": "postgresql://clm:pw@db:5432/clm",
-        "CLM_ADMIN_TOKEN": "t" * 64,
-        "CLM_PRIVACY_SALT": "s" * 64,
-        "CLM_LINK_SECRET": "l" * 64,
-        "CLM_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8,
-        "CLM_WRITE_KEYS": "w" * 48,
-        "CLM_SMTP_PASSWORD": "p" * 20,
-        "CLM_TWILIO_AUTH_TOKEN": "a" * 32,
-    }
-    assert set(strong) == set(example_secret())
-    for key, value in {**config_map(), **strong}.items():
+    assert set(STRONG) == set(example_secret())
+    for key, value in {**config_map(), **STRONG}.items():
         monkeypatch.setenv(key, value)
     for module, cls in SETTINGS.items():
         settings = cls()
         assert settings.insecure_settings() == [], module
         assert settings.topic_replication_factor == 3
+        # An in-cluster broker in plaintext, the default: the example starts against one as it is.
+        assert settings.kafka_security_protocol == "PLAINTEXT"
         assert settings.kafka_bootstrap_servers == config_map()["KAFKA_BOOTSTRAP_SERVERS"]
+
+
+def test_the_commented_sasl_ssl_block_uncommented_is_a_valid_production_setup(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for key, value in {**config_map(), **STRONG, **kafka_sasl_ssl(tmp_path / "ca.crt")}.items():
+        monkeypatch.setenv(key, value)
+    # Without the secret's Kafka password (still commented there), refused as it loads, by name.
+    with pytest.raises(ValidationError, match=r"SASL_SSL: set CLM_KAFKA_SASL_PASSWORD \["):
+        BaseServiceSettings()
+    monkeypatch.setenv("CLM_KAFKA_SASL_PASSWORD", "k" * 32)
+    for module, cls in SETTINGS.items():
+        settings = cls()
+        assert settings.insecure_settings() == [], module
+        assert settings.kafka_security_protocol == "SASL_SSL"
+        assert settings.kafka_sasl_mechanism == "SCRAM-SHA-512"
+        assert settings.kafka_ssl_ca_file == tmp_path / "ca.crt"
 
 
 def test_docker_compose_runs_each_service_with_settings_it_reads() -> None:

@@ -1,5 +1,6 @@
-"""The SQL compilation of rules (back-fill, preview) and the Python evaluator (real time) agree:
-same members and same next due moment, on the same stored profiles, for every operator."""
+"""The SQL compilation of rules (back-fill, preview), the Python interpreter (the reference) and the
+compiled rules (real time) agree: same members and same next due moment, on the same stored
+profiles, for every operator."""
 
 from __future__ import annotations
 
@@ -56,6 +57,15 @@ RULES: list[Any] = [
     {"last_performed": "Signed In", "op": "before", "ago": "5d"},
     {"last_performed": "Signed In", "op": "after", "value": "2026-02-25T00:00:00Z"},
     {"random_bucket": {"buckets": 10, "below": 3, "salt": "h"}},
+    # Times written without a zone are UTC (a day alone: its midnight), whatever evaluates them.
+    {"performed": "Order Completed", "between": {"from": "2026-02-01", "to": "2026-02-20"}},
+    {
+        "performed": "Order Completed",
+        "between": {"from": "2026-02-10T00:00:00", "to": "2026-02-25T12:00:00Z"},
+    },
+    {"performed": "Signed In", "between": {"to": "2026-02-25T06:00:00"}},
+    {"last_performed": "Signed In", "op": "after", "value": "2026-02-25T00:00:00"},
+    {"trait": "signed_up_at", "op": "after", "value": "2026-02-15"},
     {
         "and": [
             {"trait": "plan", "op": "equals", "value": "pro"},
@@ -136,7 +146,8 @@ async def seed_profiles(h: Harness, n: int = 40) -> None:
 
 
 async def assert_agree(h: Harness, ids: list[str], rules: list[Any]) -> list[set[str]]:
-    """Each rule's members and due moments, by SQL and by Python; returns the members per rule."""
+    """Each rule's members and due moments, by SQL, the interpreter and the compiled rule; returns the
+    members per rule."""
     now = h.clock.now()
     out = []
     async with h.segmenter.platform.unit_of_work() as uow:
@@ -148,9 +159,12 @@ async def assert_agree(h: Harness, ids: list[str], rules: list[Any]) -> list[set
             expected = {cid for cid, p in profiles.items() if evaluate(seg.rule, p, now)}
             got = await segment_store.matching_ids(uow.session, seg.rule, now)
             assert got == expected, (definition, sorted(got ^ expected))
+            compiled = {cid for cid, p in profiles.items() if seg.holds(p, now)}
+            assert compiled == expected, (definition, sorted(compiled ^ expected))
             due_sql = await segment_store.due_moments(uow.session, seg.rule, now)
             due_py = {cid: next_change_at(seg.rule, p, now) for cid, p in profiles.items()}
             assert due_sql == due_py, definition
+            assert {cid: seg.next_change_at(p, now) for cid, p in profiles.items()} == due_py, definition
             out.append(expected)
     return out
 
@@ -213,6 +227,10 @@ EDGE_RULES: list[Any] = [
         "performed": "Order Completed",
         "within": "30d",
         "where": [{"property": "products.0.at", "op": "exists"}],
+    },
+    {
+        "performed": "Order Completed",
+        "where": [{"property": "products.1.at", "op": "before", "value": "2026-02-20T10:00:00"}],
     },
 ]
 

@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+)
 
 Scalar = str | int | float | bool
 
@@ -136,6 +145,16 @@ def parse_duration(text: str | int) -> timedelta:
 Duration = str | int
 
 
+def _utc_if_naive(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# An absolute time in a rule (`between`, `last_performed`'s value): without a zone it is UTC, as a
+# date in a trait is. Read so when the rule is parsed (stored definitions too), so no naive datetime
+# reaches an evaluator: compared with an aware event time, one raised in every batch and timer pass.
+AbsoluteTime = Annotated[datetime, AfterValidator(_utc_if_naive)]
+
+
 class Node(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -168,8 +187,8 @@ class CountClause(Node):
 
 
 class Between(Node):
-    start: datetime | None = Field(default=None, alias="from")
-    end: datetime | None = Field(default=None, alias="to")
+    start: AbsoluteTime | None = Field(default=None, alias="from")
+    end: AbsoluteTime | None = Field(default=None, alias="to")
 
 
 class PerformedCondition(Node):
@@ -188,7 +207,7 @@ class NotPerformedCondition(Node):
 class LastPerformedCondition(Node):
     last_performed: str = Field(min_length=1)
     op: Literal["before", "after"]
-    value: datetime | None = None
+    value: AbsoluteTime | None = None
     ago: Duration | None = None
 
 

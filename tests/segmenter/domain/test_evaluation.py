@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from services.segmenter.domain.catalog import compile_segment
 from services.segmenter.domain.evaluation import bucket_of, evaluate, explain, next_change_at
 from services.segmenter.domain.profile import EventAggregate, Occurrence, ProfileSnapshot
 from services.segmenter.domain.rules import parse_rule
@@ -239,6 +240,64 @@ def test_dates_at_the_ends_of_time_schedule_nothing_and_never_overflow() -> None
     )
     late = parse_rule({"trait": "renews_at", "op": "before", "ago": "40d"})
     assert next_change_at(late, profile(renews_at=soon.isoformat()), NOW) is None  # 3000-01-10
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        # Orders at 2026-01-21T12:00Z, 2026-02-20T12:00Z and 2026-02-28T12:00Z.
+        ({"performed": "Order Completed", "between": {"from": "2026-02-20", "to": "2026-02-28"}}, True),
+        (
+            {
+                "performed": "Order Completed",
+                "between": {"from": "2026-02-20T12:00:01", "to": "2026-02-28T11:59:59"},
+            },
+            False,
+        ),
+        (
+            {
+                "performed": "Order Completed",
+                "between": {"from": "2026-02-20T12:00:00", "to": "2026-02-28T12:00:00Z"},
+                "count": {"op": "exactly", "value": 2},
+            },
+            True,  # inclusive at both ends, in UTC
+        ),
+        ({"performed": "Order Completed", "between": {"from": "2026-02-28T12:00:01"}}, False),
+        ({"last_performed": "Order Completed", "op": "before", "value": "2026-02-28T12:00:00"}, True),
+        ({"last_performed": "Order Completed", "op": "after", "value": "2026-02-28"}, True),
+        ({"trait": "renewal", "op": "after", "value": "2026-03-31T23:59:59"}, True),
+        ({"trait": "renewal", "op": "before", "value": "2026-04-01T00:00:00"}, True),
+        (
+            {
+                "performed": "Order Completed",
+                "where": [{"property": "at", "op": "after", "value": "2026-02-20T11:00:00"}],
+            },
+            True,
+        ),
+        (
+            {
+                "performed": "Order Completed",
+                "where": [{"property": "at", "op": "before", "value": "2026-01-21T11:59:59"}],
+            },
+            False,
+        ),
+    ],
+)
+def test_times_without_a_zone_are_utc_in_the_interpreter_and_the_compiled_rule(
+    condition: dict[str, Any], expected: bool
+) -> None:
+    """Windows, `last_performed` values, trait and property dates written without a zone are UTC:
+    both evaluators agree, and none compares a naive time with an aware one (TypeError)."""
+    p = profile(**TRAITS)
+    p.timeline["Order Completed"] = [
+        Occurrence(o.timestamp, {**o.properties, "at": o.timestamp.replace(tzinfo=None).isoformat()})
+        for o in p.timeline["Order Completed"]
+    ]
+    seg = compile_segment("s", "s", 1, condition)
+    for now in (NOW, NOW + 40 * DAY):
+        assert evaluate(seg.rule, p, now) is expected, condition
+        assert seg.holds(p, now) is expected, condition
+        assert seg.next_change_at(p, now) == next_change_at(seg.rule, p, now)
 
 
 def test_explain_names_each_node() -> None:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from services.segmenter.domain.catalog import Catalog, CycleError, compile_segment, dependency_order
-from services.segmenter.domain.rules import InvalidRule, parse_duration, parse_rule, references, rule_to_json
+from services.segmenter.domain.rules import (
+    InvalidRule,
+    LastPerformedCondition,
+    PerformedCondition,
+    parse_duration,
+    parse_rule,
+    references,
+    rule_to_json,
+)
 
 
 def errors(definition: Any) -> list[tuple[str, str]]:
@@ -116,3 +125,50 @@ def test_iso_8601_durations_as_journeys_write_them() -> None:
             parse_duration(bad)
     iso = parse_rule({"performed": "Order Completed", "within": "P7D"})
     assert rule_to_json(iso) == {"performed": "Order Completed", "within": "P7D"}
+
+
+def test_absolute_times_without_a_zone_are_utc() -> None:
+    """`2026-03-01` or `2026-03-01T10:00:00` in `between` or `last_performed` is UTC, as a date in a
+    trait is. Kept naive, they raised TypeError next to aware event times (every batch evaluating the
+    segment failed) and a window mixing both forms was a 500."""
+    rule = parse_rule({"performed": "X", "between": {"from": "2026-03-01", "to": "2026-03-31T10:00:00"}})
+    assert isinstance(rule, PerformedCondition) and rule.between is not None
+    assert rule.between.start == datetime(2026, 3, 1, tzinfo=UTC) and rule.between.start.tzinfo is not None
+    assert rule.between.end == datetime(2026, 3, 31, 10, tzinfo=UTC) and rule.between.end.tzinfo is not None
+    assert rule_to_json(rule)["between"] == {"from": "2026-03-01T00:00:00Z", "to": "2026-03-31T10:00:00Z"}
+    # A zone given is kept; both forms mixed compare as UTC.
+    mixed = parse_rule(
+        {"performed": "X", "between": {"from": "2026-01-01T00:00:00", "to": "2026-02-01T00:00:00+02:00"}}
+    )
+    assert isinstance(mixed, PerformedCondition) and mixed.between is not None
+    assert mixed.between.end == datetime(2026, 1, 31, 22, tzinfo=UTC)
+    assert mixed.between.end.utcoffset() == timedelta(hours=2)  # type: ignore[union-attr]
+    assert errors(
+        {"performed": "X", "between": {"from": "2026-02-01T00:00:00", "to": "2026-01-31T23:00:00+02:00"}}
+    ) == [("definition.between.to", "order")]
+    last = parse_rule({"last_performed": "X", "op": "after", "value": "2026-02-01"})
+    assert isinstance(last, LastPerformedCondition) and last.value == datetime(2026, 2, 1, tzinfo=UTC)
+    assert last.value.tzinfo is not None
+
+
+def test_a_definition_stored_with_times_without_a_zone_loads_them_as_utc() -> None:
+    """Before they were read as UTC, such times were stored as written (`2026-03-01T00:00:00`): the
+    catalogue re-parses stored definitions with the same models, so they load as UTC too."""
+    stored = {
+        "and": [
+            {
+                "performed": "Order Completed",
+                "between": {"from": "2026-03-01T00:00:00", "to": "2026-03-31T00:00:00"},
+            },
+            {"last_performed": "Signed In", "op": "before", "value": "2026-03-15T08:30:00"},
+        ]
+    }
+    seg = compile_segment("seg_old", "old", 3, stored)
+    window, last = rule_to_json(seg.rule)["and"]
+    assert window["between"] == {"from": "2026-03-01T00:00:00Z", "to": "2026-03-31T00:00:00Z"}
+    assert last["value"] == "2026-03-15T08:30:00Z"
+    catalog = Catalog.build(
+        [seg, compile_segment("seg_w", "w", 1, {"performed": "Order Completed", "within": "30d"})]
+    )
+    now = datetime(2026, 3, 2, 12, tzinfo=UTC)
+    assert catalog.timeline_since(now) == {"Order Completed": datetime(2026, 1, 31, 12, tzinfo=UTC)}

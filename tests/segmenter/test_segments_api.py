@@ -439,3 +439,49 @@ async def test_hostile_input_is_a_400_naming_the_field_and_changes_nothing(harne
     assert r.status_code == 400 and r.json()["errors"][0]["field"] == "before", r.text
     r = await harness.client.get("/v1/customers/u00/events?before=1-99999999999999999999999", headers=ADMIN)
     assert r.status_code == 400 and r.json()["errors"][0]["field"] == "before", r.text
+
+
+EXTREME_DATES = [
+    ({"trait": "d", "op": "before", "value": "9999-12-31T23:59:59-01:00"}, "definition.value"),
+    ({"trait": "d", "op": "after", "value": "0001-01-01T00:00:00+01:00"}, "definition.value"),
+    (
+        {"performed": "Order Completed", "between": {"from": "0001-01-01T00:00:00+01:00"}},
+        "definition.between.from",
+    ),
+    (
+        {"performed": "Order Completed", "between": {"to": "9999-12-31T23:59:59-01:00"}},
+        "definition.between.to",
+    ),
+    (
+        {"last_performed": "Order Completed", "op": "after", "value": "0001-01-01T00:00:00+01:00"},
+        "definition.value",
+    ),
+    (
+        {
+            "or": [
+                {"trait": "plan", "op": "exists"},
+                {
+                    "performed": "Order Completed",
+                    "where": [{"property": "at", "op": "before", "value": "9999-12-31T23:59:59-01:00"}],
+                },
+            ]
+        },
+        "definition.or[1].where[0].value",
+    ),
+]
+
+
+@pytest.mark.parametrize(("definition", "field"), EXTREME_DATES)
+async def test_a_date_outside_the_storable_range_is_a_400_naming_it_not_a_500(
+    harness: Harness, definition: dict[str, Any], field: str
+) -> None:
+    """In UTC these are year 10000 or year 0: accepted, PostgreSQL refused them as parameters, so
+    preview answered 500 and every back-fill chunk of the segment failed."""
+    await harness.send(make_event("m1", "track", user_id="u1", event="Order Completed"))
+    await harness.processed(1)
+    expected = [{"field": field, "rule": "range", "message": "must be from 1900-01-01 to 2999-12-31 (UTC)"}]
+    body = await bad(harness, {"definition": definition}, path="/v1/segments/preview")
+    assert body["error"] == "invalid_definition" and body["errors"] == expected
+    body = await bad(harness, {"name": "x", "definition": definition})
+    assert body["errors"] == expected
+    assert (await harness.client.get("/v1/segments", headers=ADMIN)).json()["segments"] == []

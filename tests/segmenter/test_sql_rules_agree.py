@@ -232,6 +232,10 @@ EDGE_RULES: list[Any] = [
         "performed": "Order Completed",
         "where": [{"property": "products.1.at", "op": "before", "value": "2026-02-20T10:00:00"}],
     },
+    # The ends of what a rule may name (1900-01-01 to 2999-12-31 UTC): PostgreSQL takes them too.
+    {"trait": "d", "op": "before", "value": "2999-12-31T23:59:59.999999Z"},
+    {"performed": "Order Completed", "between": {"from": "1900-01-01", "to": "2999-12-31T23:00:00-00:59"}},
+    {"last_performed": "Order Completed", "op": "after", "value": "1900-01-01T00:00:00Z"},
 ]
 
 
@@ -274,3 +278,5 @@ async def test_sql_and_python_agree_on_array_paths_and_edge_dates(harness: Harne
     assert members[str(EDGE_RULES[12])] == {"d04", "d10"}
     # An event property path through the order's products (or an object's "0" key).
     assert members[str(EDGE_RULES[14])] == {"d01", "d03", "d05", "d07", "d09"}
+    everyone = set(ids)
+    assert [members[str(r)] for r in EDGE_RULES[-2:]] == [everyone, everyone]

@@ -31,6 +31,8 @@ from pydantic import (
     ValidationError,
 )
 
+from shared.contracts import storable
+
 Scalar = str | int | float | bool
 
 COMPARISON_OPS = (
@@ -363,6 +365,14 @@ def _check_duration(value: Duration | None, path: str, required: bool) -> list[R
     return []
 
 
+def _check_time(value: datetime | None, path: str) -> list[RuleError]:
+    """An absolute time must be one every evaluator can compute with: in UTC, year 10000 or year 0
+    (`9999-12-31T23:59:59-01:00`) failed in SQL (preview 500, a back-fill failing chunk after chunk)."""
+    if value is None or storable.time_in_range(value):
+        return []
+    return [RuleError(path, storable.TIME_RULE, storable.TIME_MESSAGE)]
+
+
 def _is_scalar(v: Any) -> bool:
     return isinstance(v, (str, bool)) or _is_number(v)
 
@@ -412,8 +422,12 @@ def _check_comparison(c: Comparison, path: str, *, allow_relative: bool, kind: s
             errs.append(
                 RuleError(f"{path}.value", "one_of", f"`{op}` needs exactly one of `value` (a date) or `ago`")
             )
-        elif c.value is not None and as_datetime(c.value) is None:
-            errs.append(RuleError(f"{path}.value", "datetime", "not an ISO-8601 date or datetime"))
+        elif c.value is not None:
+            moment = as_datetime(c.value)
+            if moment is None:
+                errs.append(RuleError(f"{path}.value", "datetime", "not an ISO-8601 date or datetime"))
+            else:
+                errs += _check_time(moment, f"{path}.value")
         elif c.ago is not None:
             errs += _check_duration(c.ago, f"{path}.ago", True)
             if not allow_relative:
@@ -465,9 +479,11 @@ def check_rule(rule: Rule, path: str) -> list[RuleError]:
             errs.append(RuleError(f"{path}.between", "one_of", "use `within` or `between`, not both"))
         errs += _check_duration(rule.within, f"{path}.within", False)
         if rule.between is not None:
-            if rule.between.start is None and rule.between.end is None:
+            start, end = rule.between.start, rule.between.end
+            if start is None and end is None:
                 errs.append(RuleError(f"{path}.between", "required", "`between` needs `from` and/or `to`"))
-            elif rule.between.start and rule.between.end and rule.between.start > rule.between.end:
+            errs += _check_time(start, f"{path}.between.from") + _check_time(end, f"{path}.between.to")
+            if start is not None and end is not None and start > end:
                 errs.append(RuleError(f"{path}.between.to", "order", "`to` is before `from`"))
         return errs
     if isinstance(rule, NotPerformedCondition):
@@ -475,7 +491,7 @@ def check_rule(rule: Rule, path: str) -> list[RuleError]:
     if isinstance(rule, LastPerformedCondition):
         if (rule.value is None) == (rule.ago is None):
             return [RuleError(f"{path}.value", "one_of", "needs exactly one of `value` (a date) or `ago`")]
-        return _check_duration(rule.ago, f"{path}.ago", False)
+        return _check_time(rule.value, f"{path}.value") + _check_duration(rule.ago, f"{path}.ago", False)
     if isinstance(rule, RandomBucketCondition):
         if rule.random_bucket.below > rule.random_bucket.buckets:
             return [RuleError(f"{path}.random_bucket.below", "range", "`below` cannot exceed `buckets`")]

@@ -10,17 +10,42 @@ import contextlib
 import logging
 import time
 from datetime import datetime
+from typing import Any
 
+from prometheus_client import Counter
+
+from services.segmenter.consumers.customer_events import is_transient_conflict
+from services.segmenter.domain.rules import InvalidRule, parse_rule
 from services.segmenter.reevaluation import SegmentCatalogCache, reevaluate
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.clock import Clock
 from shared.contracts.topics import SEGMENT_MEMBERSHIP
+from shared.kafka.consumer import is_infrastructure_error
 from shared.privacy import erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
+
+BACKFILL_FAILURES = Counter(
+    "clm_segmenter_backfill_failures_total",
+    "Back-fill chunks that failed for their segment (not a dependency outage): outcome retried (the "
+    "segment went behind the others) or failed (backfill_max_failures reached, or its stored "
+    "definition is invalid: the segment is marked failed until saved again)",
+    ["outcome"],
+)
+# The error kept on the segment (shown by the API): the driver's message, not the statement.
+ERROR_CHARS = 500
+
+
+def failure_text(exc: BaseException) -> str:
+    """`CheckViolationError: new row for relation ...`: the driver's error, not SQLAlchemy's wrapper
+    (whose text repeats the whole chunk statement and its parameters), first line only (PostgreSQL's
+    DETAIL line can quote a customer's row)."""
+    orig = getattr(exc, "orig", None)
+    cause = exc if orig is None else (orig.__cause__ or orig)
+    return f"{type(cause).__name__}: {str(cause).partition(chr(10))[0]}"[:ERROR_CHARS]
 
 
 class DueTimers:
@@ -87,10 +112,50 @@ class Backfill:
 
     async def run_once(self) -> bool:
         """Finish one half-done deletion, or process one chunk of one segment; False when nothing is
-        waiting."""
+        waiting. A chunk failing for its segment (not an outage or a conflict with a concurrent
+        writer, which are raised) is counted on the segment, which goes behind the others, and is
+        `failed` after `backfill_max_failures`: before, it was claimed first on every pass, and one
+        segment whose chunk could not run stopped every other back-fill."""
         if await self.finish_deletion():
             return True
         now = self.clock.now()
+        claimed: dict[str, Any] = {}
+        try:
+            return await self._chunk(now, claimed)
+        except Exception as exc:
+            if not claimed or is_infrastructure_error(exc) or is_transient_conflict(exc):
+                raise
+            # An invalid definition never gets better by retrying.
+            tries = 1 if isinstance(exc, InvalidRule) else self.settings.backfill_max_failures
+            await self._failed(claimed, failure_text(exc), tries)
+            return True
+
+    async def _failed(self, row: dict[str, Any], error: str, max_failures: int) -> None:
+        """Count a failed chunk on its segment, in a transaction of its own (the chunk's rolled back)."""
+        async with self.platform.unit_of_work() as uow:
+            recorded = await segment_store.record_backfill_failure(
+                uow.session, row["segment_id"], row["version"], error, max_failures
+            )
+        if recorded is None:  # edited, restarted or deleted meanwhile: a new pass, or none
+            return
+        status, failures = recorded
+        gave_up = status == "failed"
+        BACKFILL_FAILURES.labels("failed" if gave_up else "retried").inc()
+        extra = {"segment_id": row["segment_id"], "version": row["version"], "failures": failures}
+        if gave_up:
+            log.error(
+                "segment back-fill failed; stopped until the segment is saved again",
+                extra={**extra, "error": error},
+            )
+        else:
+            log.warning(
+                "segment back-fill chunk failed; the segment goes behind the others",
+                extra={**extra, "error": error},
+            )
+
+    async def _chunk(self, now: datetime, claimed: dict[str, Any]) -> bool:
+        """One chunk of one segment; the segment's row is copied into `claimed` once a failure from
+        here on is the segment's."""
         dependents_to_restart: set[str] = set()
         async with self.platform.unit_of_work() as uow:
             # Shared, like an event batch, before any row lock: an erasure waits for a chunk in flight
@@ -102,9 +167,13 @@ class Backfill:
                 return False
             catalog = await self.catalog_cache.refresh(uow.session)
             seg = next((s for s in catalog.segments if s.segment_id == row["segment_id"]), None)
-            if seg is None:  # invalid stored definition: nothing to evaluate
-                await segment_store.advance_backfill(uow.session, row["segment_id"], None, 0, True, now)
-                return True
+            claimed.update(row)
+            if seg is None:
+                # Left out of the catalogue: its stored definition is invalid (saved by a release
+                # that accepted it). Failed at once, saying why (InvalidRule), not `ready` with no
+                # member.
+                parse_rule(row["definition"])
+                raise RuntimeError("the segment is not in the catalogue")
             started = time.perf_counter()
             upto = await segment_store.chunk_upper_bound(
                 uow.session, row["backfill_cursor"], self.settings.backfill_chunk_size

@@ -71,6 +71,9 @@ class SegmenterSettings(BaseServiceSettings):
     # Customers per back-fill transaction, and how often the back-fill loop looks for work.
     backfill_chunk_size: int = 50000
     backfill_poll_interval_s: float = 1.0
+    # Failed chunks (not outages) after which a segment's back-fill is `failed` until it is saved again;
+    # after each one it goes behind the other segments waiting.
+    backfill_max_failures: int = Field(default=3, ge=1)
     # Run the background loops (tests drive them by hand with `run_once`).
     run_background_loops: bool = True
     # How long GET /v1/customers/{id}/export waits for every service's part before answering 504.

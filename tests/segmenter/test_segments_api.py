@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from services.segmenter.store import segments as segment_store
@@ -485,3 +487,93 @@ async def test_a_date_outside_the_storable_range_is_a_400_naming_it_not_a_500(
     body = await bad(harness, {"name": "x", "definition": definition})
     assert body["errors"] == expected
     assert (await harness.client.get("/v1/segments", headers=ADMIN)).json()["segments"] == []
+
+
+def failures(outcome: str) -> float:
+    return REGISTRY.get_sample_value("clm_segmenter_backfill_failures_total", {"outcome": outcome}) or 0.0
+
+
+async def test_a_segment_whose_backfill_keeps_failing_is_failed_and_holds_up_no_other(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Back-fill claims the oldest edit first: a segment whose chunk always failed was claimed first on
+    every pass, and no other segment was ever back-filled. Now each failure sends it behind the
+    others, and after `backfill_max_failures` (3) it is `failed`, with the error, until saved again."""
+    await seed(harness, 6)
+    everyone = {"trait": "plan", "op": "exists"}
+    r = await harness.client.post(
+        "/v1/segments", json={"name": "Stuck", "definition": everyone}, headers=ADMIN
+    )
+    stuck = r.json()["id"]
+    # Its memberships cannot be written: every chunk of it fails in the database, like a rule PostgreSQL
+    # cannot run would.
+    async with harness.segmenter.platform.engine.begin() as conn:
+        await conn.execute(
+            text(f"ALTER TABLE memberships ADD CONSTRAINT refuse_stuck CHECK (segment_id <> '{stuck}')")
+        )
+    harness.clock.advance(timedelta(seconds=1))  # edited later: claimed after it
+    r = await harness.client.post(
+        "/v1/segments",
+        json={"name": "Pro", "definition": {"trait": "plan", "op": "equals", "value": "pro"}},
+        headers=ADMIN,
+    )
+    pro = r.json()["id"]
+    retried, failed = failures("retried"), failures("failed")
+
+    assert await harness.segmenter.backfill.run_once()  # the stuck one's chunk fails: counted, not raised
+    view = (await harness.client.get(f"/v1/segments/{stuck}", headers=ADMIN)).json()
+    assert view["status"] == "backfilling" and view["backfill"]["failures"] == 1
+    assert view["backfill"]["error"] == (
+        'CheckViolationError: new row for relation "memberships" violates check constraint "refuse_stuck"'
+    )
+    await harness.segmenter.backfill.run_until_idle()
+    done = (await harness.client.get(f"/v1/segments/{pro}", headers=ADMIN)).json()
+    assert done["status"] == "ready" and done["member_count"] == 2 and done["backfill"]["failures"] == 0
+    view = (await harness.client.get(f"/v1/segments/{stuck}", headers=ADMIN)).json()
+    assert view["status"] == "failed" and view["member_count"] == 0
+    assert view["backfill"]["failures"] == 3 and view["backfill"]["processed"] == 0
+    assert view["backfill"]["progress"] == 0.0 and "refuse_stuck" in view["backfill"]["error"]
+    assert (failures("retried") - retried, failures("failed") - failed) == (2, 1)
+    logged = [
+        (r.levelno, r.getMessage(), getattr(r, "segment_id", None), getattr(r, "failures", None))
+        for r in caplog.records
+        if r.name == "services.segmenter.schedules"
+    ]
+    retry = "segment back-fill chunk failed; the segment goes behind the others"
+    assert logged == [
+        (logging.WARNING, retry, stuck, 1),
+        (logging.WARNING, retry, stuck, 2),
+        (logging.ERROR, "segment back-fill failed; stopped until the segment is saved again", stuck, 3),
+    ]
+    assert not await harness.segmenter.backfill.run_once()  # no longer claimed
+
+    # Saved again once the cause is gone: a new pass, from no failure.
+    async with harness.segmenter.platform.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE memberships DROP CONSTRAINT refuse_stuck"))
+    r = await harness.client.put(
+        f"/v1/segments/{stuck}", json={"name": "Stuck", "definition": everyone}, headers=ADMIN
+    )
+    assert r.json()["status"] == "backfilling" and r.json()["backfill"]["failures"] == 0
+    assert r.json()["backfill"]["error"] is None
+    await harness.segmenter.backfill.run_until_idle()
+    view = (await harness.client.get(f"/v1/segments/{stuck}", headers=ADMIN)).json()
+    assert view["status"] == "ready" and view["member_count"] == 6
+
+
+async def test_a_segment_stored_with_a_definition_now_refused_is_failed_at_once_not_ready(
+    harness: Harness,
+) -> None:
+    """A year-10000 date was accepted before 2026-12-07: such a stored definition is invalid now. Real
+    time leaves it out; its back-fill is `failed` with what is wrong instead of `ready` with no member,
+    and the other segments are back-filled."""
+    await seed(harness, 3)
+    stored = {"trait": "d", "op": "before", "value": "9999-12-31T23:59:59-01:00"}
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await segment_store.insert_segment(uow.session, "seg_old", "Old", "", stored, START)
+    pro = await harness.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    old = (await harness.client.get("/v1/segments/seg_old", headers=ADMIN)).json()
+    assert old["status"] == "failed" and old["backfill"]["failures"] == 1
+    assert old["backfill"]["error"] == (
+        "InvalidRule: definition.value: must be from 1900-01-01 to 2999-12-31 (UTC)"
+    )
+    assert (await harness.client.get(f"/v1/segments/{pro}", headers=ADMIN)).json()["status"] == "ready"

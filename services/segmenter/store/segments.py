@@ -21,7 +21,14 @@ from shared.db.engine import Statement, json_rows, rows_from_json
 
 SEGMENT_COLUMNS = (
     "segment_id, name, description, definition, version, status, backfill_cursor, backfill_done, "
-    "backfill_total, backfill_started_at, backfill_finished_at, created_at, updated_at"
+    "backfill_total, backfill_started_at, backfill_finished_at, backfill_failures, backfill_error, "
+    "created_at, updated_at"
+)
+# A new back-fill pass: from the first customer, no failure yet.
+_START_PASS = (
+    "status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
+    "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
+    "backfill_finished_at = NULL, backfill_failures = 0, backfill_error = NULL"
 )
 
 
@@ -73,9 +80,7 @@ async def update_segment(
     await session.execute(
         text(
             "UPDATE segments SET name = :n, description = :d, definition = CAST(:def AS jsonb), "
-            "version = version + 1, status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
-            "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
-            "backfill_finished_at = NULL, updated_at = :now WHERE segment_id = :s"
+            f"version = version + 1, {_START_PASS}, updated_at = :now WHERE segment_id = :s"
         ),
         {"s": segment_id, "n": name, "d": description, "def": orjson.dumps(definition).decode(), "now": now},
     )
@@ -83,11 +88,7 @@ async def update_segment(
 
 async def restart_backfill(session: AsyncSession, segment_ids: Iterable[str], now: datetime) -> None:
     await session.execute(
-        text(
-            "UPDATE segments SET status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
-            "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
-            "backfill_finished_at = NULL WHERE segment_id = ANY(CAST(:ids AS text[]))"
-        ),
+        text(f"UPDATE segments SET {_START_PASS} WHERE segment_id = ANY(CAST(:ids AS text[]))"),
         {"ids": list(segment_ids), "now": now},
     )
 
@@ -363,16 +364,38 @@ async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> 
 
 async def claim_backfill(session: AsyncSession) -> dict[str, Any] | None:
     """One segment waiting for back-fill, locked for this chunk's transaction (FOR NO KEY UPDATE: an
-    edit or a deletion waits for the chunk, real-time membership writes do not)."""
+    edit or a deletion waits for the chunk, real-time membership writes do not). The oldest edit
+    first, behind every segment whose pass failed fewer times: one whose chunk keeps failing can
+    never hold up the others."""
     row = (
         await session.execute(
             text(
                 f"SELECT {SEGMENT_COLUMNS} FROM segments WHERE status = 'backfilling' "
-                "ORDER BY updated_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED"
+                "ORDER BY backfill_failures, updated_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED"
             )
         )
     ).first()
     return dict(row._mapping) if row else None
+
+
+async def record_backfill_failure(
+    session: AsyncSession, segment_id: str, version: int, error: str, max_failures: int
+) -> tuple[str, int] | None:
+    """Count a failed chunk of the segment's current pass (`version`, still back-filling): after
+    `max_failures` the segment is `failed` and no longer claimed until saved or restarted again.
+    Returns (status, failures), or None if the segment was edited, restarted or deleted meanwhile."""
+    row = (
+        await session.execute(
+            text(
+                "UPDATE segments SET backfill_failures = backfill_failures + 1, backfill_error = :err, "
+                "status = CASE WHEN backfill_failures + 1 >= :max THEN 'failed' ELSE status END "
+                "WHERE segment_id = :s AND version = :v AND status = 'backfilling' "
+                "RETURNING status, backfill_failures"
+            ),
+            {"s": segment_id, "v": version, "err": error, "max": max_failures},
+        )
+    ).first()
+    return (row[0], row[1]) if row else None
 
 
 async def chunk_upper_bound(session: AsyncSession, after: str | None, size: int) -> str | None:

@@ -280,3 +280,59 @@ async def test_sql_and_python_agree_on_array_paths_and_edge_dates(harness: Harne
     assert members[str(EDGE_RULES[14])] == {"d01", "d03", "d05", "d07", "d09"}
     everyone = set(ids)
     assert [members[str(r)] for r in EDGE_RULES[-2:]] == [everyone, everyone]
+
+
+# Numbers past 2**53 (where not every integer is a double) and the same number written 1 and 1.0.
+NUMBERS: dict[str, Any] = {
+    "n01": 9007199254740993,  # 2**53 + 1: its double is 2**53
+    "n02": 9223372036854775807,  # 2**63 - 1: its double is 2**63
+    "n03": 1.152921504606847e18,  # written so, read back from jsonb as 1152921504606847000
+    "n04": 1.0,
+    "n05": 1,
+    "n06": 9007199254740992.0,
+    "n07": -9223372036854775808,
+    "n08": 18446744073709551615,  # 2**64 - 1
+    "n09": 0.1,
+    "n10": [1.0, 9007199254740993],
+}
+NUMBER_RULES: list[Any] = [
+    {"trait": "n", "op": "gt", "value": 9007199254740992},
+    {"trait": "n", "op": "gte", "value": 9007199254740993},
+    {"trait": "n", "op": "lt", "value": 9223372036854775808},
+    {"trait": "n", "op": "lte", "value": 9223372036854775807},
+    {"trait": "n", "op": "gt", "value": 1.1529215046068469e18},
+    {"trait": "n", "op": "lt", "value": -9223372036854775807},
+    {"trait": "n", "op": "gte", "value": 0.1},
+    {"trait": "n", "op": "equals", "value": 9007199254740992},
+    {"trait": "n", "op": "equals", "value": 9007199254740993},
+    {"trait": "n", "op": "equals", "value": 1},
+    {"trait": "n", "op": "equals", "value": 1.0},
+    {"trait": "n", "op": "equals", "value": 1152921504606847000},
+    {"trait": "n", "op": "equals", "value": 1.152921504606847e18},
+    {"trait": "n", "op": "equals", "value": 1152921504606846976},  # 1.152921504606847e18's double
+    {"trait": "n", "op": "not_equals", "value": 1},
+    {"trait": "n", "op": "in", "values": [1.0, 9007199254740993]},
+    {"trait": "n", "op": "in", "values": [9.223372036854776e18, 18446744073709551615]},
+    {"trait": "n", "op": "contains", "value": 1},
+    {"trait": "n", "op": "contains", "value": 9007199254740992},
+]
+
+
+async def test_sql_and_python_agree_on_numbers_past_2_53_and_on_1_and_1_0(harness: Harness) -> None:
+    """gt/gte/lt/lte compare as doubles in every evaluator: SQL casts to float8, Python compared
+    exactly, so `9007199254740993 gt 9007199254740992` held in real time and not in back-fill or
+    preview. equals/in/contains compare JSON values (1 is 1.0), as jsonb does."""
+    events = [make_event(f"{uid}-id", "identify", user_id=uid, traits={"n": n}) for uid, n in NUMBERS.items()]
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await harness.segmenter.events.handle(uow, events)
+    members = await assert_agree(harness, list(NUMBERS), NUMBER_RULES)
+    got = {str(r): found for r, found in zip(NUMBER_RULES, members, strict=True)}
+    assert got[str(NUMBER_RULES[0])] == {"n02", "n03", "n08"}  # 2**53 + 1 is 2**53 as a double
+    assert got[str(NUMBER_RULES[1])] == {"n01", "n02", "n03", "n06", "n08"}
+    assert "n02" not in got[str(NUMBER_RULES[2])]  # 2**63 - 1 is 2**63 as a double
+    assert got[str(NUMBER_RULES[8])] == {"n01"}  # equality stays exact
+    assert got[str(NUMBER_RULES[9])] == got[str(NUMBER_RULES[10])] == {"n04", "n05"}
+    assert got[str(NUMBER_RULES[11])] == got[str(NUMBER_RULES[12])] == {"n03"}
+    assert got[str(NUMBER_RULES[13])] == set()
+    assert got[str(NUMBER_RULES[15])] == {"n01", "n04", "n05"}
+    assert got[str(NUMBER_RULES[17])] == {"n10"} and got[str(NUMBER_RULES[18])] == set()

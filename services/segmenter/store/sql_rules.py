@@ -109,6 +109,7 @@ class RuleSql:
                 f"WHEN 'array' THEN {in_array} ELSE false END)"
             )
         if op in _NUM_OPS:
+            # As doubles, as `evaluation.compare` does (why there).
             cmp = f"{s.num} {_NUM_OPS[op]} CAST({self._p(float(c.value))} AS float8)"
             if s.typed:
                 return f"coalesce({cmp}, false)"

@@ -40,10 +40,10 @@ def a_value(rnd: random.Random) -> Any:
     kind = rnd.randrange(10)
     if kind == 0:
         return rnd.choice(["pro", "free", "gold", "a1", "beta", "", "Pro"])
-    if kind == 1:
-        return rnd.choice([0, 1, 30, 34, -2, 100])
+    if kind == 1:  # past 2**53 too, where not every integer is a double
+        return rnd.choice([0, 1, 30, 34, -2, 100, 2**53 + 1, 1152921504606847000])
     if kind == 2:
-        return rnd.choice([0.5, 1.0, 30.0, 7.5])
+        return rnd.choice([0.5, 1.0, 30.0, 7.5, 2.0**53, 1.152921504606847e18])
     if kind == 3:
         return rnd.choice([True, False])
     if kind == 4:
@@ -67,7 +67,7 @@ def a_comparison(rnd: random.Random) -> dict[str, Any]:
     elif op == "in":
         c["values"] = [a_value(rnd) for _ in range(rnd.randint(0, 3))]
     elif op in ("gt", "gte", "lt", "lte"):
-        c["value"] = rnd.choice([0, 30, 7.5, -1, "30", True])
+        c["value"] = rnd.choice([0, 30, 7.5, -1, "30", True, 2**53, 1.152921504606847e18])
     elif op == "within":
         c["duration"] = rnd.choice(DURATIONS)
     elif op in ("before", "after"):

@@ -300,6 +300,38 @@ def test_times_without_a_zone_are_utc_in_the_interpreter_and_the_compiled_rule(
         assert seg.next_change_at(p, now) == next_change_at(seg.rule, p, now)
 
 
+def test_order_compares_doubles_and_equality_json_values_in_the_interpreter_and_the_compiled_rule() -> None:
+    """gt/gte/lt/lte as doubles (as SQL's float8 cast: past 2**53 integers round), equals/in/contains
+    as the decimal a number's JSON text writes (as jsonb): whichever form a number comes in (the
+    event's float, or the int jsonb gives back for it), every evaluator says the same."""
+    cases: list[tuple[Any, dict[str, Any], bool]] = [
+        (9007199254740993, {"op": "gt", "value": 9007199254740992}, False),
+        (9007199254740993, {"op": "gte", "value": 9007199254740992.0}, True),
+        (9223372036854775807, {"op": "lt", "value": 9223372036854775808}, False),
+        (9223372036854775807, {"op": "lte", "value": 9.223372036854776e18}, True),
+        (2**64 - 1, {"op": "gt", "value": 2**63}, True),
+        (10**400, {"op": "gt", "value": 1e299}, True),  # past any double: no OverflowError
+        (-(10**400), {"op": "lt", "value": -1e299}, True),
+        (0.1, {"op": "lte", "value": 0.1}, True),
+        (9007199254740993, {"op": "equals", "value": 9007199254740992}, False),
+        (9007199254740993, {"op": "equals", "value": 9007199254740993}, True),
+        (1, {"op": "equals", "value": 1.0}, True),
+        (1.0, {"op": "in", "values": [1]}, True),
+        (1.152921504606847e18, {"op": "equals", "value": 1152921504606847000}, True),
+        (1152921504606847000, {"op": "equals", "value": 1.152921504606847e18}, True),
+        (1152921504606846976, {"op": "equals", "value": 1.152921504606847e18}, False),
+        (1.152921504606847e18, {"op": "not_equals", "value": 1152921504606846976}, True),
+        (9007199254740992.0, {"op": "equals", "value": 9007199254740992}, True),
+        ([1152921504606847000], {"op": "contains", "value": 1.152921504606847e18}, True),
+        (True, {"op": "equals", "value": 1}, False),
+    ]
+    for value, comparison, expected in cases:
+        seg = compile_segment("s", "s", 1, {"trait": "n", **comparison})
+        p = ProfileSnapshot("c1", traits={"n": value})
+        assert evaluate(seg.rule, p, NOW) is expected, (value, comparison)
+        assert seg.holds(p, NOW) is expected, (value, comparison)
+
+
 def test_explain_names_each_node() -> None:
     rule = parse_rule(
         {

@@ -388,7 +388,9 @@ async def test_invalid_definitions_get_a_clear_400_naming_the_node(harness: Harn
     body = await bad(harness, {"name": "x", "definition": {"or": [{"performed": "X", "within": "a while"}]}})
     assert body["errors"][0]["field"] == "definition.or[0].within"
     body = await bad(harness, {"name": "x", "definition": {"member_of": "seg_nope"}})
-    assert body["errors"][0]["rule"] == "unknown_segment"
+    assert body["errors"] == [
+        {"field": "definition.member_of", "rule": "unknown_segment", "message": "no segment 'seg_nope'"}
+    ]
     body = await bad(harness, {"name": "x", "definition": {"wat": 1}})
     assert body["errors"][0]["field"] == "definition" and body["errors"][0]["rule"] == "unknown_rule"
     body = await bad(harness, {"name": "", "definition": {"trait": "a", "op": "exists"}})
@@ -407,7 +409,9 @@ async def test_invalid_definitions_get_a_clear_400_naming_the_node(harness: Harn
         )
     ).json()["id"]
     body = await bad(harness, {"name": "a", "definition": {"member_of": b}}, "put", f"/v1/segments/{a}")
-    assert body["errors"][0]["rule"] == "cycle"
+    assert body["errors"] == [
+        {"field": "definition.member_of", "rule": "cycle", "message": f"{a} -> {b} -> {a}"}
+    ]
     assert (await harness.client.get("/v1/segments", headers=ADMIN)).json()["segments"][0]["version"] == 1
     # And without the admin token nothing is readable.
     assert (await harness.client.get("/v1/segments")).status_code == 401
@@ -577,3 +581,58 @@ async def test_a_segment_stored_with_a_definition_now_refused_is_failed_at_once_
         "InvalidRule: definition.value: must be from 1900-01-01 to 2999-12-31 (UTC)"
     )
     assert (await harness.client.get(f"/v1/segments/{pro}", headers=ADMIN)).json()["status"] == "ready"
+
+
+async def test_an_unknown_or_cyclic_member_of_is_named_by_its_node(harness: Harness) -> None:
+    """Every other error names its node; these named only `definition`, however deep the node was."""
+    body = await bad(
+        harness,
+        {"name": "s", "definition": {"and": [{"trait": "plan", "op": "exists"}, {"member_of": "seg_nope"}]}},
+    )
+    assert body["errors"] == [
+        {
+            "field": "definition.and[1].member_of",
+            "rule": "unknown_segment",
+            "message": "no segment 'seg_nope'",
+        }
+    ]
+    pro = await harness.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    nested = {
+        "or": [
+            {"not": {"member_of": "seg_gone"}},
+            {"member_of": pro},
+            {"and": [{"trait": "a", "op": "exists"}, {"member_of": "seg_gone"}]},
+        ]
+    }
+    body = await bad(harness, {"definition": nested}, path="/v1/segments/preview")
+    assert [(e["field"], e["rule"]) for e in body["errors"]] == [
+        ("definition.or[0].not.member_of", "unknown_segment"),
+        ("definition.or[2].and[1].member_of", "unknown_segment"),
+    ]
+    # A cycle: the nodes that close it, each with the cycle it closes.
+    vip = await harness.create_segment({"and": [{"member_of": pro}, {"trait": "vip", "op": "exists"}]}, "Vip")
+    top = await harness.create_segment({"member_of": vip}, name="Top")
+    body = await bad(
+        harness,
+        {
+            "name": "Pro",
+            "definition": {
+                "or": [
+                    {"trait": "plan", "op": "equals", "value": "pro"},
+                    {"not": {"member_of": top}},
+                    {"member_of": pro},
+                ]
+            },
+        },
+        "put",
+        f"/v1/segments/{pro}",
+    )
+    assert body["errors"] == [
+        {
+            "field": "definition.or[1].not.member_of",
+            "rule": "cycle",
+            "message": f"{pro} -> {top} -> {vip} -> {pro}",
+        },
+        {"field": "definition.or[2].member_of", "rule": "cycle", "message": f"{pro} -> {pro}"},
+    ]
+    assert (await harness.client.get(f"/v1/segments/{pro}", headers=ADMIN)).json()["version"] == 1

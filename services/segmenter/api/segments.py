@@ -9,9 +9,15 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError
 
-from services.segmenter.domain.catalog import Catalog, CycleError, compile_segment, dependency_order
+from services.segmenter.domain.catalog import (
+    Catalog,
+    CycleError,
+    compile_segment,
+    cycle_through,
+    dependency_order,
+)
 from services.segmenter.domain.evaluation import evaluate, explain
-from services.segmenter.domain.rules import InvalidRule, Rule, parse_rule, references
+from services.segmenter.domain.rules import InvalidRule, Rule, member_of_nodes, parse_rule
 from services.segmenter.domain.rules import rule_to_json as rule_json
 from services.segmenter.reevaluation import fill_snapshots
 from services.segmenter.runtime import Segmenter
@@ -96,17 +102,18 @@ def segments_router(seg: Segmenter) -> APIRouter:
     platform = seg.platform
 
     async def check_references(session: Any, segment_id: str, rule: Rule) -> None:
-        """member_of must name existing segments, and no segment may (indirectly) contain itself."""
-        refs = references(rule).segments
+        """member_of must name existing segments, and no segment may (indirectly) contain itself; each
+        offending member_of node is named by its path, as `check_rule` names the others."""
+        nodes = member_of_nodes(rule)
         rows = await segment_store.segment_versions(session)
         existing = {sid: (version, name, definition) for sid, version, name, definition in rows}
-        missing = sorted(refs - existing.keys() - {segment_id})
+        missing = [(path, sid) for path, sid in nodes if sid not in existing and sid != segment_id]
         if missing:
             raise ApiError(
                 400,
                 "invalid_definition",
                 "member_of refers to unknown segments",
-                errors=[field_error("definition", "unknown_segment", f"no segment {m!r}") for m in missing],
+                errors=[field_error(path, "unknown_segment", f"no segment {sid!r}") for path, sid in missing],
             )
         compiled = []
         for sid, (version, name, definition) in existing.items():
@@ -116,10 +123,19 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 compiled.append(compile_segment(sid, name, version, definition))
             except InvalidRule:
                 continue
+        refers = {s.segment_id: s.refs.segments for s in compiled}
+        cycles = [(path, cycle_through(segment_id, sid, refers)) for path, sid in nodes]
+        if any(trail for _, trail in cycles):
+            raise ApiError(
+                400,
+                "invalid_definition",
+                "segments would refer to each other in a cycle",
+                errors=[field_error(path, "cycle", " -> ".join(trail)) for path, trail in cycles if trail],
+            )
         compiled.append(compile_segment(segment_id, "new", 0, rule_json(rule)))
         try:
             dependency_order(compiled)
-        except CycleError as exc:
+        except CycleError as exc:  # among stored segments alone (none through this one): not its node's
             raise ApiError(
                 400,
                 "invalid_definition",

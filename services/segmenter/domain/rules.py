@@ -502,6 +502,20 @@ def check_rule(rule: Rule, path: str) -> list[RuleError]:
 # --------------------------------------------------------------------------- what a rule refers to
 
 
+def member_of_nodes(rule: Rule, path: str = "definition") -> list[tuple[str, str]]:
+    """Every `member_of` node as (the path of its `member_of` key, the segment it names), in tree
+    order, with the paths `check_rule` gives (`definition.and[1].member_of`)."""
+    if isinstance(rule, AndRule):
+        return [n for i, r in enumerate(rule.and_) for n in member_of_nodes(r, f"{path}.and[{i}]")]
+    if isinstance(rule, OrRule):
+        return [n for i, r in enumerate(rule.or_) for n in member_of_nodes(r, f"{path}.or[{i}]")]
+    if isinstance(rule, NotRule):
+        return member_of_nodes(rule.not_, f"{path}.not")
+    if isinstance(rule, MemberOfCondition):
+        return [(f"{path}.member_of", rule.member_of)]
+    return []
+
+
 @dataclass
 class References:
     """What can change a rule's value: the real-time index of a segment."""

@@ -7,11 +7,18 @@ from typing import Any
 
 import pytest
 
-from services.segmenter.domain.catalog import Catalog, CycleError, compile_segment, dependency_order
+from services.segmenter.domain.catalog import (
+    Catalog,
+    CycleError,
+    compile_segment,
+    cycle_through,
+    dependency_order,
+)
 from services.segmenter.domain.rules import (
     InvalidRule,
     LastPerformedCondition,
     PerformedCondition,
+    member_of_nodes,
     parse_duration,
     parse_rule,
     references,
@@ -217,3 +224,36 @@ def test_each_end_of_a_window_out_of_range_is_named_and_the_edges_of_the_range_a
     parse_rule({"performed": "X", "between": {"from": "1900-01-01", "to": "2999-12-31T23:59:59.999999Z"}})
     parse_rule({"trait": "d", "op": "after", "value": "1900-01-01T00:00:00Z"})
     parse_rule({"last_performed": "X", "op": "before", "value": "2999-12-31T23:00:00-00:59"})
+
+
+def test_member_of_nodes_are_named_by_the_paths_check_rule_gives() -> None:
+    rule = parse_rule(
+        {
+            "and": [
+                {"trait": "plan", "op": "exists"},
+                {"member_of": "seg_a"},
+                {"or": [{"not": {"member_of": "seg_b"}}, {"member_of": "seg_a"}]},
+            ]
+        }
+    )
+    assert member_of_nodes(rule) == [
+        ("definition.and[1].member_of", "seg_a"),
+        ("definition.and[2].or[0].not.member_of", "seg_b"),
+        ("definition.and[2].or[1].member_of", "seg_a"),
+    ]
+    assert member_of_nodes(parse_rule({"member_of": "seg_a"})) == [("definition.member_of", "seg_a")]
+    assert member_of_nodes(parse_rule({"trait": "plan", "op": "exists"})) == []
+    # The same path format as a node's own error.
+    assert errors({"and": [{"member_of": "seg_a"}, {"not": {"trait": "a", "op": "gt", "value": "x"}}]}) == [
+        ("definition.and[1].not.value", "number")
+    ]
+
+
+def test_a_reference_closing_a_cycle_is_found_with_the_cycle() -> None:
+    refers = {"b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"b"}}
+    assert cycle_through("a", "b", refers) == ["a", "b", "c", "a"]
+    assert cycle_through("a", "e", refers) == ["a", "e", "b", "c", "a"]
+    assert cycle_through("a", "a", refers) == ["a", "a"]  # itself
+    assert cycle_through("a", "d", refers) is None
+    assert cycle_through("a", "unknown", refers) is None
+    assert cycle_through("x", "b", {"b": {"b"}}) is None  # a cycle elsewhere is not this one's

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter
@@ -113,9 +113,10 @@ class Backfill:
     async def run_once(self) -> bool:
         """Finish one half-done deletion, or process one chunk of one segment; False when nothing is
         waiting. A chunk failing for its segment (not an outage or a conflict with a concurrent
-        writer, which are raised) is counted on the segment, which goes behind the others, and is
-        `failed` after `backfill_max_failures`: before, it was claimed first on every pass, and one
-        segment whose chunk could not run stopped every other back-fill."""
+        writer, which are raised) is counted on the segment, which goes behind the others and is
+        retried `backfill_retry_after_s` later, and is `failed` after `backfill_max_failures`:
+        before, it was claimed first on every pass, and one segment whose chunk could not run
+        stopped every other back-fill."""
         if await self.finish_deletion():
             return True
         now = self.clock.now()
@@ -127,14 +128,14 @@ class Backfill:
                 raise
             # An invalid definition never gets better by retrying.
             tries = 1 if isinstance(exc, InvalidRule) else self.settings.backfill_max_failures
-            await self._failed(claimed, failure_text(exc), tries)
+            await self._failed(claimed, failure_text(exc), tries, now)
             return True
 
-    async def _failed(self, row: dict[str, Any], error: str, max_failures: int) -> None:
+    async def _failed(self, row: dict[str, Any], error: str, max_failures: int, now: datetime) -> None:
         """Count a failed chunk on its segment, in a transaction of its own (the chunk's rolled back)."""
         async with self.platform.unit_of_work() as uow:
             recorded = await segment_store.record_backfill_failure(
-                uow.session, row["segment_id"], row["version"], error, max_failures
+                uow.session, row["segment_id"], row["version"], error, max_failures, now
             )
         if recorded is None:  # edited, restarted or deleted meanwhile: a new pass, or none
             return
@@ -149,7 +150,7 @@ class Backfill:
             )
         else:
             log.warning(
-                "segment back-fill chunk failed; the segment goes behind the others",
+                "segment back-fill chunk failed; retried later, behind the other segments",
                 extra={**extra, "error": error},
             )
 
@@ -162,7 +163,8 @@ class Backfill:
             # (and then deletes the memberships it wrote), or the chunk reads the base after the
             # erasure committed. Back-fills never wait on each other or on event batches for it.
             await erasure_gate(uow.session, exclusive=False)
-            row = await segment_store.claim_backfill(uow.session)
+            retry_from = now - timedelta(seconds=self.settings.backfill_retry_after_s)
+            row = await segment_store.claim_backfill(uow.session, retry_from)
             if row is None:
                 return False
             catalog = await self.catalog_cache.refresh(uow.session)

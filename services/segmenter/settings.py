@@ -72,8 +72,10 @@ class SegmenterSettings(BaseServiceSettings):
     backfill_chunk_size: int = 50000
     backfill_poll_interval_s: float = 1.0
     # Failed chunks (not outages) after which a segment's back-fill is `failed` until it is saved again;
-    # after each one it goes behind the other segments waiting.
+    # after each one it goes behind the other segments waiting, and is retried this much later (a
+    # passing cause, such as a statement timeout under load, does not fail it within a second).
     backfill_max_failures: int = Field(default=3, ge=1)
+    backfill_retry_after_s: float = Field(default=60.0, ge=0)
     # Run the background loops (tests drive them by hand with `run_once`).
     run_background_loops: bool = True
     # How long GET /v1/customers/{id}/export waits for every service's part before answering 504.

@@ -102,13 +102,23 @@ async def test_backfill_failures_both_ways(make_settings: Any) -> None:
             )
         await run_migrations(engine, MIGRATIONS, settings.db_schema)
         async with engine.begin() as conn:
-            row = (await conn.execute(text("SELECT backfill_failures, backfill_error FROM segments"))).one()
-            assert tuple(row) == (0, None)
+            row = (
+                await conn.execute(
+                    text("SELECT backfill_failures, backfill_error, backfill_failed_at FROM segments")
+                )
+            ).one()
+            assert tuple(row) == (0, None, None)
             await conn.execute(text("UPDATE segments SET status = 'failed', backfill_failures = 3"))
         async with engine.begin() as conn:
             await conn.run_sync(_downgrade, "0013_outbox_packed")
         async with engine.connect() as conn:
-            assert "backfill_failures" not in (await conn.execute(text(columns))).scalars().all()
+            assert (await conn.execute(text(columns))).scalars().all() == [
+                "backfill_cursor",
+                "backfill_done",
+                "backfill_finished_at",
+                "backfill_started_at",
+                "backfill_total",
+            ]
             assert await conn.scalar(text("SELECT status FROM segments")) == "failed"
     finally:
         await engine.dispose()

@@ -502,7 +502,8 @@ async def test_a_segment_whose_backfill_keeps_failing_is_failed_and_holds_up_no_
 ) -> None:
     """Back-fill claims the oldest edit first: a segment whose chunk always failed was claimed first on
     every pass, and no other segment was ever back-filled. Now each failure sends it behind the
-    others, and after `backfill_max_failures` (3) it is `failed`, with the error, until saved again."""
+    others, to be retried a minute later, and after `backfill_max_failures` (3) it is `failed`, with
+    the error, until saved again."""
     await seed(harness, 6)
     everyone = {"trait": "plan", "op": "exists"}
     r = await harness.client.post(
@@ -527,12 +528,18 @@ async def test_a_segment_whose_backfill_keeps_failing_is_failed_and_holds_up_no_
     assert await harness.segmenter.backfill.run_once()  # the stuck one's chunk fails: counted, not raised
     view = (await harness.client.get(f"/v1/segments/{stuck}", headers=ADMIN)).json()
     assert view["status"] == "backfilling" and view["backfill"]["failures"] == 1
+    assert view["backfill"]["failed_at"] == harness.clock.now().isoformat().replace("+00:00", "Z")
     assert view["backfill"]["error"] == (
         'CheckViolationError: new row for relation "memberships" violates check constraint "refuse_stuck"'
     )
-    await harness.segmenter.backfill.run_until_idle()
+    await harness.segmenter.backfill.run_until_idle()  # the other one, then nothing until the retry
     done = (await harness.client.get(f"/v1/segments/{pro}", headers=ADMIN)).json()
     assert done["status"] == "ready" and done["member_count"] == 2 and done["backfill"]["failures"] == 0
+    for _ in range(2):  # retried a minute (backfill_retry_after_s) after each failure
+        harness.clock.advance(timedelta(seconds=59))
+        assert not await harness.segmenter.backfill.run_once()
+        harness.clock.advance(timedelta(seconds=1))
+        assert await harness.segmenter.backfill.run_once()
     view = (await harness.client.get(f"/v1/segments/{stuck}", headers=ADMIN)).json()
     assert view["status"] == "failed" and view["member_count"] == 0
     assert view["backfill"]["failures"] == 3 and view["backfill"]["processed"] == 0
@@ -543,12 +550,13 @@ async def test_a_segment_whose_backfill_keeps_failing_is_failed_and_holds_up_no_
         for r in caplog.records
         if r.name == "services.segmenter.schedules"
     ]
-    retry = "segment back-fill chunk failed; the segment goes behind the others"
+    retry = "segment back-fill chunk failed; retried later, behind the other segments"
     assert logged == [
         (logging.WARNING, retry, stuck, 1),
         (logging.WARNING, retry, stuck, 2),
         (logging.ERROR, "segment back-fill failed; stopped until the segment is saved again", stuck, 3),
     ]
+    harness.clock.advance(timedelta(hours=1))
     assert not await harness.segmenter.backfill.run_once()  # no longer claimed
 
     # Saved again once the cause is gone: a new pass, from no failure.
@@ -558,7 +566,7 @@ async def test_a_segment_whose_backfill_keeps_failing_is_failed_and_holds_up_no_
         f"/v1/segments/{stuck}", json={"name": "Stuck", "definition": everyone}, headers=ADMIN
     )
     assert r.json()["status"] == "backfilling" and r.json()["backfill"]["failures"] == 0
-    assert r.json()["backfill"]["error"] is None
+    assert r.json()["backfill"]["error"] is None and r.json()["backfill"]["failed_at"] is None
     await harness.segmenter.backfill.run_until_idle()
     view = (await harness.client.get(f"/v1/segments/{stuck}", headers=ADMIN)).json()
     assert view["status"] == "ready" and view["member_count"] == 6

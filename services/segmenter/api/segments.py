@@ -83,9 +83,10 @@ def _view(row: dict[str, Any], members: int | None = None) -> dict[str, Any]:
             else (round(row["backfill_done"] / row["backfill_total"], 4) if row["backfill_total"] else 0.0),
             "started_at": row["backfill_started_at"],
             "finished_at": row["backfill_finished_at"],
-            # Chunks of this pass that failed, and the last one's error (`failed`: it gave up).
+            # Chunks of this pass that failed, the last one's error and time (`failed`: it gave up).
             "failures": row["backfill_failures"],
             "error": row["backfill_error"],
+            "failed_at": row["backfill_failed_at"],
         },
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],

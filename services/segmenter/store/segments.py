@@ -22,13 +22,13 @@ from shared.db.engine import Statement, json_rows, rows_from_json
 SEGMENT_COLUMNS = (
     "segment_id, name, description, definition, version, status, backfill_cursor, backfill_done, "
     "backfill_total, backfill_started_at, backfill_finished_at, backfill_failures, backfill_error, "
-    "created_at, updated_at"
+    "backfill_failed_at, created_at, updated_at"
 )
 # A new back-fill pass: from the first customer, no failure yet.
 _START_PASS = (
     "status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
     "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
-    "backfill_finished_at = NULL, backfill_failures = 0, backfill_error = NULL"
+    "backfill_finished_at = NULL, backfill_failures = 0, backfill_error = NULL, backfill_failed_at = NULL"
 )
 
 
@@ -362,24 +362,26 @@ async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> 
 # --------------------------------------------------------------------------- back-fill and preview
 
 
-async def claim_backfill(session: AsyncSession) -> dict[str, Any] | None:
+async def claim_backfill(session: AsyncSession, retry_from: datetime) -> dict[str, Any] | None:
     """One segment waiting for back-fill, locked for this chunk's transaction (FOR NO KEY UPDATE: an
     edit or a deletion waits for the chunk, real-time membership writes do not). The oldest edit
-    first, behind every segment whose pass failed fewer times: one whose chunk keeps failing can
-    never hold up the others."""
+    first, behind every segment whose pass failed fewer times, and one that failed only if it did
+    before `retry_from`: a segment whose chunk keeps failing never holds up the others."""
     row = (
         await session.execute(
             text(
                 f"SELECT {SEGMENT_COLUMNS} FROM segments WHERE status = 'backfilling' "
+                "AND (backfill_failed_at IS NULL OR backfill_failed_at <= :retry_from) "
                 "ORDER BY backfill_failures, updated_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED"
-            )
+            ),
+            {"retry_from": retry_from},
         )
     ).first()
     return dict(row._mapping) if row else None
 
 
 async def record_backfill_failure(
-    session: AsyncSession, segment_id: str, version: int, error: str, max_failures: int
+    session: AsyncSession, segment_id: str, version: int, error: str, max_failures: int, now: datetime
 ) -> tuple[str, int] | None:
     """Count a failed chunk of the segment's current pass (`version`, still back-filling): after
     `max_failures` the segment is `failed` and no longer claimed until saved or restarted again.
@@ -388,11 +390,12 @@ async def record_backfill_failure(
         await session.execute(
             text(
                 "UPDATE segments SET backfill_failures = backfill_failures + 1, backfill_error = :err, "
+                "backfill_failed_at = :now, "
                 "status = CASE WHEN backfill_failures + 1 >= :max THEN 'failed' ELSE status END "
                 "WHERE segment_id = :s AND version = :v AND status = 'backfilling' "
                 "RETURNING status, backfill_failures"
             ),
-            {"s": segment_id, "v": version, "err": error, "max": max_failures},
+            {"s": segment_id, "v": version, "err": error, "max": max_failures, "now": now},
         )
     ).first()
     return (row[0], row[1]) if row else None

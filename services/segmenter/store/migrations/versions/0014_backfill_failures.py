@@ -1,8 +1,10 @@
-"""segments: back-fill failures (`backfill_failures`, `backfill_error`) and the `failed` status
+"""segments: back-fill failures (`backfill_failures`, `backfill_error`, `backfill_failed_at`) and the
+`failed` status
 
-A segment whose back-fill chunk keeps failing goes behind the others after each failure and is
-marked `failed` after `backfill_max_failures` of them (services/segmenter/schedules.py): before, it
-was claimed first on every pass and no other segment was ever back-filled.
+A segment whose back-fill chunk keeps failing goes behind the others after each failure, is retried
+`backfill_retry_after_s` later, and is marked `failed` after `backfill_max_failures` of them
+(services/segmenter/schedules.py): before, it was claimed first on every pass and no other segment
+was ever back-filled.
 
 Revision ID: 0014_backfill_failures
 Revises: 0013_outbox_packed
@@ -20,10 +22,12 @@ depends_on = None
 def upgrade() -> None:
     op.add_column("segments", sa.Column("backfill_failures", sa.Integer, nullable=False, server_default="0"))
     op.add_column("segments", sa.Column("backfill_error", sa.Text, nullable=True))
+    op.add_column("segments", sa.Column("backfill_failed_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
     # `failed` segments stay so: an older release claims only `backfilling` ones, and would again
     # retry such a segment first on every pass.
+    op.drop_column("segments", "backfill_failed_at")
     op.drop_column("segments", "backfill_error")
     op.drop_column("segments", "backfill_failures")

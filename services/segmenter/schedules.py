@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 BACKFILL_FAILURES = Counter(
     "clm_segmenter_backfill_failures_total",
     "Back-fill chunks that failed for their segment (not a dependency outage): outcome retried (the "
-    "segment went behind the others) or failed (backfill_max_failures reached, or its stored "
-    "definition is invalid: the segment is marked failed until saved again)",
+    "segment is tried again backfill_retry_after_s later, behind the others) or failed "
+    "(backfill_max_failures reached, or its stored definition is invalid: the segment is marked "
+    "failed until saved again)",
     ["outcome"],
 )
 # The error kept on the segment (shown by the API): the driver's message, not the statement.

@@ -119,11 +119,12 @@ def compare(c: Comparison, value: Any, now: datetime) -> bool:
             return any(json_equal(e, c.value) for e in value)
         return False
     if op in ("gt", "gte", "lt", "lte"):
-        # As doubles, here as in SQL (float8): real time, back-fill and preview must agree, and the
-        # float8 columns (revenue, lifecycle scores) cannot be compared otherwise in SQL (PostgreSQL's
-        # float8 -> numeric keeps 15 digits); comparing jsonb as numeric instead would need decimal
-        # arithmetic here for every float, and costs back-fill more than the cast it has. Integers
-        # past 2**53 round to the nearest double: 9007199254740993 is not gt 9007199254740992.
+        # As doubles, here as in SQL (float8): real time, back-fill and preview must agree. The float8
+        # columns (revenue, lifecycle scores) cannot be compared exactly in SQL (PostgreSQL's float8 ->
+        # numeric keeps 15 digits), and comparing jsonb as numeric would need decimal arithmetic here
+        # for every float trait to agree (the double 0.1 is not the decimal 0.1); this leaves the
+        # back-fill statement as it was. Integers past 2**53 round to the nearest double:
+        # 9007199254740993 is not gt 9007199254740992, whichever path evaluates it.
         if not _is_number(value) or not _is_number(c.value):
             return False
         x, y = as_double(value), as_double(c.value)

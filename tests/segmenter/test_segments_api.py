@@ -478,14 +478,14 @@ EXTREME_DATES = [
 
 
 @pytest.mark.parametrize(("definition", "field"), EXTREME_DATES)
-async def test_a_date_outside_the_storable_range_is_a_400_naming_it_not_a_500(
+async def test_a_date_of_year_10000_or_0_in_utc_is_a_400_naming_it_not_a_500(
     harness: Harness, definition: dict[str, Any], field: str
 ) -> None:
     """In UTC these are year 10000 or year 0: accepted, PostgreSQL refused them as parameters, so
     preview answered 500 and every back-fill chunk of the segment failed."""
     await harness.send(make_event("m1", "track", user_id="u1", event="Order Completed"))
     await harness.processed(1)
-    expected = [{"field": field, "rule": "range", "message": "must be from 1900-01-01 to 2999-12-31 (UTC)"}]
+    expected = [{"field": field, "rule": "range", "message": "must be from 0001-01-01 to 9999-12-31 in UTC"}]
     body = await bad(harness, {"definition": definition}, path="/v1/segments/preview")
     assert body["error"] == "invalid_definition" and body["errors"] == expected
     body = await bad(harness, {"name": "x", "definition": definition})
@@ -586,7 +586,7 @@ async def test_a_segment_stored_with_a_definition_now_refused_is_failed_at_once_
     old = (await harness.client.get("/v1/segments/seg_old", headers=ADMIN)).json()
     assert old["status"] == "failed" and old["backfill"]["failures"] == 1
     assert old["backfill"]["error"] == (
-        "InvalidRule: definition.value: must be from 1900-01-01 to 2999-12-31 (UTC)"
+        "InvalidRule: definition.value: must be from 0001-01-01 to 9999-12-31 in UTC"
     )
     assert (await harness.client.get(f"/v1/segments/{pro}", headers=ADMIN)).json()["status"] == "ready"
 

@@ -232,7 +232,7 @@ EDGE_RULES: list[Any] = [
         "performed": "Order Completed",
         "where": [{"property": "products.1.at", "op": "before", "value": "2026-02-20T10:00:00"}],
     },
-    # The ends of what a rule may name (1900-01-01 to 2999-12-31 UTC): PostgreSQL takes them too.
+    # The ends of what events store (1900-01-01 to 2999-12-31 UTC).
     {"trait": "d", "op": "before", "value": "2999-12-31T23:59:59.999999Z"},
     {"performed": "Order Completed", "between": {"from": "1900-01-01", "to": "2999-12-31T23:00:00-00:59"}},
     {"last_performed": "Order Completed", "op": "after", "value": "1900-01-01T00:00:00Z"},
@@ -336,3 +336,82 @@ async def test_sql_and_python_agree_on_numbers_past_2_53_and_on_1_and_1_0(harnes
     assert got[str(NUMBER_RULES[13])] == set()
     assert got[str(NUMBER_RULES[15])] == {"n01", "n04", "n05"}
     assert got[str(NUMBER_RULES[17])] == {"n10"} and got[str(NUMBER_RULES[18])] == set()
+
+
+# Dates in conditions anywhere a datetime holds them in UTC, and trait dates at the very same moments:
+# "never expires" (9999-12-31), "founded before 1850", and datetime.min / .max themselves, which
+# asyncpg would send as -infinity / infinity (the rules' dates go to SQL as text).
+FAR_DATES = [
+    "1850-01-01",
+    "1849-12-31T23:59:59Z",
+    "1800-01-01T00:00:00Z",
+    "0001-01-01",
+    "0001-01-01T00:00:00.000001Z",
+    "9999-12-31",
+    "9999-12-31T23:59:59.999999",
+    "9999-12-31T23:59:59.999998Z",
+    "2999-12-31T00:00:00Z",
+    "3000-01-01",
+]
+FAR_RULES: list[Any] = [
+    {"trait": "d", "op": "before", "value": "9999-12-31"},
+    {"trait": "d", "op": "after", "value": "2999-12-31"},
+    {"trait": "d", "op": "before", "value": "1850-01-01"},
+    {"trait": "d", "op": "after", "value": "0001-01-01T00:00:00Z"},
+    {"trait": "d", "op": "before", "value": "0001-01-01T00:00:00Z"},
+    {"trait": "d", "op": "before", "value": "9999-12-31T23:59:59.999999Z"},
+    {"trait": "d", "op": "after", "value": "9999-12-31T23:59:59.999998Z"},
+    {"trait": "d", "op": "before", "value": "1850-01-01T01:00:00+01:00"},
+    {"performed": "Order Completed", "between": {"from": "1800-01-01T00:00:00Z"}},
+    {"performed": "Order Completed", "between": {"from": "0001-01-01", "to": "9999-12-31T23:59:59.999999Z"}},
+    {"performed": "Order Completed", "between": {"to": "1850-01-01"}},
+    {"performed": "Order Completed", "where": [{"property": "at", "op": "before", "value": "9999-12-31"}]},
+    {
+        "performed": "Order Completed",
+        "where": [{"property": "at", "op": "after", "value": "0001-01-01T00:00Z"}],
+    },
+    {"last_performed": "Order Completed", "op": "before", "value": "9999-12-31"},
+    {"last_performed": "Order Completed", "op": "after", "value": "1850-01-01"},
+]
+
+
+async def test_sql_and_python_agree_on_dates_far_in_the_past_and_the_future(harness: Harness) -> None:
+    """Rule dates 1900-2999 only were accepted for a while: `valid_until before 9999-12-31` (a common
+    "never expires") or `founded before 1850-01-01` had worked, and must keep working, alike in real
+    time, back-fill and preview."""
+    ids = [f"f{i:02d}" for i in range(len(FAR_DATES))]
+    events = []
+    for uid, d in zip(ids, FAR_DATES, strict=True):
+        events.append(make_event(f"{uid}-id", "identify", user_id=uid, traits={"d": d}))
+        events.append(
+            make_event(
+                f"{uid}-o", user_id=uid, event="Order Completed", properties={"at": d}, timestamp=START
+            )
+        )
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await harness.segmenter.events.handle(uow, events)
+    members = dict(zip(map(str, FAR_RULES), await assert_agree(harness, ids, FAR_RULES), strict=True))
+    by_date = dict(zip(FAR_DATES, ids, strict=True))
+
+    def of(*dates: str) -> set[str]:
+        return {by_date[d] for d in dates}
+
+    everyone = set(ids)
+    assert members[str(FAR_RULES[0])] == everyone - of(
+        "9999-12-31T23:59:59.999999", "9999-12-31T23:59:59.999998Z"
+    )
+    assert members[str(FAR_RULES[1])] == of(*FAR_DATES[5:8], "3000-01-01")
+    assert members[str(FAR_RULES[2])] == of(
+        "1850-01-01", "1849-12-31T23:59:59Z", "1800-01-01T00:00:00Z", *FAR_DATES[3:5]
+    )
+    # datetime.min and .max as rule dates mean those very moments, not -infinity and infinity.
+    assert members[str(FAR_RULES[3])] == everyone - of("0001-01-01")
+    assert members[str(FAR_RULES[4])] == of("0001-01-01")
+    assert members[str(FAR_RULES[5])] == everyone
+    assert members[str(FAR_RULES[6])] == of("9999-12-31T23:59:59.999999")
+    assert members[str(FAR_RULES[7])] == members[str(FAR_RULES[2])]
+    assert members[str(FAR_RULES[8])] == members[str(FAR_RULES[9])] == everyone
+    assert members[str(FAR_RULES[10])] == set()  # no event before 1900 is stored
+    assert members[str(FAR_RULES[11])] == members[str(FAR_RULES[0])]
+    assert members[str(FAR_RULES[12])] == members[str(FAR_RULES[3])]
+    assert members[str(FAR_RULES[13])] == members[str(FAR_RULES[14])] == everyone

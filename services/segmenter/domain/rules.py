@@ -31,8 +31,6 @@ from pydantic import (
     ValidationError,
 )
 
-from shared.contracts import storable
-
 Scalar = str | int | float | bool
 
 COMPARISON_OPS = (
@@ -365,12 +363,29 @@ def _check_duration(value: Duration | None, path: str, required: bool) -> list[R
     return []
 
 
+# A date in a condition may be any time a datetime holds once in UTC (years 1 to 9999): rule dates
+# are compared, never computed with (`within`, `ago` and the scheduled moments count from `now` or
+# from a trait), and SQL takes them as text (`store.sql_rules`), so `valid_until before 9999-12-31`
+# (a common "never expires") or `founded before 1850-01-01` mean what they say everywhere.
+TIME_RULE = "range"
+TIME_MESSAGE = "must be from 0001-01-01 to 9999-12-31 in UTC"
+
+
+def in_utc(value: datetime) -> datetime | None:
+    """`value` in UTC (a naive one read as UTC), or None if that is year 0 or 10000."""
+    try:
+        return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except OverflowError:  # 9999-12-31 west of UTC, 0001-01-01 east of it
+        return None
+
+
 def _check_time(value: datetime | None, path: str) -> list[RuleError]:
     """An absolute time must be one every evaluator can compute with: in UTC, year 10000 or year 0
-    (`9999-12-31T23:59:59-01:00`) failed in SQL (preview 500, a back-fill failing chunk after chunk)."""
-    if value is None or storable.time_in_range(value):
+    (`9999-12-31T23:59:59-01:00`) cannot be represented (preview answered 500, a back-fill failed
+    chunk after chunk)."""
+    if value is None or in_utc(value) is not None:
         return []
-    return [RuleError(path, storable.TIME_RULE, storable.TIME_MESSAGE)]
+    return [RuleError(path, TIME_RULE, TIME_MESSAGE)]
 
 
 def _is_scalar(v: Any) -> bool:

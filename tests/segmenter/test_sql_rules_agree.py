@@ -8,6 +8,8 @@ import random
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import text
+
 from services.segmenter.domain.catalog import Catalog, compile_segment
 from services.segmenter.domain.evaluation import evaluate, next_change_at
 from services.segmenter.reevaluation import fill_snapshots
@@ -322,10 +324,20 @@ async def test_sql_and_python_agree_on_numbers_past_2_53_and_on_1_and_1_0(harnes
     """gt/gte/lt/lte compare as doubles in every evaluator: SQL casts to float8, Python compared
     exactly, so `9007199254740993 gt 9007199254740992` held in real time and not in back-fill or
     preview. equals/in/contains compare JSON values (1 is 1.0), as jsonb does."""
+    # Real time first, on the values as the events carry them (the float 1.152921504606847e18, not the
+    # integer jsonb gives back): each rule a segment, every new profile evaluated against them all.
+    segments = [await harness.create_segment(rule, name=f"n{i}") for i, rule in enumerate(NUMBER_RULES)]
     events = [make_event(f"{uid}-id", "identify", user_id=uid, traits={"n": n}) for uid, n in NUMBERS.items()]
     async with harness.segmenter.platform.unit_of_work() as uow:
         await harness.segmenter.events.handle(uow, events)
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        rows = list(
+            await uow.session.execute(text("SELECT segment_id, customer_id FROM memberships WHERE is_member"))
+        )
+    real_time = [{c for s, c in rows if s == sid} for sid in segments]
+    # Then the profiles read back from jsonb: SQL, the interpreter and the compiled rules.
     members = await assert_agree(harness, list(NUMBERS), NUMBER_RULES)
+    assert real_time == members
     got = {str(r): found for r, found in zip(NUMBER_RULES, members, strict=True)}
     assert got[str(NUMBER_RULES[0])] == {"n02", "n03", "n08"}  # 2**53 + 1 is 2**53 as a double
     assert got[str(NUMBER_RULES[1])] == {"n01", "n02", "n03", "n06", "n08"}

@@ -71,9 +71,9 @@ class SegmenterSettings(BaseServiceSettings):
     # Customers per back-fill transaction, and how often the back-fill loop looks for work.
     backfill_chunk_size: int = 50000
     backfill_poll_interval_s: float = 1.0
-    # Failed chunks (not outages) after which a segment's back-fill is `failed` until it is saved again;
-    # after each one it goes behind the other segments waiting, and is retried this much later (a
-    # passing cause, such as a statement timeout under load, does not fail it within a second).
+    # Failed chunks in a row caused by the segment (not outages nor passing causes such as a statement
+    # timeout, which only back it off) after which its back-fill is `failed` until retried or saved
+    # again; after each failure, or back-off, it is tried again this much later, the others first.
     backfill_max_failures: int = Field(default=3, ge=1)
     backfill_retry_after_s: float = Field(default=60.0, ge=0)
     # Run the background loops (tests drive them by hand with `run_once`).

@@ -554,7 +554,7 @@ async def test_a_segment_whose_backfill_keeps_failing_is_failed_and_holds_up_no_
     assert logged == [
         (logging.WARNING, retry, stuck, 1),
         (logging.WARNING, retry, stuck, 2),
-        (logging.ERROR, "segment back-fill failed; stopped until the segment is saved again", stuck, 3),
+        (logging.ERROR, "segment back-fill failed; stopped until retried or saved again", stuck, 3),
     ]
     harness.clock.advance(timedelta(hours=1))
     assert not await harness.segmenter.backfill.run_once()  # no longer claimed

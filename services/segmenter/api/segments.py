@@ -53,6 +53,16 @@ def _invalid(exc: InvalidRule) -> ApiError:
     )
 
 
+def _stored_invalid(exc: InvalidRule) -> ApiError:
+    """The segment's stored definition (saved by an earlier release) no longer validates."""
+    return ApiError(
+        409,
+        "invalid_stored_definition",
+        "the segment's stored definition is no longer valid; save it again",
+        errors=[field_error(e.path, e.rule, e.message) for e in exc.errors],
+    )
+
+
 def _parse(definition: Any) -> Rule:
     if definition is None:
         raise ApiError(
@@ -239,6 +249,29 @@ def segments_router(seg: Segmenter) -> APIRouter:
         # in between leaves it to the back-fill worker, which finishes hidden segments' deletions).
         await seg.backfill.finish_deletion(segment_id)
         return Response(status_code=204)
+
+    @router.post("/{segment_id}/backfill/retry")
+    async def retry_backfill(segment_id: str) -> dict[str, Any]:
+        """A `failed` back-fill (or one backed off) goes on from where it stopped, its failures cleared,
+        once the cause is gone: saving the segment again would restart it from the first customer."""
+        async with platform.unit_of_work() as uow:
+            # Waits for a chunk of it in flight, as an edit does.
+            row = await segment_store.get_segment(uow.session, segment_id, lock="FOR NO KEY UPDATE")
+            if row is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            try:
+                parse_rule(row["definition"])
+            except InvalidRule as exc:
+                raise _stored_invalid(exc) from None
+            if row["status"] == "ready":
+                raise ApiError(
+                    409, "backfill_not_failed", "the segment's back-fill is done: nothing to retry"
+                )
+            await segment_store.retry_backfill(uow.session, segment_id)
+            row = await segment_store.get_segment(uow.session, segment_id)
+        seg.backfill.wake.set()
+        assert row is not None
+        return _view(row)
 
     @router.get("/{segment_id}/members")
     async def members(

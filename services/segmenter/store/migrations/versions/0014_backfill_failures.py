@@ -2,9 +2,10 @@
 `failed` status
 
 A segment whose back-fill chunk keeps failing goes behind the others after each failure, is retried
-`backfill_retry_after_s` later, and is marked `failed` after `backfill_max_failures` of them
-(services/segmenter/schedules.py): before, it was claimed first on every pass and no other segment
-was ever back-filled.
+`backfill_retry_after_s` later, and is marked `failed` after `backfill_max_failures` of them in a
+row (services/segmenter/schedules.py): before, it was claimed first on every pass and no other
+segment was ever back-filled. A failure recorded before `backfill_started_at` is an earlier pass's
+(a release before this one restarts passes without resetting these columns) and counts nothing.
 
 Revision ID: 0014_backfill_failures
 Revises: 0013_outbox_packed

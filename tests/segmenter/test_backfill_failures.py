@@ -247,7 +247,7 @@ async def test_a_ready_segment_whose_stored_definition_no_longer_validates_is_fa
     harness: Harness,
 ) -> None:
     """The catalogue left it out with a log line: `ready`, it looked up to date while nothing updated
-    it."""
+    it. Explain answered 500, and it could lose a segment it depends on (deletion skipped it)."""
     await seed(harness, 3)
     pro = await harness.create_segment(PRO, name="Pro")
     sid = await harness.create_segment({"or": [{"member_of": pro}, {"trait": "d", "op": "exists"}]})
@@ -273,8 +273,30 @@ async def test_a_ready_segment_whose_stored_definition_no_longer_validates_is_fa
     assert not await harness.segmenter.backfill.run_once()  # once
     assert (await view(harness, pro))["status"] == "ready"
 
+    r = await harness.client.get(f"/v1/segments/{sid}/explain/u00", headers=ADMIN)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"] == "invalid_stored_definition"
+    assert r.json()["errors"] == [
+        {
+            "field": "definition.or[1].value",
+            "rule": "range",
+            "message": "must be from 0001-01-01 to 9999-12-31 in UTC",
+        }
+    ]
     r = await harness.client.post(f"/v1/segments/{sid}/backfill/retry", headers=ADMIN)
     assert r.status_code == 409 and r.json()["error"] == "invalid_stored_definition", r.text
+    # What it refers to cannot be deleted under it, nor made to refer to it in turn.
+    r = await harness.client.put(
+        f"/v1/segments/{pro}",
+        json={"name": "Pro", "definition": {"or": [PRO, {"member_of": sid}]}},
+        headers=ADMIN,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["errors"] == [
+        {"field": "definition.or[1].member_of", "rule": "cycle", "message": f"{pro} -> {sid} -> {pro}"}
+    ]
+    r = await harness.client.delete(f"/v1/segments/{pro}", headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"] == "segment_in_use", r.text
     # Saved again, valid: back to work.
     r = await harness.client.put(
         f"/v1/segments/{sid}",

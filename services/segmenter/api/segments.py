@@ -17,7 +17,13 @@ from services.segmenter.domain.catalog import (
     dependency_order,
 )
 from services.segmenter.domain.evaluation import evaluate, explain
-from services.segmenter.domain.rules import InvalidRule, Rule, member_of_nodes, parse_rule
+from services.segmenter.domain.rules import (
+    InvalidRule,
+    Rule,
+    member_of_nodes,
+    parse_rule,
+    stored_member_of,
+)
 from services.segmenter.domain.rules import rule_to_json as rule_json
 from services.segmenter.reevaluation import fill_snapshots
 from services.segmenter.runtime import Segmenter
@@ -127,14 +133,18 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 errors=[field_error(path, "unknown_segment", f"no segment {sid!r}") for path, sid in missing],
             )
         compiled = []
+        # What each other segment refers to, also those whose stored definition no longer validates
+        # (left out of the catalogue, still to be saved again).
+        refers: dict[str, set[str]] = {}
         for sid, (version, name, definition) in existing.items():
             if sid == segment_id:
                 continue
             try:
                 compiled.append(compile_segment(sid, name, version, definition))
             except InvalidRule:
+                refers[sid] = stored_member_of(definition)
                 continue
-        refers = {s.segment_id: s.refs.segments for s in compiled}
+            refers[sid] = set(compiled[-1].refs.segments)
         cycles = [(path, cycle_through(segment_id, sid, refers)) for path, sid in nodes]
         if any(trail for _, trail in cycles):
             raise ApiError(
@@ -222,15 +232,12 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 if row is None:
                     raise ApiError(404, "not_found", f"no segment {segment_id!r}")
                 rows = await segment_store.segment_versions(uow.session)
-                users = []
-                for sid, version, name, definition in rows:
-                    if sid == segment_id:
-                        continue
-                    try:
-                        if segment_id in compile_segment(sid, name, version, definition).refs.segments:
-                            users.append(sid)
-                    except InvalidRule:
-                        continue
+                # Read from the stored JSON: a definition that no longer validates depends on it too.
+                users = [
+                    sid
+                    for sid, _, _, definition in rows
+                    if sid != segment_id and segment_id in stored_member_of(definition)
+                ]
                 if users:
                     raise ApiError(
                         409, "segment_in_use", f"segments {', '.join(sorted(users))} refer to this segment"
@@ -294,7 +301,10 @@ def segments_router(seg: Segmenter) -> APIRouter:
             profile = await profile_store.read_profile(uow.session, cid) if cid else None
             if cid is None or profile is None:
                 raise ApiError(404, "not_found", f"no customer {customer_ref!r}")
-            rule_def = compile_segment(segment_id, row["name"], row["version"], row["definition"])
+            try:
+                rule_def = compile_segment(segment_id, row["name"], row["version"], row["definition"])
+            except InvalidRule as exc:
+                raise _stored_invalid(exc) from None
             await fill_snapshots(uow.session, Catalog.build([rule_def]), {cid: profile}, now)
             member = segment_id in profile.memberships
         return {

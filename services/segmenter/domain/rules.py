@@ -517,6 +517,22 @@ def check_rule(rule: Rule, path: str) -> list[RuleError]:
 # --------------------------------------------------------------------------- what a rule refers to
 
 
+def stored_member_of(definition: Any) -> set[str]:
+    """The segments a stored definition names in `member_of`, read from its JSON as it is, valid or not
+    (one saved by an earlier release that no longer validates still depends on them)."""
+    found: set[str] = set()
+    todo = [definition]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("member_of"), str):
+                found.add(node["member_of"])
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return found
+
+
 def member_of_nodes(rule: Rule, path: str = "definition") -> list[tuple[str, str]]:
     """Every `member_of` node as (the path of its `member_of` key, the segment it names), in tree
     order, with the paths `check_rule` gives (`definition.and[1].member_of`)."""

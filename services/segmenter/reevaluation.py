@@ -32,12 +32,19 @@ def membership_event_id(customer_id: str, segment_id: str, transition: int) -> s
 
 
 class SegmentCatalogCache:
-    """The segments' parsed rules, re-read each batch but re-parsed only when a version changes."""
+    """The segments' parsed rules, re-read each batch but re-parsed only when a version changes.
+
+    A stored definition that no longer validates (saved by an earlier release) is left out, and kept in
+    `invalid` with why: the back-fill worker marks such a segment `failed` (`Backfill.fail_invalid`),
+    so it does not go on looking up to date while nothing updates it."""
 
     def __init__(self) -> None:
         self._parsed: dict[tuple[str, int], SegmentRule] = {}
+        self._refused: dict[tuple[str, int], str] = {}
         self._key: tuple[tuple[str, int], ...] = ()
         self.catalog = Catalog()
+        # segment id -> (its stored version, why that version is invalid, naming the nodes)
+        self.invalid: dict[str, tuple[int, str]] = {}
 
     async def refresh(self, session: AsyncSession) -> Catalog:
         rows = await segment_store.segment_versions(session)
@@ -45,16 +52,27 @@ class SegmentCatalogCache:
         if key == self._key:
             return self.catalog
         parsed: dict[tuple[str, int], SegmentRule] = {}
+        refused: dict[tuple[str, int], str] = {}
         for sid, version, name, definition in rows:
             cached = self._parsed.get((sid, version))
             if cached is None:
-                try:
-                    cached = compile_segment(sid, name, version, definition)
-                except InvalidRule:
-                    log.error("stored segment definition is invalid; skipped", extra={"segment_id": sid})
+                why = self._refused.get((sid, version))
+                if why is None:
+                    try:
+                        cached = compile_segment(sid, name, version, definition)
+                    except InvalidRule as exc:
+                        why = f"InvalidRule: {exc}"
+                        log.error(
+                            "stored segment definition is invalid; skipped",
+                            extra={"segment_id": sid, "version": version, "error": why},
+                        )
+                if why is not None:
+                    refused[(sid, version)] = why
                     continue
+            assert cached is not None
             parsed[(sid, version)] = cached
-        self._parsed, self._key = parsed, key
+        self._parsed, self._refused, self._key = parsed, refused, key
+        self.invalid = {sid: (version, why) for (sid, version), why in refused.items()}
         self.catalog = Catalog.build(parsed.values())
         return self.catalog
 

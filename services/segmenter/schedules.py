@@ -9,18 +9,83 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
+from prometheus_client import Counter
+
+from services.segmenter.consumers.customer_events import is_transient_conflict
+from services.segmenter.domain.catalog import Catalog, SegmentRule
+from services.segmenter.domain.rules import InvalidRule
 from services.segmenter.reevaluation import SegmentCatalogCache, reevaluate
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.clock import Clock
 from shared.contracts.topics import SEGMENT_MEMBERSHIP
+from shared.kafka.consumer import is_infrastructure_error
 from shared.privacy import erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
+
+BACKFILL_FAILURES = Counter(
+    "clm_segmenter_backfill_failures_total",
+    "Back-fill chunks that failed after their segment was claimed: outcome retried (counted on the "
+    "segment, tried again backfill_retry_after_s later, behind the others), failed "
+    "(backfill_max_failures in a row, or its stored definition is invalid: the segment is marked "
+    "failed until retried or saved again) or backed_off (a passing cause or an outage: not counted, "
+    "tried again backfill_retry_after_s later)",
+    ["outcome"],
+)
+# The error kept on the segment (shown by the API): the driver's message, not the statement.
+ERROR_CHARS = 500
+# Passing causes, not the segment's: statement timeout (under load), read-only transaction (a
+# connection to a former primary after a failover), lock timeout; and class 53, insufficient
+# resources (disk full, out of memory; too many connections, 53300, is an outage already).
+PASSING_SQLSTATES = frozenset({"57014", "25006", "55P03"})
+
+
+def failure_text(exc: BaseException) -> str:
+    """`CheckViolationError: new row for relation ...`: the driver's error, not SQLAlchemy's wrapper
+    (whose text repeats the whole chunk statement and its parameters), first line only (PostgreSQL's
+    DETAIL line can quote a customer's row)."""
+    orig = getattr(exc, "orig", None)
+    cause = exc if orig is None else (orig.__cause__ or orig)
+    return f"{type(cause).__name__}: {str(cause).partition(chr(10))[0]}"[:ERROR_CHARS]
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of the database error behind `exc` (wrapped by SQLAlchemy or not), if any."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        state = getattr(e, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+    return None
+
+
+def failure_kind(exc: BaseException) -> str:
+    """What a chunk's failure says: `conflict` (a deadlock or serialization failure with a concurrent
+    writer: retried at once), `outage` (the connection or the server went: the transaction is gone),
+    `passing` (a cause that passes and is not the segment's: backed off, not counted), `invalid` (its
+    stored definition) or `segment` (anything else: counted on it)."""
+    if is_transient_conflict(exc):
+        return "conflict"
+    if is_infrastructure_error(exc):
+        return "outage"
+    if isinstance(exc, InvalidRule):
+        return "invalid"
+    state = sqlstate(exc)
+    if state is not None and (state in PASSING_SQLSTATES or state.startswith("53")):
+        return "passing"
+    return "segment"
 
 
 class DueTimers:
@@ -71,6 +136,8 @@ class Backfill:
     ):
         self.platform, self.clock, self.catalog_cache, self.settings = platform, clock, catalog, settings
         self.wake = asyncio.Event()
+        # (segment, version) whose invalid stored definition `fail_invalid` has dealt with.
+        self._invalid_seen: set[tuple[str, int]] = set()
 
     async def finish_deletion(self, segment_id: str | None = None) -> bool:
         """Remove a hidden segment's memberships and timers and announce its members' exits
@@ -86,59 +153,179 @@ class Backfill:
         return True
 
     async def run_once(self) -> bool:
-        """Finish one half-done deletion, or process one chunk of one segment; False when nothing is
-        waiting."""
+        """Finish one half-done deletion, mark failed the segments whose stored definition no longer
+        validates, or process one chunk of one segment; False when nothing is waiting.
+
+        A chunk runs in a savepoint: when it fails, the failure is recorded in the chunk's own
+        transaction, the segment's row still locked (no other replica re-runs the chunk meanwhile, a
+        restart waiting for the lock finds its new pass clean). Counted on the segment (which goes
+        behind the others, is retried `backfill_retry_after_s` later, and is `failed` after
+        `backfill_max_failures` in a row) unless it is a passing cause (`failure_kind`), which only
+        backs it off as long; a conflict with a concurrent writer is raised (retried at once); an
+        outage is raised, the segment backed off first if the database still answers, so a segment
+        whose chunk kills its connection does not stay first for ever."""
         if await self.finish_deletion():
             return True
+        if await self.fail_invalid():
+            return True
         now = self.clock.now()
+        claimed: dict[str, Any] = {}
+        try:
+            return await self._chunk(now, claimed)
+        except Exception as exc:
+            if claimed and failure_kind(exc) == "outage":
+                await self._back_off(claimed, exc, now)
+            raise
+
+    async def fail_invalid(self) -> bool:
+        """Mark `failed` (whatever their status, naming the nodes) the segments whose stored definition
+        no longer validates: the catalogue leaves them out, so nothing updates them any more, and a
+        `ready` one would go on looking up to date. True if it marked any."""
+        now = self.clock.now()
+        async with self.platform.unit_of_work() as uow:
+            await self.catalog_cache.refresh(uow.session)
+            todo = sorted(
+                (sid, version, why)
+                for sid, (version, why) in self.catalog_cache.invalid.items()
+                if (sid, version) not in self._invalid_seen
+            )
+            marked = [
+                (sid, version, why)
+                for sid, version, why in todo
+                if await segment_store.fail_definition(uow.session, sid, version, why[:ERROR_CHARS], now)
+            ]
+        self._invalid_seen.update((sid, version) for sid, version, _ in todo)
+        for sid, version, why in marked:
+            BACKFILL_FAILURES.labels("failed").inc()
+            log.error(
+                "segment failed: its stored definition is invalid; save it again",
+                extra={"segment_id": sid, "version": version, "error": why},
+            )
+        return bool(marked)
+
+    async def _back_off(self, row: dict[str, Any], exc: BaseException, now: datetime) -> None:
+        """After an outage that struck a claimed segment's chunk (its transaction is gone): back it off,
+        not counted, in a transaction of its own, if the database answers (else nothing: no segment is
+        claimed while it does not)."""
+        try:
+            async with self.platform.unit_of_work() as uow:
+                recorded = await segment_store.record_backfill_failure(
+                    uow.session, row, failure_text(exc), now, counted=False, max_failures=1
+                )
+        except Exception as again:
+            log.debug("could not back the segment off", extra={"error": repr(again)})
+            return
+        if recorded is not None:
+            self._report(row, failure_text(exc), recorded, counted=False)
+
+    def _report(self, row: dict[str, Any], error: str, recorded: tuple[str, int], *, counted: bool) -> None:
+        status, failures = recorded
+        outcome = "failed" if status == "failed" else "retried" if counted else "backed_off"
+        BACKFILL_FAILURES.labels(outcome).inc()
+        extra = {
+            "segment_id": row["segment_id"],
+            "version": row["version"],
+            "failures": failures,
+            "error": error,
+        }
+        if outcome == "failed":
+            log.error("segment back-fill failed; stopped until retried or saved again", extra=extra)
+        elif outcome == "retried":
+            log.warning(
+                "segment back-fill chunk failed; retried later, behind the other segments", extra=extra
+            )
+        else:
+            log.warning(
+                "segment back-fill chunk failed for a passing cause; retried later, not counted", extra=extra
+            )
+
+    async def _chunk(self, now: datetime, claimed: dict[str, Any]) -> bool:
+        """One chunk of one segment; the segment's row is copied into `claimed` once it is locked."""
         dependents_to_restart: set[str] = set()
+        failure: tuple[str, tuple[str, int], bool] | None = None
         async with self.platform.unit_of_work() as uow:
             # Shared, like an event batch, before any row lock: an erasure waits for a chunk in flight
             # (and then deletes the memberships it wrote), or the chunk reads the base after the
             # erasure committed. Back-fills never wait on each other or on event batches for it.
             await erasure_gate(uow.session, exclusive=False)
-            row = await segment_store.claim_backfill(uow.session)
+            retry_from = now - timedelta(seconds=self.settings.backfill_retry_after_s)
+            row = await segment_store.claim_backfill(uow.session, retry_from)
             if row is None:
                 return False
+            claimed.update(row)
             catalog = await self.catalog_cache.refresh(uow.session)
             seg = next((s for s in catalog.segments if s.segment_id == row["segment_id"]), None)
-            if seg is None:  # invalid stored definition: nothing to evaluate
-                await segment_store.advance_backfill(uow.session, row["segment_id"], None, 0, True, now)
-                return True
-            started = time.perf_counter()
-            upto = await segment_store.chunk_upper_bound(
-                uow.session, row["backfill_cursor"], self.settings.backfill_chunk_size
-            )
-            if upto is None:
-                await segment_store.advance_backfill(
-                    uow.session, seg.segment_id, row["backfill_cursor"], 0, True, now
-                )
-                dependents_to_restart = catalog.dependents.get(seg.segment_id, set())
+            if seg is None:
+                # Left out of the catalogue: its stored definition is invalid (saved by a release
+                # that accepted it). Failed at once, saying why, not `ready` with no member.
+                why = self.catalog_cache.invalid.get(row["segment_id"], (row["version"], "InvalidRule"))[1]
+                if await segment_store.fail_definition(
+                    uow.session, row["segment_id"], row["version"], why[:ERROR_CHARS], now
+                ):
+                    failure = (why, ("failed", row["backfill_failures"] + 1), True)
             else:
-                seen, changed = await segment_store.backfill_chunk(
-                    uow.session,
-                    seg.segment_id,
-                    seg.rule,
-                    row["backfill_cursor"],
-                    upto,
-                    now,
-                    self._announcement(seg.name, now),
-                )
-                await segment_store.advance_backfill(uow.session, seg.segment_id, upto, seen, False, now)
-                log.debug(
-                    "backfill chunk",
-                    extra={
-                        "segment_id": seg.segment_id,
-                        "seen": seen,
-                        "changed": changed,
-                        "s": time.perf_counter() - started,
-                    },
-                )
+                try:
+                    async with uow.session.begin_nested():
+                        dependents_to_restart = await self._run_chunk(uow.session, seg, row, catalog, now)
+                except Exception as exc:
+                    kind = failure_kind(exc)
+                    if kind in ("conflict", "outage"):
+                        raise
+                    # Rolled back to the savepoint: the row is still locked by this transaction.
+                    error, counted = failure_text(exc), kind != "passing"
+                    recorded = await segment_store.record_backfill_failure(
+                        uow.session,
+                        row,
+                        error,
+                        now,
+                        counted=counted,
+                        max_failures=1 if kind == "invalid" else self.settings.backfill_max_failures,
+                    )
+                    if recorded is not None:
+                        failure = (error, recorded, counted)
             if dependents_to_restart:
                 # Segments built on this one see its new memberships only after their own pass.
                 await segment_store.restart_backfill(uow.session, dependents_to_restart, now)
-        self.platform.relay.notify()  # outbox rows written by SQL, not through uow.emit
+        if failure is not None:
+            self._report(row, failure[0], failure[1], counted=failure[2])
+        else:
+            self.platform.relay.notify()  # outbox rows written by SQL, not through uow.emit
         return True
+
+    async def _run_chunk(
+        self, session: Any, seg: SegmentRule, row: dict[str, Any], catalog: Catalog, now: datetime
+    ) -> set[str]:
+        """The chunk after the segment's cursor, or the end of its pass (returns the segments to
+        back-fill again then: those built on it)."""
+        started = time.perf_counter()
+        upto = await segment_store.chunk_upper_bound(
+            session, row["backfill_cursor"], self.settings.backfill_chunk_size
+        )
+        if upto is None:
+            await segment_store.advance_backfill(
+                session, seg.segment_id, row["backfill_cursor"], 0, True, now
+            )
+            return catalog.dependents.get(seg.segment_id, set())
+        seen, changed = await segment_store.backfill_chunk(
+            session,
+            seg.segment_id,
+            seg.rule,
+            row["backfill_cursor"],
+            upto,
+            now,
+            self._announcement(seg.name, now),
+        )
+        await segment_store.advance_backfill(session, seg.segment_id, upto, seen, False, now)
+        log.debug(
+            "backfill chunk",
+            extra={
+                "segment_id": seg.segment_id,
+                "seen": seen,
+                "changed": changed,
+                "s": time.perf_counter() - started,
+            },
+        )
+        return set()
 
     def _announcement(self, segment_name: str, now: datetime) -> segment_store.Announcement:
         return segment_store.Announcement.of(

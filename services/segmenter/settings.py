@@ -71,6 +71,11 @@ class SegmenterSettings(BaseServiceSettings):
     # Customers per back-fill transaction, and how often the back-fill loop looks for work.
     backfill_chunk_size: int = 50000
     backfill_poll_interval_s: float = 1.0
+    # Failed chunks in a row caused by the segment (not outages nor passing causes such as a statement
+    # timeout, which only back it off) after which its back-fill is `failed` until retried or saved
+    # again; after each failure, or back-off, it is tried again this much later, the others first.
+    backfill_max_failures: int = Field(default=3, ge=1)
+    backfill_retry_after_s: float = Field(default=60.0, ge=0)
     # Run the background loops (tests drive them by hand with `run_once`).
     run_background_loops: bool = True
     # How long GET /v1/customers/{id}/export waits for every service's part before answering 504.

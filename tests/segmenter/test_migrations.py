@@ -1,12 +1,15 @@
 """Migrations 0005 and 0006 repair what earlier versions stored for hostile events: infinite times
 (events stamped 0001-01-01 or 9999-12-31, asyncpg's datetime.min/max) and infinite revenue (order
-amounts summed past float8), which made every later event of their customer fail."""
+amounts summed past float8), which made every later event of their customer fail. Migration 0014
+counts a back-fill pass's failed chunks on the segment."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import text
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, text
 
 from services.segmenter.app import MIGRATIONS
 from services.segmenter.settings import SegmenterSettings
@@ -67,5 +70,55 @@ async def test_infinite_times_and_revenue_are_repaired(make_settings: Any) -> No
                 await conn.execute(text("SELECT customer_id, revenue FROM customers ORDER BY 1"))
             ).all()
             assert [tuple(r) for r in revenue] == [("bad", 20.0), ("good", 5.0)]
+    finally:
+        await engine.dispose()
+
+
+def _downgrade(connection: Connection, revision: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    command.downgrade(cfg, revision)
+
+
+async def test_backfill_failures_both_ways(make_settings: Any) -> None:
+    """0014 counts a pass's failed chunks on the segment; its downgrade keeps `failed` segments so (an
+    older release would otherwise claim them first on every pass again)."""
+    settings = make_settings(SegmenterSettings)
+    await ensure_schema(settings.database_url, settings.db_schema)
+    engine = create_engine(settings.database_url, settings.db_schema)
+    columns = (
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = 'segments' AND column_name LIKE 'backfill_%' ORDER BY 1"
+    )
+    try:
+        await run_migrations(engine, MIGRATIONS, settings.db_schema, revision="0013_outbox_packed")
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO segments (segment_id, name, definition, status, created_at, updated_at) "
+                    "VALUES ('s1', 'a', '{}', 'backfilling', now(), now())"
+                )
+            )
+        await run_migrations(engine, MIGRATIONS, settings.db_schema)
+        async with engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text("SELECT backfill_failures, backfill_error, backfill_failed_at FROM segments")
+                )
+            ).one()
+            assert tuple(row) == (0, None, None)
+            await conn.execute(text("UPDATE segments SET status = 'failed', backfill_failures = 3"))
+        async with engine.begin() as conn:
+            await conn.run_sync(_downgrade, "0013_outbox_packed")
+        async with engine.connect() as conn:
+            assert (await conn.execute(text(columns))).scalars().all() == [
+                "backfill_cursor",
+                "backfill_done",
+                "backfill_finished_at",
+                "backfill_started_at",
+                "backfill_total",
+            ]
+            assert await conn.scalar(text("SELECT status FROM segments")) == "failed"
     finally:
         await engine.dispose()

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from services.segmenter.settings import SegmenterSettings
+from services.segmenter.store import segments as segment_store
 from shared.contracts.topics import PROFILES, SEGMENT_MEMBERSHIP
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event, read_all, segmenter_running
 
@@ -171,6 +172,63 @@ async def test_a_new_customer_enters_segments_their_events_do_not_name(harness: 
     await harness.send(make_event("m2", "track", anonymous_id="a1", event="Page Scrolled"))
     await harness.processed(2)
     assert len(await harness.memberships()) == 3
+
+
+async def test_a_window_written_without_a_zone_is_utc_and_fails_no_batch_or_timer_pass(
+    harness: Harness,
+) -> None:
+    """`between` dates without a zone are UTC. Kept naive, comparing them with event times raised:
+    every batch evaluating the segment failed and its events were dead-lettered; with a `within`
+    segment on the same event, so did every batch and due-timer pass (`Catalog.timeline_since`)."""
+    march = await harness.create_segment(
+        {"performed": "Order Completed", "between": {"from": "2026-03-01", "to": "2026-03-31"}}, name="March"
+    )
+    mixed = await harness.create_segment(  # one end with a zone, one without: was a 500
+        {
+            "performed": "Order Completed",
+            "between": {"from": "2026-03-02T11:00:00", "to": "2026-03-02T13:00:00Z"},
+        },
+        name="Around noon",
+    )
+    recent = await harness.create_segment({"performed": "Order Completed", "within": "1d"}, name="Recent")
+    pro = await harness.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    shown = (await harness.client.get(f"/v1/segments/{march}", headers=ADMIN)).json()["definition"]
+    assert shown["between"] == {"from": "2026-03-01T00:00:00Z", "to": "2026-03-31T00:00:00Z"}
+
+    await harness.send(make_event("m1", "track", user_id="u1", event="Order Completed"))  # a new customer
+    await harness.send(
+        make_event(
+            "m2", "identify", user_id="u1", traits={"plan": "pro"}, timestamp=START + timedelta(minutes=1)
+        )
+    )
+    await harness.processed(2)
+    runner = harness.segmenter.platform.consumers[0]
+    assert runner.last_error is None  # no batch failed: nothing retried or dead-lettered
+    msgs = await harness.memberships()
+    assert sorted((m["segment_id"], m["change"]) for m in msgs) == sorted(
+        [(march, "entered"), (mixed, "entered"), (recent, "entered"), (pro, "entered")]
+    )
+    harness.clock.advance(timedelta(days=1))  # the order leaves the 1-day window
+    assert await harness.segmenter.timers.run_once() == 1
+    msgs = await harness.memberships()
+    assert [(m["segment_id"], m["change"], m["cause"]) for m in msgs[4:]] == [(recent, "exited", "schedule")]
+
+
+async def test_a_window_stored_without_a_zone_before_it_was_read_as_utc_works(harness: Harness) -> None:
+    """Definitions saved before then hold such times as written (`2026-03-01T00:00:00`): the catalogue
+    loads them as UTC, so their segments work without being saved again."""
+    stored = {
+        "performed": "Order Completed",
+        "between": {"from": "2026-03-01T00:00:00", "to": "2026-03-31T00:00:00"},
+    }
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await segment_store.insert_segment(uow.session, "seg_march", "March", "", stored, START)
+    await harness.segmenter.backfill.run_until_idle()
+    await harness.send(make_event("m1", "track", user_id="u1", event="Order Completed"))
+    await harness.processed(1)
+    assert harness.segmenter.platform.consumers[0].last_error is None
+    msgs = await harness.memberships()
+    assert [(m["segment_id"], m["change"], m["cause"]) for m in msgs] == [("seg_march", "entered", "m1")]
 
 
 TRAIT_BYTES = 4096

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from services.segmenter.store import segments as segment_store
@@ -386,7 +388,9 @@ async def test_invalid_definitions_get_a_clear_400_naming_the_node(harness: Harn
     body = await bad(harness, {"name": "x", "definition": {"or": [{"performed": "X", "within": "a while"}]}})
     assert body["errors"][0]["field"] == "definition.or[0].within"
     body = await bad(harness, {"name": "x", "definition": {"member_of": "seg_nope"}})
-    assert body["errors"][0]["rule"] == "unknown_segment"
+    assert body["errors"] == [
+        {"field": "definition.member_of", "rule": "unknown_segment", "message": "no segment 'seg_nope'"}
+    ]
     body = await bad(harness, {"name": "x", "definition": {"wat": 1}})
     assert body["errors"][0]["field"] == "definition" and body["errors"][0]["rule"] == "unknown_rule"
     body = await bad(harness, {"name": "", "definition": {"trait": "a", "op": "exists"}})
@@ -405,7 +409,9 @@ async def test_invalid_definitions_get_a_clear_400_naming_the_node(harness: Harn
         )
     ).json()["id"]
     body = await bad(harness, {"name": "a", "definition": {"member_of": b}}, "put", f"/v1/segments/{a}")
-    assert body["errors"][0]["rule"] == "cycle"
+    assert body["errors"] == [
+        {"field": "definition.member_of", "rule": "cycle", "message": f"{a} -> {b} -> {a}"}
+    ]
     assert (await harness.client.get("/v1/segments", headers=ADMIN)).json()["segments"][0]["version"] == 1
     # And without the admin token nothing is readable.
     assert (await harness.client.get("/v1/segments")).status_code == 401
@@ -439,3 +445,202 @@ async def test_hostile_input_is_a_400_naming_the_field_and_changes_nothing(harne
     assert r.status_code == 400 and r.json()["errors"][0]["field"] == "before", r.text
     r = await harness.client.get("/v1/customers/u00/events?before=1-99999999999999999999999", headers=ADMIN)
     assert r.status_code == 400 and r.json()["errors"][0]["field"] == "before", r.text
+
+
+EXTREME_DATES = [
+    ({"trait": "d", "op": "before", "value": "9999-12-31T23:59:59-01:00"}, "definition.value"),
+    ({"trait": "d", "op": "after", "value": "0001-01-01T00:00:00+01:00"}, "definition.value"),
+    (
+        {"performed": "Order Completed", "between": {"from": "0001-01-01T00:00:00+01:00"}},
+        "definition.between.from",
+    ),
+    (
+        {"performed": "Order Completed", "between": {"to": "9999-12-31T23:59:59-01:00"}},
+        "definition.between.to",
+    ),
+    (
+        {"last_performed": "Order Completed", "op": "after", "value": "0001-01-01T00:00:00+01:00"},
+        "definition.value",
+    ),
+    (
+        {
+            "or": [
+                {"trait": "plan", "op": "exists"},
+                {
+                    "performed": "Order Completed",
+                    "where": [{"property": "at", "op": "before", "value": "9999-12-31T23:59:59-01:00"}],
+                },
+            ]
+        },
+        "definition.or[1].where[0].value",
+    ),
+]
+
+
+@pytest.mark.parametrize(("definition", "field"), EXTREME_DATES)
+async def test_a_date_of_year_10000_or_0_in_utc_is_a_400_naming_it_not_a_500(
+    harness: Harness, definition: dict[str, Any], field: str
+) -> None:
+    """In UTC these are year 10000 or year 0: accepted, PostgreSQL refused them as parameters, so
+    preview answered 500 and every back-fill chunk of the segment failed."""
+    await harness.send(make_event("m1", "track", user_id="u1", event="Order Completed"))
+    await harness.processed(1)
+    expected = [{"field": field, "rule": "range", "message": "must be from 0001-01-01 to 9999-12-31 in UTC"}]
+    body = await bad(harness, {"definition": definition}, path="/v1/segments/preview")
+    assert body["error"] == "invalid_definition" and body["errors"] == expected
+    body = await bad(harness, {"name": "x", "definition": definition})
+    assert body["errors"] == expected
+    assert (await harness.client.get("/v1/segments", headers=ADMIN)).json()["segments"] == []
+
+
+def failures(outcome: str) -> float:
+    return REGISTRY.get_sample_value("clm_segmenter_backfill_failures_total", {"outcome": outcome}) or 0.0
+
+
+async def test_a_segment_whose_backfill_keeps_failing_is_failed_and_holds_up_no_other(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Back-fill claims the oldest edit first: a segment whose chunk always failed was claimed first on
+    every pass, and no other segment was ever back-filled. Now each failure sends it behind the
+    others, to be retried a minute later, and after `backfill_max_failures` (3) it is `failed`, with
+    the error, until saved again."""
+    await seed(harness, 6)
+    everyone = {"trait": "plan", "op": "exists"}
+    r = await harness.client.post(
+        "/v1/segments", json={"name": "Stuck", "definition": everyone}, headers=ADMIN
+    )
+    stuck = r.json()["id"]
+    # Its memberships cannot be written: every chunk of it fails in the database, like a rule PostgreSQL
+    # cannot run would.
+    async with harness.segmenter.platform.engine.begin() as conn:
+        await conn.execute(
+            text(f"ALTER TABLE memberships ADD CONSTRAINT refuse_stuck CHECK (segment_id <> '{stuck}')")
+        )
+    harness.clock.advance(timedelta(seconds=1))  # edited later: claimed after it
+    r = await harness.client.post(
+        "/v1/segments",
+        json={"name": "Pro", "definition": {"trait": "plan", "op": "equals", "value": "pro"}},
+        headers=ADMIN,
+    )
+    pro = r.json()["id"]
+    retried, failed = failures("retried"), failures("failed")
+
+    assert await harness.segmenter.backfill.run_once()  # the stuck one's chunk fails: counted, not raised
+    view = (await harness.client.get(f"/v1/segments/{stuck}", headers=ADMIN)).json()
+    assert view["status"] == "backfilling" and view["backfill"]["failures"] == 1
+    assert view["backfill"]["failed_at"] == harness.clock.now().isoformat().replace("+00:00", "Z")
+    assert view["backfill"]["error"] == (
+        'CheckViolationError: new row for relation "memberships" violates check constraint "refuse_stuck"'
+    )
+    await harness.segmenter.backfill.run_until_idle()  # the other one, then nothing until the retry
+    done = (await harness.client.get(f"/v1/segments/{pro}", headers=ADMIN)).json()
+    assert done["status"] == "ready" and done["member_count"] == 2 and done["backfill"]["failures"] == 0
+    for _ in range(2):  # retried a minute (backfill_retry_after_s) after each failure
+        harness.clock.advance(timedelta(seconds=59))
+        assert not await harness.segmenter.backfill.run_once()
+        harness.clock.advance(timedelta(seconds=1))
+        assert await harness.segmenter.backfill.run_once()
+    view = (await harness.client.get(f"/v1/segments/{stuck}", headers=ADMIN)).json()
+    assert view["status"] == "failed" and view["member_count"] == 0
+    assert view["backfill"]["failures"] == 3 and view["backfill"]["processed"] == 0
+    assert view["backfill"]["progress"] == 0.0 and "refuse_stuck" in view["backfill"]["error"]
+    assert (failures("retried") - retried, failures("failed") - failed) == (2, 1)
+    logged = [
+        (r.levelno, r.getMessage(), getattr(r, "segment_id", None), getattr(r, "failures", None))
+        for r in caplog.records
+        if r.name == "services.segmenter.schedules"
+    ]
+    retry = "segment back-fill chunk failed; retried later, behind the other segments"
+    assert logged == [
+        (logging.WARNING, retry, stuck, 1),
+        (logging.WARNING, retry, stuck, 2),
+        (logging.ERROR, "segment back-fill failed; stopped until retried or saved again", stuck, 3),
+    ]
+    harness.clock.advance(timedelta(hours=1))
+    assert not await harness.segmenter.backfill.run_once()  # no longer claimed
+
+    # Saved again once the cause is gone: a new pass, from no failure.
+    async with harness.segmenter.platform.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE memberships DROP CONSTRAINT refuse_stuck"))
+    r = await harness.client.put(
+        f"/v1/segments/{stuck}", json={"name": "Stuck", "definition": everyone}, headers=ADMIN
+    )
+    assert r.json()["status"] == "backfilling" and r.json()["backfill"]["failures"] == 0
+    assert r.json()["backfill"]["error"] is None and r.json()["backfill"]["failed_at"] is None
+    await harness.segmenter.backfill.run_until_idle()
+    view = (await harness.client.get(f"/v1/segments/{stuck}", headers=ADMIN)).json()
+    assert view["status"] == "ready" and view["member_count"] == 6
+
+
+async def test_a_segment_stored_with_a_definition_now_refused_is_failed_at_once_not_ready(
+    harness: Harness,
+) -> None:
+    """A year-10000 date was accepted before 2026-12-07: such a stored definition is invalid now. Real
+    time leaves it out; its back-fill is `failed` with what is wrong instead of `ready` with no member,
+    and the other segments are back-filled."""
+    await seed(harness, 3)
+    stored = {"trait": "d", "op": "before", "value": "9999-12-31T23:59:59-01:00"}
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await segment_store.insert_segment(uow.session, "seg_old", "Old", "", stored, START)
+    pro = await harness.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    old = (await harness.client.get("/v1/segments/seg_old", headers=ADMIN)).json()
+    assert old["status"] == "failed" and old["backfill"]["failures"] == 1
+    assert old["backfill"]["error"] == (
+        "InvalidRule: definition.value: must be from 0001-01-01 to 9999-12-31 in UTC"
+    )
+    assert (await harness.client.get(f"/v1/segments/{pro}", headers=ADMIN)).json()["status"] == "ready"
+
+
+async def test_an_unknown_or_cyclic_member_of_is_named_by_its_node(harness: Harness) -> None:
+    """Every other error names its node; these named only `definition`, however deep the node was."""
+    body = await bad(
+        harness,
+        {"name": "s", "definition": {"and": [{"trait": "plan", "op": "exists"}, {"member_of": "seg_nope"}]}},
+    )
+    assert body["errors"] == [
+        {
+            "field": "definition.and[1].member_of",
+            "rule": "unknown_segment",
+            "message": "no segment 'seg_nope'",
+        }
+    ]
+    pro = await harness.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    nested = {
+        "or": [
+            {"not": {"member_of": "seg_gone"}},
+            {"member_of": pro},
+            {"and": [{"trait": "a", "op": "exists"}, {"member_of": "seg_gone"}]},
+        ]
+    }
+    body = await bad(harness, {"definition": nested}, path="/v1/segments/preview")
+    assert [(e["field"], e["rule"]) for e in body["errors"]] == [
+        ("definition.or[0].not.member_of", "unknown_segment"),
+        ("definition.or[2].and[1].member_of", "unknown_segment"),
+    ]
+    # A cycle: the nodes that close it, each with the cycle it closes.
+    vip = await harness.create_segment({"and": [{"member_of": pro}, {"trait": "vip", "op": "exists"}]}, "Vip")
+    top = await harness.create_segment({"member_of": vip}, name="Top")
+    body = await bad(
+        harness,
+        {
+            "name": "Pro",
+            "definition": {
+                "or": [
+                    {"trait": "plan", "op": "equals", "value": "pro"},
+                    {"not": {"member_of": top}},
+                    {"member_of": pro},
+                ]
+            },
+        },
+        "put",
+        f"/v1/segments/{pro}",
+    )
+    assert body["errors"] == [
+        {
+            "field": "definition.or[1].not.member_of",
+            "rule": "cycle",
+            "message": f"{pro} -> {top} -> {vip} -> {pro}",
+        },
+        {"field": "definition.or[2].member_of", "rule": "cycle", "message": f"{pro} -> {pro}"},
+    ]
+    assert (await harness.client.get(f"/v1/segments/{pro}", headers=ADMIN)).json()["version"] == 1

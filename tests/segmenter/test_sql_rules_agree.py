@@ -1,11 +1,14 @@
-"""The SQL compilation of rules (back-fill, preview) and the Python evaluator (real time) agree:
-same members and same next due moment, on the same stored profiles, for every operator."""
+"""The SQL compilation of rules (back-fill, preview), the Python interpreter (the reference) and the
+compiled rules (real time) agree: same members and same next due moment, on the same stored
+profiles, for every operator."""
 
 from __future__ import annotations
 
 import random
 from datetime import timedelta
 from typing import Any
+
+from sqlalchemy import text
 
 from services.segmenter.domain.catalog import Catalog, compile_segment
 from services.segmenter.domain.evaluation import evaluate, next_change_at
@@ -56,6 +59,15 @@ RULES: list[Any] = [
     {"last_performed": "Signed In", "op": "before", "ago": "5d"},
     {"last_performed": "Signed In", "op": "after", "value": "2026-02-25T00:00:00Z"},
     {"random_bucket": {"buckets": 10, "below": 3, "salt": "h"}},
+    # Times written without a zone are UTC (a day alone: its midnight), whatever evaluates them.
+    {"performed": "Order Completed", "between": {"from": "2026-02-01", "to": "2026-02-20"}},
+    {
+        "performed": "Order Completed",
+        "between": {"from": "2026-02-10T00:00:00", "to": "2026-02-25T12:00:00Z"},
+    },
+    {"performed": "Signed In", "between": {"to": "2026-02-25T06:00:00"}},
+    {"last_performed": "Signed In", "op": "after", "value": "2026-02-25T00:00:00"},
+    {"trait": "signed_up_at", "op": "after", "value": "2026-02-15"},
     {
         "and": [
             {"trait": "plan", "op": "equals", "value": "pro"},
@@ -136,7 +148,8 @@ async def seed_profiles(h: Harness, n: int = 40) -> None:
 
 
 async def assert_agree(h: Harness, ids: list[str], rules: list[Any]) -> list[set[str]]:
-    """Each rule's members and due moments, by SQL and by Python; returns the members per rule."""
+    """Each rule's members and due moments, by SQL, the interpreter and the compiled rule; returns the
+    members per rule."""
     now = h.clock.now()
     out = []
     async with h.segmenter.platform.unit_of_work() as uow:
@@ -148,9 +161,12 @@ async def assert_agree(h: Harness, ids: list[str], rules: list[Any]) -> list[set
             expected = {cid for cid, p in profiles.items() if evaluate(seg.rule, p, now)}
             got = await segment_store.matching_ids(uow.session, seg.rule, now)
             assert got == expected, (definition, sorted(got ^ expected))
+            compiled = {cid for cid, p in profiles.items() if seg.holds(p, now)}
+            assert compiled == expected, (definition, sorted(compiled ^ expected))
             due_sql = await segment_store.due_moments(uow.session, seg.rule, now)
             due_py = {cid: next_change_at(seg.rule, p, now) for cid, p in profiles.items()}
             assert due_sql == due_py, definition
+            assert {cid: seg.next_change_at(p, now) for cid, p in profiles.items()} == due_py, definition
             out.append(expected)
     return out
 
@@ -214,6 +230,14 @@ EDGE_RULES: list[Any] = [
         "within": "30d",
         "where": [{"property": "products.0.at", "op": "exists"}],
     },
+    {
+        "performed": "Order Completed",
+        "where": [{"property": "products.1.at", "op": "before", "value": "2026-02-20T10:00:00"}],
+    },
+    # The ends of what events store (1900-01-01 to 2999-12-31 UTC).
+    {"trait": "d", "op": "before", "value": "2999-12-31T23:59:59.999999Z"},
+    {"performed": "Order Completed", "between": {"from": "1900-01-01", "to": "2999-12-31T23:00:00-00:59"}},
+    {"last_performed": "Order Completed", "op": "after", "value": "1900-01-01T00:00:00Z"},
 ]
 
 
@@ -256,3 +280,150 @@ async def test_sql_and_python_agree_on_array_paths_and_edge_dates(harness: Harne
     assert members[str(EDGE_RULES[12])] == {"d04", "d10"}
     # An event property path through the order's products (or an object's "0" key).
     assert members[str(EDGE_RULES[14])] == {"d01", "d03", "d05", "d07", "d09"}
+    everyone = set(ids)
+    assert [members[str(r)] for r in EDGE_RULES[-2:]] == [everyone, everyone]
+
+
+# Numbers past 2**53 (where not every integer is a double) and the same number written 1 and 1.0.
+NUMBERS: dict[str, Any] = {
+    "n01": 9007199254740993,  # 2**53 + 1: its double is 2**53
+    "n02": 9223372036854775807,  # 2**63 - 1: its double is 2**63
+    "n03": 1.152921504606847e18,  # written so, read back from jsonb as 1152921504606847000
+    "n04": 1.0,
+    "n05": 1,
+    "n06": 9007199254740992.0,
+    "n07": -9223372036854775808,
+    "n08": 18446744073709551615,  # 2**64 - 1
+    "n09": 0.1,
+    "n10": [1.0, 9007199254740993],
+}
+NUMBER_RULES: list[Any] = [
+    {"trait": "n", "op": "gt", "value": 9007199254740992},
+    {"trait": "n", "op": "gte", "value": 9007199254740993},
+    {"trait": "n", "op": "lt", "value": 9223372036854775808},
+    {"trait": "n", "op": "lte", "value": 9223372036854775807},
+    {"trait": "n", "op": "gt", "value": 1.1529215046068469e18},
+    {"trait": "n", "op": "lt", "value": -9223372036854775807},
+    {"trait": "n", "op": "gte", "value": 0.1},
+    {"trait": "n", "op": "equals", "value": 9007199254740992},
+    {"trait": "n", "op": "equals", "value": 9007199254740993},
+    {"trait": "n", "op": "equals", "value": 1},
+    {"trait": "n", "op": "equals", "value": 1.0},
+    {"trait": "n", "op": "equals", "value": 1152921504606847000},
+    {"trait": "n", "op": "equals", "value": 1.152921504606847e18},
+    {"trait": "n", "op": "equals", "value": 1152921504606846976},  # 1.152921504606847e18's double
+    {"trait": "n", "op": "not_equals", "value": 1},
+    {"trait": "n", "op": "in", "values": [1.0, 9007199254740993]},
+    {"trait": "n", "op": "in", "values": [9.223372036854776e18, 18446744073709551615]},
+    {"trait": "n", "op": "contains", "value": 1},
+    {"trait": "n", "op": "contains", "value": 9007199254740992},
+]
+
+
+async def test_sql_and_python_agree_on_numbers_past_2_53_and_on_1_and_1_0(harness: Harness) -> None:
+    """gt/gte/lt/lte compare as doubles in every evaluator: SQL casts to float8, Python compared
+    exactly, so `9007199254740993 gt 9007199254740992` held in real time and not in back-fill or
+    preview. equals/in/contains compare JSON values (1 is 1.0), as jsonb does."""
+    # Real time first, on the values as the events carry them (the float 1.152921504606847e18, not the
+    # integer jsonb gives back): each rule a segment, every new profile evaluated against them all.
+    segments = [await harness.create_segment(rule, name=f"n{i}") for i, rule in enumerate(NUMBER_RULES)]
+    events = [make_event(f"{uid}-id", "identify", user_id=uid, traits={"n": n}) for uid, n in NUMBERS.items()]
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await harness.segmenter.events.handle(uow, events)
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        rows = list(
+            await uow.session.execute(text("SELECT segment_id, customer_id FROM memberships WHERE is_member"))
+        )
+    real_time = [{c for s, c in rows if s == sid} for sid in segments]
+    # Then the profiles read back from jsonb: SQL, the interpreter and the compiled rules.
+    members = await assert_agree(harness, list(NUMBERS), NUMBER_RULES)
+    assert real_time == members
+    got = {str(r): found for r, found in zip(NUMBER_RULES, members, strict=True)}
+    assert got[str(NUMBER_RULES[0])] == {"n02", "n03", "n08"}  # 2**53 + 1 is 2**53 as a double
+    assert got[str(NUMBER_RULES[1])] == {"n01", "n02", "n03", "n06", "n08"}
+    assert "n02" not in got[str(NUMBER_RULES[2])]  # 2**63 - 1 is 2**63 as a double
+    assert got[str(NUMBER_RULES[8])] == {"n01"}  # equality stays exact
+    assert got[str(NUMBER_RULES[9])] == got[str(NUMBER_RULES[10])] == {"n04", "n05"}
+    assert got[str(NUMBER_RULES[11])] == got[str(NUMBER_RULES[12])] == {"n03"}
+    assert got[str(NUMBER_RULES[13])] == set()
+    assert got[str(NUMBER_RULES[15])] == {"n01", "n04", "n05"}
+    assert got[str(NUMBER_RULES[17])] == {"n10"} and got[str(NUMBER_RULES[18])] == set()
+
+
+# Dates in conditions anywhere a datetime holds them in UTC, and trait dates at the very same moments:
+# "never expires" (9999-12-31), "founded before 1850", and datetime.min / .max themselves, which
+# asyncpg would send as -infinity / infinity (the rules' dates go to SQL as text).
+FAR_DATES = [
+    "1850-01-01",
+    "1849-12-31T23:59:59Z",
+    "1800-01-01T00:00:00Z",
+    "0001-01-01",
+    "0001-01-01T00:00:00.000001Z",
+    "9999-12-31",
+    "9999-12-31T23:59:59.999999",
+    "9999-12-31T23:59:59.999998Z",
+    "2999-12-31T00:00:00Z",
+    "3000-01-01",
+]
+FAR_RULES: list[Any] = [
+    {"trait": "d", "op": "before", "value": "9999-12-31"},
+    {"trait": "d", "op": "after", "value": "2999-12-31"},
+    {"trait": "d", "op": "before", "value": "1850-01-01"},
+    {"trait": "d", "op": "after", "value": "0001-01-01T00:00:00Z"},
+    {"trait": "d", "op": "before", "value": "0001-01-01T00:00:00Z"},
+    {"trait": "d", "op": "before", "value": "9999-12-31T23:59:59.999999Z"},
+    {"trait": "d", "op": "after", "value": "9999-12-31T23:59:59.999998Z"},
+    {"trait": "d", "op": "before", "value": "1850-01-01T01:00:00+01:00"},
+    {"performed": "Order Completed", "between": {"from": "1800-01-01T00:00:00Z"}},
+    {"performed": "Order Completed", "between": {"from": "0001-01-01", "to": "9999-12-31T23:59:59.999999Z"}},
+    {"performed": "Order Completed", "between": {"to": "1850-01-01"}},
+    {"performed": "Order Completed", "where": [{"property": "at", "op": "before", "value": "9999-12-31"}]},
+    {
+        "performed": "Order Completed",
+        "where": [{"property": "at", "op": "after", "value": "0001-01-01T00:00Z"}],
+    },
+    {"last_performed": "Order Completed", "op": "before", "value": "9999-12-31"},
+    {"last_performed": "Order Completed", "op": "after", "value": "1850-01-01"},
+]
+
+
+async def test_sql_and_python_agree_on_dates_far_in_the_past_and_the_future(harness: Harness) -> None:
+    """Rule dates 1900-2999 only were accepted for a while: `valid_until before 9999-12-31` (a common
+    "never expires") or `founded before 1850-01-01` had worked, and must keep working, alike in real
+    time, back-fill and preview."""
+    ids = [f"f{i:02d}" for i in range(len(FAR_DATES))]
+    events = []
+    for uid, d in zip(ids, FAR_DATES, strict=True):
+        events.append(make_event(f"{uid}-id", "identify", user_id=uid, traits={"d": d}))
+        events.append(
+            make_event(
+                f"{uid}-o", user_id=uid, event="Order Completed", properties={"at": d}, timestamp=START
+            )
+        )
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await harness.segmenter.events.handle(uow, events)
+    members = dict(zip(map(str, FAR_RULES), await assert_agree(harness, ids, FAR_RULES), strict=True))
+    by_date = dict(zip(FAR_DATES, ids, strict=True))
+
+    def of(*dates: str) -> set[str]:
+        return {by_date[d] for d in dates}
+
+    everyone = set(ids)
+    assert members[str(FAR_RULES[0])] == everyone - of(
+        "9999-12-31T23:59:59.999999", "9999-12-31T23:59:59.999998Z"
+    )
+    assert members[str(FAR_RULES[1])] == of(*FAR_DATES[5:8], "3000-01-01")
+    assert members[str(FAR_RULES[2])] == of(
+        "1850-01-01", "1849-12-31T23:59:59Z", "1800-01-01T00:00:00Z", *FAR_DATES[3:5]
+    )
+    # datetime.min and .max as rule dates mean those very moments, not -infinity and infinity.
+    assert members[str(FAR_RULES[3])] == everyone - of("0001-01-01")
+    assert members[str(FAR_RULES[4])] == of("0001-01-01")
+    assert members[str(FAR_RULES[5])] == everyone
+    assert members[str(FAR_RULES[6])] == of("9999-12-31T23:59:59.999999")
+    assert members[str(FAR_RULES[7])] == members[str(FAR_RULES[2])]
+    assert members[str(FAR_RULES[8])] == members[str(FAR_RULES[9])] == everyone
+    assert members[str(FAR_RULES[10])] == set()  # no event before 1900 is stored
+    assert members[str(FAR_RULES[11])] == members[str(FAR_RULES[0])]
+    assert members[str(FAR_RULES[12])] == members[str(FAR_RULES[3])]
+    assert members[str(FAR_RULES[13])] == members[str(FAR_RULES[14])] == everyone

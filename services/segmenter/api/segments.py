@@ -9,9 +9,21 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError
 
-from services.segmenter.domain.catalog import Catalog, CycleError, compile_segment, dependency_order
+from services.segmenter.domain.catalog import (
+    Catalog,
+    CycleError,
+    compile_segment,
+    cycle_through,
+    dependency_order,
+)
 from services.segmenter.domain.evaluation import evaluate, explain
-from services.segmenter.domain.rules import InvalidRule, Rule, parse_rule, references
+from services.segmenter.domain.rules import (
+    InvalidRule,
+    Rule,
+    member_of_nodes,
+    parse_rule,
+    stored_member_of,
+)
 from services.segmenter.domain.rules import rule_to_json as rule_json
 from services.segmenter.reevaluation import fill_snapshots
 from services.segmenter.runtime import Segmenter
@@ -47,6 +59,16 @@ def _invalid(exc: InvalidRule) -> ApiError:
     )
 
 
+def _stored_invalid(exc: InvalidRule) -> ApiError:
+    """The segment's stored definition (saved by an earlier release) no longer validates."""
+    return ApiError(
+        409,
+        "invalid_stored_definition",
+        "the segment's stored definition is no longer valid; save it again",
+        errors=[field_error(e.path, e.rule, e.message) for e in exc.errors],
+    )
+
+
 def _parse(definition: Any) -> Rule:
     if definition is None:
         raise ApiError(
@@ -77,6 +99,10 @@ def _view(row: dict[str, Any], members: int | None = None) -> dict[str, Any]:
             else (round(row["backfill_done"] / row["backfill_total"], 4) if row["backfill_total"] else 0.0),
             "started_at": row["backfill_started_at"],
             "finished_at": row["backfill_finished_at"],
+            # Chunks of this pass that failed, the last one's error and time (`failed`: it gave up).
+            "failures": row["backfill_failures"],
+            "error": row["backfill_error"],
+            "failed_at": row["backfill_failed_at"],
         },
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
@@ -93,30 +119,44 @@ def segments_router(seg: Segmenter) -> APIRouter:
     platform = seg.platform
 
     async def check_references(session: Any, segment_id: str, rule: Rule) -> None:
-        """member_of must name existing segments, and no segment may (indirectly) contain itself."""
-        refs = references(rule).segments
+        """member_of must name existing segments, and no segment may (indirectly) contain itself; each
+        offending member_of node is named by its path, as `check_rule` names the others."""
+        nodes = member_of_nodes(rule)
         rows = await segment_store.segment_versions(session)
         existing = {sid: (version, name, definition) for sid, version, name, definition in rows}
-        missing = sorted(refs - existing.keys() - {segment_id})
+        missing = [(path, sid) for path, sid in nodes if sid not in existing and sid != segment_id]
         if missing:
             raise ApiError(
                 400,
                 "invalid_definition",
                 "member_of refers to unknown segments",
-                errors=[field_error("definition", "unknown_segment", f"no segment {m!r}") for m in missing],
+                errors=[field_error(path, "unknown_segment", f"no segment {sid!r}") for path, sid in missing],
             )
         compiled = []
+        # What each other segment refers to, also those whose stored definition no longer validates
+        # (left out of the catalogue, still to be saved again).
+        refers: dict[str, set[str]] = {}
         for sid, (version, name, definition) in existing.items():
             if sid == segment_id:
                 continue
             try:
                 compiled.append(compile_segment(sid, name, version, definition))
             except InvalidRule:
+                refers[sid] = stored_member_of(definition)
                 continue
+            refers[sid] = set(compiled[-1].refs.segments)
+        cycles = [(path, cycle_through(segment_id, sid, refers)) for path, sid in nodes]
+        if any(trail for _, trail in cycles):
+            raise ApiError(
+                400,
+                "invalid_definition",
+                "segments would refer to each other in a cycle",
+                errors=[field_error(path, "cycle", " -> ".join(trail)) for path, trail in cycles if trail],
+            )
         compiled.append(compile_segment(segment_id, "new", 0, rule_json(rule)))
         try:
             dependency_order(compiled)
-        except CycleError as exc:
+        except CycleError as exc:  # among stored segments alone (none through this one): not its node's
             raise ApiError(
                 400,
                 "invalid_definition",
@@ -192,15 +232,12 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 if row is None:
                     raise ApiError(404, "not_found", f"no segment {segment_id!r}")
                 rows = await segment_store.segment_versions(uow.session)
-                users = []
-                for sid, version, name, definition in rows:
-                    if sid == segment_id:
-                        continue
-                    try:
-                        if segment_id in compile_segment(sid, name, version, definition).refs.segments:
-                            users.append(sid)
-                    except InvalidRule:
-                        continue
+                # Read from the stored JSON: a definition that no longer validates depends on it too.
+                users = [
+                    sid
+                    for sid, _, _, definition in rows
+                    if sid != segment_id and segment_id in stored_member_of(definition)
+                ]
                 if users:
                     raise ApiError(
                         409, "segment_in_use", f"segments {', '.join(sorted(users))} refer to this segment"
@@ -219,6 +256,29 @@ def segments_router(seg: Segmenter) -> APIRouter:
         # in between leaves it to the back-fill worker, which finishes hidden segments' deletions).
         await seg.backfill.finish_deletion(segment_id)
         return Response(status_code=204)
+
+    @router.post("/{segment_id}/backfill/retry")
+    async def retry_backfill(segment_id: str) -> dict[str, Any]:
+        """A `failed` back-fill (or one backed off) goes on from where it stopped, its failures cleared,
+        once the cause is gone: saving the segment again would restart it from the first customer."""
+        async with platform.unit_of_work() as uow:
+            # Waits for a chunk of it in flight, as an edit does.
+            row = await segment_store.get_segment(uow.session, segment_id, lock="FOR NO KEY UPDATE")
+            if row is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            try:
+                parse_rule(row["definition"])
+            except InvalidRule as exc:
+                raise _stored_invalid(exc) from None
+            if row["status"] == "ready":
+                raise ApiError(
+                    409, "backfill_not_failed", "the segment's back-fill is done: nothing to retry"
+                )
+            await segment_store.retry_backfill(uow.session, segment_id)
+            row = await segment_store.get_segment(uow.session, segment_id)
+        seg.backfill.wake.set()
+        assert row is not None
+        return _view(row)
 
     @router.get("/{segment_id}/members")
     async def members(
@@ -241,7 +301,10 @@ def segments_router(seg: Segmenter) -> APIRouter:
             profile = await profile_store.read_profile(uow.session, cid) if cid else None
             if cid is None or profile is None:
                 raise ApiError(404, "not_found", f"no customer {customer_ref!r}")
-            rule_def = compile_segment(segment_id, row["name"], row["version"], row["definition"])
+            try:
+                rule_def = compile_segment(segment_id, row["name"], row["version"], row["definition"])
+            except InvalidRule as exc:
+                raise _stored_invalid(exc) from None
             await fill_snapshots(uow.session, Catalog.build([rule_def]), {cid: profile}, now)
             member = segment_id in profile.memberships
         return {

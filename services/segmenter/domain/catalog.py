@@ -3,7 +3,7 @@ change or another segment's membership change can affect, in dependency order.""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -67,6 +67,29 @@ def dependency_order(segments: Iterable[SegmentRule]) -> list[SegmentRule]:
     for sid in sorted(by_id):
         visit(sid, ())
     return order
+
+
+def cycle_through(segment_id: str, target: str, refers: Mapping[str, Iterable[str]]) -> list[str] | None:
+    """If `segment_id` referring to `target` (member_of) closes a cycle, that cycle as segment ids
+    from `segment_id` back to it (`[a, b, c, a]`; `refers`: what each other segment refers to), else
+    None. Breadth first: the shortest such cycle."""
+    came_from: dict[str, str] = {target: segment_id}
+    todo = [target]
+    while todo:
+        later: list[str] = []
+        for sid in todo:
+            if sid == segment_id:
+                trail, step = [segment_id], came_from[segment_id]
+                while step != segment_id:
+                    trail.append(step)
+                    step = came_from[step]
+                return [segment_id, *reversed(trail)]
+            for dep in sorted(refers.get(sid, ())):
+                if dep not in came_from:
+                    came_from[dep] = sid
+                    later.append(dep)
+        todo = later
+    return None
 
 
 @dataclass

@@ -21,6 +21,7 @@ from services.segmenter.domain.evaluation import (
     _is_number,
     _later,
     _reference_time,
+    as_double,
     bucket_of,
     compare,
     json_equal,
@@ -90,8 +91,8 @@ def compile_comparison(c: Comparison) -> ValueTest:
     if op in _ORDER:
         if not _is_number(target):
             return lambda v, now: False
-        order = _ORDER[op]
-        return lambda v, now: _is_number(v) and bool(order(v, target))
+        order, bound = _ORDER[op], as_double(target)  # as doubles, as SQL does (`compare`)
+        return lambda v, now: _is_number(v) and bool(order(as_double(v), bound))
     if op == "within":
         assert c.duration is not None
         span = parse_duration(c.duration)

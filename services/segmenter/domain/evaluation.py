@@ -8,9 +8,11 @@ runs `domain/compiled.py`'s closures, checked against this interpreter by `test_
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from services.segmenter.domain.profile import Occurrence, ProfileSnapshot
@@ -36,15 +38,38 @@ from shared.contracts import storable
 _MISSING: Any = object()
 
 
+# Up to here every integer is a double: an int and a float compare the same exactly and as decimals.
+_EXACT = 2**53
+
+
 def json_equal(a: Any, b: Any) -> bool:
-    """Equality as JSON (and PostgreSQL's jsonb) sees it: true is not 1, 1 is 1.0."""
+    """Equality as JSON (and PostgreSQL's jsonb) sees it: true is not 1, 1 is 1.0, and a number is the
+    decimal its JSON text writes (a float's shortest text, which orjson and `repr` write alike). So
+    past 2**53 an int equals a float whose text is that int: 1152921504606847000 equals
+    1.152921504606847e18 (whose double is ...6976), as in jsonb; and such a float trait read back from
+    jsonb is that int."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b
+        if type(a) is type(b) or (-_EXACT <= a <= _EXACT and -_EXACT <= b <= _EXACT):
+            return a == b
+        return _decimal(a) == _decimal(b)
     if type(a) is not type(b):
         return False
     return bool(a == b)
+
+
+def _decimal(n: int | float) -> Decimal:
+    return Decimal(repr(n)) if isinstance(n, float) else Decimal(n)
+
+
+def as_double(n: int | float) -> float:
+    """A number as gt/gte/lt/lte compare it: the nearest double, as SQL's float8 cast reads jsonb and
+    numeric columns (both round correctly). See `compare`."""
+    try:
+        return float(n)
+    except OverflowError:  # an integer past any double (no trait stores one: orjson refuses it)
+        return math.inf if n > 0 else -math.inf
 
 
 # A path part that indexes an array (`products.0.category`), as PostgreSQL's `#>` reads it. Only
@@ -94,13 +119,16 @@ def compare(c: Comparison, value: Any, now: datetime) -> bool:
             return any(json_equal(e, c.value) for e in value)
         return False
     if op in ("gt", "gte", "lt", "lte"):
+        # As doubles, here as in SQL (float8): real time, back-fill and preview must agree. The float8
+        # columns (revenue, lifecycle scores) cannot be compared exactly in SQL (PostgreSQL's float8 ->
+        # numeric keeps 15 digits), and comparing jsonb as numeric would need decimal arithmetic here
+        # for every float trait to agree (the double 0.1 is not the decimal 0.1); this leaves the
+        # back-fill statement as it was. Integers past 2**53 round to the nearest double:
+        # 9007199254740993 is not gt 9007199254740992, whichever path evaluates it.
         if not _is_number(value) or not _is_number(c.value):
             return False
-        return bool(
-            {"gt": value > c.value, "gte": value >= c.value, "lt": value < c.value, "lte": value <= c.value}[
-                op
-            ]
-        )
+        x, y = as_double(value), as_double(c.value)
+        return {"gt": x > y, "gte": x >= y, "lt": x < y, "lte": x <= y}[op]
     t = as_datetime(value)
     if t is None:
         return False

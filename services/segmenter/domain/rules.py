@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+)
 
 Scalar = str | int | float | bool
 
@@ -136,6 +145,16 @@ def parse_duration(text: str | int) -> timedelta:
 Duration = str | int
 
 
+def _utc_if_naive(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# An absolute time in a rule (`between`, `last_performed`'s value): without a zone it is UTC, as a
+# date in a trait is. Read so when the rule is parsed (stored definitions too), so no naive datetime
+# reaches an evaluator: compared with an aware event time, one raised in every batch and timer pass.
+AbsoluteTime = Annotated[datetime, AfterValidator(_utc_if_naive)]
+
+
 class Node(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -168,8 +187,8 @@ class CountClause(Node):
 
 
 class Between(Node):
-    start: datetime | None = Field(default=None, alias="from")
-    end: datetime | None = Field(default=None, alias="to")
+    start: AbsoluteTime | None = Field(default=None, alias="from")
+    end: AbsoluteTime | None = Field(default=None, alias="to")
 
 
 class PerformedCondition(Node):
@@ -188,7 +207,7 @@ class NotPerformedCondition(Node):
 class LastPerformedCondition(Node):
     last_performed: str = Field(min_length=1)
     op: Literal["before", "after"]
-    value: datetime | None = None
+    value: AbsoluteTime | None = None
     ago: Duration | None = None
 
 
@@ -344,6 +363,31 @@ def _check_duration(value: Duration | None, path: str, required: bool) -> list[R
     return []
 
 
+# A date in a condition may be any time a datetime holds once in UTC (years 1 to 9999): rule dates
+# are compared, never computed with (`within`, `ago` and the scheduled moments count from `now` or
+# from a trait), and SQL takes them as text (`store.sql_rules`), so `valid_until before 9999-12-31`
+# (a common "never expires") or `founded before 1850-01-01` mean what they say everywhere.
+TIME_RULE = "range"
+TIME_MESSAGE = "must be from 0001-01-01 to 9999-12-31 in UTC"
+
+
+def in_utc(value: datetime) -> datetime | None:
+    """`value` in UTC (a naive one read as UTC), or None if that is year 0 or 10000."""
+    try:
+        return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except OverflowError:  # 9999-12-31 west of UTC, 0001-01-01 east of it
+        return None
+
+
+def _check_time(value: datetime | None, path: str) -> list[RuleError]:
+    """An absolute time must be one every evaluator can compute with: in UTC, year 10000 or year 0
+    (`9999-12-31T23:59:59-01:00`) cannot be represented (preview answered 500, a back-fill failed
+    chunk after chunk)."""
+    if value is None or in_utc(value) is not None:
+        return []
+    return [RuleError(path, TIME_RULE, TIME_MESSAGE)]
+
+
 def _is_scalar(v: Any) -> bool:
     return isinstance(v, (str, bool)) or _is_number(v)
 
@@ -393,8 +437,12 @@ def _check_comparison(c: Comparison, path: str, *, allow_relative: bool, kind: s
             errs.append(
                 RuleError(f"{path}.value", "one_of", f"`{op}` needs exactly one of `value` (a date) or `ago`")
             )
-        elif c.value is not None and as_datetime(c.value) is None:
-            errs.append(RuleError(f"{path}.value", "datetime", "not an ISO-8601 date or datetime"))
+        elif c.value is not None:
+            moment = as_datetime(c.value)
+            if moment is None:
+                errs.append(RuleError(f"{path}.value", "datetime", "not an ISO-8601 date or datetime"))
+            else:
+                errs += _check_time(moment, f"{path}.value")
         elif c.ago is not None:
             errs += _check_duration(c.ago, f"{path}.ago", True)
             if not allow_relative:
@@ -446,9 +494,11 @@ def check_rule(rule: Rule, path: str) -> list[RuleError]:
             errs.append(RuleError(f"{path}.between", "one_of", "use `within` or `between`, not both"))
         errs += _check_duration(rule.within, f"{path}.within", False)
         if rule.between is not None:
-            if rule.between.start is None and rule.between.end is None:
+            start, end = rule.between.start, rule.between.end
+            if start is None and end is None:
                 errs.append(RuleError(f"{path}.between", "required", "`between` needs `from` and/or `to`"))
-            elif rule.between.start and rule.between.end and rule.between.start > rule.between.end:
+            errs += _check_time(start, f"{path}.between.from") + _check_time(end, f"{path}.between.to")
+            if start is not None and end is not None and start > end:
                 errs.append(RuleError(f"{path}.between.to", "order", "`to` is before `from`"))
         return errs
     if isinstance(rule, NotPerformedCondition):
@@ -456,7 +506,7 @@ def check_rule(rule: Rule, path: str) -> list[RuleError]:
     if isinstance(rule, LastPerformedCondition):
         if (rule.value is None) == (rule.ago is None):
             return [RuleError(f"{path}.value", "one_of", "needs exactly one of `value` (a date) or `ago`")]
-        return _check_duration(rule.ago, f"{path}.ago", False)
+        return _check_time(rule.value, f"{path}.value") + _check_duration(rule.ago, f"{path}.ago", False)
     if isinstance(rule, RandomBucketCondition):
         if rule.random_bucket.below > rule.random_bucket.buckets:
             return [RuleError(f"{path}.random_bucket.below", "range", "`below` cannot exceed `buckets`")]
@@ -465,6 +515,36 @@ def check_rule(rule: Rule, path: str) -> list[RuleError]:
 
 
 # --------------------------------------------------------------------------- what a rule refers to
+
+
+def stored_member_of(definition: Any) -> set[str]:
+    """The segments a stored definition names in `member_of`, read from its JSON as it is, valid or not
+    (one saved by an earlier release that no longer validates still depends on them)."""
+    found: set[str] = set()
+    todo = [definition]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("member_of"), str):
+                found.add(node["member_of"])
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return found
+
+
+def member_of_nodes(rule: Rule, path: str = "definition") -> list[tuple[str, str]]:
+    """Every `member_of` node as (the path of its `member_of` key, the segment it names), in tree
+    order, with the paths `check_rule` gives (`definition.and[1].member_of`)."""
+    if isinstance(rule, AndRule):
+        return [n for i, r in enumerate(rule.and_) for n in member_of_nodes(r, f"{path}.and[{i}]")]
+    if isinstance(rule, OrRule):
+        return [n for i, r in enumerate(rule.or_) for n in member_of_nodes(r, f"{path}.or[{i}]")]
+    if isinstance(rule, NotRule):
+        return member_of_nodes(rule.not_, f"{path}.not")
+    if isinstance(rule, MemberOfCondition):
+        return [(f"{path}.member_of", rule.member_of)]
+    return []
 
 
 @dataclass

@@ -302,7 +302,8 @@ async def restart_lifecycle_segments(
     rows = await session.execute(
         text(
             "UPDATE segments SET status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
-            "backfill_started_at = :now, backfill_finished_at = NULL, updated_at = :now "
+            "backfill_started_at = :now, backfill_finished_at = NULL, backfill_failures = 0, "
+            "backfill_error = NULL, backfill_failed_at = NULL, updated_at = :now "
             "WHERE definition::text ~ :pattern RETURNING segment_id"
         ),
         {"pattern": pattern, "now": now},

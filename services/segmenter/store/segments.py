@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
@@ -19,9 +19,23 @@ from services.segmenter.store.sql_rules import RuleSql
 from shared.contracts.events import RESYNC_CAUSE
 from shared.db.engine import Statement, json_rows, rows_from_json
 
+# Whether the failure recorded on a segment is its current pass's: every restart of a pass sets
+# `backfill_started_at`, but a release before 2026-12-08 (an old replica during a rollout) does not
+# reset the failure columns; a failure recorded before the pass started is none of its business.
+_CURRENT_FAILURE = "backfill_failed_at >= coalesce(backfill_started_at, CAST('-infinity' AS timestamptz))"
+# The current pass's failed chunks in a row (an older failure counts none).
+_FAILURES = f"(CASE WHEN {_CURRENT_FAILURE} THEN backfill_failures ELSE 0 END)"
 SEGMENT_COLUMNS = (
     "segment_id, name, description, definition, version, status, backfill_cursor, backfill_done, "
-    "backfill_total, backfill_started_at, backfill_finished_at, created_at, updated_at"
+    f"backfill_total, backfill_started_at, backfill_finished_at, {_FAILURES} AS backfill_failures, "
+    f"CASE WHEN {_CURRENT_FAILURE} THEN backfill_error END AS backfill_error, "
+    f"CASE WHEN {_CURRENT_FAILURE} THEN backfill_failed_at END AS backfill_failed_at, created_at, updated_at"
+)
+# A new back-fill pass: from the first customer, no failure yet.
+_START_PASS = (
+    "status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
+    "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
+    "backfill_finished_at = NULL, backfill_failures = 0, backfill_error = NULL, backfill_failed_at = NULL"
 )
 
 
@@ -73,9 +87,7 @@ async def update_segment(
     await session.execute(
         text(
             "UPDATE segments SET name = :n, description = :d, definition = CAST(:def AS jsonb), "
-            "version = version + 1, status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
-            "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
-            "backfill_finished_at = NULL, updated_at = :now WHERE segment_id = :s"
+            f"version = version + 1, {_START_PASS}, updated_at = :now WHERE segment_id = :s"
         ),
         {"s": segment_id, "n": name, "d": description, "def": orjson.dumps(definition).decode(), "now": now},
     )
@@ -83,11 +95,7 @@ async def update_segment(
 
 async def restart_backfill(session: AsyncSession, segment_ids: Iterable[str], now: datetime) -> None:
     await session.execute(
-        text(
-            "UPDATE segments SET status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
-            "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
-            "backfill_finished_at = NULL WHERE segment_id = ANY(CAST(:ids AS text[]))"
-        ),
+        text(f"UPDATE segments SET {_START_PASS} WHERE segment_id = ANY(CAST(:ids AS text[]))"),
         {"ids": list(segment_ids), "now": now},
     )
 
@@ -361,18 +369,94 @@ async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> 
 # --------------------------------------------------------------------------- back-fill and preview
 
 
-async def claim_backfill(session: AsyncSession) -> dict[str, Any] | None:
+async def claim_backfill(session: AsyncSession, retry_from: datetime) -> dict[str, Any] | None:
     """One segment waiting for back-fill, locked for this chunk's transaction (FOR NO KEY UPDATE: an
-    edit or a deletion waits for the chunk, real-time membership writes do not)."""
+    edit or a deletion waits for the chunk, real-time membership writes do not). The oldest edit
+    first, behind every segment whose pass has failed fewer chunks in a row, and one whose chunk
+    failed (or was backed off) only if that was before `retry_from`: a segment whose chunk keeps
+    failing never holds up the others."""
     row = (
         await session.execute(
             text(
                 f"SELECT {SEGMENT_COLUMNS} FROM segments WHERE status = 'backfilling' "
-                "ORDER BY updated_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED"
-            )
+                f"AND (backfill_failed_at IS NULL OR NOT ({_CURRENT_FAILURE}) "
+                "OR backfill_failed_at <= :retry_from) "
+                f"ORDER BY {_FAILURES}, updated_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED"
+            ),
+            {"retry_from": retry_from},
         )
     ).first()
     return dict(row._mapping) if row else None
+
+
+async def record_backfill_failure(
+    session: AsyncSession,
+    row: Mapping[str, Any],
+    error: str,
+    now: datetime,
+    *,
+    counted: bool,
+    max_failures: int,
+) -> tuple[str, int] | None:
+    """Record a failed chunk on the pass `row` (a claimed segment row) was in, if it still is (same
+    `version` and `backfill_started_at`, still back-filling): its error and time, which send it behind
+    the others until it is retried. `counted`: one more failed chunk in a row, and the segment is
+    `failed` at `max_failures`; else (a passing cause, an outage) only that back-off. Returns (status,
+    failed chunks in a row), or None if the segment was edited, restarted or deleted meanwhile."""
+    found = (
+        await session.execute(
+            text(
+                f"UPDATE segments SET backfill_failures = {_FAILURES} + :add, backfill_error = :err, "
+                "backfill_failed_at = :now, "
+                f"status = CASE WHEN {_FAILURES} + :add >= :max THEN 'failed' ELSE status END "
+                "WHERE segment_id = :s AND version = :v AND status = 'backfilling' "
+                "AND backfill_started_at IS NOT DISTINCT FROM :started RETURNING status, backfill_failures"
+            ),
+            {
+                "s": row["segment_id"],
+                "v": row["version"],
+                "started": row["backfill_started_at"],
+                "err": error,
+                "add": 1 if counted else 0,
+                # Not counted: never `failed` by it, whatever was counted before.
+                "max": max_failures if counted else 2**31 - 1,
+                "now": now,
+            },
+        )
+    ).first()
+    return (found[0], found[1]) if found else None
+
+
+async def fail_definition(
+    session: AsyncSession, segment_id: str, version: int, error: str, now: datetime
+) -> bool:
+    """Mark `failed`, whatever its status, a segment whose stored `version` no longer validates (saved
+    by an earlier release), with why; False if it already is, or was edited or deleted meanwhile."""
+    result = await session.execute(
+        text(
+            f"UPDATE segments SET status = 'failed', backfill_failures = {_FAILURES} + 1, "
+            "backfill_error = :err, backfill_failed_at = :now "
+            "WHERE segment_id = :s AND version = :v AND status <> 'failed'"
+        ),
+        {"s": segment_id, "v": version, "err": error, "now": now},
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def retry_backfill(session: AsyncSession, segment_id: str) -> None:
+    """A failed (or backed-off) pass goes on from where it stopped, with no failure counted: its
+    cursor, progress and start are kept. A pass that had finished (a segment failed for its stored
+    definition once `ready`) starts over instead: real time skipped it meanwhile."""
+    await session.execute(
+        text(
+            "UPDATE segments SET status = 'backfilling', backfill_failures = 0, backfill_error = NULL, "
+            "backfill_failed_at = NULL, "
+            "backfill_cursor = CASE WHEN backfill_finished_at IS NULL THEN backfill_cursor END, "
+            "backfill_done = CASE WHEN backfill_finished_at IS NULL THEN backfill_done ELSE 0 END, "
+            "backfill_finished_at = NULL WHERE segment_id = :s"
+        ),
+        {"s": segment_id},
+    )
 
 
 async def chunk_upper_bound(session: AsyncSession, after: str | None, size: int) -> str | None:
@@ -516,8 +600,10 @@ async def advance_backfill(
             "status = CASE WHEN :fin THEN 'ready' ELSE status END, "
             "backfill_total = CASE WHEN :fin THEN backfill_done + :seen ELSE GREATEST(backfill_total, "
             "backfill_done + :seen) END, "
-            "backfill_finished_at = CASE WHEN :fin THEN CAST(:now AS timestamptz) ELSE NULL END WHERE "
-            "segment_id = :s"
+            "backfill_finished_at = CASE WHEN :fin THEN CAST(:now AS timestamptz) ELSE NULL END, "
+            # Failures count in a row: a chunk that went through clears them (a statement timeout
+            # now and then over a pass of hours never adds up to `failed`).
+            "backfill_failures = 0, backfill_error = NULL, backfill_failed_at = NULL WHERE segment_id = :s"
         ),
         {"cur": cursor, "seen": seen, "fin": finished, "now": now, "s": segment_id},
     )

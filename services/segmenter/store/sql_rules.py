@@ -29,6 +29,7 @@ from services.segmenter.domain.rules import (
     Rule,
     TraitCondition,
     as_datetime,
+    in_utc,
     parse_duration,
 )
 
@@ -52,6 +53,14 @@ class RuleSql:
         name = f"p{len(self.params)}"
         self.params[name] = value
         return f":{name}"
+
+    def _time(self, value: datetime) -> str:
+        """A date written in a rule, as text PostgreSQL reads: asyncpg sends 0001-01-01T00:00:00Z and
+        9999-12-31T23:59:59.999999Z (datetime.min and .max) as -infinity and infinity, so a trait on
+        that very moment compared otherwise than in Python (`after 0001-01-01` held for it)."""
+        utc = in_utc(value)
+        assert utc is not None, "validated"
+        return f"CAST(CAST({self._p(utc.isoformat())} AS text) AS timestamptz)"
 
     def _json(self, value: Any) -> str:
         return f"CAST({self._p(orjson.dumps(value).decode())} AS jsonb)"
@@ -109,6 +118,7 @@ class RuleSql:
                 f"WHEN 'array' THEN {in_array} ELSE false END)"
             )
         if op in _NUM_OPS:
+            # As doubles, as `evaluation.compare` does (why there).
             cmp = f"{s.num} {_NUM_OPS[op]} CAST({self._p(float(c.value))} AS float8)"
             if s.typed:
                 return f"coalesce({cmp}, false)"
@@ -117,15 +127,15 @@ class RuleSql:
             assert c.duration is not None
             start = self._p(self.now - parse_duration(c.duration))
             return f"coalesce({s.ts} > {start} AND {s.ts} <= :now, false)"
-        ref = self._p(self._reference(c.value, c.ago))
+        ref = self._reference(c.value, c.ago)
         return f"coalesce({s.ts} {'<=' if op == 'before' else '>'} {ref}, false)"
 
-    def _reference(self, value: Any, ago: str | int | None) -> datetime:
+    def _reference(self, value: Any, ago: str | int | None) -> str:
         if ago is not None:
-            return self.now - parse_duration(ago)
+            return self._p(self.now - parse_duration(ago))
         ref = as_datetime(value)
         assert ref is not None
-        return ref
+        return self._time(ref)
 
     def _filters(self, where: list[PropertyFilter]) -> str:
         return "".join(f" AND {self._compare(f, self._json_path('e.properties', f.property))}" for f in where)
@@ -137,9 +147,9 @@ class RuleSql:
         out = ""
         if rule.between is not None:
             if rule.between.start is not None:
-                out += f" AND e.timestamp >= {self._p(rule.between.start)}"
+                out += f" AND e.timestamp >= {self._time(rule.between.start)}"
             if rule.between.end is not None:
-                out += f" AND e.timestamp <= {self._p(rule.between.end)}"
+                out += f" AND e.timestamp <= {self._time(rule.between.end)}"
         return out
 
     # ----------------------------------------------------------------- predicate
@@ -174,7 +184,7 @@ class RuleSql:
                 f"AND ec.event = {self._p(rule.not_performed)} AND ec.last_at > {ref}))"
             )
         if isinstance(rule, LastPerformedCondition):
-            ref = self._p(self._reference(rule.value, rule.ago))
+            ref = self._reference(rule.value, rule.ago)
             cmp = "<=" if rule.op == "before" else ">"
             return (
                 "(EXISTS (SELECT 1 FROM event_counts ec WHERE ec.customer_id = c.customer_id "

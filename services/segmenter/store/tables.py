@@ -94,12 +94,15 @@ segments = sa.Table(
     sa.Column("description", sa.Text, nullable=False, server_default=""),
     sa.Column("definition", JSONB, nullable=False),
     sa.Column("version", sa.Integer, nullable=False, server_default="1"),
-    sa.Column("status", sa.Text, nullable=False),  # backfilling | ready
+    sa.Column("status", sa.Text, nullable=False),  # backfilling | ready | failed
     sa.Column("backfill_cursor", sa.Text, nullable=True),
     sa.Column("backfill_done", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("backfill_total", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("backfill_started_at", TS, nullable=True),
     sa.Column("backfill_finished_at", TS, nullable=True),
+    # Revision 0014 adds backfill_failures (failed chunks of the current pass in a row), backfill_error
+    # and backfill_failed_at (the last failure's; one before backfill_started_at is an older pass's):
+    # not declared here, revision 0002 creates the table from these.
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
 )

@@ -31,14 +31,19 @@ def a_time(rnd: random.Random) -> datetime:
     return NOW + timedelta(hours=rnd.randint(-60 * 24, 5 * 24), seconds=rnd.choice([0, 1, 59]))
 
 
+def a_written_time(rnd: random.Random, t: datetime) -> str:
+    """`t` as a rule may write it: with a zone, without one (UTC), or only the day."""
+    return rnd.choice([t.isoformat(), t.replace(tzinfo=None).isoformat(), t.date().isoformat()])
+
+
 def a_value(rnd: random.Random) -> Any:
     kind = rnd.randrange(10)
     if kind == 0:
         return rnd.choice(["pro", "free", "gold", "a1", "beta", "", "Pro"])
-    if kind == 1:
-        return rnd.choice([0, 1, 30, 34, -2, 100])
+    if kind == 1:  # past 2**53 too, where not every integer is a double
+        return rnd.choice([0, 1, 30, 34, -2, 100, 2**53 + 1, 1152921504606847000])
     if kind == 2:
-        return rnd.choice([0.5, 1.0, 30.0, 7.5])
+        return rnd.choice([0.5, 1.0, 30.0, 7.5, 2.0**53, 1.152921504606847e18])
     if kind == 3:
         return rnd.choice([True, False])
     if kind == 4:
@@ -48,8 +53,7 @@ def a_value(rnd: random.Random) -> Any:
     if kind == 6:
         return {"tier": rnd.choice(["gold", "silver", 1]), "sku": "a1"}
     if kind == 7:  # a date as a trait holds it: text, with or without a zone, or only the day
-        t = a_time(rnd)
-        return rnd.choice([t.isoformat(), t.replace(tzinfo=None).isoformat(), t.date().isoformat()])
+        return a_written_time(rnd, a_time(rnd))
     if kind == 8:
         return [{"sku": rnd.choice(["a1", "b2"])}]
     return "2026-02-30T00:00:00"  # looks like a date, is not one
@@ -63,14 +67,14 @@ def a_comparison(rnd: random.Random) -> dict[str, Any]:
     elif op == "in":
         c["values"] = [a_value(rnd) for _ in range(rnd.randint(0, 3))]
     elif op in ("gt", "gte", "lt", "lte"):
-        c["value"] = rnd.choice([0, 30, 7.5, -1, "30", True])
+        c["value"] = rnd.choice([0, 30, 7.5, -1, "30", True, 2**53, 1.152921504606847e18])
     elif op == "within":
         c["duration"] = rnd.choice(DURATIONS)
     elif op in ("before", "after"):
         if rnd.random() < 0.5:
             c["ago"] = rnd.choice(DURATIONS)
         else:
-            c["value"] = a_time(rnd).isoformat()
+            c["value"] = a_written_time(rnd, a_time(rnd))
     return c
 
 
@@ -91,7 +95,8 @@ def a_rule(rnd: random.Random, depth: int = 0) -> dict[str, Any]:
             rule["within"] = rnd.choice(DURATIONS)
         elif window == 2:
             start = a_time(rnd)
-            rule["between"] = {"from": start.isoformat(), "to": (start + timedelta(days=9)).isoformat()}
+            end = start + timedelta(days=9)
+            rule["between"] = {"from": a_written_time(rnd, start), "to": a_written_time(rnd, end)}
         if rnd.random() < 0.7:
             rule["count"] = {
                 "op": rnd.choice(["at_least", "at_most", "exactly"]),
@@ -105,7 +110,7 @@ def a_rule(rnd: random.Random, depth: int = 0) -> dict[str, Any]:
         if rnd.random() < 0.5:
             rule["ago"] = rnd.choice(DURATIONS)
         else:
-            rule["value"] = a_time(rnd).isoformat()
+            rule["value"] = a_written_time(rnd, a_time(rnd))
         return rule
     if kind == 6:
         return {"member_of": rnd.choice(["seg_a", "seg_b"])}

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from services.segmenter.domain.catalog import compile_segment
 from services.segmenter.domain.evaluation import bucket_of, evaluate, explain, next_change_at
 from services.segmenter.domain.profile import EventAggregate, Occurrence, ProfileSnapshot
 from services.segmenter.domain.rules import parse_rule
@@ -239,6 +240,96 @@ def test_dates_at_the_ends_of_time_schedule_nothing_and_never_overflow() -> None
     )
     late = parse_rule({"trait": "renews_at", "op": "before", "ago": "40d"})
     assert next_change_at(late, profile(renews_at=soon.isoformat()), NOW) is None  # 3000-01-10
+
+
+@pytest.mark.parametrize(
+    ("condition", "expected"),
+    [
+        # Orders at 2026-01-21T12:00Z, 2026-02-20T12:00Z and 2026-02-28T12:00Z.
+        ({"performed": "Order Completed", "between": {"from": "2026-02-20", "to": "2026-02-28"}}, True),
+        (
+            {
+                "performed": "Order Completed",
+                "between": {"from": "2026-02-20T12:00:01", "to": "2026-02-28T11:59:59"},
+            },
+            False,
+        ),
+        (
+            {
+                "performed": "Order Completed",
+                "between": {"from": "2026-02-20T12:00:00", "to": "2026-02-28T12:00:00Z"},
+                "count": {"op": "exactly", "value": 2},
+            },
+            True,  # inclusive at both ends, in UTC
+        ),
+        ({"performed": "Order Completed", "between": {"from": "2026-02-28T12:00:01"}}, False),
+        ({"last_performed": "Order Completed", "op": "before", "value": "2026-02-28T12:00:00"}, True),
+        ({"last_performed": "Order Completed", "op": "after", "value": "2026-02-28"}, True),
+        ({"trait": "renewal", "op": "after", "value": "2026-03-31T23:59:59"}, True),
+        ({"trait": "renewal", "op": "before", "value": "2026-04-01T00:00:00"}, True),
+        (
+            {
+                "performed": "Order Completed",
+                "where": [{"property": "at", "op": "after", "value": "2026-02-20T11:00:00"}],
+            },
+            True,
+        ),
+        (
+            {
+                "performed": "Order Completed",
+                "where": [{"property": "at", "op": "before", "value": "2026-01-21T11:59:59"}],
+            },
+            False,
+        ),
+    ],
+)
+def test_times_without_a_zone_are_utc_in_the_interpreter_and_the_compiled_rule(
+    condition: dict[str, Any], expected: bool
+) -> None:
+    """Windows, `last_performed` values, trait and property dates written without a zone are UTC:
+    both evaluators agree, and none compares a naive time with an aware one (TypeError)."""
+    p = profile(**TRAITS)
+    p.timeline["Order Completed"] = [
+        Occurrence(o.timestamp, {**o.properties, "at": o.timestamp.replace(tzinfo=None).isoformat()})
+        for o in p.timeline["Order Completed"]
+    ]
+    seg = compile_segment("s", "s", 1, condition)
+    for now in (NOW, NOW + 40 * DAY):
+        assert evaluate(seg.rule, p, now) is expected, condition
+        assert seg.holds(p, now) is expected, condition
+        assert seg.next_change_at(p, now) == next_change_at(seg.rule, p, now)
+
+
+def test_order_compares_doubles_and_equality_json_values_in_the_interpreter_and_the_compiled_rule() -> None:
+    """gt/gte/lt/lte as doubles (as SQL's float8 cast: past 2**53 integers round), equals/in/contains
+    as the decimal a number's JSON text writes (as jsonb): whichever form a number comes in (the
+    event's float, or the int jsonb gives back for it), every evaluator says the same."""
+    cases: list[tuple[Any, dict[str, Any], bool]] = [
+        (9007199254740993, {"op": "gt", "value": 9007199254740992}, False),
+        (9007199254740993, {"op": "gte", "value": 9007199254740992.0}, True),
+        (9223372036854775807, {"op": "lt", "value": 9223372036854775808}, False),
+        (9223372036854775807, {"op": "lte", "value": 9.223372036854776e18}, True),
+        (2**64 - 1, {"op": "gt", "value": 2**63}, True),
+        (10**400, {"op": "gt", "value": 1e299}, True),  # past any double: no OverflowError
+        (-(10**400), {"op": "lt", "value": -1e299}, True),
+        (0.1, {"op": "lte", "value": 0.1}, True),
+        (9007199254740993, {"op": "equals", "value": 9007199254740992}, False),
+        (9007199254740993, {"op": "equals", "value": 9007199254740993}, True),
+        (1, {"op": "equals", "value": 1.0}, True),
+        (1.0, {"op": "in", "values": [1]}, True),
+        (1.152921504606847e18, {"op": "equals", "value": 1152921504606847000}, True),
+        (1152921504606847000, {"op": "equals", "value": 1.152921504606847e18}, True),
+        (1152921504606846976, {"op": "equals", "value": 1.152921504606847e18}, False),
+        (1.152921504606847e18, {"op": "not_equals", "value": 1152921504606846976}, True),
+        (9007199254740992.0, {"op": "equals", "value": 9007199254740992}, True),
+        ([1152921504606847000], {"op": "contains", "value": 1.152921504606847e18}, True),
+        (True, {"op": "equals", "value": 1}, False),
+    ]
+    for value, comparison, expected in cases:
+        seg = compile_segment("s", "s", 1, {"trait": "n", **comparison})
+        p = ProfileSnapshot("c1", traits={"n": value})
+        assert evaluate(seg.rule, p, NOW) is expected, (value, comparison)
+        assert seg.holds(p, NOW) is expected, (value, comparison)
 
 
 def test_explain_names_each_node() -> None:

@@ -1,0 +1,312 @@
+"""A back-fill chunk that fails: counted on its segment only when the segment is the cause, in a row;
+passing causes and outages only back it off; recorded in the chunk's own transaction; a failed pass
+retried from where it stopped; failures recorded before a pass started (by an older replica's
+restart) disregarded; stored definitions that no longer validate marked `failed`."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import text
+
+from services.segmenter.store import segments as segment_store
+from tests.segmenter.conftest import ADMIN, Harness, make_event
+from tests.segmenter.test_segments_api import seed
+
+EVERYONE = {"trait": "plan", "op": "exists"}
+PRO = {"trait": "plan", "op": "equals", "value": "pro"}
+
+
+def failures(outcome: str) -> float:
+    return REGISTRY.get_sample_value("clm_segmenter_backfill_failures_total", {"outcome": outcome}) or 0.0
+
+
+async def sql(h: Harness, statement: str, **params: Any) -> None:
+    async with h.segmenter.platform.engine.begin() as conn:
+        await conn.execute(text(statement), params)
+
+
+async def refuse(h: Harness, segment_id: str, sqlstate: str, customer: str = "", sleep: float = 0) -> None:
+    """Every chunk of the segment writing a membership (of `customer`, or anyone) fails with `sqlstate`,
+    as PostgreSQL would raise it (after `sleep` seconds)."""
+    await sql(
+        h,
+        f"""CREATE OR REPLACE FUNCTION refuse_membership(seg text, cust text) RETURNS boolean
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF seg = '{segment_id}' AND ('{customer}' = '' OR cust = '{customer}') THEN
+                PERFORM pg_sleep({sleep});
+                RAISE EXCEPTION 'refused for the test' USING ERRCODE = '{sqlstate}';
+            END IF;
+            RETURN true;
+        END $$""",
+    )
+    await sql(
+        h,
+        "ALTER TABLE memberships ADD CONSTRAINT refused CHECK (refuse_membership(segment_id, customer_id))",
+    )
+
+
+async def allow(h: Harness) -> None:
+    await sql(h, "ALTER TABLE memberships DROP CONSTRAINT refused")
+
+
+async def view(h: Harness, segment_id: str) -> dict[str, Any]:
+    r = await h.client.get(f"/v1/segments/{segment_id}", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def create(h: Harness, definition: Any, name: str = "s") -> str:
+    r = await h.client.post("/v1/segments", json={"name": name, "definition": definition}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    sid: str = r.json()["id"]
+    return sid
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "error"),
+    [
+        ("57014", "QueryCanceledError"),  # statement timeout
+        ("25006", "ReadOnlySQLTransactionError"),  # a connection to the former primary
+        ("53100", "DiskFullError"),
+        ("53200", "OutOfMemoryError"),
+        ("55P03", "LockNotAvailableError"),  # lock timeout
+    ],
+)
+async def test_a_passing_cause_backs_the_segment_off_and_never_fails_it(
+    harness: Harness, sqlstate: str, error: str
+) -> None:
+    """These say nothing about the segment: counted, three of them (over hours of a 10M-customer pass)
+    failed it for good. Now each backs it off `backfill_retry_after_s`, not counted."""
+    await seed(harness, 4)
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, sqlstate)
+    backed_off = failures("backed_off")
+    for _ in range(5):
+        assert await harness.segmenter.backfill.run_once()
+        v = await view(harness, sid)
+        assert v["status"] == "backfilling" and v["backfill"]["failures"] == 0, v
+        assert v["backfill"]["error"] == f"{error}: refused for the test"
+        assert v["backfill"]["failed_at"] == harness.clock.now().isoformat().replace("+00:00", "Z")
+        harness.clock.advance(timedelta(seconds=59))
+        assert not await harness.segmenter.backfill.run_once()  # backed off
+        harness.clock.advance(timedelta(seconds=1))
+    assert failures("backed_off") - backed_off == 5
+    await allow(harness)
+    await harness.segmenter.backfill.run_until_idle()
+    v = await view(harness, sid)
+    assert v["status"] == "ready" and v["member_count"] == 4
+    assert (v["backfill"]["failures"], v["backfill"]["error"], v["backfill"]["failed_at"]) == (0, None, None)
+
+
+async def test_failures_count_in_a_row_a_chunk_that_goes_through_clears_them(harness: Harness) -> None:
+    """Three failed chunks over a whole pass, each followed by good ones, failed it: a pass of hours
+    meets a few. Failures count in a row now."""
+    await seed(harness, 8)
+    harness.segmenter.settings.backfill_chunk_size = 2
+    sid = await create(harness, EVERYONE)
+    assert await harness.segmenter.backfill.run_once()  # u00, u01
+    for i, customer in enumerate(["u02", "u04", "u06"]):
+        await refuse(harness, sid, "23514", customer)  # a check violation: the segment's own failure
+        assert await harness.segmenter.backfill.run_once()
+        v = await view(harness, sid)
+        assert v["status"] == "backfilling" and v["backfill"]["failures"] == 1, (customer, v)
+        assert v["backfill"]["processed"] == 2 * (i + 1) and "refused" in v["backfill"]["error"]
+        await allow(harness)
+        harness.clock.advance(timedelta(seconds=60))
+        assert await harness.segmenter.backfill.run_once()  # the failed chunk, now through
+        v = await view(harness, sid)
+        assert v["backfill"]["processed"] == 2 * (i + 2)
+        assert (v["backfill"]["failures"], v["backfill"]["error"], v["backfill"]["failed_at"]) == (
+            0,
+            None,
+            None,
+        )
+    await harness.segmenter.backfill.run_until_idle()
+    v = await view(harness, sid)
+    assert v["status"] == "ready" and v["member_count"] == 8 and v["backfill"]["processed"] == 8
+
+
+async def test_a_failed_segment_is_retried_from_where_it_stopped(harness: Harness) -> None:
+    """The only way out was saving it again, which starts over from the first customer."""
+    await seed(harness, 6)
+    harness.segmenter.settings.backfill_chunk_size = 2
+    ready = await harness.create_segment(PRO, "Pro")
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, "23514", "u02")
+    assert await harness.segmenter.backfill.run_once()  # u00, u01
+    for _ in range(3):
+        assert await harness.segmenter.backfill.run_once()
+        harness.clock.advance(timedelta(seconds=60))
+    failed = await view(harness, sid)
+    assert failed["status"] == "failed" and failed["backfill"]["failures"] == 3
+    assert failed["backfill"]["processed"] == 2
+    assert not await harness.segmenter.backfill.run_once()
+
+    # Not while it is done, nor for what does not exist, nor without the admin token.
+    r = await harness.client.post(f"/v1/segments/{ready}/backfill/retry", headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"] == "backfill_not_failed", r.text
+    r = await harness.client.post("/v1/segments/seg_nope/backfill/retry", headers=ADMIN)
+    assert r.status_code == 404
+    assert (await harness.client.post(f"/v1/segments/{sid}/backfill/retry")).status_code == 401
+
+    await allow(harness)
+    r = await harness.client.post(f"/v1/segments/{sid}/backfill/retry", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    retried = r.json()
+    assert retried["status"] == "backfilling" and retried["version"] == failed["version"]
+    assert retried["backfill"]["processed"] == 2
+    assert retried["backfill"]["started_at"] == failed["backfill"]["started_at"]
+    assert (retried["backfill"]["failures"], retried["backfill"]["error"]) == (0, None)
+    assert await harness.segmenter.backfill.run_once()  # at once: no back-off left
+    assert (await view(harness, sid))["backfill"]["processed"] == 4  # u02, u03: the chunk that failed
+    await harness.segmenter.backfill.run_until_idle()
+    v = await view(harness, sid)
+    assert v["status"] == "ready" and v["backfill"]["processed"] == 6 and v["member_count"] == 6
+
+
+async def test_failures_recorded_before_the_pass_started_are_disregarded(harness: Harness) -> None:
+    """An older replica (during a rollout) restarts a pass without knowing the failure columns: a
+    failed segment saved again through it kept its count and error, and failed at its first failure."""
+    await seed(harness, 3)
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, "23514")
+    for _ in range(3):
+        assert await harness.segmenter.backfill.run_once()
+        harness.clock.advance(timedelta(seconds=60))
+    assert (await view(harness, sid))["status"] == "failed"
+    # Saved again as the release before this one did it.
+    await sql(
+        harness,
+        "UPDATE segments SET version = version + 1, status = 'backfilling', backfill_cursor = NULL, "
+        "backfill_done = 0, backfill_started_at = :now, backfill_finished_at = NULL, updated_at = :now "
+        "WHERE segment_id = :s",
+        s=sid,
+        now=harness.clock.now(),
+    )
+    v = await view(harness, sid)
+    assert v["status"] == "backfilling"
+    assert (v["backfill"]["failures"], v["backfill"]["error"], v["backfill"]["failed_at"]) == (0, None, None)
+    assert await harness.segmenter.backfill.run_once()  # claimed at once: no back-off from before
+    v = await view(harness, sid)
+    assert v["status"] == "backfilling" and v["backfill"]["failures"] == 1
+
+
+async def test_an_outage_after_the_claim_backs_the_segment_off_so_others_get_their_turn(
+    harness: Harness,
+) -> None:
+    """A chunk whose statement kills its backend, or that a proxy cuts, is an outage (raised, not
+    counted): the segment stayed first by its edit time, and no other was back-filled."""
+    await seed(harness, 3)
+    stuck = await create(harness, EVERYONE, "Stuck")
+    harness.clock.advance(timedelta(seconds=1))
+    pro = await create(harness, PRO, "Pro")
+    await refuse(harness, stuck, "57P01")  # as the server shutting the connection down says it
+    backed_off = failures("backed_off")
+    with pytest.raises(Exception, match="refused for the test"):
+        await harness.segmenter.backfill.run_once()
+    v = await view(harness, stuck)
+    assert v["status"] == "backfilling" and v["backfill"]["failures"] == 0
+    assert v["backfill"]["error"] == "AdminShutdownError: refused for the test"
+    assert failures("backed_off") - backed_off == 1
+    await harness.segmenter.backfill.run_until_idle()
+    assert (await view(harness, pro))["status"] == "ready"
+    await allow(harness)
+    harness.clock.advance(timedelta(seconds=60))
+    await harness.segmenter.backfill.run_until_idle()
+    assert (await view(harness, stuck))["status"] == "ready"
+
+
+async def test_a_failure_is_recorded_while_the_chunk_still_holds_the_segment(harness: Harness) -> None:
+    """It was recorded in a transaction of its own after the chunk's had let the row go: a restart
+    that waited for the row (a segment it refers to finishing its pass) got the stale failure, and
+    another replica could re-run the chunk in between."""
+    await seed(harness, 3)
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, "23514", sleep=0.5)
+    chunk = asyncio.create_task(harness.segmenter.backfill.run_once())
+    await asyncio.sleep(0.2)  # the chunk holds the row
+
+    async def restart() -> None:
+        async with harness.segmenter.platform.unit_of_work() as uow:
+            await segment_store.restart_backfill(uow.session, [sid], harness.clock.now())
+
+    await asyncio.gather(chunk, restart())
+    v = await view(harness, sid)
+    assert v["status"] == "backfilling"
+    assert (v["backfill"]["failures"], v["backfill"]["error"], v["backfill"]["failed_at"]) == (0, None, None)
+
+
+async def test_a_ready_segment_whose_stored_definition_no_longer_validates_is_failed(
+    harness: Harness,
+) -> None:
+    """The catalogue left it out with a log line: `ready`, it looked up to date while nothing updated
+    it. Explain answered 500, and it could lose a segment it depends on (deletion skipped it)."""
+    await seed(harness, 3)
+    pro = await harness.create_segment(PRO, name="Pro")
+    sid = await harness.create_segment({"or": [{"member_of": pro}, {"trait": "d", "op": "exists"}]})
+    assert (await view(harness, sid))["status"] == "ready"
+    # As a release that accepted it stored it: in UTC this is year 10000.
+    await sql(
+        harness,
+        "UPDATE segments SET definition = jsonb_set(definition, '{or,1}', "
+        """'{"trait": "d", "op": "before", "value": "9999-12-31T23:59:59-01:00"}'), """
+        "version = version + 1 WHERE segment_id = :s",
+        s=sid,
+    )
+    failed = failures("failed")
+    await harness.send(make_event("x1", "identify", user_id="u00", traits={"plan": "free"}))
+    await harness.processed(1)  # real time leaves it out, the batch goes through
+    assert await harness.segmenter.backfill.run_once()  # marked failed
+    v = await view(harness, sid)
+    assert v["status"] == "failed" and v["backfill"]["failures"] == 1
+    assert v["backfill"]["error"] == (
+        "InvalidRule: definition.or[1].value: must be from 0001-01-01 to 9999-12-31 in UTC"
+    )
+    assert failures("failed") - failed == 1
+    assert not await harness.segmenter.backfill.run_once()  # once
+    assert (await view(harness, pro))["status"] == "ready"
+
+    r = await harness.client.get(f"/v1/segments/{sid}/explain/u00", headers=ADMIN)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"] == "invalid_stored_definition"
+    assert r.json()["errors"] == [
+        {
+            "field": "definition.or[1].value",
+            "rule": "range",
+            "message": "must be from 0001-01-01 to 9999-12-31 in UTC",
+        }
+    ]
+    r = await harness.client.post(f"/v1/segments/{sid}/backfill/retry", headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"] == "invalid_stored_definition", r.text
+    # What it refers to cannot be deleted under it, nor made to refer to it in turn.
+    r = await harness.client.put(
+        f"/v1/segments/{pro}",
+        json={"name": "Pro", "definition": {"or": [PRO, {"member_of": sid}]}},
+        headers=ADMIN,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["errors"] == [
+        {"field": "definition.or[1].member_of", "rule": "cycle", "message": f"{pro} -> {sid} -> {pro}"}
+    ]
+    r = await harness.client.delete(f"/v1/segments/{pro}", headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"] == "segment_in_use", r.text
+    # Saved again, valid: back to work.
+    r = await harness.client.put(
+        f"/v1/segments/{sid}",
+        json={
+            "name": "s",
+            "definition": {"or": [{"member_of": pro}, {"trait": "d", "op": "before", "value": "9999-12-31"}]},
+        },
+        headers=ADMIN,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "backfilling" and r.json()["backfill"]["error"] is None
+    await harness.segmenter.backfill.run_until_idle()
+    assert (await view(harness, sid))["status"] == "ready"

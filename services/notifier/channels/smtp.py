@@ -13,7 +13,8 @@ from services.notifier.domain.suppression import smtp_address_gone
 from services.notifier.settings import ProviderConfig
 
 
-def _failure_for_code(code: int) -> Failure:
+def _message_failure(code: int) -> Failure:
+    """A refusal of the recipient (RCPT) or of the message (DATA)."""
     if code in (550, 551, 553, 554):
         return Failure.BOUNCE
     if 400 <= code < 500:
@@ -21,6 +22,16 @@ def _failure_for_code(code: int) -> Failure:
     if code in (530, 535):
         return Failure.PROVIDER
     return Failure.PERMANENT
+
+
+def _server_failure(exc: aiosmtplib.SMTPResponseException) -> Failure:
+    """A refusal before any recipient: the greeting, EHLO/HELO, STARTTLS, AUTH or MAIL FROM. The
+    server refuses to work for us (our host blocked, our credentials or sender refused), whoever the
+    message is for: another provider may take it, and the breaker counts it. Except a MAIL FROM 552,
+    which is the message's size (RFC 1870), refused anywhere."""
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code == 552:
+        return Failure.PERMANENT
+    return Failure.TRANSIENT if 400 <= exc.code < 500 else Failure.PROVIDER
 
 
 class SmtpProvider:
@@ -51,7 +62,11 @@ class SmtpProvider:
         )
         await client.connect()
         if self.config.username and self.config.password is not None:
-            await client.login(self.config.username, self.config.password.get_secret_value())
+            try:
+                await client.login(self.config.username, self.config.password.get_secret_value())
+            except BaseException:
+                client.close()  # connected, not pooled yet: nobody else would close it
+                raise
         return client
 
     async def send(self, delivery: Delivery, before_data: BeforeCall | None = None) -> SendResult:
@@ -80,22 +95,28 @@ class SmtpProvider:
                 # The server's answer, not the exception's text (which names the address: personal data).
                 answer = f"{code} {refused.message}" if refused is not None else str(code)
                 return SendResult.failed(
-                    _failure_for_code(code),
+                    _message_failure(code),
                     f"SMTP recipient refused: {answer}",
                     address_gone=smtp_address_gone(code, answer),
                 )
-            except aiosmtplib.SMTPResponseException as exc:
+            except aiosmtplib.SMTPDataError as exc:
                 self._recycle(client)
-                # Not a recipient's refusal (MAIL FROM, DATA, the greeting): it says nothing of the address.
-                return SendResult.failed(_failure_for_code(exc.code), f"SMTP {exc.code}: {exc.message}")
+                # The message refused (content, size, policy): it says nothing of the address.
+                return SendResult.failed(_message_failure(exc.code), f"SMTP {exc.code}: {exc.message}")
+            except aiosmtplib.SMTPResponseException as exc:
+                self._close(client)
+                # Before any recipient (the greeting, EHLO, STARTTLS, AUTH, MAIL FROM): the server, not
+                # this message or its address. (MAIL FROM's RSET was sent; a fresh connection is simpler.)
+                stage = "sender refused" if isinstance(exc, aiosmtplib.SMTPSenderRefused) else "refused"
+                return SendResult.failed(_server_failure(exc), f"SMTP {stage}: {exc.code} {exc.message}")
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                await self._discard(client)
+                self._close(client)
                 return SendResult.failed(Failure.TRANSIENT, f"SMTP connection: {type(exc).__name__}: {exc}")
             self._recycle(client)
             if errors:
                 code, text = next(iter(errors.values()))
                 return SendResult.failed(
-                    _failure_for_code(code),
+                    _message_failure(code),
                     f"SMTP {code}: {text}",
                     address_gone=smtp_address_gone(code, text),
                 )
@@ -145,7 +166,8 @@ class SmtpProvider:
         if client is not None and client.is_connected:
             self._idle.put_nowait(client)
 
-    async def _discard(self, client: aiosmtplib.SMTP | None) -> None:
+    @staticmethod
+    def _close(client: aiosmtplib.SMTP | None) -> None:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()

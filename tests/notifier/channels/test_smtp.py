@@ -1,0 +1,133 @@
+"""The SMTP provider against real SMTP servers on loopback: which refusals are the server's (retried,
+failed over, counted by the breaker) and which the message's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from services.notifier.channels.base import Delivery
+from services.notifier.channels.router import GuardedProvider, ProviderRouter
+from services.notifier.channels.smtp import SmtpProvider
+from services.notifier.domain.email_content import build_email
+from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
+from services.notifier.domain.retry_policy import Failure
+from services.notifier.settings import ProviderConfig
+from shared.contracts import Channel
+from tests.notifier.provider_servers import ScriptedSmtp
+
+
+def delivery(to: str = "ann@example.com", message_id: str = "m1") -> Delivery:
+    email = build_email(
+        message_id=message_id,
+        sender="CLM <noreply@clm.local>",
+        to=to,
+        subject="Receipt",
+        text="Thanks",
+        body_html="<p>Thanks</p>",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    return Delivery(message_id, "c1", Channel.EMAIL, to, {}, email)
+
+
+def smtp(name: str, port: int, **config: Any) -> SmtpProvider:
+    return SmtpProvider(name, ProviderConfig(kind="smtp", host="127.0.0.1", port=port, timeout_s=5, **config))
+
+
+async def nothing() -> None:
+    pass
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[list[ScriptedSmtp]]:
+    servers: list[ScriptedSmtp] = []
+    yield servers
+    for server in servers:
+        await server.stop()
+
+
+async def start(servers: list[ScriptedSmtp], **script: Any) -> ScriptedSmtp:
+    server = await ScriptedSmtp(**script).start()
+    servers.append(server)
+    return server
+
+
+# Refusals before any recipient: the relay will not work for us, whoever the mail is for.
+REFUSED_BEFORE_RECIPIENTS = {
+    "greeting": ({"greeting": "554 5.7.1 Service unavailable; client host [127.0.0.1] blocked"}, {}),
+    "ehlo_and_helo": (
+        {"answers": {"EHLO": "554 5.7.1 go away", "HELO": "554 5.7.1 go away"}},
+        {},
+    ),
+    "starttls": ({"extensions": ("STARTTLS",)}, {"start_tls": True}),
+    "auth": (
+        {"extensions": ("AUTH PLAIN LOGIN",), "answers": {"AUTH": "535 5.7.8 bad credentials"}},
+        {"username": "clm", "password": SecretStr("wrong")},
+    ),
+    "mail_from": ({"answers": {"MAIL": "550 5.7.1 sender address rejected: not owned by you"}}, {}),
+    "mail_from_later": ({"answers": {"MAIL": "451 4.3.0 try again later"}}, {}),
+}
+
+
+@pytest.mark.parametrize("stage", REFUSED_BEFORE_RECIPIENTS)
+@pytest.mark.parametrize("in_steps", [True, False], ids=["with_hook", "sendmail"])
+async def test_a_refusal_before_any_recipient_is_the_servers_not_a_bounce(
+    scripted: list[ScriptedSmtp], stage: str, in_steps: bool
+) -> None:
+    script, config = REFUSED_BEFORE_RECIPIENTS[stage]
+    server = await start(scripted, **script)
+    provider = smtp("smtp", server.port, **config)
+    result = await provider.send(delivery(), nothing if in_steps else None)
+    assert not result.ok
+    # Retried and failed over, never `bounced` (nor the address suppressed) for the server's refusal.
+    expected = Failure.TRANSIENT if stage in ("starttls", "mail_from_later") else Failure.PROVIDER
+    assert result.failure is expected, result.reason
+    assert result.address_gone is None
+    assert "RCPT" not in server.verbs()
+    await provider.close()
+
+
+@pytest.mark.parametrize(
+    ("answers", "failure", "gone"),
+    [
+        ({"RCPT": "550 5.1.1 no such user"}, Failure.BOUNCE, "SMTP 550 5.1.1"),
+        ({"RCPT": "554 5.7.1 recipient refused by policy"}, Failure.BOUNCE, None),
+        ({"RCPT": "450 4.2.0 greylisted"}, Failure.TRANSIENT, None),
+        ({"DATA.": "554 5.7.1 message refused as spam"}, Failure.BOUNCE, None),
+        ({"DATA.": "552 5.3.4 message too big"}, Failure.PERMANENT, None),
+        ({"MAIL": "552 5.3.4 message size exceeds fixed limit"}, Failure.PERMANENT, None),
+    ],
+    ids=["rcpt_gone", "rcpt_policy", "rcpt_later", "data_spam", "data_size", "mail_from_size"],
+)
+async def test_refusals_of_the_recipient_or_message_keep_their_meaning(
+    scripted: list[ScriptedSmtp], answers: dict[str, str], failure: Failure, gone: str | None
+) -> None:
+    server = await start(scripted, answers=answers)
+    provider = smtp("smtp", server.port)
+    result = await provider.send(delivery(), nothing)
+    assert (result.failure, result.address_gone) == (failure, gone), result.reason
+    await provider.close()
+
+
+async def test_a_relay_refusing_the_greeting_fails_over_and_counts_against_its_breaker(
+    scripted: list[ScriptedSmtp],
+) -> None:
+    blocked = await start(scripted, greeting="554 5.7.1 client host blocked")
+    backup = await start(scripted)
+    primary = GuardedProvider(
+        smtp("smtp_blocked", blocked.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4
+    )
+    second = GuardedProvider(smtp("smtp", backup.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4)
+    router = ProviderRouter({Channel.EMAIL: [primary, second]}, [primary, second])
+    for n in range(3):
+        name, result = await router.send(delivery(message_id=f"m{n}"), nothing)
+        assert (name, result.ok) == ("smtp", True)
+    # Two refusals opened the primary's circuit: the third mail went straight to the backup.
+    assert primary.breaker.is_open
+    assert blocked.connections == 2
+    assert len(backup.messages) == 3
+    await router.close()

@@ -146,9 +146,16 @@ class ProviderRouter:
                     guarded.breaker.release_trial()
                     raise
                 except Exception as exc:  # a provider bug must not take the delivery loop down
-                    result = SendResult.failed(
-                        Failure.TRANSIENT, f"{guarded.name}: {type(exc).__name__}: {exc}"
+                    # Retried (and the next provider tried now), but not held against this provider:
+                    # the cause may be this message alone (an address its client cannot write), and
+                    # a few such messages opened the circuit for every other one. A half-open trial
+                    # that ended so decided nothing: the next call may try.
+                    guarded.breaker.release_trial()
+                    last = (
+                        guarded.name,
+                        SendResult.failed(Failure.TRANSIENT, f"{guarded.name}: {type(exc).__name__}: {exc}"),
                     )
+                    continue
             if result.ok or result.failure in (Failure.PERMANENT, Failure.BOUNCE):
                 # The provider worked (even if it refused this message): the circuit stays closed.
                 guarded.breaker.record_success()

@@ -12,6 +12,13 @@ from services.notifier.domain.retry_policy import Failure
 from services.notifier.domain.suppression import smtp_address_gone
 from services.notifier.settings import ProviderConfig
 
+# RFC 6531: an envelope address with characters other than ASCII goes only to a server offering this.
+SMTPUTF8 = "SMTPUTF8"
+NO_SMTPUTF8 = (
+    "the email address has characters other than ASCII and the SMTP server does not offer SMTPUTF8 "
+    "(RFC 6531): it cannot be sent there"
+)
+
 
 def _message_failure(code: int) -> Failure:
     """A refusal of the recipient (RCPT) or of the message (DATA)."""
@@ -73,18 +80,29 @@ class SmtpProvider:
         """`before_data` runs right before DATA: connecting, MAIL FROM and RCPT TO cannot deliver the
         message, so a crash before that point leaves nothing ambiguous."""
         assert delivery.email is not None
+        # aiosmtplib encodes envelope addresses as ASCII unless told SMTPUTF8.
+        utf8 = not (delivery.to.isascii() and delivery.email.envelope_from.isascii())
         async with self._slots:
             client: aiosmtplib.SMTP | None = None
             try:
                 client = self._idle.get_nowait() if not self._idle.empty() else await self._connect()
                 if not client.is_connected:
                     client = await self._connect()
+                if utf8 and not await self._offers_smtputf8(client):
+                    # Nothing of the envelope went out: the connection is clean.
+                    self._recycle(client)
+                    return SendResult.failed(Failure.PERMANENT, f"SMTP: {NO_SMTPUTF8}")
+                options = [SMTPUTF8] if utf8 else []
                 if before_data is None:
                     errors, response = await client.sendmail(
-                        delivery.email.envelope_from, [delivery.to], delivery.email.to_wire()
+                        delivery.email.envelope_from,
+                        [delivery.to],
+                        delivery.email.to_wire(),
+                        mail_options=options,
                     )
                 else:
-                    errors, response = {}, await self._send_in_steps(client, delivery, before_data)
+                    errors = {}
+                    response = await self._send_in_steps(client, delivery, before_data, options)
             except SendAborted:
                 self._recycle(client)  # the envelope was reset: the connection is clean
                 raise
@@ -112,6 +130,11 @@ class SmtpProvider:
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 self._close(client)
                 return SendResult.failed(Failure.TRANSIENT, f"SMTP connection: {type(exc).__name__}: {exc}")
+            except BaseException:
+                # Anything else (a bug, a cancelled task) may have left a command half answered: a pooled
+                # connection in that state would confuse the next message's conversation.
+                self._close(client)
+                raise
             self._recycle(client)
             if errors:
                 code, text = next(iter(errors.values()))
@@ -124,15 +147,31 @@ class SmtpProvider:
             return SendResult(True, delivered=True, provider_message_id=message_id, reason=response[:200])
 
     @staticmethod
-    async def _send_in_steps(client: aiosmtplib.SMTP, delivery: Delivery, before_data: BeforeCall) -> str:
+    async def _offers_smtputf8(client: aiosmtplib.SMTP) -> bool:
+        # A fresh connection has not said EHLO yet (aiosmtplib says it before the first MAIL FROM);
+        # as aiosmtplib does, HELO when EHLO is refused: no extensions then.
+        if client.is_ehlo_or_helo_needed:
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                if not client.is_connected:
+                    raise
+                await client.helo()
+        return client.supports_extension(SMTPUTF8)
+
+    @staticmethod
+    async def _send_in_steps(
+        client: aiosmtplib.SMTP, delivery: Delivery, before_data: BeforeCall, options: list[str]
+    ) -> str:
         assert delivery.email is not None
+        encoding = "utf-8" if options else "ascii"
         # The hook (a database commit) runs while MAIL FROM and RCPT TO go back and forth; DATA waits
         # for it. Overlapping them keeps the connection busy instead of idle during the commit.
         hook = asyncio.ensure_future(before_data())
         envelope_error: Exception | None = None
         try:
-            await client.mail(delivery.email.envelope_from)
-            await client.rcpt(delivery.to)
+            await client.mail(delivery.email.envelope_from, options=options, encoding=encoding)
+            await client.rcpt(delivery.to, encoding=encoding)
         except asyncio.CancelledError:
             hook.cancel()
             raise

@@ -9,17 +9,39 @@ systems treat local parts without case in practice.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from email.utils import parseaddr
 
 # RFC 5321: a local part of 64 octets, a domain of 255; longer is no address (and would not fit an
 # index entry either).
 MAX_LENGTH = 320
+# What a mailbox is, for the reasons that refuse one.
+RULE = "a mailbox with an @, at most 320 characters, without spaces or control or invisible characters"
+
+# A quoted local part (`"ann smith"@example.com`) may hold spaces; nothing else may (as aiosmtplib,
+# which refuses to write such an address on an SMTP command line).
+_QUOTED_LOCAL_PART = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
 
 
 def mailbox(value: str) -> str | None:
-    """The mailbox of an address as written, in lower case; None when there is none (no `@`, or
-    longer than an address can be)."""
-    address = parseaddr(value)[1].strip().lower()
-    if "@" not in address or len(address) > MAX_LENGTH:
+    """The mailbox of an address as written, in lower case; None when there is none (no `@`, longer
+    than an address can be, or holding a character no mail system delivers to: see `_unsendable`)."""
+    # Checked as parsed, before stripping: the SMTP client writes that (`ann@example.com` and a
+    # no-break space is no address it sends).
+    parsed = parseaddr(value)[1]
+    address = parsed.strip().lower()
+    if "@" not in address or len(address) > MAX_LENGTH or _unsendable(parsed):
         return None
     return address
+
+
+def _unsendable(address: str) -> bool:
+    """A control character, an invisible one (a zero-width space pasted with the address, a
+    direction mark, a soft hyphen: Unicode format characters), a surrogate, private-use or unassigned
+    code point anywhere; a space, `<`, `>` or `"` outside a quoted local part. Letters of any script
+    are fine (`josé@example.com`: an SMTPUTF8 address)."""
+    if any(unicodedata.category(c)[0] == "C" for c in address):
+        return True
+    rest = _QUOTED_LOCAL_PART.sub("", address, count=1)
+    return any(c.isspace() or unicodedata.category(c)[0] == "Z" or c in '<>"' for c in rest)

@@ -1,5 +1,6 @@
 """The SMTP provider against real SMTP servers on loopback: which refusals are the server's (retried,
-failed over, counted by the breaker) and which the message's."""
+failed over, counted by the breaker) and which the message's; addresses beyond ASCII (SMTPUTF8);
+what becomes of a connection after an error."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from deploy.local.smtp_sink import MailSink
 from services.notifier.channels.base import Delivery
 from services.notifier.channels.router import GuardedProvider, ProviderRouter
-from services.notifier.channels.smtp import SmtpProvider
+from services.notifier.channels.smtp import NO_SMTPUTF8, SmtpProvider
 from services.notifier.domain.email_content import build_email
 from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
 from services.notifier.domain.retry_policy import Failure
@@ -130,4 +132,80 @@ async def test_a_relay_refusing_the_greeting_fails_over_and_counts_against_its_b
     assert primary.breaker.is_open
     assert blocked.connections == 2
     assert len(backup.messages) == 3
+    await router.close()
+
+
+async def test_a_non_ascii_address_goes_with_smtputf8_when_the_server_offers_it(
+    scripted: list[ScriptedSmtp],
+) -> None:
+    server = await start(scripted, extensions=("8BITMIME", "SMTPUTF8"))
+    provider = smtp("smtp", server.port)
+    for in_steps in (True, False):
+        result = await provider.send(delivery("José <josé@example.com>"), nothing if in_steps else None)
+        assert result.ok, result.reason
+    mails = [c for c in server.commands if c.startswith(b"MAIL")]
+    rcpts = [c for c in server.commands if c.startswith(b"RCPT")]
+    assert all(b"SMTPUTF8" in c for c in mails) and len(mails) == 2
+    assert rcpts == [b"RCPT TO:<jos\xc3\xa9@example.com>"] * 2
+    assert len(server.messages) == 2 and b"jos\xc3\xa9@example.com" in server.messages[0]
+    # An ASCII address on the same connection still goes without it.
+    assert (await provider.send(delivery(), nothing)).ok
+    assert b"SMTPUTF8" not in server.commands[-5]
+    assert server.connections == 1
+    await provider.close()
+
+
+async def test_a_non_ascii_address_fails_at_once_where_the_server_lacks_smtputf8(
+    scripted: list[ScriptedSmtp],
+) -> None:
+    server = await start(scripted)
+    provider = smtp("smtp", server.port)
+    gp = GuardedProvider(provider, CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4)
+    router = ProviderRouter({Channel.EMAIL: [gp]}, [gp])
+    for n in range(4):
+        name, result = await router.send(delivery("josé@example.com", f"m{n}"), nothing)
+        # The message can never go there: failed for good, the address not blamed, the server neither.
+        assert (name, result.failure, result.address_gone) == ("smtp", Failure.PERMANENT, None)
+        assert result.reason == f"SMTP: {NO_SMTPUTF8}"
+    assert not gp.breaker.is_open and gp.breaker.failures == 0
+    assert "MAIL" not in server.verbs()  # nothing of the envelope went out
+    name, result = await router.send(delivery(), nothing)
+    assert (name, result.ok) == ("smtp", True)
+    assert server.connections == 1  # the connection stayed clean, and pooled
+    await router.close()
+
+
+async def test_a_real_server_without_smtputf8_is_not_sent_a_non_ascii_address() -> None:
+    sink = await MailSink.start(server_options={"enable_SMTPUTF8": False})
+    try:
+        provider = smtp("smtp", sink.port)
+        result = await provider.send(delivery("josé@example.com"), nothing)
+        assert (result.failure, result.reason) == (Failure.PERMANENT, f"SMTP: {NO_SMTPUTF8}")
+        assert (await provider.send(delivery(), nothing)).ok
+        assert [m.envelope_to for m in sink.messages] == [["ann@example.com"]]
+        await provider.close()
+    finally:
+        await sink.stop()
+
+
+async def test_an_unexpected_error_closes_the_connection_and_spares_the_breaker(
+    scripted: list[ScriptedSmtp],
+) -> None:
+    """The `sending` commit (the hook) failed with a database error after MAIL FROM and RCPT TO:
+    the connection, mid-envelope, must not go back to the pool; the error is no provider's."""
+    server = await start(scripted)
+    gp = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
+    router = ProviderRouter({Channel.EMAIL: [gp]}, [gp])
+
+    async def commit_fails() -> None:
+        raise RuntimeError("the database went away")
+
+    name, result = await router.send(delivery(), commit_fails)
+    assert (name, result.failure) == ("smtp", Failure.TRANSIENT)
+    assert result.reason is not None and "RuntimeError" in result.reason
+    assert not gp.breaker.is_open and gp.breaker.failures == 0
+    name, result = await router.send(delivery(message_id="m2"), nothing)
+    assert (name, result.ok) == ("smtp", True)
+    assert server.connections == 2  # the first one was closed, not reused
+    assert len(server.messages) == 1
     await router.close()

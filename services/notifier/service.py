@@ -23,7 +23,7 @@ from services.notifier.store import consent_repo, contacts_repo, ledger_repo, su
 from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
-from shared.privacy import erasure_gate
+from shared.privacy import erased_among, erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,12 @@ class Notifier:
     async def unsubscribe(
         self, customer_id: str, channel: str, topic: str | None, message_id: str | None, *, source: str
     ) -> bool:
-        """Opt out of `topic` (or all marketing) on `channel`; one `unsubscribed` status per message."""
+        """Opt out of `topic` (or all marketing) on `channel`; one `unsubscribed` status per message.
+        Nothing for an erased customer (`_erased`)."""
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
+            if await self._erased(uow, customer_id):
+                return False
             changed = await consent_repo.record_choices(
                 uow.session,
                 customer_id,
@@ -157,10 +160,13 @@ class Notifier:
         on `channel` is off. Each topic this opts the customer out of (marketing on it reached them
         before the save and no longer does) is an `unsubscribed` status of the message whose link
         opened the page, in the same transaction as the choices, as the one-click link's; a save that
-        changes nothing, or only opts in, emits nothing. Returns the topics opted out of."""
+        changes nothing, or only opts in, emits nothing; nor does one of an erased customer
+        (`_erased`). Returns the topics opted out of."""
         now = self.clock.now()
         source = "preference_page"
         async with self.platform.unit_of_work() as uow:
+            if await self._erased(uow, customer_id):
+                return []
             topics = await consent_repo.offered_on(uow.session, channel.value)
             changes = [(t.id, channel.value, t.id in wanted) for t in topics]
             # A topic ticked lifts "unsubscribe from all" (its marketing could not reach them
@@ -176,6 +182,16 @@ class Notifier:
                 for topic in left:
                     await self._unsubscribed(uow, message_id, topic, channel.value, source, now)
         return left
+
+    async def _erased(self, uow: UnitOfWork, customer_id: str) -> bool:
+        """Whether `customer_id` (a signed link's: any identifier of the customer) was erased, under
+        the erasure gate until `uow` commits. A message outlives its customer's erasure in their
+        mailbox: its links must write no choices, ledger entries or statuses under the erased id (they
+        recreated what the erasure deleted). An erasure committing meanwhile waits for this write, and
+        then deletes it too."""
+        await erasure_gate(uow.session, exclusive=False)
+        salt = self.settings.privacy_salt.get_secret_value()
+        return bool(await erased_among(uow.session, salt, [customer_id]))
 
     async def _unsubscribed(
         self, uow: UnitOfWork, message_id: str, topic: str, channel: str, source: str, now: datetime

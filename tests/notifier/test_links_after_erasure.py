@@ -1,0 +1,137 @@
+"""A message outlives its customer's erasure in their mailbox: its unsubscribe link, one-click or the
+preference page, used afterwards answers as ever and writes nothing (it recreated the preferences
+and consent ledger entries the erasure deleted, and emitted `unsubscribed` statuses for the erased
+id). A link used while an erasure runs is ordered against it by the erasure gate."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import text
+
+from shared.contracts import PRIVACY, PrivacyAction, PrivacyRequest
+from shared.privacy import add_tombstones, erasure_gate
+from tests.notifier.conftest import ADMIN, Harness
+from tests.notifier.test_email import setup
+from tests.notifier.test_preference_page import FORM, sent_email
+from tests.support import eventually, read_topic
+
+NOTHING: dict[str, list[Any]] = {"preferences": [], "consent_ledger": [], "engagements": []}
+
+
+async def erase(h: Harness, customer_id: str, identities: list[str]) -> None:
+    request_id = f"erase-{customer_id}"
+    await h.platform.producer.publish(
+        PRIVACY.name,
+        customer_id,
+        PrivacyRequest(
+            event_id=f"{request_id}:segmenter:erase_requested",
+            request_id=request_id,
+            action=PrivacyAction.ERASE_REQUESTED,
+            customer_id=customer_id,
+            identities=identities,
+            service="segmenter",
+            occurred_at=datetime.now(UTC),
+        ),
+    )
+    await read_topic(
+        h.settings.topic(PRIVACY.name),
+        until=lambda ms: any(
+            m["value"]["action"] == "erase_completed" and m["value"]["request_id"] == request_id for m in ms
+        ),
+        timeout=15,
+    )
+
+
+async def rows_of(h: Harness, ids: list[str], message_ids: list[str]) -> dict[str, list[Any]]:
+    async with h.platform.unit_of_work() as uow:
+        found = {}
+        for table in ("preferences", "consent_ledger"):
+            found[table] = list(
+                (
+                    await uow.session.execute(
+                        text(f"SELECT topic, channel, source FROM {table} WHERE customer_id = ANY(:ids)"),
+                        {"ids": ids},
+                    )
+                ).all()
+            )
+        found["engagements"] = list(
+            (
+                await uow.session.execute(
+                    text("SELECT message_id, kind FROM engagements WHERE message_id = ANY(:m)"),
+                    {"m": message_ids},
+                )
+            ).all()
+        )
+    return found
+
+
+async def waiting_for_the_gate(h: Harness) -> bool:
+    """Whether a transaction waits for this schema's erasure gate (`shared.privacy.erasure_gate`)."""
+    async with h.platform.engine.connect() as conn:
+        found = await conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND objid::bigint = (hashtext('clm.erasure.' || current_schema())::bigint & 4294967295)"
+            )
+        )
+    return bool(found)
+
+
+async def test_unsubscribe_links_used_after_the_erasure_answer_and_write_nothing(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    async with start_notifier() as h:
+        await setup(h)  # `newsletter` on email, subscribed by default
+        page = await sent_email(h, "m-e1", "eve")
+        kept = await sent_email(h, "m-k1", "kim")  # someone not erased: the control
+        # A link signed for another identifier of the customer (a message requested under a userId).
+        alias_page = "/u/" + h.app.state.notifier.links.unsubscribe_token("user-eve", "email", None, "m-e1")
+        await erase(h, "eve", ["eve", "user-eve", "eve@example.com"])
+
+        # Answered as for anyone: the same pages, a 2xx for the mailbox provider's one-click (RFC 8058).
+        one_click = await h.client.post(page)
+        assert one_click.status_code == 200 and "You are unsubscribed" in one_click.text
+        shown = await h.client.get(page)
+        assert shown.status_code == 200 and "Newsletter" in shown.text
+        saved = await h.client.post(page + "/preferences", content=b"", headers=FORM)
+        assert saved.status_code == 200 and "Preferences saved" in saved.text
+        for path in (page + "/all", alias_page, alias_page + "/all"):
+            answered = await h.client.post(path)
+            assert answered.status_code == 200 and "You are unsubscribed" in answered.text, path
+
+        control = await h.client.post(kept)
+        assert control.status_code == 200
+        await h.wait_status("m-k1", "unsubscribed")
+        values = await h.statuses(idle=1.0)
+        assert [v["status"] for v in values if v["message_id"] == "m-e1"] == ["queued", "sent", "delivered"]
+        assert await rows_of(h, ["eve", "user-eve"], ["m-e1"]) == NOTHING
+        history = await h.client.get("/v1/customers/eve/consent-history", headers=ADMIN)
+        assert history.json()["history"] == []
+        # The control's link did write: the links work, only the erased customer's write nothing.
+        kim = await rows_of(h, ["kim"], ["m-k1"])
+        assert kim["preferences"] == [("newsletter", "email", "one_click")]
+        assert kim["engagements"] == [("m-k1", "unsubscribed")]
+
+
+async def test_a_link_used_while_the_erasure_commits_waits_for_it(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """The erasure holds its gate from before it reads anything to its commit: a one-click arriving
+    meanwhile waits, then finds the tombstones (before, it could write between the erasure's delete
+    and its commit, or right after the delete, and its rows outlived the erasure)."""
+    async with start_notifier() as h:
+        await setup(h)
+        page = await sent_email(h, "m-e2", "ivy")
+        salt = h.settings.privacy_salt.get_secret_value()
+        async with h.platform.unit_of_work() as erasure:
+            await erasure_gate(erasure.session, exclusive=True)
+            clicked = asyncio.create_task(h.client.post(page))
+            await eventually(lambda: waiting_for_the_gate(h))
+            assert not clicked.done()
+            await add_tombstones(erasure.session, salt, ["ivy"], "erase-ivy", datetime.now(UTC))
+        answered = await asyncio.wait_for(clicked, 10)
+        assert answered.status_code == 200
+        assert await rows_of(h, ["ivy"], ["m-e2"]) == {
+            "preferences": [],
+            "consent_ledger": [],
+            "engagements": [],
+        }

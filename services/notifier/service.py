@@ -19,7 +19,13 @@ from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.suppression import address_key, suppression_key
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.settings import NotifierSettings
-from services.notifier.store import consent_repo, contacts_repo, ledger_repo, suppressions_repo
+from services.notifier.store import (
+    consent_repo,
+    contacts_repo,
+    identities_repo,
+    ledger_repo,
+    suppressions_repo,
+)
 from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
@@ -138,8 +144,10 @@ class Notifier:
         """All marketing on `channel` off for the customer (an SMS STOP, a spam complaint): a consent
         ledger entry and, when that changed their choices, an `unsubscribed` status of their latest
         marketing message on the channel that went out (what they answered; never a receipt or a
-        one-time code). Returns that message's id, if any."""
-        latest = await ledger_repo.latest_marketing_delivered(uow.session, customer_id, channel)
+        one-time code), whichever of their identifiers it was asked for under (a userId, a merged-away
+        profile's id: `identities_repo`). Returns that message's id, if any."""
+        ids = [customer_id, *await identities_repo.aliases(uow.session, customer_id)]
+        latest = await ledger_repo.latest_marketing_delivered(uow.session, ids, channel)
         message_id = latest.message_id if latest else None
         changed = await consent_repo.record_choices(
             uow.session,

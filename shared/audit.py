@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.clock import Clock, SystemClock
 from shared.db.unit_of_work import UnitOfWork
-from shared.http import admin_guard
+from shared.http import admin_guard, storable_time
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,10 @@ def audit_router(unit_of_work: Callable[[], UnitOfWork], admin: Any) -> APIRoute
             params["prefix"] = path_prefix
         if since is not None:
             where.append("at >= :since")
-            params["since"] = since
+            params["since"] = storable_time("since", since)
         if until is not None:
             where.append("at < :until")
-            params["until"] = until
+            params["until"] = storable_time("until", until)
         sql = text(
             "SELECT id, at, actor, actor_name, method, path, status, request_id, detail FROM audit_log "
             f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -76,6 +76,20 @@ def day_range(first: date | None, last: date | None, today: date, default_days: 
             errors=[field_error("to", "after_from", "`to` must not be before `from`")],
         )
     return start, end
+
+
+def storable_time(name: str, value: datetime) -> datetime:
+    """A time parameter (a query's `since`, a page cursor's time): a 400 naming it when it lies outside
+    the times every service can store and compute with (`shared.contracts.storable`): at the extremes
+    (`0001-01-01T00:00:00+14:00`) PostgreSQL's driver overflowed, a 500."""
+    if not storable.time_in_range(value):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"`{name}` is out of range",
+            errors=[field_error(name, storable.TIME_RULE, storable.TIME_MESSAGE)],
+        )
+    return value
 
 
 def validation_errors(errors: Any) -> list[dict[str, str]]:

@@ -192,11 +192,12 @@ class Notifier:
         return left
 
     async def _erased(self, uow: UnitOfWork, customer_id: str) -> bool:
-        """Whether `customer_id` (a signed link's: any identifier of the customer) was erased, under
-        the erasure gate until `uow` commits. A message outlives its customer's erasure in their
-        mailbox: its links must write no choices, ledger entries or statuses under the erased id (they
-        recreated what the erasure deleted). An erasure committing meanwhile waits for this write, and
-        then deletes it too."""
+        """Whether `customer_id` (a signed link's, a message's: any identifier of the customer) was
+        erased, under the erasure gate until `uow` commits. A message outlives its customer's erasure
+        in their mailbox: its links (unsubscribe, the open pixel, clicks) and its provider's late
+        reports must write no choices, ledger entries, engagements or statuses under the erased id
+        (they recreated what the erasure deleted). An erasure committing meanwhile waits for this
+        write, and then deletes it too."""
         await erasure_gate(uow.session, exclusive=False)
         salt = self.settings.privacy_salt.get_secret_value()
         return bool(await erased_among(uow.session, salt, [customer_id]))
@@ -231,8 +232,10 @@ class Notifier:
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.get(uow.session, message_id)
-            if entry is None or not await ledger_repo.record_engagement(
-                uow.session, message_id, "opened", "", now
+            if (
+                entry is None
+                or await self._erased(uow, entry.request.customer_id)
+                or not await ledger_repo.record_engagement(uow.session, message_id, "opened", "", now)
             ):
                 return False
             uow.emit(
@@ -248,8 +251,10 @@ class Notifier:
         digest = hashlib.sha256(url.encode()).hexdigest()[:16]
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.get(uow.session, message_id)
-            if entry is None or not await ledger_repo.record_engagement(
-                uow.session, message_id, "clicked", digest, now
+            if (
+                entry is None
+                or await self._erased(uow, entry.request.customer_id)
+                or not await ledger_repo.record_engagement(uow.session, message_id, "clicked", digest, now)
             ):
                 return False
             uow.emit(
@@ -281,8 +286,14 @@ class Notifier:
         added: dict[str, str] = {}
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.by_provider_message_id(uow.session, provider_message_id)
-            if entry is None or not await ledger_repo.record_engagement(
-                uow.session, entry.message_id, "provider_report", kind.value, now
+            # An erased customer's message: nothing recorded, not even the address's suppression
+            # (it would name their message).
+            if (
+                entry is None
+                or await self._erased(uow, entry.request.customer_id)
+                or not await ledger_repo.record_engagement(
+                    uow.session, entry.message_id, "provider_report", kind.value, now
+                )
             ):
                 return False
             if gone_address is not None:

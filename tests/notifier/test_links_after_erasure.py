@@ -1,7 +1,8 @@
 """A message outlives its customer's erasure in their mailbox: its unsubscribe link, one-click or the
 preference page, used afterwards answers as ever and writes nothing (it recreated the preferences
 and consent ledger entries the erasure deleted, and emitted `unsubscribed` statuses for the erased
-id). A link used while an erasure runs is ordered against it by the erasure gate."""
+id); so do its open pixel, its tracked links and its provider's late delivery report. A link used
+while an erasure runs is ordered against it by the erasure gate."""
 
 from __future__ import annotations
 
@@ -135,3 +136,64 @@ async def test_a_link_used_while_the_erasure_commits_waits_for_it(start_notifier
             "consent_ledger": [],
             "engagements": [],
         }
+
+
+async def test_opens_clicks_and_delivery_reports_after_the_erasure_record_nothing(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """They recreated the engagements the erasure deleted and emitted `opened`/`clicked`/`bounced`
+    statuses under the erased id."""
+    from services.notifier.api.inbound import twilio_signature
+    from tests.notifier.conftest import request
+
+    async with start_notifier() as h:
+        await setup(h)
+        await h.create_template(
+            {
+                "id": "note",
+                "name": "Note",
+                "channel": "sms",
+                "default_locale": "en",
+                "variants": {"en": {"body": "Hi"}},
+            }
+        )
+        await sent_email(h, "m-e3", "una")
+        await h.publish(
+            request(
+                "m-e4", "una", "sms", "note", category="transactional", recipient={"phone": "+15550100009"}
+            )
+        )
+        await h.wait_status("m-e4", "sent")
+        sid = (await h.client.get("/v1/messages/m-e4", headers=ADMIN)).json()["provider_message_id"]
+        await erase(h, "una", ["una"])
+
+        links = h.app.state.notifier.links
+        pixel = await h.client.get(links.open_pixel_url("m-e3").removeprefix("http://testserver"))
+        assert pixel.status_code == 200 and pixel.headers["content-type"] == "image/gif"
+        target = "https://shop.example.com/sale"
+        clicked = await h.client.get(links.click_url("m-e3", target).removeprefix("http://testserver"))
+        assert (clicked.status_code, clicked.headers["location"]) == (302, target)
+        report = {
+            "MessageSid": sid,
+            "MessageStatus": "undelivered",
+            "ErrorCode": "30005",
+            "To": "+15550100009",
+        }
+        url = "http://testserver/v1/inbound/twilio/status"
+        signature = twilio_signature(h.settings.twilio_auth_token.get_secret_value(), url, report)
+        reported = await h.client.post(
+            "/v1/inbound/twilio/status", data=report, headers={"X-Twilio-Signature": signature}
+        )
+        assert reported.status_code == 204
+
+        await sent_email(h, "m-k3", "kai")  # the control: someone not erased
+        assert (
+            await h.client.get(links.open_pixel_url("m-k3").removeprefix("http://testserver"))
+        ).status_code == 200
+        await h.wait_status("m-k3", "opened")
+        values = await h.statuses(idle=1.0)
+        assert [v["status"] for v in values if v["message_id"] == "m-e3"] == ["queued", "sent", "delivered"]
+        assert [v["status"] for v in values if v["message_id"] == "m-e4"] == ["queued", "sent"]
+        assert (await rows_of(h, ["una"], ["m-e3", "m-e4"]))["engagements"] == []
+        gone = await h.client.get(
+            "/v1/suppressions", params={"channel": "sms", "address": "+15550100009"}, headers=ADMIN
+        )
+        assert gone.status_code == 404

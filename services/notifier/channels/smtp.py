@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import aiosmtplib
+from aiosmtplib.email import parse_address
 
 from services.notifier.channels.base import BeforeCall, Delivery, SendAborted, SendResult
 from services.notifier.domain.retry_policy import Failure
@@ -18,6 +19,19 @@ NO_SMTPUTF8 = (
     "the email address has characters other than ASCII and the SMTP server does not offer SMTPUTF8 "
     "(RFC 6531): it cannot be sent there"
 )
+UNWRITABLE = (
+    "the email address cannot be written on an SMTP command line "
+    "(a space, <, > or a character that cannot be encoded)"
+)
+
+
+def _envelope(value: str) -> str:
+    """The mailbox aiosmtplib writes on MAIL FROM / RCPT TO for an address as written: the address
+    without its display name (`José <jose@example.com>` -> `jose@example.com`). ValueError when it
+    cannot be written there at all (a space or `<` outside quotes, a lone surrogate)."""
+    address = parse_address(value)
+    address.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    return address
 
 
 def _message_failure(code: int) -> Failure:
@@ -80,8 +94,15 @@ class SmtpProvider:
         """`before_data` runs right before DATA: connecting, MAIL FROM and RCPT TO cannot deliver the
         message, so a crash before that point leaves nothing ambiguous."""
         assert delivery.email is not None
-        # aiosmtplib encodes envelope addresses as ASCII unless told SMTPUTF8.
-        utf8 = not (delivery.to.isascii() and delivery.email.envelope_from.isascii())
+        try:
+            envelope = (_envelope(delivery.email.envelope_from), _envelope(delivery.to))
+        except ValueError:
+            # This message's address, never the server's doing: nowhere else would take it either.
+            return SendResult.failed(Failure.PERMANENT, f"SMTP: {UNWRITABLE}")
+        # aiosmtplib encodes envelope addresses as ASCII unless told SMTPUTF8. Only the envelope
+        # counts: a display name (`José <jose@example.com>`) goes in the To: header, RFC 2047 encoded,
+        # so an ASCII mailbox needs no SMTPUTF8 whatever its name.
+        utf8 = not all(address.isascii() for address in envelope)
         async with self._slots:
             client: aiosmtplib.SMTP | None = None
             try:

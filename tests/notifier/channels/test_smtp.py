@@ -4,6 +4,8 @@ what becomes of a connection after an error."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +15,7 @@ from pydantic import SecretStr
 from deploy.local.smtp_sink import MailSink
 from services.notifier.channels.base import Delivery
 from services.notifier.channels.router import GuardedProvider, ProviderRouter
-from services.notifier.channels.smtp import NO_SMTPUTF8, SmtpProvider
+from services.notifier.channels.smtp import NO_SMTPUTF8, UNWRITABLE, SmtpProvider
 from services.notifier.domain.email_content import build_email
 from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
 from services.notifier.domain.retry_policy import Failure
@@ -186,6 +188,68 @@ async def test_a_real_server_without_smtputf8_is_not_sent_a_non_ascii_address() 
         await provider.close()
     finally:
         await sink.stop()
+
+
+NAMED_ASCII_MAILBOXES = {
+    "José <jose@example.com>": ("jose@example.com", "José"),
+    "jose@example.com (José)": ("jose@example.com", "José"),
+    '"Müller, Ann" <ann@example.com>': ("ann@example.com", "Müller, Ann"),
+}
+
+
+@pytest.mark.parametrize("to", NAMED_ASCII_MAILBOXES)
+@pytest.mark.parametrize("offers_smtputf8", [False, True], ids=["no_smtputf8", "smtputf8"])
+async def test_an_ascii_mailbox_with_a_non_ascii_name_needs_no_smtputf8(
+    scripted: list[ScriptedSmtp], to: str, offers_smtputf8: bool
+) -> None:
+    """Only the envelope (the mailbox) goes on MAIL FROM / RCPT TO: a display name beyond ASCII is the
+    To: header's business (RFC 2047), so the mail goes everywhere, without SMTPUTF8."""
+    mailbox, name = NAMED_ASCII_MAILBOXES[to]
+    extensions = ("8BITMIME", "SMTPUTF8") if offers_smtputf8 else ("8BITMIME",)
+    server = await start(scripted, extensions=extensions)
+    provider = smtp("smtp", server.port)
+    for in_steps in (True, False):
+        result = await provider.send(delivery(to), nothing if in_steps else None)
+        assert result.ok, result.reason
+    mails = [c for c in server.commands if c.startswith(b"MAIL")]
+    rcpts = [c for c in server.commands if c.startswith(b"RCPT")]
+    assert mails == [b"MAIL FROM:<noreply@clm.local>"] * 2
+    assert rcpts == [f"RCPT TO:<{mailbox}>".encode()] * 2
+    header = email.message_from_bytes(server.messages[0], policy=email.policy.default)["To"]
+    assert (header.addresses[0].display_name, header.addresses[0].addr_spec) == (name, mailbox)
+    assert server.messages[0].isascii()  # the name as RFC 2047 encoded words
+    await provider.close()
+
+
+@pytest.mark.parametrize("to", NAMED_ASCII_MAILBOXES)
+async def test_a_real_server_without_smtputf8_takes_a_non_ascii_name(to: str) -> None:
+    mailbox, name = NAMED_ASCII_MAILBOXES[to]
+    sink = await MailSink.start(server_options={"enable_SMTPUTF8": False})
+    try:
+        provider = smtp("smtp", sink.port)
+        for in_steps in (True, False):
+            result = await provider.send(delivery(to), nothing if in_steps else None)
+            assert result.ok, result.reason
+        assert [m.envelope_to for m in sink.messages] == [[mailbox]] * 2
+        to_header = sink.messages[0].message["To"]
+        assert (to_header.addresses[0].display_name, to_header.addresses[0].addr_spec) == (name, mailbox)
+        await provider.close()
+    finally:
+        await sink.stop()
+
+
+@pytest.mark.parametrize("to", ["ann smith@example.com", "ann@example.com\ud800"], ids=["space", "surrogate"])
+async def test_an_address_no_smtp_command_line_can_hold_fails_at_once(
+    scripted: list[ScriptedSmtp], to: str
+) -> None:
+    server = await start(scripted, extensions=("8BITMIME", "SMTPUTF8"))
+    gp = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
+    router = ProviderRouter({Channel.EMAIL: [gp]}, [gp])
+    name, result = await router.send(delivery(to), nothing)
+    assert (name, result.failure, result.reason) == ("smtp", Failure.PERMANENT, f"SMTP: {UNWRITABLE}")
+    assert not gp.breaker.is_open
+    assert "MAIL" not in server.verbs()
+    await router.close()
 
 
 async def test_an_unexpected_error_closes_the_connection_and_spares_the_breaker(

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from prometheus_client import Counter
+
 from services.notifier.channels.http_providers import TWILIO_STOPPED
 from services.notifier.channels.router import ProviderRouter
 from services.notifier.consumers.message_requests import enqueue
@@ -29,10 +31,23 @@ from services.notifier.store import (
 from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
-from shared.privacy import erased_among, erasure_gate
+from shared.privacy import erased_among, erasure_gate, try_erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
+
+
+# Not recorded rather than wait for the erasure gate (`Notifier._erased`, wait=False).
+ENGAGEMENTS_DROPPED = Counter(
+    "clm_notifier_engagements_dropped_total",
+    "Opens, clicks and provider delivery reports not recorded because an erasure held or awaited the gate",
+    ["kind"],
+)
+
+
+class ErasureUnderWay(Exception):
+    """The erasure gate was not free at once (an erasure holds it or waits for it): a telemetry write
+    (an open, a click, a provider's delivery report) was not recorded rather than wait."""
 
 
 @dataclass
@@ -191,14 +206,22 @@ class Notifier:
                     await self._unsubscribed(uow, message_id, topic, channel.value, source, now)
         return left
 
-    async def _erased(self, uow: UnitOfWork, customer_id: str) -> bool:
+    async def _erased(self, uow: UnitOfWork, customer_id: str, *, wait: bool = True) -> bool:
         """Whether `customer_id` (a signed link's, a message's: any identifier of the customer) was
         erased, under the erasure gate until `uow` commits. A message outlives its customer's erasure
         in their mailbox: its links (unsubscribe, the open pixel, clicks) and its provider's late
         reports must write no choices, ledger entries, engagements or statuses under the erased id
         (they recreated what the erasure deleted). An erasure committing meanwhile waits for this
-        write, and then deletes it too."""
-        await erasure_gate(uow.session, exclusive=False)
+        write, and then deletes it too.
+
+        `wait=False` for telemetry (opens, clicks, delivery reports), frequent and for any customer:
+        raises `ErasureUnderWay` unless the gate is free at once (`try_erasure_gate`), instead of
+        queueing behind an erasure with a pooled connection held. Consent writes (unsubscribe, the
+        preference page) wait: they are rare and must not be lost."""
+        if wait:
+            await erasure_gate(uow.session, exclusive=False)
+        elif not await try_erasure_gate(uow.session):
+            raise ErasureUnderWay
         salt = self.settings.privacy_salt.get_secret_value()
         return bool(await erased_among(uow.session, salt, [customer_id]))
 
@@ -229,12 +252,21 @@ class Notifier:
         )
 
     async def record_open(self, message_id: str) -> bool:
+        """The open, once per message; not recorded (False) during an erasure (`_erased`, wait=False):
+        the pixel answers at once either way."""
+        try:
+            return await self._record_open(message_id)
+        except ErasureUnderWay:
+            ENGAGEMENTS_DROPPED.labels("opened").inc()
+            return False
+
+    async def _record_open(self, message_id: str) -> bool:
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.get(uow.session, message_id)
             if (
                 entry is None
-                or await self._erased(uow, entry.request.customer_id)
+                or await self._erased(uow, entry.request.customer_id, wait=False)
                 or not await ledger_repo.record_engagement(uow.session, message_id, "opened", "", now)
             ):
                 return False
@@ -247,13 +279,22 @@ class Notifier:
         return True
 
     async def record_click(self, message_id: str, url: str) -> bool:
+        """The click, once per message and URL; not recorded (False) during an erasure (`_erased`,
+        wait=False): the redirect goes out at once either way."""
+        try:
+            return await self._record_click(message_id, url)
+        except ErasureUnderWay:
+            ENGAGEMENTS_DROPPED.labels("clicked").inc()
+            return False
+
+    async def _record_click(self, message_id: str, url: str) -> bool:
         now = self.clock.now()
         digest = hashlib.sha256(url.encode()).hexdigest()[:16]
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.get(uow.session, message_id)
             if (
                 entry is None
-                or await self._erased(uow, entry.request.customer_id)
+                or await self._erased(uow, entry.request.customer_id, wait=False)
                 or not await ledger_repo.record_engagement(uow.session, message_id, "clicked", digest, now)
             ):
                 return False
@@ -281,7 +322,9 @@ class Notifier:
     ) -> bool:
         """A provider's later delivery report (e.g. Twilio status callback): one status per outcome.
         `gone_address`: the address the report says does not exist (the report's own, which is where
-        the message went) and the report's code for it, suppressed in the same transaction."""
+        the message went) and the report's code for it, suppressed in the same transaction.
+        Raises `ErasureUnderWay` (nothing recorded) while an erasure holds or waits for the gate: the
+        caller answers so that the provider may retry later (`_erased`, wait=False)."""
         now = self.clock.now()
         added: dict[str, str] = {}
         async with self.platform.unit_of_work() as uow:
@@ -290,7 +333,7 @@ class Notifier:
             # (it would name their message).
             if (
                 entry is None
-                or await self._erased(uow, entry.request.customer_id)
+                or await self._erased(uow, entry.request.customer_id, wait=False)
                 or not await ledger_repo.record_engagement(
                     uow.session, entry.message_id, "provider_report", kind.value, now
                 )

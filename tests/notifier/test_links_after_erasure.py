@@ -197,3 +197,83 @@ async def test_opens_clicks_and_delivery_reports_after_the_erasure_record_nothin
             "/v1/suppressions", params={"channel": "sms", "address": "+15550100009"}, headers=ADMIN
         )
         assert gone.status_code == 404
+
+
+async def test_opens_clicks_and_reports_answer_at_once_during_an_erasure(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """A new shared request of the gate queues behind a waiting exclusive one: taken blocking, every
+    pixel, click and delivery report, for any customer, waited for the erasure (and for the batches
+    ahead of it) with a pooled connection held. They try the gate instead: not free at once, nothing
+    is recorded, the pixel and the redirect answer as ever, the report gets a 503 (not a 2xx: Twilio
+    may retry it)."""
+    from services.notifier.api.inbound import twilio_signature
+    from tests.notifier.conftest import request
+
+    async with start_notifier() as h:
+        await setup(h)
+        await h.create_template(
+            {
+                "id": "note",
+                "name": "Note",
+                "channel": "sms",
+                "default_locale": "en",
+                "variants": {"en": {"body": "Hi"}},
+            }
+        )
+        await sent_email(h, "m-x1", "xena")  # nobody erases her
+        await h.publish(
+            request(
+                "m-x2", "xena", "sms", "note", category="transactional", recipient={"phone": "+15550100010"}
+            )
+        )
+        await h.wait_status("m-x2", "sent")
+        sid = (await h.client.get("/v1/messages/m-x2", headers=ADMIN)).json()["provider_message_id"]
+        links = h.app.state.notifier.links
+        pixel_url = links.open_pixel_url("m-x1").removeprefix("http://testserver")
+        target = "https://shop.example.com/sale"
+        click_url = links.click_url("m-x1", target).removeprefix("http://testserver")
+        report = {"MessageSid": sid, "MessageStatus": "delivered", "To": "+15550100010"}
+        signature = twilio_signature(
+            h.settings.twilio_auth_token.get_secret_value(),
+            "http://testserver/v1/inbound/twilio/status",
+            report,
+        )
+
+        async def telemetry() -> tuple[int, int, int]:
+            pixel, clicked, reported = await asyncio.wait_for(
+                asyncio.gather(
+                    h.client.get(pixel_url),
+                    h.client.get(click_url),
+                    h.client.post(
+                        "/v1/inbound/twilio/status", data=report, headers={"X-Twilio-Signature": signature}
+                    ),
+                ),
+                3,  # at once: not after the erasure
+            )
+            assert pixel.headers["content-type"] == "image/gif"
+            assert clicked.headers["location"] == target
+            return pixel.status_code, clicked.status_code, reported.status_code
+
+        # A batch holds the gate shared and an erasure waits for it (the review's case) ...
+        async with h.platform.unit_of_work() as batch:
+            await erasure_gate(batch.session, exclusive=False)
+
+            async def erasure() -> None:
+                async with h.platform.unit_of_work() as e:
+                    await erasure_gate(e.session, exclusive=True)
+                    await asyncio.sleep(0.5)
+
+            erasing = asyncio.create_task(erasure())
+            await eventually(lambda: waiting_for_the_gate(h))
+            assert await telemetry() == (200, 302, 503)
+        await asyncio.wait_for(erasing, 10)
+        # ... or the erasure holds it.
+        async with h.platform.unit_of_work() as erasing_now:
+            await erasure_gate(erasing_now.session, exclusive=True)
+            assert await telemetry() == (200, 302, 503)
+        assert (await rows_of(h, ["xena"], ["m-x1", "m-x2"]))["engagements"] == []
+
+        # The gate free again: recorded as ever.
+        assert await telemetry() == (200, 302, 204)
+        await h.wait_status("m-x1", "opened")
+        await h.wait_status("m-x1", "clicked")
+        await h.wait_status("m-x2", "delivered")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.store import identities_repo, ledger_repo
-from shared.http import ApiError, field_error, storable_time
+from shared.http import ApiError, clamped_time, field_error
 
 
 def router(admin: Any) -> APIRouter:
@@ -56,4 +56,5 @@ def _cursor(before: str | None) -> tuple[datetime, str] | None:
             "`before` is not a page cursor",
             errors=[field_error("before", "cursor", "the next_before of a previous page")],
         )
-    return storable_time("before", parsed), message_id
+    # Moved into the storable times (1900-2999): one before them pages nothing, one past them all.
+    return clamped_time("before", parsed), message_id

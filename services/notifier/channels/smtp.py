@@ -45,6 +45,45 @@ def _message_failure(code: int) -> Failure:
     return Failure.PERMANENT
 
 
+# A refusal at RCPT that says the relay will not work for us, whoever the recipient: the client
+# (our host), our HELO, our sender, or relaying for us at all. Servers answer these at RCPT, not
+# earlier: Postfix by default (`smtpd_delay_reject = yes`) holds its client, HELO and sender
+# restrictions until RCPT TO. Matched in the server's text, case-insensitively:
+RELAY_REFUSES_US = (
+    "relay access denied",  # Postfix reject_unauth_destination; Microsoft 365 5.7.64 TenantAttribution
+    "relaying denied",  # Sendmail
+    "relay not permitted",  # Exim's default ACL
+    "unable to relay",  # Exchange, Microsoft 365 (5.7.54 "Unable to relay recipient in non-accepted domain")
+    "client host rejected",  # Postfix smtpd_client_restrictions (our host, its reverse DNS)
+    "helo command rejected",  # Postfix smtpd_helo_restrictions
+    "sender address rejected",  # Postfix smtpd_sender_restrictions (our envelope sender)
+    "sender verify failed",  # Exim verify = sender
+    # A DNS blocklist naming our host (Postfix, Microsoft 365: "Client host [...] blocked using ...").
+    "blocked using",
+    "banned sending ip",  # Microsoft 365 5.7.606-5.7.649 "Access denied, banned sending IP"
+)
+
+
+def _recipient_failure(code: int, text: str) -> Failure:
+    """A refusal at RCPT: the recipient's (`_message_failure`: 550 5.1.1 user unknown bounces),
+    unless its text says the relay refuses us (`RELAY_REFUSES_US`): then, as a refusal before any
+    recipient, the server's (`PROVIDER`: another relay may take it, the breaker counts it; a 4xx
+    stays transient), never a bounce nor the address's."""
+    if code >= 500 and any(words in text.lower() for words in RELAY_REFUSES_US):
+        return Failure.PROVIDER
+    return _message_failure(code)
+
+
+def _refused_recipient(code: int, text: str) -> SendResult:
+    failure = _recipient_failure(code, text)
+    return SendResult.failed(
+        failure,
+        f"SMTP recipient refused: {text}",
+        # The relay's refusal of us says nothing of the address.
+        address_gone=smtp_address_gone(code, text) if failure is not Failure.PROVIDER else None,
+    )
+
+
 def _server_failure(exc: aiosmtplib.SMTPResponseException) -> Failure:
     """A refusal before any recipient: the greeting, EHLO/HELO, STARTTLS, AUTH or MAIL FROM. The
     server refuses to work for us (our host blocked, our credentials or sender refused), whoever the
@@ -132,11 +171,8 @@ class SmtpProvider:
                 code = refused.code if refused is not None else 550
                 self._recycle(client)
                 # The server's answer, not the exception's text (which names the address: personal data).
-                answer = f"{code} {refused.message}" if refused is not None else str(code)
-                return SendResult.failed(
-                    _message_failure(code),
-                    f"SMTP recipient refused: {answer}",
-                    address_gone=smtp_address_gone(code, answer),
+                return _refused_recipient(
+                    code, f"{code} {refused.message}" if refused is not None else str(code)
                 )
             except aiosmtplib.SMTPDataError as exc:
                 self._recycle(client)
@@ -159,11 +195,7 @@ class SmtpProvider:
             self._recycle(client)
             if errors:
                 code, text = next(iter(errors.values()))
-                return SendResult.failed(
-                    _message_failure(code),
-                    f"SMTP {code}: {text}",
-                    address_gone=smtp_address_gone(code, text),
-                )
+                return _refused_recipient(code, f"{code} {text}")
             message_id = delivery.email.header("Message-ID")
             return SendResult(True, delivered=True, provider_message_id=message_id, reason=response[:200])
 

@@ -117,6 +117,89 @@ async def test_refusals_of_the_recipient_or_message_keep_their_meaning(
     await provider.close()
 
 
+# What relays answer at RCPT when they refuse us rather than the recipient (Postfix holds its client,
+# HELO and sender restrictions until RCPT by default: `smtpd_delay_reject = yes`).
+RELAY_REFUSALS_AT_RCPT = {
+    "postfix_client": "554 5.7.1 <unknown[192.0.2.1]>: Client host rejected: Access denied",
+    "postfix_relay": "554 5.7.1 <ann@example.com>: Relay access denied",
+    "postfix_helo": "504 5.5.2 <localhost>: Helo command rejected: need fully-qualified hostname",
+    # A 5.1.1 about our sender: it suppressed the recipient's address, for good.
+    "postfix_sender": "550 5.1.1 <noreply@clm.local>: Sender address rejected: User unknown",
+    "postfix_dnsbl": "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org",
+    "exim_relay": "550 relay not permitted",
+    "exim_sender": "550 Sender verify failed",
+    "sendmail_relay": "550 5.7.1 <ann@example.com>... Relaying denied",
+    "m365_relay": "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain",
+    "m365_tenant": "550 5.7.64 TenantAttribution; Relay Access Denied",
+    "m365_banned_ip": "550 5.7.606 Access denied, banned sending IP [192.0.2.1]",
+}
+
+
+@pytest.mark.parametrize("answer", RELAY_REFUSALS_AT_RCPT.values(), ids=RELAY_REFUSALS_AT_RCPT.keys())
+@pytest.mark.parametrize("in_steps", [True, False], ids=["with_hook", "sendmail"])
+async def test_a_relay_refusing_us_at_rcpt_is_the_servers_not_a_bounce(
+    scripted: list[ScriptedSmtp], answer: str, in_steps: bool
+) -> None:
+    server = await start(scripted, answers={"RCPT": answer})
+    provider = smtp("smtp", server.port)
+    result = await provider.send(delivery(), nothing if in_steps else None)
+    assert (result.failure, result.address_gone) == (Failure.PROVIDER, None), result.reason
+    assert result.reason == f"SMTP recipient refused: {answer}"
+    await provider.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "failure", "gone"),
+    [
+        (
+            "550 5.1.1 <ann@example.com>: Recipient address rejected: User unknown in local recipient table",
+            Failure.BOUNCE,
+            "SMTP 550 5.1.1",
+        ),
+        (
+            "550 5.1.1 The email account that you tried to reach does not exist",
+            Failure.BOUNCE,
+            "SMTP 550 5.1.1",
+        ),
+        ("550 mailbox unavailable", Failure.BOUNCE, None),
+        ("550 5.2.1 The email account that you tried to reach is disabled", Failure.BOUNCE, "SMTP 550 5.2.1"),
+        (
+            "450 4.7.1 <unknown[192.0.2.1]>: Client host rejected: cannot find your hostname",
+            Failure.TRANSIENT,
+            None,
+        ),
+    ],
+    ids=["postfix_unknown", "gmail_unknown", "bare_550", "disabled", "client_later"],
+)
+async def test_a_refusal_of_the_recipient_at_rcpt_still_bounces(
+    scripted: list[ScriptedSmtp], answer: str, failure: Failure, gone: str | None
+) -> None:
+    server = await start(scripted, answers={"RCPT": answer})
+    provider = smtp("smtp", server.port)
+    result = await provider.send(delivery(), nothing)
+    assert (result.failure, result.address_gone) == (failure, gone), result.reason
+    await provider.close()
+
+
+async def test_a_relay_refusing_us_at_rcpt_fails_over_and_counts_against_its_breaker(
+    scripted: list[ScriptedSmtp],
+) -> None:
+    refusing = await start(scripted, answers={"RCPT": RELAY_REFUSALS_AT_RCPT["postfix_client"]})
+    backup = await start(scripted)
+    primary = GuardedProvider(
+        smtp("smtp_refusing", refusing.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4
+    )
+    second = GuardedProvider(smtp("smtp", backup.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4)
+    router = ProviderRouter({Channel.EMAIL: [primary, second]}, [primary, second])
+    for n in range(3):
+        name, result = await router.send(delivery(message_id=f"m{n}"), nothing)
+        assert (name, result.ok) == ("smtp", True)
+    assert primary.breaker.is_open
+    assert refusing.verbs().count("RCPT") == 2 and not refusing.messages
+    assert len(backup.messages) == 3
+    await router.close()
+
+
 async def test_a_relay_refusing_the_greeting_fails_over_and_counts_against_its_breaker(
     scripted: list[ScriptedSmtp],
 ) -> None:

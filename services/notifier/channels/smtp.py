@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from email.utils import parseaddr
 
 import aiosmtplib
 from aiosmtplib.email import parse_address
@@ -26,10 +27,14 @@ UNWRITABLE = (
 
 
 def _envelope(value: str) -> str:
-    """The mailbox aiosmtplib writes on MAIL FROM / RCPT TO for an address as written: the address
-    without its display name (`José <jose@example.com>` -> `jose@example.com`). ValueError when it
-    cannot be written there at all (a space or `<` outside quotes, a lone surrogate)."""
-    address = parse_address(value)
+    """The mailbox written on MAIL FROM / RCPT TO for an address as written, as aiosmtplib parses it:
+    the address without its display name (`José <jose@example.com>` -> `jose@example.com`), nor the
+    whitespace around it. ValueError when it cannot be written there at all (a space or `<` outside
+    quotes, a lone surrogate)."""
+    # Whitespace around the mailbox (a no-break space pasted with it) is not the address, as for
+    # `domain.email_addresses.mailbox`, which keys suppressions and erasures by this form.
+    written = value.strip()
+    address = parse_address(parseaddr(written)[1].strip() or written)  # validated as aiosmtplib does
     address.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
     return address
 
@@ -155,14 +160,14 @@ class SmtpProvider:
                 options = [SMTPUTF8] if utf8 else []
                 if before_data is None:
                     errors, response = await client.sendmail(
-                        delivery.email.envelope_from,
-                        [delivery.to],
+                        envelope[0],
+                        [envelope[1]],
                         delivery.email.to_wire(),
                         mail_options=options,
                     )
                 else:
                     errors = {}
-                    response = await self._send_in_steps(client, delivery, before_data, options)
+                    response = await self._send_in_steps(client, delivery, envelope, before_data, options)
             except SendAborted:
                 self._recycle(client)  # the envelope was reset: the connection is clean
                 raise
@@ -214,7 +219,11 @@ class SmtpProvider:
 
     @staticmethod
     async def _send_in_steps(
-        client: aiosmtplib.SMTP, delivery: Delivery, before_data: BeforeCall, options: list[str]
+        client: aiosmtplib.SMTP,
+        delivery: Delivery,
+        envelope: tuple[str, str],
+        before_data: BeforeCall,
+        options: list[str],
     ) -> str:
         assert delivery.email is not None
         encoding = "utf-8" if options else "ascii"
@@ -223,8 +232,8 @@ class SmtpProvider:
         hook = asyncio.ensure_future(before_data())
         envelope_error: Exception | None = None
         try:
-            await client.mail(delivery.email.envelope_from, options=options, encoding=encoding)
-            await client.rcpt(delivery.to, encoding=encoding)
+            await client.mail(envelope[0], options=options, encoding=encoding)
+            await client.rcpt(envelope[1], encoding=encoding)
         except asyncio.CancelledError:
             hook.cancel()
             raise

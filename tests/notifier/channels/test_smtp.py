@@ -356,3 +356,16 @@ async def test_an_unexpected_error_closes_the_connection_and_spares_the_breaker(
     assert server.connections == 2  # the first one was closed, not reused
     assert len(server.messages) == 1
     await router.close()
+
+
+async def test_a_no_break_space_around_the_address_is_not_sent(scripted: list[ScriptedSmtp]) -> None:
+    """`mailbox()` reads `Ann@Example.com` + U+00A0 as `ann@example.com` (suppressions and erasures
+    key it so): the envelope gets that mailbox, ASCII, to a server without SMTPUTF8 too."""
+    server = await start(scripted)
+    provider = smtp("smtp", server.port)
+    for in_steps in (True, False):
+        result = await provider.send(delivery("Ann@Example.com\u00a0"), nothing if in_steps else None)
+        assert result.ok, result.reason
+    assert [c for c in server.commands if c.startswith(b"RCPT")] == [b"RCPT TO:<Ann@Example.com>"] * 2
+    assert b"To: Ann@Example.com\r\n" in server.messages[0]
+    await provider.close()

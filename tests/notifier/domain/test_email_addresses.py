@@ -17,7 +17,9 @@ from services.notifier.domain.email_addresses import mailbox
         "ann@example.com\u200e",  # a left-to-right mark
         "ann@exam\x01ple.com",  # a control character
         "ann@example.com\x7f",
-        "ann@example.com\u00a0",  # a no-break space
+        "ann@exa\u00a0mple.com",  # a no-break space inside it
+        "ann\u00a0@example.com",
+        "ann\u200d@example.com",  # a zero-width joiner in the local part
         "ann smith@example.com",
         "ann@example.com\ue000",  # private use
         "ann@example.com\u0378",  # unassigned
@@ -34,8 +36,14 @@ def test_letters_of_any_script_are_a_mailbox() -> None:
     assert mailbox("用户@例子.广告") == "用户@例子.广告"
     # A quoted local part may hold a space (RFC 5321); the SMTP client writes it as it is.
     assert mailbox('"ann smith"@example.com') == '"ann smith"@example.com'
-    # Spaces around the address are the writing, not the address.
+    # Spaces around the address are the writing, not the address: a no-break space too (erasing a
+    # contact written so tombstoned no `ann@example.com`), as the SMTP envelope gets it.
     assert mailbox("  Ann@Example.com\t") == "ann@example.com"
+    assert mailbox("Ann@Example.com\u00a0") == "ann@example.com"
+    assert mailbox("\u00a0Ann <Ann@Example.com\u00a0>") == "ann@example.com"
+    # IDNA2008 labels may need a zero-width non-joiner or joiner (RFC 5892 CONTEXTJ).
+    assert mailbox("ann@\u0915\u094d\u200d\u0937.example") == "ann@\u0915\u094d\u200d\u0937.example"
+    assert mailbox("ann@\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.example") is not None
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.clock import Clock, SystemClock
 from shared.db.unit_of_work import UnitOfWork
-from shared.http import admin_guard
+from shared.http import admin_guard, lower_time_bound, upper_time_bound
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +137,14 @@ def audit_router(unit_of_work: Callable[[], UnitOfWork], admin: Any) -> APIRoute
         if path_prefix is not None:
             where.append("starts_with(path, :prefix)")
             params["prefix"] = path_prefix
-        if since is not None:
+        # Past the storable times (1900-2999) a bound is none, or the range's end: as it worked before
+        # (`since=0001-01-01T00:00:00Z`); only a time without UTC is a 400.
+        if (since_at := lower_time_bound("since", since)) is not None:
             where.append("at >= :since")
-            params["since"] = since
-        if until is not None:
+            params["since"] = since_at
+        if (until_at := upper_time_bound("until", until)) is not None:
             where.append("at < :until")
-            params["until"] = until
+            params["until"] = until_at
         sql = text(
             "SELECT id, at, actor, actor_name, method, path, status, request_id, detail FROM audit_log "
             f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT :limit"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -76,6 +76,49 @@ def day_range(first: date | None, last: date | None, today: date, default_days: 
             errors=[field_error("to", "after_from", "`to` must not be before `from`")],
         )
     return start, end
+
+
+def utc_time(name: str, value: datetime) -> datetime:
+    """A time parameter in UTC (a naive one is read as UTC): a 400 naming it when it has none, its
+    offset taking it past year 1 or 9999 (`0001-01-01T00:00:00+14:00`, `9999-12-31T23:59:59-14:00`:
+    the database driver overflowed on them, a 500)."""
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"`{name}` is out of range",
+            errors=[field_error(name, "range", UTC_TIME_MESSAGE)],
+        ) from None
+
+
+UTC_TIME_MESSAGE = "must be a time in UTC between years 1 and 9999"
+
+
+def lower_time_bound(name: str, value: datetime | None) -> datetime | None:
+    """A query's lower time bound (`since`: at or after it), within what is stored: before every
+    storable time (`shared.contracts.storable`, 1900-2999) it is no bound (None), past them all it
+    is their end (nothing matches). Only a time without UTC (`utc_time`) is a 400."""
+    if value is None:
+        return None
+    at = utc_time(name, value)
+    return None if at < storable.EARLIEST_TIME else min(at, storable.LATEST_TIME)
+
+
+def upper_time_bound(name: str, value: datetime | None) -> datetime | None:
+    """A query's upper time bound (`until`: before it), within what is stored: past every storable
+    time it is no bound (None), before them all their start (nothing matches)."""
+    if value is None:
+        return None
+    at = utc_time(name, value)
+    return None if at >= storable.LATEST_TIME else max(at, storable.EARLIEST_TIME)
+
+
+def clamped_time(name: str, value: datetime) -> datetime:
+    """A time parameter that must stay a time (a page cursor's), moved into the storable range: what
+    lies before or past every storable time compares to stored times as its start or end does."""
+    return min(max(utc_time(name, value), storable.EARLIEST_TIME), storable.LATEST_TIME)
 
 
 def validation_errors(errors: Any) -> list[dict[str, str]]:

@@ -287,6 +287,7 @@ def _fit(value: Any, limit: int) -> tuple[Any, int]:
 # Straight to asyncpg (`Statement`): every event batch runs them.
 _GATE = Statement("SELECT pg_advisory_xact_lock_shared(hashtext('clm.erasure.' || current_schema()))")
 _GATE_EXCLUSIVE = Statement("SELECT pg_advisory_xact_lock(hashtext('clm.erasure.' || current_schema()))")
+_TRY_GATE = Statement("SELECT pg_try_advisory_xact_lock_shared(hashtext('clm.erasure.' || current_schema()))")
 _ERASED_AMONG = Statement(
     f"SELECT identity_hash FROM erasure_tombstones WHERE identity_hash = ANY({array_from_json('h')})"
 )
@@ -307,6 +308,24 @@ async def erasure_gate(session: AsyncSession, *, exclusive: bool) -> None:
     await (_GATE_EXCLUSIVE if exclusive else _GATE).execute(session)
     if not exclusive:
         note_erasure_gate(session)
+
+
+async def try_erasure_gate(session: AsyncSession) -> bool:
+    """The erasure gate shared, if it can be had at once: True (held until the transaction ends, as
+    `erasure_gate(..., exclusive=False)`), or False while an erasure holds it or waits for it.
+
+    For writes that may be dropped rather than wait (an open pixel, a click, a delivery report):
+    PostgreSQL queues a new shared request behind a waiting exclusive one, so a blocking shared
+    request made during an erasure waits for the erasure and for every batch ahead of it, holding
+    its pooled connection all along; during an erasure every such request, for every customer,
+    would. A try does not queue: it answers at once.
+    """
+    if erasure_gate_held(session):
+        return True
+    held = bool((await _TRY_GATE.fetch(session))[0][0])
+    if held:
+        note_erasure_gate(session)
+    return held
 
 
 async def add_tombstones(

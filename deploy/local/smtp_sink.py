@@ -84,16 +84,19 @@ class MailSink:
         server_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> MailSink:
-        """`server_options` go to aiosmtpd's `SMTP` (tests: STARTTLS, required authentication)."""
+        """`server_options` go to aiosmtpd's `SMTP` (tests: STARTTLS, required authentication, a server
+        without SMTPUTF8)."""
         sink = cls(directory=directory, **options)
         loop = asyncio.get_running_loop()
         sink._server = await loop.create_server(
             lambda: SMTP(
                 sink,
-                hostname="clm-smtp-sink",
-                enable_SMTPUTF8=True,
-                data_size_limit=25 * 2**20,
-                **(server_options or {}),
+                **{
+                    "hostname": "clm-smtp-sink",
+                    "enable_SMTPUTF8": True,
+                    "data_size_limit": 25 * 2**20,
+                    **(server_options or {}),
+                },
             ),
             host=host,
             port=port,

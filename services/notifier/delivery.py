@@ -41,6 +41,7 @@ from services.notifier.domain.composition import (
     template_data,
 )
 from services.notifier.domain.consent import SubscriptionTopic, phone_key
+from services.notifier.domain.email_addresses import RULE as MAILBOX_RULE
 from services.notifier.domain.email_addresses import mailbox
 from services.notifier.domain.phone_numbers import InvalidPhoneNumber, normalized, to_e164
 from services.notifier.domain.retry_policy import Failure, RetryPolicy
@@ -487,8 +488,7 @@ class DeliveryWorker:
             return Prepared(
                 None,
                 MessageStatusKind.FAILED,
-                "no email address for the customer: not a mailbox "
-                "(an address with an @, 320 characters at most)",
+                f"no email address for the customer: not a mailbox ({MAILBOX_RULE})",
             )
         if suppressed and (why := suppressed.get(self._suppression_key(request, contact) or "")):
             return Prepared(

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from prometheus_client import Counter
+
 from services.notifier.channels.http_providers import TWILIO_STOPPED
 from services.notifier.channels.router import ProviderRouter
 from services.notifier.consumers.message_requests import enqueue
@@ -19,14 +21,33 @@ from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.suppression import address_key, suppression_key
 from services.notifier.domain.templates import TemplateRenderer
 from services.notifier.settings import NotifierSettings
-from services.notifier.store import consent_repo, contacts_repo, ledger_repo, suppressions_repo
+from services.notifier.store import (
+    consent_repo,
+    contacts_repo,
+    identities_repo,
+    ledger_repo,
+    suppressions_repo,
+)
 from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
-from shared.privacy import erasure_gate
+from shared.privacy import erased_among, erasure_gate, try_erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
+
+
+# Not recorded rather than wait for the erasure gate (`Notifier._erased`, wait=False).
+ENGAGEMENTS_DROPPED = Counter(
+    "clm_notifier_engagements_dropped_total",
+    "Opens, clicks and provider delivery reports not recorded because an erasure held or awaited the gate",
+    ["kind"],
+)
+
+
+class ErasureUnderWay(Exception):
+    """The erasure gate was not free at once (an erasure holds it or waits for it): a telemetry write
+    (an open, a click, a provider's delivery report) was not recorded rather than wait."""
 
 
 @dataclass
@@ -56,9 +77,12 @@ class Notifier:
     async def unsubscribe(
         self, customer_id: str, channel: str, topic: str | None, message_id: str | None, *, source: str
     ) -> bool:
-        """Opt out of `topic` (or all marketing) on `channel`; one `unsubscribed` status per message."""
+        """Opt out of `topic` (or all marketing) on `channel`; one `unsubscribed` status per message.
+        Nothing for an erased customer (`_erased`)."""
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
+            if await self._erased(uow, customer_id):
+                return False
             changed = await consent_repo.record_choices(
                 uow.session,
                 customer_id,
@@ -135,8 +159,10 @@ class Notifier:
         """All marketing on `channel` off for the customer (an SMS STOP, a spam complaint): a consent
         ledger entry and, when that changed their choices, an `unsubscribed` status of their latest
         marketing message on the channel that went out (what they answered; never a receipt or a
-        one-time code). Returns that message's id, if any."""
-        latest = await ledger_repo.latest_marketing_delivered(uow.session, customer_id, channel)
+        one-time code), whichever of their identifiers it was asked for under (a userId, a merged-away
+        profile's id: `identities_repo`). Returns that message's id, if any."""
+        ids = [customer_id, *await identities_repo.aliases(uow.session, customer_id)]
+        latest = await ledger_repo.latest_marketing_delivered(uow.session, ids, channel)
         message_id = latest.message_id if latest else None
         changed = await consent_repo.record_choices(
             uow.session,
@@ -157,10 +183,13 @@ class Notifier:
         on `channel` is off. Each topic this opts the customer out of (marketing on it reached them
         before the save and no longer does) is an `unsubscribed` status of the message whose link
         opened the page, in the same transaction as the choices, as the one-click link's; a save that
-        changes nothing, or only opts in, emits nothing. Returns the topics opted out of."""
+        changes nothing, or only opts in, emits nothing; nor does one of an erased customer
+        (`_erased`). Returns the topics opted out of."""
         now = self.clock.now()
         source = "preference_page"
         async with self.platform.unit_of_work() as uow:
+            if await self._erased(uow, customer_id):
+                return []
             topics = await consent_repo.offered_on(uow.session, channel.value)
             changes = [(t.id, channel.value, t.id in wanted) for t in topics]
             # A topic ticked lifts "unsubscribe from all" (its marketing could not reach them
@@ -176,6 +205,25 @@ class Notifier:
                 for topic in left:
                     await self._unsubscribed(uow, message_id, topic, channel.value, source, now)
         return left
+
+    async def _erased(self, uow: UnitOfWork, customer_id: str, *, wait: bool = True) -> bool:
+        """Whether `customer_id` (a signed link's, a message's: any identifier of the customer) was
+        erased, under the erasure gate until `uow` commits. A message outlives its customer's erasure
+        in their mailbox: its links (unsubscribe, the open pixel, clicks) and its provider's late
+        reports must write no choices, ledger entries, engagements or statuses under the erased id
+        (they recreated what the erasure deleted). An erasure committing meanwhile waits for this
+        write, and then deletes it too.
+
+        `wait=False` for telemetry (opens, clicks, delivery reports), frequent and for any customer:
+        raises `ErasureUnderWay` unless the gate is free at once (`try_erasure_gate`), instead of
+        queueing behind an erasure with a pooled connection held. Consent writes (unsubscribe, the
+        preference page) wait: they are rare and must not be lost."""
+        if wait:
+            await erasure_gate(uow.session, exclusive=False)
+        elif not await try_erasure_gate(uow.session):
+            raise ErasureUnderWay
+        salt = self.settings.privacy_salt.get_secret_value()
+        return bool(await erased_among(uow.session, salt, [customer_id]))
 
     async def _unsubscribed(
         self, uow: UnitOfWork, message_id: str, topic: str, channel: str, source: str, now: datetime
@@ -204,11 +252,22 @@ class Notifier:
         )
 
     async def record_open(self, message_id: str) -> bool:
+        """The open, once per message; not recorded (False) during an erasure (`_erased`, wait=False):
+        the pixel answers at once either way."""
+        try:
+            return await self._record_open(message_id)
+        except ErasureUnderWay:
+            ENGAGEMENTS_DROPPED.labels("opened").inc()
+            return False
+
+    async def _record_open(self, message_id: str) -> bool:
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.get(uow.session, message_id)
-            if entry is None or not await ledger_repo.record_engagement(
-                uow.session, message_id, "opened", "", now
+            if (
+                entry is None
+                or await self._erased(uow, entry.request.customer_id, wait=False)
+                or not await ledger_repo.record_engagement(uow.session, message_id, "opened", "", now)
             ):
                 return False
             uow.emit(
@@ -220,12 +279,23 @@ class Notifier:
         return True
 
     async def record_click(self, message_id: str, url: str) -> bool:
+        """The click, once per message and URL; not recorded (False) during an erasure (`_erased`,
+        wait=False): the redirect goes out at once either way."""
+        try:
+            return await self._record_click(message_id, url)
+        except ErasureUnderWay:
+            ENGAGEMENTS_DROPPED.labels("clicked").inc()
+            return False
+
+    async def _record_click(self, message_id: str, url: str) -> bool:
         now = self.clock.now()
         digest = hashlib.sha256(url.encode()).hexdigest()[:16]
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.get(uow.session, message_id)
-            if entry is None or not await ledger_repo.record_engagement(
-                uow.session, message_id, "clicked", digest, now
+            if (
+                entry is None
+                or await self._erased(uow, entry.request.customer_id, wait=False)
+                or not await ledger_repo.record_engagement(uow.session, message_id, "clicked", digest, now)
             ):
                 return False
             uow.emit(
@@ -252,13 +322,21 @@ class Notifier:
     ) -> bool:
         """A provider's later delivery report (e.g. Twilio status callback): one status per outcome.
         `gone_address`: the address the report says does not exist (the report's own, which is where
-        the message went) and the report's code for it, suppressed in the same transaction."""
+        the message went) and the report's code for it, suppressed in the same transaction.
+        Raises `ErasureUnderWay` (nothing recorded) while an erasure holds or waits for the gate: the
+        caller answers so that the provider may retry later (`_erased`, wait=False)."""
         now = self.clock.now()
         added: dict[str, str] = {}
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.by_provider_message_id(uow.session, provider_message_id)
-            if entry is None or not await ledger_repo.record_engagement(
-                uow.session, entry.message_id, "provider_report", kind.value, now
+            # An erased customer's message: nothing recorded, not even the address's suppression
+            # (it would name their message).
+            if (
+                entry is None
+                or await self._erased(uow, entry.request.customer_id, wait=False)
+                or not await ledger_repo.record_engagement(
+                    uow.session, entry.message_id, "provider_report", kind.value, now
+                )
             ):
                 return False
             if gone_address is not None:

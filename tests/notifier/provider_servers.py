@@ -1,4 +1,5 @@
-"""Local HTTP servers that speak provider shapes (Twilio Messages, FCM v1, a webhook receiver).
+"""Local HTTP servers that speak provider shapes (Twilio Messages, FCM v1, a webhook receiver), and
+an SMTP server whose every answer can be scripted.
 
 A minimal HTTP/1.1 server on asyncio streams (keep-alive, Content-Length bodies): enough for httpx,
 fast enough for the benchmark, and each response can be scripted (`fail_next`).
@@ -119,3 +120,77 @@ def webhook_ok(request: RecordedRequest) -> Response:
 
 def error(status: int, message: str = "error") -> Response:
     return status, orjson.dumps({"message": message}), {}
+
+
+@dataclass
+class ScriptedSmtp:
+    """An SMTP server on loopback that answers each command by its verb from `answers` (`EHLO`,
+    `HELO`, `STARTTLS`, `AUTH`, `MAIL`, `RCPT`, `DATA`, and `DATA.` for the end of the message) and
+    opens with `greeting`, closing at once when that is a refusal: a relay refusing us at any stage,
+    which aiosmtpd (`MailSink`) cannot script before RCPT. Records every command line received."""
+
+    greeting: str = "220 scripted ESMTP"
+    # Advertised in the EHLO answer (when `answers` has no EHLO).
+    extensions: tuple[str, ...] = ("8BITMIME",)
+    answers: dict[str, str] = field(default_factory=dict)
+    commands: list[bytes] = field(default_factory=list)
+    messages: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    _server: asyncio.AbstractServer | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> ScriptedSmtp:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def verbs(self) -> list[str]:
+        return [c.split(b" ", 1)[0].decode().upper() for c in self.commands]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        self.connections += 1
+
+        async def say(line: str) -> None:
+            writer.write(line.encode() + b"\r\n")
+            await writer.drain()
+
+        try:
+            await say(self.greeting)
+            if not self.greeting.startswith("2"):
+                return
+            while True:
+                line = (await reader.readuntil(b"\r\n"))[:-2]
+                self.commands.append(line)
+                verb = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+                if verb == "EHLO" and "EHLO" not in self.answers:
+                    lines = ["scripted", *self.extensions]
+                    for n, text in enumerate(lines):
+                        await say(f"250{' ' if n == len(lines) - 1 else '-'}{text}")
+                    continue
+                if verb == "DATA":
+                    answer = self.answers.get("DATA", "354 go ahead")
+                    await say(answer)
+                    if answer.startswith("354"):
+                        self.messages.append(await reader.readuntil(b"\r\n.\r\n"))
+                        await say(self.answers.get("DATA.", "250 2.0.0 queued"))
+                    continue
+                if verb == "QUIT":
+                    await say("221 bye")
+                    return
+                default = {"STARTTLS": "454 4.7.0 TLS not available", "AUTH": "235 2.7.0 ok"}
+                await say(self.answers.get(verb, default.get(verb, "250 OK")))
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()

@@ -278,3 +278,62 @@ async def test_an_in_app_message_sent_by_user_id_reaches_the_customers_inbox(sta
             token = (await h.client.get(f"/v1/inbox/{ref}/token", headers=ADMIN)).json()["token"]
             inbox = (await h.client.get(f"/v1/inbox/{ref}", params={"token": token})).json()
             assert [m["message_id"] for m in inbox["messages"]] == ["m-in-1"], ref
+
+
+PROMO_SMS = {
+    "id": "promo-sms",
+    "name": "Promo",
+    "channel": "sms",
+    "default_locale": "en",
+    "variants": {"en": {"body": "Sale! Reply STOP to opt out"}},
+}
+
+
+async def test_a_stop_and_a_complaint_answer_messages_asked_for_under_other_ids(
+    start_notifier,
+) -> None:  # type: ignore[no-untyped-def]
+    """The SMS went out under the customer's userId, the email under a merged-away profile's id: both
+    reached the customer, whose STOP and spam complaint answer them (an `unsubscribed` status, the
+    complaint counted). Before, only messages under the customer's own id were looked at: the
+    opt-outs went through, announced to no journey and counted in no report."""
+    from tests.notifier.conftest import request
+    from tests.notifier.test_sms_stop import _inbound
+
+    async with start_notifier() as h:
+        await setup(h)  # `newsletter` on email and sms
+        await h.create_template(PROMO_SMS)
+        early = datetime.now(UTC) - timedelta(minutes=5)
+        await link(h, "c-gone", {"user_id": ["c-gone"]}, {}, at=early)
+        traits = {"phone": "+15550004444", "email": "ann@example.com", "first_name": "Ann"}
+        await link(h, ANON, {"anonymous_id": [ANON], "user_id": [USER]}, traits, kind="traits_changed")
+        await link(h, ANON, {"anonymous_id": [ANON]}, traits, kind="identity_merged", merged_ids=["c-gone"])
+
+        async def linked() -> bool:
+            return await owner_of(h, USER) == ANON and await owner_of(h, "c-gone") == ANON
+
+        await eventually(linked, timeout=15)
+        marketing: dict[str, Any] = {"category": "marketing", "subscription_topic": "newsletter"}
+        await h.publish(request("m-al-1", USER, "sms", "promo-sms", **marketing))
+        await h.publish(email_request("m-al-2", "c-gone"))
+        await h.wait_status("m-al-1", "sent")
+        await h.wait_status("m-al-2", "delivered")
+
+        await _inbound(h, "+15550004444", "STOP")
+        complained = await h.client.post(
+            "/v1/complaints", json={"source": "ses", "addresses": ["ann@example.com"]}, headers=ADMIN
+        )
+        assert complained.status_code == 200, complained.text
+
+        await h.wait_status("m-al-2", "unsubscribed")
+        statuses = await h.wait_status("m-al-1", "unsubscribed")
+        assert statuses[-1]["reason"] == "sms_stop: all marketing on sms"
+        assert statuses[-1]["customer_id"] == USER  # as the message's other statuses
+        history = (await h.client.get(f"/v1/customers/{ANON}/consent-history", headers=ADMIN)).json()
+        assert sorted((e["channel"], e["message_id"]) for e in history["history"]) == [
+            ("email", "m-al-2"),
+            ("sms", "m-al-1"),
+        ]
+        got = await h.client.get("/v1/reports/messages", params={"group_by": "channel"}, headers=ADMIN)
+        rows = {g["channel"]: g for g in got.json()["groups"]}
+        assert (rows["email"]["unsubscribed"], rows["email"]["complained"]) == (1, 1)
+        assert rows["sms"]["unsubscribed"] == 1

@@ -255,3 +255,45 @@ async def test_an_erased_customers_addresses_are_recognized_however_a_request_wr
 
 async def _no_contact(h: Harness, customer_id: str) -> bool:
     return not await h.contact_known(customer_id)
+
+
+async def test_an_address_written_with_a_no_break_space_around_it_is_erased_as_its_mailbox(
+    start_notifier,
+) -> None:  # type: ignore[no-untyped-def]
+    """A profile email pasted with a no-break space (`Eve@Example.com` + U+00A0) was no mailbox, so
+    its erasure tombstoned no `eve@example.com`: a request to it under another customer id went out.
+    Whitespace around an address (a no-break space included) is the writing; inside, it is none."""
+    async with start_notifier() as h:
+        r = await h.client.post("/v1/templates", json=WELCOME, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        await h.profile("c9", {"email": "Eve@Example.com\u00a0"})
+        await h.wait_contact("c9")
+        erase = PrivacyRequest(
+            event_id="r9:segmenter:erase_requested",
+            request_id="r9",
+            action=PrivacyAction.ERASE_REQUESTED,
+            customer_id="c9",
+            identities=["c9"],  # the address only from the notifier's contact
+            service="segmenter",
+            occurred_at=datetime.now(UTC),
+        )
+        await h.platform.producer.publish(PRIVACY.name, "c9", erase)
+        await read_topic(
+            h.settings.topic(PRIVACY.name),
+            until=lambda ms: any(
+                m["value"]["action"] == "erase_completed" and m["value"]["request_id"] == "r9" for m in ms
+            ),
+            timeout=15,
+        )
+        await h.publish(
+            request(
+                "m-n1",
+                "c10",
+                "email",
+                "welcome",
+                recipient={"email": "eve@example.com"},
+                category="transactional",
+            )
+        )
+        statuses = await h.wait_status("m-n1", "suppressed")
+        assert [(s["status"], s["reason"]) for s in statuses] == [("suppressed", "erased")]

@@ -12,13 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.api.suppressions import first_added
+from services.notifier.domain.email_addresses import RULE as MAILBOX_RULE
 from services.notifier.domain.email_addresses import mailbox
 from services.notifier.domain.suppression import SOURCE_NAME, address_key
 from services.notifier.store import consent_repo
 from shared.contracts import Channel
 from shared.http import ApiError, field_error
 
-_NOT_AN_ADDRESS = "must be an email address (a mailbox with an @, 320 characters at most)"
+_NOT_AN_ADDRESS = f"must be an email address ({MAILBOX_RULE})"
 
 
 class ComplaintImport(BaseModel):

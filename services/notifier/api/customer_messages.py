@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.store import identities_repo, ledger_repo
-from shared.http import ApiError, field_error
+from shared.http import ApiError, clamped_time, field_error
 
 
 def router(admin: Any) -> APIRouter:
@@ -40,15 +40,21 @@ def router(admin: Any) -> APIRouter:
 
 
 def _cursor(before: str | None) -> tuple[datetime, str] | None:
+    """A page's `next_before`: its last message's request time (with its offset, as written) and id."""
     if before is None:
         return None
     at, _, message_id = before.partition("|")
     try:
-        return datetime.fromisoformat(at), message_id
-    except ValueError as exc:
+        parsed: datetime | None = datetime.fromisoformat(at)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        # Without an offset the time could be anyone's: no page gives one.
         raise ApiError(
             400,
             "invalid_request",
             "`before` is not a page cursor",
             errors=[field_error("before", "cursor", "the next_before of a previous page")],
-        ) from exc
+        )
+    # Moved into the storable times (1900-2999): one before them pages nothing, one past them all.
+    return clamped_time("before", parsed), message_id

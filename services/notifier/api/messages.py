@@ -10,13 +10,13 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
-from services.notifier.api.templates import check_template_data
+from services.notifier.api.templates import TemplateData, check_template_data
 from services.notifier.consumers.message_requests import enqueue
 from services.notifier.store import api_requests_repo, consent_repo, ledger_repo, templates_repo
-from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient, storable
+from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
 from shared.http import ApiError, day_range, field_error
 
 _KEYS = uuid.UUID("6f1c1c38-9a43-4c57-9a51-53a0d1c2b0aa")
@@ -31,19 +31,7 @@ class SendBody(BaseModel):
     category: MessageCategory = MessageCategory.TRANSACTIONAL
     subscription_topic: str | None = None
     recipient: Recipient = Field(default_factory=Recipient)
-    data: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("data")
-    @classmethod
-    def _storable(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Writable as the send ledger writes it (orjson): not too deep, integers within 64 bits."""
-        if storable.too_deep_path(data) is not None:
-            raise ValueError(f"data {storable.DEPTH_MESSAGE}")
-        try:
-            orjson.dumps(data)
-        except TypeError as exc:
-            raise ValueError("integers in data must fit in 64 bits; send larger numbers as strings") from exc
-        return data
+    data: TemplateData = Field(default_factory=dict)
 
 
 class RetryBody(BaseModel):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.domain.composition import recipient_address, template_data
@@ -15,7 +16,7 @@ from services.notifier.domain.templates import RenderError
 from services.notifier.service import Notifier
 from services.notifier.store import contacts_repo, recommendations_repo, templates_repo
 from services.notifier.template_announcements import announce_template
-from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient
+from shared.contracts import Channel, MessageCategory, MessageRequested, Recipient, storable
 from shared.contracts.events import message_data_problems
 from shared.http import ApiError, field_error
 
@@ -56,12 +57,27 @@ class _PreviewLinks(MessageLinks):
         return f"{self.base_url}{PREVIEW_UNSUBSCRIBE_PATH}"
 
 
+def storable_data(data: dict[str, Any]) -> dict[str, Any]:
+    """Writable as the send ledger writes it (orjson): not too deep, integers within 64 bits."""
+    if storable.too_deep_path(data) is not None:
+        raise ValueError(f"data {storable.DEPTH_MESSAGE}")
+    try:
+        orjson.dumps(data)
+    except TypeError as exc:
+        raise ValueError("integers in data must fit in 64 bits; send larger numbers as strings") from exc
+    return data
+
+
+# A request's template data, which the send ledger stores: a 400 naming `data`, not a 500 on write.
+TemplateData = Annotated[dict[str, Any], AfterValidator(storable_data)]
+
+
 class TestSendBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     recipient: Recipient = Field(default_factory=Recipient)
     customer_id: str = "test-customer"
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: TemplateData = Field(default_factory=dict)
 
 
 # The recipient field a test send of each channel needs (in-app goes to the inbox of `customer_id`).

@@ -15,9 +15,17 @@ def _client(config: ProviderConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=config.base_url, timeout=config.timeout_s, limits=limits)
 
 
-async def _post(client: httpx.AsyncClient, url: str, **kwargs: object) -> httpx.Response | SendResult:
+async def _post(
+    client: httpx.AsyncClient, url: str, *, auth: httpx.Auth | None = None, **kwargs: object
+) -> httpx.Response | SendResult:
     try:
-        return await client.post(url, **kwargs)  # type: ignore[arg-type]
+        request = client.build_request("POST", url, **kwargs)  # type: ignore[arg-type]
+    except (ValueError, httpx.InvalidURL) as exc:
+        # This message's data cannot be written into a request (a lone surrogate in the number or the
+        # text: UnicodeEncodeError): nothing was sent, and no provider could send it.
+        return SendResult.failed(Failure.PERMANENT, f"the request cannot be encoded: {type(exc).__name__}")
+    try:
+        return await client.send(request, auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT)
     except httpx.TimeoutException as exc:
         return SendResult.failed(Failure.TRANSIENT, f"timeout: {type(exc).__name__}")
     except httpx.TransportError as exc:
@@ -77,7 +85,8 @@ class TwilioProvider:
         if self.status_callback:
             # Twilio POSTs delivered / undelivered / failed here later.
             form["StatusCallback"] = self.status_callback
-        # Twilio's idempotency header: a retried request with the same token is not sent twice.
+        # Twilio sends this header on its own webhooks; its Messages API documents no deduplication by
+        # it, so nothing here relies on it (a repeat may be sent twice: see router._outcome_unknown).
         headers = {"I-Twilio-Idempotency-Token": delivery.message_id}
         got = await _post(self._http, url, data=form, auth=self._auth, headers=headers)
         if isinstance(got, SendResult):
@@ -123,7 +132,11 @@ class FcmProvider:
             "Authorization": f"Bearer {self.config.bearer_token.get_secret_value()}",
             "Content-Type": "application/json",
         }
-        got = await _post(self._http, url, content=orjson.dumps(body), headers=headers)
+        try:
+            content = orjson.dumps(body)
+        except orjson.JSONEncodeError as exc:  # a lone surrogate in the token or the text
+            return SendResult.failed(Failure.PERMANENT, f"the request cannot be encoded: {exc}")
+        got = await _post(self._http, url, content=content, headers=headers)
         if isinstance(got, SendResult):
             return got
         if got.status_code >= 300:

@@ -11,6 +11,10 @@ from shared.db.unit_of_work import UnitOfWork
 
 
 class InAppProvider:
+    # A repeated call for the same message stores nothing twice (the inbox row is keyed by the
+    # message id): after an unexpected error it may be retried (`router._outcome_unknown`).
+    idempotent = True
+
     def __init__(self, name: str, unit_of_work: Callable[[], UnitOfWork], clock: Clock) -> None:
         self.name = name
         self.unit_of_work = unit_of_work

@@ -23,6 +23,22 @@ from shared.db.unit_of_work import UnitOfWork
 _FAIL_OVER_ON = frozenset({Failure.TRANSIENT, Failure.PROVIDER})
 
 
+def _outcome_unknown(provider: Provider, what: str) -> SendResult:
+    """An unexpected error once the provider's call may have delivered the message (an HTTP request
+    gone out, e.g. Twilio accepted it and its answer failed to decode; SMTP past its `sending` point).
+    No failover: the backup would deliver it a second time, every time the error recurs. Retried only
+    where the provider drops a repeated call for the same message (`idempotent`: the in-app inbox);
+    else, as a crash during the call (`unknown`), never resent: Twilio documents no idempotency for
+    its Messages API (`I-Twilio-Idempotency-Token` is what Twilio sends on its own webhooks), so a
+    retry on the same provider would duplicate the SMS too."""
+    if getattr(provider, "idempotent", False):
+        return SendResult.failed(Failure.TRANSIENT, what)
+    return SendResult.failed(
+        Failure.PERMANENT,
+        f"outcome unknown: {what}; not resent (the provider may have sent it: at most once)",
+    )
+
+
 class GuardedProvider:
     def __init__(
         self, provider: Provider, breaker: CircuitBreaker, bucket: TokenBucket, max_in_flight: int = 64
@@ -113,12 +129,19 @@ class ProviderRouter:
             )
         last: tuple[str | None, SendResult] | None = None
         hook_ran = False
+        hook_failed = False
 
         async def run_hook_once() -> None:
-            nonlocal hook_ran
+            nonlocal hook_ran, hook_failed
             hook_ran = True
             assert before_call is not None
-            await before_call()
+            try:
+                await before_call()
+            except SendAborted:
+                raise
+            except Exception:
+                hook_failed = True
+                raise
 
         for guarded in providers:
             if not guarded.breaker.allows(time.monotonic()):
@@ -127,6 +150,9 @@ class ProviderRouter:
                     SendResult.failed(Failure.TRANSIENT, f"{guarded.name}: circuit open"),
                 )
                 continue
+            # Whether this provider's call may have delivered something (past SMTP's point of no
+            # return, its hook; any HTTP call once it started: the request may have gone out).
+            may_have_sent = False
             async with guarded.slots:
                 await guarded.wait_for_token()
                 # Until it has run: a primary SMTP server refusing the connection never reached DATA,
@@ -135,20 +161,37 @@ class ProviderRouter:
                 try:
                     if isinstance(guarded.provider, SmtpProvider):
                         # SMTP can run it later, right before DATA (connecting cannot deliver anything).
-                        result = await guarded.provider.send(delivery, before_data=hook)
+
+                        async def before_data(hook: BeforeCall | None = hook) -> None:
+                            nonlocal may_have_sent
+                            if hook is not None:
+                                await hook()
+                            may_have_sent = True  # DATA may follow
+
+                        result = await guarded.provider.send(delivery, before_data=before_data)
                     else:
                         if hook is not None:
                             await hook()
+                        may_have_sent = True
                         result = await guarded.provider.send(delivery)
                 except SendAborted:
                     # Nothing was sent: a half-open breaker's trial must not stay "in flight" for ever
                     # (every later send on the channel failed "circuit open" until a restart).
                     guarded.breaker.release_trial()
                     raise
-                except Exception as exc:  # a provider bug must not take the delivery loop down
-                    result = SendResult.failed(
-                        Failure.TRANSIENT, f"{guarded.name}: {type(exc).__name__}: {exc}"
-                    )
+                except Exception as exc:  # a bug must not take the delivery loop down
+                    what = f"{guarded.name}: {type(exc).__name__}: {exc}"
+                    if hook_failed:
+                        # The caller's `sending` commit, not the provider: nothing was sent. Retried,
+                        # not failed over (a backup would send without it), not held against anyone.
+                        guarded.breaker.release_trial()
+                        return guarded.name, SendResult.failed(Failure.TRANSIENT, what)
+                    # The provider's (its per-message errors it answers as results): counted.
+                    guarded.breaker.record_failure(time.monotonic())
+                    if not may_have_sent:
+                        last = (guarded.name, SendResult.failed(Failure.TRANSIENT, what))
+                        continue
+                    return guarded.name, _outcome_unknown(guarded.provider, what)
             if result.ok or result.failure in (Failure.PERMANENT, Failure.BOUNCE):
                 # The provider worked (even if it refused this message): the circuit stays closed.
                 guarded.breaker.record_success()

@@ -4,16 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from email.utils import parseaddr
 
 import aiosmtplib
+from aiosmtplib.email import parse_address
 
 from services.notifier.channels.base import BeforeCall, Delivery, SendAborted, SendResult
 from services.notifier.domain.retry_policy import Failure
 from services.notifier.domain.suppression import smtp_address_gone
 from services.notifier.settings import ProviderConfig
 
+# RFC 6531: an envelope address with characters other than ASCII goes only to a server offering this.
+SMTPUTF8 = "SMTPUTF8"
+NO_SMTPUTF8 = (
+    "the email address has characters other than ASCII and the SMTP server does not offer SMTPUTF8 "
+    "(RFC 6531): it cannot be sent there"
+)
+UNWRITABLE = (
+    "the email address cannot be written on an SMTP command line "
+    "(a space, <, > or a character that cannot be encoded)"
+)
 
-def _failure_for_code(code: int) -> Failure:
+
+def _envelope(value: str) -> str:
+    """The mailbox written on MAIL FROM / RCPT TO for an address as written, as aiosmtplib parses it:
+    the address without its display name (`José <jose@example.com>` -> `jose@example.com`), nor the
+    whitespace around it. ValueError when it cannot be written there at all (a space or `<` outside
+    quotes, a lone surrogate)."""
+    # Whitespace around the mailbox (a no-break space pasted with it) is not the address, as for
+    # `domain.email_addresses.mailbox`, which keys suppressions and erasures by this form.
+    written = value.strip()
+    address = parse_address(parseaddr(written)[1].strip() or written)  # validated as aiosmtplib does
+    address.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    return address
+
+
+def _message_failure(code: int) -> Failure:
+    """A refusal of the recipient (RCPT) or of the message (DATA)."""
     if code in (550, 551, 553, 554):
         return Failure.BOUNCE
     if 400 <= code < 500:
@@ -21,6 +48,55 @@ def _failure_for_code(code: int) -> Failure:
     if code in (530, 535):
         return Failure.PROVIDER
     return Failure.PERMANENT
+
+
+# A refusal at RCPT that says the relay will not work for us, whoever the recipient: the client
+# (our host), our HELO, our sender, or relaying for us at all. Servers answer these at RCPT, not
+# earlier: Postfix by default (`smtpd_delay_reject = yes`) holds its client, HELO and sender
+# restrictions until RCPT TO. Matched in the server's text, case-insensitively:
+RELAY_REFUSES_US = (
+    "relay access denied",  # Postfix reject_unauth_destination; Microsoft 365 5.7.64 TenantAttribution
+    "relaying denied",  # Sendmail
+    "relay not permitted",  # Exim's default ACL
+    "unable to relay",  # Exchange, Microsoft 365 (5.7.54 "Unable to relay recipient in non-accepted domain")
+    "client host rejected",  # Postfix smtpd_client_restrictions (our host, its reverse DNS)
+    "helo command rejected",  # Postfix smtpd_helo_restrictions
+    "sender address rejected",  # Postfix smtpd_sender_restrictions (our envelope sender)
+    "sender verify failed",  # Exim verify = sender
+    # A DNS blocklist naming our host (Postfix, Microsoft 365: "Client host [...] blocked using ...").
+    "blocked using",
+    "banned sending ip",  # Microsoft 365 5.7.606-5.7.649 "Access denied, banned sending IP"
+)
+
+
+def _recipient_failure(code: int, text: str) -> Failure:
+    """A refusal at RCPT: the recipient's (`_message_failure`: 550 5.1.1 user unknown bounces),
+    unless its text says the relay refuses us (`RELAY_REFUSES_US`): then, as a refusal before any
+    recipient, the server's (`PROVIDER`: another relay may take it, the breaker counts it; a 4xx
+    stays transient), never a bounce nor the address's."""
+    if code >= 500 and any(words in text.lower() for words in RELAY_REFUSES_US):
+        return Failure.PROVIDER
+    return _message_failure(code)
+
+
+def _refused_recipient(code: int, text: str) -> SendResult:
+    failure = _recipient_failure(code, text)
+    return SendResult.failed(
+        failure,
+        f"SMTP recipient refused: {text}",
+        # The relay's refusal of us says nothing of the address.
+        address_gone=smtp_address_gone(code, text) if failure is not Failure.PROVIDER else None,
+    )
+
+
+def _server_failure(exc: aiosmtplib.SMTPResponseException) -> Failure:
+    """A refusal before any recipient: the greeting, EHLO/HELO, STARTTLS, AUTH or MAIL FROM. The
+    server refuses to work for us (our host blocked, our credentials or sender refused), whoever the
+    message is for: another provider may take it, and the breaker counts it. Except a MAIL FROM 552,
+    which is the message's size (RFC 1870), refused anywhere."""
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code == 552:
+        return Failure.PERMANENT
+    return Failure.TRANSIENT if 400 <= exc.code < 500 else Failure.PROVIDER
 
 
 class SmtpProvider:
@@ -51,25 +127,47 @@ class SmtpProvider:
         )
         await client.connect()
         if self.config.username and self.config.password is not None:
-            await client.login(self.config.username, self.config.password.get_secret_value())
+            try:
+                await client.login(self.config.username, self.config.password.get_secret_value())
+            except BaseException:
+                client.close()  # connected, not pooled yet: nobody else would close it
+                raise
         return client
 
     async def send(self, delivery: Delivery, before_data: BeforeCall | None = None) -> SendResult:
         """`before_data` runs right before DATA: connecting, MAIL FROM and RCPT TO cannot deliver the
         message, so a crash before that point leaves nothing ambiguous."""
         assert delivery.email is not None
+        try:
+            envelope = (_envelope(delivery.email.envelope_from), _envelope(delivery.to))
+        except ValueError:
+            # This message's address, never the server's doing: nowhere else would take it either.
+            return SendResult.failed(Failure.PERMANENT, f"SMTP: {UNWRITABLE}")
+        # aiosmtplib encodes envelope addresses as ASCII unless told SMTPUTF8. Only the envelope
+        # counts: a display name (`José <jose@example.com>`) goes in the To: header, RFC 2047 encoded,
+        # so an ASCII mailbox needs no SMTPUTF8 whatever its name.
+        utf8 = not all(address.isascii() for address in envelope)
         async with self._slots:
             client: aiosmtplib.SMTP | None = None
             try:
                 client = self._idle.get_nowait() if not self._idle.empty() else await self._connect()
                 if not client.is_connected:
                     client = await self._connect()
+                if utf8 and not await self._offers_smtputf8(client):
+                    # Nothing of the envelope went out: the connection is clean.
+                    self._recycle(client)
+                    return SendResult.failed(Failure.PERMANENT, f"SMTP: {NO_SMTPUTF8}")
+                options = [SMTPUTF8] if utf8 else []
                 if before_data is None:
                     errors, response = await client.sendmail(
-                        delivery.email.envelope_from, [delivery.to], delivery.email.to_wire()
+                        envelope[0],
+                        [envelope[1]],
+                        delivery.email.to_wire(),
+                        mail_options=options,
                     )
                 else:
-                    errors, response = {}, await self._send_in_steps(client, delivery, before_data)
+                    errors = {}
+                    response = await self._send_in_steps(client, delivery, envelope, before_data, options)
             except SendAborted:
                 self._recycle(client)  # the envelope was reset: the connection is clean
                 raise
@@ -78,40 +176,64 @@ class SmtpProvider:
                 code = refused.code if refused is not None else 550
                 self._recycle(client)
                 # The server's answer, not the exception's text (which names the address: personal data).
-                answer = f"{code} {refused.message}" if refused is not None else str(code)
-                return SendResult.failed(
-                    _failure_for_code(code),
-                    f"SMTP recipient refused: {answer}",
-                    address_gone=smtp_address_gone(code, answer),
+                return _refused_recipient(
+                    code, f"{code} {refused.message}" if refused is not None else str(code)
                 )
-            except aiosmtplib.SMTPResponseException as exc:
+            except aiosmtplib.SMTPDataError as exc:
                 self._recycle(client)
-                # Not a recipient's refusal (MAIL FROM, DATA, the greeting): it says nothing of the address.
-                return SendResult.failed(_failure_for_code(exc.code), f"SMTP {exc.code}: {exc.message}")
+                # The message refused (content, size, policy): it says nothing of the address.
+                return SendResult.failed(_message_failure(exc.code), f"SMTP {exc.code}: {exc.message}")
+            except aiosmtplib.SMTPResponseException as exc:
+                self._close(client)
+                # Before any recipient (the greeting, EHLO, STARTTLS, AUTH, MAIL FROM): the server, not
+                # this message or its address. (MAIL FROM's RSET was sent; a fresh connection is simpler.)
+                stage = "sender refused" if isinstance(exc, aiosmtplib.SMTPSenderRefused) else "refused"
+                return SendResult.failed(_server_failure(exc), f"SMTP {stage}: {exc.code} {exc.message}")
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                await self._discard(client)
+                self._close(client)
                 return SendResult.failed(Failure.TRANSIENT, f"SMTP connection: {type(exc).__name__}: {exc}")
+            except BaseException:
+                # Anything else (a bug, a cancelled task) may have left a command half answered: a pooled
+                # connection in that state would confuse the next message's conversation.
+                self._close(client)
+                raise
             self._recycle(client)
             if errors:
                 code, text = next(iter(errors.values()))
-                return SendResult.failed(
-                    _failure_for_code(code),
-                    f"SMTP {code}: {text}",
-                    address_gone=smtp_address_gone(code, text),
-                )
+                return _refused_recipient(code, f"{code} {text}")
             message_id = delivery.email.header("Message-ID")
             return SendResult(True, delivered=True, provider_message_id=message_id, reason=response[:200])
 
     @staticmethod
-    async def _send_in_steps(client: aiosmtplib.SMTP, delivery: Delivery, before_data: BeforeCall) -> str:
+    async def _offers_smtputf8(client: aiosmtplib.SMTP) -> bool:
+        # A fresh connection has not said EHLO yet (aiosmtplib says it before the first MAIL FROM);
+        # as aiosmtplib does, HELO when EHLO is refused: no extensions then.
+        if client.is_ehlo_or_helo_needed:
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                if not client.is_connected:
+                    raise
+                await client.helo()
+        return client.supports_extension(SMTPUTF8)
+
+    @staticmethod
+    async def _send_in_steps(
+        client: aiosmtplib.SMTP,
+        delivery: Delivery,
+        envelope: tuple[str, str],
+        before_data: BeforeCall,
+        options: list[str],
+    ) -> str:
         assert delivery.email is not None
+        encoding = "utf-8" if options else "ascii"
         # The hook (a database commit) runs while MAIL FROM and RCPT TO go back and forth; DATA waits
         # for it. Overlapping them keeps the connection busy instead of idle during the commit.
         hook = asyncio.ensure_future(before_data())
         envelope_error: Exception | None = None
         try:
-            await client.mail(delivery.email.envelope_from)
-            await client.rcpt(delivery.to)
+            await client.mail(envelope[0], options=options, encoding=encoding)
+            await client.rcpt(envelope[1], encoding=encoding)
         except asyncio.CancelledError:
             hook.cancel()
             raise
@@ -145,7 +267,8 @@ class SmtpProvider:
         if client is not None and client.is_connected:
             self._idle.put_nowait(client)
 
-    async def _discard(self, client: aiosmtplib.SMTP | None) -> None:
+    @staticmethod
+    def _close(client: aiosmtplib.SMTP | None) -> None:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()

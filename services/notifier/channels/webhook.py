@@ -74,18 +74,30 @@ class WebhookProvider:
         for _hop in range(self.max_redirects + 1):
             try:
                 host, address = await resolve_checked(self.policy, url)
-            except RefusedAddress as exc:
-                return SendResult.failed(Failure.PERMANENT, f"webhook refused: {exc}")
-            parts = urlsplit(url)
-            headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Content-Type": "application/json", **signed}
-            try:
-                response = await self._http.request(
+                parts = urlsplit(url)
+                headers = {
+                    "Host": parts.netloc.rsplit("@", 1)[-1],
+                    "Content-Type": "application/json",
+                    **signed,
+                }
+                request = self._http.build_request(
                     method,
                     _pinned_url(url, address),
                     content=body if method == "POST" else None,
                     headers=headers,
                     extensions={"sni_hostname": host},
                 )
+            except RefusedAddress as exc:
+                return SendResult.failed(Failure.PERMANENT, f"webhook refused: {exc}")
+            except (ValueError, httpx.InvalidURL) as exc:
+                # The URL cannot be requested at all (a port out of range, a host name IDNA cannot
+                # encode, a character no header takes: UnicodeError is a ValueError): nothing was sent.
+                return SendResult.failed(
+                    Failure.PERMANENT,
+                    f"webhook refused: not a URL that can be requested ({type(exc).__name__})",
+                )
+            try:
+                response = await self._http.send(request)
             except httpx.TimeoutException as exc:
                 return SendResult.failed(Failure.TRANSIENT, f"webhook timeout: {type(exc).__name__}")
             except httpx.TransportError as exc:

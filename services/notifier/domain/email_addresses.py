@@ -9,17 +9,48 @@ systems treat local parts without case in practice.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from email.utils import parseaddr
 
 # RFC 5321: a local part of 64 octets, a domain of 255; longer is no address (and would not fit an
 # index entry either).
 MAX_LENGTH = 320
+# What a mailbox is, for the reasons that refuse one.
+RULE = "a mailbox with an @, at most 320 characters, without spaces or control or invisible characters"
+
+# A quoted local part (`"ann smith"@example.com`) may hold spaces; nothing else may (as aiosmtplib,
+# which refuses to write such an address on an SMTP command line).
+_QUOTED_LOCAL_PART = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
+
+
+# Zero-width non-joiner and joiner: format characters, yet valid in IDNA2008 labels (RFC 5892
+# CONTEXTJ: a Devanagari or Persian name may need one), so allowed in the domain.
+_JOINERS = frozenset("\u200c\u200d")
 
 
 def mailbox(value: str) -> str | None:
-    """The mailbox of an address as written, in lower case; None when there is none (no `@`, or
-    longer than an address can be)."""
-    address = parseaddr(value)[1].strip().lower()
-    if "@" not in address or len(address) > MAX_LENGTH:
+    """The mailbox of an address as written, in lower case; None when there is none (no `@`, longer
+    than an address can be, or holding a character no mail system delivers to: see `_unsendable`)."""
+    # Whitespace around it is the writing, not the address, a no-break space included
+    # (`Ann@Example.com` + U+00A0 is `ann@example.com`, as the SMTP envelope gets it:
+    # `channels.smtp._envelope` strips it the same way); inside, it is none.
+    address = parseaddr(value.strip())[1].strip()
+    if "@" not in address or len(address) > MAX_LENGTH or _unsendable(address):
         return None
-    return address
+    return address.lower()
+
+
+def _unsendable(address: str) -> bool:
+    """A control character, an invisible one (a zero-width space pasted with the address, a
+    direction mark, a soft hyphen: Unicode format characters), a surrogate, private-use or unassigned
+    code point anywhere, except a zero-width (non-)joiner in the domain (`_JOINERS`); a space, `<`,
+    `>` or `"` outside a quoted local part. Letters of any script are fine (`josé@example.com`: an
+    SMTPUTF8 address)."""
+    local, _, domain = address.rpartition("@")
+    if any(unicodedata.category(c)[0] == "C" for c in local) or any(
+        unicodedata.category(c)[0] == "C" and c not in _JOINERS for c in domain
+    ):
+        return True
+    rest = _QUOTED_LOCAL_PART.sub("", address, count=1)
+    return any(c.isspace() or unicodedata.category(c)[0] == "Z" or c in '<>"' for c in rest)

@@ -92,6 +92,7 @@ def _header(value: str) -> str:
 
 def _address(value: str) -> str:
     name, addr = parseaddr(value)
+    addr = addr.strip()  # a no-break space around it is no part of it (as on the SMTP envelope)
     return f"{_header(name)} <{addr}>" if name else addr
 
 

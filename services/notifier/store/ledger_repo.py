@@ -318,15 +318,16 @@ async def by_provider_message_id(session: AsyncSession, provider_message_id: str
 
 
 async def latest_marketing_delivered(
-    session: AsyncSession, customer_id: str, channel: str
+    session: AsyncSession, customer_ids: Sequence[str], channel: str
 ) -> LedgerEntry | None:
     """The customer's latest marketing message on `channel` that reached the provider (sent or
-    delivered): what a spam complaint is about."""
+    delivered): what a spam complaint or an SMS STOP is about. `customer_ids`: every identifier of
+    the customer (a message asked for under a userId is kept under it), as `history` takes them."""
     row = (
         await session.execute(
             sa.select(send_ledger)
             .where(
-                send_ledger.c.customer_id == customer_id,
+                send_ledger.c.customer_id.in_(list(customer_ids)),
                 send_ledger.c.channel == channel,
                 send_ledger.c.category == "marketing",
                 send_ledger.c.state.in_(("sent", "delivered")),

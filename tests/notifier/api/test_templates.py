@@ -98,3 +98,40 @@ async def test_every_template_change_is_announced_for_journeys_to_check_against(
         got = await read_topic(topic, until=lambda ms: len(ms) >= 5, timeout=15)
         assert states(got, "kept") == [("sms", 1, False), ("sms", 1, False)]
         assert len(states(got, "sms-data")) == 3  # a deleted template is not announced again
+
+
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+async def test_a_test_send_refuses_data_the_ledger_could_not_store(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """As `POST /v1/messages` does: data nested past 64 levels (writing the ledger row failed: a 500)
+    or an integer past 64 bits (queued, then unwritable) is a 400 naming `data`; nothing is queued."""
+    from sqlalchemy import text
+
+    async with start_notifier() as h:
+        await h.create_template(SMS_TEMPLATE)
+        for data, problem in (
+            ({"x": nested(300)}, "more than 64 levels deep"),
+            ({"x": 2**70}, "must fit in 64 bits"),
+        ):
+            r = await h.client.post(
+                "/v1/templates/sms-data/test-send",
+                headers=ADMIN,
+                json={"recipient": {"phone": "+4790000002"}, "data": data},
+            )
+            assert r.status_code == 400, r.text
+            (error,) = r.json()["errors"]
+            assert error["field"] == "data" and problem in error["message"], error
+        ok = await h.client.post(
+            "/v1/templates/sms-data/test-send",
+            headers=ADMIN,
+            json={"recipient": {"phone": "+4790000002"}, "data": {"x": nested(60)}},
+        )
+        assert ok.status_code == 202, ok.text
+        async with h.platform.engine.connect() as conn:
+            queued = await conn.scalar(text("SELECT count(*) FROM send_ledger"))
+        assert queued == 1

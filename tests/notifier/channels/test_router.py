@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pydantic import SecretStr
 
 from services.notifier.channels.base import Delivery, SendAborted, SendResult
+from services.notifier.channels.http_providers import TwilioProvider
 from services.notifier.channels.router import GuardedProvider, ProviderRouter
 from services.notifier.channels.smtp import SmtpProvider
+from services.notifier.channels.webhook import WebhookProvider
+from services.notifier.domain.address_policy import AddressPolicy
 from services.notifier.domain.email_content import build_email
 from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
 from services.notifier.domain.retry_policy import Failure
 from services.notifier.settings import ProviderConfig
 from shared.contracts import Channel
+from tests.notifier.provider_servers import ProviderServer, twilio_ok
 
 
 class FlakySms:
@@ -92,3 +97,168 @@ async def test_a_backup_smtp_server_marks_the_row_sending_before_its_data() -> N
     name, result = await router.send(delivery, before_call=mark_sending)
     assert (name, result.ok) == ("smtp_backup", True)
     assert marks == ["sending"]
+
+
+# Unexpected errors (a bug, ours or a library's): counted by the breaker; failed over only while
+# nothing can have been sent.
+
+
+def twilio(name: str, url: str) -> TwilioProvider:
+    config = ProviderConfig(
+        kind="twilio",
+        base_url=url,
+        account_sid="AC1",
+        auth_token=SecretStr("token"),
+        from_number="+15550000000",
+        timeout_s=5,
+    )
+    return TwilioProvider(name, config)
+
+
+def sms(to: str = "+15550100001", message_id: str = "m1") -> Delivery:
+    return Delivery(message_id, "c1", Channel.SMS, to, {"body": "Hi"})
+
+
+async def nothing() -> None:
+    pass
+
+
+async def test_an_error_after_an_http_request_went_out_is_not_failed_over() -> None:
+    """Twilio accepted the SMS and its answer failed to decode (a `Content-Encoding` it does not
+    hold to): the backup sent it again, for every message, for as long as the error lasted. Twilio
+    documents no idempotency key for its Messages API (`I-Twilio-Idempotency-Token` is what it sends
+    on its webhooks), so a retry there would send it again too: the outcome is unknown, not resent."""
+    primary_server = await ProviderServer(
+        lambda _: (201, b'{"sid": "SM1"}', {"Content-Encoding": "gzip"})
+    ).start()
+    backup_server = await ProviderServer(twilio_ok).start()
+    try:
+        primary = guarded(twilio("twilio", primary_server.url), CircuitBreaker(2, 60))
+        backup = guarded(twilio("twilio_backup", backup_server.url), CircuitBreaker(2, 60))
+        router = ProviderRouter({Channel.SMS: [primary, backup]}, [primary, backup])
+        for n in range(2):
+            name, result = await router.send(sms(message_id=f"m{n}"), nothing)
+            assert (name, result.failure) == ("twilio", Failure.PERMANENT), result.reason
+            assert result.reason is not None
+            assert result.reason.startswith("outcome unknown: twilio: DecodingError")
+        # Counted: two opened the primary's circuit. The next message goes to the backup; the two
+        # before it never do.
+        assert primary.breaker.is_open
+        name, result = await router.send(sms(message_id="m2"), nothing)
+        assert (name, result.ok) == ("twilio_backup", True)
+        assert len(primary_server.requests) == 2
+        assert [r.headers["i-twilio-idempotency-token"] for r in backup_server.requests] == ["m2"]
+        await router.close()
+    finally:
+        await primary_server.stop()
+        await backup_server.stop()
+
+
+class BrokenBeforeData(SmtpProvider):
+    """An SMTP provider failing before its point of no return (DATA): nothing can have been sent."""
+
+    async def send(self, delivery: Delivery, before_data: object = None) -> SendResult:
+        raise RuntimeError("a bug before the envelope")
+
+
+async def test_an_error_before_anything_was_sent_fails_over_and_counts() -> None:
+    primary = guarded(BrokenBeforeData("smtp", ProviderConfig(kind="smtp")), CircuitBreaker(2, 60))
+    backup = guarded(RecordingSmtp("smtp_backup", ProviderConfig(kind="smtp")), CircuitBreaker(2, 60))
+    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    marks: list[str] = []
+
+    async def mark_sending() -> None:
+        marks.append("sending")
+
+    for _ in range(2):
+        name, result = await router.send(email_delivery(), mark_sending)
+        assert (name, result.ok) == ("smtp_backup", True)
+    assert primary.breaker.is_open
+    assert marks == ["sending"] * 2
+
+
+class FailingInbox:
+    name = "in_app"
+    idempotent = True  # as InAppProvider: a repeated call stores nothing twice
+
+    async def send(self, delivery: Delivery) -> SendResult:
+        raise RuntimeError("the commit's answer was lost")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_idempotent_provider_is_retried_after_an_error() -> None:
+    gp = guarded(FailingInbox(), CircuitBreaker(5, 60))
+    router = ProviderRouter({Channel.IN_APP: [gp]}, [gp])
+    name, result = await router.send(Delivery("m1", "c1", Channel.IN_APP, "c1", {}), nothing)
+    assert (name, result.failure) == ("in_app", Failure.TRANSIENT)
+    assert gp.breaker.failures == 1
+
+
+async def test_a_failing_sending_commit_is_nobodys_and_not_failed_over() -> None:
+    """Nothing was sent; a backup would have sent it without its `sending` commit."""
+    sms_provider = FlakySms()
+    sms_provider.fail = False
+    backup = FlakySms()
+    primary_guard = guarded(sms_provider, CircuitBreaker(1, 60))
+    router = ProviderRouter({Channel.SMS: [primary_guard, guarded(backup, CircuitBreaker(1, 60))]}, [])
+
+    async def commit_fails() -> None:
+        raise RuntimeError("the database went away")
+
+    name, result = await router.send(sms(), commit_fails)
+    assert (name, result.failure) == ("twilio", Failure.TRANSIENT)
+    assert (sms_provider.calls, backup.calls) == (0, 0)
+    assert not primary_guard.breaker.is_open and primary_guard.breaker.failures == 0
+
+
+@pytest.mark.parametrize(
+    ("to", "body"), [("+1555\ud800", "Hi"), ("+15550100001", "Hi \ud800")], ids=["number", "text"]
+)
+async def test_a_message_no_request_can_hold_fails_at_once_unsent(to: str, body: str) -> None:
+    server = await ProviderServer(twilio_ok).start()
+    try:
+        gp = guarded(twilio("twilio", server.url), CircuitBreaker(1, 60))
+        router = ProviderRouter({Channel.SMS: [gp]}, [gp])
+        name, result = await router.send(Delivery("m1", "c1", Channel.SMS, to, {"body": body}), nothing)
+        assert (name, result.failure) == ("twilio", Failure.PERMANENT), result.reason
+        assert result.reason == "the request cannot be encoded: UnicodeEncodeError"
+        assert not server.requests and not gp.breaker.is_open
+        await router.close()
+    finally:
+        await server.stop()
+
+
+def email_delivery() -> Delivery:
+    email = build_email(
+        message_id="m1",
+        sender="a@example.com",
+        to="x@example.com",
+        subject="s",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    return Delivery("m1", "c1", Channel.EMAIL, "x@example.com", {}, email)
+
+
+async def test_a_webhook_url_no_request_can_hold_fails_at_once() -> None:
+    """A host name IDNA cannot encode (a label over 63 characters) raised UnicodeError out of the
+    provider: retried and failed over as an outage."""
+    provider = WebhookProvider(
+        "webhook",
+        ProviderConfig(kind="webhook"),
+        secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        policy=AddressPolicy([]),
+        max_redirects=2,
+    )
+    gp = guarded(provider, CircuitBreaker(1, 60))
+    router = ProviderRouter({Channel.WEBHOOK: [gp]}, [gp])
+    url = f"https://{'a' * 70}.example/hook"
+    name, result = await router.send(Delivery("m1", "c1", Channel.WEBHOOK, url, {"payload": "{}"}), nothing)
+    assert (name, result.failure) == ("webhook", Failure.PERMANENT)
+    assert result.reason == "webhook refused: not a URL that can be requested (UnicodeError)"
+    assert not gp.breaker.is_open
+    await router.close()

@@ -33,6 +33,7 @@ from services.journey_engine.domain.entry import (
     SegmentTrigger,
     StageTrigger,
     Trigger,
+    correlation_keys,
     correlation_value,
     entry_stopped_holding,
     goal_reached,
@@ -505,7 +506,7 @@ class JourneyEngine:
             if graph is None:
                 continue
             if isinstance(trigger, EventTrigger) and goal_reached(
-                graph.definition, trigger, facts, row.entered_at, row.correlation, now
+                graph.definition, trigger, facts, row.entered_at, row.correlation_key, now
             ):
                 self._leave(writer, row, "converted", f"goal: {trigger.name}", "converted")
                 continue
@@ -537,7 +538,10 @@ class JourneyEngine:
             correlation = correlation_value(journey.graph.definition, trigger)
             if (journey.row.id, correlation) in inside:
                 continue
-            key = (journey.row.id, customer_id, correlation)
+            # An entry is found under every form it may be stored in (a long value: as itself, as
+            # the release before stored it, too); a new one is recorded under the key.
+            stored = correlation_keys(correlation)
+            last = [batch.entries.get((journey.row.id, customer_id, k)) for k in stored]
             entered = await self._enter(
                 uow,
                 writer,
@@ -548,14 +552,15 @@ class JourneyEngine:
                 dict(trigger_context),
                 now,
                 start_at=None,
-                last_entered_at=batch.entries.get(key),
+                last_entered_at=max((t for t in last if t is not None), default=None),
             )
             if entered is not None:
-                batch.entries[key] = now
+                batch.entries[(journey.row.id, customer_id, stored[0])] = now
                 batch.windows[customer_id] = [
                     w
                     for w in batch.windows.get(customer_id, [])
-                    if (w.journey_id, w.correlation) != (journey.row.id, correlation)
+                    if w.journey_id != journey.row.id
+                    or w.correlation not in stored
                     or w.instance_id == entered.id
                 ]
                 if entered.status == "active":
@@ -605,12 +610,13 @@ class JourneyEngine:
             entered_at=now,
         )
         writer.new_instances.append(row)
-        writer.enrolments[(journey.row.id, customer.customer_id, correlation)] += 1
+        writer.enrolments[(journey.row.id, customer.customer_id, row.correlation_key)] += 1
         if journey.graph.definition.goal is not None and last_entered_at is not None:
             # The newest instance owns the goal: an earlier one's open window closes (one purchase
             # converted every past run of a weekly broadcast, and windows piled up per run). A first
             # entry (no enrolment yet) has no earlier instance: no statement for it.
-            writer.superseded[(journey.row.id, customer.customer_id, correlation)] = row.id
+            for stored in correlation_keys(correlation):
+                writer.superseded[(journey.row.id, customer.customer_id, stored)] = row.id
         if start_at is not None and start_at > now:
             writer.timers.append((row.id, row.seq, start_at))
             return row
@@ -693,7 +699,7 @@ class JourneyEngine:
                 row.journey_id,
                 row.version,
                 row.node_id,
-                row.correlation,
+                row.correlation_key,
                 row.entered_at,
                 until,
             )

@@ -12,7 +12,14 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.journey_engine.domain.entry import correlation_key
 from shared.db.engine import Statement
+
+# Where an instance keeps its correlation value as sent when the `correlation` column holds its
+# digest (a long value: `domain.entry.correlation_key`). In the context, which every release carries
+# from step to step as it found it (the walker copies every key): no column, so no migration and no
+# lock on this table for it, and nothing the release before could trip over beside this one.
+CORRELATION_VALUE = "correlation_value"
 
 
 @dataclass
@@ -21,7 +28,7 @@ class InstanceRow:
     journey_id: str
     version: int
     customer_id: str
-    correlation: str
+    correlation: str  # the value as sent (shown, given to templates, compared by waits)
     status: str
     node_id: str
     wait: dict[str, Any] | None
@@ -36,6 +43,13 @@ class InstanceRow:
     def __post_init__(self) -> None:
         if self.read_seq < 0:
             self.read_seq = self.seq
+        if self.correlation_key != self.correlation:
+            self.context.setdefault(CORRELATION_VALUE, self.correlation)
+
+    @property
+    def correlation_key(self) -> str:
+        """What the `correlation` column holds: the value is indexed and compared by it."""
+        return correlation_key(self.correlation)
 
 
 class InstanceConflict(Exception):
@@ -53,8 +67,12 @@ def _json(value: Any) -> Any:
 
 
 def _row(r: Any) -> InstanceRow:
+    context = _json(r[8]) or {}
+    value = context.get(CORRELATION_VALUE)
+    # The column holds the key; the value as sent is in the context when the key is its digest.
+    correlation = value if isinstance(value, str) and correlation_key(value) == r[4] else r[4]
     return InstanceRow(
-        r[0], r[1], r[2], r[3], r[4], r[5], r[6], _json(r[7]), _json(r[8]) or {}, r[9], r[10], r[11], r[12]
+        r[0], r[1], r[2], r[3], correlation, r[5], r[6], _json(r[7]), context, r[9], r[10], r[11], r[12]
     )
 
 
@@ -176,7 +194,7 @@ class GoalWindow:
     journey_id: str
     version: int
     node_id: str
-    correlation: str
+    correlation: str  # as stored: the key (`domain.entry.correlation_key`; older rows: the value)
     entered_at: datetime
     open_until: datetime | None = None
 
@@ -217,8 +235,8 @@ def active_rows(rows: Sequence[Sequence[Any]]) -> list[InstanceRow]:
 
 
 def entries(rows: Sequence[Sequence[Any]]) -> dict[tuple[str, str, str], datetime]:
-    """Rows of `ENTRIES_OF_CUSTOMERS_SQL`: (journey, customer, correlation) -> last entry, for the
-    re-entry policy."""
+    """Rows of `ENTRIES_OF_CUSTOMERS_SQL`: (journey, customer, correlation as stored) -> last entry,
+    for the re-entry policy."""
     return {(r[0], r[1], r[2]): r[3] for r in rows}
 
 
@@ -362,13 +380,14 @@ class StepWriter:
     timers: list[tuple[str, int, datetime]] = field(default_factory=list)
     counts: Counter[tuple[str, int, str, str]] = field(default_factory=Counter)
     messages: list[dict[str, Any]] = field(default_factory=list)
-    # (journey, customer, correlation) -> entries in this batch
+    # (journey, customer, correlation key) -> entries in this batch
     enrolments: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     # Instances that finished in this batch with their goal still reachable, and finished ones that
     # reached it.
     windows: list[GoalWindow] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
-    # (journey, customer, correlation) -> the instance entered last: older instances' windows close.
+    # (journey, customer, correlation as stored) -> the instance entered last: older instances' windows
+    # close.
     superseded: dict[tuple[str, str, str], str] = field(default_factory=dict)
 
     async def flush(self, session: AsyncSession) -> None:
@@ -431,7 +450,7 @@ class StepWriter:
                 "i_journey": [r.journey_id for r in rows],
                 "i_version": [r.version for r in rows],
                 "i_customer": [r.customer_id for r in rows],
-                "i_corr": [r.correlation for r in rows],
+                "i_corr": [r.correlation_key for r in rows],
                 "i_entered": [r.entered_at for r in rows],
                 # An instance entered and converted in the same batch (A/B results count converted_at).
                 "i_converted": [r.converted_at for r in rows],

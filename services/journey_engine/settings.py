@@ -28,6 +28,9 @@ class JourneyEngineSettings(BaseServiceSettings):
     timer_batch_size: int = 500
     timer_poll_interval_s: float = 0.2
     timer_workers: int = 2
+    # A batch of timers that fails for a reason other than an outage (a bug, a constraint) is taken
+    # apart by halves; a timer that fails this many times alone is parked (`timers_parked`).
+    timer_max_attempts: int = Field(default=3, ge=1)
     # Tests drive the loop themselves (`engine.run_once()`) with a ManualClock.
     run_timer_loop: bool = True
     # Step counters are insert-only (a row per unit of work); a journey with more than this many rows

@@ -62,7 +62,13 @@ from services.journey_engine.store import batch_read, projection
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import recommendations as recommendation_projection
-from services.journey_engine.store.instances import GoalWindow, InstanceConflict, InstanceRow, StepWriter
+from services.journey_engine.store.instances import (
+    ClaimedTimer,
+    GoalWindow,
+    InstanceConflict,
+    InstanceRow,
+    StepWriter,
+)
 from services.journey_engine.store.journeys import JourneyRow
 from shared.clock import Clock
 from shared.contracts.events import (
@@ -80,6 +86,7 @@ from shared.contracts.events import (
 from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS
 from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
+from shared.kafka.consumer import is_infrastructure_error
 from shared.privacy import erasure_gate
 from shared.runtime import Platform
 
@@ -98,6 +105,16 @@ MERGES_TAKEN_OVER = Counter(
 )
 # The exit reason of a merged-away profile's instance whose journey the survivor is inside already.
 MERGED_AWAY = "merged: the surviving profile is inside this journey"
+TIMER_ERRORS = Counter(
+    "clm_journey_timer_errors_total",
+    "Timer units of work that failed for a reason other than an outage (each try: a batch, a part of "
+    "one, a single timer)",
+)
+TIMERS_PARKED = Counter(
+    "clm_journey_timers_parked_total",
+    "Timers whose step failed CLM_TIMER_MAX_ATTEMPTS times, moved to timers_parked with the error",
+    ["journey"],
+)
 BROADCAST_FAILURES = Counter(
     "clm_journey_broadcast_failures_total",
     "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
@@ -877,25 +894,54 @@ class JourneyEngine:
     # ------------------------------------------------------------------ timers
 
     async def run_once(self, *, broadcasts: bool = True) -> int:
-        """Fire one batch of due timers in one unit of work; the number of timers claimed. Then, unless
-        `broadcasts` is false or timers are behind, run the due broadcasts."""
+        """Fire one batch of due timers (oldest first) in one unit of work; the number of timers
+        claimed. A batch that fails for a reason other than an outage (a bug, a constraint) is taken
+        apart (`_isolate`): its timers would otherwise be claimed first again and again, and every
+        later timer of every journey stay due behind them. An outage is raised (the caller retries
+        the batch, without limit). Then, unless `broadcasts` is false or timers are behind, run the
+        due broadcasts."""
+        claimed: list[ClaimedTimer] = []
+        try:
+            fired = await self._fire(claimed)
+        except Exception as exc:
+            if isinstance(exc, InstanceConflict) or is_infrastructure_error(exc) or not claimed:
+                raise
+            TIMER_ERRORS.inc()
+            log.warning(
+                "timer batch failed; isolating the failing timers",
+                extra={"size": len(claimed), "error": _error_text(exc)},
+            )
+            fired = await self._isolate(sorted(claimed, key=lambda t: (t.due_at, t.id)))
+        if fired and self.on_fired is not None:
+            self.on_fired([t.due_at for t in fired])
+        if broadcasts and len(claimed) < self.settings.timer_batch_size:
+            # Not behind on timers: look for due broadcasts (skipped while draining a backlog).
+            await self.run_due_broadcasts()
+        return len(claimed)
+
+    async def _fire(
+        self, claimed: list[ClaimedTimer], ids: Sequence[int] | None = None
+    ) -> list[ClaimedTimer]:
+        """Claim due timers (or these `ids`, those still there) and step their instances in one unit
+        of work; the timers fired. `claimed` receives them as soon as they are claimed: what a
+        failed unit of work had taken, to take apart."""
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
             session = uow.session
-            batch_size = self.settings.timer_batch_size
+            batch_size = self.settings.timer_batch_size if ids is None else len(ids)
             if self.rules.caps:
                 # Frequency caps count sends across journeys: serialize each customer's steps, taking the
                 # customers' locks before the instances' (the order consumers use).
-                claimed = await instance_store.claim_due_timers(session, now, batch_size)
-                ids = sorted({t.instance_id for t in claimed})
-                locked = await projection.lock_customers_of_instances(session, ids)
-                rows = {r.id: r for r in await instance_store.lock_instances(session, ids)}
+                claimed[:] = await instance_store.claim_due_timers(session, now, batch_size, ids)
+                instance_ids = sorted({t.instance_id for t in claimed})
+                locked = await projection.lock_customers_of_instances(session, instance_ids)
+                rows = {r.id: r for r in await instance_store.lock_instances(session, instance_ids)}
                 if any(r.customer_id not in locked for r in rows.values()):
                     raise InstanceConflict()  # a merge moved one to another customer: go again
             else:
                 # Without caps an instance's own row lock is all a timer step needs: one round trip.
-                pairs = await instance_store.claim_due_steps(session, now, batch_size)
-                claimed = [t for t, _ in pairs]
+                pairs = await instance_store.claim_due_steps(session, now, batch_size, ids)
+                claimed[:] = [t for t, _ in pairs]
                 rows = {r.id: r for _, r in pairs}
             if claimed:
                 live: dict[str, InstanceRow] = {}
@@ -914,12 +960,67 @@ class JourneyEngine:
                 for row in live.values():
                     await self._react(uow, writer, row, customers[row.customer_id], TimerFired(), now)
                 await writer.flush(session)
-        if claimed and self.on_fired is not None:
-            self.on_fired([t.due_at for t in claimed])
-        if broadcasts and len(claimed) < self.settings.timer_batch_size:
-            # Not behind on timers: look for due broadcasts (skipped while draining a backlog).
-            await self.run_due_broadcasts()
-        return len(claimed)
+        return list(claimed)
+
+    async def _isolate(self, timers: list[ClaimedTimer]) -> list[ClaimedTimer]:
+        """Find the failing timers of a failed batch by halves, as the consumers find a poison message
+        (`shared.kafka.consumer`): a part that succeeds is done in one unit of work, a failing one is
+        split again, down to single timers, which get `timer_max_attempts` tries and are then parked.
+        One failing timer in a batch of 500 costs ~20 units of work. The timers fired."""
+        if len(timers) == 1:
+            return await self._fire_alone(timers[0])
+        middle = len(timers) // 2
+        fired: list[ClaimedTimer] = []
+        for part in (timers[:middle], timers[middle:]):
+            done, failure = await self._try(part)
+            fired += await self._isolate(part) if failure is not None else done
+        return fired
+
+    async def _try(self, timers: list[ClaimedTimer]) -> tuple[list[ClaimedTimer], Exception | None]:
+        """Fire these timers (those still there) in one unit of work: (fired, None), or ([], the
+        error) when it failed for a reason other than an outage (an outage is raised)."""
+        while True:
+            try:
+                return await self._fire([], [t.id for t in timers]), None
+            except InstanceConflict:
+                continue  # a merge moved one of the instances meanwhile: go again
+            except Exception as exc:
+                if is_infrastructure_error(exc):
+                    raise
+                TIMER_ERRORS.inc()
+                return [], exc
+
+    async def _fire_alone(self, timer: ClaimedTimer) -> list[ClaimedTimer]:
+        attempts = self.settings.timer_max_attempts
+        for _ in range(attempts):
+            fired, failure = await self._try([timer])
+            if failure is None:
+                return fired
+        assert failure is not None
+        await self._park(timer, failure, attempts)
+        return []
+
+    async def _park(self, timer: ClaimedTimer, failure: Exception, attempts: int) -> None:
+        """Out of the due timers, with the error (`timers_parked`), logged and counted: never dropped.
+        Its instance waits where it was; put back into `timers`, it fires again."""
+        error = _error_text(failure)
+        async with self.platform.unit_of_work() as uow:
+            parked = await instance_store.park_timer(uow.session, timer.id, error, attempts, self.clock.now())
+        if parked is None:
+            return  # fired or parked by another worker meanwhile
+        TIMERS_PARKED.labels(parked.journey_id or "").inc()
+        log.error(
+            "a timer's step kept failing: the timer is parked (timers_parked)",
+            extra={
+                "attempts": attempts,
+                "timer": timer.id,
+                "instance": timer.instance_id,
+                "journey": parked.journey_id,
+                "node": parked.node_id,
+                "error": error,
+            },
+            exc_info=failure,
+        )
 
     async def run_due_broadcasts(self) -> int:
         """Scheduled broadcasts (and enrolment of current segment members) that are due: a chunk of
@@ -1116,6 +1217,14 @@ def _chain(row: InstanceRow) -> str | None:
     """The correlation id of the message that started the instance (None: its messages start a chain)."""
     value = row.context.get("correlation_id")
     return value if isinstance(value, str) else None
+
+
+def _error_text(exc: BaseException) -> str:
+    """What went wrong, as stored with a parked timer: the driver's message without the statement
+    and its parameters (customers' data) that SQLAlchemy's adds; no NUL (text cannot hold it)."""
+    cause = getattr(exc, "orig", None)
+    shown = cause if isinstance(cause, BaseException) else exc
+    return f"{type(shown).__name__}: {shown}".replace("\x00", "\\x00")[:2000]
 
 
 def _str(value: object) -> str | None:

@@ -78,39 +78,82 @@ def _row(r: Any) -> InstanceRow:
 
 @dataclass(frozen=True)
 class ClaimedTimer:
+    id: int
     instance_id: str
     seq: int
     due_at: datetime
 
 
-async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> list[ClaimedTimer]:
+def _claimable(ids: Sequence[int] | None) -> tuple[str, dict[str, Any]]:
+    """The timers a claim takes: those due (oldest first), or these ones (a failed batch's, taken
+    apart: `JourneyEngine._isolate`) if still there."""
+    if ids is None:
+        return "due_at <= :now", {}
+    return "id = ANY(CAST(:ids AS bigint[]))", {"ids": list(ids)}
+
+
+async def claim_due_timers(
+    session: AsyncSession, now: datetime, limit: int, ids: Sequence[int] | None = None
+) -> list[ClaimedTimer]:
     """Delete and return due timers; rows another worker holds are skipped, and come back on rollback."""
+    where, params = _claimable(ids)
     rows = await session.execute(
         text(
-            "DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers WHERE due_at <= :now "
-            "ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) RETURNING instance_id, seq, due_at"
+            f"DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers WHERE {where} "
+            "ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) RETURNING id, instance_id, seq, due_at"
         ),
-        {"now": now, "n": limit},
+        {"now": now, "n": limit, **params},
     )
     return [ClaimedTimer(*r) for r in rows]
 
 
 async def claim_due_steps(
-    session: AsyncSession, now: datetime, limit: int
+    session: AsyncSession, now: datetime, limit: int, ids: Sequence[int] | None = None
 ) -> list[tuple[ClaimedTimer, InstanceRow]]:
     """Claim due timers and lock their instances (in id order) in one round trip."""
     columns = ", ".join("i." + c for c in _COLUMNS.split(", "))
+    where, params = _claimable(ids)
     rows = await session.execute(
         text(
             "WITH claimed AS (DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers "
-            "WHERE due_at <= :now ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) "
-            "RETURNING instance_id, seq AS timer_seq, due_at) "
-            f"SELECT c.instance_id, c.timer_seq, c.due_at, {columns} "
+            f"WHERE {where} ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) "
+            "RETURNING id AS timer_id, instance_id, seq AS timer_seq, due_at) "
+            f"SELECT c.timer_id, c.instance_id, c.timer_seq, c.due_at, {columns} "
             "FROM claimed AS c JOIN instances AS i ON i.id = c.instance_id ORDER BY i.id FOR UPDATE OF i"
         ),
-        {"now": now, "n": limit},
+        {"now": now, "n": limit, **params},
     )
-    return [(ClaimedTimer(r[0], r[1], r[2]), _row(r[3:])) for r in rows]
+    return [(ClaimedTimer(r[0], r[1], r[2], r[3]), _row(r[4:])) for r in rows]
+
+
+# A timer whose step failed `timer_max_attempts` times, for a reason of its own (not an outage): out
+# of the due timers, with why, and where it was (the instance's journey, for the metric and the log).
+_PARK = Statement(
+    "WITH gone AS (DELETE FROM timers WHERE id = CAST(:id AS bigint) "
+    "RETURNING id, instance_id, seq, due_at), "
+    "parked AS (INSERT INTO timers_parked (id, instance_id, seq, due_at, parked_at, attempts, error) "
+    "SELECT id, instance_id, seq, due_at, CAST(:now AS timestamptz), CAST(:attempts AS int), "
+    "CAST(:error AS text) FROM gone "
+    "RETURNING instance_id) "
+    "SELECT p.instance_id, i.journey_id, i.node_id FROM parked AS p LEFT JOIN instances AS i "
+    "ON i.id = p.instance_id"
+)
+
+
+@dataclass(frozen=True)
+class ParkedTimer:
+    instance_id: str
+    journey_id: str | None  # None: the instance is gone
+    node_id: str | None
+
+
+async def park_timer(
+    session: AsyncSession, timer_id: int, error: str, attempts: int, now: datetime
+) -> ParkedTimer | None:
+    """Move a timer to `timers_parked` with the error; None when it is no longer there (fired, or
+    parked, by another worker meanwhile)."""
+    rows = await _PARK.fetch(session, {"id": timer_id, "error": error, "attempts": attempts, "now": now})
+    return ParkedTimer(*rows[0]) if rows else None
 
 
 async def lock_instances(session: AsyncSession, ids: list[str]) -> list[InstanceRow]:

@@ -169,6 +169,24 @@ timers = sa.Table(
     sa.Index("timers_due", "due_at"),
 )
 
+# Timers whose step failed `CLM_TIMER_MAX_ATTEMPTS` times for a reason other than an outage (a bug, a
+# constraint), out of the due timers with the error (revision 0013): claimed oldest first, such a
+# timer failed every batch it was in and held back every later one. The instance waits where it was;
+# putting the rows back into `timers` (same columns) fires them again, e.g. once fixed.
+timers_parked = sa.Table(
+    "timers_parked",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True),  # the timer's
+    sa.Column("instance_id", sa.Text, nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("parked_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    # Erasure and export find a customer's timers by their instances.
+    sa.Index("timers_parked_instance", "instance_id"),
+)
+
 # Insert-only per-step counters (summed on read): no hot row for parallel engine processes to fight over.
 node_counts = sa.Table(
     "node_counts",

@@ -1,0 +1,40 @@
+"""timers_parked: a timer whose step keeps failing (not an outage) leaves the due timers, with the error
+
+Claimed oldest first, such a timer failed every batch it was in, and the timers of every journey
+stayed due behind it. The timer loop now takes a failed batch apart and parks a timer that fails
+CLM_TIMER_MAX_ATTEMPTS times here; its instance waits where it was.
+
+Revision ID: 0013_timers_parked
+Revises: 0012_outbox_packed
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0013_timers_parked"
+down_revision = "0012_outbox_packed"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "timers_parked",
+        sa.Column("id", sa.BigInteger, primary_key=True),
+        sa.Column("instance_id", sa.Text, nullable=False),
+        sa.Column("seq", sa.Integer, nullable=False),
+        sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("parked_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("error", sa.Text, nullable=False),
+    )
+    op.create_index("timers_parked_instance", "timers_parked", ["instance_id"])
+
+
+def downgrade() -> None:
+    # Parked timers go back to the due ones (the release before fires them, or fails on them, again).
+    op.execute(
+        "INSERT INTO timers (instance_id, seq, due_at) SELECT instance_id, seq, due_at FROM timers_parked "
+        "ORDER BY id"
+    )
+    op.drop_table("timers_parked")

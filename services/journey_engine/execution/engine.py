@@ -57,6 +57,7 @@ from services.journey_engine.domain.walker import (
     Walker,
     facts_for,
 )
+from services.journey_engine.execution import db_errors
 from services.journey_engine.settings import JourneyEngineSettings
 from services.journey_engine.store import batch_read, projection
 from services.journey_engine.store import instances as instance_store
@@ -86,12 +87,16 @@ from shared.contracts.events import (
 from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS
 from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
-from shared.kafka.consumer import is_infrastructure_error
 from shared.privacy import erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
 INSTANCE_NAMESPACE = uuid.UUID("6f1c2a52-4d0e-4c7e-9a51-0b8f3d7e2c11")
+
+
+class TimersFailing(Exception):
+    """Every timer of a batch failed alone, in more than one journey: taken for an outage
+    (`JourneyEngine._failed_alone`), retried as one, nothing counted toward parking."""
 
 
 class CustomersMoved(Exception):
@@ -115,6 +120,12 @@ TIMERS_PARKED = Counter(
     "Timers whose step failed CLM_TIMER_MAX_ATTEMPTS times, moved to timers_parked with the error",
     ["journey"],
 )
+# A transient condition of the database (`db_errors`) is retried at once this many times in all,
+# pausing from this long, doubling, before the batch is given back to the loop's backoff.
+TRANSIENT_TRIES = 4
+TRANSIENT_PAUSE_S = 0.05
+# The timer loop's pause after a failed pass (an outage), doubling from `timer_poll_interval_s`.
+FAILED_PASS_PAUSE_MAX_S = 30.0
 BROADCAST_FAILURES = Counter(
     "clm_journey_broadcast_failures_total",
     "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
@@ -895,29 +906,50 @@ class JourneyEngine:
 
     async def run_once(self, *, broadcasts: bool = True) -> int:
         """Fire one batch of due timers (oldest first) in one unit of work; the number of timers
-        claimed. A batch that fails for a reason other than an outage (a bug, a constraint) is taken
-        apart (`_isolate`): its timers would otherwise be claimed first again and again, and every
-        later timer of every journey stay due behind them. An outage is raised (the caller retries
-        the batch, without limit). Then, unless `broadcasts` is false or timers are behind, run the
-        due broadcasts."""
+        claimed. A transient condition of the database (a deadlock, a full disk: `db_errors`) is
+        retried at once a few times, then raised as an outage is (the caller retries the batch with
+        backoff, without limit): neither is the timers' fault. A batch that fails for another reason
+        (a bug, a constraint) is taken apart (`_isolate`): its timers would otherwise be claimed
+        first again and again, and every later timer of every journey stay due behind them. Then,
+        unless `broadcasts` is false or timers are behind, run the due broadcasts."""
         claimed: list[ClaimedTimer] = []
         try:
-            fired = await self._fire(claimed)
+            fired = await self._unit(claimed)
         except Exception as exc:
-            if isinstance(exc, InstanceConflict) or is_infrastructure_error(exc) or not claimed:
+            if isinstance(exc, InstanceConflict) or db_errors.is_passing(exc) or not claimed:
                 raise
             TIMER_ERRORS.inc()
             log.warning(
                 "timer batch failed; isolating the failing timers",
                 extra={"size": len(claimed), "error": _error_text(exc)},
             )
-            fired = await self._isolate(sorted(claimed, key=lambda t: (t.due_at, t.id)))
+            fired, failed = await self._isolate(sorted(claimed, key=lambda t: (t.due_at, t.id)), exc)
+            await self._failed_alone(fired, failed)
         if fired and self.on_fired is not None:
             self.on_fired([t.due_at for t in fired])
         if broadcasts and len(claimed) < self.settings.timer_batch_size:
             # Not behind on timers: look for due broadcasts (skipped while draining a backlog).
             await self.run_due_broadcasts()
         return len(claimed)
+
+    async def _unit(
+        self, claimed: list[ClaimedTimer], ids: Sequence[int] | None = None
+    ) -> list[ClaimedTimer]:
+        """`_fire`, tried again after a short, growing pause when a transient condition of the
+        database failed it (a deadlock with an erasure, say); raised after `TRANSIENT_TRIES`."""
+        for attempt in range(1, TRANSIENT_TRIES + 1):
+            claimed.clear()
+            try:
+                return await self._fire(claimed, ids)
+            except Exception as exc:
+                if attempt == TRANSIENT_TRIES or not db_errors.is_transient(exc):
+                    raise
+                log.info(
+                    "timer unit of work met a transient database condition; retrying",
+                    extra={"sqlstate": db_errors.sqlstate(exc), "attempt": attempt},
+                )
+                await asyncio.sleep(db_errors.backoff(TRANSIENT_PAUSE_S, attempt, 1.0))
+        raise AssertionError("unreachable")
 
     async def _fire(
         self, claimed: list[ClaimedTimer], ids: Sequence[int] | None = None
@@ -962,63 +994,104 @@ class JourneyEngine:
                 await writer.flush(session)
         return list(claimed)
 
-    async def _isolate(self, timers: list[ClaimedTimer]) -> list[ClaimedTimer]:
-        """Find the failing timers of a failed batch by halves, as the consumers find a poison message
-        (`shared.kafka.consumer`): a part that succeeds is done in one unit of work, a failing one is
-        split again, down to single timers, which get `timer_max_attempts` tries and are then parked.
-        One failing timer in a batch of 500 costs ~20 units of work. The timers fired."""
+    async def _isolate(
+        self, timers: list[ClaimedTimer], error: Exception
+    ) -> tuple[list[ClaimedTimer], list[tuple[ClaimedTimer, Exception]]]:
+        """Find the failing timers of a unit of work that failed with `error` by halves, as the
+        consumers find a poison message (`shared.kafka.consumer`): a part that succeeds is done in
+        one unit of work, a failing one is split again, down to single timers. One failing timer in a
+        batch of 500 costs ~20 units of work. (the timers fired, those that failed alone with why)."""
         if len(timers) == 1:
-            return await self._fire_alone(timers[0])
+            return [], [(timers[0], error)]
         middle = len(timers) // 2
         fired: list[ClaimedTimer] = []
+        failed: list[tuple[ClaimedTimer, Exception]] = []
         for part in (timers[:middle], timers[middle:]):
             done, failure = await self._try(part)
-            fired += await self._isolate(part) if failure is not None else done
-        return fired
+            if failure is None:
+                fired += done
+                continue
+            more, alone = await self._isolate(part, failure)
+            fired += more
+            failed += alone
+        return fired, failed
 
     async def _try(self, timers: list[ClaimedTimer]) -> tuple[list[ClaimedTimer], Exception | None]:
         """Fire these timers (those still there) in one unit of work: (fired, None), or ([], the
-        error) when it failed for a reason other than an outage (an outage is raised)."""
+        error) when it failed for a reason of its own (an outage or a transient condition is raised)."""
         while True:
             try:
-                return await self._fire([], [t.id for t in timers]), None
+                return await self._unit([], [t.id for t in timers]), None
             except InstanceConflict:
                 continue  # a merge moved one of the instances meanwhile: go again
             except Exception as exc:
-                if is_infrastructure_error(exc):
+                if db_errors.is_passing(exc):
                     raise
                 TIMER_ERRORS.inc()
                 return [], exc
 
-    async def _fire_alone(self, timer: ClaimedTimer) -> list[ClaimedTimer]:
-        attempts = self.settings.timer_max_attempts
-        for _ in range(attempts):
-            fired, failure = await self._try([timer])
-            if failure is None:
-                return fired
-        assert failure is not None
-        await self._park(timer, failure, attempts)
-        return []
+    async def _failed_alone(
+        self, fired: list[ClaimedTimer], failed: list[tuple[ClaimedTimer, Exception]]
+    ) -> None:
+        """Count a try for each timer that failed alone: it is tried again `timer_retry_s` later
+        (doubled each time), and parked once it has failed `timer_max_attempts` times. When no timer
+        of the batch fired and those that failed wait in more than one journey, it is taken for an
+        outage (the engine or the database, not a journey's step: a release that fails every step, a
+        condition `db_errors` does not know) and nothing is counted: raised, the batch is retried
+        with backoff, and no customer's timer is parked for it. (Timers of one journey that all fail,
+        a broken node, are counted: held back, they would hold back every later timer.)"""
+        if not failed:
+            return
+        if not fired and len(failed) > 1:
+            async with self.platform.unit_of_work() as uow:
+                journeys = await instance_store.journeys_of_instances(
+                    uow.session, [t.instance_id for t, _ in failed]
+                )
+            if len(set(journeys.values())) > 1:
+                raise TimersFailing(
+                    f"all {len(failed)} timers of the batch failed alone, in {len(set(journeys.values()))} "
+                    f"journeys: taken for an outage ({_error_text(failed[0][1])})"
+                ) from failed[0][1]
+        for timer, failure in failed:
+            try:
+                await self._count_failure(timer, failure)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # It stays due as it was: the next pass meets it again. The other timers go on.
+                log.exception(
+                    "could not record a failed timer's try",
+                    extra={"timer": timer.id, "instance": timer.instance_id},
+                )
 
-    async def _park(self, timer: ClaimedTimer, failure: Exception, attempts: int) -> None:
-        """Out of the due timers, with the error (`timers_parked`), logged and counted: never dropped.
-        Its instance waits where it was; put back into `timers`, it fires again."""
+    async def _count_failure(self, timer: ClaimedTimer, failure: Exception) -> None:
+        """One more try counted on the timer's row: retried later, or parked (`timers_parked`, with
+        the error), logged and counted, never dropped. A parked timer's instance waits where it was;
+        put back into `timers`, it fires again."""
         error = _error_text(failure)
         async with self.platform.unit_of_work() as uow:
-            parked = await instance_store.park_timer(uow.session, timer.id, error, attempts, self.clock.now())
-        if parked is None:
+            noted = await instance_store.note_timer_failure(
+                uow.session,
+                timer.id,
+                error,
+                self.clock.now(),
+                retry_s=self.settings.timer_retry_s,
+                max_attempts=self.settings.timer_max_attempts,
+            )
+        if noted is None:
             return  # fired or parked by another worker meanwhile
-        TIMERS_PARKED.labels(parked.journey_id or "").inc()
+        where = {"timer": timer.id, "instance": timer.instance_id, "attempts": noted.attempts, "error": error}
+        if noted.retry_at is not None:
+            log.warning(
+                "a timer's step failed; it is tried again later",
+                extra=where | {"retry_at": noted.retry_at.isoformat()},
+                exc_info=failure,
+            )
+            return
+        TIMERS_PARKED.labels(noted.journey_id or "").inc()
         log.error(
             "a timer's step kept failing: the timer is parked (timers_parked)",
-            extra={
-                "attempts": attempts,
-                "timer": timer.id,
-                "instance": timer.instance_id,
-                "journey": parked.journey_id,
-                "node": parked.node_id,
-                "error": error,
-            },
+            extra=where | {"journey": noted.journey_id, "node": noted.node_id},
             exc_info=failure,
         )
 
@@ -1187,6 +1260,7 @@ class JourneyEngine:
         broadcasts are looked for at most every `broadcast_poll_interval_s` (a transaction each time,
         on every replica), unless a pass left some waiting."""
         looked = -math.inf
+        failures = 0
         while True:
             broadcasts = (
                 self.broadcasts_pending
@@ -1196,14 +1270,20 @@ class JourneyEngine:
                 looked = time.monotonic()
             try:
                 claimed = await self.run_once(broadcasts=broadcasts)
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except InstanceConflict:
                 # An event stepped one of the instances meanwhile: the batch rolled back, go again.
                 continue
             except Exception:
-                log.exception("timer batch failed; retrying")
-                claimed = 0
+                # An outage, a transient condition that outlasted its quick retries, or a batch taken
+                # for an outage (`TimersFailing`): nothing was counted against its timers.
+                failures += 1
+                log.exception("timer batch failed; retrying", extra={"failed_passes": failures})
+                poll = self.settings.timer_poll_interval_s
+                await asyncio.sleep(db_errors.backoff(poll, failures, max(poll, FAILED_PASS_PAUSE_MAX_S)))
+                continue
             if claimed < self.settings.timer_batch_size and not self.broadcasts_pending:
                 await asyncio.sleep(self.settings.timer_poll_interval_s)
 

@@ -126,34 +126,71 @@ async def claim_due_steps(
     return [(ClaimedTimer(r[0], r[1], r[2], r[3]), _row(r[4:])) for r in rows]
 
 
-# A timer whose step failed `timer_max_attempts` times, for a reason of its own (not an outage): out
-# of the due timers, with why, and where it was (the instance's journey, for the metric and the log).
+# A timer whose step failed alone, for a reason of its own (not an outage): one more try counted on
+# its row, and the next one later (`due_at`: `retry_s`, doubled each time), so that a brief incident
+# does not use up its tries; the row is claimed again as any due timer. The last try leaves `due_at`
+# as it was (parked with it: put back, it is due). Returns the tries so far.
+_NOTE_FAILURE = Statement(
+    "UPDATE timers SET attempts = attempts + 1, due_at = CASE WHEN attempts + 1 < CAST(:max AS int) "
+    "THEN CAST(:now AS timestamptz) "
+    "+ make_interval(secs => CAST(:retry_s AS double precision) * power(2, attempts)) "
+    "ELSE due_at END WHERE id = CAST(:id AS bigint) RETURNING attempts, due_at"
+)
+# After `timer_max_attempts` tries: out of the due timers, with why, and where it was (the instance's
+# journey, for the metric and the log). A row parked under the same id before (put back by hand with
+# its id, say) is replaced: parking never fails on it.
 _PARK = Statement(
     "WITH gone AS (DELETE FROM timers WHERE id = CAST(:id AS bigint) "
-    "RETURNING id, instance_id, seq, due_at), "
+    "RETURNING id, instance_id, seq, due_at, attempts), "
     "parked AS (INSERT INTO timers_parked (id, instance_id, seq, due_at, parked_at, attempts, error) "
-    "SELECT id, instance_id, seq, due_at, CAST(:now AS timestamptz), CAST(:attempts AS int), "
-    "CAST(:error AS text) FROM gone "
-    "RETURNING instance_id) "
+    "SELECT id, instance_id, seq, due_at, CAST(:now AS timestamptz), attempts, CAST(:error AS text) "
+    "FROM gone ON CONFLICT (id) DO UPDATE SET instance_id = excluded.instance_id, seq = excluded.seq, "
+    "due_at = excluded.due_at, parked_at = excluded.parked_at, attempts = excluded.attempts, "
+    "error = excluded.error RETURNING instance_id) "
     "SELECT p.instance_id, i.journey_id, i.node_id FROM parked AS p LEFT JOIN instances AS i "
     "ON i.id = p.instance_id"
 )
 
 
 @dataclass(frozen=True)
-class ParkedTimer:
-    instance_id: str
-    journey_id: str | None  # None: the instance is gone
-    node_id: str | None
+class TimerFailure:
+    attempts: int  # tries that failed alone so far
+    retry_at: datetime | None  # the next try; None: parked
+    journey_id: str | None = None  # parked: where it was (None: the instance is gone)
+    node_id: str | None = None
 
 
-async def park_timer(
-    session: AsyncSession, timer_id: int, error: str, attempts: int, now: datetime
-) -> ParkedTimer | None:
-    """Move a timer to `timers_parked` with the error; None when it is no longer there (fired, or
-    parked, by another worker meanwhile)."""
-    rows = await _PARK.fetch(session, {"id": timer_id, "error": error, "attempts": attempts, "now": now})
-    return ParkedTimer(*rows[0]) if rows else None
+async def note_timer_failure(
+    session: AsyncSession,
+    timer_id: int,
+    error: str,
+    now: datetime,
+    *,
+    retry_s: float,
+    max_attempts: int,
+) -> TimerFailure | None:
+    """Count a try of a timer that failed alone, and retry it later, or park it (`timers_parked`, with
+    the error) once it has failed `max_attempts` times; None when the timer is no longer there (fired,
+    or parked, by another worker meanwhile)."""
+    rows = await _NOTE_FAILURE.fetch(
+        session, {"id": timer_id, "now": now, "retry_s": retry_s, "max": max_attempts}
+    )
+    if not rows:
+        return None
+    attempts, retry_at = rows[0]
+    if attempts < max_attempts:
+        return TimerFailure(attempts, retry_at)
+    parked = await _PARK.fetch(session, {"id": timer_id, "error": error, "now": now})
+    return TimerFailure(attempts, None, parked[0][1], parked[0][2])
+
+
+async def journeys_of_instances(session: AsyncSession, instance_ids: Sequence[str]) -> dict[str, str]:
+    """instance id -> its journey, for the instances that exist."""
+    rows = await session.execute(
+        text("SELECT id, journey_id FROM instances WHERE id = ANY(CAST(:ids AS text[]))"),
+        {"ids": sorted(set(instance_ids))},
+    )
+    return {r[0]: r[1] for r in rows}
 
 
 async def lock_instances(session: AsyncSession, ids: list[str]) -> list[InstanceRow]:

@@ -196,6 +196,14 @@ async def test_a_timer_whose_step_keeps_failing_is_retried_later_then_parked_and
         assert all("INSERT" not in p.error for p in parked)  # the statement and its data are not kept
         assert parked_total("longid") - before == len(customers)
         assert await h.engine.run_once() == 0  # nothing jams the next pass
+        # The journey's stats count them, the instances listing marks them.
+        stats = (await h.client.get("/v1/journeys/longid/stats", headers=ADMIN)).json()
+        assert stats["timers_parked"] == len(customers)
+        assert (await h.client.get(f"/v1/journeys/{good}/stats", headers=ADMIN)).json()["timers_parked"] == 0
+        listed = (await h.client.get("/v1/journeys/longid/instances", headers=ADMIN)).json()["instances"]
+        assert [(i["status"], i["node_id"], i["timer_parked"]) for i in listed] == [
+            ("active", "wait", True)
+        ] * len(customers)
 
         # Fixed (a new version the customers move to), the parked timers put back fire.
         r = await h.client.put(
@@ -214,6 +222,9 @@ async def test_a_timer_whose_step_keeps_failing_is_retried_later_then_parked_and
         assert await h.fire_due() == len(customers)
         assert {(r.status, r.node_id) for r in await h.instances("longid")} == {("exited", "done")}
         assert await h.scalar("SELECT count(*) FROM message_log WHERE template_id = 'x'") == len(customers)
+        assert (await h.client.get("/v1/journeys/longid/stats", headers=ADMIN)).json()["timers_parked"] == 0
+        listed = (await h.client.get("/v1/journeys/longid/instances", headers=ADMIN)).json()["instances"]
+        assert {i["timer_parked"] for i in listed} == {False}
 
 
 def raises_in_the_database(sqlstate: str, *, wrapped: bool = True) -> Callable[..., Awaitable[None]]:

@@ -660,6 +660,29 @@ async def exit_all(session: AsyncSession, journey_id: str, reason: str, now: dat
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+async def parked_timers(session: AsyncSession, journey_id: str) -> int:
+    """How many of the journey's timers are parked (`timers_parked`): customers held at a step."""
+    return int(
+        await session.scalar(
+            text(
+                "SELECT count(*) FROM timers_parked AS p JOIN instances AS i ON i.id = p.instance_id "
+                "WHERE i.journey_id = :j"
+            ),
+            {"j": journey_id},
+        )
+        or 0
+    )
+
+
+async def with_parked_timers(session: AsyncSession, instance_ids: Sequence[str]) -> set[str]:
+    """Of these instances, those with a parked timer."""
+    rows = await session.execute(
+        text("SELECT DISTINCT instance_id FROM timers_parked WHERE instance_id = ANY(CAST(:ids AS text[]))"),
+        {"ids": list(instance_ids)},
+    )
+    return {r[0] for r in rows}
+
+
 async def list_for_journey(session: AsyncSession, journey_id: str, limit: int = 100) -> list[InstanceRow]:
     rows = await session.execute(
         text(f"SELECT {_COLUMNS} FROM instances WHERE journey_id = :j ORDER BY entered_at DESC, id LIMIT :n"),

@@ -28,6 +28,12 @@ class JourneyEngineSettings(BaseServiceSettings):
     timer_batch_size: int = 500
     timer_poll_interval_s: float = 0.2
     timer_workers: int = 2
+    # A batch of timers that fails for a reason of its own (a bug, a constraint; not an outage, not a
+    # deadlock or another transient condition) is taken apart by halves; a timer that fails alone is
+    # tried again `timer_retry_s` later (doubled each time: 60 s, then 120 s), and parked
+    # (`timers_parked`) once it has failed this many times.
+    timer_max_attempts: int = Field(default=3, ge=1)
+    timer_retry_s: float = Field(default=60.0, gt=0)
     # Tests drive the loop themselves (`engine.run_once()`) with a ManualClock.
     run_timer_loop: bool = True
     # Step counters are insert-only (a row per unit of work); a journey with more than this many rows

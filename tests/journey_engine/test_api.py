@@ -321,3 +321,80 @@ async def test_steps_naming_a_template_the_notifier_lacks_are_warned_about(make_
         )
         r = await c.put("/v1/journeys/cart", json={"definition": welcome}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["warnings"] == [], r.text
+
+
+def named(branch: str, node: str, template: str, event: str, key: str) -> dict[str, Any]:
+    """entry -> a condition whose branch `branch` always holds -> `node`, a send of `template` -> exit."""
+    return {
+        "name": "Names",
+        "entry": {"type": "event", "event": event},
+        "correlation_key": key,
+        "nodes": [
+            {"id": "start", "type": "entry"},
+            {
+                "id": "if",
+                "type": "condition",
+                "branches": [{"name": branch, "where": [{"field": "customer.id", "op": "exists"}]}],
+            },
+            {"id": node, "type": "send", "channel": "email", "template_id": template},
+            {"id": "done", "type": "exit"},
+        ],
+        "edges": [
+            {"from": "start", "to": "if"},
+            {"from": "if", "to": node, "branch": branch},
+            {"from": "if", "to": "done", "branch": "else"},
+            {"from": node, "to": "done"},
+        ],
+    }
+
+
+async def test_names_longer_than_their_keys_allow_are_refused_in_bytes(make_settings: Any) -> None:
+    async with engine_running(make_settings) as h:
+        # A node id goes into its messages' ids (the message log's key): a 2,900-byte one was saved
+        # with 201, and then failed every step at that node, holding back every journey's timers.
+        long_id = "n" * 2900
+        r = await h.client.post(
+            "/v1/journeys", headers=ADMIN, json={"definition": named("a", long_id, "t", "E", "k")}
+        )
+        assert r.status_code == 400, r.text
+        assert {(e["field"], e["rule"]) for e in r.json()["errors"]} == {
+            ("definition.nodes.2.send.id", "max_bytes"),
+            ("definition.edges.1.to", "max_bytes"),
+            ("definition.edges.3.from", "max_bytes"),
+        }
+        assert r.json()["errors"][0]["message"] == "must be at most 1024 bytes in UTF-8 (it is 2900)"
+        # Bytes, not characters: 513 two-byte characters are 1,026 bytes. Template ids as the
+        # notifier takes them (a send naming another could only fail there).
+        wide = "é" * 513
+        for definition, field, rule in (
+            (named(wide, "mail", "t", "E", "k"), "definition.nodes.1.condition.branches.0.name", "max_bytes"),
+            (
+                named("a", "mail", "a b", "E", "k"),
+                "definition.nodes.2.send.template_id",
+                "string_pattern_mismatch",
+            ),
+            (named("a", "mail", "t", "E" * 1025, "k"), "definition.entry.event.event", "max_bytes"),
+            (named("a", "mail", "t", "E", "k" * 1025), "definition.correlation_key", "max_bytes"),
+        ):
+            r = await h.client.post("/v1/journeys", headers=ADMIN, json={"definition": definition})
+            assert r.status_code == 400, r.text
+            assert (r.json()["errors"][0]["field"], r.json()["errors"][0]["rule"]) == (field, rule)
+        assert (await h.client.get("/v1/journeys", headers=ADMIN)).json()["journeys"] == []
+        # At the limits: saved, and the long names work end to end (a 60-character Japanese node id,
+        # 180 bytes, was refused by a 128-byte limit).
+        at_limit, japanese, template = (
+            "é" * 512,
+            "カート放棄のリマインダー" * 5,
+            "T" * 128,
+        )  # 1,024, 180 bytes
+        jid = await h.journey(named(at_limit, japanese, template, "É" * 512, at_limit))
+        await h.track("c1", "É" * 512, {at_limit: "cart"})
+        [row] = await h.instances(jid)
+        assert (row.status, row.node_id, row.correlation) == ("exited", "done", "cart")
+        [request] = await h.requests(until=lambda m: len(m) >= 1)
+        assert request["node_id"] == japanese and request["template_id"] == template
+        assert await h.scalar("SELECT count(*) FROM message_log WHERE node_id = :n", n=japanese) == 1
+        long_node = await h.journey(named(at_limit, at_limit, "t", "E", "k"))
+        await h.track("c1", "E")
+        assert [(r.status, r.node_id) for r in await h.instances(long_node)] == [("exited", "done")]
+        assert await h.scalar("SELECT count(*) FROM message_log WHERE node_id = :n", n=at_limit) == 1

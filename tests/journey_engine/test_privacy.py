@@ -7,6 +7,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import text
+
 from services.journey_engine.consumers.privacy import drop_erased_events
 from shared.contracts.events import CustomerEvent, PrivacyAction, PrivacyRequest
 from shared.contracts.topics import PRIVACY
@@ -58,6 +60,14 @@ async def test_export_then_erase_then_later_events_start_nothing(make_settings: 
         await h.track("u1", "Signed Up")
         assert [(r.customer_id, r.status) for r in await h.instances(jid)] == [("c1", "active")]
         assert len(await h.requests(until=lambda m: len(m) >= 1)) == 1
+        # A timer parked with its error (which may quote the customer's data) goes with the customer.
+        async with h.platform.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO timers_parked (id, instance_id, seq, due_at, parked_at, attempts, error) "
+                    "SELECT 1, id, seq, now(), now(), 3, 'ValueError: ann@example.com' FROM instances"
+                )
+            )
 
         part = await ask(h, PrivacyAction.EXPORT_REQUESTED, f"export-{uuid.uuid4().hex}")
         assert part["action"] == "export_part"
@@ -67,6 +77,7 @@ async def test_export_then_erase_then_later_events_start_nothing(make_settings: 
         assert [m["template_id"] for m in data["message_log"]] == ["hello"]
         assert [s["segment_id"] for s in data["segment_members"]] == ["vip"]
         assert len(data["timers"]) == 1
+        assert [t["error"] for t in data["timers_parked"]] == ["ValueError: ann@example.com"]
 
         done = await ask(h, PrivacyAction.ERASE_REQUESTED, f"erase-{uuid.uuid4().hex}")
         assert done["action"] == "erase_completed" and done["data"]["deleted"]["instances"] == 1
@@ -74,6 +85,8 @@ async def test_export_then_erase_then_later_events_start_nothing(make_settings: 
             assert await count(h, table) == 0, table
         assert await h.scalar("SELECT count(*) FROM customer_identities") == 0
         assert await h.scalar("SELECT count(*) FROM timers") == 0
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 0
+        assert done["data"]["deleted"]["timers_parked"] == 1
         assert await h.scalar("SELECT count(*) FROM erasure_tombstones") == 3
 
         await h.track("u1", "Signed Up")

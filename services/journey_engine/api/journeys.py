@@ -301,6 +301,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             await load(uow.session, journey_id)
             totals = await instance_store.node_totals(uow.session, journey_id)
             arms = await instance_store.arm_outcomes(uow.session, journey_id)
+            parked = await instance_store.parked_timers(uow.session, journey_id)
             graphs = {
                 v: await engine.graph(uow.session, journey_id, v)
                 for v in await journey_store.versions(uow.session, journey_id)
@@ -317,7 +318,13 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                     | {m: t.get(m, 0) for m in ("entered", "waiting", "passed", "exited", "converted")}
                 )
             versions.append({"version": v, "nodes": nodes})
-        return {"journey_id": journey_id, "versions": versions, "splits": split_report(graphs, arms)}
+        return {
+            "journey_id": journey_id,
+            "versions": versions,
+            "splits": split_report(graphs, arms),
+            # Customers held at a step whose timer kept failing (docs: a timer that keeps failing).
+            "timers_parked": parked,
+        }
 
     @router.get("/{journey_id}/instances")
     async def list_instances(
@@ -327,6 +334,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
         async with platform.unit_of_work() as uow:
             await load(uow.session, journey_id)
             rows = await instance_store.list_for_journey(uow.session, journey_id, limit)
+            parked = await instance_store.with_parked_timers(uow.session, [r.id for r in rows])
         return {
             "instances": [
                 {
@@ -341,6 +349,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                     "exit_reason": r.exit_reason,
                     "converted_at": r.converted_at.isoformat() if r.converted_at else None,
                     "arms": r.context.get("arms", {}),
+                    "timer_parked": r.id in parked,
                 }
                 for r in rows
             ]

@@ -173,6 +173,52 @@ def _template_data(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any
 
 
 MessageData = Annotated[JsonObject, AfterValidator(_template_data)]
+
+
+def _max_bytes(limit: int) -> Callable[[str, ValidationInfo], str]:
+    def check(value: str, info: ValidationInfo) -> str:
+        # At most 4 bytes a character: a short one needs no encoding.
+        if len(value) * 4 > limit and not _stored(info):
+            size = len(value.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise PydanticCustomError(
+                    "max_bytes",
+                    "must be at most {limit} bytes in UTF-8 (it is {size})",
+                    {"limit": limit, "size": size},
+                )
+        return value
+
+    return check
+
+
+def _notifier_name(value: str, info: ValidationInfo) -> str:
+    if not _stored(info) and NOTIFIER_NAME.match(value) is None:
+        raise PydanticCustomError(
+            "string_pattern_mismatch",
+            "String should match pattern '{pattern}'",
+            {"pattern": NOTIFIER_NAME.pattern},
+        )
+    return value
+
+
+# Limits in UTF-8 bytes (rule `max_bytes`, as ingest's), for the text a definition names things by.
+# A node id goes into every message id of its node (`walker.message_id`: the key of the message log
+# and of the notifier's send ledger; a trait update's event id): a 2,900-byte one was saved, then
+# every step at that node failed in the database ("index row size exceeds btree maximum"), and its
+# timer, claimed first again and again, held back every journey's timers. 1,024 bytes leave a message
+# id (~1,150 bytes with the journey and instance ids) far within a btree entry (2,704). Node ids,
+# edges' ends, labels (branches, arms), event names (as ingest bounds them: a longer one never
+# arrives) and the correlation key (a property name): 1,024. Segment ids and stage names: 128 (the
+# segmenter makes `seg_` and 16 hex digits, and its stages are names of at most 11 characters).
+# Template ids and subscription topics as the notifier takes them (`NOTIFIER_NAME`): no template or
+# topic of another form exists, so a send naming one could only fail. A definition stored before is
+# read as it was.
+MAX_NAME_BYTES = 1024
+MAX_ID_BYTES = 128
+NOTIFIER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # notifier's api/templates, api/consent
+NameText = Annotated[str, AfterValidator(_max_bytes(MAX_NAME_BYTES))]
+IdText = Annotated[str, AfterValidator(_max_bytes(MAX_ID_BYTES))]
+NotifierName = Annotated[str, AfterValidator(_notifier_name)]
 # Comparison names as segments write them, for the journey's own.
 _OP_ALIASES = {"equals": "eq", "not_equals": "neq"}
 
@@ -222,13 +268,13 @@ class Predicate(Strict):
 
 class EventEntry(Strict):
     type: Literal["event"]
-    event: str = Field(min_length=1)
+    event: NameText = Field(min_length=1)
     where: list[Predicate] = Field(default_factory=list)
 
 
 class SegmentEntry(Strict):
     type: Literal["segment"]
-    segment_id: str = Field(min_length=1)
+    segment_id: IdText = Field(min_length=1)
     change: Literal["entered", "exited"] = "entered"
     enrol_current: bool = False
     enrol_future: bool = True
@@ -236,15 +282,15 @@ class SegmentEntry(Strict):
 
 class StageEntry(Strict):
     type: Literal["lifecycle_stage"]
-    to_stage: str = Field(min_length=1)
-    from_stage: str | None = None
+    to_stage: IdText = Field(min_length=1)
+    from_stage: IdText | None = None
 
 
 class ScheduleEntry(Strict):
     """A broadcast to a segment's members (as this engine knows them) at `at`, then every `every`."""
 
     type: Literal["schedule"]
-    segment_id: str = Field(min_length=1)
+    segment_id: IdText = Field(min_length=1)
     at: datetime
     every: WaitDuration | None = None
     # Deliver at this time of day in each customer's timezone, on the broadcast's (UTC) date.
@@ -286,7 +332,7 @@ class ReentryPolicy(Strict):
 
 
 class Goal(Strict):
-    event: str = Field(min_length=1)
+    event: NameText = Field(min_length=1)
     where: list[Predicate] = Field(default_factory=list)
     within: WaitDuration | None = None
     match_correlation: bool = False
@@ -296,7 +342,7 @@ class Goal(Strict):
 
 
 class EntryNode(Strict):
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["entry"]
 
 
@@ -304,7 +350,7 @@ class DelayNode(Strict):
     """Exactly one of: `duration`; `until_time` (+ `weekdays`) in the customer's timezone;
     `until_trait` (a date or datetime trait) + `offset`."""
 
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["delay"]
     duration: WaitDuration | None = None
     until_time: TimeOfDay | None = None
@@ -325,26 +371,26 @@ class DelayNode(Strict):
 
 
 class WaitEventNode(Strict):
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["wait_event"]
-    event: str = Field(min_length=1)
+    event: NameText = Field(min_length=1)
     where: list[Predicate] = Field(default_factory=list)
     match_correlation: bool = False
     timeout: WaitDuration
 
 
 class WaitSegmentNode(Strict):
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["wait_segment"]
-    segment_id: str = Field(min_length=1)
+    segment_id: IdText = Field(min_length=1)
     change: Literal["entered", "exited"] = "entered"
     timeout: WaitDuration
 
 
 class WaitMessageNode(Strict):
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["wait_message"]
-    send_node: str = Field(min_length=1)
+    send_node: NameText = Field(min_length=1)
     statuses: list[MessageStatusKind] = Field(
         default_factory=lambda: [MessageStatusKind.OPENED], min_length=1
     )
@@ -352,14 +398,14 @@ class WaitMessageNode(Strict):
 
 
 class ConditionBranch(Strict):
-    name: str = Field(min_length=1)
+    name: NameText = Field(min_length=1)
     where: list[Predicate] = Field(min_length=1)
 
 
 class ConditionNode(Strict):
     """Multi-way: the first branch whose predicates all hold, else `else`."""
 
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["condition"]
     branches: list[ConditionBranch] = Field(min_length=1)
 
@@ -372,7 +418,7 @@ class ConditionNode(Strict):
 
 
 class SplitArm(Strict):
-    name: str = Field(min_length=1)
+    name: NameText = Field(min_length=1)
     percent: float = Field(gt=0, le=100)
     holdout: bool = False
 
@@ -380,7 +426,7 @@ class SplitArm(Strict):
 class SplitNode(Strict):
     """A/B/n: a stable hash of (journey, node, customer) picks the arm; one arm may be the holdout."""
 
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["split"]
     arms: list[SplitArm] = Field(min_length=2)
 
@@ -397,11 +443,11 @@ class SplitNode(Strict):
 
 
 class SendNode(Strict):
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["send"]
     channel: Channel
-    template_id: str = Field(min_length=1)
-    subscription_topic: str | None = None
+    template_id: NotifierName = Field(min_length=1)
+    subscription_topic: NotifierName | None = None
     data: MessageData = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -412,21 +458,21 @@ class SendNode(Strict):
 
 
 class UpdateTraitNode(Strict):
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["update_trait"]
     traits: JsonObject = Field(min_length=1)
 
 
 class WebhookNode(Strict):
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://")
-    template_id: str = "webhook"
+    template_id: NotifierName = "webhook"
     data: MessageData = Field(default_factory=dict)
 
 
 class ExitNode(Strict):
-    id: str = Field(min_length=1)
+    id: NameText = Field(min_length=1)
     type: Literal["exit"]
 
 
@@ -450,9 +496,9 @@ WAITING_TYPES = frozenset({"delay", "wait_event", "wait_segment", "wait_message"
 class Edge(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    source: str = Field(alias="from", min_length=1)
-    target: str = Field(alias="to", min_length=1)
-    branch: str | None = None
+    source: NameText = Field(alias="from", min_length=1)
+    target: NameText = Field(alias="to", min_length=1)
+    branch: NameText | None = None
 
 
 class QuietWindow(Strict):
@@ -498,7 +544,7 @@ class JourneyDefinition(Strict):
     # Total entries allowed over the journey's life (all versions); None = unlimited.
     entry_cap: int | None = Field(default=None, gt=0)
     # An event property (e.g. `cart_id`): one active instance per customer per value.
-    correlation_key: str | None = None
+    correlation_key: NameText | None = None
     goal: Goal | None = None
     # Leave when the entry condition stops holding (segment entries: the customer left the segment).
     exit_when_entry_false: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -61,6 +62,43 @@ def correlation_value(definition: JourneyDefinition, trigger: Trigger) -> str:
     return "" if value is None else str(value)
 
 
+# A correlation value is stored, indexed and compared as itself while it is short, and by its digest
+# when it is long: events may carry a value of any length, and one past PostgreSQL's btree entry limit
+# (2,704 bytes, with the journey and customer ids) failed its whole batch, so the event went to the
+# dead-letter topic and the customer's other journeys never saw it. 1,024 bytes, as ingest bounds event
+# names, leave room for a 512-byte customer id. A short value is stored as code before this wrote it
+# (no row is rewritten, and a replica of either release reads the other's rows alike), except one
+# that starts with the digest's prefix: hashed too, so a digest only ever comes from hashing and no
+# value sent can pass for another's digest.
+CORRELATION_MAX_BYTES = 1024
+DIGEST_PREFIX = "sha256:"
+
+
+def _long(value: str) -> bool:
+    # At most 4 bytes a character: a short one needs no encoding.
+    return len(value) * 4 > CORRELATION_MAX_BYTES and (
+        len(value.encode("utf-8", "surrogatepass")) > CORRELATION_MAX_BYTES
+    )
+
+
+def correlation_key(value: str) -> str:
+    """What a correlation value is stored, indexed and compared by (enrolments, goal windows, the one
+    active instance per value): the value itself when at most `CORRELATION_MAX_BYTES` in UTF-8, else
+    (or when it starts with `DIGEST_PREFIX`) `sha256:` and the SHA-256 of its UTF-8 bytes in hex."""
+    if not value.startswith(DIGEST_PREFIX) and not _long(value):
+        return value
+    return DIGEST_PREFIX + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def correlation_keys(value: str) -> tuple[str, ...]:
+    """Every form an entry for `value` may be stored in: its key, and a long value as itself too.
+    Code before the keys stored every value as it was, and a long one fitted a btree entry up to
+    ~2,700 bytes (more when it compressed well): such an entry still counts. (Not a short value that
+    starts with the prefix: it would match the digest of another value.)"""
+    key = correlation_key(value)
+    return (key, value) if key != value and _long(value) else (key,)
+
+
 def may_reenter(
     definition: JourneyDefinition, last_entered_at: datetime | None, now: datetime
 ) -> tuple[bool, str]:
@@ -83,15 +121,17 @@ def goal_reached(
     event: EventTrigger,
     facts: Facts,
     entered_at: datetime,
-    correlation: str,
+    stored: str,
     now: datetime,
 ) -> bool:
+    """`stored`: the entry's correlation as stored (`correlation_key`, or a long value as code before
+    the keys stored it), which `match_correlation` compares the event's value with."""
     goal = definition.goal
     if goal is None or event.name != goal.event or not all_hold(goal.where, facts):
         return False
     if goal.within is not None and now - entered_at > goal.within:
         return False
-    return not goal.match_correlation or correlation_value(definition, event) == correlation
+    return not goal.match_correlation or stored in correlation_keys(correlation_value(definition, event))
 
 
 def entry_stopped_holding(definition: JourneyDefinition, trigger: Trigger) -> bool:

@@ -33,6 +33,7 @@ from services.journey_engine.domain.entry import (
     SegmentTrigger,
     StageTrigger,
     Trigger,
+    correlation_keys,
     correlation_value,
     entry_stopped_holding,
     goal_reached,
@@ -56,12 +57,19 @@ from services.journey_engine.domain.walker import (
     Walker,
     facts_for,
 )
+from services.journey_engine.execution import db_errors
 from services.journey_engine.settings import JourneyEngineSettings
 from services.journey_engine.store import batch_read, projection
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import recommendations as recommendation_projection
-from services.journey_engine.store.instances import GoalWindow, InstanceConflict, InstanceRow, StepWriter
+from services.journey_engine.store.instances import (
+    ClaimedTimer,
+    GoalWindow,
+    InstanceConflict,
+    InstanceRow,
+    StepWriter,
+)
 from services.journey_engine.store.journeys import JourneyRow
 from shared.clock import Clock
 from shared.contracts.events import (
@@ -86,6 +94,11 @@ log = logging.getLogger(__name__)
 INSTANCE_NAMESPACE = uuid.UUID("6f1c2a52-4d0e-4c7e-9a51-0b8f3d7e2c11")
 
 
+class TimersFailing(Exception):
+    """Every timer of a batch failed alone, in more than one journey: taken for an outage
+    (`JourneyEngine._failed_alone`), retried as one, nothing counted toward parking."""
+
+
 class CustomersMoved(Exception):
     """A merge moved some of a batch's customers (or instances) between the batch's lookup and its
     locks: roll back and go again; the next lookup sees the merge (`consumers.handlers`)."""
@@ -97,6 +110,22 @@ MERGES_TAKEN_OVER = Counter(
 )
 # The exit reason of a merged-away profile's instance whose journey the survivor is inside already.
 MERGED_AWAY = "merged: the surviving profile is inside this journey"
+TIMER_ERRORS = Counter(
+    "clm_journey_timer_errors_total",
+    "Timer units of work that failed for a reason other than an outage (each try: a batch, a part of "
+    "one, a single timer)",
+)
+TIMERS_PARKED = Counter(
+    "clm_journey_timers_parked_total",
+    "Timers whose step failed CLM_TIMER_MAX_ATTEMPTS times, moved to timers_parked with the error",
+    ["journey"],
+)
+# A transient condition of the database (`db_errors`) is retried at once this many times in all,
+# pausing from this long, doubling, before the batch is given back to the loop's backoff.
+TRANSIENT_TRIES = 4
+TRANSIENT_PAUSE_S = 0.05
+# The timer loop's pause after a failed pass (an outage), doubling from `timer_poll_interval_s`.
+FAILED_PASS_PAUSE_MAX_S = 30.0
 BROADCAST_FAILURES = Counter(
     "clm_journey_broadcast_failures_total",
     "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
@@ -505,7 +534,7 @@ class JourneyEngine:
             if graph is None:
                 continue
             if isinstance(trigger, EventTrigger) and goal_reached(
-                graph.definition, trigger, facts, row.entered_at, row.correlation, now
+                graph.definition, trigger, facts, row.entered_at, row.correlation_key, now
             ):
                 self._leave(writer, row, "converted", f"goal: {trigger.name}", "converted")
                 continue
@@ -537,7 +566,10 @@ class JourneyEngine:
             correlation = correlation_value(journey.graph.definition, trigger)
             if (journey.row.id, correlation) in inside:
                 continue
-            key = (journey.row.id, customer_id, correlation)
+            # An entry is found under every form it may be stored in (a long value: as itself, as
+            # the release before stored it, too); a new one is recorded under the key.
+            stored = correlation_keys(correlation)
+            last = [batch.entries.get((journey.row.id, customer_id, k)) for k in stored]
             entered = await self._enter(
                 uow,
                 writer,
@@ -548,14 +580,15 @@ class JourneyEngine:
                 dict(trigger_context),
                 now,
                 start_at=None,
-                last_entered_at=batch.entries.get(key),
+                last_entered_at=max((t for t in last if t is not None), default=None),
             )
             if entered is not None:
-                batch.entries[key] = now
+                batch.entries[(journey.row.id, customer_id, stored[0])] = now
                 batch.windows[customer_id] = [
                     w
                     for w in batch.windows.get(customer_id, [])
-                    if (w.journey_id, w.correlation) != (journey.row.id, correlation)
+                    if w.journey_id != journey.row.id
+                    or w.correlation not in stored
                     or w.instance_id == entered.id
                 ]
                 if entered.status == "active":
@@ -605,12 +638,13 @@ class JourneyEngine:
             entered_at=now,
         )
         writer.new_instances.append(row)
-        writer.enrolments[(journey.row.id, customer.customer_id, correlation)] += 1
+        writer.enrolments[(journey.row.id, customer.customer_id, row.correlation_key)] += 1
         if journey.graph.definition.goal is not None and last_entered_at is not None:
             # The newest instance owns the goal: an earlier one's open window closes (one purchase
             # converted every past run of a weekly broadcast, and windows piled up per run). A first
             # entry (no enrolment yet) has no earlier instance: no statement for it.
-            writer.superseded[(journey.row.id, customer.customer_id, correlation)] = row.id
+            for stored in correlation_keys(correlation):
+                writer.superseded[(journey.row.id, customer.customer_id, stored)] = row.id
         if start_at is not None and start_at > now:
             writer.timers.append((row.id, row.seq, start_at))
             return row
@@ -693,7 +727,7 @@ class JourneyEngine:
                 row.journey_id,
                 row.version,
                 row.node_id,
-                row.correlation,
+                row.correlation_key,
                 row.entered_at,
                 until,
             )
@@ -871,25 +905,75 @@ class JourneyEngine:
     # ------------------------------------------------------------------ timers
 
     async def run_once(self, *, broadcasts: bool = True) -> int:
-        """Fire one batch of due timers in one unit of work; the number of timers claimed. Then, unless
-        `broadcasts` is false or timers are behind, run the due broadcasts."""
+        """Fire one batch of due timers (oldest first) in one unit of work; the number of timers
+        claimed. A transient condition of the database (a deadlock, a full disk: `db_errors`) is
+        retried at once a few times, then raised as an outage is (the caller retries the batch with
+        backoff, without limit): neither is the timers' fault. A batch that fails for another reason
+        (a bug, a constraint) is taken apart (`_isolate`): its timers would otherwise be claimed
+        first again and again, and every later timer of every journey stay due behind them. Then,
+        unless `broadcasts` is false or timers are behind, run the due broadcasts."""
+        claimed: list[ClaimedTimer] = []
+        try:
+            fired = await self._unit(claimed)
+        except Exception as exc:
+            if isinstance(exc, InstanceConflict) or db_errors.is_passing(exc) or not claimed:
+                raise
+            TIMER_ERRORS.inc()
+            log.warning(
+                "timer batch failed; isolating the failing timers",
+                extra={"size": len(claimed), "error": _error_text(exc)},
+            )
+            fired, failed = await self._isolate(sorted(claimed, key=lambda t: (t.due_at, t.id)), exc)
+            await self._failed_alone(fired, failed)
+        if fired and self.on_fired is not None:
+            self.on_fired([t.due_at for t in fired])
+        if broadcasts and len(claimed) < self.settings.timer_batch_size:
+            # Not behind on timers: look for due broadcasts (skipped while draining a backlog).
+            await self.run_due_broadcasts()
+        return len(claimed)
+
+    async def _unit(
+        self, claimed: list[ClaimedTimer], ids: Sequence[int] | None = None
+    ) -> list[ClaimedTimer]:
+        """`_fire`, tried again after a short, growing pause when a transient condition of the
+        database failed it (a deadlock with an erasure, say); raised after `TRANSIENT_TRIES`."""
+        for attempt in range(1, TRANSIENT_TRIES + 1):
+            claimed.clear()
+            try:
+                return await self._fire(claimed, ids)
+            except Exception as exc:
+                if attempt == TRANSIENT_TRIES or not db_errors.is_transient(exc):
+                    raise
+                log.info(
+                    "timer unit of work met a transient database condition; retrying",
+                    extra={"sqlstate": db_errors.sqlstate(exc), "attempt": attempt},
+                )
+                await asyncio.sleep(db_errors.backoff(TRANSIENT_PAUSE_S, attempt, 1.0))
+        raise AssertionError("unreachable")
+
+    async def _fire(
+        self, claimed: list[ClaimedTimer], ids: Sequence[int] | None = None
+    ) -> list[ClaimedTimer]:
+        """Claim due timers (or these `ids`, those still there) and step their instances in one unit
+        of work; the timers fired. `claimed` receives them as soon as they are claimed: what a
+        failed unit of work had taken, to take apart."""
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
             session = uow.session
-            batch_size = self.settings.timer_batch_size
+            batch_size = self.settings.timer_batch_size if ids is None else len(ids)
             if self.rules.caps:
                 # Frequency caps count sends across journeys: serialize each customer's steps, taking the
                 # customers' locks before the instances' (the order consumers use).
-                claimed = await instance_store.claim_due_timers(session, now, batch_size)
-                ids = sorted({t.instance_id for t in claimed})
-                locked = await projection.lock_customers_of_instances(session, ids)
-                rows = {r.id: r for r in await instance_store.lock_instances(session, ids)}
+                claimed[:] = await instance_store.claim_due_timers(session, now, batch_size, ids)
+                instance_ids = sorted({t.instance_id for t in claimed})
+                locked = await projection.lock_customers_of_instances(session, instance_ids)
+                rows = {r.id: r for r in await instance_store.lock_instances(session, instance_ids)}
                 if any(r.customer_id not in locked for r in rows.values()):
                     raise InstanceConflict()  # a merge moved one to another customer: go again
             else:
                 # Without caps an instance's own row lock is all a timer step needs: one round trip.
-                pairs = await instance_store.claim_due_steps(session, now, batch_size)
-                claimed = [t for t, _ in pairs]
+                pairs = await instance_store.claim_due_steps(session, now, batch_size, ids)
+                claimed[:] = [t for t, _ in pairs]
                 rows = {r.id: r for _, r in pairs}
             if claimed:
                 live: dict[str, InstanceRow] = {}
@@ -908,12 +992,108 @@ class JourneyEngine:
                 for row in live.values():
                     await self._react(uow, writer, row, customers[row.customer_id], TimerFired(), now)
                 await writer.flush(session)
-        if claimed and self.on_fired is not None:
-            self.on_fired([t.due_at for t in claimed])
-        if broadcasts and len(claimed) < self.settings.timer_batch_size:
-            # Not behind on timers: look for due broadcasts (skipped while draining a backlog).
-            await self.run_due_broadcasts()
-        return len(claimed)
+        return list(claimed)
+
+    async def _isolate(
+        self, timers: list[ClaimedTimer], error: Exception
+    ) -> tuple[list[ClaimedTimer], list[tuple[ClaimedTimer, Exception]]]:
+        """Find the failing timers of a unit of work that failed with `error` by halves, as the
+        consumers find a poison message (`shared.kafka.consumer`): a part that succeeds is done in
+        one unit of work, a failing one is split again, down to single timers. One failing timer in a
+        batch of 500 costs ~20 units of work. (the timers fired, those that failed alone with why)."""
+        if len(timers) == 1:
+            return [], [(timers[0], error)]
+        middle = len(timers) // 2
+        fired: list[ClaimedTimer] = []
+        failed: list[tuple[ClaimedTimer, Exception]] = []
+        for part in (timers[:middle], timers[middle:]):
+            done, failure = await self._try(part)
+            if failure is None:
+                fired += done
+                continue
+            more, alone = await self._isolate(part, failure)
+            fired += more
+            failed += alone
+        return fired, failed
+
+    async def _try(self, timers: list[ClaimedTimer]) -> tuple[list[ClaimedTimer], Exception | None]:
+        """Fire these timers (those still there) in one unit of work: (fired, None), or ([], the
+        error) when it failed for a reason of its own (an outage or a transient condition is raised)."""
+        while True:
+            try:
+                return await self._unit([], [t.id for t in timers]), None
+            except InstanceConflict:
+                continue  # a merge moved one of the instances meanwhile: go again
+            except Exception as exc:
+                if db_errors.is_passing(exc):
+                    raise
+                TIMER_ERRORS.inc()
+                return [], exc
+
+    async def _failed_alone(
+        self, fired: list[ClaimedTimer], failed: list[tuple[ClaimedTimer, Exception]]
+    ) -> None:
+        """Count a try for each timer that failed alone: it is tried again `timer_retry_s` later
+        (doubled each time), and parked once it has failed `timer_max_attempts` times. When no timer
+        of the batch fired and those that failed wait in more than one journey, it is taken for an
+        outage (the engine or the database, not a journey's step: a release that fails every step, a
+        condition `db_errors` does not know) and nothing is counted: raised, the batch is retried
+        with backoff, and no customer's timer is parked for it. (Timers of one journey that all fail,
+        a broken node, are counted: held back, they would hold back every later timer.)"""
+        if not failed:
+            return
+        if not fired and len(failed) > 1:
+            async with self.platform.unit_of_work() as uow:
+                journeys = await instance_store.journeys_of_instances(
+                    uow.session, [t.instance_id for t, _ in failed]
+                )
+            if len(set(journeys.values())) > 1:
+                raise TimersFailing(
+                    f"all {len(failed)} timers of the batch failed alone, in {len(set(journeys.values()))} "
+                    f"journeys: taken for an outage ({_error_text(failed[0][1])})"
+                ) from failed[0][1]
+        for timer, failure in failed:
+            try:
+                await self._count_failure(timer, failure)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # It stays due as it was: the next pass meets it again. The other timers go on.
+                log.exception(
+                    "could not record a failed timer's try",
+                    extra={"timer": timer.id, "instance": timer.instance_id},
+                )
+
+    async def _count_failure(self, timer: ClaimedTimer, failure: Exception) -> None:
+        """One more try counted on the timer's row: retried later, or parked (`timers_parked`, with
+        the error), logged and counted, never dropped. A parked timer's instance waits where it was;
+        put back into `timers`, it fires again."""
+        error = _error_text(failure)
+        async with self.platform.unit_of_work() as uow:
+            noted = await instance_store.note_timer_failure(
+                uow.session,
+                timer.id,
+                error,
+                self.clock.now(),
+                retry_s=self.settings.timer_retry_s,
+                max_attempts=self.settings.timer_max_attempts,
+            )
+        if noted is None:
+            return  # fired or parked by another worker meanwhile
+        where = {"timer": timer.id, "instance": timer.instance_id, "attempts": noted.attempts, "error": error}
+        if noted.retry_at is not None:
+            log.warning(
+                "a timer's step failed; it is tried again later",
+                extra=where | {"retry_at": noted.retry_at.isoformat()},
+                exc_info=failure,
+            )
+            return
+        TIMERS_PARKED.labels(noted.journey_id or "").inc()
+        log.error(
+            "a timer's step kept failing: the timer is parked (timers_parked)",
+            extra=where | {"journey": noted.journey_id, "node": noted.node_id},
+            exc_info=failure,
+        )
 
     async def run_due_broadcasts(self) -> int:
         """Scheduled broadcasts (and enrolment of current segment members) that are due: a chunk of
@@ -1080,6 +1260,7 @@ class JourneyEngine:
         broadcasts are looked for at most every `broadcast_poll_interval_s` (a transaction each time,
         on every replica), unless a pass left some waiting."""
         looked = -math.inf
+        failures = 0
         while True:
             broadcasts = (
                 self.broadcasts_pending
@@ -1089,14 +1270,20 @@ class JourneyEngine:
                 looked = time.monotonic()
             try:
                 claimed = await self.run_once(broadcasts=broadcasts)
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except InstanceConflict:
                 # An event stepped one of the instances meanwhile: the batch rolled back, go again.
                 continue
             except Exception:
-                log.exception("timer batch failed; retrying")
-                claimed = 0
+                # An outage, a transient condition that outlasted its quick retries, or a batch taken
+                # for an outage (`TimersFailing`): nothing was counted against its timers.
+                failures += 1
+                log.exception("timer batch failed; retrying", extra={"failed_passes": failures})
+                poll = self.settings.timer_poll_interval_s
+                await asyncio.sleep(db_errors.backoff(poll, failures, max(poll, FAILED_PASS_PAUSE_MAX_S)))
+                continue
             if claimed < self.settings.timer_batch_size and not self.broadcasts_pending:
                 await asyncio.sleep(self.settings.timer_poll_interval_s)
 
@@ -1110,6 +1297,14 @@ def _chain(row: InstanceRow) -> str | None:
     """The correlation id of the message that started the instance (None: its messages start a chain)."""
     value = row.context.get("correlation_id")
     return value if isinstance(value, str) else None
+
+
+def _error_text(exc: BaseException) -> str:
+    """What went wrong, as stored with a parked timer: the driver's message without the statement
+    and its parameters (customers' data) that SQLAlchemy's adds; no NUL (text cannot hold it)."""
+    cause = getattr(exc, "orig", None)
+    shown = cause if isinstance(cause, BaseException) else exc
+    return f"{type(shown).__name__}: {shown}".replace("\x00", "\\x00")[:2000]
 
 
 def _str(value: object) -> str | None:

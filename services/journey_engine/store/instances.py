@@ -12,7 +12,14 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.journey_engine.domain.entry import correlation_key
 from shared.db.engine import Statement
+
+# Where an instance keeps its correlation value as sent when the `correlation` column holds its
+# digest (a long value: `domain.entry.correlation_key`). In the context, which every release carries
+# from step to step as it found it (the walker copies every key): no column, so no migration and no
+# lock on this table for it, and nothing the release before could trip over beside this one.
+CORRELATION_VALUE = "correlation_value"
 
 
 @dataclass
@@ -21,7 +28,7 @@ class InstanceRow:
     journey_id: str
     version: int
     customer_id: str
-    correlation: str
+    correlation: str  # the value as sent (shown, given to templates, compared by waits)
     status: str
     node_id: str
     wait: dict[str, Any] | None
@@ -36,6 +43,13 @@ class InstanceRow:
     def __post_init__(self) -> None:
         if self.read_seq < 0:
             self.read_seq = self.seq
+        if self.correlation_key != self.correlation:
+            self.context.setdefault(CORRELATION_VALUE, self.correlation)
+
+    @property
+    def correlation_key(self) -> str:
+        """What the `correlation` column holds: the value is indexed and compared by it."""
+        return correlation_key(self.correlation)
 
 
 class InstanceConflict(Exception):
@@ -53,46 +67,130 @@ def _json(value: Any) -> Any:
 
 
 def _row(r: Any) -> InstanceRow:
+    context = _json(r[8]) or {}
+    value = context.get(CORRELATION_VALUE)
+    # The column holds the key; the value as sent is in the context when the key is its digest.
+    correlation = value if isinstance(value, str) and correlation_key(value) == r[4] else r[4]
     return InstanceRow(
-        r[0], r[1], r[2], r[3], r[4], r[5], r[6], _json(r[7]), _json(r[8]) or {}, r[9], r[10], r[11], r[12]
+        r[0], r[1], r[2], r[3], correlation, r[5], r[6], _json(r[7]), context, r[9], r[10], r[11], r[12]
     )
 
 
 @dataclass(frozen=True)
 class ClaimedTimer:
+    id: int
     instance_id: str
     seq: int
     due_at: datetime
 
 
-async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> list[ClaimedTimer]:
+def _claimable(ids: Sequence[int] | None) -> tuple[str, dict[str, Any]]:
+    """The timers a claim takes: those due (oldest first), or these ones (a failed batch's, taken
+    apart: `JourneyEngine._isolate`) if still there."""
+    if ids is None:
+        return "due_at <= :now", {}
+    return "id = ANY(CAST(:ids AS bigint[]))", {"ids": list(ids)}
+
+
+async def claim_due_timers(
+    session: AsyncSession, now: datetime, limit: int, ids: Sequence[int] | None = None
+) -> list[ClaimedTimer]:
     """Delete and return due timers; rows another worker holds are skipped, and come back on rollback."""
+    where, params = _claimable(ids)
     rows = await session.execute(
         text(
-            "DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers WHERE due_at <= :now "
-            "ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) RETURNING instance_id, seq, due_at"
+            f"DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers WHERE {where} "
+            "ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) RETURNING id, instance_id, seq, due_at"
         ),
-        {"now": now, "n": limit},
+        {"now": now, "n": limit, **params},
     )
     return [ClaimedTimer(*r) for r in rows]
 
 
 async def claim_due_steps(
-    session: AsyncSession, now: datetime, limit: int
+    session: AsyncSession, now: datetime, limit: int, ids: Sequence[int] | None = None
 ) -> list[tuple[ClaimedTimer, InstanceRow]]:
     """Claim due timers and lock their instances (in id order) in one round trip."""
     columns = ", ".join("i." + c for c in _COLUMNS.split(", "))
+    where, params = _claimable(ids)
     rows = await session.execute(
         text(
             "WITH claimed AS (DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers "
-            "WHERE due_at <= :now ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) "
-            "RETURNING instance_id, seq AS timer_seq, due_at) "
-            f"SELECT c.instance_id, c.timer_seq, c.due_at, {columns} "
+            f"WHERE {where} ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) "
+            "RETURNING id AS timer_id, instance_id, seq AS timer_seq, due_at) "
+            f"SELECT c.timer_id, c.instance_id, c.timer_seq, c.due_at, {columns} "
             "FROM claimed AS c JOIN instances AS i ON i.id = c.instance_id ORDER BY i.id FOR UPDATE OF i"
         ),
-        {"now": now, "n": limit},
+        {"now": now, "n": limit, **params},
     )
-    return [(ClaimedTimer(r[0], r[1], r[2]), _row(r[3:])) for r in rows]
+    return [(ClaimedTimer(r[0], r[1], r[2], r[3]), _row(r[4:])) for r in rows]
+
+
+# A timer whose step failed alone, for a reason of its own (not an outage): one more try counted on
+# its row, and the next one later (`due_at`: `retry_s`, doubled each time), so that a brief incident
+# does not use up its tries; the row is claimed again as any due timer. The last try leaves `due_at`
+# as it was (parked with it: put back, it is due). Returns the tries so far.
+_NOTE_FAILURE = Statement(
+    "UPDATE timers SET attempts = attempts + 1, due_at = CASE WHEN attempts + 1 < CAST(:max AS int) "
+    "THEN CAST(:now AS timestamptz) "
+    "+ make_interval(secs => CAST(:retry_s AS double precision) * power(2, attempts)) "
+    "ELSE due_at END WHERE id = CAST(:id AS bigint) RETURNING attempts, due_at"
+)
+# After `timer_max_attempts` tries: out of the due timers, with why, and where it was (the instance's
+# journey, for the metric and the log). A row parked under the same id before (put back by hand with
+# its id, say) is replaced: parking never fails on it.
+_PARK = Statement(
+    "WITH gone AS (DELETE FROM timers WHERE id = CAST(:id AS bigint) "
+    "RETURNING id, instance_id, seq, due_at, attempts), "
+    "parked AS (INSERT INTO timers_parked (id, instance_id, seq, due_at, parked_at, attempts, error) "
+    "SELECT id, instance_id, seq, due_at, CAST(:now AS timestamptz), attempts, CAST(:error AS text) "
+    "FROM gone ON CONFLICT (id) DO UPDATE SET instance_id = excluded.instance_id, seq = excluded.seq, "
+    "due_at = excluded.due_at, parked_at = excluded.parked_at, attempts = excluded.attempts, "
+    "error = excluded.error RETURNING instance_id) "
+    "SELECT p.instance_id, i.journey_id, i.node_id FROM parked AS p LEFT JOIN instances AS i "
+    "ON i.id = p.instance_id"
+)
+
+
+@dataclass(frozen=True)
+class TimerFailure:
+    attempts: int  # tries that failed alone so far
+    retry_at: datetime | None  # the next try; None: parked
+    journey_id: str | None = None  # parked: where it was (None: the instance is gone)
+    node_id: str | None = None
+
+
+async def note_timer_failure(
+    session: AsyncSession,
+    timer_id: int,
+    error: str,
+    now: datetime,
+    *,
+    retry_s: float,
+    max_attempts: int,
+) -> TimerFailure | None:
+    """Count a try of a timer that failed alone, and retry it later, or park it (`timers_parked`, with
+    the error) once it has failed `max_attempts` times; None when the timer is no longer there (fired,
+    or parked, by another worker meanwhile)."""
+    rows = await _NOTE_FAILURE.fetch(
+        session, {"id": timer_id, "now": now, "retry_s": retry_s, "max": max_attempts}
+    )
+    if not rows:
+        return None
+    attempts, retry_at = rows[0]
+    if attempts < max_attempts:
+        return TimerFailure(attempts, retry_at)
+    parked = await _PARK.fetch(session, {"id": timer_id, "error": error, "now": now})
+    return TimerFailure(attempts, None, parked[0][1], parked[0][2])
+
+
+async def journeys_of_instances(session: AsyncSession, instance_ids: Sequence[str]) -> dict[str, str]:
+    """instance id -> its journey, for the instances that exist."""
+    rows = await session.execute(
+        text("SELECT id, journey_id FROM instances WHERE id = ANY(CAST(:ids AS text[]))"),
+        {"ids": sorted(set(instance_ids))},
+    )
+    return {r[0]: r[1] for r in rows}
 
 
 async def lock_instances(session: AsyncSession, ids: list[str]) -> list[InstanceRow]:
@@ -176,7 +274,7 @@ class GoalWindow:
     journey_id: str
     version: int
     node_id: str
-    correlation: str
+    correlation: str  # as stored: the key (`domain.entry.correlation_key`; older rows: the value)
     entered_at: datetime
     open_until: datetime | None = None
 
@@ -217,8 +315,8 @@ def active_rows(rows: Sequence[Sequence[Any]]) -> list[InstanceRow]:
 
 
 def entries(rows: Sequence[Sequence[Any]]) -> dict[tuple[str, str, str], datetime]:
-    """Rows of `ENTRIES_OF_CUSTOMERS_SQL`: (journey, customer, correlation) -> last entry, for the
-    re-entry policy."""
+    """Rows of `ENTRIES_OF_CUSTOMERS_SQL`: (journey, customer, correlation as stored) -> last entry,
+    for the re-entry policy."""
     return {(r[0], r[1], r[2]): r[3] for r in rows}
 
 
@@ -362,13 +460,14 @@ class StepWriter:
     timers: list[tuple[str, int, datetime]] = field(default_factory=list)
     counts: Counter[tuple[str, int, str, str]] = field(default_factory=Counter)
     messages: list[dict[str, Any]] = field(default_factory=list)
-    # (journey, customer, correlation) -> entries in this batch
+    # (journey, customer, correlation key) -> entries in this batch
     enrolments: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     # Instances that finished in this batch with their goal still reachable, and finished ones that
     # reached it.
     windows: list[GoalWindow] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
-    # (journey, customer, correlation) -> the instance entered last: older instances' windows close.
+    # (journey, customer, correlation as stored) -> the instance entered last: older instances' windows
+    # close.
     superseded: dict[tuple[str, str, str], str] = field(default_factory=dict)
 
     async def flush(self, session: AsyncSession) -> None:
@@ -431,7 +530,7 @@ class StepWriter:
                 "i_journey": [r.journey_id for r in rows],
                 "i_version": [r.version for r in rows],
                 "i_customer": [r.customer_id for r in rows],
-                "i_corr": [r.correlation for r in rows],
+                "i_corr": [r.correlation_key for r in rows],
                 "i_entered": [r.entered_at for r in rows],
                 # An instance entered and converted in the same batch (A/B results count converted_at).
                 "i_converted": [r.converted_at for r in rows],
@@ -559,6 +658,29 @@ async def exit_all(session: AsyncSession, journey_id: str, reason: str, now: dat
         {"j": journey_id, "r": reason, "now": now},
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def parked_timers(session: AsyncSession, journey_id: str) -> int:
+    """How many of the journey's timers are parked (`timers_parked`): customers held at a step."""
+    return int(
+        await session.scalar(
+            text(
+                "SELECT count(*) FROM timers_parked AS p JOIN instances AS i ON i.id = p.instance_id "
+                "WHERE i.journey_id = :j"
+            ),
+            {"j": journey_id},
+        )
+        or 0
+    )
+
+
+async def with_parked_timers(session: AsyncSession, instance_ids: Sequence[str]) -> set[str]:
+    """Of these instances, those with a parked timer."""
+    rows = await session.execute(
+        text("SELECT DISTINCT instance_id FROM timers_parked WHERE instance_id = ANY(CAST(:ids AS text[]))"),
+        {"ids": list(instance_ids)},
+    )
+    return {r[0] for r in rows}
 
 
 async def list_for_journey(session: AsyncSession, journey_id: str, limit: int = 100) -> list[InstanceRow]:

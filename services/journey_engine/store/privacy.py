@@ -13,7 +13,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-# (table, customer column), children before parents; timers go by their instance.
+# (table, customer column), children before parents; timers (due or parked) go by their instance.
 CUSTOMER_TABLES: tuple[tuple[str, str], ...] = (
     ("goal_windows", "customer_id"),
     ("instances", "customer_id"),
@@ -45,14 +45,16 @@ async def erase(session: AsyncSession, cids: Sequence[str]) -> dict[str, int]:
         params,
     )
     deleted: dict[str, int] = {}
-    result = await session.execute(
-        text(
-            "DELETE FROM timers WHERE instance_id IN "
-            "(SELECT id FROM instances WHERE customer_id = ANY(CAST(:ids AS text[])))"
-        ),
-        params,
-    )
-    deleted["timers"] = int(getattr(result, "rowcount", 0) or 0)
+    # Parked timers too: their error may quote the customer's data.
+    for table in ("timers", "timers_parked"):
+        result = await session.execute(
+            text(
+                f"DELETE FROM {table} WHERE instance_id IN "
+                "(SELECT id FROM instances WHERE customer_id = ANY(CAST(:ids AS text[])))"
+            ),
+            params,
+        )
+        deleted[table] = int(getattr(result, "rowcount", 0) or 0)
     for table, column in CUSTOMER_TABLES:
         result = await session.execute(
             text(f"DELETE FROM {table} WHERE {column} = ANY(CAST(:ids AS text[]))"), params
@@ -89,6 +91,15 @@ async def export(session: AsyncSession, cids: Sequence[str]) -> dict[str, Any]:
         params,
     )
     out["timers"] = [dict(r._mapping) for r in timers]
+    parked = await session.execute(
+        text(
+            "SELECT t.instance_id, t.seq, t.due_at, t.parked_at, t.error FROM timers_parked t "
+            "JOIN instances i ON i.id = t.instance_id WHERE i.customer_id = ANY(CAST(:ids AS text[])) "
+            "ORDER BY t.due_at"
+        ),
+        params,
+    )
+    out["timers_parked"] = [dict(r._mapping) for r in parked]
     merged = await session.execute(
         text(
             "SELECT customer_id, merged_into, merged_at FROM merged_profiles "

@@ -166,7 +166,31 @@ timers = sa.Table(
     sa.Column("instance_id", sa.Text, nullable=False),
     sa.Column("seq", sa.Integer, nullable=False),
     sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    # Tries whose step failed alone for a reason of its own (revision 0013; not an outage, not a
+    # transient condition such as a deadlock): each moves `due_at` on by `CLM_TIMER_RETRY_S`, doubled
+    # each time. A release before this one inserts and claims rows without it.
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Index("timers_due", "due_at"),
+)
+
+# Timers whose step failed alone `CLM_TIMER_MAX_ATTEMPTS` times for a reason of its own (a bug, a
+# constraint), out of the due timers with the last error (revision 0013): claimed oldest first, such a
+# timer failed every batch it was in and held back every later one. The instance waits where it was.
+# To fire them again (once fixed), move them back with new ids and no tries counted, e.g.
+# `WITH p AS (DELETE FROM timers_parked RETURNING instance_id, seq, due_at)
+# INSERT INTO timers (instance_id, seq, due_at) SELECT * FROM p` (docs/services/journey_engine.md).
+timers_parked = sa.Table(
+    "timers_parked",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True),  # the timer's
+    sa.Column("instance_id", sa.Text, nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("parked_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    # Erasure and export find a customer's timers by their instances.
+    sa.Index("timers_parked_instance", "instance_id"),
 )
 
 # Insert-only per-step counters (summed on read): no hot row for parallel engine processes to fight over.

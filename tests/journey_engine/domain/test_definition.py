@@ -11,6 +11,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from services.journey_engine.domain.definition import (
+    NOTIFIER_NAME,
     Edge,
     EventEntry,
     JourneyDefinition,
@@ -21,6 +22,8 @@ from services.journey_engine.domain.definition import (
 )
 from services.journey_engine.domain.timing import QuietHours
 from services.journey_engine.settings import JourneyEngineSettings
+from services.notifier.api.consent import NAME as TOPIC_NAME
+from services.notifier.api.templates import NAME as TEMPLATE_NAME
 
 
 def journey(nodes: list[dict[str, Any]], edges: list[dict[str, Any]], **extra: Any) -> JourneyDefinition:
@@ -389,3 +392,53 @@ def test_message_data_whose_traits_or_journey_is_not_an_object_is_refused() -> N
         [{"id": "m", "type": "send", "channel": "email", "template_id": "x", "data": {"traits": {}}}], []
     )
     assert ok.nodes[0].data == {"traits": {}}  # type: ignore[union-attr]
+
+
+def test_names_are_limited_in_bytes_except_in_definitions_stored_before() -> None:
+    long_id = "ü" * 513  # 513 characters, 1,026 bytes
+    nodes = [
+        {"id": "start", "type": "entry"},
+        {"id": long_id, "type": "wait_message", "send_node": long_id, "timeout": "P1D"},
+    ]
+    edges = [{"from": "start", "to": long_id}]
+    with pytest.raises(ValidationError) as exc:
+        journey(nodes, edges, correlation_key="k" * 1025)
+    assert errors_of(exc) == {
+        ("nodes.1.wait_message.id", "max_bytes"),
+        ("nodes.1.wait_message.send_node", "max_bytes"),
+        ("edges.0.to", "max_bytes"),
+        ("correlation_key", "max_bytes"),
+    }
+    raw = {"name": "t", "entry": {"type": "event", "event": "E"}, "nodes": nodes, "edges": edges}
+    stored = JourneyDefinition.model_validate(raw, context={"stored": True})
+    assert stored.nodes[1].id == long_id
+    # 1,024 bytes; a 60-character Japanese node id (180 bytes) that the 128-byte limit refused.
+    assert journey([{"id": "ü" * 512, "type": "entry"}], []).nodes[0].id == "ü" * 512
+    assert journey([{"id": "登録" * 30, "type": "entry"}], []).nodes[0].id == "登録" * 30
+
+
+def test_template_ids_and_topics_are_what_the_notifier_takes() -> None:
+    def send(template_id: str, topic: str | None = None) -> list[dict[str, Any]]:
+        node = {"id": "m", "type": "send", "channel": "email", "template_id": template_id}
+        return [node | {"subscription_topic": topic}] if topic else [node]
+
+    assert NOTIFIER_NAME.pattern == TEMPLATE_NAME == TOPIC_NAME  # one rule for both services
+    for ok in ("welcome", "Cart-Reminder_2.fr", "x" * 128):
+        journey(send(ok, ok), [])
+    for bad, topic in (("welcome email", None), ("x" * 129, None), ("-x", None), ("é", None), ("t", "*")):
+        with pytest.raises(ValidationError) as exc:
+            journey(send(bad, topic), [])
+        field = "subscription_topic" if topic else "template_id"
+        assert errors_of(exc) == {(f"nodes.0.send.{field}", "string_pattern_mismatch")}, bad
+    # Segment ids and stages as the segmenter makes them (at most 128 bytes).
+    with pytest.raises(ValidationError) as exc:
+        journey([{"id": "s", "type": "entry"}], [], entry={"type": "segment", "segment_id": "s" * 129})
+    assert errors_of(exc) == {("entry.segment.segment_id", "max_bytes")}
+    stored = {
+        "name": "t",
+        "entry": {"type": "event", "event": "E"},
+        "nodes": send("welcome email"),
+        "edges": [],
+    }
+    [node] = JourneyDefinition.model_validate(stored, context={"stored": True}).nodes
+    assert node.template_id == "welcome email"  # type: ignore[union-attr]

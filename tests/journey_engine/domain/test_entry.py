@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,8 @@ from services.journey_engine.domain.entry import (
     EventTrigger,
     SegmentTrigger,
     StageTrigger,
+    correlation_key,
+    correlation_keys,
     correlation_value,
     entry_stopped_holding,
     goal_reached,
@@ -82,6 +85,45 @@ def test_goal_window_and_correlation() -> None:
     assert goal_reached(j, order, Facts(event=order.event), NOW - timedelta(hours=2), "c1", NOW)
     assert not goal_reached(j, order, Facts(event=order.event), NOW - timedelta(days=2), "c1", NOW)
     assert not goal_reached(j, order, Facts(event=order.event), NOW, "c2", NOW)
+    # A long value converts its own entry like a short one (compared by its key), and an entry that
+    # the release before stored as the value itself as well.
+    long_cart = event("Order Completed", cart_id="k" * 5000)
+    facts = Facts(event=long_cart.event)
+    assert goal_reached(j, long_cart, facts, NOW, correlation_key("k" * 5000), NOW)
+    assert goal_reached(j, long_cart, facts, NOW, "k" * 5000, NOW)
+    assert not goal_reached(j, long_cart, facts, NOW, correlation_key("k" * 4999), NOW)
+    assert not goal_reached(j, long_cart, facts, NOW, "c1", NOW)
+
+
+def test_a_correlation_value_is_its_own_key_while_short_and_its_digest_once_long() -> None:
+    # Short values (up to 1,024 bytes in UTF-8) are stored as the release before stored them.
+    for short in ("", "c1", "C1 ", "é" * 512, "x" * 1024, "cart sha256:x"):
+        assert correlation_key(short) == short and correlation_keys(short) == (short,)
+    # Longer: `sha256:` and the SHA-256 of the UTF-8 bytes in hex, 71 characters however long.
+    assert correlation_key("é" * 513) == "sha256:" + hashlib.sha256(("é" * 513).encode()).hexdigest()
+    keys = {correlation_key(v) for v in ("x" * 1025, "x" * 1026, "y" * 100_000, "\U0001f6d2" * 300)}
+    assert len(keys) == 4 and {len(k) for k in keys} == {71}
+    # A long value's entries may be stored as itself too (the release before stored every value so).
+    assert correlation_keys("x" * 1025) == (correlation_key("x" * 1025), "x" * 1025)
+
+
+def test_a_value_that_looks_like_a_digest_is_hashed_and_collides_with_no_other() -> None:
+    long = "z" * 3000
+    digest = correlation_key(long)
+    # Sent as it is, a long value's digest is another value: hashed again, never the long one's key.
+    assert correlation_key(digest) not in (digest, long)
+    assert correlation_key(digest).startswith("sha256:") and correlation_keys(digest) == (
+        correlation_key(digest),
+    )
+    assert correlation_key("sha256:") != "sha256:" and correlation_key("sha256:") != correlation_key("")
+    j = journey(
+        {"type": "event", "event": "Product Added"},
+        correlation_key="cart_id",
+        goal={"event": "Order Completed", "match_correlation": True},
+    )
+    posing = event("Order Completed", cart_id=digest)
+    assert not goal_reached(j, posing, Facts(event=posing.event), NOW, digest, NOW)
+    assert goal_reached(j, posing, Facts(event=posing.event), NOW, correlation_key(digest), NOW)
 
 
 def test_predicates() -> None:

@@ -12,6 +12,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.journey_engine.domain.walker import MIGRATED_FROM
 from shared.db.engine import Statement
 
 
@@ -284,12 +285,17 @@ async def migrate_version(
     """Move active instances to `to_version` from the (version, node id) places the caller checked
     under `lock_waiting` (the node exists there, of the same type). Only those: an instance that
     entered meanwhile at a place not checked stays on its version. The caller holds `lock_waiting`'s
-    locks."""
+    locks.
+
+    The version an instance leaves at its first migration is kept in its context (`walker.
+    MIGRATED_FROM`): its messages sent before their ids were recorded went out under it."""
     if not checked:
         return 0
     result = await session.execute(
         text(
-            "UPDATE instances SET version = :v WHERE journey_id = :j AND status = 'active' "
+            "UPDATE instances SET version = :v, context = context || jsonb_build_object("
+            f"'{MIGRATED_FROM}', COALESCE(context -> '{MIGRATED_FROM}', to_jsonb(version))) "
+            "WHERE journey_id = :j AND status = 'active' "
             "AND (version, node_id) IN "
             "(SELECT * FROM unnest(CAST(:versions AS int[]), CAST(:nodes AS text[]))) AND version <> :v"
         ),

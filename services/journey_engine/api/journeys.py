@@ -23,6 +23,7 @@ from services.journey_engine.domain.definition import (
 from services.journey_engine.domain.entry import EventTrigger, triggers
 from services.journey_engine.domain.stats import two_proportion_z_test
 from services.journey_engine.domain.template_references import referenced_templates, template_warnings
+from services.journey_engine.domain.timing import SchedulePassed, run_after_edit, run_on_resume
 from services.journey_engine.domain.walker import (
     CustomerView,
     MessageWithheld,
@@ -131,6 +132,15 @@ def first_run(definition: JourneyDefinition, now: datetime) -> datetime | None:
     return None
 
 
+def schedule_passed(message: str) -> ApiError:
+    return ApiError(
+        409,
+        "schedule_passed",
+        message,
+        errors=[field_error("definition.entry.at", "schedule_passed", message)],
+    )
+
+
 def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
     router = APIRouter(
         prefix="/v1/journeys", tags=["journeys"], dependencies=[Depends(admin_guard(platform.settings))]
@@ -201,7 +211,26 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 raise ApiError(409, "archived", "an archived journey cannot be edited")
             version = row.current_version + 1
             await journey_store.add_version(uow.session, journey_id, version, stored, now)
-            next_run = first_run(body.definition, now) if row.status == "active" else None
+            entry = body.definition.entry
+            # A live schedule (paused too: it resumes at what its definition says) moves with its
+            # definition; a draft's first run is set when it is activated.
+            next_run, rescheduled = row.next_run_at, False
+            if isinstance(entry, ScheduleEntry) and row.status in ("active", "paused"):
+                rescheduled = True
+                state = await journey_store.run_state(uow.session, journey_id)
+                try:
+                    next_run = run_after_edit(
+                        entry.at,
+                        entry.every,
+                        pending=row.next_run_at,
+                        started=state is not None and state.started,
+                        now=now,
+                    )
+                except SchedulePassed as passed:
+                    raise schedule_passed(
+                        f"the broadcast has not gone out yet: it can move to a time ahead of now, not to "
+                        f"{passed.due.isoformat()}, which has passed; nothing was saved"
+                    ) from None
             await journey_store.update(
                 uow.session,
                 journey_id,
@@ -210,8 +239,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 current_version=version,
                 entry_cap=body.definition.entry_cap,
                 set_entry_cap=True,
-                next_run_at=next_run if next_run is None or next_run > now else row.next_run_at,
-                set_next_run=row.status == "active" and isinstance(body.definition.entry, ScheduleEntry),
+                next_run_at=next_run,
+                set_next_run=rescheduled,
             )
             migrated = 0
             if body.migrate and row.status in ("active", "paused"):
@@ -269,8 +298,29 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 )
             status = next(iter(rule["to"]))
             graph = await engine.graph(uow.session, journey_id, row.current_version)
+            entry = graph.definition.entry if graph is not None else None
             if action == "activate" and row.status == "draft":
                 run = first_run(graph.definition, now) if graph is not None else None
+                await journey_store.update(
+                    uow.session, journey_id, now=now, status=status, next_run_at=run, set_next_run=True
+                )
+            elif action == "activate" and isinstance(entry, ScheduleEntry):
+                # Resumed: the schedule's next run is what its definition says now.
+                state = await journey_store.run_state(uow.session, journey_id)
+                try:
+                    run = run_on_resume(
+                        entry.at,
+                        entry.every,
+                        pending=row.next_run_at,
+                        started=state is not None and state.started,
+                        now=now,
+                    )
+                except SchedulePassed as passed:
+                    raise schedule_passed(
+                        f"the broadcast was due at {passed.due.isoformat()}, which passed while the "
+                        "journey was paused: to send it, save an `at` ahead of now and activate it again; "
+                        "to drop it, archive the journey"
+                    ) from None
                 await journey_store.update(
                     uow.session, journey_id, now=now, status=status, next_run_at=run, set_next_run=True
                 )

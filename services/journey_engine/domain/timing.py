@@ -109,5 +109,56 @@ def next_run(run_at: datetime, every: timedelta | None, now: datetime) -> dateti
     return following if storable.time_in_range(following) else None
 
 
+def upcoming_run(at: datetime, every: timedelta | None, now: datetime) -> datetime | None:
+    """The run a schedule's definition says comes next: `at` while it is ahead, then a recurring
+    schedule's first run after `now` (`next_run`: missed runs are skipped); None for a one-off whose
+    time has passed."""
+    return at if at > now else next_run(at, every, now)
+
+
+class SchedulePassed(Exception):
+    """A one-off broadcast that has not gone out, asked to go at a time that has passed (`due`)."""
+
+    def __init__(self, due: datetime) -> None:
+        super().__init__(due.isoformat())
+        self.due = due
+
+
+def run_after_edit(
+    at: datetime, every: timedelta | None, *, pending: datetime | None, started: bool, now: datetime
+) -> datetime | None:
+    """A live (active or paused) schedule's next run once its definition says `at`/`every`;
+    `pending`: its next run so far, `started`: whether that run has enrolled some members already.
+
+    A run in progress finishes first (the next follows the new definition). Otherwise the run moves to
+    what the definition says (`upcoming_run`), except that a run due now still goes out and a one-off's
+    `at` that has passed moves nothing: a broadcast sent is not sent again, and one not sent yet cannot
+    be moved into the past (`SchedulePassed`)."""
+    if started:
+        return pending
+    if at > now:
+        return at
+    if every is not None:
+        return pending if pending is not None and pending <= now else next_run(at, every, now)
+    if pending is None or pending == at:
+        return pending
+    raise SchedulePassed(at)
+
+
+def run_on_resume(
+    at: datetime, every: timedelta | None, *, pending: datetime | None, started: bool, now: datetime
+) -> datetime | None:
+    """A paused schedule's next run when it is activated again (arguments as for `run_after_edit`).
+
+    A run in progress goes on where it stopped, and one still ahead stays. A run that came due while
+    paused: a recurring schedule skips it (and any others missed) to its first run after `now`, as
+    when the engine was down; a one-off's is refused (`SchedulePassed`), not sent late at once."""
+    if started or pending is None or pending > now:
+        return pending
+    if every is not None:
+        return upcoming_run(at, every, now)
+    raise SchedulePassed(pending)
+
+
 def local_day(instant: datetime, tz: ZoneInfo) -> date:
     return instant.astimezone(tz).date()

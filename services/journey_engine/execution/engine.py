@@ -39,7 +39,7 @@ from services.journey_engine.domain.entry import (
     may_reenter,
     triggers,
 )
-from services.journey_engine.domain.timing import next_run, zone
+from services.journey_engine.domain.timing import upcoming_run, zone
 from services.journey_engine.domain.walker import (
     CustomerView,
     EventArrived,
@@ -985,8 +985,12 @@ class JourneyEngine:
                 return 0, False  # another worker has this chunk, or the journey changed meanwhile
             enrolled = await self._enrol_members(uow, ActiveJourney(row, graph), entry, run_at, members, now)
             if len(members) < size:
-                every = entry.every if isinstance(entry, ScheduleEntry) else None
-                await journey_store.finish_run(session, journey_id, next_run(run_at, every, now), now)
+                # The next run is the one the current definition says (it may have been edited
+                # since this run began); an enrolment of current members has none.
+                following = (
+                    upcoming_run(entry.at, entry.every, now) if isinstance(entry, ScheduleEntry) else None
+                )
+                await journey_store.finish_run(session, journey_id, following, now)
                 return enrolled, False
             await journey_store.save_progress(session, journey_id, run_at, members[-1], now)
             return enrolled, True

@@ -165,9 +165,14 @@ class RunState:
     cursor: str | None
 
     @property
+    def started(self) -> bool:
+        """Whether the next run is in progress: some of its chunks committed."""
+        return self.run_at is not None and self.run_at == self.next_run_at
+
+    @property
     def resume_after(self) -> str | None:
         """The last member enrolled by this run's chunks so far (None: start from the first)."""
-        return self.cursor if self.run_at is not None and self.run_at == self.next_run_at else None
+        return self.cursor if self.started else None
 
 
 async def run_state(session: AsyncSession, journey_id: str) -> RunState | None:

@@ -1,14 +1,24 @@
 """A customer's timezone and date traits as the journey engine reads them: hostile values fall back
-instead of failing the customer's every event."""
+instead of failing the customer's every event. When a broadcast's schedule runs once edited or resumed."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from services.journey_engine.domain.timing import parse_instant, zone
+import pytest
+
+from services.journey_engine.domain.timing import (
+    SchedulePassed,
+    parse_instant,
+    run_after_edit,
+    run_on_resume,
+    upcoming_run,
+    zone,
+)
 
 PARIS = ZoneInfo("Europe/Paris")
+DAY = timedelta(days=1)
 
 
 def test_zone_falls_back_to_the_default_then_utc() -> None:
@@ -28,3 +38,52 @@ def test_parse_instant_reads_dates_and_datetimes_within_1900_to_2999() -> None:
         assert parse_instant(junk, PARIS) is None
     late = parse_instant("2999-12-31", PARIS)
     assert late is not None and late + timedelta(days=30) > late  # arithmetic stays in range
+
+
+AT = datetime(2026, 1, 6, 9, 0, tzinfo=UTC)
+WEEK = timedelta(days=7)
+
+
+def test_a_live_schedule_follows_its_definition_when_edited() -> None:
+    now = AT + timedelta(days=1)
+    later = now + timedelta(days=6)
+    # A run not started moves to an `at` ahead, one-off or recurring, from wherever it was.
+    for pending in (AT, AT + WEEK, None):
+        assert run_after_edit(later, None, pending=pending, started=False, now=now) == later
+        assert run_after_edit(later, WEEK, pending=pending, started=False, now=now) == later
+    # A recurring schedule begun already: its first run after now, on the new grid; a due run goes out.
+    assert run_after_edit(AT, timedelta(days=3), pending=AT + WEEK, started=False, now=now) == AT + 3 * DAY
+    assert run_after_edit(AT, timedelta(days=3), pending=now, started=False, now=now) == now
+    # A one-off whose `at` has passed: sent already, or due as it was, it stays so...
+    assert run_after_edit(AT, None, pending=None, started=False, now=now) is None
+    assert run_after_edit(AT, None, pending=AT, started=False, now=now) == AT
+    # ...but one not sent yet is not moved into the past.
+    with pytest.raises(SchedulePassed) as passed:
+        run_after_edit(AT, None, pending=later, started=False, now=now)
+    assert passed.value.due == AT
+    # A run in progress finishes first, whatever the edit says.
+    assert run_after_edit(later, WEEK, pending=AT, started=True, now=now) == AT
+    assert run_after_edit(AT - WEEK, None, pending=AT, started=True, now=now) == AT
+
+
+def test_a_resumed_schedule_skips_what_it_missed_and_refuses_a_stale_one_off() -> None:
+    now = AT + timedelta(days=9)
+    for every in (None, WEEK):
+        # Still ahead, none left, or a run in progress (it goes on where it stopped): unchanged.
+        assert run_on_resume(AT, every, pending=now + DAY, started=False, now=now) == now + DAY
+        assert run_on_resume(AT, every, pending=None, started=False, now=now) is None
+        assert run_on_resume(AT, every, pending=AT, started=True, now=now) == AT
+    # Due while paused: a recurring schedule's next run is its first after now...
+    assert run_on_resume(AT, WEEK, pending=AT + WEEK, started=False, now=now) == AT + 2 * WEEK
+    # ...a one-off is not sent late at once.
+    with pytest.raises(SchedulePassed) as passed:
+        run_on_resume(AT, None, pending=AT, started=False, now=now)
+    assert passed.value.due == AT
+
+
+def test_upcoming_run_is_at_while_ahead_then_the_grid() -> None:
+    assert upcoming_run(AT, WEEK, AT - DAY) == AT
+    assert upcoming_run(AT, WEEK, AT) == AT + WEEK
+    assert upcoming_run(AT, WEEK, AT + timedelta(days=20)) == AT + 3 * WEEK
+    assert upcoming_run(AT, None, AT - DAY) == AT
+    assert upcoming_run(AT, None, AT) is None

@@ -1,4 +1,5 @@
-"""Entry: segment enter/exit, lifecycle stage, scheduled broadcasts, re-entry policies, caps, A/B splits."""
+"""Entry: segment enter/exit, lifecycle stage, scheduled broadcasts, re-entry policies, caps, A/B splits;
+entries in flight when a journey is paused or archived."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+import pytest
+
+from services.journey_engine.store.journeys import ENTRY_GATE
 from shared.contracts.events import RESYNC_CAUSE, CustomerEvent
 from shared.contracts.topics import CUSTOMER_EVENTS
 from shared.observability.metrics import HANDLER_ERRORS
-from tests.journey_engine.harness import ADMIN, engine_running
+from tests.journey_engine.harness import ADMIN, Harness, engine_running
 from tests.journey_engine.test_timing_and_rules import linear
+from tests.support import eventually
 
 SEND_AND_WAIT = [
     {"id": "hello", "type": "send", "channel": "email", "template_id": "hello"},
@@ -309,3 +315,87 @@ async def test_entry_filters_and_goals_see_the_customers_timezone_locale_and_con
         await h.track("paris", "Bought")
         [row] = await h.instances(jid)
         assert row.status == "converted" and row.exit_reason == "goal: Bought"
+
+
+async def gate_waiters(h: Harness) -> int:
+    """Transactions waiting for this schema's entry gate."""
+    return int(
+        await h.scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 2 "
+            "AND (classid, objid) = (SELECT CAST(a AS oid), CAST(b AS oid) "
+            f"FROM (SELECT {ENTRY_GATE}) AS g(a, b))"
+        )
+    )
+
+
+def status_change_mid_batch(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, journey_id: str, action: str
+) -> list[asyncio.Task[httpx.Response]]:
+    """Pause or archive the journey while the next consumer batch that reads it as active is between
+    that read and its entries (the task of the request, once sent); the batch goes on only once the
+    request waits for it."""
+    original = h.engine.active_journeys
+    sent: list[asyncio.Task[httpx.Response]] = []
+
+    async def racing(session: Any, rows: list[Any]) -> Any:
+        out = await original(session, rows)
+        if not sent and any(r.id == journey_id for r in rows):
+            sent.append(
+                asyncio.create_task(h.client.post(f"/v1/journeys/{journey_id}/{action}", headers=ADMIN))
+            )
+            await eventually(lambda: gate_waiters(h))
+        return out
+
+    monkeypatch.setattr(h.engine, "active_journeys", racing)
+    return sent
+
+
+async def test_archiving_while_an_entry_is_in_flight_exits_it_with_the_rest(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch had read the journey as active when the archive committed (nothing to exit for its
+    customer yet), then entered them: a live instance of an archived journey, which kept sending.
+    The archive now waits for entries in flight and exits them too; later batches see it archived."""
+    drip = [
+        {"id": "wait", "type": "delay", "duration": "PT1H"},
+        {"id": "mail", "type": "send", "channel": "email", "template_id": "drip"},
+    ]
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(linear("Drip", "Signed Up", drip))
+        sent = status_change_mid_batch(h, monkeypatch, jid, "archive")
+        await h.track("a", "Signed Up")
+        [archive] = sent
+        r = await archive
+        assert r.status_code == 200 and r.json()["status"] == "archived", r.text
+        [row] = await h.instances(jid)
+        assert (row.customer_id, row.status, row.node_id, row.exit_reason) == (
+            "a",
+            "exited",
+            "wait",
+            "archived",
+        )
+        await h.track("b", "Signed Up")
+        assert [r.customer_id for r in await h.instances(jid)] == ["a"]
+        await h.advance(timedelta(hours=1))
+        assert await h.requests(idle=0.5) == []
+
+
+async def test_pausing_while_an_entry_is_in_flight_lets_it_finish_then_takes_no_more(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause answers once the entries that read the journey as active have committed: they stand
+    (customers inside keep moving), and none come after it."""
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(linear("Hello", "Signed Up", SEND_AND_WAIT))
+        sent = status_change_mid_batch(h, monkeypatch, jid, "pause")
+        await h.track("a", "Signed Up")
+        [pause] = sent
+        r = await pause
+        assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+        await h.track("b", "Signed Up")
+        assert [(r.customer_id, r.status, r.node_id) for r in await h.instances(jid)] == [
+            ("a", "active", "wait")
+        ]
+        assert [(m["customer_id"], m["template_id"]) for m in await h.requests(idle=0.5)] == [("a", "hello")]
+        await h.advance(timedelta(days=3))
+        assert [(r.customer_id, r.status) for r in await h.instances(jid)] == [("a", "exited")]

@@ -285,6 +285,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
     async def transition(journey_id: str, action: Literal["activate", "pause", "archive"]) -> dict[str, Any]:
         now = clock.now()
         async with platform.unit_of_work() as uow:
+            if action != "activate":
+                # Entries in flight commit first (archive exits them with the rest); none after.
+                await journey_store.hold_entries(uow.session)
             row = await load(uow.session, journey_id, for_update=True)
             rule = TRANSITIONS[action]
             if row.status not in rule["from"]:

@@ -223,13 +223,16 @@ class JourneyEngine:
         goals: bool = False,
         identities: Sequence[str] = (),
         instance_ids: Sequence[str] = (),
+        entering: bool = True,
     ) -> Batch:
         """Lock the batch's customers, then their instances and everything else their steps need
         (`store.batch_read`: two statements). `identities`, `instance_ids`: what the caller found the
-        customers by, looked up again once the locks are held (`Batch.resolved`, `Batch.owners`)."""
+        customers by, looked up again once the locks are held (`Batch.resolved`, `Batch.owners`).
+        `entering`: the batch may enter customers in the active journeys it reads, holding the entry
+        gate until it commits, so a pause or archive never slips between that read and the entry."""
         now = self.clock.now()
         ids = sorted(set(customer_ids))
-        await projection.lock_customers(session, ids)
+        await projection.lock_customers(session, ids, entering=entering)
         read = await batch_read.read(
             session,
             ids,
@@ -451,7 +454,8 @@ class JourneyEngine:
             return
         ids = [s.instance_id for s in items if s.instance_id]
         owners = await instance_store.owners(session, ids)
-        batch = await self._batch(session, list(owners.values()), instance_ids=ids)
+        # A status enters no one: it need not wait for a pause or archive.
+        batch = await self._batch(session, list(owners.values()), instance_ids=ids, entering=False)
         if batch.owners != owners:
             raise CustomersMoved()
         for s in waits:

@@ -11,6 +11,15 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.db.engine import Statement
+
+# The entry gate: consumer batches that may enter customers in journeys hold it shared from before
+# they read which journeys are active until they commit (`projection.lock_customers`); a pause or
+# archive holds it exclusive (`hold_entries`). Two 32-bit keys: a key space apart from the customers'
+# 64-bit advisory locks, the schema's name in the second.
+ENTRY_GATE = "hashtext('clm.journey_entries'), hashtext(current_schema())"
+_HOLD_ENTRIES = Statement(f"SELECT pg_advisory_xact_lock({ENTRY_GATE})")
+
 
 @dataclass(frozen=True)
 class JourneyRow:
@@ -66,6 +75,15 @@ async def get(session: AsyncSession, journey_id: str, *, for_update: bool = Fals
         )
     ).first()
     return JourneyRow(*row) if row else None
+
+
+async def hold_entries(session: AsyncSession) -> None:
+    """Wait for the consumer batches entering customers now to commit, and keep new ones waiting
+    until this transaction ends. Taken before any other lock by a status change that stops entries:
+    every entry is then either committed before it (an archive exits it with the rest) or reads the
+    journey's new status (a batch that read it as active created a live instance after the archive
+    had exited everyone inside). Batches hold it shared only: they never wait on each other."""
+    await _HOLD_ENTRIES.execute(session)
 
 
 async def list_all(session: AsyncSession) -> list[JourneyRow]:

@@ -326,3 +326,30 @@ async def test_a_broadcast_paused_mid_run_goes_on_where_it_stopped(make_settings
         await h.fire_due()
         assert [n for _, n in await entered(h, jid)] == [1] * 5
         assert await next_run_at(h, jid) is None
+
+
+async def test_a_resumed_broadcast_runs_when_its_definition_says_not_when_an_old_replica_left_it(
+    make_settings: Any,
+) -> None:
+    """A replica of the release before kept a paused broadcast's next run at its old time when it
+    saved an edit; resumed, it went out then (a resume kept any run still ahead)."""
+    later = RUN_AT + timedelta(days=7)
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 3)
+        jid = await h.journey(one_off(RUN_AT))
+        await h.client.post(f"/v1/journeys/{jid}/pause", headers=ADMIN)
+        assert (await put(h, jid, one_off(later))).status_code == 200
+        # What the old replica's edit left: the run at its old time.
+        async with h.platform.engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE journeys SET next_run_at = :t WHERE id = :j"), {"t": RUN_AT, "j": jid}
+            )
+        r = await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert await next_run_at(h, jid) == later.isoformat()
+        h.clock.set(RUN_AT + timedelta(minutes=1))
+        await h.fire_due()
+        assert await entered(h, jid) == []
+        h.clock.set(later)
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1, 1, 1]

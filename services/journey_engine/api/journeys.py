@@ -320,9 +320,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                     )
                 except SchedulePassed as passed:
                     raise schedule_passed(
-                        f"the broadcast was due at {passed.due.isoformat()}, which passed while the "
-                        "journey was paused: to send it, save an `at` ahead of now and activate it again; "
-                        "to drop it, archive the journey"
+                        f"the broadcast was due at {passed.due.isoformat()}, which has passed, and has not "
+                        "gone out: to send it, save an `at` ahead of now and activate it again; to drop "
+                        "it, archive the journey"
                     ) from None
                 await journey_store.update(
                     uow.session, journey_id, now=now, status=status, next_run_at=run, set_next_run=True

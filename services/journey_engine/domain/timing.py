@@ -150,14 +150,20 @@ def run_on_resume(
 ) -> datetime | None:
     """A paused schedule's next run when it is activated again (arguments as for `run_after_edit`).
 
-    A run in progress goes on where it stopped, and one still ahead stays. A run that came due while
-    paused: a recurring schedule skips it (and any others missed) to its first run after `now`, as
-    when the engine was down; a one-off's is refused (`SchedulePassed`), not sent late at once."""
-    if started or pending is None or pending > now:
+    A run in progress goes on where it stopped. Otherwise the next run is what the definition says,
+    not `pending` (a replica of an earlier release left it at its old time when it saved an edit):
+    `at` while ahead; a recurring schedule skips what it missed, as when the engine was down, to its
+    first run after `now`; a one-off whose `at` has passed stays done if it went out (no run left),
+    and is refused if not (`SchedulePassed`), not sent late at once."""
+    if started:
         return pending
+    if at > now:
+        return at
     if every is not None:
-        return upcoming_run(at, every, now)
-    raise SchedulePassed(pending)
+        return next_run(at, every, now)
+    if pending is None:
+        return None
+    raise SchedulePassed(at)
 
 
 def local_day(instant: datetime, tz: ZoneInfo) -> date:

@@ -66,19 +66,25 @@ def test_a_live_schedule_follows_its_definition_when_edited() -> None:
     assert run_after_edit(AT - WEEK, None, pending=AT, started=True, now=now) == AT
 
 
-def test_a_resumed_schedule_skips_what_it_missed_and_refuses_a_stale_one_off() -> None:
+def test_a_resumed_schedule_follows_its_definition_not_the_run_left_pending() -> None:
     now = AT + timedelta(days=9)
     for every in (None, WEEK):
-        # Still ahead, none left, or a run in progress (it goes on where it stopped): unchanged.
-        assert run_on_resume(AT, every, pending=now + DAY, started=False, now=now) == now + DAY
-        assert run_on_resume(AT, every, pending=None, started=False, now=now) is None
+        # A run in progress goes on where it stopped; an `at` ahead is the next run, wherever the
+        # pending one was (an earlier release's edit left it at its old time).
         assert run_on_resume(AT, every, pending=AT, started=True, now=now) == AT
-    # Due while paused: a recurring schedule's next run is its first after now...
-    assert run_on_resume(AT, WEEK, pending=AT + WEEK, started=False, now=now) == AT + 2 * WEEK
-    # ...a one-off is not sent late at once.
-    with pytest.raises(SchedulePassed) as passed:
-        run_on_resume(AT, None, pending=AT, started=False, now=now)
-    assert passed.value.due == AT
+        for pending in (None, AT, now + DAY):
+            assert (
+                run_on_resume(now + 2 * DAY, every, pending=pending, started=False, now=now) == now + 2 * DAY
+            )
+    # Due while paused: a recurring schedule's next run is its first after now, on its grid...
+    for pending in (AT + WEEK, now + DAY, None):
+        assert run_on_resume(AT, WEEK, pending=pending, started=False, now=now) == AT + 2 * WEEK
+    # ...a one-off sent already stays done, one not sent is not sent late at once.
+    assert run_on_resume(AT, None, pending=None, started=False, now=now) is None
+    for pending in (AT, now + DAY):
+        with pytest.raises(SchedulePassed) as passed:
+            run_on_resume(AT, None, pending=pending, started=False, now=now)
+        assert passed.value.due == AT
 
 
 def test_upcoming_run_is_at_while_ahead_then_the_grid() -> None:

@@ -353,3 +353,71 @@ async def test_a_resumed_broadcast_runs_when_its_definition_says_not_when_an_old
         h.clock.set(later)
         await h.fire_due()
         assert [n for _, n in await entered(h, jid)] == [1, 1, 1]
+
+
+async def test_a_recurring_broadcast_made_a_one_off_runs_no_more(make_settings: Any) -> None:
+    """Removing `every` from a broadcast that has run: no more runs (it was refused, 409 saying the
+    broadcast had not gone out yet: its pending run was read as a one-off never sent)."""
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 2)
+        jid = await h.journey(broadcast("everyone"))
+        h.clock.set(RUN_AT)
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1, 1]
+        h.clock.set(RUN_AT + timedelta(days=1))
+        once = broadcast("everyone")
+        del once["entry"]["every"]
+        r = await put(h, jid, once)
+        assert r.status_code == 200, r.text
+        assert r.json()["next_run_at"] is None and await next_run_at(h, jid) is None
+        await h.advance(timedelta(days=7))
+        assert [n for _, n in await entered(h, jid)] == [1, 1]
+
+
+async def test_a_live_journey_made_a_one_off_at_a_time_that_passed_is_refused(make_settings: Any) -> None:
+    """An event journey switched to a broadcast at a time that has passed was saved (200) with no run
+    at all: nothing ever went out. A time ahead is its first run."""
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 2)
+        jid = await h.journey(
+            {
+                "name": "Welcome",
+                "entry": {"type": "event", "event": "Signed Up"},
+                "nodes": [{"id": "start", "type": "entry"}, {"id": "done", "type": "exit"}],
+                "edges": [{"from": "start", "to": "done"}],
+            }
+        )
+        h.clock.set(RUN_AT + timedelta(hours=1))
+        r = await put(h, jid, one_off(RUN_AT))
+        assert r.status_code == 409, r.text
+        [error] = r.json()["errors"]
+        assert (error["field"], error["rule"]) == ("definition.entry.at", "schedule_passed")
+        assert RUN_AT.isoformat() in error["message"]
+        body = (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()
+        assert (body["versions"], body["next_run_at"]) == ([1], None)
+        soon = h.clock.now() + timedelta(minutes=5)
+        assert (await put(h, jid, one_off(soon))).status_code == 200
+        await h.advance(timedelta(minutes=5))
+        assert [n for _, n in await entered(h, jid)] == [1, 1]
+
+
+async def test_an_edit_during_a_recurring_run_sets_the_runs_after_it(make_settings: Any) -> None:
+    """The run in progress finishes; the next is the edited definition's first run after it (its new
+    `at`), not the old one's a week after this run."""
+    async with engine_running(make_settings, broadcast_chunk_size=2, broadcast_budget_s=1e-6) as h:
+        await add_members(h, "everyone", 5)
+        jid = await h.journey(broadcast("everyone"))
+        h.clock.set(RUN_AT + timedelta(minutes=1))
+        assert await h.engine.run_due_broadcasts() == 2 and h.engine.broadcasts_pending
+        moved = broadcast("everyone")
+        moved["entry"]["at"] = (RUN_AT + timedelta(days=2)).isoformat()
+        r = await put(h, jid, moved)
+        assert r.status_code == 200, r.text
+        assert await next_run_at(h, jid) == RUN_AT.isoformat()  # the run goes on
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1] * 5
+        assert await next_run_at(h, jid) == (RUN_AT + timedelta(days=2)).isoformat()
+        h.clock.set(RUN_AT + timedelta(days=2))
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [2] * 5
+        assert await next_run_at(h, jid) == (RUN_AT + timedelta(days=9)).isoformat()

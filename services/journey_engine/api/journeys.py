@@ -23,7 +23,12 @@ from services.journey_engine.domain.definition import (
 from services.journey_engine.domain.entry import EventTrigger, triggers
 from services.journey_engine.domain.stats import two_proportion_z_test
 from services.journey_engine.domain.template_references import referenced_templates, template_warnings
-from services.journey_engine.domain.timing import SchedulePassed, run_after_edit, run_on_resume
+from services.journey_engine.domain.timing import (
+    Schedule,
+    SchedulePassed,
+    run_after_edit,
+    run_on_resume,
+)
 from services.journey_engine.domain.walker import (
     CustomerView,
     MessageWithheld,
@@ -218,17 +223,22 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             if isinstance(entry, ScheduleEntry) and row.status in ("active", "paused"):
                 rescheduled = True
                 state = await journey_store.run_state(uow.session, journey_id)
+                edited = await engine.graph(uow.session, journey_id, row.current_version)
+                before = edited.definition.entry if edited is not None else None
                 try:
                     next_run = run_after_edit(
                         entry.at,
                         entry.every,
+                        previous=Schedule(before.at, before.every)
+                        if isinstance(before, ScheduleEntry)
+                        else None,
                         pending=row.next_run_at,
                         started=state is not None and state.started,
                         now=now,
                     )
                 except SchedulePassed as passed:
                     raise schedule_passed(
-                        f"the broadcast has not gone out yet: it can move to a time ahead of now, not to "
+                        f"the broadcast has not gone out yet: it can go at a time ahead of now, not at "
                         f"{passed.due.isoformat()}, which has passed; nothing was saved"
                     ) from None
             await journey_store.update(

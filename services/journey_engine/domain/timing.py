@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.journey_engine.domain.definition import WEEKDAYS, DelayNode
@@ -116,6 +117,13 @@ def upcoming_run(at: datetime, every: timedelta | None, now: datetime) -> dateti
     return at if at > now else next_run(at, every, now)
 
 
+class Schedule(NamedTuple):
+    """A schedule entry's times: a one-off (`every` None) or a recurring broadcast."""
+
+    at: datetime
+    every: timedelta | None = None
+
+
 class SchedulePassed(Exception):
     """A one-off broadcast that has not gone out, asked to go at a time that has passed (`due`)."""
 
@@ -124,24 +132,44 @@ class SchedulePassed(Exception):
         self.due = due
 
 
+def has_gone_out(schedule: Schedule | None, pending: datetime | None) -> bool:
+    """Whether a live journey's schedule (`schedule`, None: it was no broadcast) has sent a run, from
+    its next run (`pending`): a one-off's is cleared once sent, a recurring one's moves past `at`."""
+    if schedule is None:
+        return False
+    if pending is None:
+        return True
+    return schedule.every is not None and pending > schedule.at
+
+
 def run_after_edit(
-    at: datetime, every: timedelta | None, *, pending: datetime | None, started: bool, now: datetime
+    at: datetime,
+    every: timedelta | None,
+    *,
+    previous: Schedule | None,
+    pending: datetime | None,
+    started: bool,
+    now: datetime,
 ) -> datetime | None:
     """A live (active or paused) schedule's next run once its definition says `at`/`every`;
-    `pending`: its next run so far, `started`: whether that run has enrolled some members already.
+    `previous`: the version edited (None: not a broadcast), `pending`: its next run so far,
+    `started`: whether that run has enrolled some members already.
 
     A run in progress finishes first (the next follows the new definition). Otherwise the run moves to
-    what the definition says (`upcoming_run`), except that a run due now still goes out and a one-off's
-    `at` that has passed moves nothing: a broadcast sent is not sent again, and one not sent yet cannot
-    be moved into the past (`SchedulePassed`)."""
+    an `at` ahead, or a recurring schedule's first run after now on its new grid (a run due now still
+    goes out). A one-off's `at` that has passed: one sent already is not sent again, a recurring
+    schedule made a one-off runs no more, one not sent yet cannot be moved into the past, nor a
+    journey that was no broadcast given a time that has passed (`SchedulePassed`)."""
     if started:
         return pending
     if at > now:
         return at
     if every is not None:
         return pending if pending is not None and pending <= now else next_run(at, every, now)
-    if pending is None or pending == at:
-        return pending
+    if has_gone_out(previous, pending):
+        return None
+    if pending is not None and pending == at:
+        return pending  # due now, as it was
     raise SchedulePassed(at)
 
 

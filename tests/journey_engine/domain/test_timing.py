@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.journey_engine.domain.timing import (
+    Schedule,
     SchedulePassed,
     parse_instant,
     run_after_edit,
@@ -47,23 +48,53 @@ WEEK = timedelta(days=7)
 def test_a_live_schedule_follows_its_definition_when_edited() -> None:
     now = AT + timedelta(days=1)
     later = now + timedelta(days=6)
+    one_off, weekly = Schedule(AT), Schedule(AT, WEEK)
     # A run not started moves to an `at` ahead, one-off or recurring, from wherever it was.
-    for pending in (AT, AT + WEEK, None):
-        assert run_after_edit(later, None, pending=pending, started=False, now=now) == later
-        assert run_after_edit(later, WEEK, pending=pending, started=False, now=now) == later
+    for previous, pending in ((one_off, AT), (weekly, AT + WEEK), (one_off, None), (None, None)):
+        for every in (None, WEEK):
+            edited = run_after_edit(later, every, previous=previous, pending=pending, started=False, now=now)
+            assert edited == later
     # A recurring schedule begun already: its first run after now, on the new grid; a due run goes out.
-    assert run_after_edit(AT, timedelta(days=3), pending=AT + WEEK, started=False, now=now) == AT + 3 * DAY
-    assert run_after_edit(AT, timedelta(days=3), pending=now, started=False, now=now) == now
+    three_days = {"previous": weekly, "started": False, "now": now}
+    assert run_after_edit(AT, timedelta(days=3), pending=AT + WEEK, **three_days) == AT + 3 * DAY
+    assert run_after_edit(AT, timedelta(days=3), pending=now, **three_days) == now
     # A one-off whose `at` has passed: sent already, or due as it was, it stays so...
-    assert run_after_edit(AT, None, pending=None, started=False, now=now) is None
-    assert run_after_edit(AT, None, pending=AT, started=False, now=now) == AT
+    assert run_after_edit(AT, None, previous=one_off, pending=None, started=False, now=now) is None
+    assert run_after_edit(AT, None, previous=one_off, pending=AT, started=False, now=now) == AT
     # ...but one not sent yet is not moved into the past.
     with pytest.raises(SchedulePassed) as passed:
-        run_after_edit(AT, None, pending=later, started=False, now=now)
+        run_after_edit(AT, None, previous=Schedule(later), pending=later, started=False, now=now)
     assert passed.value.due == AT
     # A run in progress finishes first, whatever the edit says.
-    assert run_after_edit(later, WEEK, pending=AT, started=True, now=now) == AT
-    assert run_after_edit(AT - WEEK, None, pending=AT, started=True, now=now) == AT
+    assert run_after_edit(later, WEEK, previous=weekly, pending=AT, started=True, now=now) == AT
+    assert run_after_edit(AT - WEEK, None, previous=one_off, pending=AT, started=True, now=now) == AT
+
+
+def test_a_recurring_schedule_made_a_one_off_runs_no_more() -> None:
+    """Told from the version edited, not from `pending` alone: a recurring schedule's pending run is
+    its next one, which said "not sent yet" (a 409 claiming the broadcast had not gone out)."""
+    now = AT + timedelta(days=8)
+    weekly = Schedule(AT, WEEK)
+    assert run_after_edit(AT, None, previous=weekly, pending=AT + 2 * WEEK, started=False, now=now) is None
+    # One whose first run has not come yet is a broadcast not sent: not moved into the past.
+    ahead = Schedule(now + DAY, WEEK)
+    with pytest.raises(SchedulePassed):
+        run_after_edit(AT, None, previous=ahead, pending=now + DAY, started=False, now=now)
+    # A run in progress finishes; `upcoming_run` then says no more.
+    assert run_after_edit(AT, None, previous=weekly, pending=AT + WEEK, started=True, now=now) == AT + WEEK
+    assert upcoming_run(AT, None, now) is None
+
+
+def test_a_journey_that_was_no_broadcast_is_not_given_a_time_that_passed() -> None:
+    """An event or segment journey made a one-off at a time that has passed: nothing pending, which
+    read as "sent already" (200, and nothing ever went out)."""
+    now = AT + DAY
+    with pytest.raises(SchedulePassed) as passed:
+        run_after_edit(AT, None, previous=None, pending=None, started=False, now=now)
+    assert passed.value.due == AT
+    # A recurring one starts on its grid; an `at` ahead is simply its first run.
+    assert run_after_edit(AT, WEEK, previous=None, pending=None, started=False, now=now) == AT + WEEK
+    assert run_after_edit(now + DAY, None, previous=None, pending=None, started=False, now=now) == now + DAY
 
 
 def test_a_resumed_schedule_follows_its_definition_not_the_run_left_pending() -> None:

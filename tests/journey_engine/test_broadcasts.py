@@ -421,3 +421,34 @@ async def test_an_edit_during_a_recurring_run_sets_the_runs_after_it(make_settin
         await h.fire_due()
         assert [n for _, n in await entered(h, jid)] == [2] * 5
         assert await next_run_at(h, jid) == (RUN_AT + timedelta(days=9)).isoformat()
+
+
+async def test_a_one_off_being_sent_cannot_be_moved_ahead(make_settings: Any) -> None:
+    """Moved to a time ahead while its run had members left, it went out a second time then: to
+    everyone, with re-entry `always`. Refused until the run is over (then it is sent again, as asked)."""
+    async with engine_running(make_settings, broadcast_chunk_size=2, broadcast_budget_s=1e-6) as h:
+        await add_members(h, "everyone", 5)
+        again = {"reentry": {"policy": "always"}}
+        jid = await h.journey(one_off(RUN_AT) | again)
+        h.clock.set(RUN_AT + timedelta(minutes=1))
+        assert await h.engine.run_due_broadcasts() == 2 and h.engine.broadcasts_pending
+        tomorrow = RUN_AT + timedelta(days=1)
+        r = await put(h, jid, one_off(tomorrow) | again)
+        assert r.status_code == 409, r.text
+        [error] = r.json()["errors"]
+        assert (error["field"], error["rule"]) == ("definition.entry.at", "schedule_passed")
+        assert RUN_AT.isoformat() in error["message"] and tomorrow.isoformat() in error["message"]
+        assert (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()["versions"] == [1]
+        # Another edit goes through; the run finishes once.
+        assert (await put(h, jid, one_off(RUN_AT, name="Launch (final)") | again)).status_code == 200
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1] * 5
+        assert await next_run_at(h, jid) is None
+        h.clock.set(tomorrow)
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1] * 5
+        # Over, it can be sent again.
+        r = await put(h, jid, one_off(tomorrow + timedelta(hours=1)) | again)
+        assert (
+            r.status_code == 200 and await next_run_at(h, jid) == (tomorrow + timedelta(hours=1)).isoformat()
+        )

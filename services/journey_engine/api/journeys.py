@@ -24,6 +24,7 @@ from services.journey_engine.domain.entry import EventTrigger, triggers
 from services.journey_engine.domain.stats import two_proportion_z_test
 from services.journey_engine.domain.template_references import referenced_templates, template_warnings
 from services.journey_engine.domain.timing import (
+    RunInProgress,
     Schedule,
     SchedulePassed,
     run_after_edit,
@@ -240,6 +241,14 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                     raise schedule_passed(
                         f"the broadcast has not gone out yet: it can go at a time ahead of now, not at "
                         f"{passed.due.isoformat()}, which has passed; nothing was saved"
+                    ) from None
+                except RunInProgress as running:
+                    since = running.run_at.isoformat() if running.run_at else "a moment ago"
+                    raise schedule_passed(
+                        f"the broadcast is being sent (its run of {since} has members left): moved to "
+                        f"{entry.at.isoformat()}, it would go out again then to those it reached "
+                        "already; nothing was saved. To send it again, save that time once this run is "
+                        "over (next_run_at null)"
                     ) from None
             await journey_store.update(
                 uow.session,

@@ -132,6 +132,15 @@ class SchedulePassed(Exception):
         self.due = due
 
 
+class RunInProgress(Exception):
+    """A one-off broadcast being sent (since `run_at`), asked to go at a time ahead: once this run
+    finished, the members it reached would get it a second time."""
+
+    def __init__(self, run_at: datetime | None) -> None:
+        super().__init__(run_at.isoformat() if run_at else "")
+        self.run_at = run_at
+
+
 def has_gone_out(schedule: Schedule | None, pending: datetime | None) -> bool:
     """Whether a live journey's schedule (`schedule`, None: it was no broadcast) has sent a run, from
     its next run (`pending`): a one-off's is cleared once sent, a recurring one's moves past `at`."""
@@ -155,12 +164,16 @@ def run_after_edit(
     `previous`: the version edited (None: not a broadcast), `pending`: its next run so far,
     `started`: whether that run has enrolled some members already.
 
-    A run in progress finishes first (the next follows the new definition). Otherwise the run moves to
+    A run in progress finishes first (the next follows the new definition), but a one-off being sent
+    is not given an `at` ahead (`RunInProgress`: it would go out twice). Otherwise the run moves to
     an `at` ahead, or a recurring schedule's first run after now on its new grid (a run due now still
     goes out). A one-off's `at` that has passed: one sent already is not sent again, a recurring
     schedule made a one-off runs no more, one not sent yet cannot be moved into the past, nor a
     journey that was no broadcast given a time that has passed (`SchedulePassed`)."""
     if started:
+        one_off_again = every is None and at > now and previous is not None and previous.every is None
+        if one_off_again:
+            raise RunInProgress(pending)
         return pending
     if at > now:
         return at

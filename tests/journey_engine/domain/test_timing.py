@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.journey_engine.domain.timing import (
+    RunInProgress,
     Schedule,
     SchedulePassed,
     parse_instant,
@@ -95,6 +96,20 @@ def test_a_journey_that_was_no_broadcast_is_not_given_a_time_that_passed() -> No
     # A recurring one starts on its grid; an `at` ahead is simply its first run.
     assert run_after_edit(AT, WEEK, previous=None, pending=None, started=False, now=now) == AT + WEEK
     assert run_after_edit(now + DAY, None, previous=None, pending=None, started=False, now=now) == now + DAY
+
+
+def test_a_one_off_being_sent_is_not_given_a_time_ahead() -> None:
+    """It would go out a second time then, to the members its run reached already."""
+    now = AT + timedelta(minutes=5)
+    with pytest.raises(RunInProgress) as running:
+        run_after_edit(AT + DAY, None, previous=Schedule(AT), pending=AT, started=True, now=now)
+    assert running.value.run_at == AT
+    # A recurring one's run goes on, and the next run is the new one-off's (a new broadcast); a
+    # one-off made recurring runs on its new grid after this run.
+    assert (
+        run_after_edit(AT + DAY, None, previous=Schedule(AT, WEEK), pending=AT, started=True, now=now) == AT
+    )
+    assert run_after_edit(AT + DAY, WEEK, previous=Schedule(AT), pending=AT, started=True, now=now) == AT
 
 
 def test_a_resumed_schedule_follows_its_definition_not_the_run_left_pending() -> None:

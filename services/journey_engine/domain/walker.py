@@ -222,8 +222,13 @@ def facts_for(customer: CustomerView, event: Mapping[str, Any] | None = None) ->
 
 def message_id(journey_id: str, version: int, instance_id: str, node_id: str, visit: int = 1) -> str:
     """Stable for one step: a redelivered or retried step asks for the same message again."""
-    base = f"jm:{journey_id}:v{version}:{instance_id}:{node_id}"
-    return base if visit <= 1 else f"{base}:{visit}"
+    return f"jm:{journey_id}:v{version}:{visit_suffix(instance_id, node_id, visit)}"
+
+
+def visit_suffix(instance_id: str, node_id: str, visit: int) -> str:
+    """How a message id ends for this visit of the node, whatever the version (`message_id`)."""
+    tail = f"{instance_id}:{node_id}"
+    return tail if visit <= 1 else f"{tail}:{visit}"
 
 
 def split_bucket(journey_id: str, node_id: str, customer_id: str) -> float:
@@ -462,19 +467,26 @@ class Walker:
             }
         # The id the send node's message got: it names the version it was sent on, which is not the
         # instance's own once a migration moved it (v1's mail, a v2 instance: nothing matched).
+        visits = self.context.get("visits", {})
+        visit = max(1, int(visits.get(node.send_node, 1)))
         sent = self.context.get(SENT_MESSAGES, {})
-        mid = sent.get(node.send_node) if isinstance(sent, Mapping) else None
-        if not isinstance(mid, str):
-            # Sent before ids were recorded (or never): the id its last visit got on the version the
-            # instance had then, the one it left at its first migration since, if any.
+        kept = sent.get(node.send_node) if isinstance(sent, Mapping) else None
+        if isinstance(kept, str) and kept.endswith(
+            visit_suffix(self.instance.instance_id, node.send_node, visit)
+        ):
+            mid = kept
+        else:
+            # None kept: sent before ids were kept, on the version the instance had then (the one it
+            # left at its first migration since, if any). An earlier visit's: a replica of the
+            # release before sent this visit (it keeps the ids, never updates them), on the
+            # instance's version, as that release's wait expects.
             before = self.context.get(MIGRATED_FROM)
-            visits = self.context.get("visits", {})
             mid = message_id(
                 self.instance.journey_id,
-                before if isinstance(before, int) else self.instance.version,
+                before if kept is None and isinstance(before, int) else self.instance.version,
                 self.instance.instance_id,
                 node.send_node,
-                max(1, int(visits.get(node.send_node, 1))),
+                visit,
             )
         return {
             "kind": "message",

@@ -265,6 +265,52 @@ def test_a_withheld_message_and_one_sent_before_ids_were_kept_are_waited_for_too
         assert waiting.wait["message_id"] == message_id("j1", version, "i1", "mail", 2)
 
 
+MAIL_UNTIL_CLICKED = graph(
+    [
+        {"id": "start", "type": "entry"},
+        {"id": "mail", "type": "send", "channel": "email", "template_id": "hello"},
+        {"id": "pause", "type": "delay", "duration": "PT1H"},
+        {
+            "id": "clicked",
+            "type": "wait_message",
+            "send_node": "mail",
+            "statuses": ["clicked"],
+            "timeout": "P1D",
+        },
+        {"id": "done", "type": "exit"},
+    ],
+    [
+        {"from": "start", "to": "mail"},
+        {"from": "mail", "to": "pause"},
+        {"from": "pause", "to": "clicked"},
+        {"from": "clicked", "to": "done", "branch": "matched"},
+        {"from": "clicked", "to": "mail", "branch": "timeout"},
+    ],
+)
+
+
+def test_a_wait_after_a_send_by_the_release_before_waits_for_that_visits_message() -> None:
+    """A loop mail -> delay -> wait -> mail: a replica of the release before sent the second mail (it
+    counts the visit, keeps `message_ids` as they were); the wait after the delay waited for the
+    first mail's id, and its click was never matched."""
+    g = MAIL_UNTIL_CLICKED
+    first = step(g, fresh(g), Start())
+    assert first is not None and first.context["message_ids"] == {"mail": message_id("j1", 1, "i1", "mail")}
+    # What the old replica's second visit left, on version 2 (migrated meanwhile): the visit counted,
+    # the first visit's id still kept.
+    context = {**first.context, "visits": {"mail": 2}, "migrated_from": 1}
+    left = replace(fresh(g), version=2, node_id="pause", context=context)
+    waiting = step(g, left, TimerFired(), NOW + timedelta(hours=1))
+    assert waiting is not None and waiting.wait is not None
+    # Its message's id: the instance's version (as the release before's wait expects), visit 2.
+    assert waiting.wait["message_id"] == message_id("j1", 2, "i1", "mail", 2)
+    # A kept id of this visit is trusted, whatever version it names.
+    kept = {**context, "message_ids": {"mail": message_id("j1", 1, "i1", "mail", 2)}}
+    waiting = step(g, replace(left, context=kept), TimerFired(), NOW + timedelta(hours=1))
+    assert waiting is not None and waiting.wait is not None
+    assert waiting.wait["message_id"] == message_id("j1", 1, "i1", "mail", 2)
+
+
 def test_frequency_cap_per_local_day_withholds_with_reason() -> None:
     rules = MessagingRules(caps={"email": CapRule(1, "day")})
     customer = CustomerView("c1", timezone="Asia/Tokyo", recent_sends={"email": [NOW - timedelta(hours=2)]})

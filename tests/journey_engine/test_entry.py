@@ -4,13 +4,17 @@ entries in flight when a journey is paused or archived."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
+from services.journey_engine.api import journeys as journeys_api
 from services.journey_engine.store.journeys import ENTRY_GATE
 from shared.contracts.events import RESYNC_CAUSE, CustomerEvent
 from shared.contracts.topics import CUSTOMER_EVENTS
@@ -399,3 +403,55 @@ async def test_pausing_while_an_entry_is_in_flight_lets_it_finish_then_takes_no_
         assert [(m["customer_id"], m["template_id"]) for m in await h.requests(idle=0.5)] == [("a", "hello")]
         await h.advance(timedelta(days=3))
         assert [(r.customer_id, r.status) for r in await h.instances(jid)] == [("a", "exited")]
+
+
+@contextlib.asynccontextmanager
+async def entry_in_flight(h: Harness) -> AsyncIterator[None]:
+    """The entry gate held shared for the block, as a consumer batch that may enter customers holds
+    it (a slow one: stuck on a lock, or a large batch)."""
+    async with h.platform.engine.connect() as holder:
+        await holder.execute(text(f"SELECT pg_advisory_xact_lock_shared({ENTRY_GATE})"))
+        try:
+            yield
+        finally:
+            await holder.rollback()
+
+
+async def test_a_pause_that_cannot_have_the_gate_soon_answers_busy_and_holds_up_no_entry_for_long(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slow batch in flight: the pause waited for it without a bound, and every entry into any
+    journey queued behind the pause meanwhile. It gives up after `STATUS_LOCK_TIMEOUT_MS` (503
+    journey_busy, Retry-After), changing nothing; the entries queued behind it go on."""
+    monkeypatch.setattr(journeys_api, "STATUS_LOCK_TIMEOUT_MS", 300)
+    async with engine_running(make_settings) as h:
+        paused = await h.journey(linear("Hello", "Signed Up", SEND_AND_WAIT))
+        other = await h.journey(linear("Other", "Bought", SEND_AND_WAIT))
+        async with entry_in_flight(h):
+            pause = asyncio.create_task(h.client.post(f"/v1/journeys/{paused}/pause", headers=ADMIN))
+            await eventually(lambda: gate_waiters(h))
+            await h.track("b", "Bought", wait=False)  # queued behind the pause's request
+            r = await asyncio.wait_for(pause, 10)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1" and r.json()["error"] == "journey_busy"
+            await h.processed("events")  # entered, the batch in flight still holding the gate
+            assert [(i.customer_id, i.status) for i in await h.instances(other)] == [("b", "active")]
+        body = (await h.client.get(f"/v1/journeys/{paused}", headers=ADMIN)).json()
+        assert body["status"] == "active"
+        assert (await h.client.post(f"/v1/journeys/{paused}/pause", headers=ADMIN)).status_code == 200
+
+
+async def test_a_refused_status_change_takes_no_gate(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown journey (404) or a transition its status does not allow (409) waited for the gate
+    all the same, holding up every entry meanwhile: refused before it now, at once."""
+    monkeypatch.setattr(journeys_api, "STATUS_LOCK_TIMEOUT_MS", 60_000)
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(linear("Hello", "Signed Up", SEND_AND_WAIT))
+        assert (await h.client.post(f"/v1/journeys/{jid}/pause", headers=ADMIN)).status_code == 200
+        async with entry_in_flight(h):
+            for path, status in ((f"{jid}/pause", 409), ("nobody/archive", 404)):
+                r = await asyncio.wait_for(h.client.post(f"/v1/journeys/{path}", headers=ADMIN), 10)
+                assert r.status_code == status, r.text
+            assert await gate_waiters(h) == 0

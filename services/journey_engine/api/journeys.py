@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.journey_engine.domain.definition import (
@@ -47,6 +48,9 @@ from shared.http import ApiError, admin_guard, field_error
 from shared.runtime import Platform
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# How long a pause or archive waits for the entry gate and the journey's row before answering 503
+# (`journey_busy`): while it waits, every consumer batch that may enter customers waits behind it.
+STATUS_LOCK_TIMEOUT_MS = 1000
 TRANSITIONS: dict[str, dict[str, set[str]]] = {
     "activate": {"from": {"draft", "paused"}, "to": {"active"}},
     "pause": {"from": {"active"}, "to": {"paused"}},
@@ -301,23 +305,46 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 errors=errors,
             )
 
+    def check_transition(row: JourneyRow, action: str) -> None:
+        rule = TRANSITIONS[action]
+        if row.status not in rule["from"]:
+            raise ApiError(
+                409,
+                "invalid_transition",
+                f"cannot {action} a journey that is {row.status}",
+                errors=[field_error("status", "transition", f"{action} needs one of {sorted(rule['from'])}")],
+            )
+
     async def transition(journey_id: str, action: Literal["activate", "pause", "archive"]) -> dict[str, Any]:
+        try:
+            return await change_status(journey_id, action)
+        except DBAPIError as exc:
+            if not journey_store.is_lock_timeout(exc):
+                raise
+            raise ApiError(
+                503,
+                "journey_busy",
+                f"entries in flight did not let the {action} through within "
+                f"{STATUS_LOCK_TIMEOUT_MS} ms; nothing changed, try again",
+                headers={"Retry-After": "1"},
+            ) from exc
+
+    async def change_status(
+        journey_id: str, action: Literal["activate", "pause", "archive"]
+    ) -> dict[str, Any]:
         now = clock.now()
+        rule = TRANSITIONS[action]
         async with platform.unit_of_work() as uow:
+            # Refused (404, 409) before any lock: the gate below holds up every entry while it waits.
+            check_transition(await load(uow.session, journey_id), action)
             if action != "activate":
-                # Entries in flight commit first (archive exits them with the rest); none after.
+                # Entries in flight commit first (archive exits them with the rest); none after. Not
+                # for long: every consumer batch that may enter customers waits behind this request
+                # while it waits (for the gate, then for the journey's row).
+                await journey_store.set_lock_timeout(uow.session, STATUS_LOCK_TIMEOUT_MS)
                 await journey_store.hold_entries(uow.session)
             row = await load(uow.session, journey_id, for_update=True)
-            rule = TRANSITIONS[action]
-            if row.status not in rule["from"]:
-                raise ApiError(
-                    409,
-                    "invalid_transition",
-                    f"cannot {action} a journey that is {row.status}",
-                    errors=[
-                        field_error("status", "transition", f"{action} needs one of {sorted(rule['from'])}")
-                    ],
-                )
+            check_transition(row, action)  # changed meanwhile
             status = next(iter(rule["to"]))
             graph = await engine.graph(uow.session, journey_id, row.current_version)
             entry = graph.definition.entry if graph is not None else None

@@ -11,14 +11,11 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.engine import Statement
-
 # The entry gate: consumer batches that may enter customers in journeys hold it shared from before
 # they read which journeys are active until they commit (`projection.lock_customers`); a pause or
 # archive holds it exclusive (`hold_entries`). Two 32-bit keys: a key space apart from the customers'
 # 64-bit advisory locks, the schema's name in the second.
 ENTRY_GATE = "hashtext('clm.journey_entries'), hashtext(current_schema())"
-_HOLD_ENTRIES = Statement(f"SELECT pg_advisory_xact_lock({ENTRY_GATE})")
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,22 @@ async def hold_entries(session: AsyncSession) -> None:
     until this transaction ends. Taken before any other lock by a status change that stops entries:
     every entry is then either committed before it (an archive exits it with the rest) or reads the
     journey's new status (a batch that read it as active created a live instance after the archive
-    had exited everyone inside). Batches hold it shared only: they never wait on each other."""
-    await _HOLD_ENTRIES.execute(session)
+    had exited everyone inside). Batches hold it shared only: they never wait on each other, but all
+    of them wait behind this request while it waits: take it under a `set_lock_timeout`."""
+    await session.execute(text(f"SELECT pg_advisory_xact_lock({ENTRY_GATE})"))
+
+
+async def set_lock_timeout(session: AsyncSession, ms: int) -> None:
+    """For the rest of this transaction, a lock not granted within `ms` raises (SQLSTATE 55P03)."""
+    await session.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{int(ms)}ms"})
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        if getattr(candidate, "sqlstate", None) == "55P03":
+            return True
+    return False
 
 
 async def list_all(session: AsyncSession) -> list[JourneyRow]:

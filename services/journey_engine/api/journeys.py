@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from datetime import datetime
@@ -47,6 +48,7 @@ from services.journey_engine.store.journeys import JourneyRow
 from shared.http import ApiError, admin_guard, field_error
 from shared.runtime import Platform
 
+log = logging.getLogger(__name__)
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # How long a pause or archive waits for the entry gate and the journey's row before answering 503
 # (`journey_busy`): while it waits, every consumer batch that may enter customers waits behind it.
@@ -375,11 +377,15 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 )
             else:
                 await journey_store.update(uow.session, journey_id, now=now, status=status)
-            if action == "archive":
-                await instance_store.exit_all(uow.session, journey_id, "archived", now)
             row = await load(uow.session, journey_id)
             # Going live is when a step naming a template the notifier lacks starts failing messages.
             found = await warnings(uow.session, graph.definition) if graph is not None else []
+        if action == "archive":
+            # The customers inside exit now, the gate released: entries never waited for that.
+            try:
+                await engine.finish_archive(journey_id)
+            except Exception:
+                log.exception("exiting an archived journey's customers failed; the sweeper finishes it")
         return journey_body(row, None) | {"warnings": found}
 
     @router.post("/{journey_id}/activate")

@@ -97,6 +97,8 @@ MERGES_TAKEN_OVER = Counter(
 )
 # The exit reason of a merged-away profile's instance whose journey the survivor is inside already.
 MERGED_AWAY = "merged: the surviving profile is inside this journey"
+# The exit reason of an archived journey's instances.
+ARCHIVED = "archived"
 BROADCAST_FAILURES = Counter(
     "clm_journey_broadcast_failures_total",
     "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
@@ -148,6 +150,9 @@ class Batch:
     active: dict[str, list[InstanceRow]]
     entries: dict[tuple[str, str, str], datetime]
     journeys: list[ActiveJourney]
+    # Journeys of `active` instances that are archived: the archive exits its customers after it
+    # committed, and a step that comes first exits the instance instead (`JourneyEngine._archived`).
+    archived: set[str]
     # Finished instances whose goal may still be reached (event batches only: goals are events).
     windows: dict[str, list[GoalWindow]] = field(default_factory=dict)
     # What the caller looked up before the locks, read again after them (`batch_read.BatchRead`).
@@ -255,6 +260,7 @@ class JourneyEngine:
             active=active,
             entries=read.entries,
             journeys=await self.active_journeys(session, read.journeys),
+            archived=read.archived,
             windows=windows,
             resolved=read.resolved,
             owners=read.owners,
@@ -469,6 +475,9 @@ class JourneyEngine:
                     and wait.get("kind") == "message"
                     and wait.get("message_id") == s.message_id
                 ):
+                    if row.journey_id in batch.archived:
+                        self._archived(batch.writer, row)
+                        continue
                     await self._react(
                         uow,
                         batch.writer,
@@ -505,6 +514,9 @@ class JourneyEngine:
         event_payload = trigger.event if isinstance(trigger, EventTrigger) else {}
         facts = facts_for(customer, event_payload)
         for row in list(batch.active[customer_id]):
+            if row.journey_id in batch.archived:
+                self._archived(writer, row)
+                continue
             graph = await self.graph(session, row.journey_id, row.version)
             if graph is None:
                 continue
@@ -680,6 +692,11 @@ class JourneyEngine:
         writer.counts[(row.journey_id, row.version, row.node_id, metric)] += 1
         if status == "exited":
             self._open_goal_window(writer, row, goal)
+
+    def _archived(self, writer: StepWriter, row: InstanceRow) -> None:
+        """An archived journey's instance the archive has not exited yet: it exits (as the archive
+        would, no goal window) rather than step on and send."""
+        self._leave(writer, row, "exited", ARCHIVED, "exited")
 
     @staticmethod
     def _open_goal_window(writer: StepWriter, row: InstanceRow, goal: Goal | None) -> None:
@@ -887,14 +904,17 @@ class JourneyEngine:
                 claimed = await instance_store.claim_due_timers(session, now, batch_size)
                 ids = sorted({t.instance_id for t in claimed})
                 locked = await projection.lock_customers_of_instances(session, ids)
-                rows = {r.id: r for r in await instance_store.lock_instances(session, ids)}
+                held = await instance_store.lock_instances(session, ids)
+                rows = {r.id: r for r, _ in held}
+                archived = {r.id for r, a in held if a}
                 if any(r.customer_id not in locked for r in rows.values()):
                     raise InstanceConflict()  # a merge moved one to another customer: go again
             else:
                 # Without caps an instance's own row lock is all a timer step needs: one round trip.
-                pairs = await instance_store.claim_due_steps(session, now, batch_size)
-                claimed = [t for t, _ in pairs]
-                rows = {r.id: r for _, r in pairs}
+                steps = await instance_store.claim_due_steps(session, now, batch_size)
+                claimed = [t for t, _, _ in steps]
+                rows = {r.id: r for _, r, _ in steps}
+                archived = {r.id for _, r, a in steps if a}
             if claimed:
                 live: dict[str, InstanceRow] = {}
                 for t in claimed:
@@ -910,6 +930,9 @@ class JourneyEngine:
                 customers = {cid: customer_view(rec) for cid, rec in records.items()}
                 writer = StepWriter(now)
                 for row in live.values():
+                    if row.id in archived:
+                        self._archived(writer, row)
+                        continue
                     await self._react(uow, writer, row, customers[row.customer_id], TimerFired(), now)
                 await writer.flush(session)
         if claimed and self.on_fired is not None:
@@ -1052,6 +1075,57 @@ class JourneyEngine:
                 enrolled += 1
         await writer.flush(session)
         return enrolled
+
+    async def finish_archive(self, journey_id: str) -> int:
+        """Exit an archived journey's customers (counted as exited at their node) and close its goal
+        windows, a chunk per transaction; the number exited. Its status changed first, on its own
+        (the entry gate is held exclusive only for that): until a chunk gets to an instance, any step
+        of it exits it rather than send (`_archived`)."""
+        size = self.settings.archive_chunk_size
+        exited, after = 0, None
+        while True:
+            async with self.platform.unit_of_work() as uow:
+                n, after = await instance_store.exit_unheld(
+                    uow.session, journey_id, ARCHIVED, self.clock.now(), size, after
+                )
+            exited += n
+            if after is None:
+                break
+        while True:  # those steps in flight held (skipped above), waiting for them
+            async with self.platform.unit_of_work() as uow:
+                n = await instance_store.exit_held(uow.session, journey_id, ARCHIVED, self.clock.now(), size)
+            exited += n
+            if n == 0:
+                break
+        async with self.platform.unit_of_work() as uow:
+            await instance_store.close_goal_windows(uow.session, journey_id)
+        return exited
+
+    async def finish_archives(self) -> int:
+        """Finish the archived journeys that still have customers inside or goal windows open (one
+        replica at a time): an archive's answer that never got to them (a crash after its status
+        changed), or an entry committed after it (a replica of the release before takes no entry
+        gate). Returns the customers exited."""
+        async with try_exclusive(self.platform.engine, "journey_engine.finish_archives") as mine:
+            if not mine:
+                return 0
+            async with self.platform.unit_of_work() as uow:
+                unfinished = await journey_store.unfinished_archives(uow.session)
+            exited = 0
+            for journey_id in unfinished:
+                exited += await self.finish_archive(journey_id)
+            return exited
+
+    async def finish_archives_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.archive_sweep_interval_s)
+            try:
+                if exited := await self.finish_archives():
+                    log.info("archived journeys' customers exited", extra={"instances": exited})
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("finishing archived journeys failed; retrying next round")
 
     async def compact_counts(self) -> int:
         """Roll up the step counters of journeys that have piled up rows and forget expired goal

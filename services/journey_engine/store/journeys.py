@@ -111,6 +111,25 @@ def active_rows(rows: Sequence[Sequence[Any]]) -> list[JourneyRow]:
     return [JourneyRow(*r) for r in rows]
 
 
+# Of the journeys a batch's active instances are in, the archived ones (`store.batch_read`): an
+# archive exits its customers after it committed, and a step that comes first exits the instance.
+ARCHIVED_SQL = "SELECT id FROM journeys WHERE id = ANY(CAST(:journey_ids AS text[])) AND status = 'archived'"
+
+
+async def unfinished_archives(session: AsyncSession) -> list[str]:
+    """Archived journeys with customers still inside or goal windows still open: the archive's
+    answer did not get to them (a crash after its status change), or an entry committed after it
+    (a replica of the release before takes no entry gate)."""
+    rows = await session.execute(
+        text(
+            "SELECT id FROM journeys AS j WHERE status = 'archived' AND ("
+            "EXISTS (SELECT 1 FROM instances WHERE journey_id = j.id AND status = 'active') "
+            "OR EXISTS (SELECT 1 FROM goal_windows WHERE journey_id = j.id)) ORDER BY updated_at, id"
+        )
+    )
+    return [r[0] for r in rows]
+
+
 async def definition(session: AsyncSession, journey_id: str, version: int) -> dict[str, Any] | None:
     value = await session.scalar(
         text("SELECT definition FROM journey_versions WHERE journey_id = :id AND version = :v"),

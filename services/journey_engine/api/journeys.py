@@ -50,8 +50,9 @@ from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-# How long a pause or archive waits for the entry gate and the journey's row before answering 503
-# (`journey_busy`): while it waits, every consumer batch that may enter customers waits behind it.
+# How long a pause or archive waits for the entry gate, and then for the journey's row, before
+# answering 503 (`journey_busy`): while it waits, every consumer batch that may enter customers
+# waits behind it.
 STATUS_LOCK_TIMEOUT_MS = 1000
 TRANSITIONS: dict[str, dict[str, set[str]]] = {
     "activate": {"from": {"draft", "paused"}, "to": {"active"}},
@@ -326,7 +327,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             raise ApiError(
                 503,
                 "journey_busy",
-                f"entries in flight did not let the {action} through within "
+                f"entries in flight (or an edit or broadcast of this journey) held the {action} up for "
                 f"{STATUS_LOCK_TIMEOUT_MS} ms; nothing changed, try again",
                 headers={"Retry-After": "1"},
             ) from exc

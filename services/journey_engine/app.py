@@ -35,6 +35,7 @@ def create_app(settings: JourneyEngineSettings | None = None, clock: Clock | Non
             for n in range(settings.timer_workers):
                 platform.run_in_background(f"journey-timers-{n}", engine.run_forever)
             platform.run_in_background("journey-counts-compaction", engine.compact_counts_forever)
+            platform.run_in_background("journey-archive-sweeper", engine.finish_archives_forever)
         try:
             yield
         finally:

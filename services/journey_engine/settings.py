@@ -40,6 +40,11 @@ class JourneyEngineSettings(BaseServiceSettings):
     # per total is rolled up every `counts_compact_interval_s`, so its stats stay a read of a few rows.
     counts_rows_per_total: int = 20
     counts_compact_interval_s: float = 300.0
+    # An archive exits its journey's customers after its status change, this many per transaction;
+    # every `archive_sweep_interval_s` one replica finishes archives a crash (or an entry by a
+    # replica of the release before) left with customers inside.
+    archive_chunk_size: int = Field(default=5000, ge=1, le=100_000)
+    archive_sweep_interval_s: float = Field(default=60.0, gt=0)
     # Broadcasts (`schedule` entries, `enrol_current`) enrol a segment this many members per
     # transaction (each takes one lock per member: PostgreSQL's lock table is finite), resuming
     # after the last committed chunk; a pass works on them this long before the timers' turn. A

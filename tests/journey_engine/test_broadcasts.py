@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -211,3 +212,243 @@ async def test_a_recurring_broadcast_reaches_its_members_every_run_unless_told_o
         del one_off["reentry"], one_off["entry"]["every"]
         r = await h.client.post("/v1/journeys", headers=ADMIN, json={"definition": one_off})
         assert r.json()["definition"]["reentry"]["policy"] == "once" and r.json()["warnings"] == []
+
+
+def one_off(at: datetime, **extra: Any) -> dict[str, Any]:
+    definition = broadcast("everyone", **extra)
+    definition["entry"] = {"type": "schedule", "segment_id": "everyone", "at": at.isoformat()}
+    definition["reentry"] = {"policy": "once"}
+    return definition
+
+
+async def put(h: Harness, journey_id: str, definition: dict[str, Any]) -> httpx.Response:
+    return await h.client.put(f"/v1/journeys/{journey_id}", json={"definition": definition}, headers=ADMIN)
+
+
+async def next_run_at(h: Harness, journey_id: str) -> str | None:
+    body = (await h.client.get(f"/v1/journeys/{journey_id}", headers=ADMIN)).json()
+    value = body["next_run_at"]
+    return value if value is None else datetime.fromisoformat(value).isoformat()
+
+
+async def test_a_paused_broadcast_moved_to_another_time_runs_then(make_settings: Any) -> None:
+    """Paused, moved a week later, resumed: it went out at its old time all the same (an edit set the
+    run only while active, a resume never)."""
+    later = RUN_AT + timedelta(days=7)
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 3)
+        jid = await h.journey(one_off(RUN_AT))
+        assert (await h.client.post(f"/v1/journeys/{jid}/pause", headers=ADMIN)).status_code == 200
+        r = await put(h, jid, one_off(later))
+        assert r.status_code == 200, r.text
+        assert await next_run_at(h, jid) == later.isoformat()
+        r = await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["status"] == "active"
+        assert await next_run_at(h, jid) == later.isoformat()
+        await h.advance(timedelta(hours=2))  # its old time passes
+        assert await entered(h, jid) == []
+        h.clock.set(later)
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1, 1, 1]
+        assert await next_run_at(h, jid) is None
+
+
+async def test_a_one_off_whose_time_passed_while_paused_is_not_sent_late_at_once(make_settings: Any) -> None:
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 3)
+        jid = await h.journey(one_off(RUN_AT))
+        await h.client.post(f"/v1/journeys/{jid}/pause", headers=ADMIN)
+        h.clock.set(RUN_AT + timedelta(days=1))
+        r = await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)
+        assert r.status_code == 409, r.text
+        [error] = r.json()["errors"]
+        assert (error["field"], error["rule"]) == ("definition.entry.at", "schedule_passed")
+        assert RUN_AT.isoformat() in error["message"] and "archive" in error["message"]
+        # Nor moved to another time that has passed (nothing is saved)...
+        r = await put(h, jid, one_off(RUN_AT + timedelta(hours=12)))
+        assert r.status_code == 409 and r.json()["errors"][0]["rule"] == "schedule_passed", r.text
+        body = (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()
+        assert (body["status"], body["versions"]) == ("paused", [1])
+        await h.fire_due()
+        assert await entered(h, jid) == []
+        # ...while an edit of something else keeps it as it is, and a time ahead sends it then.
+        r = await put(h, jid, one_off(RUN_AT, name="Launch (final)"))
+        assert r.status_code == 200 and await next_run_at(h, jid) == RUN_AT.isoformat()
+        soon = h.clock.now() + timedelta(minutes=5)
+        assert (await put(h, jid, one_off(soon))).status_code == 200
+        assert (await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)).status_code == 200
+        await h.fire_due()
+        assert await entered(h, jid) == []
+        await h.advance(timedelta(minutes=5))
+        assert [n for _, n in await entered(h, jid)] == [1, 1, 1]
+
+
+async def test_a_recurring_broadcast_resumes_on_its_definitions_schedule(make_settings: Any) -> None:
+    """Runs missed while paused are skipped (as while the engine is down); an edit while paused moves
+    the schedule to the new definition's runs, and the runs after it follow them too."""
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 2)
+        jid = await h.journey(broadcast("everyone"))
+        h.clock.set(RUN_AT)
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1, 1]
+        await h.client.post(f"/v1/journeys/{jid}/pause", headers=ADMIN)
+        h.clock.set(RUN_AT + timedelta(days=8))  # the second week's run was missed
+        r = await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert await next_run_at(h, jid) == (RUN_AT + timedelta(days=14)).isoformat()
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1, 1]
+
+        await h.client.post(f"/v1/journeys/{jid}/pause", headers=ADMIN)
+        daily = broadcast("everyone")
+        daily["entry"]["every"] = "P1D"
+        assert (await put(h, jid, daily)).status_code == 200
+        assert await next_run_at(h, jid) == (RUN_AT + timedelta(days=9)).isoformat()
+        await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)
+        h.clock.set(RUN_AT + timedelta(days=9))
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [2, 2]
+        assert await next_run_at(h, jid) == (RUN_AT + timedelta(days=10)).isoformat()
+
+
+async def test_a_broadcast_paused_mid_run_goes_on_where_it_stopped(make_settings: Any) -> None:
+    # A tiny budget: each pass enrols one chunk, then leaves the rest for the next.
+    async with engine_running(make_settings, broadcast_chunk_size=2, broadcast_budget_s=1e-6) as h:
+        await add_members(h, "everyone", 5)
+        jid = await h.journey(one_off(RUN_AT))
+        h.clock.set(RUN_AT + timedelta(hours=1))
+        assert await h.engine.run_due_broadcasts() == 2 and h.engine.broadcasts_pending
+        await h.client.post(f"/v1/journeys/{jid}/pause", headers=ADMIN)
+        assert await h.engine.run_due_broadcasts() == 0
+        r = await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1] * 5
+        assert await next_run_at(h, jid) is None
+
+
+async def test_a_resumed_broadcast_runs_when_its_definition_says_not_when_an_old_replica_left_it(
+    make_settings: Any,
+) -> None:
+    """A replica of the release before kept a paused broadcast's next run at its old time when it
+    saved an edit; resumed, it went out then (a resume kept any run still ahead)."""
+    later = RUN_AT + timedelta(days=7)
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 3)
+        jid = await h.journey(one_off(RUN_AT))
+        await h.client.post(f"/v1/journeys/{jid}/pause", headers=ADMIN)
+        assert (await put(h, jid, one_off(later))).status_code == 200
+        # What the old replica's edit left: the run at its old time.
+        async with h.platform.engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE journeys SET next_run_at = :t WHERE id = :j"), {"t": RUN_AT, "j": jid}
+            )
+        r = await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert await next_run_at(h, jid) == later.isoformat()
+        h.clock.set(RUN_AT + timedelta(minutes=1))
+        await h.fire_due()
+        assert await entered(h, jid) == []
+        h.clock.set(later)
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1, 1, 1]
+
+
+async def test_a_recurring_broadcast_made_a_one_off_runs_no_more(make_settings: Any) -> None:
+    """Removing `every` from a broadcast that has run: no more runs (it was refused, 409 saying the
+    broadcast had not gone out yet: its pending run was read as a one-off never sent)."""
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 2)
+        jid = await h.journey(broadcast("everyone"))
+        h.clock.set(RUN_AT)
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1, 1]
+        h.clock.set(RUN_AT + timedelta(days=1))
+        once = broadcast("everyone")
+        del once["entry"]["every"]
+        r = await put(h, jid, once)
+        assert r.status_code == 200, r.text
+        assert r.json()["next_run_at"] is None and await next_run_at(h, jid) is None
+        await h.advance(timedelta(days=7))
+        assert [n for _, n in await entered(h, jid)] == [1, 1]
+
+
+async def test_a_live_journey_made_a_one_off_at_a_time_that_passed_is_refused(make_settings: Any) -> None:
+    """An event journey switched to a broadcast at a time that has passed was saved (200) with no run
+    at all: nothing ever went out. A time ahead is its first run."""
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 2)
+        jid = await h.journey(
+            {
+                "name": "Welcome",
+                "entry": {"type": "event", "event": "Signed Up"},
+                "nodes": [{"id": "start", "type": "entry"}, {"id": "done", "type": "exit"}],
+                "edges": [{"from": "start", "to": "done"}],
+            }
+        )
+        h.clock.set(RUN_AT + timedelta(hours=1))
+        r = await put(h, jid, one_off(RUN_AT))
+        assert r.status_code == 409, r.text
+        [error] = r.json()["errors"]
+        assert (error["field"], error["rule"]) == ("definition.entry.at", "schedule_passed")
+        assert RUN_AT.isoformat() in error["message"]
+        body = (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()
+        assert (body["versions"], body["next_run_at"]) == ([1], None)
+        soon = h.clock.now() + timedelta(minutes=5)
+        assert (await put(h, jid, one_off(soon))).status_code == 200
+        await h.advance(timedelta(minutes=5))
+        assert [n for _, n in await entered(h, jid)] == [1, 1]
+
+
+async def test_an_edit_during_a_recurring_run_sets_the_runs_after_it(make_settings: Any) -> None:
+    """The run in progress finishes; the next is the edited definition's first run after it (its new
+    `at`), not the old one's a week after this run."""
+    async with engine_running(make_settings, broadcast_chunk_size=2, broadcast_budget_s=1e-6) as h:
+        await add_members(h, "everyone", 5)
+        jid = await h.journey(broadcast("everyone"))
+        h.clock.set(RUN_AT + timedelta(minutes=1))
+        assert await h.engine.run_due_broadcasts() == 2 and h.engine.broadcasts_pending
+        moved = broadcast("everyone")
+        moved["entry"]["at"] = (RUN_AT + timedelta(days=2)).isoformat()
+        r = await put(h, jid, moved)
+        assert r.status_code == 200, r.text
+        assert await next_run_at(h, jid) == RUN_AT.isoformat()  # the run goes on
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1] * 5
+        assert await next_run_at(h, jid) == (RUN_AT + timedelta(days=2)).isoformat()
+        h.clock.set(RUN_AT + timedelta(days=2))
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [2] * 5
+        assert await next_run_at(h, jid) == (RUN_AT + timedelta(days=9)).isoformat()
+
+
+async def test_a_one_off_being_sent_cannot_be_moved_ahead(make_settings: Any) -> None:
+    """Moved to a time ahead while its run had members left, it went out a second time then: to
+    everyone, with re-entry `always`. Refused until the run is over (then it is sent again, as asked)."""
+    async with engine_running(make_settings, broadcast_chunk_size=2, broadcast_budget_s=1e-6) as h:
+        await add_members(h, "everyone", 5)
+        again = {"reentry": {"policy": "always"}}
+        jid = await h.journey(one_off(RUN_AT) | again)
+        h.clock.set(RUN_AT + timedelta(minutes=1))
+        assert await h.engine.run_due_broadcasts() == 2 and h.engine.broadcasts_pending
+        tomorrow = RUN_AT + timedelta(days=1)
+        r = await put(h, jid, one_off(tomorrow) | again)
+        assert r.status_code == 409, r.text
+        [error] = r.json()["errors"]
+        assert (error["field"], error["rule"]) == ("definition.entry.at", "schedule_passed")
+        assert RUN_AT.isoformat() in error["message"] and tomorrow.isoformat() in error["message"]
+        assert (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()["versions"] == [1]
+        # Another edit goes through; the run finishes once.
+        assert (await put(h, jid, one_off(RUN_AT, name="Launch (final)") | again)).status_code == 200
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1] * 5
+        assert await next_run_at(h, jid) is None
+        h.clock.set(tomorrow)
+        await h.fire_due()
+        assert [n for _, n in await entered(h, jid)] == [1] * 5
+        # Over, it can be sent again.
+        r = await put(h, jid, one_off(tomorrow + timedelta(hours=1)) | again)
+        assert (
+            r.status_code == 200 and await next_run_at(h, jid) == (tomorrow + timedelta(hours=1)).isoformat()
+        )

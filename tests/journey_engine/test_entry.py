@@ -1,17 +1,27 @@
-"""Entry: segment enter/exit, lifecycle stage, scheduled broadcasts, re-entry policies, caps, A/B splits."""
+"""Entry: segment enter/exit, lifecycle stage, scheduled broadcasts, re-entry policies, caps, A/B splits;
+entries in flight when a journey is paused or archived."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+import pytest
+from sqlalchemy import text
+
+from services.journey_engine.api import journeys as journeys_api
+from services.journey_engine.store.journeys import ENTRY_GATE
 from shared.contracts.events import RESYNC_CAUSE, CustomerEvent
 from shared.contracts.topics import CUSTOMER_EVENTS
 from shared.observability.metrics import HANDLER_ERRORS
-from tests.journey_engine.harness import ADMIN, engine_running
+from tests.journey_engine.harness import ADMIN, Harness, engine_running
 from tests.journey_engine.test_timing_and_rules import linear
+from tests.support import eventually
 
 SEND_AND_WAIT = [
     {"id": "hello", "type": "send", "channel": "email", "template_id": "hello"},
@@ -309,3 +319,139 @@ async def test_entry_filters_and_goals_see_the_customers_timezone_locale_and_con
         await h.track("paris", "Bought")
         [row] = await h.instances(jid)
         assert row.status == "converted" and row.exit_reason == "goal: Bought"
+
+
+async def gate_waiters(h: Harness) -> int:
+    """Transactions waiting for this schema's entry gate."""
+    return int(
+        await h.scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objsubid = 2 "
+            "AND (classid, objid) = (SELECT CAST(a AS oid), CAST(b AS oid) "
+            f"FROM (SELECT {ENTRY_GATE}) AS g(a, b))"
+        )
+    )
+
+
+def status_change_mid_batch(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, journey_id: str, action: str
+) -> list[asyncio.Task[httpx.Response]]:
+    """Pause or archive the journey while the next consumer batch that reads it as active is between
+    that read and its entries (the task of the request, once sent); the batch goes on only once the
+    request waits for it."""
+    original = h.engine.active_journeys
+    sent: list[asyncio.Task[httpx.Response]] = []
+
+    async def racing(session: Any, rows: list[Any]) -> Any:
+        out = await original(session, rows)
+        if not sent and any(r.id == journey_id for r in rows):
+            sent.append(
+                asyncio.create_task(h.client.post(f"/v1/journeys/{journey_id}/{action}", headers=ADMIN))
+            )
+            await eventually(lambda: gate_waiters(h))
+        return out
+
+    monkeypatch.setattr(h.engine, "active_journeys", racing)
+    return sent
+
+
+async def test_archiving_while_an_entry_is_in_flight_exits_it_with_the_rest(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch had read the journey as active when the archive committed (nothing to exit for its
+    customer yet), then entered them: a live instance of an archived journey, which kept sending.
+    The archive now waits for entries in flight and exits them too; later batches see it archived."""
+    drip = [
+        {"id": "wait", "type": "delay", "duration": "PT1H"},
+        {"id": "mail", "type": "send", "channel": "email", "template_id": "drip"},
+    ]
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(linear("Drip", "Signed Up", drip))
+        sent = status_change_mid_batch(h, monkeypatch, jid, "archive")
+        await h.track("a", "Signed Up")
+        [archive] = sent
+        r = await archive
+        assert r.status_code == 200 and r.json()["status"] == "archived", r.text
+        [row] = await h.instances(jid)
+        assert (row.customer_id, row.status, row.node_id, row.exit_reason) == (
+            "a",
+            "exited",
+            "wait",
+            "archived",
+        )
+        await h.track("b", "Signed Up")
+        assert [r.customer_id for r in await h.instances(jid)] == ["a"]
+        await h.advance(timedelta(hours=1))
+        assert await h.requests(idle=0.5) == []
+
+
+async def test_pausing_while_an_entry_is_in_flight_lets_it_finish_then_takes_no_more(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause answers once the entries that read the journey as active have committed: they stand
+    (customers inside keep moving), and none come after it."""
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(linear("Hello", "Signed Up", SEND_AND_WAIT))
+        sent = status_change_mid_batch(h, monkeypatch, jid, "pause")
+        await h.track("a", "Signed Up")
+        [pause] = sent
+        r = await pause
+        assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+        await h.track("b", "Signed Up")
+        assert [(r.customer_id, r.status, r.node_id) for r in await h.instances(jid)] == [
+            ("a", "active", "wait")
+        ]
+        assert [(m["customer_id"], m["template_id"]) for m in await h.requests(idle=0.5)] == [("a", "hello")]
+        await h.advance(timedelta(days=3))
+        assert [(r.customer_id, r.status) for r in await h.instances(jid)] == [("a", "exited")]
+
+
+@contextlib.asynccontextmanager
+async def entry_in_flight(h: Harness) -> AsyncIterator[None]:
+    """The entry gate held shared for the block, as a consumer batch that may enter customers holds
+    it (a slow one: stuck on a lock, or a large batch)."""
+    async with h.platform.engine.connect() as holder:
+        await holder.execute(text(f"SELECT pg_advisory_xact_lock_shared({ENTRY_GATE})"))
+        try:
+            yield
+        finally:
+            await holder.rollback()
+
+
+async def test_a_pause_that_cannot_have_the_gate_soon_answers_busy_and_holds_up_no_entry_for_long(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slow batch in flight: the pause waited for it without a bound, and every entry into any
+    journey queued behind the pause meanwhile. It gives up after `STATUS_LOCK_TIMEOUT_MS` (503
+    journey_busy, Retry-After), changing nothing; the entries queued behind it go on."""
+    monkeypatch.setattr(journeys_api, "STATUS_LOCK_TIMEOUT_MS", 300)
+    async with engine_running(make_settings) as h:
+        paused = await h.journey(linear("Hello", "Signed Up", SEND_AND_WAIT))
+        other = await h.journey(linear("Other", "Bought", SEND_AND_WAIT))
+        async with entry_in_flight(h):
+            pause = asyncio.create_task(h.client.post(f"/v1/journeys/{paused}/pause", headers=ADMIN))
+            await eventually(lambda: gate_waiters(h))
+            await h.track("b", "Bought", wait=False)  # queued behind the pause's request
+            r = await asyncio.wait_for(pause, 10)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1" and r.json()["error"] == "journey_busy"
+            await h.processed("events")  # entered, the batch in flight still holding the gate
+            assert [(i.customer_id, i.status) for i in await h.instances(other)] == [("b", "active")]
+        body = (await h.client.get(f"/v1/journeys/{paused}", headers=ADMIN)).json()
+        assert body["status"] == "active"
+        assert (await h.client.post(f"/v1/journeys/{paused}/pause", headers=ADMIN)).status_code == 200
+
+
+async def test_a_refused_status_change_takes_no_gate(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown journey (404) or a transition its status does not allow (409) waited for the gate
+    all the same, holding up every entry meanwhile: refused before it now, at once."""
+    monkeypatch.setattr(journeys_api, "STATUS_LOCK_TIMEOUT_MS", 60_000)
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(linear("Hello", "Signed Up", SEND_AND_WAIT))
+        assert (await h.client.post(f"/v1/journeys/{jid}/pause", headers=ADMIN)).status_code == 200
+        async with entry_in_flight(h):
+            for path, status in ((f"{jid}/pause", 409), ("nobody/archive", 404)):
+                r = await asyncio.wait_for(h.client.post(f"/v1/journeys/{path}", headers=ADMIN), 10)
+                assert r.status_code == status, r.text
+            assert await gate_waiters(h) == 0

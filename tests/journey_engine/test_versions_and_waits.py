@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import text
+
 from shared.contracts.topics import CUSTOMER_EVENTS
 from tests.journey_engine.harness import ADMIN, engine_running
 from tests.journey_engine.test_timing_and_rules import linear
@@ -133,6 +135,83 @@ async def test_wait_for_open_else_sms_and_webhook(make_settings: Any) -> None:
             ("x", "x", {"engaged": True}, "journey_engine")
         ]
         assert await h.scalar("SELECT traits->>'engaged' FROM customers WHERE customer_id = 'x'") == "true"
+
+
+def mail_then_wait_for_click(template: str) -> dict[str, Any]:
+    """A mail, an hour's delay, then a wait for its click: an SMS only to those who did not click."""
+    return {
+        "name": "Click check",
+        "entry": {"type": "event", "event": "Signed Up"},
+        "nodes": [
+            {"id": "start", "type": "entry"},
+            {"id": "mail", "type": "send", "channel": "email", "template_id": template},
+            {"id": "pause", "type": "delay", "duration": "PT1H"},
+            {
+                "id": "clicked",
+                "type": "wait_message",
+                "send_node": "mail",
+                "statuses": ["clicked"],
+                "timeout": "P1D",
+            },
+            {"id": "sms", "type": "send", "channel": "sms", "template_id": "nudge"},
+            {"id": "done", "type": "exit"},
+        ],
+        "edges": [
+            {"from": "start", "to": "mail"},
+            {"from": "mail", "to": "pause"},
+            {"from": "pause", "to": "clicked"},
+            {"from": "clicked", "to": "done", "branch": "matched"},
+            {"from": "clicked", "to": "sms", "branch": "timeout"},
+            {"from": "sms", "to": "done"},
+        ],
+    }
+
+
+async def test_a_migrated_customer_waits_for_the_message_it_was_sent(make_settings: Any) -> None:
+    """The mail went out under version 1's id; migrated to version 2 before reaching the wait, the
+    customer waited for an id version 2 would have given it, never requested: their click was ignored
+    and the timeout branch texted someone who clicked. `b` stands for an instance that sent its mail
+    before message ids were recorded in the context (it waits by the version it left)."""
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(mail_then_wait_for_click("hello"))
+        await h.track("a", "Signed Up")
+        await h.track("b", "Signed Up")
+        mails = {m["customer_id"]: m for m in await h.requests(until=lambda m: len(m) >= 2)}
+        assert {c: m["journey_version"] for c, m in mails.items()} == {"a": 1, "b": 1}
+        async with h.platform.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE instances SET context = context - 'message_ids' "
+                    "WHERE journey_id = :j AND customer_id = 'b'"
+                ),
+                {"j": jid},
+            )
+        r = await h.client.put(
+            f"/v1/journeys/{jid}",
+            json={"definition": mail_then_wait_for_click("hello-v2"), "migrate": True},
+            headers=ADMIN,
+        )
+        assert r.status_code == 200 and r.json()["migrated"] == 2, r.text
+        await h.advance(timedelta(hours=1))
+        waits = await h.rows(
+            "SELECT customer_id, version, node_id, wait->>'message_id' FROM instances "
+            "WHERE journey_id = :j ORDER BY customer_id",
+            j=jid,
+        )
+        assert [tuple(w) for w in waits] == [
+            ("a", 2, "clicked", mails["a"]["message_id"]),
+            ("b", 2, "clicked", mails["b"]["message_id"]),
+        ]
+        for customer in ("a", "b"):
+            await h.message_status(customer, mails[customer]["message_id"], "clicked")
+        rows = await h.instances(jid)
+        assert [(r.customer_id, r.status, r.node_id) for r in rows] == [
+            ("a", "exited", "done"),
+            ("b", "exited", "done"),
+        ]
+        await h.advance(timedelta(days=1))
+        requests = await h.requests(idle=0.5)
+        assert sorted((m["customer_id"], m["channel"]) for m in requests) == [("a", "email"), ("b", "email")]
 
 
 async def test_migrating_customers_to_a_node_of_another_type_is_refused(make_settings: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from datetime import datetime
@@ -9,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.journey_engine.domain.definition import (
@@ -23,6 +25,13 @@ from services.journey_engine.domain.definition import (
 from services.journey_engine.domain.entry import EventTrigger, triggers
 from services.journey_engine.domain.stats import two_proportion_z_test
 from services.journey_engine.domain.template_references import referenced_templates, template_warnings
+from services.journey_engine.domain.timing import (
+    RunInProgress,
+    Schedule,
+    SchedulePassed,
+    run_after_edit,
+    run_on_resume,
+)
 from services.journey_engine.domain.walker import (
     CustomerView,
     MessageWithheld,
@@ -39,7 +48,12 @@ from services.journey_engine.store.journeys import JourneyRow
 from shared.http import ApiError, admin_guard, field_error
 from shared.runtime import Platform
 
+log = logging.getLogger(__name__)
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# How long a pause or archive waits for the entry gate, and then for the journey's row, before
+# answering 503 (`journey_busy`): while it waits, every consumer batch that may enter customers
+# waits behind it.
+STATUS_LOCK_TIMEOUT_MS = 1000
 TRANSITIONS: dict[str, dict[str, set[str]]] = {
     "activate": {"from": {"draft", "paused"}, "to": {"active"}},
     "pause": {"from": {"active"}, "to": {"paused"}},
@@ -131,6 +145,15 @@ def first_run(definition: JourneyDefinition, now: datetime) -> datetime | None:
     return None
 
 
+def schedule_passed(message: str) -> ApiError:
+    return ApiError(
+        409,
+        "schedule_passed",
+        message,
+        errors=[field_error("definition.entry.at", "schedule_passed", message)],
+    )
+
+
 def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
     router = APIRouter(
         prefix="/v1/journeys", tags=["journeys"], dependencies=[Depends(admin_guard(platform.settings))]
@@ -201,7 +224,39 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 raise ApiError(409, "archived", "an archived journey cannot be edited")
             version = row.current_version + 1
             await journey_store.add_version(uow.session, journey_id, version, stored, now)
-            next_run = first_run(body.definition, now) if row.status == "active" else None
+            entry = body.definition.entry
+            # A live schedule (paused too: it resumes at what its definition says) moves with its
+            # definition; a draft's first run is set when it is activated.
+            next_run, rescheduled = row.next_run_at, False
+            if isinstance(entry, ScheduleEntry) and row.status in ("active", "paused"):
+                rescheduled = True
+                state = await journey_store.run_state(uow.session, journey_id)
+                edited = await engine.graph(uow.session, journey_id, row.current_version)
+                before = edited.definition.entry if edited is not None else None
+                try:
+                    next_run = run_after_edit(
+                        entry.at,
+                        entry.every,
+                        previous=Schedule(before.at, before.every)
+                        if isinstance(before, ScheduleEntry)
+                        else None,
+                        pending=row.next_run_at,
+                        started=state is not None and state.started,
+                        now=now,
+                    )
+                except SchedulePassed as passed:
+                    raise schedule_passed(
+                        f"the broadcast has not gone out yet: it can go at a time ahead of now, not at "
+                        f"{passed.due.isoformat()}, which has passed; nothing was saved"
+                    ) from None
+                except RunInProgress as running:
+                    since = running.run_at.isoformat() if running.run_at else "a moment ago"
+                    raise schedule_passed(
+                        f"the broadcast is being sent (its run of {since} has members left): moved to "
+                        f"{entry.at.isoformat()}, it would go out again then to those it reached "
+                        "already; nothing was saved. To send it again, save that time once this run is "
+                        "over (next_run_at null)"
+                    ) from None
             await journey_store.update(
                 uow.session,
                 journey_id,
@@ -210,8 +265,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 current_version=version,
                 entry_cap=body.definition.entry_cap,
                 set_entry_cap=True,
-                next_run_at=next_run if next_run is None or next_run > now else row.next_run_at,
-                set_next_run=row.status == "active" and isinstance(body.definition.entry, ScheduleEntry),
+                next_run_at=next_run,
+                set_next_run=rescheduled,
             )
             migrated = 0
             if body.migrate and row.status in ("active", "paused"):
@@ -253,34 +308,85 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 errors=errors,
             )
 
+    def check_transition(row: JourneyRow, action: str) -> None:
+        rule = TRANSITIONS[action]
+        if row.status not in rule["from"]:
+            raise ApiError(
+                409,
+                "invalid_transition",
+                f"cannot {action} a journey that is {row.status}",
+                errors=[field_error("status", "transition", f"{action} needs one of {sorted(rule['from'])}")],
+            )
+
     async def transition(journey_id: str, action: Literal["activate", "pause", "archive"]) -> dict[str, Any]:
+        try:
+            return await change_status(journey_id, action)
+        except DBAPIError as exc:
+            if not journey_store.is_lock_timeout(exc):
+                raise
+            raise ApiError(
+                503,
+                "journey_busy",
+                f"entries in flight (or an edit or broadcast of this journey) held the {action} up for "
+                f"{STATUS_LOCK_TIMEOUT_MS} ms; nothing changed, try again",
+                headers={"Retry-After": "1"},
+            ) from exc
+
+    async def change_status(
+        journey_id: str, action: Literal["activate", "pause", "archive"]
+    ) -> dict[str, Any]:
         now = clock.now()
+        rule = TRANSITIONS[action]
         async with platform.unit_of_work() as uow:
+            # Refused (404, 409) before any lock: the gate below holds up every entry while it waits.
+            check_transition(await load(uow.session, journey_id), action)
+            if action != "activate":
+                # Entries in flight commit first (archive exits them with the rest); none after. Not
+                # for long: every consumer batch that may enter customers waits behind this request
+                # while it waits (for the gate, then for the journey's row).
+                await journey_store.set_lock_timeout(uow.session, STATUS_LOCK_TIMEOUT_MS)
+                await journey_store.hold_entries(uow.session)
             row = await load(uow.session, journey_id, for_update=True)
-            rule = TRANSITIONS[action]
-            if row.status not in rule["from"]:
-                raise ApiError(
-                    409,
-                    "invalid_transition",
-                    f"cannot {action} a journey that is {row.status}",
-                    errors=[
-                        field_error("status", "transition", f"{action} needs one of {sorted(rule['from'])}")
-                    ],
-                )
+            check_transition(row, action)  # changed meanwhile
             status = next(iter(rule["to"]))
             graph = await engine.graph(uow.session, journey_id, row.current_version)
+            entry = graph.definition.entry if graph is not None else None
             if action == "activate" and row.status == "draft":
                 run = first_run(graph.definition, now) if graph is not None else None
                 await journey_store.update(
                     uow.session, journey_id, now=now, status=status, next_run_at=run, set_next_run=True
                 )
+            elif action == "activate" and isinstance(entry, ScheduleEntry):
+                # Resumed: the schedule's next run is what its definition says now.
+                state = await journey_store.run_state(uow.session, journey_id)
+                try:
+                    run = run_on_resume(
+                        entry.at,
+                        entry.every,
+                        pending=row.next_run_at,
+                        started=state is not None and state.started,
+                        now=now,
+                    )
+                except SchedulePassed as passed:
+                    raise schedule_passed(
+                        f"the broadcast was due at {passed.due.isoformat()}, which has passed, and has not "
+                        "gone out: to send it, save an `at` ahead of now and activate it again; to drop "
+                        "it, archive the journey"
+                    ) from None
+                await journey_store.update(
+                    uow.session, journey_id, now=now, status=status, next_run_at=run, set_next_run=True
+                )
             else:
                 await journey_store.update(uow.session, journey_id, now=now, status=status)
-            if action == "archive":
-                await instance_store.exit_all(uow.session, journey_id, "archived", now)
             row = await load(uow.session, journey_id)
             # Going live is when a step naming a template the notifier lacks starts failing messages.
             found = await warnings(uow.session, graph.definition) if graph is not None else []
+        if action == "archive":
+            # The customers inside exit now, the gate released: entries never waited for that.
+            try:
+                await engine.finish_archive(journey_id)
+            except Exception:
+                log.exception("exiting an archived journey's customers failed; the sweeper finishes it")
         return journey_body(row, None) | {"warnings": found}
 
     @router.post("/{journey_id}/activate")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.journey_engine.domain.definition import WEEKDAYS, DelayNode
@@ -107,6 +108,103 @@ def next_run(run_at: datetime, every: timedelta | None, now: datetime) -> dateti
     except OverflowError:
         return None
     return following if storable.time_in_range(following) else None
+
+
+def upcoming_run(at: datetime, every: timedelta | None, now: datetime) -> datetime | None:
+    """The run a schedule's definition says comes next: `at` while it is ahead, then a recurring
+    schedule's first run after `now` (`next_run`: missed runs are skipped); None for a one-off whose
+    time has passed."""
+    return at if at > now else next_run(at, every, now)
+
+
+class Schedule(NamedTuple):
+    """A schedule entry's times: a one-off (`every` None) or a recurring broadcast."""
+
+    at: datetime
+    every: timedelta | None = None
+
+
+class SchedulePassed(Exception):
+    """A one-off broadcast that has not gone out, asked to go at a time that has passed (`due`)."""
+
+    def __init__(self, due: datetime) -> None:
+        super().__init__(due.isoformat())
+        self.due = due
+
+
+class RunInProgress(Exception):
+    """A one-off broadcast being sent (since `run_at`), asked to go at a time ahead: once this run
+    finished, the members it reached would get it a second time."""
+
+    def __init__(self, run_at: datetime | None) -> None:
+        super().__init__(run_at.isoformat() if run_at else "")
+        self.run_at = run_at
+
+
+def has_gone_out(schedule: Schedule | None, pending: datetime | None) -> bool:
+    """Whether a live journey's schedule (`schedule`, None: it was no broadcast) has sent a run, from
+    its next run (`pending`): a one-off's is cleared once sent, a recurring one's moves past `at`."""
+    if schedule is None:
+        return False
+    if pending is None:
+        return True
+    return schedule.every is not None and pending > schedule.at
+
+
+def run_after_edit(
+    at: datetime,
+    every: timedelta | None,
+    *,
+    previous: Schedule | None,
+    pending: datetime | None,
+    started: bool,
+    now: datetime,
+) -> datetime | None:
+    """A live (active or paused) schedule's next run once its definition says `at`/`every`;
+    `previous`: the version edited (None: not a broadcast), `pending`: its next run so far,
+    `started`: whether that run has enrolled some members already.
+
+    A run in progress finishes first (the next follows the new definition), but a one-off being sent
+    is not given an `at` ahead (`RunInProgress`: it would go out twice). Otherwise the run moves to
+    an `at` ahead, or a recurring schedule's first run after now on its new grid (a run due now still
+    goes out). A one-off's `at` that has passed: one sent already is not sent again, a recurring
+    schedule made a one-off runs no more, one not sent yet cannot be moved into the past, nor a
+    journey that was no broadcast given a time that has passed (`SchedulePassed`)."""
+    if started:
+        one_off_again = every is None and at > now and previous is not None and previous.every is None
+        if one_off_again:
+            raise RunInProgress(pending)
+        return pending
+    if at > now:
+        return at
+    if every is not None:
+        return pending if pending is not None and pending <= now else next_run(at, every, now)
+    if has_gone_out(previous, pending):
+        return None
+    if pending is not None and pending == at:
+        return pending  # due now, as it was
+    raise SchedulePassed(at)
+
+
+def run_on_resume(
+    at: datetime, every: timedelta | None, *, pending: datetime | None, started: bool, now: datetime
+) -> datetime | None:
+    """A paused schedule's next run when it is activated again (arguments as for `run_after_edit`).
+
+    A run in progress goes on where it stopped. Otherwise the next run is what the definition says,
+    not `pending` (a replica of an earlier release left it at its old time when it saved an edit):
+    `at` while ahead; a recurring schedule skips what it missed, as when the engine was down, to its
+    first run after `now`; a one-off whose `at` has passed stays done if it went out (no run left),
+    and is refused if not (`SchedulePassed`), not sent late at once."""
+    if started:
+        return pending
+    if at > now:
+        return at
+    if every is not None:
+        return next_run(at, every, now)
+    if pending is None:
+        return None
+    raise SchedulePassed(at)
 
 
 def local_day(instant: datetime, tz: ZoneInfo) -> date:

@@ -34,6 +34,11 @@ from services.journey_engine.domain.definition import (
 from services.journey_engine.domain.timing import QuietHours, delay_until, local_day, zone
 from shared.contracts.events import Channel, MessageCategory
 
+# Instance context keys: each send node's last message id ({node id: message id}), and the version
+# an instance was on before its first migration (`store.instances.migrate_version`).
+SENT_MESSAGES = "message_ids"
+MIGRATED_FROM = "migrated_from"
+
 # Twice the largest journey: a walk through every node once always fits, with room for a few loops
 # through waits that pass at once.
 MAX_STEPS_PER_WALK = 2 * MAX_NODES
@@ -217,8 +222,13 @@ def facts_for(customer: CustomerView, event: Mapping[str, Any] | None = None) ->
 
 def message_id(journey_id: str, version: int, instance_id: str, node_id: str, visit: int = 1) -> str:
     """Stable for one step: a redelivered or retried step asks for the same message again."""
-    base = f"jm:{journey_id}:v{version}:{instance_id}:{node_id}"
-    return base if visit <= 1 else f"{base}:{visit}"
+    return f"jm:{journey_id}:v{version}:{visit_suffix(instance_id, node_id, visit)}"
+
+
+def visit_suffix(instance_id: str, node_id: str, visit: int) -> str:
+    """How a message id ends for this visit of the node, whatever the version (`message_id`)."""
+    tail = f"{instance_id}:{node_id}"
+    return tail if visit <= 1 else f"{tail}:{visit}"
 
 
 def split_bucket(journey_id: str, node_id: str, customer_id: str) -> float:
@@ -455,14 +465,29 @@ class Walker:
                 "change": node.change,
                 "what": f"{node.change} segment {node.segment_id}",
             }
+        # The id the send node's message got: it names the version it was sent on, which is not the
+        # instance's own once a migration moved it (v1's mail, a v2 instance: nothing matched).
         visits = self.context.get("visits", {})
-        mid = message_id(
-            self.instance.journey_id,
-            self.instance.version,
-            self.instance.instance_id,
-            node.send_node,
-            max(1, int(visits.get(node.send_node, 1))),
-        )
+        visit = max(1, int(visits.get(node.send_node, 1)))
+        sent = self.context.get(SENT_MESSAGES, {})
+        kept = sent.get(node.send_node) if isinstance(sent, Mapping) else None
+        if isinstance(kept, str) and kept.endswith(
+            visit_suffix(self.instance.instance_id, node.send_node, visit)
+        ):
+            mid = kept
+        else:
+            # None kept: sent before ids were kept, on the version the instance had then (the one it
+            # left at its first migration since, if any). An earlier visit's: a replica of the
+            # release before sent this visit (it keeps the ids, never updates them), on the
+            # instance's version, as that release's wait expects.
+            before = self.context.get(MIGRATED_FROM)
+            mid = message_id(
+                self.instance.journey_id,
+                before if kept is None and isinstance(before, int) else self.instance.version,
+                self.instance.instance_id,
+                node.send_node,
+                visit,
+            )
         return {
             "kind": "message",
             "message_id": mid,
@@ -490,7 +515,7 @@ class Walker:
                     self._note(node.id, f"held by {window} until {end.isoformat()}")
                     return self._wait(node.id, {"kind": "quiet_hours"}, end)
                 if self.rules.quiet_mode == "skip":
-                    visits[node.id] = visit
+                    self._sent(node.id, visit, mid)
                     self._withhold(node, mid, channel, "skipped", window)
                     return None
         cap = self.rules.caps.get(str(channel)) if marketing else None
@@ -498,12 +523,12 @@ class Walker:
         if cap is not None and cap_reached(
             cap, sends, self.now, self.customer.timezone, self.rules.default_timezone
         ):
-            visits[node.id] = visit
+            self._sent(node.id, visit, mid)
             self._withhold(
                 node, mid, channel, "capped", f"frequency cap: {cap.limit} {channel} per {cap.period}"
             )
             return None
-        visits[node.id] = visit
+        self._sent(node.id, visit, mid)
         if marketing:
             sends.append(self.now)
         data: dict[str, Any] = {
@@ -534,6 +559,12 @@ class Walker:
         )
         self._note(node.id, f"requests {channel} '{node.template_id}'")
         return None
+
+    def _sent(self, node_id: str, visit: int, mid: str) -> None:
+        """Count the visit and keep the id its message got (requested or withheld): `wait_message`
+        waits for that id, whatever version the instance is on by then."""
+        self.context.setdefault("visits", {})[node_id] = visit
+        self.context.setdefault(SENT_MESSAGES, {})[node_id] = mid
 
     def _withhold(
         self,

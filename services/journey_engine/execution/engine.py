@@ -40,7 +40,7 @@ from services.journey_engine.domain.entry import (
     may_reenter,
     triggers,
 )
-from services.journey_engine.domain.timing import next_run, zone
+from services.journey_engine.domain.timing import upcoming_run, zone
 from services.journey_engine.domain.walker import (
     CustomerView,
     EventArrived,
@@ -126,6 +126,8 @@ TRANSIENT_TRIES = 4
 TRANSIENT_PAUSE_S = 0.05
 # The timer loop's pause after a failed pass (an outage), doubling from `timer_poll_interval_s`.
 FAILED_PASS_PAUSE_MAX_S = 30.0
+# The exit reason of an archived journey's instances.
+ARCHIVED = "archived"
 BROADCAST_FAILURES = Counter(
     "clm_journey_broadcast_failures_total",
     "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
@@ -177,6 +179,9 @@ class Batch:
     active: dict[str, list[InstanceRow]]
     entries: dict[tuple[str, str, str], datetime]
     journeys: list[ActiveJourney]
+    # Journeys of `active` instances that are archived: the archive exits its customers after it
+    # committed, and a step that comes first exits the instance instead (`JourneyEngine._archived`).
+    archived: set[str]
     # Finished instances whose goal may still be reached (event batches only: goals are events).
     windows: dict[str, list[GoalWindow]] = field(default_factory=dict)
     # What the caller looked up before the locks, read again after them (`batch_read.BatchRead`).
@@ -252,13 +257,16 @@ class JourneyEngine:
         goals: bool = False,
         identities: Sequence[str] = (),
         instance_ids: Sequence[str] = (),
+        entering: bool = True,
     ) -> Batch:
         """Lock the batch's customers, then their instances and everything else their steps need
         (`store.batch_read`: two statements). `identities`, `instance_ids`: what the caller found the
-        customers by, looked up again once the locks are held (`Batch.resolved`, `Batch.owners`)."""
+        customers by, looked up again once the locks are held (`Batch.resolved`, `Batch.owners`).
+        `entering`: the batch may enter customers in the active journeys it reads, holding the entry
+        gate until it commits, so a pause or archive never slips between that read and the entry."""
         now = self.clock.now()
         ids = sorted(set(customer_ids))
-        await projection.lock_customers(session, ids)
+        await projection.lock_customers(session, ids, entering=entering)
         read = await batch_read.read(
             session,
             ids,
@@ -281,6 +289,7 @@ class JourneyEngine:
             active=active,
             entries=read.entries,
             journeys=await self.active_journeys(session, read.journeys),
+            archived=read.archived,
             windows=windows,
             resolved=read.resolved,
             owners=read.owners,
@@ -480,7 +489,8 @@ class JourneyEngine:
             return
         ids = [s.instance_id for s in items if s.instance_id]
         owners = await instance_store.owners(session, ids)
-        batch = await self._batch(session, list(owners.values()), instance_ids=ids)
+        # A status enters no one: it need not wait for a pause or archive.
+        batch = await self._batch(session, list(owners.values()), instance_ids=ids, entering=False)
         if batch.owners != owners:
             raise CustomersMoved()
         for s in waits:
@@ -494,6 +504,9 @@ class JourneyEngine:
                     and wait.get("kind") == "message"
                     and wait.get("message_id") == s.message_id
                 ):
+                    if row.journey_id in batch.archived:
+                        self._archived(batch.writer, row)
+                        continue
                     await self._react(
                         uow,
                         batch.writer,
@@ -530,6 +543,9 @@ class JourneyEngine:
         event_payload = trigger.event if isinstance(trigger, EventTrigger) else {}
         facts = facts_for(customer, event_payload)
         for row in list(batch.active[customer_id]):
+            if row.journey_id in batch.archived:
+                self._archived(writer, row)
+                continue
             graph = await self.graph(session, row.journey_id, row.version)
             if graph is None:
                 continue
@@ -710,6 +726,11 @@ class JourneyEngine:
         writer.counts[(row.journey_id, row.version, row.node_id, metric)] += 1
         if status == "exited":
             self._open_goal_window(writer, row, goal)
+
+    def _archived(self, writer: StepWriter, row: InstanceRow) -> None:
+        """An archived journey's instance the archive has not exited yet: it exits (as the archive
+        would, no goal window) rather than step on and send."""
+        self._leave(writer, row, "exited", ARCHIVED, "exited")
 
     @staticmethod
     def _open_goal_window(writer: StepWriter, row: InstanceRow, goal: Goal | None) -> None:
@@ -967,14 +988,17 @@ class JourneyEngine:
                 claimed[:] = await instance_store.claim_due_timers(session, now, batch_size, ids)
                 instance_ids = sorted({t.instance_id for t in claimed})
                 locked = await projection.lock_customers_of_instances(session, instance_ids)
-                rows = {r.id: r for r in await instance_store.lock_instances(session, instance_ids)}
+                held = await instance_store.lock_instances(session, instance_ids)
+                rows = {r.id: r for r, _ in held}
+                archived = {r.id for r, a in held if a}
                 if any(r.customer_id not in locked for r in rows.values()):
                     raise InstanceConflict()  # a merge moved one to another customer: go again
             else:
                 # Without caps an instance's own row lock is all a timer step needs: one round trip.
-                pairs = await instance_store.claim_due_steps(session, now, batch_size, ids)
-                claimed[:] = [t for t, _ in pairs]
-                rows = {r.id: r for _, r in pairs}
+                steps = await instance_store.claim_due_steps(session, now, batch_size, ids)
+                claimed[:] = [t for t, _, _ in steps]
+                rows = {r.id: r for _, r, _ in steps}
+                archived = {r.id for _, r, a in steps if a}
             if claimed:
                 live: dict[str, InstanceRow] = {}
                 for t in claimed:
@@ -990,6 +1014,9 @@ class JourneyEngine:
                 customers = {cid: customer_view(rec) for cid, rec in records.items()}
                 writer = StepWriter(now)
                 for row in live.values():
+                    if row.id in archived:
+                        self._archived(writer, row)
+                        continue
                     await self._react(uow, writer, row, customers[row.customer_id], TimerFired(), now)
                 await writer.flush(session)
         return list(claimed)
@@ -1165,8 +1192,12 @@ class JourneyEngine:
                 return 0, False  # another worker has this chunk, or the journey changed meanwhile
             enrolled = await self._enrol_members(uow, ActiveJourney(row, graph), entry, run_at, members, now)
             if len(members) < size:
-                every = entry.every if isinstance(entry, ScheduleEntry) else None
-                await journey_store.finish_run(session, journey_id, next_run(run_at, every, now), now)
+                # The next run is the one the current definition says (it may have been edited
+                # since this run began); an enrolment of current members has none.
+                following = (
+                    upcoming_run(entry.at, entry.every, now) if isinstance(entry, ScheduleEntry) else None
+                )
+                await journey_store.finish_run(session, journey_id, following, now)
                 return enrolled, False
             await journey_store.save_progress(session, journey_id, run_at, members[-1], now)
             return enrolled, True
@@ -1224,6 +1255,57 @@ class JourneyEngine:
                 enrolled += 1
         await writer.flush(session)
         return enrolled
+
+    async def finish_archive(self, journey_id: str) -> int:
+        """Exit an archived journey's customers (counted as exited at their node) and close its goal
+        windows, a chunk per transaction; the number exited. Its status changed first, on its own
+        (the entry gate is held exclusive only for that): until a chunk gets to an instance, any step
+        of it exits it rather than send (`_archived`)."""
+        size = self.settings.archive_chunk_size
+        exited, after = 0, None
+        while True:
+            async with self.platform.unit_of_work() as uow:
+                n, after = await instance_store.exit_unheld(
+                    uow.session, journey_id, ARCHIVED, self.clock.now(), size, after
+                )
+            exited += n
+            if after is None:
+                break
+        while True:  # those steps in flight held (skipped above), waiting for them
+            async with self.platform.unit_of_work() as uow:
+                n = await instance_store.exit_held(uow.session, journey_id, ARCHIVED, self.clock.now(), size)
+            exited += n
+            if n == 0:
+                break
+        async with self.platform.unit_of_work() as uow:
+            await instance_store.close_goal_windows(uow.session, journey_id)
+        return exited
+
+    async def finish_archives(self) -> int:
+        """Finish the archived journeys that still have customers inside or goal windows open (one
+        replica at a time): an archive's answer that never got to them (a crash after its status
+        changed), or an entry committed after it (a replica of the release before takes no entry
+        gate). Returns the customers exited."""
+        async with try_exclusive(self.platform.engine, "journey_engine.finish_archives") as mine:
+            if not mine:
+                return 0
+            async with self.platform.unit_of_work() as uow:
+                unfinished = await journey_store.unfinished_archives(uow.session)
+            exited = 0
+            for journey_id in unfinished:
+                exited += await self.finish_archive(journey_id)
+            return exited
+
+    async def finish_archives_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.archive_sweep_interval_s)
+            try:
+                if exited := await self.finish_archives():
+                    log.info("archived journeys' customers exited", extra={"instances": exited})
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("finishing archived journeys failed; retrying next round")
 
     async def compact_counts(self) -> int:
         """Roll up the step counters of journeys that have piled up rows and forget expired goal

@@ -1,7 +1,7 @@
 """Everything a batch of customers' steps needs, read in two statements once their locks are held
 (`projection.lock_customers`): the active instances, row-locked in id order, then in one round trip
-the projection rows, recent marketing sends (frequency caps), enrolments, open goal windows and the
-active journeys.
+the projection rows, recent marketing sends (frequency caps), enrolments, open goal windows, the
+active journeys and which of the instances' journeys are archived.
 
 The second statement sends each module's own query (`projection.LOAD_SQL`, ...) as an
 `ARRAY(SELECT ROW(q.*) FROM (<query>) AS q)` column: every consumer batch ran them as four to six
@@ -44,6 +44,7 @@ _READ = Statement(
             _rows_of(instances.OPEN_GOALS_SQL, only_if="CAST(:goals AS boolean)"),
             # In the database's order (its collation), as journeys have always been tried.
             _rows_of(journeys.ACTIVE_SQL, order_by="q.id"),
+            _rows_of(journeys.ARCHIVED_SQL),
             # What the caller looked up before the locks, looked up again after them: a merge may
             # have moved a customer meanwhile (`identities`: to customers; `instance_ids`: owners).
             _rows_of(projection.RESOLVE_IDENTITIES_SQL),
@@ -61,6 +62,8 @@ class BatchRead:
     entries: dict[tuple[str, str, str], datetime]  # (journey, customer, correlation) -> last entry
     windows: list[GoalWindow]
     journeys: list[JourneyRow]  # by id
+    # The archived journeys among those of `active` (not exited yet: their steps exit them).
+    archived: set[str]
     # After the locks: the `identities` asked for -> their customers, `instance_ids` -> their customers.
     resolved: dict[str, str]
     owners: dict[str, str]
@@ -81,11 +84,12 @@ async def read(
     """`sends_since`: recent sends only when frequency caps are configured; `goals`: open goal windows
     only for event batches (goals are events); `identities`, `instance_ids`: see `BatchRead`."""
     ids = sorted(set(customer_ids))
-    active = await _ACTIVE.fetch(session, {"ids": ids})
+    active = instances.active_rows(await _ACTIVE.fetch(session, {"ids": ids}))
     [row] = await _READ.fetch(
         session,
         {
             "ids": ids,
+            "journey_ids": sorted({r.journey_id for r in active}),
             "since": sends_since,
             "now": now,
             "goals": goals,
@@ -93,13 +97,14 @@ async def read(
             "instance_ids": sorted(set(instance_ids)),
         },
     )
-    loaded, sends, entries, windows, active_journeys, resolved, owners, merged_away = row
+    loaded, sends, entries, windows, active_journeys, archived, resolved, owners, merged_away = row
     return BatchRead(
         customers=projection.records(ids, loaded, sends),
-        active=instances.active_rows(active),
+        active=active,
         entries=instances.entries(entries),
         windows=instances.goal_windows(windows),
         journeys=journeys.active_rows(active_journeys),
+        archived={r[0] for r in archived},
         resolved={r[0]: r[1] for r in resolved},
         owners={r[0]: r[1] for r in owners},
         merged_away={r[0] for r in merged_away},

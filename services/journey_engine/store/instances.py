@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.journey_engine.domain.entry import correlation_key
+from services.journey_engine.domain.walker import MIGRATED_FROM
 from shared.db.engine import Statement
 
 # Where an instance keeps its correlation value as sent when the `correlation` column holds its
@@ -107,23 +108,30 @@ async def claim_due_timers(
     return [ClaimedTimer(*r) for r in rows]
 
 
+# A step's instance with whether its journey is archived: an archive exits its customers after it
+# committed, and a step that comes first must exit the instance rather than send.
+_STEP_COLUMNS = ", ".join("i." + c for c in _COLUMNS.split(", ")) + (
+    ", EXISTS (SELECT 1 FROM journeys AS j WHERE j.id = i.journey_id AND j.status = 'archived')"
+)
+
+
 async def claim_due_steps(
     session: AsyncSession, now: datetime, limit: int, ids: Sequence[int] | None = None
-) -> list[tuple[ClaimedTimer, InstanceRow]]:
-    """Claim due timers and lock their instances (in id order) in one round trip."""
-    columns = ", ".join("i." + c for c in _COLUMNS.split(", "))
+) -> list[tuple[ClaimedTimer, InstanceRow, bool]]:
+    """Claim due timers (or these `ids`, those still there) and lock their instances (in id order)
+    in one round trip: (timer, instance, whether its journey is archived)."""
     where, params = _claimable(ids)
     rows = await session.execute(
         text(
             "WITH claimed AS (DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers "
             f"WHERE {where} ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED)) "
             "RETURNING id AS timer_id, instance_id, seq AS timer_seq, due_at) "
-            f"SELECT c.timer_id, c.instance_id, c.timer_seq, c.due_at, {columns} "
+            f"SELECT c.timer_id, c.instance_id, c.timer_seq, c.due_at, {_STEP_COLUMNS} "
             "FROM claimed AS c JOIN instances AS i ON i.id = c.instance_id ORDER BY i.id FOR UPDATE OF i"
         ),
         {"now": now, "n": limit, **params},
     )
-    return [(ClaimedTimer(r[0], r[1], r[2], r[3]), _row(r[4:])) for r in rows]
+    return [(ClaimedTimer(r[0], r[1], r[2], r[3]), _row(r[4:-1]), bool(r[-1])) for r in rows]
 
 
 # A timer whose step failed alone, for a reason of its own (not an outage): one more try counted on
@@ -193,15 +201,19 @@ async def journeys_of_instances(session: AsyncSession, instance_ids: Sequence[st
     return {r[0]: r[1] for r in rows}
 
 
-async def lock_instances(session: AsyncSession, ids: list[str]) -> list[InstanceRow]:
-    """Row locks are always taken in id order (here and below), so two batches never deadlock."""
+async def lock_instances(session: AsyncSession, ids: list[str]) -> list[tuple[InstanceRow, bool]]:
+    """Row locks are always taken in id order (here and below), so two batches never deadlock.
+    (instance, whether its journey is archived)."""
     if not ids:
         return []
     rows = await session.execute(
-        text(f"SELECT {_COLUMNS} FROM instances WHERE id = ANY(CAST(:ids AS text[])) ORDER BY id FOR UPDATE"),
+        text(
+            f"SELECT {_STEP_COLUMNS} FROM instances AS i WHERE i.id = ANY(CAST(:ids AS text[])) "
+            "ORDER BY i.id FOR UPDATE OF i"
+        ),
         {"ids": ids},
     )
-    return [_row(r) for r in rows]
+    return [(_row(r[:-1]), bool(r[-1])) for r in rows]
 
 
 # The statements each consumer batch runs go straight to asyncpg (`Statement`).
@@ -228,10 +240,13 @@ ENTRIES_OF_CUSTOMERS_SQL = (
     "SELECT journey_id, customer_id, correlation, last_entered_at FROM enrolments "
     "WHERE customer_id = ANY(CAST(:ids AS text[]))"
 )
+# Not an archived journey's: archiving closes them, though they are deleted after it committed.
 OPEN_GOALS_SQL = (
     "SELECT instance_id, customer_id, journey_id, version, node_id, correlation, entered_at "
     "FROM goal_windows WHERE customer_id = ANY(CAST(:ids AS text[])) "
-    "AND (open_until IS NULL OR open_until > CAST(:now AS timestamptz))"
+    "AND (open_until IS NULL OR open_until > CAST(:now AS timestamptz)) "
+    "AND NOT EXISTS (SELECT 1 FROM journeys AS j WHERE j.id = goal_windows.journey_id "
+    "AND j.status = 'archived')"
 )
 _UPDATE_INSTANCES = Statement(
     "UPDATE instances AS i SET node_id = u.node, status = u.status, wait = CAST(u.wait AS jsonb), "
@@ -382,12 +397,17 @@ async def migrate_version(
     """Move active instances to `to_version` from the (version, node id) places the caller checked
     under `lock_waiting` (the node exists there, of the same type). Only those: an instance that
     entered meanwhile at a place not checked stays on its version. The caller holds `lock_waiting`'s
-    locks."""
+    locks.
+
+    The version an instance leaves at its first migration is kept in its context (`walker.
+    MIGRATED_FROM`): its messages sent before their ids were recorded went out under it."""
     if not checked:
         return 0
     result = await session.execute(
         text(
-            "UPDATE instances SET version = :v WHERE journey_id = :j AND status = 'active' "
+            "UPDATE instances SET version = :v, context = context || jsonb_build_object("
+            f"'{MIGRATED_FROM}', COALESCE(context -> '{MIGRATED_FROM}', to_jsonb(version))) "
+            "WHERE journey_id = :j AND status = 'active' "
             "AND (version, node_id) IN "
             "(SELECT * FROM unnest(CAST(:versions AS int[]), CAST(:nodes AS text[]))) AND version <> :v"
         ),
@@ -635,28 +655,65 @@ async def arm_outcomes(session: AsyncSession, journey_id: str) -> list[tuple[int
     return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in rows]
 
 
-async def exit_all(session: AsyncSession, journey_id: str, reason: str, now: datetime) -> int:
-    """Exit every active instance of a journey (archiving), counting them as exited at their node; an
-    archived journey counts no more conversions (its open goal windows close)."""
-    await _lock_active(session, journey_id)
-    await session.execute(text("DELETE FROM goal_windows WHERE journey_id = :j"), {"j": journey_id})
-    await session.execute(
-        text(
-            "INSERT INTO node_counts (journey_id, version, node_id, metric, n) SELECT journey_id, version, "
-            "node_id, "
-            "'exited', count(*) FROM instances WHERE journey_id = :j AND status = 'active' "
-            "GROUP BY journey_id, version, node_id"
-        ),
-        {"j": journey_id},
-    )
-    result = await session.execute(
-        text(
-            "UPDATE instances SET status = 'exited', exit_reason = :r, wait = NULL, seq = seq + 1, "
-            "updated_at = :now "
-            "WHERE journey_id = :j AND status = 'active'"
-        ),
-        {"j": journey_id, "r": reason, "now": now},
-    )
+# An archived journey's customers exit after the archive committed, a chunk per transaction
+# (`JourneyEngine.finish_archive`), each counted as exited at its node. By the primary key (an array:
+# a join with the chosen rows read the whole table each chunk).
+_EXIT = (
+    "gone AS (UPDATE instances AS i SET status = 'exited', exit_reason = :r, wait = NULL, seq = i.seq + 1, "
+    "updated_at = :now WHERE i.id = ANY(ARRAY(SELECT id FROM chosen)) RETURNING i.version, i.node_id), "
+    "counted AS (INSERT INTO node_counts (journey_id, version, node_id, metric, n) "
+    "SELECT :j, version, node_id, 'exited', count(*) FROM gone GROUP BY version, node_id)"
+)
+# First those no step holds (SKIP LOCKED: never waits, so its order crosses no other locker's), in
+# the order of the journey's partial index, from where the last chunk stopped (the dead entries
+# behind it are not read again); the last (customer, correlation) chosen comes back.
+_EXIT_UNHELD = (
+    "WITH chosen AS (SELECT id, customer_id, correlation FROM instances "
+    "WHERE journey_id = :j AND status = 'active'{after} "
+    "ORDER BY customer_id, correlation LIMIT :n FOR UPDATE SKIP LOCKED), "
+    f"{_EXIT} SELECT (SELECT count(*) FROM gone), c.customer_id, c.correlation FROM chosen AS c "
+    "ORDER BY c.customer_id DESC, c.correlation DESC LIMIT 1"
+)
+_EXIT_FIRST = text(_EXIT_UNHELD.format(after=""))
+_EXIT_NEXT = text(_EXIT_UNHELD.format(after=" AND (customer_id, correlation) > (:c, :k)"))
+# Then the rest, which steps in flight held: waiting for them, in id order as steps lock. Found
+# through the journey's partial index first (ordered by id, the planner may walk the primary key
+# through every journey's instances, expecting the many this journey had).
+_EXIT_HELD = text(
+    "WITH found AS MATERIALIZED (SELECT id FROM instances WHERE journey_id = :j AND status = 'active' "
+    "LIMIT :n), chosen AS (SELECT id FROM instances WHERE id = ANY(ARRAY(SELECT id FROM found)) "
+    f"AND status = 'active' ORDER BY id FOR UPDATE), {_EXIT} SELECT count(*) FROM gone"
+)
+
+
+async def exit_unheld(
+    session: AsyncSession,
+    journey_id: str,
+    reason: str,
+    now: datetime,
+    limit: int,
+    after: tuple[str, str] | None,
+) -> tuple[int, tuple[str, str] | None]:
+    """Exit up to `limit` active instances of the journey that no step holds, after `after` (where
+    the chunk before stopped; None: from the start): (exited, where this one stopped, None when it
+    found none)."""
+    params: dict[str, Any] = {"j": journey_id, "r": reason, "now": now, "n": limit}
+    if after is not None:
+        params |= {"c": after[0], "k": after[1]}
+    row = (await session.execute(_EXIT_FIRST if after is None else _EXIT_NEXT, params)).first()
+    return (0, None) if row is None else (int(row[0]), (row[1], row[2]))
+
+
+async def exit_held(session: AsyncSession, journey_id: str, reason: str, now: datetime, limit: int) -> int:
+    """Exit up to `limit` active instances of the journey, waiting for the steps that hold them."""
+    result = await session.execute(_EXIT_HELD, {"j": journey_id, "r": reason, "now": now, "n": limit})
+    return int(result.scalar_one())
+
+
+async def close_goal_windows(session: AsyncSession, journey_id: str) -> int:
+    """An archived journey counts no more conversions (batches skip its windows already). One
+    statement: no step waits for these rows."""
+    result = await session.execute(text("DELETE FROM goal_windows WHERE journey_id = :j"), {"j": journey_id})
     return int(getattr(result, "rowcount", 0) or 0)
 
 

@@ -11,6 +11,12 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+# The entry gate: consumer batches that may enter customers in journeys hold it shared from before
+# they read which journeys are active until they commit (`projection.lock_customers`); a pause or
+# archive holds it exclusive (`hold_entries`). Two 32-bit keys: a key space apart from the customers'
+# 64-bit advisory locks, the schema's name in the second.
+ENTRY_GATE = "hashtext('clm.journey_entries'), hashtext(current_schema())"
+
 
 @dataclass(frozen=True)
 class JourneyRow:
@@ -68,6 +74,29 @@ async def get(session: AsyncSession, journey_id: str, *, for_update: bool = Fals
     return JourneyRow(*row) if row else None
 
 
+async def hold_entries(session: AsyncSession) -> None:
+    """Wait for the consumer batches entering customers now to commit, and keep new ones waiting
+    until this transaction ends. Taken before any other lock by a status change that stops entries:
+    every entry is then either committed before it (an archive exits it with the rest) or reads the
+    journey's new status (a batch that read it as active created a live instance after the archive
+    had exited everyone inside). Batches hold it shared only: they never wait on each other, but all
+    of them wait behind this request while it waits: take it under a `set_lock_timeout`."""
+    await session.execute(text(f"SELECT pg_advisory_xact_lock({ENTRY_GATE})"))
+
+
+async def set_lock_timeout(session: AsyncSession, ms: int) -> None:
+    """For the rest of this transaction, a lock not granted within `ms` raises (SQLSTATE 55P03)."""
+    await session.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{int(ms)}ms"})
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    for candidate in (orig, getattr(orig, "__cause__", None)):
+        if getattr(candidate, "sqlstate", None) == "55P03":
+            return True
+    return False
+
+
 async def list_all(session: AsyncSession) -> list[JourneyRow]:
     rows = await session.execute(text(f"SELECT {_COLUMNS} FROM journeys ORDER BY created_at, id"))
     return [JourneyRow(*r) for r in rows]
@@ -80,6 +109,25 @@ ACTIVE_SQL = f"SELECT {_COLUMNS} FROM journeys WHERE status = 'active' ORDER BY 
 def active_rows(rows: Sequence[Sequence[Any]]) -> list[JourneyRow]:
     """Rows of `ACTIVE_SQL`, in their order (by id)."""
     return [JourneyRow(*r) for r in rows]
+
+
+# Of the journeys a batch's active instances are in, the archived ones (`store.batch_read`): an
+# archive exits its customers after it committed, and a step that comes first exits the instance.
+ARCHIVED_SQL = "SELECT id FROM journeys WHERE id = ANY(CAST(:journey_ids AS text[])) AND status = 'archived'"
+
+
+async def unfinished_archives(session: AsyncSession) -> list[str]:
+    """Archived journeys with customers still inside or goal windows still open: the archive's
+    answer did not get to them (a crash after its status change), or an entry committed after it
+    (a replica of the release before takes no entry gate)."""
+    rows = await session.execute(
+        text(
+            "SELECT id FROM journeys AS j WHERE status = 'archived' AND ("
+            "EXISTS (SELECT 1 FROM instances WHERE journey_id = j.id AND status = 'active') "
+            "OR EXISTS (SELECT 1 FROM goal_windows WHERE journey_id = j.id)) ORDER BY updated_at, id"
+        )
+    )
+    return [r[0] for r in rows]
 
 
 async def definition(session: AsyncSession, journey_id: str, version: int) -> dict[str, Any] | None:
@@ -165,9 +213,14 @@ class RunState:
     cursor: str | None
 
     @property
+    def started(self) -> bool:
+        """Whether the next run is in progress: some of its chunks committed."""
+        return self.run_at is not None and self.run_at == self.next_run_at
+
+    @property
     def resume_after(self) -> str | None:
         """The last member enrolled by this run's chunks so far (None: start from the first)."""
-        return self.cursor if self.run_at is not None and self.run_at == self.next_run_at else None
+        return self.cursor if self.started else None
 
 
 async def run_state(session: AsyncSession, journey_id: str) -> RunState | None:

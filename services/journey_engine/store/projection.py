@@ -12,6 +12,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.journey_engine.store import journeys
 from shared.db.engine import Statement
 
 
@@ -30,9 +31,16 @@ class CustomerRecord:
 
 
 # The statements each consumer batch runs go straight to asyncpg (`Statement`).
-_LOCK_CUSTOMERS = Statement(
-    "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtextextended(c, 7) AS k "
-    "FROM unnest(CAST(:ids AS text[])) AS c ORDER BY k) AS s"
+_CUSTOMER_KEYS = (
+    "(SELECT DISTINCT hashtextextended(c, 7) AS k FROM unnest(CAST(:ids AS text[])) AS c ORDER BY k) AS s"
+)
+_LOCK_CUSTOMERS = Statement(f"SELECT pg_advisory_xact_lock(k) FROM {_CUSTOMER_KEYS}")
+# The same after the entry gate (shared), in the same round trip. The gate comes first (the customer
+# locks are taken as the join's rows come out): a batch waiting for it holds no customer's lock, which
+# a broadcast chunk could be waiting for while holding the journey's row an archive waits for.
+_LOCK_CUSTOMERS_ENTERING = Statement(
+    f"WITH gate AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared({journeys.ENTRY_GATE})) "
+    f"SELECT pg_advisory_xact_lock(k) FROM gate, {_CUSTOMER_KEYS}"
 )
 _RESOLVE_SQL = (
     "SELECT identity, customer_id FROM customer_identities WHERE identity = ANY(CAST(:ids AS text[]))"
@@ -79,13 +87,15 @@ _ADD_MEMBER = Statement(
 _REMOVE_MEMBER = Statement("DELETE FROM segment_members WHERE segment_id = :s AND customer_id = :c")
 
 
-async def lock_customers(session: AsyncSession, customer_ids: list[str]) -> None:
+async def lock_customers(session: AsyncSession, customer_ids: list[str], *, entering: bool = False) -> None:
     """Serialize work on the same customers across consumers, timer workers and engine processes.
 
     Locks are taken in one global order (by hash), so two transactions never wait on each other in a cycle.
+    `entering`: the work may enter them in journeys; it holds the entry gate too (`journeys.hold_entries`).
     """
     if customer_ids:
-        await _LOCK_CUSTOMERS.fetch(session, {"ids": sorted(set(customer_ids))})
+        statement = _LOCK_CUSTOMERS_ENTERING if entering else _LOCK_CUSTOMERS
+        await statement.fetch(session, {"ids": sorted(set(customer_ids))})
 
 
 async def lock_customers_of_instances(session: AsyncSession, instance_ids: list[str]) -> set[str]:

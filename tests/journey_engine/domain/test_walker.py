@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -21,6 +22,7 @@ from services.journey_engine.domain.walker import (
     Outcome,
     RequestMessage,
     Start,
+    StatusArrived,
     TimerFired,
     Walker,
     dry_run,
@@ -195,6 +197,118 @@ SEND_TWICE = graph(
     ],
     [{"from": "start", "to": "s1"}, {"from": "s1", "to": "s2"}, {"from": "s2", "to": "done"}],
 )
+
+
+MAIL_THEN_CLICK = graph(
+    [
+        {"id": "start", "type": "entry"},
+        {"id": "mail", "type": "send", "channel": "email", "template_id": "hello"},
+        {"id": "pause", "type": "delay", "duration": "PT1H"},
+        {
+            "id": "clicked",
+            "type": "wait_message",
+            "send_node": "mail",
+            "statuses": ["clicked"],
+            "timeout": "P1D",
+        },
+        {"id": "done", "type": "exit"},
+    ],
+    [
+        {"from": "start", "to": "mail"},
+        {"from": "mail", "to": "pause"},
+        {"from": "pause", "to": "clicked"},
+        {"from": "clicked", "to": "done", "branch": "matched"},
+        {"from": "clicked", "to": "done", "branch": "timeout"},
+    ],
+)
+
+
+def test_a_wait_for_a_message_status_waits_for_the_id_the_message_got() -> None:
+    """Migrated to version 2 during the delay, the instance still waits for version 1's mail."""
+    sent = step(MAIL_THEN_CLICK, fresh(MAIL_THEN_CLICK), Start())
+    assert sent is not None and sent.node_id == "pause"
+    [request] = sent.effects
+    assert isinstance(request, RequestMessage) and request.message_id == message_id("j1", 1, "i1", "mail")
+    assert sent.context["message_ids"] == {"mail": request.message_id}
+    migrated = replace(after(fresh(MAIL_THEN_CLICK), sent), version=2)
+    waiting = step(MAIL_THEN_CLICK, migrated, TimerFired(), NOW + timedelta(hours=1))
+    assert waiting is not None and waiting.wait is not None
+    assert waiting.wait["message_id"] == request.message_id
+    clicked = step(
+        MAIL_THEN_CLICK,
+        replace(migrated, node_id="clicked", context=waiting.context, wait=waiting.wait),
+        StatusArrived(request.message_id, "clicked"),
+    )
+    assert clicked is not None and clicked.status == "exited" and ("clicked", "passed") in clicked.counts
+
+
+def test_a_withheld_message_and_one_sent_before_ids_were_kept_are_waited_for_too() -> None:
+    rules = MessagingRules(caps={"email": CapRule(1, "day")})
+    capped = step(
+        MAIL_THEN_CLICK,
+        fresh(MAIL_THEN_CLICK),
+        Start(),
+        customer=CustomerView("c1", recent_sends={"email": [NOW]}),
+        rules=rules,
+    )
+    assert capped is not None
+    [withheld] = capped.effects
+    assert isinstance(withheld, MessageWithheld) and withheld.status == "capped"
+    assert capped.context["message_ids"] == {"mail": withheld.message_id}
+    # No ids kept (an instance from before they were): the id of the version it left at its first
+    # migration, else of its own version.
+    legacy = replace(fresh(MAIL_THEN_CLICK), version=3, node_id="pause", context={"visits": {"mail": 2}})
+    for context, version in (({"migrated_from": 1}, 1), ({}, 3)):
+        state = replace(legacy, context={**legacy.context, **context})
+        waiting = step(MAIL_THEN_CLICK, state, TimerFired(), NOW + timedelta(hours=1))
+        assert waiting is not None and waiting.wait is not None
+        assert waiting.wait["message_id"] == message_id("j1", version, "i1", "mail", 2)
+
+
+MAIL_UNTIL_CLICKED = graph(
+    [
+        {"id": "start", "type": "entry"},
+        {"id": "mail", "type": "send", "channel": "email", "template_id": "hello"},
+        {"id": "pause", "type": "delay", "duration": "PT1H"},
+        {
+            "id": "clicked",
+            "type": "wait_message",
+            "send_node": "mail",
+            "statuses": ["clicked"],
+            "timeout": "P1D",
+        },
+        {"id": "done", "type": "exit"},
+    ],
+    [
+        {"from": "start", "to": "mail"},
+        {"from": "mail", "to": "pause"},
+        {"from": "pause", "to": "clicked"},
+        {"from": "clicked", "to": "done", "branch": "matched"},
+        {"from": "clicked", "to": "mail", "branch": "timeout"},
+    ],
+)
+
+
+def test_a_wait_after_a_send_by_the_release_before_waits_for_that_visits_message() -> None:
+    """A loop mail -> delay -> wait -> mail: a replica of the release before sent the second mail (it
+    counts the visit, keeps `message_ids` as they were); the wait after the delay waited for the
+    first mail's id, and its click was never matched."""
+    g = MAIL_UNTIL_CLICKED
+    first = step(g, fresh(g), Start())
+    assert first is not None and first.context["message_ids"] == {"mail": message_id("j1", 1, "i1", "mail")}
+    # What the old replica's second visit left, on version 2 (migrated meanwhile): the visit counted,
+    # the first visit's id still kept.
+    context = {**first.context, "visits": {"mail": 2}, "migrated_from": 1}
+    left = replace(fresh(g), version=2, node_id="pause", context=context)
+    waiting = step(g, left, TimerFired(), NOW + timedelta(hours=1))
+    assert waiting is not None and waiting.wait is not None
+    # Its message's id: the instance's version (as the release before's wait expects), visit 2.
+    assert waiting.wait["message_id"] == message_id("j1", 2, "i1", "mail", 2)
+    # A kept id of this visit is trusted, whatever version it names.
+    kept = {**context, "message_ids": {"mail": message_id("j1", 1, "i1", "mail", 2)}}
+    waiting = step(g, replace(left, context=kept), TimerFired(), NOW + timedelta(hours=1))
+    assert waiting is not None and waiting.wait is not None
+    assert waiting.wait["message_id"] == message_id("j1", 1, "i1", "mail", 2)
 
 
 def test_frequency_cap_per_local_day_withholds_with_reason() -> None:

@@ -16,6 +16,7 @@ help:
 	@echo "make run    start Kafka, PostgreSQL, an SMTP sink and the four services (Ctrl-C stops)"
 	@echo "make test   run the whole test suite against a fresh local Kafka + PostgreSQL"
 	@echo "make lint   ruff + mypy --strict"
+	@echo "make lock   re-pin constraints.txt after changing pyproject.toml's dependencies"
 	@echo "make demo   seed journeys/templates/segments into a running platform and stream customers"
 	@echo "make infra  Kafka + PostgreSQL only"
 	@echo "make bench-<name>  benchmarks (see bench/README.md)"

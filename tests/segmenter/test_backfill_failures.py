@@ -1,6 +1,6 @@
 """A back-fill chunk that fails: counted on its segment only when the segment is the cause, in a row;
 passing causes and outages only back it off; recorded in the chunk's own transaction; a failed pass
-retried from where it stopped; failures recorded before a pass started (by an older replica's
+retried from where it stopped; failures charged to an earlier pass (kept by an older replica's
 restart) disregarded; stored definitions that no longer validate marked `failed`."""
 
 from __future__ import annotations
@@ -196,6 +196,46 @@ async def test_failures_recorded_before_the_pass_started_are_disregarded(harness
     assert await harness.segmenter.backfill.run_once()  # claimed at once: no back-off from before
     v = await view(harness, sid)
     assert v["status"] == "backfilling" and v["backfill"]["failures"] == 1
+
+
+async def test_a_failure_is_charged_to_its_pass_whatever_the_replicas_clocks_say(harness: Harness) -> None:
+    """Whether a failure was the current pass's was read from `failed_at >= started_at`, two replicas'
+    clocks (and the worker's `now` is taken before its claim): a restart by a replica whose clock is
+    behind the worker's kept the earlier pass's failure (counted, backed off), and a failure of the
+    new pass by a worker whose clock is behind the restarter's was disregarded (never backed off,
+    never counted)."""
+    await seed(harness, 3)
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, "23514")
+    assert await harness.segmenter.backfill.run_once()
+    assert (await view(harness, sid))["backfill"]["failures"] == 1
+    # Saved again through an older release (which leaves the failure columns as they are), on a
+    # replica whose clock is 5 s behind the worker's.
+    await sql(
+        harness,
+        "UPDATE segments SET version = version + 1, backfill_cursor = NULL, backfill_done = 0, "
+        "backfill_started_at = :then, updated_at = :then WHERE segment_id = :s",
+        s=sid,
+        then=harness.clock.now() - timedelta(seconds=5),
+    )
+    v = await view(harness, sid)
+    assert (v["backfill"]["failures"], v["backfill"]["error"], v["backfill"]["failed_at"]) == (0, None, None)
+    assert await harness.segmenter.backfill.run_once()  # not backed off by the earlier pass's failure
+    assert (await view(harness, sid))["backfill"]["failures"] == 1  # this pass's first, not the second
+    # Restarted by a replica whose clock is 30 s ahead of the worker's (or whose restart committed
+    # between the worker reading its clock and claiming the segment): the new pass's failure is its.
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await segment_store.restart_backfill(uow.session, [sid], harness.clock.now() + timedelta(seconds=30))
+    harness.clock.advance(timedelta(seconds=1))
+    assert await harness.segmenter.backfill.run_once()
+    v = await view(harness, sid)
+    assert v["status"] == "backfilling" and v["backfill"]["failures"] == 1, v
+    assert v["backfill"]["failed_at"] == harness.clock.now().isoformat().replace("+00:00", "Z")
+    assert not await harness.segmenter.backfill.run_once()  # backed off
+    for _ in range(2):
+        harness.clock.advance(timedelta(seconds=60))
+        assert await harness.segmenter.backfill.run_once()
+    assert (await view(harness, sid))["status"] == "failed"
 
 
 async def test_an_outage_after_the_claim_backs_the_segment_off_so_others_get_their_turn(

@@ -19,10 +19,13 @@ from services.segmenter.store.sql_rules import RuleSql
 from shared.contracts.events import RESYNC_CAUSE
 from shared.db.engine import Statement, json_rows, rows_from_json
 
-# Whether the failure recorded on a segment is its current pass's: every restart of a pass sets
-# `backfill_started_at`, but a release before 2026-12-08 (an old replica during a rollout) does not
-# reset the failure columns; a failure recorded before the pass started is none of its business.
-_CURRENT_FAILURE = "backfill_failed_at >= coalesce(backfill_started_at, CAST('-infinity' AS timestamptz))"
+# Whether the failure recorded on a segment is its current pass's: a failure is charged to the pass
+# that had the chunk, `backfill_failed_pass` holding that pass's `backfill_started_at`, matched
+# exactly. Every restart of a pass sets `backfill_started_at`, but a release before 2026-12-08 (an
+# old replica during a rollout) does not reset the failure columns: its new pass does not match, and
+# a failure of an earlier pass is none of its business. (Not `backfill_failed_at >= started_at`: the
+# two come from different replicas' clocks, and the worker's `now` is taken before its claim.)
+_CURRENT_FAILURE = "backfill_failed_pass IS NOT DISTINCT FROM backfill_started_at"
 # The current pass's failed chunks in a row (an older failure counts none).
 _FAILURES = f"(CASE WHEN {_CURRENT_FAILURE} THEN backfill_failures ELSE 0 END)"
 SEGMENT_COLUMNS = (
@@ -35,7 +38,8 @@ SEGMENT_COLUMNS = (
 _START_PASS = (
     "status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
     "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
-    "backfill_finished_at = NULL, backfill_failures = 0, backfill_error = NULL, backfill_failed_at = NULL"
+    "backfill_finished_at = NULL, backfill_failures = 0, backfill_error = NULL, backfill_failed_at = NULL, "
+    "backfill_failed_pass = NULL"
 )
 
 
@@ -407,7 +411,7 @@ async def record_backfill_failure(
         await session.execute(
             text(
                 f"UPDATE segments SET backfill_failures = {_FAILURES} + :add, backfill_error = :err, "
-                "backfill_failed_at = :now, "
+                "backfill_failed_at = :now, backfill_failed_pass = backfill_started_at, "
                 f"status = CASE WHEN {_FAILURES} + :add >= :max THEN 'failed' ELSE status END "
                 "WHERE segment_id = :s AND version = :v AND status = 'backfilling' "
                 "AND backfill_started_at IS NOT DISTINCT FROM :started RETURNING status, backfill_failures"
@@ -435,7 +439,7 @@ async def fail_definition(
     result = await session.execute(
         text(
             f"UPDATE segments SET status = 'failed', backfill_failures = {_FAILURES} + 1, "
-            "backfill_error = :err, backfill_failed_at = :now "
+            "backfill_error = :err, backfill_failed_at = :now, backfill_failed_pass = backfill_started_at "
             "WHERE segment_id = :s AND version = :v AND status <> 'failed'"
         ),
         {"s": segment_id, "v": version, "err": error, "now": now},
@@ -450,7 +454,7 @@ async def retry_backfill(session: AsyncSession, segment_id: str) -> None:
     await session.execute(
         text(
             "UPDATE segments SET status = 'backfilling', backfill_failures = 0, backfill_error = NULL, "
-            "backfill_failed_at = NULL, "
+            "backfill_failed_at = NULL, backfill_failed_pass = NULL, "
             "backfill_cursor = CASE WHEN backfill_finished_at IS NULL THEN backfill_cursor END, "
             "backfill_done = CASE WHEN backfill_finished_at IS NULL THEN backfill_done ELSE 0 END, "
             "backfill_finished_at = NULL WHERE segment_id = :s"
@@ -603,7 +607,8 @@ async def advance_backfill(
             "backfill_finished_at = CASE WHEN :fin THEN CAST(:now AS timestamptz) ELSE NULL END, "
             # Failures count in a row: a chunk that went through clears them (a statement timeout
             # now and then over a pass of hours never adds up to `failed`).
-            "backfill_failures = 0, backfill_error = NULL, backfill_failed_at = NULL WHERE segment_id = :s"
+            "backfill_failures = 0, backfill_error = NULL, backfill_failed_at = NULL, "
+            "backfill_failed_pass = NULL WHERE segment_id = :s"
         ),
         {"cur": cursor, "seen": seen, "fin": finished, "now": now, "s": segment_id},
     )

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import Counter
@@ -31,18 +31,21 @@ log = logging.getLogger(__name__)
 
 BACKFILL_FAILURES = Counter(
     "clm_segmenter_backfill_failures_total",
-    "Back-fill chunks that failed after their segment was claimed: outcome retried (counted on the "
-    "segment, tried again backfill_retry_after_s later, behind the others), failed "
-    "(backfill_max_failures in a row, or its stored definition is invalid: the segment is marked "
-    "failed until retried or saved again) or backed_off (a passing cause or an outage: not counted, "
-    "tried again backfill_retry_after_s later)",
+    "Back-fill chunks that failed after their segment was claimed: outcome retried (a failure "
+    "counted on the segment, tried again backfill_retry_after_s later, behind the others), failed "
+    "(backfill_max_failures failures or backfill_max_stalls stalls in a row, or its stored "
+    "definition is invalid: the segment is marked failed until retried or saved again) or "
+    "backed_off (a passing cause or an outage: a stall, tried again backfill_retry_after_s later, "
+    "doubled for each stall in a row, at most backfill_max_backoff_s)",
     ["outcome"],
 )
 # The error kept on the segment (shown by the API): the driver's message, not the statement.
 ERROR_CHARS = 500
-# Passing causes, not the segment's: statement timeout (under load), read-only transaction (a
-# connection to a former primary after a failover), lock timeout; and class 53, insufficient
-# resources (disk full, out of memory; too many connections, 53300, is an outage already).
+# Passing causes, most likely not the segment's: statement timeout (under load), read-only
+# transaction (a connection to a former primary after a failover), lock timeout; and class 53,
+# insufficient resources (disk full, out of memory; too many connections, 53300, is an outage
+# already). Each is a stall, not a failure: `backfill_max_stalls` in a row without progress (a chunk
+# that outlasts the statement timeout, or runs out of memory, every time) fail the segment too.
 PASSING_SQLSTATES = frozenset({"57014", "25006", "55P03"})
 
 
@@ -74,7 +77,7 @@ def sqlstate(exc: BaseException) -> str | None:
 def failure_kind(exc: BaseException) -> str:
     """What a chunk's failure says: `conflict` (a deadlock or serialization failure with a concurrent
     writer: retried at once), `outage` (the connection or the server went: the transaction is gone),
-    `passing` (a cause that passes and is not the segment's: backed off, not counted), `invalid` (its
+    `passing` (a cause that passes and may not be the segment's: a stall, backed off), `invalid` (its
     stored definition) or `segment` (anything else: counted on it)."""
     if is_transient_conflict(exc):
         return "conflict"
@@ -160,10 +163,13 @@ class Backfill:
         transaction, the segment's row still locked (no other replica re-runs the chunk meanwhile, a
         restart waiting for the lock finds its new pass clean). Counted on the segment (which goes
         behind the others, is retried `backfill_retry_after_s` later, and is `failed` after
-        `backfill_max_failures` in a row) unless it is a passing cause (`failure_kind`), which only
-        backs it off as long; a conflict with a concurrent writer is raised (retried at once); an
-        outage is raised, the segment backed off first if the database still answers, so a segment
-        whose chunk kills its connection does not stay first for ever."""
+        `backfill_max_failures` in a row) unless it is a passing cause (`failure_kind`), which is a
+        stall: it backs the segment off, twice as long as the stall before (at most
+        `backfill_max_backoff_s`), and `backfill_max_stalls` in a row without progress fail it (a
+        chunk that always outlasts the statement timeout). A conflict with a concurrent writer is
+        raised (retried at once); an outage is raised, and is a stall of the segment first if the
+        database still answers, so a segment whose chunk kills its connection (or the server) does
+        not stay first, nor come back every minute, for ever."""
         if await self.finish_deletion():
             return True
         if await self.fail_invalid():
@@ -204,13 +210,19 @@ class Backfill:
         return bool(marked)
 
     async def _back_off(self, row: dict[str, Any], exc: BaseException, now: datetime) -> None:
-        """After an outage that struck a claimed segment's chunk (its transaction is gone): back it off,
-        not counted, in a transaction of its own, if the database answers (else nothing: no segment is
+        """After an outage that struck a claimed segment's chunk (its transaction is gone): a stall,
+        recorded in a transaction of its own, if the database answers (else nothing: no segment is
         claimed while it does not)."""
         try:
             async with self.platform.unit_of_work() as uow:
                 recorded = await segment_store.record_backfill_failure(
-                    uow.session, row, failure_text(exc), now, counted=False, max_failures=1
+                    uow.session,
+                    row,
+                    failure_text(exc),
+                    now,
+                    counted=False,
+                    max_failures=self.settings.backfill_max_failures,
+                    max_stalls=self.settings.backfill_max_stalls,
                 )
         except Exception as again:
             log.debug("could not back the segment off", extra={"error": repr(again)})
@@ -218,16 +230,22 @@ class Backfill:
         if recorded is not None:
             self._report(row, failure_text(exc), recorded, counted=False)
 
-    def _report(self, row: dict[str, Any], error: str, recorded: tuple[str, int], *, counted: bool) -> None:
-        status, failures = recorded
-        outcome = "failed" if status == "failed" else "retried" if counted else "backed_off"
+    def _report(
+        self, row: dict[str, Any], error: str, recorded: segment_store.RecordedFailure, *, counted: bool
+    ) -> None:
+        outcome = "failed" if recorded.status == "failed" else "retried" if counted else "backed_off"
         BACKFILL_FAILURES.labels(outcome).inc()
         extra = {
             "segment_id": row["segment_id"],
             "version": row["version"],
-            "failures": failures,
+            "failures": recorded.failures,
+            "stalls": recorded.stalls,
             "error": error,
         }
+        if outcome != "failed":
+            extra["retry_in_s"] = segment_store.backoff_s(
+                recorded.stalls, self.settings.backfill_retry_after_s, self.settings.backfill_max_backoff_s
+            )
         if outcome == "failed":
             log.error("segment back-fill failed; stopped until retried or saved again", extra=extra)
         elif outcome == "retried":
@@ -236,20 +254,22 @@ class Backfill:
             )
         else:
             log.warning(
-                "segment back-fill chunk failed for a passing cause; retried later, not counted", extra=extra
+                "segment back-fill chunk stalled (a passing cause or an outage); retried later, backing off",
+                extra=extra,
             )
 
     async def _chunk(self, now: datetime, claimed: dict[str, Any]) -> bool:
         """One chunk of one segment; the segment's row is copied into `claimed` once it is locked."""
         dependents_to_restart: set[str] = set()
-        failure: tuple[str, tuple[str, int], bool] | None = None
+        failure: tuple[str, segment_store.RecordedFailure, bool] | None = None
         async with self.platform.unit_of_work() as uow:
             # Shared, like an event batch, before any row lock: an erasure waits for a chunk in flight
             # (and then deletes the memberships it wrote), or the chunk reads the base after the
             # erasure committed. Back-fills never wait on each other or on event batches for it.
             await erasure_gate(uow.session, exclusive=False)
-            retry_from = now - timedelta(seconds=self.settings.backfill_retry_after_s)
-            row = await segment_store.claim_backfill(uow.session, retry_from)
+            row = await segment_store.claim_backfill(
+                uow.session, now, self.settings.backfill_retry_after_s, self.settings.backfill_max_backoff_s
+            )
             if row is None:
                 return False
             claimed.update(row)
@@ -262,7 +282,13 @@ class Backfill:
                 if await segment_store.fail_definition(
                     uow.session, row["segment_id"], row["version"], why[:ERROR_CHARS], now
                 ):
-                    failure = (why, ("failed", row["backfill_failures"] + 1), True)
+                    failure = (
+                        why,
+                        segment_store.RecordedFailure(
+                            "failed", row["backfill_failures"] + 1, row["backfill_stalls"]
+                        ),
+                        True,
+                    )
             else:
                 try:
                     async with uow.session.begin_nested():
@@ -280,6 +306,7 @@ class Backfill:
                         now,
                         counted=counted,
                         max_failures=1 if kind == "invalid" else self.settings.backfill_max_failures,
+                        max_stalls=self.settings.backfill_max_stalls,
                     )
                     if recorded is not None:
                         failure = (error, recorded, counted)

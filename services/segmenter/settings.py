@@ -71,11 +71,15 @@ class SegmenterSettings(BaseServiceSettings):
     # Customers per back-fill transaction, and how often the back-fill loop looks for work.
     backfill_chunk_size: int = 50000
     backfill_poll_interval_s: float = 1.0
-    # Failed chunks in a row caused by the segment (not outages nor passing causes such as a statement
-    # timeout, which only back it off) after which its back-fill is `failed` until retried or saved
-    # again; after each failure, or back-off, it is tried again this much later, the others first.
+    # Failed chunks in a row caused by the segment after which its back-fill is `failed` until retried
+    # or saved again; stalls (a passing cause such as a statement timeout, or an outage, striking its
+    # chunk) in a row without progress after which it is `failed` too. After a failure it is tried
+    # again `backfill_retry_after_s` later, the others first; the wait doubles with each stall in a
+    # row, up to `backfill_max_backoff_s`. A chunk that goes through clears both counts.
     backfill_max_failures: int = Field(default=3, ge=1)
+    backfill_max_stalls: int = Field(default=10, ge=1)
     backfill_retry_after_s: float = Field(default=60.0, ge=0)
+    backfill_max_backoff_s: float = Field(default=3600.0, ge=0)
     # Run the background loops (tests drive them by hand with `run_once`).
     run_background_loops: bool = True
     # How long GET /v1/customers/{id}/export waits for every service's part before answering 504.

@@ -1,7 +1,8 @@
-"""A back-fill chunk that fails: counted on its segment only when the segment is the cause, in a row;
-passing causes and outages only back it off; recorded in the chunk's own transaction; a failed pass
-retried from where it stopped; failures recorded before a pass started (by an older replica's
-restart) disregarded; stored definitions that no longer validate marked `failed`."""
+"""A back-fill chunk that fails: counted on its segment as a failure when the segment is the cause, in
+a row; passing causes and outages as stalls, backed off longer each time, failing it at a higher
+limit; recorded in the chunk's own transaction; a failed pass retried from where it stopped;
+failures charged to an earlier pass (kept by an older replica's restart) disregarded; stored
+definitions that no longer validate marked `failed`."""
 
 from __future__ import annotations
 
@@ -79,22 +80,24 @@ async def create(h: Harness, definition: Any, name: str = "s") -> str:
         ("55P03", "LockNotAvailableError"),  # lock timeout
     ],
 )
-async def test_a_passing_cause_backs_the_segment_off_and_never_fails_it(
+async def test_a_passing_cause_is_a_stall_backed_off_longer_each_time(
     harness: Harness, sqlstate: str, error: str
 ) -> None:
-    """These say nothing about the segment: counted, three of them (over hours of a 10M-customer pass)
-    failed it for good. Now each backs it off `backfill_retry_after_s`, not counted."""
+    """These say little about the segment: counted, three of them (over hours of a 10M-customer pass)
+    failed it for good. Each is a stall, not a failure: it backs the segment off, 60 s, then twice as
+    long each time in a row."""
     await seed(harness, 4)
     sid = await create(harness, EVERYONE)
     await refuse(harness, sid, sqlstate)
     backed_off = failures("backed_off")
-    for _ in range(5):
+    for stalls in range(1, 6):
         assert await harness.segmenter.backfill.run_once()
         v = await view(harness, sid)
-        assert v["status"] == "backfilling" and v["backfill"]["failures"] == 0, v
+        assert v["status"] == "backfilling", v
+        assert (v["backfill"]["failures"], v["backfill"]["stalls"]) == (0, stalls), v
         assert v["backfill"]["error"] == f"{error}: refused for the test"
         assert v["backfill"]["failed_at"] == harness.clock.now().isoformat().replace("+00:00", "Z")
-        harness.clock.advance(timedelta(seconds=59))
+        harness.clock.advance(timedelta(seconds=60 * 2 ** (stalls - 1) - 1))
         assert not await harness.segmenter.backfill.run_once()  # backed off
         harness.clock.advance(timedelta(seconds=1))
     assert failures("backed_off") - backed_off == 5
@@ -102,7 +105,85 @@ async def test_a_passing_cause_backs_the_segment_off_and_never_fails_it(
     await harness.segmenter.backfill.run_until_idle()
     v = await view(harness, sid)
     assert v["status"] == "ready" and v["member_count"] == 4
-    assert (v["backfill"]["failures"], v["backfill"]["error"], v["backfill"]["failed_at"]) == (0, None, None)
+    assert (v["backfill"]["failures"], v["backfill"]["stalls"]) == (0, 0)
+    assert (v["backfill"]["error"], v["backfill"]["failed_at"]) == (None, None)
+
+
+async def stall(h: Harness, sqlstate: str) -> None:
+    """One chunk that fails with `sqlstate`: a passing cause, or an outage (raised)."""
+    if sqlstate.startswith("57P"):
+        with pytest.raises(Exception, match="refused for the test"):
+            await h.segmenter.backfill.run_once()
+    else:
+        assert await h.segmenter.backfill.run_once()
+
+
+@pytest.mark.parametrize("sqlstate", ["57014", "57P01"])  # statement timeout; the server going away
+async def test_a_chunk_that_stalls_every_time_fails_its_segment_at_the_stall_limit(
+    harness: Harness, sqlstate: str
+) -> None:
+    """A chunk that always outlasts the statement timeout, or whose query gets its backend killed
+    (the OOM killer: the whole server resets), was backed off a minute and run again, for ever: the
+    segment stayed `backfilling`, the full timeout burnt each time, nothing said it never would be
+    done. It backs off twice as long each time (at most an hour) and is `failed` at the tenth."""
+    await seed(harness, 3)
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, sqlstate)
+    failed = failures("failed")
+    waits = []
+    for stalls in range(1, 10):
+        await stall(harness, sqlstate)
+        v = await view(harness, sid)
+        assert v["status"] == "backfilling" and v["backfill"]["stalls"] == stalls, v
+        wait = min(60 * 2 ** (stalls - 1), 3600)
+        harness.clock.advance(timedelta(seconds=wait - 1))
+        assert not await harness.segmenter.backfill.run_once()  # backed off
+        harness.clock.advance(timedelta(seconds=1))
+        waits.append(wait)
+    assert waits == [60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]
+    await stall(harness, sqlstate)
+    v = await view(harness, sid)
+    assert v["status"] == "failed" and (v["backfill"]["failures"], v["backfill"]["stalls"]) == (0, 10), v
+    assert v["backfill"]["error"].endswith(": refused for the test")
+    assert failures("failed") - failed == 1
+    harness.clock.advance(timedelta(days=1))
+    assert not await harness.segmenter.backfill.run_once()  # failed: no longer tried
+
+    await allow(harness)
+    r = await harness.client.post(f"/v1/segments/{sid}/backfill/retry", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert (r.json()["backfill"]["stalls"], r.json()["backfill"]["error"]) == (0, None)
+    await harness.segmenter.backfill.run_until_idle()
+    assert (await view(harness, sid))["status"] == "ready"
+
+
+async def test_a_chunk_that_goes_through_clears_the_stalls_and_their_back_off(harness: Harness) -> None:
+    """Stalls count in a row on one cursor: progress in between starts them, and the back-off, over."""
+    await seed(harness, 6)
+    harness.segmenter.settings.backfill_chunk_size = 2
+    harness.segmenter.settings.backfill_max_stalls = 3
+    sid = await create(harness, EVERYONE)
+    assert await harness.segmenter.backfill.run_once()  # u00, u01
+    for customer in ["u02", "u04"]:
+        await refuse(harness, sid, "57014", customer)
+        for wait in (60, 120):  # two stalls of three, backed off longer the second time
+            assert await harness.segmenter.backfill.run_once()
+            harness.clock.advance(timedelta(seconds=wait - 1))
+            assert not await harness.segmenter.backfill.run_once()
+            harness.clock.advance(timedelta(seconds=1))
+        v = await view(harness, sid)
+        assert v["status"] == "backfilling" and v["backfill"]["stalls"] == 2, v
+        await allow(harness)
+        assert await harness.segmenter.backfill.run_once()  # through
+        v = await view(harness, sid)
+        assert (v["backfill"]["stalls"], v["backfill"]["error"], v["backfill"]["failed_at"]) == (
+            0,
+            None,
+            None,
+        )
+    await harness.segmenter.backfill.run_until_idle()
+    v = await view(harness, sid)
+    assert v["status"] == "ready" and v["member_count"] == 6
 
 
 async def test_failures_count_in_a_row_a_chunk_that_goes_through_clears_them(harness: Harness) -> None:
@@ -198,6 +279,46 @@ async def test_failures_recorded_before_the_pass_started_are_disregarded(harness
     assert v["status"] == "backfilling" and v["backfill"]["failures"] == 1
 
 
+async def test_a_failure_is_charged_to_its_pass_whatever_the_replicas_clocks_say(harness: Harness) -> None:
+    """Whether a failure was the current pass's was read from `failed_at >= started_at`, two replicas'
+    clocks (and the worker's `now` is taken before its claim): a restart by a replica whose clock is
+    behind the worker's kept the earlier pass's failure (counted, backed off), and a failure of the
+    new pass by a worker whose clock is behind the restarter's was disregarded (never backed off,
+    never counted)."""
+    await seed(harness, 3)
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, "23514")
+    assert await harness.segmenter.backfill.run_once()
+    assert (await view(harness, sid))["backfill"]["failures"] == 1
+    # Saved again through an older release (which leaves the failure columns as they are), on a
+    # replica whose clock is 5 s behind the worker's.
+    await sql(
+        harness,
+        "UPDATE segments SET version = version + 1, backfill_cursor = NULL, backfill_done = 0, "
+        "backfill_started_at = :then, updated_at = :then WHERE segment_id = :s",
+        s=sid,
+        then=harness.clock.now() - timedelta(seconds=5),
+    )
+    v = await view(harness, sid)
+    assert (v["backfill"]["failures"], v["backfill"]["error"], v["backfill"]["failed_at"]) == (0, None, None)
+    assert await harness.segmenter.backfill.run_once()  # not backed off by the earlier pass's failure
+    assert (await view(harness, sid))["backfill"]["failures"] == 1  # this pass's first, not the second
+    # Restarted by a replica whose clock is 30 s ahead of the worker's (or whose restart committed
+    # between the worker reading its clock and claiming the segment): the new pass's failure is its.
+    async with harness.segmenter.platform.unit_of_work() as uow:
+        await segment_store.restart_backfill(uow.session, [sid], harness.clock.now() + timedelta(seconds=30))
+    harness.clock.advance(timedelta(seconds=1))
+    assert await harness.segmenter.backfill.run_once()
+    v = await view(harness, sid)
+    assert v["status"] == "backfilling" and v["backfill"]["failures"] == 1, v
+    assert v["backfill"]["failed_at"] == harness.clock.now().isoformat().replace("+00:00", "Z")
+    assert not await harness.segmenter.backfill.run_once()  # backed off
+    for _ in range(2):
+        harness.clock.advance(timedelta(seconds=60))
+        assert await harness.segmenter.backfill.run_once()
+    assert (await view(harness, sid))["status"] == "failed"
+
+
 async def test_an_outage_after_the_claim_backs_the_segment_off_so_others_get_their_turn(
     harness: Harness,
 ) -> None:
@@ -212,7 +333,7 @@ async def test_an_outage_after_the_claim_backs_the_segment_off_so_others_get_the
     with pytest.raises(Exception, match="refused for the test"):
         await harness.segmenter.backfill.run_once()
     v = await view(harness, stuck)
-    assert v["status"] == "backfilling" and v["backfill"]["failures"] == 0
+    assert v["status"] == "backfilling" and (v["backfill"]["failures"], v["backfill"]["stalls"]) == (0, 1)
     assert v["backfill"]["error"] == "AdminShutdownError: refused for the test"
     assert failures("backed_off") - backed_off == 1
     await harness.segmenter.backfill.run_until_idle()

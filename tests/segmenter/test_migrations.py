@@ -104,10 +104,13 @@ async def test_backfill_failures_both_ways(make_settings: Any) -> None:
         async with engine.begin() as conn:
             row = (
                 await conn.execute(
-                    text("SELECT backfill_failures, backfill_error, backfill_failed_at FROM segments")
+                    text(
+                        "SELECT backfill_failures, backfill_stalls, backfill_error, backfill_failed_at, "
+                        "backfill_failed_pass FROM segments"
+                    )
                 )
             ).one()
-            assert tuple(row) == (0, None, None)
+            assert tuple(row) == (0, 0, None, None, None)
             await conn.execute(text("UPDATE segments SET status = 'failed', backfill_failures = 3"))
         async with engine.begin() as conn:
             await conn.run_sync(_downgrade, "0013_outbox_packed")

@@ -99,8 +99,10 @@ def _view(row: dict[str, Any], members: int | None = None) -> dict[str, Any]:
             else (round(row["backfill_done"] / row["backfill_total"], 4) if row["backfill_total"] else 0.0),
             "started_at": row["backfill_started_at"],
             "finished_at": row["backfill_finished_at"],
-            # Chunks of this pass that failed, the last one's error and time (`failed`: it gave up).
+            # Chunks of this pass that failed, or stalled (a passing cause or an outage), in a row, the
+            # last one's error and time (`failed`: it gave up).
             "failures": row["backfill_failures"],
+            "stalls": row["backfill_stalls"],
             "error": row["backfill_error"],
             "failed_at": row["backfill_failed_at"],
         },
@@ -259,8 +261,9 @@ def segments_router(seg: Segmenter) -> APIRouter:
 
     @router.post("/{segment_id}/backfill/retry")
     async def retry_backfill(segment_id: str) -> dict[str, Any]:
-        """A `failed` back-fill (or one backed off) goes on from where it stopped, its failures cleared,
-        once the cause is gone: saving the segment again would restart it from the first customer."""
+        """A `failed` back-fill (or one backed off) goes on from where it stopped, its failures and
+        stalls cleared, once the cause is gone: saving the segment again would restart it from the
+        first customer."""
         async with platform.unit_of_work() as uow:
             # Waits for a chunk of it in flight, as an edit does.
             row = await segment_store.get_segment(uow.session, segment_id, lock="FOR NO KEY UPDATE")

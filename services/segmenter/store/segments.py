@@ -19,23 +19,29 @@ from services.segmenter.store.sql_rules import RuleSql
 from shared.contracts.events import RESYNC_CAUSE
 from shared.db.engine import Statement, json_rows, rows_from_json
 
-# Whether the failure recorded on a segment is its current pass's: every restart of a pass sets
-# `backfill_started_at`, but a release before 2026-12-08 (an old replica during a rollout) does not
-# reset the failure columns; a failure recorded before the pass started is none of its business.
-_CURRENT_FAILURE = "backfill_failed_at >= coalesce(backfill_started_at, CAST('-infinity' AS timestamptz))"
+# Whether the failure recorded on a segment is its current pass's: a failure is charged to the pass
+# that had the chunk, `backfill_failed_pass` holding that pass's `backfill_started_at`, matched
+# exactly. Every restart of a pass sets `backfill_started_at`, but a release before 2026-12-08 (an
+# old replica during a rollout) does not reset the failure columns: its new pass does not match, and
+# a failure of an earlier pass is none of its business. (Not `backfill_failed_at >= started_at`: the
+# two come from different replicas' clocks, and the worker's `now` is taken before its claim.)
+_CURRENT_FAILURE = "backfill_failed_pass IS NOT DISTINCT FROM backfill_started_at"
 # The current pass's failed chunks in a row (an older failure counts none).
 _FAILURES = f"(CASE WHEN {_CURRENT_FAILURE} THEN backfill_failures ELSE 0 END)"
+# The current pass's stalls in a row: chunks struck by a passing cause or an outage.
+_STALLS = f"(CASE WHEN {_CURRENT_FAILURE} THEN backfill_stalls ELSE 0 END)"
 SEGMENT_COLUMNS = (
     "segment_id, name, description, definition, version, status, backfill_cursor, backfill_done, "
     f"backfill_total, backfill_started_at, backfill_finished_at, {_FAILURES} AS backfill_failures, "
-    f"CASE WHEN {_CURRENT_FAILURE} THEN backfill_error END AS backfill_error, "
+    f"{_STALLS} AS backfill_stalls, CASE WHEN {_CURRENT_FAILURE} THEN backfill_error END AS backfill_error, "
     f"CASE WHEN {_CURRENT_FAILURE} THEN backfill_failed_at END AS backfill_failed_at, created_at, updated_at"
 )
 # A new back-fill pass: from the first customer, no failure yet.
 _START_PASS = (
     "status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
     "backfill_total = (SELECT count(*) FROM customers), backfill_started_at = :now, "
-    "backfill_finished_at = NULL, backfill_failures = 0, backfill_error = NULL, backfill_failed_at = NULL"
+    "backfill_finished_at = NULL, backfill_failures = 0, backfill_stalls = 0, backfill_error = NULL, "
+    "backfill_failed_at = NULL, backfill_failed_pass = NULL"
 )
 
 
@@ -369,24 +375,42 @@ async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> 
 # --------------------------------------------------------------------------- back-fill and preview
 
 
-async def claim_backfill(session: AsyncSession, retry_from: datetime) -> dict[str, Any] | None:
+async def claim_backfill(
+    session: AsyncSession, now: datetime, retry_after_s: float, max_backoff_s: float
+) -> dict[str, Any] | None:
     """One segment waiting for back-fill, locked for this chunk's transaction (FOR NO KEY UPDATE: an
     edit or a deletion waits for the chunk, real-time membership writes do not). The oldest edit
-    first, behind every segment whose pass has failed fewer chunks in a row, and one whose chunk
-    failed (or was backed off) only if that was before `retry_from`: a segment whose chunk keeps
-    failing never holds up the others."""
+    first, behind every segment whose pass has failed or stalled fewer chunks in a row, and one whose
+    chunk failed (or stalled) only once its back-off is over: `retry_after_s` after its last failure,
+    doubled for each stall in a row after the first, at most `max_backoff_s` (`backoff_s`). A segment
+    whose chunk keeps failing never holds up the others."""
     row = (
         await session.execute(
             text(
                 f"SELECT {SEGMENT_COLUMNS} FROM segments WHERE status = 'backfilling' "
                 f"AND (backfill_failed_at IS NULL OR NOT ({_CURRENT_FAILURE}) "
-                "OR backfill_failed_at <= :retry_from) "
-                f"ORDER BY {_FAILURES}, updated_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED"
+                "OR backfill_failed_at <= CAST(:now AS timestamptz) - make_interval(secs => "
+                "LEAST(CAST(:base AS float8) * power(2, LEAST(GREATEST("
+                f"{_STALLS} - 1, 0), 40)), GREATEST(CAST(:cap AS float8), CAST(:base AS float8))))) "
+                f"ORDER BY {_FAILURES} + {_STALLS}, updated_at LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED"
             ),
-            {"retry_from": retry_from},
+            {"now": now, "base": float(retry_after_s), "cap": float(max_backoff_s)},
         )
     ).first()
     return dict(row._mapping) if row else None
+
+
+def backoff_s(stalls: int, retry_after_s: float, max_backoff_s: float) -> float:
+    """How long after its last failure a segment with `stalls` in a row is tried again (as
+    `claim_backfill` reckons it)."""
+    doubled: float = retry_after_s * 2.0 ** min(max(stalls - 1, 0), 40)
+    return min(doubled, max(max_backoff_s, retry_after_s))
+
+
+class RecordedFailure(NamedTuple):
+    status: str
+    failures: int
+    stalls: int
 
 
 async def record_backfill_failure(
@@ -397,20 +421,26 @@ async def record_backfill_failure(
     *,
     counted: bool,
     max_failures: int,
-) -> tuple[str, int] | None:
+    max_stalls: int,
+) -> RecordedFailure | None:
     """Record a failed chunk on the pass `row` (a claimed segment row) was in, if it still is (same
-    `version` and `backfill_started_at`, still back-filling): its error and time, which send it behind
-    the others until it is retried. `counted`: one more failed chunk in a row, and the segment is
-    `failed` at `max_failures`; else (a passing cause, an outage) only that back-off. Returns (status,
-    failed chunks in a row), or None if the segment was edited, restarted or deleted meanwhile."""
+    `version` and `backfill_started_at`, still back-filling), charged to that pass: its error and
+    time, which send it behind the others until it is retried. `counted`: one more failed chunk in a
+    row, and the segment is `failed` at `max_failures`; else (a passing cause, an outage) one more
+    stall in a row, which backs it off twice as long as the last, and it is `failed` at `max_stalls`.
+    Returns (status, failures, stalls), or None if the segment was edited, restarted or deleted
+    meanwhile."""
     found = (
         await session.execute(
             text(
-                f"UPDATE segments SET backfill_failures = {_FAILURES} + :add, backfill_error = :err, "
-                "backfill_failed_at = :now, "
-                f"status = CASE WHEN {_FAILURES} + :add >= :max THEN 'failed' ELSE status END "
+                f"UPDATE segments SET backfill_failures = {_FAILURES} + :add, "
+                f"backfill_stalls = {_STALLS} + :stall, backfill_error = :err, "
+                "backfill_failed_at = :now, backfill_failed_pass = backfill_started_at, "
+                f"status = CASE WHEN {_FAILURES} + :add >= :max OR {_STALLS} + :stall >= :max_stalls "
+                "THEN 'failed' ELSE status END "
                 "WHERE segment_id = :s AND version = :v AND status = 'backfilling' "
-                "AND backfill_started_at IS NOT DISTINCT FROM :started RETURNING status, backfill_failures"
+                "AND backfill_started_at IS NOT DISTINCT FROM :started "
+                "RETURNING status, backfill_failures, backfill_stalls"
             ),
             {
                 "s": row["segment_id"],
@@ -418,13 +448,15 @@ async def record_backfill_failure(
                 "started": row["backfill_started_at"],
                 "err": error,
                 "add": 1 if counted else 0,
-                # Not counted: never `failed` by it, whatever was counted before.
+                "stall": 0 if counted else 1,
+                # Each count fails it only by its own limit, whatever the other was before.
                 "max": max_failures if counted else 2**31 - 1,
+                "max_stalls": 2**31 - 1 if counted else max_stalls,
                 "now": now,
             },
         )
     ).first()
-    return (found[0], found[1]) if found else None
+    return RecordedFailure(found[0], found[1], found[2]) if found else None
 
 
 async def fail_definition(
@@ -435,7 +467,8 @@ async def fail_definition(
     result = await session.execute(
         text(
             f"UPDATE segments SET status = 'failed', backfill_failures = {_FAILURES} + 1, "
-            "backfill_error = :err, backfill_failed_at = :now "
+            f"backfill_stalls = {_STALLS}, "
+            "backfill_error = :err, backfill_failed_at = :now, backfill_failed_pass = backfill_started_at "
             "WHERE segment_id = :s AND version = :v AND status <> 'failed'"
         ),
         {"s": segment_id, "v": version, "err": error, "now": now},
@@ -449,8 +482,9 @@ async def retry_backfill(session: AsyncSession, segment_id: str) -> None:
     definition once `ready`) starts over instead: real time skipped it meanwhile."""
     await session.execute(
         text(
-            "UPDATE segments SET status = 'backfilling', backfill_failures = 0, backfill_error = NULL, "
-            "backfill_failed_at = NULL, "
+            "UPDATE segments SET status = 'backfilling', backfill_failures = 0, backfill_stalls = 0, "
+            "backfill_error = NULL, "
+            "backfill_failed_at = NULL, backfill_failed_pass = NULL, "
             "backfill_cursor = CASE WHEN backfill_finished_at IS NULL THEN backfill_cursor END, "
             "backfill_done = CASE WHEN backfill_finished_at IS NULL THEN backfill_done ELSE 0 END, "
             "backfill_finished_at = NULL WHERE segment_id = :s"
@@ -601,9 +635,10 @@ async def advance_backfill(
             "backfill_total = CASE WHEN :fin THEN backfill_done + :seen ELSE GREATEST(backfill_total, "
             "backfill_done + :seen) END, "
             "backfill_finished_at = CASE WHEN :fin THEN CAST(:now AS timestamptz) ELSE NULL END, "
-            # Failures count in a row: a chunk that went through clears them (a statement timeout
-            # now and then over a pass of hours never adds up to `failed`).
-            "backfill_failures = 0, backfill_error = NULL, backfill_failed_at = NULL WHERE segment_id = :s"
+            # Failures and stalls count in a row: a chunk that went through clears them (a statement
+            # timeout now and then over a pass of hours never adds up to `failed`).
+            "backfill_failures = 0, backfill_stalls = 0, backfill_error = NULL, backfill_failed_at = NULL, "
+            "backfill_failed_pass = NULL WHERE segment_id = :s"
         ),
         {"cur": cursor, "seen": seen, "fin": finished, "now": now, "s": segment_id},
     )

@@ -65,7 +65,9 @@ async def test_an_aborted_half_open_trial_does_not_keep_the_circuit_open() -> No
 
 
 class RecordingSmtp(SmtpProvider):
-    async def send(self, delivery: Delivery, before_data: object = None) -> SendResult:
+    async def send(
+        self, delivery: Delivery, before_data: object = None, progress: object = None
+    ) -> SendResult:
         assert before_data is not None, "the backup must mark the row sending before its DATA"
         await before_data()  # type: ignore[operator]
         return SendResult(True, delivered=True)
@@ -99,8 +101,8 @@ async def test_a_backup_smtp_server_marks_the_row_sending_before_its_data() -> N
     assert marks == ["sending"]
 
 
-# Unexpected errors (a bug, ours or a library's): counted by the breaker; failed over only while
-# nothing can have been sent.
+# Unexpected errors (a bug, ours or a library's): failed over, and not counted by the breaker, while
+# nothing can have been sent; counted, and not sent again, once something may have been.
 
 
 def twilio(name: str, url: str) -> TwilioProvider:
@@ -157,11 +159,15 @@ async def test_an_error_after_an_http_request_went_out_is_not_failed_over() -> N
 class BrokenBeforeData(SmtpProvider):
     """An SMTP provider failing before its point of no return (DATA): nothing can have been sent."""
 
-    async def send(self, delivery: Delivery, before_data: object = None) -> SendResult:
+    async def send(
+        self, delivery: Delivery, before_data: object = None, progress: object = None
+    ) -> SendResult:
         raise RuntimeError("a bug before the envelope")
 
 
-async def test_an_error_before_anything_was_sent_fails_over_and_counts() -> None:
+async def test_an_error_before_anything_was_sent_fails_over_and_is_not_counted() -> None:
+    """No answer of the provider's explains it: more likely a bug of ours than the server failing,
+    and one message hitting it on every retry must not open the circuit for every email."""
     primary = guarded(BrokenBeforeData("smtp", ProviderConfig(kind="smtp")), CircuitBreaker(2, 60))
     backup = guarded(RecordingSmtp("smtp_backup", ProviderConfig(kind="smtp")), CircuitBreaker(2, 60))
     router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
@@ -173,7 +179,7 @@ async def test_an_error_before_anything_was_sent_fails_over_and_counts() -> None
     for _ in range(2):
         name, result = await router.send(email_delivery(), mark_sending)
         assert (name, result.ok) == ("smtp_backup", True)
-    assert primary.breaker.is_open
+    assert not primary.breaker.is_open and primary.breaker.failures == 0
     assert marks == ["sending"] * 2
 
 

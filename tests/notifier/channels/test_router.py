@@ -268,3 +268,49 @@ async def test_a_webhook_url_no_request_can_hold_fails_at_once() -> None:
     assert result.reason == "webhook refused: not a URL that can be requested (UnicodeError)"
     assert not gp.breaker.is_open
     await router.close()
+
+
+async def test_a_webhook_payload_that_cannot_be_encoded_fails_at_once_uncounted() -> None:
+    """A lone surrogate in the payload raised out of the provider: "outcome unknown", and counted by
+    the breaker (two such messages opened the circuit for every webhook)."""
+    provider = WebhookProvider(
+        "webhook",
+        ProviderConfig(kind="webhook"),
+        secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        policy=AddressPolicy([]),
+        max_redirects=2,
+    )
+    gp = guarded(provider, CircuitBreaker(2, 60))
+    router = ProviderRouter({Channel.WEBHOOK: [gp]}, [gp])
+    for n in range(2):
+        delivery = Delivery(
+            f"m{n}", "c1", Channel.WEBHOOK, "https://example.com/hook", {"payload": '"\ud800"'}
+        )
+        name, result = await router.send(delivery, nothing)
+        assert (name, result.failure) == ("webhook", Failure.PERMANENT)
+        assert result.reason == "webhook refused: the payload cannot be encoded (UnicodeEncodeError)"
+    assert not gp.breaker.is_open and gp.breaker.failures == 0
+    await router.close()
+
+
+async def test_an_http_provider_failing_before_its_request_is_sent_fails_over() -> None:
+    """Its point of no return is the request being sent, not the call: an error building it (a bug)
+    sent nothing, so the backup sends it, and the breaker does not count it."""
+    backup_server = await ProviderServer(twilio_ok).start()
+    try:
+        broken = twilio("twilio", "http://127.0.0.1:1")
+
+        def bug(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a bug building the request")
+
+        broken._http.build_request = bug  # type: ignore[method-assign,assignment]
+        primary = guarded(broken, CircuitBreaker(1, 60))
+        backup = guarded(twilio("twilio_backup", backup_server.url), CircuitBreaker(1, 60))
+        router = ProviderRouter({Channel.SMS: [primary, backup]}, [primary, backup])
+        name, result = await router.send(sms(), nothing)
+        assert (name, result.ok) == ("twilio_backup", True), result.reason
+        assert len(backup_server.requests) == 1
+        assert not primary.breaker.is_open and primary.breaker.failures == 0
+        await router.close()
+    finally:
+        await backup_server.stop()

@@ -15,6 +15,23 @@ def _client(config: ProviderConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=config.base_url, timeout=config.timeout_s, limits=limits)
 
 
+# Transport errors that leave the request unwritten, so the provider cannot have acted on it: no
+# connection (refused, timed out, no free one in the pool, a proxy's), or a write timing out before the
+# whole request went out (the provider waits for its Content-Length). Retried, and failed over. A
+# WriteError seldom gets here: httpcore swallows it to read an answer the server may have written
+# before closing, and what surfaces then is a read error, taken as sent.
+NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.WriteTimeout,
+    httpx.WriteError,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+
+
 async def _post(
     client: httpx.AsyncClient,
     url: str,
@@ -33,10 +50,13 @@ async def _post(
         progress.sending()  # the point of no return: the request may go out from here on
     try:
         return await client.send(request, auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT)
-    except httpx.TimeoutException as exc:
-        return SendResult.failed(Failure.TRANSIENT, f"timeout: {type(exc).__name__}")
-    except httpx.TransportError as exc:
-        return SendResult.failed(Failure.TRANSIENT, f"connection: {type(exc).__name__}: {exc}")
+    except NOT_SENT as exc:
+        what = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
+        return SendResult.failed(Failure.TRANSIENT, f"{what}: {type(exc).__name__}: {exc}")
+    # Any other transport error (ReadTimeout, ReadError, RemoteProtocolError, CloseError) came once the
+    # request was written: the provider may have accepted it and sent the SMS or push. It propagates,
+    # and the router reports the outcome unknown (counted by the breaker, neither failed over nor
+    # retried: the backup, or the same provider again, would send it a second time).
 
 
 # Twilio error codes that say the number does not exist or cannot take SMS: 21211 invalid `To` and

@@ -105,14 +105,14 @@ async def test_a_backup_smtp_server_marks_the_row_sending_before_its_data() -> N
 # nothing can have been sent; counted, and not sent again, once something may have been.
 
 
-def twilio(name: str, url: str) -> TwilioProvider:
+def twilio(name: str, url: str, timeout_s: float = 5) -> TwilioProvider:
     config = ProviderConfig(
         kind="twilio",
         base_url=url,
         account_sid="AC1",
         auth_token=SecretStr("token"),
         from_number="+15550000000",
-        timeout_s=5,
+        timeout_s=timeout_s,
     )
     return TwilioProvider(name, config)
 
@@ -314,3 +314,98 @@ async def test_an_http_provider_failing_before_its_request_is_sent_fails_over() 
         await router.close()
     finally:
         await backup_server.stop()
+
+
+class Unanswering:
+    """An HTTP server that reads each request whole, then closes the connection (`close`) or keeps
+    it open (`hang`) without an answer: what a provider that took the request looks like when the
+    network or the provider fails before its answer gets back."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.requests = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        self.requests += 1
+        if self.behaviour == "close":
+            writer.close()
+
+    async def stop(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+
+@pytest.mark.parametrize(("behaviour", "error"), [("close", "RemoteProtocolError"), ("hang", "ReadTimeout")])
+async def test_an_sms_whose_answer_never_came_is_not_sent_again(behaviour: str, error: str) -> None:
+    """Twilio had the request (it may have sent the SMS) when the connection dropped or timed out
+    waiting for the answer: it was retried and failed over, and the customer could get it twice."""
+    unanswering = Unanswering(behaviour)
+    url = await unanswering.start()
+    backup_server = await ProviderServer(twilio_ok).start()
+    try:
+        primary = guarded(twilio("twilio", url, timeout_s=0.5), CircuitBreaker(1, 60))
+        backup = guarded(twilio("twilio_backup", backup_server.url), CircuitBreaker(1, 60))
+        router = ProviderRouter({Channel.SMS: [primary, backup]}, [primary, backup])
+        name, result = await router.send(sms(), nothing)
+        assert (name, result.failure) == ("twilio", Failure.PERMANENT), result.reason
+        assert result.reason is not None and result.reason.startswith(f"outcome unknown: twilio: {error}")
+        assert unanswering.requests == 1 and not backup_server.requests
+        assert primary.breaker.is_open  # the provider's failure: counted
+        await router.close()
+    finally:
+        await unanswering.stop()
+        await backup_server.stop()
+
+
+async def test_an_sms_that_never_reached_the_provider_fails_over() -> None:
+    """No connection (refused): nothing was sent, so the backup sends it."""
+    backup_server = await ProviderServer(twilio_ok).start()
+    try:
+        primary = guarded(twilio("twilio", "http://127.0.0.1:1"), CircuitBreaker(1, 60))
+        backup = guarded(twilio("twilio_backup", backup_server.url), CircuitBreaker(1, 60))
+        router = ProviderRouter({Channel.SMS: [primary, backup]}, [primary, backup])
+        name, result = await router.send(sms(), nothing)
+        assert (name, result.ok) == ("twilio_backup", True), result.reason
+        assert len(backup_server.requests) == 1 and primary.breaker.is_open
+        await router.close()
+    finally:
+        await backup_server.stop()
+
+
+async def test_a_webhook_whose_answer_never_came_is_retried() -> None:
+    """Webhooks are at least once: each carries `webhook-id` (the message id, the same on every
+    try), which receivers are told to drop duplicates by."""
+    unanswering = Unanswering("close")
+    url = await unanswering.start()
+    try:
+        provider = WebhookProvider(
+            "webhook",
+            ProviderConfig(kind="webhook", timeout_s=1),
+            secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            policy=AddressPolicy(["127.0.0.1/32"]),
+            max_redirects=2,
+        )
+        gp = guarded(provider, CircuitBreaker(5, 60))
+        router = ProviderRouter({Channel.WEBHOOK: [gp]}, [gp])
+        name, result = await router.send(
+            Delivery("m1", "c1", Channel.WEBHOOK, f"{url}/hook", {"payload": "{}"}), nothing
+        )
+        assert (name, result.failure) == ("webhook", Failure.TRANSIENT), result.reason
+        assert unanswering.requests == 1
+        await router.close()
+    finally:
+        await unanswering.stop()

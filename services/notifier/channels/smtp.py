@@ -199,6 +199,11 @@ class SmtpProvider:
                 return SendResult.failed(_server_failure(exc), f"SMTP {stage}: {exc.code} {exc.message}")
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 self._close(client)
+                if progress is not None and progress.may_have_sent:
+                    # Once DATA started, the server may have taken the message (the answer to its end
+                    # is what got lost): no failure to retry or fail over from. The router reports the
+                    # outcome unknown, and counts it.
+                    raise
                 return SendResult.failed(Failure.TRANSIENT, f"SMTP connection: {type(exc).__name__}: {exc}")
             except BaseException:
                 # Anything else (a bug, a cancelled task) may have left a command half answered: a pooled

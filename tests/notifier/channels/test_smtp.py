@@ -473,3 +473,31 @@ async def test_a_message_that_cannot_be_encoded_fails_at_once_unsent(scripted: l
     assert not gp.breaker.is_open and gp.breaker.failures == 0
     assert not server.commands
     await router.close()
+
+
+async def test_a_connection_lost_once_data_started_is_outcome_unknown(
+    scripted: list[ScriptedSmtp], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server had the message when the connection dropped or timed out waiting for its answer:
+    retried and failed over, the customer could get it twice."""
+    server = await start(scripted)
+    backup_server = await start(scripted)
+    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
+    backup = GuardedProvider(
+        smtp("smtp_backup", backup_server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4
+    )
+    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    original = aiosmtplib.SMTP.data
+
+    async def answer_lost(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
+        await original(self, *args, **kwargs)
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "data", answer_lost)
+    name, result = await router.send(delivery(), nothing)
+    assert (name, result.failure) == ("smtp", Failure.PERMANENT)
+    assert result.reason is not None
+    assert result.reason.startswith("outcome unknown: smtp: SMTPServerDisconnected")
+    assert len(server.messages) == 1 and not backup_server.commands
+    assert primary.breaker.is_open
+    await router.close()

@@ -23,12 +23,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import pydantic_core
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts.events import PrivacyAction, PrivacyRequest
-from shared.db.engine import Statement, array_from_json, json_list
+from shared.db.engine import Statement, array_from_json, driver_connection, json_list
 from shared.db.unit_of_work import erasure_gate_held, note_erasure_gate
 
 # The services that must confirm an erasure and answer an export.
@@ -326,6 +327,34 @@ async def try_erasure_gate(session: AsyncSession) -> bool:
     if held:
         note_erasure_gate(session)
     return held
+
+
+async def erasure_gate_within(session: AsyncSession, timeout_ms: int) -> bool:
+    """The erasure gate shared, waiting for it at most `timeout_ms`: True (held until the transaction
+    ends, as `erasure_gate(..., exclusive=False)`), or False when an erasure still held it or waited
+    for it then; the transaction goes on either way (the wait is undone to a savepoint).
+
+    Between `try_erasure_gate` and `erasure_gate`: for writes that a short erasure must not drop, yet
+    must not hold a pooled connection for however long one takes (a provider's delivery report,
+    which its sender may not retry). Free at once, it costs what a try does."""
+    if await try_erasure_gate(session):
+        return True
+    connection = await driver_connection(session)
+    previous = await connection.fetchval("SELECT current_setting('lock_timeout')")
+    # SET LOCAL after the savepoint: rolling back to it undoes the setting too.
+    await connection.execute(
+        f"SAVEPOINT clm_erasure_gate; SET LOCAL lock_timeout = '{max(1, int(timeout_ms))}ms'"
+    )
+    try:
+        await _GATE.execute(connection)
+    except asyncpg.LockNotAvailableError:
+        await connection.execute("ROLLBACK TO SAVEPOINT clm_erasure_gate; RELEASE SAVEPOINT clm_erasure_gate")
+        return False
+    # Held: the transaction's later locks wait as they did before.
+    await connection.execute("RELEASE SAVEPOINT clm_erasure_gate")
+    await connection.execute("SELECT set_config('lock_timeout', $1, true)", previous)
+    note_erasure_gate(session)
+    return True
 
 
 async def add_tombstones(

@@ -31,7 +31,7 @@ from services.notifier.store import (
 from shared.clock import Clock
 from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
-from shared.privacy import erased_among, erasure_gate, try_erasure_gate
+from shared.privacy import erased_among, erasure_gate, erasure_gate_within, try_erasure_gate
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,9 @@ ENGAGEMENTS_DROPPED = Counter(
 
 
 class ErasureUnderWay(Exception):
-    """The erasure gate was not free at once (an erasure holds it or waits for it): a telemetry write
-    (an open, a click, a provider's delivery report) was not recorded rather than wait."""
+    """The erasure gate was not free at once (an erasure holds it or waits for it), or for a provider's
+    delivery report within its short wait: a telemetry write (an open, a click, a delivery report) was
+    not recorded rather than wait longer."""
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Notifier:
     links: MessageLinks
     router: ProviderRouter
     worker: DeliveryWorker
+    # How long a provider's delivery report waits for the erasure gate (`record_provider_report`).
+    report_gate_wait_ms: int = 2000
 
     async def submit(self, requests: list[MessageRequested]) -> set[str]:
         """Queue requests made through the API (same ledger path as Kafka requests)."""
@@ -206,7 +209,9 @@ class Notifier:
                     await self._unsubscribed(uow, message_id, topic, channel.value, source, now)
         return left
 
-    async def _erased(self, uow: UnitOfWork, customer_id: str, *, wait: bool = True) -> bool:
+    async def _erased(
+        self, uow: UnitOfWork, customer_id: str, *, wait: bool = True, wait_at_most_ms: int = 0
+    ) -> bool:
         """Whether `customer_id` (a signed link's, a message's: any identifier of the customer) was
         erased, under the erasure gate until `uow` commits. A message outlives its customer's erasure
         in their mailbox: its links (unsubscribe, the open pixel, clicks) and its provider's late
@@ -216,11 +221,16 @@ class Notifier:
 
         `wait=False` for telemetry (opens, clicks, delivery reports), frequent and for any customer:
         raises `ErasureUnderWay` unless the gate is free at once (`try_erasure_gate`), instead of
-        queueing behind an erasure with a pooled connection held. Consent writes (unsubscribe, the
+        queueing behind an erasure with a pooled connection held; with `wait_at_most_ms`, after
+        waiting that long for it (`erasure_gate_within`). Consent writes (unsubscribe, the
         preference page) wait: they are rare and must not be lost."""
         if wait:
             await erasure_gate(uow.session, exclusive=False)
-        elif not await try_erasure_gate(uow.session):
+        elif not await (
+            erasure_gate_within(uow.session, wait_at_most_ms)
+            if wait_at_most_ms > 0
+            else try_erasure_gate(uow.session)
+        ):
             raise ErasureUnderWay
         salt = self.settings.privacy_salt.get_secret_value()
         return bool(await erased_among(uow.session, salt, [customer_id]))
@@ -323,8 +333,11 @@ class Notifier:
         """A provider's later delivery report (e.g. Twilio status callback): one status per outcome.
         `gone_address`: the address the report says does not exist (the report's own, which is where
         the message went) and the report's code for it, suppressed in the same transaction.
-        Raises `ErasureUnderWay` (nothing recorded) while an erasure holds or waits for the gate: the
-        caller answers so that the provider may retry later (`_erased`, wait=False)."""
+        Waits for the erasure gate `report_gate_wait_ms` at most, and raises `ErasureUnderWay`
+        (nothing recorded) if an erasure still holds it or waits for it then: the caller answers so
+        that the provider may retry later. Not at once as opens and clicks: Twilio retries a status
+        callback only on a failed connection by default, so a short erasure lost every report of its
+        time (and a failed SMS's number went unsuppressed)."""
         now = self.clock.now()
         added: dict[str, str] = {}
         async with self.platform.unit_of_work() as uow:
@@ -333,7 +346,9 @@ class Notifier:
             # (it would name their message).
             if (
                 entry is None
-                or await self._erased(uow, entry.request.customer_id, wait=False)
+                or await self._erased(
+                    uow, entry.request.customer_id, wait=False, wait_at_most_ms=self.report_gate_wait_ms
+                )
                 or not await ledger_repo.record_engagement(
                     uow.session, entry.message_id, "provider_report", kind.value, now
                 )

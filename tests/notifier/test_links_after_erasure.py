@@ -203,8 +203,10 @@ async def test_opens_clicks_and_reports_answer_at_once_during_an_erasure(start_n
     """A new shared request of the gate queues behind a waiting exclusive one: taken blocking, every
     pixel, click and delivery report, for any customer, waited for the erasure (and for the batches
     ahead of it) with a pooled connection held. They try the gate instead: not free at once, nothing
-    is recorded, the pixel and the redirect answer as ever, the report gets a 503 (not a 2xx: Twilio
-    may retry it)."""
+    is recorded, the pixel and the redirect answer as ever. The report waits for the gate a short
+    while (Twilio by default retries a status callback only on a failed connection, so one answered
+    503 at once during a short erasure was lost): recorded if the erasure is done by then, else a 503
+    (not a 2xx: Twilio may retry it)."""
     from services.notifier.api.inbound import twilio_signature
     from tests.notifier.conftest import request
 
@@ -237,6 +239,9 @@ async def test_opens_clicks_and_reports_answer_at_once_during_an_erasure(start_n
             "http://testserver/v1/inbound/twilio/status",
             report,
         )
+
+        notifier = h.app.state.notifier
+        notifier.report_gate_wait_ms = 300  # shorter than an erasure held here
 
         async def telemetry() -> tuple[int, int, int]:
             pixel, clicked, reported = await asyncio.wait_for(
@@ -271,6 +276,20 @@ async def test_opens_clicks_and_reports_answer_at_once_during_an_erasure(start_n
             await erasure_gate(erasing_now.session, exclusive=True)
             assert await telemetry() == (200, 302, 503)
         assert (await rows_of(h, ["xena"], ["m-x1", "m-x2"]))["engagements"] == []
+
+        # An erasure done within the report's wait: the report is recorded once it commits.
+        notifier.report_gate_wait_ms = 5000
+        async with h.platform.unit_of_work() as erasing_now:
+            await erasure_gate(erasing_now.session, exclusive=True)
+            reported = asyncio.create_task(
+                h.client.post(
+                    "/v1/inbound/twilio/status", data=report, headers={"X-Twilio-Signature": signature}
+                )
+            )
+            await asyncio.sleep(0.3)
+            assert not reported.done()
+        assert (await asyncio.wait_for(reported, 5)).status_code == 204
+        await h.wait_status("m-x2", "delivered")
 
         # The gate free again: recorded as ever.
         assert await telemetry() == (200, 302, 204)

@@ -76,10 +76,11 @@ async def twilio_status_callback(request: Request, notifier: NotifierDep) -> Res
             gone_address=(to, f"twilio error {int(code)}") if gone and to else None,
         )
     except ErasureUnderWay:
-        # An erasure holds or awaits the gate: nothing recorded, and no waiting for it (every report
-        # would hold a pooled connection meanwhile). Not a 2xx, which would tell Twilio the report
-        # was taken: a 503, retried where Twilio's retry policy for the callback covers 5xx answers
-        # (its connection overrides; by default it retries only a failed connection), shown in its
+        # An erasure held or awaited the gate for all of the report's short wait (2 s: Twilio, which by
+        # default retries only a failed connection, would lose every report of a short erasure's
+        # time; longer, every report would hold a pooled connection meanwhile): nothing recorded.
+        # Not a 2xx, which would tell Twilio the report was taken: a 503, retried where Twilio's
+        # retry policy for the callback covers 5xx answers (its connection overrides), shown in its
         # debugger otherwise. The report is then lost: the message keeps its `sent` status, and a
         # number gone for good is suppressed at its next message's report instead.
         ENGAGEMENTS_DROPPED.labels("provider_report").inc()

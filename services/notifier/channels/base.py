@@ -54,6 +54,21 @@ class SendAborted(Exception):
 BeforeCall = Callable[[], Awaitable[None]]
 
 
+class CallProgress:
+    """Whether a provider's call got to its point of no return: the moment it starts handing the
+    message over (SMTP's DATA, an HTTP request being sent). Before it, an unexpected error left nothing
+    ambiguous (the message may be tried again, elsewhere too); from it on, the provider may have
+    delivered the message. Providers that mark it (`marks_progress = True`) take it as `progress`."""
+
+    __slots__ = ("may_have_sent",)
+
+    def __init__(self) -> None:
+        self.may_have_sent = False
+
+    def sending(self) -> None:
+        self.may_have_sent = True
+
+
 class Provider(Protocol):
     name: str
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import orjson
 
-from services.notifier.channels.base import Delivery, SendResult, http_failure
+from services.notifier.channels.base import CallProgress, Delivery, SendResult, http_failure
 from services.notifier.domain.retry_policy import Failure
 from services.notifier.settings import ProviderConfig
 
@@ -15,8 +15,30 @@ def _client(config: ProviderConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=config.base_url, timeout=config.timeout_s, limits=limits)
 
 
+# Transport errors that leave the request unwritten, so the provider cannot have acted on it: no
+# connection (refused, timed out, no free one in the pool, a proxy's), or a write timing out before the
+# whole request went out (the provider waits for its Content-Length). Retried, and failed over. A
+# WriteError seldom gets here: httpcore swallows it to read an answer the server may have written
+# before closing, and what surfaces then is a read error, taken as sent.
+NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.WriteTimeout,
+    httpx.WriteError,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+
+
 async def _post(
-    client: httpx.AsyncClient, url: str, *, auth: httpx.Auth | None = None, **kwargs: object
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    progress: CallProgress | None,
+    auth: httpx.Auth | None = None,
+    **kwargs: object,
 ) -> httpx.Response | SendResult:
     try:
         request = client.build_request("POST", url, **kwargs)  # type: ignore[arg-type]
@@ -24,12 +46,17 @@ async def _post(
         # This message's data cannot be written into a request (a lone surrogate in the number or the
         # text: UnicodeEncodeError): nothing was sent, and no provider could send it.
         return SendResult.failed(Failure.PERMANENT, f"the request cannot be encoded: {type(exc).__name__}")
+    if progress is not None:
+        progress.sending()  # the point of no return: the request may go out from here on
     try:
         return await client.send(request, auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT)
-    except httpx.TimeoutException as exc:
-        return SendResult.failed(Failure.TRANSIENT, f"timeout: {type(exc).__name__}")
-    except httpx.TransportError as exc:
-        return SendResult.failed(Failure.TRANSIENT, f"connection: {type(exc).__name__}: {exc}")
+    except NOT_SENT as exc:
+        what = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
+        return SendResult.failed(Failure.TRANSIENT, f"{what}: {type(exc).__name__}: {exc}")
+    # Any other transport error (ReadTimeout, ReadError, RemoteProtocolError, CloseError) came once the
+    # request was written: the provider may have accepted it and sent the SMS or push. It propagates,
+    # and the router reports the outcome unknown (counted by the breaker, neither failed over nor
+    # retried: the backup, or the same provider again, would send it a second time).
 
 
 # Twilio error codes that say the number does not exist or cannot take SMS: 21211 invalid `To` and
@@ -79,7 +106,9 @@ class TwilioProvider:
         self._http = _client(config)
         self._auth = httpx.BasicAuth(config.account_sid, config.auth_token.get_secret_value())
 
-    async def send(self, delivery: Delivery) -> SendResult:
+    marks_progress = True  # in `_post`, as the request is sent
+
+    async def send(self, delivery: Delivery, progress: CallProgress | None = None) -> SendResult:
         url = f"/2010-04-01/Accounts/{self.config.account_sid}/Messages.json"
         form = {"To": delivery.to, "From": self.config.from_number, "Body": delivery.parts.get("body", "")}
         if self.status_callback:
@@ -88,7 +117,7 @@ class TwilioProvider:
         # Twilio sends this header on its own webhooks; its Messages API documents no deduplication by
         # it, so nothing here relies on it (a repeat may be sent twice: see router._outcome_unknown).
         headers = {"I-Twilio-Idempotency-Token": delivery.message_id}
-        got = await _post(self._http, url, data=form, auth=self._auth, headers=headers)
+        got = await _post(self._http, url, progress=progress, data=form, auth=self._auth, headers=headers)
         if isinstance(got, SendResult):
             return got
         if got.status_code >= 300:
@@ -116,7 +145,9 @@ class FcmProvider:
         self.config = config
         self._http = _client(config)
 
-    async def send(self, delivery: Delivery) -> SendResult:
+    marks_progress = True  # in `_post`, as the request is sent
+
+    async def send(self, delivery: Delivery, progress: CallProgress | None = None) -> SendResult:
         url = f"/v1/projects/{self.config.project_id}/messages:send"
         body = {
             "message": {
@@ -136,7 +167,7 @@ class FcmProvider:
             content = orjson.dumps(body)
         except orjson.JSONEncodeError as exc:  # a lone surrogate in the token or the text
             return SendResult.failed(Failure.PERMANENT, f"the request cannot be encoded: {exc}")
-        got = await _post(self._http, url, content=content, headers=headers)
+        got = await _post(self._http, url, progress=progress, content=content, headers=headers)
         if isinstance(got, SendResult):
             return got
         if got.status_code >= 300:

@@ -6,7 +6,14 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from services.notifier.channels.base import BeforeCall, Delivery, Provider, SendAborted, SendResult
+from services.notifier.channels.base import (
+    BeforeCall,
+    CallProgress,
+    Delivery,
+    Provider,
+    SendAborted,
+    SendResult,
+)
 from services.notifier.channels.http_providers import FcmProvider, TwilioProvider
 from services.notifier.channels.in_app import InAppProvider
 from services.notifier.channels.smtp import SmtpProvider
@@ -25,7 +32,7 @@ _FAIL_OVER_ON = frozenset({Failure.TRANSIENT, Failure.PROVIDER})
 
 def _outcome_unknown(provider: Provider, what: str) -> SendResult:
     """An unexpected error once the provider's call may have delivered the message (an HTTP request
-    gone out, e.g. Twilio accepted it and its answer failed to decode; SMTP past its `sending` point).
+    gone out, e.g. Twilio accepted it and its answer failed to decode; SMTP once DATA started).
     No failover: the backup would deliver it a second time, every time the error recurs. Retried only
     where the provider drops a repeated call for the same message (`idempotent`: the in-app inbox);
     else, as a crash during the call (`unknown`), never resent: Twilio documents no idempotency for
@@ -150,9 +157,10 @@ class ProviderRouter:
                     SendResult.failed(Failure.TRANSIENT, f"{guarded.name}: circuit open"),
                 )
                 continue
-            # Whether this provider's call may have delivered something (past SMTP's point of no
-            # return, its hook; any HTTP call once it started: the request may have gone out).
-            may_have_sent = False
+            # Whether this provider's call may have delivered something: marked by the provider at its
+            # point of no return (SMTP right before DATA, HTTP as the request is sent); for one that
+            # does not say, as soon as its call starts.
+            progress = CallProgress()
             async with guarded.slots:
                 await guarded.wait_for_token()
                 # Until it has run: a primary SMTP server refusing the connection never reached DATA,
@@ -160,20 +168,23 @@ class ProviderRouter:
                 hook = run_hook_once if before_call is not None and not hook_ran else None
                 try:
                     if isinstance(guarded.provider, SmtpProvider):
-                        # SMTP can run it later, right before DATA (connecting cannot deliver anything).
+                        # SMTP runs it later, before DATA (connecting cannot deliver anything).
 
                         async def before_data(hook: BeforeCall | None = hook) -> None:
-                            nonlocal may_have_sent
                             if hook is not None:
                                 await hook()
-                            may_have_sent = True  # DATA may follow
 
-                        result = await guarded.provider.send(delivery, before_data=before_data)
+                        result = await guarded.provider.send(
+                            delivery, before_data=before_data, progress=progress
+                        )
                     else:
                         if hook is not None:
                             await hook()
-                        may_have_sent = True
-                        result = await guarded.provider.send(delivery)
+                        if getattr(guarded.provider, "marks_progress", False):
+                            result = await guarded.provider.send(delivery, progress=progress)  # type: ignore[call-arg]
+                        else:
+                            progress.sending()
+                            result = await guarded.provider.send(delivery)
                 except SendAborted:
                     # Nothing was sent: a half-open breaker's trial must not stay "in flight" for ever
                     # (every later send on the channel failed "circuit open" until a restart).
@@ -186,11 +197,17 @@ class ProviderRouter:
                         # not failed over (a backup would send without it), not held against anyone.
                         guarded.breaker.release_trial()
                         return guarded.name, SendResult.failed(Failure.TRANSIENT, what)
-                    # The provider's (its per-message errors it answers as results): counted.
-                    guarded.breaker.record_failure(time.monotonic())
-                    if not may_have_sent:
+                    if not progress.may_have_sent:
+                        # Before the point of no return nothing was handed over: retried, and the next
+                        # provider tried. Not counted: no answer of the provider's explains it, so it
+                        # is more likely a bug of ours (or a library's) than the provider failing, and
+                        # one message hitting it again and again must not open the circuit for all.
+                        guarded.breaker.release_trial()
                         last = (guarded.name, SendResult.failed(Failure.TRANSIENT, what))
                         continue
+                    # The provider may have delivered it (its answer failed to decode, the connection
+                    # dropped before the answer): counted, and not sent again.
+                    guarded.breaker.record_failure(time.monotonic())
                     return guarded.name, _outcome_unknown(guarded.provider, what)
             if result.ok or result.failure in (Failure.PERMANENT, Failure.BOUNCE):
                 # The provider worked (even if it refused this message): the circuit stays closed.

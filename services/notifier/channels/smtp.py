@@ -9,7 +9,7 @@ from email.utils import parseaddr
 import aiosmtplib
 from aiosmtplib.email import parse_address
 
-from services.notifier.channels.base import BeforeCall, Delivery, SendAborted, SendResult
+from services.notifier.channels.base import BeforeCall, CallProgress, Delivery, SendAborted, SendResult
 from services.notifier.domain.retry_policy import Failure
 from services.notifier.domain.suppression import smtp_address_gone
 from services.notifier.settings import ProviderConfig
@@ -134,15 +134,32 @@ class SmtpProvider:
                 raise
         return client
 
-    async def send(self, delivery: Delivery, before_data: BeforeCall | None = None) -> SendResult:
-        """`before_data` runs right before DATA: connecting, MAIL FROM and RCPT TO cannot deliver the
-        message, so a crash before that point leaves nothing ambiguous."""
+    # Marks `progress` right before DATA, its point of no return (see `router.ProviderRouter.send`).
+    marks_progress = True
+
+    async def send(
+        self,
+        delivery: Delivery,
+        before_data: BeforeCall | None = None,
+        progress: CallProgress | None = None,
+    ) -> SendResult:
+        """`before_data` runs before DATA (overlapping MAIL FROM and RCPT TO), and `progress` is marked
+        right before it: connecting, MAIL FROM and RCPT TO cannot deliver the message, so an error
+        before that point leaves nothing ambiguous."""
         assert delivery.email is not None
         try:
             envelope = (_envelope(delivery.email.envelope_from), _envelope(delivery.to))
         except ValueError:
             # This message's address, never the server's doing: nowhere else would take it either.
             return SendResult.failed(Failure.PERMANENT, f"SMTP: {UNWRITABLE}")
+        try:
+            # Written once, before any command: a text that cannot be encoded (a lone surrogate a
+            # template rendered) is this message's failure, found before any server is involved.
+            wire = delivery.email.to_wire()
+        except ValueError as exc:  # UnicodeEncodeError
+            return SendResult.failed(
+                Failure.PERMANENT, f"SMTP: the message cannot be encoded ({type(exc).__name__})"
+            )
         # aiosmtplib encodes envelope addresses as ASCII unless told SMTPUTF8. Only the envelope
         # counts: a display name (`José <jose@example.com>`) goes in the To: header, RFC 2047 encoded,
         # so an ASCII mailbox needs no SMTPUTF8 whatever its name.
@@ -158,16 +175,7 @@ class SmtpProvider:
                     self._recycle(client)
                     return SendResult.failed(Failure.PERMANENT, f"SMTP: {NO_SMTPUTF8}")
                 options = [SMTPUTF8] if utf8 else []
-                if before_data is None:
-                    errors, response = await client.sendmail(
-                        envelope[0],
-                        [envelope[1]],
-                        delivery.email.to_wire(),
-                        mail_options=options,
-                    )
-                else:
-                    errors = {}
-                    response = await self._send_in_steps(client, delivery, envelope, before_data, options)
+                response = await self._send_in_steps(client, wire, envelope, before_data, options, progress)
             except SendAborted:
                 self._recycle(client)  # the envelope was reset: the connection is clean
                 raise
@@ -191,6 +199,11 @@ class SmtpProvider:
                 return SendResult.failed(_server_failure(exc), f"SMTP {stage}: {exc.code} {exc.message}")
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 self._close(client)
+                if progress is not None and progress.may_have_sent:
+                    # Once DATA started, the server may have taken the message (the answer to its end
+                    # is what got lost): no failure to retry or fail over from. The router reports the
+                    # outcome unknown, and counts it.
+                    raise
                 return SendResult.failed(Failure.TRANSIENT, f"SMTP connection: {type(exc).__name__}: {exc}")
             except BaseException:
                 # Anything else (a bug, a cancelled task) may have left a command half answered: a pooled
@@ -198,9 +211,6 @@ class SmtpProvider:
                 self._close(client)
                 raise
             self._recycle(client)
-            if errors:
-                code, text = next(iter(errors.values()))
-                return _refused_recipient(code, f"{code} {text}")
             message_id = delivery.email.header("Message-ID")
             return SendResult(True, delivered=True, provider_message_id=message_id, reason=response[:200])
 
@@ -220,30 +230,32 @@ class SmtpProvider:
     @staticmethod
     async def _send_in_steps(
         client: aiosmtplib.SMTP,
-        delivery: Delivery,
+        wire: bytes,
         envelope: tuple[str, str],
-        before_data: BeforeCall,
+        before_data: BeforeCall | None,
         options: list[str],
+        progress: CallProgress | None,
     ) -> str:
-        assert delivery.email is not None
         encoding = "utf-8" if options else "ascii"
         # The hook (a database commit) runs while MAIL FROM and RCPT TO go back and forth; DATA waits
         # for it. Overlapping them keeps the connection busy instead of idle during the commit.
-        hook = asyncio.ensure_future(before_data())
+        hook = asyncio.ensure_future(before_data()) if before_data is not None else None
         envelope_error: Exception | None = None
         try:
             await client.mail(envelope[0], options=options, encoding=encoding)
             await client.rcpt(envelope[1], encoding=encoding)
         except asyncio.CancelledError:
-            hook.cancel()
+            if hook is not None:
+                hook.cancel()
             raise
         except Exception as exc:
             envelope_error = exc
-        try:
-            await hook
-        except SendAborted:
-            await SmtpProvider._reset(client)
-            raise
+        if hook is not None:
+            try:
+                await hook
+            except SendAborted:
+                await SmtpProvider._reset(client)
+                raise
         if isinstance(envelope_error, aiosmtplib.SMTPRecipientRefused):
             await SmtpProvider._reset(client)
             raise aiosmtplib.SMTPRecipientsRefused([envelope_error]) from envelope_error
@@ -251,8 +263,11 @@ class SmtpProvider:
             await SmtpProvider._reset(client)
         if envelope_error is not None:
             raise envelope_error
+        # The point of no return: from DATA on, the server may take the message whatever we see of it.
+        if progress is not None:
+            progress.sending()
         try:
-            return (await client.data(delivery.email.to_wire())).message
+            return (await client.data(wire)).message
         except aiosmtplib.SMTPResponseException:
             await SmtpProvider._reset(client)
             raise

@@ -15,7 +15,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from services.notifier.channels.base import Delivery, SendResult, http_failure
+from services.notifier.channels.base import CallProgress, Delivery, SendResult, http_failure
 from services.notifier.domain import standard_webhooks
 from services.notifier.domain.address_policy import AddressPolicy, IpAddress, RefusedAddress
 from services.notifier.domain.retry_policy import Failure
@@ -67,8 +67,17 @@ class WebhookProvider:
         )
         self._http = httpx.AsyncClient(timeout=config.timeout_s, limits=limits, follow_redirects=False)
 
-    async def send(self, delivery: Delivery) -> SendResult:
-        body = delivery.parts.get("payload", "{}").encode()
+    marks_progress = True  # as each request is sent
+
+    async def send(self, delivery: Delivery, progress: CallProgress | None = None) -> SendResult:
+        try:
+            body = delivery.parts.get("payload", "{}").encode()
+        except ValueError as exc:
+            # A lone surrogate in the payload (UnicodeEncodeError): the message's own failure, not the
+            # receiver's; nothing was sent.
+            return SendResult.failed(
+                Failure.PERMANENT, f"webhook refused: the payload cannot be encoded ({type(exc).__name__})"
+            )
         signed = standard_webhooks.headers(self.secret, delivery.message_id, int(time.time()), body)
         url, method = delivery.to, "POST"
         for _hop in range(self.max_redirects + 1):
@@ -96,6 +105,8 @@ class WebhookProvider:
                     Failure.PERMANENT,
                     f"webhook refused: not a URL that can be requested ({type(exc).__name__})",
                 )
+            if progress is not None:
+                progress.sending()  # the point of no return: the request may go out from here on
             try:
                 response = await self._http.send(request)
             except httpx.TimeoutException as exc:

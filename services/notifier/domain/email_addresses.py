@@ -24,11 +24,6 @@ RULE = "a mailbox with an @, at most 320 characters, without spaces or control o
 _QUOTED_LOCAL_PART = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
 
 
-# Zero-width non-joiner and joiner: format characters, yet valid in IDNA2008 labels (RFC 5892
-# CONTEXTJ: a Devanagari or Persian name may need one), so allowed in the domain.
-_JOINERS = frozenset("\u200c\u200d")
-
-
 def mailbox(value: str) -> str | None:
     """The mailbox of an address as written, in lower case; None when there is none (no `@`, longer
     than an address can be, or holding a character no mail system delivers to: see `_unsendable`)."""
@@ -44,13 +39,15 @@ def mailbox(value: str) -> str | None:
 def _unsendable(address: str) -> bool:
     """A control character, an invisible one (a zero-width space pasted with the address, a
     direction mark, a soft hyphen: Unicode format characters), a surrogate, private-use or unassigned
-    code point anywhere, except a zero-width (non-)joiner in the domain (`_JOINERS`); a space, `<`,
-    `>` or `"` outside a quoted local part. Letters of any script are fine (`josé@example.com`: an
-    SMTPUTF8 address)."""
-    local, _, domain = address.rpartition("@")
-    if any(unicodedata.category(c)[0] == "C" for c in local) or any(
-        unicodedata.category(c)[0] == "C" and c not in _JOINERS for c in domain
-    ):
+    code point anywhere; a space, `<`, `>` or `"` outside a quoted local part. Letters of any script
+    are fine (`josé@example.com`: an SMTPUTF8 address).
+
+    A zero-width joiner or non-joiner (U+200D, U+200C) too, in the domain as well: IDNA2008 allows
+    them in some labels (RFC 5892 CONTEXTJ), but UTS-46 transitional processing (IDNA2003, still
+    what some resolvers and mail systems apply) drops them, so `ann@exa<U+200D>mple.com` may reach
+    `ann@example.com`: kept, it would be a second key for that mailbox's suppressions, complaints
+    and erasure."""
+    if any(unicodedata.category(c)[0] == "C" for c in address):
         return True
     rest = _QUOTED_LOCAL_PART.sub("", address, count=1)
     return any(c.isspace() or unicodedata.category(c)[0] == "Z" or c in '<>"' for c in rest)

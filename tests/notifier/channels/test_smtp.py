@@ -9,6 +9,7 @@ import email.policy
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiosmtplib
 import pytest
 from pydantic import SecretStr
 
@@ -369,3 +370,134 @@ async def test_a_no_break_space_around_the_address_is_not_sent(scripted: list[Sc
     assert [c for c in server.commands if c.startswith(b"RCPT")] == [b"RCPT TO:<Ann@Example.com>"] * 2
     assert b"To: Ann@Example.com\r\n" in server.messages[0]
     await provider.close()
+
+
+# Unexpected errors (a bug, ours or aiosmtplib's) by when they come: before DATA nothing was handed
+# over, so the message is retried and failed over; from DATA on the server may have it.
+
+
+@pytest.mark.parametrize("verb", ["mail", "rcpt"])
+async def test_an_unexpected_error_before_data_fails_over_and_spares_the_breaker(
+    scripted: list[ScriptedSmtp], monkeypatch: pytest.MonkeyPatch, verb: str
+) -> None:
+    """It was taken for "outcome unknown", not resent: the `sending` commit, which runs while MAIL
+    FROM and RCPT TO go out, had finished, and that counted as the point of no return."""
+    server = await start(scripted)
+    backup_server = await start(scripted)
+    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
+    backup = GuardedProvider(
+        smtp("smtp_backup", backup_server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4
+    )
+    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    original = getattr(aiosmtplib.SMTP, verb)
+    calls = 0
+
+    async def fails_once(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError(f"a bug in {verb}")
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiosmtplib.SMTP, verb, fails_once)
+    marks: list[str] = []
+
+    async def mark_sending() -> None:
+        marks.append("sending")
+
+    name, result = await router.send(delivery(), mark_sending)
+    assert (name, result.ok) == ("smtp_backup", True), result.reason
+    assert marks == ["sending"]
+    assert "DATA" not in server.verbs() and not server.messages
+    assert len(backup_server.messages) == 1
+    # A bug of ours more likely than the server's: not held against it.
+    assert not primary.breaker.is_open and primary.breaker.failures == 0
+    # Alone, it is retried (transient), nothing lost.
+    calls = 0
+    alone = ProviderRouter({Channel.EMAIL: [primary]}, [primary])
+    name, result = await alone.send(delivery(message_id="m2"), nothing)
+    assert (name, result.failure) == ("smtp", Failure.TRANSIENT), result.reason
+    await router.close()
+
+
+async def test_an_unexpected_error_once_data_started_is_outcome_unknown(
+    scripted: list[ScriptedSmtp], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await start(scripted)
+    backup_server = await start(scripted)
+    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
+    backup = GuardedProvider(
+        smtp("smtp_backup", backup_server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4
+    )
+    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    original = aiosmtplib.SMTP.data
+
+    async def answer_lost(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
+        await original(self, *args, **kwargs)
+        raise RuntimeError("the answer was lost")
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "data", answer_lost)
+    name, result = await router.send(delivery(), nothing)
+    assert (name, result.failure) == ("smtp", Failure.PERMANENT)
+    assert result.reason is not None and result.reason.startswith("outcome unknown: smtp: RuntimeError")
+    assert len(server.messages) == 1 and not backup_server.commands
+    assert primary.breaker.is_open
+    await router.close()
+
+
+async def test_a_message_that_cannot_be_encoded_fails_at_once_unsent(scripted: list[ScriptedSmtp]) -> None:
+    """A lone surrogate in the rendered text was reported "outcome unknown" (after MAIL FROM and RCPT
+    TO) and counted by the breaker: two such messages opened the circuit for every email."""
+    server = await start(scripted)
+    gp = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4)
+    router = ProviderRouter({Channel.EMAIL: [gp]}, [gp])
+    for n in range(2):
+        email = build_email(
+            message_id=f"m{n}",
+            sender="a@example.com",
+            to="x@example.com",
+            subject="s",
+            text="bad \ud800",
+            body_html="h",
+            unsubscribe_url=None,
+            sent_at_epoch=0,
+        )
+        name, result = await router.send(
+            Delivery(f"m{n}", "c1", Channel.EMAIL, "x@example.com", {}, email), nothing
+        )
+        assert (name, result.failure, result.reason) == (
+            "smtp",
+            Failure.PERMANENT,
+            "SMTP: the message cannot be encoded (UnicodeEncodeError)",
+        )
+    assert not gp.breaker.is_open and gp.breaker.failures == 0
+    assert not server.commands
+    await router.close()
+
+
+async def test_a_connection_lost_once_data_started_is_outcome_unknown(
+    scripted: list[ScriptedSmtp], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server had the message when the connection dropped or timed out waiting for its answer:
+    retried and failed over, the customer could get it twice."""
+    server = await start(scripted)
+    backup_server = await start(scripted)
+    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
+    backup = GuardedProvider(
+        smtp("smtp_backup", backup_server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4
+    )
+    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    original = aiosmtplib.SMTP.data
+
+    async def answer_lost(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
+        await original(self, *args, **kwargs)
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+
+    monkeypatch.setattr(aiosmtplib.SMTP, "data", answer_lost)
+    name, result = await router.send(delivery(), nothing)
+    assert (name, result.failure) == ("smtp", Failure.PERMANENT)
+    assert result.reason is not None
+    assert result.reason.startswith("outcome unknown: smtp: SMTPServerDisconnected")
+    assert len(server.messages) == 1 and not backup_server.commands
+    assert primary.breaker.is_open
+    await router.close()

@@ -20,6 +20,11 @@ from services.notifier.domain.email_addresses import mailbox
         "ann@exa\u00a0mple.com",  # a no-break space inside it
         "ann\u00a0@example.com",
         "ann\u200d@example.com",  # a zero-width joiner in the local part
+        # In the domain too: UTS-46 transitional processing drops it, so it would be a second key
+        # (suppressions, complaints, erasure) for `ann@example.com`; also where IDNA2008 allows it.
+        "ann@exa\u200dmple.com",
+        "ann@exa\u200cmple.com",
+        "ann@\u0915\u094d\u200d\u0937.example",
         "ann smith@example.com",
         "ann@example.com\ue000",  # private use
         "ann@example.com\u0378",  # unassigned
@@ -41,9 +46,6 @@ def test_letters_of_any_script_are_a_mailbox() -> None:
     assert mailbox("  Ann@Example.com\t") == "ann@example.com"
     assert mailbox("Ann@Example.com\u00a0") == "ann@example.com"
     assert mailbox("\u00a0Ann <Ann@Example.com\u00a0>") == "ann@example.com"
-    # IDNA2008 labels may need a zero-width non-joiner or joiner (RFC 5892 CONTEXTJ).
-    assert mailbox("ann@\u0915\u094d\u200d\u0937.example") == "ann@\u0915\u094d\u200d\u0937.example"
-    assert mailbox("ann@\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.example") is not None
 
 
 @pytest.mark.parametrize(

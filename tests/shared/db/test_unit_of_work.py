@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db.unit_of_work import UnitOfWork, erasure_gate_held
-from shared.privacy import erasure_gate
+from shared.privacy import erasure_gate, erasure_gate_within
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
 from tests.support import messaging_platform
@@ -78,3 +78,28 @@ async def test_the_gate_is_noted_for_one_transaction_not_for_the_session(platfor
             assert not erasure_gate_held(session)
             await erasure_gate(session, exclusive=False)
             assert erasure_gate_held(session) and not await erasure_could_start(platform)
+
+
+async def test_a_bounded_wait_for_the_gate_times_out_and_leaves_the_transaction_usable(
+    platform: Platform,
+) -> None:
+    """`erasure_gate_within`: an erasure holding the gate past the wait answers False, the
+    transaction goes on (its work kept), and its lock_timeout is as before; once free, it is taken."""
+    async with platform.unit_of_work() as erasing:
+        await erasure_gate(erasing.session, exclusive=True)
+        async with platform.unit_of_work() as uow:
+            await uow.session.execute(text("SET LOCAL lock_timeout = '7s'"))
+            assert await uow.session.scalar(text("SELECT 1")) == 1
+            assert not await erasure_gate_within(uow.session, 100)
+            assert not erasure_gate_held(uow.session)
+            assert await uow.session.scalar(text("SHOW lock_timeout")) == "7s"
+
+        async def erasure_done_soon() -> None:
+            await asyncio.sleep(0.2)
+            await erasing.session.commit()
+
+        done = asyncio.create_task(erasure_done_soon())
+        async with platform.unit_of_work() as uow:
+            assert await erasure_gate_within(uow.session, 5000)
+            assert erasure_gate_held(uow.session) and done.done()
+            assert await uow.session.scalar(text("SHOW lock_timeout")) == "0"

@@ -412,3 +412,75 @@ async def test_a_timer_that_cannot_be_recorded_or_was_parked_before_holds_back_n
         monkeypatch.undo()
         assert await h.engine.run_once() == 1
         assert [r.status for r in await h.instances(jid)].count("exited") == 3
+
+
+async def test_workers_racing_on_a_failing_timer_count_one_try_and_keep_its_retry_time(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several timer workers (2 a replica by default) meet the same failing timer: the first to
+    record its failure puts it off; the others neither count another try nor fire it before its
+    next try. (Before, 3 workers used up its tries in one pass and parked it with no retry at all;
+    a worker taking a batch apart fired a timer another had just put off for later.)"""
+    clock = ManualClock(START)
+    async with (
+        engine_running(make_settings, clock=clock) as one,
+        engine_running(make_settings, clock=clock) as two,
+        engine_running(make_settings, clock=clock) as three,
+    ):
+        jid = await one.journey(DELAYED)
+        for i in range(6):
+            await one.track(f"c{i}", "Signed Up", wait=False)
+        await one.processed("events")
+        tries: list[str] = []
+        for h in (one, two, three):
+
+            async def fails(
+                uow: Any, writer: Any, row: Any, *args: Any, _react: Any = h.engine._react
+            ) -> None:
+                if row.customer_id == "c3":
+                    tries.append(row.id)
+                    raise RuntimeError("c3's step fails")
+                await _react(uow, writer, row, *args)
+
+            monkeypatch.setattr(h.engine, "_react", fails)
+        retry_s = one.settings.timer_retry_s
+
+        # Another worker's whole pass runs while this one is between taking the batch apart and
+        # recording what failed alone, twice over.
+        for this, other in ((one.engine, two.engine), (two.engine, three.engine)):
+
+            async def interleaved(
+                fired: Any, failed: Any, _orig: Any = this._failed_alone, _other: Any = other
+            ) -> Any:
+                await _other.run_once(broadcasts=False)
+                return await _orig(fired, failed)
+
+            monkeypatch.setattr(this, "_failed_alone", interleaved)
+        clock.advance(timedelta(hours=1))
+        await one.engine.run_once(broadcasts=False)
+        assert [tuple(t) for t in await one.rows("SELECT attempts, due_at FROM timers")] == [
+            (1, clock.now() + timedelta(seconds=retry_s))
+        ]
+        assert await one.scalar("SELECT count(*) FROM timers_parked") == 0
+        waiting = [r.customer_id for r in await one.instances(jid) if r.status == "active"]
+        assert waiting == ["c3"]
+
+        # A worker taking a batch apart after another put the timer off does not fire it early.
+        monkeypatch.setattr(one.engine, "_failed_alone", type(one.engine)._failed_alone.__get__(one.engine))
+        isolate = one.engine._isolate
+
+        async def after_another_pass(timers: Any, error: Any) -> Any:
+            await two.engine.run_once(broadcasts=False)
+            return await isolate(timers, error)
+
+        monkeypatch.setattr(one.engine, "_isolate", after_another_pass)
+        monkeypatch.setattr(two.engine, "_failed_alone", type(two.engine)._failed_alone.__get__(two.engine))
+        clock.advance(timedelta(seconds=retry_s))
+        before = len(tries)
+        await one.engine.run_once(broadcasts=False)
+        # Tried by one's batch, then by two's pass (counted, put off 120 s); one's halves skip it.
+        assert len(tries) - before == 2
+        assert [tuple(t) for t in await one.rows("SELECT attempts, due_at FROM timers")] == [
+            (2, clock.now() + timedelta(seconds=2 * retry_s))
+        ]
+        assert await one.scalar("SELECT count(*) FROM timers_parked") == 0

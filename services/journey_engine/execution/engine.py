@@ -1106,7 +1106,7 @@ class JourneyEngine:
                 max_attempts=self.settings.timer_max_attempts,
             )
         if noted is None:
-            return  # fired or parked by another worker meanwhile
+            return  # fired, parked or put off by another worker meanwhile
         where = {"timer": timer.id, "instance": timer.instance_id, "attempts": noted.attempts, "error": error}
         if noted.retry_at is not None:
             log.warning(

@@ -86,17 +86,22 @@ class ClaimedTimer:
 
 
 def _claimable(ids: Sequence[int] | None) -> tuple[str, dict[str, Any]]:
-    """The timers a claim takes: those due (oldest first), or these ones (a failed batch's, taken
-    apart: `JourneyEngine._isolate`) if still there."""
-    if ids is None:
-        return "due_at <= :now", {}
-    return "id = ANY(CAST(:ids AS bigint[]))", {"ids": list(ids)}
+    """The timers a claim takes: those due (oldest first); of those, these ones (a failed batch's,
+    taken apart: `JourneyEngine._isolate`). Always due: a timer another worker has just put off (its
+    next try, `note_timer_failure`) is not fired before its time."""
+    if ids is not None:
+        return "id = ANY(CAST(:ids AS bigint[])) AND due_at <= :now", {"ids": list(ids)}
+    return "due_at <= :now", {}
 
 
 async def claim_due_timers(
-    session: AsyncSession, now: datetime, limit: int, ids: Sequence[int] | None = None
+    session: AsyncSession,
+    now: datetime,
+    limit: int,
+    ids: Sequence[int] | None = None,
 ) -> list[ClaimedTimer]:
-    """Delete and return due timers; rows another worker holds are skipped, and come back on rollback."""
+    """Delete and return due timers (`_claimable`); rows another worker holds are skipped, and come
+    back on rollback."""
     where, params = _claimable(ids)
     rows = await session.execute(
         text(
@@ -116,10 +121,13 @@ _STEP_COLUMNS = ", ".join("i." + c for c in _COLUMNS.split(", ")) + (
 
 
 async def claim_due_steps(
-    session: AsyncSession, now: datetime, limit: int, ids: Sequence[int] | None = None
+    session: AsyncSession,
+    now: datetime,
+    limit: int,
+    ids: Sequence[int] | None = None,
 ) -> list[tuple[ClaimedTimer, InstanceRow, bool]]:
-    """Claim due timers (or these `ids`, those still there) and lock their instances (in id order)
-    in one round trip: (timer, instance, whether its journey is archived)."""
+    """Claim due timers (`_claimable`: or these `ids`, those still there and due) and lock their
+    instances (in id order) in one round trip: (timer, instance, whether its journey is archived)."""
     where, params = _claimable(ids)
     rows = await session.execute(
         text(
@@ -137,12 +145,14 @@ async def claim_due_steps(
 # A timer whose step failed alone, for a reason of its own (not an outage): one more try counted on
 # its row, and the next one later (`due_at`: `retry_s`, doubled each time), so that a brief incident
 # does not use up its tries; the row is claimed again as any due timer. The last try leaves `due_at`
-# as it was (parked with it: put back, it is due). Returns the tries so far.
+# as it was (parked with it: put back, it is due). Only while it is due: a timer that another worker
+# found failing too and has already put off was tried once, not twice. Returns the tries so far.
 _NOTE_FAILURE = Statement(
     "UPDATE timers SET attempts = attempts + 1, due_at = CASE WHEN attempts + 1 < CAST(:max AS int) "
     "THEN CAST(:now AS timestamptz) "
     "+ make_interval(secs => CAST(:retry_s AS double precision) * power(2, attempts)) "
-    "ELSE due_at END WHERE id = CAST(:id AS bigint) RETURNING attempts, due_at"
+    "ELSE due_at END WHERE id = CAST(:id AS bigint) AND due_at <= CAST(:now AS timestamptz) "
+    "RETURNING attempts, due_at"
 )
 # After `timer_max_attempts` tries: out of the due timers, with why, and where it was (the instance's
 # journey, for the metric and the log). A row parked under the same id before (put back by hand with
@@ -178,8 +188,8 @@ async def note_timer_failure(
     max_attempts: int,
 ) -> TimerFailure | None:
     """Count a try of a timer that failed alone, and retry it later, or park it (`timers_parked`, with
-    the error) once it has failed `max_attempts` times; None when the timer is no longer there (fired,
-    or parked, by another worker meanwhile)."""
+    the error) once it has failed `max_attempts` times; None when the timer is no longer there or not
+    due (fired, parked or put off by another worker meanwhile)."""
     rows = await _NOTE_FAILURE.fetch(
         session, {"id": timer_id, "now": now, "retry_s": retry_s, "max": max_attempts}
     )

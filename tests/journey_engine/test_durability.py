@@ -353,10 +353,17 @@ async def test_a_batch_whose_every_timer_fails_in_several_journeys_is_taken_for_
 
         monkeypatch.setattr(h.engine, "_react", broken)
         h.clock.advance(timedelta(hours=1))
+        retry_s = h.settings.timer_retry_s
         for _ in range(h.settings.timer_max_attempts + 1):
             with pytest.raises(TimersFailing, match="all 6 timers of the batch failed alone, in 2 journeys"):
                 await h.engine.run_once()
-        assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts FROM timers")] == [(0,)]
+            # Put off to their retry time, no try counted: the timers due after them get their turn.
+            due = h.clock.now() + timedelta(seconds=retry_s)
+            assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts, due_at FROM timers")] == [
+                (0, due)
+            ]
+            assert await h.engine.run_once() == 0
+            h.clock.advance(timedelta(seconds=retry_s))
         assert await h.scalar("SELECT count(*) FROM timers_parked") == 0
         monkeypatch.undo()
         assert await h.fire_due() == 6
@@ -484,3 +491,67 @@ async def test_workers_racing_on_a_failing_timer_count_one_try_and_keep_its_retr
             (2, clock.now() + timedelta(seconds=2 * retry_s))
         ]
         assert await one.scalar("SELECT count(*) FROM timers_parked") == 0
+
+
+async def test_timers_failing_in_several_journeys_hold_back_no_other_journey_nor_broadcasts(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two journeys whose steps all fail (a broken node each, many customers waiting) fill the
+    oldest batch: a due timer of another journey still fires, in the same pass, and the failures
+    are then the journeys' own (counted, retried, parked as usual); when nothing else is due they
+    are put off without a try counted, `timer_outage_passes` times, and the due broadcasts run all
+    the same. (Before, such a batch was taken for an outage on every pass, claimed first again and
+    again: no other timer of any journey fired, and no broadcast ran.)"""
+    async with engine_running(make_settings, timer_batch_size=4, timer_outage_passes=3) as h:
+        a = await h.journey(DELAYED)
+        b = await h.journey(DELAYED)
+        for i in range(4):
+            await h.track(f"c{i}", "Signed Up", wait=False)  # 8 broken timers: two full batches
+        await h.processed("events")
+        h.clock.advance(timedelta(minutes=30))
+        healthy = await h.journey(DELAYED | {"name": "Healthy"})
+        # Due 30 min after the others (and 2 more broken timers: the customer enters all three).
+        await h.track("healthy-customer", "Signed Up", wait=False)
+        await h.processed("events")
+        react = h.engine._react
+
+        async def broken(uow: Any, writer: Any, row: Any, *args: Any) -> None:
+            if row.journey_id in (a, b):
+                raise RuntimeError("broken node")
+            await react(uow, writer, row, *args)
+
+        monkeypatch.setattr(h.engine, "_react", broken)
+        looked: list[int] = []
+        run_due_broadcasts = h.engine.run_due_broadcasts
+
+        async def broadcasts() -> int:
+            looked.append(1)
+            return await run_due_broadcasts()
+
+        monkeypatch.setattr(h.engine, "run_due_broadcasts", broadcasts)
+
+        # Only the broken journeys' timers are due: put off, nothing counted, broadcasts looked for.
+        h.clock.advance(timedelta(minutes=30))
+        for _ in range(2):
+            with pytest.raises(TimersFailing, match="in 2 journeys, and no other journey's timer fired"):
+                await h.engine.run_once()
+        assert len(looked) == 2
+        assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts FROM timers")] == [(0,)]
+        assert await h.engine.run_once() == 0  # nothing left due now
+
+        # The healthy journey's timer comes due behind them: it fires in the first pass, and the
+        # broken timers are counted as their journeys' own.
+        h.clock.advance(timedelta(minutes=30))
+        assert await h.engine.run_once() == 4
+        assert [r.status for r in await h.instances(healthy)] == ["exited"]
+        assert await h.scalar("SELECT count(*) FROM timers WHERE attempts = 1") == 4
+        assert len(looked) == 3
+        # Nothing else due now: the broken timers are put off, and counted anyway once taken for an
+        # outage 3 times, then retried and parked as usual; not tried for ever.
+        for _ in range(30):
+            with contextlib.suppress(TimersFailing):
+                await h.engine.run_once()
+            h.clock.advance(timedelta(minutes=10))
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 10
+        assert {r.status for j in (a, b) for r in await h.instances(j)} == {"active"}

@@ -85,12 +85,21 @@ class ClaimedTimer:
     due_at: datetime
 
 
-def _claimable(ids: Sequence[int] | None) -> tuple[str, dict[str, Any]]:
+def _claimable(
+    ids: Sequence[int] | None, other_than: Sequence[str] | None = None
+) -> tuple[str, dict[str, Any]]:
     """The timers a claim takes: those due (oldest first); of those, these ones (a failed batch's,
-    taken apart: `JourneyEngine._isolate`). Always due: a timer another worker has just put off (its
-    next try, `note_timer_failure`) is not fired before its time."""
+    taken apart: `JourneyEngine._isolate`), or those whose instance is in none of these journeys (a
+    probe past a batch that failed in them: `JourneyEngine._probe`). Always due: a timer another
+    worker has just put off (its next try, `note_timer_failure`) is not fired before its time."""
     if ids is not None:
         return "id = ANY(CAST(:ids AS bigint[])) AND due_at <= :now", {"ids": list(ids)}
+    if other_than is not None:
+        return (
+            "due_at <= :now AND NOT EXISTS (SELECT 1 FROM instances AS x WHERE x.id = timers.instance_id "
+            "AND x.journey_id = ANY(CAST(:other_than AS text[])))",
+            {"other_than": sorted(set(other_than))},
+        )
     return "due_at <= :now", {}
 
 
@@ -99,10 +108,11 @@ async def claim_due_timers(
     now: datetime,
     limit: int,
     ids: Sequence[int] | None = None,
+    other_than: Sequence[str] | None = None,
 ) -> list[ClaimedTimer]:
     """Delete and return due timers (`_claimable`); rows another worker holds are skipped, and come
     back on rollback."""
-    where, params = _claimable(ids)
+    where, params = _claimable(ids, other_than)
     rows = await session.execute(
         text(
             f"DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers WHERE {where} "
@@ -125,10 +135,11 @@ async def claim_due_steps(
     now: datetime,
     limit: int,
     ids: Sequence[int] | None = None,
+    other_than: Sequence[str] | None = None,
 ) -> list[tuple[ClaimedTimer, InstanceRow, bool]]:
     """Claim due timers (`_claimable`: or these `ids`, those still there and due) and lock their
     instances (in id order) in one round trip: (timer, instance, whether its journey is archived)."""
-    where, params = _claimable(ids)
+    where, params = _claimable(ids, other_than)
     rows = await session.execute(
         text(
             "WITH claimed AS (DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers "
@@ -200,6 +211,24 @@ async def note_timer_failure(
         return TimerFailure(attempts, retry_at)
     parked = await _PARK.fetch(session, {"id": timer_id, "error": error, "now": now})
     return TimerFailure(attempts, None, parked[0][1], parked[0][2])
+
+
+# Timers of a batch taken for an outage (`JourneyEngine._failed_alone`): put off to `retry_s` from
+# now, no try counted, so that the timers due after them get their turn on the next passes (claimed
+# oldest first, they were claimed first again on every pass, and nothing behind them fired). Only
+# while due: one another worker has put off already keeps its time.
+_PUT_OFF = Statement(
+    "UPDATE timers SET due_at = CAST(:now AS timestamptz) "
+    "+ make_interval(secs => CAST(:retry_s AS double precision)) "
+    "WHERE id = ANY(CAST(:ids AS bigint[])) AND due_at <= CAST(:now AS timestamptz)"
+)
+
+
+async def put_off_timers(
+    session: AsyncSession, timer_ids: Sequence[int], now: datetime, retry_s: float
+) -> None:
+    """Try these due timers again `retry_s` from now, counting no try."""
+    await _PUT_OFF.execute(session, {"ids": list(timer_ids), "now": now, "retry_s": retry_s})
 
 
 async def journeys_of_instances(session: AsyncSession, instance_ids: Sequence[str]) -> dict[str, str]:

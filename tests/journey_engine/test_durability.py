@@ -555,3 +555,41 @@ async def test_timers_failing_in_several_journeys_hold_back_no_other_journey_nor
         assert await h.scalar("SELECT count(*) FROM timers") == 0
         assert await h.scalar("SELECT count(*) FROM timers_parked") == 10
         assert {r.status for j in (a, b) for r in await h.instances(j)} == {"active"}
+
+
+async def test_parked_timers_of_customers_no_longer_held_are_not_counted(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stats' `timers_parked` and the listing's `timer_parked` count the customers a parked
+    timer holds: not one whose instance has exited since (an archive), nor moved on from that step."""
+    async with engine_running(make_settings, timer_max_attempts=1) as h:
+        jid = await h.journey(DELAYED)
+        for c in ("c0", "c1"):
+            await h.track(c, "Signed Up", wait=False)
+        await h.processed("events")
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("the step fails")
+
+        monkeypatch.setattr(h.engine, "_react", broken)
+        assert await h.advance(timedelta(hours=1)) == 2
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 2
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        assert stats["timers_parked"] == 2
+        # c1 moves on from the step (as a migration or an event would), then every customer exits.
+        async with h.platform.engine.begin() as conn:
+            await conn.execute(text("UPDATE instances SET seq = seq + 1 WHERE customer_id = 'c1'"))
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        assert stats["timers_parked"] == 1
+        listed = (await h.client.get(f"/v1/journeys/{jid}/instances", headers=ADMIN)).json()["instances"]
+        assert sorted((i["customer_id"], i["timer_parked"]) for i in listed) == [("c0", True), ("c1", False)]
+        assert (await h.client.post(f"/v1/journeys/{jid}/archive", headers=ADMIN)).status_code == 200
+
+        async def none_active() -> bool:
+            return await h.scalar("SELECT count(*) FROM instances WHERE status = 'active'") == 0
+
+        await eventually(none_active)
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        assert stats["timers_parked"] == 0
+        listed = (await h.client.get(f"/v1/journeys/{jid}/instances", headers=ADMIN)).json()["instances"]
+        assert {i["timer_parked"] for i in listed} == {False}

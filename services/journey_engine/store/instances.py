@@ -757,12 +757,14 @@ async def close_goal_windows(session: AsyncSession, journey_id: str) -> int:
 
 
 async def parked_timers(session: AsyncSession, journey_id: str) -> int:
-    """How many of the journey's timers are parked (`timers_parked`): customers held at a step."""
+    """How many of the journey's timers are parked (`timers_parked`): customers held at a step. Only
+    those the instance still waits on (active, at that step): a parked row outlives an instance that
+    moved on (a migration, an event) or exited (an archive), and holds nobody then."""
     return int(
         await session.scalar(
             text(
                 "SELECT count(*) FROM timers_parked AS p JOIN instances AS i ON i.id = p.instance_id "
-                "WHERE i.journey_id = :j"
+                "AND i.status = 'active' AND i.seq = p.seq WHERE i.journey_id = :j"
             ),
             {"j": journey_id},
         )
@@ -771,9 +773,13 @@ async def parked_timers(session: AsyncSession, journey_id: str) -> int:
 
 
 async def with_parked_timers(session: AsyncSession, instance_ids: Sequence[str]) -> set[str]:
-    """Of these instances, those with a parked timer."""
+    """Of these instances, those waiting on a parked timer (active, at the step it was armed for)."""
     rows = await session.execute(
-        text("SELECT DISTINCT instance_id FROM timers_parked WHERE instance_id = ANY(CAST(:ids AS text[]))"),
+        text(
+            "SELECT DISTINCT p.instance_id FROM timers_parked AS p JOIN instances AS i "
+            "ON i.id = p.instance_id AND i.status = 'active' AND i.seq = p.seq "
+            "WHERE p.instance_id = ANY(CAST(:ids AS text[]))"
+        ),
         {"ids": list(instance_ids)},
     )
     return {r[0] for r in rows}

@@ -34,6 +34,11 @@ class JourneyEngineSettings(BaseServiceSettings):
     # (`timers_parked`) once it has failed this many times.
     timer_max_attempts: int = Field(default=3, ge=1)
     timer_retry_s: float = Field(default=60.0, gt=0)
+    # A batch whose every timer failed alone in several journeys, with no other journey's timer
+    # firing, is taken for an outage: its timers are put off `timer_retry_s`, no try counted. A
+    # worker that has taken the same timer for an outage this many times counts its tries anyway
+    # (journeys broken at once while nothing else is due would otherwise be tried for ever).
+    timer_outage_passes: int = Field(default=10, ge=1)
     # Tests drive the loop themselves (`engine.run_once()`) with a ManualClock.
     run_timer_loop: bool = True
     # Step counters are insert-only (a row per unit of work); a journey with more than this many rows

@@ -353,10 +353,17 @@ async def test_a_batch_whose_every_timer_fails_in_several_journeys_is_taken_for_
 
         monkeypatch.setattr(h.engine, "_react", broken)
         h.clock.advance(timedelta(hours=1))
+        retry_s = h.settings.timer_retry_s
         for _ in range(h.settings.timer_max_attempts + 1):
             with pytest.raises(TimersFailing, match="all 6 timers of the batch failed alone, in 2 journeys"):
                 await h.engine.run_once()
-        assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts FROM timers")] == [(0,)]
+            # Put off to their retry time, no try counted: the timers due after them get their turn.
+            due = h.clock.now() + timedelta(seconds=retry_s)
+            assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts, due_at FROM timers")] == [
+                (0, due)
+            ]
+            assert await h.engine.run_once() == 0
+            h.clock.advance(timedelta(seconds=retry_s))
         assert await h.scalar("SELECT count(*) FROM timers_parked") == 0
         monkeypatch.undo()
         assert await h.fire_due() == 6
@@ -412,3 +419,177 @@ async def test_a_timer_that_cannot_be_recorded_or_was_parked_before_holds_back_n
         monkeypatch.undo()
         assert await h.engine.run_once() == 1
         assert [r.status for r in await h.instances(jid)].count("exited") == 3
+
+
+async def test_workers_racing_on_a_failing_timer_count_one_try_and_keep_its_retry_time(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several timer workers (2 a replica by default) meet the same failing timer: the first to
+    record its failure puts it off; the others neither count another try nor fire it before its
+    next try. (Before, 3 workers used up its tries in one pass and parked it with no retry at all;
+    a worker taking a batch apart fired a timer another had just put off for later.)"""
+    clock = ManualClock(START)
+    async with (
+        engine_running(make_settings, clock=clock) as one,
+        engine_running(make_settings, clock=clock) as two,
+        engine_running(make_settings, clock=clock) as three,
+    ):
+        jid = await one.journey(DELAYED)
+        for i in range(6):
+            await one.track(f"c{i}", "Signed Up", wait=False)
+        await one.processed("events")
+        tries: list[str] = []
+        for h in (one, two, three):
+
+            async def fails(
+                uow: Any, writer: Any, row: Any, *args: Any, _react: Any = h.engine._react
+            ) -> None:
+                if row.customer_id == "c3":
+                    tries.append(row.id)
+                    raise RuntimeError("c3's step fails")
+                await _react(uow, writer, row, *args)
+
+            monkeypatch.setattr(h.engine, "_react", fails)
+        retry_s = one.settings.timer_retry_s
+
+        # Another worker's whole pass runs while this one is between taking the batch apart and
+        # recording what failed alone, twice over.
+        for this, other in ((one.engine, two.engine), (two.engine, three.engine)):
+
+            async def interleaved(
+                fired: Any, failed: Any, _orig: Any = this._failed_alone, _other: Any = other
+            ) -> Any:
+                await _other.run_once(broadcasts=False)
+                return await _orig(fired, failed)
+
+            monkeypatch.setattr(this, "_failed_alone", interleaved)
+        clock.advance(timedelta(hours=1))
+        await one.engine.run_once(broadcasts=False)
+        assert [tuple(t) for t in await one.rows("SELECT attempts, due_at FROM timers")] == [
+            (1, clock.now() + timedelta(seconds=retry_s))
+        ]
+        assert await one.scalar("SELECT count(*) FROM timers_parked") == 0
+        waiting = [r.customer_id for r in await one.instances(jid) if r.status == "active"]
+        assert waiting == ["c3"]
+
+        # A worker taking a batch apart after another put the timer off does not fire it early.
+        monkeypatch.setattr(one.engine, "_failed_alone", type(one.engine)._failed_alone.__get__(one.engine))
+        isolate = one.engine._isolate
+
+        async def after_another_pass(timers: Any, error: Any) -> Any:
+            await two.engine.run_once(broadcasts=False)
+            return await isolate(timers, error)
+
+        monkeypatch.setattr(one.engine, "_isolate", after_another_pass)
+        monkeypatch.setattr(two.engine, "_failed_alone", type(two.engine)._failed_alone.__get__(two.engine))
+        clock.advance(timedelta(seconds=retry_s))
+        before = len(tries)
+        await one.engine.run_once(broadcasts=False)
+        # Tried by one's batch, then by two's pass (counted, put off 120 s); one's halves skip it.
+        assert len(tries) - before == 2
+        assert [tuple(t) for t in await one.rows("SELECT attempts, due_at FROM timers")] == [
+            (2, clock.now() + timedelta(seconds=2 * retry_s))
+        ]
+        assert await one.scalar("SELECT count(*) FROM timers_parked") == 0
+
+
+async def test_timers_failing_in_several_journeys_hold_back_no_other_journey_nor_broadcasts(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two journeys whose steps all fail (a broken node each, many customers waiting) fill the
+    oldest batch: a due timer of another journey still fires, in the same pass, and the failures
+    are then the journeys' own (counted, retried, parked as usual); when nothing else is due they
+    are put off without a try counted, `timer_outage_passes` times, and the due broadcasts run all
+    the same. (Before, such a batch was taken for an outage on every pass, claimed first again and
+    again: no other timer of any journey fired, and no broadcast ran.)"""
+    async with engine_running(make_settings, timer_batch_size=4, timer_outage_passes=3) as h:
+        a = await h.journey(DELAYED)
+        b = await h.journey(DELAYED)
+        for i in range(4):
+            await h.track(f"c{i}", "Signed Up", wait=False)  # 8 broken timers: two full batches
+        await h.processed("events")
+        h.clock.advance(timedelta(minutes=30))
+        healthy = await h.journey(DELAYED | {"name": "Healthy"})
+        # Due 30 min after the others (and 2 more broken timers: the customer enters all three).
+        await h.track("healthy-customer", "Signed Up", wait=False)
+        await h.processed("events")
+        react = h.engine._react
+
+        async def broken(uow: Any, writer: Any, row: Any, *args: Any) -> None:
+            if row.journey_id in (a, b):
+                raise RuntimeError("broken node")
+            await react(uow, writer, row, *args)
+
+        monkeypatch.setattr(h.engine, "_react", broken)
+        looked: list[int] = []
+        run_due_broadcasts = h.engine.run_due_broadcasts
+
+        async def broadcasts() -> int:
+            looked.append(1)
+            return await run_due_broadcasts()
+
+        monkeypatch.setattr(h.engine, "run_due_broadcasts", broadcasts)
+
+        # Only the broken journeys' timers are due: put off, nothing counted, broadcasts looked for.
+        h.clock.advance(timedelta(minutes=30))
+        for _ in range(2):
+            with pytest.raises(TimersFailing, match="in 2 journeys, and no other journey's timer fired"):
+                await h.engine.run_once()
+        assert len(looked) == 2
+        assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts FROM timers")] == [(0,)]
+        assert await h.engine.run_once() == 0  # nothing left due now
+
+        # The healthy journey's timer comes due behind them: it fires in the first pass, and the
+        # broken timers are counted as their journeys' own.
+        h.clock.advance(timedelta(minutes=30))
+        assert await h.engine.run_once() == 4
+        assert [r.status for r in await h.instances(healthy)] == ["exited"]
+        assert await h.scalar("SELECT count(*) FROM timers WHERE attempts = 1") == 4
+        assert len(looked) == 3
+        # Nothing else due now: the broken timers are put off, and counted anyway once taken for an
+        # outage 3 times, then retried and parked as usual; not tried for ever.
+        for _ in range(30):
+            with contextlib.suppress(TimersFailing):
+                await h.engine.run_once()
+            h.clock.advance(timedelta(minutes=10))
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 10
+        assert {r.status for j in (a, b) for r in await h.instances(j)} == {"active"}
+
+
+async def test_parked_timers_of_customers_no_longer_held_are_not_counted(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stats' `timers_parked` and the listing's `timer_parked` count the customers a parked
+    timer holds: not one whose instance has exited since (an archive), nor moved on from that step."""
+    async with engine_running(make_settings, timer_max_attempts=1) as h:
+        jid = await h.journey(DELAYED)
+        for c in ("c0", "c1"):
+            await h.track(c, "Signed Up", wait=False)
+        await h.processed("events")
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("the step fails")
+
+        monkeypatch.setattr(h.engine, "_react", broken)
+        assert await h.advance(timedelta(hours=1)) == 2
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 2
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        assert stats["timers_parked"] == 2
+        # c1 moves on from the step (as a migration or an event would), then every customer exits.
+        async with h.platform.engine.begin() as conn:
+            await conn.execute(text("UPDATE instances SET seq = seq + 1 WHERE customer_id = 'c1'"))
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        assert stats["timers_parked"] == 1
+        listed = (await h.client.get(f"/v1/journeys/{jid}/instances", headers=ADMIN)).json()["instances"]
+        assert sorted((i["customer_id"], i["timer_parked"]) for i in listed) == [("c0", True), ("c1", False)]
+        assert (await h.client.post(f"/v1/journeys/{jid}/archive", headers=ADMIN)).status_code == 200
+
+        async def none_active() -> bool:
+            return await h.scalar("SELECT count(*) FROM instances WHERE status = 'active'") == 0
+
+        await eventually(none_active)
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        assert stats["timers_parked"] == 0
+        listed = (await h.client.get(f"/v1/journeys/{jid}/instances", headers=ADMIN)).json()["instances"]
+        assert {i["timer_parked"] for i in listed} == {False}

@@ -192,7 +192,7 @@ def _max_bytes(limit: int) -> Callable[[str, ValidationInfo], str]:
 
 
 def _notifier_name(value: str, info: ValidationInfo) -> str:
-    if not _stored(info) and NOTIFIER_NAME.match(value) is None:
+    if not _stored(info) and NOTIFIER_NAME.fullmatch(value) is None:
         raise PydanticCustomError(
             "string_pattern_mismatch",
             "String should match pattern '{pattern}'",

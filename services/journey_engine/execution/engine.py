@@ -95,8 +95,9 @@ INSTANCE_NAMESPACE = uuid.UUID("6f1c2a52-4d0e-4c7e-9a51-0b8f3d7e2c11")
 
 
 class TimersFailing(Exception):
-    """Every timer of a batch failed alone, in more than one journey: taken for an outage
-    (`JourneyEngine._failed_alone`), retried as one, nothing counted toward parking."""
+    """Every timer of a batch failed alone, in more than one journey, and no due timer of another
+    journey fired: taken for an outage (`JourneyEngine._failed_alone`), nothing counted toward
+    parking; the timers are put off to their retry time, the later ones get their turn."""
 
 
 class CustomersMoved(Exception):
@@ -220,6 +221,8 @@ class JourneyEngine:
         # left chunks to do (the timer loop then goes on without resting).
         self._broadcast_retry: dict[str, datetime] = {}
         self.broadcasts_pending = False
+        # Timer id -> how many times this worker took it for an outage (`_failed_alone`).
+        self._taken_for_outage: dict[int, int] = {}
 
     # ------------------------------------------------------------------ definitions
 
@@ -932,10 +935,33 @@ class JourneyEngine:
         backoff, without limit): neither is the timers' fault. A batch that fails for another reason
         (a bug, a constraint) is taken apart (`_isolate`): its timers would otherwise be claimed
         first again and again, and every later timer of every journey stay due behind them. Then,
-        unless `broadcasts` is false or timers are behind, run the due broadcasts."""
+        unless `broadcasts` is false or timers are behind, run the due broadcasts: after a pass that
+        failed too (then raised once they ran), so that failing timers hold no broadcast back."""
         claimed: list[ClaimedTimer] = []
         try:
-            fired = await self._unit(claimed)
+            fired = await self._timers(claimed)
+        except InstanceConflict:
+            raise  # the loop goes again at once
+        except Exception:
+            if broadcasts:
+                try:
+                    await self.run_due_broadcasts()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("due broadcasts failed after a failed timer pass")
+            raise
+        if fired and self.on_fired is not None:
+            self.on_fired([t.due_at for t in fired])
+        if broadcasts and len(claimed) < self.settings.timer_batch_size:
+            # Not behind on timers: look for due broadcasts (skipped while draining a backlog).
+            await self.run_due_broadcasts()
+        return len(claimed)
+
+    async def _timers(self, claimed: list[ClaimedTimer]) -> list[ClaimedTimer]:
+        """One pass over due timers (`run_once`): those fired; `claimed` receives the batch."""
+        try:
+            return await self._unit(claimed)
         except Exception as exc:
             if isinstance(exc, InstanceConflict) or db_errors.is_passing(exc) or not claimed:
                 raise
@@ -945,23 +971,20 @@ class JourneyEngine:
                 extra={"size": len(claimed), "error": _error_text(exc)},
             )
             fired, failed = await self._isolate(sorted(claimed, key=lambda t: (t.due_at, t.id)), exc)
-            await self._failed_alone(fired, failed)
-        if fired and self.on_fired is not None:
-            self.on_fired([t.due_at for t in fired])
-        if broadcasts and len(claimed) < self.settings.timer_batch_size:
-            # Not behind on timers: look for due broadcasts (skipped while draining a backlog).
-            await self.run_due_broadcasts()
-        return len(claimed)
+            return fired + await self._failed_alone(fired, failed)
 
     async def _unit(
-        self, claimed: list[ClaimedTimer], ids: Sequence[int] | None = None
+        self,
+        claimed: list[ClaimedTimer],
+        ids: Sequence[int] | None = None,
+        other_than: Sequence[str] | None = None,
     ) -> list[ClaimedTimer]:
         """`_fire`, tried again after a short, growing pause when a transient condition of the
         database failed it (a deadlock with an erasure, say); raised after `TRANSIENT_TRIES`."""
         for attempt in range(1, TRANSIENT_TRIES + 1):
             claimed.clear()
             try:
-                return await self._fire(claimed, ids)
+                return await self._fire(claimed, ids, other_than)
             except Exception as exc:
                 if attempt == TRANSIENT_TRIES or not db_errors.is_transient(exc):
                     raise
@@ -973,11 +996,15 @@ class JourneyEngine:
         raise AssertionError("unreachable")
 
     async def _fire(
-        self, claimed: list[ClaimedTimer], ids: Sequence[int] | None = None
+        self,
+        claimed: list[ClaimedTimer],
+        ids: Sequence[int] | None = None,
+        other_than: Sequence[str] | None = None,
     ) -> list[ClaimedTimer]:
-        """Claim due timers (or these `ids`, those still there) and step their instances in one unit
-        of work; the timers fired. `claimed` receives them as soon as they are claimed: what a
-        failed unit of work had taken, to take apart."""
+        """Claim due timers (or these `ids`, those still there and due; or those of journeys other
+        than these) and step their instances in one unit of work; the timers fired. `claimed`
+        receives them as soon as they are claimed: what a failed unit of work had taken, to take
+        apart."""
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
             session = uow.session
@@ -985,7 +1012,7 @@ class JourneyEngine:
             if self.rules.caps:
                 # Frequency caps count sends across journeys: serialize each customer's steps, taking the
                 # customers' locks before the instances' (the order consumers use).
-                claimed[:] = await instance_store.claim_due_timers(session, now, batch_size, ids)
+                claimed[:] = await instance_store.claim_due_timers(session, now, batch_size, ids, other_than)
                 instance_ids = sorted({t.instance_id for t in claimed})
                 locked = await projection.lock_customers_of_instances(session, instance_ids)
                 held = await instance_store.lock_instances(session, instance_ids)
@@ -995,7 +1022,7 @@ class JourneyEngine:
                     raise InstanceConflict()  # a merge moved one to another customer: go again
             else:
                 # Without caps an instance's own row lock is all a timer step needs: one round trip.
-                steps = await instance_store.claim_due_steps(session, now, batch_size, ids)
+                steps = await instance_store.claim_due_steps(session, now, batch_size, ids, other_than)
                 claimed[:] = [t for t, _, _ in steps]
                 rows = {r.id: r for _, r, _ in steps}
                 archived = {r.id for _, r, a in steps if a}
@@ -1059,26 +1086,37 @@ class JourneyEngine:
 
     async def _failed_alone(
         self, fired: list[ClaimedTimer], failed: list[tuple[ClaimedTimer, Exception]]
-    ) -> None:
+    ) -> list[ClaimedTimer]:
         """Count a try for each timer that failed alone: it is tried again `timer_retry_s` later
         (doubled each time), and parked once it has failed `timer_max_attempts` times. When no timer
-        of the batch fired and those that failed wait in more than one journey, it is taken for an
-        outage (the engine or the database, not a journey's step: a release that fails every step, a
-        condition `db_errors` does not know) and nothing is counted: raised, the batch is retried
-        with backoff, and no customer's timer is parked for it. (Timers of one journey that all fail,
-        a broken node, are counted: held back, they would hold back every later timer.)"""
+        of the batch fired and those that failed wait in more than one journey, the due timers of
+        the other journeys are tried (`_probe`; those fired are returned). If none fires either (none
+        due, or they fail too), it is taken for an outage (the engine or the database, not a
+        journey's step: a release that fails every step, a condition `db_errors` does not know):
+        nothing is counted, the failed timers are put off `timer_retry_s` (so that the timers due
+        after them get their turn: they would be claimed first again on every pass) and
+        `TimersFailing` is raised, for the loop's backoff; no customer's timer is parked for it. A
+        timer this worker has taken for an outage `timer_outage_passes` times is counted all the
+        same: journeys broken at once while nothing else is due would be tried for ever. (Timers of
+        one journey that all fail, a broken node, are counted: held back, they would hold back every
+        later timer.)"""
         if not failed:
-            return
+            return []
+        probed: list[ClaimedTimer] = []
+        outage: TimersFailing | None = None
         if not fired and len(failed) > 1:
             async with self.platform.unit_of_work() as uow:
-                journeys = await instance_store.journeys_of_instances(
-                    uow.session, [t.instance_id for t, _ in failed]
+                journeys = set(
+                    (
+                        await instance_store.journeys_of_instances(
+                            uow.session, [t.instance_id for t, _ in failed]
+                        )
+                    ).values()
                 )
-            if len(set(journeys.values())) > 1:
-                raise TimersFailing(
-                    f"all {len(failed)} timers of the batch failed alone, in {len(set(journeys.values()))} "
-                    f"journeys: taken for an outage ({_error_text(failed[0][1])})"
-                ) from failed[0][1]
+            if len(journeys) > 1:
+                probed = await self._probe(journeys)
+                if not probed:
+                    failed, outage = await self._outage(journeys, failed)
         for timer, failure in failed:
             try:
                 await self._count_failure(timer, failure)
@@ -1090,6 +1128,61 @@ class JourneyEngine:
                     "could not record a failed timer's try",
                     extra={"timer": timer.id, "instance": timer.instance_id},
                 )
+        if outage is not None:
+            raise outage
+        return probed
+
+    async def _outage(
+        self, journeys: set[str], failed: list[tuple[ClaimedTimer, Exception]]
+    ) -> tuple[list[tuple[ClaimedTimer, Exception]], TimersFailing | None]:
+        """A batch taken for an outage (`_failed_alone`): put off its timers, but for those this
+        worker has now taken for one `timer_outage_passes` times: (those, to count all the same; the
+        error to raise once they are, None when none was put off)."""
+        if len(self._taken_for_outage) > 100_000:
+            self._taken_for_outage.clear()  # fired or parked by other workers meanwhile: forget them
+        count: list[tuple[ClaimedTimer, Exception]] = []
+        put_off: list[int] = []
+        for timer, failure in failed:
+            seen = self._taken_for_outage.get(timer.id, 0) + 1
+            if seen >= self.settings.timer_outage_passes:
+                self._taken_for_outage.pop(timer.id, None)
+                count.append((timer, failure))
+            else:
+                self._taken_for_outage[timer.id] = seen
+                put_off.append(timer.id)
+        if not put_off:
+            return count, None
+        async with self.platform.unit_of_work() as uow:
+            await instance_store.put_off_timers(
+                uow.session, put_off, self.clock.now(), self.settings.timer_retry_s
+            )
+        error = TimersFailing(
+            f"all {len(failed)} timers of the batch failed alone, in {len(journeys)} journeys, and no "
+            f"other journey's timer fired: taken for an outage, {len(put_off)} put off "
+            f"({_error_text(failed[0][1])})"
+        )
+        error.__cause__ = failed[0][1]
+        return count, error
+
+    async def _probe(self, journeys: set[str]) -> list[ClaimedTimer]:
+        """After a batch whose every timer failed alone in these journeys: fire a batch of the due
+        timers of the other journeys, in one unit of work; those fired (none: none was due, or that
+        batch failed too, left due as it was). One fired says the engine and the database work: the
+        failures are those journeys' own."""
+        while True:
+            try:
+                return await self._unit([], other_than=sorted(journeys))
+            except InstanceConflict:
+                continue  # a merge moved one of the instances meanwhile: go again
+            except Exception as exc:
+                if db_errors.is_passing(exc):
+                    raise
+                TIMER_ERRORS.inc()
+                log.warning(
+                    "timers of other journeys failed too, after a batch failed in several",
+                    extra={"journeys": sorted(journeys), "error": _error_text(exc)},
+                )
+                return []
 
     async def _count_failure(self, timer: ClaimedTimer, failure: Exception) -> None:
         """One more try counted on the timer's row: retried later, or parked (`timers_parked`, with
@@ -1106,7 +1199,7 @@ class JourneyEngine:
                 max_attempts=self.settings.timer_max_attempts,
             )
         if noted is None:
-            return  # fired or parked by another worker meanwhile
+            return  # fired, parked or put off by another worker meanwhile
         where = {"timer": timer.id, "instance": timer.instance_id, "attempts": noted.attempts, "error": error}
         if noted.retry_at is not None:
             log.warning(

@@ -85,19 +85,34 @@ class ClaimedTimer:
     due_at: datetime
 
 
-def _claimable(ids: Sequence[int] | None) -> tuple[str, dict[str, Any]]:
-    """The timers a claim takes: those due (oldest first), or these ones (a failed batch's, taken
-    apart: `JourneyEngine._isolate`) if still there."""
-    if ids is None:
-        return "due_at <= :now", {}
-    return "id = ANY(CAST(:ids AS bigint[]))", {"ids": list(ids)}
+def _claimable(
+    ids: Sequence[int] | None, other_than: Sequence[str] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The timers a claim takes: those due (oldest first); of those, these ones (a failed batch's,
+    taken apart: `JourneyEngine._isolate`), or those whose instance is in none of these journeys (a
+    probe past a batch that failed in them: `JourneyEngine._probe`). Always due: a timer another
+    worker has just put off (its next try, `note_timer_failure`) is not fired before its time."""
+    if ids is not None:
+        return "id = ANY(CAST(:ids AS bigint[])) AND due_at <= :now", {"ids": list(ids)}
+    if other_than is not None:
+        return (
+            "due_at <= :now AND NOT EXISTS (SELECT 1 FROM instances AS x WHERE x.id = timers.instance_id "
+            "AND x.journey_id = ANY(CAST(:other_than AS text[])))",
+            {"other_than": sorted(set(other_than))},
+        )
+    return "due_at <= :now", {}
 
 
 async def claim_due_timers(
-    session: AsyncSession, now: datetime, limit: int, ids: Sequence[int] | None = None
+    session: AsyncSession,
+    now: datetime,
+    limit: int,
+    ids: Sequence[int] | None = None,
+    other_than: Sequence[str] | None = None,
 ) -> list[ClaimedTimer]:
-    """Delete and return due timers; rows another worker holds are skipped, and come back on rollback."""
-    where, params = _claimable(ids)
+    """Delete and return due timers (`_claimable`); rows another worker holds are skipped, and come
+    back on rollback."""
+    where, params = _claimable(ids, other_than)
     rows = await session.execute(
         text(
             f"DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers WHERE {where} "
@@ -116,11 +131,15 @@ _STEP_COLUMNS = ", ".join("i." + c for c in _COLUMNS.split(", ")) + (
 
 
 async def claim_due_steps(
-    session: AsyncSession, now: datetime, limit: int, ids: Sequence[int] | None = None
+    session: AsyncSession,
+    now: datetime,
+    limit: int,
+    ids: Sequence[int] | None = None,
+    other_than: Sequence[str] | None = None,
 ) -> list[tuple[ClaimedTimer, InstanceRow, bool]]:
-    """Claim due timers (or these `ids`, those still there) and lock their instances (in id order)
-    in one round trip: (timer, instance, whether its journey is archived)."""
-    where, params = _claimable(ids)
+    """Claim due timers (`_claimable`: or these `ids`, those still there and due) and lock their
+    instances (in id order) in one round trip: (timer, instance, whether its journey is archived)."""
+    where, params = _claimable(ids, other_than)
     rows = await session.execute(
         text(
             "WITH claimed AS (DELETE FROM timers WHERE id = ANY(ARRAY(SELECT id FROM timers "
@@ -137,12 +156,14 @@ async def claim_due_steps(
 # A timer whose step failed alone, for a reason of its own (not an outage): one more try counted on
 # its row, and the next one later (`due_at`: `retry_s`, doubled each time), so that a brief incident
 # does not use up its tries; the row is claimed again as any due timer. The last try leaves `due_at`
-# as it was (parked with it: put back, it is due). Returns the tries so far.
+# as it was (parked with it: put back, it is due). Only while it is due: a timer that another worker
+# found failing too and has already put off was tried once, not twice. Returns the tries so far.
 _NOTE_FAILURE = Statement(
     "UPDATE timers SET attempts = attempts + 1, due_at = CASE WHEN attempts + 1 < CAST(:max AS int) "
     "THEN CAST(:now AS timestamptz) "
     "+ make_interval(secs => CAST(:retry_s AS double precision) * power(2, attempts)) "
-    "ELSE due_at END WHERE id = CAST(:id AS bigint) RETURNING attempts, due_at"
+    "ELSE due_at END WHERE id = CAST(:id AS bigint) AND due_at <= CAST(:now AS timestamptz) "
+    "RETURNING attempts, due_at"
 )
 # After `timer_max_attempts` tries: out of the due timers, with why, and where it was (the instance's
 # journey, for the metric and the log). A row parked under the same id before (put back by hand with
@@ -178,8 +199,8 @@ async def note_timer_failure(
     max_attempts: int,
 ) -> TimerFailure | None:
     """Count a try of a timer that failed alone, and retry it later, or park it (`timers_parked`, with
-    the error) once it has failed `max_attempts` times; None when the timer is no longer there (fired,
-    or parked, by another worker meanwhile)."""
+    the error) once it has failed `max_attempts` times; None when the timer is no longer there or not
+    due (fired, parked or put off by another worker meanwhile)."""
     rows = await _NOTE_FAILURE.fetch(
         session, {"id": timer_id, "now": now, "retry_s": retry_s, "max": max_attempts}
     )
@@ -190,6 +211,24 @@ async def note_timer_failure(
         return TimerFailure(attempts, retry_at)
     parked = await _PARK.fetch(session, {"id": timer_id, "error": error, "now": now})
     return TimerFailure(attempts, None, parked[0][1], parked[0][2])
+
+
+# Timers of a batch taken for an outage (`JourneyEngine._failed_alone`): put off to `retry_s` from
+# now, no try counted, so that the timers due after them get their turn on the next passes (claimed
+# oldest first, they were claimed first again on every pass, and nothing behind them fired). Only
+# while due: one another worker has put off already keeps its time.
+_PUT_OFF = Statement(
+    "UPDATE timers SET due_at = CAST(:now AS timestamptz) "
+    "+ make_interval(secs => CAST(:retry_s AS double precision)) "
+    "WHERE id = ANY(CAST(:ids AS bigint[])) AND due_at <= CAST(:now AS timestamptz)"
+)
+
+
+async def put_off_timers(
+    session: AsyncSession, timer_ids: Sequence[int], now: datetime, retry_s: float
+) -> None:
+    """Try these due timers again `retry_s` from now, counting no try."""
+    await _PUT_OFF.execute(session, {"ids": list(timer_ids), "now": now, "retry_s": retry_s})
 
 
 async def journeys_of_instances(session: AsyncSession, instance_ids: Sequence[str]) -> dict[str, str]:
@@ -718,12 +757,14 @@ async def close_goal_windows(session: AsyncSession, journey_id: str) -> int:
 
 
 async def parked_timers(session: AsyncSession, journey_id: str) -> int:
-    """How many of the journey's timers are parked (`timers_parked`): customers held at a step."""
+    """How many of the journey's timers are parked (`timers_parked`): customers held at a step. Only
+    those the instance still waits on (active, at that step): a parked row outlives an instance that
+    moved on (a migration, an event) or exited (an archive), and holds nobody then."""
     return int(
         await session.scalar(
             text(
                 "SELECT count(*) FROM timers_parked AS p JOIN instances AS i ON i.id = p.instance_id "
-                "WHERE i.journey_id = :j"
+                "AND i.status = 'active' AND i.seq = p.seq WHERE i.journey_id = :j"
             ),
             {"j": journey_id},
         )
@@ -732,9 +773,13 @@ async def parked_timers(session: AsyncSession, journey_id: str) -> int:
 
 
 async def with_parked_timers(session: AsyncSession, instance_ids: Sequence[str]) -> set[str]:
-    """Of these instances, those with a parked timer."""
+    """Of these instances, those waiting on a parked timer (active, at the step it was armed for)."""
     rows = await session.execute(
-        text("SELECT DISTINCT instance_id FROM timers_parked WHERE instance_id = ANY(CAST(:ids AS text[]))"),
+        text(
+            "SELECT DISTINCT p.instance_id FROM timers_parked AS p JOIN instances AS i "
+            "ON i.id = p.instance_id AND i.status = 'active' AND i.seq = p.seq "
+            "WHERE p.instance_id = ANY(CAST(:ids AS text[]))"
+        ),
         {"ids": list(instance_ids)},
     )
     return {r[0] for r in rows}

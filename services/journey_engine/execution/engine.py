@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -1390,15 +1390,13 @@ class JourneyEngine:
             return exited
 
     async def finish_archives_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.archive_sweep_interval_s)
-            try:
-                if exited := await self.finish_archives():
-                    log.info("archived journeys' customers exited", extra={"instances": exited})
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("finishing archived journeys failed; retrying next round")
+        await _every(
+            self.settings.archive_sweep_interval_s,
+            self.finish_archives,
+            "archived journeys' customers exited",
+            "instances",
+            "finishing archived journeys failed; retrying next round",
+        )
 
     async def compact_counts(self) -> int:
         """Roll up the step counters of journeys that have piled up rows and forget expired goal
@@ -1420,15 +1418,13 @@ class JourneyEngine:
         return done
 
     async def compact_counts_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.counts_compact_interval_s)
-            try:
-                if compacted := await self.compact_counts():
-                    log.info("step counters compacted", extra={"journeys": compacted})
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("compacting step counters failed; retrying next round")
+        await _every(
+            self.settings.counts_compact_interval_s,
+            self.compact_counts,
+            "step counters compacted",
+            "journeys",
+            "compacting step counters failed; retrying next round",
+        )
 
     async def run_forever(self) -> None:
         """One timer worker: fire due timers in batches, resting only when nothing is due. Due
@@ -1484,3 +1480,19 @@ def _error_text(exc: BaseException) -> str:
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+async def _every(
+    interval_s: float, job: Callable[[], Awaitable[int]], done: str, counted: str, failed: str
+) -> None:
+    """Housekeeping of one replica at a time, every `interval_s`: `job` returns how many things it
+    did (logged when any); a failed round is logged and the next one goes on."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            if count := await job():
+                log.info(done, extra={counted: count})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(failed)

@@ -23,6 +23,7 @@ from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.clock import Clock
 from shared.contracts.topics import SEGMENT_MEMBERSHIP
+from shared.db.errors import sqlstate
 from shared.kafka.consumer import is_infrastructure_error
 from shared.privacy import erasure_gate
 from shared.runtime import Platform
@@ -56,22 +57,6 @@ def failure_text(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     cause = exc if orig is None else (orig.__cause__ or orig)
     return f"{type(cause).__name__}: {str(cause).partition(chr(10))[0]}"[:ERROR_CHARS]
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of the database error behind `exc` (wrapped by SQLAlchemy or not), if any."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        state = getattr(e, "sqlstate", None)
-        if isinstance(state, str):
-            return state
-        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
-    return None
 
 
 def failure_kind(exc: BaseException) -> str:

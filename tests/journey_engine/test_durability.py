@@ -22,6 +22,7 @@ from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
 from shared.clock import ManualClock
 from shared.db.engine import Statement
+from shared.db.errors import sqlstate as shared_sqlstate
 from tests.journey_engine.harness import ADMIN, START, engine_running
 from tests.journey_engine.test_timing_and_rules import linear
 from tests.support import eventually
@@ -327,7 +328,7 @@ async def test_a_passing_condition_of_the_database_parks_no_timer(
         for _ in range(h.settings.timer_max_attempts + 1):
             with pytest.raises(Exception) as exc:
                 await h.engine.run_once()
-            assert db_errors.sqlstate(exc.value) == sqlstate and db_errors.is_transient(exc.value)
+            assert shared_sqlstate(exc.value) == sqlstate and db_errors.is_transient(exc.value)
             h.clock.advance(timedelta(seconds=h.settings.timer_retry_s))
         assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts FROM timers")] == [(0,)]
         assert await h.scalar("SELECT count(*) FROM timers_parked") == 0

@@ -45,6 +45,7 @@ from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import projection
 from services.journey_engine.store import templates as template_store
 from services.journey_engine.store.journeys import JourneyRow
+from shared.db.errors import is_lock_timeout, set_lock_timeout
 from shared.http import ApiError, admin_guard, field_error
 from shared.runtime import Platform
 
@@ -322,7 +323,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
         try:
             return await change_status(journey_id, action)
         except DBAPIError as exc:
-            if not journey_store.is_lock_timeout(exc):
+            if not is_lock_timeout(exc):
                 raise
             raise ApiError(
                 503,
@@ -344,7 +345,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 # Entries in flight commit first (archive exits them with the rest); none after. Not
                 # for long: every consumer batch that may enter customers waits behind this request
                 # while it waits (for the gate, then for the journey's row).
-                await journey_store.set_lock_timeout(uow.session, STATUS_LOCK_TIMEOUT_MS)
+                await set_lock_timeout(uow.session, STATUS_LOCK_TIMEOUT_MS)
                 await journey_store.hold_entries(uow.session)
             row = await load(uow.session, journey_id, for_update=True)
             check_transition(row, action)  # changed meanwhile

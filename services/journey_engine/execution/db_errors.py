@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+from shared.db.errors import sqlstate
 from shared.kafka.consumer import is_infrastructure_error
 
 # By SQLSTATE: what a second try, later, may not meet. A deadlock (an erasure locks instances, then
@@ -15,23 +16,6 @@ from shared.kafka.consumer import is_infrastructure_error
 # (class 58: I/O).
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 TRANSIENT_CLASSES = ("53", "58")
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE of a database error: straight from asyncpg (the `Statement`s), or wrapped by
-    SQLAlchemy (`orig`, the adapted error, whose cause is asyncpg's)."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        state = getattr(e, "sqlstate", None)
-        if isinstance(state, str) and len(state) == 5:
-            return state
-        todo += [n for n in (getattr(e, "orig", None), e.__cause__) if isinstance(n, BaseException)]
-    return None
 
 
 def is_transient(exc: BaseException) -> bool:

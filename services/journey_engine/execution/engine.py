@@ -85,6 +85,7 @@ from shared.contracts.events import (
     SegmentMembershipChanged,
 )
 from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS
+from shared.db.errors import sqlstate
 from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
 from shared.privacy import erasure_gate
@@ -990,7 +991,7 @@ class JourneyEngine:
                     raise
                 log.info(
                     "timer unit of work met a transient database condition; retrying",
-                    extra={"sqlstate": db_errors.sqlstate(exc), "attempt": attempt},
+                    extra={"sqlstate": sqlstate(exc), "attempt": attempt},
                 )
                 await asyncio.sleep(db_errors.backoff(TRANSIENT_PAUSE_S, attempt, 1.0))
         raise AssertionError("unreachable")

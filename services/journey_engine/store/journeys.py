@@ -84,19 +84,6 @@ async def hold_entries(session: AsyncSession) -> None:
     await session.execute(text(f"SELECT pg_advisory_xact_lock({ENTRY_GATE})"))
 
 
-async def set_lock_timeout(session: AsyncSession, ms: int) -> None:
-    """For the rest of this transaction, a lock not granted within `ms` raises (SQLSTATE 55P03)."""
-    await session.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{int(ms)}ms"})
-
-
-def is_lock_timeout(exc: BaseException) -> bool:
-    orig = getattr(exc, "orig", None)
-    for candidate in (orig, getattr(orig, "__cause__", None)):
-        if getattr(candidate, "sqlstate", None) == "55P03":
-            return True
-    return False
-
-
 async def list_all(session: AsyncSession) -> list[JourneyRow]:
     rows = await session.execute(text(f"SELECT {_COLUMNS} FROM journeys ORDER BY created_at, id"))
     return [JourneyRow(*r) for r in rows]

@@ -29,6 +29,7 @@ from services.segmenter.reevaluation import fill_snapshots
 from services.segmenter.runtime import Segmenter
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
+from shared.db.errors import is_lock_timeout, set_lock_timeout
 from shared.http import ApiError, admin_guard, field_error
 
 # How long a deletion waits for the segment's row (see `delete_segment`) before answering 503.
@@ -229,7 +230,7 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 # the event batches writing its memberships have committed (their memberships are
                 # removed below), and later ones skip it. Bounded: a segment every batch writes may be
                 # share-locked back to back for a while.
-                await segment_store.set_lock_timeout(uow.session, DELETE_LOCK_TIMEOUT_MS)
+                await set_lock_timeout(uow.session, DELETE_LOCK_TIMEOUT_MS)
                 row = await segment_store.get_segment(uow.session, segment_id, lock="FOR UPDATE")
                 if row is None:
                     raise ApiError(404, "not_found", f"no segment {segment_id!r}")
@@ -246,7 +247,7 @@ def segments_router(seg: Segmenter) -> APIRouter:
                     )
                 await segment_store.hide_segment(uow.session, segment_id, row["name"], seg.clock.now())
         except DBAPIError as exc:
-            if not segment_store.is_lock_timeout(exc):
+            if not is_lock_timeout(exc):
                 raise
             raise ApiError(
                 503,

@@ -106,19 +106,6 @@ async def restart_backfill(session: AsyncSession, segment_ids: Iterable[str], no
     )
 
 
-async def set_lock_timeout(session: AsyncSession, ms: int) -> None:
-    """For the rest of this transaction, a row lock not granted within `ms` raises (SQLSTATE 55P03)."""
-    await session.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{int(ms)}ms"})
-
-
-def is_lock_timeout(exc: BaseException) -> bool:
-    orig = getattr(exc, "orig", None)
-    for candidate in (orig, getattr(orig, "__cause__", None)):
-        if getattr(candidate, "sqlstate", None) == "55P03":
-            return True
-    return False
-
-
 async def hide_segment(session: AsyncSession, segment_id: str, name: str, now: datetime) -> None:
     """A deletion's first, short transaction: the segment's row goes (the catalogue, the API and
     real-time membership writes no longer see it) and a `segment_deletions` row takes its place until

@@ -133,6 +133,9 @@ class ScriptedSmtp:
     # Advertised in the EHLO answer (when `answers` has no EHLO).
     extensions: tuple[str, ...] = ("8BITMIME",)
     answers: dict[str, str] = field(default_factory=dict)
+    # Closes the connection instead of answering `DATA` (before its 354) or `DATA.` (the body read,
+    # before its answer): a relay restarting or dropping us mid-conversation.
+    hangs_up_at: str | None = None
     commands: list[bytes] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -178,10 +181,14 @@ class ScriptedSmtp:
                         await say(f"250{' ' if n == len(lines) - 1 else '-'}{text}")
                     continue
                 if verb == "DATA":
+                    if self.hangs_up_at == "DATA":
+                        return
                     answer = self.answers.get("DATA", "354 go ahead")
                     await say(answer)
                     if answer.startswith("354"):
                         self.messages.append(await reader.readuntil(b"\r\n.\r\n"))
+                        if self.hangs_up_at == "DATA.":
+                            return
                         await say(self.answers.get("DATA.", "250 2.0.0 queued"))
                     continue
                 if verb == "QUIT":

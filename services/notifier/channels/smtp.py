@@ -8,6 +8,9 @@ from email.utils import parseaddr
 
 import aiosmtplib
 from aiosmtplib.email import parse_address
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from aiosmtplib.response import SMTPResponse
+from aiosmtplib.typing import SMTPStatus
 
 from services.notifier.channels.base import BeforeCall, CallProgress, Delivery, SendAborted, SendResult
 from services.notifier.domain.retry_policy import Failure
@@ -134,7 +137,8 @@ class SmtpProvider:
                 raise
         return client
 
-    # Marks `progress` right before DATA, its point of no return (see `router.ProviderRouter.send`).
+    # Marks `progress` once DATA is answered 354, right before the message body: its point of no
+    # return (see `router.ProviderRouter.send`).
     marks_progress = True
 
     async def send(
@@ -144,8 +148,8 @@ class SmtpProvider:
         progress: CallProgress | None = None,
     ) -> SendResult:
         """`before_data` runs before DATA (overlapping MAIL FROM and RCPT TO), and `progress` is marked
-        right before it: connecting, MAIL FROM and RCPT TO cannot deliver the message, so an error
-        before that point leaves nothing ambiguous."""
+        once DATA is answered 354, right before the body: connecting, MAIL FROM, RCPT TO and DATA
+        itself cannot deliver the message, so an error before that point leaves nothing ambiguous."""
         assert delivery.email is not None
         try:
             envelope = (_envelope(delivery.email.envelope_from), _envelope(delivery.to))
@@ -200,7 +204,7 @@ class SmtpProvider:
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 self._close(client)
                 if progress is not None and progress.may_have_sent:
-                    # Once DATA started, the server may have taken the message (the answer to its end
+                    # Once the body went out, the server may have taken the message (the answer to its end
                     # is what got lost): no failure to retry or fail over from. The router reports the
                     # outcome unknown, and counts it.
                     raise
@@ -263,14 +267,44 @@ class SmtpProvider:
             await SmtpProvider._reset(client)
         if envelope_error is not None:
             raise envelope_error
-        # The point of no return: from DATA on, the server may take the message whatever we see of it.
-        if progress is not None:
-            progress.sending()
         try:
-            return (await client.data(wire)).message
+            return (await SmtpProvider._data(client, wire, progress)).message
         except aiosmtplib.SMTPResponseException:
             await SmtpProvider._reset(client)
             raise
+
+    @staticmethod
+    async def _data(client: aiosmtplib.SMTP, wire: bytes, progress: CallProgress | None) -> SMTPResponse:
+        """aiosmtplib's `SMTP.data` (5.1.3: `SMTPProtocol.execute_data_command`), split at the 354 to
+        mark `progress` there, the point of no return: a relay that closes or times out on `DATA`
+        itself (a restart, overload) never got the body, so that stays a transient failure, retried
+        and failed over. Same replies, errors and timeouts as `data`: a refusal of `DATA` or of the
+        message is `SMTPDataError`; a connection lost or timed out closes the client."""
+        # EHLO was said before MAIL FROM (aiosmtplib's `mail`), as `data` would otherwise do.
+        start = await client.execute_command(b"DATA")  # closes the client on a disconnect or timeout
+        if start.code != SMTPStatus.start_input:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        # The point of no return: once the body goes out, the server may take the message whatever
+        # we see of its answer.
+        if progress is not None:
+            progress.sending()
+        # As `execute_data_command` writes it: line endings made CRLF, leading dots doubled, the end.
+        message = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(wire)) + b".\r\n"
+        protocol = client.protocol
+        try:
+            lock = protocol._command_lock if protocol is not None else None
+            if protocol is None or lock is None:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            async with lock:
+                protocol._response_pending = True  # a reply is expected (see `execute_command`)
+                protocol.write(message)
+                response = await protocol.read_response(timeout=client.timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            client.close()
+            raise
+        if response.code != SMTPStatus.completed:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
 
     @staticmethod
     async def _reset(client: aiosmtplib.SMTP) -> None:

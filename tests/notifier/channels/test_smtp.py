@@ -104,9 +104,20 @@ async def test_a_refusal_before_any_recipient_is_the_servers_not_a_bounce(
         ({"RCPT": "450 4.2.0 greylisted"}, Failure.TRANSIENT, None),
         ({"DATA.": "554 5.7.1 message refused as spam"}, Failure.BOUNCE, None),
         ({"DATA.": "552 5.3.4 message too big"}, Failure.PERMANENT, None),
+        ({"DATA": "554 5.5.1 no valid recipients"}, Failure.BOUNCE, None),
+        ({"DATA": "451 4.3.0 try again later"}, Failure.TRANSIENT, None),
         ({"MAIL": "552 5.3.4 message size exceeds fixed limit"}, Failure.PERMANENT, None),
     ],
-    ids=["rcpt_gone", "rcpt_policy", "rcpt_later", "data_spam", "data_size", "mail_from_size"],
+    ids=[
+        "rcpt_gone",
+        "rcpt_policy",
+        "rcpt_later",
+        "data_spam",
+        "data_size",
+        "data_command",
+        "data_command_later",
+        "mail_from_size",
+    ],
 )
 async def test_refusals_of_the_recipient_or_message_keep_their_meaning(
     scripted: list[ScriptedSmtp], answers: dict[str, str], failure: Failure, gone: str | None
@@ -373,7 +384,7 @@ async def test_a_no_break_space_around_the_address_is_not_sent(scripted: list[Sc
 
 
 # Unexpected errors (a bug, ours or aiosmtplib's) by when they come: before DATA nothing was handed
-# over, so the message is retried and failed over; from DATA on the server may have it.
+# over, so the message is retried and failed over; once DATA is answered 354 the server may have it.
 
 
 @pytest.mark.parametrize("verb", ["mail", "rcpt"])
@@ -430,13 +441,13 @@ async def test_an_unexpected_error_once_data_started_is_outcome_unknown(
         smtp("smtp_backup", backup_server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4
     )
     router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
-    original = aiosmtplib.SMTP.data
+    original = SmtpProvider._data
 
-    async def answer_lost(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
-        await original(self, *args, **kwargs)
+    async def answer_lost(*args: Any) -> Any:
+        await original(*args)
         raise RuntimeError("the answer was lost")
 
-    monkeypatch.setattr(aiosmtplib.SMTP, "data", answer_lost)
+    monkeypatch.setattr(SmtpProvider, "_data", staticmethod(answer_lost))
     name, result = await router.send(delivery(), nothing)
     assert (name, result.failure) == ("smtp", Failure.PERMANENT)
     assert result.reason is not None and result.reason.startswith("outcome unknown: smtp: RuntimeError")
@@ -475,25 +486,18 @@ async def test_a_message_that_cannot_be_encoded_fails_at_once_unsent(scripted: l
     await router.close()
 
 
-async def test_a_connection_lost_once_data_started_is_outcome_unknown(
-    scripted: list[ScriptedSmtp], monkeypatch: pytest.MonkeyPatch
+async def test_a_connection_lost_once_the_body_went_out_is_outcome_unknown(
+    scripted: list[ScriptedSmtp],
 ) -> None:
-    """The server had the message when the connection dropped or timed out waiting for its answer:
-    retried and failed over, the customer could get it twice."""
-    server = await start(scripted)
+    """The server had the message when the connection dropped before its answer: retried and failed
+    over, the customer could get it twice."""
+    server = await start(scripted, hangs_up_at="DATA.")
     backup_server = await start(scripted)
     primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
     backup = GuardedProvider(
         smtp("smtp_backup", backup_server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4
     )
     router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
-    original = aiosmtplib.SMTP.data
-
-    async def answer_lost(self: aiosmtplib.SMTP, *args: Any, **kwargs: Any) -> Any:
-        await original(self, *args, **kwargs)
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-
-    monkeypatch.setattr(aiosmtplib.SMTP, "data", answer_lost)
     name, result = await router.send(delivery(), nothing)
     assert (name, result.failure) == ("smtp", Failure.PERMANENT)
     assert result.reason is not None
@@ -501,3 +505,56 @@ async def test_a_connection_lost_once_data_started_is_outcome_unknown(
     assert len(server.messages) == 1 and not backup_server.commands
     assert primary.breaker.is_open
     await router.close()
+
+
+async def test_a_connection_lost_on_data_before_its_354_fails_over(scripted: list[ScriptedSmtp]) -> None:
+    """A relay restarting (or overloaded) as DATA went out never got the body: this was "outcome
+    unknown", failed for good, when the point of no return was DATA itself rather than its 354."""
+    server = await start(scripted, hangs_up_at="DATA")
+    backup_server = await start(scripted)
+    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(5, 60), TokenBucket(1000, 1000), 4)
+    backup = GuardedProvider(
+        smtp("smtp_backup", backup_server.port), CircuitBreaker(5, 60), TokenBucket(1000, 1000), 4
+    )
+    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    name, result = await router.send(delivery(), nothing)
+    assert (name, result.ok) == ("smtp_backup", True), result.reason
+    assert "DATA" in server.verbs() and not server.messages
+    assert len(backup_server.messages) == 1
+    await router.close()
+    # Alone, it is retried (transient), nothing lost.
+    alone = ProviderRouter({Channel.EMAIL: [primary]}, [primary])
+    name, result = await alone.send(delivery(message_id="m2"), nothing)
+    assert (name, result.failure) == ("smtp", Failure.TRANSIENT), result.reason
+    assert result.reason is not None and "SMTPServerDisconnected" in result.reason
+    await alone.close()
+
+
+async def test_the_body_goes_out_as_aiosmtplib_wrote_it() -> None:
+    """Lines starting with a dot are doubled on the wire (and undone by the server), bare line
+    endings made CRLF: the body written after the 354 is `SMTP.data`'s."""
+    sink = await MailSink.start()
+    try:
+        provider = smtp("smtp", sink.port)
+        text = ".hidden\n.\nend\rlast"
+        email_ = build_email(
+            message_id="m1",
+            sender="CLM <noreply@clm.local>",
+            to="ann@example.com",
+            subject="Dots",
+            text=text,
+            body_html="<p>x</p>",
+            unsubscribe_url=None,
+            sent_at_epoch=0,
+        )
+        result = await provider.send(
+            Delivery("m1", "c1", Channel.EMAIL, "ann@example.com", {}, email_), nothing
+        )
+        assert (result.ok, result.reason) == (True, "Message accepted")  # the final reply's text
+        [mail] = sink.messages
+        plain = mail.message.get_body(("plain",))
+        assert plain is not None
+        assert plain.get_content().replace("\r\n", "\n").startswith(".hidden\n.\nend\nlast")
+        await provider.close()
+    finally:
+        await sink.stop()

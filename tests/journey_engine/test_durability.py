@@ -371,6 +371,72 @@ async def test_a_batch_whose_every_timer_fails_in_several_journeys_is_taken_for_
         assert {r.status for j in (first, second) for r in await h.instances(j)} == {"exited"}
 
 
+async def test_stale_timers_firing_as_no_ops_do_not_tell_a_release_that_fails_every_step_from_broken_journeys(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale timer (its instance moved on: every wait whose event came leaves one) fires as a
+    no-op, stepping nothing: neither in the probe of other journeys nor in the batch itself does it
+    say that steps work. With every step failing, nothing is counted or parked. (Before, one such
+    timer made the engine count tries on every failing timer and park them within minutes.)"""
+    async with engine_running(make_settings, timer_batch_size=6) as h:
+        a = await h.journey(DELAYED)
+        b = await h.journey(DELAYED)
+        for i in range(3):
+            await h.track(f"c{i}", "Signed Up", wait=False)
+        await h.processed("events")
+        h.clock.advance(timedelta(minutes=1))
+        c = await h.journey(DELAYED | {"name": "Other"})
+        await h.track("s", "Signed Up", wait=False)  # enters A, B and C, a minute later
+        await h.processed("events")
+
+        async def move_on(customer: str, journey: str) -> None:
+            async with h.platform.engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE instances SET seq = seq + 1 WHERE customer_id = :c AND journey_id = :j"),
+                    {"c": customer, "j": journey},
+                )
+
+        await move_on("s", c)  # C's only timer is stale
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("every step fails (a broken release)")
+
+        monkeypatch.setattr(h.engine, "_react", broken)
+        retry_s = h.settings.timer_retry_s
+
+        async def untried() -> None:
+            assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts FROM timers")] == [(0,)]
+
+        # The probe past the oldest batch (A's and B's c0-c2) finds C's stale timer only: an outage.
+        h.clock.advance(timedelta(hours=1))
+        with pytest.raises(TimersFailing, match="all 6 timers of the batch failed alone, in 2 journeys"):
+            await h.engine.run_once()
+        h.clock.advance(timedelta(seconds=1))  # s's timers are put off a second after the others
+        with pytest.raises(TimersFailing, match="all 2 timers of the batch failed alone, in 2 journeys"):
+            await h.engine.run_once()
+        await untried()
+        assert await h.scalar("SELECT count(*) FROM timers") == 8
+
+        # A stale timer in the batch itself (c0 moved on in A) fires as a no-op: an outage still.
+        await move_on("c0", a)
+        for _ in range(h.settings.timer_max_attempts + 1):
+            h.clock.advance(timedelta(seconds=retry_s - 1))
+            with pytest.raises(TimersFailing, match="of the batch failed alone, in 2 journeys"):
+                await h.engine.run_once()
+            h.clock.advance(timedelta(seconds=1))
+            with pytest.raises(TimersFailing, match="all 2 timers of the batch failed alone, in 2 journeys"):
+                await h.engine.run_once()
+            await untried()
+        assert await h.scalar("SELECT count(*) FROM timers") == 7
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 0
+        monkeypatch.undo()
+        h.clock.advance(timedelta(seconds=retry_s))
+        assert await h.fire_due() == 7
+        assert {
+            r.status for j in (a, b) for r in await h.instances(j) if (r.customer_id, j) != ("c0", a)
+        } == {"exited"}
+
+
 async def test_a_timer_that_cannot_be_recorded_or_was_parked_before_holds_back_no_other(
     make_settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

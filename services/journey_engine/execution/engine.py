@@ -97,8 +97,9 @@ INSTANCE_NAMESPACE = uuid.UUID("6f1c2a52-4d0e-4c7e-9a51-0b8f3d7e2c11")
 
 class TimersFailing(Exception):
     """Every timer of a batch failed alone, in more than one journey, and no due timer of another
-    journey fired: taken for an outage (`JourneyEngine._failed_alone`), nothing counted toward
-    parking; the timers are put off to their retry time, the later ones get their turn."""
+    journey stepped its instance: taken for an outage (`JourneyEngine._failed_alone`), nothing
+    counted toward parking; the timers are put off to their retry time, the later ones get their
+    turn."""
 
 
 class CustomersMoved(Exception):
@@ -169,6 +170,16 @@ def instance_view(row: InstanceRow) -> InstanceView:
         context=row.context,
         wait=row.wait,
     )
+
+
+@dataclass(frozen=True)
+class Fired:
+    """What a unit of work of timers fired: every timer it claimed (`timers`), and those of them
+    that stepped a live instance (`stepped`). A stale timer (its instance moved on, exited or was
+    erased) fires as a no-op: it says nothing of whether steps work."""
+
+    timers: list[ClaimedTimer]
+    stepped: list[ClaimedTimer]
 
 
 @dataclass
@@ -962,7 +973,7 @@ class JourneyEngine:
     async def _timers(self, claimed: list[ClaimedTimer]) -> list[ClaimedTimer]:
         """One pass over due timers (`run_once`): those fired; `claimed` receives the batch."""
         try:
-            return await self._unit(claimed)
+            return (await self._unit(claimed)).timers
         except Exception as exc:
             if isinstance(exc, InstanceConflict) or db_errors.is_passing(exc) or not claimed:
                 raise
@@ -972,14 +983,14 @@ class JourneyEngine:
                 extra={"size": len(claimed), "error": _error_text(exc)},
             )
             fired, failed = await self._isolate(sorted(claimed, key=lambda t: (t.due_at, t.id)), exc)
-            return fired + await self._failed_alone(fired, failed)
+            return fired.timers + await self._failed_alone(fired.stepped, failed)
 
     async def _unit(
         self,
         claimed: list[ClaimedTimer],
         ids: Sequence[int] | None = None,
         other_than: Sequence[str] | None = None,
-    ) -> list[ClaimedTimer]:
+    ) -> Fired:
         """`_fire`, tried again after a short, growing pause when a transient condition of the
         database failed it (a deadlock with an erasure, say); raised after `TRANSIENT_TRIES`."""
         for attempt in range(1, TRANSIENT_TRIES + 1):
@@ -1001,12 +1012,14 @@ class JourneyEngine:
         claimed: list[ClaimedTimer],
         ids: Sequence[int] | None = None,
         other_than: Sequence[str] | None = None,
-    ) -> list[ClaimedTimer]:
+    ) -> Fired:
         """Claim due timers (or these `ids`, those still there and due; or those of journeys other
-        than these) and step their instances in one unit of work; the timers fired. `claimed`
+        than these) and step their instances in one unit of work; the timers fired, and those of
+        them that stepped a live instance (only those say steps work: `_failed_alone`). `claimed`
         receives them as soon as they are claimed: what a failed unit of work had taken, to take
         apart."""
         now = self.clock.now()
+        stepped: list[ClaimedTimer] = []
         async with self.platform.unit_of_work() as uow:
             session = uow.session
             batch_size = self.settings.timer_batch_size if ids is None else len(ids)
@@ -1041,38 +1054,41 @@ class JourneyEngine:
                 )
                 customers = {cid: customer_view(rec) for cid, rec in records.items()}
                 writer = StepWriter(now)
+                reacted: set[tuple[str, int]] = set()
                 for row in live.values():
                     if row.id in archived:
                         self._archived(writer, row)
                         continue
+                    seq = row.seq  # the step moves it on
                     await self._react(uow, writer, row, customers[row.customer_id], TimerFired(), now)
+                    reacted.add((row.id, seq))
                 await writer.flush(session)
-        return list(claimed)
+                stepped = [t for t in claimed if (t.instance_id, t.seq) in reacted]
+        return Fired(list(claimed), stepped)
 
     async def _isolate(
         self, timers: list[ClaimedTimer], error: Exception
-    ) -> tuple[list[ClaimedTimer], list[tuple[ClaimedTimer, Exception]]]:
+    ) -> tuple[Fired, list[tuple[ClaimedTimer, Exception]]]:
         """Find the failing timers of a unit of work that failed with `error` by halves, as the
         consumers find a poison message (`shared.kafka.consumer`): a part that succeeds is done in
         one unit of work, a failing one is split again, down to single timers. One failing timer in a
         batch of 500 costs ~20 units of work. (the timers fired, those that failed alone with why)."""
+        fired = Fired([], [])
         if len(timers) == 1:
-            return [], [(timers[0], error)]
+            return fired, [(timers[0], error)]
         middle = len(timers) // 2
-        fired: list[ClaimedTimer] = []
         failed: list[tuple[ClaimedTimer, Exception]] = []
         for part in (timers[:middle], timers[middle:]):
             done, failure = await self._try(part)
-            if failure is None:
-                fired += done
-                continue
-            more, alone = await self._isolate(part, failure)
-            fired += more
-            failed += alone
+            if failure is not None:
+                done, alone = await self._isolate(part, failure)
+                failed += alone
+            fired.timers.extend(done.timers)
+            fired.stepped.extend(done.stepped)
         return fired, failed
 
-    async def _try(self, timers: list[ClaimedTimer]) -> tuple[list[ClaimedTimer], Exception | None]:
-        """Fire these timers (those still there) in one unit of work: (fired, None), or ([], the
+    async def _try(self, timers: list[ClaimedTimer]) -> tuple[Fired, Exception | None]:
+        """Fire these timers (those still there) in one unit of work: (fired, None), or (none, the
         error) when it failed for a reason of its own (an outage or a transient condition is raised)."""
         while True:
             try:
@@ -1083,17 +1099,19 @@ class JourneyEngine:
                 if db_errors.is_passing(exc):
                     raise
                 TIMER_ERRORS.inc()
-                return [], exc
+                return Fired([], []), exc
 
     async def _failed_alone(
-        self, fired: list[ClaimedTimer], failed: list[tuple[ClaimedTimer, Exception]]
+        self, stepped: list[ClaimedTimer], failed: list[tuple[ClaimedTimer, Exception]]
     ) -> list[ClaimedTimer]:
         """Count a try for each timer that failed alone: it is tried again `timer_retry_s` later
         (doubled each time), and parked once it has failed `timer_max_attempts` times. When no timer
-        of the batch fired and those that failed wait in more than one journey, the due timers of
-        the other journeys are tried (`_probe`; those fired are returned). If none fires either (none
-        due, or they fail too), it is taken for an outage (the engine or the database, not a
-        journey's step: a release that fails every step, a condition `db_errors` does not know):
+        of the batch stepped a live instance (`stepped`: a stale timer fires as a no-op, which says
+        nothing of whether steps work) and those that failed wait in more than one journey, the due
+        timers of the other journeys are tried (`_probe`; those fired are returned). If none of them
+        steps a live instance either (none due, only stale ones, or they fail too), it is taken for
+        an outage (the engine or the database, not a journey's step: a release that fails every
+        step, a condition `db_errors` does not know):
         nothing is counted, the failed timers are put off `timer_retry_s` (so that the timers due
         after them get their turn: they would be claimed first again on every pass) and
         `TimersFailing` is raised, for the loop's backoff; no customer's timer is parked for it. A
@@ -1103,9 +1121,9 @@ class JourneyEngine:
         later timer.)"""
         if not failed:
             return []
-        probed: list[ClaimedTimer] = []
+        probed = Fired([], [])
         outage: TimersFailing | None = None
-        if not fired and len(failed) > 1:
+        if not stepped and len(failed) > 1:
             async with self.platform.unit_of_work() as uow:
                 journeys = set(
                     (
@@ -1116,7 +1134,7 @@ class JourneyEngine:
                 )
             if len(journeys) > 1:
                 probed = await self._probe(journeys)
-                if not probed:
+                if not probed.stepped:
                     failed, outage = await self._outage(journeys, failed)
         for timer, failure in failed:
             try:
@@ -1131,7 +1149,7 @@ class JourneyEngine:
                 )
         if outage is not None:
             raise outage
-        return probed
+        return probed.timers
 
     async def _outage(
         self, journeys: set[str], failed: list[tuple[ClaimedTimer, Exception]]
@@ -1165,11 +1183,12 @@ class JourneyEngine:
         error.__cause__ = failed[0][1]
         return count, error
 
-    async def _probe(self, journeys: set[str]) -> list[ClaimedTimer]:
+    async def _probe(self, journeys: set[str]) -> Fired:
         """After a batch whose every timer failed alone in these journeys: fire a batch of the due
         timers of the other journeys, in one unit of work; those fired (none: none was due, or that
-        batch failed too, left due as it was). One fired says the engine and the database work: the
-        failures are those journeys' own."""
+        batch failed too, left due as it was). One that stepped a live instance says the engine and
+        the database work: the failures are those journeys' own. Stale ones only (no-ops) say
+        nothing: as if none had fired."""
         while True:
             try:
                 return await self._unit([], other_than=sorted(journeys))
@@ -1183,7 +1202,7 @@ class JourneyEngine:
                     "timers of other journeys failed too, after a batch failed in several",
                     extra={"journeys": sorted(journeys), "error": _error_text(exc)},
                 )
-                return []
+                return Fired([], [])
 
     async def _count_failure(self, timer: ClaimedTimer, failure: Exception) -> None:
         """One more try counted on the timer's row: retried later, or parked (`timers_parked`, with

@@ -14,6 +14,8 @@ from services.segmenter.domain.catalog import (
     cycle_through,
     dependency_order,
 )
+from services.segmenter.domain.compiled import compile_predicate
+from services.segmenter.domain.evaluation import evaluate
 from services.segmenter.domain.rules import (
     InvalidRule,
     LastPerformedCondition,
@@ -24,6 +26,7 @@ from services.segmenter.domain.rules import (
     references,
     rule_to_json,
 )
+from tests.segmenter.domain.test_evaluation import NOW, profile
 
 
 def errors(definition: Any) -> list[tuple[str, str]]:
@@ -236,7 +239,11 @@ def test_each_end_of_a_window_out_of_range_is_named() -> None:
     ],
 )
 def test_any_date_a_datetime_holds_in_utc_is_accepted(definition: Any) -> None:
-    parse_rule(definition)
+    rule = parse_rule(definition)
+    # Accepted means usable: the reference and the compiled evaluator decide it, and agree, for a
+    # profile holding such dates (the SQL form is compared in tests/segmenter/test_sql_rules_agree.py).
+    p = profile(valid_until="9999-12-31T00:00:00Z", founded="1700-01-01", d="5000-01-01T00:00:00Z")
+    assert evaluate(rule, p, NOW) == compile_predicate(rule)(p, NOW)
 
 
 def test_member_of_nodes_are_named_by_the_paths_check_rule_gives() -> None:

@@ -197,8 +197,13 @@ class SmtpProvider:
                 return SendResult.failed(_message_failure(exc.code), f"SMTP {exc.code}: {exc.message}")
             except aiosmtplib.SMTPResponseException as exc:
                 self._close(client)
-                # Before any recipient (the greeting, EHLO, STARTTLS, AUTH, MAIL FROM): the server, not
-                # this message or its address. (MAIL FROM's RSET was sent; a fresh connection is simpler.)
+                if progress is not None and progress.may_have_sent:
+                    # A final reply that cannot be read (garbled, past aiosmtplib's 32 KB) after the
+                    # body went out: the server may have taken the message. Outcome unknown (router).
+                    raise
+                # Before any recipient (the greeting, EHLO, STARTTLS, AUTH, MAIL FROM), or DATA
+                # itself refused before its 354: the server, not this message or its address. (MAIL
+                # FROM's RSET was sent; a fresh connection is simpler.)
                 stage = "sender refused" if isinstance(exc, aiosmtplib.SMTPSenderRefused) else "refused"
                 return SendResult.failed(_server_failure(exc), f"SMTP {stage}: {exc.code} {exc.message}")
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -278,12 +283,14 @@ class SmtpProvider:
         """aiosmtplib's `SMTP.data` (5.1.3: `SMTPProtocol.execute_data_command`), split at the 354 to
         mark `progress` there, the point of no return: a relay that closes or times out on `DATA`
         itself (a restart, overload) never got the body, so that stays a transient failure, retried
-        and failed over. Same replies, errors and timeouts as `data`: a refusal of `DATA` or of the
+        and failed over. Same replies, errors and timeouts as `data`, but for a refusal of `DATA`
+        itself: the server has seen no body, so it refuses us, not the message (a plain
+        `SMTPResponseException`, judged as the refusals before any recipient); a refusal of the
         message is `SMTPDataError`; a connection lost or timed out closes the client."""
         # EHLO was said before MAIL FROM (aiosmtplib's `mail`), as `data` would otherwise do.
         start = await client.execute_command(b"DATA")  # closes the client on a disconnect or timeout
         if start.code != SMTPStatus.start_input:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
+            raise aiosmtplib.SMTPResponseException(start.code, start.message)
         # The point of no return: once the body goes out, the server may take the message whatever
         # we see of its answer.
         if progress is not None:

@@ -104,7 +104,8 @@ async def test_a_refusal_before_any_recipient_is_the_servers_not_a_bounce(
         ({"RCPT": "450 4.2.0 greylisted"}, Failure.TRANSIENT, None),
         ({"DATA.": "554 5.7.1 message refused as spam"}, Failure.BOUNCE, None),
         ({"DATA.": "552 5.3.4 message too big"}, Failure.PERMANENT, None),
-        ({"DATA": "554 5.5.1 no valid recipients"}, Failure.BOUNCE, None),
+        # DATA itself refused, before its 354: no body seen, so the server refuses us (it fails over).
+        ({"DATA": "554 5.7.1 data command rejected by policy"}, Failure.PROVIDER, None),
         ({"DATA": "451 4.3.0 try again later"}, Failure.TRANSIENT, None),
         ({"MAIL": "552 5.3.4 message size exceeds fixed limit"}, Failure.PERMANENT, None),
     ],
@@ -504,6 +505,25 @@ async def test_a_connection_lost_once_the_body_went_out_is_outcome_unknown(
     assert result.reason.startswith("outcome unknown: smtp: SMTPServerDisconnected")
     assert len(server.messages) == 1 and not backup_server.commands
     assert primary.breaker.is_open
+    await router.close()
+
+
+async def test_an_unreadable_final_reply_once_the_body_went_out_is_outcome_unknown(
+    scripted: list[ScriptedSmtp],
+) -> None:
+    """A garbled answer to the body (a broken relay or proxy) is no refusal: the server may have
+    queued the message. It was taken for a refusal of us and failed over: sent twice."""
+    server = await start(scripted, answers={"DATA.": "garbled, no reply code"})
+    backup_server = await start(scripted)
+    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(5, 60), TokenBucket(1000, 1000), 4)
+    backup = GuardedProvider(
+        smtp("smtp_backup", backup_server.port), CircuitBreaker(5, 60), TokenBucket(1000, 1000), 4
+    )
+    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    name, result = await router.send(delivery(), nothing)
+    assert (name, result.failure) == ("smtp", Failure.PERMANENT)
+    assert result.reason is not None and result.reason.startswith("outcome unknown: smtp:"), result.reason
+    assert len(server.messages) == 1 and not backup_server.commands
     await router.close()
 
 

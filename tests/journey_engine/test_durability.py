@@ -259,11 +259,11 @@ async def test_a_step_that_fails_once_is_not_parked(
         react, failed = h.engine._react, []
         deadlock = raises_in_the_database("40P01")
 
-        async def fails_once(uow: Any, writer: Any, row: Any, *args: Any) -> None:
+        async def fails_once(uow: Any, writer: Any, row: Any, *args: Any) -> bool:
             if row.customer_id == "c3" and not failed:
                 failed.append(row.id)
                 await deadlock(uow)
-            await react(uow, writer, row, *args)
+            return await react(uow, writer, row, *args)
 
         monkeypatch.setattr(h.engine, "_react", fails_once)
         errors = REGISTRY.get_sample_value("clm_journey_timer_errors_total") or 0.0
@@ -282,10 +282,10 @@ async def test_a_step_that_fails_once_is_not_parked(
         await h.processed("events")
         broken = [True]
 
-        async def bug_for_a_while(uow: Any, writer: Any, row: Any, *args: Any) -> None:
+        async def bug_for_a_while(uow: Any, writer: Any, row: Any, *args: Any) -> bool:
             if row.customer_id == "c11" and broken[0]:
                 raise RuntimeError("a bug that a later try does not meet")
-            await react(uow, writer, row, *args)
+            return await react(uow, writer, row, *args)
 
         monkeypatch.setattr(h.engine, "_react", bug_for_a_while)
         h.clock.advance(timedelta(hours=1))
@@ -459,10 +459,10 @@ async def test_a_timer_that_cannot_be_recorded_or_was_parked_before_holds_back_n
                 {"id": timers[ids["c1"]], "i": ids["c1"], "t": h.clock.now()},
             )
 
-        async def fails(uow: Any, writer: Any, row: Any, *args: Any) -> None:
+        async def fails(uow: Any, writer: Any, row: Any, *args: Any) -> bool:
             if row.customer_id in ("c1", "c2"):
                 raise RuntimeError(f"{row.customer_id}'s step fails")
-            await react(uow, writer, row, *args)
+            return await react(uow, writer, row, *args)
 
         note = instance_store.note_timer_failure
 
@@ -582,10 +582,10 @@ async def test_timers_failing_in_several_journeys_hold_back_no_other_journey_nor
         await h.processed("events")
         react = h.engine._react
 
-        async def broken(uow: Any, writer: Any, row: Any, *args: Any) -> None:
+        async def broken(uow: Any, writer: Any, row: Any, *args: Any) -> bool:
             if row.journey_id in (a, b):
                 raise RuntimeError("broken node")
-            await react(uow, writer, row, *args)
+            return await react(uow, writer, row, *args)
 
         monkeypatch.setattr(h.engine, "_react", broken)
         looked: list[int] = []

@@ -714,13 +714,15 @@ class JourneyEngine:
         customer: CustomerView,
         event: Input,
         now: datetime,
-    ) -> None:
+    ) -> bool:
+        """Walk `row` on `event`; whether it was walked (False: its version's graph is missing)."""
         graph = await self.graph(uow.session, row.journey_id, row.version)
         if graph is None:
-            return
+            return False
         outcome = self._walk(graph, row, customer, event, now)
         if outcome is not None:
             await self._apply(uow, writer, row, outcome, customer, graph)
+        return True
 
     def _leave(
         self,
@@ -1060,8 +1062,9 @@ class JourneyEngine:
                         self._archived(writer, row)
                         continue
                     seq = row.seq  # the step moves it on
-                    await self._react(uow, writer, row, customers[row.customer_id], TimerFired(), now)
-                    reacted.add((row.id, seq))
+                    # A version without a graph steps nothing: no evidence that steps work.
+                    if await self._react(uow, writer, row, customers[row.customer_id], TimerFired(), now):
+                        reacted.add((row.id, seq))
                 await writer.flush(session)
                 stepped = [t for t in claimed if (t.instance_id, t.seq) in reacted]
         return Fired(list(claimed), stepped)

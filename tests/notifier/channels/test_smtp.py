@@ -55,6 +55,16 @@ async def scripted() -> AsyncIterator[list[ScriptedSmtp]]:
         await server.stop()
 
 
+def guarded(name: str, port: int, threshold: int) -> GuardedProvider:
+    """A relay behind its breaker (opening after `threshold` failures), as the notifier routes it."""
+    return GuardedProvider(smtp(name, port), CircuitBreaker(threshold, 60), TokenBucket(1000, 1000), 4)
+
+
+def email_router(*providers: GuardedProvider) -> ProviderRouter:
+    """Email through `providers`, the first first, failing over in order."""
+    return ProviderRouter({Channel.EMAIL: list(providers)}, list(providers))
+
+
 async def start(servers: list[ScriptedSmtp], **script: Any) -> ScriptedSmtp:
     server = await ScriptedSmtp(**script).start()
     servers.append(server)
@@ -199,11 +209,9 @@ async def test_a_relay_refusing_us_at_rcpt_fails_over_and_counts_against_its_bre
 ) -> None:
     refusing = await start(scripted, answers={"RCPT": RELAY_REFUSALS_AT_RCPT["postfix_client"]})
     backup = await start(scripted)
-    primary = GuardedProvider(
-        smtp("smtp_refusing", refusing.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4
-    )
-    second = GuardedProvider(smtp("smtp", backup.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4)
-    router = ProviderRouter({Channel.EMAIL: [primary, second]}, [primary, second])
+    primary = guarded("smtp_refusing", refusing.port, 2)
+    second = guarded("smtp", backup.port, 2)
+    router = email_router(primary, second)
     for n in range(3):
         name, result = await router.send(delivery(message_id=f"m{n}"), nothing)
         assert (name, result.ok) == ("smtp", True)
@@ -218,11 +226,9 @@ async def test_a_relay_refusing_the_greeting_fails_over_and_counts_against_its_b
 ) -> None:
     blocked = await start(scripted, greeting="554 5.7.1 client host blocked")
     backup = await start(scripted)
-    primary = GuardedProvider(
-        smtp("smtp_blocked", blocked.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4
-    )
-    second = GuardedProvider(smtp("smtp", backup.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4)
-    router = ProviderRouter({Channel.EMAIL: [primary, second]}, [primary, second])
+    primary = guarded("smtp_blocked", blocked.port, 2)
+    second = guarded("smtp", backup.port, 2)
+    router = email_router(primary, second)
     for n in range(3):
         name, result = await router.send(delivery(message_id=f"m{n}"), nothing)
         assert (name, result.ok) == ("smtp", True)
@@ -259,7 +265,7 @@ async def test_a_non_ascii_address_fails_at_once_where_the_server_lacks_smtputf8
     server = await start(scripted)
     provider = smtp("smtp", server.port)
     gp = GuardedProvider(provider, CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4)
-    router = ProviderRouter({Channel.EMAIL: [gp]}, [gp])
+    router = email_router(gp)
     for n in range(4):
         name, result = await router.send(delivery("josé@example.com", f"m{n}"), nothing)
         # The message can never go there: failed for good, the address not blamed, the server neither.
@@ -339,8 +345,8 @@ async def test_an_address_no_smtp_command_line_can_hold_fails_at_once(
     scripted: list[ScriptedSmtp], to: str
 ) -> None:
     server = await start(scripted, extensions=("8BITMIME", "SMTPUTF8"))
-    gp = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
-    router = ProviderRouter({Channel.EMAIL: [gp]}, [gp])
+    gp = guarded("smtp", server.port, 1)
+    router = email_router(gp)
     name, result = await router.send(delivery(to), nothing)
     assert (name, result.failure, result.reason) == ("smtp", Failure.PERMANENT, f"SMTP: {UNWRITABLE}")
     assert not gp.breaker.is_open
@@ -354,8 +360,8 @@ async def test_an_unexpected_error_closes_the_connection_and_spares_the_breaker(
     """The `sending` commit (the hook) failed with a database error after MAIL FROM and RCPT TO:
     the connection, mid-envelope, must not go back to the pool; the error is no provider's."""
     server = await start(scripted)
-    gp = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
-    router = ProviderRouter({Channel.EMAIL: [gp]}, [gp])
+    gp = guarded("smtp", server.port, 1)
+    router = email_router(gp)
 
     async def commit_fails() -> None:
         raise RuntimeError("the database went away")
@@ -396,11 +402,9 @@ async def test_an_unexpected_error_before_data_fails_over_and_spares_the_breaker
     FROM and RCPT TO go out, had finished, and that counted as the point of no return."""
     server = await start(scripted)
     backup_server = await start(scripted)
-    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
-    backup = GuardedProvider(
-        smtp("smtp_backup", backup_server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4
-    )
-    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    primary = guarded("smtp", server.port, 1)
+    backup = guarded("smtp_backup", backup_server.port, 1)
+    router = email_router(primary, backup)
     original = getattr(aiosmtplib.SMTP, verb)
     calls = 0
 
@@ -426,7 +430,7 @@ async def test_an_unexpected_error_before_data_fails_over_and_spares_the_breaker
     assert not primary.breaker.is_open and primary.breaker.failures == 0
     # Alone, it is retried (transient), nothing lost.
     calls = 0
-    alone = ProviderRouter({Channel.EMAIL: [primary]}, [primary])
+    alone = email_router(primary)
     name, result = await alone.send(delivery(message_id="m2"), nothing)
     assert (name, result.failure) == ("smtp", Failure.TRANSIENT), result.reason
     await router.close()
@@ -437,11 +441,9 @@ async def test_an_unexpected_error_once_data_started_is_outcome_unknown(
 ) -> None:
     server = await start(scripted)
     backup_server = await start(scripted)
-    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
-    backup = GuardedProvider(
-        smtp("smtp_backup", backup_server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4
-    )
-    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    primary = guarded("smtp", server.port, 1)
+    backup = guarded("smtp_backup", backup_server.port, 1)
+    router = email_router(primary, backup)
     original = SmtpProvider._data
 
     async def answer_lost(*args: Any) -> Any:
@@ -461,8 +463,8 @@ async def test_a_message_that_cannot_be_encoded_fails_at_once_unsent(scripted: l
     """A lone surrogate in the rendered text was reported "outcome unknown" (after MAIL FROM and RCPT
     TO) and counted by the breaker: two such messages opened the circuit for every email."""
     server = await start(scripted)
-    gp = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(2, 60), TokenBucket(1000, 1000), 4)
-    router = ProviderRouter({Channel.EMAIL: [gp]}, [gp])
+    gp = guarded("smtp", server.port, 2)
+    router = email_router(gp)
     for n in range(2):
         email = build_email(
             message_id=f"m{n}",
@@ -494,11 +496,9 @@ async def test_a_connection_lost_once_the_body_went_out_is_outcome_unknown(
     over, the customer could get it twice."""
     server = await start(scripted, hangs_up_at="DATA.")
     backup_server = await start(scripted)
-    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4)
-    backup = GuardedProvider(
-        smtp("smtp_backup", backup_server.port), CircuitBreaker(1, 60), TokenBucket(1000, 1000), 4
-    )
-    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    primary = guarded("smtp", server.port, 1)
+    backup = guarded("smtp_backup", backup_server.port, 1)
+    router = email_router(primary, backup)
     name, result = await router.send(delivery(), nothing)
     assert (name, result.failure) == ("smtp", Failure.PERMANENT)
     assert result.reason is not None
@@ -515,11 +515,9 @@ async def test_an_unreadable_final_reply_once_the_body_went_out_is_outcome_unkno
     queued the message. It was taken for a refusal of us and failed over: sent twice."""
     server = await start(scripted, answers={"DATA.": "garbled, no reply code"})
     backup_server = await start(scripted)
-    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(5, 60), TokenBucket(1000, 1000), 4)
-    backup = GuardedProvider(
-        smtp("smtp_backup", backup_server.port), CircuitBreaker(5, 60), TokenBucket(1000, 1000), 4
-    )
-    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    primary = guarded("smtp", server.port, 5)
+    backup = guarded("smtp_backup", backup_server.port, 5)
+    router = email_router(primary, backup)
     name, result = await router.send(delivery(), nothing)
     assert (name, result.failure) == ("smtp", Failure.PERMANENT)
     assert result.reason is not None and result.reason.startswith("outcome unknown: smtp:"), result.reason
@@ -532,18 +530,16 @@ async def test_a_connection_lost_on_data_before_its_354_fails_over(scripted: lis
     unknown", failed for good, when the point of no return was DATA itself rather than its 354."""
     server = await start(scripted, hangs_up_at="DATA")
     backup_server = await start(scripted)
-    primary = GuardedProvider(smtp("smtp", server.port), CircuitBreaker(5, 60), TokenBucket(1000, 1000), 4)
-    backup = GuardedProvider(
-        smtp("smtp_backup", backup_server.port), CircuitBreaker(5, 60), TokenBucket(1000, 1000), 4
-    )
-    router = ProviderRouter({Channel.EMAIL: [primary, backup]}, [primary, backup])
+    primary = guarded("smtp", server.port, 5)
+    backup = guarded("smtp_backup", backup_server.port, 5)
+    router = email_router(primary, backup)
     name, result = await router.send(delivery(), nothing)
     assert (name, result.ok) == ("smtp_backup", True), result.reason
     assert "DATA" in server.verbs() and not server.messages
     assert len(backup_server.messages) == 1
     await router.close()
     # Alone, it is retried (transient), nothing lost.
-    alone = ProviderRouter({Channel.EMAIL: [primary]}, [primary])
+    alone = email_router(primary)
     name, result = await alone.send(delivery(message_id="m2"), nothing)
     assert (name, result.failure) == ("smtp", Failure.TRANSIENT), result.reason
     assert result.reason is not None and "SMTPServerDisconnected" in result.reason

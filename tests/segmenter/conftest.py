@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from sqlalchemy import text
 
 from services.segmenter.app import create_app
 from services.segmenter.runtime import Segmenter
@@ -87,8 +88,18 @@ class Harness:
         await eventually(lambda: runner.processed >= n, timeout=30)
 
     async def relay(self) -> None:
-        while await self.segmenter.platform.relay.run_once():
-            pass
+        """Until the outbox is empty. The service's own relay runs too: while it holds the relay lock
+        a pass of ours takes nothing, and the rows it took stay visible until the broker has
+        acknowledged them, so an empty outbox means everything is on the topics."""
+        platform = self.segmenter.platform
+
+        async def drained() -> bool:
+            while await platform.relay.run_once():
+                pass
+            async with platform.engine.connect() as conn:
+                return (await conn.scalar(text("SELECT count(*) FROM outbox"))) == 0
+
+        await eventually(drained, timeout=30)
 
     async def memberships(self) -> list[dict[str, Any]]:
         await self.relay()

@@ -75,6 +75,22 @@ sa.Index("contacts_email_address", contacts.c.email_address)
 sa.Index("send_ledger_due", send_ledger.c.next_attempt_at, postgresql_where=send_ledger.c.state == "pending")
 sa.Index("send_ledger_created_at", send_ledger.c.created_at)  # the performance report's periods
 
+# A provider's delivery report that came while an erasure held the gate (revision 0014), until the
+# loop applies it (`Notifier.apply_deferred_reports`): its message by the provider's id, never the
+# number it went to (the gone address as its suppression's salted hash).
+deferred_provider_reports = sa.Table(
+    "deferred_provider_reports",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("provider_message_id", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("gone_address_hash", sa.Text),
+    sa.Column("gone_reason", sa.Text),
+    sa.Column("received_at", TS, nullable=False),
+    sa.UniqueConstraint("provider_message_id", "kind", name="deferred_provider_reports_once"),
+)
+
 # First open, each clicked URL, each unsubscribe of a message: one status each.
 engagements = sa.Table(
     "engagements",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from datetime import datetime
 from typing import Any
@@ -35,9 +36,11 @@ BACKFILL_FAILURES = Counter(
     "Back-fill chunks that failed after their segment was claimed: outcome retried (a failure "
     "counted on the segment, tried again backfill_retry_after_s later, behind the others), failed "
     "(backfill_max_failures failures or backfill_max_stalls stalls in a row, or its stored "
-    "definition is invalid: the segment is marked failed until retried or saved again) or "
-    "backed_off (a passing cause or an outage: a stall, tried again backfill_retry_after_s later, "
-    "doubled for each stall in a row, at most backfill_max_backoff_s)",
+    "definition is invalid: the segment is marked failed until retried or saved again), "
+    "backed_off (a passing cause, an outage, or a conflict on every one of backfill_conflict_tries "
+    "tries: a stall, tried again backfill_retry_after_s later, doubled for each stall in a row, at "
+    "most backfill_max_backoff_s) or conflict (a deadlock or serialization failure with a "
+    "concurrent writer, tried again after a short pause)",
     ["outcome"],
 )
 # The error kept on the segment (shown by the API): the driver's message, not the statement.
@@ -59,11 +62,17 @@ def failure_text(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {str(cause).partition(chr(10))[0]}"[:ERROR_CHARS]
 
 
+def _position(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Where a claimed segment's pass stands: conflicts count in a row on one chunk of one pass."""
+    return (row["version"], row["backfill_started_at"], row["backfill_cursor"])
+
+
 def failure_kind(exc: BaseException) -> str:
     """What a chunk's failure says: `conflict` (a deadlock or serialization failure with a concurrent
-    writer: retried at once), `outage` (the connection or the server went: the transaction is gone),
-    `passing` (a cause that passes and may not be the segment's: a stall, backed off), `invalid` (its
-    stored definition) or `segment` (anything else: counted on it)."""
+    writer: tried again after a short pause, a stall once `backfill_conflict_tries` tries met one),
+    `outage` (the connection or the server went: the transaction is gone), `passing` (a cause that
+    passes and may not be the segment's: a stall, backed off), `invalid` (its stored definition) or
+    `segment` (anything else: counted on it)."""
     if is_transient_conflict(exc):
         return "conflict"
     if is_infrastructure_error(exc):
@@ -126,6 +135,8 @@ class Backfill:
         self.wake = asyncio.Event()
         # (segment, version) whose invalid stored definition `fail_invalid` has dealt with.
         self._invalid_seen: set[tuple[str, int]] = set()
+        # Segment -> (its pass's position, conflicts met there in a row by this worker).
+        self._conflicts: dict[str, tuple[tuple[Any, ...], int]] = {}
 
     async def finish_deletion(self, segment_id: str | None = None) -> bool:
         """Remove a hidden segment's memberships and timers and announce its members' exits
@@ -151,22 +162,59 @@ class Backfill:
         `backfill_max_failures` in a row) unless it is a passing cause (`failure_kind`), which is a
         stall: it backs the segment off, twice as long as the stall before (at most
         `backfill_max_backoff_s`), and `backfill_max_stalls` in a row without progress fail it (a
-        chunk that always outlasts the statement timeout). A conflict with a concurrent writer is
-        raised (retried at once); an outage is raised, and is a stall of the segment first if the
-        database still answers, so a segment whose chunk kills its connection (or the server) does
-        not stay first, nor come back every minute, for ever."""
+        chunk that always outlasts the statement timeout). A conflict with a concurrent writer (a
+        deadlock, a serialization failure) is tried again, in a new transaction after a short
+        jittered pause, `backfill_conflict_tries` times in all; the last try's conflict is a stall
+        (a chunk that deadlocks every time is backed off, then failed, never spun on). An outage is
+        raised, and is a stall of the segment first if the database still answers, so a segment
+        whose chunk kills its connection (or the server) does not stay first, nor come back every
+        minute, for ever."""
         if await self.finish_deletion():
             return True
         if await self.fail_invalid():
             return True
-        now = self.clock.now()
-        claimed: dict[str, Any] = {}
-        try:
-            return await self._chunk(now, claimed)
-        except Exception as exc:
-            if claimed and failure_kind(exc) == "outage":
-                await self._back_off(claimed, exc, now)
-            raise
+        while True:
+            now = self.clock.now()
+            claimed: dict[str, Any] = {}
+            try:
+                return await self._chunk(now, claimed)
+            except Exception as exc:
+                kind = failure_kind(exc) if claimed else None
+                if kind == "outage":
+                    await self._back_off(claimed, exc, now)
+                if kind != "conflict":
+                    raise
+                tries = self._note_conflict(claimed)
+                if tries >= self.settings.backfill_conflict_tries:
+                    # The last try's conflict struck outside the chunk's savepoint (the commit, the
+                    # restart of its dependents): its transaction is gone, recorded in one of its own.
+                    self._conflicts.pop(claimed["segment_id"], None)
+                    await self._back_off(claimed, exc, now)
+                    return True
+                BACKFILL_FAILURES.labels("conflict").inc()
+                pause = random.uniform(0.5, 1.0) * min(
+                    self.settings.backfill_conflict_pause_s * 2 ** (tries - 1), 1.0
+                )
+                log.info(
+                    "segment back-fill chunk met a concurrent writer; tried again",
+                    extra={
+                        "segment_id": claimed["segment_id"],
+                        "tries": tries,
+                        "error": failure_text(exc),
+                        "pause_s": round(pause, 3),
+                    },
+                )
+                # No lock held meanwhile (the transaction is gone): the other writer goes on.
+                await asyncio.sleep(pause)
+
+    def _conflicts_in_a_row(self, row: dict[str, Any]) -> int:
+        seen = self._conflicts.get(row["segment_id"])
+        return seen[1] if seen is not None and seen[0] == _position(row) else 0
+
+    def _note_conflict(self, row: dict[str, Any]) -> int:
+        tries = self._conflicts_in_a_row(row) + 1
+        self._conflicts[row["segment_id"]] = (_position(row), tries)
+        return tries
 
     async def fail_invalid(self) -> bool:
         """Mark `failed` (whatever their status, naming the nodes) the segments whose stored definition
@@ -239,7 +287,8 @@ class Backfill:
             )
         else:
             log.warning(
-                "segment back-fill chunk stalled (a passing cause or an outage); retried later, backing off",
+                "segment back-fill chunk stalled (a passing cause, an outage or a conflict on every "
+                "try); retried later, backing off",
                 extra=extra,
             )
 
@@ -280,6 +329,10 @@ class Backfill:
                         dependents_to_restart = await self._run_chunk(uow.session, seg, row, catalog, now)
                 except Exception as exc:
                     kind = failure_kind(exc)
+                    if kind == "conflict" and (
+                        self._conflicts_in_a_row(row) + 1 >= self.settings.backfill_conflict_tries
+                    ):
+                        kind = "passing"  # its last try: a stall, recorded while the row is held
                     if kind in ("conflict", "outage"):
                         raise
                     # Rolled back to the savepoint: the row is still locked by this transaction.
@@ -298,6 +351,7 @@ class Backfill:
             if dependents_to_restart:
                 # Segments built on this one see its new memberships only after their own pass.
                 await segment_store.restart_backfill(uow.session, dependents_to_restart, now)
+        self._conflicts.pop(row["segment_id"], None)
         if failure is not None:
             self._report(row, failure[0], failure[1], counted=failure[2])
         else:

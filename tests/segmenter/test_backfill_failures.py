@@ -7,6 +7,7 @@ definitions that no longer validate marked `failed`."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -31,17 +32,26 @@ async def sql(h: Harness, statement: str, **params: Any) -> None:
         await conn.execute(text(statement), params)
 
 
-async def refuse(h: Harness, segment_id: str, sqlstate: str, customer: str = "", sleep: float = 0) -> None:
+async def refuse(
+    h: Harness, segment_id: str, sqlstate: str, customer: str = "", sleep: float = 0, times: int = 0
+) -> None:
     """Every chunk of the segment writing a membership (of `customer`, or anyone) fails with `sqlstate`,
-    as PostgreSQL would raise it (after `sleep` seconds)."""
+    as PostgreSQL would raise it (after `sleep` seconds); only the first `times` such writes if set.
+    Each such write is counted (`refusals`)."""
+    await sql(h, "CREATE SEQUENCE IF NOT EXISTS refused_writes")
     await sql(
         h,
         f"""CREATE OR REPLACE FUNCTION refuse_membership(seg text, cust text) RETURNS boolean
         LANGUAGE plpgsql AS $$
+        DECLARE
+            n bigint;
         BEGIN
             IF seg = '{segment_id}' AND ('{customer}' = '' OR cust = '{customer}') THEN
-                PERFORM pg_sleep({sleep});
-                RAISE EXCEPTION 'refused for the test' USING ERRCODE = '{sqlstate}';
+                n := nextval('refused_writes');
+                IF {times} = 0 OR n <= {times} THEN
+                    PERFORM pg_sleep({sleep});
+                    RAISE EXCEPTION 'refused for the test' USING ERRCODE = '{sqlstate}';
+                END IF;
             END IF;
             RETURN true;
         END $$""",
@@ -54,6 +64,15 @@ async def refuse(h: Harness, segment_id: str, sqlstate: str, customer: str = "",
 
 async def allow(h: Harness) -> None:
     await sql(h, "ALTER TABLE memberships DROP CONSTRAINT refused")
+
+
+async def refusals(h: Harness) -> int:
+    """How many writes `refuse` has looked at (a sequence: not rolled back with the chunk)."""
+    async with h.segmenter.platform.engine.connect() as conn:
+        n = await conn.scalar(
+            text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM refused_writes")
+        )
+    return int(n)
 
 
 async def view(h: Harness, segment_id: str) -> dict[str, Any]:
@@ -431,3 +450,119 @@ async def test_a_ready_segment_whose_stored_definition_no_longer_validates_is_fa
     assert r.json()["status"] == "backfilling" and r.json()["backfill"]["error"] is None
     await harness.segmenter.backfill.run_until_idle()
     assert (await view(harness, sid))["status"] == "ready"
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "error"), [("40P01", "DeadlockDetectedError"), ("40001", "SerializationError")]
+)
+async def test_a_chunk_that_conflicts_every_time_is_a_stall_backed_off_then_failed(
+    harness: Harness, sqlstate: str, error: str
+) -> None:
+    """A deadlock or serialization failure was raised, recorded nowhere, and the chunk run again a
+    second later, without limit: a chunk that deadlocked every time (against a steady real-time
+    writer) re-ran its whole statement for ever. It is tried `backfill_conflict_tries` times in a
+    row, then it is a stall like a statement timeout: backed off longer each time, `failed` at the
+    stall limit, never counted as the segment's own failure."""
+    settings = harness.segmenter.settings
+    settings.backfill_conflict_pause_s = 0.001
+    settings.backfill_max_stalls = 3
+    tries = settings.backfill_conflict_tries
+    assert tries == 4  # the default
+    await seed(harness, 4)
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, sqlstate)
+    conflicts, backed_off, failed = failures("conflict"), failures("backed_off"), failures("failed")
+    for stalls, wait in ((1, 60), (2, 120)):
+        assert await harness.segmenter.backfill.run_once()  # no exception: the tries, then a stall
+        assert await refusals(harness) == tries * stalls
+        v = await view(harness, sid)
+        assert v["status"] == "backfilling", v
+        assert (v["backfill"]["failures"], v["backfill"]["stalls"]) == (0, stalls), v
+        assert v["backfill"]["error"] == f"{error}: refused for the test"
+        harness.clock.advance(timedelta(seconds=wait - 1))
+        assert not await harness.segmenter.backfill.run_once()  # backed off: not even tried
+        assert await refusals(harness) == tries * stalls
+        harness.clock.advance(timedelta(seconds=1))
+    assert await harness.segmenter.backfill.run_once()
+    v = await view(harness, sid)
+    assert v["status"] == "failed" and (v["backfill"]["failures"], v["backfill"]["stalls"]) == (0, 3), v
+    assert await refusals(harness) == 3 * tries
+    assert failures("conflict") - conflicts == 3 * (tries - 1)
+    assert (failures("backed_off") - backed_off, failures("failed") - failed) == (2, 1)
+    harness.clock.advance(timedelta(days=1))
+    assert not await harness.segmenter.backfill.run_once()
+    assert await refusals(harness) == 3 * tries
+
+    await allow(harness)
+    r = await harness.client.post(f"/v1/segments/{sid}/backfill/retry", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    await harness.segmenter.backfill.run_until_idle()
+    v = await view(harness, sid)
+    assert v["status"] == "ready" and v["member_count"] == 4
+
+
+async def test_a_conflict_that_passes_within_the_tries_is_tried_again_after_a_pause(harness: Harness) -> None:
+    """The tries are paused (jittered, doubling from `backfill_conflict_pause_s`), holding no lock, and
+    a chunk that goes through on a later one records nothing."""
+    settings = harness.segmenter.settings
+    settings.backfill_conflict_pause_s = 0.04
+    await seed(harness, 3)
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, "40P01", customer="u00", times=2)
+    conflicts, backed_off = failures("conflict"), failures("backed_off")
+    started = time.monotonic()
+    assert await harness.segmenter.backfill.run_once()
+    # At least half of 0.04 + 0.08 s paused; far less than the 1 s the loop waited after a raise.
+    assert time.monotonic() - started >= 0.06
+    assert await refusals(harness) == 3  # two refused, the third went through
+    assert (failures("conflict") - conflicts, failures("backed_off") - backed_off) == (2, 0)
+    v = await view(harness, sid)
+    assert v["backfill"]["processed"] == 3
+    assert (v["backfill"]["stalls"], v["backfill"]["error"], v["backfill"]["failed_at"]) == (0, None, None)
+    await harness.segmenter.backfill.run_until_idle()
+    v = await view(harness, sid)
+    assert v["status"] == "ready" and v["member_count"] == 3
+
+
+async def test_a_conflict_past_the_chunks_savepoint_on_the_last_try_is_a_stall_too(harness: Harness) -> None:
+    """The end of a pass restarts the segments built on it after the chunk's savepoint: a conflict
+    there on the last try loses the transaction, and is recorded as a stall in one of its own."""
+    harness.segmenter.settings.backfill_conflict_pause_s = 0.001
+    await seed(harness, 3)
+    base = await harness.create_segment(EVERYONE, "Base")
+    built = await harness.create_segment({"member_of": base}, "Built on it")
+    r = await harness.client.put(
+        f"/v1/segments/{base}", json={"name": "Base", "definition": PRO}, headers=ADMIN
+    )
+    assert r.status_code == 200, r.text
+    assert await harness.segmenter.backfill.run_once()  # the chunk: u00..u02
+    await sql(harness, "CREATE SEQUENCE refused_writes")
+    await sql(
+        harness,
+        """CREATE FUNCTION refuse_restart() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM nextval('refused_writes');
+            RAISE EXCEPTION 'refused for the test' USING ERRCODE = '40P01';
+        END $$""",
+    )
+    await sql(
+        harness,
+        f"""CREATE TRIGGER refused BEFORE UPDATE ON segments FOR EACH ROW
+        WHEN (NEW.segment_id = '{built}' AND OLD.status = 'ready' AND NEW.status = 'backfilling')
+        EXECUTE FUNCTION refuse_restart()""",
+    )
+    backed_off = failures("backed_off")
+    assert await harness.segmenter.backfill.run_once()  # the end of its pass, four times
+    assert await refusals(harness) == 4
+    assert failures("backed_off") - backed_off == 1
+    v = await view(harness, base)
+    assert v["status"] == "backfilling" and (v["backfill"]["failures"], v["backfill"]["stalls"]) == (0, 1)
+    assert v["backfill"]["error"] == "DeadlockDetectedError: refused for the test"
+    assert (await view(harness, built))["status"] == "ready"  # not restarted: rolled back
+    assert not await harness.segmenter.backfill.run_once()  # backed off
+    await sql(harness, "DROP TRIGGER refused ON segments")
+    harness.clock.advance(timedelta(seconds=60))
+    await harness.segmenter.backfill.run_until_idle()
+    assert (await view(harness, base))["status"] == "ready"
+    v = await view(harness, built)
+    assert v["status"] == "ready" and v["member_count"] == 1  # u00 alone is pro

@@ -137,6 +137,8 @@ class Backfill:
         self._invalid_seen: set[tuple[str, int]] = set()
         # Segment -> (its pass's position, conflicts met there in a row by this worker).
         self._conflicts: dict[str, tuple[tuple[Any, ...], int]] = {}
+        # When `recover_valid` last looked (None: not yet, so it looks at the first pass).
+        self._rechecked_at: datetime | None = None
 
     async def finish_deletion(self, segment_id: str | None = None) -> bool:
         """Remove a hidden segment's memberships and timers and announce its members' exits
@@ -152,8 +154,9 @@ class Backfill:
         return True
 
     async def run_once(self) -> bool:
-        """Finish one half-done deletion, mark failed the segments whose stored definition no longer
-        validates, or process one chunk of one segment; False when nothing is waiting.
+        """Finish one half-done deletion, back-fill again the segments failed for a stored definition
+        that validates now (`recover_valid`), mark failed the segments whose stored definition no
+        longer validates, or process one chunk of one segment; False when nothing is waiting.
 
         A chunk runs in a savepoint: when it fails, the failure is recorded in the chunk's own
         transaction, the segment's row still locked (no other replica re-runs the chunk meanwhile, a
@@ -170,6 +173,8 @@ class Backfill:
         whose chunk kills its connection (or the server) does not stay first, nor come back every
         minute, for ever."""
         if await self.finish_deletion():
+            return True
+        if await self.recover_valid():
             return True
         if await self.fail_invalid():
             return True
@@ -215,6 +220,36 @@ class Backfill:
         tries = self._conflicts_in_a_row(row) + 1
         self._conflicts[row["segment_id"]] = (_position(row), tries)
         return tries
+
+    async def recover_valid(self) -> bool:
+        """Back-fill again, from the first customer, the segments `failed` for a stored definition
+        that validates now (saved by a later release, failed by an earlier one after a rollback,
+        accepted again by this one), logged; at the first pass, then every
+        `backfill_invalid_recheck_s`. Only those: other failures wait for a retry or a save. True
+        if it restarted any."""
+        now = self.clock.now()
+        last = self._rechecked_at
+        if last is not None and 0 <= (now - last).total_seconds() < self.settings.backfill_invalid_recheck_s:
+            return False
+        self._rechecked_at = now
+        async with self.platform.unit_of_work() as uow:
+            failed = await segment_store.failed_for_definition(uow.session)
+            if not failed:
+                return False
+            catalog = await self.catalog_cache.refresh(uow.session)
+            valid = {(s.segment_id, s.version) for s in catalog.segments}
+            restarted = [
+                (sid, version)
+                for sid, version in failed
+                if (sid, version) in valid
+                and await segment_store.restart_failed_definition(uow.session, sid, version, now)
+            ]
+        for sid, version in restarted:
+            log.warning(
+                "segment's stored definition validates again; back-filled again from the first customer",
+                extra={"segment_id": sid, "version": version},
+            )
+        return bool(restarted)
 
     async def fail_invalid(self) -> bool:
         """Mark `failed` (whatever their status, naming the nodes) the segments whose stored definition
@@ -312,7 +347,13 @@ class Backfill:
             if seg is None:
                 # Left out of the catalogue: its stored definition is invalid (saved by a release
                 # that accepted it). Failed at once, saying why, not `ready` with no member.
-                why = self.catalog_cache.invalid.get(row["segment_id"], (row["version"], "InvalidRule"))[1]
+                why = self.catalog_cache.invalid.get(
+                    row["segment_id"],
+                    (
+                        row["version"],
+                        f"{segment_store.DEFINITION_ERROR}the stored definition does not validate",
+                    ),
+                )[1]
                 if await segment_store.fail_definition(
                     uow.session, row["segment_id"], row["version"], why[:ERROR_CHARS], now
                 ):

@@ -87,6 +87,10 @@ class SegmenterSettings(BaseServiceSettings):
     # writer) re-ran its whole statement every second for ever and was never backed off nor failed.
     backfill_conflict_tries: int = Field(default=4, ge=1)
     backfill_conflict_pause_s: float = Field(default=0.05, ge=0)
+    # Segments `failed` because their stored definition did not validate are looked at again at start
+    # and then this often: one that validates now (a later release accepts it again) is back-filled
+    # again from its first customer. Only those: other failures wait for a retry or a save.
+    backfill_invalid_recheck_s: float = Field(default=300.0, ge=0)
     # Run the background loops (tests drive them by hand with `run_once`).
     run_background_loops: bool = True
     # How long GET /v1/customers/{id}/export waits for every service's part before answering 504.

@@ -7,6 +7,7 @@ definitions that no longer validate marked `failed`."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import timedelta
 from typing import Any
@@ -15,6 +16,8 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 
+from services.segmenter.reevaluation import SegmentCatalogCache
+from services.segmenter.schedules import Backfill
 from services.segmenter.store import segments as segment_store
 from tests.segmenter.conftest import ADMIN, Harness, make_event
 from tests.segmenter.test_segments_api import seed
@@ -566,3 +569,147 @@ async def test_a_conflict_past_the_chunks_savepoint_on_the_last_try_is_a_stall_t
     assert (await view(harness, base))["status"] == "ready"
     v = await view(harness, built)
     assert v["status"] == "ready" and v["member_count"] == 1  # u00 alone is pro
+
+
+# Valid in this release; the same node with `9999-12-31T23:59:59-01:00` (year 10000 in UTC) is not,
+# and stands for a definition only another release accepts.
+VALID_LATER = {"or": [PRO, {"trait": "d", "op": "before", "value": "9999-12-31"}]}
+
+
+async def store_definition(h: Harness, segment_id: str, date: str, *, new_version: bool) -> None:
+    """Write the `or[1]` date of the stored definition as a release would have saved it, without
+    starting a pass (`new_version`: as another release's save; else the same version, as it reads to
+    a release whose rules differ)."""
+    await sql(
+        h,
+        "UPDATE segments SET definition = jsonb_set(definition, '{or,1,value}', to_jsonb(CAST(:d AS text)))"
+        + (", version = version + 1" if new_version else "")
+        + " WHERE segment_id = :s",
+        d=date,
+        s=segment_id,
+    )
+
+
+async def members(h: Harness, segment_id: str) -> list[str]:
+    r = await h.client.get(f"/v1/segments/{segment_id}/members", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    ids: list[str] = r.json()["members"]
+    return ids
+
+
+async def identify(h: Harness, message_id: str, user_id: str, plan: str) -> None:
+    event = make_event(message_id, "identify", user_id=user_id, traits={"plan": plan})
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await h.segmenter.events.handle(uow, [event])
+
+
+async def test_a_segment_failed_for_its_stored_definition_is_back_filled_again_once_it_validates(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Saved by a newer release, failed by an older one after a rollback: it stayed `failed` for ever
+    after an upgrade that accepts it again, unless someone retried it or saved it. A worker of a
+    release that accepts it back-fills it again by itself (at start, then every
+    `backfill_invalid_recheck_s`), from the first customer: real time skipped it meanwhile."""
+    await seed(harness, 6)  # u00 and u03 are pro
+    harness.segmenter.settings.backfill_chunk_size = 2
+    sid = await create(harness, VALID_LATER)
+    assert await harness.segmenter.backfill.run_once()  # u00, u01
+    assert await members(harness, sid) == ["u00"]
+    # A newer release saved a definition this one (the harness's worker) refuses, then was rolled back.
+    await store_definition(harness, sid, "9999-12-31T23:59:59-01:00", new_version=True)
+    assert await harness.segmenter.backfill.run_once()
+    v = await view(harness, sid)
+    assert v["status"] == "failed" and v["backfill"]["error"].startswith(
+        "InvalidRule: definition.or[1].value"
+    )
+    assert v["backfill"]["processed"] == 2
+    # Meanwhile real time leaves it out: customers before its cursor change too.
+    await identify(harness, "p1", "u00", "free")
+    await identify(harness, "p2", "u01", "pro")
+    assert await members(harness, sid) == ["u00"]
+    harness.clock.advance(timedelta(seconds=harness.settings.backfill_invalid_recheck_s))
+    assert not await harness.segmenter.backfill.run_once()  # still invalid to this release: stays failed
+    assert (await view(harness, sid))["status"] == "failed"
+
+    # A later release reads the same stored version and accepts it: its worker (a fresh process).
+    await store_definition(harness, sid, "9999-12-31", new_version=False)
+    upgraded = Backfill(
+        harness.segmenter.platform, harness.clock, SegmentCatalogCache(), harness.segmenter.settings
+    )
+    with caplog.at_level(logging.WARNING, logger="services.segmenter.schedules"):
+        assert await upgraded.run_once()  # at its first pass
+    logged = [r for r in caplog.records if "validates again" in r.getMessage()]
+    assert [(getattr(r, "segment_id", None), getattr(r, "version", None)) for r in logged] == [
+        (sid, v["version"])
+    ]
+    resumed = await view(harness, sid)
+    assert resumed["status"] == "backfilling" and resumed["version"] == v["version"]
+    assert resumed["backfill"]["processed"] == 0  # from the first customer
+    assert (resumed["backfill"]["failures"], resumed["backfill"]["error"]) == (0, None)
+
+    # During the rollout a replica of the older release fails it again; the later one looks again
+    # `backfill_invalid_recheck_s` later (not at every pass).
+    assert await harness.segmenter.backfill.run_once()
+    assert (await view(harness, sid))["status"] == "failed"
+    assert not await upgraded.run_once()
+    harness.clock.advance(timedelta(seconds=harness.settings.backfill_invalid_recheck_s - 1))
+    assert not await upgraded.run_once()
+    harness.clock.advance(timedelta(seconds=1))
+    assert await upgraded.run_once()
+    await upgraded.run_until_idle()
+    v = await view(harness, sid)
+    assert v["status"] == "ready" and v["backfill"]["processed"] == 6
+    assert await members(harness, sid) == ["u01", "u03"]  # u00 left and u01 joined while it was failed
+
+
+async def test_only_segments_failed_for_their_definition_are_taken_up_again(harness: Harness) -> None:
+    """A segment failed for another cause stays `failed` until retried or saved again, however long,
+    and so does one whose definition this release still refuses."""
+    await seed(harness, 3)
+    own = await create(harness, EVERYONE, "Own failure")
+    await refuse(harness, own, "23514")
+    for _ in range(3):
+        assert await harness.segmenter.backfill.run_once()
+        harness.clock.advance(timedelta(seconds=60))
+    assert (await view(harness, own))["status"] == "failed"
+    await allow(harness)
+    invalid = await harness.create_segment(VALID_LATER, "Invalid")
+    await store_definition(harness, invalid, "9999-12-31T23:59:59-01:00", new_version=True)
+    assert await harness.segmenter.backfill.run_once()
+    assert (await view(harness, invalid))["status"] == "failed"
+    for worker in (
+        harness.segmenter.backfill,
+        Backfill(
+            harness.segmenter.platform, harness.clock, SegmentCatalogCache(), harness.segmenter.settings
+        ),
+    ):
+        for _ in range(2):
+            harness.clock.advance(timedelta(days=1))
+            assert not await worker.run_once()
+    assert (await view(harness, own))["status"] == "failed"
+    assert (await view(harness, invalid))["status"] == "failed"
+
+
+async def test_retrying_a_segment_failed_for_its_definition_starts_a_new_pass(harness: Harness) -> None:
+    """The retry went on from the cursor of a pass failed for its definition once it validated
+    (repaired by hand, a later release): the customers before it, whom real time skipped
+    meanwhile, kept their memberships from before."""
+    await seed(harness, 6)
+    harness.segmenter.settings.backfill_chunk_size = 2
+    sid = await create(harness, VALID_LATER)
+    assert await harness.segmenter.backfill.run_once()  # u00, u01
+    await store_definition(harness, sid, "9999-12-31T23:59:59-01:00", new_version=True)
+    assert await harness.segmenter.backfill.run_once()
+    assert (await view(harness, sid))["status"] == "failed"
+    await identify(harness, "p1", "u00", "free")
+    r = await harness.client.post(f"/v1/segments/{sid}/backfill/retry", headers=ADMIN)
+    assert r.status_code == 409 and r.json()["error"] == "invalid_stored_definition", r.text
+    await store_definition(harness, sid, "9999-12-31", new_version=True)  # repaired in place
+    r = await harness.client.post(f"/v1/segments/{sid}/backfill/retry", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "backfilling" and r.json()["backfill"]["processed"] == 0
+    assert (r.json()["backfill"]["failures"], r.json()["backfill"]["error"]) == (0, None)
+    await harness.segmenter.backfill.run_until_idle()
+    v = await view(harness, sid)
+    assert v["status"] == "ready" and v["backfill"]["processed"] == 6
+    assert await members(harness, sid) == ["u03"]

@@ -36,6 +36,12 @@ SEGMENT_COLUMNS = (
     f"{_STALLS} AS backfill_stalls, CASE WHEN {_CURRENT_FAILURE} THEN backfill_error END AS backfill_error, "
     f"CASE WHEN {_CURRENT_FAILURE} THEN backfill_failed_at END AS backfill_failed_at, created_at, updated_at"
 )
+# How the error of a segment failed for its stored definition begins (`fail_definition`, and a chunk
+# failing with `InvalidRule`), as every release since 2026-12-08 writes it (for the current pass:
+# `_CURRENT_FAILURE`): the only failure that a later release can mend by itself, so the worker looks
+# for it (`failed_for_definition`).
+DEFINITION_ERROR = "InvalidRule: "
+_DEFINITION_FAILURE = f"({_CURRENT_FAILURE} AND starts_with(backfill_error, :definition_error))"
 # A new back-fill pass: from the first customer, no failure yet.
 _START_PASS = (
     "status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
@@ -461,6 +467,42 @@ async def fail_definition(
         {"s": segment_id, "v": version, "err": error, "now": now},
     )
     return bool(getattr(result, "rowcount", 0))
+
+
+async def failed_for_definition(session: AsyncSession) -> list[tuple[str, int]]:
+    """(id, version) of the segments `failed` because their stored definition did not validate (by
+    the error of their current pass): a release that accepts it again may back-fill them again."""
+    rows = await session.execute(
+        text(
+            f"SELECT segment_id, version FROM segments WHERE status = 'failed' AND {_DEFINITION_FAILURE} "
+            "ORDER BY segment_id"
+        ),
+        {"definition_error": DEFINITION_ERROR},
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+async def restart_failed_definition(
+    session: AsyncSession, segment_id: str, version: int, now: datetime
+) -> bool:
+    """A new pass, from the first customer, for a segment still `failed` for its stored `version`'s
+    definition (which now validates): real time and its due timers skipped it while it did not, so
+    customers before its cursor may be out of date too. False if it was edited, retried, deleted or
+    failed for something else meanwhile."""
+    result = await session.execute(
+        text(
+            f"UPDATE segments SET {_START_PASS} WHERE segment_id = :s AND version = :v "
+            f"AND status = 'failed' AND {_DEFINITION_FAILURE}"
+        ),
+        {"s": segment_id, "v": version, "now": now, "definition_error": DEFINITION_ERROR},
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def failed_for_its_definition(row: Mapping[str, Any]) -> bool:
+    """Whether a segment row (`SEGMENT_COLUMNS`: its current pass's error) failed for its stored
+    definition."""
+    return row["status"] == "failed" and str(row["backfill_error"] or "").startswith(DEFINITION_ERROR)
 
 
 async def retry_backfill(session: AsyncSession, segment_id: str) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -65,6 +66,12 @@ def failure_text(exc: BaseException) -> str:
 def _position(row: dict[str, Any]) -> tuple[Any, ...]:
     """Where a claimed segment's pass stands: conflicts count in a row on one chunk of one pass."""
     return (row["version"], row["backfill_started_at"], row["backfill_cursor"])
+
+
+def conflict_pause_s(first: float, tries: int) -> float:
+    """The longest pause after a chunk's `tries`-th conflict in a row: `first`, doubling, at most 1 s
+    (the exponent bounded too: no overflow, whatever the tries)."""
+    return min(first * 2.0 ** min(tries - 1, 30), 1.0)
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -135,8 +142,12 @@ class Backfill:
         self.wake = asyncio.Event()
         # (segment, version) whose invalid stored definition `fail_invalid` has dealt with.
         self._invalid_seen: set[tuple[str, int]] = set()
-        # Segment -> (its pass's position, conflicts met there in a row by this worker).
-        self._conflicts: dict[str, tuple[tuple[Any, ...], int]] = {}
+        # (segment, its pass's position, conflicts met there in a row by this worker): one slot, cleared
+        # when a chunk ends otherwise or a claim finds another segment or none.
+        self._conflict: tuple[str, tuple[Any, ...], int] | None = None
+        # The pause before a conflicting chunk's next try, and its jitter: tests record them instead.
+        self.pause: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self.jitter: Callable[[float, float], float] = random.uniform
         # When `recover_valid` last looked (None: not yet, so it looks at the first pass).
         self._rechecked_at: datetime | None = None
 
@@ -193,12 +204,12 @@ class Backfill:
                 if tries >= self.settings.backfill_conflict_tries:
                     # The last try's conflict struck outside the chunk's savepoint (the commit, the
                     # restart of its dependents): its transaction is gone, recorded in one of its own.
-                    self._conflicts.pop(claimed["segment_id"], None)
+                    self._conflict = None
                     await self._back_off(claimed, exc, now)
                     return True
                 BACKFILL_FAILURES.labels("conflict").inc()
-                pause = random.uniform(0.5, 1.0) * min(
-                    self.settings.backfill_conflict_pause_s * 2 ** (tries - 1), 1.0
+                pause = self.jitter(0.5, 1.0) * conflict_pause_s(
+                    self.settings.backfill_conflict_pause_s, tries
                 )
                 log.info(
                     "segment back-fill chunk met a concurrent writer; tried again",
@@ -210,15 +221,15 @@ class Backfill:
                     },
                 )
                 # No lock held meanwhile (the transaction is gone): the other writer goes on.
-                await asyncio.sleep(pause)
+                await self.pause(pause)
 
     def _conflicts_in_a_row(self, row: dict[str, Any]) -> int:
-        seen = self._conflicts.get(row["segment_id"])
-        return seen[1] if seen is not None and seen[0] == _position(row) else 0
+        seen = self._conflict
+        return seen[2] if seen is not None and seen[:2] == (row["segment_id"], _position(row)) else 0
 
     def _note_conflict(self, row: dict[str, Any]) -> int:
         tries = self._conflicts_in_a_row(row) + 1
-        self._conflicts[row["segment_id"]] = (_position(row), tries)
+        self._conflict = (row["segment_id"], _position(row), tries)
         return tries
 
     async def recover_valid(self) -> bool:
@@ -340,7 +351,10 @@ class Backfill:
                 uow.session, now, self.settings.backfill_retry_after_s, self.settings.backfill_max_backoff_s
             )
             if row is None:
+                self._conflict = None
                 return False
+            if self._conflict is not None and self._conflict[0] != row["segment_id"]:
+                self._conflict = None  # in a row: another segment's chunk came in between
             claimed.update(row)
             catalog = await self.catalog_cache.refresh(uow.session)
             seg = next((s for s in catalog.segments if s.segment_id == row["segment_id"]), None)
@@ -392,7 +406,7 @@ class Backfill:
             if dependents_to_restart:
                 # Segments built on this one see its new memberships only after their own pass.
                 await segment_store.restart_backfill(uow.session, dependents_to_restart, now)
-        self._conflicts.pop(row["segment_id"], None)
+        self._conflict = None
         if failure is not None:
             self._report(row, failure[0], failure[1], counted=failure[2])
         else:

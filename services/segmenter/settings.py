@@ -85,8 +85,10 @@ class SegmenterSettings(BaseServiceSettings):
     # pause (from `backfill_conflict_pause_s`, doubling, at most 1 s), then a stall like a statement
     # timeout. Retried without limit, a chunk that deadlocked every time (against a steady real-time
     # writer) re-ran its whole statement every second for ever and was never backed off nor failed.
-    backfill_conflict_tries: int = Field(default=4, ge=1)
-    backfill_conflict_pause_s: float = Field(default=0.05, ge=0)
+    # Counted in a row by each worker on its own. Bounded: a pause is at most 1 s, so 20 tries wait
+    # ~15 s at most, and a first pause past that cap would not double.
+    backfill_conflict_tries: int = Field(default=4, ge=1, le=20)
+    backfill_conflict_pause_s: float = Field(default=0.05, ge=0, le=1.0)
     # Segments `failed` because their stored definition did not validate are looked at again at start
     # and then this often: one that validates now (a later release accepts it again) is back-filled
     # again from its first customer. Only those: other failures wait for a retry or a save.

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 from sqlalchemy import text
 
 from services.segmenter.reevaluation import SegmentCatalogCache
-from services.segmenter.schedules import Backfill
+from services.segmenter.schedules import Backfill, conflict_pause_s
+from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import segments as segment_store
 from tests.segmenter.conftest import ADMIN, Harness, make_event
 from tests.segmenter.test_segments_api import seed
@@ -76,6 +79,59 @@ async def refusals(h: Harness) -> int:
             text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM refused_writes")
         )
     return int(n)
+
+
+async def refuse_progress(h: Harness, segment_id: str, sqlstate: str, times: int = 0) -> None:
+    """Every chunk of the segment fails with `sqlstate` as it records its progress, after its
+    statement wrote the memberships and their announcements in the same transaction; only the first
+    `times` such chunks if set. Counted as `refuse` counts (`refusals`)."""
+    await sql(h, "CREATE SEQUENCE IF NOT EXISTS refused_writes")
+    await sql(
+        h,
+        f"""CREATE OR REPLACE FUNCTION refuse_progress() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            n bigint;
+        BEGIN
+            n := nextval('refused_writes');
+            IF {times} = 0 OR n <= {times} THEN
+                RAISE EXCEPTION 'refused for the test' USING ERRCODE = '{sqlstate}';
+            END IF;
+            RETURN NEW;
+        END $$""",
+    )
+    await sql(
+        h,
+        f"""CREATE TRIGGER refused_progress BEFORE UPDATE ON segments FOR EACH ROW
+        WHEN (NEW.segment_id = '{segment_id}' AND NEW.backfill_cursor IS NOT NULL
+              AND NEW.backfill_cursor IS DISTINCT FROM OLD.backfill_cursor)
+        EXECUTE FUNCTION refuse_progress()""",
+    )
+
+
+def record_pauses(
+    h: Harness, during: Callable[[float], Awaitable[None]] | None = None
+) -> tuple[list[float], list[tuple[float, float]]]:
+    """The worker's pauses between conflicting tries, as asked for (none waited: `during` runs in
+    each instead), and the ranges its jitter was asked to draw from (it draws their middle)."""
+    pauses: list[float] = []
+    ranges: list[tuple[float, float]] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if during is not None:
+            await during(seconds)
+
+    def jitter(low: float, high: float) -> float:
+        ranges.append((low, high))
+        return (low + high) / 2
+
+    h.segmenter.backfill.pause, h.segmenter.backfill.jitter = pause, jitter
+    return pauses, ranges
+
+
+def announced(messages: list[dict[str, Any]], segment_id: str) -> Counter[tuple[str, str]]:
+    """How many times each (customer, change) of the segment was announced."""
+    return Counter((m["customer_id"], m["change"]) for m in messages if m["segment_id"] == segment_id)
 
 
 async def view(h: Harness, segment_id: str) -> dict[str, Any]:
@@ -467,10 +523,10 @@ async def test_a_chunk_that_conflicts_every_time_is_a_stall_backed_off_then_fail
     row, then it is a stall like a statement timeout: backed off longer each time, `failed` at the
     stall limit, never counted as the segment's own failure."""
     settings = harness.segmenter.settings
-    settings.backfill_conflict_pause_s = 0.001
     settings.backfill_max_stalls = 3
     tries = settings.backfill_conflict_tries
     assert tries == 4  # the default
+    pauses, _ = record_pauses(harness)
     await seed(harness, 4)
     sid = await create(harness, EVERYONE)
     await refuse(harness, sid, sqlstate)
@@ -491,6 +547,7 @@ async def test_a_chunk_that_conflicts_every_time_is_a_stall_backed_off_then_fail
     assert v["status"] == "failed" and (v["backfill"]["failures"], v["backfill"]["stalls"]) == (0, 3), v
     assert await refusals(harness) == 3 * tries
     assert failures("conflict") - conflicts == 3 * (tries - 1)
+    assert pauses == 3 * [pytest.approx(0.75 * 0.05 * 2**i) for i in range(tries - 1)]
     assert (failures("backed_off") - backed_off, failures("failed") - failed) == (2, 1)
     harness.clock.advance(timedelta(days=1))
     assert not await harness.segmenter.backfill.run_once()
@@ -505,18 +562,35 @@ async def test_a_chunk_that_conflicts_every_time_is_a_stall_backed_off_then_fail
 
 
 async def test_a_conflict_that_passes_within_the_tries_is_tried_again_after_a_pause(harness: Harness) -> None:
-    """The tries are paused (jittered, doubling from `backfill_conflict_pause_s`), holding no lock, and
-    a chunk that goes through on a later one records nothing."""
+    """The tries are paused (jittered, doubling from `backfill_conflict_pause_s`), holding no lock and
+    keeping nothing the conflicting try wrote (its memberships, their announcements), and a chunk that
+    goes through on a later one records nothing and announces each change once."""
     settings = harness.segmenter.settings
     settings.backfill_conflict_pause_s = 0.04
     await seed(harness, 3)
     sid = await create(harness, EVERYONE)
-    await refuse(harness, sid, "40P01", customer="u00", times=2)
+    # After the chunk's statement wrote its memberships and announcements: they go with the try.
+    await refuse_progress(harness, sid, "40P01", times=2)
+    checked: list[float] = []
+
+    async def during(seconds: float) -> None:
+        async with harness.segmenter.platform.engine.begin() as conn:
+            kept = await conn.scalar(
+                text("SELECT count(*) FROM memberships WHERE segment_id = :s"), {"s": sid}
+            )
+            assert kept == 0  # the try's writes were rolled back with it
+            # No lock held: a writer (an edit, a real-time unit) takes the row at once.
+            taken = await conn.execute(
+                text("SELECT 1 FROM segments WHERE segment_id = :s FOR NO KEY UPDATE NOWAIT"), {"s": sid}
+            )
+            assert taken.first() is not None
+        checked.append(seconds)
+
+    pauses, ranges = record_pauses(harness, during)
     conflicts, backed_off = failures("conflict"), failures("backed_off")
-    started = time.monotonic()
     assert await harness.segmenter.backfill.run_once()
-    # At least half of 0.04 + 0.08 s paused; far less than the 1 s the loop waited after a raise.
-    assert time.monotonic() - started >= 0.06
+    assert pauses == [pytest.approx(0.75 * 0.04), pytest.approx(0.75 * 0.08)] and checked == pauses
+    assert ranges == [(0.5, 1.0), (0.5, 1.0)]  # half to all of 0.04, then of 0.08
     assert await refusals(harness) == 3  # two refused, the third went through
     assert (failures("conflict") - conflicts, failures("backed_off") - backed_off) == (2, 0)
     v = await view(harness, sid)
@@ -525,12 +599,86 @@ async def test_a_conflict_that_passes_within_the_tries_is_tried_again_after_a_pa
     await harness.segmenter.backfill.run_until_idle()
     v = await view(harness, sid)
     assert v["status"] == "ready" and v["member_count"] == 3
+    assert announced(await harness.memberships(), sid) == {
+        ("u00", "entered"): 1,
+        ("u01", "entered"): 1,
+        ("u02", "entered"): 1,
+    }
+
+
+async def test_a_conflict_on_every_try_after_the_chunks_writes_announces_nothing_until_it_goes_through(
+    harness: Harness,
+) -> None:
+    """Each try wrote memberships and announcements before its conflict: none is kept, the stall is
+    recorded, and the chunk that goes through later announces each change once."""
+    await seed(harness, 4)
+    sid = await create(harness, EVERYONE)
+    await refuse_progress(harness, sid, "40001")
+    pauses, _ = record_pauses(harness)
+    assert await harness.segmenter.backfill.run_once()
+    assert await refusals(harness) == 4 and len(pauses) == 3
+    v = await view(harness, sid)
+    assert v["status"] == "backfilling" and v["backfill"]["stalls"] == 1 and v["backfill"]["processed"] == 0
+    assert v["backfill"]["error"] == "SerializationError: refused for the test"
+    assert await members(harness, sid) == []
+    assert not announced(await harness.memberships(), sid)
+    await sql(harness, "DROP TRIGGER refused_progress ON segments")
+    harness.clock.advance(timedelta(seconds=60))
+    await harness.segmenter.backfill.run_until_idle()
+    assert (await view(harness, sid))["status"] == "ready"
+    assert announced(await harness.memberships(), sid) == {(f"u0{i}", "entered"): 1 for i in range(4)}
+
+
+async def test_conflicts_count_in_a_row_a_claim_that_finds_nothing_starts_them_over(
+    harness: Harness,
+) -> None:
+    """The worker kept a count per segment it had met a conflict on, cleared only when that segment's
+    chunk went through or stalled: a later conflict on it, however long after, was counted on top
+    (stalled early), and segments edited or deleted meanwhile stayed in the count for good."""
+    harness.segmenter.settings.backfill_conflict_tries = 2
+    await seed(harness, 3)
+    sid = await create(harness, EVERYONE)
+    await refuse(harness, sid, "40P01")
+    held: list[Any] = []
+
+    async def during(_: float) -> None:
+        if not held:  # another replica takes the segment meanwhile: the next claim finds nothing
+            conn = await harness.segmenter.platform.engine.connect()
+            await conn.begin()
+            await conn.execute(
+                text("SELECT 1 FROM segments WHERE segment_id = :s FOR NO KEY UPDATE"), {"s": sid}
+            )
+            held.append(conn)
+
+    record_pauses(harness, during)
+    assert not await harness.segmenter.backfill.run_once()  # one conflict, then nothing to claim
+    assert await refusals(harness) == 1
+    await held[0].rollback()
+    await held[0].close()
+    assert await harness.segmenter.backfill.run_once()  # two conflicts in a row now: a stall
+    assert await refusals(harness) == 3  # not 2: the first did not count on top
+    v = await view(harness, sid)
+    assert (v["backfill"]["failures"], v["backfill"]["stalls"]) == (0, 1), v
+
+
+def test_the_conflict_pause_doubles_up_to_a_second_and_its_settings_are_bounded() -> None:
+    """2 ** (tries - 1) overflowed a float past ~1025 tries (the loop raised for ever); a first pause
+    past the 1 s cap did not double, silently: both settings are bounded."""
+    assert [conflict_pause_s(0.05, t) for t in (1, 2, 3, 5, 6)] == [0.05, 0.1, 0.2, 0.8, 1.0]
+    assert conflict_pause_s(0.05, 5000) == 1.0 and conflict_pause_s(0.0, 5000) == 0.0
+    for bad in ({"backfill_conflict_tries": 21}, {"backfill_conflict_tries": 0}):
+        with pytest.raises(ValidationError, match="backfill_conflict_tries"):
+            SegmenterSettings(**bad)
+    with pytest.raises(ValidationError, match="backfill_conflict_pause_s"):
+        SegmenterSettings(backfill_conflict_pause_s=1.5)
+    bounds = SegmenterSettings(backfill_conflict_tries=20, backfill_conflict_pause_s=1.0)
+    assert (bounds.backfill_conflict_tries, bounds.backfill_conflict_pause_s) == (20, 1.0)
 
 
 async def test_a_conflict_past_the_chunks_savepoint_on_the_last_try_is_a_stall_too(harness: Harness) -> None:
     """The end of a pass restarts the segments built on it after the chunk's savepoint: a conflict
     there on the last try loses the transaction, and is recorded as a stall in one of its own."""
-    harness.segmenter.settings.backfill_conflict_pause_s = 0.001
+    record_pauses(harness)
     await seed(harness, 3)
     base = await harness.create_segment(EVERYONE, "Base")
     built = await harness.create_segment({"member_of": base}, "Built on it")

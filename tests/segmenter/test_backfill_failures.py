@@ -861,3 +861,39 @@ async def test_retrying_a_segment_failed_for_its_definition_starts_a_new_pass(ha
     v = await view(harness, sid)
     assert v["status"] == "ready" and v["backfill"]["processed"] == 6
     assert await members(harness, sid) == ["u03"]
+
+
+async def test_a_bare_invalidrule_of_the_release_before_is_recognised(harness: Harness) -> None:
+    """The 2026-12-07 release wrote a bare `InvalidRule` when the catalogue gave no reason: such a
+    segment was not taken up again, and a retry went on from its cursor."""
+    await seed(harness, 6)
+    harness.segmenter.settings.backfill_chunk_size = 2
+    failed = []
+    for name in ("Taken up", "Retried"):
+        sid = await create(harness, VALID_LATER, name)
+        assert await harness.segmenter.backfill.run_once()  # u00, u01
+        await store_definition(harness, sid, "9999-12-31T23:59:59-01:00", new_version=True)
+        assert await harness.segmenter.backfill.run_once()
+        failed.append(sid)
+    taken_up, retried = failed
+    await sql(harness, "UPDATE segments SET backfill_error = 'InvalidRule'")
+    for sid in (taken_up, retried):
+        v = await view(harness, sid)
+        assert (v["status"], v["backfill"]["error"], v["backfill"]["processed"]) == (
+            "failed",
+            "InvalidRule",
+            2,
+        )
+    # Repaired by hand, retried: a new pass.
+    await store_definition(harness, retried, "9999-12-31", new_version=True)
+    r = await harness.client.post(f"/v1/segments/{retried}/backfill/retry", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "backfilling" and r.json()["backfill"]["processed"] == 0
+    # Accepted by a later release: taken up, from the first customer.
+    await store_definition(harness, taken_up, "9999-12-31", new_version=False)
+    upgraded = Backfill(
+        harness.segmenter.platform, harness.clock, SegmentCatalogCache(), harness.segmenter.settings
+    )
+    assert await upgraded.run_once()
+    v = await view(harness, taken_up)
+    assert v["status"] == "backfilling" and v["backfill"]["processed"] == 0, v

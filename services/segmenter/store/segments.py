@@ -37,11 +37,16 @@ SEGMENT_COLUMNS = (
     f"CASE WHEN {_CURRENT_FAILURE} THEN backfill_failed_at END AS backfill_failed_at, created_at, updated_at"
 )
 # How the error of a segment failed for its stored definition begins (`fail_definition`, and a chunk
-# failing with `InvalidRule`), as every release since 2026-12-08 writes it (for the current pass:
-# `_CURRENT_FAILURE`): the only failure that a later release can mend by itself, so the worker looks
-# for it (`failed_for_definition`).
+# failing with `InvalidRule`): the only failure a later release can mend by itself, so the worker
+# looks for it (`failed_for_definition`), on the current pass only (`_CURRENT_FAILURE`). Every release
+# that marks segments `failed` writes it so, but for a bare `InvalidRule` (the 2026-12-07 release's
+# fallback when the catalogue gave no reason), recognised too.
 DEFINITION_ERROR = "InvalidRule: "
-_DEFINITION_FAILURE = f"({_CURRENT_FAILURE} AND starts_with(backfill_error, :definition_error))"
+_DEFINITION_FAILURE = (
+    f"({_CURRENT_FAILURE} AND (backfill_error = :definition_bare "
+    "OR starts_with(backfill_error, :definition_error)))"
+)
+_DEFINITION_PARAMS = {"definition_error": DEFINITION_ERROR, "definition_bare": DEFINITION_ERROR[:-2]}
 # A new back-fill pass: from the first customer, no failure yet.
 _START_PASS = (
     "status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
@@ -477,7 +482,7 @@ async def failed_for_definition(session: AsyncSession) -> list[tuple[str, int]]:
             f"SELECT segment_id, version FROM segments WHERE status = 'failed' AND {_DEFINITION_FAILURE} "
             "ORDER BY segment_id"
         ),
-        {"definition_error": DEFINITION_ERROR},
+        _DEFINITION_PARAMS,
     )
     return [(r[0], r[1]) for r in rows]
 
@@ -494,7 +499,7 @@ async def restart_failed_definition(
             f"UPDATE segments SET {_START_PASS} WHERE segment_id = :s AND version = :v "
             f"AND status = 'failed' AND {_DEFINITION_FAILURE}"
         ),
-        {"s": segment_id, "v": version, "now": now, "definition_error": DEFINITION_ERROR},
+        {"s": segment_id, "v": version, "now": now, **_DEFINITION_PARAMS},
     )
     return bool(getattr(result, "rowcount", 0))
 
@@ -502,7 +507,10 @@ async def restart_failed_definition(
 def failed_for_its_definition(row: Mapping[str, Any]) -> bool:
     """Whether a segment row (`SEGMENT_COLUMNS`: its current pass's error) failed for its stored
     definition."""
-    return row["status"] == "failed" and str(row["backfill_error"] or "").startswith(DEFINITION_ERROR)
+    error = str(row["backfill_error"] or "")
+    return row["status"] == "failed" and (
+        error == _DEFINITION_PARAMS["definition_bare"] or error.startswith(DEFINITION_ERROR)
+    )
 
 
 async def retry_backfill(session: AsyncSession, segment_id: str) -> None:

@@ -236,30 +236,58 @@ class Backfill:
         """Back-fill again, from the first customer, the segments `failed` for a stored definition
         that validates now (saved by a later release, failed by an earlier one after a rollback,
         accepted again by this one), logged; at the first pass, then every
-        `backfill_invalid_recheck_s`. Only those: other failures wait for a retry or a save. True
-        if it restarted any."""
+        `backfill_invalid_recheck_s` (0: never). Only those: other failures wait for a retry or a
+        save. One built on another restarted here waits for it: the end of that one's pass restarts
+        it. True if it restarted any."""
+        interval = self.settings.backfill_invalid_recheck_s
+        if interval <= 0:
+            return False
         now = self.clock.now()
         last = self._rechecked_at
-        if last is not None and 0 <= (now - last).total_seconds() < self.settings.backfill_invalid_recheck_s:
+        if last is not None and 0 <= (now - last).total_seconds() < interval:
             return False
-        self._rechecked_at = now
         async with self.platform.unit_of_work() as uow:
             failed = await segment_store.failed_for_definition(uow.session)
-            if not failed:
-                return False
-            catalog = await self.catalog_cache.refresh(uow.session)
-            valid = {(s.segment_id, s.version) for s in catalog.segments}
-            restarted = [
-                (sid, version)
-                for sid, version in failed
-                if (sid, version) in valid
-                and await segment_store.restart_failed_definition(uow.session, sid, version, now)
-            ]
-        for sid, version in restarted:
+            restarted: list[tuple[SegmentRule, datetime | None]] = []
+            existing: set[str] = set()
+            if failed:
+                catalog = await self.catalog_cache.refresh(uow.session)
+                valid = {(s.segment_id, s.version): s for s in catalog.segments}
+                mended = {
+                    sid: (valid[sid, version], at) for sid, version, at in failed if (sid, version) in valid
+                }
+                # Built on one restarted here: restarted when that one's pass ends (seeing its new
+                # memberships), not twice.
+                later = catalog.with_dependents(
+                    {d for sid in mended for d in catalog.dependents.get(sid, ())}
+                )
+                restarted = [
+                    (seg, at)
+                    for sid, (seg, at) in mended.items()
+                    if sid not in later
+                    and await segment_store.restart_failed_definition(uow.session, sid, seg.version, now)
+                ]
+                existing = catalog.ids | set(self.catalog_cache.invalid)
+        # Looked: not again for `interval` (but at once after an outage, which raised before this).
+        self._rechecked_at = now
+        for seg, failed_at in restarted:
             log.warning(
-                "segment's stored definition validates again; back-filled again from the first customer",
-                extra={"segment_id": sid, "version": version},
+                "segment's stored definition validates again; back-filled again from the first customer, "
+                "announcing every membership that changed since",
+                extra={
+                    "segment_id": seg.segment_id,
+                    "version": seg.version,
+                    "failed_at": failed_at.isoformat() if failed_at else None,
+                },
             )
+            gone = sorted(seg.refs.segments - existing)
+            if gone:
+                # Not checked as a save checks it: no member of these is found.
+                log.warning(
+                    "segment back-filled again refers (member_of) to segments that no longer exist; "
+                    "none of their members counts",
+                    extra={"segment_id": seg.segment_id, "version": seg.version, "missing": gone},
+                )
         return bool(restarted)
 
     async def fail_invalid(self) -> bool:

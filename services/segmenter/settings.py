@@ -91,7 +91,8 @@ class SegmenterSettings(BaseServiceSettings):
     backfill_conflict_pause_s: float = Field(default=0.05, ge=0, le=1.0)
     # Segments `failed` because their stored definition did not validate are looked at again at start
     # and then this often: one that validates now (a later release accepts it again) is back-filled
-    # again from its first customer. Only those: other failures wait for a retry or a save.
+    # again from its first customer, announcing what changed meanwhile. Only those: other failures
+    # wait for a retry or a save. 0: never (operators save or retry each themselves).
     backfill_invalid_recheck_s: float = Field(default=300.0, ge=0)
     # Run the background loops (tests drive them by hand with `run_once`).
     run_background_loops: bool = True

@@ -775,6 +775,8 @@ async def test_a_segment_failed_for_its_stored_definition_is_back_filled_again_o
     await identify(harness, "p1", "u00", "free")
     await identify(harness, "p2", "u01", "pro")
     assert await members(harness, sid) == ["u00"]
+    before = announced(await harness.memberships(), sid)
+    assert before == {("u00", "entered"): 1}
     harness.clock.advance(timedelta(seconds=harness.settings.backfill_invalid_recheck_s))
     assert not await harness.segmenter.backfill.run_once()  # still invalid to this release: stays failed
     assert (await view(harness, sid))["status"] == "failed"
@@ -787,16 +789,20 @@ async def test_a_segment_failed_for_its_stored_definition_is_back_filled_again_o
     with caplog.at_level(logging.WARNING, logger="services.segmenter.schedules"):
         assert await upgraded.run_once()  # at its first pass
     logged = [r for r in caplog.records if "validates again" in r.getMessage()]
-    assert [(getattr(r, "segment_id", None), getattr(r, "version", None)) for r in logged] == [
-        (sid, v["version"])
-    ]
+    assert [
+        (getattr(r, "segment_id", None), getattr(r, "version", None), getattr(r, "failed_at", None))
+        for r in logged
+    ] == [(sid, v["version"], v["backfill"]["failed_at"].replace("Z", "+00:00"))]
     resumed = await view(harness, sid)
     assert resumed["status"] == "backfilling" and resumed["version"] == v["version"]
     assert resumed["backfill"]["processed"] == 0  # from the first customer
     assert (resumed["backfill"]["failures"], resumed["backfill"]["error"]) == (0, None)
 
-    # During the rollout a replica of the older release fails it again; the later one looks again
+    # During the rollout a replica of the older release fails it again (after the later one's first
+    # chunk, u00 and u01, announced their changes); the later one looks again
     # `backfill_invalid_recheck_s` later (not at every pass).
+    assert await upgraded.run_once()
+    assert (await view(harness, sid))["backfill"]["processed"] == 2
     assert await harness.segmenter.backfill.run_once()
     assert (await view(harness, sid))["status"] == "failed"
     assert not await upgraded.run_once()
@@ -808,6 +814,12 @@ async def test_a_segment_failed_for_its_stored_definition_is_back_filled_again_o
     v = await view(harness, sid)
     assert v["status"] == "ready" and v["backfill"]["processed"] == 6
     assert await members(harness, sid) == ["u01", "u03"]  # u00 left and u01 joined while it was failed
+    # Each change announced once over both passes: u03, beyond the cursor, entering too.
+    assert announced(await harness.memberships(), sid) - before == {
+        ("u00", "exited"): 1,
+        ("u01", "entered"): 1,
+        ("u03", "entered"): 1,
+    }
 
 
 async def test_only_segments_failed_for_their_definition_are_taken_up_again(harness: Harness) -> None:
@@ -861,6 +873,122 @@ async def test_retrying_a_segment_failed_for_its_definition_starts_a_new_pass(ha
     v = await view(harness, sid)
     assert v["status"] == "ready" and v["backfill"]["processed"] == 6
     assert await members(harness, sid) == ["u03"]
+
+
+async def fail_for_definition(h: Harness, *segment_ids: str) -> None:
+    """As an older release after a rollback: the segments' stored definitions (saved by a newer one)
+    do not validate, and it marks them `failed`."""
+    for sid in segment_ids:
+        await store_definition(h, sid, "9999-12-31T23:59:59-01:00", new_version=True)
+    assert await h.segmenter.backfill.run_once()
+    for sid in segment_ids:
+        assert (await view(h, sid))["status"] == "failed"
+    for sid in segment_ids:  # a release that accepts them reads the same stored versions
+        await store_definition(h, sid, "9999-12-31", new_version=False)
+
+
+def upgraded_worker(h: Harness) -> Backfill:
+    """The back-fill worker of a release that accepts them (a fresh process)."""
+    return Backfill(h.segmenter.platform, h.clock, SegmentCatalogCache(), h.segmenter.settings)
+
+
+async def test_taking_failed_definitions_up_again_can_be_turned_off(harness: Harness) -> None:
+    """0 looked at every pass: there was no way to leave such segments to an operator (a pass from
+    the first customer announces every change since the segment failed)."""
+    harness.settings.backfill_invalid_recheck_s = 0
+    await seed(harness, 3)
+    sid = await harness.create_segment(VALID_LATER)
+    await fail_for_definition(harness, sid)
+    upgraded = upgraded_worker(harness)
+    for _ in range(3):
+        assert not await upgraded.run_once()
+        harness.clock.advance(timedelta(days=1))
+    assert (await view(harness, sid))["status"] == "failed"
+    # By hand instead: the retry starts from the first customer.
+    r = await harness.client.post(f"/v1/segments/{sid}/backfill/retry", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "backfilling" and r.json()["backfill"]["processed"] == 0
+    await upgraded.run_until_idle()
+    assert (await view(harness, sid))["status"] == "ready"
+
+
+async def test_a_look_that_failed_is_made_again_at_the_next_pass(harness: Harness) -> None:
+    """The time of the look was noted before its query: one that failed (the database away, or any
+    error) skipped the segments for `backfill_invalid_recheck_s` (300 s)."""
+    await seed(harness, 3)
+    sid = await harness.create_segment(VALID_LATER)
+    await fail_for_definition(harness, sid)
+    upgraded = upgraded_worker(harness)
+    # The look's query fails (an error from PostgreSQL, as any there would).
+    await sql(harness, "ALTER TABLE segments RENAME COLUMN backfill_failed_at TO failed_at_away")
+    with pytest.raises(Exception, match="backfill_failed_at"):
+        await upgraded.run_once()
+    await sql(harness, "ALTER TABLE segments RENAME COLUMN failed_at_away TO backfill_failed_at")
+    assert await upgraded.run_once()  # at once, the clock unmoved
+    assert (await view(harness, sid))["status"] == "backfilling"
+    await upgraded.run_until_idle()
+    assert (await view(harness, sid))["status"] == "ready"
+
+
+async def test_a_segment_built_on_another_taken_up_with_it_waits_for_its_pass(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both were restarted in the same look: the one built on the other was back-filled against its
+    base's stale memberships, then again when the base's pass ended (twice the work, and changes
+    announced then taken back)."""
+    await seed(harness, 6)  # u00 and u03 are pro
+    base = await harness.create_segment(VALID_LATER, "Base")
+    built = await harness.create_segment(
+        {"or": [{"member_of": base}, {"trait": "d", "op": "before", "value": "9999-12-31"}]}, "Built"
+    )
+    beyond = await harness.create_segment(
+        {"or": [{"member_of": built}, {"trait": "d", "op": "before", "value": "9999-12-31"}]}, "Beyond"
+    )
+    assert await members(harness, beyond) == ["u00", "u03"]
+    await fail_for_definition(harness, base, built, beyond)
+    await identify(harness, "p1", "u00", "free")  # real time leaves all three out
+    upgraded = upgraded_worker(harness)
+    with caplog.at_level(logging.WARNING, logger="services.segmenter.schedules"):
+        assert await upgraded.run_once()
+    logged = [getattr(r, "segment_id", None) for r in caplog.records if "validates again" in r.getMessage()]
+    assert logged == [base]
+    assert [(await view(harness, s))["status"] for s in (base, built, beyond)] == [
+        "backfilling",
+        "failed",
+        "failed",
+    ]
+    await upgraded.run_until_idle()  # the base's end restarts `built`, whose end restarts `beyond`
+    for sid in (base, built, beyond):
+        v = await view(harness, sid)
+        assert v["status"] == "ready" and v["backfill"]["processed"] == 6, v
+        assert await members(harness, sid) == ["u03"]
+        assert announced(await harness.memberships(), sid) == {
+            ("u00", "entered"): 1,
+            ("u03", "entered"): 1,
+            ("u00", "exited"): 1,
+        }
+
+
+async def test_a_segment_taken_up_again_that_names_a_deleted_one_is_logged(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Taken up again without the check a save makes (member_of names existing segments): silently,
+    it counted no member of the missing one."""
+    await seed(harness, 3)
+    gone = await harness.create_segment({"trait": "plan", "op": "equals", "value": "nobody"}, "Gone")
+    sid = await harness.create_segment(
+        {"or": [{"member_of": gone}, {"trait": "d", "op": "before", "value": "9999-12-31"}]}
+    )
+    await fail_for_definition(harness, sid)
+    await sql(harness, "DELETE FROM segments WHERE segment_id = :s", s=gone)  # as a newer release might
+    upgraded = upgraded_worker(harness)
+    with caplog.at_level(logging.WARNING, logger="services.segmenter.schedules"):
+        assert await upgraded.run_once()
+    logged = [r for r in caplog.records if "no longer exist" in r.getMessage()]
+    assert [(getattr(r, "segment_id", None), getattr(r, "missing", None)) for r in logged] == [(sid, [gone])]
+    await upgraded.run_until_idle()
+    v = await view(harness, sid)
+    assert v["status"] == "ready" and v["member_count"] == 0
 
 
 async def test_a_bare_invalidrule_of_the_release_before_is_recognised(harness: Harness) -> None:

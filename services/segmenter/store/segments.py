@@ -474,17 +474,18 @@ async def fail_definition(
     return bool(getattr(result, "rowcount", 0))
 
 
-async def failed_for_definition(session: AsyncSession) -> list[tuple[str, int]]:
-    """(id, version) of the segments `failed` because their stored definition did not validate (by
-    the error of their current pass): a release that accepts it again may back-fill them again."""
+async def failed_for_definition(session: AsyncSession) -> list[tuple[str, int, datetime | None]]:
+    """(id, version, failed at) of the segments `failed` because their stored definition did not
+    validate (by the error of their current pass): a release that accepts it again may back-fill them
+    again."""
     rows = await session.execute(
         text(
-            f"SELECT segment_id, version FROM segments WHERE status = 'failed' AND {_DEFINITION_FAILURE} "
-            "ORDER BY segment_id"
+            "SELECT segment_id, version, backfill_failed_at FROM segments "
+            f"WHERE status = 'failed' AND {_DEFINITION_FAILURE} ORDER BY segment_id"
         ),
         _DEFINITION_PARAMS,
     )
-    return [(r[0], r[1]) for r in rows]
+    return [(r[0], r[1], r[2]) for r in rows]
 
 
 async def restart_failed_definition(

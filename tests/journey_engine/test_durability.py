@@ -600,7 +600,9 @@ async def test_timers_failing_in_several_journeys_hold_back_no_other_journey_nor
         # Only the broken journeys' timers are due: put off, nothing counted, broadcasts looked for.
         h.clock.advance(timedelta(minutes=30))
         for _ in range(2):
-            with pytest.raises(TimersFailing, match="in 2 journeys, and no other journey's timer fired"):
+            with pytest.raises(
+                TimersFailing, match="in 2 journeys, and no other journey's timer stepped its instance"
+            ):
                 await h.engine.run_once()
         assert len(looked) == 2
         assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts FROM timers")] == [(0,)]

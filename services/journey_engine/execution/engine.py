@@ -1180,7 +1180,7 @@ class JourneyEngine:
             )
         error = TimersFailing(
             f"all {len(failed)} timers of the batch failed alone, in {len(journeys)} journeys, and no "
-            f"other journey's timer fired: taken for an outage, {len(put_off)} put off "
+            f"other journey's timer stepped its instance: taken for an outage, {len(put_off)} put off "
             f"({_error_text(failed[0][1])})"
         )
         error.__cause__ = failed[0][1]

@@ -186,6 +186,15 @@ def run_after_edit(
     raise SchedulePassed(at)
 
 
+def run_on_activation(at: datetime, every: timedelta | None, *, now: datetime) -> datetime:
+    """A draft schedule's first run when it is activated: `at` (a recurring schedule whose `at` has
+    passed runs at once, then on its grid). A one-off whose `at` has passed is refused
+    (`SchedulePassed`), as on resume and edit: it would go out at once, late."""
+    if every is None and at < now:
+        raise SchedulePassed(at)
+    return at
+
+
 def run_on_resume(
     at: datetime, every: timedelta | None, *, pending: datetime | None, started: bool, now: datetime
 ) -> datetime | None:

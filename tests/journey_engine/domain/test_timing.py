@@ -14,6 +14,7 @@ from services.journey_engine.domain.timing import (
     SchedulePassed,
     parse_instant,
     run_after_edit,
+    run_on_activation,
     run_on_resume,
     upcoming_run,
     zone,
@@ -131,6 +132,16 @@ def test_a_resumed_schedule_follows_its_definition_not_the_run_left_pending() ->
         with pytest.raises(SchedulePassed) as passed:
             run_on_resume(AT, None, pending=pending, started=False, now=now)
         assert passed.value.due == AT
+
+
+def test_an_activated_draft_runs_at_its_at_but_a_one_off_that_passed_is_refused() -> None:
+    for every in (None, WEEK):
+        assert run_on_activation(AT, every, now=AT - DAY) == AT
+        assert run_on_activation(AT, every, now=AT) == AT  # due this instant
+    assert run_on_activation(AT, WEEK, now=AT + DAY) == AT  # at once, then on its grid
+    with pytest.raises(SchedulePassed) as passed:
+        run_on_activation(AT, None, now=AT + timedelta(seconds=1))
+    assert passed.value.due == AT
 
 
 def test_upcoming_run_is_at_while_ahead_then_the_grid() -> None:

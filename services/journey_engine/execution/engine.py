@@ -62,6 +62,7 @@ from services.journey_engine.settings import JourneyEngineSettings
 from services.journey_engine.store import batch_read, projection
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
+from services.journey_engine.store import parked as parked_store
 from services.journey_engine.store import recommendations as recommendation_projection
 from services.journey_engine.store.instances import (
     ClaimedTimer,
@@ -71,6 +72,7 @@ from services.journey_engine.store.instances import (
     StepWriter,
 )
 from services.journey_engine.store.journeys import JourneyRow
+from services.journey_engine.store.parked import ParkedTimer
 from shared.clock import Clock
 from shared.contracts.events import (
     RESYNC_CAUSE,
@@ -131,6 +133,8 @@ TRANSIENT_PAUSE_S = 0.05
 FAILED_PASS_PAUSE_MAX_S = 30.0
 # The exit reason of an archived journey's instances.
 ARCHIVED = "archived"
+# The exit reason of an instance whose parked timer an operator discarded (`discard_parked`).
+TIMER_DISCARDED = "timer_discarded"
 BROADCAST_FAILURES = Counter(
     "clm_journey_broadcast_failures_total",
     "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
@@ -180,6 +184,18 @@ class Fired:
 
     timers: list[ClaimedTimer]
     stepped: list[ClaimedTimer]
+
+
+@dataclass(frozen=True)
+class ParkedHandled:
+    """What one unit of work did to parked timers (`JourneyEngine.requeue_parked`, `discard_parked`):
+    those it read (`seen`), those it put back or discarded (`timers`, as they stood under their
+    instances' locks), the instances a discard exited, and its time (a requeued timer's due time)."""
+
+    seen: list[ParkedTimer]
+    timers: list[ParkedTimer]
+    exited: set[str]
+    at: datetime
 
 
 @dataclass
@@ -1238,6 +1254,101 @@ class JourneyEngine:
             exc_info=failure,
         )
 
+    # ------------------------------------------------------------------ parked timers (operators)
+
+    async def requeue_parked(self, journey_id: str, timer_ids: Sequence[int]) -> ParkedHandled:
+        """Put these parked timers of the journey back among the due timers, under their ids, due now
+        with no tries counted: the next pass fires them (one whose instance moved on as a no-op)."""
+        done = await self._handle_parked(lambda s: parked_store.find(s, journey_id, timer_ids), discard=False)
+        if done.timers:
+            log.info("parked timers put back", extra={"journey": journey_id, "timers": len(done.timers)})
+        return done
+
+    async def discard_parked(self, journey_id: str, timer_ids: Sequence[int]) -> ParkedHandled:
+        """Delete these parked timers of the journey; an instance one still held (active, at the step
+        it was armed for) exits there (`TIMER_DISCARDED`, counted and with its goal window as any
+        exit), so its correlation value may enter again, as the re-entry policy says."""
+        done = await self._handle_parked(lambda s: parked_store.find(s, journey_id, timer_ids), discard=True)
+        if done.timers:
+            log.info(
+                "parked timers discarded",
+                extra={"journey": journey_id, "timers": len(done.timers), "exited": len(done.exited)},
+            )
+        return done
+
+    async def handle_all_parked(
+        self, journey_id: str, *, discard: bool, node_id: str | None = None
+    ) -> tuple[int, int, datetime]:
+        """Requeue (or discard) every parked timer of the journey (of its instances at `node_id`, if
+        given), `timer_batch_size` per unit of work (a timer batch's locks at most): (timers handled,
+        instances exited, the time). Those parked while it runs may be left: list them again."""
+        size = self.settings.timer_batch_size
+        after, handled, exited, at = 0, 0, 0, self.clock.now()
+
+        async def chunk(session: AsyncSession) -> list[ParkedTimer]:
+            return await parked_store.next_chunk(session, journey_id, after, size, node_id)
+
+        while True:
+            done = await self._handle_parked(chunk, discard=discard)
+            handled, exited, at = handled + len(done.timers), exited + len(done.exited), done.at
+            if len(done.seen) < size:
+                break
+            after = max(t.id for t in done.seen)
+        if handled:
+            log.info(
+                "parked timers discarded" if discard else "parked timers put back",
+                extra={"journey": journey_id, "node": node_id, "timers": handled, "exited": exited},
+            )
+        return handled, exited, at
+
+    async def _handle_parked(
+        self, read: Callable[[AsyncSession], Awaitable[list[ParkedTimer]]], *, discard: bool
+    ) -> ParkedHandled:
+        """`_parked_unit`, tried again after a short pause when a transient condition of the database
+        failed it (a deadlock with a merge moving the instances' customer, say)."""
+        for attempt in range(1, TRANSIENT_TRIES + 1):
+            try:
+                return await self._parked_unit(read, discard=discard)
+            except Exception as exc:
+                if attempt == TRANSIENT_TRIES or not db_errors.is_transient(exc):
+                    raise
+                await asyncio.sleep(db_errors.backoff(TRANSIENT_PAUSE_S, attempt, 1.0))
+        raise AssertionError("unreachable")
+
+    async def _parked_unit(
+        self, read: Callable[[AsyncSession], Awaitable[list[ParkedTimer]]], *, discard: bool
+    ) -> ParkedHandled:
+        """One unit of work: the parked timers `read` finds, put back or discarded (state and outbox
+        together, as any step)."""
+        now = self.clock.now()
+        async with self.platform.unit_of_work() as uow:
+            session = uow.session
+            seen = await read(session)
+            if not seen:
+                return ParkedHandled([], [], set(), now)
+            # Their instances first, in id order, as steps and erasures lock them (an erasure then
+            # deletes their timers, parked ones too): whether one still holds its instance is read
+            # under that lock, and no timer is put back for an instance being erased.
+            locked = await instance_store.lock_instances(session, sorted({t.instance_id for t in seen}))
+            rows = {r.id: r for r, _ in locked}
+            current = [_as_held(t, rows.get(t.instance_id)) for t in seen]
+            if not discard:
+                done = await parked_store.requeue(session, current, now)
+                return ParkedHandled(seen, [t for t in current if t.id in done], set(), now)
+            done = await parked_store.discard(session, current)
+            writer = StepWriter(now)
+            exited: set[str] = set()
+            for t in current:
+                row = rows.get(t.instance_id)
+                if t.id not in done or not t.holds_instance or row is None or row.id in exited:
+                    continue  # gone meanwhile, or it holds nobody (the instance moved on or exited)
+                graph = await self.graph(session, row.journey_id, row.version)
+                goal = graph.definition.goal if graph is not None else None
+                self._leave(writer, row, "exited", TIMER_DISCARDED, "exited", goal)
+                exited.add(row.id)
+            await writer.flush(session)
+            return ParkedHandled(seen, [t for t in current if t.id in done], exited, now)
+
     async def run_due_broadcasts(self) -> int:
         """Scheduled broadcasts (and enrolment of current segment members) that are due: a chunk of
         members per transaction, round robin over the due journeys until the pass's budget is spent
@@ -1485,6 +1596,19 @@ class JourneyEngine:
 def instance_id(journey_id: str, customer_id: str, trigger_id: str) -> str:
     """Deterministic: the same trigger (a message, a broadcast's run) never enters a customer twice."""
     return str(uuid.uuid5(INSTANCE_NAMESPACE, f"{journey_id}|{customer_id}|{trigger_id}"))
+
+
+def _as_held(timer: ParkedTimer, row: InstanceRow | None) -> ParkedTimer:
+    """A parked timer as its instance stands under its lock (None: the instance is gone)."""
+    if row is None:
+        return replace(timer, holds_instance=False)
+    return replace(
+        timer,
+        version=row.version,
+        node_id=row.node_id,
+        instance_status=row.status,
+        holds_instance=row.status == "active" and row.seq == timer.seq,
+    )
 
 
 def _chain(row: InstanceRow) -> str | None:

@@ -1,0 +1,195 @@
+"""Parked timers (admin token): a journey's timers whose step kept failing, listed, put back among the
+due timers once the cause is fixed, or discarded (their customers exit)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.journey_engine.execution.engine import TIMER_DISCARDED, JourneyEngine, ParkedHandled
+from services.journey_engine.store import journeys as journey_store
+from services.journey_engine.store import parked as parked_store
+from services.journey_engine.store.parked import ParkedTimer
+from shared.http import ApiError, admin_guard, field_error
+from shared.runtime import Platform
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+TimerId = Annotated[int, Path(ge=1, le=2**63 - 1, description="the parked timer's id (`id` in the listing)")]
+
+
+class ParkedSelection(BaseModel):
+    """Which of a journey's parked timers a bulk request takes: all, or those of its customers at
+    one node."""
+
+    model_config = ConfigDict(extra="forbid")
+    node_id: str | None = None
+
+
+def cursor_of(timer: ParkedTimer) -> str:
+    """A URL-safe keyset cursor: when the timer was parked (microseconds since the epoch) and its id."""
+    return f"{(timer.parked_at - EPOCH) // timedelta(microseconds=1)}-{timer.id}"
+
+
+def parse_cursor(after: str | None) -> tuple[datetime, int] | None:
+    if after is None:
+        return None
+    try:
+        # The last "-": times before 1970 are negative (`-123-7`).
+        micros, timer_id = after.rsplit("-", 1)
+        at, number = EPOCH + timedelta(microseconds=int(micros)), int(timer_id)
+        if not 0 <= number < 2**63:
+            raise ValueError(timer_id)
+        return at, number
+    except (ValueError, OverflowError):
+        raise ApiError(
+            400,
+            "invalid_request",
+            "bad cursor",
+            errors=[field_error("after", "cursor", "use the `next_after` of the previous page")],
+        ) from None
+
+
+def timer_view(t: ParkedTimer) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "instance_id": t.instance_id,
+        "customer_id": t.customer_id,
+        "version": t.version,
+        "node_id": t.node_id,
+        "instance_status": t.instance_status,
+        "holds_instance": t.holds_instance,
+        "due_at": t.due_at.isoformat(),
+        "parked_at": t.parked_at.isoformat(),
+        "attempts": t.attempts,
+        "error": t.error,
+    }
+
+
+def build_parked_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
+    router = APIRouter(
+        prefix="/v1/journeys/{journey_id}/parked-timers",
+        tags=["journeys"],
+        dependencies=[Depends(admin_guard(platform.settings))],
+    )
+
+    async def check_journey(session: AsyncSession, journey_id: str) -> None:
+        if await journey_store.get(session, journey_id) is None:
+            raise ApiError(404, "not_found", f"no journey '{journey_id}'")
+
+    async def check_node(session: AsyncSession, journey_id: str, node_id: str | None, field: str) -> None:
+        """A node of some version of the journey: a typo would otherwise match nothing, silently."""
+        if node_id is None:
+            return
+        for version in await journey_store.versions(session, journey_id):
+            graph = await engine.graph(session, journey_id, version)
+            if graph is not None and node_id in graph.nodes:
+                return
+            raw = await journey_store.definition(session, journey_id, version) if graph is None else None
+            nodes = raw.get("nodes") if isinstance(raw, dict) else None
+            if isinstance(nodes, list) and any(isinstance(n, dict) and n.get("id") == node_id for n in nodes):
+                return  # a stored definition the engine cannot read: its node ids still count
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"journey '{journey_id}' has no node '{node_id}' in any version",
+            errors=[field_error(field, "unknown_node", "must be the id of a node of the journey")],
+        )
+
+    async def not_parked(journey_id: str, timer_id: int, action: str) -> ApiError:
+        """Why a timer could not be requeued or discarded: back among the due timers already (409),
+        or no parked timer of this journey (404). Nothing was changed either way."""
+        async with platform.unit_of_work() as uow:
+            due = await parked_store.due_timers(uow.session, journey_id, [timer_id])
+        if timer_id in due:
+            message = (
+                f"timer {timer_id} is not parked: it was put back, due at {due[timer_id].isoformat()} "
+                f"(it fires on the next pass after that); nothing to {action}, nothing changed"
+            )
+            return ApiError(
+                409,
+                "already_requeued",
+                message,
+                errors=[field_error("timer_id", "parked", message)],
+            )
+        message = (
+            f"journey '{journey_id}' has no parked timer {timer_id} (fired since it was put back, "
+            "discarded, or another journey's); nothing changed"
+        )
+        return ApiError(404, "not_found", message, errors=[field_error("timer_id", "parked", message)])
+
+    async def one(journey_id: str, timer_id: int, *, discard: bool) -> ParkedHandled:
+        async with platform.unit_of_work() as uow:
+            await check_journey(uow.session, journey_id)
+        if discard:
+            done = await engine.discard_parked(journey_id, [timer_id])
+        else:
+            done = await engine.requeue_parked(journey_id, [timer_id])
+        if not done.timers:
+            raise await not_parked(journey_id, timer_id, "discard" if discard else "requeue")
+        return done
+
+    @router.get("")
+    async def list_parked(
+        journey_id: str,
+        limit: int = Query(default=100, ge=1, le=1000),
+        after: str | None = None,
+        node_id: str | None = None,
+    ) -> dict[str, Any]:
+        """The journey's parked timers, oldest parked first; `holds_instance`: its customer waits on it."""
+        cursor = parse_cursor(after)
+        async with platform.unit_of_work() as uow:
+            await check_journey(uow.session, journey_id)
+            await check_node(uow.session, journey_id, node_id, "node_id")
+            rows = await parked_store.page(uow.session, journey_id, limit, cursor, node_id)
+        return {
+            "journey_id": journey_id,
+            "parked_timers": [timer_view(t) for t in rows],
+            "next_after": cursor_of(rows[-1]) if len(rows) == limit else None,
+        }
+
+    @router.post("/{timer_id}/requeue")
+    async def requeue_one(journey_id: str, timer_id: TimerId) -> dict[str, Any]:
+        """Back among the due timers (same id), due now, no tries counted: the next pass fires it."""
+        done = await one(journey_id, timer_id, discard=False)
+        [timer] = done.timers
+        return timer_view(timer) | {"due_at": done.at.isoformat(), "attempts": 0, "requeued": True}
+
+    @router.post("/{timer_id}/discard")
+    async def discard_one(journey_id: str, timer_id: TimerId) -> dict[str, Any]:
+        """Deleted; the customer it held exits there (`timer_discarded`), and may enter again."""
+        done = await one(journey_id, timer_id, discard=True)
+        [timer] = done.timers
+        exited = timer.instance_id in done.exited
+        return timer_view(timer) | {
+            "discarded": True,
+            "instance_exited": exited,
+            "instance_status": "exited" if exited else timer.instance_status,
+            "exit_reason": TIMER_DISCARDED if exited else None,
+        }
+
+    async def bulk(journey_id: str, body: ParkedSelection | None, *, discard: bool) -> tuple[int, int, str]:
+        node_id = body.node_id if body is not None else None
+        async with platform.unit_of_work() as uow:
+            await check_journey(uow.session, journey_id)
+            await check_node(uow.session, journey_id, node_id, "node_id")
+        handled, exited, at = await engine.handle_all_parked(journey_id, discard=discard, node_id=node_id)
+        return handled, exited, at.isoformat()
+
+    @router.post("/requeue")
+    async def requeue_all(journey_id: str, body: ParkedSelection | None = None) -> dict[str, Any]:
+        """Every parked timer of the journey (or of its customers at `node_id`) put back, due now."""
+        requeued, _, at = await bulk(journey_id, body, discard=False)
+        return {"journey_id": journey_id, "requeued": requeued, "due_at": at}
+
+    @router.post("/discard")
+    async def discard_all(journey_id: str, body: ParkedSelection | None = None) -> dict[str, Any]:
+        """Every parked timer of the journey (or of its customers at `node_id`) discarded; the
+        customers they held exit (`timer_discarded`)."""
+        discarded, exited, _ = await bulk(journey_id, body, discard=True)
+        return {"journey_id": journey_id, "discarded": discarded, "exited": exited}
+
+    return router

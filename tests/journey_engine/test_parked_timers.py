@@ -1,0 +1,374 @@
+"""The parked timers API: a journey's timers whose step kept failing are listed (paged), put back
+(once, due now, no tries counted) or discarded (the customer exits and may enter again), one at a
+time or all at once (of one node); bad input is a 4xx naming the field and changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from tests.journey_engine.harness import ADMIN, Harness, engine_running
+from tests.journey_engine.test_timing_and_rules import linear
+
+DELAYED = linear(
+    "Delayed",
+    "Signed Up",
+    [
+        {"id": "wait", "type": "delay", "duration": "PT1H"},
+        {"id": "mail", "type": "send", "channel": "email", "template_id": "later"},
+    ],
+    reentry={"policy": "always"},
+)
+# Two waits: customers parked at either.
+TWO_WAITS = linear(
+    "Two waits",
+    "Signed Up",
+    [
+        {"id": "first", "type": "delay", "duration": "PT1H"},
+        {"id": "second", "type": "delay", "duration": "PT1H"},
+        {"id": "mail", "type": "send", "channel": "email", "template_id": "later"},
+    ],
+)
+
+
+def break_steps(h: Harness, monkeypatch: pytest.MonkeyPatch, when: Any) -> None:
+    """Steps of the instances `when(row)` picks fail for a reason of their own (as a bug would)."""
+    react = h.engine._react
+
+    async def broken(uow: Any, writer: Any, row: Any, *args: Any) -> bool:
+        if when(row):
+            raise RuntimeError(f"{row.customer_id}'s step fails at {row.node_id}")
+        return await react(uow, writer, row, *args)
+
+    monkeypatch.setattr(h.engine, "_react", broken)
+
+
+async def enter(h: Harness, customers: list[str]) -> None:
+    for c in customers:
+        await h.track(c, "Signed Up", wait=False)
+    await h.processed("events")
+
+
+async def parked_list(h: Harness, journey_id: str, **params: Any) -> dict[str, Any]:
+    r = await h.client.get(f"/v1/journeys/{journey_id}/parked-timers", params=params, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def stats(h: Harness, journey_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = (await h.client.get(f"/v1/journeys/{journey_id}/stats", headers=ADMIN)).json()
+    return body
+
+
+async def test_parked_timers_are_listed_and_one_put_back_runs_once(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(DELAYED)
+        customers = [f"c{i}" for i in range(5)]
+        await enter(h, customers)
+        break_steps(h, monkeypatch, lambda row: True)
+        retry_s = h.settings.timer_retry_s
+        assert await h.advance(timedelta(hours=1)) == 5  # tried, then 60 s and 120 s later: parked
+        assert await h.advance(timedelta(seconds=retry_s)) == 5
+        assert await h.advance(timedelta(seconds=2 * retry_s)) == 5
+        parked_at = h.clock.now()
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+        instances = {r.customer_id: r.id for r in await h.rows("SELECT customer_id, id FROM instances")}
+
+        # Listed a page at a time (all parked in the same instant: the cursor's id breaks the tie).
+        seen: list[dict[str, Any]] = []
+        body = await parked_list(h, jid, limit=2)
+        pages = 1
+        while True:
+            assert len(body["parked_timers"]) <= 2
+            seen += body["parked_timers"]
+            if body["next_after"] is None:
+                break
+            body = await parked_list(h, jid, limit=2, after=body["next_after"])
+            pages += 1
+        assert pages == 3
+        assert sorted(t["customer_id"] for t in seen) == customers
+        assert len({t["id"] for t in seen}) == 5
+        for t in seen:
+            assert t["instance_id"] == instances[t["customer_id"]]
+            assert (t["node_id"], t["version"], t["instance_status"], t["holds_instance"]) == (
+                "wait",
+                1,
+                "active",
+                True,
+            )
+            assert datetime.fromisoformat(t["due_at"]) == parked_at  # its last try's
+            assert datetime.fromisoformat(t["parked_at"]) == parked_at
+            assert t["attempts"] == h.settings.timer_max_attempts
+            assert t["error"] == f"RuntimeError: {t['customer_id']}'s step fails at wait"
+        assert (await parked_list(h, jid, node_id="wait"))["parked_timers"] == sorted(
+            seen, key=lambda t: (t["parked_at"], t["id"])
+        )
+        assert (await parked_list(h, jid, node_id="mail"))["parked_timers"] == []
+        assert (await stats(h, jid))["timers_parked"] == 5
+        by_customer = {t["customer_id"]: t["id"] for t in seen}
+
+        # Fixed: c0's timer goes back, under its id, due now with no tries counted; the next pass
+        # fires it, once.
+        monkeypatch.undo()
+        c0 = by_customer["c0"]
+        r = await h.client.post(f"/v1/journeys/{jid}/parked-timers/{c0}/requeue", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert (r.json()["id"], r.json()["customer_id"], r.json()["attempts"]) == (c0, "c0", 0)
+        assert datetime.fromisoformat(r.json()["due_at"]) == h.clock.now()
+        assert [tuple(t) for t in await h.rows("SELECT id, attempts, due_at FROM timers")] == [
+            (c0, 0, h.clock.now())
+        ]
+        # Asked again (a retried request): refused, no second timer.
+        for action in ("requeue", "discard"):
+            r = await h.client.post(f"/v1/journeys/{jid}/parked-timers/{c0}/{action}", headers=ADMIN)
+            assert r.status_code == 409 and r.json()["error"] == "already_requeued", r.text
+            assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [("timer_id", "parked")]
+        assert await h.scalar("SELECT count(*) FROM timers") == 1
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 4
+        assert (await stats(h, jid))["timers_parked"] == 4
+
+        assert await h.engine.run_once() == 1
+        assert await h.fire_due() == 0
+        status = {r.customer_id: (r.status, r.node_id) for r in await h.instances(jid)}
+        assert status["c0"] == ("exited", "done")
+        assert {status[c] for c in customers[1:]} == {("active", "wait")}
+        requests = await h.requests()
+        assert [(m["customer_id"], m["template_id"]) for m in requests] == [("c0", "later")]
+        assert await h.scalar("SELECT count(*) FROM message_log") == 1
+        r = await h.client.post(f"/v1/journeys/{jid}/parked-timers/{c0}/requeue", headers=ADMIN)
+        assert r.status_code == 404 and r.json()["errors"][0]["field"] == "timer_id", r.text
+
+        # Put back while the step still fails: its tries start again from none (retried 60 s later,
+        # not parked at once).
+        break_steps(h, monkeypatch, lambda row: True)
+        c1 = by_customer["c1"]
+        assert (
+            await h.client.post(f"/v1/journeys/{jid}/parked-timers/{c1}/requeue", headers=ADMIN)
+        ).status_code == 200
+        assert await h.engine.run_once() == 1
+        assert [tuple(t) for t in await h.rows("SELECT id, attempts, due_at FROM timers")] == [
+            (c1, 1, h.clock.now() + timedelta(seconds=retry_s))
+        ]
+        # The audit log has the operator's actions.
+        audited = await h.scalar(
+            "SELECT count(*) FROM audit_log WHERE method = 'POST' AND path LIKE '%/parked-timers/%/requeue'"
+        )
+        assert audited == 2
+
+
+async def test_concurrent_requeues_of_one_timer_put_it_back_once(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with engine_running(make_settings, timer_max_attempts=1) as h:
+        jid = await h.journey(DELAYED)
+        await enter(h, ["c0"])
+        break_steps(h, monkeypatch, lambda row: True)
+        await h.advance(timedelta(hours=1))
+        [timer] = (await parked_list(h, jid))["parked_timers"]
+        url = f"/v1/journeys/{jid}/parked-timers/{timer['id']}/requeue"
+        answers = await asyncio.gather(*(h.client.post(url, headers=ADMIN) for _ in range(4)))
+        assert sorted(r.status_code for r in answers) == [200, 409, 409, 409]
+        assert await h.scalar("SELECT count(*) FROM timers") == 1
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 0
+
+
+async def test_a_discarded_parked_timer_exits_its_customer_who_may_enter_again(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with engine_running(make_settings, timer_max_attempts=1) as h:
+        jid = await h.journey(DELAYED | {"correlation_key": "plan"})
+        await h.track("c0", "Signed Up", {"plan": "gold"})
+        await h.track("c1", "Signed Up", {"plan": "gold"})
+        break_steps(h, monkeypatch, lambda row: True)
+        assert await h.advance(timedelta(hours=1)) == 2
+        monkeypatch.undo()
+        timers = {t["customer_id"]: t for t in (await parked_list(h, jid))["parked_timers"]}
+        # Held at its step, c0 does not enter again for that value.
+        await h.track("c0", "Signed Up", {"plan": "gold"})
+        assert [(r.customer_id, r.status) for r in await h.instances(jid)] == [
+            ("c0", "active"),
+            ("c1", "active"),
+        ]
+        exited_before = {n["node_id"]: n["exited"] for n in (await stats(h, jid))["versions"][0]["nodes"]}[
+            "wait"
+        ]
+
+        r = await h.client.post(
+            f"/v1/journeys/{jid}/parked-timers/{timers['c0']['id']}/discard", headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["customer_id"], body["node_id"], body["instance_exited"], body["exit_reason"]) == (
+            "c0",
+            "wait",
+            True,
+            "timer_discarded",
+        )
+        assert body["instance_status"] == "exited"
+        assert [tuple(r) for r in await h.instances(jid)] == [
+            ("c0", "exited", "wait", "timer_discarded", "gold", 1),
+            ("c1", "active", "wait", None, "gold", 1),
+        ]
+        after = await stats(h, jid)
+        assert {n["node_id"]: n["exited"] for n in after["versions"][0]["nodes"]}["wait"] == exited_before + 1
+        assert after["timers_parked"] == 1
+        assert (
+            await h.client.post(
+                f"/v1/journeys/{jid}/parked-timers/{timers['c0']['id']}/discard", headers=ADMIN
+            )
+        ).status_code == 404
+        assert await h.scalar("SELECT count(*) FROM timers") == 0  # discarded, not put back
+
+        # Free again, c0 enters again for that value, and goes through.
+        await h.track("c0", "Signed Up", {"plan": "gold"})
+        c0 = [(r.status, r.node_id) for r in await h.instances(jid) if r.customer_id == "c0"]
+        assert c0 == [("exited", "wait"), ("active", "wait")]
+        await h.advance(timedelta(hours=1))
+        c0 = [(r.status, r.exit_reason) for r in await h.instances(jid) if r.customer_id == "c0"]
+        assert c0 == [("exited", "timer_discarded"), ("exited", "completed")]
+        requests = await h.requests()
+        assert [m["customer_id"] for m in requests] == ["c0"]
+
+        # A parked timer whose customer moved on since holds nobody: discarded, the customer stays.
+        async with h.platform.engine.begin() as conn:
+            await conn.execute(text("UPDATE instances SET seq = seq + 1 WHERE customer_id = 'c1'"))
+        [stale] = (await parked_list(h, jid))["parked_timers"]
+        assert (stale["customer_id"], stale["holds_instance"]) == ("c1", False)
+        assert (await stats(h, jid))["timers_parked"] == 0
+        r = await h.client.post(f"/v1/journeys/{jid}/parked-timers/{stale['id']}/discard", headers=ADMIN)
+        assert r.status_code == 200 and (r.json()["instance_exited"], r.json()["exit_reason"]) == (
+            False,
+            None,
+        )
+        assert [r.status for r in await h.instances(jid) if r.customer_id == "c1"] == ["active"]
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 0
+
+
+async def test_all_parked_timers_of_a_journey_or_of_one_node_at_once(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chunks of 2: the bulk requests go through several units of work. (Failures in two journeys at
+    # once, nothing else due: counted at once, not taken for an outage.)
+    async with engine_running(
+        make_settings, timer_max_attempts=1, timer_batch_size=2, timer_outage_passes=1
+    ) as h:
+        jid = await h.journey(TWO_WAITS)
+        other = await h.journey(DELAYED)  # its parked timer is none of the first journey's business
+        a_side, b_side = ["a0", "a1", "a2"], ["b0", "b1", "b2"]
+        await enter(h, a_side + b_side)
+
+        def broken(row: Any) -> bool:
+            if row.journey_id == other:
+                return row.customer_id == "a0"
+            return (row.customer_id[0], row.node_id) in (("a", "first"), ("b", "second"))
+
+        break_steps(h, monkeypatch, broken)
+        await h.advance(timedelta(hours=1))
+        await h.advance(timedelta(hours=1))
+        listed = (await parked_list(h, jid))["parked_timers"]
+        assert sorted((t["customer_id"], t["node_id"]) for t in listed) == [
+            ("a0", "first"),
+            ("a1", "first"),
+            ("a2", "first"),
+            ("b0", "second"),
+            ("b1", "second"),
+            ("b2", "second"),
+        ]
+        assert len((await parked_list(h, other))["parked_timers"]) == 1
+
+        # Those of one node, put back and fired once fixed.
+        url = f"/v1/journeys/{jid}/parked-timers"
+        r = await h.client.post(f"{url}/requeue", json={"node_id": "second"}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["requeued"] == 3, r.text
+        assert datetime.fromisoformat(r.json()["due_at"]) == h.clock.now()
+        assert {t["node_id"] for t in (await parked_list(h, jid))["parked_timers"]} == {"first"}
+        assert await h.scalar("SELECT count(*) FROM timers WHERE attempts = 0") == 3
+        monkeypatch.undo()
+        assert await h.fire_due() == 3
+        status = {r.customer_id: (r.status, r.node_id) for r in await h.instances(jid)}
+        assert {status[c] for c in b_side} == {("exited", "done")}
+        assert {status[c] for c in a_side} == {("active", "first")}
+        requests = [m for m in await h.requests() if m["journey_id"] == jid]
+        assert sorted(m["customer_id"] for m in requests) == b_side
+
+        # Again: nothing left there, nothing put back twice.
+        r = await h.client.post(f"{url}/requeue", json={"node_id": "second"}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["requeued"] == 0, r.text
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+
+        # The rest discarded (no body: all of the journey's): their customers exit and are counted.
+        r = await h.client.post(f"{url}/discard", headers=ADMIN)
+        assert r.status_code == 200 and (r.json()["discarded"], r.json()["exited"]) == (3, 3), r.text
+        status = {r.customer_id: (r.status, r.exit_reason) for r in await h.instances(jid)}
+        assert {status[c] for c in a_side} == {("exited", "timer_discarded")}
+        assert (await stats(h, jid))["timers_parked"] == 0
+        r = await h.client.post(f"{url}/discard", json={}, headers=ADMIN)
+        assert r.status_code == 200 and (r.json()["discarded"], r.json()["exited"]) == (0, 0), r.text
+        # The other journey's is still there.
+        assert len((await parked_list(h, other))["parked_timers"]) == 1
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 1
+
+
+async def test_bad_parked_timer_requests_are_refused_naming_the_field(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with engine_running(make_settings, timer_max_attempts=1, timer_outage_passes=1) as h:
+        jid = await h.journey(DELAYED)
+        other = await h.journey(DELAYED | {"name": "Other"})
+        await enter(h, ["c0"])  # enters both
+        break_steps(h, monkeypatch, lambda row: True)
+        await h.advance(timedelta(hours=1))
+        [timer] = (await parked_list(h, jid))["parked_timers"]
+        base = f"/v1/journeys/{jid}/parked-timers"
+
+        assert (await h.client.get(base)).status_code == 401
+        assert (await h.client.post(f"{base}/{timer['id']}/requeue")).status_code == 401
+        assert (
+            await h.client.post(f"{base}/requeue", headers={"Authorization": "Bearer no"})
+        ).status_code == 401
+
+        async def refused(
+            method: str, url: str, status: int, field: str, rule: str | None, **kw: Any
+        ) -> None:
+            r = await h.client.request(method, url, headers=ADMIN, **kw)
+            assert r.status_code == status, r.text
+            body = r.json()
+            assert "error" in body and "message" in body, r.text
+            if rule is not None:
+                assert (field, rule) in [(e["field"], e["rule"]) for e in body["errors"]], r.text
+
+        await refused("GET", "/v1/journeys/nope/parked-timers", 404, "", None)
+        await refused("POST", f"/v1/journeys/nope/parked-timers/{timer['id']}/requeue", 404, "", None)
+        await refused("POST", "/v1/journeys/nope/parked-timers/discard", 404, "", None)
+        await refused("GET", base, 400, "limit", "greater_than_equal", params={"limit": 0})
+        await refused("GET", base, 400, "limit", "less_than_equal", params={"limit": 5000})
+        await refused("GET", base, 400, "after", "cursor", params={"after": "yesterday"})
+        await refused("GET", base, 400, "after", "cursor", params={"after": "1-99999999999999999999"})
+        await refused("GET", base, 400, "node_id", "unknown_node", params={"node_id": "wiat"})
+        for action in ("requeue", "discard"):
+            await refused("POST", f"{base}/0/{action}", 400, "timer_id", "greater_than_equal")
+            await refused("POST", f"{base}/{2**70}/{action}", 400, "timer_id", "less_than_equal")
+            await refused("POST", f"{base}/abc/{action}", 400, "timer_id", "int_parsing")
+            await refused("POST", f"{base}/{timer['id'] + 1000}/{action}", 404, "timer_id", "parked")
+            await refused(
+                "POST", f"{base}/{action}", 400, "node_id", "unknown_node", json={"node_id": "wiat"}
+            )
+            await refused(
+                "POST", f"{base}/{action}", 400, "nodes", "extra_forbidden", json={"nodes": ["wait"]}
+            )
+            await refused("POST", f"{base}/{action}", 400, "node_id", "string_type", json={"node_id": 7})
+            # Another journey's parked timer, through this journey: not found, and left as it was.
+            [theirs] = (await parked_list(h, other))["parked_timers"]
+            await refused("POST", f"{base}/{theirs['id']}/{action}", 404, "timer_id", "parked")
+        # Nothing changed.
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 2
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+        assert {r.status for j in (jid, other) for r in await h.instances(j)} == {"active"}
+        assert await h.scalar("SELECT count(*) FROM audit_log WHERE path LIKE '%parked-timers%'") == 0

@@ -372,3 +372,46 @@ async def test_bad_parked_timer_requests_are_refused_naming_the_field(
         assert await h.scalar("SELECT count(*) FROM timers") == 0
         assert {r.status for j in (jid, other) for r in await h.instances(j)} == {"active"}
         assert await h.scalar("SELECT count(*) FROM audit_log WHERE path LIKE '%parked-timers%'") == 0
+
+
+async def test_a_discard_in_an_archived_journey_not_finished_yet_exits_as_the_archive_does(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Archived, its customers not exited yet (the archive's answer never got to them): a discarded
+    timer's customer exits as the archive (or a step) would exit them, `archived` with no goal
+    window, not `timer_discarded` with one, as in a journey still live."""
+    goal = {"goal": {"event": "Purchased"}}
+    async with engine_running(make_settings, timer_max_attempts=1, timer_outage_passes=1) as h:
+        jid = await h.journey(DELAYED | goal)
+        live = await h.journey(DELAYED | goal | {"name": "Live"})
+        await enter(h, ["c0", "c1"])  # each enters both
+        break_steps(h, monkeypatch, lambda row: True)
+        await h.advance(timedelta(hours=1))
+        monkeypatch.undo()
+        timers = {t["customer_id"]: t["id"] for t in (await parked_list(h, jid))["parked_timers"]}
+        assert sorted(timers) == ["c0", "c1"]
+        async with h.platform.engine.begin() as conn:  # its status changed, then a crash
+            await conn.execute(text("UPDATE journeys SET status = 'archived' WHERE id = :j"), {"j": jid})
+
+        r = await h.client.post(f"/v1/journeys/{jid}/parked-timers/{timers['c0']}/discard", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert (r.json()["instance_exited"], r.json()["instance_status"], r.json()["exit_reason"]) == (
+            True,
+            "exited",
+            "archived",
+        )
+        r = await h.client.post(f"/v1/journeys/{jid}/parked-timers/discard", headers=ADMIN)
+        assert r.status_code == 200 and (r.json()["discarded"], r.json()["exited"]) == (1, 1), r.text
+        assert {(i.customer_id, i.status, i.exit_reason) for i in await h.instances(jid)} == {
+            ("c0", "exited", "archived"),
+            ("c1", "exited", "archived"),
+        }
+        assert await h.scalar("SELECT count(*) FROM goal_windows WHERE journey_id = :j", j=jid) == 0
+        exited = {n["node_id"]: n["exited"] for n in (await stats(h, jid))["versions"][0]["nodes"]}
+        assert exited["wait"] == 2
+
+        # The live journey's: `timer_discarded`, its goal window open as after any exit.
+        r = await h.client.post(f"/v1/journeys/{live}/parked-timers/discard", headers=ADMIN)
+        assert r.status_code == 200 and (r.json()["discarded"], r.json()["exited"]) == (2, 2), r.text
+        assert {(i.status, i.exit_reason) for i in await h.instances(live)} == {("exited", "timer_discarded")}
+        assert await h.scalar("SELECT count(*) FROM goal_windows WHERE journey_id = :j", j=live) == 2

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.journey_engine.execution.engine import TIMER_DISCARDED, JourneyEngine, ParkedHandled
+from services.journey_engine.execution.engine import JourneyEngine, ParkedHandled
 from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import parked as parked_store
 from services.journey_engine.store.parked import ParkedTimer
@@ -160,15 +160,16 @@ def build_parked_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
 
     @router.post("/{timer_id}/discard")
     async def discard_one(journey_id: str, timer_id: TimerId) -> dict[str, Any]:
-        """Deleted; the customer it held exits there (`timer_discarded`), and may enter again."""
+        """Deleted; the customer it held exits there (`timer_discarded`; `archived` if the journey is
+        archived and its customers not exited yet), and may enter again."""
         done = await one(journey_id, timer_id, discard=True)
         [timer] = done.timers
-        exited = timer.instance_id in done.exited
+        reason = done.exited.get(timer.instance_id)
         return timer_view(timer) | {
             "discarded": True,
-            "instance_exited": exited,
-            "instance_status": "exited" if exited else timer.instance_status,
-            "exit_reason": TIMER_DISCARDED if exited else None,
+            "instance_exited": reason is not None,
+            "instance_status": "exited" if reason is not None else timer.instance_status,
+            "exit_reason": reason,
         }
 
     async def bulk(journey_id: str, body: ParkedSelection | None, *, discard: bool) -> tuple[int, int, str]:

@@ -190,11 +190,12 @@ class Fired:
 class ParkedHandled:
     """What one unit of work did to parked timers (`JourneyEngine.requeue_parked`, `discard_parked`):
     those it read (`seen`), those it put back or discarded (`timers`, as they stood under their
-    instances' locks), the instances a discard exited, and its time (a requeued timer's due time)."""
+    instances' locks), the instances a discard exited (id -> exit reason), and its time (a requeued
+    timer's due time)."""
 
     seen: list[ParkedTimer]
     timers: list[ParkedTimer]
-    exited: set[str]
+    exited: dict[str, str]
     at: datetime
 
 
@@ -1267,7 +1268,9 @@ class JourneyEngine:
     async def discard_parked(self, journey_id: str, timer_ids: Sequence[int]) -> ParkedHandled:
         """Delete these parked timers of the journey; an instance one still held (active, at the step
         it was armed for) exits there (`TIMER_DISCARDED`, counted and with its goal window as any
-        exit), so its correlation value may enter again, as the re-entry policy says."""
+        exit), so its correlation value may enter again, as the re-entry policy says. One of an
+        archived journey the archive has not got to yet exits as the archive exits it (`ARCHIVED`,
+        no goal window), as a step of it would."""
         done = await self._handle_parked(lambda s: parked_store.find(s, journey_id, timer_ids), discard=True)
         if done.timers:
             log.info(
@@ -1325,27 +1328,33 @@ class JourneyEngine:
             session = uow.session
             seen = await read(session)
             if not seen:
-                return ParkedHandled([], [], set(), now)
+                return ParkedHandled([], [], {}, now)
             # Their instances first, in id order, as steps and erasures lock them (an erasure then
             # deletes their timers, parked ones too): whether one still holds its instance is read
             # under that lock, and no timer is put back for an instance being erased.
             locked = await instance_store.lock_instances(session, sorted({t.instance_id for t in seen}))
             rows = {r.id: r for r, _ in locked}
+            archived = {r.id for r, a in locked if a}
             current = [_as_held(t, rows.get(t.instance_id)) for t in seen]
             if not discard:
                 done = await parked_store.requeue(session, current, now)
-                return ParkedHandled(seen, [t for t in current if t.id in done], set(), now)
+                return ParkedHandled(seen, [t for t in current if t.id in done], {}, now)
             done = await parked_store.discard(session, current)
             writer = StepWriter(now)
-            exited: set[str] = set()
+            exited: dict[str, str] = {}
             for t in current:
                 row = rows.get(t.instance_id)
                 if t.id not in done or not t.holds_instance or row is None or row.id in exited:
                     continue  # gone meanwhile, or it holds nobody (the instance moved on or exited)
+                if row.id in archived:
+                    # Archived, its customers not exited yet: as the archive (or a step) exits it.
+                    self._archived(writer, row)
+                    exited[row.id] = ARCHIVED
+                    continue
                 graph = await self.graph(session, row.journey_id, row.version)
                 goal = graph.definition.goal if graph is not None else None
                 self._leave(writer, row, "exited", TIMER_DISCARDED, "exited", goal)
-                exited.add(row.id)
+                exited[row.id] = TIMER_DISCARDED
             await writer.flush(session)
             return ParkedHandled(seen, [t for t in current if t.id in done], exited, now)
 

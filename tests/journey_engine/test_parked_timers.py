@@ -415,3 +415,46 @@ async def test_a_discard_in_an_archived_journey_not_finished_yet_exits_as_the_ar
         assert r.status_code == 200 and (r.json()["discarded"], r.json()["exited"]) == (2, 2), r.text
         assert {(i.status, i.exit_reason) for i in await h.instances(live)} == {("exited", "timer_discarded")}
         assert await h.scalar("SELECT count(*) FROM goal_windows WHERE journey_id = :j", j=live) == 2
+
+
+async def test_an_instance_held_elsewhere_is_waited_for_a_second_at_most_or_skipped_in_bulk(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requeue or discard of one timer waits for its instance (a step, an event, an erasure of the
+    customer holds it) a second at most, then answers 503 `journey_busy` and changes nothing; a bulk
+    one waits for none (it would hold a chunk of instances meanwhile, their customers' steps waiting
+    behind it): it skips those held, leaves their timers parked and says how many."""
+    async with engine_running(make_settings, timer_max_attempts=1, timer_outage_passes=1) as h:
+        jid = await h.journey(DELAYED)
+        await enter(h, ["c0", "c1"])
+        break_steps(h, monkeypatch, lambda row: True)
+        await h.advance(timedelta(hours=1))
+        monkeypatch.undo()
+        timers = {t["customer_id"]: t["id"] for t in (await parked_list(h, jid))["parked_timers"]}
+        base = f"/v1/journeys/{jid}/parked-timers"
+        async with h.platform.engine.connect() as conn:
+            held = await conn.begin()
+            await conn.execute(text("SELECT id FROM instances WHERE customer_id = 'c0' FOR UPDATE"))
+            for action in ("requeue", "discard"):
+                r = await asyncio.wait_for(
+                    h.client.post(f"{base}/{timers['c0']}/{action}", headers=ADMIN), 10
+                )
+                assert r.status_code == 503 and r.json()["error"] == "journey_busy", r.text
+                assert r.headers["retry-after"] == "1"
+            for action, counts in (("requeue", ("requeued", 1)), ("discard", ("discarded", 0))):
+                r = await asyncio.wait_for(h.client.post(f"{base}/{action}", headers=ADMIN), 10)
+                assert r.status_code == 200, r.text
+                assert (r.json()[counts[0]], r.json()["skipped"]) == (counts[1], 1), r.text
+            assert [t["customer_id"] for t in (await parked_list(h, jid))["parked_timers"]] == ["c0"]
+            await held.rollback()
+        assert [tuple(t) for t in await h.rows("SELECT id, attempts FROM timers")] == [(timers["c1"], 0)]
+        assert {(i.customer_id, i.status) for i in await h.instances(jid)} == {
+            ("c0", "active"),
+            ("c1", "active"),
+        }
+
+        # Free again: put back, nothing skipped.
+        r = await h.client.post(f"{base}/requeue", headers=ADMIN)
+        assert r.status_code == 200 and (r.json()["requeued"], r.json()["skipped"]) == (1, 0), r.text
+        assert await h.fire_due() == 2
+        assert sorted(m["customer_id"] for m in await h.requests(until=lambda m: len(m) >= 2)) == ["c0", "c1"]

@@ -10,7 +10,13 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.journey_engine.execution.engine import JourneyEngine, ParkedHandled
+from services.journey_engine.execution.engine import (
+    PARKED_LOCK_TIMEOUT_MS,
+    JourneyEngine,
+    ParkedBusy,
+    ParkedHandled,
+    ParkedTotals,
+)
 from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import parked as parked_store
 from services.journey_engine.store.parked import ParkedTimer
@@ -51,6 +57,17 @@ def parse_cursor(after: str | None) -> tuple[datetime, int] | None:
             "bad cursor",
             errors=[field_error("after", "cursor", "use the `next_after` of the previous page")],
         ) from None
+
+
+def busy(what: str) -> ApiError:
+    """503 `journey_busy`, as a pause or archive held up answers: try again in a second."""
+    return ApiError(
+        503,
+        "journey_busy",
+        f"{what} held for more than {PARKED_LOCK_TIMEOUT_MS} ms by a step, an event or an erasure of "
+        "that customer; nothing changed, try again",
+        headers={"Retry-After": "1"},
+    )
 
 
 def timer_view(t: ParkedTimer) -> dict[str, Any]:
@@ -124,10 +141,13 @@ def build_parked_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
     async def one(journey_id: str, timer_id: int, *, discard: bool) -> ParkedHandled:
         async with platform.unit_of_work() as uow:
             await check_journey(uow.session, journey_id)
-        if discard:
-            done = await engine.discard_parked(journey_id, [timer_id])
-        else:
-            done = await engine.requeue_parked(journey_id, [timer_id])
+        try:
+            if discard:
+                done = await engine.discard_parked(journey_id, [timer_id])
+            else:
+                done = await engine.requeue_parked(journey_id, [timer_id])
+        except ParkedBusy:
+            raise busy(f"the instance of timer {timer_id} was") from None
         if not done.timers:
             raise await not_parked(journey_id, timer_id, "discard" if discard else "requeue")
         return done
@@ -172,25 +192,39 @@ def build_parked_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             "exit_reason": reason,
         }
 
-    async def bulk(journey_id: str, body: ParkedSelection | None, *, discard: bool) -> tuple[int, int, str]:
+    async def bulk(journey_id: str, body: ParkedSelection | None, *, discard: bool) -> ParkedTotals:
         node_id = body.node_id if body is not None else None
         async with platform.unit_of_work() as uow:
             await check_journey(uow.session, journey_id)
             await check_node(uow.session, journey_id, node_id, "node_id")
-        handled, exited, at = await engine.handle_all_parked(journey_id, discard=discard, node_id=node_id)
-        return handled, exited, at.isoformat()
+        try:
+            return await engine.handle_all_parked(journey_id, discard=discard, node_id=node_id)
+        except ParkedBusy:
+            # It waits for no instance; another lock did not come (those done before stay done).
+            raise busy("a lock of the journey's parked timers was") from None
 
     @router.post("/requeue")
     async def requeue_all(journey_id: str, body: ParkedSelection | None = None) -> dict[str, Any]:
-        """Every parked timer of the journey (or of its customers at `node_id`) put back, due now."""
-        requeued, _, at = await bulk(journey_id, body, discard=False)
-        return {"journey_id": journey_id, "requeued": requeued, "due_at": at}
+        """Every parked timer of the journey (or of its customers at `node_id`) put back, due now;
+        `skipped`: those whose customer's instance was held at that moment, left parked."""
+        done = await bulk(journey_id, body, discard=False)
+        return {
+            "journey_id": journey_id,
+            "requeued": done.handled,
+            "skipped": done.skipped,
+            "due_at": done.at.isoformat(),
+        }
 
     @router.post("/discard")
     async def discard_all(journey_id: str, body: ParkedSelection | None = None) -> dict[str, Any]:
         """Every parked timer of the journey (or of its customers at `node_id`) discarded; the
-        customers they held exit (`timer_discarded`)."""
-        discarded, exited, _ = await bulk(journey_id, body, discard=True)
-        return {"journey_id": journey_id, "discarded": discarded, "exited": exited}
+        customers they held exit (`timer_discarded`); `skipped` as for requeue."""
+        done = await bulk(journey_id, body, discard=True)
+        return {
+            "journey_id": journey_id,
+            "discarded": done.handled,
+            "exited": done.exited,
+            "skipped": done.skipped,
+        }
 
     return router

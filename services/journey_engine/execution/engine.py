@@ -87,7 +87,7 @@ from shared.contracts.events import (
     SegmentMembershipChanged,
 )
 from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS
-from shared.db.errors import sqlstate
+from shared.db.errors import is_lock_timeout, set_lock_timeout, sqlstate
 from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
 from shared.privacy import erasure_gate
@@ -135,6 +135,10 @@ FAILED_PASS_PAUSE_MAX_S = 30.0
 ARCHIVED = "archived"
 # The exit reason of an instance whose parked timer an operator discarded (`discard_parked`).
 TIMER_DISCARDED = "timer_discarded"
+# How long an operator's requeue or discard of one parked timer waits for its instance (a step, an
+# event or an erasure of that customer holds it) before it gives up (`ParkedBusy`): the request waits
+# no longer, nor keeps what it locked. A bulk request waits for none: it skips those held.
+PARKED_LOCK_TIMEOUT_MS = 1000
 BROADCAST_FAILURES = Counter(
     "clm_journey_broadcast_failures_total",
     "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
@@ -197,6 +201,23 @@ class ParkedHandled:
     timers: list[ParkedTimer]
     exited: dict[str, str]
     at: datetime
+    # Those left as they were, their instances held elsewhere at that moment (bulk requests only).
+    skipped: list[ParkedTimer] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ParkedTotals:
+    """What a bulk requeue or discard did (`JourneyEngine.handle_all_parked`): timers handled,
+    instances exited, timers skipped (their instances held elsewhere: left parked), and its time."""
+
+    handled: int
+    exited: int
+    skipped: int
+    at: datetime
+
+
+class ParkedBusy(Exception):
+    """A parked timer's instance stayed held elsewhere `PARKED_LOCK_TIMEOUT_MS`: nothing changed."""
 
 
 @dataclass
@@ -1281,64 +1302,95 @@ class JourneyEngine:
 
     async def handle_all_parked(
         self, journey_id: str, *, discard: bool, node_id: str | None = None
-    ) -> tuple[int, int, datetime]:
+    ) -> ParkedTotals:
         """Requeue (or discard) every parked timer of the journey (of its instances at `node_id`, if
-        given), `timer_batch_size` per unit of work (a timer batch's locks at most): (timers handled,
-        instances exited, the time). Those parked while it runs may be left: list them again."""
+        given), `timer_batch_size` per unit of work (a timer batch's locks at most). It waits for no
+        instance: one held elsewhere (a step, an event, an erasure of that customer) is skipped and
+        its timer left parked (counted), and those parked while it runs may be left: list again."""
         size = self.settings.timer_batch_size
-        after, handled, exited, at = 0, 0, 0, self.clock.now()
+        after, handled, exited, skipped, at = 0, 0, 0, 0, self.clock.now()
 
         async def chunk(session: AsyncSession) -> list[ParkedTimer]:
             return await parked_store.next_chunk(session, journey_id, after, size, node_id)
 
         while True:
-            done = await self._handle_parked(chunk, discard=discard)
+            done = await self._handle_parked(chunk, discard=discard, skip_locked=True)
             handled, exited, at = handled + len(done.timers), exited + len(done.exited), done.at
+            skipped += len(done.skipped)
             if len(done.seen) < size:
                 break
             after = max(t.id for t in done.seen)
-        if handled:
+        if handled or skipped:
             log.info(
                 "parked timers discarded" if discard else "parked timers put back",
-                extra={"journey": journey_id, "node": node_id, "timers": handled, "exited": exited},
+                extra={
+                    "journey": journey_id,
+                    "node": node_id,
+                    "timers": handled,
+                    "exited": exited,
+                    "skipped": skipped,
+                },
             )
-        return handled, exited, at
+        return ParkedTotals(handled, exited, skipped, at)
 
     async def _handle_parked(
-        self, read: Callable[[AsyncSession], Awaitable[list[ParkedTimer]]], *, discard: bool
+        self,
+        read: Callable[[AsyncSession], Awaitable[list[ParkedTimer]]],
+        *,
+        discard: bool,
+        skip_locked: bool = False,
     ) -> ParkedHandled:
         """`_parked_unit`, tried again after a short pause when a transient condition of the database
-        failed it (a deadlock with a merge moving the instances' customer, say)."""
+        failed it (a deadlock with a merge moving the instances' customer, say). An instance held
+        past `PARKED_LOCK_TIMEOUT_MS` is not waited for again: `ParkedBusy`."""
         for attempt in range(1, TRANSIENT_TRIES + 1):
             try:
-                return await self._parked_unit(read, discard=discard)
+                return await self._parked_unit(read, discard=discard, skip_locked=skip_locked)
             except Exception as exc:
+                if is_lock_timeout(exc):
+                    raise ParkedBusy() from exc
                 if attempt == TRANSIENT_TRIES or not db_errors.is_transient(exc):
                     raise
                 await asyncio.sleep(db_errors.backoff(TRANSIENT_PAUSE_S, attempt, 1.0))
         raise AssertionError("unreachable")
 
     async def _parked_unit(
-        self, read: Callable[[AsyncSession], Awaitable[list[ParkedTimer]]], *, discard: bool
+        self,
+        read: Callable[[AsyncSession], Awaitable[list[ParkedTimer]]],
+        *,
+        discard: bool,
+        skip_locked: bool,
     ) -> ParkedHandled:
         """One unit of work: the parked timers `read` finds, put back or discarded (state and outbox
-        together, as any step)."""
+        together, as any step); with `skip_locked`, those whose instance is held elsewhere are left
+        as they were (`skipped`)."""
         now = self.clock.now()
         async with self.platform.unit_of_work() as uow:
             session = uow.session
+            # Every lock it waits for, it waits for a while only: it holds the instances it locked
+            # meanwhile, and their customers' steps wait behind it.
+            await set_lock_timeout(session, PARKED_LOCK_TIMEOUT_MS)
             seen = await read(session)
             if not seen:
                 return ParkedHandled([], [], {}, now)
             # Their instances first, in id order, as steps and erasures lock them (an erasure then
             # deletes their timers, parked ones too): whether one still holds its instance is read
             # under that lock, and no timer is put back for an instance being erased.
-            locked = await instance_store.lock_instances(session, sorted({t.instance_id for t in seen}))
+            ids = sorted({t.instance_id for t in seen})
+            locked = await instance_store.lock_instances(session, ids, skip_locked=skip_locked)
             rows = {r.id: r for r, _ in locked}
             archived = {r.id for r, a in locked if a}
-            current = [_as_held(t, rows.get(t.instance_id)) for t in seen]
+            skipped: list[ParkedTimer] = []
+            if skip_locked:
+                # Not locked: held elsewhere (or deleted since by an erasure, which held it too).
+                skipped = [t for t in seen if t.instance_id not in rows]
+                seen_now = [t for t in seen if t.instance_id in rows]
+            else:
+                seen_now = seen
+            current = [_as_held(t, rows.get(t.instance_id)) for t in seen_now]
             if not discard:
                 done = await parked_store.requeue(session, current, now)
-                return ParkedHandled(seen, [t for t in current if t.id in done], {}, now)
+                return ParkedHandled(seen, [t for t in current if t.id in done], {}, now, skipped)
             done = await parked_store.discard(session, current)
             writer = StepWriter(now)
             exited: dict[str, str] = {}
@@ -1356,7 +1408,7 @@ class JourneyEngine:
                 self._leave(writer, row, "exited", TIMER_DISCARDED, "exited", goal)
                 exited[row.id] = TIMER_DISCARDED
             await writer.flush(session)
-            return ParkedHandled(seen, [t for t in current if t.id in done], exited, now)
+            return ParkedHandled(seen, [t for t in current if t.id in done], exited, now, skipped)
 
     async def run_due_broadcasts(self) -> int:
         """Scheduled broadcasts (and enrolment of current segment members) that are due: a chunk of

@@ -285,7 +285,7 @@ async def test_all_parked_timers_of_a_journey_or_of_one_node_at_once(
 
         # Those of one node, put back and fired once fixed.
         url = f"/v1/journeys/{jid}/parked-timers"
-        r = await h.client.post(f"{url}/requeue", json={"node_id": "second"}, headers=ADMIN)
+        r = await h.client.post(f"{url}/requeue", params={"node_id": "second"}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["requeued"] == 3, r.text
         assert datetime.fromisoformat(r.json()["due_at"]) == h.clock.now()
         assert {t["node_id"] for t in (await parked_list(h, jid))["parked_timers"]} == {"first"}
@@ -299,18 +299,28 @@ async def test_all_parked_timers_of_a_journey_or_of_one_node_at_once(
         assert sorted(m["customer_id"] for m in requests) == b_side
 
         # Again: nothing left there, nothing put back twice.
-        r = await h.client.post(f"{url}/requeue", json={"node_id": "second"}, headers=ADMIN)
+        r = await h.client.post(f"{url}/requeue", params={"node_id": "second"}, headers=ADMIN)
         assert r.status_code == 200 and r.json()["requeued"] == 0, r.text
         assert await h.scalar("SELECT count(*) FROM timers") == 0
 
-        # The rest discarded (no body: all of the journey's): their customers exit and are counted.
+        # The rest discarded (no node: all of the journey's): their customers exit and are counted.
         r = await h.client.post(f"{url}/discard", headers=ADMIN)
         assert r.status_code == 200 and (r.json()["discarded"], r.json()["exited"]) == (3, 3), r.text
         status = {r.customer_id: (r.status, r.exit_reason) for r in await h.instances(jid)}
         assert {status[c] for c in a_side} == {("exited", "timer_discarded")}
         assert (await stats(h, jid))["timers_parked"] == 0
-        r = await h.client.post(f"{url}/discard", json={}, headers=ADMIN)
+        r = await h.client.post(f"{url}/discard", json={}, headers=ADMIN)  # an empty body is none
         assert r.status_code == 200 and (r.json()["discarded"], r.json()["exited"]) == (0, 0), r.text
+        # The audit log tells a node's from all of them: the node is in the query, which it records.
+        audited = await h.rows(
+            "SELECT path, detail FROM audit_log WHERE path LIKE '%/parked-timers/%' ORDER BY id"
+        )
+        assert [(a.path.rsplit("/", 1)[1], a.detail) for a in audited] == [
+            ("requeue", {"query": "node_id=second"}),
+            ("requeue", {"query": "node_id=second"}),
+            ("discard", {}),
+            ("discard", {}),
+        ]
         # The other journey's is still there.
         assert len((await parked_list(h, other))["parked_timers"]) == 1
         assert await h.scalar("SELECT count(*) FROM timers_parked") == 1
@@ -351,6 +361,24 @@ async def test_bad_parked_timer_requests_are_refused_naming_the_field(
         await refused("GET", base, 400, "limit", "less_than_equal", params={"limit": 5000})
         await refused("GET", base, 400, "after", "cursor", params={"after": "yesterday"})
         await refused("GET", base, 400, "after", "cursor", params={"after": "1-99999999999999999999"})
+        # Cursors at the ends of what a time can be, and past them; ids past 64 bits; numbers
+        # Python would read but no cursor has (`1_000`, `+5`, ` 5`): a 400 naming `after`, never a 500.
+        year_1, year_9999 = -62135596800000000, 253402300799999999
+        for bad in (
+            f"{year_1 - 1}-1",
+            f"{year_9999 + 1}-1",
+            "9" * 5000 + "-1",
+            f"1-{2**63}",
+            "1_000-1",
+            "+5-1",
+            " 5-1",
+            "5--0",
+            "5-",
+            "-1",
+        ):
+            await refused("GET", base, 400, "after", "cursor", params={"after": bad})
+        assert len((await parked_list(h, jid, after=f"{year_1}-1"))["parked_timers"]) == 1
+        assert (await parked_list(h, jid, after=f"{year_9999}-{2**63 - 1}"))["parked_timers"] == []
         await refused("GET", base, 400, "node_id", "unknown_node", params={"node_id": "wiat"})
         for action in ("requeue", "discard"):
             await refused("POST", f"{base}/0/{action}", 400, "timer_id", "greater_than_equal")
@@ -358,15 +386,28 @@ async def test_bad_parked_timer_requests_are_refused_naming_the_field(
             await refused("POST", f"{base}/abc/{action}", 400, "timer_id", "int_parsing")
             await refused("POST", f"{base}/{timer['id'] + 1000}/{action}", 404, "timer_id", "parked")
             await refused(
-                "POST", f"{base}/{action}", 400, "node_id", "unknown_node", json={"node_id": "wiat"}
+                "POST", f"{base}/{action}", 400, "node_id", "unknown_node", params={"node_id": "wiat"}
             )
             await refused(
                 "POST", f"{base}/{action}", 400, "nodes", "extra_forbidden", json={"nodes": ["wait"]}
             )
-            await refused("POST", f"{base}/{action}", 400, "node_id", "string_type", json={"node_id": 7})
+            # In the body, not the query (as it was first): refused, not ignored (it would take all).
+            for value in ("wait", 7, None):
+                await refused("POST", f"{base}/{action}", 400, "node_id", "in_query", json={"node_id": value})
+            await refused("POST", f"{base}/{action}", 400, "body", "model_attributes_type", json=["wait"])
             # Another journey's parked timer, through this journey: not found, and left as it was.
             [theirs] = (await parked_list(h, other))["parked_timers"]
             await refused("POST", f"{base}/{theirs['id']}/{action}", 404, "timer_id", "parked")
+        # A node id longer than any node's (1,024 bytes, as definitions bound them): refused naming
+        # the rule; not quoted back in full, nor is an unknown one.
+        for method, path in (("GET", base), ("POST", f"{base}/requeue"), ("POST", f"{base}/discard")):
+            for node_id in ("x" * 20_000, "é" * 513):
+                r = await h.client.request(method, path, params={"node_id": node_id}, headers=ADMIN)
+                assert r.status_code == 400 and len(r.content) < 1000, r.text[:1000]
+                assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [("node_id", "max_bytes")]
+            r = await h.client.request(method, path, params={"node_id": "y" * 1024}, headers=ADMIN)
+            assert r.status_code == 400 and len(r.content) < 1000, r.text[:1000]
+            assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [("node_id", "unknown_node")]
         # Nothing changed.
         assert await h.scalar("SELECT count(*) FROM timers_parked") == 2
         assert await h.scalar("SELECT count(*) FROM timers") == 0

@@ -3,6 +3,7 @@ due timers once the cause is fixed, or discarded (their customers exit)."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.journey_engine.domain.definition import NameText
 from services.journey_engine.execution.engine import (
     PARKED_LOCK_TIMEOUT_MS,
     JourneyEngine,
@@ -25,14 +27,22 @@ from shared.runtime import Platform
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TimerId = Annotated[int, Path(ge=1, le=2**63 - 1, description="the parked timer's id (`id` in the listing)")]
+# Bounded as a definition's node ids are (`MAX_NAME_BYTES`): a longer one names no node.
+NodeId = Annotated[
+    NameText | None, Query(description="only the timers of the journey's customers at this node")
+]
+# Microseconds since the epoch (negative before 1970), then the timer's id: `cursor_of`.
+CURSOR = re.compile(r"^(-?[0-9]{1,20})-([0-9]{1,19})$")
+SHOWN_CHARS = 100  # of a node id quoted back in an error
 
 
-class ParkedSelection(BaseModel):
-    """Which of a journey's parked timers a bulk request takes: all, or those of its customers at
-    one node."""
+class BulkBody(BaseModel):
+    """A bulk request's body: none is needed. Which timers it takes is in its query (`node_id`),
+    where the audit log records it; a `node_id` in the body is refused, not ignored (the request
+    would take every parked timer of the journey)."""
 
     model_config = ConfigDict(extra="forbid")
-    node_id: str | None = None
+    node_id: Any = None
 
 
 def cursor_of(timer: ParkedTimer) -> str:
@@ -44,11 +54,13 @@ def parse_cursor(after: str | None) -> tuple[datetime, int] | None:
     if after is None:
         return None
     try:
-        # The last "-": times before 1970 are negative (`-123-7`).
-        micros, timer_id = after.rsplit("-", 1)
-        at, number = EPOCH + timedelta(microseconds=int(micros)), int(timer_id)
+        # Times before 1970 are negative (`-123-7`).
+        match = CURSOR.match(after)
+        if match is None:
+            raise ValueError(after)
+        at, number = EPOCH + timedelta(microseconds=int(match[1])), int(match[2])
         if not 0 <= number < 2**63:
-            raise ValueError(timer_id)
+            raise ValueError(number)
         return at, number
     except (ValueError, OverflowError):
         raise ApiError(
@@ -109,10 +121,11 @@ def build_parked_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             nodes = raw.get("nodes") if isinstance(raw, dict) else None
             if isinstance(nodes, list) and any(isinstance(n, dict) and n.get("id") == node_id for n in nodes):
                 return  # a stored definition the engine cannot read: its node ids still count
+        shown = node_id if len(node_id) <= SHOWN_CHARS else f"{node_id[:SHOWN_CHARS]}..."
         raise ApiError(
             400,
             "invalid_request",
-            f"journey '{journey_id}' has no node '{node_id}' in any version",
+            f"journey '{journey_id}' has no node '{shown}' in any version",
             errors=[field_error(field, "unknown_node", "must be the id of a node of the journey")],
         )
 
@@ -157,7 +170,7 @@ def build_parked_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
         journey_id: str,
         limit: int = Query(default=100, ge=1, le=1000),
         after: str | None = None,
-        node_id: str | None = None,
+        node_id: NodeId = None,
     ) -> dict[str, Any]:
         """The journey's parked timers, oldest parked first; `holds_instance`: its customer waits on it."""
         cursor = parse_cursor(after)
@@ -192,8 +205,17 @@ def build_parked_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             "exit_reason": reason,
         }
 
-    async def bulk(journey_id: str, body: ParkedSelection | None, *, discard: bool) -> ParkedTotals:
-        node_id = body.node_id if body is not None else None
+    async def bulk(
+        journey_id: str, node_id: str | None, body: BulkBody | None, *, discard: bool
+    ) -> ParkedTotals:
+        if body is not None and "node_id" in body.model_fields_set:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "`node_id` goes in the query (`?node_id=<node>`), where the audit log records it; "
+                "nothing changed",
+                errors=[field_error("node_id", "in_query", "give it as a query parameter, not in the body")],
+            )
         async with platform.unit_of_work() as uow:
             await check_journey(uow.session, journey_id)
             await check_node(uow.session, journey_id, node_id, "node_id")
@@ -204,10 +226,12 @@ def build_parked_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             raise busy("a lock of the journey's parked timers was") from None
 
     @router.post("/requeue")
-    async def requeue_all(journey_id: str, body: ParkedSelection | None = None) -> dict[str, Any]:
+    async def requeue_all(
+        journey_id: str, node_id: NodeId = None, body: BulkBody | None = None
+    ) -> dict[str, Any]:
         """Every parked timer of the journey (or of its customers at `node_id`) put back, due now;
         `skipped`: those whose customer's instance was held at that moment, left parked."""
-        done = await bulk(journey_id, body, discard=False)
+        done = await bulk(journey_id, node_id, body, discard=False)
         return {
             "journey_id": journey_id,
             "requeued": done.handled,
@@ -216,10 +240,12 @@ def build_parked_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
         }
 
     @router.post("/discard")
-    async def discard_all(journey_id: str, body: ParkedSelection | None = None) -> dict[str, Any]:
+    async def discard_all(
+        journey_id: str, node_id: NodeId = None, body: BulkBody | None = None
+    ) -> dict[str, Any]:
         """Every parked timer of the journey (or of its customers at `node_id`) discarded; the
         customers they held exit (`timer_discarded`); `skipped` as for requeue."""
-        done = await bulk(journey_id, body, discard=True)
+        done = await bulk(journey_id, node_id, body, discard=True)
         return {
             "journey_id": journey_id,
             "discarded": done.handled,

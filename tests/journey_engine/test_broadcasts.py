@@ -285,8 +285,8 @@ async def test_a_one_off_whose_time_passed_while_paused_is_not_sent_late_at_once
 
 async def test_a_draft_one_off_whose_time_passed_is_refused_on_activation(make_settings: Any) -> None:
     """Activated after its time, a draft one-off went out at once, late (a paused one was refused
-    already). Now refused the same way, nothing changed; a time ahead is sent then, and one due this
-    instant, or a recurring schedule begun already, still goes out at once."""
+    already). Now refused the same way, nothing changed, one due this instant too (as on resume and
+    edit); a time ahead is sent then, and a recurring schedule begun already goes out at once."""
     async with engine_running(make_settings) as h:
         await add_members(h, "everyone", 3)
         jid = await h.journey(one_off(RUN_AT), activate=False)
@@ -311,11 +311,22 @@ async def test_a_draft_one_off_whose_time_passed_is_refused_on_activation(make_s
         await h.advance(timedelta(minutes=5))
         assert [n for _, n in await entered(h, jid)] == [1, 1, 1]
 
-        # Due this very instant: it goes out now.
+        # Due this very instant: passed, as on resume and edit.
         now_id = await h.journey(one_off(h.clock.now()), activate=False)
-        assert (await h.client.post(f"/v1/journeys/{now_id}/activate", headers=ADMIN)).status_code == 200
+        r = await h.client.post(f"/v1/journeys/{now_id}/activate", headers=ADMIN)
+        assert r.status_code == 409 and r.json()["error"] == "schedule_passed", r.text
         await h.fire_due()
-        assert [n for _, n in await entered(h, now_id)] == [1, 1, 1]
+        assert await entered(h, now_id) == []
+        # With `local_time`, `at` is what has passed (when the run enrols), though each member's
+        # 23:00 is still ahead; refused as on resume, the message saying what it is (it said the
+        # broadcast would go out at once, late, which was not so).
+        local = one_off(h.clock.now() - timedelta(minutes=1))
+        local["entry"]["local_time"] = "23:00"
+        local_id = await h.journey(local, activate=False)
+        r = await h.client.post(f"/v1/journeys/{local_id}/activate", headers=ADMIN)
+        assert r.status_code == 409 and r.json()["error"] == "schedule_passed", r.text
+        assert "which has passed, and has not gone out" in r.json()["message"]
+        assert "late" not in r.json()["message"]
         # A recurring schedule whose first `at` has passed is not refused (it has runs ahead).
         weekly = await h.journey(broadcast("everyone"), activate=False)
         assert (await h.client.post(f"/v1/journeys/{weekly}/activate", headers=ADMIN)).status_code == 200

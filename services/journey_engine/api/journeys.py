@@ -359,9 +359,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                     run = first_run(graph.definition, now) if graph is not None else None
                 except SchedulePassed as passed:
                     raise schedule_passed(
-                        f"the broadcast is a one-off due at {passed.due.isoformat()}, which has passed: "
-                        "activated now it would go out at once, late. To send it, save an `at` ahead of "
-                        "now and activate it again; nothing changed"
+                        f"the broadcast is a one-off due at {passed.due.isoformat()}, which has passed, "
+                        "and has not gone out: to send it, save an `at` ahead of now and activate it "
+                        "again; nothing changed"
                     ) from None
                 await journey_store.update(
                     uow.session, journey_id, now=now, status=status, next_run_at=run, set_next_run=True

@@ -5,14 +5,19 @@ time or all at once (of one node); bad input is a 4xx naming the field and chang
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
+from services.journey_engine.store import privacy as privacy_store
+from shared.contracts.events import PrivacyAction
 from tests.journey_engine.harness import ADMIN, Harness, engine_running
+from tests.journey_engine.test_privacy import ask
 from tests.journey_engine.test_timing_and_rules import linear
+from tests.support import eventually
 
 DELAYED = linear(
     "Delayed",
@@ -33,6 +38,25 @@ TWO_WAITS = linear(
         {"id": "mail", "type": "send", "channel": "email", "template_id": "later"},
     ],
 )
+
+
+# A timeout armed at a wait: the awaited event moves the customer on, and leaves the timer stale.
+WAIT_CLICK = {
+    "name": "Nudge",
+    "entry": {"type": "event", "event": "Viewed"},
+    "nodes": [
+        {"id": "start", "type": "entry"},
+        {"id": "seen", "type": "wait_event", "event": "Clicked", "timeout": "PT1H"},
+        {"id": "thanks", "type": "send", "channel": "email", "template_id": "thanks"},
+        {"id": "done", "type": "exit"},
+    ],
+    "edges": [
+        {"from": "start", "to": "seen"},
+        {"from": "seen", "to": "thanks", "branch": "matched"},
+        {"from": "seen", "to": "done", "branch": "timeout"},
+        {"from": "thanks", "to": "done"},
+    ],
+}
 
 
 def break_steps(h: Harness, monkeypatch: pytest.MonkeyPatch, when: Any) -> None:
@@ -58,6 +82,15 @@ async def parked_list(h: Harness, journey_id: str, **params: Any) -> dict[str, A
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
+
+
+async def blocked_by(h: Harness, session_or_conn: Any) -> int:
+    """How many database sessions wait for a lock this one (a session or a connection) holds."""
+    pid = (await session_or_conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    n: int = await h.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE CAST(:pid AS int) = ANY(pg_blocking_pids(pid))", pid=pid
+    )
+    return n
 
 
 async def stats(h: Harness, journey_id: str) -> dict[str, Any]:
@@ -499,3 +532,131 @@ async def test_an_instance_held_elsewhere_is_waited_for_a_second_at_most_or_skip
         assert r.status_code == 200 and (r.json()["requeued"], r.json()["skipped"]) == (1, 0), r.text
         assert await h.fire_due() == 2
         assert sorted(m["customer_id"] for m in await h.requests(until=lambda m: len(m) >= 2)) == ["c0", "c1"]
+
+
+async def test_a_stale_timer_put_back_fires_as_a_no_op_and_sends_nothing(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its customer moved on while it was parked (the awaited event came): put back, it fires as a
+    no-op, as any stale timer; no message, the customer where the event took them."""
+    async with engine_running(make_settings, timer_max_attempts=1) as h:
+        jid = await h.journey(WAIT_CLICK)
+        await h.track("c0", "Viewed")
+        break_steps(h, monkeypatch, lambda row: True)
+        assert await h.advance(timedelta(hours=1)) == 1  # the timeout's step fails: parked
+        monkeypatch.undo()
+        await h.track("c0", "Clicked")  # moves on: thanks, then out
+        [(status, reason)] = [(r.status, r.exit_reason) for r in await h.instances(jid)]
+        assert status == "exited"
+        [timer] = (await parked_list(h, jid))["parked_timers"]
+        assert (timer["holds_instance"], timer["instance_status"]) == (False, "exited")
+
+        r = await h.client.post(f"/v1/journeys/{jid}/parked-timers/{timer['id']}/requeue", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert await h.fire_due() == 1  # fired
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 0
+        assert [(r.status, r.exit_reason) for r in await h.instances(jid)] == [(status, reason)]
+        requests = await h.requests(idle=1.0)
+        assert [m["template_id"] for m in requests] == ["thanks"]  # the event's, nothing more
+        assert await h.scalar("SELECT count(*) FROM message_log") == 1
+
+
+async def test_an_erasure_during_or_after_a_requeue_leaves_no_timer_and_sends_nothing(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An erasure locks the customer's instances and deletes them with their timers, parked ones
+    too: a requeue waiting behind it puts back nothing (the timer is gone: 404); one done before it
+    is erased with the customer, and never fires."""
+    async with engine_running(make_settings, timer_max_attempts=1) as h:
+        jid = await h.journey(DELAYED)
+        await enter(h, ["c0", "c1"])
+        break_steps(h, monkeypatch, lambda row: True)
+        await h.advance(timedelta(hours=1))
+        monkeypatch.undo()
+        timers = {t["customer_id"]: t["id"] for t in (await parked_list(h, jid))["parked_timers"]}
+        base = f"/v1/journeys/{jid}/parked-timers"
+
+        # During: the erasure holds c0's instance (deleted, not committed yet) while the request waits.
+        async with h.platform.unit_of_work() as uow:
+            deleted = await privacy_store.erase(uow.session, ["c0"])
+            assert (deleted["instances"], deleted["timers_parked"]) == (1, 1)
+            requeue = asyncio.create_task(h.client.post(f"{base}/{timers['c0']}/requeue", headers=ADMIN))
+            await eventually(lambda: blocked_by(h, uow.session))
+        r = await asyncio.wait_for(requeue, 10)
+        assert r.status_code == 404 and r.json()["errors"][0]["rule"] == "parked", r.text
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+        assert await h.scalar("SELECT count(*) FROM instances WHERE customer_id = 'c0'") == 0
+
+        # After: put back, then erased (through the privacy topic, as the segmenter asks) before it fires.
+        r = await h.client.post(f"{base}/{timers['c1']}/requeue", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        done = await ask(h, PrivacyAction.ERASE_REQUESTED, f"erase-{uuid.uuid4().hex}")
+        assert done["action"] == "erase_completed" and done["data"]["deleted"]["timers"] == 1
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 0
+        assert await h.fire_due() == 0
+        assert await h.instances(jid) == []
+        assert await h.requests(idle=1.0) == []
+
+
+async def test_requeues_and_discards_of_one_timer_racing_do_one_thing(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three requeues and three discards of one timer at once: one of them does it (put back, or
+    discarded and the customer out), the others are told it was done; never both."""
+    async with engine_running(make_settings, timer_max_attempts=1) as h:
+        jid = await h.journey(DELAYED)
+        await enter(h, ["c0"])
+        break_steps(h, monkeypatch, lambda row: True)
+        await h.advance(timedelta(hours=1))
+        monkeypatch.undo()
+        [timer] = (await parked_list(h, jid))["parked_timers"]
+        base = f"/v1/journeys/{jid}/parked-timers/{timer['id']}"
+        answers = await asyncio.gather(
+            *(h.client.post(f"{base}/{action}", headers=ADMIN) for action in ("requeue", "discard") * 3)
+        )
+        done = [a for a in answers if a.status_code == 200]
+        assert len(done) == 1, [a.text for a in answers]
+        assert {a.status_code for a in answers if a.status_code != 200} <= {404, 409}
+        requeued = done[0].url.path.endswith("/requeue")
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 0
+        assert await h.scalar("SELECT count(*) FROM timers") == (1 if requeued else 0)
+        [(status, reason)] = [(r.status, r.exit_reason) for r in await h.instances(jid)]
+        assert (status, reason) == (("active", None) if requeued else ("exited", "timer_discarded"))
+        await h.fire_due()
+        assert len(await h.requests(idle=1.0)) == (1 if requeued else 0)
+
+
+async def test_a_discard_waiting_for_a_step_in_flight_exits_no_one_the_step_moved_on(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step holds the customer's instance and moves it on; the discard waiting behind it reads the
+    instance under its lock once the step committed: the timer held nobody any more, and the
+    customer is not exited."""
+    async with engine_running(make_settings, timer_max_attempts=1) as h:
+        jid = await h.journey(DELAYED)
+        await enter(h, ["c0"])
+        break_steps(h, monkeypatch, lambda row: True)
+        await h.advance(timedelta(hours=1))
+        monkeypatch.undo()
+        [timer] = (await parked_list(h, jid))["parked_timers"]
+        assert timer["holds_instance"] is True
+        async with h.platform.engine.connect() as conn:
+            step = await conn.begin()
+            await conn.execute(text("SELECT id FROM instances WHERE customer_id = 'c0' FOR UPDATE"))
+            discard = asyncio.create_task(
+                h.client.post(f"/v1/journeys/{jid}/parked-timers/{timer['id']}/discard", headers=ADMIN)
+            )
+            await eventually(lambda: blocked_by(h, conn))
+            await conn.execute(text("UPDATE instances SET seq = seq + 1 WHERE customer_id = 'c0'"))
+            await step.commit()
+        r = await asyncio.wait_for(discard, 10)
+        assert r.status_code == 200, r.text
+        assert (r.json()["instance_exited"], r.json()["exit_reason"], r.json()["holds_instance"]) == (
+            False,
+            None,
+            False,
+        )
+        assert [(i.status, i.exit_reason) for i in await h.instances(jid)] == [("active", None)]
+        assert await h.scalar("SELECT count(*) FROM timers_parked") == 0

@@ -406,6 +406,7 @@ async def test_bad_parked_timer_requests_are_refused_naming_the_field(
             "+5-1",
             " 5-1",
             "5--0",
+            "5-1\n",
             "5-",
             "-1",
         ):

@@ -32,7 +32,7 @@ NodeId = Annotated[
     NameText | None, Query(description="only the timers of the journey's customers at this node")
 ]
 # Microseconds since the epoch (negative before 1970), then the timer's id: `cursor_of`.
-CURSOR = re.compile(r"^(-?[0-9]{1,20})-([0-9]{1,19})$")
+CURSOR = re.compile(r"(-?[0-9]{1,20})-([0-9]{1,19})")
 SHOWN_CHARS = 100  # of a node id quoted back in an error
 
 
@@ -55,7 +55,7 @@ def parse_cursor(after: str | None) -> tuple[datetime, int] | None:
         return None
     try:
         # Times before 1970 are negative (`-123-7`).
-        match = CURSOR.match(after)
+        match = CURSOR.fullmatch(after)
         if match is None:
             raise ValueError(after)
         at, number = EPOCH + timedelta(microseconds=int(match[1])), int(match[2])

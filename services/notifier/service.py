@@ -216,6 +216,18 @@ class Notifier:
                     await self._unsubscribed(uow, message_id, topic, channel.value, source, now)
         return left
 
+    async def customer_erased(self, uow: UnitOfWork, customer_id: str) -> bool:
+        """For an admin write under a customer (`PUT /v1/customers/{id}/preferences`): whether
+        `customer_id` (any identifier of the customer), or the customer it resolves to, was erased,
+        under the erasure gate until `uow` commits (waited for, as the unsubscribe links' consent
+        writes wait: rare, and not to be lost). A write the caller then makes is either deleted by an
+        erasure committing after it or, once that erasure committed, refused here."""
+        if await self._erased(uow, customer_id):
+            return True
+        # Read under the gate: the erasure forgets the customer's links as it tombstones them.
+        canonical = await identities_repo.canonical(uow.session, customer_id)
+        return canonical != customer_id and await self._erased(uow, canonical)
+
     async def _erased(
         self, uow: UnitOfWork, customer_id: str, *, wait: bool = True, wait_at_most_ms: int = 0
     ) -> bool:

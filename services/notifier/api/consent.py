@@ -128,6 +128,22 @@ def router(admin: Any) -> APIRouter:
             ]
             if errors:
                 raise ApiError(400, "invalid_request", "unknown subscription topic", errors=errors)
+            # As the unsubscribe links: nothing is recorded under an erased customer (the erasure
+            # deleted their choices and consent history; a write here recreated them). The gate is
+            # held to the commit, so an erasure in flight either deletes this write or is seen here.
+            if await notifier.customer_erased(uow, customer_id):
+                raise ApiError(
+                    410,
+                    "erased",
+                    "this customer was erased: no preferences are kept or recorded for them",
+                    errors=[
+                        field_error(
+                            "customer_id",
+                            "not_erased",
+                            f"{customer_id!r} is an identifier of an erased customer (privacy erasure)",
+                        )
+                    ],
+                )
             changed = await consent_repo.record_choices(
                 uow.session,
                 customer_id,

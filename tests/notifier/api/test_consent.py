@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+
+from shared.privacy import add_tombstones, erasure_gate
 from tests.notifier.conftest import ADMIN
+from tests.notifier.test_links_after_erasure import NOTHING, erase, rows_of, waiting_for_the_gate
+from tests.support import eventually
 
 
 async def test_a_topic_and_channel_given_twice_with_different_answers_is_a_400(start_notifier) -> None:  # type: ignore[no-untyped-def]
@@ -56,3 +64,60 @@ async def test_a_topic_id_with_a_trailing_newline_is_refused(start_notifier) -> 
             assert r.json()["errors"][0]["field"] == "topic_id"
         topics = (await h.client.get("/v1/subscription-topics", headers=ADMIN)).json()["topics"]
         assert topics == []
+
+
+NEWSLETTER_OFF = {
+    "source": "crm",
+    "preferences": [{"topic": "newsletter", "channel": "email", "subscribed": False}],
+}
+
+
+async def test_preferences_of_an_erased_customer_are_refused_and_nothing_is_written(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """As the unsubscribe links: an admin PUT under an erased customer's identifier recreated the
+    preferences and consent ledger entries the erasure deleted, under the erased id. Now a 410 naming
+    the rule, nothing written, nothing audited; another customer's PUT works as ever."""
+    async with start_notifier() as h:
+        await h.create_topic("newsletter", ["email"])
+        before = await h.client.put("/v1/customers/eve/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
+        assert before.status_code == 200, before.text  # before the erasure, as for anyone
+        await erase(h, "eve", ["eve", "user-eve", "eve@example.com"])
+        assert await rows_of(h, ["eve", "user-eve", "eve@example.com"], []) == NOTHING
+
+        for ref in ("eve", "user-eve", "eve@example.com"):
+            r = await h.client.put(f"/v1/customers/{ref}/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
+            assert r.status_code == 410, (ref, r.text)
+            body = r.json()
+            assert body["error"] == "erased"
+            assert [(e["field"], e["rule"]) for e in body["errors"]] == [("customer_id", "not_erased")]
+        assert await rows_of(h, ["eve", "user-eve", "eve@example.com"], []) == NOTHING
+        async with h.platform.engine.connect() as conn:
+            audited = await conn.scalar(
+                text("SELECT count(*) FROM audit_log WHERE path = '/v1/customers/user-eve/preferences'")
+            )
+        assert audited == 0  # refused: no admin action happened
+
+        # The control: a customer not erased is written, and audited.
+        kim = await h.client.put("/v1/customers/kim/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
+        assert kim.status_code == 200, kim.text
+        assert kim.json()["changed"] == 1
+        assert (await rows_of(h, ["kim"], []))["preferences"] == [("newsletter", "email", "crm")]
+
+
+async def test_an_admin_put_during_an_erasure_waits_for_it_and_writes_nothing(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """The erasure holds its gate exclusive from before it reads anything to its commit: a PUT arriving
+    meanwhile waits for it, then finds the tombstones (without the gate it could write between the
+    erasure's delete and its commit, and its rows outlived the erasure)."""
+    async with start_notifier() as h:
+        await h.create_topic("newsletter", ["email"])
+        salt = h.settings.privacy_salt.get_secret_value()
+        async with h.platform.unit_of_work() as erasure:
+            await erasure_gate(erasure.session, exclusive=True)
+            put = asyncio.create_task(
+                h.client.put("/v1/customers/ivy/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
+            )
+            await eventually(lambda: waiting_for_the_gate(h))
+            assert not put.done()
+            await add_tombstones(erasure.session, salt, ["ivy"], "erase-ivy", datetime.now(UTC))
+        answered = await asyncio.wait_for(put, 10)
+        assert answered.status_code == 410, answered.text
+        assert await rows_of(h, ["ivy"], []) == NOTHING

@@ -88,3 +88,17 @@ async def test_a_server_without_smtputf8_fails_such_mail_at_once_and_stays_open(
             assert gone.status_code == 404
     finally:
         await ascii_only.stop()
+
+
+async def test_a_display_name_with_a_comma_reaches_the_mailbox_as_one_address(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """`"Doe, John" <john@example.com>` went out as `To: Doe, John <john@example.com>`: two addresses
+    to a mail client. Through the whole path (request, ledger, SMTP), the `To` parsed back is one."""
+    async with start_notifier() as h:
+        await h.create_template(RECEIPT)
+        await send(h, "m-n1", '"Doe, John" <john@example.com>')
+        await h.wait_status("m-n1", "delivered")
+        [mail] = h.sink.messages
+        assert mail.envelope_to == ["john@example.com"]
+        assert b'To: "Doe, John" <john@example.com>\r\n' in mail.raw
+        to = mail.message["To"]
+        assert [(a.display_name, a.addr_spec) for a in to.addresses] == [("Doe, John", "john@example.com")]

@@ -78,8 +78,10 @@ def _quoted_printable(body: str) -> bytes:
 def _header(value: str) -> str:
     """ASCII as is (no CR/LF: no header injection); anything else as RFC 2047 encoded words."""
     value = value.replace("\r", " ").replace("\n", " ")
-    if value.isascii():
-        return value
+    return value if value.isascii() else _encoded_words(value)
+
+
+def _encoded_words(value: str) -> str:
     words, chunk = [], ""
     for char in value:
         if len((chunk + char).encode()) > 45:
@@ -90,10 +92,30 @@ def _header(value: str) -> str:
     return "\r\n ".join(f"=?utf-8?b?{base64.b64encode(w.encode()).decode()}?=" for w in words if w)
 
 
+# RFC 5322 atext and the spaces between words: what a display name may hold unquoted.
+_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ \t-]+")
+
+
+def _display_name(name: str) -> str:
+    """A display name as a header phrase. Beyond ASCII, RFC 2047 encoded words (`_header`); in ASCII
+    with a special (`Doe, John`, `Dr. Who`, `Ann "Boss" Lee`, `a@b`), a quoted string, as
+    `email.utils.formataddr` writes it (which refuses a mailbox beyond ASCII: an SMTPUTF8 address
+    keeps its name too). Unquoted, a mail client read `Doe, John <john@example.com>` as two
+    addresses, `Doe` and `John <john@...>`. A name that looks like an encoded word (`=?...?=`) says
+    it literally: encoded itself, since clients (Python's among them) decode such words even inside
+    quotes."""
+    name = name.replace("\r", " ").replace("\n", " ")
+    if not name.isascii() or "=?" in name:
+        return _encoded_words(name)
+    if _PHRASE.fullmatch(name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _address(value: str) -> str:
     name, addr = parseaddr(value)
     addr = addr.strip()  # a no-break space around it is no part of it (as on the SMTP envelope)
-    return f"{_header(name)} <{addr}>" if name else addr
+    return f"{_display_name(name)} <{addr}>" if name else addr
 
 
 def build_email(

@@ -8,6 +8,7 @@ import email.policy
 import ipaddress
 import random
 from datetime import UTC, datetime
+from email.utils import getaddresses
 
 import pytest
 
@@ -181,6 +182,60 @@ def test_non_ascii_headers_and_long_lines_survive_the_wire() -> None:
         sent_at_epoch=0,
     )
     assert email.message_from_bytes(header_injection.to_wire())["Bcc"] is None
+
+
+# Display names with RFC 5322 specials, as written in a profile or request -> (name, mailbox).
+NAMES_WITH_SPECIALS = {
+    '"Doe, John" <john@example.com>': ("Doe, John", "john@example.com"),
+    "john@example.com (Doe, John)": ("Doe, John", "john@example.com"),
+    '"Dr. Who" <who@example.com>': ("Dr. Who", "who@example.com"),
+    '"Ann \\"The Boss\\" Lee" <ann@example.com>': ('Ann "The Boss" Lee', "ann@example.com"),
+    '"back\\\\slash; <x@y>" <bs@example.com>': ("back\\slash; <x@y>", "bs@example.com"),
+    '"Shop: a@b [x]" <shop@example.com>': ("Shop: a@b [x]", "shop@example.com"),
+    '"=?utf-8?b?QQ==?=" <ew@example.com>': ("=?utf-8?b?QQ==?=", "ew@example.com"),
+    # Beyond ASCII: RFC 2047 encoded words, as before (the comma inside them splits nothing).
+    '"Müller, Ann" <ann@example.com>': ("Müller, Ann", "ann@example.com"),
+}
+
+
+@pytest.mark.parametrize("written", NAMES_WITH_SPECIALS)
+def test_a_display_name_with_specials_is_one_address_in_to_and_from(written: str) -> None:
+    """`Doe, John <john@example.com>` unquoted is two addresses to a mail client (`Doe` and `John
+    <john@...>`): a name with a comma, quote, dot, @, <, >, ... goes as a quoted string."""
+    name, mailbox = NAMES_WITH_SPECIALS[written]
+    mail = build_email(
+        message_id="m4",
+        sender=written,
+        to=written,
+        subject="S",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    wire = mail.to_wire()
+    assert wire.isascii()
+    parsed = email.message_from_bytes(wire, policy=email.policy.default)
+    for header in ("To", "From"):
+        assert [(a.display_name, a.addr_spec) for a in parsed[header].addresses] == [(name, mailbox)]
+        # And as the compat32 parser (`getaddresses`, what simpler clients use) reads it.
+        raw = email.message_from_bytes(wire)[header]
+        assert len(getaddresses([raw])) == 1 and getaddresses([raw])[0][1] == mailbox
+    assert mail.envelope_from == mailbox
+
+
+def test_a_plain_display_name_stays_unquoted() -> None:
+    mail = build_email(
+        message_id="m5",
+        sender="CLM <noreply@clm.local>",
+        to="Ann Lee <ann@example.com>",
+        subject="S",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    assert (mail.header("From"), mail.header("To")) == ("CLM <noreply@clm.local>", "Ann Lee <ann@example.com>")
 
 
 def test_the_default_retries_ride_out_a_provider_outage_of_minutes() -> None:

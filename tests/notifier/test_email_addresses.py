@@ -102,3 +102,37 @@ async def test_a_display_name_with_a_comma_reaches_the_mailbox_as_one_address(st
         assert b'To: "Doe, John" <john@example.com>\r\n' in mail.raw
         to = mail.message["To"]
         assert [(a.display_name, a.addr_spec) for a in to.addresses] == [("Doe, John", "john@example.com")]
+
+
+async def test_a_server_without_smtputf8_delivers_a_domain_beyond_ascii_as_a_labels(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """`user@bücher.example` failed at once on such a server; its domain has an ASCII form, the same
+    mail domain (IDNA A-labels), so it is delivered. Its bounce suppresses the address as written:
+    the next message to it is suppressed, not sent."""
+    ascii_only = await MailSink.start(server_options={"enable_SMTPUTF8": False})
+    ascii_only.reject.add("gone@xn--bcher-kva.example")
+    try:
+        async with start_notifier(smtp_port=ascii_only.port) as h:
+            await h.create_template(RECEIPT)
+            await send(h, "m-i1", "Jürgen Doe <user@Bücher.example>")
+            await h.wait_status("m-i1", "delivered")
+            [mail] = ascii_only.messages
+            assert mail.envelope_to == ["user@xn--bcher-kva.example"] and mail.raw.isascii()
+            to = mail.message["To"]
+            assert [(a.display_name, a.addr_spec) for a in to.addresses] == [
+                ("Jürgen Doe", "user@xn--bcher-kva.example")
+            ]
+
+            await send(h, "m-i2", "gone@bücher.example")
+            await h.wait_status("m-i2", "bounced")
+            gone = await h.client.get(
+                "/v1/suppressions",
+                params={"channel": "email", "address": "gone@bücher.example"},
+                headers=ADMIN,
+            )
+            assert gone.status_code == 200 and gone.json()["suppressed"] is True
+            await send(h, "m-i3", "Gone@Bücher.example")
+            statuses = await h.wait_status("m-i3", "suppressed")
+            assert "SMTP 550 5.1.1" in statuses[-1]["reason"]
+            assert len(ascii_only.messages) == 1
+    finally:
+        await ascii_only.stop()

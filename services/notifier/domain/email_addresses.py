@@ -13,6 +13,8 @@ import re
 import unicodedata
 from email.utils import parseaddr
 
+import idna
+
 # RFC 5321: a local part of 64 octets, a domain of 255; longer is no address (and would not fit an
 # index entry either).
 MAX_LENGTH = 320
@@ -51,3 +53,48 @@ def _unsendable(address: str) -> bool:
         return True
     rest = _QUOTED_LOCAL_PART.sub("", address, count=1)
     return any(c.isspace() or unicodedata.category(c)[0] == "Z" or c in '<>"' for c in rest)
+
+
+# Why a mailbox has no ASCII form (`ascii_mailbox`), as an SMTP server without SMTPUTF8 needs one.
+LOCAL_PART_BEYOND_ASCII = (
+    "the email address has characters other than ASCII before its @ and the SMTP server does not "
+    "offer SMTPUTF8 (RFC 6531): it cannot be sent there"
+)
+DOMAIN_WITHOUT_IDNA = (
+    "the email address's domain has characters other than ASCII and no IDNA 2008 form (xn--) as it "
+    "is written, and the SMTP server does not offer SMTPUTF8 (RFC 6531): it cannot be sent there"
+)
+
+
+class NoAsciiForm(ValueError):
+    """A mailbox without an ASCII form; `reason` says why (`LOCAL_PART_BEYOND_ASCII`,
+    `DOMAIN_WITHOUT_IDNA`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def ascii_mailbox(mailbox: str) -> str:
+    """A mailbox (`local@domain`, no display name) as an SMTP server without SMTPUTF8 can take it: as is
+    when ASCII; with a domain beyond ASCII (`ann@bücher.example`) and an ASCII local part, the domain
+    as IDNA 2008 A-labels (`ann@xn--bcher-kva.example`: the same mail domain in DNS, RFC 5890),
+    through the `idna` package with UTS 46 mapping (which lower-cases). NoAsciiForm when the local
+    part is beyond ASCII (no encoding of it exists without SMTPUTF8), or the domain has no A-label
+    form as written: a character IDNA 2008 does not allow (`☃.net`), or one UTS 46 maps to another
+    beyond lower case (`example.com` in full-width letters, U+FF45 ..., is `example.com`; `u` + a
+    combining diaeresis is `ü`). Those would reach a mailbox whose suppressions, complaints and erasure are
+    keyed under another form (`mailbox`), as the zero-width joiners `_unsendable` refuses would."""
+    if mailbox.isascii():
+        return mailbox
+    local, at, domain = mailbox.rpartition("@")
+    if not at or not local.isascii():
+        raise NoAsciiForm(LOCAL_PART_BEYOND_ASCII)
+    try:
+        alabels = idna.encode(domain, uts46=True).decode("ascii")
+        same = idna.decode(alabels) == domain.lower()
+    except UnicodeError as exc:  # idna.IDNAError, and codec errors
+        raise NoAsciiForm(DOMAIN_WITHOUT_IDNA) from exc
+    if not same:
+        raise NoAsciiForm(DOMAIN_WITHOUT_IDNA)
+    return f"{local}@{alabels}"

@@ -7,9 +7,10 @@ import binascii
 import html
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import formatdate, parseaddr
 
+from services.notifier.domain.email_addresses import NoAsciiForm, ascii_mailbox
 from services.notifier.domain.signing import MessageLinks
 
 _HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(https?://[^"']+)\2""", re.IGNORECASE)
@@ -50,9 +51,23 @@ class ComposedEmail:
     text: str
     html: str
     envelope_from: str
+    # The From and To headers' (display name, mailbox): `with_ascii_domains` writes them anew.
+    addresses: tuple[tuple[str, str, str], ...] = ()
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def with_ascii_domains(self) -> ComposedEmail:
+        """This email for an SMTP server without SMTPUTF8: the From and To mailboxes and the envelope
+        sender with a domain beyond ASCII as IDNA A-labels (`email_addresses.ascii_mailbox`); display
+        names stay RFC 2047 encoded words. NoAsciiForm (naming why) when a mailbox has no such form."""
+        rewritten = {header: (name, ascii_mailbox(box)) for header, name, box in self.addresses}
+        return replace(
+            self,
+            headers=tuple((k, _address(*rewritten[k]) if k in rewritten else v) for k, v in self.headers),
+            envelope_from=ascii_mailbox(self.envelope_from),
+            addresses=tuple((header, *rewritten[header]) for header, _, _ in self.addresses),
+        )
 
     def to_wire(self) -> bytes:
         boundary = f"=_clm_{uuid.uuid4().hex}"
@@ -112,10 +127,23 @@ def _display_name(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _address(value: str) -> str:
+def _parsed(value: str) -> tuple[str, str]:
+    """(display name, mailbox) of an address as written."""
     name, addr = parseaddr(value)
-    addr = addr.strip()  # a no-break space around it is no part of it (as on the SMTP envelope)
+    return name, addr.strip()  # a no-break space around it is no part of it (as on the SMTP envelope)
+
+
+def _address(name: str, addr: str) -> str:
     return f"{_display_name(name)} <{addr}>" if name else addr
+
+
+def _ascii_domain(domain: str) -> str:
+    """The domain as IDNA A-labels where it has them (the Message-ID is read by servers without
+    SMTPUTF8 too), else as is."""
+    try:
+        return ascii_mailbox(f"x@{domain}").rpartition("@")[2]
+    except NoAsciiForm:
+        return domain
 
 
 def build_email(
@@ -130,10 +158,10 @@ def build_email(
     sent_at_epoch: float,
 ) -> ComposedEmail:
     sender_address = parseaddr(sender)[1]
-    domain = sender_address.rsplit("@", 1)[-1] or "clm.local"
+    domain = _ascii_domain(sender_address.rsplit("@", 1)[-1] or "clm.local")
+    addresses = (("From", *_parsed(sender)), ("To", *_parsed(to)))
     headers = [
-        ("From", _address(sender)),
-        ("To", _address(to)),
+        *((header, _address(name, box)) for header, name, box in addresses),
         ("Subject", _header(subject)),
         ("Date", formatdate(sent_at_epoch, usegmt=True)),
         # Deterministic: a receiving system can recognize a duplicate of the same message.
@@ -144,4 +172,4 @@ def build_email(
         # RFC 8058 one-click: mailbox providers POST "List-Unsubscribe=One-Click" to this URL.
         headers.append(("List-Unsubscribe", f"<{unsubscribe_url}>"))
         headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
-    return ComposedEmail(tuple(headers), text, body_html, sender_address)
+    return ComposedEmail(tuple(headers), text, body_html, sender_address, addresses)

@@ -235,7 +235,10 @@ def test_a_plain_display_name_stays_unquoted() -> None:
         unsubscribe_url=None,
         sent_at_epoch=0,
     )
-    assert (mail.header("From"), mail.header("To")) == ("CLM <noreply@clm.local>", "Ann Lee <ann@example.com>")
+    assert (mail.header("From"), mail.header("To")) == (
+        "CLM <noreply@clm.local>",
+        "Ann Lee <ann@example.com>",
+    )
 
 
 def test_the_default_retries_ride_out_a_provider_outage_of_minutes() -> None:

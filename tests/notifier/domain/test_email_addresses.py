@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from aiosmtplib.email import parse_address
 
-from services.notifier.domain.email_addresses import mailbox
+from services.notifier.domain.email_addresses import (
+    DOMAIN_WITHOUT_IDNA,
+    LOCAL_PART_BEYOND_ASCII,
+    NoAsciiForm,
+    ascii_mailbox,
+    mailbox,
+)
 
 
 @pytest.mark.parametrize(
@@ -61,3 +67,38 @@ def test_a_mailbox_is_an_address_the_smtp_client_can_write(written: str) -> None
         assert mailbox(written) is None
     else:
         assert mailbox(written) is not None
+
+
+@pytest.mark.parametrize(
+    ("box", "ascii_form"),
+    [
+        ("ann@example.com", "ann@example.com"),  # ASCII: as is, case and all
+        ("user@bücher.example", "user@xn--bcher-kva.example"),
+        ("User@BÜCHER.example", "User@xn--bcher-kva.example"),  # the domain lower-cased, not the local part
+        ("ann@例子.广告", "ann@xn--fsqu00a.xn--4rr70v"),
+        ("kurt@straße.de", "kurt@xn--strae-oqa.de"),  # IDNA 2008 (nontransitional): ß stays
+        ('"a@b"@bücher.example', '"a@b"@xn--bcher-kva.example'),  # the domain is after the last @
+    ],
+)
+def test_a_domain_beyond_ascii_has_its_a_labels_as_ascii_form(box: str, ascii_form: str) -> None:
+    assert ascii_mailbox(box) == ascii_form
+
+
+@pytest.mark.parametrize(
+    ("box", "reason"),
+    [
+        ("josé@example.com", LOCAL_PART_BEYOND_ASCII),
+        ("josé@bücher.example", LOCAL_PART_BEYOND_ASCII),
+        ("ann@☃.net", DOMAIN_WITHOUT_IDNA),  # not allowed by IDNA 2008
+        ("ann@bücher..example", DOMAIN_WITHOUT_IDNA),  # an empty label
+        ("ann@" + "ü" * 64 + ".example", DOMAIN_WITHOUT_IDNA),  # a label past 63 octets encoded
+        # UTS 46 maps them to another domain: a second key for that mailbox's suppressions,
+        # complaints and erasure, so no ASCII form.
+        ("ann@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.\uff43\uff4f\uff4d", DOMAIN_WITHOUT_IDNA),
+        ("ann@bu\u0308cher.example", DOMAIN_WITHOUT_IDNA),
+    ],
+)
+def test_a_mailbox_without_an_ascii_form_says_why(box: str, reason: str) -> None:
+    with pytest.raises(NoAsciiForm) as raised:
+        ascii_mailbox(box)
+    assert raised.value.reason == reason

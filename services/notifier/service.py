@@ -17,6 +17,7 @@ from services.notifier.consumers.message_requests import enqueue
 from services.notifier.delivery import ADDRESSES_SUPPRESSED, DeliveryWorker
 from services.notifier.domain.composition import status_of
 from services.notifier.domain.consent import ALL_TOPICS, opted_out, phone_key
+from services.notifier.domain.email_addresses import mailbox
 from services.notifier.domain.phone_numbers import normalized
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.suppression import address_key, suppression_key
@@ -46,10 +47,17 @@ ENGAGEMENTS_DROPPED = Counter(
 )
 
 
+def _address_forms(identifier: str) -> list[str]:
+    """An identifier that is an email address, in the form erasures tombstone addresses in
+    (`erasure_repo.tombstone_addresses`); nothing for any other."""
+    form = mailbox(identifier) if "@" in identifier else None
+    return [form] if form else []
+
+
 class ErasureUnderWay(Exception):
     """The erasure gate was not free at once (an erasure holds it or waits for it), or for a provider's
-    delivery report within its short wait: a telemetry write (an open, a click, a delivery report) was
-    not recorded rather than wait longer."""
+    delivery report or an admin preferences write within its short wait: the write (an open, a click,
+    a delivery report, the admin's choices) was not made rather than wait longer."""
 
 
 @dataclass
@@ -63,12 +71,15 @@ class Notifier:
     worker: DeliveryWorker
     # How long a provider's delivery report waits for the erasure gate (`record_provider_report`).
     report_gate_wait_ms: int = 2000
-    # How many delivery reports may wait for it at once, each holding a pooled connection meanwhile:
-    # a quarter of the pool (`db_pool_size`), at least one. The others only try it.
-    report_gate_slots: asyncio.Semaphore = field(init=False, repr=False)
+    # How long an admin's preferences write waits for it (`customer_erased`).
+    admin_gate_wait_ms: int = 2000
+    # How many of those (reports and admin writes together) may wait for it at once, each holding a
+    # pooled connection meanwhile: a quarter of the pool (`db_pool_size`), at least one. The others
+    # only try it.
+    gate_slots: asyncio.Semaphore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.report_gate_slots = asyncio.Semaphore(max(1, self.settings.db_pool_size // 4))
+        self.gate_slots = asyncio.Semaphore(max(1, self.settings.db_pool_size // 4))
 
     async def submit(self, requests: list[MessageRequested]) -> set[str]:
         """Queue requests made through the API (same ledger path as Kafka requests)."""
@@ -218,15 +229,38 @@ class Notifier:
 
     async def customer_erased(self, uow: UnitOfWork, customer_id: str) -> bool:
         """For an admin write under a customer (`PUT /v1/customers/{id}/preferences`): whether
-        `customer_id` (any identifier of the customer), or the customer it resolves to, was erased,
-        under the erasure gate until `uow` commits (waited for, as the unsubscribe links' consent
-        writes wait: rare, and not to be lost). A write the caller then makes is either deleted by an
-        erasure committing after it or, once that erasure committed, refused here."""
-        if await self._erased(uow, customer_id):
+        `customer_id` (any identifier of the customer; one that is an email address also as its
+        mailbox, the form erasures tombstone addresses in: `Eve@Example.com` is the erased
+        `eve@example.com`), or the customer it resolves to, was erased.
+
+        Under the erasure gate until `uow` commits, so a write the caller then makes is either deleted
+        by an erasure committing after it or, once that erasure committed, refused here; and then
+        under the identifier's write lock (`identities_repo.resolve_for_write`, gate first, as the
+        consent writes take them), so the customer checked is the one the write goes to: a link of
+        the identifier committed between an unlocked read and the write (a stale profile event
+        linking an alias to the erased customer) sent the write to a customer never checked.
+        Waits for the gate `admin_gate_wait_ms` at most, if one of `gate_slots` is free (else only
+        tries it), and raises `ErasureUnderWay` when it is not had: each waiting write holds a pooled
+        connection, and a CRM sync's burst during an erasure ran the pool dry."""
+        if await self._erased_within(uow, customer_id, self.admin_gate_wait_ms):
             return True
-        # Read under the gate: the erasure forgets the customer's links as it tombstones them.
-        canonical = await identities_repo.canonical(uow.session, customer_id)
-        return canonical != customer_id and await self._erased(uow, canonical)
+        canonical = await identities_repo.resolve_for_write(uow.session, customer_id)
+        others = [i for i in dict.fromkeys([canonical, *_address_forms(customer_id)]) if i != customer_id]
+        salt = self.settings.privacy_salt.get_secret_value()
+        return bool(others) and bool(await erased_among(uow.session, salt, others))
+
+    async def _erased_within(self, uow: UnitOfWork, customer_id: str, wait_ms: int) -> bool:
+        """`_erased`, waiting for the gate `wait_ms` at most when one of `gate_slots` is free, else only
+        trying it (`ErasureUnderWay` at once if busy). (Taking a free slot never suspends: nothing
+        queues for one.)"""
+        slotted = not self.gate_slots.locked()
+        if slotted:
+            await self.gate_slots.acquire()
+        try:
+            return await self._erased(uow, customer_id, wait=False, wait_at_most_ms=wait_ms if slotted else 0)
+        finally:
+            if slotted:
+                self.gate_slots.release()
 
     async def _erased(
         self, uow: UnitOfWork, customer_id: str, *, wait: bool = True, wait_at_most_ms: int = 0
@@ -357,29 +391,17 @@ class Notifier:
         that the provider may retry later. Not at once as opens and clicks: Twilio retries a status
         callback only on a failed connection by default, so a short erasure lost every report of its
         time (and a failed SMS's number went unsuppressed).
-        Only `report_gate_slots` reports wait at once: each holds a pooled connection meanwhile, and
-        at 20 reports/s an erasure's 2 s drained the pool (10 + 10 overflow), delivery loops queueing
-        behind. A report finding no slot free only tries the gate (`ErasureUnderWay` at once if busy)."""
+        Only `gate_slots` reports (and admin writes) wait at once: each holds a pooled connection
+        meanwhile, and at 20 reports/s an erasure's 2 s drained the pool (10 + 10 overflow), delivery
+        loops queueing behind. A report finding no slot free only tries the gate (`ErasureUnderWay` at
+        once if busy)."""
         now = self.clock.now()
         added: dict[str, str] = {}
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.by_provider_message_id(uow.session, provider_message_id)
             if entry is None:
                 return False
-            # No slot free: no wait. (Taking a free one never suspends: nothing queues for a slot.)
-            slotted = not self.report_gate_slots.locked()
-            if slotted:
-                await self.report_gate_slots.acquire()
-            try:
-                erased = await self._erased(
-                    uow,
-                    entry.request.customer_id,
-                    wait=False,
-                    wait_at_most_ms=self.report_gate_wait_ms if slotted else 0,
-                )
-            finally:
-                if slotted:
-                    self.report_gate_slots.release()
+            erased = await self._erased_within(uow, entry.request.customer_id, self.report_gate_wait_ms)
             # An erased customer's message: nothing recorded, not even the address's suppression
             # (it would name their message).
             if erased or not await ledger_repo.record_engagement(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import text
 
+from services.notifier.store import identities_repo
 from shared.privacy import add_tombstones, erasure_gate
 from tests.notifier.conftest import ADMIN
 from tests.notifier.test_links_after_erasure import NOTHING, erase, rows_of, waiting_for_the_gate
@@ -83,12 +84,15 @@ async def test_preferences_of_an_erased_customer_are_refused_and_nothing_is_writ
         await erase(h, "eve", ["eve", "user-eve", "eve@example.com"])
         assert await rows_of(h, ["eve", "user-eve", "eve@example.com"], []) == NOTHING
 
-        for ref in ("eve", "user-eve", "eve@example.com"):
+        # The email in another case is the erased address too (tombstoned as its mailbox).
+        for ref in ("eve", "user-eve", "eve@example.com", "Eve@Example.COM"):
             r = await h.client.put(f"/v1/customers/{ref}/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
             assert r.status_code == 410, (ref, r.text)
             body = r.json()
             assert body["error"] == "erased"
             assert [(e["field"], e["rule"]) for e in body["errors"]] == [("customer_id", "not_erased")]
+            # The answer does not repeat the identifier: it may be the erased person's address.
+            assert "@" not in r.text and "user-eve" not in r.text
         assert await rows_of(h, ["eve", "user-eve", "eve@example.com"], []) == NOTHING
         async with h.platform.engine.connect() as conn:
             audited = await conn.scalar(
@@ -121,3 +125,82 @@ async def test_an_admin_put_during_an_erasure_waits_for_it_and_writes_nothing(st
         answered = await asyncio.wait_for(put, 10)
         assert answered.status_code == 410, answered.text
         assert await rows_of(h, ["ivy"], []) == NOTHING
+
+
+async def lock_waiters(h) -> int:  # type: ignore[no-untyped-def]
+    """Transactions waiting for an advisory lock (here: an identifier's write lock)."""
+    async with h.platform.engine.connect() as conn:
+        waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        return int(await conn.scalar(text(waiting)))
+
+
+async def test_an_identifier_that_resolves_to_an_erased_customer_is_refused(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """An alias whose own value is not tombstoned, linked to a customer that is (a stale profile event
+    after the erasure links it: the profiles consumer does not check tombstones): refused as the
+    customer's own id, nothing written under either."""
+    async with start_notifier() as h:
+        await h.create_topic("newsletter", ["email"])
+        salt = h.settings.privacy_salt.get_secret_value()
+        async with h.platform.unit_of_work() as uow:
+            await add_tombstones(uow.session, salt, ["cust-c"], "erase-c", datetime.now(UTC))
+            await identities_repo.link(uow.session, "cust-c", ["alias-1"], datetime.now(UTC))
+        r = await h.client.put("/v1/customers/alias-1/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
+        assert r.status_code == 410, r.text
+        assert r.json()["errors"][0]["rule"] == "not_erased"
+        assert await rows_of(h, ["cust-c", "alias-1"], []) == NOTHING
+
+
+async def test_a_link_committed_during_the_check_sends_no_write_to_an_erased_customer(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """The review's race: the erased check resolved the identifier without its write lock, the write
+    resolved it again under the lock; a link committed in between (a stale profile event for the
+    erased customer) sent the write to a customer never checked (200, a preferences row under the
+    tombstoned id). The check now resolves under the lock: it waits for the link, then sees it."""
+    async with start_notifier() as h:
+        await h.create_topic("newsletter", ["email"])
+        salt = h.settings.privacy_salt.get_secret_value()
+        async with h.platform.unit_of_work() as uow:
+            await add_tombstones(uow.session, salt, ["cust-c"], "erase-c", datetime.now(UTC))
+        # The profiles consumer's link, written and not yet committed.
+        async with h.platform.unit_of_work() as link_tx:
+            await identities_repo.link(link_tx.session, "cust-c", ["alias-1"], datetime.now(UTC))
+            put = asyncio.create_task(
+                h.client.put("/v1/customers/alias-1/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
+            )
+            await eventually(lambda: lock_waiters(h))  # the PUT waits for the identifier's lock
+            assert not put.done()
+        answered = await asyncio.wait_for(put, 10)
+        assert answered.status_code == 410, answered.text
+        assert await rows_of(h, ["cust-c", "alias-1"], []) == NOTHING
+
+
+async def test_an_admin_put_waits_for_an_erasure_a_short_time_then_answers_503(start_notifier) -> None:  # type: ignore[no-untyped-def]
+    """Each PUT waiting for the erasure gate holds a pooled connection: without a limit, 20+ PUTs of
+    a CRM sync during an erasure ran the pool dry and delivery loops queued behind them. A PUT waits
+    `admin_gate_wait_ms` at most (sharing `gate_slots` with delivery reports; without a free slot it
+    only tries), then answers 503 with Retry-After and writes nothing."""
+    async with start_notifier() as h:
+        await h.create_topic("newsletter", ["email"])
+        notifier = h.app.state.notifier
+        notifier.admin_gate_wait_ms = 300  # shorter than the erasure held here
+        async with h.platform.unit_of_work() as erasing_now:
+            await erasure_gate(erasing_now.session, exclusive=True)
+            busy = await asyncio.wait_for(
+                h.client.put("/v1/customers/ivy/preferences", headers=ADMIN, json=NEWSLETTER_OFF), 5
+            )
+            assert busy.status_code == 503, busy.text
+            assert busy.headers["Retry-After"] == "2"
+            assert busy.json()["error"] == "erasure_under_way"
+            # No slot free (reports or other PUTs waiting): not even the short wait.
+            notifier.admin_gate_wait_ms = 10_000
+            notifier.gate_slots = asyncio.Semaphore(1)
+            await notifier.gate_slots.acquire()
+            at_once = await asyncio.wait_for(
+                h.client.put("/v1/customers/ivy/preferences", headers=ADMIN, json=NEWSLETTER_OFF), 3
+            )
+            assert at_once.status_code == 503, at_once.text
+            notifier.gate_slots.release()
+        assert await rows_of(h, ["ivy"], []) == NOTHING
+        # The gate free again: written as ever.
+        done = await h.client.put("/v1/customers/ivy/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
+        assert done.status_code == 200, done.text
+        assert (await rows_of(h, ["ivy"], []))["preferences"] == [("newsletter", "email", "crm")]

@@ -17,7 +17,7 @@ from services.notifier.consumers.message_requests import enqueue
 from services.notifier.delivery import ADDRESSES_SUPPRESSED, DeliveryWorker
 from services.notifier.domain.composition import status_of
 from services.notifier.domain.consent import ALL_TOPICS, opted_out, phone_key
-from services.notifier.domain.email_addresses import mailbox
+from services.notifier.domain.email_addresses import mailboxes
 from services.notifier.domain.phone_numbers import normalized
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.suppression import address_key, suppression_key
@@ -48,10 +48,10 @@ ENGAGEMENTS_DROPPED = Counter(
 
 
 def _address_forms(identifier: str) -> list[str]:
-    """An identifier that is an email address, in the form erasures tombstone addresses in
-    (`erasure_repo.tombstone_addresses`); nothing for any other."""
-    form = mailbox(identifier) if "@" in identifier else None
-    return [form] if form else []
+    """An identifier that is an email address, in the forms erasures tombstone addresses in
+    (`erasure_repo.tombstone_addresses`: its mailbox; `mailboxes`: also as keyed before A-labels were
+    decoded); nothing for any other."""
+    return mailboxes(identifier) if "@" in identifier else []
 
 
 class ErasureUnderWay(Exception):

@@ -4,7 +4,10 @@ Profiles and requests hold addresses as clients wrote them (`Ann <Ann@Example.co
 ` ann@example.com`, `<ANN@example.com>`); the SMTP envelope gets the mailbox parsed out of that
 (aiosmtplib parses it the same way). So one form for all of them: a spam complaint, a hard bounce or
 an erasure about `ann@example.com` applies however the address was written. Lower case because mail
-systems treat local parts without case in practice.
+systems treat local parts without case in practice. A domain beyond ASCII is one mail domain in two
+writings, its U-labels (`bücher.example`) and its IDNA A-labels (`xn--bcher-kva.example`, what an
+SMTP server without SMTPUTF8 is given, so what its bounces and a relay's complaints name): keyed by
+the U-labels (`canonical_domain`).
 """
 
 from __future__ import annotations
@@ -27,15 +30,62 @@ _QUOTED_LOCAL_PART = re.compile(r'^"(?:[^"\\\r\n]|\\.)*"')
 
 
 def mailbox(value: str) -> str | None:
-    """The mailbox of an address as written, in lower case; None when there is none (no `@`, longer
-    than an address can be, or holding a character no mail system delivers to: see `_unsendable`)."""
+    """The mailbox of an address as written, in lower case with its domain's valid A-labels as their
+    U-labels (`canonical_domain`: `Ann@XN--BCHER-KVA.example` is `ann@bücher.example`); None when
+    there is none (no `@`, longer than an address can be, or holding a character no mail system
+    delivers to: see `_unsendable`)."""
+    address = _address(value)
+    if address is None:
+        return None
+    local, _, domain = address.rpartition("@")
+    return f"{local.lower()}@{canonical_domain(domain)}"
+
+
+def mailboxes(value: str) -> list[str]:
+    """The forms an address's keys may have been made from, for looking them up: its `mailbox`, and,
+    when its domain was written with A-labels, the address lower-cased as written, the form keys had
+    before A-labels were decoded (2026-12-08): a suppression, complaint or tombstone made from
+    `ann@xn--bcher-kva.example` then still holds. New keys are made from `mailbox` only."""
+    address = _address(value)
+    if address is None:
+        return []
+    local, _, domain = address.rpartition("@")
+    return list(dict.fromkeys([f"{local.lower()}@{canonical_domain(domain)}", address.lower()]))
+
+
+def _address(value: str) -> str | None:
     # Whitespace around it is the writing, not the address, a no-break space included
     # (`Ann@Example.com` + U+00A0 is `ann@example.com`, as the SMTP envelope gets it:
     # `channels.smtp._envelope` strips it the same way); inside, it is none.
     address = parseaddr(value.strip())[1].strip()
     if "@" not in address or len(address) > MAX_LENGTH or _unsendable(address):
         return None
-    return address.lower()
+    return address
+
+
+def canonical_domain(domain: str) -> str:
+    """A mail domain in the one form CLM keys it by: lower case, each label that is a valid IDNA 2008
+    A-label (`xn--bcher-kva`, any case) as its U-label (`bücher`), so the two writings of one domain
+    are one key. Valid: it decodes (`idna.decode`, which checks the U-label against IDNA 2008) and
+    encodes back to itself (`xn--abc-` or `xn--zz` do not), and its U-label holds nothing `_unsendable`
+    refuses (a zero-width joiner, which IDNA 2008 allows in some labels). Any other label stays as
+    written, lower-cased: a U-label is not mapped (UTS 46 would map full-width letters to ASCII,
+    which `ascii_mailbox` refuses for that reason)."""
+    low = domain.lower()
+    if "xn--" not in low:
+        return low
+    return ".".join(_u_label(label) for label in low.split("."))
+
+
+def _u_label(label: str) -> str:
+    if not label.startswith("xn--"):
+        return label
+    try:
+        decoded = idna.decode(label)
+        valid = idna.encode(decoded) == label.encode("ascii")
+    except UnicodeError:  # idna.IDNAError, and codec errors
+        return label
+    return decoded if valid and not _unsendable(decoded) else label
 
 
 def _unsendable(address: str) -> bool:
@@ -92,7 +142,9 @@ def ascii_mailbox(mailbox: str) -> str:
         raise NoAsciiForm(LOCAL_PART_BEYOND_ASCII)
     try:
         alabels = idna.encode(domain, uts46=True).decode("ascii")
-        same = idna.decode(alabels) == domain.lower()
+        # Compared with the key's form, label by label: a label already in A-labels, in any case
+        # (`XN--BCHER-KVA.bücher.example`), is that same domain.
+        same = idna.decode(alabels) == canonical_domain(domain)
     except UnicodeError as exc:  # idna.IDNAError, and codec errors
         raise NoAsciiForm(DOMAIN_WITHOUT_IDNA) from exc
     if not same:

@@ -81,11 +81,12 @@ async def test_preferences_of_an_erased_customer_are_refused_and_nothing_is_writ
         await h.create_topic("newsletter", ["email"])
         before = await h.client.put("/v1/customers/eve/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
         assert before.status_code == 200, before.text  # before the erasure, as for anyone
-        await erase(h, "eve", ["eve", "user-eve", "eve@example.com"])
+        await erase(h, "eve", ["eve", "user-eve", "eve@example.com", "eve@bücher.example"])
         assert await rows_of(h, ["eve", "user-eve", "eve@example.com"], []) == NOTHING
 
-        # The email in another case is the erased address too (tombstoned as its mailbox).
-        for ref in ("eve", "user-eve", "eve@example.com", "Eve@Example.COM"):
+        # The email in another case, or its domain as A-labels, is the erased address too (tombstoned
+        # as its mailbox).
+        for ref in ("eve", "user-eve", "eve@example.com", "Eve@Example.COM", "Eve@XN--BCHER-KVA.example"):
             r = await h.client.put(f"/v1/customers/{ref}/preferences", headers=ADMIN, json=NEWSLETTER_OFF)
             assert r.status_code == 410, (ref, r.text)
             body = r.json()

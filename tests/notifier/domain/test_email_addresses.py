@@ -10,7 +10,9 @@ from services.notifier.domain.email_addresses import (
     LOCAL_PART_BEYOND_ASCII,
     NoAsciiForm,
     ascii_mailbox,
+    canonical_domain,
     mailbox,
+    mailboxes,
 )
 
 
@@ -102,3 +104,75 @@ def test_a_mailbox_without_an_ascii_form_says_why(box: str, reason: str) -> None
     with pytest.raises(NoAsciiForm) as raised:
         ascii_mailbox(box)
     assert raised.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("written", "key"),
+    [
+        # A domain written with A-labels is the domain of its U-labels, in any case: one key for the
+        # profile's `ann@bücher.example` and the `ann@xn--bcher-kva.example` a server without
+        # SMTPUTF8 was given (and its bounces and complaints name).
+        ("ann@xn--bcher-kva.example", "ann@bücher.example"),
+        ("Ann <ANN@XN--BCHER-KVA.EXAMPLE>", "ann@bücher.example"),
+        ("ann@xn--fsqu00a.xn--4rr70v", "ann@例子.广告"),
+        ("kurt@xn--strae-oqa.de", "kurt@straße.de"),
+        ("ann@xn--bcher-kva.bücher.example", "ann@bücher.bücher.example"),  # mixed writings
+        # Not a valid A-label (IDNA 2008, and encoding back to itself): as written, lower-cased.
+        ("ann@xn--zz.example", "ann@xn--zz.example"),
+        ("ann@XN--ABC-.example", "ann@xn--abc-.example"),
+        ("ann@xn--.example", "ann@xn--.example"),
+        ("ann@xn--ls8h.la", "ann@xn--ls8h.la"),  # an emoji: not IDNA 2008
+        # An A-label of a zero-width joiner's label (IDNA 2008 CONTEXTJ): kept as written, since
+        # its U-label is no mailbox (`_unsendable`).
+        ("ann@xn--11b2ezcw70k.example", "ann@xn--11b2ezcw70k.example"),
+        ("ann@example.com", "ann@example.com"),
+    ],
+)
+def test_a_domains_a_labels_are_keyed_as_its_u_labels(written: str, key: str) -> None:
+    assert mailbox(written) == key
+    assert canonical_domain(written.rpartition("@")[2].rstrip(">")) == key.rpartition("@")[2]
+
+
+def test_mailboxes_also_name_the_form_keys_had_before_a_labels_were_decoded() -> None:
+    """Keys are salted hashes: those made from `ann@xn--bcher-kva.example` before cannot be re-keyed,
+    so lookups try both forms, the key's own first."""
+    assert mailboxes("Ann <Ann@XN--BCHER-KVA.example>") == [
+        "ann@bücher.example",
+        "ann@xn--bcher-kva.example",
+    ]
+    assert mailboxes("ann@bücher.example") == ["ann@bücher.example"]
+    assert mailboxes("Ann@Example.com") == ["ann@example.com"]
+    assert mailboxes("not an address") == []
+
+
+@pytest.mark.parametrize(
+    ("box", "ascii_form"),
+    [
+        # Mixed writings and upper-case A-labels are that same domain (compared label by label).
+        ("ann@xn--bcher-kva.bücher.example", "ann@xn--bcher-kva.xn--bcher-kva.example"),
+        ("ann@XN--BCHER-KVA.bücher.example", "ann@xn--bcher-kva.xn--bcher-kva.example"),
+    ],
+)
+def test_a_domain_partly_in_a_labels_has_an_ascii_form(box: str, ascii_form: str) -> None:
+    assert ascii_mailbox(box) == ascii_form
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        "user@bücher.example",
+        "User@BÜCHER.example",
+        "ann@例子.广告",
+        "kurt@straße.de",
+        "ann@ΣΑΣ.gr",
+        "ann@xn--bcher-kva.bücher.example",
+        '"a@b"@bücher.example',
+    ],
+)
+def test_the_ascii_form_sent_is_keyed_as_the_address_as_written(box: str) -> None:
+    """What a server without SMTPUTF8 is given, and so what its bounces and complaints name, is the
+    same key as the address the profile holds."""
+    sent = ascii_mailbox(box)
+    assert sent.isascii()
+    local, _, domain = sent.rpartition("@")
+    assert mailbox(sent) == mailbox(f"{local}@{domain.upper()}") == mailbox(box)

@@ -13,7 +13,12 @@ from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import SMTPStatus
 
 from services.notifier.channels.base import BeforeCall, CallProgress, Delivery, SendAborted, SendResult
-from services.notifier.domain.email_addresses import LOCAL_PART_BEYOND_ASCII, NoAsciiForm, ascii_mailbox
+from services.notifier.domain.email_addresses import (
+    LOCAL_PART_BEYOND_ASCII,
+    SENDER,
+    NoAsciiForm,
+    ascii_mailbox,
+)
 from services.notifier.domain.retry_policy import Failure
 from services.notifier.domain.suppression import smtp_address_gone
 from services.notifier.settings import ProviderConfig
@@ -176,7 +181,8 @@ class SmtpProvider:
                 if utf8 and not await self._offers_smtputf8(client):
                     try:
                         # Only the domains beyond ASCII: as A-labels (xn--), the same mail domain.
-                        envelope = (ascii_mailbox(envelope[0]), ascii_mailbox(envelope[1]))
+                        # The sender first: every message from it fails so, and the reason says so.
+                        envelope = (ascii_mailbox(envelope[0], SENDER), ascii_mailbox(envelope[1]))
                         wire = delivery.email.with_ascii_domains().to_wire()
                         utf8 = False
                     except NoAsciiForm as exc:

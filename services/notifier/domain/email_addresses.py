@@ -105,27 +105,41 @@ def _unsendable(address: str) -> bool:
     return any(c.isspace() or unicodedata.category(c)[0] == "Z" or c in '<>"' for c in rest)
 
 
-# Why a mailbox has no ASCII form (`ascii_mailbox`), as an SMTP server without SMTPUTF8 needs one.
-LOCAL_PART_BEYOND_ASCII = (
-    "the email address has characters other than ASCII before its @ and the SMTP server does not "
-    "offer SMTPUTF8 (RFC 6531): it cannot be sent there"
-)
-DOMAIN_WITHOUT_IDNA = (
-    "the email address's domain has characters other than ASCII and no IDNA 2008 form (xn--) as it "
-    "is written, and the SMTP server does not offer SMTPUTF8 (RFC 6531): it cannot be sent there"
-)
+# Whose mailbox has no ASCII form (`ascii_mailbox`), in the reason: the recipient's, or the sender's,
+# which is configuration (every message from it fails so), not the customer's address.
+RECIPIENT = "the email address"
+SENDER = "the sender address (CLM_SMTP_SENDER or the email provider's `sender`)"
+
+
+def local_part_beyond_ascii(whose: str) -> str:
+    return (
+        f"{whose} has characters other than ASCII before its @ and the SMTP server does not offer "
+        "SMTPUTF8 (RFC 6531): it cannot be sent there"
+    )
+
+
+def domain_without_idna(whose: str) -> str:
+    return (
+        f"the domain of {whose} has characters other than ASCII and no IDNA 2008 form (xn--) as it is "
+        "written, and the SMTP server does not offer SMTPUTF8 (RFC 6531): it cannot be sent there"
+    )
+
+
+# Why a recipient's mailbox has no ASCII form, as an SMTP server without SMTPUTF8 needs one.
+LOCAL_PART_BEYOND_ASCII = local_part_beyond_ascii(RECIPIENT)
+DOMAIN_WITHOUT_IDNA = domain_without_idna(RECIPIENT)
 
 
 class NoAsciiForm(ValueError):
-    """A mailbox without an ASCII form; `reason` says why (`LOCAL_PART_BEYOND_ASCII`,
-    `DOMAIN_WITHOUT_IDNA`)."""
+    """A mailbox without an ASCII form; `reason` says whose and why (`local_part_beyond_ascii`,
+    `domain_without_idna`)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-def ascii_mailbox(mailbox: str) -> str:
+def ascii_mailbox(mailbox: str, whose: str = RECIPIENT) -> str:
     """A mailbox (`local@domain`, no display name) as an SMTP server without SMTPUTF8 can take it: as is
     when ASCII; with a domain beyond ASCII (`ann@bücher.example`) and an ASCII local part, the domain
     as IDNA 2008 A-labels (`ann@xn--bcher-kva.example`: the same mail domain in DNS, RFC 5890),
@@ -139,14 +153,14 @@ def ascii_mailbox(mailbox: str) -> str:
         return mailbox
     local, at, domain = mailbox.rpartition("@")
     if not at or not local.isascii():
-        raise NoAsciiForm(LOCAL_PART_BEYOND_ASCII)
+        raise NoAsciiForm(local_part_beyond_ascii(whose))
     try:
         alabels = idna.encode(domain, uts46=True).decode("ascii")
         # Compared with the key's form, label by label: a label already in A-labels, in any case
         # (`XN--BCHER-KVA.bücher.example`), is that same domain.
         same = idna.decode(alabels) == canonical_domain(domain)
     except UnicodeError as exc:  # idna.IDNAError, and codec errors
-        raise NoAsciiForm(DOMAIN_WITHOUT_IDNA) from exc
+        raise NoAsciiForm(domain_without_idna(whose)) from exc
     if not same:
-        raise NoAsciiForm(DOMAIN_WITHOUT_IDNA)
+        raise NoAsciiForm(domain_without_idna(whose))
     return f"{local}@{alabels}"

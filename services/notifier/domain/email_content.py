@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, replace
 from email.utils import formatdate, parseaddr
 
-from services.notifier.domain.email_addresses import NoAsciiForm, ascii_mailbox
+from services.notifier.domain.email_addresses import RECIPIENT, SENDER, NoAsciiForm, ascii_mailbox
 from services.notifier.domain.signing import MessageLinks
 
 _HREF = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(https?://[^"']+)\2""", re.IGNORECASE)
@@ -60,12 +60,16 @@ class ComposedEmail:
     def with_ascii_domains(self) -> ComposedEmail:
         """This email for an SMTP server without SMTPUTF8: the From and To mailboxes and the envelope
         sender with a domain beyond ASCII as IDNA A-labels (`email_addresses.ascii_mailbox`); display
-        names stay RFC 2047 encoded words. NoAsciiForm (naming why) when a mailbox has no such form."""
-        rewritten = {header: (name, ascii_mailbox(box)) for header, name, box in self.addresses}
+        names stay RFC 2047 encoded words. NoAsciiForm (naming whose and why) when a mailbox has no such
+        form."""
+        whose = {"From": SENDER, "To": RECIPIENT}
+        rewritten = {
+            header: (name, ascii_mailbox(box, whose[header])) for header, name, box in self.addresses
+        }
         return replace(
             self,
             headers=tuple((k, _address(*rewritten[k]) if k in rewritten else v) for k, v in self.headers),
-            envelope_from=ascii_mailbox(self.envelope_from),
+            envelope_from=ascii_mailbox(self.envelope_from, SENDER),
             addresses=tuple((header, *rewritten[header]) for header, _, _ in self.addresses),
         )
 

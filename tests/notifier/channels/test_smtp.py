@@ -17,7 +17,12 @@ from deploy.local.smtp_sink import MailSink
 from services.notifier.channels.base import Delivery
 from services.notifier.channels.router import GuardedProvider, ProviderRouter
 from services.notifier.channels.smtp import NO_SMTPUTF8, UNWRITABLE, SmtpProvider
-from services.notifier.domain.email_addresses import DOMAIN_WITHOUT_IDNA
+from services.notifier.domain.email_addresses import (
+    DOMAIN_WITHOUT_IDNA,
+    SENDER,
+    domain_without_idna,
+    local_part_beyond_ascii,
+)
 from services.notifier.domain.email_content import build_email
 from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
 from services.notifier.domain.retry_policy import Failure
@@ -677,3 +682,36 @@ async def test_the_body_goes_out_as_aiosmtplib_wrote_it() -> None:
         await provider.close()
     finally:
         await sink.stop()
+
+
+@pytest.mark.parametrize(
+    ("sender", "reason"),
+    [
+        ("CLM <josé@bücher.example>", local_part_beyond_ascii(SENDER)),
+        ("CLM <news@☃.net>", domain_without_idna(SENDER)),
+    ],
+)
+async def test_a_sender_without_an_ascii_form_is_named_as_the_cause(
+    scripted: list[ScriptedSmtp], sender: str, reason: str
+) -> None:
+    """The reason said "the email address" when the sender (configuration: every message from it
+    fails so) was the cause, sending an operator to look at the customer's address."""
+    server = await start(scripted)  # no SMTPUTF8
+    provider = smtp("smtp", server.port)
+    email_ = build_email(
+        message_id="m1",
+        sender=sender,
+        to="ann@bücher.example",  # has an ASCII form: not the cause
+        subject="Receipt",
+        text="Thanks",
+        body_html="<p>Thanks</p>",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    result = await provider.send(
+        Delivery("m1", "c1", Channel.EMAIL, "ann@bücher.example", {}, email_), nothing
+    )
+    assert (result.failure, result.reason) == (Failure.PERMANENT, f"SMTP: {reason}")
+    assert reason.startswith(("the sender address (CLM_SMTP_SENDER", "the domain of the sender address"))
+    assert "MAIL" not in server.verbs()
+    await provider.close()

@@ -108,7 +108,7 @@ def _unsendable(address: str) -> bool:
 # Whose mailbox has no ASCII form (`ascii_mailbox`), in the reason: the recipient's, or the sender's,
 # which is configuration (every message from it fails so), not the customer's address.
 RECIPIENT = "the email address"
-SENDER = "the sender address (CLM_SMTP_SENDER or the email provider's `sender`)"
+SENDER = "the sender address (CLM_SMTP_SENDER or the email provider's sender)"
 
 
 def local_part_beyond_ascii(whose: str) -> str:

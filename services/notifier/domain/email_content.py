@@ -94,10 +94,27 @@ def _quoted_printable(body: str) -> bytes:
     return encoded.replace(b"\n", b"\r\n")
 
 
+# RFC 5322: a header line is 998 octets at most. Plain text is written on one line (no folding), so
+# text longer than this, with room for the header's name, goes as encoded words, which fold.
+_LONGEST_PLAIN_HEADER = 900
+# A display name longer than this goes as encoded words: a quoted string is not folded here, and its
+# header line also holds the address (up to 320 octets).
+_LONGEST_PLAIN_NAME = 75
+
+
+def _control(value: str) -> bool:
+    """A control character other than tab (NUL, VT, DEL, ...): not allowed raw in a header (RFC 5322
+    text), even in a quoted string; some mail systems cut the header at a NUL."""
+    return any((c < " " and c != "\t") or c == "\x7f" for c in value)
+
+
 def _header(value: str) -> str:
-    """ASCII as is (no CR/LF: no header injection); anything else as RFC 2047 encoded words."""
+    """ASCII as is (no CR/LF: no header injection); anything else, a control character or text too
+    long for one line, as RFC 2047 encoded words."""
     value = value.replace("\r", " ").replace("\n", " ")
-    return value if value.isascii() else _encoded_words(value)
+    if value.isascii() and not _control(value) and len(value) <= _LONGEST_PLAIN_HEADER:
+        return value
+    return _encoded_words(value)
 
 
 def _encoded_words(value: str) -> str:
@@ -122,9 +139,11 @@ def _display_name(name: str) -> str:
     keeps its name too). Unquoted, a mail client read `Doe, John <john@example.com>` as two
     addresses, `Doe` and `John <john@...>`. A name that looks like an encoded word (`=?...?=`) says
     it literally: encoded itself, since clients (Python's among them) decode such words even inside
-    quotes."""
+    quotes. So does one with a control character (`_control`), or one longer than
+    `_LONGEST_PLAIN_NAME` (a quoted string of 1,200 characters made a header line past RFC 5322's
+    998 octets, which a strict server refuses at the end of DATA); encoded words fold."""
     name = name.replace("\r", " ").replace("\n", " ")
-    if not name.isascii() or "=?" in name:
+    if not name.isascii() or "=?" in name or _control(name) or len(name) > _LONGEST_PLAIN_NAME:
         return _encoded_words(name)
     if _PHRASE.fullmatch(name):
         return name

@@ -8,6 +8,7 @@ import email.policy
 import ipaddress
 import random
 from datetime import UTC, datetime
+from email.header import decode_header, make_header
 from email.utils import getaddresses
 
 import pytest
@@ -239,6 +240,80 @@ def test_a_plain_display_name_stays_unquoted() -> None:
         "CLM <noreply@clm.local>",
         "Ann Lee <ann@example.com>",
     )
+
+
+# ASCII display names that a quoted string cannot carry: control characters (raw in the header even
+# inside quotes; some systems cut a header at a NUL) and names longer than a header line may be.
+NAMES_AS_ENCODED_WORDS = [
+    "a\x00b",
+    "Ann\x0bLee",
+    "x\x7fy",
+    "x,\x01y",
+    "A" * 1200,  # a quoted string of 1,200: a 1,222-octet header line, past RFC 5322's 998
+    "A " * 600,
+    "x" * 80 + "," + "y" * 80,
+]
+
+
+def _decoded(raw_phrase: str) -> str:
+    """A display name as an RFC 2047 reader gets it: whitespace between encoded words is no part of
+    the text (Python's address parser keeps it, unlike its `decode_header`)."""
+    return str(make_header(decode_header(raw_phrase)))
+
+
+@pytest.mark.parametrize("name", NAMES_AS_ENCODED_WORDS)
+def test_a_display_name_a_quoted_string_cannot_carry_goes_as_encoded_words(name: str) -> None:
+    written = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '" <ann@example.com>'
+    mail = build_email(
+        message_id="m6",
+        sender=written,
+        to=written,
+        subject="S",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    wire = mail.to_wire()
+    head = wire.split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 998 for line in head.split(b"\r\n"))  # RFC 5322; encoded words fold
+    assert not any((b < 32 and b not in (9, 10, 13)) or b == 127 for b in head)  # no control byte
+    for header in ("To", "From"):
+        [(raw_name, mailbox)] = getaddresses([email.message_from_bytes(wire)[header]])
+        assert mailbox == "ann@example.com"
+        assert _decoded(raw_name) == name
+
+
+def test_a_subject_with_a_control_character_or_too_long_for_a_line_goes_as_encoded_words() -> None:
+    for subject in ("Sale\x00 today", "Big sale " * 150):
+        mail = build_email(
+            message_id="m7",
+            sender="n@clm.example",
+            to="a@example.com",
+            subject=subject,
+            text="t",
+            body_html="h",
+            unsubscribe_url=None,
+            sent_at_epoch=0,
+        )
+        wire = mail.to_wire()
+        head = wire.split(b"\r\n\r\n", 1)[0]
+        assert all(len(line) <= 998 for line in head.split(b"\r\n"))
+        assert b"\x00" not in head
+        parsed = email.message_from_bytes(wire, policy=email.policy.default)
+        assert parsed["Subject"] == subject
+    # An ordinary subject stays as written.
+    plain = build_email(
+        message_id="m8",
+        sender="n@clm.example",
+        to="a@example.com",
+        subject="Welcome, Bob!",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    assert plain.header("Subject") == "Welcome, Bob!"
 
 
 def test_the_default_retries_ride_out_a_provider_outage_of_minutes() -> None:

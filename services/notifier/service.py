@@ -71,15 +71,16 @@ class Notifier:
     worker: DeliveryWorker
     # How long a provider's delivery report waits for the erasure gate (`record_provider_report`).
     report_gate_wait_ms: int = 2000
-    # How long an admin's preferences write waits for it (`customer_erased`).
+    # How many delivery reports may wait for it at once, each holding a pooled connection meanwhile:
+    # a quarter of the pool (`db_pool_size`), at least one. The others only try it.
+    report_gate_slots: asyncio.Semaphore = field(init=False, repr=False)
+    # The same for the admin's preference writes (`customer_erased`), apart from the reports.
     admin_gate_wait_ms: int = 2000
-    # How many of those (reports and admin writes together) may wait for it at once, each holding a
-    # pooled connection meanwhile: a quarter of the pool (`db_pool_size`), at least one. The others
-    # only try it.
-    gate_slots: asyncio.Semaphore = field(init=False, repr=False)
+    admin_gate_slots: asyncio.Semaphore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.gate_slots = asyncio.Semaphore(max(1, self.settings.db_pool_size // 4))
+        self.report_gate_slots = asyncio.Semaphore(max(1, self.settings.db_pool_size // 4))
+        self.admin_gate_slots = asyncio.Semaphore(max(1, self.settings.db_pool_size // 4))
 
     async def submit(self, requests: list[MessageRequested]) -> set[str]:
         """Queue requests made through the API (same ledger path as Kafka requests)."""
@@ -239,28 +240,29 @@ class Notifier:
         consent writes take them), so the customer checked is the one the write goes to: a link of
         the identifier committed between an unlocked read and the write (a stale profile event
         linking an alias to the erased customer) sent the write to a customer never checked.
-        Waits for the gate `admin_gate_wait_ms` at most, if one of `gate_slots` is free (else only
-        tries it), and raises `ErasureUnderWay` when it is not had: each waiting write holds a pooled
-        connection, and a CRM sync's burst during an erasure ran the pool dry."""
-        if await self._erased_within(uow, customer_id, self.admin_gate_wait_ms):
-            return True
-        canonical = await identities_repo.resolve_for_write(uow.session, customer_id)
-        others = [i for i in dict.fromkeys([canonical, *_address_forms(customer_id)]) if i != customer_id]
-        salt = self.settings.privacy_salt.get_secret_value()
-        return bool(others) and bool(await erased_among(uow.session, salt, others))
-
-    async def _erased_within(self, uow: UnitOfWork, customer_id: str, wait_ms: int) -> bool:
-        """`_erased`, waiting for the gate `wait_ms` at most when one of `gate_slots` is free, else only
-        trying it (`ErasureUnderWay` at once if busy). (Taking a free slot never suspends: nothing
-        queues for one.)"""
-        slotted = not self.gate_slots.locked()
+        Waits for the gate `admin_gate_wait_ms` at most, if one of `admin_gate_slots` is free (else
+        only tries it), and raises `ErasureUnderWay` when it is not had: each waiting write holds a
+        pooled connection, and a CRM sync's burst during an erasure ran the pool dry."""
+        # No slot free: no wait. (Taking a free one never suspends: nothing queues for a slot.)
+        slotted = not self.admin_gate_slots.locked()
         if slotted:
-            await self.gate_slots.acquire()
+            await self.admin_gate_slots.acquire()
         try:
-            return await self._erased(uow, customer_id, wait=False, wait_at_most_ms=wait_ms if slotted else 0)
+            held = await (
+                erasure_gate_within(uow.session, self.admin_gate_wait_ms)
+                if slotted
+                else try_erasure_gate(uow.session)
+            )
         finally:
             if slotted:
-                self.gate_slots.release()
+                self.admin_gate_slots.release()
+        if not held:
+            raise ErasureUnderWay
+        canonical = await identities_repo.resolve_for_write(uow.session, customer_id)
+        salt = self.settings.privacy_salt.get_secret_value()
+        return bool(
+            await erased_among(uow.session, salt, [customer_id, canonical, *_address_forms(customer_id)])
+        )
 
     async def _erased(
         self, uow: UnitOfWork, customer_id: str, *, wait: bool = True, wait_at_most_ms: int = 0
@@ -391,17 +393,29 @@ class Notifier:
         that the provider may retry later. Not at once as opens and clicks: Twilio retries a status
         callback only on a failed connection by default, so a short erasure lost every report of its
         time (and a failed SMS's number went unsuppressed).
-        Only `gate_slots` reports (and admin writes) wait at once: each holds a pooled connection
-        meanwhile, and at 20 reports/s an erasure's 2 s drained the pool (10 + 10 overflow), delivery
-        loops queueing behind. A report finding no slot free only tries the gate (`ErasureUnderWay` at
-        once if busy)."""
+        Only `report_gate_slots` reports wait at once: each holds a pooled connection meanwhile, and
+        at 20 reports/s an erasure's 2 s drained the pool (10 + 10 overflow), delivery loops queueing
+        behind. A report finding no slot free only tries the gate (`ErasureUnderWay` at once if busy)."""
         now = self.clock.now()
         added: dict[str, str] = {}
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.by_provider_message_id(uow.session, provider_message_id)
             if entry is None:
                 return False
-            erased = await self._erased_within(uow, entry.request.customer_id, self.report_gate_wait_ms)
+            # No slot free: no wait. (Taking a free one never suspends: nothing queues for a slot.)
+            slotted = not self.report_gate_slots.locked()
+            if slotted:
+                await self.report_gate_slots.acquire()
+            try:
+                erased = await self._erased(
+                    uow,
+                    entry.request.customer_id,
+                    wait=False,
+                    wait_at_most_ms=self.report_gate_wait_ms if slotted else 0,
+                )
+            finally:
+                if slotted:
+                    self.report_gate_slots.release()
             # An erased customer's message: nothing recorded, not even the address's suppression
             # (it would name their message).
             if erased or not await ledger_repo.record_engagement(

@@ -300,7 +300,7 @@ async def test_opens_clicks_and_reports_answer_at_once_during_an_erasure(start_n
 
 async def test_only_a_few_delivery_reports_wait_for_the_gate_at_once(start_notifier) -> None:  # type: ignore[no-untyped-def]
     """Each report waiting for the erasure gate holds a pooled connection: at 20+ callbacks/s an
-    erasure's 2 s ran the pool dry and delivery loops queued behind them. Only `gate_slots`
+    erasure's 2 s ran the pool dry and delivery loops queued behind them. Only `report_gate_slots`
     wait at once; the others find no slot free and answer 503 at once, as when the gate is busy."""
     from services.notifier.api.inbound import twilio_signature
     from tests.notifier.conftest import request
@@ -330,8 +330,8 @@ async def test_only_a_few_delivery_reports_wait_for_the_gate_at_once(start_notif
             report,
         )
         notifier = h.app.state.notifier
-        assert notifier.gate_slots._value == max(1, h.settings.db_pool_size // 4)
-        notifier.gate_slots = asyncio.Semaphore(2)
+        assert notifier.report_gate_slots._value == max(1, h.settings.db_pool_size // 4)
+        notifier.report_gate_slots = asyncio.Semaphore(2)
         notifier.report_gate_wait_ms = 10_000
 
         async with h.platform.unit_of_work() as erasing_now:
@@ -348,11 +348,11 @@ async def test_only_a_few_delivery_reports_wait_for_the_gate_at_once(start_notif
             done, waiting = await asyncio.wait(reports, timeout=1.5)
             assert [task.result().status_code for task in done] == [503] * 3
             assert len(waiting) == 2
-            assert notifier.gate_slots.locked()
+            assert notifier.report_gate_slots.locked()
             await asyncio.sleep(0.3)
             assert not any(task.done() for task in waiting)
         # The erasure commits (it erased someone else): the waiting reports are recorded.
         answers = await asyncio.wait_for(asyncio.gather(*waiting), 5)
         assert [answer.status_code for answer in answers] == [204, 204]
         await h.wait_status("m-y1", "delivered")
-        assert not notifier.gate_slots.locked()
+        assert not notifier.report_gate_slots.locked()

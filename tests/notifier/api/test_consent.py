@@ -177,7 +177,7 @@ async def test_a_link_committed_during_the_check_sends_no_write_to_an_erased_cus
 async def test_an_admin_put_waits_for_an_erasure_a_short_time_then_answers_503(start_notifier) -> None:  # type: ignore[no-untyped-def]
     """Each PUT waiting for the erasure gate holds a pooled connection: without a limit, 20+ PUTs of
     a CRM sync during an erasure ran the pool dry and delivery loops queued behind them. A PUT waits
-    `admin_gate_wait_ms` at most (sharing `gate_slots` with delivery reports; without a free slot it
+    `admin_gate_wait_ms` at most (while one of `admin_gate_slots` is free; without one it
     only tries), then answers 503 with Retry-After and writes nothing."""
     async with start_notifier() as h:
         await h.create_topic("newsletter", ["email"])
@@ -193,13 +193,13 @@ async def test_an_admin_put_waits_for_an_erasure_a_short_time_then_answers_503(s
             assert busy.json()["error"] == "erasure_under_way"
             # No slot free (reports or other PUTs waiting): not even the short wait.
             notifier.admin_gate_wait_ms = 10_000
-            notifier.gate_slots = asyncio.Semaphore(1)
-            await notifier.gate_slots.acquire()
+            notifier.admin_gate_slots = asyncio.Semaphore(1)
+            await notifier.admin_gate_slots.acquire()
             at_once = await asyncio.wait_for(
                 h.client.put("/v1/customers/ivy/preferences", headers=ADMIN, json=NEWSLETTER_OFF), 3
             )
             assert at_once.status_code == 503, at_once.text
-            notifier.gate_slots.release()
+            notifier.admin_gate_slots.release()
         assert await rows_of(h, ["ivy"], []) == NOTHING
         # The gate free again: written as ever.
         done = await h.client.put("/v1/customers/ivy/preferences", headers=ADMIN, json=NEWSLETTER_OFF)

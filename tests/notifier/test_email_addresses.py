@@ -266,6 +266,19 @@ async def test_keys_made_from_the_a_label_form_before_still_hold(start_notifier)
             "/v1/complaints", params={"address": "dee@xn--bcher-kva.example"}, headers=ADMIN
         )
         assert dee.status_code == 200 and dee.json()["id"] == complained
+        # The usual case: the profile holds the U-label writing, the old entry was made from the
+        # A-label one a relay without SMTPUTF8 had been given.
+        await send(h, "m-c2", "Cy <cy@bücher.example>")
+        statuses = await h.wait_status("m-c2", "suppressed")
+        assert statuses[-1]["reason"] == suppressed_reason("SMTP 550 5.1.1")
+        await h.publish(
+            request("m-d2", "c-d", "email", "promo", recipient={"email": "Dee@Bücher.example"}, **MARKETING)
+        )
+        statuses = await h.wait_status("m-d2", "suppressed")
+        assert statuses[-1]["reason"] == OPTED_OUT
+        await send(h, "m-e2", "eve@bücher.example")
+        statuses = await h.wait_status("m-e2", "suppressed")
+        assert [(s["status"], s["reason"]) for s in statuses] == [("suppressed", "erased")]
         assert h.sink.messages == []
 
 

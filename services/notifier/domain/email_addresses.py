@@ -42,15 +42,36 @@ def mailbox(value: str) -> str | None:
 
 
 def mailboxes(value: str) -> list[str]:
-    """The forms an address's keys may have been made from, for looking them up: its `mailbox`, and,
-    when its domain was written with A-labels, the address lower-cased as written, the form keys had
-    before A-labels were decoded (2026-12-08): a suppression, complaint or tombstone made from
-    `ann@xn--bcher-kva.example` then still holds. New keys are made from `mailbox` only."""
+    """The forms an address's keys may have been made from, for looking them up: its `mailbox`; the
+    address lower-cased as written; and, when its domain is beyond ASCII, the A-label writing of it.
+    Before A-labels were decoded (2026-12-08) keys were made from the address as written, so a
+    suppression, complaint or tombstone made from `ann@xn--bcher-kva.example` (a relay's bounce, a
+    feedback loop) still holds for `ann@bücher.example`, and the other way round. New keys are made
+    from `mailbox` only."""
     address = _address(value)
     if address is None:
         return []
     local, _, domain = address.rpartition("@")
-    return list(dict.fromkeys([f"{local.lower()}@{canonical_domain(domain)}", address.lower()]))
+    canonical = canonical_domain(domain)
+    forms = [f"{local.lower()}@{canonical}", address.lower()]
+    if not canonical.isascii() and (a_labels := _a_label_domain(canonical)) is not None:
+        forms.append(f"{local.lower()}@{a_labels}")
+    return list(dict.fromkeys(forms))
+
+
+def _a_label_domain(canonical: str) -> str | None:
+    # Only labels `_u_label` could have decoded (valid IDNA 2008): one that is not (full-width
+    # letters, an emoji) was never written as an A-label that CLM keyed.
+    labels = []
+    for label in canonical.split("."):
+        if label.isascii():
+            labels.append(label)
+            continue
+        try:
+            labels.append(idna.alabel(label).decode("ascii"))
+        except UnicodeError:  # idna.IDNAError, and codec errors
+            return None
+    return ".".join(labels)
 
 
 def _address(value: str) -> str | None:

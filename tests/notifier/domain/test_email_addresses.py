@@ -135,12 +135,17 @@ def test_a_domains_a_labels_are_keyed_as_its_u_labels(written: str, key: str) ->
 
 def test_mailboxes_also_name_the_form_keys_had_before_a_labels_were_decoded() -> None:
     """Keys are salted hashes: those made from `ann@xn--bcher-kva.example` before cannot be re-keyed,
-    so lookups try both forms, the key's own first."""
+    so lookups try both forms, the key's own first, whichever writing the address has now (the
+    profile holds `ann@bücher.example` while the relay's bounce named the A-label form)."""
     assert mailboxes("Ann <Ann@XN--BCHER-KVA.example>") == [
         "ann@bücher.example",
         "ann@xn--bcher-kva.example",
     ]
-    assert mailboxes("ann@bücher.example") == ["ann@bücher.example"]
+    assert mailboxes("Ann@Bücher.example") == ["ann@bücher.example", "ann@xn--bcher-kva.example"]
+    assert mailboxes("kurt@straße.de") == ["kurt@straße.de", "kurt@xn--strae-oqa.de"]
+    # No A-label writing decodes to a label IDNA 2008 refuses: nothing else to look up.
+    full_width = "x@\uff42\u00fccher.example"  # a full-width b
+    assert mailboxes(full_width) == [full_width]
     assert mailboxes("Ann@Example.com") == ["ann@example.com"]
     assert mailboxes("not an address") == []
 

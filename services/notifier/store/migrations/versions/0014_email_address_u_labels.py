@@ -6,7 +6,9 @@ is given) and a profile's `ann@bücher.example` are one mailbox: the notifier no
 mailbox lower-cased as written; those with an `xn--` label get the U-label form here, so a complaint
 finds their customer. Read as the notifier reads it (inlined: a migration stays as written).
 Salted-hash keys (suppressions, complaints, tombstones) cannot be rewritten: the notifier looks them
-up in both forms (`email_addresses.mailboxes`).
+up in both forms (`email_addresses.mailboxes`). After a downgrade, keys made by this revision's code
+from an A-label address are of the U-label form, which the code before does not look up: import
+complaints and bounces about such addresses again.
 
 Revision ID: 0014_email_address_u_labels
 Revises: 0013_email_complaints
@@ -59,14 +61,23 @@ def _rewrite(where: str, form: Callable[[str], str | None], column: str) -> None
         ).all()
         if not rows:
             break
-        found = [(cid, new) for cid, value, old in rows if (new := form(value)) is not None and new != old]
+        found = [
+            (cid, new, old) for cid, value, old in rows if (new := form(value)) is not None and new != old
+        ]
         if found:
+            # Only rows still as read: a profile change committed meanwhile (a replica of the release
+            # before, running through the migration) wrote the mailbox of its own, newer address.
             conn.execute(
                 sa.text(
                     "UPDATE contacts AS c SET email_address = u.mailbox FROM unnest(CAST(:ids AS text[]), "
-                    "CAST(:mailboxes AS text[])) AS u(id, mailbox) WHERE c.customer_id = u.id"
+                    "CAST(:mailboxes AS text[]), CAST(:olds AS text[])) AS u(id, mailbox, old) "
+                    "WHERE c.customer_id = u.id AND c.email_address IS NOT DISTINCT FROM u.old"
                 ),
-                {"ids": [f[0] for f in found], "mailboxes": [f[1] for f in found]},
+                {
+                    "ids": [f[0] for f in found],
+                    "mailboxes": [f[1] for f in found],
+                    "olds": [f[2] for f in found],
+                },
             )
         after = rows[-1][0]
 

@@ -70,7 +70,8 @@ class CustomerEvent(ContractModel):
     original_timestamp: datetime | None = None
     sent_at: datetime | None = None
     received_at: datetime
-    # Which write key (by id, never the secret) sent it; "backfill" for historical imports.
+    # Which write key (by id, never the secret) sent it; "backfill" for historical imports;
+    # "journey_engine" for the journey engine's `identify` events (trait-update steps).
     source: str | None = None
     # Set only by CLM's own services (ingest never does): the canonical customer the event is about.
     # The segmenter folds it into that profile (or the one it was merged into) without linking the
@@ -93,6 +94,7 @@ class CustomerEvent(ContractModel):
 class ProfileChangeKind(StrEnum):
     TRAITS_CHANGED = "traits_changed"
     STAGE_CHANGED = "stage_changed"
+    # Reserved, never produced: metrics go out with `stage_changed`.
     METRICS_CHANGED = "metrics_changed"
     IDENTITY_MERGED = "identity_merged"
     # The customer gained identifiers (a userId for an anonymous visitor, a second anonymousId...):
@@ -119,16 +121,25 @@ class ProfileChanged(ContractModel):
     traits: JsonObject = Field(default_factory=dict)
     changed_traits: list[str] = Field(default_factory=list)
     identities: dict[str, list[str]] = Field(default_factory=dict)
-    lifecycle_stage: str | None = None
+    lifecycle_stage: str | None = Field(
+        default=None,
+        description="Set on stage_changed (the new stage) and snapshot (the stored stage, null when none); "
+        "on other kinds null means unchanged: keep the stage you have.",
+    )
     previous_stage: str | None = None
-    metrics: JsonObject = Field(default_factory=dict)
+    metrics: JsonObject = Field(
+        default_factory=dict,
+        description="Lifecycle metrics (churn_risk, p_alive, expected_orders, predicted_clv, rfm_score, "
+        "nps_category), on stage_changed only; empty on other kinds (snapshots included).",
+    )
     # IDENTITY_MERGED: the profile ids folded into `customer_id`, and why.
     merged_ids: list[str] = Field(default_factory=list)
     merge_cause: str | None = None
     caused_by: str | None = None
     # The customer's current recommendation lists when they changed (issue 9), as template
     # variables: {"cross_sell": [{product_id, name, category, price, url, image_url, reason, ...}],
-    # "upsell": [...]}. None = unchanged / not computed (keep what you have).
+    # "upsell": [...]}, on a `traits_changed` announcing them. None = unchanged / not computed (keep
+    # what you have): every other message, snapshots included.
     recommendations: JsonObject | None = None
 
     def contract_id(self) -> str:
@@ -144,7 +155,11 @@ RESYNC_CAUSE = "resync"
 
 
 class SegmentMembershipChanged(ContractModel):
-    """A customer entered or exited a segment. Keyed by `customer_id`; one message per actual change."""
+    """A customer entered or exited a segment. Keyed by `customer_id`; one message per actual change,
+    except those with cause `resync` (`RESYNC_CAUSE`): memberships re-announced as they are.
+
+    `traits` are the customer's full current traits (empty on the exits of a profile merged into
+    another)."""
 
     event_type: ClassVar[str] = "segment_membership_changed"
 

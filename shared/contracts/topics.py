@@ -1,4 +1,4 @@
-"""The registry of CLM's topics: name, key, schema, owner (the only producer)."""
+"""The registry of CLM's topics: name, key, schema, owner (its producers), consumers."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ class TopicSpec:
     description: str
     # Topic-level configs set when the topic is created (e.g. compaction).
     config: Mapping[str, str] = field(default_factory=dict)
+    # (service, purpose) of each consumer: its group is `<prefix>clm.<service>.<purpose>`. A test holds
+    # this to what the services register.
+    consumers: tuple[tuple[str, str], ...] = ()
+    # Who writes to the dead-letter topic besides the consumers that give up, and what.
+    dead_letter_writers: str = ""
 
     @property
     def dead_letter(self) -> str:
@@ -38,20 +43,25 @@ CUSTOMER_EVENTS = TopicSpec(
     "userId, else anonymousId",
     "ingest (journey_engine: `identify` for trait updates)",
     "Validated customer events (Segment spec), normalized timestamps.",
+    consumers=(("segmenter", "profiles"), ("journey_engine", "events")),
 )
 PROFILES = TopicSpec(
     "clm.profiles.v1",
     ProfileChanged,
     "canonical customer id",
     "segmenter",
-    "Profile changes: traits, lifecycle stage and metrics, identity merges, erasure.",
+    "Profile changes: traits, lifecycle stage and metrics, identity merges, erasure; snapshots re-announce "
+    "profiles as they are.",
+    consumers=(("journey_engine", "profiles"), ("notifier", "profiles")),
 )
 SEGMENT_MEMBERSHIP = TopicSpec(
     "clm.segment-membership.v1",
     SegmentMembershipChanged,
     "canonical customer id",
     "segmenter",
-    "Every segment enter/exit, once per actual change.",
+    "Segment entries and exits, once per actual change; messages with cause `resync` re-announce "
+    "memberships as they are (not changes).",
+    consumers=(("journey_engine", "segments"),),
 )
 MESSAGE_REQUESTS = TopicSpec(
     "clm.messages.requested.v1",
@@ -59,6 +69,11 @@ MESSAGE_REQUESTS = TopicSpec(
     "canonical customer id",
     "journey_engine",
     "Requests to send one message (journey steps; transactional API sends are made by the notifier).",
+    consumers=(("notifier", "message-requests"),),
+    dead_letter_writers="Also written through the notifier's outbox: a request whose sends failed "
+    "`send_max_attempts` times, its `MessageRequested` re-serialized, keyed by customer id, "
+    "with its CLM headers and `clm-dlq-source: notifier.send_ledger`, `clm-dlq-group: "
+    "<prefix>clm.notifier.delivery` (its delivery worker, not a consumer group).",
 )
 MESSAGE_STATUS = TopicSpec(
     "clm.messages.status.v1",
@@ -66,13 +81,21 @@ MESSAGE_STATUS = TopicSpec(
     "canonical customer id",
     "notifier (journey_engine: capped, skipped)",
     "Message outcomes: queued, sent, delivered, bounced, failed, suppressed, opened, clicked, ...",
+    consumers=(("segmenter", "engagement"), ("journey_engine", "statuses")),
 )
 PRIVACY = TopicSpec(
     "clm.privacy.v1",
     PrivacyRequest,
     "canonical customer id",
-    "segmenter (requests), every service (confirmations)",
-    "GDPR erasure requests and each service's confirmation.",
+    "segmenter (requests, and its own erase_completed), every service (answers)",
+    "Erasure and export requests (segmenter) and each service's answers: erase_completed, export_part "
+    "(chunked).",
+    consumers=(
+        ("ingest", "privacy"),
+        ("segmenter", "privacy"),
+        ("journey_engine", "privacy"),
+        ("notifier", "privacy"),
+    ),
 )
 
 TEMPLATES = TopicSpec(
@@ -83,6 +106,7 @@ TEMPLATES = TopicSpec(
     "Each template's latest state (channel, version, deleted), for checking journeys' references to them.",
     # The latest state per template is kept for ever, whatever the retention.
     config={"cleanup.policy": "compact"},
+    consumers=(("journey_engine", "templates"),),
 )
 
 TOPICS: tuple[TopicSpec, ...] = (

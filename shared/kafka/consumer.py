@@ -59,10 +59,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=BaseModel)
 
-# On a dead-letter record sent without the original value (too large with the error headers): the
-# value's size and why. The value is still in the source topic (`clm-dlq-source`) while retained.
-DLQ_VALUE_DROPPED = "clm-dlq-value-dropped"
-
 # Fetch options for a topic that carries a message now and then (privacy requests, template changes),
 # in a service whose other consumers batch (64 KB or 50 ms): the broker answers as soon as one message
 # is waiting and otherwise holds the fetch 500 ms, so an idle consumer costs two fetches a second, not
@@ -424,7 +420,7 @@ class ConsumerRunner(Generic[T]):
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, error: UnicodeDecodeError
     ) -> None:
         # Nothing of it to send: the DLQ record says where it is (while the topic retains it).
-        note = (DLQ_VALUE_DROPPED, b"the record could not be parsed; read it from the source topic")
+        note = (Headers.DLQ_VALUE_DROPPED, b"the record could not be parsed; read it from the source topic")
         unparseable: ConsumerRecord[Any, Any] = ConsumerRecord(
             tp.topic, tp.partition, offset, -1, 0, None, b"", None, -1, -1, (note,)
         )
@@ -702,7 +698,7 @@ class ConsumerRunner(Generic[T]):
         in the source topic while retained. Its own headers go too if they alone are too large."""
         size = len(record.value) if isinstance(record.value, bytes) else 0
         note = f"{size} bytes, too large for the dead-letter topic ({why}); read it from the source topic"
-        headers = [*dlq_headers, (DLQ_VALUE_DROPPED, note.encode())]
+        headers = [*dlq_headers, (Headers.DLQ_VALUE_DROPPED, note.encode())]
         key = record.key if isinstance(record.key, bytes) else None
         message = OutgoingMessage(self.dlq_topic, key, b"", (*(record.headers or ()), *headers))
         if record_size(message) > self.settings.kafka_max_message_bytes:

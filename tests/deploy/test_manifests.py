@@ -185,6 +185,18 @@ def test_ingest_keeps_serving_until_its_endpoints_are_gone() -> None:
     assert command[0] == "sleep" and 0 < int(command[1]) < 30
 
 
+def test_every_service_rolls_out_a_new_pod_before_stopping_an_old_one() -> None:
+    """docs/deploy.md's upgrades rely on it: old and new replicas side by side, never fewer ready.
+    Set explicitly: Kubernetes' default (25%, rounded down) is 0 only up to three replicas."""
+    found = dict(deployments())
+    assert set(found) == set(SETTINGS)
+    for module, deployment in found.items():
+        strategy = deployment["spec"]["strategy"]
+        assert strategy.get("type", "RollingUpdate") == "RollingUpdate", module
+        assert strategy["rollingUpdate"]["maxUnavailable"] == 0, module
+        assert strategy["rollingUpdate"].get("maxSurge", 1) != 0, module
+
+
 def test_every_variable_the_manifests_set_is_read_by_a_service_that_gets_it() -> None:
     everyone = set().union(*(env_names(cls) for cls in SETTINGS.values()))
     given = set(config_map()) | set(example_secret())

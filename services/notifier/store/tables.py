@@ -75,7 +75,7 @@ sa.Index("contacts_email_address", contacts.c.email_address)
 sa.Index("send_ledger_due", send_ledger.c.next_attempt_at, postgresql_where=send_ledger.c.state == "pending")
 sa.Index("send_ledger_created_at", send_ledger.c.created_at)  # the performance report's periods
 
-# A provider's delivery report that came while an erasure held the gate (revision 0014), until the
+# A provider's delivery report that came while an erasure held the gate (revision 0015), until the
 # loop applies it (`Notifier.apply_deferred_reports`): its message by the provider's id, never the
 # number it went to (the gone address as its suppression's salted hash).
 deferred_provider_reports = sa.Table(

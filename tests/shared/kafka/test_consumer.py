@@ -24,7 +24,7 @@ from shared.contracts import CUSTOMER_EVENTS, CustomerEvent, Headers
 from shared.db import messaging_tables
 from shared.db.engine import session_factory, sqlalchemy_url
 from shared.kafka import Consumed, ensure_topics
-from shared.kafka.consumer import DLQ_VALUE_DROPPED, is_infrastructure_error
+from shared.kafka.consumer import is_infrastructure_error
 from shared.kafka.producer import OutgoingMessage, encode_message
 from shared.runtime import Platform
 from shared.settings import BaseServiceSettings
@@ -222,7 +222,7 @@ async def test_a_record_too_large_for_its_dead_letter_topic_is_dead_lettered_wit
         await runner.stop()
     headers = dict(dead.headers)
     assert dead.value in (b"", None) and dead.key == b"u1"
-    assert headers[DLQ_VALUE_DROPPED].startswith(f"{len(big)} bytes".encode())
+    assert headers[Headers.DLQ_VALUE_DROPPED].startswith(f"{len(big)} bytes".encode())
     assert headers[Headers.DLQ_ERROR].startswith(b"undecodable")
     source_topic, partition, offset = headers[Headers.DLQ_SOURCE].decode().rsplit("/", 2)
     # Still readable where it came from.
@@ -250,9 +250,9 @@ async def test_a_dead_letter_record_the_broker_refuses_as_too_large_goes_without
         assert runner.running
     finally:
         await runner.stop()
-    assert DLQ_VALUE_DROPPED in dict(dead[0].headers) and dead[0].value in (b"", None)
-    assert b"refused by the broker" in dict(dead[0].headers)[DLQ_VALUE_DROPPED]
-    assert dead[1].value == b"{small" and DLQ_VALUE_DROPPED not in dict(dead[1].headers)
+    assert Headers.DLQ_VALUE_DROPPED in dict(dead[0].headers) and dead[0].value in (b"", None)
+    assert b"refused by the broker" in dict(dead[0].headers)[Headers.DLQ_VALUE_DROPPED]
+    assert dead[1].value == b"{small" and Headers.DLQ_VALUE_DROPPED not in dict(dead[1].headers)
 
 
 async def test_a_rebalance_finishing_during_an_offset_commit_does_not_stop_the_consumer(
@@ -377,7 +377,7 @@ async def test_a_record_the_client_cannot_parse_is_dead_lettered_by_position_and
         headers = dict(r.headers)
         assert headers[Headers.DLQ_ERROR].startswith(b"unreadable by the Kafka client")
         assert b"UnicodeDecodeError" in headers[Headers.DLQ_ERROR]
-        assert DLQ_VALUE_DROPPED in headers
+        assert Headers.DLQ_VALUE_DROPPED in headers
         assert r.value == b""
     with pytest.raises(TimeoutError):
         await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=4, timeout=3)

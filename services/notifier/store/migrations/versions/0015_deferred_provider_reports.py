@@ -5,15 +5,15 @@ Only what applying it needs: the provider's message id (which the send ledger ro
 outcome, the provider's codes, and the address the report says does not exist as the salted hash
 its suppression would be keyed by (HMAC-SHA256 with CLM_PRIVACY_SALT), never the number.
 
-Revision ID: 0014_deferred_provider_reports
-Revises: 0013_email_complaints
+Revision ID: 0015_deferred_provider_reports
+Revises: 0014_email_address_u_labels
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0014_deferred_provider_reports"
-down_revision = "0013_email_complaints"
+revision = "0015_deferred_provider_reports"
+down_revision = "0014_email_address_u_labels"
 branch_labels = None
 depends_on = None
 

@@ -8,10 +8,10 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from services.notifier.channels.http_providers import TWILIO_STOPPED
 from services.notifier.channels.router import ProviderRouter
@@ -34,7 +34,7 @@ from services.notifier.store import (
     suppressions_repo,
 )
 from shared.clock import Clock
-from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
+from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatus, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
 from shared.privacy import erased_among, erasure_gate, erasure_gate_within, try_erasure_gate
 from shared.runtime import Platform
@@ -55,14 +55,33 @@ REPORTS_DEFERRED = Counter(
 )
 DEFERRED_REPORTS_SETTLED = Counter(
     "clm_notifier_deferred_reports_settled_total",
-    "Kept delivery reports settled by the loop: applied, duplicate (applied before), erased (their "
-    "customer's: nothing written), unknown_message (no ledger row has the provider's id any more)",
+    "Kept delivery reports taken by the loop: applied, duplicate (applied before), erased (their "
+    "customer's: nothing written), unknown_message (no ledger row has the provider's id any more), "
+    "failed (the try raised: kept, tried again later), dropped (given up after the last try: deleted)",
     ["outcome"],
+)
+# Alert on it: reports a failing loop (or an erasure holding the gate) keeps from being applied.
+DEFERRED_REPORTS_OLDEST_AGE = Gauge(
+    "clm_notifier_deferred_reports_oldest_age_seconds",
+    "Age of the oldest delivery report kept during an erasure and not applied yet (0: none), as of "
+    "the loop's last pass",
 )
 # Kept reports settled per transaction of the loop.
 DEFERRED_REPORTS_BATCH = 100
+# A kept report's tries that failed wait this long at most before the next.
+DEFERRED_REPORTS_RETRY_MAX_S = 900.0
 
 ReportOutcome = Literal["applied", "duplicate", "erased", "unknown_message", "deferred"]
+DeferredOutcome = Literal["applied", "duplicate", "erased", "unknown_message", "failed", "dropped"]
+
+
+@dataclass(frozen=True)
+class AppliedReport:
+    """A delivery report's engagement written: the status to emit and the gone address's suppression
+    to add."""
+
+    status: MessageStatus
+    suppression: suppressions_repo.Suppression | None
 
 
 def _address_forms(identifier: str) -> list[str]:
@@ -409,6 +428,8 @@ class Notifier:
         applies it once the erasure is done, under the gate, with the time it came; or writes
         nothing and deletes it, its customer being erased."""
         now = self.clock.now()
+        added: dict[str, str] = {}
+        stored = False
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.by_provider_message_id(uow.session, provider_message_id)
             if entry is None:
@@ -424,14 +445,23 @@ class Notifier:
                 )
                 if key is not None:
                     report = replace(report, gone_address_hash=key, gone_reason=why)
+            outcome: ReportOutcome
             if not await try_erasure_gate(uow.session):
                 # Not under the gate: the row names no customer; the loop checks the tombstones.
-                await provider_reports_repo.store(uow.session, report)
-                outcome: ReportOutcome = "deferred"
-                added: dict[str, str] = {}
+                stored = await provider_reports_repo.store(uow.session, report)
+                outcome = "deferred"
+            elif await self._erased(uow, entry.request.customer_id):
+                outcome = "erased"
             else:
-                outcome, added = await self._apply_report(uow, entry, report)
-        if outcome == "deferred":
+                applied = await self._apply_report(uow, entry, report)
+                if applied is None:
+                    outcome = "duplicate"
+                else:
+                    if applied.suppression is not None:
+                        added = await suppressions_repo.add(uow.session, [applied.suppression])
+                    self._emit_report(uow, entry, applied)
+                    outcome = "applied"
+        if stored:  # not one that was kept already
             REPORTS_DEFERRED.inc()
             with contextlib.suppress(asyncio.QueueFull):
                 self._report_wakeups.put_nowait(None)
@@ -441,18 +471,16 @@ class Notifier:
 
     async def _apply_report(
         self, uow: UnitOfWork, entry: ledger_repo.LedgerEntry, report: provider_reports_repo.ProviderReport
-    ) -> tuple[ReportOutcome, dict[str, str]]:
-        """Under the erasure gate: the report's status and engagement, and the gone address's
-        suppression, once per message and outcome (a repeat writes nothing). An erased customer's
-        message: nothing, not even the address's suppression (it would name their message).
-        Returns what it did and the addresses newly suppressed."""
-        if await self._erased(uow, entry.request.customer_id):
-            return "erased", {}
+    ) -> AppliedReport | None:
+        """Under the erasure gate, the customer checked not erased: the report's engagement, once per
+        message and outcome (None for a repeat: it writes nothing), and the status and the gone
+        address's suppression that go with it, for the caller to emit and add (after this
+        succeeded: a try that fails leaves nothing behind)."""
         if not await ledger_repo.record_engagement(
             uow.session, entry.message_id, "provider_report", report.kind.value, report.received_at
         ):
-            return "duplicate", {}
-        added: dict[str, str] = {}
+            return None
+        suppression = None
         if report.gone_address_hash is not None and report.gone_reason is not None:
             suppression = suppressions_repo.Suppression(
                 report.gone_address_hash,
@@ -462,50 +490,123 @@ class Notifier:
                 entry.message_id,
                 report.received_at,
             )
-            added = await suppressions_repo.add(uow.session, [suppression])
+        status = status_of(
+            entry.request, report.kind, report.received_at, reason=report.reason, provider=entry.provider
+        )
+        return AppliedReport(status, suppression)
+
+    @staticmethod
+    def _emit_report(uow: UnitOfWork, entry: ledger_repo.LedgerEntry, applied: AppliedReport) -> None:
         uow.emit(
             MESSAGE_STATUS.name,
             entry.request.customer_id,
-            status_of(
-                entry.request, report.kind, report.received_at, reason=report.reason, provider=entry.provider
-            ),
+            applied.status,
             correlation_id=entry.correlation_id,
         )
-        return "applied", added
 
     async def apply_deferred_reports(self, limit: int = DEFERRED_REPORTS_BATCH) -> int:
-        """One pass over the delivery reports kept during an erasure: the oldest `limit` (another
+        """One pass over the delivery reports kept during an erasure: the `limit` due first (another
         replica's pass skips them), applied or dropped and deleted in one transaction. Waits for the
         erasure gate (a background loop: one pooled connection waits, not one per report), so an
-        erasure under way is done first and its tombstones are seen. Returns the reports settled."""
-        settled: list[ReportOutcome] = []
+        erasure under way is done first and its tombstones are seen. Returns the reports taken.
+
+        Each report is applied in a savepoint: one whose try raises (whatever the cause) is rolled
+        back alone, left nothing queued (its status is emitted only after its savepoint), and is
+        tried again later (`deferred_reports_retry_s`, doubling), so it does not hold back the
+        others; after `deferred_reports_max_attempts` tries it is deleted, logged as an error and
+        counted (`dropped`). The batch's suppressions are added together at the end, in one
+        (sorted) order, and its engagements in message order: added report by report, in the order
+        the reports were taken, two replicas' passes could each wait for the other's."""
+        now = self.clock.now()
+        outcomes: list[DeferredOutcome] = []
         added: dict[str, str] = {}
         async with self.platform.unit_of_work() as uow:
-            if not await provider_reports_repo.any_waiting(uow.session):
+            oldest, due = await provider_reports_repo.waiting(uow.session, now)
+            DEFERRED_REPORTS_OLDEST_AGE.set(
+                0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+            )
+            if not due:
                 return 0  # the common case: neither the gate nor a lock taken
             await erasure_gate(uow.session, exclusive=False)
-            reports = await provider_reports_repo.take(uow.session, limit)
+            now = self.clock.now()  # after the erasure it may have waited for
+            reports = await provider_reports_repo.take(uow.session, limit, now)
             entries = await ledger_repo.by_provider_message_ids(
                 uow.session, {r.provider_message_id for r in reports}
             )
-            for report in reports:
+            salt = self.settings.privacy_salt.get_secret_value()
+            erased = await erased_among(
+                uow.session, salt, sorted({e.request.customer_id for e in entries.values()})
+            )
+            settled: list[int] = []
+            suppressions: list[suppressions_repo.Suppression] = []
+            for report in sorted(reports, key=lambda r: (r.provider_message_id, r.kind.value, r.id or 0)):
+                if report.id is None:  # taken rows have theirs
+                    continue
                 entry = entries.get(report.provider_message_id)
                 if entry is None:  # pruned from the ledger meanwhile (retention): nothing to report on
-                    settled.append("unknown_message")
-                    continue
-                outcome, new = await self._apply_report(uow, entry, report)
-                settled.append(outcome)
-                added.update(new)
-            await provider_reports_repo.delete(uow.session, [r.id for r in reports if r.id is not None])
-        for outcome in settled:
+                    outcomes.append("unknown_message")
+                elif entry.request.customer_id in erased:
+                    # Nothing, not even the address's suppression (it would name their message).
+                    outcomes.append("erased")
+                else:
+                    try:
+                        async with uow.session.begin_nested():
+                            applied = await self._apply_report(uow, entry, report)
+                    except Exception:
+                        outcomes.append(await self._report_failed(uow, report, now))
+                        continue
+                    if applied is None:
+                        outcomes.append("duplicate")
+                    else:
+                        if applied.suppression is not None:
+                            suppressions.append(applied.suppression)
+                        self._emit_report(uow, entry, applied)
+                        outcomes.append("applied")
+                settled.append(report.id)
+            added = await suppressions_repo.add(uow.session, suppressions)
+            await provider_reports_repo.delete(uow.session, settled)
+        for outcome in outcomes:
             DEFERRED_REPORTS_SETTLED.labels(outcome).inc()
         for channel in added.values():  # committed
             ADDRESSES_SUPPRESSED.labels(channel).inc()
-        return len(settled)
+        return len(outcomes)
+
+    async def _report_failed(
+        self, uow: UnitOfWork, report: provider_reports_repo.ProviderReport, now: datetime
+    ) -> DeferredOutcome:
+        """A kept report's try raised (its savepoint rolled back): tried again later, or dropped
+        after `deferred_reports_max_attempts` tries. Called from the `except` block: logs the error."""
+        assert report.id is not None
+        tries = report.attempts + 1
+        if tries >= self.settings.deferred_reports_max_attempts:
+            log.error(
+                "kept delivery report %s (%s on provider message %s) failed %d times: dropped",
+                report.id,
+                report.kind.value,
+                report.provider_message_id,
+                tries,
+                exc_info=True,
+            )
+            await provider_reports_repo.delete(uow.session, [report.id])
+            return "dropped"
+        delay = min(self.settings.deferred_reports_retry_s * 2 ** (tries - 1), DEFERRED_REPORTS_RETRY_MAX_S)
+        log.warning(
+            "kept delivery report %s (%s on provider message %s) failed (try %d of %d): again in %.0f s",
+            report.id,
+            report.kind.value,
+            report.provider_message_id,
+            tries,
+            self.settings.deferred_reports_max_attempts,
+            delay,
+            exc_info=True,
+        )
+        await provider_reports_repo.failed(uow.session, report.id, now + timedelta(seconds=delay))
+        return "failed"
 
     async def run_deferred_reports(self) -> None:
         """The loop applying kept delivery reports: woken by each one kept here, and every
-        `deferred_reports_poll_s` for those another replica or a stopped process kept."""
+        `deferred_reports_poll_s` for those another replica or a stopped process kept, and those
+        whose try failed once they are due again."""
         while True:
             try:
                 while await self.apply_deferred_reports() >= DEFERRED_REPORTS_BATCH:
@@ -513,6 +614,7 @@ class Notifier:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                # The whole pass (the database, not one report: those fail alone, above).
                 log.exception("applying kept delivery reports failed; retrying")
                 await asyncio.sleep(1)
             with contextlib.suppress(TimeoutError):

@@ -88,7 +88,21 @@ deferred_provider_reports = sa.Table(
     sa.Column("gone_address_hash", sa.Text),
     sa.Column("gone_reason", sa.Text),
     sa.Column("received_at", TS, nullable=False),
-    sa.UniqueConstraint("provider_message_id", "kind", name="deferred_provider_reports_once"),
+    # Tries that failed, and when the next one is due (a failing report does not hold back the rest).
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", TS, nullable=False),
+    sa.CheckConstraint("kind IN ('delivered', 'bounced', 'failed')", name="deferred_provider_reports_kind"),
+)
+# Not unique: an insert conflicting with a row an erasure is deleting would wait for the erasure.
+sa.Index(
+    "deferred_provider_reports_message",
+    deferred_provider_reports.c.provider_message_id,
+    deferred_provider_reports.c.kind,
+)
+sa.Index(
+    "deferred_provider_reports_due",
+    deferred_provider_reports.c.next_attempt_at,
+    deferred_provider_reports.c.id,
 )
 
 # First open, each clicked URL, each unsubscribe of a message: one status each.

@@ -48,7 +48,8 @@ async def erase(session: AsyncSession, customer_ids: Sequence[str], now: datetim
         .where(address_suppressions.c.message_id.in_(messages))
         .values(message_id=None)
     )
-    # Delivery reports kept during an erasure, on their messages (before the ledger is scrubbed).
+    # Delivery reports kept during an erasure, on their messages (found by the provider's message id,
+    # which the scrubbed ledger row keeps).
     await provider_reports_repo.forget_customers(session, ids)
     await session.execute(_SCRUB_LEDGER, {"ids": ids, "now": now})
     for table in (contacts, in_app_messages, preferences, consent_ledger):

@@ -68,6 +68,12 @@ class SegmenterSettings(BaseServiceSettings):
     # Due timers claimed per transaction, and how often the loop looks for due ones.
     timer_batch_size: int = 1000
     timer_interval_s: float = 1.0
+    # A due timer whose re-evaluation fails alone (a batch that fails for a reason other than an outage
+    # or a passing condition of the database is taken apart by halves) is tried again
+    # `segment_timer_retry_s` later, doubled each time (60 s, then 120 s), and parked
+    # (`segment_timers_parked`) once it has failed this many times (CLM_SEGMENT_TIMER_MAX_ATTEMPTS).
+    segment_timer_max_attempts: int = Field(default=3, ge=1)
+    segment_timer_retry_s: float = Field(default=60.0, ge=0)
     # Customers per back-fill transaction, and how often the back-fill loop looks for work.
     backfill_chunk_size: int = 50000
     backfill_poll_interval_s: float = 1.0

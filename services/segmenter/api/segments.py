@@ -29,6 +29,7 @@ from services.segmenter.reevaluation import fill_snapshots
 from services.segmenter.runtime import Segmenter
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
+from services.segmenter.store import timers as timer_store
 from shared.db.errors import is_lock_timeout, set_lock_timeout
 from shared.http import ApiError, admin_guard, field_error
 
@@ -203,7 +204,9 @@ def segments_router(seg: Segmenter) -> APIRouter:
             if row is None:
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             members = await segment_store.member_count(uow.session, segment_id)
-        return _view(row, members)
+            parked = await timer_store.parked_count(uow.session, segment_id)
+        # Due timers of the segment whose re-evaluation kept failing (see /parked-timers).
+        return _view(row, members) | {"parked_timer_count": parked}
 
     @router.put("/{segment_id}")
     async def update_segment(segment_id: str, body: SegmentIn) -> dict[str, Any]:
@@ -293,6 +296,34 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             ids = await segment_store.members_page(uow.session, segment_id, after, limit)
         return {"members": ids, "next_after": ids[-1] if len(ids) == limit else None}
+
+    @router.get("/{segment_id}/parked-timers")
+    async def parked_timers(
+        segment_id: str, after: str | None = None, limit: int = Query(default=100, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        """Due timers of the segment whose re-evaluation failed `segment_timer_max_attempts` times
+        (keyset paging by customer id): those customers' time-based membership of the segment is not
+        re-evaluated until an event of theirs the segment names, a back-fill of it (a save) or a
+        requeue. `rescheduled_due_at`: a timer written for the customer since (an event re-evaluated
+        them), if any."""
+        async with platform.unit_of_work() as uow:
+            if await segment_store.get_segment(uow.session, segment_id) is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            rows = await timer_store.parked_timers(uow.session, segment_id, after, limit)
+        return {
+            "parked_timers": rows,
+            "next_after": rows[-1]["customer_id"] if len(rows) == limit else None,
+        }
+
+    @router.post("/{segment_id}/parked-timers/requeue")
+    async def requeue_parked_timers(segment_id: str) -> dict[str, Any]:
+        """Put the segment's parked timers back among the due ones, with no try counted, once the cause
+        is gone: due at once, re-evaluated at the loop's next pass."""
+        async with platform.unit_of_work() as uow:
+            if await segment_store.get_segment(uow.session, segment_id) is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            requeued = await timer_store.requeue_parked(uow.session, segment_id)
+        return {"requeued": requeued}
 
     @router.get("/{segment_id}/explain/{customer_ref}")
     async def explain_membership(segment_id: str, customer_ref: str) -> dict[str, Any]:

@@ -368,7 +368,11 @@ async def merge_customers(
         )
     ]
     await session.execute(
-        text("DELETE FROM segment_timers WHERE customer_id = :from"), {"from": merge.from_id}
+        text(
+            "WITH parked AS (DELETE FROM segment_timers_parked WHERE customer_id = :from) "
+            "DELETE FROM segment_timers WHERE customer_id = :from"
+        ),
+        {"from": merge.from_id},
     )
     await session.execute(text("DELETE FROM customers WHERE customer_id = :from"), {"from": merge.from_id})
     return MergeResult(merged.changed, exited, merged.dropped)

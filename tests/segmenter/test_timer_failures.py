@@ -299,3 +299,31 @@ async def test_parked_timer_routes_follow_the_segment_conventions(harness: Harne
     assert r.json() == {"parked_timers": [], "next_after": None}
     r = await h.client.post(f"/v1/segments/{sid}/parked-timers/requeue", headers=ADMIN)
     assert r.json() == {"requeued": 0}
+
+
+async def test_a_merge_removes_the_merged_away_customers_parked_timers(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    h.segmenter.settings.segment_timer_max_attempts = 1
+    await h.create_segment(LAPSED, name="Lapsed")
+    events = [
+        make_event(
+            "i1", "identify", user_id="u1", traits={"plan": "pro"}, timestamp=START - timedelta(hours=1)
+        ),
+        make_event(
+            "o1", "track", anonymous_id="a1", event="Order Completed", timestamp=START - timedelta(hours=1)
+        ),
+    ]
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await h.segmenter.events.handle(uow, events)
+    poison(monkeypatch, "a1")
+    h.clock.advance(timedelta(days=30))
+    assert await h.segmenter.timers.run_once() == 1
+    assert list(await parked(h)) == ["a1"]
+
+    merge = make_event("i2", "identify", user_id="u1", anonymous_id="a1", timestamp=h.clock.now())
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await h.segmenter.events.handle(uow, [merge])
+    assert await parked(h) == {}
+    assert (await h.customer("a1"))["customer_id"] == "u1"

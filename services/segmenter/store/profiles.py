@@ -368,11 +368,12 @@ async def merge_customers(
         )
     ]
     await session.execute(
-        text(
-            "WITH parked AS (DELETE FROM segment_timers_parked WHERE customer_id = :from) "
-            "DELETE FROM segment_timers WHERE customer_id = :from"
-        ),
-        {"from": merge.from_id},
+        text("DELETE FROM segment_timers WHERE customer_id = :from"), {"from": merge.from_id}
+    )
+    # After the timers, in a statement (a snapshot) of its own: a due timer of `from` being parked
+    # meanwhile holds its row until it commits, and its parked row is then seen here.
+    await session.execute(
+        text("DELETE FROM segment_timers_parked WHERE customer_id = :from"), {"from": merge.from_id}
     )
     await session.execute(text("DELETE FROM customers WHERE customer_id = :from"), {"from": merge.from_id})
     return MergeResult(merged.changed, exited, merged.dropped)

@@ -128,9 +128,9 @@ async def test_backfill_failures_both_ways(make_settings: Any) -> None:
 
 
 async def test_segment_timers_parked_both_ways(make_settings: Any) -> None:
-    """0015 adds `segment_timers.attempts` (existing timers: no try counted) and the parked table; its
-    downgrade puts parked timers back among the due ones (one written since for the same pair keeps
-    the earlier due time)."""
+    """0015 adds `segment_timers.attempts` and `.stalls` (existing timers: none counted) and the parked
+    table; its downgrade puts parked timers back among the due ones (a timer written since for the
+    same pair, by an evaluation after the parking, is kept as it is)."""
     settings = make_settings(SegmenterSettings)
     await ensure_schema(settings.database_url, settings.db_schema)
     engine = create_engine(settings.database_url, settings.db_schema)
@@ -146,16 +146,18 @@ async def test_segment_timers_parked_both_ways(make_settings: Any) -> None:
         await run_migrations(engine, MIGRATIONS, settings.db_schema)
         async with engine.begin() as conn:
             rows = (
-                await conn.execute(text("SELECT customer_id, attempts FROM segment_timers ORDER BY 1"))
+                await conn.execute(
+                    text("SELECT customer_id, attempts, stalls FROM segment_timers ORDER BY 1")
+                )
             ).all()
-            assert [tuple(r) for r in rows] == [("a", 0), ("b", 0)]
+            assert [tuple(r) for r in rows] == [("a", 0, 0), ("b", 0, 0)]
             await conn.execute(text("DELETE FROM segment_timers WHERE customer_id = 'a'"))
             await conn.execute(
                 text(
                     "INSERT INTO segment_timers_parked "
-                    "(segment_id, customer_id, due_at, parked_at, attempts, error) VALUES "
-                    "('s', 'a', '2026-04-01Z', '2026-04-01Z', 3, 'RuntimeError: x'), "
-                    "('s', 'b', '2026-03-01Z', '2026-03-01Z', 3, 'RuntimeError: y')"
+                    "(segment_id, customer_id, due_at, parked_at, attempts, stalls, error) VALUES "
+                    "('s', 'a', '2026-04-01Z', '2026-04-01Z', 3, 0, 'RuntimeError: x'), "
+                    "('s', 'b', '2026-03-01Z', '2026-03-01Z', 0, 10, 'QueryCanceledError: y')"
                 )
             )
         async with engine.begin() as conn:
@@ -166,12 +168,12 @@ async def test_segment_timers_parked_both_ways(make_settings: Any) -> None:
                     text("SELECT customer_id, due_at::date::text FROM segment_timers ORDER BY 1")
                 )
             ).all()
-            assert [tuple(r) for r in rows] == [("a", "2026-04-01"), ("b", "2026-03-01")]
+            assert [tuple(r) for r in rows] == [("a", "2026-04-01"), ("b", "2026-04-02")]
             assert await conn.scalar(text("SELECT to_regclass('segment_timers_parked')")) is None
             columns = await conn.scalar(
                 text(
                     "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() "
-                    "AND table_name = 'segment_timers' AND column_name = 'attempts'"
+                    "AND table_name = 'segment_timers' AND column_name IN ('attempts', 'stalls')"
                 )
             )
             assert columns == 0

@@ -231,7 +231,8 @@ _SET_TIMERS = Statement(
     "INSERT INTO segment_timers (customer_id, segment_id, due_at) SELECT * FROM "
     + rows_from_json("due", [("c", "text"), ("s", "text"), ("d", "timestamptz")])
     # Evaluated without failing: a timer moved here starts its tries afresh (`due_timers.py`).
-    + " AS u ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at, attempts = 0"
+    + " AS u ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at, attempts = 0, "
+    "stalls = 0"
 )
 
 
@@ -625,7 +626,8 @@ async def backfill_chunk(
         "AND t.customer_id = chunk.customer_id AND chunk.due IS NULL), "
         "timed AS (INSERT INTO segment_timers (customer_id, segment_id, due_at) "
         "SELECT customer_id, :seg, due FROM chunk WHERE due IS NOT NULL "
-        "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at, attempts = 0), "
+        "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at, attempts = 0, "
+        "stalls = 0), "
         # The chunk's customers are re-evaluated and get fresh timers: their parked ones are done with
         # (a re-save or any other back-fill of the segment clears them, chunk by chunk).
         "unparked AS (DELETE FROM segment_timers_parked p WHERE p.segment_id = :seg "

@@ -276,6 +276,8 @@ async def test_a_poisoned_timer_holds_no_other_back_is_tried_again_then_parked(
         "next_after": None,
     }
     assert (await h.client.get(f"/v1/segments/{sid}", headers=ADMIN)).json()["parked_timer_count"] == 1
+    listed = (await h.client.get("/v1/segments", headers=ADMIN)).json()["segments"]
+    assert [(s["id"], s["parked_timer_count"]) for s in listed] == [(sid, 1)]
 
     # The cause gone, put back: due at once, re-evaluated, announced once.
     monkeypatch.undo()

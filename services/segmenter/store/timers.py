@@ -1,6 +1,6 @@
 """Every SQL query of the due-timer loop (`due_timers.py`): claiming due timers, counting the tries of
 one whose re-evaluation fails (`attempts`) or whose pass stalls alone (`stalls`), putting timers off,
-parking them, sweeping parked rows left behind, and the parked timers' admin queries. (The
+parking them, and the parked timers' admin queries. (The
 re-evaluation writes the next due moments: `segments.set_timers`.)"""
 
 from __future__ import annotations
@@ -237,32 +237,43 @@ async def parked_timers(
     return [dict(r._mapping) for r in rows]
 
 
-async def parked_count(session: AsyncSession, segment_id: str) -> int:
-    return int(
-        await session.scalar(
-            text("SELECT count(*) FROM segment_timers_parked WHERE segment_id = :s"), {"s": segment_id}
-        )
-        or 0
+async def parked_counts(session: AsyncSession, segment_ids: Sequence[str]) -> dict[str, int]:
+    """Parked timers per segment, of these segments (those with none left out)."""
+    rows = await session.execute(
+        text(
+            "SELECT segment_id, count(*) FROM segment_timers_parked "
+            "WHERE segment_id = ANY(CAST(:s AS text[])) GROUP BY segment_id"
+        ),
+        {"s": list(segment_ids)},
     )
+    return {r[0]: int(r[1]) for r in rows}
 
 
-async def requeue_parked(session: AsyncSession, segment_id: str) -> int:
-    """Put the segment's parked timers back among the due ones, no try counted, due at the time they
-    were parked with (past: due at once). A timer written for the pair since keeps its row, due at the
-    earlier of the two. Returns how many."""
-    return int(
-        (
-            await session.execute(
-                text(
-                    "WITH p AS (DELETE FROM segment_timers_parked WHERE segment_id = :s "
-                    "RETURNING customer_id, segment_id, due_at), "
-                    "q AS (INSERT INTO segment_timers (customer_id, segment_id, due_at) "
-                    "SELECT customer_id, segment_id, due_at FROM p "
-                    "ON CONFLICT (customer_id, segment_id) DO UPDATE "
-                    "SET due_at = LEAST(segment_timers.due_at, excluded.due_at), attempts = 0 RETURNING 1) "
-                    "SELECT count(*) FROM q"
-                ),
-                {"s": segment_id},
-            )
-        ).scalar_one()
-    )
+# A chunk of the segment's parked timers, by customer id past `:after`, back among the due ones with no
+# try counted, due at the time they were parked with (past: due at once). A pair that has a timer
+# again (written by an evaluation since it was parked: an event, a back-fill chunk) keeps it as it
+# is: the parked row is done with. Rows are locked in customer order, then the timers written in that
+# order, so two requeues (or a requeue and a back-fill chunk) meet in one order. The customer's row is
+# key-share locked: an erasure or a merge (which lock it first) either waits for the chunk, and then
+# deletes the timer it wrote, or went first, and the customer's parked rows are gone or left to the
+# sweep (`sweep_parked`). Returns how many, and the last customer id.
+_REQUEUE = text(
+    "WITH p AS (DELETE FROM segment_timers_parked WHERE (segment_id, customer_id) IN "
+    "(SELECT p.segment_id, p.customer_id FROM segment_timers_parked p JOIN customers c "
+    "ON c.customer_id = p.customer_id WHERE p.segment_id = :s AND p.customer_id > :after "
+    "ORDER BY p.customer_id LIMIT :n FOR UPDATE OF p FOR KEY SHARE OF c) "
+    "RETURNING customer_id, segment_id, due_at), "
+    "q AS (INSERT INTO segment_timers (customer_id, segment_id, due_at) "
+    "SELECT customer_id, segment_id, due_at FROM p ORDER BY customer_id "
+    "ON CONFLICT (customer_id, segment_id) DO NOTHING) "
+    "SELECT count(*), max(customer_id) FROM p"
+)
+
+
+async def requeue_parked_chunk(
+    session: AsyncSession, segment_id: str, after: str, limit: int
+) -> tuple[int, str | None]:
+    """Requeue up to `limit` of the segment's parked timers past customer `after` (`_REQUEUE`): how
+    many, and the last customer id (None: none left)."""
+    n, last = (await session.execute(_REQUEUE, {"s": segment_id, "after": after, "n": limit})).one()
+    return int(n), last

@@ -1,0 +1,215 @@
+"""Parked due timers: listed and requeued through the API (in chunks, 503 when a row is held), cleared
+by a back-fill, an erasure, a merge and a deletion, gone once the pair is re-evaluated again."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+
+from services.segmenter.api import segments as segments_api
+from tests.segmenter.conftest import ADMIN, START, Harness, make_event
+from tests.segmenter.test_timer_failures import (
+    LAPSED,
+    buyers,
+    parked,
+    parked_pairs,
+    poison,
+    timers,
+)
+
+
+async def test_a_back_fill_an_erasure_and_a_deletion_clear_parked_timers(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-saving the segment back-fills it: every customer re-evaluated (in SQL), their parked timers
+    done with. An erased customer's parked timers go with their data; a deleted segment's too."""
+    h = harness
+    h.segmenter.settings.segment_timer_max_attempts = 1
+    sid = await h.create_segment(LAPSED, name="Lapsed")
+    other = await h.create_segment(LAPSED, name="Lapsed too")
+    await buyers(h, 4)
+    poison(h, monkeypatch, "u01", "u02")
+    h.clock.advance(timedelta(days=30))
+    assert await h.segmenter.timers.run_once() == 8
+    assert await parked_pairs(h) == sorted([("u01", sid), ("u01", other), ("u02", sid), ("u02", other)])
+
+    # Paged by customer, as the members are.
+    page = (await h.client.get(f"/v1/segments/{sid}/parked-timers?limit=1", headers=ADMIN)).json()
+    assert [p["customer_id"] for p in page["parked_timers"]] == ["u01"] and page["next_after"] == "u01"
+    page = (await h.client.get(f"/v1/segments/{sid}/parked-timers?limit=1&after=u01", headers=ADMIN)).json()
+    assert [p["customer_id"] for p in page["parked_timers"]] == ["u02"]
+
+    r = await h.client.delete("/v1/customers/u02", headers={**ADMIN, "X-CLM-Actor": "dpo"})
+    assert r.status_code == 202, r.text
+    assert await parked_pairs(h) == sorted([("u01", sid), ("u01", other)])
+
+    r = await h.client.put(
+        f"/v1/segments/{sid}", json={"name": "Lapsed", "definition": LAPSED}, headers=ADMIN
+    )
+    assert r.status_code == 200, r.text
+    await h.segmenter.backfill.run_until_idle()
+    assert await parked_pairs(h) == [
+        ("u01", other)
+    ]  # the other segment's stays until back-filled or requeued
+    msgs = await h.memberships()
+    assert [(m["segment_id"], m["customer_id"], m["cause"]) for m in msgs if m["customer_id"] == "u01"] == [
+        (sid, "u01", "backfill")
+    ]
+    assert (await h.client.get(f"/v1/segments/{sid}", headers=ADMIN)).json()["parked_timer_count"] == 0
+
+    assert (await h.client.delete(f"/v1/segments/{other}", headers=ADMIN)).status_code == 204
+    assert await parked(h) == {}
+
+
+async def test_parked_timer_routes_follow_the_segment_conventions(harness: Harness) -> None:
+    h = harness
+    for method, path in [("GET", "parked-timers"), ("POST", "parked-timers/requeue")]:
+        r = await h.client.request(method, f"/v1/segments/seg_nope/{path}", headers=ADMIN)
+        assert r.status_code == 404 and r.json()["error"] == "not_found", r.text
+        r = await h.client.request(method, f"/v1/segments/seg_nope/{path}")
+        assert r.status_code == 401, r.text
+    sid = await h.create_segment(LAPSED, name="Lapsed")
+    r = await h.client.get(f"/v1/segments/{sid}/parked-timers?limit=0", headers=ADMIN)
+    assert r.status_code == 400, r.text
+    assert [(e["field"], e["rule"]) for e in r.json()["errors"]] == [("limit", "greater_than_equal")]
+    r = await h.client.get(f"/v1/segments/{sid}/parked-timers", headers=ADMIN)
+    assert r.json() == {"parked_timers": [], "next_after": None}
+    r = await h.client.post(f"/v1/segments/{sid}/parked-timers/requeue", headers=ADMIN)
+    assert r.json() == {"requeued": 0}
+    listed = (await h.client.get("/v1/segments", headers=ADMIN)).json()["segments"]
+    assert [(s["id"], s["parked_timer_count"]) for s in listed] == [(sid, 0)]
+
+
+async def test_a_merge_removes_the_merged_away_customers_parked_timers(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = harness
+    h.segmenter.settings.segment_timer_max_attempts = 1
+    await h.create_segment(LAPSED, name="Lapsed")
+    await anonymous_buyer(h)
+    poison(h, monkeypatch, "a1")
+    h.clock.advance(timedelta(days=30))
+    assert await h.segmenter.timers.run_once() == 1
+    assert list(await parked(h)) == ["a1"]
+
+    merge = make_event("i2", "identify", user_id="u1", anonymous_id="a1", timestamp=h.clock.now())
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await h.segmenter.events.handle(uow, [merge])
+    assert await parked(h) == {}
+    assert (await h.customer("a1"))["customer_id"] == "u1"
+
+
+async def anonymous_buyer(h: Harness) -> None:
+    """u1 (a known user) and a1 (an anonymous buyer, whose timer comes due 30 days later)."""
+    events = [
+        make_event(
+            "i1", "identify", user_id="u1", traits={"plan": "pro"}, timestamp=START - timedelta(hours=1)
+        ),
+        make_event(
+            "o1", "track", anonymous_id="a1", event="Order Completed", timestamp=START - timedelta(hours=1)
+        ),
+    ]
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await h.segmenter.events.handle(uow, events)
+
+
+async def test_a_rescheduled_pair_keeps_its_timer_when_requeued(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event re-evaluates a parked pair: it gets a fresh timer, listed as `rescheduled_due_at`. A
+    requeue then keeps that timer as it is (the evaluation since set it: not pulled back to the
+    parked due time, which is past), and the parked row is done with."""
+    h = harness
+    h.segmenter.settings.segment_timer_max_attempts = 1
+    sid = await h.create_segment(LAPSED, name="Lapsed")
+    await buyers(h, 2)
+    poison(h, monkeypatch, "u01")
+    h.clock.advance(timedelta(days=30))
+    assert await h.segmenter.timers.run_once() == 2
+    parked_due = (await parked(h))["u01"]["due_at"]
+    monkeypatch.undo()
+
+    h.clock.advance(timedelta(hours=1))
+    order = make_event("o-new", "track", user_id="u01", event="Order Completed", timestamp=h.clock.now())
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await h.segmenter.events.handle(uow, [order])
+    fresh = h.clock.now() + timedelta(days=30)
+    page = (await h.client.get(f"/v1/segments/{sid}/parked-timers", headers=ADMIN)).json()
+    assert [(p["customer_id"], p["rescheduled_due_at"]) for p in page["parked_timers"]] == [
+        ("u01", fresh.isoformat().replace("+00:00", "Z"))
+    ]
+    assert parked_due < h.clock.now()
+
+    r = await h.client.post(f"/v1/segments/{sid}/parked-timers/requeue", headers=ADMIN)
+    assert r.json() == {"requeued": 1}
+    assert await timers(h) == {"u01": (fresh, 0)}
+    assert await parked(h) == {}
+    assert await h.segmenter.timers.run_once() == 0  # nothing due at once
+
+
+async def test_a_parked_row_goes_once_its_pair_is_re_evaluated_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parked pair re-evaluated on the event path has a timer again; when that timer is claimed,
+    the stale parked row goes in the same statement: re-evaluated without failing, nothing stays
+    parked; failing again, it is parked afresh (this try's error and time)."""
+    h = harness
+    h.segmenter.settings.segment_timer_max_attempts = 1
+    sid = await h.create_segment(LAPSED, name="Lapsed")
+    await buyers(h, 3)
+    poison(h, monkeypatch, "u01", "u02")
+    h.clock.advance(timedelta(days=30))
+    assert await h.segmenter.timers.run_once() == 3
+    assert sorted(await parked(h)) == ["u01", "u02"]
+    first_parked = h.clock.now()
+
+    h.clock.advance(timedelta(hours=1))
+    orders = [
+        make_event(f"o-new{c}", "track", user_id=c, event="Order Completed", timestamp=h.clock.now())
+        for c in ("u01", "u02")
+    ]
+    async with h.segmenter.platform.unit_of_work() as uow:
+        await h.segmenter.events.handle(uow, orders)
+    assert sorted(await timers(h)) == ["u01", "u02"]
+    monkeypatch.undo()
+    poison(h, monkeypatch, "u02")  # u01's cause is gone, u02's is not
+    h.clock.advance(timedelta(days=30))
+    assert await h.segmenter.timers.run_once() == 2
+    rows = await parked(h)
+    assert list(rows) == ["u02"] and rows["u02"]["parked_at"] > first_parked
+    assert (await h.client.get(f"/v1/segments/{sid}", headers=ADMIN)).json()["parked_timer_count"] == 1
+
+
+async def test_a_requeue_goes_in_chunks_and_answers_503_when_a_row_is_held(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requeue commits chunk by chunk (by customer id); a row a concurrent writer holds (here a
+    customer being written) past the lock timeout answers 503 `segment_busy` with Retry-After,
+    the chunks before it requeued, the rest still parked; tried again, it goes on with the rest."""
+    h = harness
+    h.segmenter.settings.segment_timer_max_attempts = 1
+    monkeypatch.setattr(segments_api, "REQUEUE_CHUNK", 2)
+    monkeypatch.setattr(segments_api, "REQUEUE_LOCK_TIMEOUT_MS", 200)
+    sid = await h.create_segment(LAPSED, name="Lapsed")
+    await buyers(h, 5)
+    poison(h, monkeypatch, *[f"u{i:02d}" for i in range(5)])
+    h.clock.advance(timedelta(days=30))
+    assert await h.segmenter.timers.run_once() == 5
+    assert len(await parked(h)) == 5
+
+    async with h.segmenter.platform.engine.connect() as conn:
+        await conn.execute(text("SELECT 1 FROM customers WHERE customer_id = 'u03' FOR UPDATE"))
+        r = await h.client.post(f"/v1/segments/{sid}/parked-timers/requeue", headers=ADMIN)
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"] == "1"
+        assert r.json()["error"] == "segment_busy" and "2 requeued before" in r.json()["message"]
+        await conn.rollback()
+    assert sorted(await parked(h)) == ["u02", "u03", "u04"]
+    assert sorted(await timers(h)) == ["u00", "u01"]
+
+    r = await h.client.post(f"/v1/segments/{sid}/parked-timers/requeue", headers=ADMIN)
+    assert r.status_code == 200 and r.json() == {"requeued": 3}, r.text
+    assert await parked(h) == {}
+    assert {c: t[1] for c, t in (await timers(h)).items()} == {f"u{i:02d}": 0 for i in range(5)}

@@ -13,9 +13,10 @@ import logging
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from services.segmenter.domain.catalog import Catalog
 from services.segmenter.reevaluation import SegmentCatalogCache, reevaluate
@@ -25,7 +26,7 @@ from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import timers as timer_store
 from services.segmenter.store.timers import DueTimer, TimerFailure
 from shared.clock import Clock
-from shared.db.errors import sqlstate
+from shared.db.errors import set_lock_timeout, sqlstate
 from shared.kafka.consumer import is_infrastructure_error
 from shared.runtime import Platform
 
@@ -43,6 +44,11 @@ TIMER_FAILURES = Counter(
     "on the timers but stalls) or error (a failure before any timer was claimed)",
     ["outcome"],
 )
+PARKED = Gauge(
+    "clm_segmenter_timers_parked",
+    "Parked due timers (segment_timers_parked), as of this replica's last sweep (every "
+    "segment_timer_sweep_s while the loop is idle)",
+)
 # A deadlock or serialization failure with a concurrent writer (a back-fill chunk, an event batch):
 # the unit of work is tried again at once, up to CONFLICT_TRIES times in all, pausing from
 # CONFLICT_PAUSE_S (doubling, jittered), then the pass stalls.
@@ -51,6 +57,8 @@ CONFLICT_TRIES = 4
 CONFLICT_PAUSE_S = 0.025
 # The loop's pause after a failed pass, doubling from `timer_interval_s`, at most this.
 FAILED_PASS_PAUSE_MAX_S = 30.0
+# How long the sweep of parked rows waits for a row another transaction holds (a requeue, a merge).
+SWEEP_LOCK_TIMEOUT_MS = 1000
 # Timers a worker remembers having put off for an outage; past it, it forgets them all.
 OUTAGE_MEMORY = 100_000
 
@@ -175,6 +183,8 @@ class DueTimers:
         self._limit: int | None = None
         # (customer, segment) -> times this worker put the timer off for an outage (`_outage`).
         self._taken_for_outage: dict[tuple[str, str], int] = {}
+        # When `maybe_sweep` last swept (None: not yet, so it sweeps at the loop's start).
+        self._swept_at: datetime | None = None
 
     def batch_size(self) -> int:
         full = self.settings.timer_batch_size
@@ -465,12 +475,48 @@ class DueTimers:
                     extra=where | {"retry_at": n.retry_at.isoformat()},
                 )
 
+    async def sweep(self) -> int:
+        """Delete the parked rows whose customer or segment no longer exists (left by a release that did
+        not know the table: its erasures, merges and deletions leave them, and their errors may quote
+        a customer's data); set the parked-timers gauge. The number deleted."""
+        async with self.platform.unit_of_work() as uow:
+            await set_lock_timeout(uow.session, SWEEP_LOCK_TIMEOUT_MS)
+            gone, left = await timer_store.sweep_parked(uow.session)
+        PARKED.set(left)
+        if gone:
+            log.warning(
+                "deleted parked due timers of customers or segments no longer there (erased, merged "
+                "or deleted by an earlier release)",
+                extra={"deleted": gone, "parked": left},
+            )
+        return gone
+
+    async def maybe_sweep(self) -> None:
+        """`sweep`, at the first call and then every `segment_timer_sweep_s` at most; a failure is
+        logged (tried again after the interval)."""
+        now = self.clock.now()
+        last = self._swept_at
+        if last is not None and 0 <= (now - last).total_seconds() < self.settings.segment_timer_sweep_s:
+            return
+        self._swept_at = now
+        try:
+            await self.sweep()
+        except Exception as exc:
+            log.warning(
+                "could not sweep parked due timers; tried again later",
+                extra={"error": error_text(exc), "sqlstate": sqlstate(exc)},
+            )
+
     async def run_forever(self) -> None:
-        """Due timers in batches, resting `timer_interval_s` when none is left; after a failed pass
-        twice as long each time in a row, at most FAILED_PASS_PAUSE_MAX_S."""
+        """Due timers in batches, resting `timer_interval_s` when none is left (and sweeping parked
+        rows then, `maybe_sweep`); after a failed pass twice as long each time in a row, at most
+        FAILED_PASS_PAUSE_MAX_S."""
         failures = 0
         interval = self.settings.timer_interval_s
+        idle = True
         while True:
+            if idle:
+                await self.maybe_sweep()
             limit = self.batch_size()
             try:
                 n = await self.run_once()
@@ -483,5 +529,6 @@ class DueTimers:
                 )
                 await asyncio.sleep(backoff(interval, failures, max(interval, FAILED_PASS_PAUSE_MAX_S)))
                 continue
-            if n < limit:
+            idle = n < limit
+            if idle:
                 await asyncio.sleep(interval)

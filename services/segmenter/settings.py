@@ -87,6 +87,10 @@ class SegmenterSettings(BaseServiceSettings):
     # off so this many times is counted all the same (segments broken at once while nothing else is
     # due would otherwise be tried for ever).
     segment_timer_outage_passes: int = Field(default=10, ge=1, le=1000)
+    # How often (and at start) the loop, when idle, deletes parked timers whose customer or segment no
+    # longer exists (an erasure, a merge or a deletion by a release that does not know the table: a
+    # rolling upgrade or a rollback), and sets the parked-timers gauge.
+    segment_timer_sweep_s: float = Field(default=600.0, gt=0)
     # Customers per back-fill transaction, and how often the back-fill loop looks for work.
     backfill_chunk_size: int = 50000
     backfill_poll_interval_s: float = 1.0

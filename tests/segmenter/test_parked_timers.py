@@ -1,14 +1,17 @@
 """Parked due timers: listed and requeued through the API (in chunks, 503 when a row is held), cleared
-by a back-fill, an erasure, a merge and a deletion, gone once the pair is re-evaluated again."""
+by a back-fill, an erasure, a merge and a deletion, gone once the pair is re-evaluated again, and
+swept when an earlier release left them behind."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from services.segmenter.api import segments as segments_api
+from services.segmenter.store.privacy import CUSTOMER_TABLES
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event
 from tests.segmenter.test_timer_failures import (
     LAPSED,
@@ -16,6 +19,7 @@ from tests.segmenter.test_timer_failures import (
     parked,
     parked_pairs,
     poison,
+    timer_rows,
     timers,
 )
 
@@ -213,3 +217,47 @@ async def test_a_requeue_goes_in_chunks_and_answers_503_when_a_row_is_held(
     assert r.status_code == 200 and r.json() == {"requeued": 3}, r.text
     assert await parked(h) == {}
     assert {c: t[1] for c, t in (await timers(h)).items()} == {f"u{i:02d}": 0 for i in range(5)}
+
+
+async def test_the_sweep_removes_parked_rows_an_earlier_release_left_behind(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release that did not know `segment_timers_parked` (beside this one in a rolling upgrade, or
+    after a rollback) erases, merges and deletes without touching it: the erased customer's id and
+    error stay. The loop sweeps them at its start and then every `segment_timer_sweep_s` while idle,
+    and sets the gauge of parked timers."""
+    h = harness
+    s = h.segmenter
+    s.settings.segment_timer_max_attempts = 1
+    sid = await h.create_segment(LAPSED, name="Lapsed")
+    other = await h.create_segment(LAPSED, name="Lapsed too")
+    await buyers(h, 4)
+    poison(h, monkeypatch, "u01", "u02", "u03")
+    h.clock.advance(timedelta(days=30))
+    assert await s.timers.run_once() == 8
+    assert len(await parked_pairs(h)) == 6
+
+    # The earlier release's erasure of u01 (every table it knew), merge of u02 (its profile row
+    # deleted), deletion of `other` (its row, memberships and timers).
+    async with s.platform.engine.begin() as conn:
+        for table, column, _ in CUSTOMER_TABLES:
+            if table != "segment_timers_parked" and await conn.scalar(text(f"SELECT to_regclass('{table}')")):
+                await conn.execute(text(f"DELETE FROM {table} WHERE {column} = 'u01'"))
+        await conn.execute(text("DELETE FROM customers WHERE customer_id = 'u02'"))
+        for table in ("memberships", "segment_timers", "segments"):
+            await conn.execute(text(f"DELETE FROM {table} WHERE segment_id = :s"), {"s": other})
+
+    await s.timers.maybe_sweep()  # the first: at the loop's start
+    assert await parked_pairs(h) == [("u03", sid)]
+    assert REGISTRY.get_sample_value("clm_segmenter_timers_parked") == 1
+
+    async with s.platform.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM customers WHERE customer_id = 'u03'"))
+    h.clock.advance(timedelta(seconds=s.settings.segment_timer_sweep_s - 1))
+    await s.timers.maybe_sweep()  # not yet
+    assert await parked_pairs(h) == [("u03", sid)]
+    h.clock.advance(timedelta(seconds=1))
+    await s.timers.maybe_sweep()
+    assert await parked_pairs(h) == []
+    assert REGISTRY.get_sample_value("clm_segmenter_timers_parked") == 0
+    assert await timer_rows(h) == {}

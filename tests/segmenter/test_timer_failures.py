@@ -686,6 +686,7 @@ async def test_the_waits_are_bounded_whatever_the_tries(harness: Harness) -> Non
         ("segment_timer_max_attempts", 21),
         ("segment_timer_max_stalls", 51),
         ("segment_timer_retry_s", 86401),
+        ("segment_timer_sweep_s", 0),
     ]
     for name, value in bounds:
         with pytest.raises(ValidationError, match=name):

@@ -1,6 +1,6 @@
 """Every SQL query of the due-timer loop (`due_timers.py`): claiming due timers, counting the tries of
 one whose re-evaluation fails (`attempts`) or whose pass stalls alone (`stalls`), putting timers off,
-parking them, and the parked timers' admin queries. (The
+parking them, sweeping parked rows left behind, and the parked timers' admin queries. (The
 re-evaluation writes the next due moments: `segments.set_timers`.)"""
 
 from __future__ import annotations
@@ -218,6 +218,24 @@ async def put_off(session: AsyncSession, timers: Sequence[DueTimer], now: dateti
             "delay": delay_s,
         },
     )
+
+
+async def sweep_parked(session: AsyncSession) -> tuple[int, int]:
+    """Delete the parked rows whose customer or segment no longer exists (an erasure, a merge or a
+    deletion by a release that did not know the table: a rolling upgrade, a rollback); (deleted,
+    left)."""
+    row = (
+        await session.execute(
+            text(
+                "WITH gone AS (DELETE FROM segment_timers_parked p "
+                "WHERE NOT EXISTS (SELECT 1 FROM customers c WHERE c.customer_id = p.customer_id) "
+                "OR NOT EXISTS (SELECT 1 FROM segments s WHERE s.segment_id = p.segment_id) RETURNING 1) "
+                "SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM segment_timers_parked)"
+            )
+        )
+    ).one()
+    # The count reads the statement's snapshot, from before its deletion.
+    return int(row[0]), int(row[1]) - int(row[0])
 
 
 async def parked_timers(

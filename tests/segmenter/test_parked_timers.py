@@ -1,9 +1,10 @@
 """Parked due timers: listed and requeued through the API (in chunks, 503 when a row is held), cleared
-by a back-fill, an erasure, a merge and a deletion, gone once the pair is re-evaluated again, and
-swept when an earlier release left them behind."""
+by a back-fill, an erasure, a merge (also one racing the parking) and a deletion, gone once the pair
+is re-evaluated again, and swept when an earlier release left them behind."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -11,14 +12,18 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from services.segmenter.api import segments as segments_api
+from services.segmenter.store import timers as timer_store
 from services.segmenter.store.privacy import CUSTOMER_TABLES
 from tests.segmenter.conftest import ADMIN, START, Harness, make_event
+from tests.segmenter.test_erasure_races import Pause
 from tests.segmenter.test_timer_failures import (
     LAPSED,
+    allow_customers,
     buyers,
     parked,
     parked_pairs,
     poison,
+    refuse_customers,
     timer_rows,
     timers,
 )
@@ -117,6 +122,33 @@ async def anonymous_buyer(h: Harness) -> None:
     ]
     async with h.segmenter.platform.unit_of_work() as uow:
         await h.segmenter.events.handle(uow, events)
+
+
+async def test_a_merge_racing_a_timer_being_parked_leaves_no_parked_row(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merged-away customer's timer fails in the database and is parked in a transaction of its
+    own (no profile lock) while a merge of that customer runs: the merge waits for the timer's row,
+    and its later statement (the profile's deletion) sees the parked row and deletes it too."""
+    h = harness
+    h.segmenter.settings.segment_timer_max_attempts = 1
+    await h.create_segment(LAPSED, name="Lapsed")
+    await anonymous_buyer(h)
+    await refuse_customers(h, ["a1"])
+    pause = Pause(monkeypatch, timer_store, "note_failures", after=True)  # parked, not committed
+    h.clock.advance(timedelta(days=30))
+    loop = asyncio.ensure_future(h.segmenter.timers.run_once())
+    await asyncio.wait_for(pause.reached.wait(), 10)
+    merge = make_event("i2", "identify", user_id="u1", anonymous_id="a1", timestamp=h.clock.now())
+    merging = asyncio.ensure_future(h.segmenter.events.handle_in_own_unit([merge]))
+    done, _ = await asyncio.wait({merging}, timeout=1.0)
+    assert not done  # waiting for the timer's row
+    pause.release.set()
+    assert await loop == 1
+    await merging
+    assert await parked(h) == {} and await timers(h) == {}
+    assert (await h.customer("a1"))["customer_id"] == "u1"
+    await allow_customers(h)
 
 
 async def test_a_rescheduled_pair_keeps_its_timer_when_requeued(

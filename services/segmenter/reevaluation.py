@@ -131,8 +131,8 @@ async def reevaluate(
             plan = plans[key] = [s for s in catalog.segments if s.segment_id in todo]
         for seg in plan:
             timed = seg.refs.time_dependent
-            # Both before anything is noted for the pair. (No cost when nothing raises: the event
-            # path's loop runs the same statements as without the `try`.)
+            # Both before anything is noted for the pair. (The `try` costs nothing while nothing
+            # raises: the event path's loop does the same work, and sends the same statements.)
             try:
                 hit = seg.holds(p, now)
                 when = seg.next_change_at(p, now) if timed else None

@@ -203,9 +203,7 @@ def bearer_token(authorization: str | None) -> str | None:
 def is_admin(authorization: str | None, admin_token: str) -> bool:
     """Whether an `Authorization` header value carries the admin token (`bearer_token`)."""
     token = bearer_token(authorization)
-    return token is not None and hmac.compare_digest(
-        token.encode(), admin_token.encode()
-    )
+    return token is not None and hmac.compare_digest(token.encode(), admin_token.encode())
 
 
 def admin_guard(settings: BaseServiceSettings) -> Any:

@@ -15,8 +15,8 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.errors import KafkaError
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine

@@ -355,10 +355,24 @@ _MOVE_CUSTOMER = Statement(
 )
 
 
-async def move_customer(session: AsyncSession, old: str, new: str) -> None:
+# Then one goal per person and journey (and correlation value), as for a customer who entered again
+# (`_SUPERSEDE_WINDOWS`): both profiles' windows, or a window beside an instance still inside, counted
+# one purchase twice. The instance inside owns it (it converts as it leaves), else the newest window.
+# A statement of its own: the move's updates are not visible to the statement that makes them.
+_SUPERSEDE_MERGED_WINDOWS = Statement(
+    "DELETE FROM goal_windows AS g WHERE g.customer_id = :new AND EXISTS (SELECT 1 FROM instances AS i "
+    "WHERE i.customer_id = :new AND i.journey_id = g.journey_id AND i.correlation = g.correlation "
+    "AND i.id <> g.instance_id AND (i.status = 'active' OR (i.entered_at, i.id) > (g.entered_at, g.instance_id))) "
+    "RETURNING g.instance_id"
+)
+
+
+async def move_customer(session: AsyncSession, old: str, new: str) -> set[str]:
     """Everything kept under customer `old` (instances of any status, goal windows, the message log,
-    entries) now under `new`."""
+    entries) now under `new`; the instances whose goal windows closed because another instance of
+    the person owns the goal now."""
     await _MOVE_CUSTOMER.execute(session, {"old": old, "new": new})
+    return {r[0] for r in await _SUPERSEDE_MERGED_WINDOWS.fetch(session, {"new": new})}
 
 
 async def prune_goal_windows(session: AsyncSession, now: datetime) -> int:

@@ -217,9 +217,12 @@ async def test_after_a_merge_one_purchase_converts_the_person_once(make_settings
         assert [c for c, _ in converted] == ["new"]
         newest = await h.scalar("SELECT max(entered_at) FROM instances WHERE journey_id = :j", j=jid)
         assert converted[0][1] == newest
-        assert await h.scalar(
-            "SELECT sum(n) FROM node_counts WHERE journey_id = :j AND metric = 'converted'", j=jid
-        ) == 1
+        assert (
+            await h.scalar(
+                "SELECT sum(n) FROM node_counts WHERE journey_id = :j AND metric = 'converted'", j=jid
+            )
+            == 1
+        )
 
 
 async def test_after_a_merge_the_instance_still_inside_owns_the_goal(make_settings: Any) -> None:

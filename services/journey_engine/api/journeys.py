@@ -529,8 +529,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
 
 
 def split_report(
-    graphs: dict[int, Graph | None], arms: list[tuple[int, str, str, int, int]]
+    graphs: dict[int, Graph | None], arms: list[tuple[int, str, str, int, int, int]]
 ) -> list[dict[str, Any]]:
+    """Each split's arms per customer (`arm_outcomes`), each tested against the holdout arm."""
     out = []
     for version, graph in sorted(graphs.items()):
         if graph is None:
@@ -538,12 +539,12 @@ def split_report(
         for node in graph.definition.nodes:
             if not isinstance(node, SplitNode):
                 continue
-            outcomes = {arm: (n, c) for v, nid, arm, n, c in arms if v == version and nid == node.id}
+            outcomes = {arm: (n, c, e) for v, nid, arm, n, c, e in arms if v == version and nid == node.id}
             holdout = next((a.name for a in node.arms if a.holdout), None)
-            h_n, h_c = outcomes.get(holdout, (0, 0)) if holdout else (0, 0)
+            h_n, h_c, _ = outcomes.get(holdout, (0, 0, 0)) if holdout else (0, 0, 0)
             rows = []
             for arm in node.arms:
-                n, c = outcomes.get(arm.name, (0, 0))
+                n, c, entries = outcomes.get(arm.name, (0, 0, 0))
                 test = two_proportion_z_test(c, n, h_c, h_n) if holdout and arm.name != holdout else None
                 rows.append(
                     {
@@ -553,6 +554,7 @@ def split_report(
                         "customers": n,
                         "converted": c,
                         "conversion_rate": c / n if n else None,
+                        "entries": entries,
                         "vs_holdout": None
                         if test is None
                         else {

@@ -697,19 +697,22 @@ async def node_totals(session: AsyncSession, journey_id: str) -> dict[tuple[int,
     return out
 
 
-async def arm_outcomes(session: AsyncSession, journey_id: str) -> list[tuple[int, str, str, int, int]]:
-    """(version, split node, arm, customers assigned, converted) for every A/B split; converted counts
-    the goal reached while inside or, within the goal's window, after the path ended."""
+async def arm_outcomes(session: AsyncSession, journey_id: str) -> list[tuple[int, str, str, int, int, int]]:
+    """(version, split node, arm, customers assigned, customers converted, entries) for every A/B
+    split. Per customer, not per instance: a weekly broadcast enters its members every run, and
+    counting each run as another customer overstated the arm and its z-test. A customer converted
+    when any of their instances reached the goal, inside or, within the goal's window, after the
+    path ended; `entries` counts the instances (exposures)."""
     rows = await session.execute(
         text(
-            "SELECT version, a.key, a.value #>> '{}', count(*), "
-            "count(*) FILTER (WHERE converted_at IS NOT NULL) "
+            "SELECT version, a.key, a.value #>> '{}', count(DISTINCT customer_id), "
+            "count(DISTINCT customer_id) FILTER (WHERE converted_at IS NOT NULL), count(*) "
             "FROM instances, jsonb_each(context -> 'arms') AS a WHERE journey_id = :j "
             "GROUP BY version, a.key, a.value #>> '{}' ORDER BY 1, 2, 3"
         ),
         {"j": journey_id},
     )
-    return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in rows]
+    return [(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]
 
 
 # An archived journey's customers exit after the archive committed, a chunk per transaction

@@ -362,7 +362,8 @@ _MOVE_CUSTOMER = Statement(
 _SUPERSEDE_MERGED_WINDOWS = Statement(
     "DELETE FROM goal_windows AS g WHERE g.customer_id = :new AND EXISTS (SELECT 1 FROM instances AS i "
     "WHERE i.customer_id = :new AND i.journey_id = g.journey_id AND i.correlation = g.correlation "
-    "AND i.id <> g.instance_id AND (i.status = 'active' OR (i.entered_at, i.id) > (g.entered_at, g.instance_id))) "
+    "AND i.id <> g.instance_id "
+    "AND (i.status = 'active' OR (i.entered_at, i.id) > (g.entered_at, g.instance_id))) "
     "RETURNING g.instance_id"
 )
 

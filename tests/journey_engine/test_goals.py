@@ -245,3 +245,26 @@ async def test_ab_results_count_customers_not_runs(make_settings: Any) -> None:
             assert a["converted"] == a["customers"]
             assert a["conversion_rate"] in (1.0, None)
             assert a["entries"] == 3 * a["customers"]
+
+
+async def test_a_holdout_arm_wired_to_a_send_is_saved_with_a_warning(make_settings: Any) -> None:
+    """Its customers would get the message: the create, edit and dry-run answers say so."""
+    async with engine_running(make_settings) as h:
+        d = WEEKLY_AB | {
+            "edges": [e if e.get("branch") != "control" else e | {"to": "hi"} for e in WEEKLY_AB["edges"]]
+        }
+        r = await h.client.post("/v1/journeys", json={"definition": d}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        [warning] = r.json()["warnings"]
+        assert (warning["field"], warning["rule"]) == ("definition.nodes.ab", "holdout_sends")
+        jid = r.json()["id"]
+        r = await h.client.put(f"/v1/journeys/{jid}", json={"definition": d}, headers=ADMIN)
+        assert [w["rule"] for w in r.json()["warnings"]] == ["holdout_sends"]
+        dry = await h.client.post(
+            "/v1/journeys/dry-run",
+            json={"definition": d, "journey_id": jid, "customer_id": "x"},
+            headers=ADMIN,
+        )
+        assert [w["rule"] for w in dry.json()["warnings"]] == ["holdout_sends"]
+        fixed = await h.client.put(f"/v1/journeys/{jid}", json={"definition": WEEKLY_AB}, headers=ADMIN)
+        assert fixed.status_code == 200 and fixed.json()["warnings"] == []

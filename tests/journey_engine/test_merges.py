@@ -211,7 +211,8 @@ async def test_after_a_merge_one_purchase_converts_the_person_once(make_settings
         assert await h.scalar("SELECT count(*) FROM goal_windows") == 1
         await h.track("new", "Purchased")
         converted = await h.rows(
-            "SELECT customer_id, entered_at FROM instances WHERE journey_id = :j AND converted_at IS NOT NULL",
+            "SELECT customer_id, entered_at FROM instances "
+            "WHERE journey_id = :j AND converted_at IS NOT NULL",
             j=jid,
         )
         assert [c for c, _ in converted] == ["new"]

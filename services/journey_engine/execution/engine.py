@@ -548,7 +548,7 @@ class JourneyEngine:
             if row.status == "active" and (row.journey_id, row.correlation) in inside:
                 self._leave(batch.writer, row, "exited", MERGED_AWAY, "exited")
         await batch.writer.flush(session)  # those exits first: one active instance per key
-        await instance_store.move_customer(session, old, new)
+        closed = await instance_store.move_customer(session, old, new)
         await projection.forget_merged(session, old, new, at)
         batch.merged_away.add(old)
         moved = [replace(r, customer_id=new) for r in batch.active[old] if r.status == "active"]
@@ -561,6 +561,8 @@ class JourneyEngine:
                 batch.entries[key] = max(entered, batch.entries.get(key, entered))
         for w in batch.windows.pop(old, []):
             batch.windows.setdefault(new, []).append(replace(w, customer_id=new))
+        # One goal per person (and correlation value): the windows the move closed count no more.
+        batch.windows[new] = [w for w in batch.windows.get(new, []) if w.instance_id not in closed]
         # Frequency caps in the rest of this batch count the merged-away profile's sends too.
         sent = batch.customers[new].recent_sends
         for channel, times in batch.customers[old].recent_sends.items():

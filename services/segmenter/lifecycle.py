@@ -224,7 +224,7 @@ class Lifecycle:
         return rows
 
     def _announce(
-        self, uow: UnitOfWork, profile: ProfileSnapshot, change: store.StageChange, cause: str, now: datetime
+        self, uow: UnitOfWork, profile: ProfileSnapshot, change: store.StageChange, cause: str, at: datetime
     ) -> None:
         f = profile.fields
         uow.emit(
@@ -234,7 +234,7 @@ class Lifecycle:
                 event_id=f"profile:{change.customer_id}:{cause}:stage:{change.to_stage}",
                 customer_id=change.customer_id,
                 kind=ProfileChangeKind.STAGE_CHANGED,
-                occurred_at=now,
+                occurred_at=at,
                 traits=profile.traits,
                 lifecycle_stage=change.to_stage,
                 previous_stage=change.from_stage,
@@ -355,7 +355,10 @@ class Lifecycle:
                     profile = ProfileSnapshot(
                         change.customer_id, traits=change.traits or {}, fields=by_id[change.customer_id]
                     )
-                    self._announce(uow, profile, change, cause, now)
+                    # Dated by the profile's last change, not this job's `now` (taken before the
+                    # base was read): a change that took its time before that and commits after
+                    # this chunk must still win in a consumer that keeps the newest (the notifier).
+                    self._announce(uow, profile, change, cause, change.as_of or now)
                 changed += len(changes)
         async with self.platform.unit_of_work() as uow:
             # Bulk changes reach segments on lifecycle fields through their back-fill.

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 CONSUMER = "segmenter.events"
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TRAITS_REFUSED = Counter(
     "clm_segmenter_trait_changes_refused_total",
@@ -138,6 +139,23 @@ def is_transient_conflict(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", None)
     cause = (getattr(orig, "__cause__", None) or orig) if orig is not None else exc
     return type(cause).__name__ in {"DeadlockDetectedError", "SerializationError"}
+
+
+async def retry_on_conflict(unit: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run `unit`, a unit of work of its own, again when it lost a deadlock (or another transient
+    conflict) to a concurrent writer of the same customers: it rolled back, nothing is half done.
+    For the whole-base jobs that hold customer rows in id order: the event path locks a merge's two
+    rows before the rest of its batch's, so it can wait on such a job while the job waits on it."""
+    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        try:
+            return await unit()
+        except Exception as exc:
+            if not is_transient_conflict(exc) or attempt == CONFLICT_ATTEMPTS:
+                raise
+            log.info(
+                "concurrent change to the same customers; retrying", extra={"what": what, "attempt": attempt}
+            )
+    raise AssertionError("unreachable")
 
 
 class CustomerEventsHandler:

@@ -372,9 +372,19 @@ async def recommendation_categories(
     return out
 
 
-async def traits_of(session: AsyncSession, customer_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+async def lock_customers(
+    session: AsyncSession, customer_ids: Sequence[str]
+) -> dict[str, tuple[dict[str, Any], datetime]]:
+    """These customers' traits and when their profile last changed, the rows held FOR SHARE until
+    commit, in id order as the event path locks them (`store.profiles.lock_profiles`, FOR UPDATE):
+    no change of theirs commits meanwhile, and what is announced with them goes out before the next
+    one. A customer merged away since is left out. The locked rows are read as the lock holder left
+    them (a statement's other reads would not be: they keep the snapshot it started with)."""
     rows = await session.execute(
-        text("SELECT customer_id, traits FROM customers WHERE customer_id = ANY(CAST(:ids AS text[]))"),
-        {"ids": list(customer_ids)},
+        text(
+            "SELECT customer_id, traits, updated_at FROM customers "
+            "WHERE customer_id = ANY(CAST(:ids AS text[])) ORDER BY customer_id FOR SHARE"
+        ),
+        {"ids": sorted(set(customer_ids))},
     )
-    return {r[0]: r[1] for r in rows}
+    return {r[0]: (dict(r[1] or {}), r[2]) for r in rows}

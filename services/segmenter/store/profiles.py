@@ -534,12 +534,30 @@ async def snapshot_chunk(
     identities_per_message: int = 1000,
 ) -> tuple[int, str | None]:
     """The next `limit` customers after `after` (by id) as `ProfileChanged(kind=snapshot)` outbox rows,
-    built in one statement (no Python per customer); returns (customers announced, the last id)."""
+    built in one statement (no Python per customer); returns (customers announced, the last id).
+
+    The customers are held FOR SHARE until the chunk commits (a statement of its own, in id order as
+    the event path locks them): a change committing while the chunk reads would otherwise be
+    published before a snapshot of the state it replaced, which consumers that keep the last message
+    (the journey engine) would then keep. The snapshot is read after the locks are granted, so it
+    sees what their holders committed."""
+    ids = [
+        r[0]
+        for r in await session.execute(
+            text(
+                "SELECT customer_id FROM customers WHERE customer_id > :after ORDER BY customer_id "
+                "LIMIT :limit FOR SHARE"
+            ),
+            {"after": after or "", "limit": limit},
+        )
+    ]
+    if not ids:
+        return 0, None
     row = (
         await session.execute(
             text(
                 "WITH chunk AS (SELECT customer_id, traits, lifecycle_stage, updated_at FROM customers "
-                "WHERE customer_id > :after ORDER BY customer_id LIMIT :limit), "
+                "WHERE customer_id = ANY(CAST(:ids AS text[]))), "
                 # A large identity set goes out in parts of at most :per identities, one message each
                 # (as real time does, `split_identities`): part 0 keeps the plain event id.
                 "numbered AS (SELECT i.customer_id, CASE i.kind WHEN 'user' THEN 'user_id' "
@@ -571,7 +589,7 @@ async def snapshot_chunk(
                 "SELECT (SELECT count(*) FROM chunk) AS n, "
                 "(SELECT max(customer_id) FROM chunk) AS last"
             ),
-            {"after": after or "", "limit": limit, "job": job, "per": identities_per_message, **announce},
+            {"ids": ids, "job": job, "per": identities_per_message, **announce},
         )
     ).one()
     return int(row.n), row.last

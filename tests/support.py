@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from fastapi import FastAPI
@@ -86,7 +86,8 @@ async def read_topic(
     """Every message of `topic` from the beginning, as {"key", "value", "headers", "partition", "offset"}.
 
     Stops at `count` messages, when `until(messages)` holds, after `idle` seconds without new
-    messages, or at `timeout`.
+    messages once it has read what the topic held when first idle (a loaded host can take longer
+    than `idle` to fetch what is already there), or at `timeout`.
     """
     bootstrap, _ = infra()
     consumer = AIOKafkaConsumer(
@@ -101,6 +102,7 @@ async def read_topic(
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     last_new = time.monotonic()
+    ends: dict[TopicPartition, int] | None = None  # the topic's end offsets when first idle
     try:
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=100)
@@ -122,10 +124,27 @@ async def read_topic(
             if until is not None and until(out):
                 break
             if idle is not None and time.monotonic() - last_new > idle:
-                break
+                if ends is None:
+                    ends = await _end_offsets(consumer, topic)
+                if await _read_to(consumer, ends):
+                    break
     finally:
         await consumer.stop()
     return out
+
+
+async def _end_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[TopicPartition, int]:
+    partitions = consumer.partitions_for_topic(topic) or set()
+    tps = [TopicPartition(topic, p) for p in partitions]
+    return dict(await consumer.end_offsets(tps)) if tps else {}
+
+
+async def _read_to(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    assigned = consumer.assignment()
+    for tp, end in ends.items():
+        if end > 0 and (tp not in assigned or await consumer.position(tp) < end):
+            return False
+    return True
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from services.journey_engine.api.journeys import build_router
+from services.journey_engine.api.parked_timers import build_parked_router
 from services.journey_engine.consumers.handlers import register
 from services.journey_engine.execution.engine import JourneyEngine
 from services.journey_engine.settings import JourneyEngineSettings
@@ -51,5 +52,6 @@ def create_app(settings: JourneyEngineSettings | None = None, clock: Clock | Non
     app.state.engine = engine
     install_common(app, platform)
     app.include_router(build_router(platform, engine))
+    app.include_router(build_parked_router(platform, engine))
     install_audit(app, platform.unit_of_work, settings)
     return app

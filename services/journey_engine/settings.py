@@ -35,7 +35,7 @@ class JourneyEngineSettings(BaseServiceSettings):
     timer_max_attempts: int = Field(default=3, ge=1)
     timer_retry_s: float = Field(default=60.0, gt=0)
     # A batch whose every timer failed alone in several journeys, with no other journey's timer
-    # firing, is taken for an outage: its timers are put off `timer_retry_s`, no try counted. A
+    # stepping its instance, is taken for an outage: its timers are put off `timer_retry_s`, no try counted. A
     # worker that has taken the same timer for an outage this many times counts its tries anyway
     # (journeys broken at once while nothing else is due would otherwise be tried for ever).
     timer_outage_passes: int = Field(default=10, ge=1)

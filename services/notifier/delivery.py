@@ -46,7 +46,7 @@ from services.notifier.domain.email_addresses import mailbox
 from services.notifier.domain.phone_numbers import InvalidPhoneNumber, normalized, to_e164
 from services.notifier.domain.retry_policy import Failure, RetryPolicy
 from services.notifier.domain.signing import MessageLinks
-from services.notifier.domain.suppression import SUPPRESSIBLE, suppression_key
+from services.notifier.domain.suppression import SUPPRESSIBLE, lookup_keys, suppression_key
 from services.notifier.domain.templates import RenderError, TemplateDefinition, TemplateRenderer
 from services.notifier.settings import NotifierSettings
 from services.notifier.store import (
@@ -384,9 +384,9 @@ class DeliveryWorker:
         # The address each marketing SMS or email would go to (its override recipient or the
         # profile's): a STOP from that number, a complaint about that address, suppresses it, whoever
         # CLM thinks the customer is.
-        stop_keys = {k for r in requests if (k := self._optout_key(r, read.contacts.get(r.customer_id)))}
+        stop_keys = {k for r in requests for k in self._optout_keys(r, read.contacts.get(r.customer_id))}
         suppression_keys = {
-            k for r in requests if (k := self._suppression_key(r, read.contacts.get(r.customer_id)))
+            k for r in requests for k in self._suppression_keys(r, read.contacts.get(r.customer_id))
         }
         suppressed, stopped = await suppressions_repo.blocked(session, suppression_keys, stop_keys)
         return _Context(
@@ -398,33 +398,36 @@ class DeliveryWorker:
             suppressed=suppressed,
         )
 
-    def _suppression_key(self, request: MessageRequested, contact: ContactView | None) -> str | None:
-        """The `suppression_key` of the address a message would go to; None for a channel whose
-        addresses are never suppressed."""
+    def _suppression_keys(self, request: MessageRequested, contact: ContactView | None) -> list[str]:
+        """The keys a suppression of the address a message would go to may be kept under
+        (`suppression.lookup_keys`: its `suppression_key`, and for an email address written with
+        A-labels the key such an address had before); none for a channel whose addresses are never
+        suppressed."""
         if request.channel not in SUPPRESSIBLE:
-            return None
+            return []
         address = recipient_address(request, contact)
         if not address:
-            return None
+            return []
         salt = self.settings.privacy_salt.get_secret_value()
-        return suppression_key(salt, request.channel, address, self.settings.sms_default_region)
+        return lookup_keys(salt, request.channel, address, self.settings.sms_default_region)
 
-    def _optout_key(self, request: MessageRequested, contact: ContactView | None) -> str | None:
-        """The key its opt-out is kept under of a marketing SMS's recipient number (`phone_key`) or a
-        marketing email's address (`address_key`); None for any other message."""
+    def _optout_keys(self, request: MessageRequested, contact: ContactView | None) -> list[str]:
+        """The keys an opt-out is kept under of a marketing SMS's recipient number (`phone_key`) or a
+        marketing email's address (`address_key`, as `_suppression_keys`); none for any other
+        message."""
         if request.category is not MessageCategory.MARKETING or request.channel not in (
             Channel.SMS,
             Channel.EMAIL,
         ):
-            return None
+            return []
         address = recipient_address(request, contact)
         if not address:
-            return None
+            return []
         salt = self.settings.privacy_salt.get_secret_value()
         if request.channel is Channel.EMAIL:
-            return suppression_key(salt, Channel.EMAIL, address, None)
+            return lookup_keys(salt, Channel.EMAIL, address, None)
         e164 = normalized(address, self.settings.sms_default_region)
-        return phone_key(salt, e164) if e164 else None
+        return [phone_key(salt, e164)] if e164 else []
 
     def prepare(
         self,
@@ -444,8 +447,7 @@ class DeliveryWorker:
         )
         if not decision.allowed:
             return Prepared(None, MessageStatusKind.SUPPRESSED, decision.reason)
-        key = self._optout_key(request, contact)
-        if key is not None and key in opted_out:
+        if any(key in opted_out for key in self._optout_keys(request, contact)):
             reason = (
                 consent.SMS_NUMBER_OPTED_OUT
                 if request.channel is Channel.SMS
@@ -490,7 +492,11 @@ class DeliveryWorker:
                 MessageStatusKind.FAILED,
                 f"no email address for the customer: not a mailbox ({MAILBOX_RULE})",
             )
-        if suppressed and (why := suppressed.get(self._suppression_key(request, contact) or "")):
+        if suppressed and (
+            why := next(
+                (suppressed[k] for k in self._suppression_keys(request, contact) if k in suppressed), None
+            )
+        ):
             return Prepared(
                 None,
                 MessageStatusKind.SUPPRESSED,

@@ -17,6 +17,7 @@ from services.notifier.consumers.message_requests import enqueue
 from services.notifier.delivery import ADDRESSES_SUPPRESSED, DeliveryWorker
 from services.notifier.domain.composition import status_of
 from services.notifier.domain.consent import ALL_TOPICS, opted_out, phone_key
+from services.notifier.domain.email_addresses import mailboxes
 from services.notifier.domain.phone_numbers import normalized
 from services.notifier.domain.signing import MessageLinks
 from services.notifier.domain.suppression import address_key, suppression_key
@@ -46,10 +47,17 @@ ENGAGEMENTS_DROPPED = Counter(
 )
 
 
+def _address_forms(identifier: str) -> list[str]:
+    """An identifier that is an email address, in the forms erasures tombstone addresses in
+    (`erasure_repo.tombstone_addresses`: its mailbox; `mailboxes`: also as keyed before A-labels were
+    decoded); nothing for any other."""
+    return mailboxes(identifier) if "@" in identifier else []
+
+
 class ErasureUnderWay(Exception):
     """The erasure gate was not free at once (an erasure holds it or waits for it), or for a provider's
-    delivery report within its short wait: a telemetry write (an open, a click, a delivery report) was
-    not recorded rather than wait longer."""
+    delivery report or an admin preferences write within its short wait: the write (an open, a click,
+    a delivery report, the admin's choices) was not made rather than wait longer."""
 
 
 @dataclass
@@ -66,9 +74,13 @@ class Notifier:
     # How many delivery reports may wait for it at once, each holding a pooled connection meanwhile:
     # a quarter of the pool (`db_pool_size`), at least one. The others only try it.
     report_gate_slots: asyncio.Semaphore = field(init=False, repr=False)
+    # The same for the admin's preference writes (`customer_erased`), apart from the reports.
+    admin_gate_wait_ms: int = 2000
+    admin_gate_slots: asyncio.Semaphore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.report_gate_slots = asyncio.Semaphore(max(1, self.settings.db_pool_size // 4))
+        self.admin_gate_slots = asyncio.Semaphore(max(1, self.settings.db_pool_size // 4))
 
     async def submit(self, requests: list[MessageRequested]) -> set[str]:
         """Queue requests made through the API (same ledger path as Kafka requests)."""
@@ -215,6 +227,42 @@ class Notifier:
                 for topic in left:
                     await self._unsubscribed(uow, message_id, topic, channel.value, source, now)
         return left
+
+    async def customer_erased(self, uow: UnitOfWork, customer_id: str) -> bool:
+        """For an admin write under a customer (`PUT /v1/customers/{id}/preferences`): whether
+        `customer_id` (any identifier of the customer; one that is an email address also as its
+        mailbox, the form erasures tombstone addresses in: `Eve@Example.com` is the erased
+        `eve@example.com`), or the customer it resolves to, was erased.
+
+        Under the erasure gate until `uow` commits, so a write the caller then makes is either deleted
+        by an erasure committing after it or, once that erasure committed, refused here; and then
+        under the identifier's write lock (`identities_repo.resolve_for_write`, gate first, as the
+        consent writes take them), so the customer checked is the one the write goes to: a link of
+        the identifier committed between an unlocked read and the write (a stale profile event
+        linking an alias to the erased customer) sent the write to a customer never checked.
+        Waits for the gate `admin_gate_wait_ms` at most, if one of `admin_gate_slots` is free (else
+        only tries it), and raises `ErasureUnderWay` when it is not had: each waiting write holds a
+        pooled connection, and a CRM sync's burst during an erasure ran the pool dry."""
+        # No slot free: no wait. (Taking a free one never suspends: nothing queues for a slot.)
+        slotted = not self.admin_gate_slots.locked()
+        if slotted:
+            await self.admin_gate_slots.acquire()
+        try:
+            held = await (
+                erasure_gate_within(uow.session, self.admin_gate_wait_ms)
+                if slotted
+                else try_erasure_gate(uow.session)
+            )
+        finally:
+            if slotted:
+                self.admin_gate_slots.release()
+        if not held:
+            raise ErasureUnderWay
+        canonical = await identities_repo.resolve_for_write(uow.session, customer_id)
+        salt = self.settings.privacy_salt.get_secret_value()
+        return bool(
+            await erased_among(uow.session, salt, [customer_id, canonical, *_address_forms(customer_id)])
+        )
 
     async def _erased(
         self, uow: UnitOfWork, customer_id: str, *, wait: bool = True, wait_at_most_ms: int = 0

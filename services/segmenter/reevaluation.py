@@ -61,7 +61,7 @@ class SegmentCatalogCache:
                     try:
                         cached = compile_segment(sid, name, version, definition)
                     except InvalidRule as exc:
-                        why = f"InvalidRule: {exc}"
+                        why = f"{segment_store.DEFINITION_ERROR}{exc}"
                         log.error(
                             "stored segment definition is invalid; skipped",
                             extra={"segment_id": sid, "version": version, "error": why},

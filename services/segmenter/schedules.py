@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -35,9 +37,11 @@ BACKFILL_FAILURES = Counter(
     "Back-fill chunks that failed after their segment was claimed: outcome retried (a failure "
     "counted on the segment, tried again backfill_retry_after_s later, behind the others), failed "
     "(backfill_max_failures failures or backfill_max_stalls stalls in a row, or its stored "
-    "definition is invalid: the segment is marked failed until retried or saved again) or "
-    "backed_off (a passing cause or an outage: a stall, tried again backfill_retry_after_s later, "
-    "doubled for each stall in a row, at most backfill_max_backoff_s)",
+    "definition is invalid: the segment is marked failed until retried or saved again), "
+    "backed_off (a passing cause, an outage, or a conflict on every one of backfill_conflict_tries "
+    "tries: a stall, tried again backfill_retry_after_s later, doubled for each stall in a row, at "
+    "most backfill_max_backoff_s) or conflict (a deadlock or serialization failure with a "
+    "concurrent writer, tried again after a short pause)",
     ["outcome"],
 )
 # The error kept on the segment (shown by the API): the driver's message, not the statement.
@@ -59,11 +63,23 @@ def failure_text(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {str(cause).partition(chr(10))[0]}"[:ERROR_CHARS]
 
 
+def _position(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Where a claimed segment's pass stands: conflicts count in a row on one chunk of one pass."""
+    return (row["version"], row["backfill_started_at"], row["backfill_cursor"])
+
+
+def conflict_pause_s(first: float, tries: int) -> float:
+    """The longest pause after a chunk's `tries`-th conflict in a row: `first`, doubling, at most 1 s
+    (the exponent bounded too: no overflow, whatever the tries)."""
+    return min(first * 2.0 ** min(tries - 1, 30), 1.0)
+
+
 def failure_kind(exc: BaseException) -> str:
     """What a chunk's failure says: `conflict` (a deadlock or serialization failure with a concurrent
-    writer: retried at once), `outage` (the connection or the server went: the transaction is gone),
-    `passing` (a cause that passes and may not be the segment's: a stall, backed off), `invalid` (its
-    stored definition) or `segment` (anything else: counted on it)."""
+    writer: tried again after a short pause, a stall once `backfill_conflict_tries` tries met one),
+    `outage` (the connection or the server went: the transaction is gone), `passing` (a cause that
+    passes and may not be the segment's: a stall, backed off), `invalid` (its stored definition) or
+    `segment` (anything else: counted on it)."""
     if is_transient_conflict(exc):
         return "conflict"
     if is_infrastructure_error(exc):
@@ -126,6 +142,14 @@ class Backfill:
         self.wake = asyncio.Event()
         # (segment, version) whose invalid stored definition `fail_invalid` has dealt with.
         self._invalid_seen: set[tuple[str, int]] = set()
+        # (segment, its pass's position, conflicts met there in a row by this worker): one slot, cleared
+        # when a chunk ends otherwise or a claim finds another segment or none.
+        self._conflict: tuple[str, tuple[Any, ...], int] | None = None
+        # The pause before a conflicting chunk's next try, and its jitter: tests record them instead.
+        self.pause: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self.jitter: Callable[[float, float], float] = random.uniform
+        # When `recover_valid` last looked (None: not yet, so it looks at the first pass).
+        self._rechecked_at: datetime | None = None
 
     async def finish_deletion(self, segment_id: str | None = None) -> bool:
         """Remove a hidden segment's memberships and timers and announce its members' exits
@@ -141,8 +165,9 @@ class Backfill:
         return True
 
     async def run_once(self) -> bool:
-        """Finish one half-done deletion, mark failed the segments whose stored definition no longer
-        validates, or process one chunk of one segment; False when nothing is waiting.
+        """Finish one half-done deletion, back-fill again the segments failed for a stored definition
+        that validates now (`recover_valid`), mark failed the segments whose stored definition no
+        longer validates, or process one chunk of one segment; False when nothing is waiting.
 
         A chunk runs in a savepoint: when it fails, the failure is recorded in the chunk's own
         transaction, the segment's row still locked (no other replica re-runs the chunk meanwhile, a
@@ -151,22 +176,119 @@ class Backfill:
         `backfill_max_failures` in a row) unless it is a passing cause (`failure_kind`), which is a
         stall: it backs the segment off, twice as long as the stall before (at most
         `backfill_max_backoff_s`), and `backfill_max_stalls` in a row without progress fail it (a
-        chunk that always outlasts the statement timeout). A conflict with a concurrent writer is
-        raised (retried at once); an outage is raised, and is a stall of the segment first if the
-        database still answers, so a segment whose chunk kills its connection (or the server) does
-        not stay first, nor come back every minute, for ever."""
+        chunk that always outlasts the statement timeout). A conflict with a concurrent writer (a
+        deadlock, a serialization failure) is tried again, in a new transaction after a short
+        jittered pause, `backfill_conflict_tries` times in all; the last try's conflict is a stall
+        (a chunk that deadlocks every time is backed off, then failed, never spun on). An outage is
+        raised, and is a stall of the segment first if the database still answers, so a segment
+        whose chunk kills its connection (or the server) does not stay first, nor come back every
+        minute, for ever."""
         if await self.finish_deletion():
+            return True
+        if await self.recover_valid():
             return True
         if await self.fail_invalid():
             return True
+        while True:
+            now = self.clock.now()
+            claimed: dict[str, Any] = {}
+            try:
+                return await self._chunk(now, claimed)
+            except Exception as exc:
+                kind = failure_kind(exc) if claimed else None
+                if kind == "outage":
+                    await self._back_off(claimed, exc, now)
+                if kind != "conflict":
+                    raise
+                tries = self._note_conflict(claimed)
+                if tries >= self.settings.backfill_conflict_tries:
+                    # The last try's conflict struck outside the chunk's savepoint (the commit, the
+                    # restart of its dependents): its transaction is gone, recorded in one of its own.
+                    self._conflict = None
+                    await self._back_off(claimed, exc, now)
+                    return True
+                BACKFILL_FAILURES.labels("conflict").inc()
+                pause = self.jitter(0.5, 1.0) * conflict_pause_s(
+                    self.settings.backfill_conflict_pause_s, tries
+                )
+                log.info(
+                    "segment back-fill chunk met a concurrent writer; tried again",
+                    extra={
+                        "segment_id": claimed["segment_id"],
+                        "tries": tries,
+                        "error": failure_text(exc),
+                        "pause_s": round(pause, 3),
+                    },
+                )
+                # No lock held meanwhile (the transaction is gone): the other writer goes on.
+                await self.pause(pause)
+
+    def _conflicts_in_a_row(self, row: dict[str, Any]) -> int:
+        seen = self._conflict
+        return seen[2] if seen is not None and seen[:2] == (row["segment_id"], _position(row)) else 0
+
+    def _note_conflict(self, row: dict[str, Any]) -> int:
+        tries = self._conflicts_in_a_row(row) + 1
+        self._conflict = (row["segment_id"], _position(row), tries)
+        return tries
+
+    async def recover_valid(self) -> bool:
+        """Back-fill again, from the first customer, the segments `failed` for a stored definition
+        that validates now (saved by a later release, failed by an earlier one after a rollback,
+        accepted again by this one), logged; at the first pass, then every
+        `backfill_invalid_recheck_s` (0: never). Only those: other failures wait for a retry or a
+        save. One built on another restarted here waits for it: the end of that one's pass restarts
+        it. True if it restarted any."""
+        interval = self.settings.backfill_invalid_recheck_s
+        if interval <= 0:
+            return False
         now = self.clock.now()
-        claimed: dict[str, Any] = {}
-        try:
-            return await self._chunk(now, claimed)
-        except Exception as exc:
-            if claimed and failure_kind(exc) == "outage":
-                await self._back_off(claimed, exc, now)
-            raise
+        last = self._rechecked_at
+        if last is not None and 0 <= (now - last).total_seconds() < interval:
+            return False
+        async with self.platform.unit_of_work() as uow:
+            failed = await segment_store.failed_for_definition(uow.session)
+            restarted: list[tuple[SegmentRule, datetime | None]] = []
+            existing: set[str] = set()
+            if failed:
+                catalog = await self.catalog_cache.refresh(uow.session)
+                valid = {(s.segment_id, s.version): s for s in catalog.segments}
+                mended = {
+                    sid: (valid[sid, version], at) for sid, version, at in failed if (sid, version) in valid
+                }
+                # Built on one restarted here: restarted when that one's pass ends (seeing its new
+                # memberships), not twice.
+                later = catalog.with_dependents(
+                    {d for sid in mended for d in catalog.dependents.get(sid, ())}
+                )
+                restarted = [
+                    (seg, at)
+                    for sid, (seg, at) in mended.items()
+                    if sid not in later
+                    and await segment_store.restart_failed_definition(uow.session, sid, seg.version, now)
+                ]
+                existing = catalog.ids | set(self.catalog_cache.invalid)
+        # Looked: not again for `interval` (but at once after an outage, which raised before this).
+        self._rechecked_at = now
+        for seg, failed_at in restarted:
+            log.warning(
+                "segment's stored definition validates again; back-filled again from the first customer, "
+                "announcing every membership that changed since",
+                extra={
+                    "segment_id": seg.segment_id,
+                    "version": seg.version,
+                    "failed_at": failed_at.isoformat() if failed_at else None,
+                },
+            )
+            gone = sorted(seg.refs.segments - existing)
+            if gone:
+                # Not checked as a save checks it: no member of these is found.
+                log.warning(
+                    "segment back-filled again refers (member_of) to segments that no longer exist; "
+                    "none of their members counts",
+                    extra={"segment_id": seg.segment_id, "version": seg.version, "missing": gone},
+                )
+        return bool(restarted)
 
     async def fail_invalid(self) -> bool:
         """Mark `failed` (whatever their status, naming the nodes) the segments whose stored definition
@@ -239,7 +361,8 @@ class Backfill:
             )
         else:
             log.warning(
-                "segment back-fill chunk stalled (a passing cause or an outage); retried later, backing off",
+                "segment back-fill chunk stalled (a passing cause, an outage or a conflict on every "
+                "try); retried later, backing off",
                 extra=extra,
             )
 
@@ -256,14 +379,23 @@ class Backfill:
                 uow.session, now, self.settings.backfill_retry_after_s, self.settings.backfill_max_backoff_s
             )
             if row is None:
+                self._conflict = None
                 return False
+            if self._conflict is not None and self._conflict[0] != row["segment_id"]:
+                self._conflict = None  # in a row: another segment's chunk came in between
             claimed.update(row)
             catalog = await self.catalog_cache.refresh(uow.session)
             seg = next((s for s in catalog.segments if s.segment_id == row["segment_id"]), None)
             if seg is None:
                 # Left out of the catalogue: its stored definition is invalid (saved by a release
                 # that accepted it). Failed at once, saying why, not `ready` with no member.
-                why = self.catalog_cache.invalid.get(row["segment_id"], (row["version"], "InvalidRule"))[1]
+                why = self.catalog_cache.invalid.get(
+                    row["segment_id"],
+                    (
+                        row["version"],
+                        f"{segment_store.DEFINITION_ERROR}the stored definition does not validate",
+                    ),
+                )[1]
                 if await segment_store.fail_definition(
                     uow.session, row["segment_id"], row["version"], why[:ERROR_CHARS], now
                 ):
@@ -280,6 +412,10 @@ class Backfill:
                         dependents_to_restart = await self._run_chunk(uow.session, seg, row, catalog, now)
                 except Exception as exc:
                     kind = failure_kind(exc)
+                    if kind == "conflict" and (
+                        self._conflicts_in_a_row(row) + 1 >= self.settings.backfill_conflict_tries
+                    ):
+                        kind = "passing"  # its last try: a stall, recorded while the row is held
                     if kind in ("conflict", "outage"):
                         raise
                     # Rolled back to the savepoint: the row is still locked by this transaction.
@@ -298,6 +434,7 @@ class Backfill:
             if dependents_to_restart:
                 # Segments built on this one see its new memberships only after their own pass.
                 await segment_store.restart_backfill(uow.session, dependents_to_restart, now)
+        self._conflict = None
         if failure is not None:
             self._report(row, failure[0], failure[1], counted=failure[2])
         else:

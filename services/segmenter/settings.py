@@ -80,6 +80,20 @@ class SegmenterSettings(BaseServiceSettings):
     backfill_max_stalls: int = Field(default=10, ge=1)
     backfill_retry_after_s: float = Field(default=60.0, ge=0)
     backfill_max_backoff_s: float = Field(default=3600.0, ge=0)
+    # A deadlock or serialization failure with a concurrent writer (40P01, 40001) in a chunk: tried
+    # `backfill_conflict_tries` times in all, each in a transaction of its own after a short jittered
+    # pause (from `backfill_conflict_pause_s`, doubling, at most 1 s), then a stall like a statement
+    # timeout. Retried without limit, a chunk that deadlocked every time (against a steady real-time
+    # writer) re-ran its whole statement every second for ever and was never backed off nor failed.
+    # Counted in a row by each worker on its own. Bounded: a pause is at most 1 s, so 20 tries wait
+    # ~15 s at most, and a first pause past that cap would not double.
+    backfill_conflict_tries: int = Field(default=4, ge=1, le=20)
+    backfill_conflict_pause_s: float = Field(default=0.05, ge=0, le=1.0)
+    # Segments `failed` because their stored definition did not validate are looked at again at start
+    # and then this often: one that validates now (a later release accepts it again) is back-filled
+    # again from its first customer, announcing what changed meanwhile. Only those: other failures
+    # wait for a retry or a save. 0: never (operators save or retry each themselves).
+    backfill_invalid_recheck_s: float = Field(default=300.0, ge=0)
     # Run the background loops (tests drive them by hand with `run_once`).
     run_background_loops: bool = True
     # How long GET /v1/customers/{id}/export waits for every service's part before answering 504.

@@ -283,6 +283,55 @@ async def test_a_one_off_whose_time_passed_while_paused_is_not_sent_late_at_once
         assert [n for _, n in await entered(h, jid)] == [1, 1, 1]
 
 
+async def test_a_draft_one_off_whose_time_passed_is_refused_on_activation(make_settings: Any) -> None:
+    """Activated after its time, a draft one-off went out at once, late (a paused one was refused
+    already). Now refused the same way, nothing changed, one due this instant too (as on resume and
+    edit); a time ahead is sent then, and a recurring schedule begun already goes out at once."""
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 3)
+        jid = await h.journey(one_off(RUN_AT), activate=False)
+        h.clock.set(RUN_AT + timedelta(hours=1))
+        r = await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"] == "schedule_passed"
+        [error] = r.json()["errors"]
+        assert (error["field"], error["rule"]) == ("definition.entry.at", "schedule_passed")
+        assert RUN_AT.isoformat() in error["message"]
+        body = (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()
+        assert (body["status"], body["next_run_at"], body["versions"]) == ("draft", None, [1])
+        await h.fire_due()
+        assert await entered(h, jid) == []
+        # A draft may still be edited to a time ahead, then activated: sent then, not before.
+        soon = h.clock.now() + timedelta(minutes=5)
+        assert (await put(h, jid, one_off(soon))).status_code == 200
+        r = await h.client.post(f"/v1/journeys/{jid}/activate", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["next_run_at"] is not None, r.text
+        await h.fire_due()
+        assert await entered(h, jid) == []
+        await h.advance(timedelta(minutes=5))
+        assert [n for _, n in await entered(h, jid)] == [1, 1, 1]
+
+        # Due this very instant: passed, as on resume and edit.
+        now_id = await h.journey(one_off(h.clock.now()), activate=False)
+        r = await h.client.post(f"/v1/journeys/{now_id}/activate", headers=ADMIN)
+        assert r.status_code == 409 and r.json()["error"] == "schedule_passed", r.text
+        await h.fire_due()
+        assert await entered(h, now_id) == []
+        # With `local_time`, `at` is what has passed (when the run enrols), though each member's
+        # 23:00 is still ahead; refused as on resume, the message saying what it is (it said the
+        # broadcast would go out at once, late, which was not so).
+        local = one_off(h.clock.now() - timedelta(minutes=1))
+        local["entry"]["local_time"] = "23:00"
+        local_id = await h.journey(local, activate=False)
+        r = await h.client.post(f"/v1/journeys/{local_id}/activate", headers=ADMIN)
+        assert r.status_code == 409 and r.json()["error"] == "schedule_passed", r.text
+        assert "which has passed, and has not gone out" in r.json()["message"]
+        assert "late" not in r.json()["message"]
+        # A recurring schedule whose first `at` has passed is not refused (it has runs ahead).
+        weekly = await h.journey(broadcast("everyone"), activate=False)
+        assert (await h.client.post(f"/v1/journeys/{weekly}/activate", headers=ADMIN)).status_code == 200
+
+
 async def test_a_recurring_broadcast_resumes_on_its_definitions_schedule(make_settings: Any) -> None:
     """Runs missed while paused are skipped (as while the engine is down); an edit while paused moves
     the schedule to the new definition's runs, and the runs after it follow them too."""

@@ -213,13 +213,8 @@ async def test_a_timer_whose_step_keeps_failing_is_retried_later_then_parked_and
             json={"definition": long_id_journey("mail"), "migrate": True},
         )
         assert r.status_code == 200 and r.json()["migrated"] == len(customers), r.text
-        async with h.platform.engine.begin() as conn:  # as the docs say to
-            await conn.execute(
-                text(
-                    "WITH p AS (DELETE FROM timers_parked RETURNING instance_id, seq, due_at) "
-                    "INSERT INTO timers (instance_id, seq, due_at) SELECT * FROM p"
-                )
-            )
+        r = await h.client.post("/v1/journeys/longid/parked-timers/requeue", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["requeued"] == len(customers), r.text
         assert await h.fire_due() == len(customers)
         assert {(r.status, r.node_id) for r in await h.instances("longid")} == {("exited", "done")}
         assert await h.scalar("SELECT count(*) FROM message_log WHERE template_id = 'x'") == len(customers)
@@ -600,7 +595,9 @@ async def test_timers_failing_in_several_journeys_hold_back_no_other_journey_nor
         # Only the broken journeys' timers are due: put off, nothing counted, broadcasts looked for.
         h.clock.advance(timedelta(minutes=30))
         for _ in range(2):
-            with pytest.raises(TimersFailing, match="in 2 journeys, and no other journey's timer fired"):
+            with pytest.raises(
+                TimersFailing, match="in 2 journeys, and no other journey's timer stepped its instance"
+            ):
                 await h.engine.run_once()
         assert len(looked) == 2
         assert [tuple(t) for t in await h.rows("SELECT DISTINCT attempts FROM timers")] == [(0,)]

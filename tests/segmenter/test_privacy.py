@@ -405,7 +405,9 @@ async def test_a_customer_known_under_thousands_of_long_identifiers_is_exported_
             )
 
         r = await h.client.get("/v1/customers/u1/export", headers=ADMIN)
-        assert r.status_code == 504 and r.json()["missing"] == ["ingest", "journey_engine"], r.text
+        # The real notifier may still be answering its parts when the request's wait ends (a loaded
+        # CI host): whether it made it in time is not the point; its answers are checked below.
+        assert r.status_code == 504 and {"ingest", "journey_engine"} <= set(r.json()["missing"]), r.text
         later_url = r.json()["export_url"]
         export_parts = [m for m in await privacy_messages(h) if m.action is PrivacyAction.EXPORT_REQUESTED]
         n = len(export_parts)
@@ -414,7 +416,7 @@ async def test_a_customer_known_under_thousands_of_long_identifiers_is_exported_
         assert set(many) <= named and {"u1", "anon-1", "a@example.com"} <= named
         for p in export_parts:
             await answer_for(h, p, PrivacyAction.EXPORT_PART, ("ingest", "journey_engine"))
-        doc = await _document(h, later_url)
+        doc = await _document(h, later_url, timeout=60)
         ledger = doc["services"]["notifier"]["messages"]
         assert sorted(m["message_id"] for m in ledger) == ["msg-late", "msg-own"]  # each once
 

@@ -30,6 +30,7 @@ from services.journey_engine.domain.timing import (
     Schedule,
     SchedulePassed,
     run_after_edit,
+    run_on_activation,
     run_on_resume,
 )
 from services.journey_engine.domain.walker import (
@@ -138,9 +139,10 @@ def journey_body(
 
 
 def first_run(definition: JourneyDefinition, now: datetime) -> datetime | None:
+    """A draft's first broadcast run once activated (a one-off whose time has passed: `SchedulePassed`)."""
     entry = definition.entry
     if isinstance(entry, ScheduleEntry):
-        return entry.at
+        return run_on_activation(entry.at, entry.every, now=now)
     if isinstance(entry, SegmentEntry) and entry.enrol_current:
         return now
     return None
@@ -353,7 +355,14 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             graph = await engine.graph(uow.session, journey_id, row.current_version)
             entry = graph.definition.entry if graph is not None else None
             if action == "activate" and row.status == "draft":
-                run = first_run(graph.definition, now) if graph is not None else None
+                try:
+                    run = first_run(graph.definition, now) if graph is not None else None
+                except SchedulePassed as passed:
+                    raise schedule_passed(
+                        f"the broadcast is a one-off due at {passed.due.isoformat()}, which has passed, "
+                        "and has not gone out: to send it, save an `at` ahead of now and activate it "
+                        "again; nothing changed"
+                    ) from None
                 await journey_store.update(
                     uow.session, journey_id, now=now, status=status, next_run_at=run, set_next_run=True
                 )

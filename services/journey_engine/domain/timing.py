@@ -186,6 +186,16 @@ def run_after_edit(
     raise SchedulePassed(at)
 
 
+def run_on_activation(at: datetime, every: timedelta | None, *, now: datetime) -> datetime:
+    """A draft schedule's first run when it is activated: `at` (a recurring schedule whose `at` has
+    passed runs at once, then on its grid). A one-off's `at` must be ahead of now, as on resume and
+    edit: one that has passed, or is due this instant, is refused (`SchedulePassed`). With
+    `local_time` too: `at` is when the run enrols its members, whatever their times of day."""
+    if every is None and at <= now:
+        raise SchedulePassed(at)
+    return at
+
+
 def run_on_resume(
     at: datetime, every: timedelta | None, *, pending: datetime | None, started: bool, now: datetime
 ) -> datetime | None:

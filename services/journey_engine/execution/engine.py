@@ -62,6 +62,7 @@ from services.journey_engine.settings import JourneyEngineSettings
 from services.journey_engine.store import batch_read, projection
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
+from services.journey_engine.store import parked as parked_store
 from services.journey_engine.store import recommendations as recommendation_projection
 from services.journey_engine.store.instances import (
     ClaimedTimer,
@@ -71,6 +72,7 @@ from services.journey_engine.store.instances import (
     StepWriter,
 )
 from services.journey_engine.store.journeys import JourneyRow
+from services.journey_engine.store.parked import ParkedTimer
 from shared.clock import Clock
 from shared.contracts.events import (
     RESYNC_CAUSE,
@@ -85,7 +87,7 @@ from shared.contracts.events import (
     SegmentMembershipChanged,
 )
 from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_STATUS
-from shared.db.errors import sqlstate
+from shared.db.errors import is_lock_timeout, set_lock_timeout, sqlstate
 from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
 from shared.privacy import erasure_gate
@@ -131,6 +133,12 @@ TRANSIENT_PAUSE_S = 0.05
 FAILED_PASS_PAUSE_MAX_S = 30.0
 # The exit reason of an archived journey's instances.
 ARCHIVED = "archived"
+# The exit reason of an instance whose parked timer an operator discarded (`discard_parked`).
+TIMER_DISCARDED = "timer_discarded"
+# How long an operator's requeue or discard of one parked timer waits for its instance (a step, an
+# event or an erasure of that customer holds it) before it gives up (`ParkedBusy`): the request waits
+# no longer, nor keeps what it locked. A bulk request waits for none: it skips those held.
+PARKED_LOCK_TIMEOUT_MS = 1000
 BROADCAST_FAILURES = Counter(
     "clm_journey_broadcast_failures_total",
     "Broadcast chunks that failed (the journey is retried after CLM_BROADCAST_RETRY_S)",
@@ -180,6 +188,36 @@ class Fired:
 
     timers: list[ClaimedTimer]
     stepped: list[ClaimedTimer]
+
+
+@dataclass(frozen=True)
+class ParkedHandled:
+    """What one unit of work did to parked timers (`JourneyEngine.requeue_parked`, `discard_parked`):
+    those it read (`seen`), those it put back or discarded (`timers`, as they stood under their
+    instances' locks), the instances a discard exited (id -> exit reason), and its time (a requeued
+    timer's due time)."""
+
+    seen: list[ParkedTimer]
+    timers: list[ParkedTimer]
+    exited: dict[str, str]
+    at: datetime
+    # Those left as they were, their instances held elsewhere at that moment (bulk requests only).
+    skipped: list[ParkedTimer] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ParkedTotals:
+    """What a bulk requeue or discard did (`JourneyEngine.handle_all_parked`): timers handled,
+    instances exited, timers skipped (their instances held elsewhere: left parked), and its time."""
+
+    handled: int
+    exited: int
+    skipped: int
+    at: datetime
+
+
+class ParkedBusy(Exception):
+    """A parked timer's instance stayed held elsewhere `PARKED_LOCK_TIMEOUT_MS`: nothing changed."""
 
 
 @dataclass
@@ -1180,7 +1218,7 @@ class JourneyEngine:
             )
         error = TimersFailing(
             f"all {len(failed)} timers of the batch failed alone, in {len(journeys)} journeys, and no "
-            f"other journey's timer fired: taken for an outage, {len(put_off)} put off "
+            f"other journey's timer stepped its instance: taken for an outage, {len(put_off)} put off "
             f"({_error_text(failed[0][1])})"
         )
         error.__cause__ = failed[0][1]
@@ -1237,6 +1275,140 @@ class JourneyEngine:
             extra=where | {"journey": noted.journey_id, "node": noted.node_id},
             exc_info=failure,
         )
+
+    # ------------------------------------------------------------------ parked timers (operators)
+
+    async def requeue_parked(self, journey_id: str, timer_ids: Sequence[int]) -> ParkedHandled:
+        """Put these parked timers of the journey back among the due timers, under their ids, due now
+        with no tries counted: the next pass fires them (one whose instance moved on as a no-op)."""
+        done = await self._handle_parked(lambda s: parked_store.find(s, journey_id, timer_ids), discard=False)
+        if done.timers:
+            log.info("parked timers put back", extra={"journey": journey_id, "timers": len(done.timers)})
+        return done
+
+    async def discard_parked(self, journey_id: str, timer_ids: Sequence[int]) -> ParkedHandled:
+        """Delete these parked timers of the journey; an instance one still held (active, at the step
+        it was armed for) exits there (`TIMER_DISCARDED`, counted and with its goal window as any
+        exit), so its correlation value may enter again, as the re-entry policy says. One of an
+        archived journey the archive has not got to yet exits as the archive exits it (`ARCHIVED`,
+        no goal window), as a step of it would."""
+        done = await self._handle_parked(lambda s: parked_store.find(s, journey_id, timer_ids), discard=True)
+        if done.timers:
+            log.info(
+                "parked timers discarded",
+                extra={"journey": journey_id, "timers": len(done.timers), "exited": len(done.exited)},
+            )
+        return done
+
+    async def handle_all_parked(
+        self, journey_id: str, *, discard: bool, node_id: str | None = None
+    ) -> ParkedTotals:
+        """Requeue (or discard) every parked timer of the journey (of its instances at `node_id`, if
+        given), `timer_batch_size` per unit of work (a timer batch's locks at most). It waits for no
+        instance: one held elsewhere (a step, an event, an erasure of that customer) is skipped and
+        its timer left parked (counted), and those parked while it runs may be left: list again."""
+        size = self.settings.timer_batch_size
+        after, handled, exited, skipped, at = 0, 0, 0, 0, self.clock.now()
+
+        async def chunk(session: AsyncSession) -> list[ParkedTimer]:
+            return await parked_store.next_chunk(session, journey_id, after, size, node_id)
+
+        while True:
+            done = await self._handle_parked(chunk, discard=discard, skip_locked=True)
+            handled, exited, at = handled + len(done.timers), exited + len(done.exited), done.at
+            skipped += len(done.skipped)
+            if len(done.seen) < size:
+                break
+            after = max(t.id for t in done.seen)
+        if handled or skipped:
+            log.info(
+                "parked timers discarded" if discard else "parked timers put back",
+                extra={
+                    "journey": journey_id,
+                    "node": node_id,
+                    "timers": handled,
+                    "exited": exited,
+                    "skipped": skipped,
+                },
+            )
+        return ParkedTotals(handled, exited, skipped, at)
+
+    async def _handle_parked(
+        self,
+        read: Callable[[AsyncSession], Awaitable[list[ParkedTimer]]],
+        *,
+        discard: bool,
+        skip_locked: bool = False,
+    ) -> ParkedHandled:
+        """`_parked_unit`, tried again after a short pause when a transient condition of the database
+        failed it (a deadlock with a merge moving the instances' customer, say). An instance held
+        past `PARKED_LOCK_TIMEOUT_MS` is not waited for again: `ParkedBusy`."""
+        for attempt in range(1, TRANSIENT_TRIES + 1):
+            try:
+                return await self._parked_unit(read, discard=discard, skip_locked=skip_locked)
+            except Exception as exc:
+                if is_lock_timeout(exc):
+                    raise ParkedBusy() from exc
+                if attempt == TRANSIENT_TRIES or not db_errors.is_transient(exc):
+                    raise
+                await asyncio.sleep(db_errors.backoff(TRANSIENT_PAUSE_S, attempt, 1.0))
+        raise AssertionError("unreachable")
+
+    async def _parked_unit(
+        self,
+        read: Callable[[AsyncSession], Awaitable[list[ParkedTimer]]],
+        *,
+        discard: bool,
+        skip_locked: bool,
+    ) -> ParkedHandled:
+        """One unit of work: the parked timers `read` finds, put back or discarded (state and outbox
+        together, as any step); with `skip_locked`, those whose instance is held elsewhere are left
+        as they were (`skipped`)."""
+        now = self.clock.now()
+        async with self.platform.unit_of_work() as uow:
+            session = uow.session
+            # Every lock it waits for, it waits for a while only: it holds the instances it locked
+            # meanwhile, and their customers' steps wait behind it.
+            await set_lock_timeout(session, PARKED_LOCK_TIMEOUT_MS)
+            seen = await read(session)
+            if not seen:
+                return ParkedHandled([], [], {}, now)
+            # Their instances first, in id order, as steps and erasures lock them (an erasure then
+            # deletes their timers, parked ones too): whether one still holds its instance is read
+            # under that lock, and no timer is put back for an instance being erased.
+            ids = sorted({t.instance_id for t in seen})
+            locked = await instance_store.lock_instances(session, ids, skip_locked=skip_locked)
+            rows = {r.id: r for r, _ in locked}
+            archived = {r.id for r, a in locked if a}
+            skipped: list[ParkedTimer] = []
+            if skip_locked:
+                # Not locked: held elsewhere (or deleted since by an erasure, which held it too).
+                skipped = [t for t in seen if t.instance_id not in rows]
+                seen_now = [t for t in seen if t.instance_id in rows]
+            else:
+                seen_now = seen
+            current = [_as_held(t, rows.get(t.instance_id)) for t in seen_now]
+            if not discard:
+                done = await parked_store.requeue(session, current, now)
+                return ParkedHandled(seen, [t for t in current if t.id in done], {}, now, skipped)
+            done = await parked_store.discard(session, current)
+            writer = StepWriter(now)
+            exited: dict[str, str] = {}
+            for t in current:
+                row = rows.get(t.instance_id)
+                if t.id not in done or not t.holds_instance or row is None or row.id in exited:
+                    continue  # gone meanwhile, or it holds nobody (the instance moved on or exited)
+                if row.id in archived:
+                    # Archived, its customers not exited yet: as the archive (or a step) exits it.
+                    self._archived(writer, row)
+                    exited[row.id] = ARCHIVED
+                    continue
+                graph = await self.graph(session, row.journey_id, row.version)
+                goal = graph.definition.goal if graph is not None else None
+                self._leave(writer, row, "exited", TIMER_DISCARDED, "exited", goal)
+                exited[row.id] = TIMER_DISCARDED
+            await writer.flush(session)
+            return ParkedHandled(seen, [t for t in current if t.id in done], exited, now, skipped)
 
     async def run_due_broadcasts(self) -> int:
         """Scheduled broadcasts (and enrolment of current segment members) that are due: a chunk of
@@ -1485,6 +1657,19 @@ class JourneyEngine:
 def instance_id(journey_id: str, customer_id: str, trigger_id: str) -> str:
     """Deterministic: the same trigger (a message, a broadcast's run) never enters a customer twice."""
     return str(uuid.uuid5(INSTANCE_NAMESPACE, f"{journey_id}|{customer_id}|{trigger_id}"))
+
+
+def _as_held(timer: ParkedTimer, row: InstanceRow | None) -> ParkedTimer:
+    """A parked timer as its instance stands under its lock (None: the instance is gone)."""
+    if row is None:
+        return replace(timer, holds_instance=False)
+    return replace(
+        timer,
+        version=row.version,
+        node_id=row.node_id,
+        instance_status=row.status,
+        holds_instance=row.status == "active" and row.seq == timer.seq,
+    )
 
 
 def _chain(row: InstanceRow) -> str | None:

@@ -240,15 +240,19 @@ async def journeys_of_instances(session: AsyncSession, instance_ids: Sequence[st
     return {r[0]: r[1] for r in rows}
 
 
-async def lock_instances(session: AsyncSession, ids: list[str]) -> list[tuple[InstanceRow, bool]]:
+async def lock_instances(
+    session: AsyncSession, ids: list[str], *, skip_locked: bool = False
+) -> list[tuple[InstanceRow, bool]]:
     """Row locks are always taken in id order (here and below), so two batches never deadlock.
-    (instance, whether its journey is archived)."""
+    (instance, whether its journey is archived); with `skip_locked`, those held elsewhere are left
+    out rather than waited for."""
     if not ids:
         return []
+    skip = " SKIP LOCKED" if skip_locked else ""
     rows = await session.execute(
         text(
             f"SELECT {_STEP_COLUMNS} FROM instances AS i WHERE i.id = ANY(CAST(:ids AS text[])) "
-            "ORDER BY i.id FOR UPDATE OF i"
+            f"ORDER BY i.id FOR UPDATE OF i{skip}"
         ),
         {"ids": ids},
     )

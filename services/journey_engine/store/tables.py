@@ -175,10 +175,9 @@ timers = sa.Table(
 
 # Timers whose step failed alone `CLM_TIMER_MAX_ATTEMPTS` times for a reason of its own (a bug, a
 # constraint), out of the due timers with the last error (revision 0013): claimed oldest first, such a
-# timer failed every batch it was in and held back every later one. The instance waits where it was.
-# To fire them again (once fixed), move them back with new ids and no tries counted, e.g.
-# `WITH p AS (DELETE FROM timers_parked RETURNING instance_id, seq, due_at)
-# INSERT INTO timers (instance_id, seq, due_at) SELECT * FROM p` (docs/services/journey_engine.md).
+# timer failed every batch it was in and held back every later one. The instance waits where it was
+# until an operator requeues the timer (back into `timers` under its id, due now, no tries counted)
+# or discards it (the instance exits): `api/parked_timers.py`, `store/parked.py`.
 timers_parked = sa.Table(
     "timers_parked",
     metadata,

@@ -14,7 +14,7 @@ from services.notifier.api.dependencies import NotifierDep
 from services.notifier.api.suppressions import first_added
 from services.notifier.domain.email_addresses import RULE as MAILBOX_RULE
 from services.notifier.domain.email_addresses import mailbox
-from services.notifier.domain.suppression import SOURCE_NAME, address_key
+from services.notifier.domain.suppression import SOURCE_NAME, lookup_keys
 from services.notifier.store import consent_repo
 from shared.contracts import Channel
 from shared.http import ApiError, field_error
@@ -74,17 +74,20 @@ def router(admin: Any) -> APIRouter:
         address: Annotated[str, Query(min_length=1, max_length=4096, description="the email address")],
         notifier: NotifierDep,
     ) -> dict[str, Any]:
-        form = mailbox(address)
-        if form is None:
+        if mailbox(address) is None:
             raise ApiError(
                 400,
                 "invalid_request",
                 "invalid address",
                 errors=[field_error("address", "format", _NOT_AN_ADDRESS)],
             )
-        key = address_key(notifier.settings.privacy_salt.get_secret_value(), Channel.EMAIL, form)
+        salt = notifier.settings.privacy_salt.get_secret_value()
+        found = None
         async with notifier.platform.unit_of_work() as uow:
-            found = await consent_repo.get_email_address_optout(uow.session, key)
+            # Its key, and for an address written with A-labels the key such an address had before.
+            for key in lookup_keys(salt, Channel.EMAIL, address, None):
+                if (found := await consent_repo.get_email_address_optout(uow.session, key)) is not None:
+                    break
         if found is None:
             raise ApiError(404, "not_found", "no complaint about that address")
         source, at = found

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.domain.consent import ALL_TOPICS
+from services.notifier.service import ErasureUnderWay
 from services.notifier.store import consent_repo, identities_repo
 from shared.contracts import Channel
 from shared.http import ApiError, field_error
@@ -128,6 +129,34 @@ def router(admin: Any) -> APIRouter:
             ]
             if errors:
                 raise ApiError(400, "invalid_request", "unknown subscription topic", errors=errors)
+            # As the unsubscribe links: nothing is recorded under an erased customer (the erasure
+            # deleted their choices and consent history; a write here recreated them). The gate is
+            # held to the commit, so an erasure in flight either deletes this write or is seen here.
+            try:
+                erased = await notifier.customer_erased(uow, customer_id)
+            except ErasureUnderWay as exc:
+                raise ApiError(
+                    503,
+                    "erasure_under_way",
+                    f"a privacy erasure held the consent records up for {notifier.admin_gate_wait_ms} ms; "
+                    "nothing changed, try again",
+                    headers={"Retry-After": "2"},
+                ) from exc
+            if erased:
+                # Not the identifier itself: it may be the erased person's email address, and an
+                # answer is logged and kept by callers.
+                raise ApiError(
+                    410,
+                    "erased",
+                    "this customer was erased: no preferences are kept or recorded for them",
+                    errors=[
+                        field_error(
+                            "customer_id",
+                            "not_erased",
+                            "the identifier names an erased customer (privacy erasure)",
+                        )
+                    ],
+                )
             changed = await consent_repo.record_choices(
                 uow.session,
                 customer_id,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.delivery import ADDRESSES_SUPPRESSED
-from services.notifier.domain.suppression import SOURCE_NAME, SUPPRESSIBLE, suppression_key
+from services.notifier.domain.suppression import SOURCE_NAME, SUPPRESSIBLE, lookup_keys, suppression_key
 from services.notifier.service import Notifier
 from services.notifier.store import suppressions_repo
 from services.notifier.store.suppressions_repo import Suppression
@@ -49,11 +49,15 @@ def _key_or_errors(
     return key, []
 
 
-def _key(notifier: Notifier, channel: Channel, address: str) -> str:
+def _lookup_keys(notifier: Notifier, channel: Channel, address: str) -> list[str]:
+    """The keys the address's entry may be kept under (`suppression.lookup_keys`: its key, and for an
+    email address written with A-labels the key such an address had before), its key first."""
     key, errors = _key_or_errors(notifier, channel, address)
     if key is None:
         raise ApiError(400, "invalid_request", f"invalid {errors[0]['field']}", errors=errors)
-    return key
+    settings = notifier.settings
+    salt = settings.privacy_salt.get_secret_value()
+    return lookup_keys(salt, channel, address, settings.sms_default_region)
 
 
 def first_added(keys: Iterable[str], added: Container[str]) -> list[bool]:
@@ -113,9 +117,11 @@ def router(admin: Any) -> APIRouter:
     ) -> dict[str, Any]:
         """Whether messages to this address are suppressed, since when and why; `id` names the entry
         for `DELETE /v1/suppressions/{id}`."""
-        key = _key(notifier, channel, address)
+        found = None
         async with notifier.platform.unit_of_work() as uow:
-            found = await suppressions_repo.get(uow.session, key)
+            for key in _lookup_keys(notifier, channel, address):
+                if (found := await suppressions_repo.get(uow.session, key)) is not None:
+                    break
         if found is None:
             raise ApiError(404, "not_found", f"the {channel.value} address is not suppressed")
         return _answer(found)

@@ -13,16 +13,20 @@ from aiosmtplib.response import SMTPResponse
 from aiosmtplib.typing import SMTPStatus
 
 from services.notifier.channels.base import BeforeCall, CallProgress, Delivery, SendAborted, SendResult
+from services.notifier.domain.email_addresses import (
+    LOCAL_PART_BEYOND_ASCII,
+    SENDER,
+    NoAsciiForm,
+    ascii_mailbox,
+)
 from services.notifier.domain.retry_policy import Failure
 from services.notifier.domain.suppression import smtp_address_gone
 from services.notifier.settings import ProviderConfig
 
-# RFC 6531: an envelope address with characters other than ASCII goes only to a server offering this.
+# RFC 6531: an envelope address with characters other than ASCII goes only to a server offering this,
+# or, with only its domain beyond ASCII, as IDNA A-labels (`email_addresses.ascii_mailbox`).
 SMTPUTF8 = "SMTPUTF8"
-NO_SMTPUTF8 = (
-    "the email address has characters other than ASCII and the SMTP server does not offer SMTPUTF8 "
-    "(RFC 6531): it cannot be sent there"
-)
+NO_SMTPUTF8 = LOCAL_PART_BEYOND_ASCII
 UNWRITABLE = (
     "the email address cannot be written on an SMTP command line "
     "(a space, <, > or a character that cannot be encoded)"
@@ -175,9 +179,16 @@ class SmtpProvider:
                 if not client.is_connected:
                     client = await self._connect()
                 if utf8 and not await self._offers_smtputf8(client):
-                    # Nothing of the envelope went out: the connection is clean.
-                    self._recycle(client)
-                    return SendResult.failed(Failure.PERMANENT, f"SMTP: {NO_SMTPUTF8}")
+                    try:
+                        # Only the domains beyond ASCII: as A-labels (xn--), the same mail domain.
+                        # The sender first: every message from it fails so, and the reason says so.
+                        envelope = (ascii_mailbox(envelope[0], SENDER), ascii_mailbox(envelope[1]))
+                        wire = delivery.email.with_ascii_domains().to_wire()
+                        utf8 = False
+                    except NoAsciiForm as exc:
+                        # Nothing of the envelope went out: the connection is clean.
+                        self._recycle(client)
+                        return SendResult.failed(Failure.PERMANENT, f"SMTP: {exc.reason}")
                 options = [SMTPUTF8] if utf8 else []
                 response = await self._send_in_steps(client, wire, envelope, before_data, options, progress)
             except SendAborted:

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import re
 
-from services.notifier.domain.email_addresses import mailbox
+from services.notifier.domain.email_addresses import mailbox, mailboxes
 from services.notifier.domain.phone_numbers import normalized as e164
 from shared.contracts import Channel
 
@@ -67,6 +67,16 @@ def address_form(channel: Channel, address: str, sms_default_region: str | None)
     return None
 
 
+def lookup_forms(channel: Channel, address: str, sms_default_region: str | None) -> list[str]:
+    """The forms keys of an address may have been made from, to look them up: `address_form`, and for
+    an email address whose domain was written as A-labels the form before they were decoded
+    (`email_addresses.mailboxes`: keys made before 2026-12-08 still hold). Empty: not an address."""
+    if channel is Channel.EMAIL:
+        return mailboxes(address.strip())
+    form = address_form(channel, address, sms_default_region)
+    return [form] if form is not None else []
+
+
 def address_key(salt: str, channel: Channel, form: str) -> str:
     """The salted hash an address is kept under (`address_form` gives `form`)."""
     return hmac.new(salt.encode(), f"{channel.value}:{form}".encode(), hashlib.sha256).hexdigest()
@@ -75,3 +85,9 @@ def address_key(salt: str, channel: Channel, form: str) -> str:
 def suppression_key(salt: str, channel: Channel, address: str, sms_default_region: str | None) -> str | None:
     form = address_form(channel, address, sms_default_region)
     return address_key(salt, channel, form) if form is not None else None
+
+
+def lookup_keys(salt: str, channel: Channel, address: str, sms_default_region: str | None) -> list[str]:
+    """The keys an address's suppression or opt-out may be kept under (`lookup_forms`), the first its
+    `suppression_key`; empty: not an address."""
+    return [address_key(salt, channel, f) for f in lookup_forms(channel, address, sms_default_region)]

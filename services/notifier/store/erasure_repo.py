@@ -12,7 +12,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.notifier.domain.suppression import address_form
+from services.notifier.domain.suppression import address_form, lookup_forms
 from services.notifier.store import contacts_repo
 from shared.contracts import Channel, MessageRequested
 from shared.privacy import add_tombstones
@@ -34,13 +34,15 @@ def request_identities(r: MessageRequested, sms_default_region: str | None = Non
     """What a request is addressed by: its customer id, and the address its channel would go to
     (the recipient's email for an email, phone for an SMS), also in the form the erasure kept it in
     (`address_forms`): `Eve@Example.com` and `+1 (555) 010-9999` are the erased `eve@example.com`
-    and `+15550109999`. (Not the other channel's address: a phone shared with an erased customer
-    must not stop another customer's email.)"""
+    and `+15550109999`, and `eve@xn--bcher-kva.example` is the erased `eve@bücher.example`. (Not
+    the other channel's address: a phone shared with an erased customer must not stop another
+    customer's email.)"""
     found = [r.customer_id]
     if r.channel is Channel.EMAIL and r.recipient.email:
         email = r.recipient.email
-        # Also lower-cased whole: the form tombstones had before they kept the mailbox (2026-12-07).
-        found += [email, email.strip().lower(), *address_forms(email, None, sms_default_region)]
+        # Also lower-cased whole: the form tombstones had before they kept the mailbox (2026-12-07);
+        # and one written with A-labels as it was keyed before they were decoded (`lookup_forms`).
+        found += [email, email.strip().lower(), *lookup_forms(Channel.EMAIL, email, sms_default_region)]
     if r.channel is Channel.SMS and r.recipient.phone:
         found += [r.recipient.phone, *address_forms(None, r.recipient.phone, sms_default_region)]
     return list(dict.fromkeys(i for i in found if i))

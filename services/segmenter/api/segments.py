@@ -264,7 +264,8 @@ def segments_router(seg: Segmenter) -> APIRouter:
     async def retry_backfill(segment_id: str) -> dict[str, Any]:
         """A `failed` back-fill (or one backed off) goes on from where it stopped, its failures and
         stalls cleared, once the cause is gone: saving the segment again would restart it from the
-        first customer."""
+        first customer. One failed for its stored definition (valid again: a later release) starts
+        a new pass instead: real time and its due timers skipped it meanwhile."""
         async with platform.unit_of_work() as uow:
             # Waits for a chunk of it in flight, as an edit does.
             row = await segment_store.get_segment(uow.session, segment_id, lock="FOR NO KEY UPDATE")
@@ -278,7 +279,10 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 raise ApiError(
                     409, "backfill_not_failed", "the segment's back-fill is done: nothing to retry"
                 )
-            await segment_store.retry_backfill(uow.session, segment_id)
+            if segment_store.failed_for_its_definition(row):
+                await segment_store.restart_backfill(uow.session, [segment_id], seg.clock.now())
+            else:
+                await segment_store.retry_backfill(uow.session, segment_id)
             row = await segment_store.get_segment(uow.session, segment_id)
         seg.backfill.wake.set()
         assert row is not None

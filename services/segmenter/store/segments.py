@@ -36,6 +36,17 @@ SEGMENT_COLUMNS = (
     f"{_STALLS} AS backfill_stalls, CASE WHEN {_CURRENT_FAILURE} THEN backfill_error END AS backfill_error, "
     f"CASE WHEN {_CURRENT_FAILURE} THEN backfill_failed_at END AS backfill_failed_at, created_at, updated_at"
 )
+# How the error of a segment failed for its stored definition begins (`fail_definition`, and a chunk
+# failing with `InvalidRule`): the only failure a later release can mend by itself, so the worker
+# looks for it (`failed_for_definition`), on the current pass only (`_CURRENT_FAILURE`). Every release
+# that marks segments `failed` writes it so, but for a bare `InvalidRule` (the 2026-12-07 release's
+# fallback when the catalogue gave no reason), recognised too.
+DEFINITION_ERROR = "InvalidRule: "
+_DEFINITION_FAILURE = (
+    f"({_CURRENT_FAILURE} AND (backfill_error = :definition_bare "
+    "OR starts_with(backfill_error, :definition_error)))"
+)
+_DEFINITION_PARAMS = {"definition_error": DEFINITION_ERROR, "definition_bare": DEFINITION_ERROR[:-2]}
 # A new back-fill pass: from the first customer, no failure yet.
 _START_PASS = (
     "status = 'backfilling', backfill_cursor = NULL, backfill_done = 0, "
@@ -461,6 +472,46 @@ async def fail_definition(
         {"s": segment_id, "v": version, "err": error, "now": now},
     )
     return bool(getattr(result, "rowcount", 0))
+
+
+async def failed_for_definition(session: AsyncSession) -> list[tuple[str, int, datetime | None]]:
+    """(id, version, failed at) of the segments `failed` because their stored definition did not
+    validate (by the error of their current pass): a release that accepts it again may back-fill them
+    again."""
+    rows = await session.execute(
+        text(
+            "SELECT segment_id, version, backfill_failed_at FROM segments "
+            f"WHERE status = 'failed' AND {_DEFINITION_FAILURE} ORDER BY segment_id"
+        ),
+        _DEFINITION_PARAMS,
+    )
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def restart_failed_definition(
+    session: AsyncSession, segment_id: str, version: int, now: datetime
+) -> bool:
+    """A new pass, from the first customer, for a segment still `failed` for its stored `version`'s
+    definition (which now validates): real time and its due timers skipped it while it did not, so
+    customers before its cursor may be out of date too. False if it was edited, retried, deleted or
+    failed for something else meanwhile."""
+    result = await session.execute(
+        text(
+            f"UPDATE segments SET {_START_PASS} WHERE segment_id = :s AND version = :v "
+            f"AND status = 'failed' AND {_DEFINITION_FAILURE}"
+        ),
+        {"s": segment_id, "v": version, "now": now, **_DEFINITION_PARAMS},
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def failed_for_its_definition(row: Mapping[str, Any]) -> bool:
+    """Whether a segment row (`SEGMENT_COLUMNS`: its current pass's error) failed for its stored
+    definition."""
+    error = str(row["backfill_error"] or "")
+    return row["status"] == "failed" and (
+        error == _DEFINITION_PARAMS["definition_bare"] or error.startswith(DEFINITION_ERROR)
+    )
 
 
 async def retry_backfill(session: AsyncSession, segment_id: str) -> None:

@@ -14,6 +14,7 @@ from services.journey_engine.domain.timing import (
     SchedulePassed,
     parse_instant,
     run_after_edit,
+    run_on_activation,
     run_on_resume,
     upcoming_run,
     zone,
@@ -131,6 +132,37 @@ def test_a_resumed_schedule_follows_its_definition_not_the_run_left_pending() ->
         with pytest.raises(SchedulePassed) as passed:
             run_on_resume(AT, None, pending=pending, started=False, now=now)
         assert passed.value.due == AT
+
+
+def test_an_activated_draft_runs_at_its_at_but_a_one_off_that_passed_is_refused() -> None:
+    for every in (None, WEEK):
+        assert run_on_activation(AT, every, now=AT - DAY) == AT
+    assert run_on_activation(AT, WEEK, now=AT) == AT  # due this instant
+    assert run_on_activation(AT, WEEK, now=AT + DAY) == AT  # at once, then on its grid
+    with pytest.raises(SchedulePassed) as passed:
+        run_on_activation(AT, None, now=AT + timedelta(seconds=1))
+    assert passed.value.due == AT
+
+
+def test_a_one_off_due_this_instant_has_passed_on_activation_resume_and_edit_alike() -> None:
+    """The three rules agree: a one-off not sent yet needs an `at` ahead of now (they disagreed:
+    activation took `at` == now, resume and edit refused it)."""
+    with pytest.raises(SchedulePassed):
+        run_on_activation(AT, None, now=AT)
+    with pytest.raises(SchedulePassed):
+        run_on_resume(AT, None, pending=AT, started=False, now=AT)
+    with pytest.raises(SchedulePassed):
+        run_after_edit(AT, None, previous=Schedule(AT + DAY), pending=AT + DAY, started=False, now=AT)
+    # A millisecond ahead is ahead, on all three.
+    ahead = AT + timedelta(milliseconds=1)
+    assert run_on_activation(ahead, None, now=AT) == ahead
+    assert run_on_resume(ahead, None, pending=AT + DAY, started=False, now=AT) == ahead
+    assert (
+        run_after_edit(ahead, None, previous=Schedule(AT + DAY), pending=AT + DAY, started=False, now=AT)
+        == ahead
+    )
+    # An edit that leaves a run due this instant where it was moves nothing: it still goes out.
+    assert run_after_edit(AT, None, previous=Schedule(AT), pending=AT, started=False, now=AT) == AT
 
 
 def test_upcoming_run_is_at_while_ahead_then_the_grid() -> None:

@@ -17,6 +17,12 @@ from deploy.local.smtp_sink import MailSink
 from services.notifier.channels.base import Delivery
 from services.notifier.channels.router import GuardedProvider, ProviderRouter
 from services.notifier.channels.smtp import NO_SMTPUTF8, UNWRITABLE, SmtpProvider
+from services.notifier.domain.email_addresses import (
+    DOMAIN_WITHOUT_IDNA,
+    SENDER,
+    domain_without_idna,
+    local_part_beyond_ascii,
+)
 from services.notifier.domain.email_content import build_email
 from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
 from services.notifier.domain.retry_policy import Failure
@@ -290,6 +296,108 @@ async def test_a_real_server_without_smtputf8_is_not_sent_a_non_ascii_address() 
         await provider.close()
     finally:
         await sink.stop()
+
+
+# An ASCII local part at a domain beyond ASCII -> the mailbox a server without SMTPUTF8 is given.
+IDN_MAILBOXES = {
+    "user@bücher.example": "user@xn--bcher-kva.example",
+    "User@Bücher.Example": "User@xn--bcher-kva.example",  # UTS 46 lower-cases the domain only
+    "ann@例子.广告": "ann@xn--fsqu00a.xn--4rr70v",
+    "kurt@straße.de": "kurt@xn--strae-oqa.de",  # IDNA 2008: ß kept, not mapped to ss
+}
+
+
+@pytest.mark.parametrize("to", IDN_MAILBOXES)
+async def test_a_real_server_without_smtputf8_takes_a_domain_beyond_ascii_as_a_labels(to: str) -> None:
+    """Before, any address beyond ASCII failed on such a server; a domain alone has an ASCII form (its
+    IDNA A-labels), the same mail domain: the envelope and the To header carry it, no SMTPUTF8."""
+    alabels = IDN_MAILBOXES[to]
+    sink = await MailSink.start(server_options={"enable_SMTPUTF8": False})
+    try:
+        provider = smtp("smtp", sink.port)
+        for in_steps in (True, False):
+            result = await provider.send(delivery(f'"Doe, John" <{to}>'), nothing if in_steps else None)
+            assert result.ok, result.reason
+        assert [m.envelope_to for m in sink.messages] == [[alabels]] * 2
+        mail = sink.messages[0]
+        assert mail.raw.isascii()
+        assert [(a.display_name, a.addr_spec) for a in mail.message["To"].addresses] == [
+            ("Doe, John", alabels)
+        ]
+        await provider.close()
+    finally:
+        await sink.stop()
+
+
+async def test_a_domain_beyond_ascii_goes_as_written_where_smtputf8_is_offered(
+    scripted: list[ScriptedSmtp],
+) -> None:
+    server = await start(scripted, extensions=("8BITMIME", "SMTPUTF8"))
+    provider = smtp("smtp", server.port)
+    assert (await provider.send(delivery("user@bücher.example"), nothing)).ok
+    assert [c for c in server.commands if c.startswith((b"MAIL", b"RCPT"))] == [
+        b"MAIL FROM:<noreply@clm.local> SMTPUTF8",
+        "RCPT TO:<user@bücher.example>".encode(),
+    ]
+    assert b"To: user@b\xc3\xbccher.example\r\n" in server.messages[0]
+    await provider.close()
+
+
+async def test_an_idn_sender_goes_as_a_labels_without_smtputf8(scripted: list[ScriptedSmtp]) -> None:
+    server = await start(scripted)  # no SMTPUTF8
+    provider = smtp("smtp", server.port)
+    email_ = build_email(
+        message_id="m1",
+        sender='"Bücher, Shop" <news@bücher.example>',
+        to="ann@example.com",
+        subject="Receipt",
+        text="Thanks",
+        body_html="<p>Thanks</p>",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    result = await provider.send(Delivery("m1", "c1", Channel.EMAIL, "ann@example.com", {}, email_), nothing)
+    assert result.ok, result.reason
+    assert [c for c in server.commands if c.startswith((b"MAIL", b"RCPT"))] == [
+        b"MAIL FROM:<news@xn--bcher-kva.example>",
+        b"RCPT TO:<ann@example.com>",
+    ]
+    assert server.messages[0].isascii()
+    parsed = email.message_from_bytes(server.messages[0], policy=email.policy.default)
+    assert [(a.display_name, a.addr_spec) for a in parsed["From"].addresses] == [
+        ("Bücher, Shop", "news@xn--bcher-kva.example")
+    ]
+    assert parsed["Message-ID"] == "<m1@xn--bcher-kva.example>"
+    await provider.close()
+
+
+# Without SMTPUTF8 these have no ASCII form -> the reason they fail.
+NO_ASCII_FORM = {
+    "josé@bücher.example": NO_SMTPUTF8,  # a local part beyond ASCII: only SMTPUTF8 carries it
+    "ann@☃.net": DOMAIN_WITHOUT_IDNA,  # a symbol IDNA 2008 does not allow
+    # UTS 46 would map these to another domain (full-width letters to example.com, u + U+0308 to
+    # bücher.example), whose suppressions, complaints and erasure are keyed under that other form.
+    "ann@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.\uff43\uff4f\uff4d": DOMAIN_WITHOUT_IDNA,
+    "ann@bu\u0308cher.example": DOMAIN_WITHOUT_IDNA,
+}
+
+
+@pytest.mark.parametrize("to", NO_ASCII_FORM)
+async def test_an_address_without_an_ascii_form_still_fails_at_once_without_smtputf8(
+    scripted: list[ScriptedSmtp], to: str
+) -> None:
+    server = await start(scripted)  # no SMTPUTF8
+    provider = smtp("smtp", server.port)
+    result = await provider.send(delivery(to), nothing)
+    assert (result.failure, result.reason, result.address_gone) == (
+        Failure.PERMANENT,
+        f"SMTP: {NO_ASCII_FORM[to]}",
+        None,
+    )
+    assert "MAIL" not in server.verbs()  # nothing of the envelope went out
+    assert (await provider.send(delivery(), nothing)).ok
+    assert server.connections == 1  # the connection stayed clean, and pooled
+    await provider.close()
 
 
 NAMED_ASCII_MAILBOXES = {
@@ -574,3 +682,36 @@ async def test_the_body_goes_out_as_aiosmtplib_wrote_it() -> None:
         await provider.close()
     finally:
         await sink.stop()
+
+
+@pytest.mark.parametrize(
+    ("sender", "reason"),
+    [
+        ("CLM <josé@bücher.example>", local_part_beyond_ascii(SENDER)),
+        ("CLM <news@☃.net>", domain_without_idna(SENDER)),
+    ],
+)
+async def test_a_sender_without_an_ascii_form_is_named_as_the_cause(
+    scripted: list[ScriptedSmtp], sender: str, reason: str
+) -> None:
+    """The reason said "the email address" when the sender (configuration: every message from it
+    fails so) was the cause, sending an operator to look at the customer's address."""
+    server = await start(scripted)  # no SMTPUTF8
+    provider = smtp("smtp", server.port)
+    email_ = build_email(
+        message_id="m1",
+        sender=sender,
+        to="ann@bücher.example",  # has an ASCII form: not the cause
+        subject="Receipt",
+        text="Thanks",
+        body_html="<p>Thanks</p>",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    result = await provider.send(
+        Delivery("m1", "c1", Channel.EMAIL, "ann@bücher.example", {}, email_), nothing
+    )
+    assert (result.failure, result.reason) == (Failure.PERMANENT, f"SMTP: {reason}")
+    assert reason.startswith(("the sender address (CLM_SMTP_SENDER", "the domain of the sender address"))
+    assert "MAIL" not in server.verbs()
+    await provider.close()

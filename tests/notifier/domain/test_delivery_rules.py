@@ -8,6 +8,8 @@ import email.policy
 import ipaddress
 import random
 from datetime import UTC, datetime
+from email.header import decode_header, make_header
+from email.utils import getaddresses
 
 import pytest
 
@@ -181,6 +183,137 @@ def test_non_ascii_headers_and_long_lines_survive_the_wire() -> None:
         sent_at_epoch=0,
     )
     assert email.message_from_bytes(header_injection.to_wire())["Bcc"] is None
+
+
+# Display names with RFC 5322 specials, as written in a profile or request -> (name, mailbox).
+NAMES_WITH_SPECIALS = {
+    '"Doe, John" <john@example.com>': ("Doe, John", "john@example.com"),
+    "john@example.com (Doe, John)": ("Doe, John", "john@example.com"),
+    '"Dr. Who" <who@example.com>': ("Dr. Who", "who@example.com"),
+    '"Ann \\"The Boss\\" Lee" <ann@example.com>': ('Ann "The Boss" Lee', "ann@example.com"),
+    '"back\\\\slash; <x@y>" <bs@example.com>': ("back\\slash; <x@y>", "bs@example.com"),
+    '"Shop: a@b [x]" <shop@example.com>': ("Shop: a@b [x]", "shop@example.com"),
+    '"=?utf-8?b?QQ==?=" <ew@example.com>': ("=?utf-8?b?QQ==?=", "ew@example.com"),
+    # Beyond ASCII: RFC 2047 encoded words, as before (the comma inside them splits nothing).
+    '"Müller, Ann" <ann@example.com>': ("Müller, Ann", "ann@example.com"),
+}
+
+
+@pytest.mark.parametrize("written", NAMES_WITH_SPECIALS)
+def test_a_display_name_with_specials_is_one_address_in_to_and_from(written: str) -> None:
+    """`Doe, John <john@example.com>` unquoted is two addresses to a mail client (`Doe` and `John
+    <john@...>`): a name with a comma, quote, dot, @, <, >, ... goes as a quoted string."""
+    name, mailbox = NAMES_WITH_SPECIALS[written]
+    mail = build_email(
+        message_id="m4",
+        sender=written,
+        to=written,
+        subject="S",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    wire = mail.to_wire()
+    assert wire.isascii()
+    parsed = email.message_from_bytes(wire, policy=email.policy.default)
+    for header in ("To", "From"):
+        assert [(a.display_name, a.addr_spec) for a in parsed[header].addresses] == [(name, mailbox)]
+        # And as the compat32 parser (`getaddresses`, what simpler clients use) reads it.
+        raw = email.message_from_bytes(wire)[header]
+        assert len(getaddresses([raw])) == 1 and getaddresses([raw])[0][1] == mailbox
+    assert mail.envelope_from == mailbox
+
+
+def test_a_plain_display_name_stays_unquoted() -> None:
+    mail = build_email(
+        message_id="m5",
+        sender="CLM <noreply@clm.local>",
+        to="Ann Lee <ann@example.com>",
+        subject="S",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    assert (mail.header("From"), mail.header("To")) == (
+        "CLM <noreply@clm.local>",
+        "Ann Lee <ann@example.com>",
+    )
+
+
+# ASCII display names that a quoted string cannot carry: control characters (raw in the header even
+# inside quotes; some systems cut a header at a NUL) and names longer than a header line may be.
+NAMES_AS_ENCODED_WORDS = [
+    "a\x00b",
+    "Ann\x0bLee",
+    "x\x7fy",
+    "x,\x01y",
+    "A" * 1200,  # a quoted string of 1,200: a 1,222-octet header line, past RFC 5322's 998
+    "A " * 600,
+    "x" * 80 + "," + "y" * 80,
+]
+
+
+def _decoded(raw_phrase: str) -> str:
+    """A display name as an RFC 2047 reader gets it: whitespace between encoded words is no part of
+    the text (Python's address parser keeps it, unlike its `decode_header`)."""
+    return str(make_header(decode_header(raw_phrase)))
+
+
+@pytest.mark.parametrize("name", NAMES_AS_ENCODED_WORDS)
+def test_a_display_name_a_quoted_string_cannot_carry_goes_as_encoded_words(name: str) -> None:
+    written = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '" <ann@example.com>'
+    mail = build_email(
+        message_id="m6",
+        sender=written,
+        to=written,
+        subject="S",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    wire = mail.to_wire()
+    head = wire.split(b"\r\n\r\n", 1)[0]
+    assert all(len(line) <= 998 for line in head.split(b"\r\n"))  # RFC 5322; encoded words fold
+    assert not any((b < 32 and b not in (9, 10, 13)) or b == 127 for b in head)  # no control byte
+    for header in ("To", "From"):
+        [(raw_name, mailbox)] = getaddresses([email.message_from_bytes(wire)[header]])
+        assert mailbox == "ann@example.com"
+        assert _decoded(raw_name) == name
+
+
+def test_a_subject_with_a_control_character_or_too_long_for_a_line_goes_as_encoded_words() -> None:
+    for subject in ("Sale\x00 today", "Big sale " * 150):
+        mail = build_email(
+            message_id="m7",
+            sender="n@clm.example",
+            to="a@example.com",
+            subject=subject,
+            text="t",
+            body_html="h",
+            unsubscribe_url=None,
+            sent_at_epoch=0,
+        )
+        wire = mail.to_wire()
+        head = wire.split(b"\r\n\r\n", 1)[0]
+        assert all(len(line) <= 998 for line in head.split(b"\r\n"))
+        assert b"\x00" not in head
+        parsed = email.message_from_bytes(wire, policy=email.policy.default)
+        assert parsed["Subject"] == subject
+    # An ordinary subject stays as written.
+    plain = build_email(
+        message_id="m8",
+        sender="n@clm.example",
+        to="a@example.com",
+        subject="Welcome, Bob!",
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
+    assert plain.header("Subject") == "Welcome, Bob!"
 
 
 def test_the_default_retries_ride_out_a_provider_outage_of_minutes() -> None:

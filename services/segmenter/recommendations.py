@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.segmenter.consumers.customer_events import retry_on_conflict
+from services.segmenter.conflicts import retry_job_chunk
 from services.segmenter.domain.profile import ProfileSnapshot
 from services.segmenter.domain.recommendations.catalogue import (
     CatalogueItem,
@@ -241,7 +241,7 @@ class Recommendations:
             customers = changed = 0
             after: str | None = None
             while True:
-                done = await retry_on_conflict(
+                done = await retry_job_chunk(
                     functools.partial(self._recompute_chunk, after), "recommendations recompute chunk"
                 )
                 if done is None:

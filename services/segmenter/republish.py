@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from services.segmenter.consumers.customer_events import retry_on_conflict
+from services.segmenter.conflicts import retry_job_chunk
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
@@ -99,7 +99,7 @@ class Republisher:
                 }
                 chunk = functools.partial(self._chunk, job, after, announce, resync)
                 # The chunk holds its customers in id order: it may lose a deadlock to an event batch.
-                n, last, memberships = await retry_on_conflict(chunk, "republish chunk")
+                n, last, memberships = await retry_job_chunk(chunk, "republish chunk")
                 self.platform.relay.notify()  # rows written by SQL, not through uow.emit
                 job.done += n
                 job.memberships += memberships

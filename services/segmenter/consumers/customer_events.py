@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+# is_transient_conflict: also imported from here by the back-fill (schedules.py).
+from services.segmenter.conflicts import CONFLICT_ATTEMPTS, ConcurrentIdentityChange
+from services.segmenter.conflicts import is_transient_conflict as is_transient_conflict
 from services.segmenter.domain.identity import batch_identifiers, plan_identities, split_identities
 from services.segmenter.domain.profile import (
     ORDER_EVENT,
@@ -48,7 +51,6 @@ if TYPE_CHECKING:
 
 CONSUMER = "segmenter.events"
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 TRAITS_REFUSED = Counter(
     "clm_segmenter_trait_changes_refused_total",
@@ -78,10 +80,6 @@ def _refused(customer_id: str, cause: str, source: str, refusal: TraitRefusal) -
             "count_after": refusal.count_after,
         },
     )
-
-
-class ConcurrentIdentityChange(Exception):
-    pass
 
 
 def _fold_event(
@@ -125,37 +123,6 @@ def _fold_event(
         if outcome.refused is not None:
             _refused(p.customer_id, e.message_id, "context", outcome.refused)
     return changed
-
-
-# Tries of a batch that meets a concurrent change to its customers (1-2 s of waiting in all).
-CONFLICT_ATTEMPTS = 9
-
-
-def is_transient_conflict(exc: BaseException) -> bool:
-    """A conflict with a concurrent transaction on the same customers: retrying resolves it."""
-    if isinstance(exc, (ConcurrentIdentityChange, profile_store.ProfileGone)):
-        return True
-    # Wrapped by SQLAlchemy (`orig`), or straight from asyncpg (the `Statement`s of every batch).
-    orig = getattr(exc, "orig", None)
-    cause = (getattr(orig, "__cause__", None) or orig) if orig is not None else exc
-    return type(cause).__name__ in {"DeadlockDetectedError", "SerializationError"}
-
-
-async def retry_on_conflict(unit: Callable[[], Awaitable[T]], what: str) -> T:
-    """Run `unit`, a unit of work of its own, again when it lost a deadlock (or another transient
-    conflict) to a concurrent writer of the same customers: it rolled back, nothing is half done.
-    For the whole-base jobs that hold customer rows in id order: the event path locks a merge's two
-    rows before the rest of its batch's, so it can wait on such a job while the job waits on it."""
-    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
-        try:
-            return await unit()
-        except Exception as exc:
-            if not is_transient_conflict(exc) or attempt == CONFLICT_ATTEMPTS:
-                raise
-            log.info(
-                "concurrent change to the same customers; retrying", extra={"what": what, "attempt": attempt}
-            )
-    raise AssertionError("unreachable")
 
 
 class CustomerEventsHandler:

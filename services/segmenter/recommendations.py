@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.segmenter.conflicts import retry_job_chunk
+from services.segmenter.conflicts import hold_for_job, retry_job_chunk
 from services.segmenter.domain.profile import ProfileSnapshot
 from services.segmenter.domain.recommendations.catalogue import (
     CatalogueItem,
@@ -274,7 +274,9 @@ class Recommendations:
             computed = await self.compute(session, ids, histories=read)
             # ... then the customers, FOR SHARE until commit: their traits as they are now, so the
             # announcements go out before any later change of theirs (the journey engine keeps the
-            # last one it gets). Held only for the writes from here on.
+            # last one it gets). Held only for the writes from here on. Should an event batch hold
+            # one of them, the chunk waits briefly, then gives way and runs again (`hold_for_job`).
+            await hold_for_job(session)
             profiles = await catalogue_store.lock_customers(session, ids)
             # Lists from products a customer's own events changed since the read would replace the
             # lists those events stored: computed again from what it has now.
@@ -285,7 +287,7 @@ class Recommendations:
             computed = {c: r for c, r in computed.items() if c in profiles}  # not the merged-away
             cause = f"recompute:{self.clock.now().isoformat()}"
             changed = await self.save_lists(uow, computed, profiles, {}, cause)
-        return len(ids), changed, ids[-1]
+        return len(profiles), changed, ids[-1]  # not counting those merged away since the read
 
     async def run_forever(self) -> None:
         interval = self.settings.recommendations_recompute_interval_s

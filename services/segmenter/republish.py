@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from services.segmenter.conflicts import retry_job_chunk
+from services.segmenter.conflicts import hold_for_job, retry_job_chunk
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
@@ -98,7 +98,7 @@ class Republisher:
                     "produced_ms": str(int(time.time() * 1000)),
                 }
                 chunk = functools.partial(self._chunk, job, after, announce, resync)
-                # The chunk holds its customers in id order: it may lose a deadlock to an event batch.
+                # The chunk holds its customers in id order: it may give way to an event batch.
                 n, last, memberships = await retry_job_chunk(chunk, "republish chunk")
                 self.platform.relay.notify()  # rows written by SQL, not through uow.emit
                 job.done += n
@@ -126,6 +126,7 @@ class Republisher:
             # A snapshot read before an erasure but committed after it would rebuild the
             # erased profile in every projection: the chunk commits before the erasure starts.
             await erasure_gate(uow.session, exclusive=False)
+            await hold_for_job(uow.session)  # the chunk gives way to an event batch holding a customer
             n, last = await profile_store.snapshot_chunk(
                 uow.session,
                 after,

@@ -99,13 +99,13 @@ class Republisher:
                 }
                 chunk = functools.partial(self._chunk, job, after, announce, resync)
                 # The chunk holds its customers in id order: it may give way to an event batch.
-                n, last, memberships = await retry_job_chunk(chunk, "republish chunk")
+                ids, memberships = await retry_job_chunk(chunk, "republish chunk")
                 self.platform.relay.notify()  # rows written by SQL, not through uow.emit
-                job.done += n
+                job.done += len(ids)
                 job.memberships += memberships
-                if last is None or n < self.chunk:
+                if len(ids) < self.chunk:
                     break
-                after = last
+                after = ids[-1]
             job.finished_at = self.clock.now()
             log.info("profiles republished", extra={"job_id": job.job_id, "customers": job.done})
         except Exception as exc:
@@ -118,16 +118,16 @@ class Republisher:
         after: str | None,
         announce: dict[str, str],
         resync: segment_store.Announcement,
-    ) -> tuple[int, str | None, int]:
-        """One chunk's snapshots and resync announcements, in one unit of work: (customers, the last
-        id, memberships)."""
+    ) -> tuple[list[str], int]:
+        """One chunk's snapshots and resync announcements, in one unit of work: (the customers, in id
+        order, memberships)."""
         memberships = 0
         async with self.platform.unit_of_work() as uow:
             # A snapshot read before an erasure but committed after it would rebuild the
             # erased profile in every projection: the chunk commits before the erasure starts.
             await erasure_gate(uow.session, exclusive=False)
             await hold_for_job(uow.session)  # the chunk gives way to an event batch holding a customer
-            n, last = await profile_store.snapshot_chunk(
+            ids = await profile_store.snapshot_chunk(
                 uow.session,
                 after,
                 self.chunk,
@@ -135,9 +135,10 @@ class Republisher:
                 announce,
                 self.settings.profile_identities_per_message,
             )
-            if last is not None:
-                memberships = await segment_store.resync_chunk(uow.session, after, last, job.job_id, resync)
-        return n, last, memberships
+            if ids:
+                # Those the chunk holds (not an id range: a customer created in it since is not held).
+                memberships = await segment_store.resync_chunk(uow.session, ids, job.job_id, resync)
+        return ids, memberships
 
     async def wait(self) -> None:
         if self.job is not None and self.job._task is not None:

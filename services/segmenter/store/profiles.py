@@ -532,9 +532,9 @@ async def snapshot_chunk(
     job: str,
     announce: dict[str, str],
     identities_per_message: int = 1000,
-) -> tuple[int, str | None]:
+) -> list[str]:
     """The next `limit` customers after `after` (by id) as `ProfileChanged(kind=snapshot)` outbox rows,
-    built in one statement (no Python per customer); returns (customers announced, the last id).
+    built in one statement (no Python per customer); returns the customers announced, in id order.
 
     The customers are held FOR SHARE until the chunk commits (a statement of its own, in id order as
     the event path locks them): a change committing while the chunk reads would otherwise be
@@ -552,44 +552,42 @@ async def snapshot_chunk(
         )
     ]
     if not ids:
-        return 0, None
-    row = (
-        await session.execute(
-            text(
-                "WITH chunk AS (SELECT customer_id, traits, lifecycle_stage, updated_at FROM customers "
-                "WHERE customer_id = ANY(CAST(:ids AS text[]))), "
-                # A large identity set goes out in parts of at most :per identities, one message each
-                # (as real time does, `split_identities`): part 0 keeps the plain event id.
-                "numbered AS (SELECT i.customer_id, CASE i.kind WHEN 'user' THEN 'user_id' "
-                "WHEN 'anon' THEN 'anonymous_id' WHEN 'merged' THEN 'merged_customer_id' ELSE i.kind END "
-                "AS label, i.value FROM identities i JOIN chunk USING (customer_id)), "
-                "parted AS (SELECT customer_id, label, value, (row_number() OVER (PARTITION BY customer_id "
-                "ORDER BY label, value) - 1) / :per AS part FROM numbered), "
-                "labelled AS (SELECT customer_id, part, label, jsonb_agg(value ORDER BY value) AS vals "
-                "FROM parted GROUP BY 1, 2, 3), "
-                "ids AS (SELECT customer_id, part, jsonb_object_agg(label, vals) AS identities FROM labelled "
-                "GROUP BY customer_id, part), "
-                "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
-                "SELECT :topic, convert_to(c.customer_id, 'UTF8'), convert_to(jsonb_build_object("
-                "'event_id', 'profile:' || c.customer_id || ':snapshot:' || :job "
-                "|| CASE WHEN ids.part > 0 THEN ':' || 'identities-' || (ids.part + 1) ELSE '' END, "
-                # As of the profile's last change, not now: a consumer that already has a newer change
-                # (one committing while this chunk was read) keeps it (newest wins).
-                "'customer_id', c.customer_id, 'kind', 'snapshot', "
-                "'occurred_at', c.updated_at, "
-                "'traits', c.traits, 'identities', COALESCE(ids.identities, '{}'::jsonb), "
-                "'lifecycle_stage', c.lifecycle_stage)::text, 'UTF8'), "
-                "jsonb_build_object('clm-event-id', 'profile:' || c.customer_id || ':snapshot:' || :job "
-                "|| CASE WHEN ids.part > 0 THEN ':' || 'identities-' || (ids.part + 1) ELSE '' END, "
-                "'clm-event-type', 'profile_changed', 'clm-schema-version', '1', "
-                "'clm-correlation-id', CAST(:job AS text), 'clm-producer', CAST(:producer AS text), "
-                "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
-                "FROM chunk c LEFT JOIN ids USING (customer_id) ORDER BY c.customer_id, ids.part "
-                "RETURNING 1) "
-                "SELECT (SELECT count(*) FROM chunk) AS n, "
-                "(SELECT max(customer_id) FROM chunk) AS last"
-            ),
-            {"ids": ids, "job": job, "per": identities_per_message, **announce},
-        )
-    ).one()
-    return int(row.n), row.last
+        return []
+    # Every locked row is there: FOR SHARE waited for a deletion (merge, erasure) and skipped its row.
+    await session.execute(
+        text(
+            "WITH chunk AS (SELECT customer_id, traits, lifecycle_stage, updated_at FROM customers "
+            "WHERE customer_id = ANY(CAST(:ids AS text[]))), "
+            # A large identity set goes out in parts of at most :per identities, one message each
+            # (as real time does, `split_identities`): part 0 keeps the plain event id.
+            "numbered AS (SELECT i.customer_id, CASE i.kind WHEN 'user' THEN 'user_id' "
+            "WHEN 'anon' THEN 'anonymous_id' WHEN 'merged' THEN 'merged_customer_id' ELSE i.kind END "
+            "AS label, i.value FROM identities i JOIN chunk USING (customer_id)), "
+            "parted AS (SELECT customer_id, label, value, (row_number() OVER (PARTITION BY customer_id "
+            "ORDER BY label, value) - 1) / :per AS part FROM numbered), "
+            "labelled AS (SELECT customer_id, part, label, jsonb_agg(value ORDER BY value) AS vals "
+            "FROM parted GROUP BY 1, 2, 3), "
+            "ids AS (SELECT customer_id, part, jsonb_object_agg(label, vals) AS identities FROM labelled "
+            "GROUP BY customer_id, part), "
+            "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
+            "SELECT :topic, convert_to(c.customer_id, 'UTF8'), convert_to(jsonb_build_object("
+            "'event_id', 'profile:' || c.customer_id || ':snapshot:' || :job "
+            "|| CASE WHEN ids.part > 0 THEN ':' || 'identities-' || (ids.part + 1) ELSE '' END, "
+            # As of the profile's last change, not now: a consumer that already has a newer change
+            # (one committing while this chunk was read) keeps it (newest wins).
+            "'customer_id', c.customer_id, 'kind', 'snapshot', "
+            "'occurred_at', c.updated_at, "
+            "'traits', c.traits, 'identities', COALESCE(ids.identities, '{}'::jsonb), "
+            "'lifecycle_stage', c.lifecycle_stage)::text, 'UTF8'), "
+            "jsonb_build_object('clm-event-id', 'profile:' || c.customer_id || ':snapshot:' || :job "
+            "|| CASE WHEN ids.part > 0 THEN ':' || 'identities-' || (ids.part + 1) ELSE '' END, "
+            "'clm-event-type', 'profile_changed', 'clm-schema-version', '1', "
+            "'clm-correlation-id', CAST(:job AS text), 'clm-producer', CAST(:producer AS text), "
+            "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
+            "FROM chunk c LEFT JOIN ids USING (customer_id) ORDER BY c.customer_id, ids.part "
+            "RETURNING 1) "
+            "SELECT count(*) FROM outboxed"
+        ),
+        {"ids": ids, "job": job, "per": identities_per_message, **announce},
+    )
+    return ids

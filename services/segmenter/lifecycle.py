@@ -168,9 +168,9 @@ class Lifecycle:
                 values.append((cid, new))
             f.update(new)
         for change in changes:
-            self._announce(
-                uow, profiles[change.customer_id], change, last_message.get(change.customer_id, "event"), now
-            )
+            profile = profiles[change.customer_id]
+            cause = last_message.get(change.customer_id, "event")
+            self._announce(uow, profile, change, cause, profile.updated_at or now)
         return store.EventPathWrite(values, changes, surveys, last_message)
 
     def _surveys(

@@ -224,9 +224,10 @@ class Recommendations:
         increments = batch_increments(owned, interactions)
         await catalogue_store.apply_increments(session, increments, now)
         if increments.customers:
-            # The batch holds these customers' rows (FOR UPDATE) and writes them with updated_at `now`.
+            # The batch holds these customers' rows (FOR UPDATE) and dates their change by the
+            # updated_at it writes (`CustomerEventsHandler.handle`).
             computed = await self.compute(session, increments.customers)
-            held = {c: (profiles[c].traits, now) for c in computed if c in profiles}
+            held = {c: (profiles[c].traits, profiles[c].updated_at or now) for c in computed if c in profiles}
             computed = {c: r for c, r in computed.items() if c in held}
             await self.save_lists(uow, computed, held, last_message, "batch")
 

@@ -240,3 +240,32 @@ async def test_a_recompute_never_stores_lists_older_than_the_customers_own_order
     await h.relay()
     lists = [m["recommendations"] for m in await profile_messages(h, "u1") if m["recommendations"]]
     assert "card" not in [e["product_id"] for e in lists[-1]["cross_sell"]]
+
+
+async def test_a_change_that_took_its_time_before_anothers_commit_is_dated_after_it(
+    harness: Harness, make_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch takes its time before it locks its customers: one that locks after a batch that took
+    a later time has committed dates its change (updated_at, announcements) by that later time, not
+    its own, or the notifier (newest wins) would keep the change it follows."""
+    h = harness
+    await handle(h, identify("i1", "u1", plan="free", email="ann@example.com"))
+    first = Pause(monkeypatch, profile_store, "lock_profiles", after=False)
+    h.clock.advance(timedelta(minutes=1))
+    slow = asyncio.ensure_future(handle(h, identify("i2", "u1", plan="pro")))
+    await asyncio.wait_for(first.reached.wait(), 10)  # took its time, not holding u1 yet
+    h.clock.advance(timedelta(minutes=1))
+    later = h.clock.now()
+    await handle(h, identify("i3", "u1", seen=1))  # took a later time, commits first
+    first.release.set()
+    await slow
+
+    messages = await profile_messages(h, "u1")
+    assert [(m["caused_by"], m["traits"].get("plan"), m["occurred_at"]) for m in messages[-2:]] == [
+        ("i3", "free", later.isoformat().replace("+00:00", "Z")),
+        ("i2", "pro", later.isoformat().replace("+00:00", "Z")),
+    ]
+    async with consumed_by_projections(h, make_settings, "u1") as p:
+        assert await p.contact("u1") == {"plan": "pro", "seen": 1, "email": "ann@example.com"}
+        traits, _ = await p.journey_customer("u1")
+        assert traits["plan"] == "pro"

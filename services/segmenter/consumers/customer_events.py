@@ -230,6 +230,12 @@ class CustomerEventsHandler:
         profiles = await profile_store.lock_profiles(session, final)
         if len(profiles) != len(final):
             raise profile_store.ProfileGone(", ".join(sorted(final - set(profiles))))
+        # Each profile's change is dated by `now`, or by its last change where that is later: `now`
+        # was taken before the lock, so a batch that took a later one may have committed meanwhile
+        # (or another replica's clock runs ahead). Its updated_at and announcements never go back
+        # in time, which a consumer keeping the newest (the notifier) would take for an old change.
+        for p in profiles.values():
+            p.updated_at = now if p.updated_at is None else max(now, p.updated_at)
 
         counts: dict[tuple[str, str], EventAggregate] = {}
         timeline: list[TimelineRow] = []
@@ -333,7 +339,7 @@ class CustomerEventsHandler:
                     event_id=event_id,
                     customer_id=cid,
                     kind=kind,
-                    occurred_at=now,
+                    occurred_at=p.updated_at or now,
                     traits=p.traits,
                     changed_traits=sorted(changed_traits.get(cid, set()) | merged_traits.get(cid, set())),
                     identities=first,
@@ -356,7 +362,7 @@ class CustomerEventsHandler:
                         event_id=f"{event_id}:identities-{n}",
                         customer_id=cid,
                         kind=ProfileChangeKind.IDENTITY_LINKED,
-                        occurred_at=now,
+                        occurred_at=p.updated_at or now,
                         traits=p.traits,
                         identities=part,
                         caused_by=last_message.get(cid),

@@ -38,7 +38,7 @@ FIELD_NAMES = (
     # Lifecycle columns (migration 0003_lifecycle), written by store/lifecycle.py.
     *STORED_FIELDS,
 )
-PROFILE_COLUMNS = "customer_id, traits, trait_times, " + ", ".join(FIELD_NAMES)
+PROFILE_COLUMNS = "customer_id, traits, trait_times, updated_at, " + ", ".join(FIELD_NAMES)
 
 
 # The statements of every event batch go straight to asyncpg (`Statement`).
@@ -119,7 +119,7 @@ _SAVE_PROFILES = Statement(
     "trait_times = COALESCE(u.trait_times, c.trait_times), "
     "first_seen = u.first_seen, last_seen = u.last_seen, event_count = u.event_count, "
     "orders_count = u.orders_count, revenue = u.revenue, first_order_at = u.first_order_at, "
-    "last_order_at = u.last_order_at, updated_at = :now, "
+    "last_order_at = u.last_order_at, updated_at = u.updated_at, "
     f"{lifecycle_store.EVENT_PATH_SET} FROM "
     + rows_from_json(
         "rows",
@@ -134,6 +134,7 @@ _SAVE_PROFILES = Statement(
             ("revenue", "float8"),
             ("first_order_at", "timestamptz"),
             ("last_order_at", "timestamptz"),
+            ("updated_at", "timestamptz"),
         ],
     )
     + f" AS u LEFT JOIN {lifecycle_store.EVENT_PATH_VALUES} ON l.customer_id = u.customer_id "
@@ -150,8 +151,9 @@ def _snapshot(row: Any) -> ProfileSnapshot:
         customer_id=row[0],
         traits=dict(row[1] or {}),
         trait_times=times,
-        # Positional: PROFILE_COLUMNS lists the fields in FIELD_NAMES order after the first three.
-        fields=dict(zip(FIELD_NAMES, row[3:], strict=True)),
+        # Positional: PROFILE_COLUMNS lists the fields in FIELD_NAMES order after the first four.
+        fields=dict(zip(FIELD_NAMES, row[4:], strict=True)),
+        updated_at=row[3],
     )
 
 
@@ -309,7 +311,10 @@ async def merge_customers(
             "first_seen = LEAST(c.first_seen, f.first_seen), last_seen = GREATEST(c.last_seen, f.last_seen), "
             "event_count = c.event_count + f.event_count, orders_count = c.orders_count + f.orders_count, "
             "revenue = c.revenue + f.revenue, first_order_at = LEAST(c.first_order_at, f.first_order_at), "
-            "last_order_at = GREATEST(c.last_order_at, f.last_order_at), updated_at = :now "
+            "last_order_at = GREATEST(c.last_order_at, f.last_order_at), "
+            # Never back in time (see `CustomerEventsHandler.handle`), nor before the merged-away
+            # profile's last change: the merge's announcement must be newer than any of `from`'s.
+            "updated_at = GREATEST(c.updated_at, f.updated_at, :now) "
             "FROM customers f WHERE c.customer_id = :into AND f.customer_id = :from"
         ),
         {
@@ -448,7 +453,8 @@ async def save_profiles(
 ) -> None:
     """A batch's profile rows (their traits only where the batch wrote one, `traits_written`) with
     its lifecycle writes (`Lifecycle.on_batch`: the columns of customers among `profiles`, stage
-    history, survey answers), in one statement."""
+    history, survey answers), in one statement. Each row's `updated_at` is its snapshot's (the time
+    the batch dates its change by), `now` where not set."""
     lifecycle = lifecycle or lifecycle_store.EventPathWrite()
     ids = {p.customer_id for p in profiles}
     assert all(cid in ids for cid, _ in lifecycle.values), "lifecycle values of a profile not written"
@@ -468,6 +474,7 @@ async def save_profiles(
                     float(f["revenue"]),
                     f["first_order_at"],
                     f["last_order_at"],
+                    p.updated_at or now,
                 )
                 for p in profiles
             ),

@@ -151,14 +151,15 @@ class Recommendations:
         customer's traits and the time of the profile's last change, read under the customer's row
         lock (the announcement carries them: see `ProfileChanged.occurred_at` in docs/architecture.md)."""
         lists: dict[str, TemplateLists] = {c: r.as_template_variables() for c, r in computed.items()}
-        previous = await catalogue_store.save_recommendations(uow.session, lists, self.clock.now())
+        as_of = {c: profiles[c][1] for c in lists}
+        saved = await catalogue_store.save_recommendations(uow.session, lists, as_of)
         changed = 0
         for cid in sorted(lists):
-            if _product_ids(previous.get(cid)) == _product_ids(lists[cid]):
+            if _product_ids(saved[cid].previous) == _product_ids(lists[cid]):
                 continue
             changed += 1
             cause = causes.get(cid, default_cause)
-            traits, as_of = profiles[cid]
+            traits = profiles[cid][0]
             uow.emit(
                 PROFILES.name,
                 cid,
@@ -169,8 +170,9 @@ class Recommendations:
                     # The profile's last change, not now: the lists travel with the traits that
                     # change left, and a consumer keeping the newest (the notifier's contacts and
                     # lists) must prefer the customer's next change, whose time can be earlier
-                    # than now (taken before it waited for this transaction's lock).
-                    occurred_at=as_of,
+                    # than now (taken before it waited for this transaction's lock). Never earlier
+                    # than the lists replaced (`save_recommendations`).
+                    occurred_at=saved[cid].at,
                     traits=traits,
                     recommendations=dict(lists[cid]),
                     caused_by=cause,

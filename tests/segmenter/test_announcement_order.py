@@ -269,3 +269,44 @@ async def test_a_change_that_took_its_time_before_anothers_commit_is_dated_after
         assert await p.contact("u1") == {"plan": "pro", "seen": 1, "email": "ann@example.com"}
         traits, _ = await p.journey_customer("u1")
         assert traits["plan"] == "pro"
+
+
+async def test_recomputed_lists_replace_lists_an_earlier_release_dated_by_its_clock(
+    harness: Harness, make_settings: Callable[..., Any]
+) -> None:
+    """Before lists were dated by the profile's last change, the recompute dated them by its clock:
+    stored lists, and the notifier's, are dated later than the profile's last change. A recompute's
+    new lists must still replace them in the notifier (newest wins), not wait for the customer's
+    next order."""
+    h = harness
+    r = await h.client.put("/v1/catalogue/items", json={"items": [CAMERA, CARD]}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    await handle(h, identify("i1", "u1", email="ann@example.com"))
+    await handle(h, order("o1", "u1", CAMERA))
+    release_clock = h.clock.now() + timedelta(hours=1)  # that release's recompute, an hour later
+    async with h.segmenter.platform.unit_of_work() as uow:
+        sql = "UPDATE customer_recommendations SET updated_at = :at WHERE customer_id = 'u1'"
+        await uow.session.execute(text(sql), {"at": release_clock})
+    h.clock.advance(timedelta(hours=2))
+    await handle(h, order("o2", "c2", CAMERA, CARD), order("o3", "c3", CAMERA, CARD))
+
+    async with consumed_by_projections(h, make_settings, "u1") as p:
+        assert await p.contact_lists("u1") == {"cross_sell": [], "upsell": []}
+        for table in ("contact_recommendations", "contacts"):  # as that release's message left them
+            async with p.notifier.unit_of_work() as uow:
+                sql = f"UPDATE {table} SET profile_at = :at WHERE customer_id = 'u1'"
+                await uow.session.execute(text(sql), {"at": release_clock})
+        assert (await h.segmenter.recommendations.recompute()).changed >= 1
+        await h.relay()
+        recomputed = [m for m in await profile_messages(h, "u1") if m["caused_by"].startswith("recompute:")]
+        assert len(recomputed) == 1
+        assert recomputed[0]["occurred_at"] == release_clock.isoformat().replace("+00:00", "Z")
+
+        async def lists_delivered() -> bool:
+            lists = await p.contact_lists("u1")
+            return [e["product_id"] for e in lists["cross_sell"]][:1] == ["card"]
+
+        await eventually(lists_delivered, timeout=30)
+    async with h.segmenter.platform.engine.connect() as conn:
+        sql = "SELECT updated_at FROM customer_recommendations WHERE customer_id = 'u1'"
+        assert (await conn.execute(text(sql))).scalar_one() == release_clock

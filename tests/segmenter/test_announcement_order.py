@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,6 +30,7 @@ from shared.db.unit_of_work import UnitOfWork
 from shared.runtime import Platform
 from tests.segmenter.conftest import ADMIN, Harness, make_event
 from tests.segmenter.test_erasure_races import Pause
+from tests.segmenter.test_job_conflicts import blocked_by
 from tests.support import eventually, read_topic, running
 
 CAMERA = {"product_id": "cam", "name": "Camera", "category": "Cameras", "price": 300}
@@ -48,11 +49,6 @@ def identify(mid: str, user: str, **traits: Any) -> Any:
 
 async def handle(h: Harness, *events: Any) -> None:
     await h.segmenter.events.handle_in_own_unit(list(events))
-
-
-async def let_run(task: Awaitable[Any], seconds: float = 1.0) -> None:
-    """Give `task` time to finish, if nothing holds it back (a lock may: then it waits)."""
-    await asyncio.wait({asyncio.ensure_future(task)}, timeout=seconds)
 
 
 @dataclass
@@ -118,8 +114,9 @@ async def profile_messages(h: Harness, cid: str) -> list[dict[str, Any]]:
     return [m["value"] for m in msgs if m["key"] == cid]
 
 
-# Where the recompute's chunk is held while the change runs: after it read the customers' traits
-# and before it read their products, or once it has computed their lists, before it stores them.
+# Where the recompute's chunk is held while the change runs: before its first read of the customers'
+# products (it has not scored them, nor locked the customers and read their traits), or once it holds
+# them and has scored their lists, before it stores them (the change then waits for its commit).
 @pytest.mark.parametrize("held_at", ["histories", "save_recommendations"])
 async def test_a_trait_change_during_a_recommendations_recompute_is_what_consumers_keep(
     harness: Harness, make_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, held_at: str
@@ -137,7 +134,11 @@ async def test_a_trait_change_during_a_recommendations_recompute_is_what_consume
     await asyncio.wait_for(pause.reached.wait(), 10)
     h.clock.advance(timedelta(minutes=1))
     change = asyncio.ensure_future(handle(h, identify("i2", "u1", plan="pro")))
-    await let_run(change)
+    if held_at == "histories":
+        await change  # nothing holds u1 yet: the change commits before the chunk reads it
+    else:  # the chunk holds u1: the change waits for it
+        chunk_pid = (await pause.args[0].execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        await eventually(lambda: blocked_by(h, chunk_pid), timeout=20)
     h.clock.advance(timedelta(minutes=1))  # the recompute goes on later than the change took its time
     pause.release.set()
     assert (await recompute).changed >= 1
@@ -195,11 +196,15 @@ async def test_a_trait_change_committing_during_a_republish_is_what_consumers_ke
     h.clock.advance(timedelta(minutes=1))
     change = asyncio.ensure_future(handle(h, identify("i2", "u1", plan="pro")))
     await asyncio.wait_for(flushed.reached.wait(), 10)
-    # ... while a republish chunk reads u1 and writes its snapshot (held before its commit) ...
+    # ... while a republish chunk would read u1 and write its snapshot (held before its commit): it
+    # waits for the change's lock ...
     snapshot = Pause(monkeypatch, profile_store, "snapshot_chunk", after=True)
     job = await h.segmenter.republisher.start()
     assert job is not None
-    await let_run(snapshot.reached.wait())
+    changing: UnitOfWork = flushed.args[0]
+    pid = (await changing.session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    await eventually(lambda: blocked_by(h, pid), timeout=20)
+    assert not snapshot.reached.is_set()
     # ... and commits before the chunk does.
     flushed.release.set()
     await change

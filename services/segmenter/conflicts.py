@@ -30,13 +30,16 @@ T = TypeVar("T")
 # Tries of an event batch that meets a concurrent change to its customers (1-2 s of waiting in all).
 CONFLICT_ATTEMPTS = 9
 
-# How long a job's chunk waits for one customer row an event batch holds. An event batch holds its
-# rows for its unit of work, tens of milliseconds; in a deadlock it waits on the chunk meanwhile.
+# How long a job's chunk waits for one customer row an event batch holds: shorter than PostgreSQL's
+# deadlock_timeout (1 s), so in a deadlock the chunk gives up first. Meanwhile the chunk holds the
+# rows it has, which other event batches then wait for.
 JOB_LOCK_TIMEOUT_MS = 200
 # Tries of a job's chunk, with a pause after each failed one from JOB_FIRST_PAUSE_S, doubling, at most
-# JOB_MAX_PAUSE_S, jittered (half to all of it): 20 tries are 15-30 s of pauses, enough for a busy
-# customer's batches to pass; a chunk still refused then fails its job (which runs again later).
-JOB_CONFLICT_ATTEMPTS = 20
+# JOB_MAX_PAUSE_S, jittered (half to all of it): 160 tries are 2.5 to 5 minutes of pauses. On a
+# backlog, event batches hold their rows up to a second or so and a chunk of thousands of customers
+# may give way to them again and again until it drains; a chunk still refused then fails its job
+# (the recompute and the refit run again on schedule, a republish is started again).
+JOB_CONFLICT_ATTEMPTS = 160
 JOB_FIRST_PAUSE_S = 0.05
 JOB_MAX_PAUSE_S = 2.0
 

@@ -155,3 +155,45 @@ async def test_a_recompute_counts_the_customers_it_held_not_those_merged_away_me
     await handle(h, *merge_batch())  # x2 merged into u1
     pause.release.set()
     assert (await recompute).customers == 3
+
+
+async def test_a_chunk_refused_every_time_fails_its_job_after_its_tries_and_pauses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The retry policy alone: a lock timeout or deadlock every time, tried JOB_CONFLICT_ATTEMPTS
+    times with doubling pauses (at most JOB_MAX_PAUSE_S); any other error at once."""
+    import asyncpg
+
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+
+    monkeypatch.setattr(conflicts, "pause", pause)
+    monkeypatch.setattr(conflicts, "jitter", lambda lo, hi: hi)  # the longest pause each time
+    tries = 0
+
+    async def refused() -> None:
+        nonlocal tries
+        tries += 1
+        raise (
+            asyncpg.exceptions.LockNotAvailableError
+            if tries % 2
+            else asyncpg.exceptions.DeadlockDetectedError
+        )("held")
+
+    with pytest.raises(asyncpg.exceptions.PostgresError):
+        await conflicts.retry_job_chunk(refused, "test chunk")
+    assert tries == conflicts.JOB_CONFLICT_ATTEMPTS and len(pauses) == tries - 1
+    assert pauses[:3] == [conflicts.JOB_FIRST_PAUSE_S * n for n in (1, 2, 4)]
+    assert max(pauses) == pauses[-1] == conflicts.JOB_MAX_PAUSE_S
+
+    async def broken() -> None:
+        nonlocal tries
+        tries += 1
+        raise asyncpg.exceptions.UniqueViolationError("duplicate key")
+
+    tries, pauses[:] = 0, []
+    with pytest.raises(asyncpg.exceptions.UniqueViolationError):
+        await conflicts.retry_job_chunk(broken, "test chunk")
+    assert tries == 1 and pauses == []

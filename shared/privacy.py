@@ -315,8 +315,10 @@ async def try_erasure_gate(session: AsyncSession) -> bool:
     """The erasure gate shared, if it can be had at once: True (held until the transaction ends, as
     `erasure_gate(..., exclusive=False)`), or False while an erasure holds it or waits for it.
 
-    For writes that may be dropped rather than wait (an open pixel, a click, a delivery report):
-    PostgreSQL queues a new shared request behind a waiting exclusive one, so a blocking shared
+    For writes that may be dropped rather than wait (an open pixel, a click), or kept for later (a
+    provider's delivery report, which its sender may not retry: the notifier stores it and applies
+    it once the gate is free). PostgreSQL queues a new shared request behind a waiting exclusive
+    one, so a blocking shared
     request made during an erasure waits for the erasure and for every batch ahead of it, holding
     its pooled connection all along; during an erasure every such request, for every customer,
     would. A try does not queue: it answers at once.
@@ -334,9 +336,9 @@ async def erasure_gate_within(session: AsyncSession, timeout_ms: int) -> bool:
     ends, as `erasure_gate(..., exclusive=False)`), or False when an erasure still held it or waited
     for it then; the transaction goes on either way (the wait is undone to a savepoint).
 
-    Between `try_erasure_gate` and `erasure_gate`: for writes that a short erasure must not drop, yet
-    must not hold a pooled connection for however long one takes (a provider's delivery report,
-    which its sender may not retry). Free at once, it costs what a try does."""
+    Between `try_erasure_gate` and `erasure_gate`: for writes that a short erasure should not refuse,
+    yet must not hold a pooled connection for however long one takes (the notifier's admin
+    preferences PUT, answered 503 when the wait runs out). Free at once, it costs what a try does."""
     if await try_erasure_gate(session):
         return True
     connection = await driver_connection(session)

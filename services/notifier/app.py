@@ -106,6 +106,7 @@ def create_app(settings: NotifierSettings | None = None, *, clock: Clock | None 
         await announce_all(platform)
         for n in range(settings.delivery_loops):
             platform.run_in_background(f"delivery-{n}", worker.run)
+        platform.run_in_background("deferred-reports", notifier.run_deferred_reports)
         await platform.start_consumers()
         try:
             yield

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Literal
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from services.notifier.channels.http_providers import TWILIO_STOPPED
 from services.notifier.channels.router import ProviderRouter
@@ -28,10 +30,11 @@ from services.notifier.store import (
     contacts_repo,
     identities_repo,
     ledger_repo,
+    provider_reports_repo,
     suppressions_repo,
 )
 from shared.clock import Clock
-from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatusKind
+from shared.contracts import MESSAGE_STATUS, Channel, MessageRequested, MessageStatus, MessageStatusKind
 from shared.db.unit_of_work import UnitOfWork
 from shared.privacy import erased_among, erasure_gate, erasure_gate_within, try_erasure_gate
 from shared.runtime import Platform
@@ -42,9 +45,43 @@ log = logging.getLogger(__name__)
 # Not recorded rather than wait for the erasure gate (`Notifier._erased`, wait=False).
 ENGAGEMENTS_DROPPED = Counter(
     "clm_notifier_engagements_dropped_total",
-    "Opens, clicks and provider delivery reports not recorded because an erasure held or awaited the gate",
+    "Opens and clicks not recorded because an erasure held or awaited the gate",
     ["kind"],
 )
+# A delivery report is never dropped so: kept, and applied once the erasure is done.
+REPORTS_DEFERRED = Counter(
+    "clm_notifier_provider_reports_deferred_total",
+    "Provider delivery reports kept for later because an erasure held or awaited the gate",
+)
+DEFERRED_REPORTS_SETTLED = Counter(
+    "clm_notifier_deferred_reports_settled_total",
+    "Kept delivery reports taken by the loop: applied, duplicate (applied before), erased (their "
+    "customer's: nothing written), unknown_message (no ledger row has the provider's id any more), "
+    "failed (the try raised: kept, tried again later), dropped (given up after the last try: deleted)",
+    ["outcome"],
+)
+# Alert on it: reports a failing loop (or an erasure holding the gate) keeps from being applied.
+DEFERRED_REPORTS_OLDEST_AGE = Gauge(
+    "clm_notifier_deferred_reports_oldest_age_seconds",
+    "Age of the oldest delivery report kept during an erasure and not applied yet (0: none), as of "
+    "the loop's last pass",
+)
+# Kept reports settled per transaction of the loop.
+DEFERRED_REPORTS_BATCH = 100
+# A kept report's tries that failed wait this long at most before the next.
+DEFERRED_REPORTS_RETRY_MAX_S = 900.0
+
+ReportOutcome = Literal["applied", "duplicate", "erased", "unknown_message", "deferred"]
+DeferredOutcome = Literal["applied", "duplicate", "erased", "unknown_message", "failed", "dropped"]
+
+
+@dataclass(frozen=True)
+class AppliedReport:
+    """A delivery report's engagement written: the status to emit and the gone address's suppression
+    to add."""
+
+    status: MessageStatus
+    suppression: suppressions_repo.Suppression | None
 
 
 def _address_forms(identifier: str) -> list[str]:
@@ -55,9 +92,9 @@ def _address_forms(identifier: str) -> list[str]:
 
 
 class ErasureUnderWay(Exception):
-    """The erasure gate was not free at once (an erasure holds it or waits for it), or for a provider's
-    delivery report or an admin preferences write within its short wait: the write (an open, a click,
-    a delivery report, the admin's choices) was not made rather than wait longer."""
+    """The erasure gate was not free at once (an erasure holds it or waits for it), or for an admin
+    preferences write within its short wait: the write (an open, a click, the admin's choices) was
+    not made rather than wait longer. (Delivery reports are kept for later instead.)"""
 
 
 @dataclass
@@ -69,18 +106,17 @@ class Notifier:
     links: MessageLinks
     router: ProviderRouter
     worker: DeliveryWorker
-    # How long a provider's delivery report waits for the erasure gate (`record_provider_report`).
-    report_gate_wait_ms: int = 2000
-    # How many delivery reports may wait for it at once, each holding a pooled connection meanwhile:
-    # a quarter of the pool (`db_pool_size`), at least one. The others only try it.
-    report_gate_slots: asyncio.Semaphore = field(init=False, repr=False)
-    # The same for the admin's preference writes (`customer_erased`), apart from the reports.
+    # How long the admin's preference writes wait for the erasure gate (`customer_erased`), and how
+    # many may wait at once, each holding a pooled connection meanwhile: a quarter of the pool
+    # (`db_pool_size`), at least one. The others only try it.
     admin_gate_wait_ms: int = 2000
     admin_gate_slots: asyncio.Semaphore = field(init=False, repr=False)
+    # Wakes the loop that applies kept delivery reports (`run_deferred_reports`): one token at most.
+    _report_wakeups: asyncio.Queue[None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.report_gate_slots = asyncio.Semaphore(max(1, self.settings.db_pool_size // 4))
         self.admin_gate_slots = asyncio.Semaphore(max(1, self.settings.db_pool_size // 4))
+        self._report_wakeups = asyncio.Queue(maxsize=1)
 
     async def submit(self, requests: list[MessageRequested]) -> set[str]:
         """Queue requests made through the API (same ledger path as Kafka requests)."""
@@ -264,9 +300,7 @@ class Notifier:
             await erased_among(uow.session, salt, [customer_id, canonical, *_address_forms(customer_id)])
         )
 
-    async def _erased(
-        self, uow: UnitOfWork, customer_id: str, *, wait: bool = True, wait_at_most_ms: int = 0
-    ) -> bool:
+    async def _erased(self, uow: UnitOfWork, customer_id: str, *, wait: bool = True) -> bool:
         """Whether `customer_id` (a signed link's, a message's: any identifier of the customer) was
         erased, under the erasure gate until `uow` commits. A message outlives its customer's erasure
         in their mailbox: its links (unsubscribe, the open pixel, clicks) and its provider's late
@@ -274,18 +308,14 @@ class Notifier:
         (they recreated what the erasure deleted). An erasure committing meanwhile waits for this
         write, and then deletes it too.
 
-        `wait=False` for telemetry (opens, clicks, delivery reports), frequent and for any customer:
-        raises `ErasureUnderWay` unless the gate is free at once (`try_erasure_gate`), instead of
-        queueing behind an erasure with a pooled connection held; with `wait_at_most_ms`, after
-        waiting that long for it (`erasure_gate_within`). Consent writes (unsubscribe, the
-        preference page) wait: they are rare and must not be lost."""
+        `wait=False` for telemetry (opens, clicks), frequent and for any customer: raises
+        `ErasureUnderWay` unless the gate is free at once (`try_erasure_gate`), instead of queueing
+        behind an erasure with a pooled connection held. Consent writes (unsubscribe, the preference
+        page) wait: they are rare and must not be lost. (Delivery reports are kept for later
+        instead: `record_provider_report`.)"""
         if wait:
             await erasure_gate(uow.session, exclusive=False)
-        elif not await (
-            erasure_gate_within(uow.session, wait_at_most_ms)
-            if wait_at_most_ms > 0
-            else try_erasure_gate(uow.session)
-        ):
+        elif not await try_erasure_gate(uow.session):
             raise ErasureUnderWay
         salt = self.settings.privacy_salt.get_secret_value()
         return bool(await erased_among(uow.session, salt, [customer_id]))
@@ -384,55 +414,208 @@ class Notifier:
         reason: str | None,
         *,
         gone_address: tuple[str, str] | None = None,
-    ) -> bool:
+    ) -> ReportOutcome:
         """A provider's later delivery report (e.g. Twilio status callback): one status per outcome.
         `gone_address`: the address the report says does not exist (the report's own, which is where
         the message went) and the report's code for it, suppressed in the same transaction.
-        Waits for the erasure gate `report_gate_wait_ms` at most, and raises `ErasureUnderWay`
-        (nothing recorded) if an erasure still holds it or waits for it then: the caller answers so
-        that the provider may retry later. Not at once as opens and clicks: Twilio retries a status
-        callback only on a failed connection by default, so a short erasure lost every report of its
-        time (and a failed SMS's number went unsuppressed).
-        Only `report_gate_slots` reports wait at once: each holds a pooled connection meanwhile, and
-        at 20 reports/s an erasure's 2 s drained the pool (10 + 10 overflow), delivery loops queueing
-        behind. A report finding no slot free only tries the gate (`ErasureUnderWay` at once if busy)."""
+
+        Never lost to an erasure, never waited for: Twilio retries a status callback only on a failed
+        connection by default, so a report refused during an erasure (a 503) was lost, and one
+        waiting for the gate held a pooled connection. When the gate is not free at once (an erasure
+        holds it or waits for it), the report is kept (`deferred_provider_reports`, as little as
+        applying it needs: the provider's id, the outcome, its codes, the gone address as its
+        suppression's salted hash) in this same short transaction, and `run_deferred_reports`
+        applies it once the erasure is done, under the gate, with the time it came; or writes
+        nothing and deletes it, its customer being erased."""
         now = self.clock.now()
         added: dict[str, str] = {}
+        stored = False
         async with self.platform.unit_of_work() as uow:
             entry = await ledger_repo.by_provider_message_id(uow.session, provider_message_id)
             if entry is None:
-                return False
-            # No slot free: no wait. (Taking a free one never suspends: nothing queues for a slot.)
-            slotted = not self.report_gate_slots.locked()
-            if slotted:
-                await self.report_gate_slots.acquire()
-            try:
-                erased = await self._erased(
-                    uow,
-                    entry.request.customer_id,
-                    wait=False,
-                    wait_at_most_ms=self.report_gate_wait_ms if slotted else 0,
-                )
-            finally:
-                if slotted:
-                    self.report_gate_slots.release()
-            # An erased customer's message: nothing recorded, not even the address's suppression
-            # (it would name their message).
-            if erased or not await ledger_repo.record_engagement(
-                uow.session, entry.message_id, "provider_report", kind.value, now
-            ):
-                return False
+                return "unknown_message"
+            report = provider_reports_repo.ProviderReport(provider_message_id, kind, reason, now)
             if gone_address is not None:
                 address, why = gone_address
-                suppression = self.worker.suppression(entry.request, address, entry.provider, why, now)
-                if suppression is not None:
-                    added = await suppressions_repo.add(uow.session, [suppression])
-            uow.emit(
-                MESSAGE_STATUS.name,
-                entry.request.customer_id,
-                status_of(entry.request, kind, now, reason=reason, provider=entry.provider),
-                correlation_id=entry.correlation_id,
-            )
+                key = suppression_key(
+                    self.settings.privacy_salt.get_secret_value(),
+                    entry.request.channel,
+                    address,
+                    self.settings.sms_default_region,
+                )
+                if key is not None:
+                    report = replace(report, gone_address_hash=key, gone_reason=why)
+            outcome: ReportOutcome
+            if not await try_erasure_gate(uow.session):
+                # Not under the gate: the row names no customer; the loop checks the tombstones.
+                stored = await provider_reports_repo.store(uow.session, report)
+                outcome = "deferred"
+            elif await self._erased(uow, entry.request.customer_id):
+                outcome = "erased"
+            else:
+                applied = await self._apply_report(uow, entry, report)
+                if applied is None:
+                    outcome = "duplicate"
+                else:
+                    if applied.suppression is not None:
+                        added = await suppressions_repo.add(uow.session, [applied.suppression])
+                    self._emit_report(uow, entry, applied)
+                    outcome = "applied"
+        if stored:  # not one that was kept already
+            REPORTS_DEFERRED.inc()
+            with contextlib.suppress(asyncio.QueueFull):
+                self._report_wakeups.put_nowait(None)
         for channel in added.values():  # committed
             ADDRESSES_SUPPRESSED.labels(channel).inc()
-        return True
+        return outcome
+
+    async def _apply_report(
+        self, uow: UnitOfWork, entry: ledger_repo.LedgerEntry, report: provider_reports_repo.ProviderReport
+    ) -> AppliedReport | None:
+        """Under the erasure gate, the customer checked not erased: the report's engagement, once per
+        message and outcome (None for a repeat: it writes nothing), and the status and the gone
+        address's suppression that go with it, for the caller to emit and add (after this
+        succeeded: a try that fails leaves nothing behind)."""
+        if not await ledger_repo.record_engagement(
+            uow.session, entry.message_id, "provider_report", report.kind.value, report.received_at
+        ):
+            return None
+        suppression = None
+        if report.gone_address_hash is not None and report.gone_reason is not None:
+            suppression = suppressions_repo.Suppression(
+                report.gone_address_hash,
+                entry.request.channel.value,
+                report.gone_reason,
+                entry.provider,
+                entry.message_id,
+                report.received_at,
+            )
+        status = status_of(
+            entry.request, report.kind, report.received_at, reason=report.reason, provider=entry.provider
+        )
+        return AppliedReport(status, suppression)
+
+    @staticmethod
+    def _emit_report(uow: UnitOfWork, entry: ledger_repo.LedgerEntry, applied: AppliedReport) -> None:
+        uow.emit(
+            MESSAGE_STATUS.name,
+            entry.request.customer_id,
+            applied.status,
+            correlation_id=entry.correlation_id,
+        )
+
+    async def apply_deferred_reports(self, limit: int = DEFERRED_REPORTS_BATCH) -> int:
+        """One pass over the delivery reports kept during an erasure: the `limit` due first (another
+        replica's pass skips them), applied or dropped and deleted in one transaction. Waits for the
+        erasure gate (a background loop: one pooled connection waits, not one per report), so an
+        erasure under way is done first and its tombstones are seen. Returns the reports taken.
+
+        Each report is applied in a savepoint: one whose try raises (whatever the cause) is rolled
+        back alone, left nothing queued (its status is emitted only after its savepoint), and is
+        tried again later (`deferred_reports_retry_s`, doubling), so it does not hold back the
+        others; after `deferred_reports_max_attempts` tries it is deleted, logged as an error and
+        counted (`dropped`). The batch's suppressions are added together at the end, in one
+        (sorted) order, and its engagements in message order: added report by report, in the order
+        the reports were taken, two replicas' passes could each wait for the other's."""
+        now = self.clock.now()
+        outcomes: list[DeferredOutcome] = []
+        added: dict[str, str] = {}
+        async with self.platform.unit_of_work() as uow:
+            oldest, due = await provider_reports_repo.waiting(uow.session, now)
+            DEFERRED_REPORTS_OLDEST_AGE.set(
+                0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+            )
+            if not due:
+                return 0  # the common case: neither the gate nor a lock taken
+            await erasure_gate(uow.session, exclusive=False)
+            now = self.clock.now()  # after the erasure it may have waited for
+            reports = await provider_reports_repo.take(uow.session, limit, now)
+            entries = await ledger_repo.by_provider_message_ids(
+                uow.session, {r.provider_message_id for r in reports}
+            )
+            salt = self.settings.privacy_salt.get_secret_value()
+            erased = await erased_among(
+                uow.session, salt, sorted({e.request.customer_id for e in entries.values()})
+            )
+            settled: list[int] = []
+            suppressions: list[suppressions_repo.Suppression] = []
+            for report in sorted(reports, key=lambda r: (r.provider_message_id, r.kind.value, r.id or 0)):
+                if report.id is None:  # taken rows have theirs
+                    continue
+                entry = entries.get(report.provider_message_id)
+                if entry is None:  # pruned from the ledger meanwhile (retention): nothing to report on
+                    outcomes.append("unknown_message")
+                elif entry.request.customer_id in erased:
+                    # Nothing, not even the address's suppression (it would name their message).
+                    outcomes.append("erased")
+                else:
+                    try:
+                        async with uow.session.begin_nested():
+                            applied = await self._apply_report(uow, entry, report)
+                    except Exception:
+                        outcomes.append(await self._report_failed(uow, report, now))
+                        continue
+                    if applied is None:
+                        outcomes.append("duplicate")
+                    else:
+                        if applied.suppression is not None:
+                            suppressions.append(applied.suppression)
+                        self._emit_report(uow, entry, applied)
+                        outcomes.append("applied")
+                settled.append(report.id)
+            added = await suppressions_repo.add(uow.session, suppressions)
+            await provider_reports_repo.delete(uow.session, settled)
+        for outcome in outcomes:
+            DEFERRED_REPORTS_SETTLED.labels(outcome).inc()
+        for channel in added.values():  # committed
+            ADDRESSES_SUPPRESSED.labels(channel).inc()
+        return len(outcomes)
+
+    async def _report_failed(
+        self, uow: UnitOfWork, report: provider_reports_repo.ProviderReport, now: datetime
+    ) -> DeferredOutcome:
+        """A kept report's try raised (its savepoint rolled back): tried again later, or dropped
+        after `deferred_reports_max_attempts` tries. Called from the `except` block: logs the error."""
+        assert report.id is not None
+        tries = report.attempts + 1
+        if tries >= self.settings.deferred_reports_max_attempts:
+            log.error(
+                "kept delivery report %s (%s on provider message %s) failed %d times: dropped",
+                report.id,
+                report.kind.value,
+                report.provider_message_id,
+                tries,
+                exc_info=True,
+            )
+            await provider_reports_repo.delete(uow.session, [report.id])
+            return "dropped"
+        delay = min(self.settings.deferred_reports_retry_s * 2 ** (tries - 1), DEFERRED_REPORTS_RETRY_MAX_S)
+        log.warning(
+            "kept delivery report %s (%s on provider message %s) failed (try %d of %d): again in %.0f s",
+            report.id,
+            report.kind.value,
+            report.provider_message_id,
+            tries,
+            self.settings.deferred_reports_max_attempts,
+            delay,
+            exc_info=True,
+        )
+        await provider_reports_repo.failed(uow.session, report.id, now + timedelta(seconds=delay))
+        return "failed"
+
+    async def run_deferred_reports(self) -> None:
+        """The loop applying kept delivery reports: woken by each one kept here, and every
+        `deferred_reports_poll_s` for those another replica or a stopped process kept, and those
+        whose try failed once they are due again."""
+        while True:
+            try:
+                while await self.apply_deferred_reports() >= DEFERRED_REPORTS_BATCH:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The whole pass (the database, not one report: those fail alone, above).
+                log.exception("applying kept delivery reports failed; retrying")
+                await asyncio.sleep(1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report_wakeups.get(), self.settings.deferred_reports_poll_s)

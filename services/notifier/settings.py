@@ -152,6 +152,13 @@ class NotifierSettings(BaseServiceSettings):
     sending_stale_after_s: float = 300.0
     # A row left `claimed` this long (worker died before calling the provider) is handed back to pending.
     claim_stale_after_s: float = 60.0
+    # How often delivery reports kept during an erasure (`deferred_provider_reports`) are looked for,
+    # besides the wake-up each one brings: for those another replica or a stopped process kept.
+    deferred_reports_poll_s: float = 5.0
+    # A kept report whose try raised is tried again after this long, doubling each time (15 min at
+    # most), and deleted (logged as an error) after this many tries: it never holds back the others.
+    deferred_reports_retry_s: float = Field(30.0, gt=0)
+    deferred_reports_max_attempts: int = Field(10, ge=1)
     # Templates: strict undefined variables (an unknown variable fails the message) and size limits.
     template_max_output_chars: int = 1_000_000
     template_max_loop_iterations: int = 10_000

@@ -103,9 +103,14 @@ async def reevaluate(
     affected: Mapping[str, set[str]],
     causes: Mapping[str, str],
     now: datetime,
+    failed: dict[tuple[str, str], Exception] | None = None,
 ) -> int:
     """Evaluate `affected[customer]` segments for each customer; store, schedule and announce changes.
-    Returns the number of announced transitions."""
+    Returns the number of announced transitions.
+
+    An evaluation that raises is raised, unless `failed` is given (the due-timer loop's): then the
+    pair (customer, segment) goes into it and is left as it was (membership, timer), and the others
+    are stored as usual; one built on it (`member_of`) sees its membership as stored."""
     if not any(affected.values()):
         return 0
     session = uow.session
@@ -125,15 +130,24 @@ async def reevaluate(
             todo = catalog.with_dependents(set(key))
             plan = plans[key] = [s for s in catalog.segments if s.segment_id in todo]
         for seg in plan:
-            hit = seg.holds(p, now)
+            timed = seg.refs.time_dependent
+            # Both before anything is noted for the pair. (The `try` costs nothing while nothing
+            # raises: the event path's loop does the same work, and sends the same statements.)
+            try:
+                hit = seg.holds(p, now)
+                when = seg.next_change_at(p, now) if timed else None
+            except Exception as exc:
+                if failed is None:
+                    raise
+                failed[cid, seg.segment_id] = exc
+                continue
             was = seg.segment_id in p.memberships
             if hit != was:
                 changes.append(
                     segment_store.MembershipChange(seg.segment_id, cid, hit, causes.get(cid, "unknown"))
                 )
                 (p.memberships.add if hit else p.memberships.discard)(seg.segment_id)
-            if seg.refs.time_dependent:
-                when = seg.next_change_at(p, now)
+            if timed:
                 pending = inputs.timers.get((cid, seg.segment_id))
                 if when is None and pending is not None:
                     clear.append((cid, seg.segment_id))

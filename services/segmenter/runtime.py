@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.segmenter.consumers.customer_events import CustomerEventsHandler
+from services.segmenter.due_timers import DueTimers
 from services.segmenter.lifecycle import Lifecycle
 from services.segmenter.recommendations import Recommendations
 from services.segmenter.reevaluation import SegmentCatalogCache
 from services.segmenter.republish import Republisher
-from services.segmenter.schedules import Backfill, DueTimers
+from services.segmenter.schedules import Backfill
 from services.segmenter.settings import SegmenterSettings
 from shared.clock import Clock
 from shared.runtime import Platform

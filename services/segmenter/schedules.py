@@ -1,4 +1,5 @@
-"""Background work without events: due timers (time-based conditions) and segment back-fill.
+"""Background work without events: segment back-fill (the due timers of time-based conditions are
+`due_timers.py`'s).
 
 Both loops use the injected clock and expose `run_once()`, so tests drive them step by step.
 """
@@ -19,9 +20,8 @@ from prometheus_client import Counter
 from services.segmenter.consumers.customer_events import is_transient_conflict
 from services.segmenter.domain.catalog import Catalog, SegmentRule
 from services.segmenter.domain.rules import InvalidRule
-from services.segmenter.reevaluation import SegmentCatalogCache, reevaluate
+from services.segmenter.reevaluation import SegmentCatalogCache
 from services.segmenter.settings import SegmenterSettings
-from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
 from shared.clock import Clock
 from shared.contracts.topics import SEGMENT_MEMBERSHIP
@@ -90,45 +90,6 @@ def failure_kind(exc: BaseException) -> str:
     if state is not None and (state in PASSING_SQLSTATES or state.startswith("53")):
         return "passing"
     return "segment"
-
-
-class DueTimers:
-    """Re-evaluates (customer, segment) pairs whose time-based condition may flip now.
-
-    Timers are claimed in batches with `FOR UPDATE SKIP LOCKED` and deleted in the same transaction
-    as the re-evaluation (which stores the next due moment, if any), so nothing is lost or doubled
-    and replicas share the work."""
-
-    def __init__(
-        self, platform: Platform, clock: Clock, catalog: SegmentCatalogCache, settings: SegmenterSettings
-    ):
-        self.platform, self.clock, self.catalog_cache, self.settings = platform, clock, catalog, settings
-
-    async def run_once(self) -> int:
-        now = self.clock.now()
-        async with self.platform.unit_of_work() as uow:
-            due = await segment_store.claim_due_timers(uow.session, now, self.settings.timer_batch_size)
-            if not due:
-                return 0
-            catalog = await self.catalog_cache.refresh(uow.session)
-            affected: dict[str, set[str]] = {}
-            for cid, sid in due:
-                affected.setdefault(cid, set()).add(sid)
-            profiles = await profile_store.lock_profiles(uow.session, affected)
-            known = catalog.ids
-            affected = {c: s & known for c, s in affected.items() if c in profiles}
-            await reevaluate(uow, catalog, profiles, affected, dict.fromkeys(profiles, "schedule"), now)
-            return len(due)
-
-    async def run_forever(self) -> None:
-        while True:
-            try:
-                n = await self.run_once()
-            except Exception as exc:
-                log.warning("due timer pass failed; retrying", extra={"error": repr(exc)})
-                n = 0
-            if n < self.settings.timer_batch_size:
-                await asyncio.sleep(self.settings.timer_interval_s)
 
 
 class Backfill:

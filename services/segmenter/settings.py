@@ -68,6 +68,29 @@ class SegmenterSettings(BaseServiceSettings):
     # Due timers claimed per transaction, and how often the loop looks for due ones.
     timer_batch_size: int = 1000
     timer_interval_s: float = 1.0
+    # A due timer whose re-evaluation fails (its evaluation raises: the other timers of its batch go
+    # through in the same transaction; or the batch fails in the database, taken apart by halves) is
+    # tried again `segment_timer_retry_s` later, doubled each time (60 s, then 120 s; at most a day),
+    # and parked (`segment_timers_parked`) once it has failed this many times in a row. Bounded: the
+    # tries are retried, not spun on (20 tries at 60 s already wait past a year, capped to a day each).
+    segment_timer_max_attempts: int = Field(default=3, ge=1, le=20)
+    segment_timer_retry_s: float = Field(default=60.0, ge=0, le=86400)
+    # A batch whose pass stalls (a statement or lock timeout, running out of memory, a deadlock on every
+    # quick try) is claimed half as big at the next pass, down to a single timer, and grows back as
+    # passes go through; a single timer whose pass stalls is put off as a failed one is (same waits),
+    # no try counted, and parked after this many stalls in a row: a customer whose re-evaluation always
+    # outlasts the statement timeout no longer holds every later timer back.
+    segment_timer_max_stalls: int = Field(default=10, ge=1, le=50)
+    # A batch whose every timer failed, in more than one segment, is taken for a failure of every
+    # evaluation (a release or a dependency that broke the evaluator), not of those timers: they are put
+    # off `segment_timer_retry_s`, no try counted, and the loop backs off. A timer this worker has put
+    # off so this many times is counted all the same (segments broken at once while nothing else is
+    # due would otherwise be tried for ever).
+    segment_timer_outage_passes: int = Field(default=10, ge=1, le=1000)
+    # How often (and at start) the loop, when idle, deletes parked timers whose customer or segment no
+    # longer exists (an erasure, a merge or a deletion by a release that does not know the table: a
+    # rolling upgrade or a rollback), and sets the parked-timers gauge.
+    segment_timer_sweep_s: float = Field(default=600.0, gt=0)
     # Customers per back-fill transaction, and how often the back-fill loop looks for work.
     backfill_chunk_size: int = 50000
     backfill_poll_interval_s: float = 1.0

@@ -1,7 +1,7 @@
 """Migrations 0005 and 0006 repair what earlier versions stored for hostile events: infinite times
 (events stamped 0001-01-01 or 9999-12-31, asyncpg's datetime.min/max) and infinite revenue (order
 amounts summed past float8), which made every later event of their customer fail. Migration 0014
-counts a back-fill pass's failed chunks on the segment."""
+counts a back-fill pass's failed chunks on the segment; 0015 parks due timers that keep failing."""
 
 from __future__ import annotations
 
@@ -123,5 +123,59 @@ async def test_backfill_failures_both_ways(make_settings: Any) -> None:
                 "backfill_total",
             ]
             assert await conn.scalar(text("SELECT status FROM segments")) == "failed"
+    finally:
+        await engine.dispose()
+
+
+async def test_segment_timers_parked_both_ways(make_settings: Any) -> None:
+    """0015 adds `segment_timers.attempts` and `.stalls` (existing timers: none counted) and the parked
+    table; its downgrade puts parked timers back among the due ones (a timer written since for the
+    same pair, by an evaluation after the parking, is kept as it is)."""
+    settings = make_settings(SegmenterSettings)
+    await ensure_schema(settings.database_url, settings.db_schema)
+    engine = create_engine(settings.database_url, settings.db_schema)
+    try:
+        await run_migrations(engine, MIGRATIONS, settings.db_schema, revision="0014_backfill_failures")
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO segment_timers (customer_id, segment_id, due_at) VALUES "
+                    "('a', 's', '2026-04-01Z'), ('b', 's', '2026-04-02Z')"
+                )
+            )
+        await run_migrations(engine, MIGRATIONS, settings.db_schema)
+        async with engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    text("SELECT customer_id, attempts, stalls FROM segment_timers ORDER BY 1")
+                )
+            ).all()
+            assert [tuple(r) for r in rows] == [("a", 0, 0), ("b", 0, 0)]
+            await conn.execute(text("DELETE FROM segment_timers WHERE customer_id = 'a'"))
+            await conn.execute(
+                text(
+                    "INSERT INTO segment_timers_parked "
+                    "(segment_id, customer_id, due_at, parked_at, attempts, stalls, error) VALUES "
+                    "('s', 'a', '2026-04-01Z', '2026-04-01Z', 3, 0, 'RuntimeError: x'), "
+                    "('s', 'b', '2026-03-01Z', '2026-03-01Z', 0, 10, 'QueryCanceledError: y')"
+                )
+            )
+        async with engine.begin() as conn:
+            await conn.run_sync(_downgrade, "0014_backfill_failures")
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text("SELECT customer_id, due_at::date::text FROM segment_timers ORDER BY 1")
+                )
+            ).all()
+            assert [tuple(r) for r in rows] == [("a", "2026-04-01"), ("b", "2026-04-02")]
+            assert await conn.scalar(text("SELECT to_regclass('segment_timers_parked')")) is None
+            columns = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() "
+                    "AND table_name = 'segment_timers' AND column_name IN ('attempts', 'stalls')"
+                )
+            )
+            assert columns == 0
     finally:
         await engine.dispose()

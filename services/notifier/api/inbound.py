@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.api.forms import read_form
 from services.notifier.channels.http_providers import TWILIO_ADDRESS_GONE
-from services.notifier.service import ENGAGEMENTS_DROPPED, ErasureUnderWay, Notifier
+from services.notifier.service import Notifier
 from shared.contracts import MessageStatusKind
 from shared.http import ApiError
 
@@ -68,23 +68,14 @@ async def twilio_status_callback(request: Request, notifier: NotifierDep) -> Res
         and int(code) in TWILIO_ADDRESS_GONE
     )
     to = params.get("To")
-    try:
-        await notifier.record_provider_report(
-            sid,
-            kind,
-            None if kind is MessageStatusKind.DELIVERED else reason,
-            gone_address=(to, f"twilio error {int(code)}") if gone and to else None,
-        )
-    except ErasureUnderWay:
-        # An erasure held or awaited the gate for all of the report's short wait (2 s: Twilio, which by
-        # default retries only a failed connection, would lose every report of a short erasure's
-        # time; longer, every report would hold a pooled connection meanwhile): nothing recorded.
-        # Not a 2xx, which would tell Twilio the report was taken: a 503, retried where Twilio's
-        # retry policy for the callback covers 5xx answers (its connection overrides), shown in its
-        # debugger otherwise. The report is then lost: the message keeps its `sent` status, and a
-        # number gone for good is suppressed at its next message's report instead.
-        ENGAGEMENTS_DROPPED.labels("provider_report").inc()
-        return Response(status_code=503, headers={"Retry-After": "5"})
+    # Applied now, or kept and applied once an erasure under way is done: a 2xx either way. Never a
+    # 5xx for a report we hold: Twilio does not retry one by default, so it was lost.
+    await notifier.record_provider_report(
+        sid,
+        kind,
+        None if kind is MessageStatusKind.DELIVERED else reason,
+        gone_address=(to, f"twilio error {int(code)}") if gone and to else None,
+    )
     return Response(status_code=204)
 
 

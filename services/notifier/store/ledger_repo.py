@@ -317,6 +317,21 @@ async def by_provider_message_id(session: AsyncSession, provider_message_id: str
     return _entry(row._mapping) if row else None
 
 
+async def by_provider_message_ids(
+    session: AsyncSession, provider_message_ids: Collection[str]
+) -> dict[str, LedgerEntry]:
+    """The ledger entries of these provider message ids (those found), by that id."""
+    if not provider_message_ids:
+        return {}
+    rows = await session.execute(
+        sa.select(send_ledger).where(send_ledger.c.provider_message_id.in_(sorted(provider_message_ids)))
+    )
+    found: dict[str, LedgerEntry] = {}
+    for row in rows:
+        found.setdefault(row.provider_message_id, _entry(row._mapping))
+    return found
+
+
 async def latest_marketing_delivered(
     session: AsyncSession, customer_ids: Sequence[str], channel: str
 ) -> LedgerEntry | None:

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.notifier.store import identities_repo
+from services.notifier.store import identities_repo, provider_reports_repo
 from services.notifier.store.sql_arrays import any_of
 from services.notifier.store.tables import (
     address_suppressions,
@@ -48,6 +48,9 @@ async def erase(session: AsyncSession, customer_ids: Sequence[str], now: datetim
         .where(address_suppressions.c.message_id.in_(messages))
         .values(message_id=None)
     )
+    # Delivery reports kept during an erasure, on their messages (found by the provider's message id,
+    # which the scrubbed ledger row keeps).
+    await provider_reports_repo.forget_customers(session, ids)
     await session.execute(_SCRUB_LEDGER, {"ids": ids, "now": now})
     for table in (contacts, in_app_messages, preferences, consent_ledger):
         await session.execute(sa.delete(table).where(any_of(table.c.customer_id, ids)))

@@ -75,6 +75,36 @@ sa.Index("contacts_email_address", contacts.c.email_address)
 sa.Index("send_ledger_due", send_ledger.c.next_attempt_at, postgresql_where=send_ledger.c.state == "pending")
 sa.Index("send_ledger_created_at", send_ledger.c.created_at)  # the performance report's periods
 
+# A provider's delivery report that came while an erasure held the gate (revision 0015), until the
+# loop applies it (`Notifier.apply_deferred_reports`): its message by the provider's id, never the
+# number it went to (the gone address as its suppression's salted hash).
+deferred_provider_reports = sa.Table(
+    "deferred_provider_reports",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("provider_message_id", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("gone_address_hash", sa.Text),
+    sa.Column("gone_reason", sa.Text),
+    sa.Column("received_at", TS, nullable=False),
+    # Tries that failed, and when the next one is due (a failing report does not hold back the rest).
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", TS, nullable=False),
+    sa.CheckConstraint("kind IN ('delivered', 'bounced', 'failed')", name="deferred_provider_reports_kind"),
+)
+# Not unique: an insert conflicting with a row an erasure is deleting would wait for the erasure.
+sa.Index(
+    "deferred_provider_reports_message",
+    deferred_provider_reports.c.provider_message_id,
+    deferred_provider_reports.c.kind,
+)
+sa.Index(
+    "deferred_provider_reports_due",
+    deferred_provider_reports.c.next_attempt_at,
+    deferred_provider_reports.c.id,
+)
+
 # First open, each clicked URL, each unsubscribe of a message: one status each.
 engagements = sa.Table(
     "engagements",

@@ -29,11 +29,19 @@ from services.segmenter.reevaluation import fill_snapshots
 from services.segmenter.runtime import Segmenter
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
-from shared.db.errors import is_lock_timeout, set_lock_timeout
+from services.segmenter.store import timers as timer_store
+from shared.db.errors import is_lock_timeout, set_lock_timeout, sqlstate
 from shared.http import ApiError, admin_guard, field_error
 
 # How long a deletion waits for the segment's row (see `delete_segment`) before answering 503.
 DELETE_LOCK_TIMEOUT_MS = 5000
+# A requeue of parked timers: parked rows per transaction, and how long one waits for a row (a timer a
+# back-fill chunk or the due-timer loop holds, a customer an event batch, an erasure or a merge holds:
+# an event batch of 4,000 events holds its customers about half a second) before answering 503.
+REQUEUE_CHUNK = 1000
+REQUEUE_LOCK_TIMEOUT_MS = 2000
+# Lock timeout, deadlock, serialization failure: a requeue meeting a concurrent writer.
+BUSY_SQLSTATES = frozenset({"55P03", "40P01", "40001"})
 
 
 class SegmentIn(BaseModel):
@@ -185,7 +193,8 @@ def segments_router(seg: Segmenter) -> APIRouter:
     async def list_segments() -> dict[str, Any]:
         async with platform.unit_of_work() as uow:
             rows = await segment_store.list_segments(uow.session)
-        return {"segments": [_view(r) for r in rows]}
+            parked = await timer_store.parked_counts(uow.session, [r["segment_id"] for r in rows])
+        return {"segments": [_view(r) | {"parked_timer_count": parked.get(r["segment_id"], 0)} for r in rows]}
 
     @router.post("/preview")
     async def preview(body: PreviewIn) -> dict[str, Any]:
@@ -203,7 +212,9 @@ def segments_router(seg: Segmenter) -> APIRouter:
             if row is None:
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             members = await segment_store.member_count(uow.session, segment_id)
-        return _view(row, members)
+            parked = await timer_store.parked_counts(uow.session, [segment_id])
+        # Due timers of the segment whose re-evaluation kept failing (see /parked-timers).
+        return _view(row, members) | {"parked_timer_count": parked.get(segment_id, 0)}
 
     @router.put("/{segment_id}")
     async def update_segment(segment_id: str, body: SegmentIn) -> dict[str, Any]:
@@ -297,6 +308,57 @@ def segments_router(seg: Segmenter) -> APIRouter:
                 raise ApiError(404, "not_found", f"no segment {segment_id!r}")
             ids = await segment_store.members_page(uow.session, segment_id, after, limit)
         return {"members": ids, "next_after": ids[-1] if len(ids) == limit else None}
+
+    @router.get("/{segment_id}/parked-timers")
+    async def parked_timers(
+        segment_id: str, after: str | None = None, limit: int = Query(default=100, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        """Due timers of the segment whose re-evaluation failed `segment_timer_max_attempts` times, or
+        whose pass alone stalled `segment_timer_max_stalls` times, in a row (keyset paging by customer
+        id): those customers' time-based membership of the segment is not re-evaluated until an event
+        of theirs the segment names, a back-fill of it (a save) or a requeue. `rescheduled_due_at`: a
+        timer written for the customer since (an event re-evaluated them), if any: the parked row goes
+        when that timer is re-evaluated."""
+        async with platform.unit_of_work() as uow:
+            if await segment_store.get_segment(uow.session, segment_id) is None:
+                raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+            rows = await timer_store.parked_timers(uow.session, segment_id, after, limit)
+        return {
+            "parked_timers": rows,
+            "next_after": rows[-1]["customer_id"] if len(rows) == limit else None,
+        }
+
+    @router.post("/{segment_id}/parked-timers/requeue")
+    async def requeue_parked_timers(segment_id: str) -> dict[str, Any]:
+        """Put the segment's parked timers back among the due ones, with no try counted, once the cause
+        is gone: due at once, re-evaluated at the loop's next pass (a pair with a timer again keeps
+        it). REQUEUE_CHUNK per transaction, each waiting REQUEUE_LOCK_TIMEOUT_MS at most for a row a
+        concurrent writer holds: then 503 `segment_busy` (Retry-After), the chunks before it requeued,
+        and a retry goes on with the rest."""
+        requeued, after = 0, ""
+        try:
+            while True:
+                async with platform.unit_of_work() as uow:
+                    await set_lock_timeout(uow.session, REQUEUE_LOCK_TIMEOUT_MS)
+                    if not after and await segment_store.get_segment(uow.session, segment_id) is None:
+                        raise ApiError(404, "not_found", f"no segment {segment_id!r}")
+                    n, last = await timer_store.requeue_parked_chunk(
+                        uow.session, segment_id, after, REQUEUE_CHUNK
+                    )
+                requeued += n
+                if last is None or n < REQUEUE_CHUNK:
+                    return {"requeued": requeued}
+                after = last
+        except DBAPIError as exc:
+            if sqlstate(exc) not in BUSY_SQLSTATES:
+                raise
+            raise ApiError(
+                503,
+                "segment_busy",
+                f"the segment's parked timers are being written ({requeued} requeued before); try the "
+                "requeue again",
+                headers={"Retry-After": "1"},
+            ) from exc
 
     @router.get("/{segment_id}/explain/{customer_ref}")
     async def explain_membership(segment_id: str, customer_ref: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ CUSTOMER_TABLES: tuple[tuple[str, str, str], ...] = (
     ("event_counts", "customer_id", "event"),
     ("memberships", "customer_id", "segment_id"),
     ("segment_timers", "customer_id", "segment_id"),
+    ("segment_timers_parked", "customer_id", "segment_id"),
     ("merges", "canonical_id", "id"),
     ("identities", "customer_id", "kind, value"),
     # Recommendations (issue 9), lifecycle (issue 7): present once their migrations ran.

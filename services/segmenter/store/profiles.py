@@ -375,7 +375,16 @@ async def merge_customers(
     await session.execute(
         text("DELETE FROM segment_timers WHERE customer_id = :from"), {"from": merge.from_id}
     )
-    await session.execute(text("DELETE FROM customers WHERE customer_id = :from"), {"from": merge.from_id})
+    # The parked timers after the timers, in a later statement (a later snapshot): a due timer of
+    # `from` being parked meanwhile holds its row until it commits, and its parked row is then seen
+    # here. With the profile's deletion: no statement more on the event path.
+    await session.execute(
+        text(
+            "WITH unparked AS (DELETE FROM segment_timers_parked WHERE customer_id = :from) "
+            "DELETE FROM customers WHERE customer_id = :from"
+        ),
+        {"from": merge.from_id},
+    )
     return MergeResult(merged.changed, exited, merged.dropped)
 
 

@@ -172,6 +172,7 @@ async def delete_segment(session: AsyncSession, segment_id: str, announce: Annou
         )
     ).scalar_one()
     await session.execute(text("DELETE FROM segment_timers WHERE segment_id = :s"), {"s": segment_id})
+    await session.execute(text("DELETE FROM segment_timers_parked WHERE segment_id = :s"), {"s": segment_id})
     await session.execute(text("DELETE FROM segment_deletions WHERE segment_id = :s"), {"s": segment_id})
     return int(exits)
 
@@ -229,7 +230,9 @@ _SET_TIMERS = Statement(
     + " AS u WHERE t.customer_id = u.c AND t.segment_id = u.s) "
     "INSERT INTO segment_timers (customer_id, segment_id, due_at) SELECT * FROM "
     + rows_from_json("due", [("c", "text"), ("s", "text"), ("d", "timestamptz")])
-    + " AS u ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at"
+    # Evaluated without failing: a timer moved here starts its tries afresh (`due_timers.py`).
+    + " AS u ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at, attempts = 0, "
+    "stalls = 0"
 )
 
 
@@ -354,20 +357,6 @@ async def set_timers(
         session,
         {"due": json_rows(due), "clear": json_rows(clear)},
     )
-
-
-async def claim_due_timers(session: AsyncSession, now: datetime, limit: int) -> list[tuple[str, str]]:
-    """Due timers, taken for this transaction (another replica skips them, not waits)."""
-    rows = await session.execute(
-        text(
-            "DELETE FROM segment_timers t USING (SELECT customer_id, segment_id FROM segment_timers "
-            "WHERE due_at <= :now ORDER BY due_at LIMIT :n FOR UPDATE SKIP LOCKED) d "
-            "WHERE t.customer_id = d.customer_id AND t.segment_id = d.segment_id "
-            "RETURNING t.customer_id, t.segment_id"
-        ),
-        {"now": now, "n": limit},
-    )
-    return [(r.customer_id, r.segment_id) for r in rows]
 
 
 # --------------------------------------------------------------------------- back-fill and preview
@@ -637,7 +626,12 @@ async def backfill_chunk(
         "AND t.customer_id = chunk.customer_id AND chunk.due IS NULL), "
         "timed AS (INSERT INTO segment_timers (customer_id, segment_id, due_at) "
         "SELECT customer_id, :seg, due FROM chunk WHERE due IS NOT NULL "
-        "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at), "
+        "ON CONFLICT (customer_id, segment_id) DO UPDATE SET due_at = excluded.due_at, attempts = 0, "
+        "stalls = 0), "
+        # The chunk's customers are re-evaluated and get fresh timers: their parked ones are done with
+        # (a re-save or any other back-fill of the segment clears them, chunk by chunk).
+        "unparked AS (DELETE FROM segment_timers_parked p WHERE p.segment_id = :seg "
+        "AND p.customer_id > :after AND p.customer_id <= :upto), "
         "changed AS (INSERT INTO memberships (segment_id, customer_id, is_member, transitions, changed_at, "
         "cause) "
         "SELECT :seg, ch.customer_id, ch.hit, 1, :now, :cause FROM chunk ch "

@@ -126,6 +126,26 @@ segment_timers = sa.Table(
     sa.Column("customer_id", sa.Text, primary_key=True),
     sa.Column("segment_id", sa.Text, primary_key=True),
     sa.Column("due_at", TS, nullable=False, index=True),
+    # Revision 0015 adds `attempts` and `stalls` (tries whose re-evaluation failed, passes of it alone
+    # that stalled, in a row: `due_timers.py`): not declared here, revision 0002 creates the table
+    # from these.
+)
+
+# Due timers whose re-evaluation failed CLM_SEGMENT_TIMER_MAX_ATTEMPTS times, or whose pass alone
+# stalled CLM_SEGMENT_TIMER_MAX_STALLS times, in a row, out of the due ones with the last error: the
+# customer's time-based membership of the segment waits until an event of theirs the segment names,
+# a back-fill of the segment, or a requeue (revision 0015).
+segment_timers_parked = sa.Table(
+    "segment_timers_parked",
+    metadata,
+    sa.Column("segment_id", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Column("due_at", TS, nullable=False),  # when it was due at its last try
+    sa.Column("parked_at", TS, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("stalls", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Index("segment_timers_parked_customer", "customer_id"),
 )
 
 # A deleted segment's row is gone at once (real time and the API no longer see it); its memberships,

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
-# is_transient_conflict: also imported from here by the back-fill (schedules.py).
-from services.segmenter.conflicts import CONFLICT_ATTEMPTS, ConcurrentIdentityChange
-from services.segmenter.conflicts import is_transient_conflict as is_transient_conflict
+from services.segmenter.conflicts import CONFLICT_ATTEMPTS, ConcurrentIdentityChange, is_transient_conflict
 from services.segmenter.domain.identity import batch_identifiers, plan_identities, split_identities
 from services.segmenter.domain.profile import (
     ORDER_EVENT,

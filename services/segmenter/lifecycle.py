@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter
 
+from services.segmenter.conflicts import hold_for_job, retry_job_chunk
 from services.segmenter.domain.lifecycle.snapshot import BaseHistory, FittedModels, SnapshotSettings
 from services.segmenter.domain.lifecycle.stages import StagePolicy
 from services.segmenter.domain.lifecycle.tracking import (
@@ -166,9 +168,9 @@ class Lifecycle:
                 values.append((cid, new))
             f.update(new)
         for change in changes:
-            self._announce(
-                uow, profiles[change.customer_id], change, last_message.get(change.customer_id, "event"), now
-            )
+            profile = profiles[change.customer_id]
+            cause = last_message.get(change.customer_id, "event")
+            self._announce(uow, profile, change, cause, profile.updated_at or now)
         return store.EventPathWrite(values, changes, surveys, last_message)
 
     def _surveys(
@@ -224,7 +226,7 @@ class Lifecycle:
         return rows
 
     def _announce(
-        self, uow: UnitOfWork, profile: ProfileSnapshot, change: store.StageChange, cause: str, now: datetime
+        self, uow: UnitOfWork, profile: ProfileSnapshot, change: store.StageChange, cause: str, at: datetime
     ) -> None:
         f = profile.fields
         uow.emit(
@@ -234,7 +236,7 @@ class Lifecycle:
                 event_id=f"profile:{change.customer_id}:{cause}:stage:{change.to_stage}",
                 customer_id=change.customer_id,
                 kind=ProfileChangeKind.STAGE_CHANGED,
-                occurred_at=now,
+                occurred_at=at,
                 traits=profile.traits,
                 lifecycle_stage=change.to_stage,
                 previous_stage=change.from_stage,
@@ -339,28 +341,38 @@ class Lifecycle:
         changed = 0
         size = self.settings.lifecycle_chunk_size
         for lo in range(0, len(base.ids), size):
-            part = range(lo, min(lo + size, len(base.ids)))
-            values = stored_rows(computed, part.start, part.stop)
-            async with self.platform.unit_of_work() as uow:
-                changes = await store.save_recomputed(
-                    uow.session,
-                    base.ids[lo : part.stop],
-                    base.event_counts[lo : part.stop],
-                    values,
-                    now,
-                    cause,
-                )
-                by_id = dict(zip(base.ids[lo : part.stop], values, strict=True))
-                for change in changes:
-                    profile = ProfileSnapshot(
-                        change.customer_id, traits=change.traits or {}, fields=by_id[change.customer_id]
-                    )
-                    self._announce(uow, profile, change, cause, now)
-                changed += len(changes)
+            chunk = functools.partial(
+                self._write_back_chunk, base, computed, range(lo, min(lo + size, len(base.ids))), now, cause
+            )
+            # The chunk holds its customers in id order: it may give way to an event batch.
+            changed += await retry_job_chunk(chunk, "lifecycle write-back chunk")
         async with self.platform.unit_of_work() as uow:
             # Bulk changes reach segments on lifecycle fields through their back-fill.
             await store.restart_lifecycle_segments(uow.session, LIFECYCLE_FIELDS, now)
         return changed
+
+    async def _write_back_chunk(
+        self, base: _Base, computed: Any, part: range, now: datetime, cause: str
+    ) -> int:
+        """One chunk's stored metrics and stages, their history and announcements, in one unit of
+        work: the number of stage changes."""
+        values = stored_rows(computed, part.start, part.stop)
+        ids = base.ids[part.start : part.stop]
+        async with self.platform.unit_of_work() as uow:
+            await hold_for_job(uow.session)
+            changes = await store.save_recomputed(
+                uow.session, ids, base.event_counts[part.start : part.stop], values, now, cause
+            )
+            by_id = dict(zip(ids, values, strict=True))
+            for change in changes:
+                profile = ProfileSnapshot(
+                    change.customer_id, traits=change.traits or {}, fields=by_id[change.customer_id]
+                )
+                # Dated by the profile's last change, not this job's `now` (taken before the
+                # base was read): a change that took its time before that and commits after
+                # this chunk must still win in a consumer that keeps the newest (the notifier).
+                self._announce(uow, profile, change, cause, change.as_of or now)
+        return len(changes)
 
     async def run_forever(self) -> None:
         """Refit at start when no model exists yet, then every `lifecycle_refit_interval_s` (0: only at

@@ -10,6 +10,7 @@ they changed, all committed with the profile update, the inbox claims and the ou
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.segmenter.conflicts import hold_for_job, retry_job_chunk
 from services.segmenter.domain.profile import ProfileSnapshot
 from services.segmenter.domain.recommendations.catalogue import (
     CatalogueItem,
@@ -30,6 +32,7 @@ from services.segmenter.domain.recommendations.cooccurrence import (
     SimilarityMeasure,
 )
 from services.segmenter.domain.recommendations.recommend import (
+    CustomerHistory,
     CustomerRecommendations,
     PopularityIndex,
     RecommendParams,
@@ -96,14 +99,20 @@ class Recommendations:
     # ------------------------------------------------------------------ per customer
 
     async def compute(
-        self, session: AsyncSession, customer_ids: Iterable[str], limit: int | None = None
+        self,
+        session: AsyncSession,
+        customer_ids: Iterable[str],
+        limit: int | None = None,
+        histories: Mapping[str, CustomerHistory] | None = None,
     ) -> dict[str, CustomerRecommendations]:
         """Each customer's lists from the stored counts: only the rows their anchors need (their
-        products' pairs, the counts of those products and of their categories, the top sellers)."""
+        products' pairs, the counts of those products and of their categories, the top sellers).
+        `histories`: what the customers bought and viewed, when the caller read it already."""
         params = self.params
         if limit is not None:
             params = params.model_copy(update={"cross_sell_limit": limit, "upsell_limit": limit})
-        histories = await catalogue_store.histories(session, customer_ids)
+        if histories is None:
+            histories = await catalogue_store.histories(session, customer_ids)
         if not histories:
             return {}
         anchors = {p for h in histories.values() for p in h.purchased | h.viewed}
@@ -130,25 +139,27 @@ class Recommendations:
             for cid, history in histories.items()
         }
 
-    async def refresh_lists(
+    async def save_lists(
         self,
         uow: UnitOfWork,
-        customer_ids: Iterable[str],
-        traits: Mapping[str, dict[str, Any]],
+        computed: Mapping[str, CustomerRecommendations],
+        profiles: Mapping[str, tuple[dict[str, Any], datetime]],
         causes: Mapping[str, str],
         default_cause: str,
     ) -> int:
-        """Recompute and store these customers' lists; announce those whose products changed."""
-        computed = await self.compute(uow.session, customer_ids)
+        """Store these customers' lists; announce those whose products changed. `profiles`: each
+        customer's traits and the time of the profile's last change, read under the customer's row
+        lock (the announcement carries them: see `ProfileChanged.occurred_at` in docs/architecture.md)."""
         lists: dict[str, TemplateLists] = {c: r.as_template_variables() for c, r in computed.items()}
-        now = self.clock.now()
-        previous = await catalogue_store.save_recommendations(uow.session, lists, now)
+        as_of = {c: profiles[c][1] for c in lists}
+        saved = await catalogue_store.save_recommendations(uow.session, lists, as_of)
         changed = 0
         for cid in sorted(lists):
-            if _product_ids(previous.get(cid)) == _product_ids(lists[cid]):
+            if _product_ids(saved[cid].previous) == _product_ids(lists[cid]):
                 continue
             changed += 1
             cause = causes.get(cid, default_cause)
+            traits = profiles[cid][0]
             uow.emit(
                 PROFILES.name,
                 cid,
@@ -156,8 +167,13 @@ class Recommendations:
                     event_id=f"profile:{cid}:{cause}:recommendations",
                     customer_id=cid,
                     kind=ProfileChangeKind.TRAITS_CHANGED,
-                    occurred_at=now,
-                    traits=traits.get(cid, {}),
+                    # The profile's last change, not now: the lists travel with the traits that
+                    # change left, and a consumer keeping the newest (the notifier's contacts and
+                    # lists) must prefer the customer's next change, whose time can be earlier
+                    # than now (taken before it waited for this transaction's lock). Never earlier
+                    # than the lists replaced (`save_recommendations`).
+                    occurred_at=saved[cid].at,
+                    traits=traits,
                     recommendations=dict(lists[cid]),
                     caused_by=cause,
                 ),
@@ -210,8 +226,12 @@ class Recommendations:
         increments = batch_increments(owned, interactions)
         await catalogue_store.apply_increments(session, increments, now)
         if increments.customers:
-            traits = {c: profiles[c].traits for c in increments.customers if c in profiles}
-            await self.refresh_lists(uow, increments.customers, traits, last_message, "batch")
+            # The batch holds these customers' rows (FOR UPDATE) and dates their change by the
+            # updated_at it writes (`CustomerEventsHandler.handle`).
+            computed = await self.compute(session, increments.customers)
+            held = {c: (profiles[c].traits, profiles[c].updated_at or now) for c in computed if c in profiles}
+            computed = {c: r for c, r in computed.items() if c in held}
+            await self.save_lists(uow, computed, held, last_message, "batch")
 
     # ------------------------------------------------------------------ full recompute
 
@@ -223,26 +243,54 @@ class Recommendations:
                 products, pairs = await catalogue_store.recompute_counts(uow.session)
             customers = changed = 0
             after: str | None = None
-            chunk = self.settings.recommendations_recompute_chunk
             while True:
-                async with self.platform.unit_of_work() as uow:
-                    # Like the back-fill: an erasure never lands between this chunk's read of the ids
-                    # and its write of their lists (which would store an erased customer's lists).
-                    await erasure_gate(uow.session, exclusive=False)
-                    ids = await catalogue_store.customer_ids_after(uow.session, after, chunk)
-                    if not ids:
-                        break
-                    traits = await catalogue_store.traits_of(uow.session, ids)
-                    cause = f"recompute:{self.clock.now().isoformat()}"
-                    changed += await self.refresh_lists(uow, ids, traits, {}, cause)
-                customers += len(ids)
-                after = ids[-1]
+                done = await retry_job_chunk(
+                    functools.partial(self._recompute_chunk, after), "recommendations recompute chunk"
+                )
+                if done is None:
+                    break
+                n, chunk_changed, after = done
+                customers += n
+                changed += chunk_changed
             async with self.platform.unit_of_work() as uow:
                 catalog = await self.catalog_cache.refresh(uow.session)
                 using = {s.segment_id for s in catalog.segments if s.refs.recommendations}
                 if using:
                     await segment_store.restart_backfill(uow.session, using, self.clock.now())
             return RecomputeResult(products, pairs, customers, changed)
+
+    async def _recompute_chunk(self, after: str | None) -> tuple[int, int, str] | None:
+        """The lists of the next chunk of customers after `after` (by id), in one unit of work:
+        (customers, lists announced, last id), or None past the last customer."""
+        async with self.platform.unit_of_work() as uow:
+            session = uow.session
+            # Like the back-fill: an erasure never lands between this chunk's read of the ids
+            # and its write of their lists (which would store an erased customer's lists).
+            await erasure_gate(session, exclusive=False)
+            ids = await catalogue_store.customer_ids_after(
+                session, after, self.settings.recommendations_recompute_chunk
+            )
+            if not ids:
+                return None
+            # The lists first, without holding the customers (the slow part: scoring in Python) ...
+            read = await catalogue_store.histories(session, ids)
+            computed = await self.compute(session, ids, histories=read)
+            # ... then the customers, FOR SHARE until commit: their traits as they are now, so the
+            # announcements go out before any later change of theirs (the journey engine keeps the
+            # last one it gets). Held only for the writes from here on. Should an event batch hold
+            # one of them, the chunk waits briefly, then gives way and runs again (`hold_for_job`).
+            await hold_for_job(session)
+            profiles = await catalogue_store.lock_customers(session, ids)
+            # Lists from products a customer's own events changed since the read would replace the
+            # lists those events stored: computed again from what it has now.
+            now_owned = await catalogue_store.histories(session, list(profiles))
+            moved = {c: h for c, h in now_owned.items() if h != read.get(c)}
+            if moved:
+                computed |= await self.compute(session, moved, histories=moved)
+            computed = {c: r for c, r in computed.items() if c in profiles}  # not the merged-away
+            cause = f"recompute:{self.clock.now().isoformat()}"
+            changed = await self.save_lists(uow, computed, profiles, {}, cause)
+        return len(profiles), changed, ids[-1]  # not counting those merged away since the read
 
     async def run_forever(self) -> None:
         interval = self.settings.recommendations_recompute_interval_s

@@ -8,6 +8,7 @@ job id is in them, so a second job announces again). A job dies with its process
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from services.segmenter.conflicts import hold_for_job, retry_job_chunk
 from services.segmenter.settings import SegmenterSettings
 from services.segmenter.store import profiles as profile_store
 from services.segmenter.store import segments as segment_store
@@ -95,32 +97,48 @@ class Republisher:
                     "producer": self.settings.service_name,
                     "produced_ms": str(int(time.time() * 1000)),
                 }
-                async with self.platform.unit_of_work() as uow:
-                    # A snapshot read before an erasure but committed after it would rebuild the
-                    # erased profile in every projection: the chunk commits before the erasure starts.
-                    await erasure_gate(uow.session, exclusive=False)
-                    n, last = await profile_store.snapshot_chunk(
-                        uow.session,
-                        after,
-                        self.chunk,
-                        job.job_id,
-                        announce,
-                        self.settings.profile_identities_per_message,
-                    )
-                    if last is not None:
-                        job.memberships += await segment_store.resync_chunk(
-                            uow.session, after, last, job.job_id, resync
-                        )
+                chunk = functools.partial(self._chunk, job, after, announce, resync)
+                # The chunk holds its customers in id order: it may give way to an event batch.
+                ids, memberships = await retry_job_chunk(chunk, "republish chunk")
                 self.platform.relay.notify()  # rows written by SQL, not through uow.emit
-                job.done += n
-                if last is None or n < self.chunk:
+                job.done += len(ids)
+                job.memberships += memberships
+                if len(ids) < self.chunk:
                     break
-                after = last
+                after = ids[-1]
             job.finished_at = self.clock.now()
             log.info("profiles republished", extra={"job_id": job.job_id, "customers": job.done})
         except Exception as exc:
             job.error = repr(exc)
             log.exception("republishing profiles failed", extra={"job_id": job.job_id})
+
+    async def _chunk(
+        self,
+        job: RepublishJob,
+        after: str | None,
+        announce: dict[str, str],
+        resync: segment_store.Announcement,
+    ) -> tuple[list[str], int]:
+        """One chunk's snapshots and resync announcements, in one unit of work: (the customers, in id
+        order, memberships)."""
+        memberships = 0
+        async with self.platform.unit_of_work() as uow:
+            # A snapshot read before an erasure but committed after it would rebuild the
+            # erased profile in every projection: the chunk commits before the erasure starts.
+            await erasure_gate(uow.session, exclusive=False)
+            await hold_for_job(uow.session)  # the chunk gives way to an event batch holding a customer
+            ids = await profile_store.snapshot_chunk(
+                uow.session,
+                after,
+                self.chunk,
+                job.job_id,
+                announce,
+                self.settings.profile_identities_per_message,
+            )
+            if ids:
+                # Those the chunk holds (not an id range: a customer created in it since is not held).
+                memberships = await segment_store.resync_chunk(uow.session, ids, job.job_id, resync)
+        return ids, memberships
 
     async def wait(self) -> None:
         if self.job is not None and self.job._task is not None:

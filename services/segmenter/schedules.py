@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from services.segmenter.consumers.customer_events import is_transient_conflict
+from services.segmenter.conflicts import is_transient_conflict
 from services.segmenter.domain.catalog import Catalog, SegmentRule
 from services.segmenter.domain.rules import InvalidRule
 from services.segmenter.reevaluation import SegmentCatalogCache

@@ -116,7 +116,16 @@ class ProfileChanged(ContractModel):
     event_id: str
     customer_id: str
     kind: ProfileChangeKind
-    occurred_at: datetime
+    occurred_at: datetime = Field(
+        description="When the profile state the message carries was current: the time the segmenter "
+        "dated the change it announces by (every message of one change has the same; never earlier "
+        "than the profile's previous change); on a snapshot, on the lists of a recommendations "
+        "recompute and on the stage changes of a lifecycle refit or policy recompute, the time of the "
+        "profile's last change before it (they carry its traits as that change left them). Lists are "
+        "never dated earlier than the lists they replace. A projection that keeps the newest per "
+        "customer (ties: the later message) follows the profile; so does one that keeps the last "
+        "message of its partition.",
+    )
     # Full current traits, so a consumer's projection never needs to replay history.
     traits: JsonObject = Field(default_factory=dict)
     changed_traits: list[str] = Field(default_factory=list)

@@ -24,14 +24,18 @@ from tests.support import read_topic
 
 
 class Pause:
-    """Wraps `module.name` so that its next call stops before (or after) running until released."""
+    """Wraps `module.name` so that its next call stops before (or after) running until released;
+    `args`: that call's positional arguments."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, module: Any, name: str, *, after: bool) -> None:
         self.reached = asyncio.Event()
         self.release = asyncio.Event()
+        self.args: tuple[Any, ...] = ()
         original: Callable[..., Awaitable[Any]] = getattr(module, name)
 
         async def paused(*args: Any, **kwargs: Any) -> Any:
+            if not self.reached.is_set():
+                self.args = args
             if not after:
                 await self._hold()
             result = await original(*args, **kwargs)

@@ -280,7 +280,7 @@ async def test_a_new_customer_never_takes_the_id_of_an_existing_one(harness: Har
 async def test_a_customer_id_created_meanwhile_is_a_conflict_the_unit_retries(harness: Harness) -> None:
     # As a concurrent unit that committed customer `x` between our lookup and our insert: linking to
     # it would fold our events into its profile. The handler retries such a unit from the lookup.
-    from services.segmenter.consumers.customer_events import is_transient_conflict
+    from services.segmenter.conflicts import is_transient_conflict
 
     await harness.segmenter.events.handle_in_own_unit([make_event("a", anonymous_id="x", event="V")])
     with pytest.raises(profile_store.CustomerIdTaken) as taken:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import pytest
+
+from services.segmenter.store import profiles as profile_store
 from shared.contracts.events import RESYNC_CAUSE, ProfileChanged, ProfileChangeKind
 from shared.contracts.topics import PROFILES, SEGMENT_MEMBERSHIP
 from tests.segmenter.conftest import ADMIN, Harness, make_event
+from tests.segmenter.test_erasure_races import Pause
 from tests.support import eventually, read_topic
 
 
@@ -69,3 +74,34 @@ async def test_every_profile_is_announced_as_it_is(harness: Harness) -> None:
     second = await snapshots(harness, again["job_id"], 3)
     assert len(second) == 3 and not {p.event_id for p in second} & {p.event_id for p in got.values()}
     assert (await harness.client.post("/v1/admin/republish-profiles")).status_code == 401
+
+
+async def test_a_chunk_resyncs_the_memberships_of_the_customers_it_holds_only(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A customer created within a chunk's id range after the chunk locked its customers is not the
+    chunk's: resyncing its memberships would read them without holding it (a change of theirs
+    committing before the chunk would then go out before the older state the chunk announced)."""
+    h = harness
+    pro = await h.create_segment({"trait": "plan", "op": "equals", "value": "pro"}, name="Pro")
+    for mid, user in (("m1", "a0"), ("m2", "c0")):
+        await h.segmenter.events.handle_in_own_unit(
+            [make_event(mid, "identify", user_id=user, traits={"plan": "pro"})]
+        )
+    pause = Pause(monkeypatch, profile_store, "snapshot_chunk", after=True)
+    job = await h.segmenter.republisher.start()
+    assert job is not None
+    await asyncio.wait_for(pause.reached.wait(), 10)  # a0 and c0 held and snapshotted
+    await h.segmenter.events.handle_in_own_unit(
+        [make_event("m3", "identify", user_id="b0", traits={"plan": "pro"})]
+    )
+    pause.release.set()
+    await h.segmenter.republisher.wait()
+    assert job.error is None and job.done == 2 and job.memberships == 2
+    await h.relay()
+    resynced = [
+        (m["value"]["customer_id"], m["value"]["segment_id"])
+        for m in await read_topic(h.settings.topic(SEGMENT_MEMBERSHIP.name), idle=0.5, timeout=10)
+        if job.job_id in m["value"]["event_id"]
+    ]
+    assert sorted(resynced) == [("a0", pro), ("c0", pro)]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.segmenter.conflicts import CONFLICT_ATTEMPTS, ConcurrentIdentityChange, is_transient_conflict
 from services.segmenter.domain.identity import batch_identifiers, plan_identities, split_identities
 from services.segmenter.domain.profile import (
     ORDER_EVENT,
@@ -79,10 +80,6 @@ def _refused(customer_id: str, cause: str, source: str, refusal: TraitRefusal) -
     )
 
 
-class ConcurrentIdentityChange(Exception):
-    pass
-
-
 def _fold_event(
     p: ProfileSnapshot,
     e: CustomerEvent,
@@ -124,20 +121,6 @@ def _fold_event(
         if outcome.refused is not None:
             _refused(p.customer_id, e.message_id, "context", outcome.refused)
     return changed
-
-
-# Tries of a batch that meets a concurrent change to its customers (1-2 s of waiting in all).
-CONFLICT_ATTEMPTS = 9
-
-
-def is_transient_conflict(exc: BaseException) -> bool:
-    """A conflict with a concurrent transaction on the same customers: retrying resolves it."""
-    if isinstance(exc, (ConcurrentIdentityChange, profile_store.ProfileGone)):
-        return True
-    # Wrapped by SQLAlchemy (`orig`), or straight from asyncpg (the `Statement`s of every batch).
-    orig = getattr(exc, "orig", None)
-    cause = (getattr(orig, "__cause__", None) or orig) if orig is not None else exc
-    return type(cause).__name__ in {"DeadlockDetectedError", "SerializationError"}
 
 
 class CustomerEventsHandler:
@@ -245,6 +228,12 @@ class CustomerEventsHandler:
         profiles = await profile_store.lock_profiles(session, final)
         if len(profiles) != len(final):
             raise profile_store.ProfileGone(", ".join(sorted(final - set(profiles))))
+        # Each profile's change is dated by `now`, or by its last change where that is later: `now`
+        # was taken before the lock, so a batch that took a later one may have committed meanwhile
+        # (or another replica's clock runs ahead). Its updated_at and announcements never go back
+        # in time, which a consumer keeping the newest (the notifier) would take for an old change.
+        for p in profiles.values():
+            p.updated_at = now if p.updated_at is None else max(now, p.updated_at)
 
         counts: dict[tuple[str, str], EventAggregate] = {}
         timeline: list[TimelineRow] = []
@@ -348,7 +337,7 @@ class CustomerEventsHandler:
                     event_id=event_id,
                     customer_id=cid,
                     kind=kind,
-                    occurred_at=now,
+                    occurred_at=p.updated_at or now,
                     traits=p.traits,
                     changed_traits=sorted(changed_traits.get(cid, set()) | merged_traits.get(cid, set())),
                     identities=first,
@@ -371,7 +360,7 @@ class CustomerEventsHandler:
                         event_id=f"{event_id}:identities-{n}",
                         customer_id=cid,
                         kind=ProfileChangeKind.IDENTITY_LINKED,
-                        occurred_at=now,
+                        occurred_at=p.updated_at or now,
                         traits=p.traits,
                         identities=part,
                         caused_by=last_message.get(cid),

@@ -49,6 +49,9 @@ class ProfileSnapshot:
     # Set once a change wrote a trait (its value or only its set time): the profile's traits and their
     # times are then saved with it; untouched, they stay as stored (most events write none).
     traits_written: bool = False
+    # When the profile last changed (`customers.updated_at`), as read; an event batch sets it to the
+    # time it dates its change by (what it then stores and announces).
+    updated_at: datetime | None = None
 
 
 def aggregate_name(event: CustomerEvent) -> str | None:

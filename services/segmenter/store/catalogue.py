@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import text
@@ -297,32 +297,43 @@ def _categories(entries: list[dict[str, Any]]) -> list[str]:
     return sorted({e["category"] for e in entries if e.get("category")})
 
 
+class SavedLists(NamedTuple):
+    previous: dict[str, list[dict[str, Any]]] | None  # the lists replaced (None: there were none)
+    at: datetime  # what the lists are dated by (`updated_at`), and announced with
+
+
 async def save_recommendations(
-    session: AsyncSession, lists: Mapping[str, dict[str, list[dict[str, Any]]]], now: datetime
-) -> dict[str, dict[str, list[dict[str, Any]]] | None]:
-    """Store each customer's lists; returns the lists they replace (None when there were none)."""
+    session: AsyncSession,
+    lists: Mapping[str, dict[str, list[dict[str, Any]]]],
+    as_of: Mapping[str, datetime],
+) -> dict[str, SavedLists]:
+    """Store each customer's lists, dated by `as_of` (the profile's last change, whose traits their
+    announcement carries) or by the date of the lists they replace where that is later: a consumer
+    keeping the newest lists (the notifier) never takes them for older than those. Lists stored by
+    a release that dated them by its clock (later than the profile's last change) are replaced the
+    same way."""
     if not lists:
         return {}
     ids = sorted(lists)
-    previous: dict[str, dict[str, list[dict[str, Any]]] | None] = dict.fromkeys(ids)
+    saved = {cid: SavedLists(None, as_of[cid]) for cid in ids}
     rows = await session.execute(
         text(
-            "SELECT customer_id, cross_sell, upsell FROM customer_recommendations "
+            "SELECT customer_id, cross_sell, upsell, updated_at FROM customer_recommendations "
             "WHERE customer_id = ANY(CAST(:ids AS text[])) ORDER BY customer_id FOR UPDATE"
         ),
         {"ids": ids},
     )
-    for cid, cross, up in rows:
-        previous[cid] = {"cross_sell": cross, "upsell": up}
+    for cid, cross, up, at in rows:
+        saved[cid] = SavedLists({"cross_sell": cross, "upsell": up}, max(as_of[cid], at))
     await session.execute(
         text(
             "INSERT INTO customer_recommendations "
             "(customer_id, cross_sell, upsell, cross_sell_categories, upsell_categories, updated_at) "
             "SELECT c, x, u, "
             "ARRAY(SELECT jsonb_array_elements_text(CAST(xc AS jsonb))), "
-            "ARRAY(SELECT jsonb_array_elements_text(CAST(uc AS jsonb))), :now "
+            "ARRAY(SELECT jsonb_array_elements_text(CAST(uc AS jsonb))), a "
             "FROM unnest(CAST(:c AS text[]), CAST(:x AS jsonb[]), CAST(:u AS jsonb[]), CAST(:xc AS text[]), "
-            "CAST(:uc AS text[])) AS q(c, x, u, xc, uc) "
+            "CAST(:uc AS text[]), CAST(:a AS timestamptz[])) AS q(c, x, u, xc, uc, a) "
             "ON CONFLICT (customer_id) DO UPDATE SET cross_sell = EXCLUDED.cross_sell, "
             "upsell = EXCLUDED.upsell, "
             "cross_sell_categories = EXCLUDED.cross_sell_categories, "
@@ -334,10 +345,10 @@ async def save_recommendations(
             "u": [orjson.dumps(lists[c]["upsell"]).decode() for c in ids],
             "xc": [orjson.dumps(_categories(lists[c]["cross_sell"])).decode() for c in ids],
             "uc": [orjson.dumps(_categories(lists[c]["upsell"])).decode() for c in ids],
-            "now": now,
+            "a": [saved[c].at for c in ids],
         },
     )
-    return previous
+    return saved
 
 
 async def stored_recommendations(session: AsyncSession, customer_id: str) -> StoredRecommendations | None:
@@ -372,9 +383,19 @@ async def recommendation_categories(
     return out
 
 
-async def traits_of(session: AsyncSession, customer_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+async def lock_customers(
+    session: AsyncSession, customer_ids: Sequence[str]
+) -> dict[str, tuple[dict[str, Any], datetime]]:
+    """These customers' traits and when their profile last changed, the rows held FOR SHARE until
+    commit, in id order as the event path locks them (`store.profiles.lock_profiles`, FOR UPDATE):
+    no change of theirs commits meanwhile, and what is announced with them goes out before the next
+    one. A customer merged away since is left out. The locked rows are read as the lock holder left
+    them (a statement's other reads would not be: they keep the snapshot it started with)."""
     rows = await session.execute(
-        text("SELECT customer_id, traits FROM customers WHERE customer_id = ANY(CAST(:ids AS text[]))"),
-        {"ids": list(customer_ids)},
+        text(
+            "SELECT customer_id, traits, updated_at FROM customers "
+            "WHERE customer_id = ANY(CAST(:ids AS text[])) ORDER BY customer_id FOR SHARE"
+        ),
+        {"ids": sorted(set(customer_ids))},
     )
-    return {r[0]: r[1] for r in rows}
+    return {r[0]: (dict(r[1] or {}), r[2]) for r in rows}

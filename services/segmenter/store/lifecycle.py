@@ -156,6 +156,9 @@ class StageChange:
     from_stage: str | None
     to_stage: str
     traits: dict[str, Any] | None = None  # the profile's traits (refit announcements carry them)
+    # When the profile (traits, identities) last changed, read with the traits under the row lock:
+    # what a refit announcement is dated by.
+    as_of: datetime | None = None
 
 
 # An event batch's lifecycle writes, as fragments of the batch's profile write
@@ -267,12 +270,14 @@ async def save_recomputed(
             "p_alive = u.p_alive, churn_risk = u.churn_risk, expected_orders = u.expected_orders, "
             "predicted_clv = u.predicted_clv, rfm_r = u.rfm_r, rfm_f = u.rfm_f, rfm_m = u.rfm_m, "
             "rfm_score = u.rfm_score FROM u, locked l WHERE c.customer_id = u.customer_id "
-            "AND l.customer_id = u.customer_id RETURNING c.customer_id, l.old_stage, u.stage, c.traits), "
+            "AND l.customer_id = u.customer_id RETURNING c.customer_id, l.old_stage, u.stage, c.traits, "
+            "c.updated_at), "
             "history AS (INSERT INTO lifecycle_stage_history (customer_id, from_stage, to_stage, "
             "changed_at, cause) "
             "SELECT customer_id, old_stage, stage, :now, :cause FROM saved WHERE old_stage IS DISTINCT FROM "
             "stage) "
-            "SELECT customer_id, old_stage, stage, traits FROM saved WHERE old_stage IS DISTINCT FROM stage "
+            "SELECT customer_id, old_stage, stage, traits, updated_at FROM saved "
+            "WHERE old_stage IS DISTINCT FROM stage "
             "ORDER BY customer_id"
         ),
         {
@@ -291,7 +296,9 @@ async def save_recomputed(
             "cause": cause,
         },
     )
-    return [StageChange(r.customer_id, r.old_stage, r.stage, dict(r.traits or {})) for r in rows]
+    return [
+        StageChange(r.customer_id, r.old_stage, r.stage, dict(r.traits or {}), r.updated_at) for r in rows
+    ]
 
 
 async def restart_lifecycle_segments(

@@ -38,7 +38,7 @@ FIELD_NAMES = (
     # Lifecycle columns (migration 0003_lifecycle), written by store/lifecycle.py.
     *STORED_FIELDS,
 )
-PROFILE_COLUMNS = "customer_id, traits, trait_times, " + ", ".join(FIELD_NAMES)
+PROFILE_COLUMNS = "customer_id, traits, trait_times, updated_at, " + ", ".join(FIELD_NAMES)
 
 
 # The statements of every event batch go straight to asyncpg (`Statement`).
@@ -119,7 +119,7 @@ _SAVE_PROFILES = Statement(
     "trait_times = COALESCE(u.trait_times, c.trait_times), "
     "first_seen = u.first_seen, last_seen = u.last_seen, event_count = u.event_count, "
     "orders_count = u.orders_count, revenue = u.revenue, first_order_at = u.first_order_at, "
-    "last_order_at = u.last_order_at, updated_at = :now, "
+    "last_order_at = u.last_order_at, updated_at = u.updated_at, "
     f"{lifecycle_store.EVENT_PATH_SET} FROM "
     + rows_from_json(
         "rows",
@@ -134,6 +134,7 @@ _SAVE_PROFILES = Statement(
             ("revenue", "float8"),
             ("first_order_at", "timestamptz"),
             ("last_order_at", "timestamptz"),
+            ("updated_at", "timestamptz"),
         ],
     )
     + f" AS u LEFT JOIN {lifecycle_store.EVENT_PATH_VALUES} ON l.customer_id = u.customer_id "
@@ -150,8 +151,9 @@ def _snapshot(row: Any) -> ProfileSnapshot:
         customer_id=row[0],
         traits=dict(row[1] or {}),
         trait_times=times,
-        # Positional: PROFILE_COLUMNS lists the fields in FIELD_NAMES order after the first three.
-        fields=dict(zip(FIELD_NAMES, row[3:], strict=True)),
+        # Positional: PROFILE_COLUMNS lists the fields in FIELD_NAMES order after the first four.
+        fields=dict(zip(FIELD_NAMES, row[4:], strict=True)),
+        updated_at=row[3],
     )
 
 
@@ -309,7 +311,10 @@ async def merge_customers(
             "first_seen = LEAST(c.first_seen, f.first_seen), last_seen = GREATEST(c.last_seen, f.last_seen), "
             "event_count = c.event_count + f.event_count, orders_count = c.orders_count + f.orders_count, "
             "revenue = c.revenue + f.revenue, first_order_at = LEAST(c.first_order_at, f.first_order_at), "
-            "last_order_at = GREATEST(c.last_order_at, f.last_order_at), updated_at = :now "
+            "last_order_at = GREATEST(c.last_order_at, f.last_order_at), "
+            # Never back in time (see `CustomerEventsHandler.handle`), nor before the merged-away
+            # profile's last change: the merge's announcement must be newer than any of `from`'s.
+            "updated_at = GREATEST(c.updated_at, f.updated_at, :now) "
             "FROM customers f WHERE c.customer_id = :into AND f.customer_id = :from"
         ),
         {
@@ -457,7 +462,8 @@ async def save_profiles(
 ) -> None:
     """A batch's profile rows (their traits only where the batch wrote one, `traits_written`) with
     its lifecycle writes (`Lifecycle.on_batch`: the columns of customers among `profiles`, stage
-    history, survey answers), in one statement."""
+    history, survey answers), in one statement. Each row's `updated_at` is its snapshot's (the time
+    the batch dates its change by), `now` where not set."""
     lifecycle = lifecycle or lifecycle_store.EventPathWrite()
     ids = {p.customer_id for p in profiles}
     assert all(cid in ids for cid, _ in lifecycle.values), "lifecycle values of a profile not written"
@@ -477,6 +483,7 @@ async def save_profiles(
                     float(f["revenue"]),
                     f["first_order_at"],
                     f["last_order_at"],
+                    p.updated_at or now,
                 )
                 for p in profiles
             ),
@@ -541,46 +548,62 @@ async def snapshot_chunk(
     job: str,
     announce: dict[str, str],
     identities_per_message: int = 1000,
-) -> tuple[int, str | None]:
+) -> list[str]:
     """The next `limit` customers after `after` (by id) as `ProfileChanged(kind=snapshot)` outbox rows,
-    built in one statement (no Python per customer); returns (customers announced, the last id)."""
-    row = (
-        await session.execute(
+    built in one statement (no Python per customer); returns the customers announced, in id order.
+
+    The customers are held FOR SHARE until the chunk commits (a statement of its own, in id order as
+    the event path locks them): a change committing while the chunk reads would otherwise be
+    published before a snapshot of the state it replaced, which consumers that keep the last message
+    (the journey engine) would then keep. The snapshot is read after the locks are granted, so it
+    sees what their holders committed."""
+    ids = [
+        r[0]
+        for r in await session.execute(
             text(
-                "WITH chunk AS (SELECT customer_id, traits, lifecycle_stage, updated_at FROM customers "
-                "WHERE customer_id > :after ORDER BY customer_id LIMIT :limit), "
-                # A large identity set goes out in parts of at most :per identities, one message each
-                # (as real time does, `split_identities`): part 0 keeps the plain event id.
-                "numbered AS (SELECT i.customer_id, CASE i.kind WHEN 'user' THEN 'user_id' "
-                "WHEN 'anon' THEN 'anonymous_id' WHEN 'merged' THEN 'merged_customer_id' ELSE i.kind END "
-                "AS label, i.value FROM identities i JOIN chunk USING (customer_id)), "
-                "parted AS (SELECT customer_id, label, value, (row_number() OVER (PARTITION BY customer_id "
-                "ORDER BY label, value) - 1) / :per AS part FROM numbered), "
-                "labelled AS (SELECT customer_id, part, label, jsonb_agg(value ORDER BY value) AS vals "
-                "FROM parted GROUP BY 1, 2, 3), "
-                "ids AS (SELECT customer_id, part, jsonb_object_agg(label, vals) AS identities FROM labelled "
-                "GROUP BY customer_id, part), "
-                "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
-                "SELECT :topic, convert_to(c.customer_id, 'UTF8'), convert_to(jsonb_build_object("
-                "'event_id', 'profile:' || c.customer_id || ':snapshot:' || :job "
-                "|| CASE WHEN ids.part > 0 THEN ':' || 'identities-' || (ids.part + 1) ELSE '' END, "
-                # As of the profile's last change, not now: a consumer that already has a newer change
-                # (one committing while this chunk was read) keeps it (newest wins).
-                "'customer_id', c.customer_id, 'kind', 'snapshot', "
-                "'occurred_at', c.updated_at, "
-                "'traits', c.traits, 'identities', COALESCE(ids.identities, '{}'::jsonb), "
-                "'lifecycle_stage', c.lifecycle_stage)::text, 'UTF8'), "
-                "jsonb_build_object('clm-event-id', 'profile:' || c.customer_id || ':snapshot:' || :job "
-                "|| CASE WHEN ids.part > 0 THEN ':' || 'identities-' || (ids.part + 1) ELSE '' END, "
-                "'clm-event-type', 'profile_changed', 'clm-schema-version', '1', "
-                "'clm-correlation-id', CAST(:job AS text), 'clm-producer', CAST(:producer AS text), "
-                "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
-                "FROM chunk c LEFT JOIN ids USING (customer_id) ORDER BY c.customer_id, ids.part "
-                "RETURNING 1) "
-                "SELECT (SELECT count(*) FROM chunk) AS n, "
-                "(SELECT max(customer_id) FROM chunk) AS last"
+                "SELECT customer_id FROM customers WHERE customer_id > :after ORDER BY customer_id "
+                "LIMIT :limit FOR SHARE"
             ),
-            {"after": after or "", "limit": limit, "job": job, "per": identities_per_message, **announce},
+            {"after": after or "", "limit": limit},
         )
-    ).one()
-    return int(row.n), row.last
+    ]
+    if not ids:
+        return []
+    # Every locked row is there: FOR SHARE waited for a deletion (merge, erasure) and skipped its row.
+    await session.execute(
+        text(
+            "WITH chunk AS (SELECT customer_id, traits, lifecycle_stage, updated_at FROM customers "
+            "WHERE customer_id = ANY(CAST(:ids AS text[]))), "
+            # A large identity set goes out in parts of at most :per identities, one message each
+            # (as real time does, `split_identities`): part 0 keeps the plain event id.
+            "numbered AS (SELECT i.customer_id, CASE i.kind WHEN 'user' THEN 'user_id' "
+            "WHEN 'anon' THEN 'anonymous_id' WHEN 'merged' THEN 'merged_customer_id' ELSE i.kind END "
+            "AS label, i.value FROM identities i JOIN chunk USING (customer_id)), "
+            "parted AS (SELECT customer_id, label, value, (row_number() OVER (PARTITION BY customer_id "
+            "ORDER BY label, value) - 1) / :per AS part FROM numbered), "
+            "labelled AS (SELECT customer_id, part, label, jsonb_agg(value ORDER BY value) AS vals "
+            "FROM parted GROUP BY 1, 2, 3), "
+            "ids AS (SELECT customer_id, part, jsonb_object_agg(label, vals) AS identities FROM labelled "
+            "GROUP BY customer_id, part), "
+            "outboxed AS (INSERT INTO outbox (topic, key, value, headers) "
+            "SELECT :topic, convert_to(c.customer_id, 'UTF8'), convert_to(jsonb_build_object("
+            "'event_id', 'profile:' || c.customer_id || ':snapshot:' || :job "
+            "|| CASE WHEN ids.part > 0 THEN ':' || 'identities-' || (ids.part + 1) ELSE '' END, "
+            # As of the profile's last change, not now: a consumer that already has a newer change
+            # (one committing while this chunk was read) keeps it (newest wins).
+            "'customer_id', c.customer_id, 'kind', 'snapshot', "
+            "'occurred_at', c.updated_at, "
+            "'traits', c.traits, 'identities', COALESCE(ids.identities, '{}'::jsonb), "
+            "'lifecycle_stage', c.lifecycle_stage)::text, 'UTF8'), "
+            "jsonb_build_object('clm-event-id', 'profile:' || c.customer_id || ':snapshot:' || :job "
+            "|| CASE WHEN ids.part > 0 THEN ':' || 'identities-' || (ids.part + 1) ELSE '' END, "
+            "'clm-event-type', 'profile_changed', 'clm-schema-version', '1', "
+            "'clm-correlation-id', CAST(:job AS text), 'clm-producer', CAST(:producer AS text), "
+            "'clm-produced-at-ms', CAST(:produced_ms AS text)) "
+            "FROM chunk c LEFT JOIN ids USING (customer_id) ORDER BY c.customer_id, ids.part "
+            "RETURNING 1) "
+            "SELECT count(*) FROM outboxed"
+        ),
+        {"ids": ids, "job": job, "per": identities_per_message, **announce},
+    )
+    return ids

@@ -705,10 +705,11 @@ async def due_moments(session: AsyncSession, rule: Rule, now: datetime) -> dict[
 
 
 async def resync_chunk(
-    session: AsyncSession, after: str | None, upto: str, job: str, announce: Announcement
+    session: AsyncSession, customer_ids: Sequence[str], job: str, announce: Announcement
 ) -> int:
-    """The stored memberships of customers in (after, upto] announced again as they are (entered
-    for members, exited for the others), cause `resync`, in one statement; returns how many."""
+    """The stored memberships of these customers (a republish chunk's, held by it) announced again as
+    they are (entered for members, exited for the others), cause `resync`, in one statement; returns
+    how many."""
     return int(
         (
             await session.execute(
@@ -717,11 +718,11 @@ async def resync_chunk(
                     "m.customer_id || ':' || m.segment_id || ':resync:' || :job AS event_id, "
                     "m.segment_id, s.name AS segment_name, m.is_member, c.traits FROM memberships m "
                     "JOIN segments s USING (segment_id) JOIN customers c USING (customer_id) "
-                    "WHERE m.customer_id > :after AND m.customer_id <= :upto), "
+                    "WHERE m.customer_id = ANY(CAST(:ids AS text[]))), "
                     "outboxed AS (" + _outbox_announcements("announced") + ") "
                     "SELECT count(*) FROM outboxed"
                 ),
-                {"after": after or "", "upto": upto, "job": job, **announce.params(RESYNC_CAUSE)},
+                {"ids": list(customer_ids), "job": job, **announce.params(RESYNC_CAUSE)},
             )
         ).scalar_one()
     )

@@ -142,7 +142,9 @@ class EventProducer:
             enable_idempotence=True,
             linger_ms=self.linger_ms,
             request_timeout_ms=self.request_timeout_ms,
-            max_batch_size=256 * 1024,
+            # A record batch is what the broker holds to the topic's max.message.bytes (the whole
+            # batch, header included, as aiokafka counts it): never larger than the setting says.
+            max_batch_size=min(256 * 1024, self.settings.kafka_max_message_bytes),
             # aiokafka's own check of a single message (its default, 1 MiB), never below ours.
             max_request_size=max(1024 * 1024, self.settings.kafka_max_message_bytes),
         )

@@ -91,3 +91,25 @@ async def test_a_whole_batch_goes_at_once_instead_of_lingering(make_settings: Ca
     assert elapsed < 1.5, f"10 passes took {elapsed:.1f} s: batches lingered"
     values = [m["raw"].decode() for m in await read_topic(topic, idle=0.5, timeout=8)]
     assert values == [f"pass {i}" for i in range(10)]
+
+
+async def test_record_batches_stay_within_the_message_limit(make_settings: Callable[..., Any]) -> None:
+    """`kafka_max_message_bytes` set to a topic's max.message.bytes (as its docs ask): each message is
+    within it, so their record batch must be too. It was built up to 256 KB whatever the setting,
+    and the broker refused the whole batch as too large, on every retry."""
+    limit = 20_000
+    settings = make_settings(ProducerSettings, topic_partitions=1, kafka_max_message_bytes=limit)
+    await ensure_topics(settings, extra=["sized"])
+    topic = settings.topic("sized")
+    await limit_topic(settings, topic, limit)
+    p = EventProducer(settings)
+    await p.start()
+    try:
+        batched = [OutgoingMessage(topic, b"k", b"b%03d" % i + b"x" * 996) for i in range(100)]
+        one_by_one = [OutgoingMessage(topic, b"k", b"s%03d" % i + b"x" * 996) for i in range(100)]
+        await asyncio.wait_for(p.send_batched(batched), 15)  # ~100 KB: five batches or more
+        await asyncio.wait_for(p.send_many(one_by_one), 15)  # aiokafka's own batches of send()
+    finally:
+        await p.stop()
+    got = await read_topic(topic, count=200, timeout=15)
+    assert [m["raw"][:4] for m in got] == [m.value[:4] for m in batched + one_by_one]

@@ -263,10 +263,11 @@ class EventWriter:
                         driver, ids, now, now - self.window, _PROBE_LOCK_WAIT_MS
                     )
                     await self._publish(driver, producer, ordered, outcome)
-                log.warning(
-                    "events refused: their messageIds are held by another transaction",
-                    extra={"events": len(outcome.contested)},
-                )
+                if outcome.contested:
+                    log.warning(
+                        "events refused: their messageIds are held by another transaction",
+                        extra={"events": len(outcome.contested)},
+                    )
         except Exception as exc:
             if not outcome.published:
                 log.warning(

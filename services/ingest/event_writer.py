@@ -9,11 +9,12 @@ Kafka's acknowledgement (acks=all, idempotent producer) and only then commits. S
   requests with one of them get 503 (their retry is published, never dropped as a duplicate); the
   events Kafka took keep their claims, so a retry of a whole batch does not repeat them;
 - a duplicate arriving while the first copy is in flight waits on the row lock, then is answered as
-  a duplicate (or published, if the first one failed). The wait is bounded by the produce timeout:
-  an id held longer (a replica frozen between its claim and its commit) gets its request a 503,
-  and the rest of the group is claimed again without it.
-A crash between Kafka's acknowledgement and the commit can publish a retried event twice (same
-messageId, which consumers dedupe on): at least once, never lost.
+  a duplicate (or published, if the first one failed). Each lock wait is bounded by the produce
+  timeout (lock_timeout, per lock: a claim meeting several holders in turn waits for each): an id
+  held longer (a replica frozen between its claim and its commit) gets its request a 503, and the
+  rest of the group is claimed again without it, a search itself bounded (`_RECLAIM_BUDGET_S`).
+A crash (or a failed dedupe commit) between Kafka's acknowledgement and the commit can publish a
+retried event twice (same messageId, which consumers dedupe on): at least once, never lost.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 # How long each part of a group waits for a lock once the group's claim has waited out the produce
 # timeout: what still holds an id then is stuck, and each contested id costs about ten such waits.
 _PROBE_LOCK_WAIT_MS = 50
+# The most that search for the held ids may take (at most the produce timeout): past it the ids not
+# sorted out are refused with the held ones (503, retried) rather than holding the writer for minutes
+# (every id of a 2000-event batch held: 4000 waits, 200 s).
+_RECLAIM_BUDGET_S = 1.0
 _SERIALIZER = CustomerEvent.__pydantic_serializer__
 
 
@@ -119,9 +124,11 @@ class EventWriter:
         self.clock = clock
         self.topic = settings.topic(CUSTOMER_EVENTS.name)
         self.window = timedelta(seconds=settings.dedupe_window_s)
-        # A claim waits for another transaction's claim of the same id at most this long: as long as
-        # a publish may take, so a healthy holder (a duplicate in flight) is waited for.
+        # A claim waits for another transaction's claim of the same id at most this long (per lock,
+        # so once per holder met in turn): as long as a publish may take, so a healthy holder (a
+        # duplicate in flight) is usually waited for.
         self._lock_wait_ms = max(1, int(settings.produce_timeout_s * 1000))
+        self._reclaim_budget_s = min(_RECLAIM_BUDGET_S, settings.produce_timeout_s)
         # Producers of its own: a delivery timeout as short as the answer's, so a failed event is not
         # delivered long after the client was told 503. One per writer: aiokafka keeps one request in
         # flight per connection, so the writers' groups would otherwise queue behind each other.
@@ -255,18 +262,19 @@ class EventWriter:
             except asyncpg.LockNotAvailableError:
                 if outcome.published:
                     raise
-                # A transaction held some of these ids longer than a publish may take: one that
-                # will not end soon (a replica frozen mid-group). Only their requests are refused;
-                # the rest of the group is claimed again without them and goes on.
+                # A lock was not granted in time: mostly another transaction holding some of these
+                # ids longer than a publish may take, one that will not end soon (a replica frozen
+                # mid-group); or a table lock (a migration). Only the requests with an id still not
+                # claimable are refused; the rest of the group is claimed again and goes on.
                 async with driver_transaction(self.engine) as driver:
                     outcome.fresh, outcome.contested = await dedupe.claim_uncontested(
-                        driver, ids, now, now - self.window, _PROBE_LOCK_WAIT_MS
+                        driver, ids, now, now - self.window, _PROBE_LOCK_WAIT_MS, self._reclaim_budget_s
                     )
                     await self._publish(driver, producer, ordered, outcome)
                 if outcome.contested:
                     log.warning(
-                        "events refused: their messageIds are held by another transaction",
-                        extra={"events": len(outcome.contested)},
+                        "events refused: their dedupe claims waited too long for a lock",
+                        extra={"events": len(outcome.contested), "of": len(ids)},
                     )
         except Exception as exc:
             if not outcome.published:

@@ -109,6 +109,61 @@ async def test_an_id_held_by_a_stuck_transaction_gets_503_and_its_group_goes_on(
     assert sorted(ids) == sorted(["warm", "held", "beside", *(f"fresh-{i}" for i in range(20))])
 
 
+async def test_a_batch_of_held_ids_is_answered_within_a_bound(
+    make_settings: Callable[..., IngestSettings],
+) -> None:
+    """A frozen replica held a whole batch's ids and the SDK resent the batch here: the search for
+    the held ids halved the group's ids with a 50 ms lock wait per part and no total limit, about
+    2n failed parts (100 held among 200 ids: ~15 s; a 2000-event batch: minutes), holding the writer
+    and every request grouped with it. Now it stops after 1 s: what is not sorted out by then is
+    refused with the held ids (503, retried), and nothing is lost or published twice."""
+    settings = make_settings(
+        IngestSettings, write_keys=[WRITE_KEY], produce_timeout_s=1.0, unavailable_retry_after_s=3
+    )
+    # Interleaved in sorted order with the others' ids: every part of the search holds one.
+    held_ids = [f"id-{i:03d}-a" for i in range(100)]
+    free_ids = [f"id-{i:03d}-b" for i in range(100)]
+    held_batch = {"batch": [{"type": "track", **track("h", m)} for m in held_ids]}
+    side = await asyncpg.connect(
+        asyncpg_dsn(settings.database_url), server_settings={"search_path": settings.db_schema}
+    )
+    try:
+        async with running(create_app(settings, ManualClock())) as client:
+            assert (await client.post("/v1/track", json=track("u", "warm"), auth=AUTH)).status_code == 200
+            await side.execute("BEGIN")
+            await side.execute(
+                "INSERT INTO dedupe (message_id, seen_at) SELECT unnest($1::text[]), now()", held_ids
+            )
+            started = time.monotonic()
+            stuck, *rest = await asyncio.wait_for(
+                asyncio.gather(
+                    client.post("/v1/batch", json=held_batch, auth=AUTH),
+                    *(client.post("/v1/track", json=track(f"v{m}", m), auth=AUTH) for m in free_ids),
+                ),
+                60,
+            )
+            elapsed = time.monotonic() - started
+            # The lock wait (the produce timeout, 1 s), the search (1 s), the publish and commit.
+            assert elapsed < 6, f"answered after {elapsed:.1f} s"
+            assert stuck.status_code == 503, stuck.text
+            assert stuck.headers["Retry-After"] == "3"
+            assert {r.status_code for r in rest} <= {200, 503}
+            taken = [m for m, r in zip(free_ids, rest, strict=True) if r.status_code == 200]
+            refused = [m for m, r in zip(free_ids, rest, strict=True) if r.status_code == 503]
+            # A 2xx has its claim; a 503 left none behind (its retry is published).
+            assert await claimed(settings, free_ids) == taken
+
+            await side.execute("ROLLBACK")
+            assert (await client.post("/v1/batch", json=held_batch, auth=AUTH)).status_code == 200
+            for m in refused:
+                again = await client.post("/v1/track", json=track(f"v{m}", m), auth=AUTH)
+                assert again.status_code == 200, again.text
+    finally:
+        await side.close()
+    ids = [m["value"]["messageId"] for m in await events_on_topic(settings)]
+    assert sorted(ids) == sorted(["warm", *held_ids, *free_ids]), "each event exactly once"
+
+
 def user_on(partition: int, partitions: int) -> str:
     """A userId whose events go to `partition` (murmur2 of the key, as the producer picks)."""
     return next(
@@ -123,7 +178,8 @@ async def test_a_partition_refusing_fails_only_the_requests_with_an_event_for_it
 ) -> None:
     """Kafka took one partition's batch and refused the other's (its leader without enough in-sync
     replicas): every request of the group got 503, including one Kafka already held, whose retry
-    then put it on the topic twice."""
+    then put it on the topic twice. (The refusal is made at `_send_closed`, at once: a real
+    NotEnoughReplicas is retried by the producer until the produce timeout, then fails the same way.)"""
     settings = make_settings(IngestSettings, write_keys=[WRITE_KEY], writer_concurrency=1, topic_partitions=2)
     good, bad = user_on(0, 2), user_on(1, 2)
     original = EventProducer._send_closed

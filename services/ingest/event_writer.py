@@ -162,13 +162,26 @@ class EventWriter:
         ]
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="ingest-dedupe-prune"))
 
+    def group_time_bound_s(self) -> float:
+        """How long one group takes at worst when its claim waits on a single holder: the lock wait,
+        the search for held ids, the publish, and a second for the commit. (A claim that meets
+        several in-flight holders in turn waits for each: then longer.)"""
+        timeout = self.settings.produce_timeout_s
+        return timeout + self._reclaim_budget_s + timeout + 1
+
     async def stop(self) -> None:
-        # Requests still waiting finish first (uvicorn has stopped taking new ones).
+        # Requests still waiting finish first (uvicorn has stopped taking new ones): long enough for
+        # the groups in flight to finish, so none is cut between Kafka's answer and its commit.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), self.settings.produce_timeout_s + 1)
+            await asyncio.wait_for(self._idle.wait(), self.group_time_bound_s())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Requests never flushed are refused (503, retried elsewhere): none is left unanswered.
+        while self._pending:
+            pending = self._pending.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(Unavailable("ingest is stopping"))
         for producer in self.producers:
             await producer.stop()
 
@@ -238,7 +251,15 @@ class EventWriter:
                 pending = self._pending.popleft()
                 group.append(pending)
                 size += len(pending.events)
-            await self._flush(group, producer)
+            try:
+                await self._flush(group, producer)
+            except asyncio.CancelledError:
+                # Stopped mid-group (past stop()'s wait): answer its requests 503, not never. If
+                # Kafka took their events the client's retry publishes them again (same messageId).
+                for pending in group:
+                    if not pending.future.done():
+                        pending.future.set_exception(Unavailable("ingest is stopping"))
+                raise
 
     async def _flush(self, group: list[_Pending], producer: EventProducer) -> None:
         owner: dict[str, _Pending] = {}

@@ -36,6 +36,12 @@ _BROKEN_SEQUENCE = (*TOO_LARGE, OutOfOrderSequenceNumber)
 _BATCH_OVERHEAD = 61 + 21
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A future's exception is logged as never retrieved unless someone asks for it.
+    if not future.cancelled():
+        future.exception()
+
+
 class OutgoingMessage(NamedTuple):
     """A message ready for Kafka: the topic's full name, key, value bytes and headers.
 
@@ -142,7 +148,9 @@ class EventProducer:
             enable_idempotence=True,
             linger_ms=self.linger_ms,
             request_timeout_ms=self.request_timeout_ms,
-            max_batch_size=256 * 1024,
+            # A record batch is what the broker holds to the topic's max.message.bytes (the whole
+            # batch, header included, as aiokafka counts it): never larger than the setting says.
+            max_batch_size=min(256 * 1024, self.settings.kafka_max_message_bytes),
             # aiokafka's own check of a single message (its default, 1 MiB), never below ours.
             max_request_size=max(1024 * 1024, self.settings.kafka_max_message_bytes),
         )
@@ -215,27 +223,9 @@ class EventProducer:
         `TOO_LARGE` if the broker refused a batch as too large: sizes are the caller's to check,
         with `record_size`, as the outbox relay does)."""
         producer = self._producer
-        by_partition: dict[tuple[str, int], list[OutgoingMessage]] = {}
-        for topic in {m.topic for m in messages}:
-            partitions = sorted(await producer.partitions_for(topic))
-            available = list(producer.client.cluster.available_partitions_for_topic(topic) or partitions)
-            for m in messages:
-                if m.topic == topic:
-                    partition = self._partition(m.key, partitions, available)
-                    by_partition.setdefault((topic, partition), []).append(m)
-        futures = []
-        for (topic, partition), batch_messages in by_partition.items():
-            batch = producer.create_batch()
-            for m in batch_messages:
-                headers = list(m.headers)
-                if batch.append(timestamp=None, key=m.key, value=m.value, headers=headers) is None:
-                    # Full: send it and start the next one (a lone message always fits a new batch:
-                    # aiokafka makes a batch as large as its first message).
-                    futures.append(await self._send_closed(producer, batch, topic, partition))
-                    batch = producer.create_batch()
-                    batch.append(timestamp=None, key=m.key, value=m.value, headers=headers)
-            futures.append(await self._send_closed(producer, batch, topic, partition))
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        sent: list[tuple[asyncio.Future[Any], list[int]]] = []
+        await self._hand_over(producer, messages, sent)
+        results = await asyncio.gather(*(future for future, _ in sent), return_exceptions=True)
         errors = [result for result in results if isinstance(result, BaseException)]
         if any(isinstance(error, _BROKEN_SEQUENCE) for error in errors):
             await self._renew(producer)
@@ -243,6 +233,82 @@ class EventProducer:
             raise refused[0]
         if errors:
             raise errors[0]
+
+    async def send_batched_each(
+        self, messages: Sequence[OutgoingMessage], timeout: float
+    ) -> list[BaseException | None]:
+        """`send_batched`, but each message's outcome, in order: None once the broker acknowledged it,
+        else why not (its batch's error; `TimeoutError` if not settled within `timeout` seconds, in
+        which case it may still be delivered later). Never raises for a failed send: one partition
+        refusing must not make the caller refuse what the others took."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        producer = self._producer
+        outcomes: list[BaseException | None] = [None] * len(messages)
+        sent: list[tuple[asyncio.Future[Any], list[int]]] = []
+        unsent: BaseException | None = None
+        try:
+            await asyncio.wait_for(self._hand_over(producer, messages, sent), timeout)
+        except Exception as exc:  # no metadata, no room in the accumulator: the rest is not sent
+            unsent = exc if not isinstance(exc, TimeoutError) else TimeoutError("not sent in time")
+        if sent:
+            await asyncio.wait([future for future, _ in sent], timeout=max(0.0, deadline - loop.time()))
+        handed: set[int] = set()
+        errors: list[BaseException] = []
+        for future, indexes in sent:
+            handed.update(indexes)
+            if not future.done():
+                future.add_done_callback(_retrieve)  # settled later: nobody awaits it any more
+                error: BaseException | None = TimeoutError("not acknowledged in time")
+            elif future.cancelled():
+                error = asyncio.CancelledError()
+            else:
+                error = future.exception()
+            if error is not None:
+                errors.append(error)
+                for i in indexes:
+                    outcomes[i] = error
+        if len(handed) < len(messages):
+            missing = unsent or TimeoutError("not sent in time")
+            for i in range(len(messages)):
+                if i not in handed:
+                    outcomes[i] = missing
+        if any(isinstance(error, _BROKEN_SEQUENCE) for error in errors):
+            await self._renew(producer)
+        return outcomes
+
+    async def _hand_over(
+        self,
+        producer: AIOKafkaProducer,
+        messages: Sequence[OutgoingMessage],
+        sent: list[tuple[asyncio.Future[Any], list[int]]],
+    ) -> None:
+        """Record batches of `messages` per partition, handed to aiokafka: appends each batch's future
+        and the indexes of its messages to `sent` (as it goes, so a caller that stops waiting knows
+        what was handed over)."""
+        by_partition: dict[tuple[str, int], list[int]] = {}
+        for topic in {m.topic for m in messages}:
+            partitions = sorted(await producer.partitions_for(topic))
+            available = list(producer.client.cluster.available_partitions_for_topic(topic) or partitions)
+            for i, m in enumerate(messages):
+                if m.topic == topic:
+                    partition = self._partition(m.key, partitions, available)
+                    by_partition.setdefault((topic, partition), []).append(i)
+        for (topic, partition), indexes in by_partition.items():
+            batch = producer.create_batch()
+            in_batch: list[int] = []
+            for i in indexes:
+                m = messages[i]
+                headers = list(m.headers)
+                if batch.append(timestamp=None, key=m.key, value=m.value, headers=headers) is None:
+                    # Full: send it and start the next one (a lone message always fits a new batch:
+                    # aiokafka makes a batch as large as its first message).
+                    sent.append((await self._send_closed(producer, batch, topic, partition), in_batch))
+                    batch = producer.create_batch()
+                    in_batch = []
+                    batch.append(timestamp=None, key=m.key, value=m.value, headers=headers)
+                in_batch.append(i)
+            sent.append((await self._send_closed(producer, batch, topic, partition), in_batch))
 
     @staticmethod
     async def _send_closed(

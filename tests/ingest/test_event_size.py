@@ -15,8 +15,10 @@ from fastapi import FastAPI
 from services.ingest.app import create_app
 from services.ingest.settings import IngestSettings
 from shared.clock import ManualClock
+from shared.contracts import CUSTOMER_EVENTS
+from shared.kafka import ensure_topics
 from tests.ingest.conftest import AUTH, WRITE_KEY, events_on_topic
-from tests.support import running
+from tests.support import running, set_topic_configs
 
 JSON = {"Content-Type": "application/json"}
 
@@ -117,3 +119,32 @@ async def test_a_rejected_calls_message_id_is_echoed_only_when_it_is_one(client:
     response = await client.post("/v1/batch", content=body, headers=JSON, auth=AUTH)
     assert response.status_code == 400, response.text
     assert [r["messageId"] for r in response.json()["rejected"]] == [None, "kept", 7]
+
+
+async def test_a_batch_of_events_within_a_lowered_limit_is_accepted(
+    make_settings: Callable[..., IngestSettings],
+) -> None:
+    """`CLM_KAFKA_MAX_MESSAGE_BYTES` lowered to a topic's max.message.bytes (as its docs ask): every
+    event is within it, and so must be the record batch they are written in. Ingest built batches of
+    up to 256 KB: a 170 KB call of 1 KB events was refused by the broker as too large (503), on every
+    retry."""
+    limit = 100_000
+    settings = make_settings(IngestSettings, write_keys=[WRITE_KEY], kafka_max_message_bytes=limit)
+    await ensure_topics(settings)
+    await set_topic_configs(settings.topic(CUSTOMER_EVENTS.name), {"max.message.bytes": str(limit)})
+    items = [
+        {
+            "type": "track",
+            "userId": "u1",
+            "event": "E",
+            "messageId": f"m{i}",
+            "properties": {"note": "x" * 1000},
+        }
+        for i in range(150)
+    ]
+    async with running(create_app(settings, ManualClock())) as client:
+        response = await client.post("/v1/batch", json={"batch": items}, auth=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["accepted"] == 150
+    published = await events_on_topic(settings, count=150)
+    assert [m["value"]["messageId"] for m in published] == [f"m{i}" for i in range(150)]

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from aiokafka.errors import NotEnoughReplicasError
+from aiokafka.partitioner import murmur2
 
 from shared.kafka import ensure_topics
 from shared.kafka.producer import TOO_LARGE, EventProducer, OutgoingMessage, record_size
@@ -91,3 +93,60 @@ async def test_a_whole_batch_goes_at_once_instead_of_lingering(make_settings: Ca
     assert elapsed < 1.5, f"10 passes took {elapsed:.1f} s: batches lingered"
     values = [m["raw"].decode() for m in await read_topic(topic, idle=0.5, timeout=8)]
     assert values == [f"pass {i}" for i in range(10)]
+
+
+async def test_record_batches_stay_within_the_message_limit(make_settings: Callable[..., Any]) -> None:
+    """`kafka_max_message_bytes` set to a topic's max.message.bytes (as its docs ask): each message is
+    within it, so their record batch must be too. It was built up to 256 KB whatever the setting,
+    and the broker refused the whole batch as too large, on every retry."""
+    limit = 20_000
+    settings = make_settings(ProducerSettings, topic_partitions=1, kafka_max_message_bytes=limit)
+    await ensure_topics(settings, extra=["sized"])
+    topic = settings.topic("sized")
+    await limit_topic(settings, topic, limit)
+    p = EventProducer(settings)
+    await p.start()
+    try:
+        batched = [OutgoingMessage(topic, b"k", b"b%03d" % i + b"x" * 996) for i in range(100)]
+        one_by_one = [OutgoingMessage(topic, b"k", b"s%03d" % i + b"x" * 996) for i in range(100)]
+        await asyncio.wait_for(p.send_batched(batched), 15)  # ~100 KB: five batches or more
+        await asyncio.wait_for(p.send_many(one_by_one), 15)  # aiokafka's own batches of send()
+    finally:
+        await p.stop()
+    got = await read_topic(topic, count=200, timeout=15)
+    assert [m["raw"][:4] for m in got] == [m.value[:4] for m in batched + one_by_one]
+
+
+async def test_send_batched_each_answers_for_each_message(
+    make_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One partition's batch refused, another's never answered: each message gets its own outcome,
+    and those the broker took are reported taken (ingest answers each request by them)."""
+    settings = make_settings(ProducerSettings, topic_partitions=3)
+    await ensure_topics(settings, extra=["sized"])
+    topic = settings.topic("sized")
+    keys = [
+        next(f"k{i}".encode() for i in range(1000) if (murmur2(f"k{i}".encode()) & 0x7FFFFFFF) % 3 == p)
+        for p in range(3)
+    ]
+    original = EventProducer._send_closed
+
+    async def send_closed(producer: Any, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
+        if partition == 0:
+            return await original(producer, batch, topic, partition)
+        batch.close()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if partition == 1:
+            future.set_exception(NotEnoughReplicasError())
+        return future  # partition 2: never answered
+
+    monkeypatch.setattr(EventProducer, "_send_closed", staticmethod(send_closed))
+    p = EventProducer(settings)
+    await p.start()
+    try:
+        messages = [OutgoingMessage(topic, keys[i % 3], f"m{i}".encode()) for i in range(6)]
+        outcomes = await asyncio.wait_for(p.send_batched_each(messages, timeout=0.5), 10)
+    finally:
+        await p.stop()
+    assert [type(o).__name__ for o in outcomes] == ["NoneType", "NotEnoughReplicasError", "TimeoutError"] * 2
+    assert [m["raw"] for m in await read_topic(topic, count=2, timeout=10)] == [b"m0", b"m3"]

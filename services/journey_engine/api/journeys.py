@@ -230,7 +230,23 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             entry = body.definition.entry
             # A live schedule (paused too: it resumes at what its definition says) moves with its
             # definition; a draft's first run is set when it is activated.
-            next_run, rescheduled = row.next_run_at, False
+            next_run, rescheduled, stopped = row.next_run_at, False, False
+            if (
+                not isinstance(entry, ScheduleEntry)
+                and row.status in ("active", "paused")
+                and row.next_run_at is not None
+            ):
+                # No longer a broadcast: its pending run (or the rest of a run in progress) is not
+                # sent to the segment. Only an enrolment of current members pending (or under way)
+                # when activated goes on, while the new version still asks for it.
+                edited = await engine.graph(uow.session, journey_id, row.current_version)
+                before = edited.definition.entry if edited is not None else None
+                stopped = not (
+                    isinstance(before, SegmentEntry)
+                    and before.enrol_current
+                    and isinstance(entry, SegmentEntry)
+                    and entry.enrol_current
+                )
             if isinstance(entry, ScheduleEntry) and row.status in ("active", "paused"):
                 rescheduled = True
                 state = await journey_store.run_state(uow.session, journey_id)
@@ -271,6 +287,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 next_run_at=next_run,
                 set_next_run=rescheduled,
             )
+            if stopped:
+                await journey_store.finish_run(uow.session, journey_id, None, now)
             migrated = 0
             if body.migrate and row.status in ("active", "paused"):
                 waiting = await instance_store.lock_waiting(uow.session, journey_id, version)

@@ -279,6 +279,19 @@ class SegmentEntry(Strict):
     enrol_current: bool = False
     enrol_future: bool = True
 
+    @field_validator("enrol_current")
+    @classmethod
+    def _current_members_entered(cls, value: bool, info: ValidationInfo) -> bool:
+        """The current members are those who entered: for a journey on leaving (a win-back), enrolling
+        them reached the opposite audience. Stored before the rule: the engine enrols no one for it."""
+        if value and info.data.get("change") == "exited" and not _stored(info):
+            raise PydanticCustomError(
+                "enrol_current_exited",
+                "enrol_current enrols the segment's current members, who have not left it: a journey "
+                "on change 'exited' cannot take it (drop enrol_current)",
+            )
+        return value
+
 
 class StageEntry(Strict):
     type: Literal["lifecycle_stage"]

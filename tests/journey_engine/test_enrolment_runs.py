@@ -163,7 +163,11 @@ async def test_a_profile_merged_during_a_run_is_not_sent_the_broadcast_twice(mak
         h.clock.advance(timedelta(hours=1))
         assert await h.engine._broadcast_chunk(jid) == (1, True)  # a_old entered
         await h.profile(
-            "z_new", {}, kind="identity_merged", merged_ids=["a_old"], identities={"user_id": ["z_new", "a_old"]}
+            "z_new",
+            {},
+            kind="identity_merged",
+            merged_ids=["a_old"],
+            identities={"user_id": ["z_new", "a_old"]},
         )
         while (await h.engine._broadcast_chunk(jid))[1]:
             pass

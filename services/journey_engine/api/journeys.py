@@ -14,6 +14,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.journey_engine.domain.definition import (
+    UNICODE_MESSAGE,
+    UNICODE_RULE,
     Graph,
     JourneyDefinition,
     ScheduleEntry,
@@ -21,6 +23,7 @@ from services.journey_engine.domain.definition import (
     SplitNode,
     definition_warnings,
     graph_errors,
+    surrogate_path,
 )
 from services.journey_engine.domain.entry import EventTrigger, triggers
 from services.journey_engine.domain.stats import two_proportion_z_test
@@ -98,7 +101,22 @@ class DryRunRequest(BaseModel):
     event: dict[str, Any] | None = None
 
 
+def refuse_unpaired_surrogates(value: Any, prefix: str) -> None:
+    """A plain text field (a trait name, a correlation key, a dry run's customer id) holding half a
+    surrogate pair passed the schema, then failed where it was written (orjson, asyncpg): a 500."""
+    where = surrogate_path(value)
+    if where is not None:
+        field = ".".join(part for part in (prefix, where) if part) or "body"
+        raise ApiError(
+            400,
+            "invalid_request",
+            "the request is invalid",
+            errors=[field_error(field, UNICODE_RULE, UNICODE_MESSAGE)],
+        )
+
+
 def check_graph(definition: JourneyDefinition) -> Graph:
+    refuse_unpaired_surrogates(definition.model_dump(by_alias=True), "definition")
     errors = graph_errors(definition)
     if errors:
         raise ApiError(
@@ -492,6 +510,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
     @router.post("/dry-run")
     async def dry_run_journey(body: DryRunRequest) -> dict[str, Any]:
         graph = check_graph(body.definition)
+        refuse_unpaired_surrogates(body.model_dump(exclude={"definition"}), "")
         now = clock.now()
         if body.profile is not None:
             p = body.profile

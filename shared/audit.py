@@ -11,7 +11,6 @@ header naming the human. Each request gets an `X-Request-ID` (the caller's, or a
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import uuid
 from collections.abc import Callable
@@ -21,11 +20,12 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Query
 from sqlalchemy import text
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.clock import Clock, SystemClock
 from shared.db.unit_of_work import UnitOfWork
-from shared.http import admin_guard, lower_time_bound, upper_time_bound
+from shared.http import admin_guard, is_admin, lower_time_bound, upper_time_bound
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class AuditMiddleware:
     ) -> None:
         self.app = app
         self.unit_of_work = unit_of_work
-        self.bearer = f"Bearer {admin_token}".encode()
+        self.admin_token = admin_token
         self.actor = token_identity(admin_token)
         self.clock = clock or SystemClock()
 
@@ -66,12 +66,16 @@ class AuditMiddleware:
         if scope["type"] != "http" or not is_audited(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        if not hmac.compare_digest(headers.get(b"authorization", b""), self.bearer):
+        # Read as the admin guard reads it (`is_admin`, and the first header when there are several,
+        # as Starlette's): whatever the guard lets in is recorded.
+        headers = Headers(scope=scope)
+        if not is_admin(headers.get("authorization"), self.admin_token):
             await self.app(scope, receive, send)  # not an admin call: nothing to audit
             return
-        request_id = headers.get(REQUEST_ID_HEADER, b"").decode("latin-1")[:100] or uuid.uuid4().hex
-        actor_name = headers.get(ACTOR_HEADER, b"").decode("utf-8", "replace")[:200] or None
+        request_id = headers.get(REQUEST_ID_HEADER.decode(), "")[:100] or uuid.uuid4().hex
+        actor_name = (
+            headers.get(ACTOR_HEADER.decode(), "").encode("latin-1").decode("utf-8", "replace")[:200] or None
+        )
 
         async def send_audited(message: Message) -> None:
             if message["type"] == "http.response.start":

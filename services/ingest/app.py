@@ -73,7 +73,7 @@ def create_app(settings: IngestSettings | None = None, clock: Clock | None = Non
     batch = batch_handler(intake)
     app.include_router(tracking_router(intake, batch))
     install_common(app, platform)
-    app.include_router(imports_router(intake, batch))
+    app.include_router(imports_router(intake))
     app.include_router(write_keys_router(settings, write_keys))
     install_audit(app, platform.unit_of_work, settings)
     # Outermost: refusals (401, 400) carry the CORS headers too, so the browser SDK can read them.

@@ -10,7 +10,9 @@
 - Offsets are committed only after the handler returned, so a crash means redelivery, never loss;
   handlers are idempotent (inbox table), so redelivery changes nothing. Handled offsets are committed
   at most every `consumer_commit_interval_ms` (and on stop and when partitions are revoked): a
-  commit per single-message batch would cost the broker more than the message.
+  commit per single-message batch would cost the broker more than the message. Only the partitions
+  still assigned are committed (one handed over meanwhile is its new owner's); a failed commit
+  keeps its offsets for the next.
 - A failing batch is retried by halves (in order) down to the failing messages; a message that fails after
   `max_attempts` (or cannot be decoded at all) goes to `<topic>.dlq` with the error in its headers,
   and the partition moves on. Infrastructure errors (database or broker unreachable) are retried
@@ -706,19 +708,37 @@ class ConsumerRunner(Generic[T]):
         return message
 
     async def commit_pending(self, partitions: set[TopicPartition] | None = None) -> None:
-        """Commit the handled offsets (of `partitions`, or all)."""
+        """Commit the handled offsets (of `partitions`, or all) of the partitions still assigned.
+
+        A partition handed over while a unit of it was in hand (`hand_over` waits only so long) is
+        not ours to commit: aiokafka refuses the whole commit for it, which dropped the offsets of
+        every other partition with it. Its offset is dropped (its new owner redelivers what we
+        handled, which the inboxes drop); a commit that fails keeps its offsets pending for the next."""
         consumer = self._consumer
         offsets = {tp: om for tp, om in self._pending.items() if partitions is None or tp in partitions}
         if consumer is None or not offsets:
             return
+        assigned = consumer.assignment()
         for tp in offsets:
             del self._pending[tp]
+        gone = sorted(tp.partition for tp in offsets if tp not in assigned)
+        if gone:
+            log.info(
+                "offsets of partitions handed over are left to their new owner",
+                extra={"topic": self.topic, "partitions": gone},
+            )
+            offsets = {tp: om for tp, om in offsets.items() if tp in assigned}
+            if not offsets:
+                return
         self._last_commit = time.monotonic()
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
-            # A rebalance took the partitions away: the next owner redelivers, handlers are idempotent.
-            log.warning("offset commit failed; records will be redelivered", extra={"error": str(exc)})
+            # Pending again (unless a later unit moved a partition on meanwhile): the next commit
+            # tries them, or drops those a rebalance took away. Until then a crash only redelivers.
+            for tp, om in offsets.items():
+                self._pending.setdefault(tp, om)
+            log.warning("offset commit failed; will try again", extra={"error": str(exc)})
             return
         # A rebalance may have taken some of them during the commit's await (aiokafka asserts a
         # partition's highwater is read only while assigned): their new owner reports their lag.

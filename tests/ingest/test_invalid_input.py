@@ -171,6 +171,23 @@ CASES: list[tuple[str, Any, dict[str, str], int, str, str]] = [
         "context" + ".a" * 63,
         "max_depth",
     ),
+    # Batch-level context and integrations of another type were ignored (200, published without them).
+    (
+        "/v1/batch",
+        {"batch": [{"type": "track", "userId": "u1", "event": "E"}], "context": [1]},
+        {},
+        400,
+        "context",
+        "dict_type",
+    ),
+    (
+        "/v1/batch",
+        {"batch": [{"type": "track", "userId": "u1", "event": "E"}], "integrations": "x"},
+        {},
+        400,
+        "integrations",
+        "dict_type",
+    ),
     ("/v1/batch", {"batch": "nope"}, {}, 400, "batch", "list_type"),
     ("/v1/batch", {"events": []}, {}, 400, "batch", "missing"),
     ("/v1/batch", {"batch": [], "sentAt": "soon"}, {}, 400, "sentAt", "datetime_from_date_parsing"),

@@ -66,3 +66,32 @@ async def test_admin_mutations_are_audited_tracking_is_not(client: httpx.AsyncCl
     rest = (await client.get("/v1/audit", headers=ADMIN, params={"before": page["next_before"]})).json()
     assert [e["method"] for e in rest["entries"]] == ["POST"]
     assert (await client.get("/v1/audit")).status_code == 401
+
+
+async def test_admin_actions_are_audited_however_the_guard_read_their_token(
+    client: httpx.AsyncClient,
+) -> None:
+    """The audit log compared the header byte for byte with `Bearer <token>`, while the admin guard
+    reads the scheme in any case (RFC 7235) and the first of several headers: an admin could act
+    unrecorded by writing `bearer`, or by adding a second Authorization header."""
+    token = ADMIN["Authorization"].split(" ", 1)[1]
+    lower = {"Authorization": f"bearer {token}"}
+    created = await client.post("/admin/write-keys", json={"name": "quiet"}, headers=lower)
+    assert created.status_code == 201, created.text
+    key_id = created.json()["id"]
+    revoked = await client.delete(
+        f"/admin/write-keys/{key_id}",
+        headers=[("Authorization", f"BEARER   {token}  "), ("Authorization", "Bearer something-else")],
+    )
+    assert revoked.status_code == 200, revoked.text
+    entries = (await client.get("/v1/audit", headers=ADMIN)).json()["entries"]
+    assert [(e["method"], e["path"]) for e in entries] == [
+        ("DELETE", f"/admin/write-keys/{key_id}"),
+        ("POST", "/admin/write-keys"),
+    ]
+    # A wrong token gets nothing done, and nothing recorded.
+    refused = await client.post(
+        "/admin/write-keys", json={"name": "x"}, headers={"Authorization": "bearer no"}
+    )
+    assert refused.status_code == 401
+    assert len((await client.get("/v1/audit", headers=ADMIN)).json()["entries"]) == 2

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
 from services.ingest.app import create_app
 from services.ingest.settings import IngestSettings
@@ -132,6 +133,26 @@ async def test_admin_routes_answer_no_cross_origin_requests(client: httpx.AsyncC
     assert "access-control-allow-origin" not in preflight.headers
 
 
+async def test_the_audit_log_under_v1_answers_no_cross_origin_requests(client: httpx.AsyncClient) -> None:
+    """`GET /v1/audit` is an admin route although its path is under /v1/ like the tracking routes."""
+    response = await client.get("/v1/audit", headers={**ADMIN, "Origin": "https://evil.example"})
+    assert response.status_code == 200
+    assert "access-control-allow-origin" not in response.headers
+    preflight = await client.options(
+        "/v1/audit",
+        headers={
+            "Origin": "https://evil.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+    # The tracking routes still do.
+    call = orjson.dumps(browser_call("track", "ajs-cors", event="E", writeKey=WRITE_KEY))
+    tracked = await client.post("/v1/t", content=call, headers=TEXT)
+    assert tracked.status_code == 200 and tracked.headers["access-control-allow-origin"] == "*"
+
+
 async def test_cors_origins_are_a_setting(make_settings: Any) -> None:
     settings: IngestSettings = make_settings(
         IngestSettings,
@@ -192,3 +213,41 @@ async def test_analytics_android_batches_to_v1_import_are_a_batch_not_lost(
     )
     assert wrong.status_code == 400
     assert wrong.json()["errors"][0]["field"] == "batch"
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
+async def test_a_json_import_with_the_admin_token_is_accepted_as_a_backfill(
+    client: httpx.AsyncClient, settings: IngestSettings, scheme: str
+) -> None:
+    """The docs say imports accept the admin token: a JSON body (a Segment batch) too, not only NDJSON
+    (it was handled exactly as /v1/batch, which took the admin token for a write key: 401)."""
+    token = ADMIN["Authorization"].split(" ", 1)[1]
+    batch = {
+        "batch": [
+            {
+                "type": "track",
+                "userId": "u1",
+                "event": "E",
+                "messageId": "adm-1",
+                "timestamp": "2020-01-01T00:00:00Z",
+            }
+        ]
+    }
+    response = await client.post(
+        "/v1/import",
+        content=orjson.dumps(batch),
+        headers={"Content-Type": "application/json", "Authorization": f"{scheme} {token}"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"success": True, "accepted": 1, "duplicates": 0}
+    (message,) = await events_on_topic(settings, count=1)
+    event = CustomerEvent.model_validate(message["value"])
+    assert event.message_id == "adm-1" and event.source == "backfill"
+
+    # A wrong token is still no write key.
+    wrong = await client.post(
+        "/v1/import",
+        content=orjson.dumps(batch),
+        headers={"Content-Type": "application/json", "Authorization": f"{scheme} not-the-token"},
+    )
+    assert wrong.status_code == 401

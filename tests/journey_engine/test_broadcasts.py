@@ -67,7 +67,11 @@ def watch_locks(monkeypatch: pytest.MonkeyPatch, fail_on_call: int | None = None
             raise RuntimeError("the database went away")
         held.append(
             await session.scalar(
-                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+                # Exclusive: the customers' (the erasure gate, held shared, is one lock whatever the size).
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' "
+                    "AND pid = pg_backend_pid()"
+                )
             )
         )
 

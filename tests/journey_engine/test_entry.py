@@ -140,6 +140,68 @@ async def test_reentry_policies_and_entry_cap(make_settings: Any) -> None:
         assert counts == {once: 1, after: 2, always: 3, capped: 2}
 
 
+async def test_entered_counts_without_a_cap_and_a_cap_added_later_counts_earlier_entries(
+    make_settings: Any,
+) -> None:
+    """Entries were counted on the journey only while it had a cap: an uncapped journey showed
+    `entered` 0, and a cap of 3 added after 3 entries let 2 more in. The cap counts every entry of
+    the journey's life (all versions)."""
+    async with engine_running(make_settings) as h:
+        d = linear("Launch", "Signed Up", SEND_AND_WAIT)
+        jid = await h.journey(d)
+        for c in ("c1", "c2", "c3"):
+            await h.track(c, "Signed Up")
+        body = (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()
+        assert body["entered"] == 3
+        listed = (await h.client.get("/v1/journeys", headers=ADMIN)).json()["journeys"]
+        assert [j["entered"] for j in listed if j["id"] == jid] == [3]
+        r = await h.client.put(
+            f"/v1/journeys/{jid}", json={"definition": d | {"entry_cap": 3}}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["entered"] == 3
+        for c in ("c4", "c5"):
+            await h.track(c, "Signed Up")
+        assert sorted(i.customer_id for i in await h.instances(jid)) == ["c1", "c2", "c3"]
+        # Raised to 4: one more, counted on the row from the cap on.
+        r = await h.client.put(
+            f"/v1/journeys/{jid}", json={"definition": d | {"entry_cap": 4}}, headers=ADMIN
+        )
+        assert r.status_code == 200, r.text
+        for c in ("c6", "c7"):
+            await h.track(c, "Signed Up")
+        assert sorted(i.customer_id for i in await h.instances(jid)) == ["c1", "c2", "c3", "c6"]
+        assert (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()["entered"] == 4
+
+
+async def test_a_cap_added_to_a_live_journey_waits_for_the_entries_in_flight(
+    make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Setting a cap counts the entries made without one, so it waits for the batches entering
+    customers now, as a pause does: held up past `STATUS_LOCK_TIMEOUT_MS` it answers 503
+    journey_busy and saves nothing. An edit that sets no new cap takes no gate."""
+    monkeypatch.setattr(journeys_api, "STATUS_LOCK_TIMEOUT_MS", 300)
+    async with engine_running(make_settings) as h:
+        d = linear("Launch", "Signed Up", SEND_AND_WAIT)
+        jid = await h.journey(d)
+        async with entry_in_flight(h):
+            r = await asyncio.wait_for(
+                h.client.put(f"/v1/journeys/{jid}", json={"definition": d | {"entry_cap": 3}}, headers=ADMIN),
+                10,
+            )
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1" and r.json()["error"] == "journey_busy"
+            r = await asyncio.wait_for(
+                h.client.put(
+                    f"/v1/journeys/{jid}", json={"definition": d | {"name": "Renamed"}}, headers=ADMIN
+                ),
+                10,
+            )
+            assert r.status_code == 200, r.text
+        body = (await h.client.get(f"/v1/journeys/{jid}", headers=ADMIN)).json()
+        assert body["version"] == 2 and body["definition"].get("entry_cap") is None
+
+
 async def test_two_entries_of_a_customer_in_one_batch(make_settings: Any) -> None:
     """Re-entry `always`, and the same customer enters twice within one consumer batch: both
     instances start, the enrolment counts two, and the batch does not fail (it did, once, as ON

@@ -9,7 +9,7 @@ from typing import Any
 
 from shared.contracts.events import CustomerEvent
 from shared.contracts.topics import CUSTOMER_EVENTS
-from tests.journey_engine.harness import ADMIN, Harness, engine_running
+from tests.journey_engine.harness import ADMIN, START, Harness, engine_running
 from tests.journey_engine.test_timing_and_rules import linear
 
 
@@ -195,3 +195,76 @@ async def test_the_newest_instance_owns_the_goal(make_settings: Any) -> None:
             )
             == 1
         )
+
+
+WEEKLY_AB: dict[str, Any] = {
+    "name": "Weekly AB",
+    "entry": {
+        "type": "schedule",
+        "segment_id": "subs",
+        "at": (START + timedelta(hours=1)).isoformat(),
+        "every": "P7D",
+    },
+    "goal": {"event": "Purchased", "within": "P7D"},
+    "nodes": [
+        {"id": "start", "type": "entry"},
+        {
+            "id": "ab",
+            "type": "split",
+            "arms": [{"name": "mail", "percent": 50}, {"name": "control", "percent": 50, "holdout": True}],
+        },
+        {"id": "hi", "type": "send", "channel": "email", "template_id": "hi"},
+        {"id": "done", "type": "exit"},
+    ],
+    "edges": [
+        {"from": "start", "to": "ab"},
+        {"from": "ab", "to": "hi", "branch": "mail"},
+        {"from": "ab", "to": "done", "branch": "control"},
+        {"from": "hi", "to": "done"},
+    ],
+}
+
+
+async def test_ab_results_count_customers_not_runs(make_settings: Any) -> None:
+    """A weekly split broadcast to 4 members, 3 runs: the arms hold 4 customers (12 entries), and a
+    customer who bought converts once however many runs reached them; the z-test compares customers."""
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(WEEKLY_AB)
+        members = ["c1", "c2", "c3", "c4"]
+        for c in members:
+            await h.membership(c, "subs")
+        for _ in range(3):
+            await h.advance(timedelta(days=7))
+        assert await h.scalar("SELECT count(*) FROM instances WHERE journey_id = :j", j=jid) == 12
+        await publish(h, [(c, "Purchased") for c in members])
+        stats = (await h.client.get(f"/v1/journeys/{jid}/stats", headers=ADMIN)).json()
+        arms = stats["splits"][0]["arms"]
+        assert sum(a["customers"] for a in arms) == 4
+        assert sum(a["entries"] for a in arms) == 12
+        for a in arms:
+            assert a["converted"] == a["customers"]
+            assert a["conversion_rate"] in (1.0, None)
+            assert a["entries"] == 3 * a["customers"]
+
+
+async def test_a_holdout_arm_wired_to_a_send_is_saved_with_a_warning(make_settings: Any) -> None:
+    """Its customers would get the message: the create, edit and dry-run answers say so."""
+    async with engine_running(make_settings) as h:
+        d = WEEKLY_AB | {
+            "edges": [e if e.get("branch") != "control" else e | {"to": "hi"} for e in WEEKLY_AB["edges"]]
+        }
+        r = await h.client.post("/v1/journeys", json={"definition": d}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        [warning] = r.json()["warnings"]
+        assert (warning["field"], warning["rule"]) == ("definition.nodes.ab", "holdout_sends")
+        jid = r.json()["id"]
+        r = await h.client.put(f"/v1/journeys/{jid}", json={"definition": d}, headers=ADMIN)
+        assert [w["rule"] for w in r.json()["warnings"]] == ["holdout_sends"]
+        dry = await h.client.post(
+            "/v1/journeys/dry-run",
+            json={"definition": d, "journey_id": jid, "customer_id": "x"},
+            headers=ADMIN,
+        )
+        assert [w["rule"] for w in dry.json()["warnings"]] == ["holdout_sends"]
+        fixed = await h.client.put(f"/v1/journeys/{jid}", json={"definition": WEEKLY_AB}, headers=ADMIN)
+        assert fixed.status_code == 200 and fixed.json()["warnings"] == []

@@ -192,3 +192,60 @@ async def test_a_status_reaches_its_instance_whatever_customer_it_names(make_set
         await h.message_status("u1", mail["message_id"], "opened")
         [row] = await h.instances(engagement)
         assert (row.customer_id, row.status, row.node_id) == ("u1", "exited", "done")
+
+
+async def test_after_a_merge_one_purchase_converts_the_person_once(make_settings: Any) -> None:
+    """Both profiles finished the journey with their goal windows open; merged, one purchase is one
+    conversion (the newest instance owns the goal, as for a customer who entered again), not two."""
+    async with engine_running(make_settings) as h:
+        j = linear("Promo", "Viewed", [{"id": "hi", "type": "send", "channel": "email", "template_id": "hi"}])
+        j["goal"] = {"event": "Purchased", "within": "P7D"}
+        jid = await h.journey(j)
+        await h.track("old", "Viewed")
+        h.clock.advance(timedelta(minutes=1))
+        await h.track("new", "Viewed")
+        assert await h.scalar("SELECT count(*) FROM goal_windows") == 2
+        await h.profile(
+            "new", {}, kind="identity_merged", merged_ids=["old"], identities={"user_id": ["new", "old"]}
+        )
+        assert await h.scalar("SELECT count(*) FROM goal_windows") == 1
+        await h.track("new", "Purchased")
+        converted = await h.rows(
+            "SELECT customer_id, entered_at FROM instances "
+            "WHERE journey_id = :j AND converted_at IS NOT NULL",
+            j=jid,
+        )
+        assert [c for c, _ in converted] == ["new"]
+        newest = await h.scalar("SELECT max(entered_at) FROM instances WHERE journey_id = :j", j=jid)
+        assert converted[0][1] == newest
+        assert (
+            await h.scalar(
+                "SELECT sum(n) FROM node_counts WHERE journey_id = :j AND metric = 'converted'", j=jid
+            )
+            == 1
+        )
+
+
+async def test_after_a_merge_the_instance_still_inside_owns_the_goal(make_settings: Any) -> None:
+    """The merged-away profile finished the journey with its window open, the survivor entered since
+    and is inside: a purchase converts the one inside, and the window counts nothing more."""
+    async with engine_running(make_settings) as h:
+        j = linear("Nurture", "Viewed", SEND_AND_WAIT, goal={"event": "Purchased", "within": "P7D"})
+        jid = await h.journey(j)
+        await h.track("old", "Viewed")
+        await h.advance(timedelta(days=3, hours=1))  # old's path is over; its window stays open
+        await h.track("new", "Viewed")
+        assert await h.scalar("SELECT count(*) FROM goal_windows WHERE customer_id = 'old'") == 1
+        await h.profile(
+            "new", {}, kind="identity_merged", merged_ids=["old"], identities={"user_id": ["new", "old"]}
+        )
+        assert await h.scalar("SELECT count(*) FROM goal_windows") == 0
+        await h.track("new", "Purchased")
+        converted = await h.rows(
+            "SELECT status, entered_at FROM instances WHERE journey_id = :j AND converted_at IS NOT NULL",
+            j=jid,
+        )
+        assert [status for status, _ in converted] == ["converted"]
+        assert converted[0][1] == await h.scalar(
+            "SELECT max(entered_at) FROM instances WHERE journey_id = :j", j=jid
+        )

@@ -1,8 +1,10 @@
 """clm.privacy.v1 in the journey engine: export and erase a customer (projection, instances, timers,
-message log), confirm on the topic, and start no journey for their later events."""
+message log), confirm on the topic, and start no journey for their later events, memberships, profile
+changes or broadcasts."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +16,8 @@ from shared.contracts.events import CustomerEvent, PrivacyAction, PrivacyRequest
 from shared.contracts.topics import PRIVACY
 from shared.privacy import add_tombstones
 from tests.journey_engine.harness import ADMIN, Harness, engine_running
-from tests.journey_engine.test_entry import SEND_AND_WAIT
+from tests.journey_engine.test_broadcasts import RUN_AT, add_members, broadcast, entered
+from tests.journey_engine.test_entry import SEND_AND_WAIT, segment_journey
 from tests.journey_engine.test_timing_and_rules import linear
 from tests.support import read_topic
 
@@ -121,3 +124,127 @@ async def test_an_alias_from_an_erased_id_is_dropped_like_its_other_events(make_
         async with h.platform.unit_of_work() as uow:
             kept, _ = await drop_erased_events(uow, salt, items)
         assert [eid for eid, _ in kept] == ["e3", "e4"]
+
+
+async def residue(h: Harness, customer_id: str = "c1") -> dict[str, int]:
+    tables = (
+        "instances",
+        "enrolments",
+        "message_log",
+        "goal_windows",
+        "segment_members",
+        "customer_recommendations",
+        "customers",
+        "customer_identities",
+    )
+    return {t: await count(h, t, customer_id) for t in tables if await count(h, t, customer_id)}
+
+
+async def test_a_membership_announced_before_the_erasure_and_read_after_it_enters_nothing(
+    make_settings: Any,
+) -> None:
+    """The segmenter announced c1 entering a segment, then erased c1; the engine handles the privacy
+    request first and the membership late: c1 stays erased (no instance, no message, and no
+    membership that would put them in every later broadcast)."""
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(segment_journey())
+        await h.profile("c1", {"email": "ann@example.com"}, identities={"user_id": ["u1"]})
+        done = await ask(h, PrivacyAction.ERASE_REQUESTED, f"erase-{uuid.uuid4().hex}")
+        assert done["action"] == "erase_completed"
+
+        await h.membership("c1", "high-value")
+        await h.membership("c2", "high-value")  # someone else in the same batch's place still enters
+        assert [r.customer_id for r in await h.instances(jid)] == ["c2"]
+        assert await residue(h) == {}
+        requests = await h.requests(until=lambda m: len(m) >= 1)
+        assert [m["customer_id"] for m in requests] == ["c2"]
+
+
+async def test_an_erased_announcement_deletes_the_customer_and_later_changes_bring_nothing_back(
+    make_settings: Any,
+) -> None:
+    """The segmenter's `erased` announcement (read before or after its privacy request) deletes what
+    the engine holds on the customer, as the privacy erasure does; a stage change or membership
+    announced before it and read after it recreates neither the profile nor an instance."""
+    async with engine_running(make_settings) as h:
+        j = linear("Stage", "unused", SEND_AND_WAIT)
+        j["entry"] = {"type": "lifecycle_stage", "to_stage": "at_risk"}
+        jid = await h.journey(j)
+        segment = await h.journey(segment_journey())
+        await h.profile("c1", {"email": "ann@example.com"}, identities={"user_id": ["u1"]})
+        await h.membership("c1", "vip")
+        await h.profile(
+            "c1", {"email": "ann@example.com"}, kind="stage_changed", stage="at_risk", previous="active"
+        )
+        assert [(r.customer_id, r.status) for r in await h.instances(jid)] == [("c1", "active")]
+        assert len(await h.requests(until=lambda m: len(m) >= 1)) == 1
+        async with h.platform.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO customer_recommendations (customer_id, lists, updated_at) "
+                    "VALUES ('c1', '{\"top\": [\"sku-1\"]}', now())"
+                )
+            )
+        assert set(await residue(h)) >= {"instances", "enrolments", "message_log", "customers"}
+
+        await h.profile("c1", {}, kind="erased")
+        assert await h.instances(jid) == []
+        assert await residue(h) == {}
+        assert await h.scalar("SELECT count(*) FROM timers") == 0
+        # Read late: a stage change and a membership the segmenter announced before the erasure.
+        await h.profile(
+            "c1", {"email": "ann@example.com"}, kind="stage_changed", stage="at_risk", previous="active"
+        )
+        await h.membership("c1", "high-value")
+        assert await h.instances(jid) == [] and await h.instances(segment) == []
+        assert await residue(h) == {}
+        assert len(await h.requests(idle=1.0)) == 1  # the one sent before the erasure
+
+
+async def test_privacy_erase_and_export_cover_the_recommendation_lists(make_settings: Any) -> None:
+    async with engine_running(make_settings) as h:
+        await h.profile("c1", {"email": "ann@example.com"}, identities={"user_id": ["u1"]})
+        async with h.platform.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO customer_recommendations (customer_id, lists, updated_at) "
+                    "VALUES ('c1', '{\"top\": [\"sku-1\"]}', now())"
+                )
+            )
+        part = await ask(h, PrivacyAction.EXPORT_REQUESTED, f"export-{uuid.uuid4().hex}")
+        assert [r["lists"] for r in part["data"]["customer_recommendations"]] == [{"top": ["sku-1"]}]
+        done = await ask(h, PrivacyAction.ERASE_REQUESTED, f"erase-{uuid.uuid4().hex}")
+        assert done["data"]["deleted"]["customer_recommendations"] == 1
+        assert await residue(h) == {}
+
+
+async def test_a_broadcast_chunk_enrols_no_erased_member(make_settings: Any) -> None:
+    """A member erased before the run (a membership row left from before) is skipped; one erased while
+    the chunk is due waits for the erasure's gate, then is not read."""
+    async with engine_running(make_settings) as h:
+        await add_members(h, "everyone", 3)  # m00001..m00003
+        salt = h.settings.privacy_salt.get_secret_value()
+        async with h.platform.unit_of_work() as uow:
+            await add_tombstones(uow.session, salt, ["m00001"], "erase-1", h.clock.now())
+        r = await h.client.post(
+            "/v1/journeys", headers=ADMIN, json={"id": "weekly", "definition": broadcast("everyone")}
+        )
+        assert r.status_code == 201, r.text
+        assert (await h.client.post("/v1/journeys/weekly/activate", headers=ADMIN)).status_code == 200
+        h.clock.set(RUN_AT)
+
+        erasure = await h.platform.engine.connect()
+        try:
+            # m00002's erasure holds the gate exclusive, as the privacy consumer does.
+            await erasure.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext('clm.erasure.' || current_schema()))")
+            )
+            await erasure.execute(text("DELETE FROM segment_members WHERE customer_id = 'm00002'"))
+            running = asyncio.create_task(h.fire_due())
+            await asyncio.sleep(0.5)
+            assert not running.done()  # the chunk waits for the erasure
+            await erasure.commit()
+            await asyncio.wait_for(running, 20)
+        finally:
+            await erasure.close()
+        assert await entered(h, "weekly") == [("m00003", 1)]

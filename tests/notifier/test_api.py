@@ -129,6 +129,11 @@ async def test_a_send_whose_template_needs_the_unseen_profile_waits_for_it(start
         await h.wait_status(message_id, "delivered")
         inbox = (await h.client.get("/v1/inbox/c10", headers=ADMIN)).json()["messages"]
         assert [m["title"] for m in inbox] == ["Hi Ines"]
+        # The admin token is read as every admin route reads it: the scheme in any case.
+        lower = {"Authorization": ADMIN["Authorization"].replace("Bearer", "bearer")}
+        assert (await h.client.get("/v1/inbox/c10", headers=lower)).json()["messages"] == inbox
+        wrong = await h.client.get("/v1/inbox/c10", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401
 
 
 async def test_opt_in_topics_preferences_and_sms_stop(start_notifier) -> None:  # type: ignore[no-untyped-def]

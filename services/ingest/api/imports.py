@@ -2,12 +2,13 @@
 progress streamed out. A JSON body (`Content-Type: application/json`) is a Segment batch instead,
 answered as `/v1/batch` answers it: Segment's own `/v1/import` is a batch endpoint, and
 analytics-android v4 posts its batches there (read as NDJSON, they would be refused line by line
-under a 200, and the SDK would drop them).
+under a 200, and the SDK would drop them). Both accept a write key or the admin token.
 
 Each line gets the same validation and dedupe as the tracking API; imported events keep their
 historical time (so `timestamp` or `originalTimestamp` is required), are marked `source="backfill"`,
-and a line without a messageId gets one derived from its content, so importing a file again publishes
-nothing twice. The answer (NDJSON) is a progress line about every second, then one summary line:
+and a line without a messageId gets one derived from its content, so importing a file again within
+the dedupe window publishes nothing twice (later, the consumers' inboxes drop the copies while they
+keep the ids). The answer (NDJSON) is a progress line about every second, then one summary line:
 `{"type": "summary", "complete": true, "accepted": ..., "duplicates": ..., "rejected": ..., "errors": [...]}`.
 A summary with `"complete": false` says where it stopped (`resumeFromLine`); importing the file again
 is safe.
@@ -16,7 +17,6 @@ is safe.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -29,12 +29,12 @@ from starlette.types import Receive, Scope, Send
 
 from services.ingest.api.body import GzipStream, is_gzip
 from services.ingest.api.intake import Intake
-from services.ingest.api.tracking import BatchHandler
+from services.ingest.api.tracking import handle_batch
 from services.ingest.domain.normalize import BACKFILL_SOURCE, content_message_id, to_customer_event
 from services.ingest.domain.validation import FieldError, TextHints, validate_call
 from services.ingest.domain.write_keys import key_from_authorization
 from services.ingest.event_writer import Overloaded, PreparedEvent, Unavailable
-from shared.http import ApiError
+from shared.http import ApiError, is_admin
 
 _MAX_OVERLOAD_RETRIES = 30
 
@@ -121,16 +121,14 @@ async def decoded_body(request: Request, gzip: GzipStream | None) -> AsyncIterat
         gzip.finish()
 
 
-def imports_router(intake: Intake, batch: BatchHandler) -> APIRouter:
+def imports_router(intake: Intake) -> APIRouter:
     router = APIRouter(tags=["backfill"])
     settings = intake.settings
     active = 0
 
     async def authorize(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        admin = settings.admin_token.get_secret_value().encode()
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), admin):
+        header = request.headers.get("authorization")
+        if is_admin(header, settings.admin_token.get_secret_value()):
             return
         await intake.source_of(key_from_authorization(header))
 
@@ -142,7 +140,10 @@ def imports_router(intake: Intake, batch: BatchHandler) -> APIRouter:
         nonlocal active
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type == "application/json":
-            return await batch(request)
+            # An import like any other: the admin token may send it (its events are a backfill's).
+            if is_admin(request.headers.get("authorization"), settings.admin_token.get_secret_value()):
+                return await handle_batch(intake, request, BACKFILL_SOURCE)
+            return await handle_batch(intake, request, await intake.header_source(request))
         await authorize(request)
         if active >= settings.max_concurrent_imports:
             raise ApiError(

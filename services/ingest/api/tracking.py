@@ -75,98 +75,112 @@ def tracking_router(intake: Intake, batch: BatchHandler) -> APIRouter:
 
 def batch_handler(intake: Intake) -> BatchHandler:
     """A batch call (`{"batch": [...]}`): its valid calls are accepted, the others named."""
-    settings = intake.settings
 
     async def post_batch(request: Request) -> Response:
-        source = await intake.header_source(request)
-        text = await read_body(request, settings.max_batch_bytes, "a batch")
-        raw = parse_json(text)
-        may_hold_nul = storable.NUL_ESCAPE in text  # searched once, not per call
-        if not isinstance(raw, dict):
-            raise ApiError(
-                400,
-                "invalid_batch",
-                "a batch is a JSON object",
-                errors=[field_error("body", "object_type", 'expected {"batch": [...]}')],
-            )
-        if source is None:
-            source = await intake.source_of(raw.get("writeKey"))
-        items = raw.get("batch")
-        if not isinstance(items, list):
-            rule = "missing" if items is None else "list_type"
-            raise ApiError(
-                400,
-                "invalid_batch",
-                "the batch needs a list of calls",
-                errors=[field_error("batch", rule, "batch must be a list of calls")],
-            )
-        # Batch-level context and integrations go into every call: as deep there as here.
-        deep = storable.too_deep_path({k: raw[k] for k in ("context", "integrations") if k in raw})
-        if deep is not None:
-            raise ApiError(
-                400,
-                "invalid_batch",
-                "the batch is nested too deep",
-                errors=[field_error(deep, storable.DEPTH_RULE, storable.DEPTH_MESSAGE)],
-            )
-        sent_at = _batch_sent_at(raw.get("sentAt"))
-        received_at = intake.clock.now()
-        accepted: list[int] = []
-        prepared: list[PreparedEvent] = []
-        rejected: list[dict[str, Any]] = []
-        for index, item in enumerate(items):
-            prefix = f"batch.{index}"
-            # Measured with the batch's context and integrations it takes: each event is at most
-            # `max_event_bytes` however its batch was written.
-            call = apply_batch_defaults(item, raw) if isinstance(item, dict) else item
-            encoded = _encoded(call)
-            if encoded is not None and len(encoded) > settings.max_event_bytes:
-                errors = [
-                    FieldError(
-                        prefix,
-                        "max_size",
-                        f"an event is at most {settings.max_event_bytes} bytes, with the batch's "
-                        "context and integrations",
-                    )
-                ]
-            else:
-                # Its JSON says whether it may be nested too deep (None: past orjson's limit, so it
-                # is); the batch-level defaults were checked above.
-                deep_hint = encoded is None or storable.may_be_too_deep(encoded)
-                valid = validate_call(call, prefix=prefix, hints=TextHints(may_hold_nul, deep_hint))
-                if not isinstance(valid, list):
-                    event = to_customer_event(
-                        valid, received_at=received_at, source=source, batch_sent_at=sent_at
-                    )
-                    ready = intake.prepare(event, prefix)
-                    if not isinstance(ready, list):
-                        prepared.append(ready)
-                        accepted.append(index)
-                        continue
-                    valid = ready
-                errors = valid
-            rejected.append(
-                {"index": index, "messageId": _echoed_id(item), "errors": [e.as_json() for e in errors]}
-            )
-        outcome = await intake.write(prepared) if prepared else WriteOutcome([], [])
-        if not rejected:
-            return JSONResponse(
-                {"success": True, "accepted": len(accepted), "duplicates": len(outcome.duplicates)}
-            )
-        body: dict[str, Any] = {
-            "success": False,
-            "error": "partially_rejected" if accepted else "invalid_batch",
-            "message": f"{len(rejected)} of {len(items)} calls rejected"
-            + ("; the others were accepted" if accepted else "; nothing was accepted"),
-            "accepted": len(accepted),
-            "duplicates": len(outcome.duplicates),
-            "acceptedIndexes": accepted,
-            "rejected": rejected,
-            "errors": [e for r in rejected for e in r["errors"]],
-        }
-        return JSONResponse(body, status_code=207 if accepted else 400)
+        return await handle_batch(intake, request, await intake.header_source(request))
 
     return post_batch
+
+
+async def handle_batch(intake: Intake, request: Request, source: str | None) -> Response:
+    """Answer a batch call sent by `source` (None: the one the `writeKey` in its body names)."""
+    settings = intake.settings
+    text = await read_body(request, settings.max_batch_bytes, "a batch")
+    raw = parse_json(text)
+    may_hold_nul = storable.NUL_ESCAPE in text  # searched once, not per call
+    if not isinstance(raw, dict):
+        raise ApiError(
+            400,
+            "invalid_batch",
+            "a batch is a JSON object",
+            errors=[field_error("body", "object_type", 'expected {"batch": [...]}')],
+        )
+    if source is None:
+        source = await intake.source_of(raw.get("writeKey"))
+    items = raw.get("batch")
+    if not isinstance(items, list):
+        rule = "missing" if items is None else "list_type"
+        raise ApiError(
+            400,
+            "invalid_batch",
+            "the batch needs a list of calls",
+            errors=[field_error("batch", rule, "batch must be a list of calls")],
+        )
+    # Batch-level context and integrations go into every call: an object there as here (ignoring
+    # one that is not would publish the batch without what its sender meant every call to carry).
+    wrong = [name for name in ("context", "integrations") if not isinstance(raw.get(name), dict | None)]
+    if wrong:
+        raise ApiError(
+            400,
+            "invalid_batch",
+            "the batch's " + " and ".join(wrong) + " must be JSON objects",
+            errors=[field_error(name, "dict_type", f"{name} must be a JSON object") for name in wrong],
+        )
+    # As deep there as here.
+    deep = storable.too_deep_path({k: raw[k] for k in ("context", "integrations") if k in raw})
+    if deep is not None:
+        raise ApiError(
+            400,
+            "invalid_batch",
+            "the batch is nested too deep",
+            errors=[field_error(deep, storable.DEPTH_RULE, storable.DEPTH_MESSAGE)],
+        )
+    sent_at = _batch_sent_at(raw.get("sentAt"))
+    received_at = intake.clock.now()
+    accepted: list[int] = []
+    prepared: list[PreparedEvent] = []
+    rejected: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        prefix = f"batch.{index}"
+        # Measured with the batch's context and integrations it takes: each event is at most
+        # `max_event_bytes` however its batch was written.
+        call = apply_batch_defaults(item, raw) if isinstance(item, dict) else item
+        encoded = _encoded(call)
+        if encoded is not None and len(encoded) > settings.max_event_bytes:
+            errors = [
+                FieldError(
+                    prefix,
+                    "max_size",
+                    f"an event is at most {settings.max_event_bytes} bytes, with the batch's "
+                    "context and integrations",
+                )
+            ]
+        else:
+            # Its JSON says whether it may be nested too deep (None: past orjson's limit, so it
+            # is); the batch-level defaults were checked above.
+            deep_hint = encoded is None or storable.may_be_too_deep(encoded)
+            valid = validate_call(call, prefix=prefix, hints=TextHints(may_hold_nul, deep_hint))
+            if not isinstance(valid, list):
+                event = to_customer_event(
+                    valid, received_at=received_at, source=source, batch_sent_at=sent_at
+                )
+                ready = intake.prepare(event, prefix)
+                if not isinstance(ready, list):
+                    prepared.append(ready)
+                    accepted.append(index)
+                    continue
+                valid = ready
+            errors = valid
+        rejected.append(
+            {"index": index, "messageId": _echoed_id(item), "errors": [e.as_json() for e in errors]}
+        )
+    outcome = await intake.write(prepared) if prepared else WriteOutcome([], [])
+    if not rejected:
+        return JSONResponse(
+            {"success": True, "accepted": len(accepted), "duplicates": len(outcome.duplicates)}
+        )
+    body: dict[str, Any] = {
+        "success": False,
+        "error": "partially_rejected" if accepted else "invalid_batch",
+        "message": f"{len(rejected)} of {len(items)} calls rejected"
+        + ("; the others were accepted" if accepted else "; nothing was accepted"),
+        "accepted": len(accepted),
+        "duplicates": len(outcome.duplicates),
+        "acceptedIndexes": accepted,
+        "rejected": rejected,
+        "errors": [e for r in rejected for e in r["errors"]],
+    }
+    return JSONResponse(body, status_code=207 if accepted else 400)
 
 
 def _echoed_id(item: object) -> str | int | float | None:

@@ -137,14 +137,14 @@ async def warnings(session: AsyncSession, definition: JourneyDefinition) -> list
 
 
 def journey_body(
-    row: JourneyRow, definition: dict[str, Any] | None, versions: list[int] | None = None
+    row: JourneyRow, entered: int, definition: dict[str, Any] | None, versions: list[int] | None = None
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": row.id,
         "name": row.name,
         "status": row.status,
         "version": row.current_version,
-        "entered": row.entered_count,
+        "entered": entered,
         "next_run_at": row.next_run_at.isoformat() if row.next_run_at else None,
         "created_at": row.created_at.isoformat(),
         "updated_at": row.updated_at.isoformat(),
@@ -205,13 +205,14 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             )
             row = await load(uow.session, journey_id)
             found = await warnings(uow.session, body.definition)
-        return journey_body(row, stored, [1]) | {"warnings": found}
+        return journey_body(row, 0, stored, [1]) | {"warnings": found}
 
     @router.get("")
     async def list_journeys() -> dict[str, Any]:
         async with platform.unit_of_work() as uow:
             rows = await journey_store.list_all(uow.session)
-        return {"journeys": [journey_body(r, None) for r in rows]}
+            entered = await journey_store.entered(uow.session, rows)
+        return {"journeys": [journey_body(r, entered[r.id], None) for r in rows]}
 
     @router.get("/{journey_id}")
     async def get_journey(journey_id: str) -> dict[str, Any]:
@@ -221,7 +222,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             versions = await journey_store.versions(uow.session, journey_id)
             graph = await engine.graph(uow.session, journey_id, row.current_version)
             found = await warnings(uow.session, graph.definition) if graph is not None else []
-        return journey_body(row, definition, versions) | {"warnings": found}
+            entered = (await journey_store.entered(uow.session, [row]))[row.id]
+        return journey_body(row, entered, definition, versions) | {"warnings": found}
 
     @router.get("/{journey_id}/versions/{version}")
     async def get_version(
@@ -236,10 +238,32 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
 
     @router.put("/{journey_id}")
     async def update_journey(journey_id: str, body: JourneyUpdate) -> dict[str, Any]:
+        try:
+            return await save_edit(journey_id, body)
+        except DBAPIError as exc:
+            if not is_lock_timeout(exc):
+                raise
+            raise ApiError(
+                503,
+                "journey_busy",
+                f"entries in flight held the new entry cap up for {STATUS_LOCK_TIMEOUT_MS} ms; nothing "
+                "was saved, try again",
+                headers={"Retry-After": "1"},
+            ) from exc
+
+    async def save_edit(journey_id: str, body: JourneyUpdate) -> dict[str, Any]:
         graph = check_graph(body.definition)
         stored = body.definition.model_dump(mode="json", by_alias=True)
         now = clock.now()
+        capping = body.definition.entry_cap is not None
         async with platform.unit_of_work() as uow:
+            seen = await load(uow.session, journey_id) if capping else None
+            if seen is not None and seen.entry_cap is None and seen.status == "active":
+                # A cap set on a live journey counts the entries made without one (`count_past_entries`):
+                # the batches entering customers now commit first, as for a pause, and the next read
+                # the cap (their entries counted on the row from then on).
+                await set_lock_timeout(uow.session, STATUS_LOCK_TIMEOUT_MS)
+                await journey_store.hold_entries(uow.session)
             row = await load(uow.session, journey_id, for_update=True)
             if row.status == "archived":
                 raise ApiError(409, "archived", "an archived journey cannot be edited")
@@ -305,6 +329,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 next_run_at=next_run,
                 set_next_run=rescheduled,
             )
+            if capping and row.entry_cap is None:
+                await journey_store.count_past_entries(uow.session, journey_id)
             if stopped:
                 await journey_store.finish_run(uow.session, journey_id, None, now)
             migrated = 0
@@ -315,7 +341,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
                 migrated = await instance_store.migrate_version(uow.session, journey_id, version, checked)
             row = await load(uow.session, journey_id)
             found = await warnings(uow.session, body.definition)
-        return journey_body(row, stored) | {"migrated": migrated, "warnings": found}
+            entered = (await journey_store.entered(uow.session, [row]))[row.id]
+        return journey_body(row, entered, stored) | {"migrated": migrated, "warnings": found}
 
     async def refuse_type_changes(
         session: Any, journey_id: str, waiting: list[tuple[int, str, int]], graph: Graph
@@ -427,13 +454,14 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             row = await load(uow.session, journey_id)
             # Going live is when a step naming a template the notifier lacks starts failing messages.
             found = await warnings(uow.session, graph.definition) if graph is not None else []
+            entered = (await journey_store.entered(uow.session, [row]))[row.id]
         if action == "archive":
             # The customers inside exit now, the gate released: entries never waited for that.
             try:
                 await engine.finish_archive(journey_id)
             except Exception:
                 log.exception("exiting an archived journey's customers failed; the sweeper finishes it")
-        return journey_body(row, None) | {"warnings": found}
+        return journey_body(row, entered, None) | {"warnings": found}
 
     @router.post("/{journey_id}/activate")
     async def activate(journey_id: str) -> dict[str, Any]:
@@ -566,8 +594,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
 
 
 def split_report(
-    graphs: dict[int, Graph | None], arms: list[tuple[int, str, str, int, int]]
+    graphs: dict[int, Graph | None], arms: list[tuple[int, str, str, int, int, int]]
 ) -> list[dict[str, Any]]:
+    """Each split's arms per customer (`arm_outcomes`), each tested against the holdout arm."""
     out = []
     for version, graph in sorted(graphs.items()):
         if graph is None:
@@ -575,12 +604,12 @@ def split_report(
         for node in graph.definition.nodes:
             if not isinstance(node, SplitNode):
                 continue
-            outcomes = {arm: (n, c) for v, nid, arm, n, c in arms if v == version and nid == node.id}
+            outcomes = {arm: (n, c, e) for v, nid, arm, n, c, e in arms if v == version and nid == node.id}
             holdout = next((a.name for a in node.arms if a.holdout), None)
-            h_n, h_c = outcomes.get(holdout, (0, 0)) if holdout else (0, 0)
+            h_n, h_c, _ = outcomes.get(holdout, (0, 0, 0)) if holdout else (0, 0, 0)
             rows = []
             for arm in node.arms:
-                n, c = outcomes.get(arm.name, (0, 0))
+                n, c, entries = outcomes.get(arm.name, (0, 0, 0))
                 test = two_proportion_z_test(c, n, h_c, h_n) if holdout and arm.name != holdout else None
                 rows.append(
                     {
@@ -590,6 +619,7 @@ def split_report(
                         "customers": n,
                         "converted": c,
                         "conversion_rate": c / n if n else None,
+                        "entries": entries,
                         "vs_holdout": None
                         if test is None
                         else {

@@ -60,7 +60,8 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
     async def segments(batch: Sequence[Consumed[SegmentMembershipChanged]]) -> None:
         async with platform.unit_of_work() as uow:
             uow.note_correlations(batch)
-            fresh = await uow.claim_many("segments", [c.event_id for c in batch])
+            # The erasure gate with the claim: the engine drops the erased customers' changes.
+            fresh = await uow.claim_many("segments", [c.event_id for c in batch], erasure_gate=True)
             await engine.on_segment_changes(uow, [c.value for c in batch if c.event_id in fresh])
 
     async def profiles(batch: Sequence[Consumed[ProfileChanged]]) -> None:
@@ -70,7 +71,7 @@ def register(platform: Platform, engine: JourneyEngine) -> None:
             nonlocal taken_over
             async with platform.unit_of_work() as uow:
                 uow.note_correlations(batch)
-                fresh = await uow.claim_many("profiles", [c.event_id for c in batch])
+                fresh = await uow.claim_many("profiles", [c.event_id for c in batch], erasure_gate=True)
                 taken_over = await engine.on_profiles(uow, [c.value for c in batch if c.event_id in fresh])
 
         await again_if_moved(unit)

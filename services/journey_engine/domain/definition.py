@@ -649,7 +649,48 @@ def definition_warnings(definition: JourneyDefinition) -> list[GraphError]:
                 'Use {"policy": "always"} (the default for recurring broadcasts) or "after"',
             )
         )
+    warnings.extend(_holdout_sends(definition))
     return warnings
+
+
+def _holdout_sends(definition: JourneyDefinition) -> list[GraphError]:
+    """A holdout arm from which a send or webhook step can be reached: its customers get messages,
+    and the comparison against the holdout measures nothing. Through the other nodes' every branch;
+    back at the same split, only the holdout arm again (the arm is a stable hash of the customer)."""
+    nodes = {n.id: n for n in definition.nodes}
+    out: dict[str, list[tuple[str | None, str]]] = {}
+    for e in definition.edges:
+        out.setdefault(e.source, []).append((e.branch, e.target))
+    found = []
+    for split in definition.nodes:
+        if not isinstance(split, SplitNode):
+            continue
+        for arm in (a for a in split.arms if a.holdout):
+            seen: set[str] = set()
+            todo = [t for b, t in out.get(split.id, []) if b == arm.name]
+            sending: list[str] = []
+            while todo:
+                node_id = todo.pop()
+                if node_id in seen or node_id not in nodes:
+                    continue
+                seen.add(node_id)
+                node = nodes[node_id]
+                if isinstance(node, (SendNode, WebhookNode)):
+                    sending.append(node_id)
+                todo.extend(t for b, t in out.get(node_id, []) if node_id != split.id or b == arm.name)
+            if sending:
+                named = ", ".join(f"'{n}'" for n in sorted(sending)[:5])
+                found.append(
+                    GraphError(
+                        f"nodes.{split.id}",
+                        "holdout_sends",
+                        f"customers in the holdout arm '{arm.name}' can reach the send step(s) {named}: "
+                        "they get messages, so the arms' comparison against the holdout measures "
+                        "nothing. Wire the holdout arm to a path without a send or webhook step "
+                        "(e.g. straight to an exit)",
+                    )
+                )
+    return found
 
 
 # --------------------------------------------------------------------------- graph

@@ -29,12 +29,24 @@ def next_time_of_day(now: datetime, at: time, tz: ZoneInfo, weekdays: list[str] 
         day = local.date() + timedelta(days=days_ahead)
         if WEEKDAYS[day.weekday()] not in allowed:
             continue
-        candidate = datetime.combine(day, at, tzinfo=tz)
-        # Round-trip through UTC so a time skipped by a DST jump lands on a real instant.
-        candidate_utc = candidate.astimezone(UTC)
-        if candidate_utc > now:
-            return candidate_utc
+        for candidate_utc in _instants(datetime.combine(day, at, tzinfo=tz), tz):
+            if candidate_utc > now:
+                return candidate_utc
     raise AssertionError("a week always contains an allowed weekday")
+
+
+def _instants(local: datetime, tz: ZoneInfo) -> list[datetime]:
+    """The instants (UTC, in order) that show `local` on the clock: two in the hour an autumn DST
+    change repeats (else a quiet window ending at 01:30 held a send at the second 01:10 until the
+    next night), one otherwise; a time skipped by a spring jump lands on a real instant through UTC."""
+    first = local.replace(fold=0).astimezone(UTC)
+    second = local.replace(fold=1).astimezone(UTC)
+    # fold=1 names a second instant only where the wall time repeats: in a skipped hour it maps to an
+    # earlier instant whose clock shows another time.
+    repeated = second > first and second.astimezone(tz).replace(tzinfo=None, fold=0) == local.replace(
+        tzinfo=None, fold=0
+    )
+    return [first, second] if repeated else [first]
 
 
 def parse_instant(value: object, tz: ZoneInfo) -> datetime | None:

@@ -63,6 +63,7 @@ from services.journey_engine.store import batch_read, projection
 from services.journey_engine.store import instances as instance_store
 from services.journey_engine.store import journeys as journey_store
 from services.journey_engine.store import parked as parked_store
+from services.journey_engine.store import privacy as privacy_store
 from services.journey_engine.store import recommendations as recommendation_projection
 from services.journey_engine.store.instances import (
     ClaimedTimer,
@@ -90,7 +91,7 @@ from shared.contracts.topics import CUSTOMER_EVENTS, MESSAGE_REQUESTS, MESSAGE_S
 from shared.db.errors import is_lock_timeout, set_lock_timeout, sqlstate
 from shared.db.locks import try_exclusive
 from shared.db.unit_of_work import UnitOfWork
-from shared.privacy import erasure_gate
+from shared.privacy import add_tombstones, erased_among, erased_identities, erasure_gate, hashed_identities
 from shared.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,9 @@ class Batch:
     merged_away: set[str] = field(default_factory=set)
     # Merges this batch took over (counted once it committed).
     taken_over: int = 0
+    # The batch's customers that were erased (`check_erased`; or by an `erased` announcement in
+    # it): nothing of theirs is written again.
+    erased: set[str] = field(default_factory=set)
     # How many of the writer's new windows `windows` holds already.
     _windows_seen: int = 0
 
@@ -263,6 +267,7 @@ class JourneyEngine:
         self.settings = settings
         self.clock = clock
         self.rules = settings.messaging_rules()
+        self._salt = platform.settings.privacy_salt.get_secret_value()
         # Versions are immutable once saved, so parsed graphs can be cached for good.
         self._graphs: dict[tuple[str, int], Graph] = {}
         # Called after each committed timer batch with the due times fired (the benchmark's lateness).
@@ -311,14 +316,18 @@ class JourneyEngine:
         identities: Sequence[str] = (),
         instance_ids: Sequence[str] = (),
         entering: bool = True,
+        check_erased: bool = False,
     ) -> Batch:
         """Lock the batch's customers, then their instances and everything else their steps need
         (`store.batch_read`: two statements). `identities`, `instance_ids`: what the caller found the
         customers by, looked up again once the locks are held (`Batch.resolved`, `Batch.owners`).
         `entering`: the batch may enter customers in the active journeys it reads, holding the entry
-        gate until it commits, so a pause or archive never slips between that read and the entry."""
+        gate until it commits, so a pause or archive never slips between that read and the entry.
+        `check_erased`: find which customers have an erasure tombstone (`Batch.erased`), in the same
+        read; the transaction must hold the erasure gate already."""
         now = self.clock.now()
         ids = sorted(set(customer_ids))
+        by_hash = hashed_identities(self._salt, ids) if check_erased else {}
         await projection.lock_customers(session, ids, entering=entering)
         read = await batch_read.read(
             session,
@@ -328,6 +337,7 @@ class JourneyEngine:
             goals=goals,
             identities=identities,
             instance_ids=instance_ids,
+            hashes=list(by_hash),
         )
         active: dict[str, list[InstanceRow]] = {c: [] for c in ids}
         for row in read.active:
@@ -347,6 +357,7 @@ class JourneyEngine:
             resolved=read.resolved,
             owners=read.owners,
             merged_away=read.merged_away,
+            erased=erased_identities(by_hash, read.tombstoned),
         )
 
     async def on_events(
@@ -383,13 +394,17 @@ class JourneyEngine:
         await batch.writer.flush(session)
 
     async def on_segment_changes(self, uow: UnitOfWork, items: Sequence[SegmentMembershipChanged]) -> None:
+        """`uow` holds the erasure gate (shared): a change announced before the customer's erasure
+        and read after it writes nothing (nor enters them anywhere)."""
         session = uow.session
         if not items:
             return
-        batch = await self._batch(session, [m.customer_id for m in items])
+        batch = await self._batch(session, [m.customer_id for m in items], check_erased=True)
         for m in items:
-            if m.customer_id in batch.merged_away:
-                continue  # sent before its profile was merged into another: no person's any more
+            if m.customer_id in batch.merged_away or m.customer_id in batch.erased:
+                # Sent before its profile was merged into another (no person's any more), or before
+                # the customer was erased.
+                continue
             await projection.set_membership(session, m.segment_id, m.customer_id, m.change == "entered")
             customer = batch.customers[m.customer_id]
             customer.segments = (
@@ -412,7 +427,9 @@ class JourneyEngine:
         await batch.writer.flush(session)
 
     async def on_profiles(self, uow: UnitOfWork, items: Sequence[ProfileChanged]) -> int:
-        """Returns the merges taken over (`_take_over`), to count once the unit committed."""
+        """Returns the merges taken over (`_take_over`), to count once the unit committed. `uow`
+        holds the erasure gate (shared): an announcement made before the customer's erasure and read
+        after it writes nothing; an `erased` one deletes what the engine holds on the customer."""
         session = uow.session
         if not items:
             return 0
@@ -434,20 +451,20 @@ class JourneyEngine:
             final = await projection.survivors(session, survivors)
         # (A merge committed meanwhile is seen by `_take_over`, which looks the survivor up again.)
         batch = await self._batch(
-            session, [p.customer_id for p in items] + [old for old, _ in merges] + list(final.values())
+            session,
+            [p.customer_id for p in items] + [old for old, _ in merges] + list(final.values()),
+            check_erased=True,
         )
         for p in items:
             cid = p.customer_id
             if p.kind == ProfileChangeKind.ERASED:
-                await projection.erase(session, cid)
-                for row in batch.active[cid]:
-                    self._leave(batch.writer, row, "exited", "erased", "exited")
-                batch.active[cid] = []
-                batch.customers[cid] = CustomerView(cid)
+                await self._erase(session, batch, cid, p.event_id)
                 continue
+            if cid in batch.erased:
+                continue  # announced before the customer's erasure: nothing of theirs comes back
             if p.kind == ProfileChangeKind.IDENTITY_MERGED:
                 for old in p.merged_ids:
-                    if old != cid:
+                    if old != cid and old not in batch.erased:
                         await self._take_over(session, batch, old, cid, p.occurred_at)
             if cid in batch.merged_away:
                 # Announced before this profile was merged into another: its traits, identities and
@@ -473,7 +490,8 @@ class JourneyEngine:
             await projection.add_identities(
                 session,
                 cid,
-                [i for ids in p.identities.values() for i in ids] + list(p.merged_ids),
+                [i for ids in p.identities.values() for i in ids]
+                + [old for old in p.merged_ids if old not in batch.erased],
                 p.occurred_at,
             )
             if p.recommendations is not None:  # issue 9: lists for message data
@@ -492,6 +510,24 @@ class JourneyEngine:
                 )
         await batch.writer.flush(session)
         return batch.taken_over
+
+    async def _erase(self, session: AsyncSession, batch: Batch, cid: str, event_id: str) -> None:
+        """The segmenter erased the customer: delete what the engine holds on them, as the privacy
+        erasure does (`store.privacy.erase`; its request may come later or earlier, on another topic),
+        and tombstone their id so a change announced before the erasure and read after it (on the
+        membership or profiles topic) brings nothing back. Their active instances are counted as
+        exited first, as before."""
+        for row in batch.active[cid]:
+            self._leave(batch.writer, row, "exited", "erased", "exited")
+        await batch.writer.flush(session)  # the counts, and anything this batch wrote for them
+        await privacy_store.erase(session, [cid])
+        await add_tombstones(session, self._salt, [cid], event_id, batch.now)
+        batch.active[cid] = []
+        batch.customers[cid] = CustomerView(cid)
+        batch.windows.pop(cid, None)
+        for key in [k for k in batch.entries if k[1] == cid]:
+            del batch.entries[key]
+        batch.erased.add(cid)
 
     async def _take_over(self, session: AsyncSession, batch: Batch, old: str, new: str, at: datetime) -> None:
         """Profile `old` was merged into `new`: one person. Its instances, entries, goal windows and
@@ -512,7 +548,7 @@ class JourneyEngine:
             if row.status == "active" and (row.journey_id, row.correlation) in inside:
                 self._leave(batch.writer, row, "exited", MERGED_AWAY, "exited")
         await batch.writer.flush(session)  # those exits first: one active instance per key
-        await instance_store.move_customer(session, old, new)
+        closed = await instance_store.move_customer(session, old, new)
         await projection.forget_merged(session, old, new, at)
         batch.merged_away.add(old)
         moved = [replace(r, customer_id=new) for r in batch.active[old] if r.status == "active"]
@@ -525,6 +561,8 @@ class JourneyEngine:
                 batch.entries[key] = max(entered, batch.entries.get(key, entered))
         for w in batch.windows.pop(old, []):
             batch.windows.setdefault(new, []).append(replace(w, customer_id=new))
+        # One goal per person (and correlation value): the windows the move closed count no more.
+        batch.windows[new] = [w for w in batch.windows.get(new, []) if w.instance_id not in closed]
         # Frequency caps in the rest of this batch count the merged-away profile's sends too.
         sent = batch.customers[new].recent_sends
         for channel, times in batch.customers[old].recent_sends.items():
@@ -1474,6 +1512,9 @@ class JourneyEngine:
                     await journey_store.finish_run(session, journey_id, None, now)
                 return 0, False
             size = self.settings.broadcast_chunk_size
+            # The erasure gate before the members' read and locks, as the consumers take it: an
+            # erasure either deletes what this chunk writes or is seen by it.
+            await erasure_gate(session, exclusive=False)
             members = await projection.segment_members_after(
                 session, entry.segment_id, state.resume_after, size
             )
@@ -1483,7 +1524,11 @@ class JourneyEngine:
             row = await journey_store.lock_run(session, state)
             if row is None:
                 return 0, False  # another worker has this chunk, or the journey changed meanwhile
-            enrolled = await self._enrol_members(uow, ActiveJourney(row, graph), entry, run_at, members, now)
+            # (`members[-1]` stays the page's key: an erased member is skipped, not read again.)
+            erased = await erased_among(session, self._salt, members)
+            enrolled = await self._enrol_members(
+                uow, ActiveJourney(row, graph), entry, run_at, [c for c in members if c not in erased], now
+            )
             if len(members) < size:
                 # The next run is the one the current definition says (it may have been edited
                 # since this run began); an enrolment of current members has none.

@@ -1,7 +1,7 @@
 """Everything a batch of customers' steps needs, read in two statements once their locks are held
 (`projection.lock_customers`): the active instances, row-locked in id order, then in one round trip
 the projection rows, recent marketing sends (frequency caps), enrolments, open goal windows, the
-active journeys and which of the instances' journeys are archived.
+active journeys, which of the instances' journeys are archived and which customers are erased.
 
 The second statement sends each module's own query (`projection.LOAD_SQL`, ...) as an
 `ARRAY(SELECT ROW(q.*) FROM (<query>) AS q)` column: every consumer batch ran them as four to six
@@ -50,6 +50,9 @@ _READ = Statement(
             _rows_of(projection.RESOLVE_IDENTITIES_SQL),
             _rows_of(instances.OWNERS_SQL),
             _rows_of(projection.MERGED_AWAY_SQL),
+            # Which of the customers' id hashes have an erasure tombstone (the caller holds the
+            # erasure gate, taken before this statement: it sees every erasure committed).
+            _rows_of(projection.TOMBSTONES_SQL, only_if="cardinality(CAST(:hashes AS text[])) > 0"),
         ]
     )
 )
@@ -69,6 +72,8 @@ class BatchRead:
     owners: dict[str, str]
     # The batch's customers that were merged into another profile (`projection.forget_merged`).
     merged_away: set[str]
+    # The `hashes` asked for that have an erasure tombstone.
+    tombstoned: set[str]
 
 
 async def read(
@@ -80,9 +85,11 @@ async def read(
     goals: bool,
     identities: Collection[str] = (),
     instance_ids: Collection[str] = (),
+    hashes: Collection[str] = (),
 ) -> BatchRead:
     """`sends_since`: recent sends only when frequency caps are configured; `goals`: open goal windows
-    only for event batches (goals are events); `identities`, `instance_ids`: see `BatchRead`."""
+    only for event batches (goals are events); `identities`, `instance_ids`: see `BatchRead`;
+    `hashes`: identity hashes (`shared.privacy.identity_hash`) to look up among the tombstones."""
     ids = sorted(set(customer_ids))
     active = instances.active_rows(await _ACTIVE.fetch(session, {"ids": ids}))
     [row] = await _READ.fetch(
@@ -95,9 +102,10 @@ async def read(
             "goals": goals,
             "identities": sorted(set(identities)),
             "instance_ids": sorted(set(instance_ids)),
+            "hashes": sorted(set(hashes)),
         },
     )
-    loaded, sends, entries, windows, active_journeys, archived, resolved, owners, merged_away = row
+    loaded, sends, entries, windows, active_journeys, archived, resolved, owners, merged_away, erased = row
     return BatchRead(
         customers=projection.records(ids, loaded, sends),
         active=active,
@@ -108,4 +116,5 @@ async def read(
         resolved={r[0]: r[1] for r in resolved},
         owners={r[0]: r[1] for r in owners},
         merged_away={r[0] for r in merged_away},
+        tombstoned={r[0] for r in erased},
     )

@@ -355,10 +355,25 @@ _MOVE_CUSTOMER = Statement(
 )
 
 
-async def move_customer(session: AsyncSession, old: str, new: str) -> None:
+# Then one goal per person and journey (and correlation value), as for a customer who entered again
+# (`_SUPERSEDE_WINDOWS`): both profiles' windows, or a window beside an instance still inside, counted
+# one purchase twice. The instance inside owns it (it converts as it leaves), else the newest window.
+# A statement of its own: the move's updates are not visible to the statement that makes them.
+_SUPERSEDE_MERGED_WINDOWS = Statement(
+    "DELETE FROM goal_windows AS g WHERE g.customer_id = :new AND EXISTS (SELECT 1 FROM instances AS i "
+    "WHERE i.customer_id = :new AND i.journey_id = g.journey_id AND i.correlation = g.correlation "
+    "AND i.id <> g.instance_id "
+    "AND (i.status = 'active' OR (i.entered_at, i.id) > (g.entered_at, g.instance_id))) "
+    "RETURNING g.instance_id"
+)
+
+
+async def move_customer(session: AsyncSession, old: str, new: str) -> set[str]:
     """Everything kept under customer `old` (instances of any status, goal windows, the message log,
-    entries) now under `new`."""
+    entries) now under `new`; the instances whose goal windows closed because another instance of
+    the person owns the goal now."""
     await _MOVE_CUSTOMER.execute(session, {"old": old, "new": new})
+    return {r[0] for r in await _SUPERSEDE_MERGED_WINDOWS.fetch(session, {"new": new})}
 
 
 async def prune_goal_windows(session: AsyncSession, now: datetime) -> int:
@@ -683,19 +698,22 @@ async def node_totals(session: AsyncSession, journey_id: str) -> dict[tuple[int,
     return out
 
 
-async def arm_outcomes(session: AsyncSession, journey_id: str) -> list[tuple[int, str, str, int, int]]:
-    """(version, split node, arm, customers assigned, converted) for every A/B split; converted counts
-    the goal reached while inside or, within the goal's window, after the path ended."""
+async def arm_outcomes(session: AsyncSession, journey_id: str) -> list[tuple[int, str, str, int, int, int]]:
+    """(version, split node, arm, customers assigned, customers converted, entries) for every A/B
+    split. Per customer, not per instance: a weekly broadcast enters its members every run, and
+    counting each run as another customer overstated the arm and its z-test. A customer converted
+    when any of their instances reached the goal, inside or, within the goal's window, after the
+    path ended; `entries` counts the instances (exposures)."""
     rows = await session.execute(
         text(
-            "SELECT version, a.key, a.value #>> '{}', count(*), "
-            "count(*) FILTER (WHERE converted_at IS NOT NULL) "
+            "SELECT version, a.key, a.value #>> '{}', count(DISTINCT customer_id), "
+            "count(DISTINCT customer_id) FILTER (WHERE converted_at IS NOT NULL), count(*) "
             "FROM instances, jsonb_each(context -> 'arms') AS a WHERE journey_id = :j "
             "GROUP BY version, a.key, a.value #>> '{}' ORDER BY 1, 2, 3"
         ),
         {"j": journey_id},
     )
-    return [(r[0], r[1], r[2], int(r[3]), int(r[4])) for r in rows]
+    return [(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]
 
 
 # An archived journey's customers exit after the archive committed, a chunk per transaction

@@ -163,6 +163,37 @@ async def update(
     await session.execute(text(f"UPDATE journeys SET {', '.join(sets)} WHERE id = :id"), params)
 
 
+async def count_past_entries(session: AsyncSession, journey_id: str) -> None:
+    """A cap set on a journey that had none counts the entries made meanwhile: uncapped, entries
+    are not counted on the journey's row (`take_entry_slot`, one hot row every entering batch would
+    wait on), so the count is taken from the enrolments once, here. The larger of the two: a cap set
+    before counted entries whose enrolments an erasure may have deleted since."""
+    await session.execute(
+        text(
+            "UPDATE journeys SET entered_count = GREATEST(entered_count, "
+            "(SELECT COALESCE(sum(entries), 0) FROM enrolments WHERE journey_id = :id)) WHERE id = :id"
+        ),
+        {"id": journey_id},
+    )
+
+
+async def entered(session: AsyncSession, rows: Sequence[JourneyRow]) -> dict[str, int]:
+    """How many times customers entered each journey, all versions: a capped journey's count
+    (what the cap counts); an uncapped one's from its enrolments (erased customers' not)."""
+    out = {r.id: r.entered_count for r in rows}
+    uncapped = [r.id for r in rows if r.entry_cap is None]
+    if uncapped:
+        found = await session.execute(
+            text(
+                "SELECT journey_id, sum(entries) FROM enrolments "
+                "WHERE journey_id = ANY(CAST(:ids AS text[])) GROUP BY journey_id"
+            ),
+            {"ids": uncapped},
+        )
+        out |= {i: 0 for i in uncapped} | {r[0]: int(r[1]) for r in found}
+    return out
+
+
 async def take_entry_slot(session: AsyncSession, journey_id: str) -> bool:
     """Count one entry against the journey's cap; False when the cap is reached."""
     row = await session.execute(

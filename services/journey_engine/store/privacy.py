@@ -20,6 +20,7 @@ CUSTOMER_TABLES: tuple[tuple[str, str], ...] = (
     ("enrolments", "customer_id"),
     ("message_log", "customer_id"),
     ("segment_members", "customer_id"),
+    ("customer_recommendations", "customer_id"),
     ("customer_identities", "customer_id"),
     ("customers", "customer_id"),
 )

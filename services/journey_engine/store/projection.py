@@ -219,18 +219,6 @@ async def add_identities(
     await _ADD_IDENTITIES.execute(session, {"ids": ids, "cid": customer_id, "at": at})
 
 
-async def erase(session: AsyncSession, customer_id: str) -> None:
-    for statement in (
-        "DELETE FROM customers WHERE customer_id = :id",
-        "DELETE FROM customer_identities WHERE customer_id = :id",
-        "DELETE FROM segment_members WHERE customer_id = :id",
-        "DELETE FROM customer_recommendations WHERE customer_id = :id",
-        "DELETE FROM goal_windows WHERE customer_id = :id",
-        "DELETE FROM merged_profiles WHERE customer_id = :id OR merged_into = :id",
-    ):
-        await session.execute(text(statement), {"id": customer_id})
-
-
 async def forget_merged(session: AsyncSession, customer_id: str, merged_into: str, at: datetime) -> None:
     """A profile merged into another: its projection rows go (the survivor's announcement carries the
     traits, and its memberships' exits come on the membership topic: none may enrol it meanwhile),
@@ -269,6 +257,10 @@ async def survivors(session: AsyncSession, customer_ids: Sequence[str]) -> dict[
     return {r[0]: r[1] for r in rows}
 
 
+# Which of a batch's customers' id hashes have an erasure tombstone (`store.batch_read`).
+TOMBSTONES_SQL = (
+    "SELECT identity_hash FROM erasure_tombstones WHERE identity_hash = ANY(CAST(:hashes AS text[]))"
+)
 # Which of a batch's customers were merged away (`store.batch_read`).
 MERGED_AWAY_SQL = "SELECT customer_id FROM merged_profiles WHERE customer_id = ANY(CAST(:ids AS text[]))"
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from services.notifier.api.dependencies import NotifierDep
 from services.notifier.service import Notifier
 from services.notifier.store import identities_repo, in_app_repo
-from shared.http import ApiError
+from shared.http import ApiError, is_admin
 
 
 def router(admin: Any) -> APIRouter:
@@ -26,9 +26,9 @@ def router(admin: Any) -> APIRouter:
             supplied.encode("utf-8", "surrogatepass"), notifier.links.inbox_token(customer_id).encode()
         ):
             return
-        bearer = request.headers.get("Authorization", "")
-        expected = f"Bearer {notifier.settings.admin_token.get_secret_value()}"
-        if hmac.compare_digest(bearer.encode(), expected.encode()):
+        # Read as every admin route reads it (`is_admin`: the scheme in any case), and as the audit
+        # log does.
+        if is_admin(request.headers.get("Authorization"), notifier.settings.admin_token.get_secret_value()):
             return
         raise ApiError(
             401, "unauthorized", "an inbox token for this customer (or the admin token) is required"

@@ -17,6 +17,7 @@ from services.journey_engine.domain.definition import (
     JourneyDefinition,
     Node,
     QuietWindow,
+    definition_warnings,
     graph_errors,
     json_problem,
 )
@@ -444,3 +445,67 @@ def test_template_ids_and_topics_are_what_the_notifier_takes() -> None:
     }
     [node] = JourneyDefinition.model_validate(stored, context={"stored": True}).nodes
     assert node.template_id == "welcome email"  # type: ignore[union-attr]
+
+
+def ab_split(
+    holdout_to: str, *extra_nodes: dict[str, Any], extra_edges: tuple[dict[str, Any], ...] = ()
+) -> JourneyDefinition:
+    return journey(
+        [
+            {"id": "start", "type": "entry"},
+            {
+                "id": "ab",
+                "type": "split",
+                "arms": [
+                    {"name": "mail", "percent": 50},
+                    {"name": "control", "percent": 50, "holdout": True},
+                ],
+            },
+            {"id": "hi", "type": "send", "channel": "email", "template_id": "hi"},
+            *extra_nodes,
+            {"id": "done", "type": "exit"},
+        ],
+        [
+            {"from": "start", "to": "ab"},
+            {"from": "ab", "to": "hi", "branch": "mail"},
+            {"from": "ab", "to": holdout_to, "branch": "control"},
+            {"from": "hi", "to": "done"},
+            *extra_edges,
+        ],
+    )
+
+
+def test_a_holdout_arm_that_can_reach_a_send_is_warned_about() -> None:
+    """Saved (the graph is valid), but its customers get messages: the comparison against the
+    holdout measures nothing."""
+    assert definition_warnings(ab_split("done")) == []
+    [warning] = definition_warnings(ab_split("hi"))
+    assert (warning.field, warning.rule) == ("nodes.ab", "holdout_sends")
+    assert "'control'" in warning.message and "'hi'" in warning.message
+    # Reached through a wait and a condition, a webhook counts too.
+    later = ab_split(
+        "wait",
+        {"id": "wait", "type": "delay", "duration": "P1D"},
+        {
+            "id": "vip",
+            "type": "condition",
+            "branches": [{"name": "gold", "where": [{"field": "plan", "op": "eq", "value": "gold"}]}],
+        },
+        {"id": "hook", "type": "webhook", "url": "https://example.com/h"},
+        extra_edges=(
+            {"from": "wait", "to": "vip"},
+            {"from": "vip", "to": "hook", "branch": "gold"},
+            {"from": "vip", "to": "done", "branch": "else"},
+            {"from": "hook", "to": "done"},
+        ),
+    )
+    assert graph_errors(later) == []
+    assert [(w.rule, "'hook'" in w.message) for w in definition_warnings(later)] == [("holdout_sends", True)]
+    # Back at the same split a customer takes the same arm again: a loop to it reaches no other arm.
+    loop = ab_split(
+        "pause",
+        {"id": "pause", "type": "delay", "duration": "P7D"},
+        extra_edges=({"from": "pause", "to": "ab"},),
+    )
+    assert graph_errors(loop) == []
+    assert definition_warnings(loop) == []

@@ -3,15 +3,17 @@ instead of failing the customer's every event. When a broadcast's schedule runs 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from services.journey_engine.domain.timing import (
+    QuietHours,
     RunInProgress,
     Schedule,
     SchedulePassed,
+    next_time_of_day,
     parse_instant,
     run_after_edit,
     run_on_activation,
@@ -171,3 +173,27 @@ def test_upcoming_run_is_at_while_ahead_then_the_grid() -> None:
     assert upcoming_run(AT, WEEK, AT + timedelta(days=20)) == AT + 3 * WEEK
     assert upcoming_run(AT, None, AT - DAY) == AT
     assert upcoming_run(AT, None, AT) is None
+
+
+def test_quiet_hours_ending_in_the_repeated_autumn_hour_end_that_night() -> None:
+    """New York's clocks go from 02:00 EDT back to 01:00 EST on 2026-11-01: 01:00-02:00 happens
+    twice. A send at the second 01:10 inside a 22:00-01:30 window waits 20 minutes for the second
+    01:30, not until 01:30 the next night."""
+    ny = zone("America/New_York")
+    quiet = QuietHours(time(22), time(1, 30))
+    second_0110 = datetime(2026, 11, 1, 6, 10, tzinfo=UTC)
+    assert second_0110.astimezone(ny).fold == 1
+    assert quiet.window_end(second_0110, ny) == datetime(2026, 11, 1, 6, 30, tzinfo=UTC)
+    # The first 01:10 (EDT) ends at the first 01:30, as before.
+    assert quiet.window_end(datetime(2026, 11, 1, 5, 10, tzinfo=UTC), ny) == datetime(
+        2026, 11, 1, 5, 30, tzinfo=UTC
+    )
+    # A delay until 01:30 from the first 01:40 (EDT) stops at the second 01:30, the next instant
+    # the clock shows it.
+    assert next_time_of_day(datetime(2026, 11, 1, 5, 40, tzinfo=UTC), time(1, 30), ny) == datetime(
+        2026, 11, 1, 6, 30, tzinfo=UTC
+    )
+    # A time the spring jump skips (02:30 on 2026-03-08) still lands after the jump, never before it.
+    assert next_time_of_day(datetime(2026, 3, 8, 6, 0, tzinfo=UTC), time(2, 30), ny) == datetime(
+        2026, 3, 8, 7, 30, tzinfo=UTC
+    )

@@ -15,8 +15,9 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -516,3 +517,71 @@ async def test_records_a_failed_fetch_had_taken_from_other_partitions_are_fetche
         await raw_records(s.topic(CUSTOMER_EVENTS.dead_letter), count=1, timeout=2)
     assert await _committed(platform, runner.group, topic, 0) == 3
     assert await _committed(platform, runner.group, topic, 1) == 4
+
+
+async def test_an_offset_of_a_partition_handed_over_fails_no_commit_of_the_others(platform: Platform) -> None:
+    """A unit that outlives the hand-over wait finishes after its partition went to another member:
+    its offset, pending with the others, made aiokafka refuse the whole commit (IllegalStateError),
+    and every other partition's handled offset was dropped from the pending ones uncommitted. A
+    commit that fails keeps its offsets for the next one."""
+    topic = platform.settings.topic(CUSTOMER_EVENTS.name)
+    a = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "stale", recording_handler(platform))
+    b = platform.consumer(CUSTOMER_EVENTS.name, CustomerEvent, "stale", recording_handler(platform))
+    a.commit_interval_s = b.commit_interval_s = 3600.0  # nothing committed behind the test's back
+    await a.start()
+    try:
+        await b.start()
+        everything = set(range(platform.settings.topic_partitions))
+        await eventually(
+            lambda: (
+                a.assigned_partitions
+                and b.assigned_partitions
+                and a.assigned_partitions | b.assigned_partitions == everything
+            ),
+            timeout=30,
+        )
+
+        async def handled(first: int, count: int) -> dict[TopicPartition, OffsetAndMetadata]:
+            """Events `first`.. on keys over every partition, handled; `a`'s pending offsets."""
+            for n in range(first, first + count):
+                await platform.producer.publish(CUSTOMER_EVENTS.name, f"user-{n}", event(n))
+            await eventually(lambda: _equals(effects(platform), list(range(first + count))), timeout=30)
+            pending = dict(a._pending)
+            assert pending and {tp.partition for tp in pending} <= a.assigned_partitions
+            return pending
+
+        own = await handled(0, 40)
+        # The late unit's offset, for a partition `b` holds now.
+        stale = TopicPartition(topic, min(b.assigned_partitions))
+        a._pending[stale] = OffsetAndMetadata(1, "")
+        await a.commit_pending()
+        assert not a._pending
+        for tp, om in own.items():
+            assert await _committed(platform, a.group, topic, tp.partition) == om.offset
+        # Not ours to commit: its owner's position is untouched.
+        assert await _committed(platform, a.group, topic, stale.partition) is None
+
+        own = await handled(40, 40)
+        consumer = a._consumer
+        assert consumer is not None
+        real_commit = consumer.commit
+        calls = 0
+
+        async def unavailable_once(offsets: Any = None) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise KafkaError("coordinator not available")
+            await real_commit(offsets)
+
+        consumer.commit = unavailable_once  # type: ignore[method-assign]
+        await a.commit_pending()
+        assert a._pending == own
+        await a.commit_pending()
+        assert not a._pending
+        for tp, om in own.items():
+            assert await _committed(platform, a.group, topic, tp.partition) == om.offset
+    finally:
+        await b.stop()
+        await a.stop()
+    assert await effects(platform) == list(range(80))

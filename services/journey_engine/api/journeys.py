@@ -14,6 +14,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.journey_engine.domain.definition import (
+    UNICODE_MESSAGE,
+    UNICODE_RULE,
     Graph,
     JourneyDefinition,
     ScheduleEntry,
@@ -21,6 +23,7 @@ from services.journey_engine.domain.definition import (
     SplitNode,
     definition_warnings,
     graph_errors,
+    surrogate_path,
 )
 from services.journey_engine.domain.entry import EventTrigger, triggers
 from services.journey_engine.domain.stats import two_proportion_z_test
@@ -98,7 +101,22 @@ class DryRunRequest(BaseModel):
     event: dict[str, Any] | None = None
 
 
+def refuse_unpaired_surrogates(value: Any, prefix: str) -> None:
+    """A plain text field (a trait name, a correlation key, a dry run's customer id) holding half a
+    surrogate pair passed the schema, then failed where it was written (orjson, asyncpg): a 500."""
+    where = surrogate_path(value)
+    if where is not None:
+        field = ".".join(part for part in (prefix, where) if part) or "body"
+        raise ApiError(
+            400,
+            "invalid_request",
+            "the request is invalid",
+            errors=[field_error(field, UNICODE_RULE, UNICODE_MESSAGE)],
+        )
+
+
 def check_graph(definition: JourneyDefinition) -> Graph:
+    refuse_unpaired_surrogates(definition.model_dump(by_alias=True), "definition")
     errors = graph_errors(definition)
     if errors:
         raise ApiError(
@@ -254,7 +272,23 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             entry = body.definition.entry
             # A live schedule (paused too: it resumes at what its definition says) moves with its
             # definition; a draft's first run is set when it is activated.
-            next_run, rescheduled = row.next_run_at, False
+            next_run, rescheduled, stopped = row.next_run_at, False, False
+            if (
+                not isinstance(entry, ScheduleEntry)
+                and row.status in ("active", "paused")
+                and row.next_run_at is not None
+            ):
+                # No longer a broadcast: its pending run (or the rest of a run in progress) is not
+                # sent to the segment. Only an enrolment of current members pending (or under way)
+                # when activated goes on, while the new version still asks for it.
+                edited = await engine.graph(uow.session, journey_id, row.current_version)
+                before = edited.definition.entry if edited is not None else None
+                stopped = not (
+                    isinstance(before, SegmentEntry)
+                    and before.enrol_current
+                    and isinstance(entry, SegmentEntry)
+                    and entry.enrol_current
+                )
             if isinstance(entry, ScheduleEntry) and row.status in ("active", "paused"):
                 rescheduled = True
                 state = await journey_store.run_state(uow.session, journey_id)
@@ -297,6 +331,8 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
             )
             if capping and row.entry_cap is None:
                 await journey_store.count_past_entries(uow.session, journey_id)
+            if stopped:
+                await journey_store.finish_run(uow.session, journey_id, None, now)
             migrated = 0
             if body.migrate and row.status in ("active", "paused"):
                 waiting = await instance_store.lock_waiting(uow.session, journey_id, version)
@@ -502,6 +538,7 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
     @router.post("/dry-run")
     async def dry_run_journey(body: DryRunRequest) -> dict[str, Any]:
         graph = check_graph(body.definition)
+        refuse_unpaired_surrogates(body.model_dump(exclude={"definition"}), "")
         now = clock.now()
         if body.profile is not None:
             p = body.profile

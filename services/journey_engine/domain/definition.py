@@ -120,10 +120,49 @@ def _at_most(limit: int) -> Callable[[list[Any], ValidationInfo], list[Any]]:
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
+# JSON text may escape half a surrogate pair alone ("\ud800"), which is no character: orjson refuses
+# to write it (TypeError: a journey holding one in a trait value, a message's data or a predicate's
+# value answered 500 on save).
+UNICODE_RULE = "unpaired_surrogate"
+UNICODE_MESSAGE = "must not contain an unpaired surrogate (\\ud800-\\udfff alone), which is not a character"
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(key: Any) -> str:
+    """A key as a path names it: an unpaired surrogate spelled `\\ud800`, as the error answering it
+    could not be written otherwise."""
+    text = str(key)
+    return text if _utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def surrogate_path(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (key or value, at any depth) holding an unpaired surrogate,
+    `path` itself for such a string, else None: for the text fields the schema does not check."""
+    if isinstance(value, str):
+        return None if _utf8(value) else path
+    if isinstance(value, dict | list):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            child = f"{path}.{_printable(key)}" if path else _printable(key)
+            if isinstance(key, str) and not _utf8(key):
+                return child
+            found = surrogate_path(item, child)
+            if found is not None:
+                return found
+    return None
+
+
 def json_problem(value: Any, path: str = "", depth: int = 0) -> tuple[str, str, str] | None:
     """(path, rule, message) for the first value in a JSON document that cannot be stored and sent as
-    JSON (an integer past 64 bits, NaN or infinity, the NUL character, nesting past
-    `storable.MAX_DEPTH`), else None. Such a value made saving a journey answer 500."""
+    JSON (an integer past 64 bits, NaN or infinity, the NUL character, an unpaired surrogate,
+    nesting past `storable.MAX_DEPTH`), else None. Such a value made saving a journey answer 500."""
     here = path or "value"
     if isinstance(value, bool) or value is None:
         return None
@@ -134,15 +173,19 @@ def json_problem(value: Any, path: str = "", depth: int = 0) -> tuple[str, str, 
     if isinstance(value, float):
         return None if math.isfinite(value) else (here, "json_finite_number", "NaN and infinity are not JSON")
     if isinstance(value, str):
-        return (here, storable.RULE, storable.MESSAGE) if storable.NUL in value else None
+        if storable.NUL in value:
+            return here, storable.RULE, storable.MESSAGE
+        return None if _utf8(value) else (here, UNICODE_RULE, UNICODE_MESSAGE)
     if isinstance(value, dict | list):
         if depth >= storable.MAX_DEPTH:
             return here, storable.DEPTH_RULE, storable.DEPTH_MESSAGE
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
-            child = f"{path}.{key}" if path else str(key)
+            child = f"{path}.{_printable(key)}" if path else _printable(key)
             if isinstance(key, str) and storable.NUL in key:
                 return child, storable.RULE, storable.MESSAGE
+            if isinstance(key, str) and not _utf8(key):
+                return child, UNICODE_RULE, UNICODE_MESSAGE
             found = json_problem(item, child, depth + 1)
             if found is not None:
                 return found
@@ -278,6 +321,19 @@ class SegmentEntry(Strict):
     change: Literal["entered", "exited"] = "entered"
     enrol_current: bool = False
     enrol_future: bool = True
+
+    @field_validator("enrol_current")
+    @classmethod
+    def _current_members_entered(cls, value: bool, info: ValidationInfo) -> bool:
+        """The current members are those who entered: for a journey on leaving (a win-back), enrolling
+        them reached the opposite audience. Stored before the rule: the engine enrols no one for it."""
+        if value and info.data.get("change") == "exited" and not _stored(info):
+            raise PydanticCustomError(
+                "enrol_current_exited",
+                "enrol_current enrols the segment's current members, who have not left it: a journey "
+                "on change 'exited' cannot take it (drop enrol_current)",
+            )
+        return value
 
 
 class StageEntry(Strict):
@@ -536,13 +592,17 @@ class JourneyMessaging(Strict):
     frequency_caps: Literal["platform", "ignore"] = "platform"
 
 
+# The journeys table's `entry_cap` column is a 32-bit integer: a larger cap failed the save (500).
+MAX_ENTRY_CAP = 2**31 - 1
+
+
 class JourneyDefinition(Strict):
     name: str = Field(min_length=1, max_length=200)
     category: MessageCategory = MessageCategory.MARKETING
     entry: EntryRule
     reentry: ReentryPolicy = Field(default_factory=ReentryPolicy)
     # Total entries allowed over the journey's life (all versions); None = unlimited.
-    entry_cap: int | None = Field(default=None, gt=0)
+    entry_cap: int | None = Field(default=None, gt=0, le=MAX_ENTRY_CAP)
     # An event property (e.g. `cart_id`): one active instance per customer per value.
     correlation_key: NameText | None = None
     goal: Goal | None = None

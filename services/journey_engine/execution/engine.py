@@ -1501,8 +1501,13 @@ class JourneyEngine:
             run_at = state.next_run_at
             graph = await self.graph(session, journey_id, state.version)
             entry = graph.definition.entry if graph is not None else None
-            if graph is None or not isinstance(entry, (ScheduleEntry, SegmentEntry)):
-                # Nothing to enrol (the entry is no longer a segment's): stop scheduling runs.
+            if graph is None or not (
+                isinstance(entry, ScheduleEntry)
+                or (isinstance(entry, SegmentEntry) and entry.enrol_current and entry.change == "entered")
+            ):
+                # Nothing to enrol (the entry is no longer a broadcast, nor an enrolment of current
+                # members: a broadcast edited into a segment-triggered journey does not send its
+                # pending run to the segment): stop scheduling runs.
                 if await journey_store.lock_run(session, state) is not None:
                     await journey_store.finish_run(session, journey_id, None, now)
                 return 0, False
@@ -1545,7 +1550,8 @@ class JourneyEngine:
         now: datetime,
     ) -> int:
         """Enter these (locked) members on the run at `run_at`, skipping those already inside, those
-        this run already entered and those who left the segment since it was read."""
+        this run already entered, those who entered otherwise since it began and those who left the
+        segment since it was read."""
         if not members:
             return 0
         session = uow.session
@@ -1560,6 +1566,11 @@ class JourneyEngine:
         )
         candidates = [c for c in sorted(records) if entry.segment_id in records[c].segments]
         last = await instance_store.last_entries(session, journey.row.id, candidates)
+        # Entered since the run began, by another way than this run's instance id: a membership event
+        # just after activation (enrol_current), or a profile merged into this one after a chunk
+        # entered it (its enrolment moved here). Entering them again sent the same message twice.
+        since = {c for (c, _), at in last.items() if at >= run_at}
+        candidates = [c for c in candidates if c not in since]
         writer = StepWriter(now)
         enrolled = 0
         for cid in candidates:

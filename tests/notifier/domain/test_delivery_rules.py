@@ -16,12 +16,26 @@ import pytest
 from services.notifier.domain import standard_webhooks
 from services.notifier.domain.address_policy import AddressPolicy, RefusedAddress
 from services.notifier.domain.composition import contact_from_traits, locale_of
-from services.notifier.domain.email_content import build_email, track_links
+from services.notifier.domain.email_content import ComposedEmail, build_email, track_links
 from services.notifier.domain.provider_guards import CircuitBreaker, TokenBucket
 from services.notifier.domain.retry_policy import Failure, RetryPolicy, classify_http
 from services.notifier.domain.signing import InvalidToken, LinkSigner, MessageLinks
 from services.notifier.settings import NotifierSettings
 from shared.contracts import MessageRequested
+
+
+def plain_email(sender: str, to: str, subject: str = "S") -> ComposedEmail:
+    """A mail with a one-letter body and no unsubscribe link: for tests of its headers."""
+    return build_email(
+        message_id="m",
+        sender=sender,
+        to=to,
+        subject=subject,
+        text="t",
+        body_html="h",
+        unsubscribe_url=None,
+        sent_at_epoch=0,
+    )
 
 
 def test_full_jitter_backoff_grows_and_is_capped() -> None:
@@ -172,16 +186,7 @@ def test_non_ascii_headers_and_long_lines_survive_the_wire() -> None:
     assert parsed["From"].addresses[0].display_name == "Zoë Café"
     assert parsed.get_body(preferencelist=("plain",)).get_content().replace("\r\n", "\n").rstrip("\n") == body
     assert parsed["List-Unsubscribe"] is None
-    header_injection = build_email(
-        message_id="m3",
-        sender="n@clm.example",
-        to="a@example.com",
-        subject="hi\r\nBcc: evil@example.com",
-        text="t",
-        body_html="h",
-        unsubscribe_url=None,
-        sent_at_epoch=0,
-    )
+    header_injection = plain_email("n@clm.example", "a@example.com", "hi\r\nBcc: evil@example.com")
     assert email.message_from_bytes(header_injection.to_wire())["Bcc"] is None
 
 
@@ -204,16 +209,7 @@ def test_a_display_name_with_specials_is_one_address_in_to_and_from(written: str
     """`Doe, John <john@example.com>` unquoted is two addresses to a mail client (`Doe` and `John
     <john@...>`): a name with a comma, quote, dot, @, <, >, ... goes as a quoted string."""
     name, mailbox = NAMES_WITH_SPECIALS[written]
-    mail = build_email(
-        message_id="m4",
-        sender=written,
-        to=written,
-        subject="S",
-        text="t",
-        body_html="h",
-        unsubscribe_url=None,
-        sent_at_epoch=0,
-    )
+    mail = plain_email(written, written)
     wire = mail.to_wire()
     assert wire.isascii()
     parsed = email.message_from_bytes(wire, policy=email.policy.default)
@@ -226,16 +222,7 @@ def test_a_display_name_with_specials_is_one_address_in_to_and_from(written: str
 
 
 def test_a_plain_display_name_stays_unquoted() -> None:
-    mail = build_email(
-        message_id="m5",
-        sender="CLM <noreply@clm.local>",
-        to="Ann Lee <ann@example.com>",
-        subject="S",
-        text="t",
-        body_html="h",
-        unsubscribe_url=None,
-        sent_at_epoch=0,
-    )
+    mail = plain_email("CLM <noreply@clm.local>", "Ann Lee <ann@example.com>")
     assert (mail.header("From"), mail.header("To")) == (
         "CLM <noreply@clm.local>",
         "Ann Lee <ann@example.com>",
@@ -264,16 +251,7 @@ def _decoded(raw_phrase: str) -> str:
 @pytest.mark.parametrize("name", NAMES_AS_ENCODED_WORDS)
 def test_a_display_name_a_quoted_string_cannot_carry_goes_as_encoded_words(name: str) -> None:
     written = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '" <ann@example.com>'
-    mail = build_email(
-        message_id="m6",
-        sender=written,
-        to=written,
-        subject="S",
-        text="t",
-        body_html="h",
-        unsubscribe_url=None,
-        sent_at_epoch=0,
-    )
+    mail = plain_email(written, written)
     wire = mail.to_wire()
     head = wire.split(b"\r\n\r\n", 1)[0]
     assert all(len(line) <= 998 for line in head.split(b"\r\n"))  # RFC 5322; encoded words fold
@@ -286,16 +264,7 @@ def test_a_display_name_a_quoted_string_cannot_carry_goes_as_encoded_words(name:
 
 def test_a_subject_with_a_control_character_or_too_long_for_a_line_goes_as_encoded_words() -> None:
     for subject in ("Sale\x00 today", "Big sale " * 150):
-        mail = build_email(
-            message_id="m7",
-            sender="n@clm.example",
-            to="a@example.com",
-            subject=subject,
-            text="t",
-            body_html="h",
-            unsubscribe_url=None,
-            sent_at_epoch=0,
-        )
+        mail = plain_email("n@clm.example", "a@example.com", subject)
         wire = mail.to_wire()
         head = wire.split(b"\r\n\r\n", 1)[0]
         assert all(len(line) <= 998 for line in head.split(b"\r\n"))
@@ -303,16 +272,7 @@ def test_a_subject_with_a_control_character_or_too_long_for_a_line_goes_as_encod
         parsed = email.message_from_bytes(wire, policy=email.policy.default)
         assert parsed["Subject"] == subject
     # An ordinary subject stays as written.
-    plain = build_email(
-        message_id="m8",
-        sender="n@clm.example",
-        to="a@example.com",
-        subject="Welcome, Bob!",
-        text="t",
-        body_html="h",
-        unsubscribe_url=None,
-        sent_at_epoch=0,
-    )
+    plain = plain_email("n@clm.example", "a@example.com", "Welcome, Bob!")
     assert plain.header("Subject") == "Welcome, Bob!"
 
 

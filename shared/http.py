@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import asyncpg
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -161,20 +162,31 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
-        if not is_unstorable_text(exc):
+        if is_unstorable_text(exc):
+            field, rule, message = _nul_field_in_body(request.scope), storable.RULE, storable.MESSAGE
+        elif is_unpaired_surrogate(exc):
+            field, rule = _surrogate_field_in_body(request.scope), storable.SURROGATE_RULE
+            message = storable.SURROGATE_MESSAGE
+        else:
             raise exc  # a real server error: the catch-all below answers 500 and logs it
-        field = _nul_field_in_body(request.scope)
         return JSONResponse(
             {
                 "error": "invalid_request",
-                "message": "the request holds text the database cannot store",
-                "errors": [field_error(field, storable.RULE, storable.MESSAGE)],
+                "message": "the request holds text that cannot be stored",
+                "errors": [field_error(field, rule, message)],
             },
             status_code=400,
         )
 
-    # Nothing was changed: the error aborted the transaction it happened in.
-    error_types: tuple[type[Exception], ...] = (DBAPIError, *_UNSTORABLE_TEXT_ERRORS)
+    # Nothing was changed: the error aborted the transaction it happened in. A lone surrogate in a
+    # body field typed `Any` (a rule's value, a template's data) passes validation and fails where it
+    # is written: by orjson (a TypeError) or by asyncpg (UnicodeEncodeError, maybe wrapped).
+    error_types: tuple[type[Exception], ...] = (
+        DBAPIError,
+        *_UNSTORABLE_TEXT_ERRORS,
+        UnicodeEncodeError,
+        orjson.JSONEncodeError,
+    )
     for error_type in error_types:
         app.add_exception_handler(error_type, on_database_error)
 
@@ -287,6 +299,31 @@ class StorableTextGuard:
             return message
 
         await self.app(scope, keeping_receive, send)
+
+
+def is_unpaired_surrogate(exc: BaseException) -> bool:
+    """An error writing a string that holds an unpaired surrogate (directly, or wrapped by
+    SQLAlchemy): UTF-8 has no spelling for one."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UnicodeEncodeError) and "surrogate" in current.reason:
+            return True
+        if isinstance(current, orjson.JSONEncodeError) and "surrogates not allowed" in str(current):
+            return True
+        seen.add(id(current))
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False
+
+
+def _surrogate_field_in_body(scope: Scope) -> str:
+    chunks = scope.get(_BODY_CHUNKS)
+    body = b"".join(chunks) if isinstance(chunks, list) else b""
+    try:
+        found = storable.surrogate_path(json.loads(body)) if body else None
+    except ValueError:
+        found = None
+    return f"body.{found}" if found else "body"
 
 
 def _nul_field_in_target(scope: Scope) -> str | None:

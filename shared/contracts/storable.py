@@ -43,6 +43,41 @@ def nul_path(value: Any, path: str = "") -> str | None:
     return None
 
 
+# JSON text may escape half a surrogate pair alone ("\ud800"): Python's JSON reader and pydantic's
+# `Any` take it as a str, but it is no character, and UTF-8 has no spelling for it: orjson and asyncpg
+# refuse to write it (a TypeError or UnicodeEncodeError where it is written).
+SURROGATE_RULE = "unpaired_surrogate"
+SURROGATE_MESSAGE = "must not contain an unpaired surrogate (\\ud800-\\udfff alone), which is not a character"
+
+
+def has_unpaired_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def surrogate_path(value: Any, path: str = "") -> str | None:
+    """As `nul_path`, for a string holding an unpaired surrogate."""
+    if isinstance(value, str):
+        return path if has_unpaired_surrogate(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            child = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and has_unpaired_surrogate(k):
+                return child.encode("utf-8", "backslashreplace").decode("utf-8")
+            found = surrogate_path(v, child)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = surrogate_path(v, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
+
+
 # orjson, which every consumer uses to write jsonb, refuses documents deeper than 254 levels (and
 # pydantic's serializer, at ingest, ~400). Real events nest a few levels; this leaves room.
 MAX_DEPTH = 64

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import httpx
+import orjson
 import pytest
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
@@ -70,6 +71,24 @@ def guarded_app(platform: Platform) -> FastAPI:
                 text("SELECT count(*) FROM notes WHERE name = :n OR name = :q"), {"n": name, "q": q}
             )
         return {"found": int(found or 0)}
+
+    @app.post("/payloads")
+    async def payload(body: dict[str, Any]) -> dict[str, str]:  # `Any` values, as rule values are
+        async with platform.unit_of_work() as uow:
+            await uow.session.execute(text("INSERT INTO notes (name) VALUES ('first of two')"))
+            # Written as the services write jsonb: orjson, which refuses a lone surrogate.
+            await uow.session.execute(
+                text("INSERT INTO notes VALUES ('p', CAST(:d AS jsonb))"),
+                {"d": orjson.dumps(body).decode()},
+            )
+        return {"ok": "yes"}
+
+    @app.post("/texts")
+    async def texts(body: dict[str, Any]) -> dict[str, str]:  # a text parameter: asyncpg refuses it
+        async with platform.unit_of_work() as uow:
+            await uow.session.execute(text("INSERT INTO notes (name) VALUES ('first of two')"))
+            await uow.session.execute(text("INSERT INTO notes (name) VALUES (:n)"), {"n": body["name"]})
+        return {"ok": "yes"}
 
     @app.get("/broken")
     async def broken() -> dict[str, int]:
@@ -147,3 +166,37 @@ async def test_nul_in_path_query_or_body_is_a_400_naming_it_and_nothing_is_writt
 
         metrics = (await client.get("/metrics")).text
         assert 'route="/notes/{name}",service="guard_test",status="400"' in metrics
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ("a\ud800", ""),
+        ({"a": ["ok", {"b": "x\udfff"}]}, "a.1.b"),
+        ({"k\ud800": 1}, "k\\ud800"),  # spelled out: the path must be writable in the answer
+        ({"pair": "\U0001f600", "b": 3}, None),
+    ],
+)
+def test_surrogate_path_names_the_first_string_holding_a_lone_one(value: Any, path: str | None) -> None:
+    assert storable.surrogate_path(value) == path
+
+
+async def test_a_lone_surrogate_in_a_body_is_a_400_naming_it_and_nothing_is_written(make_settings) -> None:  # type: ignore[no-untyped-def]
+    """JSON may escape half a surrogate pair alone; a field typed `Any` takes it, and writing it failed
+    (orjson's TypeError, asyncpg's UnicodeEncodeError): a 500 before."""
+    platform = Platform(make_settings(GuardSettings), migrations=None)
+    app = guarded_app(platform)
+    headers = {"content-type": "application/json"}
+    async with running(app) as client:
+        for path, raw, field in [
+            ("/payloads", b'{"rule": {"value": ["ok", "p\\ud800"]}}', "body.rule.value.1"),
+            ("/texts", b'{"name": "x\\udc00y"}', "body.name"),
+        ]:
+            r = await client.post(path, content=raw, headers=headers)
+            assert r.status_code == 400, r.text
+            (error,) = r.json()["errors"]
+            assert (error["field"], error["rule"]) == (field, "unpaired_surrogate")
+        assert await count_notes(platform) == 0
+        # A pair is a character like any other.
+        ok = await client.post("/payloads", content=b'{"v": "\\ud83d\\ude00"}', headers=headers)
+        assert ok.status_code == 200, ok.text

@@ -214,3 +214,31 @@ def test_gzip_is_inflated_in_bounded_pieces() -> None:
             pass
     assert refused.value.status_code == 413
     assert bomb.inflated < 2_000_000  # stopped at the limit, not after inflating everything
+
+
+async def test_a_file_starting_with_a_byte_order_mark_imports_its_first_line(
+    client: httpx.AsyncClient, settings: IngestSettings
+) -> None:
+    """Excel, PowerShell and .NET write a UTF-8 byte order mark at the start of a file: its first
+    line was refused as invalid JSON (an event lost), gzip'ed or not; only the file's start is looked at."""
+    bom = b"\xef\xbb\xbf"
+    rows = orders(2)
+    response = await client.post("/v1/import", content=bom + ndjson(rows), headers=ADMIN)
+    summary = summary_of(response.content)
+    assert (summary["accepted"], summary["rejected"]) == (2, 0), summary
+    # A one-line file without a final newline, gzip'ed.
+    one = {**orders(3)[2], "messageId": "bom-last"}  # type: ignore[dict-item]
+    response = await client.post(
+        "/v1/import",
+        content=gzip.compress(bom + orjson.dumps(one)),
+        headers={**ADMIN, "Content-Encoding": "gzip"},
+    )
+    summary = summary_of(response.content)
+    assert (summary["accepted"], summary["rejected"]) == (1, 0), summary
+    # A mark anywhere else is text of its line (invalid JSON there), as before.
+    response = await client.post(
+        "/v1/import", content=ndjson(orders(1)) + bom + ndjson(orders(1)), headers=ADMIN
+    )
+    errors = [(e["line"], e["rule"]) for e in summary_of(response.content)["errors"]]  # type: ignore[attr-defined]
+    assert errors == [(2, "json_invalid")]
+    assert len(await events_on_topic(settings, count=3)) == 3

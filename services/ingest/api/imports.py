@@ -82,6 +82,11 @@ class ImportProgress:
         return orjson.dumps(body) + b"\n"
 
 
+# A UTF-8 byte order mark, which some exporters (Excel, PowerShell, .NET) write at the start of a
+# file: no part of the first line's JSON.
+_BOM = b"\xef\xbb\xbf"
+
+
 async def ndjson_lines(
     chunks: AsyncIterator[bytes], max_line: int
 ) -> AsyncIterator[tuple[int, bytes | None]]:
@@ -101,9 +106,13 @@ async def ndjson_lines(
             number += 1
             line = bytes(buffer[:end])
             del buffer[: end + 1]
+            if number == 1:
+                line = line.removeprefix(_BOM)
             too_long = oversized or len(line) > max_line
             oversized = False
             yield number, None if too_long else line
+    if number == 0:
+        buffer = bytearray(bytes(buffer).removeprefix(_BOM))
     if buffer.strip() or oversized:
         yield number + 1, None if oversized or len(buffer) > max_line else bytes(buffer)
 

@@ -198,6 +198,10 @@ async def test_an_erased_announcement_deletes_the_customer_and_later_changes_bri
         await h.membership("c1", "high-value")
         assert await h.instances(jid) == [] and await h.instances(segment) == []
         assert await residue(h) == {}
+        # Before the privacy request is read, an event under the person's userId is theirs still.
+        welcome = await h.journey(linear("Welcome", "Signed Up", SEND_AND_WAIT))
+        await h.track("u1", "Signed Up")
+        assert await h.instances(welcome) == []
         assert len(await h.requests(idle=1.0)) == 1  # the one sent before the erasure
 
 
@@ -248,3 +252,31 @@ async def test_a_broadcast_chunk_enrols_no_erased_member(make_settings: Any) -> 
         finally:
             await erasure.close()
         assert await entered(h, "weekly") == [("m00003", 1)]
+
+
+async def test_an_event_taken_before_its_customer_was_erased_enters_nothing(make_settings: Any) -> None:
+    """The consumer drops events of erased identities before it takes their customers' locks; an
+    `erased` announcement (which tombstones the customer id) committing while the batch waited for
+    the lock is seen under the lock: the batch enters no one. Called as the consumer calls it after
+    its own check, with the tombstone committed in between."""
+    async with engine_running(make_settings) as h:
+        jid = await h.journey(linear("Welcome", "Signed Up", SEND_AND_WAIT))
+        salt = h.settings.privacy_salt.get_secret_value()
+        async with h.platform.unit_of_work() as uow:
+            await add_tombstones(uow.session, salt, ["c-gone"], "erase-1", h.clock.now())
+        now = h.clock.now()
+
+        def signed_up(mid: str, user_id: str) -> tuple[str, CustomerEvent]:
+            event = CustomerEvent(
+                message_id=mid,
+                type="track",
+                event="Signed Up",
+                user_id=user_id,
+                timestamp=now,
+                received_at=now,
+            )
+            return mid, event
+
+        async with h.platform.unit_of_work() as uow:
+            await h.engine.on_events(uow, [signed_up("e1", "c-gone"), signed_up("e2", "c-here")])
+        assert [r.customer_id for r in await h.instances(jid)] == ["c-here"]

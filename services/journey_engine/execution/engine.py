@@ -376,10 +376,17 @@ class JourneyEngine:
         if known is None:
             known = await projection.resolve(session, identities)
         owners = [(eid, e, self._customer_of(e, known)) for eid, e in tracks]
-        batch = await self._batch(session, [c for _, _, c in owners], goals=True, identities=identities)
+        # Tombstones read again under the customer locks (`check_erased`): the consumer dropped events
+        # of erased identities before taking them, but a profile's `erased` announcement committing
+        # while this batch waited for its lock would otherwise be missed (and the customer re-entered).
+        batch = await self._batch(
+            session, [c for _, _, c in owners], goals=True, identities=identities, check_erased=True
+        )
         if any(self._customer_of(e, batch.resolved) != c for _, e, c in owners):
             raise CustomersMoved()
         for event_id, event, customer_id in owners:
+            if customer_id in batch.erased:
+                continue
             payload = event.model_dump(mode="json", by_alias=True)
             assert event.event is not None
             await self._apply_trigger(
@@ -520,8 +527,12 @@ class JourneyEngine:
         for row in batch.active[cid]:
             self._leave(batch.writer, row, "exited", "erased", "exited")
         await batch.writer.flush(session)  # the counts, and anything this batch wrote for them
+        # Every identity the engine knew them by is tombstoned, not the id alone: until the privacy
+        # request is read, an event under their userId or anonymousId would otherwise no longer
+        # resolve to them and enter a new customer.
+        known = await privacy_store.identities_of(session, cid)
         await privacy_store.erase(session, [cid])
-        await add_tombstones(session, self._salt, [cid], event_id, batch.now)
+        await add_tombstones(session, self._salt, [cid, *known], event_id, batch.now)
         batch.active[cid] = []
         batch.customers[cid] = CustomerView(cid)
         batch.windows.pop(cid, None)

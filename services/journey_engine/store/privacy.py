@@ -38,6 +38,18 @@ async def customer_ids(session: AsyncSession, identities: Sequence[str]) -> list
     return sorted({str(r[0]) for r in rows})
 
 
+async def identities_of(session: AsyncSession, cid: str) -> list[str]:
+    """The identities the engine knows the customer by, their merged-away profiles' ids among them."""
+    rows = await session.execute(
+        text(
+            "SELECT identity FROM customer_identities WHERE customer_id = :c "
+            "UNION SELECT customer_id FROM merged_profiles WHERE merged_into = :c"
+        ),
+        {"c": cid},
+    )
+    return sorted(str(r[0]) for r in rows)
+
+
 async def erase(session: AsyncSession, cids: Sequence[str]) -> dict[str, int]:
     params = {"ids": list(cids)}
     # Lock the instances first, in id order: the same order the engine's steps and timers lock them.

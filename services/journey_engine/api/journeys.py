@@ -101,6 +101,11 @@ class DryRunRequest(BaseModel):
     event: dict[str, Any] | None = None
 
 
+def journey_busy(message: str) -> ApiError:
+    """503 `journey_busy`: a lock the request needs stayed held past its wait; try again in a second."""
+    return ApiError(503, "journey_busy", message, headers={"Retry-After": "1"})
+
+
 def refuse_unpaired_surrogates(value: Any, prefix: str) -> None:
     """A plain text field (a trait name, a correlation key, a dry run's customer id) holding half a
     surrogate pair passed the schema, then failed where it was written (orjson, asyncpg): a 500."""
@@ -243,12 +248,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
         except DBAPIError as exc:
             if not is_lock_timeout(exc):
                 raise
-            raise ApiError(
-                503,
-                "journey_busy",
+            raise journey_busy(
                 f"entries in flight held the new entry cap up for {STATUS_LOCK_TIMEOUT_MS} ms; nothing "
-                "was saved, try again",
-                headers={"Retry-After": "1"},
+                "was saved, try again"
             ) from exc
 
     async def save_edit(journey_id: str, body: JourneyUpdate) -> dict[str, Any]:
@@ -390,12 +392,9 @@ def build_router(platform: Platform, engine: JourneyEngine) -> APIRouter:
         except DBAPIError as exc:
             if not is_lock_timeout(exc):
                 raise
-            raise ApiError(
-                503,
-                "journey_busy",
+            raise journey_busy(
                 f"entries in flight (or an edit or broadcast of this journey) held the {action} up for "
-                f"{STATUS_LOCK_TIMEOUT_MS} ms; nothing changed, try again",
-                headers={"Retry-After": "1"},
+                f"{STATUS_LOCK_TIMEOUT_MS} ms; nothing changed, try again"
             ) from exc
 
     async def change_status(

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.journey_engine.api.journeys import journey_busy
 from services.journey_engine.domain.definition import NameText
 from services.journey_engine.execution.engine import (
     PARKED_LOCK_TIMEOUT_MS,
@@ -73,12 +74,9 @@ def parse_cursor(after: str | None) -> tuple[datetime, int] | None:
 
 def busy(what: str) -> ApiError:
     """503 `journey_busy`, as a pause or archive held up answers: try again in a second."""
-    return ApiError(
-        503,
-        "journey_busy",
+    return journey_busy(
         f"{what} held for more than {PARKED_LOCK_TIMEOUT_MS} ms by a step, an event or an erasure of "
-        "that customer; nothing changed, try again",
-        headers={"Retry-After": "1"},
+        "that customer; nothing changed, try again"
     )
 
 
